@@ -1,0 +1,219 @@
+"""The ``caffelite`` command: Caffe's tool verbs with Caffe's flags and log lines.
+
+    caffelite test --model M --weights W [--iterations N] [-D NAME=VALUE ...]
+    caffelite time --model M [--iterations N] [--phase TRAIN|TEST]
+    caffelite upgrade IN OUT [-D NAME=VALUE ...]
+    caffelite demo [--out DIR]
+"""
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+
+from .log import logger, setup_logging
+
+
+class CliError(Exception):
+    pass
+
+
+def _defines(pairs):
+    out = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise CliError(f"-D expects NAME=VALUE, got '{pair}'")
+        name, value = pair.split("=", 1)
+        out[name] = value
+    return out
+
+
+def _select_device(gpu):
+    from . import backend
+    if gpu is None or gpu == "":
+        backend.set_mode_cpu()
+        return
+    backend.set_mode_gpu()
+
+
+def _format_output(name, value, weight):
+    text = f"{name} = {value:g}"
+    if weight:
+        text += f" (* {weight:g} = {weight * value:g} loss)"
+    return text
+
+
+def _net_output_values(net):
+    values = []
+    for name in net.outputs:
+        data = np.asarray(net.blobs[name].data).reshape(-1)
+        weight = net.blob_loss_weights.get(name, 0.0)
+        for k, v in enumerate(data):
+            values.append((name if data.size == 1 else name, float(v), weight, k))
+    return values
+
+
+def cmd_test(args):
+    from . import TEST, Net
+    _select_device(args.gpu)
+    net = Net(args.model, TEST, weights=args.weights, defines=_defines(args.define),
+              stages=args.stage, level=args.level)
+    logger.info("Running for %d iterations.", args.iterations)
+    sums, order = {}, []
+    total_loss = 0.0
+    progress = _Progress(args.iterations)
+    for i in range(args.iterations):
+        loss = net.forward_from_to()
+        total_loss += loss
+        for idx, (name, value, weight, k) in enumerate(_net_output_values(net)):
+            key = (idx, name)
+            if key not in sums:
+                sums[key] = [0.0, weight]
+                order.append(key)
+            sums[key][0] += value
+            logger.info("Batch %d, %s = %g", i, name, value)
+        progress.update(i + 1)
+    progress.close()
+    n = max(args.iterations, 1)
+    logger.info("Loss: %g", total_loss / n)
+    for key in order:
+        total, weight = sums[key]
+        logger.info("%s", _format_output(key[1], total / n, weight))
+    return 0
+
+
+def cmd_time(args):
+    from . import TEST, TRAIN, Net
+    _select_device(args.gpu)
+    phase = TRAIN if args.phase.upper() == "TRAIN" else TEST
+    net = Net(args.model, phase, defines=_defines(args.define))
+    logger.info("Performing Forward")
+    initial_loss = net.forward_from_to()
+    logger.info("Initial loss: %g", initial_loss)
+    logger.info("Performing Backward")
+    net.backward_from_to()
+    n_layers = len(net.layers)
+    fwd = np.zeros(n_layers)
+    bwd = np.zeros(n_layers)
+    logger.info("*** Benchmark begins ***")
+    logger.info("Testing for %d iterations.", args.iterations)
+    start_all = time.perf_counter()
+    for it in range(args.iterations):
+        t_iter = time.perf_counter()
+        for i in range(n_layers):
+            t = time.perf_counter()
+            net.forward_from_to(i, i)
+            fwd[i] += time.perf_counter() - t
+        t_fwd = time.perf_counter() - t_iter
+        t_b = time.perf_counter()
+        for i in reversed(range(n_layers)):
+            t = time.perf_counter()
+            net.backward_from_to(i, i)
+            bwd[i] += time.perf_counter() - t
+        logger.info("Iteration: %d forward-backward time: %.3f ms.", it + 1,
+                    (t_fwd + time.perf_counter() - t_b) * 1e3)
+    total = time.perf_counter() - start_all
+    n = max(args.iterations, 1)
+    logger.info("Average time per layer: ")
+    for name, f, b in zip(net._layer_names, fwd, bwd):
+        logger.info("%12s\tforward: %g ms.", name, f / n * 1e3)
+        logger.info("%12s\tbackward: %g ms.", name, b / n * 1e3)
+    logger.info("Average Forward pass: %g ms.", fwd.sum() / n * 1e3)
+    logger.info("Average Backward pass: %g ms.", bwd.sum() / n * 1e3)
+    logger.info("Average Forward-Backward: %g ms.", total / n * 1e3)
+    logger.info("Total Time: %g ms.", total * 1e3)
+    logger.info("*** Benchmark ends ***")
+    return 0
+
+
+def cmd_upgrade(args):
+    from .io import prototxt
+    net, _ = prototxt.read_net(args.input, _defines(args.define))
+    text = prototxt.net_to_text(net)
+    from .io.caffemodel import write_atomically
+    write_atomically(args.output, text.encode())
+    logger.info("Wrote upgraded NetParameter text proto to %s", args.output)
+    return 0
+
+
+def cmd_demo(args):
+    from .demo import run_demo
+    return run_demo(args.out)
+
+
+class _Progress:
+    """A one-line progress bar on a terminal; silent otherwise."""
+
+    def __init__(self, total):
+        self.total = total
+        self.enabled = sys.stderr.isatty() and total > 1
+        self.start = time.perf_counter()
+
+    def update(self, done):
+        if self.enabled:
+            elapsed = time.perf_counter() - self.start
+            width = 30
+            filled = int(width * done / self.total)
+            sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{self.total}"
+                             f" {elapsed:.1f}s")
+            sys.stderr.flush()
+
+    def close(self):
+        if self.enabled:
+            sys.stderr.write("\n")
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="caffelite", description=__doc__.split("\n")[0])
+    p.add_argument("--log", help="also write the log to this file")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp):
+        sp.add_argument("-D", "--define", action="append", metavar="NAME=VALUE",
+                        help="fill ${NAME} placeholders in the prototxt (repeatable)")
+        sp.add_argument("--gpu", default=None, help="GPU id (CPU if omitted)")
+
+    t = sub.add_parser("test", help="score a model (TEST phase) like `caffe test`")
+    t.add_argument("--model", required=True)
+    t.add_argument("--weights", default=None)
+    t.add_argument("--iterations", type=int, default=50)
+    t.add_argument("--stage", action="append", default=None)
+    t.add_argument("--level", type=int, default=0)
+    common(t)
+    t.set_defaults(func=cmd_test)
+
+    tm = sub.add_parser("time", help="per-layer forward/backward timing like `caffe time`")
+    tm.add_argument("--model", required=True)
+    tm.add_argument("--iterations", type=int, default=50)
+    tm.add_argument("--phase", default="TRAIN", choices=["TRAIN", "TEST", "train", "test"])
+    common(tm)
+    tm.set_defaults(func=cmd_time)
+
+    u = sub.add_parser("upgrade", help="write a legacy/DeepLab-v1 prototxt in the V2 form")
+    u.add_argument("input")
+    u.add_argument("output")
+    u.add_argument("-D", "--define", action="append", metavar="NAME=VALUE")
+    u.set_defaults(func=cmd_upgrade)
+
+    d = sub.add_parser("demo", help="run the built-in synthetic example")
+    d.add_argument("--out", default="caffelite_demo")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    setup_logging(log_file=args.log)
+    try:
+        return args.func(args)
+    except (CliError, ValueError, OSError, RuntimeError) as e:
+        # Our errors already name the file/layer/blob; a traceback would only hide that.
+        if os.environ.get("CAFFELITE_TRACEBACK"):
+            raise
+        sys.stderr.write(f"caffelite {args.command}: error: {e}\n")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""The Layer contract (Caffe's) and the registry of layer types.
+
+A layer reads its ``*_param`` message once in ``setup``, sizes its tops in
+``reshape`` and implements ``forward(bottom, top)`` and
+``backward(top, propagate_down, bottom)`` over Blobs.  Backward *overwrites*
+bottom diffs and *accumulates* (+=) into parameter diffs, so that gradients of
+several iterations (iter_size) and of shared parameters add up.
+"""
+import numpy as np
+
+from .backend import TRAIN, TEST  # noqa: F401  (re-exported for layer modules)
+from .blob import Blob
+
+LAYER_REGISTRY = {}
+
+
+class LayerError(ValueError):
+    """A problem with one layer's definition or its blobs; the message names the layer."""
+
+
+def register(*type_names):
+    """Class decorator: register a layer under its Caffe type name(s).
+
+    Give the V2 string first and, where one exists, the legacy V1 enum name
+    (e.g. ``@register("ReLU", "RELU")``).
+    """
+    from .io.upgrade import V1_TYPE_NAMES
+
+    def wrap(cls):
+        for name in type_names:
+            LAYER_REGISTRY[name] = cls
+            for v1_name, v2_name in V1_TYPE_NAMES.items():
+                if v2_name == name and v1_name != "PADDING":
+                    LAYER_REGISTRY[v1_name] = cls
+        cls.type_name = type_names[0]
+        return cls
+    return wrap
+
+
+def layer_type_list():
+    return sorted(name for name in LAYER_REGISTRY if not name.isupper())
+
+
+def create_layer(layer_param, phase=TEST, dtype=np.float32):
+    from . import layers  # noqa: F401  (importing the package registers every type)
+    cls = LAYER_REGISTRY.get(layer_param.type)
+    if cls is None:
+        raise LayerError(
+            f"layer '{layer_param.name}': unknown layer type '{layer_param.type}'. "
+            f"Known types: {', '.join(layer_type_list())}")
+    return cls(layer_param, phase, dtype)
+
+
+class Layer:
+    # Blob-count constraints checked by the Net (None = unconstrained).
+    exact_num_bottom = None
+    min_bottom = None
+    max_bottom = None
+    exact_num_top = None
+    min_top = None
+    max_top = None
+    equal_num_bottom_top = False
+    # If True, the net creates anonymous tops up to exact/min_top (Caffe AutoTopBlobs).
+    auto_top_blobs = False
+
+    def __init__(self, layer_param, phase=TEST, dtype=np.float32):
+        self.layer_param = layer_param
+        self.name = layer_param.name
+        self.type = layer_param.type
+        self.phase = phase
+        self.dtype = np.dtype(dtype)
+        self.blobs = []                  # learnable parameter blobs
+        self.param_propagate_down = []   # per blob: does backward compute its diff
+        self.loss_weights = []           # per top, filled by the Net
+
+    # --- the contract -----------------------------------------------------------
+    def setup(self, bottom, top):
+        """Read parameters once and create ``self.blobs`` (Caffe LayerSetUp)."""
+
+    def reshape(self, bottom, top):
+        raise NotImplementedError(f"{type(self).__name__}.reshape")
+
+    def forward(self, bottom, top):
+        raise NotImplementedError(f"{type(self).__name__}.forward")
+
+    def backward(self, top, propagate_down, bottom):
+        """Default: a layer with no gradient (data/eval layers)."""
+
+    def allow_force_backward(self, bottom_index):
+        return True
+
+    def is_loss(self):
+        return any(w != 0 for w in self.loss_weights)
+
+    # --- helpers for subclasses ----------------------------------------------------
+    def error(self, message):
+        return LayerError(f"layer '{self.name}' ({self.type}): {message}")
+
+    def new_param_blob(self, shape):
+        blob = Blob(shape, self.dtype)
+        self.blobs.append(blob)
+        self.param_propagate_down.append(True)
+        return blob
+
+    def blobs_loaded(self):
+        """True when the Net already gave this layer its parameter blobs (shared or loaded)."""
+        return len(self.blobs) > 0
+
+    def check_blob_counts(self, bottom, top):
+        def check(kind, n, exact, lo, hi):
+            if exact is not None and n != exact:
+                raise self.error(f"takes exactly {exact} {kind} blob(s), got {n}")
+            if lo is not None and n < lo:
+                raise self.error(f"takes at least {lo} {kind} blob(s), got {n}")
+            if hi is not None and n > hi:
+                raise self.error(f"takes at most {hi} {kind} blob(s), got {n}")
+        check("bottom", len(bottom), self.exact_num_bottom, self.min_bottom, self.max_bottom)
+        check("top", len(top), self.exact_num_top, self.min_top, self.max_top)
+        if self.equal_num_bottom_top and len(bottom) != len(top):
+            raise self.error(f"needs as many tops as bottoms ({len(bottom)} vs {len(top)})")
+
+
+class NeuronLayer(Layer):
+    """One bottom, one top of the same shape (may be in place)."""
+    exact_num_bottom = 1
+    exact_num_top = 1
+
+    def reshape(self, bottom, top):
+        top[0].reshape(bottom[0].shape)
+
+
+class LossLayer(Layer):
+    """Scores + labels in, a scalar out; the first top carries loss_weight 1 by default."""
+    min_bottom = 2
+    exact_num_top = 1
+    auto_top_blobs = True
+    default_loss_weight = 1.0
+
+    def allow_force_backward(self, bottom_index):
+        return bottom_index != 1
+
+    def reshape(self, bottom, top):
+        if bottom[0].shape[0] != bottom[1].shape[0]:
+            raise self.error(
+                f"bottoms must have the same num: {bottom[0].shape} vs {bottom[1].shape}")
+        top[0].reshape(())

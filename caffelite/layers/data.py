@@ -1,0 +1,109 @@
+"""Layers that feed a net from memory: Input, DummyData, MemoryData."""
+import numpy as np
+
+from ..filler import fill
+from ..layer import Layer, register
+
+
+@register("Input")
+class InputLayer(Layer):
+    """Net inputs: tops of fixed shapes (one shape for all tops, or one per top)."""
+    min_top = 1
+    exact_num_bottom = 0
+
+    def setup(self, bottom, top):
+        shapes = [tuple(s.dim) for s in self.layer_param.input_param.shape]
+        if len(shapes) not in (1, len(top)):
+            raise self.error(f"input_param needs 1 or {len(top)} shapes, got {len(shapes)}")
+        for i, t in enumerate(top):
+            t.reshape(shapes[0] if len(shapes) == 1 else shapes[i])
+
+    def reshape(self, bottom, top):
+        """Tops keep whatever shape the user gave them."""
+
+    def forward(self, bottom, top):
+        """The data is already in the top blobs."""
+
+
+@register("DummyData")
+class DummyDataLayer(Layer):
+    """Tops filled by fillers: constant ones are filled once, random ones every forward."""
+    min_top = 1
+    exact_num_bottom = 0
+
+    def setup(self, bottom, top):
+        p = self.layer_param.dummy_data_param
+        n = len(top)
+        legacy = [list(f) for f in (p.num, p.channels, p.height, p.width)]
+        if len(p.shape):
+            shapes = [tuple(s.dim) for s in p.shape]
+        elif any(legacy):
+            if any(len(f) not in (1, n) for f in legacy):
+                raise self.error("num/channels/height/width need 1 value or one per top")
+            shapes = [tuple(f[0] if len(f) == 1 else f[i] for f in legacy) for i in range(n)]
+        else:
+            raise self.error("dummy_data_param needs shape (or num/channels/height/width)")
+        if len(shapes) not in (1, n):
+            raise self.error(f"needs 1 or {n} shapes, got {len(shapes)}")
+        fillers = list(p.data_filler)
+        if len(fillers) not in (0, 1, n):
+            raise self.error(f"needs 0, 1 or {n} data_filler entries, got {len(fillers)}")
+        self._fillers = []
+        for i, t in enumerate(top):
+            t.reshape(shapes[0] if len(shapes) == 1 else shapes[i])
+            filler = fillers[0] if len(fillers) == 1 else (fillers[i] if fillers else None)
+            self._fillers.append(filler)
+            if filler is None:
+                t.data[...] = 0
+            else:
+                fill(t, filler)
+        self._refill = [f is not None and (f.type or "constant") != "constant"
+                        for f in self._fillers]
+
+    def reshape(self, bottom, top):
+        """Shapes are fixed at setup."""
+
+    def forward(self, bottom, top):
+        for t, filler, refill in zip(top, self._fillers, self._refill):
+            if refill:
+                fill(t, filler)
+
+
+@register("MemoryData")
+class MemoryDataLayer(Layer):
+    """Batches from arrays handed over by ``set_input_arrays`` (pycaffe)."""
+    exact_num_top = 2
+    exact_num_bottom = 0
+
+    def setup(self, bottom, top):
+        p = self.layer_param.memory_data_param
+        self.batch_size = p.batch_size
+        if self.batch_size <= 0:
+            raise self.error("memory_data_param.batch_size must be positive")
+        self.shape = (p.batch_size, p.channels, p.height, p.width)
+        self._data = self._labels = None
+        self._pos = 0
+        top[0].reshape(self.shape)
+        top[1].reshape((p.batch_size,))
+
+    def set_input_arrays(self, data, labels):
+        data = np.asarray(data)
+        labels = np.asarray(labels)
+        if data.shape[0] % self.batch_size:
+            raise self.error(f"the number of samples ({data.shape[0]}) must be a multiple of "
+                             f"batch_size ({self.batch_size})")
+        if tuple(data.shape[1:]) != self.shape[1:]:
+            raise self.error(f"arrays of shape {data.shape[1:]} do not fit {self.shape[1:]}")
+        self._data, self._labels, self._pos = data, labels.reshape(-1), 0
+
+    def reshape(self, bottom, top):
+        top[0].reshape(self.shape)
+        top[1].reshape((self.batch_size,))
+
+    def forward(self, bottom, top):
+        if self._data is None:
+            raise self.error("no data: call set_input_arrays() before forward")
+        s = slice(self._pos, self._pos + self.batch_size)
+        top[0].data[...] = self._data[s]
+        top[1].data[...] = self._labels[s]
+        self._pos = (self._pos + self.batch_size) % self._data.shape[0]

@@ -1,0 +1,503 @@
+"""The Net: a list of layers over a dict of blobs, built from a NetParameter.
+
+Follows Caffe's Net::Init: phase/level/stage filtering, the ``input`` fields as an
+Input layer, automatic Split insertion for fan-out, in-place tops, parameter sharing
+by ``param { name }``, loss weights, and the need-backward analysis that skips
+layers which do not contribute to a loss.
+"""
+from collections import OrderedDict
+
+import numpy as np
+
+from .backend import TRAIN, TEST
+from .blob import Blob
+from .io import caffemodel, prototxt
+from .layer import LayerError, create_layer
+from .log import logger
+from .proto import caffe_pb2
+
+
+class NetError(ValueError):
+    pass
+
+
+# --------------------------------------------------------------------- filtering
+def state_meets_rule(state, rule):
+    if rule.HasField("phase") and rule.phase != state.phase:
+        return False
+    if rule.HasField("min_level") and state.level < rule.min_level:
+        return False
+    if rule.HasField("max_level") and state.level > rule.max_level:
+        return False
+    stages = set(state.stage)
+    if any(s not in stages for s in rule.stage):
+        return False
+    if any(s in stages for s in rule.not_stage):
+        return False
+    return True
+
+
+def filter_net(net, state):
+    out = caffe_pb2.NetParameter()
+    out.CopyFrom(net)
+    out.ClearField("layer")
+    for layer in net.layer:
+        if len(layer.include) and len(layer.exclude):
+            raise NetError(f"layer '{layer.name}' has both include and exclude rules")
+        if len(layer.include):
+            keep = any(state_meets_rule(state, r) for r in layer.include)
+        else:
+            keep = not any(state_meets_rule(state, r) for r in layer.exclude)
+        if keep:
+            out.layer.add().CopyFrom(layer)
+    return out
+
+
+def inputs_to_input_layer(net):
+    """Turn NetParameter ``input``/``input_dim``/``input_shape`` into an Input layer."""
+    if not len(net.input):
+        return net
+    out = caffe_pb2.NetParameter()
+    out.CopyFrom(net)
+    for f in ("input", "input_dim", "input_shape", "layer"):
+        out.ClearField(f)
+    layer = out.layer.add(name="input", type="Input")
+    n = len(net.input)
+    if len(net.input_shape):
+        if len(net.input_shape) != n:
+            raise NetError(f"{n} inputs but {len(net.input_shape)} input_shape entries")
+        shapes = [list(s.dim) for s in net.input_shape]
+    elif len(net.input_dim):
+        if len(net.input_dim) != 4 * n:
+            raise NetError(f"{n} inputs need {4 * n} input_dim values, got {len(net.input_dim)}")
+        shapes = [list(net.input_dim[4 * i:4 * i + 4]) for i in range(n)]
+    else:
+        raise NetError("net 'input' given without input_dim or input_shape")
+    for name, shape in zip(net.input, shapes):
+        layer.top.append(name)
+        layer.input_param.shape.add().dim.extend(shape)
+    for old in net.layer:
+        out.layer.add().CopyFrom(old)
+    return out
+
+
+# --------------------------------------------------------------------- splits
+def _split_blob_name(blob, layer, top_idx, k):
+    return f"{blob}_{layer}_{top_idx}_split_{k}"
+
+
+def insert_splits(net):
+    """Caffe's InsertSplits: a Split layer after every top consumed more than once."""
+    last_top = {}
+    source_of = {}
+    consumers = {}
+    loss_weight = {}
+    for i, layer in enumerate(net.layer):
+        for j, name in enumerate(layer.bottom):
+            if name not in last_top:
+                raise NetError(f"layer '{layer.name}': unknown bottom blob '{name}' "
+                               f"(no earlier layer produces it)")
+            src = last_top[name]
+            source_of[(i, j)] = src
+            consumers[src] = consumers.get(src, 0) + 1
+        for j, name in enumerate(layer.top):
+            last_top[name] = (i, j)
+        for j, w in enumerate(layer.loss_weight):
+            loss_weight[(i, j)] = w
+            if w != 0:
+                consumers[(i, j)] = consumers.get((i, j), 0) + 1
+    out = caffe_pb2.NetParameter()
+    out.CopyFrom(net)
+    out.ClearField("layer")
+    next_split = {}
+    for i, layer in enumerate(net.layer):
+        new = out.layer.add()
+        new.CopyFrom(layer)
+        for j, name in enumerate(layer.bottom):
+            src = source_of[(i, j)]
+            if consumers.get(src, 0) > 1:
+                k = next_split.get(src, 0)
+                next_split[src] = k + 1
+                new.bottom[j] = _split_blob_name(name, net.layer[src[0]].name, src[1], k)
+        for j, name in enumerate(layer.top):
+            count = consumers.get((i, j), 0)
+            if count > 1:
+                split = out.layer.add(name=f"{name}_{layer.name}_{j}_split", type="Split")
+                split.bottom.append(name)
+                for k in range(count):
+                    split.top.append(_split_blob_name(name, layer.name, j, k))
+                w = loss_weight.get((i, j), 0)
+                if w:
+                    split.loss_weight.extend([w] + [0] * (count - 1))
+    return out
+
+
+# --------------------------------------------------------------------- the Net
+class _Param:
+    """One learnable parameter (the owner blob of possibly shared copies)."""
+
+    def __init__(self, blob, spec):
+        self.blob = blob
+        self.lr_mult = spec.lr_mult
+        self.decay_mult = spec.decay_mult
+        self.has_lr = spec.HasField("lr_mult")
+        self.has_decay = spec.HasField("decay_mult")
+
+
+class Net:
+    """A Caffe network.  pycaffe signatures are accepted::
+
+        Net(prototxt, phase, weights=None, stages=None, level=0, defines=None)
+        Net(prototxt, weights, phase)           # the old form
+        Net(param=NetParameter, phase=TEST)
+    """
+
+    def __init__(self, network_file=None, phase=None, weights=None, *args, stages=None,
+                 level=0, defines=None, param=None, dtype=np.float32):
+        if isinstance(phase, (str, bytes)) and not isinstance(phase, int):
+            phase, weights = weights, phase      # Net(file, weights, phase)
+        if args:
+            raise TypeError("Net() takes the prototxt, phase and weights")
+        phase = TEST if phase is None else int(phase)
+        if phase not in (TRAIN, TEST):
+            raise NetError(f"phase must be caffe.TRAIN or caffe.TEST, got {phase}")
+        self.source = network_file or "<NetParameter>"
+        if param is None:
+            if network_file is None:
+                raise TypeError("Net() needs a prototxt path or param=NetParameter")
+            param, self.relaxed_shape_layers = prototxt.read_net(network_file, defines)
+        else:
+            param, self.relaxed_shape_layers = prototxt.upgrade_net(param, self.source)
+        self.phase = phase
+        self.dtype = np.dtype(dtype)
+        state = caffe_pb2.NetState()
+        state.CopyFrom(param.state)
+        state.phase, state.level = phase, level
+        state.stage.extend(stages or [])
+        self._init(param, state)
+        if weights:
+            self.copy_from(weights)
+
+    # ------------------------------------------------------------------ building
+    def _init(self, param, state):
+        self.name = param.name
+        self.force_backward = param.force_backward
+        net = insert_splits(inputs_to_input_layer(filter_net(param, state)))
+        self.layer_params = list(net.layer)
+        self.layers = []
+        self._layer_names = []
+        self.blobs = OrderedDict()
+        self.bottom_blobs, self.top_blobs = [], []
+        self.bottom_names, self.top_names = OrderedDict(), OrderedDict()
+        self.bottom_need_backward, self.layer_need_backward = [], []
+        self.layer_loss_weights = []
+        self.learnable_params = []
+        self._param_owner = {}
+        self._inputs = []
+        blob_need_backward = {}
+        available = OrderedDict()
+        for lp in net.layer:
+            need_backward = self._append_layer(lp, available, blob_need_backward)
+            self.layer_need_backward.append(need_backward)
+        self._outputs = list(available)
+        self._prune_backward()
+        if self.force_backward:
+            self._apply_force_backward()
+        self.blob_loss_weights = OrderedDict((n, 0.0) for n in self.blobs)
+        for tops, weights in zip(self.top_blobs, self.layer_loss_weights):
+            for name, w in zip(self._top_name_list(tops), weights):
+                if w:
+                    self.blob_loss_weights[name] = w
+        logger.info("Network initialization done.")
+
+    def _top_name_list(self, blobs):
+        ids = {id(b): n for n, b in self.blobs.items()}
+        return [ids.get(id(b), "(automatic)") for b in blobs]
+
+    def _append_layer(self, lp, available, blob_need_backward):
+        try:
+            layer = create_layer(lp, self.phase, self.dtype)
+        except LayerError as e:
+            raise NetError(f"{self.source}: {e}") from None
+        bottoms, need_backward, bottom_nb = [], False, []
+        for j, name in enumerate(lp.bottom):
+            if name not in self.blobs:
+                raise NetError(f"{self.source}: layer '{lp.name}': unknown bottom blob '{name}'")
+            bottoms.append(self.blobs[name])
+            available.pop(name, None)
+            nb = blob_need_backward.get(name, False)
+            need_backward |= nb
+            if len(lp.propagate_down):
+                if len(lp.propagate_down) != len(lp.bottom):
+                    raise NetError(f"{self.source}: layer '{lp.name}': propagate_down needs "
+                                   f"one value per bottom")
+                nb = lp.propagate_down[j]
+            bottom_nb.append(nb)
+        tops = self._make_tops(lp, layer, available)
+        try:
+            layer.check_blob_counts(bottoms, tops)
+            layer.setup(bottoms, tops)
+            self._share_params(lp, layer)
+            layer.reshape(bottoms, tops)
+        except LayerError as e:
+            raise NetError(f"{self.source}: {e}") from None
+        need_backward |= any(layer.param_propagate_down)
+        for name in lp.top:
+            blob_need_backward[name] = need_backward
+        layer.loss_weights = self._loss_weights(lp, layer, len(tops))
+        for top, w in zip(tops, layer.loss_weights):
+            if w:
+                top.diff[...] = w
+        logger.debug("Created layer %s (%s), top shapes %s", lp.name, lp.type,
+                     [t.shape for t in tops])
+        if lp.type == "Input":
+            self._inputs.extend(lp.top)
+        self.layers.append(layer)
+        self._layer_names.append(lp.name)
+        self.bottom_blobs.append(bottoms)
+        self.top_blobs.append(tops)
+        self.bottom_names[lp.name] = list(lp.bottom)
+        self.top_names[lp.name] = list(lp.top)
+        self.bottom_need_backward.append(bottom_nb)
+        self.layer_loss_weights.append(layer.loss_weights)
+        return need_backward
+
+    def _make_tops(self, lp, layer, available):
+        tops = []
+        for j, name in enumerate(lp.top):
+            in_place = j < len(lp.bottom) and lp.bottom[j] == name
+            if in_place:
+                blob = self.blobs[name]
+            elif name in self.blobs:
+                raise NetError(f"{self.source}: layer '{lp.name}': top blob '{name}' is "
+                               f"produced by more than one layer")
+            else:
+                blob = Blob((), self.dtype)
+                self.blobs[name] = blob
+            available[name] = blob
+            tops.append(blob)
+        if layer.auto_top_blobs:
+            needed = layer.exact_num_top or layer.min_top or 0
+            while len(tops) < needed:
+                blob = Blob((), self.dtype)
+                self.blobs.setdefault("(automatic)", blob)
+                tops.append(blob)
+        return tops
+
+    def _loss_weights(self, lp, layer, num_top):
+        weights = list(lp.loss_weight)
+        if weights and len(weights) != num_top:
+            raise NetError(f"{self.source}: layer '{lp.name}': loss_weight needs one value per "
+                           f"top ({num_top}), got {len(weights)}")
+        if not weights:
+            weights = [0.0] * num_top
+            default = getattr(layer, "default_loss_weight", 0.0)
+            if default and num_top:
+                weights[0] = default
+        return weights
+
+    def _share_params(self, lp, layer):
+        if layer.type == "BatchNorm":
+            for spec in lp.param:
+                if spec.lr_mult != 0:
+                    raise NetError(f"{self.source}: layer '{lp.name}': cannot configure batch "
+                                   f"normalization statistics as layer parameters (lr_mult "
+                                   f"must be 0)")
+        default = caffe_pb2.ParamSpec()
+        for i, blob in enumerate(layer.blobs):
+            spec = lp.param[i] if i < len(lp.param) else default
+            if layer.type == "BatchNorm":
+                spec = caffe_pb2.ParamSpec(lr_mult=0, decay_mult=0, name=spec.name)
+            layer.param_propagate_down[i] = spec.lr_mult != 0
+            owner = self._param_owner.get(spec.name) if spec.name else None
+            if owner is None:
+                param = _Param(blob, spec)
+                self.learnable_params.append(param)
+                if spec.name:
+                    self._param_owner[spec.name] = param
+                continue
+            self._check_shared_shape(lp, i, spec, owner.blob, blob)
+            blob.share_data(owner.blob)
+            blob.share_diff(owner.blob)
+            if spec.HasField("lr_mult"):
+                if owner.has_lr and owner.lr_mult != spec.lr_mult:
+                    raise NetError(f"{self.source}: shared param '{spec.name}' has "
+                                   f"conflicting lr_mult values")
+                owner.lr_mult, owner.has_lr = spec.lr_mult, True
+            if spec.HasField("decay_mult"):
+                if owner.has_decay and owner.decay_mult != spec.decay_mult:
+                    raise NetError(f"{self.source}: shared param '{spec.name}' has "
+                                   f"conflicting decay_mult values")
+                owner.decay_mult, owner.has_decay = spec.decay_mult, True
+
+    def _check_shared_shape(self, lp, i, spec, owner, blob):
+        permissive = spec.share_mode == caffe_pb2.ParamSpec.PERMISSIVE
+        ok = owner.count == blob.count if permissive else owner.shape == blob.shape
+        if not ok:
+            raise NetError(f"{self.source}: layer '{lp.name}': shared param '{spec.name}' "
+                           f"(blob {i}) has shape {blob.shape} but its owner has {owner.shape}")
+
+    def _prune_backward(self):
+        """Caffe's pass from the last layer: skip layers that do not reach a loss."""
+        under_loss, skip = set(), set()
+        for i in reversed(range(len(self.layers))):
+            tops_ids = [id(b) for b in self.top_blobs[i]]
+            contributes = any(w != 0 for w in self.layer_loss_weights[i]) or \
+                any(t in under_loss for t in tops_ids)
+            skip_down = all(t in skip for t in tops_ids) if tops_ids else True
+            if self.layer_need_backward[i] and skip_down:
+                self.layer_need_backward[i] = False
+                self.bottom_need_backward[i] = [False] * len(self.bottom_blobs[i])
+            if not contributes:
+                self.layer_need_backward[i] = False
+            for j, b in enumerate(self.bottom_blobs[i]):
+                if contributes:
+                    under_loss.add(id(b))
+                else:
+                    self.bottom_need_backward[i][j] = False
+                if not self.bottom_need_backward[i][j]:
+                    skip.add(id(b))
+
+    def _apply_force_backward(self):
+        for i, layer in enumerate(self.layers):
+            self.layer_need_backward[i] = True
+            self.bottom_need_backward[i] = [
+                nb or layer.allow_force_backward(j)
+                for j, nb in enumerate(self.bottom_need_backward[i])]
+            layer.param_propagate_down = [True] * len(layer.blobs)
+
+    # ------------------------------------------------------------------ running
+    def _layer_index(self, name):
+        try:
+            return self._layer_names.index(name)
+        except ValueError:
+            raise NetError(f"no layer named '{name}'") from None
+
+    def forward_from_to(self, start=0, end=None):
+        end = len(self.layers) - 1 if end is None else end
+        loss = 0.0
+        for i in range(start, end + 1):
+            layer, bottom, top = self.layers[i], self.bottom_blobs[i], self.top_blobs[i]
+            layer.reshape(bottom, top)
+            layer.forward(bottom, top)
+            for t, w in zip(top, layer.loss_weights):
+                if w:
+                    loss += w * float(np.sum(t.data, dtype=np.float64))
+        return loss
+
+    def backward_from_to(self, start=None, end=0):
+        start = len(self.layers) - 1 if start is None else start
+        for i in range(start, end - 1, -1):
+            if not self.layer_need_backward[i]:
+                continue
+            layer, top = self.layers[i], self.top_blobs[i]
+            for t, w in zip(top, layer.loss_weights):
+                if w:
+                    t.diff[...] = w
+            layer.backward(top, self.bottom_need_backward[i], self.bottom_blobs[i])
+
+    def forward_backward(self):
+        loss = self.forward_from_to()
+        self.backward_from_to()
+        return loss
+
+    def clear_param_diffs(self):
+        for p in self.learnable_params:
+            p.blob.diff[...] = 0
+
+    def reshape(self):
+        for layer, bottom, top in zip(self.layers, self.bottom_blobs, self.top_blobs):
+            layer.reshape(bottom, top)
+
+    # pycaffe ---------------------------------------------------------------------
+    @property
+    def inputs(self):
+        return list(self._inputs)
+
+    @property
+    def outputs(self):
+        return list(self._outputs)
+
+    @property
+    def params(self):
+        return OrderedDict((n, l.blobs) for n, l in zip(self._layer_names, self.layers)
+                           if l.blobs)
+
+    @property
+    def layer_dict(self):
+        return OrderedDict(zip(self._layer_names, self.layers))
+
+    def forward(self, blobs=None, start=None, end=None, **kwargs):
+        """pycaffe ``Net.forward``: set inputs from kwargs, run, return output arrays."""
+        blobs = list(blobs or [])
+        start_i = self._layer_index(start) if start is not None else 0
+        end_i = self._layer_index(end) if end is not None else len(self.layers) - 1
+        outputs = set(([end] if end is not None else self.outputs) + blobs)
+        if kwargs:
+            unknown = set(kwargs) - set(self.inputs)
+            if unknown:
+                raise NetError(f"forward() got values for blobs that are not net inputs: "
+                               f"{sorted(unknown)} (inputs: {self.inputs})")
+            for name, value in kwargs.items():
+                if np.shape(value)[0] != self.blobs[name].shape[0]:
+                    raise NetError(f"input '{name}' is not batch sized: got shape "
+                                   f"{np.shape(value)}, blob has {self.blobs[name].shape}")
+                self.blobs[name].data[...] = value
+        self.forward_from_to(start_i, end_i)
+        return {name: self.blobs[name].data for name in outputs}
+
+    def backward(self, diffs=None, start=None, end=None, **kwargs):
+        diffs = list(diffs or [])
+        start_i = self._layer_index(start) if start is not None else len(self.layers) - 1
+        end_i = self._layer_index(end) if end is not None else 0
+        outputs = set(([end] if end is not None else self.inputs) + diffs)
+        for name, value in kwargs.items():
+            if name not in self.outputs:
+                raise NetError(f"backward() got a diff for '{name}', which is not a net output")
+            self.blobs[name].diff[...] = value
+        self.backward_from_to(start_i, end_i)
+        return {name: self.blobs[name].diff for name in outputs}
+
+    # ------------------------------------------------------------------ weights
+    def copy_from(self, path):
+        """Copy weights from a caffemodel by layer name (first match), checking shapes."""
+        by_name = {}
+        for i, name in enumerate(self._layer_names):
+            by_name.setdefault(name, i)
+        for src in caffemodel.read_caffemodel(path):
+            i = by_name.get(src.name)
+            if i is None:
+                logger.info("Ignoring source layer %s", src.name)
+                continue
+            self._copy_layer(path, self.layers[i], src)
+
+    copy_trained_layers_from = copy_from
+
+    def _copy_layer(self, path, layer, src):
+        if len(layer.blobs) != len(src.blobs):
+            raise NetError(f"{path}: layer '{src.name}' has {len(src.blobs)} blob(s) in the "
+                           f"file but {len(layer.blobs)} in the net")
+        relaxed = layer.name in self.relaxed_shape_layers
+        for j, (target, blob) in enumerate(zip(layer.blobs, src.blobs)):
+            if not _shapes_match(target.shape, blob) and not (
+                    relaxed and target.count == blob.data.size):
+                raise NetError(
+                    f"{path}: layer '{src.name}' blob {j}: shape {tuple(blob.shape)} in the "
+                    f"file, {target.shape} in the net (rename the layer to skip copying it)")
+            target.data[...] = blob.data.reshape(target.shape)
+
+    def to_weights(self):
+        return [(n, l.type, [b.data for b in l.blobs])
+                for n, l in zip(self._layer_names, self.layers)]
+
+    def save(self, path):
+        caffemodel.write_caffemodel(path, self.to_weights(), self.name)
+
+
+def _shapes_match(target_shape, blob):
+    if blob.legacy_shape:
+        if len(target_shape) > 4:
+            return False
+        padded = (1,) * (4 - len(target_shape)) + tuple(target_shape)
+        return padded == tuple(blob.shape)
+    return tuple(target_shape) == tuple(blob.shape)

@@ -1,0 +1,1 @@
+"""Caffe's protobuf schema (our own ``caffe.proto``) and its message classes."""

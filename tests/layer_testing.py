@@ -1,0 +1,150 @@
+"""Shared test helpers: build one layer from prototxt text, Caffe's gradient checker,
+and OpenCV's Caffe importer as an independent forward oracle."""
+import os
+import tempfile
+
+import numpy as np
+from google.protobuf import text_format
+
+from caffelite.blob import Blob
+from caffelite.layer import create_layer
+from caffelite.backend import TRAIN, TEST  # noqa: F401
+from caffelite.proto import caffe_pb2
+
+
+def make_layer(text, phase=TEST, dtype=np.float64):
+    """``make_layer('type: "ReLU" relu_param { negative_slope: 0.1 }')`` -> Layer."""
+    param = caffe_pb2.LayerParameter()
+    text_format.Parse(text, param)
+    if not param.name:
+        param.name = "under_test"
+    return create_layer(param, phase, dtype)
+
+
+def blobs_from(arrays, dtype=np.float64):
+    out = []
+    for a in arrays:
+        b = Blob(np.shape(a), dtype)
+        b.data[...] = a
+        out.append(b)
+    return out
+
+
+def setup_layer(layer, bottom_arrays, num_top=1, dtype=np.float64):
+    """Create bottoms from arrays and ``num_top`` empty tops; run setup+reshape."""
+    bottom = blobs_from(bottom_arrays, dtype)
+    top = [Blob((), dtype) for _ in range(num_top)]
+    layer.check_blob_counts(bottom, top)
+    layer.setup(bottom, top)
+    layer.reshape(bottom, top)
+    return bottom, top
+
+
+def run_forward(layer, bottom, top):
+    """Reshape and forward with tops poisoned by NaN so unwritten elements show up."""
+    layer.reshape(bottom, top)
+    for t in top:
+        if t not in bottom:
+            t.data[...] = np.nan
+    layer.forward(bottom, top)
+    return [t.data.copy() for t in top]
+
+
+def check_gradient(layer, bottom, top, check_bottom=None, step=1e-3, threshold=1e-3,
+                   kink=None, kink_range=-1.0, seed=1701, top_id=None, top_data_id=None):
+    """Caffe's GradientChecker (exhaustive): compare analytic and numeric gradients.
+
+    The objective is ``0.5 * sum(top^2)`` over every top (or only ``top_id``), so the
+    top diff equals the top data; each bottom (and parameter) element is nudged by
+    +-step and the central difference compared with the analytic diff, with Caffe's
+    relative threshold ``threshold * max(|a|, |n|, 1)``. Elements within
+    ``kink_range`` of ``kink`` (non-smooth points) are skipped, as Caffe does.
+    """
+    rng = np.random.default_rng(seed)
+    check_bottom = range(len(bottom)) if check_bottom is None else check_bottom
+    targets = [bottom[i] for i in check_bottom] + list(layer.blobs)
+
+    def objective():
+        layer.reshape(bottom, top)
+        layer.forward(bottom, top)
+        tops = top if top_id is None else [top[top_id]]
+        loss = 0.0
+        for t in tops:
+            if top_data_id is None:
+                loss += 0.5 * float(np.sum(t.data.astype(np.float64) ** 2))
+            else:
+                loss += float(t.data.flat[top_data_id])
+        return loss
+
+    def analytic():
+        objective()
+        for t in top:
+            t.diff[...] = 0
+        tops = top if top_id is None else [top[top_id]]
+        for t in tops:
+            if top_data_id is None:
+                t.diff[...] = t.data
+            else:
+                t.diff.flat[top_data_id] = 1
+        for b in layer.blobs:
+            b.diff[...] = 0
+        for b in bottom:
+            b.diff[...] = 0
+        propagate = [i in check_bottom for i in range(len(bottom))]
+        layer.backward(top, propagate, bottom)
+        return [t.diff.copy() for t in targets]
+
+    # Some layers (Dropout) draw randomness each forward: reseed so runs agree.
+    state = _reseed(layer, seed)
+    computed = analytic()
+    failures = []
+    for ti, target in enumerate(targets):
+        flat = target.data.reshape(-1)
+        for i in range(flat.size):
+            x = flat[i]
+            if kink is not None and abs(x - kink) <= kink_range:
+                continue
+            flat[i] = x + step
+            _reseed(layer, seed, state)
+            plus = objective()
+            flat[i] = x - step
+            _reseed(layer, seed, state)
+            minus = objective()
+            flat[i] = x
+            numeric = (plus - minus) / (2 * step)
+            a = computed[ti].reshape(-1)[i]
+            scale = max(abs(a), abs(numeric), 1.0)
+            if abs(a - numeric) > threshold * scale:
+                failures.append((ti, i, a, numeric))
+    _ = rng
+    assert not failures, (
+        f"{len(failures)} gradient mismatches (target, index, analytic, numeric): {failures[:8]}")
+
+
+def _reseed(layer, seed, state=None):
+    from caffelite import backend
+    backend.set_random_seed(seed)
+    return state
+
+
+# ------------------------------------------------------------------ OpenCV oracle
+def opencv_forward(net_text, weights, inputs, outputs):
+    """Run OpenCV's Caffe importer on ``net_text`` with ``weights``.
+
+    weights: [(layer_name, layer_type, [arrays])] written with caffelite's writer;
+    inputs: {blob: array}; outputs: list of blob names. Returns a list of arrays.
+    """
+    import cv2
+    from caffelite.io.caffemodel import write_caffemodel
+    with tempfile.TemporaryDirectory() as d:
+        proto = os.path.join(d, "net.prototxt")
+        model = os.path.join(d, "net.caffemodel")
+        with open(proto, "w") as f:
+            f.write(net_text)
+        write_caffemodel(model, weights)
+        net = cv2.dnn.readNetFromCaffe(proto, model)
+        net.setPreferableBackend(cv2.dnn.DNN_BACKEND_OPENCV)
+        net.setPreferableTarget(cv2.dnn.DNN_TARGET_CPU)
+        for name, array in inputs.items():
+            net.setInput(np.ascontiguousarray(array, dtype=np.float32), name)
+        return [np.array(o) for o in net.forward(outputs)]

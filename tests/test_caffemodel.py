@@ -1,0 +1,95 @@
+"""caffemodel reading/writing against protobuf's own decoder and OpenCV."""
+import glob
+import os
+
+import numpy as np
+import pytest
+
+from caffelite.io.caffemodel import CaffemodelError, read_caffemodel, write_caffemodel
+from caffelite.proto import caffe_pb2
+from conftest import CORPUS
+
+MODELS = sorted(glob.glob(os.path.join(CORPUS, "models", "*", "*.caffemodel")))
+
+
+def _protobuf_blobs(path):
+    """Decode with the generated protobuf classes: an independent reader."""
+    net = caffe_pb2.NetParameter()
+    net.ParseFromString(open(path, "rb").read())
+    out = []
+    for layer in list(net.layer) + list(net.layers):
+        blobs = []
+        for b in layer.blobs:
+            shape = (tuple(b.shape.dim) if b.HasField("shape")
+                     else (b.num, b.channels, b.height, b.width))
+            values = np.array(b.double_data if len(b.double_data) else b.data, np.float32)
+            blobs.append((shape, values))
+        out.append((layer.name, blobs))
+    return out
+
+
+@pytest.mark.parametrize("path", MODELS, ids=lambda p: os.path.basename(p))
+def test_real_caffemodels_match_protobuf_decoding(path):
+    ours = read_caffemodel(path)
+    theirs = _protobuf_blobs(path)
+    assert [l.name for l in ours] == [n for n, _ in theirs]
+    for layer, (_, blobs) in zip(ours, theirs):
+        assert len(layer.blobs) == len(blobs)
+        for b, (shape, values) in zip(layer.blobs, blobs):
+            assert tuple(b.shape) == shape
+            np.testing.assert_array_equal(b.data.reshape(-1), values)
+
+
+def test_v1_caffemodel_has_legacy_shapes_and_enum_types():
+    path = os.path.join(CORPUS, "models", "cifar10_quick_v1", "cifar10_quick_iter_5000.caffemodel")
+    layers = {l.name: l for l in read_caffemodel(path)}
+    assert layers["conv1"].type == "CONVOLUTION"
+    assert layers["conv1"].blobs[0].legacy_shape
+    assert layers["conv1"].blobs[0].shape == (32, 3, 5, 5)
+
+
+def test_round_trip_and_protobuf_reads_ours(tmp_path):
+    rng = np.random.default_rng(0)
+    weights = [("conv", "Convolution", [rng.standard_normal((4, 3, 3, 3)), np.arange(4.0)]),
+               ("relu", "ReLU", []),
+               ("ip", "InnerProduct", [rng.standard_normal((2, 5))])]
+    path = str(tmp_path / "m.caffemodel")
+    write_caffemodel(path, weights, "net")
+    back = read_caffemodel(path)
+    assert [l.name for l in back] == ["conv", "relu", "ip"]
+    for (_, _, arrays), layer in zip(weights, back):
+        for a, b in zip(arrays, layer.blobs):
+            np.testing.assert_array_equal(b.data, np.float32(a))
+    net = caffe_pb2.NetParameter()
+    net.ParseFromString(open(path, "rb").read())
+    assert net.name == "net" and net.layer[0].type == "Convolution"
+    assert list(net.layer[0].blobs[0].shape.dim) == [4, 3, 3, 3]
+
+
+def test_truncated_caffemodel_is_a_clear_error(tmp_path):
+    src = os.path.join(CORPUS, "models", "yoloface_50k", "yoloface-50k.caffemodel")
+    data = open(src, "rb").read()
+    bad = tmp_path / "cut.caffemodel"
+    bad.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CaffemodelError, match="truncated or corrupt"):
+        read_caffemodel(str(bad))
+    with pytest.raises(CaffemodelError, match="cannot read"):
+        read_caffemodel(str(tmp_path / "missing.caffemodel"))
+
+
+def test_large_caffemodel_over_64mb(tmp_path):
+    big = np.arange(17 * 1024 * 1024, dtype=np.float32).reshape(17, 1024, 1024)  # 68 MB
+    path = str(tmp_path / "big.caffemodel")
+    write_caffemodel(path, [("fc", "InnerProduct", [big, np.ones(3)])])
+    layer = read_caffemodel(path)[0]
+    assert layer.blobs[0].shape == big.shape
+    assert layer.blobs[0].data[16, 1023, 1023] == big[16, 1023, 1023]
+    assert layer.blobs[1].data.tolist() == [1, 1, 1]
+
+
+def test_write_is_atomic_and_needs_existing_dir(tmp_path):
+    with pytest.raises(CaffemodelError, match="does not exist"):
+        write_caffemodel(str(tmp_path / "nodir" / "m.caffemodel"), [])
+    path = tmp_path / "m.caffemodel"
+    write_caffemodel(str(path), [("a", "ReLU", [])])
+    assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]

@@ -1,0 +1,233 @@
+"""The Net: filtering, splits, in-place, sharing, loss weights, backward analysis,
+weights I/O and the pycaffe surface."""
+import numpy as np
+import pytest
+
+import caffelite as caffe
+from caffelite.io.caffemodel import read_caffemodel, write_caffemodel
+from caffelite.net import NetError
+from caffelite.io import prototxt
+
+NET = '''
+name: "tiny"
+input: "data" input_shape { dim: 2 dim: 3 dim: 5 dim: 5 }
+input: "label" input_shape { dim: 2 }
+layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
+  param { name: "w" } param { name: "b" }
+  convolution_param { num_output: 4 kernel_size: 3 pad: 1
+    weight_filler { type: "gaussian" std: 0.5 } bias_filler { type: "gaussian" std: 0.1 } } }
+layer { name: "relu" type: "ReLU" bottom: "conv" top: "conv" }
+layer { name: "conv2" type: "Convolution" bottom: "conv" top: "conv2"
+  param { name: "w2" } param { name: "b2" }
+  convolution_param { num_output: 4 kernel_size: 3 pad: 1
+    weight_filler { type: "gaussian" std: 0.5 } bias_filler { type: "gaussian" std: 0.1 } } }
+layer { name: "conv3" type: "Convolution" bottom: "conv" top: "conv3"
+  param { name: "w2" } param { name: "b2" }
+  convolution_param { num_output: 4 kernel_size: 3 pad: 1 } }
+layer { name: "sum" type: "Eltwise" bottom: "conv2" bottom: "conv3" top: "sum" }
+layer { name: "ip" type: "InnerProduct" bottom: "sum" top: "ip"
+  inner_product_param { num_output: 3 weight_filler { type: "gaussian" std: 0.3 } } }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss" }
+layer { name: "train_only" type: "ReLU" bottom: "ip" top: "ip_relu" include { phase: TRAIN } }
+'''
+
+
+def make_net(tmp_path, text=NET, phase=caffe.TEST, **kw):
+    path = tmp_path / "net.prototxt"
+    path.write_text(text)
+    caffe.set_random_seed(3)
+    return caffe.Net(str(path), phase, **kw)
+
+
+def test_structure_splits_and_phase(tmp_path):
+    net = make_net(tmp_path)
+    assert net.inputs == ["data", "label"]
+    assert "train_only" not in net._layer_names
+    split = "conv_relu_0_split"
+    assert split in net._layer_names
+    assert net.top_names[split] == ["conv_relu_0_split_0", "conv_relu_0_split_1"]
+    assert net.bottom_names["conv2"] == ["conv_relu_0_split_0"]
+    assert net.outputs == ["loss"]
+    assert net.blob_loss_weights["loss"] == 1.0
+    assert list(net.params) == ["conv", "conv2", "conv3", "ip"]
+    train = make_net(tmp_path, phase=caffe.TRAIN)
+    assert "train_only" in train._layer_names
+    # ip feeds both the loss and the TRAIN-only ReLU: a split appears
+    assert "ip_ip_0_split" in train._layer_names
+
+
+def test_shared_params_are_one_blob(tmp_path):
+    net = make_net(tmp_path)
+    w2, w3 = net.params["conv2"][0], net.params["conv3"][0]
+    assert np.shares_memory(w2.data, w3.data) and np.shares_memory(w2.diff, w3.diff)
+    assert len(net.learnable_params) == 2 + 2 + 2   # conv, conv2 (shared with conv3), ip
+
+
+def _net_loss_and_grads(net, data, label):
+    net.blobs["data"].data[...] = data
+    net.blobs["label"].data[...] = label
+    net.clear_param_diffs()
+    for b in net.blobs.values():
+        b.diff[...] = 0
+    loss = net.forward_from_to()
+    net.backward_from_to()
+    return loss
+
+
+def test_whole_net_gradient_with_sharing_split_and_inplace(tmp_path):
+    """Finite differences through shared weights, a Split fan-out and in-place ReLU."""
+    path = tmp_path / "net.prototxt"
+    path.write_text(NET.replace('name: "tiny"', 'name: "tiny"\nforce_backward: true'))
+    caffe.set_random_seed(5)
+    net = caffe.Net(str(path), caffe.TEST, dtype=np.float64)
+    rng = np.random.default_rng(0)
+    data = rng.standard_normal((2, 3, 5, 5))
+    label = np.array([0, 2])
+    _net_loss_and_grads(net, data, label)
+    targets = [net.params["conv"][0], net.params["conv2"][0], net.params["conv2"][1],
+               net.params["ip"][0]]
+    analytic = [t.diff.copy() for t in targets]
+    data_grad = net.blobs["data"].diff.copy()
+    step = 1e-5
+    for t, a in zip(targets + [net.blobs["data"]], analytic + [data_grad]):
+        flat = t.data.reshape(-1)
+        for i in rng.choice(flat.size, size=min(12, flat.size), replace=False):
+            x = flat[i]
+            flat[i] = x + step
+            plus = _net_loss_and_grads(net, net.blobs["data"].data.copy(), label)
+            flat[i] = x - step
+            minus = _net_loss_and_grads(net, net.blobs["data"].data.copy(), label)
+            flat[i] = x
+            numeric = (plus - minus) / (2 * step)
+            assert abs(a.reshape(-1)[i] - numeric) <= 1e-5 * max(1, abs(numeric)), (i, a.reshape(-1)[i], numeric)
+
+
+def test_backward_skips_branches_without_loss(tmp_path):
+    text = NET + '''
+layer { name: "side" type: "Convolution" bottom: "data" top: "side"
+  convolution_param { num_output: 1 kernel_size: 1 } }'''
+    net = make_net(tmp_path, text)
+    i = net._layer_names.index("side")
+    assert not net.layer_need_backward[i]
+    assert net.layer_need_backward[net._layer_names.index("conv")]
+    # inputs never need backward unless forced
+    assert net.bottom_need_backward[net._layer_names.index("conv")] == [False]
+
+
+def test_lr_mult_zero_freezes_and_propagate_down(tmp_path):
+    text = NET.replace('param { name: "w" } param { name: "b" }',
+                       'param { lr_mult: 0 } param { lr_mult: 0 }')
+    text = text.replace('bottom: "ip" bottom: "label" top: "loss" }',
+                        'bottom: "ip" bottom: "label" top: "loss" propagate_down: true '
+                        'propagate_down: false }')
+    net = make_net(tmp_path, text)
+    conv = net.layer_dict["conv"]
+    assert conv.param_propagate_down == [False, False]
+    assert not net.layer_need_backward[net._layer_names.index("conv")]
+    assert net.bottom_need_backward[net._layer_names.index("loss")] == [True, False]
+
+
+def test_loss_weight_scales_loss_and_gradient(tmp_path):
+    net1 = make_net(tmp_path)
+    net2 = make_net(tmp_path, NET.replace('top: "loss" }', 'top: "loss" loss_weight: 2.5 }'))
+    rng = np.random.default_rng(1)
+    data, label = rng.standard_normal((2, 3, 5, 5)), np.array([1, 0])
+    l1 = _net_loss_and_grads(net1, data, label)
+    l2 = _net_loss_and_grads(net2, data, label)
+    assert l2 == pytest.approx(2.5 * l1, rel=1e-6)
+    np.testing.assert_allclose(net2.params["ip"][0].diff, 2.5 * net1.params["ip"][0].diff,
+                               rtol=1e-5, atol=1e-7)
+
+
+def test_pycaffe_forward_backward_surface(tmp_path):
+    net = make_net(tmp_path)
+    rng = np.random.default_rng(2)
+    data = rng.standard_normal((2, 3, 5, 5)).astype(np.float32)
+    out = net.forward(data=data, label=np.array([0, 1]))
+    assert set(out) == {"loss"} and out["loss"].shape == ()
+    out = net.forward(blobs=["ip"], end="ip")
+    assert out["ip"].shape == (2, 3)
+    with pytest.raises(NetError, match="batch sized"):
+        net.forward(data=data[:1], label=np.array([0, 1]))
+    with pytest.raises(NetError, match="not net inputs"):
+        net.forward(conv=data)
+    net.forward()
+    diffs = net.backward(diffs=["ip"])
+    assert diffs["ip"].shape == (2, 3) and "data" in diffs
+    blob = net.blobs["data"]
+    assert (blob.num, blob.channels, blob.height, blob.width) == (2, 3, 5, 5)
+    blob.reshape(1, 3, 5, 5)
+    net.blobs["label"].reshape(1)
+    net.reshape()
+    assert net.blobs["ip"].shape == (1, 3) and net.blobs["conv"].shape == (1, 4, 5, 5)
+    assert caffe.layer_type_list()[:2] and "Convolution" in caffe.layer_type_list()
+
+
+def test_old_constructor_form_and_weights_round_trip(tmp_path):
+    net = make_net(tmp_path)
+    model = str(tmp_path / "w.caffemodel")
+    net.save(model)
+    names = [l.name for l in read_caffemodel(model)]
+    assert "conv" in names and "ip" in names
+    again = caffe.Net(str(tmp_path / "net.prototxt"), model, caffe.TEST)
+    for name in net.params:
+        for a, b in zip(net.params[name], again.params[name]):
+            np.testing.assert_array_equal(a.data, b.data)
+
+
+def test_copy_from_shape_mismatch_names_everything(tmp_path):
+    net = make_net(tmp_path)
+    model = str(tmp_path / "bad.caffemodel")
+    write_caffemodel(model, [("ip", "InnerProduct", [np.zeros((3, 7)), np.zeros(3)])])
+    with pytest.raises(NetError) as e:
+        net.copy_from(model)
+    msg = str(e.value)
+    assert "bad.caffemodel" in msg and "'ip'" in msg and "(3, 7)" in msg and "(3, 100)" in msg
+    write_caffemodel(model, [("ip", "InnerProduct", [np.zeros((3, 100)), np.zeros(3), np.zeros(1)])])
+    with pytest.raises(NetError, match="3 blob"):
+        net.copy_from(model)
+    # unknown source layers are ignored
+    write_caffemodel(model, [("elsewhere", "InnerProduct", [np.zeros(1)])])
+    net.copy_from(model)
+
+
+def test_legacy_shapes_compare_right_aligned(tmp_path):
+    from caffelite.io.caffemodel import BlobData
+    from caffelite.net import _shapes_match
+    assert _shapes_match((4,), BlobData((1, 1, 1, 4), np.zeros(4), True))
+    assert not _shapes_match((4, 3, 1, 1), BlobData((1, 1, 4, 3), np.zeros(12), True))
+    assert _shapes_match((4, 3), BlobData((1, 1, 4, 3), np.zeros(12), True))
+
+
+def test_unknown_type_and_bottom_errors(tmp_path):
+    with pytest.raises(NetError, match="unknown layer type 'Foo'.*Known types: .*Convolution"):
+        make_net(tmp_path, NET + 'layer { name: "f" type: "Foo" bottom: "ip" top: "f" }')
+    with pytest.raises(NetError, match="layer 'r': unknown bottom blob 'nope'"):
+        make_net(tmp_path, NET + 'layer { name: "r" type: "ReLU" bottom: "nope" top: "r" }')
+    with pytest.raises(NetError, match="produced by more than one layer"):
+        make_net(tmp_path, NET + 'layer { name: "r" type: "ReLU" bottom: "ip" top: "conv2" }')
+
+
+def test_level_and_stage_rules(tmp_path):
+    text = NET + '''
+layer { name: "staged" type: "ReLU" bottom: "ip" top: "s1" include { stage: "deploy" } }
+layer { name: "leveled" type: "ReLU" bottom: "ip" top: "s2" include { min_level: 2 } }
+layer { name: "excluded" type: "ReLU" bottom: "ip" top: "s3" exclude { phase: TEST } }'''
+    net = make_net(tmp_path, text, stages=["deploy"], level=3)
+    assert "staged" in net._layer_names and "leveled" in net._layer_names
+    assert "excluded" not in net._layer_names
+    net = make_net(tmp_path, text)
+    assert "staged" not in net._layer_names and "leveled" not in net._layer_names
+
+
+def test_auto_top_for_loss_without_top(tmp_path):
+    text = NET.replace('bottom: "label" top: "loss" }', 'bottom: "label" }')
+    net = make_net(tmp_path, text)
+    net.blobs["data"].data[...] = 0
+    net.blobs["label"].data[...] = [0, 1]
+    for name in ("conv", "conv2", "ip"):
+        for b in net.params[name]:
+            b.data[...] = 0
+    assert "(automatic)" in net.blobs
+    # all-zero scores: softmax is uniform over 3 classes, the loss is log(3)
+    assert net.forward_from_to() == pytest.approx(np.log(3), rel=1e-6)

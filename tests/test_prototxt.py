@@ -1,0 +1,130 @@
+"""Prototxt reading: every corpus config parses, templates, upgrades, clear errors."""
+import glob
+import os
+import re
+
+import pytest
+from google.protobuf import text_format
+
+from caffelite.io import prototxt
+from caffelite.io.prototxt import PrototxtError
+from caffelite.proto import caffe_pb2
+from conftest import CORPUS
+
+CONFIGS = sorted(glob.glob(os.path.join(CORPUS, "prototxt", "*", "*.prototxt")))
+MODEL_NETS = sorted(glob.glob(os.path.join(CORPUS, "models", "*", "*.prototxt")))
+
+
+def corpus_defines(path):
+    names = set(re.findall(r"\$\{(\w+)\}", open(path).read()))
+    defines = {n: f"/tmp/{n.lower()}" for n in names}
+    defines.update(NUM_LABELS="21", BATCH_SIZE="1")
+    return defines
+
+
+def test_corpus_is_present():
+    assert len(CONFIGS) >= 23, CONFIGS
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: os.path.relpath(p, CORPUS))
+def test_every_corpus_config_parses(path):
+    if os.path.basename(path).startswith("solver"):
+        solver = prototxt.read_solver(path, corpus_defines(path))
+        assert solver.base_lr > 0 and solver.max_iter > 0
+        return
+    net, _ = prototxt.read_net(path, corpus_defines(path))
+    assert len(net.layer) > 10
+    assert not len(net.layers)          # V1 blocks were upgraded
+    for layer in net.layer:
+        assert layer.type and not layer.type.isupper(), layer.type
+        assert not layer.convolution_param.HasField("hole")
+
+
+@pytest.mark.parametrize("path", MODEL_NETS, ids=lambda p: os.path.relpath(p, CORPUS))
+def test_model_zoo_prototxts_parse(path):
+    net, _ = prototxt.read_net(path)
+    assert len(net.layer) > 0
+
+
+def _layer(net, name):
+    return next(l for l in net.layer if l.name == name)
+
+
+def test_deeplab_v1_dialect_is_upgraded():
+    path = os.path.join(CORPUS, "prototxt", "deeplab_v1", "train.prototxt")
+    net, relaxed = prototxt.read_net(path, corpus_defines(path))
+    fc6 = _layer(net, "fc6")
+    assert list(fc6.convolution_param.dilation) == [4]          # hole: 4
+    conv = _layer(net, "conv1_1")
+    assert [p.lr_mult for p in conv.param] == [1, 2]             # blobs_lr
+    assert [p.decay_mult for p in conv.param] == [1, 0]          # weight_decay
+    data = [l for l in net.layer if l.type == "ImageSegData"]
+    assert data and data[0].transform_param.crop_size == 306
+    loss = [l for l in net.layer if l.type == "SoftmaxWithLoss"][0]
+    assert loss.loss_param.ignore_label == 255
+    shrink = [l for l in net.layer if l.type == "Interp" and l.interp_param.HasField("shrink_factor")]
+    assert shrink[0].interp_param.pad_beg == -1
+    assert relaxed                                               # strict_dim: false
+
+
+def test_padding_layer_becomes_interp_crop():
+    path = os.path.join(CORPUS, "prototxt", "deeplab_v1", "test.prototxt")
+    text = open(path).read()
+    if "PADDING" not in text or re.search(r"^\s*#.*PADDING", text, re.M):
+        pytest.skip("no active PADDING layer in this corpus file")
+    net, _ = prototxt.read_net(path, corpus_defines(path))
+    crops = [l for l in net.layer if l.type == "Interp" and l.interp_param.pad_end < 0]
+    assert crops and crops[0].interp_param.pad_beg == -7 and crops[0].interp_param.pad_end == -8
+
+
+def test_upgraded_text_reparses_identically(tmp_path):
+    path = os.path.join(CORPUS, "prototxt", "deeplab_v1_largefov", "train.prototxt")
+    net, _ = prototxt.read_net(path, corpus_defines(path))
+    text = prototxt.net_to_text(net)
+    again, _ = prototxt.parse_net(text)
+    assert again == net
+
+
+def test_missing_defines_are_listed_with_lines(tmp_path):
+    f = tmp_path / "t.prototxt"
+    f.write_text('name: "${NET_ID}"\n# ${IN_A_COMMENT}\nlayer { name: "${A}" type: "ReLU" '
+                 'bottom: "${A}" top: "x" }\n')
+    with pytest.raises(PrototxtError) as e:
+        prototxt.read_net(str(f))
+    msg = str(e.value)
+    assert "NET_ID (line 1)" in msg and "A (line 3)" in msg and "IN_A_COMMENT" not in msg
+    assert str(f) in msg
+    net, _ = prototxt.read_net(str(f), {"NET_ID": "n", "A": "a"})
+    assert net.name == "n" and net.layer[0].bottom[0] == "a"
+
+
+def test_malformed_prototxt_names_file_line_column(tmp_path):
+    f = tmp_path / "bad.prototxt"
+    f.write_text('name: "x"\nlayer {\n  name: "a"\n  type: "ReLU"\n  bogus_field: 3\n}\n')
+    with pytest.raises(PrototxtError) as e:
+        prototxt.read_net(str(f))
+    assert re.search(re.escape(str(f)) + r":5:\d+: .*bogus_field", str(e.value))
+    f.write_text('layer {\n  name: "a"\n')
+    with pytest.raises(PrototxtError) as e:
+        prototxt.read_net(str(f))
+    assert str(f) in str(e.value)
+
+
+def test_solver_type_enum_upgrade(tmp_path):
+    f = tmp_path / "s.prototxt"
+    f.write_text('net: "x"\nbase_lr: 0.1\nsolver_type: NESTEROV\n')
+    assert prototxt.read_solver(str(f)).type == "Nesterov"
+
+
+def test_bvlc_fields_parse_by_name():
+    text = '''
+    input: "data" input_shape { dim: 1 dim: 3 dim: 4 dim: 4 }
+    layer { name: "in" type: "Input" top: "d" input_param { shape { dim: 2 } } }
+    layer { name: "c" type: "Crop" bottom: "a" bottom: "b" top: "c" crop_param { axis: 2 offset: 1 } }
+    layer { name: "bn" type: "BatchNorm" bottom: "x" top: "x"
+            batch_norm_param { use_global_stats: true eps: 1e-5 } }
+    layer { name: "i" type: "Interp" bottom: "x" top: "y" interp_param { zoom_factor: 8 } }
+    '''
+    net = text_format.Parse(text, caffe_pb2.NetParameter())
+    assert net.layer[1].crop_param.offset[0] == 1
+    assert net.layer[3].interp_param.zoom_factor == 8
