@@ -45,13 +45,11 @@ def _format_output(name, value, weight):
 
 
 def _net_output_values(net):
-    values = []
+    """(blob name, value, loss weight) for every element of every net output."""
     for name in net.outputs:
-        data = np.asarray(net.blobs[name].data).reshape(-1)
         weight = net.blob_loss_weights.get(name, 0.0)
-        for k, v in enumerate(data):
-            values.append((name if data.size == 1 else name, float(v), weight, k))
-    return values
+        for value in np.asarray(net.blobs[name].data).reshape(-1):
+            yield name, float(value), weight
 
 
 def cmd_test(args):
@@ -66,7 +64,7 @@ def cmd_test(args):
     for i in range(args.iterations):
         loss = net.forward_from_to()
         total_loss += loss
-        for idx, (name, value, weight, k) in enumerate(_net_output_values(net)):
+        for idx, (name, value, weight) in enumerate(_net_output_values(net)):
             key = (idx, name)
             if key not in sums:
                 sums[key] = [0.0, weight]
@@ -166,10 +164,10 @@ class _Progress:
 
 def build_parser():
     p = argparse.ArgumentParser(prog="caffelite", description=__doc__.split("\n")[0])
-    p.add_argument("--log", help="also write the log to this file")
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(sp):
+        sp.add_argument("--log", help="also write the log to this file")
         sp.add_argument("-D", "--define", action="append", metavar="NAME=VALUE",
                         help="fill ${NAME} placeholders in the prototxt (repeatable)")
         sp.add_argument("--gpu", default=None, help="GPU id (CPU if omitted)")
@@ -194,10 +192,12 @@ def build_parser():
     u.add_argument("input")
     u.add_argument("output")
     u.add_argument("-D", "--define", action="append", metavar="NAME=VALUE")
+    u.add_argument("--log", help="also write the log to this file")
     u.set_defaults(func=cmd_upgrade)
 
     d = sub.add_parser("demo", help="run the built-in synthetic example")
     d.add_argument("--out", default="caffelite_demo")
+    d.add_argument("--log", help="also write the log to this file")
     d.set_defaults(func=cmd_demo)
     return p
 

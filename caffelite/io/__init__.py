@@ -1,0 +1,168 @@
+"""File formats (prototxt, caffemodel, MAT) and pycaffe's ``caffe.io`` helpers.
+
+``caffe.io.load_image``, ``Transformer``, ``blobproto_to_array`` … behave as in
+pycaffe: images load as RGB float in [0, 1], H x W x K; the Transformer turns them
+into the net's C x H x W, BGR, mean-subtracted input.
+"""
+import numpy as np
+
+from ..proto import caffe_pb2
+
+
+def blobproto_to_array(blob, return_diff=False):
+    """BlobProto -> array of its shape (legacy num/channels/height/width honoured)."""
+    values = blob.diff if return_diff else (blob.double_data if len(blob.double_data)
+                                            else blob.data)
+    if blob.HasField("num") or blob.HasField("channels") or blob.HasField("height") \
+            or blob.HasField("width"):
+        shape = (blob.num, blob.channels, blob.height, blob.width)
+    else:
+        shape = tuple(blob.shape.dim)
+    return np.array(values, dtype=np.float32).reshape(shape)
+
+
+def array_to_blobproto(arr, diff=None):
+    """Array (any shape) -> BlobProto with ``shape`` and float data (and diff)."""
+    arr = np.asarray(arr)
+    blob = caffe_pb2.BlobProto()
+    blob.shape.dim.extend(arr.shape)
+    blob.data.extend(arr.astype(np.float32).ravel().tolist())
+    if diff is not None:
+        blob.diff.extend(np.asarray(diff, np.float32).ravel().tolist())
+    return blob
+
+
+def array_to_datum(arr, label=None):
+    arr = np.asarray(arr)
+    if arr.ndim != 3:
+        raise ValueError(f"array_to_datum needs a C x H x W array, got shape {arr.shape}")
+    datum = caffe_pb2.Datum(channels=arr.shape[0], height=arr.shape[1], width=arr.shape[2])
+    if arr.dtype == np.uint8:
+        datum.data = arr.tobytes()
+    else:
+        datum.float_data.extend(arr.astype(float).ravel().tolist())
+    if label is not None:
+        datum.label = int(label)
+    return datum
+
+
+def datum_to_array(datum):
+    shape = (datum.channels, datum.height, datum.width)
+    if len(datum.data):
+        return np.frombuffer(datum.data, dtype=np.uint8).reshape(shape)
+    return np.array(datum.float_data, dtype=float).reshape(shape)
+
+
+def load_image(filename, color=True):
+    """Image -> float32 H x W x 3 (RGB) or H x W x 1 in [0, 1], as pycaffe's load_image."""
+    from PIL import Image
+    try:
+        img = Image.open(filename)
+        img = img.convert("RGB" if color else "L")
+    except OSError as e:
+        raise OSError(f"cannot read image '{filename}': {e}") from None
+    arr = np.asarray(img, dtype=np.float32) / 255.0
+    return arr[:, :, None] if arr.ndim == 2 else arr
+
+
+def resize_image(im, new_dims, interp_order=1):
+    """Resize H x W x K to ``new_dims`` (bilinear for order 1, nearest for 0)."""
+    import scipy.ndimage
+    im = np.asarray(im, dtype=np.float32)
+    factors = (new_dims[0] / im.shape[0], new_dims[1] / im.shape[1], 1)
+    return scipy.ndimage.zoom(im, factors, order=interp_order, mode="nearest",
+                              grid_mode=True).astype(np.float32)
+
+
+def oversample(images, crop_dims):
+    """Ten crops (4 corners + centre, and their mirrors) of each H x W x K image."""
+    images = [np.asarray(i) for i in images]
+    h, w = images[0].shape[:2]
+    ch, cw = crop_dims
+    starts = [(0, 0), (0, w - cw), (h - ch, 0), (h - ch, w - cw),
+              ((h - ch) // 2, (w - cw) // 2)]
+    crops = []
+    for im in images:
+        tiles = [im[y:y + ch, x:x + cw] for y, x in starts]
+        crops.extend(tiles + [t[:, ::-1] for t in tiles])
+    return np.array(crops, dtype=np.float32)
+
+
+class Transformer:
+    """pycaffe's input Transformer: set_transpose / channel_swap / raw_scale / mean /
+    input_scale per input blob, then ``preprocess(name, image)``."""
+
+    def __init__(self, inputs):
+        self.inputs = dict(inputs)
+        self.transpose, self.channel_swap = {}, {}
+        self.raw_scale, self.mean, self.input_scale = {}, {}, {}
+
+    def _check(self, name):
+        if name not in self.inputs:
+            raise ValueError(f"'{name}' is not one of the net inputs {sorted(self.inputs)}")
+
+    def set_transpose(self, name, order):
+        self._check(name)
+        if len(order) != len(self.inputs[name]) - 1:
+            raise ValueError("transpose order needs as many axes as the input minus batch")
+        self.transpose[name] = order
+
+    def set_channel_swap(self, name, order):
+        self._check(name)
+        if len(order) != self.inputs[name][1]:
+            raise ValueError("channel swap needs one entry per input channel")
+        self.channel_swap[name] = order
+
+    def set_raw_scale(self, name, scale):
+        self._check(name)
+        self.raw_scale[name] = scale
+
+    def set_mean(self, name, mean):
+        self._check(name)
+        mean = np.asarray(mean, dtype=np.float32)
+        channels = self.inputs[name][1]
+        if mean.ndim == 1:
+            if mean.shape[0] != channels:
+                raise ValueError(f"mean has {mean.shape[0]} values for {channels} channels")
+            mean = mean[:, None, None]
+        elif mean.shape[0] != channels:
+            raise ValueError("mean channels do not match the input")
+        self.mean[name] = mean
+
+    def set_input_scale(self, name, scale):
+        self._check(name)
+        self.input_scale[name] = scale
+
+    def preprocess(self, name, data):
+        """H x W x K float image -> the K x H' x W' net input (resized to the blob)."""
+        self._check(name)
+        x = np.asarray(data, dtype=np.float32)
+        in_dims = self.inputs[name][2:]
+        if x.shape[:2] != tuple(in_dims):
+            x = resize_image(x, in_dims)
+        if name in self.transpose:
+            x = x.transpose(self.transpose[name])
+        if name in self.channel_swap:
+            x = x[list(self.channel_swap[name]), :, :]
+        if name in self.raw_scale:
+            x = x * self.raw_scale[name]
+        if name in self.mean:
+            x = x - self.mean[name]
+        if name in self.input_scale:
+            x = x * self.input_scale[name]
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+    def deprocess(self, name, data):
+        self._check(name)
+        x = np.array(data, dtype=np.float32).squeeze()
+        if name in self.input_scale:
+            x = x / self.input_scale[name]
+        if name in self.mean:
+            x = x + self.mean[name]
+        if name in self.raw_scale:
+            x = x / self.raw_scale[name]
+        if name in self.channel_swap:
+            x = x[np.argsort(self.channel_swap[name]), :, :]
+        if name in self.transpose:
+            x = x.transpose(np.argsort(self.transpose[name]))
+        return x

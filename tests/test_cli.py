@@ -1,0 +1,86 @@
+"""The caffelite command line: Caffe's verbs, glog lines, one-line errors."""
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+NET = '''
+name: "${NAME}"
+layer { name: "data" type: "DummyData" top: "data" top: "label"
+  dummy_data_param { shape { dim: 2 dim: 3 dim: 4 dim: 4 } shape { dim: 2 }
+    data_filler { type: "gaussian" std: 1 } data_filler { type: "constant" value: 1 } } }
+layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip"
+  inner_product_param { num_output: 3 weight_filler { type: "gaussian" std: 0.1 } } }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss" }
+'''
+
+
+def run(*args, cwd=None):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    return subprocess.run([sys.executable, "-m", "caffelite.cli", *args], capture_output=True,
+                          text=True, env=env, cwd=cwd)
+
+
+GLOG = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d\.\d{6} +\d+ [\w.]+:\d+\] ")
+
+
+def test_test_verb_logs_batches_and_means(tmp_path):
+    net = tmp_path / "net.prototxt"
+    net.write_text(NET)
+    out = run("test", "--model", str(net), "--iterations", "3", "-D", "NAME=n",
+              "--log", str(tmp_path / "log.txt"))
+    assert out.returncode == 0, out.stderr
+    lines = out.stderr.splitlines()
+    batch = [l for l in lines if "Batch 2, loss = " in l]
+    assert batch and GLOG.match(batch[0])
+    assert any(re.search(r"\] loss = [\d.]+ \(\* 1 = [\d.]+ loss\)", l) for l in lines)
+    assert "Batch 0, loss" in (tmp_path / "log.txt").read_text()
+
+
+def test_missing_define_is_one_line_error(tmp_path):
+    net = tmp_path / "net.prototxt"
+    net.write_text(NET)
+    out = run("test", "--model", str(net), "--iterations", "1")
+    assert out.returncode == 1
+    assert "Traceback" not in out.stderr
+    assert "NAME (line 2)" in out.stderr and str(net) in out.stderr
+
+
+def test_time_verb_prints_per_layer_averages(tmp_path):
+    net = tmp_path / "net.prototxt"
+    net.write_text(NET)
+    out = run("time", "--model", str(net), "--iterations", "2", "-D", "NAME=n")
+    assert out.returncode == 0, out.stderr
+    assert re.search(r"ip\tforward: [\d.e-]+ ms\.", out.stderr)
+    assert "Average Forward-Backward:" in out.stderr
+
+
+def test_upgrade_verb_writes_v2_text(tmp_path):
+    src = tmp_path / "v1.prototxt"
+    src.write_text('name: "v1"\ninput: "data"\ninput_dim: 1\ninput_dim: 1\ninput_dim: 5\n'
+                   'input_dim: 5\nlayers { name: "c" type: CONVOLUTION bottom: "data" top: "c" '
+                   'blobs_lr: 1 blobs_lr: 2 convolution_param { num_output: 2 kernel_size: 3 '
+                   'hole: 2 } }\n')
+    dst = tmp_path / "v2.prototxt"
+    out = run("upgrade", str(src), str(dst))
+    assert out.returncode == 0, out.stderr
+    text = dst.read_text()
+    assert 'type: "Convolution"' in text and "dilation: 2" in text and "lr_mult: 2" in text
+    assert "hole" not in text and "layers" not in text
+    import caffelite as caffe
+    net = caffe.Net(str(dst), caffe.TEST)
+    assert net.blobs["c"].shape == (1, 2, 1, 1)
+
+
+def test_bad_weights_file_is_one_line_error(tmp_path):
+    net = tmp_path / "net.prototxt"
+    net.write_text(NET)
+    bad = tmp_path / "w.caffemodel"
+    bad.write_bytes(b"\x0a\xff\xff")
+    out = run("test", "--model", str(net), "--weights", str(bad), "-D", "NAME=n")
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert "truncated or corrupt" in out.stderr and str(bad) in out.stderr
