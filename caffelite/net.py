@@ -486,6 +486,25 @@ class Net:
                     f"file, {target.shape} in the net (rename the layer to skip copying it)")
             target.data[...] = blob.data.reshape(target.shape)
 
+    def share_trained_layers_with(self, other):
+        """Share parameter data with the same-named layers of ``other`` (test nets see
+        the train net's weights without copies, as in Caffe)."""
+        theirs = other.layer_dict
+        for name, layer in zip(self._layer_names, self.layers):
+            source = theirs.get(name)
+            if source is None or not layer.blobs:
+                continue
+            if len(source.blobs) != len(layer.blobs):
+                raise NetError(f"layer '{name}': {len(layer.blobs)} blobs here, "
+                               f"{len(source.blobs)} in the net to share with")
+            for j, (mine, src) in enumerate(zip(layer.blobs, source.blobs)):
+                if mine.shape != src.shape:
+                    raise NetError(f"layer '{name}' blob {j}: cannot share shape {src.shape} "
+                                   f"with {mine.shape}")
+                mine.share_data(src)
+
+    share_with = share_trained_layers_with
+
     def to_weights(self):
         return [(n, l.type, [b.data for b in l.blobs])
                 for n, l in zip(self._layer_names, self.layers)]
