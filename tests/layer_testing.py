@@ -44,7 +44,7 @@ def run_forward(layer, bottom, top):
     """Reshape and forward with tops poisoned by NaN so unwritten elements show up."""
     layer.reshape(bottom, top)
     for t in top:
-        if t not in bottom:
+        if not any(np.shares_memory(t.data, b.data) for b in bottom):
             t.data[...] = np.nan
     layer.forward(bottom, top)
     return [t.data.copy() for t in top]
@@ -60,9 +60,10 @@ def check_gradient(layer, bottom, top, check_bottom=None, step=1e-3, threshold=1
     relative threshold ``threshold * max(|a|, |n|, 1)``. Elements within
     ``kink_range`` of ``kink`` (non-smooth points) are skipped, as Caffe does.
     """
-    rng = np.random.default_rng(seed)
     check_bottom = range(len(bottom)) if check_bottom is None else check_bottom
-    targets = [bottom[i] for i in check_bottom] + list(layer.blobs)
+    # Parameters the layer does not differentiate (BatchNorm statistics) are skipped.
+    targets = [bottom[i] for i in check_bottom] + [
+        b for b, down in zip(layer.blobs, layer.param_propagate_down) if down]
 
     def objective():
         layer.reshape(bottom, top)
@@ -78,6 +79,8 @@ def check_gradient(layer, bottom, top, check_bottom=None, step=1e-3, threshold=1
 
     def analytic():
         objective()
+        for b in bottom:
+            b.diff[...] = 0
         for t in top:
             t.diff[...] = 0
         tops = top if top_id is None else [top[top_id]]
@@ -88,14 +91,12 @@ def check_gradient(layer, bottom, top, check_bottom=None, step=1e-3, threshold=1
                 t.diff.flat[top_data_id] = 1
         for b in layer.blobs:
             b.diff[...] = 0
-        for b in bottom:
-            b.diff[...] = 0
         propagate = [i in check_bottom for i in range(len(bottom))]
         layer.backward(top, propagate, bottom)
         return [t.diff.copy() for t in targets]
 
     # Some layers (Dropout) draw randomness each forward: reseed so runs agree.
-    state = _reseed(layer, seed)
+    _reseed(seed)
     computed = analytic()
     failures = []
     for ti, target in enumerate(targets):
@@ -105,10 +106,10 @@ def check_gradient(layer, bottom, top, check_bottom=None, step=1e-3, threshold=1
             if kink is not None and abs(x - kink) <= kink_range:
                 continue
             flat[i] = x + step
-            _reseed(layer, seed, state)
+            _reseed(seed)
             plus = objective()
             flat[i] = x - step
-            _reseed(layer, seed, state)
+            _reseed(seed)
             minus = objective()
             flat[i] = x
             numeric = (plus - minus) / (2 * step)
@@ -116,15 +117,13 @@ def check_gradient(layer, bottom, top, check_bottom=None, step=1e-3, threshold=1
             scale = max(abs(a), abs(numeric), 1.0)
             if abs(a - numeric) > threshold * scale:
                 failures.append((ti, i, a, numeric))
-    _ = rng
     assert not failures, (
         f"{len(failures)} gradient mismatches (target, index, analytic, numeric): {failures[:8]}")
 
 
-def _reseed(layer, seed, state=None):
+def _reseed(seed):
     from caffelite import backend
     backend.set_random_seed(seed)
-    return state
 
 
 # ------------------------------------------------------------------ OpenCV oracle
@@ -132,7 +131,8 @@ def opencv_forward(net_text, weights, inputs, outputs):
     """Run OpenCV's Caffe importer on ``net_text`` with ``weights``.
 
     weights: [(layer_name, layer_type, [arrays])] written with caffelite's writer;
-    inputs: {blob: array}; outputs: list of blob names. Returns a list of arrays.
+    inputs: {blob: array}; outputs: OpenCV output names, i.e. LAYER names (a layer's
+    first top). Returns a list of arrays.
     """
     import cv2
     from caffelite.io.caffemodel import write_caffemodel

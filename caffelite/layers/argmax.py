@@ -1,0 +1,77 @@
+"""ArgMax: the indices (and/or values) of the top_k largest entries."""
+from ..backend import get_array_module
+from ..layer import Layer, register
+
+
+@register("ArgMax")
+class ArgMaxLayer(Layer):
+    """Top-k along ``axis``, or over each item's flattened C*H*W when no axis is given.
+
+    Ranking is Caffe's: (value, index) pairs sorted descending, so among equal values
+    the HIGHEST index comes first. Indices are written as floats.
+    Without ``axis`` the top is (N, 1, top_k) — (N, 2, top_k) holding indices then
+    values with ``out_max_val`` — padded with 1s to the bottom's number of axes (>= 3).
+    With ``axis`` the top is the bottom's shape with top_k on that axis, holding the
+    values if ``out_max_val`` else the indices. No backward (Caffe has none).
+    """
+    exact_num_bottom = 1
+    exact_num_top = 1
+
+    def setup(self, bottom, top):
+        p = self.layer_param.argmax_param
+        if p.top_k < 1:
+            raise self.error(f"argmax_param.top_k must be at least 1, got {p.top_k}")
+        self.top_k = p.top_k
+        self.out_max_val = p.out_max_val
+        self.has_axis = p.HasField("axis")
+
+    def reshape(self, bottom, top):
+        blob = bottom[0]
+        if self.has_axis:
+            axis = self.layer_param.argmax_param.axis
+            n = blob.num_axes
+            if not -n <= axis < n:
+                raise self.error(f"argmax_param.axis {axis} is out of range for a bottom of "
+                                 f"shape {blob.shape}")
+            self.axis = axis + n if axis < 0 else axis
+            dim = blob.shape[self.axis]
+            if self.top_k > dim:
+                raise self.error(f"argmax_param.top_k {self.top_k} is larger than axis "
+                                 f"{self.axis} of the bottom (size {dim}, shape {blob.shape})")
+            shape = list(blob.shape)
+            shape[self.axis] = self.top_k
+        else:
+            dim = blob.count_range(1)
+            if self.top_k > dim:
+                raise self.error(f"argmax_param.top_k {self.top_k} is larger than the "
+                                 f"{dim} entries per item of the bottom (shape {blob.shape})")
+            shape = [1] * max(blob.num_axes, 3)
+            shape[0] = blob.shape[0]
+            shape[1] = 2 if self.out_max_val else 1
+            shape[2] = self.top_k
+        top[0].reshape(shape)
+
+    def forward(self, bottom, top):
+        xp = get_array_module(bottom[0].data)
+        x = bottom[0].data
+        rows = xp.moveaxis(x, self.axis, -1) if self.has_axis else x.reshape(x.shape[0], -1)
+        dim = rows.shape[-1]
+        # Search the reversed rows so the first hit among equals is the highest index.
+        reversed_rows = rows[..., ::-1]
+        if self.top_k == 1:
+            pos = xp.argmax(reversed_rows, axis=-1)[..., None]
+        else:
+            pos = xp.argsort(-reversed_rows, axis=-1, kind="stable")[..., :self.top_k]
+        index = dim - 1 - pos
+        if self.has_axis:
+            out = xp.take_along_axis(rows, index, -1) if self.out_max_val else index
+            top[0].data[...] = xp.moveaxis(out, -1, self.axis)
+            return
+        flat = top[0].data.reshape(x.shape[0], -1)
+        flat[:, :self.top_k] = index
+        if self.out_max_val:
+            flat[:, self.top_k:] = xp.take_along_axis(rows, index, -1)
+
+    def backward(self, top, propagate_down, bottom):
+        if any(propagate_down):
+            raise self.error("ArgMax has no backward pass (its output is not differentiable)")

@@ -1,0 +1,97 @@
+"""Eltwise: element-wise SUM (with coefficients), PROD or MAX of same-shape bottoms."""
+from ..backend import get_array_module
+from ..layer import Layer, register
+from ..proto import caffe_pb2
+
+PROD = caffe_pb2.EltwiseParameter.PROD
+SUM = caffe_pb2.EltwiseParameter.SUM
+MAX = caffe_pb2.EltwiseParameter.MAX
+
+
+@register("Eltwise")
+class EltwiseLayer(Layer):
+    """SUM: y = sum_i coeff_i x_i.  PROD: y = prod_i x_i.  MAX: y = max_i x_i.
+
+    MAX keeps the index of the winning bottom with Caffe's CPU tie rule: between
+    bottoms 0 and 1 a tie goes to bottom 1; each later bottom wins only when strictly
+    greater (a tie stays with the earlier one). The gradient goes to that bottom only.
+    """
+    min_bottom = 2
+    exact_num_top = 1
+
+    def setup(self, bottom, top):
+        p = self.layer_param.eltwise_param
+        self.op = p.operation
+        if self.op not in (PROD, SUM, MAX):
+            raise self.error(f"unknown eltwise_param.operation {self.op}")
+        if len(p.coeff) not in (0, len(bottom)):
+            raise self.error(
+                f"eltwise_param gives {len(p.coeff)} coeff values for {len(bottom)} bottoms; "
+                "give exactly one coefficient per bottom (or none)")
+        if self.op == PROD and len(p.coeff):
+            raise self.error("eltwise_param.coeff is only allowed with operation SUM, not PROD")
+        t = self.dtype.type
+        self.coeffs = [t(c) for c in p.coeff] if len(p.coeff) else [t(1)] * len(bottom)
+        self.stable_prod_grad = p.stable_prod_grad
+        self.max_idx = None
+
+    def reshape(self, bottom, top):
+        for i, b in enumerate(bottom[1:], 1):
+            if b.shape != bottom[0].shape:
+                raise self.error(
+                    f"all bottoms must have the same shape: bottom 0 '{self._bottom_name(0)}' "
+                    f"is {bottom[0].shape} but bottom {i} '{self._bottom_name(i)}' is {b.shape}")
+        if len(self.coeffs) != len(bottom):
+            raise self.error(
+                f"set up for {len(self.coeffs)} bottoms, got {len(bottom)}")
+        top[0].reshape(bottom[0].shape)
+
+    def _bottom_name(self, i):
+        names = self.layer_param.bottom
+        return names[i] if i < len(names) else f"#{i}"
+
+    def forward(self, bottom, top):
+        xp = get_array_module(bottom[0].data)
+        if self.op == SUM:
+            y = self._scaled(bottom[0].data, self.coeffs[0])
+            for b, c in zip(bottom[1:], self.coeffs[1:]):
+                y = y + self._scaled(b.data, c)
+        elif self.op == PROD:
+            y = bottom[0].data * bottom[1].data
+            for b in bottom[2:]:
+                y = y * b.data
+        else:
+            x0, x1 = bottom[0].data, bottom[1].data
+            first = x0 > x1
+            y = xp.where(first, x0, x1)
+            idx = xp.where(first, 0, 1).astype(xp.int32)
+            for i, b in enumerate(bottom[2:], 2):
+                wins = b.data > y
+                y = xp.where(wins, b.data, y)
+                idx[wins] = i
+            self.max_idx = idx
+        top[0].data[...] = y
+
+    @staticmethod
+    def _scaled(x, c):
+        return x.copy() if c == 1 else c * x
+
+    def backward(self, top, propagate_down, bottom):
+        xp = get_array_module(top[0].diff)
+        dy = top[0].diff
+        for i, b in enumerate(bottom):
+            if not propagate_down[i]:
+                continue
+            if self.op == SUM:
+                b.diff[...] = dy if self.coeffs[i] == 1 else self.coeffs[i] * dy
+            elif self.op == PROD:
+                if self.stable_prod_grad:
+                    others = [o.data for j, o in enumerate(bottom) if j != i]
+                    grad = others[0]
+                    for o in others[1:]:
+                        grad = grad * o
+                else:
+                    grad = top[0].data / b.data
+                b.diff[...] = grad * dy
+            else:
+                b.diff[...] = xp.where(self.max_idx == i, dy, dy.dtype.type(0))

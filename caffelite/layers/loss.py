@@ -1,0 +1,167 @@
+"""SigmoidCrossEntropyLoss, EuclideanLoss and Accuracy (BVLC Caffe semantics)."""
+import numpy as np
+
+from ..backend import get_array_module
+from ..layer import Layer, LossLayer, register
+from .softmax import (BATCH_SIZE, _MODE_NAMES, canonical_axis, check_label_range,
+                      integer_labels, loss_normalization, normalizer, split_axis)
+
+
+@register("SigmoidCrossEntropyLoss")
+class SigmoidCrossEntropyLossLayer(LossLayer):
+    """Cross-entropy of sigmoid(bottom[0]) against targets in [0, 1] (BVLC 2017 version).
+
+    Per element, in the overflow-free form Caffe uses:
+    -[x (t - [x >= 0]) - log(1 + exp(x - 2 x [x >= 0]))]; elements whose target
+    truncates to ``ignore_label`` are skipped.  Normalization: ``normalization`` if
+    given, else legacy ``normalize``, else BATCH_SIZE (the pre-2017 behaviour).
+    """
+    exact_num_bottom = 2
+    min_bottom = None
+
+    def setup(self, bottom, top):
+        p = self.layer_param.loss_param
+        self.ignore_label = int(p.ignore_label) if p.HasField("ignore_label") else None
+        self.normalization = loss_normalization(self, BATCH_SIZE)
+        if self.normalization not in _MODE_NAMES:
+            raise self.error(f"unknown loss_param.normalization {self.normalization}")
+
+    def reshape(self, bottom, top):
+        super().reshape(bottom, top)
+        if bottom[0].count != bottom[1].count:
+            raise self.error(
+                f"scores {bottom[0].shape} and targets {bottom[1].shape} must have the same "
+                f"count ({bottom[0].count} vs {bottom[1].count})")
+
+    def forward(self, bottom, top):
+        xp = get_array_module(bottom[0].data)
+        dtype = bottom[0].data.dtype.type
+        x = bottom[0].data
+        t = bottom[1].data.reshape(x.shape)
+        pos = (x >= 0).astype(x.dtype)
+        per_element = x * (t - pos) - xp.log(dtype(1) + xp.exp(x - dtype(2) * x * pos))
+        if self.ignore_label is not None:
+            self.valid = t.astype(np.int64) != self.ignore_label
+            per_element = xp.where(self.valid, per_element, dtype(0))
+            valid_count = int(self.valid.sum())
+        else:
+            self.valid = None
+            valid_count = x.size
+        loss = -per_element.sum(dtype=x.dtype)
+        outer = bottom[0].shape[0]
+        self.norm = normalizer(self.normalization, outer, bottom[0].count // max(outer, 1),
+                               valid_count)
+        top[0].data[...] = loss / dtype(self.norm)
+
+    def backward(self, top, propagate_down, bottom):
+        if len(propagate_down) > 1 and propagate_down[1]:
+            raise self.error("cannot backpropagate to the target input (bottom 1)")
+        if not propagate_down[0]:
+            return
+        xp = get_array_module(bottom[0].data)
+        dtype = bottom[0].data.dtype.type
+        x = bottom[0].data
+        half = dtype(0.5)
+        sigmoid = half * xp.tanh(half * x) + half   # Caffe's SigmoidLayer form
+        d = sigmoid - bottom[1].data.reshape(x.shape)
+        if self.valid is not None:
+            d = xp.where(self.valid, d, dtype(0))
+        scale = dtype(top[0].diff.flat[0]) / dtype(self.norm)
+        bottom[0].diff[...] = d * scale
+
+
+@register("EuclideanLoss")
+class EuclideanLossLayer(LossLayer):
+    """loss = sum((bottom[0] - bottom[1])^2) / (2 N); both bottoms get gradients."""
+    exact_num_bottom = 2
+    min_bottom = None
+
+    def allow_force_backward(self, bottom_index):
+        return True
+
+    def reshape(self, bottom, top):
+        super().reshape(bottom, top)
+        if bottom[0].count_range(1) != bottom[1].count_range(1):
+            raise self.error(
+                f"inputs must have the same dimension: {bottom[0].shape} vs {bottom[1].shape}")
+
+    def forward(self, bottom, top):
+        dtype = bottom[0].data.dtype.type
+        self.diff = bottom[0].data - bottom[1].data.reshape(bottom[0].shape)
+        dot = (self.diff * self.diff).sum(dtype=self.diff.dtype)
+        top[0].data[...] = dot / dtype(bottom[0].shape[0]) / dtype(2)
+
+    def backward(self, top, propagate_down, bottom):
+        dtype = self.diff.dtype.type
+        for i, sign in ((0, 1), (1, -1)):
+            if propagate_down[i]:
+                alpha = dtype(sign) * dtype(top[0].diff.flat[0]) / dtype(bottom[i].shape[0])
+                bottom[i].diff[...] = (alpha * self.diff).reshape(bottom[i].shape)
+
+
+@register("Accuracy")
+class AccuracyLayer(Layer):
+    """Top-k classification accuracy over the ``accuracy_param.axis`` class axis.
+
+    A label counts as correct when it is among the ``top_k`` highest scores under
+    Caffe's ordering of (score, class index) pairs: ties rank the higher class index
+    first (the fork's std::partial_sort with std::greater<pair>).  The optional second
+    top holds per-class accuracy (0 for classes absent from the labels).  With every
+    label ignored the accuracy is 0/0 = NaN, as in the fork.
+    """
+    exact_num_bottom = 2
+    min_top = 1
+    max_top = 2
+
+    def setup(self, bottom, top):
+        p = self.layer_param.accuracy_param
+        self.top_k = int(p.top_k)
+        self.ignore_label = int(p.ignore_label) if p.HasField("ignore_label") else None
+        self.axis_param = int(p.axis)
+        if self.top_k < 1:
+            raise self.error(f"accuracy_param.top_k must be at least 1, got {self.top_k}")
+
+    def reshape(self, bottom, top):
+        if self.top_k > bottom[0].count // max(bottom[1].count, 1):
+            raise self.error(
+                f"top_k ({self.top_k}) must be less than or equal to the number of classes "
+                f"(scores {bottom[0].shape}, labels {bottom[1].shape})")
+        self.axis = canonical_axis(self, bottom[0], self.axis_param, "accuracy_param.axis")
+        self.dims = split_axis(bottom[0].shape, self.axis)
+        outer, channels, inner = self.dims
+        if outer * inner != bottom[1].count:
+            raise self.error(
+                f"number of labels must match number of predictions: scores {bottom[0].shape} "
+                f"with label axis {self.axis} need {outer * inner} labels, but the label blob "
+                f"{bottom[1].shape} has {bottom[1].count}")
+        top[0].reshape(())
+        if len(top) > 1:
+            top[1].reshape((channels,))
+
+    def forward(self, bottom, top):
+        xp = get_array_module(bottom[0].data)
+        dtype = bottom[0].data.dtype.type
+        outer, channels, inner = self.dims
+        scores = bottom[0].data.reshape(self.dims)
+        lab, valid = integer_labels(xp, bottom[1].data.reshape(outer, inner), self.ignore_label)
+        check_label_range(self, xp, lab, valid, channels,
+                          f"class axis {self.axis} of the scores, {bottom[0].shape}")
+        lab = xp.where(valid, lab, 0)
+        s_true = xp.take_along_axis(scores, lab[:, None, :], axis=1)
+        k = xp.arange(channels)[None, :, None]
+        ahead = (scores > s_true) | ((scores == s_true) & (k > lab[:, None, :]))
+        hit = (ahead.sum(axis=1) < self.top_k) & valid
+        count = dtype(int(valid.sum()))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            top[0].data[...] = dtype(int(hit.sum())) / count
+        if len(top) > 1:
+            valid_labels = lab[valid]
+            totals = xp.bincount(valid_labels, minlength=channels)
+            hits = xp.bincount(lab[hit], minlength=channels)
+            safe = xp.maximum(totals, 1).astype(scores.dtype)
+            per_class = xp.where(totals == 0, dtype(0), hits.astype(scores.dtype) / safe)
+            top[1].data[...] = per_class
+
+    def backward(self, top, propagate_down, bottom):
+        if any(propagate_down):
+            raise self.error("Accuracy has no backward (it is not a loss)")

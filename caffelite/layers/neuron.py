@@ -1,0 +1,398 @@
+"""Element-wise neuron layers: one bottom, one top of the same shape.
+
+Each follows BVLC Caffe's formulas and its order of float operations, including the
+special cases Caffe takes (Power with scale or power 0, Exp/Log with base -1 = e).
+Layers whose backward reads the bottom data (PReLU, Power, Log, BNLL) keep a copy of
+it when run in place, so in-place and out-of-place runs give the same gradients.
+"""
+import numpy as np
+
+from ..backend import TRAIN, get_array_module, rng
+from ..filler import fill
+from ..layer import NeuronLayer, register
+from ..proto import caffe_pb2
+
+
+class _SavesBottomInPlace(NeuronLayer):
+    """Keeps the pre-activation bottom data when top is bottom (Caffe's bottom_memory_)."""
+    _saved_bottom = None
+
+    def save_bottom(self, bottom, top):
+        self._saved_bottom = bottom[0].data.copy() if top[0] is bottom[0] else None
+
+    def bottom_data(self, top, bottom):
+        return self._saved_bottom if top[0] is bottom[0] else bottom[0].data
+
+
+@register("ReLU")
+class ReLULayer(NeuronLayer):
+    """y = max(x, 0) + negative_slope * min(x, 0)."""
+
+    def setup(self, bottom, top):
+        self.negative_slope = self.layer_param.relu_param.negative_slope
+
+    def forward(self, bottom, top):
+        xp = get_array_module(bottom[0].data)
+        x = bottom[0].data
+        if self.negative_slope == 0:
+            xp.maximum(x, 0, out=top[0].data)
+        else:
+            # == max(x, 0) + slope * min(x, 0) bit for bit, without the temporaries.
+            top[0].data[...] = xp.where(x > 0, x, x * self.negative_slope)
+
+    def backward(self, top, propagate_down, bottom):
+        if not propagate_down[0]:
+            return
+        xp = get_array_module(top[0].diff)
+        # In place, Caffe reads the top data here; its sign equals the bottom's for
+        # any non-negative slope, so the gradient is the same.
+        x = bottom[0].data
+        dy = top[0].diff
+        if self.negative_slope == 0:
+            bottom[0].diff[...] = xp.where(x > 0, dy, dy.dtype.type(0))
+        else:
+            bottom[0].diff[...] = xp.where(x > 0, dy, dy * self.negative_slope)
+
+
+@register("PReLU")
+class PReLULayer(_SavesBottomInPlace):
+    """y = max(x, 0) + a[c] * min(x, 0), learnable slopes a per channel (or one shared)."""
+
+    def setup(self, bottom, top):
+        param = self.layer_param.prelu_param
+        if bottom[0].num_axes < 2:
+            raise self.error(
+                f"the bottom blob needs at least 2 axes (N, C, ...), got shape {bottom[0].shape}")
+        channels = bottom[0].shape[1]
+        self.channel_shared = param.channel_shared
+        if not self.blobs_loaded():
+            # Caffe makes a 0-axis blob for the shared slope; caffemodels store it so.
+            blob = self.new_param_blob(() if self.channel_shared else (channels,))
+            if param.HasField("filler"):
+                fill(blob, param.filler)
+            else:
+                fill(blob, caffe_pb2.FillerParameter(type="constant", value=0.25))
+        want = "channel_shared needs 1" if self.channel_shared else \
+            f"the bottom has {channels} channels"
+        if self.blobs[0].count != (1 if self.channel_shared else channels):
+            raise self.error(f"negative slope blob has {self.blobs[0].count} values but {want}")
+
+    def reshape(self, bottom, top):
+        if bottom[0].num_axes < 2:
+            raise self.error(
+                f"the bottom blob needs at least 2 axes (N, C, ...), got shape {bottom[0].shape}")
+        top[0].reshape(bottom[0].shape)
+
+    def _slope(self, x):
+        """Slopes broadcast against x (N, C, ...)."""
+        slope = self.blobs[0].data.reshape(-1)
+        if self.channel_shared:
+            return slope.reshape((1,) * x.ndim)
+        return slope.reshape((1, -1) + (1,) * (x.ndim - 2))
+
+    def forward(self, bottom, top):
+        xp = get_array_module(bottom[0].data)
+        self.save_bottom(bottom, top)
+        x = bottom[0].data
+        top[0].data[...] = xp.maximum(x, 0) + self._slope(x) * xp.minimum(x, 0)
+
+    def backward(self, top, propagate_down, bottom):
+        x = self.bottom_data(top, bottom)
+        dy = top[0].diff
+        nonpositive = (x <= 0).astype(x.dtype)
+        # Parameter gradient first: in place, writing the bottom diff changes dy.
+        if self.param_propagate_down[0]:
+            contrib = dy * x * nonpositive
+            if self.channel_shared:
+                grad = contrib.sum()
+            else:
+                axes = (0,) + tuple(range(2, x.ndim))
+                grad = contrib.sum(axis=axes)
+            self.blobs[0].diff[...] += grad.reshape(self.blobs[0].shape)
+        if propagate_down[0]:
+            positive = (x > 0).astype(x.dtype)
+            bottom[0].diff[...] = dy * (positive + self._slope(x) * nonpositive)
+
+
+@register("ELU")
+class ELULayer(NeuronLayer):
+    """y = x for x > 0, alpha * (exp(x) - 1) otherwise."""
+
+    def setup(self, bottom, top):
+        self.alpha = self.layer_param.elu_param.alpha
+
+    def forward(self, bottom, top):
+        xp = get_array_module(bottom[0].data)
+        x = bottom[0].data
+        top[0].data[...] = xp.maximum(x, 0) + self.alpha * (xp.exp(xp.minimum(x, 0)) - 1)
+
+    def backward(self, top, propagate_down, bottom):
+        if not propagate_down[0]:
+            return
+        # Caffe reads the bottom (x > 0) and the top (y + alpha = alpha * exp(x));
+        # in place the top's sign equals x's for alpha > 0.
+        xp = get_array_module(top[0].diff)
+        x = bottom[0].data
+        dy = top[0].diff
+        bottom[0].diff[...] = xp.where(x > 0, dy, dy * (top[0].data + self.alpha))
+
+
+@register("Sigmoid")
+class SigmoidLayer(NeuronLayer):
+    """y = 1 / (1 + exp(-x)); dy/dx = y (1 - y) from the top data."""
+
+    def forward(self, bottom, top):
+        xp = get_array_module(bottom[0].data)
+        x = bottom[0].data
+        with np.errstate(over="ignore"):
+            top[0].data[...] = 1 / (1 + xp.exp(-x))
+
+    def backward(self, top, propagate_down, bottom):
+        if propagate_down[0]:
+            y = top[0].data
+            bottom[0].diff[...] = top[0].diff * y * (1 - y)
+
+
+@register("TanH")
+class TanHLayer(NeuronLayer):
+    """y = tanh(x); dy/dx = 1 - y^2 from the top data."""
+
+    def forward(self, bottom, top):
+        xp = get_array_module(bottom[0].data)
+        top[0].data[...] = xp.tanh(bottom[0].data)
+
+    def backward(self, top, propagate_down, bottom):
+        if propagate_down[0]:
+            y = top[0].data
+            bottom[0].diff[...] = top[0].diff * (1 - y * y)
+
+
+@register("AbsVal")
+class AbsValLayer(NeuronLayer):
+    """y = |x|; dy/dx = sign(x) (0 at 0). Caffe refuses in-place computation."""
+
+    def reshape(self, bottom, top):
+        if top[0] is bottom[0]:
+            raise self.error("AbsVal does not allow in-place computation (top == bottom)")
+        top[0].reshape(bottom[0].shape)
+
+    def forward(self, bottom, top):
+        xp = get_array_module(bottom[0].data)
+        top[0].data[...] = xp.abs(bottom[0].data)
+
+    def backward(self, top, propagate_down, bottom):
+        if propagate_down[0]:
+            xp = get_array_module(bottom[0].data)
+            bottom[0].diff[...] = xp.sign(bottom[0].data) * top[0].diff
+
+
+@register("Power")
+class PowerLayer(_SavesBottomInPlace):
+    """y = (shift + scale * x) ^ power, with Caffe's special cases and gradient formulas."""
+
+    def setup(self, bottom, top):
+        p = self.layer_param.power_param
+        t = self.dtype.type
+        self.power, self.scale, self.shift = t(p.power), t(p.scale), t(p.shift)
+        self.diff_scale = t(self.power * self.scale)
+
+    def forward(self, bottom, top):
+        xp = get_array_module(bottom[0].data)
+        self.save_bottom(bottom, top)
+        if self.diff_scale == 0:
+            # The input is ignored: y = shift^power (1 when power is 0).
+            value = 1 if self.power == 0 else self.dtype.type(np.power(self.shift, self.power))
+            top[0].data[...] = value
+            return
+        y = self._shifted(bottom[0].data)
+        if self.power != 1:
+            with np.errstate(invalid="ignore", divide="ignore"):
+                y = xp.power(y, self.power)
+        top[0].data[...] = y
+
+    def _shifted(self, x):
+        y = x
+        if self.scale != 1:
+            y = self.scale * y
+        if self.shift != 0:
+            y = y + self.shift
+        return y if y is not x else x.copy()
+
+    def backward(self, top, propagate_down, bottom):
+        if not propagate_down[0]:
+            return
+        if self.diff_scale == 0:
+            bottom[0].diff[...] = 0
+            return
+        if self.power == 1:
+            bottom[0].diff[...] = top[0].diff * self.diff_scale
+            return
+        x = self.bottom_data(top, bottom)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            if self.power == 2:
+                # dy/dx = diff_scale * scale * x + diff_scale * shift
+                grad = self.dtype.type(self.diff_scale * self.scale) * x
+                if self.shift != 0:
+                    grad = grad + self.dtype.type(self.diff_scale * self.shift)
+            elif self.shift == 0:
+                # dy/dx = power * y / x   (Caffe's formula; 0/0 at x = 0 gives NaN as in Caffe)
+                grad = (top[0].data / x) * self.power
+            else:
+                grad = top[0].data / self._shifted(x)
+                if self.diff_scale != 1:
+                    grad = grad * self.diff_scale
+        bottom[0].diff[...] = top[0].diff * grad
+
+
+@register("Exp")
+class ExpLayer(NeuronLayer):
+    """y = base ^ (shift + scale * x), base -1 meaning e."""
+
+    def setup(self, bottom, top):
+        p = self.layer_param.exp_param
+        t = self.dtype.type
+        base = t(p.base)
+        if base != -1 and not base > 0:
+            raise self.error(
+                f"exp_param.base must be strictly positive (or -1 for e), got {p.base}")
+        log_base = t(1) if base == -1 else t(np.log(base))
+        self.inner_scale = t(log_base * t(p.scale))
+        shift = t(p.shift)
+        if shift == 0:
+            self.outer_scale = t(1)
+        else:
+            self.outer_scale = t(np.exp(shift)) if base == -1 else t(np.power(base, shift))
+
+    def forward(self, bottom, top):
+        xp = get_array_module(bottom[0].data)
+        x = bottom[0].data
+        with np.errstate(over="ignore"):
+            y = xp.exp(x) if self.inner_scale == 1 else xp.exp(self.inner_scale * x)
+            if self.outer_scale != 1:
+                y = y * self.outer_scale
+        top[0].data[...] = y
+
+    def backward(self, top, propagate_down, bottom):
+        if not propagate_down[0]:
+            return
+        grad = top[0].data * top[0].diff
+        if self.inner_scale != 1:
+            grad = grad * self.inner_scale
+        bottom[0].diff[...] = grad
+
+
+@register("Log")
+class LogLayer(_SavesBottomInPlace):
+    """y = log_base(shift + scale * x), base -1 meaning e."""
+
+    def setup(self, bottom, top):
+        p = self.layer_param.log_param
+        t = self.dtype.type
+        base = t(p.base)
+        if base != -1 and (not base > 0 or base == 1):
+            raise self.error(
+                f"log_param.base must be positive and not 1 (or -1 for e), got {p.base}")
+        log_base = t(1) if base == -1 else t(np.log(base))
+        self.base_scale = t(t(1) / log_base)
+        self.input_scale, self.input_shift = t(p.scale), t(p.shift)
+        self.backward_num_scale = t(self.input_scale / log_base)
+
+    def _shifted(self, x):
+        y = x
+        if self.input_scale != 1:
+            y = self.input_scale * y
+        if self.input_shift != 0:
+            y = y + self.input_shift
+        return y
+
+    def forward(self, bottom, top):
+        xp = get_array_module(bottom[0].data)
+        self.save_bottom(bottom, top)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            y = xp.log(self._shifted(bottom[0].data))
+        if self.base_scale != 1:
+            y = y * self.base_scale
+        top[0].data[...] = y
+
+    def backward(self, top, propagate_down, bottom):
+        if not propagate_down[0]:
+            return
+        x = self.bottom_data(top, bottom)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            grad = 1 / self._shifted(x)
+        if self.backward_num_scale != 1:
+            grad = grad * self.backward_num_scale
+        bottom[0].diff[...] = top[0].diff * grad
+
+
+BNLL_THRESHOLD = 50.0
+
+
+@register("BNLL")
+class BNLLLayer(_SavesBottomInPlace):
+    """y = log(1 + exp(x)), computed without overflow; dy/dx = sigmoid(min(x, 50))."""
+
+    def forward(self, bottom, top):
+        xp = get_array_module(bottom[0].data)
+        self.save_bottom(bottom, top)
+        x = bottom[0].data
+        # x + log(1 + exp(-x)) for x > 0, log(1 + exp(x)) otherwise: one expression.
+        top[0].data[...] = xp.maximum(x, 0) + xp.log1p(xp.exp(-xp.abs(x)))
+
+    def backward(self, top, propagate_down, bottom):
+        if not propagate_down[0]:
+            return
+        xp = get_array_module(top[0].diff)
+        x = self.bottom_data(top, bottom)
+        e = xp.exp(xp.minimum(x, BNLL_THRESHOLD))
+        bottom[0].diff[...] = top[0].diff * e / (e + 1)
+
+
+@register("Threshold")
+class ThresholdLayer(NeuronLayer):
+    """y = 1 if x > threshold else 0. Not differentiable: Caffe has no backward."""
+
+    def setup(self, bottom, top):
+        self.threshold = self.layer_param.threshold_param.threshold
+
+    def forward(self, bottom, top):
+        x = bottom[0].data
+        top[0].data[...] = (x > self.threshold).astype(x.dtype)
+
+    def backward(self, top, propagate_down, bottom):
+        if any(propagate_down):
+            raise self.error("Threshold has no backward pass (its gradient is not defined)")
+
+
+@register("Dropout")
+class DropoutLayer(NeuronLayer):
+    """Inverted dropout: TRAIN y = x * m / (1 - r), m ~ Bernoulli(1 - r); TEST identity."""
+
+    def setup(self, bottom, top):
+        ratio = self.layer_param.dropout_param.dropout_ratio
+        if not 0 <= ratio < 1:
+            raise self.error(f"dropout_ratio must lie in [0, 1), got {ratio}")
+        t = self.dtype.type
+        self.ratio = float(t(ratio))
+        self.scale = t(1.0 / (1.0 - self.ratio))
+        self.mask = None
+
+    def forward(self, bottom, top):
+        x = bottom[0].data
+        if self.phase != TRAIN:
+            if top[0] is not bottom[0]:
+                top[0].data[...] = x
+            return
+        xp = get_array_module(x)
+        keep = rng().random(x.shape) < (1.0 - self.ratio)
+        self.mask = xp.asarray(keep.astype(x.dtype))
+        top[0].data[...] = x * self.mask * self.scale
+
+    def backward(self, top, propagate_down, bottom):
+        if not propagate_down[0]:
+            return
+        if self.phase != TRAIN:
+            if top[0] is not bottom[0]:
+                bottom[0].diff[...] = top[0].diff
+            return
+        bottom[0].diff[...] = top[0].diff * self.mask * self.scale

@@ -1,0 +1,319 @@
+"""BatchNorm (upstream BVLC, as in the DeepLab v2 fork), Scale, Bias and MVN."""
+import numpy as np
+
+from ..backend import TEST, get_array_module
+from ..filler import fill
+from ..layer import Layer, NeuronLayer, register
+
+
+def _prod(dims):
+    return int(np.prod(dims, dtype=np.int64))
+
+
+@register("BatchNorm")
+class BatchNormLayer(NeuronLayer):
+    """Per-channel normalisation, no affine part (that is the following Scale layer).
+
+    blobs: [0] running-mean sum (C,), [1] running-variance sum (C,), [2] scale factor
+    (1,); the stored statistics are ``blob / blobs[2]`` (0 when blobs[2] is 0).  With
+    ``use_global_stats`` (default: phase == TEST) the stored statistics are used;
+    otherwise the batch mean and biased variance over N and the spatial axes, and the
+    running sums are updated (variance with the m/(m-1) correction, m = N*H*W).
+    The blobs are statistics, never learned: their diffs are not computed.
+    """
+
+    def setup(self, bottom, top):
+        p = self.layer_param.batch_norm_param
+        self.use_global_stats = (bool(p.use_global_stats) if p.HasField("use_global_stats")
+                                 else self.phase == TEST)
+        self.moving_average_fraction = float(p.moving_average_fraction)
+        self.eps = float(p.eps)
+        if p.HasField("update_global_stats") and p.update_global_stats:
+            raise self.error(
+                "batch_norm_param.update_global_stats is a field of the official DeepLab-v2 "
+                "BatchNorm only; the fork (upstream BVLC BatchNorm) does not have it. Remove "
+                "it, or set use_global_stats: false to normalise with and update batch "
+                "statistics")
+        self.channels = 1 if bottom[0].num_axes == 1 else bottom[0].shape[1]
+        for i, spec in enumerate(self.layer_param.param[:3]):
+            if spec.lr_mult != 0:
+                raise self.error(
+                    f"param {i} has lr_mult {spec.lr_mult}: cannot configure batch "
+                    f"normalization statistics as layer parameters (use lr_mult: 0)")
+        if not self.blobs_loaded():
+            for shape in ((self.channels,), (self.channels,), (1,)):
+                self.new_param_blob(shape).data[...] = 0
+        elif len(self.blobs) != 3:
+            raise self.error(f"needs 3 parameter blobs (mean, variance, scale factor), "
+                             f"got {len(self.blobs)}")
+        self.param_propagate_down = [False] * 3
+
+    def reshape(self, bottom, top):
+        if bottom[0].num_axes > 1 and bottom[0].shape[1] != self.channels:
+            raise self.error(f"bottom {bottom[0].shape} has {bottom[0].shape[1]} channels, "
+                             f"but the layer was set up for {self.channels}")
+        num = bottom[0].shape[0] if bottom[0].num_axes else 1
+        self.dims = (num, self.channels, bottom[0].count // max(num * self.channels, 1))
+        top[0].reshape(bottom[0].shape)
+
+    def forward(self, bottom, top):
+        xp = get_array_module(bottom[0].data)
+        x = bottom[0].data.reshape(self.dims)
+        dtype = x.dtype.type
+        if self.use_global_stats:
+            stored = self.blobs[2].data[0]
+            factor = dtype(0) if stored == 0 else dtype(1) / stored
+            mean = factor * self.blobs[0].data
+            var = factor * self.blobs[1].data
+            centered = x - mean[None, :, None]
+        else:
+            mean = x.mean(axis=(0, 2), dtype=x.dtype)
+            centered = x - mean[None, :, None]
+            var = (centered * centered).mean(axis=(0, 2), dtype=x.dtype)
+            self._update_running_stats(mean, var, dtype)
+        self.std = xp.sqrt(var + dtype(self.eps))[None, :, None]
+        y = centered / self.std
+        if not self.use_global_stats:
+            self.x_norm = y          # kept apart: a later in-place layer may clobber top
+        top[0].data[...] = y.reshape(top[0].shape)
+
+    def _update_running_stats(self, mean, var, dtype):
+        maf = dtype(self.moving_average_fraction)
+        m = self.dims[0] * self.dims[2]
+        correction = dtype(m) / dtype(m - 1) if m > 1 else dtype(1)
+        b = self.blobs
+        b[2].data[...] = b[2].data * maf + dtype(1)
+        b[0].data[...] = maf * b[0].data + mean
+        b[1].data[...] = maf * b[1].data + correction * var
+
+    def backward(self, top, propagate_down, bottom):
+        if not propagate_down[0]:
+            return
+        dy = top[0].diff.reshape(self.dims)
+        if self.use_global_stats:
+            dx = dy / self.std
+        else:
+            # dx = (dy - mean(dy) - mean(dy * y) * y) / sqrt(var + eps)
+            dtype = dy.dtype.type
+            y = self.x_norm
+            sum_dy_y = (dy * y).sum(axis=(0, 2), keepdims=True, dtype=dy.dtype)
+            sum_dy = dy.sum(axis=(0, 2), keepdims=True, dtype=dy.dtype)
+            m = self.dims[0] * self.dims[2]
+            dx = (dy + dtype(-1.0 / m) * (y * sum_dy_y + sum_dy)) / self.std
+        bottom[0].diff[...] = dx.reshape(bottom[0].shape)
+
+
+def _param_shape(layer, bottom, axis_param, num_axes, what):
+    """Shape of a learned scale/bias blob: bottom.shape[axis : axis+num_axes]."""
+    try:
+        axis = bottom.canonical_axis(axis_param)
+    except ValueError:
+        raise layer.error(f"axis {axis_param} is out of range for bottom {bottom.shape}")
+    if num_axes < -1:
+        raise layer.error(f"num_axes must be non-negative, or -1 to extend to the end of "
+                          f"bottom[0]; got {num_axes}")
+    if num_axes >= 0 and bottom.num_axes < axis + num_axes:
+        raise layer.error(f"{what} blob's shape extends past bottom[0]'s shape {bottom.shape} "
+                          f"when applied starting with bottom[0] axis {axis} "
+                          f"(num_axes {num_axes})")
+    end = bottom.num_axes if num_axes == -1 else axis + num_axes
+    return bottom.shape[axis:end]
+
+
+def _broadcast_dims(layer, bottom, param_shape, axis_param, what):
+    """(outer, param count, inner) of bottom around a scale/bias blob of param_shape.
+
+    A scalar (0-axis) blob always applies at axis 0, as in Caffe."""
+    n = len(param_shape)
+    if n == 0:
+        axis = 0
+    else:
+        try:
+            axis = bottom.canonical_axis(axis_param)
+        except ValueError:
+            raise layer.error(f"axis {axis_param} is out of range for bottom {bottom.shape}")
+    if bottom.num_axes < axis + n:
+        raise layer.error(f"{what} blob {tuple(param_shape)} extends past bottom[0]'s shape "
+                          f"{bottom.shape} when applied starting with bottom[0] axis {axis}")
+    for i in range(n):
+        if bottom.shape[axis + i] != param_shape[i]:
+            raise layer.error(
+                f"dimension mismatch between bottom[0] {bottom.shape} axis {axis + i} "
+                f"({bottom.shape[axis + i]}) and {what} blob {tuple(param_shape)} axis {i} "
+                f"({param_shape[i]})")
+    return (_prod(bottom.shape[:axis]), _prod(param_shape), _prod(bottom.shape[axis + n:]))
+
+
+@register("Scale")
+class ScaleLayer(Layer):
+    """y = x * scale (+ bias), the scale broadcast over bottom[0] from ``axis``.
+
+    One bottom: the scale is learned (blobs[0], shape bottom.shape[axis:axis+num_axes],
+    default filler constant 1).  Two bottoms: bottom[1] is the scale and gets a
+    gradient.  ``bias_term`` adds a learned bias (last blob, default filler constant 0).
+    """
+    min_bottom = 1
+    max_bottom = 2
+    exact_num_top = 1
+
+    def setup(self, bottom, top):
+        p = self.layer_param.scale_param
+        self.axis_param = int(p.axis)
+        self.bias_term = bool(p.bias_term)
+        learned_scale = len(bottom) == 1
+        wanted = int(learned_scale) + int(self.bias_term)
+        if len(self.blobs) > wanted:
+            raise self.error(f"has {len(self.blobs)} parameter blobs, expected {wanted}")
+        if learned_scale and not self.blobs:
+            shape = _param_shape(self, bottom[0], p.axis, int(p.num_axes), "scale")
+            blob = self.new_param_blob(shape)
+            if p.HasField("filler"):
+                fill(blob, p.filler)
+            else:
+                blob.data[...] = 1     # identity by default
+        if self.bias_term and len(self.blobs) < wanted:
+            bias_axes = bottom[1].num_axes if len(bottom) > 1 else int(p.num_axes)
+            shape = _param_shape(self, bottom[0], p.axis, bias_axes, "bias")
+            fill(self.new_param_blob(shape), p.bias_filler)   # unset -> constant 0
+        if len(self.param_propagate_down) != len(self.blobs):
+            self.param_propagate_down = [True] * len(self.blobs)
+
+    def _scale(self, bottom):
+        return bottom[1] if len(bottom) > 1 else self.blobs[0]
+
+    def reshape(self, bottom, top):
+        scale = self._scale(bottom)
+        self.dims = _broadcast_dims(self, bottom[0], scale.shape, self.axis_param, "scale")
+        if self.bias_term:
+            bias = self.blobs[-1]
+            bias_dims = _broadcast_dims(self, bottom[0], bias.shape, self.axis_param, "bias")
+            if bias_dims != self.dims:
+                raise self.error(f"bias blob {bias.shape} and scale {scale.shape} must "
+                                 f"have the same shape")
+        top[0].reshape(bottom[0].shape)
+
+    def forward(self, bottom, top):
+        x = bottom[0].data.reshape(self.dims)
+        self.in_place = top[0] is bottom[0]
+        # In place, the input is gone after forward but backward needs it for d(scale).
+        self.x_saved = x.copy() if self.in_place else None
+        y = x * self._scale(bottom).data.reshape(1, -1, 1)
+        if self.bias_term:
+            y = y + self.blobs[-1].data.reshape(1, -1, 1)
+        top[0].data[...] = y.reshape(top[0].shape)
+
+    def backward(self, top, propagate_down, bottom):
+        dy = top[0].diff.reshape(self.dims)
+        if self.bias_term and self.param_propagate_down[-1]:
+            bias = self.blobs[-1]
+            bias.diff[...] += dy.sum(axis=(0, 2), dtype=dy.dtype).reshape(bias.shape)
+        scale = self._scale(bottom)
+        learned_scale = len(bottom) == 1
+        if (learned_scale and self.param_propagate_down[0]) or \
+                (not learned_scale and propagate_down[1]):
+            x = self.x_saved if self.in_place else bottom[0].data.reshape(self.dims)
+            grad = (dy * x).sum(axis=(0, 2), dtype=dy.dtype).reshape(scale.shape)
+            if learned_scale:
+                scale.diff[...] += grad
+            else:
+                scale.diff[...] = grad
+        if propagate_down[0]:
+            dx = dy * scale.data.reshape(1, -1, 1)
+            bottom[0].diff[...] = dx.reshape(bottom[0].shape)
+
+
+@register("Bias")
+class BiasLayer(Layer):
+    """y = x + bias, the bias broadcast over bottom[0] from ``axis``.
+
+    One bottom: the bias is learned (blobs[0], shape bottom.shape[axis:axis+num_axes],
+    default filler constant 0).  Two bottoms: bottom[1] is the bias and gets a gradient.
+    """
+    min_bottom = 1
+    max_bottom = 2
+    exact_num_top = 1
+
+    def setup(self, bottom, top):
+        p = self.layer_param.bias_param
+        self.axis_param = int(p.axis)
+        if len(bottom) == 1 and not self.blobs_loaded():
+            shape = _param_shape(self, bottom[0], p.axis, int(p.num_axes), "bias")
+            fill(self.new_param_blob(shape), p.filler)   # unset -> constant 0
+        if len(self.param_propagate_down) != len(self.blobs):
+            self.param_propagate_down = [True] * len(self.blobs)
+
+    def _bias(self, bottom):
+        return bottom[1] if len(bottom) > 1 else self.blobs[0]
+
+    def reshape(self, bottom, top):
+        self.dims = _broadcast_dims(self, bottom[0], self._bias(bottom).shape,
+                                    self.axis_param, "bias")
+        top[0].reshape(bottom[0].shape)
+
+    def forward(self, bottom, top):
+        y = bottom[0].data.reshape(self.dims) + self._bias(bottom).data.reshape(1, -1, 1)
+        top[0].data[...] = y.reshape(top[0].shape)
+
+    def backward(self, top, propagate_down, bottom):
+        if propagate_down[0] and top[0] is not bottom[0]:
+            bottom[0].diff[...] = top[0].diff
+        bias = self._bias(bottom)
+        learned = len(bottom) == 1
+        if (learned and self.param_propagate_down[0]) or (not learned and propagate_down[1]):
+            dy = top[0].diff.reshape(self.dims)
+            grad = dy.sum(axis=(0, 2), dtype=dy.dtype).reshape(bias.shape)
+            if learned:
+                bias.diff[...] += grad
+            else:
+                bias.diff[...] = grad
+
+
+@register("MVN")
+class MVNLayer(NeuronLayer):
+    """Mean-variance normalisation per (n, c) or, ``across_channels``, per n.
+
+    y = (x - mean) / (std + eps): Caffe adds eps to the standard deviation, not the
+    variance.  The backward is Caffe's, (dy - mean(dy) - y mean(dy y)) / (std + eps),
+    which drops a factor std / (std + eps) from the exact derivative (tiny at the
+    default eps 1e-9).
+    """
+
+    def setup(self, bottom, top):
+        p = self.layer_param.mvn_param
+        self.normalize_variance = bool(p.normalize_variance)
+        self.across_channels = bool(p.across_channels)
+        self.eps = float(p.eps)
+
+    def reshape(self, bottom, top):
+        b = bottom[0]
+        if b.num_axes > 4:
+            raise self.error(f"MVN works on blobs of at most 4 axes (N x C x H x W), "
+                             f"got {b.shape}")
+        num = b.num if self.across_channels else b.num * b.channels
+        self.dims = (num, b.count // max(num, 1))
+        top[0].reshape(b.shape)
+
+    def forward(self, bottom, top):
+        xp = get_array_module(bottom[0].data)
+        x = bottom[0].data.reshape(self.dims)
+        dtype = x.dtype.type
+        y = x - x.mean(axis=1, keepdims=True, dtype=x.dtype)
+        if self.normalize_variance:
+            var = (y * y).mean(axis=1, keepdims=True, dtype=x.dtype)
+            self.std = xp.sqrt(var) + dtype(self.eps)
+            y = y / self.std
+        top[0].data[...] = y.reshape(top[0].shape)
+
+    def backward(self, top, propagate_down, bottom):
+        if not propagate_down[0]:
+            return
+        dy = top[0].diff.reshape(self.dims)
+        dtype = dy.dtype.type
+        if self.normalize_variance:
+            y = top[0].data.reshape(self.dims)
+            sum_dy_y = (dy * y).sum(axis=1, keepdims=True, dtype=dy.dtype)
+            sum_dy = dy.sum(axis=1, keepdims=True, dtype=dy.dtype)
+            dx = (dy + dtype(-1.0 / self.dims[1]) * (y * sum_dy_y + sum_dy)) / self.std
+        else:
+            dx = dy - dy.mean(axis=1, keepdims=True, dtype=dy.dtype)
+        bottom[0].diff[...] = dx.reshape(bottom[0].shape)
