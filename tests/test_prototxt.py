@@ -75,6 +75,7 @@ def test_padding_layer_becomes_interp_crop():
     net, _ = prototxt.read_net(path, corpus_defines(path))
     crops = [l for l in net.layer if l.type == "Interp" and l.interp_param.pad_end < 0]
     assert crops and crops[0].interp_param.pad_beg == -7 and crops[0].interp_param.pad_end == -8
+    assert crops[0].interp_param.HasField("zoom_factor") and crops[0].interp_param.zoom_factor == 1
 
 
 def test_upgraded_text_reparses_identically(tmp_path):

@@ -96,12 +96,24 @@ def _upgrade_v1_layer(v1, where):
     if v1.HasField("softmaxloss_param"):
         _upgrade_softmaxloss(v1, layer, where)
     if enum_name == "PADDING":
-        # DeepLab v1 PADDING only crops (negative pads): an Interp with the same pads.
-        layer.interp_param.pad_beg = v1.padding_param.pad_beg
-        layer.interp_param.pad_end = v1.padding_param.pad_end
+        _upgrade_padding(v1, layer)
     if enum_name in ("DATA", "IMAGE_DATA", "WINDOW_DATA", "IMAGE_SEG_DATA"):
         _move_transform_fields(layer)
     return layer
+
+
+def _upgrade_padding(v1, layer):
+    """A cropping PADDING (pads <= 0) is an Interp with the same pads and an explicit
+    zoom_factor 1 (a present factor selects the size rule: a copy of the cropped
+    region), which the DeepLab v2 fork can run; a zero-padding one stays Padding."""
+    pads = v1.padding_param
+    if pads.pad_beg <= 0 and pads.pad_end <= 0:
+        layer.interp_param.pad_beg = pads.pad_beg
+        layer.interp_param.pad_end = pads.pad_end
+        layer.interp_param.zoom_factor = 1
+    else:
+        layer.type = "Padding"
+        layer.padding_param.CopyFrom(pads)
 
 
 def _upgrade_softmaxloss(v1, layer, where):

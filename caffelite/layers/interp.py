@@ -1,0 +1,233 @@
+"""Interp (DeepLab's bilinear resize, ``interp_layer.cpp`` + ``util/interp.cpp``) and
+DeepLab v1's PADDING crop/pad layer.
+
+Interp resamples the region ``[-pad_beg, -pad_beg + H_eff)`` of every N*C plane
+(``H_eff = H + pad_beg + pad_end``, the same pads on both axes) with align-corners
+bilinear weights in ONE step, whatever combination of shrink/zoom set the output size.
+Coordinates are float32 exactly as in the C++ (``r = (h1-1)/(h2-1)``, ``y = r*i``,
+``y0 = trunc(y)``, no second row at the last input row), so a shrink by s of an
+``s*k + 1`` map samples rows 0, s, 2s, ... exactly (DeepLab's ``label_shrink``).
+"""
+import numpy as np
+
+from ..backend import get_array_module
+from ..layer import Layer, register
+
+
+def _as_planes(blob):
+    """The blob's data as (num, channels, height, width), Caffe's legacy accessors."""
+    if blob.num_axes > 4:
+        raise ValueError(f"blob of shape {blob.shape} has more than 4 axes")
+    return (blob.num, blob.channels, blob.height, blob.width)
+
+
+def interp_axis(size_in, size_out, dtype):
+    """Rows (or columns) and weights of align-corners bilinear resampling along one axis.
+
+    Returns ``(i0, i1, w0, w1)``: output position k reads ``w0[k]*in[i0[k]] +
+    w1[k]*in[i1[k]]``. Positions and fractions are float32 as in Caffe's
+    ``caffe_cpu_interp2`` even for double nets; ``w0 = 1 - w1`` is taken in ``dtype``.
+    """
+    f32 = np.float32
+    ratio = f32(size_in - 1) / f32(size_out - 1) if size_out > 1 else f32(0)
+    pos = ratio * np.arange(size_out, dtype=f32)
+    i0 = pos.astype(np.int64)                      # truncation toward zero, pos >= 0
+    i1 = np.where(i0 < size_in - 1, i0 + 1, i0)
+    w1 = (pos - i0.astype(f32)).astype(dtype)
+    w0 = np.asarray(1, dtype) - w1
+    return i0, i1, w0, w1
+
+
+def interp_matrix(size_in, size_out, dtype):
+    """Dense (size_out x size_in) matrix of the same weights (used for the adjoint)."""
+    i0, i1, w0, w1 = interp_axis(size_in, size_out, dtype)
+    m = np.zeros((size_out, size_in), dtype)
+    rows = np.arange(size_out)
+    np.add.at(m, (rows, i0), w0)
+    np.add.at(m, (rows, i1), w1)
+    return m
+
+
+def interp_forward(xp, x, size_out):
+    """Bilinear align-corners resampling of (N, C, h1, w1) ``x`` to ``size_out``
+    (``x`` itself when the size is unchanged).
+
+    Evaluated as Caffe does: ``ly0*(lx0*a + lx1*b) + ly1*(lx0*c + lx1*d)``.
+    """
+    h1, w1 = x.shape[2:]
+    h2, w2 = size_out
+    if (h1, w1) == (h2, w2):
+        return x
+    dtype = x.dtype
+    y0, y1, ly0, ly1 = (xp.asarray(a) for a in interp_axis(h1, h2, dtype))
+    x0, x1, lx0, lx1 = (xp.asarray(a) for a in interp_axis(w1, w2, dtype))
+    top_rows, bottom_rows = x[:, :, y0, :], x[:, :, y1, :]
+    upper = lx0 * top_rows[..., x0] + lx1 * top_rows[..., x1]
+    lower = lx0 * bottom_rows[..., x0] + lx1 * bottom_rows[..., x1]
+    return ly0[:, None] * upper + ly1[:, None] * lower
+
+
+def interp_backward(xp, g, size_in):
+    """Adjoint of ``interp_forward``: (N, C, h2, w2) gradient -> (N, C, h1, w1)."""
+    h2, w2 = g.shape[2:]
+    h1, w1 = size_in
+    if (h1, w1) == (h2, w2):
+        return g
+    my = xp.asarray(interp_matrix(h1, h2, g.dtype))
+    mx = xp.asarray(interp_matrix(w1, w2, g.dtype))
+    return xp.matmul(xp.matmul(my.T, g), mx)
+
+
+@register("Interp")
+class InterpLayer(Layer):
+    # The fork accepts any number of bottoms; a second one can give the output size.
+    min_bottom = 1
+    exact_num_top = 1
+
+    def setup(self, bottom, top):
+        p = self.layer_param.interp_param
+        self.pad_beg, self.pad_end = p.pad_beg, p.pad_end
+        if self.pad_beg > 0 or self.pad_end > 0:
+            raise self.error(f"pad_beg ({self.pad_beg}) and pad_end ({self.pad_end}) must be "
+                             "<= 0: Interp only crops (negative pads)")
+        shrink, zoom = p.HasField("shrink_factor"), p.HasField("zoom_factor")
+        # Caffe's rule order; factors count when written, even as 1.
+        if shrink and not zoom:
+            self.rule = "shrink"
+        elif zoom and not shrink:
+            self.rule = "zoom"
+        elif p.HasField("height") and p.HasField("width"):
+            self.rule = "size"
+        elif shrink and zoom:
+            self.rule = "shrink_zoom"
+        elif len(bottom) == 2:
+            self.rule = "bottom1"
+        else:
+            raise self.error(
+                "no output size: give shrink_factor, zoom_factor (or both), height AND width "
+                "(one alone does not count), or a second bottom whose height and width "
+                "the top should take")
+        if self.rule in ("shrink", "shrink_zoom") and p.shrink_factor < 1:
+            raise self.error(f"shrink_factor must be >= 1, got {p.shrink_factor}")
+        if self.rule in ("zoom", "shrink_zoom") and p.zoom_factor < 1:
+            raise self.error(f"zoom_factor must be >= 1, got {p.zoom_factor}")
+        self.shrink, self.zoom = p.shrink_factor, p.zoom_factor
+        self.height, self.width = p.height, p.width
+
+    def output_size(self, h_eff, w_eff, bottom):
+        def shrunk(n):
+            return (n - 1) // self.shrink + 1     # n >= 1 here, so // truncates like C
+
+        def zoomed(n):
+            return n + (n - 1) * (self.zoom - 1)
+
+        if self.rule == "shrink":
+            return shrunk(h_eff), shrunk(w_eff)
+        if self.rule == "zoom":
+            return zoomed(h_eff), zoomed(w_eff)
+        if self.rule == "size":
+            return self.height, self.width
+        if self.rule == "shrink_zoom":
+            return zoomed(shrunk(h_eff)), zoomed(shrunk(w_eff))
+        return bottom[1].height, bottom[1].width
+
+    def reshape(self, bottom, top):
+        try:
+            n, c, h, w = _as_planes(bottom[0])
+        except ValueError as e:
+            raise self.error(str(e)) from None
+        self.in_shape = (n, c, h, w)
+        self.h_eff = h + self.pad_beg + self.pad_end
+        self.w_eff = w + self.pad_beg + self.pad_end
+        if self.h_eff <= 0 or self.w_eff <= 0:
+            raise self.error(f"pad_beg {self.pad_beg} and pad_end {self.pad_end} crop the "
+                             f"{h}x{w} bottom '{self.bottom_name(0)}' to nothing")
+        self.h_out, self.w_out = self.output_size(self.h_eff, self.w_eff, bottom)
+        if self.h_out <= 0 or self.w_out <= 0:
+            raise self.error(f"output size {self.h_out}x{self.w_out} must be positive")
+        top[0].reshape((n, c, self.h_out, self.w_out))
+
+    def bottom_name(self, i):
+        names = self.layer_param.bottom
+        return names[i] if i < len(names) else f"bottom[{i}]"
+
+    def _crop(self, a):
+        o = -self.pad_beg
+        return a.reshape(self.in_shape)[:, :, o:o + self.h_eff, o:o + self.w_eff]
+
+    def forward(self, bottom, top):
+        x = bottom[0].data
+        xp = get_array_module(x)
+        top[0].data[...] = interp_forward(xp, self._crop(x), (self.h_out, self.w_out))
+
+    def backward(self, top, propagate_down, bottom):
+        g = top[0].diff
+        xp = get_array_module(g)
+        if propagate_down[0]:
+            diff = xp.zeros(self.in_shape, dtype=bottom[0].diff.dtype)
+            o = -self.pad_beg
+            diff[:, :, o:o + self.h_eff, o:o + self.w_eff] = \
+                interp_backward(xp, g, (self.h_eff, self.w_eff))
+            bottom[0].diff[...] = diff.reshape(bottom[0].shape)
+        for i in range(1, len(bottom)):
+            if propagate_down[i]:      # only bottom[1]'s shape is used: zero gradient
+                bottom[i].diff[...] = 0
+
+
+@register("Padding")
+class PaddingLayer(Layer):
+    """DeepLab v1 PADDING: ``top[h, w] = bottom[h - pad_beg, w - pad_beg]`` where defined.
+
+    Both pads <= 0 crop (the same as Interp with those pads at unchanged size); both
+    >= 0 zero-pad; the output is ``H + pad_beg + pad_end`` (same pads on both axes).
+    """
+    exact_num_bottom = 1
+    exact_num_top = 1
+
+    def setup(self, bottom, top):
+        p = self.layer_param.padding_param
+        self.pad_beg, self.pad_end = p.pad_beg, p.pad_end
+        if not ((self.pad_beg >= 0 and self.pad_end >= 0) or
+                (self.pad_beg <= 0 and self.pad_end <= 0)):
+            raise self.error(f"pad_beg ({self.pad_beg}) and pad_end ({self.pad_end}) must "
+                             "both be >= 0 (zero-pad) or both <= 0 (crop)")
+
+    def reshape(self, bottom, top):
+        try:
+            n, c, h, w = _as_planes(bottom[0])
+        except ValueError as e:
+            raise self.error(str(e)) from None
+        self.in_shape = (n, c, h, w)
+        grow = self.pad_beg + self.pad_end
+        if h + grow <= 0 or w + grow <= 0:
+            raise self.error(f"pads {self.pad_beg}, {self.pad_end} leave nothing of the "
+                             f"{h}x{w} bottom")
+        self.out_shape = (n, c, h + grow, w + grow)
+        top[0].reshape(self.out_shape)
+
+    def _regions(self):
+        """(bottom slice, top slice) of the part the two blobs share."""
+        _, _, h, w = self.in_shape
+        _, _, ho, wo = self.out_shape
+        b = abs(self.pad_beg)
+        if self.pad_beg >= 0 and self.pad_end >= 0:
+            return (slice(None), slice(None)), (slice(b, b + h), slice(b, b + w))
+        return (slice(b, b + ho), slice(b, b + wo)), (slice(None), slice(None))
+
+    def forward(self, bottom, top):
+        x = bottom[0].data.reshape(self.in_shape)
+        xp = get_array_module(x)
+        (bh, bw), (th, tw) = self._regions()
+        out = xp.zeros(self.out_shape, dtype=top[0].data.dtype)
+        out[:, :, th, tw] = x[:, :, bh, bw]
+        top[0].data[...] = out
+
+    def backward(self, top, propagate_down, bottom):
+        if not propagate_down[0]:
+            return
+        g = top[0].diff
+        xp = get_array_module(g)
+        (bh, bw), (th, tw) = self._regions()
+        diff = xp.zeros(self.in_shape, dtype=bottom[0].diff.dtype)
+        diff[:, :, bh, bw] = g[:, :, th, tw]
+        bottom[0].diff[...] = diff.reshape(bottom[0].shape)

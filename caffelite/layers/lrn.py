@@ -1,0 +1,112 @@
+"""LRN, local response normalisation (Caffe ``lrn_layer.cpp``).
+
+ACROSS_CHANNELS: ``top = x * (k + alpha/n * sum of x^2 over the n channels centred on
+c)^-beta`` (zero-padded at the channel ends).
+
+WITHIN_CHANNEL: Caffe builds it from layers (split, Power(2), AVE Pooling with kernel n,
+pad (n-1)/2, stride 1, Power(power=-beta, scale=alpha, shift=1), Eltwise PROD), so
+``top = x * (1 + alpha * avgpool(x^2))^-beta`` where the average always divides by n*n
+(zero padding counts) and ``k`` is NOT used. The backward follows the same chain.
+"""
+
+from ..backend import get_array_module
+from ..layer import Layer, register
+from ..proto import caffe_pb2
+
+_P = caffe_pb2.LRNParameter
+
+
+@register("LRN")
+class LRNLayer(Layer):
+    exact_num_bottom = 1
+    exact_num_top = 1
+
+    def setup(self, bottom, top):
+        p = self.layer_param.lrn_param
+        self.size = p.local_size
+        if self.size % 2 != 1:
+            raise self.error(f"local_size must be odd, got {self.size}")
+        self.pre_pad = (self.size - 1) // 2
+        self.region = p.norm_region
+        if self.region not in (_P.ACROSS_CHANNELS, _P.WITHIN_CHANNEL):
+            raise self.error(f"unknown norm_region {self.region}")
+        dt = self.dtype.type
+        self.alpha, self.beta, self.k = dt(p.alpha), dt(p.beta), dt(p.k)
+
+    def reshape(self, bottom, top):
+        if len(bottom[0].shape) != 4:
+            raise self.error(f"bottom must have 4 axes (num, channels, height, width), "
+                             f"got shape {bottom[0].shape}")
+        if top[0] is bottom[0]:
+            raise self.error("LRN cannot run in place (its backward needs the bottom data); "
+                             "give the top its own name")
+        top[0].reshape(bottom[0].shape)
+
+    # --- window sums --------------------------------------------------------------
+    def _channel_window_sum(self, xp, a):
+        """sum over channels [c - pre_pad, c + pre_pad] of ``a`` (zero outside)."""
+        n, c, h, w = a.shape
+        padded = xp.zeros((n, c + self.size - 1, h, w), dtype=a.dtype)
+        padded[:, self.pre_pad:self.pre_pad + c] = a
+        total = xp.zeros_like(a)
+        for j in range(self.size):
+            total += padded[:, j:j + c]
+        return total
+
+    def _spatial_window_sum(self, xp, a):
+        """Caffe's AVE-pooling numerator: n x n window sum, zero padding, row-major taps."""
+        n, c, h, w = a.shape
+        p = self.pre_pad
+        padded = xp.zeros((n, c, h + 2 * p, w + 2 * p), dtype=a.dtype)
+        padded[:, :, p:p + h, p:p + w] = a
+        total = xp.zeros_like(a)
+        for i in range(self.size):
+            for j in range(self.size):
+                total += padded[:, :, i:i + h, j:j + w]
+        return total
+
+    def _spatial_window_scatter(self, xp, a):
+        """Adjoint of ``_spatial_window_sum``, windows added in Caffe's (ph, pw) order."""
+        n, c, h, w = a.shape
+        p = self.pre_pad
+        padded = xp.zeros((n, c, h + 2 * p, w + 2 * p), dtype=a.dtype)
+        for i in range(self.size - 1, -1, -1):
+            for j in range(self.size - 1, -1, -1):
+                padded[:, :, i:i + h, j:j + w] += a
+        return padded[:, :, p:p + h, p:p + w]
+
+    # --- forward / backward ----------------------------------------------------------
+    def forward(self, bottom, top):
+        x = bottom[0].data
+        xp = get_array_module(x)
+        dt = x.dtype.type
+        if self.region == _P.ACROSS_CHANNELS:
+            alpha_over_size = self.alpha / dt(self.size)
+            self.scale = self.k + alpha_over_size * self._channel_window_sum(xp, x * x)
+            top[0].data[...] = xp.power(self.scale, -self.beta) * x
+        else:
+            pool_size = dt(self.size * self.size)
+            self.pooled = self._spatial_window_sum(xp, x * x) / pool_size
+            self.power = xp.power(self.pooled * self.alpha + dt(1), -self.beta)
+            top[0].data[...] = x * self.power
+
+    def backward(self, top, propagate_down, bottom):
+        if not propagate_down[0]:
+            return
+        x, g = bottom[0].data, top[0].diff
+        xp = get_array_module(x)
+        dt = x.dtype.type
+        if self.region == _P.ACROSS_CHANNELS:
+            cache_ratio = dt(2) * self.alpha * self.beta / dt(self.size)
+            ratio = g * top[0].data / self.scale
+            accum = self._channel_window_sum(xp, ratio)
+            bottom[0].diff[...] = (xp.power(self.scale, -self.beta) * g
+                                   - cache_ratio * (accum * x))
+        else:
+            # Eltwise PROD -> Power(-beta, alpha, 1) -> AVE pool -> Power(2) -> Split.
+            d_power = g * x
+            slope = self.power / (self.pooled * self.alpha + dt(1)) * (-self.beta * self.alpha)
+            d_pooled = d_power * slope
+            d_square = self._spatial_window_scatter(
+                xp, d_pooled / dt(self.size * self.size))
+            bottom[0].diff[...] = self.power * g + d_square * (dt(2) * x)

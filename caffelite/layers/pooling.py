@@ -1,0 +1,273 @@
+"""Pooling (Caffe ``pooling_layer.cpp``): MAX and AVE over 2-D windows, Caffe's sizes.
+
+Output size uses ceil, ``ceil((in + 2p - k) / s) + 1`` (or floor under BVLC's later
+``round_mode: FLOOR``); when any pad is non-zero the last window must start inside the
+image or its top/left padding, otherwise it is dropped. MAX keeps the first maximum in
+row-major window order (strictly-greater test from -FLT_MAX, so padding, NaN and
+-inf never win) and routes the gradient to it; AVE divides the sum over the in-image
+part of a window by the window area clipped to ``[-p, in + p)``.
+
+The maths loops over the kernel taps only: each tap is one strided view of a padded
+copy of the input, so every pass is a whole-array operation.
+"""
+import numpy as np
+
+from ..backend import get_array_module
+from ..layer import Layer, register
+from ..proto import caffe_pb2
+
+_P = caffe_pb2.PoolingParameter
+# Caffe starts MAX at -FLT_MAX for float and double alike.
+_NEG_FLT_MAX = -float(np.finfo(np.float32).max)
+# Above this many taps a global pooling reduces over a reshaped plane instead.
+_MAX_TAPS_LOOP = 256
+
+
+def pooled_size(size, kernel, pad, stride, any_pad, ceil_mode=True):
+    """Caffe's pooled output length along one axis (``any_pad``: pad_h or pad_w != 0)."""
+    span = size + 2 * pad - kernel
+    steps = -(-span // stride) if ceil_mode else span // stride
+    out = steps + 1
+    if any_pad and (out - 1) * stride >= size + pad:
+        out -= 1
+    return out
+
+
+def window_sizes(out, size, kernel, pad, stride):
+    """Per-output AVE divisor along one axis: window length clipped to [-pad, size+pad)."""
+    start = np.arange(out) * stride - pad
+    return np.minimum(start + kernel, size + pad) - start
+
+
+@register("Pooling")
+class PoolingLayer(Layer):
+    exact_num_bottom = 1
+    min_top = 1
+    max_top = 2
+
+    def setup(self, bottom, top):
+        p = self.layer_param.pooling_param
+        self.pool = p.pool
+        if self.pool == _P.STOCHASTIC:
+            raise self.error(
+                "pool: STOCHASTIC is not implemented (Caffe has it only on the GPU, and "
+                "its CPU path aborts); use MAX or AVE")
+        if self.pool not in (_P.MAX, _P.AVE):
+            raise self.error(f"unknown pool method {self.pool}")
+        if len(top) > 1 and self.pool != _P.MAX:
+            raise self.error("a second top (the argmax mask) is only produced by pool: MAX")
+        self.global_pooling = p.global_pooling
+        has_hw = p.HasField("kernel_h") and p.HasField("kernel_w")
+        if self.global_pooling:
+            if p.HasField("kernel_size") or p.HasField("kernel_h") or p.HasField("kernel_w"):
+                raise self.error("with global_pooling: true the kernel size cannot be given "
+                                 "(it is the bottom's height and width)")
+        else:
+            if p.HasField("kernel_size") and (p.HasField("kernel_h") or p.HasField("kernel_w")):
+                raise self.error("give the kernel as kernel_size OR kernel_h and kernel_w, "
+                                 "not both")
+            if not (p.HasField("kernel_size") or has_hw):
+                raise self.error("kernel size missing: give kernel_size, or both kernel_h "
+                                 "and kernel_w for a non-square kernel")
+        if p.HasField("pad_h") != p.HasField("pad_w") or (
+                p.HasField("pad") and p.HasField("pad_h")):
+            raise self.error("give the padding as pad OR both pad_h and pad_w")
+        if p.HasField("stride_h") != p.HasField("stride_w") or (
+                p.HasField("stride") and p.HasField("stride_h")):
+            raise self.error("give the stride as stride OR both stride_h and stride_w")
+        if self.global_pooling:
+            self.kernel_h = self.kernel_w = None   # set from the bottom in reshape
+        elif p.HasField("kernel_size"):
+            self.kernel_h = self.kernel_w = p.kernel_size
+        else:
+            self.kernel_h, self.kernel_w = p.kernel_h, p.kernel_w
+        if not self.global_pooling and (self.kernel_h <= 0 or self.kernel_w <= 0):
+            raise self.error(f"kernel dimensions must be positive, got "
+                             f"{self.kernel_h}x{self.kernel_w}")
+        if p.HasField("pad_h"):
+            self.pad_h, self.pad_w = p.pad_h, p.pad_w
+        else:
+            self.pad_h = self.pad_w = p.pad
+        if p.HasField("stride_h"):
+            self.stride_h, self.stride_w = p.stride_h, p.stride_w
+        else:
+            self.stride_h = self.stride_w = p.stride
+        if self.stride_h <= 0 or self.stride_w <= 0:
+            raise self.error(f"stride must be positive, got {self.stride_h}x{self.stride_w}")
+        if self.global_pooling and (self.pad_h or self.pad_w or
+                                    self.stride_h != 1 or self.stride_w != 1):
+            raise self.error("with global_pooling: true only pad 0 and stride 1 are allowed")
+        if not self.global_pooling and (self.pad_h >= self.kernel_h or
+                                        self.pad_w >= self.kernel_w):
+            raise self.error(f"pad ({self.pad_h}, {self.pad_w}) must be smaller than the "
+                             f"kernel ({self.kernel_h}, {self.kernel_w})")
+        self.ceil_mode = (not p.HasField("round_mode")) or p.round_mode == _P.CEIL
+
+    def reshape(self, bottom, top):
+        shape = bottom[0].shape
+        if len(shape) != 4:
+            raise self.error(f"bottom must have 4 axes (num, channels, height, width), "
+                             f"got shape {shape}")
+        n, c, h, w = shape
+        if self.global_pooling:
+            self.kernel_h, self.kernel_w = h, w
+        any_pad = self.pad_h != 0 or self.pad_w != 0
+        self.pooled_h = pooled_size(h, self.kernel_h, self.pad_h, self.stride_h, any_pad,
+                                    self.ceil_mode)
+        self.pooled_w = pooled_size(w, self.kernel_w, self.pad_w, self.stride_w, any_pad,
+                                    self.ceil_mode)
+        if self.pooled_h <= 0 or self.pooled_w <= 0:
+            raise self.error(f"a {h}x{w} bottom gives an empty {self.pooled_h}x"
+                             f"{self.pooled_w} output with kernel {self.kernel_h}x"
+                             f"{self.kernel_w}, stride {self.stride_h}x{self.stride_w}")
+        out = (n, c, self.pooled_h, self.pooled_w)
+        top[0].reshape(out)
+        if len(top) > 1:
+            top[1].reshape(out)
+
+    # --- geometry -------------------------------------------------------------------
+    def _padded_extent(self):
+        """Rows/cols of the padded canvas that covers every window (incl. ceil overhang)."""
+        return ((self.pooled_h - 1) * self.stride_h + self.kernel_h,
+                (self.pooled_w - 1) * self.stride_w + self.kernel_w)
+
+    def _padded(self, xp, x, fill):
+        n, c, h, w = x.shape
+        ph, pw = self._padded_extent()
+        if self.pad_h == 0 and self.pad_w == 0 and ph <= h and pw <= w:
+            return x
+        canvas = xp.full((n, c, ph, pw), fill, dtype=x.dtype)
+        rows, cols = min(h, ph - self.pad_h), min(w, pw - self.pad_w)
+        canvas[:, :, self.pad_h:self.pad_h + rows, self.pad_w:self.pad_w + cols] = \
+            x[:, :, :rows, :cols]
+        return canvas
+
+    def _tap(self, canvas, i, j):
+        """Strided view of ``canvas`` seen by kernel tap (i, j) of every window."""
+        return canvas[:, :, i:i + (self.pooled_h - 1) * self.stride_h + 1:self.stride_h,
+                      j:j + (self.pooled_w - 1) * self.stride_w + 1:self.stride_w]
+
+    def _taps(self):
+        return [(i, j) for i in range(self.kernel_h) for j in range(self.kernel_w)]
+
+    def _whole_plane(self):
+        """Global pooling with more taps than a tap loop handles well."""
+        return self.global_pooling and self.kernel_h * self.kernel_w > _MAX_TAPS_LOOP
+
+    def _arg_dtype(self):
+        return np.int16 if self.kernel_h * self.kernel_w <= np.iinfo(np.int16).max else np.int32
+
+    def _pool_size(self, xp, h, w, dtype):
+        rows = window_sizes(self.pooled_h, h, self.kernel_h, self.pad_h, self.stride_h)
+        cols = window_sizes(self.pooled_w, w, self.kernel_w, self.pad_w, self.stride_w)
+        return xp.asarray(np.outer(rows, cols).astype(dtype))
+
+    # --- forward --------------------------------------------------------------------
+    def forward(self, bottom, top):
+        x = bottom[0].data
+        xp = get_array_module(x)
+        if self.pool == _P.MAX:
+            value, self.argmax = self._max_forward(xp, x)
+            top[0].data[...] = value
+            if len(top) > 1:
+                top[1].data[...] = self._mask_indices(xp, self.argmax, x.shape)
+        else:
+            top[0].data[...] = self._ave_forward(xp, x)
+
+    def _max_forward(self, xp, x):
+        """Value and argmax; argmax = flat tap index in the window, or -1 (nothing won)."""
+        dtype = x.dtype
+        floor = dtype.type(_NEG_FLT_MAX)
+        if self._whole_plane():
+            n, c, h, w = x.shape
+            flat = x.reshape(n, c, h * w)
+            if xp.isnan(flat).any():
+                flat = xp.where(xp.isnan(flat), dtype.type(-np.inf), flat)
+            idx = xp.argmax(flat, axis=2)
+            best = xp.take_along_axis(flat, idx[..., None], axis=2)[..., 0]
+            won = best > floor
+            return (xp.where(won, best, floor).reshape(n, c, 1, 1),
+                    xp.where(won, idx, -1).reshape(n, c, 1, 1))
+        canvas = self._padded(xp, x, dtype.type(-np.inf))
+        out = (x.shape[0], x.shape[1], self.pooled_h, self.pooled_w)
+        best = xp.full(out, floor, dtype=dtype)
+        arg = xp.full(out, -1, dtype=self._arg_dtype())
+        better = xp.empty(out, dtype=bool)
+        for t, (i, j) in enumerate(self._taps()):
+            v = self._tap(canvas, i, j)
+            xp.greater(v, best, out=better)   # strict: the first maximum in scan order stays
+            xp.copyto(best, v, where=better)
+            xp.copyto(arg, arg.dtype.type(t), where=better)
+        return best, arg
+
+    def _mask_indices(self, xp, arg, shape):
+        """Caffe's top mask: the winner's flat index h*W + w in its plane, -1 if none."""
+        w = shape[3]
+        kw = self.kernel_w
+        oh = xp.arange(self.pooled_h).reshape(-1, 1) * self.stride_h - self.pad_h
+        ow = xp.arange(self.pooled_w).reshape(1, -1) * self.stride_w - self.pad_w
+        if self._whole_plane():
+            index = arg
+        else:
+            index = (oh + arg // kw) * w + (ow + arg % kw)
+        return xp.where(arg >= 0, index, -1).astype(self.dtype)
+
+    def _ave_forward(self, xp, x):
+        n, c, h, w = x.shape
+        if self._whole_plane():
+            # Sequential float sum (Caffe's order), not numpy's pairwise sum.
+            total = xp.cumsum(x.reshape(n, c, h * w), axis=2, dtype=x.dtype)[..., -1]
+            total = total.reshape(n, c, 1, 1)
+        else:
+            canvas = self._padded(xp, x, x.dtype.type(0))
+            total = xp.zeros((n, c, self.pooled_h, self.pooled_w), dtype=x.dtype)
+            for i, j in self._taps():
+                total += self._tap(canvas, i, j)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return total / self._pool_size(xp, h, w, x.dtype)
+
+    # --- backward -------------------------------------------------------------------
+    def backward(self, top, propagate_down, bottom):
+        if not propagate_down[0]:
+            return
+        g = top[0].diff
+        xp = get_array_module(g)
+        n, c, h, w = bottom[0].shape
+        if self.pool == _P.MAX:
+            bottom[0].diff[...] = self._max_backward(xp, g, (n, c, h, w))
+            return
+        with np.errstate(divide="ignore", invalid="ignore"):
+            share = g / self._pool_size(xp, h, w, g.dtype)
+        if self._whole_plane():
+            bottom[0].diff[...] = share     # broadcast (n, c, 1, 1) over the plane
+        else:
+            bottom[0].diff[...] = self._scatter(xp, lambda t: share, (n, c, h, w), g.dtype)
+
+    def _max_backward(self, xp, g, shape):
+        n, c, h, w = shape
+        arg = self.argmax
+        if self._whole_plane():
+            out = xp.zeros((n, c, h * w), dtype=g.dtype)
+            won = arg.reshape(n, c) >= 0
+            idx = xp.where(won, arg.reshape(n, c), 0)[..., None]
+            xp.put_along_axis(out, idx, xp.where(won, g.reshape(n, c), 0)[..., None], axis=2)
+            return out.reshape(shape)
+        zero = g.dtype.type(0)
+        return self._scatter(xp, lambda t: xp.where(arg == arg.dtype.type(t), g, zero), shape,
+                             g.dtype)
+
+    def _scatter(self, xp, contribution, shape, dtype):
+        """Sum ``contribution(tap)`` of every window back onto the bottom.
+
+        Taps run last to first, so that each bottom cell receives its windows in Caffe's
+        (ph, pw) order and float32 sums round as Caffe's do.
+        """
+        n, c, h, w = shape
+        ph, pw = self._padded_extent()
+        ph, pw = max(ph, self.pad_h + h), max(pw, self.pad_w + w)
+        canvas = xp.zeros((n, c, ph, pw), dtype=dtype)
+        taps = self._taps()
+        for t in range(len(taps) - 1, -1, -1):
+            i, j = taps[t]
+            self._tap(canvas, i, j)[...] += contribution(t)
+        return canvas[:, :, self.pad_h:self.pad_h + h, self.pad_w:self.pad_w + w]

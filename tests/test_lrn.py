@@ -1,0 +1,124 @@
+"""LRN: OpenCV's Caffe importer as forward oracle (k = 1), float64 formulas from Caffe's
+definition, gradient checks for both regions, bad params.
+
+OpenCV deviation (checked against OpenCV 4.14): its Caffe importer does not read
+``lrn_param.k`` (it always uses a bias of 1), so for ACROSS_CHANNELS with k != 1 the
+oracle is the formula instead. For WITHIN_CHANNEL Caffe itself ignores k (its internal
+Power layer has shift 1), so OpenCV agrees there for any k.
+"""
+import numpy as np
+import pytest
+
+from caffelite.blob import Blob
+from caffelite.layer import LayerError
+from layer_testing import make_layer, setup_layer, run_forward, check_gradient, opencv_forward
+
+
+def lrn_text(body):
+    return f'type: "LRN" lrn_param {{ {body} }}'
+
+
+def ours(body, x, dtype=np.float32):
+    layer = make_layer(lrn_text(body), dtype=dtype)
+    bottom, top = setup_layer(layer, [x], dtype=dtype)
+    return run_forward(layer, bottom, top)[0]
+
+
+def opencv(body, x):
+    net = ('input: "data"\n' + "".join(f"input_dim: {d}\n" for d in x.shape) +
+           f'layer {{ name: "out" bottom: "data" top: "out" {lrn_text(body)} }}\n')
+    return opencv_forward(net, [], {"data": x}, ["out"])[0]
+
+
+def across_formula(x, size, alpha, beta, k):
+    c = x.shape[1]
+    half = (size - 1) // 2
+    sq = np.pad(x ** 2, ((0, 0), (half, half), (0, 0), (0, 0)))
+    window = sum(sq[:, j:j + c] for j in range(size))
+    return x * (k + alpha / size * window) ** -beta
+
+
+def within_formula(x, size, alpha, beta):
+    h, w = x.shape[2:]
+    half = (size - 1) // 2
+    sq = np.pad(x ** 2, ((0, 0), (0, 0), (half, half), (half, half)))
+    window = sum(sq[:, :, i:i + h, j:j + w] for i in range(size) for j in range(size))
+    return x * (1 + alpha * window / (size * size)) ** -beta
+
+
+OPENCV_CASES = [
+    "local_size: 3 alpha: 5e-5 beta: 0.75 norm_region: WITHIN_CHANNEL",   # cifar10_full
+    "local_size: 5 alpha: 0.1 beta: 0.75 norm_region: WITHIN_CHANNEL",
+    "local_size: 3 alpha: 0.3 beta: 0.6 k: 2 norm_region: WITHIN_CHANNEL",
+    "local_size: 5 alpha: 1e-4 beta: 0.75",                                # AlexNet norm1
+    "local_size: 5 alpha: 0.1 beta: 0.75",
+    "local_size: 3 alpha: 0.5 beta: 0.9",
+    "local_size: 9 alpha: 0.5 beta: 0.5",                                  # window > C
+]
+
+
+@pytest.mark.parametrize("body", OPENCV_CASES)
+def test_forward_matches_opencv(body):
+    x = (np.random.default_rng(0).standard_normal((2, 7, 9, 10)) * 3).astype(np.float32)
+    got = ours(body, x)
+    want = opencv(body, x)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(x).max())
+
+
+@pytest.mark.parametrize("size,alpha,beta,k", [(5, 1.0, 0.75, 1.0), (3, 0.3, 0.6, 2.0),
+                                               (7, 2.0, 1.3, 0.5)])
+def test_across_channels_formula(size, alpha, beta, k):
+    x = np.random.default_rng(1).standard_normal((2, 6, 4, 5)) * 2
+    body = f"local_size: {size} alpha: {alpha} beta: {beta} k: {k}"
+    np.testing.assert_allclose(ours(body, x, np.float64), across_formula(x, size, alpha, beta, k),
+                               rtol=1e-6)     # alpha/beta/k are float32 in the proto
+    got32 = ours(body, x.astype(np.float32))
+    assert got32.dtype == np.float32
+    np.testing.assert_allclose(got32, across_formula(x, size, alpha, beta, k), rtol=1e-5,
+                               atol=1e-6)
+
+
+@pytest.mark.parametrize("size,alpha,beta", [(3, 5e-5, 0.75), (5, 0.7, 0.9), (1, 0.5, 0.5)])
+def test_within_channel_formula_ignores_k(size, alpha, beta):
+    x = np.random.default_rng(2).standard_normal((2, 3, 6, 7)) * 2
+    want = within_formula(x, size, alpha, beta)
+    for k in (1.0, 3.0):
+        body = f"local_size: {size} alpha: {alpha} beta: {beta} k: {k} norm_region: WITHIN_CHANNEL"
+        np.testing.assert_allclose(ours(body, x, np.float64), want, rtol=1e-6)
+
+
+GRAD_CASES = [
+    "local_size: 5 alpha: 1.0 beta: 0.75",
+    "local_size: 3 alpha: 0.8 beta: 0.6 k: 2",
+    "local_size: 7 alpha: 1.5 beta: 1.2",           # window wider than the channels
+    "local_size: 3 alpha: 1.0 beta: 0.75 norm_region: WITHIN_CHANNEL",
+    "local_size: 5 alpha: 2.0 beta: 0.9 norm_region: WITHIN_CHANNEL",
+    "local_size: 3 alpha: 5e-5 beta: 0.75 norm_region: WITHIN_CHANNEL",
+]
+
+
+@pytest.mark.parametrize("body", GRAD_CASES)
+def test_gradient(body):
+    x = np.random.default_rng(3).standard_normal((2, 5, 4, 4))
+    layer = make_layer(lrn_text(body))
+    bottom, top = setup_layer(layer, [x])
+    check_gradient(layer, bottom, top, step=1e-3, threshold=1e-3)
+
+
+@pytest.mark.parametrize("body,words", [
+    ("local_size: 4", "odd"),
+    ("local_size: 0", "odd"),
+])
+def test_bad_params(body, words):
+    with pytest.raises(LayerError, match=words):
+        setup_layer(make_layer(lrn_text(body)), [np.zeros((1, 3, 4, 4))])
+
+
+def test_needs_4d_bottom_and_refuses_in_place():
+    with pytest.raises(LayerError, match="4 axes"):
+        setup_layer(make_layer(lrn_text("local_size: 3")), [np.zeros((3, 4, 4))])
+    layer = make_layer(lrn_text("local_size: 3"))
+    blob = Blob((1, 3, 4, 4), np.float64)
+    layer.setup([blob], [blob])
+    with pytest.raises(LayerError, match="in place"):
+        layer.reshape([blob], [blob])

@@ -1,0 +1,248 @@
+"""Pooling: OpenCV's Caffe importer as forward oracle, a literal transcription of Caffe's
+pooling loops for masks/ties/padding, hand-derived sizes, gradient checks, bad params."""
+import numpy as np
+import pytest
+
+from caffelite.layer import LayerError
+from layer_testing import make_layer, setup_layer, run_forward, check_gradient, opencv_forward
+
+
+def pool_text(body):
+    return f'type: "Pooling" pooling_param {{ {body} }}'
+
+
+def ours(body, x, num_top=1, dtype=np.float32):
+    layer = make_layer(pool_text(body), dtype=dtype)
+    bottom, top = setup_layer(layer, [x], num_top, dtype=dtype)
+    return run_forward(layer, bottom, top)
+
+
+def opencv(body, x):
+    net = ('input: "data"\n' + "".join(f"input_dim: {d}\n" for d in x.shape) +
+           f'layer {{ name: "out" bottom: "data" top: "out" {pool_text(body)} }}\n')
+    return opencv_forward(net, [], {"data": x}, ["out"])[0]
+
+
+def reference(x, kh, kw, sh, sw, ph, pw, method):
+    """Caffe's CPU loops, written out per output cell (tiny inputs only)."""
+    n, c, h, w = x.shape
+
+    def size(n_in, k, s, p):
+        out = int(np.ceil((n_in + 2 * p - k) / s)) + 1
+        if (ph or pw) and (out - 1) * s >= n_in + p:
+            out -= 1
+        return out
+    oh, ow = size(h, kh, sh, ph), size(w, kw, sw, pw)
+    top = np.zeros((n, c, oh, ow))
+    mask = np.full((n, c, oh, ow), -1.0)
+    for a in range(n):
+        for b in range(c):
+            for i in range(oh):
+                for j in range(ow):
+                    hs, ws = i * sh - ph, j * sw - pw
+                    if method == "MAX":
+                        best = -np.finfo(np.float32).max
+                        for r in range(max(hs, 0), min(hs + kh, h)):
+                            for q in range(max(ws, 0), min(ws + kw, w)):
+                                if x[a, b, r, q] > best:
+                                    best, mask[a, b, i, j] = x[a, b, r, q], r * w + q
+                        top[a, b, i, j] = best
+                    else:
+                        he, we = min(hs + kh, h + ph), min(ws + kw, w + pw)
+                        area = (he - hs) * (we - ws)
+                        total = sum(x[a, b, r, q] for r in range(max(hs, 0), min(he, h))
+                                    for q in range(max(ws, 0), min(we, w)))
+                        top[a, b, i, j] = total / area
+    return top, mask
+
+
+def distinct(shape, seed=0):
+    """Values 0.1 apart in random order: no ties, and a 1e-3 nudge never moves a max."""
+    rng = np.random.default_rng(seed)
+    return (rng.permutation(int(np.prod(shape))) * 0.1 - 3.0).reshape(shape)
+
+
+OPENCV_CASES = [
+    ("MAX", "kernel_size: 3 stride: 2", (32, 32)),            # ceil: 32 -> 16
+    ("AVE", "kernel_size: 3 stride: 2", (32, 32)),
+    ("MAX", "kernel_size: 3 stride: 2 pad: 1", (33, 33)),     # VGG pool1-3 shape rule
+    ("AVE", "kernel_size: 3 stride: 2 pad: 1", (33, 33)),
+    ("MAX", "kernel_size: 3 stride: 1 pad: 1", (12, 11)),     # VGG pool4/5 keep size
+    ("AVE", "kernel_size: 3 stride: 1 pad: 1", (12, 11)),
+    ("MAX", "kernel_size: 2 stride: 2 pad: 1", (30, 30)),     # V1 DeepLab pools
+    ("AVE", "kernel_size: 3 stride: 3 pad: 2", (10, 10)),     # last window clipped
+    ("AVE", "kernel_size: 5 stride: 3 pad: 2", (11, 12)),
+    ("MAX", "kernel_h: 3 kernel_w: 2 stride_h: 2 stride_w: 3 pad_h: 1 pad_w: 0", (9, 10)),
+    ("AVE", "kernel_h: 3 kernel_w: 2 stride_h: 2 stride_w: 1 pad_h: 1 pad_w: 0", (9, 10)),
+    ("MAX", "global_pooling: true", (9, 10)),
+    ("AVE", "global_pooling: true", (9, 10)),
+    ("MAX", "global_pooling: true", (20, 19)),               # whole-plane path (>256 taps)
+    ("AVE", "global_pooling: true", (20, 19)),
+]
+
+
+@pytest.mark.parametrize("pool,body,hw", OPENCV_CASES)
+def test_forward_matches_opencv(pool, body, hw):
+    x = np.random.default_rng(1).standard_normal((2, 3) + hw).astype(np.float32) * 4
+    got = ours(f"pool: {pool} {body}", x)[0]
+    want = opencv(f"pool: {pool} {body}", x)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(x).max())
+
+
+def test_output_sizes_from_spec():
+    # DeepLab VGG pools {k3 s2 p1}: 321 -> 161 -> 81 -> 41 ; V1 {k2 s2 p1}: 306 -> 154 -> 78 -> 40
+    for sizes, body in [((321, 161, 81, 41), "kernel_size: 3 stride: 2 pad: 1"),
+                        ((513, 257, 129, 65), "kernel_size: 3 stride: 2 pad: 1"),
+                        ((306, 154, 78, 40), "kernel_size: 2 stride: 2 pad: 1")]:
+        for s_in, s_out in zip(sizes, sizes[1:]):
+            layer = make_layer(pool_text(body))
+            _, top = setup_layer(layer, [np.zeros((1, 1, s_in, s_in))])
+            assert top[0].shape == (1, 1, s_out, s_out)
+    # the "last window must start inside image + pad" clip: 4 = ceil((5+2-2)/2)+1 = 4,
+    # (4-1)*2 = 6 >= 5+1 -> 3
+    layer = make_layer(pool_text("kernel_size: 2 stride: 2 pad: 1"))
+    _, top = setup_layer(layer, [np.zeros((1, 1, 5, 5))])
+    assert top[0].shape == (1, 1, 3, 3)
+    # round_mode FLOOR (BVLC master): floor((32-3)/2)+1 = 15
+    layer = make_layer(pool_text("kernel_size: 3 stride: 2 round_mode: FLOOR"))
+    _, top = setup_layer(layer, [np.zeros((1, 1, 32, 32))])
+    assert top[0].shape == (1, 1, 15, 15)
+
+
+def test_ave_divisor_counts_padding_but_not_overhang():
+    # 6 wide, k3 s2 p1 -> 4 windows: [-1,2) [1,4) [3,6) [5,8); clipped to [-1,7) the
+    # areas are 3, 3, 3, 2 while the in-image cells are 2, 3, 3, 1.
+    got = ours("pool: AVE kernel_size: 3 stride: 2 pad: 1", np.ones((1, 1, 6, 6), np.float32))[0]
+    per_axis = np.array([2 / 3, 1, 1, 1 / 2])
+    np.testing.assert_allclose(got[0, 0], np.outer(per_axis, per_axis), rtol=1e-6)
+
+
+def test_max_mask_ties_padding_and_nan_follow_caffe():
+    rng = np.random.default_rng(3)
+    x = rng.integers(-2, 3, size=(2, 2, 7, 8)).astype(np.float32)   # many ties
+    x[0, 0] = -5.0                                                   # padding never wins
+    x[0, 1, 2, 3] = np.nan                                           # NaN never wins
+    x[1, 0, :3, :3] = -np.inf                                        # -inf never wins
+    for body in ["kernel_size: 3 stride: 2 pad: 1", "kernel_size: 2 stride: 1 pad: 1",
+                 "kernel_h: 3 kernel_w: 2 stride_h: 2 stride_w: 3 pad_h: 2 pad_w: 1",
+                 "global_pooling: true"]:
+        p = dict(kernel_h=3, kernel_w=3, stride_h=2, stride_w=2, pad_h=1, pad_w=1)
+        if "kernel_size: 2" in body:
+            p = dict(kernel_h=2, kernel_w=2, stride_h=1, stride_w=1, pad_h=1, pad_w=1)
+        elif "kernel_h" in body:
+            p = dict(kernel_h=3, kernel_w=2, stride_h=2, stride_w=3, pad_h=2, pad_w=1)
+        elif "global" in body:
+            p = dict(kernel_h=7, kernel_w=8, stride_h=1, stride_w=1, pad_h=0, pad_w=0)
+        top, mask = ours(f"pool: MAX {body}", x, num_top=2)
+        want_top, want_mask = reference(x.astype(np.float64), p["kernel_h"], p["kernel_w"],
+                                        p["stride_h"], p["stride_w"], p["pad_h"], p["pad_w"],
+                                        "MAX")
+        np.testing.assert_array_equal(top, want_top.astype(np.float32))
+        np.testing.assert_array_equal(mask, want_mask)
+
+
+def test_all_minus_inf_window_gives_minus_flt_max_and_mask_minus_one():
+    x = np.full((1, 1, 4, 4), -np.inf, np.float32)
+    top, mask = ours("pool: MAX kernel_size: 2 stride: 2", x, num_top=2)
+    assert np.all(top == -np.finfo(np.float32).max) and np.all(mask == -1)
+    layer = make_layer(pool_text("pool: MAX kernel_size: 2 stride: 2"), dtype=np.float32)
+    bottom, t = setup_layer(layer, [x], dtype=np.float32)
+    run_forward(layer, bottom, t)
+    t[0].diff[...] = 1
+    layer.backward(t, [True], bottom)
+    assert np.all(bottom[0].diff == 0)
+
+
+def test_ave_matches_reference_loops():
+    x = np.random.default_rng(4).standard_normal((1, 2, 9, 7))
+    for kh, kw, sh, sw, ph, pw in [(3, 3, 2, 2, 1, 1), (2, 3, 3, 2, 1, 2), (4, 4, 3, 3, 0, 0)]:
+        body = (f"pool: AVE kernel_h: {kh} kernel_w: {kw} stride_h: {sh} stride_w: {sw} "
+                f"pad_h: {ph} pad_w: {pw}")
+        got = ours(body, x, dtype=np.float64)[0]
+        want, _ = reference(x, kh, kw, sh, sw, ph, pw, "AVE")
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_float32_in_float32_out_and_float64_kept():
+    x = np.random.default_rng(5).standard_normal((1, 1, 5, 5))
+    assert ours("pool: AVE kernel_size: 2", x.astype(np.float32))[0].dtype == np.float32
+    layer = make_layer(pool_text("pool: MAX kernel_size: 2"), dtype=np.float64)
+    _, top = setup_layer(layer, [x], 2)
+    assert top[0].data.dtype == np.float64 and top[1].data.dtype == np.float64
+
+
+GRAD_CASES = [
+    "pool: MAX kernel_size: 3 stride: 2",                 # ceil overhang, no pad
+    "pool: MAX kernel_size: 3 stride: 2 pad: 1",
+    "pool: MAX kernel_size: 2 stride: 1 pad: 1",          # overlapping windows
+    "pool: MAX kernel_h: 3 kernel_w: 2 stride_h: 2 stride_w: 1 pad_h: 1 pad_w: 0",
+    "pool: MAX global_pooling: true",
+    "pool: AVE kernel_size: 3 stride: 2",
+    "pool: AVE kernel_size: 3 stride: 2 pad: 1",
+    "pool: AVE kernel_size: 3 stride: 3 pad: 2",          # clipped last window
+    "pool: AVE kernel_h: 2 kernel_w: 3 stride_h: 1 stride_w: 2 pad_h: 1 pad_w: 2",
+    "pool: AVE global_pooling: true",
+]
+
+
+@pytest.mark.parametrize("body", GRAD_CASES)
+def test_gradient(body):
+    x = distinct((2, 2, 7, 6))
+    layer = make_layer(pool_text(body))
+    bottom, top = setup_layer(layer, [x])
+    check_gradient(layer, bottom, top, step=1e-3, threshold=1e-3)
+
+
+@pytest.mark.parametrize("pool", ["MAX", "AVE"])
+def test_gradient_global_whole_plane_path(pool):
+    x = distinct((1, 2, 17, 17), seed=7)                   # 289 taps
+    layer = make_layer(pool_text(f"pool: {pool} global_pooling: true"))
+    bottom, top = setup_layer(layer, [x])
+    check_gradient(layer, bottom, top)
+
+
+def test_gradient_with_mask_top():
+    x = distinct((1, 2, 6, 7), seed=2)
+    layer = make_layer(pool_text("pool: MAX kernel_size: 3 stride: 2 pad: 1"))
+    bottom, top = setup_layer(layer, [x], 2)
+    check_gradient(layer, bottom, top, top_id=0)
+
+
+def test_reshape_follows_new_bottom_size():
+    layer = make_layer(pool_text("pool: AVE global_pooling: true"))
+    bottom, top = setup_layer(layer, [np.ones((1, 2, 4, 4))])
+    bottom[0].reshape((1, 2, 6, 3))
+    bottom[0].data[...] = 2.0
+    out = run_forward(layer, bottom, top)[0]
+    assert out.shape == (1, 2, 1, 1) and np.all(out == 2.0)
+
+
+@pytest.mark.parametrize("body,words", [
+    ("pool: STOCHASTIC kernel_size: 2", "STOCHASTIC"),
+    ("kernel_size: 2 kernel_h: 2 kernel_w: 2", "not both"),
+    ("kernel_h: 2", "kernel_h and kernel_w"),
+    ("stride: 2", "kernel size missing"),
+    ("kernel_size: 3 pad: 3", "smaller than the kernel"),
+    ("kernel_size: 3 pad: 1 pad_h: 1 pad_w: 1", "pad OR"),
+    ("kernel_size: 3 pad_h: 1", "pad OR"),
+    ("kernel_size: 3 stride_w: 2", "stride OR"),
+    ("kernel_size: 3 stride: 0", "stride must be positive"),
+    ("kernel_size: 0", "positive"),
+    ("global_pooling: true kernel_size: 3", "global_pooling"),
+    ("global_pooling: true pad: 1", "only pad 0 and stride 1"),
+    ("global_pooling: true stride: 2", "only pad 0 and stride 1"),
+])
+def test_bad_params(body, words):
+    layer = make_layer(pool_text(body))
+    with pytest.raises(LayerError, match=words):
+        setup_layer(layer, [np.zeros((1, 1, 6, 6))])
+
+
+def test_mask_top_only_for_max_and_4d_bottom():
+    layer = make_layer(pool_text("pool: AVE kernel_size: 2"))
+    with pytest.raises(LayerError, match="only produced by pool: MAX"):
+        setup_layer(layer, [np.zeros((1, 1, 6, 6))], 2)
+    layer = make_layer(pool_text("pool: MAX kernel_size: 2"))
+    with pytest.raises(LayerError, match="4 axes"):
+        setup_layer(layer, [np.zeros((1, 6, 6))])
