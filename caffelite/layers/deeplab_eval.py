@@ -1,44 +1,66 @@
-"""DeepLab's evaluation outputs: MatWrite (features to .mat) and SegAccuracy."""
+"""DeepLab's feature files and evaluation: MatWrite (blobs to .mat), MatRead (.mat to
+a top) and SegAccuracy (confusion-matrix scores), spec sections 4 and 5."""
+import logging
 import os
 
 import numpy as np
 
-from ..io.matfile import write_mat
+from ..io.matfile import MatFileError, read_mat, write_mat
 from ..layer import Layer, register
+
+logger = logging.getLogger("caffelite")
+
+
+def _to_numpy(array):
+    get = getattr(array, "get", None)       # CuPy arrays copy to the host with .get()
+    return get() if get is not None else np.asarray(array)
 
 
 def read_id_list(path, strip, layer):
-    """First token of each line of a list file, minus ``strip`` trailing characters."""
+    """First token of each line of ``path`` minus ``strip`` trailing characters.
+
+    Blank lines are skipped (the fork stops with "Too much stripping" on them).
+    """
+    if strip < 0:
+        raise layer.error(f"strip cannot be negative (got {strip})")
     try:
         with open(path, encoding="utf-8") as f:
-            tokens = [line.split()[0] for line in f if line.strip()]
+            lines = f.read().splitlines()
     except OSError as e:
         raise layer.error(f"cannot read source list '{path}': {e.strerror}") from None
     names = []
-    for lineno, tok in enumerate(tokens, 1):
+    for lineno, line in enumerate(lines, 1):
+        tokens = line.split()
+        if not tokens:
+            continue
+        tok = tokens[0]
         if len(tok) <= strip:
-            raise layer.error(f"{path}:{lineno}: '{tok}' is not longer than strip={strip}")
+            raise layer.error(f"{path}:{lineno}: '{tok}' is not longer than strip={strip} "
+                              f"(too much stripping)")
         names.append(tok[:len(tok) - strip] if strip else tok)
     return names
 
 
 @register("MatWrite")
 class MatWriteLayer(Layer):
-    """Writes each bottom to ``prefix + id + "_blob_" + i + ".mat"`` every ``period`` forwards."""
+    """Writes each bottom to ``prefix + id + "_blob_" + i + ".mat"`` every ``period``
+    forwards (``prefix + "iter_" + iter`` without a source list); the whole blob, all
+    N images, goes into one file (matio layout, see ``caffelite.io.matfile``)."""
     min_bottom = 1
     exact_num_top = 0
 
     def setup(self, bottom, top):
         p = self.layer_param.mat_write_param
         if p.period <= 0:
-            raise self.error("mat_write_param.period must be positive")
+            raise self.error(f"mat_write_param.period must be positive (got {p.period})")
         self.prefix, self.period = p.prefix, p.period
-        self.names = read_id_list(p.source, p.strip, self) if p.source else None
+        self.names = read_id_list(p.source, p.strip, self) if p.HasField("source") else None
         self.iter = 0
         directory = os.path.dirname(self.prefix)
         if directory and not os.path.isdir(directory):
-            raise self.error(f"output directory '{directory}' (from prefix '{self.prefix}') "
-                             f"does not exist")
+            logger.warning("layer '%s': output directory '%s' (from prefix '%s') does not "
+                           "exist yet; writing will fail unless it is created", self.name,
+                           directory, self.prefix)
 
     def reshape(self, bottom, top):
         """No tops."""
@@ -47,14 +69,85 @@ class MatWriteLayer(Layer):
         if self.iter % self.period == 0:
             if self.names is not None:
                 if self.iter >= len(self.names):
-                    raise self.error("test has run for more iterations than the source list "
-                                     f"has lines ({len(self.names)})")
+                    raise self.error(
+                        f"test has run for more iterations than it was supposed to: "
+                        f"forward #{self.iter + 1} but the source list has "
+                        f"{len(self.names)} names")
                 stem = self.prefix + self.names[self.iter]
             else:
                 stem = f"{self.prefix}iter_{self.iter}"
             for i, b in enumerate(bottom):
-                write_mat(f"{stem}_blob_{i}.mat", b.data)
+                try:
+                    write_mat(f"{stem}_blob_{i}.mat", _to_numpy(b.data))
+                except MatFileError as e:
+                    raise self.error(str(e)) from None
         self.iter += 1
+
+
+@register("MatRead")
+class MatReadLayer(Layer):
+    """Reads ``prefix + name + "_blob_0.mat"`` (variable ``data``, one image per file)
+    into sample n of the top, one file per sample, wrapping around the name list.
+
+    Without ``source`` it reads ``prefix + "iter_" + k + "_blob_0.mat"`` for k = 0, 1, ...
+    (the files MatWrite writes without a source); the fork crashes there instead.
+    An optional ``diff`` variable is checked like the fork does but, as in the fork,
+    not copied into the top.  ``state_dict()``/``load_state_dict()`` save the file
+    position for a bit-identical resume.
+    """
+    exact_num_bottom = 0
+    exact_num_top = 1
+
+    def setup(self, bottom, top):
+        p = self.layer_param.mat_read_param
+        if p.batch_size <= 0:
+            raise self.error(f"mat_read_param.batch_size must be positive (got {p.batch_size})")
+        self.prefix, self.batch_size = p.prefix, p.batch_size
+        self.names = None
+        if p.HasField("source"):
+            self.names = read_id_list(p.source, p.strip, self)
+            if not self.names:
+                raise self.error(f"source list '{p.source}' has no names")
+        self.iter = 0
+        for i, t in enumerate(top):
+            data = self._read(self._path(0, i))
+            t.reshape((self.batch_size,) + data.shape[1:])
+
+    def _path(self, index, top_index):
+        name = self.names[index] if self.names is not None else f"iter_{index}"
+        return f"{self.prefix}{name}_blob_{top_index}.mat"
+
+    def _read(self, path):
+        try:
+            data, _ = read_mat(path, self.dtype)
+        except MatFileError as e:
+            raise self.error(str(e)) from None
+        if data.shape[0] != 1:
+            raise self.error(f"'{path}' holds {data.shape[0]} images (dims [W,H,C,N] = "
+                             f"{list(data.shape[::-1])}); MatRead needs N = 1 per file")
+        return data
+
+    def reshape(self, bottom, top):
+        """Shapes are fixed at setup (the fork's Reshape is a no-op)."""
+
+    def forward(self, bottom, top):
+        for n in range(self.batch_size):
+            if self.names is not None and self.iter >= len(self.names):
+                self.iter = 0
+            for i, t in enumerate(top):
+                path = self._path(self.iter, i)
+                data = self._read(path)
+                if data.shape[1:] != t.shape[1:]:
+                    raise self.error(f"'{path}' holds a C x H x W = {data.shape[1:]} blob, "
+                                     f"but the top is {t.shape[1:]} (from the first file)")
+                t.data[n] = data[0]
+            self.iter += 1
+
+    def state_dict(self):
+        return {"iter": self.iter}
+
+    def load_state_dict(self, state):
+        self.iter = int(state["iter"])
 
 
 def argmax_ties_highest(scores, axis=1):
@@ -65,49 +158,72 @@ def argmax_ties_highest(scores, axis=1):
 
 @register("SegAccuracy")
 class SegAccuracyLayer(Layer):
-    """Confusion-matrix accuracy: [pixel accuracy, mean class recall, mean IoU]."""
+    """Confusion-matrix scores [pixel accuracy, mean class recall, mean IoU].
+
+    The C x C matrix (C = channels of the scores at setup) is cleared at every forward
+    when ``reset`` (the default) and accumulates over the net's lifetime otherwise.
+    Prediction = argmax over channels with ties to the highest class; the label is
+    truncated to int; ignore labels are skipped; any other label outside [0, C) is an
+    error.
+    """
     exact_num_bottom = 2
     exact_num_top = 1
 
     def setup(self, bottom, top):
         p = self.layer_param.seg_accuracy_param
-        self.ignore = set(int(i) for i in p.ignore_label)
+        self.ignore = sorted(set(int(i) for i in p.ignore_label))
         self.reset = p.reset
+        if len(bottom[0].shape) < 2 or bottom[0].shape[1] < 1:
+            raise self.error(f"scores must be N x C x H x W with C >= 1, got {bottom[0].shape}")
         self.num_classes = bottom[0].shape[1]
         self.confusion = np.zeros((self.num_classes, self.num_classes), np.int64)
 
     def reshape(self, bottom, top):
         s, l = bottom[0].shape, bottom[1].shape
-        if len(l) != 4 or l[1] != 1 or (s[0], s[2], s[3]) != (l[0], l[2], l[3]):
-            raise self.error(f"labels must be N x 1 x H x W matching scores {s}, got {l}")
+        if len(s) != 4 or len(l) != 4 or l[1] != 1 or (s[0], s[2], s[3]) != (l[0], l[2], l[3]):
+            raise self.error(f"labels must be N x 1 x H x W matching the scores N x C x H x W;"
+                             f" got scores {s} and labels {l}")
+        if s[1] != self.num_classes:
+            raise self.error(f"the scores have {s[1]} channels, but the confusion matrix was "
+                             f"set up for {self.num_classes} classes")
         top[0].reshape((1, 1, 1, 3))
 
     def forward(self, bottom, top):
         if self.reset:
             self.confusion[...] = 0
-        pred = argmax_ties_highest(bottom[0].data).reshape(-1)
-        gt = bottom[1].data.reshape(-1).astype(np.int64)   # truncation like int()
-        keep = ~np.isin(gt, list(self.ignore)) if self.ignore else np.ones(gt.shape, bool)
-        gt, pred = gt[keep], pred[keep]
-        bad = (gt < 0) | (gt >= self.num_classes)
+        c = self.num_classes
+        pred = argmax_ties_highest(_to_numpy(bottom[0].data)).reshape(-1)
+        gt = _to_numpy(bottom[1].data).reshape(-1).astype(np.int64)   # int() truncation
+        keep = ~np.isin(gt, self.ignore)
+        bad = keep & ((gt < 0) | (gt >= c))
         if bad.any():
-            raise self.error(f"unexpected label {int(gt[bad][0])} (num classes "
-                             f"{self.num_classes}, ignore labels {sorted(self.ignore)})")
-        self.confusion += np.bincount(gt * self.num_classes + pred,
-                                      minlength=self.num_classes ** 2).reshape(
-                                          self.num_classes, self.num_classes)
+            first = int(np.flatnonzero(bad)[0])
+            n, h, w = np.unravel_index(first, bottom[1].shape[:1] + bottom[1].shape[2:])
+            raise self.error(f"unexpected label {int(gt[first])} at num {n}, row {h}, col {w}"
+                             f" (labels must be in [0, {c}) or one of the ignore labels "
+                             f"{self.ignore})")
+        self.confusion += np.bincount(gt[keep] * c + pred[keep],
+                                      minlength=c * c).reshape(c, c)
         top[0].data[...] = np.array(confusion_scores(self.confusion)).reshape(1, 1, 1, 3)
 
 
 def confusion_scores(m):
-    """(pixel accuracy, mean recall over present classes, mean IoU over all classes)."""
-    m = m.astype(np.float64)
-    total = m.sum()
-    diag = np.diag(m)
-    rows, cols = m.sum(axis=1), m.sum(axis=0)
-    accuracy = diag.sum() / total if total else 0.0
-    present = rows > 0
-    recall = float(np.mean(diag[present] / rows[present])) if present.any() else 0.0
-    union = rows + cols - diag
-    iou = np.where(union > 0, diag / np.where(union > 0, union, 1), 1.0)
-    return accuracy, recall, float(iou.mean())
+    """(pixel accuracy, mean recall over present classes, mean IoU over all classes),
+    summed class by class in double like the fork's ConfusionMatrix."""
+    m = np.asarray(m)
+    total = float(m.sum())
+    diag = [float(m[i, i]) for i in range(len(m))]
+    rows = [float(r) for r in m.sum(axis=1)]
+    cols = [float(c) for c in m.sum(axis=0)]
+    accuracy = sum(diag) / total if total else 0.0
+    recall_sum, present = 0.0, 0
+    for d, r in zip(diag, rows):
+        if r > 0:
+            recall_sum += d / r
+            present += 1
+    recall = recall_sum / present if present else 0.0
+    iou_sum = 0.0
+    for d, r, c in zip(diag, rows, cols):
+        union = r + c - d
+        iou_sum += 1.0 if d == union else d / union    # absent class: 0/0 counts as 1
+    return accuracy, recall, iou_sum / len(m) if len(m) else 0.0

@@ -3,12 +3,8 @@ parses and upgrades) but whose implementation has not landed yet."""
 from ..layer import LAYER_REGISTRY, Layer, register
 
 _PENDING = {
-    "ImageSegData": "the DeepLab data layers arrive with the training work (issue 3)",
-    "ImageData": "the image data layers arrive with the training work (issue 3)",
     "Data": "LMDB/LevelDB data layers are not supported",
-    "HDF5Data": "HDF5 data arrives with the training work (issue 3)",
     "WindowData": "WindowData is not supported",
-    "MatRead": "MatRead arrives with the training work (issue 3)",
     "DenseCRF": "the dense CRF arrives with the CRF work (issue 5)",
     "BiasChannel": "weak-supervision layers arrive with issue 6",
     "AdaptiveBiasChannel": "weak-supervision layers arrive with issue 6",

@@ -1,0 +1,231 @@
+"""Images as Caffe's data layers see them: OpenCV-style uint8 arrays, decoded with
+Pillow, and OpenCV's ``cv::resize`` reproduced bit for bit in NumPy.
+
+* ``read_image(path, color)`` is ``cv::imread(path, IMREAD_COLOR / IMREAD_GRAYSCALE)``:
+  H x W x 3 **BGR** uint8, or H x W uint8 (grayscale JPEGs are decoded straight to
+  luma by libjpeg, as OpenCV does; colour PNGs in gray use libpng's conversion; 16-bit
+  PNGs keep their high byte).  Checked against ``cv2.imread`` for JPEG and PNG; a
+  palette PNG read as a gray *image* may differ by 1 on some pixels.  EXIF orientation
+  is not applied (OpenCV 2.4 ignored it; OpenCV >= 3.1 rotates).
+* ``read_label(path)`` reads a segmentation ground truth like the fork (grayscale),
+  except that a palette ("P" mode) PNG gives its **class indices**: the fork would have
+  read the palette colours' luminance, which is never what a label file means.
+* ``resize(img, (height, width), interpolation)`` is ``cv::resize`` for uint8 images
+  with ``INTER_LINEAR`` (fixed-point, 11 coefficient bits, OpenCV's own rounding and
+  its 2x2 area shortcut for exact halving) or ``INTER_NEAREST``.
+"""
+import logging
+
+import numpy as np
+
+logger = logging.getLogger("caffelite")
+
+INTER_NEAREST = 0
+INTER_LINEAR = 1
+
+INTER_RESIZE_COEF_BITS = 11
+INTER_RESIZE_COEF_SCALE = 1 << INTER_RESIZE_COEF_BITS
+
+
+class ImageReadError(OSError):
+    """An image that cannot be opened or decoded; the message names the file."""
+
+    def __init__(self, path, reason):
+        super().__init__(f"cannot read image '{path}': {reason}")
+        self.path, self.reason = path, reason
+
+
+_palette_warned = [False]
+
+
+# --------------------------------------------------------------------------- decoding
+def _open(path, gray=False):
+    """Decode with Pillow; a colour JPEG wanted in gray is decoded by libjpeg straight
+    to its luma plane (what OpenCV's IMREAD_GRAYSCALE asks libjpeg for)."""
+    from PIL import Image
+    try:
+        img = Image.open(path)
+        if gray and img.format == "JPEG" and img.mode in ("RGB", "YCbCr"):
+            img.draft("L", img.size)          # same size, luma output
+        img.load()
+    except FileNotFoundError:
+        raise ImageReadError(path, "no such file") from None
+    except (OSError, ValueError, SyntaxError) as e:
+        raise ImageReadError(path, f"cannot decode it ({e})") from None
+    return img
+
+
+def _high_byte(arr):
+    """16/32-bit samples -> uint8 the way imread without IMREAD_ANYDEPTH does (>> 8)."""
+    return (np.asarray(arr).astype(np.int64) >> 8).clip(0, 255).astype(np.uint8)
+
+
+def _to_gray(img):
+    mode = img.mode
+    if mode == "L":
+        return np.asarray(img, dtype=np.uint8)
+    if mode in ("I;16", "I;16B", "I;16L", "I"):
+        return _high_byte(img)
+    if mode == "1":
+        return np.asarray(img.convert("L"), dtype=np.uint8)
+    if mode == "LA":
+        return np.asarray(img.getchannel(0), dtype=np.uint8)
+    rgb = np.asarray(img.convert("RGB"), dtype=np.int32)
+    if img.format == "PNG":
+        return png_rgb_to_gray(rgb)
+    return rgb_to_gray(rgb)
+
+
+def rgb_to_gray(rgb):
+    """``cv::cvtColor(RGB2GRAY)`` for uint8: fixed-point 0.299/0.587/0.114, 14 bits."""
+    rgb = np.asarray(rgb, dtype=np.int32)
+    y = rgb[..., 0] * 4899 + rgb[..., 1] * 9617 + rgb[..., 2] * 1868 + (1 << 13)
+    return (y >> 14).astype(np.uint8)
+
+
+def png_rgb_to_gray(rgb):
+    """libpng's ``png_set_rgb_to_gray(1, 0.299, 0.587)`` as OpenCV's PNG decoder asks
+    for it: 15-bit coefficients, truncated (not rounded)."""
+    rgb = np.asarray(rgb, dtype=np.int32)
+    y = rgb[..., 0] * 9798 + rgb[..., 1] * 19235 + rgb[..., 2] * 3735
+    return (y >> 15).astype(np.uint8)
+
+
+def read_image(path, color=True):
+    """``cv::imread``: H x W x 3 BGR uint8 (``color``) or H x W uint8 (gray)."""
+    img = _open(path, gray=not color)
+    if not color:
+        return _to_gray(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        gray = _high_byte(img)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    rgb = np.asarray(img.convert("RGB"), dtype=np.uint8)
+    return np.ascontiguousarray(rgb[:, :, ::-1])
+
+
+def read_label(path):
+    """A segmentation label map as uint8 H x W (see the module docstring)."""
+    img = _open(path)
+    if img.mode == "P":
+        if not _palette_warned[0]:
+            _palette_warned[0] = True
+            logger.warning(
+                "label '%s' is a palette PNG: reading its class indices. The original "
+                "DeepLab fork reads labels with cv::imread(GRAYSCALE), which would have "
+                "given the palette colours' luminance instead (convert such labels to "
+                "raw index PNGs to run the fork itself).", path)
+        return np.asarray(img, dtype=np.uint8)
+    return read_image(path, color=False)
+
+
+# ------------------------------------------------------------------------- resizing
+def resize(img, size, interpolation=INTER_LINEAR):
+    """``cv::resize(img, dst, Size(width, height), 0, 0, interpolation)`` for uint8.
+
+    ``img`` is H x W or H x W x C uint8; ``size`` is ``(height, width)``.
+    """
+    img = np.asarray(img)
+    if img.dtype != np.uint8:
+        raise TypeError(f"resize expects a uint8 image, got {img.dtype}")
+    dh, dw = int(size[0]), int(size[1])
+    sh, sw = img.shape[:2]
+    if dh <= 0 or dw <= 0:
+        raise ValueError(f"cannot resize a {sh}x{sw} image to {dh}x{dw}")
+    if sh <= 0 or sw <= 0:
+        raise ValueError("cannot resize an empty image")
+    if (dh, dw) == (sh, sw):
+        return img.copy()
+    squeeze = img.ndim == 2
+    src = img[:, :, None] if squeeze else img
+    # OpenCV: inv_scale = dsize/ssize, scale = 1/inv_scale, both in double.
+    scale_y = 1.0 / (dh / sh)
+    scale_x = 1.0 / (dw / sw)
+    if interpolation == INTER_NEAREST:
+        out = _resize_nearest(src, dh, dw, scale_y, scale_x)
+    elif interpolation == INTER_LINEAR:
+        if scale_x == 2.0 and scale_y == 2.0:
+            out = _resize_area_half(src)
+        else:
+            out = _resize_linear(src, dh, dw, scale_y, scale_x)
+    else:
+        raise ValueError(f"unsupported interpolation {interpolation}")
+    return out[:, :, 0] if squeeze else out
+
+
+def _resize_nearest(src, dh, dw, scale_y, scale_x):
+    sy = np.minimum(np.floor(np.arange(dh) * scale_y).astype(np.int64), src.shape[0] - 1)
+    sx = np.minimum(np.floor(np.arange(dw) * scale_x).astype(np.int64), src.shape[1] - 1)
+    return src[sy[:, None], sx[None, :]]
+
+
+def _resize_area_half(src):
+    """OpenCV turns an exact 2x INTER_LINEAR downscale into its fast 2x2 area mean."""
+    s = src.astype(np.int32)
+    total = s[0::2, 0::2] + s[0::2, 1::2] + s[1::2, 0::2] + s[1::2, 1::2]
+    if src.shape[2] in (1, 3, 4):
+        return ((total + 2) >> 2).astype(np.uint8)
+    return np.rint(total.astype(np.float32) * np.float32(0.25)).astype(np.uint8)
+
+
+def _linear_coefficients(dst_size, scale, src_size, clamp):
+    """Source index and the two fixed-point weights per output index.
+
+    Mirrors OpenCV: ``f = float((d + 0.5) * scale - 0.5)`` in double then float,
+    ``s = floor(f)``, ``f -= s`` in float, weights ``saturate_cast<short>((1-f)*2048)``
+    and ``saturate_cast<short>(f*2048)`` (round half to even).  Along x, indices
+    outside the image are clamped with ``f = 0``; along y only the row indices are
+    clamped later (the weights are kept), as OpenCV does.
+    """
+    f = ((np.arange(dst_size, dtype=np.float64) + 0.5) * scale - 0.5).astype(np.float32)
+    s = np.floor(f)
+    f = (f - s).astype(np.float32)
+    s = s.astype(np.int64)
+    if clamp:
+        low = s < 0
+        f[low], s[low] = 0, 0
+        high = s >= src_size - 1
+        f[high], s[high] = 0, src_size - 1
+    one = np.float32(INTER_RESIZE_COEF_SCALE)
+    w0 = np.rint((np.float32(1) - f) * one).clip(-32768, 32767).astype(np.int32)
+    w1 = np.rint(f * one).clip(-32768, 32767).astype(np.int32)
+    return s, w0, w1
+
+
+def _resize_linear(src, dh, dw, scale_y, scale_x):
+    sh, sw, cn = src.shape
+    sx, a0, a1 = _linear_coefficients(dw, scale_x, sw, clamp=True)
+    sy, b0, b1 = _linear_coefficients(dh, scale_y, sh, clamp=False)
+    rows0 = np.clip(sy, 0, sh - 1)
+    rows1 = np.clip(sy + 1, 0, sh - 1)
+    needed = np.unique(np.concatenate([rows0, rows1]))
+    # Horizontal pass: exact integers (every OpenCV kernel agrees), then the >> 4
+    # that the 8-bit vertical kernel applies to each row before multiplying.
+    s = src[needed].reshape(len(needed), sw * cn)
+    channel = np.arange(cn)
+    left = (sx[:, None] * cn + channel).ravel()
+    right = (np.minimum(sx + 1, sw - 1)[:, None] * cn + channel).ravel()
+    horiz = np.take(s, left, axis=1).astype(np.int32)
+    horiz *= np.repeat(a0, cn)
+    other = np.take(s, right, axis=1).astype(np.int32)
+    other *= np.repeat(a1, cn)
+    horiz += other
+    horiz >>= 4
+    top = np.take(horiz, np.searchsorted(needed, rows0), axis=0)
+    bottom = np.take(horiz, np.searchsorted(needed, rows1), axis=0)
+    return _vertical_linear(top, bottom, b0[:, None], b1[:, None]).reshape(dh, dw, cn)
+
+
+def _vertical_linear(r0, r1, b0, b1):
+    """Blend two horizontally-resized rows (scaled by 2048, already shifted right by 4)
+    into uint8, as OpenCV's 8-bit vertical kernel (SIMD and its matching scalar tail):
+    not ``(r0*b0 + r1*b1 + 2**21) >> 22`` but the high 16 bits of each product, added,
+    then ``(sum + 2) >> 2``.  Overwrites r0 and r1.
+    """
+    r0 *= b0
+    r0 >>= 16
+    r1 *= b1
+    r1 >>= 16
+    r0 += r1
+    r0 += 2
+    r0 >>= 2
+    return r0.astype(np.uint8)      # 0..255 by construction (weights sum to 2048)

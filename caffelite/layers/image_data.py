@@ -1,0 +1,740 @@
+"""Data layers that read image lists and HDF5 files: DeepLab's ImageSegData (spec
+section 3), BVLC's ImageData and HDF5Data.
+
+ImageSegData and ImageData prefetch like Caffe's prefetching data layers: batches are
+decoded and augmented by a small pool of background (daemon) threads, up to
+``PREFETCH_COUNT`` batches ahead, and ``forward`` only copies a ready batch.  The
+*content* of every batch is fixed before any thread touches it: the list position,
+the epoch's shuffle and every random number of the batch are drawn in order by the
+layer itself when it queues the batch, so results never depend on thread timing.
+
+Random numbers: at setup the layer draws its seeds from ``caffelite.backend.rng()``
+(so ``caffelite.set_random_seed`` makes runs reproducible), in Caffe's order: the
+transformer's seed, the shuffle seed (if ``shuffle``), then the ``rand_skip`` draw.
+The transformer's ``Rand(n)`` is, as in Caffe, a 32-bit random integer modulo n.
+"""
+import logging
+import os
+import queue
+import re
+import threading
+from collections import deque
+from concurrent.futures import Future
+
+import numpy as np
+
+from .. import backend
+from ..io.image import (INTER_LINEAR, INTER_NEAREST, ImageReadError, read_image,
+                        read_label, resize)
+from ..layer import TRAIN, Layer, register
+
+logger = logging.getLogger("caffelite")
+
+PREFETCH_COUNT = 5          # batches prepared ahead, as the fork's prefetching layers
+
+LABEL_NONE, LABEL_IMAGE, LABEL_PIXEL = 0, 1, 2
+
+
+class DataError(ValueError):
+    """A sample that cannot be loaded; the message names the file and the list line."""
+
+
+# ------------------------------------------------------------------ background pool
+class _WorkerPool:
+    """A few daemon threads running queued functions; results come back as Futures.
+
+    Daemon threads never keep the interpreter alive, so exiting with batches still
+    queued does not hang (unlike concurrent.futures' executors, which join theirs).
+    """
+
+    def __init__(self, workers):
+        self.pid = os.getpid()
+        self._jobs = queue.SimpleQueue()
+        for i in range(workers):
+            threading.Thread(target=self._run, name=f"caffelite-data-{i}",
+                             daemon=True).start()
+
+    def _run(self):
+        while True:
+            future, fn, args = self._jobs.get()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args))
+            except BaseException as e:      # noqa: B036  (delivered to forward)
+                future.set_exception(e)
+
+    def submit(self, fn, *args):
+        future = Future()
+        self._jobs.put((future, fn, args))
+        return future
+
+
+_pool_lock = threading.Lock()
+_pool = [None]
+
+
+def worker_pool():
+    """The shared data-loading pool (recreated in a forked child process)."""
+    with _pool_lock:
+        if _pool[0] is None or _pool[0].pid != os.getpid():
+            _pool[0] = _WorkerPool(max(1, min(4, os.cpu_count() or 1)))
+        return _pool[0]
+
+
+# ------------------------------------------------------------------------ list files
+class ListEntry:
+    """One sample of a list file: its 1-based line number and its fields."""
+    __slots__ = ("lineno", "fields")
+
+    def __init__(self, lineno, fields):
+        self.lineno, self.fields = lineno, fields
+
+
+def read_list_file(path, layer, parse):
+    """``parse(tokens, line, lineno)`` -> fields, for each non-blank line of ``path``."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except OSError as e:
+        raise layer.error(f"cannot open the source list file '{path}': "
+                          f"{e.strerror}") from None
+    entries = []
+    for lineno, line in enumerate(lines, 1):
+        tokens = line.split()
+        if tokens:
+            entries.append(ListEntry(lineno, parse(tokens, line, lineno)))
+    if not entries:
+        raise layer.error(f"the source list file '{path}' lists no samples")
+    logger.info("Opening file %s: a total of %d images.", path, len(entries))
+    return entries
+
+
+def atoi(text):
+    """C's atoi: leading whitespace, optional sign, digits; 0 when there are none."""
+    m = re.match(r"\s*([+-]?\d+)", text or "")
+    return int(m.group(1)) if m else 0
+
+
+def saturate_u8(value):
+    """``saturate_cast<uchar>`` of an integer (what ``cv::Scalar`` fills do)."""
+    return int(min(max(value, 0), 255))
+
+
+def _u32_seed():
+    return int(backend.rng().integers(0, 1 << 32))
+
+
+# ------------------------------------------------------------------ prefetching base
+class PrefetchingDataLayer(Layer):
+    """Common prefetch machinery: ``plan_batch()`` (cheap, in order, on the caller's
+    thread) returns a function and its arguments that build the batch on the pool.
+
+    Position state (``state_dict``/``load_state_dict``) is the state right after the
+    last batch handed to ``forward`` -- batches prepared ahead do not count.
+    """
+    exact_num_bottom = 0
+
+    def start_prefetch(self):
+        self._inflight = deque()
+        self._ready = None
+        self._consumed_state = self.position_state()
+        self._fill()
+
+    def _fill(self):
+        pool = worker_pool()
+        while len(self._inflight) < PREFETCH_COUNT:
+            fn, args = self.plan_batch()
+            self._inflight.append((pool.submit(fn, *args), self.position_state()))
+
+    def _peek(self):
+        if self._ready is None:
+            future, state = self._inflight.popleft()
+            self._fill()
+            try:
+                arrays = future.result()
+            except DataError as e:
+                raise self.error(str(e)) from None
+            self._ready = (arrays, state)
+        return self._ready[0]
+
+    def reshape(self, bottom, top):
+        for t, a in zip(top, self._peek()):
+            t.reshape(a.shape)
+
+    def forward(self, bottom, top):
+        arrays = self._peek()
+        for t, a in zip(top, arrays):
+            t.reshape(a.shape)
+            t.data[...] = a
+        self._consumed_state = self._ready[1]
+        self._ready = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:       # noqa: BLE001  (interpreter shutdown)
+            pass
+
+    def close(self):
+        """Drop the batches prepared ahead (queued ones are cancelled)."""
+        for future, _ in getattr(self, "_inflight", ()):
+            future.cancel()
+        self._inflight = deque()
+        self._ready = None
+
+    # position state ------------------------------------------------------------
+    def state_dict(self):
+        """The data position after the last forward: a dict of plain values."""
+        return _copy_state(self._consumed_state)
+
+    def load_state_dict(self, state):
+        """Resume from ``state_dict()``; batches prepared ahead are discarded."""
+        self.close()
+        self.restore_position(_copy_state(state))
+        self._consumed_state = self.position_state()
+        self._fill()
+
+
+def _copy_state(state):
+    out = {}
+    for k, v in state.items():
+        if isinstance(v, dict):
+            out[k] = _copy_state(v)
+        elif isinstance(v, (list, np.ndarray)):
+            out[k] = [int(i) for i in v]
+        else:
+            out[k] = v
+    return out
+
+
+class ImageListLayer(PrefetchingDataLayer):
+    """List position, epoch shuffling and the transformer RNG shared by ImageSegData
+    and ImageData (Caffe's ``lines_``, ``lines_id_``, ``prefetch_rng_``, ``rng_``)."""
+
+    def init_list(self, entries):
+        p = self.layer_param.image_data_param
+        self.entries = entries
+        self.order = np.arange(len(entries))
+        self.transform_rng = np.random.default_rng(_u32_seed())
+        self.shuffle = p.shuffle
+        self.shuffle_rng = None
+        if self.shuffle:
+            logger.info("Shuffling data")
+            self.shuffle_rng = np.random.default_rng(_u32_seed())
+            self.shuffle_rng.shuffle(self.order)
+        self.line = 0
+        if p.rand_skip:
+            skip = _u32_seed() % p.rand_skip
+            logger.info("Skipping first %d data points.", skip)
+            if skip >= len(entries):
+                raise self.error(f"not enough samples to skip {skip} (rand_skip "
+                                 f"{p.rand_skip}, {len(entries)} lines)")
+            self.line = skip
+
+    def load_first_image(self):
+        """The image the tops are sized from (after new_height/new_width)."""
+        p = self.layer_param.image_data_param
+        entry = self.current_entry()
+        try:
+            img = _load(p.root_folder + entry.fields[0], "image", entry, p.source, p.is_color)
+        except DataError as e:
+            raise self.error(str(e)) from None
+        if p.new_height > 0:
+            img = resize(img, (p.new_height, p.new_width), INTER_LINEAR)
+        return img
+
+    def current_entry(self):
+        return self.entries[self.order[self.line]]
+
+    def advance(self):
+        self.line += 1
+        if self.line >= len(self.entries):
+            self.line = 0
+            if self.shuffle:
+                self.shuffle_rng.shuffle(self.order)
+
+    def draw(self, count):
+        return [int(u) for u in self.transform_rng.integers(0, 1 << 32, size=count,
+                                                            dtype=np.uint64)]
+
+    def position_state(self):
+        return {"line": self.line, "order": self.order.tolist(),
+                "transform_rng": self.transform_rng.bit_generator.state,
+                "shuffle_rng": (self.shuffle_rng.bit_generator.state
+                                if self.shuffle_rng is not None else None)}
+
+    def restore_position(self, state):
+        order = np.asarray(state["order"], dtype=np.int64)
+        if sorted(order.tolist()) != list(range(len(self.entries))):
+            raise self.error(f"saved data position does not match this list "
+                             f"({len(order)} saved lines vs {len(self.entries)})")
+        self.order, self.line = order, int(state["line"])
+        self.transform_rng.bit_generator.state = state["transform_rng"]
+        if self.shuffle_rng is not None and state.get("shuffle_rng") is not None:
+            self.shuffle_rng.bit_generator.state = state["shuffle_rng"]
+
+
+# ------------------------------------------------------------------ shared transform
+def _mean_values(tp, channels, layer):
+    means = [float(m) for m in tp.mean_value]
+    if means and len(means) not in (1, channels):
+        raise layer.error(f"specify either 1 mean_value or as many as channels "
+                          f"({channels}); got {len(means)}")
+    if len(means) == 1 and channels > 1:
+        means = means * channels
+    return means
+
+
+def _load(path, what, entry, source, color=True):
+    try:
+        if what == "label":
+            return read_label(path)
+        return read_image(path, color)
+    except ImageReadError as e:
+        raise DataError(f"{source}:{entry.lineno}: could not load {what} '{path}': "
+                        f"{e.reason}") from None
+
+
+class _Config:
+    """Everything a worker needs to build a batch (no reference to the layer)."""
+
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+
+def _check_list_params(p, layer):
+    if (p.new_height > 0) != (p.new_width > 0):
+        raise layer.error("new_height and new_width must be set together "
+                          f"(got {p.new_height} x {p.new_width})")
+    if p.batch_size <= 0:
+        raise layer.error(f"image_data_param.batch_size must be positive "
+                          f"(got {p.batch_size})")
+
+
+def _seg_crop_size(tp, layer):
+    """(crop_h, crop_w) from crop_size or crop_height + crop_width, never a mix."""
+    has = tp.HasField
+    if not ((not has("crop_size") and has("crop_height") and has("crop_width"))
+            or (not has("crop_height") and not has("crop_width"))):
+        raise layer.error("transform_param: specify either crop_size or both "
+                          "crop_height and crop_width")
+    if has("crop_height"):
+        return tp.crop_height, tp.crop_width
+    return tp.crop_size, tp.crop_size
+
+
+@register("ImageSegData")
+class ImageSegDataLayer(ImageListLayer):
+    """DeepLab's image + segmentation data layer (spec section 3).
+
+    Tops: data N x C x crop_h x crop_w (or the first image's size without a crop),
+    label N x 1 x crop_h x crop_w and data_dim N x 1 x 1 x 2 = (rows, cols) of each
+    image after new_height/new_width, clipped to the top size (created anonymously
+    when the prototxt names only two tops).  Per sample, in the fork's order: mirror
+    draw, scale-factor draw and resize (image INTER_LINEAR, label INTER_NEAREST),
+    bottom/right padding (image with the mean values, label with ignore_label), crop
+    (TRAIN: random offsets, TEST: centre), ``(pixel - mean) * scale``, mirror.
+
+    ``state_dict()`` -> {"line", "order", "transform_rng", "shuffle_rng"} (plain
+    values) and ``load_state_dict(d)`` save and restore the list position, the
+    epoch's permutation and both RNG states after the last forward, for a
+    bit-identical resume.  ``close()`` drops the prefetched batches.
+    """
+    exact_num_top = 3
+    auto_top_blobs = True
+
+    def setup(self, bottom, top):
+        p, tp = self.layer_param.image_data_param, self.layer_param.transform_param
+        if tp.HasField("mean_file"):
+            raise self.error("ImageSegDataLayer does not support mean file "
+                             "(use transform_param.mean_value)")
+        _check_list_params(p, self)
+        crop_h, crop_w = _seg_crop_size(tp, self)
+        cropping = crop_h > 0 and crop_w > 0
+        label_type = p.label_type
+
+        def parse(tokens, line, lineno):
+            second = tokens[1] if len(tokens) > 1 else None
+            return (tokens[0], None if label_type == LABEL_NONE else second)
+
+        self.init_list(read_list_file(p.source, self, parse))
+        img = self.load_first_image()
+        channels = 1 if img.ndim == 2 else img.shape[2]
+        height, width = (crop_h, crop_w) if cropping else img.shape[:2]
+        means = _mean_values(tp, channels, self)
+        self._warn_fork_differences(tp, cropping, means)
+        self.config = _Config(
+            source=p.source, root=p.root_folder, is_color=p.is_color,
+            new_size=(p.new_height, p.new_width) if p.new_height > 0 else None,
+            label_type=label_type, ignore_label=p.ignore_label, crop=(crop_h, crop_w),
+            top_size=(height, width), channels=channels, means=means,
+            scale=float(tp.scale), mirror=tp.mirror,
+            scale_factors=[float(s) for s in tp.scale_factors],
+            train=self.phase == TRAIN, dtype=self.dtype)
+        self.batch_size = p.batch_size
+        self.draws_per_sample = (int(tp.mirror) + int(len(tp.scale_factors) > 0)
+                                 + 2 * int(self.phase == TRAIN and cropping))
+        self.top_shapes = [(p.batch_size, channels, height, width),
+                           (p.batch_size, 1, height, width), (p.batch_size, 1, 1, 2)]
+        for t, shape in zip(top, self.top_shapes):
+            t.reshape(shape)
+        logger.info("output data size: %s, label size: %s, data_dim size: %s",
+                    *[",".join(map(str, s)) for s in self.top_shapes])
+        self.start_prefetch()
+
+    def _warn_fork_differences(self, tp, cropping, means):
+        fork_has_rng = tp.mirror or (self.phase == TRAIN and tp.crop_size > 0)
+        if (len(tp.scale_factors) or (self.phase == TRAIN and cropping)) and not fork_has_rng:
+            logger.warning(
+                "layer '%s': the original fork has no transformer RNG here (it creates "
+                "one only with mirror: true or crop_size in TRAIN) and stops at its first "
+                "random draw; caffelite draws the numbers anyway", self.name)
+        if cropping and not means:
+            logger.warning(
+                "layer '%s': no mean_value; images smaller than the crop are padded with 0 "
+                "(the fork pads with whatever follows its empty mean list)", self.name)
+
+    def reshape(self, bottom, top):
+        """The tops keep the shapes of setup (no need to wait for a batch)."""
+        for t, shape in zip(top, self.top_shapes):
+            t.reshape(shape)
+
+    def plan_batch(self):
+        samples = []
+        for _ in range(self.batch_size):
+            samples.append((self.current_entry(), self.draw(self.draws_per_sample)))
+            self.advance()
+        return _build_seg_batch, (self.config, samples)
+
+
+def _build_seg_batch(cfg, samples):
+    n = len(samples)
+    h, w = cfg.top_size
+    data = np.empty((n, cfg.channels, h, w), cfg.dtype)
+    label = np.empty((n, 1, h, w), cfg.dtype)
+    dims = np.empty((n, 1, 1, 2), cfg.dtype)
+    for i, (entry, draws) in enumerate(samples):
+        data[i], label[i, 0], dims[i, 0, 0] = _seg_sample(cfg, entry, draws)
+    return data, label, dims
+
+
+def _seg_sample(cfg, entry, draws):
+    img_name, seg_name = entry.fields
+    img_path = cfg.root + img_name
+    img = _load(img_path, "image", entry, cfg.source, cfg.is_color)
+    if cfg.new_size:
+        img = resize(img, cfg.new_size, INTER_LINEAR)
+    rows, cols = img.shape[:2]
+    dim = (min(cfg.top_size[0], rows), min(cfg.top_size[1], cols))
+    if cfg.label_type == LABEL_PIXEL:
+        if seg_name is None:
+            raise DataError(f"{cfg.source}:{entry.lineno}: no label column (label_type "
+                            f"PIXEL needs '<image> <label image>' on every line)")
+        seg_path = cfg.root + seg_name
+        seg = _load(seg_path, "label", entry, cfg.source)
+        if cfg.new_size:
+            seg = resize(seg, cfg.new_size, INTER_LINEAR)   # the fork resizes labels linearly
+        if seg.shape != (rows, cols):
+            raise DataError(f"{cfg.source}:{entry.lineno}: image '{img_path}' is "
+                            f"{rows}x{cols} but label '{seg_path}' is "
+                            f"{seg.shape[0]}x{seg.shape[1]}")
+    else:
+        value = atoi(seg_name) if cfg.label_type == LABEL_IMAGE else cfg.ignore_label
+        seg = np.full((rows, cols), saturate_u8(value), np.uint8)
+    data, label = transform_img_and_seg(cfg, img, seg, draws, entry)
+    return data, label, dim
+
+
+def transform_img_and_seg(cfg, img, seg, draws, entry):
+    """The fork's ``DataTransformer::TransformImgAndSeg`` for one sample."""
+    dtype = np.dtype(cfg.dtype)
+    k = 0
+    do_mirror = False
+    if cfg.mirror:
+        do_mirror, k = draws[k] % 2 == 1, k + 1
+    if img.ndim == 2:
+        img = img[:, :, None]
+    height, width = img.shape[:2]
+    if cfg.scale_factors:
+        factor, k = dtype.type(cfg.scale_factors[draws[k] % len(cfg.scale_factors)]), k + 1
+        if factor != 1:
+            height = int(dtype.type(height) * factor)     # int *= Dtype: truncation
+            width = int(dtype.type(width) * factor)
+            if height <= 0 or width <= 0:
+                raise DataError(f"{cfg.source}:{entry.lineno}: scale factor {factor} "
+                                f"shrinks the image to {height}x{width}")
+            img = resize(img, (height, width), INTER_LINEAR)
+            seg = resize(seg, (height, width), INTER_NEAREST)
+            if img.ndim == 2:
+                img = img[:, :, None]
+    # Pad bottom/right up to the crop, then crop: only the window is materialised.
+    crop_h, crop_w = cfg.crop
+    full_h, full_w = max(crop_h, height), max(crop_w, width)
+    out_h, out_w = cfg.top_size
+    h_off = w_off = 0
+    if crop_h and crop_w:
+        if cfg.train:
+            h_off = draws[k] % (full_h - crop_h + 1)
+            w_off = draws[k + 1] % (full_w - crop_w + 1)
+        else:
+            h_off, w_off = (full_h - crop_h) // 2, (full_w - crop_w) // 2
+    elif full_h < out_h or full_w < out_w:
+        raise DataError(f"{cfg.source}:{entry.lineno}: image is {full_h}x{full_w}, smaller "
+                        f"than the {out_h}x{out_w} data top set by the first image; "
+                        f"without a crop every image must be at least that large")
+    means = np.asarray(cfg.means or [0.0] * img.shape[2], dtype)
+    pixels = np.empty((out_h, out_w, img.shape[2]), dtype)
+    pixels[...] = means                # the fork pads with (mean[0], mean[1], mean[2])
+    label = np.full((out_h, out_w), saturate_u8(cfg.ignore_label), np.uint8)
+    rows, cols = max(0, min(height - h_off, out_h)), max(0, min(width - w_off, out_w))
+    pixels[:rows, :cols] = img[h_off:h_off + rows, w_off:w_off + cols]   # exact in Dtype
+    label[:rows, :cols] = seg[h_off:h_off + rows, w_off:w_off + cols]
+    if cfg.means:
+        data = (pixels - means) * dtype.type(cfg.scale)
+    else:
+        data = pixels * dtype.type(cfg.scale)
+    label = label.astype(dtype)
+    if do_mirror:
+        data, label = data[:, ::-1], label[:, ::-1]
+    return data.transpose(2, 0, 1), label
+
+
+# ----------------------------------------------------------------------- ImageData
+@register("ImageData")
+class ImageDataLayer(ImageListLayer):
+    """BVLC's image classification data layer: list lines ``<path> <int label>``;
+    tops data N x C x H x W and label N.  Each batch takes the size of its first image
+    (after new_height/new_width) unless transform_param.crop_size crops it; mean_file
+    (a binaryproto of the image size) or mean_value, mirror and scale apply.
+    ``state_dict()``/``load_state_dict()`` as ImageSegData's.
+    """
+    exact_num_top = 2
+
+    def setup(self, bottom, top):
+        p, tp = self.layer_param.image_data_param, self.layer_param.transform_param
+        _check_list_params(p, self)
+        if tp.HasField("mean_file") and len(tp.mean_value):
+            raise self.error("cannot specify mean_file and mean_value at the same time")
+        source = p.source
+
+        def parse(tokens, line, lineno):
+            if len(tokens) < 2:
+                raise self.error(f"{source}:{lineno}: expected '<image path> <label>', got "
+                                 f"'{line.strip()}'")
+            try:
+                label = int(tokens[-1])
+            except ValueError:
+                raise self.error(f"{source}:{lineno}: the label '{tokens[-1]}' is not an "
+                                 f"integer") from None
+            return (line.strip().rsplit(None, 1)[0], label)
+
+        self.init_list(read_list_file(source, self, parse))
+        first = self.current_entry()
+        img = self.load_first_image()
+        channels = 1 if img.ndim == 2 else img.shape[2]
+        mean = None
+        if tp.HasField("mean_file"):
+            mean = _read_mean_file(tp.mean_file, self)
+            if mean.shape[0] != channels:
+                raise self.error(f"mean file '{tp.mean_file}' has {mean.shape[0]} channels,"
+                                 f" the images {channels}")
+        crop = tp.crop_size
+        self.config = _Config(
+            source=source, root=p.root_folder, is_color=p.is_color,
+            new_size=(p.new_height, p.new_width) if p.new_height > 0 else None,
+            crop=crop, mean=mean, means=_mean_values(tp, channels, self),
+            scale=float(tp.scale), mirror=tp.mirror, train=self.phase == TRAIN,
+            dtype=self.dtype)
+        self.batch_size = p.batch_size
+        self.draws_per_sample = int(tp.mirror) + 2 * int(self.phase == TRAIN and crop > 0)
+        h, w = (crop, crop) if crop else img.shape[:2]
+        if crop and (img.shape[0] < crop or img.shape[1] < crop):
+            raise self.error(f"{source}:{first.lineno}: image {img.shape[0]}x"
+                             f"{img.shape[1]} is smaller than crop_size {crop}")
+        top[0].reshape((p.batch_size, channels, h, w))
+        top[1].reshape((p.batch_size,))
+        self.start_prefetch()
+
+    def plan_batch(self):
+        samples = []
+        for _ in range(self.batch_size):
+            samples.append((self.current_entry(), self.draw(self.draws_per_sample)))
+            self.advance()
+        return _build_image_batch, (self.config, samples)
+
+
+def _read_mean_file(path, layer):
+    from ..io import blobproto_to_array
+    from ..proto import caffe_pb2
+    try:
+        with open(path, "rb") as f:
+            blob = caffe_pb2.BlobProto.FromString(f.read())
+    except OSError as e:
+        raise layer.error(f"cannot read mean file '{path}': {e.strerror}") from None
+    except Exception as e:      # protobuf DecodeError
+        raise layer.error(f"mean file '{path}' is not a BlobProto: {e}") from None
+    mean = blobproto_to_array(blob)
+    mean = mean.reshape(mean.shape[-3:]) if mean.ndim >= 3 else mean
+    if mean.ndim != 3:
+        raise layer.error(f"mean file '{path}' holds a blob of shape {mean.shape}; "
+                          f"expected 1 x C x H x W")
+    return mean
+
+
+def _build_image_batch(cfg, samples):
+    images = []
+    for entry, draws in samples:
+        img = _load(cfg.root + entry.fields[0], "image", entry, cfg.source, cfg.is_color)
+        if cfg.new_size:
+            img = resize(img, cfg.new_size, INTER_LINEAR)
+        images.append(img[:, :, None] if img.ndim == 2 else img)
+    first = images[0]
+    h, w = (cfg.crop, cfg.crop) if cfg.crop else first.shape[:2]
+    data = np.empty((len(samples), first.shape[2], h, w), cfg.dtype)
+    label = np.empty((len(samples),), cfg.dtype)
+    for i, (img, (entry, draws)) in enumerate(zip(images, samples)):
+        data[i] = _transform_image(cfg, img, draws, (h, w), entry)
+        label[i] = entry.fields[1]
+    return data, label
+
+
+def _transform_image(cfg, img, draws, size, entry):
+    """BVLC's ``DataTransformer::Transform(const cv::Mat&, Blob*)``."""
+    dtype = np.dtype(cfg.dtype)
+    height, width = img.shape[:2]
+    where = f"{cfg.source}:{entry.lineno}: image '{cfg.root + entry.fields[0]}'"
+    k = 0
+    do_mirror = False
+    if cfg.mirror:
+        do_mirror, k = draws[k] % 2 == 1, k + 1
+    h_off = w_off = 0
+    if cfg.crop:
+        if height < cfg.crop or width < cfg.crop:
+            raise DataError(f"{where} is {height}x{width}, smaller than crop_size {cfg.crop}")
+        if cfg.train:
+            h_off = draws[k] % (height - cfg.crop + 1)
+            w_off = draws[k + 1] % (width - cfg.crop + 1)
+        else:
+            h_off, w_off = (height - cfg.crop) // 2, (width - cfg.crop) // 2
+    elif (height, width) != tuple(size):
+        raise DataError(f"{where} is {height}x{width}, but this batch is {size[0]}x{size[1]}"
+                        f" (the size of its first image); use batch_size 1, new_height/"
+                        f"new_width or crop_size for images of different sizes")
+    h, w = size
+    pixels = img[h_off:h_off + h, w_off:w_off + w].transpose(2, 0, 1).astype(dtype)
+    scale = dtype.type(cfg.scale)
+    if cfg.mean is not None:
+        if cfg.mean.shape[1:] != (height, width):
+            raise DataError(f"{where} is {height}x{width}, the mean file "
+                            f"{cfg.mean.shape[1]}x{cfg.mean.shape[2]}")
+        mean = cfg.mean[:, h_off:h_off + h, w_off:w_off + w].astype(dtype)
+        out = (pixels - mean) * scale
+    elif cfg.means:
+        out = (pixels - np.asarray(cfg.means, dtype)[:, None, None]) * scale
+    else:
+        out = pixels * scale
+    return out[:, :, ::-1] if do_mirror else out
+
+
+# ----------------------------------------------------------------------- HDF5Data
+@register("HDF5Data")
+class HDF5DataLayer(Layer):
+    """BVLC's HDF5Data: the source lists .h5 files; each top reads the dataset of its
+    own name, batch_size rows at a time, looping over rows and files (with
+    ``shuffle``, the file order and each file's rows are reshuffled on every pass).
+    Needs the optional ``h5py`` package.  ``state_dict()``/``load_state_dict()`` save
+    the position (file, row, permutations, RNG).
+    """
+    exact_num_bottom = 0
+    min_top = 1
+
+    def setup(self, bottom, top):
+        p = self.layer_param.hdf5_data_param
+        if self.layer_param.HasField("transform_param"):
+            raise self.error("HDF5Data does not transform data (remove transform_param)")
+        if p.batch_size <= 0:
+            raise self.error(f"hdf5_data_param.batch_size must be positive "
+                             f"(got {p.batch_size})")
+        try:
+            import h5py  # noqa: F401
+        except ImportError:
+            raise self.error("reading HDF5 files needs the h5py package "
+                             "(pip install h5py)") from None
+        try:
+            with open(p.source, encoding="utf-8") as f:
+                self.files = f.read().split()
+        except OSError as e:
+            raise self.error(f"cannot open the source list file '{p.source}': "
+                             f"{e.strerror}") from None
+        if not self.files:
+            raise self.error(f"the source list file '{p.source}' lists no HDF5 files")
+        self.top_names = list(self.layer_param.top)
+        self.batch_size, self.shuffle = p.batch_size, p.shuffle
+        self.rng = np.random.default_rng(_u32_seed())
+        self.file_order = np.arange(len(self.files))
+        if self.shuffle:
+            self.rng.shuffle(self.file_order)
+        self.current_file = 0
+        self._load(self.file_order[0])
+        self.current_row = 0
+        for t, a in zip(top, self.arrays):
+            t.reshape((self.batch_size,) + a.shape[1:])
+
+    def _load(self, index):
+        import h5py
+        path = self.files[index]
+        try:
+            with h5py.File(path, "r") as f:
+                arrays = []
+                for name in self.top_names:
+                    if name not in f:
+                        raise self.error(f"HDF5 file '{path}' has no dataset '{name}' "
+                                         f"(datasets are read by top name)")
+                    arrays.append(np.asarray(f[name][()], dtype=self.dtype))
+        except OSError as e:
+            raise self.error(f"failed opening HDF5 file '{path}': {e}") from None
+        rows = {a.shape[0] if a.ndim else None for a in arrays}
+        if None in rows or len(rows) != 1:
+            raise self.error(f"HDF5 file '{path}': the datasets {self.top_names} must have "
+                             f"at least one axis and the same number of rows")
+        self.arrays, self.loaded = arrays, int(index)
+        self.rows = np.arange(arrays[0].shape[0])
+        if self.shuffle:
+            self.rng.shuffle(self.rows)
+
+    def reshape(self, bottom, top):
+        for t, a in zip(top, self.arrays):
+            t.reshape((self.batch_size,) + a.shape[1:])
+
+    def forward(self, bottom, top):
+        for i in range(self.batch_size):
+            if self.current_row == len(self.rows):
+                if len(self.files) > 1:
+                    self.current_file += 1
+                    if self.current_file == len(self.files):
+                        self.current_file = 0
+                        if self.shuffle:
+                            self.rng.shuffle(self.file_order)
+                    self._load(self.file_order[self.current_file])
+                self.current_row = 0
+                if self.shuffle:
+                    self.rng.shuffle(self.rows)
+            for t, a in zip(top, self.arrays):
+                t.data[i] = a[self.rows[self.current_row]]
+            self.current_row += 1
+
+    def state_dict(self):
+        return {"file": self.current_file, "row": self.current_row,
+                "file_order": self.file_order.tolist(), "rows": self.rows.tolist(),
+                "rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state):
+        self.file_order = np.asarray(state["file_order"], dtype=np.int64)
+        self.current_file = int(state["file"])
+        self.rng.bit_generator.state = state["rng"]
+        saved_rng = self.rng.bit_generator.state
+        self._load(self.file_order[self.current_file])
+        self.rng.bit_generator.state = saved_rng
+        self.rows = np.asarray(state["rows"], dtype=np.int64)
+        self.current_row = int(state["row"])

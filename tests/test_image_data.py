@@ -1,0 +1,560 @@
+"""ImageSegData / ImageData / HDF5Data and the OpenCV-exact image helpers.
+
+Oracles: OpenCV (``cv2.resize``, ``cv2.imread``; test-only) for decoding and
+resizing, and expectations derived by hand from the fork's TransformImgAndSeg
+(spec section 3) over synthetic images written here with Pillow.
+"""
+import logging
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import caffelite
+from caffelite.io.image import INTER_LINEAR, INTER_NEAREST, read_image, read_label, resize
+from caffelite.io.prototxt import parse_text
+from caffelite.layer import LayerError
+from caffelite.net import NetError
+from caffelite.proto import caffe_pb2
+
+MEAN = (104.0, 117.0, 123.0)
+
+
+def make_net(text, phase=caffelite.TEST):
+    return caffelite.Net(param=parse_text(text, caffe_pb2.NetParameter()), phase=phase)
+
+
+def seg_net(source, root, batch=1, label_type="PIXEL", transform="", extra="",
+            phase=caffelite.TEST, tops=("data", "label")):
+    top_text = " ".join(f'top: "{t}"' for t in tops)
+    return make_net(f'''
+        layer {{ name: "data" type: "ImageSegData" {top_text}
+          image_data_param {{ source: "{source}" root_folder: "{root}" batch_size: {batch}
+                             label_type: {label_type} {extra} }}
+          transform_param {{ {transform} }} }}''', phase)
+
+
+def write_rgb(path, h, w, rng):
+    rgb = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(path)
+    return np.ascontiguousarray(rgb[:, :, ::-1])           # BGR as the layer sees it
+
+
+def write_label(path, h, w, rng, classes=21):
+    lab = rng.integers(0, classes, (h, w)).astype(np.uint8)
+    Image.fromarray(lab).save(path)
+    return lab
+
+
+def make_dataset(tmp_path, sizes, seed=0):
+    """Images + index labels of the given sizes; list lines start with '/' (string
+    concatenation to root_folder, as the DeepLab lists do)."""
+    rng = np.random.default_rng(seed)
+    images, labels, lines = [], [], []
+    for i, (h, w) in enumerate(sizes):
+        images.append(write_rgb(tmp_path / f"img{i}.png", h, w, rng))
+        labels.append(write_label(tmp_path / f"lab{i}.png", h, w, rng))
+        lines.append(f"/img{i}.png /lab{i}.png extra_column_ignored")
+    (tmp_path / "list.txt").write_text("\n".join(lines) + "\n")
+    return str(tmp_path / "list.txt"), str(tmp_path), images, labels
+
+
+def mean_transform(crop=8, mirror=False, more=""):
+    means = " ".join(f"mean_value: {m}" for m in MEAN)
+    return f"crop_size: {crop} mirror: {str(mirror).lower()} {means} {more}"
+
+
+def expected_nchw(bgr):
+    return (bgr.astype(np.float32) - np.float32(MEAN)).transpose(2, 0, 1)
+
+
+# ------------------------------------------------------------------ OpenCV-exact I/O
+def test_resize_matches_opencv_on_random_sizes():
+    cv2 = pytest.importorskip("cv2")
+    rng = np.random.default_rng(1)
+    cases = [(int(h), int(w), int(dh), int(dw)) for h, w, dh, dw in
+             rng.integers(1, 90, size=(250, 4))]
+    for h, w in [(13, 17), (500, 375), (281, 500), (12, 16), (1, 9), (7, 1)]:   # DeepLab scales
+        for s in (0.5, 0.75, 1.25, 1.5):
+            cases.append((h, w, int(np.float32(h) * np.float32(s)),
+                          int(np.float32(w) * np.float32(s))))
+    checked = 0
+    for h, w, dh, dw in cases:
+        if dh < 1 or dw < 1:
+            continue
+        for cn in (1, 3):
+            img = rng.integers(0, 256, (h, w, cn), dtype=np.uint8)
+            img = img[:, :, 0] if cn == 1 else img
+            for interp in (INTER_LINEAR, INTER_NEAREST):
+                expected = cv2.resize(img, (dw, dh), interpolation=interp)
+                got = resize(img, (dh, dw), interp)
+                assert got.dtype == np.uint8 and got.shape == expected.shape
+                assert np.array_equal(got, expected), (h, w, dh, dw, cn, interp)
+                checked += 1
+    assert checked > 1000
+
+
+def test_resize_exact_halving_uses_area_rounding():
+    # 2x downscale: OpenCV switches INTER_LINEAR to the 2x2 area mean, (a+b+c+d+2)>>2.
+    img = np.array([[0, 1, 2, 2], [0, 0, 2, 3]], np.uint8)
+    assert resize(img, (1, 2), INTER_LINEAR).tolist() == [[(0 + 1 + 0 + 0 + 2) >> 2,
+                                                           (2 + 2 + 2 + 3 + 2) >> 2]]
+
+
+def test_read_image_matches_imread(tmp_path):
+    cv2 = pytest.importorskip("cv2")
+    rng = np.random.default_rng(2)
+    rgb = cv2.GaussianBlur(rng.integers(0, 256, (21, 34, 3), dtype=np.uint8), (5, 5), 2)
+    Image.fromarray(rgb).save(tmp_path / "c.jpg", quality=90)
+    Image.fromarray(rgb).save(tmp_path / "c.png")
+    Image.fromarray(np.dstack([rgb, rgb[:, :, :1]])).save(tmp_path / "rgba.png")
+    Image.fromarray(rgb[:, :, 1]).save(tmp_path / "g.jpg")
+    Image.fromarray(rng.integers(0, 65536, (9, 11)).astype(np.uint16)).save(tmp_path / "w.png")
+    for name in ("c.jpg", "c.png", "rgba.png", "g.jpg", "w.png"):
+        path = str(tmp_path / name)
+        assert np.array_equal(read_image(path, True), cv2.imread(path, cv2.IMREAD_COLOR)), name
+        assert np.array_equal(read_image(path, False),
+                              cv2.imread(path, cv2.IMREAD_GRAYSCALE)), name
+
+
+def test_palette_label_reads_class_indices_with_one_warning(tmp_path, caplog):
+    import caffelite.io.image as image_io
+    idx = np.array([[0, 1, 2], [15, 1, 255]], np.uint8)
+    img = Image.fromarray(idx, mode="L").convert("P")
+    palette = [0] * 768
+    palette[3:6] = [128, 0, 0]            # VOC colours: luminance != index
+    palette[6:9] = [0, 128, 0]
+    img.putpalette(palette)
+    img.save(tmp_path / "p.png")
+    image_io._palette_warned[0] = False
+    with caplog.at_level(logging.WARNING, logger="caffelite"):
+        first = read_label(str(tmp_path / "p.png"))
+        second = read_label(str(tmp_path / "p.png"))
+    assert np.array_equal(first, idx) and np.array_equal(second, idx)
+    warnings = [r for r in caplog.records if "palette" in r.getMessage()]
+    assert len(warnings) == 1 and "luminance" in warnings[0].getMessage()
+
+
+# ------------------------------------------------------------------- ImageSegData
+def test_test_phase_pads_bottom_right_and_centre_crops(tmp_path):
+    # Odd sizes smaller than, mixed with and larger than the 8 x 8 crop.
+    source, root, images, labels = make_dataset(tmp_path, [(5, 7), (11, 13), (5, 13)])
+    net = seg_net(source, root, transform=mean_transform(8))
+    assert net.blobs["data"].shape == (1, 3, 8, 8)
+    assert net.blobs["(automatic)"].shape == (1, 1, 1, 2)
+    for img, lab in zip(images, labels):
+        net.forward()
+        h, w = lab.shape
+        ph, pw = max(8 - h, 0), max(8 - w, 0)
+        h_off, w_off = (h + ph - 8) // 2, (w + pw - 8) // 2        # centre, floor
+        canvas = np.zeros((3, h + ph, w + pw), np.float32)      # mean pad -> exactly 0
+        canvas[:, :h, :w] = expected_nchw(img)
+        lab_canvas = np.full((h + ph, w + pw), 255, np.float32)
+        lab_canvas[:h, :w] = lab
+        data = net.blobs["data"].data[0]
+        assert np.array_equal(data, canvas[:, h_off:h_off + 8, w_off:w_off + 8])
+        assert np.array_equal(net.blobs["label"].data[0, 0],
+                              lab_canvas[h_off:h_off + 8, w_off:w_off + 8])
+        assert net.blobs["(automatic)"].data.ravel().tolist() == [min(8, h), min(8, w)]
+    # The small image sits at the top-left: its padding is exactly 0 / 255.
+    net2 = seg_net(source, root, transform=mean_transform(8))
+    net2.forward()
+    assert np.all(net2.blobs["data"].data[0, :, 5:, :] == 0)
+    assert np.all(net2.blobs["data"].data[0, :, :, 7:] == 0)
+    assert np.all(net2.blobs["label"].data[0, 0, 5:, :] == 255)
+
+
+def test_train_random_crop_offsets_and_mirror(tmp_path):
+    source, root, images, labels = make_dataset(tmp_path, [(10, 9)])
+    caffelite.set_random_seed(7)
+    net = seg_net(source, root, transform=mean_transform(8, mirror=True),
+                  phase=caffelite.TRAIN)
+    full = expected_nchw(images[0])
+    seen = set()
+    for _ in range(80):
+        net.forward()
+        data, lab = net.blobs["data"].data[0], net.blobs["label"].data[0, 0]
+        matches = [(dy, dx, m) for dy in range(3) for dx in range(2) for m in (False, True)
+                   if np.array_equal(data, (full[:, dy:dy + 8, dx:dx + 8][:, :, ::-1] if m
+                                            else full[:, dy:dy + 8, dx:dx + 8]))]
+        assert len(matches) == 1
+        dy, dx, m = matches[0]
+        crop = labels[0][dy:dy + 8, dx:dx + 8]
+        assert np.array_equal(lab, crop[:, ::-1] if m else crop)   # same crop and flip
+        seen.add(matches[0])
+    # Offsets are uniform over the inclusive range 0..H-crop, 0..W-crop, both flips.
+    assert seen == {(dy, dx, m) for dy in range(3) for dx in range(2) for m in (False, True)}
+
+
+def test_scale_factors_resize_like_opencv(tmp_path):
+    cv2 = pytest.importorskip("cv2")
+    source, root, images, labels = make_dataset(tmp_path, [(13, 17)])
+    caffelite.set_random_seed(3)
+    net = seg_net(source, root, phase=caffelite.TRAIN,
+                  transform=mean_transform(30, more="scale_factors: 0.5 scale_factors: 0.75 "
+                                                    "scale_factors: 1.25 scale_factors: 1.5"))
+    seen = set()
+    for _ in range(25):
+        net.forward()
+        lab = net.blobs["label"].data[0, 0]
+        h = int((lab[:, 0] != 255).sum())
+        w = int((lab[0, :] != 255).sum())
+        scale = {(6, 8): 0.5, (9, 12): 0.75, (16, 21): 1.25, (19, 25): 1.5}[(h, w)]
+        seen.add(scale)
+        img = cv2.resize(images[0], (w, h), interpolation=cv2.INTER_LINEAR)
+        seg = cv2.resize(labels[0], (w, h), interpolation=cv2.INTER_NEAREST)
+        assert np.array_equal(net.blobs["data"].data[0, :, :h, :w], expected_nchw(img))
+        assert np.array_equal(lab[:h, :w], seg)
+        assert np.all(net.blobs["data"].data[0, :, h:, :] == 0)
+        # data_dim is the size before random scaling.
+        assert net.blobs["(automatic)"].data.ravel().tolist() == [13, 17]
+    assert seen == {0.5, 0.75, 1.25, 1.5}
+
+
+def test_new_size_and_data_dim(tmp_path):
+    cv2 = pytest.importorskip("cv2")
+    source, root, images, labels = make_dataset(tmp_path, [(9, 14)])
+    net = seg_net(source, root, transform=mean_transform(8),
+                  extra="new_height: 6 new_width: 11")
+    net.forward()
+    img = cv2.resize(images[0], (11, 6), interpolation=cv2.INTER_LINEAR)
+    lab = cv2.resize(labels[0], (11, 6), interpolation=cv2.INTER_LINEAR)   # the fork's quirk
+    canvas = np.zeros((3, 8, 11), np.float32)
+    canvas[:, :6] = expected_nchw(img)
+    assert np.array_equal(net.blobs["data"].data[0], canvas[:, :, 1:9])   # w_off = 3 // 2
+    assert np.array_equal(net.blobs["label"].data[0, 0, :6], lab[:, 1:9])
+    assert net.blobs["(automatic)"].data.ravel().tolist() == [6, 8]      # min(crop, size)
+
+
+def test_no_crop_uses_first_image_size(tmp_path):
+    source, root, images, _ = make_dataset(tmp_path, [(6, 7), (8, 9), (4, 4)])
+    net = seg_net(source, root, transform=" ".join(f"mean_value: {m}" for m in MEAN))
+    assert net.blobs["data"].shape == (1, 3, 6, 7)
+    net.forward()
+    assert np.array_equal(net.blobs["data"].data[0], expected_nchw(images[0]))
+    net.forward()                           # larger: truncated to the top-left like the fork
+    assert np.array_equal(net.blobs["data"].data[0], expected_nchw(images[1])[:, :6, :7])
+    with pytest.raises(LayerError, match=r"list.txt:3.*smaller than the 6x7"):
+        net.forward()
+
+
+def test_label_type_none_and_image(tmp_path):
+    rng = np.random.default_rng(4)
+    img = write_rgb(tmp_path / "a.png", 5, 6, rng)
+    (tmp_path / "none.txt").write_text("/a.png\n")
+    net = seg_net(str(tmp_path / "none.txt"), str(tmp_path), label_type="NONE",
+                  transform=mean_transform(8), extra="ignore_label: 7")
+    net.forward()
+    assert np.all(net.blobs["label"].data == 7)          # content and padding
+    assert np.array_equal(net.blobs["data"].data[0, :, :5, :6], expected_nchw(img))
+    (tmp_path / "image.txt").write_text("/a.png 3\n/a.png 300\n")
+    net = seg_net(str(tmp_path / "image.txt"), str(tmp_path), label_type="IMAGE",
+                  transform=mean_transform(8))
+    net.forward()
+    lab = net.blobs["label"].data[0, 0]
+    assert np.all(lab[:5, :6] == 3) and np.all(lab[5:, :] == 255) and np.all(lab[:, 6:] == 255)
+    net.forward()
+    assert np.all(net.blobs["label"].data[0, 0, :5, :6] == 255)     # saturate_cast<uchar>
+
+
+def test_palette_label_through_the_layer(tmp_path):
+    rng = np.random.default_rng(5)
+    write_rgb(tmp_path / "a.png", 4, 4, rng)
+    idx = rng.integers(0, 21, (4, 4)).astype(np.uint8)
+    p = Image.fromarray(idx, mode="L").convert("P")
+    p.putpalette([(i * 37) % 256 for i in range(768)])
+    p.save(tmp_path / "a_lab.png")
+    (tmp_path / "l.txt").write_text("/a.png /a_lab.png\n")
+    net = seg_net(str(tmp_path / "l.txt"), str(tmp_path), transform=mean_transform(4))
+    net.forward()
+    assert np.array_equal(net.blobs["label"].data[0, 0], idx)
+
+
+def test_batch_size_greater_than_one_wraps_in_order(tmp_path):
+    source, root, images, _ = make_dataset(tmp_path, [(4, 5), (5, 4), (6, 6), (3, 3)])
+    net = seg_net(source, root, batch=3, transform=mean_transform(6),
+                  tops=("data", "label", "dim"))
+    assert net.blobs["data"].shape == (3, 3, 6, 6) and net.blobs["dim"].shape == (3, 1, 1, 2)
+    order = []
+    for _ in range(2):
+        net.forward()
+        for n in range(3):
+            dim = tuple(int(v) for v in net.blobs["dim"].data[n].ravel())
+            order.append([i for i, im in enumerate(images) if im.shape[:2] == dim][0])
+            h, w = dim
+            assert np.array_equal(net.blobs["data"].data[n, :, :h, :w],
+                                  expected_nchw(images[order[-1]]))
+    assert order == [0, 1, 2, 3, 0, 1]
+
+
+def _epoch_sequence(source, root, seed, forwards):
+    caffelite.set_random_seed(seed)
+    net = seg_net(source, root, label_type="IMAGE", transform=mean_transform(4),
+                  extra="shuffle: true")
+    out = []
+    for _ in range(forwards):
+        net.forward()
+        out.append(int(net.blobs["label"].data[0, 0, 0, 0]))
+    return out, net
+
+
+def test_shuffle_is_reproducible_and_reshuffles_each_epoch(tmp_path):
+    rng = np.random.default_rng(6)
+    for i in range(6):
+        write_rgb(tmp_path / f"s{i}.png", 4, 4, rng)
+    (tmp_path / "s.txt").write_text("".join(f"/s{i}.png {i}\n" for i in range(6)))
+    source, root = str(tmp_path / "s.txt"), str(tmp_path)
+    a, _ = _epoch_sequence(source, root, 11, 18)
+    b, _ = _epoch_sequence(source, root, 11, 18)
+    c, _ = _epoch_sequence(source, root, 12, 18)
+    assert a == b and a != c
+    epochs = [a[i:i + 6] for i in range(0, 18, 6)]
+    assert all(sorted(e) == list(range(6)) for e in epochs)
+    assert epochs[0] != epochs[1] or epochs[1] != epochs[2]
+
+
+def test_state_dict_resumes_bit_identically(tmp_path):
+    source, root, _, _ = make_dataset(tmp_path, [(9, 10), (10, 9), (7, 12), (12, 7)])
+    transform = mean_transform(6, mirror=True, more="scale_factors: 0.75 scale_factors: 1.0")
+
+    def run(net, n):
+        out = []
+        for _ in range(n):
+            net.forward()
+            out.append((net.blobs["data"].data.copy(), net.blobs["label"].data.copy()))
+        return out
+
+    caffelite.set_random_seed(21)
+    net = seg_net(source, root, transform=transform, extra="shuffle: true",
+                  phase=caffelite.TRAIN)
+    run(net, 5)
+    state = net.layers[0].state_dict()
+    reference = run(net, 6)
+    caffelite.set_random_seed(999)                  # a fresh net with other seeds ...
+    resumed = seg_net(source, root, transform=transform, extra="shuffle: true",
+                      phase=caffelite.TRAIN)
+    resumed.layers[0].load_state_dict(state)        # ... continues exactly
+    for (d0, l0), (d1, l1) in zip(reference, run(resumed, 6)):
+        assert np.array_equal(d0, d1) and np.array_equal(l0, l1)
+
+
+def test_rand_skip_starts_inside_the_list(tmp_path):
+    rng = np.random.default_rng(8)
+    for i in range(5):
+        write_rgb(tmp_path / f"r{i}.png", 3, 3, rng)
+    (tmp_path / "r.txt").write_text("".join(f"/r{i}.png {i}\n" for i in range(5)))
+    firsts = set()
+    for seed in range(12):
+        caffelite.set_random_seed(seed)
+        net = seg_net(str(tmp_path / "r.txt"), str(tmp_path), label_type="IMAGE",
+                      transform=mean_transform(3), extra="rand_skip: 3")
+        net.forward()
+        firsts.add(int(net.blobs["label"].data[0, 0, 0, 0]))
+    assert firsts <= {0, 1, 2} and len(firsts) > 1
+
+
+def test_gray_images_with_one_mean_value(tmp_path):
+    rng = np.random.default_rng(9)
+    gray = rng.integers(0, 256, (5, 6), dtype=np.uint8)
+    Image.fromarray(gray).save(tmp_path / "g.png")
+    (tmp_path / "g.txt").write_text("/g.png\n")
+    net = seg_net(str(tmp_path / "g.txt"), str(tmp_path), label_type="NONE",
+                  extra="is_color: false", transform="crop_size: 7 mean_value: 100 scale: 0.5")
+    net.forward()
+    data = net.blobs["data"].data[0]
+    assert data.shape == (1, 7, 7)
+    expected = (gray.astype(np.float32) - np.float32(100)) * np.float32(0.5)
+    assert np.array_equal(data[0, :5, :6], expected) and np.all(data[0, 5:] == 0)
+
+
+def test_missing_image_error_names_file_and_list_line(tmp_path):
+    source, root, _, _ = make_dataset(tmp_path, [(4, 4), (4, 4)])
+    with open(source, "a") as f:
+        f.write("/missing.png /lab0.png\n")
+    net = seg_net(source, root, transform=mean_transform(4))
+    net.forward()
+    net.forward()
+    with pytest.raises(LayerError, match=r"list.txt:3.*missing\.png"):
+        net.forward()
+    (tmp_path / "first.txt").write_text("/gone.jpg /lab0.png\n")
+    with pytest.raises(NetError, match=r"first.txt:1.*gone\.jpg"):
+        seg_net(str(tmp_path / "first.txt"), root, transform=mean_transform(4))
+
+
+def test_missing_list_file_and_bad_params(tmp_path):
+    with pytest.raises(NetError, match=r"nolist\.txt"):
+        seg_net(str(tmp_path / "nolist.txt"), str(tmp_path), transform=mean_transform(4))
+    source, root, _, _ = make_dataset(tmp_path, [(4, 4)])
+    bad = {
+        "mean_file: 'm.binaryproto'": "does not support mean file",
+        "crop_size: 4 crop_height: 4 crop_width: 4": "either crop_size or both",
+        "crop_height: 4": "either crop_size or both",
+        "mean_value: 1 mean_value: 2": "1 mean_value or as many as channels",
+    }
+    for transform, message in bad.items():
+        with pytest.raises(NetError, match=message):
+            seg_net(source, root, transform=transform)
+    with pytest.raises(NetError, match="new_height and new_width"):
+        seg_net(source, root, transform=mean_transform(4), extra="new_height: 5")
+
+
+def test_rectangular_crop(tmp_path):
+    source, root, images, _ = make_dataset(tmp_path, [(7, 9)])
+    means = " ".join(f"mean_value: {m}" for m in MEAN)
+    net = seg_net(source, root, transform=f"crop_height: 5 crop_width: 10 {means}")
+    assert net.blobs["data"].shape == (1, 3, 5, 10)
+    net.forward()
+    canvas = np.zeros((3, 7, 10), np.float32)
+    canvas[:, :, :9] = expected_nchw(images[0])
+    assert np.array_equal(net.blobs["data"].data[0], canvas[:, 1:6, :])
+
+
+# ---------------------------------------------------------------------- ImageData
+def test_image_data_with_mean_file_crop_and_scale(tmp_path):
+    from caffelite.io import array_to_blobproto
+    rng = np.random.default_rng(10)
+    images = [write_rgb(tmp_path / f"i{i}.png", 6, 7, rng) for i in range(3)]
+    (tmp_path / "cls.txt").write_text("i0.png 4\ni1.png 0\ni2.png 17\n")
+    mean = rng.uniform(0, 255, (1, 3, 6, 7)).astype(np.float32)
+    (tmp_path / "mean.binaryproto").write_bytes(array_to_blobproto(mean).SerializeToString())
+    net = make_net(f'''
+        layer {{ name: "data" type: "ImageData" top: "data" top: "label"
+          image_data_param {{ source: "{tmp_path / 'cls.txt'}" root_folder: "{tmp_path}/"
+                             batch_size: 2 }}
+          transform_param {{ crop_size: 4 scale: 0.25
+                            mean_file: "{tmp_path / 'mean.binaryproto'}" }} }}''')
+    assert net.blobs["data"].shape == (2, 3, 4, 4) and net.blobs["label"].shape == (2,)
+    net.forward()
+    for n in range(2):
+        full = (images[n].transpose(2, 0, 1).astype(np.float32) - mean[0]) * np.float32(0.25)
+        assert np.array_equal(net.blobs["data"].data[n], full[:, 1:5, 1:5])   # centre crop
+    assert net.blobs["label"].data.tolist() == [4, 0]
+    net.forward()
+    assert net.blobs["label"].data.tolist() == [17, 4]
+
+
+def test_image_data_resize_mirror_and_batch_shapes(tmp_path):
+    cv2 = pytest.importorskip("cv2")
+    rng = np.random.default_rng(11)
+    images = [write_rgb(tmp_path / f"j{i}.png", 5 + i, 8 - i, rng) for i in range(2)]
+    (tmp_path / "j.txt").write_text("j0.png 1\nj1.png 2\n")
+    caffelite.set_random_seed(2)
+    net = make_net(f'''
+        layer {{ name: "data" type: "ImageData" top: "data" top: "label"
+          image_data_param {{ source: "{tmp_path / 'j.txt'}" root_folder: "{tmp_path}/"
+                             new_height: 9 new_width: 4 batch_size: 1 }}
+          transform_param {{ mirror: true mean_value: 10 }} }}''', caffelite.TRAIN)
+    flips = set()
+    for it in range(12):
+        net.forward()
+        img = cv2.resize(images[it % 2], (4, 9), interpolation=cv2.INTER_LINEAR)
+        plain = img.transpose(2, 0, 1).astype(np.float32) - np.float32(10)
+        data = net.blobs["data"].data[0]
+        flips.add(np.array_equal(data, plain[:, :, ::-1]) and not np.array_equal(data, plain))
+        assert np.array_equal(data, plain) or np.array_equal(data, plain[:, :, ::-1])
+    assert flips == {True, False}
+
+
+def test_image_data_bad_lines(tmp_path):
+    (tmp_path / "bad.txt").write_text("a.png 1\nb.png x\n")
+    with pytest.raises(NetError, match=r"bad.txt:2.*not an integer"):
+        make_net(f'''layer {{ name: "d" type: "ImageData" top: "data" top: "label"
+                   image_data_param {{ source: "{tmp_path / 'bad.txt'}" }} }}''')
+
+
+# ----------------------------------------------------------------------- HDF5Data
+def test_hdf5_data_rows_files_and_shuffle(tmp_path):
+    h5py = pytest.importorskip("h5py")
+    rows = []
+    for f in range(2):
+        data = np.arange(f * 30, f * 30 + 30, dtype=np.float64).reshape(5, 2, 3)
+        with h5py.File(tmp_path / f"d{f}.h5", "w") as h:
+            h["data"] = data
+            h["label"] = np.arange(5) + 10 * f
+        rows.extend(data)
+    (tmp_path / "h5.txt").write_text(f"{tmp_path / 'd0.h5'}\n{tmp_path / 'd1.h5'}\n")
+    text = f'''layer {{ name: "d" type: "HDF5Data" top: "data" top: "label"
+               hdf5_data_param {{ source: "{tmp_path / 'h5.txt'}" batch_size: 3 SHUF }} }}'''
+    net = make_net(text.replace("SHUF", ""))
+    assert net.blobs["data"].shape == (3, 2, 3) and net.blobs["label"].shape == (3,)
+    labels = []
+    for _ in range(5):
+        net.forward()
+        labels.extend(net.blobs["label"].data.tolist())
+    assert labels == [0, 1, 2, 3, 4, 10, 11, 12, 13, 14, 0, 1, 2, 3, 4]
+    net.forward()
+    assert np.array_equal(net.blobs["data"].data, np.array(rows[5:8], np.float32))
+
+    def shuffled(seed):
+        caffelite.set_random_seed(seed)
+        n = make_net(text.replace("SHUF", "shuffle: true"))
+        out = []
+        for _ in range(10):
+            n.forward()
+            out.extend(n.blobs["label"].data.tolist())
+        return out
+    a, b = shuffled(3), shuffled(3)
+    assert a == b and sorted(a[:10]) == [0, 1, 2, 3, 4, 10, 11, 12, 13, 14]
+    assert a != labels * 2
+
+
+def test_hdf5_data_missing_dataset(tmp_path):
+    h5py = pytest.importorskip("h5py")
+    with h5py.File(tmp_path / "x.h5", "w") as h:
+        h["data"] = np.zeros((2, 1))
+    (tmp_path / "x.txt").write_text(str(tmp_path / "x.h5"))
+    with pytest.raises(NetError, match="no dataset 'label'"):
+        make_net(f'''layer {{ name: "d" type: "HDF5Data" top: "data" top: "label"
+                   hdf5_data_param {{ source: "{tmp_path / 'x.txt'}" batch_size: 1 }} }}''')
+
+
+# ----------------------------------------------------------------------- prefetching
+def test_batches_are_prepared_in_the_background(tmp_path):
+    import time
+    from caffelite.layers.image_data import PREFETCH_COUNT
+    source, root, _, _ = make_dataset(tmp_path, [(4, 4), (5, 5)])
+    net = seg_net(source, root, transform=mean_transform(4))
+    layer = net.layers[0]
+    assert len(layer._inflight) == PREFETCH_COUNT
+    deadline = time.monotonic() + 10
+    while not all(f.done() for f, _ in layer._inflight) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert all(f.done() for f, _ in layer._inflight)     # without any forward call
+    net.forward()
+    assert len(layer._inflight) == PREFETCH_COUNT        # topped up again
+
+
+def test_interpreter_exit_does_not_wait_for_prefetching(tmp_path):
+    import subprocess
+    import sys
+    import textwrap
+    source, root, _, _ = make_dataset(tmp_path, [(40, 40)] * 3)
+    script = textwrap.dedent(f"""
+        import sys; sys.path.insert(0, {str(caffelite.__path__[0] + '/..')!r})
+        import caffelite
+        from caffelite.io.prototxt import parse_text
+        from caffelite.proto import caffe_pb2
+        text = '''layer {{ name: "d" type: "ImageSegData" top: "data" top: "label"
+          image_data_param {{ source: "{source}" root_folder: "{root}" batch_size: 64
+                             label_type: PIXEL }}
+          transform_param {{ crop_size: 300 scale_factors: 1.5 mirror: true }} }}'''
+        net = caffelite.Net(param=parse_text(text, caffe_pb2.NetParameter()), phase=0)
+        import time
+        from caffelite.layers.image_data import worker_pool
+        for _ in range(8):                     # far more work than the time limit
+            worker_pool().submit(time.sleep, 60)
+        print("built")
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert "built" in done.stdout
+
+
+def test_hdf5_data_without_h5py_is_a_clear_error(tmp_path, monkeypatch):
+    import sys
+    (tmp_path / "x.txt").write_text("x.h5\n")
+    monkeypatch.setitem(sys.modules, "h5py", None)          # import h5py -> ImportError
+    with pytest.raises(NetError, match="needs the h5py package"):
+        make_net(f'''layer {{ name: "d" type: "HDF5Data" top: "data"
+                   hdf5_data_param {{ source: "{tmp_path / 'x.txt'}" batch_size: 1 }} }}''')
