@@ -10,6 +10,8 @@ from .backend import (TRAIN, TEST, set_mode_cpu, set_mode_gpu, set_device,  # no
 from .blob import Blob  # noqa: F401
 from .layer import Layer, layer_type_list  # noqa: F401
 from .net import Net  # noqa: F401
+from .solver import (Solver, SGDSolver, NesterovSolver, AdaGradSolver,  # noqa: F401
+                     RMSPropSolver, AdaDeltaSolver, AdamSolver, get_solver)
 from . import io  # noqa: F401
 
 __version__ = "0.1.0"

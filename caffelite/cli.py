@@ -1,5 +1,6 @@
 """The ``caffelite`` command: Caffe's tool verbs with Caffe's flags and log lines.
 
+    caffelite train --solver S [--weights W[,W2] | --snapshot S.solverstate] [-D ...]
     caffelite test --model M --weights W [--iterations N] [-D NAME=VALUE ...]
     caffelite time --model M [--iterations N] [--phase TRAIN|TEST]
     caffelite upgrade IN OUT [-D NAME=VALUE ...]
@@ -81,6 +82,23 @@ def cmd_test(args):
     return 0
 
 
+def cmd_train(args):
+    from .solver import get_solver, install_signal_handlers
+    if args.weights and args.snapshot:
+        raise CliError("give either --weights or --snapshot, not both")
+    _select_device(args.gpu)
+    solver = get_solver(args.solver, defines=_defines(args.define))
+    if args.weights:
+        solver.load_weights(args.weights.split(","))
+    restore = install_signal_handlers(solver, args.sigint_effect, args.sighup_effect)
+    try:
+        solver.solve(args.snapshot)
+    finally:
+        restore()
+    logger.info("Optimization Done.")
+    return 0
+
+
 def cmd_time(args):
     from . import TEST, TRAIN, Net
     _select_device(args.gpu)
@@ -137,7 +155,8 @@ def cmd_upgrade(args):
 
 def cmd_demo(args):
     from .demo import run_demo
-    return run_demo(args.out)
+    run_demo(args.out, max_iter=args.iterations)
+    return 0
 
 
 class _Progress:
@@ -172,6 +191,16 @@ def build_parser():
                         help="fill ${NAME} placeholders in the prototxt (repeatable)")
         sp.add_argument("--gpu", default=None, help="GPU id (CPU if omitted)")
 
+    tr = sub.add_parser("train", help="train a model like `caffe train`")
+    tr.add_argument("--solver", required=True)
+    tr.add_argument("--weights", default=None,
+                    help="comma-separated caffemodels to initialise from")
+    tr.add_argument("--snapshot", default=None, help="a .solverstate to resume from")
+    tr.add_argument("--sigint_effect", default="stop", choices=["stop", "snapshot", "none"])
+    tr.add_argument("--sighup_effect", default="snapshot", choices=["stop", "snapshot", "none"])
+    common(tr)
+    tr.set_defaults(func=cmd_train)
+
     t = sub.add_parser("test", help="score a model (TEST phase) like `caffe test`")
     t.add_argument("--model", required=True)
     t.add_argument("--weights", default=None)
@@ -197,6 +226,7 @@ def build_parser():
 
     d = sub.add_parser("demo", help="run the built-in synthetic example")
     d.add_argument("--out", default="caffelite_demo")
+    d.add_argument("--iterations", type=int, default=600, help="training iterations")
     d.add_argument("--log", help="also write the log to this file")
     d.set_defaults(func=cmd_demo)
     return p

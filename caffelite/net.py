@@ -199,7 +199,7 @@ class Net:
         for lp in net.layer:
             need_backward = self._append_layer(lp, available, blob_need_backward)
             self.layer_need_backward.append(need_backward)
-        self._outputs = list(available)
+        self._outputs = sorted(available)   # Caffe keeps them in a std::set
         self._prune_backward()
         if self.force_backward:
             self._apply_force_backward()

@@ -1,0 +1,811 @@
+"""Caffe's solvers: SGD (with momentum), Nesterov, AdaGrad, RMSProp, AdaDelta, Adam.
+
+``Solver::Step``, ``ApplyUpdate``, ``Snapshot`` and ``Restore`` as in the DeepLab fork
+(BVLC Caffe of spring 2016), with pycaffe's surface::
+
+    solver = caffe.get_solver("solver.prototxt")     # class chosen by `type`
+    solver.net.copy_from("init.caffemodel")
+    solver.solve()                                   # or solver.step(n)
+
+Arithmetic follows Caffe's float32 order of operations on the CPU: scalars such as
+``local_rate = rate * lr_mult`` are rounded to the parameter dtype, ``axpby`` is a
+scale followed by an axpy, the learning rate is computed in double from float32
+solver fields and rounded to float32, iter_size normalisation multiplies by the
+float32 reciprocal.  (BLAS kernels may fuse multiply-adds; numpy does not, so a
+last-bit difference against an FMA-using Caffe build is possible.)
+
+Resuming is bit-identical to an uninterrupted run on the CPU: the solverstate carries,
+in a field Caffe ignores (see ``caffelite.io.solverstate``), the state of
+``caffelite.backend.rng()`` (dropout, random fillers, augmentation drawn from it) and
+the state of every layer that defines ``state_dict()`` / ``load_state_dict(state)``
+(JSON-serialisable; e.g. a data layer's cursor, shuffle order or own generator).
+States written by real Caffe lack it and resume as in Caffe.
+"""
+import math
+import os
+import signal
+
+import numpy as np
+from google.protobuf import text_format
+
+from . import backend
+from .backend import TEST, TRAIN, get_array_module
+from .io import prototxt, solverstate
+from .io.upgrade import upgrade_solver
+from .log import logger
+from .net import Net
+from .proto import caffe_pb2
+
+
+class SolverError(RuntimeError):
+    pass
+
+
+LR_POLICIES = ("fixed", "step", "exp", "inv", "multistep", "poly", "sigmoid")
+
+
+def _cpow(x, y):
+    """C's pow(double, double): NaN for a negative base with a fractional exponent."""
+    with np.errstate(all="ignore"):
+        return float(np.power(np.float64(x), np.float64(y)))
+
+
+def learning_rate(param, iter, current_step=0, dtype=np.float32):
+    """Caffe's ``SGDSolver::GetLearningRate`` at ``iter`` (completed updates).
+
+    Returns ``(rate, current_step)``; ``step`` sets and ``multistep`` advances (by at
+    most one per call) the step counter that the solverstate saves.  Solver fields are
+    float32 values; the policy formula runs in double, as C's pow/exp do, and the rate
+    is rounded to ``dtype``.
+    """
+    f = np.dtype(dtype).type
+    policy, base_lr, gamma = param.lr_policy, param.base_lr, param.gamma
+    if policy == "fixed":
+        rate = base_lr
+    elif policy == "step":
+        current_step = iter // param.stepsize
+        rate = base_lr * _cpow(gamma, current_step)
+    elif policy == "exp":
+        rate = base_lr * _cpow(gamma, iter)
+    elif policy == "inv":
+        rate = base_lr * _cpow(f(1) + f(gamma) * f(iter), -param.power)
+    elif policy == "multistep":
+        if current_step < len(param.stepvalue) and iter >= param.stepvalue[current_step]:
+            current_step += 1
+            logger.info("MultiStep Status: Iteration %d, step = %d", iter, current_step)
+        rate = base_lr * _cpow(gamma, current_step)
+    elif policy == "poly":
+        rate = base_lr * _cpow(f(1) - f(iter) / f(param.max_iter), param.power)
+    elif policy == "sigmoid":
+        with np.errstate(over="ignore"):
+            e = np.exp(np.float64(-f(gamma) * (f(iter) - f(param.stepsize))))
+        rate = base_lr * (1.0 / (1.0 + float(e)))
+    else:
+        raise SolverError(f"unknown learning rate policy '{policy}' "
+                          f"(known: {', '.join(LR_POLICIES)})")
+    return f(rate), current_step
+
+
+def _host(array):
+    return array.get() if hasattr(array, "get") and not isinstance(array, np.ndarray) \
+        else np.asarray(array)
+
+
+def _fmt(value):
+    """A float as C++'s ostream prints it (precision 6, %g)."""
+    return "%g" % float(value)
+
+
+class Solver:
+    """Base solver: nets, the Step loop, tests, snapshots.  ``Solver(file)`` returns the
+    subclass named by the solver's ``type``; subclasses give ``compute_update_value``."""
+
+    type = None
+    history_per_param = 1
+
+    def __new__(cls, solver=None, *args, **kwargs):
+        if cls is Solver:
+            param, source = _read_param(solver, kwargs.get("defines", args[0] if args else None))
+            cls = _solver_class(param, source)
+        return super().__new__(cls)
+
+    def __init__(self, solver, defines=None):
+        self.defines = dict(defines or {})
+        self.param, self.source = _read_param(solver, defines)
+        p = self.param
+        logger.info("Initializing solver from parameters: \n%s",
+                    text_format.MessageToString(p))
+        self._check_params()
+        self._check_snapshot_write_permissions()
+        if p.random_seed >= 0:
+            backend.set_random_seed(p.random_seed)
+        self.net = self._init_train_net()
+        self.test_nets = self._init_test_nets()
+        self.mean_scores = [[] for _ in self.test_nets]
+        if p.debug_info:
+            logger.info("debug_info is not supported by caffelite; ignored")
+        for weights in p.weights:
+            self.load_weights(weights)
+        logger.info("Solver scaffolding done.")
+        self.iter = 0
+        self.current_step = 0
+        self.requested_early_exit = False
+        self._callbacks = []
+        self._stop_requested = self._snapshot_requested = False
+        self.history = [get_array_module(prm.blob.data).zeros_like(prm.blob.data)
+                        for _ in range(self.history_per_param)
+                        for prm in self.net.learnable_params]
+
+    # ------------------------------------------------------------------ checks
+    def error(self, message):
+        return SolverError(f"{self.source}: {message}")
+
+    def _check_params(self):
+        p = self.param
+        if p.average_loss < 1:
+            raise self.error(f"average_loss should be at least 1, got {p.average_loss}")
+        if p.iter_size < 1:
+            raise self.error(f"iter_size should be at least 1, got {p.iter_size}")
+        self._check_lr_policy()
+        if p.weight_decay and p.regularization_type not in ("L1", "L2"):
+            raise self.error(f"unknown regularization_type '{p.regularization_type}' "
+                             f"(known: L1, L2)")
+        if p.snapshot_format == caffe_pb2.SolverParameter.HDF5:
+            raise self.error("snapshot_format: HDF5 is not supported by caffelite; use "
+                             "BINARYPROTO (the default) for .caffemodel/.solverstate files")
+        self._check_solver_params()
+
+    def _check_lr_policy(self):
+        p = self.param
+        policy = p.lr_policy
+        if policy not in LR_POLICIES:
+            raise self.error(f"unknown lr_policy '{policy}' (known: {', '.join(LR_POLICIES)})"
+                             if policy else f"lr_policy is not set (one of: "
+                             f"{', '.join(LR_POLICIES)})")
+        if policy in ("step", "sigmoid") and p.stepsize <= 0:
+            raise self.error(f"lr_policy '{policy}' needs stepsize > 0, got {p.stepsize}")
+        if policy in ("step", "exp", "inv", "multistep", "sigmoid") and p.gamma < 0:
+            raise self.error(f"lr_policy '{policy}' needs gamma >= 0, got {p.gamma:g}")
+        if policy == "poly" and p.max_iter <= 0:
+            raise self.error(f"lr_policy 'poly' needs max_iter > 0, got {p.max_iter}")
+
+    def _check_solver_params(self):
+        """Subclass constraints (Caffe's constructor_sanity_check)."""
+
+    def _check_snapshot_write_permissions(self):
+        """Probe ``<prefix>_iter_0.tempfile`` as Caffe does, so that a missing or
+        read-only snapshot directory fails now rather than after hours of training."""
+        p = self.param
+        if p.snapshot and not p.HasField("snapshot_prefix"):
+            raise self.error("snapshot is specified but snapshot_prefix is not")
+        if not (p.HasField("snapshot_prefix") and (p.snapshot or p.snapshot_after_train)):
+            return
+        probe = self._snapshot_filename(".tempfile", iter=0)
+        directory = os.path.dirname(os.path.abspath(probe))
+        try:
+            with open(probe, "wb"):
+                pass
+            os.remove(probe)
+        except OSError as e:
+            why = ("does not exist" if not os.path.isdir(directory)
+                   else f"is not writable ({e.strerror})")
+            raise self.error(f"cannot write snapshots to snapshot_prefix "
+                             f"'{p.snapshot_prefix}': directory '{directory}' {why}. Make "
+                             f"sure that the directory exists and is writable") from None
+
+    # ------------------------------------------------------------------ nets
+    def _read_net_file(self, path):
+        """The NetParameter as written (Net upgrades it, keeping V1 strict_dim info)."""
+        text = prototxt.read_text(path, self.defines)
+        return prototxt.parse_text(text, caffe_pb2.NetParameter(), path)
+
+    def _build_net(self, net_param, source, state):
+        param = caffe_pb2.NetParameter()
+        param.CopyFrom(net_param)
+        param.ClearField("state")
+        return Net(source, state.phase, param=param, stages=list(state.stage),
+                   level=state.level)
+
+    def _init_train_net(self):
+        p = self.param
+        fields = ("net", "net_param", "train_net", "train_net_param")
+        given = [f for f in fields if p.HasField(f)]
+        if not given:
+            raise self.error(f"the solver must specify a train net using one of these "
+                             f"fields: {', '.join(fields)}")
+        if len(given) > 1:
+            raise self.error(f"the solver must not contain more than one of these fields "
+                             f"specifying a train net: {', '.join(given)}")
+        which = given[0]
+        if which.endswith("_param"):
+            logger.info("Creating training net specified in %s.", which)
+            net_param, source = getattr(p, which), f"{self.source}: {which}"
+        else:
+            path = getattr(p, which)
+            logger.info("Creating training net from %s file: %s", which, path)
+            net_param, source = self._read_net_file(path), path
+        # Solver default < the net's own state < train_state (Caffe's MergeFrom order).
+        state = caffe_pb2.NetState(phase=TRAIN)
+        state.MergeFrom(net_param.state)
+        state.MergeFrom(p.train_state)
+        return self._build_net(net_param, source, state)
+
+    def _init_test_nets(self):
+        p = self.param
+        generic = int(p.HasField("net")) + int(p.HasField("net_param"))
+        num_specific = len(p.test_net_param) + len(p.test_net)
+        if generic and len(p.test_iter) < num_specific:
+            raise self.error(f"test_iter must be specified for each test network "
+                             f"({num_specific} test nets, {len(p.test_iter)} test_iter)")
+        if not generic and len(p.test_iter) != num_specific:
+            raise self.error(f"test_iter must be specified for each test network "
+                             f"({num_specific} test nets, {len(p.test_iter)} test_iter)")
+        count = len(p.test_iter)
+        if len(p.test_state) and len(p.test_state) != count:
+            raise self.error(f"test_state must be unspecified or specified once per test net "
+                             f"({count} test nets, {len(p.test_state)} test_state)")
+        if count and p.test_interval <= 0:
+            raise self.error(f"{count} test net(s) (test_iter) but test_interval is "
+                             f"{p.test_interval}; set test_interval > 0")
+        sources = [(prm, f"{self.source}: test_net_param") for prm in p.test_net_param]
+        sources += [(self._read_net_file(path), path) for path in p.test_net]
+        remaining = count - len(sources)
+        if p.HasField("net_param"):
+            sources += [(p.net_param, f"{self.source}: net_param")] * remaining
+        elif p.HasField("net"):
+            generic_param = self._read_net_file(p.net) if remaining else None
+            sources += [(generic_param, p.net)] * remaining
+        nets = []
+        for i, (net_param, source) in enumerate(sources):
+            state = caffe_pb2.NetState(phase=TEST)
+            state.MergeFrom(net_param.state)
+            if len(p.test_state):
+                state.MergeFrom(p.test_state[i])
+            logger.info("Creating test net (#%d) specified by %s", i, source)
+            net = self._build_net(net_param, source, state)
+            net.share_trained_layers_with(self.net)
+            nets.append(net)
+        return nets
+
+    def load_weights(self, paths):
+        """``caffe train --weights a,b``: copy each caffemodel into the train net and
+        every test net, in order."""
+        if isinstance(paths, (str, os.PathLike)):
+            paths = [s for s in os.fspath(paths).split(",") if s]
+        for path in paths:
+            logger.info("Finetuning from %s", path)
+            for net in [self.net] + self.test_nets:
+                net.copy_from(path)
+
+    # ------------------------------------------------------------------ pycaffe
+    def add_callback(self, on_start=None, on_gradients=None):
+        """Called before each iteration's forward passes / before each update."""
+        self._callbacks.append((on_start, on_gradients))
+
+    def request_stop(self):
+        """Stop after the current iteration (SIGINT in ``caffe train``)."""
+        self._stop_requested = True
+
+    def request_snapshot(self):
+        """Snapshot after the current iteration (SIGHUP in ``caffe train``)."""
+        self._snapshot_requested = True
+
+    def _take_requests(self):
+        stop, snap = self._stop_requested, self._snapshot_requested
+        self._stop_requested = self._snapshot_requested = False
+        return stop, snap
+
+    # ------------------------------------------------------------------ the loop
+    def solve(self, resume_file=None):
+        p = self.param
+        logger.info("Solving %s", self.net.name)
+        logger.info("Learning Rate Policy: %s", p.lr_policy)
+        self.requested_early_exit = False
+        if resume_file:
+            logger.info("Restoring previous solver status from %s", resume_file)
+            self.restore(resume_file)
+        self.step(p.max_iter - self.iter)
+        if p.snapshot_after_train and (not p.snapshot or self.iter % p.snapshot != 0):
+            self.snapshot()
+        if self.requested_early_exit:
+            logger.info("Optimization stopped early.")
+            return
+        if p.display and self.iter % p.display == 0:
+            loss = np.float32(self.net.forward_from_to())
+            logger.info("Iteration %d, loss = %s", self.iter, _fmt(loss))
+        if p.test_interval and self.iter % p.test_interval == 0:
+            self.test_all()
+        logger.info("Optimization Done.")
+
+    def step(self, iters):
+        p = self.param
+        f32 = np.float32
+        start_iter, stop_iter = self.iter, self.iter + int(iters)
+        self.requested_early_exit = False
+        losses, smoothed_loss = [], f32(0)
+        while self.iter < stop_iter:
+            self.net.clear_param_diffs()
+            if p.test_interval and self.iter % p.test_interval == 0 and (
+                    self.iter > 0 or p.test_initialization):
+                self.test_all()
+                if self.requested_early_exit:
+                    break
+            for on_start, _ in self._callbacks:
+                if on_start:
+                    on_start()
+            display = p.display and self.iter % p.display == 0
+            loss = f32(0)
+            for _ in range(p.iter_size):
+                loss = f32(loss + f32(self.net.forward_backward()))
+            loss = f32(loss / f32(p.iter_size))
+            if not np.isfinite(loss):
+                self._stop_on_bad_loss(loss)
+            if len(losses) < p.average_loss:
+                losses.append(loss)
+                size = len(losses)
+                smoothed_loss = f32((smoothed_loss * f32(size - 1) + loss) / f32(size))
+            else:
+                idx = (self.iter - start_iter) % p.average_loss
+                smoothed_loss = f32(smoothed_loss + (loss - losses[idx]) / f32(p.average_loss))
+                losses[idx] = loss
+            if display:
+                logger.info("Iteration %d, loss = %s", self.iter, _fmt(smoothed_loss))
+                self._log_outputs("Train", self._output_values(self.net))
+            for _, on_gradients in self._callbacks:
+                if on_gradients:
+                    on_gradients()
+            self.apply_update()
+            self.iter += 1
+            stop, snap = self._take_requests()
+            if (p.snapshot and self.iter % p.snapshot == 0) or snap:
+                self.snapshot()
+            if stop:
+                self.requested_early_exit = True
+                break
+
+    def _stop_on_bad_loss(self, loss):
+        logger.error("Iteration %d: the loss is %s; stopping before this iteration's "
+                     "update", self.iter, _fmt(loss))
+        try:
+            model, state = self.snapshot()
+        except SolverError as e:
+            raise self.error(f"Iteration {self.iter}: the loss is {_fmt(loss)}, so training "
+                             f"stopped before applying this iteration's update; saving the "
+                             f"last good state failed too: {e}") from None
+        raise self.error(
+            f"Iteration {self.iter}: the loss is {_fmt(loss)}, so training stopped before "
+            f"applying this iteration's update. The last good weights and solver state were "
+            f"saved to {model} and {state}; lower base_lr or set clip_gradients, then resume "
+            f"from that .solverstate")
+
+    @staticmethod
+    def _output_values(net):
+        """(blob name, loss weight, float32 values) for every net output."""
+        return [(name, net.blob_loss_weights.get(name, 0.0),
+                 _host(net.blobs[name].data).astype(np.float32).reshape(-1))
+                for name in net.outputs]
+
+    @staticmethod
+    def _log_outputs(kind, outputs, divisor=None):
+        index = 0
+        for name, weight, values in outputs:
+            for value in values:
+                if divisor is not None:
+                    value = np.float32(value / np.float32(divisor))
+                text = f"    {kind} net output #{index}: {name} = {_fmt(value)}"
+                if weight:
+                    text += f" (* {_fmt(weight)} = {_fmt(np.float32(weight) * value)} loss)"
+                logger.info("%s", text)
+                index += 1
+
+    # ------------------------------------------------------------------ testing
+    def test_all(self):
+        for i in range(len(self.test_nets)):
+            if self.requested_early_exit:
+                break
+            self.test(i)
+
+    def test(self, test_net_id=0):
+        p = self.param
+        logger.info("Iteration %d, Testing net (#%d)", self.iter, test_net_id)
+        net = self.test_nets[test_net_id]
+        net.share_trained_layers_with(self.net)
+        iters = p.test_iter[test_net_id]
+        loss, sums, outputs = np.float32(0), None, None
+        for i in range(iters):
+            stop, snap = self._take_requests()
+            if snap:
+                self.snapshot()
+            if stop:
+                self.requested_early_exit = True
+            if self.requested_early_exit:
+                break
+            iter_loss = np.float32(net.forward_from_to())
+            if p.test_compute_loss:
+                loss = np.float32(loss + iter_loss)
+            outputs = self._output_values(net)
+            values = [v for _, _, v in outputs]
+            sums = [v.copy() for v in values] if sums is None else \
+                [s + v for s, v in zip(sums, values)]
+        if self.requested_early_exit:
+            logger.info("Test interrupted.")
+            return
+        if p.test_compute_loss:
+            logger.info("Test loss: %s", _fmt(np.float32(loss / np.float32(iters))))
+        if sums is None:
+            return
+        totals = [(name, weight, s) for (name, weight, _), s in zip(outputs, sums)]
+        self._log_outputs("Test", totals, divisor=iters)
+        self.mean_scores[test_net_id] = [np.float32(v / np.float32(iters))
+                                         for _, _, s in totals for v in s]
+
+    # ------------------------------------------------------------------ update
+    def get_learning_rate(self):
+        """Caffe's GetLearningRate at the current iter (advances ``current_step``)."""
+        dtype = self.net.dtype
+        rate, self.current_step = learning_rate(self.param, self.iter, self.current_step, dtype)
+        if np.isnan(rate):
+            raise self.error(f"the learning rate of policy '{self.param.lr_policy}' is "
+                             f"undefined at iteration {self.iter} (max_iter "
+                             f"{self.param.max_iter})")
+        return rate
+
+    def apply_update(self):
+        p = self.param
+        rate = self.get_learning_rate()
+        if p.display and self.iter % p.display == 0:
+            logger.info("Iteration %d, lr = %s", self.iter, _fmt(rate))
+        self.clip_gradients()
+        for i in range(len(self.net.learnable_params)):
+            self.normalize(i)
+            self.regularize(i)
+            self.compute_update_value(i, rate)
+        for prm in self.net.learnable_params:       # Net::Update: data -= diff
+            prm.blob.data[...] -= prm.blob.diff
+
+    def clip_gradients(self):
+        params = self.net.learnable_params
+        if not params:
+            return
+        dt = params[0].blob.diff.dtype.type
+        clip = dt(self.param.clip_gradients)
+        if clip < 0:
+            return
+        sumsq = dt(0)
+        for prm in params:
+            d = prm.blob.diff.reshape(-1)
+            sumsq = dt(sumsq + dt(float(get_array_module(d).dot(d, d))))
+        norm = dt(np.sqrt(sumsq))
+        if norm > clip:
+            scale = dt(clip / norm)
+            logger.info("Gradient clipping: scaling down gradients (L2 norm %s > %s) by "
+                        "scale factor %s", _fmt(norm), _fmt(clip), _fmt(scale))
+            for prm in params:
+                prm.blob.diff[...] *= scale
+
+    def normalize(self, param_id):
+        if self.param.iter_size == 1:
+            return
+        diff = self.net.learnable_params[param_id].blob.diff
+        dt = diff.dtype.type
+        diff *= dt(dt(1) / dt(self.param.iter_size))
+
+    def regularize(self, param_id):
+        prm = self.net.learnable_params[param_id]
+        diff, data = prm.blob.diff, prm.blob.data
+        dt = diff.dtype.type
+        local_decay = dt(dt(self.param.weight_decay) * dt(prm.decay_mult))
+        if not local_decay:
+            return
+        kind = self.param.regularization_type
+        if kind == "L2":
+            diff += local_decay * data
+        elif kind == "L1":
+            diff += local_decay * get_array_module(data).sign(data)
+        else:
+            raise self.error(f"unknown regularization_type '{kind}' (known: L1, L2)")
+
+    def _local(self, param_id, rate):
+        prm = self.net.learnable_params[param_id]
+        dt = prm.blob.diff.dtype.type
+        return prm.blob.diff, dt, dt(dt(rate) * dt(prm.lr_mult))
+
+    def compute_update_value(self, param_id, rate):
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ snapshots
+    def _snapshot_filename(self, extension, iter=None):
+        iter = self.iter if iter is None else iter
+        return f"{self.param.snapshot_prefix}_iter_{iter}{extension}"
+
+    def snapshot(self):
+        """Write ``<prefix>_iter_<iter>.caffemodel`` and ``.solverstate``; returns both
+        paths.  Each file is written to a temporary name and renamed into place."""
+        model = self._snapshot_filename(".caffemodel")
+        logger.info("Snapshotting to binary proto file %s", model)
+        with_diff = self.param.snapshot_diff
+        layers = [(name, type_name, [(_host(b.data), _host(b.diff) if with_diff else None)
+                                     for b in layer.blobs])
+                  for (name, type_name, _), layer in zip(self.net.to_weights(), self.net.layers)]
+        try:
+            solverstate.write_snapshot_model(model, layers, self.net.name)
+            state = self._snapshot_filename(".solverstate")
+            logger.info("Snapshotting solver state to binary proto file %s", state)
+            solverstate.write_solverstate(state, self.iter, model,
+                                          [_host(h) for h in self.history],
+                                          self.current_step, self._extension_state())
+        except (OSError, ValueError) as e:
+            raise self.error(f"cannot write the snapshot: {e}") from None
+        return model, state
+
+    def _nets_by_role(self):
+        return [("train", self.net)] + [(f"test{i}", n) for i, n in enumerate(self.test_nets)]
+
+    def _extension_state(self):
+        layers = {}
+        for role, net in self._nets_by_role():
+            states = {name: layer.state_dict() for name, layer in net.layer_dict.items()
+                      if hasattr(layer, "state_dict")}
+            states = {k: v for k, v in states.items() if v is not None}
+            if states:
+                layers[role] = states
+        return {"format": 1, "rng": backend.rng().bit_generator.state, "layers": layers}
+
+    def _restore_extension(self, path, ext):
+        if ext.get("rng"):
+            try:
+                backend.rng().bit_generator.state = ext["rng"]
+            except (TypeError, ValueError, KeyError) as e:
+                logger.warning("%s: random generator state not restored (%s)", path, e)
+        nets = dict(self._nets_by_role())
+        for role, states in ext.get("layers", {}).items():
+            net = nets.get(role)
+            for name, state in states.items():
+                layer = net.layer_dict.get(name) if net is not None else None
+                if layer is None or not hasattr(layer, "load_state_dict"):
+                    logger.warning("%s: saved state of layer '%s' (%s net) has no layer to "
+                                   "restore it into", path, name, role)
+                    continue
+                layer.load_state_dict(state)
+
+    def restore(self, state_file):
+        """Resume from a ``.solverstate``: iter, step counter, history, then the weights
+        from its ``learned_net`` (looked up next to the state file when the stored path,
+        relative to the working directory as in Caffe, does not exist)."""
+        state_file = os.fspath(state_file)
+        if state_file.endswith(".h5"):
+            raise self.error(f"{state_file}: HDF5 solver states are not supported by "
+                             f"caffelite; use a binary .solverstate")
+        try:
+            state = solverstate.read_solverstate(state_file)
+        except solverstate.SolverStateError as e:
+            raise self.error(str(e)) from None
+        if len(state.history) != len(self.history):
+            raise self.error(
+                f"{state_file}: incorrect number of history blobs: the state has "
+                f"{len(state.history)}, this {self.type} solver needs {len(self.history)} "
+                f"({self.history_per_param} per learnable parameter blob; was the state "
+                f"written by another solver type or for another net?)")
+        names = self._param_names()
+        for i, blob in enumerate(state.history):
+            prm = self.net.learnable_params[i % len(self.net.learnable_params)]
+            if not _history_fits(prm.blob.shape, blob):
+                raise self.error(f"{state_file}: history blob {i} has shape {blob.shape}, "
+                                 f"but parameter {names[i % len(names)]} has shape "
+                                 f"{prm.blob.shape}")
+        if state.learned_net:
+            weights = self._resolve_learned_net(state_file, state.learned_net)
+            self.net.copy_from(weights)
+        self.iter = state.iter
+        self.current_step = state.current_step
+        logger.info("SGDSolver: restoring history")
+        for h, blob in zip(self.history, state.history):
+            xp = get_array_module(h)
+            h[...] = xp.asarray(blob.data.reshape(h.shape), dtype=h.dtype)
+        if state.extension:
+            self._restore_extension(state_file, state.extension)
+
+    def _resolve_learned_net(self, state_file, learned_net):
+        if os.path.exists(learned_net):
+            return learned_net
+        beside = os.path.join(os.path.dirname(os.path.abspath(state_file)),
+                              os.path.basename(learned_net))
+        if os.path.exists(beside):
+            logger.info("learned_net %s not found; using %s next to the solverstate",
+                        learned_net, beside)
+            return beside
+        raise self.error(f"{state_file}: its learned_net '{learned_net}' was found neither "
+                         f"relative to the working directory ({os.getcwd()}) nor next to "
+                         f"the solverstate ({beside})")
+
+    def _param_names(self):
+        owner = {}
+        for name, layer in zip(self.net._layer_names, self.net.layers):
+            for j, b in enumerate(layer.blobs):
+                owner.setdefault(id(b), f"'{name}' blob {j}")
+        return [owner.get(id(prm.blob), f"#{i}")
+                for i, prm in enumerate(self.net.learnable_params)]
+
+
+def _history_fits(shape, blob):
+    if tuple(blob.shape) == tuple(shape):
+        return True
+    if blob.legacy_shape and len(shape) <= 4:
+        return (1,) * (4 - len(shape)) + tuple(shape) == tuple(blob.shape)
+    return False
+
+
+class SGDSolver(Solver):
+    """v = momentum * v + local_rate * g;  w -= v."""
+    type = "SGD"
+
+    def compute_update_value(self, param_id, rate):
+        g, dt, local_rate = self._local(param_id, rate)
+        h = self.history[param_id]
+        h *= dt(self.param.momentum)          # caffe_cpu_axpby = scal, then axpy
+        h += local_rate * g
+        g[...] = h
+
+
+class NesterovSolver(SGDSolver):
+    """v' = m v + lr g;  update = (1 + m) v' - m v."""
+    type = "Nesterov"
+
+    def compute_update_value(self, param_id, rate):
+        g, dt, local_rate = self._local(param_id, rate)
+        m = dt(self.param.momentum)
+        h = self.history[param_id]
+        update = h.copy()
+        h *= m
+        h += local_rate * g
+        update *= -m
+        update += dt(dt(1) + m) * h
+        g[...] = update
+
+
+class AdaGradSolver(SGDSolver):
+    """H += g^2;  update = lr g / (sqrt(H) + delta)."""
+    type = "AdaGrad"
+
+    def _check_solver_params(self):
+        if self.param.momentum != 0:
+            raise self.error("momentum cannot be used with AdaGrad")
+
+    def compute_update_value(self, param_id, rate):
+        g, dt, local_rate = self._local(param_id, rate)
+        xp = get_array_module(g)
+        h = self.history[param_id]
+        h += g * g
+        update = xp.sqrt(h)
+        update += dt(self.param.delta)
+        g[...] = local_rate * (g / update)
+
+
+class RMSPropSolver(SGDSolver):
+    """H = d H + (1 - d) g^2;  update = lr g / (sqrt(H) + delta)."""
+    type = "RMSProp"
+
+    def _check_solver_params(self):
+        if self.param.momentum != 0:
+            raise self.error("momentum cannot be used with RMSProp")
+        if not 0 <= self.param.rms_decay < 1:
+            raise self.error(f"rms_decay should lie in [0, 1), got {self.param.rms_decay:g}")
+
+    def compute_update_value(self, param_id, rate):
+        g, dt, local_rate = self._local(param_id, rate)
+        xp = get_array_module(g)
+        decay = dt(self.param.rms_decay)
+        h = self.history[param_id]
+        h *= decay
+        h += dt(dt(1) - decay) * (g * g)
+        update = xp.sqrt(h)
+        update += dt(self.param.delta)
+        g[...] = local_rate * (g / update)
+
+
+class AdaDeltaSolver(SGDSolver):
+    """Gradient history H (first N history blobs), update history U (next N):
+    H = m H + (1-m) g^2;  u = g sqrt((U + delta) / (H + delta));  U = m U + (1-m) u^2;
+    update = lr u."""
+    type = "AdaDelta"
+    history_per_param = 2
+
+    def compute_update_value(self, param_id, rate):
+        g, dt, local_rate = self._local(param_id, rate)
+        xp = get_array_module(g)
+        m = dt(self.param.momentum)
+        delta = dt(self.param.delta)
+        h = self.history[param_id]
+        u_hist = self.history[len(self.net.learnable_params) + param_id]
+        h *= m
+        h += dt(dt(1) - m) * (g * g)
+        g *= xp.sqrt((delta + u_hist) / (delta + h))
+        u_hist *= m
+        u_hist += dt(dt(1) - m) * (g * g)
+        g *= local_rate
+
+
+class AdamSolver(SGDSolver):
+    """m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2;
+    update = lr sqrt(1-b2^t)/(1-b1^t) m / (sqrt(v) + delta),  t = iter + 1."""
+    type = "Adam"
+    history_per_param = 2
+
+    def compute_update_value(self, param_id, rate):
+        g, dt, local_rate = self._local(param_id, rate)
+        xp = get_array_module(g)
+        beta1, beta2 = dt(self.param.momentum), dt(self.param.momentum2)
+        m = self.history[param_id]
+        v = self.history[len(self.net.learnable_params) + param_id]
+        t = self.iter + 1
+        correction = dt(math.sqrt(1.0 - _cpow(beta2, t)) / (1.0 - _cpow(beta1, t)))
+        m *= beta1
+        m += dt(dt(1) - beta1) * g
+        v *= beta2
+        v += dt(dt(1) - beta2) * (g * g)
+        denom = xp.sqrt(v)
+        denom += dt(self.param.delta)
+        g[...] = dt(local_rate * correction) * (m / denom)
+
+
+_SOLVER_TYPES = {cls.type: cls for cls in (SGDSolver, NesterovSolver, AdaGradSolver,
+                                           RMSPropSolver, AdaDeltaSolver, AdamSolver)}
+
+
+def _read_param(solver, defines=None):
+    if isinstance(solver, caffe_pb2.SolverParameter):
+        return upgrade_solver(solver), "<SolverParameter>"
+    if solver is None:
+        raise TypeError("a solver needs a solver prototxt path or a SolverParameter")
+    path = os.fspath(solver)
+    return prototxt.read_solver(path, defines), path
+
+
+def _solver_class(param, source):
+    cls = _SOLVER_TYPES.get(param.type)
+    if cls is None:
+        raise SolverError(f"{source}: unknown solver type '{param.type}' (known: "
+                          f"{', '.join(_SOLVER_TYPES)})")
+    return cls
+
+
+def get_solver(solver, defines=None):
+    """pycaffe's ``caffe.get_solver``: the solver class named by ``type`` (the old
+    ``solver_type`` enum is upgraded)."""
+    param, source = _read_param(solver, defines)
+    cls = _solver_class(param, source)
+    return cls(param if isinstance(solver, caffe_pb2.SolverParameter) else solver, defines)
+
+
+# ---------------------------------------------------------------------- signals
+SIGNAL_EFFECTS = ("stop", "snapshot", "none")
+
+
+def install_signal_handlers(solver, sigint_effect="stop", sighup_effect="snapshot"):
+    """``caffe train --sigint_effect/--sighup_effect``: SIGINT and SIGHUP set the
+    solver's stop/snapshot requests, acted on after the current iteration ("none"
+    ignores the signal).  Returns a function that puts the previous handlers back."""
+    actions = {"stop": solver.request_stop, "snapshot": solver.request_snapshot, "none": None}
+    previous = {}
+    for name, effect in (("SIGINT", sigint_effect), ("SIGHUP", sighup_effect)):
+        if effect not in actions:
+            raise SolverError(f"invalid {name.lower()}_effect '{effect}' (one of: "
+                              f"{', '.join(SIGNAL_EFFECTS)})")
+        sig = getattr(signal, name, None)
+        if sig is None:        # no SIGHUP on Windows
+            continue
+        action = actions[effect]
+
+        def handler(signum, frame, action=action, name=name, effect=effect):
+            logger.info("Received %s: %s requested", name, effect)
+            if action:
+                action()
+        try:
+            previous[sig] = signal.signal(sig, handler)
+        except ValueError:     # not the main thread
+            logger.warning("cannot install a %s handler outside the main thread", name)
+
+    def restore():
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+    return restore
