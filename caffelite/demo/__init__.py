@@ -1,63 +1,89 @@
-"""``caffelite demo``: the built-in synthetic VOC-like example.
+"""``caffelite demo``: the DeepLab kit's train -> test -> evaluate on synthetic data.
 
-Until the training work lands this runs the slim DeepLab-ASPP net forward (random
-initialisation) over the synthetic validation images, the way the kit's test step
-does (mean subtraction, BGR, bottom/right padding to the crop, crop of the scores to
-the image), and prints the per-class IoU table of the evaluation step.
+Lays out an experiment folder as run_pascal.sh expects (``config/<NET_ID>/`` with
+``${VAR}`` templates, ``list/``, ``model/``, ``features/``, ``log/``), expands the
+templates the way the kit's sed does, trains the slim DeepLab-ASPP net with the poly
+solver, runs the test net writing MatWrite features, and evaluates them like the
+kit's MATLAB scripts (crop to the image, argmax, confusion matrix, IoU).
 """
 import os
+import shutil
 import time
 
-import numpy as np
-from PIL import Image
-
+from ..evaluate import evaluate_features, format_table, scores_from_confusion
+from ..io.prototxt import read_text
 from ..log import logger
 from .dataset import VOC_CLASSES, make_dataset
 
-MEAN_BGR = (104.008, 116.669, 122.675)
-CROP = 97   # 8k+1, covers every synthetic image
+NET_ID = "aspp_slim"
+CONFIG_DIR = os.path.join(os.path.dirname(__file__), "config")
 
 
-def _load_input(root, name):
-    rgb = np.asarray(Image.open(os.path.join(root, "JPEGImages", name + ".jpg")), np.float32)
-    label = np.asarray(Image.open(os.path.join(root, "SegmentationClassAug", name + ".png")))
-    h, w = label.shape
-    canvas = np.zeros((3, CROP, CROP), np.float32)   # mean-padded -> 0 after subtraction
-    canvas[:, :h, :w] = (rgb[..., ::-1] - np.array(MEAN_BGR, np.float32)).transpose(2, 0, 1)
-    return canvas, label
+def _expand(template, target, defines):
+    with open(target, "w") as f:
+        f.write(read_text(template, defines))
+    return target
 
 
-def run_demo(out_dir):
-    from .. import TEST, Net, set_random_seed
-    from ..layers.deeplab_eval import confusion_scores
-    root = os.path.join(out_dir, "data")
+def prepare_experiment(n_train, n_val, max_iter, batch_size):
+    """Lay out the experiment in the working directory: like the kit, the configs use
+    paths relative to it."""
+    exp = "voc_synth"
+    data_root = "data"
+    config = os.path.join(exp, "config", NET_ID)
+    for d in (config, os.path.join(exp, "model", NET_ID), os.path.join(exp, "log", NET_ID),
+              os.path.join(exp, "features", NET_ID, "val", "fc8")):
+        os.makedirs(d, exist_ok=True)
+    for name in ("train", "test", "solver"):
+        shutil.copy(os.path.join(CONFIG_DIR, f"{name}.prototxt"), config)
+    make_dataset(data_root, os.path.join(exp, "list"), n_train=n_train, n_val=n_val)
+    defines = {"EXP": exp, "DATA_ROOT": data_root, "NET_ID": NET_ID, "NUM_LABELS": 21,
+               "TRAIN_SET": "train", "TEST_SET": "val", "BATCH_SIZE": batch_size,
+               "MAX_ITER": max_iter,
+               "FEATURE_DIR": os.path.join(exp, "features", NET_ID)}
+    return exp, data_root, config, defines
+
+
+def run_demo(out_dir, max_iter=600, n_train=120, n_val=30, batch_size=10):
+    """Returns a dict with the training losses and the evaluation scores."""
+    os.makedirs(out_dir, exist_ok=True)
+    cwd = os.getcwd()
+    os.chdir(out_dir)
+    try:
+        return _run_in_experiment_root(max_iter, n_train, n_val, batch_size)
+    finally:
+        os.chdir(cwd)
+
+
+def _run_in_experiment_root(max_iter, n_train, n_val, batch_size):
+    from .. import TEST, Net
+    from ..solver import get_solver
     t0 = time.perf_counter()
-    make_dataset(root)
-    logger.info("Synthetic VOC-like dataset written to %s", root)
-    set_random_seed(1)
-    net = Net(os.path.join(os.path.dirname(__file__), "deploy.prototxt"), TEST,
-              defines={"NET_ID": "synthetic_aspp", "CROP": CROP, "NUM_LABELS": 21})
-    ids = open(os.path.join(root, "list", "val_id.txt")).read().split()
-    n = len(VOC_CLASSES)
-    confusion = np.zeros((n, n), np.int64)
-    for name in ids:
-        data, label = _load_input(root, name)
-        scores = net.forward(data=data[None])["fc8_interp"][0]
-        h, w = label.shape
-        pred = scores[:, :h, :w].argmax(axis=0)
-        keep = label != 255
-        confusion += np.bincount(label[keep].astype(np.int64) * n + pred[keep],
-                                 minlength=n * n).reshape(n, n)
-    accuracy, _, _ = confusion_scores(confusion)
-    rows, cols, diag = confusion.sum(1), confusion.sum(0), np.diag(confusion)
-    union = rows + cols - diag
-    print(f"{'class':>14}  IoU")
-    ious = []
-    for c, cname in enumerate(VOC_CLASSES):
-        if union[c]:
-            ious.append(diag[c] / union[c])
-            print(f"{cname:>14}  {100 * ious[-1]:5.1f}")
-    print(f"pixel accuracy {100 * accuracy:.1f} %, mIoU {100 * np.mean(ious):.1f} % over "
-          f"{len(ious)} classes present ({len(ids)} images, untrained net: training arrives "
-          f"with the solver work), {time.perf_counter() - t0:.1f} s")
-    return 0
+    exp, data_root, config, defines = prepare_experiment(n_train, n_val, max_iter, batch_size)
+    logger.info("Experiment folder %s, data %s", exp, data_root)
+    _expand(os.path.join(config, "train.prototxt"),
+            os.path.join(config, "train_train.prototxt"), defines)
+    solver_file = _expand(os.path.join(config, "solver.prototxt"),
+                          os.path.join(config, "solver_train.prototxt"), defines)
+    solver = get_solver(solver_file)
+    losses = []
+    solver.add_callback(on_gradients=lambda: losses.append(_train_loss(solver)))
+    solver.solve()
+    model = os.path.join(exp, "model", NET_ID, f"train_iter_{max_iter}.caffemodel")
+    test = _expand(os.path.join(config, "test.prototxt"),
+                   os.path.join(config, "test_val.prototxt"), defines)
+    ids = open(os.path.join(exp, "list", "val_id.txt")).read().split()
+    net = Net(test, TEST, weights=model)
+    for _ in ids:
+        net.forward_from_to()
+    confusion = evaluate_features(os.path.join(defines["FEATURE_DIR"], "val", "fc8"),
+                                  os.path.join(data_root, "SegmentationClassAug"), ids, 21)
+    scores = scores_from_confusion(confusion)
+    print(format_table(scores, VOC_CLASSES))
+    print(f"{len(ids)} validation images, {max_iter} training iterations, "
+          f"{time.perf_counter() - t0:.0f} s")
+    return {"losses": losses, "scores": scores}
+
+
+def _train_loss(solver):
+    return float(solver.net.blobs["loss"].data)

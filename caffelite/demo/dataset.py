@@ -48,12 +48,15 @@ def make_sample(rng, colors, h, w, max_objects=3):
     return image.astype(np.uint8), label
 
 
-def make_dataset(root, n_train=40, n_val=10, size=(81, 97), seed=0):
-    """Write the dataset under ``root`` (DATA_ROOT) and the lists under ``root/list``."""
+def make_dataset(root, list_dir=None, n_train=40, n_val=10, size=(81, 97), seed=0):
+    """Write images and labels under ``root`` (DATA_ROOT) and the kit's list files
+    under ``list_dir`` (default ``root/list``)."""
     rng = np.random.default_rng(seed)
     colors = _class_colors(rng)
-    for sub in ("JPEGImages", "SegmentationClassAug", "list"):
+    list_dir = list_dir or os.path.join(root, "list")
+    for sub in ("JPEGImages", "SegmentationClassAug"):
         os.makedirs(os.path.join(root, sub), exist_ok=True)
+    os.makedirs(list_dir, exist_ok=True)
     splits = {"train": n_train, "val": n_val}
     for split, n in splits.items():
         lines, ids = [], []
@@ -67,8 +70,8 @@ def make_dataset(root, n_train=40, n_val=10, size=(81, 97), seed=0):
                 os.path.join(root, "SegmentationClassAug", name + ".png"))
             lines.append(f"/JPEGImages/{name}.jpg /SegmentationClassAug/{name}.png")
             ids.append(name)
-        with open(os.path.join(root, "list", f"{split}.txt"), "w") as f:
+        with open(os.path.join(list_dir, f"{split}.txt"), "w") as f:
             f.write("\n".join(lines) + "\n")
-        with open(os.path.join(root, "list", f"{split}_id.txt"), "w") as f:
+        with open(os.path.join(list_dir, f"{split}_id.txt"), "w") as f:
             f.write("\n".join(ids) + "\n")
     return root
