@@ -95,7 +95,6 @@ def cmd_train(args):
         solver.solve(args.snapshot)
     finally:
         restore()
-    logger.info("Optimization Done.")
     return 0
 
 

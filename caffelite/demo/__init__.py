@@ -25,6 +25,16 @@ def _expand(template, target, defines):
     return target
 
 
+def expand_train_configs(config, defines):
+    """Write ``train_<TRAIN_SET>.prototxt`` and ``solver_<TRAIN_SET>.prototxt`` as the kit
+    does; returns the solver's path."""
+    train_set = defines["TRAIN_SET"]
+    _expand(os.path.join(config, "train.prototxt"),
+            os.path.join(config, f"train_{train_set}.prototxt"), defines)
+    return _expand(os.path.join(config, "solver.prototxt"),
+                   os.path.join(config, f"solver_{train_set}.prototxt"), defines)
+
+
 def prepare_experiment(n_train, n_val, max_iter, batch_size):
     """Lay out the experiment in the working directory: like the kit, the configs use
     paths relative to it."""
@@ -61,10 +71,7 @@ def _run_in_experiment_root(max_iter, n_train, n_val, batch_size):
     t0 = time.perf_counter()
     exp, data_root, config, defines = prepare_experiment(n_train, n_val, max_iter, batch_size)
     logger.info("Experiment folder %s, data %s", exp, data_root)
-    _expand(os.path.join(config, "train.prototxt"),
-            os.path.join(config, "train_train.prototxt"), defines)
-    solver_file = _expand(os.path.join(config, "solver.prototxt"),
-                          os.path.join(config, "solver_train.prototxt"), defines)
+    solver_file = expand_train_configs(config, defines)
     solver = get_solver(solver_file)
     losses = []
     solver.add_callback(on_gradients=lambda: losses.append(_train_loss(solver)))
