@@ -180,15 +180,22 @@ class _Progress:
             sys.stderr.write("\n")
 
 
+def common_arguments(sp):
+    """The flags every verb shares: --log, -D NAME=VALUE, --gpu."""
+    sp.add_argument("--log", help="also write the log to this file")
+    sp.add_argument("-D", "--define", action="append", metavar="NAME=VALUE",
+                    help="fill ${NAME} placeholders in the prototxt (repeatable)")
+    sp.add_argument("--gpu", default=None, help="GPU id (CPU if omitted)")
+
+
+def parse_defines(pairs):
+    return _defines(pairs)
+
+
 def build_parser():
     p = argparse.ArgumentParser(prog="caffelite", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
-
-    def common(sp):
-        sp.add_argument("--log", help="also write the log to this file")
-        sp.add_argument("-D", "--define", action="append", metavar="NAME=VALUE",
-                        help="fill ${NAME} placeholders in the prototxt (repeatable)")
-        sp.add_argument("--gpu", default=None, help="GPU id (CPU if omitted)")
+    common = common_arguments
 
     tr = sub.add_parser("train", help="train a model like `caffe train`")
     tr.add_argument("--solver", required=True)
