@@ -194,9 +194,9 @@ def test_copy_from_shape_mismatch_names_everything(tmp_path):
 def test_legacy_shapes_compare_right_aligned(tmp_path):
     from caffelite.io.caffemodel import BlobData
     from caffelite.net import _shapes_match
-    assert _shapes_match((4,), BlobData((1, 1, 1, 4), np.zeros(4), True))
-    assert not _shapes_match((4, 3, 1, 1), BlobData((1, 1, 4, 3), np.zeros(12), True))
-    assert _shapes_match((4, 3), BlobData((1, 1, 4, 3), np.zeros(12), True))
+    assert _shapes_match((4,), BlobData((1, 1, 1, 4), np.zeros(4), legacy_shape=True))
+    assert not _shapes_match((4, 3, 1, 1), BlobData((1, 1, 4, 3), np.zeros(12), legacy_shape=True))
+    assert _shapes_match((4, 3), BlobData((1, 1, 4, 3), np.zeros(12), legacy_shape=True))
 
 
 def test_unknown_type_and_bottom_errors(tmp_path):

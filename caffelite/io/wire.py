@@ -1,0 +1,169 @@
+"""The protobuf wire format, for the two files whose payload is mostly floats:
+caffemodels and solverstates.  Packed floats go through ``np.frombuffer`` /
+``tobytes`` instead of per-element protobuf calls.
+
+Field numbers of BlobProto: num=1, channels=2, height=3, width=4 (legacy shape),
+data=5, diff=6 (packed float), shape=7 (BlobShape, dim=1 packed int64),
+double_data=8, double_diff=9.
+"""
+from dataclasses import dataclass
+
+import numpy as np
+
+VARINT, I64, LEN, I32 = 0, 1, 2, 5
+
+
+@dataclass
+class BlobData:
+    shape: tuple
+    data: np.ndarray
+    diff: np.ndarray = None
+    legacy_shape: bool = False   # shape came from num/channels/height/width
+
+
+class WireReader:
+    """Walks protobuf messages inside one memoryview; ``fail(what)`` makes the error."""
+
+    def __init__(self, buf, fail):
+        self.buf = buf
+        self.fail = fail
+
+    def varint(self, pos, end):
+        result = shift = 0
+        buf = self.buf
+        while True:
+            if pos >= end:
+                raise self.fail(f"a varint runs past the end at byte {pos}")
+            b = buf[pos]
+            pos += 1
+            result |= (b & 0x7F) << shift
+            if b < 0x80:
+                return result, pos
+            shift += 7
+            if shift > 70:
+                raise self.fail(f"a varint is too long at byte {pos}")
+
+    def fields(self, start, end):
+        """Yield (field number, wire type, value); LEN/I32/I64 values are (start, end)."""
+        pos = start
+        while pos < end:
+            key, pos = self.varint(pos, end)
+            number, wire = key >> 3, key & 7
+            if wire == VARINT:
+                value, pos = self.varint(pos, end)
+            elif wire in (LEN, I32, I64):
+                if wire == LEN:
+                    length, pos = self.varint(pos, end)
+                else:
+                    length = 4 if wire == I32 else 8
+                if pos + length > end:
+                    raise self.fail(f"field {number} of length {length} runs past the end "
+                                    f"at byte {pos}")
+                value = (pos, pos + length)
+                pos += length
+            else:
+                raise self.fail(f"unsupported wire type {wire} in field {number} at byte {pos}")
+            yield number, wire, value
+
+    def bytes_of(self, span):
+        return bytes(self.buf[span[0]:span[1]])
+
+    def string(self, span):
+        return self.bytes_of(span).decode("utf-8", errors="replace")
+
+    def packed_varints(self, span):
+        out = []
+        pos, end = span
+        while pos < end:
+            value, pos = self.varint(pos, end)
+            out.append(value)
+        return out
+
+
+def signed(value, bits=64):
+    return value - (1 << bits) if value >= 1 << (bits - 1) else value
+
+
+def read_blob(reader, start, end):
+    """One BlobProto: shape (legacy 4-D dims win, as in Caffe), data and diff as float32
+    (``double_data``/``double_diff`` when present)."""
+    legacy, dims = {}, []
+    chunks = {5: [], 6: [], 8: [], 9: []}
+    for number, wire, value in reader.fields(start, end):
+        if number in (1, 2, 3, 4) and wire == VARINT:
+            legacy[number] = signed(value)
+        elif number == 7 and wire == LEN:
+            for n2, w2, v2 in reader.fields(*value):
+                if n2 == 1:
+                    raw = reader.packed_varints(v2) if w2 == LEN else [v2]
+                    dims.extend(signed(d) for d in raw)
+        elif number in chunks and wire in (LEN, I32, I64):
+            dtype = "<f4" if number in (5, 6) else "<f8"
+            chunks[number].append(np.frombuffer(reader.buf[value[0]:value[1]], dtype=dtype))
+    shape = tuple(legacy.get(i, 0) for i in (1, 2, 3, 4)) if legacy else tuple(dims)
+    count = int(np.prod(shape, dtype=np.int64))
+
+    def join(single, double):
+        parts = chunks[double] if sum(p.size for p in chunks[double]) else chunks[single]
+        if not parts:
+            return None
+        values = np.concatenate(parts) if len(parts) > 1 else parts[0]
+        if values.size != count:
+            raise reader.fail(f"a blob of shape {shape} holds {values.size} values "
+                              f"instead of {count}")
+        return values.astype(np.float32).reshape(shape)
+
+    data = join(5, 8)
+    if data is None:
+        if count:
+            raise reader.fail(f"a blob of shape {shape} holds no values")
+        data = np.zeros(shape, np.float32)
+    return BlobData(shape, data, join(6, 9), bool(legacy))
+
+
+# ----------------------------------------------------------------------------- writing
+def varint(value):
+    value &= (1 << 64) - 1          # negative int32/int64 values: ten-byte two's complement
+    out = bytearray()
+    while True:
+        b = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def key(number, wire):
+    return varint((number << 3) | wire)
+
+
+def len_field(number, payload):
+    return key(number, LEN) + varint(len(payload)) + payload
+
+
+def blob_bytes(data, diff=None):
+    """A BlobProto as Caffe's Blob::ToProto writes it: packed float data (5), optional
+    diff (6), then the shape (7)."""
+    data = np.asarray(data)
+    out = b""
+    if data.size:
+        out += len_field(5, np.ascontiguousarray(data, dtype="<f4").tobytes())
+        if diff is not None:
+            out += len_field(6, np.ascontiguousarray(diff, dtype="<f4").tobytes())
+    dims = b"".join(varint(int(d)) for d in data.shape)
+    return out + len_field(7, len_field(1, dims) if dims else b"")
+
+
+def net_bytes(layers, net_name=""):
+    """A weights-only NetParameter: ``[(name, type, [blob, ...])]`` where a blob is an
+    array or a ``(data, diff)`` pair; V2 layers (100) with name, type and blobs."""
+    parts = [len_field(1, net_name.encode("utf-8"))] if net_name else []
+    for name, type_name, blobs in layers:
+        body = len_field(1, name.encode("utf-8")) + len_field(2, type_name.encode("utf-8"))
+        for blob in blobs:
+            data, diff = blob if isinstance(blob, tuple) else (blob, None)
+            body += len_field(7, blob_bytes(data, diff))
+        parts.append(len_field(100, body))
+    return b"".join(parts)
