@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 
 from caffelite.demo import expand_train_configs, prepare_experiment, run_demo
 from caffelite.io.caffemodel import read_caffemodel

@@ -6,7 +6,6 @@ import pytest
 import caffelite as caffe
 from caffelite.io.caffemodel import read_caffemodel, write_caffemodel
 from caffelite.net import NetError
-from caffelite.io import prototxt
 
 NET = '''
 name: "tiny"
