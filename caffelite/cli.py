@@ -4,6 +4,8 @@
     caffelite test --model M --weights W [--iterations N] [-D NAME=VALUE ...]
     caffelite time --model M [--iterations N] [--phase TRAIN|TEST]
     caffelite upgrade IN OUT [-D NAME=VALUE ...]
+    caffelite eval --gt DIR --list L (--pred DIR | --features DIR) [--json J]
+    caffelite pascal EXPER_DIR --net NET_ID [--steps train,test,...] [-D ...]
     caffelite demo [--out DIR]
 """
 import argparse
@@ -229,6 +231,10 @@ def build_parser():
     u.add_argument("-D", "--define", action="append", metavar="NAME=VALUE")
     u.add_argument("--log", help="also write the log to this file")
     u.set_defaults(func=cmd_upgrade)
+
+    from . import eval_cli, pascal
+    eval_cli.add_parser(sub)
+    pascal.add_parser(sub)
 
     d = sub.add_parser("demo", help="run the built-in synthetic example")
     d.add_argument("--out", default="caffelite_demo")

@@ -44,7 +44,7 @@ def prepare_experiment(n_train, n_val, max_iter, batch_size):
     for d in (config, os.path.join(exp, "model", NET_ID), os.path.join(exp, "log", NET_ID),
               os.path.join(exp, "features", NET_ID, "val", "fc8")):
         os.makedirs(d, exist_ok=True)
-    for name in ("train", "test", "solver"):
+    for name in ("train", "test", "solver", "solver2"):
         shutil.copy(os.path.join(CONFIG_DIR, f"{name}.prototxt"), config)
     make_dataset(data_root, os.path.join(exp, "list"), n_train=n_train, n_val=n_val)
     defines = {"EXP": exp, "DATA_ROOT": data_root, "NET_ID": NET_ID, "NUM_LABELS": 21,

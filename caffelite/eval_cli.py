@@ -1,0 +1,54 @@
+"""``caffelite eval``: the DeepLab kit's EvalSegResults + MyVOCevalseg without MATLAB.
+
+    caffelite eval --gt DIR --list val.txt (--pred DIR | --features DIR)
+                   [--num-labels 21] [--ignore 255] [--json out.json] [--vis DIR]
+                   [--images DIR] [--skip-missing]
+
+Prints MyVOCevalseg's report (pixel accuracy, per-class accuracy, per-class IoU and
+their means, with its conventions: see ``caffelite.evaluate``).
+"""
+import os
+
+from .evaluate import EvalError, evaluate, items_from_dirs, read_list
+
+
+def add_parser(subparsers):
+    sp = subparsers.add_parser(
+        "eval", help="mean IoU of predictions or MatWrite features (MyVOCevalseg)",
+        description=__doc__.split("\n\n")[0])
+    sp.add_argument("--gt", required=True, help="ground-truth PNGs <gt>/<id>.png")
+    sp.add_argument("--list", required=True,
+                    help="ids, or the kit's '/JPEGImages/x.jpg /Seg.../x.png' lines")
+    src = sp.add_mutually_exclusive_group(required=True)
+    src.add_argument("--pred", help="predicted label PNGs <pred>/<id>.png")
+    src.add_argument("--features", help="MatWrite features <features>/<id>_blob_0.mat")
+    sp.add_argument("--num-labels", type=int, default=21)
+    sp.add_argument("--ignore", type=int, default=255, help="GT label to ignore")
+    sp.add_argument("--json", help="write the scores and confusion matrix here")
+    sp.add_argument("--vis", help="write VOC-coloured predictions, overlays on the "
+                                  "images (with --images) and an IoU bar chart here")
+    sp.add_argument("--images", help="images <images>/<id>.jpg for the overlays")
+    sp.add_argument("--skip-missing", action="store_true",
+                    help="warn about and skip ids without a prediction (as MATLAB does) "
+                         "instead of failing")
+    sp.add_argument("--log", help="also write the log to this file")
+    sp.set_defaults(func=run)
+    return sp
+
+
+def run(args):
+    if args.num_labels < 1:
+        raise EvalError(f"--num-labels must be positive (got {args.num_labels})")
+    for flag, path in (("--gt", args.gt), ("--pred", args.pred),
+                       ("--features", args.features), ("--images", args.images)):
+        if path is not None and not os.path.isdir(path):
+            raise EvalError(f"{flag}: '{path}' is not a directory")
+    ids = [line.id for line in read_list(args.list)]
+    items = items_from_dirs(ids, args.gt, args.images)
+    result = evaluate(items, args.num_labels, feature_dir=args.features, pred_dir=args.pred,
+                      ignore_label=args.ignore, vis_dir=args.vis,
+                      skip_missing=args.skip_missing)
+    print(result.report())
+    if args.json:
+        result.write_json(args.json)
+    return 0

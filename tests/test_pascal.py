@@ -1,0 +1,346 @@
+"""``caffelite pascal``: run_pascal.sh + CRF + evaluation on the synthetic example end to
+end, the kit's file layout and model choice, step skipping, and clear errors."""
+import argparse
+import contextlib
+import glob
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from caffelite import pascal
+from caffelite.demo import CONFIG_DIR, prepare_experiment
+from caffelite.evaluate import EvalItem, evaluate, read_list
+from caffelite.io.image import read_label
+from caffelite.io.prototxt import PrototxtError
+from caffelite.log import logger
+from caffelite.pascal import Pipeline, PipelineError, choose_model, comm_3
+
+NET = "aspp_slim"
+GLOG_LINE = r"^[IWEF]\d{4} \d\d:\d\d:\d\d\.\d{6} +\d+ [\w.]+:\d+\] "
+
+
+def _crf_available():
+    try:
+        pascal.crf_function()
+        return True
+    except PipelineError:
+        return False
+
+
+def _make_experiment(root):
+    """The demo's experiment folder plus solver2 and a trainval list, under ``root``."""
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        exp, data_root, config, _ = prepare_experiment(n_train=6, n_val=3, max_iter=3,
+                                                       batch_size=2)
+        shutil.copy(os.path.join(CONFIG_DIR, "solver2.prototxt"), config)
+        lists = os.path.join(exp, "list")
+        with open(os.path.join(lists, "trainval.txt"), "w") as f:
+            for name in ("train", "val"):
+                f.write(open(os.path.join(lists, f"{name}.txt")).read())
+    finally:
+        os.chdir(cwd)
+    return root / exp, root / data_root
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture
+def records():
+    handler = _Records()
+    old = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    yield handler.messages
+    logger.removeHandler(handler)
+    logger.setLevel(old)
+
+
+def _parse(argv):
+    p = argparse.ArgumentParser()
+    pascal.add_parser(p.add_subparsers(dest="command"))
+    return p.parse_args(["pascal", *argv])
+
+
+def _argv(exp, data, *extra):
+    steps = ",".join(s for s in pascal.STEPS if s != "crf" or _crf_available())
+    return [str(exp), "--net", NET, "--data-root", str(data), "--train-set-suffix=",
+            "--test2-sets", "val", "--steps", steps, "-D", "MAX_ITER=3", "-D",
+            "BATCH_SIZE=2", *extra]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """One full run from a working directory that is not the experiment's parent."""
+    root = tmp_path_factory.mktemp("pascal")
+    exp, data = _make_experiment(root)
+    elsewhere = root / "elsewhere"
+    elsewhere.mkdir()
+    cwd = os.getcwd()
+    os.chdir(elsewhere)
+    try:
+        data_rel = os.path.relpath(data)          # --data-root relative to the caller
+        t0 = time.perf_counter()
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            assert pascal.run(_parse(_argv(exp, data_rel, "--vis"))) == 0
+        seconds = time.perf_counter() - t0
+    finally:
+        os.chdir(cwd)
+    return {"exp": exp, "data": data, "stdout": out.getvalue(), "seconds": seconds}
+
+
+def _ids(exp):
+    return [line.id for line in read_list(str(exp / "list" / "val.txt"))]
+
+
+def test_end_to_end_layout(finished):
+    exp, data = finished["exp"], finished["data"]
+    assert finished["seconds"] < 60
+    config = exp / "config" / NET
+    # expanded prototxts next to the templates, named like the kit's
+    for name in ("train_train", "solver_train", "test_val", "train_trainval",
+                 "solver2_trainval"):
+        assert (config / f"{name}.prototxt").is_file(), name
+    train = (config / "train_train.prototxt").read_text()
+    assert f'root_folder: "{data}"' in train
+    assert 'source: "voc_synth/list/train.txt"' in train and "batch_size: 2" in train
+    assert 'source: "voc_synth/list/trainval.txt"' in \
+        (config / "train_trainval.prototxt").read_text()
+    # test #2 re-expands test_val.prototxt (as the kit does) with FEATURE_DIR = features2
+    assert 'prefix: "voc_synth/features2/aspp_slim/val/fc8/"' in \
+        (config / "test_val.prototxt").read_text()
+    assert 'snapshot_prefix: "voc_synth/model/aspp_slim/train2"' in \
+        (config / "solver2_trainval.prototxt").read_text()
+    model = exp / "model" / NET
+    assert (model / "train_iter_3.caffemodel").is_file()
+    assert (model / "train2_iter_3.caffemodel").is_file()
+    ids = _ids(exp)
+    for kind in ("features", "features2"):
+        mats = sorted(glob.glob(str(exp / kind / NET / "val" / "fc8" / "*_blob_0.mat")))
+        assert [os.path.basename(m)[:-len("_blob_0.mat")] for m in mats] == sorted(ids)
+    assert (exp / "features2" / NET / "val" / "crf").is_dir()
+    logs = os.listdir(exp / "log" / NET)
+    for step in ("train.", "test_val.", "train2.", "test2_val.", "eval_features_post_none",
+                 "eval_features2_post_none"):
+        assert any(name.startswith(step) for name in logs), (step, logs)
+    train_log = next(n for n in logs if n.startswith("train."))
+    lines = (exp / "log" / NET / train_log).read_text().splitlines()
+    assert re.match(GLOG_LINE, lines[0]) and re.match(GLOG_LINE, lines[-1])
+    assert sum(bool(re.match(GLOG_LINE, l)) for l in lines) >= 5
+    assert any("Iteration 0, loss = " in l for l in lines)
+    assert any("Snapshotting to binary proto file voc_synth/model/aspp_slim/train_iter_3"
+               in l for l in lines)
+
+
+def test_end_to_end_scores_match_an_independent_evaluation(finished):
+    exp, data = finished["exp"], finished["data"]
+    ids = _ids(exp)
+    gt_paths = [str(data / "SegmentationClassAug" / f"{i}.png") for i in ids]
+    for kind in ("features", "features2"):
+        res = exp / "res" / kind / NET / "val" / "fc8" / "post_none"
+        stored = json.loads((res / "results.json").read_text())
+        # every labelled GT pixel of the val images is counted exactly once
+        labelled = sum(int((read_label(p) != 255).sum()) for p in gt_paths)
+        assert np.sum(stored["confusion"]) == labelled
+        # the palette PNGs written next to it give the same numbers as the features
+        items = [EvalItem(i, p) for i, p in zip(ids, gt_paths)]
+        again = evaluate(items, 21, pred_dir=str(res))
+        assert again.confusion.tolist() == stored["confusion"]
+        assert stored["miou_percent"] == pytest.approx(again.scores["miou_percent"])
+        assert (res / "results.txt").read_text().strip() == again.report()
+        assert (res / "vis" / f"{ids[0]}_overlay.jpg").is_file()
+    assert "Average accuracy:" in finished["stdout"]
+    assert "mean IoU (over all classes" in finished["stdout"]
+
+
+@pytest.mark.skipif(not _crf_available(), reason="caffelite.crf not available")
+def test_end_to_end_crf_outputs_are_evaluated(finished):
+    exp = finished["exp"]
+    crf = exp / "res" / "features2" / NET / "val" / "fc8" / \
+        "post_densecrf_W4_XStd49_RStd5_PosW3_PosXStd3"
+    assert sorted(p.name for p in crf.glob("*.png")) == sorted(f"{i}.png" for i in _ids(exp))
+    assert (crf / "results.json").is_file()
+    assert str(crf.relative_to(exp.parent)) in finished["stdout"]
+
+
+@pytest.fixture
+def copied(finished, tmp_path):
+    """A copy of the finished experiment (mtimes kept) to re-run steps on."""
+    root = tmp_path / "copy"
+    shutil.copytree(finished["exp"].parent, root, symlinks=True)
+    return root / "voc_synth", finished["data"]
+
+
+def _mtimes(exp):
+    return {p: os.path.getmtime(p) for p in glob.glob(str(exp / "**" / "*"), recursive=True)
+            if os.path.isfile(p) and "/log/" not in p and "/config/" not in p}
+
+
+def test_rerun_skips_finished_steps(copied, records, capsys):
+    exp, data = copied
+    before = _mtimes(exp)
+    assert pascal.run(_parse(_argv(exp, data))) == 0
+    assert _mtimes(exp) == before
+    skipped = [m for m in records if "skipped (--force re-runs it)" in m]
+    for step in ("train", "test", "train2", "test2", "eval"):
+        assert any(m.startswith(f"Step {step}:") for m in skipped), (step, skipped)
+    assert "Average accuracy:" in capsys.readouterr().out      # table printed again
+
+
+def test_missing_feature_reruns_test_and_eval_only(copied, records, capsys):
+    exp, data = copied
+    model = exp / "model" / NET / "train_iter_3.caffemodel"
+    model_time = os.path.getmtime(model)
+    victim = exp / "features" / NET / "val" / "fc8" / f"{_ids(exp)[0]}_blob_0.mat"
+    victim.unlink()
+    assert pascal.run(_parse(_argv(exp, data))) == 0
+    assert victim.is_file() and os.path.getmtime(model) == model_time
+    assert any(m.startswith("Step train:") and "skipped" in m for m in records)
+    assert not any(m.startswith("Step test:") and "skipped" in m for m in records)
+    assert any(m.startswith("Step test2:") and "skipped" in m for m in records)
+    res = exp / "res" / "features" / NET / "val" / "fc8" / "post_none" / "results.json"
+    assert os.path.getmtime(res) >= os.path.getmtime(victim)
+
+
+def test_force_reruns(copied):
+    exp, data = copied
+    features = glob.glob(str(exp / "features" / NET / "val" / "fc8" / "*.mat"))
+    before = {p: os.path.getmtime(p) for p in features}
+    time.sleep(0.01)
+    assert pascal.run(_parse(_argv(exp, data, "--force") + ["--steps", "test"])) == 0
+    assert all(os.path.getmtime(p) > t for p, t in before.items())
+
+
+# ------------------------------------------------------------------ unit behaviour
+def test_model_choice_by_highest_iteration(tmp_path, records):
+    for n, age in ((2, 0), (10, 100), (9, 50)):
+        p = tmp_path / f"train_iter_{n}.caffemodel"
+        p.write_bytes(b"")
+        os.utime(p, (time.time() - age, time.time() - age))
+    (tmp_path / "train2_iter_99.caffemodel").write_bytes(b"")
+    (tmp_path / "train_iter_x.caffemodel").write_bytes(b"")
+    chosen = choose_model(str(tmp_path), "test.caffemodel", "train")
+    assert chosen == str(tmp_path / "train_iter_10.caffemodel")
+    assert any("`ls -t` would pick" in m and "train_iter_2" in m for m in records)
+    assert choose_model(str(tmp_path), "test2.caffemodel", "train2").endswith(
+        "train2_iter_99.caffemodel")
+    (tmp_path / "test.caffemodel").write_bytes(b"")
+    assert choose_model(str(tmp_path), "test.caffemodel", "train") == \
+        str(tmp_path / "test.caffemodel")
+    assert choose_model(str(tmp_path), "init2.caffemodel", "nothing") is None
+
+
+def test_comm_3_like_coreutils():
+    a = ["a", "b", "d", "f"]
+    b = ["b", "c", "f", "g"]
+    assert comm_3(a, b) == ["a", "\tc", "d", "\tg"]
+    assert comm_3(a, []) == a
+
+
+def test_sub_sed_variables_and_defines(tmp_path):
+    exp, data = _make_experiment(tmp_path)
+    p = Pipeline(str(exp), NET, data_root=str(data), defines={"BATCH_SIZE": 4, "NEW": "x"})
+    v = p.variables(TEST_SET="val")
+    assert set(pascal.SUB_SED_VARIABLES) <= set(v)
+    assert v["EXP"] == "voc_synth" and v["NET_ID"] == NET and v["NUM_LABELS"] == "21"
+    assert v["DATA_ROOT"] == str(data) and v["TEST_SET"] == "val"
+    assert v["BATCH_SIZE"] == "4" and v["NEW"] == "x"
+    assert v["FG_BIAS"] == "" and v["TRAIN_SET_STRONG"] == ""
+    assert v["TRAIN_SET"] == "" and v["FEATURE_DIR"] == ""
+    # run_pascal.sh's shell variables stay set for later sections
+    v = p.variables(after="train", TEST_SET="val")
+    assert v["TRAIN_SET"] == "train_aug" and v["TRAIN_SET_WEAK"] == "train_aug_diff_"
+    v = p.variables(after="test", TRAIN_SET="trainval_aug")
+    assert v["TEST_SET"] == "val" and v["FEATURE_DIR"] == "voc_synth/features/aspp_slim"
+    assert p.variables(after="train2")["TRAIN_SET"] == "trainval_aug"
+
+
+def test_weak_list_like_run_pascal(tmp_path):
+    exp, data = _make_experiment(tmp_path)
+    lists = exp / "list"
+    (lists / "strong.txt").write_text("".join(
+        l + "\n" for l in (lists / "train.txt").read_text().splitlines()[:2]))
+    p = Pipeline(str(exp), NET, data_root=str(data),
+                 defines={"TRAIN_SET_STRONG": "strong", "TRAIN_SET_WEAK_LEN": "3"})
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        assert p._weak_list("train") == "train_diff_strong_head3"
+    finally:
+        os.chdir(cwd)
+    train = (lists / "train.txt").read_text().splitlines()
+    assert (lists / "train_diff_strong_head3.txt").read_text().splitlines() == train[2:5]
+    p.defines = {}
+    assert p._weak_list("train") == "train_diff_"     # the kit's value when STRONG is unset
+
+
+# ------------------------------------------------------------------ errors
+def test_unfilled_template_variable_names_it(tmp_path):
+    exp, data = _make_experiment(tmp_path)
+    argv = [a for a in _argv(exp, data) if a != "MAX_ITER=3"]
+    argv.remove("-D")
+    with pytest.raises(PrototxtError, match=r"solver\.prototxt: unfilled template "
+                                            r"placeholder\(s\): MAX_ITER"):
+        pascal.run(_parse(argv + ["--steps", "train"]))
+
+
+def test_missing_list_is_reported_before_any_work(tmp_path):
+    exp, data = _make_experiment(tmp_path)
+    argv = _argv(exp, data)
+    argv[argv.index("--test2-sets") + 1] = "val,test"
+    with pytest.raises(PipelineError, match=r"voc_synth/list/test\.txt not found"):
+        pascal.run(_parse(argv))
+    assert not glob.glob(str(exp / "model" / NET / "*.caffemodel"))
+
+
+def test_missing_template_and_data_root(tmp_path):
+    exp, data = _make_experiment(tmp_path)
+    (exp / "config" / NET / "solver2.prototxt").unlink()
+    with pytest.raises(PipelineError, match=r"missing template\(s\).*config/aspp_slim/"
+                                            r"solver2\.prototxt"):
+        pascal.run(_parse(_argv(exp, data)))
+    with pytest.raises(PipelineError, match=r"DATA_ROOT '.*nowhere' is not a directory"):
+        pascal.run(_parse(_argv(exp, tmp_path / "nowhere") + ["--steps", "test"]))
+    with pytest.raises(PipelineError, match="give --data-root"):
+        Pipeline(str(exp), NET)
+    with pytest.raises(PipelineError, match=r"unknown step\(s\) trian"):
+        Pipeline(str(exp), NET, data_root=str(data), steps=["trian"])
+    with pytest.raises(PipelineError, match=r"experiment folder '.*nope' does not exist"):
+        Pipeline(str(tmp_path / "nope"), NET, data_root=str(data))
+
+
+def test_test_without_a_model_names_the_model_folder(tmp_path):
+    exp, data = _make_experiment(tmp_path)
+    with pytest.raises(PipelineError, match=r"test on 'val': no model: neither "
+                                            r"voc_synth/model/aspp_slim/test\.caffemodel nor "
+                                            r"a train_iter_\*"):
+        pascal.run(_parse(_argv(exp, data) + ["--steps", "test"]))
+    with pytest.raises(PipelineError, match=r"train2 needs weights"):
+        pascal.run(_parse(_argv(exp, data) + ["--steps", "train2"]))
+    with pytest.raises(PipelineError, match=r"eval: no features of 'val'"):
+        pascal.run(_parse(_argv(exp, data) + ["--steps", "eval"]))
+
+
+def test_crf_step_unavailable_is_a_clear_error(tmp_path, monkeypatch):
+    exp, data = _make_experiment(tmp_path)
+    monkeypatch.setitem(sys.modules, "caffelite.crf", None)
+    with pytest.raises(PipelineError, match="crf step is not available yet"):
+        pascal.run(_parse(_argv(exp, data) + ["--steps", "train,crf"]))
+    assert not glob.glob(str(exp / "model" / NET / "*.caffemodel"))
