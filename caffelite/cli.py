@@ -5,6 +5,7 @@
     caffelite time --model M [--iterations N] [--phase TRAIN|TEST]
     caffelite upgrade IN OUT [-D NAME=VALUE ...]
     caffelite eval --gt DIR --list L (--pred DIR | --features DIR) [--json J]
+    caffelite crf --features DIR --images DIR --list L --out DIR [CRF params]
     caffelite pascal EXPER_DIR --net NET_ID [--steps train,test,...] [-D ...]
     caffelite demo [--out DIR]
 """
@@ -233,7 +234,9 @@ def build_parser():
     u.set_defaults(func=cmd_upgrade)
 
     from . import eval_cli, pascal
+    from .crf import cli as crf_cli
     eval_cli.add_parser(sub)
+    crf_cli.add_parser(sub)
     pascal.add_parser(sub)
 
     d = sub.add_parser("demo", help="run the built-in synthetic example")

@@ -10,6 +10,17 @@ SHARED = os.environ.get("CAFFELITE_SHARED", os.path.join(os.path.dirname(ROOT), 
 CORPUS = os.path.join(SHARED, "corpus")
 
 
+@pytest.fixture(autouse=True)
+def _restore_caffelite_logger():
+    """CLI entry points reconfigure the 'caffelite' logger (glog handlers, no
+    propagation); give every test the logger as it found it."""
+    import logging
+    log = logging.getLogger("caffelite")
+    saved = (list(log.handlers), log.propagate, log.level)
+    yield
+    log.handlers[:], log.propagate, log.level = saved[0], saved[1], saved[2]
+
+
 def corpus_path(*parts):
     path = os.path.join(CORPUS, *parts)
     if not os.path.exists(path):

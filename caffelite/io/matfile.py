@@ -154,7 +154,7 @@ def read_mat(path, dtype=np.float32):
         variables = _read_v5(path)
     except NotImplementedError:          # scipy: "use HDF reader for v7.3 files"
         variables = _read_v73(path)
-    except (ValueError, TypeError, OSError, struct.error) as e:
+    except (ValueError, TypeError, OSError, struct.error, _scipy_read_error()) as e:
         raise MatFileError(f"cannot read MAT file '{path}': {e}") from None
     if "data" not in variables:
         raise MatFileError(f"MAT file '{path}' has no variable 'data' (it has: "
@@ -187,6 +187,11 @@ def _checked(path, name, entry, dtype):
                            f"numeric array")
     linear = values.astype(dtype, copy=False).reshape(-1, order="F")
     return _blob_from_linear(linear, dims)
+
+
+def _scipy_read_error():
+    from scipy.io.matlab import MatReadError
+    return MatReadError
 
 
 def _read_v5(path):

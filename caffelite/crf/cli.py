@@ -1,0 +1,213 @@
+"""``caffelite crf``: the DeepLab kit's ``prog_refine_pascal_v4`` (run by
+``run_densecrf.sh``) without the C++ build, the PPM conversion or MATLAB.
+
+    caffelite crf --features DIR --images DIR --list val.txt --out DIR
+                  [--bi_w 4 --bi_xy_std 49 --bi_rgb_std 5 --pos_w 3 --pos_xy_std 3
+                   --max_iter 10 | --preset deeplab-largefov] [--unary score|prob]
+                  [--num-labels 21] [--jobs K] [--bin]
+
+For every id of the list: reads the MatWrite features ``<features>/<id>_blob_0.mat``
+(scores of the padded canvas), crops them to the image ``<images>/<id>.jpg`` (top-left,
+where the data layer put the image), runs the dense CRF with unary = -score and the
+image's RGB colours, and writes ``<out>/<id>.png`` (class indices, VOC palette) and,
+with ``--bin``, the refine program's ``<out>/<id>.bin``.
+"""
+import os
+import time
+
+import numpy as np
+
+from .densecrf import PUBLISHED_PARAMS, CRFParams, crf_labels
+
+FEATURE_SUFFIX = "_blob_0.mat"
+PARAM_NAMES = ("bi_w", "bi_xy_std", "bi_rgb_std", "pos_w", "pos_xy_std", "max_iter")
+
+
+class CrfError(ValueError):
+    """A problem with the CRF's inputs; the message names the file."""
+
+
+# ------------------------------------------------------------------- file formats
+def write_refine_bin(path, labels):
+    """The refine program's output: int32 rows, int32 cols, int32 1, then the labels
+    as int16 in column-major (MATLAB) order, little-endian."""
+    labels = np.asarray(labels)
+    header = np.array([labels.shape[0], labels.shape[1], 1], "<i4")
+    with open(path, "wb") as f:
+        f.write(header.tobytes())
+        f.write(labels.astype("<i2").ravel(order="F").tobytes())
+
+
+def read_refine_bin(path):
+    """Labels (H x W int16) of a refine-program ``.bin``."""
+    raw = open(path, "rb").read()
+    if len(raw) < 12:
+        raise CrfError(f"'{path}' is too short for a refine-program .bin")
+    rows, cols, channels = np.frombuffer(raw[:12], "<i4")
+    count = int(rows) * int(cols) * int(channels)
+    if channels != 1 or len(raw) != 12 + 2 * count:
+        raise CrfError(f"'{path}': header {rows}x{cols}x{channels} does not match its "
+                       f"{len(raw) - 12} bytes of int16 labels")
+    return np.frombuffer(raw[12:], "<i2").reshape((int(rows), int(cols)), order="F")
+
+
+# -------------------------------------------------------------------- one image
+def refine_image(feature_path, image_path, params, unary="score", num_labels=None):
+    """CRF labels (H x W) of one image from its MatWrite features."""
+    from ..io.image import read_image
+    from ..io.matfile import MatFileError, read_mat
+    try:
+        scores, _ = read_mat(feature_path)
+    except MatFileError as e:
+        raise CrfError(str(e)) from None
+    except Exception as e:       # noqa: BLE001  scipy's MatReadError is no ValueError
+        raise CrfError(f"cannot read MAT file '{feature_path}': {e}") from None
+    image = read_image(image_path)[:, :, ::-1]                 # BGR -> RGB, as the PPMs
+    height, width = image.shape[:2]
+    if scores.shape[0] != 1:
+        raise CrfError(f"{feature_path}: holds {scores.shape[0]} images; DeepLab test nets "
+                       f"write one image per file (batch_size: 1)")
+    labels = scores.shape[1]
+    if num_labels is not None and labels != num_labels:
+        raise CrfError(f"{feature_path}: features have {labels} channels but "
+                       f"{num_labels} labels were asked for (--num-labels)")
+    if labels > 256:
+        raise CrfError(f"{feature_path}: {labels} classes do not fit a palette PNG")
+    if scores.shape[2] < height or scores.shape[3] < width:
+        raise CrfError(f"{feature_path}: features of size {scores.shape[2]}x{scores.shape[3]}"
+                       f" are smaller than the image '{image_path}' ({height}x{width})")
+    return crf_labels(scores[0, :, :height, :width], image, params, unary=unary)
+
+
+def _refine_task(task):
+    """Worker: (id, error message or None, seconds); errors travel as text because
+    exception classes with custom constructors do not survive pickling."""
+    ident, feature_path, image_path, png_path, bin_path, params, unary, num_labels = task
+    from ..evaluate import write_label_png
+    start = time.perf_counter()
+    try:
+        labels = refine_image(feature_path, image_path, params, unary, num_labels)
+        write_label_png(png_path, labels.astype(np.uint8))
+        if bin_path:
+            write_refine_bin(bin_path, labels)
+    except (ValueError, OSError, RuntimeError) as e:
+        return ident, str(e), 0.0
+    return ident, None, time.perf_counter() - start
+
+
+# ------------------------------------------------------------------------ a set
+def crf_tasks(feature_dir, image_dir, list_path, out_dir, params, unary="score",
+              num_labels=None, write_bin=False):
+    """One task per listed id; fails early, naming the file, when a feature file or
+    an image is missing."""
+    from ..evaluate import IMAGE_EXTENSIONS, find_image, read_list
+    for flag, path in (("--features", feature_dir), ("--images", image_dir)):
+        if not os.path.isdir(path):
+            raise CrfError(f"{flag}: '{path}' is not a directory")
+    tasks = []
+    for number, line in enumerate(read_list(list_path), 1):
+        feature_path = os.path.join(feature_dir, line.id + FEATURE_SUFFIX)
+        if not os.path.isfile(feature_path):
+            raise CrfError(f"features file '{feature_path}' not found for '{line.id}' "
+                           f"(entry {number} of {list_path})")
+        image_path = find_image(image_dir, line.id)
+        if image_path is None:
+            raise CrfError(f"no image '{os.path.join(image_dir, line.id)}"
+                           f"{{{','.join(IMAGE_EXTENSIONS)}}}' for '{line.id}' "
+                           f"(entry {number} of {list_path})")
+        tasks.append((line.id, feature_path, image_path,
+                      os.path.join(out_dir, line.id + ".png"),
+                      os.path.join(out_dir, line.id + ".bin") if write_bin else None,
+                      params, unary, num_labels))
+    return tasks
+
+
+def run_crf_set(tasks, jobs=1, log=None):
+    """Run the tasks (``jobs`` > 1: in that many processes); raises CrfError with the
+    first failure.  Returns the per-image seconds."""
+    from ..log import logger
+    log = log or logger
+    seconds, done = [], 0
+
+    def collect(result):
+        nonlocal done
+        ident, error, elapsed = result
+        if error is not None:
+            raise CrfError(error)
+        seconds.append(elapsed)
+        done += 1
+        if done % 100 == 0 or done == len(tasks):
+            log.info("CRF: %d/%d images", done, len(tasks))
+
+    if jobs <= 1 or len(tasks) <= 1:
+        for task in tasks:
+            collect(_refine_task(task))
+        return seconds
+    from concurrent.futures import ProcessPoolExecutor
+    with ProcessPoolExecutor(max_workers=jobs) as pool:
+        try:
+            for result in pool.map(_refine_task, tasks, chunksize=1):
+                collect(result)
+        except CrfError:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+    return seconds
+
+
+# ------------------------------------------------------------------------- CLI
+def add_parser(subparsers):
+    from ..cli import common_arguments
+    sp = subparsers.add_parser(
+        "crf", help="dense-CRF post-processing of MatWrite features (prog_refine_pascal_v4)",
+        description=__doc__.split("\n\n")[0])
+    sp.add_argument("--features", required=True,
+                    help="MatWrite features <features>/<id>_blob_0.mat")
+    sp.add_argument("--images", required=True,
+                    help="images <images>/<id>.jpg (or .png, .ppm, ...)")
+    sp.add_argument("--list", required=True,
+                    help="ids, or the kit's '/JPEGImages/x.jpg /Seg.../x.png' lines")
+    sp.add_argument("--out", required=True, help="where <id>.png (and <id>.bin) go")
+    defaults = CRFParams()
+    sp.add_argument("--preset", choices=sorted(PUBLISHED_PARAMS),
+                    help="start from a published parameter set (flags below override it)")
+    for name in PARAM_NAMES:
+        sp.add_argument(f"--{name}", f"--{name.replace('_', '-')}", dest=name,
+                        type=int if name == "max_iter" else float, default=None,
+                        help=f"default {getattr(defaults, name):g}")
+    sp.add_argument("--unary", choices=("score", "prob"), default="score",
+                    help="features are logits (unary = -score, the refine program) or "
+                         "probabilities (unary = -log p)")
+    sp.add_argument("--num-labels", type=int, default=None,
+                    help="check that the features have this many channels")
+    sp.add_argument("--jobs", type=int, default=1, help="images processed in parallel")
+    sp.add_argument("--bin", action="store_true",
+                    help="also write the refine program's <id>.bin")
+    common_arguments(sp)
+    sp.set_defaults(func=run)
+    return sp
+
+
+def params_from_args(args):
+    base = PUBLISHED_PARAMS[args.preset] if args.preset else CRFParams()
+    return base.with_(**{name: getattr(args, name) for name in PARAM_NAMES})
+
+
+def run(args):
+    from ..log import logger
+    if args.jobs < 1:
+        raise CrfError(f"--jobs must be at least 1 (got {args.jobs})")
+    if args.gpu not in (None, ""):
+        logger.warning("--gpu %s: the dense CRF runs on the CPU in this build", args.gpu)
+    params = params_from_args(args)
+    os.makedirs(args.out, exist_ok=True)
+    tasks = crf_tasks(args.features, args.images, args.list, args.out, params,
+                      unary=args.unary, num_labels=args.num_labels, write_bin=args.bin)
+    logger.info("Dense CRF on %d images: %s, unary = %s", len(tasks),
+                ", ".join(f"{n}={getattr(params, n):g}" for n in PARAM_NAMES),
+                "-score" if args.unary == "score" else "-log(prob)")
+    start = time.perf_counter()
+    seconds = run_crf_set(tasks, args.jobs)
+    logger.info("Wrote %d label maps to %s in %.1f s (%.3f s per image per process)",
+                len(seconds), args.out, time.perf_counter() - start,
+                float(np.mean(seconds)) if seconds else 0.0)
+    return 0

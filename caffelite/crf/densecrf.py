@@ -1,0 +1,266 @@
+"""Fully connected CRF with Gaussian edge potentials (Krähenbühl & Koltun, NIPS 2011)
+as DeepLab post-processes with it: mean-field inference, Potts compatibility, one
+positional ("Gaussian") and one bilateral (position + colour) kernel, message passing
+by permutohedral-lattice filtering with per-pixel normalisation.
+
+Energy over labels x, with unary ``U`` (label x pixel)::
+
+    E(x) = sum_i U_i(x_i)
+         + sum_{i<j} [x_i != x_j] * ( pos_w * exp(-|p_i - p_j|^2 / (2 pos_xy_std^2))
+                                    + bi_w  * exp(-|p_i - p_j|^2 / (2 bi_xy_std^2)
+                                                  -|I_i - I_j|^2 / (2 bi_rgb_std^2)) )
+
+Mean field (``relax = 1``), as ``DenseCRF::inference`` with ``NORMALIZE_AFTER``::
+
+    Q = softmax(-U)
+    repeat max_iter times:
+        Q = softmax(-U + sum_k w_k * norm_k * (K_k Q))     norm_k = 1 / (K_k 1 + 1e-20)
+
+where ``K_k Q`` is the lattice-filtered field (the sum runs over every pixel, the pixel
+itself included) and ``norm_k`` is computed once per image by filtering ones.  The
+output is the marginal Q; labels are its argmax (first maximum on ties).
+
+**Unaries.**  The refine program of the kit (``prog_refine_pascal_v4``) uses
+``U = -score`` with the raw DCNN logits (so Q0 = softmax(logits)); its ``.bin`` twin
+uses ``U = -log(prob)``, which differs from -logit by a per-pixel constant and so gives
+the same Q.  ``unary_from_scores`` / ``unary_from_probabilities`` make either.
+
+**Features.**  Positions are (column/std, row/std); the standalone program reads RGB
+from PPMs, so colours are (R, G, B)/std (``bilateral_features(rgb, ...)``); the Caffe
+``DenseCRF`` layer uses the network's mean-subtracted BGR input instead.  Changing the
+colour order or offset changes the lattice approximation (≈1 % of the labels), so each
+caller passes the channels its original used.
+
+**Parameters** (names of ``run_densecrf.sh``; defaults = ``prog_refine_pascal_v4``'s):
+
+====================================================  ====  =========  ==========  =====  ==========
+model / source                                        bi_w  bi_xy_std  bi_rgb_std  pos_w  pos_xy_std
+====================================================  ====  =========  ==========  =====  ==========
+``prog_refine_pascal_v4`` defaults (``CRFParams()``)  5     70         5           3      3
+DeepLab-LargeFOV, ``run_densecrf.sh`` example         4     49         5           3      3
+DeepLab (v1, vgg128_noup), SetupEnv.m                 5     50         10          3      3
+DeepLab-MSc (vgg128_ms_pool3), SetupEnv.m             3     95         3           3      3
+DeepLab-COCO (vgg128_noup_pool3_cocomix), SetupEnv.m  5     67         3           3      3
+Bbox-Seg erode_gt, SetupEnv.m                         41    33         4           3      3
+Bbox-Seg bboxErode20, SetupEnv.m                      45    37         3           15     3
+SetupEnv.m defaults                                   5     50         3           3      3
+DenseCRF layer, ResNet-101 MSC test prototxt          5     21         3           4      1
+====================================================  ====  =========  ==========  =====  ==========
+
+``max_iter`` is 10 everywhere (paper protocol: 10 iterations, pos_w = pos_xy_std = 3
+fixed, the bilateral ones cross-validated on 100 val images).  ``PUBLISHED_PARAMS``
+holds these rows.  ``prog_refine_pascal`` (the .bin-input variant) defaults to
+bi_w 10, bi_xy_std 60, bi_rgb_std 20.
+"""
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from .permutohedral import LatticeFilter, PermutohedralLattice, _add_product
+
+_F32 = np.float32
+
+
+@dataclass(frozen=True)
+class CRFParams:
+    """The refine program's parameters, with ``prog_refine_pascal_v4``'s defaults."""
+    bi_w: float = 5.0
+    bi_xy_std: float = 70.0
+    bi_rgb_std: float = 5.0
+    pos_w: float = 3.0
+    pos_xy_std: float = 3.0
+    max_iter: int = 10
+
+    def __post_init__(self):
+        for name in ("bi_xy_std", "bi_rgb_std", "pos_xy_std"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"CRF parameter {name} must be positive, "
+                                 f"got {getattr(self, name)}")
+        if int(self.max_iter) != self.max_iter or self.max_iter < 0:
+            raise ValueError(f"CRF parameter max_iter must be a non-negative integer, "
+                             f"got {self.max_iter}")
+
+    def with_(self, **changes):
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+PUBLISHED_PARAMS = {
+    "refine_pascal_v4": CRFParams(),
+    "deeplab-largefov": CRFParams(4, 49, 5, 3, 3),
+    "deeplab": CRFParams(5, 50, 10, 3, 3),
+    "deeplab-msc": CRFParams(3, 95, 3, 3, 3),
+    "deeplab-coco": CRFParams(5, 67, 3, 3, 3),
+    "bbox-seg-erode-gt": CRFParams(41, 33, 4, 3, 3),
+    "bbox-seg-erode20": CRFParams(45, 37, 3, 15, 3),
+    "setupenv": CRFParams(5, 50, 3, 3, 3),
+    "resnet101-msc-layer": CRFParams(5, 21, 3, 4, 1),
+}
+
+
+# ------------------------------------------------------------------- features / unary
+def position_features(height, width, xy_std):
+    """(H*W) x 2 float32 features (column / std, row / std), pixels row-major."""
+    std = _F32(xy_std)
+    rows, cols = np.mgrid[:height, :width].astype(_F32)
+    return np.stack([cols.ravel() / std, rows.ravel() / std], axis=1)
+
+
+def bilateral_features(image, xy_std, rgb_std):
+    """(H*W) x 5 float32 features (column, row, c0, c1, c2) with positions divided by
+    ``xy_std`` and the image's three channels, in the order given, by ``rgb_std``."""
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"the bilateral kernel needs an H x W x 3 colour image, "
+                         f"got shape {image.shape}")
+    height, width = image.shape[:2]
+    colour = image.reshape(-1, 3).astype(_F32) / _F32(rgb_std)
+    return np.concatenate([position_features(height, width, xy_std), colour], axis=1)
+
+
+def unary_from_scores(scores):
+    """U = -score (the refine program's convention for DCNN logits)."""
+    return -np.asarray(scores, _F32)
+
+
+def unary_from_probabilities(prob):
+    """U = -log(prob) (``prog_refine_pascal``'s convention), clipped at FLT_MIN."""
+    prob = np.asarray(prob, _F32)
+    return -np.log(np.maximum(prob, np.finfo(_F32).tiny))
+
+
+# ---------------------------------------------------------------------- inference
+class PottsKernel:
+    """One Gaussian kernel with Potts compatibility: its weight and its lattice."""
+
+    def __init__(self, features, weight):
+        self.weight = float(weight)
+        self.lattice = PermutohedralLattice(features)
+
+
+class PairwiseMessages:
+    """``sum_k w_k * norm_k * (K_k Q)`` for kernels over the same N pixels, with the
+    per-pixel normalisation ``norm_k = 1 / (K_k 1 + 1e-20)`` of NORMALIZE_AFTER
+    (computed once by filtering ones); all kernels in one fused lattice filter."""
+
+    def __init__(self, kernels):
+        n = kernels[0].lattice.num_points
+        self.filter = LatticeFilter([k.lattice for k in kernels])
+        raw = self.filter.filter_each(np.ones((n, 1), _F32))
+        self.norms = [_F32(1.0) / (r[:, 0] + _F32(1e-20)) for r in raw]
+        self.filter.set_row_scales([norm * _F32(k.weight)
+                                    for norm, k in zip(self.norms, kernels)])
+
+    def add_to(self, q, out):
+        """``out += messages(q)``; q, out N x M float32."""
+        return self.filter.add_to(q, out)
+
+    def __call__(self, q):
+        return self.filter(q)
+
+
+def softmax_rows(energy, shift=True, exp_cutoff=None):
+    """Row-wise softmax of an N x M float32 array, in place.  ``shift=False`` skips
+    subtracting the row maximum (the caller guarantees exp cannot overflow and some
+    entry of each row is >= 0, so the sum cannot underflow).  ``exp_cutoff`` (needs
+    ``shift``): entries more than this below their row maximum get probability 0, as
+    the fork's ``fast_exp`` returns 0 beyond |x| > 20."""
+    if shift:
+        energy -= energy.max(axis=1, keepdims=True)
+    below = energy < -_F32(exp_cutoff) if exp_cutoff is not None else None
+    np.exp(energy, out=energy)
+    if below is not None:
+        energy[below] = 0
+    total = np.einsum("ij->i", energy)
+    energy *= (_F32(1.0) / total)[:, None]
+    return energy
+
+
+# exp(x) is finite for float32 x < 88.7; messages add at most sum(|w|) to a shifted row.
+_SAFE_WEIGHT_SUM = 60.0
+
+
+def mean_field(unary, kernels, max_iter, exp_cutoff=None):
+    """Q after ``max_iter`` mean-field steps.  ``unary`` is M x H x W (or M x N),
+    ``kernels`` a list of ``PottsKernel`` over the same N pixels; returns the marginals
+    in the unary's shape, float32.  ``exp_cutoff=20`` reproduces the fork's
+    ``fast_exp`` (labels more than 20 below a pixel's best get Q = 0 exactly);
+    the default None is pydensecrf's exact softmax.
+
+    Each step is ``Q = softmax(-U + sum_k w_k norm_k (K_k Q))``.  Every message lies in
+    [min(w_k, 0), max(w_k, 0)] (``norm_k K_k`` averages Q over a non-negative kernel),
+    so the rows are shifted once by max(-U) instead of by their maximum each step when
+    the weights are moderate; the softmax is unchanged up to float rounding.
+    """
+    unary = np.asarray(unary, _F32)
+    labels = unary.shape[0]
+    flat = unary.reshape(labels, -1)
+    shift = flat.min(axis=0)                 # max(-U) per pixel, on the M x N layout
+    base = np.ascontiguousarray(flat.T)                                # N x M
+    np.subtract(shift[:, None], base, out=base)                        # -U - max(-U)
+    if not np.isfinite(shift).all():
+        raise ValueError("the CRF unary contains NaN or infinity")
+    for kernel in kernels:
+        if kernel.lattice.num_points != base.shape[0]:
+            raise ValueError(f"a CRF kernel has features for {kernel.lattice.num_points} "
+                             f"pixels but the unary has {base.shape[0]}")
+    shift_each_step = (exp_cutoff is not None
+                       or sum(abs(k.weight) for k in kernels) > _SAFE_WEIGHT_SUM)
+    q = softmax_rows(base.copy(), shift=exp_cutoff is not None, exp_cutoff=exp_cutoff)
+    if kernels and max_iter > 0:
+        messages = PairwiseMessages(kernels)
+        for _ in range(int(max_iter)):
+            vertex = messages.filter.blurred(q)
+            energy = q                        # q is spent: its buffer takes the energy
+            np.copyto(energy, base)
+            _add_product(messages.filter.slice, vertex, energy)
+            q = softmax_rows(energy, shift=shift_each_step, exp_cutoff=exp_cutoff)
+    return np.ascontiguousarray(q.T).reshape(unary.shape)
+
+
+def _check_image(unary, image):
+    image = np.asarray(image)
+    if unary.ndim != 3:
+        raise ValueError(f"the unary must be labels x height x width, got shape "
+                         f"{unary.shape}")
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"the CRF image must be height x width x 3, got shape "
+                         f"{image.shape}")
+    if image.shape[:2] != unary.shape[1:]:
+        raise ValueError(f"the image is {image.shape[0]}x{image.shape[1]} but the "
+                         f"scores are {unary.shape[1]}x{unary.shape[2]}")
+    return image
+
+
+def crf_kernels(image, params):
+    """The refine program's two kernels: positional first, then bilateral on ``image``
+    (H x W x 3, channels in the order the features should use)."""
+    height, width = image.shape[:2]
+    return [PottsKernel(position_features(height, width, params.pos_xy_std), params.pos_w),
+            PottsKernel(bilateral_features(image, params.bi_xy_std, params.bi_rgb_std),
+                        params.bi_w)]
+
+
+def dense_crf(unary, image, params=None, **overrides):
+    """Marginals Q (M x H x W float32) of the refine program's CRF.
+
+    ``unary``: M x H x W energies (``unary_from_scores(logits)``); ``image``: H x W x 3
+    (RGB uint8 for the standalone program's behaviour); ``params``: ``CRFParams``
+    (defaults of ``prog_refine_pascal_v4``), fields overridable by keyword.
+    """
+    params = (params or CRFParams()).with_(**overrides)
+    unary = np.asarray(unary, _F32)
+    image = _check_image(unary, image)
+    return mean_field(unary, crf_kernels(image, params), params.max_iter)
+
+
+def crf_labels(scores, image, params=None, unary="score", **overrides):
+    """Per-pixel labels (H x W, int64; first maximum of Q) for M x H x W ``scores``:
+    logits (``unary="score"``, the refine program's input) or probabilities
+    (``unary="prob"``)."""
+    if unary == "score":
+        energies = unary_from_scores(scores)
+    elif unary == "prob":
+        energies = unary_from_probabilities(scores)
+    else:
+        raise ValueError(f"unary must be 'score' or 'prob', got '{unary}'")
+    return dense_crf(energies, image, params, **overrides).argmax(axis=0)

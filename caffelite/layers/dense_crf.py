@@ -1,0 +1,111 @@
+"""DenseCRF: the DeepLab fork's fully connected CRF as a layer (``densecrf_layer.cpp``),
+inference only, with the mean field of ``caffelite.crf``."""
+import numpy as np
+
+from ..backend import get_array_module
+from ..crf.densecrf import PottsKernel, bilateral_features, mean_field, position_features
+from ..layer import Layer, register
+
+# The fork's fast_exp returns 0 for arguments below -20 (after the max is subtracted).
+FAST_EXP_CUTOFF = 20.0
+
+
+@register("DenseCRF")
+class DenseCRFLayer(Layer):
+    """Bottoms: [0] scores N x M x H x W (the DCNN output after Interp), [1] data_dim
+    N x 1 x 1 x 2 (image height, width), [2] the data blob (mean-subtracted BGR,
+    N x 3 x H x W).  Top: N x M x H x W marginals Q (``output_probability``, default)
+    or ``log(max(Q, FLT_MIN))``.
+
+    Per image the CRF runs on the top-left ``min(h, H) x min(w, W)`` region (the fork
+    takes the whole blob when it is not larger than the image, else the image size);
+    outputs outside it are 0.  Unary = -score (logits, no softmax); one positional
+    kernel per (pos_w, pos_xy_std) with features (x, y) / pos_xy_std, then one
+    bilateral kernel per (bi_w, bi_xy_std, bi_rgb_std) with features (x/xy, y/xy,
+    B/rgb, G/rgb, R/rgb) of the mean-subtracted data; Potts, NORMALIZE_AFTER,
+    ``max_iter`` mean-field steps, labels more than 20 below a pixel's best at Q = 0
+    (the fork's ``fast_exp``).  No backward (the fork's is empty).
+    """
+    min_bottom = 2
+    max_bottom = 3
+    exact_num_top = 1
+
+    def setup(self, bottom, top):
+        p = self.layer_param.dense_crf_param
+        self.max_iter = max(int(p.max_iter), 0)
+        self.pos = list(zip(p.pos_w, p.pos_xy_std))
+        self.bi = list(zip(p.bi_w, p.bi_xy_std, p.bi_rgb_std))
+        self.output_probability = p.output_probability
+        if len(p.pos_w) != len(p.pos_xy_std):
+            raise self.error(f"dense_crf_param has {len(p.pos_w)} pos_w but "
+                             f"{len(p.pos_xy_std)} pos_xy_std; give one of each per "
+                             f"positional kernel")
+        if not len(p.bi_w) == len(p.bi_xy_std) == len(p.bi_rgb_std):
+            raise self.error(f"dense_crf_param has {len(p.bi_w)} bi_w, {len(p.bi_xy_std)} "
+                             f"bi_xy_std and {len(p.bi_rgb_std)} bi_rgb_std; give one of "
+                             f"each per bilateral kernel")
+        for name in ("pos_xy_std", "bi_xy_std", "bi_rgb_std"):
+            bad = [v for v in getattr(p, name) if not v > 0]
+            if bad:
+                raise self.error(f"dense_crf_param.{name} must be positive, got {bad[0]:g}")
+        if len(bottom) < 3:
+            raise self.error("needs three bottoms: scores, data_dim and the image (the "
+                             "fork's Reshape reads the image blob even without bilateral "
+                             "kernels)")
+        if not self.bi:
+            raise self.error("has the image as a bottom but no bilateral kernel "
+                             "(dense_crf_param.bi_w / bi_xy_std / bi_rgb_std)")
+        if bottom[2].num_axes != 4 or bottom[2].shape[1] != 3:
+            raise self.error(f"the image bottom '{self._bottom_name(2)}' must be "
+                             f"N x 3 x H x W (colour), got shape {bottom[2].shape}")
+
+    def _bottom_name(self, i):
+        names = list(self.layer_param.bottom)
+        return names[i] if i < len(names) else f"bottom[{i}]"
+
+    def reshape(self, bottom, top):
+        scores, dims, image = bottom[0], bottom[1], bottom[2]
+        if scores.num_axes != 4:
+            raise self.error(f"scores '{self._bottom_name(0)}' must be N x M x H x W, got "
+                             f"shape {scores.shape}")
+        num = scores.shape[0]
+        if dims.shape[0] != num or image.shape[0] != num:
+            raise self.error(f"scores, data_dim and image hold {num}, {dims.shape[0]} and "
+                             f"{image.shape[0]} images; they must agree")
+        if dims.count // max(num, 1) < 2:
+            raise self.error(f"data_dim '{self._bottom_name(1)}' must hold (height, width) "
+                             f"per image, got shape {dims.shape}")
+        if tuple(image.shape[2:]) != tuple(scores.shape[2:]):
+            raise self.error(f"scores are {scores.shape[2]}x{scores.shape[3]} but the image "
+                             f"'{self._bottom_name(2)}' is {image.shape[2]}x{image.shape[3]}"
+                             f"; upsample the scores to the input size (Interp) first")
+        top[0].reshape(scores.shape)
+
+    def forward(self, bottom, top):
+        xp = get_array_module(bottom[0].data)
+        to_host = (lambda a: np.asarray(a)) if xp is np else (lambda a: xp.asnumpy(a))
+        scores = to_host(bottom[0].data)
+        dims = to_host(bottom[1].data).reshape(scores.shape[0], -1)
+        image = to_host(bottom[2].data)
+        out = np.zeros(scores.shape, top[0].dtype)
+        for n in range(scores.shape[0]):
+            height = min(int(dims[n, 0]), scores.shape[2])
+            width = min(int(dims[n, 1]), scores.shape[3])
+            if height <= 0 or width <= 0:
+                continue
+            q = self.infer(scores[n, :, :height, :width], image[n, :, :height, :width])
+            if not self.output_probability:
+                q = np.log(np.maximum(q, np.finfo(np.float32).tiny))
+            out[n, :, :height, :width] = q
+        top[0].data[...] = xp.asarray(out)
+
+    def infer(self, scores, bgr):
+        """Q (M x h x w, float32) for one image: scores M x h x w, bgr 3 x h x w."""
+        height, width = scores.shape[1:]
+        pixels = np.ascontiguousarray(np.asarray(bgr, np.float32).transpose(1, 2, 0))
+        kernels = [PottsKernel(position_features(height, width, std), w)
+                   for w, std in self.pos]
+        kernels += [PottsKernel(bilateral_features(pixels, xy, rgb), w)
+                    for w, xy, rgb in self.bi]
+        return mean_field(-np.asarray(scores, np.float32), kernels, self.max_iter,
+                          exp_cutoff=FAST_EXP_CUTOFF)
