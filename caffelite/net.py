@@ -5,7 +5,9 @@ Input layer, automatic Split insertion for fan-out, in-place tops, parameter sha
 by ``param { name }``, loss weights, and the need-backward analysis that skips
 layers which do not contribute to a loss.
 """
+import os
 from collections import OrderedDict
+from itertools import zip_longest
 
 import numpy as np
 
@@ -196,9 +198,11 @@ class Net:
         self._inputs = []
         blob_need_backward = {}
         available = OrderedDict()
-        for lp in net.layer:
-            need_backward = self._append_layer(lp, available, blob_need_backward)
-            self.layer_need_backward.append(need_backward)
+        from .layers.python_layer import module_search_dir
+        with module_search_dir(self._prototxt_dir()):
+            for lp in net.layer:
+                need_backward = self._append_layer(lp, available, blob_need_backward)
+                self.layer_need_backward.append(need_backward)
         self._outputs = sorted(available)   # Caffe keeps them in a std::set
         self._prune_backward()
         if self.force_backward:
@@ -209,6 +213,19 @@ class Net:
                 if w:
                     self.blob_loss_weights[name] = w
         logger.info("Network initialization done.")
+
+    def _prototxt_dir(self):
+        """The prototxt's folder, where Python layer modules are also looked for."""
+        candidates = [self.source]
+        if isinstance(self.source, str) and ": " in self.source:
+            candidates.append(self.source.split(": ", 1)[0])    # "<solver>: net_param"
+        for path in candidates:
+            try:
+                if os.path.isfile(path):
+                    return os.path.dirname(os.path.abspath(path))
+            except (TypeError, ValueError):
+                pass
+        return None
 
     def _top_name_list(self, blobs):
         ids = {id(b): n for n, b in self.blobs.items()}
@@ -432,7 +449,8 @@ class Net:
         blobs = list(blobs or [])
         start_i = self._layer_index(start) if start is not None else 0
         end_i = self._layer_index(end) if end is not None else len(self.layers) - 1
-        outputs = set(([end] if end is not None else self.outputs) + blobs)
+        # pycaffe: with ``end``, the tops of that layer (not a blob named like it).
+        outputs = set((self.top_names[end] if end is not None else self.outputs) + blobs)
         if kwargs:
             unknown = set(kwargs) - set(self.inputs)
             if unknown:
@@ -450,7 +468,7 @@ class Net:
         diffs = list(diffs or [])
         start_i = self._layer_index(start) if start is not None else len(self.layers) - 1
         end_i = self._layer_index(end) if end is not None else 0
-        outputs = set(([end] if end is not None else self.inputs) + diffs)
+        outputs = set((self.bottom_names[end] if end is not None else self.inputs) + diffs)
         for name, value in kwargs.items():
             if name not in self.outputs:
                 raise NetError(f"backward() got a diff for '{name}', which is not a net output")
@@ -458,9 +476,160 @@ class Net:
         self.backward_from_to(start_i, end_i)
         return {name: self.blobs[name].diff for name in outputs}
 
+    @property
+    def _blob_names(self):
+        return list(self.blobs)
+
+    @property
+    def _blobs(self):
+        return list(self.blobs.values())
+
+    def _batch(self, arrays):
+        """pycaffe's batching: split equal-length input arrays into batches of the net's
+        batch size; the last one is zero-padded to full size."""
+        num = len(next(iter(arrays.values())))
+        if any(len(a) != num for a in arrays.values()):
+            raise NetError(f"arrays given to forward_all/forward_backward_all differ in "
+                           f"length: { {k: len(a) for k, a in arrays.items()} }")
+        first = self.blobs[self.inputs[0]] if self.inputs else next(iter(self.blobs.values()))
+        batch_size = first.shape[0]
+        for i in range(0, num - num % batch_size, batch_size):
+            yield {name: a[i:i + batch_size] for name, a in arrays.items()}
+        remainder = num % batch_size
+        if remainder:
+            padded = {}
+            for name, a in arrays.items():
+                a = np.asarray(a)
+                padding = np.zeros((batch_size - remainder,) + a.shape[1:], a.dtype)
+                padded[name] = np.concatenate([a[-remainder:], padding])
+            yield padded
+
+    def forward_all(self, blobs=None, **kwargs):
+        """pycaffe ``forward_all``: run the inputs in ``kwargs`` (any number of samples)
+        batch by batch; returns {blob: array over all samples} for the outputs and
+        ``blobs`` (the padding of the last batch is dropped)."""
+        names = set(self.outputs + list(blobs or []))
+        if not kwargs:
+            return {k: v.copy() for k, v in self.forward(blobs=blobs).items()}
+        collected = {name: [] for name in names}
+        for batch in self._batch(kwargs):
+            for name, value in self.forward(blobs=blobs, **batch).items():
+                collected[name].append(np.array(value, copy=True, ndmin=1))
+        num = len(next(iter(kwargs.values())))
+        return {name: _stack(parts, num) for name, parts in collected.items()}
+
+    def forward_backward_all(self, blobs=None, diffs=None, **kwargs):
+        """pycaffe ``forward_backward_all``: ``kwargs`` holds input arrays and/or diffs for
+        the outputs; returns ({output blob: data}, {input blob: diff}) over all samples."""
+        out_names = set(self.outputs + list(blobs or []))
+        diff_names = set(self.inputs + list(diffs or []))
+        fwd = {k: v for k, v in kwargs.items() if k in self.inputs}
+        bwd = {k: v for k, v in kwargs.items() if k in self.outputs}
+        unknown = set(kwargs) - set(fwd) - set(bwd)
+        if unknown:
+            raise NetError(f"forward_backward_all() got arrays for blobs that are neither "
+                           f"net inputs nor outputs: {sorted(unknown)}")
+        outs = {name: [] for name in out_names}
+        grads = {name: [] for name in diff_names}
+        batches = zip_longest(self._batch(fwd) if fwd else [],
+                              self._batch(bwd) if bwd else [], fillvalue={})
+        for fb, bb in batches:
+            for name, value in self.forward(blobs=blobs, **fb).items():
+                outs[name].append(np.array(value, copy=True, ndmin=1))
+            for name, value in self.backward(diffs=diffs, **bb).items():
+                grads[name].append(np.array(value, copy=True, ndmin=1))
+        if not fwd and not bwd:
+            for name, value in self.forward(blobs=blobs).items():
+                outs[name].append(np.array(value, copy=True, ndmin=1))
+            for name, value in self.backward(diffs=diffs).items():
+                grads[name].append(np.array(value, copy=True, ndmin=1))
+        num = len(next(iter(kwargs.values()))) if kwargs else None
+        return ({name: _stack(parts, num) for name, parts in outs.items()},
+                {name: _stack(parts, num) for name, parts in grads.items()})
+
+    def set_input_arrays(self, data, labels, layer=None):
+        """pycaffe ``set_input_arrays``: hand N x C x H x W data and N labels to a
+        MemoryData layer (the first layer, or the one named/indexed by ``layer``).  The
+        arrays are used in place, batch by batch, as in Caffe; keep them alive."""
+        index = 0 if layer is None else (
+            layer if isinstance(layer, int) else self._layer_index(layer))
+        target = self.layers[index] if self.layers else None
+        if target is None or target.type != "MemoryData":
+            where = "the first layer" if layer is None else f"layer '{layer}'"
+            raise RuntimeError(f"set_input_arrays may only be called if {where} is a "
+                               f"MemoryData layer")
+        data = np.ascontiguousarray(data, dtype=self.dtype)
+        labels = np.ascontiguousarray(labels, dtype=self.dtype)
+        if data.ndim != 4:
+            raise RuntimeError(f"set_input_arrays: data must be 4-d (N x C x H x W), got "
+                               f"shape {data.shape}")
+        if labels.shape[:1] != data.shape[:1] or labels.size != data.shape[0]:
+            raise RuntimeError(f"set_input_arrays: need one label per sample: data has "
+                               f"{data.shape[0]}, labels have shape {labels.shape}")
+        try:
+            target.set_input_arrays(data, labels.reshape(-1))
+        except LayerError as e:
+            raise RuntimeError(str(e)) from None
+        self._input_arrays = (data, labels)     # keep them alive, as pycaffe does
+
+    # ------------------------------------------------------------------ HDF5 weights
+    def save_hdf5(self, path, write_diff=False):
+        """Caffe's ``Net::ToHDF5``: group ``data`` (and ``diff``), one group per layer,
+        datasets ``0``, ``1``… per parameter blob (shared copies only under their owner)."""
+        h5py = _h5py()
+        owners = self._owned_params()
+        with h5py.File(path, "w") as f:
+            data = f.create_group("data")
+            diff = f.create_group("diff") if write_diff else None
+            for name, layer in zip(self._layer_names, self.layers):
+                group = data.require_group(name)
+                dgroup = diff.require_group(name) if diff is not None else None
+                for j, blob in enumerate(layer.blobs):
+                    if id(blob) in owners:
+                        group.create_dataset(str(j), data=np.asarray(blob.data))
+                    if dgroup is not None:
+                        dgroup.create_dataset(str(j), data=np.asarray(blob.diff))
+
+    def _owned_params(self):
+        """ids of the parameter blobs that own their data (not ``param { name }`` copies)."""
+        return {id(p.blob) for p in self.learnable_params}
+
+    def load_hdf5(self, path):
+        """Caffe's ``CopyTrainedLayersFromHDF5``: weights by layer name from ``data/``."""
+        h5py = _h5py()
+        owners = self._owned_params()
+        by_name = {}
+        for i, name in enumerate(self._layer_names):
+            by_name.setdefault(name, i)
+        with h5py.File(path, "r") as f:
+            if "data" not in f:
+                raise NetError(f"{path}: not a Caffe HDF5 weights file (no 'data' group)")
+            for name, group in f["data"].items():
+                i = by_name.get(name)
+                if i is None:
+                    logger.info("Ignoring source layer %s", name)
+                    continue
+                layer = self.layers[i]
+                if len(group) > len(layer.blobs):
+                    raise NetError(f"{path}: incompatible number of blobs for layer '{name}': "
+                                   f"{len(group)} in the file, {len(layer.blobs)} in the net")
+                for j, blob in enumerate(layer.blobs):
+                    if str(j) not in group:
+                        if id(blob) not in owners:
+                            continue        # a shared copy: its owner carries the data
+                        raise NetError(f"{path}: layer '{name}' has no blob {j} in the file")
+                    values = group[str(j)][()]
+                    if tuple(values.shape) != blob.shape:
+                        raise NetError(f"{path}: layer '{name}' blob {j}: shape "
+                                       f"{tuple(values.shape)} in the file, {blob.shape} in "
+                                       f"the net")
+                    blob.data[...] = values
+
     # ------------------------------------------------------------------ weights
     def copy_from(self, path):
         """Copy weights from a caffemodel by layer name (first match), checking shapes."""
+        if _is_hdf5(path):                   # Caffe's CopyTrainedLayersFrom does the same
+            return self.load_hdf5(path)
         by_name = {}
         for i, name in enumerate(self._layer_names):
             by_name.setdefault(name, i)
@@ -520,3 +689,31 @@ def _shapes_match(target_shape, blob):
         padded = (1,) * (4 - len(target_shape)) + tuple(target_shape)
         return padded == tuple(blob.shape)
     return tuple(target_shape) == tuple(blob.shape)
+
+
+def _stack(parts, num):
+    """Concatenate per-batch arrays along the batch axis, dropping the padding."""
+    if not parts:
+        return np.zeros((0,), np.float32)
+    out = np.concatenate(parts)
+    return out[:num] if num is not None and len(out) > num else out
+
+
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def _is_hdf5(path):
+    try:
+        with open(path, "rb") as f:
+            return f.read(8) == _HDF5_SIGNATURE
+    except (OSError, TypeError):
+        return False
+
+
+def _h5py():
+    try:
+        import h5py
+    except ImportError:
+        raise ImportError("HDF5 weights need h5py: pip install h5py (or caffelite[hdf5])") \
+            from None
+    return h5py

@@ -282,6 +282,11 @@ class Solver:
         """Called before each iteration's forward passes / before each update."""
         self._callbacks.append((on_start, on_gradients))
 
+    def share_weights(self, net):
+        """pycaffe ``solver.share_weights(net)``: ``net`` uses the train net's weights
+        (same-named layers share parameter data, no copy)."""
+        net.share_trained_layers_with(self.net)
+
     def request_stop(self):
         """Stop after the current iteration (SIGINT in ``caffe train``)."""
         self._stop_requested = True

@@ -45,3 +45,92 @@ def test_load_image_and_transformer(tmp_path):
 def test_oversample_gives_ten_crops():
     crops = caffe.io.oversample([np.random.rand(8, 10, 3)], (4, 4))
     assert crops.shape == (10, 4, 4, 3)
+
+
+def test_blobproto_vector_strings_round_trip():
+    arrays = [np.arange(6, dtype=np.float32).reshape(2, 3), np.float32([[[7.5]]]),
+              np.zeros((0,), np.float32)]
+    data = caffe.io.arraylist_to_blobprotovector_str(arrays)
+    assert isinstance(data, bytes)
+    vec = caffe.proto.caffe_pb2.BlobProtoVector.FromString(data)
+    assert [list(b.shape.dim) for b in vec.blobs] == [[2, 3], [1, 1, 1], [0]]
+    back = caffe.io.blobprotovector_str_to_arraylist(data)
+    assert len(back) == 3
+    for a, b in zip(arrays, back):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_blobproto_shapes_as_pycaffe():
+    blob = caffe.proto.caffe_pb2.BlobProto()
+    blob.data.extend([0.0] * 100)
+    with pytest.raises(ValueError):                 # no shape at all: 100 values
+        caffe.io.blobproto_to_array(blob)
+    one = caffe.proto.caffe_pb2.BlobProto()
+    one.data.append(123)
+    assert caffe.io.blobproto_to_array(one) == 123   # a scalar
+    with_diff = caffe.io.array_to_blobproto(np.ones((2, 2)), diff=np.full((2, 2), 3.0))
+    np.testing.assert_array_equal(caffe.io.blobproto_to_array(with_diff, return_diff=True),
+                                  np.full((2, 2), 3.0))
+
+
+def test_datum_label_and_float_data():
+    with_label = caffe.io.array_to_datum(np.ones((3, 2, 2)), label=1)
+    without = caffe.io.array_to_datum(np.ones((3, 2, 2)))
+    assert not without.HasField("label")
+    assert len(with_label.SerializeToString()) > len(without.SerializeToString())
+    assert len(without.float_data) == 12 and not without.data
+    np.testing.assert_array_equal(caffe.io.datum_to_array(without), np.ones((3, 2, 2)))
+    with pytest.raises(ValueError, match="C x H x W"):
+        caffe.io.array_to_datum(np.ones((2, 2)))
+
+
+def test_load_image_gray_color_and_alpha(tmp_path):
+    gray = np.array([[0, 51], [102, 255]], np.uint8)
+    Image.fromarray(gray).save(tmp_path / "g.png")
+    tiled = caffe.io.load_image(str(tmp_path / "g.png"))
+    assert tiled.shape == (2, 2, 3)
+    np.testing.assert_allclose(tiled[..., 2], gray / 255.0, rtol=1e-6)
+    single = caffe.io.load_image(str(tmp_path / "g.png"), color=False)
+    assert single.shape == (2, 2, 1)
+
+    rgba = np.zeros((1, 2, 4), np.uint8)
+    rgba[0, 0] = (255, 0, 0, 10)
+    rgba[0, 1] = (0, 255, 255, 200)
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "c.png")
+    rgb = caffe.io.load_image(str(tmp_path / "c.png"))
+    np.testing.assert_array_equal(rgb[0], [[1, 0, 0], [0, 1, 1]])       # alpha dropped
+    lum = caffe.io.load_image(str(tmp_path / "c.png"), color=False)
+    # skimage's rgb2gray, as pycaffe's load_image(color=False) gives
+    np.testing.assert_allclose(lum[0, :, 0], [0.2125, 0.7154 + 0.0721], rtol=1e-6)
+    with pytest.raises(OSError, match="missing.png"):
+        caffe.io.load_image(str(tmp_path / "missing.png"))
+
+
+def test_transformer_elementwise_mean_and_checks():
+    t = caffe.io.Transformer({"data": (1, 2, 3, 4)})
+    mean = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    t.set_mean("data", mean)
+    x = np.ones((3, 4, 2), np.float32)
+    t.set_transpose("data", (2, 0, 1))
+    np.testing.assert_allclose(t.preprocess("data", x), 1 - mean)
+    t2 = caffe.io.Transformer({"data": (1, 1, 3, 4)})
+    t2.set_mean("data", np.ones((3, 4)))                 # H x W for one channel
+    assert t2.mean["data"].shape == (1, 3, 4)
+    with pytest.raises(ValueError, match="incompatible with the input shape"):
+        t.set_mean("data", np.zeros((2, 4, 4)))
+    with pytest.raises(ValueError, match="not one of the net inputs"):
+        t.set_raw_scale("label", 255)
+    with pytest.raises(ValueError, match="one entry per input channel"):
+        t.set_channel_swap("data", (2, 1, 0))
+
+
+def test_oversample_corners_centre_and_mirrors():
+    image = np.arange(5 * 6, dtype=np.float32).reshape(5, 6, 1)
+    crops = caffe.io.oversample([image, image + 100], (3, 4))
+    assert crops.shape == (20, 3, 4, 1)
+    expected = [image[0:3, 0:4], image[0:3, 2:6], image[2:5, 0:4], image[2:5, 2:6],
+                image[1:4, 1:5]]
+    for i, e in enumerate(expected):
+        np.testing.assert_array_equal(crops[i], e)
+        np.testing.assert_array_equal(crops[5 + i], e[:, ::-1])
+        np.testing.assert_array_equal(crops[10 + i], e + 100)

@@ -32,6 +32,20 @@ def array_to_blobproto(arr, diff=None):
     return blob
 
 
+def arraylist_to_blobprotovector_str(arraylist):
+    """Arrays -> serialized BlobProtoVector (bytes), as pycaffe."""
+    vec = caffe_pb2.BlobProtoVector()
+    vec.blobs.extend([array_to_blobproto(arr) for arr in arraylist])
+    return vec.SerializeToString()
+
+
+def blobprotovector_str_to_arraylist(data):
+    """Serialized BlobProtoVector (bytes) -> list of arrays, as pycaffe."""
+    vec = caffe_pb2.BlobProtoVector()
+    vec.ParseFromString(data)
+    return [blobproto_to_array(blob) for blob in vec.blobs]
+
+
 def array_to_datum(arr, label=None):
     arr = np.asarray(arr)
     if arr.ndim != 3:
@@ -53,16 +67,35 @@ def datum_to_array(datum):
     return np.array(datum.float_data, dtype=float).reshape(shape)
 
 
+# skimage's rgb2gray weights, which pycaffe's load_image(color=False) applies.
+_GRAY_WEIGHTS = np.array([0.2125, 0.7154, 0.0721], dtype=np.float64)
+
+
 def load_image(filename, color=True):
-    """Image -> float32 H x W x 3 (RGB) or H x W x 1 in [0, 1], as pycaffe's load_image."""
+    """Image -> float32 H x W x 3 (RGB) or H x W x 1 in [0, 1], as pycaffe's load_image
+    (skimage's ``imread`` + ``img_as_float``): gray images are tiled to 3 channels for
+    ``color``, an alpha channel is dropped, colour images wanted in gray get skimage's
+    luminance (0.2125 R + 0.7154 G + 0.0721 B), 16-bit images are scaled by 1/65535."""
     from PIL import Image
     try:
         img = Image.open(filename)
-        img = img.convert("RGB" if color else "L")
+        img.load()
     except OSError as e:
         raise OSError(f"cannot read image '{filename}': {e}") from None
-    arr = np.asarray(img, dtype=np.float32) / 255.0
-    return arr[:, :, None] if arr.ndim == 2 else arr
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float64) / 65535.0
+    elif img.mode in ("L", "1", "LA"):
+        arr = np.asarray(img.convert("L"), dtype=np.float64) / 255.0
+    else:
+        arr = np.asarray(img.convert("RGB"), dtype=np.float64) / 255.0
+    if arr.ndim == 3 and not color:
+        arr = arr @ _GRAY_WEIGHTS
+    arr = arr.astype(np.float32)
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+        if color:
+            arr = np.tile(arr, (1, 1, 3))
+    return arr
 
 
 def resize_image(im, new_dims, interp_order=1):
@@ -118,6 +151,7 @@ class Transformer:
         self.raw_scale[name] = scale
 
     def set_mean(self, name, mean):
+        """Per-channel (K values) or elementwise (K x H x W, or H x W) mean."""
         self._check(name)
         mean = np.asarray(mean, dtype=np.float32)
         channels = self.inputs[name][1]
@@ -125,8 +159,15 @@ class Transformer:
             if mean.shape[0] != channels:
                 raise ValueError(f"mean has {mean.shape[0]} values for {channels} channels")
             mean = mean[:, None, None]
-        elif mean.shape[0] != channels:
-            raise ValueError("mean channels do not match the input")
+        else:
+            shape = (1,) + mean.shape if mean.ndim == 2 else mean.shape
+            if len(shape) != 3:
+                raise ValueError(f"mean shape {mean.shape} is invalid (need K, K x H x W "
+                                 f"or H x W)")
+            if tuple(shape) != tuple(self.inputs[name][1:]):
+                raise ValueError(f"mean shape {mean.shape} is incompatible with the input "
+                                 f"shape {tuple(self.inputs[name][1:])}")
+            mean = mean.reshape(shape)
         self.mean[name] = mean
 
     def set_input_scale(self, name, scale):

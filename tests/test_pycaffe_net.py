@@ -1,0 +1,316 @@
+"""pycaffe's Net and Solver surface, caffe.Timer and friends, and the `caffe` alias."""
+import os
+import subprocess
+import sys
+import time
+from collections import OrderedDict
+
+import numpy as np
+import pytest
+
+import caffelite as caffe
+from caffelite.net import NetError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ALIAS_DIR = os.path.join(ROOT, "compat", "caffe_alias")
+
+NET = """name: 'small' force_backward: true
+layer { type: 'DummyData' name: 'data' top: 'data' top: 'label'
+  dummy_data_param { shape { dim: 4 dim: 2 dim: 3 dim: 3 } shape { dim: 4 }
+    data_filler { type: 'gaussian' std: 1 } data_filler { type: 'constant' } } }
+layer { type: 'Convolution' name: 'conv' bottom: 'data' top: 'conv'
+  convolution_param { num_output: 3 kernel_size: 2
+    weight_filler { type: 'gaussian' std: 1 } bias_filler { type: 'constant' value: 1 } } }
+layer { type: 'InnerProduct' name: 'ip' bottom: 'conv' top: 'ip_blob'
+  inner_product_param { num_output: 5 weight_filler { type: 'gaussian' std: 1 } } }
+layer { type: 'SoftmaxWithLoss' name: 'loss' bottom: 'ip_blob' bottom: 'label' top: 'loss' }
+"""
+
+DEPLOY = """name: 'deploy' force_backward: true input: 'data' input_shape { dim: 3 dim: 4 }
+layer { type: 'InnerProduct' name: 'ip' bottom: 'data' top: 'ip'
+  inner_product_param { num_output: 2 weight_filler { type: 'gaussian' std: 1 }
+    bias_filler { type: 'constant' value: 0.5 } } }
+layer { type: 'Softmax' name: 'prob' bottom: 'ip' top: 'prob' }
+"""
+
+
+@pytest.fixture
+def net_file(tmp_path):
+    path = tmp_path / "small.prototxt"
+    path.write_text(NET)
+    return str(path)
+
+
+@pytest.fixture
+def deploy(tmp_path):
+    path = tmp_path / "deploy.prototxt"
+    path.write_text(DEPLOY)
+    return caffe.Net(str(path), caffe.TEST)
+
+
+def softmax(x):
+    e = np.exp(x - x.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def test_names_dicts_and_blob_lists(net_file):
+    net = caffe.Net(net_file, caffe.TRAIN)
+    assert net.top_names == OrderedDict([("data", ["data", "label"]), ("conv", ["conv"]),
+                                         ("ip", ["ip_blob"]), ("loss", ["loss"])])
+    assert net.bottom_names["loss"] == ["ip_blob", "label"]
+    assert net._blob_names == ["data", "label", "conv", "ip_blob", "loss"]
+    assert [b is net.blobs[n] for b, n in zip(net._blobs, net._blob_names)] == [True] * 5
+    assert list(net.layer_dict) == net._layer_names
+    assert [l.type for l in net.layers] == ["DummyData", "Convolution", "InnerProduct",
+                                            "SoftmaxWithLoss"]
+    assert net.blob_loss_weights["loss"] == 1 and net.blob_loss_weights["ip_blob"] == 0
+    assert net.inputs == [] and net.outputs == ["loss"]
+    params = [p for ps in net.params.values() for p in ps]
+    blobs = list(net.blobs.values())
+    del net                                             # arrays outlive the net
+    assert np.isfinite(sum(float(b.data.sum() + b.diff.sum()) for b in params + blobs))
+
+
+def test_forward_backward_start_end_return_the_layer_tops(net_file):
+    net = caffe.Net(net_file, caffe.TRAIN)
+    conv = np.random.default_rng(1).uniform(size=net.blobs["conv"].data.shape)
+    net.blobs["conv"].data[...] = conv
+    out = net.forward(start="ip", end="ip")
+    assert set(out) == {"ip_blob"}
+    w, b = (p.data.astype(np.float64) for p in net.params["ip"])
+    np.testing.assert_allclose(out["ip_blob"], conv.reshape(4, -1) @ w.T + b, rtol=1e-5)
+    top_diff = np.random.default_rng(2).uniform(size=(4, 5))
+    net.blobs["ip_blob"].diff[...] = top_diff
+    grads = net.backward(start="ip", end="ip")
+    assert set(grads) == {"conv"}
+    np.testing.assert_allclose(grads["conv"], (top_diff @ w).reshape(conv.shape), rtol=1e-5)
+    assert set(net.forward(blobs=["conv"])) == {"loss", "conv"}
+
+
+def test_forward_all_batches_and_unpads(deploy):
+    x = np.random.default_rng(3).normal(size=(7, 4)).astype(np.float32)   # 3 + 3 + 1
+    out = deploy.forward_all(data=x, blobs=["ip"])
+    w, b = (p.data for p in deploy.params["ip"])
+    assert set(out) == {"prob", "ip"} and out["prob"].shape == (7, 2)
+    np.testing.assert_allclose(out["ip"], x @ w.T + b, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out["prob"], softmax(x @ w.T + b), rtol=1e-5)
+    with pytest.raises(NetError, match="not net inputs"):
+        deploy.forward(ip=x[:3])
+    with pytest.raises(NetError, match="not batch sized"):
+        deploy.forward(data=x[:2])
+
+
+def test_forward_backward_all(deploy):
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(5, 4)).astype(np.float32)
+    g = rng.normal(size=(5, 2)).astype(np.float32)
+    outs, diffs = deploy.forward_backward_all(data=x, prob=g, blobs=["ip"], diffs=["ip"])
+    w, b = (p.data.astype(np.float64) for p in deploy.params["ip"])
+    p = softmax(x @ w.T + b)
+    d_ip = p * (g - (g * p).sum(axis=1, keepdims=True))      # softmax backward
+    np.testing.assert_allclose(outs["prob"], p, rtol=1e-5)
+    np.testing.assert_allclose(diffs["ip"], d_ip, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(diffs["data"], d_ip @ w, rtol=1e-4, atol=1e-6)
+    assert outs["prob"].shape == (5, 2) and diffs["data"].shape == (5, 4)
+
+
+def test_batch_pads_the_last_batch_with_zeros(deploy):
+    batches = list(deploy._batch({"data": np.ones((4, 4))}))
+    assert [b["data"].shape for b in batches] == [(3, 4), (3, 4)]
+    np.testing.assert_array_equal(batches[1]["data"], [[1] * 4, [0] * 4, [0] * 4])
+
+
+def test_set_input_arrays_feeds_memory_data(tmp_path):
+    path = tmp_path / "mem.prototxt"
+    path.write_text("""layer { name: 'data' type: 'MemoryData' top: 'data' top: 'label'
+      memory_data_param { batch_size: 2 channels: 1 height: 2 width: 2 } }
+      layer { name: 'ip' type: 'InnerProduct' bottom: 'data' top: 'ip'
+        inner_product_param { num_output: 1 weight_filler { type: 'constant' value: 1 } } }
+      layer { name: 'silence' type: 'Silence' bottom: 'label' }""")
+    net = caffe.Net(str(path), caffe.TEST)
+    data = np.arange(16, dtype=np.float32).reshape(4, 1, 2, 2)
+    net.set_input_arrays(data, np.array([0, 1, 2, 3], np.float32))
+    first = net.forward()["ip"].ravel().tolist()
+    assert first == [0 + 1 + 2 + 3, 4 + 5 + 6 + 7]
+    assert net.blobs["label"].data.tolist() == [0, 1]
+    assert net.forward()["ip"].ravel().tolist() == [8 + 9 + 10 + 11, 12 + 13 + 14 + 15]
+    assert net.blobs["label"].data.tolist() == [2, 3]
+    with pytest.raises(RuntimeError, match="one label per sample"):
+        net.set_input_arrays(data, np.zeros(3, np.float32))
+    deploy = tmp_path / "d.prototxt"
+    deploy.write_text(DEPLOY)
+    with pytest.raises(RuntimeError, match="first layer is a MemoryData layer"):
+        caffe.Net(str(deploy), caffe.TEST).set_input_arrays(data, np.zeros(4))
+
+
+def test_save_and_load_hdf5_in_caffes_layout(net_file, tmp_path):
+    h5py = pytest.importorskip("h5py")
+    net = caffe.Net(net_file, caffe.TRAIN)
+    path = str(tmp_path / "w.h5")
+    net.save_hdf5(path)
+    with h5py.File(path, "r") as f:
+        assert sorted(f["data"]) == ["conv", "data", "ip", "loss"]
+        np.testing.assert_array_equal(f["data/conv/0"][()], net.params["conv"][0].data)
+        assert f["data/ip/1"].shape == (5,)
+    other = caffe.Net(net_file, caffe.TRAIN)
+    other.load_hdf5(path)
+    for name in net.params:
+        for a, b in zip(net.params[name], other.params[name]):
+            np.testing.assert_array_equal(a.data, b.data)
+    third = caffe.Net(net_file, caffe.TEST)
+    third.copy_from(path)                           # Caffe picks HDF5 by the file itself
+    np.testing.assert_array_equal(third.params["ip"][0].data, net.params["ip"][0].data)
+
+
+def test_hdf5_skips_shared_copies(tmp_path):
+    pytest.importorskip("h5py")
+    path = tmp_path / "shared.prototxt"
+    path.write_text("""input: 'x' input_shape { dim: 1 dim: 3 }
+      layer { name: 'a' type: 'InnerProduct' bottom: 'x' top: 'a' param { name: 'w' }
+        inner_product_param { num_output: 3 bias_term: false
+          weight_filler { type: 'gaussian' std: 1 } } }
+      layer { name: 'b' type: 'InnerProduct' bottom: 'a' top: 'b' param { name: 'w' }
+        inner_product_param { num_output: 3 bias_term: false } }""")
+    net = caffe.Net(str(path), caffe.TEST)
+    weights = str(tmp_path / "s.h5")
+    net.save_hdf5(weights, write_diff=True)
+    import h5py
+    with h5py.File(weights, "r") as f:
+        assert list(f["data/a"]) == ["0"] and list(f["data/b"]) == []
+        assert list(f["diff/b"]) == ["0"]
+    other = caffe.Net(str(path), caffe.TEST)
+    other.load_hdf5(weights)
+    np.testing.assert_array_equal(other.params["b"][0].data, net.params["a"][0].data)
+
+
+def test_solver_surface(net_file, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    solver_file = tmp_path / "solver.prototxt"
+    solver_file.write_text(f"net: '{net_file}' test_iter: 2 test_interval: 5 base_lr: 0.01 "
+                           "momentum: 0.9 weight_decay: 0.0005 lr_policy: 'fixed' "
+                           "max_iter: 6 snapshot_prefix: 'snap' snapshot_after_train: false")
+    solver = caffe.get_solver(str(solver_file))
+    assert isinstance(solver, caffe.SGDSolver) and len(solver.test_nets) == 1
+    events = []
+    solver.add_callback(lambda: events.append(("start", solver.iter)),
+                        lambda: events.append(("grad", solver.iter)))
+    solver.step(2)
+    assert events == [("start", 0), ("grad", 0), ("start", 1), ("grad", 1)]
+    assert solver.iter == 2
+    # apply_update: zero weights, unit diff, no history -> w = -lr (weight decay of 0)
+    blob = solver.net.layers[1].blobs[0]
+    data = blob.data
+    data[...] = 0
+    solver.net.clear_param_diffs()
+    blob.diff[...] = 1
+    solver.history[0][...] = 0
+    solver.apply_update()
+    np.testing.assert_allclose(data, -0.01, rtol=1e-6)
+    model, state = solver.snapshot()
+    assert os.path.basename(model) == "snap_iter_2.caffemodel" and os.path.isfile(state)
+    fresh = caffe.SGDSolver(str(solver_file))
+    fresh.restore(state)
+    assert fresh.iter == 2
+    np.testing.assert_array_equal(fresh.net.params["conv"][0].data, data)
+    fresh.solve()
+    assert fresh.iter == 6
+    other = caffe.Net(net_file, caffe.TEST)
+    fresh.share_weights(other)
+    assert other.params["ip"][0].data is not fresh.net.params["ip"][0].data
+    fresh.net.params["ip"][0].data[...] = 3
+    assert (other.params["ip"][0].data == 3).all()
+
+
+def test_timer_and_process_helpers():
+    t = caffe.Timer()
+    assert t.ms == 0.0
+    t.start()
+    time.sleep(0.02)
+    t.stop()
+    first = t.ms
+    assert 15 <= first < 2000 and t.ms == first           # stopped: stays put
+    t.start()
+    assert t.running and t.ms >= 0 and not t.running      # reading stops it, as Caffe
+    assert caffe.solver_count() == 1 and caffe.solver_rank() == 0 and not caffe.has_nccl()
+    assert "Python" in caffe.layer_type_list() and "Convolution" in caffe.layer_type_list()
+    caffe.set_random_seed(5)
+    caffe.init_log()
+    caffe.log("hello from a pycaffe script")
+
+
+def test_pycaffe_names_resolve():
+    for name in ("Net", "SGDSolver", "NesterovSolver", "AdaGradSolver", "RMSPropSolver",
+                 "AdaDeltaSolver", "AdamSolver", "get_solver", "Layer", "layer_type_list",
+                 "set_mode_cpu", "set_device", "set_random_seed", "Timer", "NetSpec",
+                 "to_proto", "TRAIN", "TEST"):
+        assert hasattr(caffe, name), name
+    from caffelite.proto import caffe_pb2
+    assert caffe.proto.caffe_pb2 is caffe_pb2
+    assert caffe_pb2.TRAIN == caffe.TRAIN and caffe_pb2.TEST == caffe.TEST
+    assert callable(caffe.layers.Convolution) and caffe.params.Pooling.AVE == 1
+    import caffelite.layers.conv as conv_module     # the implementation package still
+    assert conv_module.__name__ == "caffelite.layers.conv"
+
+
+# ---------------------------------------------------------------------- the alias
+def run_python(code, *, path=(), env=None, cwd=None):
+    environment = dict(os.environ, PYTHONPATH=os.pathsep.join(list(path) + [ROOT]))
+    environment.pop("CAFFELITE_CAFFE_ALIAS", None)
+    environment.update(env or {})
+    return subprocess.run([sys.executable, "-c", code], env=environment, cwd=cwd,
+                          capture_output=True, text=True, timeout=120)
+
+
+ALIAS_CHECK = """
+import caffe, caffelite
+import caffe.io, caffe.proto.caffe_pb2 as pb
+from caffe import layers as L, params as P
+from caffe.coord_map import crop
+import caffe.draw
+assert caffe is caffelite and caffe.io is caffelite.io
+assert pb is caffelite.proto.caffe_pb2 and caffelite.proto.__spec__.name == 'caffelite.proto'
+assert caffe.draw is caffelite.draw and callable(L.Convolution) and P.Pooling.MAX == 0
+print('ALIAS-OK')
+"""
+
+
+def fake_real_caffe(tmp_path):
+    real = tmp_path / "real"
+    (real / "caffe").mkdir(parents=True)
+    (real / "caffe" / "__init__.py").write_text("REAL = True\n")
+    return str(real)
+
+
+def test_alias_package_gives_caffelite(tmp_path):
+    result = run_python(ALIAS_CHECK, path=[ALIAS_DIR], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "ALIAS-OK" in result.stdout and "Warning" not in result.stderr
+
+
+def test_alias_package_steps_aside_for_a_real_caffe(tmp_path):
+    real = fake_real_caffe(tmp_path)
+    code = "import caffe; print('REAL' if getattr(caffe, 'REAL', False) else 'LITE')"
+    result = run_python(code, path=[ALIAS_DIR, real], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "REAL"
+    assert "a real Caffe exists" in result.stderr and "CAFFELITE_CAFFE_ALIAS=force" in \
+        result.stderr
+    forced = run_python(code, path=[ALIAS_DIR, real], env={"CAFFELITE_CAFFE_ALIAS": "force"},
+                        cwd=tmp_path)
+    assert forced.stdout.strip() == "LITE" and "hiding the Caffe at" in forced.stderr
+
+
+def test_install_alias(tmp_path):
+    result = run_python("import caffelite; caffelite.install_alias()\n" + ALIAS_CHECK,
+                        cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "ALIAS-OK" in result.stdout
+    real = fake_real_caffe(tmp_path)
+    refused = run_python("import caffelite; caffelite.install_alias()", path=[real],
+                         cwd=tmp_path)
+    assert refused.returncode != 0
+    assert "a real Caffe is importable" in refused.stderr and "force=True" in refused.stderr
+    forced = run_python("import caffelite, caffe; import sys\n"
+                        "try:\n    caffelite.install_alias()\nexcept RuntimeError as e:\n"
+                        "    print('REFUSED', e)", path=[real], cwd=tmp_path)
+    assert "REFUSED a module named 'caffe' is already imported" in forced.stdout
