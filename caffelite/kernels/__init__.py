@@ -1,0 +1,205 @@
+"""caffelite's own CUDA kernels (``*.cu`` next to this file) and their one loader.
+
+Every kernel is a ``template <typename T> __global__ void name(const int n, ...)``: a
+grid-stride loop over ``n`` elements (``n`` is always the first parameter), no
+``__syncthreads`` or shared memory, atomics for scatters. So the same source compiles
+with NVRTC for the GPU and with g++ for the host (``host_shim.h``; the tests in
+``tests/test_kernels_host.py`` run every kernel on the CPU against the numpy layers).
+
+    from caffelite import kernels
+    kernels.launch("pooling", "max_pool_forward", cupy.float32, n, bottom, ...)
+
+``load_module(name)`` compiles ``name.cu`` once per process and device (CuPy
+``RawModule``, instantiated for float and double); ``get_kernel`` picks one kernel;
+``launch`` converts the arguments to the kernel's exact C types (CuPy would pass a
+Python int as a 64-bit value to an ``int`` parameter) and picks the grid. CuPy is
+imported only here and only when a kernel is asked for: importing caffelite never needs
+it.
+"""
+import os
+import re
+
+import numpy as np
+
+KERNEL_DIR = os.path.dirname(os.path.abspath(__file__))
+
+# Exactness first: no fast math, and no fused multiply-add contraction (NVRTC's default
+# --fmad=true would round a*b+c once and break bit-equality with the numpy layers).
+NVRTC_OPTIONS = ("-std=c++14", "--fmad=false")
+
+# The instantiations every module provides.
+DTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
+
+BLOCK = 256
+MAX_GRID = 1 << 16          # more elements than grid*block: the loops stride over them
+MAX_ELEMENTS = 2 ** 31 - 1  # kernels index with int, like Caffe
+
+# C type of a parameter -> numpy dtype ("T" is the instantiation's float type).
+_C_TYPES = {"int": np.dtype(np.int32), "unsigned long long": np.dtype(np.uint64)}
+
+_KERNEL_RE = re.compile(
+    r"template\s*<\s*typename\s+T\s*>\s*__global__\s+void\s+(\w+)\s*\(([^)]*)\)")
+
+_modules = {}
+_cupy_checked = []
+
+
+class GPUUnavailableError(RuntimeError):
+    """CuPy or a CUDA device is missing; the message says which, in one sentence."""
+
+
+class Param:
+    """One kernel parameter: C base type ("T", "int", ...), pointer?, const?, name."""
+    __slots__ = ("ctype", "pointer", "const", "name")
+
+    def __init__(self, ctype, pointer, const, name):
+        self.ctype, self.pointer, self.const, self.name = ctype, pointer, const, name
+
+    def dtype(self, t):
+        """The numpy dtype of this parameter (its elements, for a pointer) for T = ``t``."""
+        return np.dtype(t) if self.ctype == "T" else _C_TYPES[self.ctype]
+
+    def __repr__(self):
+        return (f"{'const ' if self.const else ''}{self.ctype}"
+                f"{'*' if self.pointer else ''} {self.name}")
+
+
+def module_names():
+    """Every kernel module shipped with caffelite (the ``.cu`` basenames)."""
+    return sorted(f[:-3] for f in os.listdir(KERNEL_DIR) if f.endswith(".cu"))
+
+
+def source_path(name):
+    path = os.path.join(KERNEL_DIR, f"{name}.cu")
+    if not os.path.isfile(path):
+        raise ValueError(f"no kernel module '{name}' (known: {', '.join(module_names())})")
+    return path
+
+
+def source(name):
+    with open(source_path(name), encoding="utf-8") as f:
+        return f.read()
+
+
+def _parse_param(text, kernel):
+    tokens = text.replace("*", " * ").split()
+    const = "const" in tokens
+    tokens = [t for t in tokens if t not in ("const", "__restrict__")]
+    pointer = tokens.count("*")
+    tokens = [t for t in tokens if t != "*"]
+    if pointer > 1 or len(tokens) < 2:
+        raise ValueError(f"kernel {kernel}: cannot read parameter '{text.strip()}'")
+    ctype, name = " ".join(tokens[:-1]), tokens[-1]
+    if ctype != "T" and ctype not in _C_TYPES:
+        raise ValueError(f"kernel {kernel}: parameter '{text.strip()}' has a type the "
+                         f"loader does not map (T, {', '.join(_C_TYPES)})")
+    return Param(ctype, bool(pointer), const, name)
+
+
+def kernel_signatures(text):
+    """{kernel name: [Param, ...]} of the ``template <typename T> __global__`` kernels."""
+    out = {}
+    for m in _KERNEL_RE.finditer(text):
+        name = m.group(1)
+        params = [_parse_param(p, name) for p in m.group(2).split(",")]
+        first = params[0]
+        if first.pointer or first.ctype != "int":
+            raise ValueError(f"kernel {name}: the first parameter must be the element count "
+                             f"'const int n', got '{first!r}'")
+        out[name] = params
+    return out
+
+
+def ctype_name(dtype):
+    try:
+        return DTYPES[np.dtype(dtype)]
+    except KeyError:
+        raise TypeError(f"caffelite kernels are instantiated for float32 and float64 only, "
+                        f"not {np.dtype(dtype)}") from None
+
+
+def _cupy():
+    if _cupy_checked:
+        return _cupy_checked[0]
+    try:
+        import cupy
+    except ImportError as e:
+        raise GPUUnavailableError(
+            f"GPU mode needs CuPy, which is not installed ({e}); install the CUDA extra, "
+            f"e.g. pip install 'caffelite[cuda12]', or run on the CPU") from None
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:      # CUDARuntimeError: no driver, no device, ...
+        raise GPUUnavailableError(
+            f"GPU mode needs an NVIDIA GPU, but CUDA reports none ({e})") from None
+    if count < 1:
+        raise GPUUnavailableError("GPU mode needs an NVIDIA GPU, but CUDA reports none")
+    _cupy_checked.append(cupy)
+    return cupy
+
+
+def load_module(name):
+    """The CuPy RawModule of ``name.cu``, compiled once per process and device."""
+    cupy = _cupy()
+    key = (name, cupy.cuda.Device().id)
+    module = _modules.get(key)
+    if module is None:
+        text = source(name)
+        expressions = [f"{k}<{t}>" for k in kernel_signatures(text) for t in DTYPES.values()]
+        module = cupy.RawModule(code=text, options=NVRTC_OPTIONS,
+                                name_expressions=expressions)
+        module.caffelite_name = name
+        module.caffelite_signatures = kernel_signatures(text)
+        _modules[key] = module
+    return module
+
+
+def get_kernel(module, name, dtype=None):
+    """Kernel ``name`` of ``module`` (a RawModule or a module name): ``name`` is either
+    an instantiation such as ``"im2col<float>"`` or a bare name with ``dtype`` given."""
+    if isinstance(module, str):
+        module = load_module(module)
+    if dtype is not None:
+        name = f"{name}<{ctype_name(dtype)}>"
+    return module.get_function(name)
+
+
+def convert_args(params, dtype, args, xp):
+    """``args`` as the kernel's exact C types: arrays checked (``xp`` arrays of the
+    parameter's dtype, C-contiguous), scalars cast to int32 / uint64 / ``dtype``."""
+    if len(args) != len(params):
+        raise TypeError(f"kernel takes {len(params)} arguments ({params}), got {len(args)}")
+    out = []
+    for p, a in zip(params, args):
+        want = p.dtype(dtype)
+        if p.pointer:
+            if not isinstance(a, xp.ndarray):
+                raise TypeError(f"argument '{p.name}' must be a {xp.__name__} array, "
+                                f"got {type(a).__name__}")
+            if a.dtype != want or not a.flags.c_contiguous:
+                raise TypeError(f"argument '{p.name}' must be a C-contiguous {want} array, "
+                                f"got {a.dtype} (contiguous: {a.flags.c_contiguous})")
+            out.append(a)
+        else:
+            out.append(want.type(a))
+    n = int(args[0])
+    if not 0 <= n <= MAX_ELEMENTS:
+        raise ValueError(f"element count {n} is outside the kernels' int range")
+    return out
+
+
+def grid_for(n, block=BLOCK):
+    return max(1, min(MAX_GRID, -(-int(n) // block)))
+
+
+def launch(module_name, kernel_name, dtype, *args, grid=None, block=BLOCK):
+    """Run kernel ``kernel_name<dtype>`` of ``module_name.cu`` on CuPy arrays."""
+    module = load_module(module_name)
+    params = module.caffelite_signatures.get(kernel_name)
+    if params is None:
+        raise ValueError(f"kernel module '{module_name}' has no kernel '{kernel_name}' "
+                         f"(it has {', '.join(module.caffelite_signatures)})")
+    cupy = _cupy()
+    values = convert_args(params, dtype, args, cupy)
+    grid = grid_for(values[0], block) if grid is None else grid
+    get_kernel(module, kernel_name, dtype)((grid,), (block,), tuple(values))

@@ -1,0 +1,91 @@
+// im2col / col2im for 2-D convolution with stride, padding and dilation
+// (Caffe's util/im2col.cu; mirrors caffelite/layers/im2col.py).
+//
+// Column layout (Caffe's): row (c*kernel_h + u)*kernel_w + v, column h_col*width_col + w_col.
+// Both kernels work on one image (C x height x width) and on a band of output rows
+// [row_begin, row_begin + band_rows) of the height_col x width_col output grid, so that a
+// caller can keep the column buffer small (band_rows = height_col, row_begin = 0 is the
+// whole image, Caffe's case); the column buffer then is C*kh*kw x band_rows*width_col.
+//
+// Every kernel's first parameter is the element count of its grid-stride loop. No
+// __syncthreads, no shared memory: the file also compiles for the host (host_shim.h).
+#ifndef CAFFELITE_KERNEL_LOOP
+#define CAFFELITE_KERNEL_LOOP(i, n) \
+  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += blockDim.x * gridDim.x)
+#endif
+
+// One thread per (channel, band row, column) of the output grid; it copies the kernel_h *
+// kernel_w taps of its window, writing 0 where a tap falls into the padding.
+// n = channels * band_rows * width_col.
+template <typename T>
+__global__ void im2col(const int n, const T* __restrict__ image, const int height,
+                       const int width, const int kernel_h, const int kernel_w,
+                       const int pad_h, const int pad_w, const int stride_h,
+                       const int stride_w, const int dilation_h, const int dilation_w,
+                       const int width_col, const int row_begin, const int band_rows,
+                       T* __restrict__ col) {
+  const int plane_col = band_rows * width_col;
+  CAFFELITE_KERNEL_LOOP(index, n) {
+    const int w_col = index % width_col;
+    const int h_band = (index / width_col) % band_rows;
+    const int c = index / plane_col;
+    const int h_offset = (row_begin + h_band) * stride_h - pad_h;
+    const int w_offset = w_col * stride_w - pad_w;
+    const T* src = image + c * height * width;
+    T* dst = col + c * kernel_h * kernel_w * plane_col + h_band * width_col + w_col;
+    for (int u = 0; u < kernel_h; ++u) {
+      const int h_im = h_offset + u * dilation_h;
+      for (int v = 0; v < kernel_w; ++v) {
+        const int w_im = w_offset + v * dilation_w;
+        *dst = (h_im >= 0 && w_im >= 0 && h_im < height && w_im < width)
+                   ? src[h_im * width + w_im]
+                   : T(0);
+        dst += plane_col;
+      }
+    }
+  }
+}
+
+// The adjoint, as a gather (Caffe's GPU col2im, no atomics): one thread per image pixel
+// sums every column entry of the band that reads it, in increasing (h_col, w_col) order,
+// i.e. kernel taps from last to first (Caffe's CPU col2im and caffelite's numpy col2im
+// add the taps first to last, so float sums may differ in the last bits).
+// accumulate = 0 writes the pixel, 1 adds to it (for the second and later bands).
+// n = channels * height * width.
+template <typename T>
+__global__ void col2im(const int n, const T* __restrict__ col, const int height,
+                       const int width, const int kernel_h, const int kernel_w,
+                       const int pad_h, const int pad_w, const int stride_h,
+                       const int stride_w, const int dilation_h, const int dilation_w,
+                       const int width_col, const int row_begin, const int band_rows,
+                       const int accumulate, T* __restrict__ image) {
+  const int plane_col = band_rows * width_col;
+  const int extent_h = (kernel_h - 1) * dilation_h + 1;
+  const int extent_w = (kernel_w - 1) * dilation_w + 1;
+  CAFFELITE_KERNEL_LOOP(index, n) {
+    const int w_im = index % width + pad_w;
+    const int h_im = (index / width) % height + pad_h;
+    const int c = index / (width * height);
+    // Output rows/columns whose window [o*stride, o*stride + extent) holds this pixel.
+    int h_start = (h_im < extent_h) ? 0 : (h_im - extent_h) / stride_h + 1;
+    int h_end = h_im / stride_h + 1;
+    const int w_start = (w_im < extent_w) ? 0 : (w_im - extent_w) / stride_w + 1;
+    const int w_end = min(w_im / stride_w + 1, width_col);
+    h_start = max(h_start, row_begin);
+    h_end = min(h_end, row_begin + band_rows);
+    T val = T(0);
+    for (int h_col = h_start; h_col < h_end; ++h_col) {
+      for (int w_col = w_start; w_col < w_end; ++w_col) {
+        int h_k = h_im - h_col * stride_h;
+        int w_k = w_im - w_col * stride_w;
+        if (h_k % dilation_h == 0 && w_k % dilation_w == 0) {
+          h_k /= dilation_h;
+          w_k /= dilation_w;
+          val += col[((c * kernel_h + h_k) * kernel_w + w_k) * plane_col +
+                     (h_col - row_begin) * width_col + w_col];
+        }
+      }
+    }
+    image[index] = accumulate ? image[index] + val : val;
+  }
+}

@@ -1,0 +1,113 @@
+// Softmax over the channel axis, and SoftmaxWithLoss forward/backward (BVLC's
+// softmax_layer.cu and softmax_loss_layer.cu; mirrors caffelite/layers/softmax.py and
+// spec section 6).
+//
+// Blobs are viewed as (outer, channels, inner) around the softmax axis; element
+// (o, c, s) is at (o*channels + c)*inner + s, and one thread handles one (o, s) position,
+// looping over the channels in order (Caffe's channel max / sum / dot kernels do the
+// same per position). Labels: one per (o, s) position, at o*inner + s, truncated to int.
+// The loss kernels write per-position values; the caller sums them (a CuPy reduction;
+// Caffe uses caffe_gpu_asum), so no kernel needs a block reduction.
+//
+// Every kernel's first parameter is the element count of its grid-stride loop:
+// n = outer * inner for all of them.
+#ifndef CAFFELITE_KERNEL_LOOP
+#define CAFFELITE_KERNEL_LOOP(i, n) \
+  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += blockDim.x * gridDim.x)
+#endif
+#ifndef FLT_MIN
+#define FLT_MIN 1.175494351e-38F
+#endif
+
+// The float functions for float, the double ones for double (spelled out: a bare exp()
+// on a float is not overloaded the same way in every toolchain).
+__device__ __forceinline__ float exp_t(const float x) { return expf(x); }
+__device__ __forceinline__ double exp_t(const double x) { return exp(x); }
+__device__ __forceinline__ float log_t(const float x) { return logf(x); }
+__device__ __forceinline__ double log_t(const double x) { return log(x); }
+
+// prob = exp(x - max_c x) / sum_c exp(x - max_c x); may run in place (prob == x).
+template <typename T>
+__global__ void softmax_forward(const int n, const T* x, const int channels, const int inner,
+                                T* prob) {
+  CAFFELITE_KERNEL_LOOP(index, n) {
+    const int base = (index / inner) * channels * inner + index % inner;
+    T maxval = x[base];
+    for (int c = 1; c < channels; ++c) {
+      const T v = x[base + c * inner];
+      if (v > maxval) maxval = v;
+    }
+    T sum = T(0);
+    for (int c = 0; c < channels; ++c) {
+      const T e = exp_t(x[base + c * inner] - maxval);
+      prob[base + c * inner] = e;
+      sum += e;
+    }
+    for (int c = 0; c < channels; ++c) {
+      prob[base + c * inner] = prob[base + c * inner] / sum;
+    }
+  }
+}
+
+// Softmax's backward: dx = (dy - sum_c dy*y) * y; may run in place (bottom_diff == top_diff).
+template <typename T>
+__global__ void softmax_backward(const int n, const T* top_data, const T* top_diff,
+                                 const int channels, const int inner, T* bottom_diff) {
+  CAFFELITE_KERNEL_LOOP(index, n) {
+    const int base = (index / inner) * channels * inner + index % inner;
+    T dot = T(0);
+    for (int c = 0; c < channels; ++c) {
+      dot += top_diff[base + c * inner] * top_data[base + c * inner];
+    }
+    for (int c = 0; c < channels; ++c) {
+      const int k = base + c * inner;
+      bottom_diff[k] = (top_diff[k] - dot) * top_data[k];
+    }
+  }
+}
+
+// Per-position loss -log(max(p[label], FLT_MIN)) and count (1 = counted, 0 = ignored).
+// A label outside [0, channels) that is not the ignore label gives a NaN loss (Caffe
+// reads out of bounds there): the caller sees a NaN total and reports the bad label.
+template <typename T>
+__global__ void softmax_loss_forward(const int n, const T* __restrict__ prob,
+                                     const T* __restrict__ label, const int channels,
+                                     const int inner, const int has_ignore_label,
+                                     const int ignore_label, T* __restrict__ loss,
+                                     T* __restrict__ counts) {
+  CAFFELITE_KERNEL_LOOP(index, n) {
+    const int l = static_cast<int>(label[index]);
+    if (has_ignore_label && l == ignore_label) {
+      loss[index] = T(0);
+      counts[index] = T(0);
+    } else if (l < 0 || l >= channels) {
+      const T zero = T(0);
+      loss[index] = zero / zero;
+      counts[index] = T(1);
+    } else {
+      const int o = index / inner;
+      const T p = prob[(o * channels + l) * inner + index % inner];
+      loss[index] = -log_t(p < T(FLT_MIN) ? T(FLT_MIN) : p);  // std::max: NaN stays NaN
+      counts[index] = T(1);
+    }
+  }
+}
+
+// bottom_diff = (p - onehot(label)) * scale, 0 at ignored positions; scale is
+// loss_weight / normalizer (computed by the caller, in T).
+template <typename T>
+__global__ void softmax_loss_backward(const int n, const T* __restrict__ prob,
+                                      const T* __restrict__ label, const int channels,
+                                      const int inner, const int has_ignore_label,
+                                      const int ignore_label, const T scale,
+                                      T* __restrict__ bottom_diff) {
+  CAFFELITE_KERNEL_LOOP(index, n) {
+    const int l = static_cast<int>(label[index]);
+    const int base = (index / inner) * channels * inner + index % inner;
+    const bool ignored = has_ignore_label && l == ignore_label;
+    for (int c = 0; c < channels; ++c) {
+      const int k = base + c * inner;
+      bottom_diff[k] = ignored ? T(0) : (prob[k] - (c == l ? T(1) : T(0))) * scale;
+    }
+  }
+}

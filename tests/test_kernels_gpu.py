@@ -1,0 +1,65 @@
+"""The comparisons of test_kernels_host.py, run on a real GPU through the loader
+(caffelite.kernels: NVRTC-compiled CuPy RawModules of im2col.cu, pooling.cu, interp.cu,
+softmax_loss.cu, eltwise.cu, sgd_update.cu and seg_confusion.cu).
+
+Skipped without CuPy or a CUDA device; select with ``pytest -m gpu``. The same
+assertions hold on the device: bit-for-bit where the float operations are the same
+(NVRTC runs with --fmad=false and IEEE division/sqrt), bounds where sums are reordered;
+atomicAdd order varies between runs on a GPU, which is why the exact scatter checks
+use integer or dyadic data.
+"""
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.gpu
+
+cupy = pytest.importorskip("cupy", reason="the GPU kernel tests need CuPy")
+try:
+    _devices = cupy.cuda.runtime.getDeviceCount()
+except Exception as e:   # no driver / no device
+    pytest.skip(f"no CUDA device: {e}", allow_module_level=True)
+if _devices < 1:
+    pytest.skip("no CUDA device", allow_module_level=True)
+
+from caffelite import kernels  # noqa: E402
+from test_kernels_host import *  # noqa: E402,F401,F403  (the comparisons themselves)
+
+# Host-only checks stay in test_kernels_host.py.
+del test_every_module_compiles_without_warnings      # noqa: F821
+del test_nvrtc_compiles_every_instantiation          # noqa: F821
+del test_loader_errors_and_argument_checks           # noqa: F821
+
+
+class DeviceKernels:
+    """Same interface as kernel_host.HostKernels: numpy arrays in, outputs written back."""
+
+    def run(self, module, kernel, dtype, *args, grid=None, block=kernels.BLOCK):
+        params = kernels.load_module(module).caffelite_signatures[kernel]
+        device = [cupy.asarray(a) if isinstance(a, np.ndarray) else a for a in args]
+        kernels.launch(module, kernel, dtype, *device, grid=grid, block=block)
+        for p, host, dev in zip(params, args, device):
+            if p.pointer and not p.const:
+                host[...] = cupy.asnumpy(dev)
+
+
+@pytest.fixture
+def kern():   # noqa: F811  (replaces the host runner for every imported test)
+    return DeviceKernels()
+
+
+def test_modules_compile_once_per_process():
+    for name in kernels.module_names():
+        first = kernels.load_module(name)
+        assert kernels.load_module(name) is first
+        for kernel in first.caffelite_signatures:
+            for dtype in kernels.DTYPES:
+                assert kernels.get_kernel(first, kernel, dtype) is not None
+
+
+def test_launch_checks_argument_types():
+    x = cupy.zeros(4, cupy.float32)
+    with pytest.raises(TypeError, match="argument 'mask' must be a C-contiguous int32"):
+        kernels.launch("eltwise", "eltwise_max_backward", cupy.float32, 4, x, x, 0, x)
+    with pytest.raises(TypeError, match="must be a cupy array"):
+        kernels.launch("eltwise", "eltwise_max_backward", cupy.float32, 4, cupy.asnumpy(x),
+                       cupy.zeros(4, cupy.int32), 0, x)

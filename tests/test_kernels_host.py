@@ -1,0 +1,704 @@
+"""caffelite's CUDA kernels (caffelite/kernels/*.cu), compiled for the host with g++
+(tests/kernel_host.py, caffelite/kernels/host_shim.h), against the numpy layers.
+
+Every comparison runs twice: with the launch a GPU would get (ceil(n/256) blocks of 256)
+and with a deliberately small grid (2 blocks of 3 threads), so every grid-stride loop
+walks many elements. Outputs start POISONED (NaN, or -12345 for int masks) so an element
+a kernel forgets to write shows up; kernels that accumulate (scatter, confusion matrix)
+start from a known non-zero base instead and must add to it.
+
+Exactness: bit-for-bit equality where the kernel does the numpy layer's float operations
+in the same order (copies, max/argmax, pooling sums, interp forward, the loss gradient,
+Eltwise MAX, the solver updates, softmax's backward); where the sum order differs
+(col2im gathers the taps last to first, Interp's backward is an atomic scatter against
+numpy's matrix product, softmax uses the C library's expf), a worst-case bound
+(terms + a few) * eps * sum|terms| per element, and exact equality on integer (or
+dyadic) data, where any order is exact. test_kernels_gpu.py imports these tests and
+runs them through CuPy on a device.
+"""
+import importlib.util
+import math
+import types
+
+import numpy as np
+import pytest
+
+from caffelite import kernels
+from caffelite.blob import Blob
+from caffelite.layers import im2col as np_im2col
+from caffelite.proto import caffe_pb2
+from caffelite.solver import (AdaDeltaSolver, AdaGradSolver, AdamSolver, NesterovSolver,
+                              RMSPropSolver, SGDSolver, _cpow)
+from kernel_host import HostKernels, compiler, nvrtc_library, nvrtc_compile
+from layer_testing import make_layer, run_forward, setup_layer
+
+FLOATS = [np.float32, np.float64]
+POISON_INT = -12345
+
+
+@pytest.fixture(scope="session")
+def host_kernels(tmp_path_factory):
+    if compiler() is None:
+        pytest.skip("no C++ compiler (g++ or $CXX): the host-compiled kernel tests need one")
+    built = HostKernels(tmp_path_factory.mktemp("kernels"))
+    built.start(kernels.module_names())       # all modules compile in parallel
+    return built
+
+
+@pytest.fixture
+def kern(host_kernels):
+    """Runs a kernel: kern.run(module, kernel, dtype, *args, grid=None, block=256)."""
+    return host_kernels
+
+
+@pytest.fixture(params=["full_grid", "small_grid"])
+def launch(request):
+    return {} if request.param == "full_grid" else {"grid": 2, "block": 3}
+
+
+def poisoned(shape, dtype):
+    return np.full(shape, np.nan, dtype)
+
+
+def eps(dtype):
+    return float(np.finfo(dtype).eps)
+
+
+def assert_within(actual, expected, bound, what):
+    """|actual - expected| <= bound element-wise (NaN positions must agree)."""
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    assert np.array_equal(np.isnan(actual), np.isnan(expected)), what
+    err = np.abs(np.nan_to_num(actual) - np.nan_to_num(expected))
+    worst = np.argmax(err - bound)
+    assert np.all(err <= bound), (f"{what}: error {err.flat[worst]:.3g} above bound "
+                                  f"{np.broadcast_to(bound, err.shape).flat[worst]:.3g}")
+
+
+def test_every_kernel_module_is_covered_here():
+    """One test group per module: im2col.cu, pooling.cu, interp.cu, softmax_loss.cu,
+    eltwise.cu, sgd_update.cu, seg_confusion.cu."""
+    assert kernels.module_names() == ["eltwise", "im2col", "interp", "pooling",
+                                      "seg_confusion", "sgd_update", "softmax_loss"]
+
+
+def test_every_module_compiles_without_warnings(host_kernels):
+    for name in kernels.module_names():
+        mod = host_kernels.module(name)
+        assert set(mod.signatures) == set(kernels.kernel_signatures(kernels.source(name)))
+
+
+# Kernels that call expf/logf, whose CUDA implementations use fma and approximations.
+LIBM_KERNELS = {"softmax_forward", "softmax_loss_forward"}
+
+
+def ptx_entries(ptx):
+    """{entry symbol: its PTX body}."""
+    return {part.split("(")[0]: part for part in ptx.split(".entry ")[1:]}
+
+
+@pytest.mark.parametrize("name", kernels.module_names())
+def test_nvrtc_compiles_every_instantiation(name):
+    """Where an NVRTC library is installed (no GPU needed), each .cu compiles with the
+    loader's options and name expressions, and every kernel that must round like numpy
+    has no contracted multiply-add (--fmad=false) and no approximate division or sqrt."""
+    lib = nvrtc_library()
+    if lib is None:
+        pytest.skip("no NVRTC library found (pip install nvidia-cuda-nvrtc, or set "
+                    "CAFFELITE_NVRTC to libnvrtc.so)")
+    ptx, lowered = nvrtc_compile(lib, name, kernels.NVRTC_OPTIONS)
+    entries = ptx_entries(ptx)
+    for expression, symbol in lowered.items():
+        assert symbol in entries, expression
+        if expression.split("<")[0] not in LIBM_KERNELS:
+            assert "fma." not in entries[symbol], expression
+            assert ".approx" not in entries[symbol], expression
+    if name == "interp":       # NVRTC's default (--fmad=true) would contract here
+        assert "fma.rn" in nvrtc_compile(lib, name, ("-std=c++14",))[0]
+
+
+def test_loader_errors_and_argument_checks():
+    with pytest.raises(ValueError, match="no kernel module 'nope'"):
+        kernels.source("nope")
+    params = kernels.kernel_signatures(kernels.source("eltwise"))["eltwise_max_backward"]
+    x = np.zeros(4, np.float32)
+    mask = np.zeros(4, np.int32)
+    with pytest.raises(TypeError, match="argument 'mask' must be a C-contiguous int32"):
+        kernels.convert_args(params, np.float32, (4, x, x, 0, x), np)
+    with pytest.raises(TypeError, match="float32 and float64 only"):
+        kernels.ctype_name(np.float16)
+    values = kernels.convert_args(params, np.float64, (4, x.astype(np.float64), mask, 2,
+                                                       x.astype(np.float64)), np)
+    assert values[0].dtype == np.int32 and values[3].dtype == np.int32
+    if importlib.util.find_spec("cupy") is None:
+        with pytest.raises(kernels.GPUUnavailableError, match="needs CuPy"):
+            kernels.load_module("eltwise")
+
+
+# =============================================================== im2col.cu
+IM2COL_CASES = [
+    # channels, (H, W), kernel, stride, pad, dilation
+    (3, (7, 5), (3, 3), (1, 1), (1, 1), (1, 1)),
+    (2, (9, 8), (3, 2), (2, 1), (2, 0), (2, 3)),
+    (1, (5, 6), (1, 1), (1, 1), (0, 0), (1, 1)),
+    (2, (11, 7), (2, 3), (3, 2), (3, 1), (1, 1)),
+    (1, (10, 10), (3, 3), (1, 1), (4, 4), (4, 4)),
+    (2, (4, 3), (5, 5), (2, 2), (3, 3), (1, 1)),      # kernel larger than the image
+]
+
+
+def im2col_geometry(case):
+    channels, img, kernel, stride, pad, dilation = case
+    geom = np_im2col.ConvGeometry(kernel, stride, pad, dilation)
+    return channels, img, geom, geom.conv_output_shape(img)
+
+
+def im2col_args(geom, img, grid, row_begin, band_rows):
+    return (img[0], img[1], geom.kernel[0], geom.kernel[1], geom.pad[0], geom.pad[1],
+            geom.stride[0], geom.stride[1], geom.dilation[0], geom.dilation[1], grid[1],
+            row_begin, band_rows)
+
+
+def col2im_in_order(col, channels, img, geom, grid, reverse):
+    """Independent col2im: taps added one at a time (each tap adds at most one column
+    entry per pixel), first to last or last to first (the GPU gather's order)."""
+    taps = [(u, v) for u in range(geom.kernel[0]) for v in range(geom.kernel[1])]
+    image = np.zeros((channels,) + img, col.dtype)
+    col = col.reshape((channels,) + tuple(geom.kernel) + tuple(grid))
+    for u, v in (reversed(taps) if reverse else taps):
+        rows = np.arange(grid[0]) * geom.stride[0] - geom.pad[0] + u * geom.dilation[0]
+        cols = np.arange(grid[1]) * geom.stride[1] - geom.pad[1] + v * geom.dilation[1]
+        ri, ci = np.flatnonzero((rows >= 0) & (rows < img[0])), \
+            np.flatnonzero((cols >= 0) & (cols < img[1]))
+        image[np.ix_(range(channels), rows[ri], cols[ci])] += \
+            col[:, u, v][np.ix_(range(channels), ri, ci)]
+    return image
+
+
+@pytest.mark.parametrize("case", IM2COL_CASES)
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_im2col_matches_numpy_exactly(kern, launch, case, dtype):
+    """im2col.cu im2col: a copy, so bit-for-bit caffelite.layers.im2col.im2col, for the
+    whole grid and for a band of output rows."""
+    channels, img, geom, grid = im2col_geometry(case)
+    rng = np.random.default_rng(1)
+    image = rng.standard_normal((channels,) + img).astype(dtype)
+    expected = np.empty((channels,) + tuple(geom.kernel) + tuple(grid), dtype)
+    np_im2col.im2col(image, expected, geom, grid, 0, grid[0])
+    col = poisoned(expected.shape, dtype)
+    n = channels * grid[0] * grid[1]
+    kern.run("im2col", "im2col", dtype, n, image, *im2col_args(geom, img, grid, 0, grid[0]),
+             col, **launch)
+    np.testing.assert_array_equal(col, expected)
+    # A band of rows [r0, r1): the column buffer holds only those rows.
+    r0, r1 = grid[0] // 3, max(grid[0] // 3 + 1, grid[0] - 1)
+    band = np.empty((channels,) + tuple(geom.kernel) + (r1 - r0, grid[1]), dtype)
+    np_im2col.im2col(image, band, geom, grid, r0, r1)
+    col = poisoned(band.shape, dtype)
+    kern.run("im2col", "im2col", dtype, channels * (r1 - r0) * grid[1], image,
+             *im2col_args(geom, img, grid, r0, r1 - r0), col, **launch)
+    np.testing.assert_array_equal(col, band)
+
+
+@pytest.mark.parametrize("case", IM2COL_CASES)
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_col2im_matches_numpy(kern, launch, case, dtype):
+    """im2col.cu col2im (gather, no atomics): bit-for-bit the taps summed last to first
+    (Caffe's GPU order); within taps*eps*sum|terms| of caffelite's numpy col2im (first
+    to last); exact on integer columns, where the order does not matter."""
+    channels, img, geom, grid = im2col_geometry(case)
+    rng = np.random.default_rng(2)
+    shape = (channels,) + tuple(geom.kernel) + tuple(grid)
+    n = channels * img[0] * img[1]
+    args = im2col_args(geom, img, grid, 0, grid[0])
+
+    col = rng.standard_normal(shape).astype(dtype)
+    image = poisoned((channels,) + img, dtype)
+    kern.run("im2col", "col2im", dtype, n, col, *args, 0, image, **launch)
+    np.testing.assert_array_equal(image, col2im_in_order(col, channels, img, geom, grid, True))
+    expected = np.zeros((channels,) + img, dtype)
+    np_im2col.col2im(col, expected, geom, grid, 0, grid[0])
+    magnitude = col2im_in_order(np.abs(col), channels, img, geom, grid, False)
+    assert_within(image, expected, (geom.taps + 2) * eps(dtype) * magnitude, "col2im")
+
+    col = rng.integers(-50, 50, shape).astype(dtype)
+    kern.run("im2col", "col2im", dtype, n, col, *args, 0, image, **launch)
+    expected[...] = 0
+    np_im2col.col2im(col, expected, geom, grid, 0, grid[0])
+    np.testing.assert_array_equal(image, expected)
+
+
+@pytest.mark.parametrize("case", IM2COL_CASES[:2])
+def test_col2im_in_bands_accumulates(kern, launch, case):
+    """im2col.cu col2im with bands: the first band writes (accumulate 0), later bands add
+    (accumulate 1); on integer columns the result equals the one-shot col2im exactly."""
+    channels, img, geom, grid = im2col_geometry(case)
+    dtype = np.float32
+    rng = np.random.default_rng(3)
+    image_src = rng.integers(-9, 9, (channels,) + img).astype(dtype)
+    full = np.empty((channels,) + tuple(geom.kernel) + tuple(grid), dtype)
+    np_im2col.im2col(image_src, full, geom, grid, 0, grid[0])
+    expected = np.zeros((channels,) + img, dtype)
+    np_im2col.col2im(full, expected, geom, grid, 0, grid[0])
+    image = poisoned((channels,) + img, dtype)
+    n = channels * img[0] * img[1]
+    for k, r0 in enumerate(range(0, grid[0], 2)):
+        r1 = min(grid[0], r0 + 2)
+        band = np.ascontiguousarray(full[:, :, :, r0:r1])
+        kern.run("im2col", "col2im", dtype, n, band, *im2col_args(geom, img, grid, r0, r1 - r0),
+                 int(k > 0), image, **launch)
+    np.testing.assert_array_equal(image, expected)
+
+
+# ============================================================== pooling.cu
+POOL_CASES = [
+    ("kernel_size: 3 stride: 2 pad: 1", (2, 3, 7, 6)),
+    ("kernel_size: 2 stride: 2", (1, 2, 8, 9)),                     # ceil overhang
+    ("kernel_size: 3 stride: 1 pad: 1", (1, 2, 5, 5)),
+    ("kernel_size: 1 stride: 3", (1, 1, 5, 7)),                     # windows past the edge
+    ("kernel_size: 1 stride: 2", (1, 1, 4, 4)),                     # AVE divisor 0 -> NaN
+    ("kernel_h: 3 kernel_w: 2 stride_h: 2 stride_w: 1 pad_h: 1 pad_w: 1", (2, 2, 6, 5)),
+    ("global_pooling: true", (2, 2, 4, 5)),
+    ("global_pooling: true", (1, 3, 17, 18)),                       # numpy's whole-plane path
+]
+
+
+def pooling_layer(pool, body, x, dtype):
+    text = f'type: "Pooling" pooling_param {{ pool: {pool} {body} }}'
+    layer = make_layer(text, dtype=dtype)
+    bottom, top = setup_layer(layer, [x], 2 if pool == "MAX" else 1, dtype=dtype)
+    run_forward(layer, bottom, top)
+    return layer, bottom, top
+
+
+def pooling_geometry(layer, shape):
+    return (shape[2], shape[3], layer.pooled_h, layer.pooled_w, layer.kernel_h,
+            layer.kernel_w, layer.stride_h, layer.stride_w, layer.pad_h, layer.pad_w)
+
+
+def max_pool_input(shape, dtype, seed):
+    """Few distinct values (many ties), plus -inf and NaN, which must never win."""
+    rng = np.random.default_rng(seed)
+    x = rng.integers(-3, 3, shape).astype(dtype)
+    flat = x.reshape(-1)
+    flat[rng.choice(flat.size, max(1, flat.size // 10), replace=False)] = -np.inf
+    flat[rng.choice(flat.size, max(1, flat.size // 10), replace=False)] = np.nan
+    return x
+
+
+@pytest.mark.parametrize("body,shape", POOL_CASES)
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_max_pooling_matches_numpy_exactly(kern, launch, body, shape, dtype):
+    """pooling.cu max_pool_forward/backward: value, mask (first maximum in row-major
+    order; -1 when nothing wins) and the gathered gradient, bit-for-bit."""
+    x = max_pool_input(shape, dtype, seed=len(body) + shape[-1])
+    layer, bottom, top = pooling_layer("MAX", body, x, dtype)
+    geometry = pooling_geometry(layer, shape)
+    out = poisoned(top[0].shape, dtype)
+    mask = np.full(top[0].shape, POISON_INT, np.int32)
+    kern.run("pooling", "max_pool_forward", dtype, out.size, x, *geometry, out, mask, **launch)
+    np.testing.assert_array_equal(out, top[0].data)
+    np.testing.assert_array_equal(mask, top[1].data.astype(np.int32))
+
+    top[0].diff[...] = np.random.default_rng(5).standard_normal(top[0].shape)
+    layer.backward(top, [True], bottom)
+    diff = poisoned(shape, dtype)
+    kern.run("pooling", "max_pool_backward", dtype, diff.size, top[0].diff, mask, *geometry,
+             diff, **launch)
+    np.testing.assert_array_equal(diff, bottom[0].diff)
+
+
+@pytest.mark.parametrize("body,shape", POOL_CASES)
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_ave_pooling_matches_numpy_exactly(kern, launch, body, shape, dtype):
+    """pooling.cu ave_pool_forward/backward: the window sum in row-major order divided by
+    the window clipped to [-pad, size + pad) (negative or 0 past the edge, as in Caffe),
+    and the gradient gathered in (ph, pw) order, bit-for-bit."""
+    x = np.random.default_rng(6).standard_normal(shape).astype(dtype)
+    layer, bottom, top = pooling_layer("AVE", body, x, dtype)
+    geometry = pooling_geometry(layer, shape)
+    out = poisoned(top[0].shape, dtype)
+    kern.run("pooling", "ave_pool_forward", dtype, out.size, x, *geometry, out, **launch)
+    np.testing.assert_array_equal(out, top[0].data)
+
+    top[0].diff[...] = np.random.default_rng(7).standard_normal(top[0].shape)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        layer.backward(top, [True], bottom)
+    diff = poisoned(shape, dtype)
+    kern.run("pooling", "ave_pool_backward", dtype, diff.size, top[0].diff, *geometry, diff,
+             **launch)
+    np.testing.assert_array_equal(diff, bottom[0].diff)
+
+
+# =============================================================== interp.cu
+INTERP_CASES = [
+    # interp_param, bottom shape, weights dyadic (integer gradients sum exactly)
+    ("zoom_factor: 2", (2, 3, 5, 7), True),
+    ("shrink_factor: 8", (1, 1, 33, 25), True),                     # pure subsampling
+    ("shrink_factor: 3 pad_beg: -1 pad_end: -2", (1, 2, 14, 11), False),
+    ("zoom_factor: 4 shrink_factor: 3", (1, 2, 13, 10), False),     # one step, r = 0.75
+    ("height: 1 width: 6", (1, 2, 4, 5), False),                    # one output row
+    ("height: 9 width: 4", (1, 1, 1, 5), False),                    # one input row
+    ("height: 7 width: 11", (2, 1, 6, 6), False),                   # float32 ratios
+    ("zoom_factor: 1 pad_beg: -2 pad_end: -1", (1, 2, 8, 9), True),  # crop only: a copy
+]
+
+
+def interp_layer(body, x, dtype):
+    layer = make_layer(f'type: "Interp" interp_param {{ {body} }}', dtype=dtype)
+    bottom, top = setup_layer(layer, [x], dtype=dtype)
+    run_forward(layer, bottom, top)
+    return layer, bottom, top
+
+
+def interp_args(layer):
+    n, c, h, w = layer.in_shape
+    o = -layer.pad_beg
+    return (o, o, layer.h_eff, layer.w_eff, h, w)
+
+
+@pytest.mark.parametrize("body,shape,dyadic", INTERP_CASES)
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_interp_forward_matches_numpy_exactly(kern, launch, body, shape, dyadic, dtype):
+    """interp.cu interp_forward: float32 coordinates and Caffe's evaluation order, so
+    bit-for-bit caffelite's Interp (which equals the fork's caffe_cpu_interp2)."""
+    x = np.random.default_rng(8).standard_normal(shape).astype(dtype)
+    layer, bottom, top = interp_layer(body, x, dtype)
+    out = poisoned(top[0].shape, dtype)
+    kern.run("interp", "interp_forward", dtype, out.size, x, *interp_args(layer), out,
+             layer.h_out, layer.w_out, **launch)
+    np.testing.assert_array_equal(out, top[0].data)
+
+
+@pytest.mark.parametrize("body,shape,dyadic", INTERP_CASES)
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_interp_backward_matches_numpy(kern, launch, body, shape, dyadic, dtype):
+    """interp.cu interp_backward (atomicAdd scatter, adds to what is there): within
+    (terms + 4)*eps*sum|terms| of caffelite's matrix-product adjoint; cropped-away
+    pixels get nothing; exact on integer gradients when the weights are dyadic."""
+    x = np.random.default_rng(9).standard_normal(shape).astype(dtype)
+    layer, bottom, top = interp_layer(body, x, dtype)
+    h1, w1, h2, w2 = layer.h_eff, layer.w_eff, layer.h_out, layer.w_out
+    terms = 4 * (h2 // max(h1 - 1, 1) + 2) * (w2 // max(w1 - 1, 1) + 2)
+    rng = np.random.default_rng(10)
+    for g in (rng.standard_normal(top[0].shape), rng.integers(-20, 20, top[0].shape)):
+        g = g.astype(dtype)
+        base = rng.integers(-5, 5, shape).astype(dtype)   # the kernel adds onto this
+        top[0].diff[...] = g
+        layer.backward(top, [True], bottom)
+        expected = bottom[0].diff.copy()
+        diff = base.copy()
+        kern.run("interp", "interp_backward", dtype, g.size, diff, *interp_args(layer), g,
+                 h2, w2, **launch)
+        if dyadic and np.all(g == np.round(g)):
+            np.testing.assert_array_equal(diff - base, expected)
+        else:
+            top[0].diff[...] = np.abs(g)
+            layer.backward(top, [True], bottom)
+            magnitude = bottom[0].diff + np.abs(base)
+            assert_within(diff, base + expected, (terms + 4) * eps(dtype) * magnitude,
+                          "interp backward")
+
+
+# ========================================================= softmax_loss.cu
+def softmax_case(shape, dtype, seed=11):
+    x = np.random.default_rng(seed).standard_normal(shape).astype(dtype) * 4
+    x.reshape(x.shape[0], x.shape[1], -1)[0, 0, 0] = 200      # p of the others underflows
+    return x
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 3, 4), (3, 7), (1, 1, 2, 2)])
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_softmax_forward_and_backward(kern, launch, shape, dtype):
+    """softmax_loss.cu softmax_forward: within (2C + 8)*eps relative of the numpy Softmax
+    (exp from the C library vs numpy's); softmax_backward: bit-for-bit when the channel
+    sum runs over a strided axis (numpy adds it in channel order then), within
+    (C + 4)*eps*sum|terms| otherwise (numpy's pairwise sum of a contiguous axis)."""
+    x = softmax_case(shape, dtype)
+    layer = make_layer('type: "Softmax"', dtype=dtype)
+    bottom, top = setup_layer(layer, [x], dtype=dtype)
+    run_forward(layer, bottom, top)
+    channels = shape[1]
+    inner = int(np.prod(shape[2:], dtype=np.int64))
+    n = shape[0] * inner
+    prob = poisoned(shape, dtype)
+    kern.run("softmax_loss", "softmax_forward", dtype, n, x, channels, inner, prob, **launch)
+    assert_within(prob, top[0].data, (2 * channels + 8) * eps(dtype) * top[0].data,
+                  "softmax")
+
+    dy = np.random.default_rng(12).standard_normal(shape).astype(dtype)
+    top[0].diff[...] = dy
+    layer.backward(top, [True], bottom)
+    dx = poisoned(shape, dtype)
+    kern.run("softmax_loss", "softmax_backward", dtype, n, top[0].data, dy, channels, inner,
+             dx, **launch)
+    if inner > 1:
+        np.testing.assert_array_equal(dx, bottom[0].diff)
+    else:
+        y = top[0].data
+        dot_terms = np.abs(dy * y).sum(axis=1, keepdims=True)
+        assert_within(dx, bottom[0].diff, (channels + 4) * eps(dtype) * dot_terms * y,
+                      "softmax backward")
+
+
+@pytest.mark.parametrize("ignore", [255, None])
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_softmax_loss_matches_numpy(kern, launch, ignore, dtype):
+    """softmax_loss.cu softmax_loss_forward: per-position -log(max(p, FLT_MIN)) (within
+    4 eps of numpy's log) and count, whose sums give SoftmaxWithLoss's loss and VALID
+    normalizer; ignored positions give 0 and 0. softmax_loss_backward: (p - onehot) *
+    loss_weight / normalizer, 0 at ignored positions, bit-for-bit."""
+    shape, channels = (2, 4, 3, 5), 4
+    x = softmax_case(shape, dtype)
+    rng = np.random.default_rng(13)
+    labels = rng.integers(0, channels, (2, 1, 3, 5)).astype(dtype)
+    labels[0, 0, 0, 0] = 1                    # the p = 0 position: loss -log(FLT_MIN)
+    labels[1, 0, 1, :3] = 2.7                 # truncated to 2
+    if ignore is not None:
+        labels[0, 0, 2, :] = ignore
+    loss_param = f"loss_param {{ ignore_label: {ignore} }}" if ignore is not None else ""
+    layer = make_layer(f'type: "SoftmaxWithLoss" {loss_param}', dtype=dtype)
+    bottom, top = setup_layer(layer, [x, labels], dtype=dtype)
+    run_forward(layer, bottom, top)
+    inner, n = 15, 2 * 15
+    has_ignore, ignore_value = (1, ignore) if ignore is not None else (0, 0)
+    loss, counts = poisoned(n, dtype), poisoned(n, dtype)
+    kern.run("softmax_loss", "softmax_loss_forward", dtype, n, layer.prob, labels, channels,
+             inner, has_ignore, ignore_value, loss, counts, **launch)
+
+    lab = labels.reshape(2, inner).astype(np.int64)
+    valid = (lab != ignore) if ignore is not None else np.ones_like(lab, bool)
+    np.testing.assert_array_equal(counts, valid.reshape(-1).astype(dtype))
+    p_true = np.take_along_axis(layer.prob, np.where(valid, lab, 0)[:, None, :], 1)[:, 0]
+    nll = np.where(valid, -np.log(np.maximum(p_true, dtype(np.finfo(np.float32).tiny))), 0)
+    assert_within(loss, nll.reshape(-1), 4 * eps(dtype) * (np.abs(nll.reshape(-1)) + 1),
+                  "per-position loss")
+    assert loss[0] == pytest.approx(-math.log(np.finfo(np.float32).tiny), rel=1e-6)
+    normalizer = max(1.0, float(counts.sum()))
+    assert float(loss.sum()) / normalizer == pytest.approx(float(top[0].data), rel=1e-5)
+
+    top[0].diff[...] = 2.5                    # loss_weight
+    layer.backward(top, [True, False], bottom)
+    scale = dtype(dtype(2.5) / dtype(layer.norm))
+    diff = poisoned(shape, dtype)
+    kern.run("softmax_loss", "softmax_loss_backward", dtype, n, layer.prob, labels, channels,
+             inner, has_ignore, ignore_value, scale, diff, **launch)
+    np.testing.assert_array_equal(diff, bottom[0].diff)
+
+
+def test_softmax_loss_out_of_range_label_gives_nan(kern):
+    """softmax_loss.cu: a label outside [0, C) that is not ignored reads nothing and
+    marks the position NaN (the caller then reports the label)."""
+    prob = np.full((1, 3, 2), 1 / 3, np.float32)
+    labels = np.array([1, 7], np.float32)
+    loss, counts = poisoned(2, np.float32), poisoned(2, np.float32)
+    kern.run("softmax_loss", "softmax_loss_forward", np.float32, 2, prob, labels, 3, 2, 1, 255,
+             loss, counts)
+    assert np.isfinite(loss[0]) and np.isnan(loss[1])
+
+
+# ============================================================== eltwise.cu
+def eltwise_layer(arrays, dtype):
+    layer = make_layer('type: "Eltwise" eltwise_param { operation: MAX }', dtype=dtype)
+    bottom, top = setup_layer(layer, arrays, dtype=dtype)
+    run_forward(layer, bottom, top)
+    return layer, bottom, top
+
+
+def eltwise_kernel_forward(kern, launch, arrays, ties_to_later, dtype):
+    out = poisoned(arrays[0].shape, dtype)
+    mask = np.full(arrays[0].shape, POISON_INT, np.int32)
+    n = out.size
+    kern.run("eltwise", "eltwise_max_forward", dtype, n, arrays[0], arrays[1], 1, ties_to_later,
+             out, mask, **launch)
+    for i, x in enumerate(arrays[2:], 2):
+        kern.run("eltwise", "eltwise_max_forward", dtype, n, out, x, i, ties_to_later, out,
+                 mask, **launch)
+    return out, mask
+
+
+def gpu_tie_rule_mask(arrays):
+    """Spec section 9, GPU: bottoms 0/1 as on the CPU; then the LAST bottom i >= 2 that
+    equals the maximum takes the mask."""
+    x = np.stack(arrays)
+    best = x.max(axis=0)
+    mask = np.where(x[0] > x[1], 0, 1)
+    for i in range(2, len(arrays)):
+        mask = np.where(x[i] == best, i, mask)
+    return mask
+
+
+@pytest.mark.parametrize("count", [2, 3, 4])
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_eltwise_max_both_tie_rules(kern, launch, count, dtype):
+    """eltwise.cu: with ties_to_later=0 (Caffe's CPU rule) top, mask and gradients equal
+    the numpy Eltwise MAX bit-for-bit; with ties_to_later=1 (Caffe's GPU rule, what
+    DeepLab trained with) the top is the same but ties among bottoms >= 2 go to the later
+    bottom, which the data here contains, so the masks differ there."""
+    rng = np.random.default_rng(14 + count)
+    shape = (2, 3, 5, 7)
+    arrays = [rng.integers(0, 3, shape).astype(dtype) for _ in range(count)]
+    layer, bottom, top = eltwise_layer(arrays, dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    top[0].diff[...] = dy
+    layer.backward(top, [True] * count, bottom)
+
+    out, cpu_mask = eltwise_kernel_forward(kern, launch, arrays, 0, dtype)
+    np.testing.assert_array_equal(out, top[0].data)
+    np.testing.assert_array_equal(cpu_mask, layer.max_idx)
+    out, gpu_mask = eltwise_kernel_forward(kern, launch, arrays, 1, dtype)
+    np.testing.assert_array_equal(out, top[0].data)
+    np.testing.assert_array_equal(gpu_mask, gpu_tie_rule_mask(arrays))
+    if count == 2:
+        np.testing.assert_array_equal(gpu_mask, cpu_mask)
+    else:
+        assert np.any(gpu_mask != cpu_mask)
+
+    for mask, reference in ((cpu_mask, [b.diff for b in bottom]),
+                            (gpu_mask, [np.where(gpu_mask == i, dy, 0) for i in range(count)])):
+        for i in range(count):
+            diff = poisoned(shape, dtype)
+            kern.run("eltwise", "eltwise_max_backward", dtype, diff.size, dy, mask, i, diff,
+                     **launch)
+            np.testing.assert_array_equal(diff, reference[i])
+
+
+def test_eltwise_max_nan_differs_between_rules(kern):
+    """eltwise.cu: a NaN in bottom 2 wins under the GPU rule, never under the CPU rule."""
+    a, b, c = (np.array(v, np.float32) for v in ([1, 5], [2, 3], [np.nan, 4]))
+    out, mask = eltwise_kernel_forward(kern, {}, [a, b, c], 0, np.float32)
+    np.testing.assert_array_equal(mask, [1, 0])
+    out, mask = eltwise_kernel_forward(kern, {}, [a, b, c], 1, np.float32)
+    np.testing.assert_array_equal(mask, [2, 0])
+    assert np.isnan(out[0])
+
+
+# =========================================================== sgd_update.cu
+SOLVERS = {
+    "sgd_update": (SGDSolver, "momentum: 0.9", 1),
+    "nesterov_update": (NesterovSolver, "momentum: 0.95", 1),
+    "adagrad_update": (AdaGradSolver, "delta: 1e-6", 1),
+    "rmsprop_update": (RMSPropSolver, "rms_decay: 0.98 delta: 1e-6", 1),
+    "adadelta_update": (AdaDeltaSolver, "momentum: 0.95 delta: 1e-6", 2),
+    "adam_update": (AdamSolver, "momentum: 0.9 momentum2: 0.999 delta: 1e-8", 2),
+}
+
+
+def numpy_solver(cls, text, w, dtype, lr_mult, decay_mult):
+    """The real solver.py update code on one learnable blob (no net, no files):
+    normalize, regularize, compute_update_value, then Net::Update."""
+    from google.protobuf import text_format
+    param = text_format.Parse(text, caffe_pb2.SolverParameter())
+    solver = object.__new__(cls)
+    solver.param = param
+    blob = Blob(w.shape, dtype)
+    blob.data[...] = w
+    solver.net = types.SimpleNamespace(learnable_params=[types.SimpleNamespace(
+        blob=blob, lr_mult=lr_mult, decay_mult=decay_mult)])
+    solver.history = [np.zeros(w.shape, dtype) for _ in range(cls.history_per_param)]
+    solver.iter = 0
+    return solver, blob
+
+
+def kernel_scalars(kernel, param, dtype, rate, lr_mult, decay_mult, iteration):
+    """The per-blob scalars, computed in T as solver.py computes them."""
+    dt = np.dtype(dtype).type
+    iter_scale = dt(dt(1) / dt(param.iter_size))
+    local_decay = dt(dt(param.weight_decay) * dt(decay_mult))
+    regularization = 0 if not local_decay else {"L2": 1, "L1": 2}[param.regularization_type]
+    local_rate = dt(dt(rate) * dt(lr_mult))
+    head = (iter_scale, local_decay, regularization)
+    if kernel in ("sgd_update", "nesterov_update"):
+        return head + (dt(param.momentum), local_rate)
+    if kernel == "adagrad_update":
+        return head + (dt(param.delta), local_rate)
+    if kernel == "rmsprop_update":
+        return head + (dt(param.rms_decay), dt(param.delta), local_rate)
+    if kernel == "adadelta_update":
+        return head + (dt(param.momentum), dt(param.delta), local_rate)
+    t = iteration + 1
+    correction = dt(math.sqrt(1.0 - _cpow(param.momentum2, t)) /
+                    (1.0 - _cpow(param.momentum, t)))
+    return head + (dt(param.momentum), dt(param.momentum2), dt(param.delta),
+                   dt(local_rate * correction))
+
+
+@pytest.mark.parametrize("kernel", list(SOLVERS))
+@pytest.mark.parametrize("regularization", ["L2", "L1", "none"])
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_solver_updates_match_solver_py_exactly(kern, launch, kernel, regularization, dtype):
+    """sgd_update.cu: three iterations (iter_size 2, lr_mult 2, decay_mult 1) of each fused
+    update give the same weights, update (diff) and history as solver.py, bit-for-bit."""
+    cls, hyper, n_hist = SOLVERS[kernel]
+    decay = "" if regularization == "none" else \
+        f'weight_decay: 0.0005 regularization_type: "{regularization}"'
+    text = f"base_lr: 0.01 iter_size: 2 {hyper} {decay}"
+    rng = np.random.default_rng(15)
+    w = rng.standard_normal(37).astype(dtype)
+    w[:3] = 0                                  # sign(0) = 0 for L1
+    lr_mult, decay_mult = 2.0, 1.0
+    solver, blob = numpy_solver(cls, text, w, dtype, lr_mult, decay_mult)
+    weights, hist = w.copy(), [np.zeros_like(w) for _ in range(n_hist)]
+    for iteration in range(3):
+        grad = rng.standard_normal(w.shape).astype(dtype)
+        rate = dtype(0.01 * (1 - iteration / 10))
+        solver.iter = iteration
+        blob.diff[...] = grad
+        solver.normalize(0)
+        solver.regularize(0)
+        solver.compute_update_value(0, rate)
+        blob.data[...] -= blob.diff
+        g = grad.copy()
+        kern.run("sgd_update", kernel, dtype, w.size, weights, g, *hist,
+                 *kernel_scalars(kernel, solver.param, dtype, rate, lr_mult, decay_mult,
+                                 iteration), **launch)
+        np.testing.assert_array_equal(g, blob.diff)
+        np.testing.assert_array_equal(weights, blob.data)
+        for mine, theirs in zip(hist, solver.history):
+            np.testing.assert_array_equal(mine, theirs)
+
+
+# ========================================================= seg_confusion.cu
+def seg_accuracy_layer(scores, labels, ignore):
+    text = " ".join(f"ignore_label: {i}" for i in ignore)
+    layer = make_layer(f'type: "SegAccuracy" seg_accuracy_param {{ {text} }}',
+                       dtype=np.float32)
+    bottom, top = setup_layer(layer, [scores, labels], dtype=np.float32)
+    run_forward(layer, bottom, top)
+    return layer
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("ignore", [[255], [255, 0], []])
+def test_seg_confusion_matches_seg_accuracy(kern, launch, dtype, ignore):
+    """seg_confusion.cu: argmax ties to the highest class, truncated labels, ignore labels
+    skipped; the atomicAdd counts equal SegAccuracy's confusion matrix and add onto the
+    matrix given (accumulation across forwards with reset: false)."""
+    rng = np.random.default_rng(16)
+    n, c, h, w = 2, 5, 7, 9
+    scores = rng.integers(0, 3, (n, c, h, w)).astype(dtype)       # many ties
+    labels = rng.integers(0, c, (n, 1, h, w)).astype(dtype)
+    labels[0, 0, 0, :4] = 3.9                                      # truncated to 3
+    if ignore:
+        labels[1, 0, 2, :] = 255
+    layer = seg_accuracy_layer(scores.astype(np.float32), labels.astype(np.float32), ignore)
+    base = rng.integers(0, 100, (c, c)).astype(np.uint64)
+    confusion = base.copy()
+    first_bad = np.array([n * h * w], np.int32)
+    ignore_arr = np.array(ignore, np.int32)
+    kern.run("seg_confusion", "seg_confusion", dtype, n * h * w, scores, labels, c, h * w,
+             ignore_arr, len(ignore), confusion, first_bad, **launch)
+    np.testing.assert_array_equal(confusion - base, layer.confusion.astype(np.uint64))
+    assert first_bad[0] == n * h * w
+
+
+def test_seg_confusion_reports_first_bad_label(kern, launch):
+    """seg_confusion.cu: labels outside [0, C) that are not ignored are not counted; the
+    smallest such pixel index is reported."""
+    scores = np.zeros((1, 3, 2, 4), np.float32)
+    labels = np.array([[[[0, 1, 255, 2], [7, -1, 5, 1]]]], np.float32)
+    confusion = np.zeros((3, 3), np.uint64)
+    first_bad = np.array([8], np.int32)
+    kern.run("seg_confusion", "seg_confusion", np.float32, 8, scores, labels, 3, 8,
+             np.array([255], np.int32), 1, confusion, first_bad, **launch)
+    assert first_bad[0] == 4
+    assert confusion.sum() == 4 and confusion[:, 2].sum() == 4    # all-tie scores -> class 2
