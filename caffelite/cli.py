@@ -7,7 +7,7 @@
     caffelite eval --gt DIR --list L (--pred DIR | --features DIR) [--json J]
     caffelite crf --features DIR --images DIR --list L --out DIR [CRF params]
     caffelite pascal EXPER_DIR --net NET_ID [--steps train,test,...] [-D ...]
-    caffelite demo [--out DIR]
+    caffelite demo [--out DIR]      (also demo-weak: EM-Adapt, demo-dt: domain transform)
 """
 import argparse
 import os
@@ -238,6 +238,10 @@ def build_parser():
     eval_cli.add_parser(sub)
     crf_cli.add_parser(sub)
     pascal.add_parser(sub)
+
+    from .demo import domain_transform as demo_dt, weak as demo_weak
+    demo_weak.add_parser(sub)
+    demo_dt.add_parser(sub)
 
     d = sub.add_parser("demo", help="run the built-in synthetic example")
     d.add_argument("--out", default="caffelite_demo")

@@ -33,11 +33,11 @@ V1_TYPE_NAMES = {
     "SOFTMAX_LOSS": "SoftmaxWithLoss", "SPLIT": "Split", "TANH": "TanH",
     "WINDOW_DATA": "WindowData", "ELTWISE": "Eltwise", "POWER": "Power",
     "SIGMOID_CROSS_ENTROPY_LOSS": "SigmoidCrossEntropyLoss", "HINGE_LOSS": "HingeLoss",
-    "MEMORY_DATA": "MemoryData", "ARGMAX": "ArgMax", "THRESHOLD": "Threshold",
+    "MEMORY_DATA": "MemoryData", "ARGMAX": "ArgMaxV1", "THRESHOLD": "Threshold",
     "DUMMY_DATA": "DummyData", "SLICE": "Slice", "MVN": "MVN", "ABSVAL": "AbsVal",
     "SILENCE": "Silence", "CONTRASTIVE_LOSS": "ContrastiveLoss", "EXP": "Exp",
     "DECONVOLUTION": "Deconvolution",
-    # DeepLab v1 dialect
+    # DeepLab v1 dialect (ARGMAX above is v1's per-pixel ArgMax, "ArgMaxV1")
     "IMAGE_SEG_DATA": "ImageSegData", "SEG_ACCURACY": "SegAccuracy", "INTERP": "Interp",
     "PADDING": "Interp", "MAT_WRITE": "MatWrite", "MAT_READ": "MatRead",
     "DENSE_CRF": "DenseCRF", "BIAS_CHANNEL": "BiasChannel", "UNIQUE_LABEL": "UniqueLabel",
@@ -117,18 +117,15 @@ def _upgrade_padding(v1, layer):
 
 
 def _upgrade_softmaxloss(v1, layer, where):
-    p = v1.softmaxloss_param
-    for field, value in p.ListFields():
-        if field.name == "ignore_label":
-            labels = [value] if isinstance(value, (int, float)) else list(value)
-            if len(labels) > 1:
-                raise UpgradeError(f"{where}: layer '{v1.name}': SoftmaxWithLoss takes one "
-                                   f"ignore_label, got {labels}")
-            if labels:
-                layer.loss_param.ignore_label = int(labels[0])
-        elif field.name == "weight_source" and value:
-            raise UpgradeError(f"{where}: layer '{v1.name}': per-class loss weights "
-                               f"(softmaxloss_param.weight_source) are not supported")
+    """DeepLab v1's ``softmaxloss_param`` is kept on the SoftmaxWithLoss layer, where it
+    selects the v1 loss (repeated ignore labels, class weights from weight_source,
+    normalisation by the summed weights); a single ignore label is also written to
+    ``loss_param``, its place in the fork."""
+    layer.softmaxloss_param.CopyFrom(v1.softmaxloss_param)
+    layer.softmaxloss_param.SetInParent()
+    labels = list(v1.softmaxloss_param.ignore_label)
+    if len(labels) == 1:
+        layer.loss_param.ignore_label = int(labels[0])
 
 
 def _move_transform_fields(layer):

@@ -1,6 +1,20 @@
-"""ArgMax: the indices (and/or values) of the top_k largest entries."""
+"""ArgMax: the indices (and/or values) of the top_k largest entries; ArgMaxV1 is
+DeepLab v1's per-pixel variant (what a V1 ``type: ARGMAX`` layer upgrades to)."""
 from ..backend import get_array_module
 from ..layer import Layer, register
+
+
+def top_k_indices(xp, rows, k):
+    """Indices of the k largest entries along the last axis, Caffe's ranking: (value,
+    index) pairs sorted descending, so among equal values the highest index wins."""
+    dim = rows.shape[-1]
+    # Search the reversed rows so the first hit among equals is the highest index.
+    reversed_rows = rows[..., ::-1]
+    if k == 1:
+        pos = xp.argmax(reversed_rows, axis=-1)[..., None]
+    else:
+        pos = xp.argsort(-reversed_rows, axis=-1, kind="stable")[..., :k]
+    return dim - 1 - pos
 
 
 @register("ArgMax")
@@ -55,14 +69,7 @@ class ArgMaxLayer(Layer):
         xp = get_array_module(bottom[0].data)
         x = bottom[0].data
         rows = xp.moveaxis(x, self.axis, -1) if self.has_axis else x.reshape(x.shape[0], -1)
-        dim = rows.shape[-1]
-        # Search the reversed rows so the first hit among equals is the highest index.
-        reversed_rows = rows[..., ::-1]
-        if self.top_k == 1:
-            pos = xp.argmax(reversed_rows, axis=-1)[..., None]
-        else:
-            pos = xp.argsort(-reversed_rows, axis=-1, kind="stable")[..., :self.top_k]
-        index = dim - 1 - pos
+        index = top_k_indices(xp, rows, self.top_k)
         if self.has_axis:
             out = xp.take_along_axis(rows, index, -1) if self.out_max_val else index
             top[0].data[...] = xp.moveaxis(out, -1, self.axis)
@@ -75,3 +82,49 @@ class ArgMaxLayer(Layer):
     def backward(self, top, propagate_down, bottom):
         if any(propagate_down):
             raise self.error("ArgMax has no backward pass (its output is not differentiable)")
+
+
+@register("ArgMaxV1")
+class ArgMaxV1Layer(Layer):
+    """DeepLab v1's ARGMAX (spec deeplab_extra_layers.md 4.1): always per pixel over the
+    channels.  Top N x top_k x H x W of indices, or N x 2 top_k x H x W with the values
+    after the indices when ``out_max_val``; ties go to the highest index (as ArgMax).
+    Backward is a silent no-op, so the v1 weak-supervision nets (label_estep =
+    ARGMAX of the biased scores, fed to the loss as labels) back-propagate without
+    ``propagate_down`` settings.  V1 ``layers { type: ARGMAX }`` upgrade to this type.
+    """
+    exact_num_bottom = 1
+    exact_num_top = 1
+
+    def setup(self, bottom, top):
+        p = self.layer_param.argmax_param
+        if p.HasField("axis"):
+            raise self.error("DeepLab v1's ArgMax (ARGMAX) always works over the channels; "
+                             "argmax_param.axis belongs to the V2 'ArgMax' type")
+        if p.top_k < 1:
+            raise self.error(f"argmax_param.top_k must be at least 1, got {p.top_k}")
+        self.top_k = p.top_k
+        self.out_max_val = p.out_max_val
+
+    def reshape(self, bottom, top):
+        blob = bottom[0]
+        if blob.num_axes < 2:
+            raise self.error(f"needs a bottom with channels (N x C x ...), got {blob.shape}")
+        if self.top_k > blob.shape[1]:
+            raise self.error(f"argmax_param.top_k {self.top_k} is larger than the "
+                             f"{blob.shape[1]} channels of the bottom {blob.shape}")
+        shape = list(blob.shape)
+        shape[1] = 2 * self.top_k if self.out_max_val else self.top_k
+        top[0].reshape(shape)
+
+    def forward(self, bottom, top):
+        xp = get_array_module(bottom[0].data)
+        rows = xp.moveaxis(bottom[0].data, 1, -1)
+        index = top_k_indices(xp, rows, self.top_k)
+        out = index.astype(top[0].data.dtype)
+        if self.out_max_val:
+            out = xp.concatenate([out, xp.take_along_axis(rows, index, -1)], axis=-1)
+        top[0].data[...] = xp.moveaxis(out, -1, 1)
+
+    def backward(self, top, propagate_down, bottom):
+        """v1 has a no-op backward: nothing is written, nothing fails."""

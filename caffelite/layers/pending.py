@@ -5,14 +5,6 @@ from ..layer import LAYER_REGISTRY, Layer, register
 _PENDING = {
     "Data": "LMDB/LevelDB data layers are not supported",
     "WindowData": "WindowData is not supported",
-    "DenseCRF": "the dense CRF arrives with the CRF work (issue 5)",
-    "BiasChannel": "weak-supervision layers arrive with issue 6",
-    "AdaptiveBiasChannel": "weak-supervision layers arrive with issue 6",
-    "UniqueLabel": "weak-supervision layers arrive with issue 6",
-    "DomainTransform": "domain-transform layers arrive with issue 6",
-    "DomainTransformForwardOnly": "domain-transform layers arrive with issue 6",
-    "SpatialProduct": "SpatialProduct arrives with issue 6",
-    "VideoSegData": "VideoSegData arrives with issue 6",
 }
 
 

@@ -1,7 +1,9 @@
 """Softmax and SoftmaxWithLoss (BVLC Caffe of 2016, as in the DeepLab v2 fork).
 
 Both work on the bottom viewed as (outer, channels, inner) around the softmax axis;
-the loss reads one integer label per (outer, inner) position.
+the loss reads one integer label per (outer, inner) position.  A SoftmaxWithLoss
+layer with ``softmaxloss_param`` (what DeepLab v1's V1 ``SOFTMAX_LOSS`` layers carry
+after the upgrade) follows DeepLab v1's loss instead: see ``_V1Loss``.
 """
 import numpy as np
 
@@ -126,6 +128,8 @@ class SoftmaxWithLossLayer(LossLayer):
 
     def setup(self, bottom, top):
         p = self.layer_param.loss_param
+        self.v1 = _V1Loss(self, bottom) if self.layer_param.HasField("softmaxloss_param") \
+            else None
         self.ignore_label = int(p.ignore_label) if p.HasField("ignore_label") else None
         self.normalization = loss_normalization(self, VALID)
         if self.normalization not in _MODE_NAMES:
@@ -133,6 +137,8 @@ class SoftmaxWithLossLayer(LossLayer):
         self.axis_param = int(self.layer_param.softmax_param.axis)
 
     def reshape(self, bottom, top):
+        if self.v1 is not None:
+            return self.v1.reshape(bottom, top)
         super().reshape(bottom, top)
         self.axis = canonical_axis(self, bottom[0], self.axis_param, "softmax_param.axis")
         self.dims = split_axis(bottom[0].shape, self.axis)
@@ -147,6 +153,8 @@ class SoftmaxWithLossLayer(LossLayer):
             top[1].reshape(bottom[0].shape)
 
     def forward(self, bottom, top):
+        if self.v1 is not None:
+            return self.v1.forward(bottom, top)
         xp = get_array_module(bottom[0].data)
         dtype = bottom[0].data.dtype.type
         outer, channels, inner = self.dims
@@ -165,6 +173,8 @@ class SoftmaxWithLossLayer(LossLayer):
             top[1].data[...] = self.prob.reshape(top[1].shape)
 
     def backward(self, top, propagate_down, bottom):
+        if self.v1 is not None:
+            return self.v1.backward(top, propagate_down, bottom)
         if len(propagate_down) > 1 and propagate_down[1]:
             raise self.error("cannot backpropagate to the label input (bottom 1)")
         if not propagate_down[0]:
@@ -176,3 +186,123 @@ class SoftmaxWithLossLayer(LossLayer):
         d = (self.prob - onehot.astype(self.prob.dtype)) * self.valid[:, None, :]
         scale = dtype(top[0].diff.flat[0]) / dtype(self.norm)
         bottom[0].diff[...] = (d * scale).reshape(bottom[0].shape)
+
+
+class _V1Loss:
+    """DeepLab v1's softmax loss (spec deeplab_extra_layers.md 4.2), selected by
+    ``softmaxloss_param`` on a SoftmaxWithLoss layer.
+
+    * softmax over the channels (axis 1); label of (n, j) read at n * H*W + j of the
+      label blob (only its num is checked against the scores');
+    * ignore set = every ``softmaxloss_param.ignore_label`` (and
+      ``loss_param.ignore_label`` if set); other labels outside [0, C) are an error;
+    * optional per-class weights w from ``weight_source`` (whitespace-separated,
+      non-negative, one per channel; all 1 without it);
+    * loss = sum_valid w_l (-log max(p_l, FLT_MIN)) / W with W = sum_valid w_l, so a
+      batch with every pixel ignored gives NaN (0/0), as in v1;
+    * backward writes w_l (p_c - [c = l]) at valid positions only, then scales the
+      WHOLE bottom diff by loss_weight / W: ignored positions keep (a rescaled copy
+      of) whatever the previous backward left there;
+    * a backward request for the labels is silently ignored (v1 nets feed ArgMax
+      outputs as labels, e.g. the EM-Adapt net).
+    """
+
+    def __init__(self, layer, bottom):
+        self.layer = layer
+        lp = layer.layer_param
+        p = lp.softmaxloss_param
+        if lp.loss_param.HasField("normalization") or lp.loss_param.HasField("normalize"):
+            raise layer.error("softmaxloss_param (DeepLab v1's loss) normalises by the summed "
+                              "class weights of the valid pixels; loss_param.normalization / "
+                              "normalize cannot be combined with it")
+        if int(lp.softmax_param.axis) != 1:
+            raise layer.error("softmaxloss_param (DeepLab v1's loss) works over the channels; "
+                              "softmax_param.axis must be 1")
+        self.ignore = {int(v) for v in p.ignore_label}
+        if lp.loss_param.HasField("ignore_label"):
+            self.ignore.add(int(lp.loss_param.ignore_label))
+        channels = bottom[0].shape[1] if bottom[0].num_axes > 1 else 1
+        self.class_weights = self._read_weights(p.weight_source, channels) \
+            if p.HasField("weight_source") else None
+
+    def _read_weights(self, path, channels):
+        try:
+            with open(path, encoding="utf-8") as f:
+                tokens = f.read().split()
+        except OSError as e:
+            raise self.layer.error(f"cannot open softmaxloss_param.weight_source '{path}': "
+                                   f"{e.strerror}") from None
+        try:
+            weights = [float(t) for t in tokens]
+        except ValueError:
+            raise self.layer.error(f"softmaxloss_param.weight_source '{path}' must hold "
+                                   f"whitespace-separated numbers") from None
+        if any(w < 0 for w in weights):
+            raise self.layer.error(f"class weights cannot be negative (weight_source '{path}')")
+        if len(weights) != channels:
+            raise self.layer.error(f"weight_source '{path}' has {len(weights)} class weights "
+                                   f"but the scores have {channels} channels")
+        return weights
+
+    def reshape(self, bottom, top):
+        scores, labels = bottom[0], bottom[1]
+        if scores.num_axes < 2:
+            raise self.layer.error(f"the scores must be N x C x ..., got {scores.shape}")
+        if scores.shape[0] != labels.shape[0]:
+            raise self.layer.error(f"bottoms must have the same num: {scores.shape} vs "
+                                   f"{labels.shape}")
+        n, c = scores.shape[:2]
+        inner = scores.count // max(n * c, 1)
+        if labels.count < n * inner:
+            raise self.layer.error(f"the label blob {labels.shape} holds {labels.count} "
+                                   f"values, fewer than the {n * inner} positions of the "
+                                   f"scores {scores.shape}")
+        self.dims = (n, c, inner)
+        top[0].reshape(())
+        if len(top) > 1:
+            top[1].reshape(scores.shape)
+
+    def forward(self, bottom, top):
+        xp = get_array_module(bottom[0].data)
+        dtype = bottom[0].data.dtype
+        n, c, inner = self.dims
+        self.prob = softmax(xp, bottom[0].data.reshape(self.dims))
+        lab = bottom[1].data.reshape(-1)[:n * inner].reshape(n, inner).astype(np.int64)
+        valid = xp.ones(lab.shape, bool)
+        for v in self.ignore:
+            valid &= lab != v
+        bad = valid & ((lab < 0) | (lab >= c))
+        if bool(bad.any()):
+            raise self.layer.error(
+                f"unexpected label {int(lab[bad][0])}: labels must be in [0, {c}) or one of "
+                f"the ignore labels {sorted(self.ignore)}")
+        self.label = xp.where(valid, lab, 0)
+        self.valid = valid
+        if self.class_weights is None:
+            w = valid.astype(dtype)
+        else:
+            table = xp.asarray(self.class_weights, dtype)
+            w = xp.where(valid, table[self.label], dtype.type(0))
+        self.w = w
+        self.total_weight = w.sum(dtype=dtype)
+        p_true = xp.take_along_axis(self.prob, self.label[:, None, :], axis=1)[:, 0, :]
+        nll = -xp.log(xp.maximum(p_true, dtype.type(FLT_MIN)))
+        loss = xp.where(valid, w * nll, dtype.type(0)).sum(dtype=dtype)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            top[0].data[...] = loss / self.total_weight
+        if len(top) > 1:
+            top[1].data[...] = self.prob.reshape(top[1].shape)
+
+    def backward(self, top, propagate_down, bottom):
+        if not propagate_down[0]:
+            return
+        xp = get_array_module(self.prob)
+        n, c, inner = self.dims
+        diff = bottom[0].diff.reshape(self.dims)
+        d = self.w[:, None, :] * self.prob
+        onehot = xp.arange(c)[None, :, None] == self.label[:, None, :]
+        d = d - xp.where(onehot, self.w[:, None, :], self.w.dtype.type(0))
+        diff[...] = xp.where(self.valid[:, None, :], d, diff)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            scale = self.w.dtype.type(top[0].diff.flat[0]) / self.total_weight
+            diff *= scale
