@@ -148,3 +148,22 @@ def opencv_forward(net_text, weights, inputs, outputs):
         for name, array in inputs.items():
             net.setInput(np.ascontiguousarray(array, dtype=np.float32), name)
         return [np.array(o) for o in net.forward(outputs)]
+
+
+def opencv_layer(layer_text, inputs, tops=("y",), weights=None):
+    """One-layer net through OpenCV's Caffe importer; each top is read through an
+    identity Dropout layer: OpenCV addresses outputs by layer name (not top name), and
+    an identity Power layer would be wrongly fused with a Power layer under test."""
+    param = caffe_pb2.LayerParameter()
+    text_format.Parse(layer_text, param)
+    lines = []
+    for name, a in inputs.items():
+        dims = " ".join(f"dim: {d}" for d in a.shape)
+        lines.append(f'input: "{name}" input_shape {{ {dims} }}')
+    bottoms = " ".join(f'bottom: "{n}"' for n in inputs)
+    top_txt = " ".join(f'top: "{t}"' for t in tops)
+    lines.append(f'layer {{ name: "under_test" {layer_text} {bottoms} {top_txt} }}')
+    for t in tops:
+        lines.append(f'layer {{ name: "out_{t}" type: "Dropout" bottom: "{t}" top: "out_{t}" }}')
+    layers = [("under_test", param.type, list(weights))] if weights else []
+    return opencv_forward("\n".join(lines), layers, inputs, [f"out_{t}" for t in tops])

@@ -2,30 +2,12 @@
 rule for MAX, and parameter errors."""
 import numpy as np
 import pytest
-from google.protobuf import text_format
 
 from caffelite.layer import LayerError
-from caffelite.proto import caffe_pb2
-from layer_testing import TEST, check_gradient, make_layer, opencv_forward, run_forward, setup_layer
+from layer_testing import (TEST, check_gradient, make_layer, opencv_layer, run_forward,
+                           setup_layer)
 
 SHAPE = (2, 3, 4, 5)
-
-
-def opencv_layer(layer_text, inputs, tops=("y",)):
-    """One-layer net through OpenCV's Caffe importer; tops are read through identity
-    Dropout layers because OpenCV addresses outputs by layer name."""
-    param = caffe_pb2.LayerParameter()
-    text_format.Parse(layer_text, param)
-    lines = []
-    for name, a in inputs.items():
-        dims = " ".join(f"dim: {d}" for d in a.shape)
-        lines.append(f'input: "{name}" input_shape {{ {dims} }}')
-    bottoms = " ".join(f'bottom: "{n}"' for n in inputs)
-    top_txt = " ".join(f'top: "{t}"' for t in tops)
-    lines.append(f'layer {{ name: "under_test" {layer_text} {bottoms} {top_txt} }}')
-    for t in tops:
-        lines.append(f'layer {{ name: "out_{t}" type: "Dropout" bottom: "{t}" top: "out_{t}" }}')
-    return opencv_forward("\n".join(lines), [], inputs, [f"out_{t}" for t in tops])
 
 
 def randn(shape=SHAPE, seed=0, dtype=np.float32):

@@ -2,35 +2,14 @@
 Dropout statistics and parameter errors."""
 import numpy as np
 import pytest
-from google.protobuf import text_format
 
 from caffelite import backend
 from caffelite.blob import Blob
 from caffelite.layer import LayerError
-from caffelite.proto import caffe_pb2
-from layer_testing import (TEST, TRAIN, check_gradient, make_layer, opencv_forward,
+from layer_testing import (TEST, TRAIN, check_gradient, make_layer, opencv_layer,
                            run_forward, setup_layer)
 
 SHAPE = (2, 3, 4, 5)
-
-
-def opencv_layer(layer_text, inputs, tops=("y",), weights=None):
-    """One-layer net through OpenCV's Caffe importer; each top is read through an
-    identity Dropout layer: OpenCV addresses outputs by layer name (not top name), and
-    an identity Power layer would be wrongly fused with a Power layer under test."""
-    param = caffe_pb2.LayerParameter()
-    text_format.Parse(layer_text, param)
-    lines = []
-    for name, a in inputs.items():
-        dims = " ".join(f"dim: {d}" for d in a.shape)
-        lines.append(f'input: "{name}" input_shape {{ {dims} }}')
-    bottoms = " ".join(f'bottom: "{n}"' for n in inputs)
-    top_txt = " ".join(f'top: "{t}"' for t in tops)
-    lines.append(f'layer {{ name: "under_test" {layer_text} {bottoms} {top_txt} }}')
-    for t in tops:
-        lines.append(f'layer {{ name: "out_{t}" type: "Dropout" bottom: "{t}" top: "out_{t}" }}')
-    layers = [("under_test", param.type, list(weights))] if weights else []
-    return opencv_forward("\n".join(lines), layers, inputs, [f"out_{t}" for t in tops])
 
 
 def ours(layer_text, arrays, num_top=1, dtype=np.float32, phase=TEST, params=None):
