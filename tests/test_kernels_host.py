@@ -29,7 +29,7 @@ from caffelite.layers import im2col as np_im2col
 from caffelite.proto import caffe_pb2
 from caffelite.solver import (AdaDeltaSolver, AdaGradSolver, AdamSolver, NesterovSolver,
                               RMSPropSolver, SGDSolver, _cpow)
-from kernel_host import HostKernels, compiler, nvrtc_library, nvrtc_compile
+from caffelite.kernels.host import HostKernels, compiler, nvrtc_library, nvrtc_compile
 from layer_testing import make_layer, run_forward, setup_layer
 
 FLOATS = [np.float32, np.float64]

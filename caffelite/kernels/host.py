@@ -1,4 +1,4 @@
-"""Run caffelite's CUDA kernels (caffelite/kernels/*.cu) on the CPU, for tests.
+"""Run caffelite's CUDA kernels (caffelite/kernels/*.cu) on the CPU: the tests and the GPU emulator.
 
 Each kernel module is compiled with g++ together with a generated driver: per kernel
 and per float type, ``host_launch_<kernel>_<float|double>(grid, block, args...)`` sets
