@@ -1,6 +1,8 @@
 """Upgrade legacy network definitions to the V2 ``layer {}`` form.
 
-Handles BVLC V1 ``layers {}`` (enum types, blobs_lr, weight_decay), the V1
+Handles BVLC V0 ``layers { layer {} }`` (pre-2014: lower-case type strings, flat
+parameters, ``padding`` layers folded into the next convolution/pooling), which goes
+through V1 as in Caffe, BVLC V1 ``layers {}`` (enum types, blobs_lr, weight_decay), the V1
 data-transform move, and DeepLab v1's dialect (``hole`` -> dilation, IMAGE_SEG_DATA,
 INTERP, PADDING -> Interp crop, MAT_WRITE, SEG_ACCURACY, SOFTMAX_LOSS with
 ``softmaxloss_param``, ``strict_dim``), so the released DeepLab v1 configs load as
@@ -43,6 +45,60 @@ V1_TYPE_NAMES = {
     "DENSE_CRF": "DenseCRF", "BIAS_CHANNEL": "BiasChannel", "UNIQUE_LABEL": "UniqueLabel",
     "ADAPTIVE_BIAS_CHANNEL": "AdaptiveBiasChannel", "DOMAIN_TRANSFORM": "DomainTransform",
     "IMSHOW": "Imshow",
+}
+
+# BVLC V0 type strings -> V1 enum names ("padding" layers are folded away first).
+V0_TYPE_NAMES = {
+    "accuracy": "ACCURACY", "bnll": "BNLL", "concat": "CONCAT", "conv": "CONVOLUTION",
+    "data": "DATA", "dropout": "DROPOUT", "euclidean_loss": "EUCLIDEAN_LOSS",
+    "flatten": "FLATTEN", "hdf5_data": "HDF5_DATA", "hdf5_output": "HDF5_OUTPUT",
+    "im2col": "IM2COL", "images": "IMAGE_DATA", "infogain_loss": "INFOGAIN_LOSS",
+    "innerproduct": "INNER_PRODUCT", "lrn": "LRN",
+    "multinomial_logistic_loss": "MULTINOMIAL_LOGISTIC_LOSS", "pool": "POOLING",
+    "relu": "RELU", "sigmoid": "SIGMOID", "softmax": "SOFTMAX",
+    "softmax_loss": "SOFTMAX_LOSS", "split": "SPLIT", "tanh": "TANH",
+    "window_data": "WINDOW_DATA",
+}
+
+_CONV, _IP, _POOL = "convolution_param", "inner_product_param", "pooling_param"
+_DATA, _IMAGES, _WINDOW = "data_param", "image_data_param", "window_data_param"
+
+# V0 flat field -> {V0 type: (V1 parameter message, its field)}; "*" is any type.
+_V0_FIELDS = {
+    "num_output": {"conv": (_CONV, "num_output"), "innerproduct": (_IP, "num_output")},
+    "biasterm": {"conv": (_CONV, "bias_term"), "innerproduct": (_IP, "bias_term")},
+    "weight_filler": {"conv": (_CONV, "weight_filler"), "innerproduct": (_IP, "weight_filler")},
+    "bias_filler": {"conv": (_CONV, "bias_filler"), "innerproduct": (_IP, "bias_filler")},
+    "pad": {"conv": (_CONV, "pad"), "pool": (_POOL, "pad")},
+    "kernelsize": {"conv": (_CONV, "kernel_size"), "pool": (_POOL, "kernel_size")},
+    "group": {"conv": (_CONV, "group")},
+    "stride": {"conv": (_CONV, "stride"), "pool": (_POOL, "stride")},
+    "pool": {"pool": (_POOL, "pool")},        # MAX/AVE/STOCHASTIC: same numbers in both
+    "dropout_ratio": {"dropout": ("dropout_param", "dropout_ratio")},
+    "local_size": {"lrn": ("lrn_param", "local_size")},
+    "alpha": {"lrn": ("lrn_param", "alpha")},
+    "beta": {"lrn": ("lrn_param", "beta")},
+    "k": {"lrn": ("lrn_param", "k")},
+    "source": {"data": (_DATA, "source"), "hdf5_data": ("hdf5_data_param", "source"),
+               "images": (_IMAGES, "source"), "window_data": (_WINDOW, "source"),
+               "infogain_loss": ("infogain_loss_param", "source")},
+    "scale": {"*": ("transform_param", "scale")},
+    "meanfile": {"*": ("transform_param", "mean_file")},
+    "cropsize": {"*": ("transform_param", "crop_size")},
+    "mirror": {"*": ("transform_param", "mirror")},
+    "batchsize": {"data": (_DATA, "batch_size"), "hdf5_data": ("hdf5_data_param", "batch_size"),
+                  "images": (_IMAGES, "batch_size"), "window_data": (_WINDOW, "batch_size")},
+    "rand_skip": {"data": (_DATA, "rand_skip"), "images": (_IMAGES, "rand_skip")},
+    "shuffle_images": {"images": (_IMAGES, "shuffle")},
+    "new_height": {"images": (_IMAGES, "new_height")},
+    "new_width": {"images": (_IMAGES, "new_width")},
+    "concat_dim": {"concat": ("concat_param", "concat_dim")},
+    "det_fg_threshold": {"window_data": (_WINDOW, "fg_threshold")},
+    "det_bg_threshold": {"window_data": (_WINDOW, "bg_threshold")},
+    "det_fg_fraction": {"window_data": (_WINDOW, "fg_fraction")},
+    "det_context_pad": {"window_data": (_WINDOW, "context_pad")},
+    "det_crop_mode": {"window_data": (_WINDOW, "crop_mode")},
+    "hdf5_output_param": {"hdf5_output": ("hdf5_output_param", None)},
 }
 
 # V1 fields with a special meaning in the upgrade (everything else is copied by name).
@@ -152,6 +208,99 @@ def _upgrade_hole(layer):
         conv.ClearField(f)
 
 
+def _v0_where(where, entry):
+    return f"{where}: layer '{entry.layer.name}'"
+
+
+def _fold_v0_padding(entries, net_inputs, where):
+    """Caffe's UpgradeV0PaddingLayers: drop each "padding" layer and give its ``pad`` to
+    the convolution or pooling that reads its output, which then reads its input."""
+    producer = {name: None for name in net_inputs}      # blob -> last V0 entry writing it
+    kept = []
+    for original in entries:
+        entry = _copy(original)
+        for j, blob in enumerate(original.bottom):
+            if blob not in producer:
+                raise UpgradeError(f"{_v0_where(where, original)}: unknown bottom blob "
+                                   f"'{blob}'")
+            source = producer[blob]
+            if source is None or source.layer.type != "padding":
+                continue
+            _check_padding_use(original, source, _v0_where(where, original))
+            entry.layer.pad = source.layer.pad
+            entry.bottom[j] = source.bottom[0]
+        for blob in original.top:
+            producer[blob] = original
+        if original.layer.type != "padding":
+            kept.append(entry)
+    return kept
+
+
+def _check_padding_use(entry, padding, where):
+    if entry.layer.type not in ("conv", "pool"):
+        raise UpgradeError(f"{where}: a V0 padding layer ('{padding.layer.name}') can only "
+                           f"feed a conv or pool layer, not '{entry.layer.type}'")
+    if len(entry.bottom) != 1 or len(padding.bottom) != 1 or len(padding.top) != 1:
+        raise UpgradeError(f"{where}: V0 padding layer '{padding.layer.name}' and the layer "
+                           f"it feeds must each have exactly one input")
+
+
+def _upgrade_v0_entry(entry, where):
+    """Caffe's UpgradeV0LayerParameter: a V0 ``layers { layer {} }`` entry as V1."""
+    v0 = entry.layer
+    for field, _ in entry.ListFields():
+        if field.name not in ("layer", "bottom", "top"):
+            raise UpgradeError(f"{where}: V1 field '{field.name}' next to a V0 'layer' block")
+    if v0.type not in V0_TYPE_NAMES:
+        raise UpgradeError(f"{where}: unknown V0 layer type '{v0.type}'")
+    v1 = caffe_pb2.V1LayerParameter()
+    v1.bottom.extend(entry.bottom)
+    v1.top.extend(entry.top)
+    if v0.HasField("name"):
+        v1.name = v0.name
+    v1.type = caffe_pb2.V1LayerParameter.LayerType.Value(V0_TYPE_NAMES[v0.type])
+    v1.blobs.extend(v0.blobs)
+    v1.blobs_lr.extend(v0.blobs_lr)
+    v1.weight_decay.extend(v0.weight_decay)
+    for field, value in v0.ListFields():
+        if field.name in ("name", "type", "blobs", "blobs_lr", "weight_decay"):
+            continue
+        targets = _V0_FIELDS.get(field.name, {})
+        target = targets.get(v0.type) or targets.get("*")
+        if target is None:
+            raise UpgradeError(f"{where}: V0 parameter '{field.name}' does not apply to a "
+                               f"'{v0.type}' layer")
+        _set_v0_value(v1, target, value)
+    return v1
+
+
+def _set_v0_value(v1, target, value):
+    message_name, field_name = target
+    message = getattr(v1, message_name)
+    if field_name is None:
+        message.CopyFrom(value)
+        return
+    current = getattr(message, field_name)
+    if hasattr(current, "append"):          # repeated: convolution pad/kernel_size/stride
+        current.append(value)
+    elif hasattr(current, "CopyFrom"):
+        current.CopyFrom(value)
+    else:
+        setattr(message, field_name, value)
+
+
+def _upgrade_v0_net(net, where):
+    """Caffe's UpgradeV0Net: every ``layers`` entry must hold a V0 ``layer`` block."""
+    for i, entry in enumerate(net.layers):
+        if not entry.HasField("layer"):
+            raise UpgradeError(f"{where}: layer #{i + 1} ('{entry.name}') has no V0 'layer' "
+                               f"block in a V0 net")
+    entries = _fold_v0_padding(net.layers, net.input, where)
+    v1_layers = [_upgrade_v0_entry(e, _v0_where(where, e)) for e in entries]
+    net.ClearField("layers")
+    net.layers.extend(v1_layers)
+
+
 def upgrade_net(net, where="<net>"):
     """Return ``(upgraded NetParameter, names of layers with strict_dim: false)``."""
     net = _copy(net)
@@ -159,10 +308,9 @@ def upgrade_net(net, where="<net>"):
     if len(net.layers):
         if len(net.layer):
             raise UpgradeError(f"{where}: mixes V1 'layers' and V2 'layer' blocks")
+        if any(entry.HasField("layer") for entry in net.layers):
+            _upgrade_v0_net(net, where)
         for v1 in net.layers:
-            if v1.HasField("layer"):
-                raise UpgradeError(f"{where}: V0 layer definitions are not supported; "
-                                   f"upgrade the file with Caffe's upgrade_net_proto_text")
             if v1.HasField("strict_dim") and not v1.strict_dim:
                 relaxed.add(v1.name)
             net.layer.append(_upgrade_v1_layer(v1, where))
