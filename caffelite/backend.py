@@ -1,45 +1,165 @@
 """Array-module selection (Chainer's ``xp`` style) and the global mode/RNG state.
 
-Layers write their maths once against ``xp = get_array_module(array)``; numpy on
-the CPU, CuPy when a later GPU backend hands them device arrays.
+Layers write their maths once against ``xp = get_array_module(array)``: numpy on the
+CPU, the device module (CuPy, or the numpy-backed emulator of ``kernels.emulator``) when
+the Net hands them device arrays.
+
+Blobs hold a host and a device mirror (``blob.SyncedMemory``). Which one ``blob.data``
+returns depends on *who* asks: Python code (pycaffe scripts, host-only layers) always
+gets the host array; the Net and the solver switch the calling thread to device access
+(``device_access()``) while a device layer or a solver update runs in GPU mode.
 """
+import contextlib
+import os
+import threading
+
 import numpy as np
 
 TRAIN = 0
 TEST = 1
 
-_state = {"mode": "cpu", "device": 0, "seed": None, "rng": np.random.default_rng()}
+_state = {"mode": "cpu", "device": 0, "seed": None, "rng": np.random.default_rng(),
+          "xp": None, "tf32": False}
+
+
+class _Access(threading.local):
+    device = False      # class default: every new thread starts with host access
+
+
+_access = _Access()
 
 
 def get_array_module(*arrays):
-    try:
-        import cupy
-    except ImportError:
-        return np
-    return cupy.get_array_module(*arrays)
+    """numpy, or the device array module if any of ``arrays`` lives on the device."""
+    xp = _state["xp"]
+    if xp is None:
+        import sys
+        xp = sys.modules.get("cupy")
+        if xp is None:
+            return np
+    for a in arrays:
+        if isinstance(a, xp.ndarray):
+            return xp
+    return np
 
 
 def set_mode_cpu():
     _state["mode"] = "cpu"
 
 
-def set_mode_gpu():
-    raise RuntimeError(
-        "GPU mode is not available yet in this caffelite build; run on the CPU (set_mode_cpu)")
+def set_mode_gpu(emulate=None):
+    """Run layers and solvers on the GPU (device ``set_device``'s id, default 0).
+
+    ``emulate=True`` (or the environment variable ``CAFFELITE_GPU_EMULATOR=1``) runs
+    the whole GPU code path on the CPU instead: device arrays are numpy memory that
+    refuses to mix with host arrays, and kernels run host-compiled from the same ``.cu``
+    sources. It is how the GPU path is tested where there is no GPU.
+    """
+    from . import kernels
+    if emulate is None:
+        emulate = os.environ.get("CAFFELITE_GPU_EMULATOR", "") not in ("", "0")
+    if emulate:
+        from .kernels import emulator
+        xp = emulator
+    else:
+        xp = kernels.require_cupy()
+        count = xp.cuda.runtime.getDeviceCount()
+        if not 0 <= _state["device"] < count:
+            raise kernels.GPUUnavailableError(
+                f"GPU {_state['device']} does not exist: CUDA reports {count} device(s)")
+        xp.cuda.Device(_state["device"]).use()
+        _state["xp"] = xp
+        _apply_tf32(xp)
+    _state["xp"] = xp
+    _state["mode"] = "gpu"
 
 
 def set_device(device_id):
     _state["device"] = int(device_id)
+    if _state["mode"] == "gpu" and _state["xp"] is not None and \
+            _state["xp"].__name__ == "cupy":
+        _state["xp"].cuda.Device(int(device_id)).use()
 
 
 def mode():
     return _state["mode"]
 
 
+def is_gpu():
+    return _state["mode"] == "gpu"
+
+
+def device_module():
+    """The device array module of GPU mode (CuPy or the emulator); an error in CPU mode."""
+    if _state["mode"] != "gpu" or _state["xp"] is None:
+        raise RuntimeError("no device array module: caffelite is in CPU mode "
+                           "(call set_mode_gpu first)")
+    return _state["xp"]
+
+
+def set_tf32(enabled):
+    """Opt in (True) to TF32 tensor-core GEMMs on the GPU; FP32 (False) is the default
+    and gives Caffe's float results. Has no effect on the CPU or the emulator."""
+    _state["tf32"] = bool(enabled)
+    xp = _state["xp"]
+    if xp is not None and xp.__name__ == "cupy":
+        _apply_tf32(xp)
+
+
+def tf32_enabled():
+    return _state["tf32"]
+
+
+def _apply_tf32(cupy):
+    # CuPy reads CUPY_TF32 once, when a float32 GEMM first asks for its compute type;
+    # set_compute_type changes it at any time. Set both so the flag holds either way.
+    os.environ["CUPY_TF32"] = "1" if _state["tf32"] else "0"
+    try:
+        from cupy._core import _routines_linalg as linalg
+        linalg.set_compute_type(np.float32, linalg.COMPUTE_TYPE_TF32 if _state["tf32"]
+                                else linalg.COMPUTE_TYPE_DEFAULT)
+    except (ImportError, AttributeError):
+        pass
+
+
+def device_access_enabled():
+    return _access.device
+
+
+@contextlib.contextmanager
+def device_access(enabled=True):
+    """Within the block, blobs hand this thread their device arrays (if ``enabled``)."""
+    previous = _access.device
+    _access.device = bool(enabled)
+    try:
+        yield
+    finally:
+        _access.device = previous
+
+
+def to_host(array):
+    """A numpy array with the values of ``array`` (host or device)."""
+    if isinstance(array, np.ndarray) and get_array_module(array) is np:
+        return array
+    xp = get_array_module(array)
+    if xp is np:
+        return np.asarray(array)
+    return xp.asnumpy(array)
+
+
+def to_device(array, xp=None):
+    """``array`` on the device of GPU mode (a copy if it is a host array)."""
+    xp = xp or device_module()
+    return xp.asarray(array)
+
+
 def set_random_seed(seed):
     """Seed every random draw caffelite makes (fillers, dropout, shuffles)."""
     _state["seed"] = int(seed)
     _state["rng"] = np.random.default_rng(int(seed))
+    xp = _state["xp"]
+    if xp is not None:
+        xp.random.seed(int(seed))
 
 
 def rng():

@@ -1,20 +1,113 @@
-"""Blob: Caffe's N-d array pair (``data`` for values, ``diff`` for gradients)."""
+"""Blob: Caffe's N-d array pair (``data`` for values, ``diff`` for gradients).
+
+Each of the two is a ``SyncedMemory`` (Caffe's): a host (numpy) mirror and, in GPU
+mode, a device mirror, with a *head* saying which one holds the newest values. Memory
+is allocated (zero-filled) on first use, on the side that asks, and copied across only
+when the other side asks after a write. ``blob.data`` gives the host array to Python
+code and host-only layers, and the device array to code running under
+``backend.device_access()`` (the Net's device layers, the solver's update in GPU mode).
+Like pycaffe's, every access is a potential write: the side that is asked becomes the
+head.
+"""
 import numpy as np
+
+from . import backend
+
+UNINITIALIZED, HEAD_AT_HOST, HEAD_AT_DEVICE, SYNCED = range(4)
+
+
+class SyncedMemory:
+    """``count`` elements of ``dtype`` mirrored between host and device (flat arrays)."""
+    __slots__ = ("count", "dtype", "host", "device", "head")
+
+    def __init__(self, count, dtype, host=None, device=None):
+        self.count = int(count)
+        self.dtype = np.dtype(dtype)
+        self.host = host
+        self.device = device
+        if host is not None:
+            self.head = HEAD_AT_HOST
+        elif device is not None:
+            self.head = HEAD_AT_DEVICE
+        else:
+            self.head = UNINITIALIZED
+
+    @classmethod
+    def wrap(cls, array):
+        """Memory holding ``array`` itself (flattened view), host or device."""
+        xp = backend.get_array_module(array)
+        if xp is np:
+            flat = np.ascontiguousarray(array).reshape(-1)
+            return cls(flat.size, flat.dtype, host=flat)
+        flat = xp.ascontiguousarray(array).reshape(-1)
+        return cls(flat.size, flat.dtype, device=flat)
+
+    def host_array(self):
+        """The host mirror, up to date; the host becomes the head (a mutable access)."""
+        if self.head == HEAD_AT_DEVICE:
+            if self.host is None:
+                self.host = np.empty(self.count, self.dtype)
+            self.host[...] = backend.to_host(self.device)
+        elif self.host is None:
+            self.host = np.zeros(self.count, self.dtype)
+        self.head = HEAD_AT_HOST
+        return self.host
+
+    def device_array(self):
+        """The device mirror, up to date; the device becomes the head."""
+        if self.device is None:
+            xp = backend.device_module()
+            if self.head == HEAD_AT_HOST:
+                self.device = xp.asarray(self.host)
+            else:
+                self.device = xp.zeros(self.count, self.dtype)
+        elif self.head == HEAD_AT_HOST:
+            self.device[...] = backend.to_device(self.host, backend.get_array_module(
+                self.device))
+        self.head = HEAD_AT_DEVICE
+        return self.device
+
+    def mark_synced(self):
+        """Both mirrors hold the newest values (after a read-only host access)."""
+        if self.host is not None and self.device is not None:
+            self.head = SYNCED
+
+    def sync_to_host(self):
+        """Bring the host mirror up to date without making it the head."""
+        if self.head == HEAD_AT_DEVICE:
+            self.host_array()
+            self.head = SYNCED
+
+    def release_device(self):
+        """Drop the device mirror (after bringing the host up to date)."""
+        if self.device is not None:
+            if self.head == HEAD_AT_DEVICE:
+                self.host_array()
+            self.device = None
+            self.head = HEAD_AT_HOST
+
+    def array(self, shape):
+        if backend._access.device:
+            return self.device_array().reshape(shape)
+        if self.head != HEAD_AT_HOST or self.host is None:
+            return self.host_array().reshape(shape)
+        return self.host.reshape(shape)
 
 
 class Blob:
     """A named-by-the-net array pair with Caffe's reshape semantics.
 
     ``data`` and ``diff`` are arrays of ``shape``; reshaping to the same count keeps
-    the memory (as Caffe does), a larger count reallocates. Arrays may be shared
-    with another blob (Split, Flatten, Reshape, in-place layers, shared params).
+    the memory (as Caffe does), another count reallocates. Memory may be shared with
+    another blob (Split, Flatten, Reshape, in-place layers, shared params).
     """
 
     def __init__(self, shape=(), dtype=np.float32):
         self.dtype = np.dtype(dtype)
         self._shape = tuple(int(s) for s in shape)
-        self._data = np.zeros(self._shape, self.dtype)
-        self._diff = np.zeros(self._shape, self.dtype)
+        count = self.count
+        self._data_mem = SyncedMemory(count, self.dtype)
+        self._diff_mem = SyncedMemory(count, self.dtype)
 
     # --- shape -----------------------------------------------------------------
     @property
@@ -61,12 +154,9 @@ class Blob:
         if shape == self._shape:
             return
         count = int(np.prod(shape, dtype=np.int64))
-        if count == self._data.size:
-            self._data = self._data.reshape(shape)
-            self._diff = self._diff.reshape(shape)
-        else:
-            self._data = np.zeros(shape, self.dtype)
-            self._diff = np.zeros(shape, self.dtype)
+        if count != self._data_mem.count:
+            self._data_mem = SyncedMemory(count, self.dtype)
+            self._diff_mem = SyncedMemory(count, self.dtype)
         self._shape = shape
 
     def reshape_like(self, other):
@@ -75,38 +165,61 @@ class Blob:
     # --- data / diff -------------------------------------------------------------
     @property
     def data(self):
-        return self._data
+        return self._data_mem.array(self._shape)
 
     @data.setter
     def data(self, value):
-        self._data[...] = value
+        self.data[...] = value
 
     @property
     def diff(self):
-        return self._diff
+        return self._diff_mem.array(self._shape)
 
     @diff.setter
     def diff(self, value):
-        self._diff[...] = value
+        self.diff[...] = value
+
+    # Explicit sides, whatever the calling context (Caffe's cpu_data/gpu_data).
+    @property
+    def host_data(self):
+        return self._data_mem.host_array().reshape(self._shape)
+
+    @property
+    def host_diff(self):
+        return self._diff_mem.host_array().reshape(self._shape)
+
+    @property
+    def device_data(self):
+        return self._data_mem.device_array().reshape(self._shape)
+
+    @property
+    def device_diff(self):
+        return self._diff_mem.device_array().reshape(self._shape)
 
     def set_data_array(self, array):
-        """Replace the data array itself (caller guarantees shape and dtype)."""
-        self._data = array
+        """Replace the data memory by ``array`` itself (host or device)."""
+        self._data_mem = SyncedMemory.wrap(array)
         self._shape = tuple(array.shape)
 
     def set_diff_array(self, array):
-        self._diff = array
+        self._diff_mem = SyncedMemory.wrap(array)
 
     def share_data(self, other):
-        """Make this blob view ``other``'s data (shapes must hold the same count)."""
+        """Make this blob use ``other``'s data memory (shapes must hold the same count)."""
         if other.count != self.count:
             raise ValueError(f"cannot share data: counts {other.count} vs {self.count}")
-        self._data = other._data.reshape(self._shape)
+        self._data_mem = other._data_mem
 
     def share_diff(self, other):
         if other.count != self.count:
             raise ValueError(f"cannot share diff: counts {other.count} vs {self.count}")
-        self._diff = other._diff.reshape(self._shape)
+        self._diff_mem = other._diff_mem
+
+    def shares_data_with(self, other):
+        return self._data_mem is other._data_mem
+
+    def memories(self):
+        return self._data_mem, self._diff_mem
 
     def __repr__(self):
         return f"Blob(shape={self._shape}, dtype={self.dtype.name})"

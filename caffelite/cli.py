@@ -33,12 +33,22 @@ def _defines(pairs):
     return out
 
 
-def _select_device(gpu):
+def _select_device(gpu, tf32=False):
+    """--gpu N (Caffe's syntax: an id, a comma list, or 'all'; caffelite uses one GPU)."""
     from . import backend
     if gpu is None or gpu == "":
         backend.set_mode_cpu()
         return
+    ids = ["0"] if gpu == "all" else [g.strip() for g in str(gpu).split(",") if g.strip()]
+    if not ids or not all(g.isdigit() for g in ids):
+        raise CliError(f"--gpu expects a device id, a comma-separated list or 'all', "
+                       f"got '{gpu}'")
+    if len(ids) > 1:
+        logger.warning("--gpu %s: caffelite trains on one GPU; using GPU %s", gpu, ids[0])
+    backend.set_device(int(ids[0]))
+    backend.set_tf32(tf32)
     backend.set_mode_gpu()
+    logger.info("Using GPU %s%s", ids[0], " (TF32 GEMMs)" if tf32 else "")
 
 
 def _format_output(name, value, weight):
@@ -58,7 +68,7 @@ def _net_output_values(net):
 
 def cmd_test(args):
     from . import TEST, Net
-    _select_device(args.gpu)
+    _select_device(args.gpu, getattr(args, 'tf32', False))
     net = Net(args.model, TEST, weights=args.weights, defines=_defines(args.define),
               stages=args.stage, level=args.level)
     logger.info("Running for %d iterations.", args.iterations)
@@ -89,7 +99,7 @@ def cmd_train(args):
     from .solver import get_solver, install_signal_handlers
     if args.weights and args.snapshot:
         raise CliError("give either --weights or --snapshot, not both")
-    _select_device(args.gpu)
+    _select_device(args.gpu, getattr(args, 'tf32', False))
     solver = get_solver(args.solver, defines=_defines(args.define))
     if args.weights:
         solver.load_weights(args.weights.split(","))
@@ -103,7 +113,7 @@ def cmd_train(args):
 
 def cmd_time(args):
     from . import TEST, TRAIN, Net
-    _select_device(args.gpu)
+    _select_device(args.gpu, getattr(args, 'tf32', False))
     phase = TRAIN if args.phase.upper() == "TRAIN" else TEST
     net = Net(args.model, phase, defines=_defines(args.define))
     logger.info("Performing Forward")
@@ -189,6 +199,8 @@ def common_arguments(sp):
     sp.add_argument("-D", "--define", action="append", metavar="NAME=VALUE",
                     help="fill ${NAME} placeholders in the prototxt (repeatable)")
     sp.add_argument("--gpu", default=None, help="GPU id (CPU if omitted)")
+    sp.add_argument("--tf32", action="store_true",
+                    help="allow TF32 tensor-core GEMMs on the GPU (default: exact FP32)")
 
 
 def parse_defines(pairs):

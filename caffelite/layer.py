@@ -62,6 +62,10 @@ class Layer:
     equal_num_bottom_top = False
     # If True, the net creates anonymous tops up to exact/min_top (Caffe AutoTopBlobs).
     auto_top_blobs = False
+    # In GPU mode the Net runs a layer on the device (its blobs give device arrays) unless
+    # it says otherwise: data, file and Python layers work on host arrays (Caffe's
+    # CPU-only layers), with copies at those boundaries only.
+    runs_on_device = True
 
     def __init__(self, layer_param, phase=TEST, dtype=np.float32):
         self.layer_param = layer_param

@@ -5,14 +5,16 @@ Input layer, automatic Split insertion for fan-out, in-place tops, parameter sha
 by ``param { name }``, loss weights, and the need-backward analysis that skips
 layers which do not contribute to a loss.
 """
+import contextlib
 import os
 from collections import OrderedDict
 from itertools import zip_longest
 
 import numpy as np
 
+from . import backend
 from .backend import TRAIN, TEST
-from .blob import Blob
+from .blob import HEAD_AT_DEVICE, HEAD_AT_HOST, SYNCED, Blob
 from .io import caffemodel, prototxt
 from .layer import LayerError, create_layer
 from .log import logger
@@ -392,26 +394,47 @@ class Net:
 
     def forward_from_to(self, start=0, end=None):
         end = len(self.layers) - 1 if end is None else end
+        gpu = backend.is_gpu()
         loss = 0.0
         for i in range(start, end + 1):
             layer, bottom, top = self.layers[i], self.bottom_blobs[i], self.top_blobs[i]
-            layer.reshape(bottom, top)
-            layer.forward(bottom, top)
-            for t, w in zip(top, layer.loss_weights):
-                if w:
-                    loss += w * float(np.sum(t.data, dtype=np.float64))
+            on_device = gpu and layer.runs_on_device
+            with backend.device_access(on_device):
+                if gpu and not on_device:
+                    reads = [b.memories()[0] for b in bottom]
+                    writes = [m for t in top for m in t.memories()]
+                    with _read_only_on_host(reads, writes):
+                        layer.reshape(bottom, top)
+                        layer.forward(bottom, top)
+                else:
+                    layer.reshape(bottom, top)
+                    layer.forward(bottom, top)
+                for t, w in zip(top, layer.loss_weights):
+                    if w:
+                        xp = backend.get_array_module(t.data)
+                        loss += w * float(xp.sum(t.data, dtype=xp.float64))
         return loss
 
     def backward_from_to(self, start=None, end=0):
         start = len(self.layers) - 1 if start is None else start
+        gpu = backend.is_gpu()
         for i in range(start, end - 1, -1):
             if not self.layer_need_backward[i]:
                 continue
-            layer, top = self.layers[i], self.top_blobs[i]
-            for t, w in zip(top, layer.loss_weights):
-                if w:
-                    t.diff[...] = w
-            layer.backward(top, self.bottom_need_backward[i], self.bottom_blobs[i])
+            layer, top, bottom = self.layers[i], self.top_blobs[i], self.bottom_blobs[i]
+            on_device = gpu and layer.runs_on_device
+            with backend.device_access(on_device):
+                for t, w in zip(top, layer.loss_weights):
+                    if w:
+                        t.diff[...] = w
+                if gpu and not on_device:
+                    reads = [m for t in top for m in t.memories()]
+                    reads += [b.memories()[0] for b in bottom]
+                    writes = [b.memories()[1] for b in bottom]
+                    with _read_only_on_host(reads, writes):
+                        layer.backward(top, self.bottom_need_backward[i], bottom)
+                else:
+                    layer.backward(top, self.bottom_need_backward[i], bottom)
 
     def forward_backward(self):
         loss = self.forward_from_to()
@@ -419,12 +442,15 @@ class Net:
         return loss
 
     def clear_param_diffs(self):
-        for p in self.learnable_params:
-            p.blob.diff[...] = 0
+        with backend.device_access(backend.is_gpu()):
+            for p in self.learnable_params:
+                p.blob.diff[...] = 0
 
     def reshape(self):
+        gpu = backend.is_gpu()
         for layer, bottom, top in zip(self.layers, self.bottom_blobs, self.top_blobs):
-            layer.reshape(bottom, top)
+            with backend.device_access(gpu and layer.runs_on_device):
+                layer.reshape(bottom, top)
 
     # pycaffe ---------------------------------------------------------------------
     @property
@@ -680,6 +706,21 @@ class Net:
 
     def save(self, path):
         caffemodel.write_caffemodel(path, self.to_weights(), self.name)
+
+
+@contextlib.contextmanager
+def _read_only_on_host(reads, writes):
+    """A host-only layer in GPU mode only reads ``reads`` (Caffe's const cpu_data): a
+    memory whose device mirror was up to date before is equal on both sides after, so
+    it is marked synced and the next device layer does not copy it back. Memories the
+    layer writes (tops, in-place blobs, bottom diffs) stay host-headed."""
+    written = {id(m) for m in writes}
+    mems = [m for m in reads if id(m) not in written]
+    before = [m.head for m in mems]
+    yield
+    for m, head in zip(mems, before):
+        if head in (HEAD_AT_DEVICE, SYNCED) and m.head == HEAD_AT_HOST:
+            m.mark_synced()
 
 
 def _shapes_match(target_shape, blob):

@@ -87,8 +87,7 @@ def learning_rate(param, iter, current_step=0, dtype=np.float32):
 
 
 def _host(array):
-    return array.get() if hasattr(array, "get") and not isinstance(array, np.ndarray) \
-        else np.asarray(array)
+    return backend.to_host(array)
 
 
 def _fmt(value):
@@ -460,6 +459,20 @@ class Solver:
         rate = self.get_learning_rate()
         if p.display and self.iter % p.display == 0:
             logger.info("Iteration %d, lr = %s", self.iter, _fmt(rate))
+        if backend.is_gpu():
+            self._history_to_device()
+            with backend.device_access():
+                self._update(rate)
+        else:
+            self._update(rate)
+
+    def _history_to_device(self):
+        xp = backend.device_module()
+        for i, h in enumerate(self.history):
+            if not isinstance(h, xp.ndarray):
+                self.history[i] = xp.asarray(h)
+
+    def _update(self, rate):
         self.clip_gradients()
         for i in range(len(self.net.learnable_params)):
             self.normalize(i)

@@ -387,6 +387,8 @@ def test_513_float32_conv_stays_within_column_budget():
     geom, grid = layer.geom, top[0].shape[2:]
     assert im2col_mod.rows_per_chunk(16, geom, grid, 4) < 513 // 2   # several bands
     im2col_mod.release_workspace()
+    for blob in (top[0], bottom[0]):   # blob memory is allocated on first use: not workspace
+        blob.data, blob.diff
     tracemalloc.start()
     layer.forward(bottom, top)
     top[0].diff[...] = top[0].data

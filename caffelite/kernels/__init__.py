@@ -118,7 +118,8 @@ def ctype_name(dtype):
                         f"not {np.dtype(dtype)}") from None
 
 
-def _cupy():
+def require_cupy():
+    """The cupy module, or GPUUnavailableError saying in one sentence what is missing."""
     if _cupy_checked:
         return _cupy_checked[0]
     try:
@@ -140,7 +141,7 @@ def _cupy():
 
 def load_module(name):
     """The CuPy RawModule of ``name.cu``, compiled once per process and device."""
-    cupy = _cupy()
+    cupy = require_cupy()
     key = (name, cupy.cuda.Device().id)
     module = _modules.get(key)
     if module is None:
@@ -192,14 +193,36 @@ def grid_for(n, block=BLOCK):
     return max(1, min(MAX_GRID, -(-int(n) // block)))
 
 
+_signature_cache = {}
+
+
+def module_signatures(name):
+    """{kernel: [Param, ...]} of module ``name`` (parsed once)."""
+    sigs = _signature_cache.get(name)
+    if sigs is None:
+        sigs = _signature_cache[name] = kernel_signatures(source(name))
+    return sigs
+
+
+def _emulated(args):
+    from . import emulator
+    return any(isinstance(a, emulator.ndarray) for a in args)
+
+
 def launch(module_name, kernel_name, dtype, *args, grid=None, block=BLOCK):
-    """Run kernel ``kernel_name<dtype>`` of ``module_name.cu`` on CuPy arrays."""
-    module = load_module(module_name)
-    params = module.caffelite_signatures.get(kernel_name)
+    """Run kernel ``kernel_name<dtype>`` of ``module_name.cu`` on device arrays: CuPy
+    arrays on the GPU, or the emulator's arrays (host-compiled kernels, no GPU)."""
+    params = module_signatures(module_name).get(kernel_name)
     if params is None:
         raise ValueError(f"kernel module '{module_name}' has no kernel '{kernel_name}' "
-                         f"(it has {', '.join(module.caffelite_signatures)})")
-    cupy = _cupy()
+                         f"(it has {', '.join(module_signatures(module_name))})")
+    if _emulated(args):
+        from . import emulator
+        values = convert_args(params, dtype, args, emulator)
+        emulator.launch(module_name, kernel_name, dtype, *values, grid=grid, block=block)
+        return
+    module = load_module(module_name)
+    cupy = require_cupy()
     values = convert_args(params, dtype, args, cupy)
     grid = grid_for(values[0], block) if grid is None else grid
     get_kernel(module, kernel_name, dtype)((grid,), (block,), tuple(values))

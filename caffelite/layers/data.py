@@ -28,6 +28,7 @@ class InputLayer(Layer):
 @register("DummyData")
 class DummyDataLayer(Layer):
     """Tops filled by fillers: constant ones are filled once, random ones every forward."""
+    runs_on_device = False
     min_top = 1
     exact_num_bottom = 0
 
@@ -72,6 +73,7 @@ class DummyDataLayer(Layer):
 @register("MemoryData")
 class MemoryDataLayer(Layer):
     """Batches from arrays handed over by ``set_input_arrays`` (pycaffe)."""
+    runs_on_device = False
     exact_num_top = 2
     exact_num_bottom = 0
 

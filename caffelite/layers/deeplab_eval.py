@@ -46,6 +46,7 @@ class MatWriteLayer(Layer):
     """Writes each bottom to ``prefix + id + "_blob_" + i + ".mat"`` every ``period``
     forwards (``prefix + "iter_" + iter`` without a source list); the whole blob, all
     N images, goes into one file (matio layout, see ``caffelite.io.matfile``)."""
+    runs_on_device = False
     min_bottom = 1
     exact_num_top = 0
 
@@ -95,6 +96,7 @@ class MatReadLayer(Layer):
     not copied into the top.  ``state_dict()``/``load_state_dict()`` save the file
     position for a bit-identical resume.
     """
+    runs_on_device = False
     exact_num_bottom = 0
     exact_num_top = 1
 
@@ -166,6 +168,7 @@ class SegAccuracyLayer(Layer):
     truncated to int; ignore labels are skipped; any other label outside [0, C) is an
     error.
     """
+    runs_on_device = False
     exact_num_bottom = 2
     exact_num_top = 1
 

@@ -26,6 +26,7 @@ class DenseCRFLayer(Layer):
     ``max_iter`` mean-field steps, labels more than 20 below a pixel's best at Q = 0
     (the fork's ``fast_exp``).  No backward (the fork's is empty).
     """
+    runs_on_device = False
     min_bottom = 2
     max_bottom = 3
     exact_num_top = 1

@@ -133,6 +133,7 @@ class PrefetchingDataLayer(Layer):
     Position state (``state_dict``/``load_state_dict``) is the state right after the
     last batch handed to ``forward`` -- batches prepared ahead do not count.
     """
+    runs_on_device = False
     exact_num_bottom = 0
 
     def start_prefetch(self):
@@ -646,6 +647,7 @@ class HDF5DataLayer(Layer):
     Needs the optional ``h5py`` package.  ``state_dict()``/``load_state_dict()`` save
     the position (file, row, permutations, RNG).
     """
+    runs_on_device = False
     exact_num_bottom = 0
     min_top = 1
 

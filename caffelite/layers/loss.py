@@ -109,6 +109,7 @@ class AccuracyLayer(Layer):
     top holds per-class accuracy (0 for classes absent from the labels).  With every
     label ignored the accuracy is 0/0 = NaN, as in the fork.
     """
+    runs_on_device = False
     exact_num_bottom = 2
     min_top = 1
     max_top = 2

@@ -158,6 +158,7 @@ def create_python_layer(layer_param, phase=TEST, dtype=np.float32):
 @register("Python")
 class PythonLayer(Layer):
     """Registry entry for "Python": building one returns the user's layer instance."""
+    runs_on_device = False
 
     def __new__(cls, layer_param, phase=TEST, dtype=np.float32):
         return create_python_layer(layer_param, phase, dtype)

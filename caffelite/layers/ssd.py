@@ -134,6 +134,7 @@ class PriorBoxLayer(Layer):
     """Default boxes of one feature map: top 1×2×(H·W·num_priors·4), row 0 the boxes
     (xmin, ymin, xmax, ymax normalised by the image size), row 1 their variances.
     Bottoms: the feature map and the image (for its size)."""
+    runs_on_device = False
     exact_num_bottom = 2
     exact_num_top = 1
 
@@ -239,6 +240,7 @@ class DetectionOutputLayer(Layer):
     the keep_top_k best: one row [image, label, score, xmin, ymin, xmax, ymax] per
     box.  Bottoms: loc (N, priors·L·4), conf (N, priors·classes), priors (1, 2,
     priors·4); L = 1 with share_location, else num_classes."""
+    runs_on_device = False
     min_bottom = 3
     max_bottom = 4     # the fork accepts the image as an optional 4th bottom
     exact_num_top = 1

@@ -24,6 +24,7 @@ class UniqueLabelLayer(Layer):
     label values (exact float values, minus the ignore labels, plus every
     force_label) in ascending order, then -1 up to max_labels.  More than max_labels
     distinct values is an error."""
+    runs_on_device = False
     exact_num_bottom = 1
     exact_num_top = 1
 

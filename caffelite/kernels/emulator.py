@@ -1,0 +1,240 @@
+"""A CPU stand-in for CuPy, so caffelite's whole GPU code path runs where there is no GPU.
+
+``caffelite.set_mode_gpu(emulate=True)`` makes this module the device array module:
+
+* device arrays are ``emulator.ndarray``, numpy memory that behaves like CuPy's device
+  memory where it matters for catching bugs: mixing it with a host numpy array in a
+  ufunc or array function raises ``TypeError`` (as CuPy does), reductions give 0-d
+  device arrays instead of scalars, and ``asnumpy`` is the only way back to the host;
+* array functions (``emulator.zeros``, ``emulator.matmul`` …) are numpy's, returning
+  device arrays;
+* ``kernels.launch`` runs the ``.cu`` kernels compiled for the host by g++
+  (``kernels.host``), from the same sources NVRTC compiles on a GPU.
+
+It is for tests and kernel development: it is slow and checks nothing about real
+GPU timing, memory or atomics ordering.
+"""
+import os
+import sys
+import tempfile
+import types
+
+import numpy as _np
+
+class ndarray(_np.ndarray):        # noqa: N801  (CuPy's spelling)
+    """Host memory posing as device memory; refuses to mix with host arrays."""
+
+    def __array_ufunc__(self, ufunc, method, *inputs, out=None, **kwargs):
+        inputs = tuple(_to_plain(x, ufunc.__name__) for x in inputs)
+        if out is not None:
+            kwargs["out"] = tuple(_to_plain(o, ufunc.__name__) for o in out)
+        result = getattr(ufunc, method)(*inputs, **kwargs)
+        if out is not None:
+            return out[0] if len(out) == 1 else out
+        return _to_device_result(result)
+
+    def __array_function__(self, func, types_, args, kwargs):
+        name = getattr(func, "__name__", "function")
+        args = _to_plain_tree(args, name)
+        kwargs = _to_plain_tree(kwargs, name)
+        return _to_device_result(func(*args, **kwargs))
+
+    def get(self):
+        """CuPy's device→host copy."""
+        return _np.array(self.view(_np.ndarray))
+
+    def __repr__(self):
+        return "emulated_device_" + repr(self.view(_np.ndarray))
+
+
+def _is_host_array(x):
+    return isinstance(x, _np.ndarray) and not isinstance(x, ndarray) and x.ndim > 0
+
+
+def _to_plain(x, what):
+    if isinstance(x, ndarray):
+        return x.view(_np.ndarray)
+    if _is_host_array(x):
+        raise TypeError(f"{what}: a host numpy array mixed with device arrays (CuPy "
+                        f"refuses this; move it with xp.asarray or backend.to_device)")
+    return x
+
+
+def _to_plain_tree(obj, what):
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_plain_tree(o, what) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to_plain_tree(v, what) for k, v in obj.items()}
+    return _to_plain(obj, what)
+
+
+def _to_device_result(result):
+    if isinstance(result, _np.ndarray):
+        return result.view(ndarray)
+    if isinstance(result, _np.generic):         # CuPy reductions give 0-d arrays
+        return _np.asarray(result).view(ndarray)
+    if isinstance(result, tuple):
+        return tuple(_to_device_result(r) for r in result)
+    if isinstance(result, list):
+        return [_to_device_result(r) for r in result]
+    return result
+
+
+def _device_function(fn):
+    """numpy function ``fn`` taking device (not host) arrays, giving device arrays."""
+    def call(*args, **kwargs):
+        name = getattr(fn, "__name__", "function")
+        return _to_device_result(fn(*_to_plain_tree(args, name),
+                                    **_to_plain_tree(kwargs, name)))
+    call.__name__ = getattr(fn, "__name__", "function")
+    call.__doc__ = fn.__doc__
+    return call
+
+
+class _DeviceUfunc:
+    """A numpy ufunc refusing host arrays; methods (``reduce``, ``at`` …) too."""
+
+    def __init__(self, ufunc):
+        self._ufunc = ufunc
+        self.__name__ = ufunc.__name__
+
+    def __call__(self, *args, **kwargs):
+        return _device_function(self._ufunc)(*args, **kwargs)
+
+    def __getattr__(self, name):
+        attr = getattr(self._ufunc, name)
+        return _device_function(attr) if callable(attr) else attr
+
+
+# --- host <-> device ------------------------------------------------------------------
+def asarray(a, dtype=None, order=None):
+    """To the device (a copy from host memory, like CuPy's transfer)."""
+    if isinstance(a, ndarray) and (dtype is None or a.dtype == dtype):
+        return a
+    plain = a.view(_np.ndarray) if isinstance(a, ndarray) else a
+    return _np.array(plain, dtype=dtype, order=order or "K").view(ndarray)
+
+
+def array(a, dtype=None, copy=True, order="K", ndmin=0):
+    plain = a.view(_np.ndarray) if isinstance(a, ndarray) else a
+    return _np.array(plain, dtype=dtype, copy=copy, order=order, ndmin=ndmin).view(ndarray)
+
+
+def ascontiguousarray(a, dtype=None):
+    return asarray(_np.ascontiguousarray(_to_plain(a, "ascontiguousarray"), dtype=dtype))
+
+
+def asnumpy(a, stream=None, out=None):
+    if isinstance(a, ndarray):
+        host = _np.array(a.view(_np.ndarray))
+    else:
+        host = _np.asarray(a)
+    if out is not None:
+        out[...] = host
+        return out
+    return host
+
+
+def get_array_module(*arrays):
+    for a in arrays:
+        if isinstance(a, ndarray):
+            return sys.modules[__name__]
+    return _np
+
+
+# --- CuPy namespaces caffelite uses ---------------------------------------------------
+class _Random:
+    """``cupy.random``: numpy's generator, device results."""
+
+    def __init__(self):
+        self._rng = _np.random.RandomState()
+
+    def seed(self, seed=None):
+        self._rng.seed(seed)
+
+    def __getattr__(self, name):
+        return _device_function(getattr(self._rng, name))
+
+
+random = _Random()
+
+
+class _MemoryPool:
+    """Stands in for CuPy's memory pool (the emulator has no device memory)."""
+
+    def used_bytes(self):
+        return 0
+
+    def total_bytes(self):
+        return 0
+
+    def free_all_blocks(self):
+        pass
+
+    def set_limit(self, size=None, fraction=None):
+        pass
+
+
+_POOL = _MemoryPool()
+
+
+def get_default_memory_pool():
+    return _POOL
+
+
+class _Device:
+    def __init__(self, device=0):
+        self.id = int(device)
+
+    def use(self):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+cuda = types.SimpleNamespace(
+    Device=_Device,
+    runtime=types.SimpleNamespace(getDeviceCount=lambda: 1),
+    get_current_stream=lambda: types.SimpleNamespace(synchronize=lambda: None),
+)
+
+
+# --- kernels ---------------------------------------------------------------------------
+_host_kernels = []
+
+
+def host_kernels():
+    """The process's host-compiled kernel modules (built on first use, cached on disk)."""
+    if not _host_kernels:
+        from .host import HostKernels, compiler
+        if compiler() is None:
+            raise RuntimeError("the GPU emulator runs the .cu kernels compiled for the host "
+                               "and needs a C++ compiler (g++ or $CXX)")
+        cache = os.environ.get("CAFFELITE_KERNEL_CACHE") or os.path.join(
+            tempfile.gettempdir(), f"caffelite-host-kernels-{os.getuid()}")
+        os.makedirs(cache, exist_ok=True)
+        _host_kernels.append(HostKernels(cache))
+    return _host_kernels[0]
+
+
+def launch(module_name, kernel_name, dtype, *args, grid=None, block=256):
+    """Run a kernel on emulated device arrays (``kernels.launch`` checked the arguments)."""
+    plain = [a.view(_np.ndarray) if isinstance(a, ndarray) else a for a in args]
+    host_kernels().run(module_name, kernel_name, dtype, *plain, grid=grid, block=block)
+
+
+# Everything else: numpy's functions (device in, device out) and its types and constants.
+def __getattr__(name):
+    attr = getattr(_np, name)
+    if isinstance(attr, _np.ufunc):
+        return _DeviceUfunc(attr)
+    if isinstance(attr, type) or not callable(attr):
+        return attr
+    return _device_function(attr)
