@@ -1,0 +1,181 @@
+"""GPU mode plumbing: synced blob memory, device access, the emulator's CuPy rules,
+mode selection errors. Runs on the emulator everywhere and on CuPy where a GPU is."""
+import sys
+
+import numpy as np
+import pytest
+
+import caffelite as caffe
+from caffelite import backend, kernels
+from caffelite.blob import HEAD_AT_DEVICE, HEAD_AT_HOST, SYNCED, Blob, SyncedMemory
+
+
+def _cuda_available():
+    try:
+        import cupy
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False
+
+
+@pytest.fixture(params=["emulated", pytest.param("cuda", marks=pytest.mark.gpu)])
+def gpu(request):
+    if request.param == "cuda" and not _cuda_available():
+        pytest.skip("no CuPy with a CUDA device")
+    backend.set_mode_gpu(emulate=request.param == "emulated")
+    try:
+        yield backend.device_module()
+    finally:
+        backend.set_mode_cpu()
+
+
+def test_python_writes_reach_the_device_and_device_writes_come_back(gpu):
+    blob = Blob((2, 3))
+    blob.data[...] = np.arange(6).reshape(2, 3)           # host write (pycaffe style)
+    with backend.device_access():
+        d = blob.data
+        assert isinstance(d, gpu.ndarray)
+        np.testing.assert_array_equal(backend.to_host(d), np.arange(6).reshape(2, 3))
+        d *= 2                                              # device write
+    host = blob.data
+    assert type(host) is np.ndarray
+    np.testing.assert_array_equal(host, 2 * np.arange(6).reshape(2, 3))
+    host[0, 0] = -1                                         # host write again
+    np.testing.assert_array_equal(backend.to_host(blob.device_data)[0], [-1, 2, 4])
+
+
+def test_memory_is_allocated_on_first_use_on_the_side_that_asks(gpu):
+    mem = SyncedMemory(5, np.float32)
+    d = mem.device_array()
+    assert mem.host is None and mem.head == HEAD_AT_DEVICE
+    np.testing.assert_array_equal(backend.to_host(d), np.zeros(5))
+    assert mem.host_array().tolist() == [0] * 5 and mem.head == HEAD_AT_HOST
+
+
+def test_device_mirror_is_not_recopied_while_it_is_the_head(gpu):
+    mem = SyncedMemory(4, np.float32)
+    mem.host_array()[...] = 7
+    first = mem.device_array()
+    first[...] = 3                  # if the host were copied again this would be lost
+    second = mem.device_array()
+    assert second is first
+    np.testing.assert_array_equal(backend.to_host(second), [3] * 4)
+
+
+def test_shared_and_reshaped_blobs_keep_sharing_memory_on_both_sides(gpu):
+    a, b = Blob((2, 6)), Blob((3, 4))
+    b.share_data(a)
+    with backend.device_access():
+        a.data[...] = gpu.arange(12, dtype=gpu.float32).reshape(2, 6)
+        assert b.data.shape == (3, 4)
+    np.testing.assert_array_equal(b.data.reshape(-1), np.arange(12))
+    a.reshape(4, 3)                 # same count: same memory
+    assert a.shares_data_with(b)
+    a.reshape(5, 3)                 # larger: new memory, the share ends (as in Caffe)
+    assert not a.shares_data_with(b)
+
+
+def test_set_data_array_accepts_device_arrays(gpu):
+    blob = Blob((1,))
+    blob.set_data_array(gpu.ones((2, 2), dtype=gpu.float32))
+    assert blob.shape == (2, 2)
+    np.testing.assert_array_equal(blob.data, np.ones((2, 2)))
+
+
+def test_host_only_layer_reads_leave_the_memory_synced(gpu):
+    # A host-only layer (Accuracy) reading device-made scores must not force a copy back.
+    proto = caffe.proto.caffe_pb2.NetParameter()
+    from google.protobuf import text_format
+    text_format.Merge("""
+      input: "x" input_shape { dim: 4 dim: 3 }
+      input: "label" input_shape { dim: 4 }
+      layer { name: "s" type: "Softmax" bottom: "x" top: "s" }
+      layer { name: "acc" type: "Accuracy" bottom: "s" bottom: "label" top: "acc" }
+    """, proto)
+    net = caffe.Net(param=proto, phase=caffe.TEST)
+    net.blobs["x"].data[...] = [[3, 0, 0], [0, 3, 0], [0, 0, 3], [0, 3, 0]]
+    net.blobs["label"].data[...] = [0, 1, 2, 0]
+    net.forward()
+    assert net.layer_dict["acc"].runs_on_device is False
+    scores_mem = net.blobs["s"].memories()[0]
+    assert scores_mem.head == SYNCED
+    assert float(net.blobs["acc"].data) == pytest.approx(0.75)
+
+
+def test_emulated_arrays_refuse_to_mix_with_host_arrays():
+    from caffelite.kernels import emulator
+    d = emulator.zeros((3,), np.float32)
+    with pytest.raises(TypeError, match="host numpy array mixed with device arrays"):
+        d + np.ones(3, np.float32)
+    with pytest.raises(TypeError, match="host numpy array mixed with device arrays"):
+        np.ones(3, np.float32) * d
+    with pytest.raises(TypeError, match="host numpy array mixed with device arrays"):
+        emulator.concatenate([d, np.ones(3, np.float32)])
+    assert isinstance(d.sum(), emulator.ndarray) and d.sum().ndim == 0   # as CuPy
+    assert isinstance(d + np.float32(1), emulator.ndarray)               # scalars are fine
+    assert type(emulator.asnumpy(d)) is np.ndarray
+
+
+def test_kernel_launch_refuses_host_arrays_next_to_device_arrays():
+    from caffelite.kernels import emulator
+    x = emulator.zeros(4, np.float32)
+    with pytest.raises(TypeError, match="argument 'mask' must be a caffelite.kernels.emulator"):
+        kernels.launch("eltwise", "eltwise_max_backward", np.float32, 4, x,
+                       np.zeros(4, np.int32), 0, x)
+
+
+def test_kernel_launch_on_emulated_arrays_runs_the_cu_source():
+    # max_pool_forward on one 2x2 plane with a 2x2 window: the max and its index.
+    from caffelite.kernels import emulator, host
+    if host.compiler() is None:
+        pytest.skip("no C++ compiler for the host-compiled kernels")
+    bottom = emulator.asarray(np.array([1, 5, 3, 2], np.float32))
+    top = emulator.asarray(np.full(1, np.nan, np.float32))
+    mask = emulator.asarray(np.full(1, -7, np.int32))
+    kernels.launch("pooling", "max_pool_forward", np.float32,
+                   1, bottom, 2, 2, 1, 1, 2, 2, 1, 1, 0, 0, top, mask)
+    assert backend.to_host(top).tolist() == [5.0] and backend.to_host(mask).tolist() == [1]
+
+
+def test_set_mode_gpu_without_cupy_is_one_clear_sentence(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cupy", None)      # import cupy -> ImportError
+    monkeypatch.setattr(kernels, "_cupy_checked", [])
+    monkeypatch.delenv("CAFFELITE_GPU_EMULATOR", raising=False)
+    with pytest.raises(kernels.GPUUnavailableError, match=r"GPU mode needs CuPy.*caffelite\[cuda12\]"):
+        caffe.set_mode_gpu()
+    assert backend.mode() == "cpu"
+
+
+def test_emulator_environment_variable_selects_the_emulator(monkeypatch):
+    monkeypatch.setenv("CAFFELITE_GPU_EMULATOR", "1")
+    try:
+        caffe.set_mode_gpu()
+        assert backend.device_module().__name__ == "caffelite.kernels.emulator"
+    finally:
+        caffe.set_mode_cpu()
+
+
+def test_device_module_in_cpu_mode_is_an_error():
+    backend.set_mode_cpu()
+    with pytest.raises(RuntimeError, match="CPU mode"):
+        backend.device_module()
+
+
+def test_device_access_is_per_thread(gpu):
+    import threading
+    blob = Blob((2,))
+    seen = []
+    with backend.device_access():
+        t = threading.Thread(target=lambda: seen.append(type(blob.data)))
+        t.start()
+        t.join()
+        assert isinstance(blob.data, gpu.ndarray)
+    assert seen == [np.ndarray]      # a prefetch thread still gets host arrays
+
+
+def test_switching_back_to_cpu_mode_brings_device_values_home(gpu):
+    blob = Blob((3,))
+    with backend.device_access():
+        blob.data[...] = gpu.asarray(np.array([1, 2, 3], np.float32))
+    backend.set_mode_cpu()
+    np.testing.assert_array_equal(blob.data, [1, 2, 3])
