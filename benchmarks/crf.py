@@ -11,6 +11,17 @@ table gives the median (and min) seconds, caffelite / pydensecrf2, and the label
 agreement and max |ΔQ| between the two, so that the same computation is timed.
 
     python benchmarks/crf.py --repeats 11
+
+``--gpu N`` also times the GPU path (caffelite.crf.device: lattices built on the host,
+mean field with caffelite's CUDA kernels on GPU N, both splat variants) and reports,
+per image, the host lattice build, the device part (upload, normalisation, the
+iterations, labels back; synchronised) and the whole ``crf_labels(device=N)`` call,
+against the target of 20 ms for the device part on an H100, plus the label agreement
+with the CPU path.  ``--gpu-only`` skips the CPU timing.  With
+``CAFFELITE_GPU_EMULATOR=1`` the GPU path runs on the CPU emulator (a dry run: its
+times mean nothing).
+
+    python benchmarks/crf.py --gpu 0 --repeats 21
 """
 import argparse
 import os
@@ -31,6 +42,9 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1,
                    help="BLAS threads (set before numpy loads; the CRF itself does not "
                         "use BLAS, and pydensecrf2 is single-threaded)")
+    p.add_argument("--gpu", type=int, default=None,
+                   help="also time the GPU path on this device")
+    p.add_argument("--gpu-only", action="store_true", help="skip the CPU timing")
     return p.parse_args(argv)
 
 
@@ -104,11 +118,79 @@ def machine():
             f"load average {load[0]:.2f}" if load[0] != "?" else "")
 
 
+GPU_TARGET_MS = 20.0
+
+
+def _median_ms(fn, repeats):
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1e3 * float(np.median(times)), 1e3 * min(times)
+
+
+def gpu_benchmark(scores, rgb, params, args):
+    """Per-image milliseconds of the GPU path, split into host and device parts."""
+    from caffelite.crf import crf_labels
+    from caffelite.crf import device as crf_device
+    from caffelite.crf.densecrf import crf_kernels
+    device = crf_device.resolve(args.gpu)
+    unary = -scores
+
+    def host_part():
+        potts = crf_kernels(rgb, params)
+        return potts, crf_device.LatticeTables([k.lattice for k in potts])
+
+    potts, tables = host_part()
+    cpu_labels = crf_labels(scores, rgb, params)
+    print(f"GPU path on {device.name}: {tables.num_points} pixels, {tables.num_vertices} "
+          f"lattice vertices, {tables.slots} slots per pixel")
+    print("| part | median ms (min) |")
+    print("|---|---|")
+    host_ms = _median_ms(host_part, args.repeats)
+    print(f"| host: features, lattices, tables | {host_ms[0]:.1f} ({host_ms[1]:.1f}) |")
+    results = {}
+    for splat in crf_device.SPLATS:
+        def device_part(iterations=params.max_iter, splat=splat):
+            with device.activate():
+                q = crf_device.mean_field_device_q(unary, potts, iterations, device,
+                                                   splat=splat, tables=tables)
+                labels = device.download(q.argmax(axis=1))
+                device.synchronize()
+            return labels
+
+        agree = np.mean(device_part().reshape(cpu_labels.shape) == cpu_labels)  # warm-up
+        total = _median_ms(device_part, args.repeats)
+        one = _median_ms(lambda: device_part(1), args.repeats)
+        per_iteration = (total[0] - one[0]) / max(params.max_iter - 1, 1)
+        verdict = "meets" if total[0] <= GPU_TARGET_MS else "misses"
+        print(f"| device ({splat} splat): uploads, norms, {params.max_iter} iterations, "
+              f"labels back | {total[0]:.1f} ({total[1]:.1f}) |")
+        print(f"| device ({splat} splat): the same with 1 iteration | {one[0]:.1f} "
+              f"({one[1]:.1f}) |")
+        results[splat] = (total[0], per_iteration, agree, verdict)
+    whole = _median_ms(lambda: crf_labels(scores, rgb, params, device=device), args.repeats)
+    print(f"| whole crf_labels(device={args.gpu}) (atomic splat) | {whole[0]:.1f} "
+          f"({whole[1]:.1f}) |")
+    for splat, (total, per_iteration, agree, verdict) in results.items():
+        print(f"{splat} splat: {per_iteration:.2f} ms per iteration, "
+              f"{total - params.max_iter * per_iteration:.1f} ms fixed; device part {total:.1f} ms "
+              f"{verdict} the {GPU_TARGET_MS:g} ms target; labels agree with the CPU path on "
+              f"{100 * agree:.3f} % of pixels")
+
+
 def main(args):
     from caffelite.crf import PUBLISHED_PARAMS
     params = PUBLISHED_PARAMS["deeplab-largefov"].with_(max_iter=args.iterations)
     rgb, source = test_image(args.width, args.height)
     scores = noisy_logits(rgb, args.labels)
+    if args.gpu is not None:
+        print(f"{args.width}x{args.height} {source}, {args.labels} labels, "
+              f"{args.iterations} iterations, {args.repeats} repeats; {machine()}")
+        gpu_benchmark(scores, rgb, params, args)
+        if args.gpu_only:
+            return
     engines = {"caffelite": run_caffelite}
     try:
         import pydensecrf.densecrf  # noqa: F401

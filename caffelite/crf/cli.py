@@ -4,13 +4,17 @@
     caffelite crf --features DIR --images DIR --list val.txt --out DIR
                   [--bi_w 4 --bi_xy_std 49 --bi_rgb_std 5 --pos_w 3 --pos_xy_std 3
                    --max_iter 10 | --preset deeplab-largefov] [--unary score|prob]
-                  [--num-labels 21] [--jobs K] [--bin]
+                  [--num-labels 21] [--jobs K] [--bin] [--gpu N]
 
 For every id of the list: reads the MatWrite features ``<features>/<id>_blob_0.mat``
 (scores of the padded canvas), crops them to the image ``<images>/<id>.jpg`` (top-left,
 where the data layer put the image), runs the dense CRF with unary = -score and the
 image's RGB colours, and writes ``<out>/<id>.png`` (class indices, VOC palette) and,
 with ``--bin``, the refine program's ``<out>/<id>.bin``.
+
+``--gpu N`` runs the mean-field iterations on GPU N with caffelite's CUDA kernels (the
+lattices are still built on the CPU, so ``--jobs K`` processes can share one GPU);
+``CAFFELITE_GPU_EMULATOR=1`` runs that path on the CPU instead (slow, for tests).
 """
 import os
 import time
@@ -52,8 +56,10 @@ def read_refine_bin(path):
 
 
 # -------------------------------------------------------------------- one image
-def refine_image(feature_path, image_path, params, unary="score", num_labels=None):
-    """CRF labels (H x W) of one image from its MatWrite features."""
+def refine_image(feature_path, image_path, params, unary="score", num_labels=None,
+                 device=None):
+    """CRF labels (H x W) of one image from its MatWrite features (``device``: None for
+    the CPU, or a GPU id)."""
     from ..io.image import read_image
     from ..io.matfile import MatFileError, read_mat
     try:
@@ -76,17 +82,19 @@ def refine_image(feature_path, image_path, params, unary="score", num_labels=Non
     if scores.shape[2] < height or scores.shape[3] < width:
         raise CrfError(f"{feature_path}: features of size {scores.shape[2]}x{scores.shape[3]}"
                        f" are smaller than the image '{image_path}' ({height}x{width})")
-    return crf_labels(scores[0, :, :height, :width], image, params, unary=unary)
+    return crf_labels(scores[0, :, :height, :width], image, params, unary=unary,
+                      device=device)
 
 
 def _refine_task(task):
     """Worker: (id, error message or None, seconds); errors travel as text because
     exception classes with custom constructors do not survive pickling."""
-    ident, feature_path, image_path, png_path, bin_path, params, unary, num_labels = task
+    (ident, feature_path, image_path, png_path, bin_path, params, unary, num_labels,
+     device) = task
     from ..evaluate import write_label_png
     start = time.perf_counter()
     try:
-        labels = refine_image(feature_path, image_path, params, unary, num_labels)
+        labels = refine_image(feature_path, image_path, params, unary, num_labels, device)
         write_label_png(png_path, labels.astype(np.uint8))
         if bin_path:
             write_refine_bin(bin_path, labels)
@@ -97,9 +105,9 @@ def _refine_task(task):
 
 # ------------------------------------------------------------------------ a set
 def crf_tasks(feature_dir, image_dir, list_path, out_dir, params, unary="score",
-              num_labels=None, write_bin=False):
+              num_labels=None, write_bin=False, device=None):
     """One task per listed id; fails early, naming the file, when a feature file or
-    an image is missing."""
+    an image is missing.  ``device``: None (CPU) or a GPU id."""
     from ..evaluate import IMAGE_EXTENSIONS, find_image, read_list
     for flag, path in (("--features", feature_dir), ("--images", image_dir)):
         if not os.path.isdir(path):
@@ -118,7 +126,7 @@ def crf_tasks(feature_dir, image_dir, list_path, out_dir, params, unary="score",
         tasks.append((line.id, feature_path, image_path,
                       os.path.join(out_dir, line.id + ".png"),
                       os.path.join(out_dir, line.id + ".bin") if write_bin else None,
-                      params, unary, num_labels))
+                      params, unary, num_labels, device))
     return tasks
 
 
@@ -143,8 +151,12 @@ def run_crf_set(tasks, jobs=1, log=None):
         for task in tasks:
             collect(_refine_task(task))
         return seconds
+    import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
-    with ProcessPoolExecutor(max_workers=jobs) as pool:
+    # CUDA does not survive fork(): GPU workers start afresh
+    on_gpu = any(task[-1] is not None for task in tasks)
+    context = multiprocessing.get_context("spawn") if on_gpu else None
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
         try:
             for result in pool.map(_refine_task, tasks, chunksize=1):
                 collect(result)
@@ -192,17 +204,31 @@ def params_from_args(args):
     return base.with_(**{name: getattr(args, name) for name in PARAM_NAMES})
 
 
+def gpu_id(flag):
+    """The device id of ``--gpu`` (None: CPU); one id only."""
+    if flag in (None, ""):
+        return None
+    text = str(flag).strip()
+    if not text.isdigit():
+        raise CrfError(f"--gpu expects one GPU id (a non-negative integer), got '{flag}'")
+    return int(text)
+
+
 def run(args):
     from ..log import logger
     if args.jobs < 1:
         raise CrfError(f"--jobs must be at least 1 (got {args.jobs})")
-    if args.gpu not in (None, ""):
-        logger.warning("--gpu %s: the dense CRF runs on the CPU in this build", args.gpu)
+    device_id = gpu_id(args.gpu)
+    where = "the CPU"
+    if device_id is not None:
+        from .device import resolve
+        where = f"{resolve(device_id).name} (lattices on the CPU)"   # fails early, clearly
     params = params_from_args(args)
     os.makedirs(args.out, exist_ok=True)
     tasks = crf_tasks(args.features, args.images, args.list, args.out, params,
-                      unary=args.unary, num_labels=args.num_labels, write_bin=args.bin)
-    logger.info("Dense CRF on %d images: %s, unary = %s", len(tasks),
+                      unary=args.unary, num_labels=args.num_labels, write_bin=args.bin,
+                      device=device_id)
+    logger.info("Dense CRF on %d images on %s: %s, unary = %s", len(tasks), where,
                 ", ".join(f"{n}={getattr(params, n):g}" for n in PARAM_NAMES),
                 "-score" if args.unary == "score" else "-log(prob)")
     start = time.perf_counter()

@@ -179,18 +179,22 @@ def softmax_rows(energy, shift=True, exp_cutoff=None):
 _SAFE_WEIGHT_SUM = 60.0
 
 
-def mean_field(unary, kernels, max_iter, exp_cutoff=None):
+def mean_field(unary, kernels, max_iter, exp_cutoff=None, device=None):
     """Q after ``max_iter`` mean-field steps.  ``unary`` is M x H x W (or M x N),
     ``kernels`` a list of ``PottsKernel`` over the same N pixels; returns the marginals
     in the unary's shape, float32.  ``exp_cutoff=20`` reproduces the fork's
     ``fast_exp`` (labels more than 20 below a pixel's best get Q = 0 exactly);
-    the default None is pydensecrf's exact softmax.
+    the default None is pydensecrf's exact softmax.  ``device`` (a GPU id or a
+    ``device.CrfDevice``) runs the iterations there (``caffelite.crf.device``).
 
     Each step is ``Q = softmax(-U + sum_k w_k norm_k (K_k Q))``.  Every message lies in
     [min(w_k, 0), max(w_k, 0)] (``norm_k K_k`` averages Q over a non-negative kernel),
     so the rows are shifted once by max(-U) instead of by their maximum each step when
     the weights are moderate; the softmax is unchanged up to float rounding.
     """
+    if device is not None:
+        from .device import mean_field_on_device
+        return mean_field_on_device(unary, kernels, max_iter, device, exp_cutoff)
     unary = np.asarray(unary, _F32)
     labels = unary.shape[0]
     flat = unary.reshape(labels, -1)
@@ -240,27 +244,35 @@ def crf_kernels(image, params):
                         params.bi_w)]
 
 
-def dense_crf(unary, image, params=None, **overrides):
+def dense_crf(unary, image, params=None, device=None, **overrides):
     """Marginals Q (M x H x W float32) of the refine program's CRF.
 
     ``unary``: M x H x W energies (``unary_from_scores(logits)``); ``image``: H x W x 3
     (RGB uint8 for the standalone program's behaviour); ``params``: ``CRFParams``
-    (defaults of ``prog_refine_pascal_v4``), fields overridable by keyword.
+    (defaults of ``prog_refine_pascal_v4``), fields overridable by keyword;
+    ``device``: None (CPU), a GPU id or a ``device.CrfDevice`` (lattices built on the
+    host, mean field on the device).
     """
     params = (params or CRFParams()).with_(**overrides)
     unary = np.asarray(unary, _F32)
     image = _check_image(unary, image)
-    return mean_field(unary, crf_kernels(image, params), params.max_iter)
+    return mean_field(unary, crf_kernels(image, params), params.max_iter, device=device)
 
 
-def crf_labels(scores, image, params=None, unary="score", **overrides):
+def crf_labels(scores, image, params=None, unary="score", device=None, **overrides):
     """Per-pixel labels (H x W, int64; first maximum of Q) for M x H x W ``scores``:
     logits (``unary="score"``, the refine program's input) or probabilities
-    (``unary="prob"``)."""
+    (``unary="prob"``); ``device`` as in ``dense_crf`` (there the argmax is taken on
+    the device and only the labels come back)."""
     if unary == "score":
         energies = unary_from_scores(scores)
     elif unary == "prob":
         energies = unary_from_probabilities(scores)
     else:
         raise ValueError(f"unary must be 'score' or 'prob', got '{unary}'")
-    return dense_crf(energies, image, params, **overrides).argmax(axis=0)
+    if device is None:
+        return dense_crf(energies, image, params, **overrides).argmax(axis=0)
+    from .device import labels_on_device
+    params = (params or CRFParams()).with_(**overrides)
+    image = _check_image(energies, image)
+    return labels_on_device(energies, crf_kernels(image, params), params.max_iter, device)

@@ -1,0 +1,70 @@
+"""The dense-CRF kernel comparisons of test_crf_gpu_kernels.py run on a real GPU: the
+kernels through the loader (caffelite.kernels: NVRTC-compiled permutohedral.cu), the
+whole CRF through caffelite.crf.device.gpu(0) (CuPy arrays).
+
+Skipped without CuPy or a CUDA device; select with ``pytest -m gpu``. The assertions
+are the host ones: bit-for-bit where the float operations are the same (--fmad=false),
+bounds where sums are reordered. atomicAdd order varies between runs on a GPU, which
+the atomic splat tests allow for (a bound on random data, exact sums on dyadic data).
+"""
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.gpu
+
+cupy = pytest.importorskip("cupy", reason="the GPU CRF tests need CuPy")
+try:
+    _devices = cupy.cuda.runtime.getDeviceCount()
+except Exception as e:   # no driver / no device
+    pytest.skip(f"no CUDA device: {e}", allow_module_level=True)
+if _devices < 1:
+    pytest.skip("no CUDA device", allow_module_level=True)
+
+from caffelite import kernels  # noqa: E402
+from caffelite.crf import device as crf_device_module  # noqa: E402
+from test_crf_gpu_kernels import *  # noqa: E402,F401,F403  (the comparisons themselves)
+
+# Host-only checks stay in test_crf_gpu_kernels.py.
+del test_nvrtc_compiles_the_crf_kernels               # noqa: F821
+del test_gpu_flag_without_cupy_fails_in_one_sentence  # noqa: F821
+
+
+class DeviceKernels:
+    """HostKernels' interface on the GPU: numpy arrays in, outputs written back."""
+
+    def run(self, module, kernel, dtype, *args, grid=None, block=kernels.BLOCK):
+        params = kernels.kernel_signatures(kernels.source(module))[kernel]
+        device = [cupy.asarray(a) if isinstance(a, np.ndarray) else a for a in args]
+        kernels.launch(module, kernel, dtype, *device, grid=grid, block=block)
+        for p, host, dev in zip(params, args, device):
+            if p.pointer and not p.const:
+                host[...] = cupy.asnumpy(dev)
+
+
+@pytest.fixture
+def kern():   # noqa: F811  (replaces the host runner for every imported test)
+    return DeviceKernels()
+
+
+@pytest.fixture
+def crf_device():   # noqa: F811  (the whole-CRF tests run on GPU 0 through CuPy)
+    return crf_device_module.gpu(0)
+
+
+def test_gpu_crf_labels_match_the_cpu_at_full_size():
+    """One 500 x 375 image, 21 labels, 10 iterations on GPU 0 (both splats) against the
+    CPU path; the atomic splat twice (its order may differ between runs; the labels
+    may not)."""
+    from caffelite.crf import PUBLISHED_PARAMS, dense_crf
+    from caffelite.crf.densecrf import crf_kernels
+    from test_crf import photo_scores, photos
+    rgb = photos((500, 375))[0]
+    scores = photo_scores(rgb, 21, 7)
+    params = PUBLISHED_PARAMS["deeplab-largefov"]
+    cpu = dense_crf(-scores, rgb, params)
+    potts = crf_kernels(rgb, params)
+    for splat in ("atomic", "gather", "atomic"):
+        q = crf_device_module.mean_field_on_device(-scores, potts, params.max_iter,
+                                                   crf_device_module.gpu(0), splat=splat)
+        assert np.mean(q.argmax(0) == cpu.argmax(0)) >= 0.999
+        assert np.abs(q - cpu).max() < 2e-5
