@@ -496,6 +496,25 @@ def test_emulated_gpu_crf_end_to_end():
 
 
 @needs_emulator
+def test_backend_gpu_mode_on_the_emulator_sends_gpu_ids_there():
+    """In caffelite's emulated GPU mode (backend.set_mode_gpu(emulate=True)) a GPU id
+    runs the CRF on that device module; back in CPU mode ids mean CuPy again."""
+    from caffelite import backend
+    rgb, gt = synthetic_scene(24, 31, 9, num_labels=5)
+    scores = np.random.default_rng(9).normal(0, 2, (5, 24, 31)).astype(np.float32)
+    params = PUBLISHED_PARAMS["deeplab-largefov"]
+    backend.set_mode_gpu(emulate=True)
+    try:
+        assert crf_device_module.resolve(0).xp is backend.device_module()
+        q = dense_crf(-scores, rgb, params, device=0)
+    finally:
+        backend.set_mode_cpu()
+    cpu = dense_crf(-scores, rgb, params)
+    assert np.mean(q.argmax(0) == cpu.argmax(0)) >= 0.999
+    assert np.abs(q - cpu).max() < 2e-5
+
+
+@needs_emulator
 def test_crf_verb_on_the_emulated_gpu_writes_the_cpu_labels(tmp_path, monkeypatch):
     """caffelite crf --gpu 0 with CAFFELITE_GPU_EMULATOR=1 (also with two worker
     processes, started by spawn as CUDA needs): the PNGs of the CPU run."""

@@ -77,17 +77,12 @@ class CrfDevice:
 _gpus = {}
 
 
-def _require_cupy():
-    require = getattr(kernels, "require_cupy", None) or kernels._cupy
-    return require()
-
-
 def gpu(device_id=0):
     """The CUDA device ``device_id`` through CuPy (cached); ``GPUUnavailableError``
     with the loader's one-sentence message without CuPy or without that device."""
     device_id = int(device_id)
     if device_id not in _gpus:
-        cupy = _require_cupy()
+        cupy = kernels.require_cupy()
         count = cupy.cuda.runtime.getDeviceCount()
         if not 0 <= device_id < count:
             raise kernels.GPUUnavailableError(
@@ -109,12 +104,18 @@ def emulated(grid=None, block=kernels.BLOCK):
 
 
 def emulator_requested():
+    """True when GPU ids should mean the emulator: caffelite is in GPU mode on the
+    emulator (``backend.set_mode_gpu(emulate=True)``), or, outside GPU mode,
+    ``CAFFELITE_GPU_EMULATOR`` is set (as ``set_mode_gpu`` reads it)."""
+    from .. import backend
+    if backend.is_gpu():
+        return getattr(backend.device_module(), "__name__", "") != "cupy"
     return os.environ.get(EMULATOR_VARIABLE, "") not in ("", "0")
 
 
 def resolve(device):
     """None (the CPU path), a ``CrfDevice``, or a GPU id (int or digit string; the
-    emulator instead when ``CAFFELITE_GPU_EMULATOR`` is set)."""
+    emulator instead when ``emulator_requested()``)."""
     if device is None or isinstance(device, CrfDevice):
         return device
     if isinstance(device, str) and device.strip().isdigit():
