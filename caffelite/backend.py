@@ -97,6 +97,13 @@ def device_module():
     return _state["xp"]
 
 
+def synchronize():
+    """Wait for the device's queued work (for timing); nothing to wait for on the CPU."""
+    xp = _state["xp"]
+    if _state["mode"] == "gpu" and xp is not None:
+        xp.cuda.Device().synchronize()
+
+
 def set_tf32(enabled):
     """Opt in (True) to TF32 tensor-core GEMMs on the GPU; FP32 (False) is the default
     and gives Caffe's float results. Has no effect on the CPU or the emulator."""

@@ -113,6 +113,7 @@ def cmd_train(args):
 
 def cmd_time(args):
     from . import TEST, TRAIN, Net
+    from .backend import synchronize
     _select_device(args.gpu, getattr(args, 'tf32', False))
     phase = TRAIN if args.phase.upper() == "TRAIN" else TEST
     net = Net(args.model, phase, defines=_defines(args.define))
@@ -132,12 +133,14 @@ def cmd_time(args):
         for i in range(n_layers):
             t = time.perf_counter()
             net.forward_from_to(i, i)
+            synchronize()
             fwd[i] += time.perf_counter() - t
         t_fwd = time.perf_counter() - t_iter
         t_b = time.perf_counter()
         for i in reversed(range(n_layers)):
             t = time.perf_counter()
             net.backward_from_to(i, i)
+            synchronize()
             bwd[i] += time.perf_counter() - t
         logger.info("Iteration: %d forward-backward time: %.3f ms.", it + 1,
                     (t_fwd + time.perf_counter() - t_b) * 1e3)
@@ -167,6 +170,7 @@ def cmd_upgrade(args):
 
 def cmd_demo(args):
     from .demo import run_demo
+    _select_device(args.gpu, args.tf32)
     run_demo(args.out, max_iter=args.iterations)
     return 0
 
@@ -259,6 +263,8 @@ def build_parser():
     d.add_argument("--out", default="caffelite_demo")
     d.add_argument("--iterations", type=int, default=600, help="training iterations")
     d.add_argument("--log", help="also write the log to this file")
+    d.add_argument("--gpu", default=None, help="GPU id (CPU if omitted)")
+    d.add_argument("--tf32", action="store_true", help="allow TF32 GEMMs on the GPU")
     d.set_defaults(func=cmd_demo)
     return p
 

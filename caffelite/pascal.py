@@ -326,8 +326,8 @@ class Pipeline:
             os.makedirs(self.model_dir, exist_ok=True)
             os.makedirs(self.log_dir, exist_ok=True)
             if self.gpu is not None and self.gpu != "":
-                backend.set_mode_gpu()
                 backend.set_device(int(self.gpu))
+                backend.set_mode_gpu()
             else:
                 backend.set_mode_cpu()
             for step in self.steps:
