@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Every GPU check of caffelite in one call, for a session that is lent a GPU machine
+# (its time is scarce: this is meant to finish in under 9 minutes on an H100/H200).
+#
+#   bash benchmarks/gpu_check.sh [OUTDIR]      # from the repository root
+#
+# 1. installs caffelite without dependencies (the machine has CuPy, PyTorch, pytest);
+# 2. `pytest -m gpu`: every kernel, layer, solver and corpus net, GPU vs CPU;
+# 3. benchmarks/gpu_train.py: ASPP-VGG and ResNet-101 MSC train/test vs PyTorch+cuDNN;
+# 4. benchmarks/crf.py --gpu: the dense CRF per 500x375 image.
+# Results (logs, JSON, Markdown tables for BENCHMARKS.md) land in OUTDIR ($OUT or gpu_out).
+#
+# The corpus beside a checkout (../shared) does not travel to a device machine: copy it
+# into the git-ignored .shared/ first (cp -r ../shared .shared) and carry ".shared".
+set -uo pipefail
+out=${1:-${OUT:-gpu_out}}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+if [ -d .shared ]; then export CAFFELITE_SHARED="$PWD/.shared"; fi
+corpus="${CAFFELITE_SHARED:-$(dirname "$PWD")/shared}/corpus"
+
+python3 -m pip install -q --no-deps --no-build-isolation -e . >"$out/install.log" 2>&1 \
+  || { cat "$out/install.log"; exit 1; }
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  python3 -c "import cupy, numpy, torch; print('cupy', cupy.__version__, '| CUDA runtime',
+cupy.cuda.runtime.runtimeGetVersion(), '| numpy', numpy.__version__, '| torch', torch.__version__,
+'| cudnn', torch.backends.cudnn.version())"
+} >"$out/versions.txt" 2>&1
+cat "$out/versions.txt"
+
+echo "== pytest -m gpu"
+timeout "${TEST_TIMEOUT:-210}" python3 -m pytest -q -m gpu -p no:cacheprovider tests \
+  2>&1 | tee "$out/gpu_tests.log" | tail -40
+
+echo "== benchmarks/gpu_train.py"
+timeout "${TRAIN_BENCH_TIMEOUT:-240}" python3 benchmarks/gpu_train.py --corpus "$corpus" \
+  --json "$out/gpu_train.json" 2>&1 | tee "$out/gpu_train.md" | tail -40
+
+echo "== benchmarks/crf.py --gpu 0"
+timeout "${CRF_BENCH_TIMEOUT:-60}" python3 benchmarks/crf.py --gpu 0 --gpu-only \
+  2>&1 | tee "$out/crf.txt" | tail -20
