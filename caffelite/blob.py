@@ -15,6 +15,14 @@ from . import backend
 
 UNINITIALIZED, HEAD_AT_HOST, HEAD_AT_DEVICE, SYNCED = range(4)
 
+# Host<->device copies made by blobs since the process started (or the last reset): a
+# test reads them to prove an iteration makes no hidden copies.
+transfers = {"to_device": 0, "to_host": 0}
+
+
+def reset_transfer_counts():
+    transfers["to_device"] = transfers["to_host"] = 0
+
 
 class SyncedMemory:
     """``count`` elements of ``dtype`` mirrored between host and device (flat arrays)."""
@@ -48,6 +56,7 @@ class SyncedMemory:
             if self.host is None:
                 self.host = np.empty(self.count, self.dtype)
             self.host[...] = backend.to_host(self.device)
+            transfers["to_host"] += 1
         elif self.host is None:
             self.host = np.zeros(self.count, self.dtype)
         self.head = HEAD_AT_HOST
@@ -59,11 +68,13 @@ class SyncedMemory:
             xp = backend.device_module()
             if self.head == HEAD_AT_HOST:
                 self.device = xp.asarray(self.host)
+                transfers["to_device"] += 1
             else:
                 self.device = xp.zeros(self.count, self.dtype)
         elif self.head == HEAD_AT_HOST:
             self.device[...] = backend.to_device(self.host, backend.get_array_module(
                 self.device))
+            transfers["to_device"] += 1
         self.head = HEAD_AT_DEVICE
         return self.device
 

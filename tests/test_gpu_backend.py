@@ -179,3 +179,30 @@ def test_switching_back_to_cpu_mode_brings_device_values_home(gpu):
         blob.data[...] = gpu.asarray(np.array([1, 2, 3], np.float32))
     backend.set_mode_cpu()
     np.testing.assert_array_equal(blob.data, [1, 2, 3])
+
+
+def test_a_training_iteration_copies_only_the_inputs_in_and_nothing_else(gpu):
+    # Caffe's contract: in GPU mode the only copies are at host boundaries. Here the
+    # inputs set from Python go in; params, activations and gradients stay on the device.
+    from google.protobuf import text_format
+    from caffelite import blob as blob_module
+    proto = caffe.proto.caffe_pb2.NetParameter()
+    text_format.Merge("""
+      input: "x" input_shape { dim: 2 dim: 3 dim: 8 dim: 8 }
+      input: "label" input_shape { dim: 2 dim: 1 dim: 8 dim: 8 }
+      layer { name: "c" type: "Convolution" bottom: "x" top: "c"
+              convolution_param { num_output: 4 kernel_size: 3 pad: 1
+                                  weight_filler { type: "gaussian" std: 0.1 } } }
+      layer { name: "r" type: "ReLU" bottom: "c" top: "c" }
+      layer { name: "loss" type: "SoftmaxWithLoss" bottom: "c" bottom: "label" top: "loss" }
+    """, proto)
+    net = caffe.Net(param=proto, phase=caffe.TRAIN)
+    rng = np.random.default_rng(0)
+    for it in range(3):
+        net.blobs["x"].data[...] = rng.standard_normal((2, 3, 8, 8))
+        net.blobs["label"].data[...] = rng.integers(0, 4, (2, 1, 8, 8))
+        if it == 2:
+            blob_module.reset_transfer_counts()
+        net.clear_param_diffs()
+        net.forward_backward()
+    assert blob_module.transfers == {"to_device": 2, "to_host": 0}
