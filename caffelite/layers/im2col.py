@@ -11,7 +11,12 @@ that it stays under ``COL_BUFFER_BYTES`` however large the image; each band is o
 per group (a single batched ``matmul`` call).  Convolutions with a 1x1 kernel, stride 1
 and no padding skip im2col (the image already is its column matrix).
 
-Everything is written against ``xp`` (numpy or cupy, taken from the arrays).
+Everything is written against ``xp`` (numpy or cupy, taken from the arrays).  On the
+device, 2-D convolutions run the ``im2col``/``col2im`` CUDA kernels
+(``caffelite/kernels/im2col.cu``) per image and band instead of the per-tap slices;
+``col2im`` there gathers each pixel's taps last to first (Caffe's GPU order), so it may
+differ from the numpy ``col2im`` in the last bits.  N-D convolutions use the slices on
+both sides.
 """
 import itertools
 from dataclasses import dataclass
@@ -19,26 +24,36 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..backend import get_array_module
+from ._device import contiguous, launch
 
-# Upper bound on one column buffer (per buffer; backward uses two).
+# Upper bound on the column buffer.
 COL_BUFFER_BYTES = 16 << 20
 
+# One column buffer per array module (Caffe's shared col_buffer): the GEMMs below use
+# it one at a time, so forward, weight and data gradients of every layer share it.
 _workspace = {}
 
 
-def _scratch(slot, count, dtype, xp):
-    """A reusable flat buffer of at least ``count`` elements (not zeroed)."""
-    key = (slot, np.dtype(dtype).str, xp.__name__)
-    buf = _workspace.get(key)
-    if buf is None or buf.size < count:
-        buf = xp.empty(max(count, 1), dtype)
-        _workspace[key] = buf
-    return buf[:count]
+def _scratch(count, dtype, xp):
+    """A reusable flat buffer of ``count`` elements of ``dtype`` (not zeroed)."""
+    dtype = np.dtype(dtype)
+    nbytes = max(count, 1) * dtype.itemsize
+    buf = _workspace.get(xp.__name__)
+    if buf is None or buf.size < nbytes:
+        _workspace.pop(xp.__name__, None)       # let the old buffer go first
+        buf = xp.empty(nbytes, np.uint8)
+        _workspace[xp.__name__] = buf
+    return buf[:count * dtype.itemsize].view(dtype)
 
 
 def release_workspace():
     """Drop the cached column buffers (they are re-created on demand)."""
     _workspace.clear()
+
+
+def workspace_buffers():
+    """{array module name: the byte buffer} of the column workspace (for tests)."""
+    return dict(_workspace)
 
 
 def view(array, shape):
@@ -157,11 +172,46 @@ def _bands(n_rows, chunk):
         yield r0, min(n_rows, r0 + chunk)
 
 
-def _band_col(slot, channels, geom, grid_shape, r0, r1, dtype, xp):
+def _band_col(channels, geom, grid_shape, r0, r1, dtype, xp):
     rows = r1 - r0
     rest = tuple(grid_shape[1:])
     count = channels * geom.taps * rows * int(np.prod(rest, dtype=np.int64))
-    return view(_scratch(slot, count, dtype, xp), (channels,) + tuple(geom.kernel) + (rows,) + rest)
+    return view(_scratch(count, dtype, xp), (channels,) + tuple(geom.kernel) + (rows,) + rest)
+
+
+def _uses_kernels(xp, geom):
+    return xp is not np and len(geom.kernel) == 2
+
+
+def _kernel_geometry(geom, image_shape, grid_shape, r0, r1):
+    """The im2col.cu arguments after the data pointer, up to ``band_rows``."""
+    (kh, kw), (sh, sw) = geom.kernel, geom.stride
+    (ph, pw), (dh, dw) = geom.pad, geom.dilation
+    return (image_shape[1], image_shape[2], kh, kw, ph, pw, sh, sw, dh, dw,
+            grid_shape[1], r0, r1 - r0)
+
+
+def im2col_band(xp, image, col, geom, grid_shape, r0, r1):
+    """``im2col`` on either side: the CUDA kernel for 2-D device arrays."""
+    if not _uses_kernels(xp, geom):
+        im2col(image, col, geom, grid_shape, r0, r1)
+        return
+    channels = image.shape[0]
+    launch("im2col", "im2col", image.dtype, channels * (r1 - r0) * grid_shape[1],
+           contiguous(xp, image),
+           *_kernel_geometry(geom, image.shape, grid_shape, r0, r1), col)
+
+
+def col2im_band(xp, col, image, geom, grid_shape, r0, r1, first):
+    """``col2im`` of one band into ``image``: overwrites it for the ``first`` band,
+    adds to it for the later ones."""
+    if not _uses_kernels(xp, geom):
+        if first:
+            image[...] = 0
+        col2im(col, image, geom, grid_shape, r0, r1)
+        return
+    launch("im2col", "col2im", image.dtype, image.size, col,
+           *_kernel_geometry(geom, image.shape, grid_shape, r0, r1), int(not first), image)
 
 
 # ------------------------------------------------------------------ the three GEMMs
@@ -184,8 +234,8 @@ def forward_gemm(image, weight, out, geom, group, budget=None):
     chunk = rows_per_chunk(channels, geom, grid_shape, image.dtype.itemsize, budget)
     for n in range(num):
         for r0, r1 in _bands(grid_shape[0], chunk):
-            col = _band_col("col", channels, geom, grid_shape, r0, r1, image.dtype, xp)
-            im2col(image[n], col, geom, grid_shape, r0, r1)
+            col = _band_col(channels, geom, grid_shape, r0, r1, image.dtype, xp)
+            im2col_band(xp, image[n], col, geom, grid_shape, r0, r1)
             band = out[n, :, r0:r1]
             xp.matmul(w3, view(col, (group, w3.shape[2], -1)),
                       out=view(band, (group, n_out // group, -1)))
@@ -203,15 +253,14 @@ def backward_gemm(grid, weight, image, geom, group, budget=None):
         xp.matmul(w3t, view(grid, (num, group, n_out // group, cols)),
                   out=view(image, (num, group, channels // group, cols)))
         return
-    image[...] = 0
     chunk = rows_per_chunk(channels, geom, grid_shape, grid.dtype.itemsize, budget)
     for n in range(num):
         for r0, r1 in _bands(grid_shape[0], chunk):
-            col = _band_col("dcol", channels, geom, grid_shape, r0, r1, grid.dtype, xp)
+            col = _band_col(channels, geom, grid_shape, r0, r1, grid.dtype, xp)
             band = grid[n, :, r0:r1]
             xp.matmul(w3t, view(band, (group, n_out // group, -1)),
                       out=view(col, (group, w3t.shape[1], -1)))
-            col2im(col, image[n], geom, grid_shape, r0, r1)
+            col2im_band(xp, col, image[n], geom, grid_shape, r0, r1, first=r0 == 0)
 
 
 def weight_gemm(image, grid, weight_diff, geom, group, budget=None):
@@ -231,7 +280,7 @@ def weight_gemm(image, grid, weight_diff, geom, group, budget=None):
     chunk = rows_per_chunk(channels, geom, grid_shape, image.dtype.itemsize, budget)
     for n in range(num):
         for r0, r1 in _bands(grid_shape[0], chunk):
-            col = _band_col("col", channels, geom, grid_shape, r0, r1, image.dtype, xp)
-            im2col(image[n], col, geom, grid_shape, r0, r1)
+            col = _band_col(channels, geom, grid_shape, r0, r1, image.dtype, xp)
+            im2col_band(xp, image[n], col, geom, grid_shape, r0, r1)
             band = view(grid[n, :, r0:r1], (group, n_out // group, -1))
             dw3 += xp.matmul(band, view(col, (group, dw3.shape[2], -1)).transpose(0, 2, 1))

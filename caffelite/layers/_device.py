@@ -1,0 +1,34 @@
+"""Small helpers for layers that run on the host (numpy) and on the device (CuPy or the
+emulator) from one code path."""
+import numpy as np
+
+from .. import backend, kernels
+
+
+def on_device(xp):
+    """True when ``xp`` (from ``backend.get_array_module``) is a device array module."""
+    return xp is not np
+
+
+def scalar(array):
+    """The first value of a (host or device) array as a Python float: one small
+    device-to-host copy, like Caffe's ``cpu_data()[0]`` on a GPU blob."""
+    return float(backend.to_host(array).reshape(-1)[0])
+
+
+def launch(module, kernel, dtype, *args):
+    """Run ``kernel<dtype>`` of ``caffelite/kernels/<module>.cu`` on device arrays."""
+    kernels.launch(module, kernel, np.dtype(dtype), *args)
+
+
+def contiguous(xp, array):
+    """``array`` itself when C-contiguous, else a contiguous copy (a kernel input)."""
+    return array if array.flags.c_contiguous else xp.ascontiguousarray(array)
+
+
+def scratch_like(xp, top_blob, bottom_blobs, shape, dtype):
+    """The top's own array, or a fresh one when the top is one of the bottoms (in
+    place): kernels that read and write different positions must not run in place."""
+    if any(top_blob is b for b in bottom_blobs):
+        return xp.empty(shape, dtype)
+    return top_blob.data
