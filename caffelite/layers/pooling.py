@@ -8,13 +8,17 @@ row-major window order (strictly-greater test from -FLT_MAX, so padding, NaN and
 part of a window by the window area clipped to ``[-p, in + p)``.
 
 The maths loops over the kernel taps only: each tap is one strided view of a padded
-copy of the input, so every pass is a whole-array operation.
+copy of the input, so every pass is a whole-array operation.  On the device the
+``pooling.cu`` kernels do the same sums and comparisons (bit-identical results); MAX
+keeps Caffe's int32 mask there (flat h*W + w of the winner, -1 for none) instead of
+the tap index.
 """
 import numpy as np
 
 from ..backend import get_array_module
 from ..layer import Layer, register
 from ..proto import caffe_pb2
+from ._device import contiguous, launch, on_device
 
 _P = caffe_pb2.PoolingParameter
 # Caffe starts MAX at -FLT_MAX for float and double alike.
@@ -102,6 +106,7 @@ class PoolingLayer(Layer):
             raise self.error(f"pad ({self.pad_h}, {self.pad_w}) must be smaller than the "
                              f"kernel ({self.kernel_h}, {self.kernel_w})")
         self.ceil_mode = (not p.HasField("round_mode")) or p.round_mode == _P.CEIL
+        self.mask = None        # the device MAX mask (int32), reused between forwards
 
     def reshape(self, bottom, top):
         shape = bottom[0].shape
@@ -166,6 +171,9 @@ class PoolingLayer(Layer):
     def forward(self, bottom, top):
         x = bottom[0].data
         xp = get_array_module(x)
+        if on_device(xp):
+            self._forward_device(xp, contiguous(xp, x), bottom, top)
+            return
         if self.pool == _P.MAX:
             value, self.argmax = self._max_forward(xp, x)
             top[0].data[...] = value
@@ -226,12 +234,51 @@ class PoolingLayer(Layer):
         with np.errstate(divide="ignore", invalid="ignore"):
             return total / self._pool_size(xp, h, w, x.dtype)
 
+    # --- device ---------------------------------------------------------------------
+    def _kernel_geometry(self, shape):
+        """pooling.cu's arguments from ``height`` to ``pad_w``."""
+        return (shape[2], shape[3], self.pooled_h, self.pooled_w, self.kernel_h,
+                self.kernel_w, self.stride_h, self.stride_w, self.pad_h, self.pad_w)
+
+    def _forward_device(self, xp, x, bottom, top):
+        out_shape = top[0].shape
+        count = int(np.prod(out_shape))
+        in_place = top[0] is bottom[0]
+        out = xp.empty(out_shape, x.dtype) if in_place else top[0].data
+        geometry = self._kernel_geometry(x.shape)
+        if self.pool == _P.MAX:
+            if self.mask is None or self.mask.shape != out_shape or \
+                    get_array_module(self.mask) is not xp:
+                self.mask = xp.empty(out_shape, np.int32)
+            launch("pooling", "max_pool_forward", x.dtype, count, x, *geometry, out,
+                   self.mask)
+            if len(top) > 1:
+                top[1].data[...] = self.mask.astype(top[1].data.dtype)
+        else:
+            launch("pooling", "ave_pool_forward", x.dtype, count, x, *geometry, out)
+        if in_place:
+            top[0].data[...] = out
+
+    def _backward_device(self, xp, g, bottom):
+        diff = bottom[0].diff
+        geometry = self._kernel_geometry(bottom[0].shape)
+        if self.pool == _P.MAX:
+            launch("pooling", "max_pool_backward", diff.dtype, diff.size, g, self.mask,
+                   *geometry, diff)
+        else:
+            launch("pooling", "ave_pool_backward", diff.dtype, diff.size, g, *geometry, diff)
+
     # --- backward -------------------------------------------------------------------
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:
             return
         g = top[0].diff
         xp = get_array_module(g)
+        if on_device(xp):
+            # In place, the gather would read top diffs it has already overwritten.
+            g = g.copy() if top[0] is bottom[0] else contiguous(xp, g)
+            self._backward_device(xp, g, bottom)
+            return
         n, c, h, w = bottom[0].shape
         if self.pool == _P.MAX:
             bottom[0].diff[...] = self._max_backward(xp, g, (n, c, h, w))
