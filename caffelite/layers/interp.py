@@ -7,11 +7,16 @@ bilinear weights in ONE step, whatever combination of shrink/zoom set the output
 Coordinates are float32 exactly as in the C++ (``r = (h1-1)/(h2-1)``, ``y = r*i``,
 ``y0 = trunc(y)``, no second row at the last input row), so a shrink by s of an
 ``s*k + 1`` map samples rows 0, s, 2s, ... exactly (DeepLab's ``label_shrink``).
+
+On the device the ``interp.cu`` kernels run instead: the forward gives the same bits;
+the backward is an atomic scatter (the fork's GPU code) where the host multiplies by
+the transposed interpolation matrices, so the two may differ in the last bits.
 """
 import numpy as np
 
 from ..backend import get_array_module
 from ..layer import Layer, register
+from ._device import contiguous, launch, on_device
 
 
 def _as_planes(blob):
@@ -155,15 +160,37 @@ class InterpLayer(Layer):
         o = -self.pad_beg
         return a.reshape(self.in_shape)[:, :, o:o + self.h_eff, o:o + self.w_eff]
 
+    def _kernel_args(self):
+        """interp.cu's arguments from ``y_offset`` to ``width_in``."""
+        o = -self.pad_beg
+        return (o, o, self.h_eff, self.w_eff, self.in_shape[2], self.in_shape[3])
+
+    def _out_count(self):
+        return self.in_shape[0] * self.in_shape[1] * self.h_out * self.w_out
+
     def forward(self, bottom, top):
         x = bottom[0].data
         xp = get_array_module(x)
+        if on_device(xp):
+            in_place = top[0] is bottom[0]
+            out = xp.empty(top[0].shape, x.dtype) if in_place else top[0].data
+            launch("interp", "interp_forward", x.dtype, self._out_count(),
+                   contiguous(xp, x), *self._kernel_args(), out, self.h_out, self.w_out)
+            if in_place:
+                top[0].data[...] = out
+            return
         top[0].data[...] = interp_forward(xp, self._crop(x), (self.h_out, self.w_out))
 
     def backward(self, top, propagate_down, bottom):
         g = top[0].diff
         xp = get_array_module(g)
-        if propagate_down[0]:
+        if propagate_down[0] and on_device(xp):
+            g = g.copy() if top[0] is bottom[0] else contiguous(xp, g)
+            diff = bottom[0].diff
+            diff[...] = 0
+            launch("interp", "interp_backward", diff.dtype, self._out_count(), diff,
+                   *self._kernel_args(), g, self.h_out, self.w_out)
+        elif propagate_down[0]:
             diff = xp.zeros(self.in_shape, dtype=bottom[0].diff.dtype)
             o = -self.pad_beg
             diff[:, :, o:o + self.h_eff, o:o + self.w_eff] = \
