@@ -3,6 +3,7 @@ import numpy as np
 
 from ..backend import get_array_module
 from ..layer import Layer, LossLayer, register
+from ._device import scalar
 from .softmax import (BATCH_SIZE, _MODE_NAMES, canonical_axis, check_label_range,
                       integer_labels, loss_normalization, normalizer, split_axis)
 
@@ -66,7 +67,7 @@ class SigmoidCrossEntropyLossLayer(LossLayer):
         d = sigmoid - bottom[1].data.reshape(x.shape)
         if self.valid is not None:
             d = xp.where(self.valid, d, dtype(0))
-        scale = dtype(top[0].diff.flat[0]) / dtype(self.norm)
+        scale = dtype(scalar(top[0].diff)) / dtype(self.norm)
         bottom[0].diff[...] = d * scale
 
 
@@ -95,7 +96,7 @@ class EuclideanLossLayer(LossLayer):
         dtype = self.diff.dtype.type
         for i, sign in ((0, 1), (1, -1)):
             if propagate_down[i]:
-                alpha = dtype(sign) * dtype(top[0].diff.flat[0]) / dtype(bottom[i].shape[0])
+                alpha = dtype(sign) * dtype(scalar(top[0].diff)) / dtype(bottom[i].shape[0])
                 bottom[i].diff[...] = (alpha * self.diff).reshape(bottom[i].shape)
 
 

@@ -4,11 +4,17 @@ Both work on the bottom viewed as (outer, channels, inner) around the softmax ax
 the loss reads one integer label per (outer, inner) position.  A SoftmaxWithLoss
 layer with ``softmaxloss_param`` (what DeepLab v1's V1 ``SOFTMAX_LOSS`` layers carry
 after the upgrade) follows DeepLab v1's loss instead: see ``_V1Loss``.
+
+On the device, Softmax and SoftmaxWithLoss run the ``softmax_loss.cu`` kernels (one
+thread per (outer, inner) position, channels in order, like the host's reductions): the
+only differences from the host are the C library's expf/logf (a few ulp).  The v1 loss
+stays array code on both sides.
 """
 import numpy as np
 
 from ..backend import get_array_module
 from ..layer import Layer, LossLayer, register
+from ._device import contiguous, launch, on_device, scalar
 
 # Caffe clamps probabilities at FLT_MIN before the log, in float and in double.
 FLT_MIN = float(np.finfo(np.float32).tiny)
@@ -101,10 +107,24 @@ class SoftmaxLayer(Layer):
 
     def forward(self, bottom, top):
         xp = get_array_module(bottom[0].data)
+        if on_device(xp):
+            x = contiguous(xp, bottom[0].data)
+            outer, channels, inner = self.dims
+            launch("softmax_loss", "softmax_forward", x.dtype, outer * inner, x, channels,
+                   inner, top[0].data)
+            return
         top[0].data[...] = softmax(xp, bottom[0].data.reshape(self.dims)).reshape(top[0].shape)
 
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:
+            return
+        xp = get_array_module(top[0].diff)
+        if on_device(xp):
+            outer, channels, inner = self.dims
+            diff = bottom[0].diff
+            launch("softmax_loss", "softmax_backward", diff.dtype, outer * inner,
+                   contiguous(xp, top[0].data), contiguous(xp, top[0].diff), channels, inner,
+                   diff)
             return
         y = top[0].data.reshape(self.dims)
         dy = top[0].diff.reshape(self.dims)
@@ -135,6 +155,7 @@ class SoftmaxWithLossLayer(LossLayer):
         if self.normalization not in _MODE_NAMES:
             raise self.error(f"unknown loss_param.normalization {self.normalization}")
         self.axis_param = int(self.layer_param.softmax_param.axis)
+        self.prob = None
 
     def reshape(self, bottom, top):
         if self.v1 is not None:
@@ -156,6 +177,8 @@ class SoftmaxWithLossLayer(LossLayer):
         if self.v1 is not None:
             return self.v1.forward(bottom, top)
         xp = get_array_module(bottom[0].data)
+        if on_device(xp):
+            return self._forward_device(xp, bottom, top)
         dtype = bottom[0].data.dtype.type
         outer, channels, inner = self.dims
         self.prob = softmax(xp, bottom[0].data.reshape(self.dims))
@@ -172,6 +195,40 @@ class SoftmaxWithLossLayer(LossLayer):
         if len(top) > 1:
             top[1].data[...] = self.prob.reshape(top[1].shape)
 
+    def _forward_device(self, xp, bottom, top):
+        """softmax_forward into ``self.prob``, per-position losses and counts, then
+        their sums (one device-to-host copy, like Caffe's asum)."""
+        x = contiguous(xp, bottom[0].data)
+        dtype = x.dtype.type
+        outer, channels, inner = self.dims
+        if self.prob is None or self.prob.shape != self.dims or \
+                get_array_module(self.prob) is not xp or self.prob.dtype != x.dtype:
+            self.prob = xp.empty(self.dims, x.dtype)
+        launch("softmax_loss", "softmax_forward", x.dtype, outer * inner, x, channels, inner,
+               self.prob)
+        labels = contiguous(xp, bottom[1].data)
+        loss = xp.empty((outer, inner), x.dtype)
+        counts = xp.empty((outer, inner), x.dtype)
+        launch("softmax_loss", "softmax_loss_forward", x.dtype, outer * inner, self.prob,
+               labels, channels, inner, *self._ignore_args(), loss, counts)
+        total = loss.sum(dtype=x.dtype)
+        if np.isnan(scalar(total)):
+            # An out-of-range label makes its position NaN: name it like the host does.
+            lab, valid = integer_labels(xp, labels.reshape(outer, inner), self.ignore_label)
+            check_label_range(self, xp, lab, valid, channels,
+                              f"softmax axis {self.axis} of the scores, {bottom[0].shape}")
+        valid_count = int(xp.count_nonzero(counts)) if self.normalization == VALID else 0
+        self.norm = normalizer(self.normalization, outer, inner, valid_count)
+        top[0].data[...] = total / dtype(self.norm)
+        if len(top) > 1:
+            top[1].data[...] = self.prob.reshape(top[1].shape)
+
+    def _ignore_args(self):
+        """softmax_loss.cu's (has_ignore_label, ignore_label)."""
+        if self.ignore_label is None:
+            return 0, 0
+        return 1, self.ignore_label
+
     def backward(self, top, propagate_down, bottom):
         if self.v1 is not None:
             return self.v1.backward(top, propagate_down, bottom)
@@ -182,9 +239,15 @@ class SoftmaxWithLossLayer(LossLayer):
         xp = get_array_module(self.prob)
         dtype = self.prob.dtype.type
         channels = self.dims[1]
+        scale = dtype(scalar(top[0].diff)) / dtype(self.norm)
+        if on_device(xp):
+            outer, _, inner = self.dims
+            launch("softmax_loss", "softmax_loss_backward", self.prob.dtype, outer * inner,
+                   self.prob, contiguous(xp, bottom[1].data), channels, inner,
+                   *self._ignore_args(), scale, bottom[0].diff)
+            return
         onehot = xp.arange(channels)[None, :, None] == self.label[:, None, :]
         d = (self.prob - onehot.astype(self.prob.dtype)) * self.valid[:, None, :]
-        scale = dtype(top[0].diff.flat[0]) / dtype(self.norm)
         bottom[0].diff[...] = (d * scale).reshape(bottom[0].shape)
 
 
@@ -304,5 +367,5 @@ class _V1Loss:
         d = d - xp.where(onehot, self.w[:, None, :], self.w.dtype.type(0))
         diff[...] = xp.where(self.valid[:, None, :], d, diff)
         with np.errstate(invalid="ignore", divide="ignore"):
-            scale = self.w.dtype.type(top[0].diff.flat[0]) / self.total_weight
+            scale = self.w.dtype.type(scalar(top[0].diff)) / self.total_weight
             diff *= scale
