@@ -1,7 +1,17 @@
-"""Eltwise: element-wise SUM (with coefficients), PROD or MAX of same-shape bottoms."""
+"""Eltwise: element-wise SUM (with coefficients), PROD or MAX of same-shape bottoms.
+
+MAX on the device runs the ``eltwise.cu`` kernels with the host's tie rule
+(``ties_to_later = 0``, Caffe's CPU rule), so both sides route gradients to the same
+bottoms.  Caffe's own GPU code gives a tie among bottoms 2, 3, ... to the later bottom
+instead; the two rules differ only on exactly equal (or NaN) values in a third or later
+bottom, never in the forward value of non-NaN data.
+"""
+import numpy as np
+
 from ..backend import get_array_module
 from ..layer import Layer, register
 from ..proto import caffe_pb2
+from ._device import contiguous, launch, on_device
 
 PROD = caffe_pb2.EltwiseParameter.PROD
 SUM = caffe_pb2.EltwiseParameter.SUM
@@ -60,6 +70,9 @@ class EltwiseLayer(Layer):
             y = bottom[0].data * bottom[1].data
             for b in bottom[2:]:
                 y = y * b.data
+        elif on_device(xp):
+            self._max_device(xp, bottom, top)
+            return
         else:
             x0, x1 = bottom[0].data, bottom[1].data
             first = x0 > x1
@@ -71,6 +84,26 @@ class EltwiseLayer(Layer):
                 idx[wins] = i
             self.max_idx = idx
         top[0].data[...] = y
+
+    # Caffe's CPU tie rule (the host layer's): see the module docstring.
+    TIES_TO_LATER = 0
+
+    def _max_device(self, xp, bottom, top):
+        shape = bottom[0].shape
+        count = int(np.prod(shape))
+        in_place = any(top[0] is b for b in bottom)
+        out = xp.empty(shape, self.dtype) if in_place else top[0].data
+        if self.max_idx is None or self.max_idx.shape != shape or \
+                get_array_module(self.max_idx) is not xp:
+            self.max_idx = xp.empty(shape, np.int32)
+        x = [contiguous(xp, b.data) for b in bottom]
+        launch("eltwise", "eltwise_max_forward", out.dtype, count, x[0], x[1], 1,
+               self.TIES_TO_LATER, out, self.max_idx)
+        for i in range(2, len(bottom)):
+            launch("eltwise", "eltwise_max_forward", out.dtype, count, out, x[i], i,
+                   self.TIES_TO_LATER, out, self.max_idx)
+        if in_place:
+            top[0].data[...] = out
 
     @staticmethod
     def _scaled(x, c):
@@ -93,5 +126,8 @@ class EltwiseLayer(Layer):
                 else:
                     grad = top[0].data / b.data
                 b.diff[...] = grad * dy
+            elif on_device(xp):
+                launch("eltwise", "eltwise_max_backward", dy.dtype, dy.size, contiguous(xp, dy),
+                       self.max_idx, i, b.diff)
             else:
                 b.diff[...] = xp.where(self.max_idx == i, dy, dy.dtype.type(0))
