@@ -5,8 +5,10 @@ import os
 
 import numpy as np
 
+from ..backend import get_array_module
 from ..io.matfile import MatFileError, read_mat, write_mat
 from ..layer import Layer, register
+from ._device import contiguous, launch, on_device
 
 logger = logging.getLogger("caffelite")
 
@@ -166,9 +168,10 @@ class SegAccuracyLayer(Layer):
     when ``reset`` (the default) and accumulates over the net's lifetime otherwise.
     Prediction = argmax over channels with ties to the highest class; the label is
     truncated to int; ignore labels are skipped; any other label outside [0, C) is an
-    error.
+    error.  On the device the ``seg_confusion`` kernel counts into a uint64 matrix kept
+    on the device; only that C x C matrix (and the first bad pixel) come back to the
+    host, where the scores are computed.
     """
-    runs_on_device = False
     exact_num_bottom = 2
     exact_num_top = 1
 
@@ -192,6 +195,12 @@ class SegAccuracyLayer(Layer):
         top[0].reshape((1, 1, 1, 3))
 
     def forward(self, bottom, top):
+        xp = get_array_module(bottom[0].data)
+        if on_device(xp):
+            self._forward_device(xp, bottom, top)
+            return
+        if get_array_module(self.confusion) is not np:      # accumulated on the device
+            self.confusion = _to_numpy(self.confusion).astype(np.int64)
         if self.reset:
             self.confusion[...] = 0
         c = self.num_classes
@@ -201,13 +210,38 @@ class SegAccuracyLayer(Layer):
         bad = keep & ((gt < 0) | (gt >= c))
         if bad.any():
             first = int(np.flatnonzero(bad)[0])
-            n, h, w = np.unravel_index(first, bottom[1].shape[:1] + bottom[1].shape[2:])
-            raise self.error(f"unexpected label {int(gt[first])} at num {n}, row {h}, col {w}"
-                             f" (labels must be in [0, {c}) or one of the ignore labels "
-                             f"{self.ignore})")
+            self._bad_label(int(gt[first]), first, bottom[1].shape)
         self.confusion += np.bincount(gt[keep] * c + pred[keep],
                                       minlength=c * c).reshape(c, c)
         top[0].data[...] = np.array(confusion_scores(self.confusion)).reshape(1, 1, 1, 3)
+
+    def _forward_device(self, xp, bottom, top):
+        c = self.num_classes
+        if get_array_module(self.confusion) is not xp:
+            self.confusion = xp.asarray(np.asarray(_to_numpy(self.confusion), np.uint64))
+        if self.reset:
+            self.confusion[...] = 0
+        scores, labels = contiguous(xp, bottom[0].data), contiguous(xp, bottom[1].data)
+        n = labels.size
+        # The kernel reads ignore[0] only when num_ignore > 0; give it one element anyway.
+        ignore = xp.asarray(np.asarray(self.ignore or [0], np.int32))
+        first_bad = xp.full((1,), n, np.int32)
+        launch("seg_confusion", "seg_confusion", scores.dtype, n, scores, labels, c,
+               n // max(bottom[0].shape[0], 1), ignore, len(self.ignore), self.confusion,
+               first_bad)
+        bad = int(_to_numpy(first_bad)[0])
+        if bad < n:
+            self._bad_label(int(_to_numpy(labels.reshape(-1)[bad:bad + 1])[0]), bad,
+                            bottom[1].shape)
+        host = _to_numpy(self.confusion).astype(np.int64)
+        top[0].data[...] = xp.asarray(np.array(confusion_scores(host), top[0].data.dtype)
+                                      .reshape(1, 1, 1, 3))
+
+    def _bad_label(self, label, index, label_shape):
+        n, h, w = np.unravel_index(index, label_shape[:1] + label_shape[2:])
+        raise self.error(f"unexpected label {label} at num {n}, row {h}, col {w}"
+                         f" (labels must be in [0, {self.num_classes}) or one of the ignore "
+                         f"labels {self.ignore})")
 
 
 def confusion_scores(m):
