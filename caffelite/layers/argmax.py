@@ -13,7 +13,9 @@ def top_k_indices(xp, rows, k):
     if k == 1:
         pos = xp.argmax(reversed_rows, axis=-1)[..., None]
     else:
-        pos = xp.argsort(-reversed_rows, axis=-1, kind="stable")[..., :k]
+        # CuPy's argsort is always stable (and older versions take no ``kind``).
+        stable = {} if xp.__name__ == "cupy" else {"kind": "stable"}
+        pos = xp.argsort(-reversed_rows, axis=-1, **stable)[..., :k]
     return dim - 1 - pos
 
 

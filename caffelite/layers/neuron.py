@@ -384,9 +384,18 @@ class DropoutLayer(NeuronLayer):
                 top[0].data[...] = x
             return
         xp = get_array_module(x)
-        keep = rng().random(x.shape) < (1.0 - self.ratio)
-        self.mask = xp.asarray(keep.astype(x.dtype))
+        self.mask = self.draw_mask(xp, x.shape, x.dtype)
         top[0].data[...] = x * self.mask * self.scale
+
+    def draw_mask(self, xp, shape, dtype):
+        """1 (kept) with probability 1 - ratio, else 0: from caffelite's generator on
+        the host, from the device generator (``xp.random``, seeded by
+        ``set_random_seed`` too) on the device, so the two sides draw different masks."""
+        if xp is np:
+            keep = rng().random(shape) < (1.0 - self.ratio)
+        else:
+            keep = xp.random.random_sample(shape) < (1.0 - self.ratio)
+        return keep.astype(dtype)
 
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:

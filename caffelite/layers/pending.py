@@ -10,6 +10,7 @@ _PENDING = {
 
 class PendingLayer(Layer):
     reason = ""
+    runs_on_device = False      # data layers: they would feed the net from the host
 
     def setup(self, bottom, top):
         raise self.error(f"layer type '{self.type}' is not implemented yet: {self.reason}")

@@ -135,7 +135,7 @@ class BiasChannelLayer(Layer):
                 if rows.size:
                     cls = lab[rows, j]
                     bias = np.where(cls == 0, self.bg_bias, self.fg_bias).astype(out.dtype)
-                    out[rows, cls] += xp.asarray(bias)[:, None, None]
+                    out[xp.asarray(rows), xp.asarray(cls)] += xp.asarray(bias)[:, None, None]
         else:
             self._forward_pixel(xp, out, lab[:, 0], channels, dtype)
         top[0].data[...] = out
