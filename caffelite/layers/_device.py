@@ -25,10 +25,3 @@ def contiguous(xp, array):
     """``array`` itself when C-contiguous, else a contiguous copy (a kernel input)."""
     return array if array.flags.c_contiguous else xp.ascontiguousarray(array)
 
-
-def scratch_like(xp, top_blob, bottom_blobs, shape, dtype):
-    """The top's own array, or a fresh one when the top is one of the bottoms (in
-    place): kernels that read and write different positions must not run in place."""
-    if any(top_blob is b for b in bottom_blobs):
-        return xp.empty(shape, dtype)
-    return top_blob.data

@@ -1,0 +1,922 @@
+"""Every device layer type in GPU mode against CPU mode, forward and backward.
+
+Each case builds one layer twice from the same random inputs, parameters, parameter
+diffs and top diffs: once in CPU mode (numpy) and once in GPU mode, where the layer
+runs under ``backend.device_access()`` as the Net runs it, on the emulator (always) or
+on CuPy (``-m gpu``). Tops and bottom diffs start poisoned with NaN on both sides, so
+an element the device path forgets to write shows up as a mismatch.
+
+Exactness. On the emulator the array code is numpy's on both sides, so every layer is
+compared BIT FOR BIT except where a CUDA kernel does the sum in another order or uses
+the C library's expf/logf (documented in docs/gpu.md, bounds in units of eps):
+  * col2im (Convolution's bottom diff, Deconvolution's forward): the kernel adds each
+    pixel's taps last to first, numpy first to last:  (taps + 2) eps sum|terms|,
+    sum|terms| from the same CPU layer run on absolute values;
+  * Interp backward: atomic scatter vs numpy's matrix adjoint:
+    (h_out + w_out + 20) eps sum|terms|;
+  * Softmax forward: (2C + 8) eps relative (expf); SoftmaxWithLoss: its probabilities
+    the same, the loss (2C + 12) eps per counted position plus 6 eps relative (logf),
+    the gradient the probabilities' bound times the scale.
+On a real GPU (``cuda``) CuPy's reductions, cuBLAS GEMMs and CUDA's transcendental
+functions add their own last-bit differences: the ``cuda`` bounds below are the
+same kind of worst-case sums (terms x eps x sum|terms|, or k eps relative for
+element-wise maths); only copies, comparisons and single IEEE operations stay exact.
+"""
+import dataclasses
+import math
+from typing import Callable, Optional
+
+import numpy as np
+import pytest
+
+import caffelite
+from caffelite import backend, kernels
+from caffelite.blob import Blob
+from caffelite.layer import LAYER_REGISTRY, LayerError
+from caffelite.layers import im2col as im2col_module
+from caffelite.layers.neuron import DropoutLayer
+from layer_testing import TEST, TRAIN, blobs_from, make_layer
+
+F32, F64 = np.float32, np.float64
+
+
+# ------------------------------------------------------------------- backends
+def _start(kind):
+    if kind == "emulated":
+        from caffelite.kernels.host import compiler
+        if compiler() is None:
+            pytest.skip("the GPU emulator runs the kernels host-compiled: no C++ compiler")
+        backend.set_mode_gpu(emulate=True)
+    else:
+        try:
+            backend.set_mode_gpu(emulate=False)
+        except kernels.GPUUnavailableError as e:
+            pytest.skip(str(e))
+
+
+@pytest.fixture(params=["emulated", pytest.param("cuda", marks=pytest.mark.gpu)])
+def device(request):
+    """The GPU backend under test; CPU mode again afterwards (tests share the process)."""
+    try:
+        _start(request.param)
+        backend.set_mode_cpu()
+        yield request.param
+    finally:
+        backend.set_mode_cpu()
+
+
+def eps(dtype):
+    return float(np.finfo(dtype).eps)
+
+
+# ------------------------------------------------------------------- bounds
+@dataclasses.dataclass(frozen=True)
+class Bound:
+    """|gpu - cpu| <= k * eps * R element-wise, R by ``ref``:
+    "exact": k ignored, bit-for-bit (NaN where NaN);
+    "value": |cpu| (relative); "scale": |cpu| + max|cpu| (relative to the array's
+    magnitude, for sums that may cancel); "abs": the same CPU layer run on absolute
+    inputs, parameters and top diffs (sum|terms| of a linear layer)."""
+    k: float = 0
+    ref: str = "exact"
+
+
+EXACT = Bound()
+
+
+def _as_bound(b, case):
+    return b(case) if callable(b) else b
+
+
+@dataclasses.dataclass
+class Case:
+    id: str
+    text: str
+    bottoms: Callable            # rng -> list of arrays
+    num_top: int = 1
+    phase: int = TRAIN
+    dtype: type = F32
+    propagate: Optional[list] = None
+    backward: bool = True
+    in_place: bool = False
+    params: Optional[Callable] = None       # (rng, [shapes]) -> list of arrays
+    poison_tops: bool = True
+    bottom_diff_poison: bool = True         # False: random start (layers that keep it)
+    cpu_top_for_backward: bool = False      # backward reads the top data: share it
+    fwd: object = EXACT                     # emulated bounds (Bound or case -> Bound)
+    bwd: object = EXACT
+    cuda_fwd: object = EXACT                # real-GPU bounds
+    cuda_bwd: object = EXACT
+    seed: int = 0
+    cpu_tops: Optional[list] = None         # set by compare (cpu_top_for_backward)
+
+    @property
+    def type_name(self):
+        return self.text.split('"')[1]
+
+
+def normal(*shape):
+    return lambda rng: rng.standard_normal(shape)
+
+
+def away_from_zero(*shape):
+    """Normal values with |x| >= 0.05 (kinks at 0 stay out of the comparison)."""
+    def make(rng):
+        x = rng.standard_normal(shape)
+        return np.where(np.abs(x) < 0.05, np.sign(x) * 0.05 + x, x)
+    return make
+
+
+def integers(lo, hi, *shape):
+    return lambda rng: rng.integers(lo, hi, shape).astype(np.float64)
+
+
+def several(*makers):
+    return lambda rng: [m(rng) for m in makers]
+
+
+def labels_with_ignore(classes, shape, ignore=255, fraction=0.2):
+    def make(rng):
+        lab = rng.integers(0, classes, shape).astype(np.float64)
+        lab[rng.random(shape) < fraction] = ignore
+        return lab
+    return make
+
+
+# ------------------------------------------------------------------- running
+class Run:
+    """Outputs of one run: tops and parameters after forward, diffs after backward."""
+
+    def __init__(self):
+        self.forward = []
+        self.backward = []
+
+
+def _random_like(rng, shape):
+    return rng.standard_normal(shape)
+
+
+def _shares(a, b, which):
+    return a.memories()[which] is b.memories()[which]
+
+
+def run_case(case, mode, absolute=False):
+    """Run ``case`` in ``mode`` ("cpu", "emulated", "cuda"); ``absolute`` takes |x| of
+    every input (for the "abs" bounds). Returns (Run of host arrays, the layer)."""
+    fix = np.abs if absolute else (lambda a: a)
+    rng = np.random.default_rng(case.seed)
+    gpu = mode != "cpu"
+    if gpu:
+        _start(mode)
+    try:
+        backend.set_random_seed(1234)
+        bottom_arrays = [fix(np.asarray(a, np.float64)) for a in case.bottoms(rng)]
+        layer = make_layer(case.text, case.phase, case.dtype)
+        bottom = blobs_from(bottom_arrays, case.dtype)
+        top = [bottom[0]] if case.in_place else [Blob((), case.dtype)
+                                                 for _ in range(case.num_top)]
+        layer.check_blob_counts(bottom, top)
+        layer.setup(bottom, top)
+        shapes = [b.shape for b in layer.blobs]
+        values = case.params(rng, shapes) if case.params else \
+            [rng.standard_normal(s) for s in shapes]
+        for blob, v in zip(layer.blobs, values):
+            blob.host_data[...] = fix(np.asarray(v))
+            blob.host_diff[...] = fix(rng.standard_normal(blob.shape))
+        layer.reshape(bottom, top)                    # as the Net does it, host access
+        if not case.poison_tops:
+            for t in top:
+                t.host_data[...] = rng.standard_normal(t.shape)
+        out = Run()
+        with backend.device_access(gpu):
+            layer.reshape(bottom, top)
+            for t in top:
+                # Tops that ARE a bottom's memory (in place, Split, Flatten...) keep it.
+                if case.poison_tops and not any(_shares(t, b, 0) for b in bottom):
+                    t.data[...] = np.nan
+            layer.forward(bottom, top)
+        out.forward = [t.host_data.copy() for t in top] + \
+            [b.host_data.copy() for b in layer.blobs]
+        if not case.backward:
+            return out, layer
+        for t in top:
+            t.host_diff[...] = fix(rng.standard_normal(t.shape))
+        if case.cpu_tops is not None:
+            for t, v in zip(top, case.cpu_tops):
+                t.host_data[...] = v
+        for b in bottom:
+            if not any(_shares(t, b, 1) for t in top):
+                b.host_diff[...] = np.nan if case.bottom_diff_poison else \
+                    rng.standard_normal(b.shape)
+        propagate = case.propagate if case.propagate is not None else [True] * len(bottom)
+        with backend.device_access(gpu):
+            layer.backward(top, propagate, bottom)
+        out.backward = [b.host_diff.copy() for b in bottom] + \
+            [b.host_diff.copy() for b in layer.blobs]
+        return out, layer
+    finally:
+        backend.set_mode_cpu()
+
+
+def assert_bounded(actual, expected, bound, dtype, what, reference=None):
+    actual = np.asarray(actual, np.float64)
+    expected = np.asarray(expected, np.float64)
+    assert actual.shape == expected.shape, what
+    if bound.ref == "exact":
+        same = (actual == expected) | (np.isnan(actual) & np.isnan(expected))
+        if not same.all():
+            i = np.flatnonzero(~same)[0]
+            pytest.fail(f"{what}: {(~same).sum()} of {same.size} elements differ, first at "
+                        f"{np.unravel_index(i, same.shape)}: gpu {actual.flat[i]!r} vs cpu "
+                        f"{expected.flat[i]!r}")
+        return
+    assert np.array_equal(np.isnan(actual), np.isnan(expected)), f"{what}: NaN positions"
+    finite = ~np.isnan(expected)
+    if bound.ref == "value":
+        ref = np.abs(expected)
+    elif bound.ref == "scale":
+        ref = np.abs(expected) + (np.abs(expected[finite]).max() if finite.any() else 0)
+    else:
+        ref = np.asarray(reference, np.float64)
+    limit = bound.k * eps(dtype) * ref
+    err = np.where(finite, np.abs(actual - expected), 0)
+    over = err > limit
+    if over.any():
+        i = np.argmax(np.where(over, err - limit, -np.inf))
+        pytest.fail(f"{what}: {over.sum()} elements above {bound}; worst "
+                    f"{np.unravel_index(i, err.shape)}: gpu {actual.flat[i]!r} vs cpu "
+                    f"{expected.flat[i]!r} (bound {limit.flat[i]:.3g})")
+
+
+def compare(case, device):
+    case.cpu_tops = None
+    cpu, _ = run_case(case, "cpu")
+    if case.cpu_top_for_backward:
+        case.cpu_tops = cpu.forward[:case.num_top]
+    gpu, layer = run_case(case, device)
+    fwd = _as_bound(case.fwd if device == "emulated" else case.cuda_fwd, case)
+    bwd = _as_bound(case.bwd if device == "emulated" else case.cuda_bwd, case)
+    absolute = None
+    if "abs" in (fwd.ref, bwd.ref):
+        case.cpu_tops = None
+        absolute, _ = run_case(case, "cpu", absolute=True)
+    assert len(gpu.forward) == len(cpu.forward)
+    for i, (g, c) in enumerate(zip(gpu.forward, cpu.forward)):
+        ref = absolute.forward[i] if absolute else None
+        assert_bounded(g, c, fwd, case.dtype, f"{case.id} forward output {i}", ref)
+    for i, (g, c) in enumerate(zip(gpu.backward, cpu.backward)):
+        ref = absolute.backward[i] if absolute else None
+        assert_bounded(g, c, bwd, case.dtype, f"{case.id} backward diff {i}", ref)
+    return cpu, gpu, layer
+
+
+# ------------------------------------------------------------------- the cases
+def conv_text(kind="Convolution", bias=True, **p):
+    body = " ".join(f"{k}: {v}" for k, v in p.items())
+    return (f'type: "{kind}" convolution_param {{ {body} bias_term: {str(bias).lower()} '
+            f'weight_filler {{ type: "gaussian" std: 0.1 }} }}')
+
+
+def taps_bound(taps):
+    return Bound(taps + 2, "abs")
+
+
+def gemm_bound(k):
+    """cuBLAS vs numpy's BLAS: the dot products in any order, plus a fused rounding."""
+    return Bound(k + 2, "abs")
+
+
+def conv_cases():
+    out = []
+    specs = [
+        # id, params, input shape, output channels
+        ("3x3_pad1", dict(num_output=4, kernel_size=3, pad=1), (2, 3, 7, 9)),
+        ("3x3_stride2_odd", dict(num_output=5, kernel_size=3, stride=2), (2, 3, 9, 7)),
+        ("dilated", dict(num_output=3, kernel_size=3, pad=2, dilation=2), (1, 2, 9, 8)),
+        ("rect_hw", dict(num_output=4, kernel_h=3, kernel_w=2, stride_h=2, stride_w=1,
+                         pad_h=1, pad_w=0), (2, 2, 8, 7)),
+        ("group2", dict(num_output=4, kernel_size=3, pad=1, group=2), (2, 4, 5, 6)),
+        ("1x1", dict(num_output=3, kernel_size=1), (2, 5, 4, 3)),
+        ("big_pad_borders", dict(num_output=2, kernel_size=5, pad=3, stride=3), (1, 2, 7, 5)),
+    ]
+    for name, params, shape in specs:
+        taps = params.get("kernel_size", 0) ** 2 or params["kernel_h"] * params["kernel_w"]
+        cin = shape[1] // params.get("group", 1)
+        cout = params["num_output"] // params.get("group", 1)
+        positions = shape[0] * shape[2] * shape[3]
+        for dtype in (F32, F64):
+            out.append(Case(
+                f"Convolution_{name}_{np.dtype(dtype).name}", conv_text(**params),
+                several(normal(*shape)), dtype=dtype,
+                bwd=Bound(0) if params.get("kernel_size") == 1 else taps_bound(taps),
+                cuda_fwd=gemm_bound(cin * taps),
+                cuda_bwd=gemm_bound(positions + cout + taps)))
+            out.append(Case(
+                f"Deconvolution_{name}_{np.dtype(dtype).name}",
+                conv_text("Deconvolution", **params), several(normal(*shape)), dtype=dtype,
+                fwd=Bound(0) if params.get("kernel_size") == 1 else taps_bound(taps),
+                cuda_fwd=gemm_bound(cout + taps),
+                cuda_bwd=gemm_bound(positions * taps + cin * taps)))
+    out.append(Case("Convolution_two_bottoms_no_bias",
+                    conv_text(bias=False, num_output=3, kernel_size=3, pad=1),
+                    several(normal(2, 2, 5, 5), normal(2, 2, 5, 5)), num_top=2,
+                    bwd=taps_bound(9), cuda_fwd=gemm_bound(18), cuda_bwd=gemm_bound(80)))
+    out.append(Case("Convolution_3d_slices",
+                    conv_text(num_output=2, kernel_size=3, pad=1),
+                    several(normal(1, 2, 4, 5, 3)), cuda_fwd=gemm_bound(54),
+                    cuda_bwd=gemm_bound(60 + 27)))
+    return out
+
+
+def pooling_text(**p):
+    body = " ".join(f"{k}: {v}" for k, v in p.items())
+    return f'type: "Pooling" pooling_param {{ {body} }}'
+
+
+def pooling_cases():
+    specs = [
+        ("max_ceil_overhang", dict(pool="MAX", kernel_size=3, stride=2), (2, 3, 8, 9), 2),
+        ("max_pad", dict(pool="MAX", kernel_size=3, stride=2, pad=1), (1, 2, 7, 6), 2),
+        ("max_rect", dict(pool="MAX", kernel_h=2, kernel_w=3, stride_h=2, stride_w=1),
+         (2, 2, 5, 7), 1),
+        ("max_global", dict(pool="MAX", global_pooling="true"), (2, 3, 5, 4), 2),
+        ("max_global_whole_plane", dict(pool="MAX", global_pooling="true"),
+         (1, 2, 17, 19), 2),
+        ("max_floor", dict(pool="MAX", kernel_size=2, stride=2, round_mode="FLOOR"),
+         (1, 2, 7, 7), 1),
+        ("ave_ceil_overhang", dict(pool="AVE", kernel_size=3, stride=2), (2, 3, 8, 9), 1),
+        ("ave_pad", dict(pool="AVE", kernel_size=3, stride=2, pad=1), (1, 2, 7, 6), 1),
+        ("ave_global", dict(pool="AVE", global_pooling="true"), (2, 3, 5, 4), 1),
+        ("ave_global_whole_plane", dict(pool="AVE", global_pooling="true"),
+         (1, 2, 17, 19), 1),
+    ]
+    out = []
+    for name, params, shape, tops in specs:
+        for dtype in (F32, F64):
+            taps = shape[2] * shape[3] if "global" in name else 9
+            out.append(Case(f"Pooling_{name}_{np.dtype(dtype).name}", pooling_text(**params),
+                            several(normal(*shape)), num_top=tops, dtype=dtype,
+                            propagate=[True]))
+    # Ties and -inf / NaN: integer data, the first maximum must win on both sides.
+    def ties(rng):
+        x = rng.integers(-2, 2, (1, 2, 6, 7)).astype(np.float64)
+        x[0, 0, 1, 1] = -np.inf
+        x[0, 1, 2, 3] = np.nan
+        return [x]
+    out.append(Case("Pooling_max_ties_nan_inf", pooling_text(pool="MAX", kernel_size=3,
+                                                             stride=2, pad=1),
+                    ties, num_top=2))
+    return out
+
+
+def interp_text(**p):
+    body = " ".join(f"{k}: {v}" for k, v in p.items())
+    return f'type: "Interp" interp_param {{ {body} }}'
+
+
+def interp_bwd(h_out, w_out):
+    return Bound(h_out + w_out + 20, "abs")
+
+
+def interp_cases():
+    specs = [
+        # id, params, input shape, output (h, w)
+        ("zoom", dict(zoom_factor=3), (2, 3, 4, 5), (10, 13)),
+        ("shrink", dict(shrink_factor=4), (1, 2, 13, 9), (4, 3)),
+        ("shrink_zoom", dict(shrink_factor=2, zoom_factor=3), (1, 2, 7, 8), (10, 10)),
+        ("size_odd", dict(height=7, width=3), (2, 2, 5, 6), (7, 3)),
+        ("pads", dict(zoom_factor=2, pad_beg=-1, pad_end=-2), (1, 2, 8, 9), (9, 11)),
+        ("same_size_crop", dict(height=5, width=6, pad_beg=-1, pad_end=-1), (1, 2, 7, 8),
+         (5, 6)),
+        ("to_one", dict(height=1, width=1), (1, 2, 4, 5), (1, 1)),
+    ]
+    out = []
+    for name, params, shape, (ho, wo) in specs:
+        for dtype in (F32, F64):
+            out.append(Case(f"Interp_{name}_{np.dtype(dtype).name}", interp_text(**params),
+                            several(normal(*shape)), dtype=dtype,
+                            bwd=interp_bwd(ho, wo), cuda_bwd=interp_bwd(ho, wo)))
+    out.append(Case("Interp_second_bottom", interp_text(),
+                    several(normal(2, 2, 5, 6), normal(2, 1, 9, 4)),
+                    bwd=interp_bwd(9, 4), cuda_bwd=interp_bwd(9, 4)))
+    return out
+
+
+def softmax_bound(channels):
+    return Bound(2 * channels + 8, "value")
+
+
+def softmax_cases():
+    out = []
+    for name, axis, shape in (("axis1", 1, (2, 5, 3, 4)), ("axis_last", -1, (3, 4, 6)),
+                              ("axis0", 0, (4, 3, 2))):
+        channels = shape[axis]
+        for dtype in (F32, F64):
+            exact_backward = axis != -1
+            # With the CPU's top data fed to both, the backward is the kernel's per
+            # position loop; numpy sums a last axis pairwise (in another order).
+            bwd = EXACT if exact_backward else Bound(channels + 2, "scale")
+            out.append(Case(f"Softmax_{name}_{np.dtype(dtype).name}",
+                            f'type: "Softmax" softmax_param {{ axis: {axis} }}',
+                            several(normal(*shape)), dtype=dtype,
+                            cpu_top_for_backward=True, fwd=softmax_bound(channels),
+                            bwd=bwd, cuda_fwd=softmax_bound(channels),
+                            cuda_bwd=Bound(channels + 2, "scale")))
+    out.append(Case("Softmax_in_place", 'type: "Softmax"', several(normal(2, 4, 3)),
+                    in_place=True, cpu_top_for_backward=True, fwd=softmax_bound(4),
+                    cuda_fwd=softmax_bound(4), cuda_bwd=Bound(4 + 2, "scale")))
+    return out
+
+
+def loss_forward_bound(channels):
+    """Loss: (2C + 12) eps per position through -log, plus 6 eps relative; here as
+    a bound relative to the scale (the loss is a positive scalar, >= 1/C-ish)."""
+    return Bound(2 * channels + 18, "scale")
+
+
+def swl_cases():
+    def text(extra="", loss=""):
+        return f'type: "SoftmaxWithLoss" {extra} loss_param {{ {loss} }}'
+    out = []
+    for dtype in (F32, F64):
+        dt = np.dtype(dtype).name
+        out.append(Case(f"SoftmaxWithLoss_ignore_valid_{dt}", text(loss="ignore_label: 255"),
+                        several(normal(2, 5, 3, 4), labels_with_ignore(5, (2, 1, 3, 4))),
+                        num_top=2, dtype=dtype, propagate=[True, False],
+                        fwd=loss_forward_bound(5), bwd=Bound(2 * 5 + 10, "scale"),
+                        cuda_fwd=Bound(2 * 5 + 18 + 24, "scale"),
+                        cuda_bwd=Bound(2 * 5 + 10, "scale")))
+    for mode in ("FULL", "BATCH_SIZE", "NONE"):
+        out.append(Case(f"SoftmaxWithLoss_{mode}",
+                        text(loss=f"ignore_label: 3 normalization: {mode}"),
+                        several(normal(3, 4, 5), integers(0, 4, 3, 5)),
+                        propagate=[True, False], fwd=loss_forward_bound(4),
+                        bwd=Bound(2 * 4 + 10, "scale"),
+                        cuda_fwd=Bound(2 * 4 + 18 + 15, "scale"),
+                        cuda_bwd=Bound(2 * 4 + 10, "scale")))
+    out.append(Case("SoftmaxWithLoss_axis2_no_ignore",
+                    'type: "SoftmaxWithLoss" softmax_param { axis: 2 }',
+                    several(normal(2, 3, 6), integers(0, 6, 2, 3)), propagate=[True, False],
+                    fwd=loss_forward_bound(6), bwd=Bound(2 * 6 + 10, "scale"),
+                    cuda_fwd=Bound(2 * 6 + 18 + 6, "scale"),
+                    cuda_bwd=Bound(2 * 6 + 10, "scale")))
+    out.append(Case("SoftmaxWithLoss_all_ignored",
+                    text(loss="ignore_label: 255"),
+                    several(normal(1, 3, 2, 2), lambda rng: np.full((1, 1, 2, 2), 255.0)),
+                    propagate=[True, False]))
+    # DeepLab v1's loss stays array code (xp): bit for bit on the emulator.
+    out.append(Case("SoftmaxWithLoss_v1",
+                    'type: "SoftmaxWithLoss" softmaxloss_param { ignore_label: 255 }',
+                    several(normal(2, 4, 3, 3), labels_with_ignore(4, (2, 1, 3, 3))),
+                    num_top=2, propagate=[True, False], bottom_diff_poison=False,
+                    cuda_fwd=Bound(40, "scale"), cuda_bwd=Bound(40, "scale")))
+    return out
+
+
+def neuron_cases():
+    x = away_from_zero(2, 3, 4, 5)
+    pos = lambda rng: [np.abs(rng.standard_normal((2, 3, 4))) + 0.1]   # noqa: E731
+    ulp = Bound(8, "value")
+    out = [
+        Case("ReLU", 'type: "ReLU"', several(x)),
+        Case("ReLU_leaky_in_place", 'type: "ReLU" relu_param { negative_slope: 0.1 }',
+             several(x), in_place=True),
+        Case("PReLU", 'type: "PReLU"', several(x), cuda_bwd=Bound(128, "scale")),
+        Case("PReLU_shared_in_place", 'type: "PReLU" prelu_param { channel_shared: true }',
+             several(x), in_place=True, cuda_bwd=Bound(128, "scale")),
+        Case("ELU", 'type: "ELU" elu_param { alpha: 0.7 }', several(x),
+             cuda_fwd=ulp, cuda_bwd=ulp),
+        Case("Sigmoid", 'type: "Sigmoid"', several(x), cuda_fwd=ulp, cuda_bwd=ulp),
+        Case("TanH_in_place", 'type: "TanH"', several(x), in_place=True,
+             cuda_fwd=ulp, cuda_bwd=ulp),
+        Case("AbsVal", 'type: "AbsVal"', several(x)),
+        Case("BNLL", 'type: "BNLL"', several(x), cuda_fwd=ulp, cuda_bwd=ulp),
+        Case("Exp", 'type: "Exp" exp_param { base: 2 scale: 0.5 shift: 0.3 }', several(x),
+             cuda_fwd=ulp, cuda_bwd=ulp),
+        Case("Log", 'type: "Log" log_param { scale: 2 shift: 0.5 base: 10 }', pos,
+             cuda_fwd=ulp, cuda_bwd=ulp),
+        Case("Power_square_in_place", 'type: "Power" power_param { power: 2 scale: 1.5 '
+             'shift: 0.5 }', several(x), in_place=True, cuda_fwd=ulp, cuda_bwd=ulp),
+        Case("Power_general", 'type: "Power" power_param { power: 1.7 scale: 0.5 '
+             'shift: 0 }', pos, cuda_fwd=ulp, cuda_bwd=ulp),
+        Case("Power_shift", 'type: "Power" power_param { power: -0.5 scale: 2 shift: 1 }',
+             pos, cuda_fwd=ulp, cuda_bwd=ulp),
+        Case("Threshold", 'type: "Threshold" threshold_param { threshold: 0.2 }',
+             several(x), backward=False),
+        Case("Dropout_test_phase", 'type: "Dropout" dropout_param { dropout_ratio: 0.4 }',
+             several(x), phase=TEST),
+    ]
+    return out
+
+
+def norm_params_bn(rng, shapes):
+    c = shapes[0]
+    return [rng.standard_normal(c), np.abs(rng.standard_normal(c)) + 0.5, np.array([2.5])]
+
+
+def normalization_cases():
+    red = Bound(64, "scale")
+    return [
+        Case("BatchNorm_train", 'type: "BatchNorm" batch_norm_param { use_global_stats: false'
+             ' moving_average_fraction: 0.9 }', several(normal(3, 4, 2, 3)),
+             params=norm_params_bn, cuda_fwd=red, cuda_bwd=red),
+        Case("BatchNorm_global_in_place", 'type: "BatchNorm"', several(normal(2, 3, 4)),
+             phase=TEST, in_place=True, params=norm_params_bn, cuda_fwd=red, cuda_bwd=red),
+        Case("BatchNorm_zero_factor", 'type: "BatchNorm"', several(normal(2, 3, 4)),
+             phase=TEST, params=lambda rng, s: [rng.standard_normal(s[0]),
+                                                np.ones(s[1]), np.zeros(1)]),
+        Case("Scale_learned_bias", 'type: "Scale" scale_param { bias_term: true }',
+             several(normal(2, 3, 4, 5)), cuda_bwd=red),
+        Case("Scale_in_place_axis2", 'type: "Scale" scale_param { axis: 2 num_axes: 1 }',
+             several(normal(2, 3, 4, 5)), in_place=True, cuda_bwd=red),
+        Case("Scale_two_bottoms", 'type: "Scale" scale_param { axis: 0 }',
+             several(normal(2, 3, 4), normal(2, 3)), cuda_bwd=red),
+        Case("Bias_learned", 'type: "Bias"', several(normal(2, 3, 4, 5)), cuda_bwd=red),
+        Case("Bias_two_bottoms", 'type: "Bias" bias_param { axis: 1 }',
+             several(normal(2, 3, 4), normal(3, 4)), cuda_bwd=red),
+        Case("MVN", 'type: "MVN"', several(normal(2, 3, 4, 5)), cuda_fwd=red, cuda_bwd=red),
+        Case("MVN_across_no_variance", 'type: "MVN" mvn_param { across_channels: true '
+             'normalize_variance: false }', several(normal(2, 3, 4, 5)),
+             cuda_fwd=red, cuda_bwd=red),
+        Case("LRN_across", 'type: "LRN" lrn_param { local_size: 3 alpha: 0.5 beta: 0.75 '
+             'k: 2 }', several(normal(2, 5, 3, 4)), cuda_fwd=Bound(16, "value"),
+             cuda_bwd=red),
+        Case("LRN_within", 'type: "LRN" lrn_param { local_size: 3 alpha: 0.5 beta: 0.75 '
+             'norm_region: WITHIN_CHANNEL }', several(normal(2, 3, 5, 4)),
+             cuda_fwd=Bound(16, "value"), cuda_bwd=red),
+        Case("Normalize", 'type: "Normalize" norm_param { across_spatial: false }',
+             several(normal(2, 3, 4, 5)), cuda_fwd=red, cuda_bwd=red),
+        Case("Normalize_across_shared", 'type: "Normalize" norm_param { across_spatial: true'
+             ' channel_shared: true }', several(normal(2, 3, 4, 5)),
+             cuda_fwd=red, cuda_bwd=Bound(256, "scale")),
+    ]
+
+
+def structure_cases():
+    return [
+        Case("Concat_axis1", 'type: "Concat"', several(normal(2, 2, 3), normal(2, 3, 3),
+                                                       normal(2, 1, 3))),
+        Case("Concat_axis0", 'type: "Concat" concat_param { axis: 0 }',
+             several(normal(1, 2, 3), normal(2, 2, 3))),
+        Case("Concat_single", 'type: "Concat"', several(normal(2, 2, 3))),
+        Case("Slice_points", 'type: "Slice" slice_param { axis: 1 slice_point: 1 '
+             'slice_point: 4 }', several(normal(2, 5, 3)), num_top=3),
+        Case("Slice_equal", 'type: "Slice" slice_param { axis: 0 }', several(normal(4, 3)),
+             num_top=2),
+        Case("Split", 'type: "Split"', several(normal(2, 3, 4)), num_top=3,
+             cuda_bwd=EXACT),
+        Case("Flatten", 'type: "Flatten"', several(normal(2, 3, 4, 5))),
+        Case("Reshape", 'type: "Reshape" reshape_param { shape { dim: 0 dim: -1 dim: 2 } }',
+             several(normal(2, 3, 4))),
+        Case("Crop", 'type: "Crop" crop_param { axis: 2 offset: 1 offset: 2 }',
+             several(normal(2, 3, 6, 7), normal(2, 3, 4, 3)), propagate=[True, False]),
+        Case("Tile", 'type: "Tile" tile_param { axis: 1 tiles: 3 }', several(normal(2, 3, 4))),
+        Case("Silence", 'type: "Silence"', several(normal(2, 3), normal(4)), num_top=0),
+        Case("Permute", 'type: "Permute" permute_param { order: 0 order: 2 order: 3 '
+             'order: 1 }', several(normal(2, 3, 4, 5))),
+        Case("Padding_grow", 'type: "Padding" padding_param { pad_beg: 2 pad_end: 1 }',
+             several(normal(2, 3, 4, 5))),
+        Case("Padding_crop", 'type: "Padding" padding_param { pad_beg: -1 pad_end: -2 }',
+             several(normal(2, 3, 6, 7))),
+        Case("Input", 'type: "Input" input_param { shape { dim: 2 dim: 3 } }',
+             lambda rng: [], poison_tops=False, backward=False),
+    ]
+
+
+def eltwise_cases():
+    ints = lambda *s: integers(-2, 3, *s)    # noqa: E731  (ties everywhere)
+    return [
+        Case("Eltwise_sum_coeff", 'type: "Eltwise" eltwise_param { operation: SUM '
+             'coeff: 1 coeff: -0.5 coeff: 2 }', several(normal(2, 3, 4), normal(2, 3, 4),
+                                                         normal(2, 3, 4))),
+        Case("Eltwise_prod", 'type: "Eltwise" eltwise_param { operation: PROD }',
+             several(away_from_zero(2, 3, 4), away_from_zero(2, 3, 4))),
+        Case("Eltwise_prod_stable", 'type: "Eltwise" eltwise_param { operation: PROD '
+             'stable_prod_grad: true }', several(normal(2, 3), normal(2, 3), normal(2, 3))),
+        Case("Eltwise_max_two", 'type: "Eltwise" eltwise_param { operation: MAX }',
+             several(normal(2, 3, 4, 5), normal(2, 3, 4, 5))),
+        Case("Eltwise_max_three_ties", 'type: "Eltwise" eltwise_param { operation: MAX }',
+             several(ints(2, 3, 4, 5), ints(2, 3, 4, 5), ints(2, 3, 4, 5))),
+        Case("Eltwise_max_four_float64", 'type: "Eltwise" eltwise_param { operation: MAX }',
+             several(*[normal(3, 7) for _ in range(4)]), dtype=F64),
+        Case("Eltwise_max_in_place", 'type: "Eltwise" eltwise_param { operation: MAX }',
+             several(ints(2, 9), ints(2, 9), ints(2, 9)), in_place=True),
+    ]
+
+
+def misc_cases():
+    sizes = lambda n, h, w: lambda rng: np.tile([h, w], (n, 1)).reshape(n, 1, 1, 2)  # noqa
+    dt_params = "spatial_sigma: 3 range_sigma: 0.5 num_iter: 2 min_weight: 0.2"
+
+    def dt_bottoms(rng):
+        return [rng.standard_normal((2, 2, 5, 6)), np.abs(rng.standard_normal((2, 1, 5, 6))),
+                np.array([[5, 6], [3, 4]], float).reshape(2, 1, 1, 2)]
+
+    def label_list(rng):
+        lab = np.full((2, 3, 1, 1), -1.0)
+        lab[0, :2, 0, 0] = [0, 2]
+        lab[1, :3, 0, 0] = [3, 1, 3]
+        return lab
+
+    red = Bound(64, "scale")
+    return [
+        Case("InnerProduct", 'type: "InnerProduct" inner_product_param { num_output: 4 }',
+             several(normal(3, 2, 3, 2)), cuda_fwd=gemm_bound(12), cuda_bwd=gemm_bound(12)),
+        Case("InnerProduct_transpose_axis2", 'type: "InnerProduct" inner_product_param { '
+             'num_output: 3 axis: 2 transpose: true bias_term: false }',
+             several(normal(2, 3, 4, 2)), cuda_fwd=gemm_bound(8), cuda_bwd=gemm_bound(8)),
+        Case("ArgMax_flat", 'type: "ArgMax"', several(integers(0, 3, 2, 3, 2, 2)),
+             backward=False),
+        Case("ArgMax_axis_topk_values", 'type: "ArgMax" argmax_param { axis: 1 top_k: 2 '
+             'out_max_val: true }', several(integers(0, 4, 2, 5, 3)), backward=False),
+        Case("ArgMax_flat_topk_values", 'type: "ArgMax" argmax_param { top_k: 3 '
+             'out_max_val: true }', several(integers(0, 4, 2, 3, 4)), backward=False),
+        Case("ArgMaxV1", 'type: "ArgMaxV1" argmax_param { top_k: 2 out_max_val: true }',
+             several(integers(0, 3, 2, 4, 3, 2)), bottom_diff_poison=False),
+        Case("SigmoidCrossEntropyLoss_ignore", 'type: "SigmoidCrossEntropyLoss" loss_param {'
+             ' ignore_label: -1 normalization: VALID }',
+             several(normal(2, 3, 4), lambda rng: rng.integers(-1, 2, (2, 3, 4)).astype(float)),
+             propagate=[True, False], cuda_fwd=Bound(64, "scale"),
+             cuda_bwd=Bound(8, "scale")),
+        Case("SigmoidCrossEntropyLoss", 'type: "SigmoidCrossEntropyLoss"',
+             several(normal(2, 5), lambda rng: rng.random((2, 5))), propagate=[True, False],
+             cuda_fwd=Bound(32, "scale"), cuda_bwd=Bound(8, "scale")),
+        Case("EuclideanLoss", 'type: "EuclideanLoss"', several(normal(3, 4), normal(3, 2, 2)),
+             cuda_fwd=Bound(16, "scale")),
+        Case("SpatialProduct", 'type: "SpatialProduct"',
+             several(normal(2, 3, 4, 5), normal(2, 1, 4, 5)), cuda_bwd=Bound(8, "scale")),
+        Case("DomainTransform", f'type: "DomainTransform" domain_transform_param '
+             f'{{ {dt_params} }}', dt_bottoms, propagate=[True, True, False],
+             cuda_fwd=red, cuda_bwd=Bound(256, "scale")),
+        Case("DomainTransformForwardOnly", f'type: "DomainTransformForwardOnly" '
+             f'domain_transform_param {{ {dt_params} }}', dt_bottoms,
+             propagate=[True, True, False], bottom_diff_poison=False, cuda_fwd=red),
+        Case("BiasChannel_image", 'type: "BiasChannel" bias_channel_param { bg_bias: 2 '
+             'fg_bias: 3 }', lambda rng: [rng.standard_normal((2, 4, 3, 2)), label_list(rng)],
+             propagate=[True, False]),
+        Case("BiasChannel_pixel", 'type: "BiasChannel" bias_channel_param { bg_bias: 2 '
+             'fg_bias: 3 label_type: PIXEL ignore_label: 255 background_label: 0 }',
+             several(normal(2, 4, 3, 2), labels_with_ignore(4, (2, 1, 3, 2))),
+             propagate=[True, False]),
+        Case("AdaptiveBiasChannel", 'type: "AdaptiveBiasChannel" '
+             'adaptive_bias_channel_param { num_iter: 3 bg_portion: 0.4 fg_portion: 0.2 '
+             'suppress_others: true margin_others: 0.5 }',
+             lambda rng: [rng.standard_normal((2, 4, 5, 6)), label_list(rng)],
+             propagate=[False, False], bottom_diff_poison=False,
+             cuda_fwd=Bound(4, "scale")),
+        Case("SegAccuracy", 'type: "SegAccuracy" seg_accuracy_param { ignore_label: 255 '
+             'ignore_label: 254 }',
+             several(integers(0, 3, 2, 4, 5, 6), labels_with_ignore(4, (2, 1, 5, 6))),
+             backward=False),
+        Case("SegAccuracy_no_ignore_float64", 'type: "SegAccuracy"',
+             several(normal(1, 3, 4, 7), integers(0, 3, 1, 1, 4, 7)), dtype=F64,
+             backward=False),
+    ]
+
+
+CASES = (conv_cases() + pooling_cases() + interp_cases() + softmax_cases() + swl_cases() +
+         neuron_cases() + normalization_cases() + structure_cases() + eltwise_cases() +
+         misc_cases())
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_layer_gpu_matches_cpu(case, device):
+    compare(case, device)
+
+
+# ------------------------------------------------------------------- special cases
+@pytest.mark.parametrize("dtype", [F32, F64])
+def test_convolution_in_bands_accumulates(monkeypatch, device, dtype):
+    """A tiny column budget: one grid row per band, so col2im's accumulate flag and the
+    im2col band offsets are exercised (Convolution backward, Deconvolution forward)."""
+    monkeypatch.setattr(im2col_module, "COL_BUFFER_BYTES", 1)
+    for kind in ("Convolution", "Deconvolution"):
+        case = Case(f"{kind}_bands", conv_text(kind, num_output=3, kernel_size=3, pad=1,
+                                               stride=2, dilation=2),
+                    several(normal(2, 2, 9, 8)), dtype=dtype,
+                    fwd=EXACT if kind == "Convolution" else taps_bound(9),
+                    bwd=taps_bound(9) if kind == "Convolution" else EXACT,
+                    cuda_fwd=gemm_bound(30), cuda_bwd=gemm_bound(200))
+        compare(case, device)
+
+
+def test_max_pooling_device_mask_is_int32_and_top_mask_matches(device):
+    case = pooling_cases()[0]
+    cpu, gpu, layer = compare(case, device)
+    assert layer.mask.dtype == np.int32
+    mask = backend.to_host(layer.mask)
+    np.testing.assert_array_equal(mask.astype(np.float32), gpu.forward[1])
+    # Every index points at the winning value inside its plane.
+    x = np.random.default_rng(case.seed).standard_normal((2, 3, 8, 9)).astype(np.float32)
+    planes = x.reshape(6, -1)
+    picked = np.take_along_axis(planes, mask.reshape(6, -1), axis=1).reshape(mask.shape)
+    np.testing.assert_array_equal(picked, gpu.forward[0])
+
+
+def test_eltwise_max_tie_rule_is_the_cpu_rule(device):
+    """Three equal bottoms: Caffe's CPU rule (what both sides use) gives the gradient to
+    bottom 1 (ties between bottoms 0 and 1 go to 1, later bottoms need to be strictly
+    greater); Caffe's GPU rule would give it to bottom 2."""
+    x = np.ones((1, 4))
+    case = Case("Eltwise_max_all_tied", 'type: "Eltwise" eltwise_param { operation: MAX }',
+                lambda rng: [x, x, x])
+    cpu, gpu, layer = compare(case, device)
+    dx0, dx1, dx2 = gpu.backward
+    assert not dx0.any() and not dx2.any() and dx1.all()
+
+
+def test_softmax_with_loss_reports_a_bad_label_on_the_device(device):
+    scores = np.zeros((1, 3, 2, 2))
+    labels = np.array([0, 1, 7, 2], float).reshape(1, 1, 2, 2)
+    messages = []
+    for mode in ("cpu", device):
+        if mode != "cpu":
+            _start(mode)
+        try:
+            layer = make_layer('type: "SoftmaxWithLoss" loss_param { ignore_label: 255 }',
+                               TRAIN, F32)
+            bottom = blobs_from([scores, labels], F32)
+            top = [Blob((), F32)]
+            layer.setup(bottom, top)
+            with backend.device_access(mode != "cpu"), pytest.raises(LayerError) as e:
+                layer.reshape(bottom, top)
+                layer.forward(bottom, top)
+            messages.append(str(e.value))
+        finally:
+            backend.set_mode_cpu()
+    assert "label value 7 is out of range" in messages[0]
+    assert messages[1] == messages[0]
+
+
+def test_seg_accuracy_accumulates_without_reset_and_reports_bad_labels(device):
+    rng = np.random.default_rng(3)
+    scores = [rng.standard_normal((2, 3, 4, 5)) for _ in range(2)]
+    labels = [rng.integers(0, 3, (2, 1, 4, 5)).astype(float) for _ in range(2)]
+    results = {}
+    for mode in ("cpu", device):
+        if mode != "cpu":
+            _start(mode)
+        try:
+            layer = make_layer('type: "SegAccuracy" seg_accuracy_param { reset: false }',
+                               TEST, F32)
+            bottom = blobs_from([scores[0], labels[0]], F32)
+            top = [Blob((), F32)]
+            layer.setup(bottom, top)
+            outs = []
+            for s, l in zip(scores, labels):
+                bottom[0].host_data[...] = s
+                bottom[1].host_data[...] = l
+                with backend.device_access(mode != "cpu"):
+                    layer.reshape(bottom, top)
+                    layer.forward(bottom, top)
+                outs.append(top[0].host_data.copy())
+            confusion = backend.to_host(layer.confusion).astype(np.int64)
+            bad = labels[0].copy()
+            bad[1, 0, 2, 3] = 9
+            bottom[1].host_data[...] = bad
+            with backend.device_access(mode != "cpu"), pytest.raises(LayerError) as e:
+                layer.forward(bottom, top)
+            results[mode] = (outs, confusion, str(e.value))
+        finally:
+            backend.set_mode_cpu()
+    cpu, gpu = results["cpu"], results[device]
+    assert cpu[1].sum() == 2 * 2 * 4 * 5          # both batches counted
+    np.testing.assert_array_equal(gpu[1], cpu[1])
+    for a, b in zip(gpu[0], cpu[0]):
+        np.testing.assert_array_equal(a, b)
+    assert "unexpected label 9 at num 1, row 2, col 3" in cpu[2]
+    assert gpu[2] == cpu[2]
+
+
+def test_seg_accuracy_runs_on_the_device():
+    assert LAYER_REGISTRY["SegAccuracy"].runs_on_device
+
+
+# ------------------------------------------------------------------- Dropout
+def _dropout(mode, x, ratio, phase=TRAIN, in_place=False, seed=5):
+    if mode != "cpu":
+        _start(mode)
+    try:
+        backend.set_random_seed(seed)
+        layer = make_layer(f'type: "Dropout" dropout_param {{ dropout_ratio: {ratio} }}',
+                           phase, F32)
+        bottom = blobs_from([x], F32)
+        top = [bottom[0]] if in_place else [Blob((), F32)]
+        layer.setup(bottom, top)
+        dy = np.random.default_rng(1).standard_normal(x.shape)
+        with backend.device_access(mode != "cpu"):
+            layer.reshape(bottom, top)
+            layer.forward(bottom, top)
+        y = top[0].host_data.copy()
+        top[0].host_diff[...] = dy
+        with backend.device_access(mode != "cpu"):
+            layer.backward(top, [True], bottom)
+        return y, bottom[0].host_diff.copy(), layer
+    finally:
+        backend.set_mode_cpu()
+
+
+def test_dropout_device_mask_statistics(device):
+    """The device draws its own mask (CuPy's generator): kept fraction within 5 sigma
+    of 1 - ratio, kept values scaled by exactly 1 / (1 - ratio), and the backward uses
+    the forward's mask."""
+    ratio = 0.3
+    x = np.ones((4, 5, 100, 100), np.float32)
+    y, dx, layer = _dropout(device, x, ratio)
+    kept = y != 0
+    n = kept.size
+    sigma = math.sqrt(n * ratio * (1 - ratio))
+    assert abs(kept.sum() - n * (1 - ratio)) < 5 * sigma
+    scale = np.float32(1.0 / (1.0 - np.float32(ratio)))
+    assert np.all(y[kept] == scale)
+    dy = np.random.default_rng(1).standard_normal(x.shape).astype(np.float32)
+    np.testing.assert_array_equal(dx, np.where(kept, dy * np.float32(1) * scale, 0))
+    # The same seed gives the same device mask; another seed another one.
+    y2, _, _ = _dropout(device, x, ratio)
+    y3, _, _ = _dropout(device, x, ratio, seed=6)
+    np.testing.assert_array_equal(y2, y)
+    assert not np.array_equal(y3, y)
+
+
+def test_dropout_with_a_fixed_mask_matches_cpu(device, monkeypatch):
+    """With the mask drawn the same on both sides, the arithmetic is bit-identical
+    (in place too)."""
+    mask = np.random.default_rng(9).random((2, 3, 4, 5)) < 0.6
+
+    def fixed(self, xp, shape, dtype):
+        return xp.asarray(mask.astype(dtype))
+    monkeypatch.setattr(DropoutLayer, "draw_mask", fixed)
+    x = np.random.default_rng(2).standard_normal((2, 3, 4, 5))
+    for in_place in (False, True):
+        cpu = _dropout("cpu", x, 0.4, in_place=in_place)
+        gpu = _dropout(device, x, 0.4, in_place=in_place)
+        np.testing.assert_array_equal(gpu[0], cpu[0])
+        np.testing.assert_array_equal(gpu[1], cpu[1])
+        assert (gpu[0] == 0).sum() == (~mask).sum()
+
+
+# ------------------------------------------------------------------- workspace
+NET = """
+name: "workspace"
+input: "data" input_shape { dim: 2 dim: 3 dim: 11 dim: 9 }
+input: "label" input_shape { dim: 2 dim: 1 dim: 11 dim: 9 }
+layer { name: "c1" type: "Convolution" bottom: "data" top: "c1" convolution_param {
+  num_output: 4 kernel_size: 3 pad: 1 weight_filler { type: "gaussian" std: 0.1 } } }
+layer { name: "r1" type: "ReLU" bottom: "c1" top: "c1" }
+layer { name: "c2" type: "Convolution" bottom: "c1" top: "c2" convolution_param {
+  num_output: 6 kernel_size: 3 pad: 2 dilation: 2 weight_filler { type: "gaussian" std: 0.1 } } }
+layer { name: "d1" type: "Deconvolution" bottom: "c2" top: "d1" convolution_param {
+  num_output: 3 kernel_size: 3 pad: 1 weight_filler { type: "gaussian" std: 0.1 } } }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "d1" bottom: "label" top: "loss" }
+"""
+
+
+def test_conv_workspace_is_stable_across_iterations(device, tmp_path):
+    """Repeated forward/backward reuse ONE column buffer per array module (Caffe's shared
+    col_buffer): the same buffer object, the same size, after every iteration."""
+    path = tmp_path / "net.prototxt"
+    path.write_text(NET)
+    im2col_module.release_workspace()
+    _start(device)
+    try:
+        caffelite.set_random_seed(3)
+        net = caffelite.Net(str(path), TRAIN)
+        rng = np.random.default_rng(0)
+        net.blobs["data"].data[...] = rng.standard_normal((2, 3, 11, 9))
+        net.blobs["label"].data[...] = rng.integers(0, 3, (2, 1, 11, 9))
+        seen = []
+        for _ in range(4):
+            net.forward()
+            net.backward()
+            buffers = im2col_module.workspace_buffers()
+            device_name = backend.device_module().__name__
+            assert set(buffers) == {device_name}
+            seen.append((id(buffers[device_name]), buffers[device_name].size))
+        assert len(set(seen)) == 1, seen
+    finally:
+        backend.set_mode_cpu()
+        im2col_module.release_workspace()
+
+
+# ------------------------------------------------------------------- coverage
+# Host-only layer types (runs_on_device = False): data and file layers, Python layers,
+# the dense CRF, SSD's box layers, Accuracy and UniqueLabel.
+HOST_ONLY = {"Accuracy", "Data", "DenseCRF", "DetectionOutput", "DummyData", "HDF5Data",
+             "ImageData", "ImageSegData", "MatRead", "MatWrite", "MemoryData", "PriorBox",
+             "Python", "UniqueLabel", "VideoSegData", "WindowData"}
+# Device layer types covered by a dedicated test above rather than by CASES.
+SPECIAL = {"Dropout"}
+
+
+def test_every_device_layer_type_has_a_gpu_test():
+    # caffelite's own types (other test modules register throw-away layer types).
+    types = [t for t in caffelite.layer_type_list()
+             if LAYER_REGISTRY[t].__module__.startswith("caffelite.")]
+    device_types = {t for t in types if LAYER_REGISTRY[t].runs_on_device}
+    host_types = set(types) - device_types
+    assert host_types == HOST_ONLY, (
+        f"host-only layer types changed: new {sorted(host_types - HOST_ONLY)}, no longer "
+        f"host-only {sorted(HOST_ONLY - host_types)}")
+    covered = {c.type_name for c in CASES} | SPECIAL
+    missing = sorted(device_types - covered)
+    assert not missing, f"device layer types without a GPU-vs-CPU test: {missing}"
