@@ -206,3 +206,23 @@ def test_a_training_iteration_copies_only_the_inputs_in_and_nothing_else(gpu):
         net.clear_param_diffs()
         net.forward_backward()
     assert blob_module.transfers == {"to_device": 2, "to_host": 0}
+
+
+def test_emulated_arrays_refuse_host_index_arrays_and_host_values():
+    from caffelite.kernels import emulator
+    d = emulator.arange(6, dtype=np.float32)
+    with pytest.raises(TypeError, match="indexed by a host numpy array"):
+        d[np.array([0, 2])]
+    with pytest.raises(TypeError, match="host numpy array assigned into a device array"):
+        d[...] = np.ones(6, np.float32)
+    d[emulator.asarray(np.array([0, 2]))] = 5                # device index, scalar value
+    d[1:3] = emulator.asarray(np.array([7, 8], np.float32))
+    assert emulator.asnumpy(d).tolist() == [5, 7, 8, 3, 4, 5]
+
+
+def test_emulated_sorts_are_stable_like_cupy():
+    from caffelite.kernels import emulator
+    keys = emulator.asarray(np.array([1, 0, 1, 0, 1] * 20, np.float32))
+    order = emulator.asnumpy(emulator.argsort(keys))
+    assert order.tolist() == sorted(range(100), key=lambda i: (keys[i].item(), i))
+    assert emulator.asnumpy(keys.argsort()).tolist() == order.tolist()

@@ -39,6 +39,21 @@ class ndarray(_np.ndarray):        # noqa: N801  (CuPy's spelling)
         kwargs = _to_plain_tree(kwargs, name)
         return _to_device_result(func(*args, **kwargs))
 
+    def __getitem__(self, index):
+        return super().__getitem__(_index_on_device(index))
+
+    def __setitem__(self, index, value):
+        if _is_host_array(value):
+            raise TypeError("a host numpy array assigned into a device array: move it with "
+                            "xp.asarray (an explicit copy) instead")
+        super().__setitem__(_index_on_device(index), _plain_value(value))
+
+    def argsort(self, axis=-1, kind=None, order=None):
+        return _np.ndarray.argsort(self, axis=axis, kind="stable", order=order)
+
+    def sort(self, axis=-1, kind=None, order=None):
+        _np.ndarray.sort(self, axis=axis, kind="stable", order=order)
+
     def get(self):
         """CuPy's device→host copy."""
         return _np.array(self.view(_np.ndarray))
@@ -58,6 +73,23 @@ def _to_plain(x, what):
         raise TypeError(f"{what}: a host numpy array mixed with device arrays (CuPy "
                         f"refuses this; move it with xp.asarray or backend.to_device)")
     return x
+
+
+def _index_on_device(index):
+    """An index for a device array: host index arrays are refused (keep index arrays on
+    the device, as a GPU needs them there)."""
+    parts = index if isinstance(index, tuple) else (index,)
+    for part in parts:
+        if _is_host_array(part):
+            raise TypeError("a device array indexed by a host numpy array: make the index "
+                            "array with xp (on the device)")
+    if isinstance(index, tuple):
+        return tuple(p.view(_np.ndarray) if isinstance(p, ndarray) else p for p in index)
+    return index.view(_np.ndarray) if isinstance(index, ndarray) else index
+
+
+def _plain_value(value):
+    return value.view(_np.ndarray) if isinstance(value, ndarray) else value
 
 
 def _to_plain_tree(obj, what):
@@ -228,6 +260,15 @@ def launch(module_name, kernel_name, dtype, *args, grid=None, block=256):
     """Run a kernel on emulated device arrays (``kernels.launch`` checked the arguments)."""
     plain = [a.view(_np.ndarray) if isinstance(a, ndarray) else a for a in args]
     host_kernels().run(module_name, kernel_name, dtype, *plain, grid=grid, block=block)
+
+
+def sort(a, axis=-1, kind=None, order=None):
+    """CuPy's sorts are stable; so are the emulator's (ties keep their order)."""
+    return _device_function(_np.sort)(a, axis=axis, kind="stable", order=order)
+
+
+def argsort(a, axis=-1, kind=None, order=None):
+    return _device_function(_np.argsort)(a, axis=axis, kind="stable", order=order)
 
 
 # Everything else: numpy's functions (device in, device out) and its types and constants.
