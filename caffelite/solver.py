@@ -20,6 +20,14 @@ in a field Caffe ignores (see ``caffelite.io.solverstate``), the state of
 the state of every layer that defines ``state_dict()`` / ``load_state_dict(state)``
 (JSON-serialisable; e.g. a data layer's cursor, shuffle order or own generator).
 States written by real Caffe lack it and resume as in Caffe.
+
+In GPU mode, after clipping, each learnable blob's update is one fused kernel of
+``kernels/sgd_update.cu`` (normalize, regularize, the rule and ``data -= diff``) fed
+with the scalars computed here on the host; the kernels do the numpy code's float
+operations in its order, so given equal gradients the weights, updates and history
+are equal bit for bit. The history stays on the device (copied to the host for
+snapshots); a subclass with its own Python rule keeps running that rule on the device
+arrays.
 """
 import math
 import os
@@ -28,7 +36,7 @@ import signal
 import numpy as np
 from google.protobuf import text_format
 
-from . import backend
+from . import backend, kernels
 from .backend import TEST, TRAIN, get_array_module
 from .io import prototxt, solverstate
 from .io.upgrade import upgrade_solver
@@ -462,8 +470,9 @@ class Solver:
         if backend.is_gpu():
             self._history_to_device()
             with backend.device_access():
-                self._update(rate)
+                self._update_on_device(rate)
         else:
+            self._history_to_host()
             self._update(rate)
 
     def _history_to_device(self):
@@ -471,6 +480,12 @@ class Solver:
         for i, h in enumerate(self.history):
             if not isinstance(h, xp.ndarray):
                 self.history[i] = xp.asarray(h)
+
+    def _history_to_host(self):
+        """After GPU-mode updates, back to numpy (a no-op in a CPU-only run)."""
+        for i, h in enumerate(self.history):
+            if get_array_module(h) is not np:
+                self.history[i] = backend.to_host(h)
 
     def _update(self, rate):
         self.clip_gradients()
@@ -480,6 +495,54 @@ class Solver:
             self.compute_update_value(i, rate)
         for prm in self.net.learnable_params:       # Net::Update: data -= diff
             prm.blob.data[...] -= prm.blob.diff
+
+    def _update_on_device(self, rate):
+        """Clipping, then one fused kernel per learnable blob (normalize, regularize,
+        the update rule and Net::Update), as Caffe's GPU solvers do."""
+        kernel = self._fused_kernel()
+        if kernel is None:
+            self._update(rate)
+            return
+        self.clip_gradients()
+        for i in range(len(self.net.learnable_params)):
+            self._fused_update(kernel, i, rate)
+
+    def _fused_kernel(self):
+        """The ``sgd_update.cu`` kernel of this solver's rule, or None where a subclass
+        changed the rule (its Python maths then runs on the device arrays)."""
+        cls = type(self)
+        owner = next(c for c in cls.__mro__ if "compute_update_value" in c.__dict__)
+        kernel = owner.__dict__.get("update_kernel")
+        if cls.normalize is not Solver.normalize or cls.regularize is not Solver.regularize:
+            return None
+        return kernel
+
+    def _fused_update(self, kernel, param_id, rate):
+        params = self.net.learnable_params
+        prm = params[param_id]
+        data, diff = prm.blob.data, prm.blob.diff
+        dt = diff.dtype.type
+        history = self.history[param_id::len(params)]
+        local_decay = self._local_decay(prm, dt)
+        local_rate = dt(dt(rate) * dt(prm.lr_mult))
+        iter_scale = dt(dt(1) / dt(self.param.iter_size))
+        kernels.launch("sgd_update", kernel, diff.dtype, diff.size, data, diff, *history,
+                       iter_scale, local_decay, self._regularization_code(local_decay),
+                       *self.update_scalars(dt, local_rate))
+
+    def _regularization_code(self, local_decay):
+        """sgd_update.cu's ``regularization``: 0 none, 1 L2, 2 L1."""
+        if not local_decay:
+            return 0
+        kind = self.param.regularization_type
+        if kind not in ("L2", "L1"):
+            raise self.error(f"unknown regularization_type '{kind}' (known: L1, L2)")
+        return 1 if kind == "L2" else 2
+
+    def update_scalars(self, dt, local_rate):
+        """The fused kernel's rule-specific scalars (after ``regularization``), in ``dt``
+        exactly as ``compute_update_value`` computes them."""
+        raise NotImplementedError
 
     def clip_gradients(self):
         params = self.net.learnable_params
@@ -512,7 +575,7 @@ class Solver:
         prm = self.net.learnable_params[param_id]
         diff, data = prm.blob.diff, prm.blob.data
         dt = diff.dtype.type
-        local_decay = dt(dt(self.param.weight_decay) * dt(prm.decay_mult))
+        local_decay = self._local_decay(prm, dt)
         if not local_decay:
             return
         kind = self.param.regularization_type
@@ -522,6 +585,9 @@ class Solver:
             diff += local_decay * get_array_module(data).sign(data)
         else:
             raise self.error(f"unknown regularization_type '{kind}' (known: L1, L2)")
+
+    def _local_decay(self, prm, dt):
+        return dt(dt(self.param.weight_decay) * dt(prm.decay_mult))
 
     def _local(self, param_id, rate):
         prm = self.net.learnable_params[param_id]
@@ -620,6 +686,8 @@ class Solver:
         for h, blob in zip(self.history, state.history):
             xp = get_array_module(h)
             h[...] = xp.asarray(blob.data.reshape(h.shape), dtype=h.dtype)
+        if backend.is_gpu():
+            self._history_to_device()
         if state.extension:
             self._restore_extension(state_file, state.extension)
 
@@ -656,6 +724,10 @@ def _history_fits(shape, blob):
 class SGDSolver(Solver):
     """v = momentum * v + local_rate * g;  w -= v."""
     type = "SGD"
+    update_kernel = "sgd_update"
+
+    def update_scalars(self, dt, local_rate):
+        return dt(self.param.momentum), local_rate
 
     def compute_update_value(self, param_id, rate):
         g, dt, local_rate = self._local(param_id, rate)
@@ -668,6 +740,7 @@ class SGDSolver(Solver):
 class NesterovSolver(SGDSolver):
     """v' = m v + lr g;  update = (1 + m) v' - m v."""
     type = "Nesterov"
+    update_kernel = "nesterov_update"
 
     def compute_update_value(self, param_id, rate):
         g, dt, local_rate = self._local(param_id, rate)
@@ -684,10 +757,14 @@ class NesterovSolver(SGDSolver):
 class AdaGradSolver(SGDSolver):
     """H += g^2;  update = lr g / (sqrt(H) + delta)."""
     type = "AdaGrad"
+    update_kernel = "adagrad_update"
 
     def _check_solver_params(self):
         if self.param.momentum != 0:
             raise self.error("momentum cannot be used with AdaGrad")
+
+    def update_scalars(self, dt, local_rate):
+        return dt(self.param.delta), local_rate
 
     def compute_update_value(self, param_id, rate):
         g, dt, local_rate = self._local(param_id, rate)
@@ -702,12 +779,16 @@ class AdaGradSolver(SGDSolver):
 class RMSPropSolver(SGDSolver):
     """H = d H + (1 - d) g^2;  update = lr g / (sqrt(H) + delta)."""
     type = "RMSProp"
+    update_kernel = "rmsprop_update"
 
     def _check_solver_params(self):
         if self.param.momentum != 0:
             raise self.error("momentum cannot be used with RMSProp")
         if not 0 <= self.param.rms_decay < 1:
             raise self.error(f"rms_decay should lie in [0, 1), got {self.param.rms_decay:g}")
+
+    def update_scalars(self, dt, local_rate):
+        return dt(self.param.rms_decay), dt(self.param.delta), local_rate
 
     def compute_update_value(self, param_id, rate):
         g, dt, local_rate = self._local(param_id, rate)
@@ -726,7 +807,11 @@ class AdaDeltaSolver(SGDSolver):
     H = m H + (1-m) g^2;  u = g sqrt((U + delta) / (H + delta));  U = m U + (1-m) u^2;
     update = lr u."""
     type = "AdaDelta"
+    update_kernel = "adadelta_update"
     history_per_param = 2
+
+    def update_scalars(self, dt, local_rate):
+        return dt(self.param.momentum), dt(self.param.delta), local_rate
 
     def compute_update_value(self, param_id, rate):
         g, dt, local_rate = self._local(param_id, rate)
@@ -747,7 +832,18 @@ class AdamSolver(SGDSolver):
     """m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2;
     update = lr sqrt(1-b2^t)/(1-b1^t) m / (sqrt(v) + delta),  t = iter + 1."""
     type = "Adam"
+    update_kernel = "adam_update"
     history_per_param = 2
+
+    def _correction(self, dt):
+        """sqrt(1 - b2^t) / (1 - b1^t) in double, rounded to ``dt``; t = iter + 1."""
+        t = self.iter + 1
+        return dt(math.sqrt(1.0 - _cpow(dt(self.param.momentum2), t)) /
+                  (1.0 - _cpow(dt(self.param.momentum), t)))
+
+    def update_scalars(self, dt, local_rate):
+        return (dt(self.param.momentum), dt(self.param.momentum2), dt(self.param.delta),
+                dt(local_rate * self._correction(dt)))
 
     def compute_update_value(self, param_id, rate):
         g, dt, local_rate = self._local(param_id, rate)
@@ -755,8 +851,7 @@ class AdamSolver(SGDSolver):
         beta1, beta2 = dt(self.param.momentum), dt(self.param.momentum2)
         m = self.history[param_id]
         v = self.history[len(self.net.learnable_params) + param_id]
-        t = self.iter + 1
-        correction = dt(math.sqrt(1.0 - _cpow(beta2, t)) / (1.0 - _cpow(beta1, t)))
+        correction = self._correction(dt)
         m *= beta1
         m += dt(dt(1) - beta1) * g
         v *= beta2

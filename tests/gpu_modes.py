@@ -1,0 +1,47 @@
+"""The backends GPU-mode tests run on: the CPU emulator everywhere, CuPy where a GPU is.
+
+    from gpu_modes import gpu_mode  # noqa: F401  (the fixture)
+
+    def test_x(gpu_mode):
+        ...                   # CPU mode
+        gpu_mode.on()         # GPU mode on this test's backend
+        ...
+        gpu_mode.off()        # CPU mode again (also done after every test)
+"""
+import pytest
+
+from caffelite import backend
+
+BACKENDS = ["emulated", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+def cuda_available():
+    try:
+        import cupy
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:       # no CuPy, no driver, no device
+        return False
+
+
+class GpuMode:
+    def __init__(self, name):
+        self.name = name
+        self.emulated = name == "emulated"
+
+    def on(self):
+        backend.set_mode_gpu(emulate=self.emulated)
+        return backend.device_module()
+
+    @staticmethod
+    def off():
+        backend.set_mode_cpu()
+
+
+@pytest.fixture(params=BACKENDS)
+def gpu_mode(request):
+    if request.param == "cuda" and not cuda_available():
+        pytest.skip("no CuPy with a CUDA device")
+    try:
+        yield GpuMode(request.param)
+    finally:
+        backend.set_mode_cpu()
