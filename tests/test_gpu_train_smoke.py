@@ -1,0 +1,69 @@
+"""benchmarks/gpu_train.py: its FLOP count (hand-derived cases) and its CPU smoke mode
+(caffelite CPU vs the torch twin at a tiny size; skipped without torch).  No timing is
+asserted, only that every measurement ran and that both engines computed the same
+numbers."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import caffelite as caffe
+from caffelite.io import prototxt
+from conftest import CORPUS, ROOT
+
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import gpu_train  # noqa: E402
+
+FLOP_NET = """
+input: "x" input_shape { dim: 2 dim: 3 dim: 5 dim: 5 }
+layer { name: "a" type: "Convolution" bottom: "x" top: "a"
+  convolution_param { num_output: 4 kernel_size: 3 pad: 1 } }
+layer { name: "b" type: "Convolution" bottom: "a" top: "b" %s
+  convolution_param { num_output: 6 kernel_size: 1 group: 2 } }
+layer { name: "ip" type: "InnerProduct" bottom: "b" top: "ip" loss_weight: 1
+  inner_product_param { num_output: 7 } }
+"""
+
+
+@pytest.mark.parametrize("frozen, forward, training", [
+    # a: 2·(2·4·25 outputs)·(3·9) = 10800, weight gradient only (x needs none): ×2
+    # b: 2·(2·6·25)·(4/2 inputs per group) = 1200, ×3 (×2 when frozen: data gradient)
+    # ip: 2·(2·7)·150 = 4200, ×3
+    (False, 10800 + 1200 + 4200, 2 * 10800 + 3 * 1200 + 3 * 4200),
+    (True, 10800 + 1200 + 4200, 2 * 10800 + 2 * 1200 + 3 * 4200),
+])
+def test_gemm_flops_counts_the_gemms_each_pass_needs(frozen, forward, training):
+    params = "param { lr_mult: 0 } param { lr_mult: 0 }" if frozen else ""
+    net = caffe.Net(param=prototxt.parse_net(FLOP_NET % params)[0], phase=caffe.TRAIN)
+    assert gpu_train.gemm_flops(net, False) == forward
+    assert gpu_train.gemm_flops(net, True) == training
+
+
+def test_cpu_smoke_run(tmp_path):
+    pytest.importorskip("torch")
+    if not os.path.isdir(os.path.join(CORPUS, "prototxt", "deeplabv2_vgg16_aspp_l")):
+        pytest.skip("corpus prototxt not available")
+    out = tmp_path / "run.json"
+    run = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "gpu_train.py"), "--device", "cpu",
+         "--net", "vgg", "--size", "33", "--test-size", "33", "--batch", "1", "--iters", "1",
+         "--corpus", CORPUS, "--json", str(out)],
+        capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "| net | phase | input | engine |" in run.stdout
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert [(r["phase"], r["engine"]) for r in rows] == [
+        ("train", "caffelite"), ("train", "torch"), ("test", "caffelite"), ("test", "torch")]
+    for r in rows:
+        assert "error" not in r, r
+        assert r["iters"] == 1 and r["median_s"] > 0 and r["gflop"] > 0
+        # Same weights and inputs: first-forward loss (train) and score map (test).
+        assert r["check"] <= 1e-4, r
+    train = rows[0]
+    assert train["batch"] == 1 and train["iter_size"] == 1 and train["size"] == 33
+    assert np.isfinite(train["loss_caffelite"]) and train["loss_caffelite"] > 0
+    assert result["environment"]["device"] == "cpu"
