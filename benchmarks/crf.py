@@ -12,14 +12,16 @@ agreement and max |ΔQ| between the two, so that the same computation is timed.
 
     python benchmarks/crf.py --repeats 11
 
-``--gpu N`` also times the GPU path (caffelite.crf.device: lattices built on the host,
-mean field with caffelite's CUDA kernels on GPU N, both splat variants) and reports,
-per image, the host lattice build, the device part (upload, normalisation, the
-iterations, labels back; synchronised) and the whole ``crf_labels(device=N)`` call,
-against the target of 20 ms for the device part on an H100, plus the label agreement
-with the CPU path.  ``--gpu-only`` skips the CPU timing.  With
-``CAFFELITE_GPU_EMULATOR=1`` the GPU path runs on the CPU emulator (a dry run: its
-times mean nothing).
+``--gpu N`` also times the GPU path (caffelite.crf.device on GPU N) over the whole
+per-image cost, as ``crf_labels(scores, rgb, device=N)`` pays it: uploading the scores
+and the image, the features, both lattices and the fused tables built on the device,
+the normalisation and the mean-field iterations, and the labels back.  It reports the
+median of that whole job (atomic and gather splat, and with the lattices built on the
+host as before, for comparison), each part synchronised separately, the time per
+iteration, the verdict against the target of 20 ms per image on an H100, the label
+agreement with the CPU path, and whether the device-built tables equal the host-built
+ones.  ``--gpu-only`` skips the CPU timing.  With ``CAFFELITE_GPU_EMULATOR=1`` the GPU
+path runs on the CPU emulator (a dry run: its times mean nothing).
 
     python benchmarks/crf.py --gpu 0 --repeats 21
 """
@@ -83,6 +85,14 @@ def run_caffelite(scores, rgb, params):
     return dense_crf(-scores, rgb, params)
 
 
+def run_caffelite_setup(rgb, params):
+    """What the CPU path does before its iterations (lattices are built when first
+    used, so a max_iter=0 run would skip them)."""
+    from caffelite.crf import PairwiseMessages
+    from caffelite.crf.densecrf import crf_kernels
+    return PairwiseMessages(crf_kernels(rgb, params))
+
+
 def run_pydensecrf(scores, rgb, params):
     import pydensecrf.densecrf as dcrf
     labels, height, width = scores.shape
@@ -130,53 +140,108 @@ def _median_ms(fn, repeats):
     return 1e3 * float(np.median(times)), 1e3 * min(times)
 
 
-def gpu_benchmark(scores, rgb, params, args):
-    """Per-image milliseconds of the GPU path, split into host and device parts."""
-    from caffelite.crf import crf_labels
+def gpu_image(scores, rgb, params, device, splat="atomic", build="device",
+              iterations=None, marks=None):
+    """The labels of one image on ``device`` as ``crf_labels(device=...)`` computes them
+    (scores and image up, features, lattices and tables, mean field, labels down).
+    ``build="host"``: lattices on the host from host features (the previous design).
+    ``marks``: a list that gets (part, seconds) with the device synchronised after
+    each part."""
     from caffelite.crf import device as crf_device
     from caffelite.crf.densecrf import crf_kernels
+    iterations = params.max_iter if iterations is None else iterations
+    last = [time.perf_counter()]
+
+    def mark(part):
+        if marks is not None:
+            device.synchronize()
+            now = time.perf_counter()
+            marks.append((part, now - last[0]))
+            last[0] = now
+
+    with device.activate():
+        mark("start")
+        flat = device.upload(scores, np.float32)
+        image = device.upload(rgb, rgb.dtype) if build == "device" else rgb
+        mark("upload the scores and the image")
+        xp = device.xp if build == "device" else np
+        potts = crf_kernels(image, params, xp)
+        tables = crf_device.LatticeTables(crf_device.build_lattices(potts, device, build),
+                                          device.xp)
+        mark(f"features, lattices, tables ({build})")
+        q = crf_device.mean_field_device_q(flat, potts, iterations, device, splat=splat,
+                                           tables=tables, negated=True)
+        mark(f"normalisation, {iterations} iterations ({splat} splat)")
+        labels = device.download(q.argmax(axis=1))
+        mark("argmax, labels back")
+    return labels.reshape(scores.shape[1:])
+
+
+def _median_parts(fn, repeats):
+    runs = []
+    for _ in range(repeats):
+        marks = []
+        fn(marks)
+        runs.append(marks[1:])
+    return [(part, 1e3 * float(np.median([run[i][1] for run in runs])))
+            for i, (part, _) in enumerate(runs[0])]
+
+
+def _same_tables(device, rgb, params):
+    """Do the device-built fused tables equal the host-built ones (and the transposed
+    splat the gather reads)?"""
+    from caffelite.crf import device as crf_device
+    from caffelite.crf.densecrf import crf_kernels
+    with device.activate():
+        host = crf_device.LatticeTables(crf_device.build_lattices(
+            crf_kernels(rgb, params), device, "host"), device.xp)
+        built = crf_device.LatticeTables(crf_device.build_lattices(
+            crf_kernels(device.upload(rgb, rgb.dtype), params, device.xp), device, "device"),
+            device.xp)
+        pairs = [(host.offsets, built.offsets), (host.weights, built.weights),
+                 (host.neighbours, built.neighbours)]
+        pairs += list(zip(host.splat_transposed(), built.splat_transposed()))
+        return all(a.shape == b.shape and np.array_equal(device.download(a), device.download(b))
+                   for a, b in pairs)
+
+
+def gpu_benchmark(scores, rgb, params, args):
+    """Per-image milliseconds of the GPU path, whole and by parts."""
+    from caffelite.crf import crf_labels
+    from caffelite.crf import device as crf_device
     device = crf_device.resolve(args.gpu)
-    unary = -scores
-
-    def host_part():
-        potts = crf_kernels(rgb, params)
-        return potts, crf_device.LatticeTables([k.lattice for k in potts])
-
-    potts, tables = host_part()
     cpu_labels = crf_labels(scores, rgb, params)
-    print(f"GPU path on {device.name}: {tables.num_points} pixels, {tables.num_vertices} "
-          f"lattice vertices, {tables.slots} slots per pixel")
-    print("| part | median ms (min) |")
+    same = _same_tables(device, rgb, params)
+    print(f"GPU path on {device.name}: {scores.shape[1] * scores.shape[2]} pixels, "
+          f"{scores.shape[0]} labels; device-built tables equal the host-built ones: "
+          f"{'yes' if same else 'NO'}")
+    print("| per image | median ms (min) |")
     print("|---|---|")
-    host_ms = _median_ms(host_part, args.repeats)
-    print(f"| host: features, lattices, tables | {host_ms[0]:.1f} ({host_ms[1]:.1f}) |")
     results = {}
-    for splat in crf_device.SPLATS:
-        def device_part(iterations=params.max_iter, splat=splat):
-            with device.activate():
-                q = crf_device.mean_field_device_q(unary, potts, iterations, device,
-                                                   splat=splat, tables=tables)
-                labels = device.download(q.argmax(axis=1))
-                device.synchronize()
-            return labels
+    for splat, build in (("atomic", "device"), ("gather", "device"), ("atomic", "host")):
+        def whole(splat=splat, build=build):
+            return gpu_image(scores, rgb, params, device, splat, build)
 
-        agree = np.mean(device_part().reshape(cpu_labels.shape) == cpu_labels)  # warm-up
-        total = _median_ms(device_part, args.repeats)
-        one = _median_ms(lambda: device_part(1), args.repeats)
-        per_iteration = (total[0] - one[0]) / max(params.max_iter - 1, 1)
-        verdict = "meets" if total[0] <= GPU_TARGET_MS else "misses"
-        print(f"| device ({splat} splat): uploads, norms, {params.max_iter} iterations, "
-              f"labels back | {total[0]:.1f} ({total[1]:.1f}) |")
-        print(f"| device ({splat} splat): the same with 1 iteration | {one[0]:.1f} "
-              f"({one[1]:.1f}) |")
-        results[splat] = (total[0], per_iteration, agree, verdict)
-    whole = _median_ms(lambda: crf_labels(scores, rgb, params, device=device), args.repeats)
-    print(f"| whole crf_labels(device={args.gpu}) (atomic splat) | {whole[0]:.1f} "
-          f"({whole[1]:.1f}) |")
-    for splat, (total, per_iteration, agree, verdict) in results.items():
-        print(f"{splat} splat: {per_iteration:.2f} ms per iteration, "
-              f"{total - params.max_iter * per_iteration:.1f} ms fixed; device part {total:.1f} ms "
-              f"{verdict} the {GPU_TARGET_MS:g} ms target; labels agree with the CPU path on "
+        agree = np.mean(whole() == cpu_labels)                                  # warm-up
+        results[splat, build] = (_median_ms(whole, args.repeats), agree)
+        ms = results[splat, build][0]
+        print(f"| whole image, {splat} splat, lattices built on the {build} | {ms[0]:.1f} "
+              f"({ms[1]:.1f}) |")
+    api = _median_ms(lambda: crf_labels(scores, rgb, params, device=device), args.repeats)
+    print(f"| crf_labels(device={args.gpu}) (atomic splat, device lattices) | {api[0]:.1f} "
+          f"({api[1]:.1f}) |")
+    full = _median_parts(lambda marks: gpu_image(scores, rgb, params, device, marks=marks),
+                         args.repeats)
+    for part, ms in full:
+        print(f"| part (synchronised): {part} | {ms:.1f} |")
+    one = _median_parts(lambda marks: gpu_image(scores, rgb, params, device, iterations=1,
+                                                marks=marks), args.repeats)
+    per_iteration = (full[2][1] - one[2][1]) / max(params.max_iter - 1, 1)
+    print(f"mean field: {per_iteration:.2f} ms per iteration (atomic splat)")
+    for (splat, build), ((ms, _), agree) in results.items():
+        verdict = "meets" if ms <= GPU_TARGET_MS else "misses"
+        print(f"{splat} splat, lattices on the {build}: {ms:.1f} ms per image {verdict} the "
+              f"{GPU_TARGET_MS:g} ms target; labels agree with the CPU path on "
               f"{100 * agree:.3f} % of pixels")
 
 
@@ -210,9 +275,8 @@ def main(args):
     print("|---|---|")
     for name in engines:
         print(f"| {name} | {np.median(times[name]):.3f} ({min(times[name]):.3f}) |")
-    zero = params.with_(max_iter=0)
-    build = [_timed(run_caffelite, scores, rgb, zero) for _ in range(args.repeats)]
-    print(f"caffelite without iterations (features, lattices, softmax): "
+    build = [_timed(run_caffelite_setup, rgb, params) for _ in range(args.repeats)]
+    print(f"caffelite without iterations (features, lattices, normalisation): "
           f"{np.median(build):.3f} s; per iteration: "
           f"{(np.median(times['caffelite']) - np.median(build)) / args.iterations * 1e3:.1f} ms")
     if "pydensecrf2" in engines:

@@ -187,6 +187,26 @@ def test_bad_lattice_features():
         PermutohedralLattice(np.array([[0, np.nan]], np.float32))
 
 
+def test_features_by_hand_and_potts_kernel_inputs():
+    """Positions are (column, row) / std, pixels row-major; colours follow in the
+    given channel order / rgb_std.  A PottsKernel checks its features when made and
+    builds its CPU lattice when first used (the GPU path builds its own)."""
+    expect = np.array([[0, 0], [0.5, 0], [1, 0], [0, 0.5], [0.5, 0.5], [1, 0.5]], np.float32)
+    np.testing.assert_array_equal(position_features(2, 3, 2.0), expect)
+    image = np.arange(18, dtype=np.uint8).reshape(2, 3, 3)
+    bilateral = bilateral_features(image, 2.0, 4.0)
+    assert bilateral.shape == (6, 5) and bilateral.dtype == np.float32
+    np.testing.assert_array_equal(bilateral[:, :2], expect)
+    np.testing.assert_array_equal(bilateral[:, 2:], np.arange(18).reshape(6, 3) / 4)
+    kernel = PottsKernel(expect, 3)
+    assert kernel.num_points == 6 and kernel.weight == 3.0 and kernel._lattice is None
+    assert kernel.lattice.num_points == 6 and kernel.lattice is kernel.lattice
+    with pytest.raises(ValueError, match="NaN"):
+        PottsKernel(np.array([[0, np.nan]], np.float32), 1)
+    with pytest.raises(ValueError, match="non-empty N x d"):
+        PottsKernel(np.zeros((0, 2), np.float32), 1)
+
+
 # ------------------------------------------------------------------ mean field
 def test_zero_iterations_is_the_softmax_of_the_scores():
     rgb, gt = synthetic_scene(12, 16, 0)

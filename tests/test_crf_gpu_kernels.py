@@ -23,6 +23,7 @@ from caffelite.crf import (PUBLISHED_PARAMS, PairwiseMessages, PermutohedralLatt
                            position_features, softmax_rows, unary_from_scores)
 from caffelite.crf import cli as crf_cli
 from caffelite.crf import device as crf_device_module
+from caffelite.crf import permutohedral
 from caffelite.crf.densecrf import crf_kernels
 from caffelite.crf.device import CrfDevice, DeviceLatticeFilter, LatticeTables
 from caffelite.crf.permutohedral import LatticeFilter
@@ -554,3 +555,181 @@ def test_nvrtc_compiles_the_crf_kernels():
             assert "atom.global.add" in body or "red.global.add" in body, expression
         if not expression.startswith("crf_softmax"):
             assert "fma." not in body and ".approx" not in body, expression
+
+
+# ------------------------------------------------- the lattice built on the device
+@pytest.fixture(params=["numpy", pytest.param("emulated", marks=needs_emulator)])
+def lattice_xp(request):
+    """The array module SortedLattice builds on (test_crf_gpu_device.py: CuPy)."""
+    if request.param == "numpy":
+        return np
+    from caffelite.kernels import emulator
+    return emulator
+
+
+def _host(array):
+    get = getattr(array, "get", None)
+    return np.asarray(get() if get is not None else array)
+
+
+def lattice_feature_sets():
+    """Feature sets covering the build's cases: d = 1, 2, 3, 5; far from the origin;
+    repeated points (many points per simplex, identical points in scattered order);
+    one point; integer positions, whose elevated coordinates land on rounding ties."""
+    rng = np.random.default_rng(11)
+    rgb, _ = synthetic_scene(HEIGHT, WIDTH, 3)
+    repeated = rng.normal(0, 0.6, (40, 3)).astype(np.float32)[rng.integers(0, 40, 300)]
+    return {
+        "d1": rng.normal(0, 4, (150, 1)).astype(np.float32),
+        "positions": position_features(HEIGHT, WIDTH, 1.7),
+        "integer_positions": position_features(HEIGHT, WIDTH, 1.0),
+        "random_3d": rng.normal(0, 2.0, (HEIGHT * WIDTH, 3)).astype(np.float32),
+        "far_3d": (rng.normal(0, 30, (200, 3)) - 4000).astype(np.float32),
+        "repeated_3d": repeated,
+        "bilateral": bilateral_features(rgb, 4.0, 12.0),
+        "one_point": np.array([[0.3, -1.2, 7.0, 2.5, 0.0]], np.float32),
+    }
+
+
+def assert_same_lattice(built, host, what):
+    """Every table equal, element for element: the vertex numbering (first touch) is
+    canonical, so no reordering is needed."""
+    assert (built.num_points, built.dim, built.num_vertices) == (
+        host.num_points, host.dim, host.num_vertices), what
+    assert built.alpha == host.alpha, what
+    for name in ("offsets", "weights", "neighbours"):
+        mine, theirs = _host(getattr(built, name)), getattr(host, name)
+        assert mine.dtype == theirs.dtype and mine.shape == theirs.shape, (what, name)
+        np.testing.assert_array_equal(mine, theirs, err_msg=f"{what}: {name}")
+
+
+@pytest.mark.parametrize("case", sorted(lattice_feature_sets()))
+def test_sorted_lattice_equals_the_cpu_lattice(lattice_xp, case):
+    """SortedLattice (array ops on numpy, the emulator or CuPy) against the CPU's
+    PermutohedralLattice: offsets, barycentric weights (float32 bits) and neighbour
+    tables equal, element for element; also from features already on the device."""
+    features = lattice_feature_sets()[case]
+    host = PermutohedralLattice(features)
+    built = permutohedral.SortedLattice(features, lattice_xp)
+    assert not built.host_fallback
+    assert isinstance(built.offsets, lattice_xp.ndarray)
+    assert_same_lattice(built, host, case)
+    on_device = permutohedral.SortedLattice(lattice_xp.asarray(features), lattice_xp)
+    assert_same_lattice(on_device, host, case + " (device features)")
+
+
+def test_sorted_lattice_numbering_is_first_touch_and_neighbours_are_keys(lattice_xp):
+    """The properties the equality rests on, from the vertex keys themselves (explicit
+    integer coordinates, not the packing): vertices are numbered in order of first
+    touch (point-major, vertex r of point i at i (d+1) + r); a + neighbour along j has
+    the key ``key + (d+1) e_j - 1``, the - neighbour the reverse, and every present
+    key has its neighbour listed."""
+    features = lattice_feature_sets()["random_3d"]
+    d = features.shape[1]
+    built = permutohedral.SortedLattice(features, lattice_xp)
+    offsets, neighbours = _host(built.offsets), _host(built.neighbours)
+    elevated = permutohedral.elevate(features)
+    rem0, rank = permutohedral.enclosing_simplex(elevated)
+    r = np.arange(d + 1)[:, None, None]
+    keys = rem0[:d].T[None] + np.where(rank[:d].T[None] <= d - r, r, r - (d + 1))
+    keys = np.concatenate([keys, -keys.sum(axis=2, keepdims=True)], axis=2).astype(np.int64)
+    vertex_key = np.empty((built.num_vertices, d + 1), np.int64)
+    vertex_key[offsets.ravel()] = keys.reshape(-1, d + 1)
+    touch = offsets.T.ravel()                                   # point-major order
+    first = np.full(built.num_vertices, len(touch))
+    np.minimum.at(first, touch, np.arange(len(touch)))
+    assert np.all(np.diff(first) > 0)                           # numbered by first touch
+    lookup = {tuple(k): v for v, k in enumerate(vertex_key)}
+    assert len(lookup) == built.num_vertices                    # distinct keys
+    for j in range(d + 1):
+        step = np.full(d + 1, -1)
+        step[j] = d
+        for v, key in enumerate(vertex_key):
+            assert neighbours[j, 0, v] == lookup.get(tuple(key + step), -1)
+            assert neighbours[j, 1, v] == lookup.get(tuple(key - step), -1)
+
+
+def test_sorted_lattice_falls_back_to_the_host_build_when_keys_overflow(lattice_xp,
+                                                                       monkeypatch):
+    """Keys too wide for the int64 packing: the CPU build (unpacked keys) runs on the
+    downloaded features and its tables are uploaded, equal to the CPU lattice's."""
+    features = lattice_feature_sets()["bilateral"]
+    monkeypatch.setattr(permutohedral, "_PACK_LIMIT", 1)
+    built = permutohedral.SortedLattice(features, lattice_xp)
+    assert built.host_fallback
+    assert isinstance(built.offsets, lattice_xp.ndarray)
+    assert_same_lattice(built, PermutohedralLattice(features), "fallback")
+
+
+def test_sorted_lattice_bad_features(lattice_xp):
+    with pytest.raises(ValueError, match="non-empty N x d"):
+        permutohedral.SortedLattice(np.zeros((0, 2), np.float32), lattice_xp)
+    with pytest.raises(ValueError, match="NaN or infinity"):
+        permutohedral.SortedLattice(np.array([[0, np.inf]], np.float32), lattice_xp)
+    with pytest.raises(ValueError, match="NaN or infinity"):
+        PottsKernel(lattice_xp.asarray(np.array([[np.nan, 0]], np.float32)), 1.0, lattice_xp)
+
+
+def test_device_built_tables_equal_the_host_built_tables(lattice_xp):
+    """LatticeTables fused from device-built lattices: the same offsets, weights,
+    neighbours and transposed splat (a stable sort on the device) as from the CPU
+    lattices, and those are the CPU LatticeFilter's sparse operators."""
+    feature_sets = lattice_feature_sets()
+    features = [feature_sets[k] for k in ("positions", "random_3d", "bilateral")]
+    host_lattices = [PermutohedralLattice(f) for f in features]
+    host = LatticeTables(host_lattices)
+    built = LatticeTables([permutohedral.SortedLattice(f, lattice_xp) for f in features],
+                          lattice_xp)
+    for name in ("offsets", "weights", "neighbours"):
+        np.testing.assert_array_equal(_host(getattr(built, name)), getattr(host, name))
+    for mine, theirs in zip(built.splat_transposed(), host.splat_transposed()):
+        assert isinstance(mine, lattice_xp.ndarray)
+        np.testing.assert_array_equal(_host(mine), _host(theirs))
+    np.testing.assert_array_equal(built.slot_start, host.slot_start)
+    np.testing.assert_array_equal(built.alphas, host.alphas)
+    rows = LatticeFilter(host_lattices).splat.tocsr()
+    rows.sort_indices()
+    start, points, weights = (_host(a) for a in built.splat_transposed())
+    np.testing.assert_array_equal(start, rows.indptr)
+    np.testing.assert_array_equal(points, rows.indices)
+    np.testing.assert_array_equal(weights, rows.data)
+
+
+def test_features_on_the_device_equal_the_host_features(lattice_xp):
+    """position_features / bilateral_features computed on the device: the host's bits
+    (and the hand-computed positions of a 2 x 3 image)."""
+    np.testing.assert_array_equal(
+        _host(position_features(2, 3, 2.0, lattice_xp)),
+        np.array([[0, 0], [0.5, 0], [1, 0], [0, 0.5], [0.5, 0.5], [1, 0.5]], np.float32))
+    rgb, _ = synthetic_scene(HEIGHT, WIDTH, 5)
+    for xy, colour in ((3.0, 13.0), (49.0, 5.0), (0.7, 0.3)):
+        host = bilateral_features(rgb, xy, colour)
+        device = bilateral_features(lattice_xp.asarray(rgb), xy, colour, lattice_xp)
+        assert device.dtype == np.float32
+        np.testing.assert_array_equal(_host(device), host)
+        np.testing.assert_array_equal(_host(position_features(HEIGHT, WIDTH, xy, lattice_xp)),
+                                      position_features(HEIGHT, WIDTH, xy))
+
+
+def test_device_built_lattices_give_the_host_built_mean_field(crf_device):
+    """The whole CRF with the lattices built on the device against the same CRF with
+    the CPU-built lattices uploaded: Q bit-for-bit with the deterministic gather
+    splat (the tables are equal); and crf_labels(device=...) from scores (negated on
+    the device) and from probabilities against the CPU's labels (>= 99.9 %)."""
+    rgb = photos((80, 60))[0]
+    scores = photo_scores(rgb, 21, 3)
+    params = PUBLISHED_PARAMS["deeplab-largefov"]
+    potts = crf_kernels(rgb, params)
+    q = {build: crf_device_module.mean_field_on_device(-scores, potts, params.max_iter,
+                                                       crf_device, splat="gather",
+                                                       build=build)
+         for build in crf_device_module.BUILDS}
+    np.testing.assert_array_equal(q["device"], q["host"])
+    cpu = dense_crf(-scores, rgb, params)
+    assert np.abs(q["device"] - cpu).max() < 2e-5
+    prob = np.exp(scores) / np.exp(scores).sum(axis=0)
+    for given, unary in ((scores, "score"), (prob, "prob")):
+        labels = crf_labels(given, rgb, params, unary=unary, device=crf_device)
+        assert np.mean(labels == cpu.argmax(0)) >= 0.999, unary
+    with pytest.raises(ValueError, match="build must be one of device, host"):
+        crf_device_module.mean_field_on_device(-scores, potts, 1, crf_device, build="gpu")

@@ -12,9 +12,10 @@ where the data layer put the image), runs the dense CRF with unary = -score and 
 image's RGB colours, and writes ``<out>/<id>.png`` (class indices, VOC palette) and,
 with ``--bin``, the refine program's ``<out>/<id>.bin``.
 
-``--gpu N`` runs the mean-field iterations on GPU N with caffelite's CUDA kernels (the
-lattices are still built on the CPU, so ``--jobs K`` processes can share one GPU);
-``CAFFELITE_GPU_EMULATOR=1`` runs that path on the CPU instead (slow, for tests).
+``--gpu N`` runs each image's CRF on GPU N (features, lattices, mean field with
+caffelite's CUDA kernels; the host reads the files and writes the labels, so
+``--jobs K`` processes can keep one GPU busy); ``CAFFELITE_GPU_EMULATOR=1`` runs that
+path on the CPU instead (slow, for tests).
 """
 import os
 import time
@@ -222,7 +223,7 @@ def run(args):
     where = "the CPU"
     if device_id is not None:
         from .device import resolve
-        where = f"{resolve(device_id).name} (lattices on the CPU)"   # fails early, clearly
+        where = resolve(device_id).name                 # fails early, clearly
     params = params_from_args(args)
     os.makedirs(args.out, exist_ok=True)
     tasks = crf_tasks(args.features, args.images, args.list, args.out, params,

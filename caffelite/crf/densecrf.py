@@ -56,7 +56,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from .permutohedral import LatticeFilter, PermutohedralLattice, _add_product
+from .permutohedral import (LatticeFilter, PermutohedralLattice, _add_product, _host,
+                            check_features)
 
 _F32 = np.float32
 
@@ -98,23 +99,27 @@ PUBLISHED_PARAMS = {
 
 
 # ------------------------------------------------------------------- features / unary
-def position_features(height, width, xy_std):
-    """(H*W) x 2 float32 features (column / std, row / std), pixels row-major."""
+def position_features(height, width, xy_std, xp=np):
+    """(H*W) x 2 float32 features (column / std, row / std), pixels row-major, on
+    array module ``xp``."""
     std = _F32(xy_std)
-    rows, cols = np.mgrid[:height, :width].astype(_F32)
-    return np.stack([cols.ravel() / std, rows.ravel() / std], axis=1)
+    out = xp.empty((height, width, 2), _F32)
+    out[:, :, 0] = xp.arange(width, dtype=_F32)[None, :] / std
+    out[:, :, 1] = xp.arange(height, dtype=_F32)[:, None] / std
+    return out.reshape(height * width, 2)
 
 
-def bilateral_features(image, xy_std, rgb_std):
+def bilateral_features(image, xy_std, rgb_std, xp=np):
     """(H*W) x 5 float32 features (column, row, c0, c1, c2) with positions divided by
-    ``xy_std`` and the image's three channels, in the order given, by ``rgb_std``."""
-    image = np.asarray(image)
+    ``xy_std`` and the image's three channels, in the order given, by ``rgb_std``; on
+    array module ``xp`` (a host image is uploaded as it is)."""
+    image = xp.asarray(image)
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"the bilateral kernel needs an H x W x 3 colour image, "
                          f"got shape {image.shape}")
     height, width = image.shape[:2]
     colour = image.reshape(-1, 3).astype(_F32) / _F32(rgb_std)
-    return np.concatenate([position_features(height, width, xy_std), colour], axis=1)
+    return xp.concatenate([position_features(height, width, xy_std, xp), colour], axis=1)
 
 
 def unary_from_scores(scores):
@@ -130,11 +135,25 @@ def unary_from_probabilities(prob):
 
 # ---------------------------------------------------------------------- inference
 class PottsKernel:
-    """One Gaussian kernel with Potts compatibility: its weight and its lattice."""
+    """One Gaussian kernel with Potts compatibility: its weight, its N x d float32
+    ``features`` (on array module ``xp``: the GPU path builds its lattice from them on
+    the device) and ``lattice``, the CPU's ``PermutohedralLattice``, built when first
+    used."""
 
-    def __init__(self, features, weight):
+    def __init__(self, features, weight, xp=np):
         self.weight = float(weight)
-        self.lattice = PermutohedralLattice(features)
+        self.features = check_features(xp.asarray(features, _F32), xp)
+        self._lattice = None
+
+    @property
+    def num_points(self):
+        return self.features.shape[0]
+
+    @property
+    def lattice(self):
+        if self._lattice is None:
+            self._lattice = PermutohedralLattice(_host(self.features))
+        return self._lattice
 
 
 class PairwiseMessages:
@@ -204,8 +223,8 @@ def mean_field(unary, kernels, max_iter, exp_cutoff=None, device=None):
     if not np.isfinite(shift).all():
         raise ValueError("the CRF unary contains NaN or infinity")
     for kernel in kernels:
-        if kernel.lattice.num_points != base.shape[0]:
-            raise ValueError(f"a CRF kernel has features for {kernel.lattice.num_points} "
+        if kernel.num_points != base.shape[0]:
+            raise ValueError(f"a CRF kernel has features for {kernel.num_points} "
                              f"pixels but the unary has {base.shape[0]}")
     shift_each_step = (exp_cutoff is not None
                        or sum(abs(k.weight) for k in kernels) > _SAFE_WEIGHT_SUM)
@@ -235,13 +254,14 @@ def _check_image(unary, image):
     return image
 
 
-def crf_kernels(image, params):
+def crf_kernels(image, params, xp=np):
     """The refine program's two kernels: positional first, then bilateral on ``image``
-    (H x W x 3, channels in the order the features should use)."""
+    (H x W x 3, channels in the order the features should use); features on ``xp``."""
     height, width = image.shape[:2]
-    return [PottsKernel(position_features(height, width, params.pos_xy_std), params.pos_w),
-            PottsKernel(bilateral_features(image, params.bi_xy_std, params.bi_rgb_std),
-                        params.bi_w)]
+    return [PottsKernel(position_features(height, width, params.pos_xy_std, xp),
+                        params.pos_w, xp),
+            PottsKernel(bilateral_features(image, params.bi_xy_std, params.bi_rgb_std, xp),
+                        params.bi_w, xp)]
 
 
 def dense_crf(unary, image, params=None, device=None, **overrides):
@@ -250,29 +270,38 @@ def dense_crf(unary, image, params=None, device=None, **overrides):
     ``unary``: M x H x W energies (``unary_from_scores(logits)``); ``image``: H x W x 3
     (RGB uint8 for the standalone program's behaviour); ``params``: ``CRFParams``
     (defaults of ``prog_refine_pascal_v4``), fields overridable by keyword;
-    ``device``: None (CPU), a GPU id or a ``device.CrfDevice`` (lattices built on the
-    host, mean field on the device).
+    ``device``: None (CPU), a GPU id or a ``device.CrfDevice`` (features, lattices and
+    mean field on the device).
     """
     params = (params or CRFParams()).with_(**overrides)
     unary = np.asarray(unary, _F32)
     image = _check_image(unary, image)
-    return mean_field(unary, crf_kernels(image, params), params.max_iter, device=device)
+    if device is None:
+        return mean_field(unary, crf_kernels(image, params), params.max_iter)
+    from .device import image_kernels, mean_field_on_device, resolve
+    device = resolve(device)
+    return mean_field_on_device(unary, image_kernels(image, params, device),
+                                params.max_iter, device)
 
 
 def crf_labels(scores, image, params=None, unary="score", device=None, **overrides):
     """Per-pixel labels (H x W, int64; first maximum of Q) for M x H x W ``scores``:
     logits (``unary="score"``, the refine program's input) or probabilities
-    (``unary="prob"``); ``device`` as in ``dense_crf`` (there the argmax is taken on
-    the device and only the labels come back)."""
-    if unary == "score":
-        energies = unary_from_scores(scores)
-    elif unary == "prob":
-        energies = unary_from_probabilities(scores)
-    else:
+    (``unary="prob"``); ``device`` as in ``dense_crf`` (there the scores and the image
+    are uploaded, everything else runs on the device and only the labels come back)."""
+    if unary not in ("score", "prob"):
         raise ValueError(f"unary must be 'score' or 'prob', got '{unary}'")
     if device is None:
+        energies = (unary_from_scores(scores) if unary == "score"
+                    else unary_from_probabilities(scores))
         return dense_crf(energies, image, params, **overrides).argmax(axis=0)
-    from .device import labels_on_device
+    from .device import image_kernels, labels_on_device, resolve
     params = (params or CRFParams()).with_(**overrides)
-    image = _check_image(energies, image)
-    return labels_on_device(energies, crf_kernels(image, params), params.max_iter, device)
+    device = resolve(device)
+    if unary == "score":                    # -U = the scores: negated on the device
+        given, negated = np.asarray(scores, _F32), True
+    else:
+        given, negated = unary_from_probabilities(scores), False
+    image = _check_image(given, image)
+    return labels_on_device(given, image_kernels(image, params, device), params.max_iter,
+                            device, negated=negated)

@@ -1,15 +1,25 @@
 """Dense-CRF mean field on a GPU with caffelite's own kernels
-(``caffelite/kernels/permutohedral.cu``).
+(``caffelite/kernels/permutohedral.cu``), the lattices built on the device too.
 
-The lattices are built on the host, once per image, by ``PermutohedralLattice`` (the
-CPU path's code); ``LatticeTables`` packs the fused lattices into the flat index and
-weight tables the kernels read, and everything after the upload runs on the device:
+Per image everything after the upload of the scores (or energies) and of the image
+runs on the device:
 
+* the features (``crf_kernels(image, params, xp)``) and, per kernel, its lattice:
+  ``permutohedral.SortedLattice`` on the device's array module (elevation, simplex,
+  barycentric weights and packed int64 vertex keys per point; one stable sort of all
+  the vertex keys numbering the vertices by first touch; ``searchsorted`` for the
+  blur neighbours), tables equal to the CPU's ``PermutohedralLattice``'s;
+* ``LatticeTables`` fuses the lattices into the flat index and weight tables the
+  kernels read (and, for the gather splat, the transposed splat, by a stable sort);
 * the per-pixel normalisation of NORMALIZE_AFTER (filter a field of ones, then
   ``lattice_slice_weights`` folds ``alpha_k * norm_k * w_k`` into the slice weights);
 * ``max_iter`` mean-field steps, each ``lattice_splat`` (atomicAdd scatter) or
   ``lattice_splat_gather`` (the deterministic gather), ``d + 1`` ``lattice_blur``
-  passes, ``lattice_slice`` onto ``-U`` and ``crf_softmax``.
+  passes, ``lattice_slice`` onto ``-U`` and ``crf_softmax``;
+* the argmax, so only the labels come back (``labels_on_device``).
+
+``build="host"`` builds the lattices with the CPU path's ``PermutohedralLattice``
+instead and uploads their tables (the previous design; for comparisons).
 
 The code is written against an array module ``xp`` and a kernel launcher with the
 signature of ``caffelite.kernels.launch``, held together by a ``CrfDevice``: CuPy and
@@ -26,9 +36,11 @@ import numpy as np
 
 from .. import kernels
 from .densecrf import _SAFE_WEIGHT_SUM
+from .permutohedral import SortedLattice
 
 MODULE = "permutohedral"
 SPLATS = ("atomic", "gather")
+BUILDS = ("device", "host")
 _INT_LIMIT = 2 ** 31            # the kernels index with int
 _F32 = np.float32
 EMULATOR_VARIABLE = "CAFFELITE_GPU_EMULATOR"
@@ -58,7 +70,8 @@ class CrfDevice:
         return cuda.Device(self.device_id)
 
     def upload(self, array, dtype):
-        return self.xp.asarray(np.ascontiguousarray(array, dtype))
+        """A C-contiguous ``dtype`` array on the device (no copy if it already is one)."""
+        return self.xp.ascontiguousarray(self.xp.asarray(array, dtype=dtype))
 
     def download(self, array):
         asnumpy = getattr(self.xp, "asnumpy", None)
@@ -125,53 +138,66 @@ def resolve(device):
     raise TypeError(f"CRF device must be None (CPU), a GPU id or a CrfDevice, got {device!r}")
 
 
-# ---------------------------------------------------------------- host tables
-class LatticeTables:
-    """The fused lattices' tables, on the host (numpy), in the layouts of
-    ``permutohedral.cu``: ``offsets`` / ``weights`` N x P (slots of lattice k at
-    ``slot_start[k]:slot_start[k+1]``, vertices of lattice k numbered after those of
-    the lattices before it), ``neighbours`` J x 2 x L, ``alphas`` per lattice, and the
-    transposed splat for the gather (``splat_transposed()``)."""
+# --------------------------------------------------------------------- tables
+def build_lattices(potts, device, build="device"):
+    """The lattices of ``PottsKernel``s for ``device``: ``SortedLattice`` built from
+    each kernel's features on the device (``build="device"``), or each kernel's CPU
+    ``PermutohedralLattice`` (``"host"``, uploaded later by ``LatticeTables``)."""
+    if build not in BUILDS:
+        raise ValueError(f"build must be one of {', '.join(BUILDS)}, got '{build}'")
+    if build == "host":
+        return [k.lattice for k in potts]
+    return [SortedLattice(k.features, device.xp) for k in potts]
 
-    def __init__(self, lattices):
+
+class LatticeTables:
+    """The fused lattices' tables on array module ``xp`` (lattices on the host are
+    uploaded), in the layouts of ``permutohedral.cu``: ``offsets`` / ``weights`` N x P
+    (slots of lattice k at ``slot_start[k]:slot_start[k+1]``, vertices of lattice k
+    numbered after those of the lattices before it), ``neighbours`` J x 2 x L; on the
+    host: ``slot_start``, ``alphas`` per lattice; and the transposed splat for the
+    gather (``splat_transposed()``)."""
+
+    def __init__(self, lattices, xp=np):
         n = lattices[0].num_points
         if any(lat.num_points != n for lat in lattices):
             raise ValueError("fused lattices must be built over the same points")
         bases = np.cumsum([0] + [lat.num_vertices for lat in lattices])
+        self.xp = xp
         self.num_points, self.num_vertices = n, int(bases[-1])
-        self.offsets = np.concatenate([lat.offsets.T + np.int32(base)
-                                       for lat, base in zip(lattices, bases)], axis=1)
-        self.offsets = np.ascontiguousarray(self.offsets, np.int32)
-        self.weights = np.ascontiguousarray(
-            np.concatenate([lat.weights.T for lat in lattices], axis=1), _F32)
-        self.slots = self.offsets.shape[1]
+        self.slots = sum(lat.dim + 1 for lat in lattices)
         self.slot_start = np.cumsum([0] + [lat.dim + 1 for lat in lattices]).astype(np.int32)
         self.alphas = np.array([lat.alpha for lat in lattices], _F32)
         self.directions = max(lat.dim for lat in lattices) + 1
-        self.neighbours = np.full((self.directions, 2, self.num_vertices), -1, np.int32)
-        for lat, base in zip(lattices, bases):
-            block = lat.neighbours
-            self.neighbours[:lat.dim + 1, :, base:base + lat.num_vertices] = np.where(
-                block >= 0, block + np.int32(base), np.int32(-1))
         for what, count in (("points x slots", n * self.slots),
                             ("directions x 2 x vertices", 2 * self.directions
                              * self.num_vertices)):
             if count >= _INT_LIMIT:
                 raise ValueError(f"the CRF lattice is too large for the GPU kernels' int "
                                  f"indices ({what} = {count})")
+        self.offsets = xp.ascontiguousarray(xp.concatenate(
+            [xp.asarray(lat.offsets).T + np.int32(base)
+             for lat, base in zip(lattices, bases)], axis=1), dtype=np.int32)
+        self.weights = xp.ascontiguousarray(xp.concatenate(
+            [xp.asarray(lat.weights).T for lat in lattices], axis=1), dtype=_F32)
+        self.neighbours = xp.full((self.directions, 2, self.num_vertices), -1, np.int32)
+        for lat, base in zip(lattices, bases):
+            block = xp.asarray(lat.neighbours)
+            self.neighbours[:lat.dim + 1, :, base:base + lat.num_vertices] = xp.where(
+                block >= 0, block + np.int32(base), np.int32(-1))
         self._transposed = None
 
     def splat_transposed(self):
         """(start (L+1), points, weights): per vertex its splat entries, points ascending
-        (the CPU splat's summation order)."""
+        (the CPU splat's summation order): a stable sort of the point-major offsets."""
         if self._transposed is None:
-            from scipy import sparse
-            n, p = self.num_points, self.slots
-            rows = sparse.csr_matrix(
-                (self.weights.ravel(), self.offsets.ravel(), np.arange(0, n * p + 1, p)),
-                shape=(n, self.num_vertices)).tocsc()
-            self._transposed = (rows.indptr.astype(np.int32), rows.indices.astype(np.int32),
-                                rows.data.astype(_F32))
+            xp = self.xp
+            flat = self.offsets.ravel()
+            order = xp.argsort(flat, kind="stable")
+            vertices = xp.arange(self.num_vertices + 1, dtype=np.int32)
+            start = xp.searchsorted(flat[order], vertices).astype(np.int32)
+            points = (order // self.slots).astype(np.int32)
+            self._transposed = (start, points, self.weights.ravel()[order])
         return self._transposed
 
 
@@ -257,8 +283,9 @@ class DeviceLatticeFilter:
         t, xp = self.tables, self.device.xp
         scales = np.repeat(np.ones(len(t.alphas), _F32) if kernel_weights is None
                            else np.asarray(kernel_weights, _F32), np.diff(t.slot_start))
-        scaled = t.weights * t.alphas.repeat(np.diff(t.slot_start))[None, :]
-        scaled *= scales[None, :]
+        scaled = self.device.upload(t.weights, _F32) * xp.asarray(
+            t.alphas.repeat(np.diff(t.slot_start)))[None, :]
+        scaled *= xp.asarray(scales)[None, :]
         slice_weights = self.device.upload(scaled, self.dtype)
         vertex = self.blurred(values)
         out = xp.zeros((t.num_points, values.shape[1]), self.dtype)
@@ -276,38 +303,44 @@ def device_softmax(device, x, shift, exp_cutoff=None):
     return x
 
 
-def _device_energies(device, unary, dtype):
-    """``-U - max(-U)`` as N x M device values (M x ... host unary), and its shape."""
-    unary = np.asarray(unary)
-    labels = unary.shape[0]
-    flat = device.upload(unary.reshape(labels, -1), dtype)                # M x N
-    shift = flat.min(axis=0)
+def _device_energies(device, unary, dtype, negated=False):
+    """``-U - max(-U)`` as N x M device values from M x ... energies ``unary`` (host
+    or device), or, with ``negated``, from ``-U`` (the scores; the sign is folded into
+    the subtraction, which is exact)."""
+    flat = device.upload(unary, dtype)
+    flat = flat.reshape(flat.shape[0], -1)                                # M x N
+    shift = flat.max(axis=0) if negated else flat.min(axis=0)           # -max(-U) = min U
     if not bool(device.xp.isfinite(shift).all()):
         raise ValueError("the CRF unary contains NaN or infinity")
     base = device.xp.ascontiguousarray(flat.T)
-    device.xp.subtract(shift[:, None], base, out=base)
+    if negated:
+        device.xp.subtract(base, shift[:, None], out=base)   # s - max s = (-max s) - (-s)
+    else:
+        device.xp.subtract(shift[:, None], base, out=base)
     return base
 
 
 def mean_field_device_q(unary, potts, max_iter, device, exp_cutoff=None, dtype=_F32,
-                        splat="atomic", tables=None):
+                        splat="atomic", tables=None, build="device", negated=False):
     """Q after ``max_iter`` mean-field steps as an N x M device array (``unary``:
-    M x ... host energies; ``potts``: ``PottsKernel``s over the N pixels; ``tables``:
-    their ``LatticeTables`` if already built); the device counterpart of
+    M x ... energies, host or device, or the scores ``-U`` with ``negated``; ``potts``:
+    ``PottsKernel``s over the N pixels; ``tables``: their ``LatticeTables`` if already
+    built, else built as ``build`` says); the device counterpart of
     ``densecrf.mean_field``."""
     dtype = np.dtype(dtype)
     device = resolve(device)
     with device.activate():
-        base = _device_energies(device, unary, dtype)
+        base = _device_energies(device, unary, dtype, negated)
         for kernel in potts:
-            if kernel.lattice.num_points != base.shape[0]:
-                raise ValueError(f"a CRF kernel has features for {kernel.lattice.num_points}"
+            if kernel.num_points != base.shape[0]:
+                raise ValueError(f"a CRF kernel has features for {kernel.num_points}"
                                  f" pixels but the unary has {base.shape[0]}")
         shift_each_step = (exp_cutoff is not None
                            or sum(abs(k.weight) for k in potts) > _SAFE_WEIGHT_SUM)
         q = device_softmax(device, base.copy(), exp_cutoff is not None, exp_cutoff)
         if potts and max_iter > 0:
-            tables = tables or LatticeTables([k.lattice for k in potts])
+            if tables is None:
+                tables = LatticeTables(build_lattices(potts, device, build), device.xp)
             lattice = DeviceLatticeFilter(device, tables, dtype, splat)
             slice_weights = lattice.slice_weights([k.weight for k in potts])
             for _ in range(int(max_iter)):
@@ -330,10 +363,19 @@ def mean_field_on_device(unary, potts, max_iter, device, exp_cutoff=None, **opti
 
 def labels_on_device(unary, potts, max_iter, device, exp_cutoff=None, **options):
     """The argmax of Q (first maximum), computed on the device, in the unary's pixel
-    shape (int64 on the host): only the labels come back."""
+    shape (int64 on the host): only the labels come back. ``negated=True`` takes the
+    scores ``-U`` instead of ``unary``."""
     unary = np.asarray(unary, _F32)
     device = resolve(device)
     q = mean_field_device_q(unary, potts, max_iter, device, exp_cutoff, **options)
     with device.activate():
         labels = device.download(q.argmax(axis=1))
     return labels.astype(np.int64, copy=False).reshape(unary.shape[1:])
+
+
+def image_kernels(image, params, device):
+    """``crf_kernels`` with the features computed on ``device`` from the image
+    (uploaded as it is: H x W x 3)."""
+    from .densecrf import crf_kernels
+    with device.activate():
+        return crf_kernels(image, params, device.xp)

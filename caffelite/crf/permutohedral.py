@@ -28,9 +28,13 @@ splat and slice gathers local.
 
 The construction is split into array functions (``elevate``, ``enclosing_simplex``,
 ``barycentric_weights``, ``vertex_keys``, ``simplex_groups``, ``index_vertices``,
-``plus_neighbours``, ``first_touch_numbering``) that a GPU implementation can mirror one
-by one (a hash table in place of the sorts); ``PermutohedralLattice`` assembles them,
-and ``LatticeFilter`` holds the CPU operators (SciPy's sparse kernels, float32).
+``plus_neighbours``, ``first_touch_numbering``); ``PermutohedralLattice`` assembles them
+on the CPU, and ``LatticeFilter`` holds the CPU operators (SciPy's sparse kernels,
+float32).  The per-point steps and the neighbour search take an array module ``xp``
+(numpy, CuPy, caffelite's GPU emulator); ``SortedLattice`` assembles them with array
+operations only (one stable sort of all the points' vertex keys, scans, searchsorted),
+which is how the GPU path builds the lattice on the device; its tables are
+element-for-element those of ``PermutohedralLattice``.
 """
 import numpy as np
 
@@ -39,16 +43,16 @@ _F32 = np.float32
 _PACK_LIMIT = 2 ** 62
 
 
-def elevate(features):
+def elevate(features, xp=np):
     """(d+1) x N elevated coordinates of N x d float32 features, on the hyperplane
     sum = 0, in the reference's float32 operation order (Adams et al. 2010, p. 5)."""
-    f = np.ascontiguousarray(np.asarray(features, _F32).T)          # d x N
+    f = xp.ascontiguousarray(xp.asarray(features, _F32).T)          # d x N
     d, n = f.shape
     inv_std_dev = _F32(np.sqrt(2.0 / 3.0) * (d + 1))
     scale = np.array([1.0 / np.sqrt((i + 2) * (i + 1)) * float(inv_std_dev)
                       for i in range(d)], _F32)
-    elevated = np.empty((d + 1, n), _F32)
-    running = np.zeros(n, _F32)
+    elevated = xp.empty((d + 1, n), _F32)
+    running = xp.zeros(n, _F32)
     for j in range(d, 0, -1):
         cf = f[j - 1] * scale[j - 1]
         elevated[j] = running - _F32(j) * cf
@@ -57,17 +61,17 @@ def elevate(features):
     return elevated
 
 
-def enclosing_simplex(elevated):
+def enclosing_simplex(elevated, xp=np):
     """The simplex holding each point: ``rem0`` ((d+1) x N float32), the nearest
     remainder-0 lattice point (coordinates multiples of d+1), and ``rank`` ((d+1) x N
     int16), each coordinate's position in the sorted order of ``elevated - rem0``."""
     d = elevated.shape[0] - 1
     down, up = _F32(1.0) / _F32(d + 1), _F32(d + 1)
-    v = np.rint(elevated * down)                  # round half to even, as SSE does
+    v = xp.rint(elevated * down)                  # round half to even, as SSE does
     rem0 = v * up
     excess = v.sum(axis=0).astype(np.int16)       # integers: summation order is moot
     diff = elevated - rem0
-    rank = np.zeros((d + 1, elevated.shape[1]), np.int16)
+    rank = xp.zeros((d + 1, elevated.shape[1]), np.int16)
     for i in range(d):
         for j in range(i + 1, d + 1):
             smaller = diff[i] < diff[j]
@@ -80,8 +84,9 @@ def enclosing_simplex(elevated):
     return rem0, rank
 
 
-def barycentric_weights(elevated, rem0, rank):
-    """(d+1) x N float32 weights of the simplex vertices (vertex r = remainder r)."""
+def barycentric_weights(elevated, rem0, rank, xp=np):
+    """(d+1) x N float32 weights of the simplex vertices (vertex r = remainder r), and
+    ``owner`` ((d+1) x N int8): the coordinate whose delta lands at each slot."""
     d = elevated.shape[0] - 1
     n = elevated.shape[1]
     down = _F32(1.0) / _F32(d + 1)
@@ -90,26 +95,34 @@ def barycentric_weights(elevated, rem0, rank):
     # the slots are a permutation, so scatter each delta to its slot (``owner`` keeps
     # which coordinate landed where).
     itype = np.int32 if (d + 1) * n < 2 ** 31 else np.int64
-    flat = ((d - rank).astype(itype) * itype(n) + np.arange(n, dtype=itype)).ravel()
-    landing = np.empty((d + 1) * n, _F32)
+    flat = ((d - rank).astype(itype) * itype(n) + xp.arange(n, dtype=itype)).ravel()
+    landing = xp.empty((d + 1) * n, _F32)
     landing[flat] = delta.ravel()
     landing = landing.reshape(d + 1, n)
-    owner = np.empty((d + 1) * n, np.int8)
-    owner[flat] = np.repeat(np.arange(d + 1, dtype=np.int8), n)
+    owner = xp.empty((d + 1) * n, np.int8)
+    owner[flat] = xp.repeat(xp.arange(d + 1, dtype=np.int8), n)
     owner = owner.reshape(d + 1, n)
-    bary = np.zeros((d + 2, n), _F32)
+    bary = xp.zeros((d + 2, n), _F32)
     bary[:d + 1] += landing
     bary[1:] -= landing
     bary[0] += _F32(1.0) + bary[d + 1]
     return bary[:d + 1], owner
 
 
-def _packing(rem0, d):
+def _host(array):
+    """A small device array's values on the host (numpy arrays pass through)."""
+    asnumpy = getattr(array, "get", None)
+    return np.asarray(asnumpy() if asnumpy is not None else array)
+
+
+def _packing(rem0, d, xp=np):
     """Per-coordinate offsets and strides packing the first d key coordinates into
-    one int64 (room for the +-(d+1) neighbour steps); None if it would overflow."""
+    one int64 (room for the +-(d+1) neighbour steps); None if it would overflow.
+    ``key0`` is on ``xp``, ``low`` and ``stride`` on the host."""
     key0 = rem0[:d].astype(np.int64)
-    low = key0.min(axis=1) - 2 * (d + 1)
-    width = key0.max(axis=1) + 2 * (d + 1) - low + 1
+    bounds = _host(xp.stack([key0.min(axis=1), key0.max(axis=1)]))
+    low = bounds[0] - 2 * (d + 1)
+    width = bounds[1] + 2 * (d + 1) - low + 1
     if float(np.prod(width.astype(np.float64))) >= _PACK_LIMIT:
         return None
     stride = np.ones(d, np.int64)
@@ -118,15 +131,18 @@ def _packing(rem0, d):
     return key0, low, stride
 
 
-def vertex_keys(rem0, rank, owner):
+def vertex_keys(rem0, rank, owner, xp=np):
     """The d+1 vertices of each point's simplex as lattice keys (the first d integer
     coordinates; the last is minus their sum).  Returns ``(packed, stride)``:
-    ``packed`` (d+1) x N int64 with ``stride`` the packing strides, or
-    ``(keys, None)`` with keys (d+1) x N x d int32 when packing would overflow."""
+    ``packed`` (d+1) x N int64 with ``stride`` the packing strides (host int64), or
+    ``(keys, None)`` with keys (d+1) x N x d int32 when packing would overflow (numpy
+    only: other array modules get ``(None, None)`` then)."""
     d = rem0.shape[0] - 1
     n = rem0.shape[1]
-    packing = _packing(rem0, d)
+    packing = _packing(rem0, d, xp)
     if packing is None:
+        if xp is not np:
+            return None, None
         r = np.arange(d + 1, dtype=np.int32)[:, None, None]
         canonical = np.where(rank[None, :d, :].transpose(0, 2, 1) <= d - r, r, r - (d + 1))
         keys = rem0[:d].T.astype(np.int32)[None] + canonical.astype(np.int32)
@@ -134,10 +150,10 @@ def vertex_keys(rem0, rank, owner):
     key0, low, stride = packing
     # Vertex r adds r to every coordinate and subtracts d+1 from those of rank > d-r,
     # i.e. from the coordinates owning slots 0..r-1 (slot k <-> rank d-k).
-    base = ((key0 - low[:, None]) * stride[:, None]).sum(axis=0)
-    stride_ext = np.append(stride, 0)            # coordinate d is not in the key
+    base = ((key0 - xp.asarray(low)[:, None]) * xp.asarray(stride)[:, None]).sum(axis=0)
+    stride_ext = xp.asarray(np.append(stride, 0))     # coordinate d is not in the key
     step = stride.sum()
-    packed = np.empty((d + 1, n), np.int64)
+    packed = xp.empty((d + 1, n), np.int64)
     packed[0] = base
     for r in range(1, d + 1):
         packed[r] = packed[r - 1] + step - (d + 1) * stride_ext[owner[r - 1]]
@@ -187,16 +203,17 @@ def index_vertices(keys):
     return unique, inverse.ravel().reshape(keys.shape[:-1]).astype(np.int32)
 
 
-def plus_neighbours(unique, stride, d):
+def plus_neighbours(unique, stride, d, xp=np):
     """(d+1) x L int32: for each blur direction j the vertex at ``key + (d+1) e_j - 1``
-    of every vertex (keys ``unique`` in sorted order), -1 if absent from the lattice."""
+    of every vertex (keys ``unique`` in sorted order), -1 if absent from the lattice.
+    Unpacked keys (``stride`` None) only with numpy."""
     count = len(unique)
-    out = np.empty((d + 1, count), np.int32)
+    out = xp.empty((d + 1, count), np.int32)
     for j in range(d + 1):
         if stride is not None:
             wanted = unique + (((d + 1) * stride[j] if j < d else 0) - stride.sum())
-            pos = np.minimum(np.searchsorted(unique, wanted), count - 1)
-            out[j] = np.where(unique[pos] == wanted, pos, -1)
+            pos = xp.minimum(xp.searchsorted(unique, wanted), count - 1)
+            out[j] = xp.where(unique[pos] == wanted, pos, -1)
         else:       # unpacked keys: a joint np.unique over vertices and wanted keys
             step = np.full(d, -1, np.int32)
             if j < d:
@@ -210,16 +227,18 @@ def plus_neighbours(unique, stride, d):
     return out
 
 
-def both_sides(plus):
+def both_sides(plus, xp=np):
     """(d+1) x 2 x L neighbours from the + side alone: b is a's + neighbour exactly
     when a is b's - neighbour (``key - (d+1) e_j + 1``)."""
     count = plus.shape[1]
-    out = np.full((plus.shape[0], 2, count), -1, np.int32)
-    own = np.arange(count, dtype=np.int32)
+    out = xp.full((plus.shape[0], 2, count), -1, np.int32)
+    own = xp.arange(count, dtype=np.int32)
+    minus = xp.empty(count + 1, np.int32)
     for j, row in enumerate(plus):
         out[j, 0] = row
-        found = row >= 0
-        out[j, 1, row[found]] = own[found]
+        minus.fill(-1)      # a scatter without a boolean mask: absents hit a spare slot
+        minus[xp.where(row >= 0, row, count)] = own
+        out[j, 1] = minus[:count]
     return out
 
 
@@ -239,6 +258,94 @@ def first_touch_numbering(index, first_point):
     return new_id, order
 
 
+def check_features(features, xp=np):
+    """``features`` if they are a non-empty N x d array of finite values."""
+    if features.ndim != 2 or features.shape[0] == 0 or features.shape[1] == 0:
+        raise ValueError(f"lattice features must be a non-empty N x d array, "
+                         f"got shape {features.shape}")
+    if not bool(xp.isfinite(features).all()):
+        raise ValueError("lattice features contain NaN or infinity")
+    return features
+
+
+def slice_alpha(d):
+    """The reference's slice normalisation 1 / (1 + 2^-d) (float32)."""
+    return _F32(1.0) / (_F32(1.0) + _F32(2.0) ** _F32(-d))
+
+
+def sorted_vertex_numbering(packed, xp=np):
+    """Number the vertices of N points' simplices by first touch with one stable sort.
+
+    ``packed``: (d+1) x N packed vertex keys.  Read point-major, entry (point i,
+    vertex r) sits at position i (d+1) + r, which is its touch order; a stable sort
+    of the keys puts each vertex's first touch at the head of its run of equal keys.
+    The heads, flagged at their positions and counted by a scan, number the vertices
+    as ``first_touch_numbering`` does.  Returns ``(index, unique, number)``: the
+    (d+1) x N int32 vertex number of every entry, the L distinct keys ascending and
+    each one's vertex number (int32)."""
+    d1, n = packed.shape
+    flat = packed.T.ravel()
+    order = xp.argsort(flat, kind="stable")
+    ordered = flat[order]
+    head = xp.empty(len(flat), bool)
+    head[:1] = True
+    xp.not_equal(ordered[1:], ordered[:-1], out=head[1:])
+    run = xp.cumsum(head, dtype=np.int32) - 1                 # key-order group of entries
+    head_at_position = xp.empty(len(flat), bool)
+    head_at_position[order] = head
+    numbered = xp.cumsum(head_at_position, dtype=np.int32) - 1
+    starts = xp.flatnonzero(head)
+    number = numbered[order[starts]]                          # per key-order group
+    index = xp.empty(len(flat), np.int32)
+    index[order] = number[run]
+    return index.reshape(n, d1).T, ordered[starts], number
+
+
+class SortedLattice:
+    """The lattice of ``PermutohedralLattice`` built with array operations only, on
+    array module ``xp`` (CuPy or the GPU emulator for the device path; numpy works
+    too): the per-point steps, ``sorted_vertex_numbering`` (one stable sort of all
+    (d+1) N vertex keys instead of the CPU's simplex grouping and scatter-minimum)
+    and ``searchsorted`` for the neighbours.  The tables are equal to
+    ``PermutohedralLattice``'s, element for element (the same float32 operations,
+    and first-touch numbering does not depend on how the vertices were found).
+
+    Attributes as ``PermutohedralLattice``'s (``offsets``, ``weights``,
+    ``neighbours`` on ``xp``), plus ``host_fallback``: True when the keys did not fit
+    the int64 packing and the CPU build ran instead (its tables then uploaded)."""
+
+    def __init__(self, features, xp=np):
+        features = check_features(xp.asarray(features, _F32), xp)
+        n, d = features.shape
+        if (d + 1) * n >= 2 ** 31:
+            raise ValueError(f"{n} points of dimension {d} are too many for the lattice's "
+                             f"int32 vertex indices")
+        elevated = elevate(features, xp)
+        rem0, rank = enclosing_simplex(elevated, xp)
+        weights, owner = barycentric_weights(elevated, rem0, rank, xp)
+        packed, stride = vertex_keys(rem0, rank, owner, xp)
+        if stride is None:
+            self._upload(PermutohedralLattice(_host(features)), xp)
+            return
+        index, unique, number = sorted_vertex_numbering(packed, xp)
+        plus = plus_neighbours(unique, stride, d, xp)
+        renumbered = xp.empty_like(plus)
+        renumbered[:, number] = xp.where(plus >= 0, number[plus], np.int32(-1))
+        self.offsets, self.weights = index, weights
+        self.neighbours = both_sides(renumbered, xp)
+        self.num_points, self.dim, self.num_vertices = n, d, len(unique)
+        self.alpha = slice_alpha(d)
+        self.host_fallback = False
+
+    def _upload(self, lattice, xp):
+        self.offsets = xp.asarray(lattice.offsets)
+        self.weights = xp.asarray(lattice.weights)
+        self.neighbours = xp.asarray(lattice.neighbours)
+        self.num_points, self.dim = lattice.num_points, lattice.dim
+        self.num_vertices, self.alpha = lattice.num_vertices, lattice.alpha
+        self.host_fallback = True
+
+
 class PermutohedralLattice:
     """The lattice of one feature set (N points x d dims), built once.
 
@@ -251,12 +358,7 @@ class PermutohedralLattice:
     """
 
     def __init__(self, features):
-        features = np.asarray(features, _F32)
-        if features.ndim != 2 or features.shape[0] == 0 or features.shape[1] == 0:
-            raise ValueError(f"lattice features must be a non-empty N x d array, "
-                             f"got shape {features.shape}")
-        if not np.all(np.isfinite(features)):
-            raise ValueError("lattice features contain NaN or infinity")
+        features = check_features(np.asarray(features, _F32))
         n, d = features.shape
         elevated = elevate(features)
         rem0, rank = enclosing_simplex(elevated)
@@ -276,7 +378,7 @@ class PermutohedralLattice:
         renumber = np.append(new_id, np.int32(-1))          # index -1 stays -1
         self.neighbours = both_sides(renumber[plus[:, order]])
         self.num_points, self.dim, self.num_vertices = n, d, len(unique)
-        self.alpha = _F32(1.0) / (_F32(1.0) + _F32(2.0) ** _F32(-d))
+        self.alpha = slice_alpha(d)
         self._filter = None
 
     def filter(self, values):
