@@ -142,3 +142,38 @@ def test_bad_definitions(text, arrays, message):
     layer = make_layer(text, dtype=np.float32)
     with pytest.raises(ValueError, match=message):
         setup_layer(layer, bottoms, dtype=np.float32)
+
+
+def test_gpu_mode_runs_the_mean_field_on_the_device_with_the_same_result():
+    # Emulated GPU mode: lattices and iterations in the device code path (crf.device);
+    # Q must match the CPU layer (the device path's own exactness is tested in
+    # test_crf_gpu_kernels.py), and the CPU mode must come back unchanged.
+    from caffelite import backend
+    from caffelite.kernels import host
+    if host.compiler() is None:
+        pytest.skip("the emulated GPU mode runs host-compiled kernels: no C++ compiler")
+    pos, bi = ((3, 3),), ((5, 50, 10),)
+    scores, dims, data, _ = batch([(30, 40), (24, 31)], (30, 40))
+    layer = make_layer(crf_text(pos, bi), dtype=np.float32)
+    bottom, top = setup_layer(layer, [scores, dims, data], dtype=np.float32)
+    cpu = run_forward(layer, bottom, top)[0].copy()
+    calls = []
+    from caffelite.crf import device as crf_device
+    original = crf_device.mean_field_on_device
+
+    def spy(*args, **kwargs):
+        calls.append(args[3])
+        return original(*args, **kwargs)
+
+    backend.set_mode_gpu(emulate=True)
+    try:
+        crf_device.mean_field_on_device = spy
+        top[0].data[...] = np.nan
+        gpu = run_forward(layer, bottom, top)[0]
+    finally:
+        crf_device.mean_field_on_device = original
+        backend.set_mode_cpu()
+    assert len(calls) == 2 and all(isinstance(c, crf_device.CrfDevice) for c in calls)
+    # Device softmax uses expf (within 2 ulp of numpy exp) for 10 iterations.
+    np.testing.assert_allclose(gpu, cpu, rtol=0, atol=2e-6)
+    assert np.array_equal(gpu.argmax(1), cpu.argmax(1))

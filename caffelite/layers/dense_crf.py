@@ -2,6 +2,7 @@
 inference only, with the mean field of ``caffelite.crf``."""
 import numpy as np
 
+from .. import backend
 from ..backend import get_array_module
 from ..crf.densecrf import PottsKernel, bilateral_features, mean_field, position_features
 from ..layer import Layer, register
@@ -109,4 +110,15 @@ class DenseCRFLayer(Layer):
         kernels += [PottsKernel(bilateral_features(pixels, xy, rgb), w)
                     for w, xy, rgb in self.bi]
         return mean_field(-np.asarray(scores, np.float32), kernels, self.max_iter,
-                          exp_cutoff=FAST_EXP_CUTOFF)
+                          exp_cutoff=FAST_EXP_CUTOFF, device=self._crf_device())
+
+    @staticmethod
+    def _crf_device():
+        """In GPU mode the mean field runs on the device (caffelite.crf.device): the
+        emulator's when GPU mode is emulated, else the selected GPU."""
+        if not backend.is_gpu():
+            return None
+        from ..crf import device
+        if backend.device_module().__name__ == "caffelite.kernels.emulator":
+            return device.emulated()
+        return device.gpu(backend._state["device"])
