@@ -207,6 +207,18 @@ class Blob:
     def device_diff(self):
         return self._diff_mem.device_array().reshape(self._shape)
 
+    def read_host_data(self):
+        """The host values, for reading only (Caffe's const ``cpu_data``): copied from
+        the device if it holds newer values, after which both sides are valid, so a
+        layer that reads a parameter on the host every forward (BatchNorm's scale
+        factor) costs no copy after the first. The caller must not write to it."""
+        mem = self._data_mem
+        if mem.head == HEAD_AT_DEVICE:
+            mem.sync_to_host()
+        elif mem.host is None:
+            mem.host_array()
+        return mem.host.reshape(self._shape)
+
     def set_data_array(self, array):
         """Replace the data memory by ``array`` itself (host or device)."""
         self._data_mem = SyncedMemory.wrap(array)

@@ -226,3 +226,34 @@ def test_emulated_sorts_are_stable_like_cupy():
     order = emulator.asnumpy(emulator.argsort(keys))
     assert order.tolist() == sorted(range(100), key=lambda i: (keys[i].item(), i))
     assert emulator.asnumpy(keys.argsort()).tolist() == order.tolist()
+
+
+def test_batchnorm_global_stats_reads_its_scale_factor_without_a_copy_per_forward(gpu):
+    # Caffe reads blobs_[2] through const cpu_data(): once synced, no further copies.
+    from google.protobuf import text_format
+    from caffelite import blob as blob_module
+    proto = caffe.proto.caffe_pb2.NetParameter()
+    text_format.Merge("""
+      input: "x" input_shape { dim: 2 dim: 3 dim: 4 dim: 4 }
+      layer { name: "bn" type: "BatchNorm" bottom: "x" top: "y"
+              batch_norm_param { use_global_stats: true } }
+    """, proto)
+    net = caffe.Net(param=proto, phase=caffe.TEST)
+    mean, var, factor = net.params["bn"]
+    mean.data[...] = [1, 2, 3]
+    var.data[...] = [4, 4, 4]
+    factor.data[...] = 2
+    x = np.random.default_rng(0).standard_normal((2, 3, 4, 4)).astype(np.float32)
+    net.blobs["x"].data[...] = x
+    net.forward()
+    expected = (x - np.array([0.5, 1, 1.5])[:, None, None]) / np.sqrt(2 + 1e-5)
+    np.testing.assert_allclose(net.blobs["y"].data, expected, rtol=1e-6)
+    net.forward_from_to()           # (net.forward() also hands the output to the host)
+    blob_module.reset_transfer_counts()
+    from caffelite.kernels import emulator
+    host_copies = emulator.copies_to_host[0]
+    for _ in range(3):
+        net.forward_from_to()
+    assert blob_module.transfers == {"to_device": 0, "to_host": 0}
+    if gpu is emulator:             # no device->host read of any kind (a sync on a GPU)
+        assert emulator.copies_to_host[0] == host_copies

@@ -4,7 +4,6 @@ import numpy as np
 from ..backend import TEST, get_array_module
 from ..filler import fill
 from ..layer import Layer, NeuronLayer, register
-from ._device import scalar
 
 
 def _prod(dims):
@@ -62,7 +61,7 @@ class BatchNormLayer(NeuronLayer):
         x = bottom[0].data.reshape(self.dims)
         dtype = x.dtype.type
         if self.use_global_stats:
-            stored = dtype(scalar(self.blobs[2].data))
+            stored = dtype(self.blobs[2].read_host_data().reshape(-1)[0])
             factor = dtype(0) if stored == 0 else dtype(1) / stored
             mean = factor * self.blobs[0].data
             var = factor * self.blobs[1].data
