@@ -690,6 +690,7 @@ def test_convolution_in_bands_accumulates(monkeypatch, device, dtype):
     """A tiny column budget: one grid row per band, so col2im's accumulate flag and the
     im2col band offsets are exercised (Convolution backward, Deconvolution forward)."""
     monkeypatch.setattr(im2col_module, "COL_BUFFER_BYTES", 1)
+    monkeypatch.setattr(im2col_module, "DEVICE_COL_BUFFER_BYTES", 1)
     for kind in ("Convolution", "Deconvolution"):
         case = Case(f"{kind}_bands", conv_text(kind, num_output=3, kernel_size=3, pad=1,
                                                stride=2, dilation=2),
@@ -920,3 +921,13 @@ def test_every_device_layer_type_has_a_gpu_test():
     covered = {c.type_name for c in CASES} | SPECIAL
     missing = sorted(device_types - covered)
     assert not missing, f"device layer types without a GPU-vs-CPU test: {missing}"
+
+
+def test_device_column_bands_are_whole_images_for_deeplab_layers():
+    # conv1_2 of ASPP-VGG at a 321x321 crop: 64 channels x 9 taps x 321 x 321 floats
+    # (237 MB) is one band on the device; on the host 22-row bands (16 MiB), 15 of them.
+    import types
+    from caffelite.kernels import emulator
+    geom = types.SimpleNamespace(taps=9)
+    assert im2col_module.rows_per_chunk(64, geom, (321, 321), 4, xp=emulator) == 321
+    assert im2col_module.rows_per_chunk(64, geom, (321, 321), 4) == 22
