@@ -21,6 +21,13 @@ def _restore_caffelite_logger():
     log.handlers[:], log.propagate, log.level = saved[0], saved[1], saved[2]
 
 
+@pytest.fixture(params=["full_grid", "small_grid"])
+def launch(request):
+    """Kernel launch shapes: the loader's default grid, and a 2x3-thread grid whose
+    grid-stride loops walk many elements per thread."""
+    return {} if request.param == "full_grid" else {"grid": 2, "block": 3}
+
+
 def corpus_path(*parts):
     path = os.path.join(CORPUS, *parts)
     if not os.path.exists(path):

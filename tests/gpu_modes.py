@@ -23,6 +23,19 @@ def cuda_available():
         return False
 
 
+def cupy_or_skip_module(reason):
+    """At a -m gpu module's top: the cupy module, or skip the whole module (no CuPy,
+    no driver or no device)."""
+    cupy = pytest.importorskip("cupy", reason=reason)
+    try:
+        devices = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:   # no driver / no device
+        pytest.skip(f"no CUDA device: {e}", allow_module_level=True)
+    if devices < 1:
+        pytest.skip("no CUDA device", allow_module_level=True)
+    return cupy
+
+
 class GpuMode:
     def __init__(self, name):
         self.name = name

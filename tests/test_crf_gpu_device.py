@@ -13,13 +13,9 @@ import pytest
 
 pytestmark = pytest.mark.gpu
 
-cupy = pytest.importorskip("cupy", reason="the GPU CRF tests need CuPy")
-try:
-    _devices = cupy.cuda.runtime.getDeviceCount()
-except Exception as e:   # no driver / no device
-    pytest.skip(f"no CUDA device: {e}", allow_module_level=True)
-if _devices < 1:
-    pytest.skip("no CUDA device", allow_module_level=True)
+from gpu_modes import cupy_or_skip_module  # noqa: E402
+
+cupy = cupy_or_skip_module("the GPU CRF tests need CuPy")
 
 from caffelite import kernels  # noqa: E402
 from caffelite.crf import device as crf_device_module  # noqa: E402

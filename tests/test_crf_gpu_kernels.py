@@ -50,11 +50,6 @@ def kern(host_kernels):
     return host_kernels
 
 
-@pytest.fixture(params=["full_grid", "small_grid"])
-def launch(request):
-    return {} if request.param == "full_grid" else {"grid": 2, "block": 3}
-
-
 @pytest.fixture
 def crf_device(kern):
     """The device path on numpy arrays with the host-compiled kernels."""

@@ -8,19 +8,12 @@ import pytest
 import caffelite as caffe
 from caffelite import backend, kernels
 from caffelite.blob import HEAD_AT_DEVICE, HEAD_AT_HOST, SYNCED, Blob, SyncedMemory
+from gpu_modes import BACKENDS, cuda_available
 
 
-def _cuda_available():
-    try:
-        import cupy
-        return cupy.cuda.runtime.getDeviceCount() > 0
-    except Exception:
-        return False
-
-
-@pytest.fixture(params=["emulated", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.fixture(params=BACKENDS)
 def gpu(request):
-    if request.param == "cuda" and not _cuda_available():
+    if request.param == "cuda" and not cuda_available():
         pytest.skip("no CuPy with a CUDA device")
     backend.set_mode_gpu(emulate=request.param == "emulated")
     try:

@@ -51,11 +51,6 @@ def kern(host_kernels):
     return host_kernels
 
 
-@pytest.fixture(params=["full_grid", "small_grid"])
-def launch(request):
-    return {} if request.param == "full_grid" else {"grid": 2, "block": 3}
-
-
 def poisoned(shape, dtype):
     return np.full(shape, np.nan, dtype)
 
