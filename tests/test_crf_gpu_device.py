@@ -13,7 +13,7 @@ import pytest
 
 pytestmark = pytest.mark.gpu
 
-from gpu_modes import cupy_or_skip_module  # noqa: E402
+from gpu_modes import DeviceKernels, cupy_or_skip_module  # noqa: E402
 
 cupy = cupy_or_skip_module("the GPU CRF tests need CuPy")
 
@@ -24,18 +24,6 @@ from test_crf_gpu_kernels import *  # noqa: E402,F401,F403  (the comparisons the
 # Host-only checks stay in test_crf_gpu_kernels.py.
 del test_nvrtc_compiles_the_crf_kernels               # noqa: F821
 del test_gpu_flag_without_cupy_fails_in_one_sentence  # noqa: F821
-
-
-class DeviceKernels:
-    """HostKernels' interface on the GPU: numpy arrays in, outputs written back."""
-
-    def run(self, module, kernel, dtype, *args, grid=None, block=kernels.BLOCK):
-        params = kernels.kernel_signatures(kernels.source(module))[kernel]
-        device = [cupy.asarray(a) if isinstance(a, np.ndarray) else a for a in args]
-        kernels.launch(module, kernel, dtype, *device, grid=grid, block=block)
-        for p, host, dev in zip(params, args, device):
-            if p.pointer and not p.const:
-                host[...] = cupy.asnumpy(dev)
 
 
 @pytest.fixture

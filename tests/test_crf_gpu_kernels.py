@@ -28,6 +28,7 @@ from caffelite.crf.densecrf import crf_kernels
 from caffelite.crf.device import CrfDevice, DeviceLatticeFilter, LatticeTables
 from caffelite.crf.permutohedral import LatticeFilter
 from caffelite.kernels.host import HostKernels, compiler, nvrtc_compile, nvrtc_library
+from test_kernels_host import eps, poisoned
 from test_crf import photo_scores, photos, pydensecrf_q, synthetic_scene, _write_case
 
 FLOATS = [np.float32, np.float64]
@@ -54,14 +55,6 @@ def kern(host_kernels):
 def crf_device(kern):
     """The device path on numpy arrays with the host-compiled kernels."""
     return CrfDevice(np, kern.run, name="host kernels")
-
-
-def poisoned(shape, dtype):
-    return np.full(shape, np.nan, dtype)
-
-
-def eps(dtype):
-    return float(np.finfo(dtype).eps)
 
 
 def assert_within(actual, expected, bound, what):

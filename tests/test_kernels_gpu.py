@@ -13,7 +13,7 @@ import pytest
 
 pytestmark = pytest.mark.gpu
 
-from gpu_modes import cupy_or_skip_module  # noqa: E402
+from gpu_modes import DeviceKernels, cupy_or_skip_module  # noqa: E402
 
 cupy = cupy_or_skip_module("the GPU kernel tests need CuPy")
 
@@ -24,18 +24,6 @@ from test_kernels_host import *  # noqa: E402,F401,F403  (the comparisons themse
 del test_every_module_compiles_without_warnings      # noqa: F821
 del test_nvrtc_compiles_every_instantiation          # noqa: F821
 del test_loader_errors_and_argument_checks           # noqa: F821
-
-
-class DeviceKernels:
-    """Same interface as kernel_host.HostKernels: numpy arrays in, outputs written back."""
-
-    def run(self, module, kernel, dtype, *args, grid=None, block=kernels.BLOCK):
-        params = kernels.load_module(module).caffelite_signatures[kernel]
-        device = [cupy.asarray(a) if isinstance(a, np.ndarray) else a for a in args]
-        kernels.launch(module, kernel, dtype, *device, grid=grid, block=block)
-        for p, host, dev in zip(params, args, device):
-            if p.pointer and not p.const:
-                host[...] = cupy.asnumpy(dev)
 
 
 @pytest.fixture
