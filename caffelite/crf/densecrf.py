@@ -198,6 +198,17 @@ def softmax_rows(energy, shift=True, exp_cutoff=None):
 _SAFE_WEIGHT_SUM = 60.0
 
 
+def check_kernels(kernels, num_pixels, exp_cutoff):
+    """Every kernel must cover the unary's pixels; returns whether the softmax must
+    subtract the row maximum every step (a cut-off, or weights large enough to
+    overflow exp)."""
+    for kernel in kernels:
+        if kernel.num_points != num_pixels:
+            raise ValueError(f"a CRF kernel has features for {kernel.num_points} "
+                             f"pixels but the unary has {num_pixels}")
+    return exp_cutoff is not None or sum(abs(k.weight) for k in kernels) > _SAFE_WEIGHT_SUM
+
+
 def mean_field(unary, kernels, max_iter, exp_cutoff=None, device=None):
     """Q after ``max_iter`` mean-field steps.  ``unary`` is M x H x W (or M x N),
     ``kernels`` a list of ``PottsKernel`` over the same N pixels; returns the marginals
@@ -222,12 +233,7 @@ def mean_field(unary, kernels, max_iter, exp_cutoff=None, device=None):
     np.subtract(shift[:, None], base, out=base)                        # -U - max(-U)
     if not np.isfinite(shift).all():
         raise ValueError("the CRF unary contains NaN or infinity")
-    for kernel in kernels:
-        if kernel.num_points != base.shape[0]:
-            raise ValueError(f"a CRF kernel has features for {kernel.num_points} "
-                             f"pixels but the unary has {base.shape[0]}")
-    shift_each_step = (exp_cutoff is not None
-                       or sum(abs(k.weight) for k in kernels) > _SAFE_WEIGHT_SUM)
+    shift_each_step = check_kernels(kernels, base.shape[0], exp_cutoff)
     q = softmax_rows(base.copy(), shift=exp_cutoff is not None, exp_cutoff=exp_cutoff)
     if kernels and max_iter > 0:
         messages = PairwiseMessages(kernels)

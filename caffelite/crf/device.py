@@ -35,7 +35,7 @@ import os
 import numpy as np
 
 from .. import kernels
-from .densecrf import _SAFE_WEIGHT_SUM
+from .densecrf import check_kernels
 from .permutohedral import SortedLattice
 
 MODULE = "permutohedral"
@@ -331,12 +331,7 @@ def mean_field_device_q(unary, potts, max_iter, device, exp_cutoff=None, dtype=_
     device = resolve(device)
     with device.activate():
         base = _device_energies(device, unary, dtype, negated)
-        for kernel in potts:
-            if kernel.num_points != base.shape[0]:
-                raise ValueError(f"a CRF kernel has features for {kernel.num_points}"
-                                 f" pixels but the unary has {base.shape[0]}")
-        shift_each_step = (exp_cutoff is not None
-                           or sum(abs(k.weight) for k in potts) > _SAFE_WEIGHT_SUM)
+        shift_each_step = check_kernels(potts, base.shape[0], exp_cutoff)
         q = device_softmax(device, base.copy(), exp_cutoff is not None, exp_cutoff)
         if potts and max_iter > 0:
             if tables is None:
