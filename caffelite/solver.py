@@ -608,9 +608,10 @@ class Solver:
         model = self._snapshot_filename(".caffemodel")
         logger.info("Snapshotting to binary proto file %s", model)
         with_diff = self.param.snapshot_diff
-        layers = [(name, type_name, [(_host(b.data), _host(b.diff) if with_diff else None)
-                                     for b in layer.blobs])
-                  for (name, type_name, _), layer in zip(self.net.to_weights(), self.net.layers)]
+        # read_host_data: in GPU mode the weights stay valid on the device (no re-upload).
+        layers = [(name, layer.type, [(b.read_host_data(), _host(b.diff) if with_diff else None)
+                                      for b in layer.blobs])
+                  for name, layer in zip(self.net._layer_names, self.net.layers)]
         try:
             solverstate.write_snapshot_model(model, layers, self.net.name)
             state = self._snapshot_filename(".solverstate")

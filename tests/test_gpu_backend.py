@@ -250,3 +250,29 @@ def test_batchnorm_global_stats_reads_its_scale_factor_without_a_copy_per_forwar
     assert blob_module.transfers == {"to_device": 0, "to_host": 0}
     if gpu is emulator:             # no device->host read of any kind (a sync on a GPU)
         assert emulator.copies_to_host[0] == host_copies
+
+
+def test_a_snapshot_in_gpu_mode_does_not_send_the_weights_back_to_the_device(gpu, tmp_path):
+    from google.protobuf import text_format
+    from caffelite import blob as blob_module
+    solver_param = caffe.proto.caffe_pb2.SolverParameter()
+    text_format.Merge(f"""
+      base_lr: 0.1 lr_policy: "fixed" max_iter: 10 snapshot_prefix: "{tmp_path}/s"
+      net_param {{
+        input: "x" input_shape {{ dim: 2 dim: 3 }}
+        input: "y" input_shape {{ dim: 2 dim: 1 }}
+        layer {{ name: "ip" type: "InnerProduct" bottom: "x" top: "p"
+                inner_product_param {{ num_output: 1 weight_filler {{ type: "gaussian" }} }} }}
+        layer {{ name: "loss" type: "EuclideanLoss" bottom: "p" bottom: "y" top: "loss" }}
+      }}""", solver_param)
+    solver = caffe.get_solver(solver_param)
+    solver.net.blobs["x"].data[...] = np.arange(6).reshape(2, 3)
+    solver.step(1)
+    model, _ = solver.snapshot()
+    blob_module.reset_transfer_counts()
+    solver.step(1)
+    assert blob_module.transfers["to_device"] == 0      # weights, history stay put
+    saved = caffe.Net(param=solver_param.net_param, phase=caffe.TEST, weights=model)
+    trained = solver.net.params["ip"][0].data          # (after the second step)
+    assert saved.params["ip"][0].data.shape == trained.shape
+    assert not np.array_equal(saved.params["ip"][0].data, trained)   # step 1's weights
