@@ -125,8 +125,10 @@ def _apply_tf32(cupy):
         from cupy._core import _routines_linalg as linalg
         linalg.set_compute_type(np.float32, linalg.COMPUTE_TYPE_TF32 if _state["tf32"]
                                 else linalg.COMPUTE_TYPE_DEFAULT)
-    except (ImportError, AttributeError):
-        pass
+    except Exception as e:      # an old CuPy, or a GPU without tensor cores
+        from .log import logger
+        logger.warning("could not set CuPy's float32 GEMM compute type (%s); CUPY_TF32=%s "
+                       "applies", e, os.environ["CUPY_TF32"])
 
 
 def device_access_enabled():
