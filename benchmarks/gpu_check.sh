@@ -30,7 +30,10 @@ cupy.cuda.runtime.runtimeGetVersion(), '| numpy', numpy.__version__, '| torch', 
 cat "$out/versions.txt"
 
 echo "== pytest -m gpu"
-timeout "${TEST_TIMEOUT:-210}" python3 -m pytest -q -m gpu -p no:cacheprovider tests \
+# Several workers share the GPU (and CuPy's on-disk kernel cache) where pytest-xdist is.
+workers=""
+if python3 -c "import xdist" 2>/dev/null; then workers="-n ${TEST_WORKERS:-4}"; fi
+timeout "${TEST_TIMEOUT:-210}" python3 -m pytest -q -m gpu -p no:cacheprovider $workers tests \
   2>&1 | tee "$out/gpu_tests.log" | tail -40
 
 echo "== benchmarks/gpu_train.py"
