@@ -68,7 +68,6 @@ def set_mode_gpu(emulate=None):
             raise kernels.GPUUnavailableError(
                 f"GPU {_state['device']} does not exist: CUDA reports {count} device(s)")
         xp.cuda.Device(_state["device"]).use()
-        _state["xp"] = xp
         _apply_tf32(xp)
     _state["xp"] = xp
     _state["mode"] = "gpu"
@@ -131,10 +130,6 @@ def _apply_tf32(cupy):
                        "applies", e, os.environ["CUPY_TF32"])
 
 
-def device_access_enabled():
-    return _access.device
-
-
 @contextlib.contextmanager
 def device_access(enabled=True):
     """Within the block, blobs hand this thread their device arrays (if ``enabled``)."""
@@ -148,8 +143,6 @@ def device_access(enabled=True):
 
 def to_host(array):
     """A numpy array with the values of ``array`` (host or device)."""
-    if isinstance(array, np.ndarray) and get_array_module(array) is np:
-        return array
     xp = get_array_module(array)
     if xp is np:
         return np.asarray(array)

@@ -89,14 +89,6 @@ class SyncedMemory:
             self.host_array()
             self.head = SYNCED
 
-    def release_device(self):
-        """Drop the device mirror (after bringing the host up to date)."""
-        if self.device is not None:
-            if self.head == HEAD_AT_DEVICE:
-                self.host_array()
-            self.device = None
-            self.head = HEAD_AT_HOST
-
     def array(self, shape):
         if backend._access.device:
             return self.device_array().reshape(shape)

@@ -399,16 +399,13 @@ class Net:
         for i in range(start, end + 1):
             layer, bottom, top = self.layers[i], self.bottom_blobs[i], self.top_blobs[i]
             on_device = gpu and layer.runs_on_device
-            with backend.device_access(on_device):
-                if gpu and not on_device:
-                    reads = [b.memories()[0] for b in bottom]
-                    writes = [m for t in top for m in t.memories()]
-                    with _read_only_on_host(reads, writes):
-                        layer.reshape(bottom, top)
-                        layer.forward(bottom, top)
-                else:
-                    layer.reshape(bottom, top)
-                    layer.forward(bottom, top)
+            guard = contextlib.nullcontext()
+            if gpu and not on_device:
+                guard = _read_only_on_host([b.memories()[0] for b in bottom],
+                                           [m for t in top for m in t.memories()])
+            with backend.device_access(on_device), guard:
+                layer.reshape(bottom, top)
+                layer.forward(bottom, top)
                 for t, w in zip(top, layer.loss_weights):
                     if w:
                         xp = backend.get_array_module(t.data)
@@ -423,17 +420,16 @@ class Net:
                 continue
             layer, top, bottom = self.layers[i], self.top_blobs[i], self.bottom_blobs[i]
             on_device = gpu and layer.runs_on_device
+            guard = contextlib.nullcontext()
+            if gpu and not on_device:
+                guard = _read_only_on_host(
+                    [m for t in top for m in t.memories()] + [b.memories()[0] for b in bottom],
+                    [b.memories()[1] for b in bottom])
             with backend.device_access(on_device):
                 for t, w in zip(top, layer.loss_weights):
                     if w:
                         t.diff[...] = w
-                if gpu and not on_device:
-                    reads = [m for t in top for m in t.memories()]
-                    reads += [b.memories()[0] for b in bottom]
-                    writes = [b.memories()[1] for b in bottom]
-                    with _read_only_on_host(reads, writes):
-                        layer.backward(top, self.bottom_need_backward[i], bottom)
-                else:
+                with guard:
                     layer.backward(top, self.bottom_need_backward[i], bottom)
 
     def forward_backward(self):

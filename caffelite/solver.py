@@ -520,18 +520,17 @@ class Solver:
     def _fused_update(self, kernel, param_id, rate):
         params = self.net.learnable_params
         prm = params[param_id]
-        data, diff = prm.blob.data, prm.blob.diff
-        dt = diff.dtype.type
+        diff, dt, local_rate = self._local(param_id, rate)
+        data = prm.blob.data
         history = self.history[param_id::len(params)]
         local_decay = self._local_decay(prm, dt)
-        local_rate = dt(dt(rate) * dt(prm.lr_mult))
         iter_scale = dt(dt(1) / dt(self.param.iter_size))
         kernels.launch("sgd_update", kernel, diff.dtype, diff.size, data, diff, *history,
                        iter_scale, local_decay, self._regularization_code(local_decay),
                        *self.update_scalars(dt, local_rate))
 
     def _regularization_code(self, local_decay):
-        """sgd_update.cu's ``regularization``: 0 none, 1 L2, 2 L1."""
+        """The regularization to apply, numbered as sgd_update.cu does: 0 none, 1 L2, 2 L1."""
         if not local_decay:
             return 0
         kind = self.param.regularization_type
@@ -576,15 +575,11 @@ class Solver:
         diff, data = prm.blob.diff, prm.blob.data
         dt = diff.dtype.type
         local_decay = self._local_decay(prm, dt)
-        if not local_decay:
-            return
-        kind = self.param.regularization_type
-        if kind == "L2":
+        code = self._regularization_code(local_decay)
+        if code == 1:
             diff += local_decay * data
-        elif kind == "L1":
+        elif code == 2:
             diff += local_decay * get_array_module(data).sign(data)
-        else:
-            raise self.error(f"unknown regularization_type '{kind}' (known: L1, L2)")
 
     def _local_decay(self, prm, dt):
         return dt(dt(self.param.weight_decay) * dt(prm.decay_mult))

@@ -145,12 +145,12 @@ def load_module(name):
     key = (name, cupy.cuda.Device().id)
     module = _modules.get(key)
     if module is None:
-        text = source(name)
-        expressions = [f"{k}<{t}>" for k in kernel_signatures(text) for t in DTYPES.values()]
-        module = cupy.RawModule(code=text, options=NVRTC_OPTIONS,
+        signatures = module_signatures(name)
+        expressions = [f"{k}<{t}>" for k in signatures for t in DTYPES.values()]
+        module = cupy.RawModule(code=source(name), options=NVRTC_OPTIONS,
                                 name_expressions=expressions)
         module.caffelite_name = name
-        module.caffelite_signatures = kernel_signatures(text)
+        module.caffelite_signatures = signatures
         _modules[key] = module
     return module
 

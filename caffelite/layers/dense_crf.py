@@ -119,6 +119,4 @@ class DenseCRFLayer(Layer):
         if not backend.is_gpu():
             return None
         from ..crf import device
-        if backend.device_module().__name__ == "caffelite.kernels.emulator":
-            return device.emulated()
-        return device.gpu(backend._state["device"])
+        return device.resolve(backend._state["device"])
