@@ -32,6 +32,10 @@ check column compares the engines on the same numbers: the first forward's loss 
 caffelite's dropout masks are given to torch) or the final score map (test), as
 max |a-b| / max |b|.
 
+After each net's training rows, one more FP32 pass is profiled (``--no-profile`` skips
+it): caffelite's time per layer type with the device synchronised after every layer,
+and PyTorch's CUDA kernels by name (``torch.profiler``), to show where a gap comes from.
+
 Prints a Markdown table for BENCHMARKS.md (progress on stderr); ``--json OUT`` writes
 every number.  The whole run is one call: builds, SGEMM, the 16 measurements sharing
 ``--budget`` seconds (330: with imports, kernel compiles and net builds about 6-7
@@ -97,6 +101,8 @@ def parse_args(argv=None):
                    help="seconds for all measurements; each gets a share of what is left")
     p.add_argument("--max-seconds", type=float, default=40,
                    help="cap on the timed part of one measurement")
+    p.add_argument("--no-profile", dest="profile", action="store_false",
+                   help="skip the per-layer-type breakdown of one training pass")
     p.add_argument("--json", default=None, help="write all results to this file")
     p.add_argument("--corpus", default=default_corpus(),
                    help="the corpus folder (default: $CAFFELITE_SHARED/corpus, else "
@@ -256,6 +262,7 @@ class Device:
         self.cupy = None
         self.torch = None
         self.caffelite_gpu_error = self.torch_error = None
+        self.profiles = []
 
     def start(self, need_torch):
         if need_torch:
@@ -539,6 +546,8 @@ def bench_train(dev, key, args, clock, rates, rows):
         for engine in args.engines:
             rows.append(engine_row(dev, dict(base, **check), engine, precision, clock, rates,
                                    run[engine]))
+    if args.profile and not clock.spent():
+        dev.profiles.append(profile_train(dev, label, solver, tnet, tinputs, sgd))
     del run, solver, net, tnet, sgd, tinputs
     dev.free()
 
@@ -634,6 +643,110 @@ def print_progress(row):
             else row.get("error"))
     print(f"  {row['net']} {row['phase']} {row['engine']} {row['precision']}: {what}",
           file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------- profile
+def profile_train(dev, label, solver, tnet, tinputs, sgd):
+    """Where one FP32 training pass (forward + backward, no iter_size) spends its time:
+    caffelite per layer type (device synchronised after every layer, as ``caffelite
+    time`` does) and its solver update; torch's CUDA kernels by name (torch.profiler).
+    It guides optimisation; the timings in the main table are the unsynchronised ones."""
+    out = {"net": label}
+    try:
+        dev.set_precision("fp32")
+        out["caffelite"] = caffelite_layer_times(solver, dev.sync_caffelite)
+    except Exception as e:                 # noqa: BLE001 (reported)
+        out["caffelite_error"] = first_line(e)
+    if tnet is not None and dev.kind == "cuda":
+        try:
+            out["torch"] = torch_kernel_times(dev.torch, lambda: torch_train_step(
+                tnet, tinputs, sgd, 1), dev.sync_torch)
+        except Exception as e:             # noqa: BLE001 (reported)
+            out["torch_error"] = first_line(e)
+    return out
+
+
+def caffelite_layer_times(solver, sync):
+    net = solver.net
+    by_type = {}
+
+    def add(kind, what, seconds):
+        entry = by_type.setdefault(kind, {"forward_ms": 0.0, "backward_ms": 0.0, "layers": 0})
+        entry[what] += seconds * 1e3
+
+    for layer in net.layers:
+        add(layer.type, "forward_ms", 0.0)
+        by_type[layer.type]["layers"] += 1
+    net.clear_param_diffs()
+    sync()
+    for i, layer in enumerate(net.layers):
+        t = time.perf_counter()
+        net.forward_from_to(i, i)
+        sync()
+        add(layer.type, "forward_ms", time.perf_counter() - t)
+    for i in reversed(range(len(net.layers))):
+        t = time.perf_counter()
+        net.backward_from_to(i, i)
+        sync()
+        add(net.layers[i].type, "backward_ms", time.perf_counter() - t)
+    t = time.perf_counter()
+    solver.apply_update()
+    sync()
+    by_type["(solver update)"] = {"forward_ms": 0.0, "backward_ms":
+                                  (time.perf_counter() - t) * 1e3, "layers": 0}
+    return by_type
+
+
+def torch_kernel_times(torch, step, sync, top=12):
+    """CUDA time per kernel name of one ``step`` (after one untimed step)."""
+    from torch.profiler import ProfilerActivity, profile
+    step()
+    sync()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        sync()
+    rows = []
+    for ev in prof.key_averages():
+        us = getattr(ev, "self_device_time_total", None)
+        if us is None:
+            us = getattr(ev, "self_cuda_time_total", 0)
+        if us:
+            rows.append({"kernel": ev.key, "ms": us / 1e3, "calls": ev.count})
+    rows.sort(key=lambda r: -r["ms"])
+    total = sum(r["ms"] for r in rows)
+    return {"total_ms": total, "top": rows[:top]}
+
+
+def profile_markdown(profiles):
+    lines = []
+    for p in profiles:
+        lines.append(f"\nOne FP32 training pass of {p['net']}, per-layer synchronised:")
+        if "caffelite" in p:
+            times = p["caffelite"]
+            total = sum(v["forward_ms"] + v["backward_ms"] for v in times.values())
+            lines += ["", "| caffelite layer type | layers | forward ms | backward ms | share |",
+                      "|---|---|---|---|---|"]
+            for kind, v in sorted(times.items(),
+                                  key=lambda kv: -(kv[1]["forward_ms"] + kv[1]["backward_ms"])):
+                both = v["forward_ms"] + v["backward_ms"]
+                lines.append(f"| {kind} | {v['layers']} | {v['forward_ms']:.2f} | "
+                             f"{v['backward_ms']:.2f} | {100 * both / max(total, 1e-9):.0f} % |")
+            fwd = sum(v["forward_ms"] for v in times.values())
+            count = sum(v["layers"] for v in times.values())
+            lines.append(f"| all ({total:.2f} ms) | {count} | {fwd:.2f} | {total - fwd:.2f} "
+                         f"| 100 % |")
+        else:
+            lines.append(f"caffelite: {p.get('caffelite_error', 'not run')}")
+        if "torch" in p:
+            t = p["torch"]
+            lines += ["", f"PyTorch CUDA kernels, {t['total_ms']:.2f} ms in all (top by time):",
+                      "", "| kernel | calls | ms |", "|---|---|---|"]
+            for r in t["top"]:
+                name = r["kernel"] if len(r["kernel"]) <= 90 else r["kernel"][:87] + "..."
+                lines.append(f"| `{name}` | {r['calls']} | {r['ms']:.2f} |")
+        elif "torch_error" in p:
+            lines.append(f"torch profile: {p['torch_error']}")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------- report
@@ -745,10 +858,13 @@ def main(argv=None):
     env = environment(dev, rates)
     env["total_s"] = time.perf_counter() - started
     print(markdown(env, rows))
+    if dev.profiles:
+        print(profile_markdown(dev.profiles))
     print(f"\n(total {env['total_s']:.0f} s)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"environment": env, "rows": rows, "args": vars(args)}, f, indent=1,
+            json.dump({"environment": env, "rows": rows, "profiles": dev.profiles,
+                       "args": vars(args)}, f, indent=1,
                       default=str)
     return rows
 
