@@ -30,7 +30,7 @@ from caffelite.proto import caffe_pb2
 from caffelite.solver import (AdaDeltaSolver, AdaGradSolver, AdamSolver, NesterovSolver,
                               RMSPropSolver, SGDSolver, _cpow)
 from caffelite.kernels.host import HostKernels, compiler, nvrtc_library, nvrtc_compile
-from layer_testing import make_layer, run_forward, setup_layer
+from layer_testing import TEST, TRAIN, make_layer, run_forward, setup_layer
 
 FLOATS = [np.float32, np.float64]
 POISON_INT = -12345
@@ -71,11 +71,11 @@ def assert_within(actual, expected, bound, what):
 
 def test_every_kernel_module_is_covered_here():
     """One test group per module: im2col.cu, pooling.cu, interp.cu, softmax_loss.cu,
-    eltwise.cu, sgd_update.cu, seg_confusion.cu; permutohedral.cu (the dense CRF) is
-    tested in test_crf_gpu_kernels.py."""
-    assert kernels.module_names() == ["eltwise", "im2col", "interp", "permutohedral",
-                                      "pooling", "seg_confusion", "sgd_update",
-                                      "softmax_loss"]
+    eltwise.cu, sgd_update.cu, seg_confusion.cu, channel.cu, relu.cu; permutohedral.cu
+    (the dense CRF) is tested in test_crf_gpu_kernels.py."""
+    assert kernels.module_names() == ["channel", "eltwise", "im2col", "interp",
+                                      "permutohedral", "pooling", "relu", "seg_confusion",
+                                      "sgd_update", "softmax_loss"]
 
 
 def test_every_module_compiles_without_warnings(host_kernels):
@@ -699,3 +699,95 @@ def test_seg_confusion_reports_first_bad_label(kern, launch):
              np.array([255], np.int32), 1, confusion, first_bad, **launch)
     assert first_bad[0] == 4
     assert confusion.sum() == 4 and confusion[:, 2].sum() == 4    # all-tie scores -> class 2
+
+
+# ---------------------------------------------------------------- channel.cu, relu.cu
+def channel_layer(text, x, params, dtype, phase=TRAIN):
+    """A CPU layer with its parameter blobs set, run forward and backward out of place;
+    returns (layer, bottom, top, dy)."""
+    layer = make_layer(text, phase, dtype=dtype)
+    bottom, top = setup_layer(layer, [x], dtype=dtype)
+    for blob, value in zip(layer.blobs, params):
+        blob.data[...] = value
+    run_forward(layer, bottom, top)
+    dy = np.random.default_rng(31).standard_normal(top[0].shape).astype(dtype)
+    top[0].diff[...] = dy
+    layer.backward(top, [True], bottom)
+    return layer, bottom, top, dy
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 4, 5), (3, 7), (1, 5, 1, 1)])
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_channel_normalize_and_divide_match_batchnorm(kern, launch, shape, dtype):
+    """channel.cu: BatchNorm with stored statistics, forward (x - mean) / std and
+    backward dy / std, bit-for-bit the numpy layer."""
+    rng = np.random.default_rng(21)
+    channels = shape[1]
+    x = rng.standard_normal(shape).astype(dtype)
+    params = [rng.standard_normal(channels), rng.uniform(0.5, 2, channels), [0.75]]
+    layer, bottom, top, dy = channel_layer('type: "BatchNorm"', x, params, dtype, TEST)
+    inner = x.size // (shape[0] * channels)
+    factor = dtype(1) / dtype(0.75)
+    mean = (factor * layer.blobs[0].data).astype(dtype)
+    std = np.sqrt(factor * layer.blobs[1].data + dtype(layer.eps)).astype(dtype)
+    y = poisoned(shape, dtype)
+    kern.run("channel", "channel_normalize", dtype, x.size, x, mean, std, channels, inner, y,
+             **launch)
+    np.testing.assert_array_equal(y, top[0].data)
+    dx = poisoned(shape, dtype)
+    kern.run("channel", "channel_divide", dtype, x.size, dy, std, channels, inner, dx,
+             **launch)
+    np.testing.assert_array_equal(dx, bottom[0].diff)
+
+
+@pytest.mark.parametrize("text,shape,inner", [
+    ('type: "Scale" scale_param { bias_term: true }', (2, 3, 4, 5), 20),
+    ('type: "Scale" scale_param { axis: 2 num_axes: 1 }', (2, 3, 4, 5), 5),
+    ('type: "Scale" scale_param { bias_term: true axis: 0 }', (2, 3), 3),
+    ('type: "Bias"', (2, 3, 4, 5), 20),
+    ('type: "Bias" bias_param { axis: 2 num_axes: 1 }', (2, 3, 4, 5), 5),
+])
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_channel_scale_and_bias_match_scale_and_bias_layers(kern, launch, text, shape,
+                                                            inner, dtype):
+    """channel.cu: Scale (with and without bias, over any axis) and Bias forward, and
+    Scale's data gradient, bit-for-bit the numpy layers."""
+    rng = np.random.default_rng(22)
+    x = rng.standard_normal(shape).astype(dtype)
+    probe = make_layer(text, TRAIN, dtype=dtype)
+    setup_layer(probe, [x], dtype=dtype)
+    params = [rng.standard_normal(b.shape) for b in probe.blobs]
+    layer, bottom, top, dy = channel_layer(text, x, params, dtype)
+    channels = layer.blobs[0].count
+    blobs = [b.data for b in layer.blobs]
+    y = poisoned(shape, dtype)
+    kernel = ("channel_bias" if layer.type == "Bias" else
+              "channel_scale_bias" if len(blobs) == 2 else "channel_scale")
+    kern.run("channel", kernel, dtype, x.size, x, *blobs, channels, inner, y, **launch)
+    np.testing.assert_array_equal(y, top[0].data)
+    if layer.type == "Scale":
+        dx = poisoned(shape, dtype)
+        kern.run("channel", "channel_scale", dtype, x.size, dy, blobs[0], channels, inner,
+                 dx, **launch)
+        np.testing.assert_array_equal(dx, bottom[0].diff)
+
+
+@pytest.mark.parametrize("slope", [0.0, 0.1])
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_relu_backward_matches_relu_layer(kern, launch, slope, dtype):
+    """relu.cu: dx = dy where x > 0, else slope * dy (+0 for slope 0), bit-for-bit the
+    numpy ReLU, with zeros, NaN and infinities in x and dy."""
+    rng = np.random.default_rng(23)
+    x = rng.standard_normal((3, 4, 5, 6)).astype(dtype)
+    x.flat[:6] = [0.0, -0.0, np.nan, np.inf, -np.inf, 1e-30]
+    text = f'type: "ReLU" relu_param {{ negative_slope: {slope} }}'
+    layer, bottom, top, dy = channel_layer(text, x, [], dtype)
+    dy.flat[6:9] = [np.nan, np.inf, -0.0]
+    top[0].diff[...] = dy
+    layer.backward(top, [True], bottom)
+    dx = poisoned(x.shape, dtype)
+    # the layer's slope: the proto's float32 value, as the layer passes it to the kernel
+    kern.run("relu", "relu_backward", dtype, x.size, x, dy, layer.negative_slope, dx,
+             **launch)
+    np.testing.assert_array_equal(dx, bottom[0].diff)
+    assert np.array_equal(np.signbit(dx), np.signbit(bottom[0].diff))

@@ -328,6 +328,25 @@ def test_scale_in_place():
         np.testing.assert_allclose(u, v, rtol=1e-12)
 
 
+def test_frozen_scale_in_place_keeps_no_copy_and_backpropagates():
+    """DeepLab's ResNet Scale layers are in place with lr_mult 0: backward needs no
+    d(scale), so forward keeps no copy of the input, and dx = dy * scale still holds."""
+    x, dy = rand((2, 3, 2, 2), 70), rand((2, 3, 2, 2), 71)
+    scale, bias = rand((3,), 72), rand((3,), 73)
+    layer = make_layer('type: "Scale" scale_param { bias_term: true }', TRAIN)
+    bottom, _ = setup_layer(layer, [x])
+    layer.blobs[0].data[...], layer.blobs[1].data[...] = scale, bias
+    layer.param_propagate_down = [False, False]
+    layer.reshape(bottom, bottom)
+    layer.forward(bottom, bottom)
+    assert layer.x_saved is None
+    np.testing.assert_array_equal(bottom[0].data, x * scale[:, None, None] + bias[:, None, None])
+    bottom[0].diff[...] = dy
+    layer.backward(bottom, [True], bottom)
+    np.testing.assert_array_equal(bottom[0].diff, dy * scale[:, None, None])
+    assert all(np.all(b.diff == 0) for b in layer.blobs)
+
+
 def test_scale_in_place_two_bottoms_gradient_to_scale():
     x, s, dy = rand((2, 3, 2), 67), rand((3,), 68), rand((2, 3, 2), 69)
     layer = make_layer('type: "Scale"', TRAIN)

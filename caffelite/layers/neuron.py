@@ -11,6 +11,7 @@ from ..backend import TRAIN, get_array_module, rng
 from ..filler import fill
 from ..layer import NeuronLayer, register
 from ..proto import caffe_pb2
+from ._device import launch, on_device
 
 
 class _SavesBottomInPlace(NeuronLayer):
@@ -48,7 +49,10 @@ class ReLULayer(NeuronLayer):
         # any non-negative slope, so the gradient is the same.
         x = bottom[0].data
         dy = top[0].diff
-        if self.negative_slope == 0:
+        if on_device(xp):
+            launch("relu", "relu_backward", dy.dtype, dy.size, x, dy, self.negative_slope,
+                   bottom[0].diff)
+        elif self.negative_slope == 0:
             bottom[0].diff[...] = xp.where(x > 0, dy, dy.dtype.type(0))
         else:
             bottom[0].diff[...] = xp.where(x > 0, dy, dy * self.negative_slope)

@@ -4,6 +4,7 @@ import numpy as np
 from ..backend import TEST, get_array_module
 from ..filler import fill
 from ..layer import Layer, NeuronLayer, register
+from ._device import launch, on_device
 
 
 def _prod(dims):
@@ -61,21 +62,29 @@ class BatchNormLayer(NeuronLayer):
         x = bottom[0].data.reshape(self.dims)
         dtype = x.dtype.type
         if self.use_global_stats:
-            stored = dtype(self.blobs[2].read_host_data().reshape(-1)[0])
-            factor = dtype(0) if stored == 0 else dtype(1) / stored
-            mean = factor * self.blobs[0].data
-            var = factor * self.blobs[1].data
-            centered = x - mean[None, :, None]
-        else:
-            mean = x.mean(axis=(0, 2), dtype=x.dtype)
-            centered = x - mean[None, :, None]
-            var = (centered * centered).mean(axis=(0, 2), dtype=x.dtype)
-            self._update_running_stats(mean, var, dtype)
+            self._forward_stored_stats(xp, bottom, top, dtype)
+            return
+        mean = x.mean(axis=(0, 2), dtype=x.dtype)
+        centered = x - mean[None, :, None]
+        var = (centered * centered).mean(axis=(0, 2), dtype=x.dtype)
+        self._update_running_stats(mean, var, dtype)
         self.std = xp.sqrt(var + dtype(self.eps))[None, :, None]
-        y = centered / self.std
-        if not self.use_global_stats:
-            self.x_norm = y          # kept apart: a later in-place layer may clobber top
-        top[0].data[...] = y.reshape(top[0].shape)
+        self.x_norm = centered / self.std    # kept apart: an in-place layer may clobber top
+        top[0].data[...] = self.x_norm.reshape(top[0].shape)
+
+    def _forward_stored_stats(self, xp, bottom, top, dtype):
+        stored = dtype(self.blobs[2].read_host_data().reshape(-1)[0])
+        factor = dtype(0) if stored == 0 else dtype(1) / stored
+        mean = factor * self.blobs[0].data
+        var = factor * self.blobs[1].data
+        self.std_vector = xp.sqrt(var + dtype(self.eps))
+        self.std = self.std_vector[None, :, None]
+        if on_device(xp):
+            launch("channel", "channel_normalize", dtype, bottom[0].count, bottom[0].data,
+                   mean, self.std_vector, self.channels, self.dims[2], top[0].data)
+            return
+        x = bottom[0].data.reshape(self.dims)
+        top[0].data[...] = ((x - mean[None, :, None]) / self.std).reshape(top[0].shape)
 
     def _update_running_stats(self, mean, var, dtype):
         maf = dtype(self.moving_average_fraction)
@@ -91,6 +100,10 @@ class BatchNormLayer(NeuronLayer):
             return
         dy = top[0].diff.reshape(self.dims)
         if self.use_global_stats:
+            if on_device(get_array_module(dy)):
+                launch("channel", "channel_divide", dy.dtype, dy.size, top[0].diff,
+                       self.std_vector, self.channels, self.dims[2], bottom[0].diff)
+                return
             dx = dy / self.std
         else:
             # dx = (dy - mean(dy) - mean(dy * y) * y) / sqrt(var + eps)
@@ -192,12 +205,24 @@ class ScaleLayer(Layer):
                                  f"have the same shape")
         top[0].reshape(bottom[0].shape)
 
+    def _scale_grad_needed(self, bottom):
+        """Whether backward may compute d(scale), which needs the input data."""
+        return len(bottom) > 1 or self.param_propagate_down[0]
+
     def forward(self, bottom, top):
         x = bottom[0].data.reshape(self.dims)
         self.in_place = top[0] is bottom[0]
         # In place, the input is gone after forward but backward needs it for d(scale).
-        self.x_saved = x.copy() if self.in_place else None
-        y = x * self._scale(bottom).data.reshape(1, -1, 1)
+        self.x_saved = (x.copy() if self.in_place and self._scale_grad_needed(bottom)
+                        else None)
+        scale = self._scale(bottom).data
+        if on_device(get_array_module(x)):
+            args = (scale, self.blobs[-1].data) if self.bias_term else (scale,)
+            launch("channel", "channel_scale_bias" if self.bias_term else "channel_scale",
+                   x.dtype, x.size, bottom[0].data, *args, self.dims[1], self.dims[2],
+                   top[0].data)
+            return
+        y = x * scale.reshape(1, -1, 1)
         if self.bias_term:
             y = y + self.blobs[-1].data.reshape(1, -1, 1)
         top[0].data[...] = y.reshape(top[0].shape)
@@ -218,6 +243,10 @@ class ScaleLayer(Layer):
             else:
                 scale.diff[...] = grad
         if propagate_down[0]:
+            if on_device(get_array_module(dy)):
+                launch("channel", "channel_scale", dy.dtype, dy.size, top[0].diff,
+                       scale.data, self.dims[1], self.dims[2], bottom[0].diff)
+                return
             dx = dy * scale.data.reshape(1, -1, 1)
             bottom[0].diff[...] = dx.reshape(bottom[0].shape)
 
@@ -251,7 +280,12 @@ class BiasLayer(Layer):
         top[0].reshape(bottom[0].shape)
 
     def forward(self, bottom, top):
-        y = bottom[0].data.reshape(self.dims) + self._bias(bottom).data.reshape(1, -1, 1)
+        x = bottom[0].data
+        if on_device(get_array_module(x)):
+            launch("channel", "channel_bias", x.dtype, x.size, x, self._bias(bottom).data,
+                   self.dims[1], self.dims[2], top[0].data)
+            return
+        y = x.reshape(self.dims) + self._bias(bottom).data.reshape(1, -1, 1)
         top[0].data[...] = y.reshape(top[0].shape)
 
     def backward(self, top, propagate_down, bottom):

@@ -1,0 +1,62 @@
+// Per-channel elementwise maps of BatchNorm, Scale and Bias (one pass over the data
+// instead of CuPy's broadcast temporaries; mirrors caffelite/layers/normalization.py).
+//
+// The data is viewed as (outer, channels, inner), the layers' `dims`: element i belongs
+// to channel (i / inner) % channels. Each kernel does the numpy layer's float operations
+// in the same order, so (NVRTC with --fmad=false) the results are the same bits.
+// x and y may be the same array (in-place layers): no __restrict__ on them.
+//
+// Every kernel's first parameter is the element count of its grid-stride loop.
+#ifndef CAFFELITE_KERNEL_LOOP
+#define CAFFELITE_KERNEL_LOOP(i, n) \
+  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += blockDim.x * gridDim.x)
+#endif
+
+// BatchNorm forward: y = (x - mean[c]) / std[c].
+template <typename T>
+__global__ void channel_normalize(const int n, const T* x, const T* __restrict__ mean,
+                                  const T* __restrict__ std, const int channels,
+                                  const int inner, T* y) {
+  CAFFELITE_KERNEL_LOOP(i, n) {
+    const int c = (i / inner) % channels;
+    y[i] = (x[i] - mean[c]) / std[c];
+  }
+}
+
+// BatchNorm backward with the stored statistics: dx = dy / std[c].
+template <typename T>
+__global__ void channel_divide(const int n, const T* x, const T* __restrict__ divisor,
+                               const int channels, const int inner, T* y) {
+  CAFFELITE_KERNEL_LOOP(i, n) {
+    y[i] = x[i] / divisor[(i / inner) % channels];
+  }
+}
+
+// Scale forward (no bias) and Scale backward to the data: y = x * scale[c].
+template <typename T>
+__global__ void channel_scale(const int n, const T* x, const T* __restrict__ scale,
+                              const int channels, const int inner, T* y) {
+  CAFFELITE_KERNEL_LOOP(i, n) {
+    y[i] = x[i] * scale[(i / inner) % channels];
+  }
+}
+
+// Scale forward with bias_term: y = x * scale[c] + bias[c].
+template <typename T>
+__global__ void channel_scale_bias(const int n, const T* x, const T* __restrict__ scale,
+                                   const T* __restrict__ bias, const int channels,
+                                   const int inner, T* y) {
+  CAFFELITE_KERNEL_LOOP(i, n) {
+    const int c = (i / inner) % channels;
+    y[i] = x[i] * scale[c] + bias[c];
+  }
+}
+
+// Bias forward: y = x + bias[c].
+template <typename T>
+__global__ void channel_bias(const int n, const T* x, const T* __restrict__ bias,
+                             const int channels, const int inner, T* y) {
+  CAFFELITE_KERNEL_LOOP(i, n) {
+    y[i] = x[i] + bias[(i / inner) % channels];
+  }
+}
