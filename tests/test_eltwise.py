@@ -61,6 +61,24 @@ def test_sum_is_exact_in_float32_for_unit_coefficients():
     np.testing.assert_array_equal(y, (arrays[0] + arrays[1]) + arrays[2])
 
 
+
+@pytest.mark.parametrize("text", [
+    'type: "Eltwise"',
+    'type: "Eltwise" eltwise_param { coeff: 2 coeff: -1 coeff: 0.5 }'])
+@pytest.mark.parametrize("which", [0, 1, 2])
+def test_sum_in_place_on_any_bottom(text, which):
+    """Top may be any of the bottoms (Caffe allows it): the sum still reads every
+    bottom before it is overwritten, in Caffe's order ((c0 x0 + c1 x1) + c2 x2)."""
+    arrays = [randn(seed=10 + i) for i in range(3)]
+    coeffs = [np.float32(c) for c in ((2, -1, 0.5) if "coeff" in text else (1, 1, 1))]
+    expected = (coeffs[0] * arrays[0] + coeffs[1] * arrays[1]) + coeffs[2] * arrays[2]
+    layer = make_layer(text, TEST, np.float32)
+    bottom, _ = setup_layer(layer, arrays, 1, np.float32)
+    top = [bottom[which]]
+    layer.reshape(bottom, top)
+    layer.forward(bottom, top)
+    np.testing.assert_array_equal(top[0].data, expected)
+
 # ------------------------------------------------------------------ gradients
 @pytest.mark.parametrize("text,n", [
     ('type: "Eltwise"', 2),

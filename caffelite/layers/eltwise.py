@@ -62,6 +62,12 @@ class EltwiseLayer(Layer):
 
     def forward(self, bottom, top):
         xp = get_array_module(bottom[0].data)
+        if self.op == SUM and self._plain_sum(bottom, top):
+            # (x0 + x1) + x2 + ... written straight into top: no temporaries
+            xp.add(bottom[0].data, bottom[1].data, out=top[0].data)
+            for b in bottom[2:]:
+                top[0].data += b.data
+            return
         if self.op == SUM:
             y = self._scaled(bottom[0].data, self.coeffs[0])
             for b, c in zip(bottom[1:], self.coeffs[1:]):
@@ -104,6 +110,11 @@ class EltwiseLayer(Layer):
                    self.TIES_TO_LATER, out, self.max_idx)
         if in_place:
             top[0].data[...] = out
+
+    def _plain_sum(self, bottom, top):
+        """All coefficients 1 and top is none of the bottoms read after it is written."""
+        return (all(c == 1 for c in self.coeffs)
+                and not any(top[0] is b for b in bottom[2:]))
 
     @staticmethod
     def _scaled(x, c):
