@@ -35,7 +35,7 @@ def test_modules_compile_once_per_process():
     for name in kernels.module_names():
         first = kernels.load_module(name)
         assert kernels.load_module(name) is first
-        for kernel in first.caffelite_signatures:
+        for kernel in kernels.module_signatures(name):
             for dtype in kernels.DTYPES:
                 assert kernels.get_kernel(first, kernel, dtype) is not None
 

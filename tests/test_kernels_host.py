@@ -131,6 +131,21 @@ def test_loader_errors_and_argument_checks():
             kernels.load_module("eltwise")
 
 
+
+def test_loader_builds_real_cupy_modules_without_a_device(monkeypatch):
+    """Where CuPy is installed (CI installs it; no GPU needed), load_module builds every
+    module as a real cupy.RawModule with the loader's options and name expressions and
+    caches it: catches what the emulator never runs (e.g. setting attributes on the
+    Cython RawModule). Compiling needs a device, so get_function is not called."""
+    cupy = pytest.importorskip("cupy")
+    monkeypatch.setattr(kernels, "_cupy_checked", [cupy])
+    monkeypatch.setattr(kernels, "_modules", {})
+    monkeypatch.setattr(cupy.cuda, "Device", lambda *a: types.SimpleNamespace(id=0))
+    for name in kernels.module_names():
+        module = kernels.load_module(name)
+        assert isinstance(module, cupy.RawModule)
+        assert kernels.load_module(name) is module
+
 # =============================================================== im2col.cu
 IM2COL_CASES = [
     # channels, (H, W), kernel, stride, pad, dilation

@@ -145,24 +145,31 @@ def load_module(name):
     key = (name, cupy.cuda.Device().id)
     module = _modules.get(key)
     if module is None:
-        signatures = module_signatures(name)
-        expressions = [f"{k}<{t}>" for k in signatures for t in DTYPES.values()]
+        expressions = [f"{k}<{t}>" for k in module_signatures(name) for t in DTYPES.values()]
+        # (a RawModule is a Cython object: it takes no extra attributes)
         module = cupy.RawModule(code=source(name), options=NVRTC_OPTIONS,
                                 name_expressions=expressions)
-        module.caffelite_name = name
-        module.caffelite_signatures = signatures
         _modules[key] = module
     return module
 
 
+_kernels = {}
+
+
 def get_kernel(module, name, dtype=None):
     """Kernel ``name`` of ``module`` (a RawModule or a module name): ``name`` is either
-    an instantiation such as ``"im2col<float>"`` or a bare name with ``dtype`` given."""
+    an instantiation such as ``"im2col<float>"`` or a bare name with ``dtype`` given.
+    Looked up once per module and instantiation (CuPy's get_function makes a new
+    RawKernel and asks the driver for the function on every call)."""
     if isinstance(module, str):
         module = load_module(module)
     if dtype is not None:
         name = f"{name}<{ctype_name(dtype)}>"
-    return module.get_function(name)
+    key = (id(module), name)
+    cached = _kernels.get(key)
+    if cached is None or cached[0] is not module:
+        cached = _kernels[key] = (module, module.get_function(name))
+    return cached[1]
 
 
 def convert_args(params, dtype, args, xp):
