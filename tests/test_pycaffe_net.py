@@ -83,7 +83,9 @@ def test_forward_backward_start_end_return_the_layer_tops(net_file):
     net.blobs["ip_blob"].diff[...] = top_diff
     grads = net.backward(start="ip", end="ip")
     assert set(grads) == {"conv"}
-    np.testing.assert_allclose(grads["conv"], (top_diff @ w).reshape(conv.shape), rtol=1e-5)
+    # float32 sums may cancel: bound the error by the size of the terms, not the result
+    scale = (np.abs(top_diff) @ np.abs(w)).reshape(conv.shape)
+    assert np.all(np.abs(grads["conv"] - (top_diff @ w).reshape(conv.shape)) <= 1e-5 * scale)
     assert set(net.forward(blobs=["conv"])) == {"loss", "conv"}
 
 

@@ -222,6 +222,21 @@ def col2im_band(xp, col, image, geom, grid_shape, r0, r1, first):
 # Shapes: image (N, C, *img_shape), grid (N, O, *grid_shape), weight (O, C/group, *kernel).
 # Convolution: forward = forward_gemm(bottom -> top); backward = weight_gemm + backward_gemm.
 # Deconvolution swaps the roles (image = top, grid = bottom).
+#
+# Every product is a 2-D matmul per group (Caffe's gemm calls): on CuPy a 2-D matmul is
+# one cublasGemmEx that takes transposed operands as they are and honours the TF32
+# compute type, where a batched (3-D) matmul would copy transposed operands to
+# contiguous ones and always compute in plain FP32.
+
+def _per_group(matrix, group):
+    """The (rows/group, cols) blocks of a (rows, cols) matrix view, one per group."""
+    rows = matrix.shape[0] // group
+    return [matrix[g * rows:(g + 1) * rows] for g in range(group)]
+
+
+def _matrix(array, rows):
+    return view(array, (rows, -1))
+
 
 def forward_gemm(image, weight, out, geom, group, budget=None):
     """out[n] = W * im2col(image[n]) per group (overwrites ``out``)."""
@@ -229,20 +244,22 @@ def forward_gemm(image, weight, out, geom, group, budget=None):
     num, channels = image.shape[:2]
     n_out = weight.shape[0]
     grid_shape = out.shape[2:]
-    w3 = view(weight, (group, n_out // group, -1))
+    w_g = _per_group(_matrix(weight, n_out), group)
+
+    def product(col, band):
+        for w, c, o in zip(w_g, _per_group(col, group), _per_group(band, group)):
+            xp.matmul(w, c, out=o)
+
     if geom.is_1x1:
-        cols = int(np.prod(grid_shape, dtype=np.int64))
-        xp.matmul(w3, view(image, (num, group, channels // group, cols)),
-                  out=view(out, (num, group, n_out // group, cols)))
+        for n in range(num):
+            product(_matrix(image[n], channels), _matrix(out[n], n_out))
         return
     chunk = rows_per_chunk(channels, geom, grid_shape, image.dtype.itemsize, budget, xp)
     for n in range(num):
         for r0, r1 in _bands(grid_shape[0], chunk):
             col = _band_col(channels, geom, grid_shape, r0, r1, image.dtype, xp)
             im2col_band(xp, image[n], col, geom, grid_shape, r0, r1)
-            band = out[n, :, r0:r1]
-            xp.matmul(w3, view(col, (group, w3.shape[2], -1)),
-                      out=view(band, (group, n_out // group, -1)))
+            product(_matrix(col, channels * geom.taps), _matrix(out[n, :, r0:r1], n_out))
 
 
 def backward_gemm(grid, weight, image, geom, group, budget=None):
@@ -251,19 +268,21 @@ def backward_gemm(grid, weight, image, geom, group, budget=None):
     num, n_out = grid.shape[:2]
     channels = image.shape[1]
     grid_shape = grid.shape[2:]
-    w3t = view(weight, (group, n_out // group, -1)).transpose(0, 2, 1)
+    w_g = _per_group(_matrix(weight, n_out), group)
+
+    def product(band, col):
+        for w, b, c in zip(w_g, _per_group(band, group), _per_group(col, group)):
+            xp.matmul(w.T, b, out=c)
+
     if geom.is_1x1:
-        cols = int(np.prod(grid_shape, dtype=np.int64))
-        xp.matmul(w3t, view(grid, (num, group, n_out // group, cols)),
-                  out=view(image, (num, group, channels // group, cols)))
+        for n in range(num):
+            product(_matrix(grid[n], n_out), _matrix(image[n], channels))
         return
     chunk = rows_per_chunk(channels, geom, grid_shape, grid.dtype.itemsize, budget, xp)
     for n in range(num):
         for r0, r1 in _bands(grid_shape[0], chunk):
             col = _band_col(channels, geom, grid_shape, r0, r1, grid.dtype, xp)
-            band = grid[n, :, r0:r1]
-            xp.matmul(w3t, view(band, (group, n_out // group, -1)),
-                      out=view(col, (group, w3t.shape[1], -1)))
+            product(_matrix(grid[n, :, r0:r1], n_out), _matrix(col, channels * geom.taps))
             col2im_band(xp, col, image[n], geom, grid_shape, r0, r1, first=r0 == 0)
 
 
@@ -273,18 +292,19 @@ def weight_gemm(image, grid, weight_diff, geom, group, budget=None):
     num, channels = image.shape[:2]
     n_out = grid.shape[1]
     grid_shape = grid.shape[2:]
-    dw3 = view(weight_diff, (group, n_out // group, -1))
+    dw_g = _per_group(_matrix(weight_diff, n_out), group)
+
+    def product(band, col):
+        for dw, b, c in zip(dw_g, _per_group(band, group), _per_group(col, group)):
+            dw += xp.matmul(b, c.T)
+
     if geom.is_1x1:
-        cols = int(np.prod(grid_shape, dtype=np.int64))
-        g4 = view(grid, (num, group, n_out // group, cols))
-        i4 = view(image, (num, group, channels // group, cols))
         for n in range(num):
-            dw3 += xp.matmul(g4[n], i4[n].transpose(0, 2, 1))
+            product(_matrix(grid[n], n_out), _matrix(image[n], channels))
         return
     chunk = rows_per_chunk(channels, geom, grid_shape, image.dtype.itemsize, budget, xp)
     for n in range(num):
         for r0, r1 in _bands(grid_shape[0], chunk):
             col = _band_col(channels, geom, grid_shape, r0, r1, image.dtype, xp)
             im2col_band(xp, image[n], col, geom, grid_shape, r0, r1)
-            band = view(grid[n, :, r0:r1], (group, n_out // group, -1))
-            dw3 += xp.matmul(band, view(col, (group, dw3.shape[2], -1)).transpose(0, 2, 1))
+            product(_matrix(grid[n, :, r0:r1], n_out), _matrix(col, channels * geom.taps))
