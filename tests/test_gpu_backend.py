@@ -252,6 +252,48 @@ def test_batchnorm_global_stats_reads_its_scale_factor_without_a_copy_per_forwar
         assert emulator.copies_to_host[0] == host_copies
 
 
+def _solver_reads_per_step(with_batchnorm):
+    """Device->host reads of the emulator in one training step (after a warm-up step)."""
+    from google.protobuf import text_format
+    from caffelite.kernels import emulator
+    frozen = 'param { lr_mult: 0 } ' * 3
+    bn = (f'layer {{ name: "bn" type: "BatchNorm" bottom: "c" top: "c" {frozen}'
+          f'batch_norm_param {{ use_global_stats: true }} }}' if with_batchnorm else "")
+    solver_param = caffe.proto.caffe_pb2.SolverParameter()
+    text_format.Merge(f"""
+      base_lr: 0.01 momentum: 0.9 lr_policy: "fixed" max_iter: 10 display: 0
+      net_param {{
+        input: "x" input_shape {{ dim: 2 dim: 3 dim: 5 dim: 5 }}
+        input: "y" input_shape {{ dim: 2 dim: 4 dim: 5 dim: 5 }}
+        layer {{ name: "conv" type: "Convolution" bottom: "x" top: "c"
+                convolution_param {{ num_output: 4 kernel_size: 3 pad: 1
+                                     weight_filler {{ type: "gaussian" std: 0.1 }} }} }}
+        {bn}
+        layer {{ name: "loss" type: "EuclideanLoss" bottom: "c" bottom: "y" top: "loss" }}
+      }}""", solver_param)
+    solver = caffe.get_solver(solver_param)
+    if with_batchnorm:
+        mean, var, factor = solver.net.params["bn"]
+        mean.data[...], var.data[...], factor.data[...] = 0.5, 2.0, 3.0
+    solver.step(1)
+    before = emulator.copies_to_host[0]
+    solver.step(1)
+    return emulator.copies_to_host[0] - before
+
+
+def test_frozen_batchnorm_adds_no_device_to_host_read_per_training_step():
+    """The solver's update marks BatchNorm's statistics device-newer every iteration;
+    the layer then computes its scale factor on the device instead of reading blobs[2]
+    back (Caffe reads cpu_data() there: one sync per BatchNorm per iteration)."""
+    backend.set_mode_gpu(emulate=True)
+    try:
+        with_bn, without_bn = _solver_reads_per_step(True), _solver_reads_per_step(False)
+    finally:
+        backend.set_mode_cpu()
+    assert without_bn > 0          # the loss value is read every step: the count works
+    assert with_bn == without_bn
+
+
 def test_a_snapshot_in_gpu_mode_does_not_send_the_weights_back_to_the_device(gpu, tmp_path):
     from google.protobuf import text_format
     from caffelite import blob as blob_module

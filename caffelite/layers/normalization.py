@@ -72,9 +72,18 @@ class BatchNormLayer(NeuronLayer):
         self.x_norm = centered / self.std    # kept apart: an in-place layer may clobber top
         top[0].data[...] = self.x_norm.reshape(top[0].shape)
 
-    def _forward_stored_stats(self, xp, bottom, top, dtype):
+    def _scale_factor(self, xp, dtype):
+        """1 / blobs[2] (0 where it is 0): on the device without a device->host read,
+        since a solver update marks the blob device-newer every iteration."""
+        if on_device(xp):
+            stored = self.blobs[2].data.reshape(-1)[:1]
+            zero = stored == 0
+            return xp.where(zero, dtype(0), dtype(1) / xp.where(zero, dtype(1), stored))
         stored = dtype(self.blobs[2].read_host_data().reshape(-1)[0])
-        factor = dtype(0) if stored == 0 else dtype(1) / stored
+        return dtype(0) if stored == 0 else dtype(1) / stored
+
+    def _forward_stored_stats(self, xp, bottom, top, dtype):
+        factor = self._scale_factor(xp, dtype)
         mean = factor * self.blobs[0].data
         var = factor * self.blobs[1].data
         self.std_vector = xp.sqrt(var + dtype(self.eps))
