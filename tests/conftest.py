@@ -9,6 +9,14 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 SHARED = os.environ.get("CAFFELITE_SHARED", os.path.join(os.path.dirname(ROOT), "shared"))
 CORPUS = os.path.join(SHARED, "corpus")
 
+# Where cupy is importable (no GPU needed), the GPU emulator checks every array-API call
+# against it, so what the emulated GPU tests run is what CuPy accepts (set the variable
+# to 0 to switch the check off); subprocesses inherit the variable.
+os.environ.setdefault("CAFFELITE_EMULATOR_CUPY_CHECK", "1")
+from caffelite.kernels import emulator as _emulator  # noqa: E402
+
+_emulator.set_cupy_check(None)
+
 
 @pytest.fixture(autouse=True)
 def _restore_caffelite_logger():

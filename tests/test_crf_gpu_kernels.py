@@ -12,6 +12,7 @@ and exact results on dyadic data whatever the order. test_crf_gpu_device.py impo
 these tests and runs them on a GPU.
 """
 import argparse
+import sys
 import types
 
 import numpy as np
@@ -421,20 +422,13 @@ def _run_verb(argv):
     return args.func(args)
 
 
-def _no_cupy():
-    try:
-        import cupy  # noqa: F401
-    except ImportError:
-        return True
-    return False
-
-
-@pytest.mark.skipif(not _no_cupy(), reason="CuPy is installed here")
 def test_gpu_flag_without_cupy_fails_in_one_sentence(tmp_path, monkeypatch, capsys):
     """Without CuPy, --gpu stops before any work with the loader's one sentence (and
     the caffelite entry point prints it as one error line, no traceback)."""
     from caffelite import cli
     monkeypatch.delenv(crf_device_module.EMULATOR_VARIABLE, raising=False)
+    monkeypatch.setitem(sys.modules, "cupy", None)          # `import cupy` fails
+    monkeypatch.setattr(kernels, "_cupy_checked", [])       # forget a found CuPy
     feats, imgs, _ = _write_case(tmp_path, ["a"])
     (tmp_path / "ids.txt").write_text("a\n")
     argv = ["crf", "--features", str(feats), "--images", str(imgs), "--list",

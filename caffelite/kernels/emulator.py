@@ -13,7 +13,14 @@
 
 It is for tests and kernel development: it is slow and checks nothing about real
 GPU timing, memory or atomics ordering.
+
+Being numpy, it would accept any numpy function, method or keyword, also those CuPy
+lacks. Its conformance mode (``set_cupy_check()``, or ``CAFFELITE_EMULATOR_CUPY_CHECK=1``;
+needs an importable ``cupy``, no GPU) checks every call made through it against the
+installed CuPy and raises ``TypeError`` for what CuPy would reject
+(``kernels.cupy_conformance``).
 """
+import functools
 import os
 import sys
 import tempfile
@@ -21,10 +28,15 @@ import types
 
 import numpy as _np
 
+from . import cupy_conformance as _conformance
+
 class ndarray(_np.ndarray):        # noqa: N801  (CuPy's spelling)
     """Host memory posing as device memory; refuses to mix with host arrays."""
 
     def __array_ufunc__(self, ufunc, method, *inputs, out=None, **kwargs):
+        if _conformance.active() and _conformance.called_by_user(1):
+            given = kwargs if out is None else dict(kwargs, out=out)
+            _conformance.check_array_ufunc(ufunc, method, inputs, given)
         inputs = tuple(_to_plain(x, ufunc.__name__) for x in inputs)
         if out is not None:
             kwargs["out"] = tuple(_to_plain(o, ufunc.__name__) for o in out)
@@ -34,6 +46,8 @@ class ndarray(_np.ndarray):        # noqa: N801  (CuPy's spelling)
         return _to_device_result(result)
 
     def __array_function__(self, func, types_, args, kwargs):
+        if _conformance.active() and _conformance.called_by_user(1):
+            _conformance.check_array_function(func, args, kwargs)
         name = getattr(func, "__name__", "function")
         args = _to_plain_tree(args, name)
         kwargs = _to_plain_tree(kwargs, name)
@@ -54,9 +68,9 @@ class ndarray(_np.ndarray):        # noqa: N801  (CuPy's spelling)
     def sort(self, axis=-1, kind=None, order=None):
         _np.ndarray.sort(self, axis=axis, kind="stable", order=order)
 
-    def get(self):
+    def get(self, stream=None, order="C", out=None, blocking=True):
         """CuPy's device→host copy."""
-        return asnumpy(self)
+        return asnumpy(self, stream=stream, order=order, out=out, blocking=blocking)
 
     def __repr__(self):
         return "emulated_device_" + repr(self.view(_np.ndarray))
@@ -112,33 +126,81 @@ def _to_device_result(result):
     return result
 
 
-def _device_function(fn):
-    """numpy function ``fn`` taking device (not host) arrays, giving device arrays."""
+def _device_function(fn, cupy_fn=None, label=None):
+    """numpy function ``fn`` taking device (not host) arrays, giving device arrays; its
+    calls are checked against CuPy's ``cupy_fn`` (named ``label``) if one is given."""
+    name = getattr(fn, "__name__", "function")
+
     def call(*args, **kwargs):
-        name = getattr(fn, "__name__", "function")
+        if cupy_fn is not None and _conformance.active():
+            _conformance.check_call(label, cupy_fn, args, kwargs)
         return _to_device_result(fn(*_to_plain_tree(args, name),
                                     **_to_plain_tree(kwargs, name)))
-    call.__name__ = getattr(fn, "__name__", "function")
+    call.__name__ = name
     call.__doc__ = fn.__doc__
     return call
 
 
-class _DeviceUfunc:
-    """A numpy ufunc refusing host arrays; methods (``reduce``, ``at`` …) too."""
+def _cupy_counterpart(namespace, name):
+    """In conformance mode: CuPy's ``namespace.name`` (an error if CuPy has none)."""
+    if not _conformance.active() or name.startswith("_"):
+        return None
+    return _conformance.cupy_attribute(namespace, name)
 
-    def __init__(self, ufunc):
+
+def _cupy_api(fn):
+    """An emulator function standing for ``cupy.<its name>``: calls checked against it."""
+    @functools.wraps(fn)
+    def checked(*args, **kwargs):
+        if _conformance.active():
+            cupy_fn = _conformance.cupy_attribute("", fn.__name__)
+            _conformance.check_call(f"cupy.{fn.__name__}", cupy_fn, args, kwargs)
+        return fn(*args, **kwargs)
+    return checked
+
+
+_UFUNC_METHODS = frozenset({"reduce", "accumulate", "reduceat", "at", "outer"})
+
+
+class _DeviceUfunc:
+    """A numpy ufunc refusing host arrays; methods (``reduce``, ``at`` …) too. Calls
+    are checked against CuPy's ufunc ``cupy_ufunc`` if one is given."""
+
+    def __init__(self, ufunc, cupy_ufunc=None, label=None):
         self._ufunc = ufunc
+        self._cupy = cupy_ufunc
+        self._label = label
         self.__name__ = ufunc.__name__
 
     def __call__(self, *args, **kwargs):
+        if self._cupy is not None and _conformance.active():
+            _conformance.check_ufunc_call(self._label, self._cupy, args, kwargs)
         return _device_function(self._ufunc)(*args, **kwargs)
 
     def __getattr__(self, name):
         attr = getattr(self._ufunc, name)
+        if self._cupy is not None and _conformance.active() and not name.startswith("_"):
+            return self._checked_attribute(name, attr)
         return _device_function(attr) if callable(attr) else attr
+
+    def _checked_attribute(self, name, attr):
+        if name not in _UFUNC_METHODS:
+            if not hasattr(self._cupy, name):
+                raise _conformance.CupyMissingError(
+                    f"CuPy's {self._label} has no attribute '{name}'")
+            return _device_function(attr) if callable(attr) else attr
+        _conformance.ufunc_method(self._label, self._cupy, name)
+        run = _device_function(attr)
+
+        def method(*args, **kwargs):
+            _conformance.check_ufunc_method_call(self._label, self._cupy, name, args, kwargs)
+            return run(*args, **kwargs)
+        method.__name__ = name
+        return method
 
 
 # --- host <-> device ------------------------------------------------------------------
+@_cupy_api
 def asarray(a, dtype=None, order=None):
     """To the device (a copy from host memory, like CuPy's transfer)."""
     if isinstance(a, ndarray) and (dtype is None or a.dtype == dtype):
@@ -147,11 +209,13 @@ def asarray(a, dtype=None, order=None):
     return _np.array(plain, dtype=dtype, order=order or "K").view(ndarray)
 
 
+@_cupy_api
 def array(a, dtype=None, copy=True, order="K", ndmin=0):
     plain = a.view(_np.ndarray) if isinstance(a, ndarray) else a
     return _np.array(plain, dtype=dtype, copy=copy, order=order, ndmin=ndmin).view(ndarray)
 
 
+@_cupy_api
 def ascontiguousarray(a, dtype=None):
     return asarray(_np.ascontiguousarray(_to_plain(a, "ascontiguousarray"), dtype=dtype))
 
@@ -160,18 +224,20 @@ def ascontiguousarray(a, dtype=None):
 copies_to_host = [0]
 
 
-def asnumpy(a, stream=None, out=None):
+@_cupy_api
+def asnumpy(a, stream=None, order="C", out=None, blocking=True):
     if isinstance(a, ndarray):
         copies_to_host[0] += 1
-        host = _np.array(a.view(_np.ndarray))
+        host = _np.array(a.view(_np.ndarray), order=order)
     else:
-        host = _np.asarray(a)
+        host = _np.asarray(a, order=order)
     if out is not None:
         out[...] = host
         return out
     return host
 
 
+@_cupy_api
 def get_array_module(*arrays):
     for a in arrays:
         if isinstance(a, ndarray):
@@ -190,7 +256,9 @@ class _Random:
         self._rng.seed(seed)
 
     def __getattr__(self, name):
-        return _device_function(getattr(self._rng, name))
+        fn = getattr(self._rng, name)
+        cupy_fn = _cupy_counterpart("random", name)
+        return _device_function(fn, cupy_fn, f"cupy.random.{name}")
 
 
 random = _Random()
@@ -267,11 +335,13 @@ def launch(module_name, kernel_name, dtype, *args, grid=None, block=256):
     host_kernels().run(module_name, kernel_name, dtype, *plain, grid=grid, block=block)
 
 
+@_cupy_api
 def sort(a, axis=-1, kind=None, order=None):
     """CuPy's sorts are stable; so are the emulator's (ties keep their order)."""
     return _device_function(_np.sort)(a, axis=axis, kind="stable", order=order)
 
 
+@_cupy_api
 def argsort(a, axis=-1, kind=None, order=None):
     return _device_function(_np.argsort)(a, axis=axis, kind="stable", order=order)
 
@@ -279,8 +349,60 @@ def argsort(a, axis=-1, kind=None, order=None):
 # Everything else: numpy's functions (device in, device out) and its types and constants.
 def __getattr__(name):
     attr = getattr(_np, name)
+    cupy_attr = _cupy_counterpart("", name)
     if isinstance(attr, _np.ufunc):
-        return _DeviceUfunc(attr)
+        return _DeviceUfunc(attr, cupy_attr, f"cupy.{name}")
     if isinstance(attr, type) or not callable(attr):
         return attr
-    return _device_function(attr)
+    return _device_function(attr, cupy_attr, f"cupy.{name}")
+
+
+# --- conformance mode: would real CuPy accept these calls? --------------------------------
+_generic_getattribute = _np.ndarray.__getattribute__
+_cupy_properties = set()     # cupy.ndarray's non-method members (shape, dtype ...)
+
+
+def _checked_getattribute(self, name):
+    """ndarray.__getattribute__ in conformance mode: a public member that caffelite
+    code (not numpy's or the emulator's internals) reads must exist on cupy.ndarray,
+    and a method's arguments must bind to CuPy's signature."""
+    value = _generic_getattribute(self, name)
+    if name in _cupy_properties or name.startswith("_") or \
+            not _conformance.called_by_user(1):
+        return value
+    member = _conformance.ndarray_member(name)
+    if not callable(value) or not _conformance.is_ndarray_method(member):
+        return value
+
+    def method(*args, **kwargs):
+        _conformance.check_call(f"cupy.ndarray.{name}", member, args, kwargs)
+        return value(*args, **kwargs)
+    method.__name__ = name
+    return method
+
+
+def set_cupy_check(enabled=True):
+    """Conformance mode on (True) or off (False), or as ``CAFFELITE_EMULATOR_CUPY_CHECK``
+    says (None). It stays off where ``cupy`` cannot be imported. Returns whether it is on.
+
+    In the mode, every function, ufunc (and ufunc method), ``random`` function and
+    ndarray member used through the emulator, and every numpy function or ufunc
+    called on its arrays, must exist in CuPy and take the given arguments there;
+    otherwise ``TypeError`` (``cupy_conformance.CupyConformanceError``)."""
+    on = _conformance.configure(enabled)
+    if on:
+        cupy_ndarray = _conformance.cupy_module().ndarray
+        _cupy_properties.clear()
+        _cupy_properties.update(n for n in dir(cupy_ndarray) if not n.startswith("_") and
+                                not _conformance.is_ndarray_method(getattr(cupy_ndarray, n)))
+        ndarray.__getattribute__ = _checked_getattribute
+    elif "__getattribute__" in ndarray.__dict__:
+        del ndarray.__getattribute__
+    return on
+
+
+def cupy_check_active():
+    return _conformance.active()
+
+
+set_cupy_check(None)
