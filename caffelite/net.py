@@ -21,6 +21,18 @@ from .log import logger
 from .proto import caffe_pb2
 
 
+
+def _weighted_loss(terms):
+    """sum of weight * value over (weight, value) in order, the values being float64
+    sums on the host or the device: all device values come back in one copy."""
+    device = [v for _, v in terms if not isinstance(v, np.generic)]
+    values = iter(backend.to_host(backend.device_module().stack(device)).tolist()
+                  if device else [])
+    loss = 0.0
+    for w, v in terms:
+        loss += w * (float(v) if isinstance(v, np.generic) else next(values))
+    return loss
+
 class NetError(ValueError):
     pass
 
@@ -395,7 +407,7 @@ class Net:
     def forward_from_to(self, start=0, end=None):
         end = len(self.layers) - 1 if end is None else end
         gpu = backend.is_gpu()
-        loss = 0.0
+        loss_terms = []
         for i in range(start, end + 1):
             layer, bottom, top = self.layers[i], self.bottom_blobs[i], self.top_blobs[i]
             on_device = gpu and layer.runs_on_device
@@ -409,8 +421,8 @@ class Net:
                 for t, w in zip(top, layer.loss_weights):
                     if w:
                         xp = backend.get_array_module(t.data)
-                        loss += w * float(xp.sum(t.data, dtype=xp.float64))
-        return loss
+                        loss_terms.append((w, xp.sum(t.data, dtype=xp.float64)))
+        return _weighted_loss(loss_terms)
 
     def backward_from_to(self, start=None, end=0):
         start = len(self.layers) - 1 if start is None else start

@@ -1,5 +1,7 @@
-"""GPU mode keeps no growing state: after the second training iteration, further
-iterations allocate nothing that stays alive (Caffe's fixed blobs and workspace).
+"""GPU mode's steady state on the emulator: no growing memory, few device->host reads.
+
+Memory: after the second training iteration, further iterations allocate nothing that
+stays alive (Caffe's fixed blobs and workspace).
 
 On the emulator every device array is numpy memory, which numpy reports to
 ``tracemalloc`` (traced from the second iteration on): the live bytes after iteration 2
@@ -44,3 +46,26 @@ def test_emulated_training_memory_is_flat_after_the_second_iteration(tmp_path, c
         backend.set_mode_cpu()
     assert with_leak - after_four >= kept.nbytes
     assert after_four == after_two, f"{after_four - after_two} bytes more after 2 iterations"
+
+
+def test_emulated_training_step_reads_back_one_value_set_per_loss_and_accuracy(tmp_path):
+    """Each device->host read stalls the host until the GPU has caught up. Per training
+    step of ASPP-VGG: SoftmaxWithLoss's NaN check and VALID count (one copy), the
+    SegAccuracy confusion matrix with its bad-label index (one copy; Caffe's layer reads
+    it too) and the Net's loss total (one copy for all loss layers): three."""
+    from caffelite.kernels import emulator
+    backend.set_mode_gpu(emulate=True)
+    try:
+        solver = corpus_train_solver(tmp_path, "deeplabv2_vgg16_aspp_l/train.prototxt")
+        solver.param.base_lr = 1e-7
+        kinds = [layer.type for layer in solver.net.layers]
+        solver.step(1)
+        before = emulator.copies_to_host[0]
+        solver.step(1)
+        reads = emulator.copies_to_host[0] - before
+    finally:
+        backend.set_mode_cpu()
+    expected = kinds.count("SoftmaxWithLoss") + kinds.count("SegAccuracy") + 1
+    assert kinds.count("SoftmaxWithLoss") == 1 and kinds.count("SegAccuracy") == 1
+    assert reads == expected
+

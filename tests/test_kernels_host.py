@@ -458,7 +458,7 @@ def test_softmax_loss_matches_numpy(kern, launch, ignore, dtype):
     """softmax_loss.cu softmax_loss_forward: per-position -log(max(p, FLT_MIN)) (within
     4 eps of numpy's log) and count, whose sums give SoftmaxWithLoss's loss and VALID
     normalizer; ignored positions give 0 and 0. softmax_loss_backward: (p - onehot) *
-    loss_weight / normalizer, 0 at ignored positions, bit-for-bit."""
+    (loss top diff / normalizer), 0 at ignored positions, bit-for-bit."""
     shape, channels = (2, 4, 3, 5), 4
     x = softmax_case(shape, dtype)
     rng = np.random.default_rng(13)
@@ -490,10 +490,10 @@ def test_softmax_loss_matches_numpy(kern, launch, ignore, dtype):
 
     top[0].diff[...] = 2.5                    # loss_weight
     layer.backward(top, [True, False], bottom)
-    scale = dtype(dtype(2.5) / dtype(layer.norm))
     diff = poisoned(shape, dtype)
     kern.run("softmax_loss", "softmax_loss_backward", dtype, n, layer.prob, labels, channels,
-             inner, has_ignore, ignore_value, scale, diff, **launch)
+             inner, has_ignore, ignore_value, np.array([2.5], dtype), layer.norm, diff,
+             **launch)
     np.testing.assert_array_equal(diff, bottom[0].diff)
 
 

@@ -94,13 +94,16 @@ __global__ void softmax_loss_forward(const int n, const T* __restrict__ prob,
 }
 
 // bottom_diff = (p - onehot(label)) * scale, 0 at ignored positions; scale is
-// loss_weight / normalizer (computed by the caller, in T).
+// loss_diff[0] / normalizer in T (loss_diff: the loss top's diff, i.e. the loss weight,
+// read here on the device so the caller needs no device-to-host copy).
 template <typename T>
 __global__ void softmax_loss_backward(const int n, const T* __restrict__ prob,
                                       const T* __restrict__ label, const int channels,
                                       const int inner, const int has_ignore_label,
-                                      const int ignore_label, const T scale,
+                                      const int ignore_label,
+                                      const T* __restrict__ loss_diff, const T normalizer,
                                       T* __restrict__ bottom_diff) {
+  const T scale = loss_diff[0] / normalizer;
   CAFFELITE_KERNEL_LOOP(index, n) {
     const int l = static_cast<int>(label[index]);
     const int base = (index / inner) * channels * inner + index % inner;

@@ -223,19 +223,29 @@ class SegAccuracyLayer(Layer):
             self.confusion[...] = 0
         scores, labels = contiguous(xp, bottom[0].data), contiguous(xp, bottom[1].data)
         n = labels.size
-        # The kernel reads ignore[0] only when num_ignore > 0; give it one element anyway.
-        ignore = xp.asarray(np.asarray(self.ignore or [0], np.int32))
         first_bad = xp.full((1,), n, np.int32)
         launch("seg_confusion", "seg_confusion", scores.dtype, n, scores, labels, c,
-               n // max(bottom[0].shape[0], 1), ignore, len(self.ignore), self.confusion,
-               first_bad)
-        bad = int(_to_numpy(first_bad)[0])
+               n // max(bottom[0].shape[0], 1), self._device_ignore(xp), len(self.ignore),
+               self.confusion, first_bad)
+        # the matrix and the first bad label's index in one device-to-host copy
+        packed = _to_numpy(xp.concatenate([self.confusion.reshape(-1),
+                                           first_bad.astype(np.uint64)]))
+        bad = int(packed[-1])
         if bad < n:
             self._bad_label(int(_to_numpy(labels.reshape(-1)[bad:bad + 1])[0]), bad,
                             bottom[1].shape)
-        host = _to_numpy(self.confusion).astype(np.int64)
+        host = packed[:-1].reshape(c, c).astype(np.int64)
         top[0].data[...] = xp.asarray(np.array(confusion_scores(host), top[0].data.dtype)
                                       .reshape(1, 1, 1, 3))
+
+    def _device_ignore(self, xp):
+        """The ignore labels as a device int32 array, uploaded once. The kernel reads
+        ignore[0] only when num_ignore > 0; it gets one element anyway."""
+        cached = getattr(self, "_ignore_on_device", None)
+        if cached is None or get_array_module(cached) is not xp:
+            cached = self._ignore_on_device = xp.asarray(
+                np.asarray(self.ignore or [0], np.int32))
+        return cached
 
     def _bad_label(self, label, index, label_shape):
         n, h, w = np.unravel_index(index, label_shape[:1] + label_shape[2:])

@@ -12,7 +12,7 @@ stays array code on both sides.
 """
 import numpy as np
 
-from ..backend import get_array_module
+from ..backend import get_array_module, to_host
 from ..layer import Layer, LossLayer, register
 from ._device import contiguous, launch, on_device, scalar
 
@@ -212,13 +212,15 @@ class SoftmaxWithLossLayer(LossLayer):
         launch("softmax_loss", "softmax_loss_forward", x.dtype, outer * inner, self.prob,
                labels, channels, inner, *self._ignore_args(), loss, counts)
         total = loss.sum(dtype=x.dtype)
-        if np.isnan(scalar(total)):
+        # The NaN check and the VALID count in one device-to-host copy.
+        host_total, valid_count = to_host(xp.stack(
+            [total.astype(xp.float64), counts.sum(dtype=xp.float64)]))     # counts: 0/1
+        if np.isnan(host_total):
             # An out-of-range label makes its position NaN: name it like the host does.
             lab, valid = integer_labels(xp, labels.reshape(outer, inner), self.ignore_label)
             check_label_range(self, xp, lab, valid, channels,
                               f"softmax axis {self.axis} of the scores, {bottom[0].shape}")
-        valid_count = int(xp.count_nonzero(counts)) if self.normalization == VALID else 0
-        self.norm = normalizer(self.normalization, outer, inner, valid_count)
+        self.norm = normalizer(self.normalization, outer, inner, int(valid_count))
         top[0].data[...] = total / dtype(self.norm)
         if len(top) > 1:
             top[1].data[...] = self.prob.reshape(top[1].shape)
@@ -239,13 +241,14 @@ class SoftmaxWithLossLayer(LossLayer):
         xp = get_array_module(self.prob)
         dtype = self.prob.dtype.type
         channels = self.dims[1]
-        scale = dtype(scalar(top[0].diff)) / dtype(self.norm)
         if on_device(xp):
             outer, _, inner = self.dims
             launch("softmax_loss", "softmax_loss_backward", self.prob.dtype, outer * inner,
                    self.prob, contiguous(xp, bottom[1].data), channels, inner,
-                   *self._ignore_args(), scale, bottom[0].diff)
+                   *self._ignore_args(), contiguous(xp, top[0].diff), self.norm,
+                   bottom[0].diff)
             return
+        scale = dtype(scalar(top[0].diff)) / dtype(self.norm)
         onehot = xp.arange(channels)[None, :, None] == self.label[:, None, :]
         d = (self.prob - onehot.astype(self.prob.dtype)) * self.valid[:, None, :]
         bottom[0].diff[...] = (d * scale).reshape(bottom[0].shape)
