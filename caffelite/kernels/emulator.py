@@ -255,6 +255,13 @@ class _Random:
     def seed(self, seed=None):
         self._rng.seed(seed)
 
+    def random_sample(self, size=None, dtype=float):
+        """CuPy's takes a dtype (float32 draws halve the memory traffic)."""
+        def draw(size=None, dtype=float):
+            return self._rng.random_sample(size).astype(dtype, copy=False)
+        return _device_function(draw, _cupy_counterpart("random", "random_sample"),
+                                "cupy.random.random_sample")(size, dtype)
+
     def __getattr__(self, name):
         fn = getattr(self._rng, name)
         cupy_fn = _cupy_counterpart("random", name)

@@ -398,7 +398,7 @@ class DropoutLayer(NeuronLayer):
         if xp is np:
             keep = rng().random(shape) < (1.0 - self.ratio)
         else:
-            keep = xp.random.random_sample(shape) < (1.0 - self.ratio)
+            keep = xp.random.random_sample(shape, dtype=np.float32) < (1.0 - self.ratio)
         return keep.astype(dtype)
 
     def backward(self, top, propagate_down, bottom):
