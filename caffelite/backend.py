@@ -141,12 +141,16 @@ def device_access(enabled=True):
         _access.device = previous
 
 
-def to_host(array):
-    """A numpy array with the values of ``array`` (host or device)."""
+def to_host(array, out=None):
+    """A numpy array with the values of ``array`` (host or device); with ``out`` (a
+    C-contiguous numpy array of the same shape) copied straight into it."""
     xp = get_array_module(array)
     if xp is np:
-        return np.asarray(array)
-    return xp.asnumpy(array)
+        if out is None:
+            return np.asarray(array)
+        out[...] = array
+        return out
+    return xp.asnumpy(array, out=out)
 
 
 def to_device(array, xp=None):

@@ -55,7 +55,7 @@ class SyncedMemory:
         if self.head == HEAD_AT_DEVICE:
             if self.host is None:
                 self.host = np.empty(self.count, self.dtype)
-            self.host[...] = backend.to_host(self.device)
+            backend.to_host(self.device, out=self.host)
             transfers["to_host"] += 1
         elif self.host is None:
             self.host = np.zeros(self.count, self.dtype)
@@ -72,8 +72,7 @@ class SyncedMemory:
             else:
                 self.device = xp.zeros(self.count, self.dtype)
         elif self.head == HEAD_AT_HOST:
-            self.device[...] = backend.to_device(self.host, backend.get_array_module(
-                self.device))
+            self.device.set(self.host)          # host -> device, no device temporary
             transfers["to_device"] += 1
         self.head = HEAD_AT_DEVICE
         return self.device

@@ -392,9 +392,10 @@ class Solver:
 
     @staticmethod
     def _output_values(net):
-        """(blob name, loss weight, float32 values) for every net output."""
+        """(blob name, loss weight, float32 values) for every net output, read like
+        Caffe's const cpu_data (in GPU mode the next forward re-uploads nothing)."""
         return [(name, net.blob_loss_weights.get(name, 0.0),
-                 _host(net.blobs[name].data).astype(np.float32).reshape(-1))
+                 net.blobs[name].read_host_data().astype(np.float32).reshape(-1))
                 for name in net.outputs]
 
     @staticmethod

@@ -294,6 +294,31 @@ def test_frozen_batchnorm_adds_no_device_to_host_read_per_training_step():
     assert with_bn == without_bn
 
 
+def test_displaying_outputs_sends_nothing_back_to_the_device(gpu):
+    """The solver logs every output each display iteration; reading them must not make
+    the host the newest copy (the next forward would upload the outputs again)."""
+    from google.protobuf import text_format
+    from caffelite import blob as blob_module
+    uploads = []
+    for display in (0, 1):
+        solver_param = caffe.proto.caffe_pb2.SolverParameter()
+        text_format.Merge(f"""
+          base_lr: 0.01 lr_policy: "fixed" max_iter: 10 display: {display}
+          net_param {{
+            input: "x" input_shape {{ dim: 2 dim: 3 }}
+            input: "y" input_shape {{ dim: 2 dim: 1 }}
+            layer {{ name: "ip" type: "InnerProduct" bottom: "x" top: "p"
+                    inner_product_param {{ num_output: 1 }} }}
+            layer {{ name: "loss" type: "EuclideanLoss" bottom: "p" bottom: "y" top: "loss" }}
+          }}""", solver_param)
+        solver = caffe.get_solver(solver_param)
+        solver.step(1)
+        blob_module.reset_transfer_counts()
+        solver.step(2)
+        uploads.append(blob_module.transfers["to_device"])
+    assert uploads[1] == uploads[0]
+
+
 def test_a_snapshot_in_gpu_mode_does_not_send_the_weights_back_to_the_device(gpu, tmp_path):
     from google.protobuf import text_format
     from caffelite import blob as blob_module

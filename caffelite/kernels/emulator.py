@@ -72,6 +72,17 @@ class ndarray(_np.ndarray):        # noqa: N801  (CuPy's spelling)
         """CuPy's device→host copy."""
         return asnumpy(self, stream=stream, order=order, out=out, blocking=blocking)
 
+    def set(self, arr, stream=None):
+        """CuPy's host→device copy into this array (same shape, a numpy array)."""
+        if not _is_host_array(arr) and not isinstance(arr, _np.ndarray):
+            raise TypeError("set() takes a numpy array")
+        if isinstance(arr, ndarray):
+            raise TypeError("set() takes a host numpy array, not a device array")
+        if arr.shape != self.shape or arr.dtype != self.dtype:
+            raise ValueError(f"set(): shape/dtype {arr.shape} {arr.dtype} differ from "
+                             f"{self.shape} {self.dtype}")
+        _np.copyto(self.view(_np.ndarray), arr)
+
     def __repr__(self):
         return "emulated_device_" + repr(self.view(_np.ndarray))
 
