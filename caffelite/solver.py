@@ -553,9 +553,8 @@ class Solver:
         if clip < 0:
             return
         sumsq = dt(0)
-        for prm in params:
-            d = prm.blob.diff.reshape(-1)
-            sumsq = dt(sumsq + dt(float(get_array_module(d).dot(d, d))))
+        for square in self._squared_norms(params):      # Caffe's order, in dt
+            sumsq = dt(sumsq + dt(square))
         norm = dt(np.sqrt(sumsq))
         if norm > clip:
             scale = dt(clip / norm)
@@ -563,6 +562,16 @@ class Solver:
                         "scale factor %s", _fmt(norm), _fmt(clip), _fmt(scale))
             for prm in params:
                 prm.blob.diff[...] *= scale
+
+    @staticmethod
+    def _squared_norms(params):
+        """Each diff's sum of squares (its dot with itself) as host values; on the
+        device all of them come back in one copy instead of one per blob."""
+        diffs = [prm.blob.diff.reshape(-1) for prm in params]
+        xp = get_array_module(diffs[0])
+        if xp is np:
+            return [float(np.dot(d, d)) for d in diffs]
+        return backend.to_host(xp.stack([xp.dot(d, d) for d in diffs])).tolist()
 
     def normalize(self, param_id):
         if self.param.iter_size == 1:
