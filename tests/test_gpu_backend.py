@@ -213,6 +213,18 @@ def test_emulated_arrays_refuse_host_index_arrays_and_host_values():
     assert emulator.asnumpy(d).tolist() == [5, 7, 8, 3, 4, 5]
 
 
+def test_emulated_arrays_are_no_indices_like_cupy():
+    """cupy.ndarray has no __index__: a 0-d device integer cannot be a list index or a
+    size; int() (an explicit device-to-host copy) can."""
+    from caffelite.kernels import emulator
+    count = emulator.asarray(np.array(3))
+    with pytest.raises(TypeError, match="no __index__"):
+        [0, 1, 2, 3][count]
+    with pytest.raises(TypeError, match="no __index__"):
+        range(count)
+    assert int(count) == 3
+
+
 def test_emulated_sorts_are_stable_like_cupy():
     from caffelite.kernels import emulator
     keys = emulator.asarray(np.array([1, 0, 1, 0, 1] * 20, np.float32))

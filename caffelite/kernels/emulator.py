@@ -72,6 +72,10 @@ class ndarray(_np.ndarray):        # noqa: N801  (CuPy's spelling)
         """CuPy's device→host copy."""
         return asnumpy(self, stream=stream, order=order, out=out, blocking=blocking)
 
+    def __index__(self):
+        raise TypeError("a device array used as an index or size: cupy.ndarray has no "
+                        "__index__; convert it with int() (a device-to-host copy)")
+
     def set(self, arr, stream=None):
         """CuPy's host→device copy into this array (same shape, a numpy array)."""
         if not _is_host_array(arr) and not isinstance(arr, _np.ndarray):
