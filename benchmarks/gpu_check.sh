@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu_check.sh [OUTDIR]      # from the repository root
 #
 # 1. installs caffelite without dependencies (the machine has CuPy, PyTorch, pytest);
+# 1b. benchmarks/gpu_smoke.py: stops the run within a minute if GPU mode is broken;
 # 2. `pytest -m gpu`: every kernel, layer, solver and corpus net, GPU vs CPU;
 # 3. benchmarks/gpu_train.py: ASPP-VGG and ResNet-101 MSC train/test vs PyTorch+cuDNN;
 # 4. benchmarks/crf.py --gpu: the dense CRF per 500x375 image.
@@ -28,6 +29,14 @@ cupy.cuda.runtime.runtimeGetVersion(), '| numpy', numpy.__version__, '| torch', 
 '| cudnn', torch.backends.cudnn.version())"
 } >"$out/versions.txt" 2>&1
 cat "$out/versions.txt"
+
+echo "== benchmarks/gpu_smoke.py"
+# A broken GPU path stops here after about a minute, leaving device time for a rerun.
+timeout "${SMOKE_TIMEOUT:-120}" python3 benchmarks/gpu_smoke.py 2>&1 | tee "$out/smoke.log"
+if ! grep -q "GPU SMOKE OK" "$out/smoke.log"; then
+  echo "gpu_check: the smoke test failed; fix that first (see $out/smoke.log)"
+  exit 1
+fi
 
 echo "== pytest -m gpu"
 # Several workers share the GPU (and CuPy's on-disk kernel cache) where pytest-xdist is.

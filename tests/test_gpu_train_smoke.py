@@ -67,3 +67,14 @@ def test_cpu_smoke_run(tmp_path):
     assert train["batch"] == 1 and train["iter_size"] == 1 and train["size"] == 33
     assert np.isfinite(train["loss_caffelite"]) and train["loss_caffelite"] > 0
     assert result["environment"]["device"] == "cpu"
+
+
+def test_gpu_smoke_script_passes_on_the_emulator():
+    """benchmarks/gpu_smoke.py, the first step of gpu_check.sh, in its emulated mode: a
+    small net's GPU-mode training steps equal the CPU's within its bound, and the
+    script says so (on a device it runs the same checks through CuPy)."""
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_smoke.py"),
+                             "--emulate"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "GPU SMOKE OK" in result.stdout
+    assert result.stdout.count("   ok (") == 4

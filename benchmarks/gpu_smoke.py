@@ -1,0 +1,171 @@
+"""The first minute of a GPU session: does GPU mode work at all?
+
+Compiles and launches one kernel of every module, builds a small net with every kind of
+kernel-backed layer in GPU mode, runs a training step and compares it with CPU mode,
+and times a convolution GEMM shape as a 2-D (cublasGemmEx) and a batched 3-D matmul
+with TF32 off and on. Exit status 1 with the traceback on the first failure, so a
+broken GPU path costs one minute of device time instead of a whole check run.
+
+    python benchmarks/gpu_smoke.py
+    python benchmarks/gpu_smoke.py --emulate      # the same on the CPU emulator (CI)
+"""
+import os
+import sys
+import time
+import traceback
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import caffelite as caffe  # noqa: E402
+from caffelite import backend, kernels  # noqa: E402
+
+NET = """
+name: "smoke"
+input: "data" input_shape { dim: 2 dim: 3 dim: 17 dim: 17 }
+input: "label" input_shape { dim: 2 dim: 1 dim: 17 dim: 17 }
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
+        convolution_param { num_output: 8 kernel_size: 3 pad: 2 dilation: 2
+                            weight_filler { type: "gaussian" std: 0.1 } } }
+layer { name: "bn1" type: "BatchNorm" bottom: "conv1" top: "conv1"
+        param { lr_mult: 0 } param { lr_mult: 0 } param { lr_mult: 0 }
+        batch_norm_param { use_global_stats: true } }
+layer { name: "scale1" type: "Scale" bottom: "conv1" top: "conv1"
+        scale_param { bias_term: true } }
+layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }
+layer { name: "pool1" type: "Pooling" bottom: "conv1" top: "pool1"
+        pooling_param { pool: MAX kernel_size: 3 stride: 2 pad: 1 } }
+layer { name: "a" type: "Convolution" bottom: "pool1" top: "a"
+        convolution_param { num_output: 4 kernel_size: 1
+                            weight_filler { type: "gaussian" std: 0.1 } } }
+layer { name: "b" type: "Convolution" bottom: "pool1" top: "b"
+        convolution_param { num_output: 4 kernel_size: 3 pad: 1
+                            weight_filler { type: "gaussian" std: 0.1 } } }
+layer { name: "max" type: "Eltwise" bottom: "a" bottom: "b" top: "max"
+        eltwise_param { operation: MAX } }
+layer { name: "sum" type: "Eltwise" bottom: "a" bottom: "max" top: "sum" }
+layer { name: "up" type: "Interp" bottom: "sum" top: "up"
+        interp_param { height: 17 width: 17 } }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "up" bottom: "label" top: "loss"
+        loss_param { ignore_label: 255 } }
+layer { name: "acc" type: "SegAccuracy" bottom: "up" bottom: "label" top: "acc"
+        seg_accuracy_param { ignore_label: 255 } }
+"""
+
+
+def step(section, fn):
+    t = time.perf_counter()
+    print(f"-- {section} ...", flush=True)
+    fn()
+    print(f"   ok ({time.perf_counter() - t:.1f} s)", flush=True)
+
+
+EMULATE = "--emulate" in sys.argv[1:]
+
+
+def device_module():
+    backend.set_mode_gpu(emulate=EMULATE)
+    return backend.device_module()
+
+
+def kernel_per_module():
+    xp = device_module()
+    try:
+        if not EMULATE:
+            for name in kernels.module_names():
+                for kernel in kernels.module_signatures(name):
+                    kernels.get_kernel(name, kernel, np.float32)
+                    kernels.get_kernel(name, kernel, np.float64)
+        x = xp.arange(8, dtype=np.float32) - 4
+        dx = xp.full(8, np.nan, np.float32)
+        kernels.launch("relu", "relu_backward", np.float32, 8, x, xp.ones(8, np.float32),
+                       0.0, dx)
+        assert xp.asnumpy(dx).tolist() == [0, 0, 0, 0, 0, 1, 1, 1], xp.asnumpy(dx)
+    finally:
+        backend.set_mode_cpu()
+
+
+def solver(param_text):
+    from google.protobuf import text_format
+    sp = caffe.proto.caffe_pb2.SolverParameter()
+    text_format.Merge('base_lr: 0.01 momentum: 0.9 weight_decay: 0.0005 lr_policy: "fixed"'
+                      ' max_iter: 100 display: 0 random_seed: 3', sp)
+    text_format.Merge(param_text, sp.net_param)
+    s = caffe.get_solver(sp)
+    rng = np.random.default_rng(0)
+    s.net.blobs["data"].data[...] = rng.standard_normal((2, 3, 17, 17))
+    label = rng.integers(0, 4, (2, 1, 17, 17)).astype(np.float32)
+    label[0, 0, :3] = 255
+    s.net.blobs["label"].data[...] = label
+    mean, var, factor = s.net.params["bn1"]
+    mean.data[...], var.data[...], factor.data[...] = 0.1, 2.0, 1.0
+    return s
+
+
+def train_step_matches_cpu():
+    backend.set_mode_cpu()
+    cpu = solver(NET)
+    cpu.step(2)
+    device_module()
+    try:
+        gpu = solver(NET)
+        gpu.step(2)
+        backend.synchronize()
+    finally:
+        backend.set_mode_cpu()
+    for name in cpu.net.params:
+        for a, b in zip(cpu.net.params[name], gpu.net.params[name]):
+            err = float(np.max(np.abs(a.data - b.data)))
+            scale = float(np.max(np.abs(a.data))) + 1e-30
+            assert err <= 1e-4 * scale, f"{name}: GPU weights differ by {err:.3g}"
+    print(f"   loss CPU {float(cpu.net.blobs['loss'].data):.6f} "
+          f"GPU {float(gpu.net.blobs['loss'].data):.6f}")
+
+
+def gemm_paths():
+    """A VGG conv5-like forward GEMM at 81x81 (512 x 4608 @ 4608 x 6561), both ways."""
+    xp = device_module()
+    m, k, n = (512, 4608, 6561) if not EMULATE else (64, 288, 100)
+    try:
+        rng = np.random.default_rng(1)
+        a = xp.asarray(rng.standard_normal((m, k), dtype=np.float32))
+        b = xp.asarray(rng.standard_normal((k, n), dtype=np.float32))
+        out = xp.empty((m, n), np.float32)
+        for tf32 in (False, True):
+            backend.set_tf32(tf32)
+            for label, fn in (("2-D", lambda: xp.matmul(a, b, out=out)),
+                              ("3-D", lambda: xp.matmul(a[None], b[None], out=out[None]))):
+                fn()
+                backend.synchronize()
+                t = time.perf_counter()
+                for _ in range(10):
+                    fn()
+                backend.synchronize()
+                rate = 2 * m * k * n * 10 / (time.perf_counter() - t) / 1e12
+                print(f"   {label} matmul {m}x{k} @ {k}x{n}, TF32 {'on' if tf32 else 'off'}"
+                      f": {rate:.2f} TFLOP/s")
+    finally:
+        backend.set_tf32(False)
+        backend.set_mode_cpu()
+
+
+def main():
+    try:
+        step("GPU mode" + (" (emulated)" if EMULATE else ""),
+             lambda: (device_module(), backend.set_mode_cpu()))
+        step("every kernel module compiles; relu_backward runs", kernel_per_module)
+        step("a small net trains two steps in GPU mode like on the CPU",
+             train_step_matches_cpu)
+        step("GEMM paths", gemm_paths)
+    except Exception:                      # noqa: BLE001 (the point is the traceback)
+        traceback.print_exc()
+        print("GPU SMOKE FAILED", flush=True)
+        return 1
+    print("GPU SMOKE OK", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
