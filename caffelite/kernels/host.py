@@ -9,10 +9,20 @@ and writes the kernel's outputs into them, like a launch on device arrays would.
 
 Kernel signatures come from the loader's parser (``caffelite.kernels``), so the host
 and the GPU see the same parameter list and the same argument type checks.
+
+Sanitized builds (``HostKernels(dir, sanitize="address,undefined")`` or the environment
+variable ``CAFFELITE_HOST_SANITIZE``) compile with AddressSanitizer / UBSan, so an
+out-of-bounds access or undefined behaviour in a kernel (an illegal-address crash or
+silent corruption on a GPU) aborts the process with a report. The sanitizer runtime
+must be loaded first: run Python with ``sanitizer_environment()``'s variables
+(LD_PRELOAD of the compiler's libasan, ...). An array argument that is only a view into
+a larger buffer then runs on its own exact-size heap copy (``_isolated``), so that
+redzones sit right before and after every array a kernel gets.
 """
 import ctypes
 import ctypes.util
 import hashlib
+import itertools
 import os
 import shutil
 import subprocess
@@ -26,6 +36,10 @@ from caffelite import kernels
 CXX_FLAGS = ("-O2", "-shared", "-fPIC", "-std=c++14", "-ffp-contract=off", "-Wall",
              "-Wno-unused-function")
 SHIM = os.path.join(kernels.KERNEL_DIR, "host_shim.h")
+
+SANITIZE_ENV = "CAFFELITE_HOST_SANITIZE"
+# -fno-sanitize-recover: UB aborts like an ASan error instead of printing and going on.
+SANITIZE_FLAGS = ("-O1", "-fno-omit-frame-pointer", "-g", "-fno-sanitize-recover=all")
 
 _CTYPES = {"int": ctypes.c_int, "unsigned long long": ctypes.c_ulonglong}
 _FLOAT_CTYPES = {"float": ctypes.c_float, "double": ctypes.c_double}
@@ -63,39 +77,166 @@ def driver_source(name):
     return "\n".join(lines)
 
 
-class HostModule:
-    """One compiled kernel module: ``run(kernel, dtype, *args, grid=None, block=None)``."""
+def sanitizers(spec):
+    """The sanitizer names of ``spec`` ("address,undefined", as for -fsanitize=)."""
+    names = tuple(dict.fromkeys(s.strip() for s in (spec or "").split(",") if s.strip()))
+    for name in names:
+        if not name.replace("-", "").isalpha():
+            raise ValueError(f"{SANITIZE_ENV}: bad sanitizer name {name!r} in {spec!r}")
+    return names
 
-    def __init__(self, name, library):
+
+def runtime_library(name):
+    """The compiler's shared runtime ``lib<name>.so`` (e.g. "asan"), or None."""
+    cxx = compiler()
+    if cxx is None:
+        return None
+    out = subprocess.run([cxx, f"-print-file-name=lib{name}.so"], capture_output=True,
+                         text=True, check=False).stdout.strip()
+    return out if os.path.isabs(out) and os.path.exists(out) else None
+
+
+def sanitizer_environment(spec="address,undefined", base=None):
+    """``base`` (default os.environ) plus what a Python process needs to load kernels
+    built with ``spec``: CAFFELITE_HOST_SANITIZE, LD_PRELOAD of libasan (ASan's runtime
+    must come before every other library; UBSan's is loaded with the kernels), no leak
+    check (the interpreter keeps its objects at exit by design)."""
+    names = sanitizers(spec)
+    env = dict(os.environ if base is None else base)
+    env[SANITIZE_ENV] = ",".join(names)
+    if "address" in names:
+        asan = runtime_library("asan")
+        if asan is None:
+            raise RuntimeError("no libasan.so for the C++ compiler: cannot preload ASan")
+        env["LD_PRELOAD"] = " ".join(p for p in (asan, env.get("LD_PRELOAD", "")) if p)
+        env["ASAN_OPTIONS"] = "detect_leaks=0"
+    env["UBSAN_OPTIONS"] = "print_stacktrace=1"
+    return env
+
+
+def _partial(path):
+    """A unique name to write ``path`` under before renaming it into place (two
+    processes, or two HostKernels, may build the same module at once)."""
+    return f"{path}.{os.getpid()}-{next(_partial_serial)}.tmp"
+
+
+_partial_serial = itertools.count()
+
+
+def _compiler_environment():
+    """os.environ without a preloaded sanitizer runtime (it would slow the compiler
+    down, intercepting every malloc)."""
+    env = dict(os.environ)
+    kept = [p for p in env.get("LD_PRELOAD", "").split()
+            if not os.path.basename(p).startswith(("libasan", "libubsan"))]
+    env["LD_PRELOAD"] = " ".join(kept)
+    if not kept:
+        del env["LD_PRELOAD"]
+    return env
+
+
+def _asan_loaded():
+    return hasattr(ctypes.CDLL(None), "__asan_init")
+
+
+def _whole_heap_block(a):
+    """Whether ``a`` is all of a numpy-allocated heap block. Such a block already has
+    ASan's redzones right before and after it, whatever its size: numpy takes its data
+    from malloc (its small-block cache hands a freed block back only for the same byte
+    count, and its huge-page hint for >= 4 MiB only madvises inside the block)."""
+    owner = a
+    while isinstance(_numpy_attribute(owner, "base"), np.ndarray):
+        owner = _numpy_attribute(owner, "base")
+    return (_numpy_attribute(owner, "flags").owndata and _numpy_attribute(owner, "nbytes")
+            == a.nbytes and _numpy_attribute(owner, "ctypes").data == a.ctypes.data)
+
+
+def _numpy_attribute(a, name):
+    """``a.<name>`` through numpy's own descriptor (the GPU emulator's array subclass
+    polices attribute reads in its CuPy conformance mode; the owner of a kernel
+    argument's memory may be one of its arrays)."""
+    return getattr(np.ndarray, name).__get__(a)
+
+
+def _isolated(params, values):
+    """The arguments with every array that is only part of its buffer (one image of a
+    batch, a prefix of the column workspace: an overrun would land in its neighbours
+    unseen) on an exact-size heap copy with its own redzones. Arguments that are the
+    same memory share one copy (in-place kernels); ones that only partly overlap stay as
+    they are. Also returns the (original, copy) pairs to write back (those with a
+    non-const pointer parameter)."""
+    spans = {}
+    for i, (p, v) in enumerate(zip(params, values)):
+        if p.pointer:
+            spans.setdefault((v.ctypes.data, v.nbytes), []).append(i)
+    out, writeback = list(values), []
+    for (start, size), users in spans.items():
+        original = values[users[0]]
+        if _whole_heap_block(original) or any(
+                start < s + n and s < start + size for s, n in spans if (s, n) != (start, size)):
+            continue
+        copy = original.copy()
+        for i in users:
+            out[i] = copy
+        if any(not params[i].const for i in users):
+            writeback.append((original, copy))
+    return out, writeback
+
+
+class HostModule:
+    """One compiled kernel module: ``run(kernel, dtype, *args, grid=None, block=None)``;
+    ``isolate`` runs array views on exact-size copies (sanitized builds, ``_isolated``)."""
+
+    def __init__(self, name, library, isolate=False):
         self.name = name
         self.signatures = kernels.kernel_signatures(kernels.source(name))
         self.lib = ctypes.CDLL(library)
+        self.isolate = isolate
 
     def run(self, kernel, dtype, *args, grid=None, block=kernels.BLOCK):
         params = self.signatures[kernel]
         ctype = kernels.ctype_name(dtype)
         values = kernels.convert_args(params, dtype, args, np)
+        for p, v in zip(params, values):
+            if p.pointer and not p.const and not v.flags.writeable:
+                raise ValueError(f"{kernel}: output '{p.name}' is read-only")
+        grid = kernels.grid_for(values[0], block) if grid is None else grid
+        writeback = []
+        if self.isolate:
+            values, writeback = _isolated(params, values)
         c_args = []
         for p, v in zip(params, values):
             if p.pointer:
-                if not p.const and not v.flags.writeable:
-                    raise ValueError(f"{kernel}: output '{p.name}' is read-only")
                 c_args.append(ctypes.c_void_p(v.ctypes.data))
             elif p.ctype == "T":
                 c_args.append(_FLOAT_CTYPES[ctype](v))
             else:
                 c_args.append(_CTYPES[p.ctype](v))
-        grid = kernels.grid_for(values[0], block) if grid is None else grid
         fn = getattr(self.lib, f"host_launch_{kernel}_{ctype}")
         fn.restype = None
         fn(ctypes.c_uint(grid), ctypes.c_uint(block), *c_args)
+        for original, copy in writeback:
+            np.copyto(original, copy)
 
 
 class HostKernels:
-    """Builds kernel modules into ``build_dir`` (once per source version) and loads them."""
+    """Builds kernel modules into ``build_dir`` (once per source version) and loads them.
 
-    def __init__(self, build_dir):
+    ``sanitize`` ("address,undefined"; default $CAFFELITE_HOST_SANITIZE, "" = none)
+    builds with those sanitizers into the subdirectory ``sanitize-<names>``, so
+    sanitized and plain libraries never mix."""
+
+    def __init__(self, build_dir, sanitize=None):
+        if sanitize is None:
+            sanitize = os.environ.get(SANITIZE_ENV, "")
+        self.sanitizers = sanitizers(sanitize)
+        self.flags = CXX_FLAGS
         self.build_dir = str(build_dir)
+        if self.sanitizers:
+            self.flags += (f"-fsanitize={','.join(self.sanitizers)}",) + SANITIZE_FLAGS
+            self.build_dir = os.path.join(self.build_dir,
+                                          "sanitize-" + "-".join(sorted(self.sanitizers)))
+            os.makedirs(self.build_dir, exist_ok=True)
         self.modules = {}
         self.pending = {}
 
@@ -104,7 +245,7 @@ class HostKernels:
         with open(SHIM, encoding="utf-8") as f:
             shim = f.read()
         key = hashlib.sha256("\0".join((driver, kernels.source(name), shim,
-                                        " ".join(CXX_FLAGS))).encode()).hexdigest()[:16]
+                                        " ".join(self.flags))).encode()).hexdigest()[:16]
         stem = os.path.join(self.build_dir, f"{name}-{key}")
         return driver, stem + ".cpp", stem + ".so"
 
@@ -118,28 +259,37 @@ class HostKernels:
                 continue
             driver, cpp, lib = self._paths(name)
             if os.path.exists(lib):
-                self.pending[name] = (None, lib, cpp)
+                self.pending[name] = (None, lib, cpp, None)
                 continue
-            with open(cpp, "w", encoding="utf-8") as f:
+            written = _partial(cpp)
+            with open(written, "w", encoding="utf-8") as f:
                 f.write(driver)
-            cmd = [cxx, *CXX_FLAGS, "-I", kernels.KERNEL_DIR, "-include", SHIM, "-x", "c++",
-                   cpp, "-o", lib + ".tmp"]
+            os.replace(written, cpp)
+            built = _partial(lib)
+            cmd = [cxx, *self.flags, "-I", kernels.KERNEL_DIR, "-include", SHIM, "-x", "c++",
+                   cpp, "-o", built]
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                    text=True)
-            self.pending[name] = (proc, lib, cpp)
+                                    text=True, env=_compiler_environment())
+            self.pending[name] = (proc, lib, cpp, built)
 
     def module(self, name):
         if name not in self.modules:
+            if "address" in self.sanitizers and not _asan_loaded():
+                # Loading the library would abort the whole process instead.
+                raise RuntimeError(
+                    f"{SANITIZE_ENV}={','.join(self.sanitizers)}: the ASan runtime is not "
+                    f"loaded; run Python with LD_PRELOAD=$(g++ -print-file-name=libasan.so) "
+                    f"ASAN_OPTIONS=detect_leaks=0 (host.sanitizer_environment())")
             self.start([name])
-            proc, lib, cpp = self.pending.pop(name)
+            proc, lib, cpp, built = self.pending.pop(name)
             if proc is not None:
                 out, _ = proc.communicate()
                 if proc.returncode != 0:
                     raise RuntimeError(f"g++ failed on {name}.cu (driver {cpp}):\n{out}")
                 if out.strip():     # warnings are bugs in kernels meant for two compilers
                     raise RuntimeError(f"g++ warned on {name}.cu (driver {cpp}):\n{out}")
-                os.replace(lib + ".tmp", lib)
-            self.modules[name] = HostModule(name, lib)
+                os.replace(built, lib)
+            self.modules[name] = HostModule(name, lib, isolate=bool(self.sanitizers))
         return self.modules[name]
 
     def run(self, module, kernel, dtype, *args, grid=None, block=kernels.BLOCK):

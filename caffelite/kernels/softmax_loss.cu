@@ -5,7 +5,8 @@
 // Blobs are viewed as (outer, channels, inner) around the softmax axis; element
 // (o, c, s) is at (o*channels + c)*inner + s, and one thread handles one (o, s) position,
 // looping over the channels in order (Caffe's channel max / sum / dot kernels do the
-// same per position). Labels: one per (o, s) position, at o*inner + s, truncated to int.
+// same per position). Labels: one per (o, s) position, at o*inner + s, truncated to int
+// (NaN, +-inf and values beyond int are out of range, see int_label).
 // The loss kernels write per-position values; the caller sums them (a CuPy reduction;
 // Caffe uses caffe_gpu_asum), so no kernel needs a block reduction.
 //
@@ -25,6 +26,17 @@ __device__ __forceinline__ float exp_t(const float x) { return expf(x); }
 __device__ __forceinline__ double exp_t(const double x) { return exp(x); }
 __device__ __forceinline__ float log_t(const float x) { return logf(x); }
 __device__ __forceinline__ double log_t(const double x) { return log(x); }
+
+// The int label of a float label (truncated), or -1 and false for NaN, +-inf and values
+// outside int's range: static_cast<int> of those is undefined behaviour in C++, and a
+// GPU turns NaN into 0, a silent class-0 label. The numpy layers' astype(int64) makes
+// them out-of-range labels, and so does the caller here: they match no ignore label.
+template <typename T>
+__device__ __forceinline__ bool int_label(const T value, int* label) {
+  const bool representable = value >= T(-2147483648.0) && value < T(2147483648.0);
+  *label = representable ? static_cast<int>(value) : -1;
+  return representable;
+}
 
 // prob = exp(x - max_c x) / sum_c exp(x - max_c x); may run in place (prob == x).
 template <typename T>
@@ -76,8 +88,9 @@ __global__ void softmax_loss_forward(const int n, const T* __restrict__ prob,
                                      const int ignore_label, T* __restrict__ loss,
                                      T* __restrict__ counts) {
   CAFFELITE_KERNEL_LOOP(index, n) {
-    const int l = static_cast<int>(label[index]);
-    if (has_ignore_label && l == ignore_label) {
+    int l;
+    const bool integer = int_label(label[index], &l);
+    if (integer && has_ignore_label && l == ignore_label) {
       loss[index] = T(0);
       counts[index] = T(0);
     } else if (l < 0 || l >= channels) {
@@ -105,9 +118,10 @@ __global__ void softmax_loss_backward(const int n, const T* __restrict__ prob,
                                       T* __restrict__ bottom_diff) {
   const T scale = loss_diff[0] / normalizer;
   CAFFELITE_KERNEL_LOOP(index, n) {
-    const int l = static_cast<int>(label[index]);
+    int l;
+    const bool integer = int_label(label[index], &l);
     const int base = (index / inner) * channels * inner + index % inner;
-    const bool ignored = has_ignore_label && l == ignore_label;
+    const bool ignored = integer && has_ignore_label && l == ignore_label;
     for (int c = 0; c < channels; ++c) {
       const int k = base + c * inner;
       bottom_diff[k] = ignored ? T(0) : (prob[k] - (c == l ? T(1) : T(0))) * scale;
