@@ -777,7 +777,11 @@ def test_seg_accuracy_accumulates_without_reset_and_reports_bad_labels(device):
             bottom[1].host_data[...] = bad
             with backend.device_access(mode != "cpu"), pytest.raises(LayerError) as e:
                 layer.forward(bottom, top)
-            results[mode] = (outs, confusion, str(e.value))
+            bad[1, 0, 2, 3], bad[0, 0, 1, 1] = 1, np.nan      # NaN: a bad label too
+            bottom[1].host_data[...] = bad
+            with backend.device_access(mode != "cpu"), pytest.raises(LayerError) as e_nan:
+                layer.forward(bottom, top)
+            results[mode] = (outs, confusion, str(e.value), str(e_nan.value))
         finally:
             backend.set_mode_cpu()
     cpu, gpu = results["cpu"], results[device]
@@ -787,6 +791,8 @@ def test_seg_accuracy_accumulates_without_reset_and_reports_bad_labels(device):
         np.testing.assert_array_equal(a, b)
     assert "unexpected label 9 at num 1, row 2, col 3" in cpu[2]
     assert gpu[2] == cpu[2]
+    assert "unexpected label nan at num 0, row 1, col 1" in cpu[3]
+    assert gpu[3] == cpu[3]
 
 
 def test_seg_accuracy_runs_on_the_device():

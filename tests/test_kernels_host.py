@@ -1,5 +1,5 @@
 """caffelite's CUDA kernels (caffelite/kernels/*.cu), compiled for the host with g++
-(tests/kernel_host.py, caffelite/kernels/host_shim.h), against the numpy layers.
+(caffelite/kernels/host.py, caffelite/kernels/host_shim.h), against the numpy layers.
 
 Every comparison runs twice: with the launch a GPU would get (ceil(n/256) blocks of 256)
 and with a deliberately small grid (2 blocks of 3 threads), so every grid-stride loop

@@ -3,7 +3,7 @@
 //
 //     g++ -O2 -shared -fPIC -ffp-contract=off -include host_shim.h -x c++ driver.cpp
 //
-// The test driver (tests/kernel_host.py) runs a launch sequentially: for every block,
+// The test driver (caffelite/kernels/host.py) runs a launch sequentially: for every block,
 // for every thread, it sets blockIdx/threadIdx and calls the kernel, which walks its
 // grid-stride loop. Kernels therefore must not use __syncthreads or shared memory,
 // and scatters go through atomicAdd, which here is a plain read-modify-write (only

@@ -205,12 +205,17 @@ class SegAccuracyLayer(Layer):
             self.confusion[...] = 0
         c = self.num_classes
         pred = argmax_ties_highest(_to_numpy(bottom[0].data)).reshape(-1)
-        gt = _to_numpy(bottom[1].data).reshape(-1).astype(np.int64)   # int() truncation
-        keep = ~np.isin(gt, self.ignore)
+        raw = _to_numpy(bottom[1].data).reshape(-1)
+        # int() truncation; NaN, inf and values beyond int are bad labels (-1 here, never
+        # an ignored one), as in seg_confusion.cu
+        integer = (raw >= -2.0 ** 31) & (raw < 2.0 ** 31)
+        gt = np.where(integer, raw, -1).astype(np.int64)
+        keep = ~np.isin(gt, self.ignore) | ~integer
         bad = keep & ((gt < 0) | (gt >= c))
         if bad.any():
             first = int(np.flatnonzero(bad)[0])
-            self._bad_label(int(gt[first]), first, bottom[1].shape)
+            self._bad_label(_to_numpy(bottom[1].data).reshape(-1)[first], first,
+                            bottom[1].shape)
         self.confusion += np.bincount(gt[keep] * c + pred[keep],
                                       minlength=c * c).reshape(c, c)
         top[0].data[...] = np.array(confusion_scores(self.confusion)).reshape(1, 1, 1, 3)
@@ -232,7 +237,7 @@ class SegAccuracyLayer(Layer):
                                            first_bad.astype(np.uint64)]))
         bad = int(packed[-1])
         if bad < n:
-            self._bad_label(int(_to_numpy(labels.reshape(-1)[bad:bad + 1])[0]), bad,
+            self._bad_label(_to_numpy(labels.reshape(-1)[bad:bad + 1])[0], bad,
                             bottom[1].shape)
         host = packed[:-1].reshape(c, c).astype(np.int64)
         top[0].data[...] = xp.asarray(np.array(confusion_scores(host), top[0].data.dtype)
@@ -248,8 +253,11 @@ class SegAccuracyLayer(Layer):
         return cached
 
     def _bad_label(self, label, index, label_shape):
+        """Report the label value as stored (NaN, inf and fractions included)."""
         n, h, w = np.unravel_index(index, label_shape[:1] + label_shape[2:])
-        raise self.error(f"unexpected label {label} at num {n}, row {h}, col {w}"
+        value = float(label)
+        text = str(int(value)) if np.isfinite(value) and value == int(value) else str(value)
+        raise self.error(f"unexpected label {text} at num {n}, row {h}, col {w}"
                          f" (labels must be in [0, {self.num_classes}) or one of the ignore "
                          f"labels {self.ignore})")
 
