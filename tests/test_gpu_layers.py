@@ -726,9 +726,12 @@ def test_eltwise_max_tie_rule_is_the_cpu_rule(device):
     assert not dx0.any() and not dx2.any() and dx1.all()
 
 
-def test_softmax_with_loss_reports_a_bad_label_on_the_device(device):
+@pytest.mark.parametrize("bad, shown", [(7, "7"), (np.nan, "nan"), (-np.inf, "-inf")])
+def test_softmax_with_loss_reports_a_bad_label_on_the_device(device, bad, shown):
+    """NaN and infinite labels are bad labels too (the kernel must not cast them to int;
+    a GPU would turn NaN into class 0), named the same way on both sides."""
     scores = np.zeros((1, 3, 2, 2))
-    labels = np.array([0, 1, 7, 2], float).reshape(1, 1, 2, 2)
+    labels = np.array([0, 1, bad, 2], float).reshape(1, 1, 2, 2)
     messages = []
     for mode in ("cpu", device):
         if mode != "cpu":
@@ -745,7 +748,7 @@ def test_softmax_with_loss_reports_a_bad_label_on_the_device(device):
             messages.append(str(e.value))
         finally:
             backend.set_mode_cpu()
-    assert "label value 7 is out of range" in messages[0]
+    assert f"label value {shown} is out of range" in messages[0]
     assert messages[1] == messages[0]
 
 

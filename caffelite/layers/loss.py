@@ -145,9 +145,10 @@ class AccuracyLayer(Layer):
         dtype = bottom[0].data.dtype.type
         outer, channels, inner = self.dims
         scores = bottom[0].data.reshape(self.dims)
-        lab, valid = integer_labels(xp, bottom[1].data.reshape(outer, inner), self.ignore_label)
+        labels = bottom[1].data.reshape(outer, inner)
+        lab, valid = integer_labels(xp, labels, self.ignore_label)
         check_label_range(self, xp, lab, valid, channels,
-                          f"class axis {self.axis} of the scores, {bottom[0].shape}")
+                          f"class axis {self.axis} of the scores, {bottom[0].shape}", labels)
         lab = xp.where(valid, lab, 0)
         s_true = xp.take_along_axis(scores, lab[:, None, :], axis=1)
         k = xp.arange(channels)[None, :, None]

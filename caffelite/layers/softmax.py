@@ -69,24 +69,30 @@ def normalizer(mode, outer, inner, valid_count):
 
 
 def integer_labels(xp, labels, ignore_label):
-    """Labels truncated toward zero as C's static_cast<int>, and the non-ignored mask."""
-    lab = labels.astype(np.int64)
-    valid = (lab != ignore_label) if ignore_label is not None else xp.ones(lab.shape, bool)
-    return lab, valid
+    """Labels truncated toward zero as C's static_cast<int>, and the non-ignored mask.
+    NaN, inf and values beyond int (undefined for static_cast) become -1 and are never
+    ignored, so check_label_range refuses them (as the kernels do)."""
+    integer = (labels >= -2.0 ** 31) & (labels < 2.0 ** 31)
+    lab = xp.where(integer, labels, -1).astype(np.int64)
+    if ignore_label is None:
+        return lab, xp.ones(lab.shape, bool)
+    return lab, (lab != ignore_label) | ~integer
 
 
-def check_label_range(layer, xp, lab, valid, num_classes, where):
+def check_label_range(layer, xp, lab, valid, num_classes, where, labels=None):
     """Refuse labels outside [0, num_classes) that are not ignore_label (Caffe only
-    DCHECKs this and reads garbage memory in release builds)."""
+    DCHECKs this and reads garbage memory in release builds). ``labels``: the stored
+    values ``lab`` came from, for the message (NaN shows as nan)."""
     bad = valid & ((lab < 0) | (lab >= num_classes))
     if bool(bad.any()):
-        first = int(lab[bad][0])
+        first = float((labels if labels is not None else lab)[bad][0])
+        shown = int(first) if np.isfinite(first) and first == int(first) else first
         n_bad = int(bad.sum())
         ignore = layer.ignore_label
         hint = ("no ignore_label is set" if ignore is None
                 else f"ignore_label is {ignore}")
         raise layer.error(
-            f"label value {first} is out of range: labels must be integers in "
+            f"label value {shown} is out of range: labels must be integers in "
             f"[0, {num_classes}) (the size of the {where}); {n_bad} label(s) are out of "
             f"range and {hint}")
 
@@ -182,9 +188,10 @@ class SoftmaxWithLossLayer(LossLayer):
         dtype = bottom[0].data.dtype.type
         outer, channels, inner = self.dims
         self.prob = softmax(xp, bottom[0].data.reshape(self.dims))
-        lab, valid = integer_labels(xp, bottom[1].data.reshape(outer, inner), self.ignore_label)
+        labels = bottom[1].data.reshape(outer, inner)
+        lab, valid = integer_labels(xp, labels, self.ignore_label)
         check_label_range(self, xp, lab, valid, channels,
-                          f"softmax axis {self.axis} of the scores, {bottom[0].shape}")
+                          f"softmax axis {self.axis} of the scores, {bottom[0].shape}", labels)
         self.label = xp.where(valid, lab, 0)
         self.valid = valid
         p_true = xp.take_along_axis(self.prob, self.label[:, None, :], axis=1)[:, 0, :]
@@ -217,9 +224,11 @@ class SoftmaxWithLossLayer(LossLayer):
             [total.astype(xp.float64), counts.sum(dtype=xp.float64)]))     # counts: 0/1
         if np.isnan(host_total):
             # An out-of-range label makes its position NaN: name it like the host does.
-            lab, valid = integer_labels(xp, labels.reshape(outer, inner), self.ignore_label)
+            flat = labels.reshape(outer, inner)
+            lab, valid = integer_labels(xp, flat, self.ignore_label)
             check_label_range(self, xp, lab, valid, channels,
-                              f"softmax axis {self.axis} of the scores, {bottom[0].shape}")
+                              f"softmax axis {self.axis} of the scores, {bottom[0].shape}",
+                              flat)
         self.norm = normalizer(self.normalization, outer, inner, int(valid_count))
         top[0].data[...] = total / dtype(self.norm)
         if len(top) > 1:
