@@ -670,25 +670,23 @@ def caffelite_layer_times(solver, sync):
     net = solver.net
     by_type = {}
 
-    def add(kind, what, seconds):
-        entry = by_type.setdefault(kind, {"forward_ms": 0.0, "backward_ms": 0.0, "layers": 0})
-        entry[what] += seconds * 1e3
+    def entry(kind):
+        return by_type.setdefault(kind, {"forward_ms": 0.0, "backward_ms": 0.0, "layers": 0})
 
     for layer in net.layers:
-        add(layer.type, "forward_ms", 0.0)
-        by_type[layer.type]["layers"] += 1
+        entry(layer.type)["layers"] += 1
     net.clear_param_diffs()
     sync()
     for i, layer in enumerate(net.layers):
         t = time.perf_counter()
         net.forward_from_to(i, i)
         sync()
-        add(layer.type, "forward_ms", time.perf_counter() - t)
+        entry(layer.type)["forward_ms"] += (time.perf_counter() - t) * 1e3
     for i in reversed(range(len(net.layers))):
         t = time.perf_counter()
         net.backward_from_to(i, i)
         sync()
-        add(net.layers[i].type, "backward_ms", time.perf_counter() - t)
+        entry(net.layers[i].type)["backward_ms"] += (time.perf_counter() - t) * 1e3
     t = time.perf_counter()
     solver.apply_update()
     sync()

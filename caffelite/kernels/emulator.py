@@ -78,10 +78,8 @@ class ndarray(_np.ndarray):        # noqa: N801  (CuPy's spelling)
 
     def set(self, arr, stream=None):
         """CuPy's host→device copy into this array (same shape, a numpy array)."""
-        if not _is_host_array(arr) and not isinstance(arr, _np.ndarray):
-            raise TypeError("set() takes a numpy array")
-        if isinstance(arr, ndarray):
-            raise TypeError("set() takes a host numpy array, not a device array")
+        if not isinstance(arr, _np.ndarray) or isinstance(arr, ndarray):
+            raise TypeError("set() takes a host numpy array")
         if arr.shape != self.shape or arr.dtype != self.dtype:
             raise ValueError(f"set(): shape/dtype {arr.shape} {arr.dtype} differ from "
                              f"{self.shape} {self.dtype}")

@@ -9,6 +9,7 @@ from ..backend import get_array_module
 from ..io.matfile import MatFileError, read_mat, write_mat
 from ..layer import Layer, register
 from ._device import contiguous, launch, on_device
+from .softmax import label_text, truncated_labels
 
 logger = logging.getLogger("caffelite")
 
@@ -205,12 +206,8 @@ class SegAccuracyLayer(Layer):
             self.confusion[...] = 0
         c = self.num_classes
         pred = argmax_ties_highest(_to_numpy(bottom[0].data)).reshape(-1)
-        raw = _to_numpy(bottom[1].data).reshape(-1)
-        # int() truncation; NaN, inf and values beyond int are bad labels (-1 here, never
-        # an ignored one), as in seg_confusion.cu
-        integer = (raw >= -2.0 ** 31) & (raw < 2.0 ** 31)
-        gt = np.where(integer, raw, -1).astype(np.int64)
-        keep = ~np.isin(gt, self.ignore) | ~integer
+        gt, integer = truncated_labels(np, _to_numpy(bottom[1].data).reshape(-1))
+        keep = ~np.isin(gt, self.ignore) | ~integer     # no int value: a bad label
         bad = keep & ((gt < 0) | (gt >= c))
         if bad.any():
             first = int(np.flatnonzero(bad)[0])
@@ -255,9 +252,7 @@ class SegAccuracyLayer(Layer):
     def _bad_label(self, label, index, label_shape):
         """Report the label value as stored (NaN, inf and fractions included)."""
         n, h, w = np.unravel_index(index, label_shape[:1] + label_shape[2:])
-        value = float(label)
-        text = str(int(value)) if np.isfinite(value) and value == int(value) else str(value)
-        raise self.error(f"unexpected label {text} at num {n}, row {h}, col {w}"
+        raise self.error(f"unexpected label {label_text(label)} at num {n}, row {h}, col {w}"
                          f" (labels must be in [0, {self.num_classes}) or one of the ignore "
                          f"labels {self.ignore})")
 

@@ -68,12 +68,25 @@ def normalizer(mode, outer, inner, valid_count):
     return max(1.0, float(n))
 
 
-def integer_labels(xp, labels, ignore_label):
-    """Labels truncated toward zero as C's static_cast<int>, and the non-ignored mask.
-    NaN, inf and values beyond int (undefined for static_cast) become -1 and are never
-    ignored, so check_label_range refuses them (as the kernels do)."""
+def truncated_labels(xp, labels):
+    """(labels truncated toward zero as C's static_cast<int>, int64; the mask of those
+    that have an int value). NaN, inf and values beyond int (undefined for static_cast)
+    become -1 and are masked out: callers treat them as bad labels, never as ignored
+    ones, as the kernels do."""
     integer = (labels >= -2.0 ** 31) & (labels < 2.0 ** 31)
-    lab = xp.where(integer, labels, -1).astype(np.int64)
+    return xp.where(integer, labels, -1).astype(np.int64), integer
+
+
+def label_text(value):
+    """A stored label value for a message: 3, nan, -inf, 2.5."""
+    value = float(value)
+    return str(int(value)) if np.isfinite(value) and value == int(value) else str(value)
+
+
+def integer_labels(xp, labels, ignore_label):
+    """Labels truncated (truncated_labels) and the non-ignored mask; labels without an
+    int value are never ignored, so check_label_range refuses them."""
+    lab, integer = truncated_labels(xp, labels)
     if ignore_label is None:
         return lab, xp.ones(lab.shape, bool)
     return lab, (lab != ignore_label) | ~integer
@@ -85,8 +98,7 @@ def check_label_range(layer, xp, lab, valid, num_classes, where, labels=None):
     values ``lab`` came from, for the message (NaN shows as nan)."""
     bad = valid & ((lab < 0) | (lab >= num_classes))
     if bool(bad.any()):
-        first = float((labels if labels is not None else lab)[bad][0])
-        shown = int(first) if np.isfinite(first) and first == int(first) else first
+        shown = label_text((labels if labels is not None else lab)[bad][0])
         n_bad = int(bad.sum())
         ignore = layer.ignore_label
         hint = ("no ignore_label is set" if ignore is None
