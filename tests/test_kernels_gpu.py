@@ -1,6 +1,7 @@
 """The comparisons of test_kernels_host.py, run on a real GPU through the loader
 (caffelite.kernels: NVRTC-compiled CuPy RawModules of im2col.cu, pooling.cu, interp.cu,
-softmax_loss.cu, eltwise.cu, sgd_update.cu, seg_confusion.cu, channel.cu and relu.cu).
+softmax_loss.cu, eltwise.cu, sgd_update.cu, seg_confusion.cu, channel.cu, relu.cu and
+domain_transform.cu).
 
 Skipped without CuPy or a CUDA device; select with ``pytest -m gpu``. The same
 assertions hold on the device: bit-for-bit where the float operations are the same

@@ -71,11 +71,12 @@ def assert_within(actual, expected, bound, what):
 
 def test_every_kernel_module_is_covered_here():
     """One test group per module: im2col.cu, pooling.cu, interp.cu, softmax_loss.cu,
-    eltwise.cu, sgd_update.cu, seg_confusion.cu, channel.cu, relu.cu; permutohedral.cu
-    (the dense CRF) is tested in test_crf_gpu_kernels.py."""
-    assert kernels.module_names() == ["channel", "eltwise", "im2col", "interp",
-                                      "permutohedral", "pooling", "relu", "seg_confusion",
-                                      "sgd_update", "softmax_loss"]
+    eltwise.cu, sgd_update.cu, seg_confusion.cu, channel.cu, relu.cu,
+    domain_transform.cu; permutohedral.cu (the dense CRF) is tested in
+    test_crf_gpu_kernels.py."""
+    assert kernels.module_names() == ["channel", "domain_transform", "eltwise", "im2col",
+                                      "interp", "permutohedral", "pooling", "relu",
+                                      "seg_confusion", "sgd_update", "softmax_loss"]
 
 
 def test_every_module_compiles_without_warnings(host_kernels):
@@ -806,3 +807,81 @@ def test_relu_backward_matches_relu_layer(kern, launch, slope, dtype):
              **launch)
     np.testing.assert_array_equal(dx, bottom[0].diff)
     assert np.array_equal(np.signbit(dx), np.signbit(bottom[0].diff))
+
+
+# ------------------------------------------------------------------ domain_transform.cu
+# (rows, cols) per sample: whole maps, a single column, an empty sample, a single row.
+DT_SIZES = np.array([[5, 7], [3, 1], [0, 4], [1, 5]])
+DT_PASSES = [(3, 1), (3, -1), (2, 1), (2, -1)]      # (scan axis, direction): passes 0..3
+
+
+def dt_inputs(dtype, seed):
+    rng = np.random.default_rng(seed)
+    shape = (len(DT_SIZES), 2, 5, 7)
+    y = rng.standard_normal(shape).astype(dtype)
+    a = rng.random((shape[0], 1) + shape[2:]).astype(dtype)
+    return rng, y, a
+
+
+def dt_region_views(arrays, sample, axis):
+    """Each array's valid region of ``sample``, scan axis first (views, so the numpy
+    pass writes into them)."""
+    rows, cols = DT_SIZES[sample]
+    return [np.moveaxis(x[sample, :, :rows, :cols], axis - 1, 0) for x in arrays]
+
+
+def dt_line_args(shape, axis):
+    n, c, h, w = shape
+    vertical = axis == 2
+    return (n * c * (w if vertical else h), c, h, w,
+            np.ascontiguousarray(DT_SIZES.reshape(-1), np.int32), int(vertical))
+
+
+@pytest.mark.parametrize("axis,direction", DT_PASSES)
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_domain_transform_forward_pass_matches_numpy(kern, launch, axis, direction, dtype):
+    """dt_forward_pass: bit-for-bit the DomainTransform layer's numpy pass inside every
+    sample's valid region; nothing outside it is written (y keeps its input, the
+    difference store keeps its poison), and neither are the boundary differences a pass
+    does not produce."""
+    from caffelite.layers.domain_transform import _forward_pass
+    _, y, a = dt_inputs(dtype, 41)
+    expected, expected_delta = y.copy(), poisoned(y.shape, dtype)
+    for sample in range(len(DT_SIZES)):
+        ys, as_, ds = dt_region_views([expected, a, expected_delta], sample, axis)
+        _forward_pass(ys, as_, direction, ds)
+    out, delta = y.copy(), poisoned(y.shape, dtype)
+    kern.run("domain_transform", "dt_forward_pass", dtype, *dt_line_args(y.shape, axis),
+             direction, a, out, 1, delta, **launch)
+    np.testing.assert_array_equal(out, expected)
+    np.testing.assert_array_equal(delta, expected_delta)
+    assert np.isnan(delta[2]).all() and np.isnan(delta[1, :, 3:]).all()
+    assert np.isnan(delta[1, :, :, 1:]).all() and np.isnan(delta[3, :, 1:]).all()
+    unstored = poisoned(y.shape, dtype)
+    kern.run("domain_transform", "dt_forward_pass", dtype, *dt_line_args(y.shape, axis),
+             direction, a, unstored, 0, unstored, **launch)
+    assert np.isnan(unstored).all()          # store = 0: the (aliased) store is untouched
+
+
+@pytest.mark.parametrize("axis,direction", DT_PASSES)
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_domain_transform_backward_pass_matches_numpy(kern, launch, axis, direction, dtype):
+    """dt_backward_pass: bit-for-bit the numpy adjoint pass on the gradient and on the
+    per-channel weight-gradient accumulator, which it adds to (it starts non-zero
+    here); outside the valid regions both keep their values."""
+    from caffelite.layers.domain_transform import _backward_pass
+    rng, g, a = dt_inputs(dtype, 42)
+    delta = rng.standard_normal(g.shape).astype(dtype)
+    acc = rng.standard_normal(g.shape).astype(dtype)
+    expected_g, expected_acc = g.copy(), acc.copy()
+    for sample in range(len(DT_SIZES)):
+        gs, as_, ds, accs = dt_region_views([expected_g, a, delta, expected_acc], sample,
+                                            axis)
+        _backward_pass(gs, as_, direction, ds, accs)
+    out_g, out_acc = g.copy(), acc.copy()
+    kern.run("domain_transform", "dt_backward_pass", dtype, *dt_line_args(g.shape, axis),
+             direction, a, delta, out_g, out_acc, **launch)
+    np.testing.assert_array_equal(out_g, expected_g)
+    np.testing.assert_array_equal(out_acc, expected_acc)
+    np.testing.assert_array_equal(out_g[2], g[2])
+    assert not np.array_equal(out_acc[0], acc[0])      # the full-size sample did work

@@ -14,17 +14,21 @@ neighbour in horizontal passes and its upper neighbour in vertical ones.  Each
 iteration runs four in-place first-order recursive passes, in this order:
 left->right, right->left, top->bottom, bottom->top.
 
-The recursion is sequential along its scan axis only: the code loops over the
-positions of that axis and updates every sample, channel and row (or column) at
-once.  Weights are zeroed outside each sample's valid region, which turns every
-update there into the identity, so samples of different sizes share one loop.
+The recursion is sequential along its scan axis only.  On the host the code loops
+over the positions of that axis and updates every sample, channel and row (or column)
+at once; weights are zeroed outside each sample's valid region, which turns every
+update there into the identity, so samples of different sizes share one loop.  On the
+device each pass is one launch of caffelite/kernels/domain_transform.cu (a thread per
+scan line, only inside the valid region), with the same arithmetic per element.
 """
 import math
 
 import numpy as np
 
 from ..backend import get_array_module
+from ..kernels import MAX_ELEMENTS
 from ..layer import Layer, register
+from ._device import launch, on_device
 
 # Pass numbers as in the fork: (scan axis of NCHW, direction)
 _PASSES = ((3, +1), (3, -1), (2, +1), (2, -1))
@@ -171,18 +175,21 @@ class DomainTransformLayer(Layer):
         keep = self.clamp            # DomainTransformForwardOnly keeps nothing
         self._deltas = [] if keep else None
         y = bottom[0].data.copy()
-        g = bottom[1].data
         hmax, wmax = int(sizes[:, 0].max(initial=0)), int(sizes[:, 1].max(initial=0))
-        if hmax <= 0 or wmax <= 0:
-            top[0].data[...] = y
-            return
+        if hmax > 0 and wmax > 0:
+            filter_in_place = self._filter_device if on_device(xp) else self._filter_host
+            filter_in_place(xp, sizes, y, bottom[1].data, keep)
+        top[0].data[...] = y
+
+    def _filter_host(self, xp, sizes, y, g, keep):
+        hmax, wmax = int(sizes[:, 0].max()), int(sizes[:, 1].max())
         region = (slice(None), slice(None), slice(0, hmax), slice(0, wmax))
         valid = self._valid_mask(xp, sizes, g.shape)
         zero = y.dtype.type(0)
         for sigma in sigma_schedule(self.spatial_sigma, self.num_iter, y.dtype):
             a = xp.where(valid, self._weight_map(xp, g, sigma), zero)[region]
             yr = y[region]
-            for p, (axis, direction) in enumerate(_PASSES):
+            for axis, direction in _PASSES:
                 ys, as_ = _scan_first(yr, axis), _scan_first(a, axis)
                 store = xp.empty_like(ys) if keep else None
                 _forward_pass(ys, as_, direction, store)
@@ -190,7 +197,20 @@ class DomainTransformLayer(Layer):
                 if keep:
                     self._deltas.append(store)
             y[region] = yr
-        top[0].data[...] = y
+
+    def _filter_device(self, xp, sizes, y, g, keep):
+        """The passes as kernel launches on the whole maps (the kernels stay inside each
+        sample's valid region); the stored differences are N x C x H x W arrays."""
+        sizes_dev = self._device_sizes(xp, sizes, y)
+        for sigma in sigma_schedule(self.spatial_sigma, self.num_iter, y.dtype):
+            a = self._weight_map(xp, g, sigma)
+            for axis, direction in _PASSES:
+                store = xp.empty_like(y) if keep else None
+                launch("domain_transform", "dt_forward_pass", y.dtype,
+                       *_line_args(y.shape, axis, sizes_dev), direction, a, y,
+                       int(keep), y if store is None else store)
+                if keep:
+                    self._deltas.append(store)
 
     # ---------------------------------------------------------------- backward
     def backward(self, top, propagate_down, bottom):
@@ -204,7 +224,8 @@ class DomainTransformLayer(Layer):
         dg = xp.zeros(bottom[1].shape, dx.dtype)
         hmax, wmax = int(sizes[:, 0].max(initial=0)), int(sizes[:, 1].max(initial=0))
         if hmax > 0 and wmax > 0:
-            self._backward_region(xp, bottom, sizes, dx, dg, hmax, wmax)
+            adjoint = self._backward_device if on_device(xp) else self._backward_region
+            adjoint(xp, bottom, sizes, dx, dg, hmax, wmax)
         bottom[0].diff[...] = dx
         bottom[1].diff[...] = dg
 
@@ -232,6 +253,45 @@ class DomainTransformLayer(Layer):
             contrib = mult1 * mult2 * weight_diff * a_clamped[region]
             dg[region] += xp.where(valid[region], contrib, dtype(0))
         dx[region] = gr
+
+
+    def _device_sizes(self, xp, sizes, maps):
+        """Per-sample (rows, cols) as a device int32 array for the kernels, after
+        checking that the maps fit their int indexing."""
+        if maps.size > MAX_ELEMENTS:
+            raise self.error(f"on the GPU the maps may hold at most {MAX_ELEMENTS} "
+                             f"elements (the kernels index with int); got {maps.shape}")
+        return xp.asarray(np.ascontiguousarray(sizes, np.int32).reshape(-1))
+
+    def _backward_device(self, xp, bottom, sizes, dx, dg, hmax, wmax):
+        """The adjoint passes as kernel launches, in place on dx; the same arithmetic
+        per element as _backward_region."""
+        dtype = dx.dtype.type
+        g_ref = bottom[1].data
+        mult2 = dtype(self.spatial_sigma) / dtype(self.range_sigma)
+        sigmas = sigma_schedule(self.spatial_sigma, self.num_iter, dx.dtype)
+        valid = self._valid_mask(xp, sizes, g_ref.shape)
+        sizes_dev = self._device_sizes(xp, sizes, dx)
+        for k in range(self.num_iter - 1, -1, -1):
+            a = self._weight_map(xp, g_ref, sigmas[k])
+            acc = xp.zeros(dx.shape, dx.dtype)       # per channel; summed below
+            for p in range(3, -1, -1):
+                axis, direction = _PASSES[p]
+                launch("domain_transform", "dt_backward_pass", dx.dtype,
+                       *_line_args(dx.shape, axis, sizes_dev), direction, a,
+                       self._deltas[4 * k + p], dx, acc)
+            weight_diff = acc.sum(axis=1, keepdims=True)
+            mult1 = dtype(-math.sqrt(2.0) / float(sigmas[k]))
+            contrib = mult1 * mult2 * weight_diff * a
+            dg += xp.where(valid, contrib, dtype(0))
+
+
+def _line_args(shape, axis, sizes_dev):
+    """The kernels' leading arguments for a pass along ``axis`` (3: rows, 2: columns):
+    number of scan lines, C, H, W, sizes, vertical."""
+    n, c, h, w = shape
+    vertical = axis == 2
+    return n * c * (w if vertical else h), c, h, w, sizes_dev, int(vertical)
 
 
 @register("DomainTransformForwardOnly")
