@@ -117,6 +117,24 @@ def test_read_image_matches_imread(tmp_path):
                               cv2.imread(path, cv2.IMREAD_GRAYSCALE)), name
 
 
+def test_colour_png_read_gray_matches_imread_on_noise(tmp_path):
+    # Noise, not a blurred image: libpng's 15-bit RGB->gray coefficients round the last
+    # bit differently from a naive 0.299/0.587 * 32768, on a few pixels in a thousand.
+    cv2 = pytest.importorskip("cv2")
+    rng = np.random.default_rng(7)
+    Image.fromarray(rng.integers(0, 256, (96, 128, 3), dtype=np.uint8)).save(tmp_path / "n.png")
+    pal = Image.fromarray(rng.integers(0, 256, (64, 64), dtype=np.uint8), mode="P")
+    pal.putpalette(rng.integers(0, 256, 768).tolist())
+    pal.save(tmp_path / "p.png")
+    for name in ("n.png", "p.png"):
+        path = str(tmp_path / name)
+        assert np.array_equal(read_image(path, False),
+                              cv2.imread(path, cv2.IMREAD_GRAYSCALE)), name
+    # A colour (non-palette) label PNG is read as the fork does: imread(GRAYSCALE).
+    path = str(tmp_path / "n.png")
+    assert np.array_equal(read_label(path), cv2.imread(path, cv2.IMREAD_GRAYSCALE))
+
+
 def test_palette_label_reads_class_indices_with_one_warning(tmp_path, caplog):
     import caffelite.io.image as image_io
     idx = np.array([[0, 1, 2], [15, 1, 255]], np.uint8)

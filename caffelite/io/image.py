@@ -4,8 +4,8 @@ Pillow, and OpenCV's ``cv::resize`` reproduced bit for bit in NumPy.
 * ``read_image(path, color)`` is ``cv::imread(path, IMREAD_COLOR / IMREAD_GRAYSCALE)``:
   H x W x 3 **BGR** uint8, or H x W uint8 (grayscale JPEGs are decoded straight to
   luma by libjpeg, as OpenCV does; colour PNGs in gray use libpng's conversion; 16-bit
-  PNGs keep their high byte).  Checked against ``cv2.imread`` for JPEG and PNG; a
-  palette PNG read as a gray *image* may differ by 1 on some pixels.  EXIF orientation
+  PNGs keep their high byte).  Checked against ``cv2.imread`` for JPEG and PNG
+  (colour and palette PNGs read in gray included).  EXIF orientation
   is not applied (OpenCV 2.4 ignored it; OpenCV >= 3.1 rotates).
 * ``read_label(path)`` reads a segmentation ground truth like the fork (grayscale),
   except that a palette ("P" mode) PNG gives its **class indices**: the fork would have
@@ -85,9 +85,11 @@ def rgb_to_gray(rgb):
 
 def png_rgb_to_gray(rgb):
     """libpng's ``png_set_rgb_to_gray(1, 0.299, 0.587)`` as OpenCV's PNG decoder asks
-    for it: 15-bit coefficients, truncated (not rounded)."""
+    for it.  libpng stores the coefficients as 1e-5 fixed point (29900, 58700) and
+    scales them to 15 bits by integer division: red 9797, green 19234, blue the rest
+    (3737); the weighted sum is truncated (not rounded)."""
     rgb = np.asarray(rgb, dtype=np.int32)
-    y = rgb[..., 0] * 9798 + rgb[..., 1] * 19235 + rgb[..., 2] * 3735
+    y = rgb[..., 0] * 9797 + rgb[..., 1] * 19234 + rgb[..., 2] * 3737
     return (y >> 15).astype(np.uint8)
 
 
