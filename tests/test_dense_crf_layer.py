@@ -62,7 +62,8 @@ def test_forward_crops_each_image_and_matches_the_standalone_crf():
     assert out.shape == scores.shape and out.dtype == np.float32
     for i, (h, w) in enumerate(sizes):
         h, w = min(h, 32), min(w, 42)
-        want = standalone(scores[i, :, :h, :w], data[i, :, :h, :w], pos, bi, 10)
+        # The fork reads the colours of image 0 for every image (no per-image offset).
+        want = standalone(scores[i, :, :h, :w], data[0, :, :h, :w], pos, bi, 10)
         assert np.array_equal(out[i, :, :h, :w], want)
         assert np.all(out[i, :, h:, :] == 0) and np.all(out[i, :, :, w:] == 0)
         assert np.allclose(out[i, :, :h, :w].sum(0), 1, atol=1e-5)
@@ -84,6 +85,28 @@ def test_matches_pydensecrf_fed_the_same_colours():
         oracle = pydensecrf_q(scores[0], bgr, CRFParams(4, 49, 5, 3, 3, 10))
         assert np.mean(q.argmax(0) == oracle.argmax(0)) >= 0.999
         assert np.abs(q - oracle).max() < 1e-3
+
+
+def test_every_image_uses_the_colours_of_image_0_as_the_fork_does():
+    """densecrf_layer.cpp builds the bilateral features from ``bottom[2]->cpu_data()``
+    with no offset for image n (a fork bug): image 1's CRF sees the top-left
+    h1 x w1 colours of image 0.  Oracle: Krähenbühl's code (pydensecrf2) fed those
+    colours; image 1's own colours give a clearly different result."""
+    pytest.importorskip("pydensecrf.densecrf")
+    from caffelite.crf import CRFParams
+    scores, dims, data, rgbs = batch([(60, 80), (50, 70)], (60, 80), labels=21, seed=5,
+                                     mean=(0, 0, 0))
+    layer = make_layer(crf_text(((3, 3),), ((4, 49, 5),)), dtype=np.float32)
+    bottom, top = setup_layer(layer, [scores, dims, data], dtype=np.float32)
+    q = run_forward(layer, bottom, top)[0][1, :, :50, :70]
+    params = CRFParams(4, 49, 5, 3, 3, 10)
+    image0 = np.ascontiguousarray(rgbs[0][:50, :70, ::-1])           # BGR bytes
+    own = np.ascontiguousarray(rgbs[1][:, :, ::-1])
+    oracle = pydensecrf_q(scores[1, :, :50, :70], image0, params)
+    assert np.mean(q.argmax(0) == oracle.argmax(0)) >= 0.999
+    assert np.abs(q - oracle).max() < 1e-3
+    other = pydensecrf_q(scores[1, :, :50, :70], own, params)
+    assert np.mean(q.argmax(0) != other.argmax(0)) > 0.01
 
 
 def test_log_probability_output_and_fast_exp_cutoff():

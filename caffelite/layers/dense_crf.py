@@ -23,7 +23,9 @@ class DenseCRFLayer(Layer):
     outputs outside it are 0.  Unary = -score (logits, no softmax); one positional
     kernel per (pos_w, pos_xy_std) with features (x, y) / pos_xy_std, then one
     bilateral kernel per (bi_w, bi_xy_std, bi_rgb_std) with features (x/xy, y/xy,
-    B/rgb, G/rgb, R/rgb) of the mean-subtracted data; Potts, NORMALIZE_AFTER,
+    B/rgb, G/rgb, R/rgb) of the mean-subtracted data -- always image 0's, for every
+    image of the batch, as in the fork (which never offsets its image pointer by n;
+    test nets run one image per batch); Potts, NORMALIZE_AFTER,
     ``max_iter`` mean-field steps, labels more than 20 below a pixel's best at Q = 0
     (the fork's ``fast_exp``).  No backward (the fork's is empty).
     """
@@ -95,7 +97,9 @@ class DenseCRFLayer(Layer):
             width = min(int(dims[n, 1]), scores.shape[3])
             if height <= 0 or width <= 0:
                 continue
-            q = self.infer(scores[n, :, :height, :width], image[n, :, :height, :width])
+            # The fork's bilateral features read bottom[2] without the offset of image
+            # n, so every image of a batch sees image 0's colours (densecrf_layer.cpp).
+            q = self.infer(scores[n, :, :height, :width], image[0, :, :height, :width])
             if not self.output_probability:
                 q = np.log(np.maximum(q, np.finfo(np.float32).tiny))
             out[n, :, :height, :width] = q
