@@ -2,7 +2,8 @@
 
 ``EvalSegResults.m`` loads each MatWrite ``<id>_blob_0.mat``, crops it to the image
 (the image sits at the top-left of the padded canvas), takes ``max(., [], 3)`` -- the
-*first* maximum on ties, i.e. the lowest class -- and writes a palette PNG;
+*first* maximum on ties, i.e. the lowest class, NaN scores skipped -- and writes a
+palette PNG;
 ``MyVOCevalseg.m`` then accumulates one confusion matrix over the whole list (GT 255
 ignored; rows = ground truth, columns = prediction) and prints:
 
@@ -137,7 +138,17 @@ def prediction_from_features(path, height, width, num_labels=None):
     if scores.shape[1] < height or scores.shape[2] < width:
         raise EvalError(f"{path}: features of size {scores.shape[1]}x{scores.shape[2]} are "
                         f"smaller than the image ({height}x{width})")
-    return scores[:, :height, :width].argmax(axis=0).astype(np.uint8)
+    return matlab_argmax(scores[:, :height, :width]).astype(np.uint8)
+
+
+def matlab_argmax(scores):
+    """The 0-based index MATLAB's ``[~, i] = max(scores, [], 1)`` gives along axis 0:
+    the first maximum of the non-NaN values, the first entry when all are NaN."""
+    valid = ~np.isnan(scores)
+    if valid.all():
+        return scores.argmax(axis=0)
+    best = np.where(valid, scores, -np.inf).max(axis=0)
+    return (valid & (scores == best)).argmax(axis=0)
 
 
 def read_prediction(path):

@@ -152,6 +152,20 @@ def test_feature_ties_take_the_first_maximum(tmp_path):
     assert r.confusion[0, 0] == 4
 
 
+def test_feature_nans_are_ignored_like_matlab_max(tmp_path):
+    """EvalSegResults' ``max(., [], 3)`` skips NaN (first maximum of the other values;
+    index 1 when all are NaN); numpy's argmax would pick the first NaN."""
+    from caffelite.evaluate import prediction_from_features
+    nan, inf = np.nan, np.inf
+    pixels = [([nan, 1, 3, 3], 2), ([nan, nan, nan, nan], 0), ([2, nan, 5, nan], 2),
+              ([-inf, nan, nan, nan], 0), ([nan, -inf, nan, -inf], 1),
+              ([4, 4, nan, 1], 0)]
+    scores = np.array([p for p, _ in pixels], np.float32).T.reshape(1, 4, 1, len(pixels))
+    write_mat(str(tmp_path / "n_blob_0.mat"), scores)
+    pred = prediction_from_features(str(tmp_path / "n_blob_0.mat"), 1, len(pixels))
+    assert pred.tolist() == [[label for _, label in pixels]]
+
+
 def test_palette_gt_is_read_as_indices(dataset):
     assert read_label(str(dataset["gt"] / "a.png")).tolist() == GT["a"].tolist()
 
