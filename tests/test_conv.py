@@ -198,6 +198,23 @@ def test_output_shapes_follow_caffe_formulas():
     assert top[0].shape == (1, 3, 8 * 40 + 16 - 8, 8 * 39 + 16 - 8)
 
 
+def test_output_size_truncates_a_negative_numerator_toward_zero():
+    # base_conv_layer.cpp's compute_output_shape is C int division: (2 + 0 - 3) / 2 + 1
+    # = 0 + 1 = 1 (Python's floor would give 0). The single window starts at (0, 0) and
+    # its out-of-image taps read zeros (im2col), so y = sum of the 2x2 input.
+    layer = conv_layer("Convolution", "num_output: 1 kernel_size: 3 stride: 2 "
+                       'weight_filler { type: "constant" value: 1 }')
+    x = np.array([[[[1.0, 2.0], [3.0, 4.0]]]])
+    bottom, top = setup_layer(layer, [x])
+    assert top[0].shape == (1, 1, 1, 1)
+    assert run_forward(layer, bottom, top)[0].item() == 10.0
+    top[0].diff[...] = 1.0
+    layer.backward(top, [True], bottom)
+    np.testing.assert_array_equal(bottom[0].diff, np.ones((1, 1, 2, 2)))
+    np.testing.assert_array_equal(layer.blobs[0].diff[0, 0],
+                                  [[1, 2, 0], [3, 4, 0], [0, 0, 0]])
+
+
 def test_bilinear_deconvolution_upsamples_constant_map():
     # DeepLab/FCN-style x2 upsampling: k4 s2 p1, group = C, bilinear filler. Away from the
     # border every output pixel gets weights summing to 1, so a constant map stays constant.

@@ -298,6 +298,8 @@ def conv_cases():
         ("group2", dict(num_output=4, kernel_size=3, pad=1, group=2), (2, 4, 5, 6)),
         ("1x1", dict(num_output=3, kernel_size=1), (2, 5, 4, 3)),
         ("big_pad_borders", dict(num_output=2, kernel_size=5, pad=3, stride=3), (1, 2, 7, 5)),
+        # (2 - 3) / 2 + 1 = 1 row in C: the one window reads zeros below the image
+        ("c_division_size", dict(num_output=2, kernel_size=3, stride=2), (1, 2, 2, 4)),
     ]
     for name, params, shape in specs:
         taps = params.get("kernel_size", 0) ** 2 or params["kernel_h"] * params["kernel_w"]

@@ -164,8 +164,6 @@ class BaseConvolutionLayer(Layer):
     def _output_shape(self, spatial):
         if self.reverse_dimensions:
             return self.geom.deconv_output_shape(spatial)
-        # Caffe's C integer division truncates towards zero; only matters when the
-        # numerator is negative, which the caller rejects as an empty output.
         return self.geom.conv_output_shape(spatial)
 
     # --- helpers ---------------------------------------------------------------------

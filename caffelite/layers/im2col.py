@@ -96,14 +96,20 @@ class ConvGeometry:
                    for k, s, p in zip(self.kernel, self.stride, self.pad))
 
     def conv_output_shape(self, in_shape):
-        """Convolution output per axis: (in + 2p - extent) / s + 1."""
-        return tuple((i + 2 * p - e) // s + 1
+        """Convolution output per axis: (in + 2p - extent) / s + 1, with C's integer
+        division (truncation toward zero): a numerator in (-s, 0) still gives 1."""
+        return tuple(_c_div(i + 2 * p - e, s) + 1
                      for i, p, e, s in zip(in_shape, self.pad, self.extent, self.stride))
 
     def deconv_output_shape(self, in_shape):
         """Transposed convolution output per axis: s(in - 1) + extent - 2p."""
         return tuple(s * (i - 1) + e - 2 * p
                      for i, p, e, s in zip(in_shape, self.pad, self.extent, self.stride))
+
+
+def _c_div(a, b):
+    """a / b for ints as C computes it (b > 0): truncated toward zero."""
+    return -(-a // b) if a < 0 else a // b
 
 
 # ----------------------------------------------------------------------- im2col
