@@ -169,7 +169,7 @@ class Net:
     """
 
     def __init__(self, network_file=None, phase=None, weights=None, *args, stages=None,
-                 level=0, defines=None, param=None, dtype=np.float32):
+                 level=None, defines=None, param=None, dtype=np.float32):
         if isinstance(phase, (str, bytes)) and not isinstance(phase, int):
             phase, weights = weights, phase      # Net(file, weights, phase)
         if args:
@@ -188,7 +188,9 @@ class Net:
         self.dtype = np.dtype(dtype)
         state = caffe_pb2.NetState()
         state.CopyFrom(param.state)
-        state.phase, state.level = phase, level
+        state.phase = phase
+        if level is not None:                # the fork's Net(file, phase) keeps the file's
+            state.level = level
         state.stage.extend(stages or [])
         self._init(param, state)
         if weights:
@@ -246,8 +248,10 @@ class Net:
         return [ids.get(id(b), "(automatic)") for b in blobs]
 
     def _append_layer(self, lp, available, blob_need_backward):
+        if not lp.HasField("phase"):         # a layer's own phase wins over the net's
+            lp.phase = self.phase
         try:
-            layer = create_layer(lp, self.phase, self.dtype)
+            layer = create_layer(lp, lp.phase, self.dtype)
         except LayerError as e:
             raise NetError(f"{self.source}: {e}") from None
         bottoms, need_backward, bottom_nb = [], False, []
@@ -328,18 +332,21 @@ class Net:
         return weights
 
     def _share_params(self, lp, layer):
-        if layer.type == "BatchNorm":
-            for spec in lp.param:
-                if spec.lr_mult != 0:
-                    raise NetError(f"{self.source}: layer '{lp.name}': cannot configure batch "
-                                   f"normalization statistics as layer parameters (lr_mult "
-                                   f"must be 0)")
+        """Caffe's Init + AppendParam: propagate_down from the net's param specs, the
+        learnable parameter's lr/decay multipliers from the layer's own copy of them
+        (which BatchNorm's setup completes with ``lr_mult: 0`` specs)."""
+        if len(lp.param) > len(layer.blobs):
+            raise NetError(f"{self.source}: layer '{lp.name}': too many params specified: "
+                           f"{len(lp.param)} param specs for {len(layer.blobs)} parameter "
+                           f"blob(s)")
         default = caffe_pb2.ParamSpec()
+        for i in range(len(layer.blobs)):
+            spec = lp.param[i] if i < len(lp.param) else default
+            layer.param_propagate_down[i] = spec.lr_mult != 0
+        if layer.type == "BatchNorm":
+            self._mask_batchnorm_statistics(lp, layer)
         for i, blob in enumerate(layer.blobs):
             spec = lp.param[i] if i < len(lp.param) else default
-            if layer.type == "BatchNorm":
-                spec = caffe_pb2.ParamSpec(lr_mult=0, decay_mult=0, name=spec.name)
-            layer.param_propagate_down[i] = spec.lr_mult != 0
             owner = self._param_owner.get(spec.name) if spec.name else None
             if owner is None:
                 param = _Param(blob, spec)
@@ -360,6 +367,17 @@ class Net:
                     raise NetError(f"{self.source}: shared param '{spec.name}' has "
                                    f"conflicting decay_mult values")
                 owner.decay_mult, owner.has_decay = spec.decay_mult, True
+
+    def _mask_batchnorm_statistics(self, lp, layer):
+        """BatchNorm's LayerSetUp: a non-zero lr_mult is an error, missing specs are
+        appended to its LayerParameter as ``param { lr_mult: 0 }`` (decay_mult stays 1)."""
+        for spec in lp.param:
+            if spec.lr_mult != 0:
+                raise NetError(f"{self.source}: layer '{lp.name}': cannot configure batch "
+                               f"normalization statistics as layer parameters (lr_mult "
+                               f"must be 0)")
+        while len(lp.param) < len(layer.blobs):
+            lp.param.add(lr_mult=0)
 
     def _check_shared_shape(self, lp, i, spec, owner, blob):
         permissive = spec.share_mode == caffe_pb2.ParamSpec.PERMISSIVE
@@ -690,13 +708,17 @@ class Net:
             target.data[...] = blob.data.reshape(target.shape)
 
     def share_trained_layers_with(self, other):
-        """Share parameter data with the same-named layers of ``other`` (test nets see
-        the train net's weights without copies, as in Caffe)."""
-        theirs = other.layer_dict
-        for name, layer in zip(self._layer_names, self.layers):
-            source = theirs.get(name)
-            if source is None or not layer.blobs:
+        """Caffe's ShareTrainedLayersWith: each layer of ``other`` shares its parameter
+        data with the first same-named layer here (test nets see the train net's
+        weights without copies)."""
+        first = {}
+        for i, name in enumerate(self._layer_names):
+            first.setdefault(name, i)
+        for name, source in zip(other._layer_names, other.layers):
+            i = first.get(name)
+            if i is None:
                 continue
+            layer = self.layers[i]
             if len(source.blobs) != len(layer.blobs):
                 raise NetError(f"layer '{name}': {len(layer.blobs)} blobs here, "
                                f"{len(source.blobs)} in the net to share with")

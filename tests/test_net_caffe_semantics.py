@@ -1,0 +1,130 @@
+"""Net-level details of Caffe's Net::Init / AppendParam / ShareTrainedLayersWith that the
+fork (spring-2016 BVLC Caffe) has, each checked against a hand derivation of that code."""
+import numpy as np
+import pytest
+
+import caffelite as caffe
+from caffelite.net import NetError
+from caffelite.proto import caffe_pb2
+
+
+def write(tmp_path, text, name="net.prototxt"):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+DROPOUT_NET = '''
+input: "x" input_shape { dim: 1 dim: 400 }
+layer { name: "drop" type: "Dropout" bottom: "x" top: "y" %s
+  dropout_param { dropout_ratio: 0.5 } }
+'''
+
+
+@pytest.mark.parametrize("net_phase, layer_phase, drops", [
+    (caffe.TEST, "phase: TRAIN", True),      # explicit layer phase wins
+    (caffe.TRAIN, "phase: TEST", False),
+    (caffe.TRAIN, "", True),                 # unset: inherited from the net
+    (caffe.TEST, "", False),
+])
+def test_layer_phase_field_overrides_the_nets(tmp_path, net_phase, layer_phase, drops):
+    # Net::Init sets a layer's phase from the net only if the LayerParameter has none;
+    # the layer runs in its own phase (Dropout: TRAIN -> mask and scale by 1/(1-p)).
+    caffe.set_random_seed(1)
+    net = caffe.Net(write(tmp_path, DROPOUT_NET % layer_phase), net_phase)
+    net.blobs["x"].data[...] = 1
+    y = np.array(net.forward()["y"])
+    if drops:
+        assert set(np.unique(y)) == {0.0, 2.0}
+    else:
+        assert np.array_equal(y, np.ones_like(y))
+
+
+STATE_NET = '''
+state { level: 2 stage: "deploy" }
+input: "x" input_shape { dim: 1 dim: 3 }
+layer { name: "leveled" type: "ReLU" bottom: "x" top: "a" include { min_level: 2 } }
+layer { name: "staged" type: "ReLU" bottom: "x" top: "b" include { stage: "deploy" } }
+'''
+
+
+def test_pycaffe_net_keeps_the_prototxts_state_level_and_stages(tmp_path):
+    # The fork's Net(file, phase) only sets the phase of the file's NetState.
+    net = caffe.Net(write(tmp_path, STATE_NET), caffe.TEST)
+    assert "leveled" in net._layer_names and "staged" in net._layer_names
+    # An explicit level (the modern pycaffe argument) still replaces it.
+    net = caffe.Net(write(tmp_path, STATE_NET), caffe.TEST, level=0)
+    assert "leveled" not in net._layer_names and "staged" in net._layer_names
+
+
+def test_too_many_param_specs_is_an_error(tmp_path):
+    # Net::Init: CHECK_LE(param_size, num_param_blobs) "Too many params specified".
+    text = '''
+input: "x" input_shape { dim: 2 dim: 3 }
+layer { name: "ip" type: "InnerProduct" bottom: "x" top: "ip"
+  param { lr_mult: 1 } param { lr_mult: 2 }
+  inner_product_param { num_output: 2 bias_term: false } }
+'''
+    with pytest.raises(NetError, match="layer 'ip'.*2 param specs.*1 parameter blob"):
+        caffe.Net(write(tmp_path, text), caffe.TEST)
+
+
+BN_NET = '''
+input: "x" input_shape { dim: 4 dim: 3 }
+input: "t" input_shape { dim: 4 dim: 2 }
+layer { name: "bn" type: "BatchNorm" bottom: "x" top: "bn" %s }
+layer { name: "ip" type: "InnerProduct" bottom: "bn" top: "ip"
+  param { lr_mult: 0 } param { lr_mult: 0 }
+  inner_product_param { num_output: 2 weight_filler { type: "constant" value: 1 } } }
+layer { name: "loss" type: "EuclideanLoss" bottom: "ip" bottom: "t" top: "loss" }
+'''
+
+
+def test_batchnorm_without_param_specs_is_masked_like_caffe(tmp_path):
+    # BatchNorm::LayerSetUp appends `param { lr_mult: 0 }` to ITS OWN LayerParameter;
+    # AppendParam reads that copy (lr_mult 0, decay_mult default 1), but Init's
+    # set_param_propagate_down reads the net's (no spec -> lr_mult 1 -> true), so the
+    # layer needs backward and so does everything above it.
+    net = caffe.Net(write(tmp_path, BN_NET % ""), caffe.TRAIN)
+    bn = [p for p in net.learnable_params if any(p.blob is b for b in net.params["bn"])]
+    assert [(p.lr_mult, p.decay_mult) for p in bn] == [(0, 1)] * 3
+    names = net._layer_names
+    assert net.layer_need_backward[names.index("bn")]
+    assert net.layer_need_backward[names.index("ip")]
+    assert net.bottom_need_backward[names.index("ip")] == [True]
+    # Explicit lr_mult 0 specs (the DeepLab prototxts): no backward below the frozen IP.
+    given = 'param { lr_mult: 0 } param { lr_mult: 0 } param { lr_mult: 0 decay_mult: 0 }'
+    net = caffe.Net(write(tmp_path, BN_NET % given), caffe.TRAIN)
+    bn = [p for p in net.learnable_params if any(p.blob is b for b in net.params["bn"])]
+    assert [(p.lr_mult, p.decay_mult) for p in bn] == [(0, 1), (0, 1), (0, 0)]
+    assert not net.layer_need_backward[names.index("bn")]
+    assert not net.layer_need_backward[names.index("ip")]
+
+
+SHARE_NET = '''
+input: "x" input_shape { dim: 2 dim: 3 }
+layer { name: "ip" type: "InnerProduct" bottom: "x" top: "a"
+  inner_product_param { num_output: 2 weight_filler { type: "gaussian" } } }
+%s
+'''
+
+
+def test_share_trained_layers_follows_the_source_layers(tmp_path):
+    # ShareTrainedLayersWith walks the SOURCE net's layers and shares each with the
+    # FIRST target layer of the same name; a later same-named target layer keeps its own.
+    src = caffe.Net(write(tmp_path, SHARE_NET % "", "a.prototxt"), caffe.TRAIN)
+    dup = ('layer { name: "ip" type: "InnerProduct" bottom: "x" top: "b" '
+           'inner_product_param { num_output: 2 } }')
+    dst = caffe.Net(write(tmp_path, SHARE_NET % dup, "b.prototxt"), caffe.TEST)
+    dst.share_with(src)
+    first, second = dst.layers[dst._layer_names.index("ip")], dst.layers[-1]
+    assert first.blobs[0].data is not None
+    src.params["ip"][0].data[...] = 7
+    assert np.all(np.asarray(first.blobs[0].data) == 7)
+    assert not np.any(np.asarray(second.blobs[0].data) == 7)
+    # A same-named target with a different number of blobs is a CHECK failure.
+    other = ('layer { name: "ip" type: "ReLU" bottom: "x" top: "a" }')
+    dst = caffe.Net(write(tmp_path, 'input: "x" input_shape { dim: 2 dim: 3 }\n' + other,
+                          "c.prototxt"), caffe.TEST)
+    with pytest.raises(NetError, match="layer 'ip'.*0 blobs here, 2 in the net"):
+        dst.share_with(src)
