@@ -208,7 +208,12 @@ class Pipeline:
         self.net_id = net_id
         self.defines = {k: str(v) for k, v in (defines or {}).items()}
         if data_root is not None:
+            # Absolute (the steps run elsewhere), but the text otherwise as given: sed
+            # pastes it verbatim, and templates may append to a trailing '/'.
+            slash = data_root.endswith(("/", os.sep))
             data_root = os.path.abspath(data_root)
+            if slash and not data_root.endswith(os.sep):
+                data_root += os.sep
         elif "DATA_ROOT" not in self.defines:
             raise PipelineError("give --data-root (the kit's DATA_ROOT: the folder the "
                                 "lists' paths are relative to)")

@@ -272,6 +272,23 @@ def test_sub_sed_variables_and_defines(tmp_path):
     assert p.variables(after="train2")["TRAIN_SET"] == "trainval_aug"
 
 
+def test_data_root_keeps_its_trailing_slash(tmp_path):
+    """sed substitutes DATA_ROOT's text as the script sets it (the kit's example ends
+    in '/'): templates writing ``${DATA_ROOT}JPEGImages`` rely on it.  Only a relative
+    path is made absolute (the steps run in the experiment's parent folder)."""
+    exp, data = _make_experiment(tmp_path)
+    p = Pipeline(str(exp), NET, data_root=str(data) + "/")
+    assert p.variables()["DATA_ROOT"] == str(data) + "/"
+    cwd = os.getcwd()
+    os.chdir(data.parent)
+    try:
+        p = Pipeline(str(exp), NET, data_root=data.name + "/")
+    finally:
+        os.chdir(cwd)
+    assert p.variables()["DATA_ROOT"] == str(data) + "/"
+    assert Pipeline(str(exp), NET, data_root=str(data)).variables()["DATA_ROOT"] == str(data)
+
+
 def test_weak_list_like_run_pascal(tmp_path):
     exp, data = _make_experiment(tmp_path)
     lists = exp / "list"
