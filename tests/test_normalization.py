@@ -308,6 +308,31 @@ def test_scale_param_diffs_accumulate():
     np.testing.assert_allclose(once[1], dy.sum(axis=(0, 2)))
 
 
+@pytest.mark.parametrize("params,shape,overwrites", [
+    ("", (1, 3, 2, 2), True),                           # outer 1, inner 4: gemv, beta 0
+    ("scale_param { axis: 0 num_axes: 2 }", (2, 3), True),   # scale as large as x
+    ("", (1, 3), True),                                 # outer 1, inner 1: also eltwise
+    ("", (1, 1, 4), False),                             # one scale value: dot, +=
+    ("", (2, 3), False),                                # inner 1: gemv, beta 1
+    ("", (2, 3, 2, 2), False)])                         # outer 2: gemv, beta 1
+def test_learned_scale_diff_is_overwritten_where_caffe_overwrites_it(params, shape,
+                                                                     overwrites):
+    # scale_layer.cpp Backward_cpu writes d(scale) with beta 0 (no accumulation) when the
+    # product is the scale diff itself (count(scale) == count(x)) or when outer_dim == 1
+    # with inner_dim > 1 and more than one scale value; otherwise it adds to it.
+    x, dy = rand(shape, 67), rand(shape, 68)
+    layer, bottom, top = scale_layer(params, [x])
+    run_forward(layer, bottom, top)
+    top[0].diff[...] = dy
+    scale = layer.blobs[0]
+    expected = (dy * x).reshape(shape[0], shape[1], -1).sum(axis=(0, 2)) \
+        if params == "" else dy * x
+    layer.backward(top, [True], bottom)
+    layer.backward(top, [True], bottom)
+    np.testing.assert_allclose(scale.diff, expected if overwrites else 2 * expected,
+                               rtol=1e-12)
+
+
 def test_scale_param_propagate_down_false_leaves_diffs_alone():
     layer, bottom, top = scale_layer("scale_param { bias_term: true }", [rand((2, 3), 62)])
     layer.param_propagate_down = [False, False]

@@ -214,6 +214,14 @@ class ScaleLayer(Layer):
                                  f"have the same shape")
         top[0].reshape(bottom[0].shape)
 
+    def _caffe_overwrites_scale_diff(self):
+        """Where Caffe's Backward writes a learned scale's diff instead of adding to it
+        (scale_layer.cpp): the product goes straight into the diff when the scale is as
+        large as the input, and the per-channel gemv runs with beta 0 when outer_dim is
+        1, inner_dim > 1 and there is more than one scale value."""
+        outer, scale_dim, inner = self.dims
+        return (outer == 1 and inner == 1) or (outer == 1 and inner > 1 and scale_dim > 1)
+
     def _scale_grad_needed(self, bottom):
         """Whether backward may compute d(scale), which needs the input data."""
         return len(bottom) > 1 or self.param_propagate_down[0]
@@ -247,7 +255,7 @@ class ScaleLayer(Layer):
                 (not learned_scale and propagate_down[1]):
             x = self.x_saved if self.in_place else bottom[0].data.reshape(self.dims)
             grad = (dy * x).sum(axis=(0, 2), dtype=dy.dtype).reshape(scale.shape)
-            if learned_scale:
+            if learned_scale and not self._caffe_overwrites_scale_diff():
                 scale.diff[...] += grad
             else:
                 scale.diff[...] = grad
