@@ -220,6 +220,61 @@ def test_gradient(body, shape):
     check_gradient(layer, bottom, top)
 
 
+def caffe_cpu_backward_by_hand(g, in_shape, h_eff, w_eff, off, dtype):
+    """The fork's caffe_cpu_interp2_backward written out element by element: float32
+    coordinates, lambdas in Dtype, and per plane the sequential ``+=`` of
+    ``(h_lambda * w_lambda) * g`` for outputs in row-major order, four taps each."""
+    f32, t = np.float32, np.dtype(dtype).type
+    n, c, h, w = in_shape
+    _, _, h2, w2 = g.shape
+    diff = np.zeros(in_shape, dtype)
+    rh = f32(h_eff - 1) / f32(h2 - 1) if h2 > 1 else f32(0)
+    rw = f32(w_eff - 1) / f32(w2 - 1) if w2 > 1 else f32(0)
+    for p in range(n * c):
+        d, gp = diff.reshape(n * c, h, w)[p], g.reshape(n * c, h2, w2)[p]
+        for i in range(h2):
+            yr = rh * f32(i)
+            y = int(yr)
+            yp = 1 if y < h_eff - 1 else 0
+            ly1 = t(yr - f32(y))
+            ly0 = t(1) - ly1
+            for j in range(w2):
+                xr = rw * f32(j)
+                x = int(xr)
+                xp = 1 if x < w_eff - 1 else 0
+                lx1 = t(xr - f32(x))
+                lx0 = t(1) - lx1
+                r, q, v = off + y, off + x, gp[i, j]
+                d[r, q] += ly0 * lx0 * v
+                d[r, q + xp] += ly0 * lx1 * v
+                d[r + yp, q] += ly1 * lx0 * v
+                d[r + yp, q + xp] += ly1 * lx1 * v
+    return diff
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("body,shape,crop", [
+    ("zoom_factor: 4 shrink_factor: 3", (1, 2, 10, 13), (0, 0)),   # ratio 0.75, 3 -> 4
+    ("shrink_factor: 3", (2, 1, 11, 9), (0, 0)),                    # blending shrink
+    ("height: 7 width: 5", (1, 2, 6, 11), (0, 0)),                  # ratios 5/6, 10/4
+    ("height: 1 width: 4", (1, 1, 5, 3), (0, 0)),
+    ("zoom_factor: 3 pad_beg: -1 pad_end: -2", (1, 2, 9, 8), (-1, -2)),
+])
+def test_cpu_backward_is_bit_exact_with_the_fork_order(body, shape, crop, dtype):
+    rng = np.random.default_rng(12)
+    layer = make_layer(interp_text(body), dtype=dtype)
+    bottom, top = setup_layer(layer, [rng.standard_normal(shape)], dtype=dtype)
+    run_forward(layer, bottom, top)
+    top[0].diff[...] = rng.standard_normal(top[0].shape)
+    bottom[0].diff[...] = np.nan
+    layer.backward(top, [True], bottom)
+    beg, end = crop
+    want = caffe_cpu_backward_by_hand(top[0].diff.copy(), shape, shape[2] + beg + end,
+                                      shape[3] + beg + end, -beg, dtype)
+    assert bottom[0].diff.dtype == dtype
+    assert np.array_equal(bottom[0].diff, want)
+
+
 def test_cropped_away_inputs_get_zero_gradient():
     layer = make_layer(interp_text("zoom_factor: 2 pad_beg: -2 pad_end: -1"))
     bottom, top = setup_layer(layer, [np.random.default_rng(9).standard_normal((1, 1, 8, 8))])

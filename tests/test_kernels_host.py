@@ -386,7 +386,7 @@ def test_interp_forward_matches_numpy_exactly(kern, launch, body, shape, dyadic,
 @pytest.mark.parametrize("dtype", FLOATS)
 def test_interp_backward_matches_numpy(kern, launch, body, shape, dyadic, dtype):
     """interp.cu interp_backward (atomicAdd scatter, adds to what is there): within
-    (terms + 4)*eps*sum|terms| of caffelite's matrix-product adjoint; cropped-away
+    (terms + 4)*eps*sum|terms| of caffelite's host adjoint; cropped-away
     pixels get nothing; exact on integer gradients when the weights are dyadic."""
     x = np.random.default_rng(9).standard_normal(shape).astype(dtype)
     layer, bottom, top = interp_layer(body, x, dtype)

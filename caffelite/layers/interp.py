@@ -9,8 +9,8 @@ Coordinates are float32 exactly as in the C++ (``r = (h1-1)/(h2-1)``, ``y = r*i`
 ``s*k + 1`` map samples rows 0, s, 2s, ... exactly (DeepLab's ``label_shrink``).
 
 On the device the ``interp.cu`` kernels run instead: the forward gives the same bits;
-the backward is an atomic scatter (the fork's GPU code) where the host multiplies by
-the transposed interpolation matrices, so the two may differ in the last bits.
+the backward is an atomic scatter (the fork's GPU code, in no fixed order) where the
+host accumulates in the fork's CPU order, so the two may differ in the last bits.
 """
 import numpy as np
 
@@ -43,16 +43,6 @@ def interp_axis(size_in, size_out, dtype):
     return i0, i1, w0, w1
 
 
-def interp_matrix(size_in, size_out, dtype):
-    """Dense (size_out x size_in) matrix of the same weights (used for the adjoint)."""
-    i0, i1, w0, w1 = interp_axis(size_in, size_out, dtype)
-    m = np.zeros((size_out, size_in), dtype)
-    rows = np.arange(size_out)
-    np.add.at(m, (rows, i0), w0)
-    np.add.at(m, (rows, i1), w1)
-    return m
-
-
 def interp_forward(xp, x, size_out):
     """Bilinear align-corners resampling of (N, C, h1, w1) ``x`` to ``size_out``
     (``x`` itself when the size is unchanged).
@@ -72,15 +62,33 @@ def interp_forward(xp, x, size_out):
     return ly0[:, None] * upper + ly1[:, None] * lower
 
 
-def interp_backward(xp, g, size_in):
-    """Adjoint of ``interp_forward``: (N, C, h2, w2) gradient -> (N, C, h1, w1)."""
+def interp_backward(g, size_in):
+    """Adjoint of ``interp_forward`` on the host: (N, C, h2, w2) gradient -> (N, C, h1, w1).
+
+    Accumulated exactly as the fork's ``caffe_cpu_interp2_backward``: into a zeroed
+    map, for every output in row-major order, the four taps' ``+= (ly*lx) * g`` in
+    turn (``np.add.at`` applies repeated indices sequentially), so the result is
+    bit-identical to the fork's CPU backward, border taps that hit the same pixel
+    twice included.
+    """
     h2, w2 = g.shape[2:]
     h1, w1 = size_in
     if (h1, w1) == (h2, w2):
         return g
-    my = xp.asarray(interp_matrix(h1, h2, g.dtype))
-    mx = xp.asarray(interp_matrix(w1, w2, g.dtype))
-    return xp.matmul(xp.matmul(my.T, g), mx)
+    dtype = g.dtype
+    planes = g.shape[0] * g.shape[1]
+    y0, y1, ly0, ly1 = interp_axis(h1, h2, dtype)
+    x0, x1, lx0, lx1 = interp_axis(w1, w2, dtype)
+    # Taps in the C++ order: (y0, x0), (y0, x1), (y1, x0), (y1, x1).
+    tap_rows = np.stack([y0, y0, y1, y1], axis=-1)[:, None, :]
+    tap_cols = np.stack([x0, x1, x0, x1], axis=-1)[None, :, :]
+    tap_weights = (np.stack([ly0, ly0, ly1, ly1], axis=-1)[:, None, :]
+                   * np.stack([lx0, lx1, lx0, lx1], axis=-1)[None, :, :])
+    index = (tap_rows * w1 + tap_cols).reshape(1, -1)
+    values = (tap_weights[None] * g.reshape(planes, h2, w2, 1)).reshape(planes, -1)
+    diff = np.zeros((planes, h1 * w1), dtype)
+    np.add.at(diff, (np.arange(planes)[:, None], index), values)
+    return diff.reshape(g.shape[:2] + (h1, w1))
 
 
 @register("Interp")
@@ -194,7 +202,7 @@ class InterpLayer(Layer):
             diff = xp.zeros(self.in_shape, dtype=bottom[0].diff.dtype)
             o = -self.pad_beg
             diff[:, :, o:o + self.h_eff, o:o + self.w_eff] = \
-                interp_backward(xp, g, (self.h_eff, self.w_eff))
+                interp_backward(g, (self.h_eff, self.w_eff))
             bottom[0].diff[...] = diff.reshape(bottom[0].shape)
         for i in range(1, len(bottom)):
             if propagate_down[i]:      # only bottom[1]'s shape is used: zero gradient
