@@ -125,7 +125,9 @@ def insert_splits(net):
     out = caffe_pb2.NetParameter()
     out.CopyFrom(net)
     out.ClearField("layer")
-    next_split = {}
+    # A loss-weighted top's split keeps its top 0 for the loss: consumers start at 1.
+    next_split = {src: 1 for src, w in loss_weight.items()
+                  if w and consumers.get(src, 0) > 1}
     for i, layer in enumerate(net.layer):
         new = out.layer.add()
         new.CopyFrom(layer)
@@ -145,6 +147,7 @@ def insert_splits(net):
                 w = loss_weight.get((i, j), 0)
                 if w:
                     split.loss_weight.extend([w] + [0] * (count - 1))
+                    new.ClearField("loss_weight")    # the split carries the loss now
     return out
 
 

@@ -128,3 +128,36 @@ def test_share_trained_layers_follows_the_source_layers(tmp_path):
                           "c.prototxt"), caffe.TEST)
     with pytest.raises(NetError, match="layer 'ip'.*0 blobs here, 2 in the net"):
         dst.share_with(src)
+
+
+LOSS_SPLIT_NET = '''
+input: "x" input_shape { dim: 2 dim: 3 }
+layer { name: "ip" type: "InnerProduct" bottom: "x" top: "ip" loss_weight: 2
+  inner_product_param { num_output: 4 bias_term: false
+    weight_filler { type: "gaussian" std: 1 } } }
+layer { name: "r" type: "ReLU" bottom: "ip" top: "r" loss_weight: 3 }
+'''
+
+
+def test_split_of_a_loss_weighted_top_reserves_split_0_for_the_loss(tmp_path):
+    # insert_splits.cpp: a top with a non-zero loss weight that is also consumed gets a
+    # Split whose top 0 carries the loss weight and is consumed by nobody (consumers
+    # take tops 1..), and the producer's loss weights are cleared.
+    net = caffe.Net(write(tmp_path, LOSS_SPLIT_NET), caffe.TRAIN)
+    split = "ip_ip_0_split"
+    assert net.top_names[split] == [split + "_0", split + "_1"]
+    assert net.bottom_names["r"] == [split + "_1"]
+    assert net.outputs == [split + "_0", "r"]
+    names = net._layer_names
+    assert net.layer_loss_weights[names.index("ip")] == [0]
+    assert net.layer_loss_weights[names.index(split)] == [2, 0]
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 3)).astype(np.float32)
+    net.blobs["x"].data[...] = x
+    w = np.asarray(net.params["ip"][0].data, np.float64)
+    ip = x.astype(np.float64) @ w.T
+    loss = net.forward_backward()
+    assert loss == pytest.approx(2 * ip.sum() + 3 * np.maximum(ip, 0).sum(), rel=1e-5)
+    # d loss / d ip = 2 + 3 [ip > 0]; d loss / dW = (d loss / d ip)^T x
+    expected = (2 + 3 * (ip > 0)).T @ x.astype(np.float64)
+    assert np.allclose(net.params["ip"][0].diff, expected, rtol=1e-5, atol=1e-6)
