@@ -1,31 +1,37 @@
 """SigmoidCrossEntropyLoss, EuclideanLoss and Accuracy (BVLC Caffe semantics)."""
+import logging
+
 import numpy as np
 
 from ..backend import get_array_module
 from ..layer import Layer, LossLayer, register
 from ._device import scalar
-from .softmax import (BATCH_SIZE, _MODE_NAMES, canonical_axis, check_label_range,
-                      integer_labels, loss_normalization, normalizer, split_axis)
+from .softmax import canonical_axis, check_label_range, integer_labels, split_axis
+
+logger = logging.getLogger("caffelite")
 
 
 @register("SigmoidCrossEntropyLoss")
 class SigmoidCrossEntropyLossLayer(LossLayer):
-    """Cross-entropy of sigmoid(bottom[0]) against targets in [0, 1] (BVLC 2017 version).
+    """Cross-entropy of sigmoid(bottom[0]) against targets in [0, 1], as in the fork
+    (BVLC of early 2016).
 
     Per element, in the overflow-free form Caffe uses:
-    -[x (t - [x >= 0]) - log(1 + exp(x - 2 x [x >= 0]))]; elements whose target
-    truncates to ``ignore_label`` are skipped.  Normalization: ``normalization`` if
-    given, else legacy ``normalize``, else BATCH_SIZE (the pre-2017 behaviour).
+    -[x (t - [x >= 0]) - log(1 + exp(x - 2 x [x >= 0]))], summed over EVERY element and
+    divided by num (bottom[0].shape[0]); the gradient is (sigmoid(x) - t) *
+    loss_weight / num.  The fork's layer reads no loss_param: ignore_label,
+    normalization and normalize (which later BVLC versions honour) have no effect.
     """
     exact_num_bottom = 2
     min_bottom = None
 
     def setup(self, bottom, top):
         p = self.layer_param.loss_param
-        self.ignore_label = int(p.ignore_label) if p.HasField("ignore_label") else None
-        self.normalization = loss_normalization(self, BATCH_SIZE)
-        if self.normalization not in _MODE_NAMES:
-            raise self.error(f"unknown loss_param.normalization {self.normalization}")
+        unused = [f for f in ("ignore_label", "normalization", "normalize") if p.HasField(f)]
+        if unused:
+            logger.warning("layer '%s': SigmoidCrossEntropyLoss ignores loss_param.%s, as "
+                           "the DeepLab v2 fork does (the loss is always divided by num)",
+                           self.name, " and loss_param.".join(unused))
 
     def reshape(self, bottom, top):
         super().reshape(bottom, top)
@@ -41,18 +47,8 @@ class SigmoidCrossEntropyLossLayer(LossLayer):
         t = bottom[1].data.reshape(x.shape)
         pos = (x >= 0).astype(x.dtype)
         per_element = x * (t - pos) - xp.log(dtype(1) + xp.exp(x - dtype(2) * x * pos))
-        if self.ignore_label is not None:
-            self.valid = t.astype(np.int64) != self.ignore_label
-            per_element = xp.where(self.valid, per_element, dtype(0))
-            valid_count = int(self.valid.sum())
-        else:
-            self.valid = None
-            valid_count = x.size
         loss = -per_element.sum(dtype=x.dtype)
-        outer = bottom[0].shape[0]
-        self.norm = normalizer(self.normalization, outer, bottom[0].count // max(outer, 1),
-                               valid_count)
-        top[0].data[...] = loss / dtype(self.norm)
+        top[0].data[...] = loss / dtype(bottom[0].shape[0])
 
     def backward(self, top, propagate_down, bottom):
         if len(propagate_down) > 1 and propagate_down[1]:
@@ -62,12 +58,10 @@ class SigmoidCrossEntropyLossLayer(LossLayer):
         xp = get_array_module(bottom[0].data)
         dtype = bottom[0].data.dtype.type
         x = bottom[0].data
-        half = dtype(0.5)
-        sigmoid = half * xp.tanh(half * x) + half   # Caffe's SigmoidLayer form
+        with np.errstate(over="ignore"):
+            sigmoid = dtype(1) / (dtype(1) + xp.exp(-x))    # the fork's SigmoidLayer form
         d = sigmoid - bottom[1].data.reshape(x.shape)
-        if self.valid is not None:
-            d = xp.where(self.valid, d, dtype(0))
-        scale = dtype(scalar(top[0].diff)) / dtype(self.norm)
+        scale = dtype(scalar(top[0].diff)) / dtype(bottom[0].shape[0])
         bottom[0].diff[...] = d * scale
 
 
