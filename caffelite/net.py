@@ -203,7 +203,9 @@ class Net:
     def _init(self, param, state):
         self.name = param.name
         self.force_backward = param.force_backward
-        net = insert_splits(inputs_to_input_layer(filter_net(param, state)))
+        filtered = filter_net(param, state)
+        self._inputs_from_fields = bool(len(filtered.input))
+        net = insert_splits(inputs_to_input_layer(filtered))
         self.layer_params = list(net.layer)
         self.layers = []
         self._layer_names = []
@@ -332,6 +334,8 @@ class Net:
             default = getattr(layer, "default_loss_weight", 0.0)
             if default and num_top:
                 weights[0] = default
+                if num_top == 1:         # LossLayer::LayerSetUp records it in its param
+                    lp.loss_weight.append(default)
         return weights
 
     def _share_params(self, lp, layer):
@@ -737,8 +741,23 @@ class Net:
         return [(n, l.type, [b.data for b in l.blobs])
                 for n, l in zip(self._layer_names, self.layers)]
 
+    def to_proto_bytes(self, write_diff=False):
+        """The serialized NetParameter of Caffe's Net::ToProto: the net's name, its input
+        names (``input`` fields, not a layer, in the fork), and each layer's parameter as
+        the layer holds it (phase set, split layers, completed specs) with its blobs."""
+        layers = []
+        for index, (lp, layer) in enumerate(zip(self.layer_params, self.layers)):
+            if index == 0 and self._inputs_from_fields:
+                continue
+            blobs = [(b.read_host_data(), backend.to_host(b.diff) if write_diff else None)
+                     for b in layer.blobs]
+            layers.append((lp, blobs))
+        inputs = self.inputs if self._inputs_from_fields else []
+        return caffemodel.net_proto_bytes(self.name, inputs, layers)
+
     def save(self, path):
-        caffemodel.write_caffemodel(path, self.to_weights(), self.name)
+        """pycaffe ``Net.save``: the weights as a binary .caffemodel."""
+        caffemodel.write_atomically(path, self.to_proto_bytes())
 
 
 @contextlib.contextmanager

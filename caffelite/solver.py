@@ -39,6 +39,7 @@ from google.protobuf import text_format
 from . import backend, kernels
 from .backend import TEST, TRAIN, get_array_module
 from .io import prototxt, solverstate
+from .io.caffemodel import write_atomically
 from .io.upgrade import upgrade_solver
 from .log import logger
 from .net import Net
@@ -612,13 +613,9 @@ class Solver:
         paths.  Each file is written to a temporary name and renamed into place."""
         model = self._snapshot_filename(".caffemodel")
         logger.info("Snapshotting to binary proto file %s", model)
-        with_diff = self.param.snapshot_diff
-        # read_host_data: in GPU mode the weights stay valid on the device (no re-upload).
-        layers = [(name, layer.type, [(b.read_host_data(), _host(b.diff) if with_diff else None)
-                                      for b in layer.blobs])
-                  for name, layer in zip(self.net._layer_names, self.net.layers)]
         try:
-            solverstate.write_snapshot_model(model, layers, self.net.name)
+            # Net::ToProto; read_host_data keeps GPU-mode weights valid on the device.
+            write_atomically(model, self.net.to_proto_bytes(self.param.snapshot_diff))
             state = self._snapshot_filename(".solverstate")
             logger.info("Snapshotting solver state to binary proto file %s", state)
             solverstate.write_solverstate(state, self.iter, model,

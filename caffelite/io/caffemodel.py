@@ -9,7 +9,8 @@ with one schema would silently misread some.  Packed floats become numpy arrays 
 import os
 from dataclasses import dataclass, field
 
-from .wire import LEN, VARINT, BlobData, WireReader, net_bytes, read_blob  # noqa: F401
+from .wire import LEN, VARINT, BlobData, WireReader, blob_bytes, len_field, net_bytes, \
+    read_blob  # noqa: F401
 
 
 class CaffemodelError(ValueError):
@@ -72,6 +73,39 @@ def read_caffemodel(path):
     if not layers and len(buf) > 0:
         raise CaffemodelError(f"{path}: no layers found; is this a .caffemodel file?")
     return layers
+
+
+_LAYER_BLOBS_FIELD = 7
+
+
+def layer_bytes(layer_param, blobs):
+    """A LayerParameter with ``blobs`` (arrays or ``(data, diff)`` pairs) in place of
+    its own, serialised in field-number order as Caffe's Layer::ToProto + protobuf do:
+    the fields before ``blobs`` (7), the blobs, then the fields after."""
+    from ..proto import caffe_pb2
+    head, tail = caffe_pb2.LayerParameter(), caffe_pb2.LayerParameter()
+    head.CopyFrom(layer_param)
+    tail.CopyFrom(layer_param)
+    for fd, _ in layer_param.ListFields():
+        if fd.number >= _LAYER_BLOBS_FIELD:
+            head.ClearField(fd.name)
+        if fd.number <= _LAYER_BLOBS_FIELD:
+            tail.ClearField(fd.name)
+    body = [head.SerializeToString()]
+    for blob in blobs:
+        data, diff = blob if isinstance(blob, tuple) else (blob, None)
+        body.append(len_field(_LAYER_BLOBS_FIELD, blob_bytes(data, diff)))
+    body.append(tail.SerializeToString())
+    return b"".join(body)
+
+
+def net_proto_bytes(net_name, inputs, layers):
+    """Caffe's Net::ToProto of the fork: name (1), the net input names (3), then one
+    ``layer`` (100) per ``(LayerParameter, blobs)``."""
+    parts = [len_field(1, net_name.encode("utf-8"))]
+    parts += [len_field(3, name.encode("utf-8")) for name in inputs]
+    parts += [len_field(100, layer_bytes(lp, blobs)) for lp, blobs in layers]
+    return b"".join(parts)
 
 
 def caffemodel_bytes(layers, net_name=""):

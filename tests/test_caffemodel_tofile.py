@@ -1,0 +1,103 @@
+"""What a written .caffemodel holds: Caffe's Net::ToProto of the fork (name, the net
+input names, then every layer's own LayerParameter with its blobs: shape + float data,
+diff only with snapshot_diff), in protobuf's canonical field order."""
+import numpy as np
+
+import caffelite as caffe
+from caffelite.proto import caffe_pb2
+from caffelite.solver import Solver
+
+NET = '''
+name: "written"
+input: "data" input_shape { dim: 2 dim: 3 dim: 4 dim: 4 }
+input: "label" input_shape { dim: 2 }
+layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
+  param { lr_mult: 1 decay_mult: 1 } param { lr_mult: 2 decay_mult: 0 }
+  convolution_param { num_output: 3 kernel_size: 3
+    weight_filler { type: "gaussian" std: 0.1 } } }
+layer { name: "bn" type: "BatchNorm" bottom: "conv" top: "conv"
+  batch_norm_param { use_global_stats: true } }
+layer { name: "ip" type: "InnerProduct" bottom: "conv" top: "ip"
+  inner_product_param { num_output: 3 weight_filler { type: "gaussian" std: 0.1 } } }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss" }
+layer { name: "acc" type: "Accuracy" bottom: "ip" bottom: "label" top: "acc" }
+'''
+
+
+def parse(path):
+    raw = open(path, "rb").read()
+    model = caffe_pb2.NetParameter()
+    model.ParseFromString(raw)
+    return model, raw
+
+
+def check_model(model, raw, net, phase):
+    # canonical order: what protobuf (C++ or Python) writes for this message
+    assert model.SerializeToString() == raw
+    assert model.name == "written"
+    assert list(model.input) == ["data", "label"]
+    assert len(model.input_shape) == 0 and len(model.input_dim) == 0
+    split = "ip_ip_0_split"
+    label_split = "label_input_1_split"       # net inputs split under the name "input"
+    assert [l.name for l in model.layer] == [label_split, "conv", "bn", "ip", split,
+                                             "loss", "acc"]
+    by_name = {l.name: l for l in model.layer}
+    for layer in model.layer:
+        assert layer.phase == phase
+    conv = by_name["conv"]
+    assert conv.type == "Convolution"
+    assert list(conv.bottom) == ["data"] and list(conv.top) == ["conv"]
+    assert [(p.lr_mult, p.decay_mult) for p in conv.param] == [(1, 1), (2, 0)]
+    assert conv.convolution_param.num_output == 3
+    assert conv.convolution_param.weight_filler.std == np.float32(0.1)
+    for blob, param in zip(conv.blobs, net.params["conv"]):
+        assert tuple(blob.shape.dim) == param.shape
+        assert np.array_equal(np.array(blob.data, np.float32).reshape(param.shape),
+                              param.data)
+        assert len(blob.diff) == 0 and not blob.HasField("num")
+    # BatchNorm's LayerSetUp completed its own param specs with lr_mult 0
+    bn = by_name["bn"]
+    assert [p.lr_mult for p in bn.param] == [0, 0, 0]
+    assert not any(p.HasField("decay_mult") for p in bn.param)
+    assert [tuple(b.shape.dim) for b in bn.blobs] == [(3,), (3,), (1,)]
+    assert by_name["bn"].batch_norm_param.use_global_stats
+    assert list(by_name[split].top) == [split + "_0", split + "_1"]
+    assert by_name[split].type == "Split" and len(by_name[split].blobs) == 0
+    # LossLayer::LayerSetUp writes the default loss weight into its LayerParameter
+    assert list(by_name["loss"].loss_weight) == [1.0]
+    assert list(by_name["loss"].bottom) == [split + "_0", label_split + "_0"]
+    assert list(by_name["acc"].bottom) == [split + "_1", label_split + "_1"]
+    assert len(by_name["acc"].loss_weight) == 0
+
+
+def test_net_save_writes_what_caffes_to_proto_writes(tmp_path):
+    (tmp_path / "net.prototxt").write_text(NET)
+    caffe.set_random_seed(2)
+    net = caffe.Net(str(tmp_path / "net.prototxt"), caffe.TEST)
+    net.save(str(tmp_path / "m.caffemodel"))
+    model, raw = parse(tmp_path / "m.caffemodel")
+    check_model(model, raw, net, caffe_pb2.TEST)
+    # and it loads back by name
+    other = caffe.Net(str(tmp_path / "net.prototxt"), caffe.TEST,
+                      weights=str(tmp_path / "m.caffemodel"))
+    assert np.array_equal(other.params["ip"][0].data, net.params["ip"][0].data)
+
+
+def test_snapshot_writes_the_train_net_and_diffs_only_on_request(tmp_path):
+    (tmp_path / "net.prototxt").write_text(NET)
+    (tmp_path / "solver.prototxt").write_text(
+        f'net: "{tmp_path}/net.prototxt" base_lr: 0.01 lr_policy: "fixed" max_iter: 1 '
+        f'snapshot_prefix: "{tmp_path}/s" random_seed: 1')
+    solver = Solver(str(tmp_path / "solver.prototxt"))
+    solver.net.blobs["data"].data[...] = 1
+    solver.net.blobs["label"].data[...] = [0, 2]
+    solver.solve()
+    model, raw = parse(tmp_path / "s_iter_1.caffemodel")
+    check_model(model, raw, solver.net, caffe_pb2.TRAIN)
+    solver.param.snapshot_diff = True
+    solver.snapshot()
+    model, _ = parse(tmp_path / "s_iter_1.caffemodel")
+    ip = [l for l in model.layer if l.name == "ip"][0]
+    for blob, param in zip(ip.blobs, solver.net.params["ip"]):
+        assert np.array_equal(np.array(blob.diff, np.float32).reshape(param.shape),
+                              param.diff)
