@@ -288,6 +288,33 @@ def test_agrees_with_pydensecrf_full_size():
     assert agree >= 0.999
 
 
+def test_separate_x_y_and_colour_stds_like_the_refine_program():
+    """prog_refine_pascal_v4 takes -px/-py, -bx/-by and -br/-bg/-bb separately
+    (x / sx, y / sy, R / sr, G / sg, B / sb).  Oracle: pydensecrf2 given the same
+    per-axis stds as tuples."""
+    dcrf = pytest.importorskip("pydensecrf.densecrf")
+    params = CRFParams(bi_w=5, bi_xy_std=40, bi_rgb_std=4, pos_w=3, pos_xy_std=2,
+                       pos_y_std=5, bi_y_std=80, bi_g_std=9, bi_b_std=15)
+    rgb = photos((160, 120))[1]
+    scores = photo_scores(rgb, 21, 3)
+    labels, height, width = scores.shape
+    crf = dcrf.DenseCRF2D(width, height, labels)
+    crf.setUnaryEnergy(np.ascontiguousarray(-scores.reshape(labels, -1), np.float32))
+    crf.addPairwiseGaussian(sxy=(2, 5), compat=3, kernel=dcrf.DIAG_KERNEL,
+                            normalization=dcrf.NORMALIZE_AFTER)
+    crf.addPairwiseBilateral(sxy=(40, 80), srgb=(4, 9, 15), rgbim=rgb, compat=5,
+                             kernel=dcrf.DIAG_KERNEL, normalization=dcrf.NORMALIZE_AFTER)
+    oracle = np.array(crf.inference(10), np.float32).reshape(scores.shape)
+    q = dense_crf(unary_from_scores(scores), rgb, params)
+    assert np.mean(q.argmax(0) == oracle.argmax(0)) >= 0.999
+    assert np.abs(q - oracle).max() < 1e-3
+    same = CRFParams(5, 40, 4, 3, 2, pos_y_std=2, bi_y_std=40, bi_g_std=4, bi_b_std=4)
+    assert np.array_equal(dense_crf(unary_from_scores(scores), rgb, same),
+                          dense_crf(unary_from_scores(scores), rgb, CRFParams(5, 40, 4, 3, 2)))
+    with pytest.raises(ValueError, match="bi_g_std must be positive"):
+        CRFParams(bi_g_std=0)
+
+
 def test_parameters_and_bad_inputs():
     assert CRFParams() == CRFParams(5, 70, 5, 3, 3, 10)        # prog_refine_pascal_v4
     assert PUBLISHED_PARAMS["deeplab-largefov"] == CRFParams(4, 49, 5, 3, 3, 10)
@@ -359,6 +386,18 @@ def test_crf_verb_writes_palette_pngs_and_refine_bins(tmp_path):
         column_major = np.frombuffer(raw[12:], "<i2")
         assert np.array_equal(column_major, want.T.ravel())
         assert np.array_equal(crf_cli.read_refine_bin(str(out / f"{ident}.bin")), want)
+
+
+def test_crf_verb_separate_axis_stds():
+    parser = argparse.ArgumentParser()
+    crf_cli.add_parser(parser.add_subparsers(dest="command"))
+    common = ["crf", "--features", "f", "--images", "i", "--list", "l", "--out", "o"]
+    args = parser.parse_args(common + ["--preset", "deeplab-largefov", "--pos-y-std", "4",
+                                       "--bi_y_std", "60", "--bi_g_std", "6",
+                                       "--bi-b-std", "7"])
+    assert crf_cli.params_from_args(args) == CRFParams(4, 49, 5, 3, 3, 10, 4, 60, 6, 7)
+    args = parser.parse_args(common)
+    assert crf_cli.params_from_args(args) == CRFParams()
 
 
 def test_crf_verb_parallel_jobs_match_serial(tmp_path):

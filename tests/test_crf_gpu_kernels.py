@@ -684,7 +684,10 @@ def test_features_on_the_device_equal_the_host_features(lattice_xp):
         _host(position_features(2, 3, 2.0, lattice_xp)),
         np.array([[0, 0], [0.5, 0], [1, 0], [0, 0.5], [0.5, 0.5], [1, 0.5]], np.float32))
     rgb, _ = synthetic_scene(HEIGHT, WIDTH, 5)
-    for xy, colour in ((3.0, 13.0), (49.0, 5.0), (0.7, 0.3)):
+    np.testing.assert_array_equal(
+        _host(position_features(2, 3, (2.0, 4.0), lattice_xp)),
+        np.array([[0, 0], [0.5, 0], [1, 0], [0, 0.25], [0.5, 0.25], [1, 0.25]], np.float32))
+    for xy, colour in ((3.0, 13.0), (49.0, 5.0), (0.7, 0.3), ((3.0, 7.0), (2.0, 5.0, 9.0))):
         host = bilateral_features(rgb, xy, colour)
         device = bilateral_features(lattice_xp.asarray(rgb), xy, colour, lattice_xp)
         assert device.dtype == np.float32

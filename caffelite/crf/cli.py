@@ -3,7 +3,8 @@
 
     caffelite crf --features DIR --images DIR --list val.txt --out DIR
                   [--bi_w 4 --bi_xy_std 49 --bi_rgb_std 5 --pos_w 3 --pos_xy_std 3
-                   --max_iter 10 | --preset deeplab-largefov] [--unary score|prob]
+                   --max_iter 10 | --preset deeplab-largefov] [--pos_y_std --bi_y_std
+                   --bi_g_std --bi_b_std] [--unary score|prob]
                   [--num-labels 21] [--jobs K] [--bin] [--gpu N]
 
 For every id of the list: reads the MatWrite features ``<features>/<id>_blob_0.mat``
@@ -26,6 +27,9 @@ from .densecrf import PUBLISHED_PARAMS, CRFParams, crf_labels
 
 FEATURE_SUFFIX = "_blob_0.mat"
 PARAM_NAMES = ("bi_w", "bi_xy_std", "bi_rgb_std", "pos_w", "pos_xy_std", "max_iter")
+# The refine program's separate y / G / B stds (-py, -by, -bg, -bb); unset = x / R.
+AXIS_NAMES = {"pos_y_std": "pos_xy_std", "bi_y_std": "bi_xy_std", "bi_g_std": "bi_rgb_std",
+              "bi_b_std": "bi_rgb_std"}
 
 
 class CrfError(ValueError):
@@ -187,6 +191,10 @@ def add_parser(subparsers):
         sp.add_argument(f"--{name}", f"--{name.replace('_', '-')}", dest=name,
                         type=int if name == "max_iter" else float, default=None,
                         help=f"default {getattr(defaults, name):g}")
+    for name, base in AXIS_NAMES.items():
+        sp.add_argument(f"--{name}", f"--{name.replace('_', '-')}", dest=name, type=float,
+                        default=None, help=f"the refine program's separate std (default: "
+                                           f"--{base}'s value)")
     sp.add_argument("--unary", choices=("score", "prob"), default="score",
                     help="features are logits (unary = -score, the refine program) or "
                          "probabilities (unary = -log p)")
@@ -202,7 +210,8 @@ def add_parser(subparsers):
 
 def params_from_args(args):
     base = PUBLISHED_PARAMS[args.preset] if args.preset else CRFParams()
-    return base.with_(**{name: getattr(args, name) for name in PARAM_NAMES})
+    return base.with_(**{name: getattr(args, name, None)
+                         for name in PARAM_NAMES + tuple(AXIS_NAMES)})
 
 
 def gpu_id(flag):
@@ -230,7 +239,8 @@ def run(args):
                       unary=args.unary, num_labels=args.num_labels, write_bin=args.bin,
                       device=device_id)
     logger.info("Dense CRF on %d images on %s: %s, unary = %s", len(tasks), where,
-                ", ".join(f"{n}={getattr(params, n):g}" for n in PARAM_NAMES),
+                ", ".join(f"{n}={getattr(params, n):g}" for n in PARAM_NAMES
+                          + tuple(AXIS_NAMES) if getattr(params, n) is not None),
                 "-score" if args.unary == "score" else "-log(prob)")
     start = time.perf_counter()
     seconds = run_crf_set(tasks, args.jobs)

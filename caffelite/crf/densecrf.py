@@ -53,6 +53,7 @@ holds these rows.  ``prog_refine_pascal`` (the .bin-input variant) defaults to
 bi_w 10, bi_xy_std 60, bi_rgb_std 20.
 """
 from dataclasses import dataclass, replace
+from typing import Optional
 
 import numpy as np
 
@@ -64,25 +65,56 @@ _F32 = np.float32
 
 @dataclass(frozen=True)
 class CRFParams:
-    """The refine program's parameters, with ``prog_refine_pascal_v4``'s defaults."""
+    """The refine program's parameters, with ``prog_refine_pascal_v4``'s defaults.
+
+    The program takes the x and y stds (``-px -py``, ``-bx -by``) and the R, G, B stds
+    (``-br -bg -bb``) separately; ``pos_xy_std``, ``bi_xy_std`` and ``bi_rgb_std`` are
+    the x and R ones, and ``pos_y_std``, ``bi_y_std``, ``bi_g_std``, ``bi_b_std``
+    default (None) to them, as the kit's scripts always pass equal values."""
     bi_w: float = 5.0
     bi_xy_std: float = 70.0
     bi_rgb_std: float = 5.0
     pos_w: float = 3.0
     pos_xy_std: float = 3.0
     max_iter: int = 10
+    pos_y_std: Optional[float] = None
+    bi_y_std: Optional[float] = None
+    bi_g_std: Optional[float] = None
+    bi_b_std: Optional[float] = None
 
     def __post_init__(self):
-        for name in ("bi_xy_std", "bi_rgb_std", "pos_xy_std"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"CRF parameter {name} must be positive, "
-                                 f"got {getattr(self, name)}")
+        for name in ("bi_xy_std", "bi_rgb_std", "pos_xy_std", "pos_y_std", "bi_y_std",
+                     "bi_g_std", "bi_b_std"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"CRF parameter {name} must be positive, got {value}")
         if int(self.max_iter) != self.max_iter or self.max_iter < 0:
             raise ValueError(f"CRF parameter max_iter must be a non-negative integer, "
                              f"got {self.max_iter}")
 
     def with_(self, **changes):
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    @property
+    def pos_stds(self):
+        """(x, y) stds of the positional kernel."""
+        return (self.pos_xy_std, _or(self.pos_y_std, self.pos_xy_std))
+
+    @property
+    def bi_xy_stds(self):
+        """(x, y) stds of the bilateral kernel."""
+        return (self.bi_xy_std, _or(self.bi_y_std, self.bi_xy_std))
+
+    @property
+    def bi_rgb_stds(self):
+        """Colour stds of the bilateral kernel, in the image's channel order (R, G, B
+        for the refine program's PPMs)."""
+        return (self.bi_rgb_std, _or(self.bi_g_std, self.bi_rgb_std),
+                _or(self.bi_b_std, self.bi_rgb_std))
+
+
+def _or(value, default):
+    return default if value is None else value
 
 
 PUBLISHED_PARAMS = {
@@ -99,26 +131,37 @@ PUBLISHED_PARAMS = {
 
 
 # ------------------------------------------------------------------- features / unary
+def _stds(std, count, name):
+    """A std given once or per axis, as ``count`` float32 values."""
+    values = np.atleast_1d(np.asarray(std, np.float64))
+    if values.ndim != 1 or len(values) not in (1, count):
+        raise ValueError(f"{name} must be one value or {count}, got {std!r}")
+    return [_F32(v) for v in np.broadcast_to(values, (count,))]
+
+
 def position_features(height, width, xy_std, xp=np):
-    """(H*W) x 2 float32 features (column / std, row / std), pixels row-major, on
-    array module ``xp``."""
-    std = _F32(xy_std)
+    """(H*W) x 2 float32 features (column / x_std, row / y_std), pixels row-major, on
+    array module ``xp``; ``xy_std`` is one std or an (x, y) pair."""
+    x_std, y_std = _stds(xy_std, 2, "xy_std")
     out = xp.empty((height, width, 2), _F32)
-    out[:, :, 0] = xp.arange(width, dtype=_F32)[None, :] / std
-    out[:, :, 1] = xp.arange(height, dtype=_F32)[:, None] / std
+    out[:, :, 0] = xp.arange(width, dtype=_F32)[None, :] / x_std
+    out[:, :, 1] = xp.arange(height, dtype=_F32)[:, None] / y_std
     return out.reshape(height * width, 2)
 
 
 def bilateral_features(image, xy_std, rgb_std, xp=np):
     """(H*W) x 5 float32 features (column, row, c0, c1, c2) with positions divided by
-    ``xy_std`` and the image's three channels, in the order given, by ``rgb_std``; on
-    array module ``xp`` (a host image is uploaded as it is)."""
+    ``xy_std`` (one std or an (x, y) pair) and the image's three channels, in the order
+    given, by ``rgb_std`` (one std or one per channel); on array module ``xp`` (a host
+    image is uploaded as it is)."""
     image = xp.asarray(image)
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"the bilateral kernel needs an H x W x 3 colour image, "
                          f"got shape {image.shape}")
     height, width = image.shape[:2]
-    colour = image.reshape(-1, 3).astype(_F32) / _F32(rgb_std)
+    colour = image.reshape(-1, 3).astype(_F32)
+    for channel, std in enumerate(_stds(rgb_std, 3, "rgb_std")):
+        colour[:, channel] /= std
     return xp.concatenate([position_features(height, width, xy_std, xp), colour], axis=1)
 
 
@@ -264,9 +307,9 @@ def crf_kernels(image, params, xp=np):
     """The refine program's two kernels: positional first, then bilateral on ``image``
     (H x W x 3, channels in the order the features should use); features on ``xp``."""
     height, width = image.shape[:2]
-    return [PottsKernel(position_features(height, width, params.pos_xy_std, xp),
+    return [PottsKernel(position_features(height, width, params.pos_stds, xp),
                         params.pos_w, xp),
-            PottsKernel(bilateral_features(image, params.bi_xy_std, params.bi_rgb_std, xp),
+            PottsKernel(bilateral_features(image, params.bi_xy_stds, params.bi_rgb_stds, xp),
                         params.bi_w, xp)]
 
 
