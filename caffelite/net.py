@@ -713,6 +713,8 @@ class Net:
                     f"{path}: layer '{src.name}' blob {j}: shape {tuple(blob.shape)} in the "
                     f"file, {target.shape} in the net (rename the layer to skip copying it)")
             target.data[...] = blob.data.reshape(target.shape)
+            if blob.diff is not None:        # Blob::FromProto copies a stored diff too
+                target.diff[...] = blob.diff.reshape(target.shape)
 
     def share_trained_layers_with(self, other):
         """Caffe's ShareTrainedLayersWith: each layer of ``other`` shares its parameter

@@ -161,3 +161,54 @@ def test_split_of_a_loss_weighted_top_reserves_split_0_for_the_loss(tmp_path):
     # d loss / d ip = 2 + 3 [ip > 0]; d loss / dW = (d loss / d ip)^T x
     expected = (2 + 3 * (ip > 0)).T @ x.astype(np.float64)
     assert np.allclose(net.params["ip"][0].diff, expected, rtol=1e-5, atol=1e-6)
+
+
+IP_NET = '''
+input: "x" input_shape { dim: 2 dim: 3 }
+layer { name: "ip" type: "InnerProduct" bottom: "x" top: "ip"
+  inner_product_param { num_output: 2 } }
+'''
+
+
+def blob_proto(values, diff=None):
+    blob = caffe_pb2.BlobProto()
+    values = np.asarray(values, np.float32)
+    blob.shape.dim.extend(values.shape)
+    blob.data.extend(values.ravel().tolist())
+    if diff is not None:
+        blob.diff.extend(np.asarray(diff, np.float32).ravel().tolist())
+    return blob
+
+
+def test_copy_from_takes_the_files_diff_too(tmp_path):
+    # Blob::FromProto copies `diff` whenever the file has one (snapshot_diff models).
+    model = caffe_pb2.NetParameter()
+    layer = model.layer.add(name="ip", type="InnerProduct")
+    w, dw = np.arange(6).reshape(2, 3), -np.arange(6).reshape(2, 3)
+    layer.blobs.extend([blob_proto(w, dw), blob_proto([5, 6])])
+    (tmp_path / "m.caffemodel").write_bytes(model.SerializeToString())
+    net = caffe.Net(write(tmp_path, IP_NET), caffe.TEST)
+    net.params["ip"][1].diff[...] = 9
+    net.copy_from(str(tmp_path / "m.caffemodel"))
+    assert np.array_equal(net.params["ip"][0].data, w)
+    assert np.array_equal(net.params["ip"][0].diff, dw)
+    assert np.array_equal(net.params["ip"][1].data, [5, 6])
+    assert np.array_equal(net.params["ip"][1].diff, [9, 9])    # no diff in the file
+
+
+def test_v1_layers_win_over_v2_layers_in_one_file(tmp_path):
+    # UpgradeV1Net: a NetParameter with V1 `layers` ignores its V2 `layer` entries.
+    model = caffe_pb2.NetParameter()
+    v2 = model.layer.add(name="ip", type="InnerProduct")
+    v2.blobs.extend([blob_proto(np.ones((2, 3))), blob_proto([1, 1])])
+    v1 = model.layers.add(name="ip", type=caffe_pb2.V1LayerParameter.INNER_PRODUCT)
+    v1.blobs.extend([blob_proto(np.full((2, 3), 4)), blob_proto([4, 4])])
+    v1_late = model.layers.add(name="ip", type=caffe_pb2.V1LayerParameter.INNER_PRODUCT)
+    v1_late.blobs.extend([blob_proto(np.full((2, 3), 7)), blob_proto([7, 7])])
+    # V2 entry written after the V1 ones: still ignored
+    model.layer.add(name="ip", type="InnerProduct").blobs.extend(
+        [blob_proto(np.full((2, 3), 3)), blob_proto([3, 3])])
+    (tmp_path / "m.caffemodel").write_bytes(model.SerializeToString())
+    net = caffe.Net(write(tmp_path, IP_NET), caffe.TEST)
+    net.copy_from(str(tmp_path / "m.caffemodel"))
+    assert np.all(net.params["ip"][0].data == 7) and np.all(net.params["ip"][1].data == 7)

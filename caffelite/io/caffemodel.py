@@ -64,12 +64,14 @@ def read_caffemodel(path):
     reader = WireReader(buf, lambda what: CaffemodelError(
         f"{path}: truncated or corrupt caffemodel ({what})"))
     enum_names = _v1_enum_names()
-    layers = []
+    v2_layers, v1_layers = [], []
     for number, wire, value in reader.fields(0, len(buf)):
         if number == 100 and wire == LEN:
-            layers.append(_read_layer(reader, value, _V2_LAYER, enum_names))
+            v2_layers.append(_read_layer(reader, value, _V2_LAYER, enum_names))
         elif number == 2 and wire == LEN:
-            layers.append(_read_layer(reader, value, _V1_LAYER, enum_names))
+            v1_layers.append(_read_layer(reader, value, _V1_LAYER, enum_names))
+    # Caffe's V1 upgrade replaces the whole layer list: V2 entries beside V1 ones are dropped.
+    layers = v1_layers or v2_layers
     if not layers and len(buf) > 0:
         raise CaffemodelError(f"{path}: no layers found; is this a .caffemodel file?")
     return layers
