@@ -368,6 +368,11 @@ def pooling_cases():
     out.append(Case("Pooling_max_ties_nan_inf", pooling_text(pool="MAX", kernel_size=3,
                                                              stride=2, pad=1),
                     ties, num_top=2))
+    # STOCHASTIC at TEST is deterministic (its TRAIN draws differ between the sides).
+    out.append(Case("Pooling_stochastic_test", pooling_text(pool="STOCHASTIC", kernel_size=3,
+                                                            stride=2),
+                    lambda rng: [rng.uniform(0, 2, (2, 3, 8, 9))], phase=TEST,
+                    backward=False, cuda_fwd=Bound(2 * 9 + 4, "value")))
     return out
 
 
@@ -714,6 +719,40 @@ def test_max_pooling_device_mask_is_int32_and_top_mask_matches(device):
     planes = x.reshape(6, -1)
     picked = np.take_along_axis(planes, mask.reshape(6, -1), axis=1).reshape(mask.shape)
     np.testing.assert_array_equal(picked, gpu.forward[0])
+
+
+def test_stochastic_pooling_samples_and_routes_gradients_on_the_device(device):
+    """TRAIN STOCHASTIC pooling on the device: every top is an element of its window
+    (zeros never taken), and the gradient goes to the taken element only."""
+    rng = np.random.default_rng(4)
+    x = rng.integers(0, 3, (2, 3, 7, 6)).astype(F32)
+    _start(device)
+    try:
+        layer = make_layer('type: "Pooling" pooling_param { pool: STOCHASTIC kernel_size: 2 '
+                           'stride: 2 }', TRAIN, F32)
+        bottom, top = blobs_from([x], F32), [Blob((), F32)]
+        layer.setup(bottom, top)
+        with backend.device_access(True):
+            layer.reshape(bottom, top)
+            layer.forward(bottom, top)
+        y = top[0].host_data.copy()
+        top[0].host_diff[...] = 1
+        with backend.device_access(True):
+            layer.backward(top, [True], bottom)
+        dx = bottom[0].host_diff.copy()
+    finally:
+        backend.set_mode_cpu()
+    assert y.shape == (2, 3, 4, 3)
+    for i in range(4):
+        for j in range(3):
+            win = x[:, :, 2 * i:2 * i + 2, 2 * j:2 * j + 2].reshape(2, 3, -1)
+            g = dx[:, :, 2 * i:2 * i + 2, 2 * j:2 * j + 2].reshape(2, 3, -1)
+            empty = win.sum(axis=2) == 0
+            np.testing.assert_array_equal(g.sum(axis=2), 1)     # one element per window
+            taken = np.argmax(g, axis=2)
+            np.testing.assert_array_equal(np.take_along_axis(win, taken[..., None], 2)[..., 0],
+                                          y[:, :, i, j])
+            assert np.all((np.take_along_axis(win, taken[..., None], 2) > 0) | empty[..., None])
 
 
 def test_eltwise_max_tie_rule_is_the_cpu_rule(device):

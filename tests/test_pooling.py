@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from caffelite.layer import LayerError
-from layer_testing import make_layer, setup_layer, run_forward, check_gradient, opencv_forward
+from layer_testing import (TEST, TRAIN, check_gradient, make_layer, opencv_forward,
+                           run_forward, setup_layer)
 
 
 def pool_text(body):
@@ -219,7 +220,7 @@ def test_reshape_follows_new_bottom_size():
 
 
 @pytest.mark.parametrize("body,words", [
-    ("pool: STOCHASTIC kernel_size: 2", "STOCHASTIC"),
+    ("pool: STOCHASTIC kernel_size: 3 pad: 1", "padding"),
     ("kernel_size: 2 kernel_h: 2 kernel_w: 2", "not both"),
     ("kernel_h: 2", "kernel_h and kernel_w"),
     ("stride: 2", "kernel size missing"),
@@ -246,3 +247,60 @@ def test_mask_top_only_for_max_and_4d_bottom():
     layer = make_layer(pool_text("pool: MAX kernel_size: 2"))
     with pytest.raises(LayerError, match="4 axes"):
         setup_layer(layer, [np.zeros((1, 6, 6))])
+
+
+# ------------------------------------------------------------------ STOCHASTIC
+FLT_MIN = float(np.finfo(np.float32).tiny)
+
+
+def test_stochastic_at_test_is_the_probability_weighted_mean():
+    # pooling_layer.cu StoPoolForwardTest: window [ph*s, min(ph*s + k, H)) (no padding),
+    # top = sum(x^2) / (FLT_MIN + sum(x)) accumulated in window order.
+    rng = np.random.default_rng(5)
+    x = rng.uniform(0, 2, (2, 3, 5, 5)).astype(np.float32)
+    x[0, 0, :2, :2] = 0                                   # an all-zero window gives 0
+    layer = make_layer(pool_text("pool: STOCHASTIC kernel_size: 2 stride: 2"), TEST,
+                       np.float32)
+    bottom, top = setup_layer(layer, [x], dtype=np.float32)
+    y = run_forward(layer, bottom, top)[0]
+    assert y.shape == (2, 3, 3, 3)                        # ceil((5 - 2) / 2) + 1
+    x64 = x.astype(np.float64)
+    for i in range(3):
+        for j in range(3):
+            win = x64[:, :, 2 * i:min(2 * i + 2, 5), 2 * j:min(2 * j + 2, 5)]
+            expect = (win ** 2).sum(axis=(2, 3)) / (FLT_MIN + win.sum(axis=(2, 3)))
+            np.testing.assert_allclose(y[:, :, i, j], expect, rtol=1e-6)
+    assert y[0, 0, 0, 0] == 0
+
+
+def test_stochastic_at_train_samples_in_proportion_to_the_values():
+    # StoPoolForwardTrain: u ~ U(0, 1], the first element whose running sum reaches
+    # u * sum(window) is taken; its value goes to the top and the gradient to it only.
+    pairs = 4000
+    x = np.tile(np.array([1.0, 3.0], np.float32), pairs).reshape(1, 1, 1, 2 * pairs)
+    x[0, 0, 0, :2] = [0.0, 2.0]                           # a zero is never taken
+    layer = make_layer(pool_text("pool: STOCHASTIC kernel_h: 1 kernel_w: 2 stride: 2"),
+                       TRAIN, np.float32)
+    bottom, top = setup_layer(layer, [x], dtype=np.float32)
+    y = run_forward(layer, bottom, top)[0].reshape(-1)
+    assert y[0] == 2.0
+    assert set(np.unique(y[1:])) <= {1.0, 3.0}
+    assert abs(np.mean(y[1:] == 3.0) - 0.75) < 0.03       # 3 / (1 + 3), ~4.6 sigma
+    top[0].diff[...] = np.arange(pairs, dtype=np.float32).reshape(top[0].shape) + 1
+    layer.backward(top, [True], bottom)
+    diff = bottom[0].diff.reshape(pairs, 2)
+    chosen = np.where(y == x.reshape(pairs, 2)[:, 1], 1, 0)
+    expect = np.zeros((pairs, 2), np.float32)
+    expect[np.arange(pairs), chosen] = np.arange(pairs) + 1
+    np.testing.assert_array_equal(diff, expect)
+
+
+def test_stochastic_overlapping_windows_add_their_gradients():
+    x = np.array([[[[0.0, 5.0, 0.0]]]], np.float32)       # both windows must take x[1]
+    layer = make_layer(pool_text("pool: STOCHASTIC kernel_h: 1 kernel_w: 2 stride: 1"),
+                       TRAIN, np.float32)
+    bottom, top = setup_layer(layer, [x], dtype=np.float32)
+    np.testing.assert_array_equal(run_forward(layer, bottom, top)[0], [[[[5.0, 5.0]]]])
+    top[0].diff[...] = [[[[1.0, 2.0]]]]
+    layer.backward(top, [True], bottom)
+    np.testing.assert_array_equal(bottom[0].diff, [[[[0.0, 3.0, 0.0]]]])

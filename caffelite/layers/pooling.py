@@ -5,7 +5,9 @@ Output size uses ceil, ``ceil((in + 2p - k) / s) + 1`` (or floor under BVLC's la
 image or its top/left padding, otherwise it is dropped. MAX keeps the first maximum in
 row-major window order (strictly-greater test from -FLT_MAX, so padding, NaN and
 -inf never win) and routes the gradient to it; AVE divides the sum over the in-image
-part of a window by the window area clipped to ``[-p, in + p)``.
+part of a window by the window area clipped to ``[-p, in + p)``.  STOCHASTIC (no
+padding; Caffe runs it on the GPU only) samples an element in proportion to its value
+at TRAIN and takes the value-weighted mean at TEST; it is array code on both sides.
 
 The maths loops over the kernel taps only: each tap is one strided view of a padded
 copy of the input, so every pass is a whole-array operation.  On the device the
@@ -15,7 +17,7 @@ the tap index.
 """
 import numpy as np
 
-from ..backend import get_array_module
+from ..backend import TRAIN, get_array_module, rng
 from ..layer import Layer, register
 from ..proto import caffe_pb2
 from ._device import contiguous, launch, on_device
@@ -23,6 +25,8 @@ from ._device import contiguous, launch, on_device
 _P = caffe_pb2.PoolingParameter
 # Caffe starts MAX at -FLT_MAX for float and double alike.
 _NEG_FLT_MAX = -float(np.finfo(np.float32).max)
+# STOCHASTIC's test-time denominator starts at FLT_MIN.
+_FLT_MIN = float(np.finfo(np.float32).tiny)
 # Above this many taps a global pooling reduces over a reshaped plane instead.
 _MAX_TAPS_LOOP = 256
 
@@ -52,11 +56,7 @@ class PoolingLayer(Layer):
     def setup(self, bottom, top):
         p = self.layer_param.pooling_param
         self.pool = p.pool
-        if self.pool == _P.STOCHASTIC:
-            raise self.error(
-                "pool: STOCHASTIC is not implemented (Caffe has it only on the GPU, and "
-                "its CPU path aborts); use MAX or AVE")
-        if self.pool not in (_P.MAX, _P.AVE):
+        if self.pool not in (_P.MAX, _P.AVE, _P.STOCHASTIC):
             raise self.error(f"unknown pool method {self.pool}")
         if len(top) > 1 and self.pool != _P.MAX:
             raise self.error("a second top (the argmax mask) is only produced by pool: MAX")
@@ -101,12 +101,16 @@ class PoolingLayer(Layer):
         if self.global_pooling and (self.pad_h or self.pad_w or
                                     self.stride_h != 1 or self.stride_w != 1):
             raise self.error("with global_pooling: true only pad 0 and stride 1 are allowed")
+        if self.pool == _P.STOCHASTIC and (self.pad_h or self.pad_w):
+            raise self.error("padding is implemented only for MAX and AVE pooling, not "
+                             "STOCHASTIC")
         if not self.global_pooling and (self.pad_h >= self.kernel_h or
                                         self.pad_w >= self.kernel_w):
             raise self.error(f"pad ({self.pad_h}, {self.pad_w}) must be smaller than the "
                              f"kernel ({self.kernel_h}, {self.kernel_w})")
         self.ceil_mode = (not p.HasField("round_mode")) or p.round_mode == _P.CEIL
         self.mask = None        # the device MAX mask (int32), reused between forwards
+        self.sampled = None     # STOCHASTIC: tap taken per output at the last TRAIN forward
 
     def reshape(self, bottom, top):
         shape = bottom[0].shape
@@ -171,6 +175,9 @@ class PoolingLayer(Layer):
     def forward(self, bottom, top):
         x = bottom[0].data
         xp = get_array_module(x)
+        if self.pool == _P.STOCHASTIC:
+            top[0].data[...] = self._stochastic_forward(xp, x)
+            return
         if on_device(xp):
             self._forward_device(xp, contiguous(xp, x), bottom, top)
             return
@@ -234,6 +241,51 @@ class PoolingLayer(Layer):
         with np.errstate(divide="ignore", invalid="ignore"):
             return total / self._pool_size(xp, h, w, x.dtype)
 
+    def _stochastic_forward(self, xp, x):
+        """Caffe's GPU-only STOCHASTIC pooling (its CPU path aborts), as array code on
+        either side.  Windows have no padding; the ceil overhang reads zeros, which
+        change no running sum.  TEST: sum(x^2) / (FLT_MIN + sum(x)).  TRAIN: with
+        u ~ U(0, 1], the first element (row-major) whose running sum reaches the float
+        u * sum(window) is taken.  Meant for non-negative inputs: a window where no
+        element qualifies (possible only with negative values; Caffe leaves that top
+        unwritten) gives 0 and no gradient."""
+        dtype = x.dtype.type
+        canvas = self._padded(xp, x, dtype(0))
+        taps = [self._tap(canvas, i, j) for i, j in self._taps()]
+        out = taps[0].shape
+        if self.phase != TRAIN:
+            self.sampled = None
+            total = xp.full(out, _FLT_MIN, dtype=x.dtype)
+            squares = xp.zeros(out, dtype=x.dtype)
+            for v in taps:
+                total += v
+                squares += v * v
+            return squares / total
+        total = xp.zeros(out, dtype=x.dtype)
+        for v in taps:
+            total += v
+        # The threshold is a float in Caffe's kernel whatever the Dtype.
+        threshold = (self._uniform(xp, out, x.dtype) * total).astype(np.float32)
+        threshold = threshold.astype(x.dtype)
+        running = xp.zeros(out, dtype=x.dtype)
+        taken = xp.full(out, -1, dtype=self._arg_dtype())
+        value = xp.zeros(out, dtype=x.dtype)
+        for t, v in enumerate(taps):
+            running += v
+            hit = (taken < 0) & (running >= threshold)
+            taken = xp.where(hit, taken.dtype.type(t), taken)
+            value = xp.where(hit, v, value)
+        self.sampled = taken
+        return value
+
+    @staticmethod
+    def _uniform(xp, shape, dtype):
+        """U(0, 1] like curand's uniform: from caffelite's generator on the host, the
+        device generator on the device."""
+        if xp is np:
+            return (1.0 - rng().random(shape)).astype(dtype)
+        return (1 - xp.random.random_sample(shape, dtype=np.float32)).astype(dtype)
+
     # --- device ---------------------------------------------------------------------
     def _kernel_geometry(self, shape):
         """pooling.cu's arguments from ``height`` to ``pad_w``."""
@@ -274,6 +326,9 @@ class PoolingLayer(Layer):
             return
         g = top[0].diff
         xp = get_array_module(g)
+        if self.pool == _P.STOCHASTIC:
+            bottom[0].diff[...] = self._stochastic_backward(xp, g, bottom[0].shape)
+            return
         if on_device(xp):
             # In place, the gather would read top diffs it has already overwritten.
             g = g.copy() if top[0] is bottom[0] else contiguous(xp, g)
@@ -289,6 +344,18 @@ class PoolingLayer(Layer):
             bottom[0].diff[...] = share     # broadcast (n, c, 1, 1) over the plane
         else:
             bottom[0].diff[...] = self._scatter(xp, lambda t: share, (n, c, h, w), g.dtype)
+
+    def _stochastic_backward(self, xp, g, shape):
+        """The top diff goes to the element each window took at the TRAIN forward."""
+        taken = self.sampled
+        if taken is None or taken.shape != g.shape or get_array_module(taken) is not xp:
+            raise self.error("STOCHASTIC pooling has a backward only after a TRAIN-phase "
+                             "forward of the same shape (it routes the gradient to the "
+                             "sampled elements)")
+        g = g.copy()        # in place, the scatter would read diffs it has overwritten
+        zero = g.dtype.type(0)
+        return self._scatter(xp, lambda t: xp.where(taken == taken.dtype.type(t), g, zero),
+                             shape, g.dtype)
 
     def _max_backward(self, xp, g, shape):
         n, c, h, w = shape
