@@ -203,6 +203,7 @@ class Net:
     def _init(self, param, state):
         self.name = param.name
         self.force_backward = param.force_backward
+        self.debug_info = bool(param.debug_info)
         filtered = filter_net(param, state)
         self._inputs_from_fields = bool(len(filtered.input))
         net = insert_splits(inputs_to_input_layer(filtered))
@@ -433,6 +434,10 @@ class Net:
         end = len(self.layers) - 1 if end is None else end
         gpu = backend.is_gpu()
         loss_terms = []
+        if self.debug_info and self._inputs_from_fields:
+            for name in self.inputs:
+                _debug(f"[Forward] Input {name} data: "
+                       f"{_abs_mean(self.blobs[name].read_host_data())}")
         for i in range(start, end + 1):
             layer, bottom, top = self.layers[i], self.bottom_blobs[i], self.top_blobs[i]
             on_device = gpu and layer.runs_on_device
@@ -447,7 +452,47 @@ class Net:
                     if w:
                         xp = backend.get_array_module(t.data)
                         loss_terms.append((w, xp.sum(t.data, dtype=xp.float64)))
+                if self.debug_info and not (i == 0 and self._inputs_from_fields):
+                    self._forward_debug_info(i)
         return _weighted_loss(loss_terms)
+
+    # Caffe's debug_info lines: mean absolute values (asum / count, in the blob dtype).
+    def _forward_debug_info(self, i):
+        name, layer = self._layer_names[i], self.layers[i]
+        for top_name, t in zip(self._top_name_list(self.top_blobs[i]), self.top_blobs[i]):
+            _debug(f"[Forward] Layer {name}, top blob {top_name} data: {_abs_mean(t.data)}")
+        specs = self.layer_params[i].param
+        for j, b in enumerate(layer.blobs):
+            shown = specs[j].name if j < len(specs) and specs[j].name else str(j)
+            _debug(f"[Forward] Layer {name}, param blob {shown} data: {_abs_mean(b.data)}")
+
+    def _backward_debug_info(self, i):
+        name, layer = self._layer_names[i], self.layers[i]
+        bottoms = self.bottom_blobs[i]
+        for bottom_name, b, need in zip(self.bottom_names[name], bottoms,
+                                        self.bottom_need_backward[i]):
+            if need:
+                _debug(f"[Backward] Layer {name}, bottom blob {bottom_name} diff: "
+                       f"{_abs_mean(b.diff)}")
+        for j, (b, need) in enumerate(zip(layer.blobs, layer.param_propagate_down)):
+            if need:
+                _debug(f"[Backward] Layer {name}, param blob {j} diff: {_abs_mean(b.diff)}")
+
+    def _all_params_debug_info(self):
+        """Net::Backward's summary over the learnable parameters (logged as an error)."""
+        f32 = np.float32
+        sums = [f32(0)] * 4
+        with backend.device_access(backend.is_gpu()):
+            for p in self.learnable_params:
+                for k, array in enumerate((p.blob.data, p.blob.diff)):
+                    xp = backend.get_array_module(array)
+                    sums[k] = f32(sums[k] + f32(xp.sum(xp.abs(array), dtype=xp.float32)))
+                    sums[k + 2] = f32(sums[k + 2] + f32(xp.sum(array * array,
+                                                               dtype=xp.float32)))
+        l1_data, l1_diff, sq_data, sq_diff = sums
+        logger.error("    [Backward] All net params (data, diff): L1 norm = (%g, %g); "
+                     "L2 norm = (%g, %g)", l1_data, l1_diff, np.sqrt(sq_data),
+                     np.sqrt(sq_diff))
 
     def backward_from_to(self, start=None, end=0):
         start = len(self.layers) - 1 if start is None else start
@@ -468,10 +513,15 @@ class Net:
                         t.diff[...] = w
                 with guard:
                     layer.backward(top, self.bottom_need_backward[i], bottom)
+                    if self.debug_info:
+                        self._backward_debug_info(i)
 
     def forward_backward(self):
+        """Caffe's ForwardBackward: Forward, then the whole Backward."""
         loss = self.forward_from_to()
         self.backward_from_to()
+        if self.debug_info:
+            self._all_params_debug_info()
         return loss
 
     def clear_param_diffs(self):
@@ -775,6 +825,19 @@ def _read_only_on_host(reads, writes):
     for m, head in zip(mems, before):
         if head in (HEAD_AT_DEVICE, SYNCED) and m.head == HEAD_AT_HOST:
             m.mark_synced()
+
+
+def _abs_mean(array):
+    """Caffe's ``asum / count`` in float32, printed as C++'s ostream does (%g)."""
+    xp = backend.get_array_module(array)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mean = np.float32(float(xp.sum(xp.abs(array), dtype=xp.float32))) / \
+            np.float32(array.size)
+    return "%g" % mean
+
+
+def _debug(text):
+    logger.info("    %s", text)
 
 
 def _shapes_match(target_shape, blob):

@@ -130,8 +130,6 @@ class Solver:
         self.net = self._init_train_net()
         self.test_nets = self._init_test_nets()
         self.mean_scores = [[] for _ in self.test_nets]
-        if p.debug_info:
-            logger.info("debug_info is not supported by caffelite; ignored")
         for weights in p.weights:
             self.load_weights(weights)
         logger.info("Solver scaffolding done.")
@@ -271,6 +269,7 @@ class Solver:
                 state.MergeFrom(p.test_state[i])
             logger.info("Creating test net (#%d) specified by %s", i, source)
             net = self._build_net(net_param, source, state)
+            net.debug_info = bool(p.debug_info)
             net.share_trained_layers_with(self.net)
             nets.append(net)
         return nets
@@ -347,6 +346,7 @@ class Solver:
                 if on_start:
                     on_start()
             display = p.display and self.iter % p.display == 0
+            self.net.debug_info = bool(display and p.debug_info)
             loss = f32(0)
             for _ in range(p.iter_size):
                 loss = f32(loss + f32(self.net.forward_backward()))
