@@ -231,7 +231,9 @@ def build_parser():
     t.add_argument("--weights", default=None)
     t.add_argument("--iterations", type=int, default=50)
     t.add_argument("--stage", action="append", default=None)
-    t.add_argument("--level", type=int, default=0)
+    # The fork's `caffe test` builds Net(model, TEST), which keeps the file's state level
+    t.add_argument("--level", type=int, default=None,
+                   help="net state level (default: the prototxt's own state { level })")
     common(t)
     t.set_defaults(func=cmd_test)
 

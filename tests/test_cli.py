@@ -40,6 +40,21 @@ def test_test_verb_logs_batches_and_means(tmp_path):
     assert "Batch 0, loss" in (tmp_path / "log.txt").read_text()
 
 
+def test_test_verb_keeps_the_files_state_level(tmp_path):
+    """`caffe test` in the fork builds Net(model, TEST): the prototxt's state { level }
+    decides which layers exist unless --level is given."""
+    net = tmp_path / "net.prototxt"
+    net.write_text(NET.replace("${NAME}", "n") + 'state { level: 2 }\n' +
+                   'layer { name: "deep" type: "Power" bottom: "ip" top: "deep" '
+                   'include { min_level: 2 } }\n')
+    kept = run("test", "--model", str(net), "--iterations", "1")
+    assert kept.returncode == 0, kept.stderr
+    assert re.search(r"\] deep = ", kept.stderr)
+    lowered = run("test", "--model", str(net), "--iterations", "1", "--level", "0")
+    assert lowered.returncode == 0, lowered.stderr
+    assert "deep = " not in lowered.stderr and re.search(r"\] loss = ", lowered.stderr)
+
+
 def test_missing_define_is_one_line_error(tmp_path):
     net = tmp_path / "net.prototxt"
     net.write_text(NET)
