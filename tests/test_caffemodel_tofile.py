@@ -2,6 +2,7 @@
 input names, then every layer's own LayerParameter with its blobs: shape + float data,
 diff only with snapshot_diff), in protobuf's canonical field order."""
 import numpy as np
+import pytest
 
 import caffelite as caffe
 from caffelite.proto import caffe_pb2
@@ -101,3 +102,60 @@ def test_snapshot_writes_the_train_net_and_diffs_only_on_request(tmp_path):
     for blob, param in zip(ip.blobs, solver.net.params["ip"]):
         assert np.array_equal(np.array(blob.diff, np.float32).reshape(param.shape),
                               param.diff)
+
+
+FORK_PARAMS_NET = '''
+name: "fork_params"
+input: "data" input_shape { dim: 1 dim: 3 dim: 8 dim: 8 }
+input: "label" input_shape { dim: 1 dim: 1 dim: 15 dim: 15 }
+layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
+  convolution_param { num_output: 3 kernel_size: 3 pad: 1
+    weight_filler { type: "gaussian" std: 0.5 } bias_filler { type: "gaussian" std: 0.5 } } }
+layer { name: "up" type: "Interp" bottom: "conv" top: "up" interp_param { zoom_factor: 2 } }
+layer { name: "acc" type: "SegAccuracy" bottom: "up" bottom: "label" top: "acc"
+  seg_accuracy_param { ignore_label: 255 } }
+layer { name: "dt" type: "DomainTransform" bottom: "up" bottom: "label" bottom: "label"
+  top: "dt" domain_transform_param { num_iter: 2 spatial_sigma: 9 } }
+layer { name: "write" type: "MatWrite" bottom: "dt" mat_write_param { prefix: "unused/" } }
+'''
+
+DEPLOY = '''
+name: "deploy"
+input: "data" input_shape { dim: 1 dim: 3 dim: 8 dim: 8 }
+layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
+  convolution_param { num_output: 3 kernel_size: 3 pad: 1 } }
+'''
+
+
+def test_opencv_reads_a_caffemodel_holding_the_forks_own_layer_params(tmp_path):
+    """The fork numbers interp_param, seg_accuracy_param, mat_write_param and
+    domain_transform_param 143, 144, 145 and 147, where BVLC's (and OpenCV's) schema has
+    input_param, crop_param, parameter_param and swish_param: mat_write_param's prefix
+    read as a BlobShape breaks OpenCV's parse of the whole file. Weights files leave
+    these params out (readers take layer params from the prototxt), keep the rest of
+    each layer's parameter, and load in OpenCV."""
+    cv2 = pytest.importorskip("cv2")
+    (tmp_path / "net.prototxt").write_text(FORK_PARAMS_NET)
+    (tmp_path / "deploy.prototxt").write_text(DEPLOY)
+    net = caffe.Net(str(tmp_path / "net.prototxt"), caffe.TEST)
+    net.save(str(tmp_path / "m.caffemodel"))
+    model, _ = parse(tmp_path / "m.caffemodel")
+    by_name = {l.name: l for l in model.layer}
+    for name, field in (("up", "interp_param"), ("acc", "seg_accuracy_param"),
+                        ("dt", "domain_transform_param"), ("write", "mat_write_param")):
+        assert not by_name[name].HasField(field), name
+        assert by_name[name].type == net.layer_dict[name].type
+    assert list(by_name["dt"].bottom) == ["up_up_0_split_1", "label_input_1_split_1",
+                                          "label_input_1_split_2"]
+    assert by_name["conv"].convolution_param.num_output == 3
+    x = np.random.default_rng(3).standard_normal((1, 3, 8, 8)).astype(np.float32)
+    cv = cv2.dnn.readNetFromCaffe(str(tmp_path / "deploy.prototxt"),
+                                  str(tmp_path / "m.caffemodel"))
+    cv.setPreferableBackend(cv2.dnn.DNN_BACKEND_OPENCV)
+    cv.setInput(x)
+    got = cv.forward()
+    net.blobs["data"].data[...] = x
+    net.forward(end="conv")
+    expected = net.blobs["conv"].data
+    assert np.abs(expected).max() > 0.1
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)

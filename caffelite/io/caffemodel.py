@@ -80,10 +80,21 @@ def read_caffemodel(path):
 _LAYER_BLOBS_FIELD = 7
 
 
+def _portable(number):
+    """Whether a LayerParameter field number may be written to a weights file. Not the
+    fork's own messages (interp_param 143 ... mat_read_param 151): BVLC Caffe and
+    OpenCV read 143-148 as input/crop/parameter/recurrent/swish/clip params, and
+    mat_write_param's prefix string, read as a BlobShape, makes their parse of the whole
+    file fail. Not our text-only renumberings (1000 and up) either. Readers take layer
+    parameters from the prototxt and only the blobs from the weights."""
+    return not (143 <= number <= 151 or number >= 1000)
+
+
 def layer_bytes(layer_param, blobs):
     """A LayerParameter with ``blobs`` (arrays or ``(data, diff)`` pairs) in place of
     its own, serialised in field-number order as Caffe's Layer::ToProto + protobuf do:
-    the fields before ``blobs`` (7), the blobs, then the fields after."""
+    the fields before ``blobs`` (7), the blobs, then the fields after, without the
+    fields that other Caffe dialects misread (``_portable``)."""
     from ..proto import caffe_pb2
     head, tail = caffe_pb2.LayerParameter(), caffe_pb2.LayerParameter()
     head.CopyFrom(layer_param)
@@ -91,7 +102,7 @@ def layer_bytes(layer_param, blobs):
     for fd, _ in layer_param.ListFields():
         if fd.number >= _LAYER_BLOBS_FIELD:
             head.ClearField(fd.name)
-        if fd.number <= _LAYER_BLOBS_FIELD:
+        if fd.number <= _LAYER_BLOBS_FIELD or not _portable(fd.number):
             tail.ClearField(fd.name)
     body = [head.SerializeToString()]
     for blob in blobs:
