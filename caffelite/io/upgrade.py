@@ -8,6 +8,7 @@ INTERP, PADDING -> Interp crop, MAT_WRITE, SEG_ACCURACY, SOFTMAX_LOSS with
 ``softmaxloss_param``, ``strict_dim``), so the released DeepLab v1 configs load as
 they are.  Also the deprecated solver ``solver_type`` enum -> ``type`` string.
 """
+from ..log import logger
 from ..proto import caffe_pb2
 
 # BVLC V1 LayerType numbers (wire facts); DeepLab v1's own names follow (their
@@ -307,7 +308,11 @@ def upgrade_net(net, where="<net>"):
     relaxed = set()
     if len(net.layers):
         if len(net.layer):
-            raise UpgradeError(f"{where}: mixes V1 'layers' and V2 'layer' blocks")
+            # UpgradeV1Net logs an error and goes on with the V1 layers only.
+            logger.warning("%s: the net has V1 'layers' and V2 'layer' entries; the %d V2 "
+                           "'layer' entries are ignored, as Caffe's upgrade does",
+                           where, len(net.layer))
+            net.ClearField("layer")
         if any(entry.HasField("layer") for entry in net.layers):
             _upgrade_v0_net(net, where)
         for v1 in net.layers:
