@@ -40,3 +40,40 @@ def test_v1_layers_win_and_v2_layer_entries_are_dropped(caplog):
                    'input_dim: 2 layer { name: "v1_relu" type: "ReLU" bottom: "data" top: "v1" }')
     assert net == expected
     assert _warnings(caplog, "mixed.prototxt")
+
+
+# --- UpgradeV1LayerType: ARGMAX is "ArgMax" in nets the fork parses ----------------------
+
+ARGMAX_NET = """
+input: "data" input_dim: 1 input_dim: 2 input_dim: 1 input_dim: 2
+layers { name: "am" type: ARGMAX bottom: "data" top: "am" }
+"""
+
+
+def test_argmax_of_a_bvlc_v1_net_is_the_forks_argmax(tmp_path):
+    net_param, _ = prototxt.parse_net(ARGMAX_NET)
+    assert net_param.layer[0].type == "ArgMax"
+    path = tmp_path / "am.prototxt"
+    path.write_text(ARGMAX_NET)
+    net = caffe.Net(str(path), caffe.TEST)
+    # channel 0 = [1, 5], channel 1 = [7, 2]: the fork's ArgMax without axis ranks the
+    # flattened C*H*W = [1, 5, 7, 2] of the item -> index 2, top shape 1 x 1 x 1 x 1.
+    net.blobs["data"].data[...] = np.array([[[[1, 5]], [[7, 2]]]], np.float32)
+    net.forward()
+    assert net.blobs["am"].data.shape == (1, 1, 1, 1)
+    assert net.blobs["am"].data.ravel().tolist() == [2.0]
+
+
+def test_argmax_of_a_deeplab_v1_net_stays_per_pixel():
+    text = ARGMAX_NET + ('layers { name: "up" type: INTERP bottom: "am" top: "up" '
+                         'interp_param { zoom_factor: 2 } }')
+    net_param, _ = prototxt.parse_net(text)
+    assert [l.type for l in net_param.layer] == ["ArgMaxV1", "Interp"]
+
+
+def test_hole_marks_a_net_as_deeplab_v1():
+    text = ARGMAX_NET + ('layers { name: "c" type: CONVOLUTION bottom: "data" top: "c" '
+                         'convolution_param { num_output: 1 kernel_size: 1 hole: 2 } }')
+    net_param, _ = prototxt.parse_net(text)
+    assert net_param.layer[0].type == "ArgMaxV1"
+    assert list(net_param.layer[1].convolution_param.dilation) == [2]

@@ -6,7 +6,9 @@ through V1 as in Caffe, BVLC V1 ``layers {}`` (enum types, blobs_lr, weight_deca
 data-transform move, and DeepLab v1's dialect (``hole`` -> dilation, IMAGE_SEG_DATA,
 INTERP, PADDING -> Interp crop, MAT_WRITE, SEG_ACCURACY, SOFTMAX_LOSS with
 ``softmaxloss_param``, ``strict_dim``), so the released DeepLab v1 configs load as
-they are.  Also the deprecated solver ``solver_type`` enum -> ``type`` string.
+they are.  A V1 net using none of v1's additions is one the fork itself parses, and is
+upgraded exactly as the fork does.  Also the deprecated solver ``solver_type`` enum ->
+``type`` string.
 """
 from ..log import logger
 from ..proto import caffe_pb2
@@ -40,7 +42,8 @@ V1_TYPE_NAMES = {
     "DUMMY_DATA": "DummyData", "SLICE": "Slice", "MVN": "MVN", "ABSVAL": "AbsVal",
     "SILENCE": "Silence", "CONTRASTIVE_LOSS": "ContrastiveLoss", "EXP": "Exp",
     "DECONVOLUTION": "Deconvolution",
-    # DeepLab v1 dialect (ARGMAX above is v1's per-pixel ArgMax, "ArgMaxV1")
+    # DeepLab v1 dialect (ARGMAX above is v1's per-pixel ArgMax, "ArgMaxV1"; in a net
+    # without v1 features it is the fork's "ArgMax", see _v2_type)
     "IMAGE_SEG_DATA": "ImageSegData", "SEG_ACCURACY": "SegAccuracy", "INTERP": "Interp",
     "PADDING": "Interp", "MAT_WRITE": "MatWrite", "MAT_READ": "MatRead",
     "DENSE_CRF": "DenseCRF", "BIAS_CHANNEL": "BiasChannel", "UNIQUE_LABEL": "UniqueLabel",
@@ -102,6 +105,21 @@ _V0_FIELDS = {
     "hdf5_output_param": {"hdf5_output": ("hdf5_output_param", None)},
 }
 
+# BVLC's V1LayerParameter fields (the fork's caffe.proto); any other V1 field, any V1 type
+# outside V1_TYPE_NUMBERS, or a convolution ``hole`` is DeepLab v1's dialect.
+_BVLC_V1_FIELDS = {
+    "bottom", "top", "name", "include", "exclude", "type", "blobs", "param",
+    "blob_share_mode", "blobs_lr", "weight_decay", "loss_weight", "accuracy_param",
+    "argmax_param", "concat_param", "contrastive_loss_param", "convolution_param",
+    "data_param", "dropout_param", "dummy_data_param", "eltwise_param", "exp_param",
+    "hdf5_data_param", "hdf5_output_param", "hinge_loss_param", "image_data_param",
+    "infogain_loss_param", "inner_product_param", "lrn_param", "memory_data_param",
+    "mvn_param", "pooling_param", "power_param", "relu_param", "sigmoid_param",
+    "softmax_param", "slice_param", "tanh_param", "threshold_param", "window_data_param",
+    "transform_param", "loss_param", "layer",
+}
+_HOLE_FIELDS = ("hole", "hole_h", "hole_w")
+
 # V1 fields with a special meaning in the upgrade (everything else is copied by name).
 _V1_SPECIAL = {"bottom", "top", "name", "include", "exclude", "type", "blobs", "param",
                "blob_share_mode", "blobs_lr", "weight_decay", "loss_weight", "layer",
@@ -120,13 +138,30 @@ def _v1_type_name(v1_layer):
     return value.name if value is not None else str(v1_layer.type)
 
 
-def _upgrade_v1_layer(v1, where):
+def _is_deeplab_v1_layer(v1):
+    if _v1_type_name(v1) not in V1_TYPE_NUMBERS:
+        return True
+    if any(field.name not in _BVLC_V1_FIELDS for field, _ in v1.ListFields()):
+        return True
+    conv = v1.convolution_param
+    return any(conv.HasField(f) for f in _HOLE_FIELDS)
+
+
+def _v2_type(enum_name, deeplab_v1):
+    """The fork's UpgradeV1LayerType, except that DeepLab v1 nets (which the fork cannot
+    parse) keep v1's per-pixel ARGMAX."""
+    if enum_name == "ARGMAX" and not deeplab_v1:
+        return "ArgMax"
+    return V1_TYPE_NAMES[enum_name]
+
+
+def _upgrade_v1_layer(v1, where, deeplab_v1):
     layer = caffe_pb2.LayerParameter()
     enum_name = _v1_type_name(v1)
     if enum_name not in V1_TYPE_NAMES:
         raise UpgradeError(f"{where}: layer '{v1.name}' has unknown V1 type {enum_name}")
     layer.name = v1.name
-    layer.type = V1_TYPE_NAMES[enum_name]
+    layer.type = _v2_type(enum_name, deeplab_v1)
     layer.bottom.extend(v1.bottom)
     layer.top.extend(v1.top)
     layer.include.extend(v1.include)
@@ -315,10 +350,11 @@ def upgrade_net(net, where="<net>"):
             net.ClearField("layer")
         if any(entry.HasField("layer") for entry in net.layers):
             _upgrade_v0_net(net, where)
+        deeplab_v1 = any(_is_deeplab_v1_layer(v1) for v1 in net.layers)
         for v1 in net.layers:
             if v1.HasField("strict_dim") and not v1.strict_dim:
                 relaxed.add(v1.name)
-            net.layer.append(_upgrade_v1_layer(v1, where))
+            net.layer.append(_upgrade_v1_layer(v1, where, deeplab_v1))
         net.ClearField("layers")
     for layer in net.layer:
         _upgrade_hole(layer)
