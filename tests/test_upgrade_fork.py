@@ -77,3 +77,33 @@ def test_hole_marks_a_net_as_deeplab_v1():
     net_param, _ = prototxt.parse_net(text)
     assert net_param.layer[0].type == "ArgMaxV1"
     assert list(net_param.layer[1].convolution_param.dilation) == [2]
+
+
+# --- TextFormat::Parse refuses a message whose required fields are missing ---------------
+
+def test_missing_required_field_is_a_parse_error(tmp_path):
+    path = tmp_path / "mw.prototxt"
+    path.write_text('input: "data"\ninput_dim: 1 input_dim: 1 input_dim: 1 input_dim: 1\n'
+                    'layer { name: "out" type: "MatWrite" bottom: "data"\n'
+                    '        mat_write_param { source: "list.txt" } }\n')
+    with pytest.raises(PrototxtError) as info:
+        prototxt.read_net(str(path))
+    message = str(info.value)
+    assert str(path) in message and "layer[0].mat_write_param.prefix" in message
+    assert "\n" not in message
+
+
+def test_required_field_inside_a_solver_net_param(tmp_path):
+    path = tmp_path / "solver.prototxt"
+    path.write_text('base_lr: 0.1\nnet_param { layer { name: "u" type: "UniqueLabel" '
+                    'unique_label_param { ignore_label: 255 } } }\n')
+    with pytest.raises(PrototxtError, match=r"net_param\.layer\[0\]\.unique_label_param"
+                                            r"\.max_labels"):
+        prototxt.read_solver(str(path))
+
+
+def test_absent_message_with_required_fields_is_fine():
+    # Only a present sub-message is checked (a MatWrite layer without mat_write_param
+    # parses, as in Caffe).
+    net, _ = prototxt.parse_net('layer { name: "out" type: "MatWrite" bottom: "x" }')
+    assert net.layer[0].type == "MatWrite"

@@ -67,7 +67,16 @@ def parse_text(text, message, path="<string>"):
             detail = re.sub(r"^\d+:\d+\s*:\s*", "", detail)
             raise PrototxtError(f"{path}:{line}:{col}: {detail}") from None
         raise PrototxtError(f"{path}: {detail}") from None
+    _check_required_fields(message, path)
     return message
+
+
+def _check_required_fields(message, path):
+    """Caffe's TextFormat::Parse fails when a present message lacks a required field
+    (e.g. mat_write_param without prefix); Python's parser does not check."""
+    missing = message.FindInitializationErrors()
+    if missing:
+        raise PrototxtError(f"{path}: message missing required fields: {', '.join(missing)}")
 
 
 def parse_net(text, path="<string>"):
