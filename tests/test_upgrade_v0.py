@@ -1,6 +1,7 @@
 """BVLC V0 (pre-2014) nets and weights: upgrade to V2 by Caffe's documented mapping
 (upgrade_proto.cpp: UpgradeV0PaddingLayers, UpgradeV0LayerParameter, UpgradeV0LayerType,
 then V1 -> V2), forward equal to a hand-written V2 net, and OpenCV's own V0 importer."""
+import logging
 import os
 import subprocess
 import sys
@@ -303,12 +304,8 @@ def test_upgrade_verb_writes_v0_nets_as_v2(v0_files, tmp_path):
      "layer 'r': a V0 padding layer ('p') can only feed a conv or pool layer, not 'relu'"),
     ('layers { layer { name: "c" type: "convolution" } bottom: "data" top: "c" }',
      "layer 'c': unknown V0 layer type 'convolution'"),
-    ('layers { layer { name: "r" type: "relu" kernelsize: 3 } bottom: "data" top: "r" }',
-     "layer 'r': V0 parameter 'kernelsize' does not apply to a 'relu' layer"),
     ('layers { layer { name: "r" type: "relu" } bottom: "nothing" top: "r" }',
      "layer 'r': unknown bottom blob 'nothing'"),
-    ('layers { layer { name: "r" type: "relu" } name: "r1" bottom: "data" top: "r" }',
-     "layer 'r': V1 field 'name' next to a V0 'layer' block"),
     ('layers { layer { name: "p" type: "padding" pad: 1 } bottom: "data" top: "p" }\n'
      'layers { layer { name: "c" type: "concat" } bottom: "p" bottom: "data" top: "c" }',
      "layer 'c': a V0 padding layer ('p') can only feed a conv or pool layer, not 'concat'"),
@@ -322,3 +319,38 @@ def test_bad_v0_nets_are_one_line_errors(body, message):
         prototxt.parse_net(text, "bad.prototxt")
     assert str(info.value) == f"bad.prototxt: {message}"
     assert "\n" not in str(info.value)
+
+
+def test_v0_parameters_a_type_does_not_take_are_dropped_with_a_warning(caplog):
+    """UpgradeV0LayerParameter logs "Unknown parameter kernelsize for layer type relu",
+    leaves it out and goes on; new_num/new_channels have no V1 home and vanish."""
+    text = ('input: "data" input_dim: 1 input_dim: 1 input_dim: 3 input_dim: 3\n'
+            'layers { layer { name: "r" type: "relu" kernelsize: 3 new_height: 4 new_num: 2 '
+            'new_channels: 5 } bottom: "data" top: "r" }')
+    with caplog.at_level(logging.WARNING, logger="caffelite"):
+        net, _ = prototxt.parse_net(text, "v0.prototxt")
+    expected = text_format.Parse(
+        'input: "data" input_dim: 1 input_dim: 1 input_dim: 3 input_dim: 3 '
+        'layer { name: "r" type: "ReLU" bottom: "data" top: "r" }', caffe_pb2.NetParameter())
+    assert net == expected
+    messages = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any("kernelsize" in m and "relu" in m and "v0.prototxt" in m for m in messages)
+    assert any("new_height" in m for m in messages)
+    assert not any("new_num" in m or "new_channels" in m for m in messages)
+
+
+def test_v0_upgrade_keeps_only_caffes_fields():
+    """UpgradeV0LayerParameter takes bottom/top from the V1 entry and everything else
+    from the V0 block; UpgradeV0Net keeps only the net's name, inputs, input_dim and
+    force_backward (state, debug_info, V2 'layer' entries are dropped)."""
+    text = ('name: "n" force_backward: true debug_info: true state { phase: TRAIN }\n'
+            'input: "data" input_dim: 1 input_dim: 1 input_dim: 3 input_dim: 3\n'
+            'layer { name: "v2" type: "ReLU" bottom: "data" top: "v2" }\n'
+            'layers { layer { name: "r" type: "relu" } name: "r1" loss_weight: 2\n'
+            '         include { phase: TEST } bottom: "data" top: "r" }')
+    net, _ = prototxt.parse_net(text, "v0.prototxt")
+    expected = text_format.Parse(
+        'name: "n" input: "data" input_dim: 1 input_dim: 1 input_dim: 3 input_dim: 3 '
+        'force_backward: true layer { name: "r" type: "ReLU" bottom: "data" top: "r" }',
+        caffe_pb2.NetParameter())
+    assert net == expected

@@ -281,12 +281,18 @@ def _check_padding_use(entry, padding, where):
                            f"it feeds must each have exactly one input")
 
 
+# V0 fields UpgradeV0LayerParameter never reads (they vanish without a message).
+_V0_UNREAD = ("new_num", "new_channels")
+
+
 def _upgrade_v0_entry(entry, where):
-    """Caffe's UpgradeV0LayerParameter: a V0 ``layers { layer {} }`` entry as V1."""
+    """Caffe's UpgradeV0LayerParameter: a V0 ``layers { layer {} }`` entry as V1.  Like
+    Caffe it keeps going past what it cannot place (logged, then left out)."""
     v0 = entry.layer
     for field, _ in entry.ListFields():
         if field.name not in ("layer", "bottom", "top"):
-            raise UpgradeError(f"{where}: V1 field '{field.name}' next to a V0 'layer' block")
+            logger.warning("%s: V1 field '%s' next to a V0 'layer' block is ignored, as "
+                           "Caffe's V0 upgrade does", where, field.name)
     if v0.type not in V0_TYPE_NAMES:
         raise UpgradeError(f"{where}: unknown V0 layer type '{v0.type}'")
     v1 = caffe_pb2.V1LayerParameter()
@@ -299,13 +305,14 @@ def _upgrade_v0_entry(entry, where):
     v1.blobs_lr.extend(v0.blobs_lr)
     v1.weight_decay.extend(v0.weight_decay)
     for field, value in v0.ListFields():
-        if field.name in ("name", "type", "blobs", "blobs_lr", "weight_decay"):
+        if field.name in ("name", "type", "blobs", "blobs_lr", "weight_decay") + _V0_UNREAD:
             continue
         targets = _V0_FIELDS.get(field.name, {})
         target = targets.get(v0.type) or targets.get("*")
         if target is None:
-            raise UpgradeError(f"{where}: V0 parameter '{field.name}' does not apply to a "
-                               f"'{v0.type}' layer")
+            logger.warning("%s: V0 parameter '%s' does not apply to a '%s' layer and is "
+                           "ignored, as Caffe's V0 upgrade does", where, field.name, v0.type)
+            continue
         _set_v0_value(v1, target, value)
     return v1
 
@@ -332,9 +339,16 @@ def _upgrade_v0_net(net, where):
             raise UpgradeError(f"{where}: layer #{i + 1} ('{entry.name}') has no V0 'layer' "
                                f"block in a V0 net")
     entries = _fold_v0_padding(net.layers, net.input, where)
-    v1_layers = [_upgrade_v0_entry(e, _v0_where(where, e)) for e in entries]
-    net.ClearField("layers")
-    net.layers.extend(v1_layers)
+    v1_net = caffe_pb2.NetParameter()
+    # Only these net fields survive Caffe's V0 upgrade (state, debug_info, input_shape
+    # and any V2 'layer' entries are dropped).
+    for name in ("name", "force_backward"):
+        if net.HasField(name):
+            setattr(v1_net, name, getattr(net, name))
+    v1_net.input.extend(net.input)
+    v1_net.input_dim.extend(net.input_dim)
+    v1_net.layers.extend(_upgrade_v0_entry(e, _v0_where(where, e)) for e in entries)
+    return v1_net
 
 
 def upgrade_net(net, where="<net>"):
@@ -349,7 +363,7 @@ def upgrade_net(net, where="<net>"):
                            where, len(net.layer))
             net.ClearField("layer")
         if any(entry.HasField("layer") for entry in net.layers):
-            _upgrade_v0_net(net, where)
+            net = _upgrade_v0_net(net, where)
         deeplab_v1 = any(_is_deeplab_v1_layer(v1) for v1 in net.layers)
         for v1 in net.layers:
             if v1.HasField("strict_dim") and not v1.strict_dim:
