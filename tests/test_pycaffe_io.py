@@ -115,7 +115,7 @@ def test_transformer_elementwise_mean_and_checks():
     np.testing.assert_allclose(t.preprocess("data", x), 1 - mean)
     t2 = caffe.io.Transformer({"data": (1, 1, 3, 4)})
     t2.set_mean("data", np.ones((3, 4)))                 # H x W for one channel
-    assert t2.mean["data"].shape == (1, 3, 4)
+    assert t2.mean["data"].shape == (3, 4)               # kept as given (io.py)
     with pytest.raises(ValueError, match="incompatible with the input shape"):
         t.set_mean("data", np.zeros((2, 4, 4)))
     with pytest.raises(ValueError, match="not one of the net inputs"):
@@ -134,3 +134,78 @@ def test_oversample_corners_centre_and_mirrors():
         np.testing.assert_array_equal(crops[i], e)
         np.testing.assert_array_equal(crops[5 + i], e[:, ::-1])
         np.testing.assert_array_equal(crops[10 + i], e + 100)
+
+
+# caffe.io.resize_image (io.py) on 1 or 3 channels: scale to [0, 1] by min/max, then
+# skimage.transform.resize with the defaults of the fork's time (mode 'constant', cval 0,
+# no anti-aliasing): output pixel i samples (i + 0.5) * in / out - 0.5, outside reads 0.
+ROW = np.array([[0.2, 1.0, 0.6]], np.float32)[:, :, None]     # 1 x 3 x 1, std [0, 1, .5]
+
+
+def test_resize_image_bilinear_blends_borders_with_the_minimum():
+    out = caffe.io.resize_image(ROW, (1, 6))
+    assert out.shape == (1, 6, 1) and out.dtype == np.float32
+    # samples -0.25 .. 2.25: 0.75*0 + 0.25*cval, 0.25*1, 0.75*1, .75*1 + .25*.5,
+    # .25*1 + .75*.5, 0.75*0.5 + 0.25*cval; back to [0.2, 1.0] by * 0.8 + 0.2
+    np.testing.assert_allclose(out[0, :, 0], [0.2, 0.4, 0.8, 0.9, 0.7, 0.5], rtol=1e-6)
+
+
+def test_resize_image_nearest_rounds_half_away_from_zero():
+    np.testing.assert_allclose(caffe.io.resize_image(ROW, (1, 6), 0)[0, :, 0],
+                               [0.2, 0.2, 1.0, 1.0, 0.6, 0.6], rtol=1e-6)
+    four = np.array([[0.2, 1.0, 0.6, 0.4]], np.float32)[:, :, None]
+    # samples 0.5 and 2.5 round to pixels 1 and 3
+    np.testing.assert_allclose(caffe.io.resize_image(four, (1, 2), 0)[0, :, 0], [1.0, 0.4],
+                               rtol=1e-6)
+
+
+def test_resize_image_constant_and_other_channel_counts():
+    flat = caffe.io.resize_image(np.full((2, 3, 3), 7.5), (4, 5))
+    assert flat.shape == (4, 5, 3) and flat.dtype == np.float32 and np.all(flat == 7.5)
+    two = np.zeros((2, 2, 2), np.float32)
+    two[..., 0] = [[0, 4], [8, 12]]
+    two[..., 1] = 1
+    out = caffe.io.resize_image(two, (3, 3))          # scipy zoom: corners aligned
+    np.testing.assert_allclose(out[..., 0], [[0, 2, 4], [4, 6, 8], [8, 10, 12]], atol=1e-5)
+    np.testing.assert_allclose(out[..., 1], np.ones((3, 3)), atol=1e-6)
+
+
+@pytest.mark.parametrize("order", [0, 1])
+@pytest.mark.parametrize("shape,dims", [((5, 7, 3), (11, 4)), ((6, 6, 1), (3, 3)),
+                                        ((13, 5, 1), (2, 17)), ((1, 1, 3), (3, 2))])
+def test_resize_image_matches_skimage_constant_mode(order, shape, dims):
+    skimage_transform = pytest.importorskip("skimage.transform")
+    im = (np.random.default_rng(3).random(shape) * 200 - 50).astype(np.float32)
+    lo, hi = im.min(), im.max()
+    std = ((im - lo) / (hi - lo)).astype(np.float64)
+    expected = skimage_transform.resize(std, dims, order=order, mode="constant", cval=0,
+                                        anti_aliasing=False) * (hi - lo) + lo
+    np.testing.assert_allclose(caffe.io.resize_image(im, dims, order), expected,
+                               rtol=0, atol=2e-5)
+
+
+def test_transformer_resizes_then_transposes_swaps_scales_and_subtracts():
+    rgb = np.concatenate([ROW, ROW * 0.5, ROW * 0.25], axis=2)   # 1 x 3 x 3, min 0.05
+    t = caffe.io.Transformer({"data": (1, 3, 1, 6)})
+    t.set_transpose("data", (2, 0, 1))
+    t.set_channel_swap("data", (2, 1, 0))
+    t.set_raw_scale("data", 255)
+    t.set_mean("data", np.array([10.0, 20.0, 30.0]))
+    x = t.preprocess("data", rgb)
+    # blob channel 2 = R resized: interior samples are plain bilinear, the two border
+    # samples weigh the outside (the global minimum 0.05) by 0.25
+    red = np.array([0.75 * 0.2 + 0.25 * 0.05, 0.75 * 0.2 + 0.25 * 1.0,
+                    0.25 * 0.2 + 0.75 * 1.0, 0.75 * 1.0 + 0.25 * 0.6,
+                    0.25 * 1.0 + 0.75 * 0.6, 0.75 * 0.6 + 0.25 * 0.05])
+    np.testing.assert_allclose(x[2, 0], red * 255 - 30, rtol=1e-5)
+
+
+def test_transformer_subtracts_a_float64_mean_in_float64():
+    t = caffe.io.Transformer({"data": (1, 1, 1, 1)})
+    t.set_mean("data", np.array([0.3]))
+    x = t.preprocess("data", np.full((1, 1, 1), 0.5, np.float32))
+    # numpy's float32 -= float64 array: float32(0.5 - 0.3) = float32(0.2), not
+    # 0.5 - float32(0.3) = 0.19999998807907104
+    assert x.dtype == np.float32 and x[0, 0, 0] == np.float32(0.2)
+    back = t.deprocess("data", x)
+    assert back.dtype == np.float32 and back == np.float32(0.5)

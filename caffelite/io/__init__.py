@@ -99,12 +99,73 @@ def load_image(filename, color=True):
 
 
 def resize_image(im, new_dims, interp_order=1):
-    """Resize H x W x K to ``new_dims`` (bilinear for order 1, nearest for 0)."""
+    """Resize H x W x K to ``new_dims`` as pycaffe's ``caffe.io.resize_image`` (io.py).
+
+    One or three channels: scaled to [0, 1] by the image's min and max, resized with
+    skimage's ``resize`` defaults of the fork's time (skimage <= 0.14: ``mode='constant'``
+    with ``cval=0``, no anti-aliasing; pixel centres at +0.5, so border pixels blend
+    with the minimum), scaled back.  A constant image gives that constant.  Other channel
+    counts: ``scipy.ndimage.zoom`` with its defaults (corner pixels aligned)."""
+    im = np.asarray(im)
+    if im.ndim != 3:
+        raise ValueError(f"resize_image needs an H x W x K array, got shape {im.shape}")
+    new_dims = (int(new_dims[0]), int(new_dims[1]))
+    if im.shape[-1] in (1, 3):
+        im_min, im_max = im.min(), im.max()
+        if not im_max > im_min:
+            return np.full(new_dims + (im.shape[-1],), im_min, dtype=np.float32)
+        im_std = (im - im_min) / (im_max - im_min)
+        resized = _skimage_constant_resize(im_std, new_dims, interp_order)
+        return (resized * (im_max - im_min) + im_min).astype(np.float32)
     import scipy.ndimage
-    im = np.asarray(im, dtype=np.float32)
+    scale = tuple(np.array(new_dims, dtype=float) / np.array(im.shape[:2]))
+    return scipy.ndimage.zoom(im, scale + (1,), order=interp_order).astype(np.float32)
+
+
+def _skimage_constant_resize(im, new_dims, order):
+    """skimage.transform.resize(im, new_dims, order) of skimage <= 0.14 on an H x W x K
+    image in [0, 1]: each output pixel maps back to ``(i + 0.5) * in / out - 0.5``;
+    samples outside the image read 0."""
+    if order == 0:
+        rows = _nearest_taps(im.shape[0], new_dims[0])
+        return _take_or_zero(_take_or_zero(im.astype(np.float64), rows, 0),
+                             _nearest_taps(im.shape[1], new_dims[1]), 1)
+    if order == 1:
+        out = _linear_along(im.astype(np.float64), new_dims[1], axis=1)
+        return _linear_along(out, new_dims[0], axis=0)
+    import scipy.ndimage      # higher orders: scipy's spline with the same geometry
     factors = (new_dims[0] / im.shape[0], new_dims[1] / im.shape[1], 1)
-    return scipy.ndimage.zoom(im, factors, order=interp_order, mode="nearest",
-                              grid_mode=True).astype(np.float32)
+    out = scipy.ndimage.zoom(im.astype(np.float64), factors, order=order,
+                             mode="grid-constant", cval=0.0, grid_mode=True)
+    return np.clip(out, min(im.min(), 0.0), max(im.max(), 0.0))   # skimage's clip=True
+
+
+def _source_coords(size_in, size_out):
+    return (np.arange(size_out) + 0.5) * (size_in / size_out) - 0.5
+
+
+def _nearest_taps(size_in, size_out):
+    coords = _source_coords(size_in, size_out)
+    return (np.sign(coords) * np.floor(np.abs(coords) + 0.5)).astype(np.int64)  # C round()
+
+
+def _take_or_zero(array, index, axis):
+    """``array`` indexed along ``axis``; indices outside it give 0 (mode constant)."""
+    inside = (index >= 0) & (index < array.shape[axis])
+    taken = np.take(array, np.clip(index, 0, array.shape[axis] - 1), axis=axis)
+    mask_shape = [1] * array.ndim
+    mask_shape[axis] = len(index)
+    return np.where(inside.reshape(mask_shape), taken, 0.0)
+
+
+def _linear_along(array, size_out, axis):
+    coords = _source_coords(array.shape[axis], size_out)
+    low = np.floor(coords).astype(np.int64)
+    weight_shape = [1] * array.ndim
+    weight_shape[axis] = size_out
+    frac = (coords - low).reshape(weight_shape)
+    return (1 - frac) * _take_or_zero(array, low, axis) + \
+        frac * _take_or_zero(array, low + 1, axis)
 
 
 def oversample(images, crop_dims):
@@ -151,9 +212,10 @@ class Transformer:
         self.raw_scale[name] = scale
 
     def set_mean(self, name, mean):
-        """Per-channel (K values) or elementwise (K x H x W, or H x W) mean."""
+        """Per-channel (K values) or elementwise (K x H x W, or H x W) mean, kept in its
+        own dtype as pycaffe does (a float64 mean is subtracted in float64)."""
         self._check(name)
-        mean = np.asarray(mean, dtype=np.float32)
+        mean = np.asarray(mean)
         channels = self.inputs[name][1]
         if mean.ndim == 1:
             if mean.shape[0] != channels:
@@ -167,7 +229,6 @@ class Transformer:
             if tuple(shape) != tuple(self.inputs[name][1:]):
                 raise ValueError(f"mean shape {mean.shape} is incompatible with the input "
                                  f"shape {tuple(self.inputs[name][1:])}")
-            mean = mean.reshape(shape)
         self.mean[name] = mean
 
     def set_input_scale(self, name, scale):
@@ -175,9 +236,10 @@ class Transformer:
         self.input_scale[name] = scale
 
     def preprocess(self, name, data):
-        """H x W x K float image -> the K x H' x W' net input (resized to the blob)."""
+        """H x W x K image -> the K x H' x W' float32 net input, in pycaffe's order:
+        resize to the blob, transpose, channel swap, raw_scale, mean, input_scale."""
         self._check(name)
-        x = np.asarray(data, dtype=np.float32)
+        x = np.array(data, dtype=np.float32)      # a copy: the caller's array is kept
         in_dims = self.inputs[name][2:]
         if x.shape[:2] != tuple(in_dims):
             x = resize_image(x, in_dims)
@@ -186,24 +248,36 @@ class Transformer:
         if name in self.channel_swap:
             x = x[list(self.channel_swap[name]), :, :]
         if name in self.raw_scale:
-            x = x * self.raw_scale[name]
+            x = _in_place(np.multiply, x, self.raw_scale[name])
         if name in self.mean:
-            x = x - self.mean[name]
+            x = _in_place(np.subtract, x, self.mean[name])
         if name in self.input_scale:
-            x = x * self.input_scale[name]
-        return np.ascontiguousarray(x, dtype=np.float32)
+            x = _in_place(np.multiply, x, self.input_scale[name])
+        return np.ascontiguousarray(x)
 
     def deprocess(self, name, data):
+        """The inverse of ``preprocess`` (without the resize), on a squeezed copy."""
         self._check(name)
-        x = np.array(data, dtype=np.float32).squeeze()
+        x = np.array(data).squeeze()
+        if x.dtype.kind != "f":
+            x = x.astype(np.float32)
         if name in self.input_scale:
-            x = x / self.input_scale[name]
+            x = _in_place(np.true_divide, x, self.input_scale[name])
         if name in self.mean:
-            x = x + self.mean[name]
+            x = _in_place(np.add, x, self.mean[name])
         if name in self.raw_scale:
-            x = x / self.raw_scale[name]
+            x = _in_place(np.true_divide, x, self.raw_scale[name])
         if name in self.channel_swap:
             x = x[np.argsort(self.channel_swap[name]), :, :]
         if name in self.transpose:
             x = x.transpose(np.argsort(self.transpose[name]))
         return x
+
+
+def _in_place(op, x, operand):
+    """pycaffe's ``x op= operand`` under the NumPy of its time: a scalar operand is
+    taken in x's dtype (float32), an array operand promotes the arithmetic (a float64
+    mean is subtracted in float64) and the result is stored back in x's dtype."""
+    if np.ndim(operand) == 0:
+        return op(x, np.asarray(operand).astype(x.dtype), dtype=x.dtype)
+    return op(x, operand).astype(x.dtype, copy=False)
