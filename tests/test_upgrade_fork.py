@@ -107,3 +107,39 @@ def test_absent_message_with_required_fields_is_fine():
     # parses, as in Caffe).
     net, _ = prototxt.parse_net('layer { name: "out" type: "MatWrite" bottom: "x" }')
     assert net.layer[0].type == "MatWrite"
+
+
+# --- UpgradeNetDataTransformation ------------------------------------------------------
+
+DATA_V1 = """
+layers { name: "d1" type: DATA top: "a" top: "la"
+         data_param { source: "db1" mirror: true crop_size: 3 scale: 0.5 mean_file: "m" } }
+layers { name: "d2" type: DATA top: "b" top: "lb" data_param { source: "db2" } }
+layers { name: "img" type: IMAGE_DATA top: "c" top: "lc"
+         image_data_param { source: "list" } data_param { scale: 2 } }
+"""
+
+# Each type's own parameter message gives its fields to transform_param; once any layer
+# needs that, every DATA / IMAGE_DATA / WINDOW_DATA layer gets both messages (empty ones
+# included), and a data_param on an IMAGE_DATA layer is not touched.
+DATA_V2 = """
+layer { name: "d1" type: "Data" top: "a" top: "la"
+        transform_param { scale: 0.5 mirror: true crop_size: 3 mean_file: "m" }
+        data_param { source: "db1" } }
+layer { name: "d2" type: "Data" top: "b" top: "lb" transform_param { }
+        data_param { source: "db2" } }
+layer { name: "img" type: "ImageData" top: "c" top: "lc" transform_param { }
+        data_param { scale: 2 } image_data_param { source: "list" } }
+"""
+
+
+def test_data_transformation_fields_move_per_layer_type():
+    net, _ = prototxt.parse_net(DATA_V1)
+    assert net == _v2(DATA_V2)
+    assert net.layer[1].HasField("transform_param")
+
+
+def test_no_data_upgrade_leaves_data_layers_alone():
+    net, _ = prototxt.parse_net('layers { name: "d" type: DATA top: "a" '
+                                'data_param { source: "db" } }')
+    assert not net.layer[0].HasField("transform_param")

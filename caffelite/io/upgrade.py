@@ -126,6 +126,10 @@ _V1_SPECIAL = {"bottom", "top", "name", "include", "exclude", "type", "blobs", "
                "strict_dim", "softmaxloss_param", "padding_param"}
 
 _TRANSFORM_FIELDS = ("scale", "mean_file", "crop_size", "mirror")
+# V1 data layer type -> the parameter message whose old transform fields move
+# (IMAGE_SEG_DATA is DeepLab v1's, reading image_data_param).
+_DATA_PARAMS = {"DATA": "data_param", "IMAGE_DATA": "image_data_param",
+                "WINDOW_DATA": "window_data_param", "IMAGE_SEG_DATA": "image_data_param"}
 
 
 class UpgradeError(ValueError):
@@ -189,8 +193,6 @@ def _upgrade_v1_layer(v1, where, deeplab_v1):
         _upgrade_softmaxloss(v1, layer, where)
     if enum_name == "PADDING":
         _upgrade_padding(v1, layer)
-    if enum_name in ("DATA", "IMAGE_DATA", "WINDOW_DATA", "IMAGE_SEG_DATA"):
-        _move_transform_fields(layer)
     return layer
 
 
@@ -220,15 +222,35 @@ def _upgrade_softmaxloss(v1, layer, where):
         layer.loss_param.ignore_label = int(labels[0])
 
 
-def _move_transform_fields(layer):
-    for pname in ("data_param", "image_data_param", "window_data_param"):
-        if not layer.HasField(pname):
+def _data_param_name(v1):
+    return _DATA_PARAMS.get(_v1_type_name(v1))
+
+
+def _needs_data_upgrade(v1_layers):
+    for v1 in v1_layers:
+        name = _data_param_name(v1)
+        if name and any(getattr(v1, name).HasField(f) for f in _TRANSFORM_FIELDS):
+            return True
+    return False
+
+
+def _upgrade_data_transformation(v1_layers):
+    """Caffe's UpgradeNetDataTransformation: once any data layer needs it, every data
+    layer gets its own parameter message and a transform_param (empty ones too), and the
+    old fields move from the former to the latter."""
+    if not _needs_data_upgrade(v1_layers):
+        return
+    for v1 in v1_layers:
+        name = _data_param_name(v1)
+        if not name:
             continue
-        p = getattr(layer, pname)
+        params = getattr(v1, name)
+        params.SetInParent()
+        v1.transform_param.SetInParent()
         for f in _TRANSFORM_FIELDS:
-            if f in p.DESCRIPTOR.fields_by_name and p.HasField(f):
-                setattr(layer.transform_param, f, getattr(p, f))
-                p.ClearField(f)
+            if params.HasField(f):
+                setattr(v1.transform_param, f, getattr(params, f))
+                params.ClearField(f)
 
 
 def _upgrade_hole(layer):
@@ -364,6 +386,7 @@ def upgrade_net(net, where="<net>"):
             net.ClearField("layer")
         if any(entry.HasField("layer") for entry in net.layers):
             net = _upgrade_v0_net(net, where)
+        _upgrade_data_transformation(net.layers)
         deeplab_v1 = any(_is_deeplab_v1_layer(v1) for v1 in net.layers)
         for v1 in net.layers:
             if v1.HasField("strict_dim") and not v1.strict_dim:
