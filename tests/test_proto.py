@@ -44,6 +44,13 @@ def test_defaults_from_the_fork():
     assert caffe_pb2.SolverParameter().regularization_type == "L2"
 
 
+def test_rms_decay_has_no_default_as_in_the_fork():
+    # The fork's caffe.proto declares ``optional float rms_decay = 38;`` with no default,
+    # so an RMSProp solver that leaves it out decays with 0 (BVLC 1.0 says 0.99).
+    solver = caffe_pb2.SolverParameter()
+    assert not solver.HasField("rms_decay") and solver.rms_decay == 0.0
+
+
 def test_packed_floats_on_the_wire():
     blob = caffe_pb2.BlobProto()
     blob.data.extend([1.0, 2.0])
