@@ -143,3 +143,22 @@ def test_no_data_upgrade_leaves_data_layers_alone():
     net, _ = prototxt.parse_net('layers { name: "d" type: DATA top: "a" '
                                 'data_param { source: "db" } }')
     assert not net.layer[0].HasField("transform_param")
+
+
+# --- DeepLab v1 hole: "hole is hole OR hole_h and hole_w are required" (v1 conv CHECK) ----
+
+@pytest.mark.parametrize("holes, dilation", [
+    ("hole: 3", [3]), ("hole_h: 2 hole_w: 4", [2, 4]),
+    ("hole_h: 2", None), ("hole_w: 2", None), ("hole: 2 hole_h: 2 hole_w: 2", None),
+])
+def test_hole_fields_become_dilation(holes, dilation):
+    text = ('layers { name: "c" type: CONVOLUTION bottom: "x" top: "c" '
+            f'convolution_param {{ num_output: 1 kernel_size: 3 {holes} }} }}')
+    if dilation is None:
+        with pytest.raises(ValueError, match="layer 'c'.*hole_h and hole_w"):
+            prototxt.parse_net(text, "h.prototxt")
+        return
+    net, _ = prototxt.parse_net(text, "h.prototxt")
+    conv = net.layer[0].convolution_param
+    assert list(conv.dilation) == dilation
+    assert not any(conv.HasField(f) for f in ("hole", "hole_h", "hole_w"))

@@ -253,13 +253,17 @@ def _upgrade_data_transformation(v1_layers):
                 params.ClearField(f)
 
 
-def _upgrade_hole(layer):
+def _upgrade_hole(layer, where):
     """DeepLab v1 ``hole``/``hole_h``/``hole_w`` is dilation under another name."""
     if not layer.HasField("convolution_param"):
         return
     conv = layer.convolution_param
-    if conv.HasField("hole_h") or conv.HasField("hole_w"):
-        conv.dilation[:] = [conv.hole_h or 1, conv.hole_w or 1]
+    has_h, has_w = conv.HasField("hole_h"), conv.HasField("hole_w")
+    if (has_h or has_w) and not (has_h and has_w and not conv.HasField("hole")):
+        raise UpgradeError(f"{where}: layer '{layer.name}': hole is hole OR hole_h and hole_w "
+                           f"are required (DeepLab v1's convolution check)")
+    if has_h:
+        conv.dilation[:] = [conv.hole_h, conv.hole_w]
     elif conv.HasField("hole"):
         conv.dilation[:] = [conv.hole]
     for f in ("hole", "hole_h", "hole_w"):
@@ -394,7 +398,7 @@ def upgrade_net(net, where="<net>"):
             net.layer.append(_upgrade_v1_layer(v1, where, deeplab_v1))
         net.ClearField("layers")
     for layer in net.layer:
-        _upgrade_hole(layer)
+        _upgrade_hole(layer, where)
     return net, relaxed
 
 
