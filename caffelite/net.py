@@ -561,14 +561,10 @@ class Net:
         # pycaffe: with ``end``, the tops of that layer (not a blob named like it).
         outputs = set((self.top_names[end] if end is not None else self.outputs) + blobs)
         if kwargs:
-            unknown = set(kwargs) - set(self.inputs)
-            if unknown:
-                raise NetError(f"forward() got values for blobs that are not net inputs: "
-                               f"{sorted(unknown)} (inputs: {self.inputs})")
+            self._check_named_arrays(kwargs, self.inputs, "Input blob arguments",
+                                     "net inputs")
             for name, value in kwargs.items():
-                if np.shape(value)[0] != self.blobs[name].shape[0]:
-                    raise NetError(f"input '{name}' is not batch sized: got shape "
-                                   f"{np.shape(value)}, blob has {self.blobs[name].shape}")
+                self._check_batch_sized(name, value, "input")
                 self.blobs[name].data[...] = value
         self.forward_from_to(start_i, end_i)
         return {name: self.blobs[name].data for name in outputs}
@@ -578,12 +574,31 @@ class Net:
         start_i = self._layer_index(start) if start is not None else len(self.layers) - 1
         end_i = self._layer_index(end) if end is not None else 0
         outputs = set((self.bottom_names[end] if end is not None else self.inputs) + diffs)
-        for name, value in kwargs.items():
-            if name not in self.outputs:
-                raise NetError(f"backward() got a diff for '{name}', which is not a net output")
-            self.blobs[name].diff[...] = value
+        if kwargs:
+            self._check_named_arrays(kwargs, self.outputs, "Top diff arguments",
+                                     "net outputs")
+            for name, value in kwargs.items():
+                self._check_batch_sized(name, value, "diff")
+                self.blobs[name].diff[...] = value
         self.backward_from_to(start_i, end_i)
         return {name: self.blobs[name].diff for name in outputs}
+
+    @staticmethod
+    def _check_named_arrays(arrays, names, what, kind):
+        """pycaffe accepts arrays for exactly the net's inputs (forward) or outputs
+        (backward), all of them."""
+        if set(arrays) != set(names):
+            raise NetError(f"{what} do not match {kind} {names}: got {sorted(arrays)} "
+                           f"(missing: {sorted(set(names) - set(arrays))}, not {kind}: "
+                           f"{sorted(set(arrays) - set(names))})")
+
+    def _check_batch_sized(self, name, value, what):
+        shape = self.blobs[name].shape
+        if not shape:                        # a scalar blob (a loss): no batch axis
+            return
+        if np.ndim(value) == 0 or np.shape(value)[0] != shape[0]:
+            raise NetError(f"{what} '{name}' is not batch sized: got shape "
+                           f"{np.shape(value)}, blob has {self.blobs[name].shape}")
 
     @property
     def _blob_names(self):

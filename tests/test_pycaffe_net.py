@@ -316,3 +316,33 @@ def test_install_alias(tmp_path):
                         "try:\n    caffelite.install_alias()\nexcept RuntimeError as e:\n"
                         "    print('REFUSED', e)", path=[real], cwd=tmp_path)
     assert "REFUSED a module named 'caffe' is already imported" in forced.stdout
+
+
+TWO_INPUTS = """name: 'two' force_backward: true
+input: 'a' input_shape { dim: 2 dim: 3 } input: 'b' input_shape { dim: 2 dim: 3 }
+layer { type: 'Eltwise' name: 'sum' bottom: 'a' bottom: 'b' top: 'sum' }
+layer { type: 'Eltwise' name: 'prod' bottom: 'a' bottom: 'b' top: 'prod'
+  eltwise_param { operation: PROD } }
+"""
+
+
+def test_forward_and_backward_take_all_inputs_or_outputs(tmp_path):
+    # pycaffe.py _Net_forward/_Net_backward: the keyword arrays must name exactly the
+    # net's inputs ("Input blob arguments do not match net inputs.") or outputs ("Top
+    # diff arguments do not match net outputs."), each batch sized.
+    path = tmp_path / "two.prototxt"
+    path.write_text(TWO_INPUTS)
+    net = caffe.Net(str(path), caffe.TEST)
+    a, b = np.full((2, 3), 2.0, np.float32), np.full((2, 3), 5.0, np.float32)
+    with pytest.raises(NetError, match="Input blob arguments do not match net inputs"):
+        net.forward(a=a)
+    out = net.forward(a=a, b=b)
+    assert set(out) == {"sum", "prod"}
+    np.testing.assert_array_equal(out["sum"], a + b)
+    with pytest.raises(NetError, match="Top diff arguments do not match net outputs"):
+        net.backward(sum=np.ones((2, 3)))
+    with pytest.raises(NetError, match="'prod' is not batch sized"):
+        net.backward(sum=np.ones((2, 3)), prod=np.ones((1, 3)))
+    diffs = net.backward(sum=np.ones((2, 3)), prod=np.full((2, 3), 10.0))
+    np.testing.assert_array_equal(diffs["a"], 1 + 10 * b)   # d(a+b)/da + 10 d(ab)/da
+    np.testing.assert_array_equal(diffs["b"], 1 + 10 * a)
