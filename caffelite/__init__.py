@@ -19,6 +19,8 @@ from .net import Net  # noqa: F401
 from .solver import (Solver, SGDSolver, NesterovSolver, AdaGradSolver,  # noqa: F401
                      RMSPropSolver, AdaDeltaSolver, AdamSolver, get_solver)
 from . import io  # noqa: F401
+from .classifier import Classifier  # noqa: F401
+from .detector import Detector  # noqa: F401
 from . import proto  # noqa: F401
 from .net_spec import params, NetSpec, to_proto  # noqa: F401
 # ``caffe.layers`` (NetSpec's ``L``) is the package of layer implementations itself:
@@ -32,7 +34,8 @@ __version__ = "0.1.0"
 __all__ = ["TRAIN", "TEST", "set_mode_cpu", "set_mode_gpu", "set_device", "set_random_seed",
            "Blob", "Layer", "layer_type_list", "Net", "Solver", "SGDSolver",
            "NesterovSolver", "AdaGradSolver", "RMSPropSolver", "AdaDeltaSolver",
-           "AdamSolver", "get_solver", "io", "proto", "layers", "params", "NetSpec",
+           "AdamSolver", "get_solver", "Classifier", "Detector", "io", "proto", "layers",
+           "params", "NetSpec",
            "to_proto", "Timer", "install_alias", "init_log", "log", "solver_count",
            "set_solver_count", "solver_rank", "set_solver_rank", "set_multiprocess",
            "has_nccl"]

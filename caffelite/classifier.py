@@ -1,0 +1,65 @@
+"""pycaffe's ``caffe.Classifier``: a Net that predicts class probabilities of images.
+
+As the fork's python/caffe/classifier.py: images (H x W x K, e.g. from
+``caffe.io.load_image``) are resized to ``image_dims``, then either cut into the ten
+``caffe.io.oversample`` crops (predictions averaged over them) or centre-cropped to the
+net's input size, run through ``caffe.io.Transformer.preprocess`` and ``forward_all``;
+the result is the first net output (outputs sorted by name, as Caffe lists them).
+"""
+import numpy as np
+
+from . import io
+from .backend import TEST
+from .net import Net
+
+
+class Classifier(Net):
+    """``Classifier(model_file, pretrained_file, image_dims=None, mean=None,
+    input_scale=None, raw_scale=None, channel_swap=None)``."""
+
+    def __init__(self, model_file, pretrained_file, image_dims=None, mean=None,
+                 input_scale=None, raw_scale=None, channel_swap=None):
+        Net.__init__(self, model_file, pretrained_file, TEST)
+        in_ = self.inputs[0]
+        self.transformer = io.Transformer({in_: self.blobs[in_].data.shape})
+        self.transformer.set_transpose(in_, (2, 0, 1))
+        if mean is not None:
+            self.transformer.set_mean(in_, mean)
+        if input_scale is not None:
+            self.transformer.set_input_scale(in_, input_scale)
+        if raw_scale is not None:
+            self.transformer.set_raw_scale(in_, raw_scale)
+        if channel_swap is not None:
+            self.transformer.set_channel_swap(in_, channel_swap)
+        self.crop_dims = np.array(self.blobs[in_].data.shape[2:])
+        if image_dims is None or len(image_dims) == 0:
+            image_dims = self.crop_dims
+        self.image_dims = image_dims
+
+    def predict(self, inputs, oversample=True):
+        """N images -> N x C class probabilities (the ten crops averaged when
+        ``oversample``, the centre crop otherwise)."""
+        height, width = int(self.image_dims[0]), int(self.image_dims[1])
+        resized = np.zeros((len(inputs), height, width, inputs[0].shape[2]), np.float32)
+        for ix, image in enumerate(inputs):
+            resized[ix] = io.resize_image(image, (height, width))
+        if oversample:
+            crops = io.oversample(resized, self.crop_dims)
+        else:
+            crops = resized[(slice(None),) + self._centre_crop()]
+        in_ = self.inputs[0]
+        caffe_in = np.zeros(np.array(crops.shape)[[0, 3, 1, 2]], dtype=np.float32)
+        for ix, crop in enumerate(crops):
+            caffe_in[ix] = self.transformer.preprocess(in_, crop)
+        predictions = self.forward_all(**{in_: caffe_in})[self.outputs[0]]
+        if oversample:
+            predictions = predictions.reshape((len(predictions) // 10, 10, -1)).mean(1)
+        return predictions
+
+    def _centre_crop(self):
+        """classifier.py's centre box: image_dims / 2 -+ crop_dims / 2, truncated."""
+        centre = np.array(self.image_dims) / 2.0
+        box = np.tile(centre, 2) + np.concatenate([-self.crop_dims / 2.0,
+                                                   self.crop_dims / 2.0])
+        box = box.astype(int)
+        return slice(box[0], box[2]), slice(box[1], box[3])
