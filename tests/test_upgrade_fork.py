@@ -162,3 +162,103 @@ def test_hole_fields_become_dilation(holes, dilation):
     conv = net.layer[0].convolution_param
     assert list(conv.dilation) == dilation
     assert not any(conv.HasField(f) for f in ("hole", "hole_h", "hole_w"))
+
+
+# --- caffelite upgrade writes what upgrade_net_proto_text writes --------------------------
+
+UPGRADE_IN = """
+name: "v1"
+input: "data"
+input_dim: 1 input_dim: 3 input_dim: 5 input_dim: 5
+layers { name: "conv" type: CONVOLUTION bottom: "data" top: "conv"
+         blobs_lr: 1 blobs_lr: 2 weight_decay: 1 weight_decay: 0
+         convolution_param { num_output: 4 kernel_size: 3
+                             weight_filler { type: "gaussian" std: 0.01 }
+                             bias_filler { type: "constant" value: 1000000 } } }
+layers { name: "pow" type: POWER bottom: "conv" top: "pow"
+         power_param { power: 2 scale: 0.1 shift: 1e-07 } }
+layers { name: "drop" type: DROPOUT bottom: "pow" top: "pow" include { phase: TRAIN }
+         dropout_param { dropout_ratio: 0.3333333 } }
+"""
+
+# TextFormat::Printer: fields in number order, two-space indent, floats as SimpleFtoa
+# ("%.6g", or "%.9g" when that does not read back as the same float), strings CEscaped.
+UPGRADE_OUT = """name: "v1"
+input: "data"
+input_dim: 1
+input_dim: 3
+input_dim: 5
+input_dim: 5
+layer {
+  name: "conv"
+  type: "Convolution"
+  bottom: "data"
+  top: "conv"
+  param {
+    lr_mult: 1
+    decay_mult: 1
+  }
+  param {
+    lr_mult: 2
+    decay_mult: 0
+  }
+  convolution_param {
+    num_output: 4
+    kernel_size: 3
+    weight_filler {
+      type: "gaussian"
+      std: 0.01
+    }
+    bias_filler {
+      type: "constant"
+      value: 1e+06
+    }
+  }
+}
+layer {
+  name: "pow"
+  type: "Power"
+  bottom: "conv"
+  top: "pow"
+  power_param {
+    power: 2
+    scale: 0.1
+    shift: 1e-07
+  }
+}
+layer {
+  name: "drop"
+  type: "Dropout"
+  bottom: "pow"
+  top: "pow"
+  include {
+    phase: TRAIN
+  }
+  dropout_param {
+    dropout_ratio: 0.333333313
+  }
+}
+"""
+
+
+def test_upgrade_verb_output_is_caffes_text_format(tmp_path):
+    from caffelite import cli
+    src, dst = tmp_path / "v1.prototxt", tmp_path / "v2.prototxt"
+    src.write_text(UPGRADE_IN)
+    assert cli.main(["upgrade", str(src), str(dst)]) == 0
+    assert dst.read_text() == UPGRADE_OUT
+
+
+def test_text_format_of_special_values():
+    net = caffe_pb2.NetParameter()
+    layer = net.layer.add()
+    layer.name = "q'\"\\\n\u00e9"
+    layer.loss_weight.extend([float("inf"), float("-inf"), 0, -2.5, 123456789])
+    # CEscape: \' \" \\ \n and octal bytes for non-ASCII; 123456789 is the float
+    # 123456792, which "%.6g" (1.23457e+08) does not give back.
+    assert prototxt.net_to_text(net) == (
+        'layer {\n'
+        '  name: "q\\\'\\"\\\\\\n\\303\\251"\n'
+        '  loss_weight: inf\n  loss_weight: -inf\n  loss_weight: 0\n'
+        '  loss_weight: -2.5\n  loss_weight: 123456792\n'
+        '}\n')

@@ -1,8 +1,11 @@
 """Read prototxt files: ``${NAME}`` templates, text-format parsing by field name,
 and upgrade to the V2 form.  Errors name the file, line and column."""
+import math
 import re
 
-from google.protobuf import text_format
+import numpy as np
+from google.protobuf import text_encoding, text_format
+from google.protobuf.descriptor import FieldDescriptor
 
 from ..proto import caffe_pb2
 from .upgrade import upgrade_net, upgrade_solver
@@ -95,4 +98,58 @@ def read_solver(path, defines=None):
 
 
 def net_to_text(net):
-    return text_format.MessageToString(net)
+    """The net as Caffe's WriteProtoToTextFile writes it (upgrade_net_proto_text)."""
+    return message_to_text(net)
+
+
+def message_to_text(message):
+    """protobuf's C++ TextFormat::Printer output: fields in number order, two-space
+    indent, floats and doubles as SimpleFtoa/SimpleDtoa, strings CEscaped."""
+    lines = []
+    _print_message(message, "", lines)
+    return "".join(lines)
+
+
+def _print_message(message, indent, lines):
+    for field, value in message.ListFields():
+        for item in (value if _is_repeated(field) else [value]):
+            if field.type in (FieldDescriptor.TYPE_MESSAGE, FieldDescriptor.TYPE_GROUP):
+                lines.append(f"{indent}{field.name} {{\n")
+                _print_message(item, indent + "  ", lines)
+                lines.append(f"{indent}}}\n")
+            else:
+                lines.append(f"{indent}{field.name}: {_scalar_text(field, item)}\n")
+
+
+def _is_repeated(field):
+    flag = getattr(field, "is_repeated", None)     # protobuf >= 5; older ones: label
+    return flag if flag is not None else field.label == FieldDescriptor.LABEL_REPEATED
+
+
+def _scalar_text(field, value):
+    if field.type == FieldDescriptor.TYPE_FLOAT:
+        return _shortest_text(value, 6, 9, lambda v: float(np.float32(v)))
+    if field.type == FieldDescriptor.TYPE_DOUBLE:
+        return _shortest_text(value, 15, 17, float)
+    if field.type == FieldDescriptor.TYPE_BOOL:
+        return "true" if value else "false"
+    if field.type == FieldDescriptor.TYPE_ENUM:
+        known = field.enum_type.values_by_number.get(value)
+        return known.name if known is not None else str(value)
+    if field.type in (FieldDescriptor.TYPE_STRING, FieldDescriptor.TYPE_BYTES):
+        raw = value.encode("utf-8") if isinstance(value, str) else value
+        return '"' + text_encoding.CEscape(raw, False) + '"'
+    return str(value)
+
+
+def _shortest_text(value, digits, fallback_digits, narrow):
+    """SimpleFtoa / SimpleDtoa: "%.{digits}g", or more digits when that text does not
+    read back as the same value."""
+    if math.isnan(value):
+        return "nan"
+    if math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    text = "%.*g" % (digits, value)
+    if narrow(float(text)) != narrow(value):
+        text = "%.*g" % (fallback_digits, value)
+    return text
