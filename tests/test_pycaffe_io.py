@@ -209,3 +209,15 @@ def test_transformer_subtracts_a_float64_mean_in_float64():
     assert x.dtype == np.float32 and x[0, 0, 0] == np.float32(0.2)
     back = t.deprocess("data", x)
     assert back.dtype == np.float32 and back == np.float32(0.5)
+
+
+def test_blobproto_to_array_gives_float64_like_pycaffe():
+    # io.py: np.array(blob.data) of the proto's Python floats is float64
+    blob = caffe.proto.caffe_pb2.BlobProto(num=1, channels=3, height=1, width=1)
+    blob.data.extend([104.00698793, 116.66876762, 122.67891434])
+    arr = caffe.io.blobproto_to_array(blob)
+    assert arr.dtype == np.float64 and arr.shape == (1, 3, 1, 1)
+    np.testing.assert_array_equal(arr.ravel(), np.float32([104.00698793, 116.66876762,
+                                                           122.67891434]))
+    assert caffe.io.arraylist_to_blobprotovecor_str([np.ones(2)]) == \
+        caffe.io.arraylist_to_blobprotovector_str([np.ones(2)])

@@ -10,7 +10,8 @@ from ..proto import caffe_pb2
 
 
 def blobproto_to_array(blob, return_diff=False):
-    """BlobProto -> array of its shape (legacy num/channels/height/width honoured)."""
+    """BlobProto -> float64 array of its shape (legacy num/channels/height/width
+    honoured), as io.py's ``np.array(blob.data)`` gives."""
     values = blob.diff if return_diff else (blob.double_data if len(blob.double_data)
                                             else blob.data)
     if blob.HasField("num") or blob.HasField("channels") or blob.HasField("height") \
@@ -18,7 +19,7 @@ def blobproto_to_array(blob, return_diff=False):
         shape = (blob.num, blob.channels, blob.height, blob.width)
     else:
         shape = tuple(blob.shape.dim)
-    return np.array(values, dtype=np.float32).reshape(shape)
+    return np.array(values, dtype=np.float64).reshape(shape)
 
 
 def array_to_blobproto(arr, diff=None):
@@ -37,6 +38,10 @@ def arraylist_to_blobprotovector_str(arraylist):
     vec = caffe_pb2.BlobProtoVector()
     vec.blobs.extend([array_to_blobproto(arr) for arr in arraylist])
     return vec.SerializeToString()
+
+
+# The name io.py had for a long time (pycaffe scripts still call it).
+arraylist_to_blobprotovecor_str = arraylist_to_blobprotovector_str
 
 
 def blobprotovector_str_to_arraylist(data):
