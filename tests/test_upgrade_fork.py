@@ -262,3 +262,15 @@ def test_text_format_of_special_values():
         '  loss_weight: inf\n  loss_weight: -inf\n  loss_weight: 0\n'
         '  loss_weight: -2.5\n  loss_weight: 123456792\n'
         '}\n')
+
+
+# --- bytes that are not UTF-8 ------------------------------------------------------------
+
+def test_non_utf8_comment_is_skipped_like_caffe(tmp_path):
+    # Caffe's tokenizer skips a '#' comment whatever its bytes are (GBK comments are
+    # common in Chinese Caffe configs).
+    path = tmp_path / "gbk.prototxt"
+    path.write_bytes('name: "n"  # \u7f51\u7edc\nlayer { name: "a" type: "ReLU" }\n'
+                     .encode("gbk"))
+    net, _ = prototxt.read_net(str(path))
+    assert net.name == "n" and net.layer[0].name == "a"

@@ -52,7 +52,9 @@ def fill_templates(text, defines, path="<string>"):
 
 def read_text(path, defines=None):
     try:
-        with open(path, encoding="utf-8") as f:
+        # Caffe reads bytes: non-UTF-8 bytes in a comment are skipped, so keep them as
+        # escapes rather than failing to decode the file.
+        with open(path, encoding="utf-8", errors="surrogateescape") as f:
             text = f.read()
     except OSError as e:
         raise PrototxtError(f"cannot read '{path}': {e.strerror}") from None
