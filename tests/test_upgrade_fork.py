@@ -274,3 +274,9 @@ def test_non_utf8_comment_is_skipped_like_caffe(tmp_path):
                      .encode("gbk"))
     net, _ = prototxt.read_net(str(path))
     assert net.name == "n" and net.layer[0].name == "a"
+
+
+def test_placeholder_in_a_comment_after_an_escaped_quote_needs_no_define():
+    # The comment starts at the '#' after the string "a\"b"; Caffe never reads it.
+    net, _ = prototxt.parse_net(prototxt.fill_templates('name: "a\\"b" # ${UNSET}\n', {}))
+    assert net.name == 'a"b'

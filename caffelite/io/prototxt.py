@@ -20,9 +20,14 @@ class PrototxtError(ValueError):
 def _code_part(line):
     """The part of a line before a '#' comment (a '#' inside quotes is text)."""
     quote = None
+    escaped = False
     for i, ch in enumerate(line):
         if quote:
-            if ch == quote:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == quote:
                 quote = None
         elif ch in "\"'":
             quote = ch
