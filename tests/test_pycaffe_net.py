@@ -346,3 +346,12 @@ def test_forward_and_backward_take_all_inputs_or_outputs(tmp_path):
     diffs = net.backward(sum=np.ones((2, 3)), prod=np.full((2, 3), 10.0))
     np.testing.assert_array_equal(diffs["a"], 1 + 10 * b)   # d(a+b)/da + 10 d(ab)/da
     np.testing.assert_array_equal(diffs["b"], 1 + 10 * a)
+
+
+def test_layer_type_list_has_the_all_capital_v2_names():
+    # spec 19: LRN, BNLL, MVN and ELU are the fork's type names; CONVOLUTION, RELU ...
+    # are V1 enum names that only the upgrade knows
+    types = caffe.layer_type_list()
+    assert {"LRN", "BNLL", "MVN", "ELU", "Convolution", "ReLU", "Interp"} <= set(types)
+    assert not {"CONVOLUTION", "RELU", "SOFTMAX_LOSS", "IMAGE_SEG_DATA"} & set(types)
+    assert types == sorted(types)
