@@ -600,6 +600,19 @@ class Net:
             raise NetError(f"{what} '{name}' is not batch sized: got shape "
                            f"{np.shape(value)}, blob has {self.blobs[name].shape}")
 
+    def _forward(self, start, end):
+        """pycaffe's ``Net._forward(start_ind, end_ind)`` (Net::ForwardFromTo, layer
+        indices as in ``_layer_names``); returns the loss."""
+        return self.forward_from_to(start, end)
+
+    def _backward(self, start, end):
+        """pycaffe's ``Net._backward(start_ind, end_ind)`` (Net::BackwardFromTo)."""
+        self.backward_from_to(start, end)
+
+    @property
+    def _blob_loss_weights(self):
+        return list(self.blob_loss_weights.values())
+
     @property
     def _blob_names(self):
         return list(self.blobs)

@@ -355,3 +355,21 @@ def test_layer_type_list_has_the_all_capital_v2_names():
     assert {"LRN", "BNLL", "MVN", "ELU", "Convolution", "ReLU", "Interp"} <= set(types)
     assert not {"CONVOLUTION", "RELU", "SOFTMAX_LOSS", "IMAGE_SEG_DATA"} & set(types)
     assert types == sorted(types)
+
+
+def test_index_based_forward_and_backward(net_file):
+    # pycaffe's _forward/_backward(start_ind, end_ind): Net::ForwardFromTo/BackwardFromTo
+    net = caffe.Net(net_file, caffe.TRAIN)
+    start = net._layer_names.index("ip")
+    conv = np.random.default_rng(8).normal(size=net.blobs["conv"].data.shape)
+    net.blobs["conv"].data[...] = conv
+    net._forward(start, start)
+    w, b = (p.data.astype(np.float64) for p in net.params["ip"])
+    expected = conv.reshape(len(conv), -1) @ w.T + b
+    np.testing.assert_allclose(net.blobs["ip_blob"].data, expected, rtol=1e-5, atol=1e-5)
+    top = np.random.default_rng(9).normal(size=expected.shape)
+    net.blobs["ip_blob"].diff[...] = top
+    net._backward(start, start)
+    np.testing.assert_allclose(net.blobs["conv"].diff.reshape(len(conv), -1), top @ w,
+                               rtol=1e-5, atol=1e-5)
+    assert net._blob_loss_weights == [0, 0, 0, 0, 1]
