@@ -173,7 +173,7 @@ class Net:
 
     def __init__(self, network_file=None, phase=None, weights=None, *args, stages=None,
                  level=None, defines=None, param=None, dtype=np.float32):
-        if isinstance(phase, (str, bytes)) and not isinstance(phase, int):
+        if isinstance(phase, (str, bytes, os.PathLike)):
             phase, weights = weights, phase      # Net(file, weights, phase)
         if args:
             raise TypeError("Net() takes the prototxt, phase and weights")

@@ -373,3 +373,18 @@ def test_index_based_forward_and_backward(net_file):
     np.testing.assert_allclose(net.blobs["conv"].diff.reshape(len(conv), -1), top @ w,
                                rtol=1e-5, atol=1e-5)
     assert net._blob_loss_weights == [0, 0, 0, 0, 1]
+
+
+def test_constructor_forms(net_file, tmp_path):
+    # _caffe.cpp: Net(file, phase) and Net(file, weights, phase); caffelite also takes
+    # weights= and path-like arguments
+    import pathlib
+    net = caffe.Net(net_file, caffe.TEST)
+    weights = tmp_path / "w.caffemodel"
+    net.save(str(weights))
+    expected = net.params["conv"][0].data.copy()
+    for made in (caffe.Net(net_file, str(weights), caffe.TEST),
+                 caffe.Net(pathlib.Path(net_file), weights, caffe.TEST),
+                 caffe.Net(net_file, caffe.TEST, weights=str(weights))):
+        assert made.phase == caffe.TEST
+        np.testing.assert_array_equal(made.params["conv"][0].data, expected)
