@@ -280,3 +280,10 @@ def test_placeholder_in_a_comment_after_an_escaped_quote_needs_no_define():
     # The comment starts at the '#' after the string "a\"b"; Caffe never reads it.
     net, _ = prototxt.parse_net(prototxt.fill_templates('name: "a\\"b" # ${UNSET}\n', {}))
     assert net.name == 'a"b'
+
+
+def test_absent_v1_name_and_type_stay_absent():
+    # UpgradeV1LayerParameter sets name / type only when the V1 layer has them.
+    net, _ = prototxt.parse_net('layers { bottom: "a" top: "b" }')
+    assert net == _v2('layer { bottom: "a" top: "b" }')
+    assert not net.layer[0].HasField("name") and not net.layer[0].HasField("type")

@@ -164,8 +164,10 @@ def _upgrade_v1_layer(v1, where, deeplab_v1):
     enum_name = _v1_type_name(v1)
     if enum_name not in V1_TYPE_NAMES:
         raise UpgradeError(f"{where}: layer '{v1.name}' has unknown V1 type {enum_name}")
-    layer.name = v1.name
-    layer.type = _v2_type(enum_name, deeplab_v1)
+    if v1.HasField("name"):
+        layer.name = v1.name
+    if v1.HasField("type"):
+        layer.type = _v2_type(enum_name, deeplab_v1)
     layer.bottom.extend(v1.bottom)
     layer.top.extend(v1.top)
     layer.include.extend(v1.include)
