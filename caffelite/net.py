@@ -229,12 +229,27 @@ class Net:
         self._prune_backward()
         if self.force_backward:
             self._apply_force_backward()
+        if self._inputs_from_fields:
+            self._drop_input_layer()
         self.blob_loss_weights = OrderedDict((n, 0.0) for n in self.blobs)
         for tops, weights in zip(self.top_blobs, self.layer_loss_weights):
             for name, w in zip(self._top_name_list(tops), weights):
                 if w:
                     self.blob_loss_weights[name] = w
         logger.info("Network initialization done.")
+
+    def _drop_input_layer(self):
+        """The fork has no Input layer: ``input:`` fields make net input blobs and no
+        layer. The Input layer that created them (first, named "input") leaves the
+        layer lists, so ``net.layers``, ``_layer_names``, layer indices and ``caffe
+        time`` match the fork's; its tops keep the shapes the user gives them."""
+        for per_layer in (self.layer_params, self.layers, self._layer_names,
+                          self.bottom_blobs, self.top_blobs, self.bottom_need_backward,
+                          self.layer_need_backward, self.layer_loss_weights):
+            del per_layer[0]
+        if "input" not in self._layer_names:        # a real layer may reuse the name
+            del self.bottom_names["input"]
+            del self.top_names["input"]
 
     def _prototxt_dir(self):
         """The prototxt's folder, where Python layer modules are also looked for."""
@@ -452,7 +467,7 @@ class Net:
                     if w:
                         xp = backend.get_array_module(t.data)
                         loss_terms.append((w, xp.sum(t.data, dtype=xp.float64)))
-                if self.debug_info and not (i == 0 and self._inputs_from_fields):
+                if self.debug_info:
                     self._forward_debug_info(i)
         return _weighted_loss(loss_terms)
 
@@ -826,9 +841,7 @@ class Net:
         names (``input`` fields, not a layer, in the fork), and each layer's parameter as
         the layer holds it (phase set, split layers, completed specs) with its blobs."""
         layers = []
-        for index, (lp, layer) in enumerate(zip(self.layer_params, self.layers)):
-            if index == 0 and self._inputs_from_fields:
-                continue
+        for lp, layer in zip(self.layer_params, self.layers):
             blobs = [(b.read_host_data(), backend.to_host(b.diff) if write_diff else None)
                      for b in layer.blobs]
             layers.append((lp, blobs))

@@ -71,6 +71,34 @@ def test_names_dicts_and_blob_lists(net_file):
     assert np.isfinite(sum(float(b.data.sum() + b.diff.sum()) for b in params + blobs))
 
 
+def test_input_fields_make_blobs_but_no_layer(tmp_path):
+    """The fork has no Input layer: a net declared with ``input:`` fields has input
+    blobs and only its own layers (indices, names, top/bottom names); a reshaped input
+    keeps its shape through net.reshape(), and the blob splits still carry the name
+    "input", as InsertSplits names them for net inputs."""
+    path = tmp_path / "deploy.prototxt"
+    path.write_text(DEPLOY.replace("layer { type: 'Softmax' name: 'prob' bottom: 'ip'",
+                                   "layer { type: 'Eltwise' name: 'sum' bottom: 'data' "
+                                   "bottom: 'data' top: 'twice' }\n"
+                                   "layer { type: 'Softmax' name: 'prob' bottom: 'ip'"))
+    net = caffe.Net(str(path), caffe.TEST)
+    assert net._layer_names == ["data_input_0_split", "ip", "sum", "prob"]
+    assert [l.type for l in net.layers] == ["Split", "InnerProduct", "Eltwise", "Softmax"]
+    assert list(net.layer_dict) == net._layer_names
+    assert list(net.top_names) == net._layer_names == list(net.bottom_names)
+    assert net.inputs == ["data"] and net.blobs["data"].shape == (3, 4)
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    net.blobs["data"].reshape(2, 4)
+    net.reshape()
+    assert net.blobs["data"].shape == (2, 4) and net.blobs["prob"].shape == (2, 2)
+    out = net.forward(data=x)
+    assert np.array_equal(net.blobs["twice"].data, 2 * x)
+    w, b = (p.data for p in net.params["ip"])
+    np.testing.assert_allclose(out["prob"], softmax(x @ w.T + b), rtol=1e-6)
+    net._forward(1, 1)                      # pycaffe indices: layer 1 is 'ip' here
+    np.testing.assert_allclose(net.blobs["ip"].data, x @ w.T + b, rtol=1e-6)
+
+
 def test_forward_backward_start_end_return_the_layer_tops(net_file):
     net = caffe.Net(net_file, caffe.TRAIN)
     conv = np.random.default_rng(1).uniform(size=net.blobs["conv"].data.shape)
