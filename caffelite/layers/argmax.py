@@ -1,5 +1,6 @@
 """ArgMax: the indices (and/or values) of the top_k largest entries; ArgMaxV1 is
-DeepLab v1's per-pixel variant (what a V1 ``type: ARGMAX`` layer upgrades to)."""
+DeepLab v1's per-pixel variant (what a V1 ``type: ARGMAX`` layer upgrades to in a net
+that uses DeepLab v1's additions; other V1 nets get ``ArgMax``, as in the v2 fork)."""
 from ..backend import get_array_module
 from ..layer import Layer, register
 
@@ -93,7 +94,8 @@ class ArgMaxV1Layer(Layer):
     after the indices when ``out_max_val``; ties go to the highest index (as ArgMax).
     Backward is a silent no-op, so the v1 weak-supervision nets (label_estep =
     ARGMAX of the biased scores, fed to the loss as labels) back-propagate without
-    ``propagate_down`` settings.  V1 ``layers { type: ARGMAX }`` upgrade to this type.
+    ``propagate_down`` settings.  V1 ``layers { type: ARGMAX }`` in DeepLab v1 nets
+    upgrade to this type.
     """
     exact_num_bottom = 1
     exact_num_top = 1
