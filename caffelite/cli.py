@@ -19,8 +19,10 @@ import numpy as np
 from .log import logger, setup_logging
 
 
-class CliError(Exception):
-    pass
+class CliError(ValueError):
+    """A bad command line. A ValueError so that ``main`` reports it in one line even when
+    raised from a module that imported ``caffelite.cli`` while ``python -m caffelite.cli``
+    runs this file as ``__main__`` (two CliError classes then exist)."""
 
 
 def _defines(pairs):
@@ -29,26 +31,36 @@ def _defines(pairs):
         if "=" not in pair:
             raise CliError(f"-D expects NAME=VALUE, got '{pair}'")
         name, value = pair.split("=", 1)
+        if not name.strip():
+            raise CliError(f"-D expects NAME=VALUE, got '{pair}' (no name)")
         out[name] = value
     return out
 
 
-def _select_device(gpu, tf32=False):
-    """--gpu N (Caffe's syntax: an id, a comma list, or 'all'; caffelite uses one GPU)."""
-    from . import backend
+def parse_gpu(gpu):
+    """--gpu N (Caffe's syntax: an id, a comma list, or 'all'; caffelite uses one GPU):
+    the device id, or None for the CPU."""
     if gpu is None or gpu == "":
-        backend.set_mode_cpu()
-        return
+        return None
     ids = ["0"] if gpu == "all" else [g.strip() for g in str(gpu).split(",") if g.strip()]
     if not ids or not all(g.isdigit() for g in ids):
         raise CliError(f"--gpu expects a device id, a comma-separated list or 'all', "
                        f"got '{gpu}'")
     if len(ids) > 1:
         logger.warning("--gpu %s: caffelite trains on one GPU; using GPU %s", gpu, ids[0])
-    backend.set_device(int(ids[0]))
+    return int(ids[0])
+
+
+def _select_device(gpu, tf32=False):
+    from . import backend
+    device = parse_gpu(gpu)
+    if device is None:
+        backend.set_mode_cpu()
+        return
+    backend.set_device(device)
     backend.set_tf32(tf32)
     backend.set_mode_gpu()
-    logger.info("Using GPU %s%s", ids[0], " (TF32 GEMMs)" if tf32 else "")
+    logger.info("Using GPU %s%s", device, " (TF32 GEMMs)" if tf32 else "")
 
 
 def _format_output(name, value, weight):
@@ -66,11 +78,26 @@ def _net_output_values(net):
             yield name, float(value), weight
 
 
+def _check_iterations(args):
+    if args.iterations < 1:
+        raise CliError(f"--iterations must be at least 1 (got {args.iterations})")
+
+
+def _check_has_layers(net, path):
+    """An empty or all-filtered model would 'run' and report nothing (Caffe prints a
+    loss of 0): say so instead."""
+    if not net.layers:
+        raise CliError(f"{path}: the net has no layers in this phase (is the file empty, "
+                       f"or does every layer's include/exclude rule leave it out?)")
+
+
 def cmd_test(args):
     from . import TEST, Net
+    _check_iterations(args)
     _select_device(args.gpu, getattr(args, 'tf32', False))
     net = Net(args.model, TEST, weights=args.weights, defines=_defines(args.define),
               stages=args.stage, level=args.level)
+    _check_has_layers(net, args.model)
     logger.info("Running for %d iterations.", args.iterations)
     sums, order = {}, []
     total_loss = 0.0
@@ -114,9 +141,11 @@ def cmd_train(args):
 def cmd_time(args):
     from . import TEST, TRAIN, Net
     from .backend import synchronize
+    _check_iterations(args)
     _select_device(args.gpu, getattr(args, 'tf32', False))
     phase = TRAIN if args.phase.upper() == "TRAIN" else TEST
     net = Net(args.model, phase, defines=_defines(args.define))
+    _check_has_layers(net, args.model)
     logger.info("Performing Forward")
     initial_loss = net.forward_from_to()
     logger.info("Initial loss: %g", initial_loss)
@@ -160,6 +189,10 @@ def cmd_time(args):
 
 def cmd_upgrade(args):
     from .io import prototxt
+    if os.path.exists(args.output) and os.path.exists(args.input) and \
+            os.path.samefile(args.input, args.output):
+        raise CliError(f"'{args.output}' is the input file; write the upgraded net to "
+                       f"another file (the original would be lost)")
     net, _ = prototxt.read_net(args.input, _defines(args.define))
     text = prototxt.net_to_text(net)
     from .io.caffemodel import write_atomically
@@ -170,6 +203,7 @@ def cmd_upgrade(args):
 
 def cmd_demo(args):
     from .demo import run_demo
+    _check_iterations(args)
     _select_device(args.gpu, args.tf32)
     run_demo(args.out, max_iter=args.iterations)
     return 0
@@ -273,15 +307,37 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    setup_logging(log_file=args.log)
     try:
+        _open_log(args.log)
         return args.func(args)
     except (CliError, ValueError, OSError, RuntimeError) as e:
         # Our errors already name the file/layer/blob; a traceback would only hide that.
         if os.environ.get("CAFFELITE_TRACEBACK"):
             raise
-        sys.stderr.write(f"caffelite {args.command}: error: {e}\n")
+        sys.stderr.write(f"caffelite {args.command}: error: {_one_line(e)}\n")
         return 1
+
+
+def _open_log(path):
+    try:
+        setup_logging(log_file=path)
+    except OSError as e:
+        setup_logging()
+        raise CliError(f"--log: cannot write the log file '{path}': {e.strerror}") from None
+
+
+def _one_line(error):
+    """The message of ``error``; an OSError from the standard library ("[Errno 21] Is a
+    directory: 'x'") as "x: Is a directory"."""
+    if isinstance(error, FileExistsError) and error.filename is not None:
+        # caffelite makes folders with exist_ok: only a file in the way gets here
+        return f"'{error.filename}' exists and is not a directory"
+    if isinstance(error, OSError) and error.filename is not None and error.strerror and \
+            str(error).startswith("[Errno"):
+        names = f"'{error.filename}'" + (f" -> '{error.filename2}'"
+                                         if error.filename2 is not None else "")
+        return f"{names}: {error.strerror}"
+    return str(error)
 
 
 if __name__ == "__main__":

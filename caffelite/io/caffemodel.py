@@ -72,7 +72,11 @@ def read_caffemodel(path):
             v1_layers.append(_read_layer(reader, value, _V1_LAYER, enum_names))
     # Caffe's V1 upgrade replaces the whole layer list: V2 entries beside V1 ones are dropped.
     layers = v1_layers or v2_layers
-    if not layers and len(buf) > 0:
+    if len(buf) == 0:
+        # Caffe parses an empty file as a net without layers and copies nothing: the
+        # net would silently keep its initial weights. Empty = an interrupted write.
+        raise CaffemodelError(f"{path}: the file is empty (0 bytes), not a caffemodel")
+    if not layers:
         raise CaffemodelError(f"{path}: no layers found; is this a .caffemodel file?")
     return layers
 
@@ -131,6 +135,8 @@ def write_atomically(path, payload):
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise CaffemodelError(f"cannot write '{path}': directory '{directory}' does not exist")
+    if os.path.isdir(path):
+        raise CaffemodelError(f"cannot write '{path}': it is a directory")
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "wb") as f:

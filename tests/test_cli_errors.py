@@ -1,0 +1,165 @@
+"""Bad input on the command line and at the file-level entry points: exit status 1 and
+one line naming the file, line or flag (no traceback), and no user file overwritten or
+left half-written."""
+import logging
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from caffelite import cli, pascal
+from caffelite.crf import CRFParams
+from caffelite.crf import cli as crf_cli
+from caffelite.evaluate import (EvalError, EvalItem, evaluate, read_list, voc_palette,
+                                write_label_png)
+from caffelite.io import image as image_io
+from caffelite.io.caffemodel import CaffemodelError, read_caffemodel
+from caffelite.io.matfile import write_mat
+from caffelite.log import logger
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+NET = '''name: "n"
+layer { name: "data" type: "DummyData" top: "data" top: "label"
+  dummy_data_param { shape { dim: 2 dim: 3 dim: 4 dim: 4 } shape { dim: 2 }
+    data_filler { type: "gaussian" std: 1 } data_filler { type: "constant" value: 1 } } }
+layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip"
+  inner_product_param { num_output: 3 weight_filler { type: "gaussian" std: 0.1 } } }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss" }
+'''
+
+
+@pytest.fixture(autouse=True)
+def _restore_logger():
+    """cli.main points the caffelite logger at stderr; put it back for other tests."""
+    handlers, level, propagate = list(logger.handlers), logger.level, logger.propagate
+    yield
+    for h in list(logger.handlers):
+        if h not in handlers:
+            logger.removeHandler(h)
+            h.close()
+    for h in handlers:
+        if h not in logger.handlers:
+            logger.addHandler(h)
+    logger.setLevel(level)
+    logger.propagate = propagate
+
+
+def _main(capsys, *argv):
+    """(exit status, last stderr line) of ``caffelite argv``, run in this process."""
+    code = cli.main(list(argv))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert not any("Traceback" in line for line in err)
+    return code, err[-1] if err else ""
+
+
+def _files(directory):
+    return sorted(os.listdir(directory))
+
+
+@pytest.fixture
+def net(tmp_path):
+    path = tmp_path / "net.prototxt"
+    path.write_text(NET)
+    return path
+
+
+# ----------------------------------------------------------------- flags and logs
+def test_errors_of_imported_modules_are_one_line_under_python_m(tmp_path):
+    """`python -m caffelite.cli` runs cli.py as __main__; a CliError raised by a module
+    that imported caffelite.cli (pascal's -D parsing) is another class object, and
+    escaped the handler with a traceback."""
+    (tmp_path / "exp").mkdir()
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    env.pop("CAFFELITE_TRACEBACK", None)
+    out = subprocess.run([sys.executable, "-m", "caffelite.cli", "pascal",
+                          str(tmp_path / "exp"), "--net", "x", "--data-root", str(tmp_path),
+                          "-D", "oops"], capture_output=True, text=True, env=env)
+    assert out.returncode == 1
+    assert "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1] == \
+        "caffelite pascal: error: -D expects NAME=VALUE, got 'oops'"
+
+
+def test_unwritable_log_file_is_one_line(capsys, net, tmp_path):
+    missing = tmp_path / "no" / "x.log"
+    code, line = _main(capsys, "test", "--model", str(net), "--iterations", "1",
+                       "--log", str(missing))
+    assert code == 1
+    assert line == (f"caffelite test: error: --log: cannot write the log file '{missing}': "
+                    f"No such file or directory")
+    code, line = _main(capsys, "test", "--model", str(net), "--iterations", "1",
+                       "--log", str(tmp_path))
+    assert code == 1 and line.endswith(f"'{tmp_path}': Is a directory")
+
+
+@pytest.mark.parametrize("verb", ["test", "time"])
+@pytest.mark.parametrize("count", ["0", "-3"])
+def test_iterations_must_be_positive(capsys, net, verb, count):
+    """Caffe divides the summed outputs by --iterations (0: NaN) and times nothing."""
+    code, line = _main(capsys, verb, "--model", str(net), "--iterations", count)
+    assert code == 1
+    assert line == f"caffelite {verb}: error: --iterations must be at least 1 (got {count})"
+
+
+def test_define_needs_a_name(capsys, net):
+    code, line = _main(capsys, "test", "--model", str(net), "--iterations", "1", "-D", "=3")
+    assert code == 1 and line.endswith("-D expects NAME=VALUE, got '=3' (no name)")
+
+
+def test_file_in_the_way_of_an_output_folder(capsys, tmp_path):
+    blocker = tmp_path / "o"
+    blocker.write_text("mine")
+    code, line = _main(capsys, "demo", "--out", str(blocker), "--iterations", "1")
+    assert code == 1
+    assert line == f"caffelite demo: error: '{blocker}' exists and is not a directory"
+    assert blocker.read_text() == "mine"
+
+
+# ----------------------------------------------------------------- models and weights
+def test_empty_model_is_an_error_naming_it(capsys, tmp_path):
+    """Caffe would run a net without layers and report a loss of 0."""
+    empty = tmp_path / "empty.prototxt"
+    empty.write_text("")
+    code, line = _main(capsys, "test", "--model", str(empty), "--iterations", "1")
+    assert code == 1 and line.startswith(f"caffelite test: error: {empty}: the net has no "
+                                         f"layers")
+
+
+def test_empty_weights_file_is_an_error_naming_it(capsys, net, tmp_path):
+    """An interrupted download leaves 0 bytes; Caffe would copy nothing and go on with
+    the net's random initial weights."""
+    empty = tmp_path / "w.caffemodel"
+    empty.write_bytes(b"")
+    with pytest.raises(CaffemodelError, match=r"w\.caffemodel: the file is empty"):
+        read_caffemodel(str(empty))
+    code, line = _main(capsys, "test", "--model", str(net), "--weights", str(empty),
+                       "--iterations", "1")
+    assert code == 1 and line.endswith(f"{empty}: the file is empty (0 bytes), not a "
+                                       f"caffemodel")
+
+
+def test_upgrade_never_overwrites_its_input(capsys, tmp_path, monkeypatch):
+    src = tmp_path / "v1.prototxt"
+    text = '# my notes\nname: "v1"\nlayers { name: "r" type: RELU bottom: "x" top: "x" }\n'
+    src.write_text(text)
+    monkeypatch.chdir(tmp_path)
+    code, line = _main(capsys, "upgrade", str(src), "./v1.prototxt")
+    assert code == 1 and "'./v1.prototxt' is the input file" in line
+    assert src.read_text() == text
+
+
+def test_upgrade_into_a_directory_is_one_line(capsys, tmp_path):
+    src = tmp_path / "v1.prototxt"
+    src.write_text('name: "v1"\n')
+    (tmp_path / "out").mkdir()
+    code, line = _main(capsys, "upgrade", str(src), str(tmp_path / "out"))
+    assert code == 1
+    assert line == (f"caffelite upgrade: error: cannot write '{tmp_path / 'out'}': it is a "
+                    f"directory")
+    assert _files(tmp_path) == ["out", "v1.prototxt"]          # no temporary left behind
+
+
