@@ -12,6 +12,22 @@ import os
 from .evaluate import EvalError, evaluate, items_from_dirs, read_list
 
 
+def check_output_dir(flag, path):
+    """Fail before any work when an output folder cannot be one."""
+    if path and os.path.exists(path) and not os.path.isdir(path):
+        raise EvalError(f"{flag}: '{path}' exists and is not a directory")
+
+
+def check_output_file(flag, path):
+    """Fail before any work when an output file cannot be written where asked."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise EvalError(f"{flag}: '{path}' is a directory")
+    if not os.path.isdir(directory):
+        raise EvalError(f"{flag}: cannot write '{path}': directory '{directory}' does "
+                        f"not exist")
+
+
 def add_parser(subparsers):
     sp = subparsers.add_parser(
         "eval", help="mean IoU of predictions or MatWrite features (MyVOCevalseg)",
@@ -43,6 +59,9 @@ def run(args):
                        ("--features", args.features), ("--images", args.images)):
         if path is not None and not os.path.isdir(path):
             raise EvalError(f"{flag}: '{path}' is not a directory")
+    check_output_dir("--vis", args.vis)
+    if args.json:
+        check_output_file("--json", args.json)
     ids = [line.id for line in read_list(args.list)]
     items = items_from_dirs(ids, args.gt, args.images)
     result = evaluate(items, args.num_labels, feature_dir=args.features, pred_dir=args.pred,

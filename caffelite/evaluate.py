@@ -32,6 +32,7 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
+from .io.caffemodel import write_atomically
 from .io.image import read_image, read_label
 from .io.matfile import MatFileError, read_mat
 from .log import logger
@@ -91,10 +92,16 @@ def read_list(path):
     (``/JPEGImages/x.jpg /SegmentationClassAug/x.png``); the id of a path is its file
     name without extension.  Blank lines are skipped."""
     try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
+        with open(path, "rb") as f:
+            raw = f.read()
     except OSError as e:
         raise EvalError(f"cannot read the list '{path}': {e.strerror}") from None
+    try:
+        lines = raw.decode("utf-8-sig").splitlines()     # a BOM is not part of an id
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise EvalError(f"{path}:{line}: the list is not UTF-8 text (byte "
+                        f"0x{raw[e.start]:02x})") from None
     out = []
     for line in lines:
         tokens = line.split()
@@ -151,21 +158,30 @@ def matlab_argmax(scores):
     return (valid & (scores == best)).argmax(axis=0)
 
 
-def read_prediction(path):
-    """A predicted label map: an index (gray) or palette PNG, read as class indices
-    (what MATLAB's ``imread`` gives for both)."""
+def read_label_map(path, what="prediction"):
+    """A label map as MATLAB's ``imread`` gives it to MyVOCevalseg: the class indices
+    of a palette PNG, the values of a gray one (16-bit ones in full: cv::imread's high
+    byte would turn labels 0..255 into 0). A colour image is refused: it is no label map."""
     from PIL import Image
     try:
         with Image.open(path) as img:
+            img.load()
             if img.mode == "P":
                 return np.asarray(img, dtype=np.uint8)
+            if img.mode.startswith("I"):
+                return np.asarray(img).astype(np.int64)
             mode = img.mode
     except OSError as e:
-        raise EvalError(f"cannot read prediction '{path}': {e}") from None
-    if mode not in ("L", "I", "I;16", "I;16B", "I;16L", "1"):
+        raise EvalError(f"cannot read {what} '{path}': {e}") from None
+    if mode not in ("L", "LA", "1"):
         raise EvalError(f"{path}: a {mode} image is not a label map (write class indices "
                         f"as a gray or palette PNG)")
     return read_label(path)
+
+
+def read_prediction(path):
+    """A predicted label map (see ``read_label_map``)."""
+    return read_label_map(path, "prediction")
 
 
 def write_label_png(path, label):
@@ -173,7 +189,16 @@ def write_label_png(path, label):
     from PIL import Image
     img = Image.fromarray(np.ascontiguousarray(label, dtype=np.uint8))
     img.putpalette(voc_palette())
-    img.save(path)
+    _save_atomically(img, path, "PNG")
+
+
+def _save_atomically(img, path, image_format, **options):
+    """A Pillow image written to a temporary name and renamed into place: an
+    interrupted run never leaves a truncated file that looks finished."""
+    import io
+    buffer = io.BytesIO()
+    img.save(buffer, format=image_format, **options)
+    write_atomically(path, buffer.getvalue())
 
 
 def write_overlay(path, image_path, label, alpha=0.5):
@@ -186,19 +211,23 @@ def write_overlay(path, image_path, label, alpha=0.5):
     colours = np.asarray(voc_palette(), np.float32).reshape(256, 3)[label]
     mask = (label > 0)[:, :, None]
     out = np.where(mask, (1 - alpha) * rgb + alpha * colours, rgb)
-    Image.fromarray(np.clip(out + 0.5, 0, 255).astype(np.uint8)).save(path, quality=90)
+    _save_atomically(Image.fromarray(np.clip(out + 0.5, 0, 255).astype(np.uint8)), path,
+                     "JPEG", quality=90)
 
 
 # ------------------------------------------------------------------------ confusion
-def accumulate_confusion(confusion, gt, pred, ignore_label=255, source=None):
-    """Add one image to ``confusion`` (rows: ground truth, columns: prediction)."""
+def accumulate_confusion(confusion, gt, pred, ignore_label=255, source=None,
+                         gt_source=None):
+    """Add one image to ``confusion`` (rows: ground truth, columns: prediction);
+    ``source`` / ``gt_source`` name the prediction / ground-truth file in errors."""
     n = confusion.shape[0]
     where = f"{source}: " if source else ""
+    gt_where = f"{gt_source}: " if gt_source else where
     keep = gt != ignore_label
     gt, pred = gt[keep].astype(np.int64), pred[keep].astype(np.int64)
     if gt.size and (gt.max() >= n or gt.min() < 0):
         bad = int(gt.max() if gt.max() >= n else gt.min())
-        raise EvalError(f"{where}ground-truth label {bad} is outside [0, {n}) and is not "
+        raise EvalError(f"{gt_where}ground-truth label {bad} is outside [0, {n}) and is not "
                         f"the ignore label {ignore_label}")
     if pred.size and (pred.max() >= n or pred.min() < 0):
         bad = int(pred.max() if pred.max() >= n else pred.min())
@@ -345,10 +374,7 @@ class EvalResult:
                    data["num_images"], data.get("missing", ()))
 
     def write_json(self, path):
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(self.to_json(), f, indent=1)
-        os.replace(tmp, path)
+        write_atomically(path, json.dumps(self.to_json(), indent=1).encode("utf-8"))
 
 
 def evaluate(items, num_labels=21, feature_dir=None, pred_dir=None, ignore_label=255,
@@ -365,6 +391,9 @@ def evaluate(items, num_labels=21, feature_dir=None, pred_dir=None, ignore_label
     names = names or class_names(num_labels)
     if len(names) != num_labels:
         raise EvalError(f"{len(names)} class names for {num_labels} labels")
+    if num_labels > 256 and (feature_dir or pred_out_dir or vis_dir):
+        raise EvalError(f"{num_labels} labels do not fit the 8-bit label PNGs that "
+                        f"predictions are written as (at most 256)")
     for d in (pred_out_dir, vis_dir):
         if d:
             os.makedirs(d, exist_ok=True)
@@ -385,7 +414,7 @@ def evaluate(items, num_labels=21, feature_dir=None, pred_dir=None, ignore_label
             raise EvalError(f"{kind} not found for '{item.id}': {source}")
         if not os.path.isfile(item.gt):
             raise EvalError(f"ground truth not found for '{item.id}': {item.gt}")
-        gt = read_label(item.gt)
+        gt = read_label_map(item.gt, "ground truth")
         if feature_dir is not None:
             pred = prediction_from_features(source, *gt.shape, num_labels=num_labels)
         else:
@@ -394,7 +423,7 @@ def evaluate(items, num_labels=21, feature_dir=None, pred_dir=None, ignore_label
                 raise EvalError(f"{source}: prediction is {pred.shape[0]}x{pred.shape[1]} "
                                 f"but the ground truth {item.gt} is {gt.shape[0]}x"
                                 f"{gt.shape[1]}")
-        accumulate_confusion(confusion, gt, pred, ignore_label, source)
+        accumulate_confusion(confusion, gt, pred, ignore_label, source, gt_source=item.gt)
         if pred_out_dir:
             write_label_png(os.path.join(pred_out_dir, f"{item.id}.png"), pred)
         if vis_dir:

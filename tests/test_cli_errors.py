@@ -163,3 +163,125 @@ def test_upgrade_into_a_directory_is_one_line(capsys, tmp_path):
     assert _files(tmp_path) == ["out", "v1.prototxt"]          # no temporary left behind
 
 
+# ----------------------------------------------------------------- eval
+def _png(path, label, mode=None):
+    Image.fromarray(label, mode).save(path) if mode else Image.fromarray(label).save(path)
+
+
+@pytest.fixture
+def seg(tmp_path):
+    """One 2x3 image 'a' with 3 classes: GT, prediction and features."""
+    d = {k: tmp_path / k for k in ("gt", "pred", "feat")}
+    for p in d.values():
+        p.mkdir()
+    gt = np.array([[0, 1, 2], [2, 1, 0]], np.uint8)
+    _png(d["gt"] / "a.png", gt)
+    _png(d["pred"] / "a.png", gt)
+    scores = np.zeros((1, 3, 2, 3), np.float32)
+    for c in range(3):
+        scores[0, c][gt == c] = 1
+    write_mat(str(d["feat"] / "a_blob_0.mat"), scores)
+    (tmp_path / "ids.txt").write_text("a\n")
+    d["root"] = tmp_path
+    return d
+
+
+def _item(seg):
+    return [EvalItem("a", str(seg["gt"] / "a.png"))]
+
+
+def test_list_with_bom_crlf_and_blank_lines(tmp_path):
+    """Lists edited on Windows: the BOM is not part of the first id."""
+    listing = tmp_path / "l.txt"
+    listing.write_bytes(b"\xef\xbb\xbfa\r\n\r\n  \r\nb c\r\n")
+    assert [line.id for line in read_list(str(listing))] == ["a", "b"]
+
+
+def test_list_that_is_not_utf8_names_the_line(tmp_path):
+    listing = tmp_path / "l.txt"
+    listing.write_bytes(b"a\nb\n\xffc\n")
+    with pytest.raises(EvalError, match=r"l\.txt:3: the list is not UTF-8 text \(byte 0xff\)"):
+        read_list(str(listing))
+
+
+def test_out_of_range_gt_label_names_the_gt_file(seg):
+    gt = np.array([[0, 1, 2], [2, 7, 0]], np.uint8)
+    _png(seg["gt"] / "a.png", gt)
+    for source in ({"feature_dir": str(seg["feat"])}, {"pred_dir": str(seg["pred"])}):
+        with pytest.raises(EvalError, match=rf"^{seg['gt'] / 'a.png'}: ground-truth label 7 "
+                                            rf"is outside \[0, 3\)"):
+            evaluate(_item(seg), 3, **source)
+
+
+def test_colour_gt_is_refused(seg):
+    """MATLAB's imread gives an H x W x 3 array for a colour PNG, which MyVOCevalseg
+    cannot count; its gray luminance is no label map either."""
+    gt = np.array([[0, 1, 2], [2, 1, 0]], np.uint8)
+    _png(seg["gt"] / "a.png", np.dstack([gt, gt, gt, np.full_like(gt, 255)]))
+    with pytest.raises(EvalError, match=r"a\.png: a RGBA image is not a label map"):
+        evaluate(_item(seg), 3, pred_dir=str(seg["pred"]))
+
+
+def test_16bit_label_maps_are_read_in_full_like_matlab_imread(seg):
+    """MATLAB's imread returns a 16-bit PNG's values; cv::imread's high byte would have
+    read labels 0..2 as 0 and scored a perfect prediction as wrong."""
+    import cv2
+    gt = np.array([[0, 1, 2], [2, 1, 0]], np.uint16)
+    pred = np.array([[0, 1, 2], [1, 1, 0]], np.uint16)
+    _png(seg["gt"] / "a.png", gt)
+    _png(seg["pred"] / "a.png", pred)
+    stored = cv2.imread(str(seg["gt"] / "a.png"), cv2.IMREAD_UNCHANGED)
+    assert stored.dtype == np.uint16 and stored.tolist() == gt.tolist()
+    result = evaluate(_item(seg), 3, pred_dir=str(seg["pred"]))
+    # rows GT, columns prediction, by hand: (0,0) x2, (1,1) x2, (2,2), (2,1)
+    assert result.confusion.tolist() == [[2, 0, 0], [0, 2, 0], [0, 1, 1]]
+    _png(seg["gt"] / "a.png", np.full((2, 3), 300, np.uint16))
+    with pytest.raises(EvalError, match=r"a\.png: ground-truth label 300 is outside"):
+        evaluate(_item(seg), 3, pred_dir=str(seg["pred"]))
+
+
+def test_more_labels_than_a_png_holds(seg):
+    with pytest.raises(EvalError, match=r"300 labels do not fit the 8-bit label PNGs"):
+        evaluate(_item(seg), 300, feature_dir=str(seg["feat"]))
+
+
+def test_eval_output_paths_are_checked_before_any_work(capsys, seg):
+    base = ["eval", "--gt", str(seg["gt"]), "--list", str(seg["root"] / "ids.txt"),
+            "--features", str(seg["feat"]), "--num-labels", "3"]
+    before = _files(seg["root"])
+    missing = seg["root"] / "no" / "r.json"
+    code, line = _main(capsys, *base, "--json", str(missing))
+    assert code == 1 and line.endswith(f"--json: cannot write '{missing}': directory "
+                                       f"'{missing.parent}' does not exist")
+    code, line = _main(capsys, *base, "--json", str(seg["gt"]))
+    assert code == 1 and line.endswith(f"--json: '{seg['gt']}' is a directory")
+    code, line = _main(capsys, *base, "--vis", str(seg["root"] / "ids.txt"))
+    assert code == 1 and line.endswith("ids.txt' exists and is not a directory")
+    assert _files(seg["root"]) == before
+    assert _files(seg["gt"]) == ["a.png"]
+
+
+def test_label_png_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A write that fails half-way (disk full, ^C) must leave the previous file: a
+    truncated PNG newer than its features would make `pascal` skip the CRF step."""
+    from PIL import PngImagePlugin
+    target = tmp_path / "a.png"
+    target.write_bytes(b"previous labels")
+    real_save = PngImagePlugin._save
+
+    def failing_save(im, fp, filename, *args, **kwargs):
+        real_save(im, fp, filename, *args, **kwargs)
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(PngImagePlugin, "_save", failing_save)
+    monkeypatch.setitem(Image.SAVE, "PNG", failing_save)
+    with pytest.raises(OSError, match="No space left"):
+        write_label_png(str(target), np.zeros((4, 5), np.uint8))
+    assert target.read_bytes() == b"previous labels"
+    assert _files(tmp_path) == ["a.png"]
+    monkeypatch.undo()
+    write_label_png(str(target), np.array([[1, 2]], np.uint8))
+    with Image.open(target) as img:
+        assert img.mode == "P" and np.asarray(img).tolist() == [[1, 2]]
+        assert img.getpalette()[:9] == voc_palette(3)
+
+
