@@ -226,7 +226,8 @@ class Pipeline:
                                 f"{','.join(STEPS)})")
         self.steps = [s for s in STEPS if s in steps]
         self.force = force
-        self.gpu = gpu
+        from .cli import parse_gpu
+        self.gpu = parse_gpu(gpu)           # None: the CPU
         self.test_sets, self.test2_sets = list(test_sets), list(test2_sets)
         self.eval_set = eval_set
         self.feature_type = feature_type
@@ -330,8 +331,8 @@ class Pipeline:
             self.check()
             os.makedirs(self.model_dir, exist_ok=True)
             os.makedirs(self.log_dir, exist_ok=True)
-            if self.gpu is not None and self.gpu != "":
-                backend.set_device(int(self.gpu))
+            if self.gpu is not None:
+                backend.set_device(self.gpu)
                 backend.set_mode_gpu()
             else:
                 backend.set_mode_cpu()
@@ -506,7 +507,7 @@ class Pipeline:
                 logger.info("Running the dense CRF (%s) on %s -> %s",
                             ", ".join(f"{k}={v}" for k, v in self.crf_params.items()),
                             features, out_dir)
-                run_crf(features, items, out_dir, self.crf_params)
+                run_crf(features, items, out_dir, self.crf_params, self.num_labels)
 
     # ------------------------------------------------------------------ eval
     def step_eval(self):
@@ -550,8 +551,8 @@ class Pipeline:
             report = result.report()
             for line in report.splitlines():
                 logger.info("%s", line)
-        with open(f"{out_dir}/results.txt", "w", encoding="utf-8") as f:
-            f.write(report + "\n")
+        from .io.caffemodel import write_atomically
+        write_atomically(f"{out_dir}/results.txt", (report + "\n").encode("utf-8"))
         result.write_json(result_json)
         self.results[out_dir] = result
 
@@ -631,26 +632,17 @@ def crf_function():
     return CRFParams, crf_labels
 
 
-def run_crf(feature_dir, items, out_dir, params):
+def run_crf(feature_dir, items, out_dir, params, num_labels=None):
     """``prog_refine_pascal_v4`` over a set: each ``<id>_blob_0.mat`` cropped to its
-    image, unary = -score, RGB image features, labels written as VOC-palette PNGs."""
+    image, unary = -score, RGB image features, labels written as VOC-palette PNGs.
+    ``caffelite crf``'s per-image checks apply (class count, size, NaN)."""
     from .evaluate import write_label_png
-    from .io.image import read_image
-    from .io.matfile import MatFileError, read_mat
-    CRFParams, crf_labels = crf_function()
+    CRFParams, _ = crf_function()
+    from .crf.cli import refine_image
     crf_params = CRFParams(**params)
     for n, item in enumerate(items, 1):
-        path = f"{feature_dir}/{item.id}_blob_0.mat"
-        try:
-            scores = read_mat(path)[0]
-        except MatFileError as e:
-            raise PipelineError(str(e)) from None
-        rgb = read_image(item.image)[:, :, ::-1]
-        height, width = rgb.shape[:2]
-        if scores.shape[0] != 1 or scores.shape[2] < height or scores.shape[3] < width:
-            raise PipelineError(f"{path}: features of shape {scores.shape} do not cover the "
-                                f"image {item.image} ({height}x{width})")
-        labels = crf_labels(scores[0, :, :height, :width], rgb, crf_params)
+        labels = refine_image(f"{feature_dir}/{item.id}_blob_0.mat", item.image, crf_params,
+                              num_labels=num_labels)
         write_label_png(f"{out_dir}/{item.id}.png", labels.astype("uint8"))
         if n % 100 == 0 or n == len(items):
             logger.info("CRF: %d/%d images", n, len(items))

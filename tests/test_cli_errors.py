@@ -12,7 +12,6 @@ from PIL import Image
 
 from caffelite import cli, pascal
 from caffelite.crf import CRFParams
-from caffelite.crf import cli as crf_cli
 from caffelite.evaluate import (EvalError, EvalItem, evaluate, read_list, voc_palette,
                                 write_label_png)
 from caffelite.io import image as image_io
@@ -285,3 +284,93 @@ def test_label_png_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
         assert img.getpalette()[:9] == voc_palette(3)
 
 
+# ----------------------------------------------------------------- crf
+@pytest.fixture
+def crf_case(tmp_path):
+    feats, imgs = tmp_path / "feat", tmp_path / "img"
+    feats.mkdir()
+    imgs.mkdir()
+    Image.fromarray(np.full((4, 5, 3), 90, np.uint8)).save(imgs / "a.jpg")
+    write_mat(str(feats / "a_blob_0.mat"), np.zeros((1, 3, 6, 6), np.float32))
+    (tmp_path / "ids.txt").write_text("a\n")
+    return ["crf", "--features", str(feats), "--images", str(imgs), "--list",
+            str(tmp_path / "ids.txt"), "--max_iter", "1"], tmp_path
+
+
+def test_crf_nan_features_name_the_file(capsys, crf_case):
+    argv, root = crf_case
+    scores = np.zeros((1, 3, 6, 6), np.float32)
+    scores[0, 1, 3, 2] = np.nan
+    write_mat(str(root / "feat" / "a_blob_0.mat"), scores)
+    code, line = _main(capsys, *argv, "--out", str(root / "out"))
+    assert code == 1
+    assert line == (f"caffelite crf: error: {root / 'feat' / 'a_blob_0.mat'}: the features "
+                    f"contain NaN or infinity within the image's 4x5 area")
+
+
+def test_crf_output_in_the_way(capsys, crf_case):
+    argv, root = crf_case
+    (root / "out").write_text("mine")
+    code, line = _main(capsys, *argv, "--out", str(root / "out"))
+    assert code == 1 and line.endswith(f"--out: '{root / 'out'}' exists and is not a "
+                                       f"directory")
+    assert (root / "out").read_text() == "mine"
+    os.remove(root / "out")
+    (root / "out" / "a.png").mkdir(parents=True)
+    code, line = _main(capsys, *argv, "--out", str(root / "out"))
+    assert code == 1
+    assert line == (f"caffelite crf: error: 'a' ({root / 'feat' / 'a_blob_0.mat'}): cannot "
+                    f"write '{root / 'out' / 'a.png'}': it is a directory")
+
+
+@pytest.mark.parametrize("name, value", [("pos_w", float("nan")), ("bi_w", float("inf")),
+                                         ("bi_xy_std", float("inf")),
+                                         ("pos_y_std", float("nan"))])
+def test_crf_parameters_must_be_finite(name, value):
+    with pytest.raises(ValueError, match=rf"CRF parameter {name} must be"):
+        CRFParams(**{name: value})
+
+
+def test_pascal_bad_gpu_flag_names_it(tmp_path):
+    (tmp_path / "exp").mkdir()
+    with pytest.raises(ValueError, match=r"--gpu expects a device id.*got 'abc'"):
+        pascal.Pipeline(tmp_path / "exp", "x", data_root=str(tmp_path), gpu="abc")
+
+
+def test_pascal_crf_checks_the_class_count(crf_case):
+    """The pipeline's CRF step applies `caffelite crf`'s checks: features with another
+    class count than --num-labels used to be refined into labels silently."""
+    _, root = crf_case
+    (root / "out").mkdir()
+    items = [EvalItem("a", str(root / "gt.png"), str(root / "img" / "a.jpg"))]
+    with pytest.raises(ValueError, match=r"a_blob_0\.mat: features have 3 channels but 21 "
+                                         r"labels were asked for"):
+        pascal.run_crf(str(root / "feat"), items, str(root / "out"), pascal.CRF_DEFAULTS, 21)
+    assert _files(root / "out") == []
+
+
+# ----------------------------------------------------------------- data layers
+def test_16bit_training_label_warns_and_reads_the_high_byte(tmp_path):
+    """Data layers keep the fork's cv::imread(GRAYSCALE) (high byte) but say so once."""
+    import cv2
+    values = np.array([[0x0203, 0x00ff], [0xff00, 5]], np.uint16)
+    path = tmp_path / "l.png"
+    _png(path, values)
+    messages = []
+
+    class Records(logging.Handler):
+        def emit(self, record):
+            messages.append(record.getMessage())
+    handler = Records(logging.WARNING)
+    logger.addHandler(handler)
+    old = image_io._deep_label_warned[0]
+    image_io._deep_label_warned[0] = False
+    try:
+        got = image_io.read_label(str(path))
+        image_io.read_label(str(path))
+    finally:
+        logger.removeHandler(handler)
+        image_io._deep_label_warned[0] = old
+    assert got.tolist() == cv2.imread(str(path), cv2.IMREAD_GRAYSCALE).tolist()
+    assert got.tolist() == [[2, 0], [255, 0]]
+    assert len(messages) == 1 and "16-bit PNG" in messages[0] and str(path) in messages[0]

@@ -40,11 +40,10 @@ class CrfError(ValueError):
 def write_refine_bin(path, labels):
     """The refine program's output: int32 rows, int32 cols, int32 1, then the labels
     as int16 in column-major (MATLAB) order, little-endian."""
+    from ..io.caffemodel import write_atomically
     labels = np.asarray(labels)
     header = np.array([labels.shape[0], labels.shape[1], 1], "<i4")
-    with open(path, "wb") as f:
-        f.write(header.tobytes())
-        f.write(labels.astype("<i2").ravel(order="F").tobytes())
+    write_atomically(path, header.tobytes() + labels.astype("<i2").ravel(order="F").tobytes())
 
 
 def read_refine_bin(path):
@@ -87,8 +86,11 @@ def refine_image(feature_path, image_path, params, unary="score", num_labels=Non
     if scores.shape[2] < height or scores.shape[3] < width:
         raise CrfError(f"{feature_path}: features of size {scores.shape[2]}x{scores.shape[3]}"
                        f" are smaller than the image '{image_path}' ({height}x{width})")
-    return crf_labels(scores[0, :, :height, :width], image, params, unary=unary,
-                      device=device)
+    scores = scores[0, :, :height, :width]
+    if not np.isfinite(scores).all():
+        raise CrfError(f"{feature_path}: the features contain NaN or infinity within the "
+                       f"image's {height}x{width} area")
+    return crf_labels(scores, image, params, unary=unary, device=device)
 
 
 def _refine_task(task):
@@ -104,7 +106,10 @@ def _refine_task(task):
         if bin_path:
             write_refine_bin(bin_path, labels)
     except (ValueError, OSError, RuntimeError) as e:
-        return ident, str(e), 0.0
+        message = str(e)
+        if feature_path not in message and image_path not in message:
+            message = f"'{ident}' ({feature_path}): {message}"
+        return ident, message, 0.0
     return ident, None, time.perf_counter() - start
 
 
@@ -234,6 +239,8 @@ def run(args):
         from .device import resolve
         where = resolve(device_id).name                 # fails early, clearly
     params = params_from_args(args)
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise CrfError(f"--out: '{args.out}' exists and is not a directory")
     os.makedirs(args.out, exist_ok=True)
     tasks = crf_tasks(args.features, args.images, args.list, args.out, params,
                       unary=args.unary, num_labels=args.num_labels, write_bin=args.bin,

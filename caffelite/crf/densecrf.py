@@ -52,6 +52,7 @@ fixed, the bilateral ones cross-validated on 100 val images).  ``PUBLISHED_PARAM
 holds these rows.  ``prog_refine_pascal`` (the .bin-input variant) defaults to
 bi_w 10, bi_xy_std 60, bi_rgb_std 20.
 """
+import math
 from dataclasses import dataclass, replace
 from typing import Optional
 
@@ -83,11 +84,16 @@ class CRFParams:
     bi_b_std: Optional[float] = None
 
     def __post_init__(self):
+        for name in ("bi_w", "pos_w"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"CRF parameter {name} must be a finite number, got "
+                                 f"{getattr(self, name)}")
         for name in ("bi_xy_std", "bi_rgb_std", "pos_xy_std", "pos_y_std", "bi_y_std",
                      "bi_g_std", "bi_b_std"):
             value = getattr(self, name)
-            if value is not None and not value > 0:
-                raise ValueError(f"CRF parameter {name} must be positive, got {value}")
+            if value is not None and not 0 < value < math.inf:
+                raise ValueError(f"CRF parameter {name} must be positive and finite, got "
+                                 f"{value}")
         if int(self.max_iter) != self.max_iter or self.max_iter < 0:
             raise ValueError(f"CRF parameter max_iter must be a non-negative integer, "
                              f"got {self.max_iter}")

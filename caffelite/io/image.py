@@ -36,6 +36,7 @@ class ImageReadError(OSError):
 
 
 _palette_warned = [False]
+_deep_label_warned = [False]
 
 
 # --------------------------------------------------------------------------- decoding
@@ -117,6 +118,12 @@ def read_label(path):
                 "given the palette colours' luminance instead (convert such labels to "
                 "raw index PNGs to run the fork itself).", path)
         return np.asarray(img, dtype=np.uint8)
+    if img.mode.startswith("I") and not _deep_label_warned[0]:
+        _deep_label_warned[0] = True
+        logger.warning(
+            "label '%s' is a %s-bit PNG: reading the high byte of each value, as the fork's "
+            "cv::imread(GRAYSCALE) does (labels 0..255 stored in 16 bits all read as 0; "
+            "save labels as 8-bit PNGs).", path, 16 if "16" in img.mode else 32)
     return read_image(path, color=False)
 
 
