@@ -118,6 +118,24 @@ def test_file_in_the_way_of_an_output_folder(capsys, tmp_path):
     assert blocker.read_text() == "mine"
 
 
+@pytest.mark.parametrize("verb", ["test", "time", "demo"])
+def test_gpu_without_cupy_is_one_sentence(capsys, net, tmp_path, monkeypatch, verb):
+    """Issue 4: without CuPy, --gpu fails with one sentence saying what is missing."""
+    from caffelite import backend, kernels
+    monkeypatch.delenv("CAFFELITE_GPU_EMULATOR", raising=False)
+    monkeypatch.setitem(sys.modules, "cupy", None)          # `import cupy` fails
+    monkeypatch.setattr(kernels, "_cupy_checked", [])       # forget a found CuPy
+    model = ["--out", str(tmp_path / "demo")] if verb == "demo" else ["--model", str(net)]
+    try:
+        code, line = _main(capsys, verb, *model, "--gpu", "0", "--iterations", "1")
+    finally:
+        backend.set_mode_cpu()
+    assert code == 1
+    assert line.startswith(f"caffelite {verb}: error: GPU mode needs CuPy, which is not "
+                           f"installed") and "pip install" in line
+    assert not (tmp_path / "demo").exists()
+
+
 # ----------------------------------------------------------------- models and weights
 def test_empty_model_is_an_error_naming_it(capsys, tmp_path):
     """Caffe would run a net without layers and report a loss of 0."""
