@@ -11,6 +11,7 @@
 """
 import argparse
 import os
+import re
 import sys
 import time
 
@@ -305,7 +306,23 @@ def build_parser():
     return p
 
 
+# Caffe's own verbs, whose flags are gflags: -solver x, -solver=x and --solver=x alike.
+_CAFFE_VERBS = ("train", "test", "time")
+_GFLAG = re.compile(r"-[A-Za-z][A-Za-z0-9_]+(=.*)?")
+
+
+def gflags_style(argv):
+    """``argv`` with gflags' single-dash long flags (``caffe train -solver s.prototxt
+    -gpu 0``) written with two dashes for argparse, for the Caffe verbs; ``-D...``
+    defines stay as they are."""
+    if not argv or argv[0] not in _CAFFE_VERBS:
+        return argv
+    return [argv[0]] + ["-" + a if _GFLAG.fullmatch(a) and not a.startswith("-D") else a
+                        for a in argv[1:]]
+
+
 def main(argv=None):
+    argv = gflags_style(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
     try:
         _open_log(args.log)

@@ -55,6 +55,16 @@ def test_test_verb_keeps_the_files_state_level(tmp_path):
     assert "deep = " not in lowered.stderr and re.search(r"\] loss = ", lowered.stderr)
 
 
+def test_caffe_verbs_take_gflags_single_dash_flags(tmp_path):
+    """`caffe test -model m -iterations 2` (gflags) runs as it is; -D defines and
+    negative values are left alone."""
+    net = tmp_path / "net.prototxt"
+    net.write_text(NET)
+    out = run("test", "-model", str(net), "-iterations=2", "-DNAME=n", "-level", "-1")
+    assert out.returncode == 0, out.stderr
+    assert "Batch 1, loss = " in out.stderr and "Batch 2," not in out.stderr
+
+
 def test_missing_define_is_one_line_error(tmp_path):
     net = tmp_path / "net.prototxt"
     net.write_text(NET)
