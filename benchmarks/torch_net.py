@@ -89,7 +89,7 @@ class TorchNet(torch.nn.Module):
         self._param_lr = []          # per torch parameter: (lr_mult, decay_mult)
         self._shared = {}            # ParamSpec name -> index in params_list
         self.buffers_of = {}         # BatchNorm layer name -> [mean, var, factor] tensors
-        self.steps = []
+        self.steps = self._net_input_steps(net)
         for lp, layer, tops in zip(net.layer_params, net.layers, net.top_blobs):
             if lp.type in skip_types:
                 continue
@@ -99,6 +99,18 @@ class TorchNet(torch.nn.Module):
         self._plan_frees()
 
     # ------------------------------------------------------------------ building
+    @staticmethod
+    def _net_input_steps(net):
+        """An Input step for the blobs of ``input:`` fields (net inputs that no layer
+        produces, as in the fork)."""
+        from_layers = {t for lp in net.layer_params if lp.type == "Input" for t in lp.top}
+        names = [n for n in net.inputs if n not in from_layers]
+        if not names:
+            return []
+        lp = caffe_pb2.LayerParameter(name="input", type="Input", top=names)
+        shapes = [tuple(net.blobs[n].shape) for n in names]
+        return [_Step(lp, [], names, shapes, None, [], [0.0] * len(names))]
+
     def error(self, lp, message):
         return TorchNetError(f"net '{self.net_name}', layer '{lp.name}' ({lp.type}): {message}")
 
