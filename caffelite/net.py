@@ -785,12 +785,20 @@ class Net:
         by_name = {}
         for i, name in enumerate(self._layer_names):
             by_name.setdefault(name, i)
+        copied = 0
         for src in caffemodel.read_caffemodel(path):
             i = by_name.get(src.name)
             if i is None:
                 logger.info("Ignoring source layer %s", src.name)
                 continue
             self._copy_layer(path, self.layers[i], src)
+            copied += len(src.blobs)
+        learnable = [n for n, l in zip(self._layer_names, self.layers) if l.blobs]
+        if learnable and not copied:
+            logger.warning("%s: no layer with weights in this file has the name of a layer "
+                           "of the net (%s), so every weight keeps its initial value; is it "
+                           "the model of another net?", path, ", ".join(learnable[:5])
+                           + (", ..." if len(learnable) > 5 else ""))
 
     copy_trained_layers_from = copy_from
 

@@ -159,3 +159,23 @@ def test_opencv_reads_a_caffemodel_holding_the_forks_own_layer_params(tmp_path):
     expected = net.blobs["conv"].data
     assert np.abs(expected).max() > 0.1
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_weights_of_another_net_warn_that_nothing_was_copied(tmp_path, caplog):
+    """Caffe copies by name and silently keeps the initial weights when no name
+    matches; we do too, with one warning naming the file, and none when some match."""
+    import logging
+    (tmp_path / "net.prototxt").write_text(NET)
+    (tmp_path / "other.prototxt").write_text(FORK_PARAMS_NET.replace('"conv"', '"conv_x"'))
+    caffe.Net(str(tmp_path / "other.prototxt"), caffe.TEST).save(str(tmp_path / "o.caffemodel"))
+    caffe.Net(str(tmp_path / "net.prototxt"), caffe.TEST).save(str(tmp_path / "m.caffemodel"))
+    with caplog.at_level(logging.WARNING, logger="caffelite"):
+        net = caffe.Net(str(tmp_path / "net.prototxt"), caffe.TEST,
+                        weights=str(tmp_path / "o.caffemodel"))
+        caffe.Net(str(tmp_path / "net.prototxt"), caffe.TEST,
+                  weights=str(tmp_path / "m.caffemodel"))
+    warnings = [r.getMessage() for r in caplog.records
+                if r.levelno >= logging.WARNING and "caffemodel" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+    assert "o.caffemodel" in warnings[0] and "conv, bn, ip" in warnings[0]
+    assert net.params["conv"][0].data.any()        # its own (filler) weights remain
