@@ -129,3 +129,23 @@ def test_bvlc_fields_parse_by_name():
     net = text_format.Parse(text, caffe_pb2.NetParameter())
     assert net.layer[1].crop_param.offset[0] == 1
     assert net.layer[3].interp_param.zoom_factor == 8
+
+
+def test_errors_quote_binary_bytes_readably(tmp_path):
+    """A parse error quoting undecodable or control bytes shows them as \\xNN (not
+    surrogate junk), is cut short, and names a non-UTF-8 string for what it is."""
+    from caffelite.io.prototxt import read_net
+    bad = tmp_path / "bad.prototxt"
+    bad.write_bytes(b'name: "x"\nlayer { name: "\xff\xfe" type: "ReLU" }\n')
+    with pytest.raises(PrototxtError) as e:
+        read_net(str(bad))
+    assert str(e.value).startswith(f"{bad}:2:")
+    assert "not UTF-8" in str(e.value) and "surrogate" not in str(e.value)
+    noise = tmp_path / "noise.prototxt"
+    noise.write_bytes(b"\xc2\x01" + bytes(range(128, 256)) * 4)
+    with pytest.raises(PrototxtError) as e:
+        read_net(str(noise))
+    message = str(e.value)
+    assert "\\xc2" in message and "\\x01" in message and len(message) < 400
+    assert all(ch.isprintable() for ch in message)
+    assert not any(0xDC80 <= ord(ch) <= 0xDCFF for ch in message)

@@ -72,13 +72,28 @@ def parse_text(text, message, path="<string>"):
     except text_format.ParseError as e:
         line = getattr(e, "GetLine", lambda: None)()
         col = getattr(e, "GetColumn", lambda: None)()
-        detail = str(e)
+        detail = _printable(str(e))
+        if "surrogates not allowed" in detail:
+            detail = (detail.split(": 'utf-8' codec")[0] + ": a string holds bytes that are "
+                      "not UTF-8 (caffelite reads prototxt strings as UTF-8)")
         if line is not None:
             detail = re.sub(r"^\d+:\d+\s*:\s*", "", detail)
             raise PrototxtError(f"{path}:{line}:{col}: {detail}") from None
         raise PrototxtError(f"{path}: {detail}") from None
     _check_required_fields(message, path)
     return message
+
+
+def _printable(text, limit=300):
+    """``text`` with undecodable bytes as \\xNN and other unprintable characters
+    escaped, cut to ``limit`` characters (an error that quotes a binary file)."""
+    def escape(ch):
+        code = ord(ch)
+        if 0xDC80 <= code <= 0xDCFF:          # a byte kept by surrogateescape
+            return f"\\x{code - 0xDC00:02x}"
+        return ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii")
+    out = "".join(escape(ch) for ch in text)
+    return out if len(out) <= limit else out[:limit] + "..."
 
 
 def _check_required_fields(message, path):
