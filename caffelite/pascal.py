@@ -71,6 +71,7 @@ import time
 from . import backend
 from .evaluate import EvalItem, EvalResult, evaluate, read_list
 from .io import prototxt
+from .io.caffemodel import write_atomically
 from .log import GlogFormatter, logger
 
 STEPS = ("train", "test", "train2", "test2", "crf", "eval")
@@ -289,8 +290,8 @@ class Pipeline:
         template = f"{self.config_dir}/{name}.prototxt"
         target = f"{self.config_dir}/{name}_{suffix}.prototxt"
         text = prototxt.read_text(template, variables)
-        with open(target, "w", encoding="utf-8") as f:
-            f.write(text)
+        # the template's bytes as read (non-UTF-8 comments included), replaced whole
+        write_atomically(target, text.encode("utf-8", "surrogateescape"))
         return target
 
     def data_path(self, relative):
@@ -400,8 +401,8 @@ class Pipeline:
             lines = comm_3(a, b)
             if length:
                 lines = lines[:int(length)]
-            with open(self.list_path(weak), "w", encoding="utf-8") as f:
-                f.write("".join(line + "\n" for line in lines))
+            write_atomically(self.list_path(weak),
+                             "".join(line + "\n" for line in lines).encode("utf-8"))
         return weak
 
     def _train(self, step, train_set, solver_name, weights):
@@ -551,7 +552,6 @@ class Pipeline:
             report = result.report()
             for line in report.splitlines():
                 logger.info("%s", line)
-        from .io.caffemodel import write_atomically
         write_atomically(f"{out_dir}/results.txt", (report + "\n").encode("utf-8"))
         result.write_json(result_json)
         self.results[out_dir] = result
