@@ -1,13 +1,16 @@
 """The ``caffelite`` command: Caffe's tool verbs with Caffe's flags and log lines.
 
     caffelite train --solver S [--weights W[,W2] | --snapshot S.solverstate] [-D ...]
-    caffelite test --model M --weights W [--iterations N] [-D NAME=VALUE ...]
+    caffelite test --model M --weights W [--iterations N] [--level L] [-D NAME=VALUE ...]
     caffelite time --model M [--iterations N] [--phase TRAIN|TEST]
     caffelite upgrade IN OUT [-D NAME=VALUE ...]
     caffelite eval --gt DIR --list L (--pred DIR | --features DIR) [--json J]
     caffelite crf --features DIR --images DIR --list L --out DIR [CRF params]
     caffelite pascal EXPER_DIR --net NET_ID [--steps train,test,...] [-D ...]
     caffelite demo [--out DIR]      (also demo-weak: EM-Adapt, demo-dt: domain transform)
+
+train, test and time also take Caffe's gflags spelling (``-solver s.prototxt``,
+``-gpu=0``), so copied ``caffe`` command lines run unchanged.
 """
 import argparse
 import os
@@ -246,12 +249,17 @@ def parse_defines(pairs):
     return _defines(pairs)
 
 
+_GFLAGS_NOTE = ("Caffe's gflags spelling works too: -solver s.prototxt, -gpu=0 "
+                "(one dash, with or without =).")
+
+
 def build_parser():
     p = argparse.ArgumentParser(prog="caffelite", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     common = common_arguments
 
-    tr = sub.add_parser("train", help="train a model like `caffe train`")
+    tr = sub.add_parser("train", help="train a model like `caffe train`",
+                        description=_GFLAGS_NOTE)
     tr.add_argument("--solver", required=True)
     tr.add_argument("--weights", default=None,
                     help="comma-separated caffemodels to initialise from")
@@ -261,7 +269,8 @@ def build_parser():
     common(tr)
     tr.set_defaults(func=cmd_train)
 
-    t = sub.add_parser("test", help="score a model (TEST phase) like `caffe test`")
+    t = sub.add_parser("test", help="score a model (TEST phase) like `caffe test`",
+                       description=_GFLAGS_NOTE)
     t.add_argument("--model", required=True)
     t.add_argument("--weights", default=None)
     t.add_argument("--iterations", type=int, default=50)
@@ -272,17 +281,21 @@ def build_parser():
     common(t)
     t.set_defaults(func=cmd_test)
 
-    tm = sub.add_parser("time", help="per-layer forward/backward timing like `caffe time`")
+    tm = sub.add_parser("time", help="per-layer forward/backward timing like `caffe time`",
+                        description=_GFLAGS_NOTE)
     tm.add_argument("--model", required=True)
     tm.add_argument("--iterations", type=int, default=50)
     tm.add_argument("--phase", default="TRAIN", choices=["TRAIN", "TEST", "train", "test"])
     common(tm)
     tm.set_defaults(func=cmd_time)
 
-    u = sub.add_parser("upgrade", help="write a legacy/DeepLab-v1 prototxt in the V2 form")
+    u = sub.add_parser("upgrade", help="write a legacy/DeepLab-v1 prototxt in the V2 form",
+                       description="Writes the text as Caffe's upgrade_net_proto_text does "
+                                   "(protobuf's C++ text printer).")
     u.add_argument("input")
-    u.add_argument("output")
-    u.add_argument("-D", "--define", action="append", metavar="NAME=VALUE")
+    u.add_argument("output", help="the upgraded prototxt (not the input file)")
+    u.add_argument("-D", "--define", action="append", metavar="NAME=VALUE",
+                   help="fill ${NAME} placeholders in the prototxt (repeatable)")
     u.add_argument("--log", help="also write the log to this file")
     u.set_defaults(func=cmd_upgrade)
 

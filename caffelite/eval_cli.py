@@ -32,7 +32,9 @@ def add_parser(subparsers):
     sp = subparsers.add_parser(
         "eval", help="mean IoU of predictions or MatWrite features (MyVOCevalseg)",
         description=__doc__.split("\n\n")[0])
-    sp.add_argument("--gt", required=True, help="ground-truth PNGs <gt>/<id>.png")
+    sp.add_argument("--gt", required=True,
+                    help="ground-truth PNGs <gt>/<id>.png (gray or palette; 16-bit ones "
+                         "read in full, as MATLAB does)")
     sp.add_argument("--list", required=True,
                     help="ids, or the kit's '/JPEGImages/x.jpg /Seg.../x.png' lines")
     src = sp.add_mutually_exclusive_group(required=True)

@@ -23,7 +23,9 @@ classes that occur in the ground truth or the prediction -- but the MATLAB numbe
 Differences from MyVOCevalseg, all about inputs MATLAB would mis-handle: a missing
 prediction is an error (MATLAB warns and skips it; ``skip_missing=True`` does that), a
 GT label outside ``[0, N)`` other than the ignore label is an error (MATLAB silently
-counts it in a wrong cell), and RGB prediction PNGs are rejected.
+counts it in a wrong cell), and colour (RGB) prediction and ground-truth PNGs are
+rejected.  Label PNGs are read as MATLAB's ``imread`` gives them: the indices of a
+palette PNG, the values of a gray one (16-bit ones in full).
 """
 import json
 import math

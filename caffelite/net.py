@@ -1,9 +1,10 @@
 """The Net: a list of layers over a dict of blobs, built from a NetParameter.
 
-Follows Caffe's Net::Init: phase/level/stage filtering, the ``input`` fields as an
-Input layer, automatic Split insertion for fan-out, in-place tops, parameter sharing
-by ``param { name }``, loss weights, and the need-backward analysis that skips
-layers which do not contribute to a loss.
+Follows Caffe's Net::Init: phase/level/stage filtering, the ``input`` fields as net
+input blobs without a layer (the fork has no Input layer), automatic Split insertion for
+fan-out, in-place tops, parameter sharing by ``param { name }``, loss weights, and the
+need-backward analysis that skips layers which do not contribute to a loss; Forward and
+Backward with net.cpp's ``debug_info`` lines; weights saved as Net::ToProto writes them.
 """
 import contextlib
 import os
@@ -166,9 +167,11 @@ class _Param:
 class Net:
     """A Caffe network.  pycaffe signatures are accepted::
 
-        Net(prototxt, phase, weights=None, stages=None, level=0, defines=None)
+        Net(prototxt, phase, weights=None, stages=None, level=None, defines=None)
         Net(prototxt, weights, phase)           # the old form
         Net(param=NetParameter, phase=TEST)
+
+    ``level=None`` keeps the prototxt's ``state { level }`` (the fork's Net(file, phase)).
     """
 
     def __init__(self, network_file=None, phase=None, weights=None, *args, stages=None,
@@ -779,7 +782,9 @@ class Net:
 
     # ------------------------------------------------------------------ weights
     def copy_from(self, path):
-        """Copy weights from a caffemodel by layer name (first match), checking shapes."""
+        """Copy weights from a caffemodel by layer name (first match), checking shapes;
+        a stored diff is copied too. Warns when no layer with weights in the file matches
+        a layer of the net (Caffe silently keeps the initial weights)."""
         if _is_hdf5(path):                   # Caffe's CopyTrainedLayersFrom does the same
             return self.load_hdf5(path)
         by_name = {}

@@ -25,11 +25,13 @@ output is the marginal Q; labels are its argmax (first maximum on ties).
 uses ``U = -log(prob)``, which differs from -logit by a per-pixel constant and so gives
 the same Q.  ``unary_from_scores`` / ``unary_from_probabilities`` make either.
 
-**Features.**  Positions are (column/std, row/std); the standalone program reads RGB
-from PPMs, so colours are (R, G, B)/std (``bilateral_features(rgb, ...)``); the Caffe
-``DenseCRF`` layer uses the network's mean-subtracted BGR input instead.  Changing the
-colour order or offset changes the lattice approximation (≈1 % of the labels), so each
-caller passes the channels its original used.
+**Features.**  Positions are (column/x std, row/y std); the standalone program reads RGB
+from PPMs, so colours are (R/R std, G/G std, B/B std) (``bilateral_features(rgb, ...)``;
+the y, G and B stds default to the x and R ones, see ``CRFParams``); the Caffe
+``DenseCRF`` layer uses the network's mean-subtracted BGR input instead (image 0's for
+every image of a batch, as the fork's layer does).  Changing the colour order or offset
+changes the lattice approximation (≈1 % of the labels), so each caller passes the
+channels its original used.
 
 **Parameters** (names of ``run_densecrf.sh``; defaults = ``prog_refine_pascal_v4``'s):
 

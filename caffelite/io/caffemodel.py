@@ -5,6 +5,14 @@ V1 ``layers`` = 2, V0 ``layers.layer``): the parameter messages of BVLC Caffe an
 the DeepLab forks reuse the same field numbers for different things, so parsing them
 with one schema would silently misread some.  Packed floats become numpy arrays with
 ``frombuffer`` (no per-element Python), so a 170 MB file loads in a fraction of a second.
+A file with V1 ``layers`` ignores its V2 ``layer`` entries, as Caffe's upgrade does; an
+empty file is an error.
+
+``Net.save`` and solver snapshots write what the fork's Net::ToProto writes (the net
+name, its input names, each layer's own LayerParameter with its blobs; see
+``net_proto_bytes``), minus the fields that other Caffe dialects misread (``_portable``:
+the fork's own messages 143-151).  ``caffemodel_bytes`` / ``write_caffemodel`` write
+names, types and blobs only.
 """
 import os
 from dataclasses import dataclass, field

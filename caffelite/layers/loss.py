@@ -1,4 +1,5 @@
-"""SigmoidCrossEntropyLoss, EuclideanLoss and Accuracy (BVLC Caffe semantics)."""
+"""SigmoidCrossEntropyLoss, EuclideanLoss and Accuracy (BVLC Caffe semantics as in the
+DeepLab v2 fork, i.e. of early 2016)."""
 import logging
 
 import numpy as np

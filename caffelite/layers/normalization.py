@@ -173,6 +173,9 @@ class ScaleLayer(Layer):
     One bottom: the scale is learned (blobs[0], shape bottom.shape[axis:axis+num_axes],
     default filler constant 1).  Two bottoms: bottom[1] is the scale and gets a
     gradient.  ``bias_term`` adds a learned bias (last blob, default filler constant 0).
+    A learned scale's diff is accumulated, except where Caffe's Backward overwrites it
+    (scale as large as the input; outer dim 1 with inner dim > 1 and several scale
+    values): visible with ``iter_size`` > 1 or shared scales.
     """
     min_bottom = 1
     max_bottom = 2

@@ -1,4 +1,4 @@
-"""Pooling (Caffe ``pooling_layer.cpp``): MAX and AVE over 2-D windows, Caffe's sizes.
+"""Pooling (Caffe ``pooling_layer.cpp``): MAX, AVE and STOCHASTIC over 2-D windows.
 
 Output size uses ceil, ``ceil((in + 2p - k) / s) + 1`` (or floor under BVLC's later
 ``round_mode: FLOOR``); when any pad is non-zero the last window must start inside the
