@@ -1,5 +1,5 @@
-"""Read and write Caffe's ``.solverstate`` (the ``SolverState`` message) and snapshot
-caffemodels, straight from the protobuf wire format.
+"""Read and write Caffe's ``.solverstate`` (the ``SolverState`` message), straight from
+the protobuf wire format (the snapshot's caffemodel is ``Net.to_proto_bytes``).
 
 A solverstate holds ``iter`` (1), ``learned_net`` (2, the caffemodel written next to
 it), one ``history`` BlobProto (3) per history buffer and ``current_step`` (4).
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .caffemodel import write_atomically
-from .wire import LEN, VARINT, WireReader, blob_bytes, key, len_field, net_bytes, \
+from .wire import LEN, VARINT, WireReader, blob_bytes, key, len_field, \
     read_blob, signed, varint
 
 
@@ -90,7 +90,3 @@ def write_solverstate(path, iter, learned_net, history, current_step, extension=
     write_atomically(path, solverstate_bytes(iter, learned_net, history, current_step,
                                              extension))
 
-
-def write_snapshot_model(path, layers, net_name=""):
-    """A caffemodel from ``[(name, type, [(data, diff_or_None), ...])]``."""
-    write_atomically(path, net_bytes(layers, net_name))
