@@ -236,7 +236,7 @@ class Net:
             self._drop_input_layer()
         self.blob_loss_weights = OrderedDict((n, 0.0) for n in self.blobs)
         for tops, weights in zip(self.top_blobs, self.layer_loss_weights):
-            for name, w in zip(self._top_name_list(tops), weights):
+            for name, w in zip(self._blob_name_list(tops), weights):
                 if w:
                     self.blob_loss_weights[name] = w
         logger.info("Network initialization done.")
@@ -267,7 +267,7 @@ class Net:
                 pass
         return None
 
-    def _top_name_list(self, blobs):
+    def _blob_name_list(self, blobs):
         ids = {id(b): n for n, b in self.blobs.items()}
         return [ids.get(id(b), "(automatic)") for b in blobs]
 
@@ -477,7 +477,7 @@ class Net:
     # Caffe's debug_info lines: mean absolute values (asum / count, in the blob dtype).
     def _forward_debug_info(self, i):
         name, layer = self._layer_names[i], self.layers[i]
-        for top_name, t in zip(self._top_name_list(self.top_blobs[i]), self.top_blobs[i]):
+        for top_name, t in zip(self._blob_name_list(self.top_blobs[i]), self.top_blobs[i]):
             _debug(f"[Forward] Layer {name}, top blob {top_name} data: {_abs_mean(t.data)}")
         specs = self.layer_params[i].param
         for j, b in enumerate(layer.blobs):
@@ -487,7 +487,7 @@ class Net:
     def _backward_debug_info(self, i):
         name, layer = self._layer_names[i], self.layers[i]
         bottoms = self.bottom_blobs[i]
-        for bottom_name, b, need in zip(self.bottom_names[name], bottoms,
+        for bottom_name, b, need in zip(self._blob_name_list(bottoms), bottoms,
                                         self.bottom_need_backward[i]):
             if need:
                 _debug(f"[Backward] Layer {name}, bottom blob {bottom_name} diff: "

@@ -119,3 +119,25 @@ def test_solver_debug_info_on_display_iterations_only(tmp_path, lines):
         check_all_params_line(found[start + 9], l1, l2)
     iteration_lines = [i for i, l in enumerate(lines) if re.search(r"Iteration \d+, loss", l)]
     assert iteration_lines and iteration_lines[0] > lines.index(found[9])
+
+
+def test_backward_lines_name_each_layers_own_bottoms_when_layer_names_repeat(tmp_path,
+                                                                            lines):
+    # Two layers named "twin": each backward line names that layer's own bottom blob
+    # (Caffe: blob_names_[bottom_id_vecs_[layer_id][i]]), not the other twin's.
+    (tmp_path / "net.prototxt").write_text('''
+name: "twins" debug_info: true force_backward: true
+input: "x" input_shape { dim: 2 dim: 3 }
+layer { name: "twin" type: "Power" bottom: "x" top: "a" power_param { scale: 2 } }
+layer { name: "twin" type: "Power" bottom: "a" top: "b" power_param { scale: 3 } }
+layer { name: "loss" type: "EuclideanLoss" bottom: "b" bottom: "x" top: "loss" }
+''')
+    net = caffe.Net(str(tmp_path / "net.prototxt"), caffe.TRAIN)
+    net.blobs["x"].data[...] = X
+    net.forward_backward()
+    # b = 6x, loss = sum((b - x)^2) / 2 / num: db = 5x / 2, da = 3 db, dx (to twin 1) = 2 da
+    wanted = [("[Backward] Layer twin, bottom blob a diff:", np.abs(7.5 * X).mean()),
+              ("[Backward] Layer twin, bottom blob x_input_0_split_0 diff:",
+               np.abs(15 * X).mean())]
+    found = [l for l in debug_lines(lines) if "[Backward] Layer twin" in l]
+    check_values(found, wanted)
