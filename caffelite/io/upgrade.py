@@ -268,7 +268,7 @@ def _upgrade_hole(layer, where):
         conv.dilation[:] = [conv.hole_h, conv.hole_w]
     elif conv.HasField("hole"):
         conv.dilation[:] = [conv.hole]
-    for f in ("hole", "hole_h", "hole_w"):
+    for f in _HOLE_FIELDS:
         conv.ClearField(f)
 
 
