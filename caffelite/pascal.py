@@ -622,14 +622,15 @@ def run_test_net(net_file, weights, iterations):
 
 # ---------------------------------------------------------------------- CRF
 def crf_function():
-    """``caffelite.crf``'s per-image ``crf_labels`` and ``CRFParams``, or a clear error
-    while the CRF is not available."""
+    """``caffelite.crf``'s ``CRFParams`` and ``caffelite crf``'s per-image
+    ``refine_image``, or a clear error while the CRF is not available."""
     try:
-        from .crf import CRFParams, crf_labels
+        from .crf import CRFParams
+        from .crf.cli import refine_image
     except ImportError as e:
         raise PipelineError(f"the crf step is not available yet in this caffelite build "
                             f"(caffelite.crf: {e}); leave 'crf' out of --steps") from None
-    return CRFParams, crf_labels
+    return CRFParams, refine_image
 
 
 def run_crf(feature_dir, items, out_dir, params, num_labels=None):
@@ -637,8 +638,7 @@ def run_crf(feature_dir, items, out_dir, params, num_labels=None):
     image, unary = -score, RGB image features, labels written as VOC-palette PNGs.
     ``caffelite crf``'s per-image checks apply (class count, size, NaN)."""
     from .evaluate import write_label_png
-    CRFParams, _ = crf_function()
-    from .crf.cli import refine_image
+    CRFParams, refine_image = crf_function()
     crf_params = CRFParams(**params)
     for n, item in enumerate(items, 1):
         labels = refine_image(f"{feature_dir}/{item.id}_blob_0.mat", item.image, crf_params,
