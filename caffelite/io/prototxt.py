@@ -1,5 +1,6 @@
 """Read prototxt files: ``${NAME}`` templates, text-format parsing by field name,
-and upgrade to the V2 form.  Errors name the file, line and column."""
+and upgrade to the V2 form.  Errors name the file, line and column.  Write a net back
+as text the way protobuf's C++ printer does (``net_to_text``)."""
 import math
 import re
 
