@@ -230,16 +230,14 @@ class DomainTransformLayer(Layer):
         bottom[1].diff[...] = dg
 
     def _backward_region(self, xp, bottom, sizes, dx, dg, hmax, wmax):
-        dtype = dx.dtype.type
         region = (slice(None), slice(None), slice(0, hmax), slice(0, wmax))
         g_ref = bottom[1].data
-        mult2 = dtype(self.spatial_sigma) / dtype(self.range_sigma)
         sigmas = sigma_schedule(self.spatial_sigma, self.num_iter, dx.dtype)
         valid = self._valid_mask(xp, sizes, g_ref.shape)
         gr = dx[region]
         for k in range(self.num_iter - 1, -1, -1):
             a_clamped = self._weight_map(xp, g_ref, sigmas[k])
-            a = xp.where(valid, a_clamped, dtype(0))[region]
+            a = xp.where(valid, a_clamped, dx.dtype.type(0))[region]
             acc = xp.zeros(gr.shape, dx.dtype)       # per channel; summed below
             for p in range(3, -1, -1):
                 axis, direction = _PASSES[p]
@@ -248,12 +246,19 @@ class DomainTransformLayer(Layer):
                 _backward_pass(gs, as_, direction, self._deltas[4 * k + p], accs)
                 gr = _scan_back(gs, axis)
                 acc = _scan_back(accs, axis)
-            weight_diff = acc.sum(axis=1, keepdims=True)
-            mult1 = dtype(-math.sqrt(2.0) / float(sigmas[k]))
-            contrib = mult1 * mult2 * weight_diff * a_clamped[region]
-            dg[region] += xp.where(valid[region], contrib, dtype(0))
+            dg[region] += self._guide_diff(xp, acc, a_clamped[region], valid[region],
+                                           sigmas[k])
         dx[region] = gr
 
+    def _guide_diff(self, xp, acc, a, valid, sigma):
+        """One iteration's gradient for the guide: the weight gradient (``acc`` summed
+        over channels) times d a / d g = a * (-sqrt(2) / sigma) * (spatial / range
+        sigma), zero outside the valid region."""
+        dtype = acc.dtype.type
+        mult1 = dtype(-math.sqrt(2.0) / float(sigma))
+        mult2 = dtype(self.spatial_sigma) / dtype(self.range_sigma)
+        weight_diff = acc.sum(axis=1, keepdims=True)
+        return xp.where(valid, mult1 * mult2 * weight_diff * a, dtype(0))
 
     def _device_sizes(self, xp, sizes, maps):
         """Per-sample (rows, cols) as a device int32 array for the kernels, after
@@ -266,9 +271,7 @@ class DomainTransformLayer(Layer):
     def _backward_device(self, xp, bottom, sizes, dx, dg, hmax, wmax):
         """The adjoint passes as kernel launches, in place on dx; the same arithmetic
         per element as _backward_region."""
-        dtype = dx.dtype.type
         g_ref = bottom[1].data
-        mult2 = dtype(self.spatial_sigma) / dtype(self.range_sigma)
         sigmas = sigma_schedule(self.spatial_sigma, self.num_iter, dx.dtype)
         valid = self._valid_mask(xp, sizes, g_ref.shape)
         sizes_dev = self._device_sizes(xp, sizes, dx)
@@ -280,10 +283,7 @@ class DomainTransformLayer(Layer):
                 launch("domain_transform", "dt_backward_pass", dx.dtype,
                        *_line_args(dx.shape, axis, sizes_dev), direction, a,
                        self._deltas[4 * k + p], dx, acc)
-            weight_diff = acc.sum(axis=1, keepdims=True)
-            mult1 = dtype(-math.sqrt(2.0) / float(sigmas[k]))
-            contrib = mult1 * mult2 * weight_diff * a
-            dg += xp.where(valid, contrib, dtype(0))
+            dg += self._guide_diff(xp, acc, a, valid, sigmas[k])
 
 
 def _line_args(shape, axis, sizes_dev):
