@@ -118,7 +118,7 @@ def cmd_test(args):
             logger.info("Batch %d, %s = %g", i, name, value)
         progress.update(i + 1)
     progress.close()
-    n = max(args.iterations, 1)
+    n = args.iterations             # at least 1: _check_iterations
     logger.info("Loss: %g", total_loss / n)
     for key in order:
         total, weight = sums[key]
@@ -178,7 +178,7 @@ def cmd_time(args):
         logger.info("Iteration: %d forward-backward time: %.3f ms.", it + 1,
                     (t_fwd + time.perf_counter() - t_b) * 1e3)
     total = time.perf_counter() - start_all
-    n = max(args.iterations, 1)
+    n = args.iterations             # at least 1: _check_iterations
     logger.info("Average time per layer: ")
     for name, f, b in zip(net._layer_names, fwd, bwd):
         logger.info("%12s\tforward: %g ms.", name, f / n * 1e3)
