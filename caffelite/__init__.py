@@ -14,7 +14,7 @@ import time as _time
 from .backend import (TRAIN, TEST, set_mode_cpu, set_mode_gpu, set_device,  # noqa: F401
                       set_random_seed)
 from .blob import Blob  # noqa: F401
-from .layer import Layer  # noqa: F401
+from .layer import Layer, layer_type_list as _registered_types
 from .net import Net  # noqa: F401
 from .solver import (Solver, SGDSolver, NesterovSolver, AdaGradSolver,  # noqa: F401
                      RMSPropSolver, AdaDeltaSolver, AdamSolver, get_solver)
@@ -43,12 +43,9 @@ __all__ = ["TRAIN", "TEST", "set_mode_cpu", "set_mode_gpu", "set_device", "set_r
 
 def layer_type_list():
     """The registered layer type names, sorted (Caffe's LayerRegistry::LayerTypeList):
-    the V2 names, all-capital ones such as LRN and BNLL included, without the V1 enum
-    aliases (CONVOLUTION ...) the registry also answers to."""
+    V2 names only, LRN and BNLL included."""
     from . import layers as _implementations  # noqa: F401  (registers every type)
-    from .io.upgrade import V1_TYPE_NAMES
-    from .layer import LAYER_REGISTRY
-    return sorted(name for name in LAYER_REGISTRY if V1_TYPE_NAMES.get(name, name) == name)
+    return _registered_types()
 
 
 class Timer:

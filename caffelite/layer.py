@@ -38,7 +38,11 @@ def register(*type_names):
 
 
 def layer_type_list():
-    return sorted(name for name in LAYER_REGISTRY if not name.isupper())
+    """The registered layer type names, sorted (Caffe's LayerRegistry::LayerTypeList):
+    the V2 names, all-capital ones such as LRN and BNLL included, without the V1 enum
+    aliases (CONVOLUTION ...) the registry also answers to."""
+    from .io.upgrade import V1_TYPE_NAMES
+    return sorted(name for name in LAYER_REGISTRY if V1_TYPE_NAMES.get(name, name) == name)
 
 
 def create_layer(layer_param, phase=TEST, dtype=np.float32):

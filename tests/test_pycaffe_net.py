@@ -385,6 +385,17 @@ def test_layer_type_list_has_the_all_capital_v2_names():
     assert types == sorted(types)
 
 
+def test_unknown_type_error_lists_the_same_type_names(tmp_path):
+    # the "Known types" of the error are LayerTypeList's: LRN in, V1 enum names out
+    path = tmp_path / "net.prototxt"
+    path.write_text('layer { name: "f" type: "Foo" }')
+    with pytest.raises(ValueError, match="unknown layer type 'Foo'") as error:
+        caffe.Net(str(path), caffe.TEST)
+    known = str(error.value).split("Known types: ", 1)[1].split(", ")
+    assert "LRN" in known and "BNLL" in known and "CONVOLUTION" not in known
+    assert known == caffe.layer_type_list()
+
+
 def test_index_based_forward_and_backward(net_file):
     # pycaffe's _forward/_backward(start_ind, end_ind): Net::ForwardFromTo/BackwardFromTo
     net = caffe.Net(net_file, caffe.TRAIN)
