@@ -588,6 +588,7 @@ class Net:
         return {name: self.blobs[name].data for name in outputs}
 
     def backward(self, diffs=None, start=None, end=None, **kwargs):
+        """pycaffe ``Net.backward``: set output diffs from kwargs, run, return diff arrays."""
         diffs = list(diffs or [])
         start_i = self._layer_index(start) if start is not None else len(self.layers) - 1
         end_i = self._layer_index(end) if end is not None else 0
@@ -616,7 +617,7 @@ class Net:
             return
         if np.ndim(value) == 0 or np.shape(value)[0] != shape[0]:
             raise NetError(f"{what} '{name}' is not batch sized: got shape "
-                           f"{np.shape(value)}, blob has {self.blobs[name].shape}")
+                           f"{np.shape(value)}, blob has {shape}")
 
     def _forward(self, start, end):
         """pycaffe's ``Net._forward(start_ind, end_ind)`` (Net::ForwardFromTo, layer
