@@ -63,12 +63,17 @@ def _v1_enum_names():
 
 
 def read_caffemodel(path):
-    """Return the list of LayerWeights stored in a caffemodel, in file order."""
+    """Return the list of LayerWeights stored in a caffemodel, in file order (the V1
+    ``layers`` only, when the file also has V2 ``layer`` entries)."""
     try:
         with open(path, "rb") as f:
             buf = memoryview(f.read())
     except OSError as e:
         raise CaffemodelError(f"cannot read caffemodel '{path}': {e.strerror}") from None
+    if len(buf) == 0:
+        # Caffe parses an empty file as a net without layers and copies nothing: the
+        # net would silently keep its initial weights. Empty = an interrupted write.
+        raise CaffemodelError(f"{path}: the file is empty (0 bytes), not a caffemodel")
     reader = WireReader(buf, lambda what: CaffemodelError(
         f"{path}: truncated or corrupt caffemodel ({what})"))
     enum_names = _v1_enum_names()
@@ -80,10 +85,6 @@ def read_caffemodel(path):
             v1_layers.append(_read_layer(reader, value, _V1_LAYER, enum_names))
     # Caffe's V1 upgrade replaces the whole layer list: V2 entries beside V1 ones are dropped.
     layers = v1_layers or v2_layers
-    if len(buf) == 0:
-        # Caffe parses an empty file as a net without layers and copies nothing: the
-        # net would silently keep its initial weights. Empty = an interrupted write.
-        raise CaffemodelError(f"{path}: the file is empty (0 bytes), not a caffemodel")
     if not layers:
         raise CaffemodelError(f"{path}: no layers found; is this a .caffemodel file?")
     return layers
