@@ -22,7 +22,6 @@ from .log import logger
 from .proto import caffe_pb2
 
 
-
 def _weighted_loss(terms):
     """sum of weight * value over (weight, value) in order, the values being float64
     sums on the host or the device: all device values come back in one copy."""

@@ -189,7 +189,8 @@ def _upgrade_v1_layer(v1, where, deeplab_v1):
         if field.name in _V1_SPECIAL:
             continue
         if field.name not in layer.DESCRIPTOR.fields_by_name:
-            raise UpgradeError(f"{where}: layer '{v1.name}': V1 field '{field.name}' has no V2 form")
+            raise UpgradeError(f"{where}: layer '{v1.name}': V1 field '{field.name}' has "
+                               f"no V2 form")
         getattr(layer, field.name).CopyFrom(value)
     if v1.HasField("softmaxloss_param"):
         _upgrade_softmaxloss(v1, layer, where)
