@@ -787,9 +787,7 @@ class Net:
         a layer of the net (Caffe silently keeps the initial weights)."""
         if _is_hdf5(path):                   # Caffe's CopyTrainedLayersFrom does the same
             return self.load_hdf5(path)
-        by_name = {}
-        for i, name in enumerate(self._layer_names):
-            by_name.setdefault(name, i)
+        by_name = self._first_layer_index()
         copied = 0
         for src in caffemodel.read_caffemodel(path):
             i = by_name.get(src.name)
@@ -822,13 +820,19 @@ class Net:
             if blob.diff is not None:        # Blob::FromProto copies a stored diff too
                 target.diff[...] = blob.diff.reshape(target.shape)
 
+    def _first_layer_index(self):
+        """{layer name: index of the first layer with that name} (Caffe matches weights
+        and shared layers by name, first match)."""
+        first = {}
+        for i, name in enumerate(self._layer_names):
+            first.setdefault(name, i)
+        return first
+
     def share_trained_layers_with(self, other):
         """Caffe's ShareTrainedLayersWith: each layer of ``other`` shares its parameter
         data with the first same-named layer here (test nets see the train net's
         weights without copies)."""
-        first = {}
-        for i, name in enumerate(self._layer_names):
-            first.setdefault(name, i)
+        first = self._first_layer_index()
         for name, source in zip(other._layer_names, other.layers):
             i = first.get(name)
             if i is None:
