@@ -12,10 +12,10 @@ import os
 from .evaluate import EvalError, evaluate, items_from_dirs, read_list
 
 
-def check_output_dir(flag, path):
-    """Fail before any work when an output folder cannot be one."""
+def check_output_dir(flag, path, error=EvalError):
+    """Fail (raising ``error``) before any work when an output folder cannot be one."""
     if path and os.path.exists(path) and not os.path.isdir(path):
-        raise EvalError(f"{flag}: '{path}' exists and is not a directory")
+        raise error(f"{flag}: '{path}' exists and is not a directory")
 
 
 def check_output_file(flag, path):

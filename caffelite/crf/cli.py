@@ -239,8 +239,8 @@ def run(args):
         from .device import resolve
         where = resolve(device_id).name                 # fails early, clearly
     params = params_from_args(args)
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise CrfError(f"--out: '{args.out}' exists and is not a directory")
+    from ..eval_cli import check_output_dir
+    check_output_dir("--out", args.out, CrfError)
     os.makedirs(args.out, exist_ok=True)
     tasks = crf_tasks(args.features, args.images, args.list, args.out, params,
                       unary=args.unary, num_labels=args.num_labels, write_bin=args.bin,
