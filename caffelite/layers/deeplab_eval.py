@@ -206,13 +206,13 @@ class SegAccuracyLayer(Layer):
             self.confusion[...] = 0
         c = self.num_classes
         pred = argmax_ties_highest(_to_numpy(bottom[0].data)).reshape(-1)
-        gt, integer = truncated_labels(np, _to_numpy(bottom[1].data).reshape(-1))
+        labels = _to_numpy(bottom[1].data).reshape(-1)
+        gt, integer = truncated_labels(np, labels)
         keep = ~np.isin(gt, self.ignore) | ~integer     # no int value: a bad label
         bad = keep & ((gt < 0) | (gt >= c))
         if bad.any():
             first = int(np.flatnonzero(bad)[0])
-            self._bad_label(_to_numpy(bottom[1].data).reshape(-1)[first], first,
-                            bottom[1].shape)
+            self._bad_label(labels[first], first, bottom[1].shape)
         self.confusion += np.bincount(gt[keep] * c + pred[keep],
                                       minlength=c * c).reshape(c, c)
         top[0].data[...] = np.array(confusion_scores(self.confusion)).reshape(1, 1, 1, 3)
