@@ -225,11 +225,12 @@ class DomainTransformLayer(Layer):
         hmax, wmax = int(sizes[:, 0].max(initial=0)), int(sizes[:, 1].max(initial=0))
         if hmax > 0 and wmax > 0:
             adjoint = self._backward_device if on_device(xp) else self._backward_region
-            adjoint(xp, bottom, sizes, dx, dg, hmax, wmax)
+            adjoint(xp, bottom, sizes, dx, dg)
         bottom[0].diff[...] = dx
         bottom[1].diff[...] = dg
 
-    def _backward_region(self, xp, bottom, sizes, dx, dg, hmax, wmax):
+    def _backward_region(self, xp, bottom, sizes, dx, dg):
+        hmax, wmax = int(sizes[:, 0].max()), int(sizes[:, 1].max())
         region = (slice(None), slice(None), slice(0, hmax), slice(0, wmax))
         g_ref = bottom[1].data
         sigmas = sigma_schedule(self.spatial_sigma, self.num_iter, dx.dtype)
@@ -268,7 +269,7 @@ class DomainTransformLayer(Layer):
                              f"elements (the kernels index with int); got {maps.shape}")
         return xp.asarray(np.ascontiguousarray(sizes, np.int32).reshape(-1))
 
-    def _backward_device(self, xp, bottom, sizes, dx, dg, hmax, wmax):
+    def _backward_device(self, xp, bottom, sizes, dx, dg):
         """The adjoint passes as kernel launches, in place on dx; the same arithmetic
         per element as _backward_region."""
         g_ref = bottom[1].data
