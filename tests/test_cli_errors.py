@@ -18,17 +18,11 @@ from caffelite.io import image as image_io
 from caffelite.io.caffemodel import CaffemodelError, read_caffemodel
 from caffelite.io.matfile import write_mat
 from caffelite.log import logger
+from test_cli import NET as TEMPLATE_NET
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-NET = '''name: "n"
-layer { name: "data" type: "DummyData" top: "data" top: "label"
-  dummy_data_param { shape { dim: 2 dim: 3 dim: 4 dim: 4 } shape { dim: 2 }
-    data_filler { type: "gaussian" std: 1 } data_filler { type: "constant" value: 1 } } }
-layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip"
-  inner_product_param { num_output: 3 weight_filler { type: "gaussian" std: 0.1 } } }
-layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss" }
-'''
+NET = TEMPLATE_NET.replace("${NAME}", "n").lstrip()     # test_cli's net, filled in
 
 
 @pytest.fixture(autouse=True)
