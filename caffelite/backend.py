@@ -15,10 +15,12 @@ import threading
 
 import numpy as np
 
+from .caffe_rng import CaffeRNG
+
 TRAIN = 0
 TEST = 1
 
-_state = {"mode": "cpu", "device": 0, "seed": None, "rng": np.random.default_rng(),
+_state = {"mode": "cpu", "device": 0, "seed": None, "rng": CaffeRNG(),
           "xp": None, "tf32": False}
 
 
@@ -160,14 +162,16 @@ def to_device(array, xp=None):
 
 
 def set_random_seed(seed):
-    """Seed every random draw caffelite makes (fillers, dropout, shuffles)."""
+    """Caffe::set_random_seed: reseed the global mt19937 (fillers, dropout, the data
+    layers' seeds) with the low 32 bits of ``seed``, as Caffe's unsigned int does."""
     _state["seed"] = int(seed)
-    _state["rng"] = np.random.default_rng(int(seed))
+    _state["rng"] = CaffeRNG(int(seed) & 0xFFFFFFFF)
     xp = _state["xp"]
     if xp is not None:
         xp.random.seed(int(seed))
 
 
 def rng():
-    """The global numpy Generator; reseeded by set_random_seed."""
+    """The global Caffe generator (caffelite.caffe_rng.CaffeRNG); reseeded by
+    set_random_seed."""
     return _state["rng"]

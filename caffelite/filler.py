@@ -1,8 +1,11 @@
 """Parameter fillers with Caffe's rules (``filler.hpp``): fan-in/fan-out from the blob
-shape, sparse gaussian, the bilinear upsampling kernel computed in float like Caffe."""
+shape, sparse gaussian, the bilinear upsampling kernel computed in float like Caffe.
+Random fillers draw from Caffe's global generator with Caffe's distributions
+(caffelite.caffe_rng), so a seeded net gets the fork's initial weights."""
 import numpy as np
 
 from .backend import rng
+from .caffe_rng import rng_bernoulli, rng_gaussian, rng_uniform
 
 
 class FillerError(ValueError):
@@ -18,8 +21,17 @@ def fill(blob, filler_param):
     if kind != "gaussian" and filler_param.sparse != -1:
         raise FillerError(f"filler '{kind}': sparsity (sparse: {filler_param.sparse}) is only "
                           "supported by the gaussian filler")
-    values = fn(tuple(blob.shape), filler_param)
+    values = fn(tuple(blob.shape), filler_param, _real(blob.dtype))
     blob.data[...] = np.asarray(values, dtype=blob.dtype).reshape(blob.shape)
+
+
+def _real(dtype):
+    """Caffe's Dtype for the draws: float, or double for float64 blobs."""
+    return np.float64 if np.dtype(dtype) == np.float64 else np.float32
+
+
+def _count(shape):
+    return int(np.prod(shape, dtype=np.int64))
 
 
 def _legacy_dim(shape, i):
@@ -27,44 +39,49 @@ def _legacy_dim(shape, i):
     return shape[i] if i < len(shape) else 1
 
 
-def _constant(shape, p):
+def _constant(shape, p, real):
     return np.full(shape, p.value, dtype=np.float32)
 
 
-def _uniform(shape, p):
+def _uniform(shape, p, real):
     if p.min > p.max:
         raise FillerError(f"uniform filler: min ({p.min}) must not exceed max ({p.max})")
-    return rng().uniform(p.min, p.max, size=shape)
+    return rng_uniform(rng(), _count(shape), p.min, p.max, real)
 
 
-def _gaussian(shape, p):
+def _gaussian(shape, p, real):
     if p.std <= 0:
         raise FillerError(f"gaussian filler: std must be positive, got {p.std}")
-    values = rng().normal(p.mean, p.std, size=shape)
+    values = rng_gaussian(rng(), _count(shape), p.mean, p.std, real)
     if p.sparse < -1:
         raise FillerError(f"gaussian filler: sparse must be >= -1, got {p.sparse}")
     if p.sparse >= 0:
         # 'sparse' = mean number of non-zero inputs per output (axis 0 counts outputs).
         if len(shape) < 1:
             raise FillerError("sparse gaussian filler needs a blob with at least one axis")
-        probability = np.float32(p.sparse) / np.float32(shape[0])
+        probability = real(p.sparse) / real(shape[0])
         if probability > 1:
             raise FillerError(f"gaussian filler: sparse ({p.sparse}) exceeds the number of "
                               f"outputs ({shape[0]})")
-        values = values * (rng().random(size=shape) < probability)
+        values = values * rng_bernoulli(rng(), values.size, probability, real)
     return values
 
 
-def _positive_unitball(shape, p):
-    values = rng().uniform(0.0, 1.0, size=shape)
+def _positive_unitball(shape, p, real):
+    values = rng_uniform(rng(), _count(shape), 0.0, 1.0, real)
     rows = values.reshape(_legacy_dim(shape, 0), -1)
     if rows.shape[1] == 0:
         raise FillerError(f"positive_unitball filler: blob {shape} has no inputs per output")
-    return rows / rows.sum(axis=1, keepdims=True)
+    # Caffe sums each row in order in Dtype, then divides every element by the sum.
+    sums = np.zeros(rows.shape[0], dtype=real)
+    for column in rows.T:
+        sums += column
+    return rows / sums[:, None]
 
 
-def _fan_n(shape, p):
-    """Caffe's n for xavier/msra: fan_in = count/num, fan_out = count/channels."""
+def _fan_n(shape, p, real):
+    """Caffe's n for xavier/msra (in Dtype): fan_in = count/num, fan_out =
+    count/channels, AVERAGE = (fan_in + fan_out) / Dtype(2)."""
     count = int(np.prod(shape, dtype=np.int64))
     if count == 0:
         raise FillerError(f"cannot fill an empty blob {shape}")
@@ -72,22 +89,23 @@ def _fan_n(shape, p):
     fan_out = count // _legacy_dim(shape, 1)
     norm = p.variance_norm  # FAN_IN=0, FAN_OUT=1, AVERAGE=2
     if norm == 2:
-        return (fan_in + fan_out) / 2.0
+        return real(fan_in + fan_out) / real(2)
     if norm == 1:
-        return float(fan_out)
-    return float(fan_in)
+        return real(fan_out)
+    return real(fan_in)
 
 
-def _xavier(shape, p):
-    scale = np.sqrt(3.0 / _fan_n(shape, p))
-    return rng().uniform(-scale, scale, size=shape)
+def _xavier(shape, p, real):
+    scale = np.sqrt(real(3) / _fan_n(shape, p, real))
+    return rng_uniform(rng(), _count(shape), -scale, scale, real)
 
 
-def _msra(shape, p):
-    return rng().normal(0.0, np.sqrt(2.0 / _fan_n(shape, p)), size=shape)
+def _msra(shape, p, real):
+    std = np.sqrt(real(2) / _fan_n(shape, p, real))
+    return rng_gaussian(rng(), _count(shape), 0.0, std, real)
 
 
-def _bilinear(shape, p):
+def _bilinear(shape, p, real):
     """Caffe's bilinear kernel; Caffe computes it in float whatever the Dtype."""
     if len(shape) != 4:
         raise FillerError(f"bilinear filler needs a 4-D blob, got shape {shape}")

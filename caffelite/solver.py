@@ -16,7 +16,8 @@ last-bit difference against an FMA-using Caffe build is possible.)
 
 Resuming is bit-identical to an uninterrupted run on the CPU: the solverstate carries,
 in a field Caffe ignores (see ``caffelite.io.solverstate``), the state of
-``caffelite.backend.rng()`` (dropout, random fillers, augmentation drawn from it) and
+``caffelite.backend.rng()`` (Caffe's global mt19937: dropout, random fillers, the data
+layers' seeds), of the C library's rand() stream (caffelite.caffe_rng.c_rand) and
 the state of every layer that defines ``state_dict()`` / ``load_state_dict(state)``
 (JSON-serialisable; e.g. a data layer's cursor, shuffle order or own generator).
 States written by real Caffe lack it and resume as in Caffe.
@@ -36,7 +37,7 @@ import signal
 import numpy as np
 from google.protobuf import text_format
 
-from . import backend, kernels
+from . import backend, caffe_rng, kernels
 from .backend import TEST, TRAIN, get_array_module
 from .io import prototxt, solverstate
 from .io.caffemodel import write_atomically
@@ -636,14 +637,20 @@ class Solver:
             states = {k: v for k, v in states.items() if v is not None}
             if states:
                 layers[role] = states
-        return {"format": 1, "rng": backend.rng().bit_generator.state, "layers": layers}
+        return {"format": 1, "rng": backend.rng().get_state(),
+                "c_rand": caffe_rng.c_rand().get_state(), "layers": layers}
 
     def _restore_extension(self, path, ext):
         if ext.get("rng"):
             try:
-                backend.rng().bit_generator.state = ext["rng"]
+                backend.rng().set_state(ext["rng"])
             except (TypeError, ValueError, KeyError) as e:
                 logger.warning("%s: random generator state not restored (%s)", path, e)
+        if ext.get("c_rand"):
+            try:
+                caffe_rng.c_rand().set_state(ext["c_rand"])
+            except (TypeError, ValueError, KeyError) as e:
+                logger.warning("%s: rand() state not restored (%s)", path, e)
         nets = dict(self._nets_by_role())
         for role, states in ext.get("layers", {}).items():
             net = nets.get(role)

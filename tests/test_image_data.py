@@ -4,6 +4,8 @@ Oracles: OpenCV (``cv2.resize``, ``cv2.imread``; test-only) for decoding and
 resizing, and expectations derived by hand from the fork's TransformImgAndSeg
 (spec section 3) over synthetic images written here with Pillow.
 """
+import ctypes
+import ctypes.util
 import logging
 
 import numpy as np
@@ -11,6 +13,7 @@ import pytest
 from PIL import Image
 
 import caffelite
+from caffelite.caffe_rng import c_rand
 from caffelite.io.image import INTER_LINEAR, INTER_NEAREST, read_image, read_label, resize
 from caffelite.io.prototxt import parse_text
 from caffelite.layer import LayerError
@@ -503,17 +506,49 @@ def test_hdf5_data_rows_files_and_shuffle(tmp_path):
     net.forward()
     assert np.array_equal(net.blobs["data"].data, np.array(rows[5:8], np.float32))
 
-    def shuffled(seed):
-        caffelite.set_random_seed(seed)
+    def shuffled():
+        c_rand().reseed(1)          # a fresh process: rand() was never seeded
         n = make_net(text.replace("SHUF", "shuffle: true"))
         out = []
         for _ in range(10):
             n.forward()
             out.extend(n.blobs["label"].data.tolist())
         return out
-    a, b = shuffled(3), shuffled(3)
-    assert a == b and sorted(a[:10]) == [0, 1, 2, 3, 4, 10, 11, 12, 13, 14]
-    assert a != labels * 2
+    a = shuffled()
+    assert a == shuffled() and sorted(a[:10]) == [0, 1, 2, 3, 4, 10, 11, 12, 13, 14]
+    assert a == hdf5_shuffled_labels_by_libc([[0, 1, 2, 3, 4], [10, 11, 12, 13, 14]], 30)
+
+
+def hdf5_shuffled_labels_by_libc(file_labels, count):
+    """HDF5DataLayer's shuffled row order (hdf5_data_layer.cpp), with std::random_shuffle
+    drawing from this process's own C library rand() after srand(1)."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    libc.srand(1)
+
+    def random_shuffle(items):
+        for i in range(1, len(items)):
+            j = libc.rand() % (i + 1)
+            items[i], items[j] = items[j], items[i]
+
+    files = list(range(len(file_labels)))
+    random_shuffle(files)
+    current_file = 0
+    rows = list(range(len(file_labels[files[0]])))
+    random_shuffle(rows)                                   # LoadHDF5FileData
+    out, current_row = [], 0
+    while len(out) < count:
+        out.append(file_labels[files[current_file]][rows[current_row]])
+        current_row += 1
+        if current_row == len(rows):
+            current_file += 1
+            if current_file == len(files):
+                current_file = 0
+                random_shuffle(files)
+            rows = list(range(len(file_labels[files[current_file]])))
+            random_shuffle(rows)                           # LoadHDF5FileData
+            current_row = 0
+            random_shuffle(rows)                           # Forward_cpu's own shuffle
+    return out
 
 
 def test_hdf5_data_missing_dataset(tmp_path):

@@ -127,15 +127,19 @@ def test_lr_mult_zero_freezes_and_propagate_down(tmp_path):
 
 
 def test_loss_weight_scales_loss_and_gradient(tmp_path):
-    net1 = make_net(tmp_path)
-    net2 = make_net(tmp_path, NET.replace('top: "loss" }', 'top: "loss" loss_weight: 2.5 }'))
+    """In double precision, so float32 cancellation in the gradient sums cannot blur
+    the factor."""
+    net1 = make_net(tmp_path, dtype=np.float64)
+    net2 = make_net(tmp_path, NET.replace('top: "loss" }', 'top: "loss" loss_weight: 2.5 }'),
+                    dtype=np.float64)
     rng = np.random.default_rng(1)
     data, label = rng.standard_normal((2, 3, 5, 5)), np.array([1, 0])
     l1 = _net_loss_and_grads(net1, data, label)
     l2 = _net_loss_and_grads(net2, data, label)
-    assert l2 == pytest.approx(2.5 * l1, rel=1e-6)
-    np.testing.assert_allclose(net2.params["ip"][0].diff, 2.5 * net1.params["ip"][0].diff,
-                               rtol=1e-5, atol=1e-7)
+    assert l2 == pytest.approx(2.5 * l1, rel=1e-13)
+    for name in ("conv", "ip"):
+        np.testing.assert_allclose(net2.params[name][0].diff, 2.5 * net1.params[name][0].diff,
+                                   rtol=1e-12, atol=0)
 
 
 def test_pycaffe_forward_backward_surface(tmp_path):

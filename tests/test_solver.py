@@ -448,7 +448,9 @@ def test_test_nets_share_weights_and_average_outputs_over_test_iter(tmp_path, lo
     assert [(i, n) for i, n, _, _ in outputs] == [("0", "loss"), ("1", "probe"),
                                                   ("2", "probe")]
     assert float(outputs[0][2]) == pytest.approx(np.mean(batch_losses), rel=1e-5)
-    assert outputs[0][3] == " (* 0.5 = %g loss)" % (0.5 * float(outputs[0][2]))
+    weighted = re.fullmatch(r" \(\* 0\.5 = (\S+) loss\)", outputs[0][3])
+    assert weighted and float(weighted[1]) == pytest.approx(0.5 * np.mean(batch_losses),
+                                                            rel=1e-5)
     np.testing.assert_allclose([float(o[2]) for o in outputs[1:]], np.mean(probes, axis=0),
                                rtol=1e-5)
     test_loss = logged(log_lines, r"Test loss: (\S+)")
@@ -638,7 +640,7 @@ def test_resume_is_bit_identical(tmp_path, kind):
     # The saved generator state matters: drawing differently changes the result.
     other = make_solver(tmp_path, extra, RESUME_NET)
     other.restore(state_file)
-    backend.rng().random(5)
+    backend.rng().words(5)
     other.step(4)
     assert not np.array_equal(other.net.params["ip1"][0].data,
                               straight.net.params["ip1"][0].data)

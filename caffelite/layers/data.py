@@ -1,6 +1,7 @@
 """Layers that feed a net from memory: Input, DummyData, MemoryData."""
 import numpy as np
 
+from ..backend import TRAIN, rng
 from ..filler import fill
 from ..layer import Layer, register
 
@@ -27,7 +28,9 @@ class InputLayer(Layer):
 
 @register("DummyData")
 class DummyDataLayer(Layer):
-    """Tops filled by fillers: constant ones are filled once, random ones every forward."""
+    """Tops filled by fillers: constant ones are filled once at setup, random ones at
+    every forward (and not at setup: Caffe's setup forward skips them, so they draw
+    nothing from the generator until the first real forward)."""
     runs_on_device = False
     min_top = 1
     exact_num_bottom = 0
@@ -54,12 +57,13 @@ class DummyDataLayer(Layer):
             t.reshape(shapes[0] if len(shapes) == 1 else shapes[i])
             filler = fillers[0] if len(fillers) == 1 else (fillers[i] if fillers else None)
             self._fillers.append(filler)
-            if filler is None:
-                t.data[...] = 0
-            else:
-                fill(t, filler)
         self._refill = [f is not None and (f.type or "constant") != "constant"
                         for f in self._fillers]
+        for t, filler, refill in zip(top, self._fillers, self._refill):
+            if filler is None:
+                t.data[...] = 0
+            elif not refill:
+                fill(t, filler)
 
     def reshape(self, bottom, top):
         """Shapes are fixed at setup."""
@@ -85,6 +89,9 @@ class MemoryDataLayer(Layer):
         self.shape = (p.batch_size, p.channels, p.height, p.width)
         self._data = self._labels = None
         self._pos = 0
+        tp = self.layer_param.transform_param
+        if tp.mirror or (self.phase == TRAIN and tp.crop_size > 0):
+            rng().rand()   # BaseDataLayer::LayerSetUp's InitRand seeds an (unused) transformer
         top[0].reshape(self.shape)
         top[1].reshape((p.batch_size,))
 

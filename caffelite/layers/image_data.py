@@ -8,10 +8,15 @@ decoded and augmented by a small pool of background (daemon) threads, up to
 the epoch's shuffle and every random number of the batch are drawn in order by the
 layer itself when it queues the batch, so results never depend on thread timing.
 
-Random numbers: at setup the layer draws its seeds from ``caffelite.backend.rng()``
-(so ``caffelite.set_random_seed`` makes runs reproducible), in Caffe's order: the
-transformer's seed, the shuffle seed (if ``shuffle``), then the ``rand_skip`` draw.
-The transformer's ``Rand(n)`` is, as in Caffe, a 32-bit random integer modulo n.
+Random numbers are Caffe's (caffelite.caffe_rng): at setup the layer draws from the
+global generator ``caffelite.backend.rng()`` exactly the words the fork's
+ImageDimPrefetchingDataLayer::LayerSetUp draws, in its order -- the transformer seed
+(InitRand, only if mirror or crop_size in TRAIN), the shuffle seed (if ``shuffle``),
+the ``rand_skip`` word, the transformer seed again (InitRand runs twice; the second
+seed is the one used) and the prefetch thread's seed. The list shuffle is caffe::shuffle
+over an mt19937 of its own, and the transformer's ``Rand(n)`` is a word of its own
+mt19937 modulo n. With the same random_seed, crops, mirrors, scales and the epoch order
+are the fork's. HDF5Data shuffles with std::random_shuffle over rand(), as Caffe does.
 """
 import logging
 import os
@@ -24,6 +29,7 @@ from concurrent.futures import Future
 import numpy as np
 
 from .. import backend
+from ..caffe_rng import CaffeRNG, c_rand, random_shuffle, shuffle
 from ..io.image import (INTER_LINEAR, INTER_NEAREST, ImageReadError, read_image,
                         read_label, resize)
 from ..layer import TRAIN, Layer, register
@@ -121,8 +127,9 @@ def saturate_u8(value):
     return int(min(max(value, 0), 255))
 
 
-def _u32_seed():
-    return int(backend.rng().integers(0, 1 << 32))
+def _caffe_rng_rand():
+    """caffe_rng_rand(): one word of the global generator."""
+    return backend.rng().rand()
 
 
 # ------------------------------------------------------------------ prefetching base
@@ -137,6 +144,7 @@ class PrefetchingDataLayer(Layer):
     exact_num_bottom = 0
 
     def start_prefetch(self):
+        _caffe_rng_rand()   # InternalThread::StartInternalThread seeds its thread's RNG
         self._inflight = deque()
         self._ready = None
         self._consumed_state = self.position_state()
@@ -214,19 +222,27 @@ class ImageListLayer(PrefetchingDataLayer):
     and ImageData (Caffe's ``lines_``, ``lines_id_``, ``prefetch_rng_``, ``rng_``)."""
 
     def init_list(self, entries):
-        p = self.layer_param.image_data_param
+        p, tp = self.layer_param.image_data_param, self.layer_param.transform_param
         self.entries = entries
         self.order = np.arange(len(entries))
-        self.transform_rng = np.random.default_rng(_u32_seed())
+        # DataTransformer::InitRand, the first time (BaseDataLayer::LayerSetUp).
+        needs_rand = tp.mirror or (self.phase == TRAIN and tp.crop_size > 0)
+        if needs_rand:
+            _caffe_rng_rand()
         self.shuffle = p.shuffle
         self.shuffle_rng = None
         if self.shuffle:
             logger.info("Shuffling data")
-            self.shuffle_rng = np.random.default_rng(_u32_seed())
-            self.shuffle_rng.shuffle(self.order)
+            self.shuffle_rng = CaffeRNG(_caffe_rng_rand())
+            shuffle(self.shuffle_rng, self.order)
         self.line = 0
-        if p.rand_skip:
-            skip = _u32_seed() % p.rand_skip
+        skip = _caffe_rng_rand() % p.rand_skip if p.rand_skip else 0
+        # InitRand again before the prefetch thread starts: this seed is the one used.
+        # Without it the fork has no transformer RNG (its first Rand would fail); the
+        # layer then draws from a generator seeded by the next word, drawn nowhere else.
+        self.transform_rng = CaffeRNG(_caffe_rng_rand() if needs_rand
+                                      else backend.rng().peek(1)[0])
+        if skip:
             logger.info("Skipping first %d data points.", skip)
             if skip >= len(entries):
                 raise self.error(f"not enough samples to skip {skip} (rand_skip "
@@ -253,16 +269,16 @@ class ImageListLayer(PrefetchingDataLayer):
         if self.line >= len(self.entries):
             self.line = 0
             if self.shuffle:
-                self.shuffle_rng.shuffle(self.order)
+                shuffle(self.shuffle_rng, self.order)
 
     def draw(self, count):
-        return [int(u) for u in self.transform_rng.integers(0, 1 << 32, size=count,
-                                                            dtype=np.uint64)]
+        """The sample's transformer words, in Caffe's order (mirror, scale, h_off, w_off)."""
+        return [int(u) for u in self.transform_rng.words(count)]
 
     def position_state(self):
         return {"line": self.line, "order": self.order.tolist(),
-                "transform_rng": self.transform_rng.bit_generator.state,
-                "shuffle_rng": (self.shuffle_rng.bit_generator.state
+                "transform_rng": self.transform_rng.get_state(),
+                "shuffle_rng": (self.shuffle_rng.get_state()
                                 if self.shuffle_rng is not None else None)}
 
     def restore_position(self, state):
@@ -271,9 +287,9 @@ class ImageListLayer(PrefetchingDataLayer):
             raise self.error(f"saved data position does not match this list "
                              f"({len(order)} saved lines vs {len(self.entries)})")
         self.order, self.line = order, int(state["line"])
-        self.transform_rng.bit_generator.state = state["transform_rng"]
+        self.transform_rng.set_state(state["transform_rng"])
         if self.shuffle_rng is not None and state.get("shuffle_rng") is not None:
-            self.shuffle_rng.bit_generator.state = state["shuffle_rng"]
+            self.shuffle_rng.set_state(state["shuffle_rng"])
 
 
 # ------------------------------------------------------------------ shared transform
@@ -673,10 +689,10 @@ class HDF5DataLayer(Layer):
             raise self.error(f"the source list file '{p.source}' lists no HDF5 files")
         self.top_names = list(self.layer_param.top)
         self.batch_size, self.shuffle = p.batch_size, p.shuffle
-        self.rng = np.random.default_rng(_u32_seed())
+        self.c_rand = c_rand()
         self.file_order = np.arange(len(self.files))
         if self.shuffle:
-            self.rng.shuffle(self.file_order)
+            random_shuffle(self.c_rand, self.file_order)
         self.current_file = 0
         self._load(self.file_order[0])
         self.current_row = 0
@@ -703,7 +719,7 @@ class HDF5DataLayer(Layer):
         self.arrays, self.loaded = arrays, int(index)
         self.rows = np.arange(arrays[0].shape[0])
         if self.shuffle:
-            self.rng.shuffle(self.rows)
+            random_shuffle(self.c_rand, self.rows)
 
     def reshape(self, bottom, top):
         for t, a in zip(top, self.arrays):
@@ -717,11 +733,11 @@ class HDF5DataLayer(Layer):
                     if self.current_file == len(self.files):
                         self.current_file = 0
                         if self.shuffle:
-                            self.rng.shuffle(self.file_order)
+                            random_shuffle(self.c_rand, self.file_order)
                     self._load(self.file_order[self.current_file])
                 self.current_row = 0
                 if self.shuffle:
-                    self.rng.shuffle(self.rows)
+                    random_shuffle(self.c_rand, self.rows)
             for t, a in zip(top, self.arrays):
                 t.data[i] = a[self.rows[self.current_row]]
             self.current_row += 1
@@ -729,14 +745,14 @@ class HDF5DataLayer(Layer):
     def state_dict(self):
         return {"file": self.current_file, "row": self.current_row,
                 "file_order": self.file_order.tolist(), "rows": self.rows.tolist(),
-                "rng": self.rng.bit_generator.state}
+                "rand": self.c_rand.get_state()}
 
     def load_state_dict(self, state):
         self.file_order = np.asarray(state["file_order"], dtype=np.int64)
         self.current_file = int(state["file"])
-        self.rng.bit_generator.state = state["rng"]
-        saved_rng = self.rng.bit_generator.state
+        self.c_rand.set_state(state["rand"])
+        saved_rand = self.c_rand.get_state()
         self._load(self.file_order[self.current_file])
-        self.rng.bit_generator.state = saved_rng
+        self.c_rand.set_state(saved_rand)
         self.rows = np.asarray(state["rows"], dtype=np.int64)
         self.current_row = int(state["row"])

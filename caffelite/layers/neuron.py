@@ -8,6 +8,7 @@ it when run in place, so in-place and out-of-place runs give the same gradients.
 import numpy as np
 
 from ..backend import TRAIN, get_array_module, rng
+from ..caffe_rng import rng_bernoulli
 from ..filler import fill
 from ..layer import NeuronLayer, register
 from ..proto import caffe_pb2
@@ -392,11 +393,14 @@ class DropoutLayer(NeuronLayer):
         top[0].data[...] = x * self.mask * self.scale
 
     def draw_mask(self, xp, shape, dtype):
-        """1 (kept) with probability 1 - ratio, else 0: from caffelite's generator on
-        the host, from the device generator (``xp.random``, seeded by
-        ``set_random_seed`` too) on the device, so the two sides draw different masks."""
+        """1 (kept) with probability 1 - ratio, else 0. On the host Caffe's own draw,
+        caffe_rng_bernoulli(count, 1. - threshold_) from the global mt19937, so a seeded
+        CPU run drops the fork's units; on the device the device generator
+        (``xp.random``, seeded by ``set_random_seed`` too), as the fork's GPU mode uses
+        cuRAND: the two sides draw different masks."""
         if xp is np:
-            keep = rng().random(shape) < (1.0 - self.ratio)
+            count = int(np.prod(shape, dtype=np.int64))
+            keep = rng_bernoulli(rng(), count, 1.0 - self.ratio).reshape(shape)
         else:
             keep = xp.random.random_sample(shape, dtype=np.float32) < (1.0 - self.ratio)
         return keep.astype(dtype)

@@ -18,6 +18,7 @@ the tap index.
 import numpy as np
 
 from ..backend import TRAIN, get_array_module, rng
+from ..caffe_rng import rng_uniform_01
 from ..layer import Layer, register
 from ..proto import caffe_pb2
 from ._device import contiguous, launch, on_device
@@ -283,7 +284,8 @@ class PoolingLayer(Layer):
         """U(0, 1] like curand's uniform: from caffelite's generator on the host, the
         device generator on the device."""
         if xp is np:
-            return (1.0 - rng().random(shape)).astype(dtype)
+            count = int(np.prod(shape, dtype=np.int64))
+            return (1 - rng_uniform_01(rng(), count)).reshape(shape).astype(dtype)
         return (1 - xp.random.random_sample(shape, dtype=np.float32)).astype(dtype)
 
     # --- device ---------------------------------------------------------------------

@@ -8,7 +8,7 @@ makes E-step targets).
 """
 import numpy as np
 
-from .. import backend
+from ..caffe_rng import c_rand, random_shuffle
 from ..backend import get_array_module
 from ..layer import Layer, register
 
@@ -183,8 +183,9 @@ class AdaptiveBiasChannelLayer(Layer):
        int(portion_l * P) with bg_portion for l == 0 and fg_portion otherwise;
        score_l += beta; M = max(M, score_l);
     4. every channel += mu0 - mean(M).
-    The shuffles draw from a generator seeded from ``caffelite.backend.rng()`` at
-    setup (the fork uses C's unseeded rand()), so runs repeat under set_random_seed.
+    The shuffles are std::random_shuffle over the C library's rand(), which nobody
+    seeds: caffelite replays glibc's rand() stream from seed 1 per process
+    (caffelite.caffe_rng.c_rand), so a run shuffles as the fork's does.
     """
     exact_num_bottom = 2
     exact_num_top = 1
@@ -205,7 +206,7 @@ class AdaptiveBiasChannelLayer(Layer):
             if not 0 <= value <= 1:
                 raise self.error(f"adaptive_bias_channel_param.{name} must be in [0, 1], "
                                  f"got {value}")
-        self.rng = np.random.default_rng(int(backend.rng().integers(0, 1 << 32)))
+        self.c_rand = c_rand()
 
     def reshape(self, bottom, top):
         scores, labels = bottom[0], bottom[1]
@@ -268,11 +269,8 @@ class AdaptiveBiasChannelLayer(Layer):
         return float(xp.cumsum(values.astype(np.float64))[-1]) / values.size
 
     def _shuffle(self, items):
-        """Fisher-Yates in std::random_shuffle's form: for i = 1..n-1 swap items[i] with
-        items[j], j uniform in [0, i]."""
-        for i in range(1, len(items)):
-            j = int(self.rng.integers(0, i + 1))
-            items[i], items[j] = items[j], items[i]
+        """std::random_shuffle(items) with rand()."""
+        random_shuffle(self.c_rand, items)
 
     def backward(self, top, propagate_down, bottom):
         """No gradient (the fork's backward is empty): bottom diffs stay untouched."""

@@ -1,0 +1,440 @@
+"""Caffe's random numbers, draw for draw.
+
+In CPU mode Caffe draws every random number from boost::mt19937 generators: the
+thread's global one, which ``Caffe::set_random_seed`` seeds (fillers, Dropout, the
+seeds of the data layers), and per-layer ones seeded from it (the data transformer's
+``Rand``, the list shuffle). ``CaffeRNG`` is that engine (numpy's MT19937 with the
+same 32-bit seeding, so the raw words are identical), and the functions below turn
+its words into values exactly as Caffe's ``caffe_rng_*`` helpers do through boost's
+distributions, in the same float or double arithmetic. With the same seed, fillers,
+shuffles, crops, mirrors and Dropout masks are then Caffe's own.
+
+Boost changed its normal generator twice, so the gaussian and msra fillers depend on
+the Boost the fork was built with; ``CAFFELITE_BOOST_NORMAL`` (or
+``set_normal_algorithm``) picks one of:
+
+* ``box-muller``: Boost up to 1.55 (e.g. Ubuntu 14.04);
+* ``ziggurat-2014``: Boost 1.56 up to the 2016 rewrite (e.g. Ubuntu 16.04's 1.58) --
+  the default, the Boost of the DeepLab v2 era;
+* ``ziggurat-2016``: after the 2016 rewrite (bounds tests in the wedges, ziggurat
+  exponential tail; e.g. Debian 12's 1.74).
+
+All three draw the same words per value in the 98.8 % of cases that stay in a
+ziggurat rectangle, so only the rare wedge and tail draws tell the last two apart.
+"""
+import math
+import os
+
+import numpy as np
+
+from ._ziggurat_tables import EXPONENTIAL_X, EXPONENTIAL_Y, NORMAL_X, NORMAL_Y
+
+NORMAL_ALGORITHMS = ("box-muller", "ziggurat-2014", "ziggurat-2016")
+DEFAULT_NORMAL_ALGORITHM = "ziggurat-2014"
+_ENV_NORMAL = "CAFFELITE_BOOST_NORMAL"
+_WORD_MAX = 4294967295
+_choice = {"normal": None}
+
+
+class RandomSettingError(ValueError):
+    pass
+
+
+def set_normal_algorithm(name):
+    """Choose boost's normal generator (see the module docstring); None = the default
+    or ``$CAFFELITE_BOOST_NORMAL``."""
+    if name is not None and name not in NORMAL_ALGORITHMS:
+        raise RandomSettingError(f"unknown boost normal algorithm '{name}' "
+                                 f"(known: {', '.join(NORMAL_ALGORITHMS)})")
+    _choice["normal"] = name
+
+
+def normal_algorithm():
+    if _choice["normal"] is not None:
+        return _choice["normal"]
+    name = os.environ.get(_ENV_NORMAL) or DEFAULT_NORMAL_ALGORITHM
+    if name not in NORMAL_ALGORITHMS:
+        raise RandomSettingError(f"${_ENV_NORMAL}='{name}' is not one of "
+                                 f"{', '.join(NORMAL_ALGORITHMS)}")
+    return name
+
+
+def _mt_key(seed):
+    """mt19937's state after seed(s): x0 = s, x_i = 1812433253*(x_{i-1} ^ x_{i-1}>>30) + i."""
+    key = [seed]
+    for i in range(1, 624):
+        key.append((1812433253 * (key[-1] ^ (key[-1] >> 30)) + i) & 0xFFFFFFFF)
+    return np.array(key, dtype=np.uint32)
+
+
+class CaffeRNG:
+    """Caffe::RNG: a boost::mt19937 seeded with a 32-bit seed (random if None).
+
+    Words can be looked at ahead (``peek``) and consumed later (``advance``); words
+    looked at but not consumed stay pending, so the stream is never skipped or
+    reordered. ``tell`` counts the words consumed since seeding."""
+
+    def __init__(self, seed=None):
+        if seed is None:
+            seed = int.from_bytes(os.urandom(4), "little")
+        self.seed = int(seed) & 0xFFFFFFFF
+        self._engine = np.random.MT19937()
+        self._engine.state = {"bit_generator": "MT19937",
+                              "state": {"key": _mt_key(self.seed), "pos": 624}}
+        self._pending = np.empty(0, dtype=np.uint32)
+        self._next = 0
+        self._consumed = 0
+
+    def peek(self, count):
+        """The next ``count`` words, not consumed."""
+        ready = len(self._pending) - self._next
+        if ready < count:
+            fresh = self._engine.random_raw(count - ready).astype(np.uint32)
+            self._pending = np.concatenate([self._pending[self._next:], fresh])
+            self._next = 0
+        return self._pending[self._next:self._next + count]
+
+    def advance(self, count):
+        self.peek(count)
+        self._next += count
+        self._consumed += count
+
+    def tell(self):
+        return self._consumed
+
+    def words(self, count):
+        out = self.peek(count).copy()
+        self.advance(count)
+        return out
+
+    def rand(self):
+        """caffe_rng_rand(): one 32-bit word."""
+        return int(self.words(1)[0])
+
+    def below(self, n):
+        """DataTransformer::Rand(n): a word modulo n."""
+        return self.rand() % n
+
+    def get_state(self):
+        engine = self._engine.state["state"]
+        return {"engine": "mt19937", "seed": self.seed, "consumed": self._consumed,
+                "key": [int(k) for k in engine["key"]], "pos": int(engine["pos"]),
+                "pending": [int(w) for w in self._pending[self._next:]]}
+
+    def set_state(self, state):
+        if not isinstance(state, dict) or state.get("engine") != "mt19937":
+            raise RandomSettingError("not a saved mt19937 state")
+        key = np.asarray(state["key"], dtype=np.uint32)
+        if key.shape != (624,):
+            raise RandomSettingError("a saved mt19937 state needs 624 key words")
+        self._engine.state = {"bit_generator": "MT19937",
+                              "state": {"key": key, "pos": int(state["pos"])}}
+        self.seed = int(state.get("seed", 0))
+        self._pending = np.asarray(state.get("pending", []), dtype=np.uint32)
+        self._next = 0
+        self._consumed = int(state.get("consumed", 0))
+
+
+# ----------------------------------------------------------------- float helpers
+def _libm(fn, value, real):
+    """A C math function on a float or double, correctly rounded (glibc's logf, expf,
+    sinf, cosf are; computing in double and rounding once gives the same value)."""
+    return real(fn(float(value)))
+
+
+def _filtered(rng, count, convert):
+    """``count`` values of a distribution that turns one word into one try:
+    ``convert(words) -> (values, accepted)``; rejected words are used up, as in boost."""
+    parts, missing = [], count
+    while missing:
+        values, ok = convert(rng.words(missing))
+        parts.append(values[ok])
+        missing -= parts[-1].size
+    return np.concatenate(parts) if parts else np.empty(0)
+
+
+def _unit_interval(real):
+    """boost's uniform_01<real>: word * 2^-32 in real arithmetic, redrawn while >= 1."""
+    factor = real(1) / (real(_WORD_MAX) + real(1))
+
+    def convert(words):
+        values = words.astype(real) * factor
+        return values, values < real(1)
+    return convert
+
+
+def _uniform_01(read, real):
+    """One uniform_01 value from the words ``read()`` returns."""
+    factor = real(1) / (real(_WORD_MAX) + real(1))
+    while True:
+        value = real(read()) * factor
+        if value < real(1):
+            return value
+
+
+# ------------------------------------------------------------------ distributions
+def rng_uniform(rng, count, a, b, dtype=np.float32):
+    """caffe_rng_uniform: boost::uniform_real(a, nextafter(b)) per value."""
+    real = np.dtype(dtype).type
+    low, high = real(a), real(b)
+    if low > high:
+        raise RandomSettingError(f"uniform range [{a}, {b}] is empty")
+    return _uniform_real(rng, count, low, np.nextafter(high, real(np.inf)), real).astype(real)
+
+
+def _uniform_real(rng, count, low, high, real):
+    if high / real(2) - low / real(2) > np.finfo(real).max / real(2):
+        return real(2) * _uniform_real(rng, count, low / real(2), high / real(2), real)
+    span, divisor = high - low, real(_WORD_MAX) + real(1)
+
+    def convert(words):
+        values = words.astype(real) / divisor * span + low
+        return values, values < high
+    return _filtered(rng, count, convert)
+
+
+def rng_uniform_01(rng, count, real=np.float32):
+    """``count`` values of boost's uniform_01<real> (in [0, 1))."""
+    return _filtered(rng, count, _unit_interval(real)).astype(real)
+
+
+def rng_bernoulli(rng, count, p, real=np.float64):
+    """caffe_rng_bernoulli with boost::bernoulli_distribution<real>: word <= p * max.
+    Dropout calls it with a double p (1. - threshold_), the sparse gaussian filler with
+    a float one. p == 0 draws nothing."""
+    p = real(p)
+    if p == 0:
+        return np.zeros(count, dtype=bool)
+    return rng.words(count).astype(real) <= p * real(_WORD_MAX)
+
+
+def rng_gaussian(rng, count, mean, sigma, dtype=np.float32):
+    """caffe_rng_gaussian: boost::normal_distribution(mean, sigma), unit value * sigma
+    + mean, with the generator ``normal_algorithm()`` names."""
+    real = np.dtype(dtype).type
+    if not real(sigma) > 0:
+        raise RandomSettingError(f"gaussian sigma must be positive, got {sigma}")
+    name = normal_algorithm()
+    if name == "box-muller":
+        unit = _box_muller(rng, count, real)
+    else:
+        unit = _ziggurat_normal(rng, count, real, modern=(name == "ziggurat-2016"))
+    return (unit * real(sigma) + real(mean)).astype(real)
+
+
+def shuffle(rng, items):
+    """caffe::shuffle (util/rng.hpp) in place: for i = n-1 .. 1 swap items[i] with
+    items[boost::uniform_int(0, i)], whose draw is word / bucket, redrawn while > i."""
+    for i in range(len(items) - 1, 0, -1):
+        bucket = _WORD_MAX // (i + 1)
+        if _WORD_MAX % (i + 1) == i:
+            bucket += 1
+        while True:
+            j = rng.rand() // bucket
+            if j <= i:
+                break
+        items[i], items[j] = items[j], items[i]
+    return items
+
+
+# ------------------------------------------------------------------ normal: Box-Muller
+def _box_muller(rng, count, real):
+    pairs = (count + 1) // 2
+    r = _filtered(rng, 2 * pairs, _unit_interval(real)).astype(real).reshape(pairs, 2)
+    r1, r2 = r[:, 0], r[:, 1]
+    log_term = np.log((real(1) - r2).astype(np.float64)).astype(real)
+    rho = np.sqrt(real(-2) * log_term)
+    angle = (real(2) * real(math.pi) * r1).astype(np.float64)
+    first = rho * np.cos(angle).astype(real)
+    second = rho * np.sin(angle).astype(real)
+    return np.stack([first, second], axis=1).reshape(-1)[:count]
+
+
+# ------------------------------------------------------------------ normal: ziggurat
+class _WordsRunOut(Exception):
+    pass
+
+
+class _WordReader:
+    """Reads the looked-ahead words one by one for the rare scalar paths."""
+
+    def __init__(self, words, at):
+        self.words, self.at = words, at
+
+    def __call__(self):
+        if self.at >= self.words.size:
+            raise _WordsRunOut
+        self.at += 1
+        return int(self.words[self.at - 1])
+
+
+def _ziggurat_normal(rng, count, real, modern):
+    """boost's unit_normal_distribution. A try starts with one word (two for a double):
+    bit 0 the sign, bits 1-7 the layer, the rest the position in the layer. Tries
+    inside their layer's rectangle (about 97 %) are decided in bulk; the others run
+    the scalar wedge/tail code over the words that follow, which are then not tries."""
+    stride = 1 if real is np.float32 else 2
+    table_x = NORMAL_X.astype(real)
+    parts, missing = [], count
+    while missing:
+        words = rng.peek(stride * (missing + missing // 16) + 64).copy()
+        first = words[:words.size - stride + 1]
+        r = (first >> 8).astype(real) * real(2.0 ** -24)
+        if stride == 2:
+            r = (r + (words[1:] & 0x1FFFFFFF).astype(real)) * real(2.0 ** -29)
+        layer = (first & 0xFF) >> 1
+        x = r * table_x[layer]
+        sign = np.where(first & 1, real(1), real(-1))
+        values = x * sign
+        outside = ~(x.astype(np.float64) < NORMAL_X[layer + 1])
+        slow_starts = [np.flatnonzero(outside[k::stride]) * stride + k for k in range(stride)]
+        picks, at = [], 0
+        while missing and at < first.size:
+            row = slow_starts[at % stride]
+            k = np.searchsorted(row, at)
+            stop = int(row[k]) if k < row.size else first.size
+            run = min(len(range(at, stop, stride)), missing)
+            picks.append(np.arange(at, at + run * stride, stride))
+            missing -= run
+            at += run * stride
+            if not missing or at >= first.size:
+                break
+            read = _WordReader(words, at + stride)
+            try:
+                value = _normal_slow_try(read, int(layer[at]), x[at], real, modern)
+            except _WordsRunOut:
+                break
+            if value is not None:
+                values[at] = value * sign[at]
+                picks.append(np.array([at]))
+                missing -= 1
+            at = read.at
+        parts.append(values[np.concatenate(picks)] if picks else values[:0])
+        rng.advance(at)
+    return np.concatenate(parts) if parts else np.empty(0, dtype=real)
+
+
+def _int_float_pair(read, real):
+    """boost's generate_int_float_pair<real, 8> on 32-bit words: the low 8 bits of the
+    first word are the bucket; its other 24 bits (and 29 bits of a second word for a
+    double) the fraction."""
+    word = read()
+    r = real(word >> 8) * real(2.0 ** -24)
+    if real is np.float64:
+        r = (r + real(read() & 0x1FFFFFFF)) * real(2.0 ** -29)
+    return r, word & 0xFF
+
+
+def _normal_slow_try(read, i, x, real, modern):
+    """The rest of a try outside its rectangle: the tail for layer 0, otherwise the
+    wedge test; None = rejected (a new try follows)."""
+    if i == 0:
+        return _normal_tail(read, real, modern)
+    u = _uniform_01(read, real)
+    y = real(NORMAL_Y[i]) + u * real(NORMAL_Y[i + 1] - NORMAL_Y[i])
+    fx = _libm(math.exp, -(x * x / real(2)), real)
+    if not modern:
+        return x if y < fx else None
+    xi, yi = real(NORMAL_X[i]), real(NORMAL_Y[i])
+    chord = real(NORMAL_X[i] - NORMAL_X[i + 1]) * u - (xi - x)
+    tangent = y - (yi + (xi - x) * yi * xi)
+    above_upper, above_lower = (chord, tangent) if NORMAL_X[i] >= 1 else (tangent, chord)
+    return x if above_upper < 0 and (above_lower < 0 or y < fx) else None
+
+
+def _normal_tail(read, real, modern):
+    start = real(NORMAL_X[1])
+    while True:
+        if modern:
+            x = _unit_exponential_2016(read, real) / start
+            y = _unit_exponential_2016(read, real)
+        else:
+            x = _exponential_log(read, real) / start
+            y = _exponential_log(read, real)
+        if real(2) * y > x * x:
+            return x + start
+
+
+def _exponential_log(read, real):
+    """boost's exponential_distribution before 2016: -1/lambda * log(1 - uniform_01)."""
+    return real(-1) * _libm(math.log, real(1) - _uniform_01(read, real), real)
+
+
+def _unit_exponential_2016(read, real):
+    """boost's ziggurat unit_exponential_distribution (256 layers, tail by shifting)."""
+    shift = real(0)
+    while True:
+        r, i = _int_float_pair(read, real)
+        x = r * real(EXPONENTIAL_X[i])
+        if x < real(EXPONENTIAL_X[i + 1]):
+            return shift + x
+        if i == 0:
+            shift += real(EXPONENTIAL_X[1])
+            continue
+        u = _uniform_01(read, real)
+        y = real(EXPONENTIAL_Y[i]) + u * real(EXPONENTIAL_Y[i + 1] - EXPONENTIAL_Y[i])
+        above_upper = (real(EXPONENTIAL_X[i] - EXPONENTIAL_X[i + 1]) * u
+                       - (real(EXPONENTIAL_X[i]) - x))
+        above_lower = y - (real(EXPONENTIAL_Y[i + 1]) + (real(EXPONENTIAL_X[i + 1]) - x)
+                           * real(EXPONENTIAL_Y[i + 1]))
+        if above_upper < 0 and (above_lower <= 0 or y < _libm(math.exp, -x, real)):
+            return x + shift
+
+
+# ------------------------------------------------------------------ glibc rand()
+class GlibcRand:
+    """The C library's rand() as glibc computes it (TYPE_3: r_i = r_{i-3} + r_{i-31},
+    output r >> 1), from srand(seed); never seeded = seed 1. Caffe does not seed it;
+    the fork's weak-label layers and HDF5Data's shuffles call it."""
+
+    def __init__(self, seed=1):
+        self.reseed(seed)
+
+    def reseed(self, seed):
+        seed = int(seed) & 0xFFFFFFFF or 1
+        word = seed - 2 ** 32 if seed >= 2 ** 31 else seed     # glibc's int32_t word
+        r = [seed]
+        for _ in range(1, 31):      # 16807 * word mod (2^31 - 1), Schrage's way, in C
+            hi = abs(word) // 127773 * (1 if word >= 0 else -1)   # C division truncates
+            lo = word - hi * 127773
+            word = 16807 * lo - 2836 * hi
+            if word < 0:
+                word += 2147483647
+            r.append(word & 0xFFFFFFFF)
+        r += r[:3]
+        for i in range(34, 344):
+            r.append((r[i - 31] + r[i - 3]) & 0xFFFFFFFF)
+        self._ring = r[-34:]
+
+    def rand(self):
+        word = (self._ring[-31] + self._ring[-3]) & 0xFFFFFFFF
+        self._ring.append(word)
+        del self._ring[0]
+        return word >> 1
+
+    def get_state(self):
+        return {"engine": "glibc-rand", "ring": list(self._ring)}
+
+    def set_state(self, state):
+        if not isinstance(state, dict) or state.get("engine") != "glibc-rand":
+            raise RandomSettingError("not a saved glibc rand() state")
+        self._ring = [int(w) & 0xFFFFFFFF for w in state["ring"]]
+
+
+_C_RAND = GlibcRand()
+
+
+def c_rand():
+    """The process's rand() stream. Like Caffe, caffelite never seeds it
+    (set_random_seed leaves it alone), so each process starts from seed 1."""
+    return _C_RAND
+
+
+def random_shuffle(c_rand, items):
+    """libstdc++'s std::random_shuffle(first, last) without a generator: for
+    i = 1 .. n-1, swap items[i] with items[rand() % (i + 1)]."""
+    for i in range(1, len(items)):
+        j = c_rand.rand() % (i + 1)
+        if j != i:
+            items[i], items[j] = items[j], items[i]
+    return items
