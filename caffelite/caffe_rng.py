@@ -225,15 +225,24 @@ def rng_gaussian(rng, count, mean, sigma, dtype=np.float32):
 def shuffle(rng, items):
     """caffe::shuffle (util/rng.hpp) in place: for i = n-1 .. 1 swap items[i] with
     items[boost::uniform_int(0, i)], whose draw is word / bucket, redrawn while > i."""
-    for i in range(len(items) - 1, 0, -1):
-        bucket = _WORD_MAX // (i + 1)
-        if _WORD_MAX % (i + 1) == i:
-            bucket += 1
-        while True:
-            j = rng.rand() // bucket
-            if j <= i:
+    seq = items.tolist() if isinstance(items, np.ndarray) else items
+    i = len(seq) - 1
+    while i > 0:
+        words = rng.peek(i).tolist()     # enough for the rest unless a draw is redrawn
+        used = 0
+        for word in words:
+            used += 1
+            bucket = _WORD_MAX // (i + 1) + (_WORD_MAX % (i + 1) == i)
+            j = word // bucket
+            if j > i:
+                continue
+            seq[i], seq[j] = seq[j], seq[i]
+            i -= 1
+            if i == 0:
                 break
-        items[i], items[j] = items[j], items[i]
+        rng.advance(used)
+    if seq is not items:
+        items[:] = seq
     return items
 
 
