@@ -78,7 +78,8 @@ def learning_rate(param, iter, current_step=0, dtype=np.float32):
     elif policy == "exp":
         rate = base_lr * _cpow(gamma, iter)
     elif policy == "inv":
-        rate = base_lr * _cpow(f(1) + f(gamma) * f(iter), -param.power)
+        # gamma() * iter_ is a float product whatever Dtype is
+        rate = base_lr * _cpow(f(1) + f(np.float32(gamma) * np.float32(iter)), -param.power)
     elif policy == "multistep":
         if current_step < len(param.stepvalue) and iter >= param.stepvalue[current_step]:
             current_step += 1

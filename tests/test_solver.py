@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import signal
+import subprocess
 
 import numpy as np
 import pytest
@@ -239,6 +240,51 @@ def test_lr_policies(policy, fields, formula):
         rate, _ = learning_rate(p, it)
         assert rate.dtype == np.float32
         assert rate == pytest.approx(formula(it), rel=1e-6, abs=1e-12), (policy, it)
+
+
+@pytest.fixture(scope="module")
+def lr_oracle(tmp_path_factory):
+    """tests/oracles/lr_oracle.cpp: the fork's GetLearningRate and Adam correction
+    expressions, compiled; g++ and the C library then decide every conversion."""
+    cxx = os.environ.get("CXX") or shutil.which("g++")
+    if not cxx:
+        pytest.skip("no C++ compiler (g++ or $CXX) for the learning-rate oracle")
+    exe = str(tmp_path_factory.mktemp("lr") / "lr_oracle")
+    source = os.path.join(os.path.dirname(__file__), "oracles", "lr_oracle.cpp")
+    subprocess.run([cxx, "-O2", "-o", exe, source], check=True, capture_output=True)
+
+    def run(policy, base_lr, gamma, power, stepsize, max_iter, it, beta1, beta2):
+        out = subprocess.run([exe, policy] + [repr(float(v)) for v in (
+            base_lr, gamma, power)] + [str(stepsize), str(max_iter), str(it),
+                                       repr(float(beta1)), repr(float(beta2))],
+            check=True, capture_output=True, text=True).stdout.split()
+        return [float.fromhex(v) for v in out]
+    return run
+
+
+@pytest.mark.parametrize("policy", ["fixed", "step", "exp", "inv", "poly", "sigmoid"])
+def test_lr_policies_match_the_compiled_expressions(lr_oracle, policy):
+    """Bit for bit, for float and double nets, at iterations where last-bit rounding of
+    the float fields, the casts and pow/exp all matter."""
+    fields = dict(base_lr=np.float32(2.5e-4), gamma=np.float32(0.3 if policy == "sigmoid"
+                                                               else 0.93),
+                  power=np.float32(0.9), stepsize=7, max_iter=20000)
+    p = lr_param(lr_policy=policy, **fields)
+    for it in (0, 1, 3, 7, 13, 999, 6001, 19999):
+        expected = lr_oracle(policy, *fields.values(), it, 0.9, 0.999)
+        for dtype, want in ((np.float32, expected[0]), (np.float64, expected[1])):
+            rate, _ = learning_rate(p, it, dtype=dtype)
+            assert float(rate) == want, (policy, it, dtype, float(rate).hex(), want.hex())
+
+
+def test_adam_bias_correction_matches_the_compiled_expression(lr_oracle, tmp_path):
+    for it in (0, 1, 9, 99, 4321):
+        expected = lr_oracle("fixed", 0.01, 0.1, 0.9, 1, 1, it, 0.9, 0.999)
+        for dtype, want in ((np.float32, expected[2]), (np.float64, expected[3])):
+            solver = AdamSolver.__new__(AdamSolver)
+            solver.param = caffe_pb2.SolverParameter(momentum=0.9, momentum2=0.999)
+            solver.iter = it
+            assert float(solver._correction(dtype)) == want, (it, dtype)
 
 
 def test_lr_poly_first_update_uses_base_lr_and_reaches_zero():
