@@ -68,9 +68,10 @@ def _select_device(gpu, tf32=False):
 
 
 def _format_output(name, value, weight):
+    """Caffe's "name = mean (* weight = weight * mean loss)", the product in float."""
     text = f"{name} = {value:g}"
     if weight:
-        text += f" (* {weight:g} = {weight * value:g} loss)"
+        text += f" (* {weight:g} = {np.float32(weight) * np.float32(value):g} loss)"
     return text
 
 
@@ -103,22 +104,23 @@ def cmd_test(args):
               stages=args.stage, level=args.level)
     _check_has_layers(net, args.model)
     logger.info("Running for %d iterations.", args.iterations)
+    # tools/caffe.cpp's test() sums the loss and every output in float.
+    f32 = np.float32
     sums, order = {}, []
-    total_loss = 0.0
+    total_loss = f32(0)
     progress = _Progress(args.iterations)
     for i in range(args.iterations):
-        loss = net.forward_from_to()
-        total_loss += loss
+        total_loss = f32(total_loss + f32(net.forward_from_to()))
         for idx, (name, value, weight) in enumerate(_net_output_values(net)):
             key = (idx, name)
             if key not in sums:
-                sums[key] = [0.0, weight]
+                sums[key] = [f32(0), weight]
                 order.append(key)
-            sums[key][0] += value
+            sums[key][0] = f32(sums[key][0] + f32(value))
             logger.info("Batch %d, %s = %g", i, name, value)
         progress.update(i + 1)
     progress.close()
-    n = args.iterations             # at least 1: _check_iterations
+    n = f32(args.iterations)        # at least 1: _check_iterations
     logger.info("Loss: %g", total_loss / n)
     for key in order:
         total, weight = sums[key]

@@ -4,6 +4,8 @@ import re
 import subprocess
 import sys
 
+import numpy as np
+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -38,6 +40,30 @@ def test_test_verb_logs_batches_and_means(tmp_path):
     assert batch and GLOG.match(batch[0])
     assert any(re.search(r"\] loss = [\d.]+ \(\* 1 = [\d.]+ loss\)", l) for l in lines)
     assert "Batch 0, loss" in (tmp_path / "log.txt").read_text()
+
+
+def test_test_verb_sums_in_float_like_caffe(tmp_path):
+    """tools/caffe.cpp's test() adds each batch's outputs in float and divides in float:
+    1000 batches of a constant 0.1 output mean 0.099999, not 0.1; the weighted mean is
+    the float product."""
+    net = tmp_path / "net.prototxt"
+    net.write_text('layer { name: "d" type: "DummyData" top: "c" dummy_data_param {\n'
+                   '  shape { dim: 1 } data_filler { type: "constant" value: 0.1 } } }\n'
+                   'layer { name: "w" type: "Power" bottom: "c" top: "w" loss_weight: 3 }\n')
+    out = run("test", "--model", str(net), "--iterations", "1000")
+    assert out.returncode == 0, out.stderr
+    total = np.float32(0)
+    for _ in range(1000):
+        total = np.float32(total + np.float32(0.1))
+    mean = total / np.float32(1000)
+    expected = "w = %g (* 3 = %g loss)" % (mean, np.float32(3) * mean)
+    assert expected == "w = 0.099999 (* 3 = 0.299997 loss)"
+    assert re.search(r"\] " + re.escape(expected) + "$", out.stderr, re.M), out.stderr[-500:]
+    loss = np.float32(0)
+    for _ in range(1000):                    # each batch's loss: 3 * 0.1 in float
+        loss = np.float32(loss + np.float32(3) * np.float32(0.1))
+    assert re.search(r"\] Loss: %s$" % re.escape("%g" % (loss / np.float32(1000))),
+                     out.stderr, re.M)
 
 
 def test_test_verb_keeps_the_files_state_level(tmp_path):
