@@ -6,6 +6,7 @@ import numpy as np
 
 from ..backend import get_array_module
 from ..layer import Layer, LossLayer, register
+from ._cpu_math import double, sequential_sum
 from ._device import scalar
 from .softmax import canonical_axis, check_label_range, integer_labels, split_axis
 
@@ -47,8 +48,15 @@ class SigmoidCrossEntropyLossLayer(LossLayer):
         x = bottom[0].data
         t = bottom[1].data.reshape(x.shape)
         pos = (x >= 0).astype(x.dtype)
-        per_element = x * (t - pos) - xp.log(dtype(1) + xp.exp(x - dtype(2) * x * pos))
-        loss = -per_element.sum(dtype=x.dtype)
+        if xp is np:
+            # The fork's loop: loss -= x * (t - pos) - log(1 + exp(x - 2 * x * pos)), the
+            # float products first, then C's double log/exp, into a float accumulator.
+            linear = double(xp, x * (t - pos))
+            per_element = linear - np.log(1 + np.exp(double(xp, x - dtype(2) * x * pos)))
+            loss = sequential_sum(-per_element.reshape(-1), x.dtype)
+        else:
+            per_element = x * (t - pos) - xp.log(dtype(1) + xp.exp(x - dtype(2) * x * pos))
+            loss = -per_element.sum(dtype=x.dtype)
         top[0].data[...] = loss / dtype(bottom[0].shape[0])
 
     def backward(self, top, propagate_down, bottom):
@@ -59,8 +67,8 @@ class SigmoidCrossEntropyLossLayer(LossLayer):
         xp = get_array_module(bottom[0].data)
         dtype = bottom[0].data.dtype.type
         x = bottom[0].data
-        with np.errstate(over="ignore"):
-            sigmoid = dtype(1) / (dtype(1) + xp.exp(-x))    # the fork's SigmoidLayer form
+        with np.errstate(over="ignore"):    # the fork's SigmoidLayer: 1. / (1. + exp(-x))
+            sigmoid = (1 / (1 + xp.exp(-double(xp, x)))).astype(x.dtype, copy=False)
         d = sigmoid - bottom[1].data.reshape(x.shape)
         scale = dtype(scalar(top[0].diff)) / dtype(bottom[0].shape[0])
         bottom[0].diff[...] = d * scale

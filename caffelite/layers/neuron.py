@@ -12,6 +12,7 @@ from ..caffe_rng import rng_bernoulli
 from ..filler import fill
 from ..layer import NeuronLayer, register
 from ..proto import caffe_pb2
+from ._cpu_math import c_double, double
 from ._device import launch, on_device
 
 
@@ -128,7 +129,7 @@ class ELULayer(NeuronLayer):
 
     def forward(self, bottom, top):
         xp = get_array_module(bottom[0].data)
-        x = bottom[0].data
+        x = double(xp, bottom[0].data)   # Caffe: max(x, 0) + alpha * (exp(min(x, 0)) - 1)
         top[0].data[...] = xp.maximum(x, 0) + self.alpha * (xp.exp(xp.minimum(x, 0)) - 1)
 
     def backward(self, top, propagate_down, bottom):
@@ -144,18 +145,20 @@ class ELULayer(NeuronLayer):
 
 @register("Sigmoid")
 class SigmoidLayer(NeuronLayer):
-    """y = 1 / (1 + exp(-x)); dy/dx = y (1 - y) from the top data."""
+    """y = 1 / (1 + exp(-x)); dy/dx = y (1 - y) from the top data. On the host both
+    in double as the fork's ``1. / (1. + exp(-x))`` and ``dy * y * (1. - y)``."""
 
     def forward(self, bottom, top):
         xp = get_array_module(bottom[0].data)
-        x = bottom[0].data
+        x = double(xp, bottom[0].data)
         with np.errstate(over="ignore"):
             top[0].data[...] = 1 / (1 + xp.exp(-x))
 
     def backward(self, top, propagate_down, bottom):
         if propagate_down[0]:
+            xp = get_array_module(top[0].data)
             y = top[0].data
-            bottom[0].diff[...] = top[0].diff * y * (1 - y)
+            bottom[0].diff[...] = double(xp, top[0].diff * y) * (1 - double(xp, y))
 
 
 @register("TanH")
@@ -164,7 +167,7 @@ class TanHLayer(NeuronLayer):
 
     def forward(self, bottom, top):
         xp = get_array_module(bottom[0].data)
-        top[0].data[...] = xp.tanh(bottom[0].data)
+        top[0].data[...] = xp.tanh(double(xp, bottom[0].data))
 
     def backward(self, top, propagate_down, bottom):
         if propagate_down[0]:
@@ -206,13 +209,14 @@ class PowerLayer(_SavesBottomInPlace):
         self.save_bottom(bottom, top)
         if self.diff_scale == 0:
             # The input is ignored: y = shift^power (1 when power is 0).
-            value = 1 if self.power == 0 else self.dtype.type(np.power(self.shift, self.power))
+            value = 1 if self.power == 0 else \
+                self.dtype.type(np.power(c_double(self.shift), c_double(self.power)))
             top[0].data[...] = value
             return
         y = self._shifted(bottom[0].data)
-        if self.power != 1:
+        if self.power != 1:                        # caffe_powx: C's pow in double
             with np.errstate(invalid="ignore", divide="ignore"):
-                y = xp.power(y, self.power)
+                y = xp.power(double(xp, y), double(xp, self.power))
         top[0].data[...] = y
 
     def _shifted(self, x):
@@ -260,19 +264,22 @@ class ExpLayer(NeuronLayer):
         if base != -1 and not base > 0:
             raise self.error(
                 f"exp_param.base must be strictly positive (or -1 for e), got {p.base}")
-        log_base = t(1) if base == -1 else t(np.log(base))
+        log_base = t(1) if base == -1 else t(np.log(c_double(base)))
         self.inner_scale = t(log_base * t(p.scale))
         shift = t(p.shift)
         if shift == 0:
             self.outer_scale = t(1)
+        elif base == -1:
+            self.outer_scale = t(np.exp(c_double(shift)))
         else:
-            self.outer_scale = t(np.exp(shift)) if base == -1 else t(np.power(base, shift))
+            self.outer_scale = t(np.power(c_double(base), c_double(shift)))
 
     def forward(self, bottom, top):
         xp = get_array_module(bottom[0].data)
         x = bottom[0].data
         with np.errstate(over="ignore"):
-            y = xp.exp(x) if self.inner_scale == 1 else xp.exp(self.inner_scale * x)
+            scaled = x if self.inner_scale == 1 else self.inner_scale * x
+            y = xp.exp(double(xp, scaled)).astype(x.dtype, copy=False)   # caffe_exp
             if self.outer_scale != 1:
                 y = y * self.outer_scale
         top[0].data[...] = y
@@ -297,7 +304,7 @@ class LogLayer(_SavesBottomInPlace):
         if base != -1 and (not base > 0 or base == 1):
             raise self.error(
                 f"log_param.base must be positive and not 1 (or -1 for e), got {p.base}")
-        log_base = t(1) if base == -1 else t(np.log(base))
+        log_base = t(1) if base == -1 else t(np.log(c_double(base)))
         self.base_scale = t(t(1) / log_base)
         self.input_scale, self.input_shift = t(p.scale), t(p.shift)
         self.backward_num_scale = t(self.input_scale / log_base)
@@ -313,8 +320,9 @@ class LogLayer(_SavesBottomInPlace):
     def forward(self, bottom, top):
         xp = get_array_module(bottom[0].data)
         self.save_bottom(bottom, top)
+        x = bottom[0].data
         with np.errstate(invalid="ignore", divide="ignore"):
-            y = xp.log(self._shifted(bottom[0].data))
+            y = xp.log(double(xp, self._shifted(x))).astype(x.dtype, copy=False)  # caffe_log
         if self.base_scale != 1:
             y = y * self.base_scale
         top[0].data[...] = y
@@ -335,22 +343,26 @@ BNLL_THRESHOLD = 50.0
 
 @register("BNLL")
 class BNLLLayer(_SavesBottomInPlace):
-    """y = log(1 + exp(x)), computed without overflow; dy/dx = sigmoid(min(x, 50))."""
+    """y = log(1 + exp(x)) as Caffe writes it: x + log(1. + exp(-x)) for x > 0, else
+    log(1. + exp(x)) (in double on the host); dy/dx = e / (e + 1), e = exp(min(x, 50))
+    stored as Dtype."""
 
     def forward(self, bottom, top):
         xp = get_array_module(bottom[0].data)
         self.save_bottom(bottom, top)
-        x = bottom[0].data
-        # x + log(1 + exp(-x)) for x > 0, log(1 + exp(x)) otherwise: one expression.
-        top[0].data[...] = xp.maximum(x, 0) + xp.log1p(xp.exp(-xp.abs(x)))
+        x = double(xp, bottom[0].data)
+        positive = x > 0
+        with np.errstate(over="ignore"):
+            top[0].data[...] = xp.where(positive, x, 0) + xp.log(
+                1 + xp.exp(xp.where(positive, -x, x)))
 
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:
             return
         xp = get_array_module(top[0].diff)
         x = self.bottom_data(top, bottom)
-        e = xp.exp(xp.minimum(x, BNLL_THRESHOLD))
-        bottom[0].diff[...] = top[0].diff * e / (e + 1)
+        e = xp.exp(double(xp, xp.minimum(x, x.dtype.type(BNLL_THRESHOLD)))).astype(x.dtype)
+        bottom[0].diff[...] = double(xp, top[0].diff * e) / (double(xp, e) + 1)
 
 
 @register("Threshold")

@@ -14,6 +14,7 @@ import numpy as np
 
 from ..backend import get_array_module, to_host
 from ..layer import Layer, LossLayer, register
+from ._cpu_math import double, sequential_sum
 from ._device import contiguous, launch, on_device, scalar
 
 # Caffe clamps probabilities at FLT_MIN before the log, in float and in double.
@@ -32,8 +33,10 @@ def split_axis(shape, axis):
 
 
 def softmax(xp, x3):
-    """Max-subtracted softmax over axis 1 of an (outer, C, inner) array, in its dtype."""
-    e = xp.exp(x3 - x3.max(axis=1, keepdims=True))
+    """Max-subtracted softmax over axis 1 of an (outer, C, inner) array, in its dtype;
+    on the host the exp is C's (caffe_exp: double exp, stored as Dtype)."""
+    shifted = x3 - x3.max(axis=1, keepdims=True)
+    e = xp.exp(double(xp, shifted)).astype(x3.dtype, copy=False)
     return e / e.sum(axis=1, keepdims=True)
 
 
@@ -207,8 +210,10 @@ class SoftmaxWithLossLayer(LossLayer):
         self.label = xp.where(valid, lab, 0)
         self.valid = valid
         p_true = xp.take_along_axis(self.prob, self.label[:, None, :], axis=1)[:, 0, :]
-        nll = -xp.log(xp.maximum(p_true, dtype(FLT_MIN)))
-        loss = xp.where(valid, nll, dtype(0)).sum(dtype=nll.dtype)
+        # Caffe: for each position in order, loss -= log(max(p, FLT_MIN)) -- a double
+        # log subtracted in double from the float accumulator.
+        nll = -np.log(double(xp, xp.maximum(p_true[valid], dtype(FLT_MIN))))
+        loss = sequential_sum(nll, dtype)
         self.norm = normalizer(self.normalization, outer, inner, int(valid.sum()))
         top[0].data[...] = loss / dtype(self.norm)
         if len(top) > 1:
