@@ -116,10 +116,11 @@ class CaffeRNG:
         return self.rand() % n
 
     def get_state(self):
+        """A snapshot (numpy arrays inside; the solverstate writer stores them as lists)."""
         engine = self._engine.state["state"]
         return {"engine": "mt19937", "seed": self.seed, "consumed": self._consumed,
-                "key": [int(k) for k in engine["key"]], "pos": int(engine["pos"]),
-                "pending": [int(w) for w in self._pending[self._next:]]}
+                "key": engine["key"].copy(), "pos": int(engine["pos"]),
+                "pending": self._pending[self._next:].copy()}
 
     def set_state(self, state):
         if not isinstance(state, dict) or state.get("engine") != "mt19937":
