@@ -9,6 +9,7 @@ import subprocess
 import numpy as np
 import pytest
 
+from caffelite.layers._cpu_math import sequential_sum
 from layer_testing import TRAIN, make_layer, run_forward, setup_layer
 
 SOURCE = os.path.join(os.path.dirname(__file__), "oracles", "cpu_math_oracle.cpp")
@@ -128,3 +129,13 @@ def test_sigmoid_cross_entropy_loss_loop(oracle):
     bottom, top = setup_layer(layer, [x, t], 1, F32)
     (loss,) = run_forward(layer, bottom, top)
     assert same(loss, oracle("sigmoid_cross_entropy_sum", x, t)[0] / F32(5))
+
+
+def test_sequential_sum_is_the_loop_at_scale(oracle):
+    """The blockwise float accumulate (with its redone blocks) against the compiled loop
+    over half a million positions, including probabilities below FLT_MIN."""
+    rng = np.random.default_rng(11)
+    p = rng.uniform(0, 1, 500_000).astype(F32) ** 3
+    p[::1000] = F32(1e-39)
+    nll = -np.log(np.maximum(p, np.finfo(F32).tiny).astype(np.float64))
+    assert same(sequential_sum(nll, F32), oracle("softmax_loss_sum", p)[0])

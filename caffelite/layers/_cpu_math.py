@@ -10,8 +10,6 @@ round. numpy's own float32 exp and log are not correctly rounded (they differ fr
 C's in the last bit for about 40 % and 9 % of inputs). Device arrays keep their
 dtype: the fork's CUDA kernels call the float functions.
 """
-from array import array
-
 import numpy as np
 
 
@@ -30,8 +28,39 @@ def c_double(value):
 def sequential_sum(values, dtype, start=0.0):
     """``Dtype acc = start; for v: acc += v;`` with each double ``v`` added in double and
     the sum stored back into a ``dtype`` accumulator every step, as the fork's loss
-    loops (``loss -= log(...)``) do. ``values``: a float64 sequence."""
-    acc = array("f" if np.dtype(dtype) == np.float32 else "d", [start])
-    for v in np.asarray(values, dtype=np.float64).tolist():
-        acc[0] = acc[0] + v
-    return np.dtype(dtype).type(acc[0])
+    loops (``loss -= log(...)``) do. ``values``: a float64 sequence.
+
+    For float it runs numpy's sequential float accumulate over the values rounded to
+    float, block by block, and redoes a block from the first step where rounding the
+    value first changed the sum (rare: a few per million), so the result is the loop's.
+    """
+    real = np.dtype(dtype).type
+    values = np.asarray(values, dtype=np.float64).ravel()
+    if real is np.float64:
+        return real(_accumulate(values, np.float64, real(start))[-1]) if values.size \
+            else real(start)
+    acc = real(start)
+    for block in range(0, values.size, _BLOCK):
+        v = values[block:block + _BLOCK]
+        while v.size:
+            sums = _accumulate(v.astype(np.float32), np.float32, acc)
+            before = np.concatenate([[acc], sums[:-1]]).astype(np.float64)
+            exact = (before + v).astype(np.float32)       # the loop's own step
+            wrong = np.flatnonzero(exact != sums)
+            if not wrong.size:
+                acc = sums[-1]
+                break
+            j = int(wrong[0])
+            acc, v = exact[j], v[j + 1:]
+    return acc
+
+
+_BLOCK = 1 << 14
+
+
+def _accumulate(values, dtype, start):
+    """start + v0, (start + v0) + v1, ... strictly left to right in ``dtype``."""
+    out = np.empty(values.size + 1, dtype=dtype)
+    out[0] = start
+    out[1:] = values
+    return np.add.accumulate(out, dtype=dtype)[1:]

@@ -67,9 +67,9 @@ def interp_backward(g, size_in):
 
     Accumulated exactly as the fork's ``caffe_cpu_interp2_backward``: into a zeroed
     map, for every output in row-major order, the four taps' ``+= (ly*lx) * g`` in
-    turn (``np.add.at`` applies repeated indices sequentially), so the result is
-    bit-identical to the fork's CPU backward, border taps that hit the same pixel
-    twice included.
+    turn, so the result is bit-identical to the fork's CPU backward, border taps that
+    hit the same pixel twice included. Each input pixel's terms keep that order; the
+    k-th terms of all pixels are added together (one array operation per k).
     """
     h2, w2 = g.shape[2:]
     h1, w1 = size_in
@@ -84,10 +84,20 @@ def interp_backward(g, size_in):
     tap_cols = np.stack([x0, x1, x0, x1], axis=-1)[None, :, :]
     tap_weights = (np.stack([ly0, ly0, ly1, ly1], axis=-1)[:, None, :]
                    * np.stack([lx0, lx1, lx0, lx1], axis=-1)[None, :, :])
-    index = (tap_rows * w1 + tap_cols).reshape(1, -1)
-    values = (tap_weights[None] * g.reshape(planes, h2, w2, 1)).reshape(planes, -1)
+    target = (tap_rows * w1 + tap_cols).reshape(-1)       # tap t of output t // 4
+    weight = np.broadcast_to(tap_weights, (h2, w2, 4)).reshape(-1)
+    by_target = np.argsort(target, kind="stable")         # each pixel's terms in order
+    counts = np.bincount(target, minlength=h1 * w1)
+    first = np.cumsum(counts) - counts
+    rank = np.empty_like(target)
+    rank[by_target] = np.arange(target.size) - first[target[by_target]]
+    by_rank = np.argsort(rank, kind="stable")
+    bounds = np.searchsorted(rank[by_rank], np.arange(int(counts.max()) + 1))
+    g2 = g.reshape(planes, h2 * w2)
     diff = np.zeros((planes, h1 * w1), dtype)
-    np.add.at(diff, (np.arange(planes)[:, None], index), values)
+    for k in range(len(bounds) - 1):
+        taps = by_rank[bounds[k]:bounds[k + 1]]            # the k-th term of each pixel
+        diff[:, target[taps]] += weight[taps] * g2[:, taps // 4]
     return diff.reshape(g.shape[:2] + (h1, w1))
 
 
