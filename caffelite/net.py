@@ -22,16 +22,20 @@ from .log import logger
 from .proto import caffe_pb2
 
 
-def _weighted_loss(terms):
-    """sum of weight * value over (weight, value) in order, the values being float64
-    sums on the host or the device: all device values come back in one copy."""
+def _weighted_loss(terms, dtype):
+    """Net::ForwardFromTo's loss: ``loss += weight * value`` in order, in the net's
+    Dtype as Caffe adds each layer's loss (a one-element loss top's dot with its weight
+    is one Dtype product). The values are float64 sums on the host or the device (all
+    device values come back in one copy), rounded to Dtype first."""
+    real = np.dtype(dtype).type
     device = [v for _, v in terms if not isinstance(v, np.generic)]
     values = iter(backend.to_host(backend.device_module().stack(device)).tolist()
                   if device else [])
-    loss = 0.0
+    loss = real(0)
     for w, v in terms:
-        loss += w * (float(v) if isinstance(v, np.generic) else next(values))
-    return loss
+        value = real(float(v) if isinstance(v, np.generic) else next(values))
+        loss = real(loss + real(real(w) * value))
+    return float(loss)
 
 class NetError(ValueError):
     pass
@@ -471,7 +475,7 @@ class Net:
                         loss_terms.append((w, xp.sum(t.data, dtype=xp.float64)))
                 if self.debug_info:
                     self._forward_debug_info(i)
-        return _weighted_loss(loss_terms)
+        return _weighted_loss(loss_terms, self.dtype)
 
     # Caffe's debug_info lines: mean absolute values (asum / count, in the blob dtype).
     def _forward_debug_info(self, i):

@@ -212,3 +212,18 @@ def test_v1_layers_win_over_v2_layers_in_one_file(tmp_path):
     net = caffe.Net(write(tmp_path, IP_NET), caffe.TEST)
     net.copy_from(str(tmp_path / "m.caffemodel"))
     assert np.all(net.params["ip"][0].data == 7) and np.all(net.params["ip"][1].data == 7)
+
+
+def test_net_loss_adds_layer_losses_in_float(tmp_path):
+    """Net::ForwardFromTo: ``loss += layer_loss`` in Dtype. 1 + 2^-24 + 2^-24 is 1 in
+    float (each step ties to even), 1 + 2^-23 in double."""
+    tiny = 2.0 ** -24
+    layers = "".join(
+        f'layer {{ name: "l{i}" type: "DummyData" top: "l{i}" loss_weight: 1 '
+        f'dummy_data_param {{ shape {{ dim: 1 }} data_filler {{ type: "constant" '
+        f'value: {value!r} }} }} }}\n' for i, value in enumerate((1.0, tiny, tiny)))
+    net = caffe.Net(str(write(tmp_path, layers)), caffe.TEST)
+    assert net.forward_from_to() == 1.0
+    double_net = caffe.Net(str(write(tmp_path, layers, "d.prototxt")), caffe.TEST,
+                           dtype=np.float64)
+    assert double_net.forward_from_to() == 1.0 + 2 * tiny
