@@ -5,7 +5,10 @@ Random fillers draw from Caffe's global generator with Caffe's distributions
 import numpy as np
 
 from .backend import rng
-from .caffe_rng import rng_bernoulli, rng_gaussian, rng_uniform
+from .caffe_rng import normal_algorithm, rng_bernoulli, rng_gaussian, rng_uniform
+from .log import logger
+
+_announced = set()
 
 
 class FillerError(ValueError):
@@ -23,6 +26,17 @@ def fill(blob, filler_param):
                           "supported by the gaussian filler")
     values = fn(tuple(blob.shape), filler_param, _real(blob.dtype))
     blob.data[...] = np.asarray(values, dtype=blob.dtype).reshape(blob.shape)
+
+
+def _normal(count, mean, std, real):
+    """caffe_rng_gaussian, saying once which Boost's normal generator it follows."""
+    name = normal_algorithm()
+    if name not in _announced:
+        _announced.add(name)
+        logger.info("Gaussian fillers draw as Boost's '%s' normal generator "
+                    "(CAFFELITE_BOOST_NORMAL: box-muller, ziggurat-2014, ziggurat-2016)",
+                    name)
+    return rng_gaussian(rng(), count, mean, std, real)
 
 
 def _real(dtype):
@@ -52,7 +66,7 @@ def _uniform(shape, p, real):
 def _gaussian(shape, p, real):
     if p.std <= 0:
         raise FillerError(f"gaussian filler: std must be positive, got {p.std}")
-    values = rng_gaussian(rng(), _count(shape), p.mean, p.std, real)
+    values = _normal(_count(shape), p.mean, p.std, real)
     if p.sparse < -1:
         raise FillerError(f"gaussian filler: sparse must be >= -1, got {p.sparse}")
     if p.sparse >= 0:
@@ -102,7 +116,7 @@ def _xavier(shape, p, real):
 
 def _msra(shape, p, real):
     std = np.sqrt(real(2) / _fan_n(shape, p, real))
-    return rng_gaussian(rng(), _count(shape), 0.0, std, real)
+    return _normal(_count(shape), 0.0, std, real)
 
 
 def _bilinear(shape, p, real):
