@@ -100,8 +100,8 @@ class DenseCRFLayer(Layer):
             # The fork's bilateral features read bottom[2] without the offset of image
             # n, so every image of a batch sees image 0's colours (densecrf_layer.cpp).
             q = self.infer(scores[n, :, :height, :width], image[0, :, :height, :width])
-            if not self.output_probability:
-                q = np.log(np.maximum(q, np.finfo(np.float32).tiny))
+            if not self.output_probability:      # C's double log, stored as float
+                q = np.log(np.maximum(q, np.finfo(np.float32).tiny).astype(np.float64))
             out[n, :, :height, :width] = q
         top[0].data[...] = xp.asarray(out)
 
