@@ -138,8 +138,9 @@ class CaffeRNG:
 
 # ----------------------------------------------------------------- float helpers
 def _libm(fn, value, real):
-    """A C math function on a float or double, correctly rounded (glibc's logf, expf,
-    sinf, cosf are; computing in double and rounding once gives the same value)."""
+    """A C math function on a float or double as boost calls it (logf, expf, sinf, cosf
+    for floats): the correctly rounded value, which glibc's float functions return in
+    all but rare cases, computed in double and rounded once."""
     return real(fn(float(value)))
 
 
