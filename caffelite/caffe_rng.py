@@ -111,10 +111,6 @@ class CaffeRNG:
         """caffe_rng_rand(): one 32-bit word."""
         return int(self.words(1)[0])
 
-    def below(self, n):
-        """DataTransformer::Rand(n): a word modulo n."""
-        return self.rand() % n
-
     def get_state(self):
         """A snapshot (numpy arrays inside; the solverstate writer stores them as lists)."""
         engine = self._engine.state["state"]

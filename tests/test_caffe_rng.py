@@ -331,3 +331,15 @@ def test_a_seeded_net_draws_fillers_at_setup_then_dropout_in_forward():
         np.testing.assert_allclose(net.blobs["h"].data, h * kept * np.float32(2),
                                    rtol=1e-6, atol=0)
         assert np.array_equal(net.blobs["h"].data != 0, kept)
+
+
+@pytest.mark.parametrize("transform, words", [("", 0), ("transform_param { mirror: true }", 1),
+                                              ("transform_param { crop_size: 2 }", 1)])
+def test_memory_data_draws_initrands_word(transform, words):
+    """BaseDataLayer::LayerSetUp seeds a transformer RNG (one word) when InitRand's
+    condition holds, even though MemoryData never uses it."""
+    caffe.set_random_seed(4)
+    _net(f'''layer {{ name: "m" type: "MemoryData" top: "x" top: "y" {transform}
+             memory_data_param {{ batch_size: 1 channels: 1 height: 3 width: 3 }} }}''',
+         caffe.TRAIN)
+    assert backend.rng().tell() == words

@@ -1,9 +1,9 @@
 """Layers that feed a net from memory: Input, DummyData, MemoryData."""
 import numpy as np
 
-from ..backend import TRAIN, rng
 from ..filler import fill
 from ..layer import Layer, register
+from .image_data import init_transformer_rand
 
 
 @register("Input")
@@ -89,9 +89,8 @@ class MemoryDataLayer(Layer):
         self.shape = (p.batch_size, p.channels, p.height, p.width)
         self._data = self._labels = None
         self._pos = 0
-        tp = self.layer_param.transform_param
-        if tp.mirror or (self.phase == TRAIN and tp.crop_size > 0):
-            rng().rand()   # BaseDataLayer::LayerSetUp's InitRand seeds an (unused) transformer
+        # BaseDataLayer::LayerSetUp's InitRand seeds an (unused) transformer.
+        init_transformer_rand(self.layer_param.transform_param, self.phase)
         top[0].reshape(self.shape)
         top[1].reshape((p.batch_size,))
 

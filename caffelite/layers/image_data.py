@@ -132,6 +132,17 @@ def _caffe_rng_rand():
     return backend.rng().rand()
 
 
+def transformer_has_rng(transform_param, phase):
+    """DataTransformer::InitRand's condition: mirror, or crop_size in TRAIN."""
+    return bool(transform_param.mirror or (phase == TRAIN and transform_param.crop_size > 0))
+
+
+def init_transformer_rand(transform_param, phase):
+    """DataTransformer::InitRand: the seed word it draws from the global generator, or
+    None when the transformer has no RNG (and draws nothing)."""
+    return _caffe_rng_rand() if transformer_has_rng(transform_param, phase) else None
+
+
 # ------------------------------------------------------------------ prefetching base
 class PrefetchingDataLayer(Layer):
     """Common prefetch machinery: ``plan_batch()`` (cheap, in order, on the caller's
@@ -225,10 +236,7 @@ class ImageListLayer(PrefetchingDataLayer):
         p, tp = self.layer_param.image_data_param, self.layer_param.transform_param
         self.entries = entries
         self.order = np.arange(len(entries))
-        # DataTransformer::InitRand, the first time (BaseDataLayer::LayerSetUp).
-        needs_rand = tp.mirror or (self.phase == TRAIN and tp.crop_size > 0)
-        if needs_rand:
-            _caffe_rng_rand()
+        init_transformer_rand(tp, self.phase)   # BaseDataLayer::LayerSetUp's; replaced
         self.shuffle = p.shuffle
         self.shuffle_rng = None
         if self.shuffle:
@@ -240,8 +248,8 @@ class ImageListLayer(PrefetchingDataLayer):
         # InitRand again before the prefetch thread starts: this seed is the one used.
         # Without it the fork has no transformer RNG (its first Rand would fail); the
         # layer then draws from a generator seeded by the next word, drawn nowhere else.
-        self.transform_rng = CaffeRNG(_caffe_rng_rand() if needs_rand
-                                      else backend.rng().peek(1)[0])
+        seed = init_transformer_rand(tp, self.phase)
+        self.transform_rng = CaffeRNG(seed if seed is not None else backend.rng().peek(1)[0])
         if skip:
             logger.info("Skipping first %d data points.", skip)
             if skip >= len(entries):
@@ -401,8 +409,8 @@ class ImageSegDataLayer(ImageListLayer):
         self.start_prefetch()
 
     def _warn_fork_differences(self, tp, cropping, means):
-        fork_has_rng = tp.mirror or (self.phase == TRAIN and tp.crop_size > 0)
-        if (len(tp.scale_factors) or (self.phase == TRAIN and cropping)) and not fork_has_rng:
+        if (len(tp.scale_factors) or (self.phase == TRAIN and cropping)) \
+                and not transformer_has_rng(tp, self.phase):
             logger.warning(
                 "layer '%s': the original fork has no transformer RNG here (it creates "
                 "one only with mirror: true or crop_size in TRAIN) and stops at its first "
