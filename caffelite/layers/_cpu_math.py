@@ -20,6 +20,21 @@ def double(xp, a):
     return a
 
 
+def caffe_exp(xp, a):
+    """caffe_exp (vsExp): exp of every element, stored back in ``a``'s dtype."""
+    return xp.exp(double(xp, a)).astype(a.dtype, copy=False)
+
+
+def caffe_log(xp, a):
+    """caffe_log (vsLn): log of every element, stored back in ``a``'s dtype."""
+    return xp.log(double(xp, a)).astype(a.dtype, copy=False)
+
+
+def caffe_powx(xp, a, b):
+    """caffe_powx (vsPowx): ``pow(a[i], b)``, stored back in ``a``'s dtype."""
+    return xp.power(double(xp, a), double(xp, b)).astype(a.dtype, copy=False)
+
+
 def c_double(value):
     """A Python or numpy scalar as C's double (for setup-time constants)."""
     return np.float64(value)

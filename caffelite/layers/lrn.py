@@ -12,7 +12,7 @@ pad (n-1)/2, stride 1, Power(power=-beta, scale=alpha, shift=1), Eltwise PROD), 
 from ..backend import get_array_module
 from ..layer import Layer, register
 from ..proto import caffe_pb2
-from ._cpu_math import double
+from ._cpu_math import caffe_powx
 
 _P = caffe_pb2.LRNParameter
 
@@ -76,11 +76,6 @@ class LRNLayer(Layer):
                 padded[:, :, i:i + h, j:j + w] += a
         return padded[:, :, p:p + h, p:p + w]
 
-    @staticmethod
-    def _powx(xp, a, b):
-        """caffe_powx: C's pow in double, stored as Dtype (host); powf on the device."""
-        return xp.power(double(xp, a), double(xp, b)).astype(a.dtype, copy=False)
-
     # --- forward / backward ----------------------------------------------------------
     def forward(self, bottom, top):
         x = bottom[0].data
@@ -89,11 +84,11 @@ class LRNLayer(Layer):
         if self.region == _P.ACROSS_CHANNELS:
             alpha_over_size = self.alpha / dt(self.size)
             self.scale = self.k + alpha_over_size * self._channel_window_sum(xp, x * x)
-            top[0].data[...] = self._powx(xp, self.scale, -self.beta) * x
+            top[0].data[...] = caffe_powx(xp, self.scale, -self.beta) * x
         else:
             pool_size = dt(self.size * self.size)
             self.pooled = self._spatial_window_sum(xp, x * x) / pool_size
-            self.power = self._powx(xp, self.pooled * self.alpha + dt(1), -self.beta)
+            self.power = caffe_powx(xp, self.pooled * self.alpha + dt(1), -self.beta)
             top[0].data[...] = x * self.power
 
     def backward(self, top, propagate_down, bottom):
@@ -106,7 +101,7 @@ class LRNLayer(Layer):
             cache_ratio = dt(2) * self.alpha * self.beta / dt(self.size)
             ratio = g * top[0].data / self.scale
             accum = self._channel_window_sum(xp, ratio)
-            bottom[0].diff[...] = (self._powx(xp, self.scale, -self.beta) * g
+            bottom[0].diff[...] = (caffe_powx(xp, self.scale, -self.beta) * g
                                    - cache_ratio * (accum * x))
         else:
             # Eltwise PROD -> Power(-beta, alpha, 1) -> AVE pool -> Power(2) -> Split.

@@ -12,7 +12,7 @@ from ..caffe_rng import rng_bernoulli
 from ..filler import fill
 from ..layer import NeuronLayer, register
 from ..proto import caffe_pb2
-from ._cpu_math import c_double, double
+from ._cpu_math import c_double, caffe_exp, caffe_log, caffe_powx, double
 from ._device import launch, on_device
 
 
@@ -214,9 +214,9 @@ class PowerLayer(_SavesBottomInPlace):
             top[0].data[...] = value
             return
         y = self._shifted(bottom[0].data)
-        if self.power != 1:                        # caffe_powx: C's pow in double
+        if self.power != 1:
             with np.errstate(invalid="ignore", divide="ignore"):
-                y = xp.power(double(xp, y), double(xp, self.power))
+                y = caffe_powx(xp, y, self.power)
         top[0].data[...] = y
 
     def _shifted(self, x):
@@ -279,7 +279,7 @@ class ExpLayer(NeuronLayer):
         x = bottom[0].data
         with np.errstate(over="ignore"):
             scaled = x if self.inner_scale == 1 else self.inner_scale * x
-            y = xp.exp(double(xp, scaled)).astype(x.dtype, copy=False)   # caffe_exp
+            y = caffe_exp(xp, scaled)
             if self.outer_scale != 1:
                 y = y * self.outer_scale
         top[0].data[...] = y
@@ -320,9 +320,8 @@ class LogLayer(_SavesBottomInPlace):
     def forward(self, bottom, top):
         xp = get_array_module(bottom[0].data)
         self.save_bottom(bottom, top)
-        x = bottom[0].data
         with np.errstate(invalid="ignore", divide="ignore"):
-            y = xp.log(double(xp, self._shifted(x))).astype(x.dtype, copy=False)  # caffe_log
+            y = caffe_log(xp, self._shifted(bottom[0].data))
         if self.base_scale != 1:
             y = y * self.base_scale
         top[0].data[...] = y

@@ -14,7 +14,7 @@ import numpy as np
 
 from ..backend import get_array_module, to_host
 from ..layer import Layer, LossLayer, register
-from ._cpu_math import double, sequential_sum
+from ._cpu_math import caffe_exp, double, sequential_sum
 from ._device import contiguous, launch, on_device, scalar
 
 # Caffe clamps probabilities at FLT_MIN before the log, in float and in double.
@@ -35,8 +35,7 @@ def split_axis(shape, axis):
 def softmax(xp, x3):
     """Max-subtracted softmax over axis 1 of an (outer, C, inner) array, in its dtype;
     on the host the exp is C's (caffe_exp: double exp, stored as Dtype)."""
-    shifted = x3 - x3.max(axis=1, keepdims=True)
-    e = xp.exp(double(xp, shifted)).astype(x3.dtype, copy=False)
+    e = caffe_exp(xp, x3 - x3.max(axis=1, keepdims=True))
     return e / e.sum(axis=1, keepdims=True)
 
 
