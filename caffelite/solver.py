@@ -642,16 +642,13 @@ class Solver:
                 "c_rand": caffe_rng.c_rand().get_state(), "layers": layers}
 
     def _restore_extension(self, path, ext):
-        if ext.get("rng"):
-            try:
-                backend.rng().set_state(ext["rng"])
-            except (TypeError, ValueError, KeyError) as e:
-                logger.warning("%s: random generator state not restored (%s)", path, e)
-        if ext.get("c_rand"):
-            try:
-                caffe_rng.c_rand().set_state(ext["c_rand"])
-            except (TypeError, ValueError, KeyError) as e:
-                logger.warning("%s: rand() state not restored (%s)", path, e)
+        for key, stream, what in (("rng", backend.rng(), "random generator"),
+                                  ("c_rand", caffe_rng.c_rand(), "rand()")):
+            if ext.get(key):
+                try:
+                    stream.set_state(ext[key])
+                except (TypeError, ValueError, KeyError) as e:
+                    logger.warning("%s: %s state not restored (%s)", path, what, e)
         nets = dict(self._nets_by_role())
         for role, states in ext.get("layers", {}).items():
             net = nets.get(role)

@@ -518,6 +518,26 @@ def test_hdf5_data_rows_files_and_shuffle(tmp_path):
     assert a == shuffled() and sorted(a[:10]) == [0, 1, 2, 3, 4, 10, 11, 12, 13, 14]
     assert a == hdf5_shuffled_labels_by_libc([[0, 1, 2, 3, 4], [10, 11, 12, 13, 14]], 30)
 
+    # Resuming: the solverstate restores the process's rand() stream, then the layer's
+    # cursor and orders; reloading the current file must not draw from rand().
+    c_rand().reseed(1)
+    first = make_net(text.replace("SHUF", "shuffle: true"))
+    for _ in range(4):
+        first.forward()
+    state, stream = first.layer_dict["d"].state_dict(), c_rand().get_state()
+    straight = []
+    for _ in range(5):
+        first.forward()
+        straight.extend(first.blobs["label"].data.tolist())
+    second = make_net(text.replace("SHUF", "shuffle: true"))
+    c_rand().set_state(stream)
+    second.layer_dict["d"].load_state_dict(state)
+    resumed = []
+    for _ in range(5):
+        second.forward()
+        resumed.extend(second.blobs["label"].data.tolist())
+    assert resumed == straight
+
 
 def hdf5_shuffled_labels_by_libc(file_labels, count):
     """HDF5DataLayer's shuffled row order (hdf5_data_layer.cpp), with std::random_shuffle

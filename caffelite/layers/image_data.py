@@ -751,15 +751,14 @@ class HDF5DataLayer(Layer):
             self.current_row += 1
 
     def state_dict(self):
+        """The rand() stream is the process's: the solverstate saves it once for all."""
         return {"file": self.current_file, "row": self.current_row,
-                "file_order": self.file_order.tolist(), "rows": self.rows.tolist(),
-                "rand": self.c_rand.get_state()}
+                "file_order": self.file_order.tolist(), "rows": self.rows.tolist()}
 
     def load_state_dict(self, state):
         self.file_order = np.asarray(state["file_order"], dtype=np.int64)
         self.current_file = int(state["file"])
-        self.c_rand.set_state(state["rand"])
-        saved_rand = self.c_rand.get_state()
+        saved_rand = self.c_rand.get_state()     # reloading must not draw from rand()
         self._load(self.file_order[self.current_file])
         self.c_rand.set_state(saved_rand)
         self.rows = np.asarray(state["rows"], dtype=np.int64)
