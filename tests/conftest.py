@@ -36,6 +36,20 @@ def launch(request):
     return {} if request.param == "full_grid" else {"grid": 2, "block": 3}
 
 
+def compile_oracle(tmp_path_factory, name, *flags, why=""):
+    """Build tests/oracles/<name>.cpp with g++ (or $CXX) into a temporary folder and
+    return the executable's path; skip the test without a compiler."""
+    import shutil
+    import subprocess
+    cxx = os.environ.get("CXX") or shutil.which("g++")
+    if not cxx:
+        pytest.skip(f"no C++ compiler (g++ or $CXX) for {why or name}")
+    exe = str(tmp_path_factory.mktemp(name) / name)
+    source = os.path.join(ROOT, "tests", "oracles", f"{name}.cpp")
+    subprocess.run([cxx, "-O2", *flags, "-o", exe, source], check=True, capture_output=True)
+    return exe
+
+
 def corpus_path(*parts):
     path = os.path.join(CORPUS, *parts)
     if not os.path.exists(path):

@@ -5,7 +5,6 @@ installed: apt install libboost-dev), and mpmath for the ziggurat tables."""
 import ctypes
 import ctypes.util
 import os
-import shutil
 import subprocess
 
 import numpy as np
@@ -17,10 +16,10 @@ from caffelite.caffe_rng import (CaffeRNG, GlibcRand, rng_bernoulli, rng_gaussia
                                  rng_uniform, shuffle)
 from caffelite.io import prototxt
 from caffelite.proto import caffe_pb2
+from conftest import compile_oracle
 from layer_testing import TRAIN, make_layer, run_forward, setup_layer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ORACLE_SOURCE = os.path.join(HERE, "oracles", "caffe_rng_oracle.cpp")
 BOOST_RANDOM = "/usr/include/boost/random"
 
 
@@ -93,12 +92,10 @@ def _installed_boost_normal():
 
 @pytest.fixture(scope="module")
 def boost_oracle(tmp_path_factory):
-    cxx = os.environ.get("CXX") or shutil.which("g++")
-    if not cxx or not os.path.isdir(BOOST_RANDOM):
-        pytest.skip("boost's headers (apt install libboost-dev) and g++ are needed for "
-                    "the boost oracle")
-    exe = str(tmp_path_factory.mktemp("oracle") / "caffe_rng_oracle")
-    subprocess.run([cxx, "-O2", "-o", exe, ORACLE_SOURCE], check=True, capture_output=True)
+    if not os.path.isdir(BOOST_RANDOM):
+        pytest.skip("boost's headers (apt install libboost-dev) are needed for the boost "
+                    "oracle")
+    exe = compile_oracle(tmp_path_factory, "caffe_rng_oracle", why="the boost oracle")
 
     def run(seed, op, count, *args, dtype):
         out = subprocess.run([exe, str(seed), op, str(count), *map(repr, args)],

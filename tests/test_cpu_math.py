@@ -2,28 +2,22 @@
 expressions compiled with g++ (tests/oracles/cpu_math_oracle.cpp): a float promoted
 to double, the rest of the expression in double, one rounding to float at the store;
 loss loops adding each double term into a float accumulator."""
-import os
-import shutil
 import subprocess
 
 import numpy as np
 import pytest
 
 from caffelite.layers._cpu_math import sequential_sum
+from conftest import compile_oracle
 from layer_testing import TRAIN, make_layer, run_forward, setup_layer
 
-SOURCE = os.path.join(os.path.dirname(__file__), "oracles", "cpu_math_oracle.cpp")
 F32 = np.float32
 
 
 @pytest.fixture(scope="module")
 def oracle(tmp_path_factory):
-    cxx = os.environ.get("CXX") or shutil.which("g++")
-    if not cxx:
-        pytest.skip("no C++ compiler (g++ or $CXX) for the CPU math oracle")
-    exe = str(tmp_path_factory.mktemp("cpu_math") / "cpu_math_oracle")
-    subprocess.run([cxx, "-O2", "-std=gnu++98", "-o", exe, SOURCE], check=True,
-                   capture_output=True)
+    exe = compile_oracle(tmp_path_factory, "cpu_math_oracle", "-std=gnu++98",
+                         why="the CPU math oracle")
 
     def run(op, a, b=None, param=None):
         a = np.ascontiguousarray(a, F32).ravel()

@@ -20,7 +20,7 @@ from caffelite.proto import caffe_pb2
 from caffelite.solver import (AdaDeltaSolver, AdaGradSolver, AdamSolver, NesterovSolver,
                               RMSPropSolver, SGDSolver, Solver, SolverError, get_solver,
                               install_signal_handlers, learning_rate)
-from conftest import corpus_path
+from conftest import compile_oracle, corpus_path
 
 N, K, M = 4, 3, 2     # batch, input features, outputs of the InnerProduct
 
@@ -246,12 +246,7 @@ def test_lr_policies(policy, fields, formula):
 def lr_oracle(tmp_path_factory):
     """tests/oracles/lr_oracle.cpp: the fork's GetLearningRate and Adam correction
     expressions, compiled; g++ and the C library then decide every conversion."""
-    cxx = os.environ.get("CXX") or shutil.which("g++")
-    if not cxx:
-        pytest.skip("no C++ compiler (g++ or $CXX) for the learning-rate oracle")
-    exe = str(tmp_path_factory.mktemp("lr") / "lr_oracle")
-    source = os.path.join(os.path.dirname(__file__), "oracles", "lr_oracle.cpp")
-    subprocess.run([cxx, "-O2", "-o", exe, source], check=True, capture_output=True)
+    exe = compile_oracle(tmp_path_factory, "lr_oracle", why="the learning-rate oracle")
 
     def run(policy, base_lr, gamma, power, stepsize, max_iter, it, beta1, beta2):
         out = subprocess.run([exe, policy] + [repr(float(v)) for v in (
