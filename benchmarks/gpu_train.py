@@ -87,7 +87,8 @@ def parse_args(argv=None):
     p.add_argument("--phase", default="train,test", help="comma list of: train, test")
     p.add_argument("--precision", default="fp32,tf32", help="comma list of: fp32, tf32")
     p.add_argument("--engines", default="caffelite,torch",
-                   help="comma list of: caffelite, torch")
+                   help="comma list of: caffelite, caffelite-per-image (one GEMM per image "
+                        "and unpadded columns, as before image groups), torch")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     p.add_argument("--iters", type=int, default=5, help="timed iterations (at most)")
     p.add_argument("--warmup", type=int, default=1, help="untimed iterations (at least 1)")
@@ -99,6 +100,10 @@ def parse_args(argv=None):
                    help="forward/backward passes per update (default: the solver's)")
     p.add_argument("--budget", type=float, default=330,
                    help="seconds for all measurements; each gets a share of what is left")
+    p.add_argument("--base-lr", type=float, default=1e-9,
+                   help="both engines' base_lr: from random weights the corpus's rate "
+                        "diverges within a few iterations (caffelite then stops on the NaN "
+                        "loss); the rate does not change the work")
     p.add_argument("--max-seconds", type=float, default=40,
                    help="cap on the timed part of one measurement")
     p.add_argument("--no-profile", dest="profile", action="store_false",
@@ -111,7 +116,7 @@ def parse_args(argv=None):
     args.warmup = max(1, args.warmup)
     args.iters = max(1, args.iters)
     known = {"net": NETS, "phase": ("train", "test"), "precision": ("fp32", "tf32"),
-             "engines": ("caffelite", "torch")}
+             "engines": ("caffelite", "caffelite-per-image", "torch")}
     for field, choices in known.items():
         values = [v for v in getattr(args, field).split(",") if v]
         unknown = [v for v in values if v not in choices]
@@ -523,6 +528,7 @@ def bench_train(dev, key, args, clock, rates, rows):
     label = NETS[key]["label"]
     param, shapes = bench_net(args.corpus, key, caffe.TRAIN, args.size, args.batch)
     sp = bench_solver(args.corpus, key, param, args.iter_size)
+    sp.base_lr = args.base_lr
     caffe.set_random_seed(5)
     solver = caffe.get_solver(sp)
     random_weights(solver.net, key)
@@ -540,6 +546,8 @@ def bench_train(dev, key, args, clock, rates, rows):
         sgd = tnet.sgd(sp.base_lr, sp.momentum, sp.weight_decay)
         check = train_check(dev, net, tnet, tinputs)
     run = {"caffelite": lambda seconds: run_caffelite_train(dev, solver, args, seconds),
+           "caffelite-per-image": per_image(
+               lambda seconds: run_caffelite_train(dev, solver, args, seconds)),
            "torch": lambda seconds: run_torch_train(dev, tnet, tinputs, sgd, sp.iter_size,
                                                     args, seconds)}
     for precision in args.precision:
@@ -550,6 +558,21 @@ def bench_train(dev, key, args, clock, rates, rows):
         dev.profiles.append(profile_train(dev, label, solver, tnet, tinputs, sgd))
     del run, solver, net, tnet, sgd, tinputs
     dev.free()
+
+
+def per_image(run):
+    """``run`` with the device convolutions making one GEMM per image on unpadded columns
+    (Caffe's way, and caffelite's before image groups): the before/after measurement."""
+    from caffelite.layers import im2col
+
+    def wrapped(seconds):
+        saved = im2col.GROUP_IMAGES
+        im2col.GROUP_IMAGES = False
+        try:
+            return run(seconds)
+        finally:
+            im2col.GROUP_IMAGES = saved
+    return wrapped
 
 
 def train_check(dev, net, tnet, tinputs):
@@ -593,12 +616,14 @@ def bench_test(dev, key, args, clock, rates, rows):
         numbers = run_torch_test(dev, tnet, tinputs, output, args, seconds, result)
         outs["torch"] = result["out"].float().cpu().numpy()
         return numbers
-    run = {"caffelite": caffelite_run, "torch": torch_run}
+    run = {"caffelite": caffelite_run, "torch": torch_run,
+           "caffelite-per-image": per_image(
+               lambda seconds: run_caffelite_test(dev, net, args, seconds))}
     for precision in args.precision:
         outs.clear()
         for engine in args.engines:
             rows.append(engine_row(dev, base, engine, precision, clock, rates, run[engine]))
-        if len(outs) == 2:
+        if "caffelite" in outs and "torch" in outs:
             diff = rel_diff(outs["caffelite"], outs["torch"])
             for row in rows[-len(args.engines):]:
                 row["check"] = diff
@@ -617,9 +642,9 @@ def engine_row(dev, base, engine, precision, clock, rates, run):
         flag_ok = dev.set_precision(precision)
         if engine == "torch" and not dev.has_torch():
             raise RuntimeError(dev.torch_error)
-        if engine == "caffelite" and dev.caffelite_gpu_error:
+        if engine.startswith("caffelite") and dev.caffelite_gpu_error:
             raise RuntimeError(dev.caffelite_gpu_error)
-        if engine == "caffelite" and not flag_ok:
+        if engine.startswith("caffelite") and not flag_ok:
             raise RuntimeError("caffelite has no TF32 flag (backend.set_tf32)")
         row.update(run(seconds))
     except Exception as e:                 # noqa: BLE001 (reported in the table)
@@ -654,7 +679,9 @@ def profile_train(dev, label, solver, tnet, tinputs, sgd):
     out = {"net": label}
     try:
         dev.set_precision("fp32")
-        out["caffelite"] = caffelite_layer_times(solver, dev.sync_caffelite)
+        out["caffelite_conv_layers"] = {}
+        out["caffelite"] = caffelite_layer_times(solver, dev.sync_caffelite,
+                                                 out["caffelite_conv_layers"])
     except Exception as e:                 # noqa: BLE001 (reported)
         out["caffelite_error"] = first_line(e)
     if tnet is not None and dev.kind == "cuda":
@@ -666,9 +693,19 @@ def profile_train(dev, label, solver, tnet, tinputs, sgd):
     return out
 
 
-def caffelite_layer_times(solver, sync):
+def caffelite_layer_times(solver, sync, conv_layers=None):
+    """ms per layer type, forward and backward, the device synchronised after each layer;
+    ``conv_layers`` (a dict), if given, gets {name: [forward ms, backward ms]} of every
+    Convolution layer (the JSON's per-layer view of where the GEMM time goes)."""
     net = solver.net
     by_type = {}
+    if conv_layers is None:
+        conv_layers = {}
+
+    def note(i, which, ms):
+        layer = net.layers[i]
+        if layer.type == "Convolution":
+            conv_layers.setdefault(net._layer_names[i], [0.0, 0.0])[which] += ms
 
     def entry(kind):
         return by_type.setdefault(kind, {"forward_ms": 0.0, "backward_ms": 0.0, "layers": 0})
@@ -681,12 +718,16 @@ def caffelite_layer_times(solver, sync):
         t = time.perf_counter()
         net.forward_from_to(i, i)
         sync()
-        entry(layer.type)["forward_ms"] += (time.perf_counter() - t) * 1e3
+        ms = (time.perf_counter() - t) * 1e3
+        entry(layer.type)["forward_ms"] += ms
+        note(i, 0, ms)
     for i in reversed(range(len(net.layers))):
         t = time.perf_counter()
         net.backward_from_to(i, i)
         sync()
-        entry(net.layers[i].type)["backward_ms"] += (time.perf_counter() - t) * 1e3
+        ms = (time.perf_counter() - t) * 1e3
+        entry(net.layers[i].type)["backward_ms"] += ms
+        note(i, 1, ms)
     t = time.perf_counter()
     solver.apply_update()
     sync()

@@ -304,28 +304,33 @@ def conv_cases():
         # (2 - 3) / 2 + 1 = 1 row in C: the one window reads zeros below the image
         ("c_division_size", dict(num_output=2, kernel_size=3, stride=2), (1, 2, 2, 4)),
     ]
+    # 2-D convolutions other than 1x1 make one GEMM per group of whole images on the
+    # device (the emulator's too), the host one per image: other GEMM shapes, so BLAS
+    # may sum in other orders and the emulated bounds are the GEMM bounds as well.
     for name, params, shape in specs:
         taps = params.get("kernel_size", 0) ** 2 or params["kernel_h"] * params["kernel_w"]
         cin = shape[1] // params.get("group", 1)
         cout = params["num_output"] // params.get("group", 1)
         positions = shape[0] * shape[2] * shape[3]
+        one_by_one = params.get("kernel_size") == 1
         for dtype in (F32, F64):
+            fwd, bwd = gemm_bound(cin * taps), gemm_bound(positions + cout + taps)
             out.append(Case(
                 f"Convolution_{name}_{np.dtype(dtype).name}", conv_text(**params),
                 several(normal(*shape)), dtype=dtype,
-                bwd=Bound(0) if params.get("kernel_size") == 1 else taps_bound(taps),
-                cuda_fwd=gemm_bound(cin * taps),
-                cuda_bwd=gemm_bound(positions + cout + taps)))
+                fwd=EXACT if one_by_one else fwd, bwd=Bound(0) if one_by_one else bwd,
+                cuda_fwd=fwd, cuda_bwd=bwd))
+            fwd, bwd = gemm_bound(cout + taps), gemm_bound(positions * taps + cin * taps)
             out.append(Case(
                 f"Deconvolution_{name}_{np.dtype(dtype).name}",
                 conv_text("Deconvolution", **params), several(normal(*shape)), dtype=dtype,
-                fwd=Bound(0) if params.get("kernel_size") == 1 else taps_bound(taps),
-                cuda_fwd=gemm_bound(cout + taps),
-                cuda_bwd=gemm_bound(positions * taps + cin * taps)))
+                fwd=Bound(0) if one_by_one else fwd, bwd=EXACT if one_by_one else bwd,
+                cuda_fwd=fwd, cuda_bwd=bwd))
     out.append(Case("Convolution_two_bottoms_no_bias",
                     conv_text(bias=False, num_output=3, kernel_size=3, pad=1),
                     several(normal(2, 2, 5, 5), normal(2, 2, 5, 5)), num_top=2,
-                    bwd=taps_bound(9), cuda_fwd=gemm_bound(18), cuda_bwd=gemm_bound(80)))
+                    fwd=gemm_bound(18), bwd=gemm_bound(80),
+                    cuda_fwd=gemm_bound(18), cuda_bwd=gemm_bound(80)))
     out.append(Case("Convolution_3d_slices",
                     conv_text(num_output=2, kernel_size=3, pad=1),
                     several(normal(1, 2, 4, 5, 3)), cuda_fwd=gemm_bound(54),
@@ -715,6 +720,30 @@ def test_convolution_in_bands_accumulates(monkeypatch, device, dtype):
                     bwd=taps_bound(9) if kind == "Convolution" else EXACT,
                     cuda_fwd=gemm_bound(30), cuda_bwd=gemm_bound(200))
         compare(case, device)
+
+
+@pytest.mark.parametrize("dtype", [F32, F64])
+@pytest.mark.parametrize("grouped", [True, False], ids=["image_groups", "one_per_gemm"])
+def test_convolution_over_groups_of_whole_images(monkeypatch, device, dtype, grouped):
+    """Five images, a column budget for two of them (padded leading dimension included):
+    groups of 2, 2 and 1 images per GEMM, grouped convolution too; with GROUP_IMAGES off
+    one image per GEMM on unpadded columns (Caffe's way, the band path)."""
+    monkeypatch.setattr(im2col_module, "GROUP_IMAGES", grouped)
+    bottom = (5, 4, 7, 9)
+    geom = im2col_module.ConvGeometry((3, 3), (1, 1), (2, 2), (2, 2))
+    rows, plane = 4 * geom.taps, 7 * 9
+    budget = rows * im2col_module._aligned(2 * plane) * np.dtype(dtype).itemsize
+    monkeypatch.setattr(im2col_module, "DEVICE_COL_BUFFER_BYTES", budget)
+    groups = im2col_module.image_groups(5, 4, geom, (7, 9), np.dtype(dtype).itemsize)
+    assert groups == ([(0, 2), (2, 4), (4, 5)] if grouped else None)
+    for kind in ("Convolution", "Deconvolution"):
+        for group in (1, 2):
+            text = conv_text(kind, num_output=6, kernel_size=3, pad=2, dilation=2,
+                             group=group)
+            fwd, bwd = gemm_bound(4 * 9), gemm_bound(5 * 7 * 9 * 9 + 4 * 9)
+            case = Case(f"{kind}_image_groups_{group}", text, several(normal(*bottom)),
+                        dtype=dtype, fwd=fwd, bwd=bwd, cuda_fwd=fwd, cuda_bwd=bwd)
+            compare(case, device)
 
 
 def test_max_pooling_device_mask_is_int32_and_top_mask_matches(device):

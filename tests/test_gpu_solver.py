@@ -71,7 +71,7 @@ def set_inputs(solver, seed=0):
 
 def injected_gradient(iteration, shape):
     """Multiples of 1/64 in [-1/2, 1/2]: squares and their sums are exact in float32."""
-    return np.random.default_rng([100, iteration]).integers(-32, 33, shape) / 64
+    return np.random.default_rng([100, *iteration]).integers(-32, 33, shape) / 64
 
 
 def inject_gradients(solver, norms=None):

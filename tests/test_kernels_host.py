@@ -165,10 +165,12 @@ def im2col_geometry(case):
     return channels, img, geom, geom.conv_output_shape(img)
 
 
-def im2col_args(geom, img, grid, row_begin, band_rows):
-    return (img[0], img[1], geom.kernel[0], geom.kernel[1], geom.pad[0], geom.pad[1],
-            geom.stride[0], geom.stride[1], geom.dilation[0], geom.dilation[1], grid[1],
-            row_begin, band_rows)
+def im2col_args(geom, channels, img, grid, row_begin, band_rows, num=1, col_ld=None):
+    if col_ld is None:
+        col_ld = num * band_rows * grid[1]
+    return (channels, img[0], img[1], geom.kernel[0], geom.kernel[1], geom.pad[0],
+            geom.pad[1], geom.stride[0], geom.stride[1], geom.dilation[0], geom.dilation[1],
+            grid[1], row_begin, band_rows, num, col_ld)
 
 
 def col2im_in_order(col, channels, img, geom, grid, reverse):
@@ -199,8 +201,8 @@ def test_im2col_matches_numpy_exactly(kern, launch, case, dtype):
     np_im2col.im2col(image, expected, geom, grid, 0, grid[0])
     col = poisoned(expected.shape, dtype)
     n = channels * grid[0] * grid[1]
-    kern.run("im2col", "im2col", dtype, n, image, *im2col_args(geom, img, grid, 0, grid[0]),
-             col, **launch)
+    kern.run("im2col", "im2col", dtype, n, image,
+             *im2col_args(geom, channels, img, grid, 0, grid[0]), col, **launch)
     np.testing.assert_array_equal(col, expected)
     # A band of rows [r0, r1): the column buffer holds only those rows.
     r0, r1 = grid[0] // 3, max(grid[0] // 3 + 1, grid[0] - 1)
@@ -208,7 +210,7 @@ def test_im2col_matches_numpy_exactly(kern, launch, case, dtype):
     np_im2col.im2col(image, band, geom, grid, r0, r1)
     col = poisoned(band.shape, dtype)
     kern.run("im2col", "im2col", dtype, channels * (r1 - r0) * grid[1], image,
-             *im2col_args(geom, img, grid, r0, r1 - r0), col, **launch)
+             *im2col_args(geom, channels, img, grid, r0, r1 - r0), col, **launch)
     np.testing.assert_array_equal(col, band)
 
 
@@ -222,7 +224,7 @@ def test_col2im_matches_numpy(kern, launch, case, dtype):
     rng = np.random.default_rng(2)
     shape = (channels,) + tuple(geom.kernel) + tuple(grid)
     n = channels * img[0] * img[1]
-    args = im2col_args(geom, img, grid, 0, grid[0])
+    args = im2col_args(geom, channels, img, grid, 0, grid[0])
 
     col = rng.standard_normal(shape).astype(dtype)
     image = poisoned((channels,) + img, dtype)
@@ -257,9 +259,45 @@ def test_col2im_in_bands_accumulates(kern, launch, case):
     for k, r0 in enumerate(range(0, grid[0], 2)):
         r1 = min(grid[0], r0 + 2)
         band = np.ascontiguousarray(full[:, :, :, r0:r1])
-        kern.run("im2col", "col2im", dtype, n, band, *im2col_args(geom, img, grid, r0, r1 - r0),
-                 int(k > 0), image, **launch)
+        kern.run("im2col", "col2im", dtype, n, band,
+                 *im2col_args(geom, channels, img, grid, r0, r1 - r0), int(k > 0), image,
+                 **launch)
     np.testing.assert_array_equal(image, expected)
+
+
+@pytest.mark.parametrize("case", IM2COL_CASES)
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_several_images_side_by_side_with_padding_columns(kern, launch, case, dtype):
+    """num images in one column matrix: image i's columns follow image i-1's, rows are
+    col_ld apart, and the padding columns beyond num * grid are never touched (they stay
+    poisoned). col2im reads the same layout back into the num images."""
+    channels, img, geom, grid = im2col_geometry(case)
+    num, plane = 3, grid[0] * grid[1]
+    col_ld = num * plane + 3
+    rows = channels * geom.taps
+    rng = np.random.default_rng(4)
+    images = rng.standard_normal((num, channels) + img).astype(dtype)
+    expected = np.empty((rows, num, plane), dtype)
+    for i in range(num):
+        one = np.empty((channels,) + tuple(geom.kernel) + tuple(grid), dtype)
+        np_im2col.im2col(images[i], one, geom, grid, 0, grid[0])
+        expected[:, i] = one.reshape(rows, plane)
+    col = poisoned((rows, col_ld), dtype)
+    args = im2col_args(geom, channels, img, grid, 0, grid[0], num, col_ld)
+    kern.run("im2col", "im2col", dtype, channels * num * plane, images, *args, col, **launch)
+    np.testing.assert_array_equal(col[:, :num * plane], expected.reshape(rows, -1))
+    assert np.isnan(col[:, num * plane:]).all()
+
+    col = poisoned((rows, col_ld), dtype)
+    col[:, :num * plane] = rng.standard_normal((rows, num * plane))
+    out = poisoned(images.shape, dtype)
+    kern.run("im2col", "col2im", dtype, out.size, col, *args, 0, out, **launch)
+    for i in range(num):
+        one = np.ascontiguousarray(col[:, i * plane:(i + 1) * plane])
+        single = poisoned((channels,) + img, dtype)
+        kern.run("im2col", "col2im", dtype, single.size, one,
+                 *im2col_args(geom, channels, img, grid, 0, grid[0]), 0, single, **launch)
+        np.testing.assert_array_equal(out[i], single)
 
 
 # ============================================================== pooling.cu

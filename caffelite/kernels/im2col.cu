@@ -2,10 +2,14 @@
 // (Caffe's util/im2col.cu; mirrors caffelite/layers/im2col.py).
 //
 // Column layout (Caffe's): row (c*kernel_h + u)*kernel_w + v, column h_col*width_col + w_col.
-// Both kernels work on one image (C x height x width) and on a band of output rows
-// [row_begin, row_begin + band_rows) of the height_col x width_col output grid, so that a
-// caller can keep the column buffer small (band_rows = height_col, row_begin = 0 is the
-// whole image, Caffe's case); the column buffer then is C*kh*kw x band_rows*width_col.
+// Both kernels work on `num` consecutive images (num x C x height x width) and on a band of
+// output rows [row_begin, row_begin + band_rows) of the height_col x width_col output grid,
+// so that a caller can keep the column buffer small (num = 1, band_rows = height_col,
+// row_begin = 0 is one whole image, Caffe's case) or make it wide enough for one GEMM over
+// several images. Image i's columns follow image i-1's: with plane_col = band_rows *
+// width_col, entry (row r, image i, grid position p) sits at r * col_ld + i * plane_col + p.
+// col_ld >= num * plane_col leaves room for padding columns (a multiple of 4 floats keeps
+// cuBLAS on its aligned, tensor-core kernels); the kernels never touch them.
 //
 // Every kernel's first parameter is the element count of its grid-stride loop. No
 // __syncthreads, no shared memory: the file also compiles for the host (host_shim.h).
@@ -14,25 +18,28 @@
   for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += blockDim.x * gridDim.x)
 #endif
 
-// One thread per (channel, band row, column) of the output grid; it copies the kernel_h *
-// kernel_w taps of its window, writing 0 where a tap falls into the padding.
-// n = channels * band_rows * width_col.
+// One thread per (channel, image, band row, column) of the output grids; it copies the
+// kernel_h * kernel_w taps of its window, writing 0 where a tap falls into the padding.
+// n = channels * num * band_rows * width_col.
 template <typename T>
-__global__ void im2col(const int n, const T* __restrict__ image, const int height,
-                       const int width, const int kernel_h, const int kernel_w,
-                       const int pad_h, const int pad_w, const int stride_h,
-                       const int stride_w, const int dilation_h, const int dilation_w,
-                       const int width_col, const int row_begin, const int band_rows,
+__global__ void im2col(const int n, const T* __restrict__ image, const int channels,
+                       const int height, const int width, const int kernel_h,
+                       const int kernel_w, const int pad_h, const int pad_w,
+                       const int stride_h, const int stride_w, const int dilation_h,
+                       const int dilation_w, const int width_col, const int row_begin,
+                       const int band_rows, const int num, const int col_ld,
                        T* __restrict__ col) {
   const int plane_col = band_rows * width_col;
   CAFFELITE_KERNEL_LOOP(index, n) {
     const int w_col = index % width_col;
     const int h_band = (index / width_col) % band_rows;
-    const int c = index / plane_col;
+    const int img = (index / plane_col) % num;
+    const int c = index / (plane_col * num);
     const int h_offset = (row_begin + h_band) * stride_h - pad_h;
     const int w_offset = w_col * stride_w - pad_w;
-    const T* src = image + c * height * width;
-    T* dst = col + c * kernel_h * kernel_w * plane_col + h_band * width_col + w_col;
+    const T* src = image + (img * channels + c) * height * width;
+    T* dst = col + c * kernel_h * kernel_w * col_ld + img * plane_col + h_band * width_col +
+             w_col;
     for (int u = 0; u < kernel_h; ++u) {
       const int h_im = h_offset + u * dilation_h;
       for (int v = 0; v < kernel_w; ++v) {
@@ -40,7 +47,7 @@ __global__ void im2col(const int n, const T* __restrict__ image, const int heigh
         *dst = (h_im >= 0 && w_im >= 0 && h_im < height && w_im < width)
                    ? src[h_im * width + w_im]
                    : T(0);
-        dst += plane_col;
+        dst += col_ld;
       }
     }
   }
@@ -51,13 +58,14 @@ __global__ void im2col(const int n, const T* __restrict__ image, const int heigh
 // i.e. kernel taps from last to first (Caffe's CPU col2im and caffelite's numpy col2im
 // add the taps first to last, so float sums may differ in the last bits).
 // accumulate = 0 writes the pixel, 1 adds to it (for the second and later bands).
-// n = channels * height * width.
+// n = num * channels * height * width.
 template <typename T>
-__global__ void col2im(const int n, const T* __restrict__ col, const int height,
-                       const int width, const int kernel_h, const int kernel_w,
-                       const int pad_h, const int pad_w, const int stride_h,
-                       const int stride_w, const int dilation_h, const int dilation_w,
-                       const int width_col, const int row_begin, const int band_rows,
+__global__ void col2im(const int n, const T* __restrict__ col, const int channels,
+                       const int height, const int width, const int kernel_h,
+                       const int kernel_w, const int pad_h, const int pad_w,
+                       const int stride_h, const int stride_w, const int dilation_h,
+                       const int dilation_w, const int width_col, const int row_begin,
+                       const int band_rows, const int num, const int col_ld,
                        const int accumulate, T* __restrict__ image) {
   const int plane_col = band_rows * width_col;
   const int extent_h = (kernel_h - 1) * dilation_h + 1;
@@ -65,7 +73,9 @@ __global__ void col2im(const int n, const T* __restrict__ col, const int height,
   CAFFELITE_KERNEL_LOOP(index, n) {
     const int w_im = index % width + pad_w;
     const int h_im = (index / width) % height + pad_h;
-    const int c = index / (width * height);
+    const int c = (index / (width * height)) % channels;
+    const int img = index / (width * height * channels);
+    const T* col_img = col + img * plane_col;
     // Output rows/columns whose window [o*stride, o*stride + extent) holds this pixel.
     int h_start = (h_im < extent_h) ? 0 : (h_im - extent_h) / stride_h + 1;
     int h_end = h_im / stride_h + 1;
@@ -81,8 +91,8 @@ __global__ void col2im(const int n, const T* __restrict__ col, const int height,
         if (h_k % dilation_h == 0 && w_k % dilation_w == 0) {
           h_k /= dilation_h;
           w_k /= dilation_w;
-          val += col[((c * kernel_h + h_k) * kernel_w + w_k) * plane_col +
-                     (h_col - row_begin) * width_col + w_col];
+          val += col_img[((c * kernel_h + h_k) * kernel_w + w_k) * col_ld +
+                         (h_col - row_begin) * width_col + w_col];
         }
       }
     }

@@ -19,6 +19,7 @@ differ from the numpy ``col2im`` in the last bits.  N-D convolutions use the sli
 both sides.
 """
 import itertools
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,10 +28,11 @@ from ..backend import get_array_module
 from ._device import contiguous, launch
 
 # Upper bound on the column buffer: on the host it stays cache- and RAM-friendly; on a
-# GPU larger bands mean fewer, larger cuBLAS GEMMs (one band per image for every
-# DeepLab layer at 321x321; Caffe itself keeps a whole-image buffer per layer).
+# GPU larger buffers mean fewer, larger cuBLAS GEMMs (whole images, several per GEMM, for
+# every DeepLab layer at 321x321; Caffe itself keeps a whole-image buffer per layer).
+# CAFFELITE_DEVICE_WORKSPACE_MB sets the device's (512 MiB by default).
 COL_BUFFER_BYTES = 16 << 20
-DEVICE_COL_BUFFER_BYTES = 256 << 20
+DEVICE_COL_BUFFER_BYTES = int(os.environ.get("CAFFELITE_DEVICE_WORKSPACE_MB", "512")) << 20
 
 # One column buffer per array module (Caffe's shared col_buffer): the GEMMs below use
 # it one at a time, so forward, weight and data gradients of every layer share it.
@@ -193,12 +195,15 @@ def _uses_kernels(xp, geom):
     return xp is not np and len(geom.kernel) == 2
 
 
-def _kernel_geometry(geom, image_shape, grid_shape, r0, r1):
-    """The im2col.cu arguments after the data pointer, up to ``band_rows``."""
+def _kernel_geometry(geom, image_shape, grid_shape, r0, r1, num=1, col_ld=None):
+    """The im2col.cu arguments after the data pointer, up to ``col_ld``, for ``num``
+    images of ``image_shape`` (C, H, W)."""
     (kh, kw), (sh, sw) = geom.kernel, geom.stride
     (ph, pw), (dh, dw) = geom.pad, geom.dilation
-    return (image_shape[1], image_shape[2], kh, kw, ph, pw, sh, sw, dh, dw,
-            grid_shape[1], r0, r1 - r0)
+    if col_ld is None:
+        col_ld = num * (r1 - r0) * grid_shape[1]
+    return (image_shape[0], image_shape[1], image_shape[2], kh, kw, ph, pw, sh, sw, dh, dw,
+            grid_shape[1], r0, r1 - r0, num, col_ld)
 
 
 def im2col_band(xp, image, col, geom, grid_shape, r0, r1):
@@ -222,6 +227,119 @@ def col2im_band(xp, col, image, geom, grid_shape, r0, r1, first):
         return
     launch("im2col", "col2im", image.dtype, image.size, col,
            *_kernel_geometry(geom, image.shape, grid_shape, r0, r1), int(not first), image)
+
+
+# ------------------------------------------------------- whole images, several per GEMM
+# On the device, when whole images fit the column budget, the columns of consecutive
+# images sit side by side, (C*taps) x (images * grid) with the leading dimension rounded up
+# to COLUMN_ALIGN, so that each product is one wide cuBLAS GEMM (Caffe makes one per image:
+# small GEMMs for the deep layers of a batch) on aligned operands (a 41x41 or 321x321
+# grid is an odd row length, which keeps cuBLAS off its tensor-core TF32 kernels). The
+# product's (O, images, grid) result is transposed into the (images, O, grid) blob.
+COLUMN_ALIGN = 4
+GROUP_IMAGES = True      # False: one GEMM per image on unpadded columns, as Caffe does
+
+
+def _aligned(count):
+    return -(-count // COLUMN_ALIGN) * COLUMN_ALIGN
+
+
+def image_groups(num, channels, geom, grid_shape, itemsize, budget=None):
+    """[(n0, n1), ...]: runs of whole images whose padded columns fit the device column
+    budget, or None (bands of rows, one image per GEMM) when one image's columns do not
+    or GROUP_IMAGES is off."""
+    if not GROUP_IMAGES:
+        return None
+    if budget is None:
+        budget = DEVICE_COL_BUFFER_BYTES
+    plane = int(np.prod(grid_shape, dtype=np.int64))
+    rows = channels * geom.taps
+    if rows * _aligned(plane) * itemsize > budget:
+        return None
+    per_group = num
+    while per_group > 1 and rows * _aligned(per_group * plane) * itemsize > budget:
+        per_group -= 1
+    return [(n0, min(num, n0 + per_group)) for n0 in range(0, num, per_group)]
+
+
+def _group_col(channels, geom, count, dtype, xp):
+    """The (C*taps, aligned count) column matrix of a group in the shared workspace."""
+    rows, ld = channels * geom.taps, _aligned(count)
+    return view(_scratch(rows * ld, dtype, xp), (rows, ld))
+
+
+def _group_im2col(xp, images, col, geom, grid_shape):
+    num, channels = images.shape[:2]
+    plane = int(np.prod(grid_shape))
+    launch("im2col", "im2col", images.dtype, channels * num * plane,
+           contiguous(xp, images),
+           *_kernel_geometry(geom, images.shape[1:], grid_shape, 0, grid_shape[0], num,
+                             col.shape[1]), col)
+
+
+def _group_col2im(xp, col, images, geom, grid_shape):
+    launch("im2col", "col2im", images.dtype, images.size, col,
+           *_kernel_geometry(geom, images.shape[1:], grid_shape, 0, grid_shape[0],
+                             images.shape[0], col.shape[1]), 0, images)
+
+
+def _grid_rows(grid, n_out, ld, xp):
+    """(O, ld) matrix holding grid (m, O, *g) as (O, m * plane), zero padding columns."""
+    m = grid.shape[0]
+    count = grid[0, 0].size * m
+    out = xp.empty((n_out, ld), grid.dtype)
+    view(out[:, :count], (n_out, m, -1))[...] = view(grid, (m, n_out, -1)).transpose(1, 0, 2)
+    if ld > count:
+        out[:, count:] = 0
+    return out
+
+
+def _forward_groups(image, w_g, out, geom, group, groups, xp):
+    channels, n_out = image.shape[1], out.shape[1]
+    grid_shape = out.shape[2:]
+    plane = int(np.prod(grid_shape))
+    for n0, n1 in groups:
+        count = (n1 - n0) * plane
+        col = _group_col(channels, geom, count, image.dtype, xp)
+        _group_im2col(xp, image[n0:n1], col, geom, grid_shape)
+        rows = xp.empty((n_out, col.shape[1]), image.dtype)
+        for w, c, o in zip(w_g, _per_group(col, group), _per_group(rows, group)):
+            xp.matmul(w, c, out=o)
+        view(out[n0:n1], (n1 - n0, n_out, plane))[...] = \
+            view(rows[:, :count], (n_out, n1 - n0, plane)).transpose(1, 0, 2)
+
+
+def _backward_groups(grid, w_g, image, geom, group, groups, xp):
+    channels, n_out = image.shape[1], grid.shape[1]
+    grid_shape = grid.shape[2:]
+    plane = int(np.prod(grid_shape))
+    for n0, n1 in groups:
+        col = _group_col(channels, geom, (n1 - n0) * plane, grid.dtype, xp)
+        rows = _grid_rows(grid[n0:n1], n_out, col.shape[1], xp)
+        for w, b, c in zip(w_g, _per_group(rows, group), _per_group(col, group)):
+            xp.matmul(w.T, b, out=c)
+        _group_col2im(xp, col, image[n0:n1], geom, grid_shape)
+
+
+def _weight_groups(image, grid, dw_g, geom, group, groups, xp):
+    channels, n_out = image.shape[1], grid.shape[1]
+    grid_shape = grid.shape[2:]
+    plane = int(np.prod(grid_shape))
+    for n0, n1 in groups:
+        count = (n1 - n0) * plane
+        col = _group_col(channels, geom, count, image.dtype, xp)
+        _group_im2col(xp, image[n0:n1], col, geom, grid_shape)
+        if col.shape[1] > count:
+            col[:, count:] = 0      # the padding columns meet zeros of the grid rows
+        rows = _grid_rows(grid[n0:n1], n_out, col.shape[1], xp)
+        for dw, b, c in zip(dw_g, _per_group(rows, group), _per_group(col, group)):
+            dw += xp.matmul(b, c.T)
+
+
+def _device_groups(xp, geom, num, channels, grid_shape, itemsize, budget):
+    if not _uses_kernels(xp, geom) or geom.is_1x1:
+        return None
+    return image_groups(num, channels, geom, grid_shape, itemsize, budget)
 
 
 # ------------------------------------------------------------------ the three GEMMs
@@ -260,6 +378,10 @@ def forward_gemm(image, weight, out, geom, group, budget=None):
         for n in range(num):
             product(_matrix(image[n], channels), _matrix(out[n], n_out))
         return
+    groups = _device_groups(xp, geom, num, channels, grid_shape, image.dtype.itemsize, budget)
+    if groups:
+        _forward_groups(image, w_g, out, geom, group, groups, xp)
+        return
     chunk = rows_per_chunk(channels, geom, grid_shape, image.dtype.itemsize, budget, xp)
     for n in range(num):
         for r0, r1 in _bands(grid_shape[0], chunk):
@@ -284,6 +406,10 @@ def backward_gemm(grid, weight, image, geom, group, budget=None):
         for n in range(num):
             product(_matrix(grid[n], n_out), _matrix(image[n], channels))
         return
+    groups = _device_groups(xp, geom, num, channels, grid_shape, grid.dtype.itemsize, budget)
+    if groups:
+        _backward_groups(grid, w_g, image, geom, group, groups, xp)
+        return
     chunk = rows_per_chunk(channels, geom, grid_shape, grid.dtype.itemsize, budget, xp)
     for n in range(num):
         for r0, r1 in _bands(grid_shape[0], chunk):
@@ -307,6 +433,10 @@ def weight_gemm(image, grid, weight_diff, geom, group, budget=None):
     if geom.is_1x1:
         for n in range(num):
             product(_matrix(grid[n], n_out), _matrix(image[n], channels))
+        return
+    groups = _device_groups(xp, geom, num, channels, grid_shape, image.dtype.itemsize, budget)
+    if groups:
+        _weight_groups(image, grid, dw_g, geom, group, groups, xp)
         return
     chunk = rows_per_chunk(channels, geom, grid_shape, image.dtype.itemsize, budget, xp)
     for n in range(num):
