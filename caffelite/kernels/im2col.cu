@@ -56,7 +56,10 @@ __global__ void im2col(const int n, const T* __restrict__ image, const int chann
 // The adjoint, as a gather (Caffe's GPU col2im, no atomics): one thread per image pixel
 // sums every column entry of the band that reads it, in increasing (h_col, w_col) order,
 // i.e. kernel taps from last to first (Caffe's CPU col2im and caffelite's numpy col2im
-// add the taps first to last, so float sums may differ in the last bits).
+// add the taps first to last, so float sums may differ in the last bits). Caffe scans
+// every output position of the window and tests divisibility by the dilation, 49 x 49
+// positions for a 3x3 kernel of dilation 24; visiting the taps themselves, last to first,
+// takes the same entries in the same order in kernel_h x kernel_w steps.
 // accumulate = 0 writes the pixel, 1 adds to it (for the second and later bands).
 // n = num * channels * height * width.
 template <typename T>
@@ -68,32 +71,26 @@ __global__ void col2im(const int n, const T* __restrict__ col, const int channel
                        const int band_rows, const int num, const int col_ld,
                        const int accumulate, T* __restrict__ image) {
   const int plane_col = band_rows * width_col;
-  const int extent_h = (kernel_h - 1) * dilation_h + 1;
-  const int extent_w = (kernel_w - 1) * dilation_w + 1;
   CAFFELITE_KERNEL_LOOP(index, n) {
     const int w_im = index % width + pad_w;
     const int h_im = (index / width) % height + pad_h;
     const int c = (index / (width * height)) % channels;
     const int img = index / (width * height * channels);
     const T* col_img = col + img * plane_col;
-    // Output rows/columns whose window [o*stride, o*stride + extent) holds this pixel.
-    int h_start = (h_im < extent_h) ? 0 : (h_im - extent_h) / stride_h + 1;
-    int h_end = h_im / stride_h + 1;
-    const int w_start = (w_im < extent_w) ? 0 : (w_im - extent_w) / stride_w + 1;
-    const int w_end = min(w_im / stride_w + 1, width_col);
-    h_start = max(h_start, row_begin);
-    h_end = min(h_end, row_begin + band_rows);
     T val = T(0);
-    for (int h_col = h_start; h_col < h_end; ++h_col) {
-      for (int w_col = w_start; w_col < w_end; ++w_col) {
-        int h_k = h_im - h_col * stride_h;
-        int w_k = w_im - w_col * stride_w;
-        if (h_k % dilation_h == 0 && w_k % dilation_w == 0) {
-          h_k /= dilation_h;
-          w_k /= dilation_w;
-          val += col_img[((c * kernel_h + h_k) * kernel_w + w_k) * col_ld +
-                         (h_col - row_begin) * width_col + w_col];
-        }
+    for (int u = kernel_h - 1; u >= 0; --u) {
+      const int h = h_im - u * dilation_h;          // h_col * stride_h, if a window
+      if (h < 0 || h % stride_h != 0) continue;
+      const int h_col = h / stride_h;
+      if (h_col < row_begin || h_col >= row_begin + band_rows) continue;
+      const T* row = col_img + (c * kernel_h + u) * kernel_w * col_ld +
+                     (h_col - row_begin) * width_col;
+      for (int v = kernel_w - 1; v >= 0; --v) {
+        const int w = w_im - v * dilation_w;
+        if (w < 0 || w % stride_w != 0) continue;
+        const int w_col = w / stride_w;
+        if (w_col >= width_col) continue;
+        val += row[v * col_ld + w_col];
       }
     }
     image[index] = accumulate ? image[index] + val : val;
