@@ -723,18 +723,22 @@ def test_convolution_in_bands_accumulates(monkeypatch, device, dtype):
 
 
 @pytest.mark.parametrize("dtype", [F32, F64])
-@pytest.mark.parametrize("grouped", [True, False], ids=["image_groups", "one_per_gemm"])
-def test_convolution_over_groups_of_whole_images(monkeypatch, device, dtype, grouped):
+@pytest.mark.parametrize("grouped,align", [(True, 1), (True, 4), (False, 1)],
+                         ids=["image_groups", "padded_columns", "one_per_gemm"])
+def test_convolution_over_groups_of_whole_images(monkeypatch, device, dtype, grouped,
+                                                 align):
     """Five images, a column budget for two of them (padded leading dimension included):
-    groups of 2, 2 and 1 images per GEMM, grouped convolution too; with GROUP_IMAGES off
-    one image per GEMM on unpadded columns (Caffe's way, the band path)."""
+    groups of 2, 2 and 1 images per GEMM, grouped convolution too, with the column count
+    padded to a multiple of 4 (as under TF32) or not; with GROUP_IMAGES off one image per
+    GEMM on unpadded columns (Caffe's way, the band path)."""
     monkeypatch.setattr(im2col_module, "GROUP_IMAGES", grouped)
+    monkeypatch.setattr(im2col_module, "column_align", lambda dtype: align)
     bottom = (5, 4, 7, 9)
     geom = im2col_module.ConvGeometry((3, 3), (1, 1), (2, 2), (2, 2))
     rows, plane = 4 * geom.taps, 7 * 9
-    budget = rows * im2col_module._aligned(2 * plane) * np.dtype(dtype).itemsize
+    budget = rows * im2col_module._aligned(2 * plane, align) * np.dtype(dtype).itemsize
     monkeypatch.setattr(im2col_module, "DEVICE_COL_BUFFER_BYTES", budget)
-    groups = im2col_module.image_groups(5, 4, geom, (7, 9), np.dtype(dtype).itemsize)
+    groups = im2col_module.image_groups(5, 4, geom, (7, 9), dtype)
     assert groups == ([(0, 2), (2, 4), (4, 5)] if grouped else None)
     for kind in ("Convolution", "Deconvolution"):
         for group in (1, 2):
@@ -744,6 +748,18 @@ def test_convolution_over_groups_of_whole_images(monkeypatch, device, dtype, gro
             case = Case(f"{kind}_image_groups_{group}", text, several(normal(*bottom)),
                         dtype=dtype, fwd=fwd, bwd=bwd, cuda_fwd=fwd, cuda_bwd=bwd)
             compare(case, device)
+
+
+def test_group_columns_are_padded_only_for_tf32_gemms():
+    # Measured on an H200 (BENCHMARKS.md): padding helps TF32 GEMMs and costs FP32 ones
+    # a copy where a one-image group could use the blobs in place.
+    assert im2col_module.column_align(np.float32) == 1
+    backend.set_tf32(True)
+    try:
+        assert im2col_module.column_align(np.float32) == im2col_module.COLUMN_ALIGN == 4
+        assert im2col_module.column_align(np.float64) == 1
+    finally:
+        backend.set_tf32(False)
 
 
 def test_max_pooling_device_mask_is_int32_and_top_mask_matches(device):

@@ -795,6 +795,25 @@ def test_channel_normalize_and_divide_match_batchnorm(kern, launch, shape, dtype
     np.testing.assert_array_equal(dx, bottom[0].diff)
 
 
+@pytest.mark.parametrize("scale", [0.75, 3.0, 0.0])
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_channel_stored_stats_match_batchnorm(kern, launch, scale, dtype):
+    """channel.cu channel_stored_stats: the mean and std vectors of the numpy BatchNorm
+    with stored statistics (1 / scale factor, 0 for a zero factor), bit for bit."""
+    rng = np.random.default_rng(22)
+    channels = 7
+    x = rng.standard_normal((2, channels, 3, 2)).astype(dtype)
+    params = [rng.standard_normal(channels), rng.uniform(0.5, 2, channels), [scale]]
+    layer, _, _, _ = channel_layer('type: "BatchNorm"', x, params, dtype, TEST)
+    stats = poisoned((2, channels), dtype)
+    kern.run("channel", "channel_stored_stats", dtype, channels, layer.blobs[0].data,
+             layer.blobs[1].data, layer.blobs[2].data, dtype(layer.eps), stats[0], stats[1],
+             **launch)
+    factor = dtype(0) if scale == 0 else dtype(1) / dtype(scale)
+    np.testing.assert_array_equal(stats[0], factor * layer.blobs[0].data)
+    np.testing.assert_array_equal(stats[1], layer.std_vector)
+
+
 @pytest.mark.parametrize("text,shape,inner", [
     ('type: "Scale" scale_param { bias_term: true }', (2, 3, 4, 5), 20),
     ('type: "Scale" scale_param { axis: 2 num_axes: 1 }', (2, 3, 4, 5), 5),

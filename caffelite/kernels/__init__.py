@@ -175,13 +175,19 @@ def get_kernel(module, name, dtype=None):
 def convert_args(params, dtype, args, xp):
     """``args`` as the kernel's exact C types: arrays checked (``xp`` arrays of the
     parameter's dtype, C-contiguous), scalars cast to int32 / uint64 / ``dtype``."""
+    return _convert(params, tuple(p.dtype(dtype) for p in params), args, xp)
+
+
+def _convert(params, wants, args, xp):
+    # On the launch path of every kernel (thousands per ResNet pass): the parameter
+    # dtypes come precomputed, and the checks read each array's attributes once.
     if len(args) != len(params):
         raise TypeError(f"kernel takes {len(params)} arguments ({params}), got {len(args)}")
     out = []
-    for p, a in zip(params, args):
-        want = p.dtype(dtype)
+    array_type = xp.ndarray
+    for p, want, a in zip(params, wants, args):
         if p.pointer:
-            if not isinstance(a, xp.ndarray):
+            if not isinstance(a, array_type):
                 raise TypeError(f"argument '{p.name}' must be a {xp.__name__} array, "
                                 f"got {type(a).__name__}")
             if a.dtype != want or not a.flags.c_contiguous:
@@ -190,7 +196,7 @@ def convert_args(params, dtype, args, xp):
             out.append(a)
         else:
             out.append(want.type(a))
-    n = int(args[0])
+    n = int(out[0])
     if not 0 <= n <= MAX_ELEMENTS:
         raise ValueError(f"element count {n} is outside the kernels' int range")
     return out
@@ -211,25 +217,56 @@ def module_signatures(name):
     return sigs
 
 
+_emulator_array = []
+
+
 def _emulated(args):
-    from . import emulator
-    return any(isinstance(a, emulator.ndarray) for a in args)
+    if not _emulator_array:
+        from . import emulator
+        _emulator_array.append(emulator.ndarray)
+    array_type = _emulator_array[0]
+    return any(isinstance(a, array_type) for a in args)
+
+
+_launch_specs = {}
+
+
+def _launch_spec(module_name, kernel_name, dtype):
+    """(parameters, their numpy dtypes) of one kernel instantiation, built once."""
+    key = (module_name, kernel_name, dtype)
+    spec = _launch_specs.get(key)
+    if spec is None:
+        params = module_signatures(module_name).get(kernel_name)
+        if params is None:
+            raise ValueError(f"kernel module '{module_name}' has no kernel '{kernel_name}' "
+                             f"(it has {', '.join(module_signatures(module_name))})")
+        ctype_name(dtype)
+        spec = _launch_specs[key] = (params, tuple(p.dtype(dtype) for p in params))
+    return spec
+
+
+_device_functions = {}
+
+
+def _device_function(cupy, module_name, kernel_name, dtype):
+    key = (module_name, kernel_name, dtype, cupy.cuda.runtime.getDevice())
+    function = _device_functions.get(key)
+    if function is None:
+        function = _device_functions[key] = get_kernel(load_module(module_name),
+                                                       kernel_name, dtype)
+    return function
 
 
 def launch(module_name, kernel_name, dtype, *args, grid=None, block=BLOCK):
     """Run kernel ``kernel_name<dtype>`` of ``module_name.cu`` on device arrays: CuPy
     arrays on the GPU, or the emulator's arrays (host-compiled kernels, no GPU)."""
-    params = module_signatures(module_name).get(kernel_name)
-    if params is None:
-        raise ValueError(f"kernel module '{module_name}' has no kernel '{kernel_name}' "
-                         f"(it has {', '.join(module_signatures(module_name))})")
+    params, wants = _launch_spec(module_name, kernel_name, dtype)
     if _emulated(args):
         from . import emulator
-        values = convert_args(params, dtype, args, emulator)
+        values = _convert(params, wants, args, emulator)
         emulator.launch(module_name, kernel_name, dtype, *values, grid=grid, block=block)
         return
-    module = load_module(module_name)
     cupy = require_cupy()
-    values = convert_args(params, dtype, args, cupy)
+    values = _convert(params, wants, args, cupy)
     grid = grid_for(values[0], block) if grid is None else grid
-    get_kernel(module, kernel_name, dtype)((grid,), (block,), tuple(values))
+    _device_function(cupy, module_name, kernel_name, dtype)((grid,), (block,), tuple(values))

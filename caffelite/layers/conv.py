@@ -10,6 +10,8 @@ spatial axis, or as the 2-D ``*_h``/``*_w`` pair; ``dilation`` repeated; ``group
 
 Several bottoms are allowed; each gets its own top and all share the parameters.
 """
+import math
+
 import numpy as np
 
 from ..filler import FillerError, fill
@@ -170,7 +172,7 @@ class BaseConvolutionLayer(Layer):
     def _as_nc(self, array):
         """View (outer..., C, *spatial) as (num, C, *spatial)."""
         shape = array.shape
-        num = int(np.prod(shape[:self.channel_axis], dtype=np.int64))
+        num = math.prod(shape[:self.channel_axis])
         return view(array, (num,) + shape[self.channel_axis:])
 
     def _add_bias(self, out):

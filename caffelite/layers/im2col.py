@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..backend import get_array_module
+from ..backend import get_array_module, tf32_enabled
 from ._device import contiguous, launch
 
 # Upper bound on the column buffer: on the host it stays cache- and RAM-friendly; on a
@@ -231,21 +231,28 @@ def col2im_band(xp, col, image, geom, grid_shape, r0, r1, first):
 
 # ------------------------------------------------------- whole images, several per GEMM
 # On the device, when whole images fit the column budget, the columns of consecutive
-# images sit side by side, (C*taps) x (images * grid) with the leading dimension rounded up
-# to COLUMN_ALIGN, so that each product is one wide cuBLAS GEMM (Caffe makes one per image:
-# small GEMMs for the deep layers of a batch) on aligned operands (a 41x41 or 321x321
-# grid is an odd row length, which keeps cuBLAS off its tensor-core TF32 kernels). The
-# product's (O, images, grid) result is transposed into the (images, O, grid) blob.
+# images sit side by side, (C*taps) x (images * grid), so that each product is one wide
+# cuBLAS GEMM (Caffe makes one per image: small GEMMs for the deep layers of a batch).
+# With TF32 the leading dimension is rounded up to COLUMN_ALIGN: a 41x41 or 321x321 grid
+# is an odd row length, which keeps cuBLAS off its tensor-core kernels. The product's
+# (O, images, grid) result is transposed into the (images, O, grid) blob.
 COLUMN_ALIGN = 4
 GROUP_IMAGES = True      # False: one GEMM per image on unpadded columns, as Caffe does
 
 
-def _aligned(count):
-    return -(-count // COLUMN_ALIGN) * COLUMN_ALIGN
+def column_align(dtype):
+    """The multiple a group's column count is padded to: COLUMN_ALIGN where GEMMs run in
+    TF32 (float32 with the TF32 flag), else 1. Unpadded, a one-image group needs no
+    copies: its GEMMs read and write the blobs themselves, as Caffe's do."""
+    return COLUMN_ALIGN if tf32_enabled() and np.dtype(dtype) == np.float32 else 1
 
 
-def image_groups(num, channels, geom, grid_shape, itemsize, budget=None):
-    """[(n0, n1), ...]: runs of whole images whose padded columns fit the device column
+def _aligned(count, align):
+    return -(-count // align) * align
+
+
+def image_groups(num, channels, geom, grid_shape, dtype, budget=None):
+    """[(n0, n1), ...]: runs of whole images whose (padded) columns fit the device column
     budget, or None (bands of rows, one image per GEMM) when one image's columns do not
     or GROUP_IMAGES is off."""
     if not GROUP_IMAGES:
@@ -253,18 +260,18 @@ def image_groups(num, channels, geom, grid_shape, itemsize, budget=None):
     if budget is None:
         budget = DEVICE_COL_BUFFER_BYTES
     plane = int(np.prod(grid_shape, dtype=np.int64))
-    rows = channels * geom.taps
-    if rows * _aligned(plane) * itemsize > budget:
+    rows, itemsize, align = channels * geom.taps, np.dtype(dtype).itemsize, column_align(dtype)
+    if rows * _aligned(plane, align) * itemsize > budget:
         return None
     per_group = num
-    while per_group > 1 and rows * _aligned(per_group * plane) * itemsize > budget:
+    while per_group > 1 and rows * _aligned(per_group * plane, align) * itemsize > budget:
         per_group -= 1
     return [(n0, min(num, n0 + per_group)) for n0 in range(0, num, per_group)]
 
 
 def _group_col(channels, geom, count, dtype, xp):
-    """The (C*taps, aligned count) column matrix of a group in the shared workspace."""
-    rows, ld = channels * geom.taps, _aligned(count)
+    """The (C*taps, padded count) column matrix of a group in the shared workspace."""
+    rows, ld = channels * geom.taps, _aligned(count, column_align(dtype))
     return view(_scratch(rows * ld, dtype, xp), (rows, ld))
 
 
@@ -284,9 +291,12 @@ def _group_col2im(xp, col, images, geom, grid_shape):
 
 
 def _grid_rows(grid, n_out, ld, xp):
-    """(O, ld) matrix holding grid (m, O, *g) as (O, m * plane), zero padding columns."""
+    """grid (m, O, *g) as an (O, ld) matrix: (O, m * plane) then zero padding columns;
+    the blob itself for one image without padding."""
     m = grid.shape[0]
     count = grid[0, 0].size * m
+    if m == 1 and ld == count:
+        return view(grid, (n_out, count))
     out = xp.empty((n_out, ld), grid.dtype)
     view(out[:, :count], (n_out, m, -1))[...] = view(grid, (m, n_out, -1)).transpose(1, 0, 2)
     if ld > count:
@@ -302,11 +312,14 @@ def _forward_groups(image, w_g, out, geom, group, groups, xp):
         count = (n1 - n0) * plane
         col = _group_col(channels, geom, count, image.dtype, xp)
         _group_im2col(xp, image[n0:n1], col, geom, grid_shape)
-        rows = xp.empty((n_out, col.shape[1]), image.dtype)
+        direct = n1 - n0 == 1 and col.shape[1] == count
+        rows = (view(out[n0], (n_out, count)) if direct else
+                xp.empty((n_out, col.shape[1]), image.dtype))
         for w, c, o in zip(w_g, _per_group(col, group), _per_group(rows, group)):
             xp.matmul(w, c, out=o)
-        view(out[n0:n1], (n1 - n0, n_out, plane))[...] = \
-            view(rows[:, :count], (n_out, n1 - n0, plane)).transpose(1, 0, 2)
+        if not direct:
+            view(out[n0:n1], (n1 - n0, n_out, plane))[...] = \
+                view(rows[:, :count], (n_out, n1 - n0, plane)).transpose(1, 0, 2)
 
 
 def _backward_groups(grid, w_g, image, geom, group, groups, xp):
@@ -336,10 +349,10 @@ def _weight_groups(image, grid, dw_g, geom, group, groups, xp):
             dw += xp.matmul(b, c.T)
 
 
-def _device_groups(xp, geom, num, channels, grid_shape, itemsize, budget):
+def _device_groups(xp, geom, num, channels, grid_shape, dtype, budget):
     if not _uses_kernels(xp, geom) or geom.is_1x1:
         return None
-    return image_groups(num, channels, geom, grid_shape, itemsize, budget)
+    return image_groups(num, channels, geom, grid_shape, dtype, budget)
 
 
 # ------------------------------------------------------------------ the three GEMMs
@@ -378,7 +391,7 @@ def forward_gemm(image, weight, out, geom, group, budget=None):
         for n in range(num):
             product(_matrix(image[n], channels), _matrix(out[n], n_out))
         return
-    groups = _device_groups(xp, geom, num, channels, grid_shape, image.dtype.itemsize, budget)
+    groups = _device_groups(xp, geom, num, channels, grid_shape, image.dtype, budget)
     if groups:
         _forward_groups(image, w_g, out, geom, group, groups, xp)
         return
@@ -406,7 +419,7 @@ def backward_gemm(grid, weight, image, geom, group, budget=None):
         for n in range(num):
             product(_matrix(grid[n], n_out), _matrix(image[n], channels))
         return
-    groups = _device_groups(xp, geom, num, channels, grid_shape, grid.dtype.itemsize, budget)
+    groups = _device_groups(xp, geom, num, channels, grid_shape, grid.dtype, budget)
     if groups:
         _backward_groups(grid, w_g, image, geom, group, groups, xp)
         return
@@ -434,7 +447,7 @@ def weight_gemm(image, grid, weight_diff, geom, group, budget=None):
         for n in range(num):
             product(_matrix(grid[n], n_out), _matrix(image[n], channels))
         return
-    groups = _device_groups(xp, geom, num, channels, grid_shape, image.dtype.itemsize, budget)
+    groups = _device_groups(xp, geom, num, channels, grid_shape, image.dtype, budget)
     if groups:
         _weight_groups(image, grid, dw_g, geom, group, groups, xp)
         return

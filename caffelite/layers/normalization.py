@@ -1,4 +1,6 @@
 """BatchNorm (upstream BVLC, as in the DeepLab v2 fork), Scale, Bias and MVN."""
+import math
+
 import numpy as np
 
 from ..backend import TEST, get_array_module
@@ -8,7 +10,7 @@ from ._device import launch, on_device
 
 
 def _prod(dims):
-    return int(np.prod(dims, dtype=np.int64))
+    return math.prod(int(d) for d in dims)
 
 
 @register("BatchNorm")
@@ -72,28 +74,33 @@ class BatchNormLayer(NeuronLayer):
         self.x_norm = centered / self.std    # kept apart: an in-place layer may clobber top
         top[0].data[...] = self.x_norm.reshape(top[0].shape)
 
-    def _scale_factor(self, xp, dtype):
-        """1 / blobs[2] (0 where it is 0): on the device without a device->host read,
-        since a solver update marks the blob device-newer every iteration."""
-        if on_device(xp):
-            stored = self.blobs[2].data.reshape(-1)[:1]
-            zero = stored == 0
-            return xp.where(zero, dtype(0), dtype(1) / xp.where(zero, dtype(1), stored))
-        stored = dtype(self.blobs[2].read_host_data().reshape(-1)[0])
-        return dtype(0) if stored == 0 else dtype(1) / stored
-
     def _forward_stored_stats(self, xp, bottom, top, dtype):
-        factor = self._scale_factor(xp, dtype)
+        if on_device(xp):
+            # On the device without a device->host read of the scale factor, since a
+            # solver update marks the blobs device-newer every iteration.
+            mean, self.std_vector = self._device_stats(xp, dtype)
+            launch("channel", "channel_stored_stats", dtype, self.channels,
+                   self.blobs[0].data, self.blobs[1].data, self.blobs[2].data,
+                   dtype(self.eps), mean, self.std_vector)
+            launch("channel", "channel_normalize", dtype, bottom[0].count, bottom[0].data,
+                   mean, self.std_vector, self.channels, self.dims[2], top[0].data)
+            return
+        stored = dtype(self.blobs[2].read_host_data().reshape(-1)[0])
+        factor = dtype(0) if stored == 0 else dtype(1) / stored
         mean = factor * self.blobs[0].data
         var = factor * self.blobs[1].data
         self.std_vector = xp.sqrt(var + dtype(self.eps))
         self.std = self.std_vector[None, :, None]
-        if on_device(xp):
-            launch("channel", "channel_normalize", dtype, bottom[0].count, bottom[0].data,
-                   mean, self.std_vector, self.channels, self.dims[2], top[0].data)
-            return
         x = bottom[0].data.reshape(self.dims)
         top[0].data[...] = ((x - mean[None, :, None]) / self.std).reshape(top[0].shape)
+
+    def _device_stats(self, xp, dtype):
+        """The layer's (mean, std) device vectors, allocated once per array module."""
+        cached = getattr(self, "_stats_buffer", None)
+        if (cached is None or get_array_module(cached) is not xp or cached.dtype != dtype
+                or cached.shape[1] != self.channels):
+            cached = self._stats_buffer = xp.empty((2, self.channels), dtype)
+        return cached[0], cached[1]
 
     def _update_running_stats(self, mean, var, dtype):
         maf = dtype(self.moving_average_fraction)
@@ -113,7 +120,7 @@ class BatchNormLayer(NeuronLayer):
                 launch("channel", "channel_divide", dy.dtype, dy.size, top[0].diff,
                        self.std_vector, self.channels, self.dims[2], bottom[0].diff)
                 return
-            dx = dy / self.std
+            dx = dy / self.std_vector[None, :, None]
         else:
             # dx = (dy - mean(dy) - mean(dy * y) * y) / sqrt(var + eps)
             dtype = dy.dtype.type
