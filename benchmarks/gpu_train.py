@@ -88,7 +88,8 @@ def parse_args(argv=None):
     p.add_argument("--precision", default="fp32,tf32", help="comma list of: fp32, tf32")
     p.add_argument("--engines", default="caffelite,torch",
                    help="comma list of: caffelite, caffelite-per-image (one GEMM per image "
-                        "and unpadded columns, as before image groups), torch")
+                        "and unpadded columns, as before image groups), caffelite-unfused "
+                        "(BatchNorm -> Scale -> ReLU layer by layer), torch")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     p.add_argument("--iters", type=int, default=5, help="timed iterations (at most)")
     p.add_argument("--warmup", type=int, default=1, help="untimed iterations (at least 1)")
@@ -116,7 +117,7 @@ def parse_args(argv=None):
     args.warmup = max(1, args.warmup)
     args.iters = max(1, args.iters)
     known = {"net": NETS, "phase": ("train", "test"), "precision": ("fp32", "tf32"),
-             "engines": ("caffelite", "caffelite-per-image", "torch")}
+             "engines": ("caffelite", "caffelite-per-image", "caffelite-unfused", "torch")}
     for field, choices in known.items():
         values = [v for v in getattr(args, field).split(",") if v]
         unknown = [v for v in values if v not in choices]
@@ -546,10 +547,9 @@ def bench_train(dev, key, args, clock, rates, rows):
         sgd = tnet.sgd(sp.base_lr, sp.momentum, sp.weight_decay)
         check = train_check(dev, net, tnet, tinputs)
     run = {"caffelite": lambda seconds: run_caffelite_train(dev, solver, args, seconds),
-           "caffelite-per-image": per_image(
-               lambda seconds: run_caffelite_train(dev, solver, args, seconds)),
            "torch": lambda seconds: run_torch_train(dev, tnet, tinputs, sgd, sp.iter_size,
                                                     args, seconds)}
+    run.update(variants(run["caffelite"], net))
     for precision in args.precision:
         for engine in args.engines:
             rows.append(engine_row(dev, dict(base, **check), engine, precision, clock, rates,
@@ -560,19 +560,30 @@ def bench_train(dev, key, args, clock, rates, rows):
     dev.free()
 
 
-def per_image(run):
-    """``run`` with the device convolutions making one GEMM per image on unpadded columns
-    (Caffe's way, and caffelite's before image groups): the before/after measurement."""
-    from caffelite.layers import im2col
-
+def with_setting(module, attr, value, run, needs=None):
+    """``run`` with ``module.attr`` set to ``value`` (a before/after measurement);
+    ``needs()`` false makes the row say the setting changes nothing for this net."""
     def wrapped(seconds):
-        saved = im2col.GROUP_IMAGES
-        im2col.GROUP_IMAGES = False
+        if needs is not None and not needs():
+            raise RuntimeError("same as caffelite for this net")
+        saved = getattr(module, attr)
+        setattr(module, attr, value)
         try:
             return run(seconds)
         finally:
-            im2col.GROUP_IMAGES = saved
+            setattr(module, attr, saved)
     return wrapped
+
+
+def variants(run, net):
+    """The caffelite engines that undo one of the GPU optimisations:
+    caffelite-per-image: one GEMM per image on unpadded columns (Caffe's way);
+    caffelite-unfused: BatchNorm -> Scale -> ReLU chains layer by layer."""
+    from caffelite import fusion
+    from caffelite.layers import im2col
+    return {"caffelite-per-image": with_setting(im2col, "GROUP_IMAGES", False, run),
+            "caffelite-unfused": with_setting(fusion, "ENABLED", False, run,
+                                              lambda: bool(fusion.channel_chains(net)))}
 
 
 def train_check(dev, net, tnet, tinputs):
@@ -616,9 +627,8 @@ def bench_test(dev, key, args, clock, rates, rows):
         numbers = run_torch_test(dev, tnet, tinputs, output, args, seconds, result)
         outs["torch"] = result["out"].float().cpu().numpy()
         return numbers
-    run = {"caffelite": caffelite_run, "torch": torch_run,
-           "caffelite-per-image": per_image(
-               lambda seconds: run_caffelite_test(dev, net, args, seconds))}
+    run = {"caffelite": caffelite_run, "torch": torch_run}
+    run.update(variants(lambda seconds: run_caffelite_test(dev, net, args, seconds), net))
     for precision in args.precision:
         outs.clear()
         for engine in args.engines:

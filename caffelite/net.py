@@ -13,7 +13,7 @@ from itertools import zip_longest
 
 import numpy as np
 
-from . import backend
+from . import backend, fusion
 from .backend import TRAIN, TEST
 from .blob import HEAD_AT_DEVICE, HEAD_AT_HOST, SYNCED, Blob
 from .io import caffemodel, prototxt
@@ -451,15 +451,35 @@ class Net:
         except ValueError:
             raise NetError(f"no layer named '{name}'") from None
 
+    def _fused_chains(self):
+        """{first layer index: fusion.ChannelChain} in GPU mode (None: run every layer).
+        Computed once per net."""
+        if not fusion.ENABLED or self.debug_info or not backend.is_gpu():
+            return None
+        chains = getattr(self, "_channel_chains", None)
+        if chains is None:
+            chains = self._channel_chains = fusion.channel_chains(self)
+            self._channel_chains_by_last = {c.last: c for c in chains.values()}
+        return chains
+
     def forward_from_to(self, start=0, end=None):
         end = len(self.layers) - 1 if end is None else end
         gpu = backend.is_gpu()
+        chains = self._fused_chains() or {}
         loss_terms = []
         if self.debug_info and self._inputs_from_fields:
             for name in self.inputs:
                 _debug(f"[Forward] Input {name} data: "
                        f"{_abs_mean(self.blobs[name].read_host_data())}")
-        for i in range(start, end + 1):
+        i = start - 1
+        while i < end:
+            i += 1
+            chain = chains.get(i)
+            if chain is not None and chain.last <= end:
+                with backend.device_access(True):
+                    if chain.forward():
+                        i = chain.last
+                        continue
             layer, bottom, top = self.layers[i], self.bottom_blobs[i], self.top_blobs[i]
             on_device = gpu and layer.runs_on_device
             guard = contextlib.nullcontext()
@@ -518,7 +538,14 @@ class Net:
     def backward_from_to(self, start=None, end=0):
         start = len(self.layers) - 1 if start is None else start
         gpu = backend.is_gpu()
-        for i in range(start, end - 1, -1):
+        chains = self._channel_chains_by_last if self._fused_chains() else {}
+        i = start + 1
+        while i > end:
+            i -= 1
+            chain = chains.get(i)
+            if chain is not None and chain.first >= end and self._chain_backward(chain):
+                i = chain.first
+                continue
             if not self.layer_need_backward[i]:
                 continue
             layer, top, bottom = self.layers[i], self.top_blobs[i], self.bottom_blobs[i]
@@ -536,6 +563,19 @@ class Net:
                     layer.backward(top, self.bottom_need_backward[i], bottom)
                     if self.debug_info:
                         self._backward_debug_info(i)
+
+    def _chain_backward(self, chain):
+        """A fused chain's backward, if every layer of it needs one (as in-place chains
+        do when the chain's input needs a gradient). True when done or nothing to do."""
+        span = range(chain.first, chain.last + 1)
+        needs = [self.layer_need_backward[k] and self.bottom_need_backward[k][0]
+                 for k in span]
+        if not any(needs) and not any(self.layer_need_backward[k] for k in span):
+            return True
+        if not all(needs):
+            return False
+        with backend.device_access(True):
+            return chain.backward()
 
     def forward_backward(self):
         """Caffe's ForwardBackward: Forward, then the whole Backward."""

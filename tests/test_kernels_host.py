@@ -814,6 +814,57 @@ def test_channel_stored_stats_match_batchnorm(kern, launch, scale, dtype):
     np.testing.assert_array_equal(stats[1], layer.std_vector)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("relu", [None, 0.0, 0.1])
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_fused_bn_scale_relu_matches_the_three_layers(kern, launch, bias, relu, dtype):
+    """channel.cu channel_bn_scale_relu(_backward): BatchNorm (stored statistics), Scale
+    and ReLU run one after the other by the numpy layers, bit for bit, forward and
+    backward (frozen Scale), with -0, NaN and values that ReLU cuts or keeps."""
+    rng = np.random.default_rng(23)
+    shape, channels = (2, 5, 3, 4), 5
+    x = rng.standard_normal(shape).astype(dtype)
+    x.flat[:4] = [-0.0, np.nan, 0.0, 1e-30]
+    bn, bn_bottom, bn_top, _ = channel_layer(
+        'type: "BatchNorm"', x,
+        [rng.standard_normal(channels), rng.uniform(0.5, 2, channels), [0.75]], dtype, TEST)
+    text = f'type: "Scale" scale_param {{ bias_term: {str(bias).lower()} }}'
+    params = [rng.standard_normal(channels)] + ([rng.standard_normal(channels)] if bias else [])
+    scale, _, scale_top, _ = channel_layer(text, bn_top[0].data.copy(), params, dtype)
+    expected = scale_top[0].data.copy()
+    if relu is not None:
+        relu_layer, _, relu_top, _ = channel_layer(
+            f'type: "ReLU" relu_param {{ negative_slope: {relu} }}', expected, [], dtype)
+        expected = relu_top[0].data.copy()
+    inner = 12
+    # The proto's float field: a slope of 0.1 is float32's 0.1 for a double net too.
+    slope = dtype(relu_layer.negative_slope if relu is not None else 0)
+    mean = (dtype(1) / dtype(0.75) * bn.blobs[0].data).astype(dtype)
+    y = poisoned(shape, dtype)
+    bias_arg = scale.blobs[-1].data if bias else scale.blobs[0].data
+    kern.run("channel", "channel_bn_scale_relu", dtype, x.size, x, mean, bn.std_vector,
+             scale.blobs[0].data, bias_arg, int(bias), int(relu is not None), slope,
+             channels, inner, y, **launch)
+    np.testing.assert_array_equal(y, expected)
+    assert (np.signbit(y) == np.signbit(expected)).all()
+
+    dy = rng.standard_normal(shape).astype(dtype)
+    g = dy
+    if relu is not None:
+        _, rb, rt, _ = channel_layer(f'type: "ReLU" relu_param {{ negative_slope: {relu} }}',
+                                     expected, [], dtype)
+        rt[0].diff[...] = dy
+        relu_layer.backward(rt, [True], rb)
+        g = rb[0].diff.copy()
+    expected_dx = (g * scale.blobs[0].data.reshape(1, -1, 1, 1)).astype(dtype)
+    expected_dx = (expected_dx / bn.std_vector.reshape(1, -1, 1, 1)).astype(dtype)
+    dx = poisoned(shape, dtype)
+    kern.run("channel", "channel_bn_scale_relu_backward", dtype, x.size,
+             np.ascontiguousarray(expected), dy, bn.std_vector, scale.blobs[0].data,
+             int(relu is not None), slope, channels, inner, dx, **launch)
+    np.testing.assert_array_equal(dx, expected_dx)
+
+
 @pytest.mark.parametrize("text,shape,inner", [
     ('type: "Scale" scale_param { bias_term: true }', (2, 3, 4, 5), 20),
     ('type: "Scale" scale_param { axis: 2 num_axes: 1 }', (2, 3, 4, 5), 5),

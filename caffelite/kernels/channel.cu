@@ -77,3 +77,51 @@ __global__ void channel_bias(const int n, const T* x, const T* __restrict__ bias
     y[i] = x[i] + bias[(i / inner) % channels];
   }
 }
+
+// BatchNorm with stored statistics, then Scale (per channel), then optionally ReLU, all
+// on one blob in place (ResNet's conv -> bn -> scale -> relu): one pass instead of three,
+// each layer's float operations in its order, so the same bits as running the layers one
+// after the other. has_bias: Scale's bias_term; relu: 1 when the chain ends in a ReLU.
+// ReLU with slope 0 is max(v, 0) as the layer computes it (NaN stays NaN, -0 becomes 0).
+// x and y may be the same array.
+template <typename T>
+__global__ void channel_bn_scale_relu(const int n, const T* x, const T* __restrict__ mean,
+                                      const T* __restrict__ std,
+                                      const T* __restrict__ scale,
+                                      const T* __restrict__ bias, const int has_bias,
+                                      const int relu, const T negative_slope,
+                                      const int channels, const int inner, T* y) {
+  CAFFELITE_KERNEL_LOOP(i, n) {
+    const int c = (i / inner) % channels;
+    T v = (x[i] - mean[c]) / std[c];
+    v = has_bias ? v * scale[c] + bias[c] : v * scale[c];
+    if (relu) {
+      if (negative_slope == T(0)) {
+        v = (v > T(0) || v != v) ? v : T(0);
+      } else {
+        v = v > T(0) ? v : v * negative_slope;
+      }
+    }
+    y[i] = v;
+  }
+}
+
+// Its backward with frozen Scale parameters: ReLU's backward (reading the chain's output
+// y, as an in-place ReLU does), then Scale's dx = dy * scale[c], then BatchNorm's
+// dx = dy / std[c]. dy and dx may be the same array; y is read only when relu is 1.
+template <typename T>
+__global__ void channel_bn_scale_relu_backward(const int n, const T* y, const T* dy,
+                                               const T* __restrict__ std,
+                                               const T* __restrict__ scale,
+                                               const int relu, const T negative_slope,
+                                               const int channels, const int inner,
+                                               T* dx) {
+  CAFFELITE_KERNEL_LOOP(i, n) {
+    const int c = (i / inner) % channels;
+    T g = dy[i];
+    if (relu) {
+      g = y[i] > T(0) ? g : (negative_slope == T(0) ? T(0) : g * negative_slope);
+    }
+    dx[i] = g * scale[c] / std[c];
+  }
+}

@@ -304,14 +304,21 @@ def _grid_rows(grid, n_out, ld, xp):
     return out
 
 
-def _forward_groups(image, w_g, out, geom, group, groups, xp):
-    channels, n_out = image.shape[1], out.shape[1]
-    grid_shape = out.shape[2:]
+def _filled_group_columns(images, geom, grid_shape, groups, xp):
+    """Per group of images: (n0, n1, column count, the workspace's column matrix filled
+    by im2col); the next group reuses the matrix."""
     plane = int(np.prod(grid_shape))
     for n0, n1 in groups:
         count = (n1 - n0) * plane
-        col = _group_col(channels, geom, count, image.dtype, xp)
-        _group_im2col(xp, image[n0:n1], col, geom, grid_shape)
+        col = _group_col(images.shape[1], geom, count, images.dtype, xp)
+        _group_im2col(xp, images[n0:n1], col, geom, grid_shape)
+        yield n0, n1, count, col
+
+
+def _forward_groups(image, w_g, out, geom, group, groups, xp):
+    n_out, grid_shape = out.shape[1], out.shape[2:]
+    plane = int(np.prod(grid_shape))
+    for n0, n1, count, col in _filled_group_columns(image, geom, grid_shape, groups, xp):
         direct = n1 - n0 == 1 and col.shape[1] == count
         rows = (view(out[n0], (n_out, count)) if direct else
                 xp.empty((n_out, col.shape[1]), image.dtype))
@@ -335,13 +342,8 @@ def _backward_groups(grid, w_g, image, geom, group, groups, xp):
 
 
 def _weight_groups(image, grid, dw_g, geom, group, groups, xp):
-    channels, n_out = image.shape[1], grid.shape[1]
-    grid_shape = grid.shape[2:]
-    plane = int(np.prod(grid_shape))
-    for n0, n1 in groups:
-        count = (n1 - n0) * plane
-        col = _group_col(channels, geom, count, image.dtype, xp)
-        _group_im2col(xp, image[n0:n1], col, geom, grid_shape)
+    n_out = grid.shape[1]
+    for n0, n1, count, col in _filled_group_columns(image, geom, grid.shape[2:], groups, xp):
         if col.shape[1] > count:
             col[:, count:] = 0      # the padding columns meet zeros of the grid rows
         rows = _grid_rows(grid[n0:n1], n_out, col.shape[1], xp)
