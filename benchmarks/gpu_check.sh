@@ -16,9 +16,13 @@
 #
 # The corpus beside a checkout (../shared) does not travel to a device machine: copy it
 # into the git-ignored .shared/ first (cp -r ../shared .shared) and carry ".shared".
-# The device image lacks pymatreader (MatRead tests): carry its wheels and xmltodict's
-# (.whl/, pip download --no-deps ... for python 3.12) and install them with
-# --target /tmp/site, PYTHONPATH=/tmp/site, before this script (device README).
+# The device image lacks pymatreader (MatRead tests). Fetch its wheels here (the folder is
+# git-ignored):
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#     --platform any -d .whl pymatreader==1.3.2 xmltodict
+# carry ".whl" too, and start the device command with
+#   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl &&
+#   export PYTHONPATH=/tmp/site;
 set -uo pipefail
 out=${1:-${OUT:-gpu_out}}
 mkdir -p "$out"

@@ -73,16 +73,12 @@ def filter_net(net, state):
     return out
 
 
-def inputs_to_input_layer(net):
-    """Turn NetParameter ``input``/``input_dim``/``input_shape`` into an Input layer."""
-    if not len(net.input):
-        return net
-    out = caffe_pb2.NetParameter()
-    out.CopyFrom(net)
-    for f in ("input", "input_dim", "input_shape", "layer"):
-        out.ClearField(f)
-    layer = out.layer.add(name="input", type="Input")
+def net_input_fields(net):
+    """[(name, shape)] of the NetParameter's ``input`` fields, shaped by ``input_shape``
+    or by four ``input_dim`` values each (the fork's net inputs: blobs, not a layer)."""
     n = len(net.input)
+    if not n:
+        return []
     if len(net.input_shape):
         if len(net.input_shape) != n:
             raise NetError(f"{n} inputs but {len(net.input_shape)} input_shape entries")
@@ -93,12 +89,7 @@ def inputs_to_input_layer(net):
         shapes = [list(net.input_dim[4 * i:4 * i + 4]) for i in range(n)]
     else:
         raise NetError("net 'input' given without input_dim or input_shape")
-    for name, shape in zip(net.input, shapes):
-        layer.top.append(name)
-        layer.input_param.shape.add().dim.extend(shape)
-    for old in net.layer:
-        out.layer.add().CopyFrom(old)
-    return out
+    return list(zip(net.input, shapes))
 
 
 # --------------------------------------------------------------------- splits
@@ -106,9 +97,14 @@ def _split_blob_name(blob, layer, top_idx, k):
     return f"{blob}_{layer}_{top_idx}_split_{k}"
 
 
-def insert_splits(net):
-    """Caffe's InsertSplits: a Split layer after every top consumed more than once."""
-    last_top = {}
+INPUT = -1      # the producer index of the net inputs (Caffe's fake layer id)
+
+
+def insert_splits(net, inputs=()):
+    """Caffe's InsertSplits: a Split layer after every top consumed more than once. Net
+    inputs (``inputs``, their names) come from a layer named "input" at index -1: their
+    splits, named after it as in Caffe, go before every layer."""
+    last_top = {name: (INPUT, j) for j, name in enumerate(inputs)}
     source_of = {}
     consumers = {}
     loss_weight = {}
@@ -132,6 +128,21 @@ def insert_splits(net):
     # A loss-weighted top's split keeps its top 0 for the loss: consumers start at 1.
     next_split = {src: 1 for src, w in loss_weight.items()
                   if w and consumers.get(src, 0) > 1}
+
+    def producer_name(src):
+        return "input" if src[0] == INPUT else net.layer[src[0]].name
+
+    def add_split(name, producer, j, count, weight=0):
+        split = out.layer.add(name=f"{name}_{producer}_{j}_split", type="Split")
+        split.bottom.append(name)
+        for k in range(count):
+            split.top.append(_split_blob_name(name, producer, j, k))
+        if weight:
+            split.loss_weight.extend([weight] + [0] * (count - 1))
+
+    for j, name in enumerate(inputs):
+        if consumers.get((INPUT, j), 0) > 1:
+            add_split(name, "input", j, consumers[(INPUT, j)])
     for i, layer in enumerate(net.layer):
         new = out.layer.add()
         new.CopyFrom(layer)
@@ -140,17 +151,13 @@ def insert_splits(net):
             if consumers.get(src, 0) > 1:
                 k = next_split.get(src, 0)
                 next_split[src] = k + 1
-                new.bottom[j] = _split_blob_name(name, net.layer[src[0]].name, src[1], k)
+                new.bottom[j] = _split_blob_name(name, producer_name(src), src[1], k)
         for j, name in enumerate(layer.top):
             count = consumers.get((i, j), 0)
             if count > 1:
-                split = out.layer.add(name=f"{name}_{layer.name}_{j}_split", type="Split")
-                split.bottom.append(name)
-                for k in range(count):
-                    split.top.append(_split_blob_name(name, layer.name, j, k))
-                w = loss_weight.get((i, j), 0)
-                if w:
-                    split.loss_weight.extend([w] + [0] * (count - 1))
+                weight = loss_weight.get((i, j), 0)
+                add_split(name, layer.name, j, count, weight)
+                if weight:
                     new.ClearField("loss_weight")    # the split carries the loss now
     return out
 
@@ -211,8 +218,9 @@ class Net:
         self.force_backward = param.force_backward
         self.debug_info = bool(param.debug_info)
         filtered = filter_net(param, state)
-        self._inputs_from_fields = bool(len(filtered.input))
-        net = insert_splits(inputs_to_input_layer(filtered))
+        inputs = net_input_fields(filtered)
+        self._inputs_from_fields = bool(inputs)
+        net = insert_splits(filtered, [name for name, _ in inputs])
         self.layer_params = list(net.layer)
         self.layers = []
         self._layer_names = []
@@ -226,6 +234,8 @@ class Net:
         self._inputs = []
         blob_need_backward = {}
         available = OrderedDict()
+        for name, shape in inputs:
+            self._add_input_blob(name, shape, available)
         from .layers.python_layer import module_search_dir
         with module_search_dir(self._prototxt_dir()):
             for lp in net.layer:
@@ -235,8 +245,6 @@ class Net:
         self._prune_backward()
         if self.force_backward:
             self._apply_force_backward()
-        if self._inputs_from_fields:
-            self._drop_input_layer()
         self.blob_loss_weights = OrderedDict((n, 0.0) for n in self.blobs)
         for tops, weights in zip(self.top_blobs, self.layer_loss_weights):
             for name, w in zip(self._blob_name_list(tops), weights):
@@ -244,18 +252,19 @@ class Net:
                     self.blob_loss_weights[name] = w
         logger.info("Network initialization done.")
 
-    def _drop_input_layer(self):
-        """The fork has no Input layer: ``input:`` fields make net input blobs and no
-        layer. The Input layer that created them (first, named "input") leaves the
-        layer lists, so ``net.layers``, ``_layer_names``, layer indices and ``caffe
-        time`` match the fork's; its tops keep the shapes the user gives them."""
-        for per_layer in (self.layer_params, self.layers, self._layer_names,
-                          self.bottom_blobs, self.top_blobs, self.bottom_need_backward,
-                          self.layer_need_backward, self.layer_loss_weights):
-            del per_layer[0]
-        if "input" not in self._layer_names:        # a real layer may reuse the name
-            del self.bottom_names["input"]
-            del self.top_names["input"]
+    def _add_input_blob(self, name, shape, available):
+        """A net input of the ``input`` fields: a blob of ``shape`` that no layer makes
+        (Caffe's AppendTop for layer id -1); it needs no backward."""
+        if name in self.blobs:
+            raise NetError(f"{self.source}: input blob '{name}' is given twice")
+        blob = Blob((), self.dtype)
+        try:
+            blob.reshape(shape)
+        except ValueError as e:
+            raise NetError(f"{self.source}: input blob '{name}': {e}") from None
+        self.blobs[name] = blob
+        available[name] = blob
+        self._inputs.append(name)
 
     def _prototxt_dir(self):
         """The prototxt's folder, where Python layer modules are also looked for."""

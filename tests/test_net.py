@@ -211,6 +211,32 @@ def test_unknown_type_and_bottom_errors(tmp_path):
         make_net(tmp_path, NET + 'layer { name: "r" type: "ReLU" bottom: "ip" top: "conv2" }')
 
 
+def test_input_fields_make_blobs_and_no_layer(tmp_path):
+    text = ('input: "a" input_shape { dim: 2 dim: 3 }\n'
+            'input: "b" input_dim: 1 input_dim: 2 input_dim: 3 input_dim: 4\n'
+            'layer { name: "s" type: "Eltwise" bottom: "a" bottom: "a" top: "s" }\n')
+    with pytest.raises(NetError, match="1 inputs need 4 input_dim values, got 2"):
+        make_net(tmp_path, 'input: "a" input_dim: 1 input_dim: 2\n')
+    with pytest.raises(NetError, match="2 inputs but 1 input_shape"):
+        make_net(tmp_path, text.replace('input_dim: 1 input_dim: 2 input_dim: 3 input_dim: 4',
+                                        ''))
+    with pytest.raises(NetError, match="input blob 'a' is given twice"):
+        make_net(tmp_path, 'input: "a" input: "a" input_shape { dim: 1 } '
+                           'input_shape { dim: 1 }\n')
+    with pytest.raises(NetError, match="input blob 'a': negative dimension"):
+        make_net(tmp_path, 'input: "a" input_shape { dim: 2 dim: -3 }\n')
+    # 'b' is read by no layer, 'a' by one layer twice: a Split named after "input".
+    text = text.replace('input_dim: 1 input_dim: 2 input_dim: 3 input_dim: 4',
+                        'input_shape { dim: 1 dim: 2 dim: 3 dim: 4 }')
+    net = make_net(tmp_path, text)
+    assert net.inputs == ["a", "b"]
+    assert net._layer_names == ["a_input_0_split", "s"]
+    assert net.blobs["b"].shape == (1, 2, 3, 4)
+    net.blobs["a"].data[...] = 1.5
+    net.forward()
+    np.testing.assert_array_equal(net.blobs["s"].data, np.full((2, 3), 3.0))
+
+
 def test_level_and_stage_rules(tmp_path):
     text = NET + '''
 layer { name: "staged" type: "ReLU" bottom: "ip" top: "s1" include { stage: "deploy" } }
