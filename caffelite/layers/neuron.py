@@ -380,6 +380,13 @@ class ThresholdLayer(NeuronLayer):
             raise self.error("Threshold has no backward pass (its gradient is not defined)")
 
 
+def _masked_scale(xp, x, mask, scale, out):
+    """out = (x * mask) * scale in two passes into ``out`` (which may be ``x``): no
+    temporaries, the same float operations as the expression."""
+    xp.multiply(x, mask, out=out)
+    xp.multiply(out, scale, out=out)
+
+
 @register("Dropout")
 class DropoutLayer(NeuronLayer):
     """Inverted dropout: TRAIN y = x * m / (1 - r), m ~ Bernoulli(1 - r); TEST identity."""
@@ -401,7 +408,7 @@ class DropoutLayer(NeuronLayer):
             return
         xp = get_array_module(x)
         self.mask = self.draw_mask(xp, x.shape, x.dtype)
-        top[0].data[...] = x * self.mask * self.scale
+        _masked_scale(xp, x, self.mask, self.scale, top[0].data)
 
     def draw_mask(self, xp, shape, dtype):
         """1 (kept) with probability 1 - ratio, else 0. On the host Caffe's own draw,
@@ -423,4 +430,5 @@ class DropoutLayer(NeuronLayer):
             if top[0] is not bottom[0]:
                 bottom[0].diff[...] = top[0].diff
             return
-        bottom[0].diff[...] = top[0].diff * self.mask * self.scale
+        dy = top[0].diff
+        _masked_scale(get_array_module(dy), dy, self.mask, self.scale, bottom[0].diff)
