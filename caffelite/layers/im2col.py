@@ -64,7 +64,7 @@ def workspace_buffers():
 def view(array, shape):
     """Reshape that must not copy (a copy would silently lose writes through it)."""
     if get_array_module(array) is np:
-        return np.reshape(array, shape, copy=False)
+        return array.reshape(shape, copy=False)
     out = array.reshape(shape)
     if out.size and not _shares(out, array):
         raise ValueError(f"reshape of {array.shape} to {shape} would copy")
@@ -369,6 +369,8 @@ def _device_groups(xp, geom, num, channels, grid_shape, dtype, budget):
 
 def _per_group(matrix, group):
     """The (rows/group, cols) blocks of a (rows, cols) matrix view, one per group."""
+    if group == 1:
+        return (matrix,)        # no view to make (a CuPy view costs microseconds)
     rows = matrix.shape[0] // group
     return [matrix[g * rows:(g + 1) * rows] for g in range(group)]
 
