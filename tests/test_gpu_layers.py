@@ -1035,3 +1035,15 @@ def test_device_column_bands_are_whole_images_for_deeplab_layers():
     geom = types.SimpleNamespace(taps=9)
     assert im2col_module.rows_per_chunk(64, geom, (321, 321), 4, xp=emulator) == 321
     assert im2col_module.rows_per_chunk(64, geom, (321, 321), 4) == 22
+
+
+def test_device_workspace_size_comes_from_the_environment(monkeypatch):
+    geom = im2col_module.ConvGeometry((3, 3), (1, 1), (1, 1), (1, 1))
+    monkeypatch.setenv("CAFFELITE_DEVICE_WORKSPACE_MB", "1")
+    # 64 channels x 9 taps x 41 x 41 floats = 3.9 MB: bands, not whole images.
+    assert im2col_module.image_groups(2, 64, geom, (41, 41), np.float32) is None
+    monkeypatch.setenv("CAFFELITE_DEVICE_WORKSPACE_MB", "8")
+    assert im2col_module.image_groups(3, 64, geom, (41, 41), np.float32) == [(0, 2), (2, 3)]
+    monkeypatch.setenv("CAFFELITE_DEVICE_WORKSPACE_MB", "lots")
+    with pytest.raises(ValueError, match="CAFFELITE_DEVICE_WORKSPACE_MB must be a whole"):
+        im2col_module.image_groups(3, 64, geom, (41, 41), np.float32)

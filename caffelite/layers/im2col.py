@@ -7,16 +7,17 @@ written as zeros), so the work is a handful of vectorised copies per tap.  ``col
 its adjoint and accumulates the taps in Caffe's order.
 
 The column buffer is built for a band of output rows at a time (``rows_per_chunk``) so
-that it stays under ``COL_BUFFER_BYTES`` however large the image; each band is one GEMM
-per group (a single batched ``matmul`` call).  Convolutions with a 1x1 kernel, stride 1
-and no padding skip im2col (the image already is its column matrix).
+that it stays under ``COL_BUFFER_BYTES`` however large the image; each band is one 2-D
+GEMM per convolution group.  Convolutions with a 1x1 kernel, stride 1 and no padding skip
+im2col (the image already is its column matrix).
 
 Everything is written against ``xp`` (numpy or cupy, taken from the arrays).  On the
 device, 2-D convolutions run the ``im2col``/``col2im`` CUDA kernels
-(``caffelite/kernels/im2col.cu``) per image and band instead of the per-tap slices;
-``col2im`` there gathers each pixel's taps last to first (Caffe's GPU order), so it may
-differ from the numpy ``col2im`` in the last bits.  N-D convolutions use the slices on
-both sides.
+(``caffelite/kernels/im2col.cu``) instead of the per-tap slices, on runs of whole images
+side by side where they fit ``DEVICE_COL_BUFFER_BYTES`` (one GEMM for several images;
+see "whole images, several per GEMM" below), else per image and band.  ``col2im`` there
+gathers each pixel's taps last to first (Caffe's GPU order), so it may differ from the
+numpy ``col2im`` in the last bits.  N-D convolutions use the slices on both sides.
 """
 import itertools
 import os
@@ -25,14 +26,31 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..backend import get_array_module, tf32_enabled
+from ..kernels import MAX_ELEMENTS as MAX_KERNEL_ELEMENTS
 from ._device import contiguous, launch
 
 # Upper bound on the column buffer: on the host it stays cache- and RAM-friendly; on a
 # GPU larger buffers mean fewer, larger cuBLAS GEMMs (whole images, several per GEMM, for
 # every DeepLab layer at 321x321; Caffe itself keeps a whole-image buffer per layer).
 # CAFFELITE_DEVICE_WORKSPACE_MB sets the device's (512 MiB by default).
+def _device_workspace_bytes():
+    text = os.environ.get("CAFFELITE_DEVICE_WORKSPACE_MB", "512")
+    try:
+        megabytes = int(text)
+    except ValueError:
+        megabytes = 0
+    if megabytes < 1:
+        raise ValueError(f"CAFFELITE_DEVICE_WORKSPACE_MB must be a whole number of MiB, at "
+                         f"least 1; got {text!r}")
+    return megabytes << 20
+
+
 COL_BUFFER_BYTES = 16 << 20
-DEVICE_COL_BUFFER_BYTES = int(os.environ.get("CAFFELITE_DEVICE_WORKSPACE_MB", "512")) << 20
+DEVICE_COL_BUFFER_BYTES = None      # None: CAFFELITE_DEVICE_WORKSPACE_MB, read when used
+
+
+def device_col_buffer_bytes():
+    return DEVICE_COL_BUFFER_BYTES or _device_workspace_bytes()
 
 # One column buffer per array module (Caffe's shared col_buffer): the GEMMs below use
 # it one at a time, so forward, weight and data gradients of every layer share it.
@@ -174,7 +192,7 @@ def col2im(col, image, geom, grid_shape, r0, r1):
 def rows_per_chunk(channels, geom, grid_shape, itemsize, budget=None, xp=np):
     """How many grid rows (first spatial axis) one column buffer may hold."""
     if budget is None:
-        budget = COL_BUFFER_BYTES if xp is np else DEVICE_COL_BUFFER_BYTES
+        budget = COL_BUFFER_BYTES if xp is np else device_col_buffer_bytes()
     row_bytes = channels * geom.taps * int(np.prod(grid_shape[1:], dtype=np.int64)) * itemsize
     return int(max(1, min(grid_shape[0], budget // max(row_bytes, 1))))
 
@@ -258,9 +276,10 @@ def image_groups(num, channels, geom, grid_shape, dtype, budget=None):
     if not GROUP_IMAGES:
         return None
     if budget is None:
-        budget = DEVICE_COL_BUFFER_BYTES
+        budget = device_col_buffer_bytes()
     plane = int(np.prod(grid_shape, dtype=np.int64))
     rows, itemsize, align = channels * geom.taps, np.dtype(dtype).itemsize, column_align(dtype)
+    budget = min(budget, MAX_KERNEL_ELEMENTS * itemsize)   # the kernels index with int
     if rows * _aligned(plane, align) * itemsize > budget:
         return None
     per_group = num
