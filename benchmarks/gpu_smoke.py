@@ -20,7 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import caffelite as caffe  # noqa: E402
-from caffelite import backend, kernels  # noqa: E402
+from caffelite import backend, fusion, kernels  # noqa: E402
 
 NET = """
 name: "smoke"
@@ -33,7 +33,7 @@ layer { name: "bn1" type: "BatchNorm" bottom: "conv1" top: "conv1"
         param { lr_mult: 0 } param { lr_mult: 0 } param { lr_mult: 0 }
         batch_norm_param { use_global_stats: true } }
 layer { name: "scale1" type: "Scale" bottom: "conv1" top: "conv1"
-        scale_param { bias_term: true } }
+        param { lr_mult: 0 } param { lr_mult: 0 } scale_param { bias_term: true } }
 layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }
 layer { name: "pool1" type: "Pooling" bottom: "conv1" top: "pool1"
         pooling_param { pool: MAX kernel_size: 3 stride: 2 pad: 1 } }
@@ -120,8 +120,10 @@ def train_step_matches_cpu():
             err = float(np.max(np.abs(a.data - b.data)))
             scale = float(np.max(np.abs(a.data))) + 1e-30
             assert err <= 1e-4 * scale, f"{name}: GPU weights differ by {err:.3g}"
+    chains = fusion.channel_chains(gpu.net)
+    assert len(chains) == 1, "bn1 -> scale1 -> relu1 should run as one fused kernel"
     print(f"   loss CPU {float(cpu.net.blobs['loss'].data):.6f} "
-          f"GPU {float(gpu.net.blobs['loss'].data):.6f}")
+          f"GPU {float(gpu.net.blobs['loss'].data):.6f} (one fused BatchNorm chain)")
 
 
 def gemm_paths():
