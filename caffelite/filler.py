@@ -96,7 +96,7 @@ def _positive_unitball(shape, p, real):
 def _fan_n(shape, p, real):
     """Caffe's n for xavier/msra (in Dtype): fan_in = count/num, fan_out =
     count/channels, AVERAGE = (fan_in + fan_out) / Dtype(2)."""
-    count = int(np.prod(shape, dtype=np.int64))
+    count = _count(shape)
     if count == 0:
         raise FillerError(f"cannot fill an empty blob {shape}")
     fan_in = count // _legacy_dim(shape, 0)

@@ -63,9 +63,7 @@ class ChannelChain:
         bn, scale = self.bn, self.scale
         dtype = self.blob.dtype.type
         x = self.blob.data
-        mean, bn.std_vector = bn._device_stats(backend.get_array_module(x), dtype)
-        launch("channel", "channel_stored_stats", dtype, bn.channels, bn.blobs[0].data,
-               bn.blobs[1].data, bn.blobs[2].data, dtype(bn.eps), mean, bn.std_vector)
+        mean = bn.device_stored_stats(backend.get_array_module(x), dtype)
         weights = [b.data for b in scale.blobs]
         bias = weights[-1] if scale.bias_term else weights[0]
         slope = self.relu.negative_slope if self.relu is not None else 0.0

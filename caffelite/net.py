@@ -232,6 +232,7 @@ class Net:
         self.learnable_params = []
         self._param_owner = {}
         self._inputs = []
+        self._channel_chains = self._channel_chains_by_last = None   # GPU mode, on demand
         blob_need_backward = {}
         available = OrderedDict()
         for name, shape in inputs:
@@ -465,7 +466,7 @@ class Net:
         Computed once per net."""
         if not fusion.ENABLED or self.debug_info or not backend.is_gpu():
             return None
-        chains = getattr(self, "_channel_chains", None)
+        chains = self._channel_chains
         if chains is None:
             chains = self._channel_chains = fusion.channel_chains(self)
             self._channel_chains_by_last = {c.last: c for c in chains.values()}
@@ -577,11 +578,10 @@ class Net:
         """A fused chain's backward, if every layer of it needs one (as in-place chains
         do when the chain's input needs a gradient). True when done or nothing to do."""
         span = range(chain.first, chain.last + 1)
-        needs = [self.layer_need_backward[k] and self.bottom_need_backward[k][0]
-                 for k in span]
-        if not any(needs) and not any(self.layer_need_backward[k] for k in span):
+        if not any(self.layer_need_backward[k] for k in span):
             return True
-        if not all(needs):
+        if not all(self.layer_need_backward[k] and self.bottom_need_backward[k][0]
+                   for k in span):
             return False
         with backend.device_access(True):
             return chain.backward()

@@ -76,12 +76,7 @@ class BatchNormLayer(NeuronLayer):
 
     def _forward_stored_stats(self, xp, bottom, top, dtype):
         if on_device(xp):
-            # On the device without a device->host read of the scale factor, since a
-            # solver update marks the blobs device-newer every iteration.
-            mean, self.std_vector = self._device_stats(xp, dtype)
-            launch("channel", "channel_stored_stats", dtype, self.channels,
-                   self.blobs[0].data, self.blobs[1].data, self.blobs[2].data,
-                   dtype(self.eps), mean, self.std_vector)
+            mean = self.device_stored_stats(xp, dtype)
             launch("channel", "channel_normalize", dtype, bottom[0].count, bottom[0].data,
                    mean, self.std_vector, self.channels, self.dims[2], top[0].data)
             return
@@ -94,13 +89,20 @@ class BatchNormLayer(NeuronLayer):
         x = bottom[0].data.reshape(self.dims)
         top[0].data[...] = ((x - mean[None, :, None]) / self.std).reshape(top[0].shape)
 
-    def _device_stats(self, xp, dtype):
-        """The layer's (mean, std) device vectors, allocated once per array module."""
+    def device_stored_stats(self, xp, dtype):
+        """The stored statistics on the device: the mean vector (returned) and
+        ``std_vector``, from one kernel and without a device->host read of the scale
+        factor (a solver update marks the blobs device-newer every iteration). The two
+        vectors are allocated once per array module."""
         cached = getattr(self, "_stats_buffer", None)
         if (cached is None or get_array_module(cached) is not xp or cached.dtype != dtype
                 or cached.shape[1] != self.channels):
             cached = self._stats_buffer = xp.empty((2, self.channels), dtype)
-        return cached[0], cached[1]
+        mean, self.std_vector = cached[0], cached[1]
+        launch("channel", "channel_stored_stats", dtype, self.channels, self.blobs[0].data,
+               self.blobs[1].data, self.blobs[2].data, dtype(self.eps), mean,
+               self.std_vector)
+        return mean
 
     def _update_running_stats(self, mean, var, dtype):
         maf = dtype(self.moving_average_fraction)
