@@ -63,7 +63,7 @@ fi
 
 echo "== benchmarks/gpu_train.py"
 timeout "${TRAIN_BENCH_TIMEOUT:-260}" python3 benchmarks/gpu_train.py --corpus "$corpus" \
-  ${GPU_TRAIN_ARGS:---budget 150 --iters 3 --engines caffelite,caffelite-per-image,caffelite-unfused,torch} \
+  ${GPU_TRAIN_ARGS:---budget 150 --iters 3 --engines caffelite,caffelite-graphs,caffelite-unfused,torch} \
   --json "$out/gpu_train.json" 2>&1 | tee "$out/gpu_train.md" | tail -40
 
 [ "${SKIP_CRF:-0}" = 1 ] && exit 0

@@ -2,7 +2,7 @@
 
 Compiles and launches one kernel of every module, builds a small net with every kind of
 kernel-backed layer in GPU mode, runs a training step and compares it with CPU mode,
-and times a convolution GEMM shape as a 2-D (cublasGemmEx) and a batched 3-D matmul
+trains it again with CUDA graphs (opt-in: reported, not fatal), and times a convolution GEMM shape as a 2-D (cublasGemmEx) and a batched 3-D matmul
 with TF32 off and on. Exit status 1 with the traceback on the first failure, so a
 broken GPU path costs one minute of device time instead of a whole check run.
 
@@ -126,6 +126,34 @@ def train_step_matches_cpu():
           f"GPU {float(gpu.net.blobs['loss'].data):.6f} (one fused BatchNorm chain)")
 
 
+def graphs_match_layer_by_layer():
+    """Four steps of the smoke net with CUDA graphs: the weights of four steps without,
+    bit for bit, with the recorded segment launched (not failed)."""
+    from caffelite import cuda_graphs
+    results = {}
+    device_module()
+    try:
+        for graphs in (False, True):
+            cuda_graphs.set_enabled(graphs)
+            s = solver(NET)
+            s.step(4)
+            backend.synchronize()
+            results[graphs] = [b.read_host_data().copy() for ps in s.net.params.values()
+                               for b in ps]
+            if graphs:
+                segments = s.net._graphs.segments
+                assert segments and not any(r.failed for g in segments
+                                            for r in (g.fwd, g.bwd)), "recording failed"
+                count = sum(r.launches for g in segments for r in (g.fwd, g.bwd))
+                assert count >= 6, f"only {count} graph launches"
+    finally:
+        cuda_graphs.set_enabled(False)
+        backend.set_mode_cpu()
+    for a, b in zip(results[False], results[True]):
+        assert np.array_equal(a, b), "weights trained with CUDA graphs differ"
+    print(f"   {count} graph launches; weights equal to the layer-by-layer run")
+
+
 def gemm_paths():
     """A VGG conv5-like forward GEMM at 81x81 (512 x 4608 @ 4608 x 6561), both ways."""
     xp = device_module()
@@ -165,6 +193,11 @@ def main():
         traceback.print_exc()
         print("GPU SMOKE FAILED", flush=True)
         return 1
+    try:    # opt-in, so a failure here does not stop the checks of the default path
+        step("CUDA graphs: four steps like layer by layer", graphs_match_layer_by_layer)
+    except Exception:                      # noqa: BLE001
+        traceback.print_exc()
+        print("GPU SMOKE: CUDA GRAPHS FAILED", flush=True)
     print("GPU SMOKE OK", flush=True)
     return 0
 

@@ -89,8 +89,11 @@ def parse_args(argv=None):
     p.add_argument("--engines", default="caffelite,torch",
                    help="comma list of: caffelite, caffelite-per-image (one GEMM per image "
                         "and unpadded columns, as before image groups), caffelite-unfused "
-                        "(BatchNorm -> Scale -> ReLU layer by layer), torch")
-    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+                        "(BatchNorm -> Scale -> ReLU layer by layer), caffelite-graphs "
+                        "(passes recorded into CUDA graphs), torch")
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu", "emulated"),
+                   help="emulated: caffelite's GPU mode on the CPU emulator and torch on "
+                        "the CPU (checks this script's GPU code paths where no GPU is)")
     p.add_argument("--iters", type=int, default=5, help="timed iterations (at most)")
     p.add_argument("--warmup", type=int, default=1, help="untimed iterations (at least 1)")
     p.add_argument("--size", type=int, default=321, help="training crop (height = width)")
@@ -117,14 +120,15 @@ def parse_args(argv=None):
     args.warmup = max(1, args.warmup)
     args.iters = max(1, args.iters)
     known = {"net": NETS, "phase": ("train", "test"), "precision": ("fp32", "tf32"),
-             "engines": ("caffelite", "caffelite-per-image", "caffelite-unfused", "torch")}
+             "engines": ("caffelite", "caffelite-per-image", "caffelite-unfused",
+                         "caffelite-graphs", "torch")}
     for field, choices in known.items():
         values = [v for v in getattr(args, field).split(",") if v]
         unknown = [v for v in values if v not in choices]
         if unknown or not values:
             p.error(f"--{field}: unknown {unknown} (choose from {', '.join(choices)})")
         setattr(args, field, values)
-    if args.device == "cpu":
+    if args.device != "cuda":
         args.precision = [v for v in args.precision if v == "fp32"] or ["fp32"]
     return args
 
@@ -283,6 +287,9 @@ class Device:
         if self.kind == "cpu":
             caffe.set_mode_cpu()
             return
+        if self.kind == "emulated":
+            caffe.set_mode_gpu(emulate=True)
+            return
         if self.torch is not None and not self.torch_error:
             self.torch.backends.cudnn.benchmark = True
         try:
@@ -357,7 +364,7 @@ class Device:
     def sgemm_rates(self):
         """Measured GEMM FLOP/s: {"fp32": ..., "tf32": ...} (8192² on the GPU, numpy
         1024² on the CPU)."""
-        if self.kind == "cpu":
+        if self.kind != "cuda":
             a = np.random.default_rng(0).standard_normal((1024, 1024), np.float32)
             return {"fp32": _rate(lambda: a @ a, 1024, lambda: None), "how": "numpy 1024²"}
         rates, how = {}, []
@@ -464,10 +471,17 @@ def timing_row(times):
     return {"median_s": statistics.median(times), "min_s": min(times), "iters": len(times)}
 
 
+def caffelite_warmup(args):
+    """With CUDA graphs, one more untimed iteration: a segment runs eagerly the first
+    time and is recorded the second."""
+    from caffelite import cuda_graphs
+    return args.warmup + (1 if cuda_graphs.enabled() else 0)
+
+
 def run_caffelite_train(dev, solver, args, seconds):
     row = {}
-    times = measure(lambda: solver.step(1), dev.sync_caffelite, args.warmup, args.iters,
-                    seconds, dev.track_cupy_peak(row))
+    times = measure(lambda: solver.step(1), dev.sync_caffelite, caffelite_warmup(args),
+                    args.iters, seconds, dev.track_cupy_peak(row))
     row.update(timing_row(times))
     return row
 
@@ -489,8 +503,8 @@ def run_torch_train(dev, tnet, inputs, sgd, iter_size, args, seconds):
 
 def run_caffelite_test(dev, net, args, seconds):
     row = {}
-    times = measure(net.forward_from_to, dev.sync_caffelite, args.warmup, args.iters,
-                    seconds, dev.track_cupy_peak(row))
+    times = measure(net.forward_from_to, dev.sync_caffelite, caffelite_warmup(args),
+                    args.iters, seconds, dev.track_cupy_peak(row))
     row.update(timing_row(times))
     return row
 
@@ -576,14 +590,36 @@ def with_setting(module, attr, value, run, needs=None):
 
 
 def variants(run, net):
-    """The caffelite engines that undo one of the GPU optimisations:
+    """The caffelite engines that undo one of the GPU optimisations, or add an opt-in one:
     caffelite-per-image: one GEMM per image on unpadded columns (Caffe's way);
-    caffelite-unfused: BatchNorm -> Scale -> ReLU chains layer by layer."""
+    caffelite-unfused: BatchNorm -> Scale -> ReLU chains layer by layer;
+    caffelite-graphs: CUDA graphs on (caffelite.cuda_graphs)."""
     from caffelite import fusion
     from caffelite.layers import im2col
     return {"caffelite-per-image": with_setting(im2col, "GROUP_IMAGES", False, run),
             "caffelite-unfused": with_setting(fusion, "ENABLED", False, run,
-                                              lambda: bool(fusion.channel_chains(net)))}
+                                              lambda: bool(fusion.channel_chains(net))),
+            "caffelite-graphs": with_graphs(run, net)}
+
+
+def with_graphs(run, net):
+    """``run`` with CUDA graphs on; the row says what was recorded and launched."""
+    from caffelite import cuda_graphs
+
+    def wrapped(seconds):
+        cuda_graphs.set_enabled(True)
+        try:
+            row = run(seconds)
+        finally:
+            cuda_graphs.set_enabled(False)
+        graphs = net._graphs
+        if graphs is not None:
+            recs = [r for seg in graphs.segments for r in (seg.fwd, seg.bwd)]
+            row["graphs"] = (f"{len(graphs.segments)} segments, "
+                             f"{sum(r.launches for r in recs)} launches, "
+                             f"{sum(r.failed for r in recs)} failed")
+        return row
+    return wrapped
 
 
 def train_check(dev, net, tnet, tinputs):
@@ -629,6 +665,13 @@ def bench_test(dev, key, args, clock, rates, rows):
         return numbers
     run = {"caffelite": caffelite_run, "torch": torch_run}
     run.update(variants(lambda seconds: run_caffelite_test(dev, net, args, seconds), net))
+    graphs_run = run["caffelite-graphs"]
+
+    def graphs_kept(seconds):
+        numbers = graphs_run(seconds)
+        outs["caffelite-graphs"] = np.array(net.blobs[output].data)
+        return numbers
+    run["caffelite-graphs"] = graphs_kept
     for precision in args.precision:
         outs.clear()
         for engine in args.engines:
@@ -637,6 +680,11 @@ def bench_test(dev, key, args, clock, rates, rows):
             diff = rel_diff(outs["caffelite"], outs["torch"])
             for row in rows[-len(args.engines):]:
                 row["check"] = diff
+        if "caffelite" in outs and "caffelite-graphs" in outs:
+            same = bool(np.array_equal(outs["caffelite"], outs["caffelite-graphs"]))
+            for row in rows[-len(args.engines):]:
+                if row["engine"] == "caffelite-graphs":
+                    row["same_bits_as_caffelite"] = same
     del run, caffelite_run, torch_run, net, tnet, tinputs
     dev.free()
 
@@ -676,6 +724,8 @@ def add_rates(row, rates):
 def print_progress(row):
     what = (f"{row['median_s']:.4f} s median of {row['iters']}" if "median_s" in row
             else row.get("error"))
+    if "graphs" in row:
+        what += f" ({row['graphs']})"
     print(f"  {row['net']} {row['phase']} {row['engine']} {row['precision']}: {what}",
           file=sys.stderr, flush=True)
 
@@ -808,7 +858,7 @@ def environment(dev, rates):
     if dev.torch is not None:
         env["torch"] = dev.torch.__version__
     env["torch_error"] = dev.torch_error
-    if dev.kind == "cpu":
+    if dev.kind != "cuda":
         env["machine"] = machine()
         return env
     if dev.cupy is not None:
@@ -871,7 +921,12 @@ def markdown(env, rows):
                       else "-"]
         else:
             cells += [r.get("error", "?"), "", "", "", "", ""]
-        cells.append(f"{r['check']:.1e}" if "check" in r else r.get("check_error", "-"))
+        check = f"{r['check']:.1e}" if "check" in r else r.get("check_error", "-")
+        if "same_bits_as_caffelite" in r:
+            check += "; bits " + ("=" if r["same_bits_as_caffelite"] else "≠") + " caffelite"
+        if "graphs" in r:
+            check += f"; {r['graphs']}"
+        cells.append(check)
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     lines.append("GEMM FLOPs per iteration: " + ", ".join(sorted(

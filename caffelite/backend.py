@@ -21,7 +21,8 @@ TRAIN = 0
 TEST = 1
 
 _state = {"mode": "cpu", "device": 0, "seed": None, "rng": CaffeRNG(),
-          "xp": None, "tf32": False}
+          "xp": None, "tf32": False, "capturing": False,
+          "host_reads": None}
 
 
 class _Access(threading.local):
@@ -113,6 +114,12 @@ def set_tf32(enabled):
 
 def tf32_enabled():
     return _state["tf32"]
+
+
+def capturing():
+    """True while a pass is being recorded into a CUDA graph (``caffelite.cuda_graphs``):
+    layers then leave out host reads that only serve error messages."""
+    return _state["capturing"]
 
 
 def _apply_tf32(cupy):

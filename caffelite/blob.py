@@ -55,6 +55,9 @@ class SyncedMemory:
 
     def host_array(self):
         """The host mirror, up to date; the host becomes the head (a mutable access)."""
+        if backend._state["capturing"]:
+            raise RuntimeError("a blob's host memory was asked for while a CUDA graph was "
+                               "being recorded (a graph replays device work only)")
         if self.head == HEAD_AT_DEVICE:
             if self.host is None:
                 self.host = np.empty(self.count, self.dtype)
@@ -225,6 +228,9 @@ class Blob:
             mem.sync_to_host()
         elif mem.host is None:
             mem.host_array()
+        reads = backend._state.get("host_reads")
+        if reads is not None:       # a CUDA graph being recorded keeps these values
+            reads.append(mem)
         return mem.host.reshape(self._shape)
 
     def set_data_array(self, array):

@@ -55,16 +55,24 @@ def parse_gpu(gpu):
     return int(ids[0])
 
 
-def _select_device(gpu, tf32=False):
-    from . import backend
-    device = parse_gpu(gpu)
+def _select_device(args):
+    """CPU or GPU mode from --gpu, with --tf32 and --cuda-graphs."""
+    from . import backend, cuda_graphs
+    device = parse_gpu(args.gpu)
+    graphs = bool(getattr(args, "cuda_graphs", False))
     if device is None:
+        if graphs:
+            logger.warning("--cuda-graphs applies to GPU mode only; running on the CPU")
         backend.set_mode_cpu()
         return
+    tf32 = bool(getattr(args, "tf32", False))
     backend.set_device(device)
     backend.set_tf32(tf32)
+    if graphs:
+        cuda_graphs.set_enabled(True)
     backend.set_mode_gpu()
-    logger.info("Using GPU %s%s", device, " (TF32 GEMMs)" if tf32 else "")
+    logger.info("Using GPU %s%s%s", device, " (TF32 GEMMs)" if tf32 else "",
+                " with CUDA graphs" if cuda_graphs.enabled() else "")
 
 
 def _format_output(name, value, weight):
@@ -99,7 +107,7 @@ def _check_has_layers(net, path):
 def cmd_test(args):
     from . import TEST, Net
     _check_iterations(args)
-    _select_device(args.gpu, getattr(args, 'tf32', False))
+    _select_device(args)
     net = Net(args.model, TEST, weights=args.weights, defines=_defines(args.define),
               stages=args.stage, level=args.level)
     _check_has_layers(net, args.model)
@@ -132,7 +140,7 @@ def cmd_train(args):
     from .solver import get_solver, install_signal_handlers
     if args.weights and args.snapshot:
         raise CliError("give either --weights or --snapshot, not both")
-    _select_device(args.gpu, getattr(args, 'tf32', False))
+    _select_device(args)
     solver = get_solver(args.solver, defines=_defines(args.define))
     if args.weights:
         solver.load_weights(args.weights.split(","))
@@ -148,7 +156,7 @@ def cmd_time(args):
     from . import TEST, TRAIN, Net
     from .backend import synchronize
     _check_iterations(args)
-    _select_device(args.gpu, getattr(args, 'tf32', False))
+    _select_device(args)
     phase = TRAIN if args.phase.upper() == "TRAIN" else TEST
     net = Net(args.model, phase, defines=_defines(args.define))
     _check_has_layers(net, args.model)
@@ -210,7 +218,7 @@ def cmd_upgrade(args):
 def cmd_demo(args):
     from .demo import run_demo
     _check_iterations(args)
-    _select_device(args.gpu, args.tf32)
+    _select_device(args)
     run_demo(args.out, max_iter=args.iterations)
     return 0
 
@@ -245,6 +253,9 @@ def common_arguments(sp):
     sp.add_argument("--gpu", default=None, help="GPU id (CPU if omitted)")
     sp.add_argument("--tf32", action="store_true",
                     help="allow TF32 tensor-core GEMMs on the GPU (default: exact FP32)")
+    sp.add_argument("--cuda-graphs", action="store_true",
+                    help="on the GPU, record each pass into CUDA graphs once and launch "
+                         "them whole (same numbers, less per-layer cost)")
 
 
 def parse_defines(pairs):
@@ -317,6 +328,8 @@ def build_parser():
     d.add_argument("--log", help="also write the log to this file")
     d.add_argument("--gpu", default=None, help="GPU id (CPU if omitted)")
     d.add_argument("--tf32", action="store_true", help="allow TF32 GEMMs on the GPU")
+    d.add_argument("--cuda-graphs", action="store_true",
+                   help="record the GPU passes into CUDA graphs")
     d.set_defaults(func=cmd_demo)
     return p
 

@@ -70,6 +70,11 @@ class Layer:
     # it says otherwise: data, file and Python layers work on host arrays (Caffe's
     # CPU-only layers), with copies at those boundaries only.
     runs_on_device = True
+    # With CUDA graphs on (caffelite.cuda_graphs), runs of layers that say so are
+    # recorded once and launched whole. A layer may say so when its device forward and
+    # backward read nothing on the host, draw no random numbers and keep no host-side
+    # state that changes from one pass to the next (a graph replays device work only).
+    graph_safe = False
 
     def __init__(self, layer_param, phase=TEST, dtype=np.float32):
         self.layer_param = layer_param

@@ -13,7 +13,7 @@ from itertools import zip_longest
 
 import numpy as np
 
-from . import backend, fusion
+from . import backend, cuda_graphs, fusion
 from .backend import TRAIN, TEST
 from .blob import HEAD_AT_DEVICE, HEAD_AT_HOST, SYNCED, Blob
 from .io import caffemodel, prototxt
@@ -233,6 +233,7 @@ class Net:
         self._param_owner = {}
         self._inputs = []
         self._channel_chains = self._channel_chains_by_last = None   # GPU mode, on demand
+        self._graphs = None                                           # likewise
         blob_need_backward = {}
         available = OrderedDict()
         for name, shape in inputs:
@@ -472,15 +473,37 @@ class Net:
             self._channel_chains_by_last = {c.last: c for c in chains.values()}
         return chains
 
+    def _cuda_graphs(self):
+        """cuda_graphs.NetGraphs in GPU mode with CUDA graphs on (None: run every layer
+        call). Built once per net."""
+        if not cuda_graphs.enabled() or self.debug_info or not backend.is_gpu():
+            return None
+        if self._graphs is None:
+            self._graphs = cuda_graphs.NetGraphs(self)
+        return self._graphs
+
     def forward_from_to(self, start=0, end=None):
         end = len(self.layers) - 1 if end is None else end
-        gpu = backend.is_gpu()
-        chains = self._fused_chains() or {}
-        loss_terms = []
         if self.debug_info and self._inputs_from_fields:
             for name in self.inputs:
                 _debug(f"[Forward] Input {name} data: "
                        f"{_abs_mean(self.blobs[name].read_host_data())}")
+        graphs = self._cuda_graphs()
+        if graphs is None:
+            return _weighted_loss(self._forward_layers(start, end), self.dtype)
+        loss = _weighted_loss(graphs.forward(start, end), self.dtype)
+        if graphs.used and np.isnan(loss):
+            # A graph leaves out the host check that names a bad label: run it eagerly.
+            graphs.forward_ran_eagerly()
+            loss = _weighted_loss(self._forward_layers(start, end), self.dtype)
+        return loss
+
+    def _forward_layers(self, start, end):
+        """Layers ``start`` .. ``end`` forward (fused chains as one call); their loss
+        terms [(weight, sum of the loss top)]."""
+        gpu = backend.is_gpu()
+        chains = self._fused_chains() or {}
+        loss_terms = []
         i = start - 1
         while i < end:
             i += 1
@@ -505,7 +528,7 @@ class Net:
                         loss_terms.append((w, xp.sum(t.data, dtype=xp.float64)))
                 if self.debug_info:
                     self._forward_debug_info(i)
-        return _weighted_loss(loss_terms, self.dtype)
+        return loss_terms
 
     # Caffe's debug_info lines: mean absolute values (asum / count, in the blob dtype).
     def _forward_debug_info(self, i):
@@ -547,6 +570,14 @@ class Net:
 
     def backward_from_to(self, start=None, end=0):
         start = len(self.layers) - 1 if start is None else start
+        graphs = self._cuda_graphs()
+        if graphs is None:
+            self._backward_layers(start, end)
+        else:
+            graphs.backward(start, end)
+
+    def _backward_layers(self, start, end):
+        """Layers ``start`` down to ``end`` backward (fused chains as one call)."""
         gpu = backend.is_gpu()
         chains = self._channel_chains_by_last if self._fused_chains() else {}
         i = start + 1

@@ -77,17 +77,18 @@ def run(net):
     return blobs, params
 
 
-def assert_same(a, b):
+def assert_same(a, b, context=""):
+    """(blobs, params) of two runs, as ``run`` gives them, equal bit for bit."""
     blobs_a, params_a = a
     blobs_b, params_b = b
     for name in blobs_a:
         for k, what in enumerate(("data", "diff")):
             np.testing.assert_array_equal(blobs_a[name][k], blobs_b[name][k],
-                                          err_msg=f"blob {name} {what}")
+                                          err_msg=f"{context}blob {name} {what}")
     for name in params_a:
         for (d1, g1), (d2, g2) in zip(params_a[name], params_b[name]):
-            np.testing.assert_array_equal(d1, d2, err_msg=f"param {name}")
-            np.testing.assert_array_equal(g1, g2, err_msg=f"param diff {name}")
+            np.testing.assert_array_equal(d1, d2, err_msg=f"{context}param {name}")
+            np.testing.assert_array_equal(g1, g2, err_msg=f"{context}param diff {name}")
 
 
 def test_which_chains_qualify(tmp_path, gpu_mode):

@@ -71,15 +71,43 @@ def test_cpu_smoke_run(tmp_path):
     assert result["environment"]["device"] == "cpu"
 
 
+def test_emulated_run_measures_the_graphs_engine(tmp_path):
+    """gpu_train.py --device emulated: caffelite's GPU code paths on the emulator (torch
+    on the CPU). The caffelite-graphs rows record and launch every segment of ASPP-VGG
+    (two in training: Dropout splits the net) and its test scores equal caffelite's bit
+    for bit."""
+    if not os.path.isdir(os.path.join(CORPUS, "prototxt", "deeplabv2_vgg16_aspp_l")):
+        pytest.skip("corpus prototxt not available")
+    out = tmp_path / "run.json"
+    run = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "gpu_train.py"), "--device",
+         "emulated", "--net", "vgg", "--size", "33", "--test-size", "33", "--batch", "1",
+         "--iters", "2", "--engines", "caffelite,caffelite-graphs", "--no-profile",
+         "--corpus", CORPUS, "--json", str(out)],
+        capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = {(r["phase"], r["engine"]): r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {(p, e) for p in ("train", "test")
+                         for e in ("caffelite", "caffelite-graphs")}
+    for r in rows.values():
+        assert "error" not in r, r
+    train, test = rows["train", "caffelite-graphs"], rows["test", "caffelite-graphs"]
+    assert train["graphs"] == "2 segments, 12 launches, 0 failed"
+    assert test["graphs"] == "1 segments, 3 launches, 0 failed"
+    assert test["same_bits_as_caffelite"] is True
+
+
 def test_gpu_smoke_script_passes_on_the_emulator():
     """benchmarks/gpu_smoke.py, the first step of gpu_check.sh, in its emulated mode: a
-    small net's GPU-mode training steps equal the CPU's within its bound, and the
-    script says so (on a device it runs the same checks through CuPy)."""
+    small net's GPU-mode training steps equal the CPU's within its bound, with CUDA
+    graphs they equal the layer-by-layer steps, and the script says so (on a device it
+    runs the same checks through CuPy)."""
     result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_smoke.py"),
                              "--emulate"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "GPU SMOKE OK" in result.stdout
-    assert result.stdout.count("   ok (") == 4
+    assert "GPU SMOKE OK" in result.stdout and "CUDA GRAPHS FAILED" not in result.stdout
+    assert result.stdout.count("   ok (") == 5
+    assert "graph launches; weights equal to the layer-by-layer run" in result.stdout
 
 
 def test_crf_benchmark_gpu_part_runs_on_the_emulator():

@@ -532,7 +532,8 @@ def test_softmax_loss_matches_numpy(kern, launch, ignore, dtype):
     layer.backward(top, [True, False], bottom)
     diff = poisoned(shape, dtype)
     kern.run("softmax_loss", "softmax_loss_backward", dtype, n, layer.prob, labels, channels,
-             inner, has_ignore, ignore_value, np.array([2.5], dtype), layer.norm, diff,
+             inner, has_ignore, ignore_value, np.array([2.5], dtype),
+             np.array([layer.norm], dtype), diff,
              **launch)
     np.testing.assert_array_equal(diff, bottom[0].diff)
 

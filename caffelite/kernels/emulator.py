@@ -20,6 +20,7 @@ needs an importable ``cupy``, no GPU) checks every call made through it against 
 installed CuPy and raises ``TypeError`` for what CuPy would reject
 (``kernels.cupy_conformance``).
 """
+import contextlib
 import functools
 import os
 import sys
@@ -29,6 +30,7 @@ import types
 import numpy as _np
 
 from . import cupy_conformance as _conformance
+from . import emulated_capture as _capture
 
 class ndarray(_np.ndarray):        # noqa: N801  (CuPy's spelling)
     """Host memory posing as device memory; refuses to mix with host arrays."""
@@ -40,33 +42,71 @@ class ndarray(_np.ndarray):        # noqa: N801  (CuPy's spelling)
         inputs = tuple(_to_plain(x, ufunc.__name__) for x in inputs)
         if out is not None:
             kwargs["out"] = tuple(_to_plain(o, ufunc.__name__) for o in out)
-        result = getattr(ufunc, method)(*inputs, **kwargs)
-        if out is not None:
-            return out[0] if len(out) == 1 else out
-        return _to_device_result(result)
+        fn = getattr(ufunc, method)
+        if _capture.active():
+            if out is None and method != "at":
+                return _capture.record_result(fn, inputs, kwargs, _to_device_result)
+            _capture.record_write(fn, *inputs, **kwargs)
+        else:
+            result = fn(*inputs, **kwargs)
+            if out is None:
+                return _to_device_result(result)
+        if out is None:
+            return None
+        return out[0] if len(out) == 1 else out
 
     def __array_function__(self, func, types_, args, kwargs):
         if _conformance.active() and _conformance.called_by_user(1):
             _conformance.check_array_function(func, args, kwargs)
         name = getattr(func, "__name__", "function")
-        args = _to_plain_tree(args, name)
-        kwargs = _to_plain_tree(kwargs, name)
-        return _to_device_result(func(*args, **kwargs))
+        return _call(func, _to_plain_tree(args, name), _to_plain_tree(kwargs, name), name)
 
     def __getitem__(self, index):
-        return super().__getitem__(_index_on_device(index))
+        index = _index_on_device(index)
+        if not _capture.active():
+            return super().__getitem__(index)
+        if any(getattr(part, "dtype", None) == bool
+               for part in (index if isinstance(index, tuple) else (index,))):
+            _capture.refuse("boolean-mask indexing (its result size is read on the host)")
+        return _capture.record_result(_np.ndarray.__getitem__, (self.view(_np.ndarray), index),
+                                      {}, _to_device_result)
 
     def __setitem__(self, index, value):
         if _is_host_array(value):
             raise TypeError("a host numpy array assigned into a device array: move it with "
                             "xp.asarray (an explicit copy) instead")
+        if _capture.active():
+            _capture.record_write(_np.ndarray.__setitem__, self.view(_np.ndarray),
+                                  _index_on_device(index), _plain_value(value))
+            return
         super().__setitem__(_index_on_device(index), _plain_value(value))
 
     def argsort(self, axis=-1, kind=None, order=None):
+        if _capture.active():
+            return _capture.record_result(_np.ndarray.argsort, (self.view(_np.ndarray),),
+                                          {"axis": axis, "kind": "stable", "order": order},
+                                          _to_device_result)
         return _np.ndarray.argsort(self, axis=axis, kind="stable", order=order)
 
     def sort(self, axis=-1, kind=None, order=None):
+        if _capture.active():
+            _capture.record_write(_np.ndarray.sort, self.view(_np.ndarray), axis=axis,
+                                  kind="stable", order=order)
+            return
         _np.ndarray.sort(self, axis=axis, kind="stable", order=order)
+
+    # Conversions to host scalars read the device (CuPy synchronises).
+    def __float__(self):
+        _capture.refuse("float() of a device array (a device-to-host read)")
+        return float(self.view(_np.ndarray))
+
+    def __int__(self):
+        _capture.refuse("int() of a device array (a device-to-host read)")
+        return int(self.view(_np.ndarray))
+
+    def __bool__(self):
+        _capture.refuse("bool() of a device array (a device-to-host read)")
+        return bool(self.view(_np.ndarray))
 
     def get(self, stream=None, order="C", out=None, blocking=True):
         """CuPy's device→host copy."""
@@ -83,10 +123,71 @@ class ndarray(_np.ndarray):        # noqa: N801  (CuPy's spelling)
         if arr.shape != self.shape or arr.dtype != self.dtype:
             raise ValueError(f"set(): shape/dtype {arr.shape} {arr.dtype} differ from "
                              f"{self.shape} {self.dtype}")
+        _capture.refuse("ndarray.set (a host-to-device copy from pageable memory)")
         _np.copyto(self.view(_np.ndarray), arr)
 
     def __repr__(self):
         return "emulated_device_" + repr(self.view(_np.ndarray))
+
+
+def _captured_method(name, kind):
+    """ndarray method ``name`` as a stream capture sees it (outside a capture: numpy's).
+    ``kind``: "result" (makes an array, or a view), "write" (into the array) or
+    "host" (reads values on the host)."""
+    base = getattr(_np.ndarray, name)
+
+    def method(self, *args, **kwargs):
+        if not _capture.active():
+            return base(self, *args, **kwargs)
+        if kind == "host":
+            _capture.refuse(f"ndarray.{name} (a device-to-host read)")
+        plain = self.view(_np.ndarray)
+        args, kwargs = _to_plain_tree(args, name), _to_plain_tree(kwargs, name)
+        if kind == "write":
+            _capture.record_write(base, plain, *args, **kwargs)
+            return None
+        return _capture.record_result(base, (plain,) + args, kwargs, _to_device_result)
+    method.__name__ = name
+    method.__doc__ = base.__doc__
+    return method
+
+
+# numpy methods that bypass __array_ufunc__/__array_function__ (C implementations)
+for _name in ("copy", "astype", "flatten", "ravel", "reshape", "argmax", "argmin", "take",
+              "repeat", "cumsum", "cumprod", "dot", "round", "diagonal", "squeeze",
+              "transpose", "swapaxes", "trace"):
+    setattr(ndarray, _name, _captured_method(_name, "result"))
+for _name in ("fill", "put", "partition", "itemset", "setfield"):
+    if hasattr(_np.ndarray, _name):
+        setattr(ndarray, _name, _captured_method(_name, "write"))
+for _name in ("item", "tolist", "tobytes", "nonzero", "__complex__"):
+    setattr(ndarray, _name, _captured_method(_name, "host"))
+del _name
+
+
+# Functions that write into an argument (other than ``out``), functions whose result
+# size depends on the values (CuPy reads it on the host), uninitialised allocations.
+_WRITES = frozenset({"copyto", "put", "place", "putmask", "fill_diagonal", "put_along_axis",
+                     "at"})
+_HOST_SIZED = frozenset({"nonzero", "argwhere", "flatnonzero", "unique", "extract",
+                         "compress"})
+_UNINITIALISED = frozenset({"empty", "empty_like"})
+
+
+def _call(fn, args, kwargs, name):
+    """``fn`` on plain (numpy) arguments, device results; recorded while capturing."""
+    if not _capture.active():
+        return _to_device_result(fn(*args, **kwargs))
+    if name in _HOST_SIZED or (name == "where" and len(args) == 1 and not kwargs):
+        _capture.refuse(f"{name} (its result size is read on the host)")
+    out = kwargs.get("out")
+    if out is None and name not in _WRITES:
+        return _capture.record_result(fn, args, kwargs, _to_device_result,
+                                      record=name not in _UNINITIALISED)
+    _capture.record_write(fn, *args, **kwargs)
+    if isinstance(out, tuple):
+        out = out[0] if len(out) == 1 else out
+    return _to_device_result(out)
 
 
 def _is_host_array(x):
@@ -147,8 +248,7 @@ def _device_function(fn, cupy_fn=None, label=None):
     def call(*args, **kwargs):
         if cupy_fn is not None and _conformance.active():
             _conformance.check_call(label, cupy_fn, args, kwargs)
-        return _to_device_result(fn(*_to_plain_tree(args, name),
-                                    **_to_plain_tree(kwargs, name)))
+        return _call(fn, _to_plain_tree(args, name), _to_plain_tree(kwargs, name), name)
     call.__name__ = name
     call.__doc__ = fn.__doc__
     return call
@@ -188,6 +288,10 @@ class _DeviceUfunc:
     def __call__(self, *args, **kwargs):
         if self._cupy is not None and _conformance.active():
             _conformance.check_ufunc_call(self._label, self._cupy, args, kwargs)
+        nin = self._ufunc.nin
+        if len(args) > nin:     # outputs given by position: a write, as out= is
+            kwargs = dict(kwargs, out=tuple(args[nin:]))
+            args = args[:nin]
         return _device_function(self._ufunc)(*args, **kwargs)
 
     def __getattr__(self, name):
@@ -216,21 +320,30 @@ class _DeviceUfunc:
 @_cupy_api
 def asarray(a, dtype=None, order=None):
     """To the device (a copy from host memory, like CuPy's transfer)."""
-    if isinstance(a, ndarray) and (dtype is None or a.dtype == dtype):
-        return a
-    plain = a.view(_np.ndarray) if isinstance(a, ndarray) else a
-    return _np.array(plain, dtype=dtype, order=order or "K").view(ndarray)
+    if isinstance(a, ndarray):
+        if dtype is None or a.dtype == dtype:
+            return a
+        return _call(_np.array, (a.view(_np.ndarray),), {"dtype": dtype, "order": order or "K"},
+                     "array")
+    _capture.refuse("a host-to-device copy from pageable memory")
+    return _np.array(a, dtype=dtype, order=order or "K").view(ndarray)
 
 
 @_cupy_api
 def array(a, dtype=None, copy=True, order="K", ndmin=0):
+    if not isinstance(a, ndarray):
+        _capture.refuse("a host-to-device copy from pageable memory")
     plain = a.view(_np.ndarray) if isinstance(a, ndarray) else a
-    return _np.array(plain, dtype=dtype, copy=copy, order=order, ndmin=ndmin).view(ndarray)
+    return _call(_np.array, (plain,),
+                 {"dtype": dtype, "copy": copy, "order": order, "ndmin": ndmin}, "array")
 
 
 @_cupy_api
 def ascontiguousarray(a, dtype=None):
-    return asarray(_np.ascontiguousarray(_to_plain(a, "ascontiguousarray"), dtype=dtype))
+    if not isinstance(a, ndarray):
+        return asarray(_np.ascontiguousarray(a, dtype=dtype))
+    return _call(_np.ascontiguousarray, (a.view(_np.ndarray),), {"dtype": dtype},
+                 "ascontiguousarray")
 
 
 # Device->host copies so far (asnumpy / get): tests read it to find hidden syncs.
@@ -240,6 +353,7 @@ copies_to_host = [0]
 @_cupy_api
 def asnumpy(a, stream=None, order="C", out=None, blocking=True):
     if isinstance(a, ndarray):
+        _capture.refuse("a device-to-host copy")
         copies_to_host[0] += 1
         host = _np.array(a.view(_np.ndarray), order=order)
     else:
@@ -270,6 +384,8 @@ class _Random:
 
     def random_sample(self, size=None, dtype=float):
         """CuPy's takes a dtype (float32 draws halve the memory traffic)."""
+        _refuse_random("random_sample")
+
         def draw(size=None, dtype=float):
             return self._rng.random_sample(size).astype(dtype, copy=False)
         return _device_function(draw, _cupy_counterpart("random", "random_sample"),
@@ -278,7 +394,18 @@ class _Random:
     def __getattr__(self, name):
         fn = getattr(self._rng, name)
         cupy_fn = _cupy_counterpart("random", name)
-        return _device_function(fn, cupy_fn, f"cupy.random.{name}")
+        checked = _device_function(fn, cupy_fn, f"cupy.random.{name}")
+
+        def draw(*args, **kwargs):
+            _refuse_random(name)
+            return checked(*args, **kwargs)
+        return draw
+
+
+def _refuse_random(name):
+    # On a GPU the generator's state advances on the host: a captured draw would give
+    # the same numbers at every launch of the graph.
+    _capture.refuse(f"cupy.random.{name} (a graph would replay the same draw)")
 
 
 random = _Random()
@@ -299,6 +426,9 @@ class _MemoryPool:
     def set_limit(self, size=None, fraction=None):
         pass
 
+    def malloc(self, size):
+        raise RuntimeError("the GPU emulator allocates no device memory")
+
 
 _POOL = _MemoryPool()
 
@@ -315,7 +445,7 @@ class _Device:
         pass
 
     def synchronize(self):
-        pass
+        _capture.refuse("device synchronize")
 
     def __enter__(self):
         return self
@@ -324,10 +454,60 @@ class _Device:
         return False
 
 
+class _Stream:
+    """``cupy.cuda.Stream``: only capture does anything (``emulated_capture``)."""
+    null = None         # the legacy default stream, set below
+
+    def __init__(self, null=False, non_blocking=False, ptds=False):
+        self._is_null = null
+        self._capturing = False
+
+    def __enter__(self):
+        _streams.append(self)
+        return self
+
+    def __exit__(self, *exc):
+        _streams.pop()
+        return False
+
+    def use(self):
+        _streams[:] = [self]
+        return self
+
+    def synchronize(self):
+        _capture.refuse("stream synchronize")
+
+    def begin_capture(self, mode=None):
+        if self._is_null:
+            raise _capture.CaptureError("the legacy default stream cannot capture")
+        _capture.begin()
+        self._capturing = True
+
+    def end_capture(self):
+        self._capturing = False
+        return _capture.Graph(_capture.end())
+
+    def is_capturing(self):
+        return self._capturing and _capture.active()
+
+
+_Stream.null = _Stream(null=True)
+_streams = []
+
+
+@contextlib.contextmanager
+def _using_allocator(allocator=None):
+    yield
+
+
 cuda = types.SimpleNamespace(
     Device=_Device,
+    Stream=_Stream,
+    Graph=_capture.Graph,
+    MemoryPool=_MemoryPool,
+    using_allocator=_using_allocator,
     runtime=types.SimpleNamespace(getDeviceCount=lambda: 1),
-    get_current_stream=lambda: types.SimpleNamespace(synchronize=lambda: None),
+    get_current_stream=lambda: _streams[-1] if _streams else _Stream.null,
 )
 
 
@@ -352,6 +532,10 @@ def host_kernels():
 def launch(module_name, kernel_name, dtype, *args, grid=None, block=256):
     """Run a kernel on emulated device arrays (``kernels.launch`` checked the arguments)."""
     plain = [a.view(_np.ndarray) if isinstance(a, ndarray) else a for a in args]
+    if _capture.active():
+        _capture.record_write(host_kernels().run, module_name, kernel_name, dtype, *plain,
+                              grid=grid, block=block)
+        return
     host_kernels().run(module_name, kernel_name, dtype, *plain, grid=grid, block=block)
 
 

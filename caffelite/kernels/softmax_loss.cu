@@ -114,9 +114,10 @@ __global__ void softmax_loss_backward(const int n, const T* __restrict__ prob,
                                       const T* __restrict__ label, const int channels,
                                       const int inner, const int has_ignore_label,
                                       const int ignore_label,
-                                      const T* __restrict__ loss_diff, const T normalizer,
+                                      const T* __restrict__ loss_diff,
+                                      const T* __restrict__ normalizer,
                                       T* __restrict__ bottom_diff) {
-  const T scale = loss_diff[0] / normalizer;
+  const T scale = loss_diff[0] / normalizer[0];
   CAFFELITE_KERNEL_LOOP(index, n) {
     int l;
     const bool integer = int_label(label[index], &l);

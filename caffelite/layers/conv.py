@@ -20,6 +20,7 @@ from .im2col import ConvGeometry, backward_gemm, forward_gemm, view, weight_gemm
 
 
 class BaseConvolutionLayer(Layer):
+    graph_safe = True
     min_bottom = 1
     min_top = 1
     equal_num_bottom_top = True

@@ -26,6 +26,7 @@ class EltwiseLayer(Layer):
     bottoms 0 and 1 a tie goes to bottom 1; each later bottom wins only when strictly
     greater (a tie stays with the earlier one). The gradient goes to that bottom only.
     """
+    graph_safe = True
     min_bottom = 2
     exact_num_top = 1
 

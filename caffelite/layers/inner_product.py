@@ -13,6 +13,7 @@ from .im2col import view
 
 @register("InnerProduct")
 class InnerProductLayer(Layer):
+    graph_safe = True
     exact_num_bottom = 1
     exact_num_top = 1
 

@@ -103,6 +103,7 @@ def interp_backward(g, size_in):
 
 @register("Interp")
 class InterpLayer(Layer):
+    graph_safe = True
     # The fork accepts any number of bottoms; a second one can give the output size.
     min_bottom = 1
     exact_num_top = 1

@@ -19,6 +19,7 @@ _P = caffe_pb2.LRNParameter
 
 @register("LRN")
 class LRNLayer(Layer):
+    graph_safe = True
     exact_num_bottom = 1
     exact_num_top = 1
 

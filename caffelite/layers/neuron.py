@@ -30,6 +30,7 @@ class _SavesBottomInPlace(NeuronLayer):
 @register("ReLU")
 class ReLULayer(NeuronLayer):
     """y = max(x, 0) + negative_slope * min(x, 0)."""
+    graph_safe = True
 
     def setup(self, bottom, top):
         self.negative_slope = self.layer_param.relu_param.negative_slope
@@ -63,6 +64,7 @@ class ReLULayer(NeuronLayer):
 @register("PReLU")
 class PReLULayer(_SavesBottomInPlace):
     """y = max(x, 0) + a[c] * min(x, 0), learnable slopes a per channel (or one shared)."""
+    graph_safe = True
 
     def setup(self, bottom, top):
         param = self.layer_param.prelu_param
@@ -123,6 +125,7 @@ class PReLULayer(_SavesBottomInPlace):
 @register("ELU")
 class ELULayer(NeuronLayer):
     """y = x for x > 0, alpha * (exp(x) - 1) otherwise."""
+    graph_safe = True
 
     def setup(self, bottom, top):
         self.alpha = self.layer_param.elu_param.alpha
@@ -147,6 +150,7 @@ class ELULayer(NeuronLayer):
 class SigmoidLayer(NeuronLayer):
     """y = 1 / (1 + exp(-x)); dy/dx = y (1 - y) from the top data. On the host both
     in double as the fork's ``1. / (1. + exp(-x))`` and ``dy * y * (1. - y)``."""
+    graph_safe = True
 
     def forward(self, bottom, top):
         xp = get_array_module(bottom[0].data)
@@ -164,6 +168,7 @@ class SigmoidLayer(NeuronLayer):
 @register("TanH")
 class TanHLayer(NeuronLayer):
     """y = tanh(x); dy/dx = 1 - y^2 from the top data."""
+    graph_safe = True
 
     def forward(self, bottom, top):
         xp = get_array_module(bottom[0].data)
@@ -178,6 +183,7 @@ class TanHLayer(NeuronLayer):
 @register("AbsVal")
 class AbsValLayer(NeuronLayer):
     """y = |x|; dy/dx = sign(x) (0 at 0). Caffe refuses in-place computation."""
+    graph_safe = True
 
     def reshape(self, bottom, top):
         if top[0] is bottom[0]:
@@ -197,6 +203,7 @@ class AbsValLayer(NeuronLayer):
 @register("Power")
 class PowerLayer(_SavesBottomInPlace):
     """y = (shift + scale * x) ^ power, with Caffe's special cases and gradient formulas."""
+    graph_safe = True
 
     def setup(self, bottom, top):
         p = self.layer_param.power_param
@@ -256,6 +263,7 @@ class PowerLayer(_SavesBottomInPlace):
 @register("Exp")
 class ExpLayer(NeuronLayer):
     """y = base ^ (shift + scale * x), base -1 meaning e."""
+    graph_safe = True
 
     def setup(self, bottom, top):
         p = self.layer_param.exp_param
@@ -296,6 +304,7 @@ class ExpLayer(NeuronLayer):
 @register("Log")
 class LogLayer(_SavesBottomInPlace):
     """y = log_base(shift + scale * x), base -1 meaning e."""
+    graph_safe = True
 
     def setup(self, bottom, top):
         p = self.layer_param.log_param
@@ -345,6 +354,7 @@ class BNLLLayer(_SavesBottomInPlace):
     """y = log(1 + exp(x)) as Caffe writes it: x + log(1. + exp(-x)) for x > 0, else
     log(1. + exp(x)) (in double on the host); dy/dx = e / (e + 1), e = exp(min(x, 50))
     stored as Dtype."""
+    graph_safe = True
 
     def forward(self, bottom, top):
         xp = get_array_module(bottom[0].data)
@@ -367,6 +377,7 @@ class BNLLLayer(_SavesBottomInPlace):
 @register("Threshold")
 class ThresholdLayer(NeuronLayer):
     """y = 1 if x > threshold else 0. Not differentiable: Caffe has no backward."""
+    graph_safe = True
 
     def setup(self, bottom, top):
         self.threshold = self.layer_param.threshold_param.threshold
@@ -390,6 +401,10 @@ def _masked_scale(xp, x, mask, scale, out):
 @register("Dropout")
 class DropoutLayer(NeuronLayer):
     """Inverted dropout: TRAIN y = x * m / (1 - r), m ~ Bernoulli(1 - r); TEST identity."""
+
+    @property
+    def graph_safe(self):
+        return self.phase != TRAIN        # a graph would replay one mask in TRAIN
 
     def setup(self, bottom, top):
         ratio = self.layer_param.dropout_param.dropout_ratio

@@ -24,6 +24,7 @@ class BatchNormLayer(NeuronLayer):
     running sums are updated (variance with the m/(m-1) correction, m = N*H*W).
     The blobs are statistics, never learned: their diffs are not computed.
     """
+    graph_safe = True
 
     def setup(self, bottom, top):
         p = self.layer_param.batch_norm_param
@@ -186,6 +187,7 @@ class ScaleLayer(Layer):
     (scale as large as the input; outer dim 1 with inner dim > 1 and several scale
     values): visible with ``iter_size`` > 1 or shared scales.
     """
+    graph_safe = True
     min_bottom = 1
     max_bottom = 2
     exact_num_top = 1
@@ -287,6 +289,7 @@ class BiasLayer(Layer):
     One bottom: the bias is learned (blobs[0], shape bottom.shape[axis:axis+num_axes],
     default filler constant 0).  Two bottoms: bottom[1] is the bias and gets a gradient.
     """
+    graph_safe = True
     min_bottom = 1
     max_bottom = 2
     exact_num_top = 1

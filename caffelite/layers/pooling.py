@@ -54,6 +54,10 @@ class PoolingLayer(Layer):
     min_top = 1
     max_top = 2
 
+    @property
+    def graph_safe(self):
+        return self.pool != _P.STOCHASTIC     # random windows in TRAIN
+
     def setup(self, bottom, top):
         p = self.layer_param.pooling_param
         self.pool = p.pool

@@ -12,6 +12,7 @@ stays array code on both sides.
 """
 import numpy as np
 
+from .. import backend
 from ..backend import get_array_module, to_host
 from ..layer import Layer, LossLayer, register
 from ._cpu_math import caffe_exp, double, sequential_sum
@@ -114,6 +115,7 @@ def check_label_range(layer, xp, lab, valid, num_classes, where, labels=None):
 @register("Softmax")
 class SoftmaxLayer(Layer):
     """y = exp(x - max) / sum(exp(x - max)) along ``softmax_param.axis`` (default 1)."""
+    graph_safe = True
     exact_num_bottom = 1
     exact_num_top = 1
 
@@ -165,6 +167,10 @@ class SoftmaxWithLossLayer(LossLayer):
     exact_num_top = None
     min_top = 1
     max_top = 2
+
+    @property
+    def graph_safe(self):
+        return self.v1 is None      # v1's loss reads its weight sum on the host
 
     def setup(self, bottom, top):
         p = self.layer_param.loss_param
@@ -235,18 +241,22 @@ class SoftmaxWithLossLayer(LossLayer):
         launch("softmax_loss", "softmax_loss_forward", x.dtype, outer * inner, self.prob,
                labels, channels, inner, *self._ignore_args(), loss, counts)
         total = loss.sum(dtype=x.dtype)
-        # The NaN check and the VALID count in one device-to-host copy.
-        host_total, valid_count = to_host(xp.stack(
-            [total.astype(xp.float64), counts.sum(dtype=xp.float64)]))     # counts: 0/1
-        if np.isnan(host_total):
+        valid_count = counts.sum(dtype=xp.float64)                          # counts: 0/1
+        if not backend.capturing():
             # An out-of-range label makes its position NaN: name it like the host does.
-            flat = labels.reshape(outer, inner)
-            lab, valid = integer_labels(xp, flat, self.ignore_label)
-            check_label_range(self, xp, lab, valid, channels,
-                              f"softmax axis {self.axis} of the scores, {bottom[0].shape}",
-                              flat)
-        self.norm = normalizer(self.normalization, outer, inner, int(valid_count))
-        top[0].data[...] = total / dtype(self.norm)
+            # (In a CUDA graph this read is left out; the Net re-runs a NaN pass eagerly.)
+            if np.isnan(float(to_host(total))):
+                flat = labels.reshape(outer, inner)
+                lab, valid = integer_labels(xp, flat, self.ignore_label)
+                check_label_range(self, xp, lab, valid, channels,
+                                  f"softmax axis {self.axis} of the scores, "
+                                  f"{bottom[0].shape}", flat)
+        # The normaliser stays on the device (the backward kernel reads it there).
+        if self.normalization == VALID:
+            self.norm = xp.maximum(valid_count, 1.0).astype(dtype)
+        else:
+            self.norm = xp.full((), normalizer(self.normalization, outer, inner, 0), dtype)
+        top[0].data[...] = total / self.norm
         if len(top) > 1:
             top[1].data[...] = self.prob.reshape(top[1].shape)
 

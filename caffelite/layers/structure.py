@@ -40,6 +40,7 @@ def _name(names, i, kind):
 @register("Concat")
 class ConcatLayer(Layer):
     """Joins bottoms along one axis (default 1, channels), in bottom order."""
+    graph_safe = True
     min_bottom = 1
     exact_num_top = 1
 
@@ -90,6 +91,7 @@ class ConcatLayer(Layer):
 @register("Slice")
 class SliceLayer(Layer):
     """Cuts the bottom along one axis at ``slice_point``s (or into equal parts)."""
+    graph_safe = True
     exact_num_bottom = 1
     min_top = 1
 
@@ -152,6 +154,7 @@ class SliceLayer(Layer):
 class SplitLayer(Layer):
     """Hands one blob to several consumers: tops share the bottom's data; the bottom's
     diff is the sum of the tops' diffs."""
+    graph_safe = True
     exact_num_bottom = 1
     min_top = 1
 
@@ -214,6 +217,7 @@ class _ViewLayer(Layer):
 @register("Flatten")
 class FlattenLayer(_ViewLayer):
     """Merges axes [axis, end_axis] into one (default: all but the first)."""
+    graph_safe = True
 
     def top_shape(self, blob):
         p = self.layer_param.flatten_param
@@ -229,6 +233,7 @@ class FlattenLayer(_ViewLayer):
 class ReshapeLayer(_ViewLayer):
     """Reinterprets the bottom with reshape_param.shape: 0 copies the bottom's size on
     that axis, one -1 is inferred; ``axis``/``num_axes`` select the replaced range."""
+    graph_safe = True
 
     def setup(self, bottom, top):
         dims = list(self.layer_param.reshape_param.shape.dim)
@@ -285,6 +290,7 @@ class ReshapeLayer(_ViewLayer):
 class CropLayer(Layer):
     """Crops bottom 0 to bottom 1's shape on axes >= ``axis`` (default 2), starting at
     ``offset`` (one value for all cropped axes, or one per cropped axis; default 0)."""
+    graph_safe = True
     exact_num_bottom = 2
     exact_num_top = 1
 
@@ -365,6 +371,7 @@ class TileLayer(Layer):
 @register("Silence")
 class SilenceLayer(Layer):
     """Consumes blobs so they are not reported as outputs; backward zeroes their diffs."""
+    graph_safe = True
     min_bottom = 1
     exact_num_top = 0
 

@@ -1,0 +1,272 @@
+"""GPU mode: a net's passes recorded once into CUDA graphs, then launched whole.
+
+At batch 1, ResNet-101 MSC makes about 3000 layer calls per training pass, and their
+Python and launch cost is several times the GPU's work (BENCHMARKS.md). A CUDA graph
+records the device work of a piece of the pass once; each later pass launches it with
+one call, on the same memory and with the same scalars.
+
+Opt-in: ``caffelite.set_cuda_graphs(True)``, ``--cuda-graphs`` on the command line, or
+``CAFFELITE_CUDA_GRAPHS=1``.
+
+What is recorded: each *segment*, a run of at least ``MIN_SEGMENT`` consecutive layers
+that declare ``graph_safe`` (their device forward and backward read nothing on the host
+and keep no host-side state that changes from pass to pass; see ``Layer.graph_safe``).
+Data layers, host layers (SegAccuracy, MatWrite ...), Python layers and random ones
+(Dropout and stochastic pooling in training) run as usual between the segments. A
+segment's forward and its backward are two graphs.
+
+When: a segment runs eagerly the first time it meets a set of shapes and memory; the
+second time it is captured and launched; from then on launched, as long as
+
+* the shapes of the blobs it reads from outside are unchanged, and every blob and
+  parameter it touches still has the same device memory (a reshape, ``share_data`` or
+  ``set_data_array`` means a new recording);
+* values it read on the host while being recorded are unchanged;
+* for the backward graph: the last forward of the segment was a launch of the forward
+  graph it was recorded after (the backward reads what that forward kept);
+* TF32 and fusion are set as they were.
+
+Before a launch, blobs whose host side is newer (``blob.data[...] = x`` from Python,
+a data layer) are copied to their device memory in place; after it, every blob is left
+in the state the eager pass would leave it in. A recording that fails (a layer reads
+the device on the host, an unsupported call) makes that segment run eagerly from then
+on, with one warning. Memory the recorded work allocates comes from a pool of the
+segment's own, so no other allocation can take it while the graph may run.
+
+Same numbers: a launch does the operations of the eager pass in the same order, so the
+blobs get the same bits. The one difference is error reporting: SoftmaxWithLoss names an
+out-of-range label after a host read, which a graph leaves out, so when a pass that ran
+graphs gives a NaN loss, the Net runs its forward again eagerly to raise that error.
+"""
+import os
+
+import numpy as np
+
+from . import backend, fusion
+from .blob import HEAD_AT_DEVICE, HEAD_AT_HOST
+from .log import logger
+
+MIN_SEGMENT = 4
+
+_enabled = [os.environ.get("CAFFELITE_CUDA_GRAPHS", "0") not in ("", "0")]
+
+
+def set_enabled(flag):
+    """Record GPU-mode passes into CUDA graphs (True) or run every layer call (False)."""
+    _enabled[0] = bool(flag)
+
+
+def enabled():
+    return _enabled[0]
+
+
+def segments(net):
+    """[(first, last)] of the runs of graph-safe layers, MIN_SEGMENT long or more."""
+    runs, first = [], None
+    for i, layer in enumerate(net.layers + [None]):
+        if layer is not None and layer.graph_safe:
+            first = i if first is None else first
+            continue
+        if first is not None and i - first >= MIN_SEGMENT:
+            runs.append((first, i - 1))
+        first = None
+    return runs
+
+
+class NetGraphs:
+    """The graphs of one Net's segments."""
+
+    def __init__(self, net):
+        self.net = net
+        self.segments = [Segment(net, first, last) for first, last in segments(net)]
+        self.used = False       # did the last forward launch a graph?
+
+    def forward(self, start, end):
+        """Net::ForwardFromTo's loss terms, segments inside [start, end] as graphs."""
+        net, terms, i = self.net, [], start
+        self.used = False
+        for seg in self.segments:
+            if seg.first < start or seg.last > end:
+                if seg.first <= end and seg.last >= start:
+                    seg.forward_state = object()    # some of its layers run eagerly
+                continue
+            if i < seg.first:
+                terms += net._forward_layers(i, seg.first - 1)
+            seg_terms, launched = seg.forward()
+            terms += seg_terms
+            self.used |= launched
+            i = seg.last + 1
+        if i <= end:
+            terms += net._forward_layers(i, end)
+        return terms
+
+    def backward(self, start, end):
+        """Net::BackwardFromTo from layer ``start`` down to ``end``."""
+        net, i = self.net, start
+        for seg in reversed(self.segments):
+            if seg.last > start or seg.first < end:
+                continue
+            if i > seg.last:
+                net._backward_layers(i, seg.last + 1)
+            seg.backward()
+            i = seg.first - 1
+        if i >= end:
+            net._backward_layers(i, end)
+
+    def forward_ran_eagerly(self):
+        """The forward was run again outside the graphs: no backward graph may follow."""
+        for seg in self.segments:
+            seg.forward_state = object()
+
+
+class Segment:
+    """Layers ``first`` .. ``last``: a forward graph and a backward graph."""
+
+    def __init__(self, net, first, last):
+        self.first, self.last = first, last
+        self.name = f"layers {net._layer_names[first]} .. {net._layer_names[last]}"
+        self.forward_state = object()   # the forward graph last launched, or a fresh token
+        layers = range(first, last + 1)
+        produced = {id(t) for i in layers for t in net.top_blobs[i]}
+        self.inputs = _unique(b for i in layers for b in net.bottom_blobs[i]
+                              if id(b) not in produced)
+        self.blobs = _unique([b for i in layers for b in net.bottom_blobs[i]] +
+                             [b for i in layers for b in net.top_blobs[i]] +
+                             [b for i in layers for b in net.layers[i].blobs])
+        self.fwd = Recording(self, "forward", lambda: net._forward_layers(first, last))
+        self.bwd = Recording(self, "backward", lambda: net._backward_layers(last, first))
+
+    def forward(self):
+        """(loss terms, whether a graph was launched)."""
+        terms, graph = self.fwd.run()
+        self.forward_state = graph if graph is not None else object()
+        return terms, graph is not None
+
+    def backward(self):
+        self.bwd.run(after=self.forward_state)
+
+
+class Recording:
+    """One direction of a segment: eager, then recorded, then launched."""
+
+    def __init__(self, segment, direction, run_eagerly):
+        self.segment = segment
+        self.direction = direction
+        self.run_eagerly = run_eagerly
+        self.seen = None            # the key of the last eager run
+        self.graph = None
+        self.key = self.memory = self.heads = self.host_reads = self.outputs = None
+        self.after = None           # the forward graph a backward graph was recorded after
+        self.failed = False
+        self.pool = None
+        self.launches = 0
+
+    # -- the state a recording depends on ---------------------------------------------
+    def _key(self):
+        seg = self.segment
+        return (tuple(b.shape for b in seg.inputs), backend.tf32_enabled(), fusion.ENABLED)
+
+    def _current_memory(self):
+        return [m for b in self.segment.blobs for m in b.memories()]
+
+    def _valid(self, key, after, memory):
+        if self.graph is None or key != self.key or after is not self.after:
+            return False
+        if len(memory) != len(self.memory):
+            return False
+        for m, (kept, device) in zip(memory, self.memory):
+            if m is not kept or m.device is not device:
+                return False
+        for m, value in self.host_reads:
+            if m.head == HEAD_AT_DEVICE or not np.array_equal(m.host, value):
+                return False
+        return True
+
+    # -- running --------------------------------------------------------------------
+    def run(self, after=None):
+        """The pass's output (loss terms for a forward) and the graph launched, if any."""
+        if self.failed or (self.direction == "backward" and after is None):
+            return self.run_eagerly(), None
+        key = self._key()
+        memory = self._current_memory()
+        if self._valid(key, after, memory):
+            _upload_host_newer(memory)
+            self.graph.launch(stream=_null_stream())
+            self.launches += 1
+            for m, head in self.heads:
+                m.head = head
+            return self.outputs, self.graph
+        self.graph = None
+        if key != self.seen or (self.direction == "backward" and not _is_graph(after)):
+            self.seen = key
+            return self.run_eagerly(), None
+        return self._record(key, after)
+
+    def _record(self, key, after):
+        xp = backend.device_module()
+        memory = self._current_memory()
+        _upload_host_newer(memory, allocate=True)
+        if self.pool is None:
+            self.pool = xp.cuda.MemoryPool()
+        stream = xp.cuda.Stream(non_blocking=True)
+        reads = []
+        try:
+            with xp.cuda.using_allocator(self.pool.malloc), stream:
+                backend._state["capturing"], backend._state["host_reads"] = True, reads
+                stream.begin_capture()
+                try:
+                    outputs = self.run_eagerly()
+                finally:
+                    graph = _end_capture(stream)
+        except Exception as e:     # noqa: BLE001  (any failure: run this segment eagerly)
+            self.failed = True
+            logger.warning("CUDA graphs: the %s of %s cannot be recorded (%s); it runs layer "
+                           "by layer", self.direction, self.segment.name, _one_line(e))
+            return self.run_eagerly(), None
+        finally:
+            backend._state["capturing"], backend._state["host_reads"] = False, None
+        self.graph, self.key, self.after, self.outputs = graph, key, after, outputs
+        self.memory = [(m, m.device) for m in memory]
+        self.heads = [(m, m.head) for m in memory]
+        self.host_reads = [(m, np.array(m.host)) for m in _unique(reads)]
+        graph.launch(stream=_null_stream())
+        self.launches += 1
+        return outputs, graph
+
+
+def _end_capture(stream):
+    graph = stream.end_capture()
+    if graph is None:
+        raise RuntimeError("the stream capture was invalidated")
+    return graph
+
+
+def _upload_host_newer(memory, allocate=False):
+    """Blobs written on the host since: to their device memory, in place (the graph
+    reads the device). With ``allocate``, memory not yet on the device is allocated
+    first, so that no recording zero-fills it at every launch."""
+    for m in memory:
+        if m.head == HEAD_AT_HOST or (allocate and m.device is None):
+            m.device_array()
+
+
+def _null_stream():
+    return backend.device_module().cuda.Stream.null
+
+
+def _is_graph(state):
+    return state is not None and hasattr(state, "launch")
+
+
+def _unique(items):
+    seen, out = set(), []
+    for item in items:
+        if id(item) not in seen:
+            seen.add(id(item))
+            out.append(item)
+    return out
+
+
+def _one_line(error):
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"

@@ -1,0 +1,562 @@
+"""CUDA graphs (caffelite/cuda_graphs.py): a pass recorded once and launched whole gives
+the bits of the layer-by-layer pass, iteration after iteration, while inputs, weights,
+shapes and memory change under it.
+
+The oracle is the same net run eagerly (graphs off): a launch must repeat the eager
+pass's operations in order, so every blob, diff and parameter is compared for equality.
+On the emulator, a stream capture records operations without running them and refuses
+host reads, host-to-device copies and random draws (kernels/emulated_capture.py), so a
+layer that relied on anything a graph does not replay gives other numbers from the
+second iteration on, or fails to record. The same tests run on a GPU with CuPy's real
+capture (-m gpu).
+"""
+import logging
+
+import numpy as np
+import pytest
+
+import caffelite
+from caffelite import backend, cuda_graphs
+from caffelite.kernels import emulated_capture, emulator
+from caffelite.io import prototxt
+from caffelite.layer import LAYER_REGISTRY
+from caffelite.proto import caffe_pb2
+from caffelite.solver import Solver
+import test_fusion as fusion_test
+from gpu_modes import gpu_mode  # noqa: F401  (fixture)
+
+GAUSS = 'weight_filler { type: "gaussian" std: 0.3 } bias_filler { type: "gaussian" std: 0.1 }'
+
+
+def conv_param(n, k, p):
+    return f"convolution_param {{ num_output: {n} kernel_size: {k} pad: {p} {GAUSS} }}"
+
+
+HEAD = f"""
+input: "data" input_shape {{ dim: 2 dim: 3 dim: 8 dim: 8 }}
+input: "label" input_shape {{ dim: 2 dim: 1 dim: 8 dim: 8 }}
+layer {{ name: "conv0" type: "Convolution" bottom: "data" top: "x" {conv_param(4, 3, 1)} }}
+"""
+TAIL = f"""
+layer {{ name: "score" type: "Convolution" bottom: "y" top: "score" {conv_param(3, 1, 0)} }}
+layer {{ name: "fit" type: "Interp" bottom: "score" top: "score_fit"
+  interp_param {{ height: 8 width: 8 }} }}
+layer {{ name: "loss" type: "SoftmaxWithLoss" bottom: "score_fit" bottom: "label" top: "loss"
+  loss_param {{ ignore_label: 255 }} }}
+"""
+
+# Between HEAD and TAIL: from blob "x" (2, 4, 8, 8) to blob "y" (4-D), using the type.
+BODIES = {
+    "Convolution": f"""layer {{ name: "c" type: "Convolution" bottom: "x" top: "y"
+        convolution_param {{ num_output: 4 kernel_size: 3 dilation: 2 pad: 2 group: 2
+        {GAUSS} }} }}""",
+    "Deconvolution": f"""layer {{ name: "d" type: "Deconvolution" bottom: "x" top: "y"
+        convolution_param {{ num_output: 3 kernel_size: 4 stride: 2 pad: 1 {GAUSS} }} }}""",
+    "BatchNorm": """layer { name: "bn" type: "BatchNorm" bottom: "x" top: "b"
+        batch_norm_param { use_global_stats: false moving_average_fraction: 0.9 } }
+        layer { name: "bnf" type: "BatchNorm" bottom: "b" top: "y"
+        batch_norm_param { use_global_stats: true } }""",
+    "Scale": """layer { name: "s" type: "Scale" bottom: "x" top: "y"
+        scale_param { bias_term: true filler { type: "gaussian" std: 1 } } }""",
+    "Bias": """layer { name: "b" type: "Bias" bottom: "x" top: "y"
+        bias_param { filler { type: "gaussian" std: 1 } } }""",
+    "ReLU": """layer { name: "r" type: "ReLU" bottom: "x" top: "x"
+        relu_param { negative_slope: 0.1 } }
+        layer { name: "r2" type: "ReLU" bottom: "x" top: "y" }""",
+    "PReLU": """layer { name: "p" type: "PReLU" bottom: "x" top: "y"
+        prelu_param { filler { type: "constant" value: 0.3 } } }""",
+    "ELU": """layer { name: "e" type: "ELU" bottom: "x" top: "y" elu_param { alpha: 0.7 } }""",
+    "Sigmoid": """layer { name: "s" type: "Sigmoid" bottom: "x" top: "y" }""",
+    "TanH": """layer { name: "t" type: "TanH" bottom: "x" top: "y" }""",
+    "AbsVal": """layer { name: "a" type: "AbsVal" bottom: "x" top: "y" }""",
+    "Power": """layer { name: "p" type: "Power" bottom: "x" top: "y"
+        power_param { power: 2 scale: 0.5 shift: 1 } }""",
+    "Exp": """layer { name: "t" type: "TanH" bottom: "x" top: "t" }
+        layer { name: "e" type: "Exp" bottom: "t" top: "y" exp_param { scale: 0.5 } }""",
+    "Log": """layer { name: "a" type: "AbsVal" bottom: "x" top: "a" }
+        layer { name: "l" type: "Log" bottom: "a" top: "y" log_param { shift: 1 } }""",
+    "BNLL": """layer { name: "b" type: "BNLL" bottom: "x" top: "y" }""",
+    "Threshold": """layer { name: "t" type: "Threshold" bottom: "x" top: "t"
+        threshold_param { threshold: 0.1 } }
+        layer { name: "block" type: "Silence" bottom: "t" }
+        layer { name: "id" type: "Power" bottom: "x" top: "y" }""",
+    "Eltwise": """layer { name: "c" type: "Convolution" bottom: "x" top: "x2"
+        convolution_param { num_output: 4 kernel_size: 1 weight_filler { type: "gaussian"
+        std: 0.5 } } }
+        layer { name: "sum" type: "Eltwise" bottom: "x" bottom: "x2" top: "s"
+        eltwise_param { operation: SUM coeff: 0.5 coeff: -2 } }
+        layer { name: "prod" type: "Eltwise" bottom: "s" bottom: "x2" top: "p"
+        eltwise_param { operation: PROD } }
+        layer { name: "max" type: "Eltwise" bottom: "p" bottom: "x" top: "y"
+        eltwise_param { operation: MAX } }""",
+    "InnerProduct": f"""layer {{ name: "ip" type: "InnerProduct" bottom: "x" top: "v"
+        inner_product_param {{ num_output: 48 {GAUSS} }} }}
+        layer {{ name: "r" type: "Reshape" bottom: "v" top: "y"
+        reshape_param {{ shape {{ dim: 0 dim: 3 dim: 4 dim: 4 }} }} }}""",
+    "Interp": """layer { name: "i" type: "Interp" bottom: "x" top: "y"
+        interp_param { zoom_factor: 2 pad_beg: 0 pad_end: -1 } }""",
+    "Pooling": """layer { name: "m" type: "Pooling" bottom: "x" top: "m"
+        pooling_param { pool: MAX kernel_size: 3 stride: 2 pad: 1 } }
+        layer { name: "a" type: "Pooling" bottom: "m" top: "y"
+        pooling_param { pool: AVE kernel_size: 2 stride: 1 pad: 1 } }""",
+    "Softmax": """layer { name: "s" type: "Softmax" bottom: "x" top: "y" }""",
+    "SoftmaxWithLoss": """layer { name: "aux" type: "SoftmaxWithLoss" bottom: "x"
+        bottom: "label" top: "aux" loss_weight: 0.5
+        loss_param { normalization: FULL ignore_label: 255 } }
+        layer { name: "id" type: "Power" bottom: "x" top: "y" }""",
+    "Concat": """layer { name: "c" type: "Concat" bottom: "x" bottom: "x" top: "y" }""",
+    "Slice": """layer { name: "s" type: "Slice" bottom: "x" top: "a" top: "b"
+        slice_param { slice_point: 1 } }
+        layer { name: "c" type: "Concat" bottom: "b" bottom: "a" top: "y" }""",
+    "Split": """layer { name: "sp" type: "Split" bottom: "x" top: "a" top: "b" }
+        layer { name: "c" type: "Eltwise" bottom: "a" bottom: "b" top: "y"
+        eltwise_param { operation: PROD } }""",
+    "Flatten": """layer { name: "f" type: "Flatten" bottom: "x" top: "f" }
+        layer { name: "r" type: "Reshape" bottom: "f" top: "y"
+        reshape_param { shape { dim: 2 dim: -1 dim: 8 dim: 8 } } }""",
+    "Reshape": """layer { name: "r" type: "Reshape" bottom: "x" top: "y"
+        reshape_param { shape { dim: 0 dim: 8 dim: 4 dim: -1 } } }""",
+    "Crop": """layer { name: "p" type: "Pooling" bottom: "x" top: "small"
+        pooling_param { pool: MAX kernel_size: 2 stride: 2 } }
+        layer { name: "c" type: "Crop" bottom: "x" bottom: "small" top: "y"
+        crop_param { axis: 2 offset: 1 offset: 2 } }""",
+    "Silence": """layer { name: "t" type: "TanH" bottom: "x" top: "t" }
+        layer { name: "quiet" type: "Silence" bottom: "t" }
+        layer { name: "id" type: "Power" bottom: "x" top: "y" }""",
+    "LRN": """layer { name: "across" type: "LRN" bottom: "x" top: "l"
+        lrn_param { local_size: 3 alpha: 0.5 beta: 0.75 } }
+        layer { name: "within" type: "LRN" bottom: "l" top: "y"
+        lrn_param { local_size: 3 alpha: 0.5 norm_region: WITHIN_CHANNEL } }""",
+    "Dropout": """layer { name: "drop" type: "Dropout" bottom: "x" top: "x"
+        dropout_param { dropout_ratio: 0.5 } include { phase: TEST } }
+        layer { name: "id" type: "Power" bottom: "x" top: "y" }""",
+}
+
+
+def graph_safe_types():
+    """Every registered type whose layers may be recorded (in some configuration)."""
+    return sorted(name for name, cls in LAYER_REGISTRY.items()
+                  if name == cls.type_name and
+                  any(c.__dict__.get("graph_safe", False) is not False for c in cls.__mro__))
+
+
+def test_every_graph_safe_type_is_tested_here():
+    assert set(graph_safe_types()) <= set(BODIES), \
+        f"graph-safe types without a case here: {set(graph_safe_types()) - set(BODIES)}"
+
+
+def solver_for(net_text, tmp_path, iter_size=2, phase_test=False):
+    param = caffe_pb2.SolverParameter()
+    net_param, _ = prototxt.parse_net(net_text)
+    param.train_net_param.CopyFrom(net_param)
+    param.base_lr = 0.005
+    param.lr_policy = "poly"
+    param.power = 0.9
+    param.max_iter = 100
+    param.momentum = 0.9
+    param.weight_decay = 5e-4
+    param.iter_size = iter_size
+    param.display = 0
+    param.snapshot_prefix = str(tmp_path / "snap")
+    caffelite.set_random_seed(11)
+    return Solver(param)
+
+
+def feed(net, rng):
+    data, label = net.blobs["data"], net.blobs["label"]
+    data.data[...] = rng.standard_normal(data.shape)
+    labels = rng.integers(0, 3, label.shape).astype(np.float32)
+    labels.flat[::5] = 255
+    label.data[...] = labels
+
+
+def unit_statistics(net):
+    """Stored BatchNorm statistics of mean 0 and variance 1 (zero-filled ones divide by
+    sqrt(eps))."""
+    for layer in net.layers:
+        if layer.type == "BatchNorm":
+            layer.blobs[1].data[...] = 1
+            layer.blobs[2].data[...] = 1
+
+
+def snapshot(net):
+    """Copies of every blob and parameter. The data is read as a read-only host access
+    (both sides stay valid), the diff as a mutable one (the host side becomes newest), so
+    the passes that follow meet blobs in both states."""
+    def values(b):
+        return b.read_host_data().copy(), b.host_diff.copy()
+    blobs = {n: values(b) for n, b in net.blobs.items()}
+    params = {n: [values(p) for p in ps] for n, ps in net.params.items()}
+    return blobs, params
+
+
+def assert_same(a, b, what):
+    fusion_test.assert_same(a, b, f"{what}: ")
+
+
+def train(gpu_mode, net_text, tmp_path, graphs, steps=4, between=None):
+    """Solver steps with new inputs each time: per step, every blob and parameter."""
+    cuda_graphs.set_enabled(graphs)
+    try:
+        gpu_mode.on()
+        solver = solver_for(net_text, tmp_path)
+        unit_statistics(solver.net)
+        rng = np.random.default_rng(3)
+        out = []
+        for step in range(steps):
+            feed(solver.net, rng)
+            if between is not None:
+                between(solver.net, step)
+            solver.step(1)
+            out.append(snapshot(solver.net))
+        return out, solver
+    finally:
+        cuda_graphs.set_enabled(False)
+        gpu_mode.off()
+
+
+def launches(net):
+    return sum(r.launches for s in net._graphs.segments for r in (s.fwd, s.bwd))
+
+
+def compare_runs(eager, graphed):
+    assert len(eager) == len(graphed)
+    for step, (a, b) in enumerate(zip(eager, graphed)):
+        assert_same(a, b, f"step {step}")
+    blobs, params = eager[-1]
+    for name, (data, diff) in blobs.items():    # the runs trained, and stayed finite
+        assert np.isfinite(data).all() and np.isfinite(diff).all(), name
+    assert any(np.abs(diff).max() > 0 for ps in params.values() for _, diff in ps)
+
+
+@pytest.mark.parametrize("kind", sorted(BODIES))
+def test_training_with_graphs_gives_the_eager_bits(tmp_path, gpu_mode, kind):
+    """Four solver steps (iter_size 2, momentum, poly lr), new data each step: equal to
+    the eager run's every blob and parameter, data and diff, with graphs launched."""
+    text = HEAD + BODIES[kind] + TAIL
+    eager, _ = train(gpu_mode, text, tmp_path, graphs=False)
+    graphed, solver = train(gpu_mode, text, tmp_path, graphs=True)
+    compare_runs(eager, graphed)
+    graphs = solver.net._graphs
+    assert len(graphs.segments) == 1 and graphs.segments[0].first == 0
+    for rec in (graphs.segments[0].fwd, graphs.segments[0].bwd):
+        assert not rec.failed
+        assert rec.launches >= 5        # 8 passes: eager, record + launch, 6 launches
+
+
+def test_test_phase_net_forward_with_graphs(tmp_path, gpu_mode):
+    """A TEST net (Dropout as identity, BatchNorm with stored statistics) forward only:
+    the graph's outputs follow new inputs."""
+    text = HEAD + BODIES["Dropout"] + BODIES["BatchNorm"].replace('bottom: "x" top: "b"',
+                                                                 'bottom: "y" top: "b"') \
+        .replace('top: "y"', 'top: "z"') + TAIL.replace('bottom: "y"', 'bottom: "z"')
+    path = tmp_path / "test.prototxt"
+    path.write_text(text)
+    results = {}
+    for graphs in (False, True):
+        cuda_graphs.set_enabled(graphs)
+        gpu_mode.on()
+        caffelite.set_random_seed(2)
+        net = caffelite.Net(str(path), caffelite.TEST)
+        unit_statistics(net)
+        rng = np.random.default_rng(4)
+        results[graphs] = []
+        for _ in range(4):
+            feed(net, rng)
+            loss = net.forward()["loss"].copy()
+            results[graphs].append((loss, snapshot(net)))
+        if graphs:
+            assert launches(net) == 3
+        gpu_mode.off()
+    cuda_graphs.set_enabled(False)
+    for (la, va), (lb, vb) in zip(results[False], results[True]):
+        np.testing.assert_array_equal(lb, la)
+        assert_same(va, vb, "test forward")
+
+
+def test_fused_chains_inside_graphs(tmp_path, gpu_mode):
+    """The fusion test's ResNet-like net (fused BatchNorm -> Scale -> ReLU chains, Eltwise,
+    a learned Scale): the graphs record the fused kernels."""
+    text = fusion_test.NET
+    eager, _ = train(gpu_mode, text, tmp_path, graphs=False)
+    graphed, solver = train(gpu_mode, text, tmp_path, graphs=True)
+    compare_runs(eager, graphed)
+    assert launches(solver.net) >= 10
+
+
+def test_host_reads_and_writes_between_passes(tmp_path, gpu_mode):
+    """Between steps, every blob is read on the host (both sides valid) and, every other
+    step, a weight is written on the host: a launch uploads the write in place and leaves
+    the blobs' newest side where the eager pass leaves it."""
+    def between(net, step):
+        for blob in list(net.blobs.values()) + [b for ps in net.params.values() for b in ps]:
+            blob.read_host_data()
+            if step == 1:
+                blob.host_data      # a mutable host access: the host side becomes newest
+        if step % 2:
+            net.params["score"][0].data[...] *= 0.5
+
+    text = HEAD + BODIES["Convolution"] + TAIL
+    eager, _ = train(gpu_mode, text, tmp_path, graphs=False, between=between)
+    graphed, solver = train(gpu_mode, text, tmp_path, graphs=True, between=between)
+    compare_runs(eager, graphed)
+    assert launches(solver.net) >= 10
+
+
+def test_new_shapes_and_new_memory_are_recorded_again(tmp_path, gpu_mode):
+    """A larger batch (step 2) and a weight given new memory (step 4) each make the
+    segment run eagerly once and be recorded again; partial forward ranges run eagerly."""
+    def between(net, step):
+        if step == 2:
+            net.blobs["data"].reshape(3, 3, 8, 8)
+            net.blobs["label"].reshape(3, 1, 8, 8)
+            feed(net, np.random.default_rng(step))
+        if step == 4:
+            weights = net.params["conv0"][0]
+            with backend.device_access(False):
+                weights.set_data_array(weights.data * np.float32(0.9))
+        if step == 5:
+            net.forward(end="c")
+
+    text = HEAD + BODIES["Convolution"] + TAIL
+    eager, _ = train(gpu_mode, text, tmp_path, graphs=False, between=between, steps=7)
+    graphed, solver = train(gpu_mode, text, tmp_path, graphs=True, between=between, steps=7)
+    compare_runs(eager, graphed)
+    fwd = solver.net._graphs.segments[0].fwd
+    assert fwd.launches >= 6 and not fwd.failed
+
+
+def test_a_backward_after_a_partial_forward_runs_eagerly(tmp_path, gpu_mode):
+    """Training BatchNorm keeps its normalised input for the backward. After a forward
+    that stops inside the segment (eager, new arrays), the backward must read those,
+    not the arrays of the recorded forward: it runs eagerly."""
+    text = HEAD + BODIES["BatchNorm"] + TAIL
+    runs = {}
+    for graphs in (False, True):
+        cuda_graphs.set_enabled(graphs)
+        gpu_mode.on()
+        try:
+            solver = solver_for(text, tmp_path)
+            net = solver.net
+            rng = np.random.default_rng(8)
+            for _ in range(3):
+                feed(net, rng)
+                net.forward_backward()
+            feed(net, rng)
+            net.forward(end="bn")
+            net.clear_param_diffs()
+            net.backward()
+            runs[graphs] = snapshot(net)
+            if graphs:      # passes 2 and 3, each way; none after the partial forward
+                assert launches(net) == 4
+        finally:
+            cuda_graphs.set_enabled(False)
+            gpu_mode.off()
+    assert_same(runs[False], runs[True], "backward after a partial forward")
+
+
+def test_random_layers_split_the_net_into_segments(tmp_path, gpu_mode):
+    """Dropout in training draws a new mask every pass, so it runs outside the graphs,
+    between two recorded segments; the masks still change from pass to pass."""
+    body = (BODIES["Scale"].replace('top: "y"', 'top: "s1"') +
+            """layer { name: "t1" type: "TanH" bottom: "s1" top: "s2" }
+               layer { name: "p1" type: "Power" bottom: "s2" top: "s"
+               power_param { scale: 2 } }""" +
+            """layer { name: "drop" type: "Dropout" bottom: "s" top: "s"
+               dropout_param { dropout_ratio: 0.3 } }""" +
+            BODIES["TanH"].replace('bottom: "x"', 'bottom: "s"').replace('top: "y"',
+                                                                      'top: "t"') +
+            BODIES["Power"].replace('bottom: "x"', 'bottom: "t"'))
+    text = HEAD + body + TAIL
+    eager, _ = train(gpu_mode, text, tmp_path, graphs=False)
+    graphed, solver = train(gpu_mode, text, tmp_path, graphs=True)
+    compare_runs(eager, graphed)
+    net = solver.net
+    drop = net._layer_names.index("drop")
+    assert [(s.first, s.last) for s in net._graphs.segments] == [
+        (0, drop - 1), (drop + 1, len(net.layers) - 1)]
+    assert all(r.launches >= 5 for s in net._graphs.segments for r in (s.fwd, s.bwd))
+    masks = [step[0]["s"][0] for step in graphed]
+    assert not np.array_equal(masks[-1] == 0, masks[-2] == 0)
+
+
+def test_a_segment_that_cannot_be_recorded_runs_layer_by_layer(tmp_path, gpu_mode,
+                                                               monkeypatch, caplog):
+    """A layer that reads the device on the host inside a segment: the recording fails
+    (CuPy and the emulator refuse the read), one warning names the segment, and the
+    pass runs eagerly with the same numbers from then on."""
+    from caffelite.layers.softmax import SoftmaxWithLossLayer
+    plain = SoftmaxWithLossLayer._forward_device
+
+    def reads_the_host(self, xp, bottom, top):
+        float(bottom[0].data.sum())
+        return plain(self, xp, bottom, top)
+    monkeypatch.setattr(SoftmaxWithLossLayer, "_forward_device", reads_the_host)
+    text = HEAD + BODIES["Convolution"] + TAIL
+    eager, _ = train(gpu_mode, text, tmp_path, graphs=False)
+    with caplog.at_level(logging.WARNING, logger="caffelite"):
+        graphed, solver = train(gpu_mode, text, tmp_path, graphs=True)
+    compare_runs(eager, graphed)
+    seg = solver.net._graphs.segments[0]
+    assert seg.fwd.failed and seg.fwd.launches == 0 and seg.bwd.launches == 0
+    warnings = [r.getMessage() for r in caplog.records if "CUDA graphs" in r.getMessage()]
+    assert len(warnings) == 1 and "forward of layers conv0 .. loss" in warnings[0]
+
+
+def test_a_bad_label_is_named_when_graphs_run(tmp_path, gpu_mode):
+    """A graph leaves out SoftmaxWithLoss's host check; the NaN loss makes the Net run
+    the forward again eagerly, which names the label as without graphs."""
+    text = HEAD + BODIES["Convolution"] + TAIL
+    _, solver = train(gpu_mode, text, tmp_path, graphs=True, steps=3)
+    assert launches(solver.net) > 0
+    cuda_graphs.set_enabled(True)
+    gpu_mode.on()
+    try:
+        solver.net.blobs["label"].data[0, 0, 2, 3] = 7
+        with pytest.raises(caffelite.layer.LayerError, match="label value 7 is out of range"):
+            solver.net.forward_backward()
+    finally:
+        cuda_graphs.set_enabled(False)
+        gpu_mode.off()
+
+
+def test_graphs_need_gpu_mode_and_no_debug_info(tmp_path):
+    text = HEAD + BODIES["Convolution"] + TAIL
+    path = tmp_path / "net.prototxt"
+    path.write_text(text)
+    cuda_graphs.set_enabled(True)
+    try:
+        net = caffelite.Net(str(path), caffelite.TRAIN)
+        net.forward()
+        assert net._graphs is None                   # CPU mode
+        backend.set_mode_gpu(emulate=True)
+        net.debug_info = True
+        net.forward()
+        assert net._graphs is None
+    finally:
+        cuda_graphs.set_enabled(False)
+        backend.set_mode_cpu()
+
+
+# ----------------------------------------------------------- the emulator's capture
+@pytest.fixture
+def emulated():
+    backend.set_mode_gpu(emulate=True)
+    yield emulator
+    backend.set_mode_cpu()
+
+
+def capture(xp, work):
+    stream = xp.cuda.Stream(non_blocking=True)
+    with stream:
+        stream.begin_capture()
+        try:
+            work()
+        finally:
+            graph = stream.end_capture() if emulated_capture.active() else None
+    return graph
+
+
+def test_emulated_capture_records_writes_and_results_without_running_them(emulated):
+    xp = emulated
+    a = xp.asarray(np.arange(4, dtype=np.float32))
+    out = xp.zeros(4, np.float32)
+    kept = {}
+
+    def work():
+        kept["doubled"] = a * 2                       # a new array: recomputed at launch
+        kept["view"] = a[1:3]                         # a view: not an operation
+        xp.add(kept["doubled"], 1, out=out)           # a write: recorded, not run
+        out[0] = -5
+    graph = capture(xp, work)
+    assert emulator.asnumpy(out).tolist() == [0, 0, 0, 0]
+    a[...] = xp.asarray(np.array([10, 20, 30, 40], np.float32))
+    graph.launch()
+    assert emulator.asnumpy(kept["doubled"]).tolist() == [20, 40, 60, 80]
+    assert emulator.asnumpy(out).tolist() == [-5, 41, 61, 81]
+    assert emulator.asnumpy(kept["view"]).tolist() == [20, 30]
+
+
+@pytest.mark.parametrize("what, work", [
+    ("device-to-host copy", lambda xp, a: xp.asnumpy(a)),
+    ("float()", lambda xp, a: float(a.sum())),
+    ("bool()", lambda xp, a: bool(a.any())),
+    ("ndarray.item", lambda xp, a: a[0].item()),
+    ("ndarray.set", lambda xp, a: a.set(np.ones(4, np.float32))),
+    ("host-to-device copy", lambda xp, a: xp.asarray(np.ones(3))),
+    ("random", lambda xp, a: xp.random.random_sample(3)),
+    ("boolean-mask", lambda xp, a: a[a > 1]),
+    ("nonzero", lambda xp, a: xp.nonzero(a)),
+    ("synchronize", lambda xp, a: xp.cuda.Device().synchronize()),
+])
+def test_emulated_capture_refuses_what_needs_the_host(emulated, what, work):
+    xp = emulated
+    a = xp.asarray(np.arange(4, dtype=np.float32))
+    with pytest.raises(emulated_capture.CaptureError, match="not permitted when stream is "
+                                                          "capturing"):
+        capture(xp, lambda: work(xp, a))
+    assert not emulated_capture.active()          # the capture was invalidated and ended
+
+
+# ------------------------------------------------------------- corpus net and the CLI
+def resnet_msc_solver(tmp_path):
+    """The corpus's ResNet-101 MSC train net and solver (poly lr, momentum, weight decay),
+    Input data at 65x65, batch 1, iter_size 2, random weights and a small rate."""
+    from test_corpus_nets import (TRAIN, corpus_defines, corpus_path, fill_inputs,
+                                  randomize, read_config, with_inputs)
+    config = "deeplabv2_resnet101_msc"
+    net_param, shapes = with_inputs(read_config(f"{config}/train.prototxt", tmp_path), 65,
+                                    TRAIN, tmp_path, batch=1)
+    path = corpus_path("prototxt", config, "solver.prototxt")
+    param = prototxt.read_solver(path, dict(corpus_defines(path, tmp_path), TRAIN_SET="t"))
+    param.ClearField("train_net")
+    param.train_net_param.CopyFrom(net_param)
+    param.ClearField("snapshot")
+    param.snapshot_prefix = str(tmp_path / "snap")
+    param.base_lr, param.iter_size = 1e-7, 2
+    caffelite.set_random_seed(5)
+    solver = Solver(param)
+    randomize(solver.net)
+    fill_inputs(solver.net, shapes)
+    return solver, shapes
+
+
+def test_resnet101_msc_training_with_graphs(tmp_path, gpu_mode):
+    """Two solver steps (four passes) of the corpus's ResNet-101 MSC (1479 layers, fused
+    chains, three scales, four losses) with and without graphs: the same weights, diffs
+    and blobs, with new data every step. One segment runs from the data to the first
+    loss; the SegAccuracy layers (host) and the losses between them run eagerly."""
+    from test_corpus_nets import fill_inputs
+    runs = {}
+    for graphs in (False, True):
+        cuda_graphs.set_enabled(graphs)
+        gpu_mode.on()
+        try:
+            solver, shapes = resnet_msc_solver(tmp_path)
+            runs[graphs] = []
+            for step in range(2):
+                fill_inputs(solver.net, shapes, seed=10 + step)
+                solver.step(1)
+                runs[graphs].append(snapshot(solver.net))
+            net = solver.net
+        finally:
+            cuda_graphs.set_enabled(False)
+            gpu_mode.off()
+    compare_runs(runs[False], runs[True])
+    [seg] = net._graphs.segments
+    assert net.layers[seg.first - 1].type == "Input" and seg.last == net._layer_index("loss")
+    assert seg.fwd.launches == 3 and seg.bwd.launches == 3
+
+
+def test_cli_train_with_cuda_graphs_logs_the_same_losses(tmp_path, monkeypatch):
+    """`caffelite train --gpu 0 --cuda-graphs` on the emulator: the demo's losses and
+    outputs, digit for digit, as without graphs."""
+    from test_gpu_nets import demo_solver, loss_log, train_log
+    monkeypatch.chdir(tmp_path)
+    solver = demo_solver(tmp_path)
+    env = {"CAFFELITE_GPU_EMULATOR": "1"}
+    plain = loss_log(train_log(tmp_path, solver, "--gpu", "0", env=env))
+    log = train_log(tmp_path, solver, "--gpu", "0", "--cuda-graphs", env=env)
+    assert "Using GPU 0 with CUDA graphs" in log
+    assert "cannot be recorded" not in log
+    assert len(plain) >= 12 and loss_log(log) == plain
