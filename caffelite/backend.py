@@ -22,7 +22,7 @@ TEST = 1
 
 _state = {"mode": "cpu", "device": 0, "seed": None, "rng": CaffeRNG(),
           "xp": None, "tf32": False, "capturing": False,
-          "host_reads": None}
+          "host_reads": None, "graph_buffers": None, "mode_changes": 0}
 
 
 class _Access(threading.local):
@@ -45,6 +45,7 @@ def get_array_module(*arrays):
 
 def set_mode_cpu():
     _state["mode"] = "cpu"
+    _state["mode_changes"] += 1
 
 
 def set_mode_gpu(emulate=None):
@@ -71,10 +72,12 @@ def set_mode_gpu(emulate=None):
         _apply_tf32(xp)
     _state["xp"] = xp
     _state["mode"] = "gpu"
+    _state["mode_changes"] += 1
 
 
 def set_device(device_id):
     _state["device"] = int(device_id)
+    _state["mode_changes"] += 1
     if _state["mode"] == "gpu" and _state["xp"] is not None and \
             _state["xp"].__name__ == "cupy":
         _state["xp"].cuda.Device(int(device_id)).use()
@@ -120,6 +123,15 @@ def capturing():
     """True while a pass is being recorded into a CUDA graph (``caffelite.cuda_graphs``):
     layers then leave out host reads that only serve error messages."""
     return _state["capturing"]
+
+
+def graph_buffer(array):
+    """Device scratch memory shared outside the layers (the column workspace) that work
+    being recorded into a CUDA graph uses: the graph keeps it alive, so a later, larger
+    workspace cannot free memory a launch writes to."""
+    kept = _state["graph_buffers"]
+    if kept is not None:
+        kept.append(array)
 
 
 def _apply_tf32(cupy):

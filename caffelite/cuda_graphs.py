@@ -24,14 +24,20 @@ second time it is captured and launched; from then on launched, as long as
 * values it read on the host while being recorded are unchanged;
 * for the backward graph: the last forward of the segment was a launch of the forward
   graph it was recorded after (the backward reads what that forward kept);
-* TF32 and fusion are set as they were.
+* TF32 and fusion are set as they were, and the mode was not switched since.
+
+A forward that runs some of a segment's layers outside its graph (a range that stops
+inside the segment, the NaN re-run below) may replace arrays the layers keep for later,
+so the segment is recorded again at its next whole forward.
 
 Before a launch, blobs whose host side is newer (``blob.data[...] = x`` from Python,
 a data layer) are copied to their device memory in place; after it, every blob is left
 in the state the eager pass would leave it in. A recording that fails (a layer reads
 the device on the host, an unsupported call) makes that segment run eagerly from then
 on, with one warning. Memory the recorded work allocates comes from a pool of the
-segment's own, so no other allocation can take it while the graph may run.
+recording's own, so no other allocation can take it while the graph may run; memory it
+uses that was allocated before (the column workspace, arrays the layers hold) is kept
+referenced by the recording, so it is not freed while the graph may launch.
 
 Same numbers: a launch does the operations of the eager pass in the same order, so the
 blobs get the same bits. The one difference is error reporting: SoftmaxWithLoss names an
@@ -88,7 +94,7 @@ class NetGraphs:
         for seg in self.segments:
             if seg.first < start or seg.last > end:
                 if seg.first <= end and seg.last >= start:
-                    seg.forward_state = object()    # some of its layers run eagerly
+                    seg.ran_eagerly()               # some of its layers do now
                 continue
             if i < seg.first:
                 terms += net._forward_layers(i, seg.first - 1)
@@ -114,9 +120,9 @@ class NetGraphs:
             net._backward_layers(i, end)
 
     def forward_ran_eagerly(self):
-        """The forward was run again outside the graphs: no backward graph may follow."""
+        """The forward was run again outside the graphs."""
         for seg in self.segments:
-            seg.forward_state = object()
+            seg.ran_eagerly()
 
 
 class Segment:
@@ -133,6 +139,9 @@ class Segment:
         self.blobs = _unique([b for i in layers for b in net.bottom_blobs[i]] +
                              [b for i in layers for b in net.top_blobs[i]] +
                              [b for i in layers for b in net.layers[i].blobs])
+        self.layers = [net.layers[i] for i in layers]
+        chains = (net._fused_chains() or {}).values()
+        self.chains = [c for c in chains if first <= c.first and c.last <= last]
         self.fwd = Recording(self, "forward", lambda: net._forward_layers(first, last))
         self.bwd = Recording(self, "backward", lambda: net._backward_layers(last, first))
 
@@ -145,6 +154,25 @@ class Segment:
     def backward(self):
         self.bwd.run(after=self.forward_state)
 
+    def ran_eagerly(self):
+        """Layers of this segment ran forward outside its graph: they may have replaced
+        arrays they keep for later (BatchNorm's normalised input ...) that the graphs
+        read. No backward graph may follow, and the forward is recorded again."""
+        self.forward_state = object()
+        self.fwd.drop()
+
+
+    def layer_arrays(self, xp):
+        """The device arrays the segment's layers and fused chains hold as attributes
+        (directly, or in a list, tuple or dict)."""
+        found = []
+        for owner in self.layers + self.chains:
+            for value in vars(owner).values():
+                items = value.values() if isinstance(value, dict) else \
+                    value if isinstance(value, (list, tuple)) else (value,)
+                found += [v for v in items if isinstance(v, xp.ndarray)]
+        return found
+
 
 class Recording:
     """One direction of a segment: eager, then recorded, then launched."""
@@ -154,7 +182,7 @@ class Recording:
         self.direction = direction
         self.run_eagerly = run_eagerly
         self.seen = None            # the key of the last eager run
-        self.graph = None
+        self.graph = self.kept = None
         self.key = self.memory = self.heads = self.host_reads = self.outputs = None
         self.after = None           # the forward graph a backward graph was recorded after
         self.failed = False
@@ -164,7 +192,8 @@ class Recording:
     # -- the state a recording depends on ---------------------------------------------
     def _key(self):
         seg = self.segment
-        return (tuple(b.shape for b in seg.inputs), backend.tf32_enabled(), fusion.ENABLED)
+        return (tuple(b.shape for b in seg.inputs), backend.tf32_enabled(), fusion.ENABLED,
+                backend._state["mode_changes"])
 
     def _current_memory(self):
         return [m for b in self.segment.blobs for m in b.memories()]
@@ -196,11 +225,14 @@ class Recording:
             for m, head in self.heads:
                 m.head = head
             return self.outputs, self.graph
-        self.graph = None
+        self.drop()
         if key != self.seen or (self.direction == "backward" and not _is_graph(after)):
             self.seen = key
             return self.run_eagerly(), None
         return self._record(key, after)
+
+    def drop(self):
+        self.graph = self.kept = self.outputs = None
 
     def _record(self, key, after):
         xp = backend.device_module()
@@ -209,26 +241,34 @@ class Recording:
         if self.pool is None:
             self.pool = xp.cuda.MemoryPool()
         stream = xp.cuda.Stream(non_blocking=True)
-        reads = []
+        reads, buffers = [], []
+        state = backend._state
         try:
             with xp.cuda.using_allocator(self.pool.malloc), stream:
-                backend._state["capturing"], backend._state["host_reads"] = True, reads
+                state["capturing"], state["host_reads"], state["graph_buffers"] = \
+                    True, reads, buffers
                 stream.begin_capture()
                 try:
                     outputs = self.run_eagerly()
-                finally:
-                    graph = _end_capture(stream)
+                except BaseException:
+                    _abandon_capture(stream)
+                    raise
+                graph = _end_capture(stream)
         except Exception as e:     # noqa: BLE001  (any failure: run this segment eagerly)
             self.failed = True
             logger.warning("CUDA graphs: the %s of %s cannot be recorded (%s); it runs layer "
                            "by layer", self.direction, self.segment.name, _one_line(e))
             return self.run_eagerly(), None
         finally:
-            backend._state["capturing"], backend._state["host_reads"] = False, None
+            state["capturing"], state["host_reads"], state["graph_buffers"] = \
+                False, None, None
         self.graph, self.key, self.after, self.outputs = graph, key, after, outputs
         self.memory = [(m, m.device) for m in memory]
         self.heads = [(m, m.head) for m in memory]
         self.host_reads = [(m, np.array(m.host)) for m in _unique(reads)]
+        # Memory the graph writes or reads that was allocated outside it: kept alive for
+        # as long as the graph may launch, even if its owner lets it go.
+        self.kept = _unique(buffers + self.segment.layer_arrays(xp))
         graph.launch(stream=_null_stream())
         self.launches += 1
         return outputs, graph
@@ -239,6 +279,15 @@ def _end_capture(stream):
     if graph is None:
         raise RuntimeError("the stream capture was invalidated")
     return graph
+
+
+def _abandon_capture(stream):
+    """End a capture that failed (CUDA may have invalidated it already): the stream must
+    leave capture mode, and the first error is the one to report."""
+    try:
+        stream.end_capture()
+    except Exception:          # noqa: BLE001
+        pass
 
 
 def _upload_host_newer(memory, allocate=False):

@@ -304,8 +304,9 @@ def test_host_reads_and_writes_between_passes(tmp_path, gpu_mode):
 
 
 def test_new_shapes_and_new_memory_are_recorded_again(tmp_path, gpu_mode):
-    """A larger batch (step 2) and a weight given new memory (step 4) each make the
-    segment run eagerly once and be recorded again; partial forward ranges run eagerly."""
+    """A larger batch (step 2), a weight given new memory (step 4), a forward that stops
+    inside the segment (step 5) and a forward on the CPU (step 6) each make the segment
+    run eagerly or be recorded again; the numbers stay the eager run's."""
     def between(net, step):
         if step == 2:
             net.blobs["data"].reshape(3, 3, 8, 8)
@@ -317,10 +318,14 @@ def test_new_shapes_and_new_memory_are_recorded_again(tmp_path, gpu_mode):
                 weights.set_data_array(weights.data * np.float32(0.9))
         if step == 5:
             net.forward(end="c")
+        if step == 6:
+            backend.set_mode_cpu()
+            net.forward()
+            gpu_mode.on()
 
     text = HEAD + BODIES["Convolution"] + TAIL
-    eager, _ = train(gpu_mode, text, tmp_path, graphs=False, between=between, steps=7)
-    graphed, solver = train(gpu_mode, text, tmp_path, graphs=True, between=between, steps=7)
+    eager, _ = train(gpu_mode, text, tmp_path, graphs=False, between=between, steps=8)
+    graphed, solver = train(gpu_mode, text, tmp_path, graphs=True, between=between, steps=8)
     compare_runs(eager, graphed)
     fwd = solver.net._graphs.segments[0].fwd
     assert fwd.launches >= 6 and not fwd.failed
@@ -349,10 +354,40 @@ def test_a_backward_after_a_partial_forward_runs_eagerly(tmp_path, gpu_mode):
             runs[graphs] = snapshot(net)
             if graphs:      # passes 2 and 3, each way; none after the partial forward
                 assert launches(net) == 4
+                assert net._graphs.segments[0].fwd.graph is None    # recorded again
         finally:
             cuda_graphs.set_enabled(False)
             gpu_mode.off()
     assert_same(runs[False], runs[True], "backward after a partial forward")
+
+
+def test_graphs_keep_the_memory_they_use_alive(tmp_path, gpu_mode):
+    """A recording keeps the column workspace and the arrays its layers hold (BatchNorm's
+    statistics buffer ...), so memory a launch writes stays its own when their owners
+    let it go: after the workspace is released and an array allocated in its place, the
+    next steps leave that array alone and still give the eager numbers."""
+    from caffelite.layers import im2col
+    junk = {}
+
+    def between(net, step):
+        if step == 3:
+            xp = backend.device_module()
+            junk["workspace"] = im2col.workspace_buffers()[xp.__name__]
+            im2col.release_workspace()
+            junk["array"] = xp.full(1 << 16, np.nan, np.float32)
+
+    text = HEAD + BODIES["BatchNorm"].replace("use_global_stats: false",
+                                              "use_global_stats: true") + TAIL
+    eager, _ = train(gpu_mode, text, tmp_path, graphs=False, between=between, steps=5)
+    graphed, solver = train(gpu_mode, text, tmp_path, graphs=True, between=between, steps=5)
+    compare_runs(eager, graphed)
+    assert np.isnan(backend.to_host(junk["array"])).all()
+    seg = solver.net._graphs.segments[0]
+    bn = solver.net.layer_dict["bnf"]
+    assert any(a is bn._stats_buffer for a in seg.fwd.kept)
+    for rec in (seg.fwd, seg.bwd):
+        assert rec.launches >= 5
+        assert any(a is junk["workspace"] for a in rec.kept)
 
 
 def test_random_layers_split_the_net_into_segments(tmp_path, gpu_mode):
@@ -401,6 +436,8 @@ def test_a_segment_that_cannot_be_recorded_runs_layer_by_layer(tmp_path, gpu_mod
     assert seg.fwd.failed and seg.fwd.launches == 0 and seg.bwd.launches == 0
     warnings = [r.getMessage() for r in caplog.records if "CUDA graphs" in r.getMessage()]
     assert len(warnings) == 1 and "forward of layers conv0 .. loss" in warnings[0]
+    if gpu_mode.emulated:       # the first error is the one reported
+        assert "float() of a device array" in warnings[0]
 
 
 def test_a_bad_label_is_named_when_graphs_run(tmp_path, gpu_mode):

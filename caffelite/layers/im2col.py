@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .. import backend
 from ..backend import get_array_module, tf32_enabled
 from ..kernels import MAX_ELEMENTS as MAX_KERNEL_ELEMENTS
 from ._device import contiguous, launch
@@ -66,6 +67,8 @@ def _scratch(count, dtype, xp):
         _workspace.pop(xp.__name__, None)       # let the old buffer go first
         buf = xp.empty(nbytes, np.uint8)
         _workspace[xp.__name__] = buf
+    if xp is not np:
+        backend.graph_buffer(buf)
     return buf[:count * dtype.itemsize].view(dtype)
 
 
