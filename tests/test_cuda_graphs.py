@@ -597,3 +597,36 @@ def test_cli_train_with_cuda_graphs_logs_the_same_losses(tmp_path, monkeypatch):
     assert "Using GPU 0 with CUDA graphs" in log
     assert "cannot be recorded" not in log
     assert len(plain) >= 12 and loss_log(log) == plain
+
+
+@pytest.mark.gpu
+def test_device_memory_stops_growing_once_recorded(tmp_path):
+    """On a GPU, with graphs: after the step that records, neither CuPy's pool nor the
+    recordings' own pools grow (a launch allocates nothing)."""
+    from gpu_modes import cuda_available
+    if not cuda_available():
+        pytest.skip("no CuPy with a CUDA device")
+    import cupy
+    cuda_graphs.set_enabled(True)
+    backend.set_mode_gpu(emulate=False)
+    try:
+        text = HEAD + BODIES["BatchNorm"] + BODIES["Eltwise"].replace('bottom: "x"',
+                                                                     'bottom: "y"') \
+            .replace('top: "y"', 'top: "z"') + TAIL.replace('bottom: "y"', 'bottom: "z"')
+        solver = solver_for(text, tmp_path)
+        unit_statistics(solver.net)
+        feed(solver.net, np.random.default_rng(0))
+        solver.step(2)                          # passes 1-4: eager, record, launches
+
+        def total():
+            cupy.cuda.get_current_stream().synchronize()
+            recs = [r for s in solver.net._graphs.segments for r in (s.fwd, s.bwd)]
+            return cupy.get_default_memory_pool().total_bytes() + sum(
+                r.pool.total_bytes() for r in recs if r.pool is not None)
+        after_two = total()
+        solver.step(6)
+        assert total() == after_two and after_two > 0
+        assert launches(solver.net) >= 14
+    finally:
+        cuda_graphs.set_enabled(False)
+        backend.set_mode_cpu()
