@@ -22,7 +22,8 @@ TEST = 1
 
 _state = {"mode": "cpu", "device": 0, "seed": None, "rng": CaffeRNG(),
           "xp": None, "tf32": False, "capturing": False,
-          "host_reads": None, "graph_buffers": None, "mode_changes": 0}
+          "host_reads": None, "graph_buffers": None, "mode_changes": 0,
+          "seed_changes": 0}
 
 
 class _Access(threading.local):
@@ -188,10 +189,23 @@ def set_random_seed(seed):
     """Caffe::set_random_seed: reseed the global mt19937 (fillers, dropout, the data
     layers' seeds) with the low 32 bits of ``seed``, as Caffe's unsigned int does."""
     _state["seed"] = int(seed)
+    _state["seed_changes"] += 1
     _state["rng"] = CaffeRNG(int(seed) & 0xFFFFFFFF)
     xp = _state["xp"]
     if xp is not None:
         xp.random.seed(int(seed))
+
+
+def device_seed():
+    """(64-bit key, reseed count) for the device's counter-based generators (Dropout):
+    the seed of set_random_seed, or, before any, one drawn from the OS per process
+    (Caffe then seeds from entropy too)."""
+    seed = _state["seed"]
+    if seed is None:
+        seed = _state.get("entropy_seed")
+        if seed is None:
+            seed = _state["entropy_seed"] = int.from_bytes(os.urandom(8), "little")
+    return seed & 0xFFFFFFFFFFFFFFFF, _state["seed_changes"]
 
 
 def rng():

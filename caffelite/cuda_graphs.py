@@ -11,8 +11,9 @@ Opt-in: ``caffelite.set_cuda_graphs(True)``, ``--cuda-graphs`` on the command li
 What is recorded: each *segment*, a run of at least ``MIN_SEGMENT`` consecutive layers
 that declare ``graph_safe`` (their device forward and backward read nothing on the host
 and keep no host-side state that changes from pass to pass; see ``Layer.graph_safe``).
-Data layers, host layers (SegAccuracy, MatWrite ...), Python layers and random ones
-(Dropout and stochastic pooling in training) run as usual between the segments. A
+Data layers, host layers (SegAccuracy, MatWrite ...), Python layers and stochastic
+pooling in training (CuPy's generator) run as usual between the segments. Dropout is
+recorded: its generator's counter lives and advances in device memory. A
 segment's forward and its backward are two graphs.
 
 When: a segment runs eagerly the first time it meets a set of shapes and memory; the
@@ -24,7 +25,8 @@ second time it is captured and launched; from then on launched, as long as
 * values it read on the host while being recorded are unchanged;
 * for the backward graph: the last forward of the segment was a launch of the forward
   graph it was recorded after (the backward reads what that forward kept);
-* TF32 and fusion are set as they were, and the mode was not switched since.
+* TF32 and fusion are set as they were, and neither the mode nor the random seed was
+  set since (a re-seeded Dropout makes a new generator state on its next eager pass).
 
 A forward that runs some of a segment's layers outside its graph (a range that stops
 inside the segment, the NaN re-run below) may replace arrays the layers keep for later,
@@ -192,8 +194,9 @@ class Recording:
     # -- the state a recording depends on ---------------------------------------------
     def _key(self):
         seg = self.segment
+        state = backend._state
         return (tuple(b.shape for b in seg.inputs), backend.tf32_enabled(), fusion.ENABLED,
-                backend._state["mode_changes"])
+                state["mode_changes"], state["seed_changes"])
 
     def _current_memory(self):
         return [m for b in self.segment.blobs for m in b.memories()]

@@ -128,8 +128,9 @@ BODIES = {
         layer { name: "within" type: "LRN" bottom: "l" top: "y"
         lrn_param { local_size: 3 alpha: 0.5 norm_region: WITHIN_CHANNEL } }""",
     "Dropout": """layer { name: "drop" type: "Dropout" bottom: "x" top: "x"
-        dropout_param { dropout_ratio: 0.5 } include { phase: TEST } }
-        layer { name: "id" type: "Power" bottom: "x" top: "y" }""",
+        dropout_param { dropout_ratio: 0.5 } }
+        layer { name: "drop2" type: "Dropout" bottom: "x" top: "y"
+        dropout_param { dropout_ratio: 0.2 } }""",
 }
 
 
@@ -390,17 +391,36 @@ def test_graphs_keep_the_memory_they_use_alive(tmp_path, gpu_mode):
         assert any(a is junk["workspace"] for a in rec.kept)
 
 
+def test_dropout_draws_new_masks_at_every_launch(tmp_path, gpu_mode):
+    """Dropout's generator counter advances on the device, so a graph that recorded a
+    training Dropout draws a new mask at each launch, the eager run's masks; after
+    set_random_seed (step 3) both restart from the new seed."""
+    def between(net, step):
+        if step == 3:
+            backend.set_random_seed(99)
+
+    text = HEAD + BODIES["Dropout"] + TAIL
+    eager, _ = train(gpu_mode, text, tmp_path, graphs=False, between=between, steps=6)
+    graphed, solver = train(gpu_mode, text, tmp_path, graphs=True, between=between,
+                            steps=6)
+    compare_runs(eager, graphed)
+    assert launches(solver.net) >= 14
+    masks = [step[0]["y"][0] == 0 for step in graphed]
+    assert all(not np.array_equal(a, b) for a, b in zip(masks, masks[1:]))
+
+
 def test_random_layers_split_the_net_into_segments(tmp_path, gpu_mode):
-    """Dropout in training draws a new mask every pass, so it runs outside the graphs,
-    between two recorded segments; the masks still change from pass to pass."""
+    """Stochastic pooling in training draws from CuPy's generator, whose state a graph
+    would freeze, so it runs outside the graphs, between two recorded segments; its
+    windows still change from pass to pass."""
     body = (BODIES["Scale"].replace('top: "y"', 'top: "s1"') +
             """layer { name: "t1" type: "TanH" bottom: "s1" top: "s2" }
                layer { name: "p1" type: "Power" bottom: "s2" top: "s"
                power_param { scale: 2 } }""" +
-            """layer { name: "drop" type: "Dropout" bottom: "s" top: "s"
-               dropout_param { dropout_ratio: 0.3 } }""" +
-            BODIES["TanH"].replace('bottom: "x"', 'bottom: "s"').replace('top: "y"',
-                                                                      'top: "t"') +
+            """layer { name: "drop" type: "Pooling" bottom: "s" top: "sp"
+               pooling_param { pool: STOCHASTIC kernel_size: 2 stride: 1 } }""" +
+            BODIES["TanH"].replace('bottom: "x"', 'bottom: "sp"').replace('top: "y"',
+                                                                       'top: "t"') +
             BODIES["Power"].replace('bottom: "x"', 'bottom: "t"'))
     text = HEAD + body + TAIL
     eager, _ = train(gpu_mode, text, tmp_path, graphs=False)
@@ -411,8 +431,8 @@ def test_random_layers_split_the_net_into_segments(tmp_path, gpu_mode):
     assert [(s.first, s.last) for s in net._graphs.segments] == [
         (0, drop - 1), (drop + 1, len(net.layers) - 1)]
     assert all(r.launches >= 5 for s in net._graphs.segments for r in (s.fwd, s.bwd))
-    masks = [step[0]["s"][0] for step in graphed]
-    assert not np.array_equal(masks[-1] == 0, masks[-2] == 0)
+    pooled = [step[0]["sp"][0] for step in graphed]
+    assert not np.array_equal(pooled[-1], pooled[-2])
 
 
 def test_a_segment_that_cannot_be_recorded_runs_layer_by_layer(tmp_path, gpu_mode,

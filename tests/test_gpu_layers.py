@@ -37,7 +37,6 @@ from caffelite import backend, kernels
 from caffelite.blob import Blob
 from caffelite.layer import LAYER_REGISTRY, LayerError
 from caffelite.layers import im2col as im2col_module
-from caffelite.layers.neuron import DropoutLayer
 from layer_testing import TEST, TRAIN, blobs_from, make_layer
 
 F32, F64 = np.float32, np.float64
@@ -922,9 +921,9 @@ def _dropout(mode, x, ratio, phase=TRAIN, in_place=False, seed=5):
 
 
 def test_dropout_device_mask_statistics(device):
-    """The device draws its own mask (CuPy's generator): kept fraction within 5 sigma
-    of 1 - ratio, kept values scaled by exactly 1 / (1 - ratio), and the backward uses
-    the forward's mask."""
+    """The device draws its own mask: kept fraction within 5 sigma of 1 - ratio, kept
+    values scaled by exactly 1 / (1 - ratio), and the backward uses the forward's mask.
+    The same seed gives the same mask, another seed another one."""
     ratio = 0.3
     x = np.ones((4, 5, 100, 100), np.float32)
     y, dx, layer = _dropout(device, x, ratio)
@@ -936,28 +935,56 @@ def test_dropout_device_mask_statistics(device):
     assert np.all(y[kept] == scale)
     dy = np.random.default_rng(1).standard_normal(x.shape).astype(np.float32)
     np.testing.assert_array_equal(dx, np.where(kept, dy * np.float32(1) * scale, 0))
-    # The same seed gives the same device mask; another seed another one.
     y2, _, _ = _dropout(device, x, ratio)
     y3, _, _ = _dropout(device, x, ratio, seed=6)
     np.testing.assert_array_equal(y2, y)
     assert not np.array_equal(y3, y)
 
 
-def test_dropout_with_a_fixed_mask_matches_cpu(device, monkeypatch):
-    """With the mask drawn the same on both sides, the arithmetic is bit-identical
-    (in place too)."""
-    mask = np.random.default_rng(9).random((2, 3, 4, 5)) < 0.6
+def test_dropout_device_mask_is_philox_keyed_by_seed_and_name(device):
+    """The device mask of the first forward after set_random_seed(s) is numpy's Philox
+    under key s | crc32(layer name) << 64 from counter 0 (dropout.cu's rule, Caffe's
+    threshold); a second forward goes on with the next counters; re-seeding restarts."""
+    import zlib
+    x = np.random.default_rng(3).standard_normal((2, 3, 5, 7)).astype(np.float32)
+    _start(device)
+    try:
+        backend.set_random_seed(12)
+        layer = make_layer('name: "drop7" type: "Dropout" dropout_param { dropout_ratio: 0.4 }',
+                           TRAIN, F32)
+        bottom, top = blobs_from([x], F32), [Blob((), F32)]
+        layer.setup(bottom, top)
+        masks = []
+        for seed in (None, None, 12):
+            if seed is not None:
+                backend.set_random_seed(seed)
+            with backend.device_access(True):
+                layer.reshape(bottom, top)
+                layer.forward(bottom, top)
+            masks.append(backend.to_host(layer.mask).reshape(-1))
+    finally:
+        backend.set_mode_cpu()
+    blocks = -(-x.size // 4)
+    philox = np.random.Philox(counter=0, key=12 | zlib.crc32(b"drop7") << 64)
+    words = philox.random_raw(8 * blocks).reshape(2, 4 * blocks)[:, :x.size]
+    want = (words >> np.uint64(32)) > np.uint64(layer.threshold)
+    np.testing.assert_array_equal(masks[0], want[0])
+    np.testing.assert_array_equal(masks[1], want[1])
+    np.testing.assert_array_equal(masks[2], want[0])
 
-    def fixed(self, xp, shape, dtype):
-        return xp.asarray(mask.astype(dtype))
-    monkeypatch.setattr(DropoutLayer, "draw_mask", fixed)
-    x = np.random.default_rng(2).standard_normal((2, 3, 4, 5))
+
+def test_dropout_device_arithmetic_matches_cpu_on_its_mask(device):
+    """With the device's own mask, y = (x * mask) * scale and dx = (dy * mask) * scale,
+    bit for bit the CPU layer's arithmetic (in place too)."""
+    x = np.random.default_rng(2).standard_normal((2, 3, 4, 5)).astype(np.float32)
+    x.flat[:3] = [-0.0, np.inf, -1e-30]
+    dy = np.random.default_rng(1).standard_normal(x.shape).astype(np.float32)
     for in_place in (False, True):
-        cpu = _dropout("cpu", x, 0.4, in_place=in_place)
-        gpu = _dropout(device, x, 0.4, in_place=in_place)
-        np.testing.assert_array_equal(gpu[0], cpu[0])
-        np.testing.assert_array_equal(gpu[1], cpu[1])
-        assert (gpu[0] == 0).sum() == (~mask).sum()
+        y, dx, layer = _dropout(device, x, 0.4, in_place=in_place)
+        mask = backend.to_host(layer.mask)
+        assert set(np.unique(mask)) == {0, 1}
+        np.testing.assert_array_equal(y, (x * mask) * layer.scale)
+        np.testing.assert_array_equal(dx, (dy * mask) * layer.scale)
 
 
 # ------------------------------------------------------------------- workspace

@@ -71,12 +71,13 @@ def assert_within(actual, expected, bound, what):
 
 def test_every_kernel_module_is_covered_here():
     """One test group per module: im2col.cu, pooling.cu, interp.cu, softmax_loss.cu,
-    eltwise.cu, sgd_update.cu, seg_confusion.cu, channel.cu, relu.cu,
+    eltwise.cu, sgd_update.cu, seg_confusion.cu, channel.cu, relu.cu, dropout.cu,
     domain_transform.cu; permutohedral.cu (the dense CRF) is tested in
     test_crf_gpu_kernels.py."""
-    assert kernels.module_names() == ["channel", "domain_transform", "eltwise", "im2col",
-                                      "interp", "permutohedral", "pooling", "relu",
-                                      "seg_confusion", "sgd_update", "softmax_loss"]
+    assert kernels.module_names() == ["channel", "domain_transform", "dropout", "eltwise",
+                                      "im2col", "interp", "permutohedral", "pooling",
+                                      "relu", "seg_confusion", "sgd_update",
+                                      "softmax_loss"]
 
 
 def test_every_module_compiles_without_warnings(host_kernels):
@@ -896,6 +897,43 @@ def test_channel_scale_and_bias_match_scale_and_bias_layers(kern, launch, text, 
         kern.run("channel", "channel_scale", dtype, x.size, dy, blobs[0], channels, inner,
                  dx, **launch)
         np.testing.assert_array_equal(dx, bottom[0].diff)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_dropout_forward_draws_numpy_philox(kern, launch, dtype):
+    """dropout.cu: the four words of block b are numpy's Philox (4x64-10) for counter
+    state + b + 1 under the state's key, across a carry into the counter's high word;
+    a unit is kept when its word's high 32 bits exceed the layer's threshold (Caffe's
+    UINT_MAX * ratio); y = (x * mask) * scale bit for bit (signed zeros, infinities and
+    NaN included), in place too. philox_advance moves the 128-bit counter past the
+    blocks used, carry included."""
+    count = 4 * 300 + 3                       # an incomplete last block
+    blocks = -(-count // 4)
+    x = np.random.default_rng(31).standard_normal(count).astype(dtype)
+    x[:5] = [0.0, -0.0, np.inf, -np.inf, np.nan]
+    layer = make_layer('type: "Dropout" dropout_param { dropout_ratio: 0.3 }', TRAIN, dtype)
+    setup_layer(layer, [x], dtype=dtype)
+    key = (0x0123456789ABCDEF, 0xFEDCBA9876543210)
+    counter = 2**64 - 100 + (7 << 64)          # the low word wraps within the blocks
+    state = np.array([*key, counter & (2**64 - 1), counter >> 64], np.uint64)
+    words = np.random.Philox(counter=counter, key=key[0] | key[1] << 64).random_raw(
+        4 * blocks)[:count]
+    want_mask = ((words >> np.uint64(32)) > np.uint64(layer.threshold)).astype(dtype)
+    want_y = (x * want_mask) * layer.scale
+    assert 0.65 < want_mask.mean() < 0.75
+    mask, y = poisoned(count, dtype), poisoned(count, dtype)
+    kern.run("dropout", "dropout_forward", dtype, blocks, count, x, state, layer.threshold,
+             layer.scale, mask, y, **launch)
+    np.testing.assert_array_equal(mask, want_mask)
+    np.testing.assert_array_equal(y, want_y)
+    assert np.signbit(y[1]) == np.signbit(want_y[1])
+    in_place = x.copy()
+    kern.run("dropout", "dropout_forward", dtype, blocks, count, in_place, state,
+             layer.threshold, layer.scale, poisoned(count, dtype), in_place, **launch)
+    np.testing.assert_array_equal(in_place, want_y)
+    kern.run("dropout", "philox_advance", dtype, 1, state, blocks, **launch)
+    after = counter + blocks
+    assert state.tolist() == [*key, after & (2**64 - 1), after >> 64]
 
 
 @pytest.mark.parametrize("slope", [0.0, 0.1])

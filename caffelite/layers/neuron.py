@@ -5,8 +5,11 @@ special cases Caffe takes (Power with scale or power 0, Exp/Log with base -1 = e
 Layers whose backward reads the bottom data (PReLU, Power, Log, BNLL) keep a copy of
 it when run in place, so in-place and out-of-place runs give the same gradients.
 """
+import zlib
+
 import numpy as np
 
+from .. import backend
 from ..backend import TRAIN, get_array_module, rng
 from ..caffe_rng import rng_bernoulli
 from ..filler import fill
@@ -400,11 +403,18 @@ def _masked_scale(xp, x, mask, scale, out):
 
 @register("Dropout")
 class DropoutLayer(NeuronLayer):
-    """Inverted dropout: TRAIN y = x * m / (1 - r), m ~ Bernoulli(1 - r); TEST identity."""
+    """Inverted dropout: TRAIN y = x * m / (1 - r), m ~ Bernoulli(1 - r); TEST identity.
 
-    @property
-    def graph_safe(self):
-        return self.phase != TRAIN        # a graph would replay one mask in TRAIN
+    The mask: on the host Caffe's own draw, caffe_rng_bernoulli(count, 1. - threshold_)
+    from the global mt19937, so a seeded CPU run drops the fork's units. On the device,
+    as the fork's GPU mode draws from cuRAND, the two sides draw different masks: there
+    ``dropout.cu`` draws from Philox4x64-10 (numpy's Philox) keyed by the seed of
+    ``set_random_seed`` and the layer name, keeps a unit when the high 32 bits of its
+    word exceed UINT_MAX * ratio (Caffe's GPU rule), and writes mask and output in one
+    pass. The generator's counter lives in device memory and advances on the device, so
+    a CUDA graph draws new masks at every launch (the layer is graph-safe).
+    """
+    graph_safe = True
 
     def setup(self, bottom, top):
         ratio = self.layer_param.dropout_param.dropout_ratio
@@ -413,7 +423,11 @@ class DropoutLayer(NeuronLayer):
         t = self.dtype.type
         self.ratio = float(t(ratio))
         self.scale = t(1.0 / (1.0 - self.ratio))
+        # Caffe: uint_thres_ = static_cast<unsigned int>(UINT_MAX * threshold_), in Dtype
+        self.threshold = min(int(t(np.iinfo(np.uint32).max) * t(self.ratio)),
+                             int(np.iinfo(np.uint32).max))
         self.mask = None
+        self._generator = None          # (device state [key0, key1, ctr0, ctr1], stamp)
 
     def forward(self, bottom, top):
         x = bottom[0].data
@@ -422,21 +436,35 @@ class DropoutLayer(NeuronLayer):
                 top[0].data[...] = x
             return
         xp = get_array_module(x)
-        self.mask = self.draw_mask(xp, x.shape, x.dtype)
+        if on_device(xp):
+            self._forward_device(xp, x, top[0].data)
+            return
+        count = int(np.prod(x.shape, dtype=np.int64))
+        keep = rng_bernoulli(rng(), count, 1.0 - self.ratio).reshape(x.shape)
+        self.mask = keep.astype(x.dtype)
         _masked_scale(xp, x, self.mask, self.scale, top[0].data)
 
-    def draw_mask(self, xp, shape, dtype):
-        """1 (kept) with probability 1 - ratio, else 0. On the host Caffe's own draw,
-        caffe_rng_bernoulli(count, 1. - threshold_) from the global mt19937, so a seeded
-        CPU run drops the fork's units; on the device the device generator
-        (``xp.random``, seeded by ``set_random_seed`` too), as the fork's GPU mode uses
-        cuRAND: the two sides draw different masks."""
-        if xp is np:
-            count = int(np.prod(shape, dtype=np.int64))
-            keep = rng_bernoulli(rng(), count, 1.0 - self.ratio).reshape(shape)
-        else:
-            keep = xp.random.random_sample(shape, dtype=np.float32) < (1.0 - self.ratio)
-        return keep.astype(dtype)
+    def _forward_device(self, xp, x, y):
+        mask = self.mask
+        if (mask is None or get_array_module(mask) is not xp or mask.shape != x.shape or
+                mask.dtype != x.dtype):
+            mask = self.mask = xp.empty(x.shape, x.dtype)
+        state = self._device_generator(xp)
+        blocks = -(-x.size // 4)            # one Philox call gives four units' words
+        launch("dropout", "dropout_forward", x.dtype, blocks, x.size, x, state,
+               self.threshold, self.scale, mask, y)
+        launch("dropout", "philox_advance", x.dtype, 1, state, blocks)
+
+    def _device_generator(self, xp):
+        """The Philox key and counter in device memory, (re)made when first used and
+        after set_random_seed."""
+        key, reseeds = backend.device_seed()
+        stamp = (reseeds, key, xp.__name__)
+        if self._generator is None or self._generator[1] != stamp:
+            name_key = zlib.crc32(self.name.encode())
+            state = np.array([key, name_key, 0, 0], np.uint64)
+            self._generator = (xp.asarray(state), stamp)
+        return self._generator[0]
 
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:
