@@ -11,6 +11,7 @@ second iteration on, or fails to record. The same tests run on a GPU with CuPy's
 capture (-m gpu).
 """
 import logging
+import re
 
 import numpy as np
 import pytest
@@ -650,3 +651,24 @@ def test_device_memory_stops_growing_once_recorded(tmp_path):
     finally:
         cuda_graphs.set_enabled(False)
         backend.set_mode_cpu()
+
+
+def test_cli_time_with_cuda_graphs_times_whole_passes(tmp_path):
+    """`caffelite time --gpu 0 --cuda-graphs` (emulator): Caffe's per-layer lines, then
+    the whole passes through the graphs, every one launched."""
+    import os
+    import subprocess
+    import sys
+    from test_gpu_nets import ROOT
+    path = tmp_path / "net.prototxt"
+    path.write_text(HEAD + BODIES["Convolution"] + TAIL)
+    env = dict(os.environ, PYTHONPATH=ROOT, CAFFELITE_GPU_EMULATOR="1")
+    out = subprocess.run([sys.executable, "-m", "caffelite.cli", "time", "--model", str(path),
+                          "--iterations", "3", "--gpu", "0", "--cuda-graphs"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "Average Forward-Backward:" in out.stderr
+    found = re.search(r"Average Forward-Backward with CUDA graphs \(whole passes; 1 segments, "
+                      r"(\d+) launches\): [\d.e-]+ ms\.", out.stderr)
+    assert found, out.stderr[-2000:]
+    assert int(found.group(1)) >= 2 * 3     # at least the timed passes, each way
