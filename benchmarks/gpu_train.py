@@ -618,6 +618,13 @@ def with_graphs(run, net):
             row["graphs"] = (f"{len(graphs.segments)} segments, "
                              f"{sum(r.launches for r in recs)} launches, "
                              f"{sum(r.failed for r in recs)} failed")
+            # The recordings allocate from pools of their own, which the peak tracker
+            # of the default pool does not see: their size is added to both figures.
+            own = sum(r.pool.total_bytes() for r in recs if r.pool is not None)
+            row["graph_pool_bytes"] = own
+            for field in ("peak_bytes", "pool_bytes"):
+                if field in row:
+                    row[field] += own
         return row
     return wrapped
 
