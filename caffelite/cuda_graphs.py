@@ -29,8 +29,9 @@ second time it is captured and launched; from then on launched, as long as
   set since (a re-seeded Dropout makes a new generator state on its next eager pass).
 
 A forward that runs some of a segment's layers outside its graph (a range that stops
-inside the segment, the NaN re-run below) may replace arrays the layers keep for later,
-so the segment is recorded again at its next whole forward.
+inside the segment, a pass with ``debug_info`` or with graphs switched off, the NaN
+re-run below) may replace arrays the layers keep for later, so no backward graph
+follows it and the segment is recorded again at its next whole forward.
 
 Before a launch, blobs whose host side is newer (``blob.data[...] = x`` from Python,
 a data layer) are copied to their device memory in place; after it, every blob is left

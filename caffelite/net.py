@@ -490,6 +490,8 @@ class Net:
                        f"{_abs_mean(self.blobs[name].read_host_data())}")
         graphs = self._cuda_graphs()
         if graphs is None:
+            if self._graphs is not None:    # graphs off for now (debug_info, mode ...)
+                self._graphs.forward_ran_eagerly()
             return _weighted_loss(self._forward_layers(start, end), self.dtype)
         loss = _weighted_loss(graphs.forward(start, end), self.dtype)
         if graphs.used and np.isnan(loss):

@@ -333,10 +333,12 @@ def test_new_shapes_and_new_memory_are_recorded_again(tmp_path, gpu_mode):
     assert fwd.launches >= 6 and not fwd.failed
 
 
-def test_a_backward_after_a_partial_forward_runs_eagerly(tmp_path, gpu_mode):
+@pytest.mark.parametrize("eager_forward", ["partial", "debug_info"])
+def test_a_backward_after_an_eager_forward_runs_eagerly(tmp_path, gpu_mode, eager_forward):
     """Training BatchNorm keeps its normalised input for the backward. After a forward
-    that stops inside the segment (eager, new arrays), the backward must read those,
-    not the arrays of the recorded forward: it runs eagerly."""
+    that ran eagerly (one that stops inside the segment, or one with debug_info, which
+    runs layer by layer) the backward must read the arrays it made, not those of the
+    recorded forward: it runs eagerly, and the forward is recorded again."""
     text = HEAD + BODIES["BatchNorm"] + TAIL
     runs = {}
     for graphs in (False, True):
@@ -350,7 +352,12 @@ def test_a_backward_after_a_partial_forward_runs_eagerly(tmp_path, gpu_mode):
                 feed(net, rng)
                 net.forward_backward()
             feed(net, rng)
-            net.forward(end="bn")
+            if eager_forward == "partial":
+                net.forward(end="bn")
+            else:
+                net.debug_info = True
+                net.forward()
+                net.debug_info = False
             net.clear_param_diffs()
             net.backward()
             runs[graphs] = snapshot(net)
@@ -360,7 +367,7 @@ def test_a_backward_after_a_partial_forward_runs_eagerly(tmp_path, gpu_mode):
         finally:
             cuda_graphs.set_enabled(False)
             gpu_mode.off()
-    assert_same(runs[False], runs[True], "backward after a partial forward")
+    assert_same(runs[False], runs[True], f"backward after a {eager_forward} forward")
 
 
 def test_graphs_keep_the_memory_they_use_alive(tmp_path, gpu_mode):
