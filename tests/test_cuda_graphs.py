@@ -564,12 +564,11 @@ def test_emulated_capture_refuses_what_needs_the_host(emulated, what, work):
 
 
 # ------------------------------------------------------------- corpus net and the CLI
-def resnet_msc_solver(tmp_path):
-    """The corpus's ResNet-101 MSC train net and solver (poly lr, momentum, weight decay),
-    Input data at 65x65, batch 1, iter_size 2, random weights and a small rate."""
+def corpus_solver(tmp_path, config="deeplabv2_resnet101_msc"):
+    """A corpus config's train net and solver (poly lr, momentum, weight decay), Input
+    data at 65x65, batch 1, iter_size 2, random weights and a small rate."""
     from test_corpus_nets import (TRAIN, corpus_defines, corpus_path, fill_inputs,
                                   randomize, read_config, with_inputs)
-    config = "deeplabv2_resnet101_msc"
     net_param, shapes = with_inputs(read_config(f"{config}/train.prototxt", tmp_path), 65,
                                     TRAIN, tmp_path, batch=1)
     path = corpus_path("prototxt", config, "solver.prototxt")
@@ -597,7 +596,7 @@ def test_resnet101_msc_training_with_graphs(tmp_path, gpu_mode):
         cuda_graphs.set_enabled(graphs)
         gpu_mode.on()
         try:
-            solver, shapes = resnet_msc_solver(tmp_path)
+            solver, shapes = corpus_solver(tmp_path)
             runs[graphs] = []
             for step in range(2):
                 fill_inputs(solver.net, shapes, seed=10 + step)
@@ -610,6 +609,33 @@ def test_resnet101_msc_training_with_graphs(tmp_path, gpu_mode):
     compare_runs(runs[False], runs[True])
     [seg] = net._graphs.segments
     assert net.layers[seg.first - 1].type == "Input" and seg.last == net._layer_index("loss")
+    assert seg.fwd.launches == 3 and seg.bwd.launches == 3
+
+
+def test_aspp_vgg_training_with_graphs(tmp_path, gpu_mode):
+    """Two solver steps of the corpus's ASPP-VGG (its Dropout layers included: their
+    masks come from the same Philox streams both ways) with and without graphs: the
+    same weights, diffs and blobs; one segment from the data to the loss."""
+    from test_corpus_nets import fill_inputs
+    runs = {}
+    for graphs in (False, True):
+        cuda_graphs.set_enabled(graphs)
+        gpu_mode.on()
+        try:
+            solver, shapes = corpus_solver(tmp_path, "deeplabv2_vgg16_aspp_l")
+            runs[graphs] = []
+            for step in range(2):
+                fill_inputs(solver.net, shapes, seed=20 + step)
+                solver.step(1)
+                runs[graphs].append(snapshot(solver.net))
+            net = solver.net
+        finally:
+            cuda_graphs.set_enabled(False)
+            gpu_mode.off()
+    compare_runs(runs[False], runs[True])
+    assert any(layer.type == "Dropout" for layer in net.layers)
+    [seg] = net._graphs.segments
+    assert seg.last == net._layer_index("loss")
     assert seg.fwd.launches == 3 and seg.bwd.launches == 3
 
 
