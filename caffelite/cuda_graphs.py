@@ -224,7 +224,7 @@ class Recording:
         memory = self._current_memory()
         if self._valid(key, after, memory):
             _upload_host_newer(memory)
-            self.graph.launch(stream=_null_stream())
+            self.graph.launch(stream=_eager_stream())
             self.launches += 1
             for m, head in self.heads:
                 m.head = head
@@ -273,7 +273,7 @@ class Recording:
         # Memory the graph writes or reads that was allocated outside it: kept alive for
         # as long as the graph may launch, even if its owner lets it go.
         self.kept = _unique(buffers + self.segment.layer_arrays(xp))
-        graph.launch(stream=_null_stream())
+        graph.launch(stream=_eager_stream())
         self.launches += 1
         return outputs, graph
 
@@ -303,8 +303,11 @@ def _upload_host_newer(memory, allocate=False):
             m.device_array()
 
 
-def _null_stream():
-    return backend.device_module().cuda.Stream.null
+def _eager_stream():
+    """The stream the layers outside the graphs and the solver run on (CuPy's current
+    one, the default stream unless the caller chose another): launched there, a graph
+    runs in order with them."""
+    return backend.device_module().cuda.get_current_stream()
 
 
 def _is_graph(state):
