@@ -542,6 +542,40 @@ def test_emulated_capture_records_writes_and_results_without_running_them(emulat
     assert emulator.asnumpy(kept["view"]).tolist() == [20, 30]
 
 
+def test_emulated_capture_replays_methods_indexing_and_kernels(emulated):
+    """Array methods numpy implements in C (astype, copy, argmax, fill), fancy indexing,
+    numpy functions on device arrays and kernel launches are recorded too; views are
+    not (they alias the memory the launch reads)."""
+    from caffelite import kernels
+    xp = emulated
+    a = xp.asarray(np.array([3, -1, 4, -1], np.float32))
+    index = xp.asarray(np.array([2, 0]))
+    out = xp.zeros(4, np.float32)
+    kept = {}
+
+    def work():
+        kept["cast"] = a.astype(np.float64)
+        kept["copy"] = a.copy()
+        kept["argmax"] = a.argmax()
+        kept["picked"] = a[index]
+        kept["reshaped"] = a.reshape(2, 2)            # a view
+        kept["clipped"] = np.clip(a, 0, 3)            # numpy's function, device arrays
+        out.fill(7)
+        kernels.launch("relu", "relu_backward", np.float32, 4, a, out, 0.0, out)
+    graph = capture(xp, work)
+    assert emulator.asnumpy(out).tolist() == [0, 0, 0, 0]
+    a[...] = xp.asarray(np.array([-2, 5, 1, 8], np.float32))
+    graph.launch()
+    assert emulator.asnumpy(kept["cast"]).tolist() == [-2, 5, 1, 8]
+    assert emulator.asnumpy(kept["copy"]).tolist() == [-2, 5, 1, 8]
+    assert int(kept["argmax"]) == 3
+    assert emulator.asnumpy(kept["picked"]).tolist() == [1, -2]
+    assert emulator.asnumpy(kept["reshaped"]).tolist() == [[-2, 5], [1, 8]]
+    assert emulator.asnumpy(kept["clipped"]).tolist() == [0, 3, 1, 3]
+    assert emulator.asnumpy(out).tolist() == [0, 7, 7, 7]       # fill, then relu_backward
+    assert len(graph) == 7      # all but the view
+
+
 @pytest.mark.parametrize("what, work", [
     ("device-to-host copy", lambda xp, a: xp.asnumpy(a)),
     ("float()", lambda xp, a: float(a.sum())),
