@@ -89,8 +89,9 @@ def parse_args(argv=None):
     p.add_argument("--engines", default="caffelite,torch",
                    help="comma list of: caffelite, caffelite-per-image (one GEMM per image "
                         "and unpadded columns, as before image groups), caffelite-unfused "
-                        "(BatchNorm -> Scale -> ReLU layer by layer), caffelite-graphs "
-                        "(passes recorded into CUDA graphs), torch")
+                        "(BatchNorm -> Scale -> ReLU layer by layer), caffelite-im2col "
+                        "(no tap GEMMs for large dilations), caffelite-graphs (passes "
+                        "recorded into CUDA graphs), torch")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu", "emulated"),
                    help="emulated: caffelite's GPU mode on the CPU emulator and torch on "
                         "the CPU (checks this script's GPU code paths where no GPU is)")
@@ -121,7 +122,7 @@ def parse_args(argv=None):
     args.iters = max(1, args.iters)
     known = {"net": NETS, "phase": ("train", "test"), "precision": ("fp32", "tf32"),
              "engines": ("caffelite", "caffelite-per-image", "caffelite-unfused",
-                         "caffelite-graphs", "torch")}
+                         "caffelite-im2col", "caffelite-graphs", "torch")}
     for field, choices in known.items():
         values = [v for v in getattr(args, field).split(",") if v]
         unknown = [v for v in values if v not in choices]
@@ -593,13 +594,29 @@ def variants(run, net):
     """The caffelite engines that undo one of the GPU optimisations, or add an opt-in one:
     caffelite-per-image: one GEMM per image on unpadded columns (Caffe's way);
     caffelite-unfused: BatchNorm -> Scale -> ReLU chains layer by layer;
+    caffelite-im2col: im2col also where tap GEMMs skip the padding (large dilations);
     caffelite-graphs: CUDA graphs on (caffelite.cuda_graphs)."""
     from caffelite import fusion
-    from caffelite.layers import im2col
+    from caffelite.layers import im2col, tap_gemm
     return {"caffelite-per-image": with_setting(im2col, "GROUP_IMAGES", False, run),
             "caffelite-unfused": with_setting(fusion, "ENABLED", False, run,
                                               lambda: bool(fusion.channel_chains(net))),
+            "caffelite-im2col": with_setting(tap_gemm, "ENABLED", False, run,
+                                             lambda: uses_tap_gemm(net)),
             "caffelite-graphs": with_graphs(run, net)}
+
+
+def uses_tap_gemm(net):
+    """Does a convolution of ``net`` take the tap-GEMM path at its current shapes?"""
+    from caffelite import backend
+    from caffelite.layers import tap_gemm
+    xp = backend.device_module()
+    for layer, bottom, top in zip(net.layers, net.bottom_blobs, net.top_blobs):
+        geom = getattr(layer, "geom", None)
+        if geom is not None and layer.type == "Convolution" and \
+                tap_gemm.windows_for(xp, geom, bottom[0].shape[2:], top[0].shape[2:]):
+            return True
+    return False
 
 
 def with_graphs(run, net):

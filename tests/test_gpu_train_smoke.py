@@ -75,20 +75,21 @@ def test_emulated_run_measures_the_graphs_engine(tmp_path):
     """gpu_train.py --device emulated: caffelite's GPU code paths on the emulator (torch
     on the CPU). The caffelite-graphs rows record and launch ASPP-VGG as one segment
     after its data layer (Dropout included), and its test scores equal caffelite's bit
-    for bit."""
+    for bit; the caffelite-im2col rows (ASPP's fc6 without tap GEMMs) run."""
     if not os.path.isdir(os.path.join(CORPUS, "prototxt", "deeplabv2_vgg16_aspp_l")):
         pytest.skip("corpus prototxt not available")
     out = tmp_path / "run.json"
     run = subprocess.run(
         [sys.executable, os.path.join(ROOT, "benchmarks", "gpu_train.py"), "--device",
          "emulated", "--net", "vgg", "--size", "33", "--test-size", "33", "--batch", "1",
-         "--iters", "2", "--engines", "caffelite,caffelite-graphs", "--no-profile",
+         "--iters", "2", "--engines", "caffelite,caffelite-graphs,caffelite-im2col",
+         "--no-profile",
          "--corpus", CORPUS, "--json", str(out)],
         capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     rows = {(r["phase"], r["engine"]): r for r in json.loads(out.read_text())["rows"]}
     assert set(rows) == {(p, e) for p in ("train", "test")
-                         for e in ("caffelite", "caffelite-graphs")}
+                         for e in ("caffelite", "caffelite-graphs", "caffelite-im2col")}
     for r in rows.values():
         assert "error" not in r, r
     train, test = rows["train", "caffelite-graphs"], rows["test", "caffelite-graphs"]

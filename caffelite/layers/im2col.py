@@ -18,6 +18,8 @@ side by side where they fit ``DEVICE_COL_BUFFER_BYTES`` (one GEMM for several im
 see "whole images, several per GEMM" below), else per image and band.  ``col2im`` there
 gathers each pixel's taps last to first (Caffe's GPU order), so it may differ from the
 numpy ``col2im`` in the last bits.  N-D convolutions use the slices on both sides.
+Device convolutions whose taps mostly reach the zero padding (large dilations on small
+grids) skip im2col: one GEMM per tap over the outputs it reaches (``tap_gemm``).
 """
 import itertools
 import os
@@ -28,6 +30,7 @@ import numpy as np
 from .. import backend
 from ..backend import get_array_module, tf32_enabled
 from ..kernels import MAX_ELEMENTS as MAX_KERNEL_ELEMENTS
+from . import tap_gemm
 from ._device import contiguous, launch
 
 # Upper bound on the column buffer: on the host it stays cache- and RAM-friendly; on a
@@ -417,6 +420,10 @@ def forward_gemm(image, weight, out, geom, group, budget=None):
         for n in range(num):
             product(_matrix(image[n], channels), _matrix(out[n], n_out))
         return
+    windows = tap_gemm.windows_for(xp, geom, image.shape[2:], grid_shape)
+    if windows:
+        tap_gemm.forward(xp, image, weight, out, windows, group)
+        return
     groups = _device_groups(xp, geom, num, channels, grid_shape, image.dtype, budget)
     if groups:
         _forward_groups(image, w_g, out, geom, group, groups, xp)
@@ -445,6 +452,10 @@ def backward_gemm(grid, weight, image, geom, group, budget=None):
         for n in range(num):
             product(_matrix(grid[n], n_out), _matrix(image[n], channels))
         return
+    windows = tap_gemm.windows_for(xp, geom, image.shape[2:], grid_shape)
+    if windows:
+        tap_gemm.backward(xp, grid, weight, image, windows, group)
+        return
     groups = _device_groups(xp, geom, num, channels, grid_shape, grid.dtype, budget)
     if groups:
         _backward_groups(grid, w_g, image, geom, group, groups, xp)
@@ -472,6 +483,10 @@ def weight_gemm(image, grid, weight_diff, geom, group, budget=None):
     if geom.is_1x1:
         for n in range(num):
             product(_matrix(grid[n], n_out), _matrix(image[n], channels))
+        return
+    windows = tap_gemm.windows_for(xp, geom, image.shape[2:], grid_shape)
+    if windows:
+        tap_gemm.weight_grad(xp, image, grid, weight_diff, windows, group)
         return
     groups = _device_groups(xp, geom, num, channels, grid_shape, image.dtype, budget)
     if groups:

@@ -1,0 +1,154 @@
+"""Device convolutions whose kernel taps mostly reach the zero padding: one GEMM per tap,
+over the outputs that tap reaches.
+
+DeepLab's atrous layers pad by their dilation. At large dilations on small grids most of
+a tap's window positions then fall in the padding: ASPP's fc6 branches at dilation 6,
+12, 18 and 24 on the 41x41 grid of a 321x321 crop reach 81, 65, 50 and 37 % of their
+window positions. im2col writes the zeros and the GEMM multiplies them. Here, for each
+tap (i, j), the outputs whose input lies inside the image form a rectangle; the tap's
+input rectangle is gathered (channels x images*rows*cols), multiplied by the tap's
+weights, and the product is added into that rectangle of the output. The backward does
+the same per tap for the data gradient (into the input rectangle) and the weight
+gradient (into the tap's weights).
+
+The sums have the same non-zero terms as the im2col path, added tap by tap instead of
+in one long dot product, so GPU results differ from it by rounding only (cuBLAS's order
+differs from the CPU's anyway); on integer data both are exact. The CPU keeps im2col,
+Caffe's float order. Used for 2-D convolutions with stride 1 on the device when the
+taps reach at most MAX_REACH of the window positions; ``CAFFELITE_TAP_GEMM=0`` (or
+``ENABLED = False``) turns it off.
+"""
+import math
+import os
+
+import numpy as np
+
+ENABLED = os.environ.get("CAFFELITE_TAP_GEMM", "1") != "0"
+MAX_REACH = 0.75
+
+_windows = {}
+
+
+def tap_windows(geom, img_shape, grid_shape):
+    """[(tap index, (o0, o1, offset) rows, (o0, o1, offset) columns)] of the taps that
+    reach an input: outputs o0 <= o < o1 read input o + offset."""
+    (kh, kw), (dh, dw), (ph, pw) = geom.kernel, geom.dilation, geom.pad
+    windows = []
+    for i in range(kh):
+        rows = _reach(i * dh - ph, img_shape[0], grid_shape[0])
+        for j in range(kw):
+            cols = _reach(j * dw - pw, img_shape[1], grid_shape[1])
+            if rows is not None and cols is not None:
+                windows.append((i * kw + j, rows, cols))
+    return windows
+
+
+def _reach(offset, size_in, size_out):
+    o0, o1 = max(0, -offset), min(size_out, size_in - offset)
+    return (o0, o1, offset) if o1 > o0 else None
+
+
+def reach(windows, geom, grid_shape):
+    """The fraction of the (taps x outputs) window positions that read the image."""
+    reached = sum((r[1] - r[0]) * (c[1] - c[0]) for _, r, c in windows)
+    return reached / (geom.taps * math.prod(grid_shape))
+
+
+def windows_for(xp, geom, img_shape, grid_shape):
+    """The tap windows if this path applies (device arrays, 2-D, stride 1, a kernel
+    larger than 1x1, at most MAX_REACH reached), else None."""
+    if not ENABLED or xp is np or len(geom.kernel) != 2 or geom.is_1x1 or \
+            any(s != 1 for s in geom.stride):
+        return None
+    key = (geom, tuple(img_shape), tuple(grid_shape))
+    found = _windows.get(key)
+    if found is None:
+        windows = tap_windows(geom, img_shape, grid_shape)
+        found = _windows[key] = (windows, reach(windows, geom, grid_shape) <= MAX_REACH)
+    return found[0] if found[1] else None
+
+
+# ------------------------------------------------------------------ the three GEMMs
+# image (N, C, H, W), grid (N, O, OH, OW), weight (O, C/group, kh, kw), as in im2col.py.
+
+def forward(xp, image, weight, out, windows, group):
+    """out = W * image per group, tap by tap (overwrites ``out``)."""
+    _tap_products(xp, weight, image, out, windows, group, transpose=False)
+
+
+def backward(xp, grid, weight, image, windows, group):
+    """image = W^T * grid per group, tap by tap (overwrites ``image``)."""
+    _tap_products(xp, weight, grid, image, windows, group, transpose=True)
+
+
+def _tap_products(xp, weight, source, target, windows, group, transpose):
+    """target = sum over taps of W_t (W_t^T with ``transpose``) times the tap's rectangle
+    of ``source``: forward reads the image at the tap's inputs and writes the outputs;
+    the data gradient reads the outputs' gradient and writes the inputs."""
+    taps = _tap_weights(xp, weight)
+    target[...] = 0
+    for t, rows, cols in windows:
+        columns = _gather(xp, source, rows, cols, shifted=not transpose)
+        product = _group_products(xp, taps[t], columns, group, transpose)
+        _add_into(target, product, rows, cols, shifted=transpose)
+
+
+def weight_grad(xp, image, grid, weight_diff, windows, group):
+    """weight_diff += grid * image^T per group and tap (accumulates)."""
+    n_out, per_group = weight_diff.shape[:2]
+    diff = weight_diff.reshape(n_out, per_group, -1)
+    rows_per_group = n_out // group
+    for t, rows, cols in windows:
+        x = _gather(xp, image, rows, cols, True)
+        dy = _gather(xp, grid, rows, cols, False)
+        for g in range(group):
+            o = slice(g * rows_per_group, (g + 1) * rows_per_group)
+            c = slice(g * per_group, (g + 1) * per_group)
+            diff[o, :, t] += xp.matmul(dy[o], x[c].T)
+
+
+def _tap_weights(xp, weight):
+    """(taps, O, C/group): each tap's weight matrix, contiguous."""
+    n_out, per_group = weight.shape[:2]
+    return xp.ascontiguousarray(weight.reshape(n_out, per_group, -1).transpose(2, 0, 1))
+
+
+def _gather(xp, array, rows, cols, shifted):
+    """(channels, N*rows*cols): the rectangle of ``array`` (N, channels, h, w) that the
+    tap's outputs (``shifted`` false) or its inputs (true) occupy."""
+    r0, r1, dr = rows
+    c0, c1, dc = cols
+    if shifted:
+        r0, r1, c0, c1 = r0 + dr, r1 + dr, c0 + dc, c1 + dc
+    part = xp.ascontiguousarray(array[:, :, r0:r1, c0:c1].transpose(1, 0, 2, 3))
+    return part.reshape(part.shape[0], -1)
+
+
+def _group_products(xp, tap_weight, columns, group, transpose):
+    """W_t * columns (or W_t^T * columns) per group: (rows, M)."""
+    if group == 1:
+        return xp.matmul(tap_weight.T if transpose else tap_weight, columns)
+    n_out, per_group = tap_weight.shape
+    out_rows = per_group * group if transpose else n_out
+    result = xp.empty((out_rows, columns.shape[1]), columns.dtype)
+    o_rows = n_out // group
+    for g in range(group):
+        w = tap_weight[g * o_rows:(g + 1) * o_rows]
+        if transpose:
+            xp.matmul(w.T, columns[g * o_rows:(g + 1) * o_rows],
+                      out=result[g * per_group:(g + 1) * per_group])
+        else:
+            xp.matmul(w, columns[g * per_group:(g + 1) * per_group],
+                      out=result[g * o_rows:(g + 1) * o_rows])
+    return result
+
+
+def _add_into(array, product, rows, cols, shifted):
+    """array[:, :, rectangle] += product, product being (channels, N*rows*cols)."""
+    r0, r1, dr = rows
+    c0, c1, dc = cols
+    if shifted:
+        r0, r1, c0, c1 = r0 + dr, r1 + dr, c0 + dc, c1 + dc
+    num, channels = array.shape[:2]
+    window = array[:, :, r0:r1, c0:c1]
+    window += product.reshape(channels, num, r1 - r0, c1 - c0).transpose(1, 0, 2, 3)

@@ -1,0 +1,152 @@
+"""Device convolutions by tap GEMMs (caffelite/layers/tap_gemm.py) for large dilations:
+which layers take the path, and their forward, data gradient and weight gradient against
+the CPU layer (im2col, Caffe's order): exact on integer data (every order sums those
+exactly), within the summation-order bound on float data.
+"""
+import numpy as np
+import pytest
+
+import caffelite
+from caffelite import backend
+from caffelite.blob import Blob
+from caffelite.kernels import emulator
+from caffelite.layers import tap_gemm
+from caffelite.layers.im2col import ConvGeometry
+from gpu_modes import gpu_mode  # noqa: F401  (fixture)
+from layer_testing import blobs_from, make_layer
+
+
+def aspp(dilation, size=41):
+    geom = ConvGeometry((3, 3), (1, 1), (dilation, dilation), (dilation, dilation))
+    return geom, (size, size), geom.conv_output_shape((size, size))
+
+
+@pytest.mark.parametrize("dilation, fraction", [(6, (111 / 123) ** 2), (12, (99 / 123) ** 2),
+                                                (18, (87 / 123) ** 2), (24, (75 / 123) ** 2)])
+def test_aspp_reach_and_which_branches_take_the_path(dilation, fraction):
+    """ASPP's fc6 on the 41x41 grid: per axis the three taps reach 41, 41 - d and 41 - d
+    rows of 41; branches reaching at most 75 % take the tap path (dilation 12 and up)."""
+    geom, img, grid = aspp(dilation)
+    windows = tap_gemm.tap_windows(geom, img, grid)
+    assert len(windows) == 9
+    assert tap_gemm.reach(windows, geom, grid) == pytest.approx(fraction)
+    taken = tap_gemm.windows_for(emulator, geom, img, grid)
+    assert (taken is not None) == (fraction <= tap_gemm.MAX_REACH)
+
+
+def test_only_device_2d_stride_1_convolutions_with_little_reach():
+    geom, img, grid = aspp(24)
+    assert tap_gemm.windows_for(np, geom, img, grid) is None            # the CPU
+    strided = ConvGeometry((3, 3), (2, 2), (24, 24), (24, 24))
+    assert tap_gemm.windows_for(emulator, strided, img, strided.conv_output_shape(img)) \
+        is None
+    one = ConvGeometry((1, 1), (1, 1), (0, 0), (1, 1))
+    assert tap_gemm.windows_for(emulator, one, img, img) is None
+    dense = ConvGeometry((3, 3), (1, 1), (1, 1), (1, 1))
+    assert tap_gemm.windows_for(emulator, dense, img, img) is None       # reaches 98 %
+    # a tap that reaches nothing is left out: dilation 50 on 41 reaches the centre only
+    far = ConvGeometry((3, 3), (1, 1), (50, 50), (50, 50))
+    assert [t for t, _, _ in tap_gemm.tap_windows(far, img, far.conv_output_shape(img))] == [4]
+
+
+def run_layer(mode, text, x, dtype, gpu_mode=None, integers=False):
+    """Forward and backward of one layer (weights, top diff from fixed integer seeds;
+    weight diffs start at 1 and accumulate); top and bottom diff poisoned first."""
+    if mode == "gpu":
+        gpu_mode.on()
+    try:
+        layer = make_layer(text, caffelite.TRAIN, dtype)
+        bottom, top = blobs_from([x], dtype), [Blob((), dtype)]
+        layer.setup(bottom, top)
+        rng = np.random.default_rng(4)
+        for b in layer.blobs:
+            b.host_data[...] = rng.integers(-3, 4, b.shape) if integers else \
+                rng.standard_normal(b.shape)
+            b.host_diff[...] = 1
+        with backend.device_access(mode == "gpu"):
+            layer.reshape(bottom, top)
+        top[0].host_data[...] = np.nan
+        with backend.device_access(mode == "gpu"):
+            layer.forward(bottom, top)
+        y = top[0].host_data.copy()
+        top[0].host_diff[...] = np.random.default_rng(5).integers(-3, 4, y.shape)
+        bottom[0].host_diff[...] = np.nan
+        with backend.device_access(mode == "gpu"):
+            layer.backward(top, [True], bottom)
+        return [y, bottom[0].host_diff.copy()] + [b.host_diff.copy() for b in layer.blobs]
+    finally:
+        backend.set_mode_cpu()
+
+
+LAYERS = {
+    "conv": 'type: "Convolution" convolution_param { num_output: 6 kernel_size: 3 '
+            'dilation: 4 pad: 4 }',
+    "conv-groups-bias": 'type: "Convolution" convolution_param { num_output: 6 '
+                        'kernel_size: 3 dilation: 5 pad: 5 group: 2 '
+                        'bias_filler { type: "constant" value: 1 } }',
+    "conv-rect": 'type: "Convolution" convolution_param { num_output: 3 kernel_h: 3 '
+                 'kernel_w: 2 dilation: 4 pad_h: 4 pad_w: 3 }',
+    "deconv": 'type: "Deconvolution" convolution_param { num_output: 2 kernel_size: 3 '
+              'dilation: 4 pad: 4 }',
+}
+
+
+@pytest.fixture
+def spied(monkeypatch):
+    calls = []
+    for name in ("forward", "backward", "weight_grad"):
+        real = getattr(tap_gemm, name)
+
+        def spy(*args, real=real, name=name):
+            calls.append(name)
+            return real(*args)
+        monkeypatch.setattr(tap_gemm, name, spy)
+    return calls
+
+
+@pytest.mark.parametrize("kind", sorted(LAYERS))
+def test_integer_data_gives_the_cpu_values_exactly(gpu_mode, spied, kind):
+    """On integers every sum is exact, so the tap path must give the CPU layer's values
+    bit for bit: forward (every output written), data gradient, accumulated weight and
+    bias gradients."""
+    x = np.random.default_rng(1).integers(-4, 5, (2, 4, 7, 6)).astype(np.float32)
+    cpu = run_layer("cpu", LAYERS[kind], x, np.float32, integers=True)
+    assert not spied
+    gpu = run_layer("gpu", LAYERS[kind], x, np.float32, gpu_mode, integers=True)
+    assert sorted(set(spied)) == ["backward", "forward", "weight_grad"]
+    for got, want in zip(gpu, cpu):
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_float_data_within_the_summation_order_bound(gpu_mode, spied, dtype):
+    """On floats the tap path adds the same terms in another order: each output within
+    (terms + 2) eps of the sum of |terms| of the CPU value (that sum comes from the CPU
+    layer run on |x| and |w|)."""
+    text = LAYERS["conv-groups-bias"]
+    x = np.random.default_rng(2).standard_normal((2, 4, 9, 8)).astype(dtype)
+    cpu = run_layer("cpu", text, x, dtype)
+    gpu = run_layer("gpu", text, x, dtype, gpu_mode)
+    assert "forward" in spied
+    terms = 2 * 9 + 2
+    eps = np.finfo(dtype).eps
+    magnitude = run_layer_abs(text, x, dtype)
+    for got, want, scale in zip(gpu, cpu, magnitude):
+        np.testing.assert_array_less(np.abs(got - want), terms * eps * scale + 1e-300)
+
+
+def run_layer_abs(text, x, dtype):
+    """The CPU layer's sums of |terms|: the layer run with |x|, |weights| and |top diff|."""
+    layer = make_layer(text, caffelite.TRAIN, dtype)
+    bottom, top = blobs_from([np.abs(x)], dtype), [Blob((), dtype)]
+    layer.setup(bottom, top)
+    rng = np.random.default_rng(4)
+    for b in layer.blobs:
+        b.data[...] = np.abs(rng.standard_normal(b.shape))
+        b.diff[...] = 1
+    layer.reshape(bottom, top)
+    layer.forward(bottom, top)
+    y = top[0].data.copy()
+    top[0].diff[...] = np.abs(np.random.default_rng(5).integers(-3, 4, y.shape))
+    layer.backward(top, [True], bottom)
+    return [y, bottom[0].diff.copy()] + [b.diff.copy() for b in layer.blobs]
