@@ -114,14 +114,24 @@ def _tap_weights(xp, weight):
 
 
 def _gather(xp, array, rows, cols, shifted):
-    """(channels, N*rows*cols): the rectangle of ``array`` (N, channels, h, w) that the
-    tap's outputs (``shifted`` false) or its inputs (true) occupy."""
+    """(channels, N*rows*cols, padded): the rectangle of ``array`` (N, channels, h, w)
+    that the tap's outputs (``shifted`` false) or its inputs (true) occupy. Under TF32
+    the column count is padded with zeros as im2col's is (``column_align``: an
+    unaligned leading dimension keeps cuBLAS off its tensor cores)."""
+    from .im2col import _aligned, column_align, view
     r0, r1, dr = rows
     c0, c1, dc = cols
     if shifted:
         r0, r1, c0, c1 = r0 + dr, r1 + dr, c0 + dc, c1 + dc
-    part = xp.ascontiguousarray(array[:, :, r0:r1, c0:c1].transpose(1, 0, 2, 3))
-    return part.reshape(part.shape[0], -1)
+    part = array[:, :, r0:r1, c0:c1].transpose(1, 0, 2, 3)
+    count = part.size // part.shape[0]
+    padded = _aligned(count, column_align(array.dtype))
+    if padded == count:
+        return xp.ascontiguousarray(part).reshape(part.shape[0], count)
+    columns = xp.empty((part.shape[0], padded), array.dtype)
+    columns[:, count:] = 0
+    view(columns[:, :count], part.shape)[...] = part
+    return columns
 
 
 def _group_products(xp, tap_weight, columns, group, transpose):
@@ -144,11 +154,13 @@ def _group_products(xp, tap_weight, columns, group, transpose):
 
 
 def _add_into(array, product, rows, cols, shifted):
-    """array[:, :, rectangle] += product, product being (channels, N*rows*cols)."""
+    """array[:, :, rectangle] += product, product being (channels, N*rows*cols) and
+    padding columns, which are left out."""
     r0, r1, dr = rows
     c0, c1, dc = cols
     if shifted:
         r0, r1, c0, c1 = r0 + dr, r1 + dr, c0 + dc, c1 + dc
     num, channels = array.shape[:2]
     window = array[:, :, r0:r1, c0:c1]
-    window += product.reshape(channels, num, r1 - r0, c1 - c0).transpose(1, 0, 2, 3)
+    shape = (channels, num, r1 - r0, c1 - c0)
+    window += product[:, :num * (r1 - r0) * (c1 - c0)].reshape(shape).transpose(1, 0, 2, 3)
