@@ -95,8 +95,9 @@ def _tap_products(xp, weight, source, target, windows, group, transpose):
 
 def weight_grad(xp, image, grid, weight_diff, windows, group):
     """weight_diff += grid * image^T per group and tap (accumulates)."""
+    from .im2col import view
     n_out, per_group = weight_diff.shape[:2]
-    diff = weight_diff.reshape(n_out, per_group, -1)
+    diff = view(weight_diff, (n_out, per_group, -1))     # a copy would lose the sums
     rows_per_group = n_out // group
     for t, rows, cols in windows:
         x = _gather(xp, image, rows, cols, True)
@@ -114,10 +115,11 @@ def _tap_weights(xp, weight):
 
 
 def _gather(xp, array, rows, cols, shifted):
-    """(channels, N*rows*cols, padded): the rectangle of ``array`` (N, channels, h, w)
+    """(channels, N*rows*cols) columns: the rectangle of ``array`` (N, channels, h, w)
     that the tap's outputs (``shifted`` false) or its inputs (true) occupy. Under TF32
-    the column count is padded with zeros as im2col's is (``column_align``: an
-    unaligned leading dimension keeps cuBLAS off its tensor cores)."""
+    the columns are padded with zeros to a multiple of 4, as im2col's are
+    (``column_align``: an unaligned leading dimension keeps cuBLAS off its tensor
+    cores)."""
     from .im2col import _aligned, column_align, view
     r0, r1, dr = rows
     c0, c1, dc = cols
