@@ -613,8 +613,8 @@ def uses_tap_gemm(net):
     xp = backend.device_module()
     for layer, bottom, top in zip(net.layers, net.bottom_blobs, net.top_blobs):
         geom = getattr(layer, "geom", None)
-        if geom is not None and layer.type == "Convolution" and \
-                tap_gemm.windows_for(xp, geom, bottom[0].shape[2:], top[0].shape[2:]):
+        if geom is not None and layer.type == "Convolution" and tap_gemm.windows_for(
+                xp, geom, bottom[0].shape, top[0].shape[2:], layer.blobs[0].shape):
             return True
     return False
 

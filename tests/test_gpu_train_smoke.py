@@ -75,7 +75,8 @@ def test_emulated_run_measures_the_graphs_engine(tmp_path):
     """gpu_train.py --device emulated: caffelite's GPU code paths on the emulator (torch
     on the CPU). The caffelite-graphs rows record and launch ASPP-VGG as one segment
     after its data layer (Dropout included), and its test scores equal caffelite's bit
-    for bit; the caffelite-im2col rows (ASPP's fc6 without tap GEMMs) run."""
+    for bit; the caffelite-im2col rows say they would equal caffelite's (no tap GEMM
+    saves enough at this size)."""
     if not os.path.isdir(os.path.join(CORPUS, "prototxt", "deeplabv2_vgg16_aspp_l")):
         pytest.skip("corpus prototxt not available")
     out = tmp_path / "run.json"
@@ -90,8 +91,11 @@ def test_emulated_run_measures_the_graphs_engine(tmp_path):
     rows = {(r["phase"], r["engine"]): r for r in json.loads(out.read_text())["rows"]}
     assert set(rows) == {(p, e) for p in ("train", "test")
                          for e in ("caffelite", "caffelite-graphs", "caffelite-im2col")}
-    for r in rows.values():
-        assert "error" not in r, r
+    for (phase, engine), r in rows.items():
+        if engine == "caffelite-im2col":    # at 33x33 and batch 1 no tap GEMM pays
+            assert r["error"] == "RuntimeError: same as caffelite for this net", r
+        else:
+            assert "error" not in r, r
     train, test = rows["train", "caffelite-graphs"], rows["test", "caffelite-graphs"]
     assert train["graphs"] == "1 segments, 6 launches, 0 failed"
     assert test["graphs"] == "1 segments, 3 launches, 0 failed"

@@ -420,7 +420,7 @@ def forward_gemm(image, weight, out, geom, group, budget=None):
         for n in range(num):
             product(_matrix(image[n], channels), _matrix(out[n], n_out))
         return
-    windows = tap_gemm.windows_for(xp, geom, image.shape[2:], grid_shape)
+    windows = tap_gemm.windows_for(xp, geom, image.shape, grid_shape, weight.shape)
     if windows:
         tap_gemm.forward(xp, image, weight, out, windows, group)
         return
@@ -452,7 +452,7 @@ def backward_gemm(grid, weight, image, geom, group, budget=None):
         for n in range(num):
             product(_matrix(grid[n], n_out), _matrix(image[n], channels))
         return
-    windows = tap_gemm.windows_for(xp, geom, image.shape[2:], grid_shape)
+    windows = tap_gemm.windows_for(xp, geom, image.shape, grid_shape, weight.shape)
     if windows:
         tap_gemm.backward(xp, grid, weight, image, windows, group)
         return
@@ -484,7 +484,7 @@ def weight_gemm(image, grid, weight_diff, geom, group, budget=None):
         for n in range(num):
             product(_matrix(grid[n], n_out), _matrix(image[n], channels))
         return
-    windows = tap_gemm.windows_for(xp, geom, image.shape[2:], grid_shape)
+    windows = tap_gemm.windows_for(xp, geom, image.shape, grid_shape, weight_diff.shape)
     if windows:
         tap_gemm.weight_grad(xp, image, grid, weight_diff, windows, group)
         return

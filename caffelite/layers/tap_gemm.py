@@ -15,8 +15,10 @@ The sums have the same non-zero terms as the im2col path, added tap by tap inste
 in one long dot product, so GPU results differ from it by rounding only (cuBLAS's order
 differs from the CPU's anyway); on integer data both are exact. The CPU keeps im2col,
 Caffe's float order. Used for 2-D convolutions with stride 1 on the device when the
-taps reach at most MAX_REACH of the window positions; ``CAFFELITE_TAP_GEMM=0`` (or
-``ENABLED = False``) turns it off.
+taps reach at most MAX_REACH of the window positions and that saves at least
+MIN_SAVED_FLOPS per GEMM: the path makes three calls per tap where im2col makes two per
+layer, which costs more than it saves on small layers at batch 1 (ResNet's 21-channel
+classifier); ``CAFFELITE_TAP_GEMM=0`` (or ``ENABLED = False``) turns it off.
 """
 import math
 import os
@@ -25,6 +27,7 @@ import numpy as np
 
 ENABLED = os.environ.get("CAFFELITE_TAP_GEMM", "1") != "0"
 MAX_REACH = 0.75
+MIN_SAVED_FLOPS = 4e9       # about 80 us of SGEMM on an H200, several times the calls' cost
 
 _windows = {}
 
@@ -54,17 +57,23 @@ def reach(windows, geom, grid_shape):
     return reached / (geom.taps * math.prod(grid_shape))
 
 
-def windows_for(xp, geom, img_shape, grid_shape):
-    """The tap windows if this path applies (device arrays, 2-D, stride 1, a kernel
-    larger than 1x1, at most MAX_REACH reached), else None."""
+def windows_for(xp, geom, image_shape, grid_shape, weight_shape):
+    """The tap windows if this path applies to a GEMM of a convolution with this image
+    (N, C, H, W), output grid and weight (O, C/group, kh, kw): device arrays, 2-D,
+    stride 1, a kernel larger than 1x1, at most MAX_REACH reached, at least
+    MIN_SAVED_FLOPS saved. Else None."""
     if not ENABLED or xp is np or len(geom.kernel) != 2 or geom.is_1x1 or \
             any(s != 1 for s in geom.stride):
         return None
-    key = (geom, tuple(img_shape), tuple(grid_shape))
+    key = (geom, tuple(image_shape), tuple(grid_shape), tuple(weight_shape[:2]))
     found = _windows.get(key)
     if found is None:
-        windows = tap_windows(geom, img_shape, grid_shape)
-        found = _windows[key] = (windows, reach(windows, geom, grid_shape) <= MAX_REACH)
+        windows = tap_windows(geom, image_shape[2:], grid_shape)
+        reached = reach(windows, geom, grid_shape)
+        positions = geom.taps * math.prod(grid_shape)
+        multiply_adds = image_shape[0] * weight_shape[0] * weight_shape[1]
+        saved = 2 * multiply_adds * positions * (1 - reached)
+        found = _windows[key] = (windows, reached <= MAX_REACH and saved >= MIN_SAVED_FLOPS)
     return found[0] if found[1] else None
 
 
