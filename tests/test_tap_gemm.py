@@ -168,3 +168,36 @@ def run_layer_abs(text, x, dtype):
     top[0].diff[...] = np.abs(np.random.default_rng(5).integers(-3, 4, y.shape))
     layer.backward(top, [True], bottom)
     return [y, bottom[0].diff.copy()] + [b.diff.copy() for b in layer.blobs]
+
+
+def test_aspp_vgg_with_tap_gemms_matches_cpu(tmp_path, gpu_mode, spied):
+    """The corpus's ASPP-VGG with its dilated layers on tap GEMMs (no minimum saving; at
+    65x65 the fc6 branches reach 31 to 11 % of their window positions): the test net's
+    forward and a training iteration's updates and weights agree with the CPU within
+    test_gpu_nets' whole-net tolerance."""
+    import math
+
+    from test_gpu_nets import (RTOL, assert_close, build_without_matwrite,
+                               corpus_train_solver, host_blobs, one_training_iteration)
+    net = build_without_matwrite("deeplabv2_vgg16_aspp_l/test.prototxt", 65, tmp_path)
+    net.forward()
+    cpu = host_blobs(net)
+    gpu_mode.on()
+    net.forward()
+    gpu_mode.off()
+    # the four fc6 branches, and conv5_1-3 (dilation 2 on 9x9 reaches 72 %)
+    assert spied.count("forward") == 7
+    for name, want in cpu.items():
+        assert_close(net.blobs[name].data, want, name)
+    config = "deeplabv2_vgg16_aspp_l/train.prototxt"
+    cpu_loss, cpu_weights, cpu_updates = one_training_iteration(
+        corpus_train_solver(tmp_path, config))
+    gpu_mode.on()
+    try:
+        loss, weights, updates = one_training_iteration(corpus_train_solver(tmp_path, config))
+    finally:
+        gpu_mode.off()
+    assert {"backward", "weight_grad"} <= set(spied)
+    assert math.isclose(loss, cpu_loss, rel_tol=RTOL)
+    for got, want in zip(updates + weights, cpu_updates + cpu_weights):
+        assert_close(got, want, "update or weight")
