@@ -72,9 +72,10 @@ def windows_for(xp, geom, image_shape, grid_shape, weight_shape):
         reached = reach(windows, geom, grid_shape)
         positions = geom.taps * math.prod(grid_shape)
         multiply_adds = image_shape[0] * weight_shape[0] * weight_shape[1]
-        saved = 2 * multiply_adds * positions * (1 - reached)
-        found = _windows[key] = (windows, reached <= MAX_REACH and saved >= MIN_SAVED_FLOPS)
-    return found[0] if found[1] else None
+        found = _windows[key] = (windows, reached,
+                                 2 * multiply_adds * positions * (1 - reached))
+    windows, reached, saved = found
+    return windows if reached <= MAX_REACH and saved >= MIN_SAVED_FLOPS else None
 
 
 # ------------------------------------------------------------------ the three GEMMs
