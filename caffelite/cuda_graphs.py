@@ -164,7 +164,6 @@ class Segment:
         self.forward_state = object()
         self.fwd.drop()
 
-
     def layer_arrays(self, xp):
         """The device arrays the segment's layers and fused chains hold as attributes
         (directly, or in a list, tuple or dict)."""
@@ -247,6 +246,7 @@ class Recording:
         stream = xp.cuda.Stream(non_blocking=True)
         reads, buffers = [], []
         state = backend._state
+        failure = None
         try:
             with xp.cuda.using_allocator(self.pool.malloc), stream:
                 state["capturing"], state["host_reads"], state["graph_buffers"] = \
@@ -259,13 +259,15 @@ class Recording:
                     raise
                 graph = _end_capture(stream)
         except Exception as e:     # noqa: BLE001  (any failure: run this segment eagerly)
-            self.failed = True
-            logger.warning("CUDA graphs: the %s of %s cannot be recorded (%s); it runs layer "
-                           "by layer", self.direction, self.segment.name, _one_line(e))
-            return self.run_eagerly(), None
+            failure = e
         finally:
             state["capturing"], state["host_reads"], state["graph_buffers"] = \
                 False, None, None
+        if failure is not None:
+            self.failed = True
+            logger.warning("CUDA graphs: the %s of %s cannot be recorded (%s); it runs layer "
+                           "by layer", self.direction, self.segment.name, _one_line(failure))
+            return self.run_eagerly(), None
         self.graph, self.key, self.after, self.outputs = graph, key, after, outputs
         self.memory = [(m, m.device) for m in memory]
         self.heads = [(m, m.head) for m in memory]

@@ -450,8 +450,10 @@ def test_a_segment_that_cannot_be_recorded_runs_layer_by_layer(tmp_path, gpu_mod
     pass runs eagerly with the same numbers from then on."""
     from caffelite.layers.softmax import SoftmaxWithLossLayer
     plain = SoftmaxWithLossLayer._forward_device
+    recording = []
 
     def reads_the_host(self, xp, bottom, top):
+        recording.append(backend.capturing())
         float(bottom[0].data.sum())
         return plain(self, xp, bottom, top)
     monkeypatch.setattr(SoftmaxWithLossLayer, "_forward_device", reads_the_host)
@@ -466,6 +468,9 @@ def test_a_segment_that_cannot_be_recorded_runs_layer_by_layer(tmp_path, gpu_mod
     assert len(warnings) == 1 and "forward of layers conv0 .. loss" in warnings[0]
     if gpu_mode.emulated:       # the first error is the one reported
         assert "float() of a device array" in warnings[0]
+    # eager run (x4 in the eager solver), then in the graphed one: eager, the failed
+    # recording, and eager passes that no longer see a recording under way
+    assert recording[8:] == [False, True] + [False] * 7
 
 
 def test_a_bad_label_is_named_when_graphs_run(tmp_path, gpu_mode):
