@@ -2,9 +2,10 @@
 
 Compiles and launches one kernel of every module, builds a small net with every kind of
 kernel-backed layer in GPU mode, runs a training step and compares it with CPU mode,
-trains it again with CUDA graphs (opt-in: reported, not fatal), and times a convolution GEMM shape as a 2-D (cublasGemmEx) and a batched 3-D matmul
-with TF32 off and on. Exit status 1 with the traceback on the first failure, so a
-broken GPU path costs one minute of device time instead of a whole check run.
+trains it again with CUDA graphs (opt-in: reported, not fatal), and times a convolution
+GEMM shape as a 2-D (cublasGemmEx) and a batched 3-D matmul with TF32 off and on. Exit
+status 1 with the traceback on the first failure, so a broken GPU path costs one minute
+of device time instead of a whole check run.
 
     python benchmarks/gpu_smoke.py
     python benchmarks/gpu_smoke.py --emulate      # the same on the CPU emulator (CI)
@@ -141,10 +142,10 @@ def graphs_match_layer_by_layer():
             results[graphs] = [b.read_host_data().copy() for ps in s.net.params.values()
                                for b in ps]
             if graphs:
-                segments = s.net._graphs.segments
-                assert segments and not any(r.failed for g in segments
-                                            for r in (g.fwd, g.bwd)), "recording failed"
-                count = sum(r.launches for g in segments for r in (g.fwd, g.bwd))
+                recordings = s.net._graphs.recordings()
+                assert recordings and not any(r.failed for r in recordings), \
+                    "recording failed"
+                count = s.net._graphs.launches()
                 assert count >= 6, f"only {count} graph launches"
     finally:
         cuda_graphs.set_enabled(False)

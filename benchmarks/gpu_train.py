@@ -631,9 +631,9 @@ def with_graphs(run, net):
             cuda_graphs.set_enabled(False)
         graphs = net._graphs
         if graphs is not None:
-            recs = [r for seg in graphs.segments for r in (seg.fwd, seg.bwd)]
+            recs = graphs.recordings()
             row["graphs"] = (f"{len(graphs.segments)} segments, "
-                             f"{sum(r.launches for r in recs)} launches, "
+                             f"{graphs.launches()} launches, "
                              f"{sum(r.failed for r in recs)} failed")
             # The recordings allocate from pools of their own, which the peak tracker
             # of the default pool does not see: their size is added to both figures.

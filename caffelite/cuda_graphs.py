@@ -127,6 +127,14 @@ class NetGraphs:
         for seg in self.segments:
             seg.ran_eagerly()
 
+    def recordings(self):
+        """Every segment's forward and backward Recording."""
+        return [r for seg in self.segments for r in (seg.fwd, seg.bwd)]
+
+    def launches(self):
+        """Graph launches so far, all recordings together."""
+        return sum(r.launches for r in self.recordings())
+
 
 class Segment:
     """Layers ``first`` .. ``last``: a forward graph and a backward graph."""

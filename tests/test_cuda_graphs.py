@@ -218,7 +218,7 @@ def train(gpu_mode, net_text, tmp_path, graphs, steps=4, between=None):
 
 
 def launches(net):
-    return sum(r.launches for s in net._graphs.segments for r in (s.fwd, s.bwd))
+    return net._graphs.launches()
 
 
 def compare_runs(eager, graphed):
@@ -438,7 +438,7 @@ def test_random_layers_split_the_net_into_segments(tmp_path, gpu_mode):
     drop = net._layer_names.index("drop")
     assert [(s.first, s.last) for s in net._graphs.segments] == [
         (0, drop - 1), (drop + 1, len(net.layers) - 1)]
-    assert all(r.launches >= 5 for s in net._graphs.segments for r in (s.fwd, s.bwd))
+    assert all(r.launches >= 5 for r in net._graphs.recordings())
     pooled = [step[0]["sp"][0] for step in graphed]
     assert not np.array_equal(pooled[-1], pooled[-2])
 
@@ -693,7 +693,7 @@ def test_device_memory_stops_growing_once_recorded(tmp_path):
 
         def total():
             cupy.cuda.get_current_stream().synchronize()
-            recs = [r for s in solver.net._graphs.segments for r in (s.fwd, s.bwd)]
+            recs = solver.net._graphs.recordings()
             return cupy.get_default_memory_pool().total_bytes() + sum(
                 r.pool.total_bytes() for r in recs if r.pool is not None)
         after_two = total()
