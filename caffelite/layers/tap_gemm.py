@@ -25,6 +25,8 @@ import os
 
 import numpy as np
 
+from . import im2col     # (im2col imports this module; its names are read at call time)
+
 ENABLED = os.environ.get("CAFFELITE_TAP_GEMM", "1") != "0"
 MAX_REACH = 0.75
 MIN_SAVED_FLOPS = 4e9       # about 80 us of SGEMM on an H200, several times the calls' cost
@@ -105,17 +107,15 @@ def _tap_products(xp, weight, source, target, windows, group, transpose):
 
 def weight_grad(xp, image, grid, weight_diff, windows, group):
     """weight_diff += grid * image^T per group and tap (accumulates)."""
-    from .im2col import view
     n_out, per_group = weight_diff.shape[:2]
-    diff = view(weight_diff, (n_out, per_group, -1))     # a copy would lose the sums
-    rows_per_group = n_out // group
+    diff = im2col.view(weight_diff, (n_out, per_group, -1))   # a copy would lose the sums
+    diff_g = im2col._per_group(diff, group)
     for t, rows, cols in windows:
         x = _gather(xp, image, rows, cols, True)
         dy = _gather(xp, grid, rows, cols, False)
-        for g in range(group):
-            o = slice(g * rows_per_group, (g + 1) * rows_per_group)
-            c = slice(g * per_group, (g + 1) * per_group)
-            diff[o, :, t] += xp.matmul(dy[o], x[c].T)
+        for d, b, c in zip(diff_g, im2col._per_group(dy, group),
+                           im2col._per_group(x, group)):
+            d[:, :, t] += xp.matmul(b, c.T)
 
 
 def _tap_weights(xp, weight):
@@ -130,49 +130,41 @@ def _gather(xp, array, rows, cols, shifted):
     the columns are padded with zeros to a multiple of 4, as im2col's are
     (``column_align``: an unaligned leading dimension keeps cuBLAS off its tensor
     cores)."""
-    from .im2col import _aligned, column_align, view
-    r0, r1, dr = rows
-    c0, c1, dc = cols
-    if shifted:
-        r0, r1, c0, c1 = r0 + dr, r1 + dr, c0 + dc, c1 + dc
-    part = array[:, :, r0:r1, c0:c1].transpose(1, 0, 2, 3)
+    part = _rectangle(array, rows, cols, shifted).transpose(1, 0, 2, 3)
     count = part.size // part.shape[0]
-    padded = _aligned(count, column_align(array.dtype))
+    padded = im2col._aligned(count, im2col.column_align(array.dtype))
     if padded == count:
         return xp.ascontiguousarray(part).reshape(part.shape[0], count)
     columns = xp.empty((part.shape[0], padded), array.dtype)
     columns[:, count:] = 0
-    view(columns[:, :count], part.shape)[...] = part
+    im2col.view(columns[:, :count], part.shape)[...] = part
     return columns
 
 
 def _group_products(xp, tap_weight, columns, group, transpose):
     """W_t * columns (or W_t^T * columns) per group: (rows, M)."""
-    if group == 1:
-        return xp.matmul(tap_weight.T if transpose else tap_weight, columns)
     n_out, per_group = tap_weight.shape
     out_rows = per_group * group if transpose else n_out
     result = xp.empty((out_rows, columns.shape[1]), columns.dtype)
-    o_rows = n_out // group
-    for g in range(group):
-        w = tap_weight[g * o_rows:(g + 1) * o_rows]
-        if transpose:
-            xp.matmul(w.T, columns[g * o_rows:(g + 1) * o_rows],
-                      out=result[g * per_group:(g + 1) * per_group])
-        else:
-            xp.matmul(w, columns[g * per_group:(g + 1) * per_group],
-                      out=result[g * o_rows:(g + 1) * o_rows])
+    for w, c, r in zip(im2col._per_group(tap_weight, group),
+                       im2col._per_group(columns, group), im2col._per_group(result, group)):
+        xp.matmul(w.T if transpose else w, c, out=r)
     return result
 
 
 def _add_into(array, product, rows, cols, shifted):
     """array[:, :, rectangle] += product, product being (channels, N*rows*cols) and
     padding columns, which are left out."""
-    r0, r1, dr = rows
-    c0, c1, dc = cols
+    window = _rectangle(array, rows, cols, shifted)
+    num, channels, height, width = window.shape
+    shape = (channels, num, height, width)
+    window += product[:, :num * height * width].reshape(shape).transpose(1, 0, 2, 3)
+
+
+def _rectangle(array, rows, cols, shifted):
+    """The view of ``array`` (N, channels, h, w) over the tap's outputs (``shifted``
+    false) or over its inputs (true, each output's row and column plus the offset)."""
+    (r0, r1, dr), (c0, c1, dc) = rows, cols
     if shifted:
         r0, r1, c0, c1 = r0 + dr, r1 + dr, c0 + dc, c1 + dc
-    num, channels = array.shape[:2]
-    window = array[:, :, r0:r1, c0:c1]
-    shape = (channels, num, r1 - r0, c1 - c0)
-    window += product[:, :num * (r1 - r0) * (c1 - c0)].reshape(shape).transpose(1, 0, 2, 3)
+    return array[:, :, r0:r1, c0:c1]
