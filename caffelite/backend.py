@@ -23,7 +23,7 @@ TEST = 1
 _state = {"mode": "cpu", "device": 0, "seed": None, "rng": CaffeRNG(),
           "xp": None, "tf32": False, "capturing": False,
           "host_reads": None, "graph_buffers": None, "mode_changes": 0,
-          "seed_changes": 0}
+          "seed_changes": 0, "entropy_seed": None}
 
 
 class _Access(threading.local):
@@ -202,7 +202,7 @@ def device_seed():
     (Caffe then seeds from entropy too)."""
     seed = _state["seed"]
     if seed is None:
-        seed = _state.get("entropy_seed")
+        seed = _state["entropy_seed"]
         if seed is None:
             seed = _state["entropy_seed"] = int.from_bytes(os.urandom(8), "little")
     return seed & 0xFFFFFFFFFFFFFFFF, _state["seed_changes"]

@@ -228,7 +228,7 @@ class Blob:
             mem.sync_to_host()
         elif mem.host is None:
             mem.host_array()
-        reads = backend._state.get("host_reads")
+        reads = backend._state["host_reads"]
         if reads is not None:       # a CUDA graph being recorded keeps these values
             reads.append(mem)
         return mem.host.reshape(self._shape)

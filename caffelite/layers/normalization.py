@@ -32,6 +32,7 @@ class BatchNormLayer(NeuronLayer):
                                  else self.phase == TEST)
         self.moving_average_fraction = float(p.moving_average_fraction)
         self.eps = float(p.eps)
+        self._stats_buffer = None       # device mean and std vectors (stored statistics)
         if p.HasField("update_global_stats") and p.update_global_stats:
             raise self.error(
                 "batch_norm_param.update_global_stats is a field of the official DeepLab-v2 "
@@ -95,7 +96,7 @@ class BatchNormLayer(NeuronLayer):
         ``std_vector``, from one kernel and without a device->host read of the scale
         factor (a solver update marks the blobs device-newer every iteration). The two
         vectors are allocated once per array module."""
-        cached = getattr(self, "_stats_buffer", None)
+        cached = self._stats_buffer
         if (cached is None or get_array_module(cached) is not xp or cached.dtype != dtype
                 or cached.shape[1] != self.channels):
             cached = self._stats_buffer = xp.empty((2, self.channels), dtype)
