@@ -35,6 +35,11 @@ max |a-b| / max |b|.
 After each net's training rows, one more FP32 pass is profiled (``--no-profile`` skips
 it): caffelite's time per layer type with the device synchronised after every layer,
 and PyTorch's CUDA kernels by name (``torch.profiler``), to show where a gap comes from.
+``--kernels tf32,fp32`` profiles one training iteration of each engine at those
+precisions kernel by kernel instead (CUPTI, through ``torch.profiler``, records CuPy's
+and cuBLAS's kernels as well as torch's): CUDA time per kind (cuDNN convolutions,
+cuBLAS GEMMs, im2col/col2im, element-wise and copies, other), side by side, and each
+engine's longest kernels, without synchronising between layers.
 
 Prints a Markdown table for BENCHMARKS.md (progress on stderr); ``--json OUT`` writes
 every number.  The whole run is one call: builds, SGEMM, the 16 measurements sharing
@@ -113,6 +118,10 @@ def parse_args(argv=None):
                    help="cap on the timed part of one measurement")
     p.add_argument("--no-profile", dest="profile", action="store_false",
                    help="skip the per-layer-type breakdown of one training pass")
+    p.add_argument("--kernels", default="",
+                   help="comma list of precisions (fp32, tf32) at which one training "
+                        "iteration of each engine is profiled kernel by kernel "
+                        "(torch.profiler, which records CuPy's kernels too); default none")
     p.add_argument("--json", default=None, help="write all results to this file")
     p.add_argument("--corpus", default=default_corpus(),
                    help="the corpus folder (default: $CAFFELITE_SHARED/corpus, else "
@@ -120,6 +129,9 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.warmup = max(1, args.warmup)
     args.iters = max(1, args.iters)
+    args.kernels = [v for v in args.kernels.split(",") if v]
+    if any(v not in ("fp32", "tf32") for v in args.kernels):
+        p.error(f"--kernels: unknown {args.kernels} (choose from fp32, tf32)")
     known = {"net": NETS, "phase": ("train", "test"), "precision": ("fp32", "tf32"),
              "engines": ("caffelite", "caffelite-per-image", "caffelite-unfused",
                          "caffelite-im2col", "caffelite-graphs", "torch")}
@@ -274,6 +286,7 @@ class Device:
         self.torch = None
         self.caffelite_gpu_error = self.torch_error = None
         self.profiles = []
+        self.kernel_profiles = []
 
     def start(self, need_torch):
         if need_torch:
@@ -571,6 +584,13 @@ def bench_train(dev, key, args, clock, rates, rows):
                                    run[engine]))
     if args.profile and not clock.spent():
         dev.profiles.append(profile_train(dev, label, solver, tnet, tinputs, sgd))
+    for precision in args.kernels:
+        if not clock.spent():
+            dev.kernel_profiles.append(kernel_profile(
+                dev, label, precision, {"caffelite": lambda: solver.step(1),
+                                        "torch": None if tnet is None else (
+                                            lambda: torch_train_step(tnet, tinputs, sgd,
+                                                                     sp.iter_size))}))
     del run, solver, net, tnet, sgd, tinputs
     dev.free()
 
@@ -822,22 +842,124 @@ def caffelite_layer_times(solver, sync, conv_layers=None):
 
 def torch_kernel_times(torch, step, sync, top=12):
     """CUDA time per kernel name of one ``step`` (after one untimed step)."""
+    times = kernel_times(torch, step, sync)
+    times["top"] = times["top"][:top]
+    return times
+
+
+# Kernel names to kinds, first match wins: cuDNN's convolution kernels (their names
+# also say gemm), cuBLAS's GEMMs and split-K reductions, caffelite's column kernels,
+# element-wise work and copies, the rest.
+KERNEL_KINDS = (
+    ("convolution (cuDNN)", re.compile(r"conv|fprop|dgrad|wgrad|implicit|winograd|fft",
+                                       re.I)),
+    ("GEMM (cuBLAS)", re.compile(r"gemm|xmma|cutlass|splitk|gemv", re.I)),
+    ("im2col / col2im", re.compile(r"im2col|col2im", re.I)),
+    ("element-wise, copies", re.compile(r"elementwise|cupy_|copy|memcpy|memset|fill|relu|"
+                                        r"dropout|channel_", re.I)),
+)
+
+
+def kernel_kind(name):
+    for kind, pattern in KERNEL_KINDS:
+        if pattern.search(name):
+            return kind
+    return "other"
+
+
+def kernel_times(torch, step, sync):
+    """One untimed ``step``, then one under torch.profiler: the CUDA time per kernel name
+    and per kind. CUPTI records every kernel of the process, CuPy's and cuBLAS's for
+    caffelite included."""
     from torch.profiler import ProfilerActivity, profile
     step()
     sync()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         step()
         sync()
-    rows = []
-    for ev in prof.key_averages():
-        us = getattr(ev, "self_device_time_total", None)
-        if us is None:
-            us = getattr(ev, "self_cuda_time_total", 0)
-        if us:
-            rows.append({"kernel": ev.key, "ms": us / 1e3, "calls": ev.count})
+    return summarize_kernels(_device_events(prof))
+
+
+def _device_events(prof):
+    """(name, µs) of every kernel the profile holds."""
+    events = []
+    for ev in prof.events():
+        if str(getattr(ev, "device_type", "")).split(".")[-1] == "CUDA":
+            events.append((ev.name, ev.time_range.elapsed_us()))
+    return events
+
+
+def summarize_kernels(events):
+    """{total_ms, kinds: {kind: ms}, top: [{kernel, ms, calls, kind}]} of (name, µs) pairs,
+    kernels by time, longest first."""
+    by_name = {}
+    for name, us in events:
+        entry = by_name.setdefault(name, [0.0, 0])
+        entry[0] += us / 1e3
+        entry[1] += 1
+    rows = [{"kernel": name, "ms": ms, "calls": calls, "kind": kernel_kind(name)}
+            for name, (ms, calls) in by_name.items()]
     rows.sort(key=lambda r: -r["ms"])
-    total = sum(r["ms"] for r in rows)
-    return {"total_ms": total, "top": rows[:top]}
+    kinds = {}
+    for r in rows:
+        kinds[r["kind"]] = kinds.get(r["kind"], 0.0) + r["ms"]
+    return {"total_ms": sum(r["ms"] for r in rows), "kinds": kinds, "top": rows}
+
+
+def kernel_profile(dev, label, precision, steps):
+    """Each engine's training iteration (``steps``: {engine: step or None}) at
+    ``precision``, kernel by kernel; a failure becomes the engine's entry."""
+    out = {"net": label, "precision": precision, "engines": {}}
+    if dev.kind != "cuda" or not dev.has_torch():
+        out["error"] = "needs a CUDA device and torch (its profiler records the kernels)"
+        return out
+    dev.set_precision(precision)
+
+    def sync():
+        dev.sync_caffelite()
+        dev.sync_torch()
+    for engine, step in steps.items():
+        if step is None:
+            continue
+        try:
+            out["engines"][engine] = kernel_times(dev.torch, step, sync)
+        except Exception as e:             # noqa: BLE001 (reported)
+            out["engines"][engine] = {"error": first_line(e)}
+    return out
+
+
+def kernel_profile_markdown(profiles, top=15):
+    """Per net and precision: CUDA ms per kernel kind for each engine side by side, then
+    each engine's longest kernels."""
+    lines = []
+    for p in profiles:
+        lines.append(f"\nKernels of one {p['precision'].upper()} training iteration of "
+                     f"{p['net']} (torch.profiler, CUDA time):")
+        if "error" in p:
+            lines.append(p["error"])
+            continue
+        engines = p["engines"]
+        timed = {e: v for e, v in engines.items() if "error" not in v}
+        for e, v in engines.items():
+            if "error" in v:
+                lines.append(f"{e}: {v['error']}")
+        if not timed:
+            continue
+        kinds = sorted({k for v in timed.values() for k in v["kinds"]},
+                       key=lambda k: -max(v["kinds"].get(k, 0) for v in timed.values()))
+        lines += ["", "| kind | " + " | ".join(f"{e} ms" for e in timed) + " |",
+                  "|---|" + "---|" * len(timed)]
+        for kind in kinds + ["all"]:
+            cells = [f"{v['total_ms'] if kind == 'all' else v['kinds'].get(kind, 0):.2f}"
+                     for v in timed.values()]
+            lines.append(f"| {kind} | " + " | ".join(cells) + " |")
+        for e, v in timed.items():
+            lines += ["", f"{e}, longest kernels:", "", "| kernel | kind | calls | ms |",
+                      "|---|---|---|---|"]
+            for r in v["top"][:top]:
+                name = r["kernel"] if len(r["kernel"]) <= 90 else r["kernel"][:87] + "..."
+                lines.append(f"| `{name}` | {r['kind']} | {r['calls']} | {r['ms']:.2f} |")
+    return "\n".join(lines)
 
 
 def profile_markdown(profiles):
@@ -988,11 +1110,14 @@ def main(argv=None):
     print(markdown(env, rows))
     if dev.profiles:
         print(profile_markdown(dev.profiles))
+    if dev.kernel_profiles:
+        print(kernel_profile_markdown(dev.kernel_profiles))
     print(f"\n(total {env['total_s']:.0f} s)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"environment": env, "rows": rows, "profiles": dev.profiles,
-                       "args": vars(args)}, f, indent=1,
+                       "kernel_profiles": dev.kernel_profiles, "args": vars(args)}, f,
+                      indent=1,
                       default=str)
     return rows
 

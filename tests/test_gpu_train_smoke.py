@@ -52,7 +52,7 @@ def test_cpu_smoke_run(tmp_path):
     run = subprocess.run(
         [sys.executable, os.path.join(ROOT, "benchmarks", "gpu_train.py"), "--device", "cpu",
          "--net", "vgg", "--size", "33", "--test-size", "33", "--batch", "1", "--iters", "1",
-         "--corpus", CORPUS, "--json", str(out)],
+         "--kernels", "fp32", "--corpus", CORPUS, "--json", str(out)],
         capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "| net | phase | input | engine |" in run.stdout
@@ -69,6 +69,63 @@ def test_cpu_smoke_run(tmp_path):
     assert train["batch"] == 1 and train["iter_size"] == 1 and train["size"] == 33
     assert np.isfinite(train["loss_caffelite"]) and train["loss_caffelite"] > 0
     assert result["environment"]["device"] == "cpu"
+    # The kernel profile needs CUDA's profiler: on the CPU the report says so.
+    [profile] = result["kernel_profiles"]
+    assert profile["error"].startswith("needs a CUDA device")
+    assert "Kernels of one FP32 training iteration of ASPP-VGG" in run.stdout
+
+
+@pytest.mark.parametrize("name, kind", [
+    ("sm90_xmma_fprop_implicit_gemm_tf32f32_tf32f32_f32_nhwckrsc_nchw_tilesize128x128x32",
+     "convolution (cuDNN)"),
+    ("sm80_xmma_wgrad_implicit_gemm_indexed_tf32f32_tf32f32_f32_nhwckrsc_nchw",
+     "convolution (cuDNN)"),
+    ("void cudnn::winograd_nonfused::winogradForwardData4x4<float, float>",
+     "convolution (cuDNN)"),
+    ("sm90_xmma_gemm_f32f32_tf32f32_f32_nn_n_tilesize128x128x32_warpgroupsize1x1x1",
+     "GEMM (cuBLAS)"),
+    ("ampere_sgemm_128x64_nn", "GEMM (cuBLAS)"),
+    ("void splitKreduce_kernel<32, 16, int, float, float, float>", "GEMM (cuBLAS)"),
+    ("void cutlass::Kernel2<cutlass_80_tensorop_s1688gemm_128x128_32x3_nn_align4>",
+     "GEMM (cuBLAS)"),
+    ("im2col", "im2col / col2im"),
+    ("col2im", "im2col / col2im"),
+    ("cupy_maximum__float32_int_float32", "element-wise, copies"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::...>",
+     "element-wise, copies"),
+    ("channel_bn_scale_relu", "element-wise, copies"),
+    ("max_pool_forward", "other"),
+    ("softmax_loss_forward", "other"),
+])
+def test_kernel_kinds_from_names(name, kind):
+    assert gpu_train.kernel_kind(name) == kind
+
+
+def test_kernel_summary_and_report():
+    """(name, µs) events add up per name and per kind, longest first, and the report puts
+    the engines' kinds side by side."""
+    events = [("ampere_sgemm_128x64_nn", 1500.0), ("im2col", 250.0),
+              ("ampere_sgemm_128x64_nn", 500.0), ("max_pool_forward", 125.0)]
+    summary = gpu_train.summarize_kernels(events)
+    assert summary["total_ms"] == 2.375
+    assert summary["kinds"] == {"GEMM (cuBLAS)": 2.0, "im2col / col2im": 0.25,
+                                "other": 0.125}
+    assert [(r["kernel"], r["calls"], r["ms"]) for r in summary["top"]] == [
+        ("ampere_sgemm_128x64_nn", 2, 2.0), ("im2col", 1, 0.25), ("max_pool_forward", 1, 0.125)]
+    torch_side = gpu_train.summarize_kernels([("sm90_xmma_fprop_implicit_gemm", 1000.0)])
+    report = gpu_train.kernel_profile_markdown([
+        {"net": "ASPP-VGG", "precision": "tf32",
+         "engines": {"caffelite": summary, "torch": torch_side}},
+        {"net": "ResNet", "precision": "fp32", "engines": {"caffelite": {"error": "boom"}}}])
+    lines = report.splitlines()
+    assert "Kernels of one TF32 training iteration of ASPP-VGG (torch.profiler, CUDA time):" \
+        in lines
+    assert "| kind | caffelite ms | torch ms |" in lines
+    assert "| GEMM (cuBLAS) | 2.00 | 0.00 |" in lines
+    assert "| convolution (cuDNN) | 0.00 | 1.00 |" in lines
+    assert "| all | 2.38 | 1.00 |" in lines
+    assert "| `ampere_sgemm_128x64_nn` | GEMM (cuBLAS) | 2 | 2.00 |" in lines
+    assert "caffelite: boom" in lines
 
 
 def test_emulated_run_measures_the_graphs_engine(tmp_path):
