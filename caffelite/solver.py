@@ -47,6 +47,10 @@ from .net import Net
 from .proto import caffe_pb2
 
 
+def _caffe_sign(x):
+    """caffe_cpu_sign: (0 < x) - (x < 0), so NaN gives 0 (numpy's sign gives NaN)."""
+    return (x > 0).astype(x.dtype) - (x < 0).astype(x.dtype)
+
 class SolverError(RuntimeError):
     pass
 
@@ -592,7 +596,7 @@ class Solver:
         if code == 1:
             diff += local_decay * data
         elif code == 2:
-            diff += local_decay * get_array_module(data).sign(data)
+            diff += local_decay * _caffe_sign(data)
 
     def _local_decay(self, prm, dt):
         return dt(dt(self.param.weight_decay) * dt(prm.decay_mult))

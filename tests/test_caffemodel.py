@@ -66,6 +66,23 @@ def test_round_trip_and_protobuf_reads_ours(tmp_path):
     assert list(net.layer[0].blobs[0].shape.dim) == [4, 3, 3, 3]
 
 
+def test_zero_axis_blob_is_written_as_caffe_writes_it(tmp_path):
+    """Blob::ToProto adds the shape message only while adding dims, so a 0-axis blob
+    (PReLU's shared slope) has data and no shape field: the bytes equal protobuf's own
+    serialisation of such a BlobProto, and it reads back with 0 axes."""
+    path = str(tmp_path / "m.caffemodel")
+    write_caffemodel(path, [("prelu", "PReLU", [np.array(0.25, np.float32)])], "net")
+    net = caffe_pb2.NetParameter()
+    net.ParseFromString(open(path, "rb").read())
+    blob = net.layer[0].blobs[0]
+    assert not blob.HasField("shape") and list(blob.data) == [0.25]
+    expected = caffe_pb2.BlobProto()
+    expected.data.append(0.25)
+    assert blob.SerializeToString() == expected.SerializeToString()
+    [layer] = read_caffemodel(path)
+    assert layer.blobs[0].data.shape == () and layer.blobs[0].data == np.float32(0.25)
+
+
 def test_truncated_caffemodel_is_a_clear_error(tmp_path):
     src = os.path.join(CORPUS, "models", "yoloface_50k", "yoloface-50k.caffemodel")
     data = open(src, "rb").read()

@@ -423,6 +423,22 @@ def test_frozen_blobs_are_unchanged(tmp_path):
     assert not np.array_equal(s.net.params["ip"][1].data, b0)
 
 
+def test_l1_regularization_uses_caffes_sign(tmp_path):
+    """caffe_cpu_sign is (0 < x) - (x < 0): the L1 term is -decay, 0 or +decay, and 0 for
+    a NaN weight (numpy's sign would make it NaN); -0 counts as 0."""
+    s = make_solver(tmp_path, 'lr_policy: "fixed" base_lr: 0.5 weight_decay: 0.25 '
+                    'regularization_type: "L1"', ip_net(w_decay=2))
+    w = s.net.params["ip"][0]
+    values = np.array([1.5, -2.0, 0.0, -0.0, np.nan, -np.inf], np.float32)
+    assert w.count >= values.size
+    w.data.flat[:values.size] = values
+    w.diff[...] = 1
+    s.regularize(0)
+    expected = np.ones(w.count, np.float32) + np.float32(0.5) * np.sign(w.data.ravel())
+    expected[:values.size] = [1.5, 0.5, 1, 1, 1, 0.5]
+    np.testing.assert_array_equal(w.diff.ravel(), expected)
+
+
 # ------------------------------------------------------------------ log lines
 def logged(lines, pattern):
     return [m.groups() for m in (re.search(pattern, line) for line in lines) if m]

@@ -177,6 +177,8 @@ def test_view_layers_match_opencv(text, shape):
     ('type: "Flatten" flatten_param { axis: 0 }', (2, 3, 4, 5), (120,)),
     ('type: "Flatten" flatten_param { axis: -3 end_axis: -2 }', (2, 3, 4, 5), (2, 12, 5)),
     ('type: "Flatten" flatten_param { axis: 2 end_axis: 2 }', (2, 3, 4, 5), (2, 3, 4, 5)),
+    # end_axis = axis - 1 merges no axes: Caffe's count(axis, axis) = 1 is inserted.
+    ('type: "Flatten" flatten_param { axis: 3 end_axis: 2 }', (2, 3, 4, 5), (2, 3, 4, 1, 5)),
     ('type: "Reshape" reshape_param { shape { dim: 0 dim: -1 } }', (2, 3, 4, 5), (2, 60)),
     ('type: "Reshape" reshape_param { shape { dim: -1 } }', (2, 3, 4, 5), (120,)),
     ('type: "Reshape" reshape_param { shape { dim: 2 dim: 2 } axis: 2 num_axes: 1 }',
@@ -332,6 +334,9 @@ def test_concat_mismatch_names_both_shapes():
     ('type: "Slice" slice_param { axis: 1 slice_point: 2 }', [(2, 6)], 3,
      "1 slice_point values for 3 tops"),
     ('type: "Slice" slice_param { axis: 1 slice_point: 7 }', [(2, 6)], 2, "beyond the size 6"),
+    # Caffe: CHECK_LE(top.size(), bottom_slice_axis) when slice points are given.
+    ('type: "Slice" slice_param { axis: 1 slice_point: 1 slice_point: 2 }', [(2, 2, 3)], 3,
+     "3 tops are more than the size 2"),
     ('type: "Slice" slice_param { axis: 1 }', [(2, 7)], 3, "do not evenly divide"),
     ('type: "Slice" slice_param { axis: 1 slice_dim: 1 }', [(2, 6)], 2, "not both"),
     ('type: "Reshape" reshape_param { shape { dim: -1 dim: -1 } }', [(2, 6)], 1,
@@ -343,7 +348,7 @@ def test_concat_mismatch_names_both_shapes():
     ('type: "Reshape" reshape_param { shape { dim: 0 dim: 0 dim: 0 } }', [(2, 6)], 1,
      "no axis 2 to copy"),
     ('type: "Reshape" reshape_param { shape { dim: -2 } }', [(2, 6)], 1, "invalid size -2"),
-    ('type: "Flatten" flatten_param { axis: 2 end_axis: 1 }', [(2, 3, 4)], 1,
+    ('type: "Flatten" flatten_param { axis: 2 end_axis: 0 }', [(2, 3, 4)], 1,
      "comes before axis"),
     ('type: "Crop" crop_param { offset: 2 }', [(2, 3, 5, 5), (2, 3, 4, 4)], 1,
      "out of bounds"),

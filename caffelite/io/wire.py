@@ -145,15 +145,18 @@ def len_field(number, payload):
 
 def blob_bytes(data, diff=None):
     """A BlobProto as Caffe's Blob::ToProto writes it: packed float data (5), optional
-    diff (6), then the shape (7)."""
+    diff (6), then the shape (7). A 0-axis blob has no shape field: ToProto only creates
+    the shape while adding its dims."""
     data = np.asarray(data)
     out = b""
     if data.size:
         out += len_field(5, np.ascontiguousarray(data, dtype="<f4").tobytes())
         if diff is not None:
             out += len_field(6, np.ascontiguousarray(diff, dtype="<f4").tobytes())
+    if data.ndim == 0:
+        return out
     dims = b"".join(varint(int(d)) for d in data.shape)
-    return out + len_field(7, len_field(1, dims) if dims else b"")
+    return out + len_field(7, len_field(1, dims))
 
 
 def net_bytes(layers, net_name=""):

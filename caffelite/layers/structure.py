@@ -116,6 +116,10 @@ class SliceLayer(Layer):
         self.axis = _legacy_or_axis(self, self.layer_param.slice_param, "slice_dim", bottom[0])
         dim = bottom[0].shape[self.axis]
         if self.slice_points:
+            if len(top) > dim:
+                raise self.error(
+                    f"{len(top)} tops are more than the size {dim} of axis {self.axis} of "
+                    f"the bottom (shape {bottom[0].shape})")
             if self.slice_points[-1] > dim:
                 raise self.error(
                     f"slice_point {self.slice_points[-1]} lies beyond the size {dim} of axis "
@@ -223,7 +227,8 @@ class FlattenLayer(_ViewLayer):
         p = self.layer_param.flatten_param
         start = _axis_index(self, blob, p.axis, "flatten_param.axis")
         end = _axis_index(self, blob, p.end_axis, "flatten_param.end_axis")
-        if end < start:
+        # end_axis just before axis merges no axes: Caffe inserts an axis of size 1.
+        if end + 1 < start:
             raise self.error(f"flatten_param.end_axis ({p.end_axis}) comes before axis "
                              f"({p.axis}) for a bottom of shape {blob.shape}")
         return blob.shape[:start] + (blob.count_range(start, end + 1),) + blob.shape[end + 1:]
