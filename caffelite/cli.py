@@ -55,24 +55,69 @@ def parse_gpu(gpu):
     return int(ids[0])
 
 
-def _select_device(args):
-    """CPU or GPU mode from --gpu, with --tf32 and --cuda-graphs."""
+def _select_device(args, solver_device=None):
+    """CPU or GPU mode from --gpu, with --tf32 and --cuda-graphs. ``solver_device``: the
+    GPU a solver file asks for when --gpu is not given (``train``); where no GPU can be
+    used, that run goes on on the CPU, with a warning."""
     from . import backend, cuda_graphs
+    from .kernels import GPUUnavailableError
     device = parse_gpu(args.gpu)
+    if device is None and solver_device is not None:
+        device, source = solver_device
     graphs = bool(getattr(args, "cuda_graphs", False))
     if device is None:
-        if graphs:
-            logger.warning("--cuda-graphs applies to GPU mode only; running on the CPU")
-        backend.set_mode_cpu()
+        _use_cpu(graphs)
         return
     tf32 = bool(getattr(args, "tf32", False))
     backend.set_device(device)
     backend.set_tf32(tf32)
+    try:
+        backend.set_mode_gpu()
+    except GPUUnavailableError as e:
+        if parse_gpu(args.gpu) is not None:
+            raise
+        logger.warning("%s asks for GPU %d, but %s; training on the CPU (solver_mode: CPU "
+                       "or CAFFELITE_SOLVER_MODE=cpu says so without this warning)",
+                       source, device, _lower_first(str(e)))
+        _use_cpu(graphs)
+        return
     if graphs:
         cuda_graphs.set_enabled(True)
-    backend.set_mode_gpu()
     logger.info("Using GPU %s%s%s", device, " (TF32 GEMMs)" if tf32 else "",
                 " with CUDA graphs" if cuda_graphs.enabled() else "")
+
+
+def _use_cpu(graphs):
+    from . import backend
+    if graphs:
+        logger.warning("--cuda-graphs applies to GPU mode only; running on the CPU")
+    backend.set_mode_cpu()
+    logger.info("Use CPU.")
+
+
+def _lower_first(text):
+    return text[:1].lower() + text[1:]
+
+
+def solver_device(solver_path, defines):
+    """Caffe's train() without --gpu: a solver whose solver_mode is GPU (the proto's
+    default) trains on its device_id (0 when unset). Returns (device, what asked for it)
+    or None for the CPU. CAFFELITE_SOLVER_MODE=cpu or gpu overrides the file's mode."""
+    from .io import prototxt
+    from .proto import caffe_pb2
+    override = os.environ.get("CAFFELITE_SOLVER_MODE", "").strip().lower()
+    if override not in ("", "cpu", "gpu"):
+        raise CliError(f"CAFFELITE_SOLVER_MODE must be cpu or gpu, got '{override}'")
+    param = prototxt.read_solver(solver_path, defines)
+    on_gpu = param.solver_mode == caffe_pb2.SolverParameter.GPU
+    if override:
+        on_gpu = override == "gpu"
+    if not on_gpu:
+        return None
+    if override:
+        return param.device_id, "CAFFELITE_SOLVER_MODE=gpu"
+    default = "" if param.HasField("solver_mode") else ", the default"
+    return param.device_id, f"{solver_path} (solver_mode: GPU{default})"
 
 
 def _format_output(name, value, weight):
@@ -140,8 +185,10 @@ def cmd_train(args):
     from .solver import get_solver, install_signal_handlers
     if args.weights and args.snapshot:
         raise CliError("give either --weights or --snapshot, not both")
-    _select_device(args)
-    solver = get_solver(args.solver, defines=_defines(args.define))
+    defines = _defines(args.define)
+    _select_device(args, None if parse_gpu(args.gpu) is not None else
+                   solver_device(args.solver, defines))
+    solver = get_solver(args.solver, defines=defines)
     if args.weights:
         solver.load_weights(args.weights.split(","))
     restore = install_signal_handlers(solver, args.sigint_effect, args.sighup_effect)

@@ -13,6 +13,9 @@ CORPUS = os.path.join(SHARED, "corpus")
 # against it, so what the emulated GPU tests run is what CuPy accepts (set the variable
 # to 0 to switch the check off); subprocesses inherit the variable.
 os.environ.setdefault("CAFFELITE_EMULATOR_CUPY_CHECK", "1")
+# `caffelite train` without --gpu follows the solver's solver_mode (GPU by default, as in
+# Caffe): the tests train on the CPU wherever they run, unless a test says otherwise.
+os.environ.setdefault("CAFFELITE_SOLVER_MODE", "cpu")
 from caffelite.kernels import emulator as _emulator  # noqa: E402
 
 _emulator.set_cupy_check(None)

@@ -134,3 +134,77 @@ def test_bad_weights_file_is_one_line_error(tmp_path):
     out = run("test", "--model", str(net), "--weights", str(bad), "-D", "NAME=n")
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert "truncated or corrupt" in out.stderr and str(bad) in out.stderr
+
+
+# ------------------------------------------------------- train: the solver's solver_mode
+def train_env(**changes):
+    """The environment of a `caffelite train` subprocess: no GPU visible (CUDA sees none,
+    with or without CuPy), the solver's own mode unless ``changes`` set one."""
+    env = dict(os.environ, PYTHONPATH=ROOT, CUDA_VISIBLE_DEVICES="")
+    for name in ("CAFFELITE_SOLVER_MODE", "CAFFELITE_GPU_EMULATOR"):
+        env.pop(name, None)
+    env.update(changes)
+    return env
+
+
+def write_solver(tmp_path, mode_lines):
+    net = tmp_path / "net.prototxt"
+    net.write_text(NET.replace("${NAME}", "n"))
+    solver = tmp_path / "solver.prototxt"
+    solver.write_text(f'net: "{net}"\nbase_lr: 0.01\nlr_policy: "fixed"\nmax_iter: 2\n'
+                      f'display: 1\nsnapshot_after_train: false\n{mode_lines}')
+    return solver
+
+
+def run_train(solver, env, *flags):
+    return subprocess.run([sys.executable, "-m", "caffelite.cli", "train", "--solver",
+                           str(solver), *flags], capture_output=True, text=True, env=env)
+
+
+def test_train_without_gpu_flag_falls_back_to_the_cpu_when_the_solver_wants_a_gpu(tmp_path):
+    """Caffe's train(): without --gpu, solver_mode GPU (the proto's default) means GPU
+    device_id. With no usable GPU caffelite warns, naming the solver, and trains on the
+    CPU instead of stopping (every corpus solver says solver_mode: GPU)."""
+    solver = write_solver(tmp_path, "")
+    out = run_train(solver, train_env())
+    assert out.returncode == 0, out.stderr
+    warning = [l for l in out.stderr.splitlines() if l.startswith("W")]
+    assert len(warning) == 1 and GLOG.match(warning[0])
+    assert f"{solver} (solver_mode: GPU, the default) asks for GPU 0, but " in warning[0]
+    assert "training on the CPU" in warning[0]
+    assert "] Use CPU." in out.stderr and "Iteration 2, loss = " in out.stderr
+
+
+def test_train_uses_the_solvers_device_id(tmp_path):
+    """solver_mode: GPU with device_id 2 trains on GPU 2 (here the emulated GPU)."""
+    solver = write_solver(tmp_path, "solver_mode: GPU\ndevice_id: 2\n")
+    out = run_train(solver, train_env(CAFFELITE_GPU_EMULATOR="1"))
+    assert out.returncode == 0, out.stderr
+    assert "] Using GPU 2" in out.stderr and "Iteration 2, loss = " in out.stderr
+    assert "Use CPU." not in out.stderr
+
+
+def test_train_solver_mode_cpu_and_the_environment_override(tmp_path):
+    solver = write_solver(tmp_path, "solver_mode: CPU\ndevice_id: 1\n")
+    out = run_train(solver, train_env())
+    assert out.returncode == 0, out.stderr
+    assert "] Use CPU." in out.stderr and "GPU" not in out.stderr
+    # CAFFELITE_SOLVER_MODE overrides the file either way.
+    out = run_train(solver, train_env(CAFFELITE_SOLVER_MODE="gpu", CAFFELITE_GPU_EMULATOR="1"))
+    assert out.returncode == 0 and "] Using GPU 1" in out.stderr, out.stderr
+    gpu_solver = write_solver(tmp_path, "solver_mode: GPU\n")
+    out = run_train(gpu_solver, train_env(CAFFELITE_SOLVER_MODE="CPU"))
+    assert out.returncode == 0 and "] Use CPU." in out.stderr, out.stderr
+    assert not [l for l in out.stderr.splitlines() if l.startswith("W")]
+    out = run_train(gpu_solver, train_env(CAFFELITE_SOLVER_MODE="tpu"))
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines()[-1] == (
+        "caffelite train: error: CAFFELITE_SOLVER_MODE must be cpu or gpu, got 'tpu'")
+
+
+def test_train_with_an_explicit_gpu_flag_does_not_fall_back(tmp_path):
+    """--gpu is the user's own request: without a usable GPU it is an error."""
+    solver = write_solver(tmp_path, "solver_mode: CPU\n")
+    out = run_train(solver, train_env(), "--gpu", "0")
+    assert out.returncode == 1
+    assert "caffelite train: error: GPU mode needs" in out.stderr.strip().splitlines()[-1]
