@@ -557,9 +557,10 @@ def normalization_cases():
         Case("MVN_across_no_variance", 'type: "MVN" mvn_param { across_channels: true '
              'normalize_variance: false }', several(normal(2, 3, 4, 5)),
              cuda_fwd=red, cuda_bwd=red),
+        # The CPU keeps the fork's running window sums; the device sums each window.
         Case("LRN_across", 'type: "LRN" lrn_param { local_size: 3 alpha: 0.5 beta: 0.75 '
-             'k: 2 }', several(normal(2, 5, 3, 4)), cuda_fwd=Bound(16, "value"),
-             cuda_bwd=red),
+             'k: 2 }', several(normal(2, 5, 3, 4)), fwd=Bound(16, "value"), bwd=red,
+             cuda_fwd=Bound(16, "value"), cuda_bwd=red),
         Case("LRN_within", 'type: "LRN" lrn_param { local_size: 3 alpha: 0.5 beta: 0.75 '
              'norm_region: WITHIN_CHANNEL }', several(normal(2, 3, 5, 4)),
              cuda_fwd=Bound(16, "value"), cuda_bwd=red),

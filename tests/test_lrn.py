@@ -6,11 +6,14 @@ OpenCV deviation (checked against OpenCV 4.14): its Caffe importer does not read
 oracle is the formula instead. For WITHIN_CHANNEL Caffe itself ignores k (its internal
 Power layer has shift 1), so OpenCV agrees there for any k.
 """
+import subprocess
+
 import numpy as np
 import pytest
 
 from caffelite.blob import Blob
 from caffelite.layer import LayerError
+from conftest import compile_oracle
 from layer_testing import make_layer, setup_layer, run_forward, check_gradient, opencv_forward
 
 
@@ -103,6 +106,44 @@ def test_gradient(body):
     layer = make_layer(lrn_text(body))
     bottom, top = setup_layer(layer, [x])
     check_gradient(layer, bottom, top, step=1e-3, threshold=1e-3)
+
+
+@pytest.fixture(scope="module")
+def fork_lrn(tmp_path_factory):
+    """tests/oracles/lrn_oracle.cpp: the fork's CPU loops for ACROSS_CHANNELS, compiled."""
+    exe = compile_oracle(tmp_path_factory, "lrn_oracle", "-std=gnu++98",
+                         why="the LRN oracle")
+
+    def run(x, dy, size, alpha, beta, k):
+        args = [exe, *map(str, x.shape), str(size), repr(alpha), repr(beta), repr(k)]
+        data = np.float32(x).tobytes() + np.float32(dy).tobytes()
+        out = np.frombuffer(subprocess.run(args, input=data, check=True,
+                                           capture_output=True).stdout, np.float32)
+        return out[:x.size].reshape(x.shape), out[x.size:].reshape(x.shape)
+    return run
+
+
+@pytest.mark.parametrize("shape,size,alpha,beta,k", [
+    ((2, 16, 6, 5), 5, 1e-4, 0.75, 1.0),          # AlexNet's norm1 parameters
+    ((1, 7, 3, 4), 3, 0.5, 0.9, 2.0),
+    ((2, 4, 5, 5), 9, 0.5, 0.5, 1.0),             # window wider than the channels
+    ((1, 5, 2, 3), 1, 0.3, 0.6, 0.5),
+])
+def test_across_channels_is_the_forks_cpu_arithmetic(fork_lrn, shape, size, alpha, beta, k):
+    """Bit for bit against the fork's loops: running window sums, rounded at each axpy."""
+    rng = np.random.default_rng(size)
+    x = (rng.standard_normal(shape) * 3).astype(np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    layer = make_layer(lrn_text(f"local_size: {size} alpha: {alpha} beta: {beta} k: {k}"),
+                       dtype=np.float32)
+    bottom, top = setup_layer(layer, [x], dtype=np.float32)
+    y = run_forward(layer, bottom, top)[0]
+    top[0].diff[...] = dy
+    bottom[0].diff[...] = np.nan
+    layer.backward(top, [True], bottom)
+    want_y, want_dx = fork_lrn(x, dy, size, alpha, beta, k)
+    assert np.array_equal(y.view(np.uint32), want_y.view(np.uint32))
+    assert np.array_equal(bottom[0].diff.view(np.uint32), want_dx.view(np.uint32))
 
 
 @pytest.mark.parametrize("body,words", [

@@ -1,13 +1,20 @@
 """LRN, local response normalisation (Caffe ``lrn_layer.cpp``).
 
 ACROSS_CHANNELS: ``top = x * (k + alpha/n * sum of x^2 over the n channels centred on
-c)^-beta`` (zero-padded at the channel ends).
+c)^-beta`` (zero-padded at the channel ends). On the CPU in the fork's order: channel 0's
+scale is k plus the window's ``alpha/n * x^2`` terms one by one, each later channel's is
+the previous one plus the entering term minus the leaving one, and the backward keeps
+its window of ratios as a running sum too (float rounding at every step, as the axpy
+loops round). The device sums each window directly (Caffe's GPU kernel has its own
+order too).
 
 WITHIN_CHANNEL: Caffe builds it from layers (split, Power(2), AVE Pooling with kernel n,
 pad (n-1)/2, stride 1, Power(power=-beta, scale=alpha, shift=1), Eltwise PROD), so
 ``top = x * (1 + alpha * avgpool(x^2))^-beta`` where the average always divides by n*n
 (zero padding counts) and ``k`` is NOT used. The backward follows the same chain.
 """
+
+import numpy as np
 
 from ..backend import get_array_module
 from ..layer import Layer, register
@@ -45,11 +52,47 @@ class LRNLayer(Layer):
         top[0].reshape(bottom[0].shape)
 
     # --- window sums --------------------------------------------------------------
-    def _channel_window_sum(self, xp, a):
-        """sum over channels [c - pre_pad, c + pre_pad] of ``a`` (zero outside)."""
+    def _padded_channels(self, xp, a):
+        """``a`` with pre_pad zero channels before and after (size - 1 in all)."""
         n, c, h, w = a.shape
         padded = xp.zeros((n, c + self.size - 1, h, w), dtype=a.dtype)
         padded[:, self.pre_pad:self.pre_pad + c] = a
+        return padded
+
+    def _running_scale(self, x, alpha_over_size):
+        """CrossChannelForward_cpu's scale: k, plus the first window's terms one axpy at a
+        time; then per channel the previous scale, plus the entering term, minus the
+        leaving one."""
+        padded = self._padded_channels(np, x * x)
+        scale = np.empty_like(x)
+        running = np.full(x.shape[:1] + x.shape[2:], self.k, x.dtype)
+        for j in range(self.size):
+            running = running + alpha_over_size * padded[:, j]
+        scale[:, 0] = running
+        for c in range(1, x.shape[1]):
+            running = running + alpha_over_size * padded[:, c + self.size - 1]
+            running = running + -alpha_over_size * padded[:, c - 1]
+            scale[:, c] = running
+        return scale
+
+    def _running_ratio_terms(self, ratio, x):
+        """CrossChannelBackward_cpu's terms: per channel, the running window sum of the
+        ratios (entering one added, leaving one subtracted) times the bottom."""
+        padded = self._padded_channels(np, ratio)
+        terms = np.empty_like(x)
+        accum = np.zeros(x.shape[:1] + x.shape[2:], x.dtype)
+        for j in range(self.size - 1):
+            accum = accum + padded[:, j]
+        for c in range(x.shape[1]):
+            accum = accum + padded[:, c + self.size - 1]
+            terms[:, c] = x[:, c] * accum
+            accum = accum - padded[:, c]
+        return terms
+
+    def _channel_window_sum(self, xp, a):
+        """sum over channels [c - pre_pad, c + pre_pad] of ``a`` (zero outside)."""
+        c = a.shape[1]
+        padded = self._padded_channels(xp, a)
         total = xp.zeros_like(a)
         for j in range(self.size):
             total += padded[:, j:j + c]
@@ -84,7 +127,10 @@ class LRNLayer(Layer):
         dt = x.dtype.type
         if self.region == _P.ACROSS_CHANNELS:
             alpha_over_size = self.alpha / dt(self.size)
-            self.scale = self.k + alpha_over_size * self._channel_window_sum(xp, x * x)
+            if xp is np:
+                self.scale = self._running_scale(x, alpha_over_size)
+            else:
+                self.scale = self.k + alpha_over_size * self._channel_window_sum(xp, x * x)
             top[0].data[...] = caffe_powx(xp, self.scale, -self.beta) * x
         else:
             pool_size = dt(self.size * self.size)
@@ -99,11 +145,15 @@ class LRNLayer(Layer):
         xp = get_array_module(x)
         dt = x.dtype.type
         if self.region == _P.ACROSS_CHANNELS:
-            cache_ratio = dt(2) * self.alpha * self.beta / dt(self.size)
+            # 2. * alpha_ * beta_ / size_: in double, stored as Dtype.
+            cache_ratio = dt(2.0 * float(self.alpha) * float(self.beta) / self.size)
             ratio = g * top[0].data / self.scale
-            accum = self._channel_window_sum(xp, ratio)
+            if xp is np:
+                terms = self._running_ratio_terms(ratio, x)
+            else:
+                terms = self._channel_window_sum(xp, ratio) * x
             bottom[0].diff[...] = (caffe_powx(xp, self.scale, -self.beta) * g
-                                   - cache_ratio * (accum * x))
+                                   - cache_ratio * terms)
         else:
             # Eltwise PROD -> Power(-beta, alpha, 1) -> AVE pool -> Power(2) -> Split.
             d_power = g * x
