@@ -23,19 +23,23 @@ from .proto import caffe_pb2
 
 
 def _weighted_loss(terms, dtype):
-    """Net::ForwardFromTo's loss: ``loss += weight * value`` in order, in the net's
-    Dtype as Caffe adds each layer's loss (a one-element loss top's dot with its weight
-    is one Dtype product). The values are float64 sums on the host or the device (all
-    device values come back in one copy), rounded to Dtype first."""
+    """Net::ForwardFromTo's loss from [(layer index, value)]: each loss top's value is
+    Layer::Forward's dot of its data with its diff (the diff holds the loss weight, set
+    at setup; a one-element top's dot is one Dtype product). A layer's tops add up to
+    its loss, and the layers' losses add up in order, both in the net's Dtype. The
+    values are float64 sums on the host or the device (all device values come back in
+    one copy), rounded to Dtype first."""
     real = np.dtype(dtype).type
     device = [v for _, v in terms if not isinstance(v, np.generic)]
     values = iter(backend.to_host(backend.device_module().stack(device)).tolist()
                   if device else [])
-    loss = real(0)
-    for w, v in terms:
+    loss, layer_loss, current = real(0), real(0), None
+    for i, v in terms:
+        if i != current:
+            loss, layer_loss, current = real(loss + layer_loss), real(0), i
         value = real(float(v) if isinstance(v, np.generic) else next(values))
-        loss = real(loss + real(real(w) * value))
-    return float(loss)
+        layer_loss = real(layer_loss + value)
+    return float(real(loss + layer_loss))
 
 class NetError(ValueError):
     pass
@@ -502,7 +506,7 @@ class Net:
 
     def _forward_layers(self, start, end):
         """Layers ``start`` .. ``end`` forward (fused chains as one call); their loss
-        terms [(weight, sum of the loss top)]."""
+        terms [(layer index, dot of a loss top's data with its diff)]."""
         gpu = backend.is_gpu()
         chains = self._fused_chains() or {}
         loss_terms = []
@@ -527,7 +531,8 @@ class Net:
                 for t, w in zip(top, layer.loss_weights):
                     if w:
                         xp = backend.get_array_module(t.data)
-                        loss_terms.append((w, xp.sum(t.data, dtype=xp.float64)))
+                        loss_terms.append((i, xp.sum(t.data.astype(xp.float64) * t.diff,
+                                                     dtype=xp.float64)))
                 if self.debug_info:
                     self._forward_debug_info(i)
         return loss_terms
@@ -598,14 +603,12 @@ class Net:
                 guard = _read_only_on_host(
                     [m for t in top for m in t.memories()] + [b.memories()[0] for b in bottom],
                     [b.memories()[1] for b in bottom])
-            with backend.device_access(on_device):
-                for t, w in zip(top, layer.loss_weights):
-                    if w:
-                        t.diff[...] = w
-                with guard:
-                    layer.backward(top, self.bottom_need_backward[i], bottom)
-                    if self.debug_info:
-                        self._backward_debug_info(i)
+            # A loss top's diff keeps the loss weight written at setup (or what was
+            # written there since: Caffe's backward reads whatever the diff holds).
+            with backend.device_access(on_device), guard:
+                layer.backward(top, self.bottom_need_backward[i], bottom)
+                if self.debug_info:
+                    self._backward_debug_info(i)
 
     def _chain_backward(self, chain):
         """A fused chain's backward, if every layer of it needs one (as in-place chains

@@ -227,3 +227,54 @@ def test_net_loss_adds_layer_losses_in_float(tmp_path):
     double_net = caffe.Net(str(write(tmp_path, layers, "d.prototxt")), caffe.TEST,
                            dtype=np.float64)
     assert double_net.forward_from_to() == 1.0 + 2 * tiny
+
+
+EUCLIDEAN_NET = '''
+force_backward: true
+input: "a" input_shape { dim: 1 dim: 4 }
+input: "b" input_shape { dim: 1 dim: 4 }
+layer { name: "loss" type: "EuclideanLoss" bottom: "a" bottom: "b" top: "loss" }
+'''
+
+
+def test_loss_is_the_dot_of_the_loss_top_with_its_diff(tmp_path):
+    """Layer::SetLossWeights writes the loss weight into the top's diff once; Forward's
+    loss is dot(top data, top diff) and Backward reads the diff as it is. A diff written
+    from Python therefore scales the gradient and the next loss (Caffe, not a reset)."""
+    net = caffe.Net(write(tmp_path, EUCLIDEAN_NET), caffe.TRAIN)
+    net.blobs["a"].data[...] = np.arange(4)
+    net.blobs["b"].data[...] = 0
+    assert net.forward_from_to() == 7.0          # sum(a^2) / 2
+    assert net.blobs["loss"].diff == 1.0
+    net.blobs["loss"].diff[...] = 2
+    net.backward_from_to()
+    assert np.array_equal(net.blobs["a"].diff.ravel(), [0, 2, 4, 6])
+    assert net.forward_from_to() == 14.0
+
+
+SPLIT_LOSS_NET = '''
+input: "a" input_shape { dim: 1 dim: 4 }
+input: "b" input_shape { dim: 1 dim: 4 }
+layer { name: "ip" type: "InnerProduct" bottom: "a" top: "ip"
+  inner_product_param { num_output: 4 weight_filler { type: "constant" value: 0.5 } } }
+layer { name: "loss" type: "EuclideanLoss" bottom: "ip" bottom: "b" top: "l"
+  loss_weight: 0.5 }
+layer { name: "pw" type: "Power" bottom: "l" top: "lp" }
+'''
+
+
+def test_a_consumed_loss_top_follows_caffes_split_arithmetic(tmp_path):
+    """InsertSplits moves the 0.5 to the split's first top and clears the layer's weight,
+    so LossLayer::LayerSetUp gives the layer its default 1 again: the first loss is
+    1 * L + 0.5 * L = 27 for L = 18. The Split's backward then writes 0.5 + 0 into the
+    loss top's diff, so the gradient uses 0.5 and the next loss is 0.5 L + 0.5 L = 18."""
+    net = caffe.Net(write(tmp_path, SPLIT_LOSS_NET), caffe.TRAIN)
+    net.blobs["a"].data[...] = np.arange(4)
+    net.blobs["b"].data[...] = 0
+    losses, grads = [], []
+    for _ in range(2):
+        net.clear_param_diffs()
+        losses.append(net.forward_backward())
+        grads.append(float(net.params["ip"][0].diff.sum()))
+        assert float(net.blobs["l"].data) == 18.0 and float(net.blobs["l"].diff) == 0.5
+    assert losses == [27.0, 18.0] and grads == [36.0, 36.0]
