@@ -488,6 +488,7 @@ class Net:
 
     def forward_from_to(self, start=0, end=None):
         end = len(self.layers) - 1 if end is None else end
+        self._check_layer_range("forward", start, end)
         if self.debug_info and self._inputs_from_fields:
             for name in self.inputs:
                 _debug(f"[Forward] Input {name} data: "
@@ -577,11 +578,19 @@ class Net:
 
     def backward_from_to(self, start=None, end=0):
         start = len(self.layers) - 1 if start is None else start
+        self._check_layer_range("backward", end, start)
         graphs = self._cuda_graphs()
         if graphs is None:
             self._backward_layers(start, end)
         else:
             graphs.backward(start, end)
+
+    def _check_layer_range(self, direction, low, high):
+        """Caffe's CHECK_GE(start/end, 0) and CHECK_LT(end/start, number of layers)."""
+        if low < 0 or high >= len(self.layers):
+            raise NetError(f"{self.source}: {direction} over layers {low} to {high} is "
+                           f"outside the net's {len(self.layers)} layers (0 to "
+                           f"{len(self.layers) - 1})")
 
     def _backward_layers(self, start, end):
         """Layers ``start`` down to ``end`` backward (fused chains as one call)."""

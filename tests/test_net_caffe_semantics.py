@@ -278,3 +278,18 @@ def test_a_consumed_loss_top_follows_caffes_split_arithmetic(tmp_path):
         grads.append(float(net.params["ip"][0].diff.sum()))
         assert float(net.blobs["l"].data) == 18.0 and float(net.blobs["l"].diff) == 0.5
     assert losses == [27.0, 18.0] and grads == [36.0, 36.0]
+
+
+@pytest.mark.parametrize("call", [
+    lambda net: net.forward_from_to(-1, 0),
+    lambda net: net.forward_from_to(0, 1),
+    lambda net: net.backward_from_to(1, 0),
+    lambda net: net.backward_from_to(0, -1),
+])
+def test_layer_ranges_are_checked(tmp_path, call):
+    """ForwardFromTo's CHECK_GE(start, 0) / CHECK_LT(end, layers), and BackwardFromTo's
+    the other way round: a clear error naming the range (a start of -1 would otherwise
+    run from the last layer)."""
+    net = caffe.Net(write(tmp_path, EUCLIDEAN_NET), caffe.TRAIN)
+    with pytest.raises(NetError, match=r"outside the net's 1 layers \(0 to 0\)"):
+        call(net)
