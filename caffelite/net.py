@@ -80,19 +80,19 @@ def filter_net(net, state):
 def net_input_fields(net):
     """[(name, shape)] of the NetParameter's ``input`` fields, shaped by ``input_shape``
     or by four ``input_dim`` values each (the fork's net inputs: blobs, not a layer)."""
+    # Net::Init's checks, in its order, whether or not there are inputs.
     n = len(net.input)
-    if not n:
-        return []
-    if len(net.input_shape):
-        if len(net.input_shape) != n:
-            raise NetError(f"{n} inputs but {len(net.input_shape)} input_shape entries")
-        shapes = [list(s.dim) for s in net.input_shape]
-    elif len(net.input_dim):
+    if len(net.input_dim) and len(net.input_shape):
+        raise NetError("give either input_shape or the deprecated input_dim, not both")
+    if len(net.input_dim):
         if len(net.input_dim) != 4 * n:
             raise NetError(f"{n} inputs need {4 * n} input_dim values, got {len(net.input_dim)}")
         shapes = [list(net.input_dim[4 * i:4 * i + 4]) for i in range(n)]
     else:
-        raise NetError("net 'input' given without input_dim or input_shape")
+        if len(net.input_shape) != n:
+            raise NetError(f"{n} inputs need one input_shape each, got "
+                           f"{len(net.input_shape)}")
+        shapes = [list(s.dim) for s in net.input_shape]
     return list(zip(net.input, shapes))
 
 

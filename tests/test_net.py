@@ -217,9 +217,16 @@ def test_input_fields_make_blobs_and_no_layer(tmp_path):
             'layer { name: "s" type: "Eltwise" bottom: "a" bottom: "a" top: "s" }\n')
     with pytest.raises(NetError, match="1 inputs need 4 input_dim values, got 2"):
         make_net(tmp_path, 'input: "a" input_dim: 1 input_dim: 2\n')
-    with pytest.raises(NetError, match="2 inputs but 1 input_shape"):
+    with pytest.raises(NetError, match="2 inputs need one input_shape each, got 1"):
         make_net(tmp_path, text.replace('input_dim: 1 input_dim: 2 input_dim: 3 input_dim: 4',
                                         ''))
+    # Net::Init checks these whether or not there is an input: field.
+    with pytest.raises(NetError, match="either input_shape or the deprecated input_dim"):
+        make_net(tmp_path, text)
+    with pytest.raises(NetError, match="0 inputs need 0 input_dim values, got 4"):
+        make_net(tmp_path, "input_dim: 1 input_dim: 2 input_dim: 3 input_dim: 4\n")
+    with pytest.raises(NetError, match="0 inputs need one input_shape each, got 1"):
+        make_net(tmp_path, "input_shape { dim: 1 }\n")
     with pytest.raises(NetError, match="input blob 'a' is given twice"):
         make_net(tmp_path, 'input: "a" input: "a" input_shape { dim: 1 } '
                            'input_shape { dim: 1 }\n')
