@@ -41,7 +41,7 @@ from . import backend, caffe_rng, kernels
 from .backend import TEST, TRAIN, get_array_module
 from .io import prototxt, solverstate
 from .io.caffemodel import write_atomically
-from .io.upgrade import upgrade_solver
+from .io.upgrade import upgrade_solver, upgraded_state
 from .log import logger
 from .net import Net
 from .proto import caffe_pb2
@@ -238,7 +238,7 @@ class Solver:
             net_param, source = self._read_net_file(path), path
         # Solver default < the net's own state < train_state (Caffe's MergeFrom order).
         state = caffe_pb2.NetState(phase=TRAIN)
-        state.MergeFrom(net_param.state)
+        state.MergeFrom(upgraded_state(net_param))
         state.MergeFrom(p.train_state)
         return self._build_net(net_param, source, state)
 
@@ -270,7 +270,7 @@ class Solver:
         nets = []
         for i, (net_param, source) in enumerate(sources):
             state = caffe_pb2.NetState(phase=TEST)
-            state.MergeFrom(net_param.state)
+            state.MergeFrom(upgraded_state(net_param))
             if len(p.test_state):
                 state.MergeFrom(p.test_state[i])
             logger.info("Creating test net (#%d) specified by %s", i, source)

@@ -439,6 +439,26 @@ def test_l1_regularization_uses_caffes_sign(tmp_path):
     np.testing.assert_array_equal(w.diff.ravel(), expected)
 
 
+V0_NET_WITH_STATE = '''
+name: "v0"
+state { phase: TEST level: 5 }
+input: "data"
+input_dim: 2 input_dim: 3 input_dim: 4 input_dim: 4
+layers { layer { name: "drop" type: "dropout" dropout_ratio: 0.5 } bottom: "data" top: "out" }
+'''
+
+
+def test_a_v0_train_nets_state_is_dropped_as_the_upgrade_drops_it(tmp_path):
+    """ReadNetParamsFromTextFileOrDie upgrades the file before the solver merges its
+    state, and UpgradeV0Net keeps no state: the train net runs in TRAIN (its Dropout
+    drops), not in the file's TEST."""
+    s = make_solver(tmp_path, 'base_lr: 0.01 lr_policy: "fixed"', V0_NET_WITH_STATE)
+    assert s.net.phase == caffe_pb2.TRAIN
+    s.net.blobs["data"].data[...] = 1
+    s.net.forward()
+    assert set(np.unique(s.net.blobs["out"].data)) <= {0.0, 2.0}
+
+
 # ------------------------------------------------------------------ log lines
 def logged(lines, pattern):
     return [m.groups() for m in (re.search(pattern, line) for line in lines) if m]

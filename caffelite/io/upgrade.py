@@ -380,6 +380,14 @@ def _upgrade_v0_net(net, where):
     return v1_net
 
 
+def upgraded_state(net):
+    """The NetState that survives the upgrade: none from a V0 net (UpgradeV0Net keeps
+    only its name, inputs and force_backward), else the net's own."""
+    if any(entry.HasField("layer") for entry in net.layers):
+        return caffe_pb2.NetState()
+    return net.state
+
+
 def upgrade_net(net, where="<net>"):
     """Return ``(upgraded NetParameter, names of layers with strict_dim: false)``."""
     net = _copy(net)
