@@ -111,6 +111,30 @@ def test_malformed_prototxt_names_file_line_column(tmp_path):
     assert str(f) in str(e.value)
 
 
+@pytest.mark.parametrize("text, name", [
+    (r'name: "a\?b"', "a?b"),                         # \? is C's escape for ?
+    (r'name: "C:\\data"', "C:\\data"),
+    (r"name: 'x\x41y\101' # \q in a comment", "xAyA"),
+    (r'name: "tab\tq"', "tab\tq"),
+    ('name: "a#b" # "\\q"', "a#b"),
+])
+def test_string_escapes_as_protobufs_cpp_tokenizer_reads_them(text, name):
+    assert prototxt.parse_text(text, caffe_pb2.NetParameter()).name == name
+
+
+@pytest.mark.parametrize("text, where, message", [
+    (r'name: "C:\data\train"', "1:11", "Invalid escape sequence in string literal."),
+    ('\n' r"name: 'x\q'", "2:10", "Invalid escape sequence in string literal."),
+    (r'name: "bad\xg"', "1:13", "Expected hex digits for escape sequence."),
+])
+def test_invalid_string_escapes_are_errors_as_in_caffe(text, where, message):
+    """A Windows path with single backslashes parses in Python (as a tab, or kept) but
+    not in Caffe: the error names the line and column of the escape."""
+    with pytest.raises(PrototxtError) as e:
+        prototxt.parse_text(text, caffe_pb2.NetParameter(), "f.prototxt")
+    assert str(e.value) == f"f.prototxt:{where}: {message}"
+
+
 def test_solver_type_enum_upgrade(tmp_path):
     f = tmp_path / "s.prototxt"
     f.write_text('net: "x"\nbase_lr: 0.1\nsolver_type: NESTEROV\n')

@@ -67,7 +67,44 @@ def read_text(path, defines=None):
     return fill_templates(text, defines, path)
 
 
+# Comments and quoted strings, as protobuf's tokenizer finds them (a '#' inside a string
+# is text; a quote inside a comment is not a string).
+_COMMENT_OR_STRING = re.compile(r"""#[^\n]*|"(?:[^"\\\n]|\\.)*"|'(?:[^'\\\n]|\\.)*'""")
+_ESCAPE = re.compile(r"\\(.?)", re.S)
+_SIMPLE_ESCAPES = set("abfnrtv\\?'\"01234567")
+
+
+def _check_escapes(text, path):
+    """protobuf's C++ tokenizer (Caffe's) refuses an escape other than \\a \\b \\f \\n
+    \\r \\t \\v \\\\ \\? \\' \\" (and octal / \\x hex ones) in a string; Python's parser
+    keeps such text as it is. Returns ``text`` with \\? as ?, which Python's parser
+    does not know either."""
+    def string(match):
+        token = match.group(0)
+        if token.startswith("#") or "\\" not in token:
+            return token
+
+        def escape(esc):
+            char = esc.group(1)
+            if char in _SIMPLE_ESCAPES and char:
+                return "?" if char == "?" else esc.group(0)
+            hex_digit = token[esc.end():esc.end() + 1]
+            if char in "xX" and char and hex_digit and hex_digit in "0123456789abcdefABCDEF":
+                return esc.group(0)
+            hex_escape = bool(char) and char in "xX"
+            # Where the C++ tokenizer stands: after the backslash (and the x).
+            pos = match.start() + esc.start() + 1 + hex_escape
+            line = text.count("\n", 0, pos) + 1
+            col = pos - text.rfind("\n", 0, pos)
+            why = ("Expected hex digits for escape sequence." if hex_escape else
+                   "Invalid escape sequence in string literal.")
+            raise PrototxtError(f"{path}:{line}:{col}: {why}")
+        return _ESCAPE.sub(escape, token)
+    return _COMMENT_OR_STRING.sub(string, text)
+
+
 def parse_text(text, message, path="<string>"):
+    text = _check_escapes(text, path)
     try:
         text_format.Parse(text, message)
     except text_format.ParseError as e:
