@@ -134,7 +134,7 @@ def prediction_from_features(path, height, width, num_labels=None):
     """Argmax over classes (first maximum) of ``<id>_blob_0.mat`` cropped to the
     top-left ``height`` x ``width``."""
     try:
-        scores, _ = read_mat(path)
+        scores, _ = read_mat(path, dtype=None)      # EvalSegResults loads any class
     except MatFileError as e:
         raise EvalError(str(e)) from None
     if scores.shape[0] != 1:
@@ -163,7 +163,9 @@ def matlab_argmax(scores):
 def read_label_map(path, what="prediction"):
     """A label map as MATLAB's ``imread`` gives it to MyVOCevalseg: the class indices
     of a palette PNG, the values of a gray one (16-bit ones in full: cv::imread's high
-    byte would turn labels 0..255 into 0). A colour image is refused: it is no label map."""
+    byte would turn labels 0..255 into 0; 1-, 2- and 4-bit ones unscaled: 0/1 for a
+    1-bit PNG, where decoders that widen to 8 bits give 0/255). A colour image is
+    refused: it is no label map."""
     from PIL import Image
     try:
         with Image.open(path) as img:
@@ -172,6 +174,11 @@ def read_label_map(path, what="prediction"):
                 return np.asarray(img, dtype=np.uint8)
             if img.mode.startswith("I"):
                 return np.asarray(img).astype(np.int64)
+            if img.mode == "1":              # MATLAB: a logical image, 0 and 1
+                return np.asarray(img, dtype=np.uint8)
+            bits = _png_gray_bit_depth(path) if img.mode == "L" else None
+            if bits:
+                return (np.asarray(img, np.int64) * ((1 << bits) - 1) // 255).astype(np.uint8)
             mode = img.mode
     except OSError as e:
         raise EvalError(f"cannot read {what} '{path}': {e}") from None
@@ -179,6 +186,17 @@ def read_label_map(path, what="prediction"):
         raise EvalError(f"{path}: a {mode} image is not a label map (write class indices "
                         f"as a gray or palette PNG)")
     return read_label(path)
+
+
+def _png_gray_bit_depth(path):
+    """The bit depth of a gray PNG stored with fewer than 8 bits per pixel, else None
+    (read from its IHDR chunk: Pillow widens such samples to 0..255)."""
+    with open(path, "rb") as f:
+        head = f.read(26)
+    if len(head) < 26 or head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
+        return None
+    bits, colour_type = head[24], head[25]
+    return bits if colour_type == 0 and bits < 8 else None
 
 
 def read_prediction(path):
@@ -225,15 +243,18 @@ def accumulate_confusion(confusion, gt, pred, ignore_label=255, source=None,
     n = confusion.shape[0]
     where = f"{source}: " if source else ""
     gt_where = f"{gt_source}: " if gt_source else where
+    # MyVOCevalseg checks the prediction's maximum over the whole image, before it
+    # drops the pixels whose ground truth is the ignore label.
+    pred = np.asarray(pred).astype(np.int64)
+    if pred.size and (pred.max() >= n or pred.min() < 0):
+        bad = int(pred.max() if pred.max() >= n else pred.min())
+        raise EvalError(f"{where}predicted label {bad} is outside [0, {n})")
     keep = gt != ignore_label
-    gt, pred = gt[keep].astype(np.int64), pred[keep].astype(np.int64)
+    gt, pred = gt[keep].astype(np.int64), pred[keep]
     if gt.size and (gt.max() >= n or gt.min() < 0):
         bad = int(gt.max() if gt.max() >= n else gt.min())
         raise EvalError(f"{gt_where}ground-truth label {bad} is outside [0, {n}) and is not "
                         f"the ignore label {ignore_label}")
-    if pred.size and (pred.max() >= n or pred.min() < 0):
-        bad = int(pred.max() if pred.max() >= n else pred.min())
-        raise EvalError(f"{where}predicted label {bad} is outside [0, {n})")
     confusion += np.bincount(gt * n + pred, minlength=n * n).reshape(n, n)
     return confusion
 

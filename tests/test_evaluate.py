@@ -143,6 +143,18 @@ def test_features_and_predictions_give_the_same_numbers(dataset):
         .tolist() == CONFUSION.tolist()
 
 
+def test_double_features_are_read_like_single_ones(tmp_path):
+    """EvalSegResults loads a feature file of any class; a double one gives the same
+    prediction as its single twin (the nets' MatRead stays strict about the class)."""
+    from caffelite.evaluate import prediction_from_features
+    scores = _features(PRED["a"], 3)
+    write_mat(str(tmp_path / "s_blob_0.mat"), scores)
+    write_mat(str(tmp_path / "d_blob_0.mat"), scores.astype(np.float64))
+    single = prediction_from_features(str(tmp_path / "s_blob_0.mat"), 2, 3, 3)
+    double = prediction_from_features(str(tmp_path / "d_blob_0.mat"), 2, 3, 3)
+    assert single.tolist() == double.tolist() == PRED["a"].tolist()
+
+
 def test_feature_ties_take_the_first_maximum(tmp_path):
     gt = np.zeros((2, 2), np.uint8)
     _write_png(tmp_path / "t.png", gt)
@@ -270,6 +282,49 @@ def test_out_of_range_labels(dataset):
     _write_png(dataset["gt"] / "b.png", np.full((2, 2), 9, np.uint8))
     with pytest.raises(EvalError, match=r"ground-truth label 9 is outside"):
         evaluate(_items(dataset, ["b"]), 3, feature_dir=str(dataset["feat"]))
+
+
+def test_prediction_range_is_checked_where_the_gt_is_ignored_too(dataset):
+    """MyVOCevalseg takes the prediction's maximum over the whole image before it drops
+    the ground truth's 255 pixels."""
+    pred = PRED["a"].copy()
+    pred[1, 2] = 255                    # where the ground truth is 255
+    _write_png(dataset["pred"] / "a.png", pred)
+    with pytest.raises(EvalError, match=r"a\.png: predicted label 255 is outside \[0, 3\)"):
+        evaluate(_items(dataset, ["a"]), 3, pred_dir=str(dataset["pred"]))
+
+
+def _gray_png(path, bits, rows):
+    """A gray PNG with ``bits`` (1, 2 or 4) per sample, written by hand (Pillow writes 8)."""
+    import struct
+    import zlib
+    raw = b""
+    for row in rows:
+        text = "".join(format(v, f"0{bits}b") for v in row)
+        text += "0" * (-len(text) % 8)
+        raw += b"\x00" + int(text, 2).to_bytes(len(text) // 8, "big")
+
+    def chunk(kind, data):
+        return (struct.pack(">I", len(data)) + kind + data +
+                struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+    header = struct.pack(">IIBBBBB", len(rows[0]), len(rows), bits, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) +
+                     chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("bits, rows", [(1, [[0, 1, 1], [1, 0, 1]]),
+                                        (2, [[0, 1, 2], [3, 2, 0]]),
+                                        (4, [[0, 9, 15], [1, 2, 3]])])
+def test_low_bit_depth_gray_pngs_give_their_sample_values(tmp_path, bits, rows):
+    """MATLAB's imread returns a 1-bit PNG as logical 0/1 and 2-/4-bit ones as their
+    sample values; Pillow (like cv::imread, which the data layers follow) widens them
+    to 0..255, which would turn class 1 of a binary ground truth into the ignore label."""
+    from caffelite.evaluate import read_label_map
+    path = tmp_path / "gt.png"
+    _gray_png(path, bits, rows)
+    assert read_label_map(str(path)).tolist() == rows
+    if bits == 1:
+        assert read_label(str(path)).tolist() == [[255 * v for v in r] for r in rows]
 
 
 def test_rgb_prediction_is_rejected(dataset):

@@ -143,10 +143,11 @@ def read_mat(path, dtype=np.float32):
     """``(data, diff)`` of a MatWrite-style file as NCHW arrays of ``dtype``.
 
     ``diff`` is None when the file has no (or an empty) ``diff`` variable.  The MATLAB
-    class of each variable must be the one of ``dtype`` (single for float32).
+    class of each variable must be the one of ``dtype`` (single for float32);
+    ``dtype=None`` takes either, as the file stores it (MATLAB scripts do).
     """
-    dtype = np.dtype(dtype)
-    if dtype not in _CLASS_OF_DTYPE:
+    dtype = None if dtype is None else np.dtype(dtype)
+    if dtype is not None and dtype not in _CLASS_OF_DTYPE:
         raise MatFileError(f"MAT blobs can be read as float32 or float64, not {dtype}")
     if not os.path.isfile(path):
         raise MatFileError(f"MAT file not found: '{path}'")
@@ -172,6 +173,9 @@ def read_mat(path, dtype=np.float32):
 
 def _checked(path, name, entry, dtype):
     values, dims, mat_class = entry
+    if dtype is None:
+        dtype = {c: d for d, (_, _, c) in _CLASS_OF_DTYPE.items()}.get(
+            mat_class, np.dtype(np.float32))
     want = _CLASS_OF_DTYPE[dtype][2]
     if mat_class != want:
         raise MatFileError(
