@@ -58,8 +58,10 @@ Steps (each logs to its own file; a finished step is skipped unless ``--force``)
   the current CRF parameters when they exist.  Finished when ``results.json`` is
   newer than its inputs.  The reports are printed at the end.
 
-Ground truth comes from the lists' second column under DATA_ROOT (else
-``DATA_ROOT/SegmentationClass/<id>.png``, or ``--gt DIR``).
+Ground truth is ``DATA_ROOT/SegmentationClass/<id>.png``, where the release's MATLAB
+evaluation (GetVOCopts' ``seg.clsimgpath``) reads it, when that file exists; else the
+list's second column under DATA_ROOT (the kit's SegmentationClassAug); ``--gt DIR``
+overrides both.
 """
 import contextlib
 import glob
@@ -478,12 +480,13 @@ class Pipeline:
         for line in read_list(self.list_path(test_set)):
             image = self.data_path(line.image) if line.image else \
                 self.data_path(f"/JPEGImages/{line.id}.jpg")
+            official = self.data_path(f"/SegmentationClass/{line.id}.png")
             if self.gt_dir:
                 gt = os.path.join(self.gt_dir, f"{line.id}.png")
-            elif line.label:
+            elif line.label and not os.path.isfile(official):
                 gt = self.data_path(line.label)
             else:
-                gt = self.data_path(f"/SegmentationClass/{line.id}.png")
+                gt = official
             out.append(EvalItem(line.id, gt, image))
         return out
 

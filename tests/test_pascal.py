@@ -272,6 +272,25 @@ def test_sub_sed_variables_and_defines(tmp_path):
     assert p.variables(after="train2")["TRAIN_SET"] == "trainval_aug"
 
 
+def test_ground_truth_is_where_the_matlab_evaluation_reads_it(tmp_path, monkeypatch):
+    """GetVOCopts reads DATA_ROOT/SegmentationClass/<id>.png: that file when it exists,
+    else the list's second column (the kit's SegmentationClassAug), --gt over both."""
+    exp, data = _make_experiment(tmp_path)
+    monkeypatch.chdir(exp.parent)           # where the steps run (the lists are relative)
+    p = Pipeline(str(exp), NET, data_root=str(data))
+    items = p.items("val")
+    assert items and all(i.gt.endswith(f"/SegmentationClassAug/{i.id}.png") for i in items)
+    official = data / "SegmentationClass"
+    official.mkdir()
+    (official / f"{items[0].id}.png").write_bytes(b"")
+    gts = [i.gt for i in p.items("val")]
+    assert gts[0] == str(official / f"{items[0].id}.png")
+    assert gts[1:] == [i.gt for i in items[1:]]
+    other = Pipeline(str(exp), NET, data_root=str(data), gt_dir=str(tmp_path / "gt"))
+    assert [i.gt for i in other.items("val")] == [str(tmp_path / "gt" / f"{i.id}.png")
+                                                  for i in items]
+
+
 def test_data_root_keeps_its_trailing_slash(tmp_path):
     """sed substitutes DATA_ROOT's text as the script sets it (the kit's example ends
     in '/'): templates writing ``${DATA_ROOT}JPEGImages`` rely on it.  Only a relative
