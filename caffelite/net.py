@@ -251,11 +251,12 @@ class Net:
         self._prune_backward()
         if self.force_backward:
             self._apply_force_backward()
+        # Net::Init writes every top's weight in layer order: an in-place layer after a
+        # loss layer leaves its blob with that layer's weight (0 unless it has one).
         self.blob_loss_weights = OrderedDict((n, 0.0) for n in self.blobs)
         for tops, weights in zip(self.top_blobs, self.layer_loss_weights):
             for name, w in zip(self._blob_name_list(tops), weights):
-                if w:
-                    self.blob_loss_weights[name] = w
+                self.blob_loss_weights[name] = w
         logger.info("Network initialization done.")
 
     def _add_input_blob(self, name, shape, available):

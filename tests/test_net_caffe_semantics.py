@@ -293,3 +293,16 @@ def test_layer_ranges_are_checked(tmp_path, call):
     net = caffe.Net(write(tmp_path, EUCLIDEAN_NET), caffe.TRAIN)
     with pytest.raises(NetError, match=r"outside the net's 1 layers \(0 to 0\)"):
         call(net)
+
+
+def test_blob_loss_weights_take_the_last_layer_writing_the_blob(tmp_path):
+    """Net::Init sets blob_loss_weights_[top] = layer->loss(top_id) for every top of every
+    layer: an in-place layer after the loss layer leaves the blob with weight 0 (the net's
+    loss still counts the loss layer's own weight)."""
+    text = EUCLIDEAN_NET + 'layer { name: "p" type: "Power" bottom: "loss" top: "loss" }\n'
+    net = caffe.Net(write(tmp_path, text), caffe.TRAIN)
+    assert net.blob_loss_weights["loss"] == 0.0
+    assert caffe.Net(write(tmp_path, EUCLIDEAN_NET), caffe.TRAIN).blob_loss_weights["loss"] == 1
+    net.blobs["a"].data[...] = np.arange(4)
+    net.blobs["b"].data[...] = 0
+    assert net.forward_from_to() == 7.0
