@@ -11,7 +11,8 @@
 #     else fails and the script stops, leaving device time for a rerun after the fix;
 # 2. `pytest -m gpu`: every kernel, layer, solver and corpus net, GPU vs CPU;
 # 3. benchmarks/gpu_train.py: ASPP-VGG and ResNet-101 MSC train/test vs PyTorch+cuDNN;
-# 4. benchmarks/crf.py --gpu: the dense CRF per 500x375 image (only with SKIP_CRF=0).
+# 4. benchmarks/crf.py --gpu: the dense CRF per 500x375 image (only with SKIP_CRF=0);
+# 5. benchmarks/gpu_summary.py: the verdicts on one screen (also after an early exit).
 # Results (logs, JSON, Markdown tables for BENCHMARKS.md) land in OUTDIR ($OUT or gpu_out).
 #
 # The corpus beside a checkout (../shared) does not travel to a device machine: copy it
@@ -39,6 +40,8 @@ cupy.cuda.runtime.runtimeGetVersion(), '| numpy', numpy.__version__, '| torch', 
 '| cudnn', torch.backends.cudnn.version())"
 } >"$out/versions.txt" 2>&1
 cat "$out/versions.txt"
+# However the script ends, its verdicts on one screen (benchmarks/gpu_summary.py).
+trap 'echo "== summary"; python3 benchmarks/gpu_summary.py "$out" 2>&1 | tee "$out/summary.txt"' EXIT
 
 echo "== benchmarks/gpu_smoke.py"
 # A broken GPU path stops here after about a minute, leaving device time for a rerun.

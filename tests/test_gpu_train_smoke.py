@@ -197,3 +197,56 @@ def test_gpu_check_script_is_valid_bash():
     check = subprocess.run([bash, "-n", os.path.join(ROOT, "benchmarks", "gpu_check.sh")],
                            capture_output=True, text=True)
     assert check.returncode == 0, check.stderr
+
+
+def _row(engine, precision, median, **extra):
+    return dict(net="ASPP-VGG", phase="test", precision=precision, engine=engine,
+                median_s=median, **extra)
+
+
+def test_gpu_summary_verdicts(tmp_path):
+    """benchmarks/gpu_summary.py turns gpu_check.sh's outputs into one screen: the test
+    and smoke results, the ratios against torch, each optional path's gain and whether
+    CUDA graphs can become the default."""
+    import gpu_summary
+    rows = [_row("caffelite", "fp32", 0.010), _row("torch", "fp32", 0.020),
+            _row("caffelite-graphs", "fp32", 0.008, graphs="1 segments, 3 launches, 0 failed",
+                 same_bits_as_caffelite=True),
+            _row("caffelite-im2col", "fp32", 0.015),
+            dict(_row("caffelite-unfused", "fp32", 0), error="RuntimeError: same as "
+                 "caffelite for this net")]
+    profile = {"net": "ASPP-VGG", "precision": "tf32", "engines": {
+        "caffelite": gpu_train.summarize_kernels([("ampere_sgemm_64x64_nn", 3000.0),
+                                                  ("im2col", 1000.0)]),
+        "torch": {"error": "boom"}}}
+    (tmp_path / "gpu_train.json").write_text(json.dumps(
+        {"rows": rows, "kernel_profiles": [profile]}))
+    (tmp_path / "smoke.log").write_text("...\nGPU SMOKE OK\n")
+    (tmp_path / "gpu_tests.log").write_text("F.\n=== 669 passed, 2 skipped in 35.70s ===\n")
+    lines = gpu_summary.summary(str(tmp_path))
+    assert lines[:3] == [
+        "pytest -m gpu: 669 passed, 2 skipped",
+        "smoke: OK; CUDA graphs in the smoke check: OK",
+        "ASPP-VGG test FP32: caffelite 0.0100 s = 0.50x torch"]
+    assert ("    CUDA graphs (opt-in): speed-up 1.25x (with it: 0.0080 s), 0.40x torch; "
+            "1 segments, 3 launches, 0 failed; bits equal") in lines
+    assert "    tap GEMMs for large dilations: speed-up 1.50x (without it: 0.0150 s)" \
+        in lines
+    assert ("    fused BatchNorm -> Scale -> ReLU chains: RuntimeError: same as caffelite "
+            "for this net") in lines
+    assert lines[-2].startswith("make CUDA graphs the default: YES")
+    assert lines[-1] == ("ASPP-VGG train TF32 kernels: caffelite 4.0 ms (GEMM (cuBLAS) 3.0, "
+                         "im2col / col2im 1.0); torch: boom")
+    # A failed recording, different bits or failed tests say NO, with the reasons.
+    rows[2].update(graphs="1 segments, 2 launches, 1 failed", same_bits_as_caffelite=False)
+    (tmp_path / "gpu_train.json").write_text(json.dumps({"rows": rows}))
+    (tmp_path / "gpu_tests.log").write_text("=== 1 failed, 668 passed in 40.1s ===\n")
+    verdict = [l for l in gpu_summary.summary(str(tmp_path)) if "default" in l][0]
+    assert verdict.startswith("make CUDA graphs the default: NO (pytest -m gpu did not pass")
+    assert "1 segments, 2 launches, 1 failed" in verdict and "bits differ" in verdict
+    # Missing outputs are lines, not errors.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert gpu_summary.summary(str(empty)) == [
+        "pytest -m gpu: no log (gpu_tests.log)", "smoke: no log (smoke.log)",
+        "gpu_train.py: no gpu_train.json (not run, or stopped before the end)"]
