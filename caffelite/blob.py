@@ -7,7 +7,8 @@ when the other side asks after a write. ``blob.data`` gives the host array to Py
 code and host-only layers, and the device array to code running under
 ``backend.device_access()`` (the Net's device layers, the solver's update in GPU mode).
 Like pycaffe's, every access is a potential write: the side that is asked becomes the
-head.
+head. As in Caffe, a blob reshaped to fewer elements keeps its memory (and values) and
+uses the first ones; only a larger count allocates new memory.
 """
 import math
 
@@ -26,8 +27,15 @@ def reset_transfer_counts():
     transfers["to_device"] = transfers["to_host"] = 0
 
 
+def _first(flat, shape):
+    """The first prod(shape) elements of a flat array, as ``shape`` (a view)."""
+    n = math.prod(shape)
+    return (flat if flat.shape[0] == n else flat[:n]).reshape(shape)
+
+
 class SyncedMemory:
-    """``count`` elements of ``dtype`` mirrored between host and device (flat arrays)."""
+    """``count`` elements of ``dtype`` mirrored between host and device (flat arrays); a
+    blob may use only the first ones (Caffe's capacity)."""
     __slots__ = ("count", "dtype", "host", "device", "head", "_view")
 
     def __init__(self, count, dtype, host=None, device=None):
@@ -91,7 +99,7 @@ class SyncedMemory:
         base, cached_shape, view = self._view
         if base is device and cached_shape == shape:
             return view
-        view = device.reshape(shape)
+        view = _first(device, shape)
         self._view = (device, shape, view)
         return view
 
@@ -110,8 +118,8 @@ class SyncedMemory:
         if backend._access.device:
             return self.device_view(shape)
         if self.head != HEAD_AT_HOST or self.host is None:
-            return self.host_array().reshape(shape)
-        return self.host.reshape(shape)
+            return _first(self.host_array(), shape)
+        return _first(self.host, shape)
 
 
 class Blob:
@@ -175,7 +183,8 @@ class Blob:
         if shape == self._shape:
             return
         count = math.prod(shape)
-        if count != self._data_mem.count:
+        # Blob::Reshape: new memory only when the count grows past what is allocated.
+        if count > self._data_mem.count or count > self._diff_mem.count:
             self._data_mem = SyncedMemory(count, self.dtype)
             self._diff_mem = SyncedMemory(count, self.dtype)
         self._shape = shape
@@ -204,19 +213,19 @@ class Blob:
     # Explicit sides, whatever the calling context (Caffe's cpu_data/gpu_data).
     @property
     def host_data(self):
-        return self._data_mem.host_array().reshape(self._shape)
+        return _first(self._data_mem.host_array(), self._shape)
 
     @property
     def host_diff(self):
-        return self._diff_mem.host_array().reshape(self._shape)
+        return _first(self._diff_mem.host_array(), self._shape)
 
     @property
     def device_data(self):
-        return self._data_mem.device_array().reshape(self._shape)
+        return _first(self._data_mem.device_array(), self._shape)
 
     @property
     def device_diff(self):
-        return self._diff_mem.device_array().reshape(self._shape)
+        return _first(self._diff_mem.device_array(), self._shape)
 
     def read_host_data(self):
         """The host values, for reading only (Caffe's const ``cpu_data``): copied from
@@ -231,7 +240,7 @@ class Blob:
         reads = backend._state["host_reads"]
         if reads is not None:       # a CUDA graph being recorded keeps these values
             reads.append(mem)
-        return mem.host.reshape(self._shape)
+        return _first(mem.host, self._shape)
 
     def set_data_array(self, array):
         """Replace the data memory by ``array`` itself (host or device)."""

@@ -3,14 +3,16 @@
     caffelite train --solver S [--weights W[,W2] | --snapshot S.solverstate] [-D ...]
     caffelite test --model M --weights W [--iterations N] [--level L] [-D NAME=VALUE ...]
     caffelite time --model M [--iterations N] [--phase TRAIN|TEST]
+    caffelite device_query --gpu N
     caffelite upgrade IN OUT [-D NAME=VALUE ...]
     caffelite eval --gt DIR --list L (--pred DIR | --features DIR) [--json J]
     caffelite crf --features DIR --images DIR --list L --out DIR [CRF params]
     caffelite pascal EXPER_DIR --net NET_ID [--steps train,test,...] [-D ...]
     caffelite demo [--out DIR]      (also demo-weak: EM-Adapt, demo-dt: domain transform)
 
-train, test and time also take Caffe's gflags spelling (``-solver s.prototxt``,
-``-gpu=0``), so copied ``caffe`` command lines run unchanged.
+train, test, time and device_query also take Caffe's gflags spelling (``-solver
+s.prototxt``, ``-gpu=0``) and accept every flag of Caffe's tool (a flag a verb does not
+use is ignored, as gflags does), so copied ``caffe`` command lines run unchanged.
 """
 import argparse
 import os
@@ -56,9 +58,10 @@ def parse_gpu(gpu):
 
 
 def _select_device(args, solver_device=None):
-    """CPU or GPU mode from --gpu, with --tf32 and --cuda-graphs. ``solver_device``: the
-    GPU a solver file asks for when --gpu is not given (``train``); where no GPU can be
-    used, that run goes on on the CPU, with a warning."""
+    """CPU or GPU mode from --gpu, with --tf32 and --cuda-graphs, logged with the lines
+    of tools/caffe.cpp's verb. ``solver_device``: the GPU a solver file asks for when
+    --gpu is not given (``train``); where no GPU can be used, that run goes on on the
+    CPU, with a warning."""
     from . import backend, cuda_graphs
     from .kernels import GPUUnavailableError
     device = parse_gpu(args.gpu)
@@ -83,8 +86,25 @@ def _select_device(args, solver_device=None):
         return
     if graphs:
         cuda_graphs.set_enabled(True)
-    logger.info("Using GPU %s%s%s", device, " (TF32 GEMMs)" if tf32 else "",
-                " with CUDA graphs" if cuda_graphs.enabled() else "")
+    name = _device_name(device)
+    if args.command == "train":
+        logger.info("Using GPUs %d", device)
+        logger.info("GPU %d: %s", device, name)
+    else:
+        logger.info("Use GPU with device ID %d", device)
+        logger.info("GPU device name: %s", name)
+    if tf32 or cuda_graphs.enabled():
+        logger.info("caffelite: %s", ", ".join(
+            ["TF32 GEMMs"] * tf32 + ["CUDA graphs"] * cuda_graphs.enabled()))
+
+
+def _device_name(device):
+    from . import backend
+    xp = backend.device_module()
+    if xp.__name__ != "cupy":
+        return "emulated GPU (caffelite's CPU emulator)"
+    name = xp.cuda.runtime.getDeviceProperties(device)["name"]
+    return name.decode(errors="replace") if isinstance(name, bytes) else str(name)
 
 
 def _use_cpu(graphs):
@@ -153,8 +173,11 @@ def cmd_test(args):
     from . import TEST, Net
     _check_iterations(args)
     _select_device(args)
+    if not args.weights:
+        logger.warning("no --weights: scoring the model's initial weights (Caffe's test "
+                       "stops here: \"Need model weights to score.\")")
     net = Net(args.model, TEST, weights=args.weights, defines=_defines(args.define),
-              stages=args.stage, level=args.level)
+              stages=_stages(args.stage), level=args.level)
     _check_has_layers(net, args.model)
     logger.info("Running for %d iterations.", args.iterations)
     # tools/caffe.cpp's test() sums the loss and every output in float.
@@ -188,14 +211,73 @@ def cmd_train(args):
     defines = _defines(args.define)
     _select_device(args, None if parse_gpu(args.gpu) is not None else
                    solver_device(args.solver, defines))
-    solver = get_solver(args.solver, defines=defines)
-    if args.weights:
+    solver = get_solver(args.solver, defines=defines, train_state=_flag_state(args))
+    if args.snapshot:
+        logger.info("Resuming from %s", args.snapshot)
+        solver.restore(args.snapshot)
+    elif args.weights:
         solver.load_weights(args.weights.split(","))
     restore = install_signal_handlers(solver, args.sigint_effect, args.sighup_effect)
     try:
-        solver.solve(args.snapshot)
+        logger.info("Starting Optimization")
+        solver.solve()
     finally:
         restore()
+    logger.info("Optimization Done.")
+    return 0
+
+
+def _stages(values):
+    """--stage values as Caffe splits FLAGS_stage: on commas (repeating the flag adds)."""
+    return [s for v in values or [] for s in v.split(",") if s]
+
+
+def _flag_state(args):
+    """The NetState that --level (when given) and --stage add to the solver's
+    train_state, as train() does."""
+    from .proto import caffe_pb2
+    state = caffe_pb2.NetState()
+    if args.level is not None:
+        state.level = args.level
+    state.stage.extend(_stages(args.stage))
+    return state
+
+
+# Caffe::DeviceQuery's lines: (label, cudaDeviceProp field or a function of them).
+_DEVICE_QUERY = (
+    ("Major revision number", "major"), ("Minor revision number", "minor"),
+    ("Name", "name"), ("Total global memory", "totalGlobalMem"),
+    ("Total shared memory per block", "sharedMemPerBlock"),
+    ("Total registers per block", "regsPerBlock"), ("Warp size", "warpSize"),
+    ("Maximum memory pitch", "memPitch"), ("Maximum threads per block", "maxThreadsPerBlock"),
+    ("Maximum dimension of block", lambda p: ", ".join(map(str, p["maxThreadsDim"]))),
+    ("Maximum dimension of grid", lambda p: ", ".join(map(str, p["maxGridSize"]))),
+    ("Clock rate", "clockRate"), ("Total constant memory", "totalConstMem"),
+    ("Texture alignment", "textureAlignment"),
+    ("Concurrent copy and execution", lambda p: "Yes" if p.get("deviceOverlap") else "No"),
+    ("Number of multiprocessors", "multiProcessorCount"),
+    ("Kernel execution timeout",
+     lambda p: "Yes" if p.get("kernelExecTimeoutEnabled") else "No"))
+
+
+def cmd_device_query(args):
+    """`caffe device_query -gpu N`: the device's properties, as Caffe::DeviceQuery logs
+    them (one block per id of a comma list)."""
+    from .kernels import require_cupy
+    if not args.gpu:
+        raise CliError("Need a device ID to query.")
+    cupy = require_cupy()
+    ids = list(range(cupy.cuda.runtime.getDeviceCount())) if args.gpu == "all" else \
+        [parse_gpu(g) for g in args.gpu.split(",") if g.strip()]
+    logger.info("Querying GPUs %s", args.gpu)
+    for device in ids:
+        props = cupy.cuda.runtime.getDeviceProperties(device)
+        logger.info("%-31s%s", "Device id:", device)
+        for label, field in _DEVICE_QUERY:
+            value = field(props) if callable(field) else props.get(field, "?")
+            if isinstance(value, bytes):
+                value = value.decode(errors="replace")
+            logger.info("%-31s%s", label + ":", value)
     return 0
 
 
@@ -205,7 +287,8 @@ def cmd_time(args):
     _check_iterations(args)
     _select_device(args)
     phase = TRAIN if args.phase.upper() == "TRAIN" else TEST
-    net = Net(args.model, phase, defines=_defines(args.define))
+    net = Net(args.model, phase, defines=_defines(args.define), stages=_stages(args.stage),
+              level=args.level)
     _check_has_layers(net, args.model)
     logger.info("Performing Forward")
     initial_loss = net.forward_from_to()
@@ -232,14 +315,14 @@ def cmd_time(args):
             net.backward_from_to(i, i)
             synchronize()
             bwd[i] += time.perf_counter() - t
-        logger.info("Iteration: %d forward-backward time: %.3f ms.", it + 1,
+        logger.info("Iteration: %d forward-backward time: %g ms.", it + 1,
                     (t_fwd + time.perf_counter() - t_b) * 1e3)
     total = time.perf_counter() - start_all
     n = args.iterations             # at least 1: _check_iterations
     logger.info("Average time per layer: ")
     for name, f, b in zip(net._layer_names, fwd, bwd):
-        logger.info("%12s\tforward: %g ms.", name, f / n * 1e3)
-        logger.info("%12s\tbackward: %g ms.", name, b / n * 1e3)
+        logger.info("%10s\tforward: %g ms.", name, f / n * 1e3)
+        logger.info("%10s\tbackward: %g ms.", name, b / n * 1e3)
     logger.info("Average Forward pass: %g ms.", fwd.sum() / n * 1e3)
     logger.info("Average Backward pass: %g ms.", bwd.sum() / n * 1e3)
     logger.info("Average Forward-Backward: %g ms.", total / n * 1e3)
@@ -332,12 +415,37 @@ def parse_defines(pairs):
     return _defines(pairs)
 
 
+def _state_flags(sp, whose):
+    # The fork's `caffe test` builds Net(model, TEST), which keeps the file's state level;
+    # a level is set only when given.
+    sp.add_argument("--level", type=int, default=None,
+                    help=f"{whose} state level (default: the prototxt's own)")
+    sp.add_argument("--stage", action="append", default=None,
+                    help=f"{whose} state stages, comma-separated (repeatable)")
+
+
+# tools/caffe.cpp's flags are global gflags: every verb accepts all of them and ignores
+# those it does not use, so copied command lines run unchanged.
+_CAFFE_FLAGS = {"--solver": {}, "--model": {}, "--weights": {}, "--snapshot": {},
+                "--iterations": {"type": int}, "--phase": {}, "--sigint_effect": {},
+                "--sighup_effect": {}}
+
+
+def _unused_caffe_flags(sp):
+    taken = {opt for action in sp._actions for opt in action.option_strings}
+    for flag, kwargs in _CAFFE_FLAGS.items():
+        if flag not in taken:
+            sp.add_argument(flag, dest=f"unused_{flag[2:]}", help=argparse.SUPPRESS,
+                            **kwargs)
+
+
 _GFLAGS_NOTE = ("Caffe's gflags spelling works too: -solver s.prototxt, -gpu=0 "
                 "(one dash, with or without =).")
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="caffelite", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="caffelite",
+                                description=__doc__.split("\n")[0].replace("``", ""))
     sub = p.add_subparsers(dest="command", required=True)
     common = common_arguments
 
@@ -349,7 +457,9 @@ def build_parser():
     tr.add_argument("--snapshot", default=None, help="a .solverstate to resume from")
     tr.add_argument("--sigint_effect", default="stop", choices=["stop", "snapshot", "none"])
     tr.add_argument("--sighup_effect", default="snapshot", choices=["stop", "snapshot", "none"])
+    _state_flags(tr, "the train net's")
     common(tr)
+    _unused_caffe_flags(tr)
     tr.set_defaults(func=cmd_train)
 
     t = sub.add_parser("test", help="score a model (TEST phase) like `caffe test`",
@@ -357,11 +467,9 @@ def build_parser():
     t.add_argument("--model", required=True)
     t.add_argument("--weights", default=None)
     t.add_argument("--iterations", type=int, default=50)
-    t.add_argument("--stage", action="append", default=None)
-    # The fork's `caffe test` builds Net(model, TEST), which keeps the file's state level
-    t.add_argument("--level", type=int, default=None,
-                   help="net state level (default: the prototxt's own state { level })")
+    _state_flags(t, "the net's")
     common(t)
+    _unused_caffe_flags(t)
     t.set_defaults(func=cmd_test)
 
     tm = sub.add_parser("time", help="per-layer forward/backward timing like `caffe time`",
@@ -369,8 +477,17 @@ def build_parser():
     tm.add_argument("--model", required=True)
     tm.add_argument("--iterations", type=int, default=50)
     tm.add_argument("--phase", default="TRAIN", choices=["TRAIN", "TEST", "train", "test"])
+    _state_flags(tm, "the net's")
     common(tm)
+    _unused_caffe_flags(tm)
     tm.set_defaults(func=cmd_time)
+
+    dq = sub.add_parser("device_query", help="show a GPU's properties like `caffe "
+                        "device_query`", description=_GFLAGS_NOTE)
+    dq.add_argument("--gpu", default=None, help="device id, comma list or 'all'")
+    dq.add_argument("--log", help="also write the log to this file")
+    _unused_caffe_flags(dq)
+    dq.set_defaults(func=cmd_device_query)
 
     u = sub.add_parser("upgrade", help="write a legacy/DeepLab-v1 prototxt in the V2 form",
                        description="Writes the text as Caffe's upgrade_net_proto_text does "
@@ -405,7 +522,7 @@ def build_parser():
 
 
 # Caffe's own verbs, whose flags are gflags: -solver x, -solver=x and --solver=x alike.
-_CAFFE_VERBS = ("train", "test", "time")
+_CAFFE_VERBS = ("train", "test", "time", "device_query")
 _GFLAG = re.compile(r"-[A-Za-z][A-Za-z0-9_]+(=.*)?")
 
 

@@ -123,10 +123,14 @@ class Solver:
             cls = _solver_class(param, source)
         return super().__new__(cls)
 
-    def __init__(self, solver, defines=None):
+    def __init__(self, solver, defines=None, train_state=None):
+        """``train_state``: a NetState merged into the file's ``train_state`` (what
+        ``caffe train --level/--stage`` adds)."""
         self.defines = dict(defines or {})
         self.param, self.source = _read_param(solver, defines)
         p = self.param
+        if train_state is not None:
+            p.train_state.MergeFrom(train_state)
         logger.info("Initializing solver from parameters: \n%s",
                     text_format.MessageToString(p))
         self._check_params()
@@ -894,12 +898,13 @@ def _solver_class(param, source):
     return cls
 
 
-def get_solver(solver, defines=None):
+def get_solver(solver, defines=None, train_state=None):
     """pycaffe's ``caffe.get_solver``: the solver class named by ``type`` (the old
     ``solver_type`` enum is upgraded)."""
     param, source = _read_param(solver, defines)
     cls = _solver_class(param, source)
-    return cls(param if isinstance(solver, caffe_pb2.SolverParameter) else solver, defines)
+    return cls(param if isinstance(solver, caffe_pb2.SolverParameter) else solver, defines,
+               train_state)
 
 
 # ---------------------------------------------------------------------- signals

@@ -180,7 +180,8 @@ def test_train_uses_the_solvers_device_id(tmp_path):
     solver = write_solver(tmp_path, "solver_mode: GPU\ndevice_id: 2\n")
     out = run_train(solver, train_env(CAFFELITE_GPU_EMULATOR="1"))
     assert out.returncode == 0, out.stderr
-    assert "] Using GPU 2" in out.stderr and "Iteration 2, loss = " in out.stderr
+    assert "] Using GPUs 2" in out.stderr and "Iteration 2, loss = " in out.stderr
+    assert "] GPU 2: emulated GPU" in out.stderr
     assert "Use CPU." not in out.stderr
 
 
@@ -191,7 +192,7 @@ def test_train_solver_mode_cpu_and_the_environment_override(tmp_path):
     assert "] Use CPU." in out.stderr and "GPU" not in out.stderr
     # CAFFELITE_SOLVER_MODE overrides the file either way.
     out = run_train(solver, train_env(CAFFELITE_SOLVER_MODE="gpu", CAFFELITE_GPU_EMULATOR="1"))
-    assert out.returncode == 0 and "] Using GPU 1" in out.stderr, out.stderr
+    assert out.returncode == 0 and "] Using GPUs 1" in out.stderr, out.stderr
     gpu_solver = write_solver(tmp_path, "solver_mode: GPU\n")
     out = run_train(gpu_solver, train_env(CAFFELITE_SOLVER_MODE="CPU"))
     assert out.returncode == 0 and "] Use CPU." in out.stderr, out.stderr
@@ -208,3 +209,99 @@ def test_train_with_an_explicit_gpu_flag_does_not_fall_back(tmp_path):
     out = run_train(solver, train_env(), "--gpu", "0")
     assert out.returncode == 1
     assert "caffelite train: error: GPU mode needs" in out.stderr.strip().splitlines()[-1]
+
+
+# ------------------------------------------------------- Caffe's flags on every verb
+STAGED_NET = NET.replace("${NAME}", "staged") + '''
+layer { name: "sa" type: "Power" bottom: "ip" top: "sa" include { stage: "a" } }
+layer { name: "sb" type: "Power" bottom: "ip" top: "sb" include { stage: "b" } }
+'''
+
+
+def test_stage_flag_is_split_on_commas_like_caffes(tmp_path):
+    """get_stages_from_flags splits -stage on commas: -stage a,b builds both staged
+    layers (so does repeating the flag)."""
+    net = tmp_path / "net.prototxt"
+    net.write_text(STAGED_NET)
+    for flags in (["-stage", "a,b"], ["-stage", "a", "-stage", "b"]):
+        out = run("test", "-model", str(net), "-iterations", "1", *flags)
+        assert out.returncode == 0, out.stderr
+        assert "Batch 0, sa = " in out.stderr and "Batch 0, sb = " in out.stderr
+    out = run("time", "-model", str(net), "-iterations", "1", "-stage", "b", "-level", "0")
+    assert out.returncode == 0, out.stderr
+    assert re.search(r"\] {9}sb\tforward: ", out.stderr)       # "] " + setw(10) << name
+    assert not re.search(r"\bsa\tforward", out.stderr)
+    assert re.search(r"Iteration: 1 forward-backward time: [\d.e-]+ ms\.", out.stderr)
+
+
+def test_every_caffe_flag_is_accepted_by_every_caffe_verb(tmp_path):
+    """gflags are global: a flag a verb does not use is ignored, as in Caffe, so copied
+    command lines run (e.g. `caffe time -model m -weights w`)."""
+    net = tmp_path / "net.prototxt"
+    net.write_text(NET.replace("${NAME}", "n"))
+    weights = tmp_path / "w.caffemodel"
+    out = run("test", "-model", str(net), "-iterations", "1", "-phase", "TRAIN",
+              "-solver", "s.prototxt", "-snapshot", "x.solverstate", "-sigint_effect", "stop")
+    assert out.returncode == 0, out.stderr
+    assert "no --weights: scoring the model's initial weights" in out.stderr
+    out = run("time", "-model", str(net), "-iterations", "1", "-weights", str(weights),
+              "-solver", "s.prototxt")
+    assert out.returncode == 0, out.stderr
+    solver = write_solver(tmp_path, "solver_mode: CPU\n")
+    out = run_train(solver, train_env(), "-iterations", "9", "-model", "m", "-phase", "TEST",
+                    "-level", "0", "-stage", "x")
+    assert out.returncode == 0, out.stderr
+    lines = [l.split("] ", 1)[-1] for l in out.stderr.splitlines()]
+    assert lines.count("Optimization Done.") == 2 and "Starting Optimization" in lines
+    assert "stage: \"x\"" in out.stderr          # the solver's train_state, as logged
+
+
+def test_train_resumes_with_caffes_log_lines(tmp_path):
+    solver = write_solver(tmp_path, "solver_mode: CPU\nsnapshot: 1\n"
+                                    f'snapshot_prefix: "{tmp_path}/s"\n')
+    assert run_train(solver, train_env()).returncode == 0
+    out = run_train(solver, train_env(), "-snapshot", str(tmp_path / "s_iter_1.solverstate"))
+    assert out.returncode == 0, out.stderr
+    lines = [l.split("] ", 1)[-1] for l in out.stderr.splitlines()]
+    resume = lines.index(f"Resuming from {tmp_path}/s_iter_1.solverstate")
+    assert resume < lines.index("Starting Optimization") < lines.index("Optimization Done.")
+    assert "Iteration 1, loss = " in out.stderr and "Iteration 0, loss" not in out.stderr
+
+
+def test_device_query(monkeypatch, capsys, tmp_path):
+    """`caffe device_query -gpu 0`: Caffe::DeviceQuery's lines from the device's
+    properties (a stand-in CuPy here); without -gpu, Caffe's "Need a device ID"."""
+    import types
+    from caffelite import cli, kernels
+    from caffelite.log import logger
+    props = {"major": 9, "minor": 0, "name": b"NVIDIA H200", "totalGlobalMem": 150 << 30,
+             "sharedMemPerBlock": 49152, "regsPerBlock": 65536, "warpSize": 32,
+             "memPitch": 2147483647, "maxThreadsPerBlock": 1024,
+             "maxThreadsDim": (1024, 1024, 64), "maxGridSize": (2147483647, 65535, 65535),
+             "clockRate": 1980000, "totalConstMem": 65536, "textureAlignment": 512,
+             "deviceOverlap": 1, "multiProcessorCount": 132, "kernelExecTimeoutEnabled": 0}
+    runtime = types.SimpleNamespace(getDeviceCount=lambda: 1,
+                                    getDeviceProperties=lambda i: props)
+    fake = types.SimpleNamespace(cuda=types.SimpleNamespace(runtime=runtime))
+    monkeypatch.setattr(kernels, "require_cupy", lambda: fake)
+    handlers = list(logger.handlers)
+    try:
+        assert cli.main(["device_query", "-gpu", "0", "--log", str(tmp_path / "log")]) == 0
+        err = (tmp_path / "log").read_text()
+        capsys.readouterr()
+        assert cli.main(["device_query"]) == 1
+        missing = capsys.readouterr().err
+    finally:
+        for h in list(logger.handlers):
+            if h not in handlers:
+                logger.removeHandler(h)
+    lines = [l.split("] ", 1)[-1] for l in err.splitlines()]
+    assert lines[lines.index("Querying GPUs 0") + 1:][:5] == [
+        "Device id:                     0", "Major revision number:         9",
+        "Minor revision number:         0", "Name:                          NVIDIA H200",
+        f"Total global memory:           {150 << 30}"]
+    assert "Maximum dimension of block:    1024, 1024, 64" in lines
+    assert "Concurrent copy and execution: Yes" in lines
+    assert "Kernel execution timeout:      No" in lines
+    assert missing.strip().splitlines()[-1] == \
+        "caffelite device_query: error: Need a device ID to query."

@@ -667,7 +667,7 @@ def test_cli_train_with_cuda_graphs_logs_the_same_losses(tmp_path, monkeypatch):
     env = {"CAFFELITE_GPU_EMULATOR": "1"}
     plain = loss_log(train_log(tmp_path, solver, "--gpu", "0", env=env))
     log = train_log(tmp_path, solver, "--gpu", "0", "--cuda-graphs", env=env)
-    assert "Using GPU 0 with CUDA graphs" in log
+    assert "Using GPUs 0" in log and "caffelite: CUDA graphs" in log
     assert "cannot be recorded" not in log
     assert len(plain) >= 12 and loss_log(log) == plain
 

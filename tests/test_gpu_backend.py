@@ -64,8 +64,18 @@ def test_shared_and_reshaped_blobs_keep_sharing_memory_on_both_sides(gpu):
     np.testing.assert_array_equal(b.data.reshape(-1), np.arange(12))
     a.reshape(4, 3)                 # same count: same memory
     assert a.shares_data_with(b)
+    a.reshape(2, 2)                 # fewer: same memory, its first elements (Caffe's
+    assert a.shares_data_with(b)    # Blob::Reshape keeps its capacity)
+    np.testing.assert_array_equal(a.data, [[0, 1], [2, 3]])
+    with backend.device_access():
+        assert a.data.shape == (2, 2)
+        a.data[...] = -1
+    np.testing.assert_array_equal(b.data.reshape(-1), [-1] * 4 + list(range(4, 12)))
+    a.reshape(3, 4)                 # back within the capacity: the values are still there
+    np.testing.assert_array_equal(a.data.reshape(-1), [-1] * 4 + list(range(4, 12)))
     a.reshape(5, 3)                 # larger: new memory, the share ends (as in Caffe)
     assert not a.shares_data_with(b)
+    np.testing.assert_array_equal(a.data, np.zeros((5, 3)))
 
 
 def test_set_data_array_accepts_device_arrays(gpu):

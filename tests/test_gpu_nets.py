@@ -173,7 +173,7 @@ def test_cli_train_gpu_on_the_emulator_logs_the_cpu_losses(tmp_path, monkeypatch
     solver = demo_solver(tmp_path)
     cpu = loss_log(train_log(tmp_path, solver))
     log = train_log(tmp_path, solver, "--gpu", "0", env={"CAFFELITE_GPU_EMULATOR": "1"})
-    assert "Using GPU 0" in log
+    assert "Using GPUs 0" in log
     gpu = loss_log(log)
     assert len(cpu) >= 4 * 3
     assert [k for k, _ in gpu] == [k for k, _ in cpu]

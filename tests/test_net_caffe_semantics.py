@@ -306,3 +306,19 @@ def test_blob_loss_weights_take_the_last_layer_writing_the_blob(tmp_path):
     net.blobs["a"].data[...] = np.arange(4)
     net.blobs["b"].data[...] = 0
     assert net.forward_from_to() == 7.0
+
+
+def test_a_shrunk_input_keeps_its_memory_and_first_values(tmp_path):
+    """Blob::Reshape allocates only when the count grows past the capacity: an input
+    reshaped from batch 2 to batch 1 keeps its memory and first values, and the net
+    runs on them (no zero-filled reallocation)."""
+    net = caffe.Net(write(tmp_path, EUCLIDEAN_NET), caffe.TRAIN)
+    a = net.blobs["a"]
+    a.data[...] = np.arange(4)
+    before = a.data
+    a.reshape(1, 2)
+    assert a.data.tolist() == [[0.0, 1.0]] and np.shares_memory(a.data, before)
+    a.reshape(1, 4)
+    assert a.data.tolist() == [[0.0, 1.0, 2.0, 3.0]]
+    net.blobs["b"].data[...] = 0
+    assert net.forward_from_to() == 7.0

@@ -18,8 +18,11 @@ def test_blobproto_round_trip_and_legacy_shape():
 def test_datum_round_trip():
     a = np.arange(12, dtype=np.uint8).reshape(3, 2, 2)
     d = caffe.io.array_to_datum(a, label=4)
-    np.testing.assert_array_equal(caffe.io.datum_to_array(d), a)
+    back = caffe.io.datum_to_array(d)
+    np.testing.assert_array_equal(back, a)
     assert d.label == 4
+    back[0, 0, 0] = 99              # pycaffe's np.fromstring array is a writable copy
+    assert caffe.io.datum_to_array(d)[0, 0, 0] == 0
 
 
 def test_load_image_and_transformer(tmp_path):

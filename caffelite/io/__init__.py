@@ -68,7 +68,8 @@ def array_to_datum(arr, label=None):
 def datum_to_array(datum):
     shape = (datum.channels, datum.height, datum.width)
     if len(datum.data):
-        return np.frombuffer(datum.data, dtype=np.uint8).reshape(shape)
+        # pycaffe's np.fromstring copies: the array is the caller's to write to.
+        return np.frombuffer(datum.data, dtype=np.uint8).reshape(shape).copy()
     return np.array(datum.float_data, dtype=float).reshape(shape)
 
 
