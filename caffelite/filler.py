@@ -24,7 +24,14 @@ def fill(blob, filler_param):
     if kind != "gaussian" and filler_param.sparse != -1:
         raise FillerError(f"filler '{kind}': sparsity (sparse: {filler_param.sparse}) is only "
                           "supported by the gaussian filler")
-    values = fn(tuple(blob.shape), filler_param, _real(blob.dtype))
+    shape = tuple(blob.shape)
+    if kind != "bilinear" and _count(shape) == 0:        # the fillers' CHECK(count)
+        raise FillerError(f"{kind} filler: cannot fill the empty blob {shape}")
+    if kind in ("positive_unitball", "xavier", "msra") and len(shape) > 4:
+        # num()/channels() are legacy accessors: Caffe refuses them past 4 axes.
+        raise FillerError(f"{kind} filler reads the blob's legacy num/channels, which a "
+                          f"{len(shape)}-axis blob {shape} does not have (at most 4 axes)")
+    values = fn(shape, filler_param, _real(blob.dtype))
     blob.data[...] = np.asarray(values, dtype=blob.dtype).reshape(blob.shape)
 
 
@@ -97,8 +104,6 @@ def _fan_n(shape, p, real):
     """Caffe's n for xavier/msra (in Dtype): fan_in = count/num, fan_out =
     count/channels, AVERAGE = (fan_in + fan_out) / Dtype(2)."""
     count = _count(shape)
-    if count == 0:
-        raise FillerError(f"cannot fill an empty blob {shape}")
     fan_in = count // _legacy_dim(shape, 0)
     fan_out = count // _legacy_dim(shape, 1)
     norm = p.variance_norm  # FAN_IN=0, FAN_OUT=1, AVERAGE=2
@@ -120,7 +125,9 @@ def _msra(shape, p, real):
 
 
 def _bilinear(shape, p, real):
-    """Caffe's bilinear kernel; Caffe computes it in float whatever the Dtype."""
+    """Caffe's bilinear kernel: x / f - c in float, then, as the GCC (<= 5) of the
+    fork's era compiles the unqualified fabs, 1 - fabs(...) and the product in double,
+    rounded once to the Dtype."""
     if len(shape) != 4:
         raise FillerError(f"bilinear filler needs a 4-D blob, got shape {shape}")
     if shape[2] != shape[3]:
@@ -129,7 +136,7 @@ def _bilinear(shape, p, real):
     f = int(np.ceil(size / 2.0))
     c = np.float32((2 * f - 1 - f % 2) / (2.0 * f))
     x = np.arange(size, dtype=np.float32)
-    w1d = np.float32(1) - np.abs(x / np.float32(f) - c)
+    w1d = 1.0 - np.abs((x / np.float32(f) - c).astype(np.float64))
     return np.broadcast_to(w1d[:, None] * w1d[None, :], shape)
 
 

@@ -113,11 +113,40 @@ def test_bilinear_kernel_values(size, expected_1d):
             np.testing.assert_allclose(data[o, i], expected, rtol=2e-7, atol=1e-7)
 
 
-def test_bilinear_is_computed_in_float_even_for_double_blobs():
-    # Caffe evaluates the kernel with float variables and stores it into Dtype.
+@pytest.fixture(scope="module")
+def cpu_math_oracle(tmp_path_factory):
+    import subprocess
+    from conftest import compile_oracle
+    exe = compile_oracle(tmp_path_factory, "cpu_math_oracle", "-std=gnu++98",
+                         why="the CPU math oracle")
+
+    def run(op, a, b, param):
+        data = np.float32(a).tobytes() + np.float32(b).tobytes()
+        out = subprocess.run([exe, op, str(len(a)), repr(float(param))], input=data,
+                             check=True, capture_output=True).stdout
+        return np.frombuffer(out, np.float32)
+    return run
+
+
+@pytest.mark.parametrize("size", [2, 3, 4, 5, 6, 9, 10, 13, 16])
+def test_bilinear_is_the_forks_arithmetic(cpu_math_oracle, size):
+    """BilinearFiller's expression compiled with g++ as the fork's era did: x / f - c in
+    float, the unqualified fabs on double, so 1 - fabs and the product are double and
+    rounded once (kernel sizes 4k+1 and 4k+2 differ from an all-float evaluation)."""
+    data = filled((2, 1, size, size), 'type: "bilinear"', np.float32)
+    f = int(np.ceil(size / 2.0))
+    y, x = np.divmod(np.arange(size * size), size)
+    want = cpu_math_oracle("bilinear", x, y, f).reshape(size, size)
+    for o in range(2):
+        assert np.array_equal(data[o, 0].view(np.uint32), want.view(np.uint32))
+
+
+def test_bilinear_for_double_blobs_keeps_the_double_product():
+    """A double blob stores the double expression without a float rounding."""
     data = filled((1, 1, 5, 5), 'type: "bilinear"', np.float64)
-    np.testing.assert_array_equal(data.astype(np.float32).astype(np.float64), data)
-    assert data[0, 0, 2, 0] != 1 / 3 and abs(data[0, 0, 2, 0] - 1 / 3) < 1e-7
+    f, c = 3, np.float32((2 * 3 - 1 - 3 % 2) / 6.0)
+    w = 1.0 - np.abs((np.arange(5, dtype=np.float32) / np.float32(f) - c).astype(np.float64))
+    np.testing.assert_array_equal(data[0, 0], np.outer(w, w))
 
 
 def test_seed_makes_random_fills_reproducible():
@@ -138,6 +167,10 @@ def test_seed_makes_random_fills_reproducible():
     ((2, 2), 'type: "gaussian" sparse: -2', "sparse"),
     ((2, 3, 4), 'type: "bilinear"', "4-D"),
     ((1, 1, 3, 4), 'type: "bilinear"', "square"),
+    ((0, 3), 'type: "constant"', "empty blob"),           # the fillers' CHECK(count)
+    ((2, 0), 'type: "gaussian"', "empty blob"),
+    ((2, 3, 1, 1, 2), 'type: "xavier"', "legacy num/channels"),
+    ((2, 3, 1, 1, 2), 'type: "positive_unitball"', "at most 4 axes"),
 ])
 def test_bad_filler_params_raise(shape, text, needle):
     with pytest.raises(FillerError, match=needle):

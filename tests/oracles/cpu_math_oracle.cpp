@@ -21,6 +21,7 @@ template <typename T> struct is_double { static const bool value = false; };
 template <> struct is_double<double> { static const bool value = true; };
 // C++98 has no static_assert: a negative array size fails the build instead.
 typedef char exp_of_float_is_double[is_double<__typeof__(exp(1.0f))>::value ? 1 : -1];
+typedef char fabs_of_float_is_double[is_double<__typeof__(fabs(1.0f))>::value ? 1 : -1];
 
 inline Dtype sigmoid(Dtype x) { return 1. / (1. + exp(-x)); }
 
@@ -57,6 +58,10 @@ void run(const char* op, int n, Dtype param, const Dtype* a, const Dtype* b, Dty
       const Dtype e0 = exp(a[i] - scale), e1 = exp(b[i] - scale);   // vsExp into Dtype
       y[i] = e0 / (e0 + e1);
     }
+  } else if (!strcmp(op, "bilinear")) {   // BilinearFiller: a = x, b = y, param = f
+    const int f = static_cast<int>(param);
+    const float c = (2 * f - 1 - f % 2) / (2. * f);
+    for (int i = 0; i < n; ++i) y[i] = (1 - fabs(a[i] / f - c)) * (1 - fabs(b[i] / f - c));
   } else if (!strcmp(op, "softmax_loss_sum")) {         // SoftmaxWithLoss's loop
     Dtype loss = 0;
     for (int i = 0; i < n; ++i) loss -= log(std::max(a[i], Dtype(FLT_MIN)));
