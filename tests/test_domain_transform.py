@@ -220,6 +220,72 @@ def test_gradient_with_strong_edges_and_many_iterations():
     check_gradient(layer, bottom, top, check_bottom=[0, 1], step=1e-4, threshold=1e-4)
 
 
+def _links(p, h_, w_):
+    """Pass ``p``'s links in the fork's forward loop order: (pixel, its neighbour, the
+    weight's pixel), for one full h_ x w_ region."""
+    if p == 0:
+        return [((h, w), (h, w - 1), (h, w)) for h in range(h_) for w in range(1, w_)]
+    if p == 1:
+        return [((h, w), (h, w + 1), (h, w + 1)) for h in range(h_)
+                for w in range(w_ - 2, -1, -1)]
+    if p == 2:
+        return [((h, w), (h - 1, w), (h, w)) for w in range(w_) for h in range(1, h_)]
+    return [((h, w), (h + 1, w), (h + 1, w)) for w in range(w_)
+            for h in range(h_ - 2, -1, -1)]
+
+
+def fork_backward(x, g, dy, ss, sr, k):
+    """The fork's Backward_cpu with scalar loops in float32, one sample, the whole map:
+    per iteration (last first) a weight_diff zeroed, then channel by channel the passes
+    3..0 adding into it, then dG += mult1 * mult2 * weight_diff * a."""
+    f32 = np.float32
+    _, c_, h_, w_ = x.shape
+    sigmas = sigma_schedule(ss, k, np.dtype(f32))
+    mult2 = f32(ss) / f32(sr)
+
+    def weights(sigma):
+        mult1 = f32(-math.sqrt(2.0) / float(sigma))
+        return (np.exp((mult1 * (f32(1) + g[0, 0] * mult2)).astype(np.float64))
+                .astype(f32)), mult1
+    deltas, y = {}, x[0].astype(f32).copy()
+    for i, sigma in enumerate(sigmas):                      # forward, keeping deltas
+        a, _ = weights(sigma)
+        for c in range(c_):
+            for p in range(4):
+                r = deltas.setdefault((i, p, c), np.zeros((h_, w_), f32))
+                for px, nb, wt in _links(p, h_, w_):
+                    r[px] = y[c][nb] - y[c][px]
+                    y[c][px] = y[c][px] + a[wt] * r[px]
+    dx, dg = dy[0].astype(f32).copy(), np.zeros((h_, w_), f32)
+    for i in range(k - 1, -1, -1):
+        a, mult1 = weights(sigmas[i])
+        weight_diff = np.zeros((h_, w_), f32)
+        for c in range(c_):
+            for p in range(3, -1, -1):
+                for px, nb, wt in reversed(_links(p, h_, w_)):
+                    weight_diff[wt] = weight_diff[wt] + dx[c][px] * deltas[i, p, c][px]
+                    dx[c][nb] = dx[c][nb] + a[wt] * dx[c][px]
+                    dx[c][px] = (f32(1) - a[wt]) * dx[c][px]
+        dg = dg + mult1 * mult2 * weight_diff * a
+    return dx, dg
+
+
+def test_backward_is_the_forks_arithmetic_for_several_channels():
+    """dX and dG bit for bit against the fork's loops in float32 (written here): the
+    guide's gradient sums every channel's passes into one running weight_diff."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((1, 3, 4, 5)).astype(np.float32)
+    g = (rng.random((1, 1, 4, 5)) * 3).astype(np.float32)
+    layer, bottom, top, _ = forward(x, g, full_dims(1, 4, 5), dtype=np.float32,
+                                    num_iter=2, spatial_sigma=8, range_sigma=5)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    top[0].diff[...] = dy
+    layer.backward(top, [True, True, False], bottom)
+    want_dx, want_dg = fork_backward(x, g, dy, 8.0, 5.0, 2)
+    assert np.array_equal(bottom[0].diff[0], want_dx)
+    assert np.array_equal(bottom[1].diff[0, 0], want_dg)
+
+
 def test_backward_outside_the_region_and_both_diffs_written():
     rng = np.random.default_rng(6)
     x = rng.normal(size=(1, 2, 4, 5))

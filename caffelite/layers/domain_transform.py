@@ -84,6 +84,16 @@ def _backward_pass(g, a, direction, delta, acc):
         g[i] = (one - a[w]) * g[i]
 
 
+def _channel_running_sum(xp, terms):
+    """The fork's weight_diff: one running sum per pixel over the channels, each
+    channel's passes in the order they ran (``terms``: per pass, N x C x H x W)."""
+    total = xp.zeros(terms[0].shape[:1] + (1,) + terms[0].shape[2:], terms[0].dtype)
+    for c in range(terms[0].shape[1]):
+        for term in terms:
+            total += term[:, c:c + 1]
+    return total
+
+
 @register("DomainTransform")
 class DomainTransformLayer(Layer):
     """Recursive-filter domain transform with an exact backward to X and G.
@@ -239,26 +249,25 @@ class DomainTransformLayer(Layer):
         for k in range(self.num_iter - 1, -1, -1):
             a_clamped = self._weight_map(xp, g_ref, sigmas[k])
             a = xp.where(valid, a_clamped, dx.dtype.type(0))[region]
-            acc = xp.zeros(gr.shape, dx.dtype)       # per channel; summed below
+            terms = []                   # per pass: each channel's weight-gradient term
             for p in range(3, -1, -1):
                 axis, direction = _PASSES[p]
                 gs, as_ = _scan_first(gr, axis), _scan_first(a, axis)
-                accs = _scan_first(acc, axis)
+                accs = xp.zeros_like(gs)
                 _backward_pass(gs, as_, direction, self._deltas[4 * k + p], accs)
                 gr = _scan_back(gs, axis)
-                acc = _scan_back(accs, axis)
-            dg[region] += self._guide_diff(xp, acc, a_clamped[region], valid[region],
-                                           sigmas[k])
+                terms.append(_scan_back(accs, axis))
+            dg[region] += self._guide_diff(xp, _channel_running_sum(xp, terms),
+                                           a_clamped[region], valid[region], sigmas[k])
         dx[region] = gr
 
-    def _guide_diff(self, xp, acc, a, valid, sigma):
-        """One iteration's gradient for the guide: the weight gradient (``acc`` summed
-        over channels) times d a / d g = a * (-sqrt(2) / sigma) * (spatial / range
-        sigma), zero outside the valid region."""
-        dtype = acc.dtype.type
+    def _guide_diff(self, xp, weight_diff, a, valid, sigma):
+        """One iteration's gradient for the guide: the weight gradient (N x 1 x H x W)
+        times d a / d g = a * (-sqrt(2) / sigma) * (spatial / range sigma), zero
+        outside the valid region."""
+        dtype = weight_diff.dtype.type
         mult1 = dtype(-math.sqrt(2.0) / float(sigma))
         mult2 = dtype(self.spatial_sigma) / dtype(self.range_sigma)
-        weight_diff = acc.sum(axis=1, keepdims=True)
         return xp.where(valid, mult1 * mult2 * weight_diff * a, dtype(0))
 
     def _device_sizes(self, xp, sizes, maps):
@@ -284,7 +293,7 @@ class DomainTransformLayer(Layer):
                 launch("domain_transform", "dt_backward_pass", dx.dtype,
                        *_line_args(dx.shape, axis, sizes_dev), direction, a,
                        self._deltas[4 * k + p], dx, acc)
-            dg += self._guide_diff(xp, acc, a, valid, sigmas[k])
+            dg += self._guide_diff(xp, acc.sum(axis=1, keepdims=True), a, valid, sigmas[k])
 
 
 def _line_args(shape, axis, sizes_dev):
