@@ -666,8 +666,10 @@ def misc_cases():
              cuda_fwd=Bound(16, "scale")),
         Case("SpatialProduct", 'type: "SpatialProduct"',
              several(normal(2, 3, 4, 5), normal(2, 1, 4, 5)), cuda_bwd=Bound(8, "scale")),
+        # The host sums the guide's gradient in the fork's CPU order (one running sum
+        # over channels and passes), the device per channel, then over channels.
         Case("DomainTransform", f'type: "DomainTransform" domain_transform_param '
-             f'{{ {dt_params} }}', dt_bottoms, propagate=[True, True, False],
+             f'{{ {dt_params} }}', dt_bottoms, propagate=[True, True, False], bwd=red,
              cuda_fwd=red, cuda_bwd=Bound(256, "scale")),
         Case("DomainTransformForwardOnly", f'type: "DomainTransformForwardOnly" '
              f'domain_transform_param {{ {dt_params} }}', dt_bottoms,
