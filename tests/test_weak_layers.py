@@ -104,6 +104,11 @@ def test_bias_channel_pixel_labels_with_background():
     expected[2, 1], expected[0, 1] = 1, 10  # label 0 is a foreground class here
     expected[2, 2], expected[3, 2] = 1, 10
     np.testing.assert_array_equal(y[0, :, 0], expected)
+    # The fork adds to the biased entries only: the others keep their bits (-0.0 too).
+    _, _, _, y = run(text, [np.full((1, 4, 1, 5), -0.0), labels])
+    untouched = expected == 0
+    assert np.all(np.signbit(y[0, :, 0][untouched]))
+    np.testing.assert_array_equal(y[0, :, 0], expected)
 
 
 def test_bias_channel_pixel_background_switched_by_presence():

@@ -152,14 +152,16 @@ class BiasChannelLayer(Layer):
                 raise self.error(f"bias_channel_param.background_label {b} is not a channel "
                                  f"of the {channels}-channel scores")
             if is_bg.any() or is_fg.any():
-                out[:, b] += xp.where(xp.asarray(is_bg | is_fg), dtype(self.bg_bias), dtype(0))
+                # Only the biased entries change (an untouched -0.0 keeps its sign).
+                mask = xp.asarray(is_bg | is_fg)
+                out[:, b] = xp.where(mask, out[:, b] + dtype(self.bg_bias), out[:, b])
         else:
             is_fg = used & in_range
             self._check(lab, ~used | in_range, channels)
         if is_fg.any():
             onehot = xp.arange(channels)[None, :, None, None] == xp.asarray(lab)[:, None]
             onehot &= xp.asarray(is_fg)[:, None]
-            out += xp.where(onehot, dtype(self.fg_bias), dtype(0))
+            out[...] = xp.where(onehot, out + dtype(self.fg_bias), out)
 
     def backward(self, top, propagate_down, bottom):
         if propagate_down[1]:
