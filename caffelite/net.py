@@ -17,6 +17,8 @@ from . import backend, cuda_graphs, fusion
 from .backend import TRAIN, TEST
 from .blob import HEAD_AT_DEVICE, HEAD_AT_HOST, SYNCED, Blob
 from .io import caffemodel, prototxt
+from .io.caffemodel import write_file_atomically
+from .io.solverstate import require_h5py
 from .layer import LayerError, create_layer
 from .log import logger
 from .proto import caffe_pb2
@@ -830,19 +832,22 @@ class Net:
     def save_hdf5(self, path, write_diff=False):
         """Caffe's ``Net::ToHDF5``: group ``data`` (and ``diff``), one group per layer,
         datasets ``0``, ``1``… per parameter blob (shared copies only under their owner)."""
-        h5py = _h5py()
+        h5py = require_h5py()
         owners = self._owned_params()
-        with h5py.File(path, "w") as f:
-            data = f.create_group("data")
-            diff = f.create_group("diff") if write_diff else None
-            for name, layer in zip(self._layer_names, self.layers):
-                group = data.require_group(name)
-                dgroup = diff.require_group(name) if diff is not None else None
-                for j, blob in enumerate(layer.blobs):
-                    if id(blob) in owners:
-                        group.create_dataset(str(j), data=np.asarray(blob.data))
-                    if dgroup is not None:
-                        dgroup.create_dataset(str(j), data=np.asarray(blob.diff))
+
+        def write(tmp):
+            with h5py.File(tmp, "w") as f:
+                data = f.create_group("data")
+                diff = f.create_group("diff") if write_diff else None
+                for name, layer in zip(self._layer_names, self.layers):
+                    group = data.require_group(name)
+                    dgroup = diff.require_group(name) if diff is not None else None
+                    for j, blob in enumerate(layer.blobs):
+                        if id(blob) in owners:
+                            group.create_dataset(str(j), data=np.asarray(blob.data))
+                        if dgroup is not None:
+                            dgroup.create_dataset(str(j), data=np.asarray(blob.diff))
+        write_file_atomically(path, write)
 
     def _owned_params(self):
         """ids of the parameter blobs that own their data (not ``param { name }`` copies)."""
@@ -850,7 +855,7 @@ class Net:
 
     def load_hdf5(self, path):
         """Caffe's ``CopyTrainedLayersFromHDF5``: weights by layer name from ``data/``."""
-        h5py = _h5py()
+        h5py = require_h5py()
         owners = self._owned_params()
         by_name = {}
         for i, name in enumerate(self._layer_names):
@@ -1024,11 +1029,3 @@ def _is_hdf5(path):
     except (OSError, TypeError):
         return False
 
-
-def _h5py():
-    try:
-        import h5py
-    except ImportError:
-        raise ImportError("HDF5 weights need h5py: pip install h5py (or caffelite[hdf5])") \
-            from None
-    return h5py

@@ -166,9 +166,6 @@ class Solver:
         if p.weight_decay and p.regularization_type not in ("L1", "L2"):
             raise self.error(f"unknown regularization_type '{p.regularization_type}' "
                              f"(known: L1, L2)")
-        if p.snapshot_format == caffe_pb2.SolverParameter.HDF5:
-            raise self.error("snapshot_format: HDF5 is not supported by caffelite; use "
-                             "BINARYPROTO (the default) for .caffemodel/.solverstate files")
         self._check_solver_params()
 
     def _check_lr_policy(self):
@@ -619,18 +616,25 @@ class Solver:
         return f"{self.param.snapshot_prefix}_iter_{iter}{extension}"
 
     def snapshot(self):
-        """Write ``<prefix>_iter_<iter>.caffemodel`` and ``.solverstate``; returns both
-        paths.  Each file is written to a temporary name and renamed into place."""
-        model = self._snapshot_filename(".caffemodel")
-        logger.info("Snapshotting to binary proto file %s", model)
+        """Write ``<prefix>_iter_<iter>.caffemodel`` and ``.solverstate`` (``.h5`` ones
+        for ``snapshot_format: HDF5``); returns both paths.  Each file is written to a
+        temporary name and renamed into place."""
+        hdf5 = self.param.snapshot_format == caffe_pb2.SolverParameter.HDF5
+        suffix, kind = (".h5", "HDF5 file") if hdf5 else ("", "binary proto file")
+        model = self._snapshot_filename(".caffemodel" + suffix)
+        logger.info("Snapshotting to %s %s", kind, model)
         try:
-            # Net::ToProto; read_host_data keeps GPU-mode weights valid on the device.
-            write_atomically(model, self.net.to_proto_bytes(self.param.snapshot_diff))
-            state = self._snapshot_filename(".solverstate")
-            logger.info("Snapshotting solver state to binary proto file %s", state)
-            solverstate.write_solverstate(state, self.iter, model,
-                                          [_host(h) for h in self.history],
-                                          self.current_step, self._extension_state())
+            if hdf5:
+                self.net.save_hdf5(model, self.param.snapshot_diff)
+            else:
+                # Net::ToProto; read_host_data keeps GPU-mode weights valid on the device.
+                write_atomically(model, self.net.to_proto_bytes(self.param.snapshot_diff))
+            state = self._snapshot_filename(".solverstate" + suffix)
+            logger.info("Snapshotting solver state to %s %s", kind, state)
+            write = solverstate.write_solverstate_hdf5 if hdf5 else \
+                solverstate.write_solverstate
+            write(state, self.iter, model, [_host(h) for h in self.history],
+                  self.current_step, self._extension_state())
         except (OSError, ValueError) as e:
             raise self.error(f"cannot write the snapshot: {e}") from None
         return model, state
@@ -673,11 +677,11 @@ class Solver:
         from its ``learned_net`` (looked up next to the state file when the stored path,
         relative to the working directory as in Caffe, does not exist)."""
         state_file = os.fspath(state_file)
-        if state_file.endswith(".h5"):
-            raise self.error(f"{state_file}: HDF5 solver states are not supported by "
-                             f"caffelite; use a binary .solverstate")
+        # Solver::Restore picks the reader by the file name, as here.
+        read = solverstate.read_solverstate_hdf5 if state_file.endswith(".h5") else \
+            solverstate.read_solverstate
         try:
-            state = solverstate.read_solverstate(state_file)
+            state = read(state_file)
         except solverstate.SolverStateError as e:
             raise self.error(str(e)) from None
         if len(state.history) != len(self.history):

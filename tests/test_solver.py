@@ -307,7 +307,6 @@ def test_lr_multistep_advances_one_step_per_call():
     ('lr_policy: "poly" power: 0.9', "needs max_iter > 0"),
     ('lr_policy: "fixed" weight_decay: 0.1 regularization_type: "L3"',
      "unknown regularization_type 'L3'"),
-    ('lr_policy: "fixed" snapshot_format: HDF5', "HDF5 is not supported"),
     ('lr_policy: "fixed" type: "AdaGrad" momentum: 0.9', "momentum cannot be used with AdaGrad"),
     ('lr_policy: "fixed" type: "RMSProp" rms_decay: 1.5', "rms_decay should lie in"),
     ('lr_policy: "fixed" type: "Adamax"', "unknown solver type 'Adamax'"),
@@ -693,17 +692,23 @@ layer { name: "loss" type: "EuclideanLoss" bottom: "ip2" bottom: "y" top: "loss"
 '''
 
 
-@pytest.mark.parametrize("kind", ["SGD", "Adam"])
-def test_resume_is_bit_identical(tmp_path, kind):
+@pytest.mark.parametrize("kind, snapshot_format", [
+    ("SGD", "BINARYPROTO"), ("Adam", "BINARYPROTO"), ("SGD", "HDF5"), ("Adam", "HDF5")])
+def test_resume_is_bit_identical(tmp_path, kind, snapshot_format):
+    if snapshot_format == "HDF5":
+        pytest.importorskip("h5py")
     prefix = tmp_path / "r"
     extra = (f'type: "{kind}" lr_policy: "multistep" gamma: 0.5 stepvalue: 2 stepvalue: 4 '
              f'base_lr: 0.05 momentum: 0.9 weight_decay: 0.01 random_seed: 21 '
-             f'snapshot_prefix: "{prefix}" max_iter: 7')
+             f'snapshot_prefix: "{prefix}" max_iter: 7 snapshot_format: {snapshot_format}')
     straight = make_solver(tmp_path, extra, RESUME_NET)
     straight.step(7)
     first = make_solver(tmp_path, extra, RESUME_NET)
     first.step(3)
-    _, state_file = first.snapshot()
+    model_file, state_file = first.snapshot()
+    suffix = ".h5" if snapshot_format == "HDF5" else ""
+    assert (model_file, state_file) == (f"{prefix}_iter_3.caffemodel{suffix}",
+                                        f"{prefix}_iter_3.solverstate{suffix}")
     resumed = make_solver(tmp_path, extra, RESUME_NET)
     resumed.restore(state_file)
     assert resumed.iter == 3 and resumed.current_step == 1
@@ -721,6 +726,39 @@ def test_resume_is_bit_identical(tmp_path, kind):
     other.step(4)
     assert not np.array_equal(other.net.params["ip1"][0].data,
                               straight.net.params["ip1"][0].data)
+
+
+def test_hdf5_snapshot_has_caffes_layout(tmp_path):
+    """SnapshotToHDF5 / SnapshotSolverStateToHDF5 as Caffe writes them with HDF5's lite
+    API: the net's data/<layer>/<i> datasets; the state's scalar int32 iter and
+    current_step, a fixed-length null-terminated learned_net, history/0.. as floats."""
+    h5py = pytest.importorskip("h5py")
+    s = make_solver(tmp_path, f'lr_policy: "fixed" base_lr: 0.1 momentum: 0.9 '
+                              f'snapshot_prefix: "{tmp_path}/h" snapshot_format: HDF5',
+                    ip_net())
+    set_inputs(s)
+    s.step(2)
+    model, state = s.snapshot()
+    with h5py.File(model, "r") as f:
+        assert list(f) == ["data"]
+        np.testing.assert_array_equal(f["data/ip/0"][()], s.net.params["ip"][0].data)
+        np.testing.assert_array_equal(f["data/ip/1"][()], s.net.params["ip"][1].data)
+    with h5py.File(state, "r") as f:
+        for name in ("iter", "current_step"):
+            assert f[name].shape == () and f[name].dtype == np.int32
+        assert int(f["iter"][()]) == 2 and int(f["current_step"][()]) == 0
+        kind = f["learned_net"].id.get_type()
+        assert isinstance(kind, h5py.h5t.TypeStringID) and not kind.is_variable_str()
+        assert kind.get_strpad() == h5py.h5t.STR_NULLTERM
+        assert kind.get_size() == len(model) + 1
+        assert f["learned_net"][()].rstrip(b"\0").decode() == model
+        assert sorted(f["history"]) == ["0", "1"]
+        np.testing.assert_array_equal(f["history/0"][()], s.history[0])
+    resumed = make_solver(tmp_path, f'lr_policy: "fixed" base_lr: 0.1 momentum: 0.9',
+                          ip_net())
+    resumed.restore(state)
+    assert resumed.iter == 2
+    np.testing.assert_array_equal(resumed.net.params["ip"][0].data, s.net.params["ip"][0].data)
 
 
 def test_solve_resumes_from_file(tmp_path):

@@ -141,6 +141,17 @@ def caffemodel_bytes(layers, net_name=""):
 
 def write_atomically(path, payload):
     """Write to a temporary file next to ``path`` and rename it into place."""
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+    write_file_atomically(path, write)
+
+
+def write_file_atomically(path, write):
+    """``write(temporary path)`` makes the file next to ``path``; it is then renamed
+    into place, so a failure never leaves ``path`` half-written."""
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise CaffemodelError(f"cannot write '{path}': directory '{directory}' does not exist")
@@ -148,10 +159,7 @@ def write_atomically(path, payload):
         raise CaffemodelError(f"cannot write '{path}': it is a directory")
     tmp = f"{path}.tmp{os.getpid()}"
     try:
-        with open(tmp, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
+        write(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

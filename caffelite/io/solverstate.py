@@ -7,6 +7,11 @@ History blobs are as large as the net, so floats go through ``np.frombuffer`` /
 ``tobytes`` instead of per-element protobuf calls; states written by real Caffe
 (legacy num/channels/height/width shapes included) read back the same way.
 
+``snapshot_format: HDF5`` states (``.solverstate.h5``) hold the same as datasets, as
+SGDSolver's SnapshotSolverStateToHDF5 writes them with HDF5's lite API: scalar int
+``iter`` and ``current_step``, a fixed-length string ``learned_net``, and a group
+``history`` with one float dataset per buffer, named ``0``, ``1``, ...
+
 caffelite adds one field that Caffe does not know, ``EXTENSION_FIELD`` (a JSON
 document: the random generator's state and the states of layers that keep some
 outside their blobs), so that a resumed run continues bit-identically.  Caffe's
@@ -18,8 +23,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .caffemodel import write_atomically
-from .wire import LEN, VARINT, WireReader, blob_bytes, key, len_field, \
+from .caffemodel import write_atomically, write_file_atomically
+from .wire import LEN, VARINT, BlobData, WireReader, blob_bytes, key, len_field, \
     read_blob, signed, varint
 
 
@@ -89,4 +94,92 @@ def _json_default(value):
 def write_solverstate(path, iter, learned_net, history, current_step, extension=None):
     write_atomically(path, solverstate_bytes(iter, learned_net, history, current_step,
                                              extension))
+
+
+# ------------------------------------------------------------------------------- HDF5
+# caffelite's extension in an HDF5 state: one more string dataset at the root (Caffe's
+# restore reads its own names only, and counts the links of 'history' alone).
+HDF5_EXTENSION = "caffelite_extension"
+
+
+def write_solverstate_hdf5(path, iter, learned_net, history, current_step,
+                           extension=None):
+    h5py = require_h5py()
+
+    def write(tmp):
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("iter", data=np.int32(iter))          # H5LTmake_dataset_int
+            _string_dataset(h5py, f, "learned_net", learned_net)
+            f.create_dataset("current_step", data=np.int32(current_step))
+            group = f.create_group("history")
+            for i, h in enumerate(history):
+                group.create_dataset(str(i), data=np.asarray(h, np.float32))
+            if extension is not None:
+                _string_dataset(h5py, f, HDF5_EXTENSION, json.dumps(
+                    extension, default=_json_default, sort_keys=True))
+    write_file_atomically(path, write)
+
+
+def _string_dataset(h5py, f, name, text):
+    """A scalar fixed-length, null-terminated string, as H5LTmake_dataset_string makes
+    (Caffe's hdf5_load_string reads that kind, not h5py's variable-length strings)."""
+    data = text.encode("utf-8") + b"\0"
+    kind = h5py.h5t.C_S1.copy()
+    kind.set_size(len(data))
+    kind.set_strpad(h5py.h5t.STR_NULLTERM)
+    dataset = h5py.h5d.create(f.id, name.encode("utf-8"), kind,
+                              h5py.h5s.create(h5py.h5s.SCALAR))
+    dataset.write(h5py.h5s.ALL, h5py.h5s.ALL, np.array(data, dtype=f"S{len(data)}"),
+                  mtype=kind)
+
+
+def _read_string(dataset):
+    value = dataset[()]
+    if isinstance(value, np.ndarray):
+        value = value.item()
+    if isinstance(value, bytes):
+        value = value.split(b"\0", 1)[0].decode("utf-8", "replace")
+    return str(value)
+
+
+def read_solverstate_hdf5(path):
+    """SGDSolver::RestoreSolverStateFromHDF5's reading: iter, learned_net when there is
+    one, current_step, and the history datasets 0 .. n-1 of the 'history' group."""
+    h5py = require_h5py()
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise SolverStateError(f"cannot read HDF5 solverstate '{path}': {e}") from None
+    with f:
+        for name in ("iter", "current_step", "history"):
+            if name not in f:
+                raise SolverStateError(f"{path}: an HDF5 solverstate needs '{name}' (it has "
+                                       f"{', '.join(sorted(f)) or 'nothing'})")
+        state = SolverStateData(iter=int(f["iter"][()]),
+                                current_step=int(f["current_step"][()]))
+        if "learned_net" in f:
+            state.learned_net = _read_string(f["learned_net"])
+        group = f["history"]
+        for i in range(len(group)):
+            if str(i) not in group:
+                raise SolverStateError(f"{path}: history has {len(group)} datasets but no "
+                                       f"'{i}'")
+            values = np.asarray(group[str(i)][()], np.float32)
+            state.history.append(BlobData(tuple(values.shape), values.reshape(-1)))
+        if HDF5_EXTENSION in f:
+            try:
+                state.extension = json.loads(_read_string(f[HDF5_EXTENSION]))
+            except ValueError:
+                raise SolverStateError(f"{path}: the caffelite extension is not valid "
+                                       f"JSON") from None
+    return state
+
+
+def require_h5py():
+    try:
+        import h5py
+    except ImportError:
+        raise ImportError("HDF5 snapshots and weights need h5py: pip install h5py (or "
+                          "caffelite[hdf5])") from None
+    return h5py
 
