@@ -431,10 +431,11 @@ _CAFFE_FLAGS = {"--solver": {}, "--model": {}, "--weights": {}, "--snapshot": {}
                 "--sighup_effect": {}}
 
 
-def _unused_caffe_flags(sp):
-    taken = {opt for action in sp._actions for opt in action.option_strings}
+def _unused_caffe_flags(sp, used=""):
+    """Accept (and ignore) the Caffe tool flags the verb does not use (``used``: the
+    ones it defines itself, space-separated, without dashes)."""
     for flag, kwargs in _CAFFE_FLAGS.items():
-        if flag not in taken:
+        if flag[2:] not in used.split():
             sp.add_argument(flag, dest=f"unused_{flag[2:]}", help=argparse.SUPPRESS,
                             **kwargs)
 
@@ -459,7 +460,7 @@ def build_parser():
     tr.add_argument("--sighup_effect", default="snapshot", choices=["stop", "snapshot", "none"])
     _state_flags(tr, "the train net's")
     common(tr)
-    _unused_caffe_flags(tr)
+    _unused_caffe_flags(tr, "solver weights snapshot sigint_effect sighup_effect")
     tr.set_defaults(func=cmd_train)
 
     t = sub.add_parser("test", help="score a model (TEST phase) like `caffe test`",
@@ -469,7 +470,7 @@ def build_parser():
     t.add_argument("--iterations", type=int, default=50)
     _state_flags(t, "the net's")
     common(t)
-    _unused_caffe_flags(t)
+    _unused_caffe_flags(t, "model weights iterations")
     t.set_defaults(func=cmd_test)
 
     tm = sub.add_parser("time", help="per-layer forward/backward timing like `caffe time`",
@@ -479,7 +480,7 @@ def build_parser():
     tm.add_argument("--phase", default="TRAIN", choices=["TRAIN", "TEST", "train", "test"])
     _state_flags(tm, "the net's")
     common(tm)
-    _unused_caffe_flags(tm)
+    _unused_caffe_flags(tm, "model iterations phase")
     tm.set_defaults(func=cmd_time)
 
     dq = sub.add_parser("device_query", help="show a GPU's properties like `caffe "
