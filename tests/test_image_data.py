@@ -624,6 +624,36 @@ def test_interpreter_exit_does_not_wait_for_prefetching(tmp_path):
     assert "built" in done.stdout
 
 
+def test_a_stopping_pool_ends_batch_builds_at_the_next_sample():
+    """At exit the data pool stops: a running batch build (looping over until_exit)
+    stops at its next sample, queued jobs are dropped, and stop() returns once no job
+    runs, so no daemon thread is left inside C code while the interpreter finalises
+    (which aborted the process: "terminate called without an active exception")."""
+    import threading
+    import time
+    from concurrent.futures import CancelledError
+    from caffelite.layers.image_data import _WorkerPool, until_exit
+    pool = _WorkerPool(1)
+    started, seen = threading.Event(), []
+
+    def build(n):
+        for i in until_exit(range(n)):
+            seen.append(i)
+            started.set()
+            time.sleep(0.01)
+        return "done"
+    running = pool.submit(build, 100000)
+    queued = pool.submit(build, 3)
+    assert started.wait(10)
+    t = time.perf_counter()
+    pool.stop(timeout=10)
+    assert time.perf_counter() - t < 5
+    assert running.exception(timeout=1) is not None and len(seen) < 100000
+    with pytest.raises(CancelledError):
+        queued.result(timeout=5)
+    assert list(until_exit(range(3))) == [0, 1, 2]     # outside the pool: no stop
+
+
 def test_hdf5_data_without_h5py_is_a_clear_error(tmp_path, monkeypatch):
     import sys
     (tmp_path / "x.txt").write_text("x.h5\n")

@@ -18,6 +18,7 @@ over an mt19937 of its own, and the transformer's ``Rand(n)`` is a word of its o
 mt19937 modulo n. With the same random_seed, crops, mirrors, scales and the epoch order
 are the fork's. HDF5Data shuffles with std::random_shuffle over rand(), as Caffe does.
 """
+import atexit
 import logging
 import os
 import queue
@@ -51,24 +52,53 @@ class _WorkerPool:
 
     Daemon threads never keep the interpreter alive, so exiting with batches still
     queued does not hang (unlike concurrent.futures' executors, which join theirs).
+    At exit the pool stops too: queued jobs are dropped and running batch builds stop
+    at their next sample (``until_exit``), and the exit waits a moment for that. A
+    daemon thread still inside C/C++ code when the interpreter finalises would be
+    killed while it reacquires the GIL, which aborts the process from C++ frames
+    ("terminate called without an active exception").
     """
+    EXIT_WAIT_S = 5.0
 
     def __init__(self, workers):
         self.pid = os.getpid()
         self._jobs = queue.SimpleQueue()
+        self._running = 0
+        self._idle = threading.Condition()
+        self._stopping = threading.Event()
         for i in range(workers):
-            threading.Thread(target=self._run, name=f"caffelite-data-{i}",
-                             daemon=True).start()
+            thread = threading.Thread(target=self._run, name=f"caffelite-data-{i}",
+                                      daemon=True)
+            thread.caffelite_stopping = self._stopping      # read by until_exit
+            thread.start()
+        atexit.register(self.stop)
 
     def _run(self):
         while True:
             future, fn, args = self._jobs.get()
+            if self._stopping.is_set():
+                future.cancel()
+                continue
             if not future.set_running_or_notify_cancel():
                 continue
+            with self._idle:
+                self._running += 1
             try:
                 future.set_result(fn(*args))
             except BaseException as e:      # noqa: B036  (delivered to forward)
                 future.set_exception(e)
+            finally:
+                with self._idle:
+                    self._running -= 1
+                    self._idle.notify_all()
+
+    def stop(self, timeout=None):
+        """Drop the queued jobs and wait (at most ``timeout`` seconds) until no job
+        runs any more; jobs built on ``until_exit`` stop at their next item."""
+        self._stopping.set()
+        with self._idle:
+            self._idle.wait_for(lambda: self._running == 0,
+                                self.EXIT_WAIT_S if timeout is None else timeout)
 
     def submit(self, fn, *args):
         future = Future()
@@ -78,6 +108,20 @@ class _WorkerPool:
 
 _pool_lock = threading.Lock()
 _pool = [None]
+
+
+class _Exiting(Exception):
+    """A batch build stopped because its pool stops (the interpreter exits)."""
+
+
+def until_exit(items):
+    """``items``, one by one, unless the pool running this job is stopping (the
+    interpreter exits): a batch build looping over its samples then stops."""
+    stopping = getattr(threading.current_thread(), "caffelite_stopping", None)
+    for item in items:
+        if stopping is not None and stopping.is_set():
+            raise _Exiting("the data-loading pool is stopping")
+        yield item
 
 
 def worker_pool():
@@ -439,7 +483,7 @@ def _build_seg_batch(cfg, samples):
     data = np.empty((n, cfg.channels, h, w), cfg.dtype)
     label = np.empty((n, 1, h, w), cfg.dtype)
     dims = np.empty((n, 1, 1, 2), cfg.dtype)
-    for i, (entry, draws) in enumerate(samples):
+    for i, (entry, draws) in enumerate(until_exit(samples)):
         data[i], label[i, 0], dims[i, 0, 0] = _seg_sample(cfg, entry, draws)
     return data, label, dims
 
@@ -609,7 +653,7 @@ def _read_mean_file(path, layer):
 
 def _build_image_batch(cfg, samples):
     images = []
-    for entry, draws in samples:
+    for entry, draws in until_exit(samples):
         img = _load(cfg.root + entry.fields[0], "image", entry, cfg.source, cfg.is_color)
         if cfg.new_size:
             img = resize(img, cfg.new_size, INTER_LINEAR)

@@ -5,7 +5,7 @@ import numpy as np
 
 from ..io.image import INTER_LINEAR, resize
 from .image_data import (LABEL_IMAGE, LABEL_PIXEL, DataError, ImageSegDataLayer, ListEntry,
-                         _build_seg_batch, _load)
+                         _build_seg_batch, _load, until_exit)
 from ..layer import register
 
 
@@ -68,7 +68,7 @@ def _build_video_batch(cfg, samples):
     dtype = np.dtype(cfg.dtype)
     means = np.asarray(cfg.means or [0.0] * cfg.channels, dtype)
     backgrounds = np.empty((len(samples), cfg.channels, h, w), dtype)
-    for i, (entry, _) in enumerate(samples):
+    for i, (entry, _) in enumerate(until_exit(samples)):
         img = _load(cfg.root + entry.fields[2], "background image", entry, cfg.source,
                     cfg.is_color)
         if img.ndim == 2:
