@@ -403,7 +403,9 @@ def common_arguments(sp):
     sp.add_argument("--log", help="also write the log to this file")
     sp.add_argument("-D", "--define", action="append", metavar="NAME=VALUE",
                     help="fill ${NAME} placeholders in the prototxt (repeatable)")
-    sp.add_argument("--gpu", default=None, help="GPU id (CPU if omitted)")
+    sp.add_argument("--gpu", default=None,
+                    help="GPU id (if omitted: train follows the solver's solver_mode and "
+                         "device_id, test and time run on the CPU)")
     sp.add_argument("--tf32", action="store_true",
                     help="allow TF32 tensor-core GEMMs on the GPU (default: exact FP32)")
     sp.add_argument("--cuda-graphs", action="store_true",
@@ -452,7 +454,7 @@ def build_parser():
 
     tr = sub.add_parser("train", help="train a model like `caffe train`",
                         description=_GFLAGS_NOTE)
-    tr.add_argument("--solver", required=True)
+    tr.add_argument("--solver", required=True, help="the solver prototxt")
     tr.add_argument("--weights", default=None,
                     help="comma-separated caffemodels to initialise from")
     tr.add_argument("--snapshot", default=None, help="a .solverstate to resume from")
@@ -465,9 +467,10 @@ def build_parser():
 
     t = sub.add_parser("test", help="score a model (TEST phase) like `caffe test`",
                        description=_GFLAGS_NOTE)
-    t.add_argument("--model", required=True)
-    t.add_argument("--weights", default=None)
-    t.add_argument("--iterations", type=int, default=50)
+    t.add_argument("--model", required=True, help="the net prototxt (TEST phase)")
+    t.add_argument("--weights", default=None, help="comma-separated caffemodels to score")
+    t.add_argument("--iterations", type=int, default=50,
+                   help="forward passes to average (default 50)")
     _state_flags(t, "the net's")
     common(t)
     _unused_caffe_flags(t, "model weights iterations")
@@ -475,8 +478,9 @@ def build_parser():
 
     tm = sub.add_parser("time", help="per-layer forward/backward timing like `caffe time`",
                         description=_GFLAGS_NOTE)
-    tm.add_argument("--model", required=True)
-    tm.add_argument("--iterations", type=int, default=50)
+    tm.add_argument("--model", required=True, help="the net prototxt")
+    tm.add_argument("--iterations", type=int, default=50,
+                    help="forward/backward passes to time (default 50)")
     tm.add_argument("--phase", default="TRAIN", choices=["TRAIN", "TEST", "train", "test"])
     _state_flags(tm, "the net's")
     common(tm)
