@@ -224,6 +224,9 @@ class Net:
         self.force_backward = param.force_backward
         self.debug_info = bool(param.debug_info)
         filtered = filter_net(param, state)
+        logger.info("Initializing net from parameters: \n%s",
+                    prototxt.message_to_text(filtered))
+        self._memory_used = 0           # Caffe's memory_used_: the tops' elements so far
         inputs = net_input_fields(filtered)
         self._inputs_from_fields = bool(inputs)
         net = insert_splits(filtered, [name for name, _ in inputs])
@@ -237,6 +240,7 @@ class Net:
         self.layer_loss_weights = []
         self.learnable_params = []
         self._param_owner = {}
+        self._param_owner_at = {}       # param name -> (owner layer, its param index)
         self._inputs = []
         self._channel_chains = self._channel_chains_by_last = None   # GPU mode, on demand
         self._graphs = None                                           # likewise
@@ -253,6 +257,8 @@ class Net:
         self._prune_backward()
         if self.force_backward:
             self._apply_force_backward()
+        for name in self._outputs:
+            logger.info("This network produces output %s", name)
         # Net::Init writes every top's weight in layer order: an in-place layer after a
         # loss layer leaves its blob with that layer's weight (0 unless it has one).
         self.blob_loss_weights = OrderedDict((n, 0.0) for n in self.blobs)
@@ -274,6 +280,8 @@ class Net:
         self.blobs[name] = blob
         available[name] = blob
         self._inputs.append(name)
+        logger.info("Input %d -> %s", len(self._inputs) - 1, name)
+        self._memory_used += blob.count
 
     def _prototxt_dir(self):
         """The prototxt's folder, where Python layer modules are also looked for."""
@@ -295,6 +303,7 @@ class Net:
     def _append_layer(self, lp, available, blob_need_backward):
         if not lp.HasField("phase"):         # a layer's own phase wins over the net's
             lp.phase = self.phase
+        logger.info("Creating Layer %s", lp.name)
         try:
             layer = create_layer(lp, lp.phase, self.dtype)
         except LayerError as e:
@@ -304,6 +313,7 @@ class Net:
             if name not in self.blobs:
                 raise NetError(f"{self.source}: layer '{lp.name}': unknown bottom blob '{name}'")
             bottoms.append(self.blobs[name])
+            logger.info("%s <- %s", lp.name, name)
             available.pop(name, None)
             nb = blob_need_backward.get(name, False)
             need_backward |= nb
@@ -314,6 +324,7 @@ class Net:
                 nb = lp.propagate_down[j]
             bottom_nb.append(nb)
         tops = self._make_tops(lp, layer, available)
+        logger.info("Setting up %s", lp.name)
         try:
             layer.check_blob_counts(bottoms, tops)
             layer.setup(bottoms, tops)
@@ -328,6 +339,7 @@ class Net:
         for top, w in zip(tops, layer.loss_weights):
             if w:
                 top.diff[...] = w
+        self._log_tops(tops, layer.loss_weights)
         logger.debug("Created layer %s (%s), top shapes %s", lp.name, lp.type,
                      [t.shape for t in tops])
         if lp.type == "Input":
@@ -342,10 +354,23 @@ class Net:
         self.layer_loss_weights.append(layer.loss_weights)
         return need_backward
 
+    def _log_tops(self, tops, weights):
+        """Net::Init's lines after a layer's setup: each top's shape (Blob::shape_string),
+        its loss weight, and the data memory so far."""
+        for top, w in zip(tops, weights):
+            logger.info("Top shape: %s", "".join(f"{d} " for d in top.shape) +
+                        f"({top.count})")
+            if w:
+                logger.info("    with loss weight %g", w)
+            self._memory_used += top.count
+        logger.info("Memory required for data: %d",
+                    self._memory_used * np.dtype(self.dtype).itemsize)
+
     def _make_tops(self, lp, layer, available):
         tops = []
         for j, name in enumerate(lp.top):
             in_place = j < len(lp.bottom) and lp.bottom[j] == name
+            logger.info("%s -> %s%s", lp.name, name, " (in-place)" if in_place else "")
             if in_place:
                 blob = self.blobs[name]
             elif name in self.blobs:
@@ -400,7 +425,10 @@ class Net:
                 self.learnable_params.append(param)
                 if spec.name:
                     self._param_owner[spec.name] = param
+                    self._param_owner_at[spec.name] = (lp.name, i)
                 continue
+            logger.info("Sharing parameters '%s' owned by layer '%s', param index %d",
+                        spec.name, *self._param_owner_at[spec.name])
             self._check_shared_shape(lp, i, spec, owner.blob, blob)
             blob.share_data(owner.blob)
             blob.share_diff(owner.blob)
@@ -446,6 +474,8 @@ class Net:
                 self.bottom_need_backward[i] = [False] * len(self.bottom_blobs[i])
             if not contributes:
                 self.layer_need_backward[i] = False
+            logger.info("%s %s backward computation.", self._layer_names[i],
+                        "needs" if self.layer_need_backward[i] else "does not need")
             for j, b in enumerate(self.bottom_blobs[i]):
                 if contributes:
                     under_loss.add(id(b))

@@ -305,3 +305,34 @@ def test_device_query(monkeypatch, capsys, tmp_path):
     assert "Kernel execution timeout:      No" in lines
     assert missing.strip().splitlines()[-1] == \
         "caffelite device_query: error: Need a device ID to query."
+
+
+def test_net_init_logs_caffes_lines(tmp_path):
+    """Net::Init's INFO lines: the filtered net, each layer's bottoms and tops (in-place
+    marked), its top shapes as Blob::shape_string, loss weights, the running data
+    memory, the backward decisions from the last layer and the outputs."""
+    net = tmp_path / "net.prototxt"
+    relu = 'layer { name: "r" type: "ReLU" bottom: "ip" top: "ip" }\n'
+    text = NET.replace("${NAME}", "n")
+    loss_at = text.index('layer { name: "loss"')
+    net.write_text(text[:loss_at] + relu + text[loss_at:])
+    out = run("test", "-model", str(net), "-iterations", "1")
+    assert out.returncode == 0, out.stderr
+    lines = [l.split("] ", 1)[1] for l in out.stderr.splitlines() if GLOG.match(l)]
+    start = lines.index("Creating Layer data")
+    assert lines[start:start + 7] == [
+        "Creating Layer data", "data -> data", "data -> label", "Setting up data",
+        "Top shape: 2 3 4 4 (96)", "Top shape: 2 (2)", "Memory required for data: 392"]
+    loss = lines.index("Creating Layer loss")
+    assert lines[loss:loss + 8] == [
+        "Creating Layer loss", "loss <- ip", "loss <- label", "loss -> loss",
+        "Setting up loss", "Top shape: (1)", "    with loss weight 1",
+        "Memory required for data: 444"]   # the in-place top counts again, as in Caffe
+    assert "r -> ip (in-place)" in lines
+    decisions = [l for l in lines if l.endswith("backward computation.")]
+    assert decisions == ["loss needs backward computation.", "r needs backward computation.",
+                         "ip needs backward computation.",
+                         "data does not need backward computation."]
+    assert lines.index("This network produces output loss") < \
+        lines.index("Network initialization done.")
+    assert 'Initializing net from parameters: \nname: "n"\nlayer {\n' in out.stderr

@@ -394,10 +394,15 @@ layer { name: "loss" type: "EuclideanLoss" bottom: "ip" bottom: "y" top: "loss" 
 '''
 
 
-def test_shared_parameters_get_one_update_from_summed_gradients(tmp_path):
+def test_shared_parameters_get_one_update_from_summed_gradients(tmp_path, log_lines):
     s = make_solver(tmp_path, 'lr_policy: "fixed" base_lr: 0.1 momentum: 0.9 '
                     'weight_decay: 0.01 random_seed: 1', SHARED_NET)
     assert len(s.net.learnable_params) == 2
+    # Net::AppendParam's line for each shared copy
+    assert logged(log_lines, r"\] Sharing parameters 'w' owned by layer 'ip_a', param "
+                             r"index 0$")
+    assert logged(log_lines, r"\] Sharing parameters 'b' owned by layer 'ip_a', param "
+                             r"index 1$")
     x, y = set_inputs(s)
     w, b = (blob.data.astype(np.float64) for blob in s.net.params["ip_a"])
     vw, vb = np.zeros_like(w), np.zeros_like(b)
