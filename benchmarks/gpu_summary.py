@@ -97,9 +97,8 @@ def speed_lines(rows):
                 text = f"speed-up {gain:.2f}x (with it: {row['median_s']:.4f} s)"
                 if _timed(torch):
                     text += f", {row['median_s'] / torch['median_s']:.2f}x torch"
-            for extra in ("graphs",):
-                if extra in row:
-                    text += f"; {row[extra]}"
+            if "graphs" in row:
+                text += f"; {row['graphs']}"
             if "same_bits_as_caffelite" in row:
                 text += "; bits " + ("equal" if row["same_bits_as_caffelite"] else "DIFFER")
             lines.append(f"    {what}: {text}")

@@ -118,9 +118,7 @@ class SyncedMemory:
             return self.device_view(shape, count)
         if self.head != HEAD_AT_HOST or self.host is None:
             return _first(self.host_array(), shape, count)
-        if count == self.count:
-            return self.host.reshape(shape)
-        return self.host[:count].reshape(shape)
+        return _first(self.host, shape, count)
 
 
 class Blob:

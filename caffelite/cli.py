@@ -64,7 +64,7 @@ def _select_device(args, solver_device=None):
     CPU, with a warning."""
     from . import backend, cuda_graphs
     from .kernels import GPUUnavailableError
-    device = parse_gpu(args.gpu)
+    device, source = parse_gpu(args.gpu), None       # source: a solver asked for it
     if device is None and solver_device is not None:
         device, source = solver_device
     graphs = bool(getattr(args, "cuda_graphs", False))
@@ -77,7 +77,7 @@ def _select_device(args, solver_device=None):
     try:
         backend.set_mode_gpu()
     except GPUUnavailableError as e:
-        if parse_gpu(args.gpu) is not None:
+        if source is None:                  # --gpu: the user's own request
             raise
         logger.warning("%s asks for GPU %d, but %s; training on the CPU (solver_mode: CPU "
                        "or CAFFELITE_SOLVER_MODE=cpu says so without this warning)",
@@ -129,13 +129,10 @@ def solver_device(solver_path, defines):
     if override not in ("", "cpu", "gpu"):
         raise CliError(f"CAFFELITE_SOLVER_MODE must be cpu or gpu, got '{override}'")
     param = prototxt.read_solver(solver_path, defines)
-    on_gpu = param.solver_mode == caffe_pb2.SolverParameter.GPU
     if override:
-        on_gpu = override == "gpu"
-    if not on_gpu:
+        return (param.device_id, "CAFFELITE_SOLVER_MODE=gpu") if override == "gpu" else None
+    if param.solver_mode != caffe_pb2.SolverParameter.GPU:
         return None
-    if override:
-        return param.device_id, "CAFFELITE_SOLVER_MODE=gpu"
     default = "" if param.HasField("solver_mode") else ", the default"
     return param.device_id, f"{solver_path} (solver_mode: GPU{default})"
 

@@ -51,6 +51,7 @@ def _caffe_sign(x):
     """caffe_cpu_sign: (0 < x) - (x < 0), so NaN gives 0 (numpy's sign gives NaN)."""
     return (x > 0).astype(x.dtype) - (x < 0).astype(x.dtype)
 
+
 class SolverError(RuntimeError):
     pass
 

@@ -28,6 +28,7 @@ miINT8, miINT32, miUINT32, miSINGLE, miDOUBLE, miMATRIX = 1, 5, 6, 7, 9, 14
 mxDOUBLE_CLASS, mxSINGLE_CLASS = 6, 7
 _CLASS_OF_DTYPE = {np.dtype(np.float32): (mxSINGLE_CLASS, miSINGLE, "single"),
                    np.dtype(np.float64): (mxDOUBLE_CLASS, miDOUBLE, "double")}
+_DTYPE_OF_CLASS = {name: dtype for dtype, (_, _, name) in _CLASS_OF_DTYPE.items()}
 
 HEADER_TEXT_BYTES = 116
 
@@ -174,8 +175,7 @@ def read_mat(path, dtype=np.float32):
 def _checked(path, name, entry, dtype):
     values, dims, mat_class = entry
     if dtype is None:
-        dtype = {c: d for d, (_, _, c) in _CLASS_OF_DTYPE.items()}.get(
-            mat_class, np.dtype(np.float32))
+        dtype = _DTYPE_OF_CLASS.get(mat_class, np.dtype(np.float32))
     want = _CLASS_OF_DTYPE[dtype][2]
     if mat_class != want:
         raise MatFileError(

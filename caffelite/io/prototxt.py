@@ -86,12 +86,12 @@ def _check_escapes(text, path):
 
         def escape(esc):
             char = esc.group(1)
-            if char in _SIMPLE_ESCAPES and char:
+            if char and char in _SIMPLE_ESCAPES:
                 return "?" if char == "?" else esc.group(0)
-            hex_digit = token[esc.end():esc.end() + 1]
-            if char in "xX" and char and hex_digit and hex_digit in "0123456789abcdefABCDEF":
-                return esc.group(0)
             hex_escape = bool(char) and char in "xX"
+            hex_digit = token[esc.end():esc.end() + 1]
+            if hex_escape and hex_digit and hex_digit in "0123456789abcdefABCDEF":
+                return esc.group(0)
             # Where the C++ tokenizer stands: after the backslash (and the x).
             pos = match.start() + esc.start() + 1 + hex_escape
             line = text.count("\n", 0, pos) + 1
