@@ -44,6 +44,7 @@ class ndarray(_np.ndarray):        # noqa: N801  (CuPy's spelling)
             kwargs["out"] = tuple(_to_plain(o, ufunc.__name__) for o in out)
         fn = getattr(ufunc, method)
         if _capture.active():
+            _refuse_cublas(ufunc.__name__)
             if out is None and method != "at":
                 return _capture.record_result(fn, inputs, kwargs, _to_device_result)
             _capture.record_write(fn, *inputs, **kwargs)
@@ -141,6 +142,7 @@ def _captured_method(name, kind):
             return base(self, *args, **kwargs)
         if kind == "host":
             _capture.refuse(f"ndarray.{name} (a device-to-host read)")
+        _refuse_cublas(name)
         plain = self.view(_np.ndarray)
         args, kwargs = _to_plain_tree(args, name), _to_plain_tree(kwargs, name)
         if kind == "write":
@@ -180,6 +182,7 @@ def _call(fn, args, kwargs, name):
         return _to_device_result(fn(*args, **kwargs))
     if name in _HOST_SIZED or (name == "where" and len(args) == 1 and not kwargs):
         _capture.refuse(f"{name} (its result size is read on the host)")
+    _refuse_cublas(name)
     out = kwargs.get("out")
     if out is None and name not in _WRITES:
         return _capture.record_result(fn, args, kwargs, _to_device_result,
@@ -537,6 +540,34 @@ def launch(module_name, kernel_name, dtype, *args, grid=None, block=256):
                               grid=grid, block=block)
         return
     host_kernels().run(module_name, kernel_name, dtype, *plain, grid=grid, block=block)
+
+
+def cublas_gemm(a, b, out, accumulate=False):
+    """``kernels.cublas.gemm`` on emulated device arrays: ``out = a @ b`` (``+=`` with
+    ``accumulate``), written like a kernel's output (recorded while capturing), as
+    caffelite's own cuBLAS calls are, where CuPy's matmul is refused."""
+    plain = [x.view(_np.ndarray) for x in (a, b, out)]
+    if _capture.active():
+        _capture.record_write(_host_gemm, *plain, accumulate)
+        return
+    _host_gemm(*plain, accumulate)
+
+
+def _host_gemm(a, b, out, accumulate):
+    if accumulate:
+        out += _np.matmul(a, b)
+    else:
+        _np.matmul(a, b, out=out)
+
+
+# CuPy functions that call cuBLAS, which CuPy refuses while a stream is capturing.
+_CUBLAS = frozenset({"matmul", "dot", "vdot", "inner", "tensordot", "einsum"})
+
+
+def _refuse_cublas(name):
+    if name in _CUBLAS:
+        _capture.refuse(f"{name}: calling cuBLAS API during stream capture is currently "
+                        f"unsupported (CuPy)")
 
 
 @_cupy_api

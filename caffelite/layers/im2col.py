@@ -30,6 +30,7 @@ import numpy as np
 from .. import backend
 from ..backend import get_array_module, tf32_enabled
 from ..kernels import MAX_ELEMENTS as MAX_KERNEL_ELEMENTS
+from ..kernels.cublas import gemm
 from . import tap_gemm
 from ._device import contiguous, launch
 
@@ -348,7 +349,7 @@ def _forward_groups(image, w_g, out, geom, group, groups, xp):
         rows = (view(out[n0], (n_out, count)) if direct else
                 xp.empty((n_out, col.shape[1]), image.dtype))
         for w, c, o in zip(w_g, _per_group(col, group), _per_group(rows, group)):
-            xp.matmul(w, c, out=o)
+            gemm(xp, w, c, o)
         if not direct:
             view(out[n0:n1], (n1 - n0, n_out, plane))[...] = \
                 view(rows[:, :count], (n_out, n1 - n0, plane)).transpose(1, 0, 2)
@@ -362,7 +363,7 @@ def _backward_groups(grid, w_g, image, geom, group, groups, xp):
         col = _group_col(channels, geom, (n1 - n0) * plane, grid.dtype, xp)
         rows = _grid_rows(grid[n0:n1], n_out, col.shape[1], xp)
         for w, b, c in zip(w_g, _per_group(rows, group), _per_group(col, group)):
-            xp.matmul(w.T, b, out=c)
+            gemm(xp, w.T, b, c)
         _group_col2im(xp, col, image[n0:n1], geom, grid_shape)
 
 
@@ -373,7 +374,7 @@ def _weight_groups(image, grid, dw_g, geom, group, groups, xp):
             col[:, count:] = 0      # the padding columns meet zeros of the grid rows
         rows = _grid_rows(grid[n0:n1], n_out, col.shape[1], xp)
         for dw, b, c in zip(dw_g, _per_group(rows, group), _per_group(col, group)):
-            dw += xp.matmul(b, c.T)
+            gemm(xp, b, c.T, dw, accumulate=True)
 
 
 def _device_groups(xp, geom, num, channels, grid_shape, dtype, budget):
@@ -387,10 +388,10 @@ def _device_groups(xp, geom, num, channels, grid_shape, dtype, budget):
 # Convolution: forward = forward_gemm(bottom -> top); backward = weight_gemm + backward_gemm.
 # Deconvolution swaps the roles (image = top, grid = bottom).
 #
-# Every product is a 2-D matmul per group (Caffe's gemm calls): on CuPy a 2-D matmul is
-# one cublasGemmEx that takes transposed operands as they are and honours the TF32
-# compute type, where a batched (3-D) matmul would copy transposed operands to
-# contiguous ones and always compute in plain FP32.
+# Every product is one 2-D GEMM per group (Caffe's gemm calls): on the GPU one
+# cublasGemmEx (kernels.cublas) that takes transposed operands as they are, honours the
+# TF32 flag, accumulates weight gradients with beta = 1 as Caffe does, and can be
+# recorded into a CUDA graph.
 
 def _per_group(matrix, group):
     """The (rows/group, cols) blocks of a (rows, cols) matrix view, one per group."""
@@ -414,7 +415,7 @@ def forward_gemm(image, weight, out, geom, group, budget=None):
 
     def product(col, band):
         for w, c, o in zip(w_g, _per_group(col, group), _per_group(band, group)):
-            xp.matmul(w, c, out=o)
+            gemm(xp, w, c, o)
 
     if geom.is_1x1:
         for n in range(num):
@@ -446,7 +447,7 @@ def backward_gemm(grid, weight, image, geom, group, budget=None):
 
     def product(band, col):
         for w, b, c in zip(w_g, _per_group(band, group), _per_group(col, group)):
-            xp.matmul(w.T, b, out=c)
+            gemm(xp, w.T, b, c)
 
     if geom.is_1x1:
         for n in range(num):
@@ -478,7 +479,7 @@ def weight_gemm(image, grid, weight_diff, geom, group, budget=None):
 
     def product(band, col):
         for dw, b, c in zip(dw_g, _per_group(band, group), _per_group(col, group)):
-            dw += xp.matmul(b, c.T)
+            gemm(xp, b, c.T, dw, accumulate=True)
 
     if geom.is_1x1:
         for n in range(num):

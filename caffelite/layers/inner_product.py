@@ -7,6 +7,7 @@ import numpy as np
 
 from ..backend import get_array_module
 from ..filler import FillerError, fill
+from ..kernels.cublas import gemm
 from ..layer import Layer, register
 from .im2col import view
 
@@ -74,7 +75,7 @@ class InnerProductLayer(Layer):
         xp = get_array_module(bottom[0].data)
         x = self._matrices(bottom[0].data)
         y = view(top[0].data, (-1, self.num_output))
-        xp.matmul(x, self._weight_nk().T, out=y)
+        gemm(xp, x, self._weight_nk().T, y)
         if self.bias_term:
             y += self.blobs[1].data.reshape(1, -1)
 
@@ -85,10 +86,10 @@ class InnerProductLayer(Layer):
         if self.param_propagate_down[0]:
             dw = self.blobs[0].diff
             if self.transpose:
-                dw += xp.matmul(x.T, dy)
+                gemm(xp, x.T, dy, dw, accumulate=True)
             else:
-                dw += xp.matmul(dy.T, x)
+                gemm(xp, dy.T, x, dw, accumulate=True)
         if self.bias_term and self.param_propagate_down[1]:
             view(self.blobs[1].diff, (-1,))[...] += dy.sum(axis=0)
         if propagate_down[0]:
-            xp.matmul(dy, self._weight_nk(), out=self._matrices(bottom[0].diff))
+            gemm(xp, dy, self._weight_nk(), self._matrices(bottom[0].diff))

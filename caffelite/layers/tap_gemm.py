@@ -18,13 +18,18 @@ Caffe's float order. Used for 2-D convolutions with stride 1 on the device when 
 taps reach at most MAX_REACH of the window positions and that saves at least
 MIN_SAVED_FLOPS per GEMM: the path makes three calls per tap where im2col makes two per
 layer, which costs more than it saves on small layers at batch 1 (ResNet's 21-channel
-classifier); ``CAFFELITE_TAP_GEMM=0`` (or ``ENABLED = False``) turns it off.
+classifier); ``CAFFELITE_TAP_GEMM=0`` (or ``ENABLED = False``) turns it off. Not with
+TF32: its GEMMs are about eight times faster, the gathers and additions are not, and
+on an H200 ASPP-VGG's TF32 training step took 0.0760 s with this path and 0.0673 s
+without it (test forward 0.0085 s and 0.0060 s; BENCHMARKS.md).
 """
 import math
 import os
 
 import numpy as np
 
+from ..backend import tf32_enabled
+from ..kernels.cublas import gemm
 from . import im2col     # (im2col imports this module; its names are read at call time)
 
 ENABLED = os.environ.get("CAFFELITE_TAP_GEMM", "1") != "0"
@@ -61,11 +66,11 @@ def reach(windows, geom, grid_shape):
 
 def windows_for(xp, geom, image_shape, grid_shape, weight_shape):
     """The tap windows if this path applies to a GEMM of a convolution with this image
-    (N, C, H, W), output grid and weight (O, C/group, kh, kw): device arrays, 2-D,
-    stride 1, a kernel larger than 1x1, at most MAX_REACH reached, at least
+    (N, C, H, W), output grid and weight (O, C/group, kh, kw): device arrays, FP32
+    GEMMs, 2-D, stride 1, a kernel larger than 1x1, at most MAX_REACH reached, at least
     MIN_SAVED_FLOPS saved. Else None."""
-    if not ENABLED or xp is np or len(geom.kernel) != 2 or geom.is_1x1 or \
-            any(s != 1 for s in geom.stride):
+    if not ENABLED or xp is np or tf32_enabled() or len(geom.kernel) != 2 or \
+            geom.is_1x1 or any(s != 1 for s in geom.stride):
         return None
     key = (geom, tuple(image_shape), tuple(grid_shape), tuple(weight_shape[:2]))
     found = _windows.get(key)
@@ -115,7 +120,7 @@ def weight_grad(xp, image, grid, weight_diff, windows, group):
         dy = _gather(xp, grid, rows, cols, False)
         for d, b, c in zip(diff_g, im2col._per_group(dy, group),
                            im2col._per_group(x, group)):
-            d[:, :, t] += xp.matmul(b, c.T)
+            gemm(xp, b, c.T, d[:, :, t], accumulate=True)
 
 
 def _tap_weights(xp, weight):
@@ -148,7 +153,7 @@ def _group_products(xp, tap_weight, columns, group, transpose):
     result = xp.empty((out_rows, columns.shape[1]), columns.dtype)
     for w, c, r in zip(im2col._per_group(tap_weight, group),
                        im2col._per_group(columns, group), im2col._per_group(result, group)):
-        xp.matmul(w.T if transpose else w, c, out=r)
+        gemm(xp, w.T if transpose else w, c, r)
     return result
 
 
