@@ -752,6 +752,45 @@ def test_convolution_over_groups_of_whole_images(monkeypatch, device, dtype, gro
             compare(case, device)
 
 
+@pytest.mark.parametrize("align", [1, 4])
+@pytest.mark.parametrize("group", [1, 2])
+def test_backward_gemms_share_one_gathering_with_the_bits_of_two_calls(monkeypatch, device,
+                                                                      align, group):
+    """weight_and_backward_gemm over groups of whole images (2, 2, 1) equals
+    weight_gemm then backward_gemm bit for bit: the weight gradient accumulated into a
+    non-zero diff, the data gradient written over a NaN-poisoned one."""
+    monkeypatch.setattr(im2col_module, "column_align", lambda dtype: align)
+    geom = im2col_module.ConvGeometry((3, 3), (1, 1), (2, 2), (2, 2))
+    rows, plane = 4 * geom.taps, 7 * 9
+    budget = rows * im2col_module._aligned(2 * plane, align) * 4
+    rng = np.random.default_rng(11)
+    image = rng.standard_normal((5, 4, 7, 9)).astype(F32)
+    grid = rng.standard_normal((5, 6, 7, 9)).astype(F32)
+    weight = rng.standard_normal((6, 4 // group, 3, 3)).astype(F32)
+    start = rng.standard_normal(weight.shape).astype(F32)
+    _start(device)
+    xp = backend.device_module()
+    try:
+        assert im2col_module.image_groups(5, 4, geom, (7, 9), F32, budget) == \
+            [(0, 2), (2, 4), (4, 5)]
+        results = []
+        for combined in (False, True):
+            dw = xp.asarray(start)
+            dx = xp.full(image.shape, np.nan, F32)
+            args = xp.asarray(image), xp.asarray(grid), xp.asarray(weight)
+            if combined:
+                im2col_module.weight_and_backward_gemm(*args, dw, dx, geom, group, budget)
+            else:
+                im2col_module.weight_gemm(args[0], args[1], dw, geom, group, budget)
+                im2col_module.backward_gemm(args[1], args[2], dx, geom, group, budget)
+            results.append((backend.to_host(dw), backend.to_host(dx)))
+    finally:
+        backend.set_mode_cpu()
+    for a, b in zip(*results):
+        assert np.isfinite(b).all()
+        np.testing.assert_array_equal(a, b)
+
+
 def test_group_columns_are_padded_only_for_tf32_gemms():
     # Measured on an H200 (BENCHMARKS.md): padding helps TF32 GEMMs and costs FP32 ones
     # a copy where a one-image group could use the blobs in place.

@@ -12,11 +12,10 @@ Several bottoms are allowed; each gets its own top and all share the parameters.
 """
 import math
 
-import numpy as np
-
 from ..filler import FillerError, fill
 from ..layer import Layer, register
-from .im2col import ConvGeometry, backward_gemm, forward_gemm, view, weight_gemm
+from .im2col import (ConvGeometry, backward_gemm, forward_gemm, view, weight_and_backward_gemm,
+                     weight_gemm)
 
 
 class BaseConvolutionLayer(Layer):
@@ -203,6 +202,11 @@ class ConvolutionLayer(BaseConvolutionLayer):
         for i, (t, b) in enumerate(zip(top, bottom)):
             top_diff = self._as_nc(t.diff)
             self._bias_grad(top_diff)
+            if self.param_propagate_down[0] and propagate_down[i]:
+                weight_and_backward_gemm(self._as_nc(b.data), top_diff, weight,
+                                         self.blobs[0].diff, self._as_nc(b.diff),
+                                         self.geom, self.group)
+                continue
             if self.param_propagate_down[0]:
                 weight_gemm(self._as_nc(b.data), top_diff, self.blobs[0].diff,
                             self.geom, self.group)

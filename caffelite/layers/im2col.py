@@ -377,6 +377,24 @@ def _weight_groups(image, grid, dw_g, geom, group, groups, xp):
             gemm(xp, b, c.T, dw, accumulate=True)
 
 
+def _weight_and_backward_groups(image, grid, w_g, dw_g, image_diff, geom, group, groups,
+                                xp):
+    """Per group of images: the weight gradient, then the data gradient, from one
+    gathering of the group's output gradient (Caffe interleaves the two per image too).
+    Each product is the one _weight_groups and _backward_groups make, in their order,
+    so the bits are theirs."""
+    n_out = grid.shape[1]
+    for n0, n1, count, col in _filled_group_columns(image, geom, grid.shape[2:], groups, xp):
+        if col.shape[1] > count:
+            col[:, count:] = 0
+        rows = _grid_rows(grid[n0:n1], n_out, col.shape[1], xp)
+        for dw, b, c in zip(dw_g, _per_group(rows, group), _per_group(col, group)):
+            gemm(xp, b, c.T, dw, accumulate=True)
+        for w, b, c in zip(w_g, _per_group(rows, group), _per_group(col, group)):
+            gemm(xp, w.T, b, c)
+        _group_col2im(xp, col, image_diff[n0:n1], geom, grid.shape[2:])
+
+
 def _device_groups(xp, geom, num, channels, grid_shape, dtype, budget):
     if not _uses_kernels(xp, geom) or geom.is_1x1:
         return None
@@ -499,3 +517,25 @@ def weight_gemm(image, grid, weight_diff, geom, group, budget=None):
             col = _band_col(channels, geom, grid_shape, r0, r1, image.dtype, xp)
             im2col_band(xp, image[n], col, geom, grid_shape, r0, r1)
             product(_matrix(grid[n, :, r0:r1], n_out), _matrix(col, channels * geom.taps))
+
+
+def weight_and_backward_gemm(image, grid, weight, weight_diff, image_diff, geom, group,
+                             budget=None):
+    """A convolution's two backward GEMMs: ``weight_gemm`` (accumulates into
+    ``weight_diff``) and ``backward_gemm`` (overwrites ``image_diff``). On the device
+    with image groups, each group's output gradient is gathered once for both."""
+    xp = get_array_module(image)
+    num, channels = image.shape[:2]
+    n_out = grid.shape[1]
+    grid_shape = grid.shape[2:]
+    if not geom.is_1x1 and not tap_gemm.windows_for(xp, geom, image.shape, grid_shape,
+                                                     weight.shape):
+        groups = _device_groups(xp, geom, num, channels, grid_shape, image.dtype, budget)
+        if groups:
+            _weight_and_backward_groups(
+                image, grid, _per_group(_matrix(weight, n_out), group),
+                _per_group(_matrix(weight_diff, n_out), group), image_diff, geom, group,
+                groups, xp)
+            return
+    weight_gemm(image, grid, weight_diff, geom, group, budget)
+    backward_gemm(grid, weight, image_diff, geom, group, budget)

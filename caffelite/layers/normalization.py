@@ -1,8 +1,6 @@
 """BatchNorm (upstream BVLC, as in the DeepLab v2 fork), Scale, Bias and MVN."""
 import math
 
-import numpy as np
-
 from ..backend import TEST, get_array_module
 from ..filler import fill
 from ..layer import Layer, NeuronLayer, register
