@@ -233,6 +233,74 @@ def test_a_loaded_library_is_found_by_name():
     assert cublas._loaded_library_path("libno_such_library") is None
 
 
+# ------------------------------------- the real ctypes calls, on a compiled stand-in
+@pytest.fixture(scope="module")
+def stand_in_path(tmp_path_factory):
+    from conftest import compile_oracle
+    return compile_oracle(tmp_path_factory, "fake_cublas", "-shared", "-fPIC",
+                          why="the cuBLAS stand-in library")
+
+
+@pytest.fixture
+def stand_in(monkeypatch, stand_in_path):
+    """tests/oracles/fake_cublas.cpp loaded as caffelite loads libcublas: the argument
+    types declared in kernels.cublas convert every argument, as they would for cuBLAS."""
+    lib = cublas.open_library(stand_in_path)
+    for name in ("fake_last_stream", "fake_last_workspace"):
+        getattr(lib, name).restype = ctypes.c_void_p
+    lib.fake_last_workspace_bytes.restype = ctypes.c_size_t
+    monkeypatch.setattr(cublas, "_library", [lib])
+    monkeypatch.setattr(cublas, "_handles", {})
+    monkeypatch.setattr(Stream, "ptr", 0)
+    yield lib
+    backend.set_tf32(False)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("m,k,n", SHAPES)
+def test_declared_calls_compute_every_layout(stand_in, dtype, m, k, n):
+    rng = np.random.default_rng(m * 100 + k * 10 + n + 1)
+    xp = fake_cupy()
+    calls = stand_in.fake_gemm_calls()
+    for name_a, a in layouts(rng, m, k, dtype).items():
+        for name_b, b in layouts(rng, k, n, dtype).items():
+            expected = a.astype(np.float64) @ b.astype(np.float64)
+            for name_out, out in layouts(rng, m, n, dtype).items():
+                before = out.copy()
+                cublas.gemm(xp, a, b, out, accumulate=True)
+                np.testing.assert_array_equal(out, before + expected,
+                                              err_msg=f"a {name_a}, b {name_b}, "
+                                                      f"out {name_out}")
+    assert stand_in.fake_gemm_calls() - calls == 5 ** 3
+    assert stand_in.fake_last_compute() == (cublas.COMPUTE_64F if dtype == np.float64
+                                            else cublas.COMPUTE_32F)
+
+
+def test_declared_calls_set_stream_workspace_and_compute_type(stand_in):
+    xp = fake_cupy()
+    a, b = np.ones((2, 3), np.float32), np.ones((3, 2), np.float32)
+    out = np.empty((2, 2), np.float32)
+    cublas.gemm(xp, a, b, out)
+    assert stand_in.fake_last_stream() is None          # the default stream, 0
+    assert stand_in.fake_last_workspace() == 4096
+    assert stand_in.fake_last_workspace_bytes() == cublas.WORKSPACE_BYTES
+    Stream.ptr = 0x5000
+    backend.set_tf32(True)
+    cublas.gemm(xp, a, b, out)
+    assert stand_in.fake_last_stream() == 0x5000
+    assert stand_in.fake_last_workspace() == 4096       # set again after the stream
+    assert stand_in.fake_last_compute() == cublas.COMPUTE_32F_FAST_TF32
+    assert (out == 3).all()
+
+
+def test_a_refused_call_is_named_with_cublas_status_string(stand_in, monkeypatch):
+    monkeypatch.setattr(cublas, "GEMM_DEFAULT", 5)      # the stand-in refuses other algos
+    with pytest.raises(cublas.CublasError, match="cublasGemmEx failed: "
+                                                 "CUBLAS_STATUS_INVALID_VALUE"):
+        cublas.gemm(fake_cupy(), np.ones((2, 3), np.float32), np.ones((3, 2), np.float32),
+                    np.empty((2, 2), np.float32))
+
+
 # ------------------------------------------------------------------ on a real GPU
 def _cupy_or_skip():
     from gpu_modes import cuda_available

@@ -220,16 +220,22 @@ def _cublas_library(xp):
             if path is None:
                 continue
             try:
-                lib = ctypes.CDLL(path)
+                lib = open_library(path)
                 break
             except OSError:
                 continue
         if lib is None:
             raise CublasError("cuBLAS could not be loaded for caffelite's GEMMs (CuPy's "
                               "libcublas was not found)")
-        _declare(lib)
         _library.append(lib)
     return _library[0]
+
+
+def open_library(path):
+    """The cuBLAS library at ``path`` with the argument types of the calls made here."""
+    lib = ctypes.CDLL(path)
+    _declare(lib)
+    return lib
 
 
 def _loaded_library_path(name):
