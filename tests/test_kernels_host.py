@@ -424,32 +424,51 @@ def test_interp_forward_matches_numpy_exactly(kern, launch, body, shape, dyadic,
 
 @pytest.mark.parametrize("body,shape,dyadic", INTERP_CASES)
 @pytest.mark.parametrize("dtype", FLOATS)
-def test_interp_backward_matches_numpy(kern, launch, body, shape, dyadic, dtype):
-    """interp.cu interp_backward (atomicAdd scatter, adds to what is there): within
-    (terms + 4)*eps*sum|terms| of caffelite's host adjoint; cropped-away
-    pixels get nothing; exact on integer gradients when the weights are dyadic."""
+def test_interp_backward_equals_numpy_exactly(kern, launch, body, shape, dyadic, dtype):
+    """interp.cu interp_backward (a gather in the fork's CPU order): bit for bit
+    caffelite's host adjoint (which equals caffe_cpu_interp2_backward) on float data,
+    every element of the poisoned gradient written, cropped-away pixels 0."""
     x = np.random.default_rng(9).standard_normal(shape).astype(dtype)
     layer, bottom, top = interp_layer(body, x, dtype)
-    h1, w1, h2, w2 = layer.h_eff, layer.w_eff, layer.h_out, layer.w_out
-    terms = 4 * (h2 // max(h1 - 1, 1) + 2) * (w2 // max(w1 - 1, 1) + 2)
     rng = np.random.default_rng(10)
     for g in (rng.standard_normal(top[0].shape), rng.integers(-20, 20, top[0].shape)):
         g = g.astype(dtype)
-        base = rng.integers(-5, 5, shape).astype(dtype)   # the kernel adds onto this
         top[0].diff[...] = g
         layer.backward(top, [True], bottom)
-        expected = bottom[0].diff.copy()
-        diff = base.copy()
-        kern.run("interp", "interp_backward", dtype, g.size, diff, *interp_args(layer), g,
-                 h2, w2, **launch)
-        if dyadic and np.all(g == np.round(g)):
-            np.testing.assert_array_equal(diff - base, expected)
-        else:
-            top[0].diff[...] = np.abs(g)
-            layer.backward(top, [True], bottom)
-            magnitude = bottom[0].diff + np.abs(base)
-            assert_within(diff, base + expected, (terms + 4) * eps(dtype) * magnitude,
-                          "interp backward")
+        diff = poisoned(shape, dtype)
+        kern.run("interp", "interp_backward", dtype, diff.size, diff, *interp_args(layer),
+                 g, layer.h_out, layer.w_out, **launch)
+        np.testing.assert_array_equal(diff, bottom[0].diff)
+
+
+def test_interp_backward_sums_border_taps_in_the_fork_order(kern):
+    """Where the last input row and column are reached twice by one output (its second
+    tap has no row to step to) and many outputs share a pixel (a 3 -> 40 zoom), the
+    gather's float sums are the host's, whose order is the fork's."""
+    x = np.zeros((1, 1, 3, 3), np.float32)
+    layer, bottom, top = interp_layer("height: 40 width: 37", x, np.float32)
+    g = (np.random.default_rng(12).standard_normal(top[0].shape) * 1e3).astype(np.float32)
+    top[0].diff[...] = g
+    layer.backward(top, [True], bottom)
+    diff = poisoned((1, 1, 3, 3), np.float32)
+    kern.run("interp", "interp_backward", np.float32, diff.size, diff, *interp_args(layer),
+             g, 40, 37)
+    np.testing.assert_array_equal(diff, bottom[0].diff)
+    # The order matters for these data: the same terms added last to first differ.
+    from caffelite.layers.interp import interp_axis
+    y0, y1, ly0, ly1 = interp_axis(3, 40, np.float32)
+    x0, x1, lx0, lx1 = interp_axis(3, 37, np.float32)
+    terms = {}
+    for i in range(40):
+        for j in range(37):
+            for r, c, w in ((y0[i], x0[j], ly0[i] * lx0[j]), (y0[i], x1[j], ly0[i] * lx1[j]),
+                            (y1[i], x0[j], ly1[i] * lx0[j]), (y1[i], x1[j], ly1[i] * lx1[j])):
+                terms.setdefault((r, c), []).append(w * g[0, 0, i, j])
+    backwards = np.zeros((3, 3), np.float32)
+    for (r, c), values in terms.items():
+        for v in reversed(values):
+            backwards[r, c] += v
+    assert not np.array_equal(backwards, diff[0, 0])
 
 
 # ========================================================= softmax_loss.cu

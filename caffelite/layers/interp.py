@@ -8,9 +8,10 @@ Coordinates are float32 exactly as in the C++ (``r = (h1-1)/(h2-1)``, ``y = r*i`
 ``y0 = trunc(y)``, no second row at the last input row), so a shrink by s of an
 ``s*k + 1`` map samples rows 0, s, 2s, ... exactly (DeepLab's ``label_shrink``).
 
-On the device the ``interp.cu`` kernels run instead: the forward gives the same bits;
-the backward is an atomic scatter (the fork's GPU code, in no fixed order) where the
-host accumulates in the fork's CPU order, so the two may differ in the last bits.
+On the device the ``interp.cu`` kernels run instead, with the same bits both ways. The
+fork's GPU backward is an atomic scatter, whose sums come in no fixed order; caffelite's
+is a gather that adds each input pixel's terms in the fork's CPU order, so a GPU run
+is reproducible and equals the CPU's.
 """
 import numpy as np
 
@@ -206,8 +207,7 @@ class InterpLayer(Layer):
         if propagate_down[0] and on_device(xp):
             g = g.copy() if top[0] is bottom[0] else contiguous(xp, g)
             diff = bottom[0].diff
-            diff[...] = 0
-            launch("interp", "interp_backward", diff.dtype, self._out_count(), diff,
+            launch("interp", "interp_backward", diff.dtype, diff.size, diff,
                    *self._kernel_args(), g, self.h_out, self.w_out)
         elif propagate_down[0]:
             diff = xp.zeros(self.in_shape, dtype=bottom[0].diff.dtype)
