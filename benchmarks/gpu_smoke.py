@@ -156,7 +156,10 @@ def graphs_match_layer_by_layer():
 
 
 def gemm_paths():
-    """A VGG conv5-like forward GEMM at 81x81 (512 x 4608 @ 4608 x 6561), both ways."""
+    """A VGG conv5-like forward GEMM at 81x81 (512 x 4608 @ 4608 x 6561): CuPy's 2-D and
+    3-D matmul, and caffelite's own cuBLAS call (kernels.cublas, what the layers use),
+    which must give matmul's values."""
+    from caffelite.kernels import cublas
     xp = device_module()
     m, k, n = (512, 4608, 6561) if not EMULATE else (64, 288, 100)
     try:
@@ -164,10 +167,19 @@ def gemm_paths():
         a = xp.asarray(rng.standard_normal((m, k), dtype=np.float32))
         b = xp.asarray(rng.standard_normal((k, n), dtype=np.float32))
         out = xp.empty((m, n), np.float32)
+        cublas.gemm(xp, a, b, out)
+        expected = backend.to_host(xp.matmul(a, b))
+        err = float(np.max(np.abs(backend.to_host(out) - expected)) / np.max(np.abs(expected)))
+        handle = "emulated" if EMULATE else "its own handle" \
+            if cublas._handles.get(xp.cuda.Device().id) is not None else \
+            "no handle: CuPy's matmul"
+        print(f"   caffelite's gemm ({handle}) vs matmul, FP32: max rel diff {err:.2g}")
+        assert err < 1e-5, "caffelite's cuBLAS GEMM differs from CuPy's matmul"
         for tf32 in (False, True):
             backend.set_tf32(tf32)
             for label, fn in (("2-D", lambda: xp.matmul(a, b, out=out)),
-                              ("3-D", lambda: xp.matmul(a[None], b[None], out=out[None]))):
+                              ("3-D", lambda: xp.matmul(a[None], b[None], out=out[None])),
+                              ("caffelite", lambda: cublas.gemm(xp, a, b, out))):
                 fn()
                 backend.synchronize()
                 t = time.perf_counter()
@@ -175,7 +187,7 @@ def gemm_paths():
                     fn()
                 backend.synchronize()
                 rate = 2 * m * k * n * 10 / (time.perf_counter() - t) / 1e12
-                print(f"   {label} matmul {m}x{k} @ {k}x{n}, TF32 {'on' if tf32 else 'off'}"
+                print(f"   {label} GEMM {m}x{k} @ {k}x{n}, TF32 {'on' if tf32 else 'off'}"
                       f": {rate:.2f} TFLOP/s")
     finally:
         backend.set_tf32(False)
