@@ -231,6 +231,18 @@ def compare_runs(eager, graphed):
     assert any(np.abs(diff).max() > 0 for ps in params.values() for _, diff in ps)
 
 
+@pytest.mark.parametrize("kind", ["Pooling", "Interp"])
+def test_layer_by_layer_training_gives_the_same_bits_twice(tmp_path, gpu_mode, kind):
+    """The premise of the comparisons below: without graphs, two runs of the same
+    training give the same bits, on a GPU too. These nets really resample in Interp,
+    whose device backward adds its terms in a fixed order (an atomic scatter would
+    not)."""
+    text = HEAD + BODIES[kind] + TAIL
+    first, _ = train(gpu_mode, text, tmp_path, graphs=False)
+    second, _ = train(gpu_mode, text, tmp_path, graphs=False)
+    compare_runs(first, second)
+
+
 @pytest.mark.parametrize("kind", sorted(BODIES))
 def test_training_with_graphs_gives_the_eager_bits(tmp_path, gpu_mode, kind):
     """Four solver steps (iter_size 2, momentum, poly lr), new data each step: equal to
