@@ -59,14 +59,15 @@ class FakeCublas:
         b_rows, b_cols = (k, n) if transb == cublas.OP_N else (n, k)
         if lda < max(1, a_rows) or ldb < max(1, b_rows) or ldc < max(1, m):
             return INVALID_VALUE
-        op_a = column_major(a.value, a_rows, a_cols, lda, dtype)
-        op_b = column_major(b.value, b_rows, b_cols, ldb, dtype)
+        op_a = column_major(a, a_rows, a_cols, lda, dtype)
+        op_b = column_major(b, b_rows, b_cols, ldb, dtype)
         op_a = op_a if transa == cublas.OP_N else op_a.T
         op_b = op_b if transb == cublas.OP_N else op_b.T
-        out = column_major(c.value, m, n, ldc, dtype)
-        product = alpha._obj.value * (op_a.astype(np.float64) @ op_b.astype(np.float64))
-        if beta._obj.value != 0:
-            product += beta._obj.value * out
+        out = column_major(c, m, n, ldc, dtype)
+        alpha, beta = alpha.contents.value, beta.contents.value
+        product = alpha * (op_a.astype(np.float64) @ op_b.astype(np.float64))
+        if beta != 0:
+            product += beta * out
         out[...] = product
         return 0
 
@@ -150,7 +151,7 @@ def test_contiguous_operands_go_in_without_copies_and_transposes_as_op_t():
     assert (transa, transb, m, n, k) == (cublas.OP_N, cublas.OP_T, 12, 5, 8)
     assert (pa, lda, pb, ldb, pc, ldc) == (col.ctypes.data, 12, w.ctypes.data, 5,
                                            out.ctypes.data, 12)
-    assert cublas._operand_layout(integers(rng, (6, 6))[::2, ::2]) is None
+    assert cublas._layout(integers(rng, (6, 6))[::2, ::2]) is None
 
 
 def test_compute_types_follow_dtype_and_the_tf32_flag(fake):

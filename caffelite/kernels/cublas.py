@@ -74,16 +74,20 @@ def gemm(xp, a, b, out, accumulate=False):
     if handle is None:
         _matmul(xp, a, b, out, accumulate)
         return
-    a, b = _gemm_operand(xp, a), _gemm_operand(xp, b)
-    if _operand_layout(out) != OP_N:
+    a, layout_a = _operand(xp, a)
+    b, layout_b = _operand(xp, b)
+    layout_out = _layout(out)
+    if layout_out is None or layout_out[0] != OP_N:
         product = xp.empty((m, n), out.dtype)
-        _device_gemm(handle, a, b, product, False)
+        _device_gemm(handle, _call_arguments(a, layout_a, b, layout_b, product, (OP_N, n)),
+                     out.dtype, False)
         if accumulate:
             out += product
         else:
             out[...] = product
         return
-    _device_gemm(handle, a, b, out, accumulate)
+    _device_gemm(handle, _call_arguments(a, layout_a, b, layout_b, out, layout_out),
+                 out.dtype, accumulate)
 
 
 def _matmul(xp, a, b, out, accumulate):
@@ -96,34 +100,39 @@ def _matmul(xp, a, b, out, accumulate):
 def gemm_call(a, b, out):
     """cublasGemmEx's layout arguments for row-major ``out = a @ b``, computed as
     out^T = b^T a^T: (transa, transb, m, n, k, A, lda, B, ldb, C, ldc) with pointers
-    as integers; ``a`` and ``b`` must have a layout ``_operand_layout`` knows."""
+    as integers; ``a``, ``b`` and ``out`` must have a layout ``_layout`` knows."""
+    return _call_arguments(a, _layout(a), b, _layout(b), out, _layout(out))
+
+
+def _call_arguments(a, layout_a, b, layout_b, out, layout_out):
     rows, inner = a.shape
-    cols = b.shape[1]
-    return (_operand_layout(b), _operand_layout(a), cols, rows, inner,
-            _pointer(b), _leading_dimension(b), _pointer(a), _leading_dimension(a),
-            _pointer(out), _leading_dimension(out))
+    return (layout_b[0], layout_a[0], b.shape[1], rows, inner, _pointer(b), layout_b[1],
+            _pointer(a), layout_a[1], _pointer(out), layout_out[1])
 
 
-def _operand_layout(x):
-    """OP_N for a matrix whose rows are contiguous (column-major x^T), OP_T for one
-    whose columns are (column-major x), None for anything else."""
+def _layout(x):
+    """(OP_N, leading dimension) for a matrix whose rows are contiguous (column-major
+    x^T), (OP_T, leading dimension) for one whose columns are (column-major x), None
+    for anything else."""
     rows, cols = x.shape
     row_stride, col_stride = x.strides
     size = x.itemsize
-    if (cols == 1 or col_stride == size) and (rows == 1 or row_stride >= cols * size) \
-            and row_stride % size == 0:
-        return OP_N
-    if (rows == 1 or row_stride == size) and (cols == 1 or col_stride >= rows * size) \
-            and col_stride % size == 0:
-        return OP_T
+    if (cols == 1 or col_stride == size) and row_stride % size == 0 and \
+            (rows == 1 or row_stride >= cols * size):
+        return OP_N, row_stride // size if rows > 1 else max(cols, 1)
+    if (rows == 1 or row_stride == size) and col_stride % size == 0 and \
+            (cols == 1 or col_stride >= rows * size):
+        return OP_T, col_stride // size if cols > 1 else max(rows, 1)
     return None
 
 
-def _leading_dimension(x):
-    rows, cols = x.shape
-    if _operand_layout(x) == OP_N:
-        return x.strides[0] // x.itemsize if rows > 1 else max(cols, 1)
-    return x.strides[1] // x.itemsize if cols > 1 else max(rows, 1)
+def _operand(xp, x):
+    """``x`` and its layout, or a C-ordered copy of it where cuBLAS cannot read it."""
+    layout = _layout(x)
+    if layout is None:
+        x = xp.ascontiguousarray(x)
+        layout = _layout(x)
+    return x, layout
 
 
 def _pointer(x):
@@ -131,25 +140,22 @@ def _pointer(x):
     return data.ptr if hasattr(data, "ptr") else x.ctypes.data
 
 
-def _gemm_operand(xp, x):
-    return x if _operand_layout(x) is not None else xp.ascontiguousarray(x)
+# alpha = 1, beta = 0 or 1, in the dtype's C type (cuBLAS's host pointer mode).
+_ONE = {dtype: ctypes.pointer(scalar(1.0)) for dtype, scalar in _SCALAR.items()}
+_ZERO = {dtype: ctypes.pointer(scalar(0.0)) for dtype, scalar in _SCALAR.items()}
 
 
-def _device_gemm(handle, a, b, out, accumulate):
-    dtype = out.dtype
+def _device_gemm(handle, arguments, dtype, accumulate):
     if dtype == np.float64:
         compute = COMPUTE_64F
     else:
         compute = COMPUTE_32F_FAST_TF32 if backend.tf32_enabled() else COMPUTE_32F
-    transa, transb, m, n, k, pa, lda, pb, ldb, pc, ldc = gemm_call(a, b, out)
-    scalar = _SCALAR[dtype]
-    alpha, beta = scalar(1.0), scalar(1.0 if accumulate else 0.0)
+    transa, transb, m, n, k, pa, lda, pb, ldb, pc, ldc = arguments
     data_type = _DATA_TYPE[dtype]
     handle.check(handle.lib.cublasGemmEx(
-        handle.handle, transa, transb, m, n, k, ctypes.byref(alpha),
-        ctypes.c_void_p(pa), data_type, lda, ctypes.c_void_p(pb), data_type, ldb,
-        ctypes.byref(beta), ctypes.c_void_p(pc), data_type, ldc, compute, GEMM_DEFAULT),
-        "cublasGemmEx")
+        handle.handle, transa, transb, m, n, k, _ONE[dtype], pa, data_type, lda, pb,
+        data_type, ldb, (_ONE if accumulate else _ZERO)[dtype], pc, data_type, ldc,
+        compute, GEMM_DEFAULT), "cublasGemmEx")
 
 
 class _Handle:
