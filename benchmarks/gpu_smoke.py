@@ -143,8 +143,8 @@ def graphs_match_layer_by_layer():
                                for b in ps]
             if graphs:
                 recordings = s.net._graphs.recordings()
-                assert recordings and not any(r.failed for r in recordings), \
-                    "recording failed"
+                failures = [r.failure for r in recordings if r.failed]
+                assert recordings and not failures, f"recording failed: {failures}"
                 count = s.net._graphs.launches()
                 assert count >= 6, f"only {count} graph launches"
     finally:

@@ -652,9 +652,11 @@ def with_graphs(run, net):
         graphs = net._graphs
         if graphs is not None:
             recs = graphs.recordings()
+            failures = sorted({r.failure for r in recs if r.failed})
             row["graphs"] = (f"{len(graphs.segments)} segments, "
                              f"{graphs.launches()} launches, "
-                             f"{sum(r.failed for r in recs)} failed")
+                             f"{sum(r.failed for r in recs)} failed"
+                             + "".join(f" ({f})" for f in failures))
             # The recordings allocate from pools of their own, which the peak tracker
             # of the default pool does not see: their size is added to both figures.
             own = sum(r.pool.total_bytes() for r in recs if r.pool is not None)

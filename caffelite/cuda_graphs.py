@@ -196,6 +196,7 @@ class Recording:
         self.key = self.memory = self.heads = self.host_reads = self.outputs = None
         self.after = None           # the forward graph a backward graph was recorded after
         self.failed = False
+        self.failure = None         # why the recording failed, in one line
         self.pool = None
         self.launches = 0
 
@@ -272,9 +273,9 @@ class Recording:
             state["capturing"], state["host_reads"], state["graph_buffers"] = \
                 False, None, None
         if failure is not None:
-            self.failed = True
+            self.failed, self.failure = True, _one_line(failure)
             logger.warning("CUDA graphs: the %s of %s cannot be recorded (%s); it runs layer "
-                           "by layer", self.direction, self.segment.name, _one_line(failure))
+                           "by layer", self.direction, self.segment.name, self.failure)
             return self.run_eagerly(), None
         self.graph, self.key, self.after, self.outputs = graph, key, after, outputs
         self.memory = [(m, m.device) for m in memory]
