@@ -53,6 +53,9 @@ class CublasError(RuntimeError):
 def gemm(xp, a, b, out, accumulate=False):
     """``out = a @ b``, or ``out += a @ b`` with ``accumulate``; 2-D arrays of one
     dtype, ``out`` of shape (a rows, b columns)."""
+    if xp is np:
+        _matmul(xp, a, b, out, accumulate)
+        return
     if xp.__name__ != "cupy" or a.dtype not in _DATA_TYPE or \
             not (a.dtype == b.dtype == out.dtype):
         if hasattr(xp, "cublas_gemm"):      # the GPU emulator
