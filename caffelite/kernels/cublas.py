@@ -2,7 +2,7 @@
 ``caffe_gpu_gemm``.
 
 CuPy refuses every cuBLAS call while a stream is being captured ("calling cuBLAS API
-during stream capture is currently unsupported", CuPy 13 and 14), so ``cupy.matmul``
+during stream capture is currently unsupported", as of CuPy 14.2), so ``cupy.matmul``
 cannot be recorded into a CUDA graph (``caffelite.cuda_graphs``), although cuBLAS's GEMM
 itself can be. caffelite keeps a cuBLAS handle of its own per device, on the library
 CuPy already loaded, and calls ``cublasGemmEx`` on CuPy's current stream:
