@@ -743,13 +743,16 @@ def test_convolution_over_groups_of_whole_images(monkeypatch, device, dtype, gro
             compare(case, device)
 
 
+@pytest.mark.parametrize("kind", ["Convolution", "Deconvolution"])
 @pytest.mark.parametrize("align", [1, 4])
 @pytest.mark.parametrize("group", [1, 2])
 def test_backward_gemms_share_one_gathering_with_the_bits_of_two_calls(monkeypatch, device,
-                                                                      align, group):
-    """weight_and_backward_gemm over groups of whole images (2, 2, 1) equals
-    weight_gemm then backward_gemm bit for bit: the weight gradient accumulated into a
-    non-zero diff, the data gradient written over a NaN-poisoned one."""
+                                                                      align, group, kind):
+    """Over groups of whole images (2, 2, 1), weight_and_backward_gemm equals
+    weight_gemm then backward_gemm (a Convolution's backward), and
+    weight_and_forward_gemm equals weight_gemm then forward_gemm (a Deconvolution's),
+    bit for bit: the weight gradient accumulated into a non-zero diff, the data
+    gradient written over a NaN-poisoned one."""
     monkeypatch.setattr(im2col_module, "column_align", lambda dtype: align)
     geom = im2col_module.ConvGeometry((3, 3), (1, 1), (2, 2), (2, 2))
     rows, plane = 4 * geom.taps, 7 * 9
@@ -767,13 +770,18 @@ def test_backward_gemms_share_one_gathering_with_the_bits_of_two_calls(monkeypat
         results = []
         for combined in (False, True):
             dw = xp.asarray(start)
-            dx = xp.full(image.shape, np.nan, F32)
+            dx = xp.full(image.shape if kind == "Convolution" else grid.shape, np.nan, F32)
             args = xp.asarray(image), xp.asarray(grid), xp.asarray(weight)
-            if combined:
+            if combined and kind == "Convolution":
                 im2col_module.weight_and_backward_gemm(*args, dw, dx, geom, group, budget)
+            elif combined:
+                im2col_module.weight_and_forward_gemm(*args, dw, dx, geom, group, budget)
             else:
                 im2col_module.weight_gemm(args[0], args[1], dw, geom, group, budget)
-                im2col_module.backward_gemm(args[1], args[2], dx, geom, group, budget)
+                if kind == "Convolution":
+                    im2col_module.backward_gemm(args[1], args[2], dx, geom, group, budget)
+                else:
+                    im2col_module.forward_gemm(args[0], args[2], dx, geom, group, budget)
             results.append((backend.to_host(dw), backend.to_host(dx)))
     finally:
         backend.set_mode_cpu()

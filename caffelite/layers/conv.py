@@ -15,7 +15,7 @@ import math
 from ..filler import FillerError, fill
 from ..layer import Layer, register
 from .im2col import (ConvGeometry, backward_gemm, forward_gemm, view, weight_and_backward_gemm,
-                     weight_gemm)
+                     weight_and_forward_gemm, weight_gemm)
 
 
 class BaseConvolutionLayer(Layer):
@@ -230,6 +230,11 @@ class DeconvolutionLayer(BaseConvolutionLayer):
         for i, (t, b) in enumerate(zip(top, bottom)):
             top_diff = self._as_nc(t.diff)
             self._bias_grad(top_diff)
+            if self.param_propagate_down[0] and propagate_down[i]:
+                weight_and_forward_gemm(top_diff, self._as_nc(b.data), weight,
+                                        self.blobs[0].diff, self._as_nc(b.diff),
+                                        self.geom, self.group)
+                continue
             if self.param_propagate_down[0]:
                 weight_gemm(top_diff, self._as_nc(b.data), self.blobs[0].diff,
                             self.geom, self.group)

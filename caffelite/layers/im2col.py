@@ -342,17 +342,22 @@ def _filled_group_columns(images, geom, grid_shape, groups, xp):
 
 
 def _forward_groups(image, w_g, out, geom, group, groups, xp):
-    n_out, grid_shape = out.shape[1], out.shape[2:]
-    plane = int(np.prod(grid_shape))
-    for n0, n1, count, col in _filled_group_columns(image, geom, grid_shape, groups, xp):
-        direct = n1 - n0 == 1 and col.shape[1] == count
-        rows = (view(out[n0], (n_out, count)) if direct else
-                xp.empty((n_out, col.shape[1]), image.dtype))
-        for w, c, o in zip(w_g, _per_group(col, group), _per_group(rows, group)):
-            gemm(xp, w, c, o)
-        if not direct:
-            view(out[n0:n1], (n1 - n0, n_out, plane))[...] = \
-                view(rows[:, :count], (n_out, n1 - n0, plane)).transpose(1, 0, 2)
+    for n0, n1, count, col in _filled_group_columns(image, geom, out.shape[2:], groups, xp):
+        _group_product(w_g, col, out, n0, n1, count, group, xp)
+
+
+def _group_product(w_g, col, out, n0, n1, count, group, xp):
+    """out[n0:n1] = W * col per group: in place for one image on unpadded columns, else
+    through a (O, columns) matrix copied out image by image."""
+    n_out = out.shape[1]
+    direct = n1 - n0 == 1 and col.shape[1] == count
+    rows = (view(out[n0], (n_out, count)) if direct else
+            xp.empty((n_out, col.shape[1]), col.dtype))
+    for w, c, o in zip(w_g, _per_group(col, group), _per_group(rows, group)):
+        gemm(xp, w, c, o)
+    if not direct:
+        view(out[n0:n1], (n1 - n0, n_out, -1))[...] = \
+            view(rows[:, :count], (n_out, n1 - n0, -1)).transpose(1, 0, 2)
 
 
 def _backward_groups(grid, w_g, image, geom, group, groups, xp):
@@ -368,6 +373,14 @@ def _backward_groups(grid, w_g, image, geom, group, groups, xp):
 
 
 def _weight_groups(image, grid, dw_g, geom, group, groups, xp):
+    for _ in _weight_group_steps(image, grid, dw_g, geom, group, groups, xp):
+        pass
+
+
+def _weight_group_steps(image, grid, dw_g, geom, group, groups, xp):
+    """Per group of images: dW += grid rows * columns^T; then yields (n0, n1, count,
+    the columns of ``image``, the group's rows of ``grid``) for the caller's other
+    product from the same matrices, before the next group reuses the workspace."""
     n_out = grid.shape[1]
     for n0, n1, count, col in _filled_group_columns(image, geom, grid.shape[2:], groups, xp):
         if col.shape[1] > count:
@@ -375,6 +388,7 @@ def _weight_groups(image, grid, dw_g, geom, group, groups, xp):
         rows = _grid_rows(grid[n0:n1], n_out, col.shape[1], xp)
         for dw, b, c in zip(dw_g, _per_group(rows, group), _per_group(col, group)):
             gemm(xp, b, c.T, dw, accumulate=True)
+        yield n0, n1, count, col, rows
 
 
 def _weight_and_backward_groups(image, grid, w_g, dw_g, image_diff, geom, group, groups,
@@ -383,16 +397,21 @@ def _weight_and_backward_groups(image, grid, w_g, dw_g, image_diff, geom, group,
     gathering of the group's output gradient (Caffe interleaves the two per image too).
     Each product is the one _weight_groups and _backward_groups make, in their order,
     so the bits are theirs."""
-    n_out = grid.shape[1]
-    for n0, n1, count, col in _filled_group_columns(image, geom, grid.shape[2:], groups, xp):
-        if col.shape[1] > count:
-            col[:, count:] = 0
-        rows = _grid_rows(grid[n0:n1], n_out, col.shape[1], xp)
-        for dw, b, c in zip(dw_g, _per_group(rows, group), _per_group(col, group)):
-            gemm(xp, b, c.T, dw, accumulate=True)
+    for n0, n1, _, col, rows in _weight_group_steps(image, grid, dw_g, geom, group,
+                                                     groups, xp):
         for w, b, c in zip(w_g, _per_group(rows, group), _per_group(col, group)):
             gemm(xp, w.T, b, c)
         _group_col2im(xp, col, image_diff[n0:n1], geom, grid.shape[2:])
+
+
+def _weight_and_forward_groups(image, grid, w_g, dw_g, out, geom, group, groups, xp):
+    """Per group of images: the weight gradient, then the product into ``out``, from
+    one im2col of the group (a Deconvolution's backward: both read its top's gradient
+    as columns). Each product is the one _weight_groups and _forward_groups make, so
+    the bits are theirs."""
+    for n0, n1, count, col, _ in _weight_group_steps(image, grid, dw_g, geom, group,
+                                                      groups, xp):
+        _group_product(w_g, col, out, n0, n1, count, group, xp)
 
 
 def _device_groups(xp, geom, num, channels, grid_shape, dtype, budget):
@@ -524,18 +543,42 @@ def weight_and_backward_gemm(image, grid, weight, weight_diff, image_diff, geom,
     """A convolution's two backward GEMMs: ``weight_gemm`` (accumulates into
     ``weight_diff``) and ``backward_gemm`` (overwrites ``image_diff``). On the device
     with image groups, each group's output gradient is gathered once for both."""
-    xp = get_array_module(image)
-    num, channels = image.shape[:2]
-    n_out = grid.shape[1]
-    grid_shape = grid.shape[2:]
-    if not geom.is_1x1 and not tap_gemm.windows_for(xp, geom, image.shape, grid_shape,
-                                                     weight.shape):
-        groups = _device_groups(xp, geom, num, channels, grid_shape, image.dtype, budget)
-        if groups:
-            _weight_and_backward_groups(
-                image, grid, _per_group(_matrix(weight, n_out), group),
-                _per_group(_matrix(weight_diff, n_out), group), image_diff, geom, group,
-                groups, xp)
-            return
+    groups = _shared_device_groups(image, grid, weight, geom, budget)
+    if groups:
+        n_out = grid.shape[1]
+        _weight_and_backward_groups(
+            image, grid, _per_group(_matrix(weight, n_out), group),
+            _per_group(_matrix(weight_diff, n_out), group), image_diff, geom, group,
+            groups, get_array_module(image))
+        return
     weight_gemm(image, grid, weight_diff, geom, group, budget)
     backward_gemm(grid, weight, image_diff, geom, group, budget)
+
+
+def weight_and_forward_gemm(image, grid, weight, weight_diff, out, geom, group,
+                            budget=None):
+    """A Deconvolution's two backward GEMMs: ``weight_gemm(image, grid, weight_diff)``
+    (accumulates) and ``forward_gemm(image, weight, out)`` (overwrites ``out``, shaped
+    like ``grid``). On the device with image groups, each group's columns of ``image``
+    are made once for both."""
+    groups = _shared_device_groups(image, grid, weight, geom, budget)
+    if groups:
+        n_out = weight.shape[0]
+        _weight_and_forward_groups(
+            image, grid, _per_group(_matrix(weight, n_out), group),
+            _per_group(_matrix(weight_diff, n_out), group), out, geom, group, groups,
+            get_array_module(image))
+        return
+    weight_gemm(image, grid, weight_diff, geom, group, budget)
+    forward_gemm(image, weight, out, geom, group, budget)
+
+
+def _shared_device_groups(image, grid, weight, geom, budget):
+    """The image groups both of a layer's backward GEMMs would use on the device (the
+    same for both: same image, grid and weight shapes), or None."""
+    xp = get_array_module(image)
+    if geom.is_1x1 or tap_gemm.windows_for(xp, geom, image.shape, grid.shape[2:],
+                                            weight.shape):
+        return None
+    return _device_groups(xp, geom, image.shape[0], image.shape[1], grid.shape[2:],
+                          image.dtype, budget)
