@@ -7,6 +7,7 @@ need-backward analysis that skips layers which do not contribute to a loss; Forw
 Backward with net.cpp's ``debug_info`` lines; weights saved as Net::ToProto writes them.
 """
 import contextlib
+import logging
 import os
 from collections import OrderedDict
 from itertools import zip_longest
@@ -224,8 +225,9 @@ class Net:
         self.force_backward = param.force_backward
         self.debug_info = bool(param.debug_info)
         filtered = filter_net(param, state)
-        logger.info("Initializing net from parameters: \n%s",
-                    prototxt.message_to_text(filtered))
+        if logger.isEnabledFor(logging.INFO):      # the text takes a while for big nets
+            logger.info("Initializing net from parameters: \n%s",
+                        prototxt.message_to_text(filtered))
         self._memory_used = 0           # Caffe's memory_used_: the tops' elements so far
         inputs = net_input_fields(filtered)
         self._inputs_from_fields = bool(inputs)
@@ -239,8 +241,7 @@ class Net:
         self.bottom_need_backward, self.layer_need_backward = [], []
         self.layer_loss_weights = []
         self.learnable_params = []
-        self._param_owner = {}
-        self._param_owner_at = {}       # param name -> (owner layer, its param index)
+        self._param_owner = {}          # param name -> (_Param, owner layer, its index)
         self._inputs = []
         self._channel_chains = self._channel_chains_by_last = None   # GPU mode, on demand
         self._graphs = None                                           # likewise
@@ -419,16 +420,16 @@ class Net:
             self._mask_batchnorm_statistics(lp, layer)
         for i, blob in enumerate(layer.blobs):
             spec = lp.param[i] if i < len(lp.param) else default
-            owner = self._param_owner.get(spec.name) if spec.name else None
-            if owner is None:
+            shared = self._param_owner.get(spec.name) if spec.name else None
+            if shared is None:
                 param = _Param(blob, spec)
                 self.learnable_params.append(param)
                 if spec.name:
-                    self._param_owner[spec.name] = param
-                    self._param_owner_at[spec.name] = (lp.name, i)
+                    self._param_owner[spec.name] = (param, lp.name, i)
                 continue
+            owner, owner_layer, owner_index = shared
             logger.info("Sharing parameters '%s' owned by layer '%s', param index %d",
-                        spec.name, *self._param_owner_at[spec.name])
+                        spec.name, owner_layer, owner_index)
             self._check_shared_shape(lp, i, spec, owner.blob, blob)
             blob.share_data(owner.blob)
             blob.share_diff(owner.blob)

@@ -89,7 +89,11 @@ def fake_cupy():
 
 @pytest.fixture
 def fake(monkeypatch):
-    lib = FakeCublas()
+    yield from use_library(monkeypatch, FakeCublas())
+
+
+def use_library(monkeypatch, lib):
+    """kernels.cublas on ``lib``, with no handle yet, on stream 0; TF32 off after."""
     monkeypatch.setattr(cublas, "_library", [lib])
     monkeypatch.setattr(cublas, "_handles", {})
     monkeypatch.setattr(Stream, "ptr", 0)
@@ -117,18 +121,25 @@ def layouts(rng, rows, cols, dtype=np.float32):
 SHAPES = [(5, 7, 3), (1, 6, 4), (6, 1, 4), (4, 6, 1), (1, 1, 1), (3, 2, 9)]
 
 
+def assert_every_layout(rng, m, k, n, dtype=np.float32, accumulate=False):
+    """gemm on every pair of operand layouts into every output layout: the exact
+    product, written over a NaN-poisoned output or added to what is there."""
+    xp = fake_cupy()
+    for name_a, a in layouts(rng, m, k, dtype).items():
+        for name_b, b in layouts(rng, k, n, dtype).items():
+            expected = a.astype(np.float64) @ b.astype(np.float64)
+            for name_out, out in layouts(rng, m, n, dtype).items():
+                if not accumulate:
+                    out[...] = np.nan
+                before = out.copy() if accumulate else 0
+                cublas.gemm(xp, a, b, out, accumulate=accumulate)
+                np.testing.assert_array_equal(out, before + expected,
+                                              err_msg=f"a {name_a}, b {name_b}, out {name_out}")
+
+
 @pytest.mark.parametrize("m,k,n", SHAPES)
 def test_every_layout_gives_the_product(fake, m, k, n):
-    rng = np.random.default_rng(m * 100 + k * 10 + n)
-    xp = fake_cupy()
-    for name_a, a in layouts(rng, m, k).items():
-        for name_b, b in layouts(rng, k, n).items():
-            expected = a.astype(np.float64) @ b.astype(np.float64)
-            for name_out, out in layouts(rng, m, n).items():
-                out[...] = np.nan
-                cublas.gemm(xp, a, b, out)
-                np.testing.assert_array_equal(out, expected,
-                                              err_msg=f"a {name_a}, b {name_b}, out {name_out}")
+    assert_every_layout(np.random.default_rng(m * 100 + k * 10 + n), m, k, n)
 
 
 @pytest.mark.parametrize("m,k,n", SHAPES)
@@ -250,28 +261,15 @@ def stand_in(monkeypatch, stand_in_path):
     for name in ("fake_last_stream", "fake_last_workspace"):
         getattr(lib, name).restype = ctypes.c_void_p
     lib.fake_last_workspace_bytes.restype = ctypes.c_size_t
-    monkeypatch.setattr(cublas, "_library", [lib])
-    monkeypatch.setattr(cublas, "_handles", {})
-    monkeypatch.setattr(Stream, "ptr", 0)
-    yield lib
-    backend.set_tf32(False)
+    yield from use_library(monkeypatch, lib)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("m,k,n", SHAPES)
 def test_declared_calls_compute_every_layout(stand_in, dtype, m, k, n):
-    rng = np.random.default_rng(m * 100 + k * 10 + n + 1)
-    xp = fake_cupy()
     calls = stand_in.fake_gemm_calls()
-    for name_a, a in layouts(rng, m, k, dtype).items():
-        for name_b, b in layouts(rng, k, n, dtype).items():
-            expected = a.astype(np.float64) @ b.astype(np.float64)
-            for name_out, out in layouts(rng, m, n, dtype).items():
-                before = out.copy()
-                cublas.gemm(xp, a, b, out, accumulate=True)
-                np.testing.assert_array_equal(out, before + expected,
-                                              err_msg=f"a {name_a}, b {name_b}, "
-                                                      f"out {name_out}")
+    assert_every_layout(np.random.default_rng(m * 100 + k * 10 + n + 1), m, k, n, dtype,
+                        accumulate=True)
     assert stand_in.fake_gemm_calls() - calls == 5 ** 3
     assert stand_in.fake_last_compute() == (cublas.COMPUTE_64F if dtype == np.float64
                                             else cublas.COMPUTE_32F)

@@ -43,7 +43,8 @@ GEMM_DEFAULT = -1
 _SCALAR = {np.dtype(np.float32): ctypes.c_float, np.dtype(np.float64): ctypes.c_double}
 
 _library = []
-_handles = {}       # device id -> _Handle
+_handles = {}       # device id -> _Handle, or None where cuBLAS could not be set up
+_MISSING = object()
 
 
 class CublasError(RuntimeError):
@@ -205,9 +206,6 @@ def _handle(xp):
     if handle is not None:
         handle.use_stream(xp.cuda.get_current_stream().ptr)
     return handle
-
-
-_MISSING = object()
 
 
 def _status_name(lib, status):
