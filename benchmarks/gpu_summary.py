@@ -1,7 +1,7 @@
 """The verdicts of one ``gpu_check.sh`` run, on one screen, for a session whose device
 time is short: the tests, the smoke check, each net's time against PyTorch, what each
-optional path gains (CUDA graphs, tap GEMMs, fused chains, image groups) and whether
-CUDA graphs can become the default, and where the kernel time goes.
+optional path gains (CUDA graphs, tap GEMMs, fused chains, image groups), whether CUDA
+graphs still earn their place as the default, and where the kernel time goes.
 
     python benchmarks/gpu_summary.py OUTDIR       # gpu_check.sh's output folder
 
@@ -15,7 +15,7 @@ import sys
 
 # engine -> (what the engine changes, whether it is the "before" of the default)
 VARIANTS = {
-    "caffelite-graphs": ("CUDA graphs (opt-in)", False),
+    "caffelite-graphs": ("CUDA graphs (the default)", False),
     "caffelite-im2col": ("tap GEMMs for large dilations", True),
     "caffelite-unfused": ("fused BatchNorm -> Scale -> ReLU chains", True),
     "caffelite-per-image": ("image groups", True),
@@ -114,7 +114,7 @@ def _why(row):
 
 
 def graphs_default_verdict(rows, tests_ok, smoke_graphs_ok):
-    """Whether CUDA graphs can become the default: the tests and the smoke check pass,
+    """Whether CUDA graphs (the default since session 10) may stay so: the tests and the smoke check pass,
     every graphs row recorded without failures, test scores kept their bits, and no
     graphs row is slower than layer by layer."""
     graph_rows = [r for r in rows if r["engine"] == "caffelite-graphs"]
@@ -140,8 +140,8 @@ def graphs_default_verdict(rows, tests_ok, smoke_graphs_ok):
         if _timed(ours) and row["median_s"] > ours["median_s"] * 1.02:
             reasons.append(f"{label}: slower than layer by layer")
     if reasons:
-        return "make CUDA graphs the default: NO (" + "; ".join(reasons) + ")"
-    return ("make CUDA graphs the default: YES (tests, smoke check and every graphs row "
+        return "keep CUDA graphs the default: NO (" + "; ".join(reasons) + ")"
+    return ("keep CUDA graphs the default: YES (tests, smoke check and every graphs row "
             "pass, bits equal)")
 
 

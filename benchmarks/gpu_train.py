@@ -92,11 +92,12 @@ def parse_args(argv=None):
     p.add_argument("--phase", default="train,test", help="comma list of: train, test")
     p.add_argument("--precision", default="fp32,tf32", help="comma list of: fp32, tf32")
     p.add_argument("--engines", default="caffelite,torch",
-                   help="comma list of: caffelite, caffelite-per-image (one GEMM per image "
+                   help="comma list of: caffelite (layer by layer, CUDA graphs off), "
+                        "caffelite-per-image (one GEMM per image "
                         "and unpadded columns, as before image groups), caffelite-unfused "
                         "(BatchNorm -> Scale -> ReLU layer by layer), caffelite-im2col "
                         "(no tap GEMMs for large dilations), caffelite-graphs (passes "
-                        "recorded into CUDA graphs), torch")
+                        "recorded into CUDA graphs: caffelite's default), torch")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu", "emulated"),
                    help="emulated: caffelite's GPU mode on the CPU emulator and torch on "
                         "the CPU (checks this script's GPU code paths where no GPU is)")
@@ -298,6 +299,9 @@ class Device:
                     self.torch_error = f"torch {torch.__version__} sees no CUDA device"
             except ImportError as e:
                 self.torch_error = f"torch is not installed ({e})"
+        # The "caffelite" engine is layer by layer; caffelite-graphs measures the
+        # default (CUDA graphs on) against it.
+        caffe.set_cuda_graphs(False)
         if self.kind == "cpu":
             caffe.set_mode_cpu()
             return
@@ -611,11 +615,12 @@ def with_setting(module, attr, value, run, needs=None):
 
 
 def variants(run, net):
-    """The caffelite engines that undo one of the GPU optimisations, or add an opt-in one:
+    """The caffelite engines that undo one of the GPU optimisations:
     caffelite-per-image: one GEMM per image on unpadded columns (Caffe's way);
     caffelite-unfused: BatchNorm -> Scale -> ReLU chains layer by layer;
     caffelite-im2col: im2col also where tap GEMMs skip the padding (large dilations);
-    caffelite-graphs: CUDA graphs on (caffelite.cuda_graphs)."""
+    caffelite-graphs: CUDA graphs on (caffelite.cuda_graphs), caffelite's default; the
+    other engines run layer by layer, so each measures one setting."""
     from caffelite import fusion
     from caffelite.layers import im2col, tap_gemm
     return {"caffelite-per-image": with_setting(im2col, "GROUP_IMAGES", False, run),

@@ -67,7 +67,7 @@ def _select_device(args, solver_device=None):
     device, source = parse_gpu(args.gpu), None       # source: a solver asked for it
     if device is None and solver_device is not None:
         device, source = solver_device
-    graphs = bool(getattr(args, "cuda_graphs", False))
+    graphs = getattr(args, "cuda_graphs", None)     # None: the default (on)
     if device is None:
         _use_cpu(graphs)
         return
@@ -84,8 +84,8 @@ def _select_device(args, solver_device=None):
                        source, device, _lower_first(str(e)))
         _use_cpu(graphs)
         return
-    if graphs:
-        cuda_graphs.set_enabled(True)
+    if graphs is not None:
+        cuda_graphs.set_enabled(graphs)
     name = _device_name(device)
     if args.command == "train":
         logger.info("Using GPUs %d", device)
@@ -405,9 +405,10 @@ def common_arguments(sp):
                          "device_id, test and time run on the CPU)")
     sp.add_argument("--tf32", action="store_true",
                     help="allow TF32 tensor-core GEMMs on the GPU (default: exact FP32)")
-    sp.add_argument("--cuda-graphs", action="store_true",
+    sp.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                     help="on the GPU, record each pass into CUDA graphs once and launch "
-                         "them whole (same numbers, less per-layer cost)")
+                         "them whole (same numbers, less per-layer cost; default: on, "
+                         "or CAFFELITE_CUDA_GRAPHS)")
 
 
 def parse_defines(pairs):
@@ -517,8 +518,8 @@ def build_parser():
     d.add_argument("--log", help="also write the log to this file")
     d.add_argument("--gpu", default=None, help="GPU id (CPU if omitted)")
     d.add_argument("--tf32", action="store_true", help="allow TF32 GEMMs on the GPU")
-    d.add_argument("--cuda-graphs", action="store_true",
-                   help="record the GPU passes into CUDA graphs")
+    d.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                   help="record the GPU passes into CUDA graphs (default: on)")
     d.set_defaults(func=cmd_demo)
     return p
 

@@ -32,6 +32,16 @@ def _restore_caffelite_logger():
     log.handlers[:], log.propagate, log.level = saved[0], saved[1], saved[2]
 
 
+@pytest.fixture(autouse=True)
+def _restore_cuda_graphs_flag():
+    """Tests switch CUDA graphs on or off; every test starts from the default (on, or
+    CAFFELITE_CUDA_GRAPHS)."""
+    from caffelite import cuda_graphs
+    saved = cuda_graphs.enabled()
+    yield
+    cuda_graphs.set_enabled(saved)
+
+
 @pytest.fixture(params=["full_grid", "small_grid"])
 def launch(request):
     """Kernel launch shapes: the loader's default grid, and a 2x3-thread grid whose

@@ -672,17 +672,23 @@ def test_corpus_training_with_graphs(tmp_path, gpu_mode, config):
 
 
 def test_cli_train_with_cuda_graphs_logs_the_same_losses(tmp_path, monkeypatch):
-    """`caffelite train --gpu 0 --cuda-graphs` on the emulator: the demo's losses and
-    outputs, digit for digit, as without graphs."""
+    """`caffelite train --gpu 0` records CUDA graphs by default (emulator): the demo's
+    losses and outputs, digit for digit, as with --no-cuda-graphs or
+    CAFFELITE_CUDA_GRAPHS=0."""
     from test_gpu_nets import demo_solver, loss_log, train_log
     monkeypatch.chdir(tmp_path)
     solver = demo_solver(tmp_path)
     env = {"CAFFELITE_GPU_EMULATOR": "1"}
-    plain = loss_log(train_log(tmp_path, solver, "--gpu", "0", env=env))
-    log = train_log(tmp_path, solver, "--gpu", "0", "--cuda-graphs", env=env)
+    plain_log = train_log(tmp_path, solver, "--gpu", "0", "--no-cuda-graphs", env=env)
+    assert "caffelite: CUDA graphs" not in plain_log
+    plain = loss_log(plain_log)
+    off_by_env = train_log(tmp_path, solver, "--gpu", "0",
+                           env=dict(env, CAFFELITE_CUDA_GRAPHS="0"))
+    assert "caffelite: CUDA graphs" not in off_by_env
+    log = train_log(tmp_path, solver, "--gpu", "0", env=env)
     assert "Using GPUs 0" in log and "caffelite: CUDA graphs" in log
     assert "cannot be recorded" not in log
-    assert len(plain) >= 12 and loss_log(log) == plain
+    assert len(plain) >= 12 and loss_log(log) == plain == loss_log(off_by_env)
 
 
 @pytest.mark.gpu

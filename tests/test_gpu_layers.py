@@ -508,10 +508,13 @@ def neuron_cases():
              fwd=ulp, bwd=ulp, cuda_fwd=ulp, cuda_bwd=ulp),
         Case("Power_square_in_place", 'type: "Power" power_param { power: 2 scale: 1.5 '
              'shift: 0.5 }', several(x), in_place=True, cuda_fwd=ulp, cuda_bwd=ulp),
+        # The device raises float to a float power (powf; CuPy's power on float32), the
+        # CPU in double as the fork's vsPowx does: equal only where powf is correctly
+        # rounded, which numpy >= 2.4's float32 power (the emulator's) is not always.
         Case("Power_general", 'type: "Power" power_param { power: 1.7 scale: 0.5 '
-             'shift: 0 }', pos, cuda_fwd=ulp, cuda_bwd=ulp),
+             'shift: 0 }', pos, fwd=ulp, bwd=ulp, cuda_fwd=ulp, cuda_bwd=ulp),
         Case("Power_shift", 'type: "Power" power_param { power: -0.5 scale: 2 shift: 1 }',
-             pos, cuda_fwd=ulp, cuda_bwd=ulp),
+             pos, fwd=ulp, bwd=ulp, cuda_fwd=ulp, cuda_bwd=ulp),
         Case("Threshold", 'type: "Threshold" threshold_param { threshold: 0.2 }',
              several(x), backward=False),
         Case("Dropout_test_phase", 'type: "Dropout" dropout_param { dropout_ratio: 0.4 }',
@@ -555,7 +558,8 @@ def normalization_cases():
              cuda_fwd=Bound(16, "value"), cuda_bwd=red),
         Case("LRN_within", 'type: "LRN" lrn_param { local_size: 3 alpha: 0.5 beta: 0.75 '
              'norm_region: WITHIN_CHANNEL }', several(normal(2, 3, 5, 4)),
-             cuda_fwd=Bound(16, "value"), cuda_bwd=red),
+             fwd=Bound(8, "value"), bwd=red, cuda_fwd=Bound(16, "value"),
+             cuda_bwd=red),                    # powf: see Power_general
         Case("Normalize", 'type: "Normalize" norm_param { across_spatial: false }',
              several(normal(2, 3, 4, 5)), cuda_fwd=red, cuda_bwd=red),
         Case("Normalize_across_shared", 'type: "Normalize" norm_param { across_spatial: true'

@@ -228,21 +228,21 @@ def test_gpu_summary_verdicts(tmp_path):
         "pytest -m gpu: 669 passed, 2 skipped",
         "smoke: OK; CUDA graphs in the smoke check: OK",
         "ASPP-VGG test FP32: caffelite 0.0100 s = 0.50x torch"]
-    assert ("    CUDA graphs (opt-in): speed-up 1.25x (with it: 0.0080 s), 0.40x torch; "
+    assert ("    CUDA graphs (the default): speed-up 1.25x (with it: 0.0080 s), 0.40x torch; "
             "1 segments, 3 launches, 0 failed; bits equal") in lines
     assert "    tap GEMMs for large dilations: speed-up 1.50x (without it: 0.0150 s)" \
         in lines
     assert ("    fused BatchNorm -> Scale -> ReLU chains: RuntimeError: same as caffelite "
             "for this net") in lines
-    assert lines[-2].startswith("make CUDA graphs the default: YES")
+    assert lines[-2].startswith("keep CUDA graphs the default: YES")
     assert lines[-1] == ("ASPP-VGG train TF32 kernels: caffelite 4.0 ms (GEMM (cuBLAS) 3.0, "
                          "im2col / col2im 1.0); torch: boom")
     # A failed recording, different bits or failed tests say NO, with the reasons.
     rows[2].update(graphs="1 segments, 2 launches, 1 failed", same_bits_as_caffelite=False)
     (tmp_path / "gpu_train.json").write_text(json.dumps({"rows": rows}))
     (tmp_path / "gpu_tests.log").write_text("=== 1 failed, 668 passed in 40.1s ===\n")
-    verdict = [l for l in gpu_summary.summary(str(tmp_path)) if "default" in l][0]
-    assert verdict.startswith("make CUDA graphs the default: NO (pytest -m gpu did not pass")
+    verdict = [l for l in gpu_summary.summary(str(tmp_path)) if l.startswith("keep CUDA graphs")][0]
+    assert verdict.startswith("keep CUDA graphs the default: NO (pytest -m gpu did not pass")
     assert "1 segments, 2 launches, 1 failed" in verdict and "bits differ" in verdict
     # Missing outputs are lines, not errors.
     empty = tmp_path / "empty"
