@@ -743,3 +743,52 @@ def test_cli_time_with_cuda_graphs_times_whole_passes(tmp_path):
                       r"(\d+) launches\): [\d.e-]+ ms\.", out.stderr)
     assert found, out.stderr[-2000:]
     assert int(found.group(1)) >= 2 * 3     # at least the timed passes, each way
+
+
+def _corpus_cases():
+    """test_corpus_nets.CASES but the two training nets that
+    test_corpus_training_with_graphs trains with a solver."""
+    from test_corpus_nets import CASES, TRAIN, case_id
+    solver_trained = {f"{c}/train.prototxt" for c in ("deeplabv2_resnet101_msc",
+                                                       "deeplabv2_vgg16_aspp_l")}
+    cases = [c for c in CASES if not (c[0] in solver_trained and c[1] == TRAIN)]
+    return pytest.mark.parametrize("case", cases, ids=[case_id(c) for c in cases])
+
+
+@_corpus_cases()
+def test_every_corpus_net_gives_the_eager_bits_with_graphs(tmp_path, gpu_mode, case):
+    """Graphs are the GPU default, so every net of the corpus, in each phase it has data
+    for: three passes (forward, and backward in TRAIN) with new inputs each time, with
+    and without graphs, give the same bits in every blob, diff and parameter gradient;
+    every recording of the graphs run succeeded and its segments were launched."""
+    from test_corpus_nets import fill_inputs, randomize, read_config, with_inputs
+    config, phase, crop = case
+    param, shapes = with_inputs(read_config(config, tmp_path), crop, phase, tmp_path)
+    (tmp_path / "ids.txt").write_text("a\nb\nc\n")     # MatWrite: one name per pass
+    runs, nets = {}, {}
+    for graphs in (False, True):
+        cuda_graphs.set_enabled(graphs)
+        gpu_mode.on()
+        try:
+            caffelite.set_random_seed(5)
+            net = caffelite.Net(param=param, phase=phase)
+            randomize(net)
+            runs[graphs] = []
+            for step in range(3):
+                fill_inputs(net, shapes, seed=20 + step)
+                net.forward()
+                if phase == caffelite.TRAIN:
+                    net.backward()
+                runs[graphs].append(snapshot(net))
+            nets[graphs] = net
+        finally:
+            gpu_mode.off()
+    for step, (a, b) in enumerate(zip(runs[False], runs[True])):
+        assert_same(a, b, f"pass {step}")
+    graphed = nets[True]._graphs
+    assert graphed is not None and graphed.segments, "no run of graph-safe layers"
+    recordings = graphed.recordings()
+    assert recordings and not [r.failure for r in recordings if r.failed]
+    assert all(seg.fwd.launches == 2 for seg in graphed.segments)
+    if phase == caffelite.TRAIN:
+        assert all(seg.bwd.launches == 2 for seg in graphed.segments)
