@@ -66,7 +66,7 @@ fi
 
 echo "== benchmarks/gpu_train.py"
 timeout "${TRAIN_BENCH_TIMEOUT:-300}" python3 benchmarks/gpu_train.py --corpus "$corpus" \
-  ${GPU_TRAIN_ARGS:---budget 190 --iters 3 --no-profile --kernels tf32,fp32 --engines caffelite,caffelite-graphs,caffelite-im2col,caffelite-unfused,torch} \
+  ${GPU_TRAIN_ARGS:---budget 170 --iters 3 --no-profile --kernels tf32 --engines caffelite,caffelite-graphs,torch} \
   --json "$out/gpu_train.json" 2>&1 | tee "$out/gpu_train.md" | tail -40
 
 # The GPU CRF was measured on 2026-12-04 (issue 5 resolved): SKIP_CRF=0 measures it again.

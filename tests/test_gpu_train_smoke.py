@@ -207,7 +207,7 @@ def _row(engine, precision, median, **extra):
 def test_gpu_summary_verdicts(tmp_path):
     """benchmarks/gpu_summary.py turns gpu_check.sh's outputs into one screen: the test
     and smoke results, the ratios against torch, each optional path's gain and whether
-    CUDA graphs can become the default."""
+    CUDA graphs should stay the default."""
     import gpu_summary
     rows = [_row("caffelite", "fp32", 0.010), _row("torch", "fp32", 0.020),
             _row("caffelite-graphs", "fp32", 0.008, graphs="1 segments, 3 launches, 0 failed",

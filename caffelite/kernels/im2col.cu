@@ -31,10 +31,14 @@ __global__ void im2col(const int n, const T* __restrict__ image, const int chann
                        T* __restrict__ col) {
   const int plane_col = band_rows * width_col;
   CAFFELITE_KERNEL_LOOP(index, n) {
-    const int w_col = index % width_col;
-    const int h_band = (index / width_col) % band_rows;
-    const int img = (index / plane_col) % num;
-    const int c = index / (plane_col * num);
+    // One division per index (its remainder by a multiply): they dominate the
+    // arithmetic of a thread that copies only kernel_h * kernel_w values.
+    const int rows = index / width_col;
+    const int w_col = index - rows * width_col;
+    const int images = rows / band_rows;
+    const int h_band = rows - images * band_rows;
+    const int c = images / num;
+    const int img = images - c * num;
     const int h_offset = (row_begin + h_band) * stride_h - pad_h;
     const int w_offset = w_col * stride_w - pad_w;
     const T* src = image + (img * channels + c) * height * width;
@@ -72,10 +76,12 @@ __global__ void col2im(const int n, const T* __restrict__ col, const int channel
                        const int accumulate, T* __restrict__ image) {
   const int plane_col = band_rows * width_col;
   CAFFELITE_KERNEL_LOOP(index, n) {
-    const int w_im = index % width + pad_w;
-    const int h_im = (index / width) % height + pad_h;
-    const int c = (index / (width * height)) % channels;
-    const int img = index / (width * height * channels);
+    const int rows = index / width;                 // one division per index, as above
+    const int w_im = index - rows * width + pad_w;
+    const int planes = rows / height;
+    const int h_im = rows - planes * height + pad_h;
+    const int img = planes / channels;
+    const int c = planes - img * channels;
     const T* col_img = col + img * plane_col;
     T val = T(0);
     if (stride_h == 1 && stride_w == 1) {
