@@ -23,6 +23,7 @@ import time
 import numpy as np
 
 from .log import logger, setup_logging
+from .net import NetOutOfMemory
 
 
 class CliError(ValueError):
@@ -545,7 +546,7 @@ def main(argv=None):
     try:
         _open_log(args.log)
         return args.func(args)
-    except (CliError, ValueError, OSError, RuntimeError) as e:
+    except (CliError, ValueError, OSError, RuntimeError, NetOutOfMemory) as e:
         # Our errors already name the file/layer/blob; a traceback would only hide that.
         if os.environ.get("CAFFELITE_TRACEBACK"):
             raise

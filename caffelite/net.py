@@ -48,6 +48,42 @@ class NetError(ValueError):
     pass
 
 
+class NetOutOfMemory(MemoryError):
+    """A layer ran out of host or GPU memory; the message names the layer and says
+    what needs less."""
+
+
+_GIB = float(1 << 30)
+
+
+def out_of_memory(what, error):
+    """``error`` (numpy's or CuPy's MemoryError) raised by ``what`` ("layer 'fc6'
+    (Convolution) forward") as a NetOutOfMemory saying so, with the memory in use."""
+    if isinstance(error, NetOutOfMemory):
+        return error
+    detail = str(error).splitlines()[0].rstrip(".") if str(error) else type(error).__name__
+    if type(error).__module__.startswith("cupy"):
+        text = (f"{what} ran out of GPU memory ({detail}). {_device_memory_use()}"
+                "A smaller batch_size or crop_size, a smaller CAFFELITE_DEVICE_WORKSPACE_MB "
+                "(the shared convolution column buffer) or --no-cuda-graphs (a recorded "
+                "pass keeps memory of its own) needs less.")
+    else:
+        text = (f"{what} ran out of host memory ({detail}). A smaller batch_size or "
+                "crop_size needs less.")
+    return NetOutOfMemory(text)
+
+
+def _device_memory_use():
+    try:
+        xp = backend.device_module()
+        pool = xp.get_default_memory_pool().total_bytes()
+        total = xp.cuda.Device().mem_info[1]
+    except Exception:               # noqa: BLE001 (the sentence is optional)
+        return ""
+    return (f"caffelite's memory pool holds {pool / _GIB:.1f} GiB of the GPU's "
+            f"{total / _GIB:.1f} GiB. ")
+
+
 # --------------------------------------------------------------------- filtering
 def state_meets_rule(state, rule):
     if rule.HasField("phase") and rule.phase != state.phase:
@@ -550,26 +586,33 @@ class Net:
             i += 1
             chain = chains.get(i)
             if chain is not None and chain.last <= end:
-                with backend.device_access(True):
-                    if chain.forward():
-                        i = chain.last
-                        continue
+                try:
+                    with backend.device_access(True):
+                        done = chain.forward()
+                except MemoryError as e:
+                    raise out_of_memory(self._chain_what(chain, "forward"), e) from e
+                if done:
+                    i = chain.last
+                    continue
             layer, bottom, top = self.layers[i], self.bottom_blobs[i], self.top_blobs[i]
             on_device = gpu and layer.runs_on_device
             guard = contextlib.nullcontext()
             if gpu and not on_device:
                 guard = _read_only_on_host([b.memories()[0] for b in bottom],
                                            [m for t in top for m in t.memories()])
-            with backend.device_access(on_device), guard:
-                layer.reshape(bottom, top)
-                layer.forward(bottom, top)
-                for t, w in zip(top, layer.loss_weights):
-                    if w:
-                        xp = backend.get_array_module(t.data)
-                        loss_terms.append((i, xp.sum(t.data.astype(xp.float64) * t.diff,
-                                                     dtype=xp.float64)))
-                if self.debug_info:
-                    self._forward_debug_info(i)
+            try:
+                with backend.device_access(on_device), guard:
+                    layer.reshape(bottom, top)
+                    layer.forward(bottom, top)
+                    for t, w in zip(top, layer.loss_weights):
+                        if w:
+                            xp = backend.get_array_module(t.data)
+                            loss_terms.append((i, xp.sum(t.data.astype(xp.float64) * t.diff,
+                                                         dtype=xp.float64)))
+                    if self.debug_info:
+                        self._forward_debug_info(i)
+            except MemoryError as e:
+                raise out_of_memory(self._layer_what(i, "forward"), e) from e
         return loss_terms
 
     # Caffe's debug_info lines: mean absolute values (asum / count, in the blob dtype).
@@ -648,10 +691,16 @@ class Net:
                     [b.memories()[1] for b in bottom])
             # A loss top's diff keeps the loss weight written at setup (or what was
             # written there since: Caffe's backward reads whatever the diff holds).
-            with backend.device_access(on_device), guard:
-                layer.backward(top, self.bottom_need_backward[i], bottom)
-                if self.debug_info:
-                    self._backward_debug_info(i)
+            try:
+                with backend.device_access(on_device), guard:
+                    layer.backward(top, self.bottom_need_backward[i], bottom)
+                    if self.debug_info:
+                        self._backward_debug_info(i)
+            except MemoryError as e:
+                raise out_of_memory(self._layer_what(i, "backward"), e) from e
+
+    def _layer_what(self, i, direction):
+        return f"layer '{self._layer_names[i]}' ({self.layers[i].type}) {direction}"
 
     def _chain_backward(self, chain):
         """A fused chain's backward, if every layer of it needs one (as in-place chains
@@ -662,8 +711,16 @@ class Net:
         if not all(self.layer_need_backward[k] and self.bottom_need_backward[k][0]
                    for k in span):
             return False
-        with backend.device_access(True):
-            return chain.backward()
+        try:
+            with backend.device_access(True):
+                return chain.backward()
+        except MemoryError as e:
+            raise out_of_memory(self._chain_what(chain, "backward"), e) from e
+
+    def _chain_what(self, chain, direction):
+        names = self._layer_names
+        return (f"layers '{names[chain.first]}' .. '{names[chain.last]}' (a fused "
+                f"BatchNorm chain) {direction}")
 
     def forward_backward(self):
         """Caffe's ForwardBackward: Forward, then the whole Backward."""

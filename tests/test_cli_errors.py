@@ -130,6 +130,23 @@ def test_gpu_without_cupy_is_one_sentence(capsys, net, tmp_path, monkeypatch, ve
     assert not (tmp_path / "demo").exists()
 
 
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_out_of_memory_names_the_layer(capsys, net, monkeypatch, direction):
+    """numpy's MemoryError inside a layer becomes one line naming the layer, the pass
+    and what needs less memory."""
+    from caffelite.layers.inner_product import InnerProductLayer
+
+    def allocate_too_much(*args):
+        np.empty(1 << 60, np.float32)          # 4 EiB: numpy refuses at once
+    monkeypatch.setattr(InnerProductLayer, direction, allocate_too_much)
+    verb = "test" if direction == "forward" else "time"
+    code, line = _main(capsys, verb, "--model", str(net), "--iterations", "1")
+    assert code == 1
+    assert line.startswith(f"caffelite {verb}: error: layer 'ip' (InnerProduct) "
+                           f"{direction} ran out of host memory (Unable to allocate ")
+    assert line.endswith("A smaller batch_size or crop_size needs less.")
+
+
 # ----------------------------------------------------------------- models and weights
 def test_empty_model_is_an_error_naming_it(capsys, tmp_path):
     """Caffe would run a net without layers and report a loss of 0."""

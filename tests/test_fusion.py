@@ -154,3 +154,41 @@ def test_cpu_mode_never_fuses(tmp_path):
     backend.set_mode_cpu()
     net = make_net(tmp_path)
     assert net._fused_chains() is None
+
+
+def test_out_of_memory_names_the_layer_or_chain(tmp_path, monkeypatch):
+    """A device allocation that fails (CuPy's OutOfMemoryError, a MemoryError) inside a
+    layer or a fused chain, with or without graphs, is one error naming it, what the
+    pool holds where that is known, and what needs less memory."""
+    from caffelite.layers.conv import ConvolutionLayer
+    from caffelite.net import NetOutOfMemory
+
+    class OutOfMemoryError(MemoryError):       # what cupy.cuda.memory raises
+        pass
+    OutOfMemoryError.__module__ = "cupy.cuda.memory"
+
+    def fail(*args):
+        raise OutOfMemoryError("Out of memory allocating 1,048,576 bytes "
+                               "(allocated so far: 3,221,225,472 bytes).")
+    backend.set_mode_gpu(emulate=True)
+    try:
+        net = make_net(tmp_path)
+        with monkeypatch.context() as m:
+            m.setattr(fusion.ChannelChain, "forward", fail)
+            with pytest.raises(NetOutOfMemory) as chain_error:
+                net.forward()
+        net.forward()
+        with monkeypatch.context() as m:
+            m.setattr(ConvolutionLayer, "backward", fail)
+            with pytest.raises(NetOutOfMemory) as layer_error:
+                net.backward()
+    finally:
+        backend.set_mode_cpu()
+    assert str(chain_error.value).startswith(
+        "layers 'bn1' .. 'relu1' (a fused BatchNorm chain) forward ran out of GPU memory "
+        "(Out of memory allocating 1,048,576 bytes (allocated so far: 3,221,225,472 "
+        "bytes)). ")
+    text = str(layer_error.value)
+    assert text.startswith("layer 'score' (Convolution) backward ran out of GPU memory")
+    assert "CAFFELITE_DEVICE_WORKSPACE_MB" in text and "--no-cuda-graphs" in text
+    assert isinstance(layer_error.value.__cause__, OutOfMemoryError)
