@@ -44,6 +44,16 @@ def get_array_module(*arrays):
     return np
 
 
+_OFF = ("0", "false", "off", "no")
+
+
+def env_flag(name, default):
+    """A switch from the environment: unset or empty gives ``default``; 0, false, off
+    or no (any case) turn it off; anything else on."""
+    value = os.environ.get(name, "").strip().lower()
+    return default if not value else value not in _OFF
+
+
 def set_mode_cpu():
     _state["mode"] = "cpu"
     _state["mode_changes"] += 1
@@ -59,7 +69,7 @@ def set_mode_gpu(emulate=None):
     """
     from . import kernels
     if emulate is None:
-        emulate = os.environ.get("CAFFELITE_GPU_EMULATOR", "") not in ("", "0")
+        emulate = env_flag("CAFFELITE_GPU_EMULATOR", False)
     if emulate:
         from .kernels import emulator
         xp = emulator

@@ -546,7 +546,7 @@ def main(argv=None):
     try:
         _open_log(args.log)
         return args.func(args)
-    except (CliError, ValueError, OSError, RuntimeError, NetOutOfMemory) as e:
+    except (CliError, ValueError, OSError, RuntimeError, MemoryError) as e:
         # Our errors already name the file/layer/blob; a traceback would only hide that.
         if os.environ.get("CAFFELITE_TRACEBACK"):
             raise
@@ -573,6 +573,10 @@ def _one_line(error):
         names = f"'{error.filename}'" + (f" -> '{error.filename2}'"
                                          if error.filename2 is not None else "")
         return f"{names}: {error.strerror}"
+    if isinstance(error, MemoryError) and not isinstance(error, NetOutOfMemory):
+        # outside a layer's pass (set-up, the solver's history): numpy's or CuPy's text
+        return f"out of {'GPU' if type(error).__module__.startswith('cupy') else 'host'} " \
+               f"memory: {error}".rstrip(": ")
     return str(error)
 
 

@@ -48,7 +48,8 @@ blobs get the same bits. The one difference is error reporting: SoftmaxWithLoss 
 out-of-range label after a host read, which a graph leaves out, so when a pass that ran
 graphs gives a NaN loss, the Net runs its forward again eagerly to raise that error.
 """
-import os
+
+import weakref
 
 import numpy as np
 
@@ -58,7 +59,16 @@ from .log import logger
 
 MIN_SEGMENT = 4
 
-_enabled = [os.environ.get("CAFFELITE_CUDA_GRAPHS", "1") not in ("", "0")]
+_enabled = [backend.env_flag("CAFFELITE_CUDA_GRAPHS", True)]
+
+
+_recordings = weakref.WeakSet()      # every Recording alive, for pool_bytes
+
+
+def pool_bytes():
+    """Device memory held by the pools of the recordings alive (reported when a pass
+    runs out of memory)."""
+    return sum(r.pool.total_bytes() for r in list(_recordings) if r.pool is not None)
 
 
 def set_enabled(flag):
@@ -200,6 +210,7 @@ class Recording:
         self.failure = None         # why the recording failed, in one line
         self.pool = None
         self.launches = 0
+        _recordings.add(self)
 
     # -- the state a recording depends on ---------------------------------------------
     def _key(self):
@@ -275,6 +286,10 @@ class Recording:
                 False, None, None
         if failure is not None:
             self.failed, self.failure = True, _one_line(failure)
+            if isinstance(failure, MemoryError):    # "layer 'x' (T) forward ran out of"
+                where = str(failure).partition(" ran out of ")
+                self.failure = (f"{where[0]} ran out of memory" if where[1] else
+                                "out of memory")
             logger.warning("CUDA graphs: the %s of %s cannot be recorded (%s); it runs layer "
                            "by layer", self.direction, self.segment.name, self.failure)
             return self.run_eagerly(), None

@@ -20,12 +20,11 @@ A chain qualifies when, in consecutive layers:
 Host mode, ``debug_info`` (one line per layer), forward/backward ranges that cut a chain
 and ``CAFFELITE_FUSE=0`` (or ``ENABLED = False``) run the layers one by one.
 """
-import os
 
 from . import backend
 from .layers._device import launch
 
-ENABLED = os.environ.get("CAFFELITE_FUSE", "1") != "0"
+ENABLED = backend.env_flag("CAFFELITE_FUSE", True)
 
 
 class ChannelChain:

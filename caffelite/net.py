@@ -56,11 +56,11 @@ class NetOutOfMemory(MemoryError):
 _GIB = float(1 << 30)
 
 
-def out_of_memory(what, error):
-    """``error`` (numpy's or CuPy's MemoryError) raised by ``what`` ("layer 'fc6'
+def raise_out_of_memory(what, error):
+    """Raise ``error`` (numpy's or CuPy's MemoryError) from ``what`` ("layer 'fc6'
     (Convolution) forward") as a NetOutOfMemory saying so, with the memory in use."""
-    if isinstance(error, NetOutOfMemory):
-        return error
+    if isinstance(error, NetOutOfMemory):       # named already (a net inside a layer)
+        raise error
     detail = str(error).splitlines()[0].rstrip(".") if str(error) else type(error).__name__
     if type(error).__module__.startswith("cupy"):
         text = (f"{what} ran out of GPU memory ({detail}). {_device_memory_use()}"
@@ -70,7 +70,7 @@ def out_of_memory(what, error):
     else:
         text = (f"{what} ran out of host memory ({detail}). A smaller batch_size or "
                 "crop_size needs less.")
-    return NetOutOfMemory(text)
+    raise NetOutOfMemory(text) from error
 
 
 def _device_memory_use():
@@ -80,8 +80,10 @@ def _device_memory_use():
         total = xp.cuda.Device().mem_info[1]
     except Exception:               # noqa: BLE001 (the sentence is optional)
         return ""
-    return (f"caffelite's memory pool holds {pool / _GIB:.1f} GiB of the GPU's "
-            f"{total / _GIB:.1f} GiB. ")
+    recorded = cuda_graphs.pool_bytes()
+    return (f"caffelite's memory pools hold {(pool + recorded) / _GIB:.1f} GiB of the "
+            f"GPU's {total / _GIB:.1f} GiB ({recorded / _GIB:.1f} GiB of it for recorded "
+            "passes). ")
 
 
 # --------------------------------------------------------------------- filtering
@@ -590,7 +592,7 @@ class Net:
                     with backend.device_access(True):
                         done = chain.forward()
                 except MemoryError as e:
-                    raise out_of_memory(self._chain_what(chain, "forward"), e) from e
+                    raise_out_of_memory(self._chain_what(chain, "forward"), e)
                 if done:
                     i = chain.last
                     continue
@@ -612,7 +614,7 @@ class Net:
                     if self.debug_info:
                         self._forward_debug_info(i)
             except MemoryError as e:
-                raise out_of_memory(self._layer_what(i, "forward"), e) from e
+                raise_out_of_memory(self._layer_what(i, "forward"), e)
         return loss_terms
 
     # Caffe's debug_info lines: mean absolute values (asum / count, in the blob dtype).
@@ -697,7 +699,7 @@ class Net:
                     if self.debug_info:
                         self._backward_debug_info(i)
             except MemoryError as e:
-                raise out_of_memory(self._layer_what(i, "backward"), e) from e
+                raise_out_of_memory(self._layer_what(i, "backward"), e)
 
     def _layer_what(self, i, direction):
         return f"layer '{self._layer_names[i]}' ({self.layers[i].type}) {direction}"
@@ -715,7 +717,7 @@ class Net:
             with backend.device_access(True):
                 return chain.backward()
         except MemoryError as e:
-            raise out_of_memory(self._chain_what(chain, "backward"), e) from e
+            raise_out_of_memory(self._chain_what(chain, "backward"), e)
 
     def _chain_what(self, chain, direction):
         names = self._layer_names

@@ -147,6 +147,33 @@ def test_out_of_memory_names_the_layer(capsys, net, monkeypatch, direction):
     assert line.endswith("A smaller batch_size or crop_size needs less.")
 
 
+def test_out_of_memory_outside_a_layer_is_one_line(capsys, net, monkeypatch):
+    """A MemoryError outside a layer's pass (here: building the net) is one line too."""
+    from caffelite.net import Net
+
+    def allocate_too_much(*args, **kwargs):
+        np.empty(1 << 60, np.float32)
+    monkeypatch.setattr(Net, "__init__", allocate_too_much)
+    code, line = _main(capsys, "test", "--model", str(net), "--iterations", "1")
+    assert code == 1
+    assert line.startswith("caffelite test: error: out of host memory: Unable to allocate ")
+
+
+@pytest.mark.parametrize("value, default, expected", [
+    (None, True, True), ("", True, True), ("0", True, False), ("false", True, False),
+    ("OFF", True, False), (" no ", True, False), ("1", True, True), ("yes", False, True),
+    (None, False, False), ("", False, False), ("on", False, True), ("False", False, False)])
+def test_environment_switches(monkeypatch, value, default, expected):
+    """CAFFELITE_CUDA_GRAPHS, _FUSE, _TAP_GEMM and _GPU_EMULATOR: unset or empty is the
+    default; 0, false, off and no in any case turn a switch off."""
+    from caffelite.backend import env_flag
+    if value is None:
+        monkeypatch.delenv("CAFFELITE_TEST_SWITCH", raising=False)
+    else:
+        monkeypatch.setenv("CAFFELITE_TEST_SWITCH", value)
+    assert env_flag("CAFFELITE_TEST_SWITCH", default) is expected
+
+
 # ----------------------------------------------------------------- models and weights
 def test_empty_model_is_an_error_naming_it(capsys, tmp_path):
     """Caffe would run a net without layers and report a loss of 0."""

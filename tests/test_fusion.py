@@ -156,10 +156,13 @@ def test_cpu_mode_never_fuses(tmp_path):
     assert net._fused_chains() is None
 
 
-def test_out_of_memory_names_the_layer_or_chain(tmp_path, monkeypatch):
+def test_out_of_memory_names_the_layer_or_chain(tmp_path, monkeypatch, caplog):
     """A device allocation that fails (CuPy's OutOfMemoryError, a MemoryError) inside a
-    layer or a fused chain, with or without graphs, is one error naming it, what the
-    pool holds where that is known, and what needs less memory."""
+    layer or a fused chain is one error naming it, what the pools hold where that is
+    known, and what needs less memory. One that fails while a pass is being recorded
+    into a CUDA graph leaves that segment layer by layer, with a warning saying so, and
+    the layer-by-layer pass then names the layer."""
+    from caffelite import cuda_graphs
     from caffelite.layers.conv import ConvolutionLayer
     from caffelite.net import NetOutOfMemory
 
@@ -172,6 +175,7 @@ def test_out_of_memory_names_the_layer_or_chain(tmp_path, monkeypatch):
                                "(allocated so far: 3,221,225,472 bytes).")
     backend.set_mode_gpu(emulate=True)
     try:
+        cuda_graphs.set_enabled(False)
         net = make_net(tmp_path)
         with monkeypatch.context() as m:
             m.setattr(fusion.ChannelChain, "forward", fail)
@@ -182,6 +186,14 @@ def test_out_of_memory_names_the_layer_or_chain(tmp_path, monkeypatch):
             m.setattr(ConvolutionLayer, "backward", fail)
             with pytest.raises(NetOutOfMemory) as layer_error:
                 net.backward()
+        cuda_graphs.set_enabled(True)
+        graphed = make_net(tmp_path)
+        graphed.forward()                       # eager: the next one records
+        with monkeypatch.context() as m, caplog.at_level("WARNING", logger="caffelite"):
+            m.setattr(ConvolutionLayer, "forward", fail)
+            with pytest.raises(NetOutOfMemory) as recorded_error:
+                graphed.forward()
+        [failed] = [r for r in graphed._graphs.recordings() if r.failed]
     finally:
         backend.set_mode_cpu()
     assert str(chain_error.value).startswith(
@@ -192,3 +204,8 @@ def test_out_of_memory_names_the_layer_or_chain(tmp_path, monkeypatch):
     assert text.startswith("layer 'score' (Convolution) backward ran out of GPU memory")
     assert "CAFFELITE_DEVICE_WORKSPACE_MB" in text and "--no-cuda-graphs" in text
     assert isinstance(layer_error.value.__cause__, OutOfMemoryError)
+    assert failed.failure == "layer 'conv1' (Convolution) forward ran out of memory"
+    assert "cannot be recorded (layer 'conv1' (Convolution) forward ran out of memory)" \
+        in caplog.text
+    assert str(recorded_error.value).startswith(
+        "layer 'conv1' (Convolution) forward ran out of GPU memory")

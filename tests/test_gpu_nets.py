@@ -147,7 +147,9 @@ def demo_solver(tmp_path, max_iter=4):
 
 
 def train_log(cwd, solver, *extra, env=None):
-    env = dict({k: v for k, v in os.environ.items() if k != "CAFFELITE_GPU_EMULATOR"},
+    # The switches a test sets itself, not inherited (the CUDA-graph default is tested)
+    own = ("CAFFELITE_GPU_EMULATOR", "CAFFELITE_CUDA_GRAPHS")
+    env = dict({k: v for k, v in os.environ.items() if k not in own},
                PYTHONPATH=ROOT, **(env or {}))
     out = subprocess.run([sys.executable, "-m", "caffelite.cli", "train", "--solver", solver,
                           *extra], cwd=cwd, env=env, capture_output=True, text=True)

@@ -31,8 +31,8 @@ __global__ void im2col(const int n, const T* __restrict__ image, const int chann
                        T* __restrict__ col) {
   const int plane_col = band_rows * width_col;
   CAFFELITE_KERNEL_LOOP(index, n) {
-    // One division per index (its remainder by a multiply): they dominate the
-    // arithmetic of a thread that copies only kernel_h * kernel_w values.
+    // One division per coordinate, each remainder by a multiply (the divisions are much
+    // of the arithmetic of a thread that copies only kernel_h * kernel_w values).
     const int rows = index / width_col;
     const int w_col = index - rows * width_col;
     const int images = rows / band_rows;
@@ -76,7 +76,7 @@ __global__ void col2im(const int n, const T* __restrict__ col, const int channel
                        const int accumulate, T* __restrict__ image) {
   const int plane_col = band_rows * width_col;
   CAFFELITE_KERNEL_LOOP(index, n) {
-    const int rows = index / width;                 // one division per index, as above
+    const int rows = index / width;                 // one division per coordinate
     const int w_im = index - rows * width + pad_w;
     const int planes = rows / height;
     const int h_im = rows - planes * height + pad_h;
@@ -87,6 +87,7 @@ __global__ void col2im(const int n, const T* __restrict__ col, const int channel
     if (stride_h == 1 && stride_w == 1) {
       // Every DeepLab convolution but ResNet's conv1: the same entries in the same
       // order, without the divisions by the stride (most of this kernel's time).
+      // row_begin >= 0, so the band test also rejects h_col < 0.
       for (int u = kernel_h - 1; u >= 0; --u) {
         const int h_col = h_im - u * dilation_h;
         if (h_col < row_begin || h_col >= row_begin + band_rows) continue;

@@ -24,15 +24,14 @@ on an H200 ASPP-VGG's TF32 training step took 0.0760 s with this path and 0.0673
 without it (test forward 0.0085 s and 0.0060 s; BENCHMARKS.md).
 """
 import math
-import os
 
 import numpy as np
 
-from ..backend import tf32_enabled
+from ..backend import env_flag, tf32_enabled
 from ..kernels.cublas import gemm
 from . import im2col     # (im2col imports this module; its names are read at call time)
 
-ENABLED = os.environ.get("CAFFELITE_TAP_GEMM", "1") != "0"
+ENABLED = env_flag("CAFFELITE_TAP_GEMM", True)
 MAX_REACH = 0.75
 MIN_SAVED_FLOPS = 4e9       # about 80 us of SGEMM on an H200, several times the calls' cost
 
