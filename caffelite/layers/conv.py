@@ -183,7 +183,12 @@ class BaseConvolutionLayer(Layer):
     def _bias_grad(self, top_diff):
         if self.bias_term and self.param_propagate_down[1]:
             num, n_out = top_diff.shape[:2]
-            self.blobs[1].diff[...] += view(top_diff, (num, n_out, -1)).sum(axis=(0, 2))
+            # Over each image's grid, then over the images, as Caffe's per-image GEMVs
+            # group the sum. On a GPU the first is one reduction per (image, channel)
+            # row, where one per channel would leave most of the device idle for the
+            # first layers (few channels, large grids).
+            per_image = view(top_diff, (num, n_out, -1)).sum(axis=2)
+            self.blobs[1].diff[...] += per_image.sum(axis=0)
 
 
 @register("Convolution")
