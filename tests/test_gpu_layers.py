@@ -794,6 +794,48 @@ def test_backward_gemms_share_one_gathering_with_the_bits_of_two_calls(monkeypat
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("align", [1, 4])
+@pytest.mark.parametrize("group", [1, 2])
+def test_forward_adds_the_bias_in_its_copy_with_the_bits_of_adding_it_after(
+        monkeypatch, device, align, group):
+    """Over groups of whole images (2, 2, 1, and 1 per group, where one-image groups
+    on unpadded columns write the blob in place), forward_gemm with ``bias`` equals
+    forward_gemm then ``out += bias``, bit for bit, over a NaN-poisoned output; the
+    paths that do not copy (1x1 here) leave the bias to the caller."""
+    monkeypatch.setattr(im2col_module, "column_align", lambda dtype: align)
+    geom = im2col_module.ConvGeometry((3, 3), (1, 1), (2, 2), (2, 2))
+    rng = np.random.default_rng(12)
+    image = rng.standard_normal((5, 4, 7, 9)).astype(F32)
+    weight = rng.standard_normal((6, 4 // group, 3, 3)).astype(F32)
+    bias = rng.standard_normal(6).astype(F32)
+    plane = 7 * 9
+    _start(device)
+    xp = backend.device_module()
+    try:
+        results = []
+        for images in (2, 1):
+            budget = 4 * geom.taps * im2col_module._aligned(images * plane, align) * 4
+            for fused in (False, True):
+                out = xp.full((5, 6, 7, 9), np.nan, F32)
+                added = im2col_module.forward_gemm(
+                    xp.asarray(image), xp.asarray(weight), out, geom, group, budget,
+                    bias=xp.asarray(bias) if fused else None)
+                assert added is fused
+                if not fused:
+                    out += xp.asarray(bias).reshape(1, 6, 1, 1)
+                results.append(backend.to_host(out))
+        one_by_one = im2col_module.ConvGeometry((1, 1), (1, 1), (0, 0), (1, 1))
+        out = xp.zeros((5, 6, 7, 9), F32)
+        w1 = xp.asarray(rng.standard_normal((6, 4, 1, 1)).astype(F32))
+        assert im2col_module.forward_gemm(xp.asarray(image), w1, out, one_by_one, 1,
+                                          bias=xp.asarray(bias)) is False
+    finally:
+        backend.set_mode_cpu()
+    for after, fused in zip(results[::2], results[1::2]):
+        assert np.isfinite(fused).all()
+        np.testing.assert_array_equal(after, fused)
+
+
 def test_group_columns_are_padded_only_for_tf32_gemms():
     # Measured on an H200 (BENCHMARKS.md): padding helps TF32 GEMMs and costs FP32 ones
     # a copy where a one-image group could use the blobs in place.

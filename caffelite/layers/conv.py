@@ -197,10 +197,12 @@ class ConvolutionLayer(BaseConvolutionLayer):
 
     def forward(self, bottom, top):
         weight = self.blobs[0].data
+        bias = self.blobs[1].data if self.bias_term else None
         for b, t in zip(bottom, top):
             out = self._as_nc(t.data)
-            forward_gemm(self._as_nc(b.data), weight, out, self.geom, self.group)
-            self._add_bias(out)
+            if not forward_gemm(self._as_nc(b.data), weight, out, self.geom, self.group,
+                                bias=bias):
+                self._add_bias(out)
 
     def backward(self, top, propagate_down, bottom):
         weight = self.blobs[0].data

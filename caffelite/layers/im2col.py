@@ -341,23 +341,31 @@ def _filled_group_columns(images, geom, grid_shape, groups, xp):
         yield n0, n1, count, col
 
 
-def _forward_groups(image, w_g, out, geom, group, groups, xp):
+def _forward_groups(image, w_g, out, geom, group, groups, xp, bias=None):
     for n0, n1, count, col in _filled_group_columns(image, geom, out.shape[2:], groups, xp):
-        _group_product(w_g, col, out, n0, n1, count, group, xp)
+        _group_product(w_g, col, out, n0, n1, count, group, xp, bias)
 
 
-def _group_product(w_g, col, out, n0, n1, count, group, xp):
-    """out[n0:n1] = W * col per group: in place for one image on unpadded columns, else
-    through a (O, columns) matrix copied out image by image."""
+def _group_product(w_g, col, out, n0, n1, count, group, xp, bias=None):
+    """out[n0:n1] = W * col (+ bias per output channel) per group: in place for one
+    image on unpadded columns, else through a (O, columns) matrix copied out image by
+    image, the bias added in the same pass (the same sums as adding it afterwards)."""
     n_out = out.shape[1]
     direct = n1 - n0 == 1 and col.shape[1] == count
     rows = (view(out[n0], (n_out, count)) if direct else
             xp.empty((n_out, col.shape[1]), col.dtype))
     for w, c, o in zip(w_g, _per_group(col, group), _per_group(rows, group)):
         gemm(xp, w, c, o)
-    if not direct:
-        view(out[n0:n1], (n1 - n0, n_out, -1))[...] = \
-            view(rows[:, :count], (n_out, n1 - n0, -1)).transpose(1, 0, 2)
+    if direct:
+        if bias is not None:
+            rows += bias.reshape(n_out, 1)
+        return
+    target = view(out[n0:n1], (n1 - n0, n_out, -1))
+    product = view(rows[:, :count], (n_out, n1 - n0, -1)).transpose(1, 0, 2)
+    if bias is None:
+        target[...] = product
+    else:
+        xp.add(product, bias.reshape(1, n_out, 1), out=target)
 
 
 def _backward_groups(grid, w_g, image, geom, group, groups, xp):
@@ -442,8 +450,10 @@ def _matrix(array, rows):
     return view(array, (rows, -1))
 
 
-def forward_gemm(image, weight, out, geom, group, budget=None):
-    """out[n] = W * im2col(image[n]) per group (overwrites ``out``)."""
+def forward_gemm(image, weight, out, geom, group, budget=None, bias=None):
+    """out[n] = W * im2col(image[n]) per group (overwrites ``out``). With ``bias`` (O,),
+    the paths that copy their products out add it in that copy; True when they did
+    (the caller adds it otherwise)."""
     xp = get_array_module(image)
     num, channels = image.shape[:2]
     n_out = weight.shape[0]
@@ -457,21 +467,22 @@ def forward_gemm(image, weight, out, geom, group, budget=None):
     if geom.is_1x1:
         for n in range(num):
             product(_matrix(image[n], channels), _matrix(out[n], n_out))
-        return
+        return False
     windows = tap_gemm.windows_for(xp, geom, image.shape, grid_shape, weight.shape)
     if windows:
         tap_gemm.forward(xp, image, weight, out, windows, group)
-        return
+        return False
     groups = _device_groups(xp, geom, num, channels, grid_shape, image.dtype, budget)
     if groups:
-        _forward_groups(image, w_g, out, geom, group, groups, xp)
-        return
+        _forward_groups(image, w_g, out, geom, group, groups, xp, bias)
+        return bias is not None
     chunk = rows_per_chunk(channels, geom, grid_shape, image.dtype.itemsize, budget, xp)
     for n in range(num):
         for r0, r1 in _bands(grid_shape[0], chunk):
             col = _band_col(channels, geom, grid_shape, r0, r1, image.dtype, xp)
             im2col_band(xp, image[n], col, geom, grid_shape, r0, r1)
             product(_matrix(col, channels * geom.taps), _matrix(out[n, :, r0:r1], n_out))
+    return False
 
 
 def backward_gemm(grid, weight, image, geom, group, budget=None):
