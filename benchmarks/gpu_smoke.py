@@ -2,10 +2,10 @@
 
 Compiles and launches one kernel of every module, builds a small net with every kind of
 kernel-backed layer in GPU mode, runs a training step and compares it with CPU mode,
-trains it again with and without CUDA graphs (the default) for equal bits, and times a convolution
-GEMM shape as a 2-D (cublasGemmEx) and a batched 3-D matmul with TF32 off and on. Exit
-status 1 with the traceback on the first failure, so a broken GPU path costs one minute
-of device time instead of a whole check run.
+trains it again with and without CUDA graphs (the default) for equal bits, and times a
+convolution GEMM shape as a 2-D (cublasGemmEx) and a batched 3-D matmul with TF32 off
+and on. Exit status 1 with the traceback on the first failure, so a broken GPU path
+costs one minute of device time instead of a whole check run.
 
     python benchmarks/gpu_smoke.py
     python benchmarks/gpu_smoke.py --emulate      # the same on the CPU emulator (CI)

@@ -114,9 +114,9 @@ def _why(row):
 
 
 def graphs_default_verdict(rows, tests_ok, smoke_graphs_ok):
-    """Whether CUDA graphs (the default since session 10) may stay so: the tests and the smoke check pass,
-    every graphs row recorded without failures, test scores kept their bits, and no
-    graphs row is slower than layer by layer."""
+    """Whether CUDA graphs (the default since session 10) may stay so: the tests and the
+    smoke check pass, every graphs row recorded without failures, test scores kept
+    their bits, and no graphs row is slower than layer by layer."""
     graph_rows = [r for r in rows if r["engine"] == "caffelite-graphs"]
     reasons = []
     if not tests_ok:

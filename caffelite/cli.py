@@ -23,7 +23,7 @@ import time
 import numpy as np
 
 from .log import logger, setup_logging
-from .net import NetOutOfMemory
+from .net import NetOutOfMemory, memory_kind
 
 
 class CliError(ValueError):
@@ -575,8 +575,7 @@ def _one_line(error):
         return f"{names}: {error.strerror}"
     if isinstance(error, MemoryError) and not isinstance(error, NetOutOfMemory):
         # outside a layer's pass (set-up, the solver's history): numpy's or CuPy's text
-        return f"out of {'GPU' if type(error).__module__.startswith('cupy') else 'host'} " \
-               f"memory: {error}".rstrip(": ")
+        return f"out of {memory_kind(error)} memory: {error}".rstrip(": ")
     return str(error)
 
 

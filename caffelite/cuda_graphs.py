@@ -286,10 +286,9 @@ class Recording:
                 False, None, None
         if failure is not None:
             self.failed, self.failure = True, _one_line(failure)
-            if isinstance(failure, MemoryError):    # "layer 'x' (T) forward ran out of"
-                where = str(failure).partition(" ran out of ")
-                self.failure = (f"{where[0]} ran out of memory" if where[1] else
-                                "out of memory")
+            if isinstance(failure, MemoryError):    # the short reason, not the advice
+                where = getattr(failure, "what", None)  # a NetOutOfMemory's layer
+                self.failure = f"{where} ran out of memory" if where else "out of memory"
             logger.warning("CUDA graphs: the %s of %s cannot be recorded (%s); it runs layer "
                            "by layer", self.direction, self.segment.name, self.failure)
             return self.run_eagerly(), None

@@ -50,7 +50,16 @@ class NetError(ValueError):
 
 class NetOutOfMemory(MemoryError):
     """A layer ran out of host or GPU memory; the message names the layer and says
-    what needs less."""
+    what needs less. ``what``: the layer (or chain) and pass alone."""
+
+    def __init__(self, text, what):
+        super().__init__(text)
+        self.what = what
+
+
+def memory_kind(error):
+    """Where a MemoryError ran out: "GPU" for CuPy's, "host" for numpy's and others."""
+    return "GPU" if type(error).__module__.startswith("cupy") else "host"
 
 
 _GIB = float(1 << 30)
@@ -62,7 +71,7 @@ def raise_out_of_memory(what, error):
     if isinstance(error, NetOutOfMemory):       # named already (a net inside a layer)
         raise error
     detail = str(error).splitlines()[0].rstrip(".") if str(error) else type(error).__name__
-    if type(error).__module__.startswith("cupy"):
+    if memory_kind(error) == "GPU":
         text = (f"{what} ran out of GPU memory ({detail}). {_device_memory_use()}"
                 "A smaller batch_size or crop_size, a smaller CAFFELITE_DEVICE_WORKSPACE_MB "
                 "(the shared convolution column buffer) or --no-cuda-graphs (a recorded "
@@ -70,7 +79,7 @@ def raise_out_of_memory(what, error):
     else:
         text = (f"{what} ran out of host memory ({detail}). A smaller batch_size or "
                 "crop_size needs less.")
-    raise NetOutOfMemory(text) from error
+    raise NetOutOfMemory(text, what) from error
 
 
 def _device_memory_use():
