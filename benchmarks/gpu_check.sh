@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Every GPU check of caffelite in one call, for a session that is lent a GPU machine
-# (its time is scarce: the stage limits below add up to 540 s, so one call with
+# (its time is scarce: the stage limits below add up to 580 s, so one call with
 # timeout_s=600 holds it; a session's device time is 15 minutes including the start, and
-# on an H200 the whole script took about 4 minutes).
+# on an H200 the whole script took about 4 minutes before step 2b and the implicit-GEMM
+# engine were added: expect about 6).
 #
 #   bash benchmarks/gpu_check.sh [OUTDIR]      # from the repository root
 #
@@ -10,7 +11,10 @@
 # 1b. benchmarks/gpu_smoke.py: if GPU mode is broken, a shorter pytest run lists what
 #     else fails and the script stops, leaving device time for a rerun after the fix;
 # 2. `pytest -m gpu`: every kernel, layer, solver and corpus net, GPU vs CPU;
-# 3. benchmarks/gpu_train.py: ASPP-VGG and ResNet-101 MSC train/test vs PyTorch+cuDNN;
+# 2b. benchmarks/conv_igemm.py: the implicit-GEMM convolution per ASPP-VGG layer against
+#     im2col + cuBLAS and cuDNN (TF32); then Nsight Compute on its kernels (ncu.txt);
+# 3. benchmarks/gpu_train.py: ASPP-VGG and ResNet-101 MSC train/test vs PyTorch+cuDNN
+#    (engines: layer by layer, CUDA graphs = the default, graphs + implicit GEMM, torch);
 # 4. benchmarks/crf.py --gpu: the dense CRF per 500x375 image (only with SKIP_CRF=0);
 # 5. benchmarks/gpu_summary.py: the verdicts on one screen (also after an early exit).
 # Results (logs, JSON, Markdown tables for BENCHMARKS.md) land in OUTDIR ($OUT or gpu_out).
@@ -64,9 +68,24 @@ if [ "$smoke_ok" != 1 ]; then
   exit 1
 fi
 
+echo "== benchmarks/conv_igemm.py"
+timeout "${IGEMM_BENCH_TIMEOUT:-60}" python3 benchmarks/conv_igemm.py --repeats 3 \
+  --json "$out/conv_igemm.json" 2>&1 | tee "$out/conv_igemm.md" | tail -25
+# Nsight Compute on the implicit-GEMM kernels of two layers (forward and data gradient,
+# warm-up and timed launch each): what limits them, for tuning without more device time.
+if command -v ncu >/dev/null 2>&1 && [ "${SKIP_NCU:-0}" != 1 ]; then
+  echo "== ncu (conv_igemm kernels of conv1_2 and conv4_2)"
+  timeout "${NCU_TIMEOUT:-45}" ncu --target-processes all -k regex:conv_igemm \
+    --launch-count 8 --section SpeedOfLight --section Occupancy --section LaunchStats \
+    --section WarpStateStats --section MemoryWorkloadAnalysis_Tables \
+    python3 benchmarks/conv_igemm.py --layers conv1_2,conv4_2 --repeats 1 --calls 1 \
+    --no-torch >"$out/ncu.txt" 2>&1
+  tail -5 "$out/ncu.txt"
+fi
+
 echo "== benchmarks/gpu_train.py"
-timeout "${TRAIN_BENCH_TIMEOUT:-300}" python3 benchmarks/gpu_train.py --corpus "$corpus" \
-  ${GPU_TRAIN_ARGS:---budget 170 --iters 3 --no-profile --kernels tf32 --engines caffelite,caffelite-graphs,torch} \
+timeout "${TRAIN_BENCH_TIMEOUT:-235}" python3 benchmarks/gpu_train.py --corpus "$corpus" \
+  ${GPU_TRAIN_ARGS:---budget 175 --iters 3 --no-profile --kernels tf32 --engines caffelite,caffelite-graphs,caffelite-implicit,torch} \
   --json "$out/gpu_train.json" 2>&1 | tee "$out/gpu_train.md" | tail -40
 
 # The GPU CRF was measured on 2026-12-04 (issue 5 resolved): SKIP_CRF=0 measures it again.

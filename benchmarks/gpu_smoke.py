@@ -5,7 +5,9 @@ kernel-backed layer in GPU mode, runs a training step and compares it with CPU m
 trains it again with and without CUDA graphs (the default) for equal bits, and times a
 convolution GEMM shape as a 2-D (cublasGemmEx) and a batched 3-D matmul with TF32 off
 and on. Exit status 1 with the traceback on the first failure, so a broken GPU path
-costs one minute of device time instead of a whole check run.
+costs one minute of device time instead of a whole check run. Last, the opt-in
+implicit-GEMM convolution against im2col + cuBLAS in TF32: a failure there prints
+"IMPLICIT GEMM FAILED" and the traceback but does not fail the smoke check.
 
     python benchmarks/gpu_smoke.py
     python benchmarks/gpu_smoke.py --emulate      # the same on the CPU emulator (CI)
@@ -194,6 +196,44 @@ def gemm_paths():
         backend.set_mode_cpu()
 
 
+def implicit_gemm_convolution():
+    """The implicit-GEMM convolution (opt-in, TF32) on a small dilated convolution: its
+    forward and data gradient fill their outputs and agree with im2col + cuBLAS in TF32
+    (both round their operands to TF32: about 1e-3 of the largest value; the exact
+    bounds are in tests/test_conv_igemm.py, which pytest -m gpu runs next)."""
+    from caffelite.layers import im2col, implicit_gemm
+    xp = device_module()
+    backend.set_tf32(True)
+    saved = implicit_gemm.ENABLED
+    try:
+        rng = np.random.default_rng(2)
+        x = xp.asarray(rng.standard_normal((2, 24, 19, 17), dtype=np.float32))
+        w = xp.asarray(rng.standard_normal((80, 24, 3, 3), dtype=np.float32))
+        g = xp.asarray(rng.standard_normal((2, 80, 19, 17), dtype=np.float32))
+        geom = im2col.ConvGeometry((3, 3), (1, 1), (2, 2), (2, 2))
+        results = {}
+        for implicit in (False, True):
+            implicit_gemm.ENABLED = implicit
+            out = xp.full(g.shape, np.nan, np.float32)
+            dx = xp.full(x.shape, np.nan, np.float32)
+            im2col.forward_gemm(x, w, out, geom, 1)
+            im2col.backward_gemm(g, w, dx, geom, 1)
+            results[implicit] = backend.to_host(out), backend.to_host(dx)
+        assert implicit_gemm.applies(xp, geom, x, w, out, 1)
+        for what, got, ref in zip(("forward", "data gradient"), results[True],
+                                  results[False]):
+            diff = float(np.max(np.abs(got - ref)) / np.max(np.abs(ref)))
+            assert np.isfinite(got).all(), f"implicit GEMM {what}: unwritten elements"
+            assert diff < 1e-2, f"implicit GEMM {what} differs from im2col by {diff:.2g}"
+            print(f"   {what}: largest difference from im2col {diff:.1e} of the largest "
+                  f"value")
+    finally:
+        implicit_gemm.ENABLED = saved
+        backend.set_tf32(False)
+        backend.set_mode_cpu()
+    print("   implicit GEMM agrees with im2col in TF32")
+
+
 def main():
     try:
         step("GPU mode" + (" (emulated)" if EMULATE else ""),
@@ -207,6 +247,11 @@ def main():
         traceback.print_exc()
         print("GPU SMOKE FAILED", flush=True)
         return 1
+    try:        # opt-in: a failure is reported, and the rest of the check still runs
+        step("implicit-GEMM convolution (TF32)", implicit_gemm_convolution)
+    except Exception:                      # noqa: BLE001
+        traceback.print_exc()
+        print("IMPLICIT GEMM FAILED", flush=True)
     print("GPU SMOKE OK", flush=True)
     return 0
 

@@ -1,25 +1,32 @@
 """The verdicts of one ``gpu_check.sh`` run, on one screen, for a session whose device
 time is short: the tests, the smoke check, each net's time against PyTorch, what each
-optional path gains (CUDA graphs, tap GEMMs, fused chains, image groups), whether CUDA
-graphs still earn their place as the default, and where the kernel time goes.
+optional path gains (CUDA graphs, tap GEMMs, fused chains, image groups, the
+implicit-GEMM convolution), whether CUDA graphs still earn their place as the default,
+whether the implicit-GEMM convolution should become the TF32 default, and where the
+kernel time goes.
 
     python benchmarks/gpu_summary.py OUTDIR       # gpu_check.sh's output folder
 
-It reads ``smoke.log``, ``gpu_tests.log`` and ``gpu_train.json`` there; a missing file
-is a line saying so. It measures nothing itself.
+It reads ``smoke.log``, ``gpu_tests.log``, ``conv_igemm.json`` and ``gpu_train.json``
+there; a missing file is a line saying so. It measures nothing itself.
 """
 import json
 import os
 import re
 import sys
 
-# engine -> (what the engine changes, whether it is the "before" of the default)
+# engine -> (what the engine changes, whether it is the "before" of the default, the
+# engine it differs from by that one setting)
 VARIANTS = {
-    "caffelite-graphs": ("CUDA graphs (the default)", False),
-    "caffelite-im2col": ("tap GEMMs for large dilations", True),
-    "caffelite-unfused": ("fused BatchNorm -> Scale -> ReLU chains", True),
-    "caffelite-per-image": ("image groups", True),
+    "caffelite-graphs": ("CUDA graphs (the default)", False, "caffelite"),
+    "caffelite-im2col": ("tap GEMMs for large dilations", True, "caffelite"),
+    "caffelite-unfused": ("fused BatchNorm -> Scale -> ReLU chains", True, "caffelite"),
+    "caffelite-per-image": ("image groups", True, "caffelite"),
+    "caffelite-implicit": ("implicit-GEMM convolution", False, "caffelite-graphs"),
 }
+# Both TF32: the implicit GEMM and im2col + cuBLAS differ by rounding, about 1e-3 of the
+# largest value; far more is a broken kernel.
+IMPLICIT_MAX_REL_DIFF = 1e-2
 
 
 def read_text(folder, name):
@@ -58,8 +65,10 @@ def smoke_verdict(log):
         return "smoke: no log (smoke.log)", False, False
     ok = "GPU SMOKE OK" in log
     graphs_ok = ok and "CUDA GRAPHS FAILED" not in log
+    implicit = ("FAILED" if "IMPLICIT GEMM FAILED" in log else
+                "OK" if "implicit GEMM agrees with im2col" in log else "not run")
     return (f"smoke: {'OK' if ok else 'FAILED'}; CUDA graphs in the smoke check: "
-            f"{'OK' if graphs_ok else 'FAILED'}"), ok, graphs_ok
+            f"{'OK' if graphs_ok else 'FAILED'}; implicit GEMM: {implicit}"), ok, graphs_ok
 
 
 def _key(row):
@@ -82,18 +91,23 @@ def speed_lines(rows):
         versus = (f"{ours['median_s'] / torch['median_s']:.2f}x torch" if _timed(torch)
                   else f"torch {_why(torch)}")
         lines.append(f"{label}: caffelite {ours['median_s']:.4f} s = {versus}")
-        for engine, (what, is_before) in VARIANTS.items():
+        for engine, (what, is_before, baseline) in VARIANTS.items():
             row = engines.get(engine)
             if row is None:
                 continue
             if not _timed(row):
                 lines.append(f"    {what}: {_why(row)}")
                 continue
+            base = engines.get(baseline)
+            if not _timed(base):
+                lines.append(f"    {what}: {row['median_s']:.4f} s ({baseline} "
+                             f"{_why(base)})")
+                continue
             if is_before:
-                gain = row["median_s"] / ours["median_s"]
+                gain = row["median_s"] / base["median_s"]
                 text = f"speed-up {gain:.2f}x (without it: {row['median_s']:.4f} s)"
             else:
-                gain = ours["median_s"] / row["median_s"]
+                gain = base["median_s"] / row["median_s"]
                 text = f"speed-up {gain:.2f}x (with it: {row['median_s']:.4f} s)"
                 if _timed(torch):
                     text += f", {row['median_s'] / torch['median_s']:.2f}x torch"
@@ -145,6 +159,80 @@ def graphs_default_verdict(rows, tests_ok, smoke_graphs_ok):
             "pass, bits equal)")
 
 
+def conv_igemm_lines(result):
+    """The per-layer benchmark's totals and worst difference, one line each."""
+    if result is None:
+        return ["conv_igemm.py: no conv_igemm.json (not run, or stopped before the end)"]
+    rows = result.get("rows", [])
+    errors = [f"{r['layer']}: {r['error']}" for r in rows if "error" in r]
+    totals = result.get("totals", {})
+    lines = []
+    for what in ("forward", "data_grad"):
+        cells = [f"{e} {totals[f'{what}/{e}']:.2f} ms" for e in ("im2col", "implicit",
+                                                                 "cudnn")
+                 if f"{what}/{e}" in totals]
+        lines.append(f"conv_igemm.py ASPP-VGG 3x3 {what} (sum over layers): " +
+                     ", ".join(cells))
+    diffs = [max(r["rel_diff"].values()) for r in rows if "rel_diff" in r]
+    if diffs:
+        lines.append(f"conv_igemm.py: implicit vs im2col largest relative difference "
+                     f"{max(diffs):.1e}")
+    if errors:
+        lines.append("conv_igemm.py errors: " + "; ".join(errors))
+    return lines
+
+
+NCU_KEYS = ("conv_igemm_forward", "Duration", "Compute (SM) Throughput",
+            "Memory Throughput", "Achieved Occupancy", "Registers Per Thread",
+            "Bank Conflicts")
+
+
+def ncu_lines(text, limit=60):
+    """The lines of ncu.txt that say what limits the implicit-GEMM kernels."""
+    if text is None:
+        return []
+    picked = [" ".join(line.split()) for line in text.splitlines()
+              if any(key in line for key in NCU_KEYS)]
+    return ["ncu: " + line for line in picked[:limit]] or ["ncu: no kernel metrics in "
+                                                          "ncu.txt"]
+
+
+def implicit_default_verdict(rows, tests_ok, igemm):
+    """Whether the implicit-GEMM convolution should become the TF32 default: the tests
+    pass, its results agree with im2col's (conv_igemm.json), and every TF32 row of the
+    caffelite-implicit engine is faster than the default path's (caffelite-graphs)."""
+    reasons = []
+    if not tests_ok:
+        reasons.append("pytest -m gpu did not pass")
+    if igemm is None:
+        reasons.append("no conv_igemm.json")
+    else:
+        for row in igemm.get("rows", []):
+            if "error" in row:
+                reasons.append(f"conv_igemm.py {row['layer']}: {row['error']}")
+            elif max(row["rel_diff"].values()) > IMPLICIT_MAX_REL_DIFF:
+                reasons.append(f"conv_igemm.py {row['layer']}: differs from im2col by "
+                               f"{max(row['rel_diff'].values()):.1e}")
+    implicit_rows = [r for r in rows if r["engine"] == "caffelite-implicit"
+                     and r["precision"] == "tf32"]
+    if not implicit_rows:
+        reasons.append("no TF32 caffelite-implicit rows were measured")
+    for row in implicit_rows:
+        label = " ".join(str(x) for x in _key(row))
+        base = next((r for r in rows if _key(r) == _key(row)
+                     and r["engine"] == "caffelite-graphs"), None)
+        if not _timed(row) or not _timed(base):
+            reasons.append(f"{label}: {_why(row) if not _timed(row) else 'no graphs row'}")
+        elif row["median_s"] >= base["median_s"] * 0.98:
+            reasons.append(f"{label}: {row['median_s']:.4f} s, not faster than "
+                           f"{base['median_s']:.4f} s")
+    if reasons:
+        return "make the implicit-GEMM convolution the TF32 default: NO (" + \
+            "; ".join(reasons) + ")"
+    return ("make the implicit-GEMM convolution the TF32 default: YES (tests pass, results "
+            "agree, every TF32 row faster)")
+
+
 def kernel_lines(profiles):
     lines = []
     for p in profiles:
@@ -170,6 +258,10 @@ def summary(folder):
     lines.append(test_verdict(tests_log))
     smoke_line, _, smoke_graphs_ok = smoke_verdict(read_text(folder, "smoke.log"))
     lines.append(smoke_line)
+    igemm_text = read_text(folder, "conv_igemm.json")
+    igemm = None if igemm_text is None else json.loads(igemm_text)
+    lines += conv_igemm_lines(igemm)
+    lines += ncu_lines(read_text(folder, "ncu.txt"))
     text = read_text(folder, "gpu_train.json")
     if text is None:
         lines.append("gpu_train.py: no gpu_train.json (not run, or stopped before the end)")
@@ -178,6 +270,7 @@ def summary(folder):
     rows = result.get("rows", [])
     lines += speed_lines(rows)
     lines.append(graphs_default_verdict(rows, tests_passed(tests_log), smoke_graphs_ok))
+    lines.append(implicit_default_verdict(rows, tests_passed(tests_log), igemm))
     lines += kernel_lines(result.get("kernel_profiles", []))
     return lines
 

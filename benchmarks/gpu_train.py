@@ -97,7 +97,9 @@ def parse_args(argv=None):
                         "and unpadded columns, as before image groups), caffelite-unfused "
                         "(BatchNorm -> Scale -> ReLU layer by layer), caffelite-im2col "
                         "(no tap GEMMs for large dilations), caffelite-graphs (passes "
-                        "recorded into CUDA graphs: caffelite's default), torch")
+                        "recorded into CUDA graphs: caffelite's default), "
+                        "caffelite-implicit (caffelite-graphs with the implicit-GEMM "
+                        "convolution; TF32 rows only), torch")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu", "emulated"),
                    help="emulated: caffelite's GPU mode on the CPU emulator and torch on "
                         "the CPU (checks this script's GPU code paths where no GPU is)")
@@ -135,7 +137,8 @@ def parse_args(argv=None):
         p.error(f"--kernels: unknown {args.kernels} (choose from fp32, tf32)")
     known = {"net": NETS, "phase": ("train", "test"), "precision": ("fp32", "tf32"),
              "engines": ("caffelite", "caffelite-per-image", "caffelite-unfused",
-                         "caffelite-im2col", "caffelite-graphs", "torch")}
+                         "caffelite-im2col", "caffelite-graphs", "caffelite-implicit",
+                         "torch")}
     for field, choices in known.items():
         values = [v for v in getattr(args, field).split(",") if v]
         unknown = [v for v in values if v not in choices]
@@ -590,21 +593,24 @@ def bench_train(dev, key, args, clock, rates, rows):
         dev.profiles.append(profile_train(dev, label, solver, tnet, tinputs, sgd))
     for precision in args.kernels:
         if not clock.spent():
-            dev.kernel_profiles.append(kernel_profile(
-                dev, label, precision, {"caffelite": lambda: solver.step(1),
-                                        "torch": None if tnet is None else (
-                                            lambda: torch_train_step(tnet, tinputs, sgd,
-                                                                     sp.iter_size))}))
+            steps = {"caffelite": lambda: solver.step(1)}
+            if "caffelite-implicit" in args.engines:
+                steps["caffelite-implicit"] = implicit_step(solver)
+            steps["torch"] = None if tnet is None else (
+                lambda: torch_train_step(tnet, tinputs, sgd, sp.iter_size))
+            dev.kernel_profiles.append(kernel_profile(dev, label, precision, steps))
     del run, solver, net, tnet, sgd, tinputs
     dev.free()
 
 
-def with_setting(module, attr, value, run, needs=None):
+def with_setting(module, attr, value, run, needs=None,
+                 unneeded="same as caffelite for this net"):
     """``run`` with ``module.attr`` set to ``value`` (a before/after measurement);
-    ``needs()`` false makes the row say the setting changes nothing for this net."""
+    ``needs()`` false makes the row say ``unneeded`` instead (the setting changes
+    nothing here)."""
     def wrapped(seconds):
         if needs is not None and not needs():
-            raise RuntimeError("same as caffelite for this net")
+            raise RuntimeError(unneeded)
         saved = getattr(module, attr)
         setattr(module, attr, value)
         try:
@@ -620,15 +626,34 @@ def variants(run, net):
     caffelite-unfused: BatchNorm -> Scale -> ReLU chains layer by layer;
     caffelite-im2col: im2col also where tap GEMMs skip the padding (large dilations);
     caffelite-graphs: CUDA graphs on (caffelite.cuda_graphs), caffelite's default; the
-    other engines run layer by layer, so each measures one setting."""
-    from caffelite import fusion
-    from caffelite.layers import im2col, tap_gemm
+    other engines run layer by layer, so each measures one setting, except
+    caffelite-implicit: caffelite-graphs with the implicit-GEMM convolution (TF32 only),
+    to compare with caffelite-graphs."""
+    from caffelite import backend, fusion
+    from caffelite.layers import im2col, implicit_gemm, tap_gemm
     return {"caffelite-per-image": with_setting(im2col, "GROUP_IMAGES", False, run),
             "caffelite-unfused": with_setting(fusion, "ENABLED", False, run,
                                               lambda: bool(fusion.channel_chains(net))),
             "caffelite-im2col": with_setting(tap_gemm, "ENABLED", False, run,
                                              lambda: uses_tap_gemm(net)),
-            "caffelite-graphs": with_graphs(run, net)}
+            "caffelite-graphs": with_graphs(run, net),
+            "caffelite-implicit": with_setting(implicit_gemm, "ENABLED", True,
+                                               with_graphs(run, net), backend.tf32_enabled,
+                                               "TF32 only (FP32 keeps im2col)")}
+
+
+def implicit_step(solver):
+    """One solver step with the implicit-GEMM convolution on (for the kernel profile)."""
+    from caffelite.layers import implicit_gemm
+
+    def step():
+        saved = implicit_gemm.ENABLED
+        implicit_gemm.ENABLED = True
+        try:
+            solver.step(1)
+        finally:
+            implicit_gemm.ENABLED = saved
+    return step
 
 
 def uses_tap_gemm(net):
@@ -858,6 +883,7 @@ def torch_kernel_times(torch, step, sync, top=12):
 # also say gemm), cuBLAS's GEMMs and split-K reductions, caffelite's column kernels,
 # element-wise work and copies, the rest.
 KERNEL_KINDS = (
+    ("implicit GEMM (caffelite)", re.compile(r"conv_igemm")),
     ("convolution (cuDNN)", re.compile(r"conv|fprop|dgrad|wgrad|implicit|winograd|fft",
                                        re.I)),
     ("GEMM (cuBLAS)", re.compile(r"gemm|xmma|cutlass|splitk|gemv", re.I)),

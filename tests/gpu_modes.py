@@ -36,6 +36,17 @@ def cupy_or_skip_module(reason):
     return cupy
 
 
+def host_kernels_for(tmp_path_factory, names, folder):
+    """HostKernels building ``names`` (compiling in parallel) into a new temporary
+    ``folder``, or skip the test without a C++ compiler."""
+    from caffelite.kernels.host import HostKernels, compiler
+    if compiler() is None:
+        pytest.skip("no C++ compiler (g++ or $CXX): the host-compiled kernel tests need one")
+    built = HostKernels(tmp_path_factory.mktemp(folder))
+    built.start(names)
+    return built
+
+
 class DeviceKernels:
     """kernels.host.HostKernels' interface on the GPU: numpy arrays in, every kernel
     output copied back into them (so host kernel tests run unchanged on a device)."""

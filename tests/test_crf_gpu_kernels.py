@@ -28,7 +28,8 @@ from caffelite.crf import permutohedral
 from caffelite.crf.densecrf import crf_kernels
 from caffelite.crf.device import CrfDevice, DeviceLatticeFilter, LatticeTables
 from caffelite.crf.permutohedral import LatticeFilter
-from caffelite.kernels.host import HostKernels, compiler, nvrtc_compile, nvrtc_library
+from caffelite.kernels.host import compiler, nvrtc_compile, nvrtc_library
+from gpu_modes import host_kernels_for
 from test_kernels_host import eps, poisoned
 from test_crf import photo_scores, photos, pydensecrf_q, synthetic_scene, _write_case
 
@@ -39,11 +40,7 @@ HEIGHT, WIDTH = 13, 17                 # odd sizes: N = 221 points
 
 @pytest.fixture(scope="session")
 def host_kernels(tmp_path_factory):
-    if compiler() is None:
-        pytest.skip("no C++ compiler (g++ or $CXX): the host-compiled kernel tests need one")
-    built = HostKernels(tmp_path_factory.mktemp("crf_kernels"))
-    built.start([MODULE])
-    return built
+    return host_kernels_for(tmp_path_factory, [MODULE], "crf_kernels")
 
 
 @pytest.fixture

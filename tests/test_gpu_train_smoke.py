@@ -168,7 +168,9 @@ def test_gpu_smoke_script_passes_on_the_emulator():
                              "--emulate"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "GPU SMOKE OK" in result.stdout and "CUDA GRAPHS FAILED" not in result.stdout
-    assert result.stdout.count("   ok (") == 5
+    assert "IMPLICIT GEMM FAILED" not in result.stdout
+    assert "implicit GEMM agrees with im2col in TF32" in result.stdout
+    assert result.stdout.count("   ok (") == 6
     assert "graph launches; weights equal to the layer-by-layer run" in result.stdout
 
 
@@ -224,9 +226,10 @@ def test_gpu_summary_verdicts(tmp_path):
     (tmp_path / "smoke.log").write_text("...\nGPU SMOKE OK\n")
     (tmp_path / "gpu_tests.log").write_text("F.\n=== 669 passed, 2 skipped in 35.70s ===\n")
     lines = gpu_summary.summary(str(tmp_path))
-    assert lines[:3] == [
+    assert lines[:4] == [
         "pytest -m gpu: 669 passed, 2 skipped",
-        "smoke: OK; CUDA graphs in the smoke check: OK",
+        "smoke: OK; CUDA graphs in the smoke check: OK; implicit GEMM: not run",
+        "conv_igemm.py: no conv_igemm.json (not run, or stopped before the end)",
         "ASPP-VGG test FP32: caffelite 0.0100 s = 0.50x torch"]
     assert ("    CUDA graphs (the default): speed-up 1.25x (with it: 0.0080 s), 0.40x torch; "
             "1 segments, 3 launches, 0 failed; bits equal") in lines
@@ -234,7 +237,9 @@ def test_gpu_summary_verdicts(tmp_path):
         in lines
     assert ("    fused BatchNorm -> Scale -> ReLU chains: RuntimeError: same as caffelite "
             "for this net") in lines
-    assert lines[-2].startswith("keep CUDA graphs the default: YES")
+    assert lines[-3].startswith("keep CUDA graphs the default: YES")
+    assert lines[-2] == ("make the implicit-GEMM convolution the TF32 default: NO (no "
+                         "conv_igemm.json; no TF32 caffelite-implicit rows were measured)")
     assert lines[-1] == ("ASPP-VGG train TF32 kernels: caffelite 4.0 ms (GEMM (cuBLAS) 3.0, "
                          "im2col / col2im 1.0); torch: boom")
     # A failed recording, different bits or failed tests say NO, with the reasons.
@@ -249,4 +254,98 @@ def test_gpu_summary_verdicts(tmp_path):
     empty.mkdir()
     assert gpu_summary.summary(str(empty)) == [
         "pytest -m gpu: no log (gpu_tests.log)", "smoke: no log (smoke.log)",
+        "conv_igemm.py: no conv_igemm.json (not run, or stopped before the end)",
         "gpu_train.py: no gpu_train.json (not run, or stopped before the end)"]
+
+
+def test_gpu_summary_implicit_gemm_verdict(tmp_path):
+    """The implicit-GEMM engine is compared with the default path (CUDA graphs), the
+    per-layer benchmark's totals are printed, and the verdict says YES only when the
+    tests pass, the results agree with im2col and every TF32 row is faster."""
+    import gpu_summary
+    rows = [_row("caffelite", "tf32", 0.010), _row("torch", "tf32", 0.004),
+            _row("caffelite-graphs", "tf32", 0.008, graphs="1 segments, 3 launches, 0 "
+                 "failed", same_bits_as_caffelite=True),
+            _row("caffelite-implicit", "tf32", 0.005, graphs="1 segments, 3 launches, 0 "
+                 "failed"),
+            _row("caffelite", "fp32", 0.02),
+            dict(_row("caffelite-implicit", "fp32", 0),
+                 error="RuntimeError: TF32 only (FP32 keeps im2col)")]
+    igemm = {"rows": [{"layer": "conv1_2", "count": 1, "ms": {},
+                       "rel_diff": {"forward": 3e-4, "data_grad": 4e-4}}],
+             "totals": {"forward/im2col": 2.0, "forward/implicit": 1.5,
+                        "forward/cudnn": 1.0, "data_grad/im2col": 3.0,
+                        "data_grad/implicit": 1.25}}
+    (tmp_path / "gpu_train.json").write_text(json.dumps({"rows": rows}))
+    (tmp_path / "conv_igemm.json").write_text(json.dumps(igemm))
+    (tmp_path / "smoke.log").write_text("implicit GEMM agrees with im2col in TF32\n"
+                                        "GPU SMOKE OK\n")
+    (tmp_path / "gpu_tests.log").write_text("=== 900 passed in 50.0s ===\n")
+    lines = gpu_summary.summary(str(tmp_path))
+    assert "smoke: OK; CUDA graphs in the smoke check: OK; implicit GEMM: OK" in lines
+    assert ("conv_igemm.py ASPP-VGG 3x3 forward (sum over layers): im2col 2.00 ms, "
+            "implicit 1.50 ms, cudnn 1.00 ms") in lines
+    assert ("conv_igemm.py ASPP-VGG 3x3 data_grad (sum over layers): im2col 3.00 ms, "
+            "implicit 1.25 ms") in lines
+    assert "conv_igemm.py: implicit vs im2col largest relative difference 4.0e-04" in lines
+    assert ("    implicit-GEMM convolution: speed-up 1.60x (with it: 0.0050 s), 1.25x "
+            "torch; 1 segments, 3 launches, 0 failed") in lines
+    assert "    implicit-GEMM convolution: RuntimeError: TF32 only (FP32 keeps im2col)" \
+        in lines
+    assert lines[-1].startswith("make the implicit-GEMM convolution the TF32 default: YES")
+    # Slower than the default path, or results that disagree: NO, with the reasons.
+    rows[3]["median_s"] = 0.009
+    igemm["rows"][0]["rel_diff"]["forward"] = 0.5
+    (tmp_path / "gpu_train.json").write_text(json.dumps({"rows": rows}))
+    (tmp_path / "conv_igemm.json").write_text(json.dumps(igemm))
+    verdict = gpu_summary.summary(str(tmp_path))[-1]
+    assert verdict.startswith("make the implicit-GEMM convolution the TF32 default: NO")
+    assert "conv1_2: differs from im2col by 5.0e-01" in verdict
+    assert "ASPP-VGG test tf32: 0.0090 s, not faster than 0.0080 s" in verdict
+
+
+def test_implicit_engine_runs_with_tf32_and_graphs_only():
+    """gpu_train.py's caffelite-implicit engine: TF32 rows run the default path (CUDA
+    graphs) with implicit_gemm.ENABLED on, and restore it; FP32 rows say why they do
+    not run."""
+    from caffelite import backend, cuda_graphs
+    from caffelite.layers import implicit_gemm
+    seen = []
+
+    def run(seconds):
+        seen.append((implicit_gemm.ENABLED, cuda_graphs.enabled()))
+        return {"median_s": 1.0}
+
+    class FakeNet:
+        _graphs = None
+    engine = gpu_train.variants(run, FakeNet())["caffelite-implicit"]
+    with pytest.raises(RuntimeError, match="TF32 only"):
+        engine(1.0)
+    backend.set_tf32(True)
+    try:
+        assert engine(1.0) == {"median_s": 1.0}
+    finally:
+        backend.set_tf32(False)
+    assert seen == [(True, True)]
+    assert implicit_gemm.ENABLED is False
+
+
+def test_conv_igemm_benchmark_runs_on_the_emulator(tmp_path):
+    """benchmarks/conv_igemm.py (gpu_check.sh step 2b) at a tiny size on the emulator: a
+    row per chosen layer with both caffelite paths timed and agreeing, and the totals."""
+    out = tmp_path / "igemm.json"
+    run = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "conv_igemm.py"), "--device",
+         "emulated", "--size", "9", "--batch", "1", "--layers", "conv1_2,conv2_1",
+         "--repeats", "1", "--calls", "1", "--json", str(out)],
+        capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    result = json.loads(out.read_text())
+    assert [r["layer"] for r in result["rows"]] == ["conv1_2", "conv2_1"]
+    for row in result["rows"]:
+        assert set(row["ms"]) == {f"{p}/{e}" for p in ("forward", "data_grad")
+                                  for e in ("im2col", "implicit")} | {
+            "forward/implicit-wide", "forward/implicit-narrow"}
+        assert max(row["rel_diff"].values()) < 1e-2
+    assert set(result["totals"]) == set(result["rows"][0]["ms"])
+    assert "| conv1_2 | 1 |" in run.stdout and "Totals (weighted by count)" in run.stdout

@@ -29,7 +29,8 @@ from caffelite.layers import im2col as np_im2col
 from caffelite.proto import caffe_pb2
 from caffelite.solver import (AdaDeltaSolver, AdaGradSolver, AdamSolver, NesterovSolver,
                               RMSPropSolver, SGDSolver, _cpow)
-from caffelite.kernels.host import HostKernels, compiler, nvrtc_library, nvrtc_compile
+from caffelite.kernels.host import nvrtc_library, nvrtc_compile
+from gpu_modes import host_kernels_for
 from layer_testing import TEST, TRAIN, make_layer, run_forward, setup_layer
 
 FLOATS = [np.float32, np.float64]
@@ -38,11 +39,7 @@ POISON_INT = -12345
 
 @pytest.fixture(scope="session")
 def host_kernels(tmp_path_factory):
-    if compiler() is None:
-        pytest.skip("no C++ compiler (g++ or $CXX): the host-compiled kernel tests need one")
-    built = HostKernels(tmp_path_factory.mktemp("kernels"))
-    built.start(kernels.module_names())       # all modules compile in parallel
-    return built
+    return host_kernels_for(tmp_path_factory, kernels.module_names(), "kernels")
 
 
 @pytest.fixture
@@ -73,8 +70,10 @@ def test_every_kernel_module_is_covered_here():
     """One test group per module: im2col.cu, pooling.cu, interp.cu, softmax_loss.cu,
     eltwise.cu, sgd_update.cu, seg_confusion.cu, channel.cu, relu.cu, dropout.cu,
     domain_transform.cu; permutohedral.cu (the dense CRF) is tested in
-    test_crf_gpu_kernels.py."""
-    assert kernels.module_names() == ["channel", "domain_transform", "dropout", "eltwise",
+    test_crf_gpu_kernels.py, conv_igemm.cu (the tensor-core convolution) in
+    test_conv_igemm.py."""
+    assert kernels.module_names() == ["channel", "conv_igemm", "domain_transform",
+                                      "dropout", "eltwise",
                                       "im2col", "interp", "permutohedral", "pooling",
                                       "relu", "seg_confusion", "sgd_update",
                                       "softmax_loss"]

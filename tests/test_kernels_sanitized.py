@@ -46,7 +46,7 @@ from caffelite.kernels import host
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SANITIZE = "address,undefined,float-cast-overflow"
 SUITES = ["tests/test_kernels_host.py", "tests/test_crf_gpu_kernels.py",
-          "tests/test_gpu_layers.py",
+          "tests/test_gpu_layers.py", "tests/test_conv_igemm.py",
           # the label-conversion test below, whose fix only a sanitized build can see
           "tests/test_kernels_sanitized.py::test_labels_beyond_int_are_bad_labels"]
 FLOATS = [np.float32, np.float64]

@@ -5,6 +5,9 @@ grid-stride loop over ``n`` elements (``n`` is always the first parameter), no
 ``__syncthreads`` or shared memory, atomics for scatters. So the same source compiles
 with NVRTC for the GPU and with g++ for the host (``host_shim.h``; the tests in
 ``tests/test_kernels_host.py`` run every kernel on the CPU against the numpy layers).
+The one exception is ``conv_igemm.cu``, a tiled tensor-core convolution: its blocks
+share memory and synchronise, and the host runs each block's threads as fibers
+(``host.cooperative``); its launches name their grid.
 
     from caffelite import kernels
     kernels.launch("pooling", "max_pool_forward", cupy.float32, n, bottom, ...)

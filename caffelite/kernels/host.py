@@ -4,8 +4,11 @@ Each kernel module is compiled with g++ together with a generated driver: per ke
 and per float type, ``host_launch_<kernel>_<float|double>(grid, block, args...)`` sets
 gridDim/blockDim, then for every block and every thread sets blockIdx/threadIdx and
 calls the kernel (``host_shim.h`` supplies the CUDA keywords, index variables and
-atomics). The library is loaded with ctypes; ``HostKernels.run`` takes numpy arrays
-and writes the kernel's outputs into them, like a launch on device arrays would.
+atomics). A module whose kernels call ``__syncthreads`` (``cooperative``) gets a driver
+that runs each block's threads as fibers instead, which wait for each other at every
+barrier (``caffelite_host::run_block``). The library is loaded with ctypes;
+``HostKernels.run`` takes numpy arrays and writes the kernel's outputs into them, like a
+launch on device arrays would.
 
 Kernel signatures come from the loader's parser (``caffelite.kernels``), so the host
 and the GPU see the same parameter list and the same argument type checks.
@@ -24,8 +27,10 @@ import ctypes.util
 import hashlib
 import itertools
 import os
+import re
 import shutil
 import subprocess
+import tempfile
 
 import numpy as np
 
@@ -50,9 +55,16 @@ def compiler():
     return shutil.which(os.environ.get("CXX", "g++"))
 
 
+def cooperative(name):
+    """Whether module ``name``'s kernels synchronise their blocks (``__syncthreads``):
+    the host then runs each block's threads as fibers (``host_shim.h``)."""
+    return "__syncthreads" in kernels.source(name)
+
+
 def driver_source(name):
     """C++ source: the kernel file plus one host launcher per kernel and float type."""
     lines = [f'#include "{kernels.source_path(name)}"', ""]
+    fibers = cooperative(name)
     for kernel, params in kernels.kernel_signatures(kernels.source(name)).items():
         for ctype in kernels.DTYPES.values():
             decls, uses = [], []
@@ -60,17 +72,30 @@ def driver_source(name):
                 base = ctype if p.ctype == "T" else p.ctype
                 decls.append(f"{base}{'*' if p.pointer else ''} {p.name}")
                 uses.append(p.name)
+            launcher = f"host_launch_{kernel}_{ctype}"
+            call = f"{kernel}<{ctype}>({', '.join(uses)});"
+            if fibers:
+                lines += [
+                    f"struct {launcher}_args {{ {' '.join(d + ';' for d in decls)} }};",
+                    f"static void {launcher}_thread(void* p) {{",
+                    f"  const {launcher}_args& a = *static_cast<{launcher}_args*>(p);",
+                    f"  {kernel}<{ctype}>({', '.join('a.' + u for u in uses)});",
+                    "}"]
+                per_block = [f"    {launcher}_args a = {{{', '.join(uses)}}};",
+                             f"    caffelite_host::run_block({launcher}_thread, &a);"]
+            else:
+                per_block = ["    for (unsigned int t = 0; t < block; ++t) {",
+                             "      threadIdx.x = t;",
+                             f"      {call}",
+                             "    }"]
             lines += [
-                f'extern "C" void host_launch_{kernel}_{ctype}(unsigned int grid, '
+                f'extern "C" void {launcher}(unsigned int grid, '
                 f'unsigned int block, {", ".join(decls)}) {{',
                 "  gridDim.x = grid; gridDim.y = gridDim.z = 1;",
                 "  blockDim.x = block; blockDim.y = blockDim.z = 1;",
                 "  for (unsigned int b = 0; b < grid; ++b) {",
                 "    blockIdx.x = b;",
-                "    for (unsigned int t = 0; t < block; ++t) {",
-                "      threadIdx.x = t;",
-                f"      {kernel}<{ctype}>({', '.join(uses)});",
-                "    }",
+                *per_block,
                 "  }",
                 "}",
                 ""]
@@ -370,3 +395,56 @@ def nvrtc_compile(lib, name, options, arch="compute_90"):
         return ptx.value.decode(), lowered
     finally:
         lib.nvrtcDestroyProgram(ctypes.byref(prog))
+
+
+def ptxas_path():
+    """ptxas ($CAFFELITE_PTXAS, pip's nvidia-cuda-nvcc wheel, or on PATH), or None."""
+    env = os.environ.get("CAFFELITE_PTXAS")
+    if env:
+        return env
+    try:
+        import nvidia
+        for root in nvidia.__path__:
+            for sub in ("cu13/bin", "cuda_nvcc/bin"):
+                path = os.path.join(root, sub, "ptxas")
+                if os.path.isfile(path):
+                    return path
+    except ImportError:
+        pass
+    return shutil.which("ptxas")
+
+
+_PTXAS_ENTRY = re.compile(r"Compiling entry function '(\w+)' for")
+_PTXAS_NUMBERS = {
+    "stack_bytes": re.compile(r"(\d+) bytes stack frame"),
+    "spill_stores": re.compile(r"(\d+) bytes spill stores"),
+    "spill_loads": re.compile(r"(\d+) bytes spill loads"),
+    "registers": re.compile(r"Used (\d+) registers"),
+    "smem_bytes": re.compile(r"(\d+) bytes smem"),
+}
+
+
+def ptxas_usage(ptxas, ptx, arch="sm_90"):
+    """{entry symbol: {registers, stack_bytes, spill_stores, spill_loads, smem_bytes}}:
+    what ``ptxas -v`` reports for ``ptx`` on ``arch``."""
+    with tempfile.TemporaryDirectory() as d:
+        source = os.path.join(d, "module.ptx")
+        with open(source, "w", encoding="utf-8") as f:
+            f.write(ptx)
+        proc = subprocess.run([ptxas, f"-arch={arch}", "-v", source, "-o",
+                               os.path.join(d, "module.cubin")],
+                              capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"ptxas failed:\n{proc.stderr}")
+    usage, entry = {}, None
+    for line in proc.stderr.splitlines():
+        m = _PTXAS_ENTRY.search(line)
+        if m:
+            entry = usage.setdefault(m.group(1), dict.fromkeys(_PTXAS_NUMBERS, 0))
+            continue
+        if entry is not None:
+            for key, pattern in _PTXAS_NUMBERS.items():
+                found = pattern.search(line)
+                if found:
+                    entry[key] = int(found.group(1))
+    return usage

@@ -5,19 +5,34 @@
 //
 // The test driver (caffelite/kernels/host.py) runs a launch sequentially: for every block,
 // for every thread, it sets blockIdx/threadIdx and calls the kernel, which walks its
-// grid-stride loop. Kernels therefore must not use __syncthreads or shared memory,
-// and scatters go through atomicAdd, which here is a plain read-modify-write (only
-// one "thread" runs at a time). Only 1-D launches are used (the .y/.z fields are 1).
+// grid-stride loop. Such kernels use no __syncthreads and no shared memory, and
+// scatters go through atomicAdd, which here is a plain read-modify-write (only one
+// "thread" runs at a time). Only 1-D launches are used (the .y/.z fields are 1).
+//
+// Block-cooperative kernels (a module whose source calls __syncthreads: the tiled
+// tensor-core convolution) run each block's threads as fibers instead (run_block
+// below): a thread runs until it reaches a barrier, and the barrier lets the threads
+// it waits for go on only when all of them have arrived. __shared__ arrays are one
+// per kernel instantiation and OS thread, which is one per block since blocks run one
+// after another. Warp-level tensor-core operations (mma_m16n8k8_tf32) are emulated
+// with the fragment layouts of the PTX ISA and a barrier over the warp's 32 lanes.
 #pragma once
 
 #include <algorithm>
 #include <cfloat>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+#include <ucontext.h>
 
 #define __global__
 #define __device__
 #define __host__
 #define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__ static thread_local
 // __restrict__ is a GNU keyword already.
 
 struct dim3 {
@@ -84,3 +99,165 @@ inline int atomicMax(int* address, int value) {
 // Round-toward-zero float -> int conversion (what static_cast<int> does on both sides).
 inline int __float2int_rz(float x) { return static_cast<int>(x); }
 inline int __double2int_rz(double x) { return static_cast<int>(x); }
+
+// ---------------------------------------------------------------- block-cooperative runs
+namespace caffelite_host {
+
+enum class Wait { kRunnable, kBlockBarrier, kWarpBarrier, kDone };
+
+struct Fiber {
+  ucontext_t context;
+  Wait wait;
+};
+
+struct BlockRun {
+  ucontext_t scheduler;
+  std::vector<Fiber> fibers;
+  unsigned current;
+  void (*body)(void*);
+  void* argument;
+};
+
+static thread_local BlockRun* block_run = nullptr;
+static thread_local std::vector<char> fiber_stacks;
+static const size_t kFiberStack = 128 * 1024;
+
+inline void fiber_main() {
+  BlockRun* run = block_run;
+  run->body(run->argument);
+  run->fibers[run->current].wait = Wait::kDone;   // returning resumes the scheduler
+}
+
+inline void wait_at(Wait wait, const char* what) {
+  BlockRun* run = block_run;
+  if (run == nullptr) {
+    std::fprintf(stderr, "caffelite host kernels: %s outside a block-cooperative launch\n",
+                 what);
+    std::abort();
+  }
+  Fiber& self = run->fibers[run->current];
+  self.wait = wait;
+  swapcontext(&self.context, &run->scheduler);
+}
+
+inline void sync_threads() { wait_at(Wait::kBlockBarrier, "__syncthreads"); }
+inline void sync_warp() { wait_at(Wait::kWarpBarrier, "a warp-level operation"); }
+
+// Lets the waiting threads go on that may: every live lane of a warp whose live lanes
+// all wait at a warp barrier; else every thread, if all live threads wait at
+// __syncthreads. False if nothing may go on (a barrier some threads never reach).
+inline bool release(std::vector<Fiber>& fibers) {
+  bool released = false;
+  const size_t count = fibers.size();
+  for (size_t w = 0; w < count; w += 32) {
+    const size_t end = std::min(count, w + 32);
+    bool all = true, any = false;
+    for (size_t i = w; i < end; ++i) {
+      if (fibers[i].wait == Wait::kDone) continue;
+      any = true;
+      all = all && fibers[i].wait == Wait::kWarpBarrier;
+    }
+    if (any && all) {
+      for (size_t i = w; i < end; ++i)
+        if (fibers[i].wait == Wait::kWarpBarrier) fibers[i].wait = Wait::kRunnable;
+      released = true;
+    }
+  }
+  if (released) return true;
+  bool all = true;
+  for (const Fiber& f : fibers)
+    all = all && (f.wait == Wait::kDone || f.wait == Wait::kBlockBarrier);
+  if (!all) return false;
+  for (Fiber& f : fibers)
+    if (f.wait == Wait::kBlockBarrier) f.wait = Wait::kRunnable;
+  return true;
+}
+
+// Runs body(argument) once per thread of the current block (blockIdx, blockDim set).
+inline void run_block(void (*body)(void*), void* argument) {
+  const unsigned threads = blockDim.x;
+  fiber_stacks.resize(static_cast<size_t>(threads) * kFiberStack);
+  BlockRun run;
+  run.fibers.resize(threads);
+  run.body = body;
+  run.argument = argument;
+  for (unsigned t = 0; t < threads; ++t) {
+    Fiber& f = run.fibers[t];
+    getcontext(&f.context);
+    f.context.uc_stack.ss_sp = fiber_stacks.data() + static_cast<size_t>(t) * kFiberStack;
+    f.context.uc_stack.ss_size = kFiberStack;
+    f.context.uc_link = &run.scheduler;
+    makecontext(&f.context, fiber_main, 0);
+    f.wait = Wait::kRunnable;
+  }
+  BlockRun* outer = block_run;
+  block_run = &run;
+  for (;;) {
+    bool alive = false;
+    for (unsigned t = 0; t < threads; ++t) {
+      if (run.fibers[t].wait != Wait::kRunnable) continue;
+      run.current = t;
+      threadIdx.x = t;
+      swapcontext(&run.scheduler, &run.fibers[t].context);
+    }
+    for (const Fiber& f : run.fibers) alive = alive || f.wait != Wait::kDone;
+    if (!alive) break;
+    if (!release(run.fibers)) {
+      std::fprintf(stderr, "caffelite host kernels: block %u deadlocked (a barrier that "
+                   "not every thread reaches)\n", blockIdx.x);
+      std::abort();
+    }
+  }
+  block_run = outer;
+}
+
+// ---------------------------------------------------------------- tensor-core emulation
+// TF32 as cvt.rna.tf32.f32 makes it: the float rounded to 10 mantissa bits, to nearest
+// with ties away from zero (adding half of the dropped range to the magnitude bits);
+// infinities and NaN stay what they are.
+inline float round_tf32(float x) {
+  unsigned bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  if ((bits & 0x7f800000u) != 0x7f800000u) bits = (bits + 0x1000u) & 0xffffe000u;
+  float out;
+  std::memcpy(&out, &bits, sizeof out);
+  return out;
+}
+
+struct WarpFragments {
+  float a[32][4];
+  float b[32][2];
+};
+
+static thread_local WarpFragments warp_fragments[32];
+
+// d = a * b + c for one warp: A 16x8 (row), B 8x8 (col), C/D 16x8, each lane holding
+// the elements the PTX ISA gives it (groupID g = lane / 4, t = lane % 4): a0 (g, t),
+// a1 (g+8, t), a2 (g, t+4), a3 (g+8, t+4); b0 (t, g), b1 (t+4, g); c0..c3 (g, 2t),
+// (g, 2t+1), (g+8, 2t), (g+8, 2t+1). Products are summed over k in order, in float.
+inline void mma_m16n8k8_tf32(float d[4], const float a[4], const float b[2],
+                             const float c[4]) {
+  const unsigned lane = threadIdx.x % 32;
+  WarpFragments& f = warp_fragments[threadIdx.x / 32];
+  for (int i = 0; i < 4; ++i) f.a[lane][i] = a[i];
+  for (int i = 0; i < 2; ++i) f.b[lane][i] = b[i];
+  sync_warp();
+  const unsigned g = lane / 4, t = lane % 4;
+  float out[4];
+  for (int i = 0; i < 4; ++i) {
+    const unsigned row = g + (i >= 2 ? 8 : 0), col = 2 * t + (i & 1);
+    float sum = c[i];
+    for (unsigned k = 0; k < 8; ++k) {
+      const float av = f.a[(row % 8) * 4 + k % 4][(k >= 4 ? 2 : 0) + (row >= 8 ? 1 : 0)];
+      const float bv = f.b[col * 4 + k % 4][k >= 4 ? 1 : 0];
+      sum += av * bv;
+    }
+    out[i] = sum;
+  }
+  sync_warp();    // every lane has read the fragments before any lane writes new ones
+  for (int i = 0; i < 4; ++i) d[i] = out[i];
+}
+
+}  // namespace caffelite_host
+
+#define __syncthreads() caffelite_host::sync_threads()

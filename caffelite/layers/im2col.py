@@ -19,7 +19,9 @@ see "whole images, several per GEMM" below), else per image and band.  ``col2im`
 gathers each pixel's taps last to first (Caffe's GPU order), so it may differ from the
 numpy ``col2im`` in the last bits.  N-D convolutions use the slices on both sides.
 Device convolutions whose taps mostly reach the zero padding (large dilations on small
-grids) skip im2col: one GEMM per tap over the outputs it reaches (``tap_gemm``).
+grids) skip im2col: one GEMM per tap over the outputs it reaches (``tap_gemm``). With
+TF32 on and ``implicit_gemm.ENABLED``, a device forward gathers its columns inside a
+tensor-core kernel instead (``implicit_gemm``).
 """
 import itertools
 import os
@@ -31,7 +33,7 @@ from .. import backend
 from ..backend import get_array_module, tf32_enabled
 from ..kernels import MAX_ELEMENTS as MAX_KERNEL_ELEMENTS
 from ..kernels.cublas import gemm
-from . import tap_gemm
+from . import implicit_gemm, tap_gemm
 from ._device import contiguous, launch
 
 # Upper bound on the column buffer: on the host it stays cache- and RAM-friendly; on a
@@ -468,6 +470,9 @@ def forward_gemm(image, weight, out, geom, group, budget=None, bias=None):
         for n in range(num):
             product(_matrix(image[n], channels), _matrix(out[n], n_out))
         return False
+    if implicit_gemm.applies(xp, geom, image, weight, out, group):
+        implicit_gemm.forward(xp, image, weight, out, geom, bias)
+        return bias is not None
     windows = tap_gemm.windows_for(xp, geom, image.shape, grid_shape, weight.shape)
     if windows:
         tap_gemm.forward(xp, image, weight, out, windows, group)
@@ -500,6 +505,9 @@ def backward_gemm(grid, weight, image, geom, group, budget=None):
     if geom.is_1x1:
         for n in range(num):
             product(_matrix(grid[n], n_out), _matrix(image[n], channels))
+        return
+    if implicit_gemm.applies_transposed(xp, geom, grid, weight, image, group):
+        implicit_gemm.transposed(xp, grid, weight, image, geom)
         return
     windows = tap_gemm.windows_for(xp, geom, image.shape, grid_shape, weight.shape)
     if windows:
@@ -553,14 +561,17 @@ def weight_and_backward_gemm(image, grid, weight, weight_diff, image_diff, geom,
                              budget=None):
     """A convolution's two backward GEMMs: ``weight_gemm`` (accumulates into
     ``weight_diff``) and ``backward_gemm`` (overwrites ``image_diff``). On the device
-    with image groups, each group's output gradient is gathered once for both."""
-    groups = _shared_device_groups(image, grid, weight, geom, budget)
+    with image groups, each group's output gradient is gathered once for both (not
+    when the data gradient is an implicit GEMM, which reads the gradient as it is)."""
+    xp = get_array_module(image)
+    implicit = implicit_gemm.applies_transposed(xp, geom, grid, weight, image_diff, group)
+    groups = None if implicit else _shared_device_groups(image, grid, weight, geom, budget)
     if groups:
         n_out = grid.shape[1]
         _weight_and_backward_groups(
             image, grid, _per_group(_matrix(weight, n_out), group),
             _per_group(_matrix(weight_diff, n_out), group), image_diff, geom, group,
-            groups, get_array_module(image))
+            groups, xp)
         return
     weight_gemm(image, grid, weight_diff, geom, group, budget)
     backward_gemm(grid, weight, image_diff, geom, group, budget)
@@ -571,14 +582,15 @@ def weight_and_forward_gemm(image, grid, weight, weight_diff, out, geom, group,
     """A Deconvolution's two backward GEMMs: ``weight_gemm(image, grid, weight_diff)``
     (accumulates) and ``forward_gemm(image, weight, out)`` (overwrites ``out``, shaped
     like ``grid``). On the device with image groups, each group's columns of ``image``
-    are made once for both."""
-    groups = _shared_device_groups(image, grid, weight, geom, budget)
+    are made once for both (not when the forward is an implicit GEMM)."""
+    xp = get_array_module(image)
+    implicit = implicit_gemm.applies(xp, geom, image, weight, out, group)
+    groups = None if implicit else _shared_device_groups(image, grid, weight, geom, budget)
     if groups:
         n_out = weight.shape[0]
         _weight_and_forward_groups(
             image, grid, _per_group(_matrix(weight, n_out), group),
-            _per_group(_matrix(weight_diff, n_out), group), out, geom, group, groups,
-            get_array_module(image))
+            _per_group(_matrix(weight_diff, n_out), group), out, geom, group, groups, xp)
         return
     weight_gemm(image, grid, weight_diff, geom, group, budget)
     forward_gemm(image, weight, out, geom, group, budget)
