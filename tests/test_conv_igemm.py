@@ -19,7 +19,7 @@ import pytest
 import caffelite
 from caffelite import backend
 from caffelite.layers import implicit_gemm
-from caffelite.layers.implicit_gemm import NARROW, THREADS, WIDE, tap_table
+from caffelite.layers.implicit_gemm import CHANNEL_ALIGN, NARROW, THREADS, WIDE
 from caffelite.layers.im2col import ConvGeometry
 from gpu_modes import gpu_mode, host_kernels_for  # noqa: F401  (gpu_mode: a fixture)
 
@@ -36,6 +36,7 @@ CASES = [
     (2, 33, 6, 7, 21, (3, 3), (1, 1), (1, 1), (1, 1)),     # K = 297: a partial k tile
     (2, 6, 17, 19, 40, (3, 3), (1, 1), (1, 1), (1, 1)),    # several pixel tiles
     (1, 2, 3, 3, 5, (3, 3), (1, 1), (0, 0), (1, 1)),       # a 1x1 output
+    (1, 16, 40, 40, 70, (3, 3), (1, 1), (24, 24), (24, 24)),   # ASPP: whole slices skipped
 ]
 
 
@@ -87,6 +88,19 @@ def reference(x, w, bias, stride, pad, dilation, absolute=False):
     return out
 
 
+def prepare(kern, w, transposed=False):
+    """conv_igemm_weights: [out][taps][channels padded to 16], TF32-rounded (float)."""
+    n_out, channels = w.shape[:2]
+    if transposed:
+        n_out, channels = channels, n_out
+    taps = w.shape[2] * w.shape[3]
+    c_pad = -(-channels // CHANNEL_ALIGN) * CHANNEL_ALIGN
+    prepared = np.full((n_out, taps, c_pad), np.nan, w.dtype)
+    kern.run(MODULE, "conv_igemm_weights", w.dtype, prepared.size, np.ascontiguousarray(w),
+             n_out, channels, taps, c_pad, int(transposed), prepared)
+    return prepared
+
+
 def run_igemm(kern, x, w, bias, stride, pad, dilation, kernel_name=None):
     """The kernel's top inside a poisoned buffer; returns (top, buffer margins)."""
     num, channels, height, width = x.shape
@@ -97,13 +111,13 @@ def run_igemm(kern, x, w, bias, stride, pad, dilation, kernel_name=None):
     buffer = np.full(size + 2 * MARGIN, SENTINEL, dtype)
     top = buffer[MARGIN:MARGIN + size].reshape(num, n_out, oh, ow)
     top[...] = np.nan
-    geom = ConvGeometry((kh, kw), stride, pad, dilation)
     name, tile_m, tile_n = {"wide": WIDE, "narrow": NARROW}.get(
         kernel_name, NARROW if n_out <= NARROW[1] else WIDE)
     n = num * oh * ow
     grid = -(-n_out // tile_m) * -(-n // tile_n)
-    kern.run(MODULE, name, dtype, n, x, w, w if bias is None else bias,
-             tap_table(channels, height, width, geom), channels, height, width, kh * kw,
+    prepared = prepare(kern, w)
+    kern.run(MODULE, name, dtype, n, x, prepared, prepared if bias is None else bias,
+             channels, height, width, kh, kw, dilation[0], dilation[1], prepared.shape[2],
              n_out, ow, oh * ow, stride[0], stride[1], pad[0], pad[1], int(bias is not None),
              top, grid=grid, block=THREADS)
     return top, np.concatenate([buffer[:MARGIN], buffer[-MARGIN:]])
@@ -141,8 +155,8 @@ def test_double_matches_the_definition(kern, case, tile):
 
 
 @pytest.mark.parametrize("tile", ["wide", "narrow"])
-@pytest.mark.parametrize("case", CASES[:3] + CASES[4:6],
-                         ids=[f"case{i}" for i in (0, 1, 2, 4, 5)])
+@pytest.mark.parametrize("case", CASES[:3] + CASES[4:6] + CASES[7:],
+                         ids=[f"case{i}" for i in (0, 1, 2, 4, 5, 7)])
 def test_float_is_tf32_products_with_float_sums(kern, case, tile, widen=1.0):
     x, w, bias, stride, pad, dilation = random_case(case, np.float32, 2)
     top, margins = run_igemm(kern, x, w, bias, stride, pad, dilation, tile)
@@ -169,6 +183,38 @@ def test_no_bias_and_exact_integers(kern):
         top, margins = run_igemm(kern, x, w, bias, stride, pad, dilation)
         check_written(top, margins)
         assert np.array_equal(top, reference(x, w, bias, stride, pad, dilation))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_weight_layout_forward_and_transposed(kern, dtype):
+    """conv_igemm_weights: prepared[o][u*kw+v][c] = w[o][c][u][v], zero for the padding
+    channels; transposed: w[c][o][kh-1-u][kw-1-v] (the data gradient's); rounded to
+    TF32 for float32, unchanged for float64; every element written."""
+    w = np.random.default_rng(7).standard_normal((5, 19, 3, 2)).astype(dtype)
+    rounded = round_tf32(w) if dtype == np.float32 else w
+    for transposed, expected in ((False, rounded.transpose(0, 2, 3, 1)),
+                                 (True, rounded[:, :, ::-1, ::-1].transpose(1, 2, 3, 0))):
+        got = prepare(kern, w, transposed)
+        rows, taps, c_pad = got.shape
+        assert (c_pad % CHANNEL_ALIGN, rows, taps) == (0, expected.shape[0], 6)
+        channels = expected.shape[3]
+        np.testing.assert_array_equal(got[:, :, :channels],
+                                      expected.reshape(rows, taps, channels))
+        assert not got[:, :, channels:].any()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_slices_of_taps_in_the_padding_are_skipped(kern, dtype):
+    """ASPP-like dilation 24 on 40x40: the first 128-pixel tile (output rows 0-3) reads
+    nothing through the top-left tap, so its slices are skipped; a NaN in that tap's
+    weights therefore stays out of those outputs (as with the tap GEMMs), while tiles
+    that need the tap get NaN, as cuBLAS's 0 * NaN gives."""
+    x, w, bias, stride, pad, dilation = random_case(CASES[7], dtype, 8)
+    w[:, :, 0, 0] = np.nan
+    top, margins = run_igemm(kern, x, w, bias, stride, pad, dilation, "wide")
+    assert np.all(margins == SENTINEL)
+    assert np.isfinite(top[:, :, :3]).all()
+    assert np.isnan(top[:, :, 24:]).all()
 
 
 def test_operands_round_to_nearest_tf32_ties_away(kern):
@@ -255,9 +301,9 @@ def implicit_on(monkeypatch):
     calls = []
     forward = implicit_gemm.forward
 
-    def spy(xp, image, weight, out, geom, bias=None):
+    def spy(xp, image, weight, out, geom, bias=None, transposed=False):
         calls.append(tuple(out.shape))
-        forward(xp, image, weight, out, geom, bias)
+        forward(xp, image, weight, out, geom, bias, transposed)
 
     monkeypatch.setattr(implicit_gemm, "ENABLED", True)
     monkeypatch.setattr(implicit_gemm, "forward", spy)
@@ -378,3 +424,65 @@ def test_training_with_cuda_graphs_gives_the_eager_bits(tmp_path, gpu_mode, impl
     graphed, solver = graphs_test.train(gpu_mode, text, tmp_path, graphs=True, steps=3)
     graphs_test.compare_runs(eager, graphed)
     assert graphs_test.launches(solver.net) >= 2
+
+
+def test_reverse_thread_order_gives_the_same_results(kern, monkeypatch):
+    """The fibers of a block run last to first between barriers
+    (CAFFELITE_HOST_FIBER_ORDER=reverse): a race hidden by one order would show."""
+    monkeypatch.setenv("CAFFELITE_HOST_FIBER_ORDER", "reverse")
+    for tile in ("wide", "narrow"):
+        x, w, bias, stride, pad, dilation = random_case(CASES[4], np.float64, 9)
+        top, margins = run_igemm(kern, x, w, bias, stride, pad, dilation, tile)
+        check_written(top, margins)
+        bound = summation_bound(x, w, bias, stride, pad, dilation, np.float64)
+        assert np.all(np.abs(top - reference(x, w, bias, stride, pad, dilation)) <= bound)
+        xf, wf, bf = (a.astype(np.float32) for a in (x, w, bias))
+        monkeypatch.delenv("CAFFELITE_HOST_FIBER_ORDER")
+        forward_order = run_igemm(kern, xf, wf, bf, stride, pad, dilation, tile)[0]
+        monkeypatch.setenv("CAFFELITE_HOST_FIBER_ORDER", "reverse")
+        np.testing.assert_array_equal(run_igemm(kern, xf, wf, bf, stride, pad, dilation,
+                                                tile)[0], forward_order)
+
+
+BROKEN_BLOCKS = r"""
+__global__ void divergent(int* out) {
+  if (threadIdx.x < 5) __syncthreads();
+  else __syncthreads();
+  out[threadIdx.x] = 1;
+}
+__global__ void exited_lanes(float* out) {
+  if (threadIdx.x == 3) return;
+  float a[4] = {1, 1, 1, 1}, b[2] = {1, 1}, d[4] = {0, 0, 0, 0};
+  caffelite_host::mma_m16n8k8_tf32(d, a, b, d);
+  out[threadIdx.x] = d[0];
+}
+static void divergent_thread(void* p) { divergent(static_cast<int*>(p)); }
+static void exited_thread(void* p) { exited_lanes(static_cast<float*>(p)); }
+extern "C" void run(int which) {
+  static int ints[64];
+  static float floats[64];
+  blockDim.x = 64;
+  if (which == 0) caffelite_host::run_block(divergent_thread, ints);
+  else caffelite_host::run_block(exited_thread, floats);
+}
+"""
+
+
+@pytest.mark.parametrize("which, message", [(0, "threads at different __syncthreads"),
+                                            (1, "a warp-level operation with exited lanes")])
+def test_host_fibers_stop_on_undefined_barriers(tmp_path, which, message):
+    """Barriers that are undefined on a GPU abort the host run with a message instead
+    of passing: threads at different __syncthreads, an mma with exited lanes."""
+    import subprocess
+    import sys
+    from caffelite.kernels.host import CXX_FLAGS, SHIM, compiler
+    if compiler() is None:
+        pytest.skip("no C++ compiler")
+    source, library = tmp_path / "broken.cpp", tmp_path / "broken.so"
+    source.write_text(BROKEN_BLOCKS)
+    subprocess.run([compiler(), *CXX_FLAGS, "-include", SHIM, "-x", "c++", str(source),
+                    "-o", str(library)], check=True, capture_output=True)
+    run = subprocess.run([sys.executable, "-c", f"import ctypes; ctypes.CDLL({str(library)!r})"
+                          f".run({which})"], capture_output=True, text=True, timeout=60)
+    assert run.returncode != 0
+    assert message in run.stderr

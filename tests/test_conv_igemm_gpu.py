@@ -21,7 +21,7 @@ def kern():   # noqa: F811  (replaces the host runner for every imported test)
 
 
 @pytest.mark.parametrize("tile", ["wide", "narrow"])
-@pytest.mark.parametrize("case", host_tests.CASES[:3] + host_tests.CASES[4:6],
-                         ids=[f"case{i}" for i in (0, 1, 2, 4, 5)])
+@pytest.mark.parametrize("case", host_tests.CASES[:3] + host_tests.CASES[4:6] +
+                         host_tests.CASES[7:], ids=[f"case{i}" for i in (0, 1, 2, 4, 5, 7)])
 def test_float_is_tf32_products_with_float_sums(kern, case, tile):   # noqa: F811
     host_tests.test_float_is_tf32_products_with_float_sums(kern, case, tile, widen=2.0)

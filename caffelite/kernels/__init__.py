@@ -41,7 +41,8 @@ MAX_ELEMENTS = 2 ** 31 - 1  # kernels index with int, like Caffe
 _C_TYPES = {"int": np.dtype(np.int32), "unsigned long long": np.dtype(np.uint64)}
 
 _KERNEL_RE = re.compile(
-    r"template\s*<\s*typename\s+T\s*>\s*__global__\s+void\s+(\w+)\s*\(([^)]*)\)")
+    r"template\s*<\s*typename\s+T\s*>\s*__global__\s+void\s+"
+    r"(?:__launch_bounds__\s*\([^)]*\)\s*)?(\w+)\s*\(([^)]*)\)")
 
 _modules = {}
 _cupy_checked = []

@@ -1,21 +1,25 @@
 // Implicit-GEMM convolution forward on tensor cores (TF32): top = W * im2col(image) + bias
 // without writing the columns. The GEMM is M = out_channels, N = num * out_h * out_w
-// (output pixels), K = channels * kernel_h * kernel_w; each block computes a BM x BN tile
-// of it, reading its K-slices of the weights and of the image (the im2col entries,
-// gathered on the fly) into shared memory, 16 at a time, double-buffered, and each warp
-// multiplies its 64 x 32 part with mma.sync m16n8k8 (TF32 operands, FP32 sums).
+// (output pixels), K = kernel taps x channels, TAP-MAJOR: k = (u * kernel_w + v) * c_pad + c
+// with the channels padded to c_pad, a multiple of 16. Each block computes a BM x BN tile
+// of it from K-slices of 16 (one tap, 16 channels each), double-buffered in shared memory,
+// and each warp multiplies its 64 x 32 part with mma.sync m16n8k8 (TF32 operands, FP32
+// sums). Per slice a thread tests its pixel's tap once and reads its channels at a
+// stride of height * width (consecutive pixels: coalesced). A slice whose tap falls in
+// the padding for every pixel of the tile is skipped (ASPP's large dilations), so, as
+// with caffelite's tap GEMMs, an Inf or NaN weight of such a tap does not reach those
+// outputs as NaN the way cuBLAS's 0 * Inf would.
 //
-// Operands are rounded to TF32 as cvt.rna does (to nearest, ties away from zero), which
-// is what cuBLAS's TF32 mode does with the columns. The double instantiation runs the
-// same tiles with plain double products summed in k order (no tensor cores): the exact
-// reference that checks the indexing.
+// conv_igemm_weights lays the weights out for it first: [out_channels][taps][c_pad], zero
+// for c >= channels, rounded to TF32 as cvt.rna does (to nearest, ties away from zero, as
+// cuBLAS's TF32 mode rounds); with `transposed`, those of the data gradient (the
+// convolution of the top gradient with the kernel rotated by 180 degrees and the two
+// channel axes swapped). The image operand is rounded as it enters shared memory. The
+// double instantiation runs the same tiles with plain double products summed in k order
+// (no tensor cores, no rounding): the exact reference that checks the indexing.
 //
 // Block-cooperative: __syncthreads and __shared__ memory. On the host (host_shim.h) the
 // threads of a block run as fibers and mma.sync is emulated from its fragment layouts.
-//
-// `taps` holds, per k = (c * kernel_h + u) * kernel_w + v, three ints: the offset
-// c * height * width + u * dilation_h * width + v * dilation_w, then u * dilation_h and
-// v * dilation_w (the caller builds it once per layer geometry).
 //
 // Launch: 256 threads; grid = ceil(out_channels / BM) * ceil(n / BN) blocks, output-channel
 // tile fastest, so the blocks that share image columns run together. conv_igemm_forward
@@ -54,6 +58,35 @@ __device__ __forceinline__ void mma_tf32(float d[4], const float a[4], const flo
 #else
   caffelite_host::mma_m16n8k8_tf32(d, a, b, d);
 #endif
+}
+
+// Four consecutive values, 16-byte aligned: one 128-bit access on the device.
+__device__ __forceinline__ void load4(float (&d)[4], const float* p) {
+#ifdef __CUDA_ARCH__
+  const float4 q = *reinterpret_cast<const float4*>(p);
+  d[0] = q.x;
+  d[1] = q.y;
+  d[2] = q.z;
+  d[3] = q.w;
+#else
+  for (int i = 0; i < 4; ++i) d[i] = p[i];
+#endif
+}
+
+__device__ __forceinline__ void store4(float* p, const float (&d)[4]) {
+#ifdef __CUDA_ARCH__
+  *reinterpret_cast<float4*>(p) = make_float4(d[0], d[1], d[2], d[3]);
+#else
+  for (int i = 0; i < 4; ++i) p[i] = d[i];
+#endif
+}
+
+__device__ __forceinline__ void load4(double (&d)[4], const double* p) {
+  for (int i = 0; i < 4; ++i) d[i] = p[i];
+}
+
+__device__ __forceinline__ void store4(double* p, const double (&d)[4]) {
+  for (int i = 0; i < 4; ++i) p[i] = d[i];
 }
 
 // One BK-slice of a warp's 64 x 32 tile: 4 x 4 mma tiles of 16 x 8, k-steps of 8.
@@ -110,11 +143,12 @@ __device__ __forceinline__ void warp_tile_product(double acc[4][4][4],
 
 template <typename T, int WARPS_M>
 __device__ __forceinline__ void conv_igemm_body(
-    const int n, const T* __restrict__ image, const T* __restrict__ weight,
-    const T* __restrict__ bias, const int* __restrict__ taps, const int channels,
-    const int height, const int width, const int taps_count, const int out_channels,
-    const int out_w, const int plane, const int stride_h, const int stride_w,
-    const int pad_h, const int pad_w, const int has_bias, T* __restrict__ top) {
+    const int n, const T* __restrict__ image, const T* __restrict__ weights,
+    const T* __restrict__ bias, const int channels, const int height, const int width,
+    const int kernel_h, const int kernel_w, const int dilation_h, const int dilation_w,
+    const int c_pad, const int out_channels, const int out_w, const int plane,
+    const int stride_h, const int stride_w, const int pad_h, const int pad_w,
+    const int has_bias, T* __restrict__ top) {
   // K-slices of 16 floats (8 doubles: the same 48 KiB of static shared memory at most);
   // the pitches keep each warp's fragment reads on 32 different banks.
   const int BK = sizeof(T) == 4 ? 16 : 8;
@@ -122,12 +156,15 @@ __device__ __forceinline__ void conv_igemm_body(
   const int BN = (IGEMM_THREADS / 32 / WARPS_M) * 32;
   const int A_PITCH = BK + 4;
   const int B_PITCH = BN + 8;
-  const int A_LOADS = BM * BK / IGEMM_THREADS;
+  const int A_ROWS_PER_PASS = IGEMM_THREADS / (BK / 4);
+  const int A_PASSES = (BM + A_ROWS_PER_PASS - 1) / A_ROWS_PER_PASS;
   const int B_LOADS = BK * BN / IGEMM_THREADS;
   __shared__ T a_tiles[2][BM][A_PITCH];
   __shared__ T b_tiles[2][BK][B_PITCH];
 
-  const int K = channels * taps_count;
+  const int K = kernel_h * kernel_w * c_pad;
+  const int slices = K / BK;
+  const int area = height * width;
   const int tiles_m = (out_channels + BM - 1) / BM;
   const int m0 = (blockIdx.x % tiles_m) * BM;
   const int n0 = (blockIdx.x / tiles_m) * BN;
@@ -135,9 +172,9 @@ __device__ __forceinline__ void conv_igemm_body(
   const int lane = tid & 31, warp = tid >> 5;
   const int warp_m = (warp % WARPS_M) * 64, warp_n = (warp / WARPS_M) * 32;
 
-  // This thread's loads: weight rows a_row + i * a_step at k = a_k; image column b_col
-  // (one output pixel for the whole K loop) at k = b_k + i * b_step.
-  const int a_k = tid % BK, a_row = tid / BK, a_step = IGEMM_THREADS / BK;
+  // This thread's loads: 4 weights at k = a_k.. of rows a_row + i * A_ROWS_PER_PASS; one
+  // output pixel b_col for the whole K loop at channels b_k + i * b_step of each slice.
+  const int a_k = (tid % (BK / 4)) * 4, a_row = tid / (BK / 4);
   const int b_col = tid % BN, b_k = tid / BN, b_step = IGEMM_THREADS / BN;
   const int pixel = n0 + b_col;
   const bool pixel_ok = pixel < n;
@@ -148,31 +185,68 @@ __device__ __forceinline__ void conv_igemm_body(
     const int oy = p / out_w;
     y0 = oy * stride_h - pad_h;
     x0 = (p - oy * out_w) * stride_w - pad_w;
-    pixel_base = img * channels * height * width + y0 * width + x0;
+    pixel_base = img * channels * area + y0 * width + x0;
   }
 
-  T a_next[A_LOADS], b_next[B_LOADS];
-  auto load = [&](const int k0) {
-    IGEMM_UNROLL
-    for (int i = 0; i < A_LOADS; ++i) {
-      const int o = m0 + a_row + i * a_step, k = k0 + a_k;
-      a_next[i] = (o < out_channels && k < K) ? weight[o * K + k] : T(0);
+  // The tile's output rows and columns (the whole grid if it spans two images), for the
+  // block-uniform test whether a tap reaches the image for any of its pixels.
+  const int last = (n0 + BN < n ? n0 + BN : n) - 1;
+  int row_lo = 0, row_hi = plane / out_w - 1, col_lo = 0, col_hi = out_w - 1;
+  if (n0 / plane == last / plane) {
+    const int p0 = n0 % plane, p1 = last % plane;
+    row_lo = p0 / out_w;
+    row_hi = p1 / out_w;
+    if (row_lo == row_hi) {
+      col_lo = p0 - row_lo * out_w;
+      col_hi = p1 - row_hi * out_w;
     }
+  }
+  auto tap_of = [&](const int slice, int& dy, int& dx) {
+    const int r = slice * BK / c_pad;
+    const int u = r / kernel_w;
+    dy = u * dilation_h;
+    dx = (r - u * kernel_w) * dilation_w;
+  };
+  auto skipped = [&](const int slice) {
+    int dy, dx;
+    tap_of(slice, dy, dx);
+    return row_hi * stride_h - pad_h + dy < 0 || row_lo * stride_h - pad_h + dy >= height ||
+           col_hi * stride_w - pad_w + dx < 0 || col_lo * stride_w - pad_w + dx >= width;
+  };
+  auto next_active = [&](int slice) {
+    while (slice < slices && skipped(slice)) ++slice;
+    return slice;
+  };
+
+  T a_next[A_PASSES][4], b_next[B_LOADS];
+  auto load = [&](const int slice) {
+    const int k0 = slice * BK;
     IGEMM_UNROLL
-    for (int i = 0; i < B_LOADS; ++i) {
-      const int k = k0 + b_k + i * b_step;
-      T v = T(0);
-      if (pixel_ok && k < K) {
-        const int y = y0 + taps[3 * k + 1], x = x0 + taps[3 * k + 2];
-        if (y >= 0 && y < height && x >= 0 && x < width) v = image[pixel_base + taps[3 * k]];
+    for (int i = 0; i < A_PASSES; ++i) {
+      const int row = a_row + i * A_ROWS_PER_PASS, o = m0 + row;
+      if (row < BM && o < out_channels) {
+        load4(a_next[i], weights + o * K + k0 + a_k);
+      } else {
+        IGEMM_UNROLL
+        for (int j = 0; j < 4; ++j) a_next[i][j] = T(0);
       }
-      b_next[i] = v;
     }
+    int dy, dx;
+    tap_of(slice, dy, dx);
+    const int c0 = k0 % c_pad + b_k;
+    const bool inside = pixel_ok && y0 + dy >= 0 && y0 + dy < height && x0 + dx >= 0 &&
+                        x0 + dx < width;
+    const int at = pixel_base + dy * width + dx + c0 * area;
+    IGEMM_UNROLL
+    for (int i = 0; i < B_LOADS; ++i)
+      b_next[i] = (inside && c0 + i * b_step < channels) ? image[at + i * b_step * area]
+                                                        : T(0);
   };
   auto store = [&](const int buffer) {
     IGEMM_UNROLL
-    for (int i = 0; i < A_LOADS; ++i)
-      a_tiles[buffer][a_row + i * a_step][a_k] = mma_operand(a_next[i]);
+    for (int i = 0; i < A_PASSES; ++i)
+      if (a_row + i * A_ROWS_PER_PASS < BM)
+        store4(&a_tiles[buffer][a_row + i * A_ROWS_PER_PASS][a_k], a_next[i]);
     IGEMM_UNROLL
     for (int i = 0; i < B_LOADS; ++i)
       b_tiles[buffer][b_k + i * b_step][b_col] = mma_operand(b_next[i]);
@@ -186,18 +260,24 @@ __device__ __forceinline__ void conv_igemm_body(
       IGEMM_UNROLL
       for (int i = 0; i < 4; ++i) acc[mi][ni][i] = T(0);
 
-  const int k_tiles = (K + BK - 1) / BK;
-  load(0);
-  store(0);
+  // The slices the tile needs, in order; every thread walks the same list, so the
+  // barriers are uniform.
+  int slice = next_active(0);
+  int buffer = 0;
+  if (slice < slices) {
+    load(slice);
+    store(0);
+  }
   __syncthreads();
-  for (int kt = 0; kt < k_tiles; ++kt) {
-    const int buffer = kt & 1;
-    const bool more = kt + 1 < k_tiles;
-    if (more) load((kt + 1) * BK);           // in flight while the tensor cores work
+  while (slice < slices) {
+    const int next = next_active(slice + 1);
+    if (next < slices) load(next);           // in flight while the tensor cores work
     warp_tile_product<BK, A_PITCH, B_PITCH>(acc, a_tiles[buffer], b_tiles[buffer], warp_m,
                                             warp_n, lane);
-    if (more) store(buffer ^ 1);             // read last in the previous iteration
+    if (next < slices) store(buffer ^ 1);    // read last in the previous round
     __syncthreads();
+    buffer ^= 1;
+    slice = next;
   }
 
   const int g = lane >> 2, t = lane & 3;
@@ -217,32 +297,55 @@ __device__ __forceinline__ void conv_igemm_body(
       }
 }
 
-// n = num * out_h * out_w. bias is read only when has_bias (pass any array otherwise).
+// The weights as conv_igemm_forward reads them: prepared[o][r][c] (n = out_channels *
+// taps * c_pad) = weight[o][c][r], or with `transposed` weight[c][o][taps - 1 - r] (the
+// data gradient's: out_channels is then the layer's input channels and `channels` its
+// outputs); 0 for c >= channels; rounded to TF32 (float).
 template <typename T>
-__global__ void conv_igemm_forward(const int n, const T* __restrict__ image,
-                                   const T* __restrict__ weight, const T* __restrict__ bias,
-                                   const int* __restrict__ taps, const int channels,
-                                   const int height, const int width, const int taps_count,
-                                   const int out_channels, const int out_w, const int plane,
-                                   const int stride_h, const int stride_w, const int pad_h,
-                                   const int pad_w, const int has_bias, T* __restrict__ top) {
-  conv_igemm_body<T, 2>(n, image, weight, bias, taps, channels, height, width, taps_count,
-                        out_channels, out_w, plane, stride_h, stride_w, pad_h, pad_w,
-                        has_bias, top);
+__global__ void conv_igemm_weights(const int n, const T* __restrict__ weight,
+                                   const int out_channels, const int channels,
+                                   const int taps, const int c_pad, const int transposed,
+                                   T* __restrict__ prepared) {
+  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += blockDim.x * gridDim.x) {
+    const int o = i / (taps * c_pad);
+    const int rest = i - o * taps * c_pad;
+    const int r = rest / c_pad;
+    const int c = rest - r * c_pad;
+    T w = T(0);
+    if (c < channels)
+      w = transposed ? weight[(c * out_channels + o) * taps + (taps - 1 - r)]
+                     : weight[(o * channels + c) * taps + r];
+    prepared[i] = mma_operand(w);
+  }
+}
+
+// n = num * out_h * out_w; weights from conv_igemm_weights; bias is read only when
+// has_bias (pass any array otherwise).
+template <typename T>
+__global__ void __launch_bounds__(IGEMM_THREADS, 2)
+conv_igemm_forward(const int n, const T* __restrict__ image, const T* __restrict__ weights,
+                   const T* __restrict__ bias, const int channels, const int height,
+                   const int width, const int kernel_h, const int kernel_w,
+                   const int dilation_h, const int dilation_w, const int c_pad,
+                   const int out_channels, const int out_w, const int plane,
+                   const int stride_h, const int stride_w, const int pad_h, const int pad_w,
+                   const int has_bias, T* __restrict__ top) {
+  conv_igemm_body<T, 2>(n, image, weights, bias, channels, height, width, kernel_h, kernel_w,
+                        dilation_h, dilation_w, c_pad, out_channels, out_w, plane, stride_h,
+                        stride_w, pad_h, pad_w, has_bias, top);
 }
 
 template <typename T>
-__global__ void conv_igemm_forward_narrow(const int n, const T* __restrict__ image,
-                                          const T* __restrict__ weight,
-                                          const T* __restrict__ bias,
-                                          const int* __restrict__ taps, const int channels,
-                                          const int height, const int width,
-                                          const int taps_count, const int out_channels,
-                                          const int out_w, const int plane,
-                                          const int stride_h, const int stride_w,
-                                          const int pad_h, const int pad_w,
-                                          const int has_bias, T* __restrict__ top) {
-  conv_igemm_body<T, 1>(n, image, weight, bias, taps, channels, height, width, taps_count,
-                        out_channels, out_w, plane, stride_h, stride_w, pad_h, pad_w,
-                        has_bias, top);
+__global__ void __launch_bounds__(IGEMM_THREADS, 2)
+conv_igemm_forward_narrow(const int n, const T* __restrict__ image,
+                          const T* __restrict__ weights, const T* __restrict__ bias,
+                          const int channels, const int height, const int width,
+                          const int kernel_h, const int kernel_w, const int dilation_h,
+                          const int dilation_w, const int c_pad, const int out_channels,
+                          const int out_w, const int plane, const int stride_h,
+                          const int stride_w, const int pad_h, const int pad_w,
+                          const int has_bias, T* __restrict__ top) {
+  conv_igemm_body<T, 1>(n, image, weights, bias, channels, height, width, kernel_h, kernel_w,
+                        dilation_h, dilation_w, c_pad, out_channels, out_w, plane, stride_h,
+                        stride_w, pad_h, pad_w, has_bias, top);
 }

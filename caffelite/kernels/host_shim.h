@@ -108,6 +108,7 @@ enum class Wait { kRunnable, kBlockBarrier, kWarpBarrier, kDone };
 struct Fiber {
   ucontext_t context;
   Wait wait;
+  int site;     // which barrier it waits at (__syncthreads: its line)
 };
 
 struct BlockRun {
@@ -128,7 +129,7 @@ inline void fiber_main() {
   run->fibers[run->current].wait = Wait::kDone;   // returning resumes the scheduler
 }
 
-inline void wait_at(Wait wait, const char* what) {
+inline void wait_at(Wait wait, int site, const char* what) {
   BlockRun* run = block_run;
   if (run == nullptr) {
     std::fprintf(stderr, "caffelite host kernels: %s outside a block-cooperative launch\n",
@@ -137,40 +138,62 @@ inline void wait_at(Wait wait, const char* what) {
   }
   Fiber& self = run->fibers[run->current];
   self.wait = wait;
+  self.site = site;
   swapcontext(&self.context, &run->scheduler);
 }
 
-inline void sync_threads() { wait_at(Wait::kBlockBarrier, "__syncthreads"); }
-inline void sync_warp() { wait_at(Wait::kWarpBarrier, "a warp-level operation"); }
+inline void sync_threads(int line) { wait_at(Wait::kBlockBarrier, line, "__syncthreads"); }
+inline void sync_warp(int site) { wait_at(Wait::kWarpBarrier, site, "a warp-level operation"); }
 
-// Lets the waiting threads go on that may: every live lane of a warp whose live lanes
-// all wait at a warp barrier; else every thread, if all live threads wait at
-// __syncthreads. False if nothing may go on (a barrier some threads never reach).
+[[noreturn]] inline void misuse(const char* what) {
+  std::fprintf(stderr, "caffelite host kernels: block %u: %s\n", blockIdx.x, what);
+  std::abort();
+}
+
+// Lets the waiting threads go on that may: a warp whose 32 lanes all wait at the same
+// warp-level operation (mma.sync is undefined with exited lanes: that aborts); else
+// every thread, if all live threads wait at the same __syncthreads (exited threads
+// count as arrived, as on Volta and later). False if nothing may go on (a barrier some
+// threads never reach). Threads waiting at different barriers abort: divergent
+// barriers are undefined on a GPU.
 inline bool release(std::vector<Fiber>& fibers) {
   bool released = false;
   const size_t count = fibers.size();
   for (size_t w = 0; w < count; w += 32) {
     const size_t end = std::min(count, w + 32);
-    bool all = true, any = false;
+    size_t waiting = 0, done = 0;
     for (size_t i = w; i < end; ++i) {
-      if (fibers[i].wait == Wait::kDone) continue;
-      any = true;
-      all = all && fibers[i].wait == Wait::kWarpBarrier;
+      waiting += fibers[i].wait == Wait::kWarpBarrier;
+      done += fibers[i].wait == Wait::kDone;
     }
-    if (any && all) {
-      for (size_t i = w; i < end; ++i)
-        if (fibers[i].wait == Wait::kWarpBarrier) fibers[i].wait = Wait::kRunnable;
-      released = true;
-    }
+    if (waiting == 0) continue;
+    if (done > 0) misuse("a warp-level operation with exited lanes");
+    if (waiting < end - w) continue;
+    for (size_t i = w; i < end; ++i)
+      if (fibers[i].site != fibers[w].site) misuse("lanes at different warp operations");
+    for (size_t i = w; i < end; ++i) fibers[i].wait = Wait::kRunnable;
+    released = true;
   }
   if (released) return true;
-  bool all = true;
-  for (const Fiber& f : fibers)
-    all = all && (f.wait == Wait::kDone || f.wait == Wait::kBlockBarrier);
-  if (!all) return false;
+  int site = 0;
+  bool first = true;
+  for (const Fiber& f : fibers) {
+    if (f.wait == Wait::kDone) continue;
+    if (f.wait != Wait::kBlockBarrier) return false;
+    if (!first && f.site != site) misuse("threads at different __syncthreads");
+    site = f.site;
+    first = false;
+  }
   for (Fiber& f : fibers)
     if (f.wait == Wait::kBlockBarrier) f.wait = Wait::kRunnable;
   return true;
+}
+
+// CAFFELITE_HOST_FIBER_ORDER=reverse runs a block's threads from the last to the first
+// between barriers (a race that one order hides may show in the other).
+inline bool reverse_order() {
+  const char* order = std::getenv("CAFFELITE_HOST_FIBER_ORDER");
+  return order != nullptr && std::strcmp(order, "reverse") == 0;
 }
 
 // Runs body(argument) once per thread of the current block (blockIdx, blockDim set).
@@ -189,12 +212,15 @@ inline void run_block(void (*body)(void*), void* argument) {
     f.context.uc_link = &run.scheduler;
     makecontext(&f.context, fiber_main, 0);
     f.wait = Wait::kRunnable;
+    f.site = 0;
   }
   BlockRun* outer = block_run;
   block_run = &run;
+  const bool reverse = reverse_order();
   for (;;) {
     bool alive = false;
-    for (unsigned t = 0; t < threads; ++t) {
+    for (unsigned i = 0; i < threads; ++i) {
+      const unsigned t = reverse ? threads - 1 - i : i;
       if (run.fibers[t].wait != Wait::kRunnable) continue;
       run.current = t;
       threadIdx.x = t;
@@ -241,7 +267,7 @@ inline void mma_m16n8k8_tf32(float d[4], const float a[4], const float b[2],
   WarpFragments& f = warp_fragments[threadIdx.x / 32];
   for (int i = 0; i < 4; ++i) f.a[lane][i] = a[i];
   for (int i = 0; i < 2; ++i) f.b[lane][i] = b[i];
-  sync_warp();
+  sync_warp(1);
   const unsigned g = lane / 4, t = lane % 4;
   float out[4];
   for (int i = 0; i < 4; ++i) {
@@ -254,10 +280,10 @@ inline void mma_m16n8k8_tf32(float d[4], const float a[4], const float b[2],
     }
     out[i] = sum;
   }
-  sync_warp();    // every lane has read the fragments before any lane writes new ones
+  sync_warp(2);   // every lane has read the fragments before any lane writes new ones
   for (int i = 0; i < 4; ++i) d[i] = out[i];
 }
 
 }  // namespace caffelite_host
 
-#define __syncthreads() caffelite_host::sync_threads()
+#define __syncthreads() caffelite_host::sync_threads(__LINE__)

@@ -4,7 +4,10 @@ The im2col path writes each layer's columns (kernel_h * kernel_w times its input
 has cuBLAS read them back; for ASPP-VGG's training step that traffic is about as much
 as the products themselves. ``conv_igemm.cu`` gathers the column entries straight into
 shared memory tile by tile and multiplies them with ``mma.sync`` (TF32 operands, FP32
-sums), writing the top (bias included) in its NCHW layout.
+sums), writing the top (bias included) in its NCHW layout. Its K is tap-major (16
+channels of one tap per slice, so a thread tests its pixel's tap once per slice, and a
+slice whose tap misses the image for the whole tile is skipped); a first small kernel
+lays the weights out that way, channels padded to a multiple of 16, rounded to TF32.
 
 At stride 1 the data gradient is a convolution too: dX = conv(dY, W flipped in space with
 its two channel axes swapped, pad (kernel - 1) * dilation - pad), so the same kernel
@@ -30,19 +33,21 @@ THREADS = 256
 # (kernel, output-channel tile, pixel tile): the narrow tile for at most 64 channels.
 WIDE = ("conv_igemm_forward", 128, 128)
 NARROW = ("conv_igemm_forward_narrow", 64, 256)
+# The kernel's K is tap-major with the channels padded to a multiple of this (its slices
+# are 16 channels of one tap).
+CHANNEL_ALIGN = 16
 
-# Tap tables per (device module, channels, height, width, kernel, dilation). Never
-# evicted: a recorded CUDA graph keeps reading the table it was recorded with, and the
-# tables are small (3 ints per GEMM row).
-_tap_tables = {}
+# None: the tile by the output channels; "wide" or "narrow" forces one (benchmarks).
+TILE = None
 
 
 def applies(xp, geom, image, weight, out, group):
     """Whether this forward takes the implicit GEMM (see the module docstring)."""
     return (ENABLED and xp is not np and len(geom.kernel) == 2 and not geom.is_1x1
             and group == 1 and backend.tf32_enabled() and image.dtype == np.float32
-            and max(image.size, out.size, weight.size) < kernels.MAX_ELEMENTS
-            and image.flags.c_contiguous and out.flags.c_contiguous)
+            and weight.dtype == np.float32 and image.flags.c_contiguous
+            and out.flags.c_contiguous and weight.flags.c_contiguous
+            and max(image.size, out.size, prepared_size(weight.shape)) < kernels.MAX_ELEMENTS)
 
 
 def applies_transposed(xp, geom, grid, weight, image, group):
@@ -52,28 +57,16 @@ def applies_transposed(xp, geom, grid, weight, image, group):
             and applies(xp, geom, grid, weight, image, group))
 
 
-def tap_table(channels, height, width, geom):
-    """int32 (K, 3): per GEMM row k = (c * kernel_h + u) * kernel_w + v, the image offset
-    c*H*W + u*dh*W + v*dw of the tap, then u*dh and v*dw (the kernel's bounds tests)."""
-    (kh, kw), (dh, dw) = geom.kernel, geom.dilation
-    c, u, v = np.meshgrid(np.arange(channels), np.arange(kh), np.arange(kw), indexing="ij")
-    dy, dx = (u * dh).ravel(), (v * dw).ravel()
-    offset = c.ravel() * height * width + dy * width + dx
-    return np.stack([offset, dy, dx], axis=1).astype(np.int32)
+def padded_channels(channels):
+    return -(-channels // CHANNEL_ALIGN) * CHANNEL_ALIGN
 
 
-def _device_tap_table(xp, channels, height, width, geom):
-    key = (xp.__name__, xp.cuda.Device().id, channels, height, width, geom.kernel,
-           geom.dilation)
-    table = _tap_tables.get(key)
-    if table is None:
-        table = _tap_tables[key] = xp.asarray(
-            np.ascontiguousarray(tap_table(channels, height, width, geom)))
-    return table
-
-
-# None: the tile by the output channels; "wide" or "narrow" forces one (benchmarks).
-TILE = None
+def prepared_size(weight_shape):
+    """Elements of the kernel's weight layout (out x taps x padded in-channels), the
+    larger of the forward's and the data gradient's."""
+    n_out, channels = weight_shape[:2]
+    taps = int(np.prod(weight_shape[2:], dtype=np.int64))
+    return taps * max(n_out * padded_channels(channels), channels * padded_channels(n_out))
 
 
 def tile_kernel(out_channels):
@@ -83,25 +76,43 @@ def tile_kernel(out_channels):
     return NARROW if out_channels <= NARROW[1] else WIDE
 
 
-def forward(xp, image, weight, out, geom, bias=None):
-    """out = conv(image, weight) (+ bias), overwriting ``out`` (N, O, out_h, out_w)."""
+def prepare_weights(xp, weight, transposed=False):
+    """The weights in the kernel's layout, [out][taps][padded in-channels], rounded to
+    TF32 (float32); ``transposed``: those of the data gradient (kernel rotated by 180
+    degrees, channel axes swapped)."""
+    n_out, channels = weight.shape[:2]
+    if transposed:
+        n_out, channels = channels, n_out
+    taps = int(np.prod(weight.shape[2:], dtype=np.int64))
+    c_pad = padded_channels(channels)
+    prepared = xp.empty((n_out, taps, c_pad), weight.dtype)
+    kernels.launch("conv_igemm", "conv_igemm_weights", weight.dtype, prepared.size, weight,
+                   n_out, channels, taps, c_pad, int(transposed), prepared)
+    return prepared
+
+
+def forward(xp, image, weight, out, geom, bias=None, transposed=False):
+    """out = conv(image, weight) (+ bias), overwriting ``out`` (N, O, out_h, out_w); with
+    ``transposed``, the convolution with the data gradient's weights (see
+    ``transposed``; ``geom`` is then already that convolution's)."""
     num, channels, height, width = image.shape
-    n_out = weight.shape[0]
+    prepared = prepare_weights(xp, weight, transposed)
+    n_out = prepared.shape[0]
     plane = out.shape[2] * out.shape[3]
     n = num * plane
     name, tile_m, tile_n = tile_kernel(n_out)
     grid = -(-n_out // tile_m) * -(-n // tile_n)
-    taps = _device_tap_table(xp, channels, height, width, geom)
-    (sh, sw), (ph, pw) = geom.stride, geom.pad
-    kernels.launch("conv_igemm", name, image.dtype, n, image, weight,
-                   weight if bias is None else bias, taps, channels, height, width,
-                   geom.taps, n_out, out.shape[3], plane, sh, sw, ph, pw,
+    (kh, kw), (sh, sw) = geom.kernel, geom.stride
+    (ph, pw), (dh, dw) = geom.pad, geom.dilation
+    kernels.launch("conv_igemm", name, image.dtype, n, image, prepared,
+                   prepared if bias is None else bias, channels, height, width, kh, kw, dh,
+                   dw, prepared.shape[2], n_out, out.shape[3], plane, sh, sw, ph, pw,
                    int(bias is not None), out, grid=grid, block=THREADS)
 
 
 def transposed(xp, grid, weight, image, geom):
     """image = sum over taps of W^T * grid (overwrites ``image``, N x C x H x W) at stride
-    1: the convolution of ``grid`` with the flipped, channel-swapped weights."""
-    flipped = xp.ascontiguousarray(weight.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1])
+    1: the convolution of ``grid`` with the kernel rotated by 180 degrees and its channel
+    axes swapped, padded by (kernel - 1) * dilation - pad."""
     pad = tuple((k - 1) * d - p for k, d, p in zip(geom.kernel, geom.dilation, geom.pad))
-    forward(xp, grid, flipped, image, dataclasses.replace(geom, pad=pad))
+    forward(xp, grid, weight, image, dataclasses.replace(geom, pad=pad), transposed=True)
