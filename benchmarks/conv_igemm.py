@@ -3,9 +3,10 @@ against im2col + cuBLAS (caffelite's TF32 path) and cuDNN (PyTorch), in TF32.
 
 For each 3x3 convolution of ASPP-VGG's training step (DeepLab v2 ``deeplabv2_vgg16_aspp_l``,
 batch 10 at 321x321: conv1_1 to conv5_3 and the four fc6 branches at dilations 6, 12, 18
-and 24; layers of the same shape once, with their count) it times the forward and the
-data gradient: caffelite with ``implicit_gemm.ENABLED`` off and on, and torch's
-``conv2d`` / ``conv2d_input`` (cuDNN, ``cudnn.benchmark``, TF32 allowed); the forward
+and 24; layers of the same shape once, with their count) it times the forward, the data
+gradient and the weight gradient: caffelite with ``implicit_gemm.ENABLED`` off and on, and torch's
+``conv2d`` / ``conv2d_input`` / ``conv2d_weight`` (cuDNN, ``cudnn.benchmark``, TF32
+allowed); the forward
 also with each tile shape forced (``implicit-wide``, ``implicit-narrow``). Medians of
 ``--repeats`` timings of ``--calls`` calls each (CUDA events), after one warm-up call.
 Each row also gives the implicit result's largest difference from the im2col one,
@@ -101,7 +102,10 @@ class Clock:
         return statistics.median(times)
 
 
-def caffelite_paths(xp, clock, x, w, b, out, g, dx, geom):
+PASSES = ("forward", "data_grad", "weight_grad")
+
+
+def caffelite_paths(xp, clock, x, w, b, out, g, dx, dw, geom):
     """{(pass, engine): ms}, and the implicit results' relative differences."""
     times, diffs = {}, {}
     results = {}
@@ -116,10 +120,16 @@ def caffelite_paths(xp, clock, x, w, b, out, g, dx, geom):
         def data_grad():
             im2col.backward_gemm(g, w, dx, geom, 1)
 
+        def weight_grad():
+            dw.fill(0)
+            im2col.weight_gemm(x, g, dw, geom, 1)
+
         times["forward", engine] = clock.ms(forward, backend.synchronize)
         results["forward", engine] = backend.to_host(out).copy()
         times["data_grad", engine] = clock.ms(data_grad, backend.synchronize)
         results["data_grad", engine] = backend.to_host(dx).copy()
+        times["weight_grad", engine] = clock.ms(weight_grad, backend.synchronize)
+        results["weight_grad", engine] = backend.to_host(dw).copy()
     for tile in ("wide", "narrow"):         # each tile shape forced, forward only
         implicit_gemm.TILE = tile
         try:
@@ -127,7 +137,7 @@ def caffelite_paths(xp, clock, x, w, b, out, g, dx, geom):
         finally:
             implicit_gemm.TILE = None
     implicit_gemm.ENABLED = False
-    for what in ("forward", "data_grad"):
+    for what in PASSES:
         ref = results[what, "im2col"]
         diffs[what] = float(np.max(np.abs(results[what, "implicit"] - ref)) /
                             max(float(np.max(np.abs(ref))), 1e-30))
@@ -144,6 +154,9 @@ def torch_paths(torch, clock, x, w, b, g, pad):
         lambda: conv(tx, tw, tb, 1, pad, pad), torch.cuda.synchronize)}
     times["data_grad", "cudnn"] = clock.ms(
         lambda: torch.nn.grad.conv2d_input(tx.shape, tw, tg, 1, pad, pad),
+        torch.cuda.synchronize)
+    times["weight_grad", "cudnn"] = clock.ms(
+        lambda: torch.nn.grad.conv2d_weight(tx, tw.shape, tg, 1, pad, pad),
         torch.cuda.synchronize)
     return times
 
@@ -178,11 +191,12 @@ def measure(args):
         out = xp.empty((args.batch, outputs, size, size), np.float32)
         g = xp.asarray(rng.standard_normal(out.shape, dtype=np.float32))
         dx = xp.empty(shape, np.float32)
+        dw = xp.empty(w.shape, np.float32)
         row = {"layer": name, "count": count, "shape": list(shape), "outputs": outputs,
                "dilation": dilation,
                "gflop": 2 * args.batch * outputs * channels * 9 * size * size / 1e9}
         try:
-            times, diffs = caffelite_paths(xp, clock, x, w, b, out, g, dx, geom)
+            times, diffs = caffelite_paths(xp, clock, x, w, b, out, g, dx, dw, geom)
             if torch is not None:
                 times.update(torch_paths(torch, clock, x, w, b, g, dilation))
             row["ms"] = {f"{p}/{e}": t for (p, e), t in times.items()}
@@ -191,7 +205,7 @@ def measure(args):
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         rows.append(row)
         print(row_line(row), file=sys.stderr, flush=True)
-        del x, w, b, out, g, dx
+        del x, w, b, out, g, dx, dw
     backend.set_tf32(False)
     backend.set_mode_cpu()
     return rows
@@ -202,7 +216,7 @@ def row_line(row):
         return f"{row['layer']}: {row['error']}"
     ms = row["ms"]
     parts = [f"{row['layer']} x{row['count']} {row['gflop']:.1f} GFLOP"]
-    for what in ("forward", "data_grad"):
+    for what in PASSES:
         cells = [f"{e} {ms[f'{what}/{e}']:.3f}" for e in ("im2col", "implicit", "cudnn")
                  if f"{what}/{e}" in ms]
         parts.append(f"{what}: " + ", ".join(cells) + f" ms (diff {row['rel_diff'][what]:.1e})")
@@ -224,13 +238,14 @@ def totals(rows):
 
 def markdown(rows):
     lines = ["| layer | count | GFLOP | fwd im2col ms | fwd implicit ms | fwd cuDNN ms | "
-             "dgrad im2col ms | dgrad implicit ms | dgrad cuDNN ms | implicit TFLOP/s "
-             "fwd | rel. diff fwd / dgrad |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "dgrad im2col ms | dgrad implicit ms | dgrad cuDNN ms | wgrad im2col ms | "
+             "wgrad implicit ms | wgrad cuDNN ms | implicit TFLOP/s fwd | "
+             "rel. diff fwd / dgrad / wgrad |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         if "error" in row:
             lines.append(f"| {row['layer']} | {row['count']} | {row['gflop']:.1f} | "
-                         f"{row['error']} |||||||| ")
+                         f"{row['error']} ||||||||||| ")
             continue
         ms = row["ms"]
         cell = lambda k: f"{ms[k]:.3f}" if k in ms else "–"   # noqa: E731
@@ -239,8 +254,10 @@ def markdown(rows):
             f"| {row['layer']} | {row['count']} | {row['gflop']:.1f} | "
             f"{cell('forward/im2col')} | {cell('forward/implicit')} | {cell('forward/cudnn')}"
             f" | {cell('data_grad/im2col')} | {cell('data_grad/implicit')} | "
-            f"{cell('data_grad/cudnn')} | {rate:.0f} | {row['rel_diff']['forward']:.1e} / "
-            f"{row['rel_diff']['data_grad']:.1e} |")
+            f"{cell('data_grad/cudnn')} | {cell('weight_grad/im2col')} | "
+            f"{cell('weight_grad/implicit')} | {cell('weight_grad/cudnn')} | {rate:.0f} | "
+            f"{row['rel_diff']['forward']:.1e} / {row['rel_diff']['data_grad']:.1e} / "
+            f"{row['rel_diff']['weight_grad']:.1e} |")
     t = totals(rows)
     lines.append("")
     lines.append("Totals (weighted by count): " + ", ".join(

@@ -198,7 +198,7 @@ def gemm_paths():
 
 def implicit_gemm_convolution():
     """The implicit-GEMM convolution (opt-in, TF32) on a small dilated convolution: its
-    forward and data gradient fill their outputs and agree with im2col + cuBLAS in TF32
+    forward and gradients fill their outputs and agree with im2col + cuBLAS in TF32
     (both round their operands to TF32: about 1e-3 of the largest value; the exact
     bounds are in tests/test_conv_igemm.py, which pytest -m gpu runs next)."""
     from caffelite.layers import im2col, implicit_gemm
@@ -216,12 +216,14 @@ def implicit_gemm_convolution():
             implicit_gemm.ENABLED = implicit
             out = xp.full(g.shape, np.nan, np.float32)
             dx = xp.full(x.shape, np.nan, np.float32)
+            dw = xp.ones(w.shape, np.float32)
             im2col.forward_gemm(x, w, out, geom, 1)
             im2col.backward_gemm(g, w, dx, geom, 1)
-            results[implicit] = backend.to_host(out), backend.to_host(dx)
+            im2col.weight_gemm(x, g, dw, geom, 1)
+            results[implicit] = [backend.to_host(a) for a in (out, dx, dw)]
         assert implicit_gemm.applies(xp, geom, x, w, out, 1)
-        for what, got, ref in zip(("forward", "data gradient"), results[True],
-                                  results[False]):
+        for what, got, ref in zip(("forward", "data gradient", "weight gradient"),
+                                  results[True], results[False]):
             diff = float(np.max(np.abs(got - ref)) / np.max(np.abs(ref)))
             assert np.isfinite(got).all(), f"implicit GEMM {what}: unwritten elements"
             assert diff < 1e-2, f"implicit GEMM {what} differs from im2col by {diff:.2g}"

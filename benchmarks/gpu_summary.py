@@ -167,7 +167,7 @@ def conv_igemm_lines(result):
     errors = [f"{r['layer']}: {r['error']}" for r in rows if "error" in r]
     totals = result.get("totals", {})
     lines = []
-    for what in ("forward", "data_grad"):
+    for what in ("forward", "data_grad", "weight_grad"):
         cells = [f"{e} {totals[f'{what}/{e}']:.2f} ms" for e in ("im2col", "implicit",
                                                                  "cudnn")
                  if f"{what}/{e}" in totals]

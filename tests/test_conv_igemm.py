@@ -123,6 +123,47 @@ def run_igemm(kern, x, w, bias, stride, pad, dilation, kernel_name=None):
     return top, np.concatenate([buffer[:MARGIN], buffer[-MARGIN:]])
 
 
+def reference_weight_grad(x, g, kernel, stride, pad, dilation, absolute=False):
+    """float64 dW[o, c, u, v] = sum over n, y, x of g[n, o, y, x] * x[n, c, y*s - p + u*d,
+    ...] (taps outside the image contribute nothing); or the sum of |terms|."""
+    x, g = np.asarray(x, np.float64), np.asarray(g, np.float64)
+    if absolute:
+        x, g = np.abs(x), np.abs(g)
+    height, width = x.shape[2:]
+    oh, ow = g.shape[2:]
+    dw = np.zeros((g.shape[1], x.shape[1]) + tuple(kernel))
+    for u in range(kernel[0]):
+        iy = np.arange(oh) * stride[0] - pad[0] + u * dilation[0]
+        for v in range(kernel[1]):
+            ix = np.arange(ow) * stride[1] - pad[1] + v * dilation[1]
+            inside = ((iy >= 0) & (iy < height))[:, None] & ((ix >= 0) & (ix < width))
+            patch = x[:, :, np.clip(iy, 0, height - 1)][..., np.clip(ix, 0, width - 1)]
+            dw[:, :, u, v] = np.einsum("nohw,nchw->oc", g, patch * inside)
+    return dw
+
+
+def run_wgrad(kern, x, g, kernel, stride, pad, dilation, splits, base):
+    """conv_igemm_wgrad + conv_igemm_wgrad_sum: base + the weight gradient (partial sums
+    poisoned first: every one the sum reads must be written)."""
+    num, channels, height, width = x.shape
+    n_out, (oh, ow) = g.shape[1], g.shape[2:]
+    taps = kernel[0] * kernel[1]
+    c_pad = -(-channels // CHANNEL_ALIGN) * CHANNEL_ALIGN
+    pixels = num * oh * ow
+    chunk = -(-(-(-pixels // splits)) // CHANNEL_ALIGN) * CHANNEL_ALIGN
+    splits = -(-pixels // chunk)
+    partial = np.full((splits, n_out, taps * c_pad), np.nan, x.dtype)
+    tiles = -(-n_out // 128) * -(-(taps * c_pad) // 128)
+    kern.run(MODULE, "conv_igemm_wgrad", x.dtype, partial.size, x, g, num, channels, height,
+             width, kernel[0], kernel[1], dilation[0], dilation[1], c_pad, n_out, ow,
+             oh * ow, stride[0], stride[1], pad[0], pad[1], chunk, partial,
+             grid=tiles * splits, block=THREADS)
+    out = base.copy()
+    kern.run(MODULE, "conv_igemm_wgrad_sum", x.dtype, out.size, partial, splits, channels,
+             taps, c_pad, out)
+    return out
+
+
 def random_case(case, dtype, seed, with_bias=True):
     num, channels, height, width, n_out, kernel, stride, pad, dilation = case
     rng = np.random.default_rng(seed)
@@ -170,6 +211,29 @@ def test_float_is_tf32_products_with_float_sums(kern, case, tile, widen=1.0):
     # closer to the rounded operands' convolution than to the unrounded one.
     unrounded = np.abs(top - reference(x, w, bias, stride, pad, dilation))
     assert 20 * err.mean() < unrounded.mean()
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("case", [CASES[i] for i in (0, 1, 3, 4, 6, 7)],
+                         ids=[f"case{i}" for i in (0, 1, 3, 4, 6, 7)])
+def test_weight_gradient(kern, case, splits, dtype):
+    """The weight gradient added to a non-zero base: float64 within the summation bound
+    of the definition; float32 within the float32 bound of the TF32-rounded operands'
+    gradient; one run of pixels or several (summed in order by the second kernel)."""
+    x, w, _, stride, pad, dilation = random_case(case, dtype, 10, with_bias=False)
+    rng = np.random.default_rng(11)
+    oh, ow = output_shape(x.shape[2], x.shape[3], w.shape[2:], stride, pad, dilation)
+    g = rng.standard_normal((x.shape[0], w.shape[0], oh, ow)).astype(dtype)
+    base = rng.standard_normal(w.shape).astype(dtype)
+    got = run_wgrad(kern, x, g, w.shape[2:], stride, pad, dilation, splits, base)
+    xr, gr = (round_tf32(x), round_tf32(g)) if dtype == np.float32 else (x, g)
+    expected = base + reference_weight_grad(xr, gr, w.shape[2:], stride, pad, dilation)
+    terms = np.abs(base) + reference_weight_grad(xr, gr, w.shape[2:], stride, pad, dilation,
+                                                 absolute=True)
+    pixels = x.shape[0] * oh * ow
+    bound = (pixels + 3) * float(np.finfo(dtype).eps) * terms
+    assert np.all(np.abs(got - expected) <= bound)
 
 
 def test_no_bias_and_exact_integers(kern):
@@ -369,10 +433,43 @@ def test_convolutions_take_the_implicit_gemm_with_tf32(tmp_path, gpu_mode, impli
         bound = summation_bound(gr, wr, None, (1, 1), pad, dilation, np.float32, widen)
         assert np.all(np.abs(blobs[bottom][1] - expected) <= bound), layer
 
+    # Every layer's weight gradient (the strided one's too), from the TF32-rounded data
+    # and top gradient.
+    for layer, bottom, top, stride, pad, dilation in CONV_LAYERS:
+        xr, gr = round_tf32(blobs[bottom][0]), round_tf32(blobs[top][1])
+        kernel = params[layer][0][0].shape[2:]
+        expected = reference_weight_grad(xr, gr, kernel, stride, pad, dilation)
+        terms = reference_weight_grad(xr, gr, kernel, stride, pad, dilation, absolute=True)
+        bound = widen * (gr.size + 2) * float(np.finfo(np.float32).eps) * terms
+        assert np.all(np.abs(params[layer][0][1] - expected) <= bound), layer
+
     implicit_gemm.ENABLED = False
     conv_net_pass(tmp_path, gpu_mode)
     assert len(implicit_on) == 5                      # no implicit GEMM this time
     implicit_gemm.ENABLED = True
+
+
+def test_weight_grad_is_the_adjoint_in_the_weights():
+    """<conv(x, w), g> = <w, dW(x, g)> in float64 (double instantiation, emulated device
+    arrays, several runs of pixels), strided and dilated."""
+    from caffelite.kernels import emulator
+    rng = np.random.default_rng(12)
+    implicit_gemm.SPLITS, saved = 2, implicit_gemm.SPLITS
+    try:
+        for kernel, stride, pad, dilation in (((3, 3), (1, 1), (2, 2), (2, 2)),
+                                              ((3, 2), (2, 1), (1, 0), (1, 3))):
+            geom = ConvGeometry(kernel, stride, pad, dilation)
+            x = rng.standard_normal((2, 5, 9, 8))
+            w = rng.standard_normal((7, 5) + kernel)
+            out = reference(x, w, None, stride, pad, dilation)
+            g = rng.standard_normal(out.shape)
+            dw = emulator.zeros(w.shape, np.float64)
+            implicit_gemm.weight_grad(emulator, emulator.asarray(x), emulator.asarray(g), dw,
+                                      geom)
+            dw = emulator.asnumpy(dw)
+            assert np.isclose(np.vdot(out, g), np.vdot(w, dw), rtol=1e-12, atol=0)
+    finally:
+        implicit_gemm.SPLITS = saved
 
 
 def test_transposed_is_the_adjoint_of_the_convolution():

@@ -287,6 +287,7 @@ def test_gpu_summary_implicit_gemm_verdict(tmp_path):
             "implicit 1.50 ms, cudnn 1.00 ms") in lines
     assert ("conv_igemm.py ASPP-VGG 3x3 data_grad (sum over layers): im2col 3.00 ms, "
             "implicit 1.25 ms") in lines
+    assert "conv_igemm.py ASPP-VGG 3x3 weight_grad (sum over layers): " in lines
     assert "conv_igemm.py: implicit vs im2col largest relative difference 4.0e-04" in lines
     assert ("    implicit-GEMM convolution: speed-up 1.60x (with it: 0.0050 s), 1.25x "
             "torch; 1 segments, 3 launches, 0 failed") in lines
@@ -343,7 +344,7 @@ def test_conv_igemm_benchmark_runs_on_the_emulator(tmp_path):
     result = json.loads(out.read_text())
     assert [r["layer"] for r in result["rows"]] == ["conv1_2", "conv2_1"]
     for row in result["rows"]:
-        assert set(row["ms"]) == {f"{p}/{e}" for p in ("forward", "data_grad")
+        assert set(row["ms"]) == {f"{p}/{e}" for p in ("forward", "data_grad", "weight_grad")
                                   for e in ("im2col", "implicit")} | {
             "forward/implicit-wide", "forward/implicit-narrow"}
         assert max(row["rel_diff"].values()) < 1e-2

@@ -89,9 +89,25 @@ __device__ __forceinline__ void store4(double* p, const double (&d)[4]) {
   for (int i = 0; i < 4; ++i) p[i] = d[i];
 }
 
+template <typename T>
+__device__ __forceinline__ void zero_accumulators(T (&acc)[4][4][4]) {
+  IGEMM_UNROLL
+  for (int mi = 0; mi < 4; ++mi)
+    IGEMM_UNROLL
+    for (int ni = 0; ni < 4; ++ni)
+      IGEMM_UNROLL
+      for (int i = 0; i < 4; ++i) acc[mi][ni][i] = T(0);
+}
+
+// The B operand's (k, n) entry of a tile stored [k][n], or [n][k] with B_NK.
+template <bool B_NK, int B_PITCH, typename T>
+__device__ __forceinline__ T b_entry(const T (*b_tile)[B_PITCH], const int k, const int n) {
+  return B_NK ? b_tile[n][k] : b_tile[k][n];
+}
+
 // One BK-slice of a warp's 64 x 32 tile: 4 x 4 mma tiles of 16 x 8, k-steps of 8.
 // acc[mi][ni][i] is the PTX accumulator fragment: rows g, g, g+8, g+8, columns 2t, 2t+1.
-template <int BK, int A_PITCH, int B_PITCH>
+template <int BK, int A_PITCH, int B_PITCH, bool B_NK = false>
 __device__ __forceinline__ void warp_tile_product(float acc[4][4][4],
                                                   const float (*a_tile)[A_PITCH],
                                                   const float (*b_tile)[B_PITCH],
@@ -112,8 +128,8 @@ __device__ __forceinline__ void warp_tile_product(float acc[4][4][4],
     IGEMM_UNROLL
     for (int ni = 0; ni < 4; ++ni) {
       const int c = warp_n + ni * 8 + g;
-      b[ni][0] = b_tile[ks + t][c];
-      b[ni][1] = b_tile[ks + t + 4][c];
+      b[ni][0] = b_entry<B_NK, B_PITCH>(b_tile, ks + t, c);
+      b[ni][1] = b_entry<B_NK, B_PITCH>(b_tile, ks + t + 4, c);
     }
     IGEMM_UNROLL
     for (int mi = 0; mi < 4; ++mi)
@@ -123,7 +139,7 @@ __device__ __forceinline__ void warp_tile_product(float acc[4][4][4],
 }
 
 // The double reference: the same accumulator positions, each a sum over k in order.
-template <int BK, int A_PITCH, int B_PITCH>
+template <int BK, int A_PITCH, int B_PITCH, bool B_NK = false>
 __device__ __forceinline__ void warp_tile_product(double acc[4][4][4],
                                                   const double (*a_tile)[A_PITCH],
                                                   const double (*b_tile)[B_PITCH],
@@ -136,7 +152,7 @@ __device__ __forceinline__ void warp_tile_product(double acc[4][4][4],
         const int r = warp_m + mi * 16 + g + (i >= 2 ? 8 : 0);
         const int c = warp_n + ni * 8 + 2 * t + (i & 1);
         double sum = acc[mi][ni][i];
-        for (int k = 0; k < BK; ++k) sum += a_tile[r][k] * b_tile[k][c];
+        for (int k = 0; k < BK; ++k) sum += a_tile[r][k] * b_entry<B_NK, B_PITCH>(b_tile, k, c);
         acc[mi][ni][i] = sum;
       }
 }
@@ -253,12 +269,7 @@ __device__ __forceinline__ void conv_igemm_body(
   };
 
   T acc[4][4][4];
-  IGEMM_UNROLL
-  for (int mi = 0; mi < 4; ++mi)
-    IGEMM_UNROLL
-    for (int ni = 0; ni < 4; ++ni)
-      IGEMM_UNROLL
-      for (int i = 0; i < 4; ++i) acc[mi][ni][i] = T(0);
+  zero_accumulators(acc);
 
   // The slices the tile needs, in order; every thread walks the same list, so the
   // barriers are uniform.
@@ -316,6 +327,143 @@ __global__ void conv_igemm_weights(const int n, const T* __restrict__ weight,
       w = transposed ? weight[(c * out_channels + o) * taps + (taps - 1 - r)]
                      : weight[(o * channels + c) * taps + r];
     prepared[i] = mma_operand(w);
+  }
+}
+
+// The weight gradient: partial[split][o][k] = sum over the pixels p of split `split` of
+// top_diff[o][p] * im2col(image)[k][p], k tap-major as in conv_igemm_weights (M = out
+// channels, N = taps * c_pad, reduced over the pixels). The pixels are split into runs of
+// `chunk` (a multiple of 16) so that small layers still fill the GPU; conv_igemm_wgrad_sum
+// then adds the splits in order into weight_diff (deterministic: no atomics). One
+// 128 x 128 tile shape; both operands are stored [row][pixel] in shared memory and
+// rounded to TF32.
+template <typename T>
+__global__ void __launch_bounds__(IGEMM_THREADS, 2)
+conv_igemm_wgrad(const int n, const T* __restrict__ image, const T* __restrict__ top_diff,
+                 const int num, const int channels, const int height, const int width,
+                 const int kernel_h, const int kernel_w, const int dilation_h,
+                 const int dilation_w, const int c_pad, const int out_channels,
+                 const int out_w, const int plane, const int stride_h, const int stride_w,
+                 const int pad_h, const int pad_w, const int chunk, T* __restrict__ partial) {
+  const int BK = sizeof(T) == 4 ? 16 : 8;
+  const int BM = 128, BN = 128;
+  const int PITCH = BK + (sizeof(T) == 4 ? 4 : 1);   // floats: fragment reads on 32 banks
+  const int LOADS = BM * BK / IGEMM_THREADS;
+  __shared__ T a_tiles[2][BM][PITCH];
+  __shared__ T b_tiles[2][BN][PITCH];
+  __shared__ int column_offset[BN], column_dy[BN], column_dx[BN];
+
+  const int K = kernel_h * kernel_w * c_pad;
+  const int area = height * width;
+  const int reduced = num * plane;
+  const int tiles_m = (out_channels + BM - 1) / BM;
+  const int tiles = tiles_m * ((K + BN - 1) / BN);
+  const int tile = blockIdx.x % tiles, split = blockIdx.x / tiles;
+  const int m0 = (tile % tiles_m) * BM, k0 = (tile / tiles_m) * BN;
+  const int p_begin = split * chunk;
+  const int p_end = p_begin + chunk < reduced ? p_begin + chunk : reduced;
+  const int tid = threadIdx.x;
+  const int lane = tid & 31, warp = tid >> 5;
+  const int warp_m = (warp % 2) * 64, warp_n = (warp / 2) * 32;
+
+  // Per column of the tile: its channel's and tap's offset in an image, and the tap's
+  // displacement (a column past K or a padding channel gets one no pixel accepts).
+  if (tid < BN) {
+    const int k = k0 + tid;
+    const int r = k / c_pad, c = k - r * c_pad;
+    const int u = r / kernel_w;
+    const bool real = k < K && c < channels;
+    column_dy[tid] = real ? u * dilation_h : -(1 << 29);
+    column_dx[tid] = real ? (r - u * kernel_w) * dilation_w : 0;
+    column_offset[tid] = real ? c * area + column_dy[tid] * width + column_dx[tid] : 0;
+  }
+  __syncthreads();
+
+  // This thread's loads: pixel `at` of each slice, rows (and columns) row + 16 * i.
+  const int at = tid % BK, row = tid / BK, step = IGEMM_THREADS / BK;
+  T a_next[LOADS], b_next[LOADS];
+  auto load = [&](const int p0) {
+    const int p = p0 + at;
+    const bool pixel_ok = p < p_end;
+    int img = 0, pix = 0, y0 = 0, x0 = 0;
+    if (pixel_ok) {
+      img = p / plane;
+      pix = p - img * plane;
+      const int oy = pix / out_w;
+      y0 = oy * stride_h - pad_h;
+      x0 = (pix - oy * out_w) * stride_w - pad_w;
+    }
+    const int image_base = img * channels * area + y0 * width + x0;
+    IGEMM_UNROLL
+    for (int i = 0; i < LOADS; ++i) {
+      const int o = m0 + row + i * step;
+      a_next[i] = (pixel_ok && o < out_channels)
+                      ? top_diff[(img * out_channels + o) * plane + pix]
+                      : T(0);
+      const int col = row + i * step;
+      const int y = y0 + column_dy[col], x = x0 + column_dx[col];
+      b_next[i] = (pixel_ok && y >= 0 && y < height && x >= 0 && x < width)
+                      ? image[image_base + column_offset[col]]
+                      : T(0);
+    }
+  };
+  auto store = [&](const int buffer) {
+    IGEMM_UNROLL
+    for (int i = 0; i < LOADS; ++i) {
+      a_tiles[buffer][row + i * step][at] = mma_operand(a_next[i]);
+      b_tiles[buffer][row + i * step][at] = mma_operand(b_next[i]);
+    }
+  };
+
+  T acc[4][4][4];
+  zero_accumulators(acc);
+
+  const int slices = p_end > p_begin ? (p_end - p_begin + BK - 1) / BK : 0;
+  if (slices > 0) {
+    load(p_begin);
+    store(0);
+  }
+  __syncthreads();
+  for (int s = 0; s < slices; ++s) {
+    const int buffer = s & 1;
+    const bool more = s + 1 < slices;
+    if (more) load(p_begin + (s + 1) * BK);
+    warp_tile_product<BK, PITCH, PITCH, true>(acc, a_tiles[buffer], b_tiles[buffer], warp_m,
+                                              warp_n, lane);
+    if (more) store(buffer ^ 1);
+    __syncthreads();
+  }
+
+  const int g = lane >> 2, t = lane & 3;
+  IGEMM_UNROLL
+  for (int mi = 0; mi < 4; ++mi)
+    IGEMM_UNROLL
+    for (int ni = 0; ni < 4; ++ni)
+      IGEMM_UNROLL
+      for (int i = 0; i < 4; ++i) {
+        const int o = m0 + warp_m + mi * 16 + g + (i >= 2 ? 8 : 0);
+        const int k = k0 + warp_n + ni * 8 + 2 * t + (i & 1);
+        if (o < out_channels && k < K) partial[(split * out_channels + o) * K + k] =
+            acc[mi][ni][i];
+      }
+}
+
+// weight_diff[o][c][r] += the sum over the splits, in order, of partial[split][o][r][c]
+// (n = out_channels * channels * taps).
+template <typename T>
+__global__ void conv_igemm_wgrad_sum(const int n, const T* __restrict__ partial,
+                                     const int splits, const int channels, const int taps,
+                                     const int c_pad, T* __restrict__ weight_diff) {
+  const int K = taps * c_pad;
+  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += blockDim.x * gridDim.x) {
+    const int o = i / (channels * taps);
+    const int rest = i - o * channels * taps;
+    const int c = rest / taps;
+    const int r = rest - c * taps;
+    const int out_channels = n / (channels * taps);
+    T sum = T(0);
+    for (int s = 0; s < splits; ++s) sum += partial[(s * out_channels + o) * K + r * c_pad + c];
+    weight_diff[i] += sum;
   }
 }
 

@@ -84,16 +84,17 @@ def driver_source(name):
                 per_block = [f"    {launcher}_args a = {{{', '.join(uses)}}};",
                              f"    caffelite_host::run_block({launcher}_thread, &a);"]
             else:
-                per_block = ["    for (unsigned int t = 0; t < block; ++t) {",
+                per_block = ["    for (unsigned int t = 0; t < launch_block; ++t) {",
                              "      threadIdx.x = t;",
                              f"      {call}",
                              "    }"]
+            # (launch_ names: a kernel parameter may be called grid or block)
             lines += [
-                f'extern "C" void {launcher}(unsigned int grid, '
-                f'unsigned int block, {", ".join(decls)}) {{',
-                "  gridDim.x = grid; gridDim.y = gridDim.z = 1;",
-                "  blockDim.x = block; blockDim.y = blockDim.z = 1;",
-                "  for (unsigned int b = 0; b < grid; ++b) {",
+                f'extern "C" void {launcher}(unsigned int launch_grid, '
+                f'unsigned int launch_block, {", ".join(decls)}) {{',
+                "  gridDim.x = launch_grid; gridDim.y = gridDim.z = 1;",
+                "  blockDim.x = launch_block; blockDim.y = blockDim.z = 1;",
+                "  for (unsigned int b = 0; b < launch_grid; ++b) {",
                 "    blockIdx.x = b;",
                 *per_block,
                 "  }",

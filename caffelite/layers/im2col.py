@@ -541,6 +541,9 @@ def weight_gemm(image, grid, weight_diff, geom, group, budget=None):
         for n in range(num):
             product(_matrix(grid[n], n_out), _matrix(image[n], channels))
         return
+    if implicit_gemm.applies(xp, geom, image, weight_diff, grid, group):
+        implicit_gemm.weight_grad(xp, image, grid, weight_diff, geom)
+        return
     windows = tap_gemm.windows_for(xp, geom, image.shape, grid_shape, weight_diff.shape)
     if windows:
         tap_gemm.weight_grad(xp, image, grid, weight_diff, windows, group)
@@ -562,9 +565,9 @@ def weight_and_backward_gemm(image, grid, weight, weight_diff, image_diff, geom,
     """A convolution's two backward GEMMs: ``weight_gemm`` (accumulates into
     ``weight_diff``) and ``backward_gemm`` (overwrites ``image_diff``). On the device
     with image groups, each group's output gradient is gathered once for both (not
-    when the data gradient is an implicit GEMM, which reads the gradient as it is)."""
+    when the implicit GEMM takes the weight gradient, which reads it as it is)."""
     xp = get_array_module(image)
-    implicit = implicit_gemm.applies_transposed(xp, geom, grid, weight, image_diff, group)
+    implicit = implicit_gemm.applies(xp, geom, image, weight, grid, group)
     groups = None if implicit else _shared_device_groups(image, grid, weight, geom, budget)
     if groups:
         n_out = grid.shape[1]

@@ -1,4 +1,4 @@
-"""Convolution forward as an implicit GEMM on tensor cores (TF32), without im2col.
+"""Convolutions as implicit GEMMs on tensor cores (TF32), without im2col columns.
 
 The im2col path writes each layer's columns (kernel_h * kernel_w times its input) and
 has cuBLAS read them back; for ASPP-VGG's training step that traffic is about as much
@@ -12,7 +12,9 @@ lays the weights out that way, channels padded to a multiple of 16, rounded to T
 At stride 1 the data gradient is a convolution too: dX = conv(dY, W flipped in space with
 its two channel axes swapped, pad (kernel - 1) * dilation - pad), so the same kernel
 replaces the data-gradient GEMM and col2im (and a stride-1 Deconvolution's forward). The
-weight gradient keeps im2col and cuBLAS.
+weight gradient is a third tiled product (``conv_igemm_wgrad``), reduced over the pixels
+in runs whose partial sums a last kernel adds in order (no atomics: the same bits every
+run).
 
 It runs on the device when the TF32 flag is on (``backend.set_tf32``: the precision of
 cuBLAS's TF32 GEMMs, which it replaces), the data is float32, the convolution is 2-D with
@@ -108,6 +110,55 @@ def forward(xp, image, weight, out, geom, bias=None, transposed=False):
                    prepared if bias is None else bias, channels, height, width, kh, kw, dh,
                    dw, prepared.shape[2], n_out, out.shape[3], plane, sh, sw, ph, pw,
                    int(bias is not None), out, grid=grid, block=THREADS)
+
+
+# Weight gradients: the pixels are split into runs so that about this many blocks per
+# multiprocessor work at once (a layer has few output tiles: conv1_2's 64 x 576 is one
+# row of five), each run at least MIN_SPLIT_PIXELS long. SPLITS forces a count (tests).
+BLOCKS_PER_SM = 4
+MIN_SPLIT_PIXELS = 256
+SPLITS = None
+WGRAD_TILE = 128
+
+
+def _multiprocessors(xp):
+    try:
+        return int(xp.cuda.Device().attributes["MultiProcessorCount"])
+    except (AttributeError, KeyError, TypeError):
+        return 1        # the emulator
+
+
+def weight_splits(xp, tiles, pixels):
+    """How many runs of pixels a weight gradient of ``tiles`` output tiles uses."""
+    if SPLITS is not None:
+        return max(1, min(SPLITS, pixels))
+    wanted = -(-BLOCKS_PER_SM * _multiprocessors(xp) // tiles)
+    return max(1, min(wanted, pixels // MIN_SPLIT_PIXELS))
+
+
+def weight_grad(xp, image, grid, weight_diff, geom):
+    """weight_diff += the gradient of conv(image, W) for the top gradient ``grid``, summed
+    over the images (Caffe's weight GEMM with beta = 1), without im2col columns: a
+    partial product per run of pixels, then the runs added in order."""
+    num, channels, height, width = image.shape
+    n_out = grid.shape[1]
+    plane = grid.shape[2] * grid.shape[3]
+    pixels = num * plane
+    c_pad = padded_channels(channels)
+    k = geom.taps * c_pad
+    tiles = -(-n_out // WGRAD_TILE) * -(-k // WGRAD_TILE)
+    splits = weight_splits(xp, tiles, pixels)
+    chunk = -(-(-(-pixels // splits)) // CHANNEL_ALIGN) * CHANNEL_ALIGN
+    splits = -(-pixels // chunk)
+    partial = xp.empty((splits, n_out, k), image.dtype)
+    (kh, kw), (sh, sw) = geom.kernel, geom.stride
+    (ph, pw), (dh, dw) = geom.pad, geom.dilation
+    kernels.launch("conv_igemm", "conv_igemm_wgrad", image.dtype, partial.size, image, grid,
+                   num, channels, height, width, kh, kw, dh, dw, c_pad, n_out,
+                   grid.shape[3], plane, sh, sw, ph, pw, chunk, partial,
+                   grid=tiles * splits, block=THREADS)
+    kernels.launch("conv_igemm", "conv_igemm_wgrad_sum", image.dtype, weight_diff.size,
+                   partial, splits, channels, geom.taps, c_pad, weight_diff)
 
 
 def transposed(xp, grid, weight, image, geom):
