@@ -152,15 +152,17 @@ def run_wgrad(kern, x, g, kernel, stride, pad, dilation, splits, base):
     pixels = num * oh * ow
     chunk = -(-(-(-pixels // splits)) // CHANNEL_ALIGN) * CHANNEL_ALIGN
     splits = -(-pixels // chunk)
-    partial = np.full((splits, n_out, taps * c_pad), np.nan, x.dtype)
     tiles = -(-n_out // 128) * -(-(taps * c_pad) // 128)
+    out = base.copy()
+    direct = splits == 1
+    partial = out if direct else np.full((splits, n_out, taps * c_pad), np.nan, x.dtype)
     kern.run(MODULE, "conv_igemm_wgrad", x.dtype, partial.size, x, g, num, channels, height,
              width, kernel[0], kernel[1], dilation[0], dilation[1], c_pad, n_out, ow,
-             oh * ow, stride[0], stride[1], pad[0], pad[1], chunk, partial,
+             oh * ow, stride[0], stride[1], pad[0], pad[1], chunk, int(direct), partial,
              grid=tiles * splits, block=THREADS)
-    out = base.copy()
-    kern.run(MODULE, "conv_igemm_wgrad_sum", x.dtype, out.size, partial, splits, channels,
-             taps, c_pad, out)
+    if not direct:
+        kern.run(MODULE, "conv_igemm_wgrad_sum", x.dtype, out.size, partial, splits,
+                 channels, taps, c_pad, out)
     return out
 
 
@@ -217,10 +219,11 @@ def test_float_is_tf32_products_with_float_sums(kern, case, tile, widen=1.0):
 @pytest.mark.parametrize("splits", [1, 3])
 @pytest.mark.parametrize("case", [CASES[i] for i in (0, 1, 3, 4, 6, 7)],
                          ids=[f"case{i}" for i in (0, 1, 3, 4, 6, 7)])
-def test_weight_gradient(kern, case, splits, dtype):
+def test_weight_gradient(kern, case, splits, dtype, widen=1.0):
     """The weight gradient added to a non-zero base: float64 within the summation bound
     of the definition; float32 within the float32 bound of the TF32-rounded operands'
-    gradient; one run of pixels or several (summed in order by the second kernel)."""
+    gradient; one run of pixels (added into the diff directly) or several (summed in
+    order by the second kernel)."""
     x, w, _, stride, pad, dilation = random_case(case, dtype, 10, with_bias=False)
     rng = np.random.default_rng(11)
     oh, ow = output_shape(x.shape[2], x.shape[3], w.shape[2:], stride, pad, dilation)
@@ -232,7 +235,7 @@ def test_weight_gradient(kern, case, splits, dtype):
     terms = np.abs(base) + reference_weight_grad(xr, gr, w.shape[2:], stride, pad, dilation,
                                                  absolute=True)
     pixels = x.shape[0] * oh * ow
-    bound = (pixels + 3) * float(np.finfo(dtype).eps) * terms
+    bound = widen * (pixels + 3) * float(np.finfo(dtype).eps) * terms
     assert np.all(np.abs(got - expected) <= bound)
 
 
@@ -539,6 +542,15 @@ def test_reverse_thread_order_gives_the_same_results(kern, monkeypatch):
         monkeypatch.setenv("CAFFELITE_HOST_FIBER_ORDER", "reverse")
         np.testing.assert_array_equal(run_igemm(kern, xf, wf, bf, stride, pad, dilation,
                                                 tile)[0], forward_order)
+    # the weight gradient too (three runs of pixels)
+    x, w, _, stride, pad, dilation = random_case(CASES[0], np.float32, 13, with_bias=False)
+    g = np.random.default_rng(14).standard_normal(run_igemm(
+        kern, x, w, None, stride, pad, dilation)[0].shape).astype(np.float32)
+    base = np.zeros(w.shape, np.float32)
+    reverse = run_wgrad(kern, x, g, w.shape[2:], stride, pad, dilation, 3, base)
+    monkeypatch.delenv("CAFFELITE_HOST_FIBER_ORDER")
+    np.testing.assert_array_equal(
+        reverse, run_wgrad(kern, x, g, w.shape[2:], stride, pad, dilation, 3, base))
 
 
 BROKEN_BLOCKS = r"""

@@ -1,6 +1,8 @@
 """The comparisons of test_conv_igemm.py on a real GPU through the loader (NVRTC, real
 mma.sync). The tensor cores' summation order inside an mma is unspecified, so the
-float comparison takes twice the host's bound. Select with ``pytest -m gpu``."""
+float comparisons (forward, weight gradient) take twice the host's bound. Select with
+``pytest -m gpu``."""
+import numpy as np
 import pytest
 
 pytestmark = pytest.mark.gpu
@@ -25,3 +27,12 @@ def kern():   # noqa: F811  (replaces the host runner for every imported test)
                          host_tests.CASES[7:], ids=[f"case{i}" for i in (0, 1, 2, 4, 5, 7)])
 def test_float_is_tf32_products_with_float_sums(kern, case, tile):   # noqa: F811
     host_tests.test_float_is_tf32_products_with_float_sums(kern, case, tile, widen=2.0)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("case", [host_tests.CASES[i] for i in (0, 1, 3, 4, 6, 7)],
+                         ids=[f"case{i}" for i in (0, 1, 3, 4, 6, 7)])
+def test_weight_gradient(kern, case, splits, dtype):   # noqa: F811
+    host_tests.test_weight_gradient(kern, case, splits, dtype,
+                                    widen=2.0 if dtype == np.float32 else 1.0)

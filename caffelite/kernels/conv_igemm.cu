@@ -99,6 +99,23 @@ __device__ __forceinline__ void zero_accumulators(T (&acc)[4][4][4]) {
       for (int i = 0; i < 4; ++i) acc[mi][ni][i] = T(0);
 }
 
+// store(row, column, value) for each accumulator of a warp's 64 x 32 tile, with its row
+// and column in the block's tile (the PTX layout: rows g, g+8, columns 2t, 2t+1).
+template <typename T, typename Store>
+__device__ __forceinline__ void for_each_accumulator(const T (&acc)[4][4][4],
+                                                     const int warp_m, const int warp_n,
+                                                     const int lane, Store store) {
+  const int g = lane >> 2, t = lane & 3;
+  IGEMM_UNROLL
+  for (int mi = 0; mi < 4; ++mi)
+    IGEMM_UNROLL
+    for (int ni = 0; ni < 4; ++ni)
+      IGEMM_UNROLL
+      for (int i = 0; i < 4; ++i)
+        store(warp_m + mi * 16 + g + (i >= 2 ? 8 : 0), warp_n + ni * 8 + 2 * t + (i & 1),
+              acc[mi][ni][i]);
+}
+
 // The B operand's (k, n) entry of a tile stored [k][n], or [n][k] with B_NK.
 template <bool B_NK, int B_PITCH, typename T>
 __device__ __forceinline__ T b_entry(const T (*b_tile)[B_PITCH], const int k, const int n) {
@@ -291,21 +308,14 @@ __device__ __forceinline__ void conv_igemm_body(
     slice = next;
   }
 
-  const int g = lane >> 2, t = lane & 3;
-  IGEMM_UNROLL
-  for (int mi = 0; mi < 4; ++mi)
-    IGEMM_UNROLL
-    for (int ni = 0; ni < 4; ++ni)
-      IGEMM_UNROLL
-      for (int i = 0; i < 4; ++i) {
-        const int o = m0 + warp_m + mi * 16 + g + (i >= 2 ? 8 : 0);
-        const int col = n0 + warp_n + ni * 8 + 2 * t + (i & 1);
-        if (o >= out_channels || col >= n) continue;
-        const int img = col / plane;
-        T value = acc[mi][ni][i];
-        if (has_bias) value += bias[o];     // Caffe adds the bias after the product
-        top[(img * out_channels + o) * plane + (col - img * plane)] = value;
-      }
+  for_each_accumulator(acc, warp_m, warp_n, lane, [&](const int row, const int column,
+                                                      T value) {
+    const int o = m0 + row, col = n0 + column;
+    if (o >= out_channels || col >= n) return;
+    const int img = col / plane;
+    if (has_bias) value += bias[o];         // Caffe adds the bias after the product
+    top[(img * out_channels + o) * plane + (col - img * plane)] = value;
+  });
 }
 
 // The weights as conv_igemm_forward reads them: prepared[o][r][c] (n = out_channels *
@@ -330,13 +340,19 @@ __global__ void conv_igemm_weights(const int n, const T* __restrict__ weight,
   }
 }
 
+// The column table of the weight gradient's tile: one 16-byte entry per column.
+struct ColumnTap {
+  int offset, dy, dx, unused;
+};
+
 // The weight gradient: partial[split][o][k] = sum over the pixels p of split `split` of
 // top_diff[o][p] * im2col(image)[k][p], k tap-major as in conv_igemm_weights (M = out
 // channels, N = taps * c_pad, reduced over the pixels). The pixels are split into runs of
 // `chunk` (a multiple of 16) so that small layers still fill the GPU; conv_igemm_wgrad_sum
-// then adds the splits in order into weight_diff (deterministic: no atomics). One
-// 128 x 128 tile shape; both operands are stored [row][pixel] in shared memory and
-// rounded to TF32.
+// then adds the splits in order into weight_diff (deterministic: no atomics). With
+// `direct` (one run), `partial` is the weight diff itself, [o][c][tap], added to in the
+// epilogue. One 128 x 128 tile shape; both operands are stored [row][pixel] in shared
+// memory and rounded to TF32.
 template <typename T>
 __global__ void __launch_bounds__(IGEMM_THREADS, 2)
 conv_igemm_wgrad(const int n, const T* __restrict__ image, const T* __restrict__ top_diff,
@@ -344,14 +360,15 @@ conv_igemm_wgrad(const int n, const T* __restrict__ image, const T* __restrict__
                  const int kernel_h, const int kernel_w, const int dilation_h,
                  const int dilation_w, const int c_pad, const int out_channels,
                  const int out_w, const int plane, const int stride_h, const int stride_w,
-                 const int pad_h, const int pad_w, const int chunk, T* __restrict__ partial) {
+                 const int pad_h, const int pad_w, const int chunk, const int direct,
+                 T* __restrict__ partial) {
   const int BK = sizeof(T) == 4 ? 16 : 8;
   const int BM = 128, BN = 128;
   const int PITCH = BK + (sizeof(T) == 4 ? 4 : 1);   // floats: fragment reads on 32 banks
   const int LOADS = BM * BK / IGEMM_THREADS;
   __shared__ T a_tiles[2][BM][PITCH];
   __shared__ T b_tiles[2][BN][PITCH];
-  __shared__ int column_offset[BN], column_dy[BN], column_dx[BN];
+  __shared__ ColumnTap columns[BN];
 
   const int K = kernel_h * kernel_w * c_pad;
   const int area = height * width;
@@ -373,14 +390,20 @@ conv_igemm_wgrad(const int n, const T* __restrict__ image, const T* __restrict__
     const int r = k / c_pad, c = k - r * c_pad;
     const int u = r / kernel_w;
     const bool real = k < K && c < channels;
-    column_dy[tid] = real ? u * dilation_h : -(1 << 29);
-    column_dx[tid] = real ? (r - u * kernel_w) * dilation_w : 0;
-    column_offset[tid] = real ? c * area + column_dy[tid] * width + column_dx[tid] : 0;
+    ColumnTap& column = columns[tid];
+    column.dy = real ? u * dilation_h : -(1 << 29);
+    column.dx = real ? (r - u * kernel_w) * dilation_w : 0;
+    column.offset = real ? c * area + column.dy * width + column.dx : 0;
+    column.unused = 0;
   }
   __syncthreads();
 
-  // This thread's loads: pixel `at` of each slice, rows (and columns) row + 16 * i.
-  const int at = tid % BK, row = tid / BK, step = IGEMM_THREADS / BK;
+  // This thread's loads: pixel `at` of each slice, rows (and columns) row + step * i.
+  // For floats the two half-warps take rows 4 apart (80 words: 16 banks), so that each
+  // shared store of a warp hits 32 different banks.
+  const int at = tid % BK, step = IGEMM_THREADS / BK;
+  const int row = BK == 16 ? ((tid >> 5) & 3) + 4 * ((tid >> 4) & 1) + 8 * (tid >> 7)
+                           : tid / BK;
   T a_next[LOADS], b_next[LOADS];
   auto load = [&](const int p0) {
     const int p = p0 + at;
@@ -400,10 +423,10 @@ conv_igemm_wgrad(const int n, const T* __restrict__ image, const T* __restrict__
       a_next[i] = (pixel_ok && o < out_channels)
                       ? top_diff[(img * out_channels + o) * plane + pix]
                       : T(0);
-      const int col = row + i * step;
-      const int y = y0 + column_dy[col], x = x0 + column_dx[col];
+      const ColumnTap column = columns[row + i * step];
+      const int y = y0 + column.dy, x = x0 + column.dx;
       b_next[i] = (pixel_ok && y >= 0 && y < height && x >= 0 && x < width)
-                      ? image[image_base + column_offset[col]]
+                      ? image[image_base + column.offset]
                       : T(0);
     }
   };
@@ -434,36 +457,35 @@ conv_igemm_wgrad(const int n, const T* __restrict__ image, const T* __restrict__
     __syncthreads();
   }
 
-  const int g = lane >> 2, t = lane & 3;
-  IGEMM_UNROLL
-  for (int mi = 0; mi < 4; ++mi)
-    IGEMM_UNROLL
-    for (int ni = 0; ni < 4; ++ni)
-      IGEMM_UNROLL
-      for (int i = 0; i < 4; ++i) {
-        const int o = m0 + warp_m + mi * 16 + g + (i >= 2 ? 8 : 0);
-        const int k = k0 + warp_n + ni * 8 + 2 * t + (i & 1);
-        if (o < out_channels && k < K) partial[(split * out_channels + o) * K + k] =
-            acc[mi][ni][i];
-      }
+  for_each_accumulator(acc, warp_m, warp_n, lane, [&](const int row, const int column,
+                                                      const T value) {
+    const int o = m0 + row, k = k0 + column;
+    if (o >= out_channels || k >= K) return;
+    if (!direct) {
+      partial[(split * out_channels + o) * K + k] = value;
+      return;
+    }
+    const int r = k / c_pad, c = k - r * c_pad;   // one run: straight into the diff
+    if (c < channels) partial[(o * channels + c) * kernel_h * kernel_w + r] += value;
+  });
 }
 
 // weight_diff[o][c][r] += the sum over the splits, in order, of partial[split][o][r][c]
-// (n = out_channels * channels * taps).
+// (n = out_channels * taps * channels; i walks partial's order, so its reads coalesce).
 template <typename T>
 __global__ void conv_igemm_wgrad_sum(const int n, const T* __restrict__ partial,
                                      const int splits, const int channels, const int taps,
                                      const int c_pad, T* __restrict__ weight_diff) {
   const int K = taps * c_pad;
+  const int out_channels = n / (channels * taps);
   for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += blockDim.x * gridDim.x) {
-    const int o = i / (channels * taps);
-    const int rest = i - o * channels * taps;
-    const int c = rest / taps;
-    const int r = rest - c * taps;
-    const int out_channels = n / (channels * taps);
+    const int o = i / (taps * channels);
+    const int rest = i - o * taps * channels;
+    const int r = rest / channels;
+    const int c = rest - r * channels;
     T sum = T(0);
     for (int s = 0; s < splits; ++s) sum += partial[(s * out_channels + o) * K + r * c_pad + c];
-    weight_diff[i] += sum;
+    weight_diff[(o * channels + c) * taps + r] += sum;
   }
 }
 

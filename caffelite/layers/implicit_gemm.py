@@ -13,8 +13,8 @@ At stride 1 the data gradient is a convolution too: dX = conv(dY, W flipped in s
 its two channel axes swapped, pad (kernel - 1) * dilation - pad), so the same kernel
 replaces the data-gradient GEMM and col2im (and a stride-1 Deconvolution's forward). The
 weight gradient is a third tiled product (``conv_igemm_wgrad``), reduced over the pixels
-in runs whose partial sums a last kernel adds in order (no atomics: the same bits every
-run).
+in runs whose partial sums a last kernel adds in order (no atomics: the same bits on
+every run of one GPU model; the number of runs follows its multiprocessor count).
 
 It runs on the device when the TF32 flag is on (``backend.set_tf32``: the precision of
 cuBLAS's TF32 GEMMs, which it replaces), the data is float32, the convolution is 2-D with
@@ -98,10 +98,12 @@ def forward(xp, image, weight, out, geom, bias=None, transposed=False):
     ``transposed``, the convolution with the data gradient's weights (see
     ``transposed``; ``geom`` is then already that convolution's)."""
     num, channels, height, width = image.shape
-    prepared = prepare_weights(xp, weight, transposed)
-    n_out = prepared.shape[0]
     plane = out.shape[2] * out.shape[3]
     n = num * plane
+    if out.size == 0:                   # an empty batch: no launch (a grid of 0 fails)
+        return
+    prepared = prepare_weights(xp, weight, transposed)
+    n_out = prepared.shape[0]
     name, tile_m, tile_n = tile_kernel(n_out)
     grid = -(-n_out // tile_m) * -(-n // tile_n)
     (kh, kw), (sh, sw) = geom.kernel, geom.stride
@@ -114,26 +116,40 @@ def forward(xp, image, weight, out, geom, bias=None, transposed=False):
 
 # Weight gradients: the pixels are split into runs so that about this many blocks per
 # multiprocessor work at once (a layer has few output tiles: conv1_2's 64 x 576 is one
-# row of five), each run at least MIN_SPLIT_PIXELS long. SPLITS forces a count (tests).
-BLOCKS_PER_SM = 4
+# row of five; __launch_bounds__(256, 2) fits two blocks per multiprocessor), each run at
+# least MIN_SPLIT_PIXELS long. The count follows the GPU's multiprocessors, so the bits
+# of a weight gradient are the same on every run of one GPU model, not across models.
+# SPLITS forces a count (tests).
+BLOCKS_PER_SM = 2
 MIN_SPLIT_PIXELS = 256
 SPLITS = None
 WGRAD_TILE = 128
+_MULTIPROCESSOR_COUNT = 16       # cudaDevAttrMultiProcessorCount
+_multiprocessors_per_device = {}
 
 
 def _multiprocessors(xp):
-    try:
-        return int(xp.cuda.Device().attributes["MultiProcessorCount"])
-    except (AttributeError, KeyError, TypeError):
-        return 1        # the emulator
+    """The device's multiprocessor count (1 for the emulator), asked once per device."""
+    runtime = getattr(getattr(xp, "cuda", None), "runtime", None)
+    if runtime is None or not hasattr(runtime, "deviceGetAttribute"):
+        return 1
+    device = xp.cuda.Device().id
+    count = _multiprocessors_per_device.get(device)
+    if count is None:
+        count = _multiprocessors_per_device[device] = int(
+            runtime.deviceGetAttribute(_MULTIPROCESSOR_COUNT, device))
+    return count
 
 
-def weight_splits(xp, tiles, pixels):
-    """How many runs of pixels a weight gradient of ``tiles`` output tiles uses."""
+def weight_splits(xp, tiles, pixels, row_elements):
+    """How many runs of pixels a weight gradient of ``tiles`` output tiles uses (its
+    partial products, ``row_elements`` each, must stay within the kernels' int range)."""
     if SPLITS is not None:
-        return max(1, min(SPLITS, pixels))
-    wanted = -(-BLOCKS_PER_SM * _multiprocessors(xp) // tiles)
-    return max(1, min(wanted, pixels // MIN_SPLIT_PIXELS))
+        wanted = SPLITS
+    else:
+        wanted = min(-(-BLOCKS_PER_SM * _multiprocessors(xp) // tiles),
+                     pixels // MIN_SPLIT_PIXELS)
+    return max(1, min(wanted, pixels, (kernels.MAX_ELEMENTS - 1) // row_elements))
 
 
 def weight_grad(xp, image, grid, weight_diff, geom):
@@ -144,21 +160,25 @@ def weight_grad(xp, image, grid, weight_diff, geom):
     n_out = grid.shape[1]
     plane = grid.shape[2] * grid.shape[3]
     pixels = num * plane
+    if pixels == 0 or n_out == 0:       # an empty batch: nothing to add
+        return
     c_pad = padded_channels(channels)
     k = geom.taps * c_pad
     tiles = -(-n_out // WGRAD_TILE) * -(-k // WGRAD_TILE)
-    splits = weight_splits(xp, tiles, pixels)
+    splits = weight_splits(xp, tiles, pixels, n_out * k)
     chunk = -(-(-(-pixels // splits)) // CHANNEL_ALIGN) * CHANNEL_ALIGN
     splits = -(-pixels // chunk)
-    partial = xp.empty((splits, n_out, k), image.dtype)
+    direct = splits == 1      # one run adds its product into the diff itself
+    partial = weight_diff if direct else xp.empty((splits, n_out, k), image.dtype)
     (kh, kw), (sh, sw) = geom.kernel, geom.stride
     (ph, pw), (dh, dw) = geom.pad, geom.dilation
     kernels.launch("conv_igemm", "conv_igemm_wgrad", image.dtype, partial.size, image, grid,
                    num, channels, height, width, kh, kw, dh, dw, c_pad, n_out,
-                   grid.shape[3], plane, sh, sw, ph, pw, chunk, partial,
+                   grid.shape[3], plane, sh, sw, ph, pw, chunk, int(direct), partial,
                    grid=tiles * splits, block=THREADS)
-    kernels.launch("conv_igemm", "conv_igemm_wgrad_sum", image.dtype, weight_diff.size,
-                   partial, splits, channels, geom.taps, c_pad, weight_diff)
+    if not direct:
+        kernels.launch("conv_igemm", "conv_igemm_wgrad_sum", image.dtype, weight_diff.size,
+                       partial, splits, channels, geom.taps, c_pad, weight_diff)
 
 
 def transposed(xp, grid, weight, image, geom):
