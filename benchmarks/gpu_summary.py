@@ -199,8 +199,10 @@ def ncu_lines(text, limit=60):
 
 def implicit_default_verdict(rows, tests_ok, igemm):
     """Whether the implicit-GEMM convolution should become the TF32 default: the tests
-    pass, its results agree with im2col's (conv_igemm.json), and every TF32 row of the
-    caffelite-implicit engine is faster than the default path's (caffelite-graphs)."""
+    pass, its results agree with im2col's (conv_igemm.json), no TF32 row of the
+    caffelite-implicit engine is more than 2 % slower than the default path's
+    (caffelite-graphs; small layers keep im2col, so some rows barely change) and at least
+    one is 5 % faster."""
     reasons = []
     if not tests_ok:
         reasons.append("pytest -m gpu did not pass")
@@ -217,20 +219,25 @@ def implicit_default_verdict(rows, tests_ok, igemm):
                      and r["precision"] == "tf32"]
     if not implicit_rows:
         reasons.append("no TF32 caffelite-implicit rows were measured")
+    faster = False
     for row in implicit_rows:
         label = " ".join(str(x) for x in _key(row))
         base = next((r for r in rows if _key(r) == _key(row)
                      and r["engine"] == "caffelite-graphs"), None)
         if not _timed(row) or not _timed(base):
             reasons.append(f"{label}: {_why(row) if not _timed(row) else 'no graphs row'}")
-        elif row["median_s"] >= base["median_s"] * 0.98:
-            reasons.append(f"{label}: {row['median_s']:.4f} s, not faster than "
+        elif row["median_s"] > base["median_s"] * 1.02:
+            reasons.append(f"{label}: {row['median_s']:.4f} s, slower than "
                            f"{base['median_s']:.4f} s")
+        faster = faster or (_timed(row) and _timed(base)
+                            and row["median_s"] <= base["median_s"] * 0.95)
+    if implicit_rows and not faster:
+        reasons.append("no TF32 row 5 % faster")
     if reasons:
         return "make the implicit-GEMM convolution the TF32 default: NO (" + \
             "; ".join(reasons) + ")"
     return ("make the implicit-GEMM convolution the TF32 default: YES (tests pass, results "
-            "agree, every TF32 row faster)")
+            "agree, no TF32 row slower, some faster)")
 
 
 def kernel_lines(profiles):

@@ -373,6 +373,7 @@ def implicit_on(monkeypatch):
         forward(xp, image, weight, out, geom, bias, transposed)
 
     monkeypatch.setattr(implicit_gemm, "ENABLED", True)
+    monkeypatch.setattr(implicit_gemm, "MIN_TILES_PER_SM", 0)   # small layers, any GPU
     monkeypatch.setattr(implicit_gemm, "forward", spy)
     backend.set_tf32(True)
     try:
@@ -497,6 +498,23 @@ def test_transposed_is_the_adjoint_of_the_convolution():
                              tuple((k - 1) * d - p for k, d, p in zip(kernel, dilation, pad)),
                              dilation)
         np.testing.assert_allclose(dx, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_small_products_keep_im2col_on_a_large_gpu(tmp_path, gpu_mode, implicit_on,
+                                                   monkeypatch):
+    """Forwards and data gradients with fewer output tiles than multiprocessors keep
+    im2col + cuBLAS; the weight gradients (split into pixel runs) stay implicit."""
+    wgrads = []
+    weight_grad = implicit_gemm.weight_grad
+    monkeypatch.setattr(implicit_gemm, "MIN_TILES_PER_SM", 1.0)
+    monkeypatch.setattr(implicit_gemm, "_multiprocessors", lambda xp: 132)
+    monkeypatch.setattr(implicit_gemm, "weight_grad",
+                        lambda *a: (wgrads.append(a[3].shape), weight_grad(*a)))
+    conv_net_pass(tmp_path, gpu_mode)
+    assert implicit_on == []
+    assert wgrads == [(4, 5, 3, 2), (5, 70, 3, 3), (70, 3, 3, 3)]
+    assert implicit_gemm.fills_gpu(None, 512, 10 * 41 * 41)      # ASPP-VGG conv4, batch 10
+    assert not implicit_gemm.fills_gpu(None, 256, 41 * 41)       # ResNet res4, batch 1
 
 
 def test_fp32_and_float64_keep_im2col(tmp_path, gpu_mode, implicit_on):

@@ -294,7 +294,13 @@ def test_gpu_summary_implicit_gemm_verdict(tmp_path):
     assert "    implicit-GEMM convolution: RuntimeError: TF32 only (FP32 keeps im2col)" \
         in lines
     assert lines[-1].startswith("make the implicit-GEMM convolution the TF32 default: YES")
-    # Slower than the default path, or results that disagree: NO, with the reasons.
+    # No row faster: NO; slower than the default path, or results that disagree: NO,
+    # with the reasons.
+    rows[3]["median_s"] = 0.0081
+    (tmp_path / "gpu_train.json").write_text(json.dumps({"rows": rows}))
+    verdict = gpu_summary.summary(str(tmp_path))[-1]
+    assert verdict == ("make the implicit-GEMM convolution the TF32 default: NO (no TF32 "
+                       "row 5 % faster)")
     rows[3]["median_s"] = 0.009
     igemm["rows"][0]["rel_diff"]["forward"] = 0.5
     (tmp_path / "gpu_train.json").write_text(json.dumps({"rows": rows}))
@@ -302,7 +308,7 @@ def test_gpu_summary_implicit_gemm_verdict(tmp_path):
     verdict = gpu_summary.summary(str(tmp_path))[-1]
     assert verdict.startswith("make the implicit-GEMM convolution the TF32 default: NO")
     assert "conv1_2: differs from im2col by 5.0e-01" in verdict
-    assert "ASPP-VGG test tf32: 0.0090 s, not faster than 0.0080 s" in verdict
+    assert "ASPP-VGG test tf32: 0.0090 s, slower than 0.0080 s" in verdict
 
 
 def test_implicit_engine_runs_with_tf32_and_graphs_only():

@@ -470,7 +470,7 @@ def forward_gemm(image, weight, out, geom, group, budget=None, bias=None):
         for n in range(num):
             product(_matrix(image[n], channels), _matrix(out[n], n_out))
         return False
-    if implicit_gemm.applies(xp, geom, image, weight, out, group):
+    if implicit_gemm.applies_forward(xp, geom, image, weight, out, group):
         implicit_gemm.forward(xp, image, weight, out, geom, bias)
         return bias is not None
     windows = tap_gemm.windows_for(xp, geom, image.shape, grid_shape, weight.shape)

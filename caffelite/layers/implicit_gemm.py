@@ -52,11 +52,35 @@ def applies(xp, geom, image, weight, out, group):
             and max(image.size, out.size, prepared_size(weight.shape)) < kernels.MAX_ELEMENTS)
 
 
+def applies_forward(xp, geom, image, weight, out, group):
+    """Whether a forward (``out = conv(image)``) takes the implicit GEMM: ``applies``,
+    and enough output tiles to fill the GPU (``fills_gpu``)."""
+    return (applies(xp, geom, image, weight, out, group)
+            and fills_gpu(xp, out.shape[1], out.shape[0] * out.shape[2] * out.shape[3]))
+
+
 def applies_transposed(xp, geom, grid, weight, image, group):
     """Whether ``image = W^T * grid`` summed over the taps (a convolution's data
-    gradient, a Deconvolution's forward) takes the implicit GEMM: stride 1 only."""
+    gradient, a Deconvolution's forward) takes the implicit GEMM: stride 1 only, and
+    enough tiles of ``image`` to fill the GPU."""
     return (all(s == 1 for s in geom.stride)
-            and applies(xp, geom, grid, weight, image, group))
+            and applies(xp, geom, grid, weight, image, group)
+            and fills_gpu(xp, image.shape[1], image.shape[0] * image.shape[2] * image.shape[3]))
+
+
+# A forward or data gradient with fewer output tiles than this many per multiprocessor
+# keeps im2col + cuBLAS (whose kernels split small products further): ResNet-101's
+# layers at batch 1 on 41 x 41 grids have 28 to 56 tiles for an H200's 132 SMs. The
+# weight gradient needs no such rule: it splits its pixels into runs.
+MIN_TILES_PER_SM = 1.0
+
+
+def fills_gpu(xp, out_channels, pixels):
+    """Whether an implicit product of ``out_channels`` x ``pixels`` has at least
+    MIN_TILES_PER_SM tiles per multiprocessor."""
+    _, tile_m, tile_n = tile_kernel(out_channels)
+    tiles = -(-out_channels // tile_m) * -(-pixels // tile_n)
+    return tiles >= MIN_TILES_PER_SM * _multiprocessors(xp)
 
 
 def padded_channels(channels):
