@@ -1,13 +1,13 @@
 """Per layer: the implicit-GEMM tensor-core convolution (``caffelite/kernels/conv_igemm.cu``)
 against im2col + cuBLAS (caffelite's TF32 path) and cuDNN (PyTorch), in TF32.
 
-For each 3x3 convolution of ASPP-VGG's training step (DeepLab v2 ``deeplabv2_vgg16_aspp_l``,
-batch 10 at 321x321: conv1_1 to conv5_3 and the four fc6 branches at dilations 6, 12, 18
-and 24; layers of the same shape once, with their count) it times the forward, the data
-gradient and the weight gradient: caffelite with ``implicit_gemm.ENABLED`` off and on, and torch's
-``conv2d`` / ``conv2d_input`` / ``conv2d_weight`` (cuDNN, ``cudnn.benchmark``, TF32
-allowed); the forward
-also with each tile shape forced (``implicit-wide``, ``implicit-narrow``). Medians of
+For each 3x3 convolution of ASPP-VGG's training step (DeepLab v2
+``deeplabv2_vgg16_aspp_l``, batch 10 at 321x321: conv1_1 to conv5_3 and the four fc6
+branches at dilations 6, 12, 18 and 24; layers of the same shape once, with their count)
+it times the forward, the data gradient and the weight gradient: caffelite with
+``implicit_gemm.ENABLED`` off and on, and torch's ``conv2d`` / ``conv2d_input`` /
+``conv2d_weight`` (cuDNN, ``cudnn.benchmark``, TF32 allowed); the forward also with each
+tile shape forced (``implicit-wide``, ``implicit-narrow``). Medians of
 ``--repeats`` timings of ``--calls`` calls each (CUDA events), after one warm-up call.
 Each row also gives the implicit result's largest difference from the im2col one,
 relative to the largest im2col value (both are TF32: about 1e-3 is expected; far more
@@ -222,7 +222,8 @@ def row_line(row):
     for what in PASSES:
         cells = [f"{e} {ms[f'{what}/{e}']:.3f}" for e in ("im2col", "implicit", "cudnn")
                  if f"{what}/{e}" in ms]
-        parts.append(f"{what}: " + ", ".join(cells) + f" ms (diff {row['rel_diff'][what]:.1e})")
+        parts.append(f"{what}: " + ", ".join(cells) +
+                     f" ms (diff {row['rel_diff'][what]:.1e})")
     return "; ".join(parts)
 
 

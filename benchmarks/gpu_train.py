@@ -603,6 +603,17 @@ def bench_train(dev, key, args, clock, rates, rows):
     dev.free()
 
 
+@contextlib.contextmanager
+def setting(module, attr, value):
+    """``module.attr`` set to ``value`` for the ``with`` block."""
+    saved = getattr(module, attr)
+    setattr(module, attr, value)
+    try:
+        yield
+    finally:
+        setattr(module, attr, saved)
+
+
 def with_setting(module, attr, value, run, needs=None,
                  unneeded="same as caffelite for this net"):
     """``run`` with ``module.attr`` set to ``value`` (a before/after measurement);
@@ -611,12 +622,8 @@ def with_setting(module, attr, value, run, needs=None,
     def wrapped(seconds):
         if needs is not None and not needs():
             raise RuntimeError(unneeded)
-        saved = getattr(module, attr)
-        setattr(module, attr, value)
-        try:
+        with setting(module, attr, value):
             return run(seconds)
-        finally:
-            setattr(module, attr, saved)
     return wrapped
 
 
@@ -647,12 +654,8 @@ def implicit_step(solver):
     from caffelite.layers import implicit_gemm
 
     def step():
-        saved = implicit_gemm.ENABLED
-        implicit_gemm.ENABLED = True
-        try:
+        with setting(implicit_gemm, "ENABLED", True):
             solver.step(1)
-        finally:
-            implicit_gemm.ENABLED = saved
     return step
 
 

@@ -19,7 +19,8 @@ import pytest
 import caffelite
 from caffelite import backend
 from caffelite.layers import implicit_gemm
-from caffelite.layers.implicit_gemm import CHANNEL_ALIGN, NARROW, THREADS, WIDE
+from caffelite.layers.implicit_gemm import (CHANNEL_ALIGN, NARROW, THREADS, WIDE,
+                                            padded_channels, pixel_runs)
 from caffelite.layers.im2col import ConvGeometry
 from gpu_modes import gpu_mode, host_kernels_for  # noqa: F401  (gpu_mode: a fixture)
 
@@ -94,7 +95,7 @@ def prepare(kern, w, transposed=False):
     if transposed:
         n_out, channels = channels, n_out
     taps = w.shape[2] * w.shape[3]
-    c_pad = -(-channels // CHANNEL_ALIGN) * CHANNEL_ALIGN
+    c_pad = padded_channels(channels)
     prepared = np.full((n_out, taps, c_pad), np.nan, w.dtype)
     kern.run(MODULE, "conv_igemm_weights", w.dtype, prepared.size, np.ascontiguousarray(w),
              n_out, channels, taps, c_pad, int(transposed), prepared)
@@ -148,10 +149,8 @@ def run_wgrad(kern, x, g, kernel, stride, pad, dilation, splits, base):
     num, channels, height, width = x.shape
     n_out, (oh, ow) = g.shape[1], g.shape[2:]
     taps = kernel[0] * kernel[1]
-    c_pad = -(-channels // CHANNEL_ALIGN) * CHANNEL_ALIGN
-    pixels = num * oh * ow
-    chunk = -(-(-(-pixels // splits)) // CHANNEL_ALIGN) * CHANNEL_ALIGN
-    splits = -(-pixels // chunk)
+    c_pad = padded_channels(channels)
+    chunk, splits = pixel_runs(num * oh * ow, splits)
     tiles = -(-n_out // 128) * -(-(taps * c_pad) // 128)
     out = base.copy()
     direct = splits == 1
@@ -513,8 +512,8 @@ def test_small_products_keep_im2col_on_a_large_gpu(tmp_path, gpu_mode, implicit_
     conv_net_pass(tmp_path, gpu_mode)
     assert implicit_on == []
     assert wgrads == [(4, 5, 3, 2), (5, 70, 3, 3), (70, 3, 3, 3)]
-    assert implicit_gemm.fills_gpu(None, 512, 10 * 41 * 41)      # ASPP-VGG conv4, batch 10
-    assert not implicit_gemm.fills_gpu(None, 256, 41 * 41)       # ResNet res4, batch 1
+    assert implicit_gemm.fills_gpu(None, (10, 512, 41, 41))      # ASPP-VGG conv4, batch 10
+    assert not implicit_gemm.fills_gpu(None, (1, 256, 41, 41))   # ResNet res4, batch 1
 
 
 def test_fp32_and_float64_keep_im2col(tmp_path, gpu_mode, implicit_on):

@@ -26,6 +26,11 @@
 // has BM = BN = 128 (8 warps, 2 x 4); conv_igemm_forward_narrow BM = 64, BN = 256
 // (1 x 8), for layers with at most 64 output channels.
 
+#ifndef CAFFELITE_KERNEL_LOOP
+#define CAFFELITE_KERNEL_LOOP(i, n) \
+  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += blockDim.x * gridDim.x)
+#endif
+
 #define IGEMM_THREADS 256
 
 // Fragment and accumulator arrays must stay in registers: every loop over them unrolls.
@@ -99,6 +104,16 @@ __device__ __forceinline__ void zero_accumulators(T (&acc)[4][4][4]) {
       for (int i = 0; i < 4; ++i) acc[mi][ni][i] = T(0);
 }
 
+// The displacement of tap r = u * kernel_w + v in the image: (u * dilation_h,
+// v * dilation_w).
+__device__ __forceinline__ void tap_displacement(const int r, const int kernel_w,
+                                                 const int dilation_h, const int dilation_w,
+                                                 int& dy, int& dx) {
+  const int u = r / kernel_w;
+  dy = u * dilation_h;
+  dx = (r - u * kernel_w) * dilation_w;
+}
+
 // store(row, column, value) for each accumulator of a warp's 64 x 32 tile, with its row
 // and column in the block's tile (the PTX layout: rows g, g+8, columns 2t, 2t+1).
 template <typename T, typename Store>
@@ -169,7 +184,8 @@ __device__ __forceinline__ void warp_tile_product(double acc[4][4][4],
         const int r = warp_m + mi * 16 + g + (i >= 2 ? 8 : 0);
         const int c = warp_n + ni * 8 + 2 * t + (i & 1);
         double sum = acc[mi][ni][i];
-        for (int k = 0; k < BK; ++k) sum += a_tile[r][k] * b_entry<B_NK, B_PITCH>(b_tile, k, c);
+        for (int k = 0; k < BK; ++k)
+          sum += a_tile[r][k] * b_entry<B_NK, B_PITCH>(b_tile, k, c);
         acc[mi][ni][i] = sum;
       }
 }
@@ -235,10 +251,7 @@ __device__ __forceinline__ void conv_igemm_body(
     }
   }
   auto tap_of = [&](const int slice, int& dy, int& dx) {
-    const int r = slice * BK / c_pad;
-    const int u = r / kernel_w;
-    dy = u * dilation_h;
-    dx = (r - u * kernel_w) * dilation_w;
+    tap_displacement(slice * BK / c_pad, kernel_w, dilation_h, dilation_w, dy, dx);
   };
   auto skipped = [&](const int slice) {
     int dy, dx;
@@ -327,7 +340,7 @@ __global__ void conv_igemm_weights(const int n, const T* __restrict__ weight,
                                    const int out_channels, const int channels,
                                    const int taps, const int c_pad, const int transposed,
                                    T* __restrict__ prepared) {
-  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += blockDim.x * gridDim.x) {
+  CAFFELITE_KERNEL_LOOP(i, n) {
     const int o = i / (taps * c_pad);
     const int rest = i - o * taps * c_pad;
     const int r = rest / c_pad;
@@ -388,12 +401,13 @@ conv_igemm_wgrad(const int n, const T* __restrict__ image, const T* __restrict__
   if (tid < BN) {
     const int k = k0 + tid;
     const int r = k / c_pad, c = k - r * c_pad;
-    const int u = r / kernel_w;
+    int dy, dx;
+    tap_displacement(r, kernel_w, dilation_h, dilation_w, dy, dx);
     const bool real = k < K && c < channels;
     ColumnTap& column = columns[tid];
-    column.dy = real ? u * dilation_h : -(1 << 29);
-    column.dx = real ? (r - u * kernel_w) * dilation_w : 0;
-    column.offset = real ? c * area + column.dy * width + column.dx : 0;
+    column.dy = real ? dy : -(1 << 29);
+    column.dx = real ? dx : 0;
+    column.offset = real ? c * area + dy * width + dx : 0;
     column.unused = 0;
   }
   __syncthreads();
@@ -478,13 +492,14 @@ __global__ void conv_igemm_wgrad_sum(const int n, const T* __restrict__ partial,
                                      const int c_pad, T* __restrict__ weight_diff) {
   const int K = taps * c_pad;
   const int out_channels = n / (channels * taps);
-  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += blockDim.x * gridDim.x) {
+  CAFFELITE_KERNEL_LOOP(i, n) {
     const int o = i / (taps * channels);
     const int rest = i - o * taps * channels;
     const int r = rest / channels;
     const int c = rest - r * channels;
     T sum = T(0);
-    for (int s = 0; s < splits; ++s) sum += partial[(s * out_channels + o) * K + r * c_pad + c];
+    for (int s = 0; s < splits; ++s)
+      sum += partial[(s * out_channels + o) * K + r * c_pad + c];
     weight_diff[(o * channels + c) * taps + r] += sum;
   }
 }

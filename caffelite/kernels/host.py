@@ -323,21 +323,28 @@ class HostKernels:
 
 
 # ------------------------------------------------------------------ NVRTC (no GPU needed)
+def _nvidia_wheel_dirs(subdirs):
+    """The folders ``subdirs`` of pip's nvidia-* wheels (the ``nvidia`` namespace
+    package) that exist."""
+    try:
+        import nvidia
+    except ImportError:
+        return
+    for root in nvidia.__path__:
+        for sub in subdirs:
+            d = os.path.join(root, sub)
+            if os.path.isdir(d):
+                yield d
+
+
 def _nvrtc_candidates():
     env = os.environ.get("CAFFELITE_NVRTC")
     if env:
         yield env
-    try:
-        import nvidia       # pip's nvidia-cuda-nvrtc wheels (namespace package)
-        for root in nvidia.__path__:
-            for sub in ("cu13/lib", "cu12/lib", "cuda_nvrtc/lib"):
-                d = os.path.join(root, sub)
-                if os.path.isdir(d):
-                    for f in sorted(os.listdir(d)):
-                        if f.startswith("libnvrtc.so"):
-                            yield os.path.join(d, f)
-    except ImportError:
-        pass
+    for d in _nvidia_wheel_dirs(("cu13/lib", "cu12/lib", "cuda_nvrtc/lib")):
+        for f in sorted(os.listdir(d)):
+            if f.startswith("libnvrtc.so"):
+                yield os.path.join(d, f)
     found = ctypes.util.find_library("nvrtc")
     if found:
         yield found
@@ -403,15 +410,9 @@ def ptxas_path():
     env = os.environ.get("CAFFELITE_PTXAS")
     if env:
         return env
-    try:
-        import nvidia
-        for root in nvidia.__path__:
-            for sub in ("cu13/bin", "cuda_nvcc/bin"):
-                path = os.path.join(root, sub, "ptxas")
-                if os.path.isfile(path):
-                    return path
-    except ImportError:
-        pass
+    for d in _nvidia_wheel_dirs(("cu13/bin", "cuda_nvcc/bin")):
+        if os.path.isfile(os.path.join(d, "ptxas")):
+            return os.path.join(d, "ptxas")
     return shutil.which("ptxas")
 
 

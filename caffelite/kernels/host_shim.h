@@ -143,7 +143,9 @@ inline void wait_at(Wait wait, int site, const char* what) {
 }
 
 inline void sync_threads(int line) { wait_at(Wait::kBlockBarrier, line, "__syncthreads"); }
-inline void sync_warp(int site) { wait_at(Wait::kWarpBarrier, site, "a warp-level operation"); }
+inline void sync_warp(int site) {
+  wait_at(Wait::kWarpBarrier, site, "a warp-level operation");
+}
 
 [[noreturn]] inline void misuse(const char* what) {
   std::fprintf(stderr, "caffelite host kernels: block %u: %s\n", blockIdx.x, what);

@@ -20,8 +20,9 @@ gathers each pixel's taps last to first (Caffe's GPU order), so it may differ fr
 numpy ``col2im`` in the last bits.  N-D convolutions use the slices on both sides.
 Device convolutions whose taps mostly reach the zero padding (large dilations on small
 grids) skip im2col: one GEMM per tap over the outputs it reaches (``tap_gemm``). With
-TF32 on and ``implicit_gemm.ENABLED``, a device forward gathers its columns inside a
-tensor-core kernel instead (``implicit_gemm``).
+TF32 on and ``implicit_gemm.ENABLED``, device forwards, stride-1 data gradients and
+weight gradients gather their columns inside tensor-core kernels instead
+(``implicit_gemm``).
 """
 import itertools
 import os

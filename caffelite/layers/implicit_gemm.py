@@ -55,8 +55,7 @@ def applies(xp, geom, image, weight, out, group):
 def applies_forward(xp, geom, image, weight, out, group):
     """Whether a forward (``out = conv(image)``) takes the implicit GEMM: ``applies``,
     and enough output tiles to fill the GPU (``fills_gpu``)."""
-    return (applies(xp, geom, image, weight, out, group)
-            and fills_gpu(xp, out.shape[1], out.shape[0] * out.shape[2] * out.shape[3]))
+    return applies(xp, geom, image, weight, out, group) and fills_gpu(xp, out.shape)
 
 
 def applies_transposed(xp, geom, grid, weight, image, group):
@@ -64,8 +63,7 @@ def applies_transposed(xp, geom, grid, weight, image, group):
     gradient, a Deconvolution's forward) takes the implicit GEMM: stride 1 only, and
     enough tiles of ``image`` to fill the GPU."""
     return (all(s == 1 for s in geom.stride)
-            and applies(xp, geom, grid, weight, image, group)
-            and fills_gpu(xp, image.shape[1], image.shape[0] * image.shape[2] * image.shape[3]))
+            and applies(xp, geom, grid, weight, image, group) and fills_gpu(xp, image.shape))
 
 
 # A forward or data gradient with fewer output tiles than this many per multiprocessor
@@ -75,16 +73,28 @@ def applies_transposed(xp, geom, grid, weight, image, group):
 MIN_TILES_PER_SM = 1.0
 
 
-def fills_gpu(xp, out_channels, pixels):
-    """Whether an implicit product of ``out_channels`` x ``pixels`` has at least
+def fills_gpu(xp, out_shape):
+    """Whether an implicit product into an (N, O, H, W) output has at least
     MIN_TILES_PER_SM tiles per multiprocessor."""
+    num, out_channels, height, width = out_shape
     _, tile_m, tile_n = tile_kernel(out_channels)
-    tiles = -(-out_channels // tile_m) * -(-pixels // tile_n)
+    tiles = -(-out_channels // tile_m) * -(-num * height * width // tile_n)
     return tiles >= MIN_TILES_PER_SM * _multiprocessors(xp)
 
 
+def _round_up(value, multiple):
+    return -(-value // multiple) * multiple
+
+
 def padded_channels(channels):
-    return -(-channels // CHANNEL_ALIGN) * CHANNEL_ALIGN
+    return _round_up(channels, CHANNEL_ALIGN)
+
+
+def pixel_runs(pixels, splits):
+    """(run length, run count) for ``pixels`` split into about ``splits`` runs whose
+    length is a multiple of 16 (the kernel's slices; the last run may be shorter)."""
+    chunk = _round_up(-(-pixels // splits), CHANNEL_ALIGN)
+    return chunk, -(-pixels // chunk)
 
 
 def prepared_size(weight_shape):
@@ -189,9 +199,7 @@ def weight_grad(xp, image, grid, weight_diff, geom):
     c_pad = padded_channels(channels)
     k = geom.taps * c_pad
     tiles = -(-n_out // WGRAD_TILE) * -(-k // WGRAD_TILE)
-    splits = weight_splits(xp, tiles, pixels, n_out * k)
-    chunk = -(-(-(-pixels // splits)) // CHANNEL_ALIGN) * CHANNEL_ALIGN
-    splits = -(-pixels // chunk)
+    chunk, splits = pixel_runs(pixels, weight_splits(xp, tiles, pixels, n_out * k))
     direct = splits == 1      # one run adds its product into the diff itself
     partial = weight_diff if direct else xp.empty((splits, n_out, k), image.dtype)
     (kh, kw), (sh, sw) = geom.kernel, geom.stride
