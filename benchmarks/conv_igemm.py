@@ -7,7 +7,9 @@ branches at dilations 6, 12, 18 and 24; layers of the same shape once, with thei
 it times the forward, the data gradient and the weight gradient: caffelite with
 ``implicit_gemm.ENABLED`` off and on, and torch's ``conv2d`` / ``conv2d_input`` /
 ``conv2d_weight`` (cuDNN, ``cudnn.benchmark``, TF32 allowed); the forward also with each
-tile shape forced (``implicit-wide``, ``implicit-narrow``). Medians of
+tile shape of ``implicit_gemm.TILES`` forced (``implicit-wide``, ``implicit-narrow``,
+``implicit-quad``; the quad tile's weight gradient too), each with its own difference
+from im2col (``tile_rel_diff``: ``quad``, ``quad/weight_grad`` ...). Medians of
 ``--repeats`` timings of ``--calls`` calls each (CUDA events), after one warm-up call.
 Each row also gives the implicit result's largest difference from the im2col one,
 relative to the largest im2col value (both are TF32: about 1e-3 is expected; far more
@@ -106,8 +108,9 @@ PASSES = ("forward", "data_grad", "weight_grad")
 
 
 def caffelite_paths(xp, clock, x, w, b, out, g, dx, dw, geom):
-    """{(pass, engine): ms}, and the implicit results' relative differences."""
-    times, diffs = {}, {}
+    """{(pass, engine): ms}, the implicit results' relative differences and those of each
+    forced tile's forward."""
+    times, diffs, tile_diffs = {}, {}, {}
     results = {}
     for implicit in (False, True):
         implicit_gemm.ENABLED = implicit
@@ -130,18 +133,33 @@ def caffelite_paths(xp, clock, x, w, b, out, g, dx, dw, geom):
         results["data_grad", engine] = backend.to_host(dx).copy()
         times["weight_grad", engine] = clock.ms(weight_grad, backend.synchronize)
         results["weight_grad", engine] = backend.to_host(dw).copy()
-    for tile in ("wide", "narrow"):         # each tile shape forced, forward only
+    for tile in implicit_gemm.TILES:        # each tile shape forced, forward only
         implicit_gemm.TILE = tile
         try:
+            out.fill(np.nan)
             times["forward", f"implicit-{tile}"] = clock.ms(forward, backend.synchronize)
+            results["forward", tile] = backend.to_host(out).copy()
+            if implicit_gemm.wgrad_tile() is not implicit_gemm.WGRAD:   # its own too
+                times["weight_grad", f"implicit-{tile}"] = clock.ms(weight_grad,
+                                                                   backend.synchronize)
+                results["weight_grad", tile] = backend.to_host(dw).copy()
         finally:
             implicit_gemm.TILE = None
     implicit_gemm.ENABLED = False
     for what in PASSES:
-        ref = results[what, "im2col"]
-        diffs[what] = float(np.max(np.abs(results[what, "implicit"] - ref)) /
-                            max(float(np.max(np.abs(ref))), 1e-30))
-    return times, diffs
+        diffs[what] = relative_difference(results[what, "implicit"], results[what, "im2col"])
+    for (what, tile), result in results.items():
+        if tile in implicit_gemm.TILES:
+            key = tile if what == "forward" else f"{tile}/{what}"
+            tile_diffs[key] = relative_difference(result, results[what, "im2col"])
+    return times, diffs, tile_diffs
+
+
+def relative_difference(result, reference):
+    """The largest |result - reference| relative to the largest |reference| (NaN, an
+    unwritten element, gives NaN)."""
+    return float(np.max(np.abs(result - reference)) /
+                 max(float(np.max(np.abs(reference))), 1e-30))
 
 
 def torch_paths(torch, clock, x, w, b, g, pad):
@@ -199,11 +217,13 @@ def measure(args):
                "dilation": dilation,
                "gflop": 2 * args.batch * outputs * channels * 9 * size * size / 1e9}
         try:
-            times, diffs = caffelite_paths(xp, clock, x, w, b, out, g, dx, dw, geom)
+            times, diffs, tile_diffs = caffelite_paths(xp, clock, x, w, b, out, g, dx, dw,
+                                                       geom)
             if torch is not None:
                 times.update(torch_paths(torch, clock, x, w, b, g, dilation))
             row["ms"] = {f"{p}/{e}": t for (p, e), t in times.items()}
             row["rel_diff"] = diffs
+            row["tile_rel_diff"] = tile_diffs
         except Exception as e:                 # noqa: BLE001 (reported in the row)
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         rows.append(row)

@@ -71,12 +71,13 @@ fi
 echo "== benchmarks/conv_igemm.py"
 timeout "${IGEMM_BENCH_TIMEOUT:-60}" python3 benchmarks/conv_igemm.py --repeats 3 \
   --json "$out/conv_igemm.json" 2>&1 | tee "$out/conv_igemm.md" | tail -25
-# Nsight Compute on the implicit-GEMM kernels of two layers (forward and data gradient,
-# warm-up and timed launch each): what limits them, for tuning without more device time.
+# Nsight Compute on the implicit-GEMM kernels of two layers (forward, data gradient,
+# weight gradient and the forward with each tile forced; warm-up and timed launch each):
+# what limits them, for tuning without more device time.
 if command -v ncu >/dev/null 2>&1 && [ "${SKIP_NCU:-0}" != 1 ]; then
   echo "== ncu (conv_igemm kernels of conv1_2 and conv4_2)"
-  timeout "${NCU_TIMEOUT:-45}" ncu --target-processes all -k regex:conv_igemm \
-    --launch-count 8 --section SpeedOfLight --section Occupancy --section LaunchStats \
+  timeout "${NCU_TIMEOUT:-60}" ncu --target-processes all -k 'regex:conv_igemm_(forward|wgrad)' \
+    --launch-count 28 --section SpeedOfLight --section Occupancy --section LaunchStats \
     --section WarpStateStats --section MemoryWorkloadAnalysis_Tables \
     python3 benchmarks/conv_igemm.py --layers conv1_2,conv4_2 --repeats 1 --calls 1 \
     --no-torch >"$out/ncu.txt" 2>&1
@@ -84,8 +85,8 @@ if command -v ncu >/dev/null 2>&1 && [ "${SKIP_NCU:-0}" != 1 ]; then
 fi
 
 echo "== benchmarks/gpu_train.py"
-timeout "${TRAIN_BENCH_TIMEOUT:-235}" python3 benchmarks/gpu_train.py --corpus "$corpus" \
-  ${GPU_TRAIN_ARGS:---budget 175 --iters 3 --no-profile --kernels tf32 --engines caffelite,caffelite-graphs,caffelite-implicit,torch} \
+timeout "${TRAIN_BENCH_TIMEOUT:-220}" python3 benchmarks/gpu_train.py --corpus "$corpus" \
+  ${GPU_TRAIN_ARGS:---budget 160 --iters 3 --no-profile --kernels tf32 --engines caffelite,caffelite-graphs,caffelite-implicit,torch} \
   --json "$out/gpu_train.json" 2>&1 | tee "$out/gpu_train.md" | tail -40
 
 # The GPU CRF was measured on 2026-12-04 (issue 5 resolved): SKIP_CRF=0 measures it again.

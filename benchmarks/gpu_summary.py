@@ -177,12 +177,44 @@ def conv_igemm_lines(result):
     if diffs:
         lines.append(f"conv_igemm.py: implicit vs im2col largest relative difference "
                      f"{max(diffs):.1e}")
+    for what in ("forward", "weight_grad"):
+        tiles = sorted({k.split("/implicit-", 1)[1] for k in totals
+                        if k.startswith(f"{what}/implicit-")})
+        cells = []
+        for tile in tiles:
+            key = tile if what == "forward" else f"{tile}/{what}"
+            worst = max((r.get("tile_rel_diff", {}).get(key, float("nan")) for r in rows
+                         if "ms" in r), default=float("nan"))
+            verdict = "agrees" if worst <= IMPLICIT_MAX_REL_DIFF else "DIFFERS"
+            cells.append(f"{tile} {totals[f'{what}/implicit-{tile}']:.2f} ms "
+                         f"(diff {worst:.1e}: {verdict})")
+        if cells:
+            lines.append(f"conv_igemm.py {what} with each tile forced: " + ", ".join(cells))
+    lines += quad_tile_verdict(rows, totals)
     if errors:
         lines.append("conv_igemm.py errors: " + "; ".join(errors))
     return lines
 
 
-NCU_KEYS = ("conv_igemm_forward", "Duration", "Compute (SM) Throughput",
+def quad_tile_verdict(rows, totals):
+    """Whether the quad tiles (four warps of 64 x 64) should replace the eight-warp wide
+    ones: they agree with im2col and are faster in total, forward and weight gradient."""
+    keys = ("forward/implicit-quad", "forward/implicit-wide", "weight_grad/implicit-quad",
+            "weight_grad/implicit")
+    if not all(k in totals for k in keys):
+        return []
+    worst = max((max(r.get("tile_rel_diff", {}).get(k, float("nan"))
+                     for k in ("quad", "quad/weight_grad")) for r in rows if "ms" in r),
+                default=float("nan"))
+    forward = totals["forward/implicit-quad"] / totals["forward/implicit-wide"]
+    weights = totals["weight_grad/implicit-quad"] / totals["weight_grad/implicit"]
+    yes = worst <= IMPLICIT_MAX_REL_DIFF and forward < 0.97 and weights < 0.97
+    return [f"make the quad tiles the implicit GEMM's default: {'YES' if yes else 'NO'} "
+            f"(quad / wide time: forward {forward:.2f}, weight gradient {weights:.2f}; "
+            f"largest difference {worst:.1e})"]
+
+
+NCU_KEYS = ("conv_igemm_forward", "conv_igemm_wgrad", "Duration", "Compute (SM) Throughput",
             "Memory Throughput", "Achieved Occupancy", "Registers Per Thread",
             "Bank Conflicts")
 

@@ -85,6 +85,8 @@ class Layer:
         self.blobs = []                  # learnable parameter blobs
         self.param_propagate_down = []   # per blob: does backward compute its diff
         self.loss_weights = []           # per top, filled by the Net
+        for i, proto in enumerate(layer_param.blobs):   # Caffe's constructor: the
+            self._load_param_blob(i, proto)              # layer then skips its fillers
 
     # --- the contract -----------------------------------------------------------
     def setup(self, bottom, top):
@@ -114,6 +116,26 @@ class Layer:
         self.blobs.append(blob)
         self.param_propagate_down.append(True)
         return blob
+
+    def _load_param_blob(self, index, proto):
+        """A parameter blob written into the LayerParameter (Blob::FromProto: the legacy
+        num/channels/height/width if any is set, else ``shape``; double_data if given;
+        the diff too)."""
+        if any(proto.HasField(f) for f in ("num", "channels", "height", "width")):
+            shape = (proto.num, proto.channels, proto.height, proto.width)
+        else:
+            shape = tuple(proto.shape.dim)
+        count = int(np.prod(shape, dtype=np.int64))
+        blob = self.new_param_blob(shape)
+        for values, target, what in ((proto.double_data or proto.data, blob.data, "data"),
+                                     (proto.double_diff or proto.diff, blob.diff, "diff")):
+            if len(values) == 0 and what == "diff":
+                continue
+            if len(values) != count:
+                raise LayerError(f"layer '{self.name}': parameter blob {index} in the net "
+                                 f"description has {len(values)} {what} values for its "
+                                 f"shape {shape} ({count} values)")
+            target[...] = np.asarray(values, self.dtype).reshape(shape)
 
     def blobs_loaded(self):
         """True when the Net already gave this layer its parameter blobs (shared or loaded)."""

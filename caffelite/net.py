@@ -357,6 +357,9 @@ class Net:
         except LayerError as e:
             raise NetError(f"{self.source}: {e}") from None
         bottoms, need_backward, bottom_nb = [], False, []
+        if len(lp.propagate_down) not in (0, len(lp.bottom)):
+            raise NetError(f"{self.source}: layer '{lp.name}': propagate_down needs one "
+                           f"value per bottom ({len(lp.bottom)}), or none")
         for j, name in enumerate(lp.bottom):
             if name not in self.blobs:
                 raise NetError(f"{self.source}: layer '{lp.name}': unknown bottom blob '{name}'")
@@ -366,10 +369,9 @@ class Net:
             nb = blob_need_backward.get(name, False)
             need_backward |= nb
             if len(lp.propagate_down):
-                if len(lp.propagate_down) != len(lp.bottom):
-                    raise NetError(f"{self.source}: layer '{lp.name}': propagate_down needs "
-                                   f"one value per bottom")
-                nb = lp.propagate_down[j]
+                # The fork's meaning (BVLC's before April 2016): false skips a bottom's
+                # gradient; true cannot create one that nothing needs.
+                nb = nb and lp.propagate_down[j]
             bottom_nb.append(nb)
         tops = self._make_tops(lp, layer, available)
         logger.info("Setting up %s", lp.name)
@@ -433,7 +435,9 @@ class Net:
             needed = layer.exact_num_top or layer.min_top or 0
             while len(tops) < needed:
                 blob = Blob((), self.dtype)
-                self.blobs.setdefault("(automatic)", blob)
+                # pycaffe's blobs dict over Caffe's blob names: the name keeps its first
+                # place and names the last such blob.
+                self.blobs["(automatic)"] = blob
                 tops.append(blob)
         return tops
 

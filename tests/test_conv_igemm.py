@@ -19,8 +19,8 @@ import pytest
 import caffelite
 from caffelite import backend
 from caffelite.layers import implicit_gemm
-from caffelite.layers.implicit_gemm import (CHANNEL_ALIGN, NARROW, THREADS, WIDE,
-                                            padded_channels, pixel_runs)
+from caffelite.layers.implicit_gemm import (CHANNEL_ALIGN, NARROW, TILES, WGRAD,
+                                            WGRAD_QUAD, WIDE, padded_channels, pixel_runs)
 from caffelite.layers.im2col import ConvGeometry
 from gpu_modes import gpu_mode, host_kernels_for  # noqa: F401  (gpu_mode: a fixture)
 
@@ -112,15 +112,14 @@ def run_igemm(kern, x, w, bias, stride, pad, dilation, kernel_name=None):
     buffer = np.full(size + 2 * MARGIN, SENTINEL, dtype)
     top = buffer[MARGIN:MARGIN + size].reshape(num, n_out, oh, ow)
     top[...] = np.nan
-    name, tile_m, tile_n = {"wide": WIDE, "narrow": NARROW}.get(
-        kernel_name, NARROW if n_out <= NARROW[1] else WIDE)
+    tile = TILES.get(kernel_name, NARROW if n_out <= NARROW.m else WIDE)
     n = num * oh * ow
-    grid = -(-n_out // tile_m) * -(-n // tile_n)
+    grid = -(-n_out // tile.m) * -(-n // tile.n)
     prepared = prepare(kern, w)
-    kern.run(MODULE, name, dtype, n, x, prepared, prepared if bias is None else bias,
+    kern.run(MODULE, tile.kernel, dtype, n, x, prepared, prepared if bias is None else bias,
              channels, height, width, kh, kw, dilation[0], dilation[1], prepared.shape[2],
              n_out, ow, oh * ow, stride[0], stride[1], pad[0], pad[1], int(bias is not None),
-             top, grid=grid, block=THREADS)
+             top, grid=grid, block=tile.threads)
     return top, np.concatenate([buffer[:MARGIN], buffer[-MARGIN:]])
 
 
@@ -143,22 +142,26 @@ def reference_weight_grad(x, g, kernel, stride, pad, dilation, absolute=False):
     return dw
 
 
-def run_wgrad(kern, x, g, kernel, stride, pad, dilation, splits, base):
-    """conv_igemm_wgrad + conv_igemm_wgrad_sum: base + the weight gradient (partial sums
-    poisoned first: every one the sum reads must be written)."""
+WGRAD_TILES = {"wide": WGRAD, "quad": WGRAD_QUAD}
+
+
+def run_wgrad(kern, x, g, kernel, stride, pad, dilation, splits, base, tile="wide"):
+    """conv_igemm_wgrad (or _quad) + conv_igemm_wgrad_sum: base + the weight gradient
+    (partial sums poisoned first: every one the sum reads must be written)."""
+    tile = WGRAD_TILES[tile]
     num, channels, height, width = x.shape
     n_out, (oh, ow) = g.shape[1], g.shape[2:]
     taps = kernel[0] * kernel[1]
     c_pad = padded_channels(channels)
     chunk, splits = pixel_runs(num * oh * ow, splits)
-    tiles = -(-n_out // 128) * -(-(taps * c_pad) // 128)
+    tiles = -(-n_out // tile.m) * -(-(taps * c_pad) // tile.n)
     out = base.copy()
     direct = splits == 1
     partial = out if direct else np.full((splits, n_out, taps * c_pad), np.nan, x.dtype)
-    kern.run(MODULE, "conv_igemm_wgrad", x.dtype, partial.size, x, g, num, channels, height,
+    kern.run(MODULE, tile.kernel, x.dtype, partial.size, x, g, num, channels, height,
              width, kernel[0], kernel[1], dilation[0], dilation[1], c_pad, n_out, ow,
              oh * ow, stride[0], stride[1], pad[0], pad[1], chunk, int(direct), partial,
-             grid=tiles * splits, block=THREADS)
+             grid=tiles * splits, block=tile.threads)
     if not direct:
         kern.run(MODULE, "conv_igemm_wgrad_sum", x.dtype, out.size, partial, splits,
                  channels, taps, c_pad, out)
@@ -185,7 +188,7 @@ def check_written(top, margins):
     assert np.all(margins == SENTINEL), "the kernel wrote outside the top"
 
 
-@pytest.mark.parametrize("tile", ["wide", "narrow"])
+@pytest.mark.parametrize("tile", sorted(TILES))
 @pytest.mark.parametrize("case", CASES, ids=[f"case{i}" for i in range(len(CASES))])
 def test_double_matches_the_definition(kern, case, tile):
     x, w, bias, stride, pad, dilation = random_case(case, np.float64, 1)
@@ -196,7 +199,7 @@ def test_double_matches_the_definition(kern, case, tile):
     assert np.all(np.abs(top - expected) <= bound)
 
 
-@pytest.mark.parametrize("tile", ["wide", "narrow"])
+@pytest.mark.parametrize("tile", sorted(TILES))
 @pytest.mark.parametrize("case", CASES[:3] + CASES[4:6] + CASES[7:],
                          ids=[f"case{i}" for i in (0, 1, 2, 4, 5, 7)])
 def test_float_is_tf32_products_with_float_sums(kern, case, tile, widen=1.0):
@@ -214,11 +217,12 @@ def test_float_is_tf32_products_with_float_sums(kern, case, tile, widen=1.0):
     assert 20 * err.mean() < unrounded.mean()
 
 
+@pytest.mark.parametrize("tile", sorted(WGRAD_TILES))
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("splits", [1, 3])
 @pytest.mark.parametrize("case", [CASES[i] for i in (0, 1, 3, 4, 6, 7)],
                          ids=[f"case{i}" for i in (0, 1, 3, 4, 6, 7)])
-def test_weight_gradient(kern, case, splits, dtype, widen=1.0):
+def test_weight_gradient(kern, case, splits, dtype, tile, widen=1.0):
     """The weight gradient added to a non-zero base: float64 within the summation bound
     of the definition; float32 within the float32 bound of the TF32-rounded operands'
     gradient; one run of pixels (added into the diff directly) or several (summed in
@@ -228,7 +232,7 @@ def test_weight_gradient(kern, case, splits, dtype, widen=1.0):
     oh, ow = output_shape(x.shape[2], x.shape[3], w.shape[2:], stride, pad, dilation)
     g = rng.standard_normal((x.shape[0], w.shape[0], oh, ow)).astype(dtype)
     base = rng.standard_normal(w.shape).astype(dtype)
-    got = run_wgrad(kern, x, g, w.shape[2:], stride, pad, dilation, splits, base)
+    got = run_wgrad(kern, x, g, w.shape[2:], stride, pad, dilation, splits, base, tile)
     xr, gr = (round_tf32(x), round_tf32(g)) if dtype == np.float32 else (x, g)
     expected = base + reference_weight_grad(xr, gr, w.shape[2:], stride, pad, dilation)
     terms = np.abs(base) + reference_weight_grad(xr, gr, w.shape[2:], stride, pad, dilation,
@@ -320,9 +324,10 @@ def test_against_torch_conv2d(kern):
 def test_registers_and_shared_memory_on_hopper():
     """Where NVRTC and ptxas are installed (the nvrtc extra; no GPU needed): the float
     kernels keep their accumulators and fragments in registers (no stack frame, no
-    spills: a spill would cost the tensor cores their operands) and use at most 128
-    registers, so two blocks of 256 threads fit an SM; every instantiation stays within
-    48 KiB of static shared memory (more fails to launch)."""
+    spills: a spill would cost the tensor cores their operands) and use few enough
+    registers that two blocks fit an SM (at most 128 for 256 threads, 255 for the
+    quad tile's 128); every instantiation stays within 48 KiB of static shared memory
+    (more fails to launch)."""
     from caffelite import kernels
     from caffelite.kernels.host import nvrtc_compile, nvrtc_library, ptxas_path, ptxas_usage
     lib, ptxas = nvrtc_library(), ptxas_path()
@@ -336,7 +341,9 @@ def test_registers_and_shared_memory_on_hopper():
         if expression.endswith("<float>"):
             assert use["stack_bytes"] == use["spill_stores"] == use["spill_loads"] == 0, \
                 (expression, use)
-            assert use["registers"] <= 128, (expression, use)
+            threads = next((t.threads for t in (*TILES.values(), *WGRAD_TILES.values())
+                            if expression.startswith(t.kernel + "<")), 256)
+            assert use["registers"] <= min(255, 65536 // (2 * threads)), (expression, use)
 
 
 # ------------------------------------------------------------------ in a net, GPU mode
@@ -547,7 +554,7 @@ def test_reverse_thread_order_gives_the_same_results(kern, monkeypatch):
     """The fibers of a block run last to first between barriers
     (CAFFELITE_HOST_FIBER_ORDER=reverse): a race hidden by one order would show."""
     monkeypatch.setenv("CAFFELITE_HOST_FIBER_ORDER", "reverse")
-    for tile in ("wide", "narrow"):
+    for tile in TILES:
         x, w, bias, stride, pad, dilation = random_case(CASES[4], np.float64, 9)
         top, margins = run_igemm(kern, x, w, bias, stride, pad, dilation, tile)
         check_written(top, margins)
@@ -564,10 +571,12 @@ def test_reverse_thread_order_gives_the_same_results(kern, monkeypatch):
     g = np.random.default_rng(14).standard_normal(run_igemm(
         kern, x, w, None, stride, pad, dilation)[0].shape).astype(np.float32)
     base = np.zeros(w.shape, np.float32)
-    reverse = run_wgrad(kern, x, g, w.shape[2:], stride, pad, dilation, 3, base)
-    monkeypatch.delenv("CAFFELITE_HOST_FIBER_ORDER")
-    np.testing.assert_array_equal(
-        reverse, run_wgrad(kern, x, g, w.shape[2:], stride, pad, dilation, 3, base))
+    for tile in WGRAD_TILES:
+        monkeypatch.setenv("CAFFELITE_HOST_FIBER_ORDER", "reverse")
+        reverse = run_wgrad(kern, x, g, w.shape[2:], stride, pad, dilation, 3, base, tile)
+        monkeypatch.delenv("CAFFELITE_HOST_FIBER_ORDER")
+        np.testing.assert_array_equal(
+            reverse, run_wgrad(kern, x, g, w.shape[2:], stride, pad, dilation, 3, base, tile))
 
 
 BROKEN_BLOCKS = r"""

@@ -22,17 +22,18 @@ def kern():   # noqa: F811  (replaces the host runner for every imported test)
     return DeviceKernels()
 
 
-@pytest.mark.parametrize("tile", ["wide", "narrow"])
+@pytest.mark.parametrize("tile", sorted(host_tests.TILES))
 @pytest.mark.parametrize("case", host_tests.CASES[:3] + host_tests.CASES[4:6] +
                          host_tests.CASES[7:], ids=[f"case{i}" for i in (0, 1, 2, 4, 5, 7)])
 def test_float_is_tf32_products_with_float_sums(kern, case, tile):   # noqa: F811
     host_tests.test_float_is_tf32_products_with_float_sums(kern, case, tile, widen=2.0)
 
 
+@pytest.mark.parametrize("tile", sorted(host_tests.WGRAD_TILES))
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("splits", [1, 3])
 @pytest.mark.parametrize("case", [host_tests.CASES[i] for i in (0, 1, 3, 4, 6, 7)],
                          ids=[f"case{i}" for i in (0, 1, 3, 4, 6, 7)])
-def test_weight_gradient(kern, case, splits, dtype):   # noqa: F811
-    host_tests.test_weight_gradient(kern, case, splits, dtype,
+def test_weight_gradient(kern, case, splits, dtype, tile):   # noqa: F811
+    host_tests.test_weight_gradient(kern, case, splits, dtype, tile,
                                     widen=2.0 if dtype == np.float32 else 1.0)

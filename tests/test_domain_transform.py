@@ -270,6 +270,40 @@ def fork_backward(x, g, dy, ss, sr, k):
     return dx, dg
 
 
+def test_inf_and_nan_beyond_a_samples_region_stay_there():
+    """The fork's loops never read past a sample's valid region, so an Inf in X (or a
+    NaN in the top diff) there, inside a larger sample's region, changes nothing of
+    the smaller sample's region, forward or backward."""
+    rng = np.random.default_rng(12)
+    x = rng.normal(size=(3, 2, 5, 6))
+    g = rng.uniform(0, 2, size=(3, 1, 5, 6))
+    dims = np.array([[3, 4], [5, 2], [5, 6]], float).reshape(3, 2, 1, 1)
+    x[0, 0, 0, 5] = x[0, 1, 4, 0] = np.inf
+    x[1, 0, 2, 3] = np.nan
+    _, _, _, y = forward(x, g, dims, spatial_sigma=8, range_sigma=120, num_iter=3)
+    want = reference(x, g, dims, 8, 120, 3)
+    np.testing.assert_allclose(y[0, :, :3, :4], want[0, :, :3, :4], rtol=1e-12)
+    np.testing.assert_allclose(y[1, :, :, :2], want[1, :, :, :2], rtol=1e-12)
+    assert np.all(np.isfinite(y[0, :, :3, :4])) and np.all(np.isfinite(y[1, :, :, :2]))
+
+    finite = x.copy()
+    finite[~np.isfinite(finite)] = 0
+    dy = rng.normal(size=x.shape)
+    dy_poisoned = dy.copy()
+    dy_poisoned[0, 1, 0, 4] = dy_poisoned[1, 0, 3, 5] = np.nan
+    grads = []
+    for top_diff in (dy, dy_poisoned):
+        layer, bottom, top, _ = forward(finite, g, dims, spatial_sigma=8, range_sigma=120,
+                                        num_iter=3)
+        top[0].diff[...] = top_diff
+        layer.backward(top, [True, True, False], bottom)
+        grads.append((bottom[0].diff.copy(), bottom[1].diff.copy()))
+    (dx, dg), (dx_p, dg_p) = grads
+    for n, (h, w) in enumerate([(3, 4), (5, 2)]):
+        np.testing.assert_array_equal(dx_p[n, :, :h, :w], dx[n, :, :h, :w])
+        np.testing.assert_array_equal(dg_p[n, :, :h, :w], dg[n, :, :h, :w])
+
+
 def test_backward_is_the_forks_arithmetic_for_several_channels():
     """dX and dG bit for bit against the fork's loops in float32 (written here): the
     guide's gradient sums every channel's passes into one running weight_diff."""

@@ -67,17 +67,42 @@ def test_sum_is_exact_in_float32_for_unit_coefficients():
     'type: "Eltwise" eltwise_param { coeff: 2 coeff: -1 coeff: 0.5 }'])
 @pytest.mark.parametrize("which", [0, 1, 2])
 def test_sum_in_place_on_any_bottom(text, which):
-    """Top may be any of the bottoms (Caffe allows it): the sum still reads every
-    bottom before it is overwritten, in Caffe's order ((c0 x0 + c1 x1) + c2 x2)."""
+    """Top may be any of the bottoms (Caffe allows it). Caffe's Forward_cpu (and _gpu)
+    clears the top first (caffe_set 0), then adds c_i * bottom_i in order (axpy), so
+    the bottom that is the top enters as the partial sum accumulated so far."""
     arrays = [randn(seed=10 + i) for i in range(3)]
     coeffs = [np.float32(c) for c in ((2, -1, 0.5) if "coeff" in text else (1, 1, 1))]
-    expected = (coeffs[0] * arrays[0] + coeffs[1] * arrays[1]) + coeffs[2] * arrays[2]
+    expected = np.zeros_like(arrays[0])
+    for i, (x, c) in enumerate(zip(arrays, coeffs)):
+        expected = expected + c * (expected if i == which else x)
     layer = make_layer(text, TEST, np.float32)
     bottom, _ = setup_layer(layer, arrays, 1, np.float32)
     top = [bottom[which]]
     layer.reshape(bottom, top)
     layer.forward(bottom, top)
     np.testing.assert_array_equal(top[0].data, expected)
+
+
+@pytest.mark.parametrize("which", [0, 1, 2])
+def test_max_in_place_clears_the_top_to_minus_flt_max_first(which):
+    """Caffe's Forward_cpu sets the top to -FLT_MAX before comparing bottoms 0 and 1,
+    so the bottom that is the top takes part as -FLT_MAX (its CPU tie rules: bottom 1
+    wins ties with bottom 0, later bottoms only when strictly greater)."""
+    arrays = [randn(seed=20 + i) for i in range(3)]
+    values = [np.full_like(a, -np.finfo(np.float32).max) if i == which else a
+              for i, a in enumerate(arrays)]
+    expected = np.where(values[0] > values[1], values[0], values[1])
+    index = np.where(values[0] > values[1], 0, 1)
+    wins = values[2] > expected
+    expected, index = np.where(wins, values[2], expected), np.where(wins, 2, index)
+    layer = make_layer('type: "Eltwise" eltwise_param { operation: MAX }', TEST, np.float32)
+    bottom, _ = setup_layer(layer, arrays, 1, np.float32)
+    top = [bottom[which]]
+    layer.reshape(bottom, top)
+    layer.forward(bottom, top)
+    np.testing.assert_array_equal(top[0].data, expected)
+    np.testing.assert_array_equal(layer.max_idx, index)
+
 
 # ------------------------------------------------------------------ gradients
 @pytest.mark.parametrize("text,n", [

@@ -692,9 +692,84 @@ def misc_cases():
     ]
 
 
+def index_cases():
+    """SPP, Im2col, Reduction, BatchReindex, Filter, Embed."""
+    def reindex_bottoms(rng):
+        return [rng.standard_normal((4, 2, 3)), np.array([3.0, 0.0, 3.0, 1.0, 3.0])]
+
+    def filter_bottoms(rng):
+        return [rng.standard_normal((5, 2, 3)), rng.standard_normal((5, 4)),
+                np.array([0.0, 1.0, 0.0, -2.0, 1.0]).reshape(5, 1)]
+    return [
+        Case("SPP_max", 'type: "SPP" spp_param { pyramid_height: 3 pool: MAX }',
+             several(normal(2, 3, 7, 6))),
+        Case("SPP_ave_float64", 'type: "SPP" spp_param { pyramid_height: 2 pool: AVE }',
+             several(normal(2, 3, 5, 7)), dtype=F64),
+        Case("SPP_single_level", 'type: "SPP" spp_param { pyramid_height: 1 pool: MAX }',
+             several(normal(2, 3, 5, 4))),
+        Case("Im2col_dilated_pad_stride", 'type: "Im2col" convolution_param { kernel_h: 3 '
+             'kernel_w: 2 pad: 2 stride: 2 dilation: 2 }', several(normal(2, 3, 9, 8)),
+             bwd=taps_bound(6), cuda_bwd=taps_bound(6)),
+        Case("Im2col_3d_axis2", 'type: "Im2col" convolution_param { axis: 2 kernel_size: 2 '
+             'pad: 1 stride: 2 }', several(normal(2, 2, 3, 4, 5, 3))),
+        Case("Reduction_sum_all", 'type: "Reduction" reduction_param { coeff: 0.5 }',
+             several(normal(2, 3, 4)), cuda_fwd=Bound(26, "abs")),
+        Case("Reduction_asum_axis1", 'type: "Reduction" reduction_param { operation: ASUM '
+             'axis: 1 }', several(normal(2, 3, 4)), cuda_fwd=Bound(14, "abs")),
+        Case("Reduction_sumsq_axis_last_float64", 'type: "Reduction" reduction_param { '
+             'operation: SUMSQ axis: -1 coeff: -2 }', several(normal(2, 3, 4)), dtype=F64,
+             cuda_fwd=Bound(6, "abs")),
+        Case("Reduction_mean_axis2", 'type: "Reduction" reduction_param { operation: MEAN '
+             'axis: 2 coeff: 3 }', several(normal(2, 3, 4, 5)), cuda_fwd=Bound(22, "abs")),
+        Case("BatchReindex_repeats", 'type: "BatchReindex"', reindex_bottoms,
+             propagate=[True, False]),
+        Case("Filter_two_bottoms", 'type: "Filter"', filter_bottoms, num_top=2,
+             propagate=[True, True, False]),
+        Case("Embed", 'type: "Embed" embed_param { num_output: 3 input_dim: 4 }',
+             several(integers(0, 4, 2, 3)), propagate=[False], cuda_bwd=Bound(8, "abs")),
+        Case("Embed_no_bias_float64", 'type: "Embed" embed_param { num_output: 2 '
+             'input_dim: 5 bias_term: false }', several(integers(0, 5, 7)), dtype=F64,
+             propagate=[False]),
+    ]
+
+
+def classic_loss_cases():
+    """HingeLoss, MultinomialLogisticLoss, InfogainLoss, ContrastiveLoss."""
+    def probs(*shape):
+        def make(rng):
+            p = rng.random(shape) + 0.05
+            return p / p.sum(axis=1, keepdims=True)
+        return make
+
+    def pairs(rng):
+        return [rng.standard_normal((5, 3, 1, 1)), rng.standard_normal((5, 3, 1, 1)),
+                np.array([1, 0, 1, 0, 0], float).reshape(5, 1, 1, 1)]
+    return [
+        Case("HingeLoss_L1", 'type: "HingeLoss"', several(normal(3, 5), integers(0, 5, 3)),
+             propagate=[True, False], cuda_fwd=Bound(16, "scale")),
+        Case("HingeLoss_L2", 'type: "HingeLoss" hinge_loss_param { norm: L2 }',
+             several(normal(3, 2, 2, 2), integers(0, 8, 3, 1, 1, 1)),
+             propagate=[True, False], cuda_fwd=Bound(16, "scale")),
+        Case("MultinomialLogisticLoss", 'type: "MultinomialLogisticLoss"',
+             several(probs(4, 5), integers(0, 5, 4)), propagate=[True, False],
+             fwd=Bound(32, "scale"), cuda_fwd=Bound(32, "scale")),
+        Case("InfogainLoss_bottom_matrix", 'type: "InfogainLoss"',
+             lambda rng: [probs(4, 3)(rng), integers(0, 3, 4)(rng),
+                          rng.random((1, 1, 3, 3))],
+             propagate=[True, False, False], fwd=Bound(32, "scale"),
+             cuda_fwd=Bound(32, "scale")),
+        Case("ContrastiveLoss", 'type: "ContrastiveLoss" contrastive_loss_param '
+             '{ margin: 2 }', pairs, propagate=[True, True, False], fwd=Bound(32, "scale"),
+             cuda_fwd=Bound(32, "scale"), cuda_bwd=Bound(16, "scale")),
+        Case("ContrastiveLoss_legacy", 'type: "ContrastiveLoss" contrastive_loss_param '
+             '{ margin: 4 legacy_version: true }', pairs, propagate=[True, True, False],
+             cuda_fwd=Bound(32, "scale"), cuda_bwd=Bound(16, "scale")),
+    ]
+
+
 CASES = (conv_cases() + pooling_cases() + interp_cases() + softmax_cases() + swl_cases() +
          neuron_cases() + normalization_cases() + structure_cases() + eltwise_cases() +
-         misc_cases())
+         misc_cases() + index_cases() + classic_loss_cases())
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
@@ -1121,7 +1196,7 @@ def test_conv_workspace_is_stable_across_iterations(device, tmp_path):
 # Host-only layer types (runs_on_device = False): data and file layers, Python layers,
 # the dense CRF, SSD's box layers, Accuracy and UniqueLabel.
 HOST_ONLY = {"Accuracy", "Data", "DenseCRF", "DetectionOutput", "DummyData", "HDF5Data",
-             "ImageData", "ImageSegData", "MatRead", "MatWrite", "MemoryData", "PriorBox",
+             "HDF5Output", "ImageData", "ImageSegData", "MatRead", "MatWrite", "MemoryData", "PriorBox",
              "Python", "UniqueLabel", "VideoSegData", "WindowData"}
 # Device layer types covered by a dedicated test above rather than by CASES.
 SPECIAL = {"Dropout"}

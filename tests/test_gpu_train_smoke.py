@@ -272,10 +272,14 @@ def test_gpu_summary_implicit_gemm_verdict(tmp_path):
             dict(_row("caffelite-implicit", "fp32", 0),
                  error="RuntimeError: TF32 only (FP32 keeps im2col)")]
     igemm = {"rows": [{"layer": "conv1_2", "count": 1, "ms": {},
-                       "rel_diff": {"forward": 3e-4, "data_grad": 4e-4}}],
+                       "rel_diff": {"forward": 3e-4, "data_grad": 4e-4},
+                       "tile_rel_diff": {"wide": 3e-4, "quad": 0.25,
+                                         "quad/weight_grad": 5e-4}}],
              "totals": {"forward/im2col": 2.0, "forward/implicit": 1.5,
                         "forward/cudnn": 1.0, "data_grad/im2col": 3.0,
-                        "data_grad/implicit": 1.25}}
+                        "data_grad/implicit": 1.25, "forward/implicit-wide": 1.5,
+                        "forward/implicit-quad": 1.125,
+                        "weight_grad/implicit-quad": 2.5}}
     (tmp_path / "gpu_train.json").write_text(json.dumps({"rows": rows}))
     (tmp_path / "conv_igemm.json").write_text(json.dumps(igemm))
     (tmp_path / "smoke.log").write_text("implicit GEMM agrees with im2col in TF32\n"
@@ -289,6 +293,24 @@ def test_gpu_summary_implicit_gemm_verdict(tmp_path):
             "implicit 1.25 ms") in lines
     assert "conv_igemm.py ASPP-VGG 3x3 weight_grad (sum over layers): " in lines
     assert "conv_igemm.py: implicit vs im2col largest relative difference 4.0e-04" in lines
+    assert ("conv_igemm.py forward with each tile forced: quad 1.12 ms (diff 2.5e-01: "
+            "DIFFERS), wide 1.50 ms (diff 3.0e-04: agrees)") in lines
+    assert ("conv_igemm.py weight_grad with each tile forced: quad 2.50 ms (diff 5.0e-04: "
+            "agrees)") in lines
+    assert not any(line.startswith("make the quad tiles") for line in lines)   # no wgrad
+    igemm["totals"]["weight_grad/implicit"] = 3.0
+    (tmp_path / "conv_igemm.json").write_text(json.dumps(igemm))
+    assert ("make the quad tiles the implicit GEMM's default: NO (quad / wide time: forward "
+            "0.75, weight gradient 0.83; largest difference 2.5e-01)") in \
+        gpu_summary.summary(str(tmp_path))
+    igemm["rows"][0]["tile_rel_diff"]["quad"] = 3e-4
+    (tmp_path / "conv_igemm.json").write_text(json.dumps(igemm))
+    assert ("make the quad tiles the implicit GEMM's default: YES (quad / wide time: "
+            "forward 0.75, weight gradient 0.83; largest difference 5.0e-04)") in \
+        gpu_summary.summary(str(tmp_path))
+    igemm["rows"][0]["tile_rel_diff"]["quad"] = 0.25
+    del igemm["totals"]["weight_grad/implicit"]
+    (tmp_path / "conv_igemm.json").write_text(json.dumps(igemm))
     assert ("    implicit-GEMM convolution: speed-up 1.60x (with it: 0.0050 s), 1.25x "
             "torch; 1 segments, 3 launches, 0 failed") in lines
     assert "    implicit-GEMM convolution: RuntimeError: TF32 only (FP32 keeps im2col)" \
@@ -352,7 +374,10 @@ def test_conv_igemm_benchmark_runs_on_the_emulator(tmp_path):
     for row in result["rows"]:
         assert set(row["ms"]) == {f"{p}/{e}" for p in ("forward", "data_grad", "weight_grad")
                                   for e in ("im2col", "implicit")} | {
-            "forward/implicit-wide", "forward/implicit-narrow"}
+            "forward/implicit-wide", "forward/implicit-narrow", "forward/implicit-quad",
+            "weight_grad/implicit-quad"}
         assert max(row["rel_diff"].values()) < 1e-2
+        assert set(row["tile_rel_diff"]) == {"wide", "narrow", "quad", "quad/weight_grad"}
+        assert max(row["tile_rel_diff"].values()) < 1e-2
     assert set(result["totals"]) == set(result["rows"][0]["ms"])
     assert "| conv1_2 | 1 |" in run.stdout and "Totals (weighted by count)" in run.stdout

@@ -7,6 +7,7 @@ resizing, and expectations derived by hand from the fork's TransformImgAndSeg
 import ctypes
 import ctypes.util
 import logging
+import os
 
 import numpy as np
 import pytest
@@ -402,6 +403,105 @@ def test_missing_image_error_names_file_and_list_line(tmp_path):
         seg_net(str(tmp_path / "first.txt"), root, transform=mean_transform(4))
 
 
+def _class_images(tmp_path, count, prefix="s"):
+    """4 x 4 images; with label_type IMAGE a sample's label top shows its list label."""
+    rng = np.random.default_rng(30)
+    for i in range(count):
+        write_rgb(tmp_path / f"{prefix}{i}.png", 4, 4, rng)
+
+
+def _labels_until_error(net, forwards):
+    """The label of each forward (batch 1) and the error that stopped them, if any."""
+    labels = []
+    for _ in range(forwards):
+        try:
+            net.forward()
+        except LayerError as e:
+            return labels, str(e)
+        labels.append(int(net.blobs["label"].data[0, 0, 0, 0]))
+    return labels, None
+
+
+def test_blank_lines_are_samples_in_the_shuffle_as_in_the_fork(tmp_path):
+    """The fork's 'while (std::getline(...)) { iss >> imgfn >> segfn; push_back }'
+    keeps a blank line as the entry ("", ""): it is shuffled with the others and the
+    fork fails when it reaches it.  Expected order: the audit's own simulation of the
+    fork (boost::mt19937 from numpy's MT19937, boost's uniform_int written out,
+    caffe::shuffle), seed 1234, 7 images and one trailing blank line, mirror: true in
+    TRAIN (InitRand draws the first global word, the shuffle seed the second):
+    [img2, img1, img4, img0, img6, img5, '', img3]."""
+    _class_images(tmp_path, 7)
+    (tmp_path / "b.txt").write_text("".join(f"/s{i}.png {i}\n" for i in range(7)) + "\n")
+    caffelite.set_random_seed(1234)
+    net = seg_net(str(tmp_path / "b.txt"), str(tmp_path), label_type="IMAGE",
+                  transform=mean_transform(4, mirror=True), extra="shuffle: true",
+                  phase=caffelite.TRAIN)
+    assert len(net.layers[0].entries) == 8
+    labels, error = _labels_until_error(net, 8)
+    assert labels == [2, 1, 4, 0, 6, 5]
+    assert error is not None and "b.txt:8: line 8 of the list is empty" in error
+
+
+@pytest.mark.parametrize("text, blank", [
+    # std::getline: the final newline ends the last line and adds no entry ...
+    ("/s0.png 0\n/s1.png 1\n/s2.png 2\n\n", [3]),
+    # ... each further newline does; a last line without a newline still counts
+    ("/s0.png 0\n\n\n/s1.png 1\n/s2.png 2", [1, 2]),
+    # Windows line ends: '\r' is whitespace for >>, so "\r" alone is a blank line
+    ("/s0.png 0\r\n/s1.png 1\r\n\r\n/s2.png 2\r\n", [2]),
+    ("/s0.png 0\n \t\n/s1.png 1\n/s2.png 2\n", [1]),
+])
+def test_blank_lines_count_in_the_list_and_fail_when_reached(tmp_path, text, blank):
+    """Derivation: the entries are the getline lines (blank = the 0-based indices
+    listed, the rest /s0../s2 in order); the epoch order is caffe::shuffle over all of
+    them with the first word of the global stream as its seed (TEST, no mirror: no
+    InitRand), computed with CaffeRNG/shuffle, which tests/test_caffe_rng.py checks
+    against boost."""
+    from caffelite.caffe_rng import CaffeRNG, shuffle
+    _class_images(tmp_path, 3)
+    (tmp_path / "w.txt").write_bytes(text.encode())
+    n = 3 + len(blank)
+    labels = iter(range(3))
+    entry_label = [None if i in blank else next(labels) for i in range(n)]
+    for seed in (3, 4, 5):
+        order = shuffle(CaffeRNG(CaffeRNG(seed).words(1)[0]), list(range(n)))
+        first_blank = min(order.index(b) for b in blank)
+        line = order[first_blank] + 1
+
+        def make():
+            caffelite.set_random_seed(seed)
+            return seg_net(str(tmp_path / "w.txt"), str(tmp_path), label_type="IMAGE",
+                           transform=mean_transform(4), extra="shuffle: true")
+        if first_blank == 0:        # the first sample sizes the tops: setup fails
+            with pytest.raises(NetError, match=f"w.txt:{line}: line {line} of the list"):
+                make()
+            continue
+        labels, error = _labels_until_error(make(), n)
+        assert labels == [entry_label[i] for i in order[:first_blank]]
+        assert f"w.txt:{line}: line {line} of the list is empty" in error
+
+
+def test_a_blank_line_without_shuffle_is_reached_in_place(tmp_path):
+    _class_images(tmp_path, 2)
+    (tmp_path / "p.txt").write_text("/s0.png 0\n\n/s1.png 1\n")
+    net = seg_net(str(tmp_path / "p.txt"), str(tmp_path), label_type="IMAGE",
+                  transform=mean_transform(4))
+    assert _labels_until_error(net, 3) == ([0], f"layer 'data' (ImageSegData): "
+                                                f"{tmp_path / 'p.txt'}:2: line 2 of the list "
+                                                f"is empty (the fork keeps blank lines as "
+                                                f"samples, in the list size and the "
+                                                f"shuffle, and fails when it reaches one); "
+                                                f"delete it")
+    (tmp_path / "first.txt").write_text("  \n/s0.png 0\n")
+    with pytest.raises(NetError, match=r"first.txt:1: line 1 of the list is empty"):
+        seg_net(str(tmp_path / "first.txt"), str(tmp_path), label_type="IMAGE",
+                transform=mean_transform(4))
+    (tmp_path / "none.txt").write_text("")
+    with pytest.raises(NetError, match=r"none.txt' lists no samples"):
+        seg_net(str(tmp_path / "none.txt"), str(tmp_path), label_type="IMAGE",
+                transform=mean_transform(4))
+
+
 def test_missing_list_file_and_bad_params(tmp_path):
     with pytest.raises(NetError, match=r"nolist\.txt"):
         seg_net(str(tmp_path / "nolist.txt"), str(tmp_path), transform=mean_transform(4))
@@ -476,11 +576,93 @@ def test_image_data_resize_mirror_and_batch_shapes(tmp_path):
     assert flips == {True, False}
 
 
-def test_image_data_bad_lines(tmp_path):
-    (tmp_path / "bad.txt").write_text("a.png 1\nb.png x\n")
-    with pytest.raises(NetError, match=r"bad.txt:2.*not an integer"):
-        make_net(f'''layer {{ name: "d" type: "ImageData" top: "data" top: "label"
-                   image_data_param {{ source: "{tmp_path / 'bad.txt'}" }} }}''')
+def _image_data_net(tmp_path, text, batch):
+    (tmp_path / "cls.txt").write_bytes(text.encode())
+    return make_net(f"""layer {{ name: "d" type: "ImageData" top: "data" top: "label"
+        image_data_param {{ source: "{tmp_path / 'cls.txt'}" root_folder: "{tmp_path}"
+                           batch_size: {batch} }} }}""")
+
+
+# The fork (BVLC before PR #4059) reads 'while (infile >> filename >> label)': a stream
+# of whitespace-separated tokens; int extraction takes an optional sign and the digits
+# that follow and leaves the rest of the token for the next filename; the first
+# failure ends the list without a word.  Expected (filename, label, line) by hand.
+@pytest.mark.parametrize("text, pairs, token", [
+    # 'img.png' is no int: the list is the first pair only
+    ("/c0.png 0\n/my img.png 1\n/c2.png 2\n", [("/c0.png", 0, 1)], "'img.png' after '/my'"),
+    # the last name has no label: dropped
+    ("/c0.png 3\n/c1.png 5\n/c2.png\n", [("/c0.png", 3, 1), ("/c1.png", 5, 2)],
+     "'/c2.png' has no label"),
+    # '4.0' reads 4; '.0' is the next filename and '/c2.png' its label, which fails
+    ("/c0.png 3\n/c1.png 4.0\n/c2.png 7\n", [("/c0.png", 3, 1), ("/c1.png", 4, 2)],
+     "'/c2.png' after '.0'"),
+    # pairs, not lines: two on a line, one across lines, Windows line ends, signs
+    ("/c0.png 3 /c1.png\r\n\r\n  -5\t/c2.png\x0b+7\x0c", [("/c0.png", 3, 1), ("/c1.png", -5, 1),
+                                                    ("/c2.png", 7, 3)], None),
+    # '3/c1.png' reads 3, then '/c1.png' is a filename
+    ("/c0.png 3/c1.png 1\n", [("/c0.png", 3, 1), ("/c1.png", 1, 1)], None),
+    # the int range: -2^31 fits, 2^31 does not
+    ("/c0.png -2147483648\n/c1.png 2147483648\n", [("/c0.png", -2147483648, 1)],
+     "'2147483648' of '/c1.png' does not fit an int"),
+])
+def test_image_data_reads_the_list_as_an_istream(tmp_path, caplog, text, pairs, token):
+    _class_images(tmp_path, 3, prefix="c")
+    with caplog.at_level(logging.WARNING, logger="caffelite"):
+        net = _image_data_net(tmp_path, text, batch=3)
+    entries = net.layers[0].entries
+    assert [(e.fields[0], e.fields[1], e.lineno) for e in entries] == pairs
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    if token is None:
+        assert not warnings
+    else:
+        assert len(warnings) == 1 and "cls.txt:" in warnings[0] and token in warnings[0]
+    net.forward()
+    labels = [pairs[i % len(pairs)][1] for i in range(3)]
+    assert net.blobs["label"].data.tolist() == labels
+
+
+def test_image_data_truncated_list_wraps_over_what_was_read(tmp_path):
+    """The audit's case: batch 3 over the one pair read gives that sample three times."""
+    _class_images(tmp_path, 3, prefix="c")
+    net = _image_data_net(tmp_path, "/c0.png 0\n/my img.png 1\n/c2.png 2\n", batch=3)
+    net.forward()
+    data = net.blobs["data"].data
+    assert net.blobs["label"].data.tolist() == [0, 0, 0]
+    assert np.array_equal(data[0], data[1]) and np.array_equal(data[0], data[2])
+
+
+def test_image_data_without_a_single_pair_is_an_error(tmp_path, caplog):
+    for text in ("", " \n\n", "a.png x\n", "a.png\n"):
+        with pytest.raises(NetError, match=r"cls.txt' lists no samples \(ImageData reads"):
+            _image_data_net(tmp_path, text, batch=1)
+
+
+def test_list_files_that_are_not_utf8_name_the_bytes_on_disk(tmp_path):
+    """The fork reads list files as bytes: a Latin-1 'é' (b'\xe9', no UTF-8) in a
+    file name must open that very file."""
+    rng = np.random.default_rng(31)
+    root = os.fsencode(tmp_path)
+    try:
+        image = write_rgb(os.fsdecode(root + b"/caf\xe9.png"), 4, 4, rng)
+        label = write_label(os.fsdecode(root + b"/lab\xe9.png"), 4, 4, rng)
+    except (OSError, UnicodeError):
+        pytest.skip("the file system refuses file names that are not UTF-8")
+    (tmp_path / "seg.txt").write_bytes(b"/caf\xe9.png /lab\xe9.png\n")
+    (tmp_path / "cls.txt").write_bytes(b"/caf\xe9.png 6\n")
+    net = seg_net(str(tmp_path / "seg.txt"), str(tmp_path), transform=mean_transform(4))
+    net.forward()
+    assert np.array_equal(net.blobs["data"].data[0], expected_nchw(image))
+    assert np.array_equal(net.blobs["label"].data[0, 0], label)
+    net = make_net(f"""layer {{ name: "d" type: "ImageData" top: "data" top: "label"
+        image_data_param {{ source: "{tmp_path / 'cls.txt'}" root_folder: "{tmp_path}"
+                           batch_size: 1 }} }}""")
+    net.forward()
+    assert net.blobs["label"].data.tolist() == [6]
+    assert np.array_equal(net.blobs["data"].data[0], image.transpose(2, 0, 1))
+    (tmp_path / "bad.txt").write_bytes(b"/caf\xe9.png /gone\xe9.png\n")
+    net = seg_net(str(tmp_path / "bad.txt"), str(tmp_path), transform=mean_transform(4))
+    with pytest.raises(LayerError, match="bad.txt:1: could not load label"):
+        net.forward()
 
 
 # ----------------------------------------------------------------------- HDF5Data
@@ -579,6 +761,24 @@ def test_hdf5_data_missing_dataset(tmp_path):
     with pytest.raises(NetError, match="no dataset 'label'"):
         make_net(f'''layer {{ name: "d" type: "HDF5Data" top: "data" top: "label"
                    hdf5_data_param {{ source: "{tmp_path / 'x.txt'}" batch_size: 1 }} }}''')
+
+
+def test_hdf5_data_list_is_bytes_and_c_whitespace(tmp_path):
+    """BVLC reads 'while (source_file >> line)': names split at C whitespace only
+    (a no-break space belongs to the name) and taken as bytes."""
+    h5py = pytest.importorskip("h5py")
+    names = [os.fsencode(tmp_path) + b"/r\xe9.h5", os.fsencode(tmp_path / "a\u00a0b.h5")]
+    try:
+        for i, name in enumerate(names):
+            with h5py.File(os.fsdecode(name), "w") as h:
+                h["data"] = np.full((1, 2), i, np.float32)
+    except (OSError, UnicodeError):
+        pytest.skip("the file system refuses file names that are not UTF-8")
+    (tmp_path / "x.txt").write_bytes(b"\r\n".join(names) + b"\r\n")
+    net = make_net(f"""layer {{ name: "d" type: "HDF5Data" top: "data"
+        hdf5_data_param {{ source: "{tmp_path / 'x.txt'}" batch_size: 2 }} }}""")
+    net.forward()
+    assert net.blobs["data"].data.tolist() == [[0, 0], [1, 1]]
 
 
 # ----------------------------------------------------------------------- prefetching

@@ -322,3 +322,82 @@ def test_a_shrunk_input_keeps_its_memory_and_first_values(tmp_path):
     assert a.data.tolist() == [[0.0, 1.0, 2.0, 3.0]]
     net.blobs["b"].data[...] = 0
     assert net.forward_from_to() == 7.0
+
+
+PROPAGATE_NET = '''
+input: "x" input_shape { dim: 2 dim: 3 }
+input: "label" input_shape { dim: 2 }
+layer { name: "ip" type: "InnerProduct" bottom: "x" top: "ip" %s
+  inner_product_param { num_output: 4 weight_filler { type: "gaussian" std: 1 } } }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss"
+  propagate_down: true propagate_down: true }
+'''
+
+
+@pytest.mark.parametrize("ip_propagate", ["", "propagate_down: true",
+                                          "propagate_down: false"])
+def test_propagate_down_true_cannot_force_a_gradient(tmp_path, ip_propagate):
+    # The fork's AppendBottom: need_backward = blob_need_backward && propagate_down, so
+    # `true` on the label (nothing needs its gradient) or on a net input changes nothing
+    # (BVLC made it a force in April 2016, after the fork's base).
+    net = caffe.Net(write(tmp_path, PROPAGATE_NET % ip_propagate), caffe.TRAIN)
+    names = list(net._layer_names)
+    assert net.bottom_need_backward[names.index("loss")] == [True, False]
+    assert net.bottom_need_backward[names.index("ip")] == [False]
+    net.blobs["x"].data[...] = np.arange(6).reshape(2, 3)
+    net.blobs["label"].data[...] = [1, 3]
+    net.blobs["x"].diff[...] = 7
+    net.forward()
+    net.backward()
+    assert np.all(net.blobs["x"].diff == 7)          # nothing wrote the input's diff
+    assert np.any(net.params["ip"][0].diff != 0)
+
+
+def test_propagate_down_count_is_checked_for_layers_without_bottoms(tmp_path):
+    text = ('layer { name: "d" type: "DummyData" top: "y" propagate_down: false '
+            'dummy_data_param { shape { dim: 1 } } }')
+    with pytest.raises(NetError, match="propagate_down needs one value per bottom"):
+        caffe.Net(write(tmp_path, text), caffe.TEST)
+
+
+EMBEDDED_NET = '''
+input: "x" input_shape { dim: 1 dim: 2 }
+layer { name: "ip" type: "InnerProduct" bottom: "x" top: "y"
+  inner_product_param { num_output: 1 weight_filler { type: "gaussian" std: 1 } }
+  blobs { shape { dim: 1 dim: 2 } data: 3 data: 4 }
+  blobs { num: 1 channels: 1 height: 1 width: 1 double_data: 5 } }
+layer { name: "s" type: "Scale" bottom: "y" top: "z" scale_param { bias_term: true }
+  blobs { shape { dim: 1 } data: 2 } blobs { shape { dim: 1 } data: -1 } }
+'''
+
+
+def test_parameter_blobs_written_in_the_net_description_are_used(tmp_path):
+    # Layer's constructor loads layer_param.blobs (Blob::FromProto) and LayerSetUp then
+    # skips the fillers ("Skipping parameter initialization").
+    net = caffe.Net(write(tmp_path, EMBEDDED_NET), caffe.TEST)
+    assert net.params["ip"][1].data.shape == (1, 1, 1, 1)    # the legacy 4-D shape
+    net.blobs["x"].data[...] = [[1, 2]]
+    y = net.forward()["z"]
+    assert float(y[0, 0]) == 2 * (3 * 1 + 4 * 2 + 5) - 1
+    bad = EMBEDDED_NET.replace("data: 3 data: 4", "data: 3")
+    with pytest.raises(NetError, match="parameter blob 0 in the net description has 1 data"):
+        caffe.Net(write(tmp_path, bad, "bad.prototxt"), caffe.TEST)
+
+
+def test_automatic_name_gives_the_last_anonymous_top_in_first_place(tmp_path):
+    # pycaffe's blobs is an OrderedDict over Caffe's blob names: a repeated
+    # "(automatic)" keeps its first position and takes the last blob of that name.
+    text = '''
+input: "a" input_shape { dim: 1 dim: 2 }
+input: "b" input_shape { dim: 1 dim: 2 }
+input: "c" input_shape { dim: 1 dim: 2 }
+layer { name: "l1" type: "EuclideanLoss" bottom: "b" bottom: "c" }
+layer { name: "l2" type: "EuclideanLoss" bottom: "a" bottom: "c" }
+'''
+    net = caffe.Net(write(tmp_path, text), caffe.TEST)
+    net.blobs["a"].data[...] = [[1, 2]]
+    net.blobs["b"].data[...] = [[2, 2]]
+    net.blobs["c"].data[...] = [[0, 0]]
+    net.forward()
+    assert list(net.blobs).count("(automatic)") == 1
+    assert float(net.blobs["(automatic)"].data) == 2.5       # l2's (1 + 4) / 2, not l1's 4

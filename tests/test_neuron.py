@@ -202,10 +202,7 @@ IN_PLACE_CASES = [
     'type: "ELU"',
     'type: "Sigmoid"',
     'type: "TanH"',
-    'type: "BNLL"',
     'type: "Exp" exp_param { scale: 0.5 }',
-    'type: "Power" power_param { power: 3 scale: 0.5 shift: 1 }',
-    'type: "Log" log_param { shift: 4 }',
     'type: "Dropout"',
 ]
 
@@ -237,6 +234,54 @@ def test_in_place_matches_out_of_place(text, phase):
     np.testing.assert_array_equal(dx1, dx0)
     for a, b in zip(p1, p0):
         np.testing.assert_array_equal(a, b)
+
+
+# Caffe's in-place backwards of the layers without bottom_memory_, from its sequences
+# of buffer operations (power_layer.cpp, log_layer.cpp, bnll_layer.cpp) with the bottom
+# diff aliasing the top diff and the bottom data the top data: f(y, dy) for the top y.
+def _sigmoid(v):
+    return 1 / (1 + np.exp(-v))
+
+
+CAFFE_IN_PLACE = [
+    # power 1: set(diff_scale), then times the (overwritten) top diff
+    ('type: "Power" power_param { scale: 2 }', lambda y, dy: np.full_like(y, 4.0)),
+    # power 2: axpby(diff_scale * scale, y) + diff_scale * shift, squared
+    ('type: "Power" power_param { power: 2 shift: 1 }', lambda y, dy: (2 * y + 2) ** 2),
+    # shift 0: y / y * power, squared
+    ('type: "Power" power_param { power: 3 }', lambda y, dy: np.full_like(y, 9.0)),
+    # general: y / (scale * y + shift) * diff_scale, squared
+    ('type: "Power" power_param { power: 3 scale: 0.5 shift: 1 }',
+     lambda y, dy: (1.5 * y / (0.5 * y + 1)) ** 2),
+    # 1 / (y + shift), squared
+    ('type: "Log" log_param { shift: 4 }', lambda y, dy: (1 / (y + 4)) ** 2),
+    # elementwise: dy * e / (e + 1) with e = exp(y)
+    ('type: "BNLL"', lambda y, dy: dy * _sigmoid(y)),
+]
+
+
+@pytest.mark.parametrize("text, expected", CAFFE_IN_PLACE,
+                         ids=[t for t, _ in CAFFE_IN_PLACE])
+def test_in_place_backward_is_caffes_for_layers_without_bottom_memory(text, expected):
+    x = np.abs(randn(seed=9, dtype=np.float64)) + 0.5     # away from 0 and poles
+    dy = randn(seed=10, dtype=np.float64)
+    layer = make_layer(text, TRAIN, np.float64)
+    blob = Blob(x.shape, np.float64)
+    blob.data[...] = x
+    layer.setup([blob], [blob])
+    layer.reshape([blob], [blob])
+    layer.forward([blob], [blob])
+    y = blob.data.copy()
+    out_of_place = make_layer(text, TRAIN, np.float64)
+    bottom, top = Blob(x.shape, np.float64), Blob((), np.float64)
+    bottom.data[...] = x
+    out_of_place.setup([bottom], [top])
+    out_of_place.reshape([bottom], [top])
+    out_of_place.forward([bottom], [top])
+    np.testing.assert_array_equal(y, top.data)            # the forward is unchanged
+    blob.diff[...] = dy
+    layer.backward([blob], [True], [blob])
+    np.testing.assert_allclose(blob.diff, expected(y, dy), rtol=1e-12, atol=0)
 
 
 def test_absval_refuses_in_place():

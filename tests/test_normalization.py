@@ -342,6 +342,23 @@ def test_scale_param_propagate_down_false_leaves_diffs_alone():
     assert all(np.all(b.diff == 0) for b in layer.blobs)
 
 
+@pytest.mark.parametrize("scale_shape, kept", [((3,), True), ((2, 3, 2), False)])
+def test_scale_leaves_the_product_in_the_bottom_diff_without_propagate_down(scale_shape,
+                                                                           kept):
+    """scale_layer.cpp's backward computes dy * x into bottom[0]'s diff when it needs
+    d(scale) and the scale is smaller than the bottom (not in place); without
+    propagate_down[0] nothing overwrites it (a Split above would add it)."""
+    x, dy = rand((2, 3, 2), 80), rand((2, 3, 2), 81)
+    axis = "" if len(scale_shape) == 1 else "axis: 0 num_axes: -1"
+    layer, bottom, top = scale_layer(f"scale_param {{ {axis} }}", [x])
+    layer.blobs[0].data[...] = rand(scale_shape, 82)
+    run_forward(layer, bottom, top)
+    bottom[0].diff[...] = 5
+    top[0].diff[...] = dy
+    layer.backward(top, [False], bottom)
+    np.testing.assert_array_equal(bottom[0].diff, x * dy if kept else np.full_like(x, 5))
+
+
 def test_scale_in_place():
     x, dy = rand((2, 3, 2, 2), 63), rand((2, 3, 2, 2), 64)
     params = [rand((3,), 65), rand((3,), 66)]

@@ -162,19 +162,49 @@ def test_set_input_arrays_feeds_memory_data(tmp_path):
         inner_product_param { num_output: 1 weight_filler { type: 'constant' value: 1 } } }
       layer { name: 'silence' type: 'Silence' bottom: 'label' }""")
     net = caffe.Net(str(path), caffe.TEST)
+    assert net.blobs["label"].shape == (2,)      # DataLayerSetUp: label_shape(1, batch)
     data = np.arange(16, dtype=np.float32).reshape(4, 1, 2, 2)
     net.set_input_arrays(data, np.array([0, 1, 2, 3], np.float32))
     first = net.forward()["ip"].ravel().tolist()
     assert first == [0 + 1 + 2 + 3, 4 + 5 + 6 + 7]
-    assert net.blobs["label"].data.tolist() == [0, 1]
+    # Forward_cpu: top[1]->Reshape(batch_size_, 1, 1, 1), kept by the empty Reshape
+    assert net.blobs["label"].shape == (2, 1, 1, 1)
+    assert net.blobs["label"].data.ravel().tolist() == [0, 1]
+    net.reshape()
+    assert net.blobs["label"].shape == (2, 1, 1, 1)
     assert net.forward()["ip"].ravel().tolist() == [8 + 9 + 10 + 11, 12 + 13 + 14 + 15]
-    assert net.blobs["label"].data.tolist() == [2, 3]
+    assert net.blobs["label"].data.ravel().tolist() == [2, 3]
+    # pycaffe's own label layout: N x 1 x 1 x 1 (a 1-d array is expanded to it)
+    net.set_input_arrays(data, np.array([4, 5, 6, 7], np.float32).reshape(4, 1, 1, 1))
+    net.forward()
+    assert net.blobs["label"].data.ravel().tolist() == [4, 5]
     with pytest.raises(RuntimeError, match="one label per sample"):
         net.set_input_arrays(data, np.zeros(3, np.float32))
     deploy = tmp_path / "d.prototxt"
     deploy.write_text(DEPLOY)
     with pytest.raises(RuntimeError, match="first layer is a MemoryData layer"):
         caffe.Net(str(deploy), caffe.TEST).set_input_arrays(data, np.zeros(4))
+
+
+def test_memory_data_labels_feed_losses_in_caffes_shape(tmp_path):
+    """Losses and Accuracy after MemoryData see Caffe's N x 1 x 1 x 1 label from the
+    first forward on (they were set up with the N label of DataLayerSetUp)."""
+    path = tmp_path / "mem.prototxt"
+    path.write_text("""layer { name: 'data' type: 'MemoryData' top: 'data' top: 'label'
+      memory_data_param { batch_size: 2 channels: 3 height: 1 width: 1 } }
+      layer { name: 'loss' type: 'SoftmaxWithLoss' bottom: 'data' bottom: 'label'
+        top: 'loss' }
+      layer { name: 'acc' type: 'Accuracy' bottom: 'data' bottom: 'label' top: 'acc' }""")
+    net = caffe.Net(str(path), caffe.TEST)
+    data = np.array([[0, 5, 0], [9, 0, 0]], np.float32).reshape(2, 3, 1, 1)
+    net.set_input_arrays(data, np.array([1, 2], np.float32))
+    for _ in range(2):
+        out = net.forward()
+        assert net.blobs["label"].shape == (2, 1, 1, 1)
+        assert float(out["acc"]) == 0.5
+        x = data.reshape(2, 3).astype(np.float64)
+        logp = x - np.log(np.exp(x).sum(axis=1, keepdims=True))
+        assert float(out["loss"]) == pytest.approx(-(logp[0, 1] + logp[1, 2]) / 2, rel=1e-6)
 
 
 def test_save_and_load_hdf5_in_caffes_layout(net_file, tmp_path):

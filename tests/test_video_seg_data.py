@@ -4,12 +4,15 @@ Oracles: ImageSegData on the same list without the background column (channels 0
 label, data_dim must be identical, random draws included) and OpenCV's cv2.resize
 for the background channels (bilinear straight to the top size, mean-subtracted,
 neither scaled, cropped nor mirrored)."""
+import os
+
 import numpy as np
 import pytest
 from PIL import Image
 
 import caffelite
 from caffelite.io.prototxt import parse_text
+from caffelite.layer import LayerError
 from caffelite.net import NetError
 from caffelite.proto import caffe_pb2
 
@@ -101,3 +104,21 @@ def test_errors(tmp_path):
     net = data_net("VideoSegData", tmp_path / "missing.txt", tmp_path)
     with pytest.raises(Exception, match="could not load background image"):
         net.forward()
+
+
+def test_blank_lines_are_samples_and_names_are_bytes(tmp_path):
+    """As ImageSegData's: the fork's getline loop keeps a blank line as a sample (it
+    counts in the list and fails when reached), and reads names as bytes."""
+    rng = np.random.default_rng(3)
+    write_set(tmp_path, rng, n=1)
+    try:
+        Image.fromarray(rng.integers(0, 256, (5, 6, 3), dtype=np.uint8)).save(
+            os.fsdecode(os.fsencode(tmp_path) + b"/bg\xe9.png"))
+    except (OSError, UnicodeError):
+        pytest.skip("the file system refuses file names that are not UTF-8")
+    (tmp_path / "b.txt").write_bytes(b"/img0.png /lab0.png /bg\xe9.png\r\n")
+    data_net("VideoSegData", tmp_path / "b.txt", tmp_path, batch=1).forward()
+    (tmp_path / "b.txt").write_bytes(b"/img0.png /lab0.png /bg\xe9.png\r\n\r\n")
+    # batch 2 holds both samples, in either order (the blank one first fails setup)
+    with pytest.raises((NetError, LayerError), match=r"b.txt:2: line 2 of the list is empty"):
+        data_net("VideoSegData", tmp_path / "b.txt", tmp_path, batch=2).forward()

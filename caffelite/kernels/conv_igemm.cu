@@ -94,12 +94,12 @@ __device__ __forceinline__ void store4(double* p, const double (&d)[4]) {
   for (int i = 0; i < 4; ++i) p[i] = d[i];
 }
 
-template <typename T>
-__device__ __forceinline__ void zero_accumulators(T (&acc)[4][4][4]) {
+template <typename T, int NI>
+__device__ __forceinline__ void zero_accumulators(T (&acc)[4][NI][4]) {
   IGEMM_UNROLL
   for (int mi = 0; mi < 4; ++mi)
     IGEMM_UNROLL
-    for (int ni = 0; ni < 4; ++ni)
+    for (int ni = 0; ni < NI; ++ni)
       IGEMM_UNROLL
       for (int i = 0; i < 4; ++i) acc[mi][ni][i] = T(0);
 }
@@ -114,17 +114,17 @@ __device__ __forceinline__ void tap_displacement(const int r, const int kernel_w
   dx = (r - u * kernel_w) * dilation_w;
 }
 
-// store(row, column, value) for each accumulator of a warp's 64 x 32 tile, with its row
-// and column in the block's tile (the PTX layout: rows g, g+8, columns 2t, 2t+1).
-template <typename T, typename Store>
-__device__ __forceinline__ void for_each_accumulator(const T (&acc)[4][4][4],
+// store(row, column, value) for each accumulator of a warp's 64 x (8 NI) tile, with its
+// row and column in the block's tile (the PTX layout: rows g, g+8, columns 2t, 2t+1).
+template <typename T, int NI, typename Store>
+__device__ __forceinline__ void for_each_accumulator(const T (&acc)[4][NI][4],
                                                      const int warp_m, const int warp_n,
                                                      const int lane, Store store) {
   const int g = lane >> 2, t = lane & 3;
   IGEMM_UNROLL
   for (int mi = 0; mi < 4; ++mi)
     IGEMM_UNROLL
-    for (int ni = 0; ni < 4; ++ni)
+    for (int ni = 0; ni < NI; ++ni)
       IGEMM_UNROLL
       for (int i = 0; i < 4; ++i)
         store(warp_m + mi * 16 + g + (i >= 2 ? 8 : 0), warp_n + ni * 8 + 2 * t + (i & 1),
@@ -137,10 +137,10 @@ __device__ __forceinline__ T b_entry(const T (*b_tile)[B_PITCH], const int k, co
   return B_NK ? b_tile[n][k] : b_tile[k][n];
 }
 
-// One BK-slice of a warp's 64 x 32 tile: 4 x 4 mma tiles of 16 x 8, k-steps of 8.
+// One BK-slice of a warp's 64 x (8 NI) tile: 4 x NI mma tiles of 16 x 8, k-steps of 8.
 // acc[mi][ni][i] is the PTX accumulator fragment: rows g, g, g+8, g+8, columns 2t, 2t+1.
-template <int BK, int A_PITCH, int B_PITCH, bool B_NK = false>
-__device__ __forceinline__ void warp_tile_product(float acc[4][4][4],
+template <int BK, int A_PITCH, int B_PITCH, bool B_NK = false, int NI>
+__device__ __forceinline__ void warp_tile_product(float (&acc)[4][NI][4],
                                                   const float (*a_tile)[A_PITCH],
                                                   const float (*b_tile)[B_PITCH],
                                                   const int warp_m, const int warp_n,
@@ -148,38 +148,34 @@ __device__ __forceinline__ void warp_tile_product(float acc[4][4][4],
   const int g = lane >> 2, t = lane & 3;
   IGEMM_UNROLL
   for (int ks = 0; ks < BK; ks += 8) {
-    float a[4][4], b[4][2];
+    float b[NI][2];
     IGEMM_UNROLL
-    for (int mi = 0; mi < 4; ++mi) {
-      const int r = warp_m + mi * 16 + g;
-      a[mi][0] = a_tile[r][ks + t];
-      a[mi][1] = a_tile[r + 8][ks + t];
-      a[mi][2] = a_tile[r][ks + t + 4];
-      a[mi][3] = a_tile[r + 8][ks + t + 4];
-    }
-    IGEMM_UNROLL
-    for (int ni = 0; ni < 4; ++ni) {
+    for (int ni = 0; ni < NI; ++ni) {
       const int c = warp_n + ni * 8 + g;
       b[ni][0] = b_entry<B_NK, B_PITCH>(b_tile, ks + t, c);
       b[ni][1] = b_entry<B_NK, B_PITCH>(b_tile, ks + t + 4, c);
     }
     IGEMM_UNROLL
-    for (int mi = 0; mi < 4; ++mi)
+    for (int mi = 0; mi < 4; ++mi) {
+      const int r = warp_m + mi * 16 + g;
+      const float a[4] = {a_tile[r][ks + t], a_tile[r + 8][ks + t], a_tile[r][ks + t + 4],
+                          a_tile[r + 8][ks + t + 4]};
       IGEMM_UNROLL
-      for (int ni = 0; ni < 4; ++ni) mma_tf32(acc[mi][ni], a[mi], b[ni]);
+      for (int ni = 0; ni < NI; ++ni) mma_tf32(acc[mi][ni], a, b[ni]);
+    }
   }
 }
 
 // The double reference: the same accumulator positions, each a sum over k in order.
-template <int BK, int A_PITCH, int B_PITCH, bool B_NK = false>
-__device__ __forceinline__ void warp_tile_product(double acc[4][4][4],
+template <int BK, int A_PITCH, int B_PITCH, bool B_NK = false, int NI>
+__device__ __forceinline__ void warp_tile_product(double (&acc)[4][NI][4],
                                                   const double (*a_tile)[A_PITCH],
                                                   const double (*b_tile)[B_PITCH],
                                                   const int warp_m, const int warp_n,
                                                   const int lane) {
   const int g = lane >> 2, t = lane & 3;
   for (int mi = 0; mi < 4; ++mi)
-    for (int ni = 0; ni < 4; ++ni)
+    for (int ni = 0; ni < NI; ++ni)
       for (int i = 0; i < 4; ++i) {
         const int r = warp_m + mi * 16 + g + (i >= 2 ? 8 : 0);
         const int c = warp_n + ni * 8 + 2 * t + (i & 1);
@@ -190,7 +186,8 @@ __device__ __forceinline__ void warp_tile_product(double acc[4][4][4],
       }
 }
 
-template <typename T, int WARPS_M>
+// A block of WARPS_M x WARPS_N warps, each computing a 64 x WARP_N part of the tile.
+template <typename T, int WARPS_M, int WARPS_N, int WARP_N>
 __device__ __forceinline__ void conv_igemm_body(
     const int n, const T* __restrict__ image, const T* __restrict__ weights,
     const T* __restrict__ bias, const int channels, const int height, const int width,
@@ -201,13 +198,16 @@ __device__ __forceinline__ void conv_igemm_body(
   // K-slices of 16 floats (8 doubles: the same 48 KiB of static shared memory at most);
   // the pitches keep each warp's fragment reads on 32 different banks.
   const int BK = sizeof(T) == 4 ? 16 : 8;
+  const int THREADS = 32 * WARPS_M * WARPS_N;
+  const int NI = WARP_N / 8;
   const int BM = WARPS_M * 64;
-  const int BN = (IGEMM_THREADS / 32 / WARPS_M) * 32;
+  const int BN = WARPS_N * WARP_N;
+  static_assert(THREADS % BN == 0, "each thread gathers one pixel of the tile");
   const int A_PITCH = BK + 4;
   const int B_PITCH = BN + 8;
-  const int A_ROWS_PER_PASS = IGEMM_THREADS / (BK / 4);
+  const int A_ROWS_PER_PASS = THREADS / (BK / 4);
   const int A_PASSES = (BM + A_ROWS_PER_PASS - 1) / A_ROWS_PER_PASS;
-  const int B_LOADS = BK * BN / IGEMM_THREADS;
+  const int B_LOADS = BK * BN / THREADS;
   __shared__ T a_tiles[2][BM][A_PITCH];
   __shared__ T b_tiles[2][BK][B_PITCH];
 
@@ -219,12 +219,12 @@ __device__ __forceinline__ void conv_igemm_body(
   const int n0 = (blockIdx.x / tiles_m) * BN;
   const int tid = threadIdx.x;
   const int lane = tid & 31, warp = tid >> 5;
-  const int warp_m = (warp % WARPS_M) * 64, warp_n = (warp / WARPS_M) * 32;
+  const int warp_m = (warp % WARPS_M) * 64, warp_n = (warp / WARPS_M) * WARP_N;
 
   // This thread's loads: 4 weights at k = a_k.. of rows a_row + i * A_ROWS_PER_PASS; one
   // output pixel b_col for the whole K loop at channels b_k + i * b_step of each slice.
   const int a_k = (tid % (BK / 4)) * 4, a_row = tid / (BK / 4);
-  const int b_col = tid % BN, b_k = tid / BN, b_step = IGEMM_THREADS / BN;
+  const int b_col = tid % BN, b_k = tid / BN, b_step = THREADS / BN;
   const int pixel = n0 + b_col;
   const bool pixel_ok = pixel < n;
   int y0 = 0, x0 = 0, pixel_base = 0;
@@ -298,7 +298,7 @@ __device__ __forceinline__ void conv_igemm_body(
       b_tiles[buffer][b_k + i * b_step][b_col] = mma_operand(b_next[i]);
   };
 
-  T acc[4][4][4];
+  T acc[4][NI][4];
   zero_accumulators(acc);
 
   // The slices the tile needs, in order; every thread walks the same list, so the
@@ -364,21 +364,23 @@ struct ColumnTap {
 // `chunk` (a multiple of 16) so that small layers still fill the GPU; conv_igemm_wgrad_sum
 // then adds the splits in order into weight_diff (deterministic: no atomics). With
 // `direct` (one run), `partial` is the weight diff itself, [o][c][tap], added to in the
-// epilogue. One 128 x 128 tile shape; both operands are stored [row][pixel] in shared
-// memory and rounded to TF32.
-template <typename T>
-__global__ void __launch_bounds__(IGEMM_THREADS, 2)
-conv_igemm_wgrad(const int n, const T* __restrict__ image, const T* __restrict__ top_diff,
-                 const int num, const int channels, const int height, const int width,
-                 const int kernel_h, const int kernel_w, const int dilation_h,
-                 const int dilation_w, const int c_pad, const int out_channels,
-                 const int out_w, const int plane, const int stride_h, const int stride_w,
-                 const int pad_h, const int pad_w, const int chunk, const int direct,
-                 T* __restrict__ partial) {
+// epilogue. 128 x 128 tiles from 2 x WARPS_N warps of 64 x WARP_N; both operands are
+// stored [row][pixel] in shared memory and rounded to TF32.
+template <typename T, int WARPS_N, int WARP_N>
+__device__ __forceinline__ void conv_igemm_wgrad_body(
+    const T* __restrict__ image, const T* __restrict__ top_diff, const int num,
+    const int channels, const int height, const int width, const int kernel_h,
+    const int kernel_w, const int dilation_h, const int dilation_w, const int c_pad,
+    const int out_channels, const int out_w, const int plane, const int stride_h,
+    const int stride_w, const int pad_h, const int pad_w, const int chunk, const int direct,
+    T* __restrict__ partial) {
+  const int THREADS = 64 * WARPS_N;
+  const int NI = WARP_N / 8;
   const int BK = sizeof(T) == 4 ? 16 : 8;
   const int BM = 128, BN = 128;
+  static_assert(WARPS_N * WARP_N == BN && THREADS >= BN, "one column entry per thread");
   const int PITCH = BK + (sizeof(T) == 4 ? 4 : 1);   // floats: fragment reads on 32 banks
-  const int LOADS = BM * BK / IGEMM_THREADS;
+  const int LOADS = BM * BK / THREADS;
   __shared__ T a_tiles[2][BM][PITCH];
   __shared__ T b_tiles[2][BN][PITCH];
   __shared__ ColumnTap columns[BN];
@@ -394,7 +396,7 @@ conv_igemm_wgrad(const int n, const T* __restrict__ image, const T* __restrict__
   const int p_end = p_begin + chunk < reduced ? p_begin + chunk : reduced;
   const int tid = threadIdx.x;
   const int lane = tid & 31, warp = tid >> 5;
-  const int warp_m = (warp % 2) * 64, warp_n = (warp / 2) * 32;
+  const int warp_m = (warp % 2) * 64, warp_n = (warp / 2) * WARP_N;
 
   // Per column of the tile: its channel's and tap's offset in an image, and the tap's
   // displacement (a column past K or a padding channel gets one no pixel accepts).
@@ -414,8 +416,9 @@ conv_igemm_wgrad(const int n, const T* __restrict__ image, const T* __restrict__
 
   // This thread's loads: pixel `at` of each slice, rows (and columns) row + step * i.
   // For floats the two half-warps take rows 4 apart (80 words: 16 banks), so that each
-  // shared store of a warp hits 32 different banks.
-  const int at = tid % BK, step = IGEMM_THREADS / BK;
+  // shared store of a warp hits 32 different banks (rows 0..15 for 256 threads, 0..7
+  // for 128).
+  const int at = tid % BK, step = THREADS / BK;
   const int row = BK == 16 ? ((tid >> 5) & 3) + 4 * ((tid >> 4) & 1) + 8 * (tid >> 7)
                            : tid / BK;
   T a_next[LOADS], b_next[LOADS];
@@ -452,7 +455,7 @@ conv_igemm_wgrad(const int n, const T* __restrict__ image, const T* __restrict__
     }
   };
 
-  T acc[4][4][4];
+  T acc[4][NI][4];
   zero_accumulators(acc);
 
   const int slices = p_end > p_begin ? (p_end - p_begin + BK - 1) / BK : 0;
@@ -482,6 +485,38 @@ conv_igemm_wgrad(const int n, const T* __restrict__ image, const T* __restrict__
     const int r = k / c_pad, c = k - r * c_pad;   // one run: straight into the diff
     if (c < channels) partial[(o * channels + c) * kernel_h * kernel_w + r] += value;
   });
+}
+
+template <typename T>
+__global__ void __launch_bounds__(IGEMM_THREADS, 2)
+conv_igemm_wgrad(const int n, const T* __restrict__ image, const T* __restrict__ top_diff,
+                 const int num, const int channels, const int height, const int width,
+                 const int kernel_h, const int kernel_w, const int dilation_h,
+                 const int dilation_w, const int c_pad, const int out_channels,
+                 const int out_w, const int plane, const int stride_h, const int stride_w,
+                 const int pad_h, const int pad_w, const int chunk, const int direct,
+                 T* __restrict__ partial) {
+  conv_igemm_wgrad_body<T, 4, 32>(image, top_diff, num, channels, height, width, kernel_h,
+                                  kernel_w, dilation_h, dilation_w, c_pad, out_channels,
+                                  out_w, plane, stride_h, stride_w, pad_h, pad_w, chunk,
+                                  direct, partial);
+}
+
+// The same with four warps of 64 x 64 (2 x 2) in 128-thread blocks.
+template <typename T>
+__global__ void __launch_bounds__(128, 2)
+conv_igemm_wgrad_quad(const int n, const T* __restrict__ image,
+                      const T* __restrict__ top_diff, const int num, const int channels,
+                      const int height, const int width, const int kernel_h,
+                      const int kernel_w, const int dilation_h, const int dilation_w,
+                      const int c_pad, const int out_channels, const int out_w,
+                      const int plane, const int stride_h, const int stride_w,
+                      const int pad_h, const int pad_w, const int chunk, const int direct,
+                      T* __restrict__ partial) {
+  conv_igemm_wgrad_body<T, 2, 64>(image, top_diff, num, channels, height, width, kernel_h,
+                                  kernel_w, dilation_h, dilation_w, c_pad, out_channels,
+                                  out_w, plane, stride_h, stride_w, pad_h, pad_w, chunk,
+                                  direct, partial);
 }
 
 // weight_diff[o][c][r] += the sum over the splits, in order, of partial[split][o][r][c]
@@ -515,7 +550,7 @@ conv_igemm_forward(const int n, const T* __restrict__ image, const T* __restrict
                    const int out_channels, const int out_w, const int plane,
                    const int stride_h, const int stride_w, const int pad_h, const int pad_w,
                    const int has_bias, T* __restrict__ top) {
-  conv_igemm_body<T, 2>(n, image, weights, bias, channels, height, width, kernel_h, kernel_w,
+  conv_igemm_body<T, 2, 4, 32>(n, image, weights, bias, channels, height, width, kernel_h, kernel_w,
                         dilation_h, dilation_w, c_pad, out_channels, out_w, plane, stride_h,
                         stride_w, pad_h, pad_w, has_bias, top);
 }
@@ -530,7 +565,24 @@ conv_igemm_forward_narrow(const int n, const T* __restrict__ image,
                           const int out_w, const int plane, const int stride_h,
                           const int stride_w, const int pad_h, const int pad_w,
                           const int has_bias, T* __restrict__ top) {
-  conv_igemm_body<T, 1>(n, image, weights, bias, channels, height, width, kernel_h, kernel_w,
+  conv_igemm_body<T, 1, 8, 32>(n, image, weights, bias, channels, height, width, kernel_h, kernel_w,
                         dilation_h, dilation_w, c_pad, out_channels, out_w, plane, stride_h,
                         stride_w, pad_h, pad_w, has_bias, top);
+}
+
+// 128 x 128 tiles from four warps of 64 x 64 (2 x 2): twice the products per fragment
+// read from shared memory of the 64 x 32 warps above, in 128-thread blocks.
+template <typename T>
+__global__ void __launch_bounds__(128, 2)
+conv_igemm_forward_quad(const int n, const T* __restrict__ image,
+                        const T* __restrict__ weights, const T* __restrict__ bias,
+                        const int channels, const int height, const int width,
+                        const int kernel_h, const int kernel_w, const int dilation_h,
+                        const int dilation_w, const int c_pad, const int out_channels,
+                        const int out_w, const int plane, const int stride_h,
+                        const int stride_w, const int pad_h, const int pad_w,
+                        const int has_bias, T* __restrict__ top) {
+  conv_igemm_body<T, 2, 2, 64>(n, image, weights, bias, channels, height, width, kernel_h,
+                               kernel_w, dilation_h, dilation_w, c_pad, out_channels, out_w,
+                               plane, stride_h, stride_w, pad_h, pad_w, has_bias, top);
 }

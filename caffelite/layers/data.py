@@ -76,7 +76,10 @@ class DummyDataLayer(Layer):
 
 @register("MemoryData")
 class MemoryDataLayer(Layer):
-    """Batches from arrays handed over by ``set_input_arrays`` (pycaffe)."""
+    """Batches from arrays handed over by ``set_input_arrays`` (pycaffe), copied into
+    the tops (Caffe points its tops at the user's arrays instead).  As Caffe's, the
+    label top is N at setup and N x 1 x 1 x 1 from the first forward on: Forward_cpu
+    reshapes it, and the (empty) Reshape of data layers never changes it back."""
     runs_on_device = False
     exact_num_top = 2
     exact_num_bottom = 0
@@ -92,7 +95,7 @@ class MemoryDataLayer(Layer):
         # BaseDataLayer::LayerSetUp's InitRand seeds an (unused) transformer.
         init_transformer_rand(self.layer_param.transform_param, self.phase)
         top[0].reshape(self.shape)
-        top[1].reshape((p.batch_size,))
+        top[1].reshape((p.batch_size,))     # vector<int> label_shape(1, batch_size_)
 
     def set_input_arrays(self, data, labels):
         data = np.asarray(data)
@@ -105,13 +108,14 @@ class MemoryDataLayer(Layer):
         self._data, self._labels, self._pos = data, labels.reshape(-1), 0
 
     def reshape(self, bottom, top):
-        top[0].reshape(self.shape)
-        top[1].reshape((self.batch_size,))
+        """Shapes change at setup and in forward only."""
 
     def forward(self, bottom, top):
         if self._data is None:
             raise self.error("no data: call set_input_arrays() before forward")
+        top[0].reshape(self.shape)
+        top[1].reshape((self.batch_size, 1, 1, 1))
         s = slice(self._pos, self._pos + self.batch_size)
         top[0].data[...] = self._data[s]
-        top[1].data[...] = self._labels[s]
+        top[1].data[...] = self._labels[s].reshape(-1, 1, 1, 1)
         self._pos = (self._pos + self.batch_size) % self._data.shape[0]

@@ -53,12 +53,15 @@ def _scan_back(x, axis):
     return xp.moveaxis(x, 0, axis)
 
 
-def _forward_pass(y, a, direction, store):
+def _forward_pass(y, a, direction, store, inside=None):
     """One in-place recursive pass along axis 0 of ``y``; ``a`` broadcasts against it.
 
     direction +1: y[i] += a[i] * (y[i-1] - y[i]) for i = 1..L-1;
     direction -1: y[i] += a[i+1] * (y[i+1] - y[i]) for i = L-2..0.
-    ``store`` (or None) receives the differences at i, for backward."""
+    ``store`` (or None) receives the differences at i, for backward. ``inside`` (None:
+    everywhere) marks the links the fork runs, those whose weight lies in the sample's
+    valid region: the others (weight 0) are skipped, so that an Inf or NaN beyond the
+    region does not reach it as 0 * Inf."""
     length = y.shape[0]
     order = range(1, length) if direction > 0 else range(length - 2, -1, -1)
     for i in order:
@@ -67,21 +70,40 @@ def _forward_pass(y, a, direction, store):
         delta = y[j] - y[i]
         if store is not None:
             store[i] = delta
-        y[i] = y[i] + a[w] * delta
+        with np.errstate(invalid="ignore"):    # 0 * Inf where a link is skipped
+            updated = y[i] + a[w] * delta
+        y[i] = updated if inside is None else _where(inside[w], updated, y[i])
 
 
-def _backward_pass(g, a, direction, delta, acc):
+def _backward_pass(g, a, direction, delta, acc, inside=None):
     """Adjoint of ``_forward_pass``, in place on ``g``; adds the weight gradient of
-    each link to ``acc`` (same layout as ``g``) at the position of its weight."""
+    each link to ``acc`` (same layout as ``g``) at the position of its weight. Links
+    not ``inside`` are skipped, as in ``_forward_pass``."""
     one = g.dtype.type(1)
     length = g.shape[0]
     order = range(length - 1, 0, -1) if direction > 0 else range(0, length - 1)
     for i in order:
         j = i - direction
         w = i if direction > 0 else i + 1
-        acc[w] += g[i] * delta[i]
-        g[j] = g[j] + a[w] * g[i]
-        g[i] = (one - a[w]) * g[i]
+        if inside is None:
+            acc[w] += g[i] * delta[i]
+            g[j] = g[j] + a[w] * g[i]
+            g[i] = (one - a[w]) * g[i]
+            continue
+        run = inside[w]
+        acc[w] = _where(run, acc[w] + g[i] * delta[i], acc[w])
+        g[j] = _where(run, g[j] + a[w] * g[i], g[j])
+        g[i] = _where(run, (one - a[w]) * g[i], g[i])
+
+
+def _where(condition, x, y):
+    return get_array_module(x).where(condition, x, y)
+
+
+def _partly_valid(valid):
+    """The valid-region mask if some sample's region is smaller than the scanned one
+    (its links outside must be skipped), else None."""
+    return None if bool(valid.all()) else valid
 
 
 def _channel_running_sum(xp, terms):
@@ -195,6 +217,7 @@ class DomainTransformLayer(Layer):
         hmax, wmax = int(sizes[:, 0].max()), int(sizes[:, 1].max())
         region = (slice(None), slice(None), slice(0, hmax), slice(0, wmax))
         valid = self._valid_mask(xp, sizes, g.shape)
+        inside = _partly_valid(valid[region])
         zero = y.dtype.type(0)
         for sigma in sigma_schedule(self.spatial_sigma, self.num_iter, y.dtype):
             a = xp.where(valid, self._weight_map(xp, g, sigma), zero)[region]
@@ -202,7 +225,8 @@ class DomainTransformLayer(Layer):
             for axis, direction in _PASSES:
                 ys, as_ = _scan_first(yr, axis), _scan_first(a, axis)
                 store = xp.empty_like(ys) if keep else None
-                _forward_pass(ys, as_, direction, store)
+                _forward_pass(ys, as_, direction, store,
+                              None if inside is None else _scan_first(inside, axis))
                 yr = _scan_back(ys, axis)
                 if keep:
                     self._deltas.append(store)
@@ -245,6 +269,7 @@ class DomainTransformLayer(Layer):
         g_ref = bottom[1].data
         sigmas = sigma_schedule(self.spatial_sigma, self.num_iter, dx.dtype)
         valid = self._valid_mask(xp, sizes, g_ref.shape)
+        inside = _partly_valid(valid[region])
         gr = dx[region]
         for k in range(self.num_iter - 1, -1, -1):
             a_clamped = self._weight_map(xp, g_ref, sigmas[k])
@@ -254,7 +279,8 @@ class DomainTransformLayer(Layer):
                 axis, direction = _PASSES[p]
                 gs, as_ = _scan_first(gr, axis), _scan_first(a, axis)
                 accs = xp.zeros_like(gs)
-                _backward_pass(gs, as_, direction, self._deltas[4 * k + p], accs)
+                _backward_pass(gs, as_, direction, self._deltas[4 * k + p], accs,
+                               None if inside is None else _scan_first(inside, axis))
                 gr = _scan_back(gs, axis)
                 terms.append(_scan_back(accs, axis))
             dg[region] += self._guide_diff(xp, _channel_running_sum(xp, terms),

@@ -5,6 +5,10 @@ MAX on the device runs the ``eltwise.cu`` kernels with the host's tie rule
 bottoms.  Caffe's own GPU code gives a tie among bottoms 2, 3, ... to the later bottom
 instead; the two rules differ only on exactly equal (or NaN) values in a third or later
 bottom, never in the forward value of non-NaN data.
+
+In place (the top is one of the bottoms), SUM and MAX do what Caffe's code does: it
+clears the top first (to 0, or to -FLT_MAX for MAX), so that bottom enters as 0 (or
+-FLT_MAX) and the top is the sum (or maximum) of the others.
 """
 import numpy as np
 
@@ -63,6 +67,9 @@ class EltwiseLayer(Layer):
 
     def forward(self, bottom, top):
         xp = get_array_module(bottom[0].data)
+        if self.op != PROD and any(top[0] is b for b in bottom):
+            self._forward_in_place(xp, bottom, top)
+            return
         if self.op == SUM and self._plain_sum(bottom, top):
             # (x0 + x1) + x2 + ... written straight into top: no temporaries
             xp.add(bottom[0].data, bottom[1].data, out=top[0].data)
@@ -116,6 +123,27 @@ class EltwiseLayer(Layer):
         """All coefficients 1 and top is none of the bottoms read after it is written."""
         return (all(c == 1 for c in self.coeffs)
                 and not any(top[0] is b for b in bottom[2:]))
+
+    def _forward_in_place(self, xp, bottom, top):
+        """Caffe's sequence on its buffers when the top is a bottom: the top cleared
+        first, then each bottom (the cleared one included) added or compared in turn."""
+        out = top[0].data
+        if self.op == SUM:
+            out[...] = 0
+            for b, c in zip(bottom, self.coeffs):
+                out += b.data if c == 1 else c * b.data
+            return
+        out[...] = -np.finfo(np.float32).max           # Dtype(-FLT_MAX)
+        x0, x1 = bottom[0].data, bottom[1].data
+        first = x0 > x1
+        y = xp.where(first, x0, x1)
+        idx = xp.where(first, 0, 1).astype(xp.int32)
+        for i, b in enumerate(bottom[2:], 2):
+            wins = b.data > y
+            y = xp.where(wins, b.data, y)
+            idx[wins] = i
+        self.max_idx = idx
+        out[...] = y
 
     @staticmethod
     def _scaled(x, c):

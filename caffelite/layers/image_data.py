@@ -8,6 +8,11 @@ decoded and augmented by a small pool of background (daemon) threads, up to
 the epoch's shuffle and every random number of the batch are drawn in order by the
 layer itself when it queues the batch, so results never depend on thread timing.
 
+List files are read as the fork reads them: as bytes (a file name need not be UTF-8),
+ImageSegData's line by line (``std::getline``; a blank line is a sample that counts in
+the shuffle and fails when reached), ImageData's as a stream of ``>> filename >> label``
+tokens, HDF5Data's as whitespace-separated file names.
+
 Random numbers are Caffe's (caffelite.caffe_rng): at setup the layer draws from the
 global generator ``caffelite.backend.rng()`` exactly the words the fork's
 ImageDimPrefetchingDataLayer::LayerSetUp draws, in its order -- the transformer seed
@@ -134,35 +139,115 @@ def worker_pool():
 
 # ------------------------------------------------------------------------ list files
 class ListEntry:
-    """One sample of a list file: its 1-based line number and its fields."""
+    """One sample of a list file: its 1-based line number and its fields (None for a
+    blank line, which the fork keeps as a sample)."""
     __slots__ = ("lineno", "fields")
 
     def __init__(self, lineno, fields):
         self.lineno, self.fields = lineno, fields
 
 
-def read_list_file(path, layer, parse):
-    """``parse(tokens, line, lineno)`` -> fields, for each non-blank line of ``path``."""
+# What C++'s ``>>`` skips in the "C" locale (Python's str.split() skips more).
+_C_TOKEN = re.compile(r"[^ \t\n\x0b\x0c\r]+")
+_C_INT = re.compile(r"[ \t\n\x0b\x0c\r]*([+-]?[0-9]+)")
+_INT_MIN, _INT_MAX = -2 ** 31, 2 ** 31 - 1
+
+
+def read_list_text(path, layer):
+    """The text of a list file.  The fork reads raw bytes: bytes that are not UTF-8
+    decode as os.fsdecode does (lone surrogates), so a path read from the list opens
+    the very bytes it names."""
     try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
+        with open(path, "rb") as f:
+            return os.fsdecode(f.read())
     except OSError as e:
         raise layer.error(f"cannot open the source list file '{path}': "
                           f"{e.strerror}") from None
+
+
+def getlines(text):
+    """The lines ``std::getline`` yields: split at "\\n" only, no extra empty line for
+    a final newline (but one for each further newline)."""
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    return lines
+
+
+def read_list_file(path, layer, parse):
+    """One ListEntry per line of ``path``, as the fork's ``std::getline`` loop reads it:
+    ``parse(tokens, line, lineno)`` -> fields for each line with a token; a blank (or
+    whitespace-only) line is an entry with ``fields`` None, which counts in the list
+    size and the shuffle as in the fork and is an error when it is reached."""
     entries = []
-    for lineno, line in enumerate(lines, 1):
-        tokens = line.split()
-        if tokens:
-            entries.append(ListEntry(lineno, parse(tokens, line, lineno)))
+    for lineno, line in enumerate(getlines(read_list_text(path, layer)), 1):
+        tokens = _C_TOKEN.findall(line)
+        entries.append(ListEntry(lineno, parse(tokens, line, lineno) if tokens else None))
     if not entries:
         raise layer.error(f"the source list file '{path}' lists no samples")
     logger.info("Opening file %s: a total of %d images.", path, len(entries))
     return entries
 
 
+def entry_fields(entry, source):
+    """The entry's fields; a DataError naming the line for a blank line."""
+    if entry.fields is None:
+        raise DataError(f"{source}:{entry.lineno}: line {entry.lineno} of the list is "
+                        f"empty (the fork keeps blank lines as samples, in the list size "
+                        f"and the shuffle, and fails when it reaches one); delete it")
+    return entry.fields
+
+
+def read_label_pairs(path, layer):
+    """ImageData's list as the fork reads it (BVLC before PR #4059):
+    ``while (infile >> filename >> label)``.  Whitespace-separated tokens, not lines:
+    a filename is the next token, a label C++'s ``int`` extraction (optional sign and
+    digits, stopping at the first other character, which starts the next filename);
+    the list ends silently at the first label that does not parse (a warning here)."""
+    text = read_list_text(path, layer)
+    entries, pos, lineno = [], 0, 1
+    while True:
+        name = _C_TOKEN.search(text, pos)
+        if name is None:
+            break
+        lineno += text.count("\n", pos, name.start())
+        label = _C_INT.match(text, name.end())
+        if label is None or not _INT_MIN <= int(label.group(1)) <= _INT_MAX:
+            _warn_truncated(path, text, name, label, len(entries))
+            break
+        entries.append(ListEntry(lineno, (name.group(), int(label.group(1)))))
+        lineno += text.count("\n", name.start(), label.end())
+        pos = label.end()
+    if not entries:
+        raise layer.error(f"the source list file '{path}' lists no samples (ImageData "
+                          f"reads '<image path> <integer label>' pairs)")
+    logger.info("Opening file %s: a total of %d images.", path, len(entries))
+    return entries
+
+
+def _warn_truncated(path, text, name, label, count):
+    token = _C_TOKEN.search(text, name.end())
+    at = token or name
+    if token is None:
+        why = f"'{_shown(name.group())}' has no label"
+    elif label is not None:
+        why = f"the label '{label.group(1)}' of '{_shown(name.group())}' does not fit an int"
+    else:
+        why = (f"the label '{_shown(token.group())}' after '{_shown(name.group())}' is "
+               f"not an integer")
+    logger.warning("%s:%d: %s; the list ends there, with %d samples (the fork's "
+                   "'infile >> filename >> label' loop stops silently)",
+                   path, text.count("\n", 0, at.start()) + 1, why, count)
+
+
+def _shown(name):
+    """A list token for a log line: bytes that are not UTF-8 as \\xNN escapes."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
 def atoi(text):
     """C's atoi: leading whitespace, optional sign, digits; 0 when there are none."""
-    m = re.match(r"\s*([+-]?\d+)", text or "")
+    m = _C_INT.match(text or "")
     return int(m.group(1)) if m else 0
 
 
@@ -306,7 +391,8 @@ class ImageListLayer(PrefetchingDataLayer):
         p = self.layer_param.image_data_param
         entry = self.current_entry()
         try:
-            img = _load(p.root_folder + entry.fields[0], "image", entry, p.source, p.is_color)
+            name = entry_fields(entry, p.source)[0]
+            img = _load(p.root_folder + name, "image", entry, p.source, p.is_color)
         except DataError as e:
             raise self.error(str(e)) from None
         if p.new_height > 0:
@@ -397,6 +483,11 @@ def _seg_crop_size(tp, layer):
 class ImageSegDataLayer(ImageListLayer):
     """DeepLab's image + segmentation data layer (spec section 3).
 
+    List lines ``<image> <label image>`` (PIXEL), ``<image> <int label>`` (IMAGE) or
+    ``<image>`` (NONE), paths appended to root_folder; further columns are ignored.  A
+    blank line is a sample, as in the fork: it counts in the list size and the shuffle,
+    and reaching it is an error naming the line.
+
     Tops: data N x C x crop_h x crop_w (or the first image's size without a crop),
     label N x 1 x crop_h x crop_w and data_dim N x 1 x 1 x 2 = (rows, cols) of each
     image after new_height/new_width, clipped to the top size (created anonymously
@@ -422,12 +513,7 @@ class ImageSegDataLayer(ImageListLayer):
         crop_h, crop_w = _seg_crop_size(tp, self)
         cropping = crop_h > 0 and crop_w > 0
         label_type = p.label_type
-
-        def parse(tokens, line, lineno):
-            second = tokens[1] if len(tokens) > 1 else None
-            return (tokens[0], None if label_type == LABEL_NONE else second)
-
-        self.init_list(read_list_file(p.source, self, parse))
+        self.init_list(read_list_file(p.source, self, self.parse_list_line))
         img = self.load_first_image()
         channels = 1 if img.ndim == 2 else img.shape[2]
         height, width = (crop_h, crop_w) if cropping else img.shape[:2]
@@ -451,6 +537,12 @@ class ImageSegDataLayer(ImageListLayer):
         logger.info("output data size: %s, label size: %s, data_dim size: %s",
                     *[",".join(map(str, s)) for s in self.top_shapes])
         self.start_prefetch()
+
+    def parse_list_line(self, tokens, line, lineno):
+        """A list line's fields: (image, label column or None)."""
+        if self.layer_param.image_data_param.label_type == LABEL_NONE:
+            return (tokens[0], None)
+        return (tokens[0], tokens[1] if len(tokens) > 1 else None)
 
     def _warn_fork_differences(self, tp, cropping, means):
         if (len(tp.scale_factors) or (self.phase == TRAIN and cropping)) \
@@ -489,7 +581,7 @@ def _build_seg_batch(cfg, samples):
 
 
 def _seg_sample(cfg, entry, draws):
-    img_name, seg_name = entry.fields
+    img_name, seg_name = entry_fields(entry, cfg.source)
     img_path = cfg.root + img_name
     img = _load(img_path, "image", entry, cfg.source, cfg.is_color)
     if cfg.new_size:
@@ -572,7 +664,9 @@ def transform_img_and_seg(cfg, img, seg, draws, entry):
 # ----------------------------------------------------------------------- ImageData
 @register("ImageData")
 class ImageDataLayer(ImageListLayer):
-    """BVLC's image classification data layer: list lines ``<path> <int label>``;
+    """BVLC's image classification data layer: the list is ``<path> <int label>``
+    pairs read as the fork reads them (``read_label_pairs``: a token stream, so a path
+    cannot contain spaces, and the list ends at the first label that is not an int);
     tops data N x C x H x W and label N.  Each batch takes the size of its first image
     (after new_height/new_width) unless transform_param.crop_size crops it; mean_file
     (a binaryproto of the image size) or mean_value, mirror and scale apply.
@@ -586,19 +680,7 @@ class ImageDataLayer(ImageListLayer):
         if tp.HasField("mean_file") and len(tp.mean_value):
             raise self.error("cannot specify mean_file and mean_value at the same time")
         source = p.source
-
-        def parse(tokens, line, lineno):
-            if len(tokens) < 2:
-                raise self.error(f"{source}:{lineno}: expected '<image path> <label>', got "
-                                 f"'{line.strip()}'")
-            try:
-                label = int(tokens[-1])
-            except ValueError:
-                raise self.error(f"{source}:{lineno}: the label '{tokens[-1]}' is not an "
-                                 f"integer") from None
-            return (line.strip().rsplit(None, 1)[0], label)
-
-        self.init_list(read_list_file(source, self, parse))
+        self.init_list(read_label_pairs(source, self))
         first = self.current_entry()
         img = self.load_first_image()
         channels = 1 if img.ndim == 2 else img.shape[2]
@@ -731,12 +813,8 @@ class HDF5DataLayer(Layer):
         except ImportError:
             raise self.error("reading HDF5 files needs the h5py package "
                              "(pip install h5py)") from None
-        try:
-            with open(p.source, encoding="utf-8") as f:
-                self.files = f.read().split()
-        except OSError as e:
-            raise self.error(f"cannot open the source list file '{p.source}': "
-                             f"{e.strerror}") from None
+        # BVLC reads 'while (source_file >> line)': whitespace-separated names.
+        self.files = _C_TOKEN.findall(read_list_text(p.source, self))
         if not self.files:
             raise self.error(f"the source list file '{p.source}' lists no HDF5 files")
         self.top_names = list(self.layer_param.top)

@@ -23,6 +23,7 @@ one group and a window larger than 1x1, and ``ENABLED`` (environment
 faster than im2col + cuBLAS (``benchmarks/conv_igemm.py``, ``gpu_train.py --engines
 caffelite-implicit``).
 """
+import collections
 import dataclasses
 
 import numpy as np
@@ -31,15 +32,25 @@ from .. import backend, kernels
 
 ENABLED = backend.env_flag("CAFFELITE_IMPLICIT_GEMM", False)
 
-THREADS = 256
-# (kernel, output-channel tile, pixel tile): the narrow tile for at most 64 channels.
-WIDE = ("conv_igemm_forward", 128, 128)
-NARROW = ("conv_igemm_forward_narrow", 64, 256)
+# A forward kernel with its output-channel tile, pixel tile and threads per block.
+Tile = collections.namedtuple("Tile", "kernel m n threads")
+# Eight warps of 64 x 32; the narrow tile for at most 64 channels.
+WIDE = Tile("conv_igemm_forward", 128, 128, 256)
+NARROW = Tile("conv_igemm_forward_narrow", 64, 256, 256)
+# Four warps of 64 x 64: half the shared-memory reads per product. Only when forced
+# (TILE) until a device measures it against WIDE (benchmarks/conv_igemm.py).
+QUAD = Tile("conv_igemm_forward_quad", 128, 128, 128)
+TILES = {"wide": WIDE, "narrow": NARROW, "quad": QUAD}
+# The weight gradient's 128 x 128 tiles: eight warps of 64 x 32, or (with TILE "quad")
+# four of 64 x 64.
+WGRAD = Tile("conv_igemm_wgrad", 128, 128, 256)
+WGRAD_QUAD = Tile("conv_igemm_wgrad_quad", 128, 128, 128)
 # The kernel's K is tap-major with the channels padded to a multiple of this (its slices
 # are 16 channels of one tap).
 CHANNEL_ALIGN = 16
 
-# None: the tile by the output channels; "wide" or "narrow" forces one (benchmarks).
+# None: the tile by the output channels; a key of TILES forces one (benchmarks; "quad"
+# also for the weight gradient).
 TILE = None
 
 
@@ -77,8 +88,8 @@ def fills_gpu(xp, out_shape):
     """Whether an implicit product into an (N, O, H, W) output has at least
     MIN_TILES_PER_SM tiles per multiprocessor."""
     num, out_channels, height, width = out_shape
-    _, tile_m, tile_n = tile_kernel(out_channels)
-    tiles = -(-out_channels // tile_m) * -(-num * height * width // tile_n)
+    tile = tile_kernel(out_channels)
+    tiles = -(-out_channels // tile.m) * -(-num * height * width // tile.n)
     return tiles >= MIN_TILES_PER_SM * _multiprocessors(xp)
 
 
@@ -106,10 +117,15 @@ def prepared_size(weight_shape):
 
 
 def tile_kernel(out_channels):
-    """(kernel name, output-channel tile, pixel tile) for ``out_channels``."""
+    """The forward kernel's Tile for ``out_channels``."""
     if TILE is not None:
-        return {"wide": WIDE, "narrow": NARROW}[TILE]
-    return NARROW if out_channels <= NARROW[1] else WIDE
+        return TILES[TILE]
+    return NARROW if out_channels <= NARROW.m else WIDE
+
+
+def wgrad_tile():
+    """The weight gradient's Tile."""
+    return WGRAD_QUAD if TILE == "quad" else WGRAD
 
 
 def prepare_weights(xp, weight, transposed=False):
@@ -138,14 +154,14 @@ def forward(xp, image, weight, out, geom, bias=None, transposed=False):
         return
     prepared = prepare_weights(xp, weight, transposed)
     n_out = prepared.shape[0]
-    name, tile_m, tile_n = tile_kernel(n_out)
-    grid = -(-n_out // tile_m) * -(-n // tile_n)
+    tile = tile_kernel(n_out)
+    grid = -(-n_out // tile.m) * -(-n // tile.n)
     (kh, kw), (sh, sw) = geom.kernel, geom.stride
     (ph, pw), (dh, dw) = geom.pad, geom.dilation
-    kernels.launch("conv_igemm", name, image.dtype, n, image, prepared,
+    kernels.launch("conv_igemm", tile.kernel, image.dtype, n, image, prepared,
                    prepared if bias is None else bias, channels, height, width, kh, kw, dh,
                    dw, prepared.shape[2], n_out, out.shape[3], plane, sh, sw, ph, pw,
-                   int(bias is not None), out, grid=grid, block=THREADS)
+                   int(bias is not None), out, grid=grid, block=tile.threads)
 
 
 # Weight gradients: the pixels are split into runs so that about this many blocks per
@@ -157,7 +173,6 @@ def forward(xp, image, weight, out, geom, bias=None, transposed=False):
 BLOCKS_PER_SM = 2
 MIN_SPLIT_PIXELS = 256
 SPLITS = None
-WGRAD_TILE = 128
 _MULTIPROCESSOR_COUNT = 16       # cudaDevAttrMultiProcessorCount
 _multiprocessors_per_device = {}
 
@@ -198,16 +213,17 @@ def weight_grad(xp, image, grid, weight_diff, geom):
         return
     c_pad = padded_channels(channels)
     k = geom.taps * c_pad
-    tiles = -(-n_out // WGRAD_TILE) * -(-k // WGRAD_TILE)
+    tile = wgrad_tile()
+    tiles = -(-n_out // tile.m) * -(-k // tile.n)
     chunk, splits = pixel_runs(pixels, weight_splits(xp, tiles, pixels, n_out * k))
     direct = splits == 1      # one run adds its product into the diff itself
     partial = weight_diff if direct else xp.empty((splits, n_out, k), image.dtype)
     (kh, kw), (sh, sw) = geom.kernel, geom.stride
     (ph, pw), (dh, dw) = geom.pad, geom.dilation
-    kernels.launch("conv_igemm", "conv_igemm_wgrad", image.dtype, partial.size, image, grid,
+    kernels.launch("conv_igemm", tile.kernel, image.dtype, partial.size, image, grid,
                    num, channels, height, width, kh, kw, dh, dw, c_pad, n_out,
                    grid.shape[3], plane, sh, sw, ph, pw, chunk, int(direct), partial,
-                   grid=tiles * splits, block=THREADS)
+                   grid=tiles * splits, block=tile.threads)
     if not direct:
         kernels.launch("conv_igemm", "conv_igemm_wgrad_sum", image.dtype, weight_diff.size,
                        partial, splits, channels, geom.taps, c_pad, weight_diff)

@@ -2,8 +2,11 @@
 
 Each follows BVLC Caffe's formulas and its order of float operations, including the
 special cases Caffe takes (Power with scale or power 0, Exp/Log with base -1 = e).
-Layers whose backward reads the bottom data (PReLU, Power, Log, BNLL) keep a copy of
-it when run in place, so in-place and out-of-place runs give the same gradients.
+In place, PReLU keeps a copy of its bottom data (Caffe's bottom_memory_), so its
+gradients are those of an out-of-place run. Power, Log and BNLL keep none, as in Caffe:
+their backwards are Caffe's sequences of operations on the bottom's diff, which in place
+is also the top's diff, reading the bottom data, which in place is the top's. Their
+in-place gradients are therefore Caffe's (not the derivative at the input).
 """
 import zlib
 
@@ -204,7 +207,7 @@ class AbsValLayer(NeuronLayer):
 
 
 @register("Power")
-class PowerLayer(_SavesBottomInPlace):
+class PowerLayer(NeuronLayer):
     """y = (shift + scale * x) ^ power, with Caffe's special cases and gradient formulas."""
     graph_safe = True
 
@@ -216,7 +219,6 @@ class PowerLayer(_SavesBottomInPlace):
 
     def forward(self, bottom, top):
         xp = get_array_module(bottom[0].data)
-        self.save_bottom(bottom, top)
         if self.diff_scale == 0:
             # The input is ignored: y = shift^power (1 when power is 0).
             value = 1 if self.power == 0 else \
@@ -238,29 +240,30 @@ class PowerLayer(_SavesBottomInPlace):
         return y if y is not x else x.copy()
 
     def backward(self, top, propagate_down, bottom):
+        # dy/dx into the bottom diff, then times the top diff: in place the bottom diff
+        # is the top diff and the bottom data the top data (see the module docstring).
         if not propagate_down[0]:
             return
-        if self.diff_scale == 0:
-            bottom[0].diff[...] = 0
-            return
-        if self.power == 1:
-            bottom[0].diff[...] = top[0].diff * self.diff_scale
-            return
-        x = self.bottom_data(top, bottom)
+        grad, x, t = bottom[0].diff, bottom[0].data, self.dtype.type
         with np.errstate(invalid="ignore", divide="ignore"):
-            if self.power == 2:
+            if self.diff_scale == 0 or self.power == 1:
+                grad[...] = self.diff_scale
+            elif self.power == 2:
                 # dy/dx = diff_scale * scale * x + diff_scale * shift
-                grad = self.dtype.type(self.diff_scale * self.scale) * x
+                grad[...] = t(self.diff_scale * self.scale) * x
                 if self.shift != 0:
-                    grad = grad + self.dtype.type(self.diff_scale * self.shift)
+                    grad += t(self.diff_scale * self.shift)
             elif self.shift == 0:
                 # dy/dx = power * y / x   (Caffe's formula; 0/0 at x = 0 gives NaN as in Caffe)
-                grad = (top[0].data / x) * self.power
+                grad[...] = top[0].data / x
+                grad *= self.power
             else:
-                grad = top[0].data / self._shifted(x)
+                grad[...] = self._shifted(x)
+                grad[...] = top[0].data / grad
                 if self.diff_scale != 1:
-                    grad = grad * self.diff_scale
-        bottom[0].diff[...] = top[0].diff * grad
+                    grad *= self.diff_scale
+        if self.diff_scale != 0:
+            grad[...] = top[0].diff * grad
 
 
 @register("Exp")
@@ -305,7 +308,7 @@ class ExpLayer(NeuronLayer):
 
 
 @register("Log")
-class LogLayer(_SavesBottomInPlace):
+class LogLayer(NeuronLayer):
     """y = log_base(shift + scale * x), base -1 meaning e."""
     graph_safe = True
 
@@ -331,7 +334,6 @@ class LogLayer(_SavesBottomInPlace):
 
     def forward(self, bottom, top):
         xp = get_array_module(bottom[0].data)
-        self.save_bottom(bottom, top)
         with np.errstate(invalid="ignore", divide="ignore"):
             y = caffe_log(xp, self._shifted(bottom[0].data))
         if self.base_scale != 1:
@@ -341,27 +343,29 @@ class LogLayer(_SavesBottomInPlace):
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:
             return
-        x = self.bottom_data(top, bottom)
+        # As Caffe's: the bottom diff holds dy/dx before the product (in place, it is
+        # also the top diff).
+        grad = bottom[0].diff
+        grad[...] = self._shifted(bottom[0].data)
         with np.errstate(invalid="ignore", divide="ignore"):
-            grad = 1 / self._shifted(x)
+            grad[...] = 1 / grad
         if self.backward_num_scale != 1:
-            grad = grad * self.backward_num_scale
-        bottom[0].diff[...] = top[0].diff * grad
+            grad *= self.backward_num_scale
+        grad[...] = top[0].diff * grad
 
 
 BNLL_THRESHOLD = 50.0
 
 
 @register("BNLL")
-class BNLLLayer(_SavesBottomInPlace):
+class BNLLLayer(NeuronLayer):
     """y = log(1 + exp(x)) as Caffe writes it: x + log(1. + exp(-x)) for x > 0, else
     log(1. + exp(x)) (in double on the host); dy/dx = e / (e + 1), e = exp(min(x, 50))
-    stored as Dtype."""
+    stored as Dtype (x is the bottom data: in place, Caffe reads the top's)."""
     graph_safe = True
 
     def forward(self, bottom, top):
         xp = get_array_module(bottom[0].data)
-        self.save_bottom(bottom, top)
         x = double(xp, bottom[0].data)
         positive = x > 0
         with np.errstate(over="ignore"):
@@ -372,7 +376,7 @@ class BNLLLayer(_SavesBottomInPlace):
         if not propagate_down[0]:
             return
         xp = get_array_module(top[0].diff)
-        x = self.bottom_data(top, bottom)
+        x = bottom[0].data
         e = xp.exp(double(xp, xp.minimum(x, x.dtype.type(BNLL_THRESHOLD)))).astype(x.dtype)
         bottom[0].diff[...] = double(xp, top[0].diff * e) / (double(xp, e) + 1)
 

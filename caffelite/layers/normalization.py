@@ -267,7 +267,13 @@ class ScaleLayer(Layer):
         if (learned_scale and self.param_propagate_down[0]) or \
                 (not learned_scale and propagate_down[1]):
             x = self.x_saved if self.in_place else bottom[0].data.reshape(self.dims)
-            grad = (dy * x).sum(axis=(0, 2), dtype=dy.dtype).reshape(scale.shape)
+            product = dy * x
+            if not (propagate_down[0] or self.in_place or scale.count == bottom[0].count):
+                # Caffe keeps this product in the bottom diff ("Hack: store big eltwise
+                # product in bottom[0] diff"), where a Split can add it to a gradient;
+                # with propagate_down[0] the bottom gradient overwrites it below.
+                bottom[0].diff[...] = product.reshape(bottom[0].shape)
+            grad = product.sum(axis=(0, 2), dtype=dy.dtype).reshape(scale.shape)
             if learned_scale and not self._caffe_overwrites_scale_diff():
                 scale.diff[...] += grad
             else:

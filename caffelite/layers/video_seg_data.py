@@ -12,7 +12,8 @@ from ..layer import register
 @register("VideoSegData")
 class VideoSegDataLayer(ImageSegDataLayer):
     """List lines ``<image> <label> <background>`` (label_type PIXEL) or ``<image>
-    <background>`` (NONE), paths prefixed with root_folder.
+    <background>`` (NONE), paths prefixed with root_folder; a blank line is a sample
+    that fails when reached, as ImageSegData's.
 
     Tops: data N x 6 x h x w -- channels 0-2 the image through ImageSegData's whole
     pipeline (scale factors, padding, crop, mirror, ``(pixel - mean) * scale``),
@@ -39,21 +40,16 @@ class VideoSegDataLayer(ImageSegDataLayer):
         self.top_shapes[0] = (n, 2 * c, h, w)
         top[0].reshape(self.top_shapes[0])
 
-    def init_list(self, entries):
-        """Add each line's background path (ImageSegData's parser keeps two columns)."""
+    def parse_list_line(self, tokens, line, lineno):
+        """ImageSegData's two fields and the background path."""
         p = self.layer_param.image_data_param
-        with open(p.source, encoding="utf-8") as f:
-            lines = f.read().splitlines()
         column = 2 if p.label_type == LABEL_PIXEL else 1
-        for entry in entries:
-            tokens = lines[entry.lineno - 1].split()
-            if len(tokens) <= column:
-                layout = ("'<image> <label> <background>'" if column == 2
-                          else "'<image> <background>'")
-                raise self.error(f"{p.source}:{entry.lineno}: no background column (expected "
-                                 f"{layout})")
-            entry.fields = (entry.fields[0], entry.fields[1], tokens[column])
-        super().init_list(entries)
+        if len(tokens) <= column:
+            layout = ("'<image> <label> <background>'" if column == 2
+                      else "'<image> <background>'")
+            raise self.error(f"{p.source}:{lineno}: no background column (expected "
+                             f"{layout})")
+        return super().parse_list_line(tokens, line, lineno) + (tokens[column],)
 
     def plan_batch(self):
         fn, (cfg, samples) = super().plan_batch()
@@ -61,8 +57,8 @@ class VideoSegDataLayer(ImageSegDataLayer):
 
 
 def _build_video_batch(cfg, samples):
-    seg_samples = [(ListEntry(entry.lineno, entry.fields[:2]), draws)
-                   for entry, draws in samples]
+    seg_samples = [(ListEntry(entry.lineno, entry.fields and entry.fields[:2]), draws)
+                   for entry, draws in samples]   # a blank line (fields None) fails there
     data, label, dims = _build_seg_batch(cfg, seg_samples)
     h, w = cfg.top_size
     dtype = np.dtype(cfg.dtype)

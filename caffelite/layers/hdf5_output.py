@@ -1,0 +1,91 @@
+"""HDF5Output: BVLC Caffe's layer that writes its two bottoms into an HDF5 file."""
+import logging
+
+import numpy as np
+
+from ..backend import to_host
+from ..layer import Layer, register
+
+logger = logging.getLogger("caffelite")
+
+DATA_DATASET, LABEL_DATASET = "data", "label"
+
+
+@register("HDF5Output")
+class HDF5OutputLayer(Layer):
+    """Writes bottom[0] as dataset "data" and bottom[1] as "label" of
+    ``hdf5_output_param.file_name``, in the net's dtype, each as a 4-axis
+    num x channels x height x width array (Caffe copies them into 4-D blobs first, so
+    an N x C bottom is saved as N x C x 1 x 1).
+
+    As in Caffe, setup creates the file, truncating one that exists (Caffe holds it open
+    for the layer's lifetime), and the first forward writes both datasets. Caffe's
+    second forward cannot create the datasets again and aborts (BVLC issue #1726); here
+    it raises an error and the file keeps the first batch. No tops, no backward. Needs
+    the optional ``h5py`` package.
+    """
+    runs_on_device = False
+    exact_num_bottom = 2
+    exact_num_top = 0
+
+    def setup(self, bottom, top):
+        p = self.layer_param.hdf5_output_param
+        if not p.file_name:
+            raise self.error("hdf5_output_param.file_name must name the HDF5 file to write")
+        self.file_name = p.file_name
+        h5py = self._h5py()
+        try:
+            with h5py.File(self.file_name, "w"):
+                pass
+        except OSError as e:
+            raise self.error(f"failed to create HDF5 file '{self.file_name}': {e}") from None
+        self.saved = False
+
+    def _h5py(self):
+        from ..io.solverstate import require_h5py
+        try:
+            return require_h5py()
+        except ImportError:
+            raise self.error("writing HDF5 files needs the h5py package "
+                             "(pip install h5py)") from None
+
+    def reshape(self, bottom, top):
+        pass
+
+    def _legacy_array(self, blob, which):
+        shape = tuple(blob.shape)
+        if len(shape) > 4:
+            raise self.error(f"bottom {which} has {len(shape)} axes; Caffe's HDF5Output "
+                             f"saves num x channels x height x width blobs (at most 4)")
+        legacy = shape + (1,) * (4 - len(shape))
+        return np.ascontiguousarray(to_host(blob.data), dtype=self.dtype).reshape(legacy)
+
+    def forward(self, bottom, top):
+        if bottom[0].shape[:1] != bottom[1].shape[:1]:
+            raise self.error(f"data and label must have the same num (batch size): "
+                             f"{bottom[0].shape} vs {bottom[1].shape}")
+        if self.saved:
+            raise self.error(
+                f"'{self.file_name}' already holds the datasets '{DATA_DATASET}' and "
+                f"'{LABEL_DATASET}' of this layer's first forward; Caffe's HDF5Output "
+                f"writes one batch per net and fails on the next forward, and so does "
+                f"this one (the file keeps the first batch)")
+        data = self._legacy_array(bottom[0], 0)
+        label = self._legacy_array(bottom[1], 1)
+        logger.info("Saving HDF5 file %s", self.file_name)
+        h5py = self._h5py()
+        try:
+            with h5py.File(self.file_name, "r+") as f:
+                for name in (DATA_DATASET, LABEL_DATASET):
+                    if name in f:
+                        raise self.error(f"HDF5 file '{self.file_name}' already has a "
+                                         f"dataset '{name}'")
+                f.create_dataset(DATA_DATASET, data=data)
+                f.create_dataset(LABEL_DATASET, data=label)
+        except OSError as e:
+            raise self.error(f"failed to write HDF5 file '{self.file_name}': {e}") from None
+        self.saved = True
+        logger.info("Successfully saved %d rows", data.shape[0])
+
+    def backward(self, top, propagate_down, bottom):
+        """Caffe's HDF5Output backward does nothing."""
