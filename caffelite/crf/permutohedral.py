@@ -26,6 +26,13 @@ the summation order of the sparse products differs.  Vertices are numbered by th
 first pixel touching them (as the reference's hash table does), which keeps the
 splat and slice gathers local.
 
+The reference is compiled with its SSE path on x86-64 (``__SSE__``): it elevates the
+points four at a time, the last group padded with all-zero feature vectors, and enters
+the padding's simplex vertices into the lattice too (only the real points splat and
+slice). When N is not a multiple of 4 the lattice therefore also has the vertices of
+the feature-space origin's simplex, and they take part in the blur; both lattice
+builds here do the same (``sse_padded``).
+
 The construction is split into array functions (``elevate``, ``enclosing_simplex``,
 ``barycentric_weights``, ``vertex_keys``, ``simplex_groups``, ``index_vertices``,
 ``plus_neighbours``, ``first_touch_numbering``); ``PermutohedralLattice`` assembles them
@@ -258,6 +265,15 @@ def first_touch_numbering(index, first_point):
     return new_id, order
 
 
+def sse_padded(features, xp=np):
+    """``features`` with all-zero rows appended up to a multiple of 4 points, as the
+    reference's SSE build elevates them (see the module docstring)."""
+    extra = -features.shape[0] % 4
+    if extra == 0:
+        return features
+    return xp.concatenate([features, xp.zeros((extra, features.shape[1]), features.dtype)])
+
+
 def check_features(features, xp=np):
     """``features`` if they are a non-empty N x d array of finite values."""
     if features.ndim != 2 or features.shape[0] == 0 or features.shape[1] == 0:
@@ -317,10 +333,10 @@ class SortedLattice:
     def __init__(self, features, xp=np):
         features = check_features(xp.asarray(features, _F32), xp)
         n, d = features.shape
-        if (d + 1) * n >= 2 ** 31:
+        if (d + 1) * (n + 3) >= 2 ** 31:
             raise ValueError(f"{n} points of dimension {d} are too many for the lattice's "
                              f"int32 vertex indices")
-        elevated = elevate(features, xp)
+        elevated = elevate(sse_padded(features, xp), xp)
         rem0, rank = enclosing_simplex(elevated, xp)
         weights, owner = barycentric_weights(elevated, rem0, rank, xp)
         packed, stride = vertex_keys(rem0, rank, owner, xp)
@@ -331,7 +347,7 @@ class SortedLattice:
         plus = plus_neighbours(unique, stride, d, xp)
         renumbered = xp.empty_like(plus)
         renumbered[:, number] = xp.where(plus >= 0, number[plus], np.int32(-1))
-        self.offsets, self.weights = index, weights
+        self.offsets, self.weights = index[:, :n], weights[:, :n]   # the real points
         self.neighbours = both_sides(renumbered, xp)
         self.num_points, self.dim, self.num_vertices = n, d, len(unique)
         self.alpha = slice_alpha(d)
@@ -360,13 +376,14 @@ class PermutohedralLattice:
     def __init__(self, features):
         features = check_features(np.asarray(features, _F32))
         n, d = features.shape
-        elevated = elevate(features)
+        elevated = elevate(sse_padded(features))
         rem0, rank = enclosing_simplex(elevated)
-        self.weights, owner = barycentric_weights(elevated, rem0, rank)
+        weights, owner = barycentric_weights(elevated, rem0, rank)
+        self.weights = weights[:, :n]                        # the real points
         keys, stride = vertex_keys(rem0, rank, owner)
         groups = simplex_groups(keys, owner) if stride is not None else None
         if groups is None:
-            point_simplex, first_point = None, np.arange(n)
+            point_simplex, first_point = None, np.arange(elevated.shape[1])
         else:
             point_simplex, representative, first_point = groups
             keys = keys[:, representative]
@@ -374,7 +391,7 @@ class PermutohedralLattice:
         plus = plus_neighbours(unique, stride, d)
         new_id, order = first_touch_numbering(index, first_point)
         index = new_id[index]
-        self.offsets = index if point_simplex is None else index[:, point_simplex]
+        self.offsets = (index if point_simplex is None else index[:, point_simplex])[:, :n]
         renumber = np.append(new_id, np.int32(-1))          # index -1 stays -1
         self.neighbours = both_sides(renumber[plus[:, order]])
         self.num_points, self.dim, self.num_vertices = n, d, len(unique)
