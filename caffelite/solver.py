@@ -278,7 +278,8 @@ class Solver:
             logger.info("Creating test net (#%d) specified by %s", i, source)
             net = self._build_net(net_param, source, state)
             net.debug_info = bool(p.debug_info)
-            net.share_trained_layers_with(self.net)
+            # Its own (filler) weights until a test pass shares the train net's, as
+            # Caffe's InitTestNets / Test do.
             nets.append(net)
         return nets
 

@@ -102,3 +102,19 @@ def test_shape_mismatch_is_an_error():
     layer = make_layer('type: "SegAccuracy"', dtype=np.float32)
     with pytest.raises(LayerError, match="N x 1 x H x W"):
         setup_layer(layer, [np.zeros((1, 3, 2, 3)), np.zeros((1, 1, 2, 2))], 1)
+
+
+def test_blobs_of_three_axes_use_the_legacy_shape():
+    """The fork checks num/channels/height/width, 1 for missing axes: scores N x C x H
+    with labels N x 1 x H are the 4-D case with W = 1 (here the first column of the
+    hand-computed example: predictions 1, 0 against labels 1, 0.9 -> 0)."""
+    scores = scores_blob(PIXEL_SCORES)[..., 0]
+    labels = labels_blob(LABELS)[..., 0]
+    layer, bottom, top = seg_accuracy(scores=scores, labels=labels)
+    assert run_forward(layer, bottom, top)[0].ravel().tolist() == [1.0, 1.0, 1.0]
+    assert layer.confusion.tolist() == [[1, 0, 0], [0, 1, 0], [0, 0, 0]]
+    bad = labels.copy()
+    bad[0, 0, 1] = 7
+    layer, bottom, top = seg_accuracy(scores=scores, labels=bad)
+    with pytest.raises(LayerError, match="unexpected label 7 at num 0, row 1, col 0"):
+        run_forward(layer, bottom, top)

@@ -924,7 +924,12 @@ layer { name: "tonly" type: "ReLU" bottom: "ip" top: "t" include { phase: TEST }
     assert "extra" in s.net.layer_dict and "tonly" not in s.net.layer_dict
     assert [("extra" in n.layer_dict, "tonly" in n.layer_dict) for n in s.test_nets] == [
         (True, True), (False, True)]
-    for n in s.test_nets:        # test nets see the train net's weights
+    # Caffe's InitTestNets builds them with their own (filler) weights; Test() shares
+    # the train net's first (ShareTrainedLayersWith), for good.
+    for n in s.test_nets:
+        assert not np.shares_memory(n.params["ip"][0].data, s.net.params["ip"][0].data)
+    for i, n in enumerate(s.test_nets):
+        s.test(i)
         assert np.shares_memory(n.params["ip"][0].data, s.net.params["ip"][0].data)
     with pytest.raises(SolverError, match="must specify a train net"):
         Solver(caffe_pb2.SolverParameter(lr_policy="fixed"))

@@ -186,10 +186,12 @@ class SegAccuracyLayer(Layer):
         self.confusion = np.zeros((self.num_classes, self.num_classes), np.int64)
 
     def reshape(self, bottom, top):
-        s, l = bottom[0].shape, bottom[1].shape
-        if len(s) != 4 or len(l) != 4 or l[1] != 1 or (s[0], s[2], s[3]) != (l[0], l[2], l[3]):
+        # The fork checks the legacy num/channels/height/width, which are 1 for missing
+        # axes: (N, C, H) scores with (N, 1, H) labels work too.
+        s, l = _legacy_shape(bottom[0].shape), _legacy_shape(bottom[1].shape)
+        if s is None or l is None or l[1] != 1 or (s[0], s[2], s[3]) != (l[0], l[2], l[3]):
             raise self.error(f"labels must be N x 1 x H x W matching the scores N x C x H x W;"
-                             f" got scores {s} and labels {l}")
+                             f" got scores {bottom[0].shape} and labels {bottom[1].shape}")
         if s[1] != self.num_classes:
             raise self.error(f"the scores have {s[1]} channels, but the confusion matrix was "
                              f"set up for {self.num_classes} classes")
@@ -251,10 +253,17 @@ class SegAccuracyLayer(Layer):
 
     def _bad_label(self, label, index, label_shape):
         """Report the label value as stored (NaN, inf and fractions included)."""
-        n, h, w = np.unravel_index(index, label_shape[:1] + label_shape[2:])
+        legacy = _legacy_shape(label_shape)
+        n, h, w = np.unravel_index(index, legacy[:1] + legacy[2:])
         raise self.error(f"unexpected label {label_text(label)} at num {n}, row {h}, col {w}"
                          f" (labels must be in [0, {self.num_classes}) or one of the ignore "
                          f"labels {self.ignore})")
+
+
+def _legacy_shape(shape):
+    """Caffe's (num, channels, height, width) of a blob of 2 to 4 axes, else None."""
+    shape = tuple(shape)
+    return shape + (1,) * (4 - len(shape)) if 2 <= len(shape) <= 4 else None
 
 
 def confusion_scores(m):
