@@ -88,15 +88,7 @@ class EltwiseLayer(Layer):
             self._max_device(xp, bottom, top)
             return
         else:
-            x0, x1 = bottom[0].data, bottom[1].data
-            first = x0 > x1
-            y = xp.where(first, x0, x1)
-            idx = xp.where(first, 0, 1).astype(xp.int32)
-            for i, b in enumerate(bottom[2:], 2):
-                wins = b.data > y
-                y = xp.where(wins, b.data, y)
-                idx[wins] = i
-            self.max_idx = idx
+            y, self.max_idx = self._max_and_index(xp, bottom)
         top[0].data[...] = y
 
     # Caffe's CPU tie rule (the host layer's): see the module docstring.
@@ -134,6 +126,12 @@ class EltwiseLayer(Layer):
                 out += b.data if c == 1 else c * b.data
             return
         out[...] = -np.finfo(np.float32).max           # Dtype(-FLT_MAX)
+        y, self.max_idx = self._max_and_index(xp, bottom)
+        out[...] = y
+
+    @staticmethod
+    def _max_and_index(xp, bottom):
+        """The maximum and the winning bottom's index with the CPU tie rule."""
         x0, x1 = bottom[0].data, bottom[1].data
         first = x0 > x1
         y = xp.where(first, x0, x1)
@@ -142,8 +140,7 @@ class EltwiseLayer(Layer):
             wins = b.data > y
             y = xp.where(wins, b.data, y)
             idx[wins] = i
-        self.max_idx = idx
-        out[...] = y
+        return y, idx
 
     @staticmethod
     def _scaled(x, c):
