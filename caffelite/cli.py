@@ -177,13 +177,19 @@ def cmd_test(args):
     net = Net(args.model, TEST, weights=args.weights, defines=_defines(args.define),
               stages=_stages(args.stage), level=args.level)
     _check_has_layers(net, args.model)
-    logger.info("Running for %d iterations.", args.iterations)
-    # tools/caffe.cpp's test() sums the loss and every output in float.
+    score(net, args.iterations)
+    return 0
+
+
+def score(net, iterations):
+    """tools/caffe.cpp's test(): ``iterations`` forwards, each output element logged
+    per batch, then the loss and the outputs' means (sums in float, as Caffe's)."""
+    logger.info("Running for %d iterations.", iterations)
     f32 = np.float32
     sums, order = {}, []
     total_loss = f32(0)
-    progress = _Progress(args.iterations)
-    for i in range(args.iterations):
+    progress = _Progress(iterations)
+    for i in range(iterations):
         total_loss = f32(total_loss + f32(net.forward_from_to()))
         for idx, (name, value, weight) in enumerate(_net_output_values(net)):
             key = (idx, name)
@@ -194,12 +200,11 @@ def cmd_test(args):
             logger.info("Batch %d, %s = %g", i, name, value)
         progress.update(i + 1)
     progress.close()
-    n = f32(args.iterations)        # at least 1: _check_iterations
+    n = f32(iterations)
     logger.info("Loss: %g", total_loss / n)
     for key in order:
         total, weight = sums[key]
         logger.info("%s", _format_output(key[1], total / n, weight))
-    return 0
 
 
 def cmd_train(args):

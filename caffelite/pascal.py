@@ -114,23 +114,24 @@ def snapshot_iteration(path, stem):
 
 
 def choose_model(model_dir, fixed_name, stem):
-    """``model_dir/fixed_name`` if it exists, else the ``<stem>_iter_N.caffemodel``
-    with the highest N (None when there is none)."""
+    """``model_dir/fixed_name`` if it exists, else the newest
+    ``<stem>_iter_*.caffemodel``, as the kit's ``ls -t ... | head -n 1`` (latest
+    modification time, ties to the first name; None when there is none)."""
     fixed = os.path.join(model_dir, fixed_name)
     if os.path.isfile(fixed):
         return fixed
-    found = [(snapshot_iteration(p.replace(os.sep, "/"), stem), p)
-             for p in glob.glob(os.path.join(model_dir, f"{stem}_iter_*.caffemodel"))]
-    found = [(n, p) for n, p in found if n is not None]
+    found = sorted(glob.glob(os.path.join(model_dir, f"{stem}_iter_*.caffemodel")))
     if not found:
         return None
-    best = max(found)[1]
-    newest = max(found, key=lambda f: os.path.getmtime(f[1]))[1]
-    if newest != best:
-        logger.warning("%s has the highest iteration and is used; %s is the newest file "
-                       "(the kit's `ls -t` would pick it). Remove or rename stale "
-                       "snapshots, or give %s, to choose otherwise.", best, newest, fixed)
-    return best
+    newest = min(found, key=lambda p: -os.stat(p).st_mtime_ns)
+    numbered = [(snapshot_iteration(p.replace(os.sep, "/"), stem), p) for p in found]
+    numbered = [(n, p) for n, p in numbered if n is not None]
+    highest = max(numbered)[1] if numbered else newest
+    if highest != newest:
+        logger.warning("%s is the newest file and is used (the kit's `ls -t`); %s has a "
+                       "higher iteration. Give %s to choose otherwise.", newest, highest,
+                       fixed)
+    return newest
 
 
 def comm_3(lines1, lines2):
@@ -192,8 +193,10 @@ def _all_newer(outputs, inputs):
 
 
 def _count_lines(path):
-    with open(path, encoding="utf-8") as f:
-        return sum(1 for line in f if line.strip())
+    """``wc -l < path``: the newline characters (a last line without one is not
+    counted, blank lines are)."""
+    with open(path, "rb") as f:
+        return f.read().count(b"\n")
 
 
 class Pipeline:
@@ -436,7 +439,8 @@ class Pipeline:
 
     # ------------------------------------------------------------------ test
     def step_test(self):
-        self._test("test", self.test_sets, "features", "test.caffemodel", "train", ["fc8"])
+        self._test("test", self.test_sets, "features", "test.caffemodel", "train",
+                   ["fc8", "fc9", "seg_score"])
 
     def step_test2(self):
         self._test("test2", self.test2_sets, "features2", "test2.caffemodel", "train2",
@@ -603,22 +607,12 @@ def mat_write_outputs(net_file, iterations):
 
 
 def run_test_net(net_file, weights, iterations):
-    """``caffe test``: TEST-phase forwards, per-batch outputs and their means logged."""
-    import numpy as np
-
+    """``caffe test``: TEST-phase forwards with ``caffelite test``'s log lines."""
     from . import TEST, Net
+    from .cli import score
     net = Net(net_file, TEST, weights=weights)
     try:
-        logger.info("Running for %d iterations.", iterations)
-        sums = {}
-        for i in range(iterations):
-            net.forward_from_to()
-            for name in net.outputs:
-                for k, value in enumerate(np.asarray(net.blobs[name].data).reshape(-1)):
-                    sums[(name, k)] = sums.get((name, k), 0.0) + float(value)
-                    logger.info("Batch %d, %s = %g", i, name, float(value))
-        for (name, _), total in sums.items():
-            logger.info("%s = %g", name, total / max(iterations, 1))
+        score(net, iterations)
     finally:
         _close_data_layers(net)
 

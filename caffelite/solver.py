@@ -130,8 +130,8 @@ class Solver:
         self.defines = dict(defines or {})
         self.param, self.source = _read_param(solver, defines)
         p = self.param
-        if train_state is not None:
-            p.train_state.MergeFrom(train_state)
+        if train_state is not None and train_state.ListFields():
+            p.train_state.MergeFrom(train_state)     # (an empty one is not printed below)
         logger.info("Initializing solver from parameters: \n%s",
                     text_format.MessageToString(p))
         self._check_params()

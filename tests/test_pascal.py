@@ -147,6 +147,13 @@ def test_end_to_end_layout(finished):
     assert any("Iteration 0, loss = " in l for l in lines)
     assert any("Snapshotting to binary proto file voc_synth/model/aspp_slim/train_iter_3"
                in l for l in lines)
+    # the test step logs as `caffe test` (a DeepLab test net has no outputs: Loss 0) into
+    # the folders the kit makes
+    test_log = next(n for n in logs if n.startswith("test_val."))
+    text = (exp / "log" / NET / test_log).read_text()
+    assert f"Running for {len(ids)} iterations." in text and "] Loss: 0\n" in text
+    for sub in ("fc8", "fc9", "seg_score"):
+        assert (exp / "features" / NET / "val" / sub).is_dir()
 
 
 def test_end_to_end_scores_match_an_independent_evaluation(finished):
@@ -229,22 +236,38 @@ def test_force_reruns(copied):
 
 
 # ------------------------------------------------------------------ unit behaviour
-def test_model_choice_by_highest_iteration(tmp_path, records):
-    for n, age in ((2, 0), (10, 100), (9, 50)):
-        p = tmp_path / f"train_iter_{n}.caffemodel"
+def test_model_choice_is_the_newest_file_like_ls_t(tmp_path, records):
+    # run_pascal.sh: MODEL=`ls -t .../train_iter_*.caffemodel | head -n 1`
+    now = time.time()
+    for name, age in (("train_iter_2", 10), ("train_iter_10", 100), ("train_iter_9", 50),
+                      ("train_iter_x", 500)):
+        p = tmp_path / f"{name}.caffemodel"
         p.write_bytes(b"")
-        os.utime(p, (time.time() - age, time.time() - age))
+        os.utime(p, (now - age, now - age))
     (tmp_path / "train2_iter_99.caffemodel").write_bytes(b"")
-    (tmp_path / "train_iter_x.caffemodel").write_bytes(b"")
     chosen = choose_model(str(tmp_path), "test.caffemodel", "train")
-    assert chosen == str(tmp_path / "train_iter_10.caffemodel")
-    assert any("`ls -t` would pick" in m and "train_iter_2" in m for m in records)
+    assert chosen == str(tmp_path / "train_iter_2.caffemodel")
+    assert any("newest file and is used" in m and "train_iter_10" in m for m in records)
+    for name in ("train_iter_3", "train_iter_20"):        # equal times: the first name
+        p = tmp_path / f"{name}.caffemodel"
+        p.write_bytes(b"")
+        os.utime(p, (now, now))
+    assert choose_model(str(tmp_path), "test.caffemodel", "train") == \
+        str(tmp_path / "train_iter_20.caffemodel")
     assert choose_model(str(tmp_path), "test2.caffemodel", "train2").endswith(
         "train2_iter_99.caffemodel")
     (tmp_path / "test.caffemodel").write_bytes(b"")
     assert choose_model(str(tmp_path), "test.caffemodel", "train") == \
         str(tmp_path / "test.caffemodel")
     assert choose_model(str(tmp_path), "init2.caffemodel", "nothing") is None
+
+
+def test_test_iterations_are_wc_l(tmp_path):
+    # TEST_ITER=`cat list | wc -l`: newline characters, blank lines included, a last
+    # line without one not
+    for text, count in (("a\nb\n", 2), ("a\nb", 1), ("a\n\nb\n\n", 4), ("", 0)):
+        (tmp_path / "l.txt").write_bytes(text.encode())
+        assert pascal._count_lines(str(tmp_path / "l.txt")) == count
 
 
 def test_comm_3_like_coreutils():
