@@ -39,16 +39,16 @@ Steps (each logs to its own file; a finished step is skipped unless ``--force``)
   Finished when the solver's final snapshot ``<prefix>_iter_<max_iter>.caffemodel``
   exists.
 * ``test``: for each of ``--test-sets`` (val): model ``test.caffemodel``, else the
-  ``train_iter_*`` snapshot with the **highest iteration number** (the kit's
-  ``ls -t | head -1`` picks the newest file; copies and restores change mtimes, while
-  the iteration is in the name -- a warning says when the two choices differ);
-  iterations = non-blank lines of ``list/${TEST_SET}.txt`` (``wc -l`` misses a last
-  line without a newline).  Finished when every file the net's MatWrite layers will
-  write exists and is newer than the model.
+  newest ``train_iter_*`` snapshot, as the kit's ``ls -t | head -n 1`` (copies and
+  restores change mtimes: a warning says when another snapshot has a higher
+  iteration); iterations = ``wc -l < list/${TEST_SET}.txt`` (a last line without a
+  newline is not tested, as in the kit: a warning says so); folders fc8, fc9 and
+  seg_score made as the kit makes them.  Finished when every file the net's MatWrite
+  layers will write exists and is newer than the model.
 * ``train2``: TRAIN_SET=trainval${SUFFIX}, ``solver2``; weights ``init2.caffemodel``
-  else the highest ``train_iter_*``.
+  else the newest ``train_iter_*``.
 * ``test2``: for each of ``--test2-sets`` (val,test): ``test2.caffemodel`` else the
-  highest ``train2_iter_*``; FEATURE_DIR=${EXP}/features2/${NET_ID}.
+  newest ``train2_iter_*``; FEATURE_DIR=${EXP}/features2/${NET_ID}.
 * ``crf``: the dense CRF (``caffelite.crf``) on the fc8 features of every test set of
   the latest stage (features2 when test2 ran or has features, else features), images
   from the lists, into ``res/.../post_densecrf_...``.  Finished when every label PNG
@@ -196,7 +196,12 @@ def _count_lines(path):
     """``wc -l < path``: the newline characters (a last line without one is not
     counted, blank lines are)."""
     with open(path, "rb") as f:
-        return f.read().count(b"\n")
+        text = f.read()
+    if text and not text.endswith(b"\n"):
+        logger.warning("%s does not end with a newline: its last line is not counted "
+                       "(the kit's TEST_ITER is `wc -l`), so its last image is not "
+                       "tested", path)
+    return text.count(b"\n")
 
 
 class Pipeline:
