@@ -459,6 +459,10 @@ class Pipeline:
                                     f"{self.model_dir}/{fixed_model} nor a {stem}_iter_*"
                                     f".caffemodel exists")
             iterations = _count_lines(self.list_path(test_set))
+            if iterations == 0:
+                raise PipelineError(f"{step} on '{test_set}': {self.list_path(test_set)} "
+                                    f"has no complete line (`wc -l` is 0, so the kit would "
+                                    f"test nothing)")
             variables = self.variables(after="train" if step == "test" else "train2",
                                        TEST_SET=test_set, FEATURE_DIR=self.feature_dir(kind))
             for sub in subdirs:

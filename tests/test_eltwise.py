@@ -84,6 +84,37 @@ def test_sum_in_place_on_any_bottom(text, which):
 
 
 @pytest.mark.parametrize("which", [0, 1, 2])
+def test_prod_in_place_reads_the_partial_product(which):
+    """Caffe's caffe_mul(b0, b1, top), then top *= b_i: a third bottom that is the top
+    holds b0 * b1 when it is read (bottoms 0 and 1 are read before the first write)."""
+    arrays = [randn(seed=30 + i) for i in range(3)]
+    first_two = arrays[0] * arrays[1]
+    expected = first_two * (first_two if which == 2 else arrays[2])
+    layer = make_layer('type: "Eltwise" eltwise_param { operation: PROD }', TEST, np.float32)
+    bottom, _ = setup_layer(layer, arrays, 1, np.float32)
+    top = [bottom[which]]
+    layer.reshape(bottom, top)
+    layer.forward(bottom, top)
+    np.testing.assert_array_equal(top[0].data, expected)
+
+
+def test_max_in_place_on_a_third_bottom_never_lets_it_win():
+    """From the third bottom on, Caffe compares the bottom (the top itself, holding the
+    maximum so far) with the top: never greater, so it neither wins nor changes the
+    index, even where the maximum so far is -inf (below the cleared -FLT_MAX)."""
+    a = np.array([[-np.inf, 1.0, 2.0]], np.float32)
+    b = np.array([[-np.inf, 3.0, 2.0]], np.float32)
+    c = np.array([[5.0, 5.0, 5.0]], np.float32)
+    layer = make_layer('type: "Eltwise" eltwise_param { operation: MAX }', TEST, np.float32)
+    bottom, _ = setup_layer(layer, [a, b, c], 1, np.float32)
+    top = [bottom[2]]
+    layer.reshape(bottom, top)
+    layer.forward(bottom, top)
+    np.testing.assert_array_equal(top[0].data, [[-np.inf, 3.0, 2.0]])
+    np.testing.assert_array_equal(layer.max_idx, [[1, 1, 1]])
+
+
+@pytest.mark.parametrize("which", [0, 1, 2])
 def test_max_in_place_clears_the_top_to_minus_flt_max_first(which):
     """Caffe's Forward_cpu sets the top to -FLT_MAX before comparing bottoms 0 and 1,
     so the bottom that is the top takes part as -FLT_MAX (its CPU tie rules: bottom 1

@@ -308,6 +308,12 @@ def test_gpu_summary_implicit_gemm_verdict(tmp_path):
     assert ("make the quad tiles the implicit GEMM's default: YES (quad / wide time: "
             "forward 0.75, weight gradient 0.83; largest difference 5.0e-04)") in \
         gpu_summary.summary(str(tmp_path))
+    igemm["rows"][0]["tile_rel_diff"]["quad/weight_grad"] = float("nan")   # unwritten
+    (tmp_path / "conv_igemm.json").write_text(json.dumps(igemm))
+    assert any(line.startswith("make the quad tiles the implicit GEMM's default: NO")
+               and "largest difference nan" in line
+               for line in gpu_summary.summary(str(tmp_path)))
+    igemm["rows"][0]["tile_rel_diff"]["quad/weight_grad"] = 5e-4
     igemm["rows"][0]["tile_rel_diff"]["quad"] = 0.25
     del igemm["totals"]["weight_grad/implicit"]
     (tmp_path / "conv_igemm.json").write_text(json.dumps(igemm))

@@ -397,6 +397,16 @@ def test_test_without_a_model_names_the_model_folder(tmp_path):
         pascal.run(_parse(_argv(exp, data) + ["--steps", "eval"]))
 
 
+def test_test_list_without_a_complete_line_is_an_error(tmp_path):
+    exp, data = _make_experiment(tmp_path)
+    (exp / "model" / NET).mkdir(parents=True, exist_ok=True)
+    (exp / "model" / NET / "test.caffemodel").write_bytes(b"")
+    first = (exp / "list" / "val.txt").read_text().splitlines()[0]
+    (exp / "list" / "val.txt").write_text(first)            # no newline: wc -l is 0
+    with pytest.raises(PipelineError, match=r"val\.txt has no complete line"):
+        pascal.run(_parse(_argv(exp, data) + ["--steps", "test"]))
+
+
 def test_crf_step_unavailable_is_a_clear_error(tmp_path, monkeypatch):
     exp, data = _make_experiment(tmp_path)
     monkeypatch.setitem(sys.modules, "caffelite.crf", None)

@@ -21,10 +21,11 @@
 // Block-cooperative: __syncthreads and __shared__ memory. On the host (host_shim.h) the
 // threads of a block run as fibers and mma.sync is emulated from its fragment layouts.
 //
-// Launch: 256 threads; grid = ceil(out_channels / BM) * ceil(n / BN) blocks, output-channel
-// tile fastest, so the blocks that share image columns run together. conv_igemm_forward
-// has BM = BN = 128 (8 warps, 2 x 4); conv_igemm_forward_narrow BM = 64, BN = 256
-// (1 x 8), for layers with at most 64 output channels.
+// Launch: grid = ceil(out_channels / BM) * ceil(n / BN) blocks, output-channel tile
+// fastest, so the blocks that share image columns run together. conv_igemm_forward has
+// BM = BN = 128 (256 threads: 8 warps of 64 x 32, 2 x 4); conv_igemm_forward_narrow
+// BM = 64, BN = 256 (256 threads, 1 x 8), for layers with at most 64 output channels;
+// conv_igemm_forward_quad BM = BN = 128 (128 threads: 4 warps of 64 x 64, 2 x 2).
 
 #ifndef CAFFELITE_KERNEL_LOOP
 #define CAFFELITE_KERNEL_LOOP(i, n) \

@@ -6,9 +6,11 @@ bottoms.  Caffe's own GPU code gives a tie among bottoms 2, 3, ... to the later 
 instead; the two rules differ only on exactly equal (or NaN) values in a third or later
 bottom, never in the forward value of non-NaN data.
 
-In place (the top is one of the bottoms), SUM and MAX do what Caffe's code does: it
-clears the top first (to 0, or to -FLT_MAX for MAX), so that bottom enters as 0 (or
--FLT_MAX) and the top is the sum (or maximum) of the others.
+In place (the top is one of the bottoms), the forward is Caffe's sequence of operations
+on its buffers: SUM and MAX clear the top first (to 0, or to -FLT_MAX), so that bottom
+enters as 0 (or -FLT_MAX) -- or, from the third bottom on, as the sum or maximum so
+far; PROD writes bottom 0 times bottom 1 into the top first, so a later bottom that is
+the top enters as that partial product.
 """
 import numpy as np
 
@@ -67,7 +69,7 @@ class EltwiseLayer(Layer):
 
     def forward(self, bottom, top):
         xp = get_array_module(bottom[0].data)
-        if self.op != PROD and any(top[0] is b for b in bottom):
+        if any(top[0] is b for b in bottom):
             self._forward_in_place(xp, bottom, top)
             return
         if self.op == SUM and self._plain_sum(bottom, top):
@@ -117,29 +119,37 @@ class EltwiseLayer(Layer):
                 and not any(top[0] is b for b in bottom[2:]))
 
     def _forward_in_place(self, xp, bottom, top):
-        """Caffe's sequence on its buffers when the top is a bottom: the top cleared
-        first, then each bottom (the cleared one included) added or compared in turn."""
+        """Caffe's sequence on its buffers when the top is a bottom (see the module
+        docstring): each step reads the bottoms as they are at that point."""
         out = top[0].data
         if self.op == SUM:
             out[...] = 0
             for b, c in zip(bottom, self.coeffs):
                 out += b.data if c == 1 else c * b.data
-            return
-        out[...] = -np.finfo(np.float32).max           # Dtype(-FLT_MAX)
-        y, self.max_idx = self._max_and_index(xp, bottom)
-        out[...] = y
+        elif self.op == PROD:
+            out[...] = bottom[0].data * bottom[1].data
+            for b in bottom[2:]:
+                out *= b.data
+        else:
+            out[...] = -np.finfo(np.float32).max           # Dtype(-FLT_MAX)
+            # From the third bottom on, the top compared with itself never wins.
+            y, self.max_idx = self._max_and_index(xp, bottom, skip=top[0])
+            out[...] = y
 
     @staticmethod
-    def _max_and_index(xp, bottom):
-        """The maximum and the winning bottom's index with the CPU tie rule."""
+    def _max_and_index(xp, bottom, skip=None):
+        """The maximum and the winning bottom's index with the CPU tie rule (bottoms
+        from the third on that are ``skip`` take no part)."""
         x0, x1 = bottom[0].data, bottom[1].data
         first = x0 > x1
         y = xp.where(first, x0, x1)
         idx = xp.where(first, 0, 1).astype(xp.int32)
         for i, b in enumerate(bottom[2:], 2):
+            if b is skip:
+                continue
             wins = b.data > y
             y = xp.where(wins, b.data, y)
-            idx[wins] = i
+            idx = xp.where(wins, xp.int32(i), idx)
         return y, idx
 
     @staticmethod
