@@ -240,6 +240,14 @@ def test_bad_params(body, words):
         setup_layer(layer, [np.zeros((1, 1, 6, 6))])
 
 
+def test_kernel_size_with_one_of_kernel_h_w_is_kernel_size():
+    # Caffe's CHECK(!has_kernel_size != !(has_kernel_h && has_kernel_w)) passes, and
+    # LayerSetUp then takes kernel_size for both axes.
+    x = np.arange(36, dtype=np.float32).reshape(1, 1, 6, 6)
+    y = ours("pool: MAX kernel_size: 2 kernel_h: 3 stride: 2", x)[0]
+    np.testing.assert_array_equal(y, x[:, :, 1::2, 1::2])
+
+
 def test_mask_top_only_for_max_and_4d_bottom():
     layer = make_layer(pool_text("pool: AVE kernel_size: 2"))
     with pytest.raises(LayerError, match="only produced by pool: MAX"):

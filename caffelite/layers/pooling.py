@@ -72,7 +72,9 @@ class PoolingLayer(Layer):
                 raise self.error("with global_pooling: true the kernel size cannot be given "
                                  "(it is the bottom's height and width)")
         else:
-            if p.HasField("kernel_size") and (p.HasField("kernel_h") or p.HasField("kernel_w")):
+            # Caffe's check (!kernel_size != !(kernel_h && kernel_w)) lets kernel_size
+            # with one of kernel_h/kernel_w through, and kernel_size wins.
+            if p.HasField("kernel_size") and has_hw:
                 raise self.error("give the kernel as kernel_size OR kernel_h and kernel_w, "
                                  "not both")
             if not (p.HasField("kernel_size") or has_hw):
