@@ -121,6 +121,13 @@ class SyncedMemory:
         return _first(self.host, shape, count)
 
 
+
+def legacy_shape(shape):
+    """Caffe's legacy (num, channels, height, width) of a shape of at most 4 axes
+    (missing trailing axes count as 1), or None for more axes."""
+    shape = tuple(shape)
+    return shape + (1,) * (4 - len(shape)) if len(shape) <= 4 else None
+
 class Blob:
     """A named-by-the-net array pair with Caffe's reshape semantics.
 
@@ -164,9 +171,10 @@ class Blob:
         return int(np.prod(self._shape[start:end], dtype=np.int64))
 
     def _legacy(self, i):
-        if len(self._shape) > 4:
+        legacy = legacy_shape(self._shape)
+        if legacy is None:
             raise ValueError(f"legacy accessor on a {len(self._shape)}-axis blob")
-        return self._shape[i] if i < len(self._shape) else 1
+        return legacy[i]
 
     num = property(lambda self: self._legacy(0))
     channels = property(lambda self: self._legacy(1))

@@ -62,6 +62,16 @@ def test_sum_is_exact_in_float32_for_unit_coefficients():
 
 
 
+def forward_in_place(text, arrays, which):
+    """The float32 layer run with bottom ``which`` as its top: (layer, top data)."""
+    layer = make_layer(text, TEST, np.float32)
+    bottom, _ = setup_layer(layer, arrays, 1, np.float32)
+    top = [bottom[which]]
+    layer.reshape(bottom, top)
+    layer.forward(bottom, top)
+    return layer, top[0].data
+
+
 @pytest.mark.parametrize("text", [
     'type: "Eltwise"',
     'type: "Eltwise" eltwise_param { coeff: 2 coeff: -1 coeff: 0.5 }'])
@@ -75,12 +85,7 @@ def test_sum_in_place_on_any_bottom(text, which):
     expected = np.zeros_like(arrays[0])
     for i, (x, c) in enumerate(zip(arrays, coeffs)):
         expected = expected + c * (expected if i == which else x)
-    layer = make_layer(text, TEST, np.float32)
-    bottom, _ = setup_layer(layer, arrays, 1, np.float32)
-    top = [bottom[which]]
-    layer.reshape(bottom, top)
-    layer.forward(bottom, top)
-    np.testing.assert_array_equal(top[0].data, expected)
+    np.testing.assert_array_equal(forward_in_place(text, arrays, which)[1], expected)
 
 
 @pytest.mark.parametrize("which", [0, 1, 2])
@@ -90,12 +95,9 @@ def test_prod_in_place_reads_the_partial_product(which):
     arrays = [randn(seed=30 + i) for i in range(3)]
     first_two = arrays[0] * arrays[1]
     expected = first_two * (first_two if which == 2 else arrays[2])
-    layer = make_layer('type: "Eltwise" eltwise_param { operation: PROD }', TEST, np.float32)
-    bottom, _ = setup_layer(layer, arrays, 1, np.float32)
-    top = [bottom[which]]
-    layer.reshape(bottom, top)
-    layer.forward(bottom, top)
-    np.testing.assert_array_equal(top[0].data, expected)
+    _, top = forward_in_place('type: "Eltwise" eltwise_param { operation: PROD }', arrays,
+                              which)
+    np.testing.assert_array_equal(top, expected)
 
 
 def test_max_in_place_on_a_third_bottom_never_lets_it_win():
@@ -105,12 +107,9 @@ def test_max_in_place_on_a_third_bottom_never_lets_it_win():
     a = np.array([[-np.inf, 1.0, 2.0]], np.float32)
     b = np.array([[-np.inf, 3.0, 2.0]], np.float32)
     c = np.array([[5.0, 5.0, 5.0]], np.float32)
-    layer = make_layer('type: "Eltwise" eltwise_param { operation: MAX }', TEST, np.float32)
-    bottom, _ = setup_layer(layer, [a, b, c], 1, np.float32)
-    top = [bottom[2]]
-    layer.reshape(bottom, top)
-    layer.forward(bottom, top)
-    np.testing.assert_array_equal(top[0].data, [[-np.inf, 3.0, 2.0]])
+    layer, top = forward_in_place('type: "Eltwise" eltwise_param { operation: MAX }',
+                                  [a, b, c], 2)
+    np.testing.assert_array_equal(top, [[-np.inf, 3.0, 2.0]])
     np.testing.assert_array_equal(layer.max_idx, [[1, 1, 1]])
 
 
@@ -118,7 +117,8 @@ def test_max_in_place_on_a_third_bottom_never_lets_it_win():
 def test_max_in_place_clears_the_top_to_minus_flt_max_first(which):
     """Caffe's Forward_cpu sets the top to -FLT_MAX before comparing bottoms 0 and 1,
     so the bottom that is the top takes part as -FLT_MAX (its CPU tie rules: bottom 1
-    wins ties with bottom 0, later bottoms only when strictly greater)."""
+    wins ties with bottom 0, later bottoms only when strictly greater; a third bottom
+    that is the top never wins, as the test above shows where that matters)."""
     arrays = [randn(seed=20 + i) for i in range(3)]
     values = [np.full_like(a, -np.finfo(np.float32).max) if i == which else a
               for i, a in enumerate(arrays)]
@@ -126,12 +126,9 @@ def test_max_in_place_clears_the_top_to_minus_flt_max_first(which):
     index = np.where(values[0] > values[1], 0, 1)
     wins = values[2] > expected
     expected, index = np.where(wins, values[2], expected), np.where(wins, 2, index)
-    layer = make_layer('type: "Eltwise" eltwise_param { operation: MAX }', TEST, np.float32)
-    bottom, _ = setup_layer(layer, arrays, 1, np.float32)
-    top = [bottom[which]]
-    layer.reshape(bottom, top)
-    layer.forward(bottom, top)
-    np.testing.assert_array_equal(top[0].data, expected)
+    layer, top = forward_in_place('type: "Eltwise" eltwise_param { operation: MAX }',
+                                  arrays, which)
+    np.testing.assert_array_equal(top, expected)
     np.testing.assert_array_equal(layer.max_idx, index)
 
 

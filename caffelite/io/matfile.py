@@ -23,6 +23,8 @@ import time
 
 import numpy as np
 
+from ..blob import legacy_shape
+
 # MAT level-5 data types and array classes used here.
 miINT8, miINT32, miUINT32, miSINGLE, miDOUBLE, miMATRIX = 1, 5, 6, 7, 9, 14
 mxDOUBLE_CLASS, mxSINGLE_CLASS = 6, 7
@@ -42,10 +44,10 @@ def blob_dims(shape):
     """Caffe's legacy (num, channels, height, width) of a blob shape, as MAT dims
     ``[W, H, C, N]`` (missing trailing axes count as 1, like ``Blob::LegacyShape``)."""
     shape = tuple(int(s) for s in shape)
-    if len(shape) > 4:
+    nchw = legacy_shape(shape)
+    if nchw is None:
         raise MatFileError(f"a blob of shape {shape} has more than 4 axes; MAT files "
                            f"written by MatWrite hold at most 4")
-    nchw = shape + (1,) * (4 - len(shape))
     return list(reversed(nchw))
 
 

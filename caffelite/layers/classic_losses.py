@@ -11,6 +11,7 @@ device arrays keep their dtype, as the fork's GPU code (or its CPU fallback) wou
 import numpy as np
 
 from ..backend import get_array_module
+from ..blob import legacy_shape
 from ..layer import LossLayer, register
 from ._cpu_math import double, sequential_sum
 from ._device import scalar
@@ -23,15 +24,9 @@ LOG_THRESHOLD = float(np.float32(1e-20))
 L1, L2 = 1, 2
 
 
-def legacy_shape(blob):
-    """Caffe's (num, channels, height, width) of a blob of at most 4 axes, else None."""
-    shape = tuple(blob.shape)
-    return None if len(shape) > 4 else shape + (1,) * (4 - len(shape))
-
-
 def check_one_label_per_item(layer, blob, what="label"):
     """Caffe's CHECK that the labels are N x 1 x 1 x 1 (one per item)."""
-    legacy = legacy_shape(blob)
+    legacy = legacy_shape(blob.shape)
     if legacy is None or legacy[1:] != (1, 1, 1):
         raise layer.error(f"the {what} blob (bottom 1) must hold one value per item, "
                           f"N x 1 x 1 x 1; got shape {blob.shape}")
@@ -207,8 +202,7 @@ class InfogainLossLayer(_ItemLoss):
         shape = bottom[2].shape if len(bottom) > 2 else self.infogain.shape
         where = "bottom 2" if len(bottom) > 2 else \
             f"'{self.layer_param.infogain_loss_param.source}'"
-        legacy = None if len(shape) > 4 else tuple(shape) + (1,) * (4 - len(shape))
-        if legacy != (1, 1, self.dim, self.dim):
+        if legacy_shape(shape) != (1, 1, self.dim, self.dim):
             raise self.error(
                 f"the infogain matrix ({where}) must be 1 x 1 x {self.dim} x {self.dim} "
                 f"(dim = count / num of bottom 0, shape {bottom[0].shape}); got shape "
@@ -274,11 +268,11 @@ class ContrastiveLossLayer(LossLayer):
 
     def reshape(self, bottom, top):
         super().reshape(bottom, top)
-        a, b = legacy_shape(bottom[0]), legacy_shape(bottom[1])
+        a, b = legacy_shape(bottom[0].shape), legacy_shape(bottom[1].shape)
         if a is None or b is None or a[2:] != (1, 1) or b[2:] != (1, 1) or a[1] != b[1]:
             raise self.error(f"the features (bottoms 0 and 1) must both be N x C x 1 x 1 "
                              f"with the same C; got {bottom[0].shape} and {bottom[1].shape}")
-        y = legacy_shape(bottom[2])
+        y = legacy_shape(bottom[2].shape)
         if y is None or y[1:] != (1, 1, 1) or bottom[2].count != a[0]:
             raise self.error(f"the similarity blob (bottom 2) must be N x 1 x 1 x 1 with "
                              f"N = {a[0]}; got shape {bottom[2].shape}")

@@ -6,6 +6,7 @@ import os
 import numpy as np
 
 from ..backend import get_array_module
+from ..blob import legacy_shape
 from ..io.matfile import MatFileError, read_mat, write_mat
 from ..layer import Layer, register
 from ._device import contiguous, launch, on_device
@@ -262,8 +263,7 @@ class SegAccuracyLayer(Layer):
 
 def _legacy_shape(shape):
     """Caffe's (num, channels, height, width) of a blob of 2 to 4 axes, else None."""
-    shape = tuple(shape)
-    return shape + (1,) * (4 - len(shape)) if 2 <= len(shape) <= 4 else None
+    return legacy_shape(shape) if len(shape) >= 2 else None
 
 
 def confusion_scores(m):

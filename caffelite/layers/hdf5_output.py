@@ -4,6 +4,7 @@ import logging
 import numpy as np
 
 from ..backend import to_host
+from ..blob import legacy_shape
 from ..layer import Layer, register
 
 logger = logging.getLogger("caffelite")
@@ -53,11 +54,11 @@ class HDF5OutputLayer(Layer):
         pass
 
     def _legacy_array(self, blob, which):
-        shape = tuple(blob.shape)
-        if len(shape) > 4:
-            raise self.error(f"bottom {which} has {len(shape)} axes; Caffe's HDF5Output "
-                             f"saves num x channels x height x width blobs (at most 4)")
-        legacy = shape + (1,) * (4 - len(shape))
+        legacy = legacy_shape(blob.shape)
+        if legacy is None:
+            raise self.error(f"bottom {which} has {len(blob.shape)} axes; Caffe's "
+                             f"HDF5Output saves num x channels x height x width blobs "
+                             f"(at most 4)")
         return np.ascontiguousarray(to_host(blob.data), dtype=self.dtype).reshape(legacy)
 
     def forward(self, bottom, top):
