@@ -69,6 +69,66 @@ def test_forward_crops_each_image_and_matches_the_standalone_crf():
         assert np.allclose(out[i, :, :h, :w].sum(0), 1, atol=1e-5)
 
 
+def fork_loops(scores, dims, data, pos, bi, max_iter):
+    """densecrf_layer.cpp's index arithmetic written as its loops over flat buffers
+    (SetupUnaryEnergy, SetupPairwiseFunctions, ComputeMap), with the mean field of
+    the standalone CRF in between."""
+    num, labels, blob_h, blob_w = scores.shape
+    flat_scores, flat_data = scores.reshape(-1), data.reshape(-1)
+    top = np.full(scores.size, np.nan, np.float32)
+    plane = blob_h * blob_w
+    for n in range(num):
+        real_h, real_w = int(dims[n, 0, 0, 0]), int(dims[n, 0, 0, 1])
+        if blob_h <= real_h and blob_w <= real_w:
+            h_, w_ = blob_h, blob_w
+        else:
+            h_, w_ = real_h, real_w
+        unary = np.empty((labels, h_, w_), np.float32)
+        bgr = np.empty((3, h_, w_), np.float32)
+        for c in range(labels):
+            for h in range(h_):
+                for w in range(w_):
+                    unary[c, h, w] = flat_scores[n * labels * plane
+                                                 + (c * blob_h + h) * blob_w + w]
+        for h in range(h_):
+            for w in range(w_):
+                for k in range(3):          # image 0: the fork adds no offset
+                    bgr[k, h, w] = flat_data[h * blob_w + w + k * plane]
+        q = standalone(unary, bgr, pos, bi, max_iter)
+        top[n * labels * plane:(n + 1) * labels * plane] = 0          # the memset
+        for h in range(h_):
+            for w in range(w_):
+                for c in range(labels):
+                    top[n * labels * plane + (c * blob_h + h) * blob_w + w] = q[c, h, w]
+    return top.reshape(scores.shape)
+
+
+@pytest.mark.parametrize("sizes", [
+    [(4, 11)],                 # wider than the blob only: each row runs into the next
+    [(7, 6), (6, 8)],          # taller only: channels run into the next one, and image
+])                             # 0's spill into image 1 is cleared by image 1's pass
+def test_image_larger_in_one_axis_wraps_as_the_forks_loops(sizes):
+    pos, bi = ((3, 1),), ((5, 4, 10),)
+    scores, dims, data, _ = batch(sizes, (6, 8), labels=3)
+    layer = make_layer(crf_text(pos, bi, max_iter=3), dtype=np.float32)
+    out = run_forward(layer, *setup_layer(layer, [scores, dims, data],
+                                          dtype=np.float32))[0]
+    want = fork_loops(scores, dims, data, pos, bi, 3)
+    assert not np.isnan(want).any()
+    assert np.array_equal(out, want)
+
+
+@pytest.mark.parametrize("sizes,message", [
+    ([(5, 20)], "more pixels than the 6 x 8 blob"),
+    ([(6, 8), (7, 6)], "read past the 6 x 8 blobs"),
+])
+def test_image_larger_in_one_axis_beyond_the_forks_buffers(sizes, message):
+    scores, dims, data, _ = batch(sizes, (6, 8), labels=3)
+    layer = make_layer(crf_text(), dtype=np.float32)
+    with pytest.raises(ValueError, match=message):
+        run_forward(layer, *setup_layer(layer, [scores, dims, data], dtype=np.float32))
+
+
 def test_matches_pydensecrf_fed_the_same_colours():
     """With no mean subtracted the layer's bilateral features are pydensecrf's with the
     BGR bytes passed as its 'RGB' image: same lattice, so the same marginals (up to the

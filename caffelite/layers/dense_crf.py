@@ -18,9 +18,10 @@ class DenseCRFLayer(Layer):
     N x 3 x H x W).  Top: N x M x H x W marginals Q (``output_probability``, default)
     or ``log(max(Q, FLT_MIN))``.
 
-    Per image the CRF runs on the top-left ``min(h, H) x min(w, W)`` region (the fork
-    takes the whole blob when it is not larger than the image, else the image size);
-    outputs outside it are 0.  Unary = -score (logits, no softmax); one positional
+    Per image the CRF runs on the whole blob when it is not larger than the image in
+    either axis, else on the image's h x w (top left); outputs outside it are 0.  An
+    image larger than the blob in one axis only makes the fork's loops wrap rows; that
+    is followed too (``_forward_wrapped``).  Unary = -score (logits, no softmax); one positional
     kernel per (pos_w, pos_xy_std) with features (x, y) / pos_xy_std, then one
     bilateral kernel per (bi_w, bi_xy_std, bi_rgb_std) with features (x/xy, y/xy,
     B/rgb, G/rgb, R/rgb) of the mean-subtracted data -- always image 0's, for every
@@ -40,6 +41,7 @@ class DenseCRFLayer(Layer):
         self.pos = list(zip(p.pos_w, p.pos_xy_std))
         self.bi = list(zip(p.bi_w, p.bi_xy_std, p.bi_rgb_std))
         self.output_probability = p.output_probability
+        self._unary_element = self._map_element = 0
         if len(p.pos_w) != len(p.pos_xy_std):
             raise self.error(f"dense_crf_param has {len(p.pos_w)} pos_w but "
                              f"{len(p.pos_xy_std)} pos_xy_std; give one of each per "
@@ -84,6 +86,12 @@ class DenseCRFLayer(Layer):
                              f"'{self._bottom_name(2)}' is {image.shape[2]}x{image.shape[3]}"
                              f"; upsample the scores to the input size (Interp) first")
         top[0].reshape(scores.shape)
+        # Densecrf_layer.cpp's map_element_: the pixel count of the blob that had the
+        # most scores so far (its buffers only grow).
+        pixels = scores.shape[2] * scores.shape[3]
+        if pixels * scores.shape[1] > self._unary_element:
+            self._unary_element = pixels * scores.shape[1]
+            self._map_element = pixels
 
     def forward(self, bottom, top):
         xp = get_array_module(bottom[0].data)
@@ -91,19 +99,65 @@ class DenseCRFLayer(Layer):
         scores = to_host(bottom[0].data)
         dims = to_host(bottom[1].data).reshape(scores.shape[0], -1)
         image = to_host(bottom[2].data)
+        num, _, blob_h, blob_w = scores.shape
         out = np.zeros(scores.shape, top[0].dtype)
-        for n in range(scores.shape[0]):
-            height = min(int(dims[n, 0]), scores.shape[2])
-            width = min(int(dims[n, 1]), scores.shape[3])
+        for n in range(num):
+            height, width = self._region_size(dims[n], blob_h, blob_w)
             if height <= 0 or width <= 0:
+                continue
+            if height > blob_h or width > blob_w:
+                self._forward_wrapped(n, height, width, scores, image, out)
                 continue
             # The fork's bilateral features read bottom[2] without the offset of image
             # n, so every image of a batch sees image 0's colours (densecrf_layer.cpp).
-            q = self.infer(scores[n, :, :height, :width], image[0, :, :height, :width])
-            if not self.output_probability:      # C's double log, stored as float
-                q = np.log(np.maximum(q, np.finfo(np.float32).tiny).astype(np.float64))
+            q = self._probability_or_log(
+                self.infer(scores[n, :, :height, :width], image[0, :, :height, :width]))
             out[n, :, :height, :width] = q
         top[0].data[...] = xp.asarray(out)
+
+    def _region_size(self, dims, blob_h, blob_w):
+        """The fork's H_ x W_: the whole blob when it is not larger than the image in
+        either axis, else the image's own size -- in both axes, even when the image is
+        larger than the blob in one of them."""
+        real_h, real_w = int(dims[0]), int(dims[1])
+        if blob_h <= real_h and blob_w <= real_w:
+            return blob_h, blob_w
+        return real_h, real_w
+
+    def _probability_or_log(self, q):
+        if self.output_probability:
+            return q
+        return np.log(np.maximum(q, np.finfo(np.float32).tiny).astype(np.float64))
+
+    def _forward_wrapped(self, n, height, width, scores, image, out):
+        """An image larger than the blob in one axis only: the fork's loops index the
+        blob as (c * H + h) * W + w with h < height and w < width, so rows wrap into the
+        next row (and a channel into the next channel, an image into the next one)."""
+        num, channels, blob_h, blob_w = scores.shape
+        plane = blob_h * blob_w
+        if height * width > self._map_element:
+            raise self.error(f"image {n}'s data_dim {height} x {width} has more pixels than "
+                             f"the {blob_h} x {blob_w} blob (the fork stops here: 'The "
+                             f"pre-allocated memory is not enough!')")
+        offsets = (np.arange(height)[:, None] * blob_w + np.arange(width)).reshape(-1)
+        score_index = (n * channels + np.arange(channels))[:, None] * plane + offsets
+        colour_index = np.arange(3)[:, None] * plane + offsets
+        if score_index.max() >= scores.size or colour_index.max() >= image.size:
+            raise self.error(f"image {n}'s data_dim {height} x {width} makes the fork's "
+                             f"loops read past the {blob_h} x {blob_w} blobs")
+        region = (channels, height, width)
+        q = self._probability_or_log(self.infer(
+            scores.reshape(-1)[score_index].reshape(region),
+            image.reshape(-1)[colour_index].reshape((3, height, width))))
+        # Written in the fork's order (pixel by pixel, channels innermost): where two
+        # pixels land on one element, the later one stays.
+        targets = (np.arange(channels)[None, :] * plane + offsets[:, None]).reshape(-1)
+        values = q.reshape(channels, -1).T.reshape(-1)
+        last = targets.size - 1 - np.unique(targets[::-1], return_index=True)[1]
+        # What spills into the next image's part is cleared when that image is done
+        # (the last image cannot spill: its reads were checked above).
+        inside = targets[last] < channels * plane
+        out[n].reshape(-1)[targets[last][inside]] = values[last][inside]
 
     def infer(self, scores, bgr):
         """Q (M x h x w, float32) for one image: scores M x h x w, bgr 3 x h x w."""
