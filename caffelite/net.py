@@ -779,8 +779,8 @@ class Net:
         blobs = list(blobs or [])
         start_i = self._layer_index(start) if start is not None else 0
         end_i = self._layer_index(end) if end is not None else len(self.layers) - 1
-        # pycaffe: with ``end``, the tops of that layer (not a blob named like it).
-        outputs = set((self.top_names[end] if end is not None else self.outputs) + blobs)
+        outputs = set((self._end_blobs(end, self.top_names) if end is not None
+                       else self.outputs) + blobs)
         if kwargs:
             self._check_named_arrays(kwargs, self.inputs, "Input blob arguments",
                                      "net inputs")
@@ -795,7 +795,8 @@ class Net:
         diffs = list(diffs or [])
         start_i = self._layer_index(start) if start is not None else len(self.layers) - 1
         end_i = self._layer_index(end) if end is not None else 0
-        outputs = set((self.bottom_names[end] if end is not None else self.inputs) + diffs)
+        outputs = set((self._end_blobs(end, self.bottom_names) if end is not None
+                       else self.inputs) + diffs)
         if kwargs:
             self._check_named_arrays(kwargs, self.outputs, "Top diff arguments",
                                      "net outputs")
@@ -804,6 +805,12 @@ class Net:
                 self.blobs[name].diff[...] = value
         self.backward_from_to(start_i, end_i)
         return {name: self.blobs[name].diff for name in outputs}
+
+    def _end_blobs(self, end, names):
+        """What pycaffe returns for ``end``: the end layer's tops (forward) or bottoms
+        (backward), as BVLC's pycaffe does since 2017, and the blob named like the
+        layer where there is one, which the fork's pycaffe returns (``[end] + blobs``)."""
+        return list(names[end]) + ([end] if end in self.blobs else [])
 
     @staticmethod
     def _check_named_arrays(arrays, names, what, kind):

@@ -99,7 +99,7 @@ def test_input_fields_make_blobs_but_no_layer(tmp_path):
     np.testing.assert_allclose(net.blobs["ip"].data, x @ w.T + b, rtol=1e-6)
 
 
-def test_forward_backward_start_end_return_the_layer_tops(net_file):
+def test_forward_backward_start_end_return_the_layer_tops_and_its_namesake(net_file):
     net = caffe.Net(net_file, caffe.TRAIN)
     conv = np.random.default_rng(1).uniform(size=net.blobs["conv"].data.shape)
     net.blobs["conv"].data[...] = conv
@@ -119,6 +119,12 @@ def test_forward_backward_start_end_return_the_layer_tops(net_file):
     scale = (np.abs(top_diff) @ np.abs(w)).reshape(conv.shape)
     assert np.all(np.abs(grads["conv"] - (top_diff @ w).reshape(conv.shape)) <= 1e-5 * scale)
     assert set(net.forward(blobs=["conv"])) == {"loss", "conv"}
+    # The fork's pycaffe returns the blob named like the end layer; BVLC's later one
+    # the layer's bottoms: both are there.
+    net.blobs["loss"].diff[...] = 1
+    grads = net.backward(start="ip", end="conv")
+    assert set(grads) == {"data", "conv"}
+    assert np.array_equal(grads["conv"], net.blobs["conv"].diff)
 
 
 def test_forward_all_batches_and_unpads(deploy):
