@@ -22,7 +22,7 @@ import time
 
 import numpy as np
 
-from .log import logger, setup_logging
+from .log import log_fatal_to_files, logger, setup_logging
 from .net import NetOutOfMemory, memory_kind
 
 
@@ -556,6 +556,7 @@ def main(argv=None):
         if os.environ.get("CAFFELITE_TRACEBACK"):
             raise
         sys.stderr.write(f"caffelite {args.command}: error: {_one_line(e)}\n")
+        log_fatal_to_files(_one_line(e))
         return 1
 
 

@@ -1,14 +1,25 @@
 """Logging in glog's line format so Caffe's log parsers read our logs.
 
 ``I1125 10:00:00.123456  1234 solver.py:123] Iteration 20, loss = 0.5``
+
+The command line also honours glog's environment as Caffe's tools see it:
+``GLOG_minloglevel`` (0 INFO .. 3 FATAL: lower levels are not logged),
+``GLOG_log_dir`` (log files as glog names them, e.g. what run_pascal.sh exports) and
+``GLOG_logtostderr`` (stderr only, no files).
 """
+import getpass
 import logging
 import os
+import re
+import socket
 import sys
 import time
 
 _LEVELS = {logging.DEBUG: "I", logging.INFO: "I", logging.WARNING: "W",
            logging.ERROR: "E", logging.CRITICAL: "F"}
+# glog's severities, lowest first, and the logging level each file starts at.
+_SEVERITIES = (("INFO", logging.DEBUG), ("WARNING", logging.WARNING),
+               ("ERROR", logging.ERROR), ("FATAL", logging.CRITICAL))
 
 
 class GlogFormatter(logging.Formatter):
@@ -25,15 +36,106 @@ logger = logging.getLogger("caffelite")
 logger.addHandler(logging.NullHandler())
 
 
-def setup_logging(level=logging.INFO, log_file=None, stream=sys.stderr):
-    """Route caffelite's log to ``stream`` (and ``log_file``) in glog format."""
+def setup_logging(level=logging.INFO, log_file=None, stream=sys.stderr, environ=None):
+    """Route caffelite's log to ``stream`` (and ``log_file``) in glog format, and to
+    glog's own files where ``GLOG_log_dir`` asks for them."""
+    environ = os.environ if environ is None else environ
     for h in list(logger.handlers):
         logger.removeHandler(h)
+        h.close()
     handlers = [logging.StreamHandler(stream)]
     if log_file:
         handlers.append(logging.FileHandler(log_file))
+    log_dir = environ.get("GLOG_log_dir", "")
+    if log_dir and not _env_bool(environ.get("GLOG_logtostderr")):
+        handlers += [GlogFile(log_dir, severity, start, stream)
+                     for severity, start in _SEVERITIES]
     for h in handlers:
         h.setFormatter(GlogFormatter())
         logger.addHandler(h)
-    logger.setLevel(level)
+    logger.setLevel(max(level, _min_log_level(environ)))
     logger.propagate = False
+
+
+def log_fatal_to_files(message):
+    """An F line with the reason a command stopped, in the log files only (stderr gets
+    the command's own one-line error)."""
+    caller = sys._getframe(1)
+    record = logger.makeRecord(logger.name, logging.CRITICAL, caller.f_code.co_filename,
+                               caller.f_lineno, message, None, None)
+    for h in logger.handlers:
+        if isinstance(h, (GlogFile, logging.FileHandler)):
+            h.handle(record)
+
+
+def _env_bool(value):
+    """glog's BoolFromEnv: set and starting with t, T, y, Y or 1 (or empty)."""
+    return value is not None and (value[:1] in ("t", "T", "y", "Y", "1", ""))
+
+
+def _min_log_level(environ):
+    """GLOG_minloglevel as glog reads it (atoi): 1 drops INFO, 2 WARNING, 3 ERROR."""
+    number = re.match(r"\s*([+-]?\d+)", environ.get("GLOG_minloglevel", ""))
+    level = min(int(number.group(1)), 3) if number else 0
+    return _SEVERITIES[level][1] if level > 0 else logging.DEBUG
+
+
+class GlogFile(logging.Handler):
+    """One of glog's log files: ``<program>.<host>.<user>.log.<SEVERITY>.<date>-<time>.
+    <pid>`` in the log folder, made at its first line (with glog's three-line header)
+    and pointed at by the ``<program>.<SEVERITY>`` link; it holds every line of its
+    severity and above."""
+
+    def __init__(self, log_dir, severity, level, stream):
+        super().__init__(level)
+        self.log_dir, self.severity, self.stream = log_dir, severity, stream
+        self.file = None
+        self.failed = False
+
+    def emit(self, record):
+        if self.failed:
+            return
+        try:
+            if self.file is None:
+                self._open(record.created)
+            self.file.write(self.format(record) + "\n")
+            self.file.flush()
+        except OSError as e:
+            self.failed = True
+            self.stream.write(f"Could not create logging file: {e.strerror}\n"
+                              f"COULD NOT CREATE A LOGGINGFILE in {self.log_dir}!\n")
+
+    def _open(self, created):
+        program = os.path.basename(sys.argv[0])
+        if not program or program.endswith(".py"):       # python -m caffelite.cli
+            program = "caffelite"
+        t = time.localtime(created)
+        name = (f"{program}.{socket.gethostname()}.{_user()}.log.{self.severity}."
+                f"{time.strftime('%Y%m%d-%H%M%S', t)}.{os.getpid()}")
+        path = os.path.join(self.log_dir, name)
+        self.file = open(path, "a", encoding="utf-8")
+        self.file.write(f"Log file created at: {time.strftime('%Y/%m/%d %H:%M:%S', t)}\n"
+                        f"Running on machine: {socket.gethostname()}\n"
+                        "Log line format: [IWEF]mmdd hh:mm:ss.uuuuuu threadid "
+                        "file:line] msg\n")
+        link = os.path.join(self.log_dir, f"{program}.{self.severity}")
+        try:                              # glog: unlink, then symlink the bare name
+            if os.path.islink(link):
+                os.unlink(link)
+            if not os.path.exists(link):
+                os.symlink(name, link)
+        except OSError:
+            pass
+
+    def close(self):
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+        super().close()
+
+
+def _user():
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "invalid-user"

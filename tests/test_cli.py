@@ -336,3 +336,54 @@ def test_net_init_logs_caffes_lines(tmp_path):
     assert lines.index("This network produces output loss") < \
         lines.index("Network initialization done.")
     assert 'Initializing net from parameters: \nname: "n"\nlayer {\n' in out.stderr
+
+
+def glog_files(folder, severity):
+    """The file glog's ``<program>.<SEVERITY>`` link names, after checking its name and
+    its three header lines; returns its log lines (a multi-line message, such as the
+    solver's parameters, continues on lines of its own, as in Caffe's logs)."""
+    link = folder / f"caffelite.{severity}"
+    target = os.readlink(link)
+    assert re.fullmatch(rf"caffelite\..+\.log\.{severity}\.\d{{8}}-\d{{6}}\.\d+", target)
+    lines = (folder / target).read_text().splitlines()
+    assert lines[0].startswith("Log file created at: ")
+    assert lines[1].startswith("Running on machine: ")
+    assert lines[2] == "Log line format: [IWEF]mmdd hh:mm:ss.uuuuuu threadid file:line] msg"
+    assert GLOG.match(lines[3])
+    return lines[3:]
+
+
+def test_glog_log_dir_gets_glogs_files(tmp_path):
+    """run_pascal.sh exports GLOG_log_dir: the INFO file holds every line, the WARNING
+    file the warnings (here the fallback to the CPU) and nothing below."""
+    solver = write_solver(tmp_path, "")
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    out = run_train(solver, train_env(GLOG_log_dir=str(logs)))
+    assert out.returncode == 0, out.stderr
+    info = glog_files(logs, "INFO")
+    assert info == out.stderr.splitlines()
+    assert any(l.endswith("Iteration 1, loss = " + l.rsplit("= ", 1)[-1]) for l in info)
+    warnings = glog_files(logs, "WARNING")
+    assert warnings and all(GLOG.match(l) and l.startswith("W") for l in warnings)
+    assert warnings == [l for l in info if GLOG.match(l) and l.startswith("W")]
+    assert not (logs / "caffelite.ERROR").exists()
+
+
+def test_glog_environment_minloglevel_logtostderr_and_the_fatal_line(tmp_path):
+    solver = write_solver(tmp_path, "")
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    quiet = run_train(solver, train_env(GLOG_minloglevel="1", GLOG_log_dir=str(logs),
+                                        GLOG_logtostderr="1"))
+    assert quiet.returncode == 0, quiet.stderr
+    lines = [l for l in quiet.stderr.splitlines() if GLOG.match(l)]
+    assert lines and all(l.startswith("W") for l in lines)
+    assert os.listdir(logs) == []                 # GLOG_logtostderr: no files
+    failed = run_train(tmp_path / "missing.prototxt", train_env(GLOG_log_dir=str(logs)))
+    assert failed.returncode == 1
+    assert "caffelite train: error: cannot read" in failed.stderr
+    assert "] cannot read" not in failed.stderr   # the F line goes to the files only
+    fatal = glog_files(logs, "FATAL")
+    assert len(fatal) == 1 and fatal[0].startswith("F") and "cannot read" in fatal[0]
+    assert glog_files(logs, "INFO")[-1] == fatal[0]
