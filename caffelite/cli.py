@@ -208,20 +208,24 @@ def score(net, iterations):
 
 
 def cmd_train(args):
-    from .solver import get_solver, install_signal_handlers
+    from .solver import PendingSignals, get_solver, install_signal_handlers
     if args.weights and args.snapshot:
         raise CliError("give either --weights or --snapshot, not both")
     defines = _defines(args.define)
     _select_device(args, None if parse_gpu(args.gpu) is not None else
                    solver_device(args.solver, defines))
-    solver = get_solver(args.solver, defines=defines, train_state=_flag_state(args))
-    if args.snapshot:
-        logger.info("Resuming from %s", args.snapshot)
-        solver.restore(args.snapshot)
-    elif args.weights:
-        solver.load_weights(args.weights.split(","))
-    restore = install_signal_handlers(solver, args.sigint_effect, args.sighup_effect)
+    # caffe.cpp's SignalHandler exists before the solver: a signal while the nets are
+    # built is acted on at the first check.
+    pending = PendingSignals()
+    restore = install_signal_handlers(None, args.sigint_effect, args.sighup_effect, pending)
     try:
+        solver = get_solver(args.solver, defines=defines, train_state=_flag_state(args))
+        solver.signals = pending
+        if args.snapshot:
+            logger.info("Resuming from %s", args.snapshot)
+            solver.restore(args.snapshot)
+        elif args.weights:
+            solver.load_weights(args.weights.split(","))
         logger.info("Starting Optimization")
         solver.solve()
     finally:

@@ -96,22 +96,34 @@ def _device_memory_use():
 
 
 # --------------------------------------------------------------------- filtering
-def state_meets_rule(state, rule):
+def state_meets_rule(state, rule, layer_name="", log=False):
+    """Caffe's Net::StateMeetsRule, with its INFO line for the first unmet condition."""
+    def unmet(message):
+        if log:
+            logger.info("%s specified by a rule in layer %s", message, layer_name)
+        return False
     if rule.HasField("phase") and rule.phase != state.phase:
-        return False
+        return unmet(f"The NetState phase ({state.phase}) differed from the phase "
+                     f"({rule.phase})")
     if rule.HasField("min_level") and state.level < rule.min_level:
-        return False
+        # (sic: Caffe says "above" for both levels)
+        return unmet(f"The NetState level ({state.level}) is above the min_level "
+                     f"({rule.min_level})")
     if rule.HasField("max_level") and state.level > rule.max_level:
-        return False
+        return unmet(f"The NetState level ({state.level}) is above the max_level "
+                     f"({rule.max_level})")
     stages = set(state.stage)
-    if any(s not in stages for s in rule.stage):
-        return False
-    if any(s in stages for s in rule.not_stage):
-        return False
+    for stage in rule.stage:
+        if stage not in stages:
+            return unmet(f"The NetState did not contain stage '{stage}'")
+    for stage in rule.not_stage:
+        if stage in stages:
+            return unmet(f"The NetState contained a not_stage '{stage}'")
     return True
 
 
-def filter_net(net, state):
+def filter_net(net, state, log=True):
+    """Caffe's Net::FilterNet: the layers whose include/exclude rules the state meets."""
     out = caffe_pb2.NetParameter()
     out.CopyFrom(net)
     out.ClearField("layer")
@@ -119,9 +131,10 @@ def filter_net(net, state):
         if len(layer.include) and len(layer.exclude):
             raise NetError(f"layer '{layer.name}' has both include and exclude rules")
         if len(layer.include):
-            keep = any(state_meets_rule(state, r) for r in layer.include)
+            keep = any(state_meets_rule(state, r, layer.name, log) for r in layer.include)
         else:
-            keep = not any(state_meets_rule(state, r) for r in layer.exclude)
+            keep = not any(state_meets_rule(state, r, layer.name, log)
+                           for r in layer.exclude)
         if keep:
             out.layer.add().CopyFrom(layer)
     return out

@@ -593,7 +593,7 @@ def mat_write_outputs(net_file, iterations):
     state = caffe_pb2.NetState()
     state.phase = caffe_pb2.TEST
     outputs = []
-    for layer in filter_net(param, state).layer:
+    for layer in filter_net(param, state, log=False).layer:
         if layer.type != "MatWrite":
             continue
         p = layer.mat_write_param

@@ -35,7 +35,6 @@ import os
 import signal
 
 import numpy as np
-from google.protobuf import text_format
 
 from . import backend, caffe_rng, kernels
 from .backend import TEST, TRAIN, get_array_module
@@ -78,6 +77,8 @@ def learning_rate(param, iter, current_step=0, dtype=np.float32):
     if policy == "fixed":
         rate = base_lr
     elif policy == "step":
+        if param.stepsize <= 0:             # Caffe divides by it (SIGFPE)
+            raise SolverError(f"lr_policy 'step' needs stepsize > 0, got {param.stepsize}")
         current_step = iter // param.stepsize
         rate = base_lr * _cpow(gamma, current_step)
     elif policy == "exp":
@@ -91,14 +92,16 @@ def learning_rate(param, iter, current_step=0, dtype=np.float32):
             logger.info("MultiStep Status: Iteration %d, step = %d", iter, current_step)
         rate = base_lr * _cpow(gamma, current_step)
     elif policy == "poly":
-        rate = base_lr * _cpow(f(1) - f(iter) / f(param.max_iter), param.power)
+        with np.errstate(divide="ignore", invalid="ignore"):      # max_iter 0: NaN
+            rate = base_lr * _cpow(f(1) - f(iter) / f(param.max_iter), param.power)
     elif policy == "sigmoid":
         with np.errstate(over="ignore"):
             e = np.exp(np.float64(-f(gamma) * (f(iter) - f(param.stepsize))))
         rate = base_lr * (1.0 / (1.0 + float(e)))
     else:
-        raise SolverError(f"unknown learning rate policy '{policy}' "
-                          f"(known: {', '.join(LR_POLICIES)})")
+        raise SolverError(f"unknown lr_policy '{policy}' (known: {', '.join(LR_POLICIES)})"
+                          if policy else f"lr_policy is not set (one of: "
+                          f"{', '.join(LR_POLICIES)})")
     return f(rate), current_step
 
 
@@ -132,8 +135,7 @@ class Solver:
         p = self.param
         if train_state is not None and train_state.ListFields():
             p.train_state.MergeFrom(train_state)     # (an empty one is not printed below)
-        logger.info("Initializing solver from parameters: \n%s",
-                    text_format.MessageToString(p))
+        logger.info("Initializing solver from parameters: \n%s", prototxt.message_to_text(p))
         self._check_params()
         self._check_snapshot_write_permissions()
         if p.random_seed >= 0:
@@ -148,7 +150,7 @@ class Solver:
         self.current_step = 0
         self.requested_early_exit = False
         self._callbacks = []
-        self._stop_requested = self._snapshot_requested = False
+        self.signals = PendingSignals()
         self.history = [get_array_module(prm.blob.data).zeros_like(prm.blob.data)
                         for _ in range(self.history_per_param)
                         for prm in self.net.learnable_params]
@@ -163,25 +165,10 @@ class Solver:
             raise self.error(f"average_loss should be at least 1, got {p.average_loss}")
         if p.iter_size < 1:
             raise self.error(f"iter_size should be at least 1, got {p.iter_size}")
-        self._check_lr_policy()
         if p.weight_decay and p.regularization_type not in ("L1", "L2"):
             raise self.error(f"unknown regularization_type '{p.regularization_type}' "
                              f"(known: L1, L2)")
         self._check_solver_params()
-
-    def _check_lr_policy(self):
-        p = self.param
-        policy = p.lr_policy
-        if policy not in LR_POLICIES:
-            raise self.error(f"unknown lr_policy '{policy}' (known: {', '.join(LR_POLICIES)})"
-                             if policy else f"lr_policy is not set (one of: "
-                             f"{', '.join(LR_POLICIES)})")
-        if policy in ("step", "sigmoid") and p.stepsize <= 0:
-            raise self.error(f"lr_policy '{policy}' needs stepsize > 0, got {p.stepsize}")
-        if policy in ("step", "exp", "inv", "multistep", "sigmoid") and p.gamma < 0:
-            raise self.error(f"lr_policy '{policy}' needs gamma >= 0, got {p.gamma:g}")
-        if policy == "poly" and p.max_iter <= 0:
-            raise self.error(f"lr_policy 'poly' needs max_iter > 0, got {p.max_iter}")
 
     def _check_solver_params(self):
         """Subclass constraints (Caffe's constructor_sanity_check)."""
@@ -261,21 +248,24 @@ class Solver:
         if count and p.test_interval <= 0:
             raise self.error(f"{count} test net(s) (test_iter) but test_interval is "
                              f"{p.test_interval}; set test_interval > 0")
-        sources = [(prm, f"{self.source}: test_net_param") for prm in p.test_net_param]
-        sources += [(self._read_net_file(path), path) for path in p.test_net]
+        # (net, where errors point, how Caffe's InitTestNets names it in its log)
+        sources = [(prm, f"{self.source}: test_net_param", "test_net_param")
+                   for prm in p.test_net_param]
+        sources += [(self._read_net_file(path), path, f"test_net file: {path}")
+                    for path in p.test_net]
         remaining = count - len(sources)
         if p.HasField("net_param"):
-            sources += [(p.net_param, f"{self.source}: net_param")] * remaining
+            sources += [(p.net_param, f"{self.source}: net_param", "net_param")] * remaining
         elif p.HasField("net"):
             generic_param = self._read_net_file(p.net) if remaining else None
-            sources += [(generic_param, p.net)] * remaining
+            sources += [(generic_param, p.net, f"net file: {p.net}")] * remaining
         nets = []
-        for i, (net_param, source) in enumerate(sources):
+        for i, (net_param, source, label) in enumerate(sources):
             state = caffe_pb2.NetState(phase=TEST)
             state.MergeFrom(upgraded_state(net_param))
             if len(p.test_state):
                 state.MergeFrom(p.test_state[i])
-            logger.info("Creating test net (#%d) specified by %s", i, source)
+            logger.info("Creating test net (#%d) specified by %s", i, label)
             net = self._build_net(net_param, source, state)
             net.debug_info = bool(p.debug_info)
             # Its own (filler) weights until a test pass shares the train net's, as
@@ -305,16 +295,16 @@ class Solver:
 
     def request_stop(self):
         """Stop after the current iteration (SIGINT in ``caffe train``)."""
-        self._stop_requested = True
+        self.signals.received("SIGINT", "stop")
 
     def request_snapshot(self):
         """Snapshot after the current iteration (SIGHUP in ``caffe train``)."""
-        self._snapshot_requested = True
+        self.signals.received("SIGHUP", "snapshot")
 
-    def _take_requests(self):
-        stop, snap = self._stop_requested, self._snapshot_requested
-        self._stop_requested = self._snapshot_requested = False
-        return stop, snap
+    def _take_request(self):
+        """(stop, snapshot) for the next pending signal (Caffe's GetRequestedAction)."""
+        action = self.signals.next_action()
+        return action == "stop", action == "snapshot"
 
     # ------------------------------------------------------------------ the loop
     def solve(self, resume_file=None):
@@ -378,7 +368,7 @@ class Solver:
                     on_gradients()
             self.apply_update()
             self.iter += 1
-            stop, snap = self._take_requests()
+            stop, snap = self._take_request()       # one signal per iteration
             if (p.snapshot and self.iter % p.snapshot == 0) or snap:
                 self.snapshot()
             if stop:
@@ -436,11 +426,13 @@ class Solver:
         iters = p.test_iter[test_net_id]
         loss, sums, outputs = np.float32(0), None, None
         for i in range(iters):
-            stop, snap = self._take_requests()
-            if snap:
-                self.snapshot()
-            if stop:
-                self.requested_early_exit = True
+            while True:                             # every pending signal
+                stop, snap = self._take_request()
+                if not (stop or snap):
+                    break
+                if snap:
+                    self.snapshot()
+                self.requested_early_exit |= stop
             if self.requested_early_exit:
                 break
             iter_loss = np.float32(net.forward_from_to())
@@ -466,7 +458,11 @@ class Solver:
     def get_learning_rate(self):
         """Caffe's GetLearningRate at the current iter (advances ``current_step``)."""
         dtype = self.net.dtype
-        rate, self.current_step = learning_rate(self.param, self.iter, self.current_step, dtype)
+        try:        # Caffe checks the policy here, at the first update, not at set-up
+            rate, self.current_step = learning_rate(self.param, self.iter,
+                                                    self.current_step, dtype)
+        except SolverError as e:
+            raise self.error(str(e)) from None
         if np.isnan(rate):
             raise self.error(f"the learning rate of policy '{self.param.lr_policy}' is "
                              f"undefined at iteration {self.iter} (max_iter "
@@ -917,25 +913,47 @@ def get_solver(solver, defines=None, train_state=None):
 SIGNAL_EFFECTS = ("stop", "snapshot", "none")
 
 
-def install_signal_handlers(solver, sigint_effect="stop", sighup_effect="snapshot"):
-    """``caffe train --sigint_effect/--sighup_effect``: SIGINT and SIGHUP set the
-    solver's stop/snapshot requests, acted on after the current iteration ("none"
-    ignores the signal).  Returns a function that puts the previous handlers back."""
-    actions = {"stop": solver.request_stop, "snapshot": solver.request_snapshot, "none": None}
+class PendingSignals:
+    """SIGHUP and SIGINT received and not yet acted on, each with its effect; Caffe's
+    SignalHandler::CheckForSignals hands out one per call, SIGHUP first."""
+    ORDER = ("SIGHUP", "SIGINT")
+
+    def __init__(self):
+        self.effects = dict.fromkeys(self.ORDER)
+
+    def received(self, name, effect):
+        self.effects[name] = effect
+
+    def next_action(self):
+        for name in self.ORDER:
+            effect = self.effects[name]
+            if effect is not None:
+                self.effects[name] = None
+                return effect
+        return None
+
+
+def install_signal_handlers(solver, sigint_effect="stop", sighup_effect="snapshot",
+                            pending=None):
+    """``caffe train --sigint_effect/--sighup_effect``: SIGINT and SIGHUP are noted in
+    ``pending`` (a PendingSignals, by default the solver's), acted on after the current
+    iteration ("none": the signal is caught and does nothing).  ``caffe train`` installs
+    them before it builds the solver: pass ``solver=None`` and ``pending`` then, and
+    give ``pending`` to the solver as its ``signals``.  Returns a function that puts the
+    previous handlers back."""
+    pending = pending if pending is not None else solver.signals
     previous = {}
     for name, effect in (("SIGINT", sigint_effect), ("SIGHUP", sighup_effect)):
-        if effect not in actions:
+        if effect not in SIGNAL_EFFECTS:
             raise SolverError(f"invalid {name.lower()}_effect '{effect}' (one of: "
                               f"{', '.join(SIGNAL_EFFECTS)})")
         sig = getattr(signal, name, None)
         if sig is None:        # no SIGHUP on Windows
             continue
-        action = actions[effect]
 
-        def handler(signum, frame, action=action, name=name, effect=effect):
+        def handler(signum, frame, name=name, effect=effect):
             logger.info("Received %s: %s requested", name, effect)
-            if action:
-                action()
+            pending.received(name, effect)
         try:
             previous[sig] = signal.signal(sig, handler)
         except ValueError:     # not the main thread

@@ -401,3 +401,30 @@ layer { name: "l2" type: "EuclideanLoss" bottom: "a" bottom: "c" }
     net.forward()
     assert list(net.blobs).count("(automatic)") == 1
     assert float(net.blobs["(automatic)"].data) == 2.5       # l2's (1 + 4) / 2, not l1's 4
+
+
+def test_filter_net_logs_each_unmet_rule_as_caffe(caplog):
+    """Net::StateMeetsRule's INFO line for the first unmet condition of each rule it
+    tries (FilterNet stops at the first exclude rule met, the first include rule met)."""
+    import logging
+    from caffelite.net import filter_net
+    from caffelite.proto import caffe_pb2
+    from google.protobuf import text_format
+    net = text_format.Parse('''
+        layer { name: "a" type: "ReLU" include { phase: TEST } }
+        layer { name: "b" type: "ReLU" include { min_level: 2 } include { max_level: 0 } }
+        layer { name: "c" type: "ReLU" exclude { stage: "x" } exclude { not_stage: "y" } }
+        layer { name: "d" type: "ReLU" include { stage: "y" not_stage: "z" } }
+        layer { name: "e" type: "ReLU" exclude { phase: TRAIN } exclude { phase: TEST } }
+    ''', caffe_pb2.NetParameter())
+    state = caffe_pb2.NetState(phase=caffe_pb2.TRAIN, level=1, stage=["y", "z"])
+    with caplog.at_level(logging.INFO, logger="caffelite"):
+        kept = [layer.name for layer in filter_net(net, state).layer]
+    assert kept == ["c"]
+    assert [r.getMessage() for r in caplog.records] == [
+        "The NetState phase (0) differed from the phase (1) specified by a rule in layer a",
+        "The NetState level (1) is above the min_level (2) specified by a rule in layer b",
+        "The NetState level (1) is above the max_level (0) specified by a rule in layer b",
+        "The NetState did not contain stage 'x' specified by a rule in layer c",
+        "The NetState contained a not_stage 'y' specified by a rule in layer c",
+        "The NetState contained a not_stage 'z' specified by a rule in layer d"]

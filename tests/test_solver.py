@@ -301,10 +301,6 @@ def test_lr_multistep_advances_one_step_per_call():
 
 
 @pytest.mark.parametrize("extra, message", [
-    ('lr_policy: "cosine"', "unknown lr_policy 'cosine'"),
-    ('', "lr_policy is not set"),
-    ('lr_policy: "step" gamma: 0.1', "needs stepsize > 0"),
-    ('lr_policy: "poly" power: 0.9', "needs max_iter > 0"),
     ('lr_policy: "fixed" weight_decay: 0.1 regularization_type: "L3"',
      "unknown regularization_type 'L3'"),
     ('lr_policy: "fixed" type: "AdaGrad" momentum: 0.9', "momentum cannot be used with AdaGrad"),
@@ -317,6 +313,40 @@ def test_bad_solver_parameters_are_clear_errors(tmp_path, extra, message):
     with pytest.raises(SolverError, match=re.escape(message)) as e:
         make_solver(tmp_path, "base_lr: 0.1\n" + extra, ip_net())
     assert "solver.prototxt" in str(e.value)
+
+
+@pytest.mark.parametrize("extra, message", [
+    ('lr_policy: "cosine"', "unknown lr_policy 'cosine'"),
+    ('', "lr_policy is not set"),
+    ('lr_policy: "step" gamma: 0.1', "needs stepsize > 0"),
+])
+def test_bad_learning_rate_policies_stop_the_first_update(tmp_path, extra, message):
+    """Caffe's GetLearningRate checks the policy when the first update asks for a
+    rate: the solver builds (a net can be tested with it), the first step stops."""
+    solver = make_solver(tmp_path, "base_lr: 0.1\n" + extra, ip_net())
+    with pytest.raises(SolverError, match=re.escape(message)) as e:
+        solver.step(1)
+    assert "solver.prototxt" in str(e.value) and solver.iter == 0
+
+
+def test_learning_rate_settings_the_fork_accepts(tmp_path):
+    """No CHECKs on gamma or on sigmoid's stepsize in the fork's GetLearningRate: a
+    negative gamma makes a decaying sigmoid; poly with max_iter 0 is NaN, and a NaN
+    rate stops a run (README: known differences)."""
+    p = lr_param(lr_policy="sigmoid", gamma=-0.01, stepsize=100, base_lr=0.01)
+    for it in (0, 100, 500):
+        want = np.float32(0.01) * (1 / (1 + np.exp(np.float64(
+            -np.float32(-0.01) * (np.float32(it) - np.float32(100))))))
+        assert learning_rate(p, it)[0] == np.float32(want)
+    assert learning_rate(p, 100)[0] == np.float32(0.005)
+    p = lr_param(lr_policy="step", gamma=-2, stepsize=3, base_lr=0.5)
+    assert learning_rate(p, 7)[0] == np.float32(2.0)
+    assert np.isnan(learning_rate(lr_param(lr_policy="poly", power=0.9, max_iter=0), 0)[0])
+    for extra in ('lr_policy: "sigmoid" gamma: -0.01 stepsize: 0',
+                  'lr_policy: "exp" gamma: -0.5', 'lr_policy: "poly" power: 0.9'):
+        solver = make_solver(tmp_path, "base_lr: 0.1\n" + extra, ip_net())
+    with pytest.raises(SolverError, match="undefined at iteration 0"):
+        solver.step(1)
 
 
 # ------------------------------------------------------------------ accumulation
@@ -868,6 +898,27 @@ def test_stop_and_snapshot_requests(tmp_path):
     assert sorted(os.listdir(tmp_path)) == sorted(
         ["net.prototxt", "solver.prototxt", "sig_iter_2.caffemodel", "sig_iter_2.solverstate",
          "sig_iter_4.caffemodel", "sig_iter_4.solverstate"])
+
+
+def test_a_snapshot_and_a_stop_in_one_iteration_take_two_iterations(tmp_path):
+    """Caffe's CheckForSignals hands out one signal per check, SIGHUP first: the
+    snapshot after iteration 1, one more iteration, then the stop (and Solve's
+    snapshot of iteration 3)."""
+    prefix = tmp_path / "both"
+    s = make_solver(tmp_path, f'lr_policy: "fixed" base_lr: 0.1 max_iter: 10 '
+                    f'snapshot_prefix: "{prefix}" random_seed: 1', ip_net())
+    set_inputs(s)
+
+    def both():
+        if s.iter == 1:
+            s.request_stop()
+            s.request_snapshot()
+    s.add_callback(on_start=both)
+    s.solve()
+    assert s.iter == 3 and s.requested_early_exit
+    assert sorted(f for f in os.listdir(tmp_path) if f.startswith("both")) == [
+        "both_iter_2.caffemodel", "both_iter_2.solverstate",
+        "both_iter_3.caffemodel", "both_iter_3.solverstate"]
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="no SIGHUP on this platform")

@@ -139,6 +139,58 @@ def test_data_transformation_fields_move_per_layer_type():
     assert net.layer[1].HasField("transform_param")
 
 
+def _messages(caplog):
+    return [(r.levelname, r.getMessage()) for r in caplog.records]
+
+
+def test_upgrade_net_as_needed_logs_each_upgrade(caplog):
+    """UpgradeNetAsNeeded's lines, in its order: V0 (with its warning), then the data
+    transformation fields, then V1."""
+    with caplog.at_level(logging.INFO, logger="caffelite"):
+        prototxt.parse_net('input: "x" layers { layer { name: "r" type: "relu" } '
+                           'bottom: "x" top: "x" }', "v0.prototxt")
+        prototxt.parse_net(DATA_V1, "data.prototxt")
+        prototxt.parse_net('layer { name: "r" type: "ReLU" bottom: "x" top: "x" }', "v2")
+    attempt = "Attempting to upgrade input file specified using deprecated "
+    done = "Successfully upgraded file specified using deprecated "
+    assert _messages(caplog) == [
+        ("INFO", attempt + "V0LayerParameter: v0.prototxt"),
+        ("INFO", done + "V0LayerParameter"),
+        ("WARNING", "Note that future Caffe releases will not support V0NetParameter; use "
+                    "./build/tools/upgrade_net_proto_text for prototxt and "
+                    "./build/tools/upgrade_net_proto_binary for model weights upgrade this "
+                    "and any other net protos to the new format."),
+        ("INFO", attempt + "V1LayerParameter: v0.prototxt"),
+        ("INFO", done + "V1LayerParameter"),
+        ("INFO", attempt + "transformation parameters: data.prototxt"),
+        ("INFO", done + "data transformation parameters."),
+        ("WARNING", "Note that future Caffe releases will only support transform_param "
+                    "messages for transformation fields."),
+        ("INFO", attempt + "V1LayerParameter: data.prototxt"),
+        ("INFO", done + "V1LayerParameter")]
+
+
+def test_v1_weights_and_solver_type_upgrades_are_logged(caplog, tmp_path):
+    from conftest import CORPUS
+    from caffelite.io.caffemodel import read_caffemodel
+    path = f"{CORPUS}/models/cifar10_quick_v1/cifar10_quick_iter_5000.caffemodel"
+    solver = tmp_path / "solver.prototxt"
+    solver.write_text('net: "n" base_lr: 0.1 solver_type: NESTEROV')
+    with caplog.at_level(logging.INFO, logger="caffelite"):
+        read_caffemodel(path)
+        assert prototxt.read_solver(str(solver)).type == "Nesterov"
+    assert _messages(caplog) == [
+        ("INFO", "Attempting to upgrade input file specified using deprecated "
+                 f"V1LayerParameter: {path}"),
+        ("INFO", "Successfully upgraded file specified using deprecated V1LayerParameter"),
+        ("INFO", "Attempting to upgrade input file specified using deprecated "
+                 f"'solver_type' field (enum)': {solver}"),
+        ("INFO", "Successfully upgraded file specified using deprecated 'solver_type' "
+                 "field (enum) to 'type' field (string)."),
+        ("WARNING", "Note that future Caffe releases will only support 'type' field "
+                    "(string) for a solver's type.")]
+
+
 def test_no_data_upgrade_leaves_data_layers_alone():
     net, _ = prototxt.parse_net('layers { name: "d" type: DATA top: "a" '
                                 'data_param { source: "db" } }')

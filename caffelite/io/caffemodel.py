@@ -30,6 +30,7 @@ class LayerWeights:
     name: str
     type: str
     blobs: list = field(default_factory=list)
+    v0: bool = False            # a V1 entry holding a V0 layer
 
 
 # Layer message layouts: (name field, type field, blobs field)
@@ -40,7 +41,7 @@ _V0_LAYER = (1, 2, 50)
 
 def _read_layer(reader, span, layout, v1_enum_names):
     name_f, type_f, blobs_f = layout
-    name, type_name, blobs = "", "", []
+    name, type_name, blobs, v0_layer = "", "", [], False
     for number, wire, value in reader.fields(*span):
         if number == name_f and wire == LEN:
             name = reader.string(value)
@@ -54,7 +55,8 @@ def _read_layer(reader, span, layout, v1_enum_names):
         elif layout is _V1_LAYER and number == 1 and wire == LEN:
             v0 = _read_layer(reader, value, _V0_LAYER, v1_enum_names)
             name, type_name, blobs = name or v0.name, type_name or v0.type, blobs or v0.blobs
-    return LayerWeights(name, type_name, blobs)
+            v0_layer = True
+    return LayerWeights(name, type_name, blobs, v0_layer)
 
 
 def _v1_enum_names():
@@ -83,11 +85,21 @@ def read_caffemodel(path):
             v2_layers.append(_read_layer(reader, value, _V2_LAYER, enum_names))
         elif number == 2 and wire == LEN:
             v1_layers.append(_read_layer(reader, value, _V1_LAYER, enum_names))
+    if v1_layers:                       # ReadNetParamsFromBinaryFileOrDie upgrades
+        _log_upgrades(path, v1_layers)
     # Caffe's V1 upgrade replaces the whole layer list: V2 entries beside V1 ones are dropped.
     layers = v1_layers or v2_layers
     if not layers:
         raise CaffemodelError(f"{path}: no layers found; is this a .caffemodel file?")
     return layers
+
+
+def _log_upgrades(path, v1_layers):
+    from .upgrade import log_upgrade_done, log_upgrade_start
+    kinds = (["V0"] if any(layer.v0 for layer in v1_layers) else []) + ["V1"]
+    for kind in kinds:
+        log_upgrade_start(kind, path)
+        log_upgrade_done(kind)
 
 
 _LAYER_BLOBS_FIELD = 7

@@ -154,7 +154,7 @@ def read_net(path, defines=None):
 
 def read_solver(path, defines=None):
     solver = parse_text(read_text(path, defines), caffe_pb2.SolverParameter(), path)
-    return upgrade_solver(solver)
+    return upgrade_solver(solver, path)
 
 
 def net_to_text(net):

@@ -388,39 +388,80 @@ def upgraded_state(net):
     return net.state
 
 
+# UpgradeNetAsNeeded's log: (what is deprecated, what "Successfully upgraded" names, the
+# warning after it)
+_UPGRADE_LOG = {
+    "V0": ("V0LayerParameter", "V0LayerParameter",
+           "Note that future Caffe releases will not support V0NetParameter; use "
+           "./build/tools/upgrade_net_proto_text for prototxt and "
+           "./build/tools/upgrade_net_proto_binary for model weights upgrade this and any "
+           "other net protos to the new format."),
+    "data": ("transformation parameters", "data transformation parameters.",
+             "Note that future Caffe releases will only support transform_param messages "
+             "for transformation fields."),
+    "V1": ("V1LayerParameter", "V1LayerParameter", None),
+}
+
+
+def log_upgrade_start(kind, where):
+    logger.info("Attempting to upgrade input file specified using deprecated %s: %s",
+                _UPGRADE_LOG[kind][0], where)
+
+
+def log_upgrade_done(kind):
+    _, done, note = _UPGRADE_LOG[kind]
+    logger.info("Successfully upgraded file specified using deprecated %s", done)
+    if note:
+        logger.warning("%s", note)
+
+
 def upgrade_net(net, where="<net>"):
     """Return ``(upgraded NetParameter, names of layers with strict_dim: false)``."""
     net = _copy(net)
     relaxed = set()
     if len(net.layers):
+        if any(entry.HasField("layer") for entry in net.layers):
+            log_upgrade_start("V0", where)
+            net = _upgrade_v0_net(net, where)
+            log_upgrade_done("V0")
+        if _needs_data_upgrade(net.layers):
+            log_upgrade_start("data", where)
+            _upgrade_data_transformation(net.layers)
+            log_upgrade_done("data")
+        log_upgrade_start("V1", where)
         if len(net.layer):
             # UpgradeV1Net logs an error and goes on with the V1 layers only.
             logger.warning("%s: the net has V1 'layers' and V2 'layer' entries; the %d V2 "
                            "'layer' entries are ignored, as Caffe's upgrade does",
                            where, len(net.layer))
             net.ClearField("layer")
-        if any(entry.HasField("layer") for entry in net.layers):
-            net = _upgrade_v0_net(net, where)
-        _upgrade_data_transformation(net.layers)
         deeplab_v1 = any(_is_deeplab_v1_layer(v1) for v1 in net.layers)
         for v1 in net.layers:
             if v1.HasField("strict_dim") and not v1.strict_dim:
                 relaxed.add(v1.name)
             net.layer.append(_upgrade_v1_layer(v1, where, deeplab_v1))
         net.ClearField("layers")
+        log_upgrade_done("V1")
     for layer in net.layer:
         _upgrade_hole(layer, where)
     return net, relaxed
 
 
-def upgrade_solver(solver):
+def upgrade_solver(solver, where="<solver>"):
+    """Caffe's UpgradeSolverAsNeeded: the solver_type enum becomes the type string."""
     solver = _copy(solver)
     if solver.HasField("solver_type"):
+        logger.info("Attempting to upgrade input file specified using deprecated "
+                    "'solver_type' field (enum)': %s", where)
         if solver.HasField("type"):
             raise UpgradeError("solver sets both the deprecated solver_type and type")
         names = {0: "SGD", 1: "Nesterov", 2: "AdaGrad", 3: "RMSProp", 4: "AdaDelta", 5: "Adam"}
         solver.type = names[solver.solver_type]
         solver.ClearField("solver_type")
+        logger.info("Successfully upgraded file specified using deprecated 'solver_type' "
+                    "field (enum) to 'type' field (string).")
+        logger.warning("Note that future Caffe releases will only support 'type' field "
+                       "(string) for a solver's type.")
     return solver
 
 
