@@ -8,6 +8,7 @@ Backward with net.cpp's ``debug_info`` lines; weights saved as Net::ToProto writ
 """
 import contextlib
 import logging
+import math
 import os
 from collections import OrderedDict
 from itertools import zip_longest
@@ -980,9 +981,9 @@ class Net:
         """Caffe's ``CopyTrainedLayersFromHDF5``: weights by layer name from ``data/``."""
         h5py = require_h5py()
         owners = self._owned_params()
-        by_name = {}
-        for i, name in enumerate(self._layer_names):
-            by_name.setdefault(name, i)
+        # Net::layer_names_index_: the last layer of a name (binary weights go to the
+        # first, by a search).
+        by_name = {name: i for i, name in enumerate(self._layer_names)}
         with h5py.File(path, "r") as f:
             if "data" not in f:
                 raise NetError(f"{path}: not a Caffe HDF5 weights file (no 'data' group)")
@@ -993,19 +994,22 @@ class Net:
                     continue
                 layer = self.layers[i]
                 if len(group) > len(layer.blobs):
-                    raise NetError(f"{path}: incompatible number of blobs for layer '{name}': "
-                                   f"{len(group)} in the file, {len(layer.blobs)} in the net")
+                    raise NetError(f"{path}: Incompatible number of blobs for layer {name} "
+                                   f"({len(group)} in the file, {len(layer.blobs)} in the "
+                                   f"net)")
                 for j, blob in enumerate(layer.blobs):
                     if str(j) not in group:
                         if id(blob) not in owners:
                             continue        # a shared copy: its owner carries the data
                         raise NetError(f"{path}: layer '{name}' has no blob {j} in the file")
                     values = group[str(j)][()]
-                    if tuple(values.shape) != blob.shape:
+                    if values.size != blob.count:
                         raise NetError(f"{path}: layer '{name}' blob {j}: shape "
                                        f"{tuple(values.shape)} in the file, {blob.shape} in "
                                        f"the net")
-                    blob.data[...] = values
+                    # The fork's hdf5_load_nd_dataset reshapes the blob to the file's
+                    # shape unchecked; the layers read it by count, as here.
+                    blob.data[...] = values.reshape(blob.shape)
 
     # ------------------------------------------------------------------ weights
     def copy_from(self, path):
@@ -1034,15 +1038,20 @@ class Net:
 
     def _copy_layer(self, path, layer, src):
         if len(layer.blobs) != len(src.blobs):
-            raise NetError(f"{path}: layer '{src.name}' has {len(src.blobs)} blob(s) in the "
-                           f"file but {len(layer.blobs)} in the net")
+            raise NetError(f"{path}: Incompatible number of blobs for layer {src.name} "
+                           f"({len(src.blobs)} in the file, {len(layer.blobs)} in the net)")
         relaxed = layer.name in self.relaxed_shape_layers
         for j, (target, blob) in enumerate(zip(layer.blobs, src.blobs)):
+            if blob.problem is not None:    # Blob::FromProto's count CHECK
+                raise blob.problem
             if not _shapes_match(target.shape, blob) and not (
                     relaxed and target.count == blob.data.size):
                 raise NetError(
-                    f"{path}: layer '{src.name}' blob {j}: shape {tuple(blob.shape)} in the "
-                    f"file, {target.shape} in the net (rename the layer to skip copying it)")
+                    f"{path}: Cannot copy param {j} weights from layer '{src.name}'; shape "
+                    f"mismatch.  Source param shape is {_shape_string(blob.shape)}; target "
+                    f"param shape is {_shape_string(target.shape)}. To learn this layer's "
+                    f"parameters from scratch rather than copying from a saved net, rename "
+                    f"the layer.")
             target.data[...] = blob.data.reshape(target.shape)
             if blob.diff is not None:        # Blob::FromProto copies a stored diff too
                 target.diff[...] = blob.diff.reshape(target.shape)
@@ -1123,6 +1132,11 @@ def _abs_mean(array):
 
 def _debug(text):
     logger.info("    %s", text)
+
+
+def _shape_string(shape):
+    """Blob::shape_string: the dims and the count, "3 2 1 1 (6)"."""
+    return " ".join(str(d) for d in shape) + f" ({math.prod(shape)})"
 
 
 def _shapes_match(target_shape, blob):

@@ -110,3 +110,26 @@ def test_write_is_atomic_and_needs_existing_dir(tmp_path):
     path = tmp_path / "m.caffemodel"
     write_caffemodel(str(path), [("a", "ReLU", [])])
     assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]
+
+
+def test_a_bad_blob_fails_only_when_its_layer_is_copied(tmp_path):
+    """Caffe parses the whole file, then checks the value count of a blob in
+    Blob::FromProto, i.e. only for layers of the net being loaded."""
+    import caffelite as caffe
+    model = caffe_pb2.NetParameter()
+    good = model.layer.add(name="ip", type="InnerProduct")
+    good.blobs.add(shape=caffe_pb2.BlobShape(dim=[2, 3]), data=list(range(6)))
+    bad = model.layer.add(name="other", type="InnerProduct")
+    bad.blobs.add(shape=caffe_pb2.BlobShape(dim=[2, 2]), data=[1, 2, 3])
+    weights = tmp_path / "w.caffemodel"
+    weights.write_bytes(model.SerializeToString())
+    net_text = """input: 'x' input_shape { dim: 1 dim: 3 }
+        layer { name: '%s' type: 'InnerProduct' bottom: 'x' top: 'y'
+                inner_product_param { num_output: 2 bias_term: false } }"""
+    prototxt = tmp_path / "net.prototxt"
+    prototxt.write_text(net_text % "ip")
+    net = caffe.Net(str(prototxt), str(weights), caffe.TEST)
+    np.testing.assert_array_equal(net.params["ip"][0].data, np.arange(6).reshape(2, 3))
+    prototxt.write_text((net_text % "other").replace("dim: 3", "dim: 2"))
+    with pytest.raises(CaffemodelError, match="holds 3 values instead of 4"):
+        caffe.Net(str(prototxt), str(weights), caffe.TEST)

@@ -253,6 +253,34 @@ def test_hdf5_skips_shared_copies(tmp_path):
     np.testing.assert_array_equal(other.params["b"][0].data, net.params["a"][0].data)
 
 
+def test_hdf5_weights_go_to_the_last_layer_of_a_name_and_by_count(tmp_path):
+    """CopyTrainedLayersFromHDF5 finds a layer through layer_names_index_ (the last of
+    a name) and reshapes the blob to the file's shape without a check: the layers read
+    the values by count. Another count is an error."""
+    h5py = pytest.importorskip("h5py")
+    path = tmp_path / "dup.prototxt"
+    path.write_text("""input: 'x' input_shape { dim: 1 dim: 2 }
+      layer { name: 'ip' type: 'InnerProduct' bottom: 'x' top: 'a'
+        inner_product_param { num_output: 3 bias_term: false } }
+      layer { name: 'ip' type: 'InnerProduct' bottom: 'x' top: 'b'
+        inner_product_param { num_output: 3 bias_term: false } }""")
+    weights = str(tmp_path / "w.h5")
+    values = np.arange(6, dtype=np.float32) + 1
+    with h5py.File(weights, "w") as f:
+        f["data/ip/0"] = values.reshape(3, 2, 1, 1)
+    net = caffe.Net(str(path), caffe.TEST)
+    net.copy_from(weights)
+    first, last = (net.layers[i] for i, n in enumerate(net._layer_names) if n == "ip")
+    assert np.all(first.blobs[0].data == 0)
+    np.testing.assert_array_equal(last.blobs[0].data, values.reshape(3, 2))
+    net.blobs["x"].data[...] = [[1, 10]]
+    np.testing.assert_array_equal(net.forward()["b"], [[21, 43, 65]])
+    with h5py.File(weights, "w") as f:
+        f["data/ip/0"] = values[:4]
+    with pytest.raises(caffe.net.NetError, match="shape \\(4,\\) in the file"):
+        net.copy_from(weights)
+
+
 def test_solver_surface(net_file, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     solver_file = tmp_path / "solver.prototxt"

@@ -51,7 +51,7 @@ def _read_layer(reader, span, layout, v1_enum_names):
             elif wire == VARINT:
                 type_name = v1_enum_names.get(value, str(value))
         elif number == blobs_f and wire == LEN:
-            blobs.append(read_blob(reader, *value))
+            blobs.append(read_blob(reader, *value, lazy=True))
         elif layout is _V1_LAYER and number == 1 and wire == LEN:
             v0 = _read_layer(reader, value, _V0_LAYER, v1_enum_names)
             name, type_name, blobs = name or v0.name, type_name or v0.type, blobs or v0.blobs

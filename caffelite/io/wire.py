@@ -19,6 +19,7 @@ class BlobData:
     data: np.ndarray
     diff: np.ndarray = None
     legacy_shape: bool = False   # shape came from num/channels/height/width
+    problem: Exception = None    # values that do not fit the shape (read with lazy=True)
 
 
 class WireReader:
@@ -84,9 +85,11 @@ def signed(value, bits=64):
     return value - (1 << bits) if value >= 1 << (bits - 1) else value
 
 
-def read_blob(reader, start, end):
+def read_blob(reader, start, end, lazy=False):
     """One BlobProto: shape (legacy 4-D dims win, as in Caffe), data and diff as float32
-    (``double_data``/``double_diff`` when present)."""
+    (``double_data``/``double_diff`` when present).  Values that do not fit the shape
+    are an error; with ``lazy`` the error is kept in ``problem`` instead, for Caffe
+    checks them only in Blob::FromProto, when the blob is copied."""
     legacy, dims = {}, []
     chunks = {5: [], 6: [], 8: [], 9: []}
     for number, wire, value in reader.fields(start, end):
@@ -113,12 +116,18 @@ def read_blob(reader, start, end):
                               f"instead of {count}")
         return values.astype(np.float32).reshape(shape)
 
-    data = join(5, 8)
-    if data is None:
-        if count:
-            raise reader.fail(f"a blob of shape {shape} holds no values")
-        data = np.zeros(shape, np.float32)
-    return BlobData(shape, data, join(6, 9), bool(legacy))
+    try:
+        data = join(5, 8)
+        if data is None:
+            if count:
+                raise reader.fail(f"a blob of shape {shape} holds no values")
+            data = np.zeros(shape, np.float32)
+        diff = join(6, 9)
+    except Exception as e:          # reader.fail's error, of the file kind's class
+        if not lazy:
+            raise
+        return BlobData(shape, None, None, bool(legacy), problem=e)
+    return BlobData(shape, data, diff, bool(legacy))
 
 
 # ----------------------------------------------------------------------------- writing
