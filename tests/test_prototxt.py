@@ -117,6 +117,7 @@ def test_malformed_prototxt_names_file_line_column(tmp_path):
     (r"name: 'x\x41y\101' # \q in a comment", "xAyA"),
     (r'name: "tab\tq"', "tab\tq"),
     ('name: "a#b" # "\\q"', "a#b"),
+    (r'name: "\u0041b\u00e9\U0001F600"', "Ab\u00e9\U0001F600"),   # protobuf >= 2.5
 ])
 def test_string_escapes_as_protobufs_cpp_tokenizer_reads_them(text, name):
     assert prototxt.parse_text(text, caffe_pb2.NetParameter()).name == name
@@ -126,6 +127,10 @@ def test_string_escapes_as_protobufs_cpp_tokenizer_reads_them(text, name):
     (r'name: "C:\data\train"', "1:11", "Invalid escape sequence in string literal."),
     ('\n' r"name: 'x\q'", "2:10", "Invalid escape sequence in string literal."),
     (r'name: "bad\xg"', "1:13", "Expected hex digits for escape sequence."),
+    (r'name: "C:\users"', "1:12", r"Expected four hex digits for \u escape sequence."),
+    (r'name: "\u00g1"', "1:12", r"Expected four hex digits for \u escape sequence."),
+    (r'name: "\U00200000"', "1:12",
+     r"Expected eight hex digits up to 10ffff for \U escape sequence"),
 ])
 def test_invalid_string_escapes_are_errors_as_in_caffe(text, where, message):
     """A Windows path with single backslashes parses in Python (as a tab, or kept) but

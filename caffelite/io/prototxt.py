@@ -76,7 +76,7 @@ _SIMPLE_ESCAPES = set("abfnrtv\\?'\"01234567")
 
 def _check_escapes(text, path):
     """protobuf's C++ tokenizer (Caffe's) refuses an escape other than \\a \\b \\f \\n
-    \\r \\t \\v \\\\ \\? \\' \\" (and octal / \\x hex ones) in a string; Python's parser
+    \\r \\t \\v \\\\ \\? \\' \\" (and octal, \\x hex, \\u and \\U ones) in a string; Python's parser
     keeps such text as it is. Returns ``text`` with \\? as ?, which Python's parser
     does not know either."""
     def string(match):
@@ -92,6 +92,9 @@ def _check_escapes(text, path):
             hex_digit = token[esc.end():esc.end() + 1]
             if hex_escape and hex_digit and hex_digit in "0123456789abcdefABCDEF":
                 return esc.group(0)
+            if char and char in "uU":
+                return _unicode_escape(char, match.start() + esc.end(), text, path,
+                                       esc.group(0))
             # Where the C++ tokenizer stands: after the backslash (and the x).
             pos = match.start() + esc.start() + 1 + hex_escape
             line = text.count("\n", 0, pos) + 1
@@ -101,6 +104,25 @@ def _check_escapes(text, path):
             raise PrototxtError(f"{path}:{line}:{col}: {why}")
         return _ESCAPE.sub(escape, token)
     return _COMMENT_OR_STRING.sub(string, text)
+
+
+_HEX = "0123456789abcdefABCDEF"
+# The characters protobuf's tokenizer takes one by one after \u and \U.
+_UNICODE_DIGITS = {"u": [_HEX] * 4, "U": ["0", "0", "01"] + [_HEX] * 5}
+
+
+def _unicode_escape(char, pos, text, path, escape):
+    """protobuf's tokenizer takes \\u with four hex digits and \\U with eight up to
+    10ffff (Python's parser decodes both)."""
+    for allowed in _UNICODE_DIGITS[char]:
+        if pos >= len(text) or text[pos] not in allowed:
+            line = text.count("\n", 0, pos) + 1
+            col = pos - text.rfind("\n", 0, pos)
+            why = ("Expected four hex digits for \\u escape sequence." if char == "u" else
+                   "Expected eight hex digits up to 10ffff for \\U escape sequence")
+            raise PrototxtError(f"{path}:{line}:{col}: {why}")
+        pos += 1
+    return escape
 
 
 def parse_text(text, message, path="<string>"):
