@@ -22,7 +22,7 @@ import time
 
 import numpy as np
 
-from .log import log_fatal_to_files, logger, setup_logging
+from .log import log_fatal_to_files, logger, ostream_g, setup_logging
 from .net import NetOutOfMemory, memory_kind
 
 
@@ -88,15 +88,24 @@ def _select_device(args, solver_device=None):
     if graphs is not None:
         cuda_graphs.set_enabled(graphs)
     name = _device_name(device)
+    if args.gpu == "all" and _device_count() > 1:
+        logger.warning("--gpu all: caffelite trains on one GPU; using GPU %d", device)
     if args.command == "train":
         logger.info("Using GPUs %d", device)
         logger.info("GPU %d: %s", device, name)
     else:
         logger.info("Use GPU with device ID %d", device)
-        logger.info("GPU device name: %s", name)
+        if args.command == "test":          # time() does not log the name
+            logger.info("GPU device name: %s", name)
     if tf32 or cuda_graphs.enabled():
         logger.info("caffelite: %s", ", ".join(
             ["TF32 GEMMs"] * tf32 + ["CUDA graphs"] * cuda_graphs.enabled()))
+
+
+def _device_count():
+    from . import backend
+    xp = backend.device_module()
+    return xp.cuda.runtime.getDeviceCount() if xp.__name__ == "cupy" else 1
 
 
 def _device_name(device):
@@ -140,9 +149,10 @@ def solver_device(solver_path, defines):
 
 def _format_output(name, value, weight):
     """Caffe's "name = mean (* weight = weight * mean loss)", the product in float."""
-    text = f"{name} = {value:g}"
+    text = f"{name} = {ostream_g(value)}"
     if weight:
-        text += f" (* {weight:g} = {np.float32(weight) * np.float32(value):g} loss)"
+        text += (f" (* {ostream_g(weight)} = "
+                 f"{ostream_g(np.float32(weight) * np.float32(value))} loss)")
     return text
 
 
@@ -197,11 +207,12 @@ def score(net, iterations):
                 sums[key] = [f32(0), weight]
                 order.append(key)
             sums[key][0] = f32(sums[key][0] + f32(value))
-            logger.info("Batch %d, %s = %g", i, name, value)
+            logger.info("Batch %d, %s = %s", i, name, ostream_g(value))
         progress.update(i + 1)
     progress.close()
     n = f32(iterations)
-    logger.info("Loss: %g", total_loss / n)
+    with np.errstate(invalid="ignore"):
+        logger.info("Loss: %s", ostream_g(total_loss / n))
     for key in order:
         total, weight = sums[key]
         logger.info("%s", _format_output(key[1], total / n, weight))
@@ -212,7 +223,7 @@ def cmd_train(args):
     if args.weights and args.snapshot:
         raise CliError("give either --weights or --snapshot, not both")
     defines = _defines(args.define)
-    _select_device(args, None if parse_gpu(args.gpu) is not None else
+    _select_device(args, None if args.gpu else
                    solver_device(args.solver, defines))
     # caffe.cpp's SignalHandler exists before the solver: a signal while the nets are
     # built is acted on at the first check.
@@ -419,6 +430,34 @@ def common_arguments(sp):
                     help="on the GPU, record each pass into CUDA graphs once and launch "
                          "them whole (same numbers, less per-layer cost; default: on, "
                          "or CAFFELITE_CUDA_GRAPHS)")
+    glog = sp.add_argument_group("glog's flags (as GLOG_* in the environment)")
+    glog.add_argument("--log_dir", help="write glog's log files into this folder")
+    glog.add_argument("--minloglevel", help="0 INFO .. 3 FATAL: log nothing below it")
+    for flag in _GLOG_BOOL_FLAGS:
+        glog.add_argument(f"--{flag}", nargs="?", const="true",
+                          help="log to stderr only" if flag == "logtostderr"
+                          else argparse.SUPPRESS)
+    for flag in _GLOG_IGNORED_FLAGS:
+        glog.add_argument(f"--{flag}", help=argparse.SUPPRESS)
+    glog.add_argument("-v", "--v", help=argparse.SUPPRESS)
+
+
+# glog's flags that caffe.bin takes through gflags; those without a meaning here are
+# accepted and ignored.
+_GLOG_BOOL_FLAGS = ("logtostderr", "alsologtostderr", "colorlogtostderr",
+                    "stop_logging_if_full_disk")
+_GLOG_IGNORED_FLAGS = ("stderrthreshold", "vmodule", "logbuflevel", "logbufsecs",
+                       "max_log_size", "log_link")
+
+
+def glog_environment(args, environ=os.environ):
+    """The GLOG_* environment with the command line's glog flags in it (flags win)."""
+    env = dict(environ)
+    for flag in ("log_dir", "minloglevel", "logtostderr"):
+        value = getattr(args, flag, None)
+        if value is not None:
+            env[f"GLOG_{flag}"] = value
+    return env
 
 
 def parse_defines(pairs):
@@ -542,18 +581,34 @@ _GFLAG = re.compile(r"-[A-Za-z][A-Za-z0-9_]+(=.*)?")
 def gflags_style(argv):
     """``argv`` with gflags' single-dash long flags (``caffe train -solver s.prototxt
     -gpu 0``) written with two dashes for argparse, for the Caffe verbs; ``-D...``
-    defines stay as they are."""
+    defines stay as they are. Flags before the verb (``caffe -gpu 0 train ...``, which
+    gflags allows) move after it."""
+    argv = _verb_first(argv)
     if not argv or argv[0] not in _CAFFE_VERBS:
         return argv
     return [argv[0]] + ["-" + a if _GFLAG.fullmatch(a) and not a.startswith("-D") else a
                         for a in argv[1:]]
 
 
+def _verb_first(argv):
+    """gflags takes flags on either side of the verb: bring a verb that follows flags
+    to the front (a flag without ``=`` takes the next word, except glog's booleans and
+    ``-DNAME=VALUE``)."""
+    i = 0
+    while i < len(argv) and argv[i].startswith("-") and argv[i] not in ("-h", "--help"):
+        name = argv[i].lstrip("-")
+        joined = "=" in name or name in _GLOG_BOOL_FLAGS or (name[:1] == "D" and name != "D")
+        i += 1 if joined else 2
+    if 0 < i < len(argv) and argv[i] in _CAFFE_VERBS:
+        return [argv[i]] + argv[:i] + argv[i + 1:]
+    return argv
+
+
 def main(argv=None):
     argv = gflags_style(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
     try:
-        _open_log(args.log)
+        _open_log(args)
         return args.func(args)
     except (CliError, ValueError, OSError, RuntimeError, MemoryError) as e:
         # Our errors already name the file/layer/blob; a traceback would only hide that.
@@ -564,12 +619,14 @@ def main(argv=None):
         return 1
 
 
-def _open_log(path):
+def _open_log(args):
+    environ = glog_environment(args)
     try:
-        setup_logging(log_file=path)
+        setup_logging(log_file=args.log, environ=environ)
     except OSError as e:
-        setup_logging()
-        raise CliError(f"--log: cannot write the log file '{path}': {e.strerror}") from None
+        setup_logging(environ=environ)
+        raise CliError(f"--log: cannot write the log file '{args.log}': "
+                       f"{e.strerror}") from None
 
 
 def _one_line(error):

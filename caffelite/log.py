@@ -9,6 +9,7 @@ The command line also honours glog's environment as Caffe's tools see it:
 """
 import getpass
 import logging
+import math
 import os
 import re
 import socket
@@ -30,6 +31,15 @@ class GlogFormatter(logging.Formatter):
                   f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d}.{micros:06d} "
                   f"{os.getpid():5d} {record.filename}:{record.lineno}] ")
         return prefix + record.getMessage()
+
+
+def ostream_g(value):
+    """A number as C++'s ostream prints it (precision 6, %g), a NaN with its sign as
+    glibc does: "-nan" for the NaN that x86 arithmetic makes (0/0, inf - inf)."""
+    value = float(value)
+    if math.isnan(value):
+        return "-nan" if math.copysign(1.0, value) < 0 else "nan"
+    return "%g" % value
 
 
 logger = logging.getLogger("caffelite")

@@ -22,7 +22,7 @@ from .io import caffemodel, prototxt
 from .io.caffemodel import write_file_atomically
 from .io.solverstate import require_h5py
 from .layer import LayerError, create_layer
-from .log import logger
+from .log import logger, ostream_g
 from .proto import caffe_pb2
 
 
@@ -47,6 +47,19 @@ def _weighted_loss(terms, dtype):
 
 class NetError(ValueError):
     pass
+
+
+class NetFileError(NetError, RuntimeError):
+    """A file Net() cannot open: pycaffe's CheckFile raises RuntimeError for it, before
+    the net is built."""
+
+
+def _check_file(path):
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        raise NetFileError(f"Could not open file {os.fspath(path)} ({e.strerror})") from None
 
 
 class NetOutOfMemory(MemoryError):
@@ -265,6 +278,8 @@ class Net:
         if param is None:
             if network_file is None:
                 raise TypeError("Net() needs a prototxt path or param=NetParameter")
+            for path in [network_file] + ([weights] if weights else []):
+                _check_file(path)
             param, self.relaxed_shape_layers = prototxt.read_net(network_file, defines)
         else:
             param, self.relaxed_shape_layers = prototxt.upgrade_net(param, self.source)
@@ -365,11 +380,11 @@ class Net:
     def _append_layer(self, lp, available, blob_need_backward):
         if not lp.HasField("phase"):         # a layer's own phase wins over the net's
             lp.phase = self.phase
-        logger.info("Creating Layer %s", lp.name)
         try:
             layer = create_layer(lp, lp.phase, self.dtype)
         except LayerError as e:
             raise NetError(f"{self.source}: {e}") from None
+        logger.info("Creating Layer %s", lp.name)
         bottoms, need_backward, bottom_nb = [], False, []
         if len(lp.propagate_down) not in (0, len(lp.bottom)):
             raise NetError(f"{self.source}: layer '{lp.name}': propagate_down needs one "
@@ -388,7 +403,6 @@ class Net:
                 nb = nb and lp.propagate_down[j]
             bottom_nb.append(nb)
         tops = self._make_tops(lp, layer, available)
-        logger.info("Setting up %s", lp.name)
         try:
             layer.check_blob_counts(bottoms, tops)
             layer.setup(bottoms, tops)
@@ -396,6 +410,7 @@ class Net:
             layer.reshape(bottoms, tops)
         except LayerError as e:
             raise NetError(f"{self.source}: {e}") from None
+        logger.info("Setting up %s", lp.name)      # after Layer::SetUp, as Net::Init
         need_backward |= any(layer.param_propagate_down)
         for name in lp.top:
             blob_need_backward[name] = need_backward
@@ -1127,7 +1142,7 @@ def _abs_mean(array):
     with np.errstate(divide="ignore", invalid="ignore"):
         mean = np.float32(float(xp.sum(xp.abs(array), dtype=xp.float32))) / \
             np.float32(array.size)
-    return "%g" % mean
+    return ostream_g(mean)
 
 
 def _debug(text):

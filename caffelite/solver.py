@@ -41,7 +41,7 @@ from .backend import TEST, TRAIN, get_array_module
 from .io import prototxt, solverstate
 from .io.caffemodel import write_atomically
 from .io.upgrade import upgrade_solver, upgraded_state
-from .log import logger
+from .log import logger, ostream_g
 from .net import Net
 from .proto import caffe_pb2
 
@@ -109,9 +109,7 @@ def _host(array):
     return backend.to_host(array)
 
 
-def _fmt(value):
-    """A float as C++'s ostream prints it (precision 6, %g)."""
-    return "%g" % float(value)
+_fmt = ostream_g          # a float as C++'s ostream prints it
 
 
 class Solver:

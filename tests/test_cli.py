@@ -387,3 +387,45 @@ def test_glog_environment_minloglevel_logtostderr_and_the_fatal_line(tmp_path):
     fatal = glog_files(logs, "FATAL")
     assert len(fatal) == 1 and fatal[0].startswith("F") and "cannot read" in fatal[0]
     assert glog_files(logs, "INFO")[-1] == fatal[0]
+
+
+def test_glog_flags_on_either_side_of_the_verb(tmp_path):
+    """caffe.bin takes glog's flags through gflags, before or after the verb; they win
+    over the environment."""
+    net = tmp_path / "net.prototxt"
+    net.write_text(NET)
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    out = run("-minloglevel", "1", "test", "-model", str(net), "-iterations", "1",
+              "-DNAME=n", f"-log_dir={logs}", "-v=2", "-stderrthreshold", "0")
+    assert out.returncode == 0, out.stderr
+    assert not any(GLOG.match(l) and l.startswith("I") for l in out.stderr.splitlines())
+    info = glog_files(logs, "INFO")                     # test without weights warns
+    assert info and all(l.startswith("W") for l in info if GLOG.match(l))
+    assert glog_files(logs, "WARNING") == info
+    quiet = run("test", "-logtostderr", "-model", str(net), "-iterations", "1", "-DNAME=n",
+                f"-log_dir={tmp_path / 'missing'}")
+    assert quiet.returncode == 0 and "Batch 0" in quiet.stderr
+    assert "COULD NOT CREATE" not in quiet.stderr        # no files were tried
+    failing = run("test", "-model", str(net), "-iterations", "1", "-DNAME=n",
+                  f"-log_dir={tmp_path / 'missing'}")
+    assert failing.returncode == 0 and "COULD NOT CREATE" in failing.stderr
+
+
+def test_nan_prints_as_glibcs_ostream(tmp_path):
+    """x86's NaN from an invalid operation has the sign bit set and glibc's ostream
+    prints it "-nan" (Caffe's `loss = -nan` lines)."""
+    from caffelite.log import ostream_g
+    with np.errstate(invalid="ignore"):
+        quiet_nan = np.float32(np.inf) - np.float32(np.inf)
+    assert np.signbit(quiet_nan) and ostream_g(quiet_nan) == "-nan"
+    assert ostream_g(np.float32(np.nan)) == "nan" and ostream_g(-np.inf) == "-inf"
+    assert ostream_g(np.float32(0.1)) == "0.1" and ostream_g(1e-5) == "1e-05"
+    net = tmp_path / "net.prototxt"
+    net.write_text('layer { name: "d" type: "DummyData" top: "d" dummy_data_param { '
+                   'shape { dim: 1 } data_filler { type: "constant" value: -1 } } }\n'
+                   'layer { name: "w" type: "Power" bottom: "d" top: "w" '
+                   'power_param { power: 0.5 } }')
+    out = run("test", "-model", str(net), "-iterations", "2")
+    assert out.returncode == 0, out.stderr
+    assert "Batch 1, w = -nan" in out.stderr and "] w = -nan" in out.stderr
