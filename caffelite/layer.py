@@ -175,6 +175,14 @@ class LossLayer(Layer):
         return bottom_index != 1
 
     def reshape(self, bottom, top):
+        # The fork's LossLayer::Reshape compares num() of the two bottoms: Caffe's
+        # legacy accessors, which fail on blobs of more than 4 axes.
+        for i in (0, 1):
+            if bottom[i].num_axes > 4:
+                raise self.error(
+                    f"bottom {i} has {bottom[i].num_axes} axes, shape {bottom[i].shape}; "
+                    f"the fork's loss layers compare the bottoms' num with Caffe's legacy "
+                    f"accessors, which allow at most 4 axes")
         if bottom[0].shape[0] != bottom[1].shape[0]:
             raise self.error(
                 f"bottoms must have the same num: {bottom[0].shape} vs {bottom[1].shape}")

@@ -495,3 +495,29 @@ def test_default_fillers_are_constant_zero_and_blob_order_is_weight_then_bias():
     layer = conv_layer("Deconvolution", "num_output: 4 kernel_size: 3 group: 2 bias_term: false")
     setup_layer(layer, [np.ones((1, 6, 5, 5))])
     assert [b.shape for b in layer.blobs] == [(6, 2, 3, 3)]
+
+
+def test_dilated_deconvolution_ignores_engine_cudnn():
+    # The fork's layer factory refuses CUDNN with dilation for Convolution only;
+    # Deconvolution is registered without engines, so engine: CUDNN changes nothing.
+    geometry = "num_output: 3 kernel_size: 3 pad: 1 stride: 2 dilation: 2"
+    rng = np.random.default_rng(41)
+    x = rng.standard_normal((2, 2, 5, 4))
+    dy = None
+    results = []
+    for engine in ("CAFFE", "CUDNN"):
+        layer = conv_layer("Deconvolution", f"{geometry} engine: {engine}")
+        bottom, top = setup_layer(layer, [x])
+        randomize(layer, np.random.default_rng(42))
+        y = run_forward(layer, bottom, top)[0]
+        if dy is None:
+            dy = rng.standard_normal(y.shape)
+        top[0].diff[...] = dy
+        for blob in layer.blobs:
+            blob.diff[...] = 0
+        layer.backward(top, [True], bottom)
+        results.append([y, bottom[0].diff.copy()] + [b.diff.copy() for b in layer.blobs])
+    for caffe, cudnn in zip(*results):
+        np.testing.assert_array_equal(cudnn, caffe)
+    with pytest.raises(LayerError, match="CUDNN"):
+        setup_layer(conv_layer("Convolution", f"{geometry} engine: CUDNN"), [x])

@@ -131,6 +131,15 @@ def integers(lo, hi, *shape):
     return lambda rng: rng.integers(lo, hi, shape).astype(np.float64)
 
 
+def with_specials(maker):
+    """``maker``'s values with -inf, inf, NaN, -0 and 0 first."""
+    def make(rng):
+        x = maker(rng)
+        x.flat[:5] = [-np.inf, np.inf, np.nan, -0.0, 0.0]
+        return x
+    return make
+
+
 def several(*makers):
     return lambda rng: [m(rng) for m in makers]
 
@@ -489,9 +498,18 @@ def neuron_cases():
         Case("ReLU", 'type: "ReLU"', several(x)),
         Case("ReLU_leaky_in_place", 'type: "ReLU" relu_param { negative_slope: 0.1 }',
              several(x), in_place=True),
-        Case("PReLU", 'type: "PReLU"', several(x), cuda_bwd=Bound(128, "scale")),
+        # -inf: NaN on both (the fork's 0 * -inf on the CPU, -inf * 0 on the GPU); a
+        # negative x: +0 on the CPU, -0 on the GPU (equal); NaN x: dy * 0 backward.
+        Case("ReLU_specials", 'type: "ReLU"', several(with_specials(x))),
+        Case("ReLU_leaky_specials_in_place", 'type: "ReLU" relu_param { negative_slope: '
+             '0.1 }', several(with_specials(x)), in_place=True),
+        # The slope diff: the host adds term by term as the fork's CPU loop, the device
+        # sums (the fork's GPU code a dot product).
+        Case("PReLU", 'type: "PReLU"', several(x), bwd=Bound(128, "scale"),
+             cuda_bwd=Bound(128, "scale")),
         Case("PReLU_shared_in_place", 'type: "PReLU" prelu_param { channel_shared: true }',
-             several(x), in_place=True, cuda_bwd=Bound(128, "scale")),
+             several(x), in_place=True, bwd=Bound(128, "scale"),
+             cuda_bwd=Bound(128, "scale")),
         # exp(x) - 1 and 1 - y^2 cancel: their last-bit differences scale with the array.
         Case("ELU", 'type: "ELU" elu_param { alpha: 0.7 }', several(x),
              fwd=ulp_scale, bwd=ulp, cuda_fwd=ulp_scale, cuda_bwd=ulp),
@@ -500,6 +518,7 @@ def neuron_cases():
         Case("TanH_in_place", 'type: "TanH"', several(x), in_place=True,
              fwd=ulp, bwd=ulp_scale, cuda_fwd=ulp, cuda_bwd=ulp_scale),
         Case("AbsVal", 'type: "AbsVal"', several(x)),
+        Case("AbsVal_specials", 'type: "AbsVal"', several(with_specials(x))),
         Case("BNLL", 'type: "BNLL"', several(x), fwd=ulp, bwd=ulp,
              cuda_fwd=ulp, cuda_bwd=ulp),
         Case("Exp", 'type: "Exp" exp_param { base: 2 scale: 0.5 shift: 0.3 }', several(x),
@@ -730,6 +749,10 @@ def index_cases():
         Case("Embed_no_bias_float64", 'type: "Embed" embed_param { num_output: 2 '
              'input_dim: 5 bias_term: false }', several(integers(0, 5, 7)), dtype=F64,
              propagate=[False]),
+        # static_cast<int> truncates toward zero: -0.99 reads row 0, 3.99 row 3.
+        Case("Embed_fractional_indices", 'type: "Embed" embed_param { num_output: 3 '
+             'input_dim: 4 }', several(lambda rng: rng.uniform(-0.99, 3.99, (2, 5))),
+             propagate=[False], cuda_bwd=Bound(8, "abs")),
     ]
 
 
@@ -1147,6 +1170,19 @@ def test_dropout_device_arithmetic_matches_cpu_on_its_mask(device):
         assert set(np.unique(mask)) == {0, 1}
         np.testing.assert_array_equal(y, (x * mask) * layer.scale)
         np.testing.assert_array_equal(dx, (dy * mask) * layer.scale)
+
+
+def test_dropout_ratio_one_is_nan_on_the_device_as_on_the_cpu(device):
+    """Ratio 1: no unit kept (the device threshold is UINT_MAX, the CPU's bernoulli(0)
+    draws nothing) and scale 1 / 0 = inf, so output and gradient are NaN everywhere,
+    0 * inf, on both sides."""
+    x = np.random.default_rng(4).standard_normal((2, 3, 4, 5)).astype(np.float32)
+    x.flat[:3] = [0.0, np.inf, -np.inf]
+    for mode in ("cpu", device):
+        y, dx, layer = _dropout(mode, x, 1)
+        assert layer.threshold == np.iinfo(np.uint32).max
+        assert np.isnan(y).all() and np.isnan(dx).all()
+        assert not backend.to_host(layer.mask).any()
 
 
 # ------------------------------------------------------------------- workspace

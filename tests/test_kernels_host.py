@@ -838,9 +838,10 @@ def test_channel_stored_stats_match_batchnorm(kern, launch, scale, dtype):
 @pytest.mark.parametrize("relu", [None, 0.0, 0.1])
 @pytest.mark.parametrize("dtype", FLOATS)
 def test_fused_bn_scale_relu_matches_the_three_layers(kern, launch, bias, relu, dtype):
-    """channel.cu channel_bn_scale_relu(_backward): BatchNorm (stored statistics), Scale
-    and ReLU run one after the other by the numpy layers, bit for bit, forward and
-    backward (frozen Scale), with -0, NaN and values that ReLU cuts or keeps."""
+    """channel.cu channel_bn_scale_relu(_backward): BatchNorm (stored statistics) and
+    Scale run one after the other by the numpy layers, then the device ReLU (the fork's
+    GPU formula, relu_forward_oracle), bit for bit, forward and backward (frozen Scale,
+    the numpy ReLU backward), with -0, NaN and values that ReLU cuts or keeps."""
     rng = np.random.default_rng(23)
     shape, channels = (2, 5, 3, 4), 5
     x = rng.standard_normal(shape).astype(dtype)
@@ -853,9 +854,9 @@ def test_fused_bn_scale_relu_matches_the_three_layers(kern, launch, bias, relu, 
     scale, _, scale_top, _ = channel_layer(text, bn_top[0].data.copy(), params, dtype)
     expected = scale_top[0].data.copy()
     if relu is not None:
-        relu_layer, _, relu_top, _ = channel_layer(
+        relu_layer, _, _, _ = channel_layer(
             f'type: "ReLU" relu_param {{ negative_slope: {relu} }}', expected, [], dtype)
-        expected = relu_top[0].data.copy()
+        expected = relu_forward_oracle(expected, relu_layer.negative_slope)
     inner = 12
     # The proto's float field: a slope of 0.1 is float32's 0.1 for a double net too.
     slope = dtype(relu_layer.negative_slope if relu is not None else 0)
@@ -869,13 +870,10 @@ def test_fused_bn_scale_relu_matches_the_three_layers(kern, launch, bias, relu, 
     assert (np.signbit(y) == np.signbit(expected)).all()
 
     dy = rng.standard_normal(shape).astype(dtype)
+    dy.flat[np.flatnonzero(expected <= 0)[:2]] = np.inf     # NaN where ReLU cuts (slope 0)
     g = dy
     if relu is not None:
-        _, rb, rt, _ = channel_layer(f'type: "ReLU" relu_param {{ negative_slope: {relu} }}',
-                                     expected, [], dtype)
-        rt[0].diff[...] = dy
-        relu_layer.backward(rt, [True], rb)
-        g = rb[0].diff.copy()
+        g = relu_backward_oracle(expected, dy, slope)
     expected_dx = (g * scale.blobs[0].data.reshape(1, -1, 1, 1)).astype(dtype)
     expected_dx = (expected_dx / bn.std_vector.reshape(1, -1, 1, 1)).astype(dtype)
     dx = poisoned(shape, dtype)
@@ -952,6 +950,70 @@ def test_dropout_forward_draws_numpy_philox(kern, launch, dtype):
     kern.run("dropout", "philox_advance", dtype, 1, state, blocks, **launch)
     after = counter + blocks
     assert state.tolist() == [*key, after & (2**64 - 1), after >> 64]
+
+
+def relu_forward_oracle(x, slope):
+    """The fork's ReLUForward kernel: out = in > 0 ? in : in * negative_slope."""
+    t = x.dtype.type
+    with np.errstate(invalid="ignore"):
+        out = [v if v > 0 else v * t(slope) for v in x.reshape(-1)]
+    return np.array(out, x.dtype).reshape(x.shape)
+
+
+def relu_backward_oracle(x, dy, slope):
+    """The fork's ReLUBackward kernel:
+    out_diff = in_diff * ((in_data > 0) + (in_data <= 0) * negative_slope)."""
+    t = x.dtype.type
+    with np.errstate(invalid="ignore"):
+        out = [g * (t(v > 0) + t(v <= 0) * t(slope))
+               for v, g in zip(x.reshape(-1), dy.reshape(-1))]
+    return np.array(out, x.dtype).reshape(x.shape)
+
+
+def assert_same_bits(actual, expected):
+    nan = np.isnan(expected)
+    np.testing.assert_array_equal(np.isnan(actual), nan)
+    np.testing.assert_array_equal(actual[~nan], expected[~nan])
+    np.testing.assert_array_equal(np.signbit(actual[~nan]), np.signbit(expected[~nan]))
+
+
+@pytest.mark.parametrize("slope", [0.0, 0.1, -0.5])
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_relu_forward_is_the_forks_gpu_formula(kern, launch, slope, dtype):
+    """relu.cu relu_forward: in > 0 ? in : in * slope bit for bit (slope 0: a negative
+    x gives -0, -inf and NaN give NaN), out of place and in place."""
+    x = np.random.default_rng(24).standard_normal((3, 4, 5, 6)).astype(dtype)
+    x.flat[:8] = [0.0, -0.0, np.nan, np.inf, -np.inf, 1e-30, -1e-30, -2.0]
+    slope = float(dtype(np.float32(slope)))
+    expected = relu_forward_oracle(x, slope)
+    if slope == 0:
+        assert np.isnan(expected.flat[4]) and np.signbit(expected.flat[7])
+    y = poisoned(x.shape, dtype)
+    kern.run("relu", "relu_forward", dtype, x.size, x, slope, y, **launch)
+    assert_same_bits(y, expected)
+    in_place = x.copy()
+    kern.run("relu", "relu_forward", dtype, x.size, in_place, slope, in_place, **launch)
+    assert_same_bits(in_place, expected)
+
+
+@pytest.mark.parametrize("slope", [0.0, 0.1, -0.5])
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_relu_backward_is_the_forks_expression(kern, launch, slope, dtype):
+    """relu.cu relu_backward: dy * ((x > 0) + (x <= 0) * slope) bit for bit: an
+    infinite dy where the factor is 0 gives NaN, a NaN x gives dy * 0."""
+    rng = np.random.default_rng(25)
+    x = rng.standard_normal(200).astype(dtype)
+    dy = rng.standard_normal(200).astype(dtype)
+    x[:6] = [-1.0, np.nan, 0.0, -0.0, 2.0, -np.inf]
+    dy[:6] = [np.inf, 3.0, -np.inf, -4.0, np.nan, 1.0]
+    slope = float(dtype(np.float32(slope)))
+    expected = relu_backward_oracle(x, dy, slope)
+    assert np.isnan(expected[0]) == (slope == 0) and expected[1] == 0
+    dx = poisoned(x.shape, dtype)
+    kern.run("relu", "relu_backward", dtype, x.size, x, dy, slope, dx, **launch)
+    assert_same_bits(dx, expected)
+    kern.run("relu", "relu_backward", dtype, x.size, x, dy, slope, dy, **launch)
+    assert_same_bits(dy, expected)
 
 
 @pytest.mark.parametrize("slope", [0.0, 0.1])

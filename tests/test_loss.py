@@ -241,3 +241,34 @@ def test_accuracy_errors():
     _, layer, bottom, top = accuracy_layer("", 1, SCORES, np.zeros(4))
     with pytest.raises(ValueError, match="no backward"):
         layer.backward(top, [True, False], bottom)
+
+
+def test_accuracy_top_k_0_is_zero_as_in_the_fork():
+    # accuracy_layer.cpp sets no lower bound: with top_k 0 its loop over the k best
+    # never runs, so nothing counts as correct: 0 / count (NaN if every label is ignored).
+    labels = np.array([1.0, 0.0, 255.0, 2.0])
+    (acc, per_class), *_ = accuracy_layer("accuracy_param { top_k: 0 ignore_label: 255 }",
+                                          2, SCORES, labels)
+    assert float(acc) == 0.0
+    np.testing.assert_array_equal(per_class, [0.0, 0.0, 0.0])
+    (acc,), *_ = accuracy_layer("accuracy_param { top_k: 0 ignore_label: 255 }", 1, SCORES,
+                                np.full(4, 255.0))
+    assert np.isnan(acc)
+
+
+# ---------------------------------------------------------------- more than 4 axes
+@pytest.mark.parametrize("text,bottoms", [
+    ('type: "SigmoidCrossEntropyLoss"', [(2, 1, 1, 1, 3), (2, 1, 1, 1, 3)]),
+    ('type: "EuclideanLoss"', [(2, 3), (2, 1, 1, 1, 3)]),
+    ('type: "HingeLoss"', [(2, 1, 1, 1, 3), (2, 1, 1, 1)]),
+    ('type: "MultinomialLogisticLoss"', [(2, 1, 1, 1, 3), (2, 1, 1, 1)]),
+    ('type: "InfogainLoss"', [(2, 1, 1, 1, 3), (2, 1, 1, 1), (1, 1, 3, 3)]),
+    ('type: "ContrastiveLoss"', [(2, 3, 1, 1, 1), (2, 3, 1, 1), (2, 1, 1, 1)]),
+    ('type: "SoftmaxWithLoss"', [(2, 3, 1, 1, 2), (2, 1, 1, 1, 2)]),
+])
+def test_loss_layers_refuse_bottoms_of_more_than_4_axes(text, bottoms):
+    # LossLayer::Reshape: CHECK_EQ(bottom[0]->num(), bottom[1]->num()); num() is a
+    # legacy accessor, which CHECKs num_axes() <= 4.
+    layer = make_layer(text, TRAIN)
+    with pytest.raises(ValueError, match="under_test.*5 axes.*at most 4 axes"):
+        setup_layer(layer, [np.zeros(s) for s in bottoms])

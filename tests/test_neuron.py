@@ -57,7 +57,9 @@ OPENCV_CASES = [
     ('type: "Power" power_param { power: 1 scale: 3 shift: -2 }', None),
     ('type: "Exp"', None),
     ('type: "Exp" exp_param { base: 2 scale: 0.5 shift: 0.1 }', None),
-    ('type: "Exp" exp_param { scale: -1.5 shift: 0.3 }', None),
+    # OpenCV has BVLC's fixed outer scale (e^shift for the default base); the fork's
+    # pow(-1, shift) is tested below. An explicit e is the same in both.
+    ('type: "Exp" exp_param { base: 2.718281828 scale: -1.5 shift: 0.3 }', None),
     ('type: "Log"', "positive"),
     ('type: "Dropout" dropout_param { dropout_ratio: 0.3 }', None),
 ]
@@ -351,8 +353,8 @@ def test_threshold_has_no_backward():
     ('type: "Exp" exp_param { base: -2 }', (2, 2), "base must be strictly positive"),
     ('type: "Log" log_param { base: 1 }', (2, 2), "base must be positive and not 1"),
     ('type: "Log" log_param { base: 0 }', (2, 2), "base must be positive and not 1"),
-    ('type: "Dropout" dropout_param { dropout_ratio: 1 }', (2, 2), "dropout_ratio"),
     ('type: "PReLU"', (5,), "at least 2 axes"),
+    ('type: "PReLU"', (1, 2, 1, 1, 2), "5 axes.*at most 4 axes"),
 ])
 def test_bad_params_are_reported(text, shape, message):
     layer = make_layer(text)
@@ -366,3 +368,213 @@ def test_prelu_loaded_slopes_must_match_channels():
     layer.new_param_blob((4,))
     with pytest.raises(LayerError, match="4 values but the bottom has 3 channels"):
         setup_layer(layer, [np.ones((2, 3, 2, 2))])
+
+
+# ------------------------------------------------------------------ the fork's C++ expressions
+SPECIALS = [-np.inf, np.inf, np.nan, -0.0, 0.0, -1.0, 1.0, 1e-30, -1e-30, -3e38, 3e38]
+
+
+def assert_same_bits(actual, expected):
+    """Equal bit for bit (signed zeros included), NaN where NaN."""
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    nan = np.isnan(expected)
+    np.testing.assert_array_equal(np.isnan(actual), nan)
+    uint = np.uint32 if actual.dtype == np.float32 else np.uint64
+    np.testing.assert_array_equal(actual[~nan].view(uint), expected[~nan].view(uint))
+
+
+def with_specials(size, dtype, seed, specials=SPECIALS):
+    x = np.random.default_rng(seed).standard_normal(size).astype(dtype)
+    x[:len(specials)] = specials
+    return x
+
+
+def loop(fn, *arrays):
+    """fn applied element by element to numpy scalars (the C++ loop body)."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        out = [fn(*values) for values in zip(*(a.reshape(-1) for a in arrays))]
+    return np.array(out, arrays[0].dtype).reshape(arrays[0].shape)
+
+
+def cpu_relu(slope):
+    """relu_layer.cpp: std::max(x, Dtype(0)) + negative_slope * std::min(x, Dtype(0)),
+    std::max(a, b) = (a < b) ? b : a, std::min(a, b) = (b < a) ? b : a."""
+    def body(v):
+        zero = type(v)(0)
+        return (zero if v < zero else v) + type(v)(slope) * (zero if zero < v else v)
+    return body
+
+
+def cpu_relu_backward(slope):
+    """top_diff * ((bottom_data > 0) + negative_slope * (bottom_data <= 0))."""
+    def body(x, dy):
+        t = type(x)
+        return dy * (t(x > 0) + t(slope) * t(x <= 0))
+    return body
+
+
+def run_relu(slope, x, dtype, in_place=False):
+    layer = make_layer(f'type: "ReLU" relu_param {{ negative_slope: {slope} }}', TRAIN, dtype)
+    bottom = [Blob(x.shape, dtype)]
+    bottom[0].data[...] = x
+    top = bottom if in_place else [Blob((), dtype)]
+    layer.setup(bottom, top)
+    layer.reshape(bottom, top)
+    layer.forward(bottom, top)
+    return layer, bottom, top
+
+
+@pytest.mark.parametrize("slope", [0.0, 0.1, -0.5])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("size", [len(SPECIALS), 5000])
+@pytest.mark.parametrize("drop", [(), (-np.inf,), (-np.inf, np.nan)],
+                         ids=["all", "no_minus_inf", "no_minus_inf_no_nan"])
+def test_relu_forward_is_the_forks_cpu_formula(slope, dtype, size, drop):
+    # Slope 0 takes -inf to 0 * -inf = NaN and keeps -0 (std::max returns x on ties);
+    # without -inf or NaN the layer takes its one-pass path, with the same bits.
+    specials = [v for v in SPECIALS if not any(v == d or v != v and d != d for d in drop)]
+    x = with_specials(size, dtype, seed=21, specials=specials)
+    expected = loop(cpu_relu(np.float32(slope)), x)
+    for in_place in (False, True):
+        _, _, top = run_relu(slope, x, dtype, in_place)
+        assert_same_bits(top[0].data, expected)
+    if slope == 0:
+        minus_zero = [i for i, v in enumerate(specials) if v == 0 and np.signbit(v)][0]
+        assert np.signbit(expected[minus_zero])
+        assert np.isnan(expected[0]) == (-np.inf not in drop)
+
+
+@pytest.mark.parametrize("slope", [0.0, 0.1, -0.5])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_relu_backward_is_the_forks_cpu_expression(slope, dtype):
+    # dy = inf where x <= 0 with slope 0: inf * 0 = NaN; x = NaN: dy * 0.
+    x = with_specials(300, dtype, seed=22)
+    dy = with_specials(300, dtype, seed=23, specials=[np.inf, -np.inf, 5.0, np.inf, np.nan,
+                                                      -2.0, -0.0])
+    layer, bottom, top = run_relu(slope, x, dtype)
+    top[0].diff[...] = dy
+    layer.backward(top, [True], bottom)
+    expected = loop(cpu_relu_backward(np.float32(slope)), x, dy)
+    assert_same_bits(bottom[0].diff, expected)
+    assert np.isnan(expected[0]) == (slope == 0) and expected[2] == 0  # x -inf / x NaN
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_absval_backward_uses_caffes_sign(dtype):
+    # caffe_cpu_sign: (Dtype(0) < x) - (x < Dtype(0)), 0 at NaN; then times the top diff.
+    x = with_specials(200, dtype, seed=24)
+    dy = with_specials(200, dtype, seed=25, specials=[2.0, 3.0, 7.0, -4.0, np.inf])
+    layer = make_layer('type: "AbsVal"', TRAIN, dtype)
+    bottom, top = setup_layer(layer, [x], dtype=dtype)
+    run_forward(layer, bottom, top)
+    top[0].diff[...] = dy
+    layer.backward(top, [True], bottom)
+    expected = loop(lambda v, g: (type(v)(type(v)(0) < v) - type(v)(v < 0)) * g, x, dy)
+    assert_same_bits(bottom[0].diff, expected)
+    assert expected[2] == 0
+
+
+def test_exp_default_base_with_shift_is_the_forks_pow_of_minus_one(caplog):
+    # exp_layer.cpp (before BVLC #3937): outer_scale_ = pow(base, input_shift) with base
+    # still -1: NaN for shift 0.3, -1 for shift 1, 1 for shift 2; inner_scale_ = scale.
+    x = randn(seed=26)
+    inner = np.exp((np.float32(-1.5) * x).astype(np.float64)).astype(np.float32)
+    with caplog.at_level("WARNING", logger="caffelite"):
+        (y,) = ours('type: "Exp" exp_param { scale: -1.5 shift: 0.3 }', [x])
+    assert np.isnan(y).all()
+    assert "'under_test'" in caplog.text and "pow(-1, shift)" in caplog.text
+    assert "base: 2.718281828" in caplog.text
+    (y,) = ours('type: "Exp" exp_param { scale: -1.5 shift: 1 }', [x])
+    assert_same_bits(y, inner * np.float32(-1))
+    (y,) = ours('type: "Exp" exp_param { scale: -1.5 shift: 2 }', [x])
+    assert_same_bits(y, inner)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="caffelite"):
+        (y,) = ours('type: "Exp" exp_param { base: 2.718281828 scale: -1.5 shift: 0.3 }', [x])
+    assert caplog.text == "" and np.isfinite(y).all()
+
+
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_prelu_slope_diff_adds_in_blob_order(shared, dtype):
+    # prelu_layer.cpp Backward_cpu: for i in blob order, c = channel_shared ? 0 :
+    # (i / dim) % channels; slope_diff[c] += top_diff[i] * bottom_data[i] *
+    # (bottom_data[i] <= 0), each add rounded to Dtype, from the existing diff.
+    shape = (3, 4, 5, 6)
+    rng = np.random.default_rng(27)
+    x = (rng.standard_normal(shape) * 10.0 ** rng.integers(-4, 5, shape)).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    layer = make_layer(f'type: "PReLU" prelu_param {{ channel_shared: {str(shared).lower()} }}',
+                       TRAIN, dtype)
+    bottom, top = setup_layer(layer, [x], dtype=dtype)
+    run_forward(layer, bottom, top)
+    prior = rng.standard_normal(layer.blobs[0].shape).astype(dtype) * dtype(3)
+    layer.blobs[0].diff[...] = prior
+    top[0].diff[...] = dy
+    layer.backward(top, [True], bottom)
+    expected = prior.reshape(-1).copy()
+    dim = shape[2] * shape[3]
+    flat_x, flat_dy = x.reshape(-1), dy.reshape(-1)
+    for i in range(x.size):
+        c = 0 if shared else (i // dim) % shape[1]
+        expected[c] += flat_dy[i] * flat_x[i] * dtype(flat_x[i] <= 0)
+    assert_same_bits(layer.blobs[0].diff.reshape(-1), expected)
+    if dtype == np.float32:     # the data makes the order matter: numpy's sum differs
+        axes = None if shared else (0, 2, 3)
+        pairwise = prior.reshape(-1) + (dy * x * (x <= 0)).sum(axis=axes).reshape(-1)
+        assert not np.array_equal(pairwise, expected)
+
+
+def test_dropout_accepts_any_ratio_at_setup_and_test_phase_is_a_copy():
+    # dropout_layer.cpp only DCHECKs the ratio; the TEST forward copies.
+    x = randn(seed=28)
+    for ratio in (1, 1.5, -0.5):
+        text = f'type: "Dropout" dropout_param {{ dropout_ratio: {ratio} }}'
+        (y,) = ours(text, [x], phase=TEST)
+        np.testing.assert_array_equal(y, x)
+
+
+@pytest.mark.parametrize("ratio", [1.5, -0.5])
+def test_dropout_train_refuses_a_keep_probability_outside_0_1(ratio):
+    # caffe_rng_bernoulli(count, 1. - threshold_): CHECK_GE(p, 0), CHECK_LE(p, 1).
+    layer = make_layer(f'type: "Dropout" dropout_param {{ dropout_ratio: {ratio} }}', TRAIN,
+                       np.float32)
+    bottom, top = setup_layer(layer, [randn(seed=29)], dtype=np.float32)
+    with pytest.raises(LayerError, match="under_test.*outside \\[0, 1\\]"):
+        layer.forward(bottom, top)
+
+
+def test_dropout_ratio_one_gives_nan():
+    # scale_ = 1. / (1. - 1) = inf, and bernoulli(0) keeps nothing: y = x * 0 * inf = NaN,
+    # the gradient too.
+    x = with_specials(120, np.float32, seed=30)
+    layer = make_layer('type: "Dropout" dropout_param { dropout_ratio: 1 }', TRAIN, np.float32)
+    bottom, top = setup_layer(layer, [x], dtype=np.float32)
+    assert layer.scale == np.inf
+    (y,) = run_forward(layer, bottom, top)
+    assert np.isnan(y).all()
+    top[0].diff[...] = randn((120,), seed=31)
+    layer.backward(top, [True], bottom)
+    assert np.isnan(bottom[0].diff).all()
+
+
+def test_prelu_forward_is_the_forks_cpu_formula_on_signed_zeros_and_specials():
+    # prelu_layer.cpp Forward_cpu: std::max(x, 0) + slope * std::min(x, 0), where
+    # std::max(a, b) is (a < b) ? b : a and std::min(a, b) is (b < a) ? b : a.
+    def cmax(a, b):
+        return b if a < b else a
+
+    def cmin(a, b):
+        return b if b < a else a
+    f = np.float32
+    x = np.array([-0.0, 0.0, -2.0, 3.0, -np.inf, np.inf, np.nan], f).reshape(1, 1, 7)
+    layer = make_layer('type: "PReLU" prelu_param { filler { type: "constant" value: 0.25 } }',
+                       TRAIN, np.float32)
+    bottom, top = setup_layer(layer, [x], dtype=np.float32)
+    y = run_forward(layer, bottom, top)[0].reshape(-1)
+    with np.errstate(invalid="ignore"):
+        want = np.array([f(cmax(v, f(0))) + f(0.25) * f(cmin(v, f(0)))
+                         for v in x.reshape(-1)], f)
+    assert_same_bits(y, want)
+    assert np.signbit(y[0]) and not np.signbit(y[1])

@@ -337,11 +337,31 @@ def test_embed_gradient():
     check_gradient(layer, bottom, top, check_bottom=[])
 
 
+def test_embed_truncates_indices_toward_zero():
+    # embed_layer.cpp: index = static_cast<int>(bottom_data[n]) (DCHECKs only), so 1.5
+    # reads row 1, -0.5 row 0 and 3.99 row 3, forward and backward.
+    values = np.array([1.5, -0.5, 3.99, -0.99, 2.0], np.float32)
+    rows = [1, 0, 3, 0, 2]
+    layer, bottom, top = embed(values, dtype=np.float32)
+    out = run_forward(layer, bottom, top)[0]
+    np.testing.assert_array_equal(out, layer.blobs[0].data[rows] + layer.blobs[1].data)
+    g = normal(5, 3, seed=7).astype(np.float32)
+    top[0].diff[...] = g
+    start = normal(4, 3, seed=8).astype(np.float32)
+    layer.blobs[0].diff[...] = start
+    layer.backward(top, [False], bottom)
+    expected = start.copy()
+    for n, k in enumerate(rows):
+        expected[k] += g[n]
+    np.testing.assert_array_equal(layer.blobs[0].diff, expected)
+
+
 def test_embed_errors():
-    for bad in (4.0, -1.0, 1.5, np.nan):
+    for bad in (4.0, -1.0, 4.5, -1.5, np.nan, np.inf):
         layer, bottom, top = embed(np.array([0.0, bad]))
         with pytest.raises(LayerError, match="'under_test' \\(Embed\\).*position 1.*"
-                                             "whole number in \\[0, input_dim 4\\)"):
+                                             "truncated toward zero, is not in "
+                                             "\\[0, input_dim 4\\)"):
             layer.forward(bottom, top)
     layer, bottom, top = embed(np.array([0.0]))
     with pytest.raises(LayerError, match="Embed.*backpropagate to the bottom"):

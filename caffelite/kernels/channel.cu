@@ -82,7 +82,7 @@ __global__ void channel_bias(const int n, const T* x, const T* __restrict__ bias
 // on one blob in place (ResNet's conv -> bn -> scale -> relu): one pass instead of three,
 // each layer's float operations in its order, so the same bits as running the layers one
 // after the other. has_bias: Scale's bias_term; relu: 1 when the chain ends in a ReLU.
-// ReLU with slope 0 is max(v, 0) as the layer computes it (NaN stays NaN, -0 becomes 0).
+// ReLU is the device ReLU layer's (the fork's GPU formula): v > 0 ? v : v * slope.
 // x and y may be the same array.
 template <typename T>
 __global__ void channel_bn_scale_relu(const int n, const T* x, const T* __restrict__ mean,
@@ -96,19 +96,16 @@ __global__ void channel_bn_scale_relu(const int n, const T* x, const T* __restri
     T v = (x[i] - mean[c]) / std[c];
     v = has_bias ? v * scale[c] + bias[c] : v * scale[c];
     if (relu) {
-      if (negative_slope == T(0)) {
-        v = (v > T(0) || v != v) ? v : T(0);
-      } else {
-        v = v > T(0) ? v : v * negative_slope;
-      }
+      v = v > T(0) ? v : v * negative_slope;
     }
     y[i] = v;
   }
 }
 
-// Its backward with frozen Scale parameters: ReLU's backward (reading the chain's output
-// y, as an in-place ReLU does), then Scale's dx = dy * scale[c], then BatchNorm's
-// dx = dy / std[c]. dy and dx may be the same array; y is read only when relu is 1.
+// Its backward with frozen Scale parameters: ReLU's backward as the fork's,
+// dy * ((y > 0) + (y <= 0) * slope) (reading the chain's output y, as an in-place ReLU
+// does), then Scale's dx = dy * scale[c], then BatchNorm's dx = dy / std[c]. dy and dx
+// may be the same array; y is read only when relu is 1.
 template <typename T>
 __global__ void channel_bn_scale_relu_backward(const int n, const T* y, const T* dy,
                                                const T* __restrict__ std,
@@ -120,7 +117,8 @@ __global__ void channel_bn_scale_relu_backward(const int n, const T* y, const T*
     const int c = (i / inner) % channels;
     T g = dy[i];
     if (relu) {
-      g = y[i] > T(0) ? g : (negative_slope == T(0) ? T(0) : g * negative_slope);
+      const T v = y[i];
+      g = g * (T(v > T(0)) + T(v <= T(0)) * negative_slope);
     }
     dx[i] = g * scale[c] / std[c];
   }

@@ -64,7 +64,10 @@ class BaseConvolutionLayer(Layer):
             dilation=self._per_axis(p, "dilation", n_spatial, 1, has_hw=False))
         if any(d == 0 for d in geom.dilation):
             raise self.error(f"dilation must be positive, got {list(geom.dilation)}")
-        if p.engine == p.CUDNN and any(d > 1 for d in geom.dilation):
+        # The fork's layer factory checks this for Convolution only (Deconvolution has
+        # no cuDNN engine and ignores the field).
+        if (not self.reverse_dimensions and p.engine == p.CUDNN and
+                any(d > 1 for d in geom.dilation)):
             raise self.error("engine CUDNN does not support dilated convolution "
                              "(as in Caffe); use engine CAFFE or DEFAULT")
         return geom

@@ -2,8 +2,9 @@
 
 The bottom holds indices as floats (any shape); the top is bottom.shape + (num_output,).
 Weights are (input_dim, num_output), the transpose of InnerProduct's, and the bias
-(num_output,). An index that is not a whole number in [0, input_dim) is an error here
-(Caffe checks only in debug builds). Backward adds each top row's diff into the weight
+(num_output,). An index is C's static_cast<int> of the value (truncation toward zero:
+1.5 reads row 1, -0.5 row 0); one outside [0, input_dim) after that, or NaN, is an
+error here (Caffe checks only in debug builds and reads stray memory). Backward adds each top row's diff into the weight
 row it read, in bottom order, and the column sums of the top diff into the bias diff;
 the indices get no gradient.
 """
@@ -60,11 +61,11 @@ class EmbedLayer(Layer):
     def _indices(self, bottom):
         values = bottom[0].read_host_data().reshape(-1)
         index = np.trunc(values)
-        bad = ~((index == values) & (values >= 0) & (values < self.input_dim))
+        bad = ~((index >= 0) & (index < self.input_dim))
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
-            raise self.error(f"index {values[i]!r} at position {i} of the bottom is not a "
-                             f"whole number in [0, input_dim {self.input_dim})")
+            raise self.error(f"index {values[i]!r} at position {i} of the bottom, truncated "
+                             f"toward zero, is not in [0, input_dim {self.input_dim})")
         return index.astype(np.int64)
 
     def forward(self, bottom, top):

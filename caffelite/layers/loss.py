@@ -111,7 +111,8 @@ class AccuracyLayer(Layer):
     Caffe's ordering of (score, class index) pairs: ties rank the higher class index
     first (the fork's std::partial_sort with std::greater<pair>).  The optional second
     top holds per-class accuracy (0 for classes absent from the labels).  With every
-    label ignored the accuracy is 0/0 = NaN, as in the fork.
+    label ignored the accuracy is 0/0 = NaN, as in the fork. top_k 0 (the fork sets no
+    lower bound) counts nothing as correct: accuracy 0.
     """
     runs_on_device = False
     exact_num_bottom = 2
@@ -123,8 +124,6 @@ class AccuracyLayer(Layer):
         self.top_k = int(p.top_k)
         self.ignore_label = int(p.ignore_label) if p.HasField("ignore_label") else None
         self.axis_param = int(p.axis)
-        if self.top_k < 1:
-            raise self.error(f"accuracy_param.top_k must be at least 1, got {self.top_k}")
 
     def reshape(self, bottom, top):
         if self.top_k > bottom[0].count // max(bottom[1].count, 1):

@@ -8,6 +8,7 @@ their backwards are Caffe's sequences of operations on the bottom's diff, which 
 is also the top's diff, reading the bottom data, which in place is the top's. Their
 in-place gradients are therefore Caffe's (not the derivative at the input).
 """
+import logging
 import zlib
 
 import numpy as np
@@ -20,6 +21,8 @@ from ..layer import NeuronLayer, register
 from ..proto import caffe_pb2
 from ._cpu_math import c_double, caffe_exp, caffe_log, caffe_powx, double
 from ._device import launch, on_device
+
+logger = logging.getLogger("caffelite")
 
 
 class _SavesBottomInPlace(NeuronLayer):
@@ -35,20 +38,24 @@ class _SavesBottomInPlace(NeuronLayer):
 
 @register("ReLU")
 class ReLULayer(NeuronLayer):
-    """y = max(x, 0) + negative_slope * min(x, 0)."""
+    """y = max(x, 0) + negative_slope * min(x, 0), the fork's CPU formula on the host
+    (so slope 0 takes -inf to 0 * -inf = NaN) and its GPU one, x > 0 ? x : x * slope,
+    on the device; dx = dy * ((x > 0) + slope * (x <= 0)) on both (0 * dy where x is
+    NaN, NaN where dy is infinite and the factor 0)."""
     graph_safe = True
 
     def setup(self, bottom, top):
         self.negative_slope = self.layer_param.relu_param.negative_slope
 
     def forward(self, bottom, top):
-        xp = get_array_module(bottom[0].data)
-        x = bottom[0].data
-        if self.negative_slope == 0:
-            xp.maximum(x, 0, out=top[0].data)
+        x, y = bottom[0].data, top[0].data
+        xp = get_array_module(x)
+        if on_device(xp):
+            launch("relu", "relu_forward", x.dtype, x.size, x, self.negative_slope, y)
+        elif self.negative_slope == 0 and not _has_negative_infinity(x):
+            np.maximum(x.dtype.type(0), x, out=y)    # the formula's value without -inf
         else:
-            # == max(x, 0) + slope * min(x, 0) bit for bit, without the temporaries.
-            top[0].data[...] = xp.where(x > 0, x, x * self.negative_slope)
+            _cpu_relu(x, x.dtype.type(self.negative_slope), y)
 
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:
@@ -61,10 +68,34 @@ class ReLULayer(NeuronLayer):
         if on_device(xp):
             launch("relu", "relu_backward", dy.dtype, dy.size, x, dy, self.negative_slope,
                    bottom[0].diff)
-        elif self.negative_slope == 0:
-            bottom[0].diff[...] = xp.where(x > 0, dy, dy.dtype.type(0))
-        else:
-            bottom[0].diff[...] = xp.where(x > 0, dy, dy * self.negative_slope)
+            return
+        with np.errstate(invalid="ignore"):
+            np.multiply(dy, _relu_factor(x, self.negative_slope), out=bottom[0].diff)
+
+
+def _has_negative_infinity(x):
+    """True also when x holds a NaN (min is then NaN): the caller takes the full path."""
+    return x.size > 0 and not x.min() > -np.inf
+
+
+def _cpu_relu(x, slope, out):
+    """std::max(x, 0) + slope * std::min(x, 0). numpy's maximum(0, x) and minimum(0, x)
+    return x on ties, as std::max(x, 0) and std::min(x, 0) do (-0 stays -0)."""
+    zero = x.dtype.type(0)
+    low = np.minimum(zero, x)
+    with np.errstate(invalid="ignore"):
+        low *= slope
+    np.maximum(zero, x, out=out)
+    out += low
+
+
+def _relu_factor(x, slope):
+    """(x > 0) + slope * (x <= 0) in x's dtype: 0 where x is NaN."""
+    if slope == 0:
+        return x > 0                  # multiplying by a bool array casts it to 1 or 0
+    factor = np.multiply(x <= 0, x.dtype.type(slope), dtype=x.dtype)
+    factor += x > 0
+    return factor
 
 
 @register("PReLU")
@@ -74,9 +105,7 @@ class PReLULayer(_SavesBottomInPlace):
 
     def setup(self, bottom, top):
         param = self.layer_param.prelu_param
-        if bottom[0].num_axes < 2:
-            raise self.error(
-                f"the bottom blob needs at least 2 axes (N, C, ...), got shape {bottom[0].shape}")
+        self._check_axes(bottom[0])
         channels = bottom[0].shape[1]
         self.channel_shared = param.channel_shared
         if not self.blobs_loaded():
@@ -91,10 +120,17 @@ class PReLULayer(_SavesBottomInPlace):
         if self.blobs[0].count != (1 if self.channel_shared else channels):
             raise self.error(f"negative slope blob has {self.blobs[0].count} values but {want}")
 
-    def reshape(self, bottom, top):
-        if bottom[0].num_axes < 2:
+    def _check_axes(self, blob):
+        if blob.num_axes < 2:
             raise self.error(
-                f"the bottom blob needs at least 2 axes (N, C, ...), got shape {bottom[0].shape}")
+                f"the bottom blob needs at least 2 axes (N, C, ...), got shape {blob.shape}")
+        if blob.num_axes > 4:
+            raise self.error(
+                f"the bottom blob has {blob.num_axes} axes, shape {blob.shape}; PReLU reads "
+                f"its channels with Caffe's legacy accessors, which allow at most 4 axes")
+
+    def reshape(self, bottom, top):
+        self._check_axes(bottom[0])
         top[0].reshape(bottom[0].shape)
 
     def _slope(self, x):
@@ -108,7 +144,14 @@ class PReLULayer(_SavesBottomInPlace):
         xp = get_array_module(bottom[0].data)
         self.save_bottom(bottom, top)
         x = bottom[0].data
-        top[0].data[...] = xp.maximum(x, 0) + self._slope(x) * xp.minimum(x, 0)
+        if on_device(xp):           # the fork's kernel: x > 0 ? x : x * slope
+            top[0].data[...] = xp.where(x > 0, x, x * self._slope(x))
+            return
+        # std::max(x, 0) + slope * std::min(x, 0): numpy's maximum(0, x) and
+        # minimum(0, x) return x on ties as those do, so -0 stays -0.
+        zero = x.dtype.type(0)
+        with np.errstate(invalid="ignore"):
+            top[0].data[...] = np.maximum(zero, x) + self._slope(x) * np.minimum(zero, x)
 
     def backward(self, top, propagate_down, bottom):
         x = self.bottom_data(top, bottom)
@@ -116,16 +159,28 @@ class PReLULayer(_SavesBottomInPlace):
         nonpositive = (x <= 0).astype(x.dtype)
         # Parameter gradient first: in place, writing the bottom diff changes dy.
         if self.param_propagate_down[0]:
-            contrib = dy * x * nonpositive
-            if self.channel_shared:
-                grad = contrib.sum()
-            else:
-                axes = (0,) + tuple(range(2, x.ndim))
-                grad = contrib.sum(axis=axes)
-            self.blobs[0].diff[...] += grad.reshape(self.blobs[0].shape)
+            self._add_slope_diff(dy * x * nonpositive)
         if propagate_down[0]:
             positive = (x > 0).astype(x.dtype)
             bottom[0].diff[...] = dy * (positive + self._slope(x) * nonpositive)
+
+    def _add_slope_diff(self, contrib):
+        """Adds each channel's (or, shared, every) dy * x * (x <= 0) into the slope diff.
+        The fork's CPU loop adds them one at a time in blob order, rounding every step
+        to the dtype; the device sums them (the fork's GPU code takes a dot product)."""
+        diff = self.blobs[0].diff
+        if on_device(get_array_module(contrib)):
+            axes = None if self.channel_shared else (0,) + tuple(range(2, contrib.ndim))
+            diff[...] += contrib.sum(axis=axes).reshape(diff.shape)
+            return
+        if self.channel_shared:
+            rows = contrib.reshape(1, -1)
+        else:
+            rows = np.moveaxis(contrib, 1, 0).reshape(contrib.shape[1], -1)
+        # The existing diffs as the first column: accumulate adds along a row in order.
+        terms = np.concatenate([diff.reshape(-1, 1), rows], axis=1)
+        diff[...] = np.add.accumulate(terms, axis=1, dtype=diff.dtype)[:, -1].reshape(
+            diff.shape)
 
 
 @register("ELU")
@@ -188,7 +243,8 @@ class TanHLayer(NeuronLayer):
 
 @register("AbsVal")
 class AbsValLayer(NeuronLayer):
-    """y = |x|; dy/dx = sign(x) (0 at 0). Caffe refuses in-place computation."""
+    """y = |x|; dx = sign(x) * dy with Caffe's sign, (0 < x) - (x < 0): 0 at 0 and at
+    NaN. Caffe refuses in-place computation."""
     graph_safe = True
 
     def reshape(self, bottom, top):
@@ -202,8 +258,11 @@ class AbsValLayer(NeuronLayer):
 
     def backward(self, top, propagate_down, bottom):
         if propagate_down[0]:
-            xp = get_array_module(bottom[0].data)
-            bottom[0].diff[...] = xp.sign(bottom[0].data) * top[0].diff
+            x = bottom[0].data
+            sign = (x > 0).astype(x.dtype)
+            sign -= x < 0
+            with np.errstate(invalid="ignore"):
+                get_array_module(x).multiply(sign, top[0].diff, out=bottom[0].diff)
 
 
 @register("Power")
@@ -268,7 +327,9 @@ class PowerLayer(NeuronLayer):
 
 @register("Exp")
 class ExpLayer(NeuronLayer):
-    """y = base ^ (shift + scale * x), base -1 meaning e."""
+    """y = base ^ (shift + scale * x), base -1 meaning e, with the fork's outer scale:
+    pow(base, shift) with the base still -1 (BVLC fixed it in April 2016), so the
+    default base with a shift gives pow(-1, shift) * e^(scale * x)."""
     graph_safe = True
 
     def setup(self, bottom, top):
@@ -283,10 +344,15 @@ class ExpLayer(NeuronLayer):
         shift = t(p.shift)
         if shift == 0:
             self.outer_scale = t(1)
-        elif base == -1:
-            self.outer_scale = t(np.exp(c_double(shift)))
-        else:
+            return
+        with np.errstate(invalid="ignore"):
             self.outer_scale = t(np.power(c_double(base), c_double(shift)))
+        if base == -1:
+            logger.warning(
+                "layer '%s': Exp with the default base (-1, meaning e) and shift %g scales "
+                "by pow(-1, shift) = %s, as the fork's ExpLayer does (a bug BVLC fixed "
+                "later); set exp_param { base: 2.718281828 } for e^shift",
+                self.name, shift, self.outer_scale)
 
     def forward(self, bottom, top):
         xp = get_array_module(bottom[0].data)
@@ -400,9 +466,10 @@ class ThresholdLayer(NeuronLayer):
 
 def _masked_scale(xp, x, mask, scale, out):
     """out = (x * mask) * scale in two passes into ``out`` (which may be ``x``): no
-    temporaries, the same float operations as the expression."""
-    xp.multiply(x, mask, out=out)
-    xp.multiply(out, scale, out=out)
+    temporaries, the same float operations as the expression (0 * inf is NaN)."""
+    with np.errstate(invalid="ignore"):
+        xp.multiply(x, mask, out=out)
+        xp.multiply(out, scale, out=out)
 
 
 @register("Dropout")
@@ -421,15 +488,17 @@ class DropoutLayer(NeuronLayer):
     graph_safe = True
 
     def setup(self, bottom, top):
-        ratio = self.layer_param.dropout_param.dropout_ratio
-        if not 0 <= ratio < 1:
-            raise self.error(f"dropout_ratio must lie in [0, 1), got {ratio}")
+        # The fork only DCHECKs the ratio: any is accepted here, and a TRAIN forward
+        # refuses those that caffe_rng_bernoulli would (1 - ratio outside [0, 1]).
+        # Ratio 1 keeps no unit and scales by 1 / 0 = inf: 0 * inf makes every output NaN.
         t = self.dtype.type
-        self.ratio = float(t(ratio))
-        self.scale = t(1.0 / (1.0 - self.ratio))
+        self.ratio = float(t(self.layer_param.dropout_param.dropout_ratio))
+        with np.errstate(divide="ignore"):
+            self.scale = t(np.float64(1.0) / (np.float64(1.0) - self.ratio))
         # Caffe: uint_thres_ = static_cast<unsigned int>(UINT_MAX * threshold_), in Dtype
-        self.threshold = min(int(t(np.iinfo(np.uint32).max) * t(self.ratio)),
-                             int(np.iinfo(np.uint32).max))
+        uint_max = int(np.iinfo(np.uint32).max)
+        threshold = t(uint_max) * t(self.ratio) if 0 <= self.ratio <= 1 else 0
+        self.threshold = min(int(threshold), uint_max)
         self.mask = None
         self._generator = None          # (device state [key0, key1, ctr0, ctr1], stamp)
 
@@ -439,6 +508,10 @@ class DropoutLayer(NeuronLayer):
             if top[0] is not bottom[0]:
                 top[0].data[...] = x
             return
+        if not 0 <= 1.0 - self.ratio <= 1:
+            raise self.error(f"dropout_ratio {self.ratio} leaves a keep probability "
+                             f"1 - ratio = {1.0 - self.ratio} outside [0, 1]: the fork's "
+                             f"caffe_rng_bernoulli refuses it in a TRAIN forward")
         xp = get_array_module(x)
         if on_device(xp):
             self._forward_device(xp, x, top[0].data)
