@@ -861,3 +861,52 @@ def test_hdf5_data_without_h5py_is_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(NetError, match="needs the h5py package"):
         make_net(f'''layer {{ name: "d" type: "HDF5Data" top: "data"
                    hdf5_data_param {{ source: "{tmp_path / 'x.txt'}" batch_size: 1 }} }}''')
+
+
+def test_mean_file_read_through_the_legacy_accessors(tmp_path):
+    """DataTransformer reads the mean blob's channels/height/width (axes 1-3) and its
+    item 0: a 2 x C x H x W mean works; a C x H x W shape is channels H, height W."""
+    from caffelite.io import array_to_blobproto
+    rng = np.random.default_rng(12)
+    images = [write_rgb(tmp_path / f"m{i}.png", 4, 5, rng) for i in range(2)]
+    (tmp_path / "m.txt").write_text("m0.png 1\nm1.png 2\n")
+    text = '''layer {{ name: "data" type: "ImageData" top: "data" top: "label"
+          image_data_param {{ source: "{0}/m.txt" root_folder: "{0}/" batch_size: 1 }}
+          transform_param {{ mean_file: "{0}/mean.binaryproto" }} }}'''.format(tmp_path)
+    mean = rng.uniform(0, 255, (2, 3, 4, 5)).astype(np.float32)
+    (tmp_path / "mean.binaryproto").write_bytes(array_to_blobproto(mean).SerializeToString())
+    net = make_net(text)
+    net.forward()
+    want = images[0].transpose(2, 0, 1).astype(np.float32) - mean[0]
+    assert np.array_equal(net.blobs["data"].data[0], want)
+    blob = caffe_pb2.BlobProto(shape=caffe_pb2.BlobShape(dim=[3, 4, 5]),
+                               data=mean[0].reshape(-1).tolist())
+    (tmp_path / "mean.binaryproto").write_bytes(blob.SerializeToString())
+    with pytest.raises(NetError, match="has 4 channels, the images 3"):
+        make_net(text)
+
+
+def test_memory_data_and_dummy_data_set_up_checks(tmp_path):
+    for param, message in [
+            ("batch_size: 2", r"must be specified and positive .*\(2, 0, 0, 0\)"),
+            ("batch_size: 2 channels: 1 height: 1 width: 1 } transform_param { "
+             "mean_value: 3 mean_file: 'x'", "mean_file and mean_value at the same time"),
+            ("batch_size: 2 channels: 1 height: 1 width: 1 } transform_param { "
+             f"mean_file: '{tmp_path}/missing'", "cannot read mean file")]:
+        with pytest.raises(NetError, match=message):
+            make_net('layer { name: "d" type: "MemoryData" top: "data" top: "label" '
+                     'memory_data_param { ' + param + ' } }')
+    with pytest.raises(NetError, match="Both shape and legacy fields were specified"):
+        make_net('layer { name: "d" type: "DummyData" top: "x" dummy_data_param { '
+                 'shape { dim: 2 dim: 3 } num: 5 channels: 1 height: 1 width: 1 } }')
+
+
+@pytest.mark.parametrize("values", [np.array([True, False]), np.array([b"1.5", b"2"])])
+def test_hdf5_data_reads_float_and_integer_datasets_only(tmp_path, values):
+    h5py = pytest.importorskip("h5py")
+    with h5py.File(tmp_path / "x.h5", "w") as h:
+        h["data"] = values
+    (tmp_path / "x.txt").write_text(str(tmp_path / "x.h5"))
+    with pytest.raises(NetError, match="float and integer datasets only"):
+        make_net(f'''layer {{ name: "d" type: "HDF5Data" top: "data"
+                   hdf5_data_param {{ source: "{tmp_path / 'x.txt'}" batch_size: 1 }} }}''')

@@ -1,9 +1,11 @@
 """Layers that feed a net from memory: Input, DummyData, MemoryData."""
+import math
+
 import numpy as np
 
 from ..filler import fill
 from ..layer import Layer, register
-from .image_data import init_transformer_rand
+from .image_data import check_transform_param, init_transformer_rand
 
 
 @register("Input")
@@ -39,6 +41,9 @@ class DummyDataLayer(Layer):
         p = self.layer_param.dummy_data_param
         n = len(top)
         legacy = [list(f) for f in (p.num, p.channels, p.height, p.width)]
+        if any(legacy) and len(p.shape):
+            raise self.error("Both shape and legacy fields were specified "
+                             "(dummy_data_param: shape, or num/channels/height/width)")
         if len(p.shape):
             shapes = [tuple(s.dim) for s in p.shape]
         elif any(legacy):
@@ -87,9 +92,12 @@ class MemoryDataLayer(Layer):
     def setup(self, bottom, top):
         p = self.layer_param.memory_data_param
         self.batch_size = p.batch_size
-        if self.batch_size <= 0:
-            raise self.error("memory_data_param.batch_size must be positive")
         self.shape = (p.batch_size, p.channels, p.height, p.width)
+        # DataTransformer's constructor (before LayerSetUp), then DataLayerSetUp's CHECK.
+        check_transform_param(self.layer_param.transform_param, self)
+        if not math.prod(self.shape) > 0:
+            raise self.error(f"batch_size, channels, height, and width must be specified "
+                             f"and positive (memory_data_param gives {self.shape})")
         self._data = self._labels = None
         self._pos = 0
         # BaseDataLayer::LayerSetUp's InitRand seeds an (unused) transformer.

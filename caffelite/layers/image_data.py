@@ -35,6 +35,7 @@ from concurrent.futures import Future
 import numpy as np
 
 from .. import backend
+from ..blob import legacy_shape
 from ..caffe_rng import CaffeRNG, c_rand, random_shuffle, shuffle
 from ..io.image import (INTER_LINEAR, INTER_NEAREST, ImageReadError, read_image,
                         read_label, resize)
@@ -677,16 +678,13 @@ class ImageDataLayer(ImageListLayer):
     def setup(self, bottom, top):
         p, tp = self.layer_param.image_data_param, self.layer_param.transform_param
         _check_list_params(p, self)
-        if tp.HasField("mean_file") and len(tp.mean_value):
-            raise self.error("cannot specify mean_file and mean_value at the same time")
+        mean = check_transform_param(tp, self)
         source = p.source
         self.init_list(read_label_pairs(source, self))
         first = self.current_entry()
         img = self.load_first_image()
         channels = 1 if img.ndim == 2 else img.shape[2]
-        mean = None
-        if tp.HasField("mean_file"):
-            mean = _read_mean_file(tp.mean_file, self)
+        if mean is not None:
             if mean.shape[0] != channels:
                 raise self.error(f"mean file '{tp.mean_file}' has {mean.shape[0]} channels,"
                                  f" the images {channels}")
@@ -726,11 +724,22 @@ def _read_mean_file(path, layer):
     except Exception as e:      # protobuf DecodeError
         raise layer.error(f"mean file '{path}' is not a BlobProto: {e}") from None
     mean = blobproto_to_array(blob)
-    mean = mean.reshape(mean.shape[-3:]) if mean.ndim >= 3 else mean
-    if mean.ndim != 3:
+    # DataTransformer reads the mean blob through the legacy accessors: its channels,
+    # height and width are axes 1-3 (missing ones count as 1), item 0 of its num.
+    dims = legacy_shape(mean.shape)
+    if dims is None:
         raise layer.error(f"mean file '{path}' holds a blob of shape {mean.shape}; "
                           f"expected 1 x C x H x W")
-    return mean
+    _, channels, height, width = dims
+    return mean.reshape(-1)[:channels * height * width].reshape(channels, height, width)
+
+
+def check_transform_param(tp, layer):
+    """DataTransformer's constructor: mean_file and mean_value exclude each other, and a
+    mean_file must be readable (it is read even where no image is transformed)."""
+    if tp.HasField("mean_file") and len(tp.mean_value):
+        raise layer.error("cannot specify mean_file and mean_value at the same time")
+    return _read_mean_file(tp.mean_file, layer) if tp.HasField("mean_file") else None
 
 
 def _build_image_batch(cfg, samples):
@@ -839,7 +848,12 @@ class HDF5DataLayer(Layer):
                     if name not in f:
                         raise self.error(f"HDF5 file '{path}' has no dataset '{name}' "
                                          f"(datasets are read by top name)")
-                    arrays.append(np.asarray(f[name][()], dtype=self.dtype))
+                    dataset = f[name]
+                    if dataset.dtype.kind not in "fiu":
+                        raise self.error(f"HDF5 file '{path}': dataset '{name}' holds "
+                                         f"{dataset.dtype} values; the fork reads float "
+                                         f"and integer datasets only")
+                    arrays.append(np.asarray(dataset[()], dtype=self.dtype))
         except OSError as e:
             raise self.error(f"failed opening HDF5 file '{path}': {e}") from None
         rows = {a.shape[0] if a.ndim else None for a in arrays}
