@@ -1,15 +1,17 @@
 """``caffelite eval``: the DeepLab kit's EvalSegResults + MyVOCevalseg without MATLAB.
 
     caffelite eval --gt DIR --list val.txt (--pred DIR | --features DIR)
-                   [--num-labels 21] [--ignore 255] [--json out.json] [--vis DIR]
-                   [--images DIR] [--skip-missing]
+                   [--num-labels 21] [--dataset voc|coco] [--argmax-features]
+                   [--ignore 255] [--json out.json] [--vis DIR] [--images DIR]
+                   [--skip-missing]
 
 Prints MyVOCevalseg's report (pixel accuracy, per-class accuracy, per-class IoU and
 their means, with its conventions: see ``caffelite.evaluate``).
 """
 import os
 
-from .evaluate import EvalError, evaluate, items_from_dirs, read_list
+from .evaluate import (DATASETS, EvalError, class_names, evaluate, items_from_dirs,
+                       read_list)
 
 
 def check_output_dir(flag, path, error=EvalError):
@@ -41,6 +43,12 @@ def add_parser(subparsers):
     src.add_argument("--pred", help="predicted label PNGs <pred>/<id>.png")
     src.add_argument("--features", help="MatWrite features <features>/<id>_blob_0.mat")
     sp.add_argument("--num-labels", type=int, default=21)
+    sp.add_argument("--dataset", choices=DATASETS,
+                    help="class names: voc (21) or coco (91, 'void' ids left out of the "
+                         "rows and means, as MyVOCevalseg); default: by --num-labels")
+    sp.add_argument("--argmax-features", action="store_true",
+                    help="the features are labels already, one channel (EvalSegResults' "
+                         "is_argmax, e.g. a net ending in ArgMax)")
     sp.add_argument("--ignore", type=int, default=255, help="GT label to ignore")
     sp.add_argument("--json", help="write the scores and confusion matrix here")
     sp.add_argument("--vis", help="write VOC-coloured predictions, overlays on the "
@@ -66,9 +74,12 @@ def run(args):
         check_output_file("--json", args.json)
     ids = [line.id for line in read_list(args.list)]
     items = items_from_dirs(ids, args.gt, args.images)
+    if args.argmax_features and not args.features:
+        raise EvalError("--argmax-features applies to --features")
+    names = class_names(args.num_labels, args.dataset)
     result = evaluate(items, args.num_labels, feature_dir=args.features, pred_dir=args.pred,
-                      ignore_label=args.ignore, vis_dir=args.vis,
-                      skip_missing=args.skip_missing)
+                      ignore_label=args.ignore, names=names, vis_dir=args.vis,
+                      skip_missing=args.skip_missing, argmax_done=args.argmax_features)
     print(result.report())
     if args.json:
         result.write_json(args.json)

@@ -47,11 +47,44 @@ class EvalError(ValueError):
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp")
 
 
-def class_names(num_labels):
-    """VOC's 21 names for 21 labels (background first), numbered names otherwise."""
-    if num_labels == 21:
+# GetCocoCategories.m: COCO's category ids 1..90 with their names; the ids that name
+# no category are 'void', which MyVOCevalseg leaves out of its rows and means.
+COCO_CATEGORY_IDS = (
+    1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25,
+    27, 28, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 46, 47, 48, 49, 50, 51,
+    52, 53, 54, 55, 56, 57, 58, 59, 60, 61, 62, 63, 64, 65, 67, 70, 72, 73, 74, 75, 76, 77,
+    78, 79, 80, 81, 82, 84, 85, 86, 87, 88, 89, 90)
+COCO_CATEGORIES = (
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
+    "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat",
+    "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack",
+    "umbrella", "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball",
+    "kite", "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket",
+    "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
+    "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair",
+    "couch", "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse",
+    "remote", "keyboard", "cell phone", "microwave", "oven", "toaster", "sink",
+    "refrigerator", "book", "clock", "vase", "scissors", "teddy bear", "hair drier",
+    "toothbrush")
+VOID = "void"
+DATASETS = ("voc", "coco")
+
+
+def class_names(num_labels, dataset=None):
+    """The kit's class names, background first: VOC's 21 (``dataset`` "voc", or by
+    default for 21 labels), COCO's 91 with 'void' for the ids without a category
+    ("coco", or by default for 91 labels), numbered names otherwise."""
+    if dataset is None:
+        dataset = {21: "voc", 91: "coco"}.get(num_labels)
+    if dataset == "voc" and num_labels == 21:
         from .demo.dataset import VOC_CLASSES
         return list(VOC_CLASSES)
+    if dataset == "coco" and num_labels == 91:
+        names = dict(zip(COCO_CATEGORY_IDS, COCO_CATEGORIES))
+        return ["background"] + [names.get(i, VOID) for i in range(1, 91)]
+    if dataset is not None:
+        raise EvalError(f"the {dataset} classes are {21 if dataset == 'voc' else 91} "
+                        f"labels, not {num_labels} (--num-labels)")
     return [f"class_{i}" for i in range(num_labels)]
 
 
@@ -130,9 +163,10 @@ def find_image(directory, name):
 
 
 # ------------------------------------------------------------------------ predictions
-def prediction_from_features(path, height, width, num_labels=None):
+def prediction_from_features(path, height, width, num_labels=None, argmax_done=False):
     """Argmax over classes (first maximum) of ``<id>_blob_0.mat`` cropped to the
-    top-left ``height`` x ``width``."""
+    top-left ``height`` x ``width``; with ``argmax_done`` (EvalSegResults' is_argmax,
+    for nets that write labels) the one channel as MATLAB's uint8() makes it."""
     try:
         scores, _ = read_mat(path, dtype=None)      # EvalSegResults loads any class
     except MatFileError as e:
@@ -141,13 +175,27 @@ def prediction_from_features(path, height, width, num_labels=None):
         raise EvalError(f"{path}: holds {scores.shape[0]} images; DeepLab test nets write "
                         f"one image per file (batch_size: 1)")
     scores = scores[0]
+    if argmax_done:
+        if scores.shape[0] != 1:
+            raise EvalError(f"{path}: features that are labels already have one channel, "
+                            f"not {scores.shape[0]}")
+        num_labels = 1
     if num_labels is not None and scores.shape[0] != num_labels:
         raise EvalError(f"{path}: features have {scores.shape[0]} channels but "
                         f"{num_labels} labels are evaluated (--num-labels)")
     if scores.shape[1] < height or scores.shape[2] < width:
         raise EvalError(f"{path}: features of size {scores.shape[1]}x{scores.shape[2]} are "
                         f"smaller than the image ({height}x{width})")
+    if argmax_done:
+        return matlab_uint8(scores[0, :height, :width])
     return matlab_argmax(scores[:, :height, :width]).astype(np.uint8)
+
+
+def matlab_uint8(values):
+    """MATLAB's uint8(): round half away from zero, saturate to [0, 255], NaN to 0."""
+    values = np.nan_to_num(np.asarray(values, np.float64), nan=0.0)
+    rounded = np.sign(values) * np.floor(np.abs(values) + 0.5)
+    return np.clip(rounded, 0, 255).astype(np.uint8)
 
 
 def matlab_argmax(scores):
@@ -264,23 +312,27 @@ def _ratio_percent(num, den):
     return 100.0 * float(num) / float(den if den else 1)
 
 
-def _mean(values):
-    """MATLAB's ``sum(v) / numel(v)`` over a short vector: left-to-right sum."""
+def _mean_of_real(values, void):
+    """MyVOCevalseg's means: the sum over every class divided by the number of classes
+    that are not 'void'."""
     total = 0.0
     for v in values:
         total += v
-    return total / len(values) if values else math.nan
+    count = len(values) - int(np.count_nonzero(void))
+    return total / count if count else math.nan
 
 
-def scores_from_confusion(confusion):
+def scores_from_confusion(confusion, void=None):
     """The numbers MyVOCevalseg prints, from the raw confusion counts.
 
     Percent values (``*_percent``) are computed exactly like the MATLAB script; the
     plain keys are the same as fractions in [0, 1].  ``present`` marks the classes
-    that occur in the ground truth or the prediction.
+    that occur in the ground truth or the prediction.  ``void`` marks classes named
+    'void' (COCO's ids without a category): the means divide by the other classes.
     """
     m = np.asarray(confusion, dtype=np.int64)
     n = m.shape[0]
+    void = np.zeros(n, bool) if void is None else np.asarray(void, bool)
     tp, gt_total, pred_total = np.diag(m), m.sum(axis=1), m.sum(axis=0)
     union = gt_total + pred_total - tp
     total = int(m.sum())
@@ -296,10 +348,12 @@ def scores_from_confusion(confusion):
         "present": present,
         "iou_percent": iou_pct,
         "class_accuracy_percent": acc_pct,
-        "miou_percent": _mean(iou_pct),
-        "mean_class_accuracy_percent": _mean(acc_pct),
+        "miou_percent": _mean_of_real(iou_pct, void),
+        "mean_class_accuracy_percent": _mean_of_real(acc_pct, void),
+        "void": void, "union": union,
         "pixel_accuracy_percent": overall_pct,
-        "miou_present": float(iou[present].mean()) if present.any() else 0.0,
+        "miou_present": float(iou[present & ~void].mean()) if (present & ~void).any()
+        else 0.0,
         "gt_pixels": gt_total, "pred_pixels": pred_total, "tp": tp,
     }
     scores["miou"] = scores["miou_percent"] / 100.0
@@ -314,16 +368,21 @@ def _fmt(value):
 
 
 def matlab_report(scores, names):
-    """MyVOCevalseg's printout, line for line."""
+    """MyVOCevalseg's printout, line for line ('void' classes have no row; one whose
+    union is not 0 or 1 pixel gets the script's warning instead)."""
     lines = [f"Percentage of pixels correctly labelled overall: "
              f"{_fmt(scores['pixel_accuracy_percent'])}%",
              "Accuracy for each class (pixel accuracy)"]
     lines += [f"  {name:>14}: {_fmt(v)}%"
-              for name, v in zip(names, scores["class_accuracy_percent"])]
+              for name, v in zip(names, scores["class_accuracy_percent"]) if name != VOID]
     lines += ["-------------------------",
               f"Mean Class Accuracy: {_fmt(scores['mean_class_accuracy_percent'])}%",
               "Accuracy for each class (intersection/union measure)"]
-    lines += [f"  {name:>14}: {_fmt(v)}%" for name, v in zip(names, scores["iou_percent"])]
+    for name, v, union in zip(names, scores["iou_percent"], scores["union"]):
+        if name != VOID:
+            lines.append(f"  {name:>14}: {_fmt(v)}%")
+        elif union > 1:
+            lines.append(f"WARNING: this void class has denom = {union}")
     lines += ["-------------------------",
               f"Average accuracy: {_fmt(scores['miou_percent'])}%"]
     return "\n".join(lines)
@@ -353,7 +412,8 @@ class EvalResult:
         self.num_images = num_images
         self.missing = list(missing)
         self.chart = None
-        self.scores = scores_from_confusion(self.confusion)
+        self.scores = scores_from_confusion(self.confusion,
+                                            [name == VOID for name in self.names])
 
     @property
     def miou(self):
@@ -384,7 +444,7 @@ class EvalResult:
                          "accuracy_percent": s["class_accuracy_percent"][i],
                          "gt_pixels": int(s["gt_pixels"][i]),
                          "pred_pixels": int(s["pred_pixels"][i]), "tp": int(s["tp"][i]),
-                         "present": bool(s["present"][i])}
+                         "present": bool(s["present"][i]), "void": bool(s["void"][i])}
                         for i, name in enumerate(self.names)],
             "confusion": self.confusion.tolist(),
             "confusion_percent": (100.0 * self.confusion / (1e-20 + rowsum)).tolist(),
@@ -401,7 +461,8 @@ class EvalResult:
 
 
 def evaluate(items, num_labels=21, feature_dir=None, pred_dir=None, ignore_label=255,
-             names=None, pred_out_dir=None, vis_dir=None, skip_missing=False):
+             names=None, pred_out_dir=None, vis_dir=None, skip_missing=False,
+             argmax_done=False):
     """Evaluate ``items`` (``EvalItem``s) from MatWrite features (``feature_dir``,
     ``<id>_blob_0.mat``) or label PNGs (``pred_dir``, ``<id>.png``).
 
@@ -439,7 +500,8 @@ def evaluate(items, num_labels=21, feature_dir=None, pred_dir=None, ignore_label
             raise EvalError(f"ground truth not found for '{item.id}': {item.gt}")
         gt = read_label_map(item.gt, "ground truth")
         if feature_dir is not None:
-            pred = prediction_from_features(source, *gt.shape, num_labels=num_labels)
+            pred = prediction_from_features(source, *gt.shape, num_labels=num_labels,
+                                            argmax_done=argmax_done)
         else:
             pred = read_prediction(source)
             if pred.shape != gt.shape:

@@ -356,3 +356,51 @@ def test_cli_main_one_line_errors(dataset, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1
     assert err[-1].startswith("caffelite eval: error: features not found for 'b': ")
+
+
+def test_coco_void_classes_are_left_out_of_the_rows_and_means():
+    """MyVOCevalseg with GetCocoCategories: ids without a category are 'void'; their
+    rows are not printed and the means divide by the 81 other classes (their values,
+    normally 0, stay in the sums); a void class whose union is over 1 pixel warns."""
+    from caffelite.evaluate import class_names
+    names = class_names(91)
+    assert names[:4] == ["background", "person", "bicycle", "car"]
+    assert names[90] == "toothbrush"
+    void = [i for i, n in enumerate(names) if n == "void"]
+    assert void == [12, 26, 29, 30, 45, 66, 68, 69, 71, 83]
+    confusion = np.diag([100] * 91)
+    confusion[void, void] = 0
+    result = EvalResult(confusion, names)
+    lines = result.report().splitlines()
+    assert "Mean Class Accuracy: 100.000%" in lines and lines[-1] == "Average accuracy: 100.000%"
+    assert len(lines) == 2 + 81 + 3 + 81 + 2
+    assert "            void" not in result.report()
+    confusion[12, 12] = 5                      # pixels labelled with a void id
+    confusion[12, 0] = 1
+    lines = EvalResult(confusion, names).report().splitlines()
+    warning = lines.index("WARNING: this void class has denom = 6")
+    assert lines[warning - 1] == "    fire hydrant: 100.000%"    # id 11; 12 is void
+    assert lines[warning + 1] == "       stop sign: 100.000%"
+    with pytest.raises(EvalError, match="the voc classes are 21 labels, not 91"):
+        class_names(91, "voc")
+
+
+def test_features_that_are_labels_already(dataset, capsys):
+    """EvalSegResults' is_argmax: a one-channel label map, uint8() as MATLAB rounds it,
+    no -1 and no argmax."""
+    from caffelite.evaluate import matlab_uint8
+    assert matlab_uint8([[-3.0, 0.5, 1.49, 2.5, np.nan, 300.0]]).tolist() == \
+        [[0, 1, 1, 3, 0, 255]]
+    d = dataset
+    labels = d["root"] / "labels"
+    labels.mkdir()
+    for name in GT:
+        h, w = PRED[name].shape
+        canvas = np.full((1, 1, h + 2, w + 1), 2.0, np.float32)
+        canvas[0, 0, :h, :w] = PRED[name] + np.float32(0.3)
+        write_mat(str(labels / f"{name}_blob_0.mat"), canvas)
+    assert _cli("--gt", str(d["gt"]), "--list", str(d["root"] / "val.txt"), "--features",
+                str(labels), "--num-labels", "3", "--argmax-features") == 0
+    assert "Average accuracy: 63.889%" in capsys.readouterr().out
+    with pytest.raises(EvalError, match="one channel, not 3"):
+        evaluate(_items(d), 3, feature_dir=str(d["feat"]), argmax_done=True)
