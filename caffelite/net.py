@@ -641,7 +641,9 @@ class Net:
             layer, bottom, top = self.layers[i], self.bottom_blobs[i], self.top_blobs[i]
             on_device = gpu and layer.runs_on_device
             guard = contextlib.nullcontext()
-            if gpu and not on_device:
+            if layer.python_layer:      # boost.python gave it copies of the lists
+                bottom, top = list(bottom), list(top)
+            elif gpu and not on_device:
                 guard = _read_only_on_host([b.memories()[0] for b in bottom],
                                            [m for t in top for m in t.memories()])
             try:
@@ -727,9 +729,12 @@ class Net:
             if not self.layer_need_backward[i]:
                 continue
             layer, top, bottom = self.layers[i], self.top_blobs[i], self.bottom_blobs[i]
+            propagate_down = self.bottom_need_backward[i]
             on_device = gpu and layer.runs_on_device
             guard = contextlib.nullcontext()
-            if gpu and not on_device:
+            if layer.python_layer:
+                top, bottom, propagate_down = list(top), list(bottom), list(propagate_down)
+            elif gpu and not on_device:
                 guard = _read_only_on_host(
                     [m for t in top for m in t.memories()] + [b.memories()[0] for b in bottom],
                     [b.memories()[1] for b in bottom])
@@ -737,7 +742,7 @@ class Net:
             # written there since: Caffe's backward reads whatever the diff holds).
             try:
                 with backend.device_access(on_device), guard:
-                    layer.backward(top, self.bottom_need_backward[i], bottom)
+                    layer.backward(top, propagate_down, bottom)
                     if self.debug_info:
                         self._backward_debug_info(i)
             except MemoryError as e:

@@ -12,6 +12,8 @@ from caffelite.net import NetError
 from caffelite.proto import caffe_pb2
 from google.protobuf import text_format
 
+from gpu_modes import gpu_mode  # noqa: F401  (the fixture)
+
 LAYERS_SOURCE = '''
 import numpy as np
 import caffelite as caffe
@@ -79,6 +81,26 @@ class Counter(caffe.Layer):
     def forward(self, bottom, top):
         self.calls += 1
         top[0].data[...] = self.calls
+
+
+class HostNumpy(caffe.Layer):
+    """Writes numpy arrays into its top and overwrites its bottom data (pycaffe: numpy
+    views of host memory, in GPU mode too)."""
+
+    def reshape(self, bottom, top):
+        top[0].reshape(*bottom[0].data.shape)
+
+    def forward(self, bottom, top):
+        assert type(bottom[0].data) is np.ndarray
+        top[0].data[...] = np.asarray(bottom[0].data) + 1
+        bottom[0].data[...] = 100
+
+    def backward(self, top, propagate_down, bottom):
+        self.seen = list(propagate_down)
+        if propagate_down[0]:
+            bottom[0].diff[...] = top[0].diff
+        propagate_down[0] = False           # a copy: the net's own list is untouched
+        bottom.append(None)
 
 
 class Broken(caffe.Layer):
@@ -287,3 +309,32 @@ def test_net_spec_python_layer(tmp_path, module):
     net = caffe.Net(str(path), caffe.TEST)
     out = net.forward(data=np.ones((2, 3), np.float32))
     assert (out["twice"] == 20).all()
+
+
+def test_python_layers_see_host_numpy_views_in_gpu_mode(tmp_path, module, gpu_mode):
+    """In GPU mode too a Python layer gets numpy arrays, and what it writes to any blob
+    (its bottom here) reaches the device layers after it; it gets copies of the lists
+    (propagate_down included), as boost.python hands them."""
+    body = ('layer { name: "two" type: "Power" bottom: "data" top: "a" '
+            'power_param { scale: 2 } }\n'
+            + python_layer("py", module, "HostNumpy", ["a"], ["b"])
+            + 'layer { name: "again" type: "Power" bottom: "a" top: "c" }\n'
+            + 'layer { name: "sum" type: "Eltwise" bottom: "b" bottom: "c" top: "s" }\n')
+    path = write_net(tmp_path / "net.prototxt", body)
+    x = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    results = []
+    for on in (False, True):
+        if on:
+            gpu_mode.on()
+        net = caffe.Net(path, caffe.TRAIN)
+        out = net.forward(data=x)
+        results.append((np.array(out["s"]), np.array(net.blobs["c"].data)))
+        for _ in range(2):
+            diff = net.backward(s=np.ones_like(x))
+            assert net.layer_dict["py"].seen == [True]
+        results[-1] += (np.array(diff["data"]),)
+        gpu_mode.off()
+    for host, device in zip(*results):
+        np.testing.assert_array_equal(host, device)
+    np.testing.assert_array_equal(results[0][1], np.full_like(x, 100))
+    np.testing.assert_array_equal(results[0][0], 2 * x + 1 + 100)

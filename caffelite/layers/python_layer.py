@@ -114,10 +114,14 @@ def _add_prototxt_dirs(module_name):
 def _prepare(layer, layer_param, phase, dtype):
     """Give the user's instance the state the net and pycaffe expect, whatever its own
     ``__init__`` did."""
+    # pycaffe hands a Python layer numpy views of host memory, in GPU mode too, and
+    # whatever it writes (bottoms included) is seen by the layers after it.
     for attr, value in (("layer_param", layer_param), ("name", layer_param.name),
                         ("type", layer_param.type), ("phase", int(phase)),
                         ("dtype", np.dtype(dtype)),
-                        ("param_str", layer_param.python_param.param_str)):
+                        ("param_str", layer_param.python_param.param_str),
+                        ("runs_on_device", False), ("graph_safe", False),
+                        ("python_layer", True)):
         try:
             setattr(layer, attr, value)
         except AttributeError:      # a read-only property the user defined
