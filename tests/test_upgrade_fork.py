@@ -339,3 +339,18 @@ def test_absent_v1_name_and_type_stay_absent():
     net, _ = prototxt.parse_net('layers { bottom: "a" top: "b" }')
     assert net == _v2('layer { bottom: "a" top: "b" }')
     assert not net.layer[0].HasField("name") and not net.layer[0].HasField("type")
+
+
+@pytest.mark.parametrize("extra, label_type", [("", "NONE"), ("label_type: PIXEL", "PIXEL"),
+                                               ("has_label: true", "IMAGE")])
+def test_deeplab_v1_has_label_false_is_label_type_none(extra, label_type):
+    """DeepLab v1's test nets read lists of images alone with has_label: false, which
+    the v2 fork's proto does not have: its label_type NONE (an explicit label_type
+    stays)."""
+    text = ('layers { name: "data" type: IMAGE_SEG_DATA top: "data" image_data_param { '
+            f'source: "list.txt" {"has_label: false" if "has_label" not in extra else ""} '
+            f'{extra} }} }}')
+    net, _ = prototxt.parse_net(text)
+    param = net.layer[0].image_data_param
+    assert not param.HasField("has_label")
+    assert caffe_pb2.ImageDataParameter.LabelType.Name(param.label_type) == label_type

@@ -196,7 +196,19 @@ def _upgrade_v1_layer(v1, where, deeplab_v1):
         _upgrade_softmaxloss(v1, layer, where)
     if enum_name == "PADDING":
         _upgrade_padding(v1, layer)
+    _upgrade_has_label(layer)
     return layer
+
+
+def _upgrade_has_label(layer):
+    """DeepLab v1's ``image_data_param { has_label: false }`` (test nets over lists of
+    images alone) is the v2 fork's ``label_type: NONE``: the label top holds
+    ignore_label instead of atoi of a missing column."""
+    param = layer.image_data_param
+    if layer.HasField("image_data_param") and param.HasField("has_label"):
+        if not param.has_label and not param.HasField("label_type"):
+            param.label_type = param.NONE
+        param.ClearField("has_label")
 
 
 def _upgrade_padding(v1, layer):
