@@ -863,11 +863,18 @@ def test_real_caffe_solverstate_restores_and_training_continues(tmp_path):
 
 
 # ------------------------------------------------------------------ stopping
-def test_nan_loss_stops_after_snapshotting_the_last_good_state(tmp_path):
-    prefix = tmp_path / "nan"
-    s = make_solver(tmp_path, f'lr_policy: "fixed" base_lr: 0.1 momentum: 0.9 '
+def snapshotting_solver(tmp_path, name, extra):
+    """A fixed-rate solver of ip_net, seeded, with its inputs set, snapshotting to
+    ``tmp_path / name``; returns (solver, prefix)."""
+    prefix = tmp_path / name
+    s = make_solver(tmp_path, f'lr_policy: "fixed" base_lr: 0.1 {extra} '
                     f'snapshot_prefix: "{prefix}" random_seed: 1', ip_net())
     set_inputs(s)
+    return s, prefix
+
+
+def test_nan_loss_stops_after_snapshotting_the_last_good_state(tmp_path):
+    s, prefix = snapshotting_solver(tmp_path, "nan", "momentum: 0.9")
 
     def poison():
         if s.iter == 2:
@@ -887,10 +894,7 @@ def test_nan_loss_stops_after_snapshotting_the_last_good_state(tmp_path):
 
 
 def test_stop_and_snapshot_requests(tmp_path):
-    prefix = tmp_path / "sig"
-    s = make_solver(tmp_path, f'lr_policy: "fixed" base_lr: 0.1 max_iter: 10 '
-                    f'snapshot_prefix: "{prefix}" random_seed: 1', ip_net())
-    set_inputs(s)
+    s, _ = snapshotting_solver(tmp_path, "sig", "max_iter: 10")
     s.add_callback(on_start=lambda: s.request_snapshot() if s.iter == 1 else None)
     s.add_callback(on_gradients=lambda: s.request_stop() if s.iter == 3 else None)
     s.solve()
@@ -904,10 +908,7 @@ def test_a_snapshot_and_a_stop_in_one_iteration_take_two_iterations(tmp_path):
     """Caffe's CheckForSignals hands out one signal per check, SIGHUP first: the
     snapshot after iteration 1, one more iteration, then the stop (and Solve's
     snapshot of iteration 3)."""
-    prefix = tmp_path / "both"
-    s = make_solver(tmp_path, f'lr_policy: "fixed" base_lr: 0.1 max_iter: 10 '
-                    f'snapshot_prefix: "{prefix}" random_seed: 1', ip_net())
-    set_inputs(s)
+    s, _ = snapshotting_solver(tmp_path, "both", "max_iter: 10")
 
     def both():
         if s.iter == 1:
@@ -923,10 +924,7 @@ def test_a_snapshot_and_a_stop_in_one_iteration_take_two_iterations(tmp_path):
 
 @pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="no SIGHUP on this platform")
 def test_signal_handlers_set_the_requests(tmp_path):
-    prefix = tmp_path / "hup"
-    s = make_solver(tmp_path, f'lr_policy: "fixed" base_lr: 0.1 '
-                    f'snapshot_prefix: "{prefix}" random_seed: 1', ip_net())
-    set_inputs(s)
+    s, prefix = snapshotting_solver(tmp_path, "hup", "")
     with pytest.raises(SolverError, match="invalid sigint_effect"):
         install_signal_handlers(s, "pause", "snapshot")
     sigint_before = signal.getsignal(signal.SIGINT)
