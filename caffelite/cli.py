@@ -22,7 +22,7 @@ import time
 
 import numpy as np
 
-from .log import log_fatal_to_files, logger, ostream_g, setup_logging
+from .log import format_output, log_fatal_to_files, logger, ostream_g, setup_logging
 from .net import NetOutOfMemory, memory_kind
 
 
@@ -89,13 +89,13 @@ def _select_device(args, solver_device=None):
         cuda_graphs.set_enabled(graphs)
     name = _device_name(device)
     if args.gpu == "all" and _device_count() > 1:
-        logger.warning("--gpu all: caffelite trains on one GPU; using GPU %d", device)
+        logger.warning("--gpu all: caffelite uses one GPU; using GPU %d", device)
     if args.command == "train":
         logger.info("Using GPUs %d", device)
         logger.info("GPU %d: %s", device, name)
     else:
         logger.info("Use GPU with device ID %d", device)
-        if args.command == "test":          # time() does not log the name
+        if args.command != "time":          # time() does not log the name
             logger.info("GPU device name: %s", name)
     if tf32 or cuda_graphs.enabled():
         logger.info("caffelite: %s", ", ".join(
@@ -145,15 +145,6 @@ def solver_device(solver_path, defines):
         return None
     default = "" if param.HasField("solver_mode") else ", the default"
     return param.device_id, f"{solver_path} (solver_mode: GPU{default})"
-
-
-def _format_output(name, value, weight):
-    """Caffe's "name = mean (* weight = weight * mean loss)", the product in float."""
-    text = f"{name} = {ostream_g(value)}"
-    if weight:
-        text += (f" (* {ostream_g(weight)} = "
-                 f"{ostream_g(np.float32(weight) * np.float32(value))} loss)")
-    return text
 
 
 def _net_output_values(net):
@@ -211,11 +202,10 @@ def score(net, iterations):
         progress.update(i + 1)
     progress.close()
     n = f32(iterations)
-    with np.errstate(invalid="ignore"):
-        logger.info("Loss: %s", ostream_g(total_loss / n))
+    logger.info("Loss: %s", ostream_g(total_loss / n))
     for key in order:
         total, weight = sums[key]
-        logger.info("%s", _format_output(key[1], total / n, weight))
+        logger.info("%s", format_output(key[1], total / n, weight))
 
 
 def cmd_train(args):
@@ -310,7 +300,7 @@ def cmd_time(args):
     _check_has_layers(net, args.model)
     logger.info("Performing Forward")
     initial_loss = net.forward_from_to()
-    logger.info("Initial loss: %g", initial_loss)
+    logger.info("Initial loss: %s", ostream_g(initial_loss))
     logger.info("Performing Backward")
     net.backward_from_to()
     n_layers = len(net.layers)
@@ -430,6 +420,11 @@ def common_arguments(sp):
                     help="on the GPU, record each pass into CUDA graphs once and launch "
                          "them whole (same numbers, less per-layer cost; default: on, "
                          "or CAFFELITE_CUDA_GRAPHS)")
+    glog_arguments(sp)
+
+
+def glog_arguments(sp):
+    """glog's flags, which caffe.bin takes through gflags (``-nologtostderr`` too)."""
     glog = sp.add_argument_group("glog's flags (as GLOG_* in the environment)")
     glog.add_argument("--log_dir", help="write glog's log files into this folder")
     glog.add_argument("--minloglevel", help="0 INFO .. 3 FATAL: log nothing below it")
@@ -437,6 +432,8 @@ def common_arguments(sp):
         glog.add_argument(f"--{flag}", nargs="?", const="true",
                           help="log to stderr only" if flag == "logtostderr"
                           else argparse.SUPPRESS)
+        glog.add_argument(f"--no{flag}", dest=flag, action="store_const", const="false",
+                          help=argparse.SUPPRESS)
     for flag in _GLOG_IGNORED_FLAGS:
         glog.add_argument(f"--{flag}", help=argparse.SUPPRESS)
     glog.add_argument("-v", "--v", help=argparse.SUPPRESS)
@@ -448,6 +445,9 @@ _GLOG_BOOL_FLAGS = ("logtostderr", "alsologtostderr", "colorlogtostderr",
                     "stop_logging_if_full_disk")
 _GLOG_IGNORED_FLAGS = ("stderrthreshold", "vmodule", "logbuflevel", "logbufsecs",
                        "max_log_size", "log_link")
+# Flags that never take the next word as their value.
+_FLAGS_WITHOUT_VALUE = set(_GLOG_BOOL_FLAGS) | {"no" + f for f in _GLOG_BOOL_FLAGS} | {
+    "tf32", "cuda-graphs", "no-cuda-graphs"}
 
 
 def glog_environment(args, environ=os.environ):
@@ -538,6 +538,7 @@ def build_parser():
                         "device_query`", description=_GFLAGS_NOTE)
     dq.add_argument("--gpu", default=None, help="device id, comma list or 'all'")
     dq.add_argument("--log", help="also write the log to this file")
+    glog_arguments(dq)
     _unused_caffe_flags(dq)
     dq.set_defaults(func=cmd_device_query)
 
@@ -597,7 +598,8 @@ def _verb_first(argv):
     i = 0
     while i < len(argv) and argv[i].startswith("-") and argv[i] not in ("-h", "--help"):
         name = argv[i].lstrip("-")
-        joined = "=" in name or name in _GLOG_BOOL_FLAGS or (name[:1] == "D" and name != "D")
+        joined = "=" in name or name in _FLAGS_WITHOUT_VALUE or (name[:1] == "D" and
+                                                                 name != "D")
         i += 1 if joined else 2
     if 0 < i < len(argv) and argv[i] in _CAFFE_VERBS:
         return [argv[i]] + argv[:i] + argv[i + 1:]

@@ -42,7 +42,9 @@ def add_parser(subparsers):
     src = sp.add_mutually_exclusive_group(required=True)
     src.add_argument("--pred", help="predicted label PNGs <pred>/<id>.png")
     src.add_argument("--features", help="MatWrite features <features>/<id>_blob_0.mat")
-    sp.add_argument("--num-labels", type=int, default=21)
+    sp.add_argument("--num-labels", type=int, default=None,
+                    help="classes, background included (default: 21, or 91 with "
+                         "--dataset coco)")
     sp.add_argument("--dataset", choices=DATASETS,
                     help="class names: voc (21) or coco (91, 'void' ids left out of the "
                          "rows and means, as MyVOCevalseg); default: by --num-labels")
@@ -63,6 +65,8 @@ def add_parser(subparsers):
 
 
 def run(args):
+    if args.num_labels is None:
+        args.num_labels = 91 if args.dataset == "coco" else 21
     if args.num_labels < 1:
         raise EvalError(f"--num-labels must be positive (got {args.num_labels})")
     for flag, path in (("--gt", args.gt), ("--pred", args.pred),

@@ -433,7 +433,8 @@ class EvalResult:
             return float(v) if math.isfinite(v) else None
         return {
             "convention": "MyVOCevalseg: IoU = TP/(TP+FP+FN), 0 for a class absent from "
-                          "both ground truth and prediction, averaged over all classes",
+                          "both ground truth and prediction, summed over all classes and "
+                          "divided by the number of classes not named 'void'",
             "num_labels": len(self.names), "ignore_label": self.ignore_label,
             "num_images": self.num_images, "missing": self.missing,
             "miou_percent": num(s["miou_percent"]),

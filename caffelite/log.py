@@ -16,6 +16,8 @@ import socket
 import sys
 import time
 
+import numpy as np
+
 _LEVELS = {logging.DEBUG: "I", logging.INFO: "I", logging.WARNING: "W",
            logging.ERROR: "E", logging.CRITICAL: "F"}
 # glog's severities, lowest first, and the logging level each file starts at.
@@ -40,6 +42,16 @@ def ostream_g(value):
     if math.isnan(value):
         return "-nan" if math.copysign(1.0, value) < 0 else "nan"
     return "%g" % value
+
+
+def format_output(name, value, weight):
+    """Caffe's "name = value (* weight = weight * value loss)" of a net output, the
+    product in float32."""
+    text = f"{name} = {ostream_g(value)}"
+    if weight:
+        product = np.float32(weight) * np.float32(value)
+        text += f" (* {ostream_g(weight)} = {ostream_g(product)} loss)"
+    return text
 
 
 logger = logging.getLogger("caffelite")

@@ -695,9 +695,9 @@ class Net:
                     sums[k + 2] = f32(sums[k + 2] + f32(xp.sum(array * array,
                                                                dtype=xp.float32)))
         l1_data, l1_diff, sq_data, sq_diff = sums
-        logger.error("    [Backward] All net params (data, diff): L1 norm = (%g, %g); "
-                     "L2 norm = (%g, %g)", l1_data, l1_diff, np.sqrt(sq_data),
-                     np.sqrt(sq_diff))
+        logger.error("    [Backward] All net params (data, diff): L1 norm = (%s, %s); "
+                     "L2 norm = (%s, %s)", *(ostream_g(v) for v in (
+                         l1_data, l1_diff, np.sqrt(sq_data), np.sqrt(sq_diff))))
 
     def backward_from_to(self, start=None, end=0):
         start = len(self.layers) - 1 if start is None else start
@@ -1062,16 +1062,16 @@ class Net:
                            f"({len(src.blobs)} in the file, {len(layer.blobs)} in the net)")
         relaxed = layer.name in self.relaxed_shape_layers
         for j, (target, blob) in enumerate(zip(layer.blobs, src.blobs)):
-            if blob.problem is not None:    # Blob::FromProto's count CHECK
-                raise blob.problem
             if not _shapes_match(target.shape, blob) and not (
-                    relaxed and target.count == blob.data.size):
+                    relaxed and blob.problem is None and target.count == blob.data.size):
                 raise NetError(
                     f"{path}: Cannot copy param {j} weights from layer '{src.name}'; shape "
                     f"mismatch.  Source param shape is {_shape_string(blob.shape)}; target "
                     f"param shape is {_shape_string(target.shape)}. To learn this layer's "
                     f"parameters from scratch rather than copying from a saved net, rename "
                     f"the layer.")
+            if blob.problem is not None:    # Blob::FromProto's count CHECK, after the shape's
+                raise NetError(f"{path}: layer '{src.name}' blob {j}: {blob.problem}")
             target.data[...] = blob.data.reshape(target.shape)
             if blob.diff is not None:        # Blob::FromProto copies a stored diff too
                 target.diff[...] = blob.diff.reshape(target.shape)

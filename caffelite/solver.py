@@ -41,7 +41,7 @@ from .backend import TEST, TRAIN, get_array_module
 from .io import prototxt, solverstate
 from .io.caffemodel import write_atomically
 from .io.upgrade import upgrade_solver, upgraded_state
-from .log import logger, ostream_g
+from .log import format_output, logger, ostream_g
 from .net import Net
 from .proto import caffe_pb2
 
@@ -403,10 +403,8 @@ class Solver:
             for value in values:
                 if divisor is not None:
                     value = np.float32(value / np.float32(divisor))
-                text = f"    {kind} net output #{index}: {name} = {_fmt(value)}"
-                if weight:
-                    text += f" (* {_fmt(weight)} = {_fmt(np.float32(weight) * value)} loss)"
-                logger.info("%s", text)
+                logger.info("    %s net output #%d: %s", kind, index,
+                            format_output(name, value, weight))
                 index += 1
 
     # ------------------------------------------------------------------ testing

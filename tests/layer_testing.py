@@ -167,3 +167,13 @@ def opencv_layer(layer_text, inputs, tops=("y",), weights=None):
         lines.append(f'layer {{ name: "out_{t}" type: "Dropout" bottom: "{t}" top: "out_{t}" }}')
     layers = [("under_test", param.type, list(weights))] if weights else []
     return opencv_forward("\n".join(lines), layers, inputs, [f"out_{t}" for t in tops])
+
+
+def assert_same_bits(actual, expected):
+    """Equal bit for bit (signed zeros included), NaN where NaN."""
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    nan = np.isnan(expected)
+    np.testing.assert_array_equal(np.isnan(actual), nan)
+    uint = np.uint32 if actual.dtype == np.float32 else np.uint64
+    np.testing.assert_array_equal(actual[~nan].view(uint), expected[~nan].view(uint))

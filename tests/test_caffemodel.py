@@ -116,6 +116,7 @@ def test_a_bad_blob_fails_only_when_its_layer_is_copied(tmp_path):
     """Caffe parses the whole file, then checks the value count of a blob in
     Blob::FromProto, i.e. only for layers of the net being loaded."""
     import caffelite as caffe
+    from caffelite.net import NetError
     model = caffe_pb2.NetParameter()
     good = model.layer.add(name="ip", type="InnerProduct")
     good.blobs.add(shape=caffe_pb2.BlobShape(dim=[2, 3]), data=list(range(6)))
@@ -131,5 +132,6 @@ def test_a_bad_blob_fails_only_when_its_layer_is_copied(tmp_path):
     net = caffe.Net(str(prototxt), str(weights), caffe.TEST)
     np.testing.assert_array_equal(net.params["ip"][0].data, np.arange(6).reshape(2, 3))
     prototxt.write_text((net_text % "other").replace("dim: 3", "dim: 2"))
-    with pytest.raises(CaffemodelError, match="holds 3 values instead of 4"):
+    with pytest.raises(NetError, match="layer 'other' blob 0: a blob of shape \\(2, 2\\) "
+                                       "holds 3 values instead of 4"):
         caffe.Net(str(prototxt), str(weights), caffe.TEST)

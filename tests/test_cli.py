@@ -429,3 +429,17 @@ def test_nan_prints_as_glibcs_ostream(tmp_path):
     out = run("test", "-model", str(net), "-iterations", "2")
     assert out.returncode == 0, out.stderr
     assert "Batch 1, w = -nan" in out.stderr and "] w = -nan" in out.stderr
+
+
+def test_flags_before_the_verb_and_glog_flags_of_every_verb():
+    from caffelite.cli import build_parser, gflags_style
+    assert gflags_style(["--tf32", "train", "-solver", "s"]) == \
+        ["train", "--tf32", "--solver", "s"]
+    assert gflags_style(["-nologtostderr", "-log_dir", "d", "test", "-model", "m"]) == \
+        ["test", "--nologtostderr", "--log_dir", "d", "--model", "m"]
+    args = build_parser().parse_args(gflags_style(
+        ["-log_dir=x", "device_query", "-gpu", "0", "-logtostderr", "-minloglevel", "1"]))
+    assert (args.command, args.log_dir, args.logtostderr, args.minloglevel) == \
+        ("device_query", "x", "true", "1")
+    args = build_parser().parse_args(gflags_style(["test", "-model", "m", "-nologtostderr"]))
+    assert args.logtostderr == "false"

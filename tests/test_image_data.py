@@ -901,12 +901,18 @@ def test_memory_data_and_dummy_data_set_up_checks(tmp_path):
                  'shape { dim: 2 dim: 3 } num: 5 channels: 1 height: 1 width: 1 } }')
 
 
-@pytest.mark.parametrize("values", [np.array([True, False]), np.array([b"1.5", b"2"])])
-def test_hdf5_data_reads_float_and_integer_datasets_only(tmp_path, values):
+@pytest.mark.parametrize("values, message", [
+    (np.array([True, False]), "float and integer datasets only"),
+    (np.array([b"1.5", b"2"]), "float and integer datasets only"),
+    (None, "'data' is a group, not a dataset")])
+def test_hdf5_data_reads_float_and_integer_datasets_only(tmp_path, values, message):
     h5py = pytest.importorskip("h5py")
     with h5py.File(tmp_path / "x.h5", "w") as h:
-        h["data"] = values
+        if values is None:
+            h.create_group("data")
+        else:
+            h["data"] = values
     (tmp_path / "x.txt").write_text(str(tmp_path / "x.h5"))
-    with pytest.raises(NetError, match="float and integer datasets only"):
+    with pytest.raises(NetError, match=message):
         make_net(f'''layer {{ name: "d" type: "HDF5Data" top: "data"
                    hdf5_data_param {{ source: "{tmp_path / 'x.txt'}" batch_size: 1 }} }}''')

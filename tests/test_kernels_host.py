@@ -31,7 +31,8 @@ from caffelite.solver import (AdaDeltaSolver, AdaGradSolver, AdamSolver, Nestero
                               RMSPropSolver, SGDSolver, _cpow)
 from caffelite.kernels.host import nvrtc_library, nvrtc_compile
 from gpu_modes import host_kernels_for
-from layer_testing import TEST, TRAIN, make_layer, run_forward, setup_layer
+from layer_testing import (TEST, TRAIN, assert_same_bits, make_layer, run_forward,
+                           setup_layer)
 
 FLOATS = [np.float32, np.float64]
 POISON_INT = -12345
@@ -968,13 +969,6 @@ def relu_backward_oracle(x, dy, slope):
         out = [g * (t(v > 0) + t(v <= 0) * t(slope))
                for v, g in zip(x.reshape(-1), dy.reshape(-1))]
     return np.array(out, x.dtype).reshape(x.shape)
-
-
-def assert_same_bits(actual, expected):
-    nan = np.isnan(expected)
-    np.testing.assert_array_equal(np.isnan(actual), nan)
-    np.testing.assert_array_equal(actual[~nan], expected[~nan])
-    np.testing.assert_array_equal(np.signbit(actual[~nan]), np.signbit(expected[~nan]))
 
 
 @pytest.mark.parametrize("slope", [0.0, 0.1, -0.5])

@@ -6,8 +6,8 @@ import pytest
 from caffelite import backend
 from caffelite.blob import Blob
 from caffelite.layer import LayerError
-from layer_testing import (TEST, TRAIN, check_gradient, make_layer, opencv_layer,
-                           run_forward, setup_layer)
+from layer_testing import (TEST, TRAIN, assert_same_bits, check_gradient, make_layer,
+                           opencv_layer, run_forward, setup_layer)
 
 SHAPE = (2, 3, 4, 5)
 
@@ -372,16 +372,6 @@ def test_prelu_loaded_slopes_must_match_channels():
 
 # ------------------------------------------------------------------ the fork's C++ expressions
 SPECIALS = [-np.inf, np.inf, np.nan, -0.0, 0.0, -1.0, 1.0, 1e-30, -1e-30, -3e38, 3e38]
-
-
-def assert_same_bits(actual, expected):
-    """Equal bit for bit (signed zeros included), NaN where NaN."""
-    actual, expected = np.asarray(actual), np.asarray(expected)
-    assert actual.dtype == expected.dtype and actual.shape == expected.shape
-    nan = np.isnan(expected)
-    np.testing.assert_array_equal(np.isnan(actual), nan)
-    uint = np.uint32 if actual.dtype == np.float32 else np.uint64
-    np.testing.assert_array_equal(actual[~nan].view(uint), expected[~nan].view(uint))
 
 
 def with_specials(size, dtype, seed, specials=SPECIALS):

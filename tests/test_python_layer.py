@@ -325,7 +325,7 @@ def test_python_layers_see_host_numpy_views_in_gpu_mode(tmp_path, module, gpu_mo
     results = []
     for on in (False, True):
         if on:
-            gpu_mode.on()
+            gpu_mode.on()           # (the fixture turns it off after the test)
         net = caffe.Net(path, caffe.TRAIN)
         out = net.forward(data=x)
         results.append((np.array(out["s"]), np.array(net.blobs["c"].data)))
@@ -333,7 +333,6 @@ def test_python_layers_see_host_numpy_views_in_gpu_mode(tmp_path, module, gpu_mo
             diff = net.backward(s=np.ones_like(x))
             assert net.layer_dict["py"].seen == [True]
         results[-1] += (np.array(diff["data"]),)
-        gpu_mode.off()
     for host, device in zip(*results):
         np.testing.assert_array_equal(host, device)
     np.testing.assert_array_equal(results[0][1], np.full_like(x, 100))

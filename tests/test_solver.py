@@ -343,8 +343,11 @@ def test_learning_rate_settings_the_fork_accepts(tmp_path):
     assert learning_rate(p, 7)[0] == np.float32(2.0)
     assert np.isnan(learning_rate(lr_param(lr_policy="poly", power=0.9, max_iter=0), 0)[0])
     for extra in ('lr_policy: "sigmoid" gamma: -0.01 stepsize: 0',
-                  'lr_policy: "exp" gamma: -0.5', 'lr_policy: "poly" power: 0.9'):
+                  'lr_policy: "exp" gamma: -0.5'):       # build and train
         solver = make_solver(tmp_path, "base_lr: 0.1\n" + extra, ip_net())
+        solver.step(1)
+        assert solver.iter == 1
+    solver = make_solver(tmp_path, 'base_lr: 0.1\nlr_policy: "poly" power: 0.9', ip_net())
     with pytest.raises(SolverError, match="undefined at iteration 0"):
         solver.step(1)
 

@@ -34,12 +34,17 @@ layers { name: "v1_relu" type: RELU bottom: "data" top: "v1" }
 
 
 def test_v1_layers_win_and_v2_layer_entries_are_dropped(caplog):
-    with caplog.at_level(logging.WARNING, logger="caffelite"):
+    with caplog.at_level(logging.INFO, logger="caffelite"):
         net, _ = prototxt.parse_net(MIXED, "mixed.prototxt")
     expected = _v2('name: "mixed" input: "data" input_dim: 1 input_dim: 2 input_dim: 1 '
                    'input_dim: 2 layer { name: "v1_relu" type: "ReLU" bottom: "data" top: "v1" }')
     assert net == expected
     assert _warnings(caplog, "mixed.prototxt")
+    # UpgradeV1Net fails, so UpgradeNetAsNeeded logs its problem line, not a success.
+    messages = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert ("ERROR", "Warning: had one or more problems upgrading V1LayerParameter (see "
+                     "above); continuing anyway.") in messages
+    assert not any("Successfully" in m for _, m in messages)
 
 
 # --- UpgradeV1LayerType: ARGMAX is "ArgMax" in nets the fork parses ----------------------

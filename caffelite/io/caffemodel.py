@@ -66,7 +66,9 @@ def _v1_enum_names():
 
 def read_caffemodel(path):
     """Return the list of LayerWeights stored in a caffemodel, in file order (the V1
-    ``layers`` only, when the file also has V2 ``layer`` entries)."""
+    ``layers`` only, when the file also has V2 ``layer`` entries).  A blob whose values
+    do not fit its shape has ``data`` None and the reason in ``problem`` (Caffe checks
+    that only for the layers it copies)."""
     try:
         with open(path, "rb") as f:
             buf = memoryview(f.read())

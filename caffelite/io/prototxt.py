@@ -76,9 +76,9 @@ _SIMPLE_ESCAPES = set("abfnrtv\\?'\"01234567")
 
 def _check_escapes(text, path):
     """protobuf's C++ tokenizer (Caffe's) refuses an escape other than \\a \\b \\f \\n
-    \\r \\t \\v \\\\ \\? \\' \\" (and octal, \\x hex, \\u and \\U ones) in a string; Python's parser
-    keeps such text as it is. Returns ``text`` with \\? as ?, which Python's parser
-    does not know either."""
+    \\r \\t \\v \\\\ \\? \\' \\" (and octal, \\x hex, \\u and \\U ones) in a
+    string; Python's parser keeps such text as it is. Returns ``text`` with \\? as ?,
+    which Python's parser does not know either."""
     def string(match):
         token = match.group(0)
         if token.startswith("#") or "\\" not in token:

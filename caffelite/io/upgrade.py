@@ -196,14 +196,14 @@ def _upgrade_v1_layer(v1, where, deeplab_v1):
         _upgrade_softmaxloss(v1, layer, where)
     if enum_name == "PADDING":
         _upgrade_padding(v1, layer)
-    _upgrade_has_label(layer)
     return layer
 
 
 def _upgrade_has_label(layer):
     """DeepLab v1's ``image_data_param { has_label: false }`` (test nets over lists of
-    images alone) is the v2 fork's ``label_type: NONE``: the label top holds
-    ignore_label instead of atoi of a missing column."""
+    images alone; in V1 ``layers`` or a hand-converted V2 ``layer``) is the v2 fork's
+    ``label_type: NONE``: the label top holds ignore_label instead of atoi of a missing
+    column."""
     param = layer.image_data_param
     if layer.HasField("image_data_param") and param.HasField("has_label"):
         if not param.has_label and not param.HasField("label_type"):
@@ -441,7 +441,8 @@ def upgrade_net(net, where="<net>"):
             _upgrade_data_transformation(net.layers)
             log_upgrade_done("data")
         log_upgrade_start("V1", where)
-        if len(net.layer):
+        mixed = len(net.layer) > 0
+        if mixed:
             # UpgradeV1Net logs an error and goes on with the V1 layers only.
             logger.warning("%s: the net has V1 'layers' and V2 'layer' entries; the %d V2 "
                            "'layer' entries are ignored, as Caffe's upgrade does",
@@ -453,9 +454,14 @@ def upgrade_net(net, where="<net>"):
                 relaxed.add(v1.name)
             net.layer.append(_upgrade_v1_layer(v1, where, deeplab_v1))
         net.ClearField("layers")
-        log_upgrade_done("V1")
+        if mixed:
+            logger.error("Warning: had one or more problems upgrading V1LayerParameter "
+                         "(see above); continuing anyway.")
+        else:
+            log_upgrade_done("V1")
     for layer in net.layer:
         _upgrade_hole(layer, where)
+        _upgrade_has_label(layer)
     return net, relaxed
 
 

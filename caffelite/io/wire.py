@@ -19,7 +19,7 @@ class BlobData:
     data: np.ndarray
     diff: np.ndarray = None
     legacy_shape: bool = False   # shape came from num/channels/height/width
-    problem: Exception = None    # values that do not fit the shape (read with lazy=True)
+    problem: str = None          # lazy=True: why the values do not fit (data is None)
 
 
 class WireReader:
@@ -112,7 +112,7 @@ def read_blob(reader, start, end, lazy=False):
             return None
         values = np.concatenate(parts) if len(parts) > 1 else parts[0]
         if values.size != count:
-            raise reader.fail(f"a blob of shape {shape} holds {values.size} values "
+            raise _BlobValues(f"a blob of shape {shape} holds {values.size} values "
                               f"instead of {count}")
         return values.astype(np.float32).reshape(shape)
 
@@ -120,14 +120,18 @@ def read_blob(reader, start, end, lazy=False):
         data = join(5, 8)
         if data is None:
             if count:
-                raise reader.fail(f"a blob of shape {shape} holds no values")
+                raise _BlobValues(f"a blob of shape {shape} holds no values")
             data = np.zeros(shape, np.float32)
         diff = join(6, 9)
-    except Exception as e:          # reader.fail's error, of the file kind's class
+    except _BlobValues as e:
         if not lazy:
-            raise
-        return BlobData(shape, None, None, bool(legacy), problem=e)
+            raise reader.fail(str(e)) from None
+        return BlobData(shape, None, None, bool(legacy), problem=str(e))
     return BlobData(shape, data, diff, bool(legacy))
+
+
+class _BlobValues(ValueError):
+    """A blob's values do not fit its shape."""
 
 
 # ----------------------------------------------------------------------------- writing

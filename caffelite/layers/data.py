@@ -5,7 +5,7 @@ import numpy as np
 
 from ..filler import fill
 from ..layer import Layer, register
-from .image_data import check_transform_param, init_transformer_rand
+from .image_data import read_transform_mean, init_transformer_rand
 
 
 @register("Input")
@@ -94,7 +94,7 @@ class MemoryDataLayer(Layer):
         self.batch_size = p.batch_size
         self.shape = (p.batch_size, p.channels, p.height, p.width)
         # DataTransformer's constructor (before LayerSetUp), then DataLayerSetUp's CHECK.
-        check_transform_param(self.layer_param.transform_param, self)
+        read_transform_mean(self.layer_param.transform_param, self)
         if not math.prod(self.shape) > 0:
             raise self.error(f"batch_size, channels, height, and width must be specified "
                              f"and positive (memory_data_param gives {self.shape})")

@@ -4,9 +4,9 @@ The bottom holds indices as floats (any shape); the top is bottom.shape + (num_o
 Weights are (input_dim, num_output), the transpose of InnerProduct's, and the bias
 (num_output,). An index is C's static_cast<int> of the value (truncation toward zero:
 1.5 reads row 1, -0.5 row 0); one outside [0, input_dim) after that, or NaN, is an
-error here (Caffe checks only in debug builds and reads stray memory). Backward adds each top row's diff into the weight
-row it read, in bottom order, and the column sums of the top diff into the bias diff;
-the indices get no gradient.
+error here (Caffe checks only in debug builds and reads stray memory). Backward adds
+each top row's diff into the weight row it read, in bottom order, and the column sums
+of the top diff into the bias diff; the indices get no gradient.
 """
 import numpy as np
 

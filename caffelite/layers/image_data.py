@@ -678,7 +678,7 @@ class ImageDataLayer(ImageListLayer):
     def setup(self, bottom, top):
         p, tp = self.layer_param.image_data_param, self.layer_param.transform_param
         _check_list_params(p, self)
-        mean = check_transform_param(tp, self)
+        mean = read_transform_mean(tp, self)
         source = p.source
         self.init_list(read_label_pairs(source, self))
         first = self.current_entry()
@@ -734,7 +734,7 @@ def _read_mean_file(path, layer):
     return mean.reshape(-1)[:channels * height * width].reshape(channels, height, width)
 
 
-def check_transform_param(tp, layer):
+def read_transform_mean(tp, layer):
     """DataTransformer's constructor: mean_file and mean_value exclude each other, and a
     mean_file must be readable (it is read even where no image is transformed)."""
     if tp.HasField("mean_file") and len(tp.mean_value):
@@ -849,6 +849,9 @@ class HDF5DataLayer(Layer):
                         raise self.error(f"HDF5 file '{path}' has no dataset '{name}' "
                                          f"(datasets are read by top name)")
                     dataset = f[name]
+                    if not isinstance(dataset, h5py.Dataset):
+                        raise self.error(f"HDF5 file '{path}': '{name}' is a group, not "
+                                         f"a dataset")
                     if dataset.dtype.kind not in "fiu":
                         raise self.error(f"HDF5 file '{path}': dataset '{name}' holds "
                                          f"{dataset.dtype} values; the fork reads float "

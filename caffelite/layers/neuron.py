@@ -79,7 +79,8 @@ def _has_negative_infinity(x):
 
 
 def _cpu_relu(x, slope, out):
-    """std::max(x, 0) + slope * std::min(x, 0). numpy's maximum(0, x) and minimum(0, x)
+    """std::max(x, 0) + slope * std::min(x, 0) (``slope`` a scalar or, for PReLU, an
+    array broadcast over x; ``out`` may be x). numpy's maximum(0, x) and minimum(0, x)
     return x on ties, as std::max(x, 0) and std::min(x, 0) do (-0 stays -0)."""
     zero = x.dtype.type(0)
     low = np.minimum(zero, x)
@@ -147,11 +148,7 @@ class PReLULayer(_SavesBottomInPlace):
         if on_device(xp):           # the fork's kernel: x > 0 ? x : x * slope
             top[0].data[...] = xp.where(x > 0, x, x * self._slope(x))
             return
-        # std::max(x, 0) + slope * std::min(x, 0): numpy's maximum(0, x) and
-        # minimum(0, x) return x on ties as those do, so -0 stays -0.
-        zero = x.dtype.type(0)
-        with np.errstate(invalid="ignore"):
-            top[0].data[...] = np.maximum(zero, x) + self._slope(x) * np.minimum(zero, x)
+        _cpu_relu(x, self._slope(x), top[0].data)     # the fork's CPU formula
 
     def backward(self, top, propagate_down, bottom):
         x = self.bottom_data(top, bottom)
