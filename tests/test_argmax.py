@@ -106,3 +106,29 @@ def test_no_backward():
     with pytest.raises(LayerError, match="no backward"):
         layer.backward(top, [True], bottom)
     layer.backward(top, [False], bottom)     # nothing asked, nothing done
+
+
+def caffe_top1(values):
+    """std::partial_sort(begin, begin + 1, end, greater<pair<value, index>>) read as a
+    scan: a later pair replaces the best when greater(later, best), i.e. unless its
+    value is smaller (ties and NaN comparisons go to the later index)."""
+    best = 0
+    for i in range(1, len(values)):
+        if not values[i] < values[best]:
+            best = i
+    return best
+
+
+def test_nan_scores_rank_as_caffes_partial_sort():
+    nan = np.nan
+    rows = np.array([[nan, 1, 0, 0.5],     # after the NaN: 1 at index 1
+                     [1, nan, 0, -1],      # after the NaN: 0 at index 2
+                     [0, 2, 1, nan],       # the last entry NaN: 3
+                     [nan, nan, nan, nan],
+                     [3, 1, 3, 2]], np.float32)
+    want = [caffe_top1(r) for r in rows]
+    assert want == [1, 2, 3, 3, 2]
+    _, _, _, y = forward('type: "ArgMax"', rows.reshape(5, 4, 1, 1))
+    np.testing.assert_array_equal(y.ravel(), want)
+    _, _, _, y = forward('type: "ArgMax" argmax_param { axis: 1 }', rows.reshape(5, 4, 1, 1))
+    np.testing.assert_array_equal(y.ravel(), want)

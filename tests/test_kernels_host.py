@@ -777,6 +777,21 @@ def test_seg_confusion_reports_first_bad_label(kern, launch):
     assert confusion.sum() == 4 and confusion[:, 2].sum() == 4    # all-tie scores -> class 2
 
 
+def test_seg_confusion_ranks_nan_scores_as_seg_accuracy(kern, launch):
+    """seg_confusion.cu: a NaN compares false both ways, so the class after it restarts
+    the search (std::partial_sort's scan), as SegAccuracy's host argmax."""
+    rng = np.random.default_rng(17)
+    scores = rng.integers(0, 3, (1, 4, 3, 5)).astype(np.float32)
+    scores[rng.random(scores.shape) < 0.3] = np.nan
+    labels = rng.integers(0, 4, (1, 1, 3, 5)).astype(np.float32)
+    layer = seg_accuracy_layer(scores, labels, [255])
+    confusion = np.zeros((4, 4), np.uint64)
+    first_bad = np.array([15], np.int32)
+    kern.run("seg_confusion", "seg_confusion", np.float32, 15, scores, labels, 4, 15,
+             np.array([255], np.int32), 1, confusion, first_bad, **launch)
+    np.testing.assert_array_equal(confusion, layer.confusion.astype(np.uint64))
+
+
 # ---------------------------------------------------------------- channel.cu, relu.cu
 def channel_layer(text, x, params, dtype, phase=TRAIN):
     """A CPU layer with its parameter blobs set, run forward and backward out of place;

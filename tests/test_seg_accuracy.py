@@ -118,3 +118,13 @@ def test_blobs_of_three_axes_use_the_legacy_shape():
     layer, bottom, top = seg_accuracy(scores=scores, labels=bad)
     with pytest.raises(LayerError, match="unexpected label 7 at num 0, row 1, col 0"):
         run_forward(layer, bottom, top)
+
+
+def test_nan_scores_predict_as_caffes_partial_sort():
+    """A NaN compares false both ways, so the class after it restarts the search:
+    (NaN, 1, 0) -> 1, (1, NaN, 0) -> 2, (0, 2, 1) -> 1 (seg_accuracy_layer.cpp)."""
+    scores = np.array([[(np.nan, 1, 0), (1, np.nan, 0), (0, 2, 1)]], np.float32)
+    layer, bottom, top = seg_accuracy(scores=scores_blob(scores),
+                                      labels=labels_blob([[1, 1, 2]]))
+    run_forward(layer, bottom, top)
+    assert layer.confusion.tolist() == [[0, 0, 0], [0, 1, 1], [0, 1, 0]]

@@ -372,6 +372,39 @@ def test_v1_loss_weights_and_repeated_ignore_labels():
         os.unlink(path)
 
 
+def test_v1_loss_in_float_is_v1s_loop():
+    """softmax_loss_layer.cpp of v1: ``loss -= w * log(max(p, FLT_MIN))`` with C's
+    double log into a float accumulator, and ``batch_weight += w`` in float, pixel by
+    pixel: the float32 loss is that loop's, bit for bit."""
+    rng = np.random.default_rng(8)
+    scores = rng.normal(size=(3, 21, 9, 11)).astype(np.float32) * 4
+    labels = rng.integers(0, 21, size=(3, 1, 9, 11)).astype(np.float32)
+    labels[rng.random(labels.shape) < 0.2] = 255
+    w = np.float32(rng.uniform(0.1, 3, 21))
+    path = weights_file(w.tolist())
+    try:
+        layer = make_layer('type: "SoftmaxWithLoss" softmaxloss_param { ignore_label: 255 '
+                           f'weight_source: "{path}" }} top: "loss" top: "prob"', TRAIN,
+                           np.float32)
+        bottom, top = setup_layer(layer, [scores, labels], 2, dtype=np.float32)
+        loss, prob = run_forward(layer, bottom, top)
+    finally:
+        os.unlink(path)
+    p = prob.reshape(3, 21, -1)
+    weights = w
+    total, batch_weight = np.float32(0), np.float32(0)
+    for i, row in enumerate(labels.reshape(3, -1)):
+        for j, label in enumerate(row):
+            if label == 255:
+                continue
+            l = int(label)
+            batch_weight = np.float32(batch_weight + weights[l])
+            clamped = max(p[i, l, j], np.float32(FLT_MIN))
+            total = np.float32(np.float64(total) - np.float64(weights[l]) *
+                               np.log(np.float64(clamped)))
+    assert loss.dtype == np.float32 and loss == np.float32(total / batch_weight)
+
+
 def test_v1_loss_stale_diffs_at_ignored_positions_and_nan():
     """Ignored positions are not written, then the whole diff is scaled by
     loss_weight / W; with every pixel ignored the loss is 0/0 = NaN."""

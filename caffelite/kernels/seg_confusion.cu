@@ -50,7 +50,9 @@ __global__ void seg_confusion(const int n, const T* __restrict__ scores,
     T best = s[0];
     int pred = 0;
     for (int c = 1; c < channels; ++c) {
-      if (s[c * spatial] >= best) {
+      // std::partial_sort with greater<pair> for top 1: a later class replaces the
+      // best unless it is smaller, so ties and NaNs go to the later class.
+      if (!(s[c * spatial] < best)) {
         best = s[c * spatial];
         pred = c;
       }

@@ -5,14 +5,30 @@ from ..backend import get_array_module
 from ..layer import Layer, register
 
 
+def argmax_ties_highest(xp, scores, axis=-1):
+    """Caffe's top 1 (std::partial_sort of (value, index) pairs with greater<>): a
+    later entry replaces the best unless it is smaller, so the highest index wins a
+    tie, and the entry after a NaN (or the NaN itself, when last) restarts the search:
+    the result is the top of what follows the last NaN."""
+    dim = scores.shape[axis]
+    nan = xp.isnan(scores)
+    if bool(nan.any()):
+        shape = [1] * scores.ndim
+        shape[axis] = dim
+        index = xp.arange(dim).reshape(shape)
+        last_nan = xp.where(nan, index, -1).max(axis=axis, keepdims=True)
+        scores = xp.where(index <= last_nan, -xp.inf, scores)
+    # Search the reversed axis so the first hit among equals is the highest index.
+    return dim - 1 - xp.argmax(xp.flip(scores, axis=axis), axis=axis)
+
+
 def top_k_indices(xp, rows, k):
     """Indices of the k largest entries along the last axis, Caffe's ranking: (value,
     index) pairs sorted descending, so among equal values the highest index wins."""
     dim = rows.shape[-1]
-    # Search the reversed rows so the first hit among equals is the highest index.
     reversed_rows = rows[..., ::-1]
     if k == 1:
-        pos = xp.argmax(reversed_rows, axis=-1)[..., None]
+        return argmax_ties_highest(xp, rows)[..., None]
     else:
         # CuPy's argsort is always stable (and older versions take no ``kind``).
         stable = {} if xp.__name__ == "cupy" else {"kind": "stable"}

@@ -10,6 +10,7 @@ from ..blob import legacy_shape
 from ..io.matfile import MatFileError, read_mat, write_mat
 from ..layer import Layer, register
 from ._device import contiguous, launch, on_device
+from .argmax import argmax_ties_highest
 from .softmax import label_text, truncated_labels
 
 logger = logging.getLogger("caffelite")
@@ -156,12 +157,6 @@ class MatReadLayer(Layer):
         self.iter = int(state["iter"])
 
 
-def argmax_ties_highest(scores, axis=1):
-    """Argmax that gives ties to the highest index (Caffe's partial-sort order)."""
-    flipped = np.flip(scores, axis=axis)
-    return scores.shape[axis] - 1 - np.argmax(flipped, axis=axis)
-
-
 @register("SegAccuracy")
 class SegAccuracyLayer(Layer):
     """Confusion-matrix scores [pixel accuracy, mean class recall, mean IoU].
@@ -208,7 +203,7 @@ class SegAccuracyLayer(Layer):
         if self.reset:
             self.confusion[...] = 0
         c = self.num_classes
-        pred = argmax_ties_highest(_to_numpy(bottom[0].data)).reshape(-1)
+        pred = argmax_ties_highest(np, _to_numpy(bottom[0].data), axis=1).reshape(-1)
         labels = _to_numpy(bottom[1].data).reshape(-1)
         gt, integer = truncated_labels(np, labels)
         keep = ~np.isin(gt, self.ignore) | ~integer     # no int value: a bad label

@@ -300,7 +300,8 @@ class _V1Loss:
     * optional per-class weights w from ``weight_source`` (whitespace-separated,
       non-negative, one per channel; all 1 without it);
     * loss = sum_valid w_l (-log max(p_l, FLT_MIN)) / W with W = sum_valid w_l, so a
-      batch with every pixel ignored gives NaN (0/0), as in v1;
+      batch with every pixel ignored gives NaN (0/0), as in v1; on the host both sums
+      are v1's loop (C's double log, a Dtype accumulator, pixel by pixel);
     * backward writes w_l (p_c - [c = l]) at valid positions only, then scales the
       WHOLE bottom diff by loss_weight / W: ignored positions keep (a rescaled copy
       of) whatever the previous backward left there;
@@ -385,10 +386,17 @@ class _V1Loss:
             table = xp.asarray(self.class_weights, dtype)
             w = xp.where(valid, table[self.label], dtype.type(0))
         self.w = w
-        self.total_weight = w.sum(dtype=dtype)
         p_true = xp.take_along_axis(self.prob, self.label[:, None, :], axis=1)[:, 0, :]
-        nll = -xp.log(xp.maximum(p_true, dtype.type(FLT_MIN)))
-        loss = xp.where(valid, w * nll, dtype.type(0)).sum(dtype=dtype)
+        clamped = xp.maximum(p_true, dtype.type(FLT_MIN))
+        if xp is np:
+            # v1's loop: loss -= w * log(max(p, FLT_MIN)) with C's double log, and
+            # batch_weight += w, each into a Dtype accumulator, pixel by pixel.
+            terms = w[valid].astype(np.float64) * np.log(clamped[valid].astype(np.float64))
+            loss = sequential_sum(-terms, dtype)
+            self.total_weight = sequential_sum(w[valid].astype(np.float64), dtype)
+        else:
+            loss = xp.where(valid, -w * xp.log(clamped), dtype.type(0)).sum(dtype=dtype)
+            self.total_weight = w.sum(dtype=dtype)
         with np.errstate(invalid="ignore", divide="ignore"):
             top[0].data[...] = loss / self.total_weight
         if len(top) > 1:
