@@ -226,13 +226,21 @@ def test_loss_weight_reaches_a_python_loss(tmp_path, module):
     np.testing.assert_allclose(net.blobs["data"].diff, 0.5 * x)
 
 
-def test_python_data_layer_without_backward(tmp_path, module):
+def test_python_layer_without_backward(tmp_path, module):
+    """A layer without backward runs where the net needs no backward from it; under
+    force_backward (every layer's backward runs) pycaffe raises AttributeError."""
     body = python_layer("counter", module, "Counter", top=["count"])
-    net = caffe.Net(write_net(tmp_path / "net.prototxt", body, inputs=""), caffe.TRAIN)
+    path = tmp_path / "net.prototxt"
+    net = caffe.Net(write_net(path, body, inputs=""), caffe.TRAIN)
     net.forward()
-    assert (net.forward()["count"] == 2).all()
-    net.backward()                                  # Layer's default: no gradient
-    assert net.layers[0].calls == 2
+    assert (net.forward()["count"] == 2).all() and net.layers[0].calls == 2
+    with pytest.raises(AttributeError, match="Python layer 'counter' .*Counter.* has no "
+                                             "backward"):
+        net.backward()
+    path.write_text(path.read_text().replace("force_backward: true", ""))
+    net = caffe.Net(str(path), caffe.TRAIN)
+    net.forward()
+    net.backward()                                  # not needed: not called
 
 
 def test_module_found_next_to_the_prototxt(tmp_path, monkeypatch):

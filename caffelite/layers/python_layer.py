@@ -126,6 +126,8 @@ def _prepare(layer, layer_param, phase, dtype):
             setattr(layer, attr, value)
         except AttributeError:      # a read-only property the user defined
             pass
+    if type(layer).backward is Layer.backward:
+        layer.backward = _missing_backward(layer)
     blobs = getattr(layer, "blobs", None) or []
     if not isinstance(blobs, BlobVec):
         layer.blobs = BlobVec(layer, blobs)
@@ -134,6 +136,25 @@ def _prepare(layer, layer_param, phase, dtype):
     if not hasattr(layer, "loss_weights"):
         layer.loss_weights = []
     return layer
+
+
+class MissingBackward(LayerError, AttributeError):
+    """pycaffe's AttributeError for a missing backward (a LayerError too, so the
+    command line reports it in one line)."""
+
+
+def _missing_backward(layer):
+    """pycaffe calls ``self.backward`` whenever the net needs the layer's backward (any
+    layer under force_backward): without one it raises AttributeError, where a silent
+    no-op would train on zero gradients."""
+    cls = type(layer)
+
+    def backward(top, propagate_down, bottom):
+        raise MissingBackward(
+            f"Python layer '{layer.name}' ({cls.__module__}.{cls.__name__}) has no "
+            f"backward(self, top, propagate_down, bottom), and the net needs its backward "
+            f"(define one; `pass` for a layer without gradients)")
+    return backward
 
 
 def create_python_layer(layer_param, phase=TEST, dtype=np.float32):
