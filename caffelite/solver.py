@@ -41,14 +41,10 @@ from .backend import TEST, TRAIN, get_array_module
 from .io import prototxt, solverstate
 from .io.caffemodel import write_atomically
 from .io.upgrade import upgrade_solver, upgraded_state
+from .layers._cpu_math import caffe_sign
 from .log import format_output, logger, ostream_g
 from .net import Net
 from .proto import caffe_pb2
-
-
-def _caffe_sign(x):
-    """caffe_cpu_sign: (0 < x) - (x < 0), so NaN gives 0 (numpy's sign gives NaN)."""
-    return (x > 0).astype(x.dtype) - (x < 0).astype(x.dtype)
 
 
 class SolverError(RuntimeError):
@@ -591,7 +587,7 @@ class Solver:
         if code == 1:
             diff += local_decay * data
         elif code == 2:
-            diff += local_decay * _caffe_sign(data)
+            diff += local_decay * caffe_sign(data)
 
     def _local_decay(self, prm, dt):
         return dt(dt(self.param.weight_decay) * dt(prm.decay_mult))

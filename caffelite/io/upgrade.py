@@ -250,11 +250,10 @@ def _needs_data_upgrade(v1_layers):
 
 
 def _upgrade_data_transformation(v1_layers):
-    """Caffe's UpgradeNetDataTransformation: once any data layer needs it, every data
-    layer gets its own parameter message and a transform_param (empty ones too), and the
-    old fields move from the former to the latter."""
-    if not _needs_data_upgrade(v1_layers):
-        return
+    """Caffe's UpgradeNetDataTransformation, run when any data layer needs it
+    (``_needs_data_upgrade``): every data layer gets its own parameter message and a
+    transform_param (empty ones too), and the old fields move from the former to the
+    latter."""
     for v1 in v1_layers:
         name = _data_param_name(v1)
         if not name:

@@ -35,6 +35,12 @@ def caffe_powx(xp, a, b):
     return xp.power(double(xp, a), double(xp, b)).astype(a.dtype, copy=False)
 
 
+def caffe_sign(x):
+    """caffe_cpu_sign (and its GPU twin): (0 < x) - (x < 0) in x's dtype, so 0 and NaN
+    give 0 where numpy's sign gives NaN for NaN."""
+    return (x > 0).astype(x.dtype) - (x < 0).astype(x.dtype)
+
+
 def c_double(value):
     """A Python or numpy scalar as C's double (for setup-time constants)."""
     return np.float64(value)

@@ -25,15 +25,13 @@ def argmax_ties_highest(xp, scores, axis=-1):
 def top_k_indices(xp, rows, k):
     """Indices of the k largest entries along the last axis, Caffe's ranking: (value,
     index) pairs sorted descending, so among equal values the highest index wins."""
-    dim = rows.shape[-1]
-    reversed_rows = rows[..., ::-1]
     if k == 1:
         return argmax_ties_highest(xp, rows)[..., None]
-    else:
-        # CuPy's argsort is always stable (and older versions take no ``kind``).
-        stable = {} if xp.__name__ == "cupy" else {"kind": "stable"}
-        pos = xp.argsort(-reversed_rows, axis=-1, **stable)[..., :k]
-    return dim - 1 - pos
+    # Sort the reversed rows stably so that among equals the highest index comes first.
+    # CuPy's argsort is always stable (and older versions take no ``kind``).
+    stable = {} if xp.__name__ == "cupy" else {"kind": "stable"}
+    pos = xp.argsort(-rows[..., ::-1], axis=-1, **stable)[..., :k]
+    return rows.shape[-1] - 1 - pos
 
 
 @register("ArgMax")

@@ -19,7 +19,7 @@ from ..caffe_rng import rng_bernoulli
 from ..filler import fill
 from ..layer import NeuronLayer, register
 from ..proto import caffe_pb2
-from ._cpu_math import c_double, caffe_exp, caffe_log, caffe_powx, double
+from ._cpu_math import c_double, caffe_exp, caffe_log, caffe_powx, caffe_sign, double
 from ._device import launch, on_device
 
 logger = logging.getLogger("caffelite")
@@ -256,10 +256,8 @@ class AbsValLayer(NeuronLayer):
     def backward(self, top, propagate_down, bottom):
         if propagate_down[0]:
             x = bottom[0].data
-            sign = (x > 0).astype(x.dtype)
-            sign -= x < 0
             with np.errstate(invalid="ignore"):
-                get_array_module(x).multiply(sign, top[0].diff, out=bottom[0].diff)
+                get_array_module(x).multiply(caffe_sign(x), top[0].diff, out=bottom[0].diff)
 
 
 @register("Power")

@@ -10,6 +10,7 @@ ASUM sign(x) * c (sign(0) = 0), SUMSQ (2c) * x.
 from ..backend import get_array_module
 from ..layer import Layer, register
 from ..proto import caffe_pb2
+from ._cpu_math import caffe_sign
 from .im2col import view
 
 _R = caffe_pb2.ReductionParameter
@@ -67,8 +68,6 @@ class ReductionLayer(Layer):
             return
         x = bottom[0].data.reshape(self.num, self.dim)
         if self.op == _R.ASUM:
-            # Caffe's sign: (0 < x) - (x < 0), so 0 (and NaN) give 0.
-            sign = (x > 0).astype(x.dtype) - (x < 0).astype(x.dtype)
-            diff[...] = sign * factor
+            diff[...] = caffe_sign(x) * factor
         else:
             diff[...] = (factor * 2) * x
