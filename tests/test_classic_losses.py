@@ -110,6 +110,33 @@ def test_hinge_zero_margin_has_zero_gradient_and_labels_truncate():
     np.testing.assert_array_equal(backward(layer, bottom, top, [True, False])[0], 0)
 
 
+@pytest.mark.parametrize("norm", ["L1", "L2"])
+def test_hinge_nan_score_gives_zero_margin_as_std_max(norm):
+    # The fork: diff = max(Dtype(0), 1 + diff) with std::max(a, b) = (a < b) ? b : a, so
+    # a NaN score leaves a margin of 0; the L1 gradient is caffe_cpu_sign's (0 at 0).
+    x = np.array([[np.nan, 0.5, -3.0], [0.2, np.nan, 1.0]], np.float32)
+    labels = np.array([0.0, 0.0])
+    text = f'type: "HingeLoss" hinge_loss_param {{ norm: {norm} }}'
+    layer, bottom, top, loss = forward(text, [x, labels], dtype=np.float32)
+
+    def std_max(a, b):
+        return b if a < b else a
+
+    margins = np.zeros((2, 3), np.float32)
+    for i in range(2):
+        for j in range(3):
+            v = -x[i, j] if j == int(labels[i]) else x[i, j]
+            margins[i, j] = std_max(np.float32(0), np.float32(1) + v)
+    want = margins.sum() if norm == "L1" else (margins * margins).sum()
+    assert np.isfinite(loss) and loss == pytest.approx(want / 2, rel=1e-6)
+    diff = backward(layer, bottom, top, [True, False])[0]
+    signed = margins.copy()
+    signed[np.arange(2), labels.astype(int)] *= -1
+    per = (signed > 0).astype(np.float32) - (signed < 0) if norm == "L1" else 2 * signed
+    np.testing.assert_allclose(diff, per / 2, rtol=1e-6)
+    assert diff[0, 0] == 0 and diff[1, 1] == 0
+
+
 # ------------------------------------------------------ MultinomialLogisticLoss
 def probabilities(rng, n, c):
     p = rng.random((n, c)) + 0.05

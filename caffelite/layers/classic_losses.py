@@ -13,7 +13,7 @@ import numpy as np
 from ..backend import get_array_module
 from ..blob import legacy_shape
 from ..layer import LossLayer, register
-from ._cpu_math import double, sequential_sum
+from ._cpu_math import caffe_sign, double, sequential_sum
 from ._device import scalar
 from .softmax import check_label_range, truncated_labels
 
@@ -77,7 +77,8 @@ class HingeLossLayer(_ItemLoss):
     loss = sum_nk max(0, 1 - t_nk x_nk) / num (L1), or of its squares (L2).
 
     The gradient is sign(margin) * (-t) * loss_weight / num (L1), or
-    2 * margin * (-t) * loss_weight / num (L2); a margin of exactly 0 gives 0.
+    2 * margin * (-t) * loss_weight / num (L2); a margin of exactly 0 gives 0.  As
+    the fork's std::max(0, 1 - t x), a NaN score gives a margin, loss and gradient of 0.
     (The fork keeps the margins in bottom[0].diff between forward and backward; they
     are kept in the layer here.)  Labels must be one per item, which the fork does not
     check (it reads the first num label values).
@@ -97,7 +98,9 @@ class HingeLossLayer(_ItemLoss):
         self.rows, self.lab = xp.arange(self.num), lab
         signed = bottom[0].data.reshape(self.num, self.dim).copy()
         signed[self.rows, lab] = -signed[self.rows, lab]
-        self.margin = xp.maximum(dtype(0), dtype(1) + signed)
+        shifted = dtype(1) + signed
+        # std::max(Dtype(0), v) is (0 < v) ? v : 0, so a NaN score gives a margin of 0.
+        self.margin = xp.where(dtype(0) < shifted, shifted, dtype(0))
         m = self.margin
         loss = m.sum(dtype=m.dtype) if self.norm == L1 else (m * m).sum(dtype=m.dtype)
         top[0].data[...] = loss / dtype(self.num)
@@ -112,7 +115,7 @@ class HingeLossLayer(_ItemLoss):
         g[self.rows, self.lab] = -g[self.rows, self.lab]
         loss_weight = dtype(scalar(top[0].diff))
         if self.norm == L1:
-            g = xp.sign(g) * (loss_weight / dtype(self.num))
+            g = caffe_sign(g) * (loss_weight / dtype(self.num))
         else:
             g = g * (loss_weight * dtype(2) / dtype(self.num))
         bottom[0].diff[...] = g.reshape(bottom[0].shape)
