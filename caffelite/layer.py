@@ -10,6 +10,7 @@ import numpy as np
 
 from .backend import TRAIN, TEST  # noqa: F401  (re-exported for layer modules)
 from .blob import Blob
+from .log import logger
 
 LAYER_REGISTRY = {}
 
@@ -47,11 +48,12 @@ def layer_type_list():
 
 def create_layer(layer_param, phase=TEST, dtype=np.float32):
     from . import layers  # noqa: F401  (importing the package registers every type)
+    logger.info("Creating layer %s", layer_param.name)     # LayerRegistry::CreateLayer
     cls = LAYER_REGISTRY.get(layer_param.type)
     if cls is None:
         raise LayerError(
-            f"layer '{layer_param.name}': unknown layer type '{layer_param.type}'. "
-            f"Known types: {', '.join(layer_type_list())}")
+            f"layer '{layer_param.name}': Unknown layer type: {layer_param.type} (known "
+            f"types: {', '.join(layer_type_list())})")
     return cls(layer_param, phase, dtype)
 
 

@@ -192,8 +192,8 @@ def insert_splits(net, inputs=()):
     for i, layer in enumerate(net.layer):
         for j, name in enumerate(layer.bottom):
             if name not in last_top:
-                raise NetError(f"layer '{layer.name}': unknown bottom blob '{name}' "
-                               f"(no earlier layer produces it)")
+                raise NetError(f"Unknown bottom blob '{name}' (layer '{layer.name}', "
+                               f"bottom index {j})")
             src = last_top[name]
             source_of[(i, j)] = src
             consumers[src] = consumers.get(src, 0) + 1
@@ -304,10 +304,13 @@ class Net:
         if logger.isEnabledFor(logging.INFO):      # the text takes a while for big nets
             logger.info("Initializing net from parameters: \n%s",
                         prototxt.message_to_text(filtered))
-        self._memory_used = 0           # Caffe's memory_used_: the tops' elements so far
+        self._memory_used = 0           # Caffe's memory_used_: the layers' top elements so far
         inputs = net_input_fields(filtered)
         self._inputs_from_fields = bool(inputs)
-        net = insert_splits(filtered, [name for name, _ in inputs])
+        try:
+            net = insert_splits(filtered, [name for name, _ in inputs])
+        except NetError as e:
+            raise NetError(f"{self.source}: {e}") from None
         self.layer_params = list(net.layer)
         self.layers = []
         self._layer_names = []
@@ -358,7 +361,6 @@ class Net:
         available[name] = blob
         self._inputs.append(name)
         logger.info("Input %d -> %s", len(self._inputs) - 1, name)
-        self._memory_used += blob.count
 
     def _prototxt_dir(self):
         """The prototxt's folder, where Python layer modules are also looked for."""
@@ -391,7 +393,8 @@ class Net:
                            f"value per bottom ({len(lp.bottom)}), or none")
         for j, name in enumerate(lp.bottom):
             if name not in self.blobs:
-                raise NetError(f"{self.source}: layer '{lp.name}': unknown bottom blob '{name}'")
+                raise NetError(f"{self.source}: Unknown bottom blob '{name}' (layer "
+                               f"'{lp.name}', bottom index {j})")
             bottoms.append(self.blobs[name])
             logger.info("%s <- %s", lp.name, name)
             available.pop(name, None)
@@ -406,19 +409,21 @@ class Net:
         try:
             layer.check_blob_counts(bottoms, tops)
             layer.setup(bottoms, tops)
-            self._share_params(lp, layer)
             layer.reshape(bottoms, tops)
         except LayerError as e:
             raise NetError(f"{self.source}: {e}") from None
         logger.info("Setting up %s", lp.name)      # after Layer::SetUp, as Net::Init
-        need_backward |= any(layer.param_propagate_down)
-        for name in lp.top:
-            blob_need_backward[name] = need_backward
         layer.loss_weights = self._loss_weights(lp, layer, len(tops))
         for top, w in zip(tops, layer.loss_weights):
             if w:
                 top.diff[...] = w
         self._log_tops(tops, layer.loss_weights)
+        # Net::Init counts a layer's params after its SetUp (LayerSetUp and Reshape: a
+        # Python layer may make its blobs in reshape) and its log lines.
+        self._share_params(lp, layer)
+        need_backward |= any(layer.param_propagate_down)
+        for name in lp.top:
+            blob_need_backward[name] = need_backward
         logger.debug("Created layer %s (%s), top shapes %s", lp.name, lp.type,
                      [t.shape for t in tops])
         if lp.type == "Input":
@@ -453,8 +458,8 @@ class Net:
             if in_place:
                 blob = self.blobs[name]
             elif name in self.blobs:
-                raise NetError(f"{self.source}: layer '{lp.name}': top blob '{name}' is "
-                               f"produced by more than one layer")
+                raise NetError(f"{self.source}: Top blob '{name}' produced by multiple "
+                               f"sources.")
             else:
                 blob = Blob((), self.dtype)
                 self.blobs[name] = blob
@@ -489,9 +494,9 @@ class Net:
         learnable parameter's lr/decay multipliers from the layer's own copy of them
         (which BatchNorm's setup completes with ``lr_mult: 0`` specs)."""
         if len(lp.param) > len(layer.blobs):
-            raise NetError(f"{self.source}: layer '{lp.name}': too many params specified: "
-                           f"{len(lp.param)} param specs for {len(layer.blobs)} parameter "
-                           f"blob(s)")
+            raise NetError(f"{self.source}: Too many params specified for layer {lp.name} "
+                           f"({len(lp.param)} param specs, {len(layer.blobs)} parameter "
+                           f"blobs)")
         default = caffe_pb2.ParamSpec()
         for i in range(len(layer.blobs)):
             spec = lp.param[i] if i < len(lp.param) else default
@@ -515,13 +520,13 @@ class Net:
             blob.share_diff(owner.blob)
             if spec.HasField("lr_mult"):
                 if owner.has_lr and owner.lr_mult != spec.lr_mult:
-                    raise NetError(f"{self.source}: shared param '{spec.name}' has "
-                                   f"conflicting lr_mult values")
+                    raise NetError(f"{self.source}: Shared param '{spec.name}' has "
+                                   f"mismatched lr_mult.")
                 owner.lr_mult, owner.has_lr = spec.lr_mult, True
             if spec.HasField("decay_mult"):
                 if owner.has_decay and owner.decay_mult != spec.decay_mult:
-                    raise NetError(f"{self.source}: shared param '{spec.name}' has "
-                                   f"conflicting decay_mult values")
+                    raise NetError(f"{self.source}: Shared param '{spec.name}' has "
+                                   f"mismatched decay_mult.")
                 owner.decay_mult, owner.has_decay = spec.decay_mult, True
 
     def _mask_batchnorm_statistics(self, lp, layer):
@@ -539,8 +544,14 @@ class Net:
         permissive = spec.share_mode == caffe_pb2.ParamSpec.PERMISSIVE
         ok = owner.count == blob.count if permissive else owner.shape == blob.shape
         if not ok:
-            raise NetError(f"{self.source}: layer '{lp.name}': shared param '{spec.name}' "
-                           f"(blob {i}) has shape {blob.shape} but its owner has {owner.shape}")
+            owner_layer = self._param_owner[spec.name][1]
+            what, mine = (("count", "shape is") if permissive else
+                          ("shape", "expects shape"))
+            raise NetError(
+                f"{self.source}: Cannot share param '{spec.name}' owned by layer "
+                f"'{owner_layer}' with layer '{lp.name}'; {what} mismatch.  Owner layer "
+                f"param shape is {_shape_string(owner.shape)}; sharing layer {mine} "
+                f"{_shape_string(blob.shape)}")
 
     def _prune_backward(self):
         """Caffe's pass from the last layer: skip layers that do not reach a loss."""
@@ -1092,15 +1103,17 @@ class Net:
         for name, source in zip(other._layer_names, other.layers):
             i = first.get(name)
             if i is None:
+                logger.info("Ignoring source layer %s", name)
                 continue
             layer = self.layers[i]
             if len(source.blobs) != len(layer.blobs):
-                raise NetError(f"layer '{name}': {len(layer.blobs)} blobs here, "
-                               f"{len(source.blobs)} in the net to share with")
+                raise NetError(f"Incompatible number of blobs for layer {name}")
             for j, (mine, src) in enumerate(zip(layer.blobs, source.blobs)):
                 if mine.shape != src.shape:
-                    raise NetError(f"layer '{name}' blob {j}: cannot share shape {src.shape} "
-                                   f"with {mine.shape}")
+                    raise NetError(
+                        f"Cannot share param {j} weights from layer '{name}'; shape "
+                        f"mismatch.  Source param shape is {_shape_string(src.shape)}; "
+                        f"target param shape is {_shape_string(mine.shape)}")
                 mine.share_data(src)
 
     share_with = share_trained_layers_with

@@ -319,14 +319,17 @@ def test_net_init_logs_caffes_lines(tmp_path):
     out = run("test", "-model", str(net), "-iterations", "1")
     assert out.returncode == 0, out.stderr
     lines = [l.split("] ", 1)[1] for l in out.stderr.splitlines() if GLOG.match(l)]
-    start = lines.index("Creating Layer data")
-    assert lines[start:start + 7] == [
-        "Creating Layer data", "data -> data", "data -> label", "Setting up data",
-        "Top shape: 2 3 4 4 (96)", "Top shape: 2 (2)", "Memory required for data: 392"]
-    loss = lines.index("Creating Layer loss")
-    assert lines[loss:loss + 8] == [
-        "Creating Layer loss", "loss <- ip", "loss <- label", "loss -> loss",
-        "Setting up loss", "Top shape: (1)", "    with loss weight 1",
+    start = lines.index("Creating layer data")     # the layer factory's line first
+    assert lines[start:start + 8] == [
+        "Creating layer data", "Creating Layer data", "data -> data", "data -> label",
+        "Setting up data", "Top shape: 2 3 4 4 (96)", "Top shape: 2 (2)",
+        "Memory required for data: 392"]
+    loss = lines.index("Creating layer loss")
+    # SoftmaxWithLoss's LayerSetUp makes its Softmax through the factory: a second line
+    assert lines[loss:loss + 10] == [
+        "Creating layer loss", "Creating Layer loss", "loss <- ip", "loss <- label",
+        "loss -> loss", "Creating layer loss", "Setting up loss", "Top shape: (1)",
+        "    with loss weight 1",
         "Memory required for data: 444"]   # the in-place top counts again, as in Caffe
     assert "r -> ip (in-place)" in lines
     decisions = [l for l in lines if l.endswith("backward computation.")]

@@ -258,7 +258,7 @@ NO_DATA = sorted({(c, 1 - ph) for c, ph, _ in CASES if "deploy" not in c}
 def test_phase_without_data_layer_fails_clearly(config, phase, tmp_path):
     """A train-only (or test-only) file in the other phase has no data layer."""
     param, _ = with_inputs(read_config(config, tmp_path), 65, phase, tmp_path)
-    with pytest.raises(NetError, match=r"unknown bottom blob 'data'"):
+    with pytest.raises(NetError, match=r"Unknown bottom blob 'data'"):
         caffe.Net(param=param, phase=phase)
 
 

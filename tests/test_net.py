@@ -206,12 +206,100 @@ def test_legacy_shapes_compare_right_aligned(tmp_path):
 
 
 def test_unknown_type_and_bottom_errors(tmp_path):
-    with pytest.raises(NetError, match="unknown layer type 'Foo'.*Known types: .*Convolution"):
+    with pytest.raises(NetError, match=r"Unknown layer type: Foo \(known types: .*Convolution"):
         make_net(tmp_path, NET + 'layer { name: "f" type: "Foo" bottom: "ip" top: "f" }')
-    with pytest.raises(NetError, match="layer 'r': unknown bottom blob 'nope'"):
+    with pytest.raises(NetError, match=r"Unknown bottom blob 'nope' \(layer 'r', bottom index 0\)"):
         make_net(tmp_path, NET + 'layer { name: "r" type: "ReLU" bottom: "nope" top: "r" }')
-    with pytest.raises(NetError, match="produced by more than one layer"):
+    with pytest.raises(NetError, match="Top blob 'conv2' produced by multiple sources."):
         make_net(tmp_path, NET + 'layer { name: "r" type: "ReLU" bottom: "ip" top: "conv2" }')
+
+
+def log_messages(caplog):
+    return [r.getMessage() for r in caplog.records if r.name == "caffelite"]
+
+
+def test_memory_line_counts_layer_tops_only(tmp_path, caplog):
+    # Net::Init's AppendTop for an `input` field does not add to memory_used_
+    text = ('input: "x" input_shape { dim: 2 dim: 3 }\n'
+            'input: "y" input_shape { dim: 2 dim: 4 }\n'
+            'layer { name: "s" type: "Split" bottom: "x" top: "s0" top: "s1" }\n')
+    caplog.set_level("INFO", logger="caffelite")
+    make_net(tmp_path, text)
+    memory = [m for m in log_messages(caplog) if m.startswith("Memory required")]
+    assert memory == ["Memory required for data: 48"]      # (6 + 6) floats of the split
+
+
+def test_sharing_lines_and_errors_come_after_the_layer_is_set_up(tmp_path, caplog):
+    caplog.set_level("INFO", logger="caffelite")
+    make_net(tmp_path)
+    lines = log_messages(caplog)
+    at = lines.index("Setting up conv3")
+    assert lines[at + 1:at + 5] == [
+        "Top shape: 2 4 5 5 (200)", "Memory required for data: 4800",
+        "Sharing parameters 'w2' owned by layer 'conv2', param index 0",
+        "Sharing parameters 'b2' owned by layer 'conv2', param index 1"]
+    # the factory's line, then Net::Init's
+    assert lines[lines.index("Creating layer conv3") + 1] == "Creating Layer conv3"
+
+
+def test_shared_param_shape_error_is_caffes(tmp_path):
+    text = NET.replace("num_output: 4 kernel_size: 3 pad: 1 } }\nlayer { name: \"sum\"",
+                       "num_output: 4 kernel_size: 1 } }\nlayer { name: \"sum\"")
+    assert text != NET
+    with pytest.raises(NetError) as error:
+        make_net(tmp_path, text)
+    assert str(error.value).endswith(
+        "Cannot share param 'w2' owned by layer 'conv2' with layer 'conv3'; shape mismatch.  "
+        "Owner layer param shape is 4 4 3 3 (144); sharing layer expects shape 4 4 1 1 (16)")
+
+
+def test_permissive_share_checks_the_count_in_caffes_words(tmp_path):
+    text = ('input: "x" input_shape { dim: 2 dim: 6 }\n'
+            'layer { name: "a" type: "InnerProduct" bottom: "x" top: "a" param { name: "w" }\n'
+            '  inner_product_param { num_output: 2 bias_term: false } }\n'
+            'layer { name: "b" type: "InnerProduct" bottom: "x" top: "b"\n'
+            '  param { name: "w" share_mode: PERMISSIVE }\n'
+            '  inner_product_param { num_output: 3 bias_term: false } }\n')
+    with pytest.raises(NetError) as error:
+        make_net(tmp_path, text)
+    assert str(error.value).endswith(
+        "Cannot share param 'w' owned by layer 'a' with layer 'b'; count mismatch.  Owner "
+        "layer param shape is 2 6 (12); sharing layer shape is 3 6 (18)")
+    ok = text.replace("num_output: 3", "num_output: 2")
+    net = make_net(tmp_path, ok)
+    assert net.params["b"][0].data.shape == (2, 6)
+
+
+@pytest.mark.parametrize("field", ["lr_mult", "decay_mult"])
+def test_shared_multiplier_mismatch_is_caffes_error(tmp_path, field):
+    text = NET.replace('param { name: "w2" } param { name: "b2" }\n'
+                       '  convolution_param { num_output: 4 kernel_size: 3 pad: 1 } }',
+                       f'param {{ name: "w2" {field}: 2 }} param {{ name: "b2" }}\n'
+                       '  convolution_param { num_output: 4 kernel_size: 3 pad: 1 } }')
+    text = text.replace('param { name: "w2" } param { name: "b2" }',
+                        f'param {{ name: "w2" {field}: 3 }} param {{ name: "b2" }}', 1)
+    with pytest.raises(NetError, match=f"Shared param 'w2' has mismatched {field}.$"):
+        make_net(tmp_path, text)
+
+
+def test_sharing_trained_layers_logs_the_ignored_ones(tmp_path, caplog):
+    # Net::ShareTrainedLayersWith, as Solver::Test calls it: a train-net layer the test
+    # net lacks is logged and skipped; a shape mismatch stops with Caffe's words
+    train = make_net(tmp_path, phase=caffe.TRAIN)
+    test = make_net(tmp_path, phase=caffe.TEST)
+    caplog.clear()
+    caplog.set_level("INFO", logger="caffelite")
+    test.share_with(train)
+    assert [m for m in log_messages(caplog) if m.startswith("Ignoring")] == [
+        "Ignoring source layer ip_ip_0_split", "Ignoring source layer train_only"]
+    assert test.params["ip"][0].data is not None
+    train.params["ip"][0].data[...] = 5
+    assert (test.params["ip"][0].data == 5).all()
+    other = make_net(tmp_path, NET.replace("num_output: 3", "num_output: 2"))
+    with pytest.raises(NetError, match=r"^Cannot share param 0 weights from layer 'ip'; "
+                       r"shape mismatch.  Source param shape is 3 100 \(300\); target "
+                       r"param shape is 2 100 \(200\)$"):
+        other.share_with(train)
 
 
 def test_input_fields_make_blobs_and_no_layer(tmp_path):

@@ -56,6 +56,19 @@ class LearnedScale(caffe.Layer):
             bottom[0].diff[...] = self.blobs[0].data[0] * top[0].diff
 
 
+class LazyScale(LearnedScale):
+    """LearnedScale whose blob is made in reshape, the first time it runs."""
+
+    def setup(self, bottom, top):
+        pass
+
+    def reshape(self, bottom, top):
+        if len(self.blobs) == 0:
+            self.blobs.add_blob(1)
+            self.blobs[0].data[0] = float(self.param_str or 1)
+        top[0].reshape(*bottom[0].data.shape)
+
+
 class SquareLoss(caffe.Layer):
     """0.5 * sum(bottom^2); a loss only through an explicit loss_weight, as in pycaffe."""
 
@@ -213,6 +226,32 @@ def test_blobs_added_in_setup_are_learned_saved_and_loaded(tmp_path, module):
     shared.share_with(solver.net)
     layer.blobs[0].data[0] = 7
     assert shared.layer_dict["w"].blobs[0].data[0] == 7
+
+
+def test_blobs_added_in_the_first_reshape_are_params(tmp_path, module):
+    # Net::Init counts a layer's params after Layer::SetUp, which ends with Reshape
+    net_text = (
+        "name: 'lazy' layer { name: 'data' type: 'DummyData' top: 'data' "
+        "dummy_data_param { shape { dim: 2 dim: 3 } data_filler { type: 'constant' "
+        "value: 2 } } }\n"
+        + python_layer("w", module, "LazyScale", ["data"], ["y"], "3")
+        + python_layer("loss", module, "SquareLoss", ["y"], ["loss"], extra="loss_weight: 1 "))
+    solver_param = caffe_pb2.SolverParameter()
+    text_format.Parse("base_lr: 0.01 lr_policy: 'fixed' max_iter: 1 momentum: 0", solver_param)
+    text_format.Parse(net_text, solver_param.net_param)
+    solver = caffe.SGDSolver(solver_param)
+    layer = solver.net.layer_dict["w"]
+    assert [p.blob for p in solver.net.learnable_params] == [layer.blobs[0]]
+    solver.step(1)
+    np.testing.assert_allclose(layer.blobs[0].data, [3 - 0.01 * 72], rtol=1e-6)
+
+    frozen = net_text.replace("param_str: '3' } ", "param_str: '3' } param { lr_mult: 0 } ")
+    assert frozen != net_text
+    path = tmp_path / "frozen.prototxt"
+    path.write_text(frozen)
+    net = caffe.Net(str(path), caffe.TRAIN)
+    assert net.layer_dict["w"].param_propagate_down == [False]
+    assert net.learnable_params[0].lr_mult == 0
 
 
 def test_loss_weight_reaches_a_python_loss(tmp_path, module):

@@ -15,6 +15,7 @@ import numpy as np
 from .. import backend
 from ..backend import get_array_module, to_host
 from ..layer import Layer, LossLayer, register
+from ..log import logger
 from ._cpu_math import caffe_exp, double, sequential_sum
 from ._device import contiguous, launch, on_device, scalar
 
@@ -173,6 +174,9 @@ class SoftmaxWithLossLayer(LossLayer):
         return self.v1 is None      # v1's loss reads its weight sum on the host
 
     def setup(self, bottom, top):
+        # The fork's LayerSetUp makes its internal Softmax through the layer factory,
+        # which logs it under this layer's name.
+        logger.info("Creating layer %s", self.layer_param.name)
         p = self.layer_param.loss_param
         self.v1 = _V1Loss(self, bottom) if self.layer_param.HasField("softmaxloss_param") \
             else None
