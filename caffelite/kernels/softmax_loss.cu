@@ -78,7 +78,7 @@ __global__ void softmax_backward(const int n, const T* top_data, const T* top_di
   }
 }
 
-// Per-position loss -log(max(p[label], FLT_MIN)) and count (1 = counted, 0 = ignored).
+// Per-position loss -log(fmax(p[label], FLT_MIN)) and count (1 = counted, 0 = ignored).
 // A label outside [0, channels) that is not the ignore label gives a NaN loss (Caffe
 // reads out of bounds there): the caller sees a NaN total and reports the bad label.
 template <typename T>
@@ -100,13 +100,16 @@ __global__ void softmax_loss_forward(const int n, const T* __restrict__ prob,
     } else {
       const int o = index / inner;
       const T p = prob[(o * channels + l) * inner + index % inner];
-      loss[index] = -log_t(p < T(FLT_MIN) ? T(FLT_MIN) : p);  // std::max: NaN stays NaN
+      // The fork's GPU max is CUDA's fmax, which gives FLT_MIN for a NaN probability:
+      // the 87.3365 (-log FLT_MIN) per position of a diverged net's GPU log.
+      loss[index] = -log_t(p >= T(FLT_MIN) ? p : T(FLT_MIN));
       counts[index] = T(1);
     }
   }
 }
 
-// bottom_diff = (p - onehot(label)) * scale, 0 at ignored positions; scale is
+// bottom_diff = (p - onehot(label)) * scale, 0 * scale at ignored positions (the fork
+// zeroes them, then scales the whole diff with cuBLAS); scale is
 // loss_diff[0] / normalizer in T (loss_diff: the loss top's diff, i.e. the loss weight,
 // read here on the device so the caller needs no device-to-host copy).
 template <typename T>
@@ -125,7 +128,7 @@ __global__ void softmax_loss_backward(const int n, const T* __restrict__ prob,
     const bool ignored = integer && has_ignore_label && l == ignore_label;
     for (int c = 0; c < channels; ++c) {
       const int k = base + c * inner;
-      bottom_diff[k] = ignored ? T(0) : (prob[k] - (c == l ? T(1) : T(0))) * scale;
+      bottom_diff[k] = (ignored ? T(0) : prob[k] - (c == l ? T(1) : T(0))) * scale;
     }
   }
 }

@@ -6,7 +6,9 @@ scale is k plus the window's ``alpha/n * x^2`` terms one by one, each later chan
 the previous one plus the entering term minus the leaving one, and the backward keeps
 its window of ratios as a running sum too (float rounding at every step, as the axpy
 loops round). The device sums each window directly (Caffe's GPU kernel has its own
-order too).
+order too), so beyond rounding it differs from the fork's running sums (CPU and GPU)
+once a square overflows: their sums stay Inf - Inf = NaN for every later channel, the
+device's windows are finite again after the Inf channel.
 
 WITHIN_CHANNEL: Caffe builds it from layers (split, Power(2), AVE Pooling with kernel n,
 pad (n-1)/2, stride 1, Power(power=-beta, scale=alpha, shift=1), Eltwise PROD), so

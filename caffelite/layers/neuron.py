@@ -190,7 +190,12 @@ class ELULayer(NeuronLayer):
 
     def forward(self, bottom, top):
         xp = get_array_module(bottom[0].data)
-        x = double(xp, bottom[0].data)   # Caffe: max(x, 0) + alpha * (exp(min(x, 0)) - 1)
+        x = double(xp, bottom[0].data)
+        if on_device(xp):           # the fork's ELUForward kernel
+            with np.errstate(over="ignore", invalid="ignore"):
+                top[0].data[...] = xp.where(x > 0, x, self.alpha * (xp.exp(x) - 1))
+            return
+        # the fork's CPU: max(x, 0) + alpha * (exp(min(x, 0)) - 1)
         top[0].data[...] = xp.maximum(x, 0) + self.alpha * (xp.exp(xp.minimum(x, 0)) - 1)
 
     def backward(self, top, propagate_down, bottom):
@@ -201,7 +206,15 @@ class ELULayer(NeuronLayer):
         xp = get_array_module(top[0].diff)
         x = bottom[0].data
         dy = top[0].diff
-        bottom[0].diff[...] = xp.where(x > 0, dy, dy * (top[0].data + self.alpha))
+        if on_device(xp):           # the fork's ELUBackward kernel
+            bottom[0].diff[...] = xp.where(x > 0, dy, dy * (top[0].data + self.alpha))
+            return
+        # the fork's CPU: dy * ((x > 0) + (alpha + y) * (x <= 0)): NaN at x = +inf
+        t = x.dtype.type
+        with np.errstate(invalid="ignore"):
+            bottom[0].diff[...] = dy * ((x > 0).astype(x.dtype) +
+                                        (t(self.alpha) + top[0].data) *
+                                        (x <= 0).astype(x.dtype))
 
 
 @register("Sigmoid")
@@ -438,7 +451,10 @@ class BNLLLayer(NeuronLayer):
             return
         xp = get_array_module(top[0].diff)
         x = bottom[0].data
-        e = xp.exp(double(xp, xp.minimum(x, x.dtype.type(BNLL_THRESHOLD)))).astype(x.dtype)
+        # std::min on the host propagates a NaN; the fork's GPU min is CUDA's fmin, which
+        # gives the threshold for it (a gradient of about dy)
+        clip = xp.fmin if on_device(xp) else xp.minimum
+        e = xp.exp(double(xp, clip(x, x.dtype.type(BNLL_THRESHOLD)))).astype(x.dtype)
         bottom[0].diff[...] = double(xp, top[0].diff * e) / (double(xp, e) + 1)
 
 
@@ -524,7 +540,7 @@ class DropoutLayer(NeuronLayer):
         state = self._device_generator(xp)
         blocks = -(-x.size // 4)            # one Philox call gives four units' words
         launch("dropout", "dropout_forward", x.dtype, blocks, x.size, x, state,
-               self.threshold, self.scale, mask, y)
+               self.threshold, self._device_scale(), mask, y)
         launch("dropout", "philox_advance", x.dtype, 1, state, blocks)
 
     def _device_generator(self, xp):
@@ -546,4 +562,16 @@ class DropoutLayer(NeuronLayer):
                 bottom[0].diff[...] = top[0].diff
             return
         dy = top[0].diff
-        _masked_scale(get_array_module(dy), dy, self.mask, self.scale, bottom[0].diff)
+        xp = get_array_module(dy)
+        if not on_device(xp):
+            _masked_scale(xp, dy, self.mask, self.scale, bottom[0].diff)
+            return
+        # the fork's DropoutBackward kernel: (dy * scale) * mask
+        with np.errstate(invalid="ignore"):
+            xp.multiply(dy, self._device_scale(), out=bottom[0].diff)
+            xp.multiply(bottom[0].diff, self.mask, out=bottom[0].diff)
+
+    def _device_scale(self):
+        """The scale as the fork's CUDA kernels take it: a float parameter, whatever
+        the net's dtype."""
+        return self.dtype.type(np.float32(self.scale))

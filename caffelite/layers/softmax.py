@@ -289,8 +289,11 @@ class SoftmaxWithLossLayer(LossLayer):
             return
         scale = dtype(scalar(top[0].diff)) / dtype(self.norm)
         onehot = xp.arange(channels)[None, :, None] == self.label[:, None, :]
-        d = (self.prob - onehot.astype(self.prob.dtype)) * self.valid[:, None, :]
-        bottom[0].diff[...] = (d * scale).reshape(bottom[0].shape)
+        # ignored positions are set to 0, then everything is scaled (caffe_scal)
+        d = xp.where(self.valid[:, None, :], self.prob - onehot.astype(self.prob.dtype),
+                     dtype(0))
+        with np.errstate(invalid="ignore"):
+            bottom[0].diff[...] = (d * scale).reshape(bottom[0].shape)
 
 
 class _V1Loss:

@@ -12,8 +12,12 @@ the same per tap for the data gradient (into the input rectangle) and the weight
 gradient (into the tap's weights).
 
 The sums have the same non-zero terms as the im2col path, added tap by tap instead of
-in one long dot product, so GPU results differ from it by rounding only (cuBLAS's order
-differs from the CPU's anyway); on integer data both are exact. The CPU keeps im2col,
+in one long dot product, so for finite values GPU results differ from it by rounding
+only (cuBLAS's order differs from the CPU's anyway); on integer data both are exact.
+The padding's zeros are not multiplied, so an Inf or NaN weight (or top gradient) does
+not reach the outputs (or the other taps' weight gradients) through 0 * Inf = NaN as
+it does through the fork's im2col GEMM: a diverged net's layer is then partly finite
+where the fork's is NaN throughout. The CPU keeps im2col,
 Caffe's float order. Used for 2-D convolutions with stride 1 on the device when the
 taps reach at most MAX_REACH of the window positions and that saves at least
 MIN_SAVED_FLOPS per GEMM: the path makes three calls per tap where im2col makes two per
