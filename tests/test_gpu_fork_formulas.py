@@ -137,3 +137,15 @@ def test_dropout_scale_of_a_double_net(mode):
         scale = np.float64(F32(scale))
     np.testing.assert_array_equal(y[kept], x[kept] * scale)
     np.testing.assert_array_equal(dx[kept], scale)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_lrn_running_sums_turn_nan_after_an_overflow(mode):
+    # the fork's CPU loops and GPU kernel both keep one running window sum: once a
+    # square overflows, every later channel's scale is inf - inf = NaN
+    x = np.ones((1, 8, 2, 1), F32)
+    x[0, 1] = 2e19
+    text = 'type: "LRN" lrn_param { local_size: 3 alpha: 1 beta: 0.75 }'
+    (y,), (dx,), _ = run(text, [x], [np.ones(x.shape, F32)], mode)
+    assert (y[0, :3] == 0).all() and np.isnan(y[0, 3:]).all()
+    assert np.isnan(dx[0, 3:]).all()

@@ -70,12 +70,12 @@ def assert_within(actual, expected, bound, what):
 def test_every_kernel_module_is_covered_here():
     """One test group per module: im2col.cu, pooling.cu, interp.cu, softmax_loss.cu,
     eltwise.cu, sgd_update.cu, seg_confusion.cu, channel.cu, relu.cu, dropout.cu,
-    domain_transform.cu; permutohedral.cu (the dense CRF) is tested in
+    domain_transform.cu, lrn.cu; permutohedral.cu (the dense CRF) is tested in
     test_crf_gpu_kernels.py, conv_igemm.cu (the tensor-core convolution) in
     test_conv_igemm.py."""
     assert kernels.module_names() == ["channel", "conv_igemm", "domain_transform",
                                       "dropout", "eltwise",
-                                      "im2col", "interp", "permutohedral", "pooling",
+                                      "im2col", "interp", "lrn", "permutohedral", "pooling",
                                       "relu", "seg_confusion", "sgd_update",
                                       "softmax_loss"]
 
@@ -86,8 +86,9 @@ def test_every_module_compiles_without_warnings(host_kernels):
         assert set(mod.signatures) == set(kernels.kernel_signatures(kernels.source(name)))
 
 
-# Kernels that call expf/logf, whose CUDA implementations use fma and approximations.
-LIBM_KERNELS = {"softmax_forward", "softmax_loss_forward", "crf_softmax"}
+# Kernels that call expf/logf/powf, whose CUDA implementations use fma and approximations.
+LIBM_KERNELS = {"softmax_forward", "softmax_loss_forward", "crf_softmax", "lrn_output",
+                "lrn_diff"}
 
 
 def ptx_entries(ptx):
@@ -1122,3 +1123,116 @@ def test_domain_transform_backward_pass_matches_numpy(kern, launch, axis, direct
     np.testing.assert_array_equal(out_acc, expected_acc)
     np.testing.assert_array_equal(out_g[2], g[2])
     assert not np.array_equal(out_acc[0], acc[0])      # the full-size sample did work
+
+
+# ---------------------------------------------------------------------------- lrn.cu
+def lrn_fill_scale_oracle(x, size, alpha_over_size, k):
+    """The fork's LRNFillScale, its three loops over ``head`` as written, for every pixel
+    at once, in x's dtype."""
+    t = x.dtype.type
+    channels = x.shape[1]
+    post_pad = size - (size - 1) // 2 - 1
+    scale = np.full(x.shape, np.nan, x.dtype)
+    accum = np.zeros(x.shape[:1] + x.shape[2:], x.dtype)
+    head = 0
+    with np.errstate(over="ignore", invalid="ignore"):
+        while head < post_pad and head < channels:
+            accum = accum + x[:, head] * x[:, head]
+            head += 1
+        while head < channels:
+            accum = accum + x[:, head] * x[:, head]
+            if head - size >= 0:
+                accum = accum - x[:, head - size] * x[:, head - size]
+            scale[:, head - post_pad] = t(k) + accum * t(alpha_over_size)
+            head += 1
+        while head < channels + post_pad:
+            if head - size >= 0:
+                accum = accum - x[:, head - size] * x[:, head - size]
+            scale[:, head - post_pad] = t(k) + accum * t(alpha_over_size)
+            head += 1
+    return scale
+
+
+def lrn_diff_oracle(x, y, scale, dy, size, negative_beta, cache_ratio):
+    """The fork's LRNComputeDiff, its three loops as written, in x's dtype."""
+    t = x.dtype.type
+    channels = x.shape[1]
+    pre_pad = size - (size + 1) // 2
+    post_pad = size - pre_pad - 1
+    dx = np.full(x.shape, np.nan, x.dtype)
+    accum = np.zeros(x.shape[:1] + x.shape[2:], x.dtype)
+
+    def ratio(c):
+        return dy[:, c] * y[:, c] / scale[:, c]
+
+    def store(c):
+        dx[:, c] = (dy[:, c] * np.power(scale[:, c], t(negative_beta))
+                    - t(cache_ratio) * x[:, c] * accum)
+
+    head = 0
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        while head < post_pad and head < channels:
+            accum = accum + ratio(head)
+            head += 1
+        while head < channels:
+            accum = accum + ratio(head)
+            if head - size >= 0:
+                accum = accum - ratio(head - size)
+            store(head - post_pad)
+            head += 1
+        while head < channels + post_pad:
+            if head - size >= 0:
+                accum = accum - ratio(head - size)
+            store(head - post_pad)
+            head += 1
+    return dx
+
+
+def assert_within_ulps(actual, expected, ulps, what):
+    assert np.array_equal(np.isnan(actual), np.isnan(expected)), what
+    finite = np.isfinite(expected)
+    assert np.array_equal(actual[~finite & ~np.isnan(expected)],
+                          expected[~finite & ~np.isnan(expected)]), what
+    spacing = np.spacing(np.abs(expected[finite]).astype(expected.dtype))
+    err = np.abs(actual[finite].astype(np.float64) - expected[finite])
+    assert np.all(err <= ulps * spacing.astype(np.float64)), (what, err.max())
+
+
+@pytest.mark.parametrize("size, channels", [(5, 7), (3, 3), (1, 4), (5, 2), (7, 16)])
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_lrn_kernels_are_the_forks_loops(kern, launch, size, channels, dtype):
+    """lrn.cu: LRNFillScale bit for bit (one running sum per pixel, alpha/n after the
+    sum); the output and the diff with pow within 2 ulp of numpy's."""
+    rng = np.random.default_rng(40 + size + channels)
+    t = np.dtype(dtype).type
+    num, height, width = 2, 3, 5
+    x = rng.standard_normal((num, channels, height, width)).astype(dtype)
+    alpha, beta, k = t(np.float32(1e-2)), t(np.float32(0.75)), t(np.float32(2.0))
+    alpha_over_size = alpha / t(size)
+    plane = height * width
+    scale = poisoned(x.shape, dtype)
+    kern.run("lrn", "lrn_fill_scale", dtype, num * plane, x, channels, plane, size,
+             alpha_over_size, k, scale, **launch)
+    expected_scale = lrn_fill_scale_oracle(x, size, alpha_over_size, k)
+    assert_same_bits(scale, expected_scale)
+    y = poisoned(x.shape, dtype)
+    kern.run("lrn", "lrn_output", dtype, x.size, x, scale, -beta, y, **launch)
+    assert_within_ulps(y, x * np.power(expected_scale, -beta), 2, "lrn_output")
+    dy = rng.standard_normal(x.shape).astype(dtype)
+    cache_ratio = t(2.0 * float(alpha) * float(beta) / size)
+    dx = poisoned(x.shape, dtype)
+    kern.run("lrn", "lrn_diff", dtype, num * plane, x, y, scale, dy, channels, plane, size,
+             -beta, cache_ratio, dx, **launch)
+    expected = lrn_diff_oracle(x, y, expected_scale, dy, size, -beta, cache_ratio)
+    assert_within_ulps(dx, expected, 4, "lrn_diff")
+
+
+def test_lrn_kernel_keeps_the_running_sums_nan_after_an_overflow(kern, launch):
+    # x^2 = inf at channel 1: the scale is inf while the window holds it, then inf - inf
+    x = np.ones((1, 8, 1, 1), np.float32)
+    x[0, 1] = 2e19
+    scale = poisoned(x.shape, np.float32)
+    kern.run("lrn", "lrn_fill_scale", np.float32, 1, x, 8, 1, 3, np.float32(1 / 3),
+             np.float32(1), scale, **launch)
+    s = scale.ravel()
+    assert (s[:3] == np.inf).all() and np.isnan(s[3:]).all()

@@ -5,10 +5,10 @@ c)^-beta`` (zero-padded at the channel ends). On the CPU in the fork's order: ch
 scale is k plus the window's ``alpha/n * x^2`` terms one by one, each later channel's is
 the previous one plus the entering term minus the leaving one, and the backward keeps
 its window of ratios as a running sum too (float rounding at every step, as the axpy
-loops round). The device sums each window directly (Caffe's GPU kernel has its own
-order too), so beyond rounding it differs from the fork's running sums (CPU and GPU)
-once a square overflows: their sums stay Inf - Inf = NaN for every later channel, the
-device's windows are finite again after the Inf channel.
+loops round). The device runs the fork's GPU kernels (``kernels/lrn.cu``): one running
+sum per pixel, multiplied by alpha/n after the sum, and pow in the array's type. Both
+keep the running sums' behaviour once a square overflows: Inf - Inf = NaN for every
+later channel.
 
 WITHIN_CHANNEL: Caffe builds it from layers (split, Power(2), AVE Pooling with kernel n,
 pad (n-1)/2, stride 1, Power(power=-beta, scale=alpha, shift=1), Eltwise PROD), so
@@ -22,6 +22,7 @@ from ..backend import get_array_module
 from ..layer import Layer, register
 from ..proto import caffe_pb2
 from ._cpu_math import caffe_powx
+from ._device import contiguous, launch, on_device
 
 _P = caffe_pb2.LRNParameter
 
@@ -91,15 +92,6 @@ class LRNLayer(Layer):
             accum = accum - padded[:, c]
         return terms
 
-    def _channel_window_sum(self, xp, a):
-        """sum over channels [c - pre_pad, c + pre_pad] of ``a`` (zero outside)."""
-        c = a.shape[1]
-        padded = self._padded_channels(xp, a)
-        total = xp.zeros_like(a)
-        for j in range(self.size):
-            total += padded[:, j:j + c]
-        return total
-
     def _spatial_window_sum(self, xp, a):
         """Caffe's AVE-pooling numerator: n x n window sum, zero padding, row-major taps."""
         n, c, h, w = a.shape
@@ -129,11 +121,17 @@ class LRNLayer(Layer):
         dt = x.dtype.type
         if self.region == _P.ACROSS_CHANNELS:
             alpha_over_size = self.alpha / dt(self.size)
-            if xp is np:
+            if not on_device(xp):
                 self.scale = self._running_scale(x, alpha_over_size)
-            else:
-                self.scale = self.k + alpha_over_size * self._channel_window_sum(xp, x * x)
-            top[0].data[...] = caffe_powx(xp, self.scale, -self.beta) * x
+                top[0].data[...] = caffe_powx(xp, self.scale, -self.beta) * x
+                return
+            x = contiguous(xp, x)
+            num, channels, height, width = x.shape
+            self.scale = xp.empty_like(x)
+            launch("lrn", "lrn_fill_scale", x.dtype, num * height * width, x, channels,
+                   height * width, self.size, alpha_over_size, self.k, self.scale)
+            launch("lrn", "lrn_output", x.dtype, x.size, x, self.scale, -self.beta,
+                   top[0].data)
         else:
             pool_size = dt(self.size * self.size)
             self.pooled = self._spatial_window_sum(xp, x * x) / pool_size
@@ -149,11 +147,15 @@ class LRNLayer(Layer):
         if self.region == _P.ACROSS_CHANNELS:
             # 2. * alpha_ * beta_ / size_: in double, stored as Dtype.
             cache_ratio = dt(2.0 * float(self.alpha) * float(self.beta) / self.size)
+            if on_device(xp):
+                num, channels, height, width = x.shape
+                launch("lrn", "lrn_diff", x.dtype, num * height * width,
+                       contiguous(xp, x), contiguous(xp, top[0].data), self.scale,
+                       contiguous(xp, g), channels, height * width, self.size, -self.beta,
+                       cache_ratio, bottom[0].diff)
+                return
             ratio = g * top[0].data / self.scale
-            if xp is np:
-                terms = self._running_ratio_terms(ratio, x)
-            else:
-                terms = self._channel_window_sum(xp, ratio) * x
+            terms = self._running_ratio_terms(ratio, x)
             bottom[0].diff[...] = (caffe_powx(xp, self.scale, -self.beta) * g
                                    - cache_ratio * terms)
         else:
