@@ -22,7 +22,7 @@ from caffelite.layers import implicit_gemm
 from caffelite.layers.implicit_gemm import (CHANNEL_ALIGN, NARROW, TILES, WGRAD,
                                             WGRAD_QUAD, WIDE, padded_channels, pixel_runs)
 from caffelite.layers.im2col import ConvGeometry
-from gpu_modes import gpu_mode, host_kernels_for  # noqa: F401  (gpu_mode: a fixture)
+from gpu_modes import DeviceKernels, gpu_mode, host_kernels_for  # noqa: F401  (a fixture)
 
 MODULE = "conv_igemm"
 SENTINEL = 7.0
@@ -302,9 +302,13 @@ def test_operands_round_to_nearest_tf32_ties_away(kern):
     expected = np.array([1 + 2 ** -10, -(1 + 2 ** -10), 1, 1 + 2 ** -9, np.inf, -np.inf,
                          np.inf, round_tf32(np.float32(1e-40))[0], -2.5, 0.0, 0.0],
                         np.float32).reshape(top.shape)
+    assert np.array_equal(round_tf32(values[:-1]), expected.ravel()[:-1])
+    if isinstance(kern, DeviceKernels) and top.flat[7] == 0:
+        # The PTX ISA leaves subnormal operands of a TF32 mma unspecified: the tensor
+        # cores (which cuBLAS's TF32 GEMMs use too) may flush them. The rest must hold.
+        expected.flat[7] = 0
     assert np.array_equal(top, expected)
     assert np.array_equal(np.signbit(top), np.signbit(expected))
-    assert np.array_equal(round_tf32(values[:-1]), expected.ravel()[:-1])
     nan = run_igemm(kern, np.full((1, 1, 1, 2), np.nan, np.float32), w, None, (1, 1),
                     (0, 0), (1, 1))[0]
     assert np.isnan(nan).all()

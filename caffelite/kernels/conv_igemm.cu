@@ -209,8 +209,9 @@ __device__ __forceinline__ void conv_igemm_body(
   const int A_ROWS_PER_PASS = THREADS / (BK / 4);
   const int A_PASSES = (BM + A_ROWS_PER_PASS - 1) / A_ROWS_PER_PASS;
   const int B_LOADS = BK * BN / THREADS;
-  __shared__ T a_tiles[2][BM][A_PITCH];
-  __shared__ T b_tiles[2][BK][B_PITCH];
+  // 16-byte aligned: the weights are stored with 128-bit writes (store4).
+  __shared__ __align__(16) T a_tiles[2][BM][A_PITCH];
+  __shared__ __align__(16) T b_tiles[2][BK][B_PITCH];
 
   const int K = kernel_h * kernel_w * c_pad;
   const int slices = K / BK;
@@ -382,8 +383,8 @@ __device__ __forceinline__ void conv_igemm_wgrad_body(
   static_assert(WARPS_N * WARP_N == BN && THREADS >= BN, "one column entry per thread");
   const int PITCH = BK + (sizeof(T) == 4 ? 4 : 1);   // floats: fragment reads on 32 banks
   const int LOADS = BM * BK / THREADS;
-  __shared__ T a_tiles[2][BM][PITCH];
-  __shared__ T b_tiles[2][BN][PITCH];
+  __shared__ __align__(16) T a_tiles[2][BM][PITCH];
+  __shared__ __align__(16) T b_tiles[2][BN][PITCH];
   __shared__ ColumnTap columns[BN];
 
   const int K = kernel_h * kernel_w * c_pad;

@@ -33,6 +33,7 @@
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __shared__ static thread_local
+#define __align__(n) __attribute__((aligned(n)))
 // __restrict__ is a GNU keyword already.
 
 struct dim3 {
