@@ -4,6 +4,7 @@ import pytest
 from PIL import Image
 
 import caffelite as caffe
+from caffelite.proto import caffe_pb2
 
 
 def test_blobproto_round_trip_and_legacy_shape():
@@ -41,7 +42,7 @@ def test_load_image_and_transformer(tmp_path):
     assert x.shape == (3, 4, 6)
     np.testing.assert_allclose(x[:, 0, 0], [0 - 104, 0 - 117, 255 - 123])   # BGR
     np.testing.assert_allclose(t.deprocess("data", x), im, atol=1e-5)
-    with pytest.raises(ValueError, match="3 channels"):
+    with pytest.raises(ValueError, match=r"^Mean channels incompatible with input\. "):
         t.set_mean("data", np.zeros(2))
 
 
@@ -119,12 +120,19 @@ def test_transformer_elementwise_mean_and_checks():
     t2 = caffe.io.Transformer({"data": (1, 1, 3, 4)})
     t2.set_mean("data", np.ones((3, 4)))                 # H x W for one channel
     assert t2.mean["data"].shape == (3, 4)               # kept as given (io.py)
-    with pytest.raises(ValueError, match="incompatible with the input shape"):
+    # pycaffe's texts (io.py), with the shapes after them
+    with pytest.raises(ValueError, match=r"^Mean shape incompatible with input shape\. "):
         t.set_mean("data", np.zeros((2, 4, 4)))
-    with pytest.raises(ValueError, match="not one of the net inputs"):
+    with pytest.raises(ValueError, match=r"^Mean shape invalid "):
+        t.set_mean("data", np.zeros((1, 3, 4, 4)))
+    with pytest.raises(ValueError, match="^label is not one of the net inputs: "):
         t.set_raw_scale("label", 255)
-    with pytest.raises(ValueError, match="one entry per input channel"):
+    with pytest.raises(ValueError, match=r"^Channel swap needs to have the same number of "
+                       r"dimensions as the input channels\.$"):
         t.set_channel_swap("data", (2, 1, 0))
+    with pytest.raises(ValueError, match=r"^Transpose order needs to have the same number "
+                       r"of dimensions as the input\.$"):
+        t.set_transpose("data", (1, 0))
 
 
 def test_oversample_corners_centre_and_mirrors():
@@ -224,3 +232,16 @@ def test_blobproto_to_array_gives_float64_like_pycaffe():
                                                            122.67891434]))
     assert caffe.io.arraylist_to_blobprotovecor_str([np.ones(2)]) == \
         caffe.io.arraylist_to_blobprotovector_str([np.ones(2)])
+
+
+def test_blobproto_to_array_reads_data_as_io_py():
+    # io.py reads blob.data (or blob.diff); double_data only where those are empty
+    blob = caffe_pb2.BlobProto()
+    blob.shape.dim.append(2)
+    blob.data.extend([1, 2])
+    blob.double_data.extend([3, 4])
+    blob.double_diff.extend([5, 6])
+    np.testing.assert_array_equal(caffe.io.blobproto_to_array(blob), [1, 2])
+    np.testing.assert_array_equal(caffe.io.blobproto_to_array(blob, return_diff=True), [5, 6])
+    del blob.data[:]
+    np.testing.assert_array_equal(caffe.io.blobproto_to_array(blob), [3, 4])

@@ -11,9 +11,13 @@ from ..proto import caffe_pb2
 
 def blobproto_to_array(blob, return_diff=False):
     """BlobProto -> float64 array of its shape (legacy num/channels/height/width
-    honoured), as io.py's ``np.array(blob.data)`` gives."""
-    values = blob.diff if return_diff else (blob.double_data if len(blob.double_data)
-                                            else blob.data)
+    honoured), as io.py's ``np.array(blob.data)`` (or ``blob.diff``) gives; only a blob
+    that has none of those, on which io.py fails, is read from double_data (or
+    double_diff)."""
+    if return_diff:
+        values = blob.diff if len(blob.diff) or not len(blob.double_diff) else blob.double_diff
+    else:
+        values = blob.data if len(blob.data) or not len(blob.double_data) else blob.double_data
     if blob.HasField("num") or blob.HasField("channels") or blob.HasField("height") \
             or blob.HasField("width"):
         shape = (blob.num, blob.channels, blob.height, blob.width)
@@ -199,18 +203,20 @@ class Transformer:
 
     def _check(self, name):
         if name not in self.inputs:
-            raise ValueError(f"'{name}' is not one of the net inputs {sorted(self.inputs)}")
+            raise ValueError(f"{name} is not one of the net inputs: {sorted(self.inputs)}")
 
     def set_transpose(self, name, order):
         self._check(name)
         if len(order) != len(self.inputs[name]) - 1:
-            raise ValueError("transpose order needs as many axes as the input minus batch")
+            raise ValueError("Transpose order needs to have the same number of dimensions "
+                             "as the input.")
         self.transpose[name] = order
 
     def set_channel_swap(self, name, order):
         self._check(name)
         if len(order) != self.inputs[name][1]:
-            raise ValueError("channel swap needs one entry per input channel")
+            raise ValueError("Channel swap needs to have the same number of dimensions as "
+                             "the input channels.")
         self.channel_swap[name] = order
 
     def set_raw_scale(self, name, scale):
@@ -225,16 +231,17 @@ class Transformer:
         channels = self.inputs[name][1]
         if mean.ndim == 1:
             if mean.shape[0] != channels:
-                raise ValueError(f"mean has {mean.shape[0]} values for {channels} channels")
+                raise ValueError(f"Mean channels incompatible with input. ({mean.shape[0]} "
+                                 f"values for {channels} channels)")
             mean = mean[:, None, None]
         else:
             shape = (1,) + mean.shape if mean.ndim == 2 else mean.shape
             if len(shape) != 3:
-                raise ValueError(f"mean shape {mean.shape} is invalid (need K, K x H x W "
-                                 f"or H x W)")
+                raise ValueError(f"Mean shape invalid ({mean.shape}: K, K x H x W or "
+                                 f"H x W)")
             if tuple(shape) != tuple(self.inputs[name][1:]):
-                raise ValueError(f"mean shape {mean.shape} is incompatible with the input "
-                                 f"shape {tuple(self.inputs[name][1:])}")
+                raise ValueError(f"Mean shape incompatible with input shape. ({mean.shape} "
+                                 f"for {tuple(self.inputs[name][1:])})")
         self.mean[name] = mean
 
     def set_input_scale(self, name, scale):
