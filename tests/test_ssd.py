@@ -70,6 +70,7 @@ def test_normalize_matches_opencv_and_formula(across, shared):
             f'scale_filler {{ type: "constant" value: 10 }} }}')
     layer = make_layer(text, dtype=np.float32)
     bottom, top = setup_layer(layer, [x], dtype=np.float32)
+    assert layer.blobs[0].shape == (() if shared else (5,))     # SSD: 0 axes when shared
     scale = RNG.uniform(1, 5, layer.blobs[0].shape).astype(np.float32)
     layer.blobs[0].data[...] = scale
     got = run_forward(layer, bottom, top)[0]

@@ -74,11 +74,13 @@ class NormalizeLayer(Layer):
         self.eps = p.eps
         if self.eps < 0:
             raise self.error(f"norm_param.eps must not be negative, got {self.eps}")
-        shape = (1,) if self.channel_shared else (bottom[0].shape[1],)
+        # SSD: a 0-axis scale blob when channel_shared
+        shape = () if self.channel_shared else (bottom[0].shape[1],)
         if self.blobs_loaded():
-            if self.blobs[0].count != shape[0]:
+            expected = int(np.prod(shape, dtype=np.int64))
+            if self.blobs[0].count != expected:
                 raise self.error(f"scale blob has {self.blobs[0].count} values, expected "
-                                 f"{shape[0]} (channel_shared: {self.channel_shared})")
+                                 f"{expected} (channel_shared: {self.channel_shared})")
             return
         filler = caffe_pb2.FillerParameter(type="constant", value=1.0)
         if p.HasField("scale_filler"):
