@@ -194,18 +194,24 @@ def test_reshape_follows_the_input(tmp_path, module):
     assert (net.blobs["ten"].data == 10).all()
 
 
-def test_blobs_added_in_setup_are_learned_saved_and_loaded(tmp_path, module):
-    """SGD on w for loss 0.5 * sum((w x)^2): dL/dw = w * sum(x^2)."""
+def scale_and_square_loss(module, scale_class):
+    """A net x = 2 (2 x 3) -> scale_class (w = 3) -> SquareLoss, and an SGD solver on it
+    (lr 0.01, no momentum): (net text, solver)."""
     net_text = (
         "name: 'learn' layer { name: 'data' type: 'DummyData' top: 'data' "
         "dummy_data_param { shape { dim: 2 dim: 3 } data_filler { type: 'constant' "
         "value: 2 } } }\n"
-        + python_layer("w", module, "LearnedScale", ["data"], ["y"], "3")
+        + python_layer("w", module, scale_class, ["data"], ["y"], "3")
         + python_layer("loss", module, "SquareLoss", ["y"], ["loss"], extra="loss_weight: 1 "))
     solver_param = caffe_pb2.SolverParameter()
     text_format.Parse("base_lr: 0.01 lr_policy: 'fixed' max_iter: 1 momentum: 0", solver_param)
     text_format.Parse(net_text, solver_param.net_param)
-    solver = caffe.SGDSolver(solver_param)
+    return net_text, caffe.SGDSolver(solver_param)
+
+
+def test_blobs_added_in_setup_are_learned_saved_and_loaded(tmp_path, module):
+    """SGD on w for loss 0.5 * sum((w x)^2): dL/dw = w * sum(x^2)."""
+    net_text, solver = scale_and_square_loss(module, "LearnedScale")
     layer = solver.net.layer_dict["w"]
     assert len(solver.net.learnable_params) == 1
     assert solver.net.learnable_params[0].blob is layer.blobs[0]
@@ -230,16 +236,7 @@ def test_blobs_added_in_setup_are_learned_saved_and_loaded(tmp_path, module):
 
 def test_blobs_added_in_the_first_reshape_are_params(tmp_path, module):
     # Net::Init counts a layer's params after Layer::SetUp, which ends with Reshape
-    net_text = (
-        "name: 'lazy' layer { name: 'data' type: 'DummyData' top: 'data' "
-        "dummy_data_param { shape { dim: 2 dim: 3 } data_filler { type: 'constant' "
-        "value: 2 } } }\n"
-        + python_layer("w", module, "LazyScale", ["data"], ["y"], "3")
-        + python_layer("loss", module, "SquareLoss", ["y"], ["loss"], extra="loss_weight: 1 "))
-    solver_param = caffe_pb2.SolverParameter()
-    text_format.Parse("base_lr: 0.01 lr_policy: 'fixed' max_iter: 1 momentum: 0", solver_param)
-    text_format.Parse(net_text, solver_param.net_param)
-    solver = caffe.SGDSolver(solver_param)
+    net_text, solver = scale_and_square_loss(module, "LazyScale")
     layer = solver.net.layer_dict["w"]
     assert [p.blob for p in solver.net.learnable_params] == [layer.blobs[0]]
     solver.step(1)
