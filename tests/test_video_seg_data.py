@@ -93,8 +93,6 @@ def test_label_type_none_reads_two_columns(tmp_path):
 def test_errors(tmp_path):
     rng = np.random.default_rng(2)
     write_set(tmp_path, rng, n=1)
-    with pytest.raises(NetError, match="label_type IMAGE is not supported"):
-        data_net("VideoSegData", tmp_path / "video.txt", tmp_path, label_type="IMAGE")
     with pytest.raises(NetError, match=r"plain.txt:1: no background column"):
         data_net("VideoSegData", tmp_path / "plain.txt", tmp_path)
     with pytest.raises(NetError, match="needs colour"):
@@ -104,6 +102,31 @@ def test_errors(tmp_path):
     net = data_net("VideoSegData", tmp_path / "missing.txt", tmp_path)
     with pytest.raises(Exception, match="could not load background image"):
         net.forward()
+
+
+@pytest.mark.parametrize("lines", ["/img0.png /bg0.png\n", "/img0.png /bg0.png /lab0.png\n"])
+def test_label_type_image_takes_the_background_from_the_second_column(tmp_path, lines):
+    # The fork reads column 2 into the label string; IMAGE's label is its atoi (0 for a
+    # path) and the background is read from that same string's first word
+    cv2 = pytest.importorskip("cv2")
+    rng = np.random.default_rng(4)
+    backgrounds = write_set(tmp_path, rng, n=1)
+    (tmp_path / "image.txt").write_text(lines)
+    for label_type in ("IMAGE", None):      # IMAGE is image_data_param's default
+        text = f'label_type: {label_type} ' if label_type else ""
+        net = caffelite.Net(param=parse_text(f'''layer {{ name: "data" type: "VideoSegData"
+          top: "data" top: "label" top: "dim"
+          image_data_param {{ source: "{tmp_path / 'image.txt'}" root_folder: "{tmp_path}"
+                             batch_size: 1 {text}}}
+          transform_param {{ crop_size: 9 mean_value: 104 mean_value: 117
+                             mean_value: 123 }} }}''', caffe_pb2.NetParameter()),
+                            phase=caffelite.TEST)
+        net.forward()
+        expected = cv2.resize(backgrounds[0], (9, 9), interpolation=cv2.INTER_LINEAR)
+        expected = (expected.astype(np.float32) - np.float32(MEAN)).transpose(2, 0, 1)
+        np.testing.assert_array_equal(net.blobs["data"].data[0, 3:], expected)
+        label = net.blobs["label"].data
+        assert np.all((label == 0) | (label == 255)) and np.any(label == 0)
 
 
 def test_blank_lines_are_samples_and_names_are_bytes(tmp_path):

@@ -4,7 +4,7 @@ section 5)."""
 import numpy as np
 
 from ..io.image import INTER_LINEAR, resize
-from .image_data import (LABEL_IMAGE, LABEL_PIXEL, DataError, ImageSegDataLayer, ListEntry,
+from .image_data import (LABEL_PIXEL, DataError, ImageSegDataLayer, ListEntry,
                          _build_seg_batch, _load, until_exit)
 from ..layer import register
 
@@ -12,25 +12,20 @@ from ..layer import register
 @register("VideoSegData")
 class VideoSegDataLayer(ImageSegDataLayer):
     """List lines ``<image> <label> <background>`` (label_type PIXEL) or ``<image>
-    <background>`` (NONE), paths prefixed with root_folder; a blank line is a sample
-    that fails when reached, as ImageSegData's.
+    <background>`` (NONE, and IMAGE, the default), paths prefixed with root_folder; a
+    blank line is a sample that fails when reached, as ImageSegData's.
 
     Tops: data N x 6 x h x w -- channels 0-2 the image through ImageSegData's whole
     pipeline (scale factors, padding, crop, mirror, ``(pixel - mean) * scale``),
     channels 3-5 the background image resized (bilinear) straight to h x w and
     mean-subtracted, with no random scaling, crop, mirror or ``scale``; label and
     data_dim exactly as ImageSegData.  Only 3-channel (colour) images work, as in the
-    fork.  label_type IMAGE is refused: the fork then reads the background path from
-    the label column.
+    fork.  With label_type IMAGE the fork reads the background from the second column,
+    and the label map is that column's atoi, as ImageSegData's IMAGE label (0 for a
+    path; a third column is ignored).
     """
 
     def setup(self, bottom, top):
-        p = self.layer_param.image_data_param
-        if p.label_type == LABEL_IMAGE:
-            raise self.error("label_type IMAGE is not supported by VideoSegData (the fork "
-                             "takes the background path from the label column); use PIXEL "
-                             "('<image> <label> <background>') or NONE ('<image> "
-                             "<background>')")
         super().setup(bottom, top)
         if self.config.channels != 3:
             self.close()
