@@ -524,3 +524,58 @@ def test_mvn_rejects_more_than_four_axes():
     layer = make_layer('type: "MVN"')
     with pytest.raises(ValueError, match="4 axes"):
         setup_layer(layer, [np.zeros((1, 2, 2, 2, 2))])
+
+
+# ------------------------------------------- the fork's GEMV grouping and rounding
+def test_batch_statistics_multiply_by_the_rounded_reciprocal():
+    # Caffe: gemv with alpha 1. / (num * spatial_dim), a Dtype, on each (n, c) row sum,
+    # then the rows added: for x = 3, 1, 1 that is 3 * f + 1 * f + 1 * f, f = float(1/3)
+    x = np.array([3, 1, 1], np.float32).reshape(3, 1)
+    layer = make_layer('type: "BatchNorm" batch_norm_param { use_global_stats: false }',
+                       TRAIN, np.float32)
+    bottom, top = setup_layer(layer, [x], dtype=np.float32)
+    run_forward(layer, bottom, top)
+    f = np.float32(1.0 / 3)
+    expected = np.float32(np.float32(np.float32(3) * f + np.float32(1) * f) + np.float32(1) * f)
+    assert expected != np.float32(5) / np.float32(3)
+    assert layer.blobs[0].data[0] == expected
+
+
+def test_bias_diff_adds_one_image_at_a_time():
+    # BiasLayer::Backward: one GEMV per outer index into the diff: (1e8 + 3) + 3 = 1e8
+    # in float, where adding the batch's total (6) at once gives 100000008
+    layer = make_layer('type: "Bias"', TRAIN, np.float32)
+    x = np.zeros((2, 1), np.float32)
+    bottom, top = setup_layer(layer, [x], dtype=np.float32)
+    run_forward(layer, bottom, top)
+    layer.blobs[0].diff[...] = np.float32(1e8)
+    top[0].diff[...] = 3
+    layer.backward(top, [True], bottom)
+    assert layer.blobs[0].diff[0] == np.float32(1e8)
+    scale = make_layer('type: "Scale" scale_param { bias_term: true }', TRAIN, np.float32)
+    bottom, top = setup_layer(scale, [x], dtype=np.float32)
+    run_forward(scale, bottom, top)
+    scale.blobs[1].diff[...] = np.float32(1e8)
+    top[0].diff[...] = 3
+    scale.backward(top, [True], bottom)
+    assert scale.blobs[1].diff[0] == np.float32(1e8)
+
+
+def test_batchnorm_backward_writes_the_bottom_diff_regardless():
+    # Caffe's BatchNorm Backward does not read propagate_down
+    layer = make_layer('type: "BatchNorm"', TEST)
+    bottom, top = setup_layer(layer, [rand((2, 3, 2, 2), 8)])
+    layer.blobs[2].data[...] = 1
+    layer.blobs[1].data[...] = 4
+    run_forward(layer, bottom, top)
+    top[0].diff[...] = 1
+    bottom[0].diff[...] = np.nan
+    layer.backward(top, [False], bottom)
+    np.testing.assert_allclose(bottom[0].diff, 1 / np.sqrt(4 + 1e-5), rtol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(4,), ()])
+def test_batchnorm_needs_num_and_channel_axes(shape):
+    layer = make_layer('type: "BatchNorm"', TEST)
+    with pytest.raises(Exception, match="num and channel axes"):
+        setup_layer(layer, [np.zeros(shape)])

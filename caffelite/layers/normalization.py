@@ -37,7 +37,8 @@ class BatchNormLayer(NeuronLayer):
                 "BatchNorm only; the fork (upstream BVLC BatchNorm) does not have it. Remove "
                 "it, or set use_global_stats: false to normalise with and update batch "
                 "statistics")
-        self.channels = 1 if bottom[0].num_axes == 1 else bottom[0].shape[1]
+        self._check_axes(bottom)
+        self.channels = bottom[0].shape[1]
         for i, spec in enumerate(self.layer_param.param[:3]):
             if spec.lr_mult != 0:
                 raise self.error(
@@ -51,11 +52,17 @@ class BatchNormLayer(NeuronLayer):
                              f"got {len(self.blobs)}")
         self.param_propagate_down = [False] * 3
 
+    def _check_axes(self, bottom):
+        if bottom[0].num_axes < 2:      # the fork's SetUp reads shape(1) and shape(0)
+            raise self.error(f"needs a bottom with num and channel axes, got shape "
+                             f"{bottom[0].shape}")
+
     def reshape(self, bottom, top):
-        if bottom[0].num_axes > 1 and bottom[0].shape[1] != self.channels:
+        self._check_axes(bottom)
+        if bottom[0].shape[1] != self.channels:
             raise self.error(f"bottom {bottom[0].shape} has {bottom[0].shape[1]} channels, "
                              f"but the layer was set up for {self.channels}")
-        num = bottom[0].shape[0] if bottom[0].num_axes else 1
+        num = bottom[0].shape[0]
         self.dims = (num, self.channels, bottom[0].count // max(num * self.channels, 1))
         top[0].reshape(bottom[0].shape)
 
@@ -66,9 +73,12 @@ class BatchNormLayer(NeuronLayer):
         if self.use_global_stats:
             self._forward_stored_stats(xp, bottom, top, dtype)
             return
-        mean = x.mean(axis=(0, 2), dtype=x.dtype)
+        # Caffe's two GEMVs: per (image, channel) sums times 1/m (rounded to Dtype),
+        # then those added over the images
+        inv_m = dtype(1.0 / (self.dims[0] * self.dims[2]))
+        mean = channel_sums(x, inv_m)
         centered = x - mean[None, :, None]
-        var = (centered * centered).mean(axis=(0, 2), dtype=x.dtype)
+        var = channel_sums(centered * centered, inv_m)
         self._update_running_stats(mean, var, dtype)
         self.std = xp.sqrt(var + dtype(self.eps))[None, :, None]
         self.x_norm = centered / self.std    # kept apart: an in-place layer may clobber top
@@ -114,8 +124,7 @@ class BatchNormLayer(NeuronLayer):
         b[1].data[...] = maf * b[1].data + correction * var
 
     def backward(self, top, propagate_down, bottom):
-        if not propagate_down[0]:
-            return
+        # Caffe's Backward_cpu/gpu write the bottom diff whatever propagate_down says
         dy = top[0].diff.reshape(self.dims)
         if self.use_global_stats:
             if on_device(get_array_module(dy)):
@@ -127,11 +136,30 @@ class BatchNormLayer(NeuronLayer):
             # dx = (dy - mean(dy) - mean(dy * y) * y) / sqrt(var + eps)
             dtype = dy.dtype.type
             y = self.x_norm
-            sum_dy_y = (dy * y).sum(axis=(0, 2), keepdims=True, dtype=dy.dtype)
-            sum_dy = dy.sum(axis=(0, 2), keepdims=True, dtype=dy.dtype)
+            sum_dy_y = channel_sums(dy * y)[None, :, None]
+            sum_dy = channel_sums(dy)[None, :, None]
             m = self.dims[0] * self.dims[2]
             dx = (dy + dtype(-1.0 / m) * (y * sum_dy_y + sum_dy)) / self.std
         bottom[0].diff[...] = dx.reshape(bottom[0].shape)
+
+
+def channel_sums(x, scale=None):
+    """Sums of x (outer, C, inner) per channel as Caffe's two GEMVs group them: over
+    each (outer, channel) row first, optionally times ``scale``, then over the rows."""
+    rows = x.sum(axis=2, dtype=x.dtype)
+    if scale is not None:
+        rows = rows * scale
+    return rows.sum(axis=0, dtype=x.dtype)
+
+
+def add_image_sums(start, dy):
+    """BiasLayer's backward: one GEMV per outer index, each adding its row sums of dy
+    (outer, C, inner) to the diff in turn; ``start`` None overwrites (a bias bottom)."""
+    rows = dy.sum(axis=2, dtype=dy.dtype)
+    total = start
+    for row in rows:
+        total = row if total is None else total + row
+    return total
 
 
 def _param_shape(layer, bottom, axis_param, num_axes, what):
@@ -261,7 +289,7 @@ class ScaleLayer(Layer):
         dy = top[0].diff.reshape(self.dims)
         if self.bias_term and self.param_propagate_down[-1]:
             bias = self.blobs[-1]
-            bias.diff[...] += dy.sum(axis=(0, 2), dtype=dy.dtype).reshape(bias.shape)
+            bias.diff[...] = add_image_sums(bias.diff.reshape(-1), dy).reshape(bias.shape)
         scale = self._scale(bottom)
         learned_scale = len(bottom) == 1
         if (learned_scale and self.param_propagate_down[0]) or \
@@ -273,7 +301,7 @@ class ScaleLayer(Layer):
                 # product in bottom[0] diff"), where a Split can add it to a gradient;
                 # with propagate_down[0] the bottom gradient overwrites it below.
                 bottom[0].diff[...] = product.reshape(bottom[0].shape)
-            grad = product.sum(axis=(0, 2), dtype=dy.dtype).reshape(scale.shape)
+            grad = channel_sums(product).reshape(scale.shape)
             if learned_scale and not self._caffe_overwrites_scale_diff():
                 scale.diff[...] += grad
             else:
@@ -332,11 +360,8 @@ class BiasLayer(Layer):
         learned = len(bottom) == 1
         if (learned and self.param_propagate_down[0]) or (not learned and propagate_down[1]):
             dy = top[0].diff.reshape(self.dims)
-            grad = dy.sum(axis=(0, 2), dtype=dy.dtype).reshape(bias.shape)
-            if learned:
-                bias.diff[...] += grad
-            else:
-                bias.diff[...] = grad
+            start = bias.diff.reshape(-1) if learned else None
+            bias.diff[...] = add_image_sums(start, dy).reshape(bias.shape)
 
 
 @register("MVN")
