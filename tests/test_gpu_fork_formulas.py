@@ -108,6 +108,8 @@ def test_elu_forward_and_backward_formulas(mode):
     assert np.isnan(dx[2]) if mode == "cpu" else dx[2] == 1
 
 
+@pytest.mark.filterwarnings("ignore:overflow:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")
 @pytest.mark.parametrize("mode", MODES)
 def test_dropout_backward_order_and_float_scale(mode):
     # GPU backward: (dy * scale) * mask, so a dropped unit whose dy * scale overflows is
@@ -139,6 +141,8 @@ def test_dropout_scale_of_a_double_net(mode):
     np.testing.assert_array_equal(dx[kept], scale)
 
 
+@pytest.mark.filterwarnings("ignore:overflow:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")
 @pytest.mark.parametrize("mode", MODES)
 def test_lrn_running_sums_turn_nan_after_an_overflow(mode):
     # the fork's CPU loops and GPU kernel both keep one running window sum: once a
