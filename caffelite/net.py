@@ -515,7 +515,7 @@ class Net:
             owner, owner_layer, owner_index = shared
             logger.info("Sharing parameters '%s' owned by layer '%s', param index %d",
                         spec.name, owner_layer, owner_index)
-            self._check_shared_shape(lp, i, spec, owner.blob, blob)
+            self._check_shared_shape(lp, spec, owner.blob, owner_layer, blob)
             blob.share_data(owner.blob)
             blob.share_diff(owner.blob)
             if spec.HasField("lr_mult"):
@@ -540,11 +540,10 @@ class Net:
         while len(lp.param) < len(layer.blobs):
             lp.param.add(lr_mult=0)
 
-    def _check_shared_shape(self, lp, i, spec, owner, blob):
+    def _check_shared_shape(self, lp, spec, owner, owner_layer, blob):
         permissive = spec.share_mode == caffe_pb2.ParamSpec.PERMISSIVE
         ok = owner.count == blob.count if permissive else owner.shape == blob.shape
         if not ok:
-            owner_layer = self._param_owner[spec.name][1]
             what, mine = (("count", "shape is") if permissive else
                           ("shape", "expects shape"))
             raise NetError(

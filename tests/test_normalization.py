@@ -541,24 +541,20 @@ def test_batch_statistics_multiply_by_the_rounded_reciprocal():
     assert layer.blobs[0].data[0] == expected
 
 
-def test_bias_diff_adds_one_image_at_a_time():
-    # BiasLayer::Backward: one GEMV per outer index into the diff: (1e8 + 3) + 3 = 1e8
-    # in float, where adding the batch's total (6) at once gives 100000008
-    layer = make_layer('type: "Bias"', TRAIN, np.float32)
-    x = np.zeros((2, 1), np.float32)
-    bottom, top = setup_layer(layer, [x], dtype=np.float32)
+@pytest.mark.parametrize("text, bias_blob", [('type: "Bias"', 0),
+                                              ('type: "Scale" scale_param { bias_term: true }',
+                                               1)])
+def test_bias_diff_adds_one_image_at_a_time(text, bias_blob):
+    # BiasLayer::Backward (Scale's bias too): one GEMV per outer index into the diff:
+    # (1e8 + 3) + 3 = 1e8 in float, where adding the batch's total (6) at once gives
+    # 100000008
+    layer = make_layer(text, TRAIN, np.float32)
+    bottom, top = setup_layer(layer, [np.zeros((2, 1), np.float32)], dtype=np.float32)
     run_forward(layer, bottom, top)
-    layer.blobs[0].diff[...] = np.float32(1e8)
+    layer.blobs[bias_blob].diff[...] = np.float32(1e8)
     top[0].diff[...] = 3
     layer.backward(top, [True], bottom)
-    assert layer.blobs[0].diff[0] == np.float32(1e8)
-    scale = make_layer('type: "Scale" scale_param { bias_term: true }', TRAIN, np.float32)
-    bottom, top = setup_layer(scale, [x], dtype=np.float32)
-    run_forward(scale, bottom, top)
-    scale.blobs[1].diff[...] = np.float32(1e8)
-    top[0].diff[...] = 3
-    scale.backward(top, [True], bottom)
-    assert scale.blobs[1].diff[0] == np.float32(1e8)
+    assert layer.blobs[bias_blob].diff[0] == np.float32(1e8)
 
 
 def test_batchnorm_backward_writes_the_bottom_diff_regardless():

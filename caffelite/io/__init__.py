@@ -14,10 +14,9 @@ def blobproto_to_array(blob, return_diff=False):
     honoured), as io.py's ``np.array(blob.data)`` (or ``blob.diff``) gives; only a blob
     that has none of those, on which io.py fails, is read from double_data (or
     double_diff)."""
-    if return_diff:
-        values = blob.diff if len(blob.diff) or not len(blob.double_diff) else blob.double_diff
-    else:
-        values = blob.data if len(blob.data) or not len(blob.double_data) else blob.double_data
+    single, double = ((blob.diff, blob.double_diff) if return_diff
+                      else (blob.data, blob.double_data))
+    values = single if len(single) or not len(double) else double
     if blob.HasField("num") or blob.HasField("channels") or blob.HasField("height") \
             or blob.HasField("width"):
         shape = (blob.num, blob.channels, blob.height, blob.width)
