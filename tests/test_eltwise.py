@@ -61,6 +61,38 @@ def test_sum_is_exact_in_float32_for_unit_coefficients():
     np.testing.assert_array_equal(y, (arrays[0] + arrays[1]) + arrays[2])
 
 
+@pytest.mark.parametrize("text,n", [
+    ('type: "Eltwise"', 2),
+    ('type: "Eltwise"', 3),
+    ('type: "Eltwise" eltwise_param { coeff: 1 coeff: 2 coeff: 0.5 }', 3),
+])
+def test_sum_of_negative_zeros_is_positive_zero_as_caffe(text, n):
+    """Caffe clears the top and axpy-adds every bottom into it, 0 + x0 + x1 + ...: where
+    all terms are -0 the sum is +0 (x0 + x1 would keep -0); every other value is the
+    plain sum."""
+    arrays = [randn(seed=i) for i in range(n)]
+    for a in arrays:
+        a[0, 0, 0] = -0.0
+    arrays[0][0, 0, 1] = -0.0
+    _, _, _, y = forward(text, arrays)
+    assert y[0, 0, 0].tolist() == [0.0] * SHAPE[3]
+    assert not np.signbit(y[0, 0, 0]).any()
+    assert_close(y, sum(float(c) * a for c, a in zip([1, 2, 0.5] if "coeff" in text
+                                                      else [1] * n, arrays)))
+
+
+def test_max_backward_passes_a_negative_zero_diff_as_positive_zero():
+    """Caffe's MAX backward computes gradient = 0; gradient += top_diff for the winner,
+    so a -0 top diff reaches the winning bottom as +0."""
+    arrays = separated(2, SHAPE, seed=3)
+    layer, bottom, top, _ = forward('type: "Eltwise" eltwise_param { operation: MAX }',
+                                    [a.astype(np.float32) for a in arrays])
+    top[0].diff[...] = -0.0
+    layer.backward(top, [True, True], bottom)
+    for b in bottom:
+        assert np.all(b.diff == 0) and not np.signbit(b.diff).any()
+
+
 
 def forward_in_place(text, arrays, which):
     """The float32 layer run with bottom ``which`` as its top: (layer, top data)."""

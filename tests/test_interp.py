@@ -288,6 +288,20 @@ def test_cropped_away_inputs_get_zero_gradient():
     np.testing.assert_allclose(d[2:7, 2:7].sum(), top[0].count)     # weights sum to 1
 
 
+def test_same_size_backward_adds_into_zeros_as_the_fork():
+    """The fork's same-size backward is ``pos1[0] += pos2[0]`` into a zeroed diff, so a
+    -0 gradient arrives as +0 (a plain copy would keep the sign)."""
+    layer = make_layer(interp_text("height: 4 width: 5"))
+    bottom, top = setup_layer(layer, [np.ones((1, 2, 4, 5), np.float32)])
+    run_forward(layer, bottom, top)
+    g = np.random.default_rng(11).standard_normal(top[0].shape).astype(np.float32)
+    g[0, 0, 1:3] = -0.0
+    top[0].diff[...] = g
+    layer.backward(top, [True], bottom)
+    np.testing.assert_array_equal(bottom[0].diff, g)
+    assert not np.signbit(bottom[0].diff[0, 0, 1:3]).any()
+
+
 def test_two_bottom_gradient():
     rng = np.random.default_rng(10)
     layer = make_layer(interp_text(""))

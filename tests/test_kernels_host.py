@@ -636,6 +636,25 @@ def test_eltwise_max_both_tie_rules(kern, launch, count, dtype):
             np.testing.assert_array_equal(diff, reference[i])
 
 
+def test_signed_zero_gradients_arrive_as_positive_zero(kern):
+    """eltwise_max_backward and the same-size interp_backward add the gradient to a
+    zero, as the fork's kernels do: a -0 top diff gives +0, like the numpy layers."""
+    dy = np.array([-0.0, -0.0, 2.0, -3.0], np.float32)
+    mask = np.array([0, 1, 0, 0], np.int32)
+    diff = poisoned(4, np.float32)
+    kern.run("eltwise", "eltwise_max_backward", np.float32, 4, dy, mask, 0, diff)
+    np.testing.assert_array_equal(diff, [0, 0, 2, -3])
+    assert not np.signbit(diff[:2]).any()
+    x = np.zeros((1, 1, 2, 2), np.float32)
+    layer, bottom, top = interp_layer("height: 2 width: 2", x, np.float32)
+    g = np.array([-0.0, 1.0, -0.0, -2.0], np.float32).reshape(1, 1, 2, 2)
+    diff = poisoned(x.shape, np.float32)
+    kern.run("interp", "interp_backward", np.float32, diff.size, diff, *interp_args(layer),
+             g, 2, 2)
+    np.testing.assert_array_equal(diff, g)
+    assert not np.signbit(diff.reshape(-1)[[0, 2]]).any()
+
+
 def test_eltwise_max_nan_differs_between_rules(kern):
     """eltwise.cu: a NaN in bottom 2 wins under the GPU rule, never under the CPU rule."""
     a, b, c = (np.array(v, np.float32) for v in ([1, 5], [2, 3], [np.nan, 4]))

@@ -40,12 +40,13 @@ __global__ void eltwise_max_forward(const int n, const T* running, const T* __re
   }
 }
 
-// bottom_diff of bottom `bottom_index` = top_diff where it won, else 0.
+// bottom_diff of bottom `bottom_index` = top_diff where it won, else 0; added to a
+// zero as Caffe does, so a -0 top_diff gives +0.
 template <typename T>
 __global__ void eltwise_max_backward(const int n, const T* __restrict__ top_diff,
                                      const int* __restrict__ mask, const int bottom_index,
                                      T* __restrict__ bottom_diff) {
   CAFFELITE_KERNEL_LOOP(index, n) {
-    bottom_diff[index] = (mask[index] == bottom_index) ? top_diff[index] : T(0);
+    bottom_diff[index] = (mask[index] == bottom_index) ? T(0) + top_diff[index] : T(0);
   }
 }

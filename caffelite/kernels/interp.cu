@@ -89,7 +89,7 @@ __global__ void interp_backward(const int n, T* __restrict__ in_diff, const int 
     }
     const T* g = out_diff + plane * h2 * w2;
     if (h1 == h2 && w1 == w2) {
-      in_diff[index] = g[yi * w2 + xi];
+      in_diff[index] = T(0) + g[yi * w2 + xi];    // the fork's += into zeros: -0 -> +0
       continue;
     }
     const int x_first = interp_first_source(xi, rw, w2);

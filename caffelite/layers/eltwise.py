@@ -77,11 +77,13 @@ class EltwiseLayer(Layer):
             xp.add(bottom[0].data, bottom[1].data, out=top[0].data)
             for b in bottom[2:]:
                 top[0].data += b.data
+            top[0].data += 0        # Caffe sums into a zeroed top: -0 terms give +0
             return
         if self.op == SUM:
             y = self._scaled(bottom[0].data, self.coeffs[0])
             for b, c in zip(bottom[1:], self.coeffs[1:]):
                 y = y + self._scaled(b.data, c)
+            y += 0
         elif self.op == PROD:
             y = bottom[0].data * bottom[1].data
             for b in bottom[2:]:
@@ -177,4 +179,5 @@ class EltwiseLayer(Layer):
                 launch("eltwise", "eltwise_max_backward", dy.dtype, dy.size, contiguous(xp, dy),
                        self.max_idx, i, b.diff)
             else:
-                b.diff[...] = xp.where(self.max_idx == i, dy, dy.dtype.type(0))
+                # Caffe's gradient = 0; gradient += dy: a -0 diff passes as +0
+                b.diff[...] = xp.where(self.max_idx == i, dy + 0, dy.dtype.type(0))

@@ -75,7 +75,7 @@ def interp_backward(g, size_in):
     h2, w2 = g.shape[2:]
     h1, w1 = size_in
     if (h1, w1) == (h2, w2):
-        return g
+        return g + 0        # the fork adds into a zeroed map: a -0 gradient gives +0
     dtype = g.dtype
     planes = g.shape[0] * g.shape[1]
     y0, y1, ly0, ly1 = interp_axis(h1, h2, dtype)
