@@ -392,9 +392,8 @@ class Net:
             raise NetError(f"{self.source}: layer '{lp.name}': propagate_down needs one "
                            f"value per bottom ({len(lp.bottom)}), or none")
         for j, name in enumerate(lp.bottom):
-            if name not in self.blobs:
-                raise NetError(f"{self.source}: Unknown bottom blob '{name}' (layer "
-                               f"'{lp.name}', bottom index {j})")
+            # insert_splits has refused unknown bottoms: every name is an earlier top
+            # or a net input, both already in self.blobs.
             bottoms.append(self.blobs[name])
             logger.info("%s <- %s", lp.name, name)
             available.pop(name, None)
