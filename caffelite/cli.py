@@ -211,7 +211,8 @@ def score(net, iterations):
 def cmd_train(args):
     from .solver import PendingSignals, get_solver, install_signal_handlers
     if args.weights and args.snapshot:
-        raise CliError("give either --weights or --snapshot, not both")
+        raise CliError("Give a snapshot to resume training or weights to finetune but not "
+                       "both.")
     defines = _defines(args.define)
     _select_device(args, None if args.gpu else
                    solver_device(args.solver, defines))
@@ -224,7 +225,7 @@ def cmd_train(args):
         solver.signals = pending
         if args.snapshot:
             logger.info("Resuming from %s", args.snapshot)
-            solver.restore(args.snapshot)
+            solver.restore(args.snapshot, args.continue_streams)
         elif args.weights:
             solver.load_weights(args.weights.split(","))
         logger.info("Starting Optimization")
@@ -505,6 +506,10 @@ def build_parser():
     tr.add_argument("--weights", default=None,
                     help="comma-separated caffemodels to initialise from")
     tr.add_argument("--snapshot", default=None, help="a .solverstate to resume from")
+    tr.add_argument("--continue_streams", action="store_true",
+                    help="caffelite only: with --snapshot, also carry on the random streams "
+                         "and data positions a caffelite snapshot saved (a bit-identical "
+                         "continuation); by default they restart as in Caffe")
     tr.add_argument("--sigint_effect", default="stop", choices=["stop", "snapshot", "none"])
     tr.add_argument("--sighup_effect", default="snapshot", choices=["stop", "snapshot", "none"])
     _state_flags(tr, "the train net's")

@@ -14,13 +14,16 @@ solver fields and rounded to float32, iter_size normalisation multiplies by the
 float32 reciprocal.  (BLAS kernels may fuse multiply-adds; numpy does not, so a
 last-bit difference against an FMA-using Caffe build is possible.)
 
-Resuming is bit-identical to an uninterrupted run on the CPU: the solverstate carries,
-in a field Caffe ignores (see ``caffelite.io.solverstate``), the state of
-``caffelite.backend.rng()`` (Caffe's global mt19937: dropout, random fillers, the data
-layers' seeds), of the C library's rand() stream (caffelite.caffe_rng.c_rand) and
-the state of every layer that defines ``state_dict()`` / ``load_state_dict(state)``
+A resume is Caffe's by default: iter, current_step, the history and the weights come
+from the state; the random streams start again from ``random_seed`` (Solver::Init seeds
+them before the nets are built) and the data layers from the top of their lists. A
+snapshot also carries, in a field Caffe ignores (see ``caffelite.io.solverstate``), the
+state of ``caffelite.backend.rng()`` (Caffe's global mt19937: dropout, random fillers,
+the data layers' seeds), of the C library's rand() stream (caffelite.caffe_rng.c_rand)
+and of every layer that defines ``state_dict()`` / ``load_state_dict(state)``
 (JSON-serialisable; e.g. a data layer's cursor, shuffle order or own generator).
-States written by real Caffe lack it and resume as in Caffe.
+``restore(path, continue_streams=True)`` (``caffelite train --continue_streams``) loads
+it as well, and the resumed run is then bit-identical to an uninterrupted one on the CPU.
 
 In GPU mode, after clipping, each learnable blob's update is one fused kernel of
 ``kernels/sgd_update.cu`` (normalize, regularize, the rule and ``data -= diff``) fed
@@ -301,14 +304,14 @@ class Solver:
         return action == "stop", action == "snapshot"
 
     # ------------------------------------------------------------------ the loop
-    def solve(self, resume_file=None):
+    def solve(self, resume_file=None, continue_streams=False):
         p = self.param
         logger.info("Solving %s", self.net.name)
         logger.info("Learning Rate Policy: %s", p.lr_policy)
         self.requested_early_exit = False
         if resume_file:
             logger.info("Restoring previous solver status from %s", resume_file)
-            self.restore(resume_file)
+            self.restore(resume_file, continue_streams)
         self.step(p.max_iter - self.iter)
         if p.snapshot_after_train and (not p.snapshot or self.iter % p.snapshot != 0):
             self.snapshot()
@@ -662,10 +665,13 @@ class Solver:
                     continue
                 layer.load_state_dict(state)
 
-    def restore(self, state_file):
+    def restore(self, state_file, continue_streams=False):
         """Resume from a ``.solverstate``: iter, step counter, history, then the weights
         from its ``learned_net`` (looked up next to the state file when the stored path,
-        relative to the working directory as in Caffe, does not exist)."""
+        relative to the working directory as in Caffe, does not exist). With
+        ``continue_streams`` also the random streams and data positions a caffelite
+        snapshot carries (see the module docstring); without, they go on from where
+        this solver's set-up left them, as in Caffe."""
         state_file = os.fspath(state_file)
         # Solver::Restore picks the reader by the file name, as here.
         read = solverstate.read_solverstate_hdf5 if state_file.endswith(".h5") else \
@@ -692,13 +698,14 @@ class Solver:
             self.net.copy_from(weights)
         self.iter = state.iter
         self.current_step = state.current_step
-        logger.info("SGDSolver: restoring history")
+        if not state_file.endswith(".h5"):     # RestoreSolverStateFromHDF5 logs nothing
+            logger.info("SGDSolver: restoring history")
         for h, blob in zip(self.history, state.history):
             xp = get_array_module(h)
             h[...] = xp.asarray(blob.data.reshape(h.shape), dtype=h.dtype)
         if backend.is_gpu():
             self._history_to_device()
-        if state.extension:
+        if state.extension and continue_streams:
             self._restore_extension(state_file, state.extension)
 
     def _resolve_learned_net(self, state_file, learned_net):

@@ -1,5 +1,6 @@
 """Solvers: update rules against float64 re-derivations of Caffe's formulas, lr
 policies, iter_size, clipping, sharing, test passes, log lines, snapshots and resume."""
+import json
 import logging
 import math
 import os
@@ -748,7 +749,7 @@ def test_resume_is_bit_identical(tmp_path, kind, snapshot_format):
     assert (model_file, state_file) == (f"{prefix}_iter_3.caffemodel{suffix}",
                                         f"{prefix}_iter_3.solverstate{suffix}")
     resumed = make_solver(tmp_path, extra, RESUME_NET)
-    resumed.restore(state_file)
+    resumed.restore(state_file, continue_streams=True)
     assert resumed.iter == 3 and resumed.current_step == 1
     assert resumed.net.layer_dict["x"].cursor == first.net.layer_dict["x"].cursor
     resumed.step(4)
@@ -759,11 +760,42 @@ def test_resume_is_bit_identical(tmp_path, kind, snapshot_format):
         assert np.array_equal(a, b)
     # The saved generator state matters: drawing differently changes the result.
     other = make_solver(tmp_path, extra, RESUME_NET)
-    other.restore(state_file)
+    other.restore(state_file, continue_streams=True)
     backend.rng().words(5)
     other.step(4)
     assert not np.array_equal(other.net.params["ip1"][0].data,
                               straight.net.params["ip1"][0].data)
+
+
+@pytest.mark.parametrize("snapshot_format", ["BINARYPROTO", "HDF5"])
+def test_default_resume_restarts_the_streams_as_caffe(tmp_path, snapshot_format):
+    """Caffe's Restore brings back iter, current_step, history and weights only: the
+    random streams are where Solver::Init's seeding and the net set-up left them, and a
+    data layer starts at the top of its list. Weights and history are the snapshot's."""
+    if snapshot_format == "HDF5":
+        pytest.importorskip("h5py")
+    extra = (f'lr_policy: "fixed" base_lr: 0.05 momentum: 0.9 random_seed: 21 '
+             f'snapshot_prefix: "{tmp_path}/r" snapshot_format: {snapshot_format}')
+    first = make_solver(tmp_path, extra, RESUME_NET)
+    first.step(3)
+    _, state_file = first.snapshot()
+    resumed = make_solver(tmp_path, extra, RESUME_NET)
+    after_setup = backend.rng().get_state()
+    resumed.restore(state_file)
+    assert json.dumps(backend.rng().get_state(), default=np.ndarray.tolist) == \
+        json.dumps(after_setup, default=np.ndarray.tolist)
+    assert resumed.net.layer_dict["x"].cursor == 0 != first.net.layer_dict["x"].cursor
+    assert resumed.iter == 3
+    for a, b in zip(first.net.learnable_params, resumed.net.learnable_params):
+        assert np.array_equal(a.blob.data, b.blob.data)
+    for a, b in zip(first.history, resumed.history):
+        assert np.array_equal(a, b)
+    # The first dropout mask after the resume is a fresh run's first one.
+    resumed.net.forward()
+    mask = resumed.net.layer_dict["drop"].mask.copy()
+    fresh = make_solver(tmp_path, extra, RESUME_NET)      # seeds the stream again
+    fresh.net.forward()
+    assert np.array_equal(mask, fresh.net.layer_dict["drop"].mask)
 
 
 def test_hdf5_snapshot_has_caffes_layout(tmp_path):
@@ -806,7 +838,7 @@ def test_solve_resumes_from_file(tmp_path):
     straight = make_solver(tmp_path, extra, RESUME_NET)
     straight.solve()
     resumed = make_solver(tmp_path, extra, RESUME_NET)
-    resumed.solve(f"{prefix}_iter_2.solverstate")
+    resumed.solve(f"{prefix}_iter_2.solverstate", continue_streams=True)
     assert resumed.iter == 4
     for a, b in zip(straight.net.learnable_params, resumed.net.learnable_params):
         assert np.array_equal(a.blob.data, b.blob.data)
