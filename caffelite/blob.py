@@ -122,6 +122,25 @@ class SyncedMemory:
 
 
 
+INT_MAX = 2 ** 31 - 1
+
+
+class BlobShapeError(ValueError):
+    """A shape Caffe's Blob refuses (a negative axis, more than INT_MAX elements) or a
+    legacy accessor on a blob of more than 4 axes; the Net adds the layer's name."""
+
+
+def _checked_shape(shape):
+    """(shape as ints, its count), or Blob::Reshape's refusal."""
+    shape = tuple(int(s) for s in shape)
+    if any(s < 0 for s in shape):
+        raise BlobShapeError(f"negative dimension in blob shape {shape}")
+    count = math.prod(shape)
+    if count > INT_MAX:
+        raise BlobShapeError(f"blob size exceeds INT_MAX: shape {shape} has {count} elements")
+    return shape, count
+
+
 def legacy_shape(shape):
     """Caffe's legacy (num, channels, height, width) of a shape of at most 4 axes
     (missing trailing axes count as 1), or None for more axes."""
@@ -138,8 +157,7 @@ class Blob:
 
     def __init__(self, shape=(), dtype=np.float32):
         self.dtype = np.dtype(dtype)
-        self._shape = tuple(int(s) for s in shape)
-        self._count = math.prod(self._shape)
+        self._shape, self._count = _checked_shape(shape)
         count = self.count
         self._data_mem = SyncedMemory(count, self.dtype)
         self._diff_mem = SyncedMemory(count, self.dtype)
@@ -173,7 +191,8 @@ class Blob:
     def _legacy(self, i):
         legacy = legacy_shape(self._shape)
         if legacy is None:
-            raise ValueError(f"legacy accessor on a {len(self._shape)}-axis blob")
+            raise BlobShapeError(f"Cannot use legacy accessors on Blobs with > 4 axes "
+                                 f"(shape {self._shape})")
         return legacy[i]
 
     num = property(lambda self: self._legacy(0))
@@ -184,12 +203,9 @@ class Blob:
     def reshape(self, *shape):
         if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
             shape = tuple(shape[0])
-        shape = tuple(int(s) for s in shape)
-        if any(s < 0 for s in shape):
-            raise ValueError(f"negative dimension in blob shape {shape}")
+        shape, count = _checked_shape(shape)
         if shape == self._shape:
             return
-        count = math.prod(shape)
         # Blob::Reshape: new memory only when the count grows past what is allocated.
         if count > self._data_mem.count or count > self._diff_mem.count:
             self._data_mem = SyncedMemory(count, self.dtype)

@@ -17,7 +17,9 @@ import numpy as np
 
 from . import backend, cuda_graphs, fusion
 from .backend import TRAIN, TEST
-from .blob import HEAD_AT_DEVICE, HEAD_AT_HOST, SYNCED, Blob
+from .blob import HEAD_AT_DEVICE, HEAD_AT_HOST, SYNCED, Blob, BlobShapeError
+from .caffe_rng import RandomSettingError
+from .filler import FillerError
 from .io import caffemodel, prototxt
 from .io.caffemodel import write_file_atomically
 from .io.solverstate import require_h5py
@@ -305,12 +307,12 @@ class Net:
             logger.info("Initializing net from parameters: \n%s",
                         prototxt.message_to_text(filtered))
         self._memory_used = 0           # Caffe's memory_used_: the layers' top elements so far
-        inputs = net_input_fields(filtered)
-        self._inputs_from_fields = bool(inputs)
         try:
+            inputs = net_input_fields(filtered)
             net = insert_splits(filtered, [name for name, _ in inputs])
         except NetError as e:
             raise NetError(f"{self.source}: {e}") from None
+        self._inputs_from_fields = bool(inputs)
         self.layer_params = list(net.layer)
         self.layers = []
         self._layer_names = []
@@ -405,12 +407,23 @@ class Net:
                 nb = nb and lp.propagate_down[j]
             bottom_nb.append(nb)
         tops = self._make_tops(lp, layer, available)
+        in_place = [(j, tops[j], tops[j].shape) for j in range(min(len(tops), len(bottoms)))
+                    if tops[j] is bottoms[j]]
         try:
             layer.check_blob_counts(bottoms, tops)
             layer.setup(bottoms, tops)
             layer.reshape(bottoms, tops)
         except LayerError as e:
             raise NetError(f"{self.source}: {e}") from None
+        except (BlobShapeError, FillerError, RandomSettingError) as e:
+            raise NetError(f"{self.source}: layer '{lp.name}' ({lp.type}): {e}") from None
+        except MemoryError as e:
+            raise_out_of_memory(f"{self.source}: layer '{lp.name}' ({lp.type}) setup", e)
+        for j, blob, shape in in_place:
+            if blob.shape != shape:
+                raise NetError(f"{self.source}: layer '{lp.name}' ({lp.type}) cannot work in "
+                               f"place: it would reshape its blob '{lp.top[j]}' from {shape} "
+                               f"to {blob.shape}; give the top another name")
         logger.info("Setting up %s", lp.name)      # after Layer::SetUp, as Net::Init
         layer.loss_weights = self._loss_weights(lp, layer, len(tops))
         for top, w in zip(tops, layer.loss_weights):
@@ -668,6 +681,8 @@ class Net:
                         self._forward_debug_info(i)
             except MemoryError as e:
                 raise_out_of_memory(self._layer_what(i, "forward"), e)
+            except (BlobShapeError, FillerError, RandomSettingError) as e:
+                raise NetError(f"{self._layer_what(i, 'forward')}: {e}") from None
         return loss_terms
 
     # Caffe's debug_info lines: mean absolute values (asum / count, in the blob dtype).
@@ -824,12 +839,13 @@ class Net:
         end_i = self._layer_index(end) if end is not None else len(self.layers) - 1
         outputs = set((self._end_blobs(end, self.top_names) if end is not None
                        else self.outputs) + blobs)
+        self._check_blob_names(blobs, "forward(blobs=...)")
         if kwargs:
             self._check_named_arrays(kwargs, self.inputs, "Input blob arguments",
                                      "net inputs")
             for name, value in kwargs.items():
                 self._check_batch_sized(name, value, "input")
-                self.blobs[name].data[...] = value
+                self._assign(name, "data", value, "input")
         self.forward_from_to(start_i, end_i)
         return {name: self.blobs[name].data for name in outputs}
 
@@ -840,12 +856,13 @@ class Net:
         end_i = self._layer_index(end) if end is not None else 0
         outputs = set((self._end_blobs(end, self.bottom_names) if end is not None
                        else self.inputs) + diffs)
+        self._check_blob_names(diffs, "backward(diffs=...)")
         if kwargs:
             self._check_named_arrays(kwargs, self.outputs, "Top diff arguments",
                                      "net outputs")
             for name, value in kwargs.items():
                 self._check_batch_sized(name, value, "diff")
-                self.blobs[name].diff[...] = value
+                self._assign(name, "diff", value, "diff")
         self.backward_from_to(start_i, end_i)
         return {name: self.blobs[name].diff for name in outputs}
 
@@ -863,6 +880,24 @@ class Net:
             raise NetError(f"{what} do not match {kind} {names}: got {sorted(arrays)} "
                            f"(missing: {sorted(set(names) - set(arrays))}, not {kind}: "
                            f"{sorted(set(arrays) - set(names))})")
+
+    def _check_blob_names(self, names, what):
+        """pycaffe's KeyError for a name that is no blob, before the pass runs."""
+        unknown = [n for n in names if n not in self.blobs]
+        if unknown:
+            raise KeyError(f"{what}: no blob named {', '.join(map(repr, unknown))} in net "
+                           f"'{self.name}'")
+
+    def _assign(self, name, field, value, what):
+        """blob.data/diff[...] = value, or an error naming the blob (pycaffe's own
+        assignment fails in numpy's words)."""
+        target = getattr(self.blobs[name], field)
+        try:
+            target[...] = value
+        except ValueError:
+            raise NetError(f"{what} '{name}': an array of shape {np.shape(value)} does not "
+                           f"fit the blob's shape {target.shape} (reshape the blob first: "
+                           f"net.blobs['{name}'].reshape(...), then net.reshape())") from None
 
     def _check_batch_sized(self, name, value, what):
         shape = self.blobs[name].shape

@@ -276,6 +276,9 @@ def _upgrade_hole(layer, where):
     if (has_h or has_w) and not (has_h and has_w and not conv.HasField("hole")):
         raise UpgradeError(f"{where}: layer '{layer.name}': hole is hole OR hole_h and hole_w "
                            f"are required (DeepLab v1's convolution check)")
+    if (has_h or conv.HasField("hole")) and len(conv.dilation):
+        raise UpgradeError(f"{where}: layer '{layer.name}': give either DeepLab v1's hole "
+                           f"(hole_h/hole_w) or dilation, not both (no Caffe has both fields)")
     if has_h:
         conv.dilation[:] = [conv.hole_h, conv.hole_w]
     elif conv.HasField("hole"):

@@ -64,7 +64,7 @@ class EmbedLayer(Layer):
         bad = ~((index >= 0) & (index < self.input_dim))
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
-            raise self.error(f"index {values[i]!r} at position {i} of the bottom, truncated "
+            raise self.error(f"index {float(values[i]):g} at position {i} of the bottom, truncated "
                              f"toward zero, is not in [0, input_dim {self.input_dim})")
         return index.astype(np.int64)
 

@@ -52,7 +52,7 @@ class BatchReindexLayer(Layer):
         bad = ~((values >= 0) & (values < num))
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
-            raise self.error(f"index {values[i]!r} at position {i} of bottom 1 is outside "
+            raise self.error(f"index {float(values[i]):g} at position {i} of bottom 1 is outside "
                              f"the batch [0, {num}) of bottom 0 (shape {bottom[0].shape})")
         return values.astype(np.int64)
 

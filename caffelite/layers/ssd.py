@@ -157,6 +157,8 @@ class PriorBoxLayer(Layer):
                     raise self.error(f"max_size {hi} must be greater than min_size {lo}")
         ratios = [1.0]
         for ar in p.aspect_ratio:
+            if not ar > 0:
+                raise self.error(f"aspect_ratio must be positive, got {ar:g}")
             if any(abs(ar - r) < 1e-6 for r in ratios):
                 continue
             ratios.append(float(ar))
@@ -193,7 +195,7 @@ class PriorBoxLayer(Layer):
         return 0, 0
 
     def reshape(self, bottom, top):
-        h, w = bottom[0].shape[2], bottom[0].shape[3]
+        h, w = bottom[0].height, bottom[0].width          # legacy: 1 past the last axis
         top[0].reshape((1, 2, h * w * self.num_priors * 4))
 
     def _box_sizes(self):
@@ -212,9 +214,9 @@ class PriorBoxLayer(Layer):
 
     def forward(self, bottom, top):
         xp = get_array_module(bottom[0].data)
-        layer_h, layer_w = bottom[0].shape[2], bottom[0].shape[3]
-        img_h = self.img_h or bottom[1].shape[2]
-        img_w = self.img_w or bottom[1].shape[3]
+        layer_h, layer_w = bottom[0].height, bottom[0].width
+        img_h = self.img_h or bottom[1].height
+        img_w = self.img_w or bottom[1].width
         # float32 steps and centres as in the fork; box corners in double
         step_h = np.float32(self.step_h or np.float32(img_h) / np.float32(layer_h))
         step_w = np.float32(self.step_w or np.float32(img_w) / np.float32(layer_w))
@@ -274,7 +276,7 @@ class DetectionOutputLayer(Layer):
             raise self.error("visualize and save_output_param are not supported")
 
     def reshape(self, bottom, top):
-        num_priors = bottom[2].shape[2] // 4
+        num_priors = bottom[2].height // 4
         if bottom[0].shape[0] != bottom[1].shape[0]:
             raise self.error(f"loc and conf bottoms have different nums: "
                              f"{bottom[0].shape[0]} vs {bottom[1].shape[0]}")
@@ -323,7 +325,7 @@ class DetectionOutputLayer(Layer):
     def forward(self, bottom, top):
         xp = get_array_module(bottom[0].data)
         num = bottom[0].shape[0]
-        num_priors = bottom[2].shape[2] // 4
+        num_priors = bottom[2].height // 4
         to_host = (lambda a: a.get()) if xp is not np else np.asarray
         loc = to_host(bottom[0].data).astype(np.float64).reshape(
             num, num_priors, self.num_loc_classes, 4)

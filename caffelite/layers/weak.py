@@ -125,7 +125,11 @@ class BiasChannelLayer(Layer):
         out = bottom[0].data.copy()
         dtype = out.dtype.type
         n, channels = out.shape[:2]
-        lab = np.trunc(_host(bottom[1].data)).astype(np.int64)
+        raw = _host(bottom[1].data)
+        if not np.isfinite(raw).all():
+            raise self.error(f"unexpected label {raw[~np.isfinite(raw)][0]}: labels must be "
+                             f"finite numbers")
+        lab = np.trunc(raw).astype(np.int64)
         if not self.pixel:
             lab = lab.reshape(n, -1)
             used = ~np.isin(lab, list(self.ignore))

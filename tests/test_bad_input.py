@@ -1,0 +1,114 @@
+"""Bad prototxt values and API misuse give one clear error naming the file, the layer
+and the blob (Caffe stops at a CHECK there), never numpy's or Python's own exception."""
+import numpy as np
+import pytest
+
+import caffelite as caffe
+from caffelite.io.upgrade import UpgradeError
+from caffelite.net import NetError
+
+INPUT = ('layer { name: "in" type: "Input" top: "data" '
+         'input_param { shape { dim: 2 dim: 3 dim: 9 dim: 9 } } }\n')
+
+
+def build(tmp_path, text):
+    path = tmp_path / "net.prototxt"
+    path.write_text(text)
+    return str(path), lambda: caffe.Net(str(path), caffe.TEST)
+
+
+@pytest.mark.parametrize("text, words", [
+    ('layer { name: "in" type: "Input" top: "data" input_param { shape { dim: 2 dim: -1 } } }',
+     r"layer 'in' \(Input\): negative dimension in blob shape \(2, -1\)"),
+    ('layer { name: "d" type: "DummyData" top: "x" dummy_data_param { shape { dim: -1 } } }',
+     r"layer 'd' \(DummyData\): negative dimension"),
+    ('layer { name: "in" type: "Input" top: "data" '
+     'input_param { shape { dim: 50000 dim: 50000 } } }',
+     r"layer 'in' \(Input\): blob size exceeds INT_MAX: shape \(50000, 50000\)"),
+    (INPUT + 'layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip" '
+     'inner_product_param { num_output: 2147483648 } }',
+     r"layer 'ip' \(InnerProduct\): blob size exceeds INT_MAX: shape \(2147483648, 243\)"),
+    (INPUT + 'layer { name: "c" type: "Convolution" bottom: "data" top: "c" '
+     'convolution_param { num_output: 4 kernel_size: 3 pad: 2147483648 } }',
+     r"layer 'c' \(Convolution\): blob size exceeds INT_MAX"),
+    (INPUT + 'layer { name: "c" type: "Convolution" bottom: "data" top: "c" convolution_param '
+     '{ num_output: 4 kernel_size: 3 weight_filler { type: "gaussian" std: nan } } }',
+     r"layer 'c' \(Convolution\): gaussian sigma must be positive, got nan"),
+    ('layer { name: "in" type: "Input" top: "data" top: "ref" input_param { shape { dim: 2 '
+     'dim: 3 dim: 9 dim: 9 } shape { dim: 2 dim: 3 dim: 4 dim: 4 dim: 4 } } }\n'
+     'layer { name: "up" type: "Interp" bottom: "data" bottom: "ref" top: "o" }',
+     r"layer 'up' \(Interp\): Cannot use legacy accessors on Blobs with > 4 axes"),
+    ('layer { name: "in" type: "Input" top: "f" top: "img" input_param { shape { dim: 1 '
+     'dim: 3 dim: 4 dim: 4 } shape { dim: 1 dim: 3 dim: 32 dim: 32 } } }\n'
+     'layer { name: "prior" type: "PriorBox" bottom: "f" bottom: "img" top: "p" '
+     'prior_box_param { min_size: 8 aspect_ratio: 0 } }',
+     r"layer 'prior'.*aspect_ratio must be positive, got 0"),
+    (INPUT + 'layer { name: "up" type: "Interp" bottom: "data" top: "data" '
+     'interp_param { zoom_factor: 2 } }',
+     r"layer 'up' \(Interp\) cannot work in place: it would reshape its blob 'data' from "
+     r"\(2, 3, 9, 9\) to \(2, 3, 17, 17\)"),
+])
+def test_setup_errors_name_the_file_and_layer(tmp_path, text, words):
+    path, make = build(tmp_path, text)
+    with pytest.raises(NetError, match=words) as info:
+        make()
+    assert str(info.value).startswith(path)
+
+
+def test_a_filler_error_in_forward_names_the_layer(tmp_path):
+    """DummyData fills in forward: Caffe's CHECK(blob->count()) on an empty blob."""
+    _, make = build(tmp_path, 'layer { name: "d" type: "DummyData" top: "x" dummy_data_param '
+                              '{ shape { dim: 0 dim: 3 } data_filler { type: "gaussian" } } }')
+    net = make()
+    with pytest.raises(NetError, match=r"layer 'd' \(DummyData\) forward: gaussian filler: "
+                                       r"cannot fill the empty blob \(0, 3\)"):
+        net.forward()
+
+
+def test_same_size_interp_may_work_in_place(tmp_path):
+    _, make = build(tmp_path, INPUT + 'layer { name: "up" type: "Interp" bottom: "data" '
+                                      'top: "data" interp_param { height: 9 width: 9 } }')
+    net = make()
+    x = np.random.default_rng(0).standard_normal((2, 3, 9, 9)).astype(np.float32)
+    np.testing.assert_array_equal(net.forward(data=x)["data"], x)
+
+
+def test_hole_and_dilation_together_are_refused(tmp_path):
+    """DeepLab v1's schema has hole, v2's dilation; no Caffe parses both."""
+    _, make = build(tmp_path, INPUT + 'layer { name: "c" type: "Convolution" bottom: "data" '
+                                      'top: "c" convolution_param { num_output: 4 '
+                                      'kernel_size: 3 dilation: 3 hole: 2 } }')
+    with pytest.raises(UpgradeError, match="layer 'c': give either DeepLab v1's hole"):
+        make()
+
+
+def test_input_dim_errors_name_the_file(tmp_path):
+    path, make = build(tmp_path, 'input: "data"\ninput_dim: 1\ninput_dim: 3\ninput_dim: 4\n')
+    with pytest.raises(NetError, match="1 inputs need 4 input_dim values, got 3") as info:
+        make()
+    assert str(info.value).startswith(path)
+
+
+def test_prior_box_reads_legacy_height_and_width_of_2d_bottoms(tmp_path):
+    """SSD's PriorBox uses height()/width(): 1 on a blob of two axes, one cell."""
+    _, make = build(tmp_path, 'layer { name: "in" type: "Input" top: "f" top: "img" '
+                              'input_param { shape { dim: 6 dim: 3 } shape { dim: 6 dim: 3 } } }\n'
+                              'layer { name: "prior" type: "PriorBox" bottom: "f" bottom: "img" '
+                              'top: "p" prior_box_param { min_size: 8 img_size: 16 } }')
+    assert make().forward()["p"].shape == (1, 2, 4)
+
+
+def test_forward_arrays_of_the_wrong_shape_name_the_blob(tmp_path):
+    _, make = build(tmp_path, INPUT + 'layer { name: "r" type: "ReLU" bottom: "data" '
+                                      'top: "out" }')
+    net = make()
+    with pytest.raises(NetError, match=r"input 'data': an array of shape \(2, 3, 8, 8\) does "
+                                       r"not fit the blob's shape \(2, 3, 9, 9\)"):
+        net.forward(data=np.zeros((2, 3, 8, 8), np.float32))
+    with pytest.raises(KeyError, match="forward\\(blobs=...\\): no blob named 'nope'"):
+        net.forward(blobs=["nope"])
+    net.forward()
+    with pytest.raises(NetError, match=r"diff 'out': an array of shape \(2, 1\)"):
+        net.backward(out=np.zeros((2, 1), np.float32))
+    with pytest.raises(KeyError, match="backward\\(diffs=...\\): no blob named 'x'"):
+        net.backward(diffs=["x"])
