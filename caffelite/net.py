@@ -273,9 +273,11 @@ class Net:
             phase, weights = weights, phase      # Net(file, weights, phase)
         if args:
             raise TypeError("Net() takes the prototxt, phase and weights")
-        phase = TEST if phase is None else int(phase)
-        if phase not in (TRAIN, TEST):
-            raise NetError(f"phase must be caffe.TRAIN or caffe.TEST, got {phase}")
+        if phase is None:
+            phase = TEST
+        elif not isinstance(phase, (int, np.integer)) or phase not in (TRAIN, TEST):
+            raise NetError(f"phase must be caffe.TRAIN or caffe.TEST, got {phase!r}")
+        phase = int(phase)
         self.source = network_file or "<NetParameter>"
         if param is None:
             if network_file is None:

@@ -112,3 +112,9 @@ def test_forward_arrays_of_the_wrong_shape_name_the_blob(tmp_path):
         net.backward(out=np.zeros((2, 1), np.float32))
     with pytest.raises(KeyError, match="backward\\(diffs=...\\): no blob named 'x'"):
         net.backward(diffs=["x"])
+
+
+def test_a_phase_that_is_no_phase_is_named(tmp_path):
+    path, _ = build(tmp_path, INPUT)
+    with pytest.raises(NetError, match="phase must be caffe.TRAIN or caffe.TEST, got 'x'"):
+        caffe.Net(path, path, "x")
