@@ -83,7 +83,13 @@ class Timer:
 
 # pycaffe's process-level helpers (single-process caffelite: one solver, rank 0).
 def init_log(level=0, stderr=True):
-    """glog-style logging is always on in caffelite; kept for pycaffe scripts."""
+    """pycaffe's ``caffe.init_log([level[, stderr]])``: Caffe's whole log (glog lines from
+    severity ``level`` up, 0 INFO .. 3 FATAL; GLOG_minloglevel may raise it) on stderr,
+    and in glog's files where GLOG_log_dir asks for them. Without it a script sees
+    caffelite's warnings and errors only. ``stderr`` is accepted for pycaffe's sake;
+    the lines always go to stderr."""
+    from .log import glog_level, setup_logging
+    setup_logging(level=glog_level(level))
 
 
 def log(message):

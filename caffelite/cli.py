@@ -80,9 +80,9 @@ def _select_device(args, solver_device=None):
     except GPUUnavailableError as e:
         if source is None:                  # --gpu: the user's own request
             raise
-        logger.warning("%s asks for GPU %d, but %s; training on the CPU (solver_mode: CPU "
-                       "or CAFFELITE_SOLVER_MODE=cpu says so without this warning)",
-                       source, device, _lower_first(str(e)))
+        logger.warning("%s asks for GPU %d, which cannot be used: %s; training on the CPU "
+                       "(solver_mode: CPU or CAFFELITE_SOLVER_MODE=cpu says so without this "
+                       "warning)", source, device, _lower_first(str(e)).rstrip("."))
         _use_cpu(graphs)
         return
     if graphs is not None:
@@ -126,7 +126,9 @@ def _use_cpu(graphs):
 
 
 def _lower_first(text):
-    return text[:1].lower() + text[1:]
+    """A sentence's first letter lower-cased to go on after a comma (not an acronym's)."""
+    first = text.split(" ", 1)[0]
+    return text if first[1:2].isupper() else text[:1].lower() + text[1:]
 
 
 def solver_device(solver_path, defines):
@@ -407,20 +409,27 @@ class _Progress:
             sys.stderr.write("\n")
 
 
-def common_arguments(sp):
-    """The flags every verb shares: --log, -D NAME=VALUE, --gpu."""
+_GPU_HELP = ("GPU id (if omitted: train follows the solver's solver_mode and device_id, "
+             "test and time run on the CPU)")
+
+
+def common_arguments(sp, gpu_help=_GPU_HELP, nets=True,
+                     define_help="fill ${NAME} placeholders in the prototxt (repeatable)"):
+    """The flags the verbs share: --log, -D NAME=VALUE, --gpu, and for verbs that run
+    nets (``nets``) --tf32 and --cuda-graphs; without ``define_help`` no -D."""
     sp.add_argument("--log", help="also write the log to this file")
-    sp.add_argument("-D", "--define", action="append", metavar="NAME=VALUE",
-                    help="fill ${NAME} placeholders in the prototxt (repeatable)")
-    sp.add_argument("--gpu", default=None,
-                    help="GPU id (if omitted: train follows the solver's solver_mode and "
-                         "device_id, test and time run on the CPU)")
-    sp.add_argument("--tf32", action="store_true",
-                    help="allow TF32 tensor-core GEMMs on the GPU (default: exact FP32)")
-    sp.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
-                    help="on the GPU, record each pass into CUDA graphs once and launch "
-                         "them whole (same numbers, less per-layer cost; default: on, "
-                         "or CAFFELITE_CUDA_GRAPHS)")
+    if define_help:
+        sp.add_argument("-D", "--define", action="append", metavar="NAME=VALUE",
+                        help=define_help)
+    sp.add_argument("--gpu", default=None, help=gpu_help)
+    if nets:
+        sp.add_argument("--tf32", action="store_true",
+                        help="allow TF32 tensor-core GEMMs on the GPU (default: exact FP32)")
+        sp.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction,
+                        default=None,
+                        help="on the GPU, record each pass into CUDA graphs once and "
+                             "launch them whole (same numbers, less per-layer cost; "
+                             "default: on, or CAFFELITE_CUDA_GRAPHS)")
     glog_arguments(sp)
 
 
@@ -568,7 +577,8 @@ def build_parser():
     demo_dt.add_parser(sub)
 
     d = sub.add_parser("demo", help="run the built-in synthetic example")
-    d.add_argument("--out", default="caffelite_demo")
+    d.add_argument("--out", default="caffelite_demo",
+                   help="experiment folder (default ./caffelite_demo)")
     d.add_argument("--iterations", type=int, default=600, help="training iterations")
     d.add_argument("--log", help="also write the log to this file")
     d.add_argument("--gpu", default=None, help="GPU id (CPU if omitted)")

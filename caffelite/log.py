@@ -54,14 +54,23 @@ def format_output(name, value, weight):
     return text
 
 
+# No handler of its own until a command (or caffe.init_log()) sets one up: a script's
+# warnings and errors then reach stderr through Python's last-resort handler, or the
+# script's own logging configuration.
 logger = logging.getLogger("caffelite")
-logger.addHandler(logging.NullHandler())
 
 
-def setup_logging(level=logging.INFO, log_file=None, stream=sys.stderr, environ=None):
-    """Route caffelite's log to ``stream`` (and ``log_file``) in glog format, and to
-    glog's own files where ``GLOG_log_dir`` asks for them."""
+def glog_level(severity):
+    """The logging level of glog severity 0 INFO .. 3 FATAL."""
+    return _SEVERITIES[min(max(int(severity), 0), 3)][1]
+
+
+def setup_logging(level=logging.INFO, log_file=None, stream=None, environ=None):
+    """Route caffelite's log to ``stream`` (sys.stderr as it is now, if None; and
+    ``log_file``) in glog format, and to glog's own files where ``GLOG_log_dir`` asks
+    for them."""
     environ = os.environ if environ is None else environ
+    stream = sys.stderr if stream is None else stream
     for h in list(logger.handlers):
         logger.removeHandler(h)
         h.close()

@@ -70,7 +70,7 @@ import os
 import re
 import time
 
-from . import backend
+from . import backend, cuda_graphs
 from .evaluate import EvalItem, EvalResult, evaluate, read_list
 from .io import prototxt
 from .io.caffemodel import write_atomically
@@ -210,7 +210,8 @@ class Pipeline:
     def __init__(self, exper_dir, net_id, data_root=None, num_labels=21,
                  train_set_suffix="_aug", steps=STEPS, force=False, defines=None, gpu=None,
                  test_sets=("val",), test2_sets=("val", "test"), eval_set="val",
-                 feature_type="fc8", gt_dir=None, crf_params=None, vis=False):
+                 feature_type="fc8", gt_dir=None, crf_params=None, vis=False, tf32=False,
+                 cuda_graphs=None):
         exper_dir = os.path.abspath(exper_dir)
         if not os.path.isdir(exper_dir):
             raise PipelineError(f"experiment folder '{exper_dir}' does not exist")
@@ -239,6 +240,7 @@ class Pipeline:
         self.force = force
         from .cli import parse_gpu
         self.gpu = parse_gpu(gpu)           # None: the CPU
+        self.tf32, self.cuda_graphs = bool(tf32), cuda_graphs     # GPU mode only
         self.test_sets, self.test2_sets = list(test_sets), list(test2_sets)
         self.eval_set = eval_set
         self.feature_type = feature_type
@@ -344,7 +346,10 @@ class Pipeline:
             os.makedirs(self.log_dir, exist_ok=True)
             if self.gpu is not None:
                 backend.set_device(self.gpu)
+                backend.set_tf32(self.tf32)
                 backend.set_mode_gpu()
+                if self.cuda_graphs is not None:
+                    cuda_graphs.set_enabled(self.cuda_graphs)
             else:
                 backend.set_mode_cpu()
             for step in self.steps:
@@ -664,7 +669,8 @@ def add_parser(subparsers):
     sp.add_argument("--net", required=True, metavar="NET_ID",
                     help="the config/<NET_ID> to run")
     sp.add_argument("--data-root", help="DATA_ROOT: the folder the lists' paths are in")
-    sp.add_argument("--num-labels", type=int, default=21)
+    sp.add_argument("--num-labels", type=int, default=21,
+                    help="NUM_LABELS: the classes of the nets and the evaluation (21)")
     sp.add_argument("--train-set-suffix", default="_aug",
                     help="TRAIN_SET = train<suffix>, trainval<suffix> (default _aug; "
                          "--train-set-suffix= for none)")
@@ -684,7 +690,9 @@ def add_parser(subparsers):
     for name, default in CRF_DEFAULTS.items():
         crf.add_argument(f"--crf-{name.replace('_', '-')}", dest=f"crf_{name}",
                          type=int if name == "max_iter" else float, default=default)
-    common_arguments(sp)
+    common_arguments(sp, gpu_help="GPU id for every step (the kit's --gpu=${DEV_ID}); "
+                                  "the CPU if omitted",
+                     define_help="set or override a sub.sed variable (repeatable)")
     sp.set_defaults(func=run)
     return sp
 
@@ -701,7 +709,8 @@ def run(args):
         defines=parse_defines(args.define), gpu=args.gpu, test_sets=_split(args.test_sets),
         test2_sets=_split(args.test2_sets), eval_set=args.eval_set,
         feature_type=args.feature_type, gt_dir=args.gt,
-        crf_params={k: getattr(args, f"crf_{k}") for k in CRF_DEFAULTS}, vis=args.vis)
+        crf_params={k: getattr(args, f"crf_{k}") for k in CRF_DEFAULTS}, vis=args.vis,
+        tf32=args.tf32, cuda_graphs=args.cuda_graphs)
     pipeline.run()
     return 0
 

@@ -413,3 +413,17 @@ def test_crf_step_unavailable_is_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(PipelineError, match="crf step is not available yet"):
         pascal.run(_parse(_argv(exp, data) + ["--steps", "train,crf"]))
     assert not glob.glob(str(exp / "model" / NET / "*.caffemodel"))
+
+
+def test_cli_passes_the_gpu_flags_to_the_pipeline(tmp_path, monkeypatch):
+    """`caffelite pascal --gpu 0 --tf32 --no-cuda-graphs` runs every step with them."""
+    from caffelite import cli
+    seen = {}
+    monkeypatch.setattr(Pipeline, "run", lambda self: seen.update(
+        gpu=self.gpu, tf32=self.tf32, graphs=self.cuda_graphs) or {})
+    (tmp_path / "voc12").mkdir()
+    args = cli.build_parser().parse_args(
+        ["pascal", str(tmp_path / "voc12"), "--net", "x", "--data-root", str(tmp_path),
+         "--gpu", "0", "--tf32", "--no-cuda-graphs"])
+    assert args.func(args) == 0
+    assert seen == {"gpu": 0, "tf32": True, "graphs": False}

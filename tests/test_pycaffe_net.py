@@ -2,6 +2,7 @@
 import os
 import subprocess
 import sys
+import re
 import time
 from collections import OrderedDict
 
@@ -332,8 +333,35 @@ def test_timer_and_process_helpers():
     assert caffe.solver_count() == 1 and caffe.solver_rank() == 0 and not caffe.has_nccl()
     assert "Python" in caffe.layer_type_list() and "Convolution" in caffe.layer_type_list()
     caffe.set_random_seed(5)
-    caffe.init_log()
     caffe.log("hello from a pycaffe script")
+
+
+def test_init_log_shows_caffes_info_lines_on_stderr(capsys, tmp_path):
+    """Without init_log a script sees warnings only (Python's last-resort handler);
+    caffe.init_log() prints the glog lines, INFO included, as pycaffe does."""
+    from caffelite.log import logger
+    saved = (list(logger.handlers), logger.level, logger.propagate)
+    try:
+        script = ("import caffelite as caffe; from caffelite.log import logger; "
+                  "caffe.log('not shown'); logger.warning('a warning')")
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                             env=dict(os.environ, PYTHONPATH=ROOT))
+        assert out.returncode == 0 and out.stderr == "a warning\n"
+        caffe.init_log()
+        caffe.log("hello from a pycaffe script")
+        err = capsys.readouterr().err
+        assert re.search(r"^I\d{4} .* __init__.py:\d+\] hello from a pycaffe script$", err,
+                         re.M)
+        caffe.init_log(1)
+        caffe.log("dropped")
+        assert "dropped" not in capsys.readouterr().err
+    finally:
+        for h in list(logger.handlers):
+            logger.removeHandler(h)
+        for h in saved[0]:
+            logger.addHandler(h)
+        logger.setLevel(saved[1])
+        logger.propagate = saved[2]
 
 
 def test_pycaffe_names_resolve():

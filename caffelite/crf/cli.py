@@ -208,7 +208,8 @@ def add_parser(subparsers):
     sp.add_argument("--jobs", type=int, default=1, help="images processed in parallel")
     sp.add_argument("--bin", action="store_true",
                     help="also write the refine program's <id>.bin")
-    common_arguments(sp)
+    common_arguments(sp, gpu_help="GPU id for the CRF's kernels (the CPU if omitted)",
+                     nets=False, define_help=None)
     sp.set_defaults(func=run)
     return sp
 
