@@ -86,8 +86,8 @@ def init_log(level=0, stderr=True):
     """pycaffe's ``caffe.init_log([level[, stderr]])``: Caffe's whole log (glog lines from
     severity ``level`` up, 0 INFO .. 3 FATAL; GLOG_minloglevel may raise it) on stderr,
     and in glog's files where GLOG_log_dir asks for them. Without it a script sees
-    caffelite's warnings and errors only. ``stderr`` is accepted for pycaffe's sake;
-    the lines always go to stderr."""
+    caffelite's warnings and errors only. Unlike pycaffe, ``stderr=False`` does not
+    move the lines into files: they always go to stderr."""
     from .log import glog_level, setup_logging
     setup_logging(level=glog_level(level))
 

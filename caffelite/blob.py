@@ -123,6 +123,7 @@ class SyncedMemory:
 
 
 INT_MAX = 2 ** 31 - 1
+MAX_BLOB_AXES = 32          # Caffe's kMaxBlobAxes
 
 
 class BlobShapeError(ValueError):
@@ -133,6 +134,9 @@ class BlobShapeError(ValueError):
 def _checked_shape(shape):
     """(shape as ints, its count), or Blob::Reshape's refusal."""
     shape = tuple(int(s) for s in shape)
+    if len(shape) > MAX_BLOB_AXES:
+        raise BlobShapeError(f"blob shape {shape} has {len(shape)} axes; at most "
+                             f"{MAX_BLOB_AXES} are allowed")
     if any(s < 0 for s in shape):
         raise BlobShapeError(f"negative dimension in blob shape {shape}")
     count = math.prod(shape)

@@ -212,6 +212,8 @@ def score(net, iterations):
 
 def cmd_train(args):
     from .solver import PendingSignals, get_solver, install_signal_handlers
+    if args.continue_streams and not args.snapshot:
+        raise CliError("--continue_streams goes with --snapshot (a run to resume)")
     if args.weights and args.snapshot:
         raise CliError("Give a snapshot to resume training or weights to finetune but not "
                        "both.")
@@ -457,7 +459,7 @@ _GLOG_IGNORED_FLAGS = ("stderrthreshold", "vmodule", "logbuflevel", "logbufsecs"
                        "max_log_size", "log_link")
 # Flags that never take the next word as their value.
 _FLAGS_WITHOUT_VALUE = set(_GLOG_BOOL_FLAGS) | {"no" + f for f in _GLOG_BOOL_FLAGS} | {
-    "tf32", "cuda-graphs", "no-cuda-graphs"}
+    "tf32", "cuda-graphs", "no-cuda-graphs", "continue_streams"}
 
 
 def glog_environment(args, environ=os.environ):
@@ -517,8 +519,8 @@ def build_parser():
     tr.add_argument("--snapshot", default=None, help="a .solverstate to resume from")
     tr.add_argument("--continue_streams", action="store_true",
                     help="caffelite only: with --snapshot, also carry on the random streams "
-                         "and data positions a caffelite snapshot saved (a bit-identical "
-                         "continuation); by default they restart as in Caffe")
+                         "and data positions a caffelite snapshot saved (on the CPU a "
+                         "bit-identical continuation); by default they restart as in Caffe")
     tr.add_argument("--sigint_effect", default="stop", choices=["stop", "snapshot", "none"])
     tr.add_argument("--sighup_effect", default="snapshot", choices=["stop", "snapshot", "none"])
     _state_flags(tr, "the train net's")

@@ -61,8 +61,10 @@ logger = logging.getLogger("caffelite")
 
 
 def glog_level(severity):
-    """The logging level of glog severity 0 INFO .. 3 FATAL."""
-    return _SEVERITIES[min(max(int(severity), 0), 3)][1]
+    """The logging level of glog severity 0 INFO .. 3 FATAL (INFO: caffelite's debug
+    lines, which Caffe does not have, stay out)."""
+    severity = min(max(int(severity), 0), 3)
+    return logging.INFO if severity == 0 else _SEVERITIES[severity][1]
 
 
 def setup_logging(level=logging.INFO, log_file=None, stream=None, environ=None):

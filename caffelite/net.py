@@ -418,11 +418,13 @@ class Net:
         except LayerError as e:
             raise NetError(f"{self.source}: {e}") from None
         except (BlobShapeError, FillerError, RandomSettingError) as e:
-            raise NetError(f"{self.source}: layer '{lp.name}' ({lp.type}): {e}") from None
+            raise NetError(f"{self.source}: layer '{lp.name}' ({lp.type}): {e}") from e
         except MemoryError as e:
             raise_out_of_memory(f"{self.source}: layer '{lp.name}' ({lp.type}) setup", e)
         for j, blob, shape in in_place:
-            if blob.shape != shape:
+            # Caffe keeps the memory of a same-count reshape (a view); a new count would
+            # leave the bottom's values behind.
+            if blob.count != math.prod(shape):
                 raise NetError(f"{self.source}: layer '{lp.name}' ({lp.type}) cannot work in "
                                f"place: it would reshape its blob '{lp.top[j]}' from {shape} "
                                f"to {blob.shape}; give the top another name")
@@ -684,7 +686,7 @@ class Net:
             except MemoryError as e:
                 raise_out_of_memory(self._layer_what(i, "forward"), e)
             except (BlobShapeError, FillerError, RandomSettingError) as e:
-                raise NetError(f"{self._layer_what(i, 'forward')}: {e}") from None
+                raise NetError(f"{self.source}: {self._layer_what(i, 'forward')}: {e}") from e
         return loss_terms
 
     # Caffe's debug_info lines: mean absolute values (asum / count, in the blob dtype).
@@ -812,9 +814,13 @@ class Net:
 
     def reshape(self):
         gpu = backend.is_gpu()
-        for layer, bottom, top in zip(self.layers, self.bottom_blobs, self.top_blobs):
-            with backend.device_access(gpu and layer.runs_on_device):
-                layer.reshape(bottom, top)
+        for i, (layer, bottom, top) in enumerate(zip(self.layers, self.bottom_blobs,
+                                                     self.top_blobs)):
+            try:
+                with backend.device_access(gpu and layer.runs_on_device):
+                    layer.reshape(bottom, top)
+            except BlobShapeError as e:
+                raise NetError(f"{self.source}: {self._layer_what(i, 'reshape')}: {e}") from e
 
     # pycaffe ---------------------------------------------------------------------
     @property
@@ -895,11 +901,15 @@ class Net:
         assignment fails in numpy's words)."""
         target = getattr(self.blobs[name], field)
         try:
-            target[...] = value
+            fits = np.broadcast_shapes(np.shape(value), target.shape) == target.shape
         except ValueError:
+            fits = False
+        if not fits:
+            hint = (f" (reshape the blob first: net.blobs['{name}'].reshape(...), then "
+                    f"net.reshape())" if field == "data" else "")
             raise NetError(f"{what} '{name}': an array of shape {np.shape(value)} does not "
-                           f"fit the blob's shape {target.shape} (reshape the blob first: "
-                           f"net.blobs['{name}'].reshape(...), then net.reshape())") from None
+                           f"fit the blob's shape {target.shape}{hint}")
+        target[...] = value
 
     def _check_batch_sized(self, name, value, what):
         shape = self.blobs[name].shape

@@ -211,7 +211,7 @@ class Pipeline:
                  train_set_suffix="_aug", steps=STEPS, force=False, defines=None, gpu=None,
                  test_sets=("val",), test2_sets=("val", "test"), eval_set="val",
                  feature_type="fc8", gt_dir=None, crf_params=None, vis=False, tf32=False,
-                 cuda_graphs=None):
+                 graphs=None):
         exper_dir = os.path.abspath(exper_dir)
         if not os.path.isdir(exper_dir):
             raise PipelineError(f"experiment folder '{exper_dir}' does not exist")
@@ -240,7 +240,7 @@ class Pipeline:
         self.force = force
         from .cli import parse_gpu
         self.gpu = parse_gpu(gpu)           # None: the CPU
-        self.tf32, self.cuda_graphs = bool(tf32), cuda_graphs     # GPU mode only
+        self.tf32, self.cuda_graphs = bool(tf32), graphs     # GPU mode only
         self.test_sets, self.test2_sets = list(test_sets), list(test2_sets)
         self.eval_set = eval_set
         self.feature_type = feature_type
@@ -710,7 +710,7 @@ def run(args):
         test2_sets=_split(args.test2_sets), eval_set=args.eval_set,
         feature_type=args.feature_type, gt_dir=args.gt,
         crf_params={k: getattr(args, f"crf_{k}") for k in CRF_DEFAULTS}, vis=args.vis,
-        tf32=args.tf32, cuda_graphs=args.cuda_graphs)
+        tf32=args.tf32, graphs=args.cuda_graphs)
     pipeline.run()
     return 0
 

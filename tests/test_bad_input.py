@@ -118,3 +118,27 @@ def test_a_phase_that_is_no_phase_is_named(tmp_path):
     path, _ = build(tmp_path, INPUT)
     with pytest.raises(NetError, match="phase must be caffe.TRAIN or caffe.TEST, got 'x'"):
         caffe.Net(path, path, "x")
+
+
+def test_a_same_count_in_place_reshape_is_allowed(tmp_path):
+    """Caffe keeps a blob's memory through a same-count reshape, so a Python layer may
+    view its in-place blob in another shape; only a new count is refused."""
+    (tmp_path / "view_layers.py").write_text(
+        "import caffelite as caffe\n"
+        "class AsImage(caffe.Layer):\n"
+        "    def setup(self, bottom, top): pass\n"
+        "    def reshape(self, bottom, top): top[0].reshape(*bottom[0].shape, 1, 1)\n"
+        "    def forward(self, bottom, top): pass\n"
+        "    def backward(self, top, propagate_down, bottom): pass\n")
+    _, make = build(tmp_path, 'layer { name: "in" type: "Input" top: "x" input_param { '
+                              'shape { dim: 2 dim: 3 } } }\n'
+                              'layer { name: "v" type: "Python" bottom: "x" top: "x" '
+                              'python_param { module: "view_layers" layer: "AsImage" } }')
+    assert make().blobs["x"].shape == (2, 3, 1, 1)
+
+
+def test_continue_streams_before_the_verb_and_without_a_snapshot():
+    from caffelite import cli
+    assert cli.gflags_style(["--continue_streams", "train", "-solver", "s"]) == \
+        ["train", "--continue_streams", "--solver", "s"]
+    assert cli.main(["train", "--solver", "s", "--continue_streams"]) == 1

@@ -336,32 +336,25 @@ def test_timer_and_process_helpers():
     caffe.log("hello from a pycaffe script")
 
 
-def test_init_log_shows_caffes_info_lines_on_stderr(capsys, tmp_path):
+def test_init_log_shows_caffes_info_lines_on_stderr(capsys, net_file):
     """Without init_log a script sees warnings only (Python's last-resort handler);
     caffe.init_log() prints the glog lines, INFO included, as pycaffe does."""
-    from caffelite.log import logger
-    saved = (list(logger.handlers), logger.level, logger.propagate)
-    try:
-        script = ("import caffelite as caffe; from caffelite.log import logger; "
-                  "caffe.log('not shown'); logger.warning('a warning')")
-        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                             env=dict(os.environ, PYTHONPATH=ROOT))
-        assert out.returncode == 0 and out.stderr == "a warning\n"
-        caffe.init_log()
-        caffe.log("hello from a pycaffe script")
-        err = capsys.readouterr().err
-        assert re.search(r"^I\d{4} .* __init__.py:\d+\] hello from a pycaffe script$", err,
-                         re.M)
-        caffe.init_log(1)
-        caffe.log("dropped")
-        assert "dropped" not in capsys.readouterr().err
-    finally:
-        for h in list(logger.handlers):
-            logger.removeHandler(h)
-        for h in saved[0]:
-            logger.addHandler(h)
-        logger.setLevel(saved[1])
-        logger.propagate = saved[2]
+    script = ("import caffelite as caffe; from caffelite.log import logger; "
+              "caffe.log('not shown'); logger.warning('a warning')")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=ROOT))
+    assert out.returncode == 0
+    assert "a warning" in out.stderr and "not shown" not in out.stderr
+    caffe.init_log()            # the conftest fixture gives the next test its logger back
+    caffe.log("hello from a pycaffe script")
+    caffe.Net(net_file, caffe.TEST)
+    err = capsys.readouterr().err
+    assert re.search(r"^I\d{4} .* __init__.py:\d+\] hello from a pycaffe script$", err, re.M)
+    assert "Network initialization done." in err
+    assert "Created layer" not in err           # caffelite's own debug lines stay out
+    caffe.init_log(1)
+    caffe.log("dropped")
+    assert "dropped" not in capsys.readouterr().err
 
 
 def test_pycaffe_names_resolve():

@@ -14,9 +14,10 @@ SGDSolver's SnapshotSolverStateToHDF5 writes them with HDF5's lite API: scalar i
 
 caffelite adds one field that Caffe does not know, ``EXTENSION_FIELD`` (a JSON
 document: the random generator's state and the states of layers that keep some
-outside their blobs), so that a resumed run continues bit-identically.  Caffe's
-protobuf parser keeps unknown fields and ignores them, so Caffe still reads our
-files, and files without the field (Caffe's) restore as Caffe restores them.
+outside their blobs), so that a resume asked to continue them
+(``Solver.restore(path, continue_streams=True)``) goes on bit-identically; a default
+resume ignores it, as Caffe does.  Caffe's protobuf parser keeps unknown fields and
+ignores them, so Caffe still reads our files.
 """
 import json
 from dataclasses import dataclass, field

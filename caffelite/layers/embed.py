@@ -15,6 +15,7 @@ from ..filler import FillerError, fill
 from ..layer import Layer, register
 from .im2col import view
 from .reindex import add_rows_in_order
+from .softmax import label_text
 
 
 @register("Embed")
@@ -64,7 +65,7 @@ class EmbedLayer(Layer):
         bad = ~((index >= 0) & (index < self.input_dim))
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
-            raise self.error(f"index {float(values[i]):g} at position {i} of the bottom, truncated "
+            raise self.error(f"index {label_text(values[i])} at position {i} of the bottom, truncated "
                              f"toward zero, is not in [0, input_dim {self.input_dim})")
         return index.astype(np.int64)
 
