@@ -636,6 +636,24 @@ def test_eltwise_max_both_tie_rules(kern, launch, count, dtype):
             np.testing.assert_array_equal(diff, reference[i])
 
 
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_eltwise_sum2_equals_the_numpy_sum_with_caffes_zero(kern, launch, dtype):
+    """eltwise.cu eltwise_sum2: (0 + a) + b, bit for bit the numpy Eltwise SUM of two
+    bottoms, -0 + -0 = +0 and NaN/Inf included, every poisoned element written."""
+    rng = np.random.default_rng(31)
+    a, b = (rng.standard_normal((3, 4, 5, 7)).astype(dtype) for _ in range(2))
+    a.reshape(-1)[:6] = [-0.0, -0.0, 0.0, np.nan, np.inf, -np.inf]
+    b.reshape(-1)[:6] = [-0.0, 0.0, -0.0, 1.0, -np.inf, 2.0]
+    layer = make_layer('type: "Eltwise"', dtype=dtype)
+    bottom, top = setup_layer(layer, [a, b], dtype=dtype)
+    with np.errstate(invalid="ignore"):         # inf + -inf
+        run_forward(layer, bottom, top)
+    out = poisoned(a.shape, dtype)
+    kern.run("eltwise", "eltwise_sum2", dtype, out.size, a, b, out, **launch)
+    assert_same_bits(out, top[0].data)
+    assert not np.signbit(out.reshape(-1)[0])
+
+
 def test_signed_zero_gradients_arrive_as_positive_zero(kern):
     """eltwise_max_backward and the same-size interp_backward add the gradient to a
     zero, as the fork's kernels do: a -0 top diff gives +0, like the numpy layers."""

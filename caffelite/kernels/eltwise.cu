@@ -40,6 +40,16 @@ __global__ void eltwise_max_forward(const int n, const T* running, const T* __re
   }
 }
 
+// Eltwise SUM of two bottoms as Caffe computes it into a zeroed top, (0 + a) + b, in
+// one pass: the same value as a + b except that -0 + -0 gives +0.
+template <typename T>
+__global__ void eltwise_sum2(const int n, const T* __restrict__ a, const T* __restrict__ b,
+                             T* __restrict__ top) {
+  CAFFELITE_KERNEL_LOOP(index, n) {
+    top[index] = (T(0) + a[index]) + b[index];
+  }
+}
+
 // bottom_diff of bottom `bottom_index` = top_diff where it won, else 0; added to a
 // zero as Caffe does, so a -0 top_diff gives +0.
 template <typename T>

@@ -78,24 +78,27 @@ def driver_source(name):
                 lines += [
                     f"struct {launcher}_args {{ {' '.join(d + ';' for d in decls)} }};",
                     f"static void {launcher}_thread(void* p) {{",
-                    f"  const {launcher}_args& a = *static_cast<{launcher}_args*>(p);",
-                    f"  {kernel}<{ctype}>({', '.join('a.' + u for u in uses)});",
+                    f"  const {launcher}_args& launch_args = "
+                    f"*static_cast<{launcher}_args*>(p);",
+                    f"  {kernel}<{ctype}>({', '.join('launch_args.' + u for u in uses)});",
                     "}"]
-                per_block = [f"    {launcher}_args a = {{{', '.join(uses)}}};",
-                             f"    caffelite_host::run_block({launcher}_thread, &a);"]
+                per_block = [f"    {launcher}_args launch_args = {{{', '.join(uses)}}};",
+                             f"    caffelite_host::run_block({launcher}_thread, "
+                             f"&launch_args);"]
             else:
-                per_block = ["    for (unsigned int t = 0; t < launch_block; ++t) {",
-                             "      threadIdx.x = t;",
+                per_block = ["    for (unsigned int launch_t = 0; launch_t < launch_block; "
+                             "++launch_t) {",
+                             "      threadIdx.x = launch_t;",
                              f"      {call}",
                              "    }"]
-            # (launch_ names: a kernel parameter may be called grid or block)
+            # (launch_ names: a kernel parameter may be called grid, block, a, b or t)
             lines += [
                 f'extern "C" void {launcher}(unsigned int launch_grid, '
                 f'unsigned int launch_block, {", ".join(decls)}) {{',
                 "  gridDim.x = launch_grid; gridDim.y = gridDim.z = 1;",
                 "  blockDim.x = launch_block; blockDim.y = blockDim.z = 1;",
-                "  for (unsigned int b = 0; b < launch_grid; ++b) {",
-                "    blockIdx.x = b;",
+                "  for (unsigned int launch_b = 0; launch_b < launch_grid; ++launch_b) {",
+                "    blockIdx.x = launch_b;",
                 *per_block,
                 "  }",
                 "}",

@@ -73,11 +73,16 @@ class EltwiseLayer(Layer):
             self._forward_in_place(xp, bottom, top)
             return
         if self.op == SUM and self._plain_sum(bottom, top):
-            # (x0 + x1) + x2 + ... written straight into top: no temporaries
-            xp.add(bottom[0].data, bottom[1].data, out=top[0].data)
+            # ((0 + x0) + x1) + x2 + ... written straight into top: no temporaries
+            out = top[0].data
+            if on_device(xp):
+                launch("eltwise", "eltwise_sum2", out.dtype, out.size,
+                       contiguous(xp, bottom[0].data), contiguous(xp, bottom[1].data), out)
+            else:
+                xp.add(bottom[0].data, bottom[1].data, out=out)
+                out += 0            # Caffe sums into a zeroed top: -0 terms give +0
             for b in bottom[2:]:
-                top[0].data += b.data
-            top[0].data += 0        # Caffe sums into a zeroed top: -0 terms give +0
+                out += b.data
             return
         if self.op == SUM:
             y = self._scaled(bottom[0].data, self.coeffs[0])
