@@ -47,6 +47,11 @@ def _weighted_loss(terms, dtype):
         layer_loss = real(layer_loss + value)
     return float(real(loss + layer_loss))
 
+
+# Errors of blob shapes and fillers, raised below a layer: the Net adds file and layer.
+_NAMED_BY_THE_NET = (BlobShapeError, FillerError, RandomSettingError)
+
+
 class NetError(ValueError):
     pass
 
@@ -417,7 +422,7 @@ class Net:
             layer.reshape(bottoms, tops)
         except LayerError as e:
             raise NetError(f"{self.source}: {e}") from None
-        except (BlobShapeError, FillerError, RandomSettingError) as e:
+        except _NAMED_BY_THE_NET as e:
             raise NetError(f"{self.source}: layer '{lp.name}' ({lp.type}): {e}") from e
         except MemoryError as e:
             raise_out_of_memory(f"{self.source}: layer '{lp.name}' ({lp.type}) setup", e)
@@ -685,7 +690,7 @@ class Net:
                         self._forward_debug_info(i)
             except MemoryError as e:
                 raise_out_of_memory(self._layer_what(i, "forward"), e)
-            except (BlobShapeError, FillerError, RandomSettingError) as e:
+            except _NAMED_BY_THE_NET as e:
                 raise NetError(f"{self.source}: {self._layer_what(i, 'forward')}: {e}") from e
         return loss_terms
 

@@ -674,8 +674,8 @@ class Solver:
         this solver's set-up left them, as in Caffe."""
         state_file = os.fspath(state_file)
         # Solver::Restore picks the reader by the file name, as here.
-        read = solverstate.read_solverstate_hdf5 if state_file.endswith(".h5") else \
-            solverstate.read_solverstate
+        hdf5 = state_file.endswith(".h5")
+        read = solverstate.read_solverstate_hdf5 if hdf5 else solverstate.read_solverstate
         try:
             state = read(state_file)
         except solverstate.SolverStateError as e:
@@ -698,7 +698,7 @@ class Solver:
             self.net.copy_from(weights)
         self.iter = state.iter
         self.current_step = state.current_step
-        if not state_file.endswith(".h5"):     # RestoreSolverStateFromHDF5 logs nothing
+        if not hdf5:                # RestoreSolverStateFromHDF5 logs nothing
             logger.info("SGDSolver: restoring history")
         for h, blob in zip(self.history, state.history):
             xp = get_array_module(h)

@@ -65,8 +65,9 @@ class EmbedLayer(Layer):
         bad = ~((index >= 0) & (index < self.input_dim))
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
-            raise self.error(f"index {label_text(values[i])} at position {i} of the bottom, truncated "
-                             f"toward zero, is not in [0, input_dim {self.input_dim})")
+            raise self.error(f"index {label_text(values[i])} at position {i} of the bottom, "
+                             f"truncated toward zero, is not in [0, input_dim "
+                             f"{self.input_dim})")
         return index.astype(np.int64)
 
     def forward(self, bottom, top):

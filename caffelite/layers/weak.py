@@ -11,6 +11,7 @@ import numpy as np
 from ..caffe_rng import c_rand, random_shuffle
 from ..backend import get_array_module
 from ..layer import Layer, register
+from .softmax import label_text
 
 
 def _host(array):
@@ -127,8 +128,8 @@ class BiasChannelLayer(Layer):
         n, channels = out.shape[:2]
         raw = _host(bottom[1].data)
         if not np.isfinite(raw).all():
-            raise self.error(f"unexpected label {raw[~np.isfinite(raw)][0]}: labels must be "
-                             f"finite numbers")
+            raise self.error(f"unexpected label {label_text(raw[~np.isfinite(raw)][0])}: "
+                             f"labels must be finite numbers")
         lab = np.trunc(raw).astype(np.int64)
         if not self.pixel:
             lab = lab.reshape(n, -1)
