@@ -143,6 +143,67 @@ def test_max_mask_ties_padding_and_nan_follow_caffe():
         np.testing.assert_array_equal(mask, want_mask)
 
 
+MAX_GEOMETRIES = [
+    ("kernel_size: 3 stride: 2 pad: 1", (3, 3, 2, 2, 1, 1)),
+    ("kernel_size: 3 stride: 1 pad: 1", (3, 3, 1, 1, 1, 1)),
+    ("kernel_size: 2 stride: 2", (2, 2, 2, 2, 0, 0)),
+    ("kernel_h: 3 kernel_w: 2 stride_h: 2 stride_w: 3 pad_h: 2 pad_w: 1", (3, 2, 2, 3, 2, 1)),
+]
+
+
+def scattered_reference(mask, g, shape):
+    """The bottom diff Caffe's MAX backward gives: each top diff added at its mask."""
+    diff = np.zeros(shape)
+    n, c, h, w = shape
+    for (a, b, i, j), m in np.ndenumerate(mask):
+        if m >= 0:
+            diff[a, b, int(m) // w, int(m) % w] += g[a, b, i, j]
+    return diff
+
+
+def max_inputs(dtype):
+    """Inputs for the MAX forward's fast path and its fall-backs: ties, -FLT_MAX itself,
+    -inf, +0/-0 maxima, a NaN."""
+    rng = np.random.default_rng(11)
+    ties = rng.integers(-2, 3, size=(2, 3, 8, 10)).astype(dtype)
+    ties[1, 2] = -np.finfo(np.float32).max
+    ties[1, 2, 4:, :5] = -np.inf
+    zeros = np.where(rng.random((2, 3, 8, 10)) < 0.5, -1.0, 0.0).astype(dtype)
+    zeros[rng.random(zeros.shape) < 0.3] = -0.0            # +0 and -0 in zero windows
+    negative_zero_free = np.abs(zeros) * -1 + 0.0           # -1 and +0 only
+    nan = ties.copy()
+    nan[0, 1, 3, 4] = np.nan
+    return {"ties": ties, "zeros": zeros, "no -0": negative_zero_free, "nan": nan}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("body,geometry", MAX_GEOMETRIES)
+@pytest.mark.parametrize("phase", [TEST, TRAIN])
+def test_max_forward_and_backward_bit_exact_with_caffe_loops(phase, body, geometry, dtype):
+    """Values (sign of zero included), masks and the gradient routing of every host path:
+    one maximum per tap with the argmax found after (or only at backward in TEST), and
+    Caffe's scan where a NaN or a -0 could make them differ."""
+    for name, x in max_inputs(dtype).items():
+        want_top, want_mask = reference(x.astype(np.float64), *geometry, "MAX")
+        for num_top in (1, 2):
+            layer = make_layer(pool_text(f"pool: MAX {body}"), phase=phase, dtype=dtype)
+            bottom, top = setup_layer(layer, [x], num_top, dtype=dtype)
+            got = run_forward(layer, bottom, top)
+            np.testing.assert_array_equal(got[0], want_top.astype(dtype), err_msg=name)
+            np.testing.assert_array_equal(np.signbit(got[0]), np.signbit(want_top),
+                                          err_msg=name)
+            if num_top == 2:
+                np.testing.assert_array_equal(got[1], want_mask, err_msg=name)
+            bottom[0].data[...] = 7     # the backward routes by what the forward saw
+            g = np.random.default_rng(2).integers(1, 9, size=want_top.shape)
+            top[0].diff[...] = g
+            bottom[0].diff[...] = np.nan
+            layer.backward(top, [True], bottom)
+            np.testing.assert_array_equal(bottom[0].diff,
+                                          scattered_reference(want_mask, g, x.shape),
+                                          err_msg=name)
+
+
 def test_all_minus_inf_window_gives_minus_flt_max_and_mask_minus_one():
     x = np.full((1, 1, 4, 4), -np.inf, np.float32)
     top, mask = ours("pool: MAX kernel_size: 2 stride: 2", x, num_top=2)

@@ -32,6 +32,12 @@ _FLT_MIN = float(np.finfo(np.float32).tiny)
 _MAX_TAPS_LOOP = 256
 
 
+def _has_negative_zero(array):
+    """Whether ``array`` (float32 or float64) holds a -0."""
+    bits = np.dtype(f"i{array.dtype.itemsize}")
+    return bool((np.ascontiguousarray(array).view(bits) == np.iinfo(bits).min).any())
+
+
 def pooled_size(size, kernel, pad, stride, any_pad, ceil_mode=True):
     """Caffe's pooled output length along one axis (``any_pad``: pad_h or pad_w != 0)."""
     span = size + 2 * pad - kernel
@@ -117,6 +123,8 @@ class PoolingLayer(Layer):
                              f"kernel ({self.kernel_h}, {self.kernel_w})")
         self.ceil_mode = (not p.HasField("round_mode")) or p.round_mode == _P.CEIL
         self.mask = None        # the device MAX mask (int32), reused between forwards
+        self._argmax = None     # the host MAX argmax, see ``argmax``
+        self._argmax_source = None
         self.sampled = None     # STOCHASTIC: tap taken per output at the last TRAIN forward
 
     def reshape(self, bottom, top):
@@ -189,17 +197,28 @@ class PoolingLayer(Layer):
             self._forward_device(xp, contiguous(xp, x), bottom, top)
             return
         if self.pool == _P.MAX:
-            value, self.argmax = self._max_forward(xp, x)
-            top[0].data[...] = value
+            # A TEST net rarely runs backward: its argmax is found only when asked for.
+            top[0].data[...] = self._max_forward(
+                xp, x, lazy_argmax=self.phase != TRAIN and len(top) == 1)
             if len(top) > 1:
                 top[1].data[...] = self._mask_indices(xp, self.argmax, x.shape)
         else:
             top[0].data[...] = self._ave_forward(xp, x)
 
-    def _max_forward(self, xp, x):
-        """Value and argmax; argmax = flat tap index in the window, or -1 (nothing won)."""
+    @property
+    def argmax(self):
+        """Per output, the flat tap index in its window that won the MAX forward, or -1
+        (nothing above -FLT_MAX)."""
+        if self._argmax is None and self._argmax_source is not None:
+            self._argmax = self._first_tap_reaching(*self._argmax_source)
+            self._argmax_source = None
+        return self._argmax
+
+    def _max_forward(self, xp, x, lazy_argmax=False):
+        """The MAX value of every window; sets its argmax (see ``argmax``)."""
         dtype = x.dtype
         floor = dtype.type(_NEG_FLT_MAX)
+        self._argmax = self._argmax_source = None
         if self._whole_plane():
             n, c, h, w = x.shape
             flat = x.reshape(n, c, h * w)
@@ -208,11 +227,56 @@ class PoolingLayer(Layer):
             idx = xp.argmax(flat, axis=2)
             best = xp.take_along_axis(flat, idx[..., None], axis=2)[..., 0]
             won = best > floor
-            return (xp.where(won, best, floor).reshape(n, c, 1, 1),
-                    xp.where(won, idx, -1).reshape(n, c, 1, 1))
+            self._argmax = xp.where(won, idx, -1).reshape(n, c, 1, 1)
+            return xp.where(won, best, floor).reshape(n, c, 1, 1)
         canvas = self._padded(xp, x, dtype.type(-np.inf))
-        out = (x.shape[0], x.shape[1], self.pooled_h, self.pooled_w)
-        best = xp.full(out, floor, dtype=dtype)
+        best = self._plain_maximum(xp, canvas, floor)
+        if best is None:
+            best, self._argmax = self._scan_maximum(xp, canvas, floor)
+            return best
+        if not lazy_argmax:
+            self._argmax = self._first_tap_reaching(canvas, best)
+        else:
+            # The canvas is the bottom itself when nothing pads it: keep a copy, the
+            # mask must come from the values this forward saw.
+            self._argmax_source = (canvas.copy() if canvas is x else canvas, best)
+        return best
+
+    def _plain_maximum(self, xp, canvas, floor):
+        """The windows' maxima as one ``maximum`` per tap, or None where that could
+        differ from Caffe's scan (keep the first value strictly greater than the best so
+        far, from -FLT_MAX): a window with a NaN (Caffe skips it, ``maximum`` keeps it),
+        or a zero maximum with a -0 in the input (+0 and -0 are the one pair of equal
+        values with different bits; the scan keeps the first of them)."""
+        if xp is not np:
+            return None
+        taps = self._taps()
+        best = np.maximum(self._tap(canvas, *taps[0]), floor)
+        for i, j in taps[1:]:
+            np.maximum(best, self._tap(canvas, i, j), out=best)
+        if np.isnan(best).any():
+            return None
+        if (best == 0).any() and _has_negative_zero(canvas):
+            return None
+        return best
+
+    def _first_tap_reaching(self, canvas, best):
+        """The first tap in scan order whose value equals its window's ``best`` (the
+        scan's winner when ``best`` came from ``_plain_maximum``), -1 where ``best`` is
+        the -FLT_MAX floor."""
+        arg = np.full(best.shape, -1, dtype=self._arg_dtype())
+        equal = np.empty(best.shape, dtype=bool)
+        taps = self._taps()
+        for t in range(len(taps) - 1, -1, -1):
+            np.equal(self._tap(canvas, *taps[t]), best, out=equal)
+            np.copyto(arg, arg.dtype.type(t), where=equal)
+        np.copyto(arg, arg.dtype.type(-1), where=best <= best.dtype.type(_NEG_FLT_MAX))
+        return arg
+
+    def _scan_maximum(self, xp, canvas, floor):
+        """Caffe's scan itself: value and argmax."""
+        out = (canvas.shape[0], canvas.shape[1], self.pooled_h, self.pooled_w)
+        best = xp.full(out, floor, dtype=canvas.dtype)
         arg = xp.full(out, -1, dtype=self._arg_dtype())
         better = xp.empty(out, dtype=bool)
         for t, (i, j) in enumerate(self._taps()):
