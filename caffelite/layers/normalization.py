@@ -1,10 +1,13 @@
 """BatchNorm (upstream BVLC, as in the DeepLab v2 fork), Scale, Bias and MVN."""
 import math
 
+import numpy as np
+
 from ..backend import TEST, get_array_module
 from ..filler import fill
 from ..layer import Layer, NeuronLayer, register
 from ._device import launch, on_device
+from .im2col import view
 
 
 def _prod(dims):
@@ -97,7 +100,9 @@ class BatchNormLayer(NeuronLayer):
         self.std_vector = xp.sqrt(var + dtype(self.eps))
         self.std = self.std_vector[None, :, None]
         x = bottom[0].data.reshape(self.dims)
-        top[0].data[...] = ((x - mean[None, :, None]) / self.std).reshape(top[0].shape)
+        out = view(top[0].data, self.dims)      # in place or not: element by element
+        xp.subtract(x, mean[None, :, None], out=out)
+        xp.divide(out, self.std, out=out)
 
     def device_stored_stats(self, xp, dtype):
         """The stored statistics on the device: the mean vector (returned) and
@@ -280,10 +285,12 @@ class ScaleLayer(Layer):
                    x.dtype, x.size, bottom[0].data, *args, self.dims[1], self.dims[2],
                    top[0].data)
             return
-        y = x * scale.reshape(1, -1, 1)
+        out = view(top[0].data, self.dims)
+        if np.may_share_memory(scale, out):     # a scale bottom that is also the top
+            scale = scale.copy()
+        np.multiply(x, scale.reshape(1, -1, 1), out=out)
         if self.bias_term:
-            y = y + self.blobs[-1].data.reshape(1, -1, 1)
-        top[0].data[...] = y.reshape(top[0].shape)
+            np.add(out, self.blobs[-1].data.reshape(1, -1, 1), out=out)
 
     def backward(self, top, propagate_down, bottom):
         dy = top[0].diff.reshape(self.dims)
