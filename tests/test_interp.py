@@ -275,6 +275,54 @@ def test_cpu_backward_is_bit_exact_with_the_fork_order(body, shape, crop, dtype)
     assert np.array_equal(bottom[0].diff, want)
 
 
+def caffe_cpu_forward_by_hand(x, out_hw, h_eff, w_eff, off, dtype):
+    """The fork's caffe_cpu_interp2 written out element by element: float32
+    coordinates, lambdas in Dtype, ``h0*(w0*a + w1*b) + h1*(w0*c + w1*d)``."""
+    f32, t = np.float32, np.dtype(dtype).type
+    n, c = x.shape[:2]
+    h2, w2 = out_hw
+    out = np.empty((n, c, h2, w2), dtype)
+    rh = f32(h_eff - 1) / f32(h2 - 1) if h2 > 1 else f32(0)
+    rw = f32(w_eff - 1) / f32(w2 - 1) if w2 > 1 else f32(0)
+    for p in range(n * c):
+        o, xp_ = out.reshape(n * c, h2, w2)[p], x.reshape(n * c, *x.shape[2:])[p]
+        for i in range(h2):
+            yr = rh * f32(i)
+            y = int(yr)
+            yp = 1 if y < h_eff - 1 else 0
+            ly1 = t(yr - f32(y))
+            ly0 = t(1) - ly1
+            for j in range(w2):
+                xr = rw * f32(j)
+                q = int(xr)
+                qp = 1 if q < w_eff - 1 else 0
+                lx1 = t(xr - f32(q))
+                lx0 = t(1) - lx1
+                r, q = off + y, off + q
+                o[i, j] = (ly0 * (lx0 * xp_[r, q] + lx1 * xp_[r, q + qp]) +
+                           ly1 * (lx0 * xp_[r + yp, q] + lx1 * xp_[r + yp, q + qp]))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("body,shape,crop", [
+    ("zoom_factor: 4 shrink_factor: 3", (1, 2, 10, 13), (0, 0)),
+    ("shrink_factor: 3", (2, 1, 11, 9), (0, 0)),
+    ("zoom_factor: 8", (1, 2, 5, 4), (0, 0)),
+    ("height: 7 width: 5", (1, 2, 6, 11), (0, 0)),
+    ("height: 1 width: 4", (1, 1, 5, 3), (0, 0)),
+    ("zoom_factor: 3 pad_beg: -1 pad_end: -2", (1, 2, 9, 8), (-1, -2)),
+])
+def test_cpu_forward_is_bit_exact_with_the_fork_loops(body, shape, crop, dtype):
+    x = np.random.default_rng(13).standard_normal(shape).astype(dtype)
+    got = ours(body, [x], dtype=dtype)
+    beg, end = crop
+    want = caffe_cpu_forward_by_hand(x, got.shape[2:], shape[2] + beg + end,
+                                     shape[3] + beg + end, -beg, dtype)
+    assert got.dtype == dtype
+    assert np.array_equal(got, want)
+
+
 def test_cropped_away_inputs_get_zero_gradient():
     layer = make_layer(interp_text("zoom_factor: 2 pad_beg: -2 pad_end: -1"))
     bottom, top = setup_layer(layer, [np.random.default_rng(9).standard_normal((1, 1, 8, 8))])

@@ -160,11 +160,25 @@ class PoolingLayer(Layer):
         ph, pw = self._padded_extent()
         if self.pad_h == 0 and self.pad_w == 0 and ph <= h and pw <= w:
             return x
-        canvas = xp.full((n, c, ph, pw), fill, dtype=x.dtype)
-        rows, cols = min(h, ph - self.pad_h), min(w, pw - self.pad_w)
-        canvas[:, :, self.pad_h:self.pad_h + rows, self.pad_w:self.pad_w + cols] = \
-            x[:, :, :rows, :cols]
+        canvas = self._reused("canvas", xp, (n, c, ph, pw), x.dtype)
+        top, left = self.pad_h, self.pad_w
+        rows, cols = min(h, ph - top), min(w, pw - left)
+        canvas[:, :, :top] = fill
+        canvas[:, :, top + rows:] = fill
+        canvas[:, :, top:top + rows, :left] = fill
+        canvas[:, :, top:top + rows, left + cols:] = fill
+        canvas[:, :, top:top + rows, left:left + cols] = x[:, :, :rows, :cols]
         return canvas
+
+    def _reused(self, name, xp, shape, dtype):
+        """A work array kept from one pass to the next (a fresh large array costs a
+        page fault per page); its contents are left as the last user left them."""
+        buffers = self.__dict__.setdefault("_buffers", {})
+        array = buffers.get(name)
+        if (array is None or array.shape != tuple(shape) or array.dtype != dtype or
+                get_array_module(array) is not xp):
+            array = buffers[name] = xp.empty(shape, dtype)
+        return array
 
     def _tap(self, canvas, i, j):
         """Strided view of ``canvas`` seen by kernel tap (i, j) of every window."""
@@ -251,7 +265,9 @@ class PoolingLayer(Layer):
         if xp is not np:
             return None
         taps = self._taps()
-        best = np.maximum(self._tap(canvas, *taps[0]), floor)
+        out = (canvas.shape[0], canvas.shape[1], self.pooled_h, self.pooled_w)
+        best = np.maximum(self._tap(canvas, *taps[0]), floor,
+                          out=self._reused("best", np, out, canvas.dtype))
         for i, j in taps[1:]:
             np.maximum(best, self._tap(canvas, i, j), out=best)
         if np.isnan(best).any():
@@ -451,7 +467,8 @@ class PoolingLayer(Layer):
         n, c, h, w = shape
         ph, pw = self._padded_extent()
         ph, pw = max(ph, self.pad_h + h), max(pw, self.pad_w + w)
-        canvas = xp.zeros((n, c, ph, pw), dtype=dtype)
+        canvas = self._reused("scatter", xp, (n, c, ph, pw), dtype)
+        canvas[...] = 0
         taps = self._taps()
         for t in range(len(taps) - 1, -1, -1):
             i, j = taps[t]
