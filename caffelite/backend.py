@@ -117,6 +117,18 @@ def synchronize():
         xp.cuda.Device().synchronize()
 
 
+def use_gpu(device_id, tf32=False, graphs=None):
+    """GPU mode on ``device_id`` with TF32 GEMMs or not, and CUDA graphs on or off
+    (None: caffelite's default), as ``--gpu``, ``--tf32`` and ``--cuda-graphs`` ask.
+    Raises ``GPUUnavailableError`` where no GPU can be used."""
+    set_device(device_id)
+    set_tf32(tf32)
+    set_mode_gpu()
+    if graphs is not None:
+        from . import cuda_graphs
+        cuda_graphs.set_enabled(graphs)
+
+
 def set_tf32(enabled):
     """Opt in (True) to TF32 tensor-core GEMMs on the GPU; FP32 (False) is the default
     and gives Caffe's float results. Has no effect on the CPU or the emulator."""

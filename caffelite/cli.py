@@ -73,10 +73,8 @@ def _select_device(args, solver_device=None):
         _use_cpu(graphs)
         return
     tf32 = bool(getattr(args, "tf32", False))
-    backend.set_device(device)
-    backend.set_tf32(tf32)
     try:
-        backend.set_mode_gpu()
+        backend.use_gpu(device, tf32, graphs)
     except GPUUnavailableError as e:
         if source is None:                  # --gpu: the user's own request
             raise
@@ -85,8 +83,6 @@ def _select_device(args, solver_device=None):
                        "warning)", source, device, _lower_first(str(e)).rstrip("."))
         _use_cpu(graphs)
         return
-    if graphs is not None:
-        cuda_graphs.set_enabled(graphs)
     name = _device_name(device)
     if args.gpu == "all" and _device_count() > 1:
         logger.warning("--gpu all: caffelite uses one GPU; using GPU %d", device)

@@ -70,7 +70,7 @@ import os
 import re
 import time
 
-from . import backend, cuda_graphs
+from . import backend
 from .evaluate import EvalItem, EvalResult, evaluate, read_list
 from .io import prototxt
 from .io.caffemodel import write_atomically
@@ -345,12 +345,11 @@ class Pipeline:
             os.makedirs(self.model_dir, exist_ok=True)
             os.makedirs(self.log_dir, exist_ok=True)
             if self.gpu is not None:
-                backend.set_device(self.gpu)
-                backend.set_tf32(self.tf32)
-                backend.set_mode_gpu()
-                if self.cuda_graphs is not None:
-                    cuda_graphs.set_enabled(self.cuda_graphs)
+                backend.use_gpu(self.gpu, self.tf32, self.cuda_graphs)
             else:
+                if self.tf32 or self.cuda_graphs:
+                    logger.warning("--tf32 and --cuda-graphs apply to GPU mode only; "
+                                   "running on the CPU")
                 backend.set_mode_cpu()
             for step in self.steps:
                 getattr(self, f"step_{step}")()

@@ -365,3 +365,18 @@ def test_a_snapshot_in_gpu_mode_does_not_send_the_weights_back_to_the_device(gpu
     trained = solver.net.params["ip"][0].data          # (after the second step)
     assert saved.params["ip"][0].data.shape == trained.shape
     assert not np.array_equal(saved.params["ip"][0].data, trained)   # step 1's weights
+
+
+def test_use_gpu_sets_device_tf32_and_cuda_graphs(monkeypatch):
+    """The one call --gpu/--tf32/--cuda-graphs make (train, test, time and pascal)."""
+    from caffelite import cuda_graphs
+    monkeypatch.setenv("CAFFELITE_GPU_EMULATOR", "1")
+    try:
+        backend.use_gpu(0, tf32=True, graphs=False)
+        assert backend.is_gpu() and backend.device_module() is not np
+        assert backend.tf32_enabled() and not cuda_graphs.enabled()
+        backend.use_gpu(0, graphs=None)          # None leaves the graphs flag alone
+        assert not backend.tf32_enabled() and not cuda_graphs.enabled()
+    finally:
+        backend.set_tf32(False)
+        backend.set_mode_cpu()

@@ -427,3 +427,11 @@ def test_cli_passes_the_gpu_flags_to_the_pipeline(tmp_path, monkeypatch):
          "--gpu", "0", "--tf32", "--no-cuda-graphs"])
     assert args.func(args) == 0
     assert seen == {"gpu": 0, "tf32": True, "graphs": False}
+
+
+def test_gpu_only_flags_on_the_cpu_are_a_warning(tmp_path, caplog):
+    exp, data = _make_experiment(tmp_path)
+    pipeline = Pipeline(str(exp), NET, data_root=str(data), steps=[], tf32=True)
+    with caplog.at_level(logging.WARNING, logger="caffelite"):
+        pipeline.run()
+    assert "--tf32 and --cuda-graphs apply to GPU mode only" in caplog.text
