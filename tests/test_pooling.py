@@ -373,3 +373,23 @@ def test_stochastic_overlapping_windows_add_their_gradients():
     top[0].diff[...] = [[[[1.0, 2.0]]]]
     layer.backward(top, [True], bottom)
     np.testing.assert_array_equal(bottom[0].diff, [[[[0.0, 3.0, 0.0]]]])
+
+
+@pytest.mark.parametrize("phase", [TEST, TRAIN])
+def test_max_backward_routes_by_the_latest_forward(phase):
+    """The work arrays a TEST net keeps between forwards hold the latest input only."""
+    geometry = (3, 3, 2, 2, 1, 1)
+    layer = make_layer(pool_text("pool: MAX kernel_size: 3 stride: 2 pad: 1"), phase=phase,
+                       dtype=np.float32)
+    first, second = distinct((1, 2, 7, 6), seed=3), distinct((1, 2, 7, 6), seed=4)
+    bottom, top = setup_layer(layer, [first], dtype=np.float32)
+    run_forward(layer, bottom, top)
+    bottom[0].data[...] = second
+    got = run_forward(layer, bottom, top)[0]
+    want_top, want_mask = reference(second, *geometry, "MAX")
+    np.testing.assert_array_equal(got, want_top.astype(np.float32))
+    g = np.arange(1, want_top.size + 1, dtype=np.float32).reshape(want_top.shape)
+    top[0].diff[...] = g
+    layer.backward(top, [True], bottom)
+    np.testing.assert_array_equal(bottom[0].diff, scattered_reference(want_mask, g,
+                                                                      second.shape))

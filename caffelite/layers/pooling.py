@@ -160,7 +160,7 @@ class PoolingLayer(Layer):
         ph, pw = self._padded_extent()
         if self.pad_h == 0 and self.pad_w == 0 and ph <= h and pw <= w:
             return x
-        canvas = self._reused("canvas", xp, (n, c, ph, pw), x.dtype)
+        canvas = self._work_array("canvas", xp, (n, c, ph, pw), x.dtype)
         top, left = self.pad_h, self.pad_w
         rows, cols = min(h, ph - top), min(w, pw - left)
         canvas[:, :, :top] = fill
@@ -170,10 +170,14 @@ class PoolingLayer(Layer):
         canvas[:, :, top:top + rows, left:left + cols] = x[:, :, :rows, :cols]
         return canvas
 
-    def _reused(self, name, xp, shape, dtype):
-        """A work array kept from one pass to the next (a fresh large array costs a
-        page fault per page); its contents are left as the last user left them."""
-        buffers = self.__dict__.setdefault("_buffers", {})
+    def _work_array(self, name, xp, shape, dtype):
+        """An uninitialised work array. A TEST net keeps it from one forward to the next
+        (a fresh large array costs a page fault per page, and its MAX argmax keeps the
+        canvas anyway); a TRAIN net frees it, so that it holds no more memory between
+        iterations than its blobs."""
+        if self.phase == TRAIN:
+            return xp.empty(shape, dtype)
+        buffers = self.__dict__.setdefault("_work_arrays", {})
         array = buffers.get(name)
         if (array is None or array.shape != tuple(shape) or array.dtype != dtype or
                 get_array_module(array) is not xp):
@@ -267,7 +271,7 @@ class PoolingLayer(Layer):
         taps = self._taps()
         out = (canvas.shape[0], canvas.shape[1], self.pooled_h, self.pooled_w)
         best = np.maximum(self._tap(canvas, *taps[0]), floor,
-                          out=self._reused("best", np, out, canvas.dtype))
+                          out=self._work_array("best", np, out, canvas.dtype))
         for i, j in taps[1:]:
             np.maximum(best, self._tap(canvas, i, j), out=best)
         if np.isnan(best).any():
@@ -467,8 +471,7 @@ class PoolingLayer(Layer):
         n, c, h, w = shape
         ph, pw = self._padded_extent()
         ph, pw = max(ph, self.pad_h + h), max(pw, self.pad_w + w)
-        canvas = self._reused("scatter", xp, (n, c, ph, pw), dtype)
-        canvas[...] = 0
+        canvas = xp.zeros((n, c, ph, pw), dtype=dtype)
         taps = self._taps()
         for t in range(len(taps) - 1, -1, -1):
             i, j = taps[t]
