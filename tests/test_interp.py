@@ -220,30 +220,33 @@ def test_gradient(body, shape):
     check_gradient(layer, bottom, top)
 
 
-def caffe_cpu_backward_by_hand(g, in_shape, h_eff, w_eff, off, dtype):
-    """The fork's caffe_cpu_interp2_backward written out element by element: float32
-    coordinates, lambdas in Dtype, and per plane the sequential ``+=`` of
-    ``(h_lambda * w_lambda) * g`` for outputs in row-major order, four taps each."""
+def fork_axis(size_eff, size_out, dtype):
+    """Per output index along one axis, as the fork's loops compute it: the input index,
+    the step to the next one (0 at the last input), and the two lambdas (float32
+    position, lambdas in Dtype)."""
     f32, t = np.float32, np.dtype(dtype).type
+    ratio = f32(size_eff - 1) / f32(size_out - 1) if size_out > 1 else f32(0)
+    out = []
+    for i in range(size_out):
+        pos = ratio * f32(i)
+        k = int(pos)
+        lambda1 = t(pos - f32(k))
+        out.append((k, 1 if k < size_eff - 1 else 0, t(1) - lambda1, lambda1))
+    return out
+
+
+def caffe_cpu_backward_by_hand(g, in_shape, h_eff, w_eff, off, dtype):
+    """The fork's caffe_cpu_interp2_backward written out element by element: per plane
+    the sequential ``+=`` of ``(h_lambda * w_lambda) * g`` for outputs in row-major
+    order, four taps each."""
     n, c, h, w = in_shape
     _, _, h2, w2 = g.shape
     diff = np.zeros(in_shape, dtype)
-    rh = f32(h_eff - 1) / f32(h2 - 1) if h2 > 1 else f32(0)
-    rw = f32(w_eff - 1) / f32(w2 - 1) if w2 > 1 else f32(0)
+    rows, cols = fork_axis(h_eff, h2, dtype), fork_axis(w_eff, w2, dtype)
     for p in range(n * c):
         d, gp = diff.reshape(n * c, h, w)[p], g.reshape(n * c, h2, w2)[p]
-        for i in range(h2):
-            yr = rh * f32(i)
-            y = int(yr)
-            yp = 1 if y < h_eff - 1 else 0
-            ly1 = t(yr - f32(y))
-            ly0 = t(1) - ly1
-            for j in range(w2):
-                xr = rw * f32(j)
-                x = int(xr)
-                xp = 1 if x < w_eff - 1 else 0
-                lx1 = t(xr - f32(x))
-                lx0 = t(1) - lx1
+        for i, (y, yp, ly0, ly1) in enumerate(rows):
+            for j, (x, xp, lx0, lx1) in enumerate(cols):
                 r, q, v = off + y, off + x, gp[i, j]
                 d[r, q] += ly0 * lx0 * v
                 d[r, q + xp] += ly0 * lx1 * v
@@ -276,31 +279,19 @@ def test_cpu_backward_is_bit_exact_with_the_fork_order(body, shape, crop, dtype)
 
 
 def caffe_cpu_forward_by_hand(x, out_hw, h_eff, w_eff, off, dtype):
-    """The fork's caffe_cpu_interp2 written out element by element: float32
-    coordinates, lambdas in Dtype, ``h0*(w0*a + w1*b) + h1*(w0*c + w1*d)``."""
-    f32, t = np.float32, np.dtype(dtype).type
+    """The fork's caffe_cpu_interp2 written out element by element:
+    ``h0*(w0*a + w1*b) + h1*(w0*c + w1*d)``."""
     n, c = x.shape[:2]
     h2, w2 = out_hw
     out = np.empty((n, c, h2, w2), dtype)
-    rh = f32(h_eff - 1) / f32(h2 - 1) if h2 > 1 else f32(0)
-    rw = f32(w_eff - 1) / f32(w2 - 1) if w2 > 1 else f32(0)
+    rows, cols = fork_axis(h_eff, h2, dtype), fork_axis(w_eff, w2, dtype)
     for p in range(n * c):
-        o, xp_ = out.reshape(n * c, h2, w2)[p], x.reshape(n * c, *x.shape[2:])[p]
-        for i in range(h2):
-            yr = rh * f32(i)
-            y = int(yr)
-            yp = 1 if y < h_eff - 1 else 0
-            ly1 = t(yr - f32(y))
-            ly0 = t(1) - ly1
-            for j in range(w2):
-                xr = rw * f32(j)
-                q = int(xr)
-                qp = 1 if q < w_eff - 1 else 0
-                lx1 = t(xr - f32(q))
-                lx0 = t(1) - lx1
+        o, plane = out.reshape(n * c, h2, w2)[p], x.reshape(n * c, *x.shape[2:])[p]
+        for i, (y, yp, ly0, ly1) in enumerate(rows):
+            for j, (q, qp, lx0, lx1) in enumerate(cols):
                 r, q = off + y, off + q
-                o[i, j] = (ly0 * (lx0 * xp_[r, q] + lx1 * xp_[r, q + qp]) +
-                           ly1 * (lx0 * xp_[r + yp, q] + lx1 * xp_[r + yp, q + qp]))
+                o[i, j] = (ly0 * (lx0 * plane[r, q] + lx1 * plane[r, q + qp]) +
+                           ly1 * (lx0 * plane[r + yp, q] + lx1 * plane[r + yp, q + qp]))
     return out
 
 
