@@ -21,6 +21,16 @@ def launch(module, kernel, dtype, *args):
     kernels.launch(module, kernel, np.dtype(dtype), *args)
 
 
+def reused(array, xp, shape, dtype):
+    """``array`` when it is an ``xp`` array of ``shape`` and ``dtype``, else a new
+    uninitialised one: a work array a layer keeps from one pass to the next."""
+    shape = tuple(shape)
+    if (array is None or backend.get_array_module(array) is not xp or array.shape != shape
+            or array.dtype != dtype):
+        return xp.empty(shape, dtype)
+    return array
+
+
 def contiguous(xp, array):
     """``array`` itself when C-contiguous, else a contiguous copy (a kernel input)."""
     return array if array.flags.c_contiguous else xp.ascontiguousarray(array)

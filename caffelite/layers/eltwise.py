@@ -17,7 +17,7 @@ import numpy as np
 from ..backend import get_array_module
 from ..layer import Layer, register
 from ..proto import caffe_pb2
-from ._device import contiguous, launch, on_device
+from ._device import contiguous, launch, on_device, reused
 
 PROD = caffe_pb2.EltwiseParameter.PROD
 SUM = caffe_pb2.EltwiseParameter.SUM
@@ -108,9 +108,7 @@ class EltwiseLayer(Layer):
         count = int(np.prod(shape))
         in_place = any(top[0] is b for b in bottom)
         out = xp.empty(shape, self.dtype) if in_place else top[0].data
-        if self.max_idx is None or self.max_idx.shape != shape or \
-                get_array_module(self.max_idx) is not xp:
-            self.max_idx = xp.empty(shape, np.int32)
+        self.max_idx = reused(self.max_idx, xp, shape, np.int32)
         x = [contiguous(xp, b.data) for b in bottom]
         launch("eltwise", "eltwise_max_forward", out.dtype, count, x[0], x[1], 1,
                self.TIES_TO_LATER, out, self.max_idx)

@@ -20,7 +20,7 @@ from ..filler import fill
 from ..layer import NeuronLayer, register
 from ..proto import caffe_pb2
 from ._cpu_math import c_double, caffe_exp, caffe_log, caffe_powx, caffe_sign, double
-from ._device import launch, on_device
+from ._device import launch, on_device, reused
 
 logger = logging.getLogger("caffelite")
 
@@ -533,10 +533,7 @@ class DropoutLayer(NeuronLayer):
         _masked_scale(xp, x, self.mask, self.scale, top[0].data)
 
     def _forward_device(self, xp, x, y):
-        mask = self.mask
-        if (mask is None or get_array_module(mask) is not xp or mask.shape != x.shape or
-                mask.dtype != x.dtype):
-            mask = self.mask = xp.empty(x.shape, x.dtype)
+        mask = self.mask = reused(self.mask, xp, x.shape, x.dtype)
         state = self._device_generator(xp)
         blocks = -(-x.size // 4)            # one Philox call gives four units' words
         launch("dropout", "dropout_forward", x.dtype, blocks, x.size, x, state,

@@ -6,7 +6,7 @@ import numpy as np
 from ..backend import TEST, get_array_module
 from ..filler import fill
 from ..layer import Layer, NeuronLayer, register
-from ._device import launch, on_device
+from ._device import launch, on_device, reused
 from .im2col import view
 
 
@@ -109,10 +109,8 @@ class BatchNormLayer(NeuronLayer):
         ``std_vector``, from one kernel and without a device->host read of the scale
         factor (a solver update marks the blobs device-newer every iteration). The two
         vectors are allocated once per array module."""
-        cached = self._stats_buffer
-        if (cached is None or get_array_module(cached) is not xp or cached.dtype != dtype
-                or cached.shape[1] != self.channels):
-            cached = self._stats_buffer = xp.empty((2, self.channels), dtype)
+        cached = self._stats_buffer = reused(self._stats_buffer, xp, (2, self.channels),
+                                             dtype)
         mean, self.std_vector = cached[0], cached[1]
         launch("channel", "channel_stored_stats", dtype, self.channels, self.blobs[0].data,
                self.blobs[1].data, self.blobs[2].data, dtype(self.eps), mean,

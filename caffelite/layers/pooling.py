@@ -21,7 +21,7 @@ from ..backend import TRAIN, get_array_module, rng
 from ..caffe_rng import rng_uniform_01
 from ..layer import Layer, register
 from ..proto import caffe_pb2
-from ._device import contiguous, launch, on_device
+from ._device import contiguous, launch, on_device, reused
 
 _P = caffe_pb2.PoolingParameter
 # Caffe starts MAX at -FLT_MAX for float and double alike.
@@ -178,11 +178,11 @@ class PoolingLayer(Layer):
         if self.phase == TRAIN:
             return xp.empty(shape, dtype)
         buffers = self.__dict__.setdefault("_work_arrays", {})
-        array = buffers.get(name)
-        if (array is None or array.shape != tuple(shape) or array.dtype != dtype or
-                get_array_module(array) is not xp):
-            array = buffers[name] = xp.empty(shape, dtype)
-        return array
+        buffers[name] = reused(buffers.get(name), xp, shape, dtype)
+        return buffers[name]
+
+    def _pooled_shape(self, canvas):
+        return (canvas.shape[0], canvas.shape[1], self.pooled_h, self.pooled_w)
 
     def _tap(self, canvas, i, j):
         """Strided view of ``canvas`` seen by kernel tap (i, j) of every window."""
@@ -269,9 +269,9 @@ class PoolingLayer(Layer):
         if xp is not np:
             return None
         taps = self._taps()
-        out = (canvas.shape[0], canvas.shape[1], self.pooled_h, self.pooled_w)
         best = np.maximum(self._tap(canvas, *taps[0]), floor,
-                          out=self._work_array("best", np, out, canvas.dtype))
+                          out=self._work_array("best", np, self._pooled_shape(canvas),
+                                               canvas.dtype))
         for i, j in taps[1:]:
             np.maximum(best, self._tap(canvas, i, j), out=best)
         if np.isnan(best).any():
@@ -295,7 +295,7 @@ class PoolingLayer(Layer):
 
     def _scan_maximum(self, xp, canvas, floor):
         """Caffe's scan itself: value and argmax."""
-        out = (canvas.shape[0], canvas.shape[1], self.pooled_h, self.pooled_w)
+        out = self._pooled_shape(canvas)
         best = xp.full(out, floor, dtype=canvas.dtype)
         arg = xp.full(out, -1, dtype=self._arg_dtype())
         better = xp.empty(out, dtype=bool)
@@ -391,9 +391,7 @@ class PoolingLayer(Layer):
         out = xp.empty(out_shape, x.dtype) if in_place else top[0].data
         geometry = self._kernel_geometry(x.shape)
         if self.pool == _P.MAX:
-            if self.mask is None or self.mask.shape != out_shape or \
-                    get_array_module(self.mask) is not xp:
-                self.mask = xp.empty(out_shape, np.int32)
+            self.mask = reused(self.mask, xp, out_shape, np.int32)
             launch("pooling", "max_pool_forward", x.dtype, count, x, *geometry, out,
                    self.mask)
             if len(top) > 1:

@@ -17,7 +17,7 @@ from ..backend import get_array_module, to_host
 from ..layer import Layer, LossLayer, register
 from ..log import logger
 from ._cpu_math import caffe_exp, double, sequential_sum
-from ._device import contiguous, launch, on_device, scalar
+from ._device import contiguous, launch, on_device, reused, scalar
 
 # Caffe clamps probabilities at FLT_MIN before the log, in float and in double.
 FLT_MIN = float(np.finfo(np.float32).tiny)
@@ -234,9 +234,7 @@ class SoftmaxWithLossLayer(LossLayer):
         x = contiguous(xp, bottom[0].data)
         dtype = x.dtype.type
         outer, channels, inner = self.dims
-        if self.prob is None or self.prob.shape != self.dims or \
-                get_array_module(self.prob) is not xp or self.prob.dtype != x.dtype:
-            self.prob = xp.empty(self.dims, x.dtype)
+        self.prob = reused(self.prob, xp, self.dims, x.dtype)
         launch("softmax_loss", "softmax_forward", x.dtype, outer * inner, x, channels, inner,
                self.prob)
         labels = contiguous(xp, bottom[1].data)
