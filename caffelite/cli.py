@@ -564,8 +564,9 @@ def build_parser():
     u.add_argument("--log", help="also write the log to this file")
     u.set_defaults(func=cmd_upgrade)
 
-    from . import eval_cli, pascal
+    from . import eval_cli, image_mean, pascal
     from .crf import cli as crf_cli
+    image_mean.add_parser(sub)
     eval_cli.add_parser(sub)
     crf_cli.add_parser(sub)
     pascal.add_parser(sub)
@@ -587,8 +588,9 @@ def build_parser():
     return p
 
 
-# Caffe's own verbs, whose flags are gflags: -solver x, -solver=x and --solver=x alike.
-_CAFFE_VERBS = ("train", "test", "time", "device_query")
+# Caffe's own verbs (and tools), whose flags are gflags: -solver x, -solver=x and
+# --solver=x alike.
+_CAFFE_VERBS = ("train", "test", "time", "device_query", "compute_image_mean")
 _GFLAG = re.compile(r"-[A-Za-z][A-Za-z0-9_]+(=.*)?")
 
 

@@ -40,19 +40,21 @@ _deep_label_warned = [False]
 
 
 # --------------------------------------------------------------------------- decoding
-def _open(path, gray=False):
+def _open(path, gray=False, name=None):
     """Decode with Pillow; a colour JPEG wanted in gray is decoded by libjpeg straight
-    to its luma plane (what OpenCV's IMREAD_GRAYSCALE asks libjpeg for)."""
+    to its luma plane (what OpenCV's IMREAD_GRAYSCALE asks libjpeg for).  ``path`` may
+    be a file object, then ``name`` is what messages call it."""
     from PIL import Image
+    name = path if name is None else name
     try:
         img = Image.open(path)
         if gray and img.format == "JPEG" and img.mode in ("RGB", "YCbCr"):
             img.draft("L", img.size)          # same size, luma output
         img.load()
     except FileNotFoundError:
-        raise ImageReadError(path, "no such file") from None
+        raise ImageReadError(name, "no such file") from None
     except (OSError, ValueError, SyntaxError) as e:
-        raise ImageReadError(path, f"cannot decode it ({e})") from None
+        raise ImageReadError(name, f"cannot decode it ({e})") from None
     return img
 
 
@@ -96,7 +98,35 @@ def png_rgb_to_gray(rgb):
 
 def read_image(path, color=True):
     """``cv::imread``: H x W x 3 BGR uint8 (``color``) or H x W uint8 (gray)."""
-    img = _open(path, gray=not color)
+    return _as_read(_open(path, gray=not color), color)
+
+
+def decode_image(data, color=None, name="<encoded datum>"):
+    """``cv::imdecode`` of encoded bytes: ``color`` True / False as ``read_image``;
+    None is IMREAD_UNCHANGED (what Caffe's DecodeDatumToCVMatNative asks for): the
+    file's own channels, H x W for gray, BGR, or BGRA where the file has alpha (a
+    palette with transparency included).  Deeper than 8 bits is refused: Caffe's
+    transformer takes 8-bit images only."""
+    import io
+    img = _open(io.BytesIO(bytes(data)), gray=color is False, name=name)
+    if color is not None:
+        return _as_read(img, color)
+    if img.mode.startswith("I") or img.mode == "F":
+        raise ImageReadError(name, f"{img.mode} samples: only 8-bit images can be used")
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("L", "1"):
+        return np.asarray(img.convert("L"), dtype=np.uint8)
+    if img.mode == "LA":
+        img = img.convert("RGBA")
+    if img.mode not in ("RGB", "RGBA"):
+        img = img.convert("RGB")
+    pixels = np.asarray(img, dtype=np.uint8)
+    order = [2, 1, 0, 3][:pixels.shape[2]]
+    return np.ascontiguousarray(pixels[:, :, order])
+
+
+def _as_read(img, color):
     if not color:
         return _to_gray(img)
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):

@@ -22,6 +22,24 @@ class BlobData:
     problem: str = None          # lazy=True: why the values do not fit (data is None)
 
 
+def read_varint(buf, pos, end, fail):
+    """(value, position after it) of the base-128 varint at ``buf[pos]`` (protobuf's,
+    LevelDB's); ``fail(message)`` makes the exception for one that is cut off at
+    ``end`` or too long."""
+    result = shift = 0
+    while True:
+        if pos >= end:
+            raise fail(f"a varint runs past the end at byte {pos}")
+        b = buf[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if b < 0x80:
+            return result, pos
+        shift += 7
+        if shift > 70:
+            raise fail(f"a varint is too long at byte {pos}")
+
+
 class WireReader:
     """Walks protobuf messages inside one memoryview; ``fail(what)`` makes the error."""
 
@@ -30,19 +48,7 @@ class WireReader:
         self.fail = fail
 
     def varint(self, pos, end):
-        result = shift = 0
-        buf = self.buf
-        while True:
-            if pos >= end:
-                raise self.fail(f"a varint runs past the end at byte {pos}")
-            b = buf[pos]
-            pos += 1
-            result |= (b & 0x7F) << shift
-            if b < 0x80:
-                return result, pos
-            shift += 7
-            if shift > 70:
-                raise self.fail(f"a varint is too long at byte {pos}")
+        return read_varint(self.buf, pos, end, self.fail)
 
     def fields(self, start, end):
         """Yield (field number, wire type, value); LEN/I32/I64 values are (start, end)."""

@@ -754,16 +754,23 @@ def _build_image_batch(cfg, samples):
     data = np.empty((len(samples), first.shape[2], h, w), cfg.dtype)
     label = np.empty((len(samples),), cfg.dtype)
     for i, (img, (entry, draws)) in enumerate(zip(images, samples)):
-        data[i] = _transform_image(cfg, img, draws, (h, w), entry)
+        where = f"{cfg.source}:{entry.lineno}: image '{cfg.root + entry.fields[0]}'"
+        data[i] = transform_image(cfg, img, draws, (h, w), where)
         label[i] = entry.fields[1]
     return data, label
 
 
-def _transform_image(cfg, img, draws, size, entry):
-    """BVLC's ``DataTransformer::Transform(const cv::Mat&, Blob*)``."""
+def _size_fixes(cfg):
+    if hasattr(cfg, "new_size"):        # ImageData
+        return "batch_size 1, new_height/new_width or crop_size"
+    return "batch_size 1 or crop_size"
+
+
+def transform_image(cfg, img, draws, size, where):
+    """BVLC's ``DataTransformer::Transform(const cv::Mat&, Blob*)`` of an H x W x C
+    image (``where`` names it in errors); Transform(const Datum&) is the same loop."""
     dtype = np.dtype(cfg.dtype)
     height, width = img.shape[:2]
-    where = f"{cfg.source}:{entry.lineno}: image '{cfg.root + entry.fields[0]}'"
     k = 0
     do_mirror = False
     if cfg.mirror:
@@ -779,15 +786,15 @@ def _transform_image(cfg, img, draws, size, entry):
             h_off, w_off = (height - cfg.crop) // 2, (width - cfg.crop) // 2
     elif (height, width) != tuple(size):
         raise DataError(f"{where} is {height}x{width}, but this batch is {size[0]}x{size[1]}"
-                        f" (the size of its first image); use batch_size 1, new_height/"
-                        f"new_width or crop_size for images of different sizes")
+                        f" (the size of its first image); use {_size_fixes(cfg)} for images "
+                        f"of different sizes")
     h, w = size
     pixels = img[h_off:h_off + h, w_off:w_off + w].transpose(2, 0, 1).astype(dtype)
     scale = dtype.type(cfg.scale)
     if cfg.mean is not None:
-        if cfg.mean.shape[1:] != (height, width):
-            raise DataError(f"{where} is {height}x{width}, the mean file "
-                            f"{cfg.mean.shape[1]}x{cfg.mean.shape[2]}")
+        if cfg.mean.shape != (img.shape[2], height, width):
+            raise DataError(f"{where} is {img.shape[2]}x{height}x{width}, the mean file "
+                            f"{'x'.join(map(str, cfg.mean.shape))}")
         mean = cfg.mean[:, h_off:h_off + h, w_off:w_off + w].astype(dtype)
         out = (pixels - mean) * scale
     elif cfg.means:

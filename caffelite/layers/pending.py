@@ -3,7 +3,6 @@ parses and upgrades) but whose implementation has not landed yet."""
 from ..layer import LAYER_REGISTRY, Layer, register
 
 _PENDING = {
-    "Data": "LMDB/LevelDB data layers are not supported",
     "WindowData": "WindowData is not supported",
 }
 
