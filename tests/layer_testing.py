@@ -177,3 +177,31 @@ def assert_same_bits(actual, expected):
     np.testing.assert_array_equal(np.isnan(actual), nan)
     uint = np.uint32 if actual.dtype == np.float32 else np.uint64
     np.testing.assert_array_equal(actual[~nan].view(uint), expected[~nan].view(uint))
+
+
+def net_build_error(param, phase):
+    """The message of the NetError that building the net raises."""
+    import pytest
+    import caffelite as caffe
+    from caffelite.net import NetError
+    with pytest.raises(NetError) as e:
+        caffe.Net(param=param, phase=phase)
+    return str(e.value)
+
+
+def assert_data_position_resumes(param, phase, forwards):
+    """A data layer's state_dict() taken after one forward, loaded into a second net,
+    gives the first net's next ``forwards`` batches."""
+    import caffelite as caffe
+    net = caffe.Net(param=param, phase=phase)
+    net.forward()
+    state = net.layers[0].state_dict()
+    follow = []
+    for _ in range(forwards):
+        net.forward()
+        follow.append(net.blobs["data"].data.copy())
+    other = caffe.Net(param=param, phase=phase)
+    other.layers[0].load_state_dict(state)
+    for want in follow:
+        other.forward()
+        np.testing.assert_array_equal(other.blobs["data"].data, want)

@@ -14,7 +14,7 @@ import caffelite as caffe
 from caffelite import backend
 from caffelite.caffe_rng import CaffeRNG
 from caffelite.io import array_to_blobproto, prototxt
-from caffelite.net import NetError
+from layer_testing import assert_data_position_resumes, net_build_error
 from caffelite.proto import caffe_pb2
 
 CORPUS = os.environ.get("CAFFELITE_SHARED",
@@ -240,25 +240,12 @@ def test_state_dict_resumes_the_record_position(tmp_path):
                        for i in range(5)])
     param = data_net(source, "LMDB", 2, "mirror: true crop_size: 2")
     caffe.set_random_seed(9)
-    net = caffe.Net(param=param, phase=caffe.TRAIN)
-    net.forward()
-    state = net.layers[0].state_dict()
-    follow = []
-    for _ in range(3):
-        net.forward()
-        follow.append(net.blobs["data"].data.copy())
-    other = caffe.Net(param=param, phase=caffe.TRAIN)
-    other.layers[0].load_state_dict(state)
-    for want in follow:
-        other.forward()
-        np.testing.assert_array_equal(other.blobs["data"].data, want)
+    assert_data_position_resumes(param, caffe.TRAIN, 3)
 
 
 # ---------------------------------------------------------------------- errors
 def build_error(param, phase=caffe.TEST):
-    with pytest.raises(NetError) as e:
-        caffe.Net(param=param, phase=phase)
-    return str(e.value)
+    return net_build_error(param, phase)
 
 
 def test_missing_source_names_it(tmp_path):

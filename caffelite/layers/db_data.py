@@ -60,6 +60,9 @@ class DataLayer(PrefetchingDataLayer):
             train=self.phase == TRAIN, dtype=self.dtype,
             color=True if tp.force_color else False if tp.force_gray else None)
         first = self._first_record()
+        if (tp.force_color or tp.force_gray) and not self._first_is_encoded():
+            logger.warning("%s: force_color and force_gray only for encoded datum "
+                           "(the records of '%s' are raw pixels)", self.name, p.source)
         channels, height, width = first.shape[2], first.shape[0], first.shape[1]
         self.config.means = _mean_values(tp, channels, self)
         if mean is not None and mean.shape[0] != channels:
@@ -91,6 +94,10 @@ class DataLayer(PrefetchingDataLayer):
             return datum_record(self.cursor.value(), self._where(0), self.config.color)[0]
         except DataError as e:
             raise self.error(str(e)) from None
+
+    def _first_is_encoded(self):
+        from ..proto import caffe_pb2
+        return caffe_pb2.Datum.FromString(self.cursor.value()).encoded
 
     def _where(self, index):
         return f"{self.config.source}: record {index}"
