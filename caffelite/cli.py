@@ -364,17 +364,50 @@ def _time_whole_passes(net, n):
 
 
 def cmd_upgrade(args):
+    """Caffe's upgrade tools: upgrade_net_proto_text (``upgrade``), and with
+    ``--binary`` / ``--solver`` upgrade_net_proto_binary / upgrade_solver_proto_text."""
     from .io import prototxt
+    from .io.caffemodel import write_atomically
     if os.path.exists(args.output) and os.path.exists(args.input) and \
             os.path.samefile(args.input, args.output):
-        raise CliError(f"'{args.output}' is the input file; write the upgraded net to "
-                       f"another file (the original would be lost)")
-    net, _ = prototxt.read_net(args.input, _defines(args.define))
-    text = prototxt.net_to_text(net)
-    from .io.caffemodel import write_atomically
-    write_atomically(args.output, text.encode())
-    logger.info("Wrote upgraded NetParameter text proto to %s", args.output)
+        raise CliError(f"'{args.output}' is the input file; write the upgraded "
+                       f"{'solver' if args.solver else 'net'} to another file (the "
+                       f"original would be lost)")
+    if args.binary and args.solver:
+        raise CliError("--binary and --solver exclude each other (a solver is text)")
+    if args.solver:
+        solver = prototxt.read_solver(args.input, _defines(args.define))
+        write_atomically(args.output, prototxt.message_to_text(solver).encode())
+        logger.info("Wrote upgraded SolverParameter text proto to %s", args.output)
+    elif args.binary:
+        write_atomically(args.output, _upgraded_binary_net(args.input).SerializeToString())
+        logger.info("Wrote upgraded NetParameter binary proto to %s", args.output)
+    else:
+        net, _ = prototxt.read_net(args.input, _defines(args.define))
+        write_atomically(args.output, prototxt.net_to_text(net).encode())
+        logger.info("Wrote upgraded NetParameter text proto to %s", args.output)
     return 0
+
+
+def _upgraded_binary_net(path):
+    """ReadNetParamsFromBinaryFileOrDie: a binary NetParameter (a .caffemodel, blobs
+    included), upgraded from V0/V1 as needed."""
+    from google.protobuf.message import DecodeError
+    from .io.upgrade import upgrade_net
+    from .proto import caffe_pb2
+    try:
+        with open(path, "rb") as f:
+            payload = f.read()
+    except OSError as e:
+        raise CliError(f"cannot read '{path}': {e.strerror}") from None
+    try:
+        net = caffe_pb2.NetParameter.FromString(payload)
+    except DecodeError as e:
+        raise CliError(f"{path}: not a binary NetParameter (.caffemodel): {e}") from None
+    if not payload or not (len(net.layer) or len(net.layers)):
+        raise CliError(f"{path}: no layers found; is this a .caffemodel file?")
+    upgraded, _ = upgrade_net(net, path)
+    return upgraded
 
 
 def cmd_demo(args):
@@ -554,11 +587,18 @@ def build_parser():
     _unused_caffe_flags(dq)
     dq.set_defaults(func=cmd_device_query)
 
-    u = sub.add_parser("upgrade", help="write a legacy/DeepLab-v1 prototxt in the V2 form",
-                       description="Writes the text as Caffe's upgrade_net_proto_text does "
-                                   "(protobuf's C++ text printer).")
+    u = sub.add_parser("upgrade", help="write a legacy/DeepLab-v1 prototxt (or, with "
+                                       "--binary, a caffemodel) in the V2 form",
+                       description="Caffe's upgrade_net_proto_text: writes the text as it "
+                                   "does (protobuf's C++ text printer). --binary is "
+                                   "upgrade_net_proto_binary (V0/V1 .caffemodel to V2, "
+                                   "weights included), --solver upgrade_solver_proto_text.")
     u.add_argument("input")
-    u.add_argument("output", help="the upgraded prototxt (not the input file)")
+    u.add_argument("output", help="the upgraded file (not the input file)")
+    u.add_argument("--binary", action="store_true",
+                   help="the input is a binary NetParameter (.caffemodel)")
+    u.add_argument("--solver", action="store_true",
+                   help="the input is a solver prototxt (solver_type -> type)")
     u.add_argument("-D", "--define", action="append", metavar="NAME=VALUE",
                    help="fill ${NAME} placeholders in the prototxt (repeatable)")
     u.add_argument("--log", help="also write the log to this file")

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -124,6 +125,41 @@ def test_upgrade_verb_writes_v2_text(tmp_path):
     import caffelite as caffe
     net = caffe.Net(str(dst), caffe.TEST)
     assert net.blobs["c"].shape == (1, 2, 1, 1)
+
+
+def test_upgrade_binary_writes_a_v2_caffemodel_opencv_reads_alike(tmp_path):
+    """upgrade_net_proto_binary: the corpus' 2014 V1 caffemodel becomes V2 (layer
+    entries, blobs kept); OpenCV gives the corpus output from it."""
+    cv2 = pytest.importorskip("cv2")
+    from conftest import corpus_path
+    from caffelite.proto import caffe_pb2
+    folder = corpus_path("models", "cifar10_quick_v1")
+    dst = tmp_path / "v2.caffemodel"
+    out = run("upgrade", "--binary", os.path.join(folder, "cifar10_quick_iter_5000.caffemodel"),
+              str(dst))
+    assert out.returncode == 0, out.stderr
+    assert "Wrote upgraded NetParameter binary proto" in out.stderr
+    net = caffe_pb2.NetParameter.FromString(dst.read_bytes())
+    assert len(net.layers) == 0 and net.layer[1].type == "Convolution"
+    assert [p.lr_mult for p in net.layer[1].param] == [1, 2]
+    ocv = cv2.dnn.readNetFromCaffe(os.path.join(folder, "cifar10_quick.prototxt"), str(dst))
+    ocv.setInput(np.load(os.path.join(folder, "input.npy")))
+    np.testing.assert_array_equal(ocv.forward("prob"),
+                                  np.load(os.path.join(folder, "output_prob.npy")))
+    text = tmp_path / "net.prototxt"
+    text.write_text(NET)
+    out = run("upgrade", "--binary", str(text), str(tmp_path / "x.caffemodel"))
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert not (tmp_path / "x.caffemodel").exists()
+
+
+def test_upgrade_solver_turns_solver_type_into_type(tmp_path):
+    src = tmp_path / "solver.prototxt"
+    src.write_text('net: "n.prototxt"\nbase_lr: 0.01\nsolver_type: ADAM\n')
+    dst = tmp_path / "new.prototxt"
+    out = run("upgrade", "--solver", str(src), str(dst))
+    assert out.returncode == 0, out.stderr
+    assert dst.read_text() == 'base_lr: 0.01\nnet: "n.prototxt"\ntype: "Adam"\n'
 
 
 def test_bad_weights_file_is_one_line_error(tmp_path):
