@@ -487,8 +487,12 @@ _GLOG_BOOL_FLAGS = ("logtostderr", "alsologtostderr", "colorlogtostderr",
 _GLOG_IGNORED_FLAGS = ("stderrthreshold", "vmodule", "logbuflevel", "logbufsecs",
                        "max_log_size", "log_link")
 # Flags that never take the next word as their value.
+# The Caffe tools' gflags booleans: --gray, --gray=false and --nogray alike.
+_TOOL_BOOLEANS = ("gray", "shuffle", "check_size", "encoded")
+_FALSE_WORDS = ("false", "f", "no", "n", "0")
 _FLAGS_WITHOUT_VALUE = set(_GLOG_BOOL_FLAGS) | {"no" + f for f in _GLOG_BOOL_FLAGS} | {
-    "tf32", "cuda-graphs", "no-cuda-graphs", "continue_streams"}
+    "tf32", "cuda-graphs", "no-cuda-graphs", "continue_streams"} | set(_TOOL_BOOLEANS) | {
+    "no" + f for f in _TOOL_BOOLEANS}
 
 
 def glog_environment(args, environ=os.environ):
@@ -604,8 +608,9 @@ def build_parser():
     u.add_argument("--log", help="also write the log to this file")
     u.set_defaults(func=cmd_upgrade)
 
-    from . import eval_cli, image_mean, pascal
+    from . import convert_imageset, eval_cli, image_mean, pascal
     from .crf import cli as crf_cli
+    convert_imageset.add_parser(sub)
     image_mean.add_parser(sub)
     eval_cli.add_parser(sub)
     crf_cli.add_parser(sub)
@@ -630,7 +635,8 @@ def build_parser():
 
 # Caffe's own verbs (and tools), whose flags are gflags: -solver x, -solver=x and
 # --solver=x alike.
-_CAFFE_VERBS = ("train", "test", "time", "device_query", "compute_image_mean")
+_CAFFE_VERBS = ("train", "test", "time", "device_query", "compute_image_mean",
+                "convert_imageset")
 _GFLAG = re.compile(r"-[A-Za-z][A-Za-z0-9_]+(=.*)?")
 
 
@@ -642,8 +648,17 @@ def gflags_style(argv):
     argv = _verb_first(argv)
     if not argv or argv[0] not in _CAFFE_VERBS:
         return argv
-    return [argv[0]] + ["-" + a if _GFLAG.fullmatch(a) and not a.startswith("-D") else a
-                        for a in argv[1:]]
+    return [argv[0]] + [_tool_boolean("-" + a if _GFLAG.fullmatch(a) and
+                                      not a.startswith("-D") else a) for a in argv[1:]]
+
+
+
+def _tool_boolean(arg):
+    """``--gray=true`` as ``--gray``, ``--gray=false`` as ``--nogray``."""
+    name, _, value = arg.partition("=")
+    if value and name[2:] in _TOOL_BOOLEANS and name.startswith("--"):
+        return f"--no{name[2:]}" if value.lower() in _FALSE_WORDS else name
+    return arg
 
 
 def _verb_first(argv):

@@ -1,0 +1,201 @@
+"""``caffelite convert_imageset``: Caffe's ``convert_imageset`` tool, writing an LMDB.
+
+``convert_imageset [FLAGS] ROOTFOLDER/ LISTFILE DB_NAME``: each line of LISTFILE is
+``<path> <label>`` split at its last space (paths may hold spaces; the label is read
+as C's ``atoi``).  Each image is read as ``cv::imread`` does (colour, or gray with
+``--gray``), resized with ``cv::resize`` (bilinear) when both ``--resize_height`` and
+``--resize_width`` are set, and stored as a Datum under the key ``%08d_<path>`` (the
+line number), in list order (or shuffled with ``--shuffle``).  Raw Datums hold C x H
+x W bytes; ``--encoded`` (or ``--encode_type``) stores the file's own bytes when no
+resize or colour conversion changed the image, and re-encodes it otherwise (Pillow's
+encoder: PNG is lossless, a JPEG's bytes differ from OpenCV's).  An image that cannot
+be read is skipped with an error line, as the tool does.  The database is written by
+caffelite's own LMDB writer (``backend: LMDB`` in the Data layer); it is a new
+directory, never an existing one.
+"""
+import argparse
+import io
+import os
+import re
+
+import numpy as np
+
+from . import backend
+from .caffe_rng import shuffle
+from .io.image import INTER_LINEAR, ImageReadError, read_image, resize
+from .log import logger
+
+
+class ConvertError(ValueError):
+    """Bad arguments or input; the message names the file."""
+
+
+def c_atoi(text):
+    """C's atoi: leading blanks, a sign, the digits up to the first other char."""
+    match = re.match(rb"[ \t\n\v\f\r]*([+-]?\d+)", text)
+    return int(match.group(1)) if match else 0
+
+
+def read_list(path):
+    """[(file name bytes, label)] as the tool reads LISTFILE: std::getline lines, each
+    split at its last space (a line without one is the name and the label both)."""
+    try:
+        with open(path, "rb") as f:
+            text = f.read()
+    except OSError as e:
+        raise ConvertError(f"cannot read the list file '{path}': {e.strerror}") from None
+    lines = text.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()                         # getline: no line after the final newline
+    out = []
+    for line in lines:
+        pos = line.rfind(b" ")
+        out.append((line if pos < 0 else line[:pos], c_atoi(line[pos + 1:])))
+    return out
+
+
+def _match_ext(name, encoding):
+    """The tool's matchExt: the file's extension is the encoding (jpeg counts as jpg)."""
+    ext = name.rsplit(".", 1)[-1].lower() if "." in name else name.lower()
+    encoding = encoding.lower()
+    return ext == encoding or (encoding == "jpg" and ext == "jpeg")
+
+
+def _encode(img, encoding, path):
+    """cv::imencode("." + encoding) with Pillow: BGR(A)/gray in, file bytes out."""
+    from PIL import Image
+    formats = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "bmp": "BMP", "tif": "TIFF",
+               "tiff": "TIFF", "ppm": "PPM", "pgm": "PPM"}
+    fmt = formats.get(encoding.lower())
+    if fmt is None:
+        raise ConvertError(f"{path}: cannot encode as '{encoding}' (known: "
+                           f"{', '.join(sorted(formats))})")
+    rgb = img if img.ndim == 2 else img[:, :, ::-1]
+    buf = io.BytesIO()
+    options = {"quality": 95} if fmt == "JPEG" else {}     # OpenCV's default quality
+    Image.fromarray(np.ascontiguousarray(rgb)).save(buf, fmt, **options)
+    return buf.getvalue()
+
+
+def image_datum(path, label, resize_hw, is_color, encoding):
+    """ReadImageToDatum: the serialised Datum of one image, or None when it cannot be
+    read (the tool logs and skips it)."""
+    from .proto import caffe_pb2
+    try:
+        img = read_image(path, is_color)
+    except ImageReadError as e:
+        logger.error("Could not open or find file %s (%s)", path, e.reason)
+        return None
+    if resize_hw:
+        img = resize(img, resize_hw, INTER_LINEAR)
+    datum = caffe_pb2.Datum(label=label)
+    if encoding:
+        if (img.ndim == 3) == is_color and not resize_hw and _match_ext(path, encoding):
+            with open(path, "rb") as f:            # ReadFileToDatum: the file as it is
+                datum.data = f.read()
+        else:
+            datum.data = _encode(img, encoding, path)
+        datum.encoded = True
+        return datum.SerializeToString()
+    chw = img[None] if img.ndim == 2 else img.transpose(2, 0, 1)
+    datum.channels, datum.height, datum.width = chw.shape
+    datum.data = np.ascontiguousarray(chw).tobytes()
+    return datum.SerializeToString()
+
+
+def convert_imageset(root, list_file, db_path, gray=False, do_shuffle=False,
+                     resize_height=0, resize_width=0, check_size=False, encoded=False,
+                     encode_type="", backend_name="lmdb"):
+    """Write the database; returns the number of images stored."""
+    if backend_name.lower() != "lmdb":
+        raise ConvertError(f"--backend {backend_name}: caffelite writes LMDB databases "
+                           f"only (the Data layer reads both; use --backend lmdb)")
+    if os.path.exists(db_path):
+        raise ConvertError(f"'{db_path}' exists; convert_imageset writes a new database "
+                           f"(remove it or choose another DB_NAME)")
+    lines = read_list(list_file)
+    if do_shuffle:
+        logger.info("Shuffling data")
+        order = np.arange(len(lines))
+        shuffle(backend.rng(), order)
+        lines = [lines[i] for i in order]
+    logger.info("A total of %d images.", len(lines))
+    if encode_type and not encoded:
+        logger.info("encode_type specified, assuming encoded=true.")
+    resize_hw = ((max(0, resize_height), max(0, resize_width))
+                 if resize_height > 0 and resize_width > 0 else None)
+    from .io.lmdb_writer import LMDBWriter
+    count, data_size = 0, None
+    with LMDBWriter(db_path) as writer:
+        for line_id, (name, label) in enumerate(lines):
+            fname = os.fsdecode(name)
+            encoding = encode_type
+            if encoded and not encoding:
+                if "." not in fname:
+                    logger.warning("Failed to guess the encoding of '%s'", fname)
+                encoding = fname.rsplit(".", 1)[-1].lower()
+            value = image_datum(root + fname, label, resize_hw, not gray, encoding)
+            if value is None:
+                continue
+            if check_size:
+                data_size = _check_size(value, data_size, root + fname)
+            writer.put(b"%08d_" % line_id + name, value)
+            count += 1
+            if count % 1000 == 0:
+                logger.info("Processed %d files.", count)
+    if count % 1000:
+        logger.info("Processed %d files.", count)
+    return count
+
+
+def _check_size(value, data_size, path):
+    """--check_size as the tool does it: the first Datum's channels x height x width
+    against each later one's data bytes (so encoded Datums, whose dimensions are 0,
+    fail it as they do there)."""
+    from .proto import caffe_pb2
+    datum = caffe_pb2.Datum.FromString(value)
+    if data_size is None:
+        return datum.channels * datum.height * datum.width
+    if len(datum.data) != data_size:
+        raise ConvertError(f"{path}: Incorrect data field size {len(datum.data)} (the "
+                           f"first image's is {data_size})")
+    return data_size
+
+
+def add_parser(sub):
+    p = sub.add_parser("convert_imageset",
+                       help="images + a list file to an LMDB of Datums, like Caffe's "
+                            "convert_imageset",
+                       description=__doc__.split("\n\n")[1])
+    p.add_argument("root", metavar="ROOTFOLDER/", help="prepended to each list path")
+    p.add_argument("list_file", metavar="LISTFILE")
+    p.add_argument("db_name", metavar="DB_NAME", help="the LMDB directory to create")
+    for flag, helptext in (("gray", "read the images as grayscale"),
+                           ("shuffle", "shuffle the list before storing"),
+                           ("check_size", "check that every Datum has the same size"),
+                           ("encoded", "store encoded images (the file's bytes)")):
+        gflags_bool(p, flag, helptext)
+    p.add_argument("--backend", default="lmdb", help="lmdb (leveldb is not written)")
+    p.add_argument("--resize_width", type=int, default=0)
+    p.add_argument("--resize_height", type=int, default=0)
+    p.add_argument("--encode_type", default="", help="png, jpg, ...: encode as this")
+    p.add_argument("--log", help="also write the log to this file")
+    p.set_defaults(func=cmd_convert_imageset)
+    return p
+
+
+def gflags_bool(parser, name, helptext):
+    """A gflags boolean: --name (--name=true), --noname (--name=false; the cli
+    rewrites the ``=`` forms)."""
+    parser.add_argument(f"--{name}", action="store_true", help=helptext)
+    parser.add_argument(f"--no{name}", dest=name, action="store_false",
+                        help=argparse.SUPPRESS)
+
+
+def cmd_convert_imageset(args):
+    convert_imageset(args.root, args.list_file, args.db_name, gray=args.gray,
+                     do_shuffle=args.shuffle, resize_height=args.resize_height,
+                     resize_width=args.resize_width, check_size=args.check_size,
+                     encoded=args.encoded or bool(args.encode_type),
+                     encode_type=args.encode_type, backend_name=args.backend)
+    return 0
