@@ -608,9 +608,10 @@ def build_parser():
     u.add_argument("--log", help="also write the log to this file")
     u.set_defaults(func=cmd_upgrade)
 
-    from . import convert_imageset, eval_cli, image_mean, pascal
+    from . import convert_imageset, eval_cli, extract_features, image_mean, pascal
     from .crf import cli as crf_cli
     convert_imageset.add_parser(sub)
+    extract_features.add_parser(sub)
     image_mean.add_parser(sub)
     eval_cli.add_parser(sub)
     crf_cli.add_parser(sub)

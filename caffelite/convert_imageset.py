@@ -1,4 +1,4 @@
-"""``caffelite convert_imageset``: Caffe's ``convert_imageset`` tool, writing an LMDB.
+"""``caffelite convert_imageset``: Caffe's ``convert_imageset`` tool.
 
 ``convert_imageset [FLAGS] ROOTFOLDER/ LISTFILE DB_NAME``: each line of LISTFILE is
 ``<path> <label>`` split at its last space (paths may hold spaces; the label is read
@@ -9,8 +9,8 @@ line number), in list order (or shuffled with ``--shuffle``).  Raw Datums hold C
 x W bytes; ``--encoded`` (or ``--encode_type``) stores the file's own bytes when no
 resize or colour conversion changed the image, and re-encodes it otherwise (Pillow's
 encoder: PNG is lossless, a JPEG's bytes differ from OpenCV's).  An image that cannot
-be read is skipped with an error line, as the tool does.  The database is written by
-caffelite's own LMDB writer (``backend: LMDB`` in the Data layer); it is a new
+be read is skipped with an error line, as the tool does.  The database (``--backend``
+lmdb, the default, or leveldb) is written by caffelite's own writers; it is a new
 directory, never an existing one.
 """
 import argparse
@@ -107,9 +107,6 @@ def convert_imageset(root, list_file, db_path, gray=False, do_shuffle=False,
                      resize_height=0, resize_width=0, check_size=False, encoded=False,
                      encode_type="", backend_name="lmdb"):
     """Write the database; returns the number of images stored."""
-    if backend_name.lower() != "lmdb":
-        raise ConvertError(f"--backend {backend_name}: caffelite writes LMDB databases "
-                           f"only (the Data layer reads both; use --backend lmdb)")
     if os.path.exists(db_path):
         raise ConvertError(f"'{db_path}' exists; convert_imageset writes a new database "
                            f"(remove it or choose another DB_NAME)")
@@ -124,9 +121,11 @@ def convert_imageset(root, list_file, db_path, gray=False, do_shuffle=False,
         logger.info("encode_type specified, assuming encoded=true.")
     resize_hw = ((max(0, resize_height), max(0, resize_width))
                  if resize_height > 0 and resize_width > 0 else None)
-    from .io.lmdb_writer import LMDBWriter
+    from .io.db import WRITE_BACKENDS, open_writer
+    if backend_name.lower() not in WRITE_BACKENDS:
+        raise ConvertError(f"Unknown db backend '{backend_name}' (known: lmdb, leveldb)")
     count, data_size = 0, None
-    with LMDBWriter(db_path) as writer:
+    with open_writer(db_path, backend_name) as writer:
         for line_id, (name, label) in enumerate(lines):
             fname = os.fsdecode(name)
             encoding = encode_type
@@ -175,7 +174,7 @@ def add_parser(sub):
                            ("check_size", "check that every Datum has the same size"),
                            ("encoded", "store encoded images (the file's bytes)")):
         gflags_bool(p, flag, helptext)
-    p.add_argument("--backend", default="lmdb", help="lmdb (leveldb is not written)")
+    p.add_argument("--backend", default="lmdb", help="lmdb (default) or leveldb")
     p.add_argument("--resize_width", type=int, default=0)
     p.add_argument("--resize_height", type=int, default=0)
     p.add_argument("--encode_type", default="", help="png, jpg, ...: encode as this")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from caffelite.cli import main
-from caffelite.io.lmdb import LMDBReader
+from caffelite.io.db import LEVELDB, LMDB, open_db
 from caffelite.proto import caffe_pb2
 
 cv2 = pytest.importorskip("cv2")
@@ -23,8 +23,8 @@ def make_images(root, specs, seed=0):
         cv2.imwrite(str(path), rng.integers(0, 256, shape, dtype=np.uint8))
 
 
-def records(db):
-    with LMDBReader(db) as reader:
+def records(db, backend="lmdb"):
+    with open_db(db, {"lmdb": LMDB, "leveldb": LEVELDB}[backend]) as reader:
         return [(k, caffe_pb2.Datum.FromString(v)) for k, v in reader.items()]
 
 
@@ -46,10 +46,11 @@ def convert(tmp_path, *flags, name="db"):
     return code, root, db
 
 
-def test_raw_datums_hold_what_opencv_reads(tmp_path):
-    code, root, db = convert(tmp_path)
+@pytest.mark.parametrize("backend", ["lmdb", "leveldb"])
+def test_raw_datums_hold_what_opencv_reads(tmp_path, backend):
+    code, root, db = convert(tmp_path, "-backend=" + backend)
     assert code == 0
-    got = records(db)
+    got = records(db, backend)
     names = ["a.png", "sub dir/b c.jpg", "g.png", "d.jpeg"]
     ids = [0, 1, 2, 4]                       # line 3's image is missing: skipped
     assert [k for k, _ in got] == [b"%08d_%s" % (i, n.encode()) for i, n in zip(ids, names)]
@@ -58,12 +59,18 @@ def test_raw_datums_hold_what_opencv_reads(tmp_path):
         assert (datum.channels, datum.height, datum.width) == want.shape
         assert datum.data == want.tobytes() and datum.label == label
         assert not datum.encoded
-    lmdb = pytest.importorskip("lmdb")
-    env = lmdb.open(db, readonly=True, lock=False)
-    with env.begin() as txn:
-        assert [(k, caffe_pb2.Datum.FromString(v).label) for k, v in txn.cursor()] == \
-            [(k, d.label) for k, d in got]
-    env.close()
+    if backend == "lmdb":
+        lmdb = pytest.importorskip("lmdb")
+        env = lmdb.open(db, readonly=True, lock=False)
+        with env.begin() as txn:
+            pairs = [(k, caffe_pb2.Datum.FromString(v).label) for k, v in txn.cursor()]
+        env.close()
+    else:
+        plyvel = pytest.importorskip("plyvel")
+        opened = plyvel.DB(db)
+        pairs = [(k, caffe_pb2.Datum.FromString(v).label) for k, v in opened]
+        opened.close()
+    assert pairs == [(k, d.label) for k, d in got]
 
 
 def test_gray_and_resize_as_opencv(tmp_path):
@@ -123,8 +130,8 @@ def test_errors_are_one_line(tmp_path, capsys):
     assert code == 0
     code, _, _ = convert(tmp_path)                  # the database exists already
     assert code == 1 and "exists" in capsys.readouterr().err
-    code, _, _ = convert(tmp_path, "--backend", "leveldb", name="l")
-    assert code == 1 and "LMDB databases only" in capsys.readouterr().err
+    code, _, _ = convert(tmp_path, "--backend", "rocksdb", name="l")
+    assert code == 1 and "Unknown db backend 'rocksdb'" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "l")
     code, _, _ = convert(tmp_path, "--check_size", name="c")
     assert code == 1 and "Incorrect data field size" in capsys.readouterr().err

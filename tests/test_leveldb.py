@@ -14,6 +14,7 @@ import pytest
 from caffelite.io import leveldb
 from caffelite.io.leveldb import LevelDBError, LevelDBReader
 from caffelite.io.snappy import SnappyError, decompress
+from caffelite.io.wire import varint
 
 
 
@@ -67,15 +68,6 @@ def numbered(n, value=b"value-%d"):
 
 
 # ------------------------------------------------------------------------- snappy
-def varint(n):
-    out = bytearray()
-    while n >= 0x80:
-        out.append(n & 0x7F | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
 def literal(data):
     """A literal element, with the shortest length encoding."""
     n = len(data) - 1

@@ -85,3 +85,98 @@ class Cursor:
 
     def close(self):
         self.reader.close()
+
+
+WRITE_BACKENDS = {"lmdb": LMDB, "leveldb": LEVELDB}
+
+
+def open_writer(path, backend_name):
+    """A new database at ``path`` (``put(key, value)``, ``close()``, a context
+    manager), as Caffe's db::GetDB(name)->Open(path, NEW): "lmdb" or "leveldb"."""
+    kind = WRITE_BACKENDS.get(str(backend_name).lower())
+    if kind is None:
+        raise DBError(f"Unknown db backend '{backend_name}' (known: lmdb, leveldb)")
+    if kind == LMDB:
+        from .lmdb_writer import LMDBWriter
+        return LMDBWriter(path)
+    from .leveldb_writer import LevelDBWriter
+    return LevelDBWriter(path)
+
+
+def make_database_dir(path, kind, fail):
+    """Create ``path`` for a new ``kind`` database, or take an existing empty
+    directory (never one holding anything); True when this call made it.
+    ``fail(what, error=None)`` raises the writer's error."""
+    try:
+        os.mkdir(path)
+        return True
+    except FileExistsError:
+        pass
+    except OSError as e:
+        fail("cannot create the directory", e)
+    if not os.path.isdir(path):
+        fail("exists and is not a directory")
+    try:
+        names = os.listdir(path)
+    except OSError as e:
+        fail("cannot list the directory", e)
+    if names:
+        fail(f"the directory is not empty (holds {sorted(names)[0]!r}); a new {kind} "
+             f"database is written to a new or empty directory")
+    return False
+
+
+def remove_made_dir(path, made):
+    """Remove the directory a writer made (if it is empty again)."""
+    if made:
+        try:
+            os.rmdir(path)
+        except OSError:
+            pass
+
+
+class NewDatabaseWriter:
+    """What the LMDB and LevelDB writers share: a new (or empty) directory, made by
+    ``_make_dir`` and removed again by ``_remove_dir`` when it was made here, and a
+    ``with`` block that closes on success and aborts on an exception."""
+    kind = "?"
+    error_class = OSError
+
+    def _require_open(self):
+        if self._file is None:
+            raise ValueError(f"{self.kind} writer of '{self.path}' is closed")
+
+    def _fail(self, what, error=None):
+        detail = f": {error.strerror or error}" if error is not None else ""
+        raise self.error_class(f"cannot write {self.kind} '{self.path}': {what}{detail}") \
+            from None
+
+    def _make_dir(self):
+        """Create the directory; True when this call made it."""
+        return make_database_dir(self.path, self.kind, self._fail)
+
+    def _remove_dir(self):
+        remove_made_dir(self.path, self._made_dir)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def sync_dir(path):
+    """Make the rename durable; not every system can open a directory."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -25,6 +25,7 @@ its docstring), plus what a writer must also get right:
 """
 import os
 import struct
+from .db import NewDatabaseWriter, sync_dir
 
 __all__ = ["LMDBWriteError", "LMDBWriter", "MAX_KEY_SIZE"]
 
@@ -146,7 +147,7 @@ def _meta_page(pgno, page_size, map_size, tree, last_pgno, txnid):
     return page
 
 
-class LMDBWriter:
+class LMDBWriter(NewDatabaseWriter):
     """Write a new LMDB database at directory ``path`` (created; an existing one
     must be empty), entries in strictly increasing key order (memcmp: on a common
     prefix the shorter key first).
@@ -156,6 +157,8 @@ class LMDBWriter:
     exception, removes the temporary file (and the directory, when it created it and
     nothing else is in it).  ``len(writer)`` is the number of entries put so far.
     """
+    kind = "LMDB"
+    error_class = LMDBWriteError
 
     def __init__(self, path, page_size=4096):
         self.path = os.fspath(path)
@@ -239,7 +242,7 @@ class LMDBWriter:
             self.abort()
             raise
         self._file = None
-        _sync_dir(self.path)
+        sync_dir(self.path)
 
     def abort(self):
         """Drop what was written: the temporary file, and the directory when this
@@ -257,47 +260,11 @@ class LMDBWriter:
             pass
         self._remove_dir()
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
-
     def __repr__(self):
         state = "closed" if self._file is None else "open"
         return f"<LMDBWriter {self.path!r} ({state}, {len(self)} entries)>"
 
     # -- directory and file ----------------------------------------------------------
-
-    def _make_dir(self):
-        """Create the directory; True when this call made it."""
-        try:
-            os.mkdir(self.path)
-            return True
-        except FileExistsError:
-            pass
-        except OSError as e:
-            self._fail("cannot create the directory", e)
-        if not os.path.isdir(self.path):
-            self._fail("exists and is not a directory")
-        try:
-            names = os.listdir(self.path)
-        except OSError as e:
-            self._fail("cannot list the directory", e)
-        if names:
-            self._fail(f"the directory is not empty (holds {sorted(names)[0]!r}); an "
-                       f"LMDB database is written to a new or empty directory")
-        return False
-
-    def _remove_dir(self):
-        if self._made_dir:
-            try:
-                os.rmdir(self.path)
-            except OSError:
-                pass
 
     def _write(self, data):
         try:
@@ -412,17 +379,6 @@ class LMDBWriter:
             self._fail(f"cannot write {_TEMP_NAME}", e)
         self._write(metas)
 
-    # -- helpers ---------------------------------------------------------------------
-
-    def _require_open(self):
-        if self._file is None:
-            raise ValueError(f"LMDB writer of '{self.path}' is closed")
-
-    def _fail(self, what, error=None):
-        detail = f": {error.strerror or error}" if error is not None else ""
-        raise LMDBWriteError(f"cannot write LMDB '{self.path}': {what}{detail}") \
-            from None
-
 
 def _as_bytes(data, what):
     if isinstance(data, bytes):
@@ -430,17 +386,3 @@ def _as_bytes(data, what):
     if isinstance(data, (bytearray, memoryview)):
         return bytes(data) if what == "key" else data
     raise TypeError(f"LMDB {what} must be bytes, not {type(data).__name__}")
-
-
-def _sync_dir(path):
-    """Make the rename durable; not every system can open a directory."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
