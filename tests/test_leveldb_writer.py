@@ -14,7 +14,8 @@ import pytest
 
 from caffelite.io import leveldb
 from caffelite.io.leveldb import LevelDBReader
-from caffelite.io.leveldb_writer import LevelDBWriteError, LevelDBWriter, crc32c
+from caffelite.io.crc32c import crc32c, masked_crc
+from caffelite.io.leveldb_writer import LevelDBWriteError, LevelDBWriter
 
 BLOCK = 32768
 HEADER = 7
@@ -128,25 +129,40 @@ def fragments(log):
             continue
         crc, length, kind = struct.unpack_from("<IHB", log, pos)
         assert HEADER + length <= left
-        assert crc == leveldb._masked_crc(log[pos + 6:pos + HEADER + length])
+        assert crc == masked_crc(log[pos + 6:pos + HEADER + length])
         out.append((pos, kind, length))
         pos += HEADER + length
     return out
 
 
 # ------------------------------------------------------------------------- CRC
-def test_crc32c_equals_the_reference_on_random_data():
+def reference_crc32c(data, crc=0):
+    """CRC-32C by its definition, bit by bit (reflected polynomial 0x82F63B78)."""
+    crc ^= 0xFFFFFFFF
+    for byte in data:
+        crc ^= byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
+    return crc ^ 0xFFFFFFFF
+
+
+def test_crc32c_equals_the_definition_on_random_data():
+    """The folding CRC against the bit loop (sizes around its switch-over and
+    folding levels), and against the byte-table loop on long data."""
+    from caffelite.io.crc32c import _crc32c_bytewise
     rng = random.Random(5)
-    sizes = list(range(0, 300, 7)) + [255, 256, 257, 511, 4096, 32761, 32768, 40000,
-                                      100_003, 1 << 20, 3_000_001]
-    for size in sizes:
+    for size in list(range(0, 300, 7)) + [255, 256, 257, 511, 4096, 32761, 32768, 40000]:
         data = rng.randbytes(size)
         start = rng.getrandbits(32)
-        assert crc32c(data) == leveldb.crc32c(data), size
-        assert crc32c(data, start) == leveldb.crc32c(data, start), size
+        assert crc32c(data) == reference_crc32c(data), size
+        assert crc32c(data, start) == reference_crc32c(data, start), size
+    for size in (100_003, 1 << 20, 3_000_001):
+        data = rng.randbytes(size)
+        start = rng.getrandbits(32)
+        assert crc32c(data, start) == _crc32c_bytewise(data, start), size
     data = rng.randbytes(70_000)
     assert crc32c(data[40_000:], crc32c(data[:40_000])) == crc32c(data)
-    assert crc32c(memoryview(data)[5:50_005]) == leveldb.crc32c(data[5:50_005])
+    assert crc32c(memoryview(data)[5:50_005]) == crc32c(data[5:50_005])
     assert crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
     assert crc32c(bytes(32)) == 0x8A9136AA      # RFC 3720 test pattern
 

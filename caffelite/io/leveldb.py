@@ -32,6 +32,7 @@ import re
 import struct
 
 from .snappy import SnappyError, decompress as snappy_decompress
+from .crc32c import masked_crc
 from .wire import read_varint
 
 
@@ -51,35 +52,6 @@ def _length_prefixed(buf, pos):
     if pos + length > len(buf):
         raise ValueError("length-prefixed field runs past the end")
     return bytes(buf[pos:pos + length]), pos + length
-
-
-def _crc32c_table():
-    table = []
-    for byte in range(256):
-        crc = byte
-        for _ in range(8):
-            crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
-        table.append(crc)
-    return table
-
-
-_CRC_TABLE = _crc32c_table()
-
-
-def crc32c(data, crc=0):
-    """CRC-32C (Castagnoli) of ``data``, continuing from ``crc``."""
-    crc ^= 0xFFFFFFFF
-    table = _CRC_TABLE
-    for byte in data:
-        crc = table[(crc ^ byte) & 0xFF] ^ (crc >> 8)
-    return crc ^ 0xFFFFFFFF
-
-
-def _masked_crc(data):
-    """LevelDB stores CRCs rotated and offset, so that a CRC of data that itself
-    holds CRCs does not degenerate."""
-    crc = crc32c(data)
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
 
 # ------------------------------------------------------------------------- log files
@@ -126,7 +98,7 @@ def _log_records(path, check_all_crcs):
                     fragments = None
                     break
                 if (check_all_crcs or in_last_block) and \
-                        _masked_crc(block[pos + 6:end]) != crc:  # type byte + payload
+                        masked_crc(block[pos + 6:end]) != crc:  # type byte + payload
                     if in_last_block and not check_all_crcs:
                         return
                     raise LevelDBError(f"{path}: record at offset {block_start + pos}: "
