@@ -14,6 +14,7 @@ import caffelite as caffe
 from caffelite import backend
 from caffelite.caffe_rng import CaffeRNG
 from caffelite.io import array_to_blobproto, prototxt
+from gpu_modes import gpu_mode  # noqa: F401  (the fixture)
 from layer_testing import assert_data_position_resumes, net_build_error
 from caffelite.proto import caffe_pb2
 
@@ -415,3 +416,43 @@ def test_compute_image_mean_errors(tmp_path, capsys):
         (key(1), raw_datum(np.zeros((1, 3, 2), np.uint8), 0))])
     assert main(["compute_image_mean", source]) == 1
     assert "record 1 holds 6 values, record 0 4" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------- GPU mode
+
+def test_gpu_mode_gives_the_cpu_batches_and_gradients(tmp_path, gpu_mode):
+    """Data is a host layer: in GPU mode its tops reach the device layers after it,
+    with the CPU's batches; a convolution on them trains alike."""
+    rng = np.random.default_rng(11)
+    images = random_pixels(rng, 5, (3, 8, 8))
+    source = write_db(tmp_path / "db", "LMDB",
+                      [(key(i), raw_datum(im, i % 3)) for i, im in enumerate(images)])
+    param = data_net(source, "LMDB", 2, "crop_size: 6 mirror: true scale: 0.01")
+    conv = param.layer.add(name="conv", type="Convolution", bottom=["data"], top=["conv"])
+    conv.convolution_param.num_output = 3
+    conv.convolution_param.kernel_size.append(3)
+    conv.convolution_param.weight_filler.type = "gaussian"
+    conv.convolution_param.weight_filler.std = 0.1
+    ip = param.layer.add(name="ip", type="InnerProduct", bottom=["conv"], top=["ip"])
+    ip.inner_product_param.num_output = 3
+    param.layer.add(name="loss", type="SoftmaxWithLoss", bottom=["ip", "label"],
+                    top=["loss"])
+    del param.layer[1]                       # the Silence: the loss reads the label now
+    runs = []
+    for device in (False, True):
+        caffe.set_random_seed(4)
+        if device:
+            gpu_mode.on()
+        net = caffe.Net(param=param, phase=caffe.TRAIN)
+        out = []
+        for _ in range(3):
+            net.forward()
+            net.backward()
+            out.append((net.blobs["data"].data.copy(), net.blobs["loss"].data.copy(),
+                        net.params["conv"][0].diff.copy()))
+        runs.append(out)
+        gpu_mode.off()
+    for (d0, l0, g0), (d1, l1, g1) in zip(*runs):
+        np.testing.assert_array_equal(d1, d0)
+        np.testing.assert_allclose(l1, l0, rtol=1e-5)
+        np.testing.assert_allclose(g1, g0, rtol=1e-4, atol=1e-6)
