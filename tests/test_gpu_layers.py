@@ -536,6 +536,13 @@ def neuron_cases():
              pos, fwd=ulp, bwd=ulp, cuda_fwd=ulp, cuda_bwd=ulp),
         Case("Threshold", 'type: "Threshold" threshold_param { threshold: 0.2 }',
              several(x), backward=False),
+        # A NaN clips to min on the host (std::min/std::max) but to max on the device
+        # (fminf/fmaxf), as in BVLC's Clip: no NaN here, infinities are alike.
+        Case("Clip", 'type: "Clip" clip_param { min: -0.5 max: 0.6 }', several(x)),
+        Case("Clip_in_place", 'type: "Clip" clip_param { min: -1 max: 0 }', several(x),
+             in_place=True),
+        Case("Swish", 'type: "Swish" swish_param { beta: 1.3 }', several(x), fwd=ulp,
+             bwd=ulp, cuda_fwd=ulp, cuda_bwd=ulp),
         Case("Dropout_test_phase", 'type: "Dropout" dropout_param { dropout_ratio: 0.4 }',
              several(x), phase=TEST),
     ]
@@ -615,6 +622,9 @@ def structure_cases():
              several(normal(2, 3, 6, 7))),
         Case("Input", 'type: "Input" input_param { shape { dim: 2 dim: 3 } }',
              lambda rng: [], poison_tops=False, backward=False),
+        Case("Parameter", 'type: "Parameter" parameter_param { shape { dim: 2 dim: 3 } }',
+             lambda rng: [], params=lambda rng, shapes: [rng.standard_normal(shapes[0])],
+             poison_tops=False),
     ]
 
 

@@ -62,6 +62,7 @@ OPENCV_CASES = [
     ('type: "Exp" exp_param { base: 2.718281828 scale: -1.5 shift: 0.3 }', None),
     ('type: "Log"', "positive"),
     ('type: "Dropout" dropout_param { dropout_ratio: 0.3 }', None),
+    ('type: "Swish"', None),
 ]
 
 
@@ -141,6 +142,9 @@ GRADIENT_CASES = [
     ('type: "Log"', "positive"),
     ('type: "Log" log_param { base: 10 scale: 2 shift: 0.5 }', "positive"),
     ('type: "Dropout" dropout_param { dropout_ratio: 0.4 }', None),
+    ('type: "Swish"', None),
+    ('type: "Swish" swish_param { beta: 1.7 }', None),
+    ('type: "Clip" clip_param { min: -0.6 max: 0.8 }', "clip"),
 ]
 
 
@@ -156,6 +160,8 @@ def test_gradient(text, domain, phase):
         kwargs = dict(kink=0.0, kink_range=0.01)
     elif domain == "positive":
         x = np.abs(x) + 0.2
+    elif domain == "clip":                  # kinks at min and max
+        x = away_from(away_from(x, -0.6, 0.02), 0.8, 0.02)
     layer = make_layer(text, phase, np.float64)
     bottom, top = setup_layer(layer, [x])
     check_gradient(layer, bottom, top, step=1e-3, threshold=1e-3, **kwargs)
@@ -568,3 +574,47 @@ def test_prelu_forward_is_the_forks_cpu_formula_on_signed_zeros_and_specials():
                          for v in x.reshape(-1)], f)
     assert_same_bits(y, want)
     assert np.signbit(y[0]) and not np.signbit(y[1])
+
+
+# ------------------------------------------------------------------ later BVLC layers
+def test_clip_by_hand_with_caffes_nan_and_edges():
+    x = np.array([[-2.0, -0.5, 0.0, 0.5, 1.0, np.inf, -np.inf, np.nan]], np.float32)
+    layer = make_layer('type: "Clip" clip_param { min: -0.5 max: 0.5 }', TEST, np.float32)
+    bottom, top = setup_layer(layer, [x], 1, np.float32)
+    run_forward(layer, bottom, top)
+    # std::max(min, std::min(x, max)): a NaN compares false both times and gives min
+    np.testing.assert_array_equal(top[0].data, [[-0.5, -0.5, 0, 0.5, 0.5, 0.5, -0.5, -0.5]])
+    top[0].diff[...] = 2.0
+    layer.backward(top, [True], bottom)
+    np.testing.assert_array_equal(bottom[0].diff, [[0, 2, 2, 2, 0, 0, 0, 0]])
+    with pytest.raises(Exception, match="needs both min and max"):
+        make_layer('type: "Clip" clip_param { min: 0 }').setup([], [])
+
+
+def test_swish_against_its_definition_in_double():
+    x = randn(seed=9)
+    for beta in (1.0, 0.5):
+        (y,) = ours(f'type: "Swish" swish_param {{ beta: {beta} }}', [x])
+        x64 = x.astype(np.float64)
+        assert_close(y, x64 / (1 + np.exp(-beta * x64)), rtol=2e-7)
+
+
+def test_parameter_layer_is_a_learnt_blob_the_top_shares():
+    import caffelite as caffe
+    from caffelite.io import prototxt
+    param = prototxt.parse_net(
+        'layer { name: "p" type: "Parameter" top: "w" parameter_param { shape { dim: 2 '
+        'dim: 3 } } } layer { name: "x" type: "DummyData" top: "x" dummy_data_param { '
+        'shape { dim: 2 dim: 3 } data_filler { type: "constant" value: 2 } } } '
+        'layer { name: "e" type: "Eltwise" bottom: "w" bottom: "x" top: "y" eltwise_param '
+        '{ operation: PROD } } layer { name: "l" type: "EuclideanLoss" bottom: "y" '
+        'bottom: "x" top: "loss" }')[0]
+    net = caffe.Net(param=param, phase=caffe.TRAIN)
+    assert net.params["p"][0].shape == (2, 3)
+    np.testing.assert_array_equal(net.params["p"][0].data, 0)      # zeros, no filler
+    net.params["p"][0].data[...] = np.arange(6).reshape(2, 3)
+    net.forward()
+    np.testing.assert_array_equal(net.blobs["w"].data, np.arange(6).reshape(2, 3))
+    net.backward()
+    # loss = sum((2 w - 2)^2) / (2 * 2): d/dw = 2 (2 w - 2) * 2 / 4 = 2 w - 2
+    np.testing.assert_allclose(net.params["p"][0].diff, 2 * np.arange(6).reshape(2, 3) - 2)

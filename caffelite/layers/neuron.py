@@ -251,6 +251,66 @@ class TanHLayer(NeuronLayer):
             bottom[0].diff[...] = top[0].diff * (1 - y * y)
 
 
+@register("Clip")
+class ClipLayer(NeuronLayer):
+    """BVLC's Clip (later BVLC master, not the fork): y = max(min, min(x, max)); the
+    gradient passes where min <= x <= max.  A NaN becomes min on the host, as the
+    C++ std::min/std::max order gives it, and max on the device (fminf/fmaxf)."""
+    graph_safe = True
+
+    def setup(self, bottom, top):
+        p = self.layer_param.clip_param
+        if not (p.HasField("min") and p.HasField("max")):
+            raise self.error("clip_param needs both min and max")
+        self.low, self.high = p.min, p.max
+
+    def forward(self, bottom, top):
+        xp = get_array_module(bottom[0].data)
+        x = bottom[0].data
+        t = x.dtype.type
+        low, high = t(self.low), t(self.high)
+        if on_device(xp):
+            top[0].data[...] = xp.fmax(low, xp.fmin(x, high))
+            return
+        inner = xp.where(high < x, high, x)             # std::min(x, max)
+        top[0].data[...] = xp.where(low < inner, inner, low)   # std::max(min, ...)
+
+    def backward(self, top, propagate_down, bottom):
+        if propagate_down[0]:
+            x = bottom[0].data
+            t = x.dtype.type
+            inside = (x >= t(self.low)) & (x <= t(self.high))
+            bottom[0].diff[...] = top[0].diff * inside.astype(x.dtype)
+
+
+@register("Swish")
+class SwishLayer(NeuronLayer):
+    """BVLC's Swish (later BVLC master, not the fork): y = x * sigmoid(beta x), with
+    that Caffe's sigmoid 0.5 tanh(0.5 z) + 0.5 (in double, one rounding);
+    dx = dy (beta y + s (1 - beta y)), beta y in the float type and the rest in
+    double, as its C++ evaluates it.  The device keeps float maths."""
+    graph_safe = True
+
+    def setup(self, bottom, top):
+        self.beta = self.layer_param.swish_param.beta
+
+    def forward(self, bottom, top):
+        xp = get_array_module(bottom[0].data)
+        x = bottom[0].data
+        t = x.dtype.type
+        z = x * t(self.beta)
+        self.sigmoid = (0.5 * xp.tanh(0.5 * double(xp, z)) + 0.5).astype(x.dtype)
+        top[0].data[...] = x * self.sigmoid
+
+    def backward(self, top, propagate_down, bottom):
+        if propagate_down[0]:
+            xp = get_array_module(top[0].data)
+            y = top[0].data
+            beta_y = y * y.dtype.type(self.beta)
+            s = double(xp, self.sigmoid)
+            bottom[0].diff[...] = double(xp, top[0].diff) * (beta_y + s * (1 - beta_y))
+
+
 @register("AbsVal")
 class AbsValLayer(NeuronLayer):
     """y = |x|; dx = sign(x) * dy with Caffe's sign, (0 < x) - (x < 0): 0 at 0 and at

@@ -390,3 +390,30 @@ class SilenceLayer(Layer):
         for b, down in zip(bottom, propagate_down):
             if down:
                 b.diff[...] = 0
+
+
+@register("Parameter")
+class ParameterLayer(Layer):
+    """BVLC's Parameter layer (2016, after the fork): one learnable blob of
+    parameter_param.shape, zero-initialised (no filler), that the top shares, data
+    and diff: it carries a free parameter into a net."""
+    exact_num_bottom = 0
+    exact_num_top = 1
+
+    def setup(self, bottom, top):
+        shape = tuple(self.layer_param.parameter_param.shape.dim)
+        if self.blobs_loaded():
+            if len(self.blobs) != 1:
+                raise self.error(f"expected 1 parameter blob, got {len(self.blobs)}")
+        else:
+            self.new_param_blob(shape)
+        top[0].reshape(self.blobs[0].shape)
+
+    def reshape(self, bottom, top):
+        top[0].reshape(self.blobs[0].shape)
+        top[0].share_data(self.blobs[0])
+        top[0].share_diff(self.blobs[0])
+
+    def forward(self, bottom, top):
+        top[0].share_data(self.blobs[0])
+        top[0].share_diff(self.blobs[0])
