@@ -234,3 +234,9 @@ def rng():
     """The global Caffe generator (caffelite.caffe_rng.CaffeRNG); reseeded by
     set_random_seed."""
     return _state["rng"]
+
+
+def seeded():
+    """Whether set_random_seed (a solver's random_seed) fixed the global generator:
+    without it, as in Caffe, its stream is different every run."""
+    return _state["seed"] is not None

@@ -77,6 +77,10 @@ BODIES = {
     "Log": """layer { name: "a" type: "AbsVal" bottom: "x" top: "a" }
         layer { name: "l" type: "Log" bottom: "a" top: "y" log_param { shift: 1 } }""",
     "BNLL": """layer { name: "b" type: "BNLL" bottom: "x" top: "y" }""",
+    "Clip": """layer { name: "c" type: "Clip" bottom: "x" top: "y"
+        clip_param { min: -0.5 max: 0.7 } }""",
+    "Swish": """layer { name: "s" type: "Swish" bottom: "x" top: "y"
+        swish_param { beta: 1.5 } }""",
     "Threshold": """layer { name: "t" type: "Threshold" bottom: "x" top: "t"
         threshold_param { threshold: 0.1 } }
         layer { name: "block" type: "Silence" bottom: "t" }

@@ -649,6 +649,25 @@ def eltwise_cases():
     ]
 
 
+def recurrent_bottoms(T, N, I, static=0, states=0, hidden=0):
+    """RNN/LSTM bottoms: x (T, N, I), cont (T, N) starting sequences at t = 0 and, in
+    every other stream, mid-way, [x_static (N, static)], [``states`` of (1, N, hidden)]."""
+    def make(rng):
+        cont = np.ones((T, N))
+        cont[0] = 0
+        cont[T // 2, ::2] = 0
+        out = [rng.standard_normal((T, N, I)), cont]
+        if static:
+            out.append(rng.standard_normal((N, static)))
+        return out + [rng.standard_normal((1, N, hidden)) for _ in range(states)]
+    return make
+
+
+def lstm_unit_bottoms(rng):
+    return [rng.standard_normal((1, 3, 4)), rng.standard_normal((1, 3, 16)),
+            np.array([[1.0, 0.0, 1.0]])]
+
+
 def misc_cases():
     dt_params = "spatial_sigma: 3 range_sigma: 0.5 num_iter: 2 min_weight: 0.2"
 
@@ -669,6 +688,33 @@ def misc_cases():
         Case("InnerProduct_transpose_axis2", 'type: "InnerProduct" inner_product_param { '
              'num_output: 3 axis: 2 transpose: true bias_term: false }',
              several(normal(2, 3, 4, 2)), cuda_fwd=gemm_bound(8), cuda_bwd=gemm_bound(8)),
+        # The host evaluates the cell's sigmoid/tanh (and RNN's tanh) in double as BVLC's
+        # CPU code, the device in float as its kernels: the last bits then go through
+        # the recurrence (float64: exact on the emulator). cont is 0 or 1, where the
+        # CPU and GPU formulas agree; h_0/c_0 get no gradient (zeros) as in BVLC.
+        Case("LSTM_static_input", 'type: "LSTM" recurrent_param { num_output: 4 }',
+             recurrent_bottoms(5, 3, 3, static=2), propagate=[True, False, True],
+             fwd=Bound(16, "scale"), bwd=Bound(16, "scale"), cuda_fwd=Bound(128, "scale"),
+             cuda_bwd=Bound(128, "scale")),
+        Case("LSTM_expose_hidden", 'type: "LSTM" recurrent_param { num_output: 3 '
+             'expose_hidden: true }', recurrent_bottoms(4, 2, 3, states=2, hidden=3),
+             num_top=3, propagate=[True, False, True, True], fwd=Bound(16, "scale"),
+             bwd=Bound(16, "scale"), cuda_fwd=Bound(128, "scale"),
+             cuda_bwd=Bound(128, "scale")),
+        Case("LSTM_float64", 'type: "LSTM" recurrent_param { num_output: 3 }',
+             recurrent_bottoms(4, 3, 2), dtype=F64, propagate=[True, False],
+             cuda_fwd=Bound(128, "scale"), cuda_bwd=Bound(128, "scale")),
+        Case("RNN_static_input", 'type: "RNN" recurrent_param { num_output: 4 }',
+             recurrent_bottoms(5, 3, 3, static=2), propagate=[True, False, True],
+             fwd=Bound(16, "scale"), bwd=Bound(16, "scale"), cuda_fwd=Bound(128, "scale"),
+             cuda_bwd=Bound(128, "scale")),
+        Case("RNN_expose_hidden_float64", 'type: "RNN" recurrent_param { num_output: 3 '
+             'expose_hidden: true }', recurrent_bottoms(4, 2, 3, states=1, hidden=3),
+             num_top=2, dtype=F64, propagate=[True, False, True],
+             cuda_fwd=Bound(128, "scale"), cuda_bwd=Bound(128, "scale")),
+        Case("LSTMUnit", 'type: "LSTMUnit"', lstm_unit_bottoms, num_top=2,
+             propagate=[True, True, False], fwd=Bound(8, "scale"), bwd=Bound(8, "scale"),
+             cuda_fwd=Bound(16, "scale"), cuda_bwd=Bound(16, "scale")),
         Case("ArgMax_flat", 'type: "ArgMax"', several(integers(0, 3, 2, 3, 2, 2)),
              backward=False),
         Case("ArgMax_axis_topk_values", 'type: "ArgMax" argmax_param { axis: 1 top_k: 2 '

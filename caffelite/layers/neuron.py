@@ -299,7 +299,9 @@ class SwishLayer(NeuronLayer):
         x = bottom[0].data
         t = x.dtype.type
         z = x * t(self.beta)
-        self.sigmoid = (0.5 * xp.tanh(0.5 * double(xp, z)) + 0.5).astype(x.dtype)
+        # kept between passes (the backward reads it; a CUDA graph replays into it)
+        self.sigmoid = reused(getattr(self, "sigmoid", None), xp, x.shape, x.dtype)
+        self.sigmoid[...] = 0.5 * xp.tanh(0.5 * double(xp, z)) + 0.5
         top[0].data[...] = x * self.sigmoid
 
     def backward(self, top, propagate_down, bottom):
