@@ -608,9 +608,11 @@ def build_parser():
     u.add_argument("--log", help="also write the log to this file")
     u.set_defaults(func=cmd_upgrade)
 
-    from . import convert_imageset, eval_cli, extract_features, image_mean, pascal
+    from . import (classic_datasets, convert_imageset, eval_cli, extract_features,
+                   image_mean, pascal)
     from .crf import cli as crf_cli
     convert_imageset.add_parser(sub)
+    classic_datasets.add_parsers(sub)
     extract_features.add_parser(sub)
     image_mean.add_parser(sub)
     eval_cli.add_parser(sub)
@@ -637,7 +639,7 @@ def build_parser():
 # Caffe's own verbs (and tools), whose flags are gflags: -solver x, -solver=x and
 # --solver=x alike.
 _CAFFE_VERBS = ("train", "test", "time", "device_query", "compute_image_mean",
-                "convert_imageset")
+                "convert_imageset", "convert_mnist_data")
 _GFLAG = re.compile(r"-[A-Za-z][A-Za-z0-9_]+(=.*)?")
 
 
