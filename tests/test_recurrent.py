@@ -17,6 +17,7 @@ import caffelite as caffe
 from caffelite import backend
 from caffelite.blob import Blob
 from caffelite.filler import fill
+from caffelite.io import prototxt
 from caffelite.io.caffemodel import read_caffemodel
 from caffelite.layer import LayerError, create_layer
 from caffelite.proto import caffe_pb2
@@ -539,3 +540,46 @@ def test_errors_of_a_built_layer():
         blob.data.extend([0.0] * int(np.prod(shape)))
     with pytest.raises(LayerError, match=r"parameter blob 2 \(W_hc\) must have the shape"):
         setup_layer(create_layer(loaded, TRAIN, F64), arrays)
+
+
+def test_lrcn_style_net_trains():
+    """Embed -> LSTM -> InnerProduct on axis 2 -> SoftmaxWithLoss / Accuracy on axis 2
+    with ignore_label, as LRCN's captioning nets stack them: the solver learns a fixed
+    sequence (cont resets in the middle of one stream)."""
+    from caffelite.proto import caffe_pb2
+    from caffelite.solver import get_solver
+    T, N, V = 6, 3, 12
+    uniform = 'weight_filler { type: "uniform" min: -0.08 max: 0.08 }'
+    param, _ = prototxt.parse_net(f'''
+        layer {{ name: "in" type: "Input" top: "words" top: "cont" top: "target"
+          input_param {{ shape {{ dim: {T} dim: {N} }} shape {{ dim: {T} dim: {N} }}
+                        shape {{ dim: {T} dim: {N} }} }} }}
+        layer {{ name: "embed" type: "Embed" bottom: "words" top: "emb"
+          embed_param {{ input_dim: {V} num_output: 8 bias_term: false {uniform} }} }}
+        layer {{ name: "lstm" type: "LSTM" bottom: "emb" bottom: "cont" top: "h"
+          recurrent_param {{ num_output: 10 {uniform} }} }}
+        layer {{ name: "pred" type: "InnerProduct" bottom: "h" top: "pred"
+          inner_product_param {{ num_output: {V} axis: 2 {uniform} }} }}
+        layer {{ name: "loss" type: "SoftmaxWithLoss" bottom: "pred" bottom: "target"
+          top: "loss" loss_param {{ ignore_label: -1 }} softmax_param {{ axis: 2 }} }}
+        layer {{ name: "acc" type: "Accuracy" bottom: "pred" bottom: "target" top: "acc"
+          accuracy_param {{ axis: 2 ignore_label: -1 }} }}''')
+    sp = caffe_pb2.SolverParameter(base_lr=0.5, lr_policy="fixed", momentum=0.9,
+                                   max_iter=100, display=0, random_seed=3)
+    sp.train_net_param.CopyFrom(param)
+    solver = get_solver(sp)
+    net = solver.net
+    seq = np.random.default_rng(0).integers(0, V, (T + 1, N))
+    cont = np.ones((T, N))
+    cont[0] = 0
+    cont[3, 1] = 0
+    target = seq[1:].astype(float)
+    target[5, 2] = -1
+    net.blobs["words"].data[...] = seq[:-1]
+    net.blobs["cont"].data[...] = cont
+    net.blobs["target"].data[...] = target
+    solver.step(1)
+    first = float(net.blobs["loss"].data)
+    assert abs(first - np.log(V)) < 0.05         # small weights: a uniform prediction
+    solver.step(59)
+    assert float(net.blobs["loss"].data) < 0.7 * first
