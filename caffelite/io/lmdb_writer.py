@@ -25,30 +25,19 @@ its docstring), plus what a writer must also get right:
 """
 import os
 import struct
+
 from .db import NewDatabaseWriter, sync_dir
+from .lmdb import (_DATA_VERSION, _DB_RECORD, _F_BIGDATA, _HEADER_SIZE, _MAGIC,
+                   _MDB_INTEGERKEY, _META_HEAD, _META_TAIL, _NO_PAGE, _NODE,
+                   _OVERFLOW_HEADER, _P_BRANCH, _P_LEAF, _P_META, _P_OVERFLOW,
+                   _PAGE_HEADER, _PGNO)
 
 __all__ = ["LMDBWriteError", "LMDBWriter", "MAX_KEY_SIZE"]
 
 MAX_KEY_SIZE = 511
 _MAX_VALUE_SIZE = 0xFFFFFFFF              # a node stores the value size in 32 bits
 
-_MAGIC = 0xBEEFC0DE
-_DATA_VERSION = 1
-_NO_PAGE = 0xFFFFFFFFFFFFFFFF
-_P_BRANCH, _P_LEAF, _P_OVERFLOW, _P_META = 0x01, 0x02, 0x04, 0x08
-_F_BIGDATA = 0x01
-_MDB_INTEGERKEY = 0x08
 _DEFAULT_MAP_SIZE = 1 << 20               # the C library's default map size
-
-_PAGE_HEADER = struct.Struct("<QHHHH")    # pgno, pad, flags, lower, upper
-_OVERFLOW_HEADER = struct.Struct("<QHHI")  # pgno, pad, flags, page count
-_HEADER_SIZE = _PAGE_HEADER.size
-_META_HEAD = struct.Struct("<IIQQ")       # magic, version, address, map size
-_DB_RECORD = struct.Struct("<IHHQQQQQ")   # pad, flags, depth, branch, leaf,
-#                                           overflow, entries, root
-_META_TAIL = struct.Struct("<QQ")         # last pgno, txnid
-_NODE = struct.Struct("<HHHH")            # lo, hi, flags, key size
-_PGNO = struct.Struct("<Q")
 _INDEX_SIZE = 2                           # a u16 node offset
 
 _MIN_PAGE_SIZE = 4096
