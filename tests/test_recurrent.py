@@ -583,3 +583,35 @@ def test_lrcn_style_net_trains():
     assert abs(first - np.log(V)) < 0.05         # small weights: a uniform prediction
     solver.step(59)
     assert float(net.blobs["loss"].data) < 0.7 * first
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "RNN"])
+def test_backward_is_unconditional_as_bvlcs_unrolled_net(kind):
+    """BVLC's unrolled net gives every parameter its gradient (lr_mult 0 too) and x and
+    x_static their diffs whatever propagate_down says: a Split feeding them elsewhere
+    then adds them up, and clip_gradients counts the frozen diffs."""
+    rng = np.random.default_rng(3)
+    arrays = sequences(rng, 4, 2, 3, static=2)
+    layer, bottom, top = build(kind, 3, arrays)
+    layer.forward(bottom, top)
+    layer.param_propagate_down = [False] * len(layer.blobs)
+    backward(layer, bottom, top, [rng.standard_normal(top[0].shape)], [False, False, False])
+    for blob in layer.blobs:
+        assert np.abs(blob.diff).max() > 0
+    for b in (bottom[0], bottom[2]):
+        assert np.all(np.isfinite(b.diff)) and np.abs(b.diff).max() > 0
+
+
+def test_lstm_unit_writes_both_diffs_when_either_is_asked():
+    rng = np.random.default_rng(4)
+    layer = make_layer('type: "LSTMUnit"', TRAIN, F64)
+    arrays = [rng.standard_normal((1, 2, 3)), rng.standard_normal((1, 2, 12)),
+              np.ones((1, 2))]
+    bottom, top = setup_layer(layer, arrays, num_top=2, dtype=F64)
+    layer.forward(bottom, top)
+    for t in top:
+        t.diff[...] = rng.standard_normal(t.shape)
+    bottom[0].diff[...] = np.nan
+    bottom[1].diff[...] = np.nan
+    layer.backward(top, [False, True, False], bottom)
+    assert np.all(np.isfinite(bottom[0].diff)) and np.all(np.isfinite(bottom[1].diff))

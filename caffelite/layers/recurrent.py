@@ -60,9 +60,10 @@ GPU kernels' on the device: they differ only when cont is neither 0 nor 1, where
 CPU code's forget gate gradient is c_term c_prev f' (1 - f') with the scaled gate f'
 (the kernels' is the derivative, cont c_term c_prev f (1 - f)).
 
-Gradients, as BVLC's unrolled net gives them: to x, x_static and every parameter;
-never to cont (an error, as in BVLC); the recurrent weight gradients add up over the
-timesteps. BVLC's RecurrentLayer shares only the DATA of the exposed hidden-state
+Gradients, as BVLC's unrolled net gives them: to x, x_static and every parameter,
+whenever the layer runs backward at all (BVLC ignores propagate_down and lr_mult 0
+there); never to cont (an error, as in BVLC); the recurrent weight gradients add up
+over the timesteps. LSTMUnit likewise writes both of its diffs when either is asked. BVLC's RecurrentLayer shares only the DATA of the exposed hidden-state
 blobs, so no gradient reaches the h_0/c_0 bottoms (their diffs are zeroed here, BVLC
 leaves them as they are) and the diffs of the h_T/c_T tops are not read.
 ``exposed_hidden_gradients = True`` on a layer (not a BVLC option) makes it
@@ -208,10 +209,9 @@ class LSTMUnitLayer(Layer):
         dgates = xp.empty_like(gates)
         _unit_backward(xp, c_prev, acts, cont, tanh_c, view(top[0].diff, c_prev.shape),
                        view(top[1].diff, c_prev.shape), dc_prev, dgates)
-        if propagate_down[0]:
-            view(bottom[0].diff, c_prev.shape)[...] = dc_prev
-        if propagate_down[1]:
-            view(bottom[1].diff, gates.shape)[...] = dgates
+        # BVLC writes both diffs whenever either is asked for.
+        view(bottom[0].diff, c_prev.shape)[...] = dc_prev
+        view(bottom[1].diff, gates.shape)[...] = dgates
 
 
 # ------------------------------------------------------------------ RNN and LSTM
@@ -383,30 +383,27 @@ class _RecurrentLayer(Layer):
                 view(state.data, shape)[...] = final
 
     def _input_backward(self, xp, propagate_down, bottom, dpre):
-        """Backward through the input projections from the per-step diffs (T, N, rows)."""
+        """Backward through the input projections from the per-step diffs (T, N, rows).
+
+        As BVLC's unrolled net, unconditionally: every parameter gets its gradient
+        (lr_mult 0 included) and x and x_static their diffs, whatever propagate_down
+        says (a Split feeding them elsewhere then adds them up as in BVLC)."""
         T, N = self.T, self.N
         rows = dpre.shape[2]
         flat = view(dpre, (T * N, rows))
-        if self.param_propagate_down[0]:
-            gemm(xp, flat.T, view(bottom[0].data, (T * N, self.k)), self.blobs[0].diff,
-                 accumulate=True)
-        if self.param_propagate_down[1]:
-            self.blobs[1].diff[...] += flat.sum(axis=0)
-        if propagate_down[0]:
-            gemm(xp, flat, self.blobs[0].data, view(bottom[0].diff, (T * N, self.k)))
+        gemm(xp, flat.T, view(bottom[0].data, (T * N, self.k)), self.blobs[0].diff,
+             accumulate=True)
+        self.blobs[1].diff[...] += flat.sum(axis=0)
+        gemm(xp, flat, self.blobs[0].data, view(bottom[0].diff, (T * N, self.k)))
         if not self.static_input:
-            return
-        if not (self.param_propagate_down[2] or propagate_down[2]):
             return
         # The unrolled net's Split sums the T steps' diffs in step order.
         dstatic = dpre[0].copy()
         for t in range(1, T):
             dstatic += dpre[t]
-        if self.param_propagate_down[2]:
-            gemm(xp, dstatic.T, view(bottom[2].data, (N, self.k_static)),
-                 self.blobs[2].diff, accumulate=True)
-        if propagate_down[2]:
-            gemm(xp, dstatic, self.blobs[2].data, view(bottom[2].diff, (N, self.k_static)))
+        gemm(xp, dstatic.T, view(bottom[2].data, (N, self.k_static)),
+             self.blobs[2].diff, accumulate=True)
+        gemm(xp, dstatic, self.blobs[2].data, view(bottom[2].diff, (N, self.k_static)))
 
     def _check_backward(self, propagate_down):
         if propagate_down[1]:
@@ -433,13 +430,13 @@ class _RecurrentLayer(Layer):
                 else:
                     target[...] = 0
 
-    def _through_recurrence(self, xp, dpre, cont, h_prev, weight, index, need_dh):
+    def _through_recurrence(self, xp, dpre, cont, h_prev, weight, need_dh):
         """The recurrent GEMM's part of a step's backward: the gradient of its weight
-        (blob ``index``; its input was cont h_{t-1}) and, if ``need_dh``, the
-        gradient sent on to h_{t-1} (through the cont scaling), else None."""
+        (its input was cont h_{t-1}; added whatever lr_mult, as in BVLC) and, if
+        ``need_dh``, the gradient sent on to h_{t-1} (through the cont scaling), else
+        None."""
         cont = cont[:, None]
-        if self.param_propagate_down[index]:
-            gemm(xp, dpre.T, cont * h_prev, weight.diff, accumulate=True)
+        gemm(xp, dpre.T, cont * h_prev, weight.diff, accumulate=True)
         if not need_dh:
             return None
         dh = xp.empty((dpre.shape[0], weight.shape[1]), self.dtype)
@@ -510,7 +507,7 @@ class LSTMLayer(_RecurrentLayer):
             _unit_backward(xp, cs[t], acts[t], cont[t], tanh_c[t], dc, dh, dc_prev,
                            dgates[t])
             dc, dc_prev = dc_prev, dc
-            dh_next = self._through_recurrence(xp, dgates[t], cont[t], hs[t], w_hc, -1,
+            dh_next = self._through_recurrence(xp, dgates[t], cont[t], hs[t], w_hc,
                                                t > 0 or need_first)
         self._input_backward(xp, propagate_down, bottom, dgates)
         self._initial_state_diffs(propagate_down, bottom, (dh_next, dc))
@@ -568,15 +565,13 @@ class RNNLayer(_RecurrentLayer):
         for t in range(T - 1, -1, -1):
             # The output TanH and InnerProduct of step t, then the hidden TanH.
             dout = dtop[t] * (1 - out[t] * out[t])
-            if self.param_propagate_down[-2]:
-                gemm(xp, dout.T, hs[t + 1], w_ho.diff, accumulate=True)
-            if self.param_propagate_down[-1]:
-                b_o.diff[...] += dout.sum(axis=0)
+            gemm(xp, dout.T, hs[t + 1], w_ho.diff, accumulate=True)
+            b_o.diff[...] += dout.sum(axis=0)
             gemm(xp, dout, w_ho.data, dh)
             if dh_next is not None:
                 dh += dh_next
             dpre[t] = dh * (1 - hs[t + 1] * hs[t + 1])
-            dh_next = self._through_recurrence(xp, dpre[t], cont[t], hs[t], w_hh, -3,
+            dh_next = self._through_recurrence(xp, dpre[t], cont[t], hs[t], w_hh,
                                                t > 0 or need_first)
         self._input_backward(xp, propagate_down, bottom, dpre)
         self._initial_state_diffs(propagate_down, bottom, (dh_next,))
