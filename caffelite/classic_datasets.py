@@ -113,7 +113,8 @@ def convert_mnist_data(image_file, label_file, db_path, backend="lmdb"):
             pixels = images[image_start + item * size:image_start + (item + 1) * size]
             label = _signed_char(labels[label_start + item])
             writer.put(b"%08d" % item, _datum(1, rows, cols, pixels, label))
-    logger.info("Processed %d files.", count)
+    if count % 1000:            # the tool logs it (at ERROR) for a partial last batch only
+        logger.error("Processed %d files.", count)
     return count
 
 

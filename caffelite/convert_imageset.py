@@ -1,14 +1,16 @@
 """``caffelite convert_imageset``: Caffe's ``convert_imageset`` tool.
 
-``convert_imageset [FLAGS] ROOTFOLDER/ LISTFILE DB_NAME``: each line of LISTFILE is
-``<path> <label>`` split at its last space (paths may hold spaces; the label is read
-as C's ``atoi``).  Each image is read as ``cv::imread`` does (colour, or gray with
-``--gray``), resized with ``cv::resize`` (bilinear) when both ``--resize_height`` and
-``--resize_width`` are set, and stored as a Datum under the key ``%08d_<path>`` (the
-line number), in list order (or shuffled with ``--shuffle``).  Raw Datums hold C x H
-x W bytes; ``--encoded`` (or ``--encode_type``) stores the file's own bytes when no
-resize or colour conversion changed the image, and re-encodes it otherwise (Pillow's
-encoder: PNG is lossless, a JPEG's bytes differ from OpenCV's).  An image that cannot
+``convert_imageset [FLAGS] ROOTFOLDER/ LISTFILE DB_NAME``: LISTFILE is read as the
+fork's tool reads it, ``<path> <label>`` pairs of whitespace-separated tokens (so no
+spaces in paths; the list ends at the first label that is not an int).  Each image is
+read as ``cv::imread`` does (colour, or gray with ``--gray``), resized with
+``cv::resize`` (bilinear) when both ``--resize_height`` and ``--resize_width`` are set,
+and stored as a Datum under the key ``%08d_<path>`` (the pair's index), in list order
+(or shuffled with ``--shuffle``).  Raw Datums hold C x H x W bytes; ``--encoded``
+stores the file's own bytes when the image needs no change (the encoding guessed from
+the file name), and ``--encode_type`` (or a resize flag, or a colour change) re-encodes
+it, as the fork's matchExt decides (Pillow's encoder: PNG is lossless, a JPEG's bytes
+differ from OpenCV's).  An image that cannot
 be read is skipped with an error line, as the tool does.  The database (``--backend``
 lmdb, the default, or leveldb) is written by caffelite's own writers; it is a new
 directory, never an existing one.
@@ -16,7 +18,6 @@ directory, never an existing one.
 import argparse
 import io
 import os
-import re
 
 import numpy as np
 
@@ -30,33 +31,28 @@ class ConvertError(ValueError):
     """Bad arguments or input; the message names the file."""
 
 
-def c_atoi(text):
-    """C's atoi: leading blanks, a sign, the digits up to the first other char."""
-    match = re.match(rb"[ \t\n\v\f\r]*([+-]?\d+)", text)
-    return int(match.group(1)) if match else 0
+class _ListErrors:
+    """What ImageData's list reader needs to name an error: ConvertErrors here."""
+
+    @staticmethod
+    def error(message):
+        return ConvertError(message)
 
 
 def read_list(path):
-    """[(file name bytes, label)] as the tool reads LISTFILE: std::getline lines, each
-    split at its last space (a line without one is the name and the label both)."""
-    try:
-        with open(path, "rb") as f:
-            text = f.read()
-    except OSError as e:
-        raise ConvertError(f"cannot read the list file '{path}': {e.strerror}") from None
-    lines = text.split(b"\n")
-    if lines and lines[-1] == b"":
-        lines.pop()                         # getline: no line after the final newline
-    out = []
-    for line in lines:
-        pos = line.rfind(b" ")
-        out.append((line if pos < 0 else line[:pos], c_atoi(line[pos + 1:])))
-    return out
+    """[(file name, label)] as the fork's tool reads LISTFILE (BVLC before PR #4059,
+    as its ImageData): ``while (infile >> filename >> label)``, whitespace-separated
+    tokens, ending at the first label that is not an int."""
+    from .layers.image_data import read_label_pairs
+    return [entry.fields for entry in read_label_pairs(path, _ListErrors)]
 
 
 def _match_ext(name, encoding):
-    """The tool's matchExt: the file's extension is the encoding (jpeg counts as jpg)."""
-    ext = name.rsplit(".", 1)[-1].lower() if "." in name else name.lower()
+    """The fork's matchExt: the file's extension *with its dot* (the whole name if it
+    has none) against the encoding, lower-cased: the guessed encoding (".jpg") matches,
+    an explicit --encode_type (jpg) never does, so that one always re-encodes."""
+    dot = name.rfind(".")
+    ext = (name[dot:] if dot >= 0 else name).lower()
     encoding = encoding.lower()
     return ext == encoding or (encoding == "jpg" and ext == "jpeg")
 
@@ -66,7 +62,7 @@ def _encode(img, encoding, path):
     from PIL import Image
     formats = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "bmp": "BMP", "tif": "TIFF",
                "tiff": "TIFF", "ppm": "PPM", "pgm": "PPM"}
-    fmt = formats.get(encoding.lower())
+    fmt = formats.get(encoding.lower().lstrip("."))
     if fmt is None:
         raise ConvertError(f"{path}: cannot encode as '{encoding}' (known: "
                            f"{', '.join(sorted(formats))})")
@@ -77,9 +73,12 @@ def _encode(img, encoding, path):
     return buf.getvalue()
 
 
-def image_datum(path, label, resize_hw, is_color, encoding):
+def image_datum(path, label, resize_flags, is_color, encoding):
     """ReadImageToDatum: the serialised Datum of one image, or None when it cannot be
-    read (the tool logs and skips it)."""
+    read (the tool logs and skips it).  ``resize_flags`` (height, width) as given: the
+    image is resized only when both are set, but either one set makes an encoded
+    record re-encoded instead of the file's bytes, as in the fork."""
+    resize_hw = resize_flags if all(resize_flags) else None
     from .proto import caffe_pb2
     try:
         img = read_image(path, is_color)
@@ -90,7 +89,8 @@ def image_datum(path, label, resize_hw, is_color, encoding):
         img = resize(img, resize_hw, INTER_LINEAR)
     datum = caffe_pb2.Datum(label=label)
     if encoding:
-        if (img.ndim == 3) == is_color and not resize_hw and _match_ext(path, encoding):
+        if (img.ndim == 3) == is_color and not any(resize_flags) and \
+                _match_ext(path, encoding):
             with open(path, "rb") as f:            # ReadFileToDatum: the file as it is
                 datum.data = f.read()
         else:
@@ -100,6 +100,7 @@ def image_datum(path, label, resize_hw, is_color, encoding):
     chw = img[None] if img.ndim == 2 else img.transpose(2, 0, 1)
     datum.channels, datum.height, datum.width = chw.shape
     datum.data = np.ascontiguousarray(chw).tobytes()
+    datum.encoded = False                   # CVMatToDatum sets it: the same bytes
     return datum.SerializeToString()
 
 
@@ -119,8 +120,7 @@ def convert_imageset(root, list_file, db_path, gray=False, do_shuffle=False,
     logger.info("A total of %d images.", len(lines))
     if encode_type and not encoded:
         logger.info("encode_type specified, assuming encoded=true.")
-    resize_hw = ((max(0, resize_height), max(0, resize_width))
-                 if resize_height > 0 and resize_width > 0 else None)
+    resize_flags = (max(0, resize_height), max(0, resize_width))
     from .io.db import WRITE_BACKENDS, open_writer
     if backend_name.lower() not in WRITE_BACKENDS:
         raise ConvertError(f"Unknown db backend '{backend_name}' (known: lmdb, leveldb)")
@@ -130,15 +130,18 @@ def convert_imageset(root, list_file, db_path, gray=False, do_shuffle=False,
             fname = os.fsdecode(name)
             encoding = encode_type
             if encoded and not encoding:
+                # the fork guesses from the name, keeping the dot (".jpg")
                 if "." not in fname:
-                    logger.warning("Failed to guess the encoding of '%s'", fname)
-                encoding = fname.rsplit(".", 1)[-1].lower()
-            value = image_datum(root + fname, label, resize_hw, not gray, encoding)
+                    raise ConvertError(f"Failed to guess the encoding of '{fname}' (no "
+                                       f"extension; the fork's tool stops there): give "
+                                       f"--encode_type")
+                encoding = fname[fname.rfind("."):].lower()
+            value = image_datum(root + fname, label, resize_flags, not gray, encoding)
             if value is None:
                 continue
             if check_size:
                 data_size = _check_size(value, data_size, root + fname)
-            writer.put(b"%08d_" % line_id + name, value)
+            writer.put(b"%08d_" % line_id + os.fsencode(name), value)
             count += 1
             if count % 1000 == 0:
                 logger.info("Processed %d files.", count)

@@ -31,6 +31,11 @@ def record_pixels(value, source, index):
     return chw.reshape(-1).astype(np.float32), chw.shape
 
 
+def _encoded(value):
+    from .proto import caffe_pb2
+    return caffe_pb2.Datum.FromString(value).encoded
+
+
 def compute_image_mean(source, backend=LMDB, progress_every=10000):
     """(mean as a 1 x C x H x W float32 array, record count, per-channel means)."""
     try:
@@ -44,6 +49,8 @@ def compute_image_mean(source, backend=LMDB, progress_every=10000):
             pixels, record_shape = record_pixels(value, source, index)
             if total is None:
                 shape = record_shape
+                if _encoded(value):
+                    logger.info("Decoding Datum")
                 logger.info("Starting Iteration")
                 total = np.zeros(pixels.size, np.float32)
             elif pixels.size != total.size:

@@ -32,9 +32,10 @@ def chw(img):
     return img[None] if img.ndim == 2 else img.transpose(2, 0, 1)
 
 
-SPECS = [("a.png", (9, 7), 3), ("sub dir/b c.jpg", (6, 11), 3), ("g.png", (5, 5), 1),
+SPECS = [("a.png", (9, 7), 3), ("sub/b_c.jpg", (6, 11), 3), ("g.png", (5, 5), 1),
          ("d.jpeg", (8, 8), 3)]
-LIST = "a.png 3\nsub dir/b c.jpg 7\ng.png 0\nmissing.png 4\nd.jpeg -2\n"
+# the fork's ">> filename >> label" tokens: any whitespace between them
+LIST = "a.png 3\nsub/b_c.jpg\t7\ng.png  0\nmissing.png 4 d.jpeg -2\n"
 
 
 def convert(tmp_path, *flags, name="db"):
@@ -51,7 +52,7 @@ def test_raw_datums_hold_what_opencv_reads(tmp_path, backend):
     code, root, db = convert(tmp_path, "-backend=" + backend)
     assert code == 0
     got = records(db, backend)
-    names = ["a.png", "sub dir/b c.jpg", "g.png", "d.jpeg"]
+    names = ["a.png", "sub/b_c.jpg", "g.png", "d.jpeg"]
     ids = [0, 1, 2, 4]                       # line 3's image is missing: skipped
     assert [k for k, _ in got] == [b"%08d_%s" % (i, n.encode()) for i, n in zip(ids, names)]
     for (_, datum), name, label in zip(got, names, [3, 7, 0, -2]):
@@ -85,15 +86,28 @@ def test_gray_and_resize_as_opencv(tmp_path):
 
 
 def test_encoded_keeps_the_files_bytes_or_reencodes(tmp_path):
+    """--encoded guesses ".png" from the name (the fork keeps the dot) and stores the
+    file; the fork's matchExt never matches an explicit --encode_type ("png" against
+    ".png"), nor a run with a resize flag: those re-encode."""
     code, root, db = convert(tmp_path, "--encoded")
     assert code == 0
     for key, datum in records(db):
         assert datum.encoded
         assert datum.data == (root / key[9:].decode()).read_bytes()
-    code, root, db2 = convert(tmp_path, "--encode_type", "png", "--resize_height", "5",
-                              "--resize_width", "6", name="db2")
+    for flags, name in ((["--encode_type", "png"], "db2"),
+                        (["--encoded", "--resize_height", "5"], "db3")):
+        code, root, db2 = convert(tmp_path, *flags, name=name)
+        assert code == 0
+        for key, datum in records(db2):
+            img = cv2.imread(str(root / key[9:].decode()), cv2.IMREAD_COLOR)
+            assert datum.encoded and datum.data != (root / key[9:].decode()).read_bytes()
+            decoded = cv2.imdecode(np.frombuffer(datum.data, np.uint8), cv2.IMREAD_UNCHANGED)
+            if key.endswith(b".png"):                  # lossless: the same pixels
+                np.testing.assert_array_equal(decoded, img)
+    code, root, db4 = convert(tmp_path, "--encode_type", "png", "--resize_height", "5",
+                              "--resize_width", "6", name="db4")
     assert code == 0
-    for key, datum in records(db2):
+    for key, datum in records(db4):
         img = cv2.imread(str(root / key[9:].decode()), cv2.IMREAD_COLOR)
         want = cv2.resize(img, (6, 5), interpolation=cv2.INTER_LINEAR)
         decoded = cv2.imdecode(np.frombuffer(datum.data, np.uint8), cv2.IMREAD_UNCHANGED)
@@ -137,7 +151,22 @@ def test_errors_are_one_line(tmp_path, capsys):
     assert code == 1 and "Incorrect data field size" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "c" / "data.mdb")
     assert main(["convert_imageset", "r/", str(tmp_path / "nolist"), str(tmp_path / "x")]) == 1
-    assert "cannot read the list file" in capsys.readouterr().err
+    assert "nolist" in capsys.readouterr().err
+    make_images(tmp_path / "images", [("noext.png", (4, 4), 3)])
+    os.rename(tmp_path / "images" / "noext.png", tmp_path / "images" / "noext")
+    (tmp_path / "noext.txt").write_text("noext 1\n")
+    assert main(["convert_imageset", "--encoded", f"{tmp_path}/images/",
+                 str(tmp_path / "noext.txt"), str(tmp_path / "y")]) == 1
+    assert "Failed to guess the encoding of 'noext'" in capsys.readouterr().err
+
+
+def test_list_ends_at_the_first_label_that_is_not_an_int(tmp_path):
+    make_images(tmp_path / "images", SPECS)
+    (tmp_path / "list.txt").write_text("a.png 3\ng.png x\nd.jpeg 1\n")
+    db = str(tmp_path / "db")
+    assert main(["convert_imageset", f"{tmp_path}/images/", str(tmp_path / "list.txt"),
+                 db]) == 0
+    assert [k for k, _ in records(db)] == [b"00000000_a.png"]
 
 
 def test_gflags_booleans():

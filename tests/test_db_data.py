@@ -456,3 +456,35 @@ def test_gpu_mode_gives_the_cpu_batches_and_gradients(tmp_path, gpu_mode):
         np.testing.assert_array_equal(d1, d0)
         np.testing.assert_allclose(l1, l0, rtol=1e-5)
         np.testing.assert_allclose(g1, g0, rtol=1e-4, atol=1e-6)
+
+
+def test_decode_unchanged_gives_opencvs_channels():
+    """cv::imdecode(IMREAD_UNCHANGED) as OpenCV 4 gives it, for the PNG/JPEG kinds a
+    database may hold (a tRNS chunk adds alpha); 16-bit PNGs are refused as Caffe's
+    transformer refuses them."""
+    cv2 = pytest.importorskip("cv2")
+    from PIL import Image
+    from caffelite.io.image import ImageReadError, decode_image
+    rng = np.random.default_rng(12)
+    rgb = rng.integers(0, 256, (5, 6, 3), dtype=np.uint8)
+
+    def png(img, **kw):
+        buf = io.BytesIO()
+        img.save(buf, "PNG", **kw)
+        return buf.getvalue()
+    kinds = [png(Image.fromarray(rgb)), png(Image.fromarray(rgb[..., 0])),
+             png(Image.fromarray(rgb[..., :2].copy(), "LA")),
+             png(Image.fromarray(np.dstack([rgb, rgb[..., :1]]))),
+             png(Image.fromarray(rgb).convert("P")),
+             png(Image.fromarray(rgb).convert("P"), transparency=3),
+             png(Image.fromarray(rgb), transparency=(1, 2, 3)),
+             png(Image.fromarray(rgb[..., 0]), transparency=5)]
+    for data in kinds:
+        want = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+        got = decode_image(data)
+        assert got.shape == want.shape and np.array_equal(got, want)
+    for channels in (1, 3, 4):
+        shape = (5, 6, channels) if channels > 1 else (5, 6)
+        _, deep = cv2.imencode(".png", rng.integers(0, 65535, shape).astype(np.uint16))
+        with pytest.raises(ImageReadError, match="16-bit"):
+            decode_image(deep.tobytes())

@@ -240,7 +240,9 @@ def test_window_file_errors(tmp_path):
     assert "Failed to open window file" in build_error(window_net(str(tmp_path / "no"), 2))
     no_fg = write_window_file(tmp_path / "nofg.txt", names, [(20, 20)],
                               [[(1, 0.1, 0, 0, 9, 9)]])
-    assert "takes 2 foreground windows" in build_error(window_net(no_fg, 8, root))
+    assert "no foreground windows" in build_error(window_net(no_fg, 8, root))
+    assert "no foreground windows" in build_error(
+        window_net(no_fg, 8, root + " fg_fraction: 0"))
     zero = write_window_file(tmp_path / "zero.txt", names, [(20, 20)],
                              [[(0, 0.9, 0, 0, 9, 9)]])
     assert "foreground classes must be > 0" in build_error(window_net(zero, 2, root))

@@ -3,7 +3,10 @@
 (``caffelite.io.lmdb``, ``caffelite.io.leveldb``): nothing to install, nothing locked
 or written.  ``Cursor`` walks the values in key order and starts again at the first
 key after the last one, as the data layers' readers do."""
+import logging
 import os
+
+logger = logging.getLogger("caffelite")
 
 LEVELDB, LMDB = 0, 1                # DataParameter.DB
 BACKEND_NAMES = {LEVELDB: "LEVELDB", LMDB: "LMDB"}
@@ -26,10 +29,12 @@ def open_db(source, backend):
     else:
         from .leveldb import LevelDBReader as reader_class
     try:
-        return reader_class(source)
+        reader = reader_class(source)
     except OSError as e:
         hint = _other_backend_hint(source, backend)
         raise DBError(f"{e}{hint}") from None
+    logger.info("Opened %s %s", BACKEND_NAMES[backend].lower(), source)
+    return reader
 
 
 def _other_backend_hint(source, backend):
@@ -97,10 +102,12 @@ def open_writer(path, backend_name):
     if kind is None:
         raise DBError(f"Unknown db backend '{backend_name}' (known: lmdb, leveldb)")
     if kind == LMDB:
-        from .lmdb_writer import LMDBWriter
-        return LMDBWriter(path)
-    from .leveldb_writer import LevelDBWriter
-    return LevelDBWriter(path)
+        from .lmdb_writer import LMDBWriter as writer_class
+    else:
+        from .leveldb_writer import LevelDBWriter as writer_class
+    writer = writer_class(path)
+    logger.info("Opened %s %s", BACKEND_NAMES[kind].lower(), path)
+    return writer
 
 
 def make_database_dir(path, kind, fail):

@@ -108,13 +108,20 @@ def decode_image(data, color=None, name="<encoded datum>"):
     palette with transparency included).  Deeper than 8 bits is refused: Caffe's
     transformer takes 8-bit images only."""
     import io
-    img = _open(io.BytesIO(bytes(data)), gray=color is False, name=name)
+    data = bytes(data)
+    img = _open(io.BytesIO(data), gray=color is False, name=name)
     if color is not None:
         return _as_read(img, color)
-    if img.mode.startswith("I") or img.mode == "F":
-        raise ImageReadError(name, f"{img.mode} samples: only 8-bit images can be used")
-    if img.mode == "P":
-        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    # Pillow reads 16-bit colour PNGs as 8-bit ones: look at the IHDR bit depth.
+    deep_png = data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 24 and data[24] == 16
+    if img.mode.startswith("I") or img.mode == "F" or deep_png:
+        raise ImageReadError(name, "16-bit samples: only 8-bit images can be used (Caffe's "
+                             "transformer stops at them: 'Image data type must be "
+                             "unsigned byte')")
+    if img.mode in ("P", "RGB") and "transparency" in img.info:
+        img = img.convert("RGBA")           # a tRNS chunk: OpenCV gives 4 channels
+    elif img.mode == "P":
+        img = img.convert("RGB")
     if img.mode in ("L", "1"):
         return np.asarray(img.convert("L"), dtype=np.uint8)
     if img.mode == "LA":

@@ -23,7 +23,7 @@ import numpy as np
 
 from .. import backend
 from ..caffe_rng import CaffeRNG
-from ..io.db import BACKEND_NAMES, Cursor, DBError, open_db
+from ..io.db import Cursor, DBError, open_db
 from ..io.image import ImageReadError, decode_image
 from ..layer import TRAIN, register
 from .image_data import (DataError, PrefetchingDataLayer, _Config, _mean_values,
@@ -83,9 +83,7 @@ class DataLayer(PrefetchingDataLayer):
 
     def _open(self, p):
         try:
-            reader = open_db(p.source, p.backend)
-            logger.info("Opened %s %s", BACKEND_NAMES.get(p.backend, "?").lower(), p.source)
-            return Cursor(reader, p.source)
+            return Cursor(open_db(p.source, p.backend), p.source)
         except OSError as e:        # DBError, or the reader's own on the first record
             raise self.error(str(e)) from None
 

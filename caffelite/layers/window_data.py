@@ -160,12 +160,12 @@ class WindowDataLayer(PrefetchingDataLayer):
         self.batch_size = p.batch_size
         num_fg = int(np.float32(p.batch_size) * np.float32(p.fg_fraction))
         self.num_samples = (p.batch_size - num_fg, num_fg)
-        for count, windows, kind in ((self.num_samples[0], bg, "background"),
-                                     (num_fg, fg, "foreground")):
-            if count and not windows:
-                raise self.error(f"{p.source}: a batch takes {count} {kind} windows, but "
-                                 f"the file has none (fg_threshold {p.fg_threshold:g}, "
-                                 f"bg_threshold {p.bg_threshold:g})")
+        # The fork checks both lists at every batch, whatever fg_fraction takes.
+        for windows, kind in ((bg, "background"), (fg, "foreground")):
+            if not windows:
+                raise self.error(f"{p.source}: the file has no {kind} windows "
+                                 f"(fg_threshold {p.fg_threshold:g}, bg_threshold "
+                                 f"{p.bg_threshold:g}); the fork needs both kinds")
         top[0].reshape((p.batch_size, channels, crop, crop))
         logger.info("output data size: %d,%d,%d,%d", p.batch_size, channels, crop, crop)
         top[1].reshape((p.batch_size,))
