@@ -74,8 +74,8 @@ def _encode(img, encoding, path):
 
 
 def image_datum(path, label, resize_flags, is_color, encoding):
-    """ReadImageToDatum: the serialised Datum of one image, or None when it cannot be
-    read (the tool logs and skips it).  ``resize_flags`` (height, width) as given: the
+    """ReadImageToDatum: the Datum of one image, or None when it cannot be read (the
+    tool logs and skips it).  ``resize_flags`` (height, width) as given: the
     image is resized only when both are set, but either one set makes an encoded
     record re-encoded instead of the file's bytes, as in the fork."""
     resize_hw = resize_flags if all(resize_flags) else None
@@ -96,12 +96,12 @@ def image_datum(path, label, resize_flags, is_color, encoding):
         else:
             datum.data = _encode(img, encoding, path)
         datum.encoded = True
-        return datum.SerializeToString()
+        return datum
     chw = img[None] if img.ndim == 2 else img.transpose(2, 0, 1)
     datum.channels, datum.height, datum.width = chw.shape
     datum.data = np.ascontiguousarray(chw).tobytes()
     datum.encoded = False                   # CVMatToDatum sets it: the same bytes
-    return datum.SerializeToString()
+    return datum
 
 
 def convert_imageset(root, list_file, db_path, gray=False, do_shuffle=False,
@@ -121,27 +121,24 @@ def convert_imageset(root, list_file, db_path, gray=False, do_shuffle=False,
     if encode_type and not encoded:
         logger.info("encode_type specified, assuming encoded=true.")
     resize_flags = (max(0, resize_height), max(0, resize_width))
-    from .io.db import WRITE_BACKENDS, open_writer
-    if backend_name.lower() not in WRITE_BACKENDS:
-        raise ConvertError(f"Unknown db backend '{backend_name}' (known: lmdb, leveldb)")
+    from .io.db import open_writer
     count, data_size = 0, None
     with open_writer(db_path, backend_name) as writer:
         for line_id, (name, label) in enumerate(lines):
-            fname = os.fsdecode(name)
             encoding = encode_type
             if encoded and not encoding:
                 # the fork guesses from the name, keeping the dot (".jpg")
-                if "." not in fname:
-                    raise ConvertError(f"Failed to guess the encoding of '{fname}' (no "
+                if "." not in name:
+                    raise ConvertError(f"Failed to guess the encoding of '{name}' (no "
                                        f"extension; the fork's tool stops there): give "
                                        f"--encode_type")
-                encoding = fname[fname.rfind("."):].lower()
-            value = image_datum(root + fname, label, resize_flags, not gray, encoding)
-            if value is None:
+                encoding = name[name.rfind("."):].lower()
+            datum = image_datum(root + name, label, resize_flags, not gray, encoding)
+            if datum is None:
                 continue
             if check_size:
-                data_size = _check_size(value, data_size, root + fname)
-            writer.put(b"%08d_" % line_id + os.fsencode(name), value)
+                data_size = _check_size(datum, data_size, root + name)
+            writer.put(b"%08d_" % line_id + os.fsencode(name), datum.SerializeToString())
             count += 1
             if count % 1000 == 0:
                 logger.info("Processed %d files.", count)
@@ -150,12 +147,10 @@ def convert_imageset(root, list_file, db_path, gray=False, do_shuffle=False,
     return count
 
 
-def _check_size(value, data_size, path):
+def _check_size(datum, data_size, path):
     """--check_size as the tool does it: the first Datum's channels x height x width
     against each later one's data bytes (so encoded Datums, whose dimensions are 0,
     fail it as they do there)."""
-    from .proto import caffe_pb2
-    datum = caffe_pb2.Datum.FromString(value)
     if data_size is None:
         return datum.channels * datum.height * datum.width
     if len(datum.data) != data_size:
@@ -166,12 +161,12 @@ def _check_size(value, data_size, path):
 
 def add_parser(sub):
     p = sub.add_parser("convert_imageset",
-                       help="images + a list file to an LMDB of Datums, like Caffe's "
-                            "convert_imageset",
+                       help="images + a list file to an LMDB or LevelDB of Datums, like "
+                            "Caffe's convert_imageset",
                        description=__doc__.split("\n\n")[1])
     p.add_argument("root", metavar="ROOTFOLDER/", help="prepended to each list path")
     p.add_argument("list_file", metavar="LISTFILE")
-    p.add_argument("db_name", metavar="DB_NAME", help="the LMDB directory to create")
+    p.add_argument("db_name", metavar="DB_NAME", help="the database directory to create")
     for flag, helptext in (("gray", "read the images as grayscale"),
                            ("shuffle", "shuffle the list before storing"),
                            ("check_size", "check that every Datum has the same size"),

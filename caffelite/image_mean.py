@@ -9,10 +9,8 @@ channel's pixels.
 """
 import numpy as np
 
-from .io.db import LEVELDB, LMDB, DBError, open_db
+from .io.db import BACKENDS_BY_NAME, LMDB, DBError, open_db
 from .log import logger, ostream_g
-
-BACKENDS = {"lmdb": LMDB, "leveldb": LEVELDB}
 
 
 class ImageMeanError(ValueError):
@@ -20,20 +18,16 @@ class ImageMeanError(ValueError):
 
 
 def record_pixels(value, source, index):
-    """A record's pixels as a flat float32 C x H x W array and that shape
-    (DecodeDatumNative: an encoded record decoded as IMREAD_UNCHANGED)."""
-    from .layers.db_data import DataError, datum_record
+    """A record's pixels as a flat float32 C x H x W array, that shape, and whether it
+    was encoded (DecodeDatumNative: decoded as IMREAD_UNCHANGED)."""
+    from .layers.db_data import DataError, datum_image, parse_datum
+    where = f"{source}: record {index}"
     try:
-        img, _ = datum_record(value, f"{source}: record {index}")
+        datum = parse_datum(value, where)
+        chw = datum_image(datum, where).transpose(2, 0, 1)
     except DataError as e:
         raise ImageMeanError(str(e)) from None
-    chw = img.transpose(2, 0, 1)
-    return chw.reshape(-1).astype(np.float32), chw.shape
-
-
-def _encoded(value):
-    from .proto import caffe_pb2
-    return caffe_pb2.Datum.FromString(value).encoded
+    return chw.reshape(-1).astype(np.float32), chw.shape, datum.encoded
 
 
 def compute_image_mean(source, backend=LMDB, progress_every=10000):
@@ -46,10 +40,10 @@ def compute_image_mean(source, backend=LMDB, progress_every=10000):
     count = 0
     with reader:
         for index, (_, value) in enumerate(reader.items()):
-            pixels, record_shape = record_pixels(value, source, index)
+            pixels, record_shape, encoded = record_pixels(value, source, index)
             if total is None:
                 shape = record_shape
-                if _encoded(value):
+                if encoded:
                     logger.info("Decoding Datum")
                 logger.info("Starting Iteration")
                 total = np.zeros(pixels.size, np.float32)
@@ -89,7 +83,7 @@ def add_parser(sub):
     p.add_argument("input_db")
     p.add_argument("output_file", nargs="?",
                    help="the binaryproto to write (without it, only the log)")
-    p.add_argument("--backend", default="lmdb", choices=sorted(BACKENDS),
+    p.add_argument("--backend", default="lmdb", choices=sorted(BACKENDS_BY_NAME),
                    help="the database's kind (default lmdb, as the tool's)")
     p.add_argument("--log", help="also write the log to this file")
     p.set_defaults(func=cmd_compute_image_mean)
@@ -98,7 +92,7 @@ def add_parser(sub):
 
 def cmd_compute_image_mean(args):
     from .io.caffemodel import write_atomically
-    mean, _, channel_means = compute_image_mean(args.input_db, BACKENDS[args.backend])
+    mean, _, channel_means = compute_image_mean(args.input_db, BACKENDS_BY_NAME[args.backend])
     if args.output_file:
         logger.info("Write to %s", args.output_file)
         write_atomically(args.output_file, mean_blobproto(mean).SerializeToString())

@@ -1,8 +1,8 @@
-"""Caffe's ``db::DB`` for reading: the LMDB and LevelDB databases that Caffe's
-``convert_imageset`` and ``convert_*_data`` tools write, read by pure-Python readers
-(``caffelite.io.lmdb``, ``caffelite.io.leveldb``): nothing to install, nothing locked
-or written.  ``Cursor`` walks the values in key order and starts again at the first
-key after the last one, as the data layers' readers do."""
+"""Caffe's ``db::DB``: the LMDB and LevelDB databases that Caffe's ``convert_imageset``
+and ``convert_*_data`` tools write, read by pure-Python readers (``caffelite.io.lmdb``,
+``caffelite.io.leveldb``: nothing to install, nothing locked or written) and written
+by pure-Python writers (``open_writer``).  ``Cursor`` walks the values in key order
+and starts again at the first key after the last one, as the data layers' readers do."""
 import logging
 import os
 
@@ -10,6 +10,7 @@ logger = logging.getLogger("caffelite")
 
 LEVELDB, LMDB = 0, 1                # DataParameter.DB
 BACKEND_NAMES = {LEVELDB: "LEVELDB", LMDB: "LMDB"}
+BACKENDS_BY_NAME = {"lmdb": LMDB, "leveldb": LEVELDB}     # the tools' db_type / --backend
 
 
 class DBError(OSError):
@@ -88,17 +89,11 @@ class Cursor:
                 raise DBError(f"database '{self.source}' has fewer than {index + 1} "
                               f"entries; cannot resume at entry {index}")
 
-    def close(self):
-        self.reader.close()
-
-
-WRITE_BACKENDS = {"lmdb": LMDB, "leveldb": LEVELDB}
-
 
 def open_writer(path, backend_name):
     """A new database at ``path`` (``put(key, value)``, ``close()``, a context
     manager), as Caffe's db::GetDB(name)->Open(path, NEW): "lmdb" or "leveldb"."""
-    kind = WRITE_BACKENDS.get(str(backend_name).lower())
+    kind = BACKENDS_BY_NAME.get(str(backend_name).lower())
     if kind is None:
         raise DBError(f"Unknown db backend '{backend_name}' (known: lmdb, leveldb)")
     if kind == LMDB:

@@ -21,14 +21,13 @@ import logging
 
 import numpy as np
 
-from .. import backend
 from ..caffe_rng import CaffeRNG
 from ..io.db import Cursor, DBError, open_db
 from ..io.image import ImageReadError, decode_image
 from ..layer import TRAIN, register
-from .image_data import (DataError, PrefetchingDataLayer, _Config, _mean_values,
-                         init_transformer_rand, read_transform_mean, transform_image,
-                         until_exit)
+from .image_data import (DataError, PrefetchingDataLayer, _caffe_rng_rand, _Config,
+                         _mean_values, init_transformer_rand, read_transform_mean,
+                         transform_draws, transform_image, until_exit)
 
 logger = logging.getLogger("caffelite")
 
@@ -47,7 +46,7 @@ class DataLayer(PrefetchingDataLayer):
             raise self.error("cannot set both force_color and force_gray")
         mean = read_transform_mean(tp, self)
         self.cursor = self._open(p)
-        backend.rng().rand()        # the DataReader's body starts its thread
+        _caffe_rng_rand()           # the DataReader's body starts its thread
         init_transformer_rand(tp, self.phase)   # BaseDataLayer::LayerSetUp's; replaced
         if p.rand_skip:
             logger.warning("%s: rand_skip %d is ignored, as in the fork's Caffe (its "
@@ -59,8 +58,8 @@ class DataLayer(PrefetchingDataLayer):
             source=p.source, crop=crop, mean=mean, scale=float(tp.scale), mirror=tp.mirror,
             train=self.phase == TRAIN, dtype=self.dtype,
             color=True if tp.force_color else False if tp.force_gray else None)
-        first = self._first_record()
-        if (tp.force_color or tp.force_gray) and not self._first_is_encoded():
+        first, encoded = self._first_record()
+        if (tp.force_color or tp.force_gray) and not encoded:
             logger.warning("%s: force_color and force_gray only for encoded datum "
                            "(the records of '%s' are raw pixels)", self.name, p.source)
         channels, height, width = first.shape[2], first.shape[0], first.shape[1]
@@ -72,8 +71,7 @@ class DataLayer(PrefetchingDataLayer):
             raise self.error(f"{p.source}: record 0 is {height}x{width}, smaller than "
                              f"crop_size {crop}")
         self.batch_size = p.batch_size
-        self.draws_per_sample = (int(bool(tp.mirror))
-                                 + 2 * int(self.phase == TRAIN and crop > 0))
+        self.draws_per_sample = transform_draws(tp, self.phase)
         h, w = (crop, crop) if crop else (height, width)
         top[0].reshape((p.batch_size, channels, h, w))
         logger.info("output data size: %d,%d,%d,%d", p.batch_size, channels, h, w)
@@ -88,14 +86,13 @@ class DataLayer(PrefetchingDataLayer):
             raise self.error(str(e)) from None
 
     def _first_record(self):
+        """(image, encoded) of record 0, which sizes the tops."""
+        where = self._where(0)
         try:
-            return datum_record(self.cursor.value(), self._where(0), self.config.color)[0]
+            datum = parse_datum(self.cursor.value(), where)
+            return datum_image(datum, where, self.config.color), datum.encoded
         except DataError as e:
             raise self.error(str(e)) from None
-
-    def _first_is_encoded(self):
-        from ..proto import caffe_pb2
-        return caffe_pb2.Datum.FromString(self.cursor.value()).encoded
 
     def _where(self, index):
         return f"{self.config.source}: record {index}"
@@ -126,21 +123,23 @@ class DataLayer(PrefetchingDataLayer):
             self.transform_rng.set_state(state["transform_rng"])
 
 
-
-def datum_record(value, where, color=None):
-    """(H x W x C image, label) of a record: uint8 pixels, float_data as float32, or
-    the decoded image of an encoded Datum (``color`` as ``decode_image``'s)."""
+def parse_datum(value, where):
     from ..proto import caffe_pb2
     try:
-        datum = caffe_pb2.Datum.FromString(value)
+        return caffe_pb2.Datum.FromString(value)
     except Exception as e:      # protobuf's DecodeError
         raise DataError(f"{where} is not a Datum: {e}") from None
+
+
+def datum_image(datum, where, color=None):
+    """The Datum's H x W x C image: uint8 pixels, float_data as float32, or the decoded
+    image of an encoded Datum (``color`` as ``decode_image``'s)."""
     if datum.encoded:
         try:
             img = decode_image(datum.data, color, name=where)
         except ImageReadError as e:
             raise DataError(f"{where}: could not decode its image: {e.reason}") from None
-        return (img[:, :, None] if img.ndim == 2 else img), datum.label
+        return img[:, :, None] if img.ndim == 2 else img
     shape = (datum.channels, datum.height, datum.width)
     count = int(np.prod(shape))
     if min(shape) <= 0:
@@ -156,13 +155,14 @@ def datum_record(value, where, color=None):
     else:
         raise DataError(f"{where}: Datum of {shape[0]}x{shape[1]}x{shape[2]} holds "
                         f"{len(datum.float_data)} float_data values and no data bytes")
-    return pixels.reshape(shape).transpose(1, 2, 0), datum.label
+    return pixels.reshape(shape).transpose(1, 2, 0)
 
 
 def _build_datum_batch(cfg, records):
     data = label = None
     for i, (value, where, draws) in enumerate(until_exit(records)):
-        img, record_label = datum_record(value, where, cfg.color)
+        datum = parse_datum(value, where)
+        img = datum_image(datum, where, cfg.color)
         if data is None:
             h, w = (cfg.crop, cfg.crop) if cfg.crop else img.shape[:2]
             data = np.empty((len(records), img.shape[2], h, w), cfg.dtype)
@@ -171,5 +171,5 @@ def _build_datum_batch(cfg, records):
             raise DataError(f"{where} has {img.shape[2]} channels, the batch "
                             f"{data.shape[1]} (the channels of its first record)")
         data[i] = transform_image(cfg, img, draws, data.shape[2:], where)
-        label[i] = record_label
+        label[i] = datum.label
     return data, label

@@ -267,6 +267,13 @@ def transformer_has_rng(transform_param, phase):
     return bool(transform_param.mirror or (phase == TRAIN and transform_param.crop_size > 0))
 
 
+def transform_draws(transform_param, phase):
+    """Words DataTransformer::Transform draws per sample: Rand(2) for mirror, then the
+    two crop offsets (random in TRAIN only)."""
+    crop = transform_param.crop_size > 0
+    return int(bool(transform_param.mirror)) + 2 * int(phase == TRAIN and crop)
+
+
 def init_transformer_rand(transform_param, phase):
     """DataTransformer::InitRand: the seed word it draws from the global generator, or
     None when the transformer has no RNG (and draws nothing)."""
@@ -696,7 +703,7 @@ class ImageDataLayer(ImageListLayer):
             scale=float(tp.scale), mirror=tp.mirror, train=self.phase == TRAIN,
             dtype=self.dtype)
         self.batch_size = p.batch_size
-        self.draws_per_sample = int(tp.mirror) + 2 * int(self.phase == TRAIN and crop > 0)
+        self.draws_per_sample = transform_draws(tp, self.phase)
         h, w = (crop, crop) if crop else img.shape[:2]
         if crop and (img.shape[0] < crop or img.shape[1] < crop):
             raise self.error(f"{source}:{first.lineno}: image {img.shape[0]}x"

@@ -238,9 +238,9 @@ class _RecurrentLayer(Layer):
     def setup(self, bottom, top):
         p = self.layer_param.recurrent_param
         x = bottom[0]
-        if x.num_axes < 2:
-            raise self.error(f"bottom 0 (x) must have at least 2 axes (timesteps, streams, "
-                             f"...), got shape {x.shape}")
+        if x.num_axes < 3:
+            raise self.error(f"bottom 0 (x) needs a feature axis after (timesteps, streams) "
+                             f"(the input InnerProduct works on axis 2), got shape {x.shape}")
         self.T, self.N = x.shape[0], x.shape[1]
         self._check_cont(bottom)
         self.expose_hidden = p.expose_hidden
@@ -254,9 +254,6 @@ class _RecurrentLayer(Layer):
         self.num_output = p.num_output
         if self.num_output <= 0:
             raise self.error("recurrent_param.num_output must be given and positive")
-        if x.num_axes < 3:
-            raise self.error(f"bottom 0 (x) needs a feature axis after (timesteps, streams) "
-                             f"(the input InnerProduct works on axis 2), got shape {x.shape}")
         self.k = math.prod(x.shape[2:])
         if self.static_input:
             if bottom[2].num_axes < 2:
@@ -294,6 +291,10 @@ class _RecurrentLayer(Layer):
             fill(blob, filler_param)
         except FillerError as e:
             raise self.error(f"recurrent_param.{kind}_filler: {e}") from None
+
+    def _first_state_bottom(self):
+        """The index of the h_0 bottom (expose_hidden): after x, cont and x_static."""
+        return 2 + int(self.static_input)
 
     def _check_cont(self, bottom):
         cont = bottom[1]
@@ -335,7 +336,7 @@ class _RecurrentLayer(Layer):
                                  f"{xs.shape}")
         state_shape = (1, self.N, self.num_output)
         if self.expose_hidden:
-            first = 2 + int(self.static_input)
+            first = self._first_state_bottom()
             for j, name in enumerate(self.state_names):
                 if bottom[first + j].shape != state_shape:
                     raise self.error(f"bottom {first + j} ({name}_0) must have the hidden "
@@ -369,7 +370,7 @@ class _RecurrentLayer(Layer):
     def _initial_states(self, xp, bottom):
         shape = (self.N, self.num_output)
         if self.expose_hidden:
-            first = 2 + int(self.static_input)
+            first = self._first_state_bottom()
             return [view(bottom[first + j].data, shape) for j in range(self.num_states)]
         return [view(state.data, shape) for state in self._carried]
 
@@ -382,7 +383,7 @@ class _RecurrentLayer(Layer):
             for state, final in zip(self._carried, finals):
                 view(state.data, shape)[...] = final
 
-    def _input_backward(self, xp, propagate_down, bottom, dpre):
+    def _input_backward(self, xp, bottom, dpre):
         """Backward through the input projections from the per-step diffs (T, N, rows).
 
         As BVLC's unrolled net, unconditionally: every parameter gets its gradient
@@ -421,7 +422,7 @@ class _RecurrentLayer(Layer):
         """The h_0/c_0 bottom diffs: ``diffs`` (exposed_hidden_gradients), else zeros."""
         if not self.expose_hidden:
             return
-        first = 2 + int(self.static_input)
+        first = self._first_state_bottom()
         for j in range(self.num_states):
             if propagate_down[first + j]:
                 target = bottom[first + j].diff
@@ -446,7 +447,7 @@ class _RecurrentLayer(Layer):
     def _needs_initial_state_diffs(self, propagate_down):
         if not (self.expose_hidden and self.exposed_hidden_gradients):
             return False
-        first = 2 + int(self.static_input)
+        first = self._first_state_bottom()
         return any(propagate_down[first:first + self.num_states])
 
 
@@ -509,7 +510,7 @@ class LSTMLayer(_RecurrentLayer):
             dc, dc_prev = dc_prev, dc
             dh_next = self._through_recurrence(xp, dgates[t], cont[t], hs[t], w_hc,
                                                t > 0 or need_first)
-        self._input_backward(xp, propagate_down, bottom, dgates)
+        self._input_backward(xp, bottom, dgates)
         self._initial_state_diffs(propagate_down, bottom, (dh_next, dc))
 
 
@@ -573,5 +574,5 @@ class RNNLayer(_RecurrentLayer):
             dpre[t] = dh * (1 - hs[t + 1] * hs[t + 1])
             dh_next = self._through_recurrence(xp, dpre[t], cont[t], hs[t], w_hh,
                                                t > 0 or need_first)
-        self._input_backward(xp, propagate_down, bottom, dpre)
+        self._input_backward(xp, bottom, dpre)
         self._initial_state_diffs(propagate_down, bottom, (dh_next,))

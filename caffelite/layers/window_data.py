@@ -274,10 +274,6 @@ def window_geometry(cfg, window, do_mirror, image_shape):
     return x1, y1, x2, y2, height, width, pad_h, pad_w
 
 
-def _c_div(a, b):
-    return -(-a // b) if a < 0 else a // b
-
-
 def _build_window_batch(cfg, samples):
     dtype = np.dtype(cfg.dtype)
     data = np.zeros((len(samples), cfg.channels, cfg.crop, cfg.crop), dtype)
@@ -310,7 +306,7 @@ def _mean_patch(cfg, h, w, pad_h, pad_w, where):
     """The mean values the layer subtracts: its flat index, mean_off from the mean's
     width for both axes, as the layer computes it."""
     _, mean_height, mean_width = cfg.mean_shape
-    off = _c_div(mean_width - cfg.crop, 2)
+    off = int((mean_width - cfg.crop) / 2)          # C's division truncates
     c = np.arange(cfg.channels)[:, None, None]
     hh = np.arange(h)[None, :, None]
     ww = np.arange(w)[None, None, :]
