@@ -9,7 +9,10 @@ its adjoint and accumulates the taps in Caffe's order.
 The column buffer is built for a band of output rows at a time (``rows_per_chunk``) so
 that it stays under ``COL_BUFFER_BYTES`` however large the image; each band is one 2-D
 GEMM per convolution group.  Convolutions with a 1x1 kernel, stride 1 and no padding skip
-im2col (the image already is its column matrix).
+im2col (the image already is its column matrix). On the host, stride-1 convolutions with
+at most half as many outputs as input channels (classifier heads) skip it too: one
+product per image gives every tap's output plane, and the planes are shifted and summed
+(``tap_planes``).
 
 Everything is written against ``xp`` (numpy or cupy, taken from the arrays).  On the
 device, 2-D convolutions run the ``im2col``/``col2im`` CUDA kernels
@@ -34,7 +37,7 @@ from .. import backend
 from ..backend import get_array_module, tf32_enabled
 from ..kernels import MAX_ELEMENTS as MAX_KERNEL_ELEMENTS
 from ..kernels.cublas import gemm
-from . import implicit_gemm, tap_gemm
+from . import implicit_gemm, tap_gemm, tap_planes
 from ._device import contiguous, launch
 
 # Upper bound on the column buffer: on the host it stays cache- and RAM-friendly; on a
@@ -471,6 +474,11 @@ def forward_gemm(image, weight, out, geom, group, budget=None, bias=None):
         for n in range(num):
             product(_matrix(image[n], channels), _matrix(out[n], n_out))
         return False
+    planes = tap_planes.windows_for(xp, geom, image.shape, grid_shape, weight.shape, group,
+                                    image.dtype)
+    if planes is not None:
+        tap_planes.forward(image, weight, out, planes)
+        return False
     if implicit_gemm.applies_forward(xp, geom, image, weight, out, group):
         implicit_gemm.forward(xp, image, weight, out, geom, bias)
         return bias is not None
@@ -507,6 +515,11 @@ def backward_gemm(grid, weight, image, geom, group, budget=None):
         for n in range(num):
             product(_matrix(grid[n], n_out), _matrix(image[n], channels))
         return
+    planes = tap_planes.windows_for(xp, geom, image.shape, grid_shape, weight.shape, group,
+                                    grid.dtype)
+    if planes is not None:
+        tap_planes.backward(grid, weight, image, planes)
+        return
     if implicit_gemm.applies_transposed(xp, geom, grid, weight, image, group):
         implicit_gemm.transposed(xp, grid, weight, image, geom)
         return
@@ -542,6 +555,11 @@ def weight_gemm(image, grid, weight_diff, geom, group, budget=None):
         for n in range(num):
             product(_matrix(grid[n], n_out), _matrix(image[n], channels))
         return
+    planes = tap_planes.windows_for(xp, geom, image.shape, grid_shape, weight_diff.shape,
+                                    group, image.dtype)
+    if planes is not None:
+        tap_planes.weight_grad(image, grid, weight_diff, planes)
+        return
     if implicit_gemm.applies(xp, geom, image, weight_diff, grid, group):
         implicit_gemm.weight_grad(xp, image, grid, weight_diff, geom)
         return
@@ -568,6 +586,11 @@ def weight_and_backward_gemm(image, grid, weight, weight_diff, image_diff, geom,
     with image groups, each group's output gradient is gathered once for both (not
     when the implicit GEMM takes the weight gradient, which reads it as it is)."""
     xp = get_array_module(image)
+    planes = tap_planes.windows_for(xp, geom, image.shape, grid.shape[2:], weight.shape,
+                                    group, image.dtype)
+    if planes is not None:
+        tap_planes.weight_and_backward(image, grid, weight, weight_diff, image_diff, planes)
+        return
     implicit = implicit_gemm.applies(xp, geom, image, weight, grid, group)
     groups = None if implicit else _shared_device_groups(image, grid, weight, geom, budget)
     if groups:
