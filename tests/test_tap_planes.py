@@ -44,6 +44,13 @@ def test_which_convolutions_take_the_path():
     # (68 MB) do not, 9 * 21 * 250^2 (47 MB) do
     assert not taken(aspp, (1, 2048, 300, 300), (21, 2048, 3, 3))
     assert taken(aspp, (1, 2048, 250, 250), (21, 2048, 3, 3))
+    # taps that read under MIN_PLANE_USE of the planes: an unpadded dilation-24 3x3 on
+    # 65x65 reads 9 * 17^2 of 9 * 65^2 positions (7 %); a 7x7 on 7x7 reads 2 %
+    assert not taken(geometry(pad=(0, 0), dilation=(24, 24)), *resnet_head)
+    assert not taken(geometry((7, 7), (0, 0)), (8, 2048, 7, 7), (21, 2048, 7, 7))
+    # ... where DeepLab's classifier on a small scale's 21x21 grid reads its centre tap
+    # only, 1/9 of the planes
+    assert taken(aspp, (1, 2048, 21, 21), (21, 2048, 3, 3))
 
 
 # (convolution_param, bottom shape): each takes the path (outputs <= channels / 2)
@@ -235,3 +242,26 @@ def test_resnet_classifier_branch_at_full_size(monkeypatch):
     bound = 1e-5 * np.abs(exact).max()
     assert np.abs(out - exact).max() < bound
     assert np.abs(want - exact).max() < bound
+
+
+def test_non_finite_weight_on_a_padding_tap(monkeypatch):
+    """What the module docstring says of Inf: an Inf weight on a tap that reads only
+    padding does not reach the forward's outputs (the fork's im2col GEMM gives
+    0 * Inf = NaN there), and makes the data gradient NaN (the fork's col2im skips the
+    padding); finite weights give finite values on both paths."""
+    geom = geometry(pad=(50, 50), dilation=(50, 50))        # the centre tap alone reads
+    x = np.random.default_rng(11).standard_normal((1, 4, 5, 6))
+    w = np.random.default_rng(12).standard_normal((2, 4, 3, 3))
+    w[1, 2, 0, 0] = np.inf
+    out = np.full((1, 2, 5, 6), np.nan)
+    dx = np.full_like(x, np.nan)
+    with np.errstate(invalid="ignore"):
+        im2col.forward_gemm(x, w, out, geom, 1)
+        assert np.isfinite(out).all()
+        im2col.backward_gemm(np.ones_like(out), w, dx, geom, 1)
+        assert np.isnan(dx[0, 2]).all() and np.isfinite(dx[0, [0, 1, 3]]).all()
+        monkeypatch.setattr(tap_planes, "ENABLED", False)
+        im2col.forward_gemm(x, w, out, geom, 1)
+        assert np.isnan(out[0, 1]).all() and np.isfinite(out[0, 0]).all()
+        im2col.backward_gemm(np.ones_like(out), w, dx, geom, 1)
+        assert np.isfinite(dx).all()

@@ -17,9 +17,10 @@ only (cuBLAS's order differs from the CPU's anyway); on integer data both are ex
 The padding's zeros are not multiplied, so an Inf or NaN weight (or top gradient) does
 not reach the outputs (or the other taps' weight gradients) through 0 * Inf = NaN as
 it does through the fork's im2col GEMM: a diverged net's layer is then partly finite
-where the fork's is NaN throughout. The CPU keeps im2col, Caffe's float order (but for
-convolutions with few outputs, ``tap_planes``). Used for 2-D convolutions with stride 1 on the device when the
-taps reach at most MAX_REACH of the window positions and that saves at least
+where the fork's is NaN throughout. The CPU keeps im2col, Caffe's float order (but
+for convolutions with few outputs, ``tap_planes``). Used for 2-D convolutions with
+stride 1 on the device when the taps reach at most MAX_REACH of the window positions
+and that saves at least
 MIN_SAVED_FLOPS per GEMM: the path makes three calls per tap where im2col makes two per
 layer, which costs more than it saves on small layers at batch 1 (ResNet's 21-channel
 classifier); ``CAFFELITE_TAP_GEMM=0`` (or ``ENABLED = False``) turns it off. Not with
