@@ -70,10 +70,8 @@ def conv_text(param, bias=True):
     return f'type: "Convolution" convolution_param {{ {param}{filler} }}'
 
 
-def run_layer(text, x, dtype, enabled, monkeypatch, integers=False):
-    """Forward, then backward with propagate_down; the top and the bottom diff poisoned
-    with NaN first, parameter diffs starting at 1 (they accumulate)."""
-    monkeypatch.setattr(tap_planes, "ENABLED", enabled)
+def spy_calls(monkeypatch):
+    """The names of the tap_planes entry points called from now on, in order."""
     calls = []
     for name in ("forward", "backward", "weight_grad", "weight_and_backward"):
         real = getattr(tap_planes, name)
@@ -82,15 +80,26 @@ def run_layer(text, x, dtype, enabled, monkeypatch, integers=False):
             calls.append(name)
             return real(*args)
         monkeypatch.setattr(tap_planes, name, spy)
+    return calls
+
+
+def run_layer(text, x, dtype, enabled, monkeypatch, integers=False, absolute=False):
+    """Forward, then backward with propagate_down; the top and the bottom diff poisoned
+    with NaN first, parameter diffs starting at 1 (they accumulate). ``absolute``: the
+    weights and the top diff as their magnitudes (with |x|, the sums of |terms|)."""
+    monkeypatch.setattr(tap_planes, "ENABLED", enabled)
+    calls = spy_calls(monkeypatch)
+    magnitude = np.abs if absolute else np.asarray
     layer = make_layer(text, caffelite.TRAIN, dtype)
     bottom, top = blobs_from([x], dtype), [Blob((), dtype)]
     layer.setup(bottom, top)
     rng = np.random.default_rng(4)
     for b in layer.blobs:
-        b.data[...] = rng.integers(-3, 4, b.shape) if integers else rng.standard_normal(b.shape)
+        b.data[...] = magnitude(rng.integers(-3, 4, b.shape) if integers else
+                                rng.standard_normal(b.shape))
         b.diff[...] = 1
     y = run_forward(layer, bottom, top)[0]
-    top[0].diff[...] = np.random.default_rng(5).integers(-3, 4, y.shape)
+    top[0].diff[...] = magnitude(np.random.default_rng(5).integers(-3, 4, y.shape))
     bottom[0].diff[...] = np.nan
     layer.backward(top, [True], bottom)
     values = [y, bottom[0].diff.copy()] + [b.diff.copy() for b in layer.blobs]
@@ -126,33 +135,13 @@ def test_float_data_within_the_summation_order_bound(case, dtype, monkeypatch):
     want, _ = run_layer(text, x, dtype, False, monkeypatch)
     got, calls = run_layer(text, x, dtype, True, monkeypatch)
     assert "forward" in calls
-    abs_x = np.abs(x)
-    magnitude, _ = run_layer_abs(text, abs_x, dtype, monkeypatch)
+    magnitude, _ = run_layer(text, np.abs(x), dtype, False, monkeypatch, absolute=True)
     layer = make_layer(text, caffelite.TRAIN, dtype)
     layer.setup(blobs_from([x], dtype), [Blob((), dtype)])
     terms = x.shape[0] * x.shape[2] * x.shape[3] + layer.blobs[0].count + 2
     eps = np.finfo(dtype).eps
     for g, w, scale in zip(got, want, magnitude):
         assert np.all(np.abs(g - w) <= terms * eps * scale)
-
-
-def run_layer_abs(text, x, dtype, monkeypatch):
-    """run_layer's values for |weights| and |top diff| (the sums of |terms|)."""
-    monkeypatch.setattr(tap_planes, "ENABLED", False)
-    layer = make_layer(text, caffelite.TRAIN, dtype)
-    bottom, top = blobs_from([x], dtype), [Blob((), dtype)]
-    layer.setup(bottom, top)
-    rng = np.random.default_rng(4)
-    for b in layer.blobs:
-        b.data[...] = np.abs(rng.standard_normal(b.shape))
-        b.diff[...] = 1
-    y = run_forward(layer, bottom, top)[0]
-    top[0].diff[...] = np.abs(np.random.default_rng(5).integers(-3, 4, y.shape))
-    layer.backward(top, [True], bottom)
-    values = [y, bottom[0].diff.copy()] + [b.diff.copy() for b in layer.blobs]
-    layer.backward(top, [False], bottom)
-    values.append(layer.blobs[0].diff.copy())
-    return values, None
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -212,11 +201,7 @@ def test_deconvolution_with_few_inputs(monkeypatch):
     bottom, top = setup_layer(layer, [x])
     for b in layer.blobs:
         b.data[...] = rng.standard_normal(b.shape)
-    calls = []
-    for name in ("forward", "backward", "weight_grad"):
-        real = getattr(tap_planes, name)
-        monkeypatch.setattr(tap_planes, name,
-                            lambda *a, real=real, name=name: calls.append(name) or real(*a))
+    calls = spy_calls(monkeypatch)
     want = ref_deconv(x, layer.blobs[0].data, layer.blobs[1].data, (1, 1), (1, 1), (2, 2), 1)
     np.testing.assert_allclose(run_forward(layer, bottom, top)[0], want, rtol=1e-12,
                                atol=1e-12)

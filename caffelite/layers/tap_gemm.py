@@ -20,13 +20,13 @@ it does through the fork's im2col GEMM: a diverged net's layer is then partly fi
 where the fork's is NaN throughout. The CPU keeps im2col, Caffe's float order (but
 for convolutions with few outputs, ``tap_planes``). Used for 2-D convolutions with
 stride 1 on the device when the taps reach at most MAX_REACH of the window positions
-and that saves at least
-MIN_SAVED_FLOPS per GEMM: the path makes three calls per tap where im2col makes two per
-layer, which costs more than it saves on small layers at batch 1 (ResNet's 21-channel
-classifier); ``CAFFELITE_TAP_GEMM=0`` (or ``ENABLED = False``) turns it off. Not with
-TF32: its GEMMs are about eight times faster, the gathers and additions are not, and
-on an H200 ASPP-VGG's TF32 training step took 0.0760 s with this path and 0.0673 s
-without it (test forward 0.0085 s and 0.0060 s; BENCHMARKS.md).
+and that saves at least MIN_SAVED_FLOPS per GEMM: the path makes three calls per tap
+where im2col makes two per layer, which costs more than it saves on small layers at
+batch 1 (ResNet's 21-channel classifier); ``CAFFELITE_TAP_GEMM=0`` (or ``ENABLED =
+False``) turns it off. Not with TF32: its GEMMs are about eight times faster, the
+gathers and additions are not, and on an H200 ASPP-VGG's TF32 training step took
+0.0760 s with this path and 0.0673 s without it (test forward 0.0085 s and 0.0060 s;
+BENCHMARKS.md).
 """
 import math
 

@@ -35,7 +35,7 @@ import numpy as np
 
 from ..backend import env_flag
 from . import im2col     # (im2col imports this module; its names are read at call time)
-from .tap_gemm import tap_windows
+from .tap_gemm import _tap_weights, tap_windows
 
 ENABLED = env_flag("CAFFELITE_TAP_PLANES", True)
 MAX_OUTPUT_SHARE = 0.5       # outputs per input channel, at most
@@ -116,10 +116,9 @@ def _backward(image, grid, weight, weight_diff, image_diff, windows):
 
 
 def _tap_major(weight):
-    """W' = (taps * O, C): row tap * O + o holds weight[o, :, tap], contiguous."""
-    n_out, channels = weight.shape[:2]
-    return np.ascontiguousarray(
-        weight.reshape(n_out, channels, -1).transpose(2, 0, 1)).reshape(-1, channels)
+    """W' = (taps * O, C): row tap * O + o holds weight[o, :, tap] (the device tap
+    GEMMs' per-tap matrices, stacked)."""
+    return _tap_weights(np, weight).reshape(-1, weight.shape[1])
 
 
 def _planes(weight, image):
