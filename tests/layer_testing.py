@@ -179,6 +179,20 @@ def assert_same_bits(actual, expected):
     np.testing.assert_array_equal(actual[~nan].view(uint), expected[~nan].view(uint))
 
 
+def spy_calls(monkeypatch, module, names):
+    """The names of ``module``'s functions ``names`` called from now on, in order (each
+    still runs)."""
+    calls = []
+    for name in names:
+        real = getattr(module, name)
+
+        def spy(*args, real=real, name=name):
+            calls.append(name)
+            return real(*args)
+        monkeypatch.setattr(module, name, spy)
+    return calls
+
+
 def net_build_error(param, phase):
     """The message of the NetError that building the net raises."""
     import pytest

@@ -13,7 +13,7 @@ from caffelite.kernels import emulator
 from caffelite.layers import tap_gemm
 from caffelite.layers.im2col import ConvGeometry
 from gpu_modes import gpu_mode  # noqa: F401  (fixture)
-from layer_testing import blobs_from, make_layer
+from layer_testing import blobs_from, make_layer, spy_calls
 
 
 def aspp(dilation, size=41):
@@ -105,15 +105,7 @@ LAYERS = {
 def spied(monkeypatch):
     """Small layers take the tap path (no minimum saving); the calls are counted."""
     monkeypatch.setattr(tap_gemm, "MIN_SAVED_FLOPS", 0)
-    calls = []
-    for name in ("forward", "backward", "weight_grad"):
-        real = getattr(tap_gemm, name)
-
-        def spy(*args, real=real, name=name):
-            calls.append(name)
-            return real(*args)
-        monkeypatch.setattr(tap_gemm, name, spy)
-    return calls
+    return spy_calls(monkeypatch, tap_gemm, ("forward", "backward", "weight_grad"))
 
 
 @pytest.mark.parametrize("kind", sorted(LAYERS))

@@ -12,7 +12,7 @@ from caffelite.kernels import emulator
 from caffelite.layers import im2col, tap_planes
 from caffelite.layers.im2col import ConvGeometry
 from layer_testing import (blobs_from, check_gradient, make_layer, opencv_layer,
-                           run_forward, setup_layer)
+                           run_forward, setup_layer, spy_calls)
 from test_conv import ref_conv, ref_deconv
 
 
@@ -70,17 +70,7 @@ def conv_text(param, bias=True):
     return f'type: "Convolution" convolution_param {{ {param}{filler} }}'
 
 
-def spy_calls(monkeypatch):
-    """The names of the tap_planes entry points called from now on, in order."""
-    calls = []
-    for name in ("forward", "backward", "weight_grad", "weight_and_backward"):
-        real = getattr(tap_planes, name)
-
-        def spy(*args, real=real, name=name):
-            calls.append(name)
-            return real(*args)
-        monkeypatch.setattr(tap_planes, name, spy)
-    return calls
+ENTRY_POINTS = ("forward", "backward", "weight_grad", "weight_and_backward")
 
 
 def run_layer(text, x, dtype, enabled, monkeypatch, integers=False, absolute=False):
@@ -88,7 +78,7 @@ def run_layer(text, x, dtype, enabled, monkeypatch, integers=False, absolute=Fal
     with NaN first, parameter diffs starting at 1 (they accumulate). ``absolute``: the
     weights and the top diff as their magnitudes (with |x|, the sums of |terms|)."""
     monkeypatch.setattr(tap_planes, "ENABLED", enabled)
-    calls = spy_calls(monkeypatch)
+    calls = spy_calls(monkeypatch, tap_planes, ENTRY_POINTS)
     magnitude = np.abs if absolute else np.asarray
     layer = make_layer(text, caffelite.TRAIN, dtype)
     bottom, top = blobs_from([x], dtype), [Blob((), dtype)]
@@ -201,7 +191,7 @@ def test_deconvolution_with_few_inputs(monkeypatch):
     bottom, top = setup_layer(layer, [x])
     for b in layer.blobs:
         b.data[...] = rng.standard_normal(b.shape)
-    calls = spy_calls(monkeypatch)
+    calls = spy_calls(monkeypatch, tap_planes, ENTRY_POINTS)
     want = ref_deconv(x, layer.blobs[0].data, layer.blobs[1].data, (1, 1), (1, 1), (2, 2), 1)
     np.testing.assert_allclose(run_forward(layer, bottom, top)[0], want, rtol=1e-12,
                                atol=1e-12)
