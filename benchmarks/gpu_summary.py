@@ -24,6 +24,8 @@ VARIANTS = {
     "caffelite-unfused": ("fused BatchNorm -> Scale -> ReLU chains", True, "caffelite"),
     "caffelite-per-image": ("image groups", True, "caffelite"),
     "caffelite-implicit": ("implicit-GEMM convolution", False, "caffelite-graphs"),
+    "caffelite-blob-1x1": ("padded image groups for large 1x1 convolutions (TF32)", True,
+                           "caffelite"),
 }
 # Both TF32: the implicit GEMM and im2col + cuBLAS differ by rounding, about 1e-3 of the
 # largest value; far more is a broken kernel.

@@ -55,6 +55,7 @@ import argparse
 import contextlib
 import datetime
 import json
+import math
 import os
 import platform
 import re
@@ -99,7 +100,9 @@ def parse_args(argv=None):
                         "(no tap GEMMs for large dilations), caffelite-graphs (passes "
                         "recorded into CUDA graphs: caffelite's default), "
                         "caffelite-implicit (caffelite-graphs with the implicit-GEMM "
-                        "convolution; TF32 rows only), torch")
+                        "convolution; TF32 rows only), caffelite-blob-1x1 (1x1 "
+                        "convolutions' GEMMs on the blobs, not padded image groups; TF32 "
+                        "rows only), torch")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu", "emulated"),
                    help="emulated: caffelite's GPU mode on the CPU emulator and torch on "
                         "the CPU (checks this script's GPU code paths where no GPU is)")
@@ -138,7 +141,7 @@ def parse_args(argv=None):
     known = {"net": NETS, "phase": ("train", "test"), "precision": ("fp32", "tf32"),
              "engines": ("caffelite", "caffelite-per-image", "caffelite-unfused",
                          "caffelite-im2col", "caffelite-graphs", "caffelite-implicit",
-                         "torch")}
+                         "caffelite-blob-1x1", "torch")}
     for field, choices in known.items():
         values = [v for v in getattr(args, field).split(",") if v]
         unknown = [v for v in values if v not in choices]
@@ -635,7 +638,9 @@ def variants(run, net):
     caffelite-graphs: CUDA graphs on (caffelite.cuda_graphs), caffelite's default; the
     other engines run layer by layer, so each measures one setting, except
     caffelite-implicit: caffelite-graphs with the implicit-GEMM convolution (TF32 only),
-    to compare with caffelite-graphs."""
+    to compare with caffelite-graphs;
+    caffelite-blob-1x1: large 1x1 convolutions on odd grids take their GEMMs on the
+    blobs, one per image, instead of padded image groups (TF32 only)."""
     from caffelite import backend, fusion
     from caffelite.layers import im2col, implicit_gemm, tap_gemm
     return {"caffelite-per-image": with_setting(im2col, "GROUP_IMAGES", False, run),
@@ -646,7 +651,10 @@ def variants(run, net):
             "caffelite-graphs": with_graphs(run, net),
             "caffelite-implicit": with_setting(implicit_gemm, "ENABLED", True,
                                                with_graphs(run, net), backend.tf32_enabled,
-                                               "TF32 only (FP32 keeps im2col)")}
+                                               "TF32 only (FP32 keeps im2col)"),
+            "caffelite-blob-1x1": with_setting(im2col, "PADDED_1X1_FLOP", math.inf, run,
+                                               lambda: pads_1x1(net),
+                                               "no 1x1 runs as padded image groups here")}
 
 
 def implicit_step(solver):
@@ -657,6 +665,21 @@ def implicit_step(solver):
         with setting(implicit_gemm, "ENABLED", True):
             solver.step(1)
     return step
+
+
+def pads_1x1(net):
+    """Does a 1x1 convolution of ``net`` run as padded image groups at its current
+    shapes (TF32, odd grids, large products)?"""
+    from caffelite import backend
+    from caffelite.layers import im2col
+    xp = backend.device_module()
+    for layer, bottom, top in zip(net.layers, net.bottom_blobs, net.top_blobs):
+        geom = getattr(layer, "geom", None)
+        if geom is not None and layer.type == "Convolution" and geom.is_1x1 and \
+                not im2col._direct_1x1(xp, geom, bottom[0].shape, top[0].shape[1],
+                                       top[0].shape[2:], bottom[0].dtype, None):
+            return True
+    return False
 
 
 def uses_tap_gemm(net):

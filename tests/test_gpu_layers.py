@@ -35,7 +35,7 @@ from caffelite import backend, kernels
 from caffelite.blob import Blob
 from caffelite.layer import LAYER_REGISTRY, LayerError
 from caffelite.layers import im2col as im2col_module
-from layer_testing import TEST, TRAIN, blobs_from, make_layer
+from layer_testing import TEST, TRAIN, blobs_from, make_layer, spy_calls
 
 F32, F64 = np.float32, np.float64
 
@@ -988,6 +988,80 @@ def test_forward_adds_the_bias_in_its_copy_with_the_bits_of_adding_it_after(
     for after, fused in zip(results[::2], results[1::2]):
         assert np.isfinite(fused).all()
         np.testing.assert_array_equal(after, fused)
+
+
+def test_large_1x1_convolutions_on_odd_grids_are_padded_image_groups_under_tf32(monkeypatch):
+    """A 1x1's GEMMs use the blobs in place, but under TF32 an odd grid is an odd leading
+    dimension (off cuBLAS's fast tensor-core kernels), so products of PADDED_1X1_FLOP and
+    more run as padded image groups; FP32, aligned grids, small products and the host
+    keep the blobs."""
+    one = im2col_module.ConvGeometry((1, 1), (1, 1), (0, 0), (1, 1))
+    fake_device = object()
+
+    def direct(num, channels, n_out, grid, xp=fake_device, geom=one):
+        return im2col_module._direct_1x1(xp, geom, (num, channels), n_out, grid, F32, None)
+
+    aspp_fc7, bottleneck = (10, 1024, 1024, (41, 41)), (1, 1024, 256, (41, 41))
+    assert direct(*aspp_fc7) and direct(*bottleneck)           # FP32: the blobs
+    backend.set_tf32(True)
+    try:
+        assert not direct(*aspp_fc7)
+        assert direct(*bottleneck)                              # 0.9 GFLOP
+        assert direct(1, 1024, 1024, (41, 41))                  # 3.5 GFLOP
+        assert not direct(1, 1024, 2048, (41, 41))              # ResNet's res5a shortcut
+        assert direct(10, 1024, 1024, (40, 40))                 # aligned already
+        assert direct(*aspp_fc7, xp=np)                         # the host
+        three = im2col_module.ConvGeometry((3, 3), (1, 1), (1, 1), (1, 1))
+        assert not direct(*aspp_fc7, geom=three)                # not a 1x1
+        monkeypatch.setattr(im2col_module, "DEVICE_COL_BUFFER_BYTES", 1 << 20)
+        assert direct(*aspp_fc7)                                # one image is over budget
+    finally:
+        backend.set_tf32(False)
+
+
+@pytest.mark.parametrize("group", [1, 2])
+def test_padded_1x1_image_groups_give_the_bits_of_the_blob_gemms(monkeypatch, device,
+                                                                  group):
+    """On integer data (exact sums, whatever the order), a 1x1 Convolution and
+    Deconvolution over padded groups of whole images (2, 2, 1) give the in-place GEMMs'
+    results: forward (its bias added in the copy), the accumulated weight gradient and
+    the data gradient over NaN-poisoned outputs, through the padded path's im2col."""
+    monkeypatch.setattr(im2col_module, "column_align", lambda dtype: 4)
+    one = im2col_module.ConvGeometry((1, 1), (1, 1), (0, 0), (1, 1))
+    plane = 7 * 9
+    budget = 4 * im2col_module._aligned(2 * plane, 4) * 4
+    rng = np.random.default_rng(13)
+    ints = lambda *shape: rng.integers(-8, 9, shape).astype(F32)  # noqa: E731
+    image, grid = ints(5, 4, 7, 9), ints(5, 6, 7, 9)
+    weight, bias, start = ints(6, 4 // group, 1, 1), ints(6), ints(6, 4 // group, 1, 1)
+    _start(device)
+    xp = backend.device_module()
+    calls = spy_calls(monkeypatch, im2col_module, ["_group_im2col"])
+    try:
+        results = []
+        for threshold in (np.inf, 0):
+            monkeypatch.setattr(im2col_module, "PADDED_1X1_FLOP", threshold)
+            del calls[:]
+            args = xp.asarray(image), xp.asarray(grid), xp.asarray(weight)
+            out = xp.full(grid.shape, np.nan, F32)
+            added = im2col_module.forward_gemm(args[0], args[2], out, one, group, budget,
+                                               bias=xp.asarray(bias))
+            if not added:
+                out += xp.asarray(bias).reshape(1, 6, 1, 1)
+            dw, dx = xp.asarray(start), xp.full(image.shape, np.nan, F32)
+            im2col_module.weight_and_backward_gemm(*args, dw, dx, one, group, budget)
+            dw2, dy = xp.asarray(start), xp.full(grid.shape, np.nan, F32)
+            im2col_module.weight_and_forward_gemm(*args, dw2, dy, one, group, budget)
+            dx2 = xp.full(image.shape, np.nan, F32)
+            im2col_module.backward_gemm(args[1], args[2], dx2, one, group, budget)
+            assert added is (threshold == 0)
+            assert len(calls) == (0 if threshold else 3 * 3)     # 3 groups x 3 calls
+            results.append([backend.to_host(a) for a in (out, dw, dx, dw2, dy, dx2)])
+    finally:
+        backend.set_mode_cpu()
+    for blobs, padded in zip(*results):
+        assert np.isfinite(padded).all()
+        np.testing.assert_array_equal(blobs, padded)
 
 
 def test_group_columns_are_padded_only_for_tf32_gemms():

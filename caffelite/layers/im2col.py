@@ -9,7 +9,8 @@ its adjoint and accumulates the taps in Caffe's order.
 The column buffer is built for a band of output rows at a time (``rows_per_chunk``) so
 that it stays under ``COL_BUFFER_BYTES`` however large the image; each band is one 2-D
 GEMM per convolution group.  Convolutions with a 1x1 kernel, stride 1 and no padding skip
-im2col (the image already is its column matrix). On the host, 2-D stride-1 convolutions
+im2col (the image already is its column matrix; on the device under TF32, large ones on
+odd grids run as padded image groups instead, see ``_direct_1x1``). On the host, 2-D stride-1 convolutions
 with one group and at most half as many outputs as input channels (classifier heads)
 skip it too: one product per image gives every tap's output plane, and the planes are
 shifted and summed (``tap_planes``, which says when else it applies).
@@ -429,9 +430,34 @@ def _weight_and_forward_groups(image, grid, w_g, dw_g, out, geom, group, groups,
 
 
 def _device_groups(xp, geom, num, channels, grid_shape, dtype, budget):
-    if not _uses_kernels(xp, geom) or geom.is_1x1:
+    if not _uses_kernels(xp, geom):
         return None
     return image_groups(num, channels, geom, grid_shape, dtype, budget)
+
+
+# A 1x1 convolution's GEMMs read and write the blobs themselves, one per image. With
+# TF32, an odd grid (DeepLab's 41x41, 65x65) gives them an odd leading dimension, which
+# keeps cuBLAS off its fast tensor-core kernels: the reason image groups pad their
+# columns (an H200 ran a 512 x 4608 by 4608 x 6561 product at 102 TFLOP/s, a quarter of
+# its aligned rate). So large ones run as image groups too: "im2col" copies the images
+# side by side into padded columns, and the product is copied back with the bias, as
+# for 3x3 kernels. ASPP-VGG's fc7 (1024 x 1024 on 41x41, 10 images: 35 GFLOP a
+# product) takes it; products under PADDED_1X1_FLOP (ResNet-101's bottlenecks at batch
+# 1, the 21-class fc8) keep the blobs, where the two copies would cost about what they
+# save. Not yet measured on a device (gpu_train.py's caffelite-blob-1x1 engine).
+PADDED_1X1_FLOP = 4e9
+
+
+def _direct_1x1(xp, geom, image_shape, n_out, grid_shape, dtype, budget):
+    """Whether a convolution of (N, C, ...) images into ``n_out`` channels is a 1x1
+    whose GEMMs take the blobs as they are (not padded image groups)."""
+    if not geom.is_1x1:
+        return False
+    num, channels = image_shape[:2]
+    plane = int(np.prod(grid_shape, dtype=np.int64))
+    return not (_uses_kernels(xp, geom) and plane % column_align(dtype) != 0
+                and 2.0 * n_out * channels * num * plane >= PADDED_1X1_FLOP
+                and image_groups(num, channels, geom, grid_shape, dtype, budget))
 
 
 # ------------------------------------------------------------------ the three GEMMs
@@ -470,7 +496,7 @@ def forward_gemm(image, weight, out, geom, group, budget=None, bias=None):
         for w, c, o in zip(w_g, _per_group(col, group), _per_group(band, group)):
             gemm(xp, w, c, o)
 
-    if geom.is_1x1:
+    if _direct_1x1(xp, geom, image.shape, n_out, grid_shape, image.dtype, budget):
         for n in range(num):
             product(_matrix(image[n], channels), _matrix(out[n], n_out))
         return False
@@ -511,7 +537,7 @@ def backward_gemm(grid, weight, image, geom, group, budget=None):
         for w, b, c in zip(w_g, _per_group(band, group), _per_group(col, group)):
             gemm(xp, w.T, b, c)
 
-    if geom.is_1x1:
+    if _direct_1x1(xp, geom, image.shape, n_out, grid_shape, grid.dtype, budget):
         for n in range(num):
             product(_matrix(grid[n], n_out), _matrix(image[n], channels))
         return
@@ -551,7 +577,7 @@ def weight_gemm(image, grid, weight_diff, geom, group, budget=None):
         for dw, b, c in zip(dw_g, _per_group(band, group), _per_group(col, group)):
             gemm(xp, b, c.T, dw, accumulate=True)
 
-    if geom.is_1x1:
+    if _direct_1x1(xp, geom, image.shape, n_out, grid_shape, image.dtype, budget):
         for n in range(num):
             product(_matrix(grid[n], n_out), _matrix(image[n], channels))
         return
@@ -627,8 +653,9 @@ def _shared_device_groups(image, grid, weight, geom, budget):
     """The image groups both of a layer's backward GEMMs would use on the device (the
     same for both: same image, grid and weight shapes), or None."""
     xp = get_array_module(image)
-    if geom.is_1x1 or tap_gemm.windows_for(xp, geom, image.shape, grid.shape[2:],
-                                            weight.shape):
+    grid_shape = grid.shape[2:]
+    if _direct_1x1(xp, geom, image.shape, grid.shape[1], grid_shape, image.dtype, budget) \
+            or tap_gemm.windows_for(xp, geom, image.shape, grid_shape, weight.shape):
         return None
-    return _device_groups(xp, geom, image.shape[0], image.shape[1], grid.shape[2:],
-                          image.dtype, budget)
+    return _device_groups(xp, geom, image.shape[0], image.shape[1], grid_shape, image.dtype,
+                          budget)
