@@ -118,6 +118,7 @@ def test_malformed_prototxt_names_file_line_column(tmp_path):
     (r'name: "tab\tq"', "tab\tq"),
     ('name: "a#b" # "\\q"', "a#b"),
     (r'name: "\u0041b\u00e9\U0001F600"', "Ab\u00e9\U0001F600"),   # protobuf >= 2.5
+    (r'name: "\ud83d\uDE00!"', "\U0001F600!"),      # a UTF-16 surrogate pair: one point
 ])
 def test_string_escapes_as_protobufs_cpp_tokenizer_reads_them(text, name):
     assert prototxt.parse_text(text, caffe_pb2.NetParameter()).name == name
@@ -138,6 +139,23 @@ def test_invalid_string_escapes_are_errors_as_in_caffe(text, where, message):
     with pytest.raises(PrototxtError) as e:
         prototxt.parse_text(text, caffe_pb2.NetParameter(), "f.prototxt")
     assert str(e.value) == f"f.prototxt:{where}: {message}"
+
+
+def test_a_carriage_return_is_whitespace_not_a_line_end(tmp_path):
+    """Caffe's tokenizer ends lines and comments at \\n only: after a '#', an old-Mac
+    \\r line end leaves the rest of the line a comment, a \\r inside a string is text,
+    a Windows \\r\\n file reads as usual and errors count lines by \\n."""
+    f = tmp_path / "cr.prototxt"
+    relu = b'layer { name: "a" type: "ReLU" bottom: "x" top: "x" }'
+    f.write_bytes(b'name: "n" # comment\r' + relu + b"\n")
+    net, _ = prototxt.read_net(str(f))
+    assert net.name == "n" and not len(net.layer)
+    f.write_bytes(b'name: "a\rb"\r\n# ${UNSET}\rstill the comment\r\n' + relu + b"\r\n")
+    net, _ = prototxt.read_net(str(f))
+    assert net.name == "a\rb" and [layer.name for layer in net.layer] == ["a"]
+    f.write_bytes(b'name: "n"\r\n\r\nlayer {\r\n  bogus: 1 }\r\n')
+    with pytest.raises(PrototxtError, match=re.escape(f"{f}:4:")):
+        prototxt.read_net(str(f))
 
 
 def test_solver_type_enum_upgrade(tmp_path):

@@ -45,7 +45,7 @@ def fill_templates(text, defines, path="<string>"):
     defines = {k: str(v) for k, v in (defines or {}).items()}
     text = _PLACEHOLDER.sub(lambda m: defines.get(m.group(1), m.group(0)), text)
     missing = []
-    for lineno, line in enumerate(text.splitlines(), 1):
+    for lineno, line in enumerate(text.split("\n"), 1):    # lines end at \n only
         for m in _PLACEHOLDER.finditer(_code_part(line)):
             missing.append(f"{m.group(1)} (line {lineno})")
     if missing:
@@ -59,8 +59,9 @@ def fill_templates(text, defines, path="<string>"):
 def read_text(path, defines=None):
     try:
         # Caffe reads bytes: non-UTF-8 bytes in a comment are skipped, so keep them as
-        # escapes rather than failing to decode the file.
-        with open(path, encoding="utf-8", errors="surrogateescape") as f:
+        # escapes rather than failing to decode the file. Its tokenizer ends a line (and
+        # a comment) at \n only; a \r is whitespace, or text inside a string.
+        with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
             text = f.read()
     except OSError as e:
         raise PrototxtError(f"cannot read '{path}': {e.strerror}") from None
@@ -102,8 +103,21 @@ def _check_escapes(text, path):
             why = ("Expected hex digits for escape sequence." if hex_escape else
                    "Invalid escape sequence in string literal.")
             raise PrototxtError(f"{path}:{line}:{col}: {why}")
-        return _ESCAPE.sub(escape, token)
+        return _SURROGATE_PAIR.sub(_join_surrogates, _ESCAPE.sub(escape, token))
     return _COMMENT_OR_STRING.sub(string, text)
+
+
+# A \u escape of a high surrogate followed by one of a low surrogate (UTF-16 spelling)
+# is one code point to protobuf's tokenizer; Python's parser would keep two halves,
+# which are not UTF-8. An escaped backslash is matched first, so "\\ud83d" stays text.
+_SURROGATE_PAIR = re.compile(r"\\\\|\\u(d[89ab][0-9a-f]{2})\\u(d[c-f][0-9a-f]{2})", re.I)
+
+
+def _join_surrogates(match):
+    if match.group(1) is None:
+        return match.group(0)
+    high, low = int(match.group(1), 16), int(match.group(2), 16)
+    return f"\\U{0x10000 + ((high - 0xD800) << 10) + (low - 0xDC00):08x}"
 
 
 _HEX = "0123456789abcdefABCDEF"
