@@ -169,10 +169,12 @@ def _check_has_layers(net, path):
 def cmd_test(args):
     from . import TEST, Net
     _check_iterations(args)
-    _select_device(args)
     if not args.weights:
-        logger.warning("no --weights: scoring the model's initial weights (Caffe's test "
-                       "stops here: \"Need model weights to score.\")")
+        # As tools/caffe.cpp's test(): scoring fillers' weights would also let a
+        # MatWrite layer overwrite features with them (run_pascal.sh passes an empty
+        # -weights= when no snapshot was found).
+        raise CliError("Need model weights to score (--weights model.caffemodel).")
+    _select_device(args)
     net = Net(args.model, TEST, weights=args.weights, defines=_defines(args.define),
               stages=_stages(args.stage), level=args.level)
     _check_has_layers(net, args.model)

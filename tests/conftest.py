@@ -68,3 +68,16 @@ def corpus_path(*parts):
     if not os.path.exists(path):
         pytest.skip(f"corpus file not available: {path}")
     return path
+
+
+@pytest.fixture
+def untrained(tmp_path):
+    """--weights for `caffelite test`, which needs weights to score (as Caffe's): a
+    caffemodel with none of a test net's layers, so the net keeps its fillers' weights
+    (with a warning)."""
+    from caffelite.proto import caffe_pb2
+    path = tmp_path / "untrained.caffemodel"
+    model = caffe_pb2.NetParameter(name="none")
+    model.layer.add(name="unrelated")
+    path.write_bytes(model.SerializeToString())
+    return str(path)

@@ -30,11 +30,11 @@ def run(*args, cwd=None):
 GLOG = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d\.\d{6} +\d+ [\w.]+:\d+\] ")
 
 
-def test_test_verb_logs_batches_and_means(tmp_path):
+def test_test_verb_logs_batches_and_means(tmp_path, untrained):
     net = tmp_path / "net.prototxt"
     net.write_text(NET)
-    out = run("test", "--model", str(net), "--iterations", "3", "-D", "NAME=n",
-              "--log", str(tmp_path / "log.txt"))
+    out = run("test", "--model", str(net), "--weights", untrained, "--iterations", "3",
+              "-D", "NAME=n", "--log", str(tmp_path / "log.txt"))
     assert out.returncode == 0, out.stderr
     lines = out.stderr.splitlines()
     batch = [l for l in lines if "Batch 2, loss = " in l]
@@ -43,7 +43,7 @@ def test_test_verb_logs_batches_and_means(tmp_path):
     assert "Batch 0, loss" in (tmp_path / "log.txt").read_text()
 
 
-def test_test_verb_sums_in_float_like_caffe(tmp_path):
+def test_test_verb_sums_in_float_like_caffe(tmp_path, untrained):
     """tools/caffe.cpp's test() adds each batch's outputs in float and divides in float:
     1000 batches of a constant 0.1 output mean 0.099999, not 0.1; the weighted mean is
     the float product."""
@@ -51,7 +51,7 @@ def test_test_verb_sums_in_float_like_caffe(tmp_path):
     net.write_text('layer { name: "d" type: "DummyData" top: "c" dummy_data_param {\n'
                    '  shape { dim: 1 } data_filler { type: "constant" value: 0.1 } } }\n'
                    'layer { name: "w" type: "Power" bottom: "c" top: "w" loss_weight: 3 }\n')
-    out = run("test", "--model", str(net), "--iterations", "1000")
+    out = run("test", "--model", str(net), "--weights", untrained, "--iterations", "1000")
     assert out.returncode == 0, out.stderr
     total = np.float32(0)
     for _ in range(1000):
@@ -67,35 +67,37 @@ def test_test_verb_sums_in_float_like_caffe(tmp_path):
                      out.stderr, re.M)
 
 
-def test_test_verb_keeps_the_files_state_level(tmp_path):
+def test_test_verb_keeps_the_files_state_level(tmp_path, untrained):
     """`caffe test` in the fork builds Net(model, TEST): the prototxt's state { level }
     decides which layers exist unless --level is given."""
     net = tmp_path / "net.prototxt"
     net.write_text(NET.replace("${NAME}", "n") + 'state { level: 2 }\n' +
                    'layer { name: "deep" type: "Power" bottom: "ip" top: "deep" '
                    'include { min_level: 2 } }\n')
-    kept = run("test", "--model", str(net), "--iterations", "1")
+    kept = run("test", "--model", str(net), "--weights", untrained, "--iterations", "1")
     assert kept.returncode == 0, kept.stderr
     assert re.search(r"\] deep = ", kept.stderr)
-    lowered = run("test", "--model", str(net), "--iterations", "1", "--level", "0")
+    lowered = run("test", "--model", str(net), "--weights", untrained, "--iterations", "1",
+                  "--level", "0")
     assert lowered.returncode == 0, lowered.stderr
     assert "deep = " not in lowered.stderr and re.search(r"\] loss = ", lowered.stderr)
 
 
-def test_caffe_verbs_take_gflags_single_dash_flags(tmp_path):
+def test_caffe_verbs_take_gflags_single_dash_flags(tmp_path, untrained):
     """`caffe test -model m -iterations 2` (gflags) runs as it is; -D defines and
     negative values are left alone."""
     net = tmp_path / "net.prototxt"
     net.write_text(NET)
-    out = run("test", "-model", str(net), "-iterations=2", "-DNAME=n", "-level", "-1")
+    out = run("test", "-model", str(net), "-weights", untrained, "-iterations=2", "-DNAME=n",
+              "-level", "-1")
     assert out.returncode == 0, out.stderr
     assert "Batch 1, loss = " in out.stderr and "Batch 2," not in out.stderr
 
 
-def test_missing_define_is_one_line_error(tmp_path):
+def test_missing_define_is_one_line_error(tmp_path, untrained):
     net = tmp_path / "net.prototxt"
     net.write_text(NET)
-    out = run("test", "--model", str(net), "--iterations", "1")
+    out = run("test", "--model", str(net), "--weights", untrained, "--iterations", "1")
     assert out.returncode == 1
     assert "Traceback" not in out.stderr
     assert "NAME (line 2)" in out.stderr and str(net) in out.stderr
@@ -254,13 +256,13 @@ layer { name: "sb" type: "Power" bottom: "ip" top: "sb" include { stage: "b" } }
 '''
 
 
-def test_stage_flag_is_split_on_commas_like_caffes(tmp_path):
+def test_stage_flag_is_split_on_commas_like_caffes(tmp_path, untrained):
     """get_stages_from_flags splits -stage on commas: -stage a,b builds both staged
     layers (so does repeating the flag)."""
     net = tmp_path / "net.prototxt"
     net.write_text(STAGED_NET)
     for flags in (["-stage", "a,b"], ["-stage", "a", "-stage", "b"]):
-        out = run("test", "-model", str(net), "-iterations", "1", *flags)
+        out = run("test", "-model", str(net), "-weights", untrained, "-iterations", "1", *flags)
         assert out.returncode == 0, out.stderr
         assert "Batch 0, sa = " in out.stderr and "Batch 0, sb = " in out.stderr
     out = run("time", "-model", str(net), "-iterations", "1", "-stage", "b", "-level", "0")
@@ -270,16 +272,17 @@ def test_stage_flag_is_split_on_commas_like_caffes(tmp_path):
     assert re.search(r"Iteration: 1 forward-backward time: [\d.e-]+ ms\.", out.stderr)
 
 
-def test_every_caffe_flag_is_accepted_by_every_caffe_verb(tmp_path):
+def test_every_caffe_flag_is_accepted_by_every_caffe_verb(tmp_path, untrained):
     """gflags are global: a flag a verb does not use is ignored, as in Caffe, so copied
     command lines run (e.g. `caffe time -model m -weights w`)."""
     net = tmp_path / "net.prototxt"
     net.write_text(NET.replace("${NAME}", "n"))
     weights = tmp_path / "w.caffemodel"
-    out = run("test", "-model", str(net), "-iterations", "1", "-phase", "TRAIN",
-              "-solver", "s.prototxt", "-snapshot", "x.solverstate", "-sigint_effect", "stop")
+    out = run("test", "-model", str(net), "-weights", untrained, "-iterations", "1",
+              "-phase", "TRAIN", "-solver", "s.prototxt", "-snapshot", "x.solverstate",
+              "-sigint_effect", "stop")
     assert out.returncode == 0, out.stderr
-    assert "no --weights: scoring the model's initial weights" in out.stderr
+    assert "Batch 0, loss = " in out.stderr
     out = run("time", "-model", str(net), "-iterations", "1", "-weights", str(weights),
               "-solver", "s.prototxt")
     assert out.returncode == 0, out.stderr
@@ -343,7 +346,7 @@ def test_device_query(monkeypatch, capsys, tmp_path):
         "caffelite device_query: error: Need a device ID to query."
 
 
-def test_net_init_logs_caffes_lines(tmp_path):
+def test_net_init_logs_caffes_lines(tmp_path, untrained):
     """Net::Init's INFO lines: the filtered net, each layer's bottoms and tops (in-place
     marked), its top shapes as Blob::shape_string, loss weights, the running data
     memory, the backward decisions from the last layer and the outputs."""
@@ -352,7 +355,7 @@ def test_net_init_logs_caffes_lines(tmp_path):
     text = NET.replace("${NAME}", "n")
     loss_at = text.index('layer { name: "loss"')
     net.write_text(text[:loss_at] + relu + text[loss_at:])
-    out = run("test", "-model", str(net), "-iterations", "1")
+    out = run("test", "-model", str(net), "-weights", untrained, "-iterations", "1")
     assert out.returncode == 0, out.stderr
     lines = [l.split("] ", 1)[1] for l in out.stderr.splitlines() if GLOG.match(l)]
     start = lines.index("Creating layer data")     # the layer factory's line first
@@ -428,30 +431,31 @@ def test_glog_environment_minloglevel_logtostderr_and_the_fatal_line(tmp_path):
     assert glog_files(logs, "INFO")[-1] == fatal[0]
 
 
-def test_glog_flags_on_either_side_of_the_verb(tmp_path):
+def test_glog_flags_on_either_side_of_the_verb(tmp_path, untrained):
     """caffe.bin takes glog's flags through gflags, before or after the verb; they win
     over the environment."""
     net = tmp_path / "net.prototxt"
     net.write_text(NET)
     logs = tmp_path / "logs"
     logs.mkdir()
-    out = run("-minloglevel", "1", "test", "-model", str(net), "-iterations", "1",
-              "-DNAME=n", f"-log_dir={logs}", "-v=2", "-stderrthreshold", "0")
+    out = run("-minloglevel", "1", "test", "-model", str(net), "-weights", untrained,
+              "-iterations", "1", "-DNAME=n", f"-log_dir={logs}", "-v=2",
+              "-stderrthreshold", "0")
     assert out.returncode == 0, out.stderr
     assert not any(GLOG.match(l) and l.startswith("I") for l in out.stderr.splitlines())
-    info = glog_files(logs, "INFO")                     # test without weights warns
+    info = glog_files(logs, "INFO")       # weights without the net's layers: a warning
     assert info and all(l.startswith("W") for l in info if GLOG.match(l))
     assert glog_files(logs, "WARNING") == info
-    quiet = run("test", "-logtostderr", "-model", str(net), "-iterations", "1", "-DNAME=n",
-                f"-log_dir={tmp_path / 'missing'}")
+    quiet = run("test", "-logtostderr", "-model", str(net), "-weights", untrained,
+                "-iterations", "1", "-DNAME=n", f"-log_dir={tmp_path / 'missing'}")
     assert quiet.returncode == 0 and "Batch 0" in quiet.stderr
     assert "COULD NOT CREATE" not in quiet.stderr        # no files were tried
-    failing = run("test", "-model", str(net), "-iterations", "1", "-DNAME=n",
-                  f"-log_dir={tmp_path / 'missing'}")
+    failing = run("test", "-model", str(net), "-weights", untrained, "-iterations", "1",
+                  "-DNAME=n", f"-log_dir={tmp_path / 'missing'}")
     assert failing.returncode == 0 and "COULD NOT CREATE" in failing.stderr
 
 
-def test_nan_prints_as_glibcs_ostream(tmp_path):
+def test_nan_prints_as_glibcs_ostream(tmp_path, untrained):
     """x86's NaN from an invalid operation has the sign bit set and glibc's ostream
     prints it "-nan" (Caffe's `loss = -nan` lines)."""
     from caffelite.log import ostream_g
@@ -465,7 +469,7 @@ def test_nan_prints_as_glibcs_ostream(tmp_path):
                    'shape { dim: 1 } data_filler { type: "constant" value: -1 } } }\n'
                    'layer { name: "w" type: "Power" bottom: "d" top: "w" '
                    'power_param { power: 0.5 } }')
-    out = run("test", "-model", str(net), "-iterations", "2")
+    out = run("test", "-model", str(net), "-weights", untrained, "-iterations", "2")
     assert out.returncode == 0, out.stderr
     assert "Batch 1, w = -nan" in out.stderr and "] w = -nan" in out.stderr
 

@@ -98,8 +98,9 @@ def test_iterations_must_be_positive(capsys, net, verb, count):
     assert line == f"caffelite {verb}: error: --iterations must be at least 1 (got {count})"
 
 
-def test_define_needs_a_name(capsys, net):
-    code, line = _main(capsys, "test", "--model", str(net), "--iterations", "1", "-D", "=3")
+def test_define_needs_a_name(capsys, net, untrained):
+    code, line = _main(capsys, "test", "--model", str(net), "--weights", untrained,
+                       "--iterations", "1", "-D", "=3")
     assert code == 1 and line.endswith("-D expects NAME=VALUE, got '=3' (no name)")
 
 
@@ -113,13 +114,15 @@ def test_file_in_the_way_of_an_output_folder(capsys, tmp_path):
 
 
 @pytest.mark.parametrize("verb", ["test", "time", "demo"])
-def test_gpu_without_cupy_is_one_sentence(capsys, net, tmp_path, monkeypatch, verb):
+def test_gpu_without_cupy_is_one_sentence(capsys, net, tmp_path, monkeypatch, verb,
+                                          untrained):
     """Issue 4: without CuPy, --gpu fails with one sentence saying what is missing."""
     from caffelite import backend, kernels
     monkeypatch.delenv("CAFFELITE_GPU_EMULATOR", raising=False)
     monkeypatch.setitem(sys.modules, "cupy", None)          # `import cupy` fails
     monkeypatch.setattr(kernels, "_cupy_checked", [])       # forget a found CuPy
-    model = ["--out", str(tmp_path / "demo")] if verb == "demo" else ["--model", str(net)]
+    model = (["--out", str(tmp_path / "demo")] if verb == "demo" else
+             ["--model", str(net), "--weights", untrained])
     try:
         code, line = _main(capsys, verb, *model, "--gpu", "0", "--iterations", "1")
     finally:
@@ -131,7 +134,7 @@ def test_gpu_without_cupy_is_one_sentence(capsys, net, tmp_path, monkeypatch, ve
 
 
 @pytest.mark.parametrize("direction", ["forward", "backward"])
-def test_out_of_memory_names_the_layer(capsys, net, monkeypatch, direction):
+def test_out_of_memory_names_the_layer(capsys, net, monkeypatch, direction, untrained):
     """numpy's MemoryError inside a layer becomes one line naming the layer, the pass
     and what needs less memory."""
     from caffelite.layers.inner_product import InnerProductLayer
@@ -140,21 +143,23 @@ def test_out_of_memory_names_the_layer(capsys, net, monkeypatch, direction):
         np.empty(1 << 60, np.float32)          # 4 EiB: numpy refuses at once
     monkeypatch.setattr(InnerProductLayer, direction, allocate_too_much)
     verb = "test" if direction == "forward" else "time"
-    code, line = _main(capsys, verb, "--model", str(net), "--iterations", "1")
+    code, line = _main(capsys, verb, "--model", str(net), "--weights", untrained,
+                       "--iterations", "1")
     assert code == 1
     assert line.startswith(f"caffelite {verb}: error: layer 'ip' (InnerProduct) "
                            f"{direction} ran out of host memory (Unable to allocate ")
     assert line.endswith("A smaller batch_size or crop_size needs less.")
 
 
-def test_out_of_memory_outside_a_layer_is_one_line(capsys, net, monkeypatch):
+def test_out_of_memory_outside_a_layer_is_one_line(capsys, net, monkeypatch, untrained):
     """A MemoryError outside a layer's pass (here: building the net) is one line too."""
     from caffelite.net import Net
 
     def allocate_too_much(*args, **kwargs):
         np.empty(1 << 60, np.float32)
     monkeypatch.setattr(Net, "__init__", allocate_too_much)
-    code, line = _main(capsys, "test", "--model", str(net), "--iterations", "1")
+    code, line = _main(capsys, "test", "--model", str(net), "--weights", untrained,
+                       "--iterations", "1")
     assert code == 1
     assert line.startswith("caffelite test: error: out of host memory: Unable to allocate ")
 
@@ -175,13 +180,34 @@ def test_environment_switches(monkeypatch, value, default, expected):
 
 
 # ----------------------------------------------------------------- models and weights
-def test_empty_model_is_an_error_naming_it(capsys, tmp_path):
+def test_empty_model_is_an_error_naming_it(capsys, tmp_path, untrained):
     """Caffe would run a net without layers and report a loss of 0."""
     empty = tmp_path / "empty.prototxt"
     empty.write_text("")
-    code, line = _main(capsys, "test", "--model", str(empty), "--iterations", "1")
+    code, line = _main(capsys, "test", "--model", str(empty), "--weights", untrained,
+                       "--iterations", "1")
     assert code == 1 and line.startswith(f"caffelite test: error: {empty}: the net has no "
                                          f"layers")
+
+
+@pytest.mark.parametrize("weights", [None, ""])
+def test_test_needs_weights_as_caffes_test(capsys, tmp_path, weights):
+    """tools/caffe.cpp's test() stops before building the net without -weights (an
+    empty -weights= is what run_pascal.sh passes when no snapshot exists): scoring the
+    fillers' weights would let MatWrite overwrite features with them."""
+    features = tmp_path / "features"
+    features.mkdir()
+    net = tmp_path / "net.prototxt"
+    net.write_text(NET + f"""
+layer {{ name: "w" type: "MatWrite" bottom: "ip"
+  mat_write_param {{ prefix: "{features}/" source: "{tmp_path / 'ids.txt'}" }} }}""")
+    (tmp_path / "ids.txt").write_text("a\nb\n")
+    flags = [] if weights is None else ["--weights", weights]
+    code, line = _main(capsys, "test", "--model", str(net), *flags, "--iterations", "1")
+    assert code == 1
+    assert line == "caffelite test: error: Need model weights to score (--weights " \
+                   "model.caffemodel)."
+    assert not list(features.iterdir())
 
 
 def test_empty_weights_file_is_an_error_naming_it(capsys, net, tmp_path):
