@@ -61,7 +61,16 @@ class NetFileError(NetError, RuntimeError):
     the net is built."""
 
 
+_PATH_TYPES = (str, bytes, os.PathLike)
+
+
+def _check_path(path):
+    if not isinstance(path, _PATH_TYPES):          # open(1) would take stdout
+        raise TypeError(f"expected a file path, got {path!r}")
+
+
 def _check_file(path):
+    _check_path(path)
     try:
         with open(path, "rb"):
             pass
@@ -266,18 +275,28 @@ class Net:
     """A Caffe network.  pycaffe signatures are accepted::
 
         Net(prototxt, phase, weights=None, stages=None, level=None, defines=None)
-        Net(prototxt, weights, phase)           # the old form
+        Net(prototxt, weights, phase)           # the fork's form
+        Net(prototxt, phase, level, stages, weights)    # BVLC 1.0's, by position
         Net(param=NetParameter, phase=TEST)
 
     ``level=None`` keeps the prototxt's ``state { level }`` (the fork's Net(file, phase)).
     """
 
-    def __init__(self, network_file=None, phase=None, weights=None, *args, stages=None,
+    def __init__(self, network_file=None, phase=None, *args, weights=None, stages=None,
                  level=None, defines=None, param=None, dtype=np.float32):
-        if isinstance(phase, (str, bytes, os.PathLike)):
-            phase, weights = weights, phase      # Net(file, weights, phase)
+        if isinstance(phase, _PATH_TYPES):              # Net(file, weights, phase)
+            weights, phase, *args = phase, *(args or (None,))
+        elif args and isinstance(args[0], _PATH_TYPES):  # Net(file, phase, weights)
+            weights, *args = args
+        elif args:                                      # Net(file, phase, level, ...)
+            level, *args = args
+            if args:
+                stages, *args = args
+            if args:
+                weights, *args = args
         if args:
-            raise TypeError("Net() takes the prototxt, phase and weights")
+            raise TypeError("Net() takes the prototxt, phase and weights (or BVLC 1.0's "
+                            "prototxt, phase, level, stages and weights)")
         if phase is None:
             phase = TEST
         elif not isinstance(phase, (int, np.integer)) or phase not in (TRAIN, TEST):
@@ -330,7 +349,7 @@ class Net:
         self.layer_loss_weights = []
         self.learnable_params = []
         self._param_owner = {}          # param name -> (_Param, owner layer, its index)
-        self._inputs = []
+        self._input_names = []
         self._channel_chains = self._channel_chains_by_last = None   # GPU mode, on demand
         self._graphs = None                                           # likewise
         blob_need_backward = {}
@@ -342,11 +361,11 @@ class Net:
             for lp in net.layer:
                 need_backward = self._append_layer(lp, available, blob_need_backward)
                 self.layer_need_backward.append(need_backward)
-        self._outputs = sorted(available)   # Caffe keeps them in a std::set
+        self._output_names = sorted(available)   # Caffe keeps them in a std::set
         self._prune_backward()
         if self.force_backward:
             self._apply_force_backward()
-        for name in self._outputs:
+        for name in self._output_names:
             logger.info("This network produces output %s", name)
         # Net::Init writes every top's weight in layer order: an in-place layer after a
         # loss layer leaves its blob with that layer's weight (0 unless it has one).
@@ -368,8 +387,8 @@ class Net:
             raise NetError(f"{self.source}: input blob '{name}': {e}") from None
         self.blobs[name] = blob
         available[name] = blob
-        self._inputs.append(name)
-        logger.info("Input %d -> %s", len(self._inputs) - 1, name)
+        self._input_names.append(name)
+        logger.info("Input %d -> %s", len(self._input_names) - 1, name)
 
     def _prototxt_dir(self):
         """The prototxt's folder, where Python layer modules are also looked for."""
@@ -448,7 +467,7 @@ class Net:
         logger.debug("Created layer %s (%s), top shapes %s", lp.name, lp.type,
                      [t.shape for t in tops])
         if lp.type == "Input":
-            self._inputs.extend(lp.top)
+            self._input_names.extend(lp.top)
         self.layers.append(layer)
         self._layer_names.append(lp.name)
         self.bottom_blobs.append(bottoms)
@@ -830,11 +849,11 @@ class Net:
     # pycaffe ---------------------------------------------------------------------
     @property
     def inputs(self):
-        return list(self._inputs)
+        return list(self._input_names)
 
     @property
     def outputs(self):
-        return list(self._outputs)
+        return list(self._output_names)
 
     @property
     def params(self):
@@ -940,6 +959,26 @@ class Net:
     @property
     def _blob_names(self):
         return list(self.blobs)
+
+    # _caffe.cpp's index views (pycaffe builds inputs/outputs from them): positions in
+    # the net's blob order.
+    @property
+    def _inputs(self):
+        return self._blob_indices(self._input_names)
+
+    @property
+    def _outputs(self):
+        return self._blob_indices(self._output_names)
+
+    def _top_ids(self, i):
+        return self._blob_indices(self.top_names[self._layer_names[i]])
+
+    def _bottom_ids(self, i):
+        return self._blob_indices(self.bottom_names[self._layer_names[i]])
+
+    def _blob_indices(self, names):
+        index = {name: k for k, name in enumerate(self.blobs)}
+        return [index[name] for name in names]
 
     @property
     def _blobs(self):
@@ -1097,6 +1136,7 @@ class Net:
         """Copy weights from a caffemodel by layer name (first match), checking shapes;
         a stored diff is copied too. Warns when no layer with weights in the file matches
         a layer of the net (Caffe silently keeps the initial weights)."""
+        _check_path(path)
         if _is_hdf5(path):                   # Caffe's CopyTrainedLayersFrom does the same
             return self.load_hdf5(path)
         by_name = self._first_layer_index()

@@ -66,6 +66,10 @@ def test_names_dicts_and_blob_lists(net_file):
                                             "SoftmaxWithLoss"]
     assert net.blob_loss_weights["loss"] == 1 and net.blob_loss_weights["ip_blob"] == 0
     assert net.inputs == [] and net.outputs == ["loss"]
+    # _caffe.cpp's index views, from which pycaffe.py builds inputs and outputs
+    assert net._inputs == [] and net._outputs == [4]
+    assert [net._blob_names[i] for i in net._top_ids(0)] == ["data", "label"]
+    assert net._bottom_ids(3) == [3, 1] and net._top_ids(3) == [4]
     params = [p for ps in net.params.values() for p in ps]
     blobs = list(net.blobs.values())
     del net                                             # arrays outlive the net
@@ -516,3 +520,30 @@ def test_constructor_forms(net_file, tmp_path):
                  caffe.Net(net_file, caffe.TEST, weights=str(weights))):
         assert made.phase == caffe.TEST
         np.testing.assert_array_equal(made.params["conv"][0].data, expected)
+
+
+def test_bvlc_1_0_positional_forms_and_paths_that_are_not_paths(tmp_path, capfd):
+    """BVLC 1.0's Net(file, phase, level=0, stages=None, weights=None) by position; a
+    weights argument that is not a path (an int would be opened as a file descriptor,
+    closing stdout) is a TypeError."""
+    path = tmp_path / "levels.prototxt"
+    path.write_text(DEPLOY + "layer { type: 'Power' name: 'deep' bottom: 'prob' "
+                             "top: 'deep' include { min_level: 1 } }\n"
+                             "layer { type: 'Power' name: 'staged' bottom: 'prob' "
+                             "top: 'staged' include { stage: 's' } }\n")
+    shallow = caffe.Net(str(path), caffe.TEST, 0)
+    weights = tmp_path / "w.caffemodel"
+    shallow.params["ip"][0].data[...] = 3
+    shallow.save(str(weights))
+    assert list(shallow.layer_dict) == ["ip", "prob"]
+    assert "deep" in caffe.Net(str(path), caffe.TEST, 1).layer_dict
+    staged = caffe.Net(str(path), caffe.TEST, 0, ["s"], str(weights))
+    assert list(staged.layer_dict) == ["ip", "prob", "staged"]
+    assert (staged.params["ip"][0].data == 3).all()
+    for bad in (1, 2.0, [str(weights)]):
+        with pytest.raises(TypeError, match="expected a file path"):
+            caffe.Net(str(path), caffe.TEST, weights=bad)
+        with pytest.raises(TypeError, match="expected a file path"):
+            shallow.copy_from(bad)
+    print("stdout is open")
+    assert capfd.readouterr().out == "stdout is open\n"
