@@ -335,6 +335,24 @@ def test_shuffle_is_reproducible_and_reshuffles_each_epoch(tmp_path):
     assert epochs[0] != epochs[1] or epochs[1] != epochs[2]
 
 
+def test_set_up_logs_the_forks_lines_in_its_order(tmp_path, caplog):
+    """DataLayerSetUp's INFO lines: the list opened, the shuffle, the count, then each
+    top's size (ImageSegData: data, label and data_dim; ImageData: data)."""
+    source, root, _, _ = make_dataset(tmp_path, [(9, 10), (8, 8), (12, 7)])
+    caplog.set_level(logging.INFO, logger="caffelite")
+    seg_net(source, root, batch=2, transform="crop_size: 8", extra="shuffle: true",
+            tops=("data", "label", "dim"))
+    _image_data_net(tmp_path, "/img0.png 1\n/img0.png 0\n", 3)
+    lines = [r.getMessage() for r in caplog.records
+             if r.getMessage().startswith(("Opening", "Shuffling", "A total", "output"))]
+    assert lines == [
+        f"Opening file {source}", "Shuffling data", "A total of 3 images.",
+        "output data size: 2,3,8,8", "output label size: 2,1,8,8",
+        "output data_dim size: 2,1,1,2",
+        f"Opening file {tmp_path / 'cls.txt'}", "A total of 2 images.",
+        "output data size: 3,3,9,10"]
+
+
 def test_state_dict_resumes_bit_identically(tmp_path):
     source, root, _, _ = make_dataset(tmp_path, [(9, 10), (10, 9), (7, 12), (12, 7)])
     transform = mean_transform(6, mirror=True, more="scale_factors: 0.75 scale_factors: 1.0")

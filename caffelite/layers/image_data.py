@@ -180,13 +180,13 @@ def read_list_file(path, layer, parse):
     ``parse(tokens, line, lineno)`` -> fields for each line with a token; a blank (or
     whitespace-only) line is an entry with ``fields`` None, which counts in the list
     size and the shuffle as in the fork and is an error when it is reached."""
+    logger.info("Opening file %s", path)
     entries = []
     for lineno, line in enumerate(getlines(read_list_text(path, layer)), 1):
         tokens = _C_TOKEN.findall(line)
         entries.append(ListEntry(lineno, parse(tokens, line, lineno) if tokens else None))
     if not entries:
         raise layer.error(f"the source list file '{path}' lists no samples")
-    logger.info("Opening file %s: a total of %d images.", path, len(entries))
     return entries
 
 
@@ -205,6 +205,7 @@ def read_label_pairs(path, layer):
     a filename is the next token, a label C++'s ``int`` extraction (optional sign and
     digits, stopping at the first other character, which starts the next filename);
     the list ends silently at the first label that does not parse (a warning here)."""
+    logger.info("Opening file %s", path)
     text = read_list_text(path, layer)
     entries, pos, lineno = [], 0, 1
     while True:
@@ -222,7 +223,6 @@ def read_label_pairs(path, layer):
     if not entries:
         raise layer.error(f"the source list file '{path}' lists no samples (ImageData "
                           f"reads '<image path> <integer label>' pairs)")
-    logger.info("Opening file %s: a total of %d images.", path, len(entries))
     return entries
 
 
@@ -380,6 +380,7 @@ class ImageListLayer(PrefetchingDataLayer):
             logger.info("Shuffling data")
             self.shuffle_rng = CaffeRNG(_caffe_rng_rand())
             shuffle(self.shuffle_rng, self.order)
+        logger.info("A total of %d images.", len(entries))
         self.line = 0
         skip = _caffe_rng_rand() % p.rand_skip if p.rand_skip else 0
         # InitRand again before the prefetch thread starts: this seed is the one used.
@@ -542,8 +543,8 @@ class ImageSegDataLayer(ImageListLayer):
                            (p.batch_size, 1, height, width), (p.batch_size, 1, 1, 2)]
         for t, shape in zip(top, self.top_shapes):
             t.reshape(shape)
-        logger.info("output data size: %s, label size: %s, data_dim size: %s",
-                    *[",".join(map(str, s)) for s in self.top_shapes])
+        for what, shape in zip(("data", "label", "data_dim"), self.top_shapes):
+            logger.info("output %s size: %s", what, ",".join(map(str, shape)))
         self.start_prefetch()
 
     def parse_list_line(self, tokens, line, lineno):
@@ -710,6 +711,7 @@ class ImageDataLayer(ImageListLayer):
                              f"{img.shape[1]} is smaller than crop_size {crop}")
         top[0].reshape((p.batch_size, channels, h, w))
         top[1].reshape((p.batch_size,))
+        logger.info("output data size: %d,%d,%d,%d", p.batch_size, channels, h, w)
         self.start_prefetch()
 
     def plan_batch(self):
