@@ -350,6 +350,11 @@ def _time_whole_passes(net, n):
     from . import backend, cuda_graphs
     if not (cuda_graphs.enabled() and backend.is_gpu()):
         return
+    writers = [f"'{layer.name}' ({layer.type})" for layer in net.layers if layer.writes_files]
+    if writers:      # more forwards than Caffe's 1 + n would write more files
+        logger.info("Not timing whole passes with CUDA graphs: %s write%s files at every "
+                    "forward.", ", ".join(writers), "s" if len(writers) == 1 else "")
+        return
     for _ in range(2):
         net.forward_from_to()
         net.backward_from_to()

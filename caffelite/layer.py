@@ -77,6 +77,9 @@ class Layer:
     # backward read nothing on the host, draw no random numbers and keep no host-side
     # state that changes from one pass to the next (a graph replays device work only).
     graph_safe = False
+    # A layer whose forward writes files (MatWrite, HDF5Output): `caffelite time` runs
+    # no passes beyond Caffe's with it.
+    writes_files = False
     # A user's Python layer (type "Python"): it gets copies of the blob and
     # propagate_down lists, and in GPU mode what it writes to any blob is copied back.
     python_layer = False

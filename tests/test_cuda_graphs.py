@@ -762,6 +762,31 @@ def test_cli_time_with_cuda_graphs_times_whole_passes(tmp_path):
     assert int(found.group(1)) >= 2 * 3     # at least the timed passes, each way
 
 
+def test_cli_time_with_cuda_graphs_runs_no_extra_pass_through_a_file_writer(tmp_path):
+    """With a MatWrite layer (DeepLab's test nets), `caffelite time --gpu 0` runs
+    Caffe's 1 + N forwards only: more would write more feature files (and run past a
+    MatWrite id list)."""
+    import os
+    import subprocess
+    import sys
+    from test_gpu_nets import ROOT
+    path = tmp_path / "net.prototxt"
+    features = tmp_path / "features"
+    features.mkdir()
+    path.write_text(HEAD + BODIES["Convolution"] + TAIL + f"""
+layer {{ name: "w" type: "MatWrite" bottom: "score" mat_write_param {{ prefix: "{features}/" }} }}
+""")
+    env = dict(os.environ, PYTHONPATH=ROOT, CAFFELITE_GPU_EMULATOR="1")
+    out = subprocess.run([sys.executable, "-m", "caffelite.cli", "time", "--model", str(path),
+                          "--iterations", "3", "--gpu", "0"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "Not timing whole passes with CUDA graphs: 'w' (MatWrite) writes files at " \
+           "every forward." in out.stderr
+    assert "with CUDA graphs (whole passes" not in out.stderr
+    assert sorted(os.listdir(features)) == [f"iter_{i}_blob_0.mat" for i in range(4)]
+
+
 def _corpus_cases():
     """test_corpus_nets.CASES but the two training nets that
     test_corpus_training_with_graphs trains with a solver."""

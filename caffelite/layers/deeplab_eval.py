@@ -52,6 +52,7 @@ class MatWriteLayer(Layer):
     forwards (``prefix + "iter_" + iter`` without a source list); the whole blob, all
     N images, goes into one file (matio layout, see ``caffelite.io.matfile``)."""
     runs_on_device = False
+    writes_files = True
     min_bottom = 1
     exact_num_top = 0
 

@@ -26,6 +26,7 @@ class HDF5OutputLayer(Layer):
     the optional ``h5py`` package.
     """
     runs_on_device = False
+    writes_files = True
     exact_num_bottom = 2
     exact_num_top = 0
 
