@@ -18,7 +18,8 @@ recorded: its generator's counter lives and advances in device memory. A
 segment's forward and its backward are two graphs.
 
 When: a segment runs eagerly the first time it meets a set of shapes and memory; the
-second time it is captured and launched; from then on launched, as long as
+second time in a row it is captured and launched (shapes that change at every pass
+never record: one graph per segment is kept); from then on launched, as long as
 
 * the shapes of the blobs it reads from outside are unchanged, and every blob and
   parameter it touches still has the same device memory (a reshape, ``share_data`` or
