@@ -692,6 +692,10 @@ def main(argv=None):
     try:
         _open_log(args)
         return args.func(args)
+    except KeyboardInterrupt:
+        # Ctrl-C outside training (whose solver snapshots or stops on SIGINT as Caffe's)
+        sys.stderr.write(f"caffelite {args.command}: interrupted\n")
+        return 130
     except (CliError, ValueError, OSError, RuntimeError, MemoryError) as e:
         # Our errors already name the file/layer/blob; a traceback would only hide that.
         if os.environ.get("CAFFELITE_TRACEBACK"):
@@ -704,11 +708,29 @@ def main(argv=None):
 def _open_log(args):
     environ = glog_environment(args)
     try:
+        _check_log_is_no_input(args)
         setup_logging(log_file=args.log, environ=environ)
+    except CliError:
+        setup_logging(environ=environ)
+        raise
     except OSError as e:
         setup_logging(environ=environ)
         raise CliError(f"--log: cannot write the log file '{args.log}': "
                        f"{e.strerror}") from None
+
+
+def _check_log_is_no_input(args):
+    """--log appends: refuse a file the command reads (a solver, model, weights or list
+    file named by mistake would be damaged)."""
+    if not args.log or not os.path.isfile(args.log):
+        return
+    for name, value in vars(args).items():
+        if name == "log" or not isinstance(value, str):
+            continue
+        for path in value.split(","):            # --weights a.caffemodel,b.caffemodel
+            if path and os.path.isfile(path) and os.path.samefile(args.log, path):
+                raise CliError(f"--log: '{args.log}' is the --{name} input; write the log "
+                               f"elsewhere (it would be appended to)")
 
 
 def _one_line(error):

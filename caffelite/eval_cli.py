@@ -20,6 +20,24 @@ def check_output_dir(flag, path, error=EvalError):
         raise error(f"{flag}: '{path}' exists and is not a directory")
 
 
+def check_not_an_input(flag, path, inputs, error=EvalError):
+    """Fail before any work when the output ``path`` is one of the command's inputs
+    (``inputs``: {flag: file or folder}) or an existing file in an input folder: writing
+    there would overwrite what the user gave (ground truth, images, the list)."""
+    if not path or not os.path.exists(path):
+        return
+    folder = os.path.dirname(os.path.abspath(path)) if os.path.isfile(path) else None
+    for in_flag, in_path in inputs.items():
+        if not in_path or not os.path.exists(in_path):
+            continue
+        if os.path.samefile(path, in_path):
+            raise error(f"{flag}: '{path}' is the {in_flag} input; write {flag} elsewhere "
+                        f"(it would be overwritten)")
+        if folder is not None and os.path.samefile(folder, in_path):
+            raise error(f"{flag}: '{path}' is a file in the {in_flag} folder; write {flag} "
+                        f"elsewhere (it would be overwritten)")
+
+
 def check_output_file(flag, path):
     """Fail before any work when an output file cannot be written where asked."""
     directory = os.path.dirname(os.path.abspath(path))
@@ -74,8 +92,12 @@ def run(args):
         if path is not None and not os.path.isdir(path):
             raise EvalError(f"{flag}: '{path}' is not a directory")
     check_output_dir("--vis", args.vis)
+    inputs = {"--gt": args.gt, "--list": args.list, "--pred": args.pred,
+              "--features": args.features, "--images": args.images}
+    check_not_an_input("--vis", args.vis, inputs)
     if args.json:
         check_output_file("--json", args.json)
+        check_not_an_input("--json", args.json, inputs)
     ids = [line.id for line in read_list(args.list)]
     items = items_from_dirs(ids, args.gt, args.images)
     if args.argmax_features and not args.features:

@@ -1104,7 +1104,12 @@ class Net:
         # Net::layer_names_index_: the last layer of a name (binary weights go to the
         # first, by a search).
         by_name = {name: i for i, name in enumerate(self._layer_names)}
-        with h5py.File(path, "r") as f:
+        copied = 0
+        try:
+            f = h5py.File(path, "r")
+        except OSError as e:            # truncated or not HDF5: h5py names no file
+            raise NetError(f"{path}: cannot read the HDF5 weights ({e})") from None
+        with f:
             if "data" not in f:
                 raise NetError(f"{path}: not a Caffe HDF5 weights file (no 'data' group)")
             for name, group in f["data"].items():
@@ -1112,6 +1117,7 @@ class Net:
                 if i is None:
                     logger.info("Ignoring source layer %s", name)
                     continue
+                copied += len(group)
                 layer = self.layers[i]
                 if len(group) > len(layer.blobs):
                     raise NetError(f"{path}: Incompatible number of blobs for layer {name} "
@@ -1129,7 +1135,11 @@ class Net:
                                        f"the net")
                     # The fork's hdf5_load_nd_dataset reshapes the blob to the file's
                     # shape unchecked; the layers read it by count, as here.
-                    blob.data[...] = values.reshape(blob.shape)
+                    try:
+                        blob.data[...] = values.reshape(blob.shape)
+                    except (TypeError, ValueError) as e:     # strings, compound types
+                        raise NetError(f"{path}: layer '{name}' blob {j}: {e}") from None
+        self._warn_if_nothing_copied(path, copied)
 
     # ------------------------------------------------------------------ weights
     def copy_from(self, path):
@@ -1148,6 +1158,9 @@ class Net:
                 continue
             self._copy_layer(path, self.layers[i], src)
             copied += len(src.blobs)
+        self._warn_if_nothing_copied(path, copied)
+
+    def _warn_if_nothing_copied(self, path, copied):
         learnable = [n for n, l in zip(self._layer_names, self.layers) if l.blobs]
         if learnable and not copied:
             logger.warning("%s: no layer with weights in this file has the name of a layer "

@@ -616,20 +616,23 @@ class Solver:
         suffix, kind = (".h5", "HDF5 file") if hdf5 else ("", "binary proto file")
         model = self._snapshot_filename(".caffemodel" + suffix)
         logger.info("Snapshotting to %s %s", kind, model)
+        target = model
         try:
             if hdf5:
                 self.net.save_hdf5(model, self.param.snapshot_diff)
             else:
                 # Net::ToProto; read_host_data keeps GPU-mode weights valid on the device.
                 write_atomically(model, self.net.to_proto_bytes(self.param.snapshot_diff))
-            state = self._snapshot_filename(".solverstate" + suffix)
+            state = target = self._snapshot_filename(".solverstate" + suffix)
             logger.info("Snapshotting solver state to %s %s", kind, state)
             write = solverstate.write_solverstate_hdf5 if hdf5 else \
                 solverstate.write_solverstate
             write(state, self.iter, model, [_host(h) for h in self.history],
                   self.current_step, self._extension_state())
         except (OSError, ValueError) as e:
-            raise self.error(f"cannot write the snapshot: {e}") from None
+            written = (f" (the weights are in '{model}', but a resume needs the state too)"
+                       if target != model else "")
+            raise self.error(f"cannot write the snapshot '{target}': {e}{written}") from None
         return model, state
 
     def _nets_by_role(self):

@@ -342,6 +342,28 @@ def test_eval_output_paths_are_checked_before_any_work(capsys, seg):
     assert _files(seg["gt"]) == ["a.png"]
 
 
+def test_eval_outputs_never_overwrite_its_inputs(capsys, seg):
+    """--vis into the ground-truth (or prediction) folder would replace the ground truth
+    with the predictions; --json onto the list or a ground-truth file would replace it."""
+    ids = seg["root"] / "ids.txt"
+    base = ["eval", "--gt", str(seg["gt"]), "--list", str(ids), "--num-labels", "3"]
+    gt_bytes, list_text = (seg["gt"] / "a.png").read_bytes(), ids.read_text()
+    for flag, output, source, what in [
+            ("--vis", seg["gt"], "--features", "is the --gt input"),
+            ("--vis", seg["pred"], "--pred", "is the --pred input"),
+            ("--json", ids, "--features", "is the --list input"),
+            ("--json", seg["gt"] / "a.png", "--features", "is a file in the --gt folder")]:
+        folder = seg["feat"] if source == "--features" else seg["pred"]
+        code, line = _main(capsys, *base, source, str(folder), flag, str(output))
+        assert code == 1
+        assert line == (f"caffelite eval: error: {flag}: '{output}' {what}; write {flag} "
+                        f"elsewhere (it would be overwritten)")
+    assert (seg["gt"] / "a.png").read_bytes() == gt_bytes and ids.read_text() == list_text
+    code, _ = _main(capsys, *base, "--features", str(seg["feat"]), "--json",
+                    str(seg["gt"] / "scores.json"))        # a new file there is fine
+    assert code == 0
+
+
 def test_label_png_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
     """A write that fails half-way (disk full, ^C) must leave the previous file: a
     truncated PNG newer than its features would make `pascal` skip the CRF step."""
@@ -403,6 +425,47 @@ def test_crf_output_in_the_way(capsys, crf_case):
     assert code == 1
     assert line == (f"caffelite crf: error: 'a' ({root / 'feat' / 'a_blob_0.mat'}): cannot "
                     f"write '{root / 'out' / 'a.png'}': it is a directory")
+
+
+def test_crf_out_is_never_an_input_folder(capsys, crf_case):
+    argv, root = crf_case
+    Image.fromarray(np.full((4, 5, 3), 90, np.uint8)).save(root / "img" / "a.png")
+    before = (root / "img" / "a.png").read_bytes()
+    code, line = _main(capsys, *argv, "--out", str(root / "img"))
+    assert code == 1
+    assert line == (f"caffelite crf: error: --out: '{root / 'img'}' is the --images input; "
+                    f"write --out elsewhere (it would be overwritten)")
+    assert (root / "img" / "a.png").read_bytes() == before
+
+
+def test_log_is_never_one_of_the_commands_input_files(capsys, net, tmp_path, untrained):
+    """--log appends: onto the model, weights or list, that would damage them."""
+    model_text, weights = net.read_text(), open(untrained, "rb").read()
+    for flag, path in (("--model", str(net)), ("--weights", untrained)):
+        code, line = _main(capsys, "test", "--model", str(net), "--weights", untrained,
+                           "--iterations", "1", "--log", path)
+        assert code == 1
+        assert line == (f"caffelite test: error: --log: '{path}' is the {flag} input; write "
+                        f"the log elsewhere (it would be appended to)")
+    assert net.read_text() == model_text and open(untrained, "rb").read() == weights
+    log = tmp_path / "test.log"
+    log.write_text("an earlier run\n")
+    code, _ = _main(capsys, "test", "--model", str(net), "--weights", untrained,
+                    "--iterations", "1", "--log", str(log))
+    assert code == 0 and log.read_text().startswith("an earlier run\n")
+
+
+def test_ctrl_c_is_one_line(capsys, net, untrained, monkeypatch):
+    """SIGINT outside training (whose solver handles it as Caffe's) stops the command
+    with one line and the shell's status for it."""
+    from caffelite.net import Net
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(Net, "forward_from_to", interrupted)
+    code, line = _main(capsys, "test", "--model", str(net), "--weights", untrained,
+                       "--iterations", "1")
+    assert (code, line) == (130, "caffelite test: interrupted")
 
 
 @pytest.mark.parametrize("name, value", [("pos_w", float("nan")), ("bi_w", float("inf")),

@@ -1,4 +1,5 @@
 """pycaffe's Net and Solver surface, caffe.Timer and friends, and the `caffe` alias."""
+import logging
 import os
 import subprocess
 import sys
@@ -284,6 +285,32 @@ def test_hdf5_weights_go_to_the_last_layer_of_a_name_and_by_count(tmp_path):
         f["data/ip/0"] = values[:4]
     with pytest.raises(caffe.net.NetError, match="shape \\(4,\\) in the file"):
         net.copy_from(weights)
+
+
+def test_hdf5_weights_problems_name_the_file(tmp_path, caplog):
+    """As with binary caffemodels: weights of another net warn (every weight would keep
+    its initial value), and a cut-off file or string data is an error naming the file."""
+    h5py = pytest.importorskip("h5py")
+    path = tmp_path / "net.prototxt"
+    path.write_text(DEPLOY)
+    net = caffe.Net(str(path), caffe.TEST)
+    other = str(tmp_path / "other.caffemodel.h5")
+    with h5py.File(other, "w") as f:
+        f["data/fc/0"] = np.ones((2, 4), np.float32)
+    with caplog.at_level(logging.WARNING, logger="caffelite"):
+        net.copy_from(other)
+    assert any(f"{other}: no layer with weights in this file has the name of a layer of "
+               f"the net (ip)" in r.getMessage() for r in caplog.records)
+    cut = tmp_path / "cut.caffemodel.h5"
+    cut.write_bytes(open(other, "rb").read()[:1000])
+    with pytest.raises(caffe.net.NetError, match=f"^{re.escape(str(cut))}: cannot read the "
+                                                 f"HDF5 weights"):
+        net.copy_from(str(cut))
+    strings = str(tmp_path / "strings.caffemodel.h5")
+    with h5py.File(strings, "w") as f:
+        f["data/ip/0"] = np.array([b"abc"] * 8)
+    with pytest.raises(caffe.net.NetError, match=f"^{re.escape(strings)}: layer 'ip' blob 0"):
+        net.copy_from(strings)
 
 
 def test_solver_surface(net_file, tmp_path, monkeypatch):

@@ -667,12 +667,26 @@ def test_snapshot_files_contents_and_atomicity(tmp_path, monkeypatch):
                                                                       ".solverstate")]
     s.history[0][...] += 1
 
+    real_replace = os.replace
+
     def boom(src, dst):
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(os, "replace", boom)
-    with pytest.raises(SolverError, match="cannot write the snapshot"):
+    with pytest.raises(SolverError, match=f"cannot write the snapshot "
+                                          f"'{re.escape(str(prefix))}_iter_4.caffemodel': "):
+        s.snapshot()
+
+    def state_fails(src, dst):
+        if dst.endswith(".solverstate"):
+            raise OSError(28, "No space left on device")
+        real_replace(src, dst)
+    monkeypatch.setattr(os, "replace", state_fails)
+    with pytest.raises(SolverError, match=f"'{re.escape(str(prefix))}_iter_4.solverstate': .* "
+                                          f"\\(the weights are in '.*_iter_4.caffemodel', but "
+                                          f"a resume needs the state too\\)"):
         s.snapshot()
     monkeypatch.undo()
+    before[0] = open(f"{prefix}_iter_4.caffemodel", "rb").read()      # the new weights
     assert [open(f"{prefix}_iter_4{ext}", "rb").read()
             for ext in (".caffemodel", ".solverstate")] == before
     assert sorted(os.listdir(tmp_path / "snaps")) == [
