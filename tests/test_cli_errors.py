@@ -113,6 +113,28 @@ def test_file_in_the_way_of_an_output_folder(capsys, tmp_path):
     assert blocker.read_text() == "mine"
 
 
+def test_demo_never_writes_into_a_folder_of_other_files(capsys, tmp_path):
+    """The demo writes data/ and voc_synth/ into --out: a folder holding files it did not
+    make is refused; its own folder (marked) and new or empty ones are taken."""
+    from caffelite.demo.experiment import MARKER, claim_folder
+    mine = tmp_path / "mine"
+    (mine / "data" / "JPEGImages").mkdir(parents=True)
+    (mine / "data" / "JPEGImages" / "x.jpg").write_text("mine")
+    code, line = _main(capsys, "demo", "--out", str(mine), "--iterations", "1")
+    assert code == 1
+    assert line == (f"caffelite demo: error: '{mine}' already holds files that caffelite "
+                    f"demo did not make, which its data/ and voc_synth/ folders could "
+                    f"overwrite; give a new or empty --out folder")
+    assert _files(mine) == ["data"] and _files(mine / "data" / "JPEGImages") == ["x.jpg"]
+    for folder in (tmp_path / "new", tmp_path / "empty"):
+        if folder.name == "empty":
+            folder.mkdir()
+        claim_folder(str(folder))
+        assert _files(folder) == [MARKER]
+        (folder / "data").mkdir()
+        claim_folder(str(folder))                          # a later run of the demo
+
+
 @pytest.mark.parametrize("verb", ["test", "time", "demo"])
 def test_gpu_without_cupy_is_one_sentence(capsys, net, tmp_path, monkeypatch, verb,
                                           untrained):

@@ -56,13 +56,9 @@ def prepare_experiment(n_train, n_val, max_iter, batch_size):
 
 def run_demo(out_dir, max_iter=600, n_train=120, n_val=30, batch_size=10):
     """Returns a dict with the training losses and the evaluation scores."""
-    os.makedirs(out_dir, exist_ok=True)
-    cwd = os.getcwd()
-    os.chdir(out_dir)
-    try:
-        return _run_in_experiment_root(max_iter, n_train, n_val, batch_size)
-    finally:
-        os.chdir(cwd)
+    from .experiment import in_directory
+    return in_directory(out_dir, _run_in_experiment_root, max_iter, n_train, n_val,
+                        batch_size)
 
 
 def _run_in_experiment_root(max_iter, n_train, n_val, batch_size):

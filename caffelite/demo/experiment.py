@@ -116,10 +116,26 @@ def background_only(confusion):
     return scores_from_confusion(m)
 
 
+# Left in a demo's folder: the folder is the demo's own, and a new run may write there.
+MARKER = ".caffelite_demo"
+
+
+def claim_folder(out_dir):
+    """Make ``out_dir`` the demo's (it writes data/ and voc_synth/ there); a folder that
+    already holds other files is refused, as they could be overwritten."""
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and \
+            not os.path.exists(os.path.join(out_dir, MARKER)):
+        raise ValueError(f"'{out_dir}' already holds files that caffelite demo did not "
+                         f"make, which its data/ and voc_synth/ folders could overwrite; "
+                         f"give a new or empty --out folder")
+    os.makedirs(out_dir, exist_ok=True)
+    open(os.path.join(out_dir, MARKER), "a").close()
+
+
 def in_directory(out_dir, fn, *args):
     """Run ``fn`` with ``out_dir`` as the working directory (the kit's configs use
     paths relative to the experiment root)."""
-    os.makedirs(out_dir, exist_ok=True)
+    claim_folder(out_dir)
     cwd = os.getcwd()
     os.chdir(out_dir)
     try:
