@@ -115,7 +115,8 @@ def test_file_in_the_way_of_an_output_folder(capsys, tmp_path):
 
 def test_demo_never_writes_into_a_folder_of_other_files(capsys, tmp_path):
     """The demo writes data/ and voc_synth/ into --out: a folder holding files it did not
-    make is refused; its own folder (marked) and new or empty ones are taken."""
+    make is refused; its own folders (marked, or an earlier version's data/ and
+    voc_synth/) and new or empty ones are taken."""
     from caffelite.demo.experiment import MARKER, claim_folder
     mine = tmp_path / "mine"
     (mine / "data" / "JPEGImages").mkdir(parents=True)
@@ -133,6 +134,9 @@ def test_demo_never_writes_into_a_folder_of_other_files(capsys, tmp_path):
         assert _files(folder) == [MARKER]
         (folder / "data").mkdir()
         claim_folder(str(folder))                          # a later run of the demo
+    (mine / "voc_synth" / "config").mkdir(parents=True)
+    claim_folder(str(mine))                                # an unmarked earlier demo
+    assert _files(mine) == [MARKER, "data", "voc_synth"]
 
 
 @pytest.mark.parametrize("verb", ["test", "time", "demo"])

@@ -123,13 +123,19 @@ MARKER = ".caffelite_demo"
 def claim_folder(out_dir):
     """Make ``out_dir`` the demo's (it writes data/ and voc_synth/ there); a folder that
     already holds other files is refused, as they could be overwritten."""
-    if os.path.isdir(out_dir) and os.listdir(out_dir) and \
-            not os.path.exists(os.path.join(out_dir, MARKER)):
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not _demo_folder(out_dir):
         raise ValueError(f"'{out_dir}' already holds files that caffelite demo did not "
                          f"make, which its data/ and voc_synth/ folders could overwrite; "
                          f"give a new or empty --out folder")
     os.makedirs(out_dir, exist_ok=True)
     open(os.path.join(out_dir, MARKER), "a").close()
+
+
+def _demo_folder(out_dir):
+    """Marked, or laid out by a demo from before the marker: data/ and voc_synth/ only."""
+    names = set(os.listdir(out_dir))
+    return MARKER in names or (names <= {"data", "voc_synth"} and
+                               os.path.isdir(os.path.join(out_dir, "voc_synth", "config")))
 
 
 def in_directory(out_dir, fn, *args):
