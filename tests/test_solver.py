@@ -1073,3 +1073,20 @@ def test_solverstate_bytes_match_protobufs_serialisation():
         blob.data.extend(h.ravel().tolist())
     got = solverstate.solverstate_bytes(1234, "a/b_iter_1234.caffemodel", history, 2)
     assert got == expected.SerializeToString()
+
+
+def test_an_empty_file_or_a_caffemodel_given_as_solverstate_says_so(tmp_path):
+    """Instead of "incorrect number of history blobs: the state has 0"."""
+    from caffelite.io.solverstate import SolverStateError, read_solverstate
+    empty = tmp_path / "x.solverstate"
+    empty.write_bytes(b"")
+    with pytest.raises(SolverStateError, match=f"^{re.escape(str(empty))}: the file is "
+                                               f"empty \\(0 bytes\\), not a solverstate$"):
+        read_solverstate(str(empty))
+    model = caffe_pb2.NetParameter(name="n")
+    model.layer.add(name="ip", type="InnerProduct").blobs.add().data.extend([1, 2])
+    weights = tmp_path / "x_iter_4.caffemodel"
+    weights.write_bytes(model.SerializeToString())
+    with pytest.raises(SolverStateError, match="this is a caffemodel \\(a net's weights\\), "
+                                               "not a solverstate; give it with --weights"):
+        read_solverstate(str(weights))

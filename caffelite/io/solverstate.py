@@ -44,16 +44,24 @@ class SolverStateData:
     extension: dict = None
 
 
+NET_LAYER_FIELD = 100          # NetParameter.layer: a caffemodel given as a solverstate
+
+
 def read_solverstate(path):
     try:
         with open(path, "rb") as f:
             buf = memoryview(f.read())
     except OSError as e:
         raise SolverStateError(f"cannot read solverstate '{path}': {e.strerror}") from None
+    if not len(buf):
+        raise SolverStateError(f"{path}: the file is empty (0 bytes), not a solverstate")
     w = WireReader(buf, lambda what: SolverStateError(
         f"{path}: corrupt or truncated solverstate ({what})"))
     state = SolverStateData()
     for number, wire, value in w.fields(0, len(buf)):
+        if number == NET_LAYER_FIELD and wire == LEN:
+            raise SolverStateError(f"{path}: this is a caffemodel (a net's weights), not a "
+                                   f"solverstate; give it with --weights")
         if number == 1 and wire == VARINT:
             state.iter = signed(value)
         elif number == 2 and wire == LEN:
