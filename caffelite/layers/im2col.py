@@ -10,10 +10,11 @@ The column buffer is built for a band of output rows at a time (``rows_per_chunk
 that it stays under ``COL_BUFFER_BYTES`` however large the image; each band is one 2-D
 GEMM per convolution group.  Convolutions with a 1x1 kernel, stride 1 and no padding skip
 im2col (the image already is its column matrix; on the device under TF32, large ones on
-odd grids run as padded image groups instead, see ``_direct_1x1``). On the host, 2-D stride-1 convolutions
-with one group and at most half as many outputs as input channels (classifier heads)
-skip it too: one product per image gives every tap's output plane, and the planes are
-shifted and summed (``tap_planes``, which says when else it applies).
+odd grids run as padded image groups instead, see ``_direct_1x1``). On the host, 2-D
+stride-1 convolutions with one group and at most half as many outputs as input channels
+(classifier heads) skip it too: one product per image gives every tap's output plane,
+and the planes are shifted and summed (``tap_planes``, which says when else it
+applies).
 
 Everything is written against ``xp`` (numpy or cupy, taken from the arrays).  On the
 device, 2-D convolutions run the ``im2col``/``col2im`` CUDA kernels
