@@ -964,21 +964,21 @@ class Net:
     # the net's blob order.
     @property
     def _inputs(self):
-        return self._blob_indices(self._input_names)
+        return self._blob_indices(self.blobs[name] for name in self._input_names)
 
     @property
     def _outputs(self):
-        return self._blob_indices(self._output_names)
+        return self._blob_indices(self.blobs[name] for name in self._output_names)
 
     def _top_ids(self, i):
-        return self._blob_indices(self.top_names[self._layer_names[i]])
+        return self._blob_indices(self.top_blobs[i])
 
     def _bottom_ids(self, i):
-        return self._blob_indices(self.bottom_names[self._layer_names[i]])
+        return self._blob_indices(self.bottom_blobs[i])
 
-    def _blob_indices(self, names):
-        index = {name: k for k, name in enumerate(self.blobs)}
-        return [index[name] for name in names]
+    def _blob_indices(self, blobs):
+        index = {id(blob): k for k, blob in enumerate(self.blobs.values())}
+        return [index[id(blob)] for blob in blobs]
 
     @property
     def _blobs(self):
