@@ -284,6 +284,8 @@ class Net:
 
     def __init__(self, network_file=None, phase=None, *args, weights=None, stages=None,
                  level=None, defines=None, param=None, dtype=np.float32):
+        if phase in ("TRAIN", "TEST", b"TRAIN", b"TEST"):
+            raise TypeError(f"phase {phase!r} is a string; give caffe.TRAIN or caffe.TEST")
         if isinstance(phase, _PATH_TYPES):              # Net(file, weights, phase)
             weights, phase, *args = phase, *(args or (None,))
         elif args and isinstance(args[0], _PATH_TYPES):  # Net(file, phase, weights)

@@ -572,5 +572,8 @@ def test_bvlc_1_0_positional_forms_and_paths_that_are_not_paths(tmp_path, capfd)
             caffe.Net(str(path), caffe.TEST, weights=bad)
         with pytest.raises(TypeError, match="expected a file path"):
             shallow.copy_from(bad)
+    with pytest.raises(TypeError, match="phase 'TEST' is a string; give caffe.TRAIN or "
+                                        "caffe.TEST"):
+        caffe.Net(str(path), "TEST")
     print("stdout is open")
     assert capfd.readouterr().out == "stdout is open\n"
