@@ -331,6 +331,7 @@ class Net:
         self.force_backward = param.force_backward
         self.debug_info = bool(param.debug_info)
         filtered = filter_net(param, state)
+        filtered.state.CopyFrom(state)             # Caffe's Init gets the merged state
         if logger.isEnabledFor(logging.INFO):      # the text takes a while for big nets
             logger.info("Initializing net from parameters: \n%s",
                         prototxt.message_to_text(filtered))

@@ -200,9 +200,8 @@ class Solver:
     def _build_net(self, net_param, source, state):
         param = caffe_pb2.NetParameter()
         param.CopyFrom(net_param)
-        param.ClearField("state")
-        return Net(source, state.phase, param=param, stages=list(state.stage),
-                   level=state.level)
+        param.state.CopyFrom(state)     # as Caffe's solver sets it (a level only if given)
+        return Net(source, state.phase, param=param)
 
     def _init_train_net(self):
         p = self.param

@@ -377,7 +377,9 @@ def test_net_init_logs_caffes_lines(tmp_path, untrained):
                          "data does not need backward computation."]
     assert lines.index("This network produces output loss") < \
         lines.index("Network initialization done.")
-    assert 'Initializing net from parameters: \nname: "n"\nlayer {\n' in out.stderr
+    # FilterNet keeps the state Net(file, phase) set, so Caffe's dump shows it
+    assert 'Initializing net from parameters: \nname: "n"\nstate {\n  phase: TEST\n}\n' \
+           'layer {\n' in out.stderr
 
 
 def glog_files(folder, severity):

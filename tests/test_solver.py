@@ -1090,3 +1090,16 @@ def test_an_empty_file_or_a_caffemodel_given_as_solverstate_says_so(tmp_path):
     with pytest.raises(SolverStateError, match="this is a caffemodel \\(a net's weights\\), "
                                                "not a solverstate; give it with --weights"):
         read_solverstate(str(weights))
+
+
+def test_net_dumps_show_the_state_the_solver_gave_each_net(tmp_path, caplog):
+    """Net::Init logs FilterNet's copy of its parameter, with the state the solver merged
+    (phase, then a level or stages only where the files give them)."""
+    caplog.set_level(logging.INFO, logger="caffelite")
+    make_solver(tmp_path, 'base_lr: 0.1 lr_policy: "fixed" test_iter: 1 test_interval: 5\n'
+                          'train_state { level: 2 } test_state { stage: "aux" }', ip_net())
+    dumps = [r.getMessage().split("\nlayer {")[0] for r in caplog.records
+             if r.getMessage().startswith("Initializing net from parameters")]
+    head = 'Initializing net from parameters: \nname: "ipnet"\n'
+    assert dumps == [head + 'state {\n  phase: TRAIN\n  level: 2\n}',
+                     head + 'state {\n  phase: TEST\n  stage: "aux"\n}']
