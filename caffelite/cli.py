@@ -62,7 +62,7 @@ def _select_device(args, solver_device=None):
     """CPU or GPU mode from --gpu, with --tf32 and --cuda-graphs, logged with the lines
     of tools/caffe.cpp's verb. ``solver_device``: the GPU a solver file asks for when
     --gpu is not given (``train``); where no GPU can be used, that run goes on on the
-    CPU, with a warning."""
+    CPU, with a warning. Returns the GPU used, or None for the CPU."""
     from . import backend, cuda_graphs
     from .kernels import GPUUnavailableError
     device, source = parse_gpu(args.gpu), None       # source: a solver asked for it
@@ -71,7 +71,7 @@ def _select_device(args, solver_device=None):
     graphs = getattr(args, "cuda_graphs", None)     # None: the default (on)
     if device is None:
         _use_cpu(graphs)
-        return
+        return None
     tf32 = bool(getattr(args, "tf32", False))
     try:
         backend.use_gpu(device, tf32, graphs)
@@ -82,7 +82,7 @@ def _select_device(args, solver_device=None):
                        "(solver_mode: CPU or CAFFELITE_SOLVER_MODE=cpu says so without this "
                        "warning)", source, device, _lower_first(str(e)).rstrip("."))
         _use_cpu(graphs)
-        return
+        return None
     name = _device_name(device)
     if args.gpu == "all" and _device_count() > 1:
         logger.warning("--gpu all: caffelite uses one GPU; using GPU %d", device)
@@ -96,6 +96,7 @@ def _select_device(args, solver_device=None):
     if tf32 or cuda_graphs.enabled():
         logger.info("caffelite: %s", ", ".join(
             ["TF32 GEMMs"] * tf32 + ["CUDA graphs"] * cuda_graphs.enabled()))
+    return device
 
 
 def _device_count():
@@ -127,16 +128,14 @@ def _lower_first(text):
     return text if first[1:2].isupper() else text[:1].lower() + text[1:]
 
 
-def solver_device(solver_path, defines):
+def solver_device(param, solver_path):
     """Caffe's train() without --gpu: a solver whose solver_mode is GPU (the proto's
     default) trains on its device_id (0 when unset). Returns (device, what asked for it)
     or None for the CPU. CAFFELITE_SOLVER_MODE=cpu or gpu overrides the file's mode."""
-    from .io import prototxt
     from .proto import caffe_pb2
     override = os.environ.get("CAFFELITE_SOLVER_MODE", "").strip().lower()
     if override not in ("", "cpu", "gpu"):
         raise CliError(f"CAFFELITE_SOLVER_MODE must be cpu or gpu, got '{override}'")
-    param = prototxt.read_solver(solver_path, defines)
     if override:
         return (param.device_id, "CAFFELITE_SOLVER_MODE=gpu") if override == "gpu" else None
     if param.solver_mode != caffe_pb2.SolverParameter.GPU:
@@ -215,15 +214,19 @@ def cmd_train(args):
     if args.weights and args.snapshot:
         raise CliError("Give a snapshot to resume training or weights to finetune but not "
                        "both.")
+    from .io import prototxt
     defines = _defines(args.define)
-    _select_device(args, None if args.gpu else
-                   solver_device(args.solver, defines))
+    param = prototxt.read_solver(args.solver, defines)     # once, as caffe.cpp's train()
+    device = _select_device(args, None if args.gpu else solver_device(param, args.solver))
+    if device is not None:
+        param.device_id = device        # train() sets it before the solver logs its param
     # caffe.cpp's SignalHandler exists before the solver: a signal while the nets are
     # built is acted on at the first check.
     pending = PendingSignals()
     restore = install_signal_handlers(None, args.sigint_effect, args.sighup_effect, pending)
     try:
-        solver = get_solver(args.solver, defines=defines, train_state=_flag_state(args))
+        solver = get_solver(param, defines=defines, train_state=_flag_state(args),
+                            source=args.solver)
         solver.signals = pending
         if args.snapshot:
             logger.info("Resuming from %s", args.snapshot)

@@ -119,16 +119,22 @@ class Solver:
     history_per_param = 1
 
     def __new__(cls, solver=None, *args, **kwargs):
+        read = None
         if cls is Solver:
-            param, source = _read_param(solver, kwargs.get("defines", args[0] if args else None))
-            cls = _solver_class(param, source)
-        return super().__new__(cls)
+            read = _read_param(solver, kwargs.get("defines", args[0] if args else None),
+                               kwargs.get("source"))
+            cls = _solver_class(*read)
+        obj = super().__new__(cls)
+        obj._read = read                # the file is read (and its upgrade logged) once
+        return obj
 
-    def __init__(self, solver, defines=None, train_state=None):
+    def __init__(self, solver, defines=None, train_state=None, source=None):
         """``train_state``: a NetState merged into the file's ``train_state`` (what
-        ``caffe train --level/--stage`` adds)."""
+        ``caffe train --level/--stage`` adds). ``source``: the file a SolverParameter
+        ``solver`` was read from (for messages and the log)."""
         self.defines = dict(defines or {})
-        self.param, self.source = _read_param(solver, defines)
+        read, self._read = getattr(self, "_read", None), None
+        self.param, self.source = read or _read_param(solver, defines, source)
         p = self.param
         if train_state is not None and train_state.ListFields():
             p.train_state.MergeFrom(train_state)     # (an empty one is not printed below)
@@ -884,9 +890,9 @@ _SOLVER_TYPES = {cls.type: cls for cls in (SGDSolver, NesterovSolver, AdaGradSol
                                            RMSPropSolver, AdaDeltaSolver, AdamSolver)}
 
 
-def _read_param(solver, defines=None):
+def _read_param(solver, defines=None, source=None):
     if isinstance(solver, caffe_pb2.SolverParameter):
-        return upgrade_solver(solver), "<SolverParameter>"
+        return upgrade_solver(solver), source or "<SolverParameter>"
     if solver is None:
         raise TypeError("a solver needs a solver prototxt path or a SolverParameter")
     path = os.fspath(solver)
@@ -901,13 +907,12 @@ def _solver_class(param, source):
     return cls
 
 
-def get_solver(solver, defines=None, train_state=None):
+def get_solver(solver, defines=None, train_state=None, source=None):
     """pycaffe's ``caffe.get_solver``: the solver class named by ``type`` (the old
-    ``solver_type`` enum is upgraded)."""
-    param, source = _read_param(solver, defines)
-    cls = _solver_class(param, source)
-    return cls(param if isinstance(solver, caffe_pb2.SolverParameter) else solver, defines,
-               train_state)
+    ``solver_type`` enum is upgraded). The file is read once; ``source`` names the file
+    a SolverParameter ``solver`` came from."""
+    param, source = _read_param(solver, defines, source)
+    return _solver_class(param, source)(param, defines, train_state, source)
 
 
 # ---------------------------------------------------------------------- signals

@@ -199,6 +199,21 @@ def run_train(solver, env, *flags):
                            str(solver), *flags], capture_output=True, text=True, env=env)
 
 
+def test_train_reads_the_solver_once_and_dumps_the_gpu_it_trains_on(tmp_path):
+    """caffe.cpp's train() reads the solver file once (its upgrade lines appear once)
+    and sets device_id to the GPU it uses before the solver logs its parameters."""
+    solver = write_solver(tmp_path, "solver_type: NESTEROV\nmomentum: 0.9\n"
+                                    "solver_mode: CPU\n")
+    out = run_train(solver, train_env())
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.count("Attempting to upgrade input file specified using deprecated "
+                            "'solver_type' field") == 1
+    assert "device_id" not in out.stderr
+    out = run_train(solver, train_env(CAFFELITE_GPU_EMULATOR="1"), "--gpu", "0")
+    assert out.returncode == 0, out.stderr
+    assert "\nsolver_mode: CPU\ndevice_id: 0\nnet: " in out.stderr
+
+
 def test_train_without_gpu_flag_falls_back_to_the_cpu_when_the_solver_wants_a_gpu(tmp_path):
     """Caffe's train(): without --gpu, solver_mode GPU (the proto's default) means GPU
     device_id. With no usable GPU caffelite warns, naming the solver, and trains on the
