@@ -512,12 +512,55 @@ def test_mvn_backward_is_caffes_formula_for_large_eps():
     np.testing.assert_allclose(bottom[0].diff, expect, rtol=1e-12, atol=1e-14)
 
 
-def test_mvn_in_place():
+def caffe_mvn_backward_in_place(y, diff, std):
+    """MVNLayer::Backward_cpu (normalize_variance) step by step on rows (num, dim) where
+    bottom_diff and top_diff are one buffer, written out element by element; its
+    caffe_cpu_axpby is the non-MKL builds' sscal then saxpy (mkl_alternate.hpp)."""
+    buf = diff.copy()
+    num, dim = buf.shape
+    for r in range(num):
+        for i in range(dim):
+            buf[r, i] = y[r, i] * buf[r, i]            # caffe_mul(top_data, top_diff)
+        total = sum(buf[r])                            # gemv over bottom_diff
+        for i in range(dim):
+            buf[r, i] = total                          # gemm, beta 0
+            buf[r, i] = y[r, i] * buf[r, i]            # caffe_mul(top_data, bottom_diff)
+        total = sum(buf[r])                            # gemv over top_diff (the same)
+        for i in range(dim):
+            buf[r, i] = total + buf[r, i]              # gemm, beta 1
+            buf[r, i] = buf[r, i] * (-1.0 / dim)       # sscal(-1/dim, bottom_diff)
+            buf[r, i] = buf[r, i] + buf[r, i]          # saxpy(1, top_diff, bottom_diff)
+            buf[r, i] = buf[r, i] / std[r]             # caffe_div by the std + eps
+    return buf
+
+
+@pytest.mark.parametrize("fields, num_rows", [("", 6), ("across_channels: true", 2)])
+def test_mvn_in_place_backward_reads_what_caffes_overwrote(fields, num_rows):
+    """In place, Caffe's backward overwrites the top diff it reads again: its gradient
+    is not the out-of-place one. Without normalize_variance the two agree."""
     x, dy = rand((2, 3, 2, 2), 94), rand((2, 3, 2, 2), 95)
-    a = in_place_run('type: "MVN"', x, dy)
-    b = out_of_place_run('type: "MVN"', x, dy)
-    np.testing.assert_allclose(a[0], b[0], rtol=1e-12)
-    np.testing.assert_allclose(a[1], b[1], rtol=1e-10, atol=1e-14)
+    text = f'type: "MVN" mvn_param {{ {fields} }}'
+    y, dx, _ = in_place_run(text, x, dy)
+    out_y, out_dx, _ = out_of_place_run(text, x, dy)
+    np.testing.assert_array_equal(y, out_y)
+    rows = y.reshape(num_rows, -1)
+    centred = x.reshape(num_rows, -1) - x.reshape(num_rows, -1).mean(axis=1, keepdims=True)
+    std = np.sqrt((centred ** 2).mean(axis=1)) + 1e-9
+    expect = caffe_mvn_backward_in_place(rows, dy.reshape(num_rows, -1), std)
+    np.testing.assert_allclose(dx.reshape(num_rows, -1), expect, rtol=1e-10, atol=1e-12)
+    assert not np.allclose(dx, out_dx)
+    text = f'type: "MVN" mvn_param {{ {fields} normalize_variance: false }}'
+    np.testing.assert_array_equal(in_place_run(text, x, dy)[1],
+                                  out_of_place_run(text, x, dy)[1])
+
+
+@pytest.mark.parametrize("shape", [(2, 3), (2, 3, 5), (6,)])
+def test_mvn_top_is_four_dimensional_as_caffes_reshape(shape):
+    """MVNLayer::Reshape gives the top num, channels, height and width (1 where the
+    bottom has no such axis)."""
+    layer = make_layer('type: "MVN" mvn_param { across_channels: true }')
+    bottom, top = setup_layer(layer, [rand(shape, 96)])
+    assert top[0].shape == tuple(shape) + (1,) * (4 - len(shape))
 
 
 def test_mvn_rejects_more_than_four_axes():

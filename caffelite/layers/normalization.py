@@ -4,6 +4,7 @@ import math
 import numpy as np
 
 from ..backend import TEST, get_array_module
+from ..blob import legacy_shape
 from ..filler import fill
 from ..layer import Layer, NeuronLayer, register
 from ._device import launch, on_device, reused
@@ -374,9 +375,12 @@ class MVNLayer(NeuronLayer):
     """Mean-variance normalisation per (n, c) or, ``across_channels``, per n.
 
     y = (x - mean) / (std + eps): Caffe adds eps to the standard deviation, not the
-    variance.  The backward is Caffe's, (dy - mean(dy) - y mean(dy y)) / (std + eps),
-    which drops a factor std / (std + eps) from the exact derivative (tiny at the
-    default eps 1e-9).
+    variance; means are row sums times the Dtype 1/dim (its gemv's alpha). The top is
+    4-D (num, channels, height, width), as Caffe's Reshape makes it. The backward is
+    Caffe's sequence on the bottom diff, (dy - (y sum(dy y) + sum(dy)) / dim) / (std +
+    eps), which drops a factor std / (std + eps) from the exact derivative; in place,
+    where the bottom diff is the top diff, it reads what it has overwritten, as Caffe's
+    does (its axpby as the non-MKL builds' scal then axpy).
     """
 
     def setup(self, bottom, top):
@@ -392,29 +396,36 @@ class MVNLayer(NeuronLayer):
                              f"got {b.shape}")
         num = b.num if self.across_channels else b.num * b.channels
         self.dims = (num, b.count // max(num, 1))
-        top[0].reshape(b.shape)
+        top[0].reshape(legacy_shape(b.shape))
+
+    def _row_means(self, rows):
+        """gemv(1/dim, rows, ones): each row's sum times the Dtype 1/dim."""
+        return rows.sum(axis=1, keepdims=True, dtype=rows.dtype) * \
+            rows.dtype.type(1.0 / self.dims[1])
 
     def forward(self, bottom, top):
         xp = get_array_module(bottom[0].data)
         x = bottom[0].data.reshape(self.dims)
-        dtype = x.dtype.type
-        y = x - x.mean(axis=1, keepdims=True, dtype=x.dtype)
+        y = x - self._row_means(x)
         if self.normalize_variance:
-            var = (y * y).mean(axis=1, keepdims=True, dtype=x.dtype)
-            self.std = xp.sqrt(var) + dtype(self.eps)
+            self.std = xp.sqrt(self._row_means(y * y)) + x.dtype.type(self.eps)
             y = y / self.std
         top[0].data[...] = y.reshape(top[0].shape)
 
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:
             return
+        grad = bottom[0].diff.reshape(self.dims)     # in place: the top diff itself
         dy = top[0].diff.reshape(self.dims)
-        dtype = dy.dtype.type
+        t = grad.dtype.type
         if self.normalize_variance:
             y = top[0].data.reshape(self.dims)
-            sum_dy_y = (dy * y).sum(axis=1, keepdims=True, dtype=dy.dtype)
-            sum_dy = dy.sum(axis=1, keepdims=True, dtype=dy.dtype)
-            dx = (dy + dtype(-1.0 / self.dims[1]) * (y * sum_dy_y + sum_dy)) / self.std
+            grad[...] = y * dy
+            grad[...] = grad.sum(axis=1, keepdims=True, dtype=grad.dtype)
+            grad *= y
+            grad += dy.sum(axis=1, keepdims=True, dtype=dy.dtype)
+            grad *= t(-1.0 / self.dims[1])
+            grad += dy
+            grad /= self.std
         else:
-            dx = dy - dy.mean(axis=1, keepdims=True, dtype=dy.dtype)
-        bottom[0].diff[...] = dx.reshape(bottom[0].shape)
+            grad[...] = dy - self._row_means(dy)
