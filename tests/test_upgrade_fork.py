@@ -239,7 +239,8 @@ layers { name: "drop" type: DROPOUT bottom: "pow" top: "pow" include { phase: TR
 """
 
 # TextFormat::Printer: fields in number order, two-space indent, floats as SimpleFtoa
-# ("%.6g", or "%.9g" when that does not read back as the same float), strings CEscaped.
+# ("%.6g", or "%.8g" when that does not read back as the same float: protobuf up to
+# 3.3, the fork's), strings CEscaped.
 UPGRADE_OUT = """name: "v1"
 input: "data"
 input_dim: 1
@@ -292,7 +293,7 @@ layer {
     phase: TRAIN
   }
   dropout_param {
-    dropout_ratio: 0.333333313
+    dropout_ratio: 0.33333331
   }
 }
 """
@@ -312,12 +313,12 @@ def test_text_format_of_special_values():
     layer.name = "q'\"\\\n\u00e9"
     layer.loss_weight.extend([float("inf"), float("-inf"), 0, -2.5, 123456789])
     # CEscape: \' \" \\ \n and octal bytes for non-ASCII; 123456789 is the float
-    # 123456792, which "%.6g" (1.23457e+08) does not give back.
+    # 123456792, which "%.6g" (1.23457e+08) does not give back and "%.8g" does.
     assert prototxt.net_to_text(net) == (
         'layer {\n'
         '  name: "q\\\'\\"\\\\\\n\\303\\251"\n'
         '  loss_weight: inf\n  loss_weight: -inf\n  loss_weight: 0\n'
-        '  loss_weight: -2.5\n  loss_weight: 123456792\n'
+        '  loss_weight: -2.5\n  loss_weight: 1.2345679e+08\n'
         '}\n')
 
 

@@ -224,7 +224,9 @@ def _is_repeated(field):
 
 def _scalar_text(field, value):
     if field.type == FieldDescriptor.TYPE_FLOAT:
-        return _shortest_text(value, 6, 9, lambda v: float(np.float32(v)))
+        # FLT_DIG + 2 digits when FLT_DIG do not read back: protobuf up to 3.3, the
+        # fork's (3.4 took FLT_DIG + 3, which always reads back).
+        return _shortest_text(value, 6, 8, lambda v: float(np.float32(v)))
     if field.type == FieldDescriptor.TYPE_DOUBLE:
         return _shortest_text(value, 15, 17, float)
     if field.type == FieldDescriptor.TYPE_BOOL:
