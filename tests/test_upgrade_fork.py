@@ -360,3 +360,31 @@ def test_deeplab_v1_has_label_false_is_label_type_none(extra, label_type):
     param = net.layer[0].image_data_param
     assert not param.HasField("has_label")
     assert caffe_pb2.ImageDataParameter.LabelType.Name(param.label_type) == label_type
+
+
+def test_strict_dim_false_survives_the_upgrade_to_v2_text(tmp_path):
+    """DeepLab v1's strict_dim: false (weights copied by element count) is carried into
+    the V2 layer, so an upgraded v1 net still takes its old-layout weights; it stays
+    out of caffemodels (a text-only field number)."""
+    v1 = tmp_path / "v1.prototxt"
+    v1.write_text('input: "data" input_dim: 1 input_dim: 2 input_dim: 3 input_dim: 3\n'
+                  'layers { name: "fc" type: CONVOLUTION bottom: "data" top: "fc" '
+                  'strict_dim: false convolution_param { num_output: 4 kernel_size: 3 } }\n')
+    net, relaxed = prototxt.read_net(str(v1))
+    assert relaxed == {"fc"}
+    v2 = tmp_path / "v2.prototxt"
+    v2.write_text(prototxt.net_to_text(net))
+    assert "strict_dim: false" in v2.read_text()
+    assert prototxt.read_net(str(v2))[1] == {"fc"}
+    weights = tmp_path / "old_layout.caffemodel"
+    model = caffe_pb2.NetParameter()
+    layer = model.layer.add(name="fc", type="Convolution")
+    for count in (4 * 2 * 3 * 3, 4):             # blobs of another shape, same counts
+        blob = layer.blobs.add()
+        blob.shape.dim.extend([1, 1, 1, count])
+        blob.data.extend(np.arange(count, dtype=np.float32))
+    weights.write_bytes(model.SerializeToString())
+    upgraded = caffe.Net(str(v2), caffe.TEST, weights=str(weights))
+    np.testing.assert_array_equal(upgraded.params["fc"][0].data.ravel(), np.arange(72))
+    saved = caffe_pb2.NetParameter.FromString(upgraded.to_proto_bytes())
+    assert not saved.layer[0].HasField("strict_dim")

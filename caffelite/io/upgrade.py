@@ -192,6 +192,8 @@ def _upgrade_v1_layer(v1, where, deeplab_v1):
             raise UpgradeError(f"{where}: layer '{v1.name}': V1 field '{field.name}' has "
                                f"no V2 form")
         getattr(layer, field.name).CopyFrom(value)
+    if v1.HasField("strict_dim"):
+        layer.strict_dim = v1.strict_dim
     if v1.HasField("softmaxloss_param"):
         _upgrade_softmaxloss(v1, layer, where)
     if enum_name == "PADDING":
@@ -432,7 +434,6 @@ def log_upgrade_done(kind):
 def upgrade_net(net, where="<net>"):
     """Return ``(upgraded NetParameter, names of layers with strict_dim: false)``."""
     net = _copy(net)
-    relaxed = set()
     if len(net.layers):
         if any(entry.HasField("layer") for entry in net.layers):
             log_upgrade_start("V0", where)
@@ -452,8 +453,6 @@ def upgrade_net(net, where="<net>"):
             net.ClearField("layer")
         deeplab_v1 = any(_is_deeplab_v1_layer(v1) for v1 in net.layers)
         for v1 in net.layers:
-            if v1.HasField("strict_dim") and not v1.strict_dim:
-                relaxed.add(v1.name)
             net.layer.append(_upgrade_v1_layer(v1, where, deeplab_v1))
         net.ClearField("layers")
         if mixed:
@@ -464,6 +463,8 @@ def upgrade_net(net, where="<net>"):
     for layer in net.layer:
         _upgrade_hole(layer, where)
         _upgrade_has_label(layer)
+    relaxed = {layer.name for layer in net.layer
+               if layer.HasField("strict_dim") and not layer.strict_dim}
     return net, relaxed
 
 
