@@ -385,25 +385,37 @@ def cmd_upgrade(args):
                        f"original would be lost)")
     if args.binary and args.solver:
         raise CliError("--binary and --solver exclude each other (a solver is text)")
-    if args.solver:
-        solver = prototxt.read_solver(args.input, _defines(args.define))
-        write_atomically(args.output, prototxt.message_to_text(solver).encode())
-        logger.info("Wrote upgraded SolverParameter text proto to %s", args.output)
-    elif args.binary:
-        write_atomically(args.output, _upgraded_binary_net(args.input).SerializeToString())
-        logger.info("Wrote upgraded NetParameter binary proto to %s", args.output)
-    else:
-        net, _ = prototxt.read_net(args.input, _defines(args.define))
-        write_atomically(args.output, prototxt.net_to_text(net).encode())
-        logger.info("Wrote upgraded NetParameter text proto to %s", args.output)
-    return 0
-
-
-def _upgraded_binary_net(path):
-    """ReadNetParamsFromBinaryFileOrDie: a binary NetParameter (a .caffemodel, blobs
-    included), upgraded from V0/V1 as needed."""
-    from google.protobuf.message import DecodeError
     from .io.upgrade import upgrade_net
+    from .proto import caffe_pb2
+    problems = []
+    if args.solver:
+        raw = prototxt.parse_text(prototxt.read_text(args.input, _defines(args.define)),
+                                  caffe_pb2.SolverParameter(), args.input)
+        needed = raw.HasField("solver_type")
+        payload = prototxt.message_to_text(prototxt.upgrade_solver(raw, args.input)).encode()
+    else:
+        raw = (_binary_net(args.input) if args.binary else prototxt.parse_text(
+            prototxt.read_text(args.input, _defines(args.define)),
+            caffe_pb2.NetParameter(), args.input))
+        needed = len(raw.layers) > 0                    # V0 or V1 layers
+        net, _ = upgrade_net(raw, args.input, problems)
+        payload = net.SerializeToString() if args.binary else \
+            prototxt.net_to_text(net).encode()
+    # The tools' lines (upgrade_net_proto_text and its binary and solver twins).
+    if not needed:
+        logger.error("File already in latest proto format: %s", args.input)
+    elif problems:
+        logger.error("Encountered error(s) while upgrading prototxt; see details above.")
+    write_atomically(args.output, payload)
+    logger.info("Wrote upgraded %s %s proto to %s",
+                "SolverParameter" if args.solver else "NetParameter",
+                "binary" if args.binary else "text", args.output)
+    return 1 if problems else 0
+
+
+def _binary_net(path):
+    """ReadProtoFromBinaryFile: a binary NetParameter (a .caffemodel, blobs included)."""
+    from google.protobuf.message import DecodeError
     from .proto import caffe_pb2
     try:
         with open(path, "rb") as f:
@@ -416,8 +428,7 @@ def _upgraded_binary_net(path):
         raise CliError(f"{path}: not a binary NetParameter (.caffemodel): {e}") from None
     if not payload or not (len(net.layer) or len(net.layers)):
         raise CliError(f"{path}: no layers found; is this a .caffemodel file?")
-    upgraded, _ = upgrade_net(net, path)
-    return upgraded
+    return net
 
 
 def cmd_demo(args):

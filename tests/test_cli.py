@@ -503,3 +503,30 @@ def test_flags_before_the_verb_and_glog_flags_of_every_verb():
         ("device_query", "x", "true", "1")
     args = build_parser().parse_args(gflags_style(["test", "-model", "m", "-nologtostderr"]))
     assert args.logtostderr == "false"
+
+
+def test_upgrade_exit_status_and_lines_are_the_tools(tmp_path):
+    """upgrade_net_proto_text and upgrade_solver_proto_text: a file already in the latest
+    format is said so (and written out); an upgrade with problems is written too, then
+    the tool exits with 1."""
+    latest = tmp_path / "v2.prototxt"
+    latest.write_text(NET.replace("${NAME}", "n"))
+    out = run("upgrade", str(latest), str(tmp_path / "out.prototxt"))
+    assert out.returncode == 0, out.stderr
+    assert f"] File already in latest proto format: {latest}" in out.stderr
+    solver = tmp_path / "s.prototxt"
+    solver.write_text('net: "x"\nbase_lr: 0.1\ntype: "Adam"\n')
+    out = run("upgrade", "--solver", str(solver), str(tmp_path / "s2.prototxt"))
+    assert out.returncode == 0 and f"latest proto format: {solver}" in out.stderr
+    v0 = tmp_path / "v0.prototxt"
+    v0.write_text('input: "d" input_dim: 1 input_dim: 1 input_dim: 2 input_dim: 2\n'
+                  'layers { layer { name: "r" type: "relu" num_output: 3 } bottom: "d" '
+                  'top: "r" }\n')
+    out = run("upgrade", str(v0), str(tmp_path / "v0_up.prototxt"))
+    assert out.returncode == 1
+    lines = [l.split("] ", 1)[-1] for l in out.stderr.splitlines() if l.startswith("E")]
+    assert lines == ["Unknown parameter num_output for layer type relu",
+                     "Warning: had one or more problems upgrading V0NetParameter to "
+                     "NetParameter (see above); continuing anyway.",
+                     "Encountered error(s) while upgrading prototxt; see details above."]
+    assert 'type: "ReLU"' in (tmp_path / "v0_up.prototxt").read_text()

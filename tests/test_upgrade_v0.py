@@ -321,7 +321,7 @@ def test_bad_v0_nets_are_one_line_errors(body, message):
     assert "\n" not in str(info.value)
 
 
-def test_v0_parameters_a_type_does_not_take_are_dropped_with_a_warning(caplog):
+def test_v0_parameters_a_type_does_not_take_are_dropped_with_an_error_line(caplog):
     """UpgradeV0LayerParameter logs "Unknown parameter kernelsize for layer type relu",
     leaves it out and goes on; new_num/new_channels have no V1 home and vanish."""
     text = ('input: "data" input_dim: 1 input_dim: 1 input_dim: 3 input_dim: 3\n'
@@ -333,10 +333,14 @@ def test_v0_parameters_a_type_does_not_take_are_dropped_with_a_warning(caplog):
         'input: "data" input_dim: 1 input_dim: 1 input_dim: 3 input_dim: 3 '
         'layer { name: "r" type: "ReLU" bottom: "data" top: "r" }', caffe_pb2.NetParameter())
     assert net == expected
-    messages = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
-    assert any("kernelsize" in m and "relu" in m and "v0.prototxt" in m for m in messages)
-    assert any("new_height" in m for m in messages)
-    assert not any("new_num" in m or "new_channels" in m for m in messages)
+    messages = [(r.levelname, r.getMessage()) for r in caplog.records
+                if r.levelno >= logging.WARNING]
+    assert ("ERROR", "Unknown parameter kernelsize for layer type relu") in messages
+    assert ("ERROR", "Unknown parameter new_height for layer type relu") in messages
+    assert not any("new_num" in m or "new_channels" in m for _, m in messages)
+    # ... and UpgradeNetAsNeeded reports the V0 upgrade as failed (it goes on)
+    assert ("ERROR", "Warning: had one or more problems upgrading V0NetParameter to "
+                     "NetParameter (see above); continuing anyway.") in messages
 
 
 def test_v0_upgrade_keeps_only_caffes_fields():

@@ -330,9 +330,10 @@ def _check_padding_use(entry, padding, where):
 _V0_UNREAD = ("new_num", "new_channels")
 
 
-def _upgrade_v0_entry(entry, where):
+def _upgrade_v0_entry(entry, where, problems):
     """Caffe's UpgradeV0LayerParameter: a V0 ``layers { layer {} }`` entry as V1.  Like
-    Caffe it keeps going past what it cannot place (logged, then left out)."""
+    Caffe it keeps going past what it cannot place (logged, left out and counted in
+    ``problems``)."""
     v0 = entry.layer
     for field, _ in entry.ListFields():
         if field.name not in ("layer", "bottom", "top"):
@@ -355,8 +356,8 @@ def _upgrade_v0_entry(entry, where):
         targets = _V0_FIELDS.get(field.name, {})
         target = targets.get(v0.type) or targets.get("*")
         if target is None:
-            logger.warning("%s: V0 parameter '%s' does not apply to a '%s' layer and is "
-                           "ignored, as Caffe's V0 upgrade does", where, field.name, v0.type)
+            logger.error("Unknown parameter %s for layer type %s", field.name, v0.type)
+            problems.append(f"{where}: {field.name}")
             continue
         _set_v0_value(v1, target, value)
     return v1
@@ -377,7 +378,7 @@ def _set_v0_value(v1, target, value):
         setattr(message, field_name, value)
 
 
-def _upgrade_v0_net(net, where):
+def _upgrade_v0_net(net, where, problems):
     """Caffe's UpgradeV0Net: every ``layers`` entry must hold a V0 ``layer`` block."""
     for i, entry in enumerate(net.layers):
         if not entry.HasField("layer"):
@@ -392,7 +393,8 @@ def _upgrade_v0_net(net, where):
             setattr(v1_net, name, getattr(net, name))
     v1_net.input.extend(net.input)
     v1_net.input_dim.extend(net.input_dim)
-    v1_net.layers.extend(_upgrade_v0_entry(e, _v0_where(where, e)) for e in entries)
+    v1_net.layers.extend(_upgrade_v0_entry(e, _v0_where(where, e), problems)
+                         for e in entries)
     return v1_net
 
 
@@ -424,21 +426,34 @@ def log_upgrade_start(kind, where):
                 _UPGRADE_LOG[kind][0], where)
 
 
-def log_upgrade_done(kind):
-    _, done, note = _UPGRADE_LOG[kind]
-    logger.info("Successfully upgraded file specified using deprecated %s", done)
+def log_upgrade_done(kind, problems=False):
+    """UpgradeNetAsNeeded's lines after one upgrade: success, or the problems error
+    (the upgrade goes on), then the upgrade's note."""
+    what, done, note = _UPGRADE_LOG[kind]
+    if problems:
+        logger.error("Warning: had one or more problems upgrading %s (see above); "
+                     "continuing anyway.", _PROBLEM_NAMES[kind])
+    else:
+        logger.info("Successfully upgraded file specified using deprecated %s", done)
     if note:
         logger.warning("%s", note)
 
 
-def upgrade_net(net, where="<net>"):
-    """Return ``(upgraded NetParameter, names of layers with strict_dim: false)``."""
+_PROBLEM_NAMES = {"V0": "V0NetParameter to NetParameter", "V1": "V1LayerParameter"}
+
+
+def upgrade_net(net, where="<net>", problems=None):
+    """Return ``(upgraded NetParameter, names of layers with strict_dim: false)``.
+    ``problems``: a list that collects what Caffe's UpgradeNetAsNeeded counts as a
+    failed upgrade (it goes on regardless; its upgrade tool then exits with 1)."""
     net = _copy(net)
+    problems = [] if problems is None else problems
     if len(net.layers):
         if any(entry.HasField("layer") for entry in net.layers):
             log_upgrade_start("V0", where)
-            net = _upgrade_v0_net(net, where)
-            log_upgrade_done("V0")
+            before = len(problems)
+            net = _upgrade_v0_net(net, where, problems)
+            log_upgrade_done("V0", len(problems) > before)
         if _needs_data_upgrade(net.layers):
             log_upgrade_start("data", where)
             _upgrade_data_transformation(net.layers)
@@ -447,19 +462,15 @@ def upgrade_net(net, where="<net>"):
         mixed = len(net.layer) > 0
         if mixed:
             # UpgradeV1Net logs an error and goes on with the V1 layers only.
-            logger.warning("%s: the net has V1 'layers' and V2 'layer' entries; the %d V2 "
-                           "'layer' entries are ignored, as Caffe's upgrade does",
-                           where, len(net.layer))
+            logger.error("Input NetParameter to be upgraded already specifies 'layer' "
+                         "fields; these will be ignored for the upgrade.")
+            problems.append(f"{where}: V1 'layers' and V2 'layer' entries")
             net.ClearField("layer")
         deeplab_v1 = any(_is_deeplab_v1_layer(v1) for v1 in net.layers)
         for v1 in net.layers:
             net.layer.append(_upgrade_v1_layer(v1, where, deeplab_v1))
         net.ClearField("layers")
-        if mixed:
-            logger.error("Warning: had one or more problems upgrading V1LayerParameter "
-                         "(see above); continuing anyway.")
-        else:
-            log_upgrade_done("V1")
+        log_upgrade_done("V1", mixed)
     for layer in net.layer:
         _upgrade_hole(layer, where)
         _upgrade_has_label(layer)
