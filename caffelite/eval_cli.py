@@ -58,7 +58,8 @@ def add_parser(subparsers):
     sp.add_argument("--list", required=True,
                     help="ids, or the kit's '/JPEGImages/x.jpg /Seg.../x.png' lines")
     src = sp.add_mutually_exclusive_group(required=True)
-    src.add_argument("--pred", help="predicted label PNGs <pred>/<id>.png")
+    src.add_argument("--pred", help="predicted label PNGs <pred>/<id>.png (or the dense "
+                                    "CRF refine program's <id>.bin)")
     src.add_argument("--features", help="MatWrite features <features>/<id>_blob_0.mat")
     sp.add_argument("--num-labels", type=int, default=None,
                     help="classes, background included (default: 21, or 91 with "

@@ -248,8 +248,22 @@ def _png_gray_bit_depth(path):
 
 
 def read_prediction(path):
-    """A predicted label map (see ``read_label_map``)."""
+    """A predicted label map (see ``read_label_map``), or the labels of the refine
+    program's ``.bin`` (what DeepLab's GetDenseCRFResult.m turns into PNGs)."""
+    if path.endswith(".bin"):
+        from .crf.cli import CrfError, read_refine_bin
+        try:
+            return read_refine_bin(path)
+        except CrfError as e:
+            raise EvalError(str(e)) from None
     return read_label_map(path, "prediction")
+
+
+def prediction_path(pred_dir, item_id):
+    """``<pred>/<id>.png``, or ``<id>.bin`` where only the refine program's output is."""
+    png = os.path.join(pred_dir, f"{item_id}.png")
+    binary = os.path.join(pred_dir, f"{item_id}.bin")
+    return binary if not os.path.isfile(png) and os.path.isfile(binary) else png
 
 
 def write_label_png(path, label):
@@ -489,7 +503,7 @@ def evaluate(items, num_labels=21, feature_dir=None, pred_dir=None, ignore_label
             source = os.path.join(feature_dir, f"{item.id}_blob_0.mat")
             kind = "features"
         else:
-            source = os.path.join(pred_dir, f"{item.id}.png")
+            source = prediction_path(pred_dir, item.id)
             kind = "prediction"
         if not os.path.isfile(source):
             if skip_missing:

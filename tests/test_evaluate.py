@@ -143,6 +143,22 @@ def test_features_and_predictions_give_the_same_numbers(dataset):
         .tolist() == CONFUSION.tolist()
 
 
+def test_refine_program_bins_are_predictions_too(dataset, tmp_path):
+    """DeepLab's dense CRF writes <id>.bin (int32 rows, cols, 1, then int16 labels
+    column-major); --pred takes them where no <id>.png is, as GetDenseCRFResult.m's PNGs
+    would be read."""
+    bins = tmp_path / "bins"
+    bins.mkdir()
+    for name, pred in PRED.items():
+        header = np.array([pred.shape[0], pred.shape[1], 1], "<i4").tobytes()
+        (bins / f"{name}.bin").write_bytes(header + pred.astype("<i2").tobytes(order="F"))
+    result = evaluate(_items(dataset), 3, pred_dir=str(bins))
+    np.testing.assert_array_equal(result.confusion, CONFUSION)
+    (bins / "a.bin").write_bytes(b"\0" * 13)
+    with pytest.raises(EvalError, match="a.bin'.* does not match its 1 bytes"):
+        evaluate(_items(dataset), 3, pred_dir=str(bins))
+
+
 def test_double_features_are_read_like_single_ones(tmp_path):
     """EvalSegResults loads a feature file of any class; a double one gives the same
     prediction as its single twin (the nets' MatRead stays strict about the class)."""
