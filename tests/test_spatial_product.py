@@ -122,3 +122,20 @@ def test_attention_to_scale_example_trains(tmp_path, monkeypatch):
     assert net.params["conv1_res05"][0].data is net.params["conv1"][0].data or \
         np.shares_memory(net.params["conv1_res05"][0].data, net.params["conv1"][0].data)
     assert np.abs(net.params["att_conv2"][0].diff).max() > 0
+
+
+def test_in_place_map_gradient_reads_what_the_feature_gradient_wrote():
+    """The fork's Backward_cpu writes dF = dY * M into the diff it then reads as the
+    top's for dM = sum_c dY * F, and F's data is the top's: in place (top == F), with
+    f = (2, 3), m = 5 and dY = 1, dF = (5, 5) and dM = 5 * 10 + 5 * 15 = 125 (25 out of
+    place, the true 5 neither)."""
+    layer = make_layer('type: "SpatialProduct"', TRAIN)
+    f, m = np.array([2.0, 3.0]).reshape(1, 2, 1, 1), np.array([5.0]).reshape(1, 1, 1, 1)
+    bottom, _ = setup_layer(layer, [f, m])
+    layer.reshape(bottom, bottom[:1])
+    layer.forward(bottom, bottom[:1])
+    np.testing.assert_array_equal(bottom[0].data.ravel(), [10, 15])
+    bottom[0].diff[...] = 1
+    layer.backward(bottom[:1], [True, True], bottom)
+    np.testing.assert_array_equal(bottom[0].diff.ravel(), [5, 5])
+    np.testing.assert_array_equal(bottom[1].diff.ravel(), [125])

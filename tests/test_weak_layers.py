@@ -289,6 +289,25 @@ def test_adaptive_bias_errors(text, bottoms, message):
         run(text, bottoms)
 
 
+def test_label_blobs_of_fewer_axes_are_read_as_the_forks_legacy_shapes():
+    """The fork reads label shapes through num/channels/height/width (1 for a missing
+    axis): an N x L list (e.g. image-level labels from HDF5) is N x L x 1 x 1, and an
+    (N,) label blob one channel; the results are those of the 4-D blobs."""
+    scores = np.random.default_rng(5).normal(size=(2, 3, 2, 2))
+    lists = label_list([[0, 2], [1]], 2)
+    flat = lists.reshape(2, 2)
+    bias = ('type: "BiasChannel" bias_channel_param { bg_bias: 1.5 fg_bias: 0.25 '
+            'ignore_label: 255 }')
+    for text in (bias, adapt_text()):
+        np.testing.assert_array_equal(run(text, [scores, flat])[3],
+                                      run(text, [scores, lists])[3])
+    labels = np.array([3.0, 1.0])
+    np.testing.assert_array_equal(run(UNIQUE, [labels])[3],
+                                  run(UNIQUE, [labels.reshape(2, 1, 1, 1)])[3])
+    with pytest.raises(LayerError, match="one channel"):
+        run(UNIQUE, [np.zeros((1, 1, 2, 2, 1))])      # more than the legacy 4 axes
+
+
 # ====================================================================== v1 ArgMax
 def test_argmax_v1_is_per_pixel_with_ties_to_the_highest_index():
     x = np.zeros((1, 3, 1, 4))

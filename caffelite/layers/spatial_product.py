@@ -9,7 +9,8 @@ from ..layer import Layer, register
 class SpatialProductLayer(Layer):
     """top[n, c, h, w] = F[n, c, h, w] * M[n, 0, h, w] for F = bottom 0, M = bottom 1.
 
-    Backward: dF = dY * M and dM = sum over c of dY * F (each when requested).
+    Backward: dF = dY * M, then dM = sum over c of dY * F (each when requested); in
+    place (top == F) dM reads dF and the top's data, as the fork's does.
     Unlike the fork, whose buffers are sized once at setup, any input shape is
     accepted at every forward.
     """
@@ -34,11 +35,10 @@ class SpatialProductLayer(Layer):
 
     def backward(self, top, propagate_down, bottom):
         xp = get_array_module(top[0].diff)
-        dy = top[0].diff
-        # Both gradients are computed before either diff is written (in-place safe).
-        df = dy * bottom[1].data if propagate_down[0] else None
-        dm = xp.sum(dy * bottom[0].data, axis=1, keepdims=True) if propagate_down[1] else None
-        if df is not None:
-            bottom[0].diff[...] = df
-        if dm is not None:
-            bottom[1].diff[...] = dm
+        # The fork's order: F's gradient is written first, so in place (top == F) the
+        # map's gradient reads it back as the top diff, and F's data as the top data.
+        if propagate_down[0]:
+            bottom[0].diff[...] = top[0].diff * bottom[1].data
+        if propagate_down[1]:
+            bottom[1].diff[...] = xp.sum(top[0].diff * bottom[0].data, axis=1,
+                                         keepdims=True)

@@ -10,6 +10,7 @@ import numpy as np
 
 from ..caffe_rng import c_rand, random_shuffle
 from ..backend import get_array_module
+from ..blob import legacy_shape
 from ..layer import Layer, register
 from .softmax import label_text
 
@@ -42,7 +43,8 @@ class UniqueLabelLayer(Layer):
                              f"at least one label more than the forced ones needs to fit")
 
     def reshape(self, bottom, top):
-        if bottom[0].num_axes < 2 or bottom[0].shape[1] != 1:
+        legacy = legacy_shape(bottom[0].shape)     # the fork reads num and channels
+        if legacy is None or legacy[1] != 1:
             raise self.error(f"the label map must have one channel (N x 1 x H x W), got "
                              f"{bottom[0].shape}")
         top[0].reshape((bottom[0].shape[0], self.max_labels, 1, 1))
@@ -99,18 +101,20 @@ class BiasChannelLayer(Layer):
 
     def reshape(self, bottom, top):
         scores, labels = bottom[0], bottom[1]
-        if scores.num_axes != 4 or labels.num_axes != 4:
-            raise self.error(f"bottoms must be 4-D, got {scores.shape} and {labels.shape}")
-        if labels.shape[0] != scores.shape[0]:
+        lab = legacy_shape(labels.shape)         # the fork reads num/channels/height/width
+        if scores.num_axes != 4 or lab is None:
+            raise self.error(f"the scores must be 4-D and the labels at most 4-D, got "
+                             f"{scores.shape} and {labels.shape}")
+        if lab[0] != scores.shape[0]:
             raise self.error(f"scores {scores.shape} and labels {labels.shape} must have the "
                              f"same num")
-        if labels.shape[1] < 1:
+        if lab[1] < 1:
             raise self.error(f"the label blob {labels.shape} is empty")
         if self.pixel:
-            if labels.shape[1] != 1 or labels.shape[2:] != scores.shape[2:]:
+            if lab[1] != 1 or lab[2:] != scores.shape[2:]:
                 raise self.error(f"label_type PIXEL needs an N x 1 x H x W label map matching "
                                  f"the scores {scores.shape}; got {labels.shape}")
-        elif labels.shape[2:] != (1, 1):
+        elif lab[2:] != (1, 1):
             raise self.error(f"label_type IMAGE needs an N x L x 1 x 1 label list; got "
                              f"{labels.shape}")
         top[0].reshape(scores.shape)
@@ -221,8 +225,8 @@ class AdaptiveBiasChannelLayer(Layer):
             raise self.error(f"the scores must be N x C x H x W, got {scores.shape}")
         if scores.shape[1] <= 1:
             raise self.error(f"the scores need more than one channel, got {scores.shape}")
-        if labels.num_axes != 4 or labels.shape[0] != scores.shape[0] or \
-                labels.shape[1] < 1 or labels.shape[2:] != (1, 1):
+        lab = legacy_shape(labels.shape)         # an N x L list works as N x L x 1 x 1
+        if lab is None or lab[0] != scores.shape[0] or lab[1] < 1 or lab[2:] != (1, 1):
             raise self.error(f"the label list must be N x L x 1 x 1 with the scores' N "
                              f"({scores.shape[0]}) and L >= 1; got {labels.shape}")
         top[0].reshape(scores.shape)
