@@ -119,16 +119,18 @@ def convert_mnist_data(image_file, label_file, db_path, backend="lmdb"):
 
 
 def add_parsers(sub):
+    cifar, mnist = __doc__.split("\n\n")[1].removeprefix("* ").split("\n* ")
     c = sub.add_parser("convert_cifar_data", help="CIFAR-10 binary batches to "
                        "LMDB/LevelDB, like Caffe's examples/cifar10/convert_cifar_data",
-                       description=__doc__.split("\n\n")[1])
+                       description=cifar.replace("``", "").rstrip(";") + ".")
     c.add_argument("input_folder")
     c.add_argument("output_folder")
     c.add_argument("db_type", help="lmdb or leveldb")
     c.add_argument("--log", help="also write the log to this file")
     c.set_defaults(func=cmd_convert_cifar_data)
     m = sub.add_parser("convert_mnist_data", help="MNIST IDX files to LMDB/LevelDB, like "
-                       "Caffe's examples/mnist/convert_mnist_data")
+                       "Caffe's examples/mnist/convert_mnist_data",
+                       description=mnist.replace("``", ""))
     m.add_argument("input_image_file")
     m.add_argument("input_label_file")
     m.add_argument("output_db_file")

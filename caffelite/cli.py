@@ -607,7 +607,8 @@ def build_parser():
     tm.set_defaults(func=cmd_time)
 
     dq = sub.add_parser("device_query", help="show a GPU's properties like `caffe "
-                        "device_query`", description=_GFLAGS_NOTE)
+                        "device_query`", description="Caffe's gflags spelling works "
+                        "too: -gpu=0 (one dash, with or without =).")
     dq.add_argument("--gpu", default=None, help="device id, comma list or 'all'")
     dq.add_argument("--log", help="also write the log to this file")
     glog_arguments(dq)
@@ -646,7 +647,11 @@ def build_parser():
     demo_weak.add_parser(sub)
     demo_dt.add_parser(sub)
 
-    d = sub.add_parser("demo", help="run the built-in synthetic example")
+    d = sub.add_parser("demo", help="run the built-in synthetic example",
+                       description="The DeepLab kit's train -> test -> evaluate on a "
+                       "synthetic VOC-like data set (120 training and 30 validation "
+                       "images, batch 10) in --out; see also demo-weak (EM-Adapt) and "
+                       "demo-dt (domain transform).")
     d.add_argument("--out", default="caffelite_demo",
                    help="experiment folder (default ./caffelite_demo)")
     d.add_argument("--iterations", type=int, default=600, help="training iterations")

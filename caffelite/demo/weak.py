@@ -52,7 +52,7 @@ def run(args):
 
 def add_parser(subparsers, name="demo-weak"):
     """Register this demo as a ``caffelite`` verb."""
-    sp = subparsers.add_parser(name, help=DESCRIPTION)
+    sp = subparsers.add_parser(name, help=DESCRIPTION, description=DESCRIPTION)
     experiment.add_arguments(sp, **DEFAULTS)
     sp.set_defaults(func=run)
     return sp
