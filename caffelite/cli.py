@@ -387,18 +387,15 @@ def cmd_upgrade(args):
         raise CliError("--binary and --solver exclude each other (a solver is text)")
     from .io.upgrade import upgrade_net
     from .proto import caffe_pb2
-    def read_as_written(message):
-        text = prototxt.read_text(args.input, _defines(args.define))
-        return prototxt.parse_text(text, message, args.input)
-
+    defines = _defines(args.define)
     problems = []
     if args.solver:
-        raw = read_as_written(caffe_pb2.SolverParameter())
+        raw = prototxt.read_as_written(args.input, caffe_pb2.SolverParameter(), defines)
         needed = raw.HasField("solver_type")
         payload = prototxt.message_to_text(prototxt.upgrade_solver(raw, args.input)).encode()
     else:
         raw = (_binary_net(args.input) if args.binary else
-               read_as_written(caffe_pb2.NetParameter()))
+               prototxt.read_as_written(args.input, caffe_pb2.NetParameter(), defines))
         needed = len(raw.layers) > 0                    # V0 or V1 layers
         net, _ = upgrade_net(raw, args.input, problems)
         payload = net.SerializeToString() if args.binary else \

@@ -116,8 +116,7 @@ def _as_net_param(caffe_net):
     if isinstance(caffe_net, caffe_pb2.NetParameter):
         return caffe_net
     if isinstance(caffe_net, (str, os.PathLike)):
-        return prototxt.parse_text(prototxt.read_text(caffe_net), caffe_pb2.NetParameter(),
-                                   os.fspath(caffe_net))
+        return prototxt.read_as_written(os.fspath(caffe_net), caffe_pb2.NetParameter())
     raise TypeError(f"draw needs a NetParameter or a prototxt path, got "
                     f"{type(caffe_net).__name__}")
 

@@ -200,8 +200,7 @@ class Solver:
     # ------------------------------------------------------------------ nets
     def _read_net_file(self, path):
         """The NetParameter as written (Net upgrades it, keeping V1 strict_dim info)."""
-        text = prototxt.read_text(path, self.defines)
-        return prototxt.parse_text(text, caffe_pb2.NetParameter(), path)
+        return prototxt.read_as_written(path, caffe_pb2.NetParameter(), self.defines)
 
     def _build_net(self, net_param, source, state):
         param = caffe_pb2.NetParameter()

@@ -188,9 +188,13 @@ def read_net(path, defines=None):
     return parse_net(read_text(path, defines), path)
 
 
+def read_as_written(path, message, defines=None):
+    """``message`` parsed from the file (templates filled), not upgraded."""
+    return parse_text(read_text(path, defines), message, path)
+
+
 def read_solver(path, defines=None):
-    solver = parse_text(read_text(path, defines), caffe_pb2.SolverParameter(), path)
-    return upgrade_solver(solver, path)
+    return upgrade_solver(read_as_written(path, caffe_pb2.SolverParameter(), defines), path)
 
 
 def net_to_text(net):

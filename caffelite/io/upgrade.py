@@ -429,7 +429,7 @@ def log_upgrade_start(kind, where):
 def log_upgrade_done(kind, problems=False):
     """UpgradeNetAsNeeded's lines after one upgrade: success, or the problems error
     (the upgrade goes on), then the upgrade's note."""
-    what, done, note = _UPGRADE_LOG[kind]
+    _, done, note = _UPGRADE_LOG[kind]
     if problems:
         logger.error("Warning: had one or more problems upgrading %s (see above); "
                      "continuing anyway.", _PROBLEM_NAMES[kind])
