@@ -706,6 +706,7 @@ def _verb_first(argv):
 
 def main(argv=None):
     argv = gflags_style(list(sys.argv[1:] if argv is None else argv))
+    _refuse_unknown_flags(argv)
     args = build_parser().parse_args(argv)
     try:
         _open_log(args)
@@ -721,6 +722,28 @@ def main(argv=None):
         sys.stderr.write(f"caffelite {args.command}: error: {_one_line(e)}\n")
         log_fatal_to_files(_one_line(e))
         return 1
+
+
+def _refuse_unknown_flags(argv):
+    """Report a mistyped flag (``-solvr s.prototxt``) as unrecognized: argparse checks
+    required flags first, and "--solver is required" hides the typo."""
+    if "-h" in argv or "--help" in argv:
+        return
+    relaxed = build_parser()
+    _drop_required(relaxed)
+    _, unknown = relaxed.parse_known_args(argv)
+    if unknown:
+        relaxed.error(f"unrecognized arguments: {' '.join(unknown)}")
+
+
+def _drop_required(parser):
+    for action in parser._actions:
+        action.required = False
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _drop_required(sub)
+    for group in parser._mutually_exclusive_groups:
+        group.required = False
 
 
 def _open_log(args):

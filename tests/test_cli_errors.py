@@ -545,3 +545,24 @@ def test_16bit_training_label_warns_and_reads_the_high_byte(tmp_path):
     assert got.tolist() == cv2.imread(str(path), cv2.IMREAD_GRAYSCALE).tolist()
     assert got.tolist() == [[2, 0], [255, 0]]
     assert len(messages) == 1 and "16-bit PNG" in messages[0] and str(path) in messages[0]
+
+
+@pytest.mark.parametrize("argv, unknown", [
+    (["train", "-solvr", "s.prototxt"], "--solvr s.prototxt"),
+    (["test", "--weights", "w.caffemodel", "-modle", "m.prototxt"], "--modle m.prototxt"),
+    (["eval", "--gt", "gt", "--lisst", "l.txt"], "--lisst l.txt"),
+])
+def test_a_mistyped_flag_is_reported_before_a_missing_required_one(argv, unknown, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"unrecognized arguments: {unknown}" in err
+    assert "are required" not in err
+
+
+def test_a_missing_required_flag_is_still_named(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "--weights", "w.caffemodel"])
+    assert e.value.code == 2
+    assert "the following arguments are required: --solver" in capsys.readouterr().err

@@ -446,7 +446,7 @@ def test_crf_verb_errors_name_the_file(tmp_path):
         _run_verb(common)
     listing.write_text("a\n")
     with pytest.raises(crf_cli.CrfError, match=r"a_blob_0\.mat: features have 4 channels "
-                                                r"but 21 labels"):
+                                                r"but 21 labels were expected \(--num-labels"):
         _run_verb(common + ["--num-labels", "21"])
     listing.write_text("b\n")
     with pytest.raises(crf_cli.CrfError, match=r"b_blob_0\.mat: features of size 45x52 are "
@@ -464,3 +464,24 @@ def test_crf_verb_errors_name_the_file(tmp_path):
     with pytest.raises(crf_cli.CrfError, match="--images: .* is not a directory"):
         _run_verb(["--features", str(feats), "--images", str(tmp_path / "nope"), "--list",
                    str(listing), "--out", str(tmp_path / "out")])
+
+
+def test_crf_verb_refuses_a_list_whose_features_differ_in_class_count(tmp_path):
+    """Without --num-labels the first file sets the class count: a stray file of another
+    model would give indices of other classes (in both the serial and parallel runs)."""
+    from caffelite.io.matfile import write_mat
+    feats, imgs, _ = _write_case(tmp_path, ["a", "b"], num_labels=4)
+    write_mat(str(feats / "b_blob_0.mat"), np.zeros((1, 6, 64, 72), np.float32))
+    listing = tmp_path / "ids.txt"
+    listing.write_text("a\nb\n")
+    common = ["--features", str(feats), "--images", str(imgs), "--list", str(listing),
+              "--out", str(tmp_path / "out"), "--max_iter", "1"]
+    for jobs in ("1", "2"):
+        with pytest.raises(crf_cli.CrfError, match=r"b_blob_0\.mat: features have 6 channels "
+                           r"but 4 labels were expected \(as in the list's first features "
+                           r"file '.*a_blob_0\.mat'\)"):
+            _run_verb(common + ["--jobs", jobs])
+    listing.write_text("b\na\n")
+    with pytest.raises(crf_cli.CrfError, match=r"a_blob_0\.mat: features have 4 channels "
+                                                r"but 6 labels"):
+        _run_verb(common)

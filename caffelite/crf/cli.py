@@ -61,17 +61,11 @@ def read_refine_bin(path):
 
 # -------------------------------------------------------------------- one image
 def refine_image(feature_path, image_path, params, unary="score", num_labels=None,
-                 device=None):
+                 device=None, labels_origin="--num-labels"):
     """CRF labels (H x W) of one image from its MatWrite features (``device``: None for
-    the CPU, or a GPU id)."""
+    the CPU, or a GPU id; ``labels_origin`` says where ``num_labels`` came from)."""
     from ..io.image import read_image
-    from ..io.matfile import MatFileError, read_mat
-    try:
-        scores, _ = read_mat(feature_path)
-    except MatFileError as e:
-        raise CrfError(str(e)) from None
-    except Exception as e:       # noqa: BLE001  scipy's MatReadError is no ValueError
-        raise CrfError(f"cannot read MAT file '{feature_path}': {e}") from None
+    scores = _read_features(feature_path)
     image = read_image(image_path)[:, :, ::-1]                 # BGR -> RGB, as the PPMs
     height, width = image.shape[:2]
     if scores.shape[0] != 1:
@@ -80,7 +74,7 @@ def refine_image(feature_path, image_path, params, unary="score", num_labels=Non
     labels = scores.shape[1]
     if num_labels is not None and labels != num_labels:
         raise CrfError(f"{feature_path}: features have {labels} channels but "
-                       f"{num_labels} labels were asked for (--num-labels)")
+                       f"{num_labels} labels were expected ({labels_origin})")
     if labels > 256:
         raise CrfError(f"{feature_path}: {labels} classes do not fit a palette PNG")
     if scores.shape[2] < height or scores.shape[3] < width:
@@ -97,11 +91,12 @@ def _refine_task(task):
     """Worker: (id, error message or None, seconds); errors travel as text because
     exception classes with custom constructors do not survive pickling."""
     (ident, feature_path, image_path, png_path, bin_path, params, unary, num_labels,
-     device) = task
+     labels_origin, device) = task
     from ..evaluate import write_label_png
     start = time.perf_counter()
     try:
-        labels = refine_image(feature_path, image_path, params, unary, num_labels, device)
+        labels = refine_image(feature_path, image_path, params, unary, num_labels, device,
+                              labels_origin)
         write_label_png(png_path, labels.astype(np.uint8))
         if bin_path:
             write_refine_bin(bin_path, labels)
@@ -123,6 +118,7 @@ def crf_tasks(feature_dir, image_dir, list_path, out_dir, params, unary="score",
         if not os.path.isdir(path):
             raise CrfError(f"{flag}: '{path}' is not a directory")
     tasks = []
+    labels_origin = "--num-labels"
     for number, line in enumerate(read_list(list_path), 1):
         feature_path = os.path.join(feature_dir, line.id + FEATURE_SUFFIX)
         if not os.path.isfile(feature_path):
@@ -133,11 +129,31 @@ def crf_tasks(feature_dir, image_dir, list_path, out_dir, params, unary="score",
             raise CrfError(f"no image '{os.path.join(image_dir, line.id)}"
                            f"{{{','.join(IMAGE_EXTENSIONS)}}}' for '{line.id}' "
                            f"(entry {number} of {list_path})")
+        if num_labels is None:
+            # one class set for the whole list: a stray file from another model would
+            # otherwise give labels that mean other classes
+            num_labels = _channels_of(feature_path)
+            labels_origin = f"as in the list's first features file '{feature_path}'"
         tasks.append((line.id, feature_path, image_path,
                       os.path.join(out_dir, line.id + ".png"),
                       os.path.join(out_dir, line.id + ".bin") if write_bin else None,
-                      params, unary, num_labels, device))
+                      params, unary, num_labels, labels_origin, device))
     return tasks
+
+
+def _channels_of(feature_path):
+    return int(_read_features(feature_path).shape[1])
+
+
+def _read_features(feature_path):
+    from ..io.matfile import MatFileError, read_mat
+    try:
+        scores, _ = read_mat(feature_path)
+    except MatFileError as e:
+        raise CrfError(str(e)) from None
+    except Exception as e:       # noqa: BLE001  scipy's MatReadError is no ValueError
+        raise CrfError(f"cannot read MAT file '{feature_path}': {e}") from None
+    return scores
 
 
 def run_crf_set(tasks, jobs=1, log=None):
