@@ -714,7 +714,20 @@ class Net:
                 raise_out_of_memory(self._layer_what(i, "forward"), e)
             except _NAMED_BY_THE_NET as e:
                 raise NetError(f"{self.source}: {self._layer_what(i, 'forward')}: {e}") from e
+            except LayerError as e:
+                origins = self._batch_item_origins(getattr(e, "batch_item", None))
+                if not origins:
+                    raise
+                raise LayerError(f"{e}; {'; '.join(origins)}") from None
         return loss_terms
+
+    def _batch_item_origins(self, item):
+        """The list lines the data layers read batch item ``item`` from."""
+        if item is None:
+            return []
+        origins = (getattr(layer, "batch_item_origin", lambda _: None)(item)
+                   for layer in self.layers)
+        return [o for o in origins if o]
 
     # Caffe's debug_info lines: mean absolute values (asum / count, in the blob dtype).
     def _forward_debug_info(self, i):

@@ -168,7 +168,7 @@ def _close_data_layers(*nets):
             inflight = getattr(layer, "_inflight", None)
             if inflight is None:
                 continue
-            for future, _ in list(inflight):
+            for future, *_ in list(inflight):
                 if not future.cancel():
                     try:
                         future.exception()

@@ -808,9 +808,9 @@ def test_batches_are_prepared_in_the_background(tmp_path):
     layer = net.layers[0]
     assert len(layer._inflight) == PREFETCH_COUNT
     deadline = time.monotonic() + 10
-    while not all(f.done() for f, _ in layer._inflight) and time.monotonic() < deadline:
+    while not all(f.done() for f, *_ in layer._inflight) and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert all(f.done() for f, _ in layer._inflight)     # without any forward call
+    assert all(f.done() for f, *_ in layer._inflight)     # without any forward call
     net.forward()
     assert len(layer._inflight) == PREFETCH_COUNT        # topped up again
 
@@ -934,3 +934,47 @@ def test_hdf5_data_reads_float_and_integer_datasets_only(tmp_path, values, messa
     with pytest.raises(NetError, match=message):
         make_net(f'''layer {{ name: "d" type: "HDF5Data" top: "data"
                    hdf5_data_param {{ source: "{tmp_path / 'x.txt'}" batch_size: 1 }} }}''')
+
+
+@pytest.mark.parametrize("loss", ["SoftmaxWithLoss", "Accuracy"])
+def test_a_bad_label_error_names_the_list_line_of_its_image(tmp_path, loss):
+    """The loss names the label; the net adds which list line that batch item was read
+    from (with shuffling, the position in the list says nothing)."""
+    source, root, _, _ = make_dataset(tmp_path, [(6, 6)] * 4)
+    bad = np.zeros((6, 6), np.uint8)
+    bad[2, 3] = 30                                  # neither a class of 21 nor 255
+    Image.fromarray(bad).save(tmp_path / "lab2.png")
+    net = make_net(f'''
+        layer {{ name: "data" type: "ImageSegData" top: "data" top: "label"
+          image_data_param {{ source: "{source}" root_folder: "{root}" batch_size: 2
+                             label_type: PIXEL }}
+          transform_param {{ {mean_transform(6)} }} }}
+        layer {{ name: "score" type: "Convolution" bottom: "data" top: "score"
+          convolution_param {{ num_output: 21 kernel_size: 1 }} }}
+        layer {{ name: "loss" type: "{loss}" bottom: "score" bottom: "label" top: "loss"
+          {"loss_param" if loss == "SoftmaxWithLoss" else "accuracy_param"}
+          {{ ignore_label: 255 }} }}''', caffelite.TRAIN)
+    net.forward()                                    # lines 1 and 2: good
+    with pytest.raises(LayerError) as e:
+        net.forward()
+    assert str(e.value) == (
+        f"layer 'loss' ({loss}): label value 30 is out of range: labels must be integers "
+        f"in [0, 21) (the size of the {'softmax' if loss == 'SoftmaxWithLoss' else 'class'}"
+        f" axis 1 of the scores, (2, 21, 6, 6)); 1 label(s) are out of range and "
+        f"ignore_label is 255; item 0 of the batch is line 3 of '{source}' (ImageSegData "
+        f"layer 'data')")
+
+
+def test_a_bad_class_label_names_the_image_data_line(tmp_path):
+    _class_images(tmp_path, 3)
+    (tmp_path / "cls.txt").write_text("/s0.png 1\n/s1.png 7\n/s2.png 0\n")
+    net = make_net(f"""layer {{ name: "d" type: "ImageData" top: "data" top: "label"
+        image_data_param {{ source: "{tmp_path / 'cls.txt'}" root_folder: "{tmp_path}"
+                           batch_size: 3 }} }}
+        layer {{ name: "ip" type: "InnerProduct" bottom: "data" top: "ip"
+          inner_product_param {{ num_output: 5 }} }}
+        layer {{ name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" }}""")
+    with pytest.raises(LayerError, match=r"label value 7 is out of range.*; item 1 of the "
+                                         r"batch is line 2 of '.*cls\.txt' \(ImageData "
+                                         r"layer 'd'\)$"):
+        net.forward()

@@ -15,7 +15,7 @@ from ..blob import legacy_shape
 from ..layer import LossLayer, register
 from ._cpu_math import caffe_sign, double, sequential_sum
 from ._device import scalar
-from .softmax import check_label_range, truncated_labels
+from .softmax import check_label_range, first_axis, truncated_labels
 
 # Caffe's kLOG_THRESHOLD is a C float constant: a double layer clamps at float(1e-20).
 LOG_THRESHOLD = float(np.float32(1e-20))
@@ -36,7 +36,8 @@ def item_labels(layer, xp, blob, num_classes, where):
     """bottom[1]'s labels as int64 (C's truncation), refused outside [0, num_classes)."""
     labels = blob.data.reshape(-1)
     lab, _ = truncated_labels(xp, labels)
-    check_label_range(layer, xp, lab, xp.ones(lab.shape, bool), num_classes, where, labels)
+    check_label_range(layer, xp, lab, xp.ones(lab.shape, bool), num_classes, where, labels,
+                      num=first_axis(blob))
     return lab
 
 

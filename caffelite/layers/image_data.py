@@ -301,18 +301,21 @@ class PrefetchingDataLayer(Layer):
     def _fill(self):
         pool = worker_pool()
         while len(self._inflight) < PREFETCH_COUNT:
+            self._planned = []                  # advance() notes each sample's entry
             fn, args = self.plan_batch()
-            self._inflight.append((pool.submit(fn, *args), self.position_state()))
+            self._inflight.append((pool.submit(fn, *args), self.position_state(),
+                                   self._planned))
+        self._planned = None
 
     def _peek(self):
         if self._ready is None:
-            future, state = self._inflight.popleft()
+            future, state, entries = self._inflight.popleft()
             self._fill()
             try:
                 arrays = future.result()
             except DataError as e:
                 raise self.error(str(e)) from None
-            self._ready = (arrays, state)
+            self._ready = (arrays, state, entries)
         return self._ready[0]
 
     def reshape(self, bottom, top):
@@ -325,6 +328,7 @@ class PrefetchingDataLayer(Layer):
             t.reshape(a.shape)
             t.data[...] = a
         self._consumed_state = self._ready[1]
+        self.batch_entries = self._ready[2]
         self._ready = None
 
     def __del__(self):
@@ -335,7 +339,7 @@ class PrefetchingDataLayer(Layer):
 
     def close(self):
         """Drop the batches prepared ahead (queued ones are cancelled)."""
-        for future, _ in getattr(self, "_inflight", ()):
+        for future, *_ in getattr(self, "_inflight", ()):
             future.cancel()
         self._inflight = deque()
         self._ready = None
@@ -412,11 +416,23 @@ class ImageListLayer(PrefetchingDataLayer):
         return self.entries[self.order[self.line]]
 
     def advance(self):
+        if getattr(self, "_planned", None) is not None:
+            self._planned.append(self.current_entry())
         self.line += 1
         if self.line >= len(self.entries):
             self.line = 0
             if self.shuffle:
                 shuffle(self.shuffle_rng, self.order)
+
+    def batch_item_origin(self, item):
+        """Where item ``item`` of the last batch came from (for error messages), or
+        None."""
+        entries = getattr(self, "batch_entries", ())
+        if item >= len(entries):
+            return None
+        return (f"item {item} of the batch is line {entries[item].lineno} of "
+                f"'{self.layer_param.image_data_param.source}' ({self.type} layer "
+                f"'{self.name}')")
 
     def draw(self, count):
         """The sample's transformer words, in Caffe's order (mirror, scale, h_off, w_off)."""

@@ -8,7 +8,8 @@ from ..backend import get_array_module
 from ..layer import Layer, LossLayer, register
 from ._cpu_math import double, sequential_sum
 from ._device import scalar
-from .softmax import canonical_axis, check_label_range, integer_labels, split_axis
+from .softmax import (canonical_axis, check_label_range, first_axis, integer_labels,
+                      split_axis)
 
 logger = logging.getLogger("caffelite")
 
@@ -150,7 +151,8 @@ class AccuracyLayer(Layer):
         labels = bottom[1].data.reshape(outer, inner)
         lab, valid = integer_labels(xp, labels, self.ignore_label)
         check_label_range(self, xp, lab, valid, channels,
-                          f"class axis {self.axis} of the scores, {bottom[0].shape}", labels)
+                          f"class axis {self.axis} of the scores, {bottom[0].shape}", labels,
+                          num=first_axis(bottom[1]))
         lab = xp.where(valid, lab, 0)
         s_true = xp.take_along_axis(scores, lab[:, None, :], axis=1)
         k = xp.arange(channels)[None, :, None]

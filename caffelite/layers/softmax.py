@@ -96,10 +96,12 @@ def integer_labels(xp, labels, ignore_label):
     return lab, (lab != ignore_label) | ~integer
 
 
-def check_label_range(layer, xp, lab, valid, num_classes, where, labels=None):
+def check_label_range(layer, xp, lab, valid, num_classes, where, labels=None, num=None):
     """Refuse labels outside [0, num_classes) that are not ignore_label (Caffe only
     DCHECKs this and reads garbage memory in release builds). ``labels``: the stored
-    values ``lab`` came from, for the message (NaN shows as nan)."""
+    values ``lab`` came from, for the message (NaN shows as nan); ``num``: the label
+    blob's first axis, whose item holding the first bad label the error carries as
+    ``batch_item`` (the Net names the list line it came from)."""
     bad = valid & ((lab < 0) | (lab >= num_classes))
     if bool(bad.any()):
         shown = label_text((labels if labels is not None else lab)[bad][0])
@@ -107,10 +109,19 @@ def check_label_range(layer, xp, lab, valid, num_classes, where, labels=None):
         ignore = layer.ignore_label
         hint = ("no ignore_label is set" if ignore is None
                 else f"ignore_label is {ignore}")
-        raise layer.error(
+        error = layer.error(
             f"label value {shown} is out of range: labels must be integers in "
             f"[0, {num_classes}) (the size of the {where}); {n_bad} label(s) are out of "
             f"range and {hint}")
+        if num and bad.size % num == 0:
+            # labels are the label blob reshaped in C order: item n holds a block
+            error.batch_item = int(xp.argmax(bad.ravel())) // (bad.size // num)
+        raise error
+
+
+def first_axis(blob):
+    """The length of ``blob``'s first axis (its batch), None for a scalar blob."""
+    return blob.shape[0] if blob.shape else None
 
 
 @register("Softmax")
@@ -215,7 +226,8 @@ class SoftmaxWithLossLayer(LossLayer):
         labels = bottom[1].data.reshape(outer, inner)
         lab, valid = integer_labels(xp, labels, self.ignore_label)
         check_label_range(self, xp, lab, valid, channels,
-                          f"softmax axis {self.axis} of the scores, {bottom[0].shape}", labels)
+                          f"softmax axis {self.axis} of the scores, {bottom[0].shape}", labels,
+                          num=first_axis(bottom[1]))
         self.label = xp.where(valid, lab, 0)
         self.valid = valid
         p_true = xp.take_along_axis(self.prob, self.label[:, None, :], axis=1)[:, 0, :]
@@ -252,7 +264,7 @@ class SoftmaxWithLossLayer(LossLayer):
                 lab, valid = integer_labels(xp, flat, self.ignore_label)
                 check_label_range(self, xp, lab, valid, channels,
                                   f"softmax axis {self.axis} of the scores, "
-                                  f"{bottom[0].shape}", flat)
+                                  f"{bottom[0].shape}", flat, num=first_axis(bottom[1]))
         # The normaliser stays on the device (the backward kernel reads it there).
         if self.normalization == VALID:
             self.norm = xp.maximum(valid_count, 1.0).astype(dtype)
