@@ -814,8 +814,9 @@ def test_default_resume_restarts_the_streams_as_caffe(tmp_path, snapshot_format)
 
 def test_hdf5_snapshot_has_caffes_layout(tmp_path):
     """SnapshotToHDF5 / SnapshotSolverStateToHDF5 as Caffe writes them with HDF5's lite
-    API: the net's data/<layer>/<i> datasets; the state's scalar int32 iter and
-    current_step, a fixed-length null-terminated learned_net, history/0.. as floats."""
+    API: the net's data/<layer>/<i> datasets; the state's iter and current_step as
+    hdf5_save_int makes them (rank 1, one int32), a fixed-length null-terminated
+    learned_net, history/0.. as floats."""
     h5py = pytest.importorskip("h5py")
     s = make_solver(tmp_path, f'lr_policy: "fixed" base_lr: 0.1 momentum: 0.9 '
                               f'snapshot_prefix: "{tmp_path}/h" snapshot_format: HDF5',
@@ -829,8 +830,8 @@ def test_hdf5_snapshot_has_caffes_layout(tmp_path):
         np.testing.assert_array_equal(f["data/ip/1"][()], s.net.params["ip"][1].data)
     with h5py.File(state, "r") as f:
         for name in ("iter", "current_step"):
-            assert f[name].shape == () and f[name].dtype == np.int32
-        assert int(f["iter"][()]) == 2 and int(f["current_step"][()]) == 0
+            assert f[name].shape == (1,) and f[name].dtype == np.int32
+        assert f["iter"][()].tolist() == [2] and f["current_step"][()].tolist() == [0]
         kind = f["learned_net"].id.get_type()
         assert isinstance(kind, h5py.h5t.TypeStringID) and not kind.is_variable_str()
         assert kind.get_strpad() == h5py.h5t.STR_NULLTERM
@@ -843,6 +844,34 @@ def test_hdf5_snapshot_has_caffes_layout(tmp_path):
     resumed.restore(state)
     assert resumed.iter == 2
     np.testing.assert_array_equal(resumed.net.params["ip"][0].data, s.net.params["ip"][0].data)
+
+
+def test_hdf5_state_ints_are_read_as_caffe_or_an_earlier_caffelite_wrote_them(tmp_path):
+    """Caffe's rank-1 iter/current_step, and the scalars caffelite wrote before; any
+    other content is named."""
+    h5py = pytest.importorskip("h5py")
+    s = make_solver(tmp_path, f'lr_policy: "fixed" base_lr: 0.1 momentum: 0.9 '
+                              f'snapshot_prefix: "{tmp_path}/h" snapshot_format: HDF5',
+                    ip_net())
+    set_inputs(s)
+    s.step(3)
+    _, state = s.snapshot()
+    for iter_value, current_step in (([3], [0]), (3, 0)):
+        with h5py.File(state, "r+") as f:
+            for name, value in (("iter", iter_value), ("current_step", current_step)):
+                del f[name]
+                f.create_dataset(name, data=np.asarray(value, np.int32))
+        resumed = make_solver(tmp_path, 'lr_policy: "fixed" base_lr: 0.1 momentum: 0.9',
+                              ip_net())
+        resumed.restore(state)
+        assert resumed.iter == 3
+    with h5py.File(state, "r+") as f:
+        del f["iter"]
+        f.create_dataset("iter", data=np.array([1.5, 2.0]))
+    with pytest.raises(SolverError, match=r"h_iter_3\.solverstate\.h5: .iter. must hold "
+                                              r"one integer \(it holds 2 value\(s\) of type "
+                                              r"float64\)"):
+        make_solver(tmp_path, 'lr_policy: "fixed" base_lr: 0.1', ip_net()).restore(state)
 
 
 def test_solve_resumes_from_file(tmp_path):

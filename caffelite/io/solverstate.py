@@ -117,9 +117,10 @@ def write_solverstate_hdf5(path, iter, learned_net, history, current_step,
 
     def write(tmp):
         with h5py.File(tmp, "w") as f:
-            f.create_dataset("iter", data=np.int32(iter))          # H5LTmake_dataset_int
+            # hdf5_save_int: H5LTmake_dataset_int of rank 1, one element
+            f.create_dataset("iter", data=np.array([iter], np.int32))
             _string_dataset(h5py, f, "learned_net", learned_net)
-            f.create_dataset("current_step", data=np.int32(current_step))
+            f.create_dataset("current_step", data=np.array([current_step], np.int32))
             group = f.create_group("history")
             for i, h in enumerate(history):
                 group.create_dataset(str(i), data=np.asarray(h, np.float32))
@@ -151,6 +152,16 @@ def _read_string(dataset):
     return str(value)
 
 
+def _read_int(path, f, name):
+    """hdf5_load_int: the one integer of a dataset (Caffe writes shape (1,); a scalar
+    is read too)."""
+    values = np.asarray(f[name][()]).reshape(-1)
+    if values.size != 1 or values.dtype.kind not in "iu":
+        raise SolverStateError(f"{path}: '{name}' must hold one integer (it holds "
+                               f"{values.size} value(s) of type {values.dtype})")
+    return int(values[0])
+
+
 def read_solverstate_hdf5(path):
     """SGDSolver::RestoreSolverStateFromHDF5's reading: iter, learned_net when there is
     one, current_step, and the history datasets 0 .. n-1 of the 'history' group."""
@@ -164,8 +175,8 @@ def read_solverstate_hdf5(path):
             if name not in f:
                 raise SolverStateError(f"{path}: an HDF5 solverstate needs '{name}' (it has "
                                        f"{', '.join(sorted(f)) or 'nothing'})")
-        state = SolverStateData(iter=int(f["iter"][()]),
-                                current_step=int(f["current_step"][()]))
+        state = SolverStateData(iter=_read_int(path, f, "iter"),
+                                current_step=_read_int(path, f, "current_step"))
         if "learned_net" in f:
             state.learned_net = _read_string(f["learned_net"])
         group = f["history"]
