@@ -316,6 +316,7 @@ class Solver:
         if resume_file:
             logger.info("Restoring previous solver status from %s", resume_file)
             self.restore(resume_file, continue_streams)
+        start_iter = self.iter
         self.step(p.max_iter - self.iter)
         if p.snapshot_after_train and (not p.snapshot or self.iter % p.snapshot != 0):
             self.snapshot()
@@ -323,8 +324,9 @@ class Solver:
             logger.info("Optimization stopped early.")
             return
         if p.display and self.iter % p.display == 0:
-            loss = np.float32(self.net.forward_from_to())
-            logger.info("Iteration %d, loss = %s", self.iter, _fmt(loss))
+            # the last window of step() takes this forward's loss too (UpdateSmoothedLoss)
+            self._smooth_loss(np.float32(self.net.forward_from_to()), start_iter)
+            logger.info("Iteration %d, loss = %s", self.iter, _fmt(self._smoothed_loss))
         if p.test_interval and self.iter % p.test_interval == 0:
             self.test_all()
         logger.info("Optimization Done.")
@@ -334,7 +336,7 @@ class Solver:
         f32 = np.float32
         start_iter, stop_iter = self.iter, self.iter + int(iters)
         self.requested_early_exit = False
-        losses, smoothed_loss = [], f32(0)
+        self._losses, self._smoothed_loss = [], f32(0)
         while self.iter < stop_iter:
             self.net.clear_param_diffs()
             if p.test_interval and self.iter % p.test_interval == 0 and (
@@ -353,16 +355,9 @@ class Solver:
             loss = f32(loss / f32(p.iter_size))
             if not np.isfinite(loss):
                 self._stop_on_bad_loss(loss)
-            if len(losses) < p.average_loss:
-                losses.append(loss)
-                size = len(losses)
-                smoothed_loss = f32((smoothed_loss * f32(size - 1) + loss) / f32(size))
-            else:
-                idx = (self.iter - start_iter) % p.average_loss
-                smoothed_loss = f32(smoothed_loss + (loss - losses[idx]) / f32(p.average_loss))
-                losses[idx] = loss
+            self._smooth_loss(loss, start_iter)
             if display:
-                logger.info("Iteration %d, loss = %s", self.iter, _fmt(smoothed_loss))
+                logger.info("Iteration %d, loss = %s", self.iter, _fmt(self._smoothed_loss))
                 self._log_outputs("Train", self._output_values(self.net))
             for _, on_gradients in self._callbacks:
                 if on_gradients:
@@ -375,6 +370,20 @@ class Solver:
             if stop:
                 self.requested_early_exit = True
                 break
+
+    def _smooth_loss(self, loss, start_iter):
+        """Caffe's UpdateSmoothedLoss: the running mean of the last ``average_loss``
+        losses, in the net's float arithmetic."""
+        f32, window = np.float32, self.param.average_loss
+        if len(self._losses) < window:
+            self._losses.append(loss)
+            size = len(self._losses)
+            self._smoothed_loss = f32((self._smoothed_loss * f32(size - 1) + loss) / f32(size))
+        else:
+            idx = (self.iter - start_iter) % window
+            self._smoothed_loss = f32(self._smoothed_loss +
+                                      (loss - self._losses[idx]) / f32(window))
+            self._losses[idx] = loss
 
     def _stop_on_bad_loss(self, loss):
         logger.error("Iteration %d: the loss is %s; stopping before this iteration's "

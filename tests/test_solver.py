@@ -517,6 +517,23 @@ def test_average_loss_smooths_the_displayed_loss(tmp_path, log_lines):
     assert losses[0] != pytest.approx(losses[-1])
 
 
+def test_the_final_loss_line_of_solve_is_smoothed_too(tmp_path, log_lines):
+    """Solve's extra forward after the last update goes through UpdateSmoothedLoss: its
+    line averages that forward's loss with the last two of training (window 3)."""
+    s = make_solver(tmp_path, 'lr_policy: "fixed" base_lr: 0.05 display: 2 max_iter: 4 '
+                    'average_loss: 3 random_seed: 1 snapshot_after_train: false', ip_net())
+    set_inputs(s)
+    losses = []
+    s.add_callback(on_gradients=lambda: losses.append(float(s.net.blobs["loss"].data)))
+    s.solve()
+    final_forward = float(s.net.forward()["loss"])
+    shown = [(int(i), float(v)) for i, v in logged(log_lines, r"Iteration (\d+), loss = (\S+)")]
+    assert [i for i, _ in shown] == [0, 2, 4]
+    window = [losses[2], losses[3], final_forward]
+    assert shown[-1][1] == pytest.approx(sum(window) / 3, rel=2e-5)
+    assert shown[-1][1] != pytest.approx(final_forward, rel=1e-3)
+
+
 TEST_NET = '''
 name: "testnet"
 layer { name: "target" type: "DummyData" top: "target"
