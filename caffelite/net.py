@@ -382,7 +382,8 @@ class Net:
         """A net input of the ``input`` fields: a blob of ``shape`` that no layer makes
         (Caffe's AppendTop for layer id -1); it needs no backward."""
         if name in self.blobs:
-            raise NetError(f"{self.source}: input blob '{name}' is given twice")
+            raise NetError(f"{self.source}: Top blob '{name}' produced by multiple sources. "
+                           f"(the net input '{name}' is given twice)")
         blob = Blob((), self.dtype)
         try:
             blob.reshape(shape)
@@ -511,6 +512,7 @@ class Net:
         if layer.auto_top_blobs:
             needed = layer.exact_num_top or layer.min_top or 0
             while len(tops) < needed:
+                logger.info("%s -> (automatic)", lp.name)
                 blob = Blob((), self.dtype)
                 # pycaffe's blobs dict over Caffe's blob names: the name keeps its first
                 # place and names the last such blob.

@@ -318,7 +318,8 @@ def test_input_fields_make_blobs_and_no_layer(tmp_path):
         make_net(tmp_path, "input_dim: 1 input_dim: 2 input_dim: 3 input_dim: 4\n")
     with pytest.raises(NetError, match="0 inputs need one input_shape each, got 1"):
         make_net(tmp_path, "input_shape { dim: 1 }\n")
-    with pytest.raises(NetError, match="input blob 'a' is given twice"):
+    with pytest.raises(NetError, match=r"Top blob 'a' produced by multiple sources\. \(the "
+                                       r"net input 'a' is given twice\)"):
         make_net(tmp_path, 'input: "a" input: "a" input_shape { dim: 1 } '
                            'input_shape { dim: 1 }\n')
     with pytest.raises(NetError, match="input blob 'a': negative dimension"):

@@ -404,6 +404,41 @@ layer { name: "l2" type: "EuclideanLoss" bottom: "a" bottom: "c" }
     assert float(net.blobs["(automatic)"].data) == 2.5       # l2's (1 + 4) / 2, not l1's 4
 
 
+def test_anonymous_tops_are_logged_as_caffe(tmp_path, caplog):
+    """AppendTop's "<layer> -> (automatic)" line for each top AutoTopBlobs adds."""
+    import logging
+    text = '''
+input: "b" input_shape { dim: 1 dim: 2 }
+input: "c" input_shape { dim: 1 dim: 2 }
+layer { name: "l1" type: "EuclideanLoss" bottom: "b" bottom: "c" }
+'''
+    with caplog.at_level(logging.INFO, logger="caffelite"):
+        caffe.Net(write(tmp_path, text), caffe.TEST)
+    lines = [r.getMessage() for r in caplog.records]
+    start = lines.index("Creating Layer l1")
+    assert lines[start:start + 5] == ["Creating Layer l1", "l1 <- b", "l1 <- c",
+                                      "l1 -> (automatic)", "Setting up l1"]
+
+
+def test_an_input_layer_without_shapes_leaves_its_tops_to_the_user(tmp_path):
+    """InputLayer::LayerSetUp takes no shape, one for all tops or one per top."""
+    text = '''
+layer { name: "in" type: "Input" top: "a" top: "b" }
+layer { name: "r" type: "ReLU" bottom: "a" top: "r" }
+'''
+    net = caffe.Net(write(tmp_path, text), caffe.TEST)
+    net.blobs["a"].reshape(2, 3)
+    net.reshape()
+    net.blobs["a"].data[...] = [[-1, 2, -3], [4, -5, 6]]
+    assert net.forward(blobs=["r"])["r"].tolist() == [[0, 2, 0], [4, 0, 6]]
+    three_shapes = text.replace('top: "b" }', 'top: "b" input_param { shape { dim: 1 } '
+                                              'shape { dim: 2 } shape { dim: 3 } } }')
+    with pytest.raises(NetError, match=r"layer 'in' \(Input\): Must specify 'shape' once, "
+                                       r"once per top blob, or not at all: 2 tops vs\. 3 "
+                                       r"shapes\."):
+        caffe.Net(write(tmp_path, three_shapes, "bad.prototxt"), caffe.TEST)
+
+
 def test_filter_net_logs_each_unmet_rule_as_caffe(caplog):
     """Net::StateMeetsRule's INFO line for the first unmet condition of each rule it
     tries (FilterNet stops at the first exclude rule met, the first include rule met)."""

@@ -10,15 +10,17 @@ from .image_data import read_transform_mean, init_transformer_rand
 
 @register("Input")
 class InputLayer(Layer):
-    """Net inputs: tops of fixed shapes (one shape for all tops, or one per top)."""
+    """Net inputs: tops of fixed shapes (one shape for all tops, or one per top), or
+    unshaped until the user reshapes them (no shape at all)."""
     min_top = 1
     exact_num_bottom = 0
 
     def setup(self, bottom, top):
         shapes = [tuple(s.dim) for s in self.layer_param.input_param.shape]
-        if len(shapes) not in (1, len(top)):
-            raise self.error(f"input_param needs 1 or {len(top)} shapes, got {len(shapes)}")
-        for i, t in enumerate(top):
+        if len(shapes) not in (0, 1, len(top)):
+            raise self.error(f"Must specify 'shape' once, once per top blob, or not at all: "
+                             f"{len(top)} tops vs. {len(shapes)} shapes.")
+        for i, t in enumerate(top[:len(top) if shapes else 0]):
             t.reshape(shapes[0] if len(shapes) == 1 else shapes[i])
 
     def reshape(self, bottom, top):
