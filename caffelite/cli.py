@@ -584,7 +584,8 @@ def build_parser():
     t = sub.add_parser("test", help="score a model (TEST phase) like `caffe test`",
                        description=_GFLAGS_NOTE)
     t.add_argument("--model", required=True, help="the net prototxt (TEST phase)")
-    t.add_argument("--weights", default=None, help="comma-separated caffemodels to score")
+    t.add_argument("--weights", default=None,
+                   help="the caffemodel to score (one file, as Caffe's test takes)")
     t.add_argument("--iterations", type=int, default=50,
                    help="forward passes to average (default 50)")
     _state_flags(t, "the net's")

@@ -17,6 +17,8 @@ names, types and blobs only.
 import os
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from .wire import LEN, VARINT, BlobData, WireReader, blob_bytes, len_field, net_bytes, \
     read_blob  # noqa: F401
 
@@ -134,9 +136,15 @@ def layer_bytes(layer_param, blobs):
     body = [head.SerializeToString()]
     for blob in blobs:
         data, diff = blob if isinstance(blob, tuple) else (blob, None)
-        body.append(len_field(_LAYER_BLOBS_FIELD, blob_bytes(data, diff)))
+        body.append(len_field(_LAYER_BLOBS_FIELD, blob_bytes(data, diff, is_double(data))))
     body.append(tail.SerializeToString())
     return b"".join(body)
+
+
+def is_double(array):
+    """Whether ``array`` is a blob of a double net (Blob<double>::ToProto writes
+    double_data)."""
+    return np.asarray(array).dtype == np.float64
 
 
 def net_proto_bytes(net_name, inputs, layers):

@@ -3,7 +3,8 @@ Pillow, and OpenCV's ``cv::resize`` reproduced bit for bit in NumPy.
 
 * ``read_image(path, color)`` is ``cv::imread(path, IMREAD_COLOR / IMREAD_GRAYSCALE)``:
   H x W x 3 **BGR** uint8, or H x W uint8 (grayscale JPEGs are decoded straight to
-  luma by libjpeg, as OpenCV does; colour PNGs in gray use libpng's conversion; 16-bit
+  luma by libjpeg, as OpenCV does; CMYK JPEGs are converted with OpenCV's own formula;
+  colour PNGs in gray use libpng's conversion, at 16 bits for 16-bit PNGs; 16-bit
   PNGs keep their high byte).  Checked against ``cv2.imread`` for JPEG and PNG
   (colour and palette PNGs read in gray included).  EXIF orientation
   is not applied (OpenCV 2.4 ignored it; OpenCV >= 3.1 rotates).
@@ -42,20 +43,57 @@ _deep_label_warned = [False]
 # --------------------------------------------------------------------------- decoding
 def _open(path, gray=False, name=None):
     """Decode with Pillow; a colour JPEG wanted in gray is decoded by libjpeg straight
-    to its luma plane (what OpenCV's IMREAD_GRAYSCALE asks libjpeg for).  ``path`` may
-    be a file object, then ``name`` is what messages call it."""
+    to its luma plane (what OpenCV's IMREAD_GRAYSCALE asks libjpeg for).  Where OpenCV
+    converts the decoder's samples itself (CMYK JPEGs; 16-bit colour PNGs in gray,
+    which libpng converts before dropping the low byte) the result is an "RGB" or "L"
+    image made here.  ``path`` may be a file object, then ``name`` is what messages
+    call it."""
     from PIL import Image
     name = path if name is None else name
     try:
         img = Image.open(path)
         if gray and img.format == "JPEG" and img.mode in ("RGB", "YCbCr"):
             img.draft("L", img.size)          # same size, luma output
+        if img.format == "JPEG" and img.mode == "CMYK":
+            rgb = cmyk_to_rgb(_load_as(img, "CMYK"))
+            return Image.fromarray(rgb_to_gray(rgb) if gray else rgb)
+        if gray and img.format == "PNG" and _rawmode(img) in ("RGB;16B", "RGBA;16B"):
+            return Image.fromarray(png16_rgb_to_gray(_png16_rgb(path, img)))
         img.load()
     except FileNotFoundError:
         raise ImageReadError(name, "no such file") from None
     except (OSError, ValueError, SyntaxError) as e:
         raise ImageReadError(name, f"cannot decode it ({e})") from None
     return img
+
+
+def _rawmode(img):
+    """How Pillow will unpack the decoder's samples of an opened, not loaded, image."""
+    args = img.tile[0][3] if len(img.tile) == 1 else None
+    return args if isinstance(args, str) or args is None else args[0]
+
+
+def _load_as(img, rawmode):
+    """Load an opened image with Pillow's decoder but unpacking ``rawmode`` instead of
+    Pillow's own choice; the pixels as an array."""
+    (tile,) = img.tile
+    args = rawmode if isinstance(tile[3], str) else (rawmode, *tile[3][1:])
+    img.tile = [tile._replace(args=args) if hasattr(tile, "_replace")
+                else (*tile[:3], args)]
+    img.load()
+    return np.asarray(img)
+
+
+def _png16_rgb(source, img):
+    """The full 16-bit R, G, B samples of a 16-bit colour PNG (``img``: ``source``
+    opened, not loaded).  Pillow keeps the high byte of each sample; a second decode
+    unpacking ";16L" keeps the other byte, which in PNG's big-endian order is the low
+    one."""
+    from PIL import Image
+    rawmode = _rawmode(img)
+    high = _load_as(img, rawmode)[..., :3].astype(np.int64)
+    low = _load_as(Image.open(source), rawmode.replace(";16B", ";16L"))[..., :3]
+    return (high << 8) | low
 
 
 def _high_byte(arr):
@@ -86,14 +124,36 @@ def rgb_to_gray(rgb):
     return (y >> 14).astype(np.uint8)
 
 
-def png_rgb_to_gray(rgb):
+def _png_weighted(rgb):
     """libpng's ``png_set_rgb_to_gray(1, 0.299, 0.587)`` as OpenCV's PNG decoder asks
-    for it.  libpng stores the coefficients as 1e-5 fixed point (29900, 58700) and
-    scales them to 15 bits by integer division: red 9797, green 19234, blue the rest
-    (3737); the weighted sum is truncated (not rounded)."""
-    rgb = np.asarray(rgb, dtype=np.int32)
-    y = rgb[..., 0] * 9797 + rgb[..., 1] * 19234 + rgb[..., 2] * 3737
-    return (y >> 15).astype(np.uint8)
+    for it: the weighted sum, scaled by 2**15.  libpng stores the coefficients as 1e-5
+    fixed point (29900, 58700) and scales them to 15 bits by integer division: red
+    9797, green 19234, blue the rest (3737)."""
+    rgb = np.asarray(rgb, dtype=np.int64)
+    return rgb[..., 0] * 9797 + rgb[..., 1] * 19234 + rgb[..., 2] * 3737
+
+
+def png_rgb_to_gray(rgb):
+    """libpng's RGB to gray for 8-bit samples: the weighted sum truncated (not
+    rounded)."""
+    return (_png_weighted(rgb) >> 15).astype(np.uint8)
+
+
+def png16_rgb_to_gray(rgb16):
+    """libpng's RGB to gray for 16-bit samples, then ``png_set_strip_16``: libpng runs
+    the conversion before the strip, and at 16 bits it rounds; the high byte of the
+    16-bit gray is kept."""
+    return ((_png_weighted(rgb16) + (1 << 14)) >> 23).astype(np.uint8)
+
+
+def cmyk_to_rgb(cmyk):
+    """OpenCV's own conversion of a CMYK JPEG: libjpeg hands it the samples as stored
+    (Adobe's inverted CMYK, 255 = no ink, whatever the APP14 marker says) and each of
+    R, G, B is ``k - ((255 - s) * k >> 8)`` for the C, M, Y sample s and K sample k.
+    Gray is then ``rgb_to_gray`` of that."""
+    s = np.asarray(cmyk, dtype=np.int32)
+    k = s[..., 3:]
+    return (k - (((255 - s[..., :3]) * k) >> 8)).astype(np.uint8)
 
 
 def read_image(path, color=True):

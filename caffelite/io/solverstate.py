@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .caffemodel import write_atomically, write_file_atomically
+from .caffemodel import is_double, write_atomically, write_file_atomically
 from .wire import LEN, VARINT, BlobData, WireReader, blob_bytes, key, len_field, \
     read_blob, signed, varint
 
@@ -82,7 +82,7 @@ def read_solverstate(path):
 def solverstate_bytes(iter, learned_net, history, current_step, extension=None):
     out = key(1, VARINT) + varint(int(iter))
     out += len_field(2, learned_net.encode("utf-8"))
-    out += b"".join(len_field(3, blob_bytes(h)) for h in history)
+    out += b"".join(len_field(3, blob_bytes(h, double=is_double(h))) for h in history)
     out += key(4, VARINT) + varint(int(current_step))
     if extension is not None:
         out += len_field(EXTENSION_FIELD, json.dumps(extension, default=_json_default,
@@ -123,7 +123,8 @@ def write_solverstate_hdf5(path, iter, learned_net, history, current_step,
             f.create_dataset("current_step", data=np.array([current_step], np.int32))
             group = f.create_group("history")
             for i, h in enumerate(history):
-                group.create_dataset(str(i), data=np.asarray(h, np.float32))
+                group.create_dataset(str(i), data=np.asarray(
+                    h, np.float64 if is_double(h) else np.float32))
             if extension is not None:
                 _string_dataset(h5py, f, HDF5_EXTENSION, json.dumps(
                     extension, default=_json_default, sort_keys=True))
@@ -184,7 +185,8 @@ def read_solverstate_hdf5(path):
             if str(i) not in group:
                 raise SolverStateError(f"{path}: history has {len(group)} datasets but no "
                                        f"'{i}'")
-            values = np.asarray(group[str(i)][()], np.float32)
+            values = np.asarray(group[str(i)][()])
+            values = values.astype(np.float64 if values.dtype == np.float64 else np.float32)
             state.history.append(BlobData(tuple(values.shape), values.reshape(-1)))
         if HDF5_EXTENSION in f:
             try:

@@ -92,8 +92,9 @@ def signed(value, bits=64):
 
 
 def read_blob(reader, start, end, lazy=False):
-    """One BlobProto: shape (legacy 4-D dims win, as in Caffe), data and diff as float32
-    (``double_data``/``double_diff`` when present).  Values that do not fit the shape
+    """One BlobProto: shape (legacy 4-D dims win, as in Caffe), data and diff as float32,
+    or float64 from ``double_data``/``double_diff`` when present (the reader casts them
+    to its net's type).  Values that do not fit the shape
     are an error; with ``lazy`` the error is kept in ``problem`` instead, for Caffe
     checks them only in Blob::FromProto, when the blob is copied."""
     legacy, dims = {}, []
@@ -120,7 +121,7 @@ def read_blob(reader, start, end, lazy=False):
         if values.size != count:
             raise _BlobValues(f"a blob of shape {shape} holds {values.size} values "
                               f"instead of {count}")
-        return values.astype(np.float32).reshape(shape)
+        return values.astype(values.dtype.newbyteorder("=")).reshape(shape)
 
     try:
         data = join(5, 8)
@@ -162,20 +163,22 @@ def len_field(number, payload):
     return key(number, LEN) + varint(len(payload)) + payload
 
 
-def blob_bytes(data, diff=None):
-    """A BlobProto as Caffe's Blob::ToProto writes it: packed float data (5), optional
-    diff (6), then the shape (7). A 0-axis blob has no shape field: ToProto only creates
-    the shape while adding its dims."""
+def blob_bytes(data, diff=None, double=False):
+    """A BlobProto as Caffe's Blob::ToProto writes it, in field-number order: packed
+    float data (5), optional diff (6), then the shape (7); for a double blob
+    (``double``) the shape, then double_data (8) and double_diff (9). A 0-axis blob has
+    no shape field: ToProto only creates the shape while adding its dims."""
     data = np.asarray(data)
-    out = b""
+    values = b""
     if data.size:
-        out += len_field(5, np.ascontiguousarray(data, dtype="<f4").tobytes())
+        kind, first = ("<f8", 8) if double else ("<f4", 5)
+        values += len_field(first, np.ascontiguousarray(data, dtype=kind).tobytes())
         if diff is not None:
-            out += len_field(6, np.ascontiguousarray(diff, dtype="<f4").tobytes())
-    if data.ndim == 0:
-        return out
-    dims = b"".join(varint(int(d)) for d in data.shape)
-    return out + len_field(7, len_field(1, dims))
+            values += len_field(first + 1, np.ascontiguousarray(diff, dtype=kind).tobytes())
+    shape = b""
+    if data.ndim:
+        shape = len_field(7, len_field(1, b"".join(varint(int(d)) for d in data.shape)))
+    return shape + values if double else values + shape
 
 
 def net_bytes(layers, net_name=""):
