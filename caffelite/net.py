@@ -1076,19 +1076,34 @@ class Net:
             where = "the first layer" if layer is None else f"layer '{layer}'"
             raise RuntimeError(f"set_input_arrays may only be called if {where} is a "
                                f"MemoryData layer")
-        data = np.ascontiguousarray(data, dtype=self.dtype)
-        labels = np.ascontiguousarray(labels, dtype=self.dtype)
-        if data.ndim != 4:
-            raise RuntimeError(f"set_input_arrays: data must be 4-d (N x C x H x W), got "
-                               f"shape {data.shape}")
-        if labels.shape[:1] != data.shape[:1] or labels.size != data.shape[0]:
-            raise RuntimeError(f"set_input_arrays: need one label per sample: data has "
-                               f"{data.shape[0]}, labels have shape {labels.shape}")
+        labels = np.asarray(labels)
+        if labels.ndim == 1:                  # pycaffe's wrapper: N labels as N x 1 x 1 x 1
+            labels = np.ascontiguousarray(labels[:, None, None, None])
+        # pycaffe's CheckContiguousArray: Caffe reads the arrays' own memory, so it
+        # converts nothing
+        self._check_input_array(data, "data array", target.shape[1:])
+        self._check_input_array(labels, "labels array", (1, 1, 1))
+        if data.shape[0] != labels.shape[0]:
+            raise RuntimeError(f"data and labels must have the same first dimension "
+                               f"({data.shape[0]} vs {labels.shape[0]})")
         try:
             target.set_input_arrays(data, labels.reshape(-1))
         except LayerError as e:
             raise RuntimeError(str(e)) from None
         self._input_arrays = (data, labels)     # keep them alive, as pycaffe does
+
+    def _check_input_array(self, array, name, item_shape):
+        if not isinstance(array, np.ndarray) or not array.flags.c_contiguous:
+            raise RuntimeError(f"{name} must be C contiguous (np.ascontiguousarray)")
+        if array.ndim != 4:
+            raise RuntimeError(f"{name} must be 4-d (its shape is {array.shape})")
+        if array.dtype != self.dtype:
+            raise RuntimeError(f"{name} must be {np.dtype(self.dtype).name} (it is "
+                               f"{array.dtype.name})")
+        for axis, what in enumerate(("channels", "height", "width"), 1):
+            if array.shape[axis] != item_shape[axis - 1]:
+                raise RuntimeError(f"{name} has wrong number of {what} ({array.shape[axis]}; "
+                                   f"the MemoryData layer takes {item_shape[axis - 1]})")
 
     # ------------------------------------------------------------------ HDF5 weights
     def save_hdf5(self, path, write_diff=False):

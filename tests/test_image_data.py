@@ -572,6 +572,52 @@ def test_image_data_with_mean_file_crop_and_scale(tmp_path):
     assert net.blobs["label"].data.tolist() == [17, 4]
 
 
+def test_a_mean_file_with_double_data_is_read_as_blob_from_proto(tmp_path, caplog):
+    """Blob::FromProto takes double_data whenever it has any (pycaffe's
+    blobproto_to_array would take data); DataTransformer logs the file it loads."""
+    import logging
+    from caffelite.proto import caffe_pb2
+    rng = np.random.default_rng(12)
+    image = write_rgb(tmp_path / "i0.png", 3, 4, rng)
+    (tmp_path / "cls.txt").write_text("i0.png 1\n")
+    blob = caffe_pb2.BlobProto()
+    blob.shape.dim.extend([1, 3, 3, 4])
+    blob.data.extend([1.0] * 36)
+    double = rng.uniform(0, 255, 36)
+    blob.double_data.extend(double.tolist())
+    (tmp_path / "mean.binaryproto").write_bytes(blob.SerializeToString())
+    text = f'''layer {{ name: "data" type: "ImageData" top: "data" top: "label"
+          image_data_param {{ source: "{tmp_path / 'cls.txt'}" root_folder: "{tmp_path}/"
+                             batch_size: 1 }}
+          transform_param {{ mean_file: "{tmp_path / 'mean.binaryproto'}" }} }}'''
+    with caplog.at_level(logging.INFO, logger="caffelite"):
+        net = make_net(text)
+    assert f"Loading mean file from: {tmp_path / 'mean.binaryproto'}" in caplog.messages
+    net.forward()
+    mean = double.astype(np.float32).reshape(3, 3, 4)
+    assert np.array_equal(net.blobs["data"].data[0],
+                          image.transpose(2, 0, 1).astype(np.float32) - mean)
+    del blob.double_data[-1]
+    blob.ClearField("data")
+    (tmp_path / "mean.binaryproto").write_bytes(blob.SerializeToString())
+    with pytest.raises(NetError, match=r"mean file '.*mean\.binaryproto' holds 35 values, "
+                                       r"which do not fit its blob shape"):
+        make_net(text)
+
+
+def test_hdf5_data_logs_its_list_as_caffe(tmp_path, caplog):
+    import logging
+    h5py = pytest.importorskip("h5py")
+    with h5py.File(tmp_path / "x.h5", "w") as h:
+        h["data"] = np.zeros((2, 1))
+    (tmp_path / "x.txt").write_text(f"{tmp_path / 'x.h5'}\n{tmp_path / 'x.h5'}\n")
+    with caplog.at_level(logging.INFO, logger="caffelite"):
+        make_net(f'''layer {{ name: "d" type: "HDF5Data" top: "data"
+                   hdf5_data_param {{ source: "{tmp_path / 'x.txt'}" batch_size: 1 }} }}''')
+    start = caplog.messages.index(f"Loading list of HDF5 filenames from: {tmp_path / 'x.txt'}")
+    assert caplog.messages[start + 1] == "Number of HDF5 files: 2"
+
+
 def test_image_data_resize_mirror_and_batch_shapes(tmp_path):
     cv2 = pytest.importorskip("cv2")
     rng = np.random.default_rng(11)
@@ -779,6 +825,39 @@ def test_hdf5_data_missing_dataset(tmp_path):
     with pytest.raises(NetError, match="no dataset 'label'"):
         make_net(f'''layer {{ name: "d" type: "HDF5Data" top: "data" top: "label"
                    hdf5_data_param {{ source: "{tmp_path / 'x.txt'}" batch_size: 1 }} }}''')
+
+
+def test_hdf5_data_reads_top_level_datasets_only(tmp_path):
+    """H5LTfind_dataset looks among the file's own members: a top named 'grp/data' is
+    not found, as in Caffe."""
+    h5py = pytest.importorskip("h5py")
+    with h5py.File(tmp_path / "x.h5", "w") as h:
+        h["grp/data"] = np.zeros((2, 1))
+    (tmp_path / "x.txt").write_text(str(tmp_path / "x.h5"))
+    with pytest.raises(NetError, match="has no dataset 'grp/data'.*at the file's top level"):
+        make_net(f'''layer {{ name: "d" type: "HDF5Data" top: "grp/data"
+                   hdf5_data_param {{ source: "{tmp_path / 'x.txt'}" batch_size: 1 }} }}''')
+
+
+def test_hdf5_data_refuses_a_later_file_with_other_row_shapes(tmp_path):
+    """The tops keep the first file's shape (HDF5DataLayer::Reshape does nothing);
+    Caffe would copy a later file's rows at the wrong stride."""
+    h5py = pytest.importorskip("h5py")
+    for name, shape in (("a", (2, 3)), ("b", (2, 4))):
+        with h5py.File(tmp_path / f"{name}.h5", "w") as h:
+            h["data"] = np.arange(np.prod(shape), dtype=np.float32).reshape(shape)
+    (tmp_path / "x.txt").write_text(f"{tmp_path / 'a.h5'}\n{tmp_path / 'b.h5'}\n")
+    net = make_net(f'''layer {{ name: "d" type: "HDF5Data" top: "data"
+                   hdf5_data_param {{ source: "{tmp_path / 'x.txt'}" batch_size: 2 }} }}''')
+    net.forward()
+    assert net.blobs["data"].data.tolist() == [[0, 1, 2], [3, 4, 5]]
+    net.blobs["data"].reshape(5, 5)
+    net.reshape()
+    assert net.blobs["data"].shape == (2, 3)
+    with pytest.raises(LayerError, match=r"layer 'd' \(HDF5Data\): HDF5 file '.*b\.h5': "
+                                         r"dataset 'data' has rows of shape \(4,\), but the "
+                                         r"tops have the first file's \(3,\)"):
+        net.forward()
 
 
 def test_hdf5_data_list_is_bytes_and_c_whitespace(tmp_path):

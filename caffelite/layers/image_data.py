@@ -748,7 +748,15 @@ def _read_mean_file(path, layer):
         raise layer.error(f"cannot read mean file '{path}': {e.strerror}") from None
     except Exception as e:      # protobuf DecodeError
         raise layer.error(f"mean file '{path}' is not a BlobProto: {e}") from None
-    mean = blobproto_to_array(blob)
+    logger.info("Loading mean file from: %s", path)
+    if len(blob.double_data):
+        blob.ClearField("data")         # Blob::FromProto takes double_data when it has any
+    try:
+        mean = blobproto_to_array(blob)
+    except ValueError:
+        values = len(blob.double_data) or len(blob.data)
+        raise layer.error(f"mean file '{path}' holds {values} values, which do not fit "
+                          f"its blob shape") from None
     # DataTransformer reads the mean blob through the legacy accessors: its channels,
     # height and width are axes 1-3 (missing ones count as 1), item 0 of its num.
     dims = legacy_shape(mean.shape)
@@ -855,7 +863,9 @@ class HDF5DataLayer(Layer):
             raise self.error("reading HDF5 files needs the h5py package "
                              "(pip install h5py)") from None
         # BVLC reads 'while (source_file >> line)': whitespace-separated names.
+        logger.info("Loading list of HDF5 filenames from: %s", p.source)
         self.files = _C_TOKEN.findall(read_list_text(p.source, self))
+        logger.info("Number of HDF5 files: %d", len(self.files))
         if not self.files:
             raise self.error(f"the source list file '{p.source}' lists no HDF5 files")
         self.top_names = list(self.layer_param.top)
@@ -865,10 +875,12 @@ class HDF5DataLayer(Layer):
         if self.shuffle:
             random_shuffle(self.c_rand, self.file_order)
         self.current_file = 0
+        self.row_shapes = None
         self._load(self.file_order[0])
         self.current_row = 0
-        for t, a in zip(top, self.arrays):
-            t.reshape((self.batch_size,) + a.shape[1:])
+        # Caffe shapes the tops here only: every later file must give rows of this shape
+        self.row_shapes = [a.shape[1:] for a in self.arrays]
+        self.reshape(bottom, top)
 
     def _load(self, index):
         import h5py
@@ -877,9 +889,10 @@ class HDF5DataLayer(Layer):
             with h5py.File(path, "r") as f:
                 arrays = []
                 for name in self.top_names:
-                    if name not in f:
+                    if name not in set(f):     # H5LTfind_dataset: the file's own members
                         raise self.error(f"HDF5 file '{path}' has no dataset '{name}' "
-                                         f"(datasets are read by top name)")
+                                         f"(datasets are read by top name, at the file's "
+                                         f"top level)")
                     dataset = f[name]
                     if not isinstance(dataset, h5py.Dataset):
                         raise self.error(f"HDF5 file '{path}': '{name}' is a group, not "
@@ -895,14 +908,19 @@ class HDF5DataLayer(Layer):
         if None in rows or len(rows) != 1:
             raise self.error(f"HDF5 file '{path}': the datasets {self.top_names} must have "
                              f"at least one axis and the same number of rows")
+        for name, a, shape in zip(self.top_names, arrays, self.row_shapes or ()):
+            if a.shape[1:] != shape:
+                raise self.error(f"HDF5 file '{path}': dataset '{name}' has rows of shape "
+                                 f"{a.shape[1:]}, but the tops have the first file's "
+                                 f"{shape} (Caffe would read them at the wrong stride)")
         self.arrays, self.loaded = arrays, int(index)
         self.rows = np.arange(arrays[0].shape[0])
         if self.shuffle:
             random_shuffle(self.c_rand, self.rows)
 
     def reshape(self, bottom, top):
-        for t, a in zip(top, self.arrays):
-            t.reshape((self.batch_size,) + a.shape[1:])
+        for t, shape in zip(top, self.row_shapes):
+            t.reshape((self.batch_size,) + shape)
 
     def forward(self, bottom, top):
         for i in range(self.batch_size):
