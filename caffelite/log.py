@@ -172,3 +172,10 @@ def _user():
         return getpass.getuser()
     except (KeyError, OSError):
         return "invalid-user"
+
+
+# glog reads GLOG_minloglevel when the library loads: a script that sets it before
+# importing (os.environ['GLOG_minloglevel'] = '2') silences warnings even before
+# init_log(); unset, the script's own logging configuration decides.
+if os.environ.get("GLOG_minloglevel", "").strip():
+    logger.setLevel(_min_log_level(os.environ))

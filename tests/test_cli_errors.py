@@ -566,3 +566,17 @@ def test_a_missing_required_flag_is_still_named(capsys):
         cli.main(["train", "--weights", "w.caffemodel"])
     assert e.value.code == 2
     assert "the following arguments are required: --solver" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("level, shown", [("2", False), ("1", True), (None, True)])
+def test_glog_minloglevel_set_before_import_quiets_a_scripts_warnings(level, shown):
+    """pycaffe's idiom: os.environ['GLOG_minloglevel'] = '2' before `import caffe`
+    silences warnings, as glog reads the variable when it loads."""
+    script = ("import os\n"
+              + (f"os.environ['GLOG_minloglevel'] = '{level}'\n" if level else "")
+              + "import caffelite as caffe\ncaffe.Timer().ms\n")
+    env = {k: v for k, v in os.environ.items() if k != "GLOG_minloglevel"}
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         env=env, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert ("Timer has never been run before reading time." in run.stderr) == shown

@@ -488,3 +488,18 @@ def test_decode_unchanged_gives_opencvs_channels():
         _, deep = cv2.imencode(".png", rng.integers(0, 65535, shape).astype(np.uint16))
         with pytest.raises(ImageReadError, match="16-bit"):
             decode_image(deep.tobytes())
+
+
+def test_a_database_of_the_other_backend_is_named_with_the_way_to_switch(tmp_path):
+    """A LevelDB folder opened as LMDB: the Data layer's hint is its data_param, the
+    compute_image_mean tool's its -backend flag."""
+    from caffelite.image_mean import compute_image_mean
+    from caffelite.io.db import LMDB, DBError, open_db
+    (tmp_path / "db").mkdir()
+    (tmp_path / "db" / "CURRENT").write_text("MANIFEST-000001\n")
+    with pytest.raises(DBError, match=r"it looks like a LevelDB database: set data_param "
+                                      r"\{ backend: LEVELDB \}\)$"):
+        open_db(str(tmp_path / "db"), LMDB)
+    with pytest.raises(ValueError, match=r"it looks like a LevelDB database: add -backend "
+                                         r"leveldb\)$"):
+        compute_image_mean(str(tmp_path / "db"), LMDB)

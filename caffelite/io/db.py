@@ -17,8 +17,13 @@ class DBError(OSError):
     """A database that cannot be opened or read; the message names it."""
 
 
-def open_db(source, backend):
-    """A reader (``items()``, ``close()``) of the database at ``source``."""
+DATA_PARAM_SWITCH = "set data_param {{ backend: {name} }}"
+
+
+def open_db(source, backend, switch=DATA_PARAM_SWITCH):
+    """A reader (``items()``, ``close()``) of the database at ``source``.  ``switch``
+    tells how to choose the other backend, where the database looks like one (``{name}``:
+    LMDB or LEVELDB, ``{flag}``: lmdb or leveldb)."""
     if backend not in BACKEND_NAMES:
         raise DBError(f"unknown database backend {backend} for '{source}' "
                       f"(known: 0 = LEVELDB, 1 = LMDB)")
@@ -32,21 +37,22 @@ def open_db(source, backend):
     try:
         reader = reader_class(source)
     except OSError as e:
-        hint = _other_backend_hint(source, backend)
+        hint = _other_backend_hint(source, backend, switch)
         raise DBError(f"{e}{hint}") from None
     logger.info("Opened %s %s", BACKEND_NAMES[backend].lower(), source)
     return reader
 
 
-def _other_backend_hint(source, backend):
+def _other_backend_hint(source, backend, switch):
     """A LevelDB opened as LMDB (or the reverse) is the usual mistake: say so."""
     looks_lmdb = os.path.isfile(os.path.join(source, "data.mdb")) or (
         os.path.isfile(source) and source.endswith(".mdb"))
     looks_leveldb = os.path.isfile(os.path.join(source, "CURRENT"))
     if backend == LEVELDB and looks_lmdb:
-        return " (it looks like an LMDB database: set data_param { backend: LMDB })"
+        return f" (it looks like an LMDB database: {switch.format(name='LMDB', flag='lmdb')})"
     if backend == LMDB and looks_leveldb:
-        return " (it looks like a LevelDB database: set data_param { backend: LEVELDB })"
+        return (f" (it looks like a LevelDB database: "
+                f"{switch.format(name='LEVELDB', flag='leveldb')})")
     return ""
 
 
