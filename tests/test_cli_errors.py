@@ -515,7 +515,7 @@ def test_pascal_crf_checks_the_class_count(crf_case):
     (root / "out").mkdir()
     items = [EvalItem("a", str(root / "gt.png"), str(root / "img" / "a.jpg"))]
     with pytest.raises(ValueError, match=r"a_blob_0\.mat: features have 3 channels but 21 "
-                                         r"labels were asked for"):
+                                         r"labels were expected \(--num-labels\)"):
         pascal.run_crf(str(root / "feat"), items, str(root / "out"), pascal.CRF_DEFAULTS, 21)
     assert _files(root / "out") == []
 
