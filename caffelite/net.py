@@ -1076,11 +1076,12 @@ class Net:
             where = "the first layer" if layer is None else f"layer '{layer}'"
             raise RuntimeError(f"set_input_arrays may only be called if {where} is a "
                                f"MemoryData layer")
-        labels = np.asarray(labels)
+        # Kinder than pycaffe's CheckContiguousArray (README): float64 or non-contiguous
+        # arrays are converted (a copy) instead of refused; their shapes are checked.
+        data = np.ascontiguousarray(data, dtype=self.dtype)
+        labels = np.ascontiguousarray(labels, dtype=self.dtype)
         if labels.ndim == 1:                  # pycaffe's wrapper: N labels as N x 1 x 1 x 1
-            labels = np.ascontiguousarray(labels[:, None, None, None])
-        # pycaffe's CheckContiguousArray: Caffe reads the arrays' own memory, so it
-        # converts nothing
+            labels = labels[:, None, None, None]
         self._check_input_array(data, "data array", target.shape[1:])
         self._check_input_array(labels, "labels array", (1, 1, 1))
         if data.shape[0] != labels.shape[0]:
@@ -1092,14 +1093,10 @@ class Net:
             raise RuntimeError(str(e)) from None
         self._input_arrays = (data, labels)     # keep them alive, as pycaffe does
 
-    def _check_input_array(self, array, name, item_shape):
-        if not isinstance(array, np.ndarray) or not array.flags.c_contiguous:
-            raise RuntimeError(f"{name} must be C contiguous (np.ascontiguousarray)")
+    @staticmethod
+    def _check_input_array(array, name, item_shape):
         if array.ndim != 4:
             raise RuntimeError(f"{name} must be 4-d (its shape is {array.shape})")
-        if array.dtype != self.dtype:
-            raise RuntimeError(f"{name} must be {np.dtype(self.dtype).name} (it is "
-                               f"{array.dtype.name})")
         for axis, what in enumerate(("channels", "height", "width"), 1):
             if array.shape[axis] != item_shape[axis - 1]:
                 raise RuntimeError(f"{name} has wrong number of {what} ({array.shape[axis]}; "
