@@ -4,7 +4,8 @@ Pillow, and OpenCV's ``cv::resize`` reproduced bit for bit in NumPy.
 * ``read_image(path, color)`` is ``cv::imread(path, IMREAD_COLOR / IMREAD_GRAYSCALE)``:
   H x W x 3 **BGR** uint8, or H x W uint8 (grayscale JPEGs are decoded straight to
   luma by libjpeg, as OpenCV does; CMYK JPEGs are converted with OpenCV's own formula;
-  colour PNGs in gray use libpng's conversion, at 16 bits for 16-bit PNGs; 16-bit
+  colour PNGs in gray use libpng's conversion, at 16 bits for 16-bit PNGs, through
+  linear light where the file declares a gamma (gAMA or sRGB chunk); 16-bit
   PNGs keep their high byte).  Checked against ``cv2.imread`` for JPEG and PNG
   (colour and palette PNGs read in gray included).  EXIF orientation
   is not applied (OpenCV 2.4 ignored it; OpenCV >= 3.1 rotates).
@@ -18,6 +19,9 @@ Pillow, and OpenCV's ``cv::resize`` reproduced bit for bit in NumPy.
 import logging
 
 import numpy as np
+
+from .png_gamma import (gamma_shift, gamma_table_8, gamma_table_16, gamma_table_16_to_8,
+                        png_gammas, png_gray_setup)
 
 logger = logging.getLogger("caffelite")
 
@@ -46,8 +50,9 @@ def _open(path, gray=False, name=None):
     to its luma plane (what OpenCV's IMREAD_GRAYSCALE asks libjpeg for).  Where OpenCV
     converts the decoder's samples itself (CMYK JPEGs; 16-bit colour PNGs in gray,
     which libpng converts before dropping the low byte) the result is an "RGB" or "L"
-    image made here.  ``path`` may be a file object, then ``name`` is what messages
-    call it."""
+    image made here; so is the gray of a colour PNG whose declared gamma makes libpng
+    convert through linear light.  ``path`` may be a file object, then ``name`` is what
+    messages call it."""
     from PIL import Image
     name = path if name is None else name
     try:
@@ -57,8 +62,12 @@ def _open(path, gray=False, name=None):
         if img.format == "JPEG" and img.mode == "CMYK":
             rgb = cmyk_to_rgb(_load_as(img, "CMYK"))
             return Image.fromarray(rgb_to_gray(rgb) if gray else rgb)
-        if gray and img.format == "PNG" and _rawmode(img) in ("RGB;16B", "RGBA;16B"):
-            return Image.fromarray(png16_rgb_to_gray(_png16_rgb(path, img)))
+        if gray and img.format == "PNG" and img.mode in ("RGB", "RGBA", "P"):
+            colour, gamma, sig_bit = png_gray_setup(path)
+            if _rawmode(img) in ("RGB;16B", "RGBA;16B"):
+                return Image.fromarray(png16_rgb_to_gray(_png16_rgb(path, img), gamma, sig_bit))
+            if colour and png_gammas(gamma):
+                return Image.fromarray(png_rgb_to_gray(_rgb_samples(img), gamma))
         img.load()
     except FileNotFoundError:
         raise ImageReadError(name, "no such file") from None
@@ -111,10 +120,17 @@ def _to_gray(img):
         return np.asarray(img.convert("L"), dtype=np.uint8)
     if mode == "LA":
         return np.asarray(img.getchannel(0), dtype=np.uint8)
-    rgb = np.asarray(img.convert("RGB"), dtype=np.int32)
+    rgb = _rgb_samples(img)
     if img.format == "PNG":
         return png_rgb_to_gray(rgb)
     return rgb_to_gray(rgb)
+
+
+def _rgb_samples(img):
+    """R, G, B as uint8 (a palette's colours; alpha and tRNS dropped)."""
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")      # to RGB straight, Pillow warns of the tRNS
+    return np.asarray(img.convert("RGB"), dtype=np.uint8)
 
 
 def rgb_to_gray(rgb):
@@ -133,17 +149,44 @@ def _png_weighted(rgb):
     return rgb[..., 0] * 9797 + rgb[..., 1] * 19234 + rgb[..., 2] * 3737
 
 
-def png_rgb_to_gray(rgb):
-    """libpng's RGB to gray for 8-bit samples: the weighted sum truncated (not
-    rounded)."""
-    return (_png_weighted(rgb) >> 15).astype(np.uint8)
+def png_rgb_to_gray(rgb, file_gamma=0):
+    """libpng's RGB to gray for 8-bit samples.  Without gamma tables (see
+    ``png_gammas``): the weighted sum truncated (not rounded).  With them: each sample
+    to linear light through a 256-entry table, the weighted sum rounded, back through
+    another table; gray pixels (R == G == B) skip both and only go through the table
+    of the overall correction (file times screen gamma, the identity here)."""
+    gammas = png_gammas(file_gamma)
+    if gammas is None:
+        return (_png_weighted(rgb) >> 15).astype(np.uint8)
+    rgb = np.asarray(rgb, dtype=np.int64)
+    to_linear, from_linear, overall = (gamma_table_8(g) for g in gammas[:3])
+    gray = from_linear[(_png_weighted(to_linear[rgb]) + (1 << 14)) >> 15]
+    return _gray_pixels_apart(rgb, gray, overall[rgb[..., 0]]).astype(np.uint8)
 
 
-def png16_rgb_to_gray(rgb16):
+def png16_rgb_to_gray(rgb16, file_gamma=0, sig_bit=0):
     """libpng's RGB to gray for 16-bit samples, then ``png_set_strip_16``: libpng runs
     the conversion before the strip, and at 16 bits it rounds; the high byte of the
-    16-bit gray is kept."""
-    return ((_png_weighted(rgb16) + (1 << 14)) >> 23).astype(np.uint8)
+    16-bit gray is kept.  With gamma tables the samples and the sum go through
+    libpng's 16-bit tables, which look at the top ``16 - shift`` bits only
+    (``gamma_shift``), and gray pixels through its 16-to-8 table of the overall
+    correction, which rounds to the nearest 8-bit value instead of truncating."""
+    gammas = png_gammas(file_gamma)
+    if gammas is None:
+        return ((_png_weighted(rgb16) + (1 << 14)) >> 23).astype(np.uint8)
+    rgb16 = np.asarray(rgb16, dtype=np.int64)
+    shift = gamma_shift(sig_bit)
+    to_linear, from_linear = (gamma_table_16(g, shift) for g in gammas[:2])
+    linear = to_linear[rgb16 >> shift]
+    gray = from_linear[((_png_weighted(linear) + (1 << 14)) >> 15) >> shift]
+    overall = gamma_table_16_to_8(gammas[3], shift)[rgb16[..., 0] >> shift]
+    return (_gray_pixels_apart(rgb16, gray, overall) >> 8).astype(np.uint8)
+
+
+def _gray_pixels_apart(rgb, gray, gray_pixels):
+    """``gray``, except where R == G == B, which png_do_rgb_to_gray converts apart."""
+    same = (rgb[..., 0] == rgb[..., 1]) & (rgb[..., 1] == rgb[..., 2])
+    return np.where(same, gray_pixels, gray)
 
 
 def cmyk_to_rgb(cmyk):
@@ -199,8 +242,7 @@ def _as_read(img, color):
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         gray = _high_byte(img)
         return np.repeat(gray[:, :, None], 3, axis=2)
-    rgb = np.asarray(img.convert("RGB"), dtype=np.uint8)
-    return np.ascontiguousarray(rgb[:, :, ::-1])
+    return np.ascontiguousarray(_rgb_samples(img)[:, :, ::-1])
 
 
 def read_label(path):
