@@ -30,8 +30,9 @@ def _vector(value):
 
 def conv_params(fn):
     """(axis, stride, effective kernel size, pad) of a Convolution/Pooling/Deconvolution
-    layer function, from its ``convolution_param`` dict or its keywords."""
-    params = fn.params.get("convolution_param", fn.params)
+    layer function, from its ``convolution_param`` (``pooling_param``) dict or its
+    keywords."""
+    params = fn.params.get("convolution_param", fn.params.get("pooling_param", fn.params))
     legacy = {"pad_h", "pad_w", "kernel_h", "kernel_w", "stride_h", "stride_w"}
     if legacy & set(params) or legacy & set(fn.params):
         raise AssertionError(f"{fn.type_name}: coordinate mapping does not support the "
@@ -134,7 +135,7 @@ def crop(top_from, top_to):
     AssertionError if the two differ in scale, or ``top_from`` would need padding or a
     fractional offset."""
     axis, a, b = coord_map_from_to(top_from, top_to)
-    a, b = np.asarray(a), np.asarray(b)
+    a, b = np.atleast_1d(a), np.atleast_1d(b)       # 0-d after pointwise layers only
     if not (a == 1).all():
         raise AssertionError(f"scale mismatch on crop (a = {a})")
     if not (b <= 0).all():

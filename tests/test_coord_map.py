@@ -134,3 +134,18 @@ def test_unconnected_and_axis_mismatch():
         compose((1, 1, 0), (2, 1, 0))
     assert compose((None, 1, 0), (2, 3, 1)) == (2, 3, 1)
     assert inverse((1, 2.0, 4.0)) == (1, 0.5, -2.0)
+
+
+def test_crop_after_pointwise_layers_and_a_pooling_param_dict():
+    """crop() of tops joined by pointwise layers only (a 0-d map: Crop at axis 2 with
+    offset 0), and Pooling given as pooling_param=dict(...) maps like its keywords."""
+    n = caffe.NetSpec()
+    n.data = L.Input(shape=dict(dim=[1, 1, 20, 20]))
+    n.relu = L.ReLU(n.data)
+    n.crop = crop(n.relu, n.data)
+    text = str(n.to_proto())
+    assert "axis: 2" in text and "offset: 0" in text
+    n.pool = L.Pooling(n.data, pooling_param=dict(pool=P.Pooling.MAX, kernel_size=2,
+                                                  stride=2))
+    axis, a, b = coord_map_from_to(n.pool, n.data)
+    assert axis == 1 and a.tolist() == [2] and b.tolist() == [0.5]

@@ -80,8 +80,11 @@ def test_blobproto_shapes_as_pycaffe():
 def test_datum_label_and_float_data():
     with_label = caffe.io.array_to_datum(np.ones((3, 2, 2)), label=1)
     without = caffe.io.array_to_datum(np.ones((3, 2, 2)))
-    assert not without.HasField("label")
-    assert len(with_label.SerializeToString()) > len(without.SerializeToString())
+    # the fork's io.py (label=0, always written), not later BVLC's label=None
+    assert without.HasField("label") and without.label == 0 and with_label.label == 1
+    assert len(with_label.SerializeToString()) == len(without.SerializeToString())
+    with pytest.raises(TypeError):
+        caffe.io.array_to_datum(np.ones((3, 2, 2)), label=2.5)
     assert len(without.float_data) == 12 and not without.data
     np.testing.assert_array_equal(caffe.io.datum_to_array(without), np.ones((3, 2, 2)))
     with pytest.raises(ValueError, match="C x H x W"):
@@ -245,3 +248,21 @@ def test_blobproto_to_array_reads_data_as_io_py():
     np.testing.assert_array_equal(caffe.io.blobproto_to_array(blob, return_diff=True), [5, 6])
     del blob.data[:]
     np.testing.assert_array_equal(caffe.io.blobproto_to_array(blob), [3, 4])
+
+
+def test_load_image_keeps_float_images_and_scales_int32_as_skimage(tmp_path):
+    """img_as_float: float images keep their values, int32 ones are divided by
+    2**31 - 1; a missing file is a FileNotFoundError as skimage's imread raises."""
+    values = np.array([[0.02, 0.5], [0.98, 1.5]], np.float32)
+    Image.fromarray(values, mode="F").save(tmp_path / "f.tif")
+    got = caffe.io.load_image(str(tmp_path / "f.tif"), color=False)
+    assert got.shape == (2, 2, 1) and got.dtype == np.float32
+    np.testing.assert_array_equal(got[:, :, 0], values)
+    tiled = caffe.io.load_image(str(tmp_path / "f.tif"))
+    assert tiled.shape == (2, 2, 3) and np.array_equal(tiled[:, :, 2], values)
+    ints = np.array([[0, 1 << 20], [1 << 30, 2 ** 31 - 1]], np.int32)
+    Image.fromarray(ints, mode="I").save(tmp_path / "i.tif")
+    got = caffe.io.load_image(str(tmp_path / "i.tif"), color=False)[:, :, 0]
+    np.testing.assert_array_equal(got, (ints / (2 ** 31 - 1)).astype(np.float32))
+    with pytest.raises(FileNotFoundError, match="cannot read image '.*nope.png': no such"):
+        caffe.io.load_image(str(tmp_path / "nope.png"))

@@ -438,6 +438,13 @@ import caffe.draw
 assert caffe is caffelite and caffe.io is caffelite.io
 assert pb is caffelite.proto.caffe_pb2 and caffelite.proto.__spec__.name == 'caffelite.proto'
 assert caffe.draw is caffelite.draw and callable(L.Convolution) and P.Pooling.MAX == 0
+from caffe.pycaffe import Net, SGDSolver
+from caffe._caffe import set_mode_cpu, layer_type_list, Blob
+assert Net is caffelite.Net and SGDSolver is caffelite.SGDSolver
+assert set_mode_cpu is caffelite.set_mode_cpu and Blob is caffelite.Blob
+namespace = {}
+exec('from caffe.pycaffe import *', namespace)
+assert namespace['Net'] is caffelite.Net and 'AdamSolver' in namespace
 print('ALIAS-OK')
 """
 

@@ -54,7 +54,10 @@ def blobprotovector_str_to_arraylist(data):
     return [blobproto_to_array(blob) for blob in vec.blobs]
 
 
-def array_to_datum(arr, label=None):
+def array_to_datum(arr, label=0):
+    """C x H x W -> Datum as the fork's io.py makes it: uint8 as bytes, other types as
+    float_data, and the label always written (0 by default; a float label is a
+    TypeError, from protobuf)."""
     arr = np.asarray(arr)
     if arr.ndim != 3:
         raise ValueError(f"array_to_datum needs a C x H x W array, got shape {arr.shape}")
@@ -63,8 +66,7 @@ def array_to_datum(arr, label=None):
         datum.data = arr.tobytes()
     else:
         datum.float_data.extend(arr.astype(float).ravel().tolist())
-    if label is not None:
-        datum.label = int(label)
+    datum.label = label
     return datum
 
 
@@ -84,14 +86,21 @@ def load_image(filename, color=True):
     """Image -> float32 H x W x 3 (RGB) or H x W x 1 in [0, 1], as pycaffe's load_image
     (skimage's ``imread`` + ``img_as_float``): gray images are tiled to 3 channels for
     ``color``, an alpha channel is dropped, colour images wanted in gray get skimage's
-    luminance (0.2125 R + 0.7154 G + 0.0721 B), 16-bit images are scaled by 1/65535."""
+    luminance (0.2125 R + 0.7154 G + 0.0721 B), 16-bit images are scaled by 1/65535,
+    32-bit integer ones by 1/(2**31 - 1), float images keep their values."""
     from PIL import Image
     try:
         img = Image.open(filename)
         img.load()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"cannot read image '{filename}': no such file") from None
     except OSError as e:
         raise OSError(f"cannot read image '{filename}': {e}") from None
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+    if img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+    elif img.mode == "I" and img.format != "PNG":    # Pillow < 10 reads 16-bit PNGs as I
+        arr = np.asarray(img, dtype=np.float64) / (2 ** 31 - 1)
+    elif img.mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(img, dtype=np.float64) / 65535.0
     elif img.mode in ("L", "1", "LA"):
         arr = np.asarray(img.convert("L"), dtype=np.float64) / 255.0
