@@ -6,7 +6,6 @@ import itertools
 
 import numpy as np
 import pytest
-import torch
 
 from caffelite.layer import LayerError
 from layer_testing import check_gradient, make_layer, run_forward, setup_layer
@@ -42,6 +41,7 @@ IM2COL_CASES = [
 @pytest.mark.parametrize("body,args", IM2COL_CASES, ids=[c[0] for c in IM2COL_CASES])
 @pytest.mark.parametrize("force_nd", [False, True])
 def test_im2col_forward_and_col2im_match_torch(body, args, force_nd):
+    torch = pytest.importorskip("torch")
     x = normal(2, 3, 7, 8)
     text = im2col_text(body + (" force_nd_im2col: true" if force_nd else ""))
     layer, bottom, top = build(text, [x])

@@ -4,7 +4,6 @@ pooling loops in test_pooling, top shapes for pyramid_height 1 and more, gradien
 and errors for pyramids a bottom cannot hold."""
 import numpy as np
 import pytest
-import torch
 
 from caffelite.layer import LayerError
 from caffelite.layers.spp import level_geometry
@@ -40,6 +39,7 @@ def test_top_shapes():
 
 
 def torch_levels(x, height, pool):
+    torch = pytest.importorskip("torch")
     t = torch.from_numpy(x)
     out = []
     for level in range(height):
