@@ -829,18 +829,23 @@ def test_default_resume_restarts_the_streams_as_caffe(tmp_path, snapshot_format)
     assert np.array_equal(mask, fresh.net.layer_dict["drop"].mask)
 
 
+def hdf5_snapshot_after(tmp_path, steps):
+    """(solver, model file, state file) of an HDF5 snapshot after ``steps`` steps."""
+    s = make_solver(tmp_path, f'lr_policy: "fixed" base_lr: 0.1 momentum: 0.9 '
+                              f'snapshot_prefix: "{tmp_path}/h" snapshot_format: HDF5',
+                    ip_net())
+    set_inputs(s)
+    s.step(steps)
+    return (s,) + tuple(s.snapshot())
+
+
 def test_hdf5_snapshot_has_caffes_layout(tmp_path):
     """SnapshotToHDF5 / SnapshotSolverStateToHDF5 as Caffe writes them with HDF5's lite
     API: the net's data/<layer>/<i> datasets; the state's iter and current_step as
     hdf5_save_int makes them (rank 1, one int32), a fixed-length null-terminated
     learned_net, history/0.. as floats."""
     h5py = pytest.importorskip("h5py")
-    s = make_solver(tmp_path, f'lr_policy: "fixed" base_lr: 0.1 momentum: 0.9 '
-                              f'snapshot_prefix: "{tmp_path}/h" snapshot_format: HDF5',
-                    ip_net())
-    set_inputs(s)
-    s.step(2)
-    model, state = s.snapshot()
+    s, model, state = hdf5_snapshot_after(tmp_path, 2)
     with h5py.File(model, "r") as f:
         assert list(f) == ["data"]
         np.testing.assert_array_equal(f["data/ip/0"][()], s.net.params["ip"][0].data)
@@ -867,12 +872,7 @@ def test_hdf5_state_ints_are_read_as_caffe_or_an_earlier_caffelite_wrote_them(tm
     """Caffe's rank-1 iter/current_step, and the scalars caffelite wrote before; any
     other content is named."""
     h5py = pytest.importorskip("h5py")
-    s = make_solver(tmp_path, f'lr_policy: "fixed" base_lr: 0.1 momentum: 0.9 '
-                              f'snapshot_prefix: "{tmp_path}/h" snapshot_format: HDF5',
-                    ip_net())
-    set_inputs(s)
-    s.step(3)
-    _, state = s.snapshot()
+    _, _, state = hdf5_snapshot_after(tmp_path, 3)
     for iter_value, current_step in (([3], [0]), (3, 0)):
         with h5py.File(state, "r+") as f:
             for name, value in (("iter", iter_value), ("current_step", current_step)):
