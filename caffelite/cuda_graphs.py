@@ -215,9 +215,12 @@ class Recording:
 
     # -- the state a recording depends on ---------------------------------------------
     def _key(self):
+        # Every blob's shape, not the inputs' alone: a launch skips the layers' reshapes,
+        # and net.reshape() at another size reshapes the blobs inside the segment (the
+        # layers' state with them) without touching its inputs' shapes or memory.
         seg = self.segment
         state = backend._state
-        return (tuple(b.shape for b in seg.inputs), backend.tf32_enabled(), fusion.ENABLED,
+        return (tuple(b.shape for b in seg.blobs), backend.tf32_enabled(), fusion.ENABLED,
                 state["mode_changes"], state["seed_changes"])
 
     def _current_memory(self):

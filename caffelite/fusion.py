@@ -37,18 +37,23 @@ class ChannelChain:
         self.relu = layers[2] if len(layers) > 2 else None
         self.bottoms, self.tops = bottoms, tops
         self.blob = tops[0][0]
-        self._shape = None
+        self._state = None
         self.usable = True
 
+    def _current_state(self):
+        """The blob's shape and the shapes the layers were last reshaped for: a
+        net.reshape() or a partial forward at another size reshapes the layers without
+        the chain, and back at the old size the chain must reshape them again."""
+        return self.blob.shape, tuple(self.bn.dims), tuple(self.scale.dims)
+
     def _reshape(self):
-        """The layers' own reshapes, again only when the input's shape changed; False
-        when the shapes turn out not to fit one kernel (then the net runs the layers)."""
-        shape = self.blob.shape
-        if shape == self._shape:
+        """The layers' own reshapes, again only when the shapes changed; False when the
+        shapes turn out not to fit one kernel (then the net runs the layers)."""
+        if self._current_state() == self._state:
             return self.usable
         for layer, bottom, top in zip(self._layers(), self.bottoms, self.tops):
             layer.reshape(bottom, top)
-        self._shape = shape
+        self._state = self._current_state()
         self.usable = tuple(self.scale.dims) == tuple(self.bn.dims)
         return self.usable
 
@@ -75,7 +80,7 @@ class ChannelChain:
     def backward(self):
         """Backward to the chain's bottom diff on the device; False if it must run layer
         by layer (shapes changed since the forward)."""
-        if not self.usable or self.blob.shape != self._shape:
+        if not self.usable or self._current_state() != self._state:
             return False
         bn, scale = self.bn, self.scale
         dtype = self.blob.dtype.type

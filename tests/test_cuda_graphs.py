@@ -362,6 +362,26 @@ def test_new_shapes_and_new_memory_are_recorded_again(tmp_path, gpu_mode):
     assert fwd.launches >= 6 and not fwd.failed
 
 
+def test_a_net_reshape_at_another_size_in_between_is_not_launched_over(tmp_path, gpu_mode):
+    """pycaffe's net.reshape() for another batch (no forward), then back: the inputs'
+    shapes and every memory match the recording, but the blobs inside the segment have
+    the other shapes, and a launch skips the reshapes that would set them back."""
+    def between(net, step):
+        if step in (3, 5):
+            for name, shape in (("data", (1, 3, 8, 8)), ("label", (1, 1, 8, 8))):
+                net.blobs[name].reshape(*shape)
+            net.reshape()
+            for name, shape in (("data", (2, 3, 8, 8)), ("label", (2, 1, 8, 8))):
+                net.blobs[name].reshape(*shape)
+            feed(net, np.random.default_rng(step))
+
+    text = HEAD + BODIES["Convolution"] + TAIL
+    eager, _ = train(gpu_mode, text, tmp_path, graphs=False, between=between, steps=7)
+    graphed, solver = train(gpu_mode, text, tmp_path, graphs=True, between=between, steps=7)
+    compare_runs(eager, graphed)
+    assert launches(solver.net) >= 4
+
+
 @pytest.mark.parametrize("eager_forward", ["partial", "debug_info"])
 def test_a_backward_after_an_eager_forward_runs_eagerly(tmp_path, gpu_mode, eager_forward):
     """Training BatchNorm keeps its normalised input for the backward. After a forward

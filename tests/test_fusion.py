@@ -209,3 +209,34 @@ def test_out_of_memory_names_the_layer_or_chain(tmp_path, monkeypatch, caplog):
         in caplog.text
     assert str(recorded_error.value).startswith(
         "layer 'conv1' (Convolution) forward ran out of GPU memory")
+
+
+def _reshaped_input(net, shape, rng):
+    net.blobs["data"].reshape(*shape)
+    net.blobs["label"].reshape(shape[0], 1, *shape[2:])
+    net.blobs["data"].data[...] = rng.standard_normal(shape)
+    net.blobs["label"].data[...] = rng.integers(0, 3, net.blobs["label"].shape)
+
+
+@pytest.mark.parametrize("detour", ["net.reshape()", "partial forward", "cpu mode"])
+def test_a_chain_reshapes_its_layers_again_after_they_ran_at_another_size(
+        tmp_path, gpu_mode, detour):
+    """The layers of a chain can be reshaped for another size without the chain
+    (net.reshape(), a range that cuts it, a CPU pass); back at the chain's last size
+    it must reshape them again, not reuse their stale spatial size."""
+    gpu_mode.on()
+    net, fresh = make_net(tmp_path), make_net(tmp_path)
+    first = net.blobs["data"].shape
+    run(net)
+    _reshaped_input(net, (1, 3, 5, 11), np.random.default_rng(1))
+    if detour == "net.reshape()":
+        net.reshape()
+    elif detour == "partial forward":
+        net.forward(end="sc1")
+    else:
+        gpu_mode.off()
+        net.forward()
+        gpu_mode.on()
+    for target in (net, fresh):
+        _reshaped_input(target, first, np.random.default_rng(2))
+    assert_same(run(net), run(fresh), f"after {detour}: ")
