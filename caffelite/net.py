@@ -52,6 +52,9 @@ def _weighted_loss(terms, dtype):
 _NAMED_BY_THE_NET = (BlobShapeError, FillerError, RandomSettingError)
 
 
+_HOOKS = ("before_forward", "after_forward", "before_backward", "after_backward")
+
+
 class NetError(ValueError):
     pass
 
@@ -355,6 +358,7 @@ class Net:
         self._input_names = []
         self._channel_chains = self._channel_chains_by_last = None   # GPU mode, on demand
         self._graphs = None                                           # likewise
+        self._hooks = {when: [] for when in _HOOKS}
         blob_need_backward = {}
         available = OrderedDict()
         for name, shape in inputs:
@@ -635,10 +639,31 @@ class Net:
         except ValueError:
             raise NetError(f"no layer named '{name}'") from None
 
+    # BVLC 1.0's layer callbacks (pycaffe net.before_forward(f) ...): f(layer index)
+    def before_forward(self, run):
+        self._hooks["before_forward"].append(run)
+
+    def after_forward(self, run):
+        self._hooks["after_forward"].append(run)
+
+    def before_backward(self, run):
+        self._hooks["before_backward"].append(run)
+
+    def after_backward(self, run):
+        self._hooks["after_backward"].append(run)
+
+    def _run_hooks(self, when, i):
+        for run in self._hooks[when]:
+            run(i)
+
+    def _layer_by_layer(self):
+        """debug_info and layer callbacks see every layer: no fused chains, no graphs."""
+        return self.debug_info or any(self._hooks.values())
+
     def _fused_chains(self):
         """{first layer index: fusion.ChannelChain} in GPU mode (None: run every layer).
         Computed once per net."""
-        if not fusion.ENABLED or self.debug_info or not backend.is_gpu():
+        if not fusion.ENABLED or self._layer_by_layer() or not backend.is_gpu():
             return None
         chains = self._channel_chains
         if chains is None:
@@ -649,7 +674,7 @@ class Net:
     def _cuda_graphs(self):
         """cuda_graphs.NetGraphs in GPU mode with CUDA graphs on (None: run every layer
         call). Built once per net."""
-        if not cuda_graphs.enabled() or self.debug_info or not backend.is_gpu():
+        if not cuda_graphs.enabled() or self._layer_by_layer() or not backend.is_gpu():
             return None
         if self._graphs is None:
             self._graphs = cuda_graphs.NetGraphs(self)
@@ -694,6 +719,7 @@ class Net:
                     i = chain.last
                     continue
             layer, bottom, top = self.layers[i], self.bottom_blobs[i], self.top_blobs[i]
+            self._run_hooks("before_forward", i)
             on_device = gpu and layer.runs_on_device
             guard = contextlib.nullcontext()
             if layer.python_layer:      # boost.python gave it copies of the lists
@@ -721,6 +747,7 @@ class Net:
                 if not origins:
                     raise
                 raise LayerError(f"{e}; {'; '.join(origins)}") from None
+            self._run_hooks("after_forward", i)
         return loss_terms
 
     def _batch_item_origins(self, item):
@@ -796,7 +823,9 @@ class Net:
             if chain is not None and chain.first >= end and self._chain_backward(chain):
                 i = chain.first
                 continue
+            self._run_hooks("before_backward", i)
             if not self.layer_need_backward[i]:
+                self._run_hooks("after_backward", i)
                 continue
             layer, top, bottom = self.layers[i], self.top_blobs[i], self.bottom_blobs[i]
             propagate_down = self.bottom_need_backward[i]
@@ -817,6 +846,7 @@ class Net:
                         self._backward_debug_info(i)
             except MemoryError as e:
                 raise_out_of_memory(self._layer_what(i, "backward"), e)
+            self._run_hooks("after_backward", i)
 
     def _layer_what(self, i, direction):
         return f"layer '{self._layer_names[i]}' ({self.layers[i].type}) {direction}"

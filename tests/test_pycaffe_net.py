@@ -12,6 +12,7 @@ import pytest
 
 import caffelite as caffe
 from caffelite.net import NetError
+from gpu_modes import gpu_mode  # noqa: F401  (fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALIAS_DIR = os.path.join(ROOT, "compat", "caffe_alias")
@@ -602,3 +603,33 @@ def test_bvlc_1_0_positional_forms_and_paths_that_are_not_paths(tmp_path, capfd)
         caffe.Net(str(path), "TEST")
     print("stdout is open")
     assert capfd.readouterr().out == "stdout is open\n"
+
+
+def test_layer_callbacks_see_every_layer_in_caffes_order(tmp_path, gpu_mode):
+    """BVLC 1.0's net.before_forward/after_forward/before_backward/after_backward: the
+    callable gets each layer's index around its Forward (ForwardFromTo) and around
+    every layer of BackwardFromTo, needing a backward or not; fused chains and CUDA
+    graphs step aside so that no layer is skipped."""
+    from caffelite import cuda_graphs
+    path = tmp_path / "two.prototxt"
+    path.write_text(TWO_INPUTS)
+    gpu_mode.on()
+    cuda_graphs.set_enabled(True)
+    try:
+        net = caffe.Net(str(path), caffe.TEST)
+        calls = []
+        for when in ("before_forward", "after_forward", "before_backward", "after_backward"):
+            getattr(net, when)(lambda i, when=when: calls.append((when, i)))
+        a, b = np.full((2, 3), 2.0, np.float32), np.full((2, 3), 5.0, np.float32)
+        for _ in range(3):                       # graphs would record on the second
+            calls.clear()
+            net.forward(a=a, b=b)
+            assert calls == [(when, i) for i in range(len(net.layers))   # splits too
+                             for when in ("before_forward", "after_forward")]
+        calls.clear()
+        net.backward(sum=np.ones((2, 3), np.float32), prod=np.ones((2, 3), np.float32))
+        assert calls == [(when, i) for i in reversed(range(len(net.layers)))
+                         for when in ("before_backward", "after_backward")]
+        assert net._graphs is None or net._graphs.launches() == 0
+    finally:
+        cuda_graphs.set_enabled(False)
