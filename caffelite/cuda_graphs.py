@@ -101,11 +101,12 @@ class NetGraphs:
         self.net = net
         self.segments = [Segment(net, first, last) for first, last in segments(net)]
         self.used = False       # did the last forward launch a graph?
+        self.first_launched = None      # ... the first layer of the first it launched
 
     def forward(self, start, end):
         """Net::ForwardFromTo's loss terms, segments inside [start, end] as graphs."""
         net, terms, i = self.net, [], start
-        self.used = False
+        self.used, self.first_launched = False, None
         for seg in self.segments:
             if seg.first < start or seg.last > end:
                 if seg.first <= end and seg.last >= start:
@@ -116,6 +117,8 @@ class NetGraphs:
             seg_terms, launched = seg.forward()
             terms += seg_terms
             self.used |= launched
+            if launched and self.first_launched is None:
+                self.first_launched = seg.first
             i = seg.last + 1
         if i <= end:
             terms += net._forward_layers(i, end)

@@ -692,11 +692,16 @@ class Net:
             if self._graphs is not None:    # graphs off for now (debug_info, mode ...)
                 self._graphs.forward_ran_eagerly()
             return _weighted_loss(self._forward_layers(start, end), self.dtype)
-        loss = _weighted_loss(graphs.forward(start, end), self.dtype)
+        terms = graphs.forward(start, end)
+        loss = _weighted_loss(terms, self.dtype)
         if graphs.used and np.isnan(loss):
-            # A graph leaves out the host check that names a bad label: run it eagerly.
+            # A graph leaves out the host check that names a bad label: run the graphed
+            # layers again eagerly -- not the data layers before them, which would read
+            # the next batch (and name a bad label of this one nowhere).
+            first = graphs.first_launched
             graphs.forward_ran_eagerly()
-            loss = _weighted_loss(self._forward_layers(start, end), self.dtype)
+            terms = [t for t in terms if t[0] < first] + self._forward_layers(first, end)
+            loss = _weighted_loss(terms, self.dtype)
         return loss
 
     def _forward_layers(self, start, end):

@@ -540,6 +540,44 @@ def test_a_bad_label_is_named_when_graphs_run(tmp_path, gpu_mode):
         gpu_mode.off()
 
 
+def test_a_bad_label_of_a_list_names_its_line_when_graphs_run(tmp_path, gpu_mode):
+    """The eager re-run after a graph's NaN loss starts at the first graphed layer:
+    re-running the data layer would read the next batch, and the bad label of this
+    one would be named nowhere (the loss of the clean next batch came back instead)."""
+    from PIL import Image
+    labels = [1, 0, 2, 1, 0, 1, 7, 1]                  # line 7: class 7 of 5
+    for i in range(len(labels)):
+        Image.fromarray(np.full((4, 4, 3), 10 * i, np.uint8)).save(tmp_path / f"s{i}.png")
+    (tmp_path / "cls.txt").write_text("".join(f"s{i}.png {label}\n"
+                                              for i, label in enumerate(labels)))
+    (tmp_path / "net.prototxt").write_text(f"""
+layer {{ name: "d" type: "ImageData" top: "data" top: "label"
+  image_data_param {{ source: "{tmp_path / 'cls.txt'}" root_folder: "{tmp_path}/"
+                     batch_size: 2 }} }}
+layer {{ name: "ip" type: "InnerProduct" bottom: "data" top: "ip"
+  inner_product_param {{ num_output: 5 weight_filler {{ type: "gaussian" std: 0.1 }} }} }}
+layer {{ name: "relu" type: "ReLU" bottom: "ip" top: "ip" }}
+layer {{ name: "ip2" type: "InnerProduct" bottom: "ip" top: "ip2"
+  inner_product_param {{ num_output: 5 }} }}
+layer {{ name: "relu2" type: "ReLU" bottom: "ip2" top: "ip2" }}
+layer {{ name: "loss" type: "SoftmaxWithLoss" bottom: "ip2" bottom: "label" top: "loss" }}
+""")
+    cuda_graphs.set_enabled(True)
+    gpu_mode.on()
+    try:
+        net = caffelite.Net(str(tmp_path / "net.prototxt"), caffelite.TRAIN)
+        for _ in range(3):
+            assert np.isfinite(float(net.forward()["loss"]))
+        assert launches(net) > 0
+        with pytest.raises(caffelite.layer.LayerError,
+                           match=r"label value 7 is out of range.*; item 0 of the batch is "
+                                 r"line 7 of '.*cls\.txt' \(ImageData layer 'd'\)$"):
+            net.forward()
+    finally:
+        cuda_graphs.set_enabled(False)
+        gpu_mode.off()
+
+
 def test_graphs_need_gpu_mode_and_no_debug_info(tmp_path):
     text = HEAD + BODIES["Convolution"] + TAIL
     path = tmp_path / "net.prototxt"
