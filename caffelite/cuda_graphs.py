@@ -21,9 +21,10 @@ When: a segment runs eagerly the first time it meets a set of shapes and memory;
 second time in a row it is captured and launched (shapes that change at every pass
 never record: one graph per segment is kept); from then on launched, as long as
 
-* the shapes of the blobs it reads from outside are unchanged, and every blob and
-  parameter it touches still has the same device memory (a reshape, ``share_data`` or
-  ``set_data_array`` means a new recording);
+* the shapes of all its blobs are unchanged (a launch skips the layers' reshapes, so a
+  ``net.reshape()`` at another size in between means an eager pass), and every blob
+  and parameter it touches still has the same device memory (a reshape, ``share_data``
+  or ``set_data_array`` means a new recording);
 * values it read on the host while being recorded are unchanged;
 * for the backward graph: the last forward of the segment was a launch of the forward
   graph it was recorded after (the backward reads what that forward kept);
@@ -258,8 +259,10 @@ class Recording:
             return self.outputs, self.graph
         self.drop()
         if key != self.seen or (self.direction == "backward" and not _is_graph(after)):
-            self.seen = key
-            return self.run_eagerly(), None
+            outputs = self.run_eagerly()
+            # the key after the eager pass: it reshaped the blobs inside the segment
+            self.seen = self._key()
+            return outputs, None
         return self._record(key, after)
 
     def drop(self):
