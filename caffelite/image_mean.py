@@ -33,7 +33,7 @@ def record_pixels(value, source, index):
 def compute_image_mean(source, backend=LMDB, progress_every=10000):
     """(mean as a 1 x C x H x W float32 array, record count, per-channel means)."""
     try:
-        reader = open_db(source, backend, switch="add -backend {flag}")
+        reader = open_db(source, backend, switch="-backend {flag}")
     except DBError as e:
         raise ImageMeanError(str(e)) from None
     total = shape = None

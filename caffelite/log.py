@@ -178,4 +178,4 @@ def _user():
 # importing (os.environ['GLOG_minloglevel'] = '2') silences warnings even before
 # init_log(); unset, the script's own logging configuration decides.
 if os.environ.get("GLOG_minloglevel", "").strip():
-    logger.setLevel(_min_log_level(os.environ))
+    logger.setLevel(max(logging.INFO, _min_log_level(os.environ)))

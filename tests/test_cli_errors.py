@@ -580,3 +580,15 @@ def test_glog_minloglevel_set_before_import_quiets_a_scripts_warnings(level, sho
                          env=env, timeout=120)
     assert run.returncode == 0, run.stderr
     assert ("Timer has never been run before reading time." in run.stderr) == shown
+
+
+def test_glog_minloglevel_zero_before_import_does_not_open_debug_lines():
+    """GLOG_minloglevel=0 is glog's default: caffelite's own DEBUG lines (which Caffe
+    does not have) stay out of a script's logging at INFO."""
+    script = ("import os, logging\nos.environ['GLOG_minloglevel'] = '0'\n"
+              "import caffelite\nprint(logging.getLogger('caffelite').level)\n")
+    env = {k: v for k, v in os.environ.items() if k != "GLOG_minloglevel"}
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         env=env, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert int(run.stdout) == logging.INFO

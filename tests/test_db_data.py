@@ -500,6 +500,6 @@ def test_a_database_of_the_other_backend_is_named_with_the_way_to_switch(tmp_pat
     with pytest.raises(DBError, match=r"it looks like a LevelDB database: set data_param "
                                       r"\{ backend: LEVELDB \}\)$"):
         open_db(str(tmp_path / "db"), LMDB)
-    with pytest.raises(ValueError, match=r"it looks like a LevelDB database: add -backend "
+    with pytest.raises(ValueError, match=r"it looks like a LevelDB database: -backend "
                                          r"leveldb\)$"):
         compute_image_mean(str(tmp_path / "db"), LMDB)

@@ -884,6 +884,12 @@ def test_hdf5_state_ints_are_read_as_caffe_or_an_earlier_caffelite_wrote_them(tm
         assert resumed.iter == 3
     with h5py.File(state, "r+") as f:
         del f["iter"]
+        f.create_group("iter")
+    with pytest.raises(SolverError, match=r"'iter' must be a dataset holding one integer "
+                                          r"\(it is a group\)"):
+        make_solver(tmp_path, 'lr_policy: "fixed" base_lr: 0.1', ip_net()).restore(state)
+    with h5py.File(state, "r+") as f:
+        del f["iter"]
         f.create_dataset("iter", data=np.array([1.5, 2.0]))
     with pytest.raises(SolverError, match=r"h_iter_3\.solverstate\.h5: .iter. must hold "
                                               r"one integer \(it holds 2 value\(s\) of type "

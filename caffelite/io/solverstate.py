@@ -156,6 +156,9 @@ def _read_string(dataset):
 def _read_int(path, f, name):
     """hdf5_load_int: the one integer of a dataset (Caffe writes shape (1,); a scalar
     is read too)."""
+    if not hasattr(f[name], "shape"):                   # a group, not a dataset
+        raise SolverStateError(f"{path}: '{name}' must be a dataset holding one integer "
+                               f"(it is a group)")
     values = np.asarray(f[name][()]).reshape(-1)
     if values.size != 1 or values.dtype.kind not in "iu":
         raise SolverStateError(f"{path}: '{name}' must hold one integer (it holds "
