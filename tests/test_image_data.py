@@ -1057,3 +1057,23 @@ def test_a_bad_class_label_names_the_image_data_line(tmp_path):
                                          r"batch is line 2 of '.*cls\.txt' \(ImageData "
                                          r"layer 'd'\)$"):
         net.forward()
+
+
+def test_net_reshape_keeps_the_last_batchs_shape_as_caffe(tmp_path):
+    """BaseDataLayer::Reshape does nothing: after a forward, net.reshape() leaves the
+    data top in the shape of the batch it holds, not the next one's."""
+    rng = np.random.default_rng(40)
+    for i, (h, w) in enumerate([(4, 5), (6, 3), (5, 5)]):
+        write_rgb(tmp_path / f"v{i}.png", h, w, rng)
+    (tmp_path / "cls.txt").write_text("/v0.png 0\n/v1.png 1\n/v2.png 2\n")
+    net = make_net(f"""layer {{ name: "d" type: "ImageData" top: "data" top: "label"
+        image_data_param {{ source: "{tmp_path / 'cls.txt'}" root_folder: "{tmp_path}"
+                           batch_size: 1 }} }}""")
+    assert net.blobs["data"].shape == (1, 3, 4, 5)
+    net.forward()
+    net.reshape()
+    assert net.blobs["data"].shape == (1, 3, 4, 5)
+    net.forward()
+    assert net.blobs["data"].shape == (1, 3, 6, 3)
+    net.reshape()
+    assert net.blobs["data"].shape == (1, 3, 6, 3)

@@ -319,11 +319,18 @@ class PrefetchingDataLayer(Layer):
         return self._ready[0]
 
     def reshape(self, bottom, top):
+        """As BaseDataLayer::Reshape, nothing once a batch was handed out: between
+        forwards the tops keep the last batch's shapes. Before the first forward the
+        first batch is awaited here, so that a bad first batch stops the net's set-up
+        (as the fork's prefetch thread does), in the shapes set-up gave it."""
+        if getattr(self, "_forwarded", False):
+            return
         for t, a in zip(top, self._peek()):
             t.reshape(a.shape)
 
     def forward(self, bottom, top):
         arrays = self._peek()
+        self._forwarded = True
         for t, a in zip(top, arrays):
             t.reshape(a.shape)
             t.data[...] = a
