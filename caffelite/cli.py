@@ -707,8 +707,9 @@ def _verb_first(argv):
 
 def main(argv=None):
     argv = gflags_style(list(sys.argv[1:] if argv is None else argv))
-    _refuse_unknown_flags(argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    _refuse_unknown_flags(parser, argv)
+    args = parser.parse_args(argv)
     try:
         _open_log(args)
         return args.func(args)
@@ -725,26 +726,34 @@ def main(argv=None):
         return 1
 
 
-def _refuse_unknown_flags(argv):
+def _refuse_unknown_flags(parser, argv):
     """Report a mistyped flag (``-solvr s.prototxt``) as unrecognized: argparse checks
-    required flags first, and "--solver is required" hides the typo."""
+    required flags first, and "--solver is required" hides the typo. So a first parse
+    with nothing required looks for unknown flags only."""
     if "-h" in argv or "--help" in argv:
         return
-    relaxed = build_parser()
-    _drop_required(relaxed)
-    _, unknown = relaxed.parse_known_args(argv)
+    required = _required_parts(parser)
+    for part in required:
+        part.required = False
+    try:
+        _, unknown = parser.parse_known_args(argv)
+    finally:
+        for part in required:
+            part.required = True
     if unknown:
-        relaxed.error(f"unrecognized arguments: {' '.join(unknown)}")
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
 
 
-def _drop_required(parser):
+def _required_parts(parser):
+    """The required actions and mutually exclusive groups of ``parser`` and its
+    sub-commands."""
+    parts = [a for a in parser._actions if a.required]
+    parts += [g for g in parser._mutually_exclusive_groups if g.required]
     for action in parser._actions:
-        action.required = False
         if isinstance(action, argparse._SubParsersAction):
             for sub in action.choices.values():
-                _drop_required(sub)
-    for group in parser._mutually_exclusive_groups:
-        group.required = False
+                parts += _required_parts(sub)
+    return parts
 
 
 def _open_log(args):

@@ -160,9 +160,6 @@ class Segment:
         self.name = f"layers {net._layer_names[first]} .. {net._layer_names[last]}"
         self.forward_state = object()   # the forward graph last launched, or a fresh token
         layers = range(first, last + 1)
-        produced = {id(t) for i in layers for t in net.top_blobs[i]}
-        self.inputs = _unique(b for i in layers for b in net.bottom_blobs[i]
-                              if id(b) not in produced)
         self.blobs = _unique([b for i in layers for b in net.bottom_blobs[i]] +
                              [b for i in layers for b in net.top_blobs[i]] +
                              [b for i in layers for b in net.layers[i].blobs])

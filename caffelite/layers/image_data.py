@@ -296,6 +296,9 @@ class PrefetchingDataLayer(Layer):
         self._inflight = deque()
         self._ready = None
         self._consumed_state = self.position_state()
+        self._planned = None        # the entries of the batch being planned (_fill)
+        self._forwarded = False     # a batch was handed out (reshape then does nothing)
+        self.batch_entries = ()     # the list entries of the last batch handed out
         self._fill()
 
     def _fill(self):
@@ -323,7 +326,7 @@ class PrefetchingDataLayer(Layer):
         forwards the tops keep the last batch's shapes. Before the first forward the
         first batch is awaited here, so that a bad first batch stops the net's set-up
         (as the fork's prefetch thread does), in the shapes set-up gave it."""
-        if getattr(self, "_forwarded", False):
+        if self._forwarded:
             return
         for t, a in zip(top, self._peek()):
             t.reshape(a.shape)
@@ -423,7 +426,7 @@ class ImageListLayer(PrefetchingDataLayer):
         return self.entries[self.order[self.line]]
 
     def advance(self):
-        if getattr(self, "_planned", None) is not None:
+        if self._planned is not None:
             self._planned.append(self.current_entry())
         self.line += 1
         if self.line >= len(self.entries):
@@ -434,7 +437,7 @@ class ImageListLayer(PrefetchingDataLayer):
     def batch_item_origin(self, item):
         """Where item ``item`` of the last batch came from (for error messages), or
         None."""
-        entries = getattr(self, "batch_entries", ())
+        entries = self.batch_entries
         if item >= len(entries):
             return None
         return (f"item {item} of the batch is line {entries[item].lineno} of "
