@@ -27,6 +27,16 @@ def reset_transfer_counts():
     transfers["to_device"] = transfers["to_host"] = 0
 
 
+# Counts the changes of any blob's shape: a holder of many blobs' shapes (a CUDA graph's
+# key) checks this one number instead of every blob until it moves.
+_shape_changes = [0]
+
+
+def shape_changes():
+    """How many times a blob's shape has changed so far (any blob)."""
+    return _shape_changes[0]
+
+
 def _first(flat, shape, count):
     """The first ``count`` (= prod(shape)) elements of a flat array, as ``shape``."""
     return (flat if flat.shape[0] == count else flat[:count]).reshape(shape)
@@ -216,6 +226,7 @@ class Blob:
             self._diff_mem = SyncedMemory(count, self.dtype)
         self._shape = shape
         self._count = count
+        _shape_changes[0] += 1
 
     def reshape_like(self, other):
         self.reshape(other.shape)
@@ -272,8 +283,10 @@ class Blob:
     def set_data_array(self, array):
         """Replace the data memory by ``array`` itself (host or device)."""
         self._data_mem = SyncedMemory.wrap(array)
-        self._shape = tuple(int(s) for s in array.shape)
-        self._count = math.prod(self._shape)
+        shape = tuple(int(s) for s in array.shape)
+        if shape != self._shape:
+            self._shape, self._count = shape, math.prod(shape)
+            _shape_changes[0] += 1
 
     def set_diff_array(self, array):
         self._diff_mem = SyncedMemory.wrap(array)

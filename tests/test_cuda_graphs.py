@@ -18,6 +18,7 @@ import pytest
 
 import caffelite
 from caffelite import backend, cuda_graphs
+from caffelite import blob as blob_module
 from caffelite.kernels import emulated_capture, emulator
 from caffelite.io import prototxt
 from caffelite.layer import LAYER_REGISTRY
@@ -380,6 +381,44 @@ def test_a_net_reshape_at_another_size_in_between_is_not_launched_over(tmp_path,
     graphed, solver = train(gpu_mode, text, tmp_path, graphs=True, between=between, steps=7)
     compare_runs(eager, graphed)
     assert launches(solver.net) >= 4
+
+
+def test_the_shape_key_is_rebuilt_only_after_some_blob_changed_shape(tmp_path, gpu_mode):
+    """A launch checks one counter of shape changes instead of every blob's shape; any
+    blob's reshape (in the segment or not) makes the next key read the shapes again."""
+    shapes_read = []
+
+    def between(net, step):
+        if step == 1 and net._graphs is not None:
+            rec = net._graphs.segments[0].fwd
+            real = rec._blob_shapes
+            rec._blob_shapes = lambda: (shapes_read.append(rec._shapes_at != blob_module.
+                                                           shape_changes()), real())[1]
+        if step == 4:       # same shapes again: a change counted, the key still matches
+            net.blobs["loss"].reshape(2)
+            net.blobs["loss"].reshape(())
+
+    text = HEAD + BODIES["Convolution"] + TAIL
+    eager, _ = train(gpu_mode, text, tmp_path, graphs=False, between=between, steps=6)
+    shapes_read.clear()
+    graphed, solver = train(gpu_mode, text, tmp_path, graphs=True, between=between, steps=6)
+    compare_runs(eager, graphed)
+    # steps 1..5, two passes each (iter_size 2), all launched; only the first pass of
+    # step 4 reads the shapes again
+    assert shapes_read == [False] * 6 + [True] + [False] * 3
+    assert solver.net._graphs.segments[0].fwd.launches >= 10
+
+
+def test_blob_shape_changes_count_only_real_changes():
+    b = caffelite.Blob((2, 3))
+    start = blob_module.shape_changes()
+    b.reshape(2, 3)
+    b.set_data_array(np.zeros((2, 3), np.float32))
+    assert blob_module.shape_changes() == start
+    b.reshape(3, 2)
+    assert blob_module.shape_changes() == start + 1
+    b.set_data_array(np.zeros(6, np.float32))
+    assert blob_module.shape_changes() == start + 2 and b.shape == (6,) and b.count == 6
 
 
 @pytest.mark.parametrize("eager_forward", ["partial", "debug_info"])
