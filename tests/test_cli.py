@@ -27,6 +27,16 @@ def run(*args, cwd=None):
                           text=True, env=env, cwd=cwd)
 
 
+def test_python_dash_m_caffelite_is_the_command(tmp_path):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    done = subprocess.run([sys.executable, "-m", "caffelite", "upgrade", "--help"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert done.returncode == 0 and done.stdout.startswith("usage: caffelite upgrade")
+    done = subprocess.run([sys.executable, "-m", "caffelite", "test", "--model", "missing"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert done.returncode == 1 and done.stderr.startswith("caffelite test: error: ")
+
+
 GLOG = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d\.\d{6} +\d+ [\w.]+:\d+\] ")
 
 

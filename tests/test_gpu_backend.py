@@ -140,6 +140,36 @@ def test_kernel_launch_on_emulated_arrays_runs_the_cu_source():
     assert backend.to_host(top).tolist() == [5.0] and backend.to_host(mask).tolist() == [1]
 
 
+def test_the_host_kernel_cache_must_be_the_users_alone(tmp_path, monkeypatch):
+    """The emulator loads the libraries it finds in its cache folder: a folder others can
+    write (a planted library in a shared /tmp) is refused before anything is loaded."""
+    import os
+    from caffelite.kernels import emulator
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    monkeypatch.setattr(emulator, "_host_kernels", [])
+    monkeypatch.setenv("CAFFELITE_KERNEL_CACHE", str(shared))
+    with pytest.raises(RuntimeError, match=r"not this user's alone .*drwxrwxrwx.*"
+                                           r"CAFFELITE_KERNEL_CACHE"):
+        emulator.host_kernels()
+    assert emulator._host_kernels == []
+    if os.getuid() == 0:        # root can give a folder to another user
+        other = tmp_path / "other"
+        other.mkdir(mode=0o755)
+        os.chown(other, 65534, 65534)
+        with pytest.raises(RuntimeError, match="owner uid 65534"):
+            emulator._check_private_folder(str(other))
+    blocked = tmp_path / "a_file"
+    blocked.write_text("")
+    with pytest.raises(RuntimeError, match=r"cannot create the host-kernel cache folder "
+                                           r".*a_file/cache"):
+        emulator._check_private_folder(str(blocked / "cache"))
+    fresh = tmp_path / "fresh" / "cache"
+    emulator._check_private_folder(str(fresh))
+    assert fresh.stat().st_mode & 0o777 == 0o700
+
+
 def test_set_mode_gpu_without_cupy_is_one_clear_sentence(monkeypatch):
     monkeypatch.setitem(sys.modules, "cupy", None)      # import cupy -> ImportError
     monkeypatch.setattr(kernels, "_cupy_checked", [])

@@ -23,6 +23,7 @@ installed CuPy and raises ``TypeError`` for what CuPy would reject
 import contextlib
 import functools
 import os
+import stat
 import sys
 import tempfile
 import types
@@ -527,9 +528,27 @@ def host_kernels():
                                "and needs a C++ compiler (g++ or $CXX)")
         cache = os.environ.get("CAFFELITE_KERNEL_CACHE") or os.path.join(
             tempfile.gettempdir(), f"caffelite-host-kernels-{os.getuid()}")
-        os.makedirs(cache, exist_ok=True)
+        _check_private_folder(cache)
         _host_kernels.append(HostKernels(cache))
     return _host_kernels[0]
+
+
+def _check_private_folder(path):
+    """The folder of compiled kernel libraries, which the emulator loads, must be this
+    user's alone: in a shared /tmp another user could plant a library there."""
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        info = os.lstat(path)
+    except OSError as e:
+        raise RuntimeError(f"cannot create the host-kernel cache folder {path} "
+                           f"({e.strerror}); set CAFFELITE_KERNEL_CACHE to a writable "
+                           f"folder of your own") from None
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o022:
+        raise RuntimeError(
+            f"the host-kernel cache folder {path} is not this user's alone (owner uid "
+            f"{info.st_uid}, mode {stat.filemode(info.st_mode)}), so the libraries in it "
+            f"are not loaded; remove it, or set CAFFELITE_KERNEL_CACHE to a folder of your "
+            f"own that only you can write")
 
 
 def launch(module_name, kernel_name, dtype, *args, grid=None, block=256):

@@ -1,0 +1,6 @@
+"""``python -m caffelite ...``: the ``caffelite`` command."""
+import sys
+
+from .cli import main
+
+sys.exit(main())
