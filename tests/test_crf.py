@@ -89,6 +89,23 @@ def pydensecrf_q(scores, rgb, params):
     return np.array(crf.inference(params.max_iter), np.float32).reshape(scores.shape)
 
 
+def assert_same_labels(labels, reference, atol=1e-5):
+    """The reference marginals' labels wherever their best label leads the second by
+    more than 2 atol (closer ones may swap within the marginals' tolerance)."""
+    top2 = np.sort(reference, axis=0)[-2:]
+    clear = top2[1] - top2[0] > 2 * atol
+    assert clear.mean() > 0.99
+    np.testing.assert_array_equal(np.asarray(labels)[clear], reference.argmax(0)[clear])
+
+
+def assert_same_marginals(q, reference, atol=1e-5):
+    """Q within atol of the reference everywhere, and the reference's labels. Against
+    pydensecrf2 the measured difference is at most 3e-6 (float sums in another order)."""
+    assert q.shape == reference.shape
+    assert np.abs(q - reference).max() < atol
+    assert_same_labels(q.argmax(0), reference, atol)
+
+
 # ------------------------------------------------------------------ the lattice
 def test_barycentric_weights_interpolate_the_elevated_point():
     rng = np.random.default_rng(0)
@@ -247,10 +264,13 @@ def test_messages_hand_computed_on_a_tiny_lattice():
 
 
 def test_large_weights_fall_back_to_a_shifted_softmax():
+    """Weights large enough to overflow exp without the per-step shift: finite, and
+    Krähenbühl's code's marginals."""
     rgb, gt = synthetic_scene(20, 24, 6, num_labels=5)
     scores = noisy_scores(gt, 5, 6)
     q = dense_crf(-scores, rgb, bi_w=100, pos_w=50)
     assert np.all(np.isfinite(q)) and np.allclose(q.sum(0), 1, atol=1e-5)
+    assert_same_marginals(q, pydensecrf_q(scores, rgb, CRFParams(bi_w=100, pos_w=50)))
 
 
 def test_crf_improves_miou_on_noisy_predictions():
@@ -272,10 +292,7 @@ def test_agrees_with_pydensecrf(params):
     for n, rgb in enumerate(photos((250, 188))):
         scores = photo_scores(rgb, 21, n)
         oracle = pydensecrf_q(scores, rgb, params)
-        q = dense_crf(unary_from_scores(scores), rgb, params)
-        agree = np.mean(q.argmax(0) == oracle.argmax(0))
-        assert agree >= 0.999, (n, agree)
-        assert np.abs(q - oracle).max() < 1e-3
+        assert_same_marginals(dense_crf(unary_from_scores(scores), rgb, params), oracle)
 
 
 @pytest.mark.parametrize("shape", [(31, 21), (13, 11), (25, 23)])
@@ -304,9 +321,9 @@ def test_agrees_with_pydensecrf_full_size():
     rgb = photos((500, 375))[0]
     scores = photo_scores(rgb, 21, 7)
     params = PUBLISHED_PARAMS["deeplab-largefov"]
-    agree = np.mean(crf_labels(scores, rgb, params) == pydensecrf_q(scores, rgb, params)
-                    .argmax(0))
-    assert agree >= 0.999
+    oracle = pydensecrf_q(scores, rgb, params)
+    assert_same_marginals(dense_crf(unary_from_scores(scores), rgb, params), oracle)
+    assert_same_labels(crf_labels(scores, rgb, params), oracle)
 
 
 def test_separate_x_y_and_colour_stds_like_the_refine_program():
@@ -326,9 +343,7 @@ def test_separate_x_y_and_colour_stds_like_the_refine_program():
     crf.addPairwiseBilateral(sxy=(40, 80), srgb=(4, 9, 15), rgbim=rgb, compat=5,
                              kernel=dcrf.DIAG_KERNEL, normalization=dcrf.NORMALIZE_AFTER)
     oracle = np.array(crf.inference(10), np.float32).reshape(scores.shape)
-    q = dense_crf(unary_from_scores(scores), rgb, params)
-    assert np.mean(q.argmax(0) == oracle.argmax(0)) >= 0.999
-    assert np.abs(q - oracle).max() < 1e-3
+    assert_same_marginals(dense_crf(unary_from_scores(scores), rgb, params), oracle)
     same = CRFParams(5, 40, 4, 3, 2, pos_y_std=2, bi_y_std=40, bi_g_std=4, bi_b_std=4)
     assert np.array_equal(dense_crf(unary_from_scores(scores), rgb, same),
                           dense_crf(unary_from_scores(scores), rgb, CRFParams(5, 40, 4, 3, 2)))

@@ -31,7 +31,8 @@ from caffelite.crf.permutohedral import LatticeFilter
 from caffelite.kernels.host import compiler, nvrtc_compile, nvrtc_library
 from gpu_modes import host_kernels_for
 from test_kernels_host import eps, poisoned
-from test_crf import photo_scores, photos, pydensecrf_q, synthetic_scene, _write_case
+from test_crf import (assert_same_labels, assert_same_marginals, photo_scores, photos,
+                      pydensecrf_q, synthetic_scene, _write_case)
 
 FLOATS = [np.float32, np.float64]
 MODULE = "permutohedral"
@@ -325,25 +326,21 @@ def test_device_filter_matches_cpu_lattice_filter(kern, tables, splat):
                          ids=["refine_v4_defaults", "largefov"])
 def test_device_crf_agrees_with_cpu_and_pydensecrf(crf_device, params):
     """The host-run kernels' mean field on photos (scikit-image's if installed):
-    labels equal to the CPU dense_crf on >= 99.9 % of the pixels and Q within 2e-5
-    (measured <= 1.3e-6: the softmax's expf), and >= 99.9 % equal to pydensecrf2's
-    labels (Krähenbühl's code) with Q within 1e-4 (measured: all labels equal, Q within
-    3.2e-6)."""
+    Q within 2e-5 of the CPU dense_crf's (measured <= 1.3e-6: the softmax's expf) and
+    within 1e-5 of pydensecrf2's (Krähenbühl's code; measured 3.2e-6), with their labels
+    wherever the best leads by more than twice that."""
     for n, rgb in enumerate(photos((250, 188))):
         scores = photo_scores(rgb, 21, n)
         cpu = dense_crf(unary_from_scores(scores), rgb, params)
         q = dense_crf(unary_from_scores(scores), rgb, params, device=crf_device)
         assert q.shape == scores.shape and q.dtype == np.float32
-        assert np.mean(q.argmax(0) == cpu.argmax(0)) >= 0.999
+        assert_same_labels(q.argmax(0), cpu)
         assert np.abs(q - cpu).max() < 2e-5
         try:
             import pydensecrf.densecrf  # noqa: F401
         except ImportError:
             continue
-        oracle = pydensecrf_q(scores, rgb, params)
-        agree = np.mean(q.argmax(0) == oracle.argmax(0))
-        assert agree >= 0.999, (n, agree)
-        assert np.abs(q - oracle).max() < 1e-4
+        assert_same_marginals(q, pydensecrf_q(scores, rgb, params))
 
 
 def test_device_crf_gather_splat_small_grid_and_labels(kern):
@@ -357,11 +354,11 @@ def test_device_crf_gather_splat_small_grid_and_labels(kern):
         device = CrfDevice(np, kern.run, grid=2, block=3)
         q = crf_device_module.mean_field_on_device(-scores, crf_kernels(rgb, params),
                                                    params.max_iter, device, splat=splat)
-        assert np.mean(q.argmax(0) == cpu.argmax(0)) >= 0.999
+        assert_same_labels(q.argmax(0), cpu)
         assert np.abs(q - cpu).max() < 2e-5
     labels = crf_labels(scores, rgb, params, device=CrfDevice(np, kern.run))
     assert labels.shape == rgb.shape[:2] and labels.dtype == np.int64
-    assert np.mean(labels == cpu.argmax(0)) >= 0.999
+    assert_same_labels(labels, cpu)
 
 
 def test_device_mean_field_cutoff_large_weights_and_zero_iterations(crf_device):
@@ -377,7 +374,7 @@ def test_device_mean_field_cutoff_large_weights_and_zero_iterations(crf_device):
                                       (kernels_, None, 0)):
         cpu = mean_field(-scores, potts, iterations, exp_cutoff=cutoff)
         q = mean_field(-scores, potts, iterations, exp_cutoff=cutoff, device=crf_device)
-        assert np.mean(q.argmax(0) == cpu.argmax(0)) >= 0.999
+        assert_same_labels(q.argmax(0), cpu)
         assert np.abs(q - cpu).max() < 2e-5
         if cutoff is not None:
             assert np.any(cpu == 0)
@@ -470,9 +467,9 @@ def test_emulated_gpu_crf_end_to_end():
     params = PUBLISHED_PARAMS["deeplab-largefov"]
     cpu = dense_crf(-scores, rgb, params)
     q = dense_crf(-scores, rgb, params, device=device)
-    assert np.mean(q.argmax(0) == cpu.argmax(0)) >= 0.999
+    assert_same_labels(q.argmax(0), cpu)
     assert np.abs(q - cpu).max() < 2e-5
-    assert np.mean(crf_labels(scores, rgb, params, device=device) == cpu.argmax(0)) >= 0.999
+    assert_same_labels(crf_labels(scores, rgb, params, device=device), cpu)
 
 
 @needs_emulator
@@ -490,7 +487,7 @@ def test_backend_gpu_mode_on_the_emulator_sends_gpu_ids_there():
     finally:
         backend.set_mode_cpu()
     cpu = dense_crf(-scores, rgb, params)
-    assert np.mean(q.argmax(0) == cpu.argmax(0)) >= 0.999
+    assert_same_labels(q.argmax(0), cpu)
     assert np.abs(q - cpu).max() < 2e-5
 
 
@@ -697,7 +694,8 @@ def test_device_built_lattices_give_the_host_built_mean_field(crf_device):
     """The whole CRF with the lattices built on the device against the same CRF with
     the CPU-built lattices uploaded: Q bit-for-bit with the deterministic gather
     splat (the tables are equal); and crf_labels(device=...) from scores (negated on
-    the device) and from probabilities against the CPU's labels (>= 99.9 %)."""
+    the device) and from probabilities against the CPU's labels (wherever its best
+    label leads clearly)."""
     rgb = photos((80, 60))[0]
     scores = photo_scores(rgb, 21, 3)
     params = PUBLISHED_PARAMS["deeplab-largefov"]
@@ -712,6 +710,6 @@ def test_device_built_lattices_give_the_host_built_mean_field(crf_device):
     prob = np.exp(scores) / np.exp(scores).sum(axis=0)
     for given, unary in ((scores, "score"), (prob, "prob")):
         labels = crf_labels(given, rgb, params, unary=unary, device=crf_device)
-        assert np.mean(labels == cpu.argmax(0)) >= 0.999, unary
+        assert_same_labels(labels, cpu)
     with pytest.raises(ValueError, match="build must be one of device, host"):
         crf_device_module.mean_field_on_device(-scores, potts, 1, crf_device, build="gpu")
