@@ -79,8 +79,8 @@ def check_gradient(layer, bottom, top, check_bottom=None, step=1e-3, threshold=1
 
     def analytic():
         objective()
-        for b in bottom:
-            b.diff[...] = 0
+        for i, b in enumerate(bottom):      # a checked gradient must be written whole
+            b.diff[...] = np.nan if i in check_bottom else 0
         for t in top:
             t.diff[...] = 0
         tops = top if top_id is None else [top[top_id]]
