@@ -3,6 +3,7 @@ normalisation cases, Caffe's gradient checker, and clear errors."""
 import numpy as np
 import pytest
 
+from gpu_modes import gpu_mode  # noqa: F401  (fixture)
 from layer_testing import (TEST, TRAIN, check_gradient, make_layer, opencv_forward,
                            run_forward, setup_layer)
 
@@ -331,3 +332,38 @@ def test_no_gradient_to_labels():
     with pytest.raises(ValueError, match="label"):
         layer.backward(top, [True, True], bottom)
     assert not layer.allow_force_backward(1)
+
+
+@pytest.mark.parametrize("loss", ["loss_param { ignore_label: 255 }",
+                                  "softmaxloss_param { ignore_label: 255 }"],
+                         ids=["fork", "v1"])
+def test_backward_reads_the_labels_again_as_caffe_does(loss, gpu_mode, tmp_path):
+    """Caffe's Backward reads bottom[1] itself (and counts the valid labels again for
+    the VALID normaliser; v1 sums its batch weight again): labels changed between the
+    forward and the backward give the gradient of the new labels, on the CPU and on
+    the GPU alike. Oracle: a fresh forward and backward with the new labels."""
+    import caffelite
+    text = f"""force_backward: true
+    input: "score" input_shape {{ dim: 2 dim: 4 dim: 3 dim: 3 }}
+    input: "label" input_shape {{ dim: 2 dim: 1 dim: 3 dim: 3 }}
+    layer {{ name: "loss" type: "SoftmaxWithLoss" bottom: "score" bottom: "label"
+      top: "loss" {loss} }}"""
+    (tmp_path / "net.prototxt").write_text(text)
+    scores, before = random_case(ignore_frac=0.5, seed=21)
+    _, after = random_case(ignore_frac=0.2, seed=22)
+
+    def gradient(first, second):
+        net = caffelite.Net(str(tmp_path / "net.prototxt"), caffelite.TRAIN)
+        net.blobs["score"].data[...] = scores
+        net.blobs["label"].data[...] = first
+        net.forward()
+        net.blobs["label"].data[...] = second
+        net.backward()
+        return net.blobs["score"].diff.copy()
+
+    for device in (False, True):
+        if device:
+            gpu_mode.on()
+        changed, fresh = gradient(before, after), gradient(after, after)
+        np.testing.assert_array_equal(changed, fresh)
+        assert np.abs(changed - gradient(before, before)).max() > 0.01

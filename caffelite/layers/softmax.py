@@ -228,15 +228,14 @@ class SoftmaxWithLossLayer(LossLayer):
         check_label_range(self, xp, lab, valid, channels,
                           f"softmax axis {self.axis} of the scores, {bottom[0].shape}", labels,
                           num=first_axis(bottom[1]))
-        self.label = xp.where(valid, lab, 0)
-        self.valid = valid
-        p_true = xp.take_along_axis(self.prob, self.label[:, None, :], axis=1)[:, 0, :]
+        label = xp.where(valid, lab, 0)
+        p_true = xp.take_along_axis(self.prob, label[:, None, :], axis=1)[:, 0, :]
         # Caffe: for each position in order, loss -= log(max(p, FLT_MIN)) -- a double
         # log subtracted in double from the float accumulator.
         nll = -np.log(double(xp, xp.maximum(p_true[valid], dtype(FLT_MIN))))
         loss = sequential_sum(nll, dtype)
-        self.norm = normalizer(self.normalization, outer, inner, int(valid.sum()))
-        top[0].data[...] = loss / dtype(self.norm)
+        norm = normalizer(self.normalization, outer, inner, int(valid.sum()))
+        top[0].data[...] = loss / dtype(norm)
         if len(top) > 1:
             top[1].data[...] = self.prob.reshape(top[1].shape)
 
@@ -287,21 +286,27 @@ class SoftmaxWithLossLayer(LossLayer):
             raise self.error("cannot backpropagate to the label input (bottom 1)")
         if not propagate_down[0]:
             return
+        # As Caffe's Backward, the labels (and with them the VALID normaliser) are read
+        # again here, not kept from the forward.
         xp = get_array_module(self.prob)
         dtype = self.prob.dtype.type
-        channels = self.dims[1]
+        outer, channels, inner = self.dims
+        labels = contiguous(xp, bottom[1].data)
         if on_device(xp):
-            outer, _, inner = self.dims
+            norm = self.norm
+            if self.normalization == VALID and self.ignore_label is not None:
+                _, valid = integer_labels(xp, labels.reshape(outer, inner), self.ignore_label)
+                norm = xp.maximum(valid.sum(dtype=xp.float64), 1.0).astype(dtype)
             launch("softmax_loss", "softmax_loss_backward", self.prob.dtype, outer * inner,
-                   self.prob, contiguous(xp, bottom[1].data), channels, inner,
-                   *self._ignore_args(), contiguous(xp, top[0].diff), self.norm,
-                   bottom[0].diff)
+                   self.prob, labels, channels, inner, *self._ignore_args(),
+                   contiguous(xp, top[0].diff), norm, bottom[0].diff)
             return
-        scale = dtype(scalar(top[0].diff)) / dtype(self.norm)
-        onehot = xp.arange(channels)[None, :, None] == self.label[:, None, :]
+        lab, valid = integer_labels(xp, labels.reshape(outer, inner), self.ignore_label)
+        norm = normalizer(self.normalization, outer, inner, int(valid.sum()))
+        scale = dtype(scalar(top[0].diff)) / dtype(norm)
+        onehot = xp.arange(channels)[None, :, None] == lab[:, None, :]
         # ignored positions are set to 0, then everything is scaled (caffe_scal)
-        d = xp.where(self.valid[:, None, :], self.prob - onehot.astype(self.prob.dtype),
-                     dtype(0))
+        d = xp.where(valid[:, None, :], self.prob - onehot.astype(self.prob.dtype), dtype(0))
         with np.errstate(invalid="ignore"):
             bottom[0].diff[...] = (d * scale).reshape(bottom[0].shape)
 
@@ -386,49 +391,69 @@ class _V1Loss:
         dtype = bottom[0].data.dtype
         n, c, inner = self.dims
         self.prob = softmax(xp, bottom[0].data.reshape(self.dims))
-        lab = bottom[1].data.reshape(-1)[:n * inner].reshape(n, inner).astype(np.int64)
-        valid = xp.ones(lab.shape, bool)
-        for v in self.ignore:
-            valid &= lab != v
-        bad = valid & ((lab < 0) | (lab >= c))
+        lab, valid, bad = self._labels(xp, bottom[1])
         if bool(bad.any()):
             raise self.layer.error(
                 f"unexpected label {int(lab[bad][0])}: labels must be in [0, {c}) or one of "
                 f"the ignore labels {sorted(self.ignore)}")
-        self.label = xp.where(valid, lab, 0)
-        self.valid = valid
-        if self.class_weights is None:
-            w = valid.astype(dtype)
-        else:
-            table = xp.asarray(self.class_weights, dtype)
-            w = xp.where(valid, table[self.label], dtype.type(0))
-        self.w = w
-        p_true = xp.take_along_axis(self.prob, self.label[:, None, :], axis=1)[:, 0, :]
+        label, w = self._weights(xp, lab, valid, dtype)
+        p_true = xp.take_along_axis(self.prob, label[:, None, :], axis=1)[:, 0, :]
         clamped = xp.maximum(p_true, dtype.type(FLT_MIN))
         if xp is np:
-            # v1's loop: loss -= w * log(max(p, FLT_MIN)) with C's double log, and
-            # batch_weight += w, each into a Dtype accumulator, pixel by pixel.
+            # v1's loop: loss -= w * log(max(p, FLT_MIN)) with C's double log, pixel by
+            # pixel into a Dtype accumulator.
             terms = w[valid].astype(np.float64) * np.log(clamped[valid].astype(np.float64))
             loss = sequential_sum(-terms, dtype)
-            self.total_weight = sequential_sum(w[valid].astype(np.float64), dtype)
         else:
             loss = xp.where(valid, -w * xp.log(clamped), dtype.type(0)).sum(dtype=dtype)
-            self.total_weight = w.sum(dtype=dtype)
         with np.errstate(invalid="ignore", divide="ignore"):
-            top[0].data[...] = loss / self.total_weight
+            top[0].data[...] = loss / self._total_weight(xp, w, valid, dtype)
         if len(top) > 1:
             top[1].data[...] = self.prob.reshape(top[1].shape)
 
     def backward(self, top, propagate_down, bottom):
+        """v1's Backward_cpu reads the labels again (an out-of-range one is logged and
+        its position left unwritten) and sums the batch weight again."""
         if not propagate_down[0]:
             return
         xp = get_array_module(self.prob)
+        dtype = self.prob.dtype
         n, c, inner = self.dims
+        lab, valid, bad = self._labels(xp, bottom[1])
+        if bool(bad.any()):
+            logger.error("Unexpected label.")
+            valid = valid & ~bad
+        label, w = self._weights(xp, lab, valid, dtype)
         diff = bottom[0].diff.reshape(self.dims)
-        d = self.w[:, None, :] * self.prob
-        onehot = xp.arange(c)[None, :, None] == self.label[:, None, :]
-        d = d - xp.where(onehot, self.w[:, None, :], self.w.dtype.type(0))
-        diff[...] = xp.where(self.valid[:, None, :], d, diff)
+        d = w[:, None, :] * self.prob
+        onehot = xp.arange(c)[None, :, None] == label[:, None, :]
+        d = d - xp.where(onehot, w[:, None, :], dtype.type(0))
+        diff[...] = xp.where(valid[:, None, :], d, diff)
         with np.errstate(invalid="ignore", divide="ignore"):
-            scale = self.w.dtype.type(scalar(top[0].diff)) / self.total_weight
-            diff *= scale
+            diff *= dtype.type(scalar(top[0].diff)) / self._total_weight(xp, w, valid, dtype)
+
+    def _labels(self, xp, labels):
+        """(int labels, not ignored, not ignored but outside [0, C)) of the n*H*W first
+        values of the label blob."""
+        n, c, inner = self.dims
+        lab = labels.data.reshape(-1)[:n * inner].reshape(n, inner).astype(np.int64)
+        valid = xp.ones(lab.shape, bool)
+        for v in self.ignore:
+            valid &= lab != v
+        return lab, valid, valid & ((lab < 0) | (lab >= c))
+
+    def _weights(self, xp, lab, valid, dtype):
+        """(labels with 0 at invalid positions, each position's class weight or 0)."""
+        label = xp.where(valid, lab, 0)
+        if self.class_weights is None:
+            return label, valid.astype(dtype)
+        table = xp.asarray(self.class_weights, dtype)
+        return label, xp.where(valid, table[label], dtype.type(0))
+
+    @staticmethod
+    def _total_weight(xp, w, valid, dtype):
+        """v1's batch_weight: the valid positions' weights summed into a Dtype, in order
+        on the host."""
+        if xp is np:
+            return sequential_sum(w[valid].astype(np.float64), dtype)
+        return w.sum(dtype=dtype)
