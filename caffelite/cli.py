@@ -7,6 +7,7 @@
     caffelite upgrade IN OUT [-D NAME=VALUE ...]
     caffelite eval --gt DIR --list L (--pred DIR | --features DIR) [--json J]
     caffelite crf --features DIR --images DIR --list L --out DIR [CRF params]
+    caffelite refine_pascal_v4 -id DIR -fd DIR -sd DIR [-i -px -py -pw -bx -by -br -bg -bb -bw]
     caffelite pascal EXPER_DIR --net NET_ID [--steps train,test,...] [-D ...]
     caffelite demo [--out DIR]      (also demo-weak: EM-Adapt, demo-dt: domain transform)
 
@@ -167,7 +168,6 @@ def _check_has_layers(net, path):
 
 def cmd_test(args):
     from . import TEST, Net
-    _check_iterations(args)
     if not args.weights:
         # As tools/caffe.cpp's test(): scoring fillers' weights would also let a
         # MatWrite layer overwrite features with them (run_pascal.sh passes an empty
@@ -177,6 +177,9 @@ def cmd_test(args):
     net = Net(args.model, TEST, weights=args.weights, defines=_defines(args.define),
               stages=_stages(args.stage), level=args.level)
     _check_has_layers(net, args.model)
+    # after the net, as Caffe's order of checks: the kit's TEST_ITER is 0 when its list
+    # is missing, and the missing list is the error to see
+    _check_iterations(args)
     score(net, args.iterations)
     return 0
 
@@ -298,12 +301,12 @@ def cmd_device_query(args):
 def cmd_time(args):
     from . import TEST, TRAIN, Net
     from .backend import synchronize
-    _check_iterations(args)
     _select_device(args)
     phase = TRAIN if args.phase.upper() == "TRAIN" else TEST
     net = Net(args.model, phase, defines=_defines(args.define), stages=_stages(args.stage),
               level=args.level)
     _check_has_layers(net, args.model)
+    _check_iterations(args)
     logger.info("Performing Forward")
     initial_loss = net.forward_from_to()
     logger.info("Initial loss: %s", ostream_g(initial_loss))
@@ -632,13 +635,14 @@ def build_parser():
 
     from . import (classic_datasets, convert_imageset, eval_cli, extract_features,
                    image_mean, pascal)
-    from .crf import cli as crf_cli
+    from .crf import cli as crf_cli, refine_cli
     convert_imageset.add_parser(sub)
     classic_datasets.add_parsers(sub)
     extract_features.add_parser(sub)
     image_mean.add_parser(sub)
     eval_cli.add_parser(sub)
     crf_cli.add_parser(sub)
+    refine_cli.add_parser(sub)
     pascal.add_parser(sub)
 
     from .demo import domain_transform as demo_dt, weak as demo_weak
@@ -659,7 +663,27 @@ def build_parser():
     d.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                    help="record the GPU passes into CUDA graphs (default: on)")
     d.set_defaults(func=cmd_demo)
+    _no_abbreviations(p)
     return p
+
+
+def _no_abbreviations(parser):
+    """gflags takes whole flag names only: ``--iteration=3`` is an unknown flag, not
+    ``--iterations``."""
+    parser.allow_abbrev = False
+    for sub in _subparsers(parser):
+        _no_abbreviations(sub)
+
+
+def _subparsers_by_name(parser):
+    return {name: sub for action in parser._actions
+            if isinstance(action, argparse._SubParsersAction)
+            for name, sub in action.choices.items()}
+
+
+def _subparsers(parser):
+    return [sub for action in parser._actions if isinstance(action, argparse._SubParsersAction)
+            for sub in action.choices.values()]
 
 
 # Caffe's own verbs (and tools), whose flags are gflags: -solver x, -solver=x and
@@ -741,7 +765,8 @@ def _refuse_unknown_flags(parser, argv):
         for part in required:
             part.required = True
     if unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        verb = _subparsers_by_name(parser).get(argv[0] if argv else None, parser)
+        verb.error(f"unrecognized arguments: {' '.join(unknown)}")
 
 
 def _required_parts(parser):
@@ -749,10 +774,8 @@ def _required_parts(parser):
     sub-commands."""
     parts = [a for a in parser._actions if a.required]
     parts += [g for g in parser._mutually_exclusive_groups if g.required]
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for sub in action.choices.values():
-                parts += _required_parts(sub)
+    for sub in _subparsers(parser):
+        parts += _required_parts(sub)
     return parts
 
 

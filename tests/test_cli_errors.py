@@ -91,11 +91,17 @@ def test_unwritable_log_file_is_one_line(capsys, net, tmp_path):
 
 @pytest.mark.parametrize("verb", ["test", "time"])
 @pytest.mark.parametrize("count", ["0", "-3"])
-def test_iterations_must_be_positive(capsys, net, verb, count):
-    """Caffe divides the summed outputs by --iterations (0: NaN) and times nothing."""
-    code, line = _main(capsys, verb, "--model", str(net), "--iterations", count)
+def test_iterations_must_be_positive(capsys, net, untrained, verb, count, tmp_path):
+    """Caffe divides the summed outputs by --iterations (0: NaN) and times nothing. The
+    net is checked first, as Caffe builds it first: the kit's TEST_ITER is 0 when its
+    list file is missing, and that is the error to report."""
+    weights = ["--weights", str(untrained)] if verb == "test" else []
+    code, line = _main(capsys, verb, "--model", str(net), "--iterations", count, *weights)
     assert code == 1
     assert line == f"caffelite {verb}: error: --iterations must be at least 1 (got {count})"
+    missing = tmp_path / "missing.prototxt"
+    code, line = _main(capsys, verb, "--model", str(missing), "--iterations", count, *weights)
+    assert code == 1 and "missing.prototxt" in line and "must be at least" not in line
 
 
 def test_define_needs_a_name(capsys, net, untrained):

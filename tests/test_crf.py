@@ -13,6 +13,7 @@ from caffelite.crf import (CRFParams, PUBLISHED_PARAMS, PairwiseMessages, Permut
                            exact_gaussian_filter, mean_field, position_features,
                            unary_from_probabilities, unary_from_scores)
 from caffelite.crf import cli as crf_cli
+from caffelite.crf import refine_cli
 from caffelite.crf import permutohedral as pm
 
 
@@ -422,6 +423,52 @@ def test_crf_verb_writes_palette_pngs_and_refine_bins(tmp_path):
         column_major = np.frombuffer(raw[12:], "<i2")
         assert np.array_equal(column_major, want.T.ravel())
         assert np.array_equal(crf_cli.read_refine_bin(str(out / f"{ident}.bin")), want)
+
+
+def test_refine_pascal_v4_takes_the_programs_command_line(tmp_path):
+    """run_densecrf.sh's command, unchanged: -id (PPM images), -fd (every *.mat there),
+    -sd, -i and the per-axis stds and weights; unknown flags and a flag without a value
+    at the end are ignored, as by the program; only <name>.bin is written."""
+    from PIL import Image
+    from caffelite import cli
+    from caffelite.io.image import read_image
+    ids = ["2007_000033", "2007_000042"]
+    feats, imgs, expected = _write_case(tmp_path, ids)
+    for ident in ids:                   # SaveJpgToPPM.m's images
+        rgb = read_image(str(imgs / f"{ident}.jpg"))[:, :, ::-1]
+        Image.fromarray(np.ascontiguousarray(rgb)).save(imgs / f"{ident}.ppm")
+        (imgs / f"{ident}.jpg").unlink()
+    save = tmp_path / "post_densecrf_W4_XStd49_RStd5_PosW3_PosXStd3"
+    argv = ["refine_pascal_v4", "-id", str(imgs), "-fd", str(feats), "-sd", str(save),
+            "-i", "5", "-px", "3", "-py", "2", "-pw", "3", "-bx", "49", "-by", "40",
+            "-br", "5", "-bg", "6", "-bb", "7", "-bw", "4", "-verbose", "1", "-px"]
+    assert cli.main(argv) == 0
+    params = CRFParams(bi_w=4, bi_xy_std=49, bi_rgb_std=5, pos_w=3, pos_xy_std=3, max_iter=5,
+                       pos_y_std=2, bi_y_std=40, bi_g_std=6, bi_b_std=7)
+    assert sorted(os.listdir(save)) == [f"{ident}.bin" for ident in ids]
+    for ident in ids:
+        rgb = np.asarray(Image.open(imgs / f"{ident}.ppm"))
+        want = crf_labels(expected[ident], rgb, params)
+        assert np.array_equal(crf_cli.read_refine_bin(str(save / f"{ident}.bin")), want)
+    assert refine_cli.parse_words(["-id", "i", "-fd", "f", "-sd", "s"])[1] == CRFParams()
+
+
+def test_refine_pascal_v4_errors_name_what_is_missing(tmp_path, capsys):
+    from caffelite import cli
+    assert cli.main(["refine_pascal_v4", "-fd", str(tmp_path)]) == 1
+    assert "missing -id, -sd (usage: caffelite refine_pascal_v4 -id IMG_DIR" in \
+        capsys.readouterr().err
+    assert cli.main(["refine_pascal_v4", "-id", str(tmp_path), "-fd", str(tmp_path), "-sd",
+                     str(tmp_path / "out"), "-bx", "wide"]) == 1
+    assert "-bx expects a number, got 'wide'" in capsys.readouterr().err
+    assert cli.main(["refine_pascal_v4", "-id", str(tmp_path), "-fd", str(tmp_path), "-sd",
+                     str(tmp_path / "out")]) == 1
+    assert "-fd: no *.mat files in" in capsys.readouterr().err
+    feats, imgs, _ = _write_case(tmp_path, ["a"])
+    (imgs / "a.jpg").unlink()
+    assert cli.main(["refine_pascal_v4", "-id", str(imgs), "-fd", str(feats), "-sd",
+                     str(tmp_path / "out")]) == 1
+    assert f"no image '{imgs / 'a'}.ppm' for the features" in capsys.readouterr().err
 
 
 def test_crf_verb_separate_axis_stds():

@@ -179,6 +179,26 @@ def test_set_mode_gpu_without_cupy_is_one_clear_sentence(monkeypatch):
     assert backend.mode() == "cpu"
 
 
+@pytest.mark.parametrize("count", [RuntimeError("cudaErrorNoDevice"), 0])
+def test_set_mode_gpu_without_a_device_says_how_to_run_on_the_cpu(monkeypatch, count):
+    import types
+
+    def device_count():
+        if isinstance(count, Exception):
+            raise count
+        return count
+    fake = types.SimpleNamespace(cuda=types.SimpleNamespace(
+        runtime=types.SimpleNamespace(getDeviceCount=device_count)))
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    monkeypatch.setattr(kernels, "_cupy_checked", [])
+    monkeypatch.delenv("CAFFELITE_GPU_EMULATOR", raising=False)
+    with pytest.raises(kernels.GPUUnavailableError,
+                       match=r"^GPU mode needs an NVIDIA GPU, but CUDA reports none.*; run on "
+                             r"the CPU instead \(without --gpu; set_mode_cpu\(\) in Python\)$"):
+        caffe.set_mode_gpu()
+    assert backend.mode() == "cpu"
+
+
 def test_emulator_environment_variable_selects_the_emulator(monkeypatch):
     monkeypatch.setenv("CAFFELITE_GPU_EMULATOR", "1")
     try:

@@ -97,7 +97,8 @@ def _refine_task(task):
     try:
         labels = refine_image(feature_path, image_path, params, unary, num_labels, device,
                               labels_origin)
-        write_label_png(png_path, labels.astype(np.uint8))
+        if png_path:
+            write_label_png(png_path, labels.astype(np.uint8))
         if bin_path:
             write_refine_bin(bin_path, labels)
     except (ValueError, OSError, RuntimeError) as e:

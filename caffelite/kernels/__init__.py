@@ -136,9 +136,11 @@ def require_cupy():
         count = cupy.cuda.runtime.getDeviceCount()
     except Exception as e:      # CUDARuntimeError: no driver, no device, ...
         raise GPUUnavailableError(
-            f"GPU mode needs an NVIDIA GPU, but CUDA reports none ({e})") from None
+            f"GPU mode needs an NVIDIA GPU, but CUDA reports none ({e}); run on the CPU "
+            f"instead (without --gpu; set_mode_cpu() in Python)") from None
     if count < 1:
-        raise GPUUnavailableError("GPU mode needs an NVIDIA GPU, but CUDA reports none")
+        raise GPUUnavailableError("GPU mode needs an NVIDIA GPU, but CUDA reports none; run "
+                                  "on the CPU instead (without --gpu; set_mode_cpu() in Python)")
     _cupy_checked.append(cupy)
     return cupy
 

@@ -1,0 +1,104 @@
+"""``caffelite refine_pascal_v4``: the DeepLab kit's ``prog_refine_pascal_v4`` with its
+own command line, so ``run_densecrf.sh`` runs with ``CRF_BIN`` pointing at it:
+
+    caffelite refine_pascal_v4 -id IMG_DIR -fd FEATURE_DIR -sd SAVE_DIR -i 10
+        -px 3 -py 3 -pw 3 -bx 49 -by 49 -br 5 -bg 5 -bb 5 -bw 4
+
+As the program (spec section 20): every ``*.mat`` of ``-fd`` is one image, named by the
+file name up to ``_blob_0``; its colours come from ``<id>/<name>.ppm`` (another image
+format of that name is taken when there is no PPM); the scores are cropped to the
+image, unary = -score; ``<sd>/<name>.bin`` gets the labels (int32 rows, cols, 1, then
+int16 labels column-major). Flags it does not know, and a flag without a value at the
+end, are ignored, as the program ignores them. Defaults: 10 iterations, positional
+std 3 and weight 3, bilateral xy std 70, RGB std 5 and weight 5.
+"""
+import glob
+import os
+import time
+
+from .cli import FEATURE_SUFFIX, CrfError, run_crf_set
+from .densecrf import CRFParams
+
+VERB = "refine_pascal_v4"
+# the program's flag -> (CRFParams field, type)
+FLAGS = {"-i": ("max_iter", int), "-px": ("pos_xy_std", float), "-py": ("pos_y_std", float),
+         "-pw": ("pos_w", float), "-bx": ("bi_xy_std", float), "-by": ("bi_y_std", float),
+         "-br": ("bi_rgb_std", float), "-bg": ("bi_g_std", float),
+         "-bb": ("bi_b_std", float), "-bw": ("bi_w", float)}
+DIRS = {"-id": "images", "-fd": "features", "-sd": "out"}
+
+
+def add_parser(subparsers):
+    # '+' as the prefix: every word after the verb (-id, -px ...) reaches parse_words
+    sp = subparsers.add_parser(
+        VERB, prefix_chars="+", add_help=False,
+        help="prog_refine_pascal_v4's own command line (-id -fd -sd -i -px ... -bw), "
+             "for run_densecrf.sh")
+    sp.add_argument("words", nargs="*")
+    sp.set_defaults(func=run, log=None)
+    return sp
+
+
+def parse_words(words):
+    """(directories {images, features, out}, CRFParams) from the program's argv."""
+    dirs, values, i = {}, {}, 0
+    while i < len(words):
+        flag = words[i]
+        if (flag in FLAGS or flag in DIRS) and i + 1 < len(words):
+            value = words[i + 1]
+            if flag in DIRS:
+                dirs[DIRS[flag]] = value
+            else:
+                name, kind = FLAGS[flag]
+                try:
+                    values[name] = kind(value)
+                except ValueError:
+                    raise CrfError(f"{flag} expects a number, got '{value}'") from None
+            i += 2
+        else:
+            i += 1
+    missing = [flag for flag, name in DIRS.items() if name not in dirs]
+    if missing:
+        raise CrfError(f"missing {', '.join(missing)} (usage: caffelite {VERB} -id IMG_DIR "
+                       f"-fd FEATURE_DIR -sd SAVE_DIR [-i 10 -px 3 -py 3 -pw 3 -bx 70 "
+                       f"-by 70 -br 5 -bg 5 -bb 5 -bw 5])")
+    return dirs, CRFParams().with_(**values)
+
+
+def refine_tasks(feature_dir, image_dir, out_dir, params):
+    """One task per ``*.mat`` of the feature folder, in name order."""
+    from ..evaluate import find_image
+    for flag, path in (("-fd", feature_dir), ("-id", image_dir)):
+        if not os.path.isdir(path):
+            raise CrfError(f"{flag}: '{path}' is not a directory")
+    tasks = []
+    for feature_path in sorted(glob.glob(os.path.join(glob.escape(feature_dir), "*.mat"))):
+        file_name = os.path.basename(feature_path)
+        name = file_name[:file_name.find("_blob_0")] if "_blob_0" in file_name \
+            else file_name[:-len(".mat")]
+        image_path = os.path.join(image_dir, name + ".ppm")
+        if not os.path.isfile(image_path):
+            image_path = find_image(image_dir, name)
+        if image_path is None:
+            raise CrfError(f"no image '{os.path.join(image_dir, name)}.ppm' for the features "
+                           f"'{feature_path}'")
+        tasks.append((name, feature_path, image_path, None,
+                      os.path.join(out_dir, name + ".bin"), params, "score", None,
+                      f"-fd '{feature_dir}'", None))
+    if not tasks:
+        raise CrfError(f"-fd: no *.mat files in '{feature_dir}' (expected MatWrite's "
+                       f"<name>{FEATURE_SUFFIX})")
+    return tasks
+
+
+def run(args):
+    from ..log import logger
+    dirs, params = parse_words(args.words)
+    tasks = refine_tasks(dirs["features"], dirs["images"], dirs["out"], params)
+    os.makedirs(dirs["out"], exist_ok=True)
+    logger.info("%s: %d images, %s", VERB, len(tasks), params)
+    start = time.perf_counter()
+    run_crf_set(tasks)
+    logger.info("Wrote %d .bin label maps to %s in %.1f s", len(tasks), dirs["out"],
+                time.perf_counter() - start)
+    return 0
