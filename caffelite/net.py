@@ -349,6 +349,7 @@ class Net:
         self.layers = []
         self._layer_names = []
         self.blobs = OrderedDict()
+        self._blob_order = []       # Caffe's blobs_ and blob_names_: every blob, in order
         self.bottom_blobs, self.top_blobs = [], []
         self.bottom_names, self.top_names = OrderedDict(), OrderedDict()
         self.bottom_need_backward, self.layer_need_backward = [], []
@@ -376,10 +377,12 @@ class Net:
             logger.info("This network produces output %s", name)
         # Net::Init writes every top's weight in layer order: an in-place layer after a
         # loss layer leaves its blob with that layer's weight (0 unless it has one).
-        self.blob_loss_weights = OrderedDict((n, 0.0) for n in self.blobs)
+        weights_of = {id(b): 0.0 for _, b in self._blob_order}
         for tops, weights in zip(self.top_blobs, self.layer_loss_weights):
-            for name, w in zip(self._blob_name_list(tops), weights):
-                self.blob_loss_weights[name] = w
+            for blob, w in zip(tops, weights):
+                weights_of[id(blob)] = w
+        self._blob_weights = [weights_of[id(b)] for _, b in self._blob_order]
+        self.blob_loss_weights = OrderedDict(zip(self._blob_names, self._blob_weights))
         logger.info("Network initialization done.")
 
     def _add_input_blob(self, name, shape, available):
@@ -393,7 +396,7 @@ class Net:
             blob.reshape(shape)
         except ValueError as e:
             raise NetError(f"{self.source}: input blob '{name}': {e}") from None
-        self.blobs[name] = blob
+        self._add_blob(name, blob)
         available[name] = blob
         self._input_names.append(name)
         logger.info("Input %d -> %s", len(self._input_names) - 1, name)
@@ -510,7 +513,7 @@ class Net:
                                f"sources.")
             else:
                 blob = Blob((), self.dtype)
-                self.blobs[name] = blob
+                self._add_blob(name, blob)
             available[name] = blob
             tops.append(blob)
         if layer.auto_top_blobs:
@@ -518,11 +521,15 @@ class Net:
             while len(tops) < needed:
                 logger.info("%s -> (automatic)", lp.name)
                 blob = Blob((), self.dtype)
-                # pycaffe's blobs dict over Caffe's blob names: the name keeps its first
-                # place and names the last such blob.
-                self.blobs["(automatic)"] = blob
+                self._add_blob("(automatic)", blob)
                 tops.append(blob)
         return tops
+
+    def _add_blob(self, name, blob):
+        # pycaffe's blobs dict over Caffe's blob names: a repeated name ("(automatic)")
+        # keeps its first place and names the last such blob.
+        self.blobs[name] = blob
+        self._blob_order.append((name, blob))
 
     def _loss_weights(self, lp, layer, num_top):
         weights = list(lp.loss_weight)
@@ -1007,11 +1014,11 @@ class Net:
 
     @property
     def _blob_loss_weights(self):
-        return list(self.blob_loss_weights.values())
+        return list(self._blob_weights)
 
     @property
     def _blob_names(self):
-        return list(self.blobs)
+        return [name for name, _ in self._blob_order]
 
     # _caffe.cpp's index views (pycaffe builds inputs/outputs from them): positions in
     # the net's blob order.
@@ -1030,12 +1037,12 @@ class Net:
         return self._blob_indices(self.bottom_blobs[i])
 
     def _blob_indices(self, blobs):
-        index = {id(blob): k for k, blob in enumerate(self.blobs.values())}
+        index = {id(blob): k for k, (_, blob) in enumerate(self._blob_order)}
         return [index[id(blob)] for blob in blobs]
 
     @property
     def _blobs(self):
-        return list(self.blobs.values())
+        return [blob for _, blob in self._blob_order]
 
     def _batch(self, arrays):
         """pycaffe's batching: split equal-length input arrays into batches of the net's

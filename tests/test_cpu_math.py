@@ -133,3 +133,22 @@ def test_sequential_sum_is_the_loop_at_scale(oracle):
     p[::1000] = F32(1e-39)
     nll = -np.log(np.maximum(p, np.finfo(F32).tiny).astype(np.float64))
     assert same(sequential_sum(nll, F32), oracle("softmax_loss_sum", p)[0])
+
+
+def test_sequential_sum_with_a_nan_or_inf_is_one_pass(monkeypatch):
+    """A NaN stays NaN through the loop: the blockwise check takes NaN == NaN as agreeing
+    instead of redoing the block step by step (a diverged net's loss took seconds)."""
+    from caffelite.layers import _cpu_math
+    calls = []
+    real = _cpu_math._accumulate
+    monkeypatch.setattr(_cpu_math, "_accumulate",
+                        lambda *a: (calls.append(1), real(*a))[1])
+    values = np.random.default_rng(12).uniform(0, 3, 3 * _cpu_math._BLOCK)
+    values[10] = np.nan
+    assert np.isnan(sequential_sum(values, F32))
+    assert len(calls) < 10
+    values[10], values[20], values[30] = np.inf, -np.inf, 1.0
+    calls.clear()
+    assert np.isnan(sequential_sum(values, F32)) and len(calls) < 10
+    values[20] = 1.0
+    assert sequential_sum(values, F32) == np.inf

@@ -362,6 +362,27 @@ def test_auto_top_for_loss_without_top(tmp_path):
     assert net.forward_from_to() == pytest.approx(np.log(3), rel=1e-6)
 
 
+def test_two_automatic_tops_are_two_blobs_in_caffes_blob_list(tmp_path):
+    """Caffe's blob_names_ holds "(automatic)" once per such top; pycaffe's blobs dict
+    keeps the name once (the last blob), while _blobs, _blob_names, _top_ids and
+    _blob_loss_weights index the whole list."""
+    text = """input: "x" input_shape { dim: 2 dim: 3 }
+    input: "y" input_shape { dim: 2 }
+    layer { name: "l1" type: "SoftmaxWithLoss" bottom: "x" bottom: "y" }
+    layer { name: "l2" type: "SoftmaxWithLoss" bottom: "x" bottom: "y" loss_weight: 0.5 }"""
+    net = make_net(tmp_path, text)
+    assert net._blob_names.count("(automatic)") == 2 and list(net.blobs).count("(automatic)") == 1
+    assert len(net._blobs) == len(net._blob_names) == len(net._blob_loss_weights)
+    for i, tops in enumerate(net.top_blobs):
+        assert [net._blobs[k] for k in net._top_ids(i)] == tops
+        assert [net._blobs[k] for k in net._bottom_ids(i)] == net.bottom_blobs[i]
+    l1, l2 = (net._layer_names.index(n) for n in ("l1", "l2"))
+    (first,), (second,) = net._top_ids(l1), net._top_ids(l2)
+    assert first < second and net.blobs["(automatic)"] is net._blobs[second]
+    assert net._blob_loss_weights[first] == 1 and net._blob_loss_weights[second] == 0.5
+    assert net.blob_loss_weights["(automatic)"] == 0.5
+
+
 def test_a_double_net_saves_and_reloads_double_data(tmp_path):
     """Blob<double>::ToProto writes the shape, then double_data (8): a float64 net's
     weights survive a save and a copy_from bit for bit (float data would round 1/3)."""

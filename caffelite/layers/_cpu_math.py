@@ -55,7 +55,11 @@ def sequential_sum(values, dtype, start=0.0):
     float, block by block, and redoes a block from the first step where rounding the
     value first changed the sum (rare: a few per million), so the result is the loop's.
     """
-    real = np.dtype(dtype).type
+    with np.errstate(invalid="ignore", over="ignore"):     # the C loop's inf and NaN
+        return _sequential_sum(values, np.dtype(dtype).type, start)
+
+
+def _sequential_sum(values, real, start):
     values = np.asarray(values, dtype=np.float64).ravel()
     if real is np.float64:
         return real(_accumulate(values, np.float64, real(start))[-1]) if values.size \
@@ -67,7 +71,8 @@ def sequential_sum(values, dtype, start=0.0):
             sums = _accumulate(v.astype(np.float32), np.float32, acc)
             before = np.concatenate([[acc], sums[:-1]]).astype(np.float64)
             exact = (before + v).astype(np.float32)       # the loop's own step
-            wrong = np.flatnonzero(exact != sums)
+            # NaN == NaN here: once a NaN is in, every later step agrees (it stays NaN)
+            wrong = np.flatnonzero((exact != sums) & ~(np.isnan(exact) & np.isnan(sums)))
             if not wrong.size:
                 acc = sums[-1]
                 break
