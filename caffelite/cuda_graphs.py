@@ -207,7 +207,7 @@ class Recording:
         self.run_eagerly = run_eagerly
         self.seen = None            # the key of the last eager run
         self.graph = self.kept = None
-        self.key = self.memory = self.heads = self.host_reads = self.outputs = None
+        self.key = self.memory = self.written = self.host_reads = self.outputs = None
         self.after = None           # the forward graph a backward graph was recorded after
         self.failed = False
         self.failure = None         # why the recording failed, in one line
@@ -261,8 +261,8 @@ class Recording:
             _upload_host_newer(memory)
             self.graph.launch(stream=_eager_stream())
             self.launches += 1
-            for m, head in self.heads:
-                m.head = head
+            for m in self.written:
+                m.head = HEAD_AT_DEVICE
             return self.outputs, self.graph
         self.drop()
         if key != self.seen or (self.direction == "backward" and not _is_graph(after)):
@@ -311,7 +311,9 @@ class Recording:
             return self.run_eagerly(), None
         self.graph, self.key, self.after, self.outputs = graph, key, after, outputs
         self.memory = [(m, m.device) for m in memory]
-        self.heads = [(m, m.head) for m in memory]
+        # What the pass left device-headed is device-headed after each launch; memory it
+        # left otherwise (synced, not written) keeps whatever head it has by then.
+        self.written = [m for m in memory if m.head == HEAD_AT_DEVICE]
         self.host_reads = [(m, np.array(m.host)) for m in _unique(reads)]
         # Memory the graph writes or reads that was allocated outside it: kept alive for
         # as long as the graph may launch, even if its owner lets it go.

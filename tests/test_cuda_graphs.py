@@ -409,6 +409,38 @@ def test_the_shape_key_is_rebuilt_only_after_some_blob_changed_shape(tmp_path, g
     assert solver.net._graphs.segments[0].fwd.launches >= 10
 
 
+def test_a_launch_leaves_the_heads_of_memory_it_does_not_write(gpu_mode):
+    """A blob the backward graph does not write was synced (a const host read) when
+    the graph was recorded; a later forward launch rewrites it on the device, and the
+    backward launch must not mark it synced again (pycaffe then read stale values)."""
+    text = """input: "data" input_shape { dim: 1 dim: 1 dim: 2 dim: 2 }
+    force_backward: true
+    layer { name: "c1" type: "Convolution" bottom: "data" top: "c1"
+      convolution_param { num_output: 1 kernel_size: 1
+        weight_filler { type: "constant" value: 1 } } }
+    layer { name: "c2" type: "Convolution" bottom: "c1" top: "c2"
+      convolution_param { num_output: 1 kernel_size: 1
+        weight_filler { type: "constant" value: 1 } } }
+    layer { name: "t" type: "TanH" bottom: "c2" top: "t" }
+    layer { name: "loss" type: "Power" bottom: "t" top: "loss" loss_weight: 1 }"""
+    cuda_graphs.set_enabled(True)
+    try:
+        gpu_mode.on()
+        net = caffelite.Net(param=prototxt.parse_net(text)[0], phase=caffelite.TRAIN)
+        net.blobs["data"].data[...] = 1
+        net.forward_backward()
+        net.forward()                           # the forward graph is recorded
+        net.blobs["c2"].read_host_data()        # both sides valid
+        net.backward()                          # the backward graph is recorded
+        net.blobs["data"].data[...] = 5
+        net.forward_backward()                  # both launched
+        assert launches(net) >= 4
+        assert net.blobs["c2"].data.ravel().tolist() == [5, 5, 5, 5]
+    finally:
+        cuda_graphs.set_enabled(False)
+        gpu_mode.off()
+
+
 def test_blob_shape_changes_count_only_real_changes():
     b = caffelite.Blob((2, 3))
     start = blob_module.shape_changes()
