@@ -32,8 +32,8 @@ never record: one graph per segment is kept); from then on launched, as long as
   set since (a re-seeded Dropout makes a new generator state on its next eager pass).
 
 A forward that runs some of a segment's layers outside its graph (a range that stops
-inside the segment, a pass with ``debug_info`` or with graphs switched off, the NaN
-re-run below) may replace arrays the layers keep for later, so no backward graph
+inside the segment, a pass with ``debug_info`` or with graphs switched off) may
+replace arrays the layers keep for later, so no backward graph
 follows it and the segment is recorded again at its next whole forward.
 
 Before a launch, blobs whose host side is newer (``blob.data[...] = x`` from Python,
@@ -48,7 +48,8 @@ referenced by the recording, so it is not freed while the graph may launch.
 Same numbers: a launch does the operations of the eager pass in the same order, so the
 blobs get the same bits. The one difference is error reporting: SoftmaxWithLoss names an
 out-of-range label after a host read, which a graph leaves out, so when a pass that ran
-graphs gives a NaN loss, the Net runs its forward again eagerly to raise that error.
+graphs gives a NaN loss, the Net asks the launched layers for those checks
+(``Layer.check_recorded_inputs``) on the blobs the pass left; nothing runs twice.
 """
 
 import weakref

@@ -109,6 +109,11 @@ class Layer:
     def backward(self, top, propagate_down, bottom):
         """Default: a layer with no gradient (data/eval layers)."""
 
+    def check_recorded_inputs(self, bottom):
+        """Raise the error about ``bottom`` that a forward recorded into a CUDA graph
+        leaves out (it reads nothing on the host); the Net calls it when such a pass
+        gave a NaN loss. No side effects: the forward is not run again."""
+
     def allow_force_backward(self, bottom_index):
         return True
 

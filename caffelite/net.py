@@ -359,6 +359,7 @@ class Net:
         self._input_names = []
         self._channel_chains = self._channel_chains_by_last = None   # GPU mode, on demand
         self._graphs = None                                           # likewise
+        self._forward_mode = None      # the mode of the last forward (backward needs it)
         self._hooks = {when: [] for when in _HOOKS}
         blob_need_backward = {}
         available = OrderedDict()
@@ -690,6 +691,7 @@ class Net:
     def forward_from_to(self, start=0, end=None):
         end = len(self.layers) - 1 if end is None else end
         self._check_layer_range("forward", start, end)
+        self._forward_mode = backend.mode()
         if self.debug_info and self._inputs_from_fields:
             for name in self.inputs:
                 _debug(f"[Forward] Input {name} data: "
@@ -702,13 +704,14 @@ class Net:
         terms = graphs.forward(start, end)
         loss = _weighted_loss(terms, self.dtype)
         if graphs.used and np.isnan(loss):
-            # A graph leaves out the host check that names a bad label: run the graphed
-            # layers again eagerly -- not the data layers before them, which would read
-            # the next batch (and name a bad label of this one nowhere).
-            first = graphs.first_launched
-            graphs.forward_ran_eagerly()
-            terms = [t for t in terms if t[0] < first] + self._forward_layers(first, end)
-            loss = _weighted_loss(terms, self.dtype)
+            # A graph leaves out the host checks that name a bad label: make them now on
+            # the blobs the pass left. (Running the layers again would repeat what they
+            # change: BatchNorm's running statistics, Dropout's generator, and the data
+            # layers would read the next batch.)
+            for i in range(graphs.first_launched, end + 1):
+                with backend.device_access(self.layers[i].runs_on_device), \
+                        self._naming_errors(i, "forward"):
+                    self.layers[i].check_recorded_inputs(self.bottom_blobs[i])
         return loss
 
     def _forward_layers(self, start, end):
@@ -739,28 +742,34 @@ class Net:
             elif gpu and not on_device:
                 guard = _read_only_on_host([b.memories()[0] for b in bottom],
                                            [m for t in top for m in t.memories()])
-            try:
-                with backend.device_access(on_device), guard:
-                    layer.reshape(bottom, top)
-                    layer.forward(bottom, top)
-                    for t, w in zip(top, layer.loss_weights):
-                        if w:
-                            xp = backend.get_array_module(t.data)
-                            loss_terms.append((i, xp.sum(t.data.astype(xp.float64) * t.diff,
-                                                         dtype=xp.float64)))
-                    if self.debug_info:
-                        self._forward_debug_info(i)
-            except MemoryError as e:
-                raise_out_of_memory(self._layer_what(i, "forward"), e)
-            except _NAMED_BY_THE_NET as e:
-                raise NetError(f"{self.source}: {self._layer_what(i, 'forward')}: {e}") from e
-            except LayerError as e:
-                origins = self._batch_item_origins(getattr(e, "batch_item", None))
-                if not origins:
-                    raise
-                raise LayerError(f"{e}; {'; '.join(origins)}") from None
+            with backend.device_access(on_device), guard, self._naming_errors(i, "forward"):
+                layer.reshape(bottom, top)
+                layer.forward(bottom, top)
+                for t, w in zip(top, layer.loss_weights):
+                    if w:
+                        xp = backend.get_array_module(t.data)
+                        loss_terms.append((i, xp.sum(t.data.astype(xp.float64) * t.diff,
+                                                     dtype=xp.float64)))
+                if self.debug_info:
+                    self._forward_debug_info(i)
             self._run_hooks("after_forward", i)
         return loss_terms
+
+    @contextlib.contextmanager
+    def _naming_errors(self, i, direction):
+        """Layer ``i``'s errors with the net's words: out of memory, the layer named,
+        a bad batch item's list line."""
+        try:
+            yield
+        except MemoryError as e:
+            raise_out_of_memory(self._layer_what(i, direction), e)
+        except _NAMED_BY_THE_NET as e:
+            raise NetError(f"{self.source}: {self._layer_what(i, direction)}: {e}") from e
+        except LayerError as e:
+            origins = self._batch_item_origins(getattr(e, "batch_item", None))
+            if not origins:
+                raise
+            raise LayerError(f"{e}; {'; '.join(origins)}") from None
 
     def _batch_item_origins(self, item):
         """The list lines the data layers read batch item ``item`` from."""
@@ -811,11 +820,22 @@ class Net:
     def backward_from_to(self, start=None, end=0):
         start = len(self.layers) - 1 if start is None else start
         self._check_layer_range("backward", end, start)
+        self._check_backward_mode()
         graphs = self._cuda_graphs()
         if graphs is None:
             self._backward_layers(start, end)
         else:
             graphs.backward(start, end)
+
+    def _check_backward_mode(self):
+        """The layers keep what their forward computed (softmax outputs, masks, BatchNorm's
+        statistics) as arrays of the mode it ran in; Caffe keeps them in Blobs, which
+        copy across. A backward in the other mode is refused in words."""
+        forward, now = self._forward_mode, backend.mode()
+        if forward is not None and forward != now:
+            raise NetError(f"{self.source}: backward in {now.upper()} mode after a forward in "
+                           f"{forward.upper()} mode; run the forward again after switching "
+                           f"modes (the layers keep the forward's results where it ran)")
 
     def _check_layer_range(self, direction, low, high):
         """Caffe's CHECK_GE(start/end, 0) and CHECK_LT(end/start, number of layers)."""

@@ -611,6 +611,50 @@ def test_a_bad_label_is_named_when_graphs_run(tmp_path, gpu_mode):
         gpu_mode.off()
 
 
+def test_a_nan_loss_with_graphs_runs_nothing_twice(gpu_mode):
+    """A pass that launched graphs and gave a NaN loss looks for a bad label without
+    running the layers again: BatchNorm's running statistics and Dropout's generator
+    advance once, as without graphs."""
+    text = """input: "data" input_shape { dim: 2 dim: 2 dim: 3 dim: 3 }
+    layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
+      convolution_param { num_output: 2 kernel_size: 1
+        weight_filler { type: "constant" value: 0.5 } } }
+    layer { name: "bn" type: "BatchNorm" bottom: "conv" top: "conv"
+      param { lr_mult: 0 } param { lr_mult: 0 } param { lr_mult: 0 }
+      batch_norm_param { use_global_stats: false } }
+    layer { name: "drop" type: "Dropout" bottom: "conv" top: "drop" }
+    layer { name: "conv2" type: "Convolution" bottom: "drop" top: "conv2"
+      convolution_param { num_output: 2 kernel_size: 1
+        weight_filler { type: "constant" value: 0.5 } } }
+    layer { name: "loss" type: "Power" bottom: "conv2" top: "loss" loss_weight: 1
+      power_param { power: 2 } }"""
+
+    def run(graphs):
+        cuda_graphs.set_enabled(graphs)
+        try:
+            gpu_mode.on()
+            caffelite.set_random_seed(1)
+            net = caffelite.Net(param=prototxt.parse_net(text)[0], phase=caffelite.TRAIN)
+            data = np.arange(36, dtype=np.float32).reshape(2, 2, 3, 3) / 36
+            losses = []
+            for step in range(6):
+                poisoned = data.copy()
+                if step == 3:
+                    poisoned[0, 0, 0, 0] = np.nan
+                net.blobs["data"].data[...] = poisoned
+                losses.append(net.forward_from_to())
+            return losses, [b.read_host_data().copy() for b in net.params["bn"]], net
+        finally:
+            cuda_graphs.set_enabled(False)
+            gpu_mode.off()
+
+    (eager, eager_bn, _), (graphed, graphed_bn, net) = run(False), run(True)
+    assert launches(net) >= 3 and np.isnan(eager[3])
+    np.testing.assert_array_equal(graphed, eager)
+    for a, b in zip(graphed_bn, eager_bn):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_a_bad_label_of_a_list_names_its_line_when_graphs_run(tmp_path, gpu_mode):
     """The eager re-run after a graph's NaN loss starts at the first graphed layer:
     re-running the data layer would read the next batch, and the bad label of this

@@ -208,6 +208,43 @@ def test_emulator_environment_variable_selects_the_emulator(monkeypatch):
         caffe.set_mode_cpu()
 
 
+def test_a_backward_in_the_other_mode_than_its_forward_is_refused_in_words(gpu, tmp_path):
+    """Layers keep their forward's results as arrays of that mode (Caffe keeps them in
+    Blobs, which copy across): a backward after switching modes says so, and a forward
+    in the new mode makes the backward work again."""
+    path = tmp_path / "net.prototxt"
+    path.write_text("""force_backward: true
+    input: "x" input_shape { dim: 1 dim: 1 dim: 2 dim: 2 }
+    layer { name: "bn" type: "BatchNorm" bottom: "x" top: "y" }
+    layer { name: "loss" type: "Power" bottom: "y" top: "loss" loss_weight: 1 }""")
+    from caffelite.net import NetError
+
+    def set_mode(mode):
+        if mode == "cpu":
+            backend.set_mode_cpu()
+        else:
+            backend.set_mode_gpu(emulate=gpu.__name__.endswith("emulator"))
+    set_mode("cpu")
+    net = caffe.Net(str(path), caffe.TEST)
+    net.params["bn"][2].data[...] = 1
+    net.params["bn"][1].data[...] = 1
+    net.blobs["x"].data[...] = np.arange(4).reshape(1, 1, 2, 2)
+    net.forward()
+    net.backward()
+    cpu = net.blobs["x"].diff.copy()
+    for forward_mode, backward_mode in (("gpu", "cpu"), ("cpu", "gpu")):
+        set_mode(forward_mode)
+        net.forward()
+        set_mode(backward_mode)
+        with pytest.raises(NetError, match=f"backward in {backward_mode.upper()} mode "
+                           f"after a forward in {forward_mode.upper()} mode; run the forward "
+                           f"again after switching modes"):
+            net.backward()
+        net.forward()
+        net.backward()
+        np.testing.assert_allclose(net.blobs["x"].diff, cpu, rtol=1e-6)
+
+
 def test_device_module_in_cpu_mode_is_an_error():
     backend.set_mode_cpu()
     with pytest.raises(RuntimeError, match="CPU mode"):

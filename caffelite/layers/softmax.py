@@ -257,13 +257,9 @@ class SoftmaxWithLossLayer(LossLayer):
         valid_count = counts.sum(dtype=xp.float64)                          # counts: 0/1
         if not backend.capturing():
             # An out-of-range label makes its position NaN: name it like the host does.
-            # (In a CUDA graph this read is left out; the Net re-runs a NaN pass eagerly.)
+            # (A CUDA graph leaves this read out; check_recorded_inputs does it then.)
             if np.isnan(float(to_host(total))):
-                flat = labels.reshape(outer, inner)
-                lab, valid = integer_labels(xp, flat, self.ignore_label)
-                check_label_range(self, xp, lab, valid, channels,
-                                  f"softmax axis {self.axis} of the scores, "
-                                  f"{bottom[0].shape}", flat, num=first_axis(bottom[1]))
+                self.check_recorded_inputs(bottom)
         # The normaliser stays on the device (the backward kernel reads it there).
         if self.normalization == VALID:
             self.norm = xp.maximum(valid_count, 1.0).astype(dtype)
@@ -272,6 +268,17 @@ class SoftmaxWithLossLayer(LossLayer):
         top[0].data[...] = total / self.norm
         if len(top) > 1:
             top[1].data[...] = self.prob.reshape(top[1].shape)
+
+    def check_recorded_inputs(self, bottom):
+        if self.v1 is not None:
+            return
+        xp = get_array_module(bottom[1].data)
+        outer, channels, inner = self.dims
+        flat = bottom[1].data.reshape(outer, inner)
+        lab, valid = integer_labels(xp, flat, self.ignore_label)
+        check_label_range(self, xp, lab, valid, channels,
+                          f"softmax axis {self.axis} of the scores, {bottom[0].shape}", flat,
+                          num=first_axis(bottom[1]))
 
     def _ignore_args(self):
         """softmax_loss.cu's (has_ignore_label, ignore_label)."""
