@@ -101,10 +101,16 @@ class NetGraphs:
     """The graphs of one Net's segments."""
 
     def __init__(self, net):
-        self.net = net
+        # weakly: the net holds its NetGraphs, and a cycle would keep a dropped net (its
+        # device memory, data layers, open databases) until the cyclic collector runs
+        self._net = weakref.ref(net)
         self.segments = [Segment(net, first, last) for first, last in segments(net)]
         self.used = False       # did the last forward launch a graph?
         self.first_launched = None      # ... the first layer of the first it launched
+
+    @property
+    def net(self):
+        return self._net()
 
     def forward(self, start, end):
         """Net::ForwardFromTo's loss terms, segments inside [start, end] as graphs."""
@@ -168,8 +174,9 @@ class Segment:
         self.layers = [net.layers[i] for i in layers]
         chains = (net._fused_chains() or {}).values()
         self.chains = [c for c in chains if first <= c.first and c.last <= last]
-        self.fwd = Recording(self, "forward", lambda: net._forward_layers(first, last))
-        self.bwd = Recording(self, "backward", lambda: net._backward_layers(last, first))
+        net_ref = weakref.ref(net)
+        self.fwd = Recording(self, "forward", lambda: net_ref()._forward_layers(first, last))
+        self.bwd = Recording(self, "backward", lambda: net_ref()._backward_layers(last, first))
 
     def forward(self):
         """(loss terms, whether a graph was launched)."""

@@ -441,6 +441,29 @@ def test_a_launch_leaves_the_heads_of_memory_it_does_not_write(gpu_mode):
         gpu_mode.off()
 
 
+def test_a_dropped_net_with_graphs_is_freed_at_once(tmp_path, gpu_mode):
+    """The net holds its graphs, and they hold the net weakly: `del net` frees it (its
+    device memory, its data layers) without waiting for the cyclic collector."""
+    import gc
+    import weakref
+    text = HEAD + BODIES["Convolution"] + TAIL
+    cuda_graphs.set_enabled(True)
+    gc.disable()
+    try:
+        gpu_mode.on()
+        solver = solver_for(text, tmp_path)
+        for _ in range(3):
+            solver.step(1)
+        assert launches(solver.net) >= 1
+        ref = weakref.ref(solver.net)
+        del solver
+        assert ref() is None
+    finally:
+        gc.enable()
+        cuda_graphs.set_enabled(False)
+        gpu_mode.off()
+
+
 def test_blob_shape_changes_count_only_real_changes():
     b = caffelite.Blob((2, 3))
     start = blob_module.shape_changes()

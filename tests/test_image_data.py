@@ -335,6 +335,43 @@ def test_shuffle_is_reproducible_and_reshuffles_each_epoch(tmp_path):
     assert epochs[0] != epochs[1] or epochs[1] != epochs[2]
 
 
+@pytest.mark.parametrize("where", ["waiting", "planning"])
+def test_ctrl_c_in_a_forward_loses_no_batch(tmp_path, where):
+    """KeyboardInterrupt while forward waits for a prefetched batch, or while the next
+    batch is being planned: the interrupted forward raises, and the next ones go on
+    with the batch that was next (shuffled, so the transformer and shuffle words too)."""
+    rng = np.random.default_rng(6)
+    for i in range(6):
+        write_rgb(tmp_path / f"s{i}.png", 4, 4, rng)
+    (tmp_path / "s.txt").write_text("".join(f"/s{i}.png {i}\n" for i in range(6)))
+    source, root = str(tmp_path / "s.txt"), str(tmp_path)
+    want, _ = _epoch_sequence(source, root, 11, 14)
+    got, net = _epoch_sequence(source, root, 11, 4)
+    layer = net.layers[0]
+    if where == "waiting":
+        future = layer._inflight[0][0]
+        real = future.result
+
+        def interrupted(*args):
+            future.result = real
+            raise KeyboardInterrupt
+        future.result = interrupted
+    else:
+        real = layer.plan_batch
+
+        def interrupted():
+            del layer.plan_batch            # the class's own from now on
+            real()                          # takes its samples, then the interrupt
+            raise KeyboardInterrupt
+        layer.plan_batch = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        net.forward()
+    for _ in range(10):
+        net.forward()
+        got.append(int(net.blobs["label"].data[0, 0, 0, 0]))
+    assert got == want
+
+
 def test_set_up_logs_the_forks_lines_in_its_order(tmp_path, caplog):
     """DataLayerSetUp's INFO lines: the list opened, the shuffle, the count, then each
     top's size (ImageSegData: data, label and data_dim; ImageData: data)."""
@@ -949,6 +986,24 @@ def test_a_stopping_pool_ends_batch_builds_at_the_next_sample():
     with pytest.raises(CancelledError):
         queued.result(timeout=5)
     assert list(until_exit(range(3))) == [0, 1, 2]     # outside the pool: no stop
+
+
+def test_a_forked_child_does_not_wait_for_the_parents_pool():
+    """fork() copies the pool's exit hook but not its threads: in the child, stop()
+    returns at once instead of waiting EXIT_WAIT_S for jobs no thread will finish."""
+    import threading
+    from caffelite.layers.image_data import _WorkerPool
+    pool = _WorkerPool(1)
+    release, started = threading.Event(), threading.Event()
+    job = pool.submit(lambda: (started.set(), release.wait(10)))
+    assert started.wait(10)
+    pool.pid = -1                   # as seen from a child process
+    pool.stop(timeout=30)
+    assert not pool._stopping.is_set() and not job.done()
+    pool.pid = os.getpid()
+    release.set()
+    pool.stop(timeout=10)
+    assert job.result(timeout=10)
 
 
 def test_hdf5_data_without_h5py_is_a_clear_error(tmp_path, monkeypatch):

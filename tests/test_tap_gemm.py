@@ -24,6 +24,20 @@ def aspp(dilation, size=41):
 VGG_FC6 = ((10, 512, 41, 41), (1024, 512, 3, 3))     # ASPP-VGG training: image, weight
 
 
+def test_the_windows_cache_keeps_the_newest_shapes_only(monkeypatch):
+    """A deploy script feeds images of many sizes: the cache of tap windows per shape
+    keeps at most _MAX_WINDOWS entries, the oldest dropped first."""
+    monkeypatch.setattr(tap_gemm, "_windows", {})
+    monkeypatch.setattr(tap_gemm, "_MAX_WINDOWS", 3)
+    for size in range(41, 49):
+        geom, _, grid = aspp(24, size)
+        taken = tap_gemm.windows_for(emulator, geom, (10, 512, size, size), grid,
+                                     VGG_FC6[1])
+        assert taken is not None
+    sizes = [key[1][2] for key in tap_gemm._windows]
+    assert sizes == [46, 47, 48]
+
+
 @pytest.mark.parametrize("dilation, fraction", [(6, (111 / 123) ** 2), (12, (99 / 123) ** 2),
                                                 (18, (87 / 123) ** 2), (24, (75 / 123) ** 2)])
 def test_aspp_reach_and_which_branches_take_the_path(dilation, fraction):

@@ -101,6 +101,8 @@ class _WorkerPool:
     def stop(self, timeout=None):
         """Drop the queued jobs and wait (at most ``timeout`` seconds) until no job
         runs any more; jobs built on ``until_exit`` stop at their next item."""
+        if os.getpid() != self.pid:
+            return      # a fork()ed child: the threads (and the jobs they ran) stayed behind
         self._stopping.set()
         with self._idle:
             self._idle.wait_for(lambda: self._running == 0,
@@ -305,7 +307,14 @@ class PrefetchingDataLayer(Layer):
         pool = worker_pool()
         while len(self._inflight) < PREFETCH_COUNT:
             self._planned = []                  # advance() notes each sample's entry
-            fn, args = self.plan_batch()
+            before = self.position_state()
+            try:
+                fn, args = self.plan_batch()
+            except BaseException:
+                # Ctrl-C (or an error) half-way through planning: the samples it
+                # took are planned again next time, not skipped
+                self.restore_position(before)
+                raise
             self._inflight.append((pool.submit(fn, *args), self.position_state(),
                                    self._planned))
         self._planned = None
@@ -313,11 +322,15 @@ class PrefetchingDataLayer(Layer):
     def _peek(self):
         if self._ready is None:
             future, state, entries = self._inflight.popleft()
-            self._fill()
             try:
+                self._fill()
                 arrays = future.result()
             except DataError as e:
                 raise self.error(str(e)) from None
+            except BaseException:
+                # interrupted while waiting (Ctrl-C): the batch stays next in line
+                self._inflight.appendleft((future, state, entries))
+                raise
             self._ready = (arrays, state, entries)
         return self._ready[0]
 

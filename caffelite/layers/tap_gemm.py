@@ -40,7 +40,8 @@ ENABLED = env_flag("CAFFELITE_TAP_GEMM", True)
 MAX_REACH = 0.75
 MIN_SAVED_FLOPS = 4e9       # about 80 us of SGEMM on an H200, several times the calls' cost
 
-_windows = {}
+_windows = {}                # (geometry, shapes) -> windows, the oldest dropped first
+_MAX_WINDOWS = 256
 
 
 def tap_windows(geom, img_shape, grid_shape):
@@ -83,6 +84,8 @@ def windows_for(xp, geom, image_shape, grid_shape, weight_shape):
         reached = reach(windows, geom, grid_shape)
         positions = geom.taps * math.prod(grid_shape)
         multiply_adds = image_shape[0] * weight_shape[0] * weight_shape[1]
+        if len(_windows) >= _MAX_WINDOWS:       # a deploy script's many image sizes
+            del _windows[next(iter(_windows))]
         found = _windows[key] = (windows, reached,
                                  2 * multiply_adds * positions * (1 - reached))
     windows, reached, saved = found
