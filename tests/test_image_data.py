@@ -320,12 +320,17 @@ def _epoch_sequence(source, root, seed, forwards):
     return out, net
 
 
-def test_shuffle_is_reproducible_and_reshuffles_each_epoch(tmp_path):
+def _six_class_images(tmp_path):
+    """(list, root): six 4x4 images, line i labelled i."""
     rng = np.random.default_rng(6)
     for i in range(6):
         write_rgb(tmp_path / f"s{i}.png", 4, 4, rng)
     (tmp_path / "s.txt").write_text("".join(f"/s{i}.png {i}\n" for i in range(6)))
-    source, root = str(tmp_path / "s.txt"), str(tmp_path)
+    return str(tmp_path / "s.txt"), str(tmp_path)
+
+
+def test_shuffle_is_reproducible_and_reshuffles_each_epoch(tmp_path):
+    source, root = _six_class_images(tmp_path)
     a, _ = _epoch_sequence(source, root, 11, 18)
     b, _ = _epoch_sequence(source, root, 11, 18)
     c, _ = _epoch_sequence(source, root, 12, 18)
@@ -340,11 +345,7 @@ def test_ctrl_c_in_a_forward_loses_no_batch(tmp_path, where):
     """KeyboardInterrupt while forward waits for a prefetched batch, or while the next
     batch is being planned: the interrupted forward raises, and the next ones go on
     with the batch that was next (shuffled, so the transformer and shuffle words too)."""
-    rng = np.random.default_rng(6)
-    for i in range(6):
-        write_rgb(tmp_path / f"s{i}.png", 4, 4, rng)
-    (tmp_path / "s.txt").write_text("".join(f"/s{i}.png {i}\n" for i in range(6)))
-    source, root = str(tmp_path / "s.txt"), str(tmp_path)
+    source, root = _six_class_images(tmp_path)
     want, _ = _epoch_sequence(source, root, 11, 14)
     got, net = _epoch_sequence(source, root, 11, 4)
     layer = net.layers[0]
