@@ -81,7 +81,8 @@ def _select_device(args, solver_device=None):
             raise
         logger.warning("%s asks for GPU %d, which cannot be used: %s; training on the CPU "
                        "(solver_mode: CPU or CAFFELITE_SOLVER_MODE=cpu says so without this "
-                       "warning)", source, device, _lower_first(str(e)).rstrip("."))
+                       "warning)", source, device,
+                       _lower_first(e.reason).rstrip("."))
         _use_cpu(graphs)
         return None
     name = _device_name(device)

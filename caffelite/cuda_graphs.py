@@ -147,7 +147,7 @@ class NetGraphs:
             net._backward_layers(i, end)
 
     def forward_ran_eagerly(self):
-        """The forward was run again outside the graphs."""
+        """A forward ran outside the graphs (graphs off for it, debug_info ...)."""
         for seg in self.segments:
             seg.ran_eagerly()
 
@@ -210,7 +210,7 @@ class Recording:
     """One direction of a segment: eager, then recorded, then launched."""
 
     def __init__(self, segment, direction, run_eagerly):
-        self.segment = segment
+        self._segment = weakref.ref(segment)    # the segment holds its recordings
         self.direction = direction
         self.run_eagerly = run_eagerly
         self.seen = None            # the key of the last eager run
@@ -223,6 +223,10 @@ class Recording:
         self.launches = 0
         self._shapes = self._shapes_at = None
         _recordings.add(self)
+
+    @property
+    def segment(self):
+        return self._segment()
 
     # -- the state a recording depends on ---------------------------------------------
     def _key(self):

@@ -450,7 +450,12 @@ def test_refine_pascal_v4_takes_the_programs_command_line(tmp_path):
         rgb = np.asarray(Image.open(imgs / f"{ident}.ppm"))
         want = crf_labels(expected[ident], rgb, params)
         assert np.array_equal(crf_cli.read_refine_bin(str(save / f"{ident}.bin")), want)
-    assert refine_cli.parse_words(["-id", "i", "-fd", "f", "-sd", "s"])[1] == CRFParams()
+    # the program's own defaults, y, G and B included (not copies of -px, -bx, -br),
+    # and atoi/atof's reading of a number followed by other text
+    words = "-id i -fd f -sd s -px 5 -bx 49 -br 10 -i 8.0 -bw 4x".split()
+    assert refine_cli.parse_words(words)[1] == CRFParams(
+        bi_w=4, bi_xy_std=49, bi_rgb_std=10, pos_w=3, pos_xy_std=5, max_iter=8,
+        pos_y_std=3, bi_y_std=70, bi_g_std=5, bi_b_std=5)
 
 
 def test_refine_pascal_v4_errors_name_what_is_missing(tmp_path, capsys):

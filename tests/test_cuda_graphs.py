@@ -442,8 +442,9 @@ def test_a_launch_leaves_the_heads_of_memory_it_does_not_write(gpu_mode):
 
 
 def test_a_dropped_net_with_graphs_is_freed_at_once(tmp_path, gpu_mode):
-    """The net holds its graphs, and they hold the net weakly: `del net` frees it (its
-    device memory, its data layers) without waiting for the cyclic collector."""
+    """The net holds its graphs, and they hold the net (and a recording its segment)
+    weakly: `del net` frees it, its blobs' device memory and the graphs without waiting
+    for the cyclic collector."""
     import gc
     import weakref
     text = HEAD + BODIES["Convolution"] + TAIL
@@ -455,9 +456,10 @@ def test_a_dropped_net_with_graphs_is_freed_at_once(tmp_path, gpu_mode):
         for _ in range(3):
             solver.step(1)
         assert launches(solver.net) >= 1
-        ref = weakref.ref(solver.net)
+        refs = [weakref.ref(solver.net), weakref.ref(solver.net.blobs["y"]),
+                weakref.ref(solver.net._graphs.segments[0])]
         del solver
-        assert ref() is None
+        assert [r() for r in refs] == [None] * 3
     finally:
         gc.enable()
         cuda_graphs.set_enabled(False)
@@ -618,8 +620,9 @@ def test_a_segment_that_cannot_be_recorded_runs_layer_by_layer(tmp_path, gpu_mod
 
 
 def test_a_bad_label_is_named_when_graphs_run(tmp_path, gpu_mode):
-    """A graph leaves out SoftmaxWithLoss's host check; the NaN loss makes the Net run
-    the forward again eagerly, which names the label as without graphs."""
+    """A graph leaves out SoftmaxWithLoss's host check; the NaN loss makes the Net ask
+    the launched layers for it (check_recorded_inputs), which names the label as
+    without graphs."""
     text = HEAD + BODIES["Convolution"] + TAIL
     _, solver = train(gpu_mode, text, tmp_path, graphs=True, steps=3)
     assert launches(solver.net) > 0
@@ -679,9 +682,9 @@ def test_a_nan_loss_with_graphs_runs_nothing_twice(gpu_mode):
 
 
 def test_a_bad_label_of_a_list_names_its_line_when_graphs_run(tmp_path, gpu_mode):
-    """The eager re-run after a graph's NaN loss starts at the first graphed layer:
-    re-running the data layer would read the next batch, and the bad label of this
-    one would be named nowhere (the loss of the clean next batch came back instead)."""
+    """After a graph's NaN loss the label check runs on the batch the pass read, and
+    the error names its list line (running the data layer again would read the next
+    batch, and the bad label of this one would be named nowhere)."""
     from PIL import Image
     labels = [1, 0, 2, 1, 0, 1, 7, 1]                  # line 7: class 7 of 5
     for i in range(len(labels)):

@@ -141,25 +141,32 @@ def test_kernel_launch_on_emulated_arrays_runs_the_cu_source():
 
 
 def test_the_host_kernel_cache_must_be_the_users_alone(tmp_path, monkeypatch):
-    """The emulator loads the libraries it finds in its cache folder: a folder others can
-    write (a planted library in a shared /tmp) is refused before anything is loaded."""
+    """The emulator loads the libraries it finds in its cache folder: a folder of
+    another user's is refused before anything is loaded, and a folder of the user's that
+    others may write is closed and its libraries (perhaps planted) dropped."""
     import os
     from caffelite.kernels import emulator
     shared = tmp_path / "shared"
     shared.mkdir()
+    (shared / "relu-0123456789abcdef.so").write_bytes(b"planted")
+    (shared / "relu-0123456789abcdef.cpp").write_text("// a driver")
     shared.chmod(0o777)
-    monkeypatch.setattr(emulator, "_host_kernels", [])
-    monkeypatch.setenv("CAFFELITE_KERNEL_CACHE", str(shared))
-    with pytest.raises(RuntimeError, match=r"not this user's alone .*drwxrwxrwx.*"
-                                           r"CAFFELITE_KERNEL_CACHE"):
-        emulator.host_kernels()
-    assert emulator._host_kernels == []
+    emulator._check_private_folder(str(shared))
+    assert shared.stat().st_mode & 0o777 == 0o700
+    assert sorted(os.listdir(shared)) == ["relu-0123456789abcdef.cpp"]
+    link = tmp_path / "link"
+    link.symlink_to(shared)
+    emulator._check_private_folder(str(link))          # the folder it names counts
     if os.getuid() == 0:        # root can give a folder to another user
         other = tmp_path / "other"
         other.mkdir(mode=0o755)
         os.chown(other, 65534, 65534)
-        with pytest.raises(RuntimeError, match="owner uid 65534"):
-            emulator._check_private_folder(str(other))
+        monkeypatch.setattr(emulator, "_host_kernels", [])
+        monkeypatch.setenv("CAFFELITE_KERNEL_CACHE", str(other))
+        with pytest.raises(RuntimeError, match=r"is not this user's \(owner uid 65534, "
+                                               r"mode drwxr-xr-x\).*CAFFELITE_KERNEL_CACHE"):
+            emulator.host_kernels()
+        assert emulator._host_kernels == []
     blocked = tmp_path / "a_file"
     blocked.write_text("")
     with pytest.raises(RuntimeError, match=r"cannot create the host-kernel cache folder "

@@ -373,6 +373,34 @@ def test_ctrl_c_in_a_forward_loses_no_batch(tmp_path, where):
     assert got == want
 
 
+def test_a_failed_batch_build_is_used_up_once(tmp_path):
+    """A batch whose build fails in the pool (not an interrupt) raises at its forward,
+    once: the next forward delivers the batch after it."""
+    source, root = _six_class_images(tmp_path)
+    want, _ = _epoch_sequence(source, root, 11, 12)
+    got, net = _epoch_sequence(source, root, 11, 2)
+    layer = net.layers[0]
+    real = layer.plan_batch
+
+    def failing():
+        del layer.plan_batch
+        _, args = real()
+
+        def build(*_):
+            raise RuntimeError("the build failed")
+        return build, args
+    layer.plan_batch = failing      # batch 7: batches 2 to 6 are queued already
+    for _ in range(9):
+        try:
+            net.forward()
+        except RuntimeError as e:
+            assert "the build failed" in str(e)
+            got.append(None)
+            continue
+        got.append(int(net.blobs["label"].data[0, 0, 0, 0]))
+    assert got[:7] == want[:7] and got[7] is None and got[8:] == want[8:11]
+
+
 def test_set_up_logs_the_forks_lines_in_its_order(tmp_path, caplog):
     """DataLayerSetUp's INFO lines: the list opened, the shuffle, the count, then each
     top's size (ImageSegData: data, label and data_dim; ImageData: data)."""

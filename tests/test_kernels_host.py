@@ -554,7 +554,7 @@ def test_softmax_loss_matches_numpy(kern, launch, ignore, dtype):
     diff = poisoned(shape, dtype)
     kern.run("softmax_loss", "softmax_loss_backward", dtype, n, layer.prob, labels, channels,
              inner, has_ignore, ignore_value, np.array([2.5], dtype),
-             np.array([layer.norm], dtype), diff,
+             np.array([normalizer], dtype), diff,
              **launch)
     np.testing.assert_array_equal(diff, bottom[0].diff)
 

@@ -61,9 +61,10 @@ def read_refine_bin(path):
 
 # -------------------------------------------------------------------- one image
 def refine_image(feature_path, image_path, params, unary="score", num_labels=None,
-                 device=None, labels_origin="--num-labels"):
+                 device=None, labels_origin="--num-labels", palette=True):
     """CRF labels (H x W) of one image from its MatWrite features (``device``: None for
-    the CPU, or a GPU id; ``labels_origin`` says where ``num_labels`` came from)."""
+    the CPU, or a GPU id; ``labels_origin`` says where ``num_labels`` came from;
+    ``palette``: the labels go to a palette PNG, so at most 256 classes)."""
     from ..io.image import read_image
     scores = _read_features(feature_path)
     image = read_image(image_path)[:, :, ::-1]                 # BGR -> RGB, as the PPMs
@@ -75,7 +76,7 @@ def refine_image(feature_path, image_path, params, unary="score", num_labels=Non
     if num_labels is not None and labels != num_labels:
         raise CrfError(f"{feature_path}: features have {labels} channels but "
                        f"{num_labels} labels were expected ({labels_origin})")
-    if labels > 256:
+    if palette and labels > 256:
         raise CrfError(f"{feature_path}: {labels} classes do not fit a palette PNG")
     if scores.shape[2] < height or scores.shape[3] < width:
         raise CrfError(f"{feature_path}: features of size {scores.shape[2]}x{scores.shape[3]}"
@@ -96,7 +97,7 @@ def _refine_task(task):
     start = time.perf_counter()
     try:
         labels = refine_image(feature_path, image_path, params, unary, num_labels, device,
-                              labels_origin)
+                              labels_origin, palette=bool(png_path))
         if png_path:
             write_label_png(png_path, labels.astype(np.uint8))
         if bin_path:

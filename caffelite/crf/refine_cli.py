@@ -14,6 +14,7 @@ std 3 and weight 3, bilateral xy std 70, RGB std 5 and weight 5.
 """
 import glob
 import os
+import re
 import time
 
 from .cli import FEATURE_SUFFIX, CrfError, run_crf_set
@@ -26,6 +27,11 @@ FLAGS = {"-i": ("max_iter", int), "-px": ("pos_xy_std", float), "-py": ("pos_y_s
          "-br": ("bi_rgb_std", float), "-bg": ("bi_g_std", float),
          "-bb": ("bi_b_std", float), "-bw": ("bi_w", float)}
 DIRS = {"-id": "images", "-fd": "features", "-sd": "out"}
+# The program's defaults; its y, G and B stds are its own, not copies of x and R.
+DEFAULTS = CRFParams(bi_w=5, bi_xy_std=70, bi_rgb_std=5, pos_w=3, pos_xy_std=3, max_iter=10,
+                     pos_y_std=3, bi_y_std=70, bi_g_std=5, bi_b_std=5)
+_C_NUMBER = {int: re.compile(r"\s*[+-]?\d+"),
+             float: re.compile(r"\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")}
 
 
 def add_parser(subparsers):
@@ -50,10 +56,7 @@ def parse_words(words):
                 dirs[DIRS[flag]] = value
             else:
                 name, kind = FLAGS[flag]
-                try:
-                    values[name] = kind(value)
-                except ValueError:
-                    raise CrfError(f"{flag} expects a number, got '{value}'") from None
+                values[name] = _c_number(flag, value, kind)
             i += 2
         else:
             i += 1
@@ -62,7 +65,16 @@ def parse_words(words):
         raise CrfError(f"missing {', '.join(missing)} (usage: caffelite {VERB} -id IMG_DIR "
                        f"-fd FEATURE_DIR -sd SAVE_DIR [-i 10 -px 3 -py 3 -pw 3 -bx 70 "
                        f"-by 70 -br 5 -bg 5 -bb 5 -bw 5])")
-    return dirs, CRFParams().with_(**values)
+    return dirs, DEFAULTS.with_(**values)
+
+
+def _c_number(flag, text, kind):
+    """``atoi``/``atof``: the number the text starts with ("10.0" gives 10 for -i, "4x"
+    gives 4); text that starts with none is refused (the program would take 0)."""
+    found = _C_NUMBER[kind].match(text)
+    if found is None:
+        raise CrfError(f"{flag} expects a number, got '{text}'")
+    return kind(found.group(0)) if kind is float else int(found.group(0))
 
 
 def refine_tasks(feature_dir, image_dir, out_dir, params):

@@ -49,7 +49,15 @@ _cupy_checked = []
 
 
 class GPUUnavailableError(RuntimeError):
-    """CuPy or a CUDA device is missing; the message says which, in one sentence."""
+    """CuPy or a CUDA device is missing; the message says which, in one sentence, and
+    what to do (``advice``, which ``reason`` leaves out)."""
+
+    def __init__(self, reason, advice=""):
+        super().__init__(f"{reason}; {advice}" if advice else reason)
+        self.reason, self.advice = reason, advice
+
+
+_RUN_ON_CPU = "run on the CPU instead (without --gpu; set_mode_cpu() in Python)"
 
 
 class Param:
@@ -135,12 +143,11 @@ def require_cupy():
     try:
         count = cupy.cuda.runtime.getDeviceCount()
     except Exception as e:      # CUDARuntimeError: no driver, no device, ...
-        raise GPUUnavailableError(
-            f"GPU mode needs an NVIDIA GPU, but CUDA reports none ({e}); run on the CPU "
-            f"instead (without --gpu; set_mode_cpu() in Python)") from None
+        raise GPUUnavailableError(f"GPU mode needs an NVIDIA GPU, but CUDA reports none ({e})",
+                                  _RUN_ON_CPU) from None
     if count < 1:
-        raise GPUUnavailableError("GPU mode needs an NVIDIA GPU, but CUDA reports none; run "
-                                  "on the CPU instead (without --gpu; set_mode_cpu() in Python)")
+        raise GPUUnavailableError("GPU mode needs an NVIDIA GPU, but CUDA reports none",
+                                  _RUN_ON_CPU)
     _cupy_checked.append(cupy)
     return cupy
 

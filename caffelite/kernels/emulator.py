@@ -535,20 +535,32 @@ def host_kernels():
 
 def _check_private_folder(path):
     """The folder of compiled kernel libraries, which the emulator loads, must be this
-    user's alone: in a shared /tmp another user could plant a library there."""
+    user's alone: in a shared /tmp another user could plant a library there. A folder of
+    the user's that others may write (made under umask 002, or by an older caffelite) is
+    closed, and the libraries found in it are dropped (they are built again)."""
     try:
         os.makedirs(path, mode=0o700, exist_ok=True)
-        info = os.lstat(path)
+        info = os.stat(path)
     except OSError as e:
         raise RuntimeError(f"cannot create the host-kernel cache folder {path} "
                            f"({e.strerror}); set CAFFELITE_KERNEL_CACHE to a writable "
                            f"folder of your own") from None
-    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o022:
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
         raise RuntimeError(
-            f"the host-kernel cache folder {path} is not this user's alone (owner uid "
+            f"the host-kernel cache folder {path} is not this user's (owner uid "
             f"{info.st_uid}, mode {stat.filemode(info.st_mode)}), so the libraries in it "
             f"are not loaded; remove it, or set CAFFELITE_KERNEL_CACHE to a folder of your "
-            f"own that only you can write")
+            f"own")
+    if info.st_mode & 0o022:
+        try:
+            os.chmod(path, 0o700)
+            for name in os.listdir(path):
+                if name.endswith(".so"):
+                    os.remove(os.path.join(path, name))
+        except OSError as e:
+            raise RuntimeError(f"the host-kernel cache folder {path} can be written by "
+                               f"others and could not be closed ({e.strerror}); set "
+                               f"CAFFELITE_KERNEL_CACHE to a folder of your own") from None
 
 
 def launch(module_name, kernel_name, dtype, *args, grid=None, block=256):

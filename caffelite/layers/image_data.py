@@ -321,17 +321,20 @@ class PrefetchingDataLayer(Layer):
 
     def _peek(self):
         if self._ready is None:
-            future, state, entries = self._inflight.popleft()
+            future, state, entries = self._inflight[0]
             try:
-                self._fill()
                 arrays = future.result()
-            except DataError as e:
-                raise self.error(str(e)) from None
-            except BaseException:
-                # interrupted while waiting (Ctrl-C): the batch stays next in line
-                self._inflight.appendleft((future, state, entries))
+            except BaseException as e:
+                # A failed build is used up (the next forward takes the next batch); an
+                # interrupt while waiting (Ctrl-C) leaves the batch next in line.
+                if future.done() and (future.cancelled() or future.exception() is not None):
+                    self._inflight.popleft()
+                if isinstance(e, DataError):
+                    raise self.error(str(e)) from None
                 raise
+            self._inflight.popleft()
             self._ready = (arrays, state, entries)
+            self._fill()    # after: a planning error or interrupt keeps this batch ready
         return self._ready[0]
 
     def reshape(self, bottom, top):
