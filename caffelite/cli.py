@@ -683,8 +683,7 @@ def _subparsers_by_name(parser):
 
 
 def _subparsers(parser):
-    return [sub for action in parser._actions if isinstance(action, argparse._SubParsersAction)
-            for sub in action.choices.values()]
+    return list(_subparsers_by_name(parser).values())
 
 
 # Caffe's own verbs (and tools), whose flags are gflags: -solver x, -solver=x and
