@@ -20,10 +20,20 @@ from .caffe_rng import CaffeRNG
 TRAIN = 0
 TEST = 1
 
-_state = {"mode": "cpu", "device": 0, "seed": None, "rng": CaffeRNG(),
-          "xp": None, "tf32": False, "capturing": False,
+_state = {"mode": "cpu", "device": 0, "xp": None, "tf32": False, "capturing": False,
           "host_reads": None, "graph_buffers": None, "mode_changes": 0,
           "seed_changes": 0, "entropy_seed": None}
+
+
+class _Random(threading.local):
+    """Caffe's generator is per thread (Caffe::Get() is thread-local): each thread has
+    its own, seeded by set_random_seed in that thread or else from entropy, so threads
+    neither share draws nor reseed each other."""
+    seed = None
+    generator = None
+
+
+_random = _Random()
 
 
 class _Access(threading.local):
@@ -210,9 +220,9 @@ def to_device(array, xp=None):
 def set_random_seed(seed):
     """Caffe::set_random_seed: reseed the global mt19937 (fillers, dropout, the data
     layers' seeds) with the low 32 bits of ``seed``, as Caffe's unsigned int does."""
-    _state["seed"] = int(seed)
+    _random.seed = int(seed)
     _state["seed_changes"] += 1
-    _state["rng"] = CaffeRNG(int(seed) & 0xFFFFFFFF)
+    _random.generator = CaffeRNG(int(seed) & 0xFFFFFFFF)
     xp = _state["xp"]
     if xp is not None:
         xp.random.seed(int(seed))
@@ -222,7 +232,7 @@ def device_seed():
     """(64-bit key, reseed count) for the device's counter-based generators (Dropout):
     the seed of set_random_seed, or, before any, one drawn from the OS per process
     (Caffe then seeds from entropy too)."""
-    seed = _state["seed"]
+    seed = _random.seed
     if seed is None:
         seed = _state["entropy_seed"]
         if seed is None:
@@ -231,12 +241,15 @@ def device_seed():
 
 
 def rng():
-    """The global Caffe generator (caffelite.caffe_rng.CaffeRNG); reseeded by
+    """This thread's Caffe generator (caffelite.caffe_rng.CaffeRNG); reseeded by
     set_random_seed."""
-    return _state["rng"]
+    generator = _random.generator
+    if generator is None:
+        generator = _random.generator = CaffeRNG()
+    return generator
 
 
 def seeded():
     """Whether set_random_seed (a solver's random_seed) fixed the global generator:
     without it, as in Caffe, its stream is different every run."""
-    return _state["seed"] is not None
+    return _random.seed is not None

@@ -31,6 +31,7 @@ weight gradients gather their columns inside tensor-core kernels instead
 """
 import itertools
 import os
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -65,33 +66,40 @@ DEVICE_COL_BUFFER_BYTES = None      # None: CAFFELITE_DEVICE_WORKSPACE_MB, read 
 def device_col_buffer_bytes():
     return DEVICE_COL_BUFFER_BYTES or _device_workspace_bytes()
 
-# One column buffer per array module (Caffe's shared col_buffer): the GEMMs below use
-# it one at a time, so forward, weight and data gradients of every layer share it.
-_workspace = {}
+# One column buffer per array module and thread (Caffe's shared col_buffer): the GEMMs
+# below use it one at a time, so forward, weight and data gradients of every layer of a
+# thread share it; nets running in other threads have their own.
+class _Workspaces(threading.local):
+    def __init__(self):
+        self.buffers = {}
+
+
+_workspaces = _Workspaces()
 
 
 def _scratch(count, dtype, xp):
     """A reusable flat buffer of ``count`` elements of ``dtype`` (not zeroed)."""
     dtype = np.dtype(dtype)
     nbytes = max(count, 1) * dtype.itemsize
-    buf = _workspace.get(xp.__name__)
+    workspace = _workspaces.buffers
+    buf = workspace.get(xp.__name__)
     if buf is None or buf.size < nbytes:
-        _workspace.pop(xp.__name__, None)       # let the old buffer go first
+        workspace.pop(xp.__name__, None)        # let the old buffer go first
         buf = xp.empty(nbytes, np.uint8)
-        _workspace[xp.__name__] = buf
+        workspace[xp.__name__] = buf
     if xp is not np:
         backend.graph_buffer(buf)
     return buf[:count * dtype.itemsize].view(dtype)
 
 
 def release_workspace():
-    """Drop the cached column buffers (they are re-created on demand)."""
-    _workspace.clear()
+    """Drop this thread's cached column buffers (they are re-created on demand)."""
+    _workspaces.buffers.clear()
 
 
 def workspace_buffers():
-    """{array module name: the byte buffer} of the column workspace (for tests)."""
-    return dict(_workspace)
+    """{array module name: the byte buffer} of this thread's column workspace."""
+    return dict(_workspaces.buffers)
 
 
 def view(array, shape):
