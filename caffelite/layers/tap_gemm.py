@@ -85,7 +85,7 @@ def windows_for(xp, geom, image_shape, grid_shape, weight_shape):
         positions = geom.taps * math.prod(grid_shape)
         multiply_adds = image_shape[0] * weight_shape[0] * weight_shape[1]
         if len(_windows) >= _MAX_WINDOWS:       # a deploy script's many image sizes
-            del _windows[next(iter(_windows))]
+            _windows.pop(next(iter(_windows), None), None)  # (another thread may too)
         found = _windows[key] = (windows, reached,
                                  2 * multiply_adds * positions * (1 - reached))
     windows, reached, saved = found
