@@ -279,6 +279,32 @@ def test_label_type_none_and_image(tmp_path):
     assert np.all(net.blobs["label"].data[0, 0, :5, :6] == 255)     # saturate_cast<uchar>
 
 
+def test_label_type_image_with_label_image_paths_warns_once(tmp_path, caplog):
+    """DeepLab v1's MSc train net leaves label_type at IMAGE over a list of label
+    images: atoi reads every path as class 0, as in the fork, with one warning naming
+    the first such line; numeric labels give none."""
+    rng = np.random.default_rng(4)
+    write_rgb(tmp_path / "a.png", 5, 6, rng)
+    (tmp_path / "seg.txt").write_text("/a.png 3\n/a.png /Seg/a.png\n/a.png /Seg/b.png\n")
+    with caplog.at_level("WARNING", logger="caffelite"):
+        net = seg_net(str(tmp_path / "seg.txt"), str(tmp_path), label_type="IMAGE",
+                      transform=mean_transform(8))
+    warnings = [r.getMessage() for r in caplog.records if "is no number" in r.getMessage()]
+    assert warnings == [f"layer 'data': {tmp_path / 'seg.txt'}:2: label '/Seg/a.png' is no "
+                        f"number; label_type IMAGE (the default) reads it as 0 for the whole "
+                        f"image, as the fork's atoi does (label images need label_type: "
+                        f"PIXEL)"]
+    net.forward()
+    net.forward()
+    assert np.all(net.blobs["label"].data[0, 0, :5, :6] == 0)
+    caplog.clear()
+    (tmp_path / "num.txt").write_text("/a.png 3\n/a.png -2\n")
+    with caplog.at_level("WARNING", logger="caffelite"):
+        seg_net(str(tmp_path / "num.txt"), str(tmp_path), label_type="IMAGE",
+                transform=mean_transform(8))
+    assert not [r for r in caplog.records if "is no number" in r.getMessage()]
+
+
 def test_palette_label_through_the_layer(tmp_path):
     rng = np.random.default_rng(5)
     write_rgb(tmp_path / "a.png", 4, 4, rng)

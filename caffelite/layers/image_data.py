@@ -565,6 +565,8 @@ class ImageSegDataLayer(ImageListLayer):
         cropping = crop_h > 0 and crop_w > 0
         label_type = p.label_type
         self.init_list(read_list_file(p.source, self, self.parse_list_line))
+        if label_type == LABEL_IMAGE:
+            self._warn_label_columns_that_are_no_numbers(p.source)
         img = self.load_first_image()
         channels = 1 if img.ndim == 2 else img.shape[2]
         height, width = (crop_h, crop_w) if cropping else img.shape[:2]
@@ -594,6 +596,19 @@ class ImageSegDataLayer(ImageListLayer):
         if self.layer_param.image_data_param.label_type == LABEL_NONE:
             return (tokens[0], None)
         return (tokens[0], tokens[1] if len(tokens) > 1 else None)
+
+    def _warn_label_columns_that_are_no_numbers(self, source):
+        """label_type IMAGE (the default) reads the label column with atoi: a label
+        image's path becomes class 0 everywhere, and training runs on it silently."""
+        for entry in self.entries:
+            label = entry.fields[1] if entry.fields and len(entry.fields) > 1 else None
+            if label is not None and not _C_INT.match(label):
+                logger.warning(
+                    "layer '%s': %s:%d: label '%s' is no number; label_type IMAGE (the "
+                    "default) reads it as %d for the whole image, as the fork's atoi does "
+                    "(label images need label_type: PIXEL)", self.name, source,
+                    entry.lineno, _shown(label), atoi(label))
+                return
 
     def _warn_fork_differences(self, tp, cropping, means):
         if (len(tp.scale_factors) or (self.phase == TRAIN and cropping)) \
