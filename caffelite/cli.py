@@ -730,9 +730,10 @@ def _verb_first(argv):
 
 
 def main(argv=None):
-    argv = gflags_style(list(sys.argv[1:] if argv is None else argv))
+    typed = list(sys.argv[1:] if argv is None else argv)
+    argv = gflags_style(typed)
     parser = build_parser()
-    _refuse_unknown_flags(parser, argv)
+    _refuse_unknown_flags(parser, argv, typed)
     args = parser.parse_args(argv)
     try:
         _open_log(args)
@@ -750,7 +751,7 @@ def main(argv=None):
         return 1
 
 
-def _refuse_unknown_flags(parser, argv):
+def _refuse_unknown_flags(parser, argv, typed=()):
     """Report a mistyped flag (``-solvr s.prototxt``) as unrecognized: argparse checks
     required flags first, and "--solver is required" hides the typo. So a first parse
     with nothing required looks for unknown flags only."""
@@ -766,7 +767,9 @@ def _refuse_unknown_flags(parser, argv):
             part.required = True
     if unknown:
         verb = _subparsers_by_name(parser).get(argv[0] if argv else None, parser)
-        verb.error(f"unrecognized arguments: {' '.join(unknown)}")
+        # as typed: gflags_style wrote -phase as --phase
+        shown = [u[1:] if u.startswith("--") and u[1:] in typed else u for u in unknown]
+        verb.error(f"unrecognized arguments: {' '.join(shown)}")
 
 
 def _required_parts(parser):

@@ -554,16 +554,19 @@ def test_16bit_training_label_warns_and_reads_the_high_byte(tmp_path):
 
 
 @pytest.mark.parametrize("argv, unknown", [
-    (["train", "-solvr", "s.prototxt"], "--solvr s.prototxt"),
-    (["test", "--weights", "w.caffemodel", "-modle", "m.prototxt"], "--modle m.prototxt"),
+    (["train", "-solvr", "s.prototxt"], "-solvr s.prototxt"),      # as typed (gflags)
+    (["test", "--weights", "w.caffemodel", "-modle", "m.prototxt"], "-modle m.prototxt"),
+    (["test", "--weights", "w.caffemodel", "--iteration=3"], "--iteration=3"),
     (["eval", "--gt", "gt", "--lisst", "l.txt"], "--lisst l.txt"),
 ])
 def test_a_mistyped_flag_is_reported_before_a_missing_required_one(argv, unknown, capsys):
+    """Also as the verb's usage, and whole names only (gflags takes no abbreviation)."""
     with pytest.raises(SystemExit) as e:
         cli.main(argv)
     assert e.value.code == 2
     err = capsys.readouterr().err
-    assert f"unrecognized arguments: {unknown}" in err
+    assert f"caffelite {argv[0]}: error: unrecognized arguments: {unknown}" in err
+    assert err.startswith(f"usage: caffelite {argv[0]} ")
     assert "are required" not in err
 
 
