@@ -25,15 +25,30 @@ _state = {"mode": "cpu", "device": 0, "xp": None, "tf32": False, "capturing": Fa
           "seed_changes": 0, "entropy_seed": None}
 
 
-class _Random(threading.local):
-    """Caffe's generator is per thread (Caffe::Get() is thread-local): each thread has
-    its own, seeded by set_random_seed in that thread or else from entropy, so threads
-    neither share draws nor reseed each other."""
-    seed = None
-    generator = None
+class _Seeding:
+    """A Caffe generator, the seed it was made from (None: entropy) and its number among
+    all seedings (device generators start again when it changes)."""
+    __slots__ = ("seed", "generator", "number")
+
+    def __init__(self, seed, number):
+        self.seed, self.number = seed, number
+        self.generator = CaffeRNG(None if seed is None else seed & 0xFFFFFFFF)
 
 
-_random = _Random()
+class _ThreadSeeding(threading.local):
+    seeding = None
+
+
+# The process's generator, which set_random_seed in the main thread seeds and every
+# thread draws from, as before threads; a thread that calls set_random_seed itself gets
+# a generator of its own (Caffe's Caffe::Get() is per thread), so it neither reseeds
+# the others nor is reseeded by them. Draws from a shared one are whole (its lock).
+_seedings = {"process": _Seeding(None, 0)}
+_thread_seeding = _ThreadSeeding()
+
+
+def _seeding():
+    return _thread_seeding.seeding or _seedings["process"]
 
 
 class _Access(threading.local):
@@ -218,38 +233,46 @@ def to_device(array, xp=None):
 
 
 def set_random_seed(seed):
-    """Caffe::set_random_seed: reseed the global mt19937 (fillers, dropout, the data
-    layers' seeds) with the low 32 bits of ``seed``, as Caffe's unsigned int does."""
-    _random.seed = int(seed)
+    """Caffe::set_random_seed: reseed the mt19937 (fillers, dropout, the data layers'
+    seeds) with the low 32 bits of ``seed``, as Caffe's unsigned int does: the process's
+    generator from the main thread, a generator of the calling thread's own from any
+    other thread."""
     _state["seed_changes"] += 1
-    _random.generator = CaffeRNG(int(seed) & 0xFFFFFFFF)
+    seeding = _Seeding(int(seed), _state["seed_changes"])
+    if threading.current_thread() is threading.main_thread():
+        _seedings["process"] = seeding
+    else:
+        _thread_seeding.seeding = seeding
     xp = _state["xp"]
     if xp is not None:
         xp.random.seed(int(seed))
 
 
 def device_seed():
-    """(64-bit key, reseed count) for the device's counter-based generators (Dropout):
-    the seed of set_random_seed, or, before any, one drawn from the OS per process
-    (Caffe then seeds from entropy too)."""
-    seed = _random.seed
+    """(64-bit key, seeding number) for the device's counter-based generators
+    (Dropout): the seed of the set_random_seed that made this thread's generator, or,
+    before any, one drawn from the OS per process (Caffe then seeds from entropy too)."""
+    seeding = _seeding()
+    seed = seeding.seed
     if seed is None:
         seed = _state["entropy_seed"]
         if seed is None:
             seed = _state["entropy_seed"] = int.from_bytes(os.urandom(8), "little")
-    return seed & 0xFFFFFFFFFFFFFFFF, _state["seed_changes"]
+    return seed & 0xFFFFFFFFFFFFFFFF, seeding.number
 
 
 def rng():
-    """This thread's Caffe generator (caffelite.caffe_rng.CaffeRNG); reseeded by
-    set_random_seed."""
-    generator = _random.generator
-    if generator is None:
-        generator = _random.generator = CaffeRNG()
-    return generator
+    """The Caffe generator this thread draws from (caffelite.caffe_rng.CaffeRNG): its
+    own after it called set_random_seed, else the process's."""
+    return _seeding().generator
 
 
 def seeded():
-    """Whether set_random_seed (a solver's random_seed) fixed the global generator:
-    without it, as in Caffe, its stream is different every run."""
-    return _random.seed is not None
+    """Whether set_random_seed (a solver's random_seed) fixed the generator this thread
+    draws from: without it, as in Caffe, its stream is different every run."""
+    return _seeding().seed is not None
+
+
+def seeding_number():
+    """Changes whenever the generator this thread draws from is seeded again."""
+    return _seeding().number

@@ -22,8 +22,10 @@ the Boost the fork was built with; ``CAFFELITE_BOOST_NORMAL`` (or
 All three draw the same words per value in the 98.8 % of cases that stay in a
 ziggurat rectangle, so only the rare wedge and tail draws tell the last two apart.
 """
+import functools
 import math
 import os
+import threading
 
 import numpy as np
 
@@ -84,6 +86,9 @@ class CaffeRNG:
         self._pending = np.empty(0, dtype=np.uint32)
         self._next = 0
         self._consumed = 0
+        # One draw (a fill, a mask, a shuffle: peeks and advances) at a time, so threads
+        # sharing the generator get whole runs of words (numpy lets go of the GIL).
+        self.lock = threading.RLock()
 
     def peek(self, count):
         """The next ``count`` words, not consumed."""
@@ -103,8 +108,9 @@ class CaffeRNG:
         return self._consumed
 
     def words(self, count):
-        out = self.peek(count).copy()
-        self.advance(count)
+        with self.lock:
+            out = self.peek(count).copy()
+            self.advance(count)
         return out
 
     def rand(self):
@@ -113,6 +119,10 @@ class CaffeRNG:
 
     def get_state(self):
         """A snapshot (numpy arrays inside; the solverstate writer stores them as lists)."""
+        with self.lock:
+            return self._state()
+
+    def _state(self):
         engine = self._engine.state["state"]
         return {"engine": "mt19937", "seed": self.seed, "consumed": self._consumed,
                 "key": engine["key"].copy(), "pos": int(engine["pos"]),
@@ -133,6 +143,15 @@ class CaffeRNG:
 
 
 # ----------------------------------------------------------------- float helpers
+def _one_draw(draw):
+    """``draw(rng, ...)`` holding ``rng``'s lock."""
+    @functools.wraps(draw)
+    def locked(rng, *args, **kwargs):
+        with rng.lock:
+            return draw(rng, *args, **kwargs)
+    return locked
+
+
 def _libm(fn, value, real):
     """A C math function on a float or double as boost calls it (logf, expf, sinf, cosf
     for floats): the correctly rounded value, computed in double and rounded once.
@@ -173,6 +192,7 @@ def _uniform_01(read, real):
 
 
 # ------------------------------------------------------------------ distributions
+@_one_draw
 def rng_uniform(rng, count, a, b, dtype=np.float32):
     """caffe_rng_uniform: boost::uniform_real(a, nextafter(b)) per value."""
     real = np.dtype(dtype).type
@@ -193,11 +213,13 @@ def _uniform_real(rng, count, low, high, real):
     return _filtered(rng, count, convert)
 
 
+@_one_draw
 def rng_uniform_01(rng, count, real=np.float32):
     """``count`` values of boost's uniform_01<real> (in [0, 1))."""
     return _filtered(rng, count, _unit_interval(real)).astype(real)
 
 
+@_one_draw
 def rng_bernoulli(rng, count, p, real=np.float64):
     """caffe_rng_bernoulli with boost::bernoulli_distribution<real>: word <= p * max.
     Dropout calls it with a double p (1. - threshold_), the sparse gaussian filler with
@@ -208,6 +230,7 @@ def rng_bernoulli(rng, count, p, real=np.float64):
     return rng.words(count).astype(real) <= p * real(_WORD_MAX)
 
 
+@_one_draw
 def rng_gaussian(rng, count, mean, sigma, dtype=np.float32):
     """caffe_rng_gaussian: boost::normal_distribution(mean, sigma), unit value * sigma
     + mean, with the generator ``normal_algorithm()`` names."""
@@ -222,6 +245,7 @@ def rng_gaussian(rng, count, mean, sigma, dtype=np.float32):
     return (unit * real(sigma) + real(mean)).astype(real)
 
 
+@_one_draw
 def shuffle(rng, items):
     """caffe::shuffle (util/rng.hpp) in place: for i = n-1 .. 1 swap items[i] with
     items[boost::uniform_int(0, i)], whose draw is word / bucket, redrawn while > i."""

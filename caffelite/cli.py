@@ -16,6 +16,7 @@ s.prototxt``, ``-gpu=0``) and accept every flag of Caffe's tool (a flag a verb d
 use is ignored, as gflags does), so copied ``caffe`` command lines run unchanged.
 """
 import argparse
+import collections
 import os
 import re
 import sys
@@ -701,8 +702,12 @@ def gflags_style(argv):
     argv = _verb_first(argv)
     if not argv or argv[0] not in _CAFFE_VERBS:
         return argv
-    return [argv[0]] + [_tool_boolean("-" + a if _GFLAG.fullmatch(a) and
-                                      not a.startswith("-D") else a) for a in argv[1:]]
+    return [argv[0]] + [_argparse_spelling(a) for a in argv[1:]]
+
+
+def _argparse_spelling(arg):
+    return _tool_boolean("-" + arg if _GFLAG.fullmatch(arg) and not arg.startswith("-D")
+                         else arg)
 
 
 
@@ -767,9 +772,16 @@ def _refuse_unknown_flags(parser, argv, typed=()):
             part.required = True
     if unknown:
         verb = _subparsers_by_name(parser).get(argv[0] if argv else None, parser)
-        # as typed: gflags_style wrote -phase as --phase
-        shown = [u[1:] if u.startswith("--") and u[1:] in typed else u for u in unknown]
-        verb.error(f"unrecognized arguments: {' '.join(shown)}")
+        verb.error(f"unrecognized arguments: {' '.join(_as_typed(unknown, typed))}")
+
+
+def _as_typed(words, typed):
+    """``words`` of the converted command line as the user typed them (gflags_style
+    wrote -phase as --phase, -gray=false as --nogray), in order."""
+    spelled = {}
+    for word in typed:
+        spelled.setdefault(_argparse_spelling(word), collections.deque()).append(word)
+    return [spelled[w].popleft() if spelled.get(w) else w for w in words]
 
 
 def _required_parts(parser):

@@ -232,7 +232,7 @@ class Recording:
     def _key(self):
         state = backend._state
         return (self._blob_shapes(), backend.tf32_enabled(), fusion.ENABLED,
-                state["mode_changes"], state["seed_changes"])
+                state["mode_changes"], backend.seeding_number())
 
     def _blob_shapes(self):
         # Every blob's shape, not the inputs' alone: a launch skips the layers' reshapes,

@@ -557,6 +557,7 @@ def test_16bit_training_label_warns_and_reads_the_high_byte(tmp_path):
     (["train", "-solvr", "s.prototxt"], "-solvr s.prototxt"),      # as typed (gflags)
     (["test", "--weights", "w.caffemodel", "-modle", "m.prototxt"], "-modle m.prototxt"),
     (["test", "--weights", "w.caffemodel", "--iteration=3"], "--iteration=3"),
+    (["train", "-shuffle=false", "--solvr", "-solvr"], "-shuffle=false --solvr -solvr"),
     (["eval", "--gt", "gt", "--lisst", "l.txt"], "--lisst l.txt"),
 ])
 def test_a_mistyped_flag_is_reported_before_a_missing_required_one(argv, unknown, capsys):

@@ -289,20 +289,30 @@ def test_label_type_image_with_label_image_paths_warns_once(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="caffelite"):
         net = seg_net(str(tmp_path / "seg.txt"), str(tmp_path), label_type="IMAGE",
                       transform=mean_transform(8))
-    warnings = [r.getMessage() for r in caplog.records if "is no number" in r.getMessage()]
+    warnings = [r.getMessage() for r in caplog.records if "label_type IMAGE" in r.getMessage()]
     assert warnings == [f"layer 'data': {tmp_path / 'seg.txt'}:2: label '/Seg/a.png' is no "
-                        f"number; label_type IMAGE (the default) reads it as 0 for the whole "
-                        f"image, as the fork's atoi does (label images need label_type: "
-                        f"PIXEL)"]
+                        f"number; label_type IMAGE (the default) makes it class 0 for the "
+                        f"whole image, as the fork's atoi does (label images need "
+                        f"label_type: PIXEL)"]
     net.forward()
     net.forward()
     assert np.all(net.blobs["label"].data[0, 0, :5, :6] == 0)
-    caplog.clear()
-    (tmp_path / "num.txt").write_text("/a.png 3\n/a.png -2\n")
-    with caplog.at_level("WARNING", logger="caffelite"):
-        seg_net(str(tmp_path / "num.txt"), str(tmp_path), label_type="IMAGE",
-                transform=mean_transform(8))
-    assert not [r for r in caplog.records if "is no number" in r.getMessage()]
+    # VOC names start with digits: atoi reads 2007, saturated to 255 (ignored everywhere)
+    for lines, said in (("/a.png 4\n/a.png 2007_000032.png\n", "label '2007_000032.png' is "
+                                                               "no number; label_type IMAGE "
+                                                               "(the default) makes it class "
+                                                               "255"),
+                        ("/a.png\n", "there is no label column; label_type IMAGE (the "
+                                     "default) makes it class 0"),
+                        ("/a.png 3\n/a.png -2\n/a.png +300\n", None)):
+        caplog.clear()
+        (tmp_path / "l.txt").write_text(lines)
+        with caplog.at_level("WARNING", logger="caffelite"):
+            seg_net(str(tmp_path / "l.txt"), str(tmp_path), label_type="IMAGE",
+                    transform=mean_transform(8))
+        warnings = [r.getMessage() for r in caplog.records
+                    if "label_type IMAGE" in r.getMessage()]
+        assert len(warnings) == (said is not None) and (said is None or said in warnings[0])
 
 
 def test_palette_label_through_the_layer(tmp_path):

@@ -74,19 +74,44 @@ def test_concurrent_forwards_give_the_serial_bits(tmp_path):
             np.testing.assert_array_equal(a, b)
 
 
-def test_each_thread_has_its_own_random_generator():
-    """Caffe::Get() per thread: a thread's set_random_seed reseeds its own generator
-    only, and a thread that set none draws from its own (entropy-seeded) one."""
+def test_a_thread_that_seeds_gets_a_generator_of_its_own():
+    """The process's generator (seeded from the main thread) serves every thread, as
+    before threads; a thread that calls set_random_seed gets its own (Caffe::Get() is
+    per thread), which reseeds no other thread's draws, on the host or the device."""
     caffelite.set_random_seed(7)
-    main = backend.rng()
+    main, main_device = backend.rng(), backend.device_seed()
     expected = CaffeRNG(11).words(5).tolist()
 
     def seeded(_):
-        fresh = backend.rng()
-        unseeded = not backend.seeded() and fresh is not main
+        shared = backend.rng() is main and backend.seeded()
         caffelite.set_random_seed(11)
-        return unseeded, backend.rng().words(5).tolist()
-    (unseeded, words), = in_threads(1, seeded)
-    assert unseeded and words == expected
-    assert backend.rng() is main and backend.seeded()
+        return shared, backend.rng().words(5).tolist(), backend.device_seed()
+    (shared, words, device), = in_threads(1, seeded)
+    assert shared and words == expected and device[0] == 11
+    assert backend.rng() is main and backend.device_seed() == main_device
     assert main.words(5).tolist() == CaffeRNG(7).words(5).tolist()
+
+
+def test_threads_drawing_from_the_process_generator_get_whole_draws():
+    """Draws from the shared generator do not interleave (numpy lets go of the GIL
+    inside them): each thread's masks are runs of the one stream, whatever the order."""
+    from caffelite.caffe_rng import rng_bernoulli
+    caffelite.set_random_seed(5)
+    sizes = [50_000 + 1000 * k for k in range(4)]
+
+    def masks(k):
+        return [rng_bernoulli(backend.rng(), sizes[k], 0.5) for _ in range(20)]
+    drawn = in_threads(4, masks)
+    assert all(m.size == sizes[k] for k in range(4) for m in drawn[k])
+    stream = CaffeRNG(5).words(20 * sum(sizes)) <= np.float64(0.5) * np.float64(4294967295)
+    stream = stream.astype(np.uint8).tobytes()
+    starts = {}
+    for k in range(4):
+        for m in drawn[k]:
+            at = stream.find(m.astype(np.uint8).tobytes())
+            assert at >= 0
+            starts[at] = m.size
+    at = 0
+    while at in starts:             # the runs tile the stream without gaps
+        at += starts[at]
+    assert at == len(stream)

@@ -153,6 +153,7 @@ class ListEntry:
 # What C++'s ``>>`` skips in the "C" locale (Python's str.split() skips more).
 _C_TOKEN = re.compile(r"[^ \t\n\x0b\x0c\r]+")
 _C_INT = re.compile(r"[ \t\n\x0b\x0c\r]*([+-]?[0-9]+)")
+_WHOLE_INT = re.compile(r"[+-]?[0-9]+")
 _INT_MIN, _INT_MAX = -2 ** 31, 2 ** 31 - 1
 
 
@@ -601,13 +602,17 @@ class ImageSegDataLayer(ImageListLayer):
         """label_type IMAGE (the default) reads the label column with atoi: a label
         image's path becomes class 0 everywhere, and training runs on it silently."""
         for entry in self.entries:
-            label = entry.fields[1] if entry.fields and len(entry.fields) > 1 else None
-            if label is not None and not _C_INT.match(label):
+            if not entry.fields:
+                continue            # a blank line: an error when it is reached
+            label = (entry.fields[1] if len(entry.fields) > 1 else None) or ""
+            if not _WHOLE_INT.fullmatch(label):
+                shown = f"label '{_shown(label)}' is no number" if label else \
+                    "there is no label column"
                 logger.warning(
-                    "layer '%s': %s:%d: label '%s' is no number; label_type IMAGE (the "
-                    "default) reads it as %d for the whole image, as the fork's atoi does "
-                    "(label images need label_type: PIXEL)", self.name, source,
-                    entry.lineno, _shown(label), atoi(label))
+                    "layer '%s': %s:%d: %s; label_type IMAGE (the default) makes it class "
+                    "%d for the whole image, as the fork's atoi does (label images need "
+                    "label_type: PIXEL)", self.name, source, entry.lineno, shown,
+                    saturate_u8(atoi(label)))
                 return
 
     def _warn_fork_differences(self, tp, cropping, means):
