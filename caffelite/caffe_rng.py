@@ -120,13 +120,10 @@ class CaffeRNG:
     def get_state(self):
         """A snapshot (numpy arrays inside; the solverstate writer stores them as lists)."""
         with self.lock:
-            return self._state()
-
-    def _state(self):
-        engine = self._engine.state["state"]
-        return {"engine": "mt19937", "seed": self.seed, "consumed": self._consumed,
-                "key": engine["key"].copy(), "pos": int(engine["pos"]),
-                "pending": self._pending[self._next:].copy()}
+            engine = self._engine.state["state"]
+            return {"engine": "mt19937", "seed": self.seed, "consumed": self._consumed,
+                    "key": engine["key"].copy(), "pos": int(engine["pos"]),
+                    "pending": self._pending[self._next:].copy()}
 
     def set_state(self, state):
         if not isinstance(state, dict) or state.get("engine") != "mt19937":

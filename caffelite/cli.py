@@ -756,7 +756,7 @@ def main(argv=None):
         return 1
 
 
-def _refuse_unknown_flags(parser, argv, typed=()):
+def _refuse_unknown_flags(parser, argv, typed):
     """Report a mistyped flag (``-solvr s.prototxt``) as unrecognized: argparse checks
     required flags first, and "--solver is required" hides the typo. So a first parse
     with nothing required looks for unknown flags only."""

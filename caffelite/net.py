@@ -416,8 +416,8 @@ class Net:
         return None
 
     def _blob_name_list(self, blobs):
-        ids = {id(b): n for n, b in self.blobs.items()}
-        return [ids.get(id(b), "(automatic)") for b in blobs]
+        names = {id(b): n for n, b in self._blob_order}
+        return [names[id(b)] for b in blobs]
 
     def _append_layer(self, lp, available, blob_need_backward):
         if not lp.HasField("phase"):         # a layer's own phase wins over the net's

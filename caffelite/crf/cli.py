@@ -116,9 +116,7 @@ def crf_tasks(feature_dir, image_dir, list_path, out_dir, params, unary="score",
     """One task per listed id; fails early, naming the file, when a feature file or
     an image is missing.  ``device``: None (CPU) or a GPU id."""
     from ..evaluate import IMAGE_EXTENSIONS, find_image, read_list
-    for flag, path in (("--features", feature_dir), ("--images", image_dir)):
-        if not os.path.isdir(path):
-            raise CrfError(f"{flag}: '{path}' is not a directory")
+    check_directories(("--features", feature_dir), ("--images", image_dir))
     tasks = []
     labels_origin = "--num-labels"
     for number, line in enumerate(read_list(list_path), 1):
@@ -141,6 +139,12 @@ def crf_tasks(feature_dir, image_dir, list_path, out_dir, params, unary="score",
                       os.path.join(out_dir, line.id + ".bin") if write_bin else None,
                       params, unary, num_labels, labels_origin, device))
     return tasks
+
+
+def check_directories(*flags_and_paths):
+    for flag, path in flags_and_paths:
+        if not os.path.isdir(path):
+            raise CrfError(f"{flag}: '{path}' is not a directory")
 
 
 def _channels_of(feature_path):

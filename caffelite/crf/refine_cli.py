@@ -17,7 +17,7 @@ import os
 import re
 import time
 
-from .cli import FEATURE_SUFFIX, CrfError, run_crf_set
+from .cli import AXIS_NAMES, FEATURE_SUFFIX, CrfError, check_directories, run_crf_set
 from .densecrf import CRFParams
 
 VERB = "refine_pascal_v4"
@@ -27,9 +27,10 @@ FLAGS = {"-i": ("max_iter", int), "-px": ("pos_xy_std", float), "-py": ("pos_y_s
          "-br": ("bi_rgb_std", float), "-bg": ("bi_g_std", float),
          "-bb": ("bi_b_std", float), "-bw": ("bi_w", float)}
 DIRS = {"-id": "images", "-fd": "features", "-sd": "out"}
-# The program's defaults; its y, G and B stds are its own, not copies of x and R.
-DEFAULTS = CRFParams(bi_w=5, bi_xy_std=70, bi_rgb_std=5, pos_w=3, pos_xy_std=3, max_iter=10,
-                     pos_y_std=3, bi_y_std=70, bi_g_std=5, bi_b_std=5)
+# The program's defaults (CRFParams'); its y, G and B stds are variables of their own
+# with the x and R defaults, not copies of -px, -bx and -br.
+DEFAULTS = CRFParams().with_(**{axis: getattr(CRFParams(), base)
+                                for axis, base in AXIS_NAMES.items()})
 _C_NUMBER = {int: re.compile(r"\s*[+-]?\d+"),
              float: re.compile(r"\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")}
 
@@ -74,15 +75,13 @@ def _c_number(flag, text, kind):
     found = _C_NUMBER[kind].match(text)
     if found is None:
         raise CrfError(f"{flag} expects a number, got '{text}'")
-    return kind(found.group(0)) if kind is float else int(found.group(0))
+    return kind(found.group(0))
 
 
 def refine_tasks(feature_dir, image_dir, out_dir, params):
     """One task per ``*.mat`` of the feature folder, in name order."""
     from ..evaluate import find_image
-    for flag, path in (("-fd", feature_dir), ("-id", image_dir)):
-        if not os.path.isdir(path):
-            raise CrfError(f"{flag}: '{path}' is not a directory")
+    check_directories(("-fd", feature_dir), ("-id", image_dir))
     tasks = []
     for feature_path in sorted(glob.glob(os.path.join(glob.escape(feature_dir), "*.mat"))):
         file_name = os.path.basename(feature_path)

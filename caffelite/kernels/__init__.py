@@ -54,7 +54,7 @@ class GPUUnavailableError(RuntimeError):
 
     def __init__(self, reason, advice=""):
         super().__init__(f"{reason}; {advice}" if advice else reason)
-        self.reason, self.advice = reason, advice
+        self.reason = reason
 
 
 _RUN_ON_CPU = "run on the CPU instead (without --gpu; set_mode_cpu() in Python)"

@@ -308,7 +308,8 @@ class PrefetchingDataLayer(Layer):
         pool = worker_pool()
         while len(self._inflight) < PREFETCH_COUNT:
             self._planned = []                  # advance() notes each sample's entry
-            before = self.position_state()
+            # the position after the last batch planned (read only: it is restored from)
+            before = self._inflight[-1][1] if self._inflight else self.position_state()
             try:
                 fn, args = self.plan_batch()
             except BaseException:

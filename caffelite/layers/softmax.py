@@ -221,13 +221,9 @@ class SoftmaxWithLossLayer(LossLayer):
         if on_device(xp):
             return self._forward_device(xp, bottom, top)
         dtype = bottom[0].data.dtype.type
-        outer, channels, inner = self.dims
+        outer, _, inner = self.dims
         self.prob = softmax(xp, bottom[0].data.reshape(self.dims))
-        labels = bottom[1].data.reshape(outer, inner)
-        lab, valid = integer_labels(xp, labels, self.ignore_label)
-        check_label_range(self, xp, lab, valid, channels,
-                          f"softmax axis {self.axis} of the scores, {bottom[0].shape}", labels,
-                          num=first_axis(bottom[1]))
+        lab, valid = self._checked_labels(xp, bottom)
         label = xp.where(valid, lab, 0)
         p_true = xp.take_along_axis(self.prob, label[:, None, :], axis=1)[:, 0, :]
         # Caffe: for each position in order, loss -= log(max(p, FLT_MIN)) -- a double
@@ -270,15 +266,18 @@ class SoftmaxWithLossLayer(LossLayer):
             top[1].data[...] = self.prob.reshape(top[1].shape)
 
     def check_recorded_inputs(self, bottom):
-        if self.v1 is not None:
-            return
-        xp = get_array_module(bottom[1].data)
+        if self.v1 is None:
+            self._checked_labels(get_array_module(bottom[1].data), bottom)
+
+    def _checked_labels(self, xp, bottom):
+        """(truncated labels, not ignored), or the error naming an out-of-range one."""
         outer, channels, inner = self.dims
-        flat = bottom[1].data.reshape(outer, inner)
-        lab, valid = integer_labels(xp, flat, self.ignore_label)
+        labels = bottom[1].data.reshape(outer, inner)
+        lab, valid = integer_labels(xp, labels, self.ignore_label)
         check_label_range(self, xp, lab, valid, channels,
-                          f"softmax axis {self.axis} of the scores, {bottom[0].shape}", flat,
+                          f"softmax axis {self.axis} of the scores, {bottom[0].shape}", labels,
                           num=first_axis(bottom[1]))
+        return lab, valid
 
     def _ignore_args(self):
         """softmax_loss.cu's (has_ignore_label, ignore_label)."""
