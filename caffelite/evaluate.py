@@ -37,6 +37,7 @@ import numpy as np
 from .io.caffemodel import write_atomically
 from .io.image import read_image, read_label
 from .io.matfile import MatFileError, read_mat
+from .io.png_gamma import png_depth_and_colour_type
 from .log import logger
 
 
@@ -240,10 +241,10 @@ def _png_gray_bit_depth(path):
     """The bit depth of a gray PNG stored with fewer than 8 bits per pixel, else None
     (read from its IHDR chunk: Pillow widens such samples to 0..255)."""
     with open(path, "rb") as f:
-        head = f.read(26)
-    if len(head) < 26 or head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
+        header = png_depth_and_colour_type(f.read(26))
+    if header is None:
         return None
-    bits, colour_type = head[24], head[25]
+    bits, colour_type = header
     return bits if colour_type == 0 and bits < 8 else None
 
 

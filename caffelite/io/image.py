@@ -21,7 +21,7 @@ import logging
 import numpy as np
 
 from .png_gamma import (gamma_shift, gamma_table_8, gamma_table_16, gamma_table_16_to_8,
-                        png_gammas, png_gray_setup)
+                        png_depth_and_colour_type, png_gammas, png_gray_setup)
 
 logger = logging.getLogger("caffelite")
 
@@ -216,7 +216,8 @@ def decode_image(data, color=None, name="<encoded datum>"):
     if color is not None:
         return _as_read(img, color)
     # Pillow reads 16-bit colour PNGs as 8-bit ones: look at the IHDR bit depth.
-    deep_png = data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 24 and data[24] == 16
+    header = png_depth_and_colour_type(data[:26])
+    deep_png = header is not None and header[0] == 16
     if img.mode.startswith("I") or img.mode == "F" or deep_png:
         raise ImageReadError(name, "16-bit samples: only 8-bit images can be used (Caffe's "
                              "transformer stops at them: 'Image data type must be "

@@ -140,6 +140,17 @@ def png_file_gamma(chunks):
     return gamma
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def png_depth_and_colour_type(head):
+    """(bit depth, colour type) from a PNG's first 26 bytes, or None where they are no
+    PNG signature followed by its IHDR chunk."""
+    if len(head) < 26 or head[:8] != PNG_SIGNATURE or head[12:16] != b"IHDR":
+        return None
+    return head[24], head[25]
+
+
 def _png_header(source):
     """A PNG's IHDR data, its gAMA, sRGB, cICP and sBIT chunks as (type, data) in file
     order (only those before PLTE: libpng ignores them after, "out of place"), and
