@@ -871,13 +871,11 @@ class Net:
                     [b.memories()[1] for b in bottom])
             # A loss top's diff keeps the loss weight written at setup (or what was
             # written there since: Caffe's backward reads whatever the diff holds).
-            try:
-                with backend.device_access(on_device), guard:
-                    layer.backward(top, propagate_down, bottom)
-                    if self.debug_info:
-                        self._backward_debug_info(i)
-            except MemoryError as e:
-                raise_out_of_memory(self._layer_what(i, "backward"), e)
+            with backend.device_access(on_device), guard, \
+                    self._naming_errors(i, "backward"):
+                layer.backward(top, propagate_down, bottom)
+                if self.debug_info:
+                    self._backward_debug_info(i)
             self._run_hooks("after_backward", i)
 
     def _layer_what(self, i, direction):

@@ -116,6 +116,11 @@ class HostNumpy(caffe.Layer):
         bottom.append(None)
 
 
+class NegativeReshapeInBackward(Scale):
+    def backward(self, top, propagate_down, bottom):
+        bottom[0].reshape(2, -3)
+
+
 class Broken(caffe.Layer):
     def setup(self, bottom, top):
         raise RuntimeError("broken on purpose")
@@ -277,6 +282,16 @@ def test_python_layer_without_backward(tmp_path, module):
     net = caffe.Net(str(path), caffe.TRAIN)
     net.forward()
     net.backward()                                  # not needed: not called
+
+
+def test_backward_errors_name_the_layer(tmp_path, module):
+    """A shape Caffe's Blob refuses, asked for in a backward, is reported with the layer's
+    name and direction, as in the forward."""
+    body = python_layer("bad", module, "NegativeReshapeInBackward", ["data"], ["out"], "2")
+    net = caffe.Net(write_net(tmp_path / "net.prototxt", body), caffe.TRAIN)
+    net.forward()
+    with pytest.raises(NetError, match=r"net\.prototxt: layer 'bad' \(Python\) backward: "):
+        net.backward()
 
 
 def test_module_found_next_to_the_prototxt(tmp_path, monkeypatch):
