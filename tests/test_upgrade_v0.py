@@ -249,6 +249,35 @@ def test_v0_caffemodel_blobs_are_read_from_the_nested_layer(v0_files):
     assert by_name["ip1"].blobs[0].shape == (1, 1, 5, 36)
 
 
+def test_v0_caffemodel_entries_take_only_their_v0_block(tmp_path):
+    """Once one entry holds a V0 block the whole file is V0 (NetNeedsV0ToV1Upgrade), and
+    UpgradeV0LayerParameter clears every entry first: name, type and blobs come from the
+    V0 block alone, so an entry without one copies nothing into the net."""
+    param = caffe_pb2.NetParameter(name="mixed")
+    plain = param.layers.add()
+    plain.layer.name, plain.layer.type = "conv1", "conv"
+    renamed = param.layers.add()
+    renamed.name, renamed.layer.name, renamed.layer.type = "outer", "inner", "relu"
+    v1_only = param.layers.add()
+    v1_only.name, v1_only.type = "ip", caffe_pb2.V1LayerParameter.INNER_PRODUCT
+    for shape, value in (([2, 3], 9.0), ([2], 9.0)):
+        blob = v1_only.blobs.add()
+        blob.shape.dim.extend(shape)
+        blob.data.extend([value] * int(np.prod(shape)))
+    model = tmp_path / "mixed.caffemodel"
+    model.write_bytes(param.SerializeToString())
+    layers = read_caffemodel(str(model))
+    assert [(l.name, l.type, len(l.blobs)) for l in layers] == [
+        ("conv1", "conv", 0), ("inner", "relu", 0), ("", "", 0)]
+    net_path = tmp_path / "ip.prototxt"
+    net_path.write_text(
+        'input: "data" input_dim: 1 input_dim: 3 input_dim: 1 input_dim: 1\n'
+        'layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip" '
+        'inner_product_param { num_output: 2 } }\n')
+    net = caffe.Net(str(net_path), caffe.TEST, weights=str(model))
+    np.testing.assert_array_equal(net.params["ip"][1].data, [0, 0])
+
+
 def test_v0_net_and_weights_run_like_the_hand_written_v2_net(v0_files, tmp_path):
     proto, model = v0_files
     v0_net = caffe.Net(str(proto), str(model), caffe.TEST)

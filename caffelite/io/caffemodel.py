@@ -32,7 +32,7 @@ class LayerWeights:
     name: str
     type: str
     blobs: list = field(default_factory=list)
-    v0: bool = False            # a V1 entry holding a V0 layer
+    v0: "LayerWeights | None" = None     # a V1 entry's V0 ``layer`` block
 
 
 # Layer message layouts: (name field, type field, blobs field)
@@ -43,22 +43,33 @@ _V0_LAYER = (1, 2, 50)
 
 def _read_layer(reader, span, layout, v1_enum_names):
     name_f, type_f, blobs_f = layout
-    name, type_name, blobs, v0_layer = "", "", [], False
+    layer = LayerWeights("", "")
     for number, wire, value in reader.fields(*span):
         if number == name_f and wire == LEN:
-            name = reader.string(value)
+            layer.name = reader.string(value)
         elif number == type_f:
             if wire == LEN:
-                type_name = reader.string(value)
+                layer.type = reader.string(value)
             elif wire == VARINT:
-                type_name = v1_enum_names.get(value, str(value))
+                layer.type = v1_enum_names.get(value, str(value))
         elif number == blobs_f and wire == LEN:
-            blobs.append(read_blob(reader, *value, lazy=True))
+            layer.blobs.append(read_blob(reader, *value, lazy=True))
         elif layout is _V1_LAYER and number == 1 and wire == LEN:
-            v0 = _read_layer(reader, value, _V0_LAYER, v1_enum_names)
-            name, type_name, blobs = name or v0.name, type_name or v0.type, blobs or v0.blobs
-            v0_layer = True
-    return LayerWeights(name, type_name, blobs, v0_layer)
+            block = _read_layer(reader, value, _V0_LAYER, v1_enum_names)
+            if layer.v0 is not None:        # a message field given twice is merged
+                block = LayerWeights(block.name or layer.v0.name, block.type or layer.v0.type,
+                                     layer.v0.blobs + block.blobs)
+            layer.v0 = block
+    return layer
+
+
+def _v0_upgraded(v1_layers):
+    """Caffe's UpgradeV0Net, for weights: once any entry holds a V0 block the whole net is
+    V0, and UpgradeV0LayerParameter clears each entry, taking name, type and blobs from
+    its V0 block only (an entry without one keeps none)."""
+    if not any(layer.v0 is not None for layer in v1_layers):
+        return v1_layers
+    return [layer.v0 or LayerWeights("", "") for layer in v1_layers]
 
 
 def _v1_enum_names():
@@ -91,6 +102,7 @@ def read_caffemodel(path):
             v1_layers.append(_read_layer(reader, value, _V1_LAYER, enum_names))
     if v1_layers:                       # ReadNetParamsFromBinaryFileOrDie upgrades
         _log_upgrades(path, v1_layers)
+        v1_layers = _v0_upgraded(v1_layers)
     # Caffe's V1 upgrade replaces the whole layer list: V2 entries beside V1 ones are dropped.
     layers = v1_layers or v2_layers
     if not layers:
@@ -100,7 +112,7 @@ def read_caffemodel(path):
 
 def _log_upgrades(path, v1_layers):
     from .upgrade import log_upgrade_done, log_upgrade_start
-    kinds = (["V0"] if any(layer.v0 for layer in v1_layers) else []) + ["V1"]
+    kinds = (["V0"] if any(layer.v0 is not None for layer in v1_layers) else []) + ["V1"]
     for kind in kinds:
         log_upgrade_start(kind, path)
         log_upgrade_done(kind)
