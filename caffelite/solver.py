@@ -144,6 +144,7 @@ class Solver:
         if p.random_seed >= 0:
             backend.set_random_seed(p.random_seed)
         self.net = self._init_train_net()
+        self._check_regularization_type()
         self.test_nets = self._init_test_nets()
         self.mean_scores = [[] for _ in self.test_nets]
         for weights in p.weights:
@@ -168,21 +169,34 @@ class Solver:
             raise self.error(f"average_loss should be at least 1, got {p.average_loss}")
         if p.iter_size < 1:
             raise self.error(f"iter_size should be at least 1, got {p.iter_size}")
-        if p.weight_decay and p.regularization_type not in ("L1", "L2"):
-            raise self.error(f"unknown regularization_type '{p.regularization_type}' "
-                             f"(known: L1, L2)")
         self._check_solver_params()
+
+    def _check_regularization_type(self):
+        """Caffe reads regularization_type only for a parameter with a weight decay
+        (weight_decay times its decay_mult), and refuses an unknown one at that parameter's
+        first update; checked here once the net is built, before any training."""
+        kind = self.param.regularization_type
+        if kind in ("L1", "L2") or not self.param.weight_decay:
+            return
+        if any(prm.decay_mult for prm in self.net.learnable_params):
+            raise self.error(f"unknown regularization_type '{kind}' (known: L1, L2)")
 
     def _check_solver_params(self):
         """Subclass constraints (Caffe's constructor_sanity_check)."""
 
     def _check_snapshot_write_permissions(self):
-        """Probe ``<prefix>_iter_0.tempfile`` as Caffe does, so that a missing or
-        read-only snapshot directory fails now rather than after hours of training."""
+        """Probe ``<prefix>_iter_0.tempfile`` as Caffe does where ``snapshot`` is set, so
+        that a missing or read-only snapshot directory fails now rather than after hours
+        of training.  (Without ``snapshot``, ``solve`` probes for its final one.)"""
         p = self.param
         if p.snapshot and not p.HasField("snapshot_prefix"):
             raise self.error("snapshot is specified but snapshot_prefix is not")
-        if not (p.HasField("snapshot_prefix") and (p.snapshot or p.snapshot_after_train)):
+        if p.snapshot:
+            self._probe_snapshot_directory()
+
+    def _probe_snapshot_directory(self):
+        p = self.param
+        if not p.HasField("snapshot_prefix"):
             return
         probe = self._snapshot_filename(".tempfile", iter=0)
         directory = os.path.dirname(os.path.abspath(probe))
@@ -317,6 +331,10 @@ class Solver:
             logger.info("Restoring previous solver status from %s", resume_file)
             self.restore(resume_file, continue_streams)
         start_iter = self.iter
+        if p.snapshot_after_train and not p.snapshot:
+            # Caffe's CHECK would fail on the final snapshot, after the whole training:
+            # solve writes one (pycaffe loops over step() do not), so probe before training
+            self._probe_snapshot_directory()
         self.step(p.max_iter - self.iter)
         if p.snapshot_after_train and (not p.snapshot or self.iter % p.snapshot != 0):
             self.snapshot()

@@ -721,6 +721,35 @@ def test_missing_snapshot_directory_fails_at_construction(tmp_path):
     assert not any(n.endswith(".tempfile") for n in os.listdir(tmp_path))
 
 
+def test_snapshot_directory_is_probed_only_where_snapshots_are_written(tmp_path):
+    """Caffe probes the directory at construction only when ``snapshot`` is set: a loop
+    over step() with snapshot_after_train (its default) and no snapshot writes nothing.
+    solve() writes the final snapshot, so it refuses the missing directory before
+    training, not after it."""
+    extra = f'lr_policy: "fixed" base_lr: 0.1 snapshot_prefix: "{tmp_path}/nowhere/train"'
+    solver = make_solver(tmp_path, extra + " max_iter: 2", ip_net())
+    set_inputs(solver)
+    solver.step(3)
+    assert solver.iter == 3
+    solver = make_solver(tmp_path, extra + " max_iter: 2", ip_net())
+    with pytest.raises(SolverError, match="nowhere' does not exist"):
+        solver.solve()
+    assert solver.iter == 0
+    make_solver(tmp_path, extra + " snapshot_after_train: false", ip_net()).solve()
+
+
+def test_regularization_type_is_read_only_for_decayed_parameters(tmp_path):
+    """SGDSolver::Regularize consults regularization_type only where weight_decay times
+    the parameter's decay_mult is not 0: with every decay_mult 0 an unknown type (here
+    lower-case) trains, and otherwise it is refused before training."""
+    extra = 'lr_policy: "fixed" base_lr: 0.1 weight_decay: 0.0005 regularization_type: "l2"'
+    solver = make_solver(tmp_path, extra, ip_net(w_decay=0, b_decay=0))
+    set_inputs(solver)
+    solver.step(2)
+    with pytest.raises(SolverError, match="unknown regularization_type 'l2'"):
+        make_solver(tmp_path, extra, ip_net(w_decay=0, b_decay=1))
+
+
 # ------------------------------------------------------------------ resume
 @register("SolverTestCursorData")
 class CursorDataLayer(Layer):
@@ -1096,7 +1125,7 @@ def test_relative_paths_are_relative_to_the_working_directory(tmp_path, monkeypa
     (tmp_path / "cfg" / "net.prototxt").write_text(ip_net())
     (tmp_path / "cfg" / "solver.prototxt").write_text(
         'net: "cfg/net.prototxt" lr_policy: "fixed" base_lr: 0.1 max_iter: 1 '
-        'snapshot_prefix: "snaps/run"')
+        'snapshot: 1 snapshot_prefix: "snaps/run"')
     monkeypatch.chdir(tmp_path)
     s = Solver("cfg/solver.prototxt")
     s.solve()
