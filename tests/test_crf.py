@@ -317,6 +317,20 @@ def test_lattice_has_the_sse_padding_vertices_when_pixels_are_not_a_multiple_of_
         PermutohedralLattice(padded).num_vertices
 
 
+@pytest.mark.parametrize("shape", [(1, 1), (1, 2), (2, 1), (1, 5)])
+@pytest.mark.parametrize("preset", ["deeplab-largefov", "bbox-seg-erode-gt"])
+def test_tiny_images_agree_with_pydensecrf(shape, preset):
+    """Images of one pixel or one row (a lattice with a single point once had its
+    splat rescaled together with its slice: NaN marginals under large weights)."""
+    pytest.importorskip("pydensecrf.densecrf")
+    rng = np.random.default_rng(sum(shape))
+    rgb = rng.integers(0, 256, shape + (3,), dtype=np.uint8)
+    scores = rng.normal(size=(3,) + shape).astype(np.float32)
+    params = PUBLISHED_PARAMS[preset]
+    q = dense_crf(unary_from_scores(scores), rgb, params)
+    assert_same_marginals(q, pydensecrf_q(scores, rgb, params))
+
+
 def test_agrees_with_pydensecrf_full_size():
     pytest.importorskip("pydensecrf.densecrf")
     rgb = photos((500, 375))[0]

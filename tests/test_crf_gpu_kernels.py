@@ -343,6 +343,17 @@ def test_device_crf_agrees_with_cpu_and_pydensecrf(crf_device, params):
         assert_same_marginals(q, pydensecrf_q(scores, rgb, params))
 
 
+@pytest.mark.parametrize("shape", [(1, 1), (1, 3), (2, 1)])
+def test_device_crf_on_tiny_images_equals_the_cpu(crf_device, shape):
+    rng = np.random.default_rng(sum(shape))
+    rgb = rng.integers(0, 256, shape + (3,), dtype=np.uint8)
+    scores = rng.normal(size=(3,) + shape).astype(np.float32)
+    params = PUBLISHED_PARAMS["bbox-seg-erode-gt"]
+    cpu = dense_crf(-scores, rgb, params)
+    q = dense_crf(-scores, rgb, params, device=crf_device)
+    assert np.isfinite(cpu).all() and np.abs(np.asarray(q) - cpu).max() < 2e-5
+
+
 def test_device_crf_gather_splat_small_grid_and_labels(kern):
     """The deterministic gather splat and a 2 x 3-thread grid give the CPU's labels;
     crf_labels(device=...) takes the argmax on the device (first maximum)."""

@@ -461,7 +461,9 @@ class LatticeFilter:
         self.num_points, self.num_vertices = n, total
         self.splat = sparse.csc_matrix((weights.ravel(), columns.ravel(), indptr),
                                        shape=(total, n))
-        self.slice = sparse.csr_matrix((weights.ravel(), columns.ravel(), indptr),
+        # its own values: set_row_scales rescales them in place (SciPy may keep the
+        # array it is given, and did share one between the two for a single point)
+        self.slice = sparse.csr_matrix((weights.ravel().copy(), columns.ravel(), indptr),
                                        shape=(n, total))
         self.set_row_scales(row_scales)
         self.blurs = [_blur_neighbour_matrix(lattices, bases, j)
