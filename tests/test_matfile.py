@@ -168,6 +168,21 @@ def test_matwrite_then_matread_round_trip(tmp_path):
     assert reader.layers[0].state_dict() == {"iter": 1}
 
 
+def test_id_lists_are_read_as_the_forks_bytes(tmp_path):
+    """The fork reads the list as bytes: lines end at "\\n" only, the first token ends
+    at C whitespace, and a name that is not UTF-8 names the file with those bytes."""
+    ids = tmp_path / "ids.txt"
+    ids.write_bytes(b"caf\xe9.jpg\tx\r\nab\xc2\xa0cd.jpg\n\x0cpad.jpg\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    writer = dummy_to_matwrite(f"{out}/", str(ids))
+    for _ in range(3):
+        writer.forward()
+    assert sorted(os.listdir(os.fsencode(out))) == sorted(
+        name + b"_blob_" + i for name in (b"caf\xe9", b"ab\xc2\xa0cd", b"pad")
+        for i in (b"0.mat", b"1.mat"))
+
+
 def test_matwrite_period_and_iter_names_and_matread_without_source(tmp_path):
     caffelite.set_random_seed(1)
     writer = dummy_to_matwrite(f"{tmp_path}/", period=2)

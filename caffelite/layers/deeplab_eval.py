@@ -11,6 +11,7 @@ from ..io.matfile import MatFileError, read_mat, write_mat
 from ..layer import Layer, register
 from ._device import contiguous, launch, on_device
 from .argmax import argmax_ties_highest
+from .image_data import C_TOKEN, getlines, read_list_text
 from .softmax import label_text, truncated_labels
 
 logger = logging.getLogger("caffelite")
@@ -28,17 +29,14 @@ def read_id_list(path, strip, layer):
     """
     if strip < 0:
         raise layer.error(f"strip cannot be negative (got {strip})")
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
-    except OSError as e:
-        raise layer.error(f"cannot read source list '{path}': {e.strerror}") from None
+    # raw bytes, std::getline lines and ``>>``'s first token, as the fork reads them
+    lines = getlines(read_list_text(path, layer))
     names = []
     for lineno, line in enumerate(lines, 1):
-        tokens = line.split()
-        if not tokens:
+        first = C_TOKEN.search(line)
+        if first is None:
             continue
-        tok = tokens[0]
+        tok = first.group()
         if len(tok) <= strip:
             raise layer.error(f"{path}:{lineno}: '{tok}' is not longer than strip={strip} "
                               f"(too much stripping)")

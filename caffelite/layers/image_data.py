@@ -151,7 +151,7 @@ class ListEntry:
 
 
 # What C++'s ``>>`` skips in the "C" locale (Python's str.split() skips more).
-_C_TOKEN = re.compile(r"[^ \t\n\x0b\x0c\r]+")
+C_TOKEN = re.compile(r"[^ \t\n\x0b\x0c\r]+")
 _C_INT = re.compile(r"[ \t\n\x0b\x0c\r]*([+-]?[0-9]+)")
 _WHOLE_INT = re.compile(r"[+-]?[0-9]+")
 _INT_MIN, _INT_MAX = -2 ** 31, 2 ** 31 - 1
@@ -186,7 +186,7 @@ def read_list_file(path, layer, parse):
     logger.info("Opening file %s", path)
     entries = []
     for lineno, line in enumerate(getlines(read_list_text(path, layer)), 1):
-        tokens = _C_TOKEN.findall(line)
+        tokens = C_TOKEN.findall(line)
         entries.append(ListEntry(lineno, parse(tokens, line, lineno) if tokens else None))
     if not entries:
         raise layer.error(f"the source list file '{path}' lists no samples")
@@ -212,7 +212,7 @@ def read_label_pairs(path, layer):
     text = read_list_text(path, layer)
     entries, pos, lineno = [], 0, 1
     while True:
-        name = _C_TOKEN.search(text, pos)
+        name = C_TOKEN.search(text, pos)
         if name is None:
             break
         lineno += text.count("\n", pos, name.start())
@@ -230,7 +230,7 @@ def read_label_pairs(path, layer):
 
 
 def _warn_truncated(path, text, name, label, count):
-    token = _C_TOKEN.search(text, name.end())
+    token = C_TOKEN.search(text, name.end())
     at = token or name
     if token is None:
         why = f"'{_shown(name.group())}' has no label"
@@ -911,7 +911,7 @@ class HDF5DataLayer(Layer):
                              "(pip install h5py)") from None
         # BVLC reads 'while (source_file >> line)': whitespace-separated names.
         logger.info("Loading list of HDF5 filenames from: %s", p.source)
-        self.files = _C_TOKEN.findall(read_list_text(p.source, self))
+        self.files = C_TOKEN.findall(read_list_text(p.source, self))
         logger.info("Number of HDF5 files: %d", len(self.files))
         if not self.files:
             raise self.error(f"the source list file '{p.source}' lists no HDF5 files")
