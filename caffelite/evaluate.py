@@ -23,7 +23,8 @@ classes that occur in the ground truth or the prediction -- but the MATLAB numbe
 Differences from MyVOCevalseg, all about inputs MATLAB would mis-handle: a missing
 prediction is an error (MATLAB warns and skips it; ``skip_missing=True`` does that), a
 GT label outside ``[0, N)`` other than the ignore label is an error (MATLAB silently
-counts it in a wrong cell), and colour (RGB) prediction and ground-truth PNGs are
+counts labels N to 254 in a wrong cell, and skips those of 256 and more, which only
+16-bit PNGs hold, with its ``gt < 255`` mask), and colour (RGB) prediction and ground-truth PNGs are
 rejected.  Label PNGs are read as MATLAB's ``imread`` gives them: the indices of a
 palette PNG, the values of a gray one (16-bit ones in full).
 """
