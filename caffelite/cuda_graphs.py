@@ -58,7 +58,7 @@ import numpy as np
 
 from . import backend, fusion
 from . import blob as blob_module
-from .blob import HEAD_AT_DEVICE, HEAD_AT_HOST
+from .blob import HEAD_AT_DEVICE, HEAD_AT_HOST, SYNCED
 from .log import logger
 
 MIN_SEGMENT = 4
@@ -215,7 +215,7 @@ class Recording:
         self.run_eagerly = run_eagerly
         self.seen = None            # the key of the last eager run
         self.graph = self.kept = None
-        self.key = self.memory = self.written = self.host_reads = self.outputs = None
+        self.key = self.memory = self.used = self.host_reads = self.outputs = None
         self.after = None           # the forward graph a backward graph was recorded after
         self.failed = False
         self.failure = None         # why the recording failed, in one line
@@ -270,10 +270,10 @@ class Recording:
         key = self._key()
         memory = self._current_memory()
         if self._valid(key, after, memory):
-            _upload_host_newer(memory)
+            _upload_host_newer(self.used)        # what the graph reads or writes
             self.graph.launch(stream=_eager_stream())
             self.launches += 1
-            for m in self.written:
+            for m in self.used:
                 m.head = HEAD_AT_DEVICE
             return self.outputs, self.graph
         self.drop()
@@ -290,7 +290,12 @@ class Recording:
     def _record(self, key, after):
         xp = backend.device_module()
         memory = self._current_memory()
+        heads = [m.head for m in memory]
         _upload_host_newer(memory, allocate=True)
+        for m in memory:
+            # Both sides hold the newest values now; the pass's device accesses make
+            # the device the head of what it uses, and only of that.
+            m.head = SYNCED
         if self.pool is None:
             self.pool = xp.cuda.MemoryPool()
         stream = xp.cuda.Stream(non_blocking=True)
@@ -313,6 +318,10 @@ class Recording:
         finally:
             state["capturing"], state["host_reads"], state["graph_buffers"] = \
                 False, None, None
+            used = [m.head == HEAD_AT_DEVICE for m in memory]
+            for m, head, in_use in zip(memory, heads, used):
+                if not in_use:          # untouched: as the eager pass would leave it
+                    m.head = head
         if failure is not None:
             self.failed, self.failure = True, _one_line(failure)
             if isinstance(failure, MemoryError):    # the short reason, not the advice
@@ -323,9 +332,10 @@ class Recording:
             return self.run_eagerly(), None
         self.graph, self.key, self.after, self.outputs = graph, key, after, outputs
         self.memory = [(m, m.device) for m in memory]
-        # What the pass left device-headed is device-headed after each launch; memory it
-        # left otherwise (synced, not written) keeps whatever head it has by then.
-        self.written = [m for m in memory if m.head == HEAD_AT_DEVICE]
+        # What the pass used on the device is device-headed after each launch (as the
+        # eager pass leaves it); memory it did not use keeps whatever head it has then,
+        # and only used memory is uploaded before a launch.
+        self.used = [m for m, in_use in zip(memory, used) if in_use]
         self.host_reads = [(m, np.array(m.host)) for m in _unique(reads)]
         # Memory the graph writes or reads that was allocated outside it: kept alive for
         # as long as the graph may launch, even if its owner lets it go.
