@@ -24,7 +24,8 @@ import time
 
 import numpy as np
 
-from .log import format_output, log_fatal_to_files, logger, ostream_g, setup_logging
+from .log import (format_output, log_fatal_to_files, log_python_warnings, logger, ostream_g,
+                  setup_logging, show_status_line, stderr_shows_info)
 from .net import NetOutOfMemory, memory_kind
 
 
@@ -373,8 +374,9 @@ def _time_whole_passes(net, n):
         net.backward_from_to()
     backend.synchronize()
     graphs = net._graphs
-    logger.info("Average Forward-Backward with CUDA graphs (whole passes; %d segments, "
-                "%d launches): %g ms.", len(graphs.segments), graphs.launches(),
+    # (worded so that a grep for Caffe's "Average Forward-Backward" finds one line)
+    logger.info("CUDA graphs, whole forward-backward passes (%d segments, %d launches): "
+                "average %g ms.", len(graphs.segments), graphs.launches(),
                 (time.perf_counter() - start) / n * 1e3)
 
 
@@ -444,11 +446,13 @@ def cmd_demo(args):
 
 
 class _Progress:
-    """A one-line progress bar on a terminal; silent otherwise."""
+    """A one-line progress bar on a terminal where the loop's own INFO lines (Caffe's
+    "Batch i, ...") are not shown; silent otherwise, so that a terminal capture holds
+    Caffe's lines only."""
 
     def __init__(self, total):
         self.total = total
-        self.enabled = sys.stderr.isatty() and total > 1
+        self.enabled = sys.stderr.isatty() and total > 1 and not stderr_shows_info()
         self.start = time.perf_counter()
 
     def update(self, done):
@@ -456,13 +460,12 @@ class _Progress:
             elapsed = time.perf_counter() - self.start
             width = 30
             filled = int(width * done / self.total)
-            sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{self.total}"
+            show_status_line(f"[{'#' * filled}{'.' * (width - filled)}] {done}/{self.total}"
                              f" {elapsed:.1f}s")
-            sys.stderr.flush()
 
     def close(self):
         if self.enabled:
-            sys.stderr.write("\n")
+            show_status_line("")
 
 
 _GPU_HELP = ("GPU id (if omitted: train follows the solver's solver_mode and device_id, "
@@ -494,6 +497,7 @@ def glog_arguments(sp):
     glog = sp.add_argument_group("glog's flags (as GLOG_* in the environment)")
     glog.add_argument("--log_dir", help="write glog's log files into this folder")
     glog.add_argument("--minloglevel", help="0 INFO .. 3 FATAL: log nothing below it")
+    glog.add_argument("--stderrthreshold", help=argparse.SUPPRESS)
     for flag in _GLOG_BOOL_FLAGS:
         glog.add_argument(f"--{flag}", nargs="?", const="true",
                           help="log to stderr only" if flag == "logtostderr"
@@ -509,7 +513,7 @@ def glog_arguments(sp):
 # accepted and ignored.
 _GLOG_BOOL_FLAGS = ("logtostderr", "alsologtostderr", "colorlogtostderr",
                     "stop_logging_if_full_disk")
-_GLOG_IGNORED_FLAGS = ("stderrthreshold", "vmodule", "logbuflevel", "logbufsecs",
+_GLOG_IGNORED_FLAGS = ("vmodule", "logbuflevel", "logbufsecs",
                        "max_log_size", "log_link")
 # Flags that never take the next word as their value.
 # The Caffe tools' gflags booleans: --gray, --gray=false and --nogray alike.
@@ -523,10 +527,12 @@ _FLAGS_WITHOUT_VALUE = set(_GLOG_BOOL_FLAGS) | {"no" + f for f in _GLOG_BOOL_FLA
 def glog_environment(args, environ=os.environ):
     """The GLOG_* environment with the command line's glog flags in it (flags win)."""
     env = dict(environ)
-    for flag in ("log_dir", "minloglevel", "logtostderr"):
+    for flag in ("log_dir", "minloglevel", "logtostderr", "stderrthreshold"):
         value = getattr(args, flag, None)
         if value is not None:
             env[f"GLOG_{flag}"] = value
+    # caffe.cpp sets alsologtostderr before reading its flags: only the flag turns it off
+    env["GLOG_alsologtostderr"] = getattr(args, "alsologtostderr", None) or "true"
     return env
 
 
@@ -796,6 +802,7 @@ def _required_parts(parser):
 
 def _open_log(args):
     environ = glog_environment(args)
+    log_python_warnings()
     try:
         _check_log_is_no_input(args)
         setup_logging(log_file=args.log, environ=environ)

@@ -4,8 +4,10 @@
 
 The command line also honours glog's environment as Caffe's tools see it:
 ``GLOG_minloglevel`` (0 INFO .. 3 FATAL: lower levels are not logged),
-``GLOG_log_dir`` (log files as glog names them, e.g. what run_pascal.sh exports) and
-``GLOG_logtostderr`` (stderr only, no files).
+``GLOG_log_dir`` (log files as glog names them, e.g. what run_pascal.sh exports),
+``GLOG_logtostderr`` (stderr only, no files) and ``GLOG_stderrthreshold``; the
+command line's ``-alsologtostderr=false`` leaves stderr the lines from that threshold
+up (caffe.cpp turns alsologtostderr on before it reads its flags).
 """
 import getpass
 import logging
@@ -76,7 +78,8 @@ def setup_logging(level=logging.INFO, log_file=None, stream=None, environ=None):
     for h in list(logger.handlers):
         logger.removeHandler(h)
         h.close()
-    handlers = [logging.StreamHandler(stream)]
+    handlers = [StatusLineHandler(stream)]
+    handlers[0].setLevel(_stderr_level(environ))
     if log_file:
         handlers.append(logging.FileHandler(log_file))
     log_dir = environ.get("GLOG_log_dir", "")
@@ -104,6 +107,66 @@ def log_fatal_to_files(message):
 def _env_bool(value):
     """glog's BoolFromEnv: set and starting with t, T, y, Y or 1 (or empty)."""
     return value is not None and (value[:1] in ("t", "T", "y", "Y", "1", ""))
+
+
+def _stderr_level(environ):
+    """What reaches stderr: everything with GLOG_logtostderr or alsologtostderr (unset:
+    on, as caffe.cpp sets it), else glog's stderrthreshold (2, ERROR, by default)."""
+    also = environ.get("GLOG_alsologtostderr")
+    if _env_bool(environ.get("GLOG_logtostderr")) or also is None or _env_bool(also):
+        return logging.NOTSET
+    number = re.match(r"\s*([+-]?\d+)", environ.get("GLOG_stderrthreshold", ""))
+    threshold = min(max(int(number.group(1)), 0), 3) if number else 2
+    return _SEVERITIES[threshold][1] if threshold > 0 else logging.NOTSET
+
+
+def log_python_warnings():
+    """Python warnings (numpy's RuntimeWarning of a diverging run ...) as one glog W line
+    each, naming where they were raised, instead of Python's two-line text on stderr:
+    logs stay parseable by Caffe's log parsers."""
+    import warnings
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        record = logger.makeRecord(logger.name, logging.WARNING, filename, lineno,
+                                   "%s: %s", (category.__name__, message), None)
+        logger.handle(record)
+    warnings.showwarning = show
+
+
+class StatusLineHandler(logging.StreamHandler):
+    """A stream handler that keeps a status line (a progress bar on a terminal) below
+    the log: the line is cleared before each record and drawn again after it."""
+    status = ""             # the line now shown on the terminal, if any
+
+    def emit(self, record):
+        shown = StatusLineHandler.status
+        if shown:
+            self.stream.write("\r" + " " * len(shown) + "\r")
+        super().emit(record)
+        if shown:
+            self.stream.write(shown)
+            self.flush()
+
+
+def stderr_shows_info():
+    """Whether INFO lines reach the status-line stream (stderr)."""
+    return logger.isEnabledFor(logging.INFO) and any(
+        isinstance(h, StatusLineHandler) and h.level <= logging.INFO
+        for h in logger.handlers)
+
+
+def show_status_line(text, stream=None):
+    """Draw ``text`` as the terminal's status line (replacing the previous one); an empty
+    ``text`` ends it with a newline."""
+    stream = sys.stderr if stream is None else stream
+    previous = StatusLineHandler.status
+    if text:
+        padding = " " * max(len(previous) - len(text), 0)
+        stream.write("\r" + text + padding)
+    elif previous:
+        stream.write("\n")
+    StatusLineHandler.status = text
+    stream.flush()
 
 
 def _min_log_level(environ):

@@ -336,8 +336,8 @@ class Net:
         filtered = filter_net(param, state)
         filtered.state.CopyFrom(state)             # Caffe's Init gets the merged state
         if logger.isEnabledFor(logging.INFO):      # the text takes a while for big nets
-            logger.info("Initializing net from parameters: \n%s",
-                        prototxt.message_to_text(filtered))
+            logger.info("Initializing net from parameters: \n%s",   # glog adds no 2nd \n
+                        prototxt.message_to_text(filtered).removesuffix("\n"))
         self._memory_used = 0           # Caffe's memory_used_: the layers' top elements so far
         try:
             inputs = net_input_fields(filtered)

@@ -138,7 +138,8 @@ class Solver:
         p = self.param
         if train_state is not None and train_state.ListFields():
             p.train_state.MergeFrom(train_state)     # (an empty one is not printed below)
-        logger.info("Initializing solver from parameters: \n%s", prototxt.message_to_text(p))
+        logger.info("Initializing solver from parameters: \n%s",
+                    prototxt.message_to_text(p).removesuffix("\n"))
         self._check_params()
         self._check_snapshot_write_permissions()
         if p.random_seed >= 0:
@@ -409,11 +410,12 @@ class Solver:
         try:
             model, state = self.snapshot()
         except SolverError as e:
-            raise self.error(f"Iteration {self.iter}: the loss is {_fmt(loss)}, so training "
-                             f"stopped before applying this iteration's update; saving the "
-                             f"last good state failed too: {e}") from None
+            raise self.error(f"the loss is {_fmt(loss)} at iteration {self.iter}, so "
+                             f"training stopped before applying this iteration's update; "
+                             f"saving the last good state failed too: {e}") from None
         raise self.error(
-            f"Iteration {self.iter}: the loss is {_fmt(loss)}, so training stopped before "
+            # (not "Iteration N": Caffe's log parsers would take this unprefixed line)
+            f"the loss is {_fmt(loss)} at iteration {self.iter}, so training stopped before "
             f"applying this iteration's update. The last good weights and solver state were "
             f"saved to {model} and {state}; lower base_lr or set clip_gradients, then resume "
             f"from that .solverstate")

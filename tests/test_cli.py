@@ -482,6 +482,46 @@ def test_glog_flags_on_either_side_of_the_verb(tmp_path, untrained):
     assert failing.returncode == 0 and "COULD NOT CREATE" in failing.stderr
 
 
+def test_alsologtostderr_false_leaves_stderr_the_lines_from_stderrthreshold(tmp_path):
+    """caffe.cpp turns alsologtostderr on before reading its flags; -alsologtostderr=false
+    then leaves stderr glog's stderrthreshold and up (2, ERROR, by default) while the
+    files get everything."""
+    solver = write_solver(tmp_path, "solver_mode: GPU")     # a W line: no GPU here
+    for flags, shown in ((["-alsologtostderr=false"], "EF"),
+                         (["-noalsologtostderr", "-stderrthreshold", "1"], "WEF")):
+        logs = tmp_path / f"logs{len(flags)}"
+        logs.mkdir()
+        out = run_train(solver, train_env(), f"-log_dir={logs}", *flags)
+        assert out.returncode == 0, out.stderr
+        info = glog_files(logs, "INFO")
+        assert any(line.startswith("W") for line in info)      # the fallback to the CPU
+        assert out.stderr.splitlines() == [line for line in info if line[:1] in shown]
+        assert any("Iteration 2, loss = " in line for line in info)
+
+
+def test_python_warnings_are_one_glog_line_each(tmp_path):
+    """A numpy RuntimeWarning (an overflow here) is a W line naming where it was raised,
+    not Python's two lines: Caffe's log parsers read the log of a diverging run."""
+    net = tmp_path / "net.prototxt"
+    net.write_text('layer { name: "d" type: "DummyData" top: "d" dummy_data_param { '
+                   'shape { dim: 2 } data_filler { type: "constant" value: 1e30 } } }\n'
+                   'layer { name: "w" type: "Power" bottom: "d" top: "w" '
+                   'power_param { power: 2 } }')
+    weights = tmp_path / "net.caffemodel"
+    import caffelite
+    caffelite.Net(str(net), caffelite.TEST).save(str(weights))
+    out = run("test", "-model", str(net), "-weights", str(weights), "-iterations", "1")
+    assert out.returncode == 0, out.stderr
+    lines = out.stderr.splitlines()
+    warned = [i for i, line in enumerate(lines) if "Warning" in line]
+    assert warned, out.stderr
+    for i in warned:
+        assert GLOG.match(lines[i]) and lines[i].startswith("W") and \
+            "RuntimeWarning: overflow" in lines[i]
+        assert GLOG.match(lines[i + 1])           # no source line after it
+    assert "Batch 0, w = inf" in out.stderr
+
+
 def test_nan_prints_as_glibcs_ostream(tmp_path, untrained):
     """x86's NaN from an invalid operation has the sign bit set and glibc's ostream
     prints it "-nan" (Caffe's `loss = -nan` lines)."""

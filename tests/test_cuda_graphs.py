@@ -1002,8 +1002,9 @@ def test_cli_time_with_cuda_graphs_times_whole_passes(tmp_path):
                          cwd=tmp_path, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "Average Forward-Backward:" in out.stderr
-    found = re.search(r"Average Forward-Backward with CUDA graphs \(whole passes; 1 segments, "
-                      r"(\d+) launches\): [\d.e-]+ ms\.", out.stderr)
+    assert out.stderr.count("Average Forward-Backward") == 1   # Caffe's line only
+    found = re.search(r"CUDA graphs, whole forward-backward passes \(1 segments, "
+                      r"(\d+) launches\): average [\d.e-]+ ms\.", out.stderr)
     assert found, out.stderr[-2000:]
     assert int(found.group(1)) >= 2 * 3     # at least the timed passes, each way
 
@@ -1029,7 +1030,7 @@ layer {{ name: "w" type: "MatWrite" bottom: "score" mat_write_param {{ prefix: "
     assert out.returncode == 0, out.stderr[-3000:]
     assert "Not timing whole passes with CUDA graphs: 'w' (MatWrite) writes files at " \
            "every forward." in out.stderr
-    assert "with CUDA graphs (whole passes" not in out.stderr
+    assert "whole forward-backward passes" not in out.stderr
     assert sorted(os.listdir(features)) == [f"iter_{i}_blob_0.mat" for i in range(4)]
 
 
