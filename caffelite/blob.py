@@ -37,6 +37,17 @@ def shape_changes():
     return _shape_changes[0]
 
 
+# While a CUDA graph is recorded: the memories whose device side the pass asked for
+# (a list), so that only they are uploaded before, and marked newest after, a launch.
+_device_uses = None
+
+
+def record_device_uses(uses):
+    """Append every SyncedMemory whose device array is asked for to ``uses`` (None: stop)."""
+    global _device_uses
+    _device_uses = uses
+
+
 def _first(flat, shape, count):
     """The first ``count`` (= prod(shape)) elements of a flat array, as ``shape``."""
     return (flat if flat.shape[0] == count else flat[:count]).reshape(shape)
@@ -98,6 +109,8 @@ class SyncedMemory:
             self.device.set(self.host)          # host -> device, no device temporary
             transfers["to_device"] += 1
         self.head = HEAD_AT_DEVICE
+        if _device_uses is not None:
+            _device_uses.append(self)
         return self.device
 
     def device_view(self, shape, count):

@@ -21,6 +21,7 @@ import os
 import re
 import sys
 import time
+import warnings
 
 import numpy as np
 
@@ -195,17 +196,19 @@ def score(net, iterations):
     sums, order = {}, []
     total_loss = f32(0)
     progress = _Progress(iterations)
-    for i in range(iterations):
-        total_loss = f32(total_loss + f32(net.forward_from_to()))
-        for idx, (name, value, weight) in enumerate(_net_output_values(net)):
-            key = (idx, name)
-            if key not in sums:
-                sums[key] = [f32(0), weight]
-                order.append(key)
-            sums[key][0] = f32(sums[key][0] + f32(value))
-            logger.info("Batch %d, %s = %s", i, name, ostream_g(value))
-        progress.update(i + 1)
-    progress.close()
+    try:
+        for i in range(iterations):
+            total_loss = f32(total_loss + f32(net.forward_from_to()))
+            for idx, (name, value, weight) in enumerate(_net_output_values(net)):
+                key = (idx, name)
+                if key not in sums:
+                    sums[key] = [f32(0), weight]
+                    order.append(key)
+                sums[key][0] = f32(sums[key][0] + f32(value))
+                logger.info("Batch %d, %s = %s", i, name, ostream_g(value))
+            progress.update(i + 1)
+    finally:
+        progress.close()            # (an error's line then starts a line of its own)
     n = f32(iterations)
     logger.info("Loss: %s", ostream_g(total_loss / n))
     for key in order:
@@ -746,6 +749,7 @@ def main(argv=None):
     parser = build_parser()
     _refuse_unknown_flags(parser, argv, typed)
     args = parser.parse_args(argv)
+    warning_hook = warnings.showwarning     # _open_log logs Python warnings; put back after
     try:
         _open_log(args)
         return args.func(args)
@@ -760,6 +764,8 @@ def main(argv=None):
         sys.stderr.write(f"caffelite {args.command}: error: {_one_line(e)}\n")
         log_fatal_to_files(_one_line(e))
         return 1
+    finally:
+        warnings.showwarning = warning_hook
 
 
 def _refuse_unknown_flags(parser, argv, typed):
@@ -805,12 +811,12 @@ def _open_log(args):
     log_python_warnings()
     try:
         _check_log_is_no_input(args)
-        setup_logging(log_file=args.log, environ=environ)
+        setup_logging(log_file=args.log, environ=environ, stderr_threshold=True)
     except CliError:
-        setup_logging(environ=environ)
+        setup_logging(environ=environ, stderr_threshold=True)
         raise
     except OSError as e:
-        setup_logging(environ=environ)
+        setup_logging(environ=environ, stderr_threshold=True)
         raise CliError(f"--log: cannot write the log file '{args.log}': "
                        f"{e.strerror}") from None
 

@@ -58,7 +58,7 @@ import numpy as np
 
 from . import backend, fusion
 from . import blob as blob_module
-from .blob import HEAD_AT_DEVICE, HEAD_AT_HOST, SYNCED
+from .blob import HEAD_AT_DEVICE, HEAD_AT_HOST
 from .log import logger
 
 MIN_SEGMENT = 4
@@ -292,10 +292,7 @@ class Recording:
         memory = self._current_memory()
         heads = [m.head for m in memory]
         _upload_host_newer(memory, allocate=True)
-        for m in memory:
-            # Both sides hold the newest values now; the pass's device accesses make
-            # the device the head of what it uses, and only of that.
-            m.head = SYNCED
+        uses = []
         if self.pool is None:
             self.pool = xp.cuda.MemoryPool()
         stream = xp.cuda.Stream(non_blocking=True)
@@ -306,6 +303,7 @@ class Recording:
             with xp.cuda.using_allocator(self.pool.malloc), stream:
                 state["capturing"], state["host_reads"], state["graph_buffers"] = \
                     True, reads, buffers
+                blob_module.record_device_uses(uses)
                 stream.begin_capture()
                 try:
                     outputs = self.run_eagerly()
@@ -318,9 +316,14 @@ class Recording:
         finally:
             state["capturing"], state["host_reads"], state["graph_buffers"] = \
                 False, None, None
-            used = [m.head == HEAD_AT_DEVICE for m in memory]
+            blob_module.record_device_uses(None)
+            # Memory the pass did not use on the device gets back the head it had before
+            # the upload (truthful: the upload only copied the newest side), as the eager
+            # pass would leave it.
+            used = {id(m) for m in uses}
+            used = [id(m) in used for m in memory]
             for m, head, in_use in zip(memory, heads, used):
-                if not in_use:          # untouched: as the eager pass would leave it
+                if not in_use:
                     m.head = head
         if failure is not None:
             self.failed, self.failure = True, _one_line(failure)

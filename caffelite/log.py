@@ -69,19 +69,23 @@ def glog_level(severity):
     return logging.INFO if severity == 0 else _SEVERITIES[severity][1]
 
 
-def setup_logging(level=logging.INFO, log_file=None, stream=None, environ=None):
+def setup_logging(level=logging.INFO, log_file=None, stream=None, environ=None,
+                  stderr_threshold=False):
     """Route caffelite's log to ``stream`` (sys.stderr as it is now, if None; and
     ``log_file``) in glog format, and to glog's own files where ``GLOG_log_dir`` asks
-    for them."""
+    for them.  ``stderr_threshold``: the stream gets only what glog's alsologtostderr
+    and stderrthreshold let through (the command line's rule; else everything)."""
     environ = os.environ if environ is None else environ
     stream = sys.stderr if stream is None else stream
     for h in list(logger.handlers):
         logger.removeHandler(h)
         h.close()
     handlers = [StatusLineHandler(stream)]
-    handlers[0].setLevel(_stderr_level(environ))
+    if stderr_threshold:
+        handlers[0].setLevel(_stderr_level(environ))
     if log_file:
-        handlers.append(logging.FileHandler(log_file))
+        # names read from lists as bytes are written back as those bytes, as glog does
+        handlers.append(logging.FileHandler(log_file, errors="surrogateescape"))
     log_dir = environ.get("GLOG_log_dir", "")
     if log_dir and not _env_bool(environ.get("GLOG_logtostderr")):
         handlers += [GlogFile(log_dir, severity, start, stream)
@@ -123,14 +127,17 @@ def _stderr_level(environ):
 def log_python_warnings():
     """Python warnings (numpy's RuntimeWarning of a diverging run ...) as one glog W line
     each, naming where they were raised, instead of Python's two-line text on stderr:
-    logs stay parseable by Caffe's log parsers."""
+    logs stay parseable by Caffe's log parsers.  Returns the hook it replaced."""
     import warnings
 
     def show(message, category, filename, lineno, file=None, line=None):
-        record = logger.makeRecord(logger.name, logging.WARNING, filename, lineno,
-                                   "%s: %s", (category.__name__, message), None)
-        logger.handle(record)
+        if logger.isEnabledFor(logging.WARNING):       # GLOG_minloglevel
+            record = logger.makeRecord(logger.name, logging.WARNING, filename, lineno,
+                                       "%s: %s", (category.__name__, message), None)
+            logger.handle(record)
+    previous = warnings.showwarning
     warnings.showwarning = show
+    return previous
 
 
 class StatusLineHandler(logging.StreamHandler):
@@ -209,7 +216,7 @@ class GlogFile(logging.Handler):
         name = (f"{program}.{socket.gethostname()}.{_user()}.log.{self.severity}."
                 f"{time.strftime('%Y%m%d-%H%M%S', t)}.{os.getpid()}")
         path = os.path.join(self.log_dir, name)
-        self.file = open(path, "a", encoding="utf-8")
+        self.file = open(path, "a", encoding="utf-8", errors="surrogateescape")
         self.file.write(f"Log file created at: {time.strftime('%Y/%m/%d %H:%M:%S', t)}\n"
                         f"Running on machine: {socket.gethostname()}\n"
                         "Log line format: [IWEF]mmdd hh:mm:ss.uuuuuu threadid "

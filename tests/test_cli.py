@@ -520,6 +520,41 @@ def test_python_warnings_are_one_glog_line_each(tmp_path):
             "RuntimeWarning: overflow" in lines[i]
         assert GLOG.match(lines[i + 1])           # no source line after it
     assert "Batch 0, w = inf" in out.stderr
+    quiet = run("test", "-model", str(net), "-weights", str(weights), "-iterations", "1",
+                "-minloglevel", "2")
+    assert quiet.returncode == 0 and "Warning" not in quiet.stderr, quiet.stderr
+
+
+def test_init_log_shows_everything_whatever_glogs_alsologtostderr_says():
+    """The stderr threshold is the command line's (caffe.cpp's) rule; caffe.init_log()
+    prints the whole log, as pycaffe's does."""
+    import io
+    from caffelite.log import logger, setup_logging
+    stream = io.StringIO()
+    try:
+        setup_logging(stream=stream, environ={"GLOG_alsologtostderr": "0"})
+        logger.info("an INFO line")
+    finally:
+        setup_logging()
+    assert "] an INFO line" in stream.getvalue()
+
+
+def test_a_name_that_is_not_utf8_reaches_glogs_files_as_its_bytes(tmp_path, untrained):
+    """A list name read as bytes (MatRead's) in the stopping error: one error line on
+    stderr, and the F line in glog's file holds the name's own bytes."""
+    ids = tmp_path / "ids.txt"
+    ids.write_bytes(b"caf\xe9.jpg\n")
+    net = tmp_path / "net.prototxt"
+    net.write_text(f'layer {{ name: "r" type: "MatRead" top: "d" mat_read_param {{ '
+                   f'prefix: "{tmp_path}/" source: "{ids}" strip: 4 }} }}\n')
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    out = run("test", "-model", str(net), "-weights", untrained, "-iterations", "1",
+              f"-log_dir={logs}")
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert "caffelite test: error: " in out.stderr and "MAT file not found" in out.stderr
+    fatal = (logs / os.readlink(logs / "caffelite.FATAL")).read_bytes()
+    assert b"caf\xe9_blob_0.mat" in fatal
 
 
 def test_nan_prints_as_glibcs_ostream(tmp_path, untrained):

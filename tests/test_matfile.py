@@ -183,6 +183,23 @@ def test_id_lists_are_read_as_the_forks_bytes(tmp_path):
         for i in (b"0.mat", b"1.mat"))
 
 
+def test_id_list_strip_counts_bytes(tmp_path):
+    """The fork's substr(0, size() - strip) counts bytes: stripping one byte off a name
+    ending in a two-byte character leaves its first byte, and a one-character name of
+    two bytes is longer than strip: 1."""
+    from caffelite.layers.deeplab_eval import read_id_list
+
+    class Layer:
+        def error(self, message):
+            return ValueError(message)
+    ids = tmp_path / "ids.txt"
+    ids.write_bytes("photo_\u00e9\n\u00e9\n".encode())
+    names = read_id_list(str(ids), 1, Layer())
+    assert [os.fsencode(n) for n in names] == [b"photo_\xc3", b"\xc3"]
+    with pytest.raises(ValueError, match="strip=2 bytes"):
+        read_id_list(str(ids), 2, Layer())
+
+
 def test_matwrite_period_and_iter_names_and_matread_without_source(tmp_path):
     caffelite.set_random_seed(1)
     writer = dummy_to_matwrite(f"{tmp_path}/", period=2)

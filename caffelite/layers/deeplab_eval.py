@@ -36,11 +36,11 @@ def read_id_list(path, strip, layer):
         first = C_TOKEN.search(line)
         if first is None:
             continue
-        tok = first.group()
+        tok = os.fsencode(first.group())        # strip counts bytes, as substr does
         if len(tok) <= strip:
-            raise layer.error(f"{path}:{lineno}: '{tok}' is not longer than strip={strip} "
-                              f"(too much stripping)")
-        names.append(tok[:len(tok) - strip] if strip else tok)
+            raise layer.error(f"{path}:{lineno}: '{first.group()}' is not longer than "
+                              f"strip={strip} bytes (too much stripping)")
+        names.append(os.fsdecode(tok[:len(tok) - strip] if strip else tok))
     return names
 
 
