@@ -759,7 +759,8 @@ def main(argv=None):
         return 130
     except (CliError, ValueError, OSError, RuntimeError, MemoryError) as e:
         # Our errors already name the file/layer/blob; a traceback would only hide that.
-        if os.environ.get("CAFFELITE_TRACEBACK"):
+        from . import backend
+        if backend.env_flag("CAFFELITE_TRACEBACK", False):
             raise
         sys.stderr.write(f"caffelite {args.command}: error: {_one_line(e)}\n")
         log_fatal_to_files(_one_line(e))

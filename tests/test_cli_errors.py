@@ -77,6 +77,28 @@ def test_errors_of_imported_modules_are_one_line_under_python_m(tmp_path):
         "caffelite pascal: error: -D expects NAME=VALUE, got 'oops'"
 
 
+@pytest.mark.parametrize("value, traceback", [("0", False), ("off", False), ("1", True)])
+def test_caffelite_traceback_is_a_switch_like_the_others(monkeypatch, capsys, value,
+                                                          traceback):
+    from caffelite import cli
+    monkeypatch.setenv("CAFFELITE_TRACEBACK", value)
+    argv = ["test", "--model", "/nonexistent/net.prototxt", "--weights", "x"]
+    if traceback:
+        with pytest.raises(ValueError, match="nonexistent"):
+            cli.main(argv)
+    else:
+        assert cli.main(argv) == 1
+        assert "caffelite test: error: " in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value, emulated", [("", False), ("0", False), ("off", False),
+                                             ("no", False), ("1", True), ("yes", True)])
+def test_crf_reads_the_emulator_switch_as_gpu_mode_does(monkeypatch, value, emulated):
+    from caffelite.crf.device import emulator_requested
+    monkeypatch.setenv("CAFFELITE_GPU_EMULATOR", value)
+    assert emulator_requested() is emulated
+
+
 def test_unwritable_log_file_is_one_line(capsys, net, tmp_path):
     missing = tmp_path / "no" / "x.log"
     code, line = _main(capsys, "test", "--model", str(net), "--iterations", "1",

@@ -472,6 +472,14 @@ def test_refine_pascal_v4_takes_the_programs_command_line(tmp_path):
         pos_y_std=3, bi_y_std=70, bi_g_std=5, bi_b_std=5)
 
 
+def test_refine_pascal_v4_help_shows_the_programs_usage(capsys):
+    from caffelite import cli
+    assert cli.main(["refine_pascal_v4", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: caffelite refine_pascal_v4 -id IMG_DIR -fd FEATURE_DIR")
+    assert "-bx 70" in out
+
+
 def test_refine_pascal_v4_errors_name_what_is_missing(tmp_path, capsys):
     from caffelite import cli
     assert cli.main(["refine_pascal_v4", "-fd", str(tmp_path)]) == 1

@@ -123,7 +123,7 @@ def emulator_requested():
     from .. import backend
     if backend.is_gpu():
         return getattr(backend.device_module(), "__name__", "") != "cupy"
-    return os.environ.get(EMULATOR_VARIABLE, "") not in ("", "0")
+    return backend.env_flag(EMULATOR_VARIABLE, False)
 
 
 def resolve(device):

@@ -35,6 +35,19 @@ _C_NUMBER = {int: re.compile(r"\s*[+-]?\d+"),
              float: re.compile(r"\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")}
 
 
+USAGE = (f"usage: caffelite {VERB} -id IMG_DIR -fd FEATURE_DIR -sd SAVE_DIR [-i 10 -px 3 "
+         f"-py 3 -pw 3 -bx 70 -by 70 -br 5 -bg 5 -bb 5 -bw 5]")
+HELP = f"""{USAGE}
+
+prog_refine_pascal_v4's own command line, as run_densecrf.sh calls it: dense-CRF labels
+for every MatWrite features file <name>_blob_0.mat of FEATURE_DIR and its image
+IMG_DIR/<name>.ppm (or .jpg, .png ...), written to SAVE_DIR/<name>.bin.  The bracketed values are the
+program's defaults: -i mean-field iterations, -px/-py/-pw the positional kernel's x/y
+standard deviations and weight, -bx/-by/-br/-bg/-bb/-bw the bilateral kernel's x/y,
+R/G/B standard deviations and weight.  Numbers are read as atoi/atof do.
+"""
+
+
 def add_parser(subparsers):
     # '+' as the prefix: every word after the verb (-id, -px ...) reaches parse_words
     sp = subparsers.add_parser(
@@ -63,9 +76,7 @@ def parse_words(words):
             i += 1
     missing = [flag for flag, name in DIRS.items() if name not in dirs]
     if missing:
-        raise CrfError(f"missing {', '.join(missing)} (usage: caffelite {VERB} -id IMG_DIR "
-                       f"-fd FEATURE_DIR -sd SAVE_DIR [-i 10 -px 3 -py 3 -pw 3 -bx 70 "
-                       f"-by 70 -br 5 -bg 5 -bb 5 -bw 5])")
+        raise CrfError(f"missing {', '.join(missing)} ({USAGE})")
     return dirs, DEFAULTS.with_(**values)
 
 
@@ -104,6 +115,9 @@ def refine_tasks(feature_dir, image_dir, out_dir, params):
 
 def run(args):
     from ..log import logger
+    if any(word in ("-h", "--help") for word in args.words):
+        print(HELP, end="")
+        return 0
     dirs, params = parse_words(args.words)
     tasks = refine_tasks(dirs["features"], dirs["images"], dirs["out"], params)
     os.makedirs(dirs["out"], exist_ok=True)
