@@ -213,8 +213,13 @@ class Solver:
                              f"sure that the directory exists and is writable") from None
 
     # ------------------------------------------------------------------ nets
-    def _read_net_file(self, path):
+    def _read_net_file(self, path, field):
         """The NetParameter as written (Net upgrades it, keeping V1 strict_dim info)."""
+        if not os.path.exists(path):
+            where = "" if os.path.isabs(path) else (
+                f" (paths in a solver are relative to the working directory "
+                f"'{os.getcwd()}', as in Caffe, not to the solver's folder)")
+            raise self.error(f"{field} '{path}': no such file{where}")
         return prototxt.read_as_written(path, caffe_pb2.NetParameter(), self.defines)
 
     def _build_net(self, net_param, source, state):
@@ -240,7 +245,7 @@ class Solver:
         else:
             path = getattr(p, which)
             logger.info("Creating training net from %s file: %s", which, path)
-            net_param, source = self._read_net_file(path), path
+            net_param, source = self._read_net_file(path, which), path
         # Solver default < the net's own state < train_state (Caffe's MergeFrom order).
         state = caffe_pb2.NetState(phase=TRAIN)
         state.MergeFrom(upgraded_state(net_param))
@@ -267,13 +272,13 @@ class Solver:
         # (net, where errors point, how Caffe's InitTestNets names it in its log)
         sources = [(prm, f"{self.source}: test_net_param", "test_net_param")
                    for prm in p.test_net_param]
-        sources += [(self._read_net_file(path), path, f"test_net file: {path}")
+        sources += [(self._read_net_file(path, "test_net"), path, f"test_net file: {path}")
                     for path in p.test_net]
         remaining = count - len(sources)
         if p.HasField("net_param"):
             sources += [(p.net_param, f"{self.source}: net_param", "net_param")] * remaining
         elif p.HasField("net"):
-            generic_param = self._read_net_file(p.net) if remaining else None
+            generic_param = self._read_net_file(p.net, "net") if remaining else None
             sources += [(generic_param, p.net, f"net file: {p.net}")] * remaining
         nets = []
         for i, (net_param, source, label) in enumerate(sources):

@@ -1136,7 +1136,9 @@ def test_relative_paths_are_relative_to_the_working_directory(tmp_path, monkeypa
     with pytest.raises(SolverError, match="cfg/snaps' does not exist"):
         Solver("solver.prototxt")
     (tmp_path / "cfg" / "snaps").mkdir()
-    with pytest.raises(ValueError, match="cannot read 'cfg/net.prototxt'"):
+    with pytest.raises(SolverError, match=r"solver.prototxt: net 'cfg/net.prototxt': no such "
+                                         r"file \(paths in a solver are relative to the "
+                                         r"working directory '.*cfg', as in Caffe"):
         Solver("solver.prototxt")
 
 
