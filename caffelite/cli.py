@@ -757,13 +757,14 @@ def main(argv=None):
         # Ctrl-C outside training (whose solver snapshots or stops on SIGINT as Caffe's)
         sys.stderr.write(f"caffelite {args.command}: interrupted\n")
         return 130
-    except (CliError, ValueError, OSError, RuntimeError, MemoryError) as e:
+    except Exception as e:      # noqa: BLE001  (one line; CAFFELITE_TRACEBACK for more)
         # Our errors already name the file/layer/blob; a traceback would only hide that.
         from . import backend
         if backend.env_flag("CAFFELITE_TRACEBACK", False):
             raise
-        sys.stderr.write(f"caffelite {args.command}: error: {_one_line(e)}\n")
-        log_fatal_to_files(_one_line(e))
+        message = _error_line(e)
+        sys.stderr.write(f"caffelite {args.command}: error: {message}\n")
+        log_fatal_to_files(message)
         return 1
     finally:
         warnings.showwarning = warning_hook
@@ -834,6 +835,36 @@ def _check_log_is_no_input(args):
             if path and os.path.isfile(path) and os.path.samefile(args.log, path):
                 raise CliError(f"--log: '{args.log}' is the --{name} input; write the log "
                                f"elsewhere (it would be appended to)")
+
+
+def _error_line(error):
+    """The one line a command stops with: our errors as they are; what a user's Python
+    layer (or module) raised with the layer, the exception's type and where it was
+    raised; anything else with its type and place too."""
+    ours = isinstance(error, (CliError, ValueError, OSError, RuntimeError, MemoryError))
+    layer = getattr(error, "caffelite_layer", None)
+    if ours and layer is None:
+        return _one_line(error)
+    text = f"{type(error).__name__}: {_one_line(error)}"
+    if layer:
+        text = f"{layer}: {text}"
+    return text + _raised_at(error, layer) + " (CAFFELITE_TRACEBACK=1 shows the traceback)"
+
+
+def _raised_at(error, layer):
+    """Where the error was raised: the innermost frame of the user's own code (not
+    caffelite's, the standard library's or an installed package's); without one, the
+    innermost frame unless a user's layer is named already."""
+    if isinstance(error, SyntaxError) and error.filename and os.path.isfile(error.filename):
+        return ""                           # its message names the file and line
+    import sysconfig
+    import traceback
+    frames = traceback.extract_tb(error.__traceback__)
+    others = (os.path.dirname(os.path.abspath(__file__)), sysconfig.get_paths()["stdlib"])
+    users = [f for f in frames if not f.filename.startswith(others) and f.filename[:1] != "<"
+             and "-packages" + os.sep not in f.filename]
+    frame = users[-1] if users else (frames[-1] if frames and not layer else None)
+    return f" at {frame.filename}:{frame.lineno}" if frame else ""
 
 
 def _one_line(error):

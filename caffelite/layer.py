@@ -101,10 +101,12 @@ class Layer:
         """Read parameters once and create ``self.blobs`` (Caffe LayerSetUp)."""
 
     def reshape(self, bottom, top):
-        raise NotImplementedError(f"{type(self).__name__}.reshape")
+        raise NotImplementedError(f"layer class {type(self).__name__} does not define "
+                                  f"reshape(self, bottom, top)")
 
     def forward(self, bottom, top):
-        raise NotImplementedError(f"{type(self).__name__}.forward")
+        raise NotImplementedError(f"layer class {type(self).__name__} does not define "
+                                  f"forward(self, bottom, top)")
 
     def backward(self, top, propagate_down, bottom):
         """Default: a layer with no gradient (data/eval layers)."""

@@ -457,6 +457,13 @@ class Net:
             raise NetError(f"{self.source}: layer '{lp.name}' ({lp.type}): {e}") from e
         except MemoryError as e:
             raise_out_of_memory(f"{self.source}: layer '{lp.name}' ({lp.type}) setup", e)
+        except Exception as e:
+            if layer.python_layer and not hasattr(e, "caffelite_layer"):
+                try:                    # the command line's note (pycaffe keeps the type)
+                    e.caffelite_layer = f"{self.source}: layer '{lp.name}' ({lp.type}) setup"
+                except AttributeError:
+                    pass
+            raise
         for j, blob, shape in in_place:
             # Caffe keeps the memory of a same-count reshape (a view); a new count would
             # leave the bottom's values behind.
@@ -770,6 +777,15 @@ class Net:
             if not origins:
                 raise
             raise LayerError(f"{e}; {'; '.join(origins)}") from None
+        except Exception as e:
+            # A user's Python layer raises what it raises (pycaffe keeps the type); the
+            # command line names the layer from this note.
+            if self.layers[i].python_layer and not hasattr(e, "caffelite_layer"):
+                try:
+                    e.caffelite_layer = f"{self.source}: {self._layer_what(i, direction)}"
+                except AttributeError:          # an exception type without a __dict__
+                    pass
+            raise
 
     def _batch_item_origins(self, item):
         """The list lines the data layers read batch item ``item`` from."""

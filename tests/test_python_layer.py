@@ -116,6 +116,11 @@ class HostNumpy(caffe.Layer):
         bottom.append(None)
 
 
+class RaisesInForward(Scale):
+    def forward(self, bottom, top):
+        raise KeyError("no such entry")
+
+
 class NegativeReshapeInBackward(Scale):
     def backward(self, top, propagate_down, bottom):
         bottom[0].reshape(2, -3)
@@ -292,6 +297,27 @@ def test_backward_errors_name_the_layer(tmp_path, module):
     net.forward()
     with pytest.raises(NetError, match=r"net\.prototxt: layer 'bad' \(Python\) backward: "):
         net.backward()
+
+
+def test_the_command_line_names_a_python_layers_error_and_where_it_was_raised(
+        tmp_path, module, capsys, monkeypatch):
+    """One line, no traceback: the net file, the layer, the exception's type and the
+    line of the user's module that raised it (pycaffe code still gets the KeyError)."""
+    from caffelite import cli
+    monkeypatch.delenv("CAFFELITE_TRACEBACK", raising=False)
+    body = python_layer("bad", module, "RaisesInForward", ["data"], ["out"], "2")
+    path = write_net(tmp_path / "net.prototxt", body)
+    assert cli.main(["time", "--model", path, "--iterations", "1"]) == 1
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    source = tmp_path / f"{module}.py"
+    raised_at = source.read_text().splitlines().index(
+        '        raise KeyError("no such entry")') + 1
+    assert line == (f"caffelite time: error: {path}: layer 'bad' (Python) forward: KeyError: "
+                    f"'no such entry' at {source}:{raised_at} (CAFFELITE_TRACEBACK=1 shows "
+                    f"the traceback)")
+    net = caffe.Net(path, caffe.TRAIN)
+    with pytest.raises(KeyError):
+        net.forward()
 
 
 def test_module_found_next_to_the_prototxt(tmp_path, monkeypatch):
