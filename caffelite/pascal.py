@@ -384,6 +384,11 @@ class Pipeline:
     # ------------------------------------------------------------------ train
     def step_train(self):
         init = f"{self.model_dir}/init.caffemodel"
+        if not os.path.isfile(init):
+            # run_pascal.sh trains from the fillers too, silently: a forgotten download
+            # of the released init model would cost a whole training run
+            logger.warning("%s not found: training %s from its fillers (as run_pascal.sh "
+                           "does)", init, self.net_id)
         self._train("train", "train" + self.suffix, "solver",
                     init if os.path.isfile(init) else None)
 

@@ -235,6 +235,16 @@ def test_force_reruns(copied):
     assert all(os.path.getmtime(p) > t for p, t in before.items())
 
 
+def test_training_without_an_init_model_is_a_warning(copied, records):
+    """run_pascal.sh trains from the fillers when model/<NET>/init.caffemodel is missing;
+    so does caffelite, but it says so."""
+    exp, data = copied
+    assert not (exp / "model" / NET / "init.caffemodel").exists()
+    assert pascal.run(_parse(_argv(exp, data, "--force") + ["--steps", "train"])) == 0
+    assert any(m.endswith(f"init.caffemodel not found: training {NET} from its fillers "
+                          f"(as run_pascal.sh does)") for m in records), records
+
+
 # ------------------------------------------------------------------ unit behaviour
 def test_model_choice_is_the_newest_file_like_ls_t(tmp_path, records):
     # run_pascal.sh: MODEL=`ls -t .../train_iter_*.caffemodel | head -n 1`

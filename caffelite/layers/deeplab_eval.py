@@ -76,8 +76,9 @@ class MatWriteLayer(Layer):
                 if self.iter >= len(self.names):
                     raise self.error(
                         f"test has run for more iterations than it was supposed to: "
-                        f"forward #{self.iter + 1} but the source list has "
-                        f"{len(self.names)} names")
+                        f"forward #{self.iter + 1} but the source list "
+                        f"'{self.layer_param.mat_write_param.source}' has "
+                        f"{len(self.names)} names (run {len(self.names)} iterations)")
                 stem = self.prefix + self.names[self.iter]
             else:
                 stem = f"{self.prefix}iter_{self.iter}"
