@@ -1164,6 +1164,29 @@ def test_a_bad_label_error_names_the_list_line_of_its_image(tmp_path, loss):
         f"layer 'data')")
 
 
+def test_seg_accuracy_names_the_list_line_of_a_bad_label(tmp_path):
+    source, root, _, _ = make_dataset(tmp_path, [(6, 6)] * 4)
+    bad = np.zeros((6, 6), np.uint8)
+    bad[2, 3] = 30
+    Image.fromarray(bad).save(tmp_path / "lab2.png")
+    net = make_net(f'''
+        layer {{ name: "data" type: "ImageSegData" top: "data" top: "label"
+          image_data_param {{ source: "{source}" root_folder: "{root}" batch_size: 2
+                             label_type: PIXEL }}
+          transform_param {{ {mean_transform(6)} }} }}
+        layer {{ name: "score" type: "Convolution" bottom: "data" top: "score"
+          convolution_param {{ num_output: 21 kernel_size: 1 }} }}
+        layer {{ name: "acc" type: "SegAccuracy" bottom: "score" bottom: "label" top: "acc"
+          seg_accuracy_param {{ ignore_label: 255 }} }}''', caffelite.TEST)
+    net.forward()
+    with pytest.raises(LayerError) as e:
+        net.forward()
+    assert str(e.value).endswith(
+        f"unexpected label 30 at num 0, row 2, col 3 (labels must be in [0, 21) or one of "
+        f"the ignore labels [255]); item 0 of the batch is line 3 of '{source}' "
+        f"(ImageSegData layer 'data')")
+
+
 def test_a_bad_class_label_names_the_image_data_line(tmp_path):
     _class_images(tmp_path, 3)
     (tmp_path / "cls.txt").write_text("/s0.png 1\n/s1.png 7\n/s2.png 0\n")

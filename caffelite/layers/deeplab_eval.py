@@ -251,9 +251,11 @@ class SegAccuracyLayer(Layer):
         """Report the label value as stored (NaN, inf and fractions included)."""
         legacy = _legacy_shape(label_shape)
         n, h, w = np.unravel_index(index, legacy[:1] + legacy[2:])
-        raise self.error(f"unexpected label {label_text(label)} at num {n}, row {h}, col {w}"
-                         f" (labels must be in [0, {self.num_classes}) or one of the ignore "
-                         f"labels {self.ignore})")
+        error = self.error(f"unexpected label {label_text(label)} at num {n}, row {h}, col "
+                           f"{w} (labels must be in [0, {self.num_classes}) or one of the "
+                           f"ignore labels {self.ignore})")
+        error.batch_item = int(n)           # the Net names the list line it came from
+        raise error
 
 
 def _legacy_shape(shape):
