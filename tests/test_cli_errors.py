@@ -60,6 +60,38 @@ def net(tmp_path):
     return path
 
 
+def test_swapped_files_are_named_for_what_they_are(tmp_path, net, capsys):
+    """A net given as weights, a solverstate as weights, weights as the model, a solver
+    as the model and a net as the solver: each error says what the file seems to be."""
+    import caffelite
+    from caffelite import cli
+    from caffelite.solver import Solver
+    solver = tmp_path / "solver.prototxt"
+    solver.write_text(f'net: "{net}"\nbase_lr: 0.1\nlr_policy: "fixed"\nmax_iter: 1\n'
+                      f'snapshot_prefix: "{tmp_path}/s"\n')
+    s = Solver(str(solver))
+    weights, state = s.snapshot()
+    cases = [
+        (["test", "--model", str(net), "--weights", str(net)],
+         "(this is a text file, a prototxt perhaps, not a binary .caffemodel)"),
+        (["test", "--model", str(net), "--weights", state],
+         "(this looks like a .solverstate: resume from it with --snapshot)"),
+        (["test", "--model", weights, "--weights", weights],
+         "(this is a binary file, a .caffemodel or .solverstate perhaps, not a text "
+         "prototxt)"),
+        (["test", "--model", str(solver), "--weights", weights],
+         "(this looks like a solver file; a net prototxt is expected here)"),
+        (["train", "--solver", str(net)],
+         "(this looks like a net prototxt; a solver file is expected here)"),
+    ]
+    for argv, hint in cases:
+        assert cli.main(argv + ["--iterations", "1"] if argv[0] == "test" else argv) == 1
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert last.endswith(hint), (argv, last)
+    with pytest.raises(ValueError, match="a prototxt perhaps"):
+        caffelite.Net(str(net), caffelite.TEST, weights=str(net))
+
+
 # ----------------------------------------------------------------- flags and logs
 def test_errors_of_imported_modules_are_one_line_under_python_m(tmp_path):
     """`python -m caffelite.cli` runs cli.py as __main__; a CliError raised by a module

@@ -92,7 +92,7 @@ def read_caffemodel(path):
         # net would silently keep its initial weights. Empty = an interrupted write.
         raise CaffemodelError(f"{path}: the file is empty (0 bytes), not a caffemodel")
     reader = WireReader(buf, lambda what: CaffemodelError(
-        f"{path}: truncated or corrupt caffemodel ({what})"))
+        f"{path}: truncated or corrupt caffemodel ({what}){_kind_hint(buf)}"))
     enum_names = _v1_enum_names()
     v2_layers, v1_layers = [], []
     for number, wire, value in reader.fields(0, len(buf)):
@@ -108,6 +108,17 @@ def read_caffemodel(path):
     if not layers:
         raise CaffemodelError(f"{path}: no layers found; is this a .caffemodel file?")
     return layers
+
+
+def _kind_hint(buf):
+    """What a file that is no caffemodel seems to be (swapped --model and --weights ...)."""
+    head = bytes(buf[:4096])
+    if head[:1] == b"\x08":           # field 1 as a number: SolverState's iter
+        return " (this looks like a .solverstate: resume from it with --snapshot)"
+    text = head.decode("utf-8", errors="ignore")      # (a character cut at the end)
+    if text and all(ch.isprintable() or ch.isspace() for ch in text):
+        return " (this is a text file, a prototxt perhaps, not a binary .caffemodel)"
+    return ""
 
 
 def _log_upgrades(path, v1_layers):

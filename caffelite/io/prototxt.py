@@ -150,12 +150,32 @@ def parse_text(text, message, path="<string>"):
         if "surrogates not allowed" in detail:
             detail = (detail.split(": 'utf-8' codec")[0] + ": a string holds bytes that are "
                       "not UTF-8 (caffelite reads prototxt strings as UTF-8)")
+        detail += _kind_hint(text, message)
         if line is not None:
             detail = re.sub(r"^\d+:\d+\s*:\s*", "", detail)
             raise PrototxtError(f"{path}:{line}:{col}: {detail}") from None
         raise PrototxtError(f"{path}: {detail}") from None
     _check_required_fields(message, path)
     return message
+
+
+# Fields only a net or only a solver has: a parse error in a file that starts with one
+# of the other kind's says which file it is (a swapped --model and --solver).
+_SOLVER_ONLY = re.compile(r"^\s*(train_net|test_net|net|base_lr|lr_policy|max_iter|"
+                          r"snapshot_prefix|solver_mode|test_iter|test_interval)\s*:", re.M)
+_NET_ONLY = re.compile(r"^\s*(layers?|input_dim|input_shape)\s*[:{]", re.M)
+
+
+def _kind_hint(text, message):
+    if "\x00" in text[:4096]:
+        return (" (this is a binary file, a .caffemodel or .solverstate perhaps, not a "
+                "text prototxt)")
+    name = message.DESCRIPTOR.name
+    if name == "NetParameter" and _SOLVER_ONLY.search(text):
+        return " (this looks like a solver file; a net prototxt is expected here)"
+    if name == "SolverParameter" and _NET_ONLY.search(text):
+        return " (this looks like a net prototxt; a solver file is expected here)"
+    return ""
 
 
 def _printable(text, limit=300):
