@@ -798,8 +798,12 @@ def test_image_data_truncated_list_wraps_over_what_was_read(tmp_path):
 
 
 def test_image_data_without_a_single_pair_is_an_error(tmp_path, caplog):
-    for text in ("", " \n\n", "a.png x\n", "a.png\n"):
-        with pytest.raises(NetError, match=r"cls.txt' lists no samples \(ImageData reads"):
+    for text, why in (("", ""), (" \n\n", ""),
+                      ("a.png x\n", ": .*cls.txt:1: the label 'x' after 'a.png' is not an "
+                                   "integer$"),
+                      ("a.png\n", ": .*cls.txt:1: 'a.png' has no label$")):
+        with pytest.raises(NetError, match=r"cls.txt' lists no samples \(ImageData reads "
+                                           r"'<image path> <integer label>' pairs\)" + why):
             _image_data_net(tmp_path, text, batch=1)
 
 

@@ -210,7 +210,7 @@ def read_label_pairs(path, layer):
     the list ends silently at the first label that does not parse (a warning here)."""
     logger.info("Opening file %s", path)
     text = read_list_text(path, layer)
-    entries, pos, lineno = [], 0, 1
+    entries, pos, lineno, stop = [], 0, 1, ""
     while True:
         name = C_TOKEN.search(text, pos)
         if name is None:
@@ -218,14 +218,14 @@ def read_label_pairs(path, layer):
         lineno += text.count("\n", pos, name.start())
         label = _C_INT.match(text, name.end())
         if label is None or not _INT_MIN <= int(label.group(1)) <= _INT_MAX:
-            _warn_truncated(path, text, name, label, len(entries))
+            stop = f": {_warn_truncated(path, text, name, label, len(entries))}"
             break
         entries.append(ListEntry(lineno, (name.group(), int(label.group(1)))))
         lineno += text.count("\n", name.start(), label.end())
         pos = label.end()
     if not entries:
         raise layer.error(f"the source list file '{path}' lists no samples (ImageData "
-                          f"reads '<image path> <integer label>' pairs)")
+                          f"reads '<image path> <integer label>' pairs){stop}")
     return entries
 
 
@@ -239,9 +239,10 @@ def _warn_truncated(path, text, name, label, count):
     else:
         why = (f"the label '{_shown(token.group())}' after '{_shown(name.group())}' is "
                f"not an integer")
-    logger.warning("%s:%d: %s; the list ends there, with %d samples (the fork's "
-                   "'infile >> filename >> label' loop stops silently)",
-                   path, text.count("\n", 0, at.start()) + 1, why, count)
+    where = f"{path}:{text.count(chr(10), 0, at.start()) + 1}: {why}"
+    logger.warning("%s; the list ends there, with %d samples (the fork's "
+                   "'infile >> filename >> label' loop stops silently)", where, count)
+    return where
 
 
 def _shown(name):
