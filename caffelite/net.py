@@ -78,7 +78,10 @@ def _check_file(path):
         with open(path, "rb"):
             pass
     except OSError as e:
-        raise NetFileError(f"Could not open file {os.fspath(path)} ({e.strerror})") from None
+        hint = (" (one weights file only: train takes a comma-separated list, test and "
+                "time do not)" if "," in os.fspath(path) else "")
+        raise NetFileError(f"Could not open file '{os.fspath(path)}' ({e.strerror}){hint}") \
+            from None
 
 
 class NetOutOfMemory(MemoryError):

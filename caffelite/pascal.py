@@ -419,6 +419,9 @@ class Pipeline:
                 b = f.read().splitlines()
             lines = comm_3(a, b)
             if length:
+                if not length.strip().isdigit():
+                    raise PipelineError(f"-D TRAIN_SET_WEAK_LEN={length}: must be a whole "
+                                        f"number of lines (head -n N)")
                 lines = lines[:int(length)]
             write_atomically(self.list_path(weak),
                              "".join(line + "\n" for line in lines).encode("utf-8"))

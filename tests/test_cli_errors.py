@@ -92,6 +92,14 @@ def test_swapped_files_are_named_for_what_they_are(tmp_path, net, capsys):
         caffelite.Net(str(net), caffelite.TEST, weights=str(net))
 
 
+def test_a_weights_list_given_to_test_says_test_takes_one_file(net, capsys):
+    code, last = _main(capsys, "test", "--model", str(net), "--weights", "a.caffemodel,",
+                       "--iterations", "1")
+    assert code == 1 and last.endswith(
+        "Could not open file 'a.caffemodel,' (No such file or directory) (one weights file "
+        "only: train takes a comma-separated list, test and time do not)")
+
+
 # ----------------------------------------------------------------- flags and logs
 def test_errors_of_imported_modules_are_one_line_under_python_m(tmp_path):
     """`python -m caffelite.cli` runs cli.py as __main__; a CliError raised by a module

@@ -358,6 +358,14 @@ def test_weak_list_like_run_pascal(tmp_path):
     assert (lists / "train_diff_strong_head3.txt").read_text().splitlines() == train[2:5]
     p.defines = {}
     assert p._weak_list("train") == "train_diff_"     # the kit's value when STRONG is unset
+    p.defines = {"TRAIN_SET_STRONG": "strong", "TRAIN_SET_WEAK_LEN": "ten"}
+    os.chdir(tmp_path)
+    try:
+        with pytest.raises(pascal.PipelineError, match=r"-D TRAIN_SET_WEAK_LEN=ten: must be "
+                                                       r"a whole number of lines"):
+            p._weak_list("train")
+    finally:
+        os.chdir(cwd)
 
 
 # ------------------------------------------------------------------ errors
