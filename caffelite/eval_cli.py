@@ -20,6 +20,18 @@ def check_output_dir(flag, path, error=EvalError):
         raise error(f"{flag}: '{path}' exists and is not a directory")
 
 
+def make_writable_dir(flag, path, error=EvalError):
+    """Make the output folder and check that a file can be written in it, before any
+    work (a read-only or full disk would fail at the first result otherwise)."""
+    import tempfile
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".caffelite-probe-"):
+            pass
+    except OSError as e:
+        raise error(f"{flag}: cannot write into '{path}' ({e.strerror})") from None
+
+
 def check_not_an_input(flag, path, inputs, error=EvalError):
     """Fail before any work when the output ``path`` is one of the command's inputs
     (``inputs``: {flag: file or folder}) or an existing file in an input folder: writing

@@ -553,6 +553,10 @@ def test_crf_verb_errors_name_the_file(tmp_path):
     with pytest.raises(crf_cli.CrfError, match="--images: .* is not a directory"):
         _run_verb(["--features", str(feats), "--images", str(tmp_path / "nope"), "--list",
                    str(listing), "--out", str(tmp_path / "out")])
+    unwritable = tmp_path / "ids.txt" / "out"             # under a file: no folder there
+    with pytest.raises(crf_cli.CrfError, match=r"--out: cannot write into '.*ids.txt/out' "
+                                                r"\(Not a directory\)"):
+        _run_verb(common[:-4] + ["--out", str(unwritable)])
 
 
 def test_crf_verb_refuses_a_list_whose_features_differ_in_class_count(tmp_path):

@@ -262,11 +262,11 @@ def run(args):
         from .device import resolve
         where = resolve(device_id).name                 # fails early, clearly
     params = params_from_args(args)
-    from ..eval_cli import check_not_an_input, check_output_dir
+    from ..eval_cli import check_not_an_input, check_output_dir, make_writable_dir
     check_output_dir("--out", args.out, CrfError)
     check_not_an_input("--out", args.out, {"--images": args.images, "--features": args.features,
                                            "--list": args.list}, CrfError)
-    os.makedirs(args.out, exist_ok=True)
+    make_writable_dir("--out", args.out, CrfError)
     tasks = crf_tasks(args.features, args.images, args.list, args.out, params,
                       unary=args.unary, num_labels=args.num_labels, write_bin=args.bin,
                       device=device_id)

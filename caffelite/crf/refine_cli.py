@@ -120,7 +120,8 @@ def run(args):
         return 0
     dirs, params = parse_words(args.words)
     tasks = refine_tasks(dirs["features"], dirs["images"], dirs["out"], params)
-    os.makedirs(dirs["out"], exist_ok=True)
+    from ..eval_cli import make_writable_dir
+    make_writable_dir("-sd", dirs["out"], CrfError)
     logger.info("%s: %d images, %s", VERB, len(tasks), params)
     start = time.perf_counter()
     run_crf_set(tasks)
