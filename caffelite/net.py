@@ -55,6 +55,22 @@ _NAMED_BY_THE_NET = (BlobShapeError, FillerError, RandomSettingError)
 _HOOKS = ("before_forward", "after_forward", "before_backward", "after_backward")
 
 
+class _NamedDict(OrderedDict):
+    """pycaffe's dict of name -> items whose KeyError lists the names there are."""
+
+    def __init__(self, what, items=()):
+        super().__init__(items)
+        self._what = what
+
+    def __missing__(self, key):
+        names = [repr(name) for name in self]
+        shown = ", ".join(names[:20]) + (f" ... ({len(names)} in all)" if names[20:] else "")
+        raise KeyError(f"{key!r}: no {self._what} of that name (there are: {shown or 'none'})")
+
+    def __reduce__(self):                   # pickles and copies as a plain OrderedDict
+        return OrderedDict, (list(self.items()),)
+
+
 class NetError(ValueError):
     pass
 
@@ -351,7 +367,7 @@ class Net:
         self.layer_params = list(net.layer)
         self.layers = []
         self._layer_names = []
-        self.blobs = OrderedDict()
+        self.blobs = _NamedDict("blob")
         self._blob_order = []       # Caffe's blobs_ and blob_names_: every blob, in order
         self.bottom_blobs, self.top_blobs = [], []
         self.bottom_names, self.top_names = OrderedDict(), OrderedDict()
@@ -954,8 +970,8 @@ class Net:
 
     @property
     def params(self):
-        return OrderedDict((n, l.blobs) for n, l in zip(self._layer_names, self.layers)
-                           if l.blobs)
+        return _NamedDict("layer with parameters", (
+            (n, l.blobs) for n, l in zip(self._layer_names, self.layers) if l.blobs))
 
     @property
     def layer_dict(self):

@@ -78,6 +78,18 @@ def test_names_dicts_and_blob_lists(net_file):
     assert np.isfinite(sum(float(b.data.sum() + b.diff.sum()) for b in params + blobs))
 
 
+def test_a_missing_params_entry_lists_the_layers_with_parameters(net_file):
+    """Still pycaffe's KeyError (``in``, ``get`` and copies behave as a dict's)."""
+    net = caffe.Net(net_file, caffe.TRAIN)
+    with pytest.raises(KeyError, match=r"'fc8': no layer with parameters of that name "
+                                       r"\(there are: 'conv', 'ip'\)"):
+        net.params["fc8"]
+    assert "fc8" not in net.params and net.params.get("fc8") is None
+    assert dict(net.params).keys() == {"conv", "ip"}
+    with pytest.raises(KeyError, match=r"'fc8': no blob of that name \(there are: 'data', "):
+        net.blobs["fc8"]
+
+
 def test_input_fields_make_blobs_but_no_layer(tmp_path):
     """The fork has no Input layer: a net declared with ``input:`` fields has input
     blobs and only its own layers (indices, names, top/bottom names); a reshaped input
