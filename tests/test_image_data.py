@@ -1139,7 +1139,7 @@ def test_hdf5_data_reads_float_and_integer_datasets_only(tmp_path, values, messa
                    hdf5_data_param {{ source: "{tmp_path / 'x.txt'}" batch_size: 1 }} }}''')
 
 
-@pytest.mark.parametrize("loss", ["SoftmaxWithLoss", "Accuracy"])
+@pytest.mark.parametrize("loss", ["SoftmaxWithLoss", "Accuracy", "SegAccuracy"])
 def test_a_bad_label_error_names_the_list_line_of_its_image(tmp_path, loss):
     """The loss names the label; the net adds which list line that batch item was read
     from (with shuffling, the position in the list says nothing)."""
@@ -1147,6 +1147,8 @@ def test_a_bad_label_error_names_the_list_line_of_its_image(tmp_path, loss):
     bad = np.zeros((6, 6), np.uint8)
     bad[2, 3] = 30                                  # neither a class of 21 nor 255
     Image.fromarray(bad).save(tmp_path / "lab2.png")
+    param = {"SoftmaxWithLoss": "loss_param", "Accuracy": "accuracy_param",
+             "SegAccuracy": "seg_accuracy_param"}[loss]
     net = make_net(f'''
         layer {{ name: "data" type: "ImageSegData" top: "data" top: "label"
           image_data_param {{ source: "{source}" root_folder: "{root}" batch_size: 2
@@ -1155,40 +1157,20 @@ def test_a_bad_label_error_names_the_list_line_of_its_image(tmp_path, loss):
         layer {{ name: "score" type: "Convolution" bottom: "data" top: "score"
           convolution_param {{ num_output: 21 kernel_size: 1 }} }}
         layer {{ name: "loss" type: "{loss}" bottom: "score" bottom: "label" top: "loss"
-          {"loss_param" if loss == "SoftmaxWithLoss" else "accuracy_param"}
-          {{ ignore_label: 255 }} }}''', caffelite.TRAIN)
+          {param} {{ ignore_label: 255 }} }}''', caffelite.TRAIN)
     net.forward()                                    # lines 1 and 2: good
     with pytest.raises(LayerError) as e:
         net.forward()
-    assert str(e.value) == (
-        f"layer 'loss' ({loss}): label value 30 is out of range: labels must be integers "
-        f"in [0, 21) (the size of the {'softmax' if loss == 'SoftmaxWithLoss' else 'class'}"
-        f" axis 1 of the scores, (2, 21, 6, 6)); 1 label(s) are out of range and "
-        f"ignore_label is 255; item 0 of the batch is line 3 of '{source}' (ImageSegData "
-        f"layer 'data')")
-
-
-def test_seg_accuracy_names_the_list_line_of_a_bad_label(tmp_path):
-    source, root, _, _ = make_dataset(tmp_path, [(6, 6)] * 4)
-    bad = np.zeros((6, 6), np.uint8)
-    bad[2, 3] = 30
-    Image.fromarray(bad).save(tmp_path / "lab2.png")
-    net = make_net(f'''
-        layer {{ name: "data" type: "ImageSegData" top: "data" top: "label"
-          image_data_param {{ source: "{source}" root_folder: "{root}" batch_size: 2
-                             label_type: PIXEL }}
-          transform_param {{ {mean_transform(6)} }} }}
-        layer {{ name: "score" type: "Convolution" bottom: "data" top: "score"
-          convolution_param {{ num_output: 21 kernel_size: 1 }} }}
-        layer {{ name: "acc" type: "SegAccuracy" bottom: "score" bottom: "label" top: "acc"
-          seg_accuracy_param {{ ignore_label: 255 }} }}''', caffelite.TEST)
-    net.forward()
-    with pytest.raises(LayerError) as e:
-        net.forward()
-    assert str(e.value).endswith(
-        f"unexpected label 30 at num 0, row 2, col 3 (labels must be in [0, 21) or one of "
-        f"the ignore labels [255]); item 0 of the batch is line 3 of '{source}' "
-        f"(ImageSegData layer 'data')")
+    if loss == "SegAccuracy":
+        what = ("unexpected label 30 at num 0, row 2, col 3 (labels must be in [0, 21) or "
+                "one of the ignore labels [255])")
+    else:
+        what = (f"label value 30 is out of range: labels must be integers in [0, 21) (the "
+                f"size of the {'softmax' if loss == 'SoftmaxWithLoss' else 'class'} axis 1 "
+                f"of the scores, (2, 21, 6, 6)); 1 label(s) are out of range and "
+                f"ignore_label is 255")
+    assert str(e.value) == (f"layer 'loss' ({loss}): {what}; item 0 of the batch is line 3 "
+                            f"of '{source}' (ImageSegData layer 'data')")
 
 
 def test_a_bad_class_label_names_the_image_data_line(tmp_path):
