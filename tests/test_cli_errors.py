@@ -77,8 +77,8 @@ def test_swapped_files_are_named_for_what_they_are(tmp_path, net, capsys):
         (["test", "--model", str(net), "--weights", state],
          "(this looks like a .solverstate: resume from it with --snapshot)"),
         (["test", "--model", weights, "--weights", weights],
-         "(this is a binary file, a .caffemodel or .solverstate perhaps, not a text "
-         "prototxt)"),
+         "s_iter_0.caffemodel: a binary file (a .caffemodel or .solverstate perhaps), not "
+         "a text prototxt"),
         (["test", "--model", str(solver), "--weights", weights],
          "(this looks like a solver file; a net prototxt is expected here)"),
         (["train", "--solver", str(net)],

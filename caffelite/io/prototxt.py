@@ -140,6 +140,9 @@ def _unicode_escape(char, pos, text, path, escape):
 
 
 def parse_text(text, message, path="<string>"):
+    if "\x00" in text[:4096]:         # no text prototxt holds a NUL; Caffe would fail too
+        raise PrototxtError(f"{path}: a binary file (a .caffemodel or .solverstate "
+                            f"perhaps), not a text prototxt")
     text = _check_escapes(text, path)
     try:
         text_format.Parse(text, message)
@@ -167,9 +170,6 @@ _NET_ONLY = re.compile(r"^\s*(layers?|input_dim|input_shape)\s*[:{]", re.M)
 
 
 def _kind_hint(text, message):
-    if "\x00" in text[:4096]:
-        return (" (this is a binary file, a .caffemodel or .solverstate perhaps, not a "
-                "text prototxt)")
     name = message.DESCRIPTOR.name
     if name == "NetParameter" and _SOLVER_ONLY.search(text):
         return " (this looks like a solver file; a net prototxt is expected here)"
