@@ -248,14 +248,19 @@ def test_new_size_and_data_dim(tmp_path):
     assert net.blobs["(automatic)"].data.ravel().tolist() == [6, 8]      # min(crop, size)
 
 
-def test_no_crop_uses_first_image_size(tmp_path):
+def test_no_crop_uses_first_image_size(tmp_path, monkeypatch, caplog):
+    from caffelite.layers import image_data
+    monkeypatch.setattr(image_data, "_cut_warned", [False])
     source, root, images, _ = make_dataset(tmp_path, [(6, 7), (8, 9), (4, 4)])
-    net = seg_net(source, root, transform=" ".join(f"mean_value: {m}" for m in MEAN))
-    assert net.blobs["data"].shape == (1, 3, 6, 7)
-    net.forward()
-    assert np.array_equal(net.blobs["data"].data[0], expected_nchw(images[0]))
-    net.forward()                           # larger: truncated to the top-left like the fork
+    with caplog.at_level(logging.WARNING, logger="caffelite"):
+        net = seg_net(source, root, transform=" ".join(f"mean_value: {m}" for m in MEAN))
+        assert net.blobs["data"].shape == (1, 3, 6, 7)
+        net.forward()
+        assert np.array_equal(net.blobs["data"].data[0], expected_nchw(images[0]))
+        net.forward()                       # larger: the top-left, where the fork overflows
     assert np.array_equal(net.blobs["data"].data[0], expected_nchw(images[1])[:, :6, :7])
+    assert "list.txt:2: image is 8x9, larger than the 6x7 data top set by the first " \
+           "image" in caplog.text
     with pytest.raises(LayerError, match=r"list.txt:3.*smaller than the 6x7"):
         net.forward()
 

@@ -42,6 +42,7 @@ from ..io.image import (INTER_LINEAR, INTER_NEAREST, ImageReadError, read_image,
 from ..layer import TRAIN, Layer, register
 
 logger = logging.getLogger("caffelite")
+_cut_warned = [False]       # a later image larger than the first, without a crop
 
 PREFETCH_COUNT = 5          # batches prepared ahead, as the fork's prefetching layers
 
@@ -717,6 +718,13 @@ def transform_img_and_seg(cfg, img, seg, draws, entry):
         raise DataError(f"{cfg.source}:{entry.lineno}: image is {full_h}x{full_w}, smaller "
                         f"than the {out_h}x{out_w} data top set by the first image; "
                         f"without a crop every image must be at least that large")
+    elif (full_h > out_h or full_w > out_w) and not _cut_warned[0]:
+        _cut_warned[0] = True       # the fork writes past the top (undefined behaviour)
+        logger.warning("%s:%d: image is %dx%d, larger than the %dx%d data top set by the "
+                       "first image; without a crop its top-left %dx%d is used (the fork "
+                       "writes past the top); set crop_size to choose the size (warned "
+                       "once)", cfg.source, entry.lineno, full_h, full_w, out_h, out_w,
+                       out_h, out_w)
     means = np.asarray(cfg.means or [0.0] * img.shape[2], dtype)
     pixels = np.empty((out_h, out_w, img.shape[2]), dtype)
     pixels[...] = means                # the fork pads with (mean[0], mean[1], mean[2])
