@@ -320,8 +320,8 @@ class Recording:
             # Memory the pass did not use on the device gets back the head it had before
             # the upload (truthful: the upload only copied the newest side), as the eager
             # pass would leave it.
-            used = {id(m) for m in uses}
-            used = [id(m) in used for m in memory]
+            used_ids = {id(m) for m in uses}
+            used = [id(m) in used_ids for m in memory]
             for m, head, in_use in zip(memory, heads, used):
                 if not in_use:
                     m.head = head

@@ -119,15 +119,14 @@ def _stderr_level(environ):
     also = environ.get("GLOG_alsologtostderr")
     if _env_bool(environ.get("GLOG_logtostderr")) or also is None or _env_bool(also):
         return logging.NOTSET
-    number = re.match(r"\s*([+-]?\d+)", environ.get("GLOG_stderrthreshold", ""))
-    threshold = min(max(int(number.group(1)), 0), 3) if number else 2
+    threshold = _env_severity(environ, "GLOG_stderrthreshold", 2)
     return _SEVERITIES[threshold][1] if threshold > 0 else logging.NOTSET
 
 
 def log_python_warnings():
     """Python warnings (numpy's RuntimeWarning of a diverging run ...) as one glog W line
     each, naming where they were raised, instead of Python's two-line text on stderr:
-    logs stay parseable by Caffe's log parsers.  Returns the hook it replaced."""
+    logs stay parseable by Caffe's log parsers."""
     import warnings
 
     def show(message, category, filename, lineno, file=None, line=None):
@@ -135,9 +134,7 @@ def log_python_warnings():
             record = logger.makeRecord(logger.name, logging.WARNING, filename, lineno,
                                        "%s: %s", (category.__name__, message), None)
             logger.handle(record)
-    previous = warnings.showwarning
     warnings.showwarning = show
-    return previous
 
 
 class StatusLineHandler(logging.StreamHandler):
@@ -178,9 +175,14 @@ def show_status_line(text, stream=None):
 
 def _min_log_level(environ):
     """GLOG_minloglevel as glog reads it (atoi): 1 drops INFO, 2 WARNING, 3 ERROR."""
-    number = re.match(r"\s*([+-]?\d+)", environ.get("GLOG_minloglevel", ""))
-    level = min(int(number.group(1)), 3) if number else 0
+    level = _env_severity(environ, "GLOG_minloglevel", 0)
     return _SEVERITIES[level][1] if level > 0 else logging.DEBUG
+
+
+def _env_severity(environ, name, default):
+    """A glog severity from the environment as glog reads it (atoi), within 0..3."""
+    number = re.match(r"\s*([+-]?\d+)", environ.get(name, ""))
+    return min(max(int(number.group(1)), 0), 3) if number else default
 
 
 class GlogFile(logging.Handler):

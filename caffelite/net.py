@@ -71,6 +71,16 @@ class _NamedDict(OrderedDict):
         return OrderedDict, (list(self.items()),)
 
 
+def _note_python_layer(error, layer, where):
+    """A user's Python layer raises what it raises (pycaffe keeps the type); the command
+    line names the layer from this note (``where``: the net file, layer and pass)."""
+    if layer.python_layer and not hasattr(error, "caffelite_layer"):
+        try:
+            error.caffelite_layer = where
+        except AttributeError:              # an exception type without a __dict__
+            pass
+
+
 class NetError(ValueError):
     pass
 
@@ -477,11 +487,7 @@ class Net:
         except MemoryError as e:
             raise_out_of_memory(f"{self.source}: layer '{lp.name}' ({lp.type}) setup", e)
         except Exception as e:
-            if layer.python_layer and not hasattr(e, "caffelite_layer"):
-                try:                    # the command line's note (pycaffe keeps the type)
-                    e.caffelite_layer = f"{self.source}: layer '{lp.name}' ({lp.type}) setup"
-                except AttributeError:
-                    pass
+            _note_python_layer(e, layer, f"{self.source}: layer '{lp.name}' ({lp.type}) setup")
             raise
         for j, blob, shape in in_place:
             # Caffe keeps the memory of a same-count reshape (a view); a new count would
@@ -797,13 +803,8 @@ class Net:
                 raise
             raise LayerError(f"{e}; {'; '.join(origins)}") from None
         except Exception as e:
-            # A user's Python layer raises what it raises (pycaffe keeps the type); the
-            # command line names the layer from this note.
-            if self.layers[i].python_layer and not hasattr(e, "caffelite_layer"):
-                try:
-                    e.caffelite_layer = f"{self.source}: {self._layer_what(i, direction)}"
-                except AttributeError:          # an exception type without a __dict__
-                    pass
+            _note_python_layer(e, self.layers[i],
+                               f"{self.source}: {self._layer_what(i, direction)}")
             raise
 
     def _batch_item_origins(self, item):

@@ -389,8 +389,8 @@ class Pipeline:
             # of the released init model would cost a whole training run
             logger.warning("%s not found: training %s from its fillers (as run_pascal.sh "
                            "does)", init, self.net_id)
-        self._train("train", "train" + self.suffix, "solver",
-                    init if os.path.isfile(init) else None)
+            init = None
+        self._train("train", "train" + self.suffix, "solver", init)
 
     def step_train2(self):
         weights = choose_model(self.model_dir, "init2.caffemodel", "train")

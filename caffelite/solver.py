@@ -412,16 +412,16 @@ class Solver:
     def _stop_on_bad_loss(self, loss):
         logger.error("Iteration %d: the loss is %s; stopping before this iteration's "
                      "update", self.iter, _fmt(loss))
+        # (not "Iteration N": Caffe's log parsers would take this unprefixed line)
+        stopped = (f"the loss is {_fmt(loss)} at iteration {self.iter}, so training stopped "
+                   f"before applying this iteration's update")
         try:
             model, state = self.snapshot()
         except SolverError as e:
-            raise self.error(f"the loss is {_fmt(loss)} at iteration {self.iter}, so "
-                             f"training stopped before applying this iteration's update; "
-                             f"saving the last good state failed too: {e}") from None
+            raise self.error(f"{stopped}; saving the last good state failed too: {e}") \
+                from None
         raise self.error(
-            # (not "Iteration N": Caffe's log parsers would take this unprefixed line)
-            f"the loss is {_fmt(loss)} at iteration {self.iter}, so training stopped before "
-            f"applying this iteration's update. The last good weights and solver state were "
+            f"{stopped}. The last good weights and solver state were "
             f"saved to {model} and {state}; lower base_lr or set clip_gradients, then resume "
             f"from that .solverstate")
 

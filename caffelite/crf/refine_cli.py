@@ -35,14 +35,15 @@ _C_NUMBER = {int: re.compile(r"\s*[+-]?\d+"),
              float: re.compile(r"\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")}
 
 
-USAGE = (f"usage: caffelite {VERB} -id IMG_DIR -fd FEATURE_DIR -sd SAVE_DIR [-i 10 -px 3 "
-         f"-py 3 -pw 3 -bx 70 -by 70 -br 5 -bg 5 -bb 5 -bw 5]")
+USAGE = (f"usage: caffelite {VERB} -id IMG_DIR -fd FEATURE_DIR -sd SAVE_DIR ["
+         + " ".join(f"{flag} {getattr(DEFAULTS, name):g}" for flag, (name, _) in FLAGS.items())
+         + "]")
 HELP = f"""{USAGE}
 
 prog_refine_pascal_v4's own command line, as run_densecrf.sh calls it: dense-CRF labels
 for every MatWrite features file <name>_blob_0.mat of FEATURE_DIR and its image
-IMG_DIR/<name>.ppm (or .jpg, .png ...), written to SAVE_DIR/<name>.bin.  The bracketed values are the
-program's defaults: -i mean-field iterations, -px/-py/-pw the positional kernel's x/y
+IMG_DIR/<name>.ppm (or .jpg, .png ...), written to SAVE_DIR/<name>.bin.  The bracketed
+values are the program's defaults: -i mean-field iterations, -px/-py/-pw the positional kernel's x/y
 standard deviations and weight, -bx/-by/-br/-bg/-bb/-bw the bilateral kernel's x/y,
 R/G/B standard deviations and weight.  Numbers are read as atoi/atof do.
 """

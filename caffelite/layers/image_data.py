@@ -240,7 +240,8 @@ def _warn_truncated(path, text, name, label, count):
     else:
         why = (f"the label '{_shown(token.group())}' after '{_shown(name.group())}' is "
                f"not an integer")
-    where = f"{path}:{text.count(chr(10), 0, at.start()) + 1}: {why}"
+    lineno = text.count("\n", 0, at.start()) + 1
+    where = f"{path}:{lineno}: {why}"
     logger.warning("%s; the list ends there, with %d samples (the fork's "
                    "'infile >> filename >> label' loop stops silently)", where, count)
     return where
