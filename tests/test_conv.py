@@ -393,6 +393,67 @@ def test_row_bands_agree_with_one_band(kind, param, shape, monkeypatch):
     check_gradient(layer, bottom, top)
 
 
+IMAGE_RUN_CASES = [
+    ("Convolution", "num_output: 5 kernel_size: 5", (7, 1, 12, 11)),
+    ("Convolution", "num_output: 3 kernel_size: 3 pad: 2 dilation: 2 stride: 2", (5, 2, 9, 7)),
+    ("Convolution", "num_output: 4 kernel_size: 3 pad: 1 group: 2", (6, 4, 7, 5)),
+    ("Convolution", "num_output: 3 kernel_size: 1 stride: 2 pad: 1", (4, 3, 5, 6)),
+    ("Convolution", "num_output: 2 kernel_size: 2 kernel_size: 3 kernel_size: 2 pad: 1",
+     (3, 2, 3, 4, 3)),
+    ("Deconvolution", "num_output: 2 kernel_size: 4 stride: 2 pad: 1", (5, 3, 5, 4)),
+    ("Deconvolution", "num_output: 4 kernel_size: 3 stride: 2 group: 2", (3, 2, 3, 4)),
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, F32])
+@pytest.mark.parametrize("kind,param,shape", IMAGE_RUN_CASES,
+                         ids=[f"{k}-{p}" for k, p, _ in IMAGE_RUN_CASES])
+def test_host_image_runs_give_the_per_image_bits(kind, param, shape, dtype, monkeypatch):
+    """Several small images per column buffer (one tap slice for all of them) must give
+    exactly what one image at a time gives: the same columns and the same per-image
+    GEMMs, in order. Runs of every length, a remainder included, and one image at a
+    time are compared; outputs and bottom diffs start poisoned, param diffs nonzero."""
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal(shape).astype(dtype)
+    layer = conv_layer(kind, param, dtype)
+    bottom, top = setup_layer(layer, [x], dtype=dtype)
+    randomize(layer, rng)
+    dy = rng.standard_normal(top[0].shape).astype(dtype)
+    start_diffs = [rng.standard_normal(b.shape).astype(dtype) for b in layer.blobs]
+    # The columns: image channels x taps x grid positions (Deconvolution swaps roles).
+    image, grid = (bottom[0], top[0]) if kind == "Convolution" else (top[0], bottom[0])
+    col_bytes = (image.shape[1] * layer.geom.taps * int(np.prod(grid.shape[2:]))
+                 * np.dtype(dtype).itemsize)
+
+    def run():
+        y = run_forward(layer, bottom, top)[0]
+        top[0].diff[...] = dy
+        bottom[0].diff[...] = np.nan
+        for blob, d in zip(layer.blobs, start_diffs):
+            blob.diff[...] = d
+        layer.backward(top, [True], bottom)
+        return [y, bottom[0].diff.copy()] + [b.diff.copy() for b in layer.blobs]
+
+    monkeypatch.setattr(im2col_mod, "HOST_IMAGE_RUNS", False)
+    one_at_a_time = run()
+    monkeypatch.setattr(im2col_mod, "HOST_IMAGE_RUNS", True)
+    runs_seen = set()
+    real_runs = im2col_mod._host_image_runs
+
+    def noting_runs(*args):
+        runs = real_runs(*args)
+        runs_seen.add(tuple(runs) if runs else None)
+        return runs
+
+    monkeypatch.setattr(im2col_mod, "_host_image_runs", noting_runs)
+    for images_per_run in (2, 3, shape[0]):
+        monkeypatch.setattr(im2col_mod, "COL_BUFFER_BYTES", images_per_run * col_bytes)
+        for a, b in zip(one_at_a_time, run()):
+            assert not np.isnan(b).any()
+            np.testing.assert_array_equal(a, b)
+    assert len([r for r in runs_seen if r]) >= 2, runs_seen
+
+
 def test_513_float32_conv_stays_within_column_budget():
     # A full-size DeepLab map: the unbanded column matrix would be 16*9*513*513*4 = 152 MB;
     # banding keeps the extra memory near COL_BUFFER_BYTES.

@@ -8,13 +8,14 @@ its adjoint and accumulates the taps in Caffe's order.
 
 The column buffer is built for a band of output rows at a time (``rows_per_chunk``) so
 that it stays under ``COL_BUFFER_BYTES`` however large the image; each band is one 2-D
-GEMM per convolution group.  Convolutions with a 1x1 kernel, stride 1 and no padding skip
-im2col (the image already is its column matrix; on the device under TF32, large ones on
-odd grids run as padded image groups instead, see ``_direct_1x1``). On the host, 2-D
-stride-1 convolutions with one group and at most half as many outputs as input channels
-(classifier heads) skip it too: one product per image gives every tap's output plane,
-and the planes are shifted and summed (``tap_planes``, which says when else it
-applies).
+GEMM per convolution group. On the host, small images share one buffer, still one GEMM
+per image (``_host_image_runs``).  Convolutions with a 1x1 kernel, stride 1 and no
+padding skip im2col (the image already is its column matrix; on the device under TF32,
+large ones on odd grids run as padded image groups instead, see ``_direct_1x1``). On
+the host, 2-D stride-1 convolutions with one group and at most half as many outputs as
+input channels (classifier heads) skip it too: one product per image gives every tap's
+output plane, and the planes are shifted and summed (``tap_planes``, which says when
+else it applies).
 
 Everything is written against ``xp`` (numpy or cupy, taken from the arrays).  On the
 device, 2-D convolutions run the ``im2col``/``col2im`` CUDA kernels
@@ -30,6 +31,7 @@ weight gradients gather their columns inside tensor-core kernels instead
 (``implicit_gemm``).
 """
 import itertools
+import math
 import os
 import threading
 from dataclasses import dataclass
@@ -130,7 +132,7 @@ class ConvGeometry:
 
     @property
     def taps(self):
-        return int(np.prod(self.kernel, dtype=np.int64))
+        return math.prod(self.kernel)
 
     @property
     def is_1x1(self):
@@ -230,6 +232,53 @@ def _band_col(channels, geom, grid_shape, r0, r1, dtype, xp):
     rest = tuple(grid_shape[1:])
     count = channels * geom.taps * rows * int(np.prod(rest, dtype=np.int64))
     return view(_scratch(count, dtype, xp), (channels,) + tuple(geom.kernel) + (rows,) + rest)
+
+
+# ------------------------------------------------------ whole images, on the host
+# Small images (LeNet's 28x28, CIFAR's 32x32) cost more in Python than in copying: one
+# set of tap slices per image and layer. Where several images' columns fit the host
+# buffer, one set of slices fills them all, laid out (images, C, *kernel, *grid) so that
+# each image's column matrix is the one the per-image path builds. The GEMMs stay one
+# per image, in image order (Caffe's calls), so the results are the same bits.
+HOST_IMAGE_RUNS = True      # False: one image (or band of rows) per column buffer
+
+
+def _host_image_runs(xp, geom, image, grid, budget):
+    """[(n0, n1), ...]: runs of at least two whole images whose host columns fit the
+    column buffer together, or None (an image or band at a time)."""
+    if not HOST_IMAGE_RUNS or xp is not np or image.shape[0] < 2 \
+            or not (image.flags.c_contiguous and grid.flags.c_contiguous):
+        return None
+    channels = image.shape[1]
+    plane = int(np.prod(grid.shape[2:], dtype=np.int64))
+    image_bytes = channels * geom.taps * plane * image.dtype.itemsize
+    per_run = min(image.shape[0], (COL_BUFFER_BYTES if budget is None else budget)
+                  // max(image_bytes, 1))
+    if per_run < 2:
+        return None
+    num = image.shape[0]
+    return [(n0, min(num, n0 + per_run)) for n0 in range(0, num, per_run)]
+
+
+def _run_col(count, channels, geom, grid_shape, dtype):
+    """The host column buffer of ``count`` whole images: (count, C, *kernel, *grid)."""
+    shape = (count, channels) + tuple(geom.kernel) + tuple(grid_shape)
+    return view(_scratch(int(np.prod(shape, dtype=np.int64)), dtype, np), shape)
+
+
+def _as_channels(array):
+    """(N, C, ...) as (N*C, ...): im2col and col2im treat their first axis as channels."""
+    return view(array, (-1,) + array.shape[2:])
+
+
+def _filled_host_runs(image, geom, grid_shape, runs):
+    """Per run of images: (n0, n1, its columns filled by im2col); the next run reuses
+    the buffer."""
+    for n0, n1 in runs:
+        col = _run_col(n1 - n0, image.shape[1], geom, grid_shape, image.dtype)
+        im2col(_as_channels(image[n0:n1]), _as_channels(col), geom, grid_shape, 0,
+               grid_shape[0])
+        yield n0, n1, col
 
 
 def _uses_kernels(xp, geom):
@@ -525,6 +574,12 @@ def forward_gemm(image, weight, out, geom, group, budget=None, bias=None):
     if groups:
         _forward_groups(image, w_g, out, geom, group, groups, xp, bias)
         return bias is not None
+    runs = _host_image_runs(xp, geom, image, out, budget)
+    if runs:
+        for n0, n1, col in _filled_host_runs(image, geom, grid_shape, runs):
+            for n in range(n0, n1):
+                product(_matrix(col[n - n0], channels * geom.taps), _matrix(out[n], n_out))
+        return False
     chunk = rows_per_chunk(channels, geom, grid_shape, image.dtype.itemsize, budget, xp)
     for n in range(num):
         for r0, r1 in _bands(grid_shape[0], chunk):
@@ -566,6 +621,17 @@ def backward_gemm(grid, weight, image, geom, group, budget=None):
     if groups:
         _backward_groups(grid, w_g, image, geom, group, groups, xp)
         return
+    runs = _host_image_runs(xp, geom, image, grid, budget)
+    if runs:
+        for n0, n1 in runs:
+            col = _run_col(n1 - n0, channels, geom, grid_shape, grid.dtype)
+            for n in range(n0, n1):
+                product(_matrix(grid[n], n_out), _matrix(col[n - n0], channels * geom.taps))
+            images = image[n0:n1]
+            images[...] = 0
+            col2im(_as_channels(col), _as_channels(images), geom, grid_shape, 0,
+                   grid_shape[0])
+        return
     chunk = rows_per_chunk(channels, geom, grid_shape, grid.dtype.itemsize, budget, xp)
     for n in range(num):
         for r0, r1 in _bands(grid_shape[0], chunk):
@@ -605,6 +671,12 @@ def weight_gemm(image, grid, weight_diff, geom, group, budget=None):
     groups = _device_groups(xp, geom, num, channels, grid_shape, image.dtype, budget)
     if groups:
         _weight_groups(image, grid, dw_g, geom, group, groups, xp)
+        return
+    runs = _host_image_runs(xp, geom, image, grid, budget)
+    if runs:
+        for n0, n1, col in _filled_host_runs(image, geom, grid_shape, runs):
+            for n in range(n0, n1):
+                product(_matrix(grid[n], n_out), _matrix(col[n - n0], channels * geom.taps))
         return
     chunk = rows_per_chunk(channels, geom, grid_shape, image.dtype.itemsize, budget, xp)
     for n in range(num):
