@@ -146,6 +146,78 @@ def test_across_channels_is_the_forks_cpu_arithmetic(fork_lrn, shape, size, alph
     assert np.array_equal(bottom[0].diff.view(np.uint32), want_dx.view(np.uint32))
 
 
+def _pow_as_the_fork(a, b):
+    """caffe_powx's ``pow(a[i], b)``: C's double pow of floats, rounded to float."""
+    return np.float32(np.power(np.float64(a), np.float64(b)))
+
+
+def within_channel_caffe_chain(x, dy, size, alpha, beta):
+    """WITHIN_CHANNEL as the fork composes it, transcribed loop by loop in float32 (Split,
+    Power(2), Pooling AVE with pad (size-1)/2 and stride 1, Power(-beta, alpha, 1),
+    Eltwise PROD; then their CPU backwards in reverse), independent of lrn.py."""
+    f = np.float32
+    n, c, h, w = x.shape
+    pad = (size - 1) // 2
+    square = np.empty_like(x)
+    for i in np.ndindex(x.shape):
+        square[i] = _pow_as_the_fork(x[i], 2.0)
+    pooled = np.empty_like(x)
+    windows = {}
+    for a, b, ph, pw in np.ndindex(x.shape):
+        hs, ws = ph - pad, pw - pad
+        he, we = min(hs + size, h + pad), min(ws + size, w + pad)
+        pool_size = (he - hs) * (we - ws)
+        hs, ws, he, we = max(hs, 0), max(ws, 0), min(he, h), min(we, w)
+        total = f(0)
+        for yy in range(hs, he):
+            for xx in range(ws, we):
+                total = f(total + square[a, b, yy, xx])
+        pooled[a, b, ph, pw] = f(total / f(pool_size))
+        windows[a, b, ph, pw] = (hs, he, ws, we, pool_size)
+    power = np.empty_like(x)
+    for i in np.ndindex(x.shape):
+        power[i] = _pow_as_the_fork(f(f(pooled[i] * f(alpha)) + f(1)), -float(f(beta)))
+    top = (x * power).astype(f)
+    # Backward: Eltwise PROD, Power(-beta, alpha, 1), Pooling AVE, Power(2), Split.
+    d_prod_x = (power * dy).astype(f)
+    d_power = (x * dy).astype(f)
+    diff_scale = f(f(-f(beta)) * f(alpha))
+    d_pooled = np.empty_like(x)
+    for i in np.ndindex(x.shape):
+        slope = f(f(power[i] / f(f(pooled[i] * f(alpha)) + f(1))) * diff_scale)
+        d_pooled[i] = f(d_power[i] * slope)
+    d_square = np.zeros_like(x)
+    for (a, b, ph, pw), (hs, he, ws, we, pool_size) in windows.items():
+        for yy in range(hs, he):
+            for xx in range(ws, we):
+                d_square[a, b, yy, xx] = f(d_square[a, b, yy, xx]
+                                           + f(d_pooled[a, b, ph, pw] / f(pool_size)))
+    d_square_x = (d_square * (f(2) * x).astype(f)).astype(f)
+    return top, (d_prod_x + d_square_x).astype(f)
+
+
+@pytest.mark.parametrize("shape,size,alpha,beta", [
+    ((2, 3, 5, 6), 3, 5e-5, 0.75),               # cifar10_full's norm1
+    ((1, 2, 7, 4), 5, 0.7, 0.6),
+    ((1, 2, 3, 3), 7, 2.0, 0.9),                 # window wider than the plane
+])
+def test_within_channel_is_the_forks_layer_chain_bit_for_bit(shape, size, alpha, beta):
+    rng = np.random.default_rng(size)
+    x = (rng.standard_normal(shape) * 3).astype(np.float32)
+    x.flat[0] = -0.0
+    dy = rng.standard_normal(shape).astype(np.float32)
+    layer = make_layer(lrn_text(f"local_size: {size} alpha: {alpha} beta: {beta} "
+                                f"norm_region: WITHIN_CHANNEL"), dtype=np.float32)
+    bottom, top = setup_layer(layer, [x], dtype=np.float32)
+    y = run_forward(layer, bottom, top)[0]
+    top[0].diff[...] = dy
+    bottom[0].diff[...] = np.nan
+    layer.backward(top, [True], bottom)
+    want_y, want_dx = within_channel_caffe_chain(x, dy, size, alpha, beta)
+    assert np.array_equal(y.view(np.uint32), want_y.view(np.uint32))
+    assert np.array_equal(bottom[0].diff.view(np.uint32), want_dx.view(np.uint32))
+
+
 @pytest.mark.parametrize("body,words", [
     ("local_size: 4", "odd"),
     ("local_size: 0", "odd"),

@@ -1,0 +1,245 @@
+"""Classic small nets on the CPU: caffelite vs PyTorch, one training iteration and one
+test forward.
+
+* **LeNet** (Caffe's MNIST example): batch 64 of 1x28x28, conv 20 5x5, MAX pool,
+  conv 50 5x5, MAX pool, InnerProduct 500, ReLU, InnerProduct 10, SoftmaxWithLoss.
+* **CIFAR-10 quick** (Caffe's CIFAR-10 example): batch 100 of 3x32x32, three 5x5 pad-2
+  convolutions (32, 32, 64) with 3x3 stride-2 pooling (MAX, then AVE twice: Caffe's
+  ceil-mode sizes 16, 8, 4), InnerProduct 64 and 10, SoftmaxWithLoss.
+
+Both nets take their data and labels from Input layers, so the time is the net's and the
+solver's, not a data layer's. Each iteration takes the next of eight random batches (the
+same for both engines): on one fixed batch the loss soon falls to nearly zero and the
+gradients to subnormal floats, whose arithmetic is many times slower. caffelite
+trains with its SGDSolver (momentum 0.9, weight decay 5e-4), PyTorch with the same net
+built by ``torch_net.TorchNet`` from caffelite's layers and weights and ``torch.optim``'s
+SGD. The first losses of the two engines are printed as a check that they compute the
+same net.
+
+    python benchmarks/cpu_small_nets.py --repeats 7 --threads 2
+
+``--no-image-runs`` times caffelite with one image per column buffer, as before
+session 23 (``im2col.HOST_IMAGE_RUNS = False``), in the same run.
+"""
+import argparse
+import os
+import sys
+import time
+
+
+NETS = {
+    "lenet": ("LeNet", 64, (1, 28, 28), """
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
+  param { lr_mult: 1 } param { lr_mult: 2 }
+  convolution_param { num_output: 20 kernel_size: 5 weight_filler { type: "xavier" } } }
+layer { name: "pool1" type: "Pooling" bottom: "conv1" top: "pool1"
+  pooling_param { pool: MAX kernel_size: 2 stride: 2 } }
+layer { name: "conv2" type: "Convolution" bottom: "pool1" top: "conv2"
+  param { lr_mult: 1 } param { lr_mult: 2 }
+  convolution_param { num_output: 50 kernel_size: 5 weight_filler { type: "xavier" } } }
+layer { name: "pool2" type: "Pooling" bottom: "conv2" top: "pool2"
+  pooling_param { pool: MAX kernel_size: 2 stride: 2 } }
+layer { name: "ip1" type: "InnerProduct" bottom: "pool2" top: "ip1"
+  param { lr_mult: 1 } param { lr_mult: 2 }
+  inner_product_param { num_output: 500 weight_filler { type: "xavier" } } }
+layer { name: "relu1" type: "ReLU" bottom: "ip1" top: "ip1" }
+layer { name: "ip2" type: "InnerProduct" bottom: "ip1" top: "ip2"
+  param { lr_mult: 1 } param { lr_mult: 2 }
+  inner_product_param { num_output: 10 weight_filler { type: "xavier" } } }
+"""),
+    "cifar": ("CIFAR-10 quick", 100, (3, 32, 32), """
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
+  param { lr_mult: 1 } param { lr_mult: 2 }
+  convolution_param { num_output: 32 pad: 2 kernel_size: 5
+    weight_filler { type: "gaussian" std: 0.0001 } } }
+layer { name: "pool1" type: "Pooling" bottom: "conv1" top: "pool1"
+  pooling_param { pool: MAX kernel_size: 3 stride: 2 } }
+layer { name: "relu1" type: "ReLU" bottom: "pool1" top: "pool1" }
+layer { name: "conv2" type: "Convolution" bottom: "pool1" top: "conv2"
+  param { lr_mult: 1 } param { lr_mult: 2 }
+  convolution_param { num_output: 32 pad: 2 kernel_size: 5
+    weight_filler { type: "gaussian" std: 0.01 } } }
+layer { name: "relu2" type: "ReLU" bottom: "conv2" top: "conv2" }
+layer { name: "pool2" type: "Pooling" bottom: "conv2" top: "pool2"
+  pooling_param { pool: AVE kernel_size: 3 stride: 2 } }
+layer { name: "conv3" type: "Convolution" bottom: "pool2" top: "conv3"
+  param { lr_mult: 1 } param { lr_mult: 2 }
+  convolution_param { num_output: 64 pad: 2 kernel_size: 5
+    weight_filler { type: "gaussian" std: 0.01 } } }
+layer { name: "relu3" type: "ReLU" bottom: "conv3" top: "conv3" }
+layer { name: "pool3" type: "Pooling" bottom: "conv3" top: "pool3"
+  pooling_param { pool: AVE kernel_size: 3 stride: 2 } }
+layer { name: "ip1" type: "InnerProduct" bottom: "pool3" top: "ip1"
+  param { lr_mult: 1 } param { lr_mult: 2 }
+  inner_product_param { num_output: 64 weight_filler { type: "gaussian" std: 0.1 } } }
+layer { name: "ip2" type: "InnerProduct" bottom: "ip1" top: "ip2"
+  param { lr_mult: 1 } param { lr_mult: 2 }
+  inner_product_param { num_output: 10 weight_filler { type: "gaussian" std: 0.1 } } }
+"""),
+}
+
+LOSS = """
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip2" bottom: "label" top: "loss" }
+"""
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--nets", default="lenet,cifar")
+    p.add_argument("--repeats", type=int, default=7, help="timed blocks (median)")
+    p.add_argument("--steps", type=int, default=10, help="iterations per timed block")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-torch", action="store_true")
+    p.add_argument("--no-image-runs", action="store_true",
+                   help="also time caffelite with one image per column buffer")
+    return p.parse_args(argv)
+
+
+def net_text(key, with_loss):
+    title, batch, shape, body = NETS[key]
+    dims = " ".join(f"dim: {d}" for d in (batch,) + shape)
+    text = (f'name: "{title}"\n'
+            f'layer {{ name: "data" type: "Input" top: "data" '
+            f'input_param {{ shape {{ {dims} }} }} }}\n')
+    if with_loss:
+        text += (f'layer {{ name: "label" type: "Input" top: "label" '
+                 f'input_param {{ shape {{ dim: {batch} }} }} }}\n')
+    return text + body + (LOSS if with_loss else "")
+
+
+BATCHES = 8
+
+
+def input_batches(key, seed=3):
+    import numpy as np
+    _, batch, shape, _ = NETS[key]
+    rng = np.random.default_rng(seed)
+    return [{"data": rng.standard_normal((batch,) + shape).astype(np.float32),
+             "label": rng.integers(0, 10, batch).astype(np.float32)}
+            for _ in range(BATCHES)]
+
+
+class Feeder:
+    """Copies the next batch into the inputs before each step (both engines)."""
+
+    def __init__(self, batches, targets):
+        self.batches, self.targets, self.next = batches, targets, 0
+
+    def __call__(self):
+        values = self.batches[self.next % len(self.batches)]
+        self.next += 1
+        for name, target in self.targets.items():
+            target[...] = values[name]
+
+
+def median_ms(step, repeats, steps):
+    import numpy as np
+    step()                                  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        times.append((time.perf_counter() - start) / steps)
+    return float(np.median(times)) * 1e3, min(times) * 1e3
+
+
+def caffelite_solver(key):
+    import caffelite as caffe
+    from caffelite.proto import caffe_pb2
+    from caffelite.io import prototxt
+    sp = caffe_pb2.SolverParameter(base_lr=0.01, momentum=0.9, weight_decay=5e-4,
+                                   lr_policy="fixed", max_iter=10 ** 9, display=0,
+                                   solver_mode=caffe_pb2.SolverParameter.CPU)
+    sp.train_net_param.CopyFrom(prototxt.parse_net(net_text(key, True))[0])
+    caffe.set_random_seed(1)
+    return caffe.get_solver(sp)
+
+
+def caffelite_test_net(key, solver):
+    import caffelite as caffe
+    from caffelite.io import prototxt
+    net = caffe.Net(param=prototxt.parse_net(net_text(key, False))[0], phase=caffe.TEST)
+    net.share_with(solver.net)
+    return net
+
+
+def bench(key, args, rows):
+    import caffelite.layers.im2col as im2col
+    batches = input_batches(key)
+    solver = caffelite_solver(key)
+    test_net = caffelite_test_net(key, solver)
+    feed_train = Feeder(batches, {k: solver.net.blobs[k].data for k in ("data", "label")})
+    feed_test = Feeder(batches, {"data": test_net.blobs["data"].data})
+    first_loss = None
+    tnet = None
+    if not args.no_torch:
+        import torch
+        from torch_net import TorchNet
+        tnet = TorchNet(solver.net)
+        ttest = TorchNet(test_net)
+        tinputs = {k: torch.zeros(v.shape) for k, v in batches[0].items()}
+        sgd = tnet.sgd(0.01, 0.9, 5e-4)
+        feed_train()
+        solver.net.forward()
+        feed_torch = Feeder(batches, {k: t.numpy() for k, t in tinputs.items()})
+        feed_torch()
+        with torch.no_grad():
+            first_loss = (float(solver.net.blobs["loss"].data), float(tnet(tinputs)[0]))
+    settings = [("caffelite", True)] + ([("caffelite, one image per buffer", False)]
+                                        if args.no_image_runs else [])
+    for label, runs in settings:
+        im2col.HOST_IMAGE_RUNS = runs
+        train = median_ms(lambda: (feed_train(), solver.step(1)), args.repeats, args.steps)
+        test = median_ms(lambda: (feed_test(), test_net.forward()), args.repeats, args.steps)
+        rows.append((NETS[key][0], label, train, test))
+    im2col.HOST_IMAGE_RUNS = True
+    if tnet is not None:
+        def torch_step():
+            feed_torch()
+            sgd.zero_grad(set_to_none=True)
+            tnet(tinputs)[0].backward()
+            sgd.step()
+
+        def torch_test():
+            feed_torch()
+            with torch.no_grad():
+                ttest({"data": tinputs["data"]})
+
+        rows.append((NETS[key][0], "PyTorch", median_ms(torch_step, args.repeats, args.steps),
+                     median_ms(torch_test, args.repeats, args.steps)))
+    return first_loss
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(args.threads)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    if not args.no_torch:
+        import torch
+        torch.set_num_threads(args.threads)
+    os.environ.setdefault("GLOG_minloglevel", "1")
+    rows, checks = [], {}
+    for key in args.nets.split(","):
+        checks[key] = bench(key, args, rows)
+    print(f"\nload average {os.getloadavg()[0]:.2f}; {args.threads} threads; median (min) "
+          f"ms of {args.repeats} blocks of {args.steps} iterations\n")
+    print("| net | engine | train iteration | test forward |")
+    print("|---|---|---|---|")
+    torch_rows = {r[0]: r for r in rows if r[1] == "PyTorch"}
+    for net, engine, train, test in rows:
+        ratio = ""
+        if net in torch_rows and engine != "PyTorch":
+            ratio = (f" ({train[0] / torch_rows[net][2][0]:.2f}x PyTorch / "
+                     f"{test[0] / torch_rows[net][3][0]:.2f}x)")
+        print(f"| {net} | {engine}{ratio} | {train[0]:.1f} ({train[1]:.1f}) | "
+              f"{test[0]:.1f} ({test[1]:.1f}) |")
+    for key, losses in checks.items():
+        if losses:
+            print(f"{NETS[key][0]}: first loss caffelite {losses[0]:.6f}, "
+                  f"PyTorch {losses[1]:.6f}")
+
+
+if __name__ == "__main__":
+    main()
