@@ -6,6 +6,9 @@ test forward.
 * **CIFAR-10 quick** (Caffe's CIFAR-10 example): batch 100 of 3x32x32, three 5x5 pad-2
   convolutions (32, 32, 64) with 3x3 stride-2 pooling (MAX, then AVE twice: Caffe's
   ceil-mode sizes 16, 8, 4), InnerProduct 64 and 10, SoftmaxWithLoss.
+* **CIFAR-10 full**: the same with WITHIN_CHANNEL LRN after the first two poolings and
+  one InnerProduct (``--nets cifar_full``; PyTorch has no such LRN in ``torch_net``, so
+  caffelite runs alone).
 
 Both nets take their data and labels from Input layers, so the time is the net's and the
 solver's, not a data layer's. Each iteration takes the next of eight random batches (the
@@ -76,6 +79,36 @@ layer { name: "ip2" type: "InnerProduct" bottom: "ip1" top: "ip2"
   param { lr_mult: 1 } param { lr_mult: 2 }
   inner_product_param { num_output: 10 weight_filler { type: "gaussian" std: 0.1 } } }
 """),
+    "cifar_full": ("CIFAR-10 full", 100, (3, 32, 32), """
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
+  param { lr_mult: 1 } param { lr_mult: 2 }
+  convolution_param { num_output: 32 pad: 2 kernel_size: 5
+    weight_filler { type: "gaussian" std: 0.0001 } } }
+layer { name: "pool1" type: "Pooling" bottom: "conv1" top: "pool1"
+  pooling_param { pool: MAX kernel_size: 3 stride: 2 } }
+layer { name: "relu1" type: "ReLU" bottom: "pool1" top: "pool1" }
+layer { name: "norm1" type: "LRN" bottom: "pool1" top: "norm1"
+  lrn_param { local_size: 3 alpha: 5e-05 beta: 0.75 norm_region: WITHIN_CHANNEL } }
+layer { name: "conv2" type: "Convolution" bottom: "norm1" top: "conv2"
+  param { lr_mult: 1 } param { lr_mult: 2 }
+  convolution_param { num_output: 32 pad: 2 kernel_size: 5
+    weight_filler { type: "gaussian" std: 0.01 } } }
+layer { name: "relu2" type: "ReLU" bottom: "conv2" top: "conv2" }
+layer { name: "pool2" type: "Pooling" bottom: "conv2" top: "pool2"
+  pooling_param { pool: AVE kernel_size: 3 stride: 2 } }
+layer { name: "norm2" type: "LRN" bottom: "pool2" top: "norm2"
+  lrn_param { local_size: 3 alpha: 5e-05 beta: 0.75 norm_region: WITHIN_CHANNEL } }
+layer { name: "conv3" type: "Convolution" bottom: "norm2" top: "conv3"
+  param { lr_mult: 1 } param { lr_mult: 2 }
+  convolution_param { num_output: 64 pad: 2 kernel_size: 5
+    weight_filler { type: "gaussian" std: 0.01 } } }
+layer { name: "relu3" type: "ReLU" bottom: "conv3" top: "conv3" }
+layer { name: "pool3" type: "Pooling" bottom: "conv3" top: "pool3"
+  pooling_param { pool: AVE kernel_size: 3 stride: 2 } }
+layer { name: "ip2" type: "InnerProduct" bottom: "pool3" top: "ip2"
+  param { lr_mult: 1 decay_mult: 250 } param { lr_mult: 2 decay_mult: 0 }
+  inner_product_param { num_output: 10 weight_filler { type: "gaussian" std: 0.01 } } }
+"""),
 }
 
 LOSS = """
@@ -85,7 +118,7 @@ layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip2" bottom: "label" top: 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--nets", default="lenet,cifar")
+    p.add_argument("--nets", default="lenet,cifar,cifar_full")
     p.add_argument("--repeats", type=int, default=7, help="timed blocks (median)")
     p.add_argument("--steps", type=int, default=10, help="iterations per timed block")
     p.add_argument("--threads", type=int, default=2)
@@ -173,7 +206,7 @@ def bench(key, args, rows):
     feed_test = Feeder(batches, {"data": test_net.blobs["data"].data})
     first_loss = None
     tnet = None
-    if not args.no_torch:
+    if not args.no_torch and key != "cifar_full":
         import torch
         from torch_net import TorchNet
         tnet = TorchNet(solver.net)
