@@ -88,13 +88,111 @@ def test_normalize_default_scale_is_one():
     np.testing.assert_array_equal(layer.blobs[0].data, np.ones(3))
 
 
-@pytest.mark.parametrize("across, shared", [(False, False), (True, True), (False, True)])
+@pytest.mark.parametrize("across, shared", [(False, False), (True, True), (False, True),
+                                            (True, False)])
 def test_normalize_gradient(across, shared):
+    """SSD's backward is the true gradient where all scales are equal (one shared
+    scale, or per-channel scales of one value, as SSD's constant-20 filler makes)."""
     layer = make_layer(f'type: "Normalize" norm_param {{ across_spatial: {str(across).lower()} '
                        f'channel_shared: {str(shared).lower()} }}')
     bottom, top = setup_layer(layer, [RNG.standard_normal((2, 3, 2, 3))])
-    layer.blobs[0].data[...] = RNG.uniform(0.5, 2, layer.blobs[0].shape)
+    layer.blobs[0].data[...] = RNG.uniform(0.5, 2)
     check_gradient(layer, bottom, top)
+
+
+def ssd_normalize(x, dy, scale, across, shared, eps, in_place):
+    """SSD's normalize_layer.cpp, Forward_cpu then Backward_cpu, image by image in
+    float32, with its buffers; in place, data and diff are one array each (top ==
+    bottom), so later steps read what earlier ones wrote. Returns (top data, bottom
+    diff, scale diff added to zeros)."""
+    f = np.float32
+    num, channels = x.shape[:2]
+    data = x.copy()
+    top = data if in_place else np.empty_like(x)
+    top_diff = dy.copy()
+    bottom_diff = top_diff if in_place else np.full_like(x, np.nan)
+    s = scale.reshape(-1)
+    norms = []
+    for n in range(num):
+        sq = data[n] * data[n]
+        if across:
+            norm = f(np.sqrt(f(sq.sum(dtype=np.float64)) + f(eps)))
+            top[n] = data[n] * f(1.0 / float(norm))
+        else:
+            norm = np.sqrt(sq.sum(axis=0, dtype=np.float64).astype(f) + f(eps)).astype(f)
+            top[n] = data[n] / norm[None]
+        norms.append(norm)
+        top[n] = top[n] * (s[0] if shared else s[:, None, None])
+    scale_diff = np.zeros_like(s)
+    if shared:
+        scale_diff[0] += f(np.dot(top.reshape(-1).astype(np.float64),
+                                  top_diff.reshape(-1)).astype(f) / s[0])
+    else:
+        for n in range(num):
+            per_channel = (top[n] * top_diff[n]).sum(axis=(1, 2), dtype=np.float64).astype(f)
+            scale_diff += per_channel / s
+    for n in range(num):
+        bd, td, norm = bottom_diff[n], top_diff[n], norms[n]
+        if across:
+            a = f(np.dot(data[n].reshape(-1).astype(np.float64), td.reshape(-1)))
+            bd[...] = data[n] * f(f(a / norm) / norm)
+            bd[...] = td - bd
+            bd[...] = bd * f(1.0 / float(norm))
+        else:
+            dot = (data[n] * td).sum(axis=0, dtype=np.float64).astype(f)
+            bd[...] = data[n] * dot[None]
+            bd[...] = bd / (norm * norm)[None]
+            bd[...] = td - bd
+            bd[...] = bd / norm[None]
+        bd[...] = bd * (s[0] if shared else s[:, None, None])
+    return top, bottom_diff, scale_diff.reshape(scale.shape)
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+@pytest.mark.parametrize("across, shared", [(False, False), (True, True), (False, True),
+                                            (True, False)])
+def test_normalize_backward_is_ssds(across, shared, in_place):
+    """Against SSD's own steps with unequal (and negative) scales, where its backward is
+    not the true gradient, and in place, where its diffs overwrite each other. Sums
+    are in double here (BLAS orders them its own way), so the comparison allows
+    rounding; the in-place bottom diff is zero as in SSD's code."""
+    rng = np.random.default_rng(21)
+    x = rng.standard_normal((2, 4, 3, 2)).astype(np.float32)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    text = (f'type: "Normalize" norm_param {{ across_spatial: {str(across).lower()} '
+            f'channel_shared: {str(shared).lower()} eps: 0.001 }}')
+    layer = make_layer(text, dtype=np.float32)
+    bottom, top = setup_layer(layer, [x], dtype=np.float32)
+    if in_place:
+        top = bottom
+        layer.reshape(bottom, top)
+    scale = (np.float32(-1.5) if shared else np.float32([0.5, -2.0, 3.0, 1.25]))
+    layer.blobs[0].data[...] = scale
+    layer.blobs[0].diff[...] = 0
+    layer.forward(bottom, top)
+    top[0].diff[...] = dy
+    if not in_place:
+        bottom[0].diff[...] = np.nan
+    layer.backward(top, [True], bottom)
+    want_top, want_diff, want_scale_diff = ssd_normalize(x, dy, np.asarray(scale), across,
+                                                         shared, 0.001, in_place)
+    np.testing.assert_allclose(top[0].data, want_top, rtol=2e-6, atol=1e-7)
+    np.testing.assert_allclose(layer.blobs[0].diff, want_scale_diff, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(bottom[0].diff, want_diff, rtol=1e-5, atol=1e-6)
+    if in_place:
+        assert not bottom[0].diff.any()
+    elif not shared:
+        assert not np.allclose(want_diff, _true_normalize_gradient(x, dy, scale, across),
+                               rtol=1e-3, atol=1e-4)
+
+
+def _true_normalize_gradient(x, dy, scale, across):
+    x, dy = x.astype(np.float64), dy.astype(np.float64)
+    axes = (1, 2, 3) if across else (1,)
+    norm = np.sqrt((x * x).sum(axis=axes, keepdims=True) + 0.001)
+    s = np.asarray(scale, np.float64).reshape(1, -1, 1, 1)
+    g = dy * s
+    return g / norm - x * (g * x).sum(axis=axes, keepdims=True) / norm ** 3
 
 
 def test_normalize_bad_params():

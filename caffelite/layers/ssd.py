@@ -106,29 +106,62 @@ class NormalizeLayer(Layer):
         s = self.blobs[0].data
         return s.reshape((1, -1) + (1,) * (x.ndim - 2))
 
+    @staticmethod
+    def _reciprocal(xp, norm):
+        """SSD's ``Dtype(1.0 / norm)``: the reciprocal in double, rounded."""
+        return (1.0 / norm.astype(np.float64)).astype(norm.dtype)
+
     def forward(self, bottom, top):
         x = bottom[0].data
         xp = get_array_module(x)
-        self._norm_cache = self._norm(x, xp)
-        top[0].data[...] = x / self._norm_cache * self._scale(x)
+        norm = self._norm(x, xp)
+        self._norm_cache = norm       # SSD's norm_: the backward uses the forward's
+        # across_spatial scales by the reciprocal (caffe_cpu_scale), per pixel divides.
+        normalized = x * self._reciprocal(xp, norm) if self.across_spatial else x / norm
+        top[0].data[...] = normalized * self._scale(x)
 
     def backward(self, top, propagate_down, bottom):
-        x, dy = bottom[0].data, top[0].diff
+        """SSD's Backward_cpu step by step. It is the true gradient only where every
+        scale is equal: the scale multiplies the projected gradient afterwards. The
+        scale diff is (top data * top diff) / scale. In place, the bottom's data is the
+        top's and the diffs are one array, so the steps read what earlier ones wrote,
+        as SSD's do (its bottom diff then comes out zero)."""
+        x, y, dy = bottom[0].data, top[0].data, top[0].diff
         xp = get_array_module(x)
-        norm = self._norm(x, xp)
-        xhat = x / norm
-        if self.param_propagate_down[0]:
-            g = dy * xhat
-            if self.channel_shared:
-                self.blobs[0].diff[...] += xp.sum(g)
-            else:
-                axes = (0,) + tuple(range(2, x.ndim))
-                self.blobs[0].diff[...] += xp.sum(g, axis=axes)
-        if propagate_down[0]:
-            gs = dy * self._scale(x)
-            axes = tuple(range(1, x.ndim)) if self.across_spatial else (1,)
-            dot = xp.sum(gs * xhat, axis=axes, keepdims=True)
-            bottom[0].diff[...] = (gs - xhat * dot) / norm
+        norm = getattr(self, "_norm_cache", None)
+        if norm is None or norm.shape[0] != x.shape[0]:
+            raise self.error("backward needs a forward of the same batch first")
+        scale = self.blobs[0].data
+        with np.errstate(divide="ignore", invalid="ignore"):
+            if self.param_propagate_down[0]:
+                self._scale_diff(xp, y, dy, scale)
+            if propagate_down[0]:
+                self._bottom_diff(xp, x, dy, norm, bottom[0].diff)
+
+    def _scale_diff(self, xp, y, dy, scale):
+        product = y * dy
+        if self.channel_shared:
+            self.blobs[0].diff[...] += xp.sum(product) / scale
+            return
+        spatial = tuple(range(2, y.ndim))
+        per_image = xp.sum(product, axis=spatial) / scale.reshape(1, -1) if spatial \
+            else product / scale.reshape(1, -1)
+        for n in range(per_image.shape[0]):     # one image at a time, as SSD adds
+            self.blobs[0].diff[...] += per_image[n]
+
+    def _bottom_diff(self, xp, x, dy, norm, diff):
+        axes = tuple(range(1, x.ndim)) if self.across_spatial else (1,)
+        dot = xp.sum(x * dy, axis=axes, keepdims=True)
+        if self.across_spatial:
+            xp.multiply(x, dot / norm / norm, out=diff)
+            xp.subtract(dy, diff, out=diff)
+            xp.multiply(diff, self._reciprocal(xp, norm), out=diff)
+        else:
+            xp.multiply(x, dot, out=diff)
+            xp.divide(diff, norm * norm, out=diff)
+            xp.subtract(dy, diff, out=diff)
+            xp.divide(diff, norm, out=diff)
+        xp.multiply(diff, self._scale(x), out=diff)
 
 
 @register("PriorBox")
