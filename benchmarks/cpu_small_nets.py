@@ -30,85 +30,65 @@ import sys
 import time
 
 
+def conv(name, bottom, num_output, filler, pad=0):
+    return (f'layer {{ name: "{name}" type: "Convolution" bottom: "{bottom}" top: "{name}"\n'
+            f'  param {{ lr_mult: 1 }} param {{ lr_mult: 2 }}\n'
+            f'  convolution_param {{ num_output: {num_output} pad: {pad} kernel_size: 5\n'
+            f'    weight_filler {{ {filler} }} }} }}\n')
+
+
+def pool(name, bottom, kind, size):
+    return (f'layer {{ name: "{name}" type: "Pooling" bottom: "{bottom}" top: "{name}"\n'
+            f'  pooling_param {{ pool: {kind} kernel_size: {size} stride: 2 }} }}\n')
+
+
+def relu(name, blob):
+    return f'layer {{ name: "{name}" type: "ReLU" bottom: "{blob}" top: "{blob}" }}\n'
+
+
+def lrn(name, bottom):
+    return (f'layer {{ name: "{name}" type: "LRN" bottom: "{bottom}" top: "{name}"\n'
+            f'  lrn_param {{ local_size: 3 alpha: 5e-05 beta: 0.75 '
+            f'norm_region: WITHIN_CHANNEL }} }}\n')
+
+
+def inner_product(name, bottom, num_output, filler, decay=""):
+    decays = ("", "") if not decay else (" decay_mult: 250", " decay_mult: 0")
+    return (f'layer {{ name: "{name}" type: "InnerProduct" bottom: "{bottom}" top: "{name}"\n'
+            f'  param {{ lr_mult: 1{decays[0]} }} param {{ lr_mult: 2{decays[1]} }}\n'
+            f'  inner_product_param {{ num_output: {num_output} '
+            f'weight_filler {{ {filler} }} }} }}\n')
+
+
+def gaussian(std):
+    return f'type: "gaussian" std: {std}'
+
+
+def cifar(full):
+    """Caffe's cifar10_quick / cifar10_full train nets, data layers aside."""
+    norm = lrn if full else (lambda name, bottom: "")
+    after1, after2 = ("norm1", "norm2") if full else ("pool1", "pool2")
+    text = (conv("conv1", "data", 32, gaussian(0.0001), 2) + pool("pool1", "conv1", "MAX", 3)
+            + relu("relu1", "pool1") + norm("norm1", "pool1")
+            + conv("conv2", after1, 32, gaussian(0.01), 2) + relu("relu2", "conv2")
+            + pool("pool2", "conv2", "AVE", 3) + norm("norm2", "pool2")
+            + conv("conv3", after2, 64, gaussian(0.01), 2) + relu("relu3", "conv3")
+            + pool("pool3", "conv3", "AVE", 3))
+    if full:
+        return text + inner_product("ip2", "pool3", 10, gaussian(0.01), decay=True)
+    return (text + inner_product("ip1", "pool3", 64, gaussian(0.1))
+            + inner_product("ip2", "ip1", 10, gaussian(0.1)))
+
+
+XAVIER = 'type: "xavier"'
 NETS = {
-    "lenet": ("LeNet", 64, (1, 28, 28), """
-layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
-  param { lr_mult: 1 } param { lr_mult: 2 }
-  convolution_param { num_output: 20 kernel_size: 5 weight_filler { type: "xavier" } } }
-layer { name: "pool1" type: "Pooling" bottom: "conv1" top: "pool1"
-  pooling_param { pool: MAX kernel_size: 2 stride: 2 } }
-layer { name: "conv2" type: "Convolution" bottom: "pool1" top: "conv2"
-  param { lr_mult: 1 } param { lr_mult: 2 }
-  convolution_param { num_output: 50 kernel_size: 5 weight_filler { type: "xavier" } } }
-layer { name: "pool2" type: "Pooling" bottom: "conv2" top: "pool2"
-  pooling_param { pool: MAX kernel_size: 2 stride: 2 } }
-layer { name: "ip1" type: "InnerProduct" bottom: "pool2" top: "ip1"
-  param { lr_mult: 1 } param { lr_mult: 2 }
-  inner_product_param { num_output: 500 weight_filler { type: "xavier" } } }
-layer { name: "relu1" type: "ReLU" bottom: "ip1" top: "ip1" }
-layer { name: "ip2" type: "InnerProduct" bottom: "ip1" top: "ip2"
-  param { lr_mult: 1 } param { lr_mult: 2 }
-  inner_product_param { num_output: 10 weight_filler { type: "xavier" } } }
-"""),
-    "cifar": ("CIFAR-10 quick", 100, (3, 32, 32), """
-layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
-  param { lr_mult: 1 } param { lr_mult: 2 }
-  convolution_param { num_output: 32 pad: 2 kernel_size: 5
-    weight_filler { type: "gaussian" std: 0.0001 } } }
-layer { name: "pool1" type: "Pooling" bottom: "conv1" top: "pool1"
-  pooling_param { pool: MAX kernel_size: 3 stride: 2 } }
-layer { name: "relu1" type: "ReLU" bottom: "pool1" top: "pool1" }
-layer { name: "conv2" type: "Convolution" bottom: "pool1" top: "conv2"
-  param { lr_mult: 1 } param { lr_mult: 2 }
-  convolution_param { num_output: 32 pad: 2 kernel_size: 5
-    weight_filler { type: "gaussian" std: 0.01 } } }
-layer { name: "relu2" type: "ReLU" bottom: "conv2" top: "conv2" }
-layer { name: "pool2" type: "Pooling" bottom: "conv2" top: "pool2"
-  pooling_param { pool: AVE kernel_size: 3 stride: 2 } }
-layer { name: "conv3" type: "Convolution" bottom: "pool2" top: "conv3"
-  param { lr_mult: 1 } param { lr_mult: 2 }
-  convolution_param { num_output: 64 pad: 2 kernel_size: 5
-    weight_filler { type: "gaussian" std: 0.01 } } }
-layer { name: "relu3" type: "ReLU" bottom: "conv3" top: "conv3" }
-layer { name: "pool3" type: "Pooling" bottom: "conv3" top: "pool3"
-  pooling_param { pool: AVE kernel_size: 3 stride: 2 } }
-layer { name: "ip1" type: "InnerProduct" bottom: "pool3" top: "ip1"
-  param { lr_mult: 1 } param { lr_mult: 2 }
-  inner_product_param { num_output: 64 weight_filler { type: "gaussian" std: 0.1 } } }
-layer { name: "ip2" type: "InnerProduct" bottom: "ip1" top: "ip2"
-  param { lr_mult: 1 } param { lr_mult: 2 }
-  inner_product_param { num_output: 10 weight_filler { type: "gaussian" std: 0.1 } } }
-"""),
-    "cifar_full": ("CIFAR-10 full", 100, (3, 32, 32), """
-layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
-  param { lr_mult: 1 } param { lr_mult: 2 }
-  convolution_param { num_output: 32 pad: 2 kernel_size: 5
-    weight_filler { type: "gaussian" std: 0.0001 } } }
-layer { name: "pool1" type: "Pooling" bottom: "conv1" top: "pool1"
-  pooling_param { pool: MAX kernel_size: 3 stride: 2 } }
-layer { name: "relu1" type: "ReLU" bottom: "pool1" top: "pool1" }
-layer { name: "norm1" type: "LRN" bottom: "pool1" top: "norm1"
-  lrn_param { local_size: 3 alpha: 5e-05 beta: 0.75 norm_region: WITHIN_CHANNEL } }
-layer { name: "conv2" type: "Convolution" bottom: "norm1" top: "conv2"
-  param { lr_mult: 1 } param { lr_mult: 2 }
-  convolution_param { num_output: 32 pad: 2 kernel_size: 5
-    weight_filler { type: "gaussian" std: 0.01 } } }
-layer { name: "relu2" type: "ReLU" bottom: "conv2" top: "conv2" }
-layer { name: "pool2" type: "Pooling" bottom: "conv2" top: "pool2"
-  pooling_param { pool: AVE kernel_size: 3 stride: 2 } }
-layer { name: "norm2" type: "LRN" bottom: "pool2" top: "norm2"
-  lrn_param { local_size: 3 alpha: 5e-05 beta: 0.75 norm_region: WITHIN_CHANNEL } }
-layer { name: "conv3" type: "Convolution" bottom: "norm2" top: "conv3"
-  param { lr_mult: 1 } param { lr_mult: 2 }
-  convolution_param { num_output: 64 pad: 2 kernel_size: 5
-    weight_filler { type: "gaussian" std: 0.01 } } }
-layer { name: "relu3" type: "ReLU" bottom: "conv3" top: "conv3" }
-layer { name: "pool3" type: "Pooling" bottom: "conv3" top: "pool3"
-  pooling_param { pool: AVE kernel_size: 3 stride: 2 } }
-layer { name: "ip2" type: "InnerProduct" bottom: "pool3" top: "ip2"
-  param { lr_mult: 1 decay_mult: 250 } param { lr_mult: 2 decay_mult: 0 }
-  inner_product_param { num_output: 10 weight_filler { type: "gaussian" std: 0.01 } } }
-"""),
+    "lenet": ("LeNet", 64, (1, 28, 28),
+              conv("conv1", "data", 20, XAVIER) + pool("pool1", "conv1", "MAX", 2)
+              + conv("conv2", "pool1", 50, XAVIER) + pool("pool2", "conv2", "MAX", 2)
+              + inner_product("ip1", "pool2", 500, XAVIER) + relu("relu1", "ip1")
+              + inner_product("ip2", "ip1", 10, XAVIER)),
+    "cifar": ("CIFAR-10 quick", 100, (3, 32, 32), cifar(full=False)),
+    "cifar_full": ("CIFAR-10 full", 100, (3, 32, 32), cifar(full=True)),
 }
 
 LOSS = """
