@@ -97,7 +97,7 @@ def trimap_accuracy(defines, blob, ids, width=4):
     from scipy import ndimage
     correct = total = 0
     for name in ids:
-        gt = np.array(Image.open(os.path.join(DATA_ROOT, "SegmentationClassAug",
+        gt = np.asarray(Image.open(os.path.join(DATA_ROOT, "SegmentationClassAug",
                                               name + ".png")))
         band = ndimage.binary_dilation(gt == 255, iterations=width) & (gt != 255)
         pred = prediction_from_features(

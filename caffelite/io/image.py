@@ -263,7 +263,9 @@ def read_label(path):
         logger.warning(
             "label '%s' is a %s-bit PNG: reading the high byte of each value, as the fork's "
             "cv::imread(GRAYSCALE) does (labels 0..255 stored in 16 bits all read as 0; "
-            "save labels as 8-bit PNGs).", path, 16 if "16" in img.mode else 32)
+            "save labels as 8-bit PNGs).", path,
+            # PNG has no 32-bit gray; Pillow < 10.3 opens its 16-bit gray as mode "I".
+            16 if "16" in img.mode or img.format == "PNG" else 32)
     return read_image(path, color=False)
 
 

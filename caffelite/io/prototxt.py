@@ -103,8 +103,22 @@ def _check_escapes(text, path):
             why = ("Expected hex digits for escape sequence." if hex_escape else
                    "Invalid escape sequence in string literal.")
             raise PrototxtError(f"{path}:{line}:{col}: {why}")
-        return _SURROGATE_PAIR.sub(_join_surrogates, _ESCAPE.sub(escape, token))
+        token = _SURROGATE_PAIR.sub(_join_surrogates, _ESCAPE.sub(escape, token))
+        return _UNICODE_ESCAPE.sub(_utf8_octal, token)
     return _COMMENT_OR_STRING.sub(string, text)
+
+
+# protobuf < 5.26's Python text_format (CUnescape) does not decode \u / \U escapes:
+# \u00e9 became the byte 0xe9 (not UTF-8) and \U0001F600 stayed as text. Spell them as
+# the octal escapes of their UTF-8 bytes, which every version reads the same way.
+_UNICODE_ESCAPE = re.compile(r"\\\\|\\u([0-9a-fA-F]{4})|\\U([0-9a-fA-F]{8})")
+
+
+def _utf8_octal(match):
+    digits = match.group(1) or match.group(2)
+    if digits is None or 0xD800 <= int(digits, 16) <= 0xDFFF:   # \\, or a lone surrogate
+        return match.group(0)
+    return "".join(f"\\{b:03o}" for b in chr(int(digits, 16)).encode("utf-8"))
 
 
 # A \u escape of a high surrogate followed by one of a low surrogate (UTF-16 spelling)
