@@ -2,12 +2,15 @@
 
 Forward oracle: OpenCV's Caffe importer (it implements all four), plus small
 hand-derived cases; gradients by finite differences (Permute, Normalize)."""
+import logging
+
 import numpy as np
 import pytest
 
-from caffelite.layer import LayerError
-from layer_testing import (check_gradient, make_layer, opencv_forward, run_forward,
-                           setup_layer)
+from caffelite.blob import Blob
+from caffelite.layer import TEST, TRAIN, LayerError
+from layer_testing import (blobs_from, check_gradient, make_layer, opencv_forward,
+                           run_forward, setup_layer)
 
 RNG = np.random.default_rng(7)
 
@@ -184,6 +187,21 @@ def test_normalize_backward_is_ssds(across, shared, in_place):
     elif not shared:
         assert not np.allclose(want_diff, _true_normalize_gradient(x, dy, scale, across),
                                rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("phase, in_place, warns", [(TRAIN, True, True), (TEST, True, False),
+                                                    (TRAIN, False, False)])
+def test_normalize_in_place_training_warns_of_its_zero_gradient(phase, in_place, warns,
+                                                                caplog):
+    layer = make_layer('type: "Normalize" name: "conv4_3_norm"', phase=phase)
+    bottom = blobs_from([np.ones((1, 3, 2, 2))])
+    top = bottom if in_place else [Blob((), np.float64)]
+    with caplog.at_level(logging.WARNING, logger="caffelite"):
+        layer.setup(bottom, top)
+    said = [r.getMessage() for r in caplog.records if "zero gradient" in r.getMessage()]
+    assert len(said) == warns
+    if warns:
+        assert "conv4_3_norm" in said[0] and "own name" in said[0]
 
 
 def _true_normalize_gradient(x, dy, scale, across):

@@ -10,12 +10,16 @@ best, emitting one row ``[image, label, score, xmin, ymin, xmax, ymax]`` per kep
 box (top shape 1×1×kept×7; when nothing is kept, one row of -1 per image with the
 image index).
 """
+import logging
+
 import numpy as np
 
 from ..backend import get_array_module
 from ..filler import FillerError, fill
-from ..layer import Layer, register
+from ..layer import TRAIN, Layer, register
 from ..proto import caffe_pb2
+
+logger = logging.getLogger("caffelite")
 
 
 @register("Permute")
@@ -74,6 +78,11 @@ class NormalizeLayer(Layer):
         self.eps = p.eps
         if self.eps < 0:
             raise self.error(f"norm_param.eps must not be negative, got {self.eps}")
+        if top[0] is bottom[0] and self.phase == TRAIN:
+            logger.warning("layer '%s' (Normalize) runs in place: as in SSD's Caffe, its "
+                           "backward then overwrites its own top diff, and the bottom gets "
+                           "a zero gradient; give the top its own name to train through it",
+                           self.name)
         # SSD: a 0-axis scale blob when channel_shared
         shape = () if self.channel_shared else (bottom[0].shape[1],)
         if self.blobs_loaded():
