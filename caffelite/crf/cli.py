@@ -185,9 +185,12 @@ def run_crf_set(tasks, jobs=1, log=None):
         return seconds
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
-    # CUDA does not survive fork(): GPU workers start afresh
+    # Workers start from a fresh process, never fork() this one: CUDA does not survive a
+    # fork, and a fork of a process with threads (BLAS pools) can deadlock in the child.
     on_gpu = any(task[-1] is not None for task in tasks)
-    context = multiprocessing.get_context("spawn") if on_gpu else None
+    fresh = "spawn" if on_gpu or "forkserver" not in multiprocessing.get_all_start_methods() \
+        else "forkserver"
+    context = multiprocessing.get_context(fresh)
     with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
         try:
             for result in pool.map(_refine_task, tasks, chunksize=1):
