@@ -249,14 +249,12 @@ def _host_image_runs(xp, geom, image, grid, budget):
     if not HOST_IMAGE_RUNS or xp is not np or image.shape[0] < 2 \
             or not (image.flags.c_contiguous and grid.flags.c_contiguous):
         return None
-    channels = image.shape[1]
-    plane = int(np.prod(grid.shape[2:], dtype=np.int64))
-    image_bytes = channels * geom.taps * plane * image.dtype.itemsize
-    per_run = min(image.shape[0], (COL_BUFFER_BYTES if budget is None else budget)
+    num, channels = image.shape[:2]
+    image_bytes = channels * geom.taps * math.prod(grid.shape[2:]) * image.dtype.itemsize
+    per_run = min(num, (COL_BUFFER_BYTES if budget is None else budget)
                   // max(image_bytes, 1))
     if per_run < 2:
         return None
-    num = image.shape[0]
     return [(n0, min(num, n0 + per_run)) for n0 in range(0, num, per_run)]
 
 

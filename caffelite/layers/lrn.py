@@ -92,53 +92,47 @@ class LRNLayer(Layer):
             accum = accum - padded[:, c]
         return terms
 
-    def _wide_planes(self, a, slack):
-        """Host: ``a`` (N, C, H, W) zero-padded by pre_pad on every side, as one flat
-        array of N*C planes of (H + 2p) x (W + 2p), followed by ``slack`` zeros; and the
-        plane geometry (rows, pitch)."""
+    def _on_plane_grid(self, a, offset):
+        """Host: ``a`` (N, C, H, W) on zeroed (H + 2p) x (W + 2p) planes, its H x W
+        corner at row and column ``offset``, as one flat array with room after the last
+        plane for the largest tap shift; and the planes' (rows, pitch, element count).
+        On that grid tap (i, j) is one contiguous run, shifted by i*pitch + j."""
         n, c, h, w = a.shape
-        p = self.pre_pad
-        rows, pitch = h + 2 * p, w + 2 * p
-        flat = np.zeros(n * c * rows * pitch + slack, dtype=a.dtype)
-        flat[:n * c * rows * pitch].reshape(n * c, rows, pitch)[:, p:p + h, p:p + w] = \
+        rows, pitch = h + 2 * self.pre_pad, w + 2 * self.pre_pad
+        count = n * c * rows * pitch
+        flat = np.zeros(count + (self.size - 1) * (pitch + 1), dtype=a.dtype)
+        flat[:count].reshape(n * c, rows, pitch)[:, offset:offset + h, offset:offset + w] = \
             a.reshape(n * c, h, w)
-        return flat, rows, pitch
+        return flat, (rows, pitch, count)
+
+    def _tap_shifts(self, pitch, last_first=False):
+        taps = [i * pitch + j for i in range(self.size) for j in range(self.size)]
+        return taps[::-1] if last_first else taps
 
     def _host_window_sum(self, a):
-        """``_spatial_window_sum`` on the host with every tap one contiguous run: the
-        sums are made on the padded planes' grid (pitch W + 2p), where tap (i, j) is the
-        padded array shifted by i*pitch + j, and the H x W corner of each plane is kept.
-        Each kept element gets the same additions in the same order (0, then the taps
-        row-major); the other positions are dropped."""
+        """``_spatial_window_sum`` on the host, every tap one contiguous run of the
+        padded planes; the H x W corner of each plane is kept. Each kept element gets
+        the same additions in the same order (0, then the taps row-major); the other
+        positions are dropped."""
         n, c, h, w = a.shape
-        size = self.size
-        reach = (size - 1) * (w + size)         # the last tap's shift
-        flat, rows, pitch = self._wide_planes(a, reach)
-        count = n * c * rows * pitch
+        padded, (rows, pitch, count) = self._on_plane_grid(a, self.pre_pad)
         total = np.zeros(count, dtype=a.dtype)
-        for i in range(size):
-            for j in range(size):
-                shift = i * pitch + j
-                total += flat[shift:shift + count]
+        for shift in self._tap_shifts(pitch):
+            total += padded[shift:shift + count]
         return total.reshape(n * c, rows, pitch)[:, :h, :w].reshape(n, c, h, w)
 
     def _host_window_scatter(self, a):
-        """``_spatial_window_scatter`` on the host, every tap one contiguous run: ``a``
-        laid on the padded planes' grid with zeros around it, each tap adds it shifted
-        by i*pitch + j, taps last to first. Every padded element gets the terms it gets
-        from the strided views, in the same order, and some +0 terms besides, which
-        leave its bits as they are (it starts at +0 and so never holds -0)."""
+        """``_spatial_window_scatter`` on the host: ``a`` at the corner of zeroed planes,
+        added by each tap shifted by i*pitch + j, taps last to first. Every padded element
+        gets the terms it gets from the strided views, in the same order, and some +0
+        terms besides, which leave its bits as they are (it starts at +0 and so never
+        holds -0)."""
         n, c, h, w = a.shape
-        size, p = self.size, self.pre_pad
-        rows, pitch = h + 2 * p, w + 2 * p
-        count = n * c * rows * pitch
-        source = np.zeros(count, dtype=a.dtype)
-        source.reshape(n * c, rows, pitch)[:, :h, :w] = a.reshape(n * c, h, w)
-        canvas = np.zeros(count + (size - 1) * (pitch + 1), dtype=a.dtype)
-        for i in range(size - 1, -1, -1):
-            for j in range(size - 1, -1, -1):
-                shift = i * pitch + j
-                canvas[shift:shift + count] += source
+        p = self.pre_pad
+        source, (rows, pitch, count) = self._on_plane_grid(a, 0)
+        canvas = np.zeros_like(source)
+        for shift in self._tap_shifts(pitch, last_first=True):
+            canvas[shift:shift + count] += source[:count]
         planes = canvas[:count].reshape(n * c, rows, pitch)
         return planes[:, p:p + h, p:p + w].reshape(n, c, h, w)
 

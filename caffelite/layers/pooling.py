@@ -311,16 +311,17 @@ class PoolingLayer(Layer):
             xp.copyto(arg, arg.dtype.type(t), where=better)
         return best, arg
 
-    def _mask_indices(self, xp, arg, shape):
-        """Caffe's top mask: the winner's flat index h*W + w in its plane, -1 if none."""
-        w = shape[3]
-        kw = self.kernel_w
+    def _winner_offsets(self, xp, arg, width):
+        """Each output's winning tap (row-major in its window) as the flat index h*W + w
+        in its plane, for a plane ``width`` wide; meaningless where ``arg`` is -1."""
         oh = xp.arange(self.pooled_h).reshape(-1, 1) * self.stride_h - self.pad_h
         ow = xp.arange(self.pooled_w).reshape(1, -1) * self.stride_w - self.pad_w
-        if self._whole_plane():
-            index = arg
-        else:
-            index = (oh + arg // kw) * w + (ow + arg % kw)
+        kw = self.kernel_w
+        return (oh + arg // kw) * width + (ow + arg % kw)
+
+    def _mask_indices(self, xp, arg, shape):
+        """Caffe's top mask: the winner's flat index h*W + w in its plane, -1 if none."""
+        index = arg if self._whole_plane() else self._winner_offsets(xp, arg, shape[3])
         return xp.where(arg >= 0, index, -1).astype(self.dtype)
 
     def _ave_forward(self, xp, x):
@@ -473,16 +474,8 @@ class PoolingLayer(Layer):
         element at a time). Winners are always inside the image (padding reads -inf,
         which never wins); outputs without one (-1) add nothing."""
         n, c, h, w = shape
-        oh = np.arange(self.pooled_h, dtype=np.intp).reshape(-1, 1) * self.stride_h - self.pad_h
-        ow = np.arange(self.pooled_w, dtype=np.intp).reshape(1, -1) * self.stride_w - self.pad_w
-        taps = self._taps()
-        # offset of tap t inside its window, and of each window's corner in its plane
-        tap_offset = np.array([i * w + j for i, j in taps], dtype=np.intp)
-        corner = oh * w + ow
-        plane = np.arange(n * c, dtype=np.intp).reshape(n, c, 1, 1) * (h * w)
-        index = np.take(tap_offset, arg)      # -1 takes the last tap: dropped below
-        index += corner
-        index += plane
+        index = self._winner_offsets(np, arg.astype(np.intp), w)   # -1: dropped below
+        index = index + np.arange(n * c, dtype=np.intp).reshape(n, c, 1, 1) * (h * w)
         out = np.zeros(shape, dtype=g.dtype)
         values = g.reshape(-1)
         index = index.reshape(-1)

@@ -116,7 +116,7 @@ class NormalizeLayer(Layer):
         return s.reshape((1, -1) + (1,) * (x.ndim - 2))
 
     @staticmethod
-    def _reciprocal(xp, norm):
+    def _reciprocal(norm):
         """SSD's ``Dtype(1.0 / norm)``: the reciprocal in double, rounded."""
         return (1.0 / norm.astype(np.float64)).astype(norm.dtype)
 
@@ -126,7 +126,7 @@ class NormalizeLayer(Layer):
         norm = self._norm(x, xp)
         self._norm_cache = norm       # SSD's norm_: the backward uses the forward's
         # across_spatial scales by the reciprocal (caffe_cpu_scale), per pixel divides.
-        normalized = x * self._reciprocal(xp, norm) if self.across_spatial else x / norm
+        normalized = x * self._reciprocal(norm) if self.across_spatial else x / norm
         top[0].data[...] = normalized * self._scale(x)
 
     def backward(self, top, propagate_down, bottom):
@@ -152,9 +152,7 @@ class NormalizeLayer(Layer):
         if self.channel_shared:
             self.blobs[0].diff[...] += xp.sum(product) / scale
             return
-        spatial = tuple(range(2, y.ndim))
-        per_image = xp.sum(product, axis=spatial) / scale.reshape(1, -1) if spatial \
-            else product / scale.reshape(1, -1)
+        per_image = xp.sum(product, axis=tuple(range(2, y.ndim))) / scale.reshape(1, -1)
         for n in range(per_image.shape[0]):     # one image at a time, as SSD adds
             self.blobs[0].diff[...] += per_image[n]
 
@@ -164,7 +162,7 @@ class NormalizeLayer(Layer):
         if self.across_spatial:
             xp.multiply(x, dot / norm / norm, out=diff)
             xp.subtract(dy, diff, out=diff)
-            xp.multiply(diff, self._reciprocal(xp, norm), out=diff)
+            xp.multiply(diff, self._reciprocal(norm), out=diff)
         else:
             xp.multiply(x, dot, out=diff)
             xp.divide(diff, norm * norm, out=diff)
