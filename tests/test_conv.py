@@ -363,6 +363,18 @@ def test_param_diffs_accumulate_and_bottom_diff_is_overwritten():
 
 
 # ----------------------------------------------------------- chunked column buffer
+def both_passes(layer, bottom, top, dy, param_diffs):
+    """Forward (top poisoned) and backward of ``dy`` (bottom diff poisoned, parameter
+    diffs starting from ``param_diffs``): [top, bottom diff, parameter diffs...]."""
+    y = run_forward(layer, bottom, top)[0]
+    top[0].diff[...] = dy
+    bottom[0].diff[...] = np.nan
+    for blob, d in zip(layer.blobs, param_diffs):
+        blob.diff[...] = d
+    layer.backward(top, [True], bottom)
+    return [y, bottom[0].diff.copy()] + [b.diff.copy() for b in layer.blobs]
+
+
 @pytest.mark.parametrize("kind,param,shape", [
     ("Convolution", "num_output: 3 kernel_size: 3 pad: 2 dilation: 2 stride: 2 group: 1",
      (2, 2, 9, 7)),
@@ -376,18 +388,11 @@ def test_row_bands_agree_with_one_band(kind, param, shape, monkeypatch):
     bottom, top = setup_layer(layer, [x])
     randomize(layer, rng)
     dy = rng.standard_normal(top[0].shape)
+    zeros = [np.zeros(b.shape) for b in layer.blobs]
 
-    def run():
-        y = run_forward(layer, bottom, top)[0]
-        top[0].diff[...] = dy
-        for blob in layer.blobs:
-            blob.diff[...] = 0
-        layer.backward(top, [True], bottom)
-        return [y, bottom[0].diff.copy()] + [b.diff.copy() for b in layer.blobs]
-
-    whole = run()
+    whole = both_passes(layer, bottom, top, dy, zeros)
     monkeypatch.setattr(im2col_mod, "COL_BUFFER_BYTES", 1)     # one grid row per band
-    banded = run()
+    banded = both_passes(layer, bottom, top, dy, zeros)
     for a, b in zip(whole, banded):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
     check_gradient(layer, bottom, top)
@@ -426,13 +431,7 @@ def test_host_image_runs_give_the_per_image_bits(kind, param, shape, dtype, monk
                  * np.dtype(dtype).itemsize)
 
     def run():
-        y = run_forward(layer, bottom, top)[0]
-        top[0].diff[...] = dy
-        bottom[0].diff[...] = np.nan
-        for blob, d in zip(layer.blobs, start_diffs):
-            blob.diff[...] = d
-        layer.backward(top, [True], bottom)
-        return [y, bottom[0].diff.copy()] + [b.diff.copy() for b in layer.blobs]
+        return both_passes(layer, bottom, top, dy, start_diffs)
 
     monkeypatch.setattr(im2col_mod, "HOST_IMAGE_RUNS", False)
     one_at_a_time = run()
