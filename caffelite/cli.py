@@ -7,6 +7,7 @@
     caffelite upgrade IN OUT [-D NAME=VALUE ...]
     caffelite eval --gt DIR --list L (--pred DIR | --features DIR) [--json J]
     caffelite crf --features DIR --images DIR --list L --out DIR [CRF params]
+    caffelite crf_search --features DIR --images DIR --gt DIR --list L [--bi_w 3:6 ...]
     caffelite refine_pascal_v4 -id DIR -fd DIR -sd DIR [-i -px -py -pw -bx -by -br -bg -bb -bw]
     caffelite pascal EXPER_DIR --net NET_ID [--steps train,test,...] [-D ...]
     caffelite demo [--out DIR]      (also demo-weak: EM-Adapt, demo-dt: domain transform)
@@ -646,13 +647,14 @@ def build_parser():
 
     from . import (classic_datasets, convert_imageset, eval_cli, extract_features,
                    image_mean, pascal)
-    from .crf import cli as crf_cli, refine_cli
+    from .crf import cli as crf_cli, refine_cli, search as crf_search
     convert_imageset.add_parser(sub)
     classic_datasets.add_parsers(sub)
     extract_features.add_parser(sub)
     image_mean.add_parser(sub)
     eval_cli.add_parser(sub)
     crf_cli.add_parser(sub)
+    crf_search.add_parser(sub)
     refine_cli.add_parser(sub)
     pascal.add_parser(sub)
 

@@ -18,6 +18,7 @@ caffelite's CUDA kernels; the host reads the files and writes the labels, so
 ``--jobs K`` processes can keep one GPU busy); ``CAFFELITE_GPU_EMULATOR=1`` runs that
 path on the CPU instead (slow, for tests).
 """
+import contextlib
 import os
 import time
 
@@ -65,6 +66,15 @@ def refine_image(feature_path, image_path, params, unary="score", num_labels=Non
     """CRF labels (H x W) of one image from its MatWrite features (``device``: None for
     the CPU, or a GPU id; ``labels_origin`` says where ``num_labels`` came from;
     ``palette``: the labels go to a palette PNG, so at most 256 classes)."""
+    scores, image = load_crf_inputs(feature_path, image_path, num_labels, labels_origin,
+                                    palette)
+    return crf_labels(scores, image, params, unary=unary, device=device)
+
+
+def load_crf_inputs(feature_path, image_path, num_labels=None,
+                    labels_origin="--num-labels", palette=True):
+    """The scores (labels x H x W, cropped to the image) of one MatWrite features file
+    and its image (H x W x 3 RGB, as the refine program's PPMs), checked."""
     from ..io.image import read_image
     scores = _read_features(feature_path)
     image = read_image(image_path)[:, :, ::-1]                 # BGR -> RGB, as the PPMs
@@ -85,7 +95,7 @@ def refine_image(feature_path, image_path, params, unary="score", num_labels=Non
     if not np.isfinite(scores).all():
         raise CrfError(f"{feature_path}: the features contain NaN or infinity within the "
                        f"image's {height}x{width} area")
-    return crf_labels(scores, image, params, unary=unary, device=device)
+    return scores, image
 
 
 def _refine_task(task):
@@ -179,26 +189,34 @@ def run_crf_set(tasks, jobs=1, log=None):
         if done % 100 == 0 or done == len(tasks):
             log.info("CRF: %d/%d images", done, len(tasks))
 
+    on_gpu = any(task[-1] is not None for task in tasks)
+    with contextlib.closing(map_tasks(_refine_task, tasks, jobs, on_gpu)) as results:
+        for result in results:
+            collect(result)
+    return seconds
+
+
+def map_tasks(function, tasks, jobs, on_gpu=False):
+    """``function(task)`` for each task, in order: here when ``jobs`` <= 1, else in that
+    many worker processes. Closing the generator early (``contextlib.closing``, when
+    the caller stops at an error) cancels the tasks not yet started."""
     if jobs <= 1 or len(tasks) <= 1:
         for task in tasks:
-            collect(_refine_task(task))
-        return seconds
+            yield function(task)
+        return
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
     # Workers start from a fresh process, never fork() this one: CUDA does not survive a
     # fork, and a fork of a process with threads (BLAS pools) can deadlock in the child.
-    on_gpu = any(task[-1] is not None for task in tasks)
     fresh = "spawn" if on_gpu or "forkserver" not in multiprocessing.get_all_start_methods() \
         else "forkserver"
     context = multiprocessing.get_context(fresh)
     with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
         try:
-            for result in pool.map(_refine_task, tasks, chunksize=1):
-                collect(result)
-        except CrfError:
+            yield from pool.map(function, tasks, chunksize=1)
+        except BaseException:            # GeneratorExit too: the caller stopped
             pool.shutdown(wait=True, cancel_futures=True)
             raise
-    return seconds
 
 
 # ------------------------------------------------------------------------- CLI

@@ -200,6 +200,14 @@ class PottsKernel:
     def num_points(self):
         return self.features.shape[0]
 
+    def reweighted(self, weight):
+        """The same kernel with ``weight``, sharing the features and, once built, the
+        lattice (build it first, e.g. by ``PairwiseMessages``, to share it)."""
+        kernel = PottsKernel.__new__(PottsKernel)
+        kernel.weight, kernel.features = float(weight), self.features
+        kernel._lattice = self._lattice
+        return kernel
+
     @property
     def lattice(self):
         if self._lattice is None:
@@ -214,9 +222,17 @@ class PairwiseMessages:
 
     def __init__(self, kernels):
         n = kernels[0].lattice.num_points
-        self.filter = LatticeFilter([k.lattice for k in kernels])
+        self.lattices = [k.lattice for k in kernels]
+        self.filter = LatticeFilter(self.lattices)
         raw = self.filter.filter_each(np.ones((n, 1), _F32))
         self.norms = [_F32(1.0) / (r[:, 0] + _F32(1e-20)) for r in raw]
+        self.set_weights(kernels)
+
+    def set_weights(self, kernels):
+        """Take the weights of ``kernels``, which must have this filter's lattices (a
+        grid search reuses one filter for every weight)."""
+        if [k.lattice for k in kernels] != self.lattices:
+            raise ValueError("these CRF kernels do not have the messages' lattices")
         self.filter.set_row_scales([norm * _F32(k.weight)
                                     for norm, k in zip(self.norms, kernels)])
 
@@ -260,13 +276,15 @@ def check_kernels(kernels, num_pixels, exp_cutoff):
     return exp_cutoff is not None or sum(abs(k.weight) for k in kernels) > _SAFE_WEIGHT_SUM
 
 
-def mean_field(unary, kernels, max_iter, exp_cutoff=None, device=None):
+def mean_field(unary, kernels, max_iter, exp_cutoff=None, device=None, messages=None):
     """Q after ``max_iter`` mean-field steps.  ``unary`` is M x H x W (or M x N),
     ``kernels`` a list of ``PottsKernel`` over the same N pixels; returns the marginals
     in the unary's shape, float32.  ``exp_cutoff=20`` reproduces the fork's
     ``fast_exp`` (labels more than 20 below a pixel's best get Q = 0 exactly);
     the default None is pydensecrf's exact softmax.  ``device`` (a GPU id or a
     ``device.CrfDevice``) runs the iterations there (``caffelite.crf.device``).
+    ``messages``: ``PairwiseMessages`` built over these kernels' lattices, to reuse
+    (host only; given the kernels' weights first).
 
     Each step is ``Q = softmax(-U + sum_k w_k norm_k (K_k Q))``.  Every message lies in
     [min(w_k, 0), max(w_k, 0)] (``norm_k K_k`` averages Q over a non-negative kernel),
@@ -287,7 +305,10 @@ def mean_field(unary, kernels, max_iter, exp_cutoff=None, device=None):
     shift_each_step = check_kernels(kernels, base.shape[0], exp_cutoff)
     q = softmax_rows(base.copy(), shift=exp_cutoff is not None, exp_cutoff=exp_cutoff)
     if kernels and max_iter > 0:
-        messages = PairwiseMessages(kernels)
+        if messages is None:
+            messages = PairwiseMessages(kernels)
+        else:
+            messages.set_weights(kernels)
         for _ in range(int(max_iter)):
             vertex = messages.filter.blurred(q)
             energy = q                        # q is spent: its buffer takes the energy
