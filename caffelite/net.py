@@ -581,7 +581,8 @@ class Net:
     def _share_params(self, lp, layer):
         """Caffe's Init + AppendParam: propagate_down from the net's param specs, the
         learnable parameter's lr/decay multipliers from the layer's own copy of them
-        (which BatchNorm's setup completes with ``lr_mult: 0`` specs)."""
+        (which BatchNorm's setup completes with ``lr_mult: 0`` specs, and a layer with
+        ``complete_param_specs`` changes as its LayerSetUp does)."""
         if len(lp.param) > len(layer.blobs):
             raise NetError(f"{self.source}: Too many params specified for layer {lp.name} "
                            f"({len(lp.param)} param specs, {len(layer.blobs)} parameter "
@@ -592,6 +593,9 @@ class Net:
             layer.param_propagate_down[i] = spec.lr_mult != 0
         if layer.type == "BatchNorm":
             self._mask_batchnorm_statistics(lp, layer)
+        complete = getattr(layer, "complete_param_specs", None)
+        if complete is not None:
+            complete(lp)
         for i, blob in enumerate(layer.blobs):
             spec = lp.param[i] if i < len(lp.param) else default
             shared = self._param_owner.get(spec.name) if spec.name else None

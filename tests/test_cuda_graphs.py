@@ -58,6 +58,10 @@ BODIES = {
         batch_norm_param { use_global_stats: false moving_average_fraction: 0.9 } }
         layer { name: "bnf" type: "BatchNorm" bottom: "b" top: "y"
         batch_norm_param { use_global_stats: true } }""",
+    "BN": """layer { name: "bn" type: "BN" bottom: "x" top: "b"
+        bn_param { slope_filler { type: "gaussian" std: 1 } momentum: 0.9 } }
+        layer { name: "bnf" type: "BN" bottom: "b" top: "y"
+        bn_param { slope_filler { type: "constant" value: 1.5 } frozen: true } }""",
     "Scale": """layer { name: "s" type: "Scale" bottom: "x" top: "y"
         scale_param { bias_term: true filler { type: "gaussian" std: 1 } } }""",
     "Bias": """layer { name: "b" type: "Bias" bottom: "x" top: "y"

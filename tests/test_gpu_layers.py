@@ -554,9 +554,26 @@ def norm_params_bn(rng, shapes):
     return [rng.standard_normal(c), np.abs(rng.standard_normal(c)) + 0.5, np.array([2.5])]
 
 
+def norm_params_pspnet_bn(rng, shapes):
+    slope, bias, mean, var = (rng.standard_normal(s) for s in shapes)
+    return [slope, bias, mean, np.abs(var) + 0.5]
+
+
 def normalization_cases():
     red = Bound(64, "scale")
+    pow_bound = Bound(8, "scale")
     return [
+        # The host's pow is C's double pow rounded to float (caffe_powx), the device's
+        # powf, as in the fork's bn_layer.cpp and bn_layer.cu: last bits differ.
+        Case("BN_train", 'type: "BN" bn_param { momentum: 0.9 }', several(normal(3, 4, 2, 3)),
+             params=norm_params_pspnet_bn, fwd=pow_bound, bwd=pow_bound, cuda_fwd=red,
+             cuda_bwd=red),
+        Case("BN_test_phase", 'type: "BN"', several(normal(2, 3, 4)), phase=TEST,
+             params=norm_params_pspnet_bn, fwd=pow_bound, bwd=pow_bound, cuda_fwd=red,
+             cuda_bwd=red),
+        Case("BN_frozen_in_place", 'type: "BN" bn_param { frozen: true }',
+             several(normal(2, 3, 4, 5)), in_place=True, params=norm_params_pspnet_bn,
+             fwd=pow_bound, bwd=pow_bound, cuda_fwd=red, cuda_bwd=red),
         Case("BatchNorm_train", 'type: "BatchNorm" batch_norm_param { use_global_stats: false'
              ' moving_average_fraction: 0.9 }', several(normal(3, 4, 2, 3)),
              params=norm_params_bn, cuda_fwd=red, cuda_bwd=red),

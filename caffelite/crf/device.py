@@ -30,7 +30,6 @@ the marginals differ from it only by the softmax's ``expf`` and sum order (and, 
 the atomic splat on a GPU, by the order of the splat's additions).
 """
 import contextlib
-import os
 
 import numpy as np
 
