@@ -52,11 +52,11 @@ import statistics  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 
+sys.path.insert(0, ROOT)
+import caffelite as caffe  # noqa: E402  (before numpy: see caffelite._blas_env)
+
 import numpy as np  # noqa: E402
 from google.protobuf import text_format  # noqa: E402
-
-sys.path.insert(0, ROOT)
-import caffelite as caffe  # noqa: E402
 from caffelite.io import prototxt  # noqa: E402
 from caffelite.io.caffemodel import read_caffemodel, write_caffemodel  # noqa: E402
 from caffelite.net import filter_net  # noqa: E402

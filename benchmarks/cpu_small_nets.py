@@ -229,6 +229,8 @@ def main(argv=None):
     for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(args.threads)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import caffelite  # noqa: F401  (before numpy and torch: see caffelite._blas_env)
     if not args.no_torch:
         import torch
         torch.set_num_threads(args.threads)

@@ -11,6 +11,7 @@ lets an unchanged ``import caffe`` find caffelite where no real Caffe is install
 """
 import time as _time
 
+from . import _blas_env  # noqa: F401  (first: it must run before numpy is imported)
 from .backend import (TRAIN, TEST, set_mode_cpu, set_mode_gpu, set_device,  # noqa: F401
                       set_random_seed)
 from .blob import Blob  # noqa: F401

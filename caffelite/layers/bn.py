@@ -12,11 +12,13 @@ slope's and bias's learning rates and decays to 0 (the statistics' always are), 
 layer's LayerSetUp does to its own param specs. The arithmetic follows bn_layer.cpp:
 means over the spatial axes first, times 1 / (H * W), then over the images, times 1 / N.
 """
+from .. import host_threads
 from ..backend import TEST, get_array_module
 from ..blob import legacy_shape
 from ..filler import fill
 from ..layer import NeuronLayer, register
 from ._cpu_math import caffe_powx
+from .im2col import view
 
 
 @register("BN")
@@ -78,7 +80,6 @@ class BNLayer(NeuronLayer):
         dtype = x.dtype.type
         if self.use_stored:
             mean, var = self._vector(2), self._vector(3)
-            centered = x - mean
         else:
             mean = self._batch_mean(x)
             centered = x - mean
@@ -86,11 +87,21 @@ class BNLayer(NeuronLayer):
             self._update_stored(2, mean)
             self._update_stored(3, var)
         inv_std = caffe_powx(xp, var + dtype(self.eps), -0.5)
-        x_norm = centered * inv_std
         if not self.frozen:
-            self.x_norm, self.inv_std = x_norm, inv_std
-        y = x_norm * self._vector(0) + self._vector(1)
-        top[0].data[...] = y.reshape(top[0].shape)
+            self.inv_std = inv_std
+            self.x_norm = xp.empty(self.dims, x.dtype)
+        out = view(top[0].data, self.dims)      # in place or not: element by element
+        slope, bias = self._vector(0), self._vector(1)
+
+        def normalize(lo, hi):
+            part = out[:, lo:hi]
+            xp.subtract(x[:, lo:hi], mean[:, lo:hi], out=part)
+            xp.multiply(part, inv_std[:, lo:hi], out=part)
+            if not self.frozen:
+                self.x_norm[:, lo:hi] = part
+            xp.multiply(part, slope[:, lo:hi], out=part)
+            xp.add(part, bias[:, lo:hi], out=part)
+        host_threads.for_axis(normalize, out, work=4)
 
     def _batch_mean(self, x):
         """The two GEMVs of bn_layer.cpp: (N, C, HW) -> (1, C, 1)."""

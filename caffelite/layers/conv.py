@@ -12,6 +12,7 @@ Several bottoms are allowed; each gets its own top and all share the parameters.
 """
 import math
 
+from .. import host_threads
 from ..filler import FillerError, fill
 from ..layer import Layer, register
 from .im2col import (ConvGeometry, backward_gemm, forward_gemm, view, weight_and_backward_gemm,
@@ -180,8 +181,11 @@ class BaseConvolutionLayer(Layer):
 
     def _add_bias(self, out):
         if self.bias_term:
-            bias = self.blobs[1].data
-            out += bias.reshape((1, -1) + (1,) * (out.ndim - 2))
+            bias = self.blobs[1].data.reshape((1, -1) + (1,) * (out.ndim - 2))
+
+            def add(lo, hi):
+                out[:, lo:hi] += bias[:, lo:hi]
+            host_threads.for_axis(add, out)
 
     def _bias_grad(self, top_diff):
         if self.bias_term and self.param_propagate_down[1]:

@@ -14,6 +14,7 @@ the top enters as that partial product.
 """
 import numpy as np
 
+from .. import host_threads
 from ..backend import get_array_module
 from ..layer import Layer, register
 from ..proto import caffe_pb2
@@ -22,6 +23,13 @@ from ._device import contiguous, launch, on_device, reused
 PROD = caffe_pb2.EltwiseParameter.PROD
 SUM = caffe_pb2.EltwiseParameter.SUM
 MAX = caffe_pb2.EltwiseParameter.MAX
+
+
+def _sum_into(out, *terms):
+    np.add(terms[0], terms[1], out=out)
+    out += 0            # Caffe sums into a zeroed top: -0 terms give +0
+    for term in terms[2:]:
+        out += term
 
 
 @register("Eltwise")
@@ -78,11 +86,10 @@ class EltwiseLayer(Layer):
             if on_device(xp):
                 launch("eltwise", "eltwise_sum2", out.dtype, out.size,
                        contiguous(xp, bottom[0].data), contiguous(xp, bottom[1].data), out)
+                for b in bottom[2:]:
+                    out += b.data
             else:
-                xp.add(bottom[0].data, bottom[1].data, out=out)
-                out += 0            # Caffe sums into a zeroed top: -0 terms give +0
-            for b in bottom[2:]:
-                out += b.data
+                host_threads.flat_map(_sum_into, out, *(b.data for b in bottom))
             return
         if self.op == SUM:
             y = self._scaled(bottom[0].data, self.coeffs[0])

@@ -13,7 +13,7 @@ import zlib
 
 import numpy as np
 
-from .. import backend
+from .. import backend, host_threads
 from ..backend import TRAIN, get_array_module, rng
 from ..caffe_rng import rng_bernoulli
 from ..filler import fill
@@ -52,8 +52,14 @@ class ReLULayer(NeuronLayer):
         xp = get_array_module(x)
         if on_device(xp):
             launch("relu", "relu_forward", x.dtype, x.size, x, self.negative_slope, y)
-        elif self.negative_slope == 0 and not _has_negative_infinity(x):
-            np.maximum(x.dtype.type(0), x, out=y)    # the formula's value without -inf
+        else:
+            host_threads.flat_map(self._host_forward, x, y)
+
+    def _host_forward(self, x, y):
+        if self.negative_slope == 0 and not _has_negative_infinity(x):
+            # The formula's value without -inf (or NaN), decided part by part: where
+            # both apply they give the same bits.
+            np.maximum(x.dtype.type(0), x, out=y)
         else:
             _cpu_relu(x, x.dtype.type(self.negative_slope), y)
 
@@ -70,7 +76,9 @@ class ReLULayer(NeuronLayer):
                    bottom[0].diff)
             return
         with np.errstate(invalid="ignore"):
-            np.multiply(dy, _relu_factor(x, self.negative_slope), out=bottom[0].diff)
+            host_threads.flat_map(
+                lambda g, v, out: np.multiply(g, _relu_factor(v, self.negative_slope),
+                                              out=out), dy, x, bottom[0].diff)
 
 
 def _has_negative_infinity(x):

@@ -3,6 +3,7 @@ import math
 
 import numpy as np
 
+from .. import host_threads
 from ..backend import TEST, get_array_module
 from ..blob import legacy_shape
 from ..filler import fill
@@ -102,8 +103,13 @@ class BatchNormLayer(NeuronLayer):
         self.std = self.std_vector[None, :, None]
         x = bottom[0].data.reshape(self.dims)
         out = view(top[0].data, self.dims)      # in place or not: element by element
-        xp.subtract(x, mean[None, :, None], out=out)
-        xp.divide(out, self.std, out=out)
+        mean = mean[None, :, None]
+
+        def normalize(lo, hi):
+            part = out[:, lo:hi]
+            xp.subtract(x[:, lo:hi], mean[:, lo:hi], out=part)
+            xp.divide(part, self.std[:, lo:hi], out=part)
+        host_threads.for_axis(normalize, out)
 
     def device_stored_stats(self, xp, dtype):
         """The stored statistics on the device: the mean vector (returned) and
@@ -287,9 +293,15 @@ class ScaleLayer(Layer):
         out = view(top[0].data, self.dims)
         if np.may_share_memory(scale, out):     # a scale bottom that is also the top
             scale = scale.copy()
-        np.multiply(x, scale.reshape(1, -1, 1), out=out)
-        if self.bias_term:
-            np.add(out, self.blobs[-1].data.reshape(1, -1, 1), out=out)
+        scale = scale.reshape(1, -1, 1)
+        bias = self.blobs[-1].data.reshape(1, -1, 1) if self.bias_term else None
+
+        def scale_channels(lo, hi):
+            part = out[:, lo:hi]
+            np.multiply(x[:, lo:hi], scale[:, lo:hi], out=part)
+            if bias is not None:
+                np.add(part, bias[:, lo:hi], out=part)
+        host_threads.for_axis(scale_channels, out)
 
     def backward(self, top, propagate_down, bottom):
         dy = top[0].diff.reshape(self.dims)

@@ -17,6 +17,7 @@ the tap index.
 """
 import numpy as np
 
+from .. import host_threads
 from ..backend import TRAIN, get_array_module, rng
 from ..caffe_rng import rng_uniform_01
 from ..layer import Layer, register
@@ -163,11 +164,15 @@ class PoolingLayer(Layer):
         canvas = self._work_array("canvas", xp, (n, c, ph, pw), x.dtype)
         top, left = self.pad_h, self.pad_w
         rows, cols = min(h, ph - top), min(w, pw - left)
-        canvas[:, :, :top] = fill
-        canvas[:, :, top + rows:] = fill
-        canvas[:, :, top:top + rows, :left] = fill
-        canvas[:, :, top:top + rows, left + cols:] = fill
-        canvas[:, :, top:top + rows, left:left + cols] = x[:, :, :rows, :cols]
+
+        def fill_channels(lo, hi):
+            part = canvas[:, lo:hi]
+            part[:, :, :top] = fill
+            part[:, :, top + rows:] = fill
+            part[:, :, top:top + rows, :left] = fill
+            part[:, :, top:top + rows, left + cols:] = fill
+            part[:, :, top:top + rows, left:left + cols] = x[:, lo:hi, :rows, :cols]
+        host_threads.for_axis(fill_channels, canvas)
         return canvas
 
     def _work_array(self, name, xp, shape, dtype):
@@ -269,11 +274,14 @@ class PoolingLayer(Layer):
         if xp is not np:
             return None
         taps = self._taps()
-        best = np.maximum(self._tap(canvas, *taps[0]), floor,
-                          out=self._work_array("best", np, self._pooled_shape(canvas),
-                                               canvas.dtype))
-        for i, j in taps[1:]:
-            np.maximum(best, self._tap(canvas, i, j), out=best)
+        best = self._work_array("best", np, self._pooled_shape(canvas), canvas.dtype)
+
+        def maxima(lo, hi):
+            part, out = canvas[:, lo:hi], best[:, lo:hi]
+            np.maximum(self._tap(part, *taps[0]), floor, out=out)
+            for i, j in taps[1:]:
+                np.maximum(out, self._tap(part, i, j), out=out)
+        host_threads.for_axis(maxima, best, work=len(taps))
         if np.isnan(best).any():
             return None
         if (best == 0).any() and _has_negative_zero(canvas):
@@ -284,18 +292,23 @@ class PoolingLayer(Layer):
         """The first tap in scan order whose value equals its window's ``best`` (the
         scan's winner when ``best`` came from ``_plain_maximum``), -1 where ``best`` is
         the -FLT_MAX floor."""
-        arg = np.full(best.shape, -1, dtype=self._arg_dtype())
-        equal = np.empty(best.shape, dtype=bool)
-        step = np.empty(best.shape, dtype=arg.dtype)
+        arg = np.empty(best.shape, dtype=self._arg_dtype())
         taps = self._taps()
-        for t in range(len(taps) - 1, -1, -1):
-            np.equal(self._tap(canvas, *taps[t]), best, out=equal)
-            # arg = t where equal, as integer arithmetic: arg - (arg - t) * equal (a
-            # masked copy branches on every element, several times slower)
-            np.subtract(arg, arg.dtype.type(t), out=step)
-            np.multiply(step, equal, out=step)
-            np.subtract(arg, step, out=arg)
-        np.copyto(arg, arg.dtype.type(-1), where=best <= best.dtype.type(_NEG_FLT_MAX))
+
+        def first_taps(lo, hi):
+            part, top, out = canvas[:, lo:hi], best[:, lo:hi], arg[:, lo:hi]
+            out[...] = -1
+            equal = np.empty(top.shape, dtype=bool)
+            step = np.empty(top.shape, dtype=arg.dtype)
+            for t in range(len(taps) - 1, -1, -1):
+                np.equal(self._tap(part, *taps[t]), top, out=equal)
+                # arg = t where equal, as integer arithmetic: arg - (arg - t) * equal (a
+                # masked copy branches on every element, several times slower)
+                np.subtract(out, arg.dtype.type(t), out=step)
+                np.multiply(step, equal, out=step)
+                np.subtract(out, step, out=out)
+            np.copyto(out, arg.dtype.type(-1), where=top <= top.dtype.type(_NEG_FLT_MAX))
+        host_threads.for_axis(first_taps, best, work=3 * len(taps))
         return arg
 
     def _scan_maximum(self, xp, canvas, floor):
@@ -333,8 +346,13 @@ class PoolingLayer(Layer):
         else:
             canvas = self._padded(xp, x, x.dtype.type(0))
             total = xp.zeros((n, c, self.pooled_h, self.pooled_w), dtype=x.dtype)
-            for i, j in self._taps():
-                total += self._tap(canvas, i, j)
+            taps = self._taps()
+
+            def sums(lo, hi):
+                part, out = canvas[:, lo:hi], total[:, lo:hi]
+                for i, j in taps:
+                    out += self._tap(part, i, j)
+            host_threads.for_axis(sums, total, work=len(taps))
         with np.errstate(divide="ignore", invalid="ignore"):
             return total / self._pool_size(xp, h, w, x.dtype)
 
