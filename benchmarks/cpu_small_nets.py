@@ -230,7 +230,7 @@ def main(argv=None):
         os.environ[var] = str(args.threads)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    import caffelite  # noqa: F401  (before numpy and torch: see caffelite._blas_env)
+    import caffelite  # noqa: F401,E402  (before numpy and torch: see caffelite._blas_env)
     if not args.no_torch:
         import torch
         torch.set_num_threads(args.threads)

@@ -186,12 +186,17 @@ def im2col(image, col, geom, grid_shape, r0, r1):
     """Fill ``col`` (C, *kernel, r1-r0, *grid_shape[1:]) from ``image`` (C, *img_shape)
     for the band of grid rows [r0, r1) along the first spatial axis (the channels
     shared out over the host threads)."""
+    _by_channels(_im2col, image, col, geom, grid_shape, r0, r1)
+
+
+def _by_channels(function, image, col, *args):
+    """``function(image, col, *args)`` over matching channel ranges of both, shared out
+    over the host threads (one call for device arrays)."""
     if not host_threads.on_host(image, col):
-        _im2col(image, col, geom, grid_shape, r0, r1)
+        function(image, col, *args)
         return
-    host_threads.for_ranges(
-        lambda lo, hi: _im2col(image[lo:hi], col[lo:hi], geom, grid_shape, r0, r1),
-        image.shape[0], col[0].size)
+    host_threads.for_ranges(lambda lo, hi: function(image[lo:hi], col[lo:hi], *args),
+                            image.shape[0], col[0].size)
 
 
 def _im2col(image, col, geom, grid_shape, r0, r1):
@@ -216,15 +221,10 @@ def _im2col(image, col, geom, grid_shape, r0, r1):
 def col2im(col, image, geom, grid_shape, r0, r1):
     """Adjoint of ``im2col``: ``image`` += the taps of ``col`` (accumulates, Caffe's
     order; the channels shared out over the host threads)."""
-    if not host_threads.on_host(col, image):
-        _col2im(col, image, geom, grid_shape, r0, r1)
-        return
-    host_threads.for_ranges(
-        lambda lo, hi: _col2im(col[lo:hi], image[lo:hi], geom, grid_shape, r0, r1),
-        image.shape[0], col[0].size)
+    _by_channels(_col2im, image, col, geom, grid_shape, r0, r1)
 
 
-def _col2im(col, image, geom, grid_shape, r0, r1):
+def _col2im(image, col, geom, grid_shape, r0, r1):
     img_shape = image.shape[1:]
     for tap in itertools.product(*(range(k) for k in geom.kernel)):
         sl = _tap_slices(geom, tap, img_shape, grid_shape, r0, r1)
