@@ -76,7 +76,8 @@ def threads():
 
 
 def set_threads(count):
-    """Use ``count`` threads from now on (None: the default again)."""
+    """Use ``count`` threads from now on (None: the default again). Work already handed
+    to the old pool finishes there."""
     if count is not None and (int(count) != count or count < 1):
         raise HostThreadsError(f"the number of host threads must be a positive integer, "
                                f"got {count!r}")
@@ -87,15 +88,17 @@ def set_threads(count):
         pool.shutdown(wait=True)
 
 
-def _pool(workers):
+def _submit(workers, tasks):
+    """Hand ``tasks`` ((function, lo, hi) triples) to a pool of ``workers`` threads;
+    under the lock, so that ``set_threads`` cannot shut that pool down in between."""
     with _lock:
         pool = _settings["pool"]
         if pool is None or pool._max_workers != workers:
-            if pool is not None:
-                pool.shutdown(wait=False)
-            pool = _settings["pool"] = ThreadPoolExecutor(
-                workers, thread_name_prefix="caffelite-host")
-        return pool
+            old, pool = pool, ThreadPoolExecutor(workers, thread_name_prefix="caffelite-host")
+            _settings["pool"] = pool
+            if old is not None:
+                old.shutdown(wait=False)        # its queued tasks still run
+        return [pool.submit(*task) for task in tasks]
 
 
 def _forget_pool_in_child():
@@ -114,12 +117,13 @@ def on_host(*arrays):
     return all(type(a) is np.ndarray for a in arrays)
 
 
-def ranges(count, elements_per_item=1):
+def ranges(count, elements_per_item=1, threads_now=None):
     """``count`` items split into contiguous ``(lo, hi)`` ranges, one per thread that
     gets at least MIN_TASK_ELEMENTS elements of work (a single range when threads are
     off, the work is small, or the caller is itself a worker)."""
     total = count * max(int(elements_per_item), 1)
-    parts = min(threads(), count, total // MIN_TASK_ELEMENTS)
+    parts = min(threads() if threads_now is None else threads_now, count,
+                total // MIN_TASK_ELEMENTS)
     if parts <= 1 or _local.in_worker:
         return [(0, count)] if count else []
     bounds = [count * k // parts for k in range(parts + 1)]
@@ -130,22 +134,23 @@ def for_ranges(function, count, elements_per_item=1):
     """``function(lo, hi)`` over ``ranges(count, elements_per_item)``: the first range
     here, the others on the worker threads (with this thread's numpy error settings);
     returns when all are done, raising the first error."""
-    parts = ranges(count, elements_per_item)
+    threads_now = threads()
+    parts = ranges(count, elements_per_item, threads_now)
     if len(parts) <= 1:
         for lo, hi in parts:
             function(lo, hi)
         return
-    errors = np.geterr()
+    errors, callback = np.geterr(), np.geterrcall()
 
     def work(lo, hi):
         _local.in_worker = True
         try:
-            with np.errstate(**errors):
+            with np.errstate(call=callback, **errors):
                 function(lo, hi)
         finally:
             _local.in_worker = False
 
-    futures = [_pool(threads() - 1).submit(work, lo, hi) for lo, hi in parts[1:]]
+    futures = _submit(threads_now - 1, [(work, lo, hi) for lo, hi in parts[1:]])
     try:
         function(*parts[0])
     finally:

@@ -64,7 +64,13 @@ def _confusion_of_crf_then_eval(tmp_path, feats, imgs, gts, listing, ids, params
 def test_matlab_ranges_and_lists():
     assert search.parse_values("3:6", "bi_w") == [3, 4, 5, 6]
     assert search.parse_values("30:10:100", "bi_xy_std") == [30, 40, 50, 60, 70, 80, 90, 100]
-    assert search.parse_values("0.1:0.1:0.5", "bi_rgb_std") == [0.1, 0.2, 0.3, 0.4, 0.5]
+    # MATLAB's colon: up from the start, then down from the end (which it hits exactly)
+    assert search.parse_values("0.1:0.1:0.5", "bi_rgb_std") == pytest.approx(
+        [0.1, 0.2, 0.3, 0.4, 0.5], rel=1e-15)
+    assert search.parse_values("0:0.1:0.3", "bi_rgb_std")[-1] == 0.3
+    assert search.parse_values("0:1:0.9999999999", "bi_w") == [0]     # floor, no rounding
+    assert search.parse_values("1e-13:1e-13:3e-13", "bi_rgb_std") == pytest.approx(
+        [1e-13, 2e-13, 3e-13], rel=1e-15)
     assert search.parse_values("3:2:8", "bi_w") == [3, 5, 7]        # stops below the end
     assert search.parse_values("3,4, 5", "bi_w") == [3, 4, 5]
     assert search.parse_values("3 4 10:10:20", "bi_w") == [3, 4, 10, 20]
@@ -72,12 +78,30 @@ def test_matlab_ranges_and_lists():
     assert search.parse_values("5:5:10", "max_iter") == [5, 10]
     assert all(isinstance(v, int) for v in search.parse_values("5:5:10", "max_iter"))
     bad = {"3:0:6": "positive step", "6:3": "empty", "a": "not a number",
-           "1:2:3:4": "not a range", "4,4": "twice", "nan": "finite", "": "no value"}
+           "1:2:3:4": "not a range", "4,4": "twice", "nan": "finite", "": "no value",
+           "0:1e-320:1": "more than 10000 values"}
     for text, words in bad.items():
         with pytest.raises(search.CrfError, match=f"--bi_w: .*{words}|--bi_w: {words}"):
             search.parse_values(text, "bi_w")
     with pytest.raises(search.CrfError, match="--max_iter: 2.5 is not an integer"):
         search.parse_values("2.5", "max_iter")
+
+
+def test_each_set_of_stds_builds_its_lattices_once(tmp_path, monkeypatch):
+    """The weights vary fastest in the grid, so the combinations sharing their stds
+    follow each other and one lattice filter serves them all."""
+    feats, imgs, gts, listing = _write_set(tmp_path, ["a"])
+    scores, image = crf_cli.load_crf_inputs(str(feats / "a_blob_0.mat"),
+                                            str(imgs / "a.jpg"))
+    grid = search.parameter_grid(CRFParams(max_iter=1), {
+        "bi_w": [2, 5], "bi_xy_std": [10, 20, 30], "bi_rgb_std": [3, 4]})
+    builds = []
+    real = search.PairwiseMessages
+    monkeypatch.setattr(search, "PairwiseMessages",
+                        lambda kernels: (builds.append(1), real(kernels))[1])
+    labels = list(search._grid_labels(scores, image, grid, "score", None))
+    assert len(labels) == 12 and len(builds) == 6
+    assert [p.bi_w for p in grid[:2]] == [2, 5]
 
 
 def test_grid_is_every_combination_and_refuses_bad_values():

@@ -72,12 +72,12 @@ def _run(tmp_path, threads, phase, data):
 def pool_use(monkeypatch):
     """How many times work was handed to the pool."""
     calls = []
-    real = host_threads._pool
+    real = host_threads._submit
 
-    def counting(workers):
+    def counting(workers, tasks):
         calls.append(workers)
-        return real(workers)
-    monkeypatch.setattr(host_threads, "_pool", counting)
+        return real(workers, tasks)
+    monkeypatch.setattr(host_threads, "_submit", counting)
     return calls
 
 
@@ -156,6 +156,39 @@ def test_errors_and_numpy_error_settings_reach_the_caller(every_split):
     with pytest.raises(KeyError, match="last part"):
         host_threads.for_ranges(fail_in_the_last, 300)
     assert sorted(done) == [0, 100, 200]         # every part ran before the error came
+
+
+def test_numpy_error_callbacks_reach_the_workers(every_split):
+    host_threads.set_threads(3)
+    seen = []
+    x = np.zeros(300)
+    with np.errstate(divide="call", call=lambda kind, flag: seen.append(kind)):
+        host_threads.for_ranges(lambda lo, hi: np.divide(1.0, x[lo:hi]), 300)
+    assert seen == ["divide by zero"] * 3
+
+
+def test_changing_the_thread_count_while_another_thread_splits(every_split):
+    import threading
+    stop = threading.Event()
+    errors = []
+
+    def split_work():
+        out = np.zeros(1000)
+        try:
+            while not stop.is_set():
+                host_threads.for_ranges(lambda lo, hi: out.__setitem__(slice(lo, hi), 1),
+                                        1000)
+        except Exception as e:          # noqa: BLE001  (reported below)
+            errors.append(e)
+    worker = threading.Thread(target=split_work)
+    worker.start()
+    try:
+        for k in range(300):
+            host_threads.set_threads(1 + k % 4)
+    finally:
+        stop.set()
+        worker.join()
+    assert not errors
 
 
 def test_flat_map_leaves_non_contiguous_and_device_like_arrays_whole(every_split):

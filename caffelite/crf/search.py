@@ -29,6 +29,7 @@ import itertools
 import json
 import math
 import os
+import sys
 import time
 
 import numpy as np
@@ -40,6 +41,10 @@ from .densecrf import (PUBLISHED_PARAMS, CRFParams, PairwiseMessages, crf_kernel
 
 GRID_NAMES = PARAM_NAMES + tuple(AXIS_NAMES)
 _INTEGER_NAMES = ("max_iter",)
+# The combinations vary the weights and max_iter fastest: those sharing their stds (and
+# so their lattices) come one after the other.
+_PRODUCT_ORDER = ("pos_xy_std", "pos_y_std", "bi_xy_std", "bi_y_std", "bi_rgb_std",
+                  "bi_g_std", "bi_b_std", "max_iter", "pos_w", "bi_w")
 
 
 # ------------------------------------------------------------------------ the grid
@@ -84,18 +89,25 @@ def _range_values(word, flag):
         raise CrfError(f"{flag}: the range '{word}' needs a positive step")
     if stop < start:
         raise CrfError(f"{flag}: the range '{word}' is empty (its end is below its start)")
-    # MATLAB's colon: start + k * step for k = 0 .. floor((stop - start) / step), with a
-    # tolerance for steps like 0.1 that binary fractions cannot hold exactly.
-    count = math.floor((stop - start) / step * (1 + 1e-12) + 1e-9) + 1
-    if count > 10000:
-        raise CrfError(f"{flag}: the range '{word}' has {count} values")
-    return [round(start + k * step, 12) for k in range(count)]
+    # MATLAB's colon: n = floor((b - a) / d) with a tolerance of a few eps for steps
+    # like 0.1 that binary fractions cannot hold; the first half counted up from a, the
+    # second down from b when the range ends on b (so 0:0.1:0.3 ends on 0.3 exactly).
+    span = (stop - start) / step
+    tolerance = 3 * sys.float_info.epsilon * max(abs(start), abs(stop)) / step
+    if not span + tolerance < 10000:
+        raise CrfError(f"{flag}: the range '{word}' has more than 10000 values")
+    count = math.floor(span + tolerance)
+    end = stop if abs(start + count * step - stop) <= tolerance * step else \
+        start + count * step
+    return [start + k * step if 2 * k <= count else end - (count - k) * step
+            for k in range(count + 1)]
 
 
 def parameter_grid(base, values):
     """Every combination of ``values`` ({name: list}) over ``base`` (``CRFParams``), as
-    ``CRFParams``; a combination the CRF refuses fails with its message."""
-    names = [n for n in GRID_NAMES if n in values]
+    ``CRFParams``, the stds varying slowest; a combination the CRF refuses fails with
+    its message."""
+    names = [n for n in _PRODUCT_ORDER if n in values]
     grid = []
     for combo in itertools.product(*(values[n] for n in names)):
         try:
@@ -334,7 +346,7 @@ def run(args):
     order = sorted(range(len(grid)), key=lambda i: -_sortable(scores[1 + i]["miou_percent"]))
     print(_summary(grid, scores, order[:args.top], plain))
     best = grid[order[0]]
-    flags = " ".join(f"--{n} {getattr(best, n):g}" for n in GRID_NAMES
+    flags = " ".join(f"--{n} {getattr(best, n):.15g}" for n in GRID_NAMES
                      if getattr(best, n) is not None)
     logger.info("Best: %s, mean IoU %.2f %% (%+.2f over the features alone). Apply it: "
                 "caffelite crf %s ...", describe(best), scores[1 + order[0]]["miou_percent"],

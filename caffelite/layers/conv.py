@@ -184,7 +184,8 @@ class BaseConvolutionLayer(Layer):
             bias = self.blobs[1].data.reshape((1, -1) + (1,) * (out.ndim - 2))
 
             def add(lo, hi):
-                out[:, lo:hi] += bias[:, lo:hi]
+                part = out[:, lo:hi]          # a name: += stays in place (no setitem)
+                part += bias[:, lo:hi]
             host_threads.for_axis(add, out)
 
     def _bias_grad(self, top_diff):
