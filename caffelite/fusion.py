@@ -1,5 +1,4 @@
-"""BatchNorm -> Scale [-> ReLU] chains run as one: one kernel each way on the GPU, one
-pass per cache-sized block on the host.
+"""GPU mode: BatchNorm -> Scale [-> ReLU] chains run as one kernel each way.
 
 ResNet's prototxts follow every convolution with a BatchNorm using its stored statistics,
 a Scale with frozen parameters (lr_mult 0) and usually a ReLU, all on one blob in place:
@@ -8,10 +7,6 @@ cost is the calls, not the arithmetic (BENCHMARKS.md). On the device, such a cha
 as ``channel_bn_scale_relu`` forward and ``channel_bn_scale_relu_backward``, which do the
 three layers' float operations in their order: the blobs get the same bits as layer by
 layer. The layers keep the state a later unfused call reads (BatchNorm's std vector).
-On the host the forward takes the blob block by block (a few channels, about
-BLOCK_ELEMENTS values, shared out over the host threads) through the three layers' numpy
-operations, so each block stays in the cache instead of the whole blob being read and
-written five times; the backward runs the layers.
 
 A chain qualifies when, in consecutive layers:
 
@@ -22,16 +17,14 @@ A chain qualifies when, in consecutive layers:
 * optionally ReLU reads and writes T;
 * none of them has a loss weight.
 
-``debug_info`` (one line per layer), forward/backward ranges that cut a chain and
-``CAFFELITE_FUSE=0`` (or ``ENABLED = False``) run the layers one by one.
+Host mode, ``debug_info`` (one line per layer), forward/backward ranges that cut a chain
+and ``CAFFELITE_FUSE=0`` (or ``ENABLED = False``) run the layers one by one.
 """
-import numpy as np
 
-from . import backend, host_threads
+from . import backend
 from .layers._device import launch
 
 ENABLED = backend.env_flag("CAFFELITE_FUSE", True)
-BLOCK_ELEMENTS = 1 << 18        # values per host block: 1 MB of float32
 
 
 class ChannelChain:
@@ -68,12 +61,9 @@ class ChannelChain:
         return [self.bn, self.scale] + ([self.relu] if self.relu is not None else [])
 
     def forward(self):
-        """Forward of the chain; False if it must run layer by layer."""
+        """Forward of the chain on the device; False if it must run layer by layer."""
         if not self._reshape():
             return False
-        if not backend.is_gpu():
-            self._host_forward()
-            return True
         bn, scale = self.bn, self.scale
         dtype = self.blob.dtype.type
         x = self.blob.data
@@ -87,36 +77,9 @@ class ChannelChain:
         scale.in_place, scale.x_saved = True, None
         return True
 
-    def _host_forward(self):
-        """The layers' host operations, block of channels by block of channels."""
-        bn, scale, relu = self.bn, self.scale, self.relu
-        x = self.blob.data.reshape(bn.dims)
-        dtype = x.dtype.type
-        mean = bn.host_stored_stats(np, dtype)[None, :, None]
-        std = bn.std
-        weights = scale.blobs[0].data.reshape(1, -1, 1)
-        bias = scale.blobs[-1].data.reshape(1, -1, 1) if scale.bias_term else None
-        step = max(1, BLOCK_ELEMENTS // max(bn.dims[0] * bn.dims[2], 1))
-
-        def blocks(lo, hi):
-            for c0 in range(lo, hi, step):
-                c = slice(c0, min(hi, c0 + step))
-                part = x[:, c]
-                np.subtract(part, mean[:, c], out=part)
-                np.divide(part, std[:, c], out=part)
-                np.multiply(part, weights[:, c], out=part)
-                if bias is not None:
-                    np.add(part, bias[:, c], out=part)
-                if relu is not None:
-                    relu.host_forward(part, part)
-        host_threads.for_axis(blocks, x, work=5)
-        scale.in_place, scale.x_saved = True, None
-
     def backward(self):
         """Backward to the chain's bottom diff on the device; False if it must run layer
-        by layer (on the host, or when shapes changed since the forward)."""
-        if not backend.is_gpu():
-            return False
+        by layer (shapes changed since the forward)."""
         if not self.usable or self._current_state() != self._state:
             return False
         bn, scale = self.bn, self.scale

@@ -102,7 +102,10 @@ def _submit(workers, tasks):
 
 
 def _forget_pool_in_child():
-    # A fork()ed child has none of the parent's threads: it starts its own pool.
+    # A fork()ed child has none of the parent's threads: it starts its own pool, and a
+    # lock another thread held at the fork would never be released.
+    global _lock
+    _lock = threading.Lock()
     _settings["pool"] = None
     _local.in_worker = False
 

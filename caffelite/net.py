@@ -705,9 +705,9 @@ class Net:
         return self.debug_info or any(self._hooks.values())
 
     def _fused_chains(self):
-        """{first layer index: fusion.ChannelChain} (None: run every layer). Computed
-        once per net."""
-        if not fusion.ENABLED or self._layer_by_layer():
+        """{first layer index: fusion.ChannelChain} in GPU mode (None: run every layer).
+        Computed once per net."""
+        if not fusion.ENABLED or self._layer_by_layer() or not backend.is_gpu():
             return None
         chains = self._channel_chains
         if chains is None:
@@ -762,7 +762,7 @@ class Net:
             chain = chains.get(i)
             if chain is not None and chain.last <= end:
                 try:
-                    with backend.device_access(gpu):
+                    with backend.device_access(True):
                         done = chain.forward()
                 except MemoryError as e:
                     raise_out_of_memory(self._chain_what(chain, "forward"), e)
@@ -931,7 +931,7 @@ class Net:
                    for k in span):
             return False
         try:
-            with backend.device_access(backend.is_gpu()):
+            with backend.device_access(True):
                 return chain.backward()
         except MemoryError as e:
             raise_out_of_memory(self._chain_what(chain, "backward"), e)

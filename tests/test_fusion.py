@@ -150,32 +150,10 @@ def test_ranges_that_cut_a_chain_and_debug_info_run_layer_by_layer(tmp_path, gpu
     assert fusion.channel_chains(caffelite.Net(str(path), caffelite.TRAIN)) == {}
 
 
-@pytest.mark.parametrize("threads", [1, 3])
-def test_cpu_mode_fuses_the_forward_with_the_layer_by_layer_bits(tmp_path, monkeypatch,
-                                                                 threads):
-    """On the host a chain's forward goes block by block (here one channel per block,
-    with every split the threads allow); its backward runs the layers."""
-    from caffelite import host_threads
+def test_cpu_mode_never_fuses(tmp_path):
     backend.set_mode_cpu()
-    monkeypatch.setattr(fusion, "BLOCK_ELEMENTS", 1)
-    monkeypatch.setattr(host_threads, "MIN_TASK_ELEMENTS", 1)
-    host_threads.set_threads(threads)
-    try:
-        net = make_net(tmp_path)
-        firsts = [net._layer_names.index(name) for name in ("bn1", "bn2")]
-        assert sorted(net._fused_chains()) == firsts
-        calls = []
-        real = fusion.ChannelChain._host_forward
-        monkeypatch.setattr(fusion.ChannelChain, "_host_forward",
-                            lambda chain: (calls.append(chain.first), real(chain)))
-        fused = run(net)
-        assert calls == firsts
-        monkeypatch.setattr(fusion, "ENABLED", False)
-        unfused = run(make_net(tmp_path))
-        assert_same(fused, unfused)
-        assert np.abs(fused[0]["conv1"][1]).sum() > 0        # gradients reached the chain
-    finally:
-        host_threads.set_threads(None)
+    net = make_net(tmp_path)
+    assert net._fused_chains() is None
 
 
 def test_out_of_memory_names_the_layer_or_chain(tmp_path, monkeypatch, caplog):

@@ -53,9 +53,9 @@ class ReLULayer(NeuronLayer):
         if on_device(xp):
             launch("relu", "relu_forward", x.dtype, x.size, x, self.negative_slope, y)
         else:
-            host_threads.flat_map(self.host_forward, x, y)
+            host_threads.flat_map(self._host_forward, x, y)
 
-    def host_forward(self, x, y):
+    def _host_forward(self, x, y):
         if self.negative_slope == 0 and not _has_negative_infinity(x):
             # The formula's value without -inf (or NaN), decided part by part: where
             # both apply they give the same bits.

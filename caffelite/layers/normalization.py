@@ -95,7 +95,12 @@ class BatchNormLayer(NeuronLayer):
             launch("channel", "channel_normalize", dtype, bottom[0].count, bottom[0].data,
                    mean, self.std_vector, self.channels, self.dims[2], top[0].data)
             return
-        mean = self.host_stored_stats(xp, dtype)
+        stored = dtype(self.blobs[2].read_host_data().reshape(-1)[0])
+        factor = dtype(0) if stored == 0 else dtype(1) / stored
+        mean = factor * self.blobs[0].data
+        var = factor * self.blobs[1].data
+        self.std_vector = xp.sqrt(var + dtype(self.eps))
+        self.std = self.std_vector[None, :, None]
         x = bottom[0].data.reshape(self.dims)
         out = view(top[0].data, self.dims)      # in place or not: element by element
         mean = mean[None, :, None]
@@ -105,17 +110,6 @@ class BatchNormLayer(NeuronLayer):
             xp.subtract(x[:, lo:hi], mean[:, lo:hi], out=part)
             xp.divide(part, self.std[:, lo:hi], out=part)
         host_threads.for_axis(normalize, out)
-
-    def host_stored_stats(self, xp, dtype):
-        """The stored statistics on the host: the mean vector (returned), and
-        ``std_vector`` and ``std`` (its (1, C, 1) view), which the backward reads."""
-        stored = dtype(self.blobs[2].read_host_data().reshape(-1)[0])
-        factor = dtype(0) if stored == 0 else dtype(1) / stored
-        mean = factor * self.blobs[0].data
-        var = factor * self.blobs[1].data
-        self.std_vector = xp.sqrt(var + dtype(self.eps))
-        self.std = self.std_vector[None, :, None]
-        return mean
 
     def device_stored_stats(self, xp, dtype):
         """The stored statistics on the device: the mean vector (returned) and
