@@ -3,6 +3,7 @@ test2), its ``run_densecrf.sh`` and its MATLAB evaluation as one command.
 
     caffelite pascal EXPER_DIR --net NET_ID --data-root DIR [--num-labels 21]
         [--train-set-suffix _aug] [--steps train,test,train2,test2,crf,eval]
+        [--steps ...,crf_search,crf,eval [--search-bi-w 3:6 ...]]
         [--force] [-D NAME=VALUE ...] [--gpu N]
 
 ``EXPER_DIR`` is the kit's ``${EXP}`` folder (e.g. ``exper/voc12``): ``EXP`` is its
@@ -49,6 +50,14 @@ Steps (each logs to its own file; a finished step is skipped unless ``--force``)
   else the newest ``train_iter_*``.
 * ``test2``: for each of ``--test2-sets`` (val,test): ``test2.caffemodel`` else the
   newest ``train2_iter_*``; FEATURE_DIR=${EXP}/features2/${NET_ID}.
+* ``crf_search`` (only when named in ``--steps``): the CRF's cross-validation of the
+  DeepLab papers (``caffelite crf_search``) on the first ``--search-images`` (100) images
+  of ``--eval-set`` from the latest stage's fc8 features: every combination of
+  ``--search-bi-w`` (3:6), ``--search-bi-xy-std`` (30:10:100) and
+  ``--search-bi-rgb-std`` (3:6) with the other ``--crf-*`` values, scored by mean IoU,
+  into ``res/.../crf_search.json``. From then on the crf and eval steps take its best
+  parameters for every ``--crf-*`` flag not given on the command line. Finished when
+  the JSON is newer than those features and holds the same images and grid.
 * ``crf``: the dense CRF (``caffelite.crf``) on the fc8 features of every test set of
   the latest stage (features2 when test2 ran or has features, else features), images
   from the lists, into ``res/.../post_densecrf_...``.  Finished when every label PNG
@@ -65,6 +74,7 @@ overrides both.
 """
 import contextlib
 import glob
+import json
 import logging
 import os
 import re
@@ -76,7 +86,12 @@ from .io import prototxt
 from .io.caffemodel import write_atomically
 from .log import GlogFormatter, logger
 
-STEPS = ("train", "test", "train2", "test2", "crf", "eval")
+STEPS = ("train", "test", "train2", "test2", "crf_search", "crf", "eval")
+# crf_search runs only when asked for (it scores dozens of parameter sets per image).
+DEFAULT_STEPS = tuple(s for s in STEPS if s != "crf_search")
+# The DeepLab-v2 paper's first search round (MATLAB ranges), pos_w = pos_xy_std = 3.
+SEARCH_DEFAULTS = {"bi_w": "3:6", "bi_xy_std": "30:10:100", "bi_rgb_std": "3:6"}
+SEARCH_IMAGES = 100
 
 # Every variable of the kit's sub.sed (the v2 kit's, plus EXP2 of one copy and
 # SNAPSHOT of one variant); unset ones expand to the empty string.
@@ -192,6 +207,18 @@ def _all_newer(outputs, inputs):
     return min(times) >= newest_input
 
 
+def _same_search(path, key):
+    """Whether the crf_search JSON at ``path`` scored these images and parameter sets."""
+    try:
+        with open(path, "rb") as f:
+            data = json.loads(f.read().decode("utf-8"))
+        return (data["images"] == key["images"] and
+                [{n: r["params"][n] for n in CRF_DEFAULTS} for r in data["results"]]
+                == key["grid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
 def _count_lines(path):
     """``wc -l < path``: the newline characters (a last line without one is not
     counted, blank lines are)."""
@@ -211,7 +238,7 @@ class Pipeline:
                  train_set_suffix="_aug", steps=STEPS, force=False, defines=None, gpu=None,
                  test_sets=("val",), test2_sets=("val", "test"), eval_set="val",
                  feature_type="fc8", gt_dir=None, crf_params=None, vis=False, tf32=False,
-                 graphs=None):
+                 graphs=None, search_values=None, search_images=SEARCH_IMAGES):
         exper_dir = os.path.abspath(exper_dir)
         if not os.path.isdir(exper_dir):
             raise PipelineError(f"experiment folder '{exper_dir}' does not exist")
@@ -245,7 +272,11 @@ class Pipeline:
         self.eval_set = eval_set
         self.feature_type = feature_type
         self.gt_dir = os.path.abspath(gt_dir) if gt_dir else None
-        self.crf_params = dict(CRF_DEFAULTS, **(crf_params or {}))
+        # given on the command line (None: not given); the rest from a crf_search's
+        # best, else run_densecrf.sh's values
+        self.crf_given = {k: v for k, v in (crf_params or {}).items() if v is not None}
+        self.search_values = dict(SEARCH_DEFAULTS, **(search_values or {}))
+        self.search_images = int(search_images)
         self.vis = vis
         self.results = {}
 
@@ -326,7 +357,7 @@ class Pipeline:
             sets.update(self.test_sets)
         if "test2" in self.steps:
             sets.update(self.test2_sets)
-        if "eval" in self.steps:
+        if "eval" in self.steps or "crf_search" in self.steps:
             sets.add(self.eval_set)
         for name in sorted(sets):
             if not os.path.isfile(self.list_path(name)):
@@ -335,8 +366,22 @@ class Pipeline:
         root = self.variables()["DATA_ROOT"]
         if root and not os.path.isdir(root):
             raise PipelineError(f"DATA_ROOT '{root}' is not a directory")
-        if "crf" in self.steps:
+        if "crf" in self.steps or "crf_search" in self.steps:
             crf_function()
+        if "crf_search" in self.steps:
+            self._check_search()
+
+    def _check_search(self):
+        from .crf import search
+        if self.search_images < 1:
+            raise PipelineError(f"--search-images must be at least 1 (got "
+                                f"{self.search_images})")
+        for name, text in self.search_values.items():
+            try:
+                search.parse_values(str(text), name)
+            except search.CrfError as e:
+                reason = str(e).split(": ", 1)[-1]
+                raise PipelineError(f"--search-{name.replace('_', '-')}: {reason}") from None
 
     # ------------------------------------------------------------------ running
     def run(self):
@@ -492,6 +537,64 @@ class Pipeline:
                 run_test_net(net_file, model, iterations)
 
     # ------------------------------------------------------------------ crf
+    @property
+    def crf_params(self):
+        """The CRF's parameters: those given, else a crf_search's best, else
+        run_densecrf.sh's values."""
+        params = dict(CRF_DEFAULTS)
+        params.update(self._searched_params())
+        params.update(self.crf_given)
+        return params
+
+    def search_json(self, kind=None):
+        kind = kind or self.crf_kind()
+        return f"{self.res_dir(kind, self.eval_set)}/crf_search.json"
+
+    def _searched_params(self):
+        path = self.search_json()
+        if not os.path.isfile(path):
+            return {}
+        try:
+            with open(path, "rb") as f:
+                best = json.loads(f.read().decode("utf-8"))["best_params"]
+            return {k: best[k] for k in CRF_DEFAULTS}
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise PipelineError(f"{path}: not a crf_search result ({e}); delete it or "
+                                f"run the crf_search step again") from None
+
+    def step_crf_search(self):
+        from .crf import CRFParams, search
+        kind = self.crf_kind()
+        test_set = self.eval_set
+        features = f"{self.feature_dir(kind)}/{test_set}/{self.feature_type}"
+        items = self.items(test_set)[:self.search_images]
+        inputs = [f"{features}/{i.id}_blob_0.mat" for i in items]
+        missing = [p for p in inputs if not os.path.isfile(p)]
+        if missing:
+            raise PipelineError(f"crf_search on '{test_set}': features not found: "
+                                f"{missing[0]} (run the test steps first)")
+        fixed = dict(CRF_DEFAULTS, **self.crf_given)
+        values = {n: search.parse_values(str(v), n) for n, v in self.search_values.items()}
+        grid = search.parameter_grid(CRFParams(**fixed), values)
+        out = self.search_json(kind)
+        key = {"images": [i.id for i in items],
+               "grid": [{n: getattr(p, n) for n in CRF_DEFAULTS} for p in grid]}
+        if _all_newer([out], inputs) and _same_search(out, key) and self.skip(
+                "crf_search", f"{out} holds this search"):
+            return
+        with self.step_log(f"crf_search_{kind}_{test_set}"):
+            logger.info("CRF search on %d images of '%s' (%s), %d parameter sets: %s",
+                        len(items), test_set, features, len(grid),
+                        ", ".join(f"{n} {v}" for n, v in self.search_values.items()))
+            tasks = [search.search_task(i.id, f"{features}/{i.id}_blob_0.mat", i.image,
+                                        i.gt, grid, num_labels=self.num_labels)
+                     for i in items]
+            confusions = search.run_search(tasks)
+            os.makedirs(os.path.dirname(out), exist_ok=True)
+            search.report(tasks, grid, confusions, json_path=out)
+            logger.info("The crf and eval steps now take %s",
+                        ", ".join(f"{k}={v:g}" for k, v in self.crf_params.items()))
+
     def crf_kind(self):
         """The features the CRF and the report start from: the latest stage's."""
         if "test2" in self.steps or glob.glob(
@@ -681,8 +784,9 @@ def add_parser(subparsers):
     sp.add_argument("--train-set-suffix", default="_aug",
                     help="TRAIN_SET = train<suffix>, trainval<suffix> (default _aug; "
                          "--train-set-suffix= for none)")
-    sp.add_argument("--steps", default=",".join(STEPS),
-                    help=f"comma-separated subset of {','.join(STEPS)}")
+    sp.add_argument("--steps", default=",".join(DEFAULT_STEPS),
+                    help=f"comma-separated subset of {','.join(STEPS)} (default: all but "
+                         f"crf_search)")
     sp.add_argument("--force", action="store_true", help="re-run finished steps")
     sp.add_argument("--test-sets", default="val", help="test #1 sets (default val)")
     sp.add_argument("--test2-sets", default="val,test", help="test #2 sets (default val,test)")
@@ -696,7 +800,15 @@ def add_parser(subparsers):
     crf = sp.add_argument_group("dense CRF (run_densecrf.sh's names and example values)")
     for name, default in CRF_DEFAULTS.items():
         crf.add_argument(f"--crf-{name.replace('_', '-')}", dest=f"crf_{name}",
-                         type=int if name == "max_iter" else float, default=default)
+                         type=int if name == "max_iter" else float, default=None,
+                         help=f"default: a crf_search's best, else {default}")
+    found = sp.add_argument_group("crf_search step (the DeepLab-v2 paper's first round)")
+    for name, default in SEARCH_DEFAULTS.items():
+        found.add_argument(f"--search-{name.replace('_', '-')}", dest=f"search_{name}",
+                           default=default, help=f"values to try: a list or a MATLAB range "
+                                                 f"(default {default})")
+    found.add_argument("--search-images", type=int, default=SEARCH_IMAGES,
+                       help=f"the first N images of --eval-set (default {SEARCH_IMAGES})")
     common_arguments(sp, gpu_help="GPU id for every step (the kit's --gpu=${DEV_ID}); "
                                   "the CPU if omitted",
                      define_help="set or override a sub.sed variable (repeatable)")
@@ -717,10 +829,13 @@ def run(args):
         test2_sets=_split(args.test2_sets), eval_set=args.eval_set,
         feature_type=args.feature_type, gt_dir=args.gt,
         crf_params={k: getattr(args, f"crf_{k}") for k in CRF_DEFAULTS}, vis=args.vis,
-        tf32=args.tf32, graphs=args.cuda_graphs)
+        tf32=args.tf32, graphs=args.cuda_graphs,
+        search_values={k: getattr(args, f"search_{k}") for k in SEARCH_DEFAULTS},
+        search_images=args.search_images)
     pipeline.run()
     return 0
 
 
 __all__ = ["Pipeline", "PipelineError", "add_parser", "run", "choose_model", "comm_3",
+           "DEFAULT_STEPS", "STEPS",
            "crf_folder", "mat_write_outputs"]

@@ -79,7 +79,7 @@ def _parse(argv):
 
 
 def _argv(exp, data, *extra):
-    steps = ",".join(s for s in pascal.STEPS if s != "crf" or _crf_available())
+    steps = ",".join(s for s in pascal.DEFAULT_STEPS if s != "crf" or _crf_available())
     return [str(exp), "--net", NET, "--data-root", str(data), "--train-set-suffix=",
             "--test2-sets", "val", "--steps", steps, "-D", "MAX_ITER=3", "-D",
             "BATCH_SIZE=2", *extra]
@@ -453,3 +453,43 @@ def test_gpu_only_flags_on_the_cpu_are_a_warning(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="caffelite"):
         pipeline.run()
     assert "--tf32 and --cuda-graphs apply to GPU mode only" in caplog.text
+
+
+@pytest.mark.skipif(not _crf_available(), reason="caffelite.crf not available")
+def test_crf_search_step_gives_the_crf_and_eval_steps_its_best(copied, records):
+    exp, data = copied
+    search = ["--search-bi-w", "3,6", "--search-bi-xy-std", "20", "--search-bi-rgb-std",
+              "3,5", "--search-images", "2", "--crf-max-iter", "2"]
+    argv = _argv(exp, data) + search + ["--steps", "crf_search,crf,eval"]
+    assert pascal.run(_parse(argv)) == 0
+    res = exp / "res" / "features2" / NET / "val" / "fc8"
+    found = json.loads((res / "crf_search.json").read_text())
+    assert found["images"] == _ids(exp)[:2] and len(found["results"]) == 4
+    best = found["best_params"]
+    assert best == found["results"][found["best"]]["params"]
+    assert (best["bi_xy_std"], best["pos_w"], best["max_iter"]) == (20, 3, 2)
+    folder = res / pascal.crf_folder(best)
+    assert sorted(p.name for p in folder.glob("*.png")) == \
+        sorted(f"{i}.png" for i in _ids(exp))
+    assert (folder / "results.json").is_file()
+    # again: the search is done; a flag given on the command line wins over its best
+    records.clear()
+    other = 3 if best["bi_w"] == 6 else 6
+    assert pascal.run(_parse(argv + ["--crf-bi-w", str(other)])) == 0
+    assert any(m.startswith("Step crf_search:") and "skipped" in m for m in records)
+    assert (res / pascal.crf_folder(dict(best, bi_w=other)) / "results.json").is_file()
+    # another grid is another search
+    records.clear()
+    assert pascal.run(_parse(argv[:-2] + ["--steps", "crf_search", "--search-bi-w", "4"])) == 0
+    assert not any(m.startswith("Step crf_search:") and "skipped" in m for m in records)
+    assert json.loads((res / "crf_search.json").read_text())["best_params"]["bi_w"] == 4
+
+
+def test_crf_search_flags_are_checked_before_any_work(tmp_path):
+    exp, data = _make_experiment(tmp_path)
+    argv = _argv(exp, data) + ["--steps", "crf_search", "--search-bi-w", "6:3"]
+    with pytest.raises(PipelineError, match="--search-bi-w: the range '6:3' is empty"):
+        pascal.run(_parse(argv))
+    with pytest.raises(PipelineError, match="--search-images must be at least 1"):
+        pascal.run(_parse(_argv(exp, data) + ["--steps", "crf_search",
+                                              "--search-images", "0"]))

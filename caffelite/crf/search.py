@@ -218,9 +218,16 @@ def search_tasks(feature_dir, image_dir, gt_dir, lines, grid, unary="score",
         gt_path = os.path.join(gt_dir, line.id + ".png")
         if not os.path.isfile(gt_path):
             raise CrfError(f"ground truth '{gt_path}' not found for '{line.id}'")
-        tasks.append((line.id, feature_path, image_path, gt_path, grid, unary, num_labels,
-                      ignore, device))
+        tasks.append(search_task(line.id, feature_path, image_path, gt_path, grid, unary,
+                                 num_labels, ignore, device))
     return tasks
+
+
+def search_task(ident, feature_path, image_path, gt_path, grid, unary="score",
+                num_labels=21, ignore=255, device=None):
+    """One image's task for ``run_search`` (``score_image``'s argument)."""
+    return (ident, feature_path, image_path, gt_path, grid, unary, num_labels, ignore,
+            device)
 
 
 def run_search(tasks, jobs=1, log=None):
@@ -302,7 +309,6 @@ def selected_lines(list_path, first=None, every=1):
 
 def run(args):
     from ..eval_cli import check_not_an_input, check_output_file
-    from ..evaluate import VOID, class_names, scores_from_confusion
     from ..log import logger
     for flag, value in (("--jobs", args.jobs), ("--top", args.top)):
         if value < 1:
@@ -326,7 +332,6 @@ def run(args):
         raise CrfError(f"--num-labels must be positive (got {args.num_labels})")
     tasks = search_tasks(args.features, args.images, args.gt, lines, grid, args.unary,
                          args.num_labels, args.ignore, device_id)
-    num_labels = tasks[0][6]
     searched = ", ".join(f"{n} {getattr(args, n)} ({len(v)})" for n, v in values.items()
                          if len(v) > 1) or "nothing (one parameter set)"
     logger.info("CRF search on %d images of %s, %d parameter sets on %s, unary = %s; "
@@ -335,7 +340,17 @@ def run(args):
                 describe(grid[0], [n for n in PARAM_NAMES
                                    if n not in values or len(values[n]) == 1]) or "-")
     confusions = run_search(tasks, args.jobs)
-    names = class_names(num_labels)
+    report(tasks, grid, confusions, args.ignore, args.json, args.top)
+    return 0
+
+
+def report(tasks, grid, confusions, ignore=255, json_path=None, top=10):
+    """Log each combination's mean IoU and its gain over the features alone, print the
+    best ``top`` ones, log the best with its ``caffelite crf`` flags, and write the JSON
+    (``json_path``); returns the best ``CRFParams``."""
+    from ..evaluate import VOID, class_names, scores_from_confusion
+    from ..log import logger
+    names = class_names(confusions.shape[1])
     void = [name == VOID for name in names]
     scores = [scores_from_confusion(c, void) for c in confusions]
     plain = scores[0]["miou_percent"]
@@ -344,16 +359,16 @@ def run(args):
         logger.info("%s: mean IoU %.2f %% (%+.2f)", describe(params), s["miou_percent"],
                     s["miou_percent"] - plain)
     order = sorted(range(len(grid)), key=lambda i: -_sortable(scores[1 + i]["miou_percent"]))
-    print(_summary(grid, scores, order[:args.top], plain))
+    print(_summary(grid, scores, order[:top], plain))
     best = grid[order[0]]
     flags = " ".join(f"--{n} {getattr(best, n):.15g}" for n in GRID_NAMES
                      if getattr(best, n) is not None)
     logger.info("Best: %s, mean IoU %.2f %% (%+.2f over the features alone). Apply it: "
                 "caffelite crf %s ...", describe(best), scores[1 + order[0]]["miou_percent"],
                 scores[1 + order[0]]["miou_percent"] - plain, flags)
-    if args.json:
-        _write_json(args.json, tasks, names, args.ignore, grid, confusions, scores, order)
-    return 0
+    if json_path:
+        _write_json(json_path, tasks, names, ignore, grid, confusions, scores, order)
+    return best
 
 
 def _sortable(value):
