@@ -61,7 +61,8 @@ Steps (each logs to its own file; a finished step is skipped unless ``--force``)
 * ``crf``: the dense CRF (``caffelite.crf``) on the fc8 features of every test set of
   the latest stage (features2 when test2 ran or has features, else features), images
   from the lists, into ``res/.../post_densecrf_...``.  Finished when every label PNG
-  exists and is newer than its features.
+  exists and is newer than its features, and ``crf_params.json`` beside them records
+  the same parameters (the folder's name leaves out max_iter).
 * ``eval``: for ``--eval-set`` (val): MyVOCevalseg's numbers (``caffelite.evaluate``)
   of the raw fc8 features of each stage that has them, and of the CRF labels for
   the current CRF parameters when they exist.  Finished when ``results.json`` is
@@ -101,6 +102,10 @@ SUB_SED_VARIABLES = (
     "NUM_LABELS", "NUM_LABELS1", "NUM_LABELS_UNION", "BG_BIAS", "FG_BIAS",
     "TRAIN_SET_STRONG", "TRAIN_SET_WEAK", "BATCH_SIZE", "TEST_SET_PREFIX", "TRAIN_STEP",
     "SNAPSHOT")
+
+# Beside a crf step's labels: the parameters that made them (the folder's name leaves
+# out max_iter).
+CRF_RECORD = "crf_params.json"
 
 # run_densecrf.sh's example values (DeepLab-LargeFOV), in its names.
 CRF_DEFAULTS = {"max_iter": 10, "bi_w": 4, "bi_xy_std": 49, "bi_rgb_std": 5, "pos_w": 3,
@@ -207,6 +212,16 @@ def _all_newer(outputs, inputs):
     return min(times) >= newest_input
 
 
+def _recorded_params(path):
+    """The CRF parameters a crf step recorded beside its labels (None: no record, as
+    in folders from before the record existed)."""
+    try:
+        with open(path, "rb") as f:
+            return json.loads(f.read().decode("utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
 def _same_search(path, key):
     """Whether the crf_search JSON at ``path`` scored these images and parameter sets."""
     try:
@@ -235,7 +250,8 @@ class Pipeline:
     """One experiment folder and the settings of a ``caffelite pascal`` run."""
 
     def __init__(self, exper_dir, net_id, data_root=None, num_labels=21,
-                 train_set_suffix="_aug", steps=STEPS, force=False, defines=None, gpu=None,
+                 train_set_suffix="_aug", steps=DEFAULT_STEPS, force=False, defines=None,
+                 gpu=None,
                  test_sets=("val",), test2_sets=("val", "test"), eval_set="val",
                  feature_type="fc8", gt_dir=None, crf_params=None, vis=False, tf32=False,
                  graphs=None, search_values=None, search_images=SEARCH_IMAGES):
@@ -370,18 +386,30 @@ class Pipeline:
             crf_function()
         if "crf_search" in self.steps:
             self._check_search()
+        elif "crf" in self.steps or "eval" in self.steps:
+            self._searched_params()             # a broken crf_search.json: say so now
 
     def _check_search(self):
-        from .crf import search
+        from .crf import CRFParams, search
         if self.search_images < 1:
             raise PipelineError(f"--search-images must be at least 1 (got "
                                 f"{self.search_images})")
+        fixed = dict(CRF_DEFAULTS, **self.crf_given)
         for name, text in self.search_values.items():
+            flag = f"--search-{name.replace('_', '-')}"
             try:
-                search.parse_values(str(text), name)
-            except search.CrfError as e:
-                reason = str(e).split(": ", 1)[-1]
-                raise PipelineError(f"--search-{name.replace('_', '-')}: {reason}") from None
+                for value in search.parse_values(str(text), name):
+                    CRFParams(**dict(fixed, **{name: value}))
+            except ValueError as e:
+                reason = str(e).split(": ", 1)[-1] if str(e).startswith("--") else str(e)
+                raise PipelineError(f"{flag}: {reason}") from None
+        tested = self.test2_sets if "test2" in self.steps else \
+            self.test_sets if "test" in self.steps else None
+        if tested is not None and self.eval_set not in tested:
+            option = "--test2-sets" if "test2" in self.steps else "--test-sets"
+            raise PipelineError(f"crf_search searches on --eval-set '{self.eval_set}', "
+                                f"which the test step of this run does not test ({option} "
+                                f"{','.join(tested)})")
 
     # ------------------------------------------------------------------ running
     def run(self):
@@ -551,16 +579,27 @@ class Pipeline:
         return f"{self.res_dir(kind, self.eval_set)}/crf_search.json"
 
     def _searched_params(self):
+        if all(k in self.crf_given for k in CRF_DEFAULTS):
+            return {}
         path = self.search_json()
         if not os.path.isfile(path):
             return {}
         try:
             with open(path, "rb") as f:
                 best = json.loads(f.read().decode("utf-8"))["best_params"]
-            return {k: best[k] for k in CRF_DEFAULTS}
+            params = {k: best[k] for k in CRF_DEFAULTS}
+            from .crf import CRFParams
+            CRFParams(**params)                 # numbers the CRF takes
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise PipelineError(f"{path}: not a crf_search result ({e}); delete it or "
                                 f"run the crf_search step again") from None
+        return params
+
+    def _params_origin(self):
+        taken = [k for k in CRF_DEFAULTS if k not in self.crf_given]
+        if taken and self._searched_params():
+            return f"; {', '.join(taken)} from {self.search_json()}"
+        return ""
 
     def step_crf_search(self):
         from .crf import CRFParams, search
@@ -573,7 +612,16 @@ class Pipeline:
         if missing:
             raise PipelineError(f"crf_search on '{test_set}': features not found: "
                                 f"{missing[0]} (run the test steps first)")
+        for item in items:
+            for what, path in (("image", item.image), ("ground truth", item.gt)):
+                if not os.path.isfile(path):
+                    raise PipelineError(f"crf_search on '{test_set}': {what} not found for "
+                                        f"'{item.id}': {path}")
         fixed = dict(CRF_DEFAULTS, **self.crf_given)
+        for name in self.search_values:
+            if name in self.crf_given:
+                logger.warning("--crf-%s %g is given: the crf step takes it whatever the "
+                               "search finds", name.replace("_", "-"), self.crf_given[name])
         values = {n: search.parse_values(str(v), n) for n, v in self.search_values.items()}
         grid = search.parameter_grid(CRFParams(**fixed), values)
         out = self.search_json(kind)
@@ -631,15 +679,21 @@ class Pipeline:
             if missing:
                 raise PipelineError(f"crf on '{test_set}': features not found: {missing[0]}"
                                     f" ({len(missing)} missing; run the test steps first)")
-            if _all_newer(outputs, inputs) and self.skip(
-                    "crf", f"all {len(outputs)} CRF labels of '{test_set}' exist in {out_dir}"):
+            record = f"{out_dir}/{CRF_RECORD}"
+            params = self.crf_params
+            if _all_newer(outputs, inputs) and _recorded_params(record) in (None, params) \
+                    and self.skip("crf", f"all {len(outputs)} CRF labels of '{test_set}' "
+                                         f"exist in {out_dir}"):
                 continue
             with self.step_log(f"crf_{kind}_{test_set}"):
                 os.makedirs(out_dir, exist_ok=True)
-                logger.info("Running the dense CRF (%s) on %s -> %s",
-                            ", ".join(f"{k}={v}" for k, v in self.crf_params.items()),
-                            features, out_dir)
-                run_crf(features, items, out_dir, self.crf_params, self.num_labels)
+                logger.info("Running the dense CRF (%s%s) on %s -> %s",
+                            ", ".join(f"{k}={v}" for k, v in params.items()),
+                            self._params_origin(), features, out_dir)
+                # until every label is written, the record says the folder is mixed
+                write_atomically(record, json.dumps({"running": params}).encode("utf-8"))
+                run_crf(features, items, out_dir, params, self.num_labels)
+                write_atomically(record, json.dumps(params).encode("utf-8"))
 
     # ------------------------------------------------------------------ eval
     def step_eval(self):

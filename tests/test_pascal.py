@@ -493,3 +493,51 @@ def test_crf_search_flags_are_checked_before_any_work(tmp_path):
     with pytest.raises(PipelineError, match="--search-images must be at least 1"):
         pascal.run(_parse(_argv(exp, data) + ["--steps", "crf_search",
                                               "--search-images", "0"]))
+
+
+def test_a_pipeline_runs_crf_search_only_when_asked(tmp_path):
+    exp, data = _make_experiment(tmp_path)
+    assert "crf_search" not in pascal.Pipeline(exp, NET, data_root=str(data)).steps
+
+
+@pytest.mark.skipif(not _crf_available(), reason="caffelite.crf not available")
+def test_crf_labels_are_made_again_when_max_iter_changes(copied, records):
+    """The kit's folder name leaves out max_iter; the parameters recorded beside the
+    labels do not."""
+    exp, data = copied
+    argv = _argv(exp, data) + ["--steps", "crf"]          # (the last --steps counts)
+    assert pascal.run(_parse(argv + ["--crf-max-iter", "1"])) == 0
+    folder = exp / "res" / "features2" / NET / "val" / "fc8" / \
+        "post_densecrf_W4_XStd49_RStd5_PosW3_PosXStd3"
+    assert json.loads((folder / pascal.CRF_RECORD).read_text())["max_iter"] == 1
+    records.clear()
+    assert pascal.run(_parse(argv + ["--crf-max-iter", "1"])) == 0
+    assert any(m.startswith("Step crf:") and "skipped" in m for m in records)
+    records.clear()
+    assert pascal.run(_parse(argv)) == 0
+    assert not any(m.startswith("Step crf:") and "skipped" in m for m in records)
+    assert json.loads((folder / pascal.CRF_RECORD).read_text())["max_iter"] == 10
+
+
+def test_crf_search_problems_are_found_before_any_work(tmp_path):
+    exp, data = _make_experiment(tmp_path)
+    argv = _argv(exp, data)
+    with pytest.raises(PipelineError, match="--search-bi-xy-std: CRF parameter bi_xy_std "
+                                            "must be positive"):
+        pascal.run(_parse(argv + ["--steps", "test,crf_search", "--search-bi-xy-std",
+                                  "0:10:100"]))
+    with pytest.raises(PipelineError, match="--eval-set 'val', which the test step of "
+                                            "this run does not test"):
+        pascal.run(_parse(argv + ["--steps", "test2,crf_search", "--test2-sets",
+                                  "trainval"]))
+    res = exp / "res" / "features" / NET / "val" / "fc8"
+    res.mkdir(parents=True)
+    (res / "crf_search.json").write_text('{"best_params": {"bi_w": null}}')
+    with pytest.raises(PipelineError, match="crf_search.json: not a crf_search result"):
+        pascal.run(_parse(argv + ["--steps", "train,crf"]))
+    # every --crf-* flag given: the broken file is not read (the run gets as far as
+    # the missing features)
+    given = ["--crf-max-iter", "2", "--crf-bi-w", "4", "--crf-bi-xy-std", "49",
+             "--crf-bi-rgb-std", "5", "--crf-pos-w", "3", "--crf-pos-xy-std", "3"]
+    with pytest.raises(PipelineError, match="crf on 'val': features not found"):
+        pascal.run(_parse(argv + ["--steps", "crf"] + given))
