@@ -581,8 +581,8 @@ class Net:
     def _share_params(self, lp, layer):
         """Caffe's Init + AppendParam: propagate_down from the net's param specs, the
         learnable parameter's lr/decay multipliers from the layer's own copy of them
-        (which BatchNorm's setup completes with ``lr_mult: 0`` specs, and a layer with
-        ``complete_param_specs`` changes as its LayerSetUp does)."""
+        (which a layer with ``complete_param_specs`` changes as its LayerSetUp does:
+        BatchNorm, PSPNet's BN)."""
         if len(lp.param) > len(layer.blobs):
             raise NetError(f"{self.source}: Too many params specified for layer {lp.name} "
                            f"({len(lp.param)} param specs, {len(layer.blobs)} parameter "
@@ -591,8 +591,6 @@ class Net:
         for i in range(len(layer.blobs)):
             spec = lp.param[i] if i < len(lp.param) else default
             layer.param_propagate_down[i] = spec.lr_mult != 0
-        if layer.type == "BatchNorm":
-            self._mask_batchnorm_statistics(lp, layer)
         complete = getattr(layer, "complete_param_specs", None)
         if complete is not None:
             complete(lp)
@@ -621,17 +619,6 @@ class Net:
                     raise NetError(f"{self.source}: Shared param '{spec.name}' has "
                                    f"mismatched decay_mult.")
                 owner.decay_mult, owner.has_decay = spec.decay_mult, True
-
-    def _mask_batchnorm_statistics(self, lp, layer):
-        """BatchNorm's LayerSetUp: a non-zero lr_mult is an error, missing specs are
-        appended to its LayerParameter as ``param { lr_mult: 0 }`` (decay_mult stays 1)."""
-        for spec in lp.param:
-            if spec.lr_mult != 0:
-                raise NetError(f"{self.source}: layer '{lp.name}': cannot configure batch "
-                               f"normalization statistics as layer parameters (lr_mult "
-                               f"must be 0)")
-        while len(lp.param) < len(layer.blobs):
-            lp.param.add(lr_mult=0)
 
     def _check_shared_shape(self, lp, spec, owner, owner_layer, blob):
         permissive = spec.share_mode == caffe_pb2.ParamSpec.PERMISSIVE

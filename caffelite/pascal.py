@@ -212,9 +212,9 @@ def _all_newer(outputs, inputs):
     return min(times) >= newest_input
 
 
-def _recorded_params(path):
-    """The CRF parameters a crf step recorded beside its labels (None: no record, as
-    in folders from before the record existed)."""
+def _json_or_none(path):
+    """The JSON in ``path``, or None where there is none to read (a crf step's parameter
+    record is missing in folders from before the record existed)."""
     try:
         with open(path, "rb") as f:
             return json.loads(f.read().decode("utf-8"))
@@ -224,14 +224,20 @@ def _recorded_params(path):
 
 def _same_search(path, key):
     """Whether the crf_search JSON at ``path`` scored these images and parameter sets."""
+    data = _json_or_none(path)
     try:
-        with open(path, "rb") as f:
-            data = json.loads(f.read().decode("utf-8"))
         return (data["images"] == key["images"] and
                 [{n: r["params"][n] for n in CRF_DEFAULTS} for r in data["results"]]
                 == key["grid"])
-    except (OSError, ValueError, KeyError, TypeError):
+    except (KeyError, TypeError):
         return False
+
+
+def _require_features(step, test_set, inputs):
+    missing = [p for p in inputs if not os.path.isfile(p)]
+    if missing:
+        raise PipelineError(f"{step} on '{test_set}': features not found: {missing[0]} "
+                            f"({len(missing)} missing; run the test steps first)")
 
 
 def _count_lines(path):
@@ -608,10 +614,7 @@ class Pipeline:
         features = f"{self.feature_dir(kind)}/{test_set}/{self.feature_type}"
         items = self.items(test_set)[:self.search_images]
         inputs = [f"{features}/{i.id}_blob_0.mat" for i in items]
-        missing = [p for p in inputs if not os.path.isfile(p)]
-        if missing:
-            raise PipelineError(f"crf_search on '{test_set}': features not found: "
-                                f"{missing[0]} (run the test steps first)")
+        _require_features("crf_search", test_set, inputs)
         for item in items:
             for what, path in (("image", item.image), ("ground truth", item.gt)):
                 if not os.path.isfile(path):
@@ -675,13 +678,10 @@ class Pipeline:
             items = self.items(test_set)
             inputs = [f"{features}/{i.id}_blob_0.mat" for i in items]
             outputs = [f"{out_dir}/{i.id}.png" for i in items]
-            missing = [p for p in inputs if not os.path.isfile(p)]
-            if missing:
-                raise PipelineError(f"crf on '{test_set}': features not found: {missing[0]}"
-                                    f" ({len(missing)} missing; run the test steps first)")
+            _require_features("crf", test_set, inputs)
             record = f"{out_dir}/{CRF_RECORD}"
             params = self.crf_params
-            if _all_newer(outputs, inputs) and _recorded_params(record) in (None, params) \
+            if _all_newer(outputs, inputs) and _json_or_none(record) in (None, params) \
                     and self.skip("crf", f"all {len(outputs)} CRF labels of '{test_set}' "
                                          f"exist in {out_dir}"):
                 continue

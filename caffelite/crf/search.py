@@ -126,6 +126,11 @@ def _lattice_key(params):
     return params.pos_stds, params.bi_xy_stds, params.bi_rgb_stds
 
 
+def _weighted(kernels, params):
+    """``crf_kernels``' positional and bilateral kernels with ``params``' weights."""
+    return [k.reweighted(w) for k, w in zip(kernels, (params.pos_w, params.bi_w))]
+
+
 # ------------------------------------------------------------------ one image
 def score_image(task):
     """Worker: (id, error message or None, confusions, seconds). ``confusions`` is
@@ -171,8 +176,8 @@ def _grid_labels(scores, image, grid, unary, device_id):
             key, kernels, messages = _lattice_key(params), crf_kernels(image, params), None
         if messages is None and params.max_iter > 0:
             messages = PairwiseMessages(kernels)            # builds the two lattices
-        weighted = [k.reweighted(w) for k, w in zip(kernels, (params.pos_w, params.bi_w))]
-        q = mean_field(energies, weighted, params.max_iter, messages=messages)
+        q = mean_field(energies, _weighted(kernels, params), params.max_iter,
+                       messages=messages)
         yield q.argmax(axis=0)
 
 
@@ -191,9 +196,8 @@ def _device_grid_labels(scores, image, grid, unary, device_id):
             kernels = image_kernels(image, params, device)
             with device.activate():
                 tables = LatticeTables(build_lattices(kernels, device), device.xp)
-        weighted = [k.reweighted(w) for k, w in zip(kernels, (params.pos_w, params.bi_w))]
-        yield labels_on_device(given, weighted, params.max_iter, device, tables=tables,
-                               negated=negated)
+        yield labels_on_device(given, _weighted(kernels, params), params.max_iter, device,
+                               tables=tables, negated=negated)
 
 
 # ------------------------------------------------------------------------ the set

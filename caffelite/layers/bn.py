@@ -19,6 +19,7 @@ from ..filler import fill
 from ..layer import NeuronLayer, register
 from ._cpu_math import caffe_powx
 from .im2col import view
+from .normalization import channel_sums
 
 
 @register("BN")
@@ -107,8 +108,8 @@ class BNLayer(NeuronLayer):
         """The two GEMVs of bn_layer.cpp: (N, C, HW) -> (1, C, 1)."""
         dtype = x.dtype.type
         num, _, spatial = self.dims
-        rows = x.sum(axis=2, dtype=x.dtype) * (dtype(1) / dtype(spatial))
-        return (rows.sum(axis=0, dtype=x.dtype) * (dtype(1) / dtype(num)))[None, :, None]
+        spatial_means = channel_sums(x, dtype(1) / dtype(spatial))
+        return (spatial_means * (dtype(1) / dtype(num)))[None, :, None]
 
     def _update_stored(self, i, batch):
         dtype = batch.dtype.type
@@ -148,4 +149,4 @@ class BNLayer(NeuronLayer):
 
 def _sums(x):
     """Per-channel sums of (N, C, HW) as the two GEMVs group them: (1, C, 1)."""
-    return x.sum(axis=2, dtype=x.dtype).sum(axis=0, dtype=x.dtype)[None, :, None]
+    return channel_sums(x)[None, :, None]

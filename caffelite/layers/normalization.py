@@ -57,6 +57,12 @@ class BatchNormLayer(NeuronLayer):
                              f"got {len(self.blobs)}")
         self.param_propagate_down = [False] * 3
 
+    def complete_param_specs(self, layer_param):
+        """LayerSetUp's masking of the statistics: missing specs are appended as
+        ``param { lr_mult: 0 }`` (decay_mult stays 1); setup refused non-zero ones."""
+        while len(layer_param.param) < len(self.blobs):
+            layer_param.param.add(lr_mult=0)
+
     def _check_axes(self, bottom):
         if bottom[0].num_axes < 2:      # the fork's SetUp reads shape(1) and shape(0)
             raise self.error(f"needs a bottom with num and channel axes, got shape "
