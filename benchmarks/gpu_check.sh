@@ -14,7 +14,8 @@
 # 2b. benchmarks/conv_igemm.py: the implicit-GEMM convolution per ASPP-VGG layer against
 #     im2col + cuBLAS and cuDNN (TF32); then Nsight Compute on its kernels (ncu.txt);
 # 3. benchmarks/gpu_train.py: ASPP-VGG and ResNet-101 MSC train/test vs PyTorch+cuDNN
-#    (engines: layer by layer, CUDA graphs = the default, graphs + implicit GEMM, torch);
+#    (engines: layer by layer, CUDA graphs = the default, graphs + implicit GEMM, graphs +
+#    convolution autotuning, torch);
 # 4. benchmarks/crf.py --gpu: the dense CRF per 500x375 image (only with SKIP_CRF=0);
 # 5. benchmarks/gpu_summary.py: the verdicts on one screen (also after an early exit).
 # Results (logs, JSON, Markdown tables for BENCHMARKS.md) land in OUTDIR ($OUT or gpu_out).
@@ -86,7 +87,7 @@ fi
 
 echo "== benchmarks/gpu_train.py"
 timeout "${TRAIN_BENCH_TIMEOUT:-220}" python3 benchmarks/gpu_train.py --corpus "$corpus" \
-  ${GPU_TRAIN_ARGS:---budget 160 --iters 3 --no-profile --kernels tf32 --engines caffelite,caffelite-graphs,caffelite-implicit,torch} \
+  ${GPU_TRAIN_ARGS:---budget 160 --iters 3 --no-profile --kernels tf32 --engines caffelite,caffelite-graphs,torch,caffelite-implicit,caffelite-autotune} \
   --json "$out/gpu_train.json" 2>&1 | tee "$out/gpu_train.md" | tail -40
 
 # The GPU CRF was measured on 2026-12-04 (issue 5 resolved): SKIP_CRF=0 measures it again.

@@ -1,9 +1,9 @@
 """The verdicts of one ``gpu_check.sh`` run, on one screen, for a session whose device
 time is short: the tests, the smoke check, each net's time against PyTorch, what each
 optional path gains (CUDA graphs, tap GEMMs, fused chains, image groups, the
-implicit-GEMM convolution), whether CUDA graphs still earn their place as the default,
-whether the implicit-GEMM convolution should become the TF32 default, and where the
-kernel time goes.
+implicit-GEMM convolution, autotuning), whether CUDA graphs still earn their place as
+the default, whether the implicit-GEMM convolution or convolution autotuning should
+become the TF32 default, and where the kernel time goes.
 
     python benchmarks/gpu_summary.py OUTDIR       # gpu_check.sh's output folder
 
@@ -24,6 +24,7 @@ VARIANTS = {
     "caffelite-unfused": ("fused BatchNorm -> Scale -> ReLU chains", True, "caffelite"),
     "caffelite-per-image": ("image groups", True, "caffelite"),
     "caffelite-implicit": ("implicit-GEMM convolution", False, "caffelite-graphs"),
+    "caffelite-autotune": ("convolution autotuning", False, "caffelite-graphs"),
     "caffelite-blob-1x1": ("padded image groups for large 1x1 convolutions (TF32)", True,
                            "caffelite"),
 }
@@ -116,10 +117,19 @@ def speed_lines(rows):
                     text += f", {row['median_s'] / torch['median_s']:.2f}x torch"
             if "graphs" in row:
                 text += f"; {row['graphs']}"
+            if "autotune" in row:
+                text += "; chose " + autotune_text(row["autotune"])
             if "same_bits_as_caffelite" in row:
                 text += "; bits " + ("equal" if row["same_bits_as_caffelite"] else "DIFFER")
             lines.append(f"    {what}: {text}")
     return lines
+
+
+def autotune_text(chosen):
+    """{kind: {path: products}} as 'forward implicit 12, columns 3; ...'."""
+    return "; ".join(f"{kind} " + ", ".join(f"{path} {count}" for path, count in
+                                            sorted(paths.items(), key=lambda p: -p[1]))
+                     for kind, paths in sorted(chosen.items())) or "nothing"
 
 
 def _timed(row):
@@ -243,30 +253,19 @@ def ncu_lines(text, limit=60):
                                                           "ncu.txt"]
 
 
-def implicit_default_verdict(rows, tests_ok, igemm):
-    """Whether the implicit-GEMM convolution should become the TF32 default: the tests
-    pass, its results agree with im2col's (conv_igemm.json), no TF32 row of the
-    caffelite-implicit engine is more than 2 % slower than the default path's
-    (caffelite-graphs; small layers keep im2col, so some rows barely change) and at least
-    one is 5 % faster."""
-    reasons = []
+def tf32_default_verdict(rows, tests_ok, engine, what, reasons=(), agree=""):
+    """Whether ``engine``'s setting should become the TF32 default: no ``reasons``
+    against it, the tests pass, no TF32 row of it is more than 2 % slower than the
+    default path's (caffelite-graphs; small layers barely change) and at least one is
+    5 % faster. ``agree``: what the YES line adds after "tests pass"."""
+    reasons = list(reasons)
     if not tests_ok:
         reasons.append("pytest -m gpu did not pass")
-    if igemm is None:
-        reasons.append("no conv_igemm.json")
-    else:
-        for row in igemm.get("rows", []):
-            if "error" in row:
-                reasons.append(f"conv_igemm.py {row['layer']}: {row['error']}")
-            elif not _worst(row["rel_diff"].values()) <= IMPLICIT_MAX_REL_DIFF:
-                reasons.append(f"conv_igemm.py {row['layer']}: differs from im2col by "
-                               f"{_worst(row['rel_diff'].values()):.1e}")
-    implicit_rows = [r for r in rows if r["engine"] == "caffelite-implicit"
-                     and r["precision"] == "tf32"]
-    if not implicit_rows:
-        reasons.append("no TF32 caffelite-implicit rows were measured")
+    engine_rows = [r for r in rows if r["engine"] == engine and r["precision"] == "tf32"]
+    if not engine_rows:
+        reasons.append(f"no TF32 {engine} rows were measured")
     faster = False
-    for row in implicit_rows:
+    for row in engine_rows:
         label = " ".join(str(x) for x in _key(row))
         base = next((r for r in rows if _key(r) == _key(row)
                      and r["engine"] == "caffelite-graphs"), None)
@@ -277,13 +276,47 @@ def implicit_default_verdict(rows, tests_ok, igemm):
                            f"{base['median_s']:.4f} s")
         faster = faster or (_timed(row) and _timed(base)
                             and row["median_s"] <= base["median_s"] * 0.95)
-    if implicit_rows and not faster:
+    if engine_rows and not faster:
         reasons.append("no TF32 row 5 % faster")
     if reasons:
-        return "make the implicit-GEMM convolution the TF32 default: NO (" + \
-            "; ".join(reasons) + ")"
-    return ("make the implicit-GEMM convolution the TF32 default: YES (tests pass, results "
-            "agree, no TF32 row slower, some faster)")
+        return f"make {what} the TF32 default: NO (" + "; ".join(reasons) + ")"
+    return (f"make {what} the TF32 default: YES (tests pass{agree}, no TF32 row slower, "
+            "some faster)")
+
+
+def implicit_default_verdict(rows, tests_ok, igemm):
+    """Whether the implicit-GEMM convolution should become the TF32 default:
+    ``tf32_default_verdict`` for the caffelite-implicit engine, and its results agree
+    with im2col's (conv_igemm.json)."""
+    return tf32_default_verdict(rows, tests_ok, "caffelite-implicit",
+                                "the implicit-GEMM convolution", implicit_reasons(igemm),
+                                ", results agree")
+
+
+def implicit_reasons(igemm):
+    """What conv_igemm.json says against the implicit GEMM's results."""
+    if igemm is None:
+        return ["no conv_igemm.json"]
+    reasons = []
+    for row in igemm.get("rows", []):
+        if "error" in row:
+            reasons.append(f"conv_igemm.py {row['layer']}: {row['error']}")
+        elif not _worst(row["rel_diff"].values()) <= IMPLICIT_MAX_REL_DIFF:
+            reasons.append(f"conv_igemm.py {row['layer']}: differs from im2col by "
+                           f"{_worst(row['rel_diff'].values()):.1e}")
+    return reasons
+
+
+def autotune_default_verdict(rows, tests_ok, igemm):
+    """Whether convolution autotuning should become the TF32 default:
+    ``tf32_default_verdict`` for the caffelite-autotune engine, and where it chose an
+    implicit-GEMM path, that kernel's results agree with im2col's."""
+    chose_implicit = any(path.startswith("implicit")
+                         for row in rows if row["engine"] == "caffelite-autotune"
+                         for paths in row.get("autotune", {}).values() for path in paths)
+    reasons = implicit_reasons(igemm) if chose_implicit else []
+    return tf32_default_verdict(rows, tests_ok, "caffelite-autotune",
+                                "convolution autotuning", reasons)
 
 
 def kernel_lines(profiles):
@@ -324,6 +357,7 @@ def summary(folder):
     lines += speed_lines(rows)
     lines.append(graphs_default_verdict(rows, tests_passed(tests_log), smoke_graphs_ok))
     lines.append(implicit_default_verdict(rows, tests_passed(tests_log), igemm))
+    lines.append(autotune_default_verdict(rows, tests_passed(tests_log), igemm))
     lines += kernel_lines(result.get("kernel_profiles", []))
     return lines
 

@@ -100,7 +100,9 @@ def parse_args(argv=None):
                         "(no tap GEMMs for large dilations), caffelite-graphs (passes "
                         "recorded into CUDA graphs: caffelite's default), "
                         "caffelite-implicit (caffelite-graphs with the implicit-GEMM "
-                        "convolution; TF32 rows only), caffelite-blob-1x1 (1x1 "
+                        "convolution; TF32 rows only), caffelite-autotune "
+                        "(caffelite-graphs with each convolution's path timed and "
+                        "chosen: conv_autotune), caffelite-blob-1x1 (1x1 "
                         "convolutions' GEMMs on the blobs, not padded image groups; TF32 "
                         "rows only), torch")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu", "emulated"),
@@ -141,7 +143,7 @@ def parse_args(argv=None):
     known = {"net": NETS, "phase": ("train", "test"), "precision": ("fp32", "tf32"),
              "engines": ("caffelite", "caffelite-per-image", "caffelite-unfused",
                          "caffelite-im2col", "caffelite-graphs", "caffelite-implicit",
-                         "caffelite-blob-1x1", "torch")}
+                         "caffelite-autotune", "caffelite-blob-1x1", "torch")}
     for field, choices in known.items():
         values = [v for v in getattr(args, field).split(",") if v]
         unknown = [v for v in values if v not in choices]
@@ -599,6 +601,8 @@ def bench_train(dev, key, args, clock, rates, rows):
             steps = {"caffelite": lambda: solver.step(1)}
             if "caffelite-implicit" in args.engines:
                 steps["caffelite-implicit"] = implicit_step(solver)
+            if "caffelite-autotune" in args.engines:
+                steps["caffelite-autotune"] = autotune_step(solver)
             steps["torch"] = None if tnet is None else (
                 lambda: torch_train_step(tnet, tinputs, sgd, sp.iter_size))
             dev.kernel_profiles.append(kernel_profile(dev, label, precision, steps))
@@ -639,6 +643,9 @@ def variants(run, net):
     other engines run layer by layer, so each measures one setting, except
     caffelite-implicit: caffelite-graphs with the implicit-GEMM convolution (TF32 only),
     to compare with caffelite-graphs;
+    caffelite-autotune: caffelite-graphs with convolution autotuning (conv_autotune:
+    each product's paths timed in the warm-up, the fastest used), to compare with
+    caffelite-graphs; the row counts the paths chosen;
     caffelite-blob-1x1: large 1x1 convolutions on odd grids take their GEMMs on the
     blobs, one per image, instead of padded image groups (TF32 only)."""
     from caffelite import backend, fusion
@@ -652,6 +659,7 @@ def variants(run, net):
             "caffelite-implicit": with_setting(implicit_gemm, "ENABLED", True,
                                                with_graphs(run, net), backend.tf32_enabled,
                                                "TF32 only (FP32 keeps im2col)"),
+            "caffelite-autotune": with_autotune(with_graphs(run, net)),
             "caffelite-blob-1x1": with_setting(im2col, "PADDED_1X1_FLOP", math.inf, run,
                                                lambda: pads_1x1(net),
                                                "no 1x1 runs as padded image groups here")}
@@ -663,6 +671,34 @@ def implicit_step(solver):
 
     def step():
         with setting(implicit_gemm, "ENABLED", True):
+            solver.step(1)
+    return step
+
+
+def with_autotune(run):
+    """``run`` with convolution autotuning on, from no choices (its warm-up times every
+    product of the net); the row counts the paths chosen ({kind: {path: products}})."""
+    from caffelite.layers import conv_autotune
+
+    def wrapped(seconds):
+        conv_autotune.forget()
+        with setting(conv_autotune, "ENABLED", True):
+            row = run(seconds)
+        chosen = {}
+        for key, (best, _) in conv_autotune.choices().items():
+            kinds = chosen.setdefault(key.kind, {})
+            kinds[best] = kinds.get(best, 0) + 1
+        row["autotune"] = chosen
+        return row
+    return wrapped
+
+
+def autotune_step(solver):
+    """One solver step with convolution autotuning on (for the kernel profile)."""
+    from caffelite.layers import conv_autotune
+
+    def step():
+        with setting(conv_autotune, "ENABLED", True):
             solver.step(1)
     return step
 
@@ -1157,6 +1193,10 @@ def markdown(env, rows):
 def main(argv=None):
     args = parse_args(argv)
     started = time.perf_counter()
+    from caffelite.layers import conv_autotune
+    # Only the caffelite-autotune engine tunes (CAFFELITE_CONV_AUTOTUNE=1 would tune the
+    # engines it is measured against too).
+    conv_autotune.set_enabled(False)
     dev = Device(args.device)
     dev.start(need_torch="torch" in args.engines)
     rates = dev.sgemm_rates()

@@ -16,6 +16,7 @@ from .backend import (TRAIN, TEST, set_mode_cpu, set_mode_gpu, set_device,  # no
                       set_random_seed)
 from .blob import Blob  # noqa: F401
 from .cuda_graphs import set_enabled as set_cuda_graphs  # noqa: F401
+from .layers.conv_autotune import set_enabled as set_conv_autotune  # noqa: F401
 from .layer import Layer, layer_type_list as _registered_types
 from .net import Net  # noqa: F401
 from .solver import (Solver, SGDSolver, NesterovSolver, AdaGradSolver,  # noqa: F401
@@ -34,7 +35,7 @@ from .log import logger as _logger
 __version__ = "0.1.0"
 
 __all__ = ["TRAIN", "TEST", "set_mode_cpu", "set_mode_gpu", "set_device", "set_random_seed",
-           "set_cuda_graphs",
+           "set_cuda_graphs", "set_conv_autotune",
            "Blob", "Layer", "layer_type_list", "Net", "Solver", "SGDSolver",
            "NesterovSolver", "AdaGradSolver", "RMSPropSolver", "AdaDeltaSolver",
            "AdamSolver", "get_solver", "Classifier", "Detector", "io", "proto", "layers",

@@ -142,16 +142,20 @@ def synchronize():
         xp.cuda.Device().synchronize()
 
 
-def use_gpu(device_id, tf32=False, graphs=None):
-    """GPU mode on ``device_id`` with TF32 GEMMs or not, and CUDA graphs on or off
-    (None: caffelite's default), as ``--gpu``, ``--tf32`` and ``--cuda-graphs`` ask.
-    Raises ``GPUUnavailableError`` where no GPU can be used."""
+def use_gpu(device_id, tf32=False, graphs=None, autotune=None):
+    """GPU mode on ``device_id`` with TF32 GEMMs or not, CUDA graphs and convolution
+    autotuning on or off (None: caffelite's default), as ``--gpu``, ``--tf32``,
+    ``--cuda-graphs`` and ``--conv-autotune`` ask. Raises ``GPUUnavailableError`` where
+    no GPU can be used."""
     set_device(device_id)
     set_tf32(tf32)
     set_mode_gpu()
     if graphs is not None:
         from . import cuda_graphs
         cuda_graphs.set_enabled(graphs)
+    if autotune is not None:
+        from .layers import conv_autotune
+        conv_autotune.set_enabled(autotune)
 
 
 def set_tf32(enabled):

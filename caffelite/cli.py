@@ -64,7 +64,8 @@ def parse_gpu(gpu):
 
 
 def _select_device(args, solver_device=None):
-    """CPU or GPU mode from --gpu, with --tf32 and --cuda-graphs, logged with the lines
+    """CPU or GPU mode from --gpu, with --tf32, --cuda-graphs and --conv-autotune, logged
+    with the lines
     of tools/caffe.cpp's verb. ``solver_device``: the GPU a solver file asks for when
     --gpu is not given (``train``); where no GPU can be used, that run goes on on the
     CPU, with a warning. Returns the GPU used, or None for the CPU."""
@@ -74,12 +75,13 @@ def _select_device(args, solver_device=None):
     if device is None and solver_device is not None:
         device, source = solver_device
     graphs = getattr(args, "cuda_graphs", None)     # None: the default (on)
+    autotune = getattr(args, "conv_autotune", False) or None    # None: the default (off)
     if device is None:
-        _use_cpu(graphs)
+        _use_cpu(graphs, autotune)
         return None
     tf32 = bool(getattr(args, "tf32", False))
     try:
-        backend.use_gpu(device, tf32, graphs)
+        backend.use_gpu(device, tf32, graphs, autotune)
     except GPUUnavailableError as e:
         if source is None:                  # --gpu: the user's own request
             raise
@@ -87,7 +89,7 @@ def _select_device(args, solver_device=None):
                        "(solver_mode: CPU or CAFFELITE_SOLVER_MODE=cpu says so without this "
                        "warning)", source, device,
                        _lower_first(e.reason).rstrip("."))
-        _use_cpu(graphs)
+        _use_cpu(graphs, autotune)
         return None
     name = _device_name(device)
     if args.gpu == "all" and _device_count() > 1:
@@ -99,9 +101,11 @@ def _select_device(args, solver_device=None):
         logger.info("Use GPU with device ID %d", device)
         if args.command != "time":          # time() does not log the name
             logger.info("GPU device name: %s", name)
-    if tf32 or cuda_graphs.enabled():
-        logger.info("caffelite: %s", ", ".join(
-            ["TF32 GEMMs"] * tf32 + ["CUDA graphs"] * cuda_graphs.enabled()))
+    from .layers import conv_autotune
+    features = (["TF32 GEMMs"] * tf32 + ["CUDA graphs"] * cuda_graphs.enabled()
+                + ["convolution autotuning"] * conv_autotune.enabled())
+    if features:
+        logger.info("caffelite: %s", ", ".join(features))
     return device
 
 
@@ -120,10 +124,11 @@ def _device_name(device):
     return name.decode(errors="replace") if isinstance(name, bytes) else str(name)
 
 
-def _use_cpu(graphs):
+def _use_cpu(graphs, autotune=None):
     from . import backend
-    if graphs:
-        logger.warning("--cuda-graphs applies to GPU mode only; running on the CPU")
+    for flag, given in (("--cuda-graphs", graphs), ("--conv-autotune", autotune)):
+        if given:
+            logger.warning("%s applies to GPU mode only; running on the CPU", flag)
     backend.set_mode_cpu()
     logger.info("Use CPU.")
 
@@ -479,7 +484,8 @@ _GPU_HELP = ("GPU id (if omitted: train follows the solver's solver_mode and dev
 def common_arguments(sp, gpu_help=_GPU_HELP, nets=True,
                      define_help="fill ${NAME} placeholders in the prototxt (repeatable)"):
     """The flags the verbs share: --log, -D NAME=VALUE, --gpu, and for verbs that run
-    nets (``nets``) --tf32 and --cuda-graphs; without ``define_help`` no -D."""
+    nets (``nets``) --tf32, --cuda-graphs and --conv-autotune; without ``define_help``
+    no -D."""
     sp.add_argument("--log", help="also write the log to this file")
     if define_help:
         sp.add_argument("-D", "--define", action="append", metavar="NAME=VALUE",
@@ -493,6 +499,11 @@ def common_arguments(sp, gpu_help=_GPU_HELP, nets=True,
                         help="on the GPU, record each pass into CUDA graphs once and "
                              "launch them whole (same numbers, less per-layer cost; "
                              "default: on, or CAFFELITE_CUDA_GRAPHS)")
+        sp.add_argument("--conv-autotune", action="store_true",
+                        help="on the GPU, time the ways to compute each convolution "
+                             "(im2col, implicit GEMM, per-tap GEMMs) once per shape and "
+                             "use the fastest (its sums may differ in the last bits from "
+                             "run to run; default: off, or CAFFELITE_CONV_AUTOTUNE)")
     glog_arguments(sp)
 
 
@@ -524,8 +535,8 @@ _GLOG_IGNORED_FLAGS = ("vmodule", "logbuflevel", "logbufsecs",
 _TOOL_BOOLEANS = ("gray", "shuffle", "check_size", "encoded")
 _FALSE_WORDS = ("false", "f", "no", "n", "0")
 _FLAGS_WITHOUT_VALUE = set(_GLOG_BOOL_FLAGS) | {"no" + f for f in _GLOG_BOOL_FLAGS} | {
-    "tf32", "cuda-graphs", "no-cuda-graphs", "continue_streams"} | set(_TOOL_BOOLEANS) | {
-    "no" + f for f in _TOOL_BOOLEANS}
+    "tf32", "cuda-graphs", "no-cuda-graphs", "conv-autotune", "continue_streams"} | \
+    set(_TOOL_BOOLEANS) | {"no" + f for f in _TOOL_BOOLEANS}
 
 
 def glog_environment(args, environ=os.environ):

@@ -28,8 +28,10 @@ never record: one graph per segment is kept); from then on launched, as long as
 * values it read on the host while being recorded are unchanged;
 * for the backward graph: the last forward of the segment was a launch of the forward
   graph it was recorded after (the backward reads what that forward kept);
-* TF32 and fusion are set as they were, and neither the mode nor the random seed was
-  set since (a re-seeded Dropout makes a new generator state on its next eager pass).
+* TF32, fusion and the convolutions' path settings (``im2col.device_settings``: the
+  implicit GEMM, tap GEMMs, image groups, autotuning) are set as they were, and neither
+  the mode nor the random seed was set since (a re-seeded Dropout makes a new generator
+  state on its next eager pass).
 
 A forward that runs some of a segment's layers outside its graph (a range that stops
 inside the segment, a pass with ``debug_info`` or with graphs switched off) may
@@ -59,6 +61,7 @@ import numpy as np
 from . import backend, fusion
 from . import blob as blob_module
 from .blob import HEAD_AT_DEVICE, HEAD_AT_HOST
+from .layers.im2col import device_settings as convolution_settings
 from .log import logger
 
 MIN_SEGMENT = 4
@@ -232,7 +235,7 @@ class Recording:
     def _key(self):
         state = backend._state
         return (self._blob_shapes(), backend.tf32_enabled(), fusion.ENABLED,
-                state["mode_changes"], backend.seeding_number())
+                convolution_settings(), state["mode_changes"], backend.seeding_number())
 
     def _blob_shapes(self):
         # Every blob's shape, not the inputs' alone: a launch skips the layers' reshapes,

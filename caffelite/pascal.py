@@ -260,7 +260,8 @@ class Pipeline:
                  gpu=None,
                  test_sets=("val",), test2_sets=("val", "test"), eval_set="val",
                  feature_type="fc8", gt_dir=None, crf_params=None, vis=False, tf32=False,
-                 graphs=None, search_values=None, search_images=SEARCH_IMAGES):
+                 graphs=None, search_values=None, search_images=SEARCH_IMAGES,
+                 autotune=False):
         exper_dir = os.path.abspath(exper_dir)
         if not os.path.isdir(exper_dir):
             raise PipelineError(f"experiment folder '{exper_dir}' does not exist")
@@ -289,7 +290,8 @@ class Pipeline:
         self.force = force
         from .cli import parse_gpu
         self.gpu = parse_gpu(gpu)           # None: the CPU
-        self.tf32, self.cuda_graphs = bool(tf32), graphs     # GPU mode only
+        # GPU mode only
+        self.tf32, self.cuda_graphs, self.autotune = bool(tf32), graphs, bool(autotune)
         self.test_sets, self.test2_sets = list(test_sets), list(test2_sets)
         self.eval_set = eval_set
         self.feature_type = feature_type
@@ -424,11 +426,12 @@ class Pipeline:
             os.makedirs(self.model_dir, exist_ok=True)
             os.makedirs(self.log_dir, exist_ok=True)
             if self.gpu is not None:
-                backend.use_gpu(self.gpu, self.tf32, self.cuda_graphs)
+                backend.use_gpu(self.gpu, self.tf32, self.cuda_graphs,
+                                self.autotune or None)
             else:
-                if self.tf32 or self.cuda_graphs:
-                    logger.warning("--tf32 and --cuda-graphs apply to GPU mode only; "
-                                   "running on the CPU")
+                if self.tf32 or self.cuda_graphs or self.autotune:
+                    logger.warning("--tf32, --cuda-graphs and --conv-autotune apply to GPU "
+                                   "mode only; running on the CPU")
                 backend.set_mode_cpu()
             for step in self.steps:
                 getattr(self, f"step_{step}")()
@@ -883,7 +886,7 @@ def run(args):
         test2_sets=_split(args.test2_sets), eval_set=args.eval_set,
         feature_type=args.feature_type, gt_dir=args.gt,
         crf_params={k: getattr(args, f"crf_{k}") for k in CRF_DEFAULTS}, vis=args.vis,
-        tf32=args.tf32, graphs=args.cuda_graphs,
+        tf32=args.tf32, graphs=args.cuda_graphs, autotune=args.conv_autotune,
         search_values={k: getattr(args, f"search_{k}") for k in SEARCH_DEFAULTS},
         search_images=args.search_images)
     pipeline.run()

@@ -42,6 +42,17 @@ def _restore_cuda_graphs_flag():
     cuda_graphs.set_enabled(saved)
 
 
+@pytest.fixture(autouse=True)
+def _restore_conv_autotune():
+    """Tests switch convolution autotuning on; every test starts from the default (off,
+    or CAFFELITE_CONV_AUTOTUNE) with no choices made."""
+    from caffelite.layers import conv_autotune
+    saved = conv_autotune.enabled()
+    yield
+    conv_autotune.set_enabled(saved)
+    conv_autotune.forget()
+
+
 @pytest.fixture(params=["full_grid", "small_grid"])
 def launch(request):
     """Kernel launch shapes: the loader's default grid, and a 2x3-thread grid whose

@@ -378,9 +378,9 @@ def implicit_on(monkeypatch):
     calls = []
     forward = implicit_gemm.forward
 
-    def spy(xp, image, weight, out, geom, bias=None, transposed=False):
+    def spy(xp, image, weight, out, geom, bias=None, transposed=False, tile=None):
         calls.append(tuple(out.shape))
-        forward(xp, image, weight, out, geom, bias, transposed)
+        forward(xp, image, weight, out, geom, bias, transposed, tile)
 
     monkeypatch.setattr(implicit_gemm, "ENABLED", True)
     monkeypatch.setattr(implicit_gemm, "MIN_TILES_PER_SM", 0)   # small layers, any GPU

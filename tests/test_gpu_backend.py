@@ -461,16 +461,22 @@ def test_a_snapshot_in_gpu_mode_does_not_send_the_weights_back_to_the_device(gpu
     assert not np.array_equal(saved.params["ip"][0].data, trained)   # step 1's weights
 
 
-def test_use_gpu_sets_device_tf32_and_cuda_graphs(monkeypatch):
-    """The one call --gpu/--tf32/--cuda-graphs make (train, test, time and pascal)."""
+def test_use_gpu_sets_device_tf32_cuda_graphs_and_autotuning(monkeypatch):
+    """The one call --gpu/--tf32/--cuda-graphs/--conv-autotune make (train, test, time
+    and pascal)."""
     from caffelite import cuda_graphs
+    from caffelite.layers import conv_autotune
     monkeypatch.setenv("CAFFELITE_GPU_EMULATOR", "1")
     try:
-        backend.use_gpu(0, tf32=True, graphs=False)
+        backend.use_gpu(0, tf32=True, graphs=False, autotune=True)
         assert backend.is_gpu() and backend.device_module() is not np
         assert backend.tf32_enabled() and not cuda_graphs.enabled()
-        backend.use_gpu(0, graphs=None)          # None leaves the graphs flag alone
+        assert conv_autotune.enabled()
+        backend.use_gpu(0, graphs=None)          # None leaves the two flags alone
         assert not backend.tf32_enabled() and not cuda_graphs.enabled()
+        assert conv_autotune.enabled()
+        backend.use_gpu(0, autotune=False)
+        assert not conv_autotune.enabled()
     finally:
         backend.set_tf32(False)
         backend.set_mode_cpu()

@@ -140,14 +140,16 @@ def test_emulated_run_measures_the_graphs_engine(tmp_path):
     run = subprocess.run(
         [sys.executable, os.path.join(ROOT, "benchmarks", "gpu_train.py"), "--device",
          "emulated", "--net", "vgg", "--size", "33", "--test-size", "33", "--batch", "1",
-         "--iters", "2", "--engines", "caffelite,caffelite-graphs,caffelite-im2col",
+         "--iters", "2", "--engines",
+         "caffelite,caffelite-graphs,caffelite-im2col,caffelite-autotune",
          "--no-profile",
          "--corpus", CORPUS, "--json", str(out)],
         capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     rows = {(r["phase"], r["engine"]): r for r in json.loads(out.read_text())["rows"]}
     assert set(rows) == {(p, e) for p in ("train", "test")
-                         for e in ("caffelite", "caffelite-graphs", "caffelite-im2col")}
+                         for e in ("caffelite", "caffelite-graphs", "caffelite-im2col",
+                                   "caffelite-autotune")}
     for (phase, engine), r in rows.items():
         if engine == "caffelite-im2col":    # at 33x33 and batch 1 no tap GEMM pays
             assert r["error"] == "RuntimeError: same as caffelite for this net", r
@@ -157,6 +159,14 @@ def test_emulated_run_measures_the_graphs_engine(tmp_path):
     assert train["graphs"] == "1 segments, 6 launches, 0 failed"
     assert test["graphs"] == "1 segments, 3 launches, 0 failed"
     assert test["same_bits_as_caffelite"] is True
+    # autotuning: each distinct forward timed (ASPP-VGG's 25 convolutions have 15: conv3_2
+    # and conv3_3, conv4_2 and conv4_3, the three conv5s and the branches' fc7s and fc8s
+    # share their shapes), the backward's products only in training
+    train, test = rows["train", "caffelite-autotune"], rows["test", "caffelite-autotune"]
+    assert sum(train["autotune"]["forward"].values()) == 15
+    assert set(train["autotune"]) == {"forward", "data", "weight"}
+    assert set(test["autotune"]) == {"forward"}
+    assert train["graphs"].endswith(" 0 failed")
 
 
 def test_gpu_smoke_script_passes_on_the_emulator():
@@ -237,9 +247,11 @@ def test_gpu_summary_verdicts(tmp_path):
         in lines
     assert ("    fused BatchNorm -> Scale -> ReLU chains: RuntimeError: same as caffelite "
             "for this net") in lines
-    assert lines[-3].startswith("keep CUDA graphs the default: YES")
-    assert lines[-2] == ("make the implicit-GEMM convolution the TF32 default: NO (no "
+    assert lines[-4].startswith("keep CUDA graphs the default: YES")
+    assert lines[-3] == ("make the implicit-GEMM convolution the TF32 default: NO (no "
                          "conv_igemm.json; no TF32 caffelite-implicit rows were measured)")
+    assert lines[-2] == ("make convolution autotuning the TF32 default: NO (no TF32 "
+                         "caffelite-autotune rows were measured)")
     assert lines[-1] == ("ASPP-VGG train TF32 kernels: caffelite 4.0 ms (GEMM (cuBLAS) 3.0, "
                          "im2col / col2im 1.0); torch: boom")
     # A failed recording, different bits or failed tests say NO, with the reasons.
@@ -321,22 +333,83 @@ def test_gpu_summary_implicit_gemm_verdict(tmp_path):
             "torch; 1 segments, 3 launches, 0 failed") in lines
     assert "    implicit-GEMM convolution: RuntimeError: TF32 only (FP32 keeps im2col)" \
         in lines
-    assert lines[-1].startswith("make the implicit-GEMM convolution the TF32 default: YES")
+    assert lines[-2].startswith("make the implicit-GEMM convolution the TF32 default: YES")
     # No row faster: NO; slower than the default path, or results that disagree: NO,
     # with the reasons.
     rows[3]["median_s"] = 0.0081
     (tmp_path / "gpu_train.json").write_text(json.dumps({"rows": rows}))
-    verdict = gpu_summary.summary(str(tmp_path))[-1]
+    verdict = gpu_summary.summary(str(tmp_path))[-2]
     assert verdict == ("make the implicit-GEMM convolution the TF32 default: NO (no TF32 "
                        "row 5 % faster)")
     rows[3]["median_s"] = 0.009
     igemm["rows"][0]["rel_diff"]["forward"] = 0.5
     (tmp_path / "gpu_train.json").write_text(json.dumps({"rows": rows}))
     (tmp_path / "conv_igemm.json").write_text(json.dumps(igemm))
-    verdict = gpu_summary.summary(str(tmp_path))[-1]
+    verdict = gpu_summary.summary(str(tmp_path))[-2]
     assert verdict.startswith("make the implicit-GEMM convolution the TF32 default: NO")
     assert "conv1_2: differs from im2col by 5.0e-01" in verdict
     assert "ASPP-VGG test tf32: 0.0090 s, slower than 0.0080 s" in verdict
+
+
+def test_gpu_summary_autotune_verdict(tmp_path):
+    """The autotuning engine against the default path: its gain, the paths it chose,
+    and YES only when the tests pass and no TF32 row is slower, one 5 % faster."""
+    import gpu_summary
+    chose = {"forward": {"columns": 2, "implicit": 15}, "weight": {"implicit-quad": 17}}
+    rows = [_row("caffelite", "tf32", 0.010), _row("torch", "tf32", 0.004),
+            _row("caffelite-graphs", "tf32", 0.008),
+            _row("caffelite-autotune", "tf32", 0.006, autotune=chose),
+            _row("caffelite", "fp32", 0.02), _row("caffelite-graphs", "fp32", 0.018),
+            _row("caffelite-autotune", "fp32", 0.019, autotune={})]
+    (tmp_path / "gpu_train.json").write_text(json.dumps({"rows": rows}))
+    (tmp_path / "gpu_tests.log").write_text("=== 900 passed in 50.0s ===\n")
+    (tmp_path / "conv_igemm.json").write_text(json.dumps({"rows": [
+        {"layer": "conv1_2", "rel_diff": {"forward": 3e-4}}], "totals": {}}))
+    lines = gpu_summary.summary(str(tmp_path))
+    assert ("    convolution autotuning: speed-up 1.33x (with it: 0.0060 s), 1.50x torch; "
+            "chose forward implicit 15, columns 2; weight implicit-quad 17") in lines
+    assert ("    convolution autotuning: speed-up 0.95x (with it: 0.0190 s); chose "
+            "nothing") in lines
+    assert lines[-1] == ("make convolution autotuning the TF32 default: YES (tests pass, "
+                         "no TF32 row slower, some faster)")
+    # it chose the implicit GEMM, whose per-layer check failed: NO
+    (tmp_path / "conv_igemm.json").write_text(json.dumps({"rows": [
+        {"layer": "conv1_2", "rel_diff": {"forward": 0.5}}]}))
+    assert gpu_summary.summary(str(tmp_path))[-1] == (
+        "make convolution autotuning the TF32 default: NO (conv_igemm.py conv1_2: differs "
+        "from im2col by 5.0e-01)")
+    rows[3]["autotune"] = {"forward": {"columns": 17}}
+    rows[3]["median_s"] = 0.0083
+    (tmp_path / "gpu_train.json").write_text(json.dumps({"rows": rows}))
+    assert gpu_summary.summary(str(tmp_path))[-1] == (
+        "make convolution autotuning the TF32 default: NO (ASPP-VGG test tf32: 0.0083 s, "
+        "slower than 0.0080 s; no TF32 row 5 % faster)")
+
+
+def test_autotune_engine_tunes_each_net_from_nothing():
+    """gpu_train.py's caffelite-autotune engine: the default path with autotuning on
+    from no choices, off again afterwards, and the row counts the choices."""
+    from caffelite import cuda_graphs
+    from caffelite.layers import conv_autotune
+    from caffelite.layers.im2col import ConvGeometry
+    seen = []
+    key = conv_autotune.ProductKey("forward", (1, 2, 3, 3), (4, 2, 3, 3), (1, 4, 3, 3),
+                                   ConvGeometry((3, 3), (1, 1), (1, 1), (1, 1)), 1,
+                                   "<f4", True, 0, ())
+
+    def run(seconds):
+        seen.append((conv_autotune.enabled(), cuda_graphs.enabled(),
+                     len(conv_autotune.choices())))
+        conv_autotune._choices[key] = ("implicit", {"implicit": 1.0, "columns": 2.0})
+        return {"median_s": 1.0}
+
+    class FakeNet:
+        _graphs = None
+    engine = gpu_train.variants(run, FakeNet())["caffelite-autotune"]
+    conv_autotune._choices[key._replace(kind="data")] = ("columns", {})
+    assert engine(1.0) == {"median_s": 1.0, "autotune": {"forward": {"implicit": 1}}}
+    assert seen == [(True, True, 0)]
+    assert not conv_autotune.enabled()
 
 
 def test_implicit_engine_runs_with_tf32_and_graphs_only():

@@ -70,14 +70,14 @@ def assert_within(actual, expected, bound, what):
 def test_every_kernel_module_is_covered_here():
     """One test group per module: im2col.cu, pooling.cu, interp.cu, softmax_loss.cu,
     eltwise.cu, sgd_update.cu, seg_confusion.cu, channel.cu, relu.cu, dropout.cu,
-    domain_transform.cu, lrn.cu; permutohedral.cu (the dense CRF) is tested in
+    domain_transform.cu, lrn.cu, timing.cu; permutohedral.cu (the dense CRF) is tested in
     test_crf_gpu_kernels.py, conv_igemm.cu (the tensor-core convolution) in
     test_conv_igemm.py."""
     assert kernels.module_names() == ["channel", "conv_igemm", "domain_transform",
                                       "dropout", "eltwise",
                                       "im2col", "interp", "lrn", "permutohedral", "pooling",
                                       "relu", "seg_confusion", "sgd_update",
-                                      "softmax_loss"]
+                                      "softmax_loss", "timing"]
 
 
 def test_every_module_compiles_without_warnings(host_kernels):
@@ -1273,3 +1273,14 @@ def test_lrn_kernel_keeps_the_running_sums_nan_after_an_overflow(kern, launch):
              np.float32(1), scale, **launch)
     s = scale.ravel()
     assert (s[:3] == np.inf).all() and np.isnan(s[3:]).all()
+
+
+# =============================================================== timing.cu
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_hold_device_waits_its_cycles_then_writes_every_flag(kern, launch, dtype):
+    """timing.cu hold_device: each thread reads the clock until `cycles` have passed,
+    then writes 1 (the host shim's clock ticks once per read; on a device, the
+    autotuner's event test in test_conv_autotune.py uses it)."""
+    done = poisoned((5,), dtype)
+    kern.run("timing", "hold_device", dtype, done.size, 1000, done, **launch)
+    assert_same_bits(done, np.ones(5, dtype))

@@ -434,17 +434,19 @@ def test_crf_step_unavailable_is_a_clear_error(tmp_path, monkeypatch):
 
 
 def test_cli_passes_the_gpu_flags_to_the_pipeline(tmp_path, monkeypatch):
-    """`caffelite pascal --gpu 0 --tf32 --no-cuda-graphs` runs every step with them."""
+    """`caffelite pascal --gpu 0 --tf32 --no-cuda-graphs --conv-autotune` runs every step
+    with them."""
     from caffelite import cli
     seen = {}
     monkeypatch.setattr(Pipeline, "run", lambda self: seen.update(
-        gpu=self.gpu, tf32=self.tf32, graphs=self.cuda_graphs) or {})
+        gpu=self.gpu, tf32=self.tf32, graphs=self.cuda_graphs,
+        autotune=self.autotune) or {})
     (tmp_path / "voc12").mkdir()
     args = cli.build_parser().parse_args(
         ["pascal", str(tmp_path / "voc12"), "--net", "x", "--data-root", str(tmp_path),
-         "--gpu", "0", "--tf32", "--no-cuda-graphs"])
+         "--gpu", "0", "--tf32", "--no-cuda-graphs", "--conv-autotune"])
     assert args.func(args) == 0
-    assert seen == {"gpu": 0, "tf32": True, "graphs": False}
+    assert seen == {"gpu": 0, "tf32": True, "graphs": False, "autotune": True}
 
 
 def test_gpu_only_flags_on_the_cpu_are_a_warning(tmp_path, caplog):
@@ -452,7 +454,7 @@ def test_gpu_only_flags_on_the_cpu_are_a_warning(tmp_path, caplog):
     pipeline = Pipeline(str(exp), NET, data_root=str(data), steps=[], tf32=True)
     with caplog.at_level(logging.WARNING, logger="caffelite"):
         pipeline.run()
-    assert "--tf32 and --cuda-graphs apply to GPU mode only" in caplog.text
+    assert "--tf32, --cuda-graphs and --conv-autotune apply to GPU mode only" in caplog.text
 
 
 @pytest.mark.skipif(not _crf_available(), reason="caffelite.crf not available")

@@ -30,6 +30,7 @@ TF32 on and ``implicit_gemm.ENABLED``, device forwards, stride-1 data gradients 
 weight gradients gather their columns inside tensor-core kernels instead
 (``implicit_gemm``).
 """
+import functools
 import itertools
 import math
 import os
@@ -42,7 +43,7 @@ from .. import backend, host_threads
 from ..backend import get_array_module, tf32_enabled
 from ..kernels import MAX_ELEMENTS as MAX_KERNEL_ELEMENTS
 from ..kernels.cublas import gemm
-from . import implicit_gemm, tap_gemm, tap_planes
+from . import conv_autotune, implicit_gemm, tap_gemm, tap_planes
 from ._device import contiguous, launch
 
 # Upper bound on the column buffer: on the host it stays cache- and RAM-friendly; on a
@@ -505,6 +506,22 @@ def _weight_and_forward_groups(image, grid, w_g, dw_g, out, geom, group, groups,
         _group_product(w_g, col, out, n0, n1, count, group, xp)
 
 
+def device_settings():
+    """The module settings that choose a device convolution's paths: a CUDA graph
+    recorded under others is not launched (``cuda_graphs``)."""
+    return (_path_settings(None), PADDED_1X1_FLOP, implicit_gemm.ENABLED,
+            implicit_gemm.MIN_TILES_PER_SM, tap_gemm.ENABLED, tap_gemm.MAX_REACH,
+            tap_gemm.MIN_SAVED_FLOPS, conv_autotune.settings())
+
+
+def _path_settings(budget):
+    """The settings that change what a named path does (its column buffer and image
+    groups, the implicit GEMM's tile and pixel runs): part of an autotuned choice's
+    key."""
+    return (GROUP_IMAGES, DEVICE_COL_BUFFER_BYTES, budget, implicit_gemm.TILE,
+            implicit_gemm.SPLITS)
+
+
 def _device_groups(xp, geom, num, channels, grid_shape, dtype, budget):
     if not _uses_kernels(xp, geom):
         return None
@@ -563,19 +580,15 @@ def forward_gemm(image, weight, out, geom, group, budget=None, bias=None):
     the paths that copy their products out add it in that copy; True when they did
     (the caller adds it otherwise)."""
     xp = get_array_module(image)
-    num, channels = image.shape[:2]
+    if conv_autotune.active(xp):
+        paths = _forward_paths(xp, image, weight, out, geom, group, budget, bias)
+        path = _tuned_path(xp, "forward", paths, image, weight, out, geom, group, budget)
+        if path is not None:
+            return paths[path]()
     n_out = weight.shape[0]
     grid_shape = out.shape[2:]
-    w_g = _per_group(_matrix(weight, n_out), group)
-
-    def product(col, band):
-        for w, c, o in zip(w_g, _per_group(col, group), _per_group(band, group)):
-            gemm(xp, w, c, o)
-
     if _direct_1x1(xp, geom, image.shape, n_out, grid_shape, image.dtype, budget):
-        for n in range(num):
-            product(_matrix(image[n], channels), _matrix(out[n], n_out))
-        return False
+        return _forward_blobs(xp, image, weight, out, group)
     planes = tap_planes.windows_for(xp, geom, image.shape, grid_shape, weight.shape, group,
                                     image.dtype)
     if planes is not None:
@@ -588,6 +601,38 @@ def forward_gemm(image, weight, out, geom, group, budget=None, bias=None):
     if windows:
         tap_gemm.forward(xp, image, weight, out, windows, group)
         return False
+    return _forward_columns(xp, image, weight, out, geom, group, budget, bias)
+
+
+def _blob_blocks(weight, a, b, group):
+    """(weight block, a block, b block) per image and group of a 1x1 product on the
+    blobs: ``weight`` (rows, ...) and the images of ``a`` and ``b`` (N, channels, ...)
+    as matrices."""
+    w_g = _per_group(_matrix(weight, weight.shape[0]), group)
+    for n in range(a.shape[0]):
+        yield from zip(w_g, _per_group(_matrix(a[n], a.shape[1]), group),
+                       _per_group(_matrix(b[n], b.shape[1]), group))
+
+
+def _forward_blobs(xp, image, weight, out, group):
+    """A 1x1 forward on the blobs themselves, one product per image (no bias added)."""
+    for w, c, o in _blob_blocks(weight, image, out, group):
+        gemm(xp, w, c, o)
+    return False
+
+
+def _forward_columns(xp, image, weight, out, geom, group, budget, bias):
+    """The forward through im2col columns: image groups on the device, runs of images
+    or bands of rows on the host. True when the bias was added."""
+    num, channels = image.shape[:2]
+    n_out = weight.shape[0]
+    grid_shape = out.shape[2:]
+    w_g = _per_group(_matrix(weight, n_out), group)
+
+    def product(col, band):
+        for w, c, o in zip(w_g, _per_group(col, group), _per_group(band, group)):
+            gemm(xp, w, c, o)
+
     groups = _device_groups(xp, geom, num, channels, grid_shape, image.dtype, budget)
     if groups:
         _forward_groups(image, w_g, out, geom, group, groups, xp, bias)
@@ -610,18 +655,16 @@ def forward_gemm(image, weight, out, geom, group, budget=None, bias=None):
 def backward_gemm(grid, weight, image, geom, group, budget=None):
     """image[n] = col2im(W^T * grid[n]) per group (overwrites ``image``)."""
     xp = get_array_module(grid)
-    num, n_out = grid.shape[:2]
-    channels = image.shape[1]
+    if conv_autotune.active(xp):
+        paths = _backward_paths(xp, grid, weight, image, geom, group, budget)
+        path = _tuned_path(xp, "data", paths, image, weight, grid, geom, group, budget)
+        if path is not None:
+            paths[path]()
+            return
+    n_out = grid.shape[1]
     grid_shape = grid.shape[2:]
-    w_g = _per_group(_matrix(weight, n_out), group)
-
-    def product(band, col):
-        for w, b, c in zip(w_g, _per_group(band, group), _per_group(col, group)):
-            gemm(xp, w.T, b, c)
-
     if _direct_1x1(xp, geom, image.shape, n_out, grid_shape, grid.dtype, budget):
-        for n in range(num):
-            product(_matrix(grid[n], n_out), _matrix(image[n], channels))
+        _backward_blobs(xp, grid, weight, image, group)
         return
     planes = tap_planes.windows_for(xp, geom, image.shape, grid_shape, weight.shape, group,
                                     grid.dtype)
@@ -635,6 +678,27 @@ def backward_gemm(grid, weight, image, geom, group, budget=None):
     if windows:
         tap_gemm.backward(xp, grid, weight, image, windows, group)
         return
+    _backward_columns(xp, grid, weight, image, geom, group, budget)
+
+
+def _backward_blobs(xp, grid, weight, image, group):
+    """A 1x1 data gradient on the blobs themselves, one product per image."""
+    for w, g, c in _blob_blocks(weight, grid, image, group):
+        gemm(xp, w.T, g, c)
+
+
+def _backward_columns(xp, grid, weight, image, geom, group, budget):
+    """The data gradient through columns and col2im: image groups on the device, runs
+    of images or bands of rows on the host."""
+    num, n_out = grid.shape[:2]
+    channels = image.shape[1]
+    grid_shape = grid.shape[2:]
+    w_g = _per_group(_matrix(weight, n_out), group)
+
+    def product(band, col):
+        for w, b, c in zip(w_g, _per_group(band, group), _per_group(col, group)):
+            gemm(xp, w.T, b, c)
+
     groups = _device_groups(xp, geom, num, channels, grid_shape, grid.dtype, budget)
     if groups:
         _backward_groups(grid, w_g, image, geom, group, groups, xp)
@@ -661,18 +725,17 @@ def backward_gemm(grid, weight, image, geom, group, budget=None):
 def weight_gemm(image, grid, weight_diff, geom, group, budget=None):
     """weight_diff += sum_n grid[n] * im2col(image[n])^T per group (accumulates)."""
     xp = get_array_module(image)
-    num, channels = image.shape[:2]
+    if conv_autotune.active(xp):
+        paths = _weight_paths(xp, image, grid, weight_diff, geom, group, budget)
+        path = _tuned_path(xp, "weight", paths, image, weight_diff, grid, geom, group,
+                           budget, accumulated=weight_diff)
+        if path is not None:
+            paths[path]()
+            return
     n_out = grid.shape[1]
     grid_shape = grid.shape[2:]
-    dw_g = _per_group(_matrix(weight_diff, n_out), group)
-
-    def product(band, col):
-        for dw, b, c in zip(dw_g, _per_group(band, group), _per_group(col, group)):
-            gemm(xp, b, c.T, dw, accumulate=True)
-
     if _direct_1x1(xp, geom, image.shape, n_out, grid_shape, image.dtype, budget):
-        for n in range(num):
-            product(_matrix(grid[n], n_out), _matrix(image[n], channels))
+        _weight_blobs(xp, image, grid, weight_diff, group)
         return
     planes = tap_planes.windows_for(xp, geom, image.shape, grid_shape, weight_diff.shape,
                                     group, image.dtype)
@@ -686,6 +749,27 @@ def weight_gemm(image, grid, weight_diff, geom, group, budget=None):
     if windows:
         tap_gemm.weight_grad(xp, image, grid, weight_diff, windows, group)
         return
+    _weight_columns(xp, image, grid, weight_diff, geom, group, budget)
+
+
+def _weight_blobs(xp, image, grid, weight_diff, group):
+    """A 1x1 weight gradient on the blobs themselves, one product per image (added)."""
+    for dw, g, c in _blob_blocks(weight_diff, grid, image, group):
+        gemm(xp, g, c.T, dw, accumulate=True)
+
+
+def _weight_columns(xp, image, grid, weight_diff, geom, group, budget):
+    """The weight gradient through im2col columns: image groups on the device, runs of
+    images or bands of rows on the host (added)."""
+    num, channels = image.shape[:2]
+    n_out = grid.shape[1]
+    grid_shape = grid.shape[2:]
+    dw_g = _per_group(_matrix(weight_diff, n_out), group)
+
+    def product(band, col):
+        for dw, b, c in zip(dw_g, _per_group(band, group), _per_group(col, group)):
+            gemm(xp, b, c.T, dw, accumulate=True)
+
     groups = _device_groups(xp, geom, num, channels, grid_shape, image.dtype, budget)
     if groups:
         _weight_groups(image, grid, dw_g, geom, group, groups, xp)
@@ -711,6 +795,25 @@ def weight_and_backward_gemm(image, grid, weight, weight_diff, image_diff, geom,
     with image groups, each group's output gradient is gathered once for both (not
     when the implicit GEMM takes the weight gradient, which reads it as it is)."""
     xp = get_array_module(image)
+    if conv_autotune.active(xp):
+        weights = _weight_paths(xp, image, grid, weight_diff, geom, group, budget)
+        data = _backward_paths(xp, grid, weight, image_diff, geom, group, budget)
+        weight_path = _tuned_path(xp, "weight", weights, image, weight_diff, grid, geom,
+                                  group, budget, accumulated=weight_diff)
+        data_path = _tuned_path(xp, "data", data, image_diff, weight, grid, geom, group,
+                                budget)
+        groups = weight_path == data_path == "columns" and _device_groups(
+            xp, geom, image.shape[0], image.shape[1], grid.shape[2:], image.dtype, budget)
+        if groups:
+            _weight_and_backward_groups(
+                image, grid, _per_group(_matrix(weight, grid.shape[1]), group),
+                _per_group(_matrix(weight_diff, grid.shape[1]), group), image_diff, geom,
+                group, groups, xp)
+            return
+        if weight_path is not None and data_path is not None:
+            weights[weight_path]()
+            data[data_path]()
+            return
     planes = tap_planes.windows_for(xp, geom, image.shape, grid.shape[2:], weight.shape,
                                     group, image.dtype)
     if planes is not None:
@@ -736,6 +839,25 @@ def weight_and_forward_gemm(image, grid, weight, weight_diff, out, geom, group,
     like ``grid``). On the device with image groups, each group's columns of ``image``
     are made once for both (not when the forward is an implicit GEMM)."""
     xp = get_array_module(image)
+    if conv_autotune.active(xp):
+        weights = _weight_paths(xp, image, grid, weight_diff, geom, group, budget)
+        forwards = _forward_paths(xp, image, weight, out, geom, group, budget, None)
+        weight_path = _tuned_path(xp, "weight", weights, image, weight_diff, grid, geom,
+                                  group, budget, accumulated=weight_diff)
+        forward_path = _tuned_path(xp, "forward", forwards, image, weight, out, geom,
+                                   group, budget)
+        groups = weight_path == forward_path == "columns" and _device_groups(
+            xp, geom, image.shape[0], image.shape[1], grid.shape[2:], image.dtype, budget)
+        if groups:
+            _weight_and_forward_groups(
+                image, grid, _per_group(_matrix(weight, weight.shape[0]), group),
+                _per_group(_matrix(weight_diff, weight.shape[0]), group), out, geom, group,
+                groups, xp)
+            return
+        if weight_path is not None and forward_path is not None:
+            weights[weight_path]()
+            forwards[forward_path]()
+            return
     implicit = implicit_gemm.applies(xp, geom, image, weight, out, group)
     groups = None if implicit else _shared_device_groups(image, grid, weight, geom, budget)
     if groups:
@@ -758,3 +880,89 @@ def _shared_device_groups(image, grid, weight, geom, budget):
         return None
     return _device_groups(xp, geom, image.shape[0], image.shape[1], grid_shape, image.dtype,
                           budget)
+
+
+# ------------------------------------------------------------------ autotuned paths
+# With conv_autotune on, each device product times the paths below once per shape and
+# keeps the fastest. Each dict lists its paths in the default's order of preference,
+# "columns" (always possible) first; a forward's path returns whether it added the bias.
+
+def _tuned_path(xp, kind, paths, image, weight, grid, geom, group, budget,
+                accumulated=None):
+    """The chosen name among ``paths`` for this product (None: the fixed rules choose,
+    see ``conv_autotune.choose``); ``accumulated``: the array the product adds into,
+    put back after each timed run."""
+    key = conv_autotune.product_key(kind, xp, image, weight, grid, geom, group,
+                                    _path_settings(budget))
+    if accumulated is None or len(paths) == 1 or backend.capturing() or \
+            conv_autotune.chosen(key, paths):
+        return conv_autotune.choose(xp, key, paths)
+    saved = accumulated.copy()
+    return conv_autotune.choose(xp, key, paths,
+                                reset=lambda: accumulated.__setitem__(Ellipsis, saved))
+
+
+def _implicit_tiles(xp, geom, image, weight, grid, group):
+    """[(path name, tile)] of the implicit GEMM for this product, if it can compute it."""
+    if not implicit_gemm.supported(xp, geom, image, weight, grid, group):
+        return []
+    tiles = [("implicit", None)]
+    if implicit_gemm.TILE is None:
+        tiles.append(("implicit-quad", "quad"))
+    return tiles
+
+
+def _named_paths(geom, columns, blobs, tiles, implicit, windows, taps):
+    """{name: run} of a product: ``columns`` always, ``blobs`` for a 1x1 kernel,
+    ``implicit(tile)`` per (name, tile) of ``tiles``, ``taps(windows)`` if windows."""
+    paths = {"columns": columns}
+    if geom.is_1x1:
+        paths["blobs"] = blobs
+    for name, tile in tiles:
+        paths[name] = functools.partial(implicit, tile)
+    if windows:
+        paths["taps"] = functools.partial(taps, windows)
+    return paths
+
+
+def _forward_paths(xp, image, weight, out, geom, group, budget, bias):
+    def implicit(tile):
+        implicit_gemm.forward(xp, image, weight, out, geom, bias, tile=tile)
+        return bias is not None
+
+    def with_bias(product, *args):
+        # the caller's own addition (Convolution._add_bias), inside the timed run
+        product(*args)
+        if bias is not None:
+            top = out               # a local name: += stays in place
+            top += bias.reshape((1, -1) + (1,) * (out.ndim - 2))
+        return bias is not None
+
+    return _named_paths(
+        geom, lambda: _forward_columns(xp, image, weight, out, geom, group, budget, bias),
+        lambda: with_bias(_forward_blobs, xp, image, weight, out, group),
+        _implicit_tiles(xp, geom, image, weight, out, group), implicit,
+        tap_gemm.tunable_windows(xp, geom, image.shape, out.shape[2:], weight.shape),
+        lambda windows: with_bias(tap_gemm.forward, xp, image, weight, out, windows, group))
+
+
+def _backward_paths(xp, grid, weight, image, geom, group, budget):
+    stride_1 = all(s == 1 for s in geom.stride)
+    return _named_paths(
+        geom, lambda: _backward_columns(xp, grid, weight, image, geom, group, budget),
+        lambda: _backward_blobs(xp, grid, weight, image, group),
+        _implicit_tiles(xp, geom, grid, weight, image, group) if stride_1 else (),
+        lambda tile: implicit_gemm.transposed(xp, grid, weight, image, geom, tile=tile),
+        tap_gemm.tunable_windows(xp, geom, image.shape, grid.shape[2:], weight.shape),
+        lambda windows: tap_gemm.backward(xp, grid, weight, image, windows, group))
+
+
+def _weight_paths(xp, image, grid, weight_diff, geom, group, budget):
+    return _named_paths(
+        geom, lambda: _weight_columns(xp, image, grid, weight_diff, geom, group, budget),
+        lambda: _weight_blobs(xp, image, grid, weight_diff, group),
+        _implicit_tiles(xp, geom, image, weight_diff, grid, group),
+        lambda tile: implicit_gemm.weight_grad(xp, image, grid, weight_diff, geom,
+                                               tile=tile),
+        tap_gemm.tunable_windows(xp, geom, image.shape, grid.shape[2:], weight_diff.shape),
+        lambda windows: tap_gemm.weight_grad(xp, image, grid, weight_diff, windows, group))

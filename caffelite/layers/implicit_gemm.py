@@ -56,7 +56,13 @@ TILE = None
 
 def applies(xp, geom, image, weight, out, group):
     """Whether this forward takes the implicit GEMM (see the module docstring)."""
-    return (ENABLED and xp is not np and len(geom.kernel) == 2 and not geom.is_1x1
+    return ENABLED and supported(xp, geom, image, weight, out, group)
+
+
+def supported(xp, geom, image, weight, out, group):
+    """Whether the kernels can compute this product (``applies`` without ``ENABLED``):
+    what ``conv_autotune`` may time."""
+    return (xp is not np and len(geom.kernel) == 2 and not geom.is_1x1
             and group == 1 and backend.tf32_enabled() and image.dtype == np.float32
             and weight.dtype == np.float32 and image.flags.c_contiguous
             and out.flags.c_contiguous and weight.flags.c_contiguous
@@ -116,16 +122,18 @@ def prepared_size(weight_shape):
     return taps * max(n_out * padded_channels(channels), channels * padded_channels(n_out))
 
 
-def tile_kernel(out_channels):
-    """The forward kernel's Tile for ``out_channels``."""
-    if TILE is not None:
-        return TILES[TILE]
+def tile_kernel(out_channels, tile=None):
+    """The forward kernel's Tile for ``out_channels``: ``tile`` (a key of TILES), else
+    TILE, else the narrow one for at most 64 channels and the wide one above."""
+    tile = tile or TILE
+    if tile is not None:
+        return TILES[tile]
     return NARROW if out_channels <= NARROW.m else WIDE
 
 
-def wgrad_tile():
-    """The weight gradient's Tile."""
-    return WGRAD_QUAD if TILE == "quad" else WGRAD
+def wgrad_tile(tile=None):
+    """The weight gradient's Tile (``tile`` or TILE "quad": four warps of 64 x 64)."""
+    return WGRAD_QUAD if (tile or TILE) == "quad" else WGRAD
 
 
 def prepare_weights(xp, weight, transposed=False):
@@ -143,10 +151,11 @@ def prepare_weights(xp, weight, transposed=False):
     return prepared
 
 
-def forward(xp, image, weight, out, geom, bias=None, transposed=False):
+def forward(xp, image, weight, out, geom, bias=None, transposed=False, tile=None):
     """out = conv(image, weight) (+ bias), overwriting ``out`` (N, O, out_h, out_w); with
     ``transposed``, the convolution with the data gradient's weights (see
-    ``transposed``; ``geom`` is then already that convolution's)."""
+    ``transposed``; ``geom`` is then already that convolution's). ``tile``: a key of
+    TILES to force (``tile_kernel``)."""
     num, channels, height, width = image.shape
     plane = out.shape[2] * out.shape[3]
     n = num * plane
@@ -154,7 +163,7 @@ def forward(xp, image, weight, out, geom, bias=None, transposed=False):
         return
     prepared = prepare_weights(xp, weight, transposed)
     n_out = prepared.shape[0]
-    tile = tile_kernel(n_out)
+    tile = tile_kernel(n_out, tile)
     grid = -(-n_out // tile.m) * -(-n // tile.n)
     (kh, kw), (sh, sw) = geom.kernel, geom.stride
     (ph, pw), (dh, dw) = geom.pad, geom.dilation
@@ -201,10 +210,11 @@ def weight_splits(xp, tiles, pixels, row_elements):
     return max(1, min(wanted, pixels, (kernels.MAX_ELEMENTS - 1) // row_elements))
 
 
-def weight_grad(xp, image, grid, weight_diff, geom):
+def weight_grad(xp, image, grid, weight_diff, geom, tile=None):
     """weight_diff += the gradient of conv(image, W) for the top gradient ``grid``, summed
     over the images (Caffe's weight GEMM with beta = 1), without im2col columns: a
-    partial product per run of pixels, then the runs added in order."""
+    partial product per run of pixels, then the runs added in order. ``tile``: "quad"
+    forces the four-warp tile (``wgrad_tile``)."""
     num, channels, height, width = image.shape
     n_out = grid.shape[1]
     plane = grid.shape[2] * grid.shape[3]
@@ -213,7 +223,7 @@ def weight_grad(xp, image, grid, weight_diff, geom):
         return
     c_pad = padded_channels(channels)
     k = geom.taps * c_pad
-    tile = wgrad_tile()
+    tile = wgrad_tile(tile)
     tiles = -(-n_out // tile.m) * -(-k // tile.n)
     chunk, splits = pixel_runs(pixels, weight_splits(xp, tiles, pixels, n_out * k))
     direct = splits == 1      # one run adds its product into the diff itself
@@ -229,9 +239,10 @@ def weight_grad(xp, image, grid, weight_diff, geom):
                        partial, splits, channels, geom.taps, c_pad, weight_diff)
 
 
-def transposed(xp, grid, weight, image, geom):
+def transposed(xp, grid, weight, image, geom, tile=None):
     """image = sum over taps of W^T * grid (overwrites ``image``, N x C x H x W) at stride
     1: the convolution of ``grid`` with the kernel rotated by 180 degrees and its channel
     axes swapped, padded by (kernel - 1) * dilation - pad."""
     pad = tuple((k - 1) * d - p for k, d, p in zip(geom.kernel, geom.dilation, geom.pad))
-    forward(xp, grid, weight, image, dataclasses.replace(geom, pad=pad), transposed=True)
+    forward(xp, grid, weight, image, dataclasses.replace(geom, pad=pad), transposed=True,
+            tile=tile)

@@ -74,8 +74,29 @@ def windows_for(xp, geom, image_shape, grid_shape, weight_shape):
     (N, C, H, W), output grid and weight (O, C/group, kh, kw): device arrays, FP32
     GEMMs, 2-D, stride 1, a kernel larger than 1x1, at most MAX_REACH reached, at least
     MIN_SAVED_FLOPS saved. Else None."""
-    if not ENABLED or xp is np or tf32_enabled() or len(geom.kernel) != 2 or \
-            geom.is_1x1 or any(s != 1 for s in geom.stride):
+    if not ENABLED or tf32_enabled():
+        return None
+    found = _measured(xp, geom, image_shape, grid_shape, weight_shape)
+    if found is None:
+        return None
+    windows, reached, saved = found
+    return windows if reached <= MAX_REACH and saved >= MIN_SAVED_FLOPS else None
+
+
+def tunable_windows(xp, geom, image_shape, grid_shape, weight_shape):
+    """The tap windows if the path is on (ENABLED), can compute this convolution's GEMMs
+    and skips some of the padding (what ``conv_autotune`` may time, TF32 included), else
+    None."""
+    if not ENABLED:
+        return None
+    found = _measured(xp, geom, image_shape, grid_shape, weight_shape)
+    return found[0] if found is not None and found[1] < 1 else None
+
+
+def _measured(xp, geom, image_shape, grid_shape, weight_shape):
+    """(windows, reach, multiply-adds saved) of a device 2-D stride-1 convolution with a
+    kernel larger than 1x1, else None."""
+    if xp is np or len(geom.kernel) != 2 or geom.is_1x1 or any(s != 1 for s in geom.stride):
         return None
     key = (geom, tuple(image_shape), tuple(grid_shape), tuple(weight_shape[:2]))
     found = _windows.get(key)
@@ -88,8 +109,7 @@ def windows_for(xp, geom, image_shape, grid_shape, weight_shape):
             _windows.pop(next(iter(_windows), None), None)  # (another thread may too)
         found = _windows[key] = (windows, reached,
                                  2 * multiply_adds * positions * (1 - reached))
-    windows, reached, saved = found
-    return windows if reached <= MAX_REACH and saved >= MIN_SAVED_FLOPS else None
+    return found
 
 
 # ------------------------------------------------------------------ the three GEMMs
