@@ -6,8 +6,9 @@ trains it again with and without CUDA graphs (the default) for equal bits, and t
 convolution GEMM shape as a 2-D (cublasGemmEx) and a batched 3-D matmul with TF32 off
 and on. Exit status 1 with the traceback on the first failure, so a broken GPU path
 costs one minute of device time instead of a whole check run. Last, the opt-in
-implicit-GEMM convolution against im2col + cuBLAS in TF32: a failure there prints
-"IMPLICIT GEMM FAILED" and the traceback but does not fail the smoke check.
+implicit-GEMM convolution and convolution autotuning against im2col + cuBLAS in TF32:
+a failure there prints "IMPLICIT GEMM FAILED" or "AUTOTUNE FAILED" and the traceback
+but does not fail the smoke check.
 
     python benchmarks/gpu_smoke.py
     python benchmarks/gpu_smoke.py --emulate      # the same on the CPU emulator (CI)
@@ -196,45 +197,88 @@ def gemm_paths():
         backend.set_mode_cpu()
 
 
+def _small_convolution(xp):
+    """(image, weights, top gradient, geometry) of a small dilated convolution."""
+    from caffelite.layers import im2col
+    rng = np.random.default_rng(2)
+    x = xp.asarray(rng.standard_normal((2, 24, 19, 17), dtype=np.float32))
+    w = xp.asarray(rng.standard_normal((80, 24, 3, 3), dtype=np.float32))
+    g = xp.asarray(rng.standard_normal((2, 80, 19, 17), dtype=np.float32))
+    return x, w, g, im2col.ConvGeometry((3, 3), (1, 1), (2, 2), (2, 2))
+
+
+def _three_products(xp, x, w, g, geom):
+    """Host copies of the forward, data gradient and weight gradient (into a diff of
+    ones), from outputs poisoned with NaN."""
+    from caffelite.layers import im2col
+    out = xp.full(g.shape, np.nan, np.float32)
+    dx = xp.full(x.shape, np.nan, np.float32)
+    dw = xp.ones(w.shape, np.float32)
+    im2col.forward_gemm(x, w, out, geom, 1)
+    im2col.backward_gemm(g, w, dx, geom, 1)
+    im2col.weight_gemm(x, g, dw, geom, 1)
+    return [backend.to_host(a) for a in (out, dx, dw)]
+
+
+def _agree_in_tf32(label, results, reference):
+    for what, got, ref in zip(("forward", "data gradient", "weight gradient"), results,
+                              reference):
+        diff = float(np.max(np.abs(got - ref)) / np.max(np.abs(ref)))
+        assert np.isfinite(got).all(), f"{label} {what}: unwritten elements"
+        assert diff < 1e-2, f"{label} {what} differs from im2col by {diff:.2g}"
+        print(f"   {what}: largest difference from im2col {diff:.1e} of the largest "
+              f"value")
+
+
 def implicit_gemm_convolution():
     """The implicit-GEMM convolution (opt-in, TF32) on a small dilated convolution: its
     forward and gradients fill their outputs and agree with im2col + cuBLAS in TF32
     (both round their operands to TF32: about 1e-3 of the largest value; the exact
     bounds are in tests/test_conv_igemm.py, which pytest -m gpu runs next)."""
-    from caffelite.layers import im2col, implicit_gemm
+    from caffelite.layers import implicit_gemm
     xp = device_module()
     backend.set_tf32(True)
     saved = implicit_gemm.ENABLED, implicit_gemm.MIN_TILES_PER_SM
     implicit_gemm.MIN_TILES_PER_SM = 0      # a small layer: implicit even on a large GPU
     try:
-        rng = np.random.default_rng(2)
-        x = xp.asarray(rng.standard_normal((2, 24, 19, 17), dtype=np.float32))
-        w = xp.asarray(rng.standard_normal((80, 24, 3, 3), dtype=np.float32))
-        g = xp.asarray(rng.standard_normal((2, 80, 19, 17), dtype=np.float32))
-        geom = im2col.ConvGeometry((3, 3), (1, 1), (2, 2), (2, 2))
+        x, w, g, geom = _small_convolution(xp)
         results = {}
         for implicit in (False, True):
             implicit_gemm.ENABLED = implicit
-            out = xp.full(g.shape, np.nan, np.float32)
-            dx = xp.full(x.shape, np.nan, np.float32)
-            dw = xp.ones(w.shape, np.float32)
-            im2col.forward_gemm(x, w, out, geom, 1)
-            im2col.backward_gemm(g, w, dx, geom, 1)
-            im2col.weight_gemm(x, g, dw, geom, 1)
-            results[implicit] = [backend.to_host(a) for a in (out, dx, dw)]
-        assert implicit_gemm.applies_forward(xp, geom, x, w, out, 1)
-        for what, got, ref in zip(("forward", "data gradient", "weight gradient"),
-                                  results[True], results[False]):
-            diff = float(np.max(np.abs(got - ref)) / np.max(np.abs(ref)))
-            assert np.isfinite(got).all(), f"implicit GEMM {what}: unwritten elements"
-            assert diff < 1e-2, f"implicit GEMM {what} differs from im2col by {diff:.2g}"
-            print(f"   {what}: largest difference from im2col {diff:.1e} of the largest "
-                  f"value")
+            results[implicit] = _three_products(xp, x, w, g, geom)
+        assert implicit_gemm.applies_forward(xp, geom, x, w, xp.empty(g.shape), 1)
+        _agree_in_tf32("implicit GEMM", results[True], results[False])
     finally:
         implicit_gemm.ENABLED, implicit_gemm.MIN_TILES_PER_SM = saved
         backend.set_tf32(False)
         backend.set_mode_cpu()
     print("   implicit GEMM agrees with im2col in TF32")
+
+
+def convolution_autotuning():
+    """Convolution autotuning (opt-in) in TF32 on the same convolution: every product
+    times its paths on the device (the hold kernel, CUDA events), and the chosen ones
+    fill their outputs and agree with im2col + cuBLAS."""
+    from caffelite.layers import conv_autotune
+    xp = device_module()
+    backend.set_tf32(True)
+    try:
+        x, w, g, geom = _small_convolution(xp)
+        reference = _three_products(xp, x, w, g, geom)
+        conv_autotune.forget()
+        conv_autotune.set_enabled(True)
+        tuned = _three_products(xp, x, w, g, geom)
+        choices = conv_autotune.choices()
+        assert len(choices) == 3, f"{len(choices)} products timed, not 3"
+        for key, (best, times) in choices.items():
+            print(f"   {conv_autotune.describe(key, best, times)}")
+        _agree_in_tf32("autotuned", tuned, reference)
+    finally:
+        conv_autotune.set_enabled(False)
+        conv_autotune.forget()
+        backend.set_tf32(False)
+        backend.set_mode_cpu()
+    print("   autotuned convolutions agree with im2col in TF32")
 
 
 def main():
@@ -250,11 +294,16 @@ def main():
         traceback.print_exc()
         print("GPU SMOKE FAILED", flush=True)
         return 1
-    try:        # opt-in: a failure is reported, and the rest of the check still runs
-        step("implicit-GEMM convolution (TF32)", implicit_gemm_convolution)
-    except Exception:                      # noqa: BLE001
-        traceback.print_exc()
-        print("IMPLICIT GEMM FAILED", flush=True)
+    # opt-in paths: a failure is reported, and the rest of the check still runs
+    for section, check, failed in (
+            ("implicit-GEMM convolution (TF32)", implicit_gemm_convolution,
+             "IMPLICIT GEMM FAILED"),
+            ("convolution autotuning (TF32)", convolution_autotuning, "AUTOTUNE FAILED")):
+        try:
+            step(section, check)
+        except Exception:                  # noqa: BLE001
+            traceback.print_exc()
+            print(failed, flush=True)
     print("GPU SMOKE OK", flush=True)
     return 0
 

@@ -71,8 +71,11 @@ def smoke_verdict(log):
     graphs_ok = ok and "CUDA GRAPHS FAILED" not in log
     implicit = ("FAILED" if "IMPLICIT GEMM FAILED" in log else
                 "OK" if "implicit GEMM agrees with im2col" in log else "not run")
+    autotune = ("FAILED" if "AUTOTUNE FAILED" in log else
+                "OK" if "autotuned convolutions agree with im2col" in log else "not run")
     return (f"smoke: {'OK' if ok else 'FAILED'}; CUDA graphs in the smoke check: "
-            f"{'OK' if graphs_ok else 'FAILED'}; implicit GEMM: {implicit}"), ok, graphs_ok
+            f"{'OK' if graphs_ok else 'FAILED'}; implicit GEMM: {implicit}; autotuning: "
+            f"{autotune}"), ok, graphs_ok
 
 
 def _key(row):

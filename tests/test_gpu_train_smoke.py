@@ -172,15 +172,18 @@ def test_emulated_run_measures_the_graphs_engine(tmp_path):
 def test_gpu_smoke_script_passes_on_the_emulator():
     """benchmarks/gpu_smoke.py, the first step of gpu_check.sh, in its emulated mode: a
     small net's GPU-mode training steps equal the CPU's within its bound, with CUDA
-    graphs they equal the layer-by-layer steps, and the script says so (on a device it
-    runs the same checks through CuPy)."""
+    graphs they equal the layer-by-layer steps, the implicit GEMM and autotuning agree
+    with im2col, and the script says so (on a device it runs the same checks through
+    CuPy)."""
     result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_smoke.py"),
                              "--emulate"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "GPU SMOKE OK" in result.stdout and "CUDA GRAPHS FAILED" not in result.stdout
     assert "IMPLICIT GEMM FAILED" not in result.stdout
     assert "implicit GEMM agrees with im2col in TF32" in result.stdout
-    assert result.stdout.count("   ok (") == 6
+    assert "AUTOTUNE FAILED" not in result.stdout
+    assert "autotuned convolutions agree with im2col in TF32" in result.stdout
+    assert result.stdout.count("   ok (") == 7
     assert "graph launches; weights equal to the layer-by-layer run" in result.stdout
 
 
@@ -238,7 +241,8 @@ def test_gpu_summary_verdicts(tmp_path):
     lines = gpu_summary.summary(str(tmp_path))
     assert lines[:4] == [
         "pytest -m gpu: 669 passed, 2 skipped",
-        "smoke: OK; CUDA graphs in the smoke check: OK; implicit GEMM: not run",
+        "smoke: OK; CUDA graphs in the smoke check: OK; implicit GEMM: not run; "
+        "autotuning: not run",
         "conv_igemm.py: no conv_igemm.json (not run, or stopped before the end)",
         "ASPP-VGG test FP32: caffelite 0.0100 s = 0.50x torch"]
     assert ("    CUDA graphs (the default): speed-up 1.25x (with it: 0.0080 s), 0.40x torch; "
@@ -298,7 +302,8 @@ def test_gpu_summary_implicit_gemm_verdict(tmp_path):
                                         "GPU SMOKE OK\n")
     (tmp_path / "gpu_tests.log").write_text("=== 900 passed in 50.0s ===\n")
     lines = gpu_summary.summary(str(tmp_path))
-    assert "smoke: OK; CUDA graphs in the smoke check: OK; implicit GEMM: OK" in lines
+    assert ("smoke: OK; CUDA graphs in the smoke check: OK; implicit GEMM: OK; autotuning: "
+            "not run") in lines
     assert ("conv_igemm.py ASPP-VGG 3x3 forward (sum over layers): im2col 2.00 ms, "
             "implicit 1.50 ms, cudnn 1.00 ms") in lines
     assert ("conv_igemm.py ASPP-VGG 3x3 data_grad (sum over layers): im2col 3.00 ms, "
