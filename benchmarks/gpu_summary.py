@@ -64,6 +64,14 @@ def tests_passed(log):
     return bool(found) and "passed" in found and not re.search(r"failed|error", found)
 
 
+def smoke_failures(log):
+    """The reasons the smoke check's opt-in steps give against their paths."""
+    log = log or ""
+    return [f"the smoke check's {what} step failed"
+            for what, marker in (("implicit-GEMM", "IMPLICIT GEMM FAILED"),
+                                 ("autotuning", "AUTOTUNE FAILED")) if marker in log]
+
+
 def smoke_verdict(log):
     if log is None:
         return "smoke: no log (smoke.log)", False, False
@@ -287,13 +295,13 @@ def tf32_default_verdict(rows, tests_ok, engine, what, reasons=(), agree=""):
             "some faster)")
 
 
-def implicit_default_verdict(rows, tests_ok, igemm):
+def implicit_default_verdict(rows, tests_ok, igemm, smoke_failed=()):
     """Whether the implicit-GEMM convolution should become the TF32 default:
     ``tf32_default_verdict`` for the caffelite-implicit engine, and its results agree
     with im2col's (conv_igemm.json)."""
+    reasons = [r for r in smoke_failed if "implicit" in r] + implicit_reasons(igemm)
     return tf32_default_verdict(rows, tests_ok, "caffelite-implicit",
-                                "the implicit-GEMM convolution", implicit_reasons(igemm),
-                                ", results agree")
+                                "the implicit-GEMM convolution", reasons, ", results agree")
 
 
 def implicit_reasons(igemm):
@@ -310,14 +318,16 @@ def implicit_reasons(igemm):
     return reasons
 
 
-def autotune_default_verdict(rows, tests_ok, igemm):
+def autotune_default_verdict(rows, tests_ok, igemm, smoke_failed=()):
     """Whether convolution autotuning should become the TF32 default:
     ``tf32_default_verdict`` for the caffelite-autotune engine, and where it chose an
     implicit-GEMM path, that kernel's results agree with im2col's."""
     chose_implicit = any(path.startswith("implicit")
                          for row in rows if row["engine"] == "caffelite-autotune"
                          for paths in row.get("autotune", {}).values() for path in paths)
-    reasons = implicit_reasons(igemm) if chose_implicit else []
+    reasons = list(smoke_failed) if chose_implicit else \
+        [r for r in smoke_failed if "autotuning" in r]
+    reasons += implicit_reasons(igemm) if chose_implicit else []
     return tf32_default_verdict(rows, tests_ok, "caffelite-autotune",
                                 "convolution autotuning", reasons)
 
@@ -359,8 +369,11 @@ def summary(folder):
     rows = result.get("rows", [])
     lines += speed_lines(rows)
     lines.append(graphs_default_verdict(rows, tests_passed(tests_log), smoke_graphs_ok))
-    lines.append(implicit_default_verdict(rows, tests_passed(tests_log), igemm))
-    lines.append(autotune_default_verdict(rows, tests_passed(tests_log), igemm))
+    smoke_failed = smoke_failures(read_text(folder, "smoke.log"))
+    lines.append(implicit_default_verdict(rows, tests_passed(tests_log), igemm,
+                                          smoke_failed))
+    lines.append(autotune_default_verdict(rows, tests_passed(tests_log), igemm,
+                                          smoke_failed))
     lines += kernel_lines(result.get("kernel_profiles", []))
     return lines
 

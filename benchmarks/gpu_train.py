@@ -685,9 +685,10 @@ def with_autotune(run):
         with setting(conv_autotune, "ENABLED", True):
             row = run(seconds)
         chosen = {}
-        for key, (best, _) in conv_autotune.choices().items():
-            kinds = chosen.setdefault(key.kind, {})
-            kinds[best] = kinds.get(best, 0) + 1
+        for key, (best, times) in conv_autotune.choices().items():
+            if times:                       # one-path products are not choices
+                kinds = chosen.setdefault(key.kind, {})
+                kinds[best] = kinds.get(best, 0) + 1
         row["autotune"] = chosen
         return row
     return wrapped

@@ -383,7 +383,15 @@ def test_gpu_summary_autotune_verdict(tmp_path):
     assert gpu_summary.summary(str(tmp_path))[-1] == (
         "make convolution autotuning the TF32 default: NO (conv_igemm.py conv1_2: differs "
         "from im2col by 5.0e-01)")
+    # the smoke check's autotuning step failed: NO whatever it chose
+    (tmp_path / "conv_igemm.json").write_text(json.dumps({"rows": [], "totals": {}}))
+    (tmp_path / "smoke.log").write_text("AUTOTUNE FAILED\nGPU SMOKE OK\n")
     rows[3]["autotune"] = {"forward": {"columns": 17}}
+    (tmp_path / "gpu_train.json").write_text(json.dumps({"rows": rows}))
+    assert gpu_summary.summary(str(tmp_path))[-1] == (
+        "make convolution autotuning the TF32 default: NO (the smoke check's autotuning "
+        "step failed)")
+    (tmp_path / "smoke.log").write_text("GPU SMOKE OK\n")
     rows[3]["median_s"] = 0.0083
     (tmp_path / "gpu_train.json").write_text(json.dumps({"rows": rows}))
     assert gpu_summary.summary(str(tmp_path))[-1] == (

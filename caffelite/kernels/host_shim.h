@@ -59,8 +59,6 @@ using std::max;
 using std::min;
 using std::sqrt;
 
-// Atomics: the host driver runs one thread at a time, so a plain update is exact.
-// Like CUDA's, each returns the old value.
 // The multiprocessor's cycle counter: here one tick per read, so a kernel that waits for
 // N cycles (timing.cu) reads it N + 1 times.
 inline long long clock64() {
@@ -68,6 +66,8 @@ inline long long clock64() {
   return ++ticks;
 }
 
+// Atomics: the host driver runs one thread at a time, so a plain update is exact.
+// Like CUDA's, each returns the old value.
 inline float atomicAdd(float* address, float value) {
   float old = *address;
   *address = old + value;

@@ -43,8 +43,10 @@ REPEATS = 3
 # Before each timed run the device spins this many cycles (timing.cu; about 2 ms), so
 # that the host queues the whole run behind it: the events then measure device time
 # only, which is what a run costs inside a CUDA graph (the default), where the host's
-# launch overhead is gone.
+# launch overhead is gone. Where the device reached the start event before the host had
+# queued the run, the hold doubles for the next runs (up to MAX_HOLD_CYCLES).
 HOLD_CYCLES = 4_000_000
+MAX_HOLD_CYCLES = 64_000_000
 # Tests: a function (kind, path name) -> seconds used instead of the device's clock.
 TIMER = None
 
@@ -181,23 +183,27 @@ def _timed(xp, kind, name, run):
         run()
         return time.perf_counter() - start
     start, stop = cuda.Event(), cuda.Event()
-    _hold(xp)
+    device = xp.cuda.Device().id
+    _hold(xp, device)
     start.record()
     run()
     stop.record()
+    if start.done:                          # the hold ended before the run was queued
+        _hold_cycles[device] = min(2 * _hold_cycles[device], MAX_HOLD_CYCLES)
     stop.synchronize()
     return cuda.get_elapsed_time(start, stop) * 1e-3
 
 
 _hold_flags = {}        # device -> the flag hold_device writes
+_hold_cycles = {}       # device -> its hold's cycles
 
 
-def _hold(xp):
-    """Queue HOLD_CYCLES of spinning on the device (one thread of timing.cu's
-    hold_device)."""
-    device = xp.cuda.Device().id
+def _hold(xp, device):
+    """Queue the device's hold (HOLD_CYCLES at first): one thread of timing.cu's
+    hold_device spinning."""
     flag = _hold_flags.get(device)
     if flag is None:
         flag = _hold_flags[device] = xp.zeros(1, np.float32)
-    kernels.launch("timing", "hold_device", np.float32, 1, HOLD_CYCLES, flag, grid=1,
-                   block=1)
+        _hold_cycles[device] = HOLD_CYCLES
+    kernels.launch("timing", "hold_device", np.float32, 1, _hold_cycles[device], flag,
+                   grid=1, block=1)

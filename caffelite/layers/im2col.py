@@ -582,7 +582,8 @@ def forward_gemm(image, weight, out, geom, group, budget=None, bias=None):
     xp = get_array_module(image)
     if conv_autotune.active(xp):
         paths = _forward_paths(xp, image, weight, out, geom, group, budget, bias)
-        path = _tuned_path(xp, "forward", paths, image, weight, out, geom, group, budget)
+        path = _tuned_path(xp, "forward", paths, image, weight, out, geom, group, budget,
+                           bias=bias is not None)
         if path is not None:
             return paths[path]()
     n_out = weight.shape[0]
@@ -888,12 +889,12 @@ def _shared_device_groups(image, grid, weight, geom, budget):
 # "columns" (always possible) first; a forward's path returns whether it added the bias.
 
 def _tuned_path(xp, kind, paths, image, weight, grid, geom, group, budget,
-                accumulated=None):
+                accumulated=None, bias=False):
     """The chosen name among ``paths`` for this product (None: the fixed rules choose,
     see ``conv_autotune.choose``); ``accumulated``: the array the product adds into,
-    put back after each timed run."""
+    put back after each timed run; ``bias``: whether a forward adds one."""
     key = conv_autotune.product_key(kind, xp, image, weight, grid, geom, group,
-                                    _path_settings(budget))
+                                    _path_settings(budget) + (bias,))
     if accumulated is None or len(paths) == 1 or backend.capturing() or \
             conv_autotune.chosen(key, paths):
         return conv_autotune.choose(xp, key, paths)
@@ -931,15 +932,16 @@ def _forward_paths(xp, image, weight, out, geom, group, budget, bias):
         return bias is not None
 
     def with_bias(product, *args):
-        # the caller's own addition (Convolution._add_bias), inside the timed run
-        product(*args)
-        if bias is not None:
+        # the caller's own addition (Convolution._add_bias), where the product left it
+        # out, inside the timed run
+        if not product(*args) and bias is not None:
             top = out               # a local name: += stays in place
             top += bias.reshape((1, -1) + (1,) * (out.ndim - 2))
         return bias is not None
 
     return _named_paths(
-        geom, lambda: _forward_columns(xp, image, weight, out, geom, group, budget, bias),
+        geom, lambda: with_bias(_forward_columns, xp, image, weight, out, geom, group,
+                                budget, bias),
         lambda: with_bias(_forward_blobs, xp, image, weight, out, group),
         _implicit_tiles(xp, geom, image, weight, out, group), implicit,
         tap_gemm.tunable_windows(xp, geom, image.shape, out.shape[2:], weight.shape),
