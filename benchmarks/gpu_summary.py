@@ -64,12 +64,21 @@ def tests_passed(log):
     return bool(found) and "passed" in found and not re.search(r"failed|error", found)
 
 
+# The smoke check's opt-in steps: {name: (what it prints when it fails, when it passes)}.
+SMOKE_STEPS = {"implicit GEMM": ("IMPLICIT GEMM FAILED", "implicit GEMM agrees with im2col"),
+               "autotuning": ("AUTOTUNE FAILED", "autotuned convolutions agree with im2col")}
+
+
+def smoke_step(log, step):
+    """FAILED, OK or not run: how the smoke check's opt-in ``step`` went."""
+    failed, passed = SMOKE_STEPS[step]
+    return "FAILED" if failed in log else "OK" if passed in log else "not run"
+
+
 def smoke_failures(log):
-    """The reasons the smoke check's opt-in steps give against their paths."""
-    log = log or ""
-    return [f"the smoke check's {what} step failed"
-            for what, marker in (("implicit-GEMM", "IMPLICIT GEMM FAILED"),
-                                 ("autotuning", "AUTOTUNE FAILED")) if marker in log]
+    """{step: the reason against its path} of the smoke check's failed opt-in steps."""
+    return {step: f"the smoke check's {step} step failed" for step in SMOKE_STEPS
+            if smoke_step(log or "", step) == "FAILED"}
 
 
 def smoke_verdict(log):
@@ -77,13 +86,9 @@ def smoke_verdict(log):
         return "smoke: no log (smoke.log)", False, False
     ok = "GPU SMOKE OK" in log
     graphs_ok = ok and "CUDA GRAPHS FAILED" not in log
-    implicit = ("FAILED" if "IMPLICIT GEMM FAILED" in log else
-                "OK" if "implicit GEMM agrees with im2col" in log else "not run")
-    autotune = ("FAILED" if "AUTOTUNE FAILED" in log else
-                "OK" if "autotuned convolutions agree with im2col" in log else "not run")
+    steps = "; ".join(f"{step}: {smoke_step(log, step)}" for step in SMOKE_STEPS)
     return (f"smoke: {'OK' if ok else 'FAILED'}; CUDA graphs in the smoke check: "
-            f"{'OK' if graphs_ok else 'FAILED'}; implicit GEMM: {implicit}; autotuning: "
-            f"{autotune}"), ok, graphs_ok
+            f"{'OK' if graphs_ok else 'FAILED'}; {steps}"), ok, graphs_ok
 
 
 def _key(row):
@@ -295,20 +300,21 @@ def tf32_default_verdict(rows, tests_ok, engine, what, reasons=(), agree=""):
             "some faster)")
 
 
-def implicit_default_verdict(rows, tests_ok, igemm, smoke_failed=()):
+def implicit_default_verdict(rows, tests_ok, igemm, smoke_failed=None):
     """Whether the implicit-GEMM convolution should become the TF32 default:
     ``tf32_default_verdict`` for the caffelite-implicit engine, and its results agree
-    with im2col's (conv_igemm.json)."""
-    reasons = [r for r in smoke_failed if "implicit" in r] + implicit_reasons(igemm)
+    with im2col's (conv_igemm.json) and in the smoke check (``smoke_failures``)."""
+    reasons = _implicit_reasons(igemm, smoke_failed or {})
     return tf32_default_verdict(rows, tests_ok, "caffelite-implicit",
                                 "the implicit-GEMM convolution", reasons, ", results agree")
 
 
-def implicit_reasons(igemm):
-    """What conv_igemm.json says against the implicit GEMM's results."""
+def _implicit_reasons(igemm, smoke_failed):
+    """What the smoke check and conv_igemm.json say against the implicit GEMM's
+    results."""
+    reasons = [smoke_failed["implicit GEMM"]] if "implicit GEMM" in smoke_failed else []
     if igemm is None:
-        return ["no conv_igemm.json"]
-    reasons = []
+        return reasons + ["no conv_igemm.json"]
     for row in igemm.get("rows", []):
         if "error" in row:
             reasons.append(f"conv_igemm.py {row['layer']}: {row['error']}")
@@ -318,16 +324,18 @@ def implicit_reasons(igemm):
     return reasons
 
 
-def autotune_default_verdict(rows, tests_ok, igemm, smoke_failed=()):
+def autotune_default_verdict(rows, tests_ok, igemm, smoke_failed=None):
     """Whether convolution autotuning should become the TF32 default:
-    ``tf32_default_verdict`` for the caffelite-autotune engine, and where it chose an
-    implicit-GEMM path, that kernel's results agree with im2col's."""
+    ``tf32_default_verdict`` for the caffelite-autotune engine, its smoke step passed,
+    and where it chose an implicit-GEMM path, that kernel's results agree with
+    im2col's."""
+    smoke_failed = smoke_failed or {}
     chose_implicit = any(path.startswith("implicit")
                          for row in rows if row["engine"] == "caffelite-autotune"
                          for paths in row.get("autotune", {}).values() for path in paths)
-    reasons = list(smoke_failed) if chose_implicit else \
-        [r for r in smoke_failed if "autotuning" in r]
-    reasons += implicit_reasons(igemm) if chose_implicit else []
+    reasons = [smoke_failed["autotuning"]] if "autotuning" in smoke_failed else []
+    if chose_implicit:
+        reasons += _implicit_reasons(igemm, smoke_failed)
     return tf32_default_verdict(rows, tests_ok, "caffelite-autotune",
                                 "convolution autotuning", reasons)
 

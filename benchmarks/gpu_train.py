@@ -599,10 +599,11 @@ def bench_train(dev, key, args, clock, rates, rows):
     for precision in args.kernels:
         if not clock.spent():
             steps = {"caffelite": lambda: solver.step(1)}
-            if "caffelite-implicit" in args.engines:
-                steps["caffelite-implicit"] = implicit_step(solver)
-            if "caffelite-autotune" in args.engines:
-                steps["caffelite-autotune"] = autotune_step(solver)
+            from caffelite.layers import conv_autotune, implicit_gemm
+            for engine, module in (("caffelite-implicit", implicit_gemm),
+                                   ("caffelite-autotune", conv_autotune)):
+                if engine in args.engines:
+                    steps[engine] = step_with(solver, module, "ENABLED", True)
             steps["torch"] = None if tnet is None else (
                 lambda: torch_train_step(tnet, tinputs, sgd, sp.iter_size))
             dev.kernel_profiles.append(kernel_profile(dev, label, precision, steps))
@@ -665,12 +666,10 @@ def variants(run, net):
                                                "no 1x1 runs as padded image groups here")}
 
 
-def implicit_step(solver):
-    """One solver step with the implicit-GEMM convolution on (for the kernel profile)."""
-    from caffelite.layers import implicit_gemm
-
+def step_with(solver, module, attr, value):
+    """One solver step with ``module.attr`` set to ``value`` (for the kernel profile)."""
     def step():
-        with setting(implicit_gemm, "ENABLED", True):
+        with setting(module, attr, value):
             solver.step(1)
     return step
 
@@ -692,16 +691,6 @@ def with_autotune(run):
         row["autotune"] = chosen
         return row
     return wrapped
-
-
-def autotune_step(solver):
-    """One solver step with convolution autotuning on (for the kernel profile)."""
-    from caffelite.layers import conv_autotune
-
-    def step():
-        with setting(conv_autotune, "ENABLED", True):
-            solver.step(1)
-    return step
 
 
 def pads_1x1(net):

@@ -65,10 +65,9 @@ def parse_gpu(gpu):
 
 def _select_device(args, solver_device=None):
     """CPU or GPU mode from --gpu, with --tf32, --cuda-graphs and --conv-autotune, logged
-    with the lines
-    of tools/caffe.cpp's verb. ``solver_device``: the GPU a solver file asks for when
-    --gpu is not given (``train``); where no GPU can be used, that run goes on on the
-    CPU, with a warning. Returns the GPU used, or None for the CPU."""
+    with the lines of tools/caffe.cpp's verb. ``solver_device``: the GPU a solver file
+    asks for when --gpu is not given (``train``); where no GPU can be used, that run goes
+    on on the CPU, with a warning. Returns the GPU used, or None for the CPU."""
     from . import backend, cuda_graphs
     from .kernels import GPUUnavailableError
     device, source = parse_gpu(args.gpu), None       # source: a solver asked for it

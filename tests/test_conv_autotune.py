@@ -258,8 +258,9 @@ def test_weight_gradient_adds_to_the_diff_once(gpu_mode, tuned, tf32, path):
 def test_one_path_is_kept_untimed_and_the_tap_switch_is_obeyed(gpu_mode, tuned,
                                                               monkeypatch):
     """CAFFELITE_TAP_GEMM=0 (tap_gemm.ENABLED off) leaves an FP32 dilated product one
-    path: kept at once, nothing timed, the diff not copied; a product whose every path
-    fails is kept too (with the first), so it is not timed again."""
+    path: kept at once, nothing timed, the diff not copied (a product with two paths
+    copies it once, to time them); a product whose every path fails is kept too (with
+    the first), so it is not timed again."""
     rng = np.random.default_rng(8)
     geom = ConvGeometry((3, 3), (1, 1), (2, 2), (2, 2))
     xp = gpu_mode.on()
@@ -268,17 +269,21 @@ def test_one_path_is_kept_untimed_and_the_tap_switch_is_obeyed(gpu_mode, tuned,
     diff = xp.zeros((6, 5, 3, 3), np.float32)
     monkeypatch.setattr(tap_gemm, "ENABLED", False)
     calls = tuned("taps")
-    resets = []                 # a reset means a copy of the diff was made for it
-    choose = conv_autotune.choose
-    monkeypatch.setattr(conv_autotune, "choose", lambda xp, key, paths, reset=None: (
-        resets.append(reset), choose(xp, key, paths, reset))[1])
+    copies = []                 # the copies of the diff made to put it back
+    restorer = conv_autotune._restorer
+    monkeypatch.setattr(conv_autotune, "_restorer", lambda array: (
+        copies.append(array.shape), restorer(array))[1])
     im2col.weight_gemm(image, grid, diff, geom, 1)
     im2col.weight_gemm(image, grid, diff, geom, 1)
-    assert calls == [] and resets == [None, None]
+    assert calls == [] and copies == []
     assert [(key.kind, best, times) for key, (best, times) in
             conv_autotune.choices().items()] == [("weight", "columns", {})]
-
     monkeypatch.setattr(tap_gemm, "ENABLED", True)
+    for _ in range(2):          # another product with two paths: one copy, when timed
+        im2col.weight_gemm(image[:1], grid[:1], diff, geom, 1)
+    assert len(calls) == 2 * (conv_autotune.REPEATS + 1) and copies == [diff.shape]
+
+    calls.clear()
     monkeypatch.setattr(conv_autotune, "TIMER", lambda kind, name: calls.append(name) or
                         (_ for _ in ()).throw(MemoryError("out of memory")))
     out = xp.zeros((2, 6, 8, 9), np.float32)

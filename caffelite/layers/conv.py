@@ -12,10 +12,10 @@ Several bottoms are allowed; each gets its own top and all share the parameters.
 """
 import math
 
-from .. import host_threads
 from ..filler import FillerError, fill
 from ..layer import Layer, register
-from .im2col import (ConvGeometry, backward_gemm, forward_gemm, view, weight_and_backward_gemm,
+from .im2col import (ConvGeometry, add_bias, backward_gemm, forward_gemm, view,
+                     weight_and_backward_gemm,
                      weight_and_forward_gemm, weight_gemm)
 
 
@@ -181,12 +181,7 @@ class BaseConvolutionLayer(Layer):
 
     def _add_bias(self, out):
         if self.bias_term:
-            bias = self.blobs[1].data.reshape((1, -1) + (1,) * (out.ndim - 2))
-
-            def add(lo, hi):
-                part = out[:, lo:hi]          # a name: += stays in place (no setitem)
-                part += bias[:, lo:hi]
-            host_threads.for_axis(add, out)
+            add_bias(out, self.blobs[1].data)
 
     def _bias_grad(self, top_diff):
         if self.bias_term and self.param_propagate_down[1]:

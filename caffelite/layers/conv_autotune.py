@@ -109,17 +109,19 @@ def chosen(key, paths):
     return found[0] if found is not None and found[0] in paths else None
 
 
-def choose(xp, key, paths, reset=None):
+def choose(xp, key, paths, accumulated=None):
     """The name of the fastest of ``paths`` ({name: a function computing the product},
     "columns" first: the one used when no other can run) for ``key``, timing them the
     first time; None while a CUDA graph records a product not timed before (the
-    caller's fixed rules choose). ``reset`` puts an accumulated output back before each
-    run and after the last. A product with one path is kept without timing."""
+    caller's fixed rules choose). ``accumulated``: the array the product adds into; it
+    gets its sums back before each timed run and after the last. A product with one
+    path is kept without timing."""
     found = chosen(key, paths)
     if found is not None or backend.capturing():
         return found
     times = {}
     if len(paths) > 1:
+        reset = None if accumulated is None else _restorer(accumulated)
         try:
             times = _time_paths(xp, key, paths, reset)
         finally:
@@ -131,6 +133,15 @@ def choose(xp, key, paths, reset=None):
     if len(paths) > 1:
         logger.info("Convolution autotune: %s", describe(key, best, times))
     return best
+
+
+def _restorer(array):
+    """A function that puts ``array``'s present values back (a copy is kept)."""
+    saved = array.copy()
+
+    def reset():
+        array[...] = saved
+    return reset
 
 
 def _time_paths(xp, key, paths, reset):

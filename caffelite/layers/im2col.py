@@ -615,6 +615,17 @@ def _blob_blocks(weight, a, b, group):
                        _per_group(_matrix(b[n], b.shape[1]), group))
 
 
+def add_bias(out, bias):
+    """out (N, O, ...) += bias (O,) per channel, the channels shared out over the host
+    threads (the products that do not add it as they copy out)."""
+    bias = bias.reshape((1, -1) + (1,) * (out.ndim - 2))
+
+    def add(lo, hi):
+        part = out[:, lo:hi]          # a name: += stays in place (no setitem)
+        part += bias[:, lo:hi]
+    host_threads.for_axis(add, out)
+
+
 def _forward_blobs(xp, image, weight, out, group):
     """A 1x1 forward on the blobs themselves, one product per image (no bias added)."""
     for w, c, o in _blob_blocks(weight, image, out, group):
@@ -797,23 +808,12 @@ def weight_and_backward_gemm(image, grid, weight, weight_diff, image_diff, geom,
     when the implicit GEMM takes the weight gradient, which reads it as it is)."""
     xp = get_array_module(image)
     if conv_autotune.active(xp):
-        weights = _weight_paths(xp, image, grid, weight_diff, geom, group, budget)
         data = _backward_paths(xp, grid, weight, image_diff, geom, group, budget)
-        weight_path = _tuned_path(xp, "weight", weights, image, weight_diff, grid, geom,
-                                  group, budget, accumulated=weight_diff)
         data_path = _tuned_path(xp, "data", data, image_diff, weight, grid, geom, group,
                                 budget)
-        groups = weight_path == data_path == "columns" and _device_groups(
-            xp, geom, image.shape[0], image.shape[1], grid.shape[2:], image.dtype, budget)
-        if groups:
-            _weight_and_backward_groups(
-                image, grid, _per_group(_matrix(weight, grid.shape[1]), group),
-                _per_group(_matrix(weight_diff, grid.shape[1]), group), image_diff, geom,
-                group, groups, xp)
-            return
-        if weight_path is not None and data_path is not None:
-            weights[weight_path]()
-            data[data_path]()
+        if _tuned_with_weight_gemm(xp, image, grid, weight, weight_diff, geom, group,
+                                   budget, data, data_path, _weight_and_backward_groups,
+                                   image_diff):
             return
     planes = tap_planes.windows_for(xp, geom, image.shape, grid.shape[2:], weight.shape,
                                     group, image.dtype)
@@ -841,23 +841,12 @@ def weight_and_forward_gemm(image, grid, weight, weight_diff, out, geom, group,
     are made once for both (not when the forward is an implicit GEMM)."""
     xp = get_array_module(image)
     if conv_autotune.active(xp):
-        weights = _weight_paths(xp, image, grid, weight_diff, geom, group, budget)
         forwards = _forward_paths(xp, image, weight, out, geom, group, budget, None)
-        weight_path = _tuned_path(xp, "weight", weights, image, weight_diff, grid, geom,
-                                  group, budget, accumulated=weight_diff)
         forward_path = _tuned_path(xp, "forward", forwards, image, weight, out, geom,
                                    group, budget)
-        groups = weight_path == forward_path == "columns" and _device_groups(
-            xp, geom, image.shape[0], image.shape[1], grid.shape[2:], image.dtype, budget)
-        if groups:
-            _weight_and_forward_groups(
-                image, grid, _per_group(_matrix(weight, weight.shape[0]), group),
-                _per_group(_matrix(weight_diff, weight.shape[0]), group), out, geom, group,
-                groups, xp)
-            return
-        if weight_path is not None and forward_path is not None:
-            weights[weight_path]()
-            forwards[forward_path]()
+        if _tuned_with_weight_gemm(xp, image, grid, weight, weight_diff, geom, group,
+                                   budget, forwards, forward_path,
+                                   _weight_and_forward_groups, out):
             return
     implicit = implicit_gemm.applies(xp, geom, image, weight, out, group)
     groups = None if implicit else _shared_device_groups(image, grid, weight, geom, budget)
@@ -895,12 +884,32 @@ def _tuned_path(xp, kind, paths, image, weight, grid, geom, group, budget,
     put back after each timed run; ``bias``: whether a forward adds one."""
     key = conv_autotune.product_key(kind, xp, image, weight, grid, geom, group,
                                     _path_settings(budget) + (bias,))
-    if accumulated is None or len(paths) == 1 or backend.capturing() or \
-            conv_autotune.chosen(key, paths):
-        return conv_autotune.choose(xp, key, paths)
-    saved = accumulated.copy()
-    return conv_autotune.choose(xp, key, paths,
-                                reset=lambda: accumulated.__setitem__(Ellipsis, saved))
+    return conv_autotune.choose(xp, key, paths, accumulated)
+
+
+def _tuned_with_weight_gemm(xp, image, grid, weight, weight_diff, geom, group, budget,
+                            other_paths, other_path, shared_groups, target):
+    """A layer's weight gradient with another product of its backward (``other_paths``,
+    whose choice is ``other_path``, into ``target``), each on its tuned path; when both
+    chose columns, the image groups they share (``shared_groups``: the fixed rules'
+    ``_weight_and_backward_groups`` or ``_weight_and_forward_groups``). False where
+    either was not timed (a recording: the fixed rules then do both)."""
+    weights = _weight_paths(xp, image, grid, weight_diff, geom, group, budget)
+    weight_path = _tuned_path(xp, "weight", weights, image, weight_diff, grid, geom, group,
+                              budget, accumulated=weight_diff)
+    groups = weight_path == other_path == "columns" and _device_groups(
+        xp, geom, image.shape[0], image.shape[1], grid.shape[2:], image.dtype, budget)
+    if groups:
+        rows = weight.shape[0]
+        shared_groups(image, grid, _per_group(_matrix(weight, rows), group),
+                      _per_group(_matrix(weight_diff, rows), group), target, geom, group,
+                      groups, xp)
+        return True
+    if weight_path is None or other_path is None:
+        return False
+    weights[weight_path]()
+    other_paths[other_path]()
+    return True
 
 
 def _implicit_tiles(xp, geom, image, weight, grid, group):
@@ -932,11 +941,9 @@ def _forward_paths(xp, image, weight, out, geom, group, budget, bias):
         return bias is not None
 
     def with_bias(product, *args):
-        # the caller's own addition (Convolution._add_bias), where the product left it
-        # out, inside the timed run
+        # the caller's own addition, where the product left it out, inside the timed run
         if not product(*args) and bias is not None:
-            top = out               # a local name: += stays in place
-            top += bias.reshape((1, -1) + (1,) * (out.ndim - 2))
+            add_bias(out, bias)
         return bias is not None
 
     return _named_paths(
