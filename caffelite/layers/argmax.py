@@ -1,6 +1,8 @@
 """ArgMax: the indices (and/or values) of the top_k largest entries; ArgMaxV1 is
 DeepLab v1's per-pixel variant (what a V1 ``type: ARGMAX`` layer upgrades to in a net
 that uses DeepLab v1's additions; other V1 nets get ``ArgMax``, as in the v2 fork)."""
+import math
+
 from ..backend import get_array_module
 from ..layer import Layer, register
 
@@ -85,13 +87,14 @@ class ArgMaxLayer(Layer):
     def forward(self, bottom, top):
         xp = get_array_module(bottom[0].data)
         x = bottom[0].data
-        rows = xp.moveaxis(x, self.axis, -1) if self.has_axis else x.reshape(x.shape[0], -1)
+        rows = (xp.moveaxis(x, self.axis, -1) if self.has_axis
+                else x.reshape(x.shape[0], math.prod(x.shape[1:])))
         index = top_k_indices(xp, rows, self.top_k)
         if self.has_axis:
             out = xp.take_along_axis(rows, index, -1) if self.out_max_val else index
             top[0].data[...] = xp.moveaxis(out, -1, self.axis)
             return
-        flat = top[0].data.reshape(x.shape[0], -1)
+        flat = top[0].data.reshape(x.shape[0], math.prod(top[0].shape[1:]))
         flat[:, :self.top_k] = index
         if self.out_max_val:
             flat[:, self.top_k:] = xp.take_along_axis(rows, index, -1)

@@ -184,7 +184,7 @@ class BaseConvolutionLayer(Layer):
             add_bias(out, self.blobs[1].data)
 
     def _bias_grad(self, top_diff):
-        if self.bias_term and self.param_propagate_down[1]:
+        if self.bias_term and self.param_propagate_down[1] and top_diff.size:
             num, n_out = top_diff.shape[:2]
             # Over each image's grid, then over the images, as Caffe's per-image GEMVs
             # group the sum. On a GPU the first is one reduction per (image, channel)

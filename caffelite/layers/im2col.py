@@ -373,7 +373,7 @@ def image_groups(num, channels, geom, grid_shape, dtype, budget=None):
     budget = min(budget, MAX_KERNEL_ELEMENTS * itemsize)   # the kernels index with int
     if rows * _aligned(plane, align) * itemsize > budget:
         return None
-    per_group = num
+    per_group = max(num, 1)            # no images: no groups
     while per_group > 1 and rows * _aligned(per_group * plane, align) * itemsize > budget:
         per_group -= 1
     return [(n0, min(num, n0 + per_group)) for n0 in range(0, num, per_group)]

@@ -84,6 +84,10 @@ class BatchNormLayer(NeuronLayer):
         if self.use_global_stats:
             self._forward_stored_stats(xp, bottom, top, dtype)
             return
+        if not x.size:
+            raise self.error(f"cannot compute batch statistics of a bottom without "
+                             f"values (shape {bottom[0].shape}); use_global_stats: true "
+                             f"uses the stored ones")
         # Caffe's two GEMVs: per (image, channel) sums times 1/m (rounded to Dtype),
         # then those added over the images
         inv_m = dtype(1.0 / (self.dims[0] * self.dims[2]))
@@ -424,6 +428,8 @@ class MVNLayer(NeuronLayer):
     def forward(self, bottom, top):
         xp = get_array_module(bottom[0].data)
         x = bottom[0].data.reshape(self.dims)
+        if not x.size:                  # no rows (Caffe's count / num divides by zero)
+            return
         y = x - self._row_means(x)
         if self.normalize_variance:
             self.std = xp.sqrt(self._row_means(y * y)) + x.dtype.type(self.eps)
@@ -431,7 +437,7 @@ class MVNLayer(NeuronLayer):
         top[0].data[...] = y.reshape(top[0].shape)
 
     def backward(self, top, propagate_down, bottom):
-        if not propagate_down[0]:
+        if not propagate_down[0] or not bottom[0].count:
             return
         grad = bottom[0].diff.reshape(self.dims)     # in place: the top diff itself
         dy = top[0].diff.reshape(self.dims)
