@@ -400,7 +400,7 @@ def cmd_upgrade(args):
                        f"original would be lost)")
     if args.binary and args.solver:
         raise CliError("--binary and --solver exclude each other (a solver is text)")
-    from .io.upgrade import upgrade_net
+    from .io.upgrade import learnt_batch_norm_statistics, upgrade_net
     from .proto import caffe_pb2
     defines = _defines(args.define)
     problems = []
@@ -411,7 +411,7 @@ def cmd_upgrade(args):
     else:
         raw = (_binary_net(args.input) if args.binary else
                prototxt.read_as_written(args.input, caffe_pb2.NetParameter(), defines))
-        needed = len(raw.layers) > 0                    # V0 or V1 layers
+        needed = len(raw.layers) > 0 or bool(learnt_batch_norm_statistics(raw))
         net, _ = upgrade_net(raw, args.input, problems)
         payload = net.SerializeToString() if args.binary else \
             prototxt.net_to_text(net).encode()

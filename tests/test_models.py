@@ -9,6 +9,7 @@ magnitude (OpenCV fuses Conv+BatchNorm+Scale+ReLU, so bitwise equality is not
 expected).
 """
 import json
+import logging
 import os
 
 import numpy as np
@@ -18,7 +19,6 @@ import caffelite as caffe
 import caffelite.layers  # noqa: F401  (registers every layer type)
 from caffelite.io import prototxt
 from caffelite.layer import LAYER_REGISTRY
-from caffelite.net import NetError
 from conftest import CORPUS, corpus_path
 
 MODELS = os.path.join(CORPUS, "models")
@@ -45,22 +45,7 @@ def model_file(info, key):
 
 
 def net_param(info):
-    """The model's NetParameter, with the one edit a model needs to load in Caffe.
-
-    ENet's prototxt gives its three BatchNorm layers ``param { lr_mult: 1 }``.  BVLC
-    Caffe (since 2017) and the DeepLab fork refuse that at setup ("Cannot configure
-    batch normalization statistics as layer parameters"); the model was made with an
-    older Caffe.  The statistics are never learnt in a TEST forward, so setting the
-    multipliers to 0 changes nothing numerically (test_enet_batchnorm_lr_mult_is_refused
-    checks that the unedited file gives that clear error).
-    """
-    param, _ = prototxt.read_net(model_file(info, "prototxt"))
-    if info["name"] == "enet_cityscapes_nnie":
-        for layer in param.layer:
-            if layer.type == "BatchNorm":
-                for spec in layer.param:
-                    spec.lr_mult = 0
-    return param
+    return prototxt.read_net(model_file(info, "prototxt"))[0]
 
 
 def missing_types(info):
@@ -73,8 +58,6 @@ def load_net(info, weights=None):
     if missing and info["name"] in OPTIONAL:
         pytest.skip(f"{info['name']} needs layer types not implemented: {', '.join(missing)}")
     weights = weights or model_file(info, "caffemodel")
-    if info["name"] == "enet_cityscapes_nnie":
-        return caffe.Net(param=net_param(info), phase=caffe.TEST, weights=weights)
     return caffe.Net(model_file(info, "prototxt"), caffe.TEST, weights=weights)
 
 
@@ -136,10 +119,17 @@ def test_every_corpus_model_is_covered():
     assert sorted(_manifest()) == sorted(REQUIRED + OPTIONAL)
 
 
-def test_enet_batchnorm_lr_mult_is_refused():
+def test_enet_batchnorm_params_are_upgraded_as_bvlc_reads_them(caplog):
+    """ENet's three BatchNorm layers give their statistics ``param { lr_mult: 1 }``
+    (a Caffe from before they were masked). The fork refuses that at setup; BVLC's
+    UpgradeNetBatchNorm, run when a net is read, sets lr_mult and decay_mult to 0 on
+    layers with three specs, and so does caffelite for the nets the fork refuses."""
     info = model_info("enet_cityscapes_nnie")
-    with pytest.raises(NetError, match=r"bn0_1.*lr_mult"):
-        caffe.Net(model_file(info, "prototxt"), caffe.TEST)
+    with caplog.at_level(logging.INFO, logger="caffelite"):
+        net = caffe.Net(model_file(info, "prototxt"), caffe.TEST)
+    assert "Attempting to upgrade batch norm layers using deprecated params" in caplog.text
+    layer = net.layer_dict["bn0_1"]
+    assert [(s.lr_mult, s.decay_mult) for s in layer.layer_param.param] == [(0, 0)] * 3
 
 
 def test_enet_ignores_caffemodel_layers_missing_from_prototxt():

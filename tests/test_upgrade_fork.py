@@ -385,3 +385,50 @@ def test_strict_dim_false_survives_the_upgrade_to_v2_text(tmp_path):
     np.testing.assert_array_equal(upgraded.params["fc"][0].data.ravel(), np.arange(72))
     saved = caffe_pb2.NetParameter.FromString(upgraded.to_proto_bytes())
     assert not saved.layer[0].HasField("strict_dim")
+
+
+# --- BatchNorm statistics declared as learnt parameters ---------------------------------
+
+def _batch_norm_net(*lr_mults):
+    specs = " ".join(f"param {{ lr_mult: {m} }}" for m in lr_mults)
+    return ('name: "bn" input: "data" input_dim: 1 input_dim: 2 input_dim: 3 input_dim: 3 '
+            f'layer {{ name: "bn" type: "BatchNorm" bottom: "data" top: "out" {specs} }}')
+
+
+def test_learnt_batch_norm_statistics_get_bvlcs_upgrade(caplog):
+    """The fork refuses them at setup; BVLC's UpgradeNetBatchNorm zeroes lr_mult and
+    decay_mult of a BatchNorm with three specs, so such models run as in BVLC."""
+    with caplog.at_level(logging.INFO, logger="caffelite"):
+        net, _ = prototxt.parse_net(_batch_norm_net(1, 1, 0), "bn.prototxt")
+    assert [(s.lr_mult, s.decay_mult) for s in net.layer[0].param] == [(0, 0)] * 3
+    assert [r.getMessage() for r in caplog.records] == [
+        "Attempting to upgrade batch norm layers using deprecated params: bn.prototxt",
+        "Successfully upgraded batch norm layers using deprecated params."]
+
+
+def test_frozen_batch_norm_statistics_are_left_as_the_fork_reads_them(caplog):
+    """DeepLab's ResNets give three ``param { lr_mult: 0 }``: no upgrade, no log line,
+    decay_mult unset."""
+    with caplog.at_level(logging.INFO, logger="caffelite"):
+        net, _ = prototxt.parse_net(_batch_norm_net(0, 0, 0), "bn.prototxt")
+    assert net == _v2(_batch_norm_net(0, 0, 0))
+    assert not caplog.records
+
+
+def test_learnt_statistics_without_three_specs_are_refused_as_caffe_does(tmp_path):
+    path = tmp_path / "bn.prototxt"
+    path.write_text(_batch_norm_net(1))
+    with pytest.raises(ValueError, match=r"layer 'bn' \(BatchNorm\): param 0 has lr_mult "
+                                         r"1.0: cannot configure batch normalization"):
+        caffe.Net(str(path), caffe.TEST)
+
+
+def test_upgrade_verb_writes_the_batch_norm_upgrade(tmp_path, caplog):
+    from caffelite import cli
+    src, dst = tmp_path / "bn.prototxt", tmp_path / "bn_new.prototxt"
+    src.write_text(_batch_norm_net(1, 1, 1))
+    with caplog.at_level(logging.INFO, logger="caffelite"):
+        assert cli.main(["upgrade", str(src), str(dst)]) == 0
+    assert "already in latest proto format" not in caplog.text
+    upgraded, _ = prototxt.parse_net(dst.read_text(), str(dst))
+    assert [(s.lr_mult, s.decay_mult) for s in upgraded.layer[0].param] == [(0, 0)] * 3

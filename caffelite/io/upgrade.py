@@ -474,9 +474,34 @@ def upgrade_net(net, where="<net>", problems=None):
     for layer in net.layer:
         _upgrade_hole(layer, where)
         _upgrade_has_label(layer)
+    _upgrade_batch_norm(net, where)
     relaxed = {layer.name for layer in net.layer
                if layer.HasField("strict_dim") and not layer.strict_dim}
     return net, relaxed
+
+
+def learnt_batch_norm_statistics(net):
+    """The V2 BatchNorm layers ``_upgrade_batch_norm`` changes."""
+    return [layer for layer in net.layer
+            if layer.type == "BatchNorm" and len(layer.param) == 3
+            and any(spec.lr_mult != 0 for spec in layer.param)]
+
+
+def _upgrade_batch_norm(net, where):
+    """BVLC's later batch-norm upgrade (UpgradeNetBatchNorm), for the nets the fork would
+    refuse: a BatchNorm with exactly three param specs, one of them learning (models
+    from Caffe before the statistics were masked, e.g. ENet's ``param { lr_mult: 1 }``),
+    gets lr_mult and decay_mult 0 on all three. Nets the fork runs are left as they are
+    (its upgrade code has no such step)."""
+    old_style = learnt_batch_norm_statistics(net)
+    if not old_style:
+        return
+    logger.info("Attempting to upgrade batch norm layers using deprecated params: %s", where)
+    for layer in old_style:
+        for spec in layer.param:
+            spec.lr_mult = 0
+            spec.decay_mult = 0
+    logger.info("Successfully upgraded batch norm layers using deprecated params.")
 
 
 def upgrade_solver(solver, where="<solver>"):
