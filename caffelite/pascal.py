@@ -38,14 +38,18 @@ Steps (each logs to its own file; a finished step is skipped unless ``--force``)
 
 * ``train``: TRAIN_SET=train${SUFFIX}; ``--weights init.caffemodel`` if it exists.
   Finished when the solver's final snapshot ``<prefix>_iter_<max_iter>.caffemodel``
-  exists.
+  exists and ``<prefix>_configs.json`` beside it, when there, records the same expanded
+  train net and solver (SHA-256 of their text): an edited template or ``-D`` value
+  trains again.
 * ``test``: for each of ``--test-sets`` (val): model ``test.caffemodel``, else the
   newest ``train_iter_*`` snapshot, as the kit's ``ls -t | head -n 1`` (copies and
   restores change mtimes: a warning says when another snapshot has a higher
   iteration); iterations = ``wc -l < list/${TEST_SET}.txt`` (a last line without a
   newline is not tested, as in the kit: a warning says so); folders fc8, fc9 and
   seg_score made as the kit makes them.  Finished when every file the net's MatWrite
-  layers will write exists and is newer than the model.
+  layers will write exists and is newer than the model, and
+  ``${FEATURE_DIR}/${TEST_SET}/test_configs.json``, when there, records the same
+  expanded test net.
 * ``train2``: TRAIN_SET=trainval${SUFFIX}, ``solver2``; weights ``init2.caffemodel``
   else the newest ``train_iter_*``.
 * ``test2``: for each of ``--test2-sets`` (val,test): ``test2.caffemodel`` else the
@@ -75,6 +79,7 @@ overrides both.
 """
 import contextlib
 import glob
+import hashlib
 import json
 import logging
 import os
@@ -106,6 +111,10 @@ SUB_SED_VARIABLES = (
 # Beside a crf step's labels: the parameters that made them (the folder's name leaves
 # out max_iter).
 CRF_RECORD = "crf_params.json"
+# beside a training's snapshots (<snapshot_prefix><this>) and a test's features: the
+# digests of the expanded configs they were made with
+TRAIN_RECORD = "_configs.json"
+TEST_RECORD = "test_configs.json"
 
 # run_densecrf.sh's example values (DeepLab-LargeFOV), in its names.
 CRF_DEFAULTS = {"max_iter": 10, "bi_w": 4, "bi_xy_std": 49, "bi_rgb_std": 5, "pos_w": 3,
@@ -220,6 +229,21 @@ def _json_or_none(path):
             return json.loads(f.read().decode("utf-8"))
     except (OSError, ValueError):
         return None
+
+
+def _config_digests(*paths):
+    """{file name: SHA-256 of its bytes} for the expanded configs a step ran with."""
+    digests = {}
+    for path in paths:
+        with open(path, "rb") as f:
+            digests[os.path.basename(path)] = hashlib.sha256(f.read()).hexdigest()
+    return digests
+
+
+def _recorded_as(record, current):
+    """Whether a step's record allows its outputs: it holds ``current``, or there is
+    none (folders from before records, or made by the kit's own scripts)."""
+    return _json_or_none(record) in (None, current)
 
 
 def _same_search(path, key):
@@ -515,12 +539,18 @@ class Pipeline:
                                    TRAIN_SET=train_set,
                                    TRAIN_SET_WEAK=self._weak_list(train_set))
         train_set = variables["TRAIN_SET"]
-        self.expand("train", train_set, variables)
+        net_file = self.expand("train", train_set, variables)
         solver_file = self.expand(solver_name, train_set, variables)
         param = prototxt.read_solver(solver_file)
         final = f"{param.snapshot_prefix}_iter_{param.max_iter}.caffemodel"
-        if os.path.isfile(final) and self.skip(step, f"final snapshot {final} exists"):
-            return
+        record = f"{param.snapshot_prefix}{TRAIN_RECORD}"
+        configs = _config_digests(net_file, solver_file)
+        if os.path.isfile(final):
+            if not _recorded_as(record, configs):
+                logger.info("Step %s: %s was trained with other configs (%s); training "
+                            "again", step, final, record)
+            elif self.skip(step, f"final snapshot {final} exists"):
+                return
         with self.step_log(step):
             logger.info("Running train --solver=%s%s", solver_file,
                         f" --weights={weights}" if weights else "")
@@ -529,12 +559,16 @@ class Pipeline:
                 if weights:
                     solver.load_weights([weights])
                 restore = install_signal_handlers(solver)
+                # until the final snapshot is written, the record says it is not theirs
+                write_atomically(record, json.dumps({"running": configs}).encode("utf-8"))
                 try:
                     solver.solve()
                 finally:
                     restore()
             finally:
                 _close_data_layers(solver.net, *solver.test_nets)
+            if os.path.isfile(final):
+                write_atomically(record, json.dumps(configs).encode("utf-8"))
 
     # ------------------------------------------------------------------ test
     def step_test(self):
@@ -564,14 +598,18 @@ class Pipeline:
                             exist_ok=True)
             net_file = self.expand("test", variables["TEST_SET"], variables)
             outputs = mat_write_outputs(net_file, iterations)
-            if _all_newer(outputs, [model]) and self.skip(
+            record = f"{variables['FEATURE_DIR']}/{variables['TEST_SET']}/{TEST_RECORD}"
+            configs = _config_digests(net_file)
+            if _all_newer(outputs, [model]) and _recorded_as(record, configs) and self.skip(
                     step, f"all {len(outputs)} feature files of '{test_set}' exist and are "
                           f"newer than {model}"):
                 continue
             with self.step_log(f"{step}_{test_set}"):
                 logger.info("Running test --model=%s --weights=%s --iterations=%d",
                             net_file, model, iterations)
+                write_atomically(record, json.dumps({"running": configs}).encode("utf-8"))
                 run_test_net(net_file, model, iterations)
+                write_atomically(record, json.dumps(configs).encode("utf-8"))
 
     # ------------------------------------------------------------------ crf
     @property
@@ -724,7 +762,6 @@ class Pipeline:
         result_json = f"{out_dir}/results.json"
         if _all_newer([result_json], inputs) and self.skip(
                 "eval", f"{result_json} is newer than its {len(inputs)} inputs"):
-            import json
             with open(result_json, encoding="utf-8") as f:
                 self.results[out_dir] = EvalResult.from_json(json.load(f))
             return

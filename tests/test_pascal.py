@@ -3,6 +3,7 @@ end, the kit's file layout and model choice, step skipping, and clear errors."""
 import argparse
 import contextlib
 import glob
+import hashlib
 import io
 import json
 import logging
@@ -224,6 +225,57 @@ def test_missing_feature_reruns_test_and_eval_only(copied, records, capsys):
     assert any(m.startswith("Step test2:") and "skipped" in m for m in records)
     res = exp / "res" / "features" / NET / "val" / "fc8" / "post_none" / "results.json"
     assert os.path.getmtime(res) >= os.path.getmtime(victim)
+
+
+def _append_comment(path):
+    with open(path, "a") as f:
+        f.write("# edited after the run\n")
+
+
+def test_an_edited_test_template_makes_the_features_stale(copied, records):
+    """run_pascal.sh always runs every step; caffelite skips finished ones, but not
+    features older than the test net they came from."""
+    exp, data = copied
+    features = glob.glob(str(exp / "features" / NET / "val" / "fc8" / "*.mat"))
+    before = {p: os.path.getmtime(p) for p in features}
+    time.sleep(0.01)
+    _append_comment(exp / "config" / NET / "test.prototxt")
+    assert pascal.run(_parse(_argv(exp, data) + ["--steps", "train,test"])) == 0
+    assert any(m.startswith("Step train:") and "skipped" in m for m in records)
+    assert not any(m.startswith("Step test:") and "skipped" in m for m in records)
+    assert all(os.path.getmtime(p) > t for p, t in before.items())
+    assert "# edited after the run" in (exp / "config" / NET / "test_val.prototxt").read_text()
+
+
+def test_an_edited_solver_trains_again(copied, records):
+    exp, data = copied
+    final = exp / "model" / NET / "train_iter_3.caffemodel"
+    before = os.path.getmtime(final)
+    time.sleep(0.01)
+    _append_comment(exp / "config" / NET / "solver.prototxt")
+    assert pascal.run(_parse(_argv(exp, data) + ["--steps", "train"])) == 0
+    assert any(m.startswith("Step train:") and "was trained with other configs" in m
+               for m in records)
+    assert json.loads((exp / "model" / NET / "train_configs.json").read_text()) == {
+        name: hashlib.sha256((exp / "config" / NET / name).read_bytes()).hexdigest()
+        for name in ("train_train.prototxt", "solver_train.prototxt")}
+    assert os.path.getmtime(final) > before
+
+
+def test_outputs_without_a_record_of_their_configs_stay_finished(copied, records):
+    """Snapshots and features from the kit's own scripts (or from before the records)
+    have no record of their configs: nothing says they are stale, so they are kept."""
+    exp, data = copied
+    for record in (glob.glob(str(exp / "model" / NET / "*_configs.json")) +
+                   glob.glob(str(exp / "features" / NET / "*" / "test_configs.json"))):
+        os.remove(record)
+    _append_comment(exp / "config" / NET / "test.prototxt")
+    _append_comment(exp / "config" / NET / "solver.prototxt")
+    before = _mtimes(exp)
+    assert pascal.run(_parse(_argv(exp, data) + ["--steps", "train,test"])) == 0
+    assert _mtimes(exp) == before
+    for step in ("train", "test"):
+        assert any(m.startswith(f"Step {step}:") and "skipped" in m for m in records), step
 
 
 def test_force_reruns(copied):
