@@ -93,6 +93,11 @@ class NetFileError(NetError, RuntimeError):
 _PATH_TYPES = (str, bytes, os.PathLike)
 
 
+def _some(names, shown=5):
+    """The first ``shown`` names, with ", ..." when there are more."""
+    return ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
+
+
 def _check_path(path):
     if not isinstance(path, _PATH_TYPES):          # open(1) would take stdout
         raise TypeError(f"expected a file path, got {path!r}")
@@ -1221,7 +1226,7 @@ class Net:
         # Net::layer_names_index_: the last layer of a name (binary weights go to the
         # first, by a search).
         by_name = {name: i for i, name in enumerate(self._layer_names)}
-        copied = 0
+        copied, filled = 0, set()
         try:
             f = h5py.File(path, "r")
         except OSError as e:            # truncated or not HDF5: h5py names no file
@@ -1235,6 +1240,7 @@ class Net:
                     logger.info("Ignoring source layer %s", name)
                     continue
                 copied += len(group)
+                filled.add(i)
                 layer = self.layers[i]
                 if len(group) > len(layer.blobs):
                     raise NetError(f"{path}: Incompatible number of blobs for layer {name} "
@@ -1256,7 +1262,7 @@ class Net:
                         blob.data[...] = values.reshape(blob.shape)
                     except (TypeError, ValueError) as e:     # strings, compound types
                         raise NetError(f"{path}: layer '{name}' blob {j}: {e}") from None
-        self._warn_if_nothing_copied(path, copied)
+        self._warn_about_weights_not_copied(path, copied, filled)
 
     # ------------------------------------------------------------------ weights
     def copy_from(self, path):
@@ -1267,7 +1273,7 @@ class Net:
         if _is_hdf5(path):                   # Caffe's CopyTrainedLayersFrom does the same
             return self.load_hdf5(path)
         by_name = self._first_layer_index()
-        copied = 0
+        copied, filled = 0, set()
         for src in caffemodel.read_caffemodel(path):
             i = by_name.get(src.name)
             if i is None:
@@ -1275,15 +1281,37 @@ class Net:
                 continue
             self._copy_layer(path, self.layers[i], src)
             copied += len(src.blobs)
-        self._warn_if_nothing_copied(path, copied)
+            filled.add(i)
+        self._warn_about_weights_not_copied(path, copied, filled)
 
-    def _warn_if_nothing_copied(self, path, copied):
+    def _warn_about_weights_not_copied(self, path, copied, filled):
+        """Caffe silently keeps the initial weights of layers the file does not name.
+        Warn where that is likely a mistake: nothing matched at all, or a learning layer
+        keeps all-zero weights (a constant-0 filler, Caffe's default), which before a
+        ReLU never learn: e.g. DeepLab's fc6_1..fc6_4 when finetuning from a model that
+        names them otherwise."""
         learnable = [n for n, l in zip(self._layer_names, self.layers) if l.blobs]
         if learnable and not copied:
             logger.warning("%s: no layer with weights in this file has the name of a layer "
                            "of the net (%s), so every weight keeps its initial value; is it "
-                           "the model of another net?", path, ", ".join(learnable[:5])
-                           + (", ..." if len(learnable) > 5 else ""))
+                           "the model of another net?", path, _some(learnable))
+            return
+        zero = [name for i, (name, layer) in enumerate(zip(self._layer_names, self.layers))
+                if i not in filled and self._learns_zero_weights(i, layer)]
+        if zero:
+            logger.warning("%s has no weights for %s, which keep%s all-zero weights from "
+                           "the filler (weight_filler constant 0, Caffe's default); such a "
+                           "layer before a ReLU never learns. Is a layer named otherwise in "
+                           "the file, or is a weight_filler missing?", path, _some(zero),
+                           "s" if len(zero) == 1 else "")
+
+    def _learns_zero_weights(self, i, layer):
+        if not layer.blobs or layer.blobs[0].count == 0:
+            return False
+        specs = self.layer_params[i].param
+        if specs and specs[0].lr_mult == 0:
+            return False
+        return not layer.blobs[0].read_host_data().any()
 
     copy_trained_layers_from = copy_from
 

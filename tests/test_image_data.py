@@ -157,6 +157,29 @@ def test_palette_label_reads_class_indices_with_one_warning(tmp_path, caplog):
     assert len(warnings) == 1 and "luminance" in warnings[0].getMessage()
 
 
+def test_colour_label_reads_its_luminance_with_one_warning(tmp_path, caplog):
+    """VOC's SegmentationClass colours saved as RGB: read as the fork reads them
+    (imread GRAYSCALE), once with a warning; a grey picture stored as RGB is no colour."""
+    cv2 = pytest.importorskip("cv2")
+    import caffelite.io.image as image_io
+    colours = np.zeros((2, 3, 3), np.uint8)
+    colours[0, 0] = (0, 0, 128)
+    colours[1, 2] = (128, 0, 0)
+    grey = np.repeat(np.array([[0, 1, 2], [15, 1, 255]], np.uint8)[:, :, None], 3, axis=2)
+    Image.fromarray(colours).save(tmp_path / "colours.png")
+    Image.fromarray(grey).save(tmp_path / "grey.png")
+    image_io._colour_label_warned[0] = False
+    with caplog.at_level(logging.WARNING, logger="caffelite"):
+        assert np.array_equal(read_label(str(tmp_path / "grey.png")), grey[:, :, 0])
+        assert not caplog.records
+        for _ in range(2):
+            assert np.array_equal(read_label(str(tmp_path / "colours.png")),
+                                  cv2.imread(str(tmp_path / "colours.png"),
+                                             cv2.IMREAD_GRAYSCALE))
+    assert [r.getMessage()[:70] for r in caplog.records] == [
+        f"label '{tmp_path / 'colours.png'}' is a colour image: reading its luminance"[:70]]
+
+
 # ------------------------------------------------------------------- ImageSegData
 def test_test_phase_pads_bottom_right_and_centre_crops(tmp_path):
     # Odd sizes smaller than, mixed with and larger than the 8 x 8 crop.

@@ -645,3 +645,46 @@ def test_layer_callbacks_see_every_layer_in_caffes_order(tmp_path, gpu_mode):
         assert net._graphs is None or net._graphs.launches() == 0
     finally:
         cuda_graphs.set_enabled(False)
+
+
+ZERO_FILLED = """name: "finetune"
+input: "x" input_dim: 1 input_dim: 2 input_dim: 3 input_dim: 3
+layer { name: "conv" type: "Convolution" bottom: "x" top: "c"
+  convolution_param { num_output: 2 kernel_size: 1 weight_filler { type: "gaussian" } } }
+layer { name: "fc6_1" type: "Convolution" bottom: "c" top: "f1"
+  convolution_param { num_output: 2 kernel_size: 1 } }
+layer { name: "frozen" type: "Convolution" bottom: "c" top: "f2"
+  param { lr_mult: 0 } convolution_param { num_output: 2 kernel_size: 1 } }
+layer { name: "bn" type: "BatchNorm" bottom: "f1" top: "b" }
+"""
+
+
+@pytest.mark.parametrize("fmt", ["binary", "hdf5"])
+def test_learning_layers_left_with_zero_weights_warn(tmp_path, caplog, fmt):
+    """Finetuning DeepLab from a model without its fc6_1..: Caffe keeps their constant-0
+    fillers silently and they never learn. Only learning layers whose weights the file
+    does not give and that stay all zero are named (not the frozen one, not BatchNorm's
+    zero-initialised statistics)."""
+    path, pretrained = tmp_path / "net.prototxt", tmp_path / "pretrained.prototxt"
+    path.write_text(ZERO_FILLED)
+    pretrained.write_text(ZERO_FILLED[:ZERO_FILLED.index('layer { name: "fc6_1"')])
+    source = caffe.Net(str(pretrained), caffe.TEST)
+    only_conv = tmp_path / ("conv.caffemodel" + (".h5" if fmt == "hdf5" else ""))
+    if fmt == "hdf5":
+        pytest.importorskip("h5py")
+        source.save_hdf5(str(only_conv))
+    else:
+        source.save(str(only_conv))
+    net = caffe.Net(str(path), caffe.TRAIN)
+    with caplog.at_level(logging.WARNING, logger="caffelite"):
+        net.copy_from(str(only_conv))
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [f"{only_conv} has no weights for fc6_1, which keeps all-zero weights "
+                        f"from the filler (weight_filler constant 0, Caffe's default); such "
+                        f"a layer before a ReLU never learns. Is a layer named otherwise in "
+                        f"the file, or is a weight_filler missing?"]
+    caplog.clear()
+    net.params["fc6_1"][0].data[...] = 1
+    with caplog.at_level(logging.WARNING, logger="caffelite"):
+        net.copy_from(str(only_conv))
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]

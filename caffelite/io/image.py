@@ -42,6 +42,7 @@ class ImageReadError(OSError):
 
 _palette_warned = [False]
 _deep_label_warned = [False]
+_colour_label_warned = [False]
 
 
 # --------------------------------------------------------------------------- decoding
@@ -266,7 +267,23 @@ def read_label(path):
             "save labels as 8-bit PNGs).", path,
             # PNG has no 32-bit gray; Pillow < 10.3 opens its 16-bit gray as mode "I".
             16 if "16" in img.mode or img.format == "PNG" else 32)
+    if img.mode in ("RGB", "RGBA", "CMYK") and not _colour_label_warned[0]:
+        _warn_if_coloured(img, path)
     return read_image(path, color=False)
+
+
+def _warn_if_coloured(img, path):
+    """Once: a label whose channels differ is a colour rendering (e.g. VOC's
+    SegmentationClass colours saved as RGB), whose luminance is not its classes."""
+    rgb = np.asarray(img.convert("RGB"))
+    if (rgb[:, :, 0] == rgb[:, :, 1]).all() and (rgb[:, :, 1] == rgb[:, :, 2]).all():
+        return
+    _colour_label_warned[0] = True
+    logger.warning(
+        "label '%s' is a colour image: reading its luminance, as the fork's "
+        "cv::imread(GRAYSCALE) does, which is not its classes (VOC's class colours "
+        "read as unrelated values, some of them valid classes); labels must be raw "
+        "class-index PNGs (e.g. SegmentationClassAug) or palette PNGs.", path)
 
 
 # ------------------------------------------------------------------------- resizing
