@@ -579,8 +579,9 @@ def _unused_caffe_flags(sp, used=""):
                             **kwargs)
 
 
-_GFLAGS_NOTE = ("Caffe's gflags spelling works too: -solver s.prototxt, -gpu=0 "
-                "(one dash, with or without =).")
+def _gflags_note(example):
+    return (f"Caffe's gflags spelling works too: {example}, -gpu=0 (one dash, with or "
+            f"without =).")
 
 
 def build_parser():
@@ -590,7 +591,7 @@ def build_parser():
     common = common_arguments
 
     tr = sub.add_parser("train", help="train a model like `caffe train`",
-                        description=_GFLAGS_NOTE)
+                        description=_gflags_note("-solver s.prototxt"))
     tr.add_argument("--solver", required=True, help="the solver prototxt")
     tr.add_argument("--weights", default=None,
                     help="comma-separated caffemodels to initialise from")
@@ -607,7 +608,7 @@ def build_parser():
     tr.set_defaults(func=cmd_train)
 
     t = sub.add_parser("test", help="score a model (TEST phase) like `caffe test`",
-                       description=_GFLAGS_NOTE)
+                       description=_gflags_note("-model test.prototxt"))
     t.add_argument("--model", required=True, help="the net prototxt (TEST phase)")
     t.add_argument("--weights", default=None,
                    help="the caffemodel to score (one file, as Caffe's test takes)")
@@ -619,7 +620,7 @@ def build_parser():
     t.set_defaults(func=cmd_test)
 
     tm = sub.add_parser("time", help="per-layer forward/backward timing like `caffe time`",
-                        description=_GFLAGS_NOTE)
+                        description=_gflags_note("-model train.prototxt"))
     tm.add_argument("--model", required=True, help="the net prototxt")
     tm.add_argument("--iterations", type=int, default=50,
                     help="forward/backward passes to time (default 50)")

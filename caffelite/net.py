@@ -109,10 +109,13 @@ def _check_file(path):
         with open(path, "rb"):
             pass
     except OSError as e:
+        name = os.fsdecode(os.fspath(path))
         hint = (" (one weights file only: train takes a comma-separated list, test and "
-                "time do not)" if "," in os.fspath(path) else "")
-        raise NetFileError(f"Could not open file '{os.fspath(path)}' ({e.strerror}){hint}") \
-            from None
+                "time do not)" if "," in name else
+                " (a phase is caffe.TRAIN or caffe.TEST, not a string: Net(file, phase) "
+                "or Net(file, weights, phase))"
+                if name.lower() in ("train", "test") else "")
+        raise NetFileError(f"Could not open file '{name}' ({e.strerror}){hint}") from None
 
 
 class NetOutOfMemory(MemoryError):

@@ -490,13 +490,8 @@ class Pipeline:
     # ------------------------------------------------------------------ train
     def step_train(self):
         init = f"{self.model_dir}/init.caffemodel"
-        if not os.path.isfile(init):
-            # run_pascal.sh trains from the fillers too, silently: a forgotten download
-            # of the released init model would cost a whole training run
-            logger.warning("%s not found: training %s from its fillers (as run_pascal.sh "
-                           "does)", init, self.net_id)
-            init = None
-        self._train("train", "train" + self.suffix, "solver", init)
+        self._train("train", "train" + self.suffix, "solver",
+                    init if os.path.isfile(init) else None, missing_init=init)
 
     def step_train2(self):
         weights = choose_model(self.model_dir, "init2.caffemodel", "train")
@@ -533,7 +528,7 @@ class Pipeline:
                              "".join(line + "\n" for line in lines).encode("utf-8"))
         return weak
 
-    def _train(self, step, train_set, solver_name, weights):
+    def _train(self, step, train_set, solver_name, weights, missing_init=None):
         from .solver import get_solver, install_signal_handlers
         variables = self.variables(after="test" if step == "train2" else None,
                                    TRAIN_SET=train_set,
@@ -552,6 +547,11 @@ class Pipeline:
             elif self.skip(step, f"final snapshot {final} exists"):
                 return
         with self.step_log(step):
+            if weights is None and missing_init:
+                # run_pascal.sh trains from the fillers too, silently: a forgotten
+                # download of the released init model would cost a whole training run
+                logger.warning("%s not found: training %s from its fillers (as "
+                               "run_pascal.sh does)", missing_init, self.net_id)
             logger.info("Running train --solver=%s%s", solver_file,
                         f" --weights={weights}" if weights else "")
             solver = get_solver(solver_file)

@@ -50,6 +50,19 @@ from .net import Net
 from .proto import caffe_pb2
 
 
+
+def _template_hint(path, field):
+    """Where a missing net file is what the DeepLab kit's sub.sed writes from a
+    template beside it (``train_${TRAIN_SET}.prototxt`` from ``train.prototxt``)."""
+    folder, name = os.path.split(path)
+    stem = name.split("_", 1)[0]
+    template = os.path.join(folder, stem + ".prototxt")
+    if "_" not in name or not name.endswith(".prototxt") or not os.path.isfile(template):
+        return ""
+    return (f". The DeepLab kit's run_pascal.sh writes it from the template '{template}' "
+            f"with sub.sed; `caffelite pascal` does that step, or point {field} at the "
+            f"template and fill its ${{...}} with -D")
+
 class SolverError(RuntimeError):
     pass
 
@@ -206,7 +219,12 @@ class Solver:
                 pass
             os.remove(probe)
         except OSError as e:
-            why = ("does not exist" if not os.path.isdir(directory)
+            parts = directory.split(os.sep)
+            above = [os.sep.join(parts[:i]) or os.sep for i in range(1, len(parts) + 1)]
+            blocking = next((a for a in above if os.path.exists(a) and not os.path.isdir(a)),
+                            None)
+            why = (f"cannot be made: '{blocking}' is a file" if blocking
+                   else "does not exist" if not os.path.isdir(directory)
                    else f"is not writable ({e.strerror})")
             raise self.error(f"cannot write snapshots to snapshot_prefix "
                              f"'{p.snapshot_prefix}': directory '{directory}' {why}. Make "
@@ -219,7 +237,8 @@ class Solver:
             where = "" if os.path.isabs(path) else (
                 f" (paths in a solver are relative to the working directory "
                 f"'{os.getcwd()}', as in Caffe, not to the solver's folder)")
-            raise self.error(f"{field} '{path}': no such file{where}")
+            raise self.error(f"{field} '{path}': no such file{where}"
+                             f"{_template_hint(path, field)}")
         return prototxt.read_as_written(path, caffe_pb2.NetParameter(), self.defines)
 
     def _build_net(self, net_param, source, state):

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import caffelite
 from caffelite import cli, pascal
 from caffelite.crf import CRFParams
 from caffelite.evaluate import (EvalError, EvalItem, evaluate, read_list, voc_palette,
@@ -98,6 +99,23 @@ def test_a_weights_list_given_to_test_says_test_takes_one_file(net, capsys):
     assert code == 1 and last.endswith(
         "Could not open file 'a.caffemodel,' (No such file or directory) (one weights file "
         "only: train takes a comma-separated list, test and time do not)")
+
+
+def test_a_phase_given_as_a_string_is_not_taken_for_a_weights_file_silently(net):
+    """pycaffe's Net(file, "test") reads "test" as a weights file too; the error says
+    what a phase is."""
+    with pytest.raises(ValueError, match=r"Could not open file 'test' .*\(a phase is "
+                                         r"caffe.TRAIN or caffe.TEST, not a string"):
+        caffelite.Net(str(net), "test")
+
+
+@pytest.mark.parametrize("verb, example", [("train", "-solver s.prototxt"),
+                                           ("test", "-model test.prototxt"),
+                                           ("time", "-model train.prototxt")])
+def test_each_verbs_help_shows_its_own_gflags_spelling(capsys, verb, example):
+    with pytest.raises(SystemExit):
+        cli.main([verb, "--help"])
+    assert f"gflags spelling works too: {example}, -gpu=0" in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------- flags and logs

@@ -256,11 +256,14 @@ def test_scale_factors_resize_like_opencv(tmp_path):
     assert seen == {0.5, 0.75, 1.25, 1.5}
 
 
-def test_new_size_and_data_dim(tmp_path):
+def test_new_size_and_data_dim(tmp_path, caplog):
     cv2 = pytest.importorskip("cv2")
     source, root, images, labels = make_dataset(tmp_path, [(9, 14)])
-    net = seg_net(source, root, transform=mean_transform(8),
-                  extra="new_height: 6 new_width: 11")
+    with caplog.at_level(logging.WARNING, logger="caffelite"):
+        net = seg_net(source, root, transform=mean_transform(8),
+                      extra="new_height: 6 new_width: 11")
+    assert any("new_height/new_width resize the label maps bilinearly, as the fork does"
+               in r.getMessage() for r in caplog.records)
     net.forward()
     img = cv2.resize(images[0], (11, 6), interpolation=cv2.INTER_LINEAR)
     lab = cv2.resize(labels[0], (11, 6), interpolation=cv2.INTER_LINEAR)   # the fork's quirk
@@ -1234,3 +1237,41 @@ def test_net_reshape_keeps_the_last_batchs_shape_as_caffe(tmp_path):
     assert net.blobs["data"].shape == (1, 3, 6, 3)
     net.reshape()
     assert net.blobs["data"].shape == (1, 3, 6, 3)
+
+
+def test_a_byte_order_mark_is_read_as_the_fork_reads_it_and_said(tmp_path, caplog):
+    """A list saved with a UTF-8 byte-order mark (Windows Notepad): the fork reads the
+    mark as part of the first path, and so does caffelite, but it says so (a warning at
+    set-up, the mark shown in the error) instead of naming a path that looks right."""
+    source, root, _, _ = make_dataset(tmp_path, [(5, 7)])
+    with open(source, "rb") as f:
+        text = f.read()
+    with open(source, "wb") as f:
+        f.write(b"\xef\xbb\xbf" + text)
+    with caplog.at_level(logging.WARNING, logger="caffelite"):
+        with pytest.raises(ValueError) as error:
+            seg_net(source, root + "/", transform=mean_transform(8))
+    assert any(f"layer 'data': the list '{source}' starts with a UTF-8 byte-order mark"
+               in r.getMessage() for r in caplog.records)
+    message = str(error.value)
+    assert "\ufeff" not in message
+    assert f"'{root}/<U+FEFF>/img0.png'" in message and "byte-order mark" in message
+
+
+def test_a_prototxt_with_a_byte_order_mark_says_so():
+    with pytest.raises(caffelite.io.prototxt.PrototxtError,
+                       match="starts with a UTF-8 byte-order mark"):
+        parse_text('\ufeffname: "x"', caffe_pb2.NetParameter())
+
+
+def test_a_root_folder_without_its_slash_says_the_paths_are_joined_as_strings(tmp_path):
+    source, root, _, _ = make_dataset(tmp_path, [(5, 7)])
+    with open(source) as f:
+        lines = f.read().replace(" /", " ")
+    with open(source, "w") as f:
+        f.write(lines[1:])                      # "img0.png lab0.png ...": no leading '/'
+    with pytest.raises(ValueError, match=r"could not load image '.*img0\.png': no such "
+                                         r"file \(root_folder '.*' and the list's "
+                                         r"'img0\.png' are joined as plain strings, as in "
+                                         r"Caffe: end root_folder with '/'\)"):
+        seg_net(source, root, transform=mean_transform(8))

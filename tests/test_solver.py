@@ -1142,6 +1142,31 @@ def test_relative_paths_are_relative_to_the_working_directory(tmp_path, monkeypa
         Solver("solver.prototxt")
 
 
+def test_a_missing_expanded_net_names_its_template(tmp_path, monkeypatch):
+    """DeepLab solvers name the file the kit's sub.sed writes (train_${TRAIN_SET}
+    .prototxt); on an untouched folder the error says where it comes from."""
+    config = tmp_path / "voc12" / "config" / "aspp"
+    config.mkdir(parents=True)
+    (config / "train.prototxt").write_text(ip_net())
+    (config / "solver.prototxt").write_text(
+        'train_net: "voc12/config/aspp/train_${TRAIN_SET}.prototxt" lr_policy: "fixed" '
+        'base_lr: 0.1 max_iter: 1')
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SolverError, match=r"train_net 'voc12/config/aspp/train_train_aug"
+                                         r"\.prototxt': no such file .*writes it from the "
+                                         r"template 'voc12/config/aspp/train\.prototxt' .*"
+                                         r"point train_net at the template"):
+        Solver("voc12/config/aspp/solver.prototxt", defines={"TRAIN_SET": "train_aug"})
+
+
+def test_a_snapshot_prefix_under_a_file_says_so(tmp_path):
+    (tmp_path / "taken").write_text("")
+    with pytest.raises(SolverError, match=r"directory '.*taken/sub' cannot be made: "
+                                         r"'.*taken' is a file"):
+        make_solver(tmp_path, f'lr_policy: "fixed" base_lr: 0.1 max_iter: 1 snapshot: 1 '
+                              f'snapshot_prefix: "{tmp_path}/taken/sub/run"', ip_net())
+
+
 def test_solverstate_bytes_match_protobufs_serialisation():
     """Our wire writer emits what Caffe's (protobuf's) serialiser emits."""
     from caffelite.io import solverstate

@@ -36,10 +36,20 @@ class ImageReadError(OSError):
     """An image that cannot be opened or decoded; the message names the file."""
 
     def __init__(self, path, reason):
-        super().__init__(f"cannot read image '{path}': {reason}")
+        if BYTE_ORDER_MARK in str(path):
+            reason += (" (the path holds an invisible UTF-8 byte-order mark, shown as "
+                       "<U+FEFF>: its list file starts with one, which Caffe too reads as "
+                       "part of the first path; save the list without it)")
+        super().__init__(f"cannot read image '{shown_path(path)}': {reason}")
         self.path, self.reason = path, reason
 
 
+def shown_path(path):
+    """``path`` for a message: a byte-order mark in it made visible."""
+    return str(path).replace(BYTE_ORDER_MARK, "<U+FEFF>")
+
+
+BYTE_ORDER_MARK = "\ufeff"
 _palette_warned = [False]
 _deep_label_warned = [False]
 _colour_label_warned = [False]

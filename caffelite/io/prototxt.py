@@ -184,6 +184,9 @@ _NET_ONLY = re.compile(r"^\s*(layers?|input_dim|input_shape)\s*[:{]", re.M)
 
 
 def _kind_hint(text, message):
+    if text.startswith("\ufeff"):
+        return (" (the file starts with a UTF-8 byte-order mark, U+FEFF, which Caffe's "
+                "text parser refuses too: save it without one)")
     name = message.DESCRIPTOR.name
     if name == "NetParameter" and _SOLVER_ONLY.search(text):
         return " (this looks like a solver file; a net prototxt is expected here)"

@@ -37,8 +37,8 @@ import numpy as np
 from .. import backend
 from ..blob import legacy_shape
 from ..caffe_rng import CaffeRNG, c_rand, random_shuffle, shuffle
-from ..io.image import (INTER_LINEAR, INTER_NEAREST, ImageReadError, read_image,
-                        read_label, resize)
+from ..io.image import (BYTE_ORDER_MARK, INTER_LINEAR, INTER_NEAREST, ImageReadError,
+                        read_image, read_label, resize, shown_path)
 from ..layer import TRAIN, Layer, register
 
 logger = logging.getLogger("caffelite")
@@ -164,10 +164,16 @@ def read_list_text(path, layer):
     the very bytes it names."""
     try:
         with open(path, "rb") as f:
-            return os.fsdecode(f.read())
+            text = os.fsdecode(f.read())
     except OSError as e:
         raise layer.error(f"cannot open the source list file '{path}': "
                           f"{e.strerror}") from None
+    if text.startswith(BYTE_ORDER_MARK):
+        logger.warning("layer '%s': the list '%s' starts with a UTF-8 byte-order mark "
+                       "(U+FEFF, invisible; e.g. from Windows Notepad), which is read as "
+                       "part of its first entry, as the fork reads it; save the list "
+                       "without it", layer.name, path)
+    return text
 
 
 def getlines(text):
@@ -436,7 +442,7 @@ class ImageListLayer(PrefetchingDataLayer):
         entry = self.current_entry()
         try:
             name = entry_fields(entry, p.source)[0]
-            img = _load(p.root_folder + name, "image", entry, p.source, p.is_color)
+            img = _load(p.root_folder, name, "image", entry, p.source, p.is_color)
         except DataError as e:
             raise self.error(str(e)) from None
         if p.new_height > 0:
@@ -497,14 +503,26 @@ def _mean_values(tp, channels, layer):
     return means
 
 
-def _load(path, what, entry, source, color=True):
+def _load(root, name, what, entry, source, color=True):
+    """The image ``root + name``: Caffe joins root_folder and the list's path as plain
+    strings."""
+    path = root + name
     try:
         if what == "label":
             return read_label(path)
         return read_image(path, color)
     except ImageReadError as e:
-        raise DataError(f"{source}:{entry.lineno}: could not load {what} '{path}': "
-                        f"{e.reason}") from None
+        raise DataError(f"{source}:{entry.lineno}: could not load {what} "
+                        f"'{shown_path(path)}': {e.reason}{_slash_hint(root, name)}") \
+            from None
+
+
+def _slash_hint(root, name):
+    if (root and name and not root.endswith("/") and not name.startswith("/")
+            and os.path.exists(root + "/" + name)):
+        return (f" (root_folder '{root}' and the list's '{name}' are joined as plain "
+                f"strings, as in Caffe: end root_folder with '/')")
+    return ""
 
 
 class _Config:
@@ -577,6 +595,12 @@ class ImageSegDataLayer(ImageListLayer):
         height, width = (crop_h, crop_w) if cropping else img.shape[:2]
         means = _mean_values(tp, channels, self)
         self._warn_fork_differences(tp, cropping, means)
+        if p.new_height > 0 and label_type == LABEL_PIXEL:
+            logger.warning(
+                "layer '%s': new_height/new_width resize the label maps bilinearly, as the "
+                "fork does: class indices (and the 255 border) blend into values between "
+                "them, some of them other classes; resize labels beforehand with nearest "
+                "neighbours, or use crop_size", self.name)
         self.config = _Config(
             source=p.source, root=p.root_folder, is_color=p.is_color,
             new_size=(p.new_height, p.new_width) if p.new_height > 0 else None,
@@ -657,8 +681,7 @@ def _build_seg_batch(cfg, samples):
 
 def _seg_sample(cfg, entry, draws):
     img_name, seg_name = entry_fields(entry, cfg.source)
-    img_path = cfg.root + img_name
-    img = _load(img_path, "image", entry, cfg.source, cfg.is_color)
+    img = _load(cfg.root, img_name, "image", entry, cfg.source, cfg.is_color)
     if cfg.new_size:
         img = resize(img, cfg.new_size, INTER_LINEAR)
     rows, cols = img.shape[:2]
@@ -667,13 +690,12 @@ def _seg_sample(cfg, entry, draws):
         if seg_name is None:
             raise DataError(f"{cfg.source}:{entry.lineno}: no label column (label_type "
                             f"PIXEL needs '<image> <label image>' on every line)")
-        seg_path = cfg.root + seg_name
-        seg = _load(seg_path, "label", entry, cfg.source)
+        seg = _load(cfg.root, seg_name, "label", entry, cfg.source)
         if cfg.new_size:
             seg = resize(seg, cfg.new_size, INTER_LINEAR)   # the fork resizes labels linearly
         if seg.shape != (rows, cols):
-            raise DataError(f"{cfg.source}:{entry.lineno}: image '{img_path}' is "
-                            f"{rows}x{cols} but label '{seg_path}' is "
+            raise DataError(f"{cfg.source}:{entry.lineno}: image '{cfg.root + img_name}' "
+                            f"is {rows}x{cols} but label '{cfg.root + seg_name}' is "
                             f"{seg.shape[0]}x{seg.shape[1]}")
     else:
         value = atoi(seg_name) if cfg.label_type == LABEL_IMAGE else cfg.ignore_label
@@ -835,7 +857,7 @@ def read_transform_mean(tp, layer):
 def _build_image_batch(cfg, samples):
     images = []
     for entry, draws in until_exit(samples):
-        img = _load(cfg.root + entry.fields[0], "image", entry, cfg.source, cfg.is_color)
+        img = _load(cfg.root, entry.fields[0], "image", entry, cfg.source, cfg.is_color)
         if cfg.new_size:
             img = resize(img, cfg.new_size, INTER_LINEAR)
         images.append(img[:, :, None] if img.ndim == 2 else img)

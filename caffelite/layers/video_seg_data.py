@@ -60,7 +60,7 @@ def _build_video_batch(cfg, samples):
     means = np.asarray(cfg.means or [0.0] * cfg.channels, dtype)
     backgrounds = np.empty((len(samples), cfg.channels, h, w), dtype)
     for i, (entry, _) in enumerate(until_exit(samples)):
-        img = _load(cfg.root + entry.fields[2], "background image", entry, cfg.source,
+        img = _load(cfg.root, entry.fields[2], "background image", entry, cfg.source,
                     cfg.is_color)
         if img.ndim == 2:
             img = img[:, :, None]
