@@ -797,10 +797,12 @@ class Net:
         except _NAMED_BY_THE_NET as e:
             raise NetError(f"{self.source}: {self._layer_what(i, direction)}: {e}") from e
         except LayerError as e:
+            # the net file first, as set-up's errors name it
             origins = self._batch_item_origins(getattr(e, "batch_item", None))
-            if not origins:
-                raise
-            raise LayerError(f"{e}; {'; '.join(origins)}") from None
+            text = str(e)
+            if self.source != "<NetParameter>" and not text.startswith(self.source):
+                text = f"{self.source}: {text}"
+            raise LayerError(text + "".join(f"; {o}" for o in origins)) from None
         except Exception as e:
             _note_python_layer(e, self.layers[i],
                                f"{self.source}: {self._layer_what(i, direction)}")

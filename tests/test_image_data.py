@@ -1275,3 +1275,18 @@ def test_a_root_folder_without_its_slash_says_the_paths_are_joined_as_strings(tm
                                          r"'img0\.png' are joined as plain strings, as in "
                                          r"Caffe: end root_folder with '/'\)"):
         seg_net(source, root, transform=mean_transform(8))
+
+
+def test_an_image_missing_at_a_later_batch_names_the_net_file_as_at_set_up(tmp_path):
+    source, root, _, _ = make_dataset(tmp_path, [(5, 7), (5, 7)])
+    os.remove(tmp_path / "img1.png")
+    path = tmp_path / "net.prototxt"
+    path.write_text(f'''layer {{ name: "data" type: "ImageSegData" top: "data" top: "label"
+        image_data_param {{ source: "{source}" root_folder: "{root}" batch_size: 1 }}
+        transform_param {{ {mean_transform(8)} }} }}''')
+    net = caffelite.Net(str(path), caffelite.TEST)
+    net.forward()
+    with pytest.raises(LayerError) as error:
+        net.forward()
+    assert str(error.value).startswith(f"{path}: layer 'data' (ImageSegData): {source}:2: "
+                                       f"could not load image '{root}/img1.png'")
