@@ -392,7 +392,7 @@ def cmd_upgrade(args):
     """Caffe's upgrade tools: upgrade_net_proto_text (``upgrade``), and with
     ``--binary`` / ``--solver`` upgrade_net_proto_binary / upgrade_solver_proto_text."""
     from .io import prototxt
-    from .io.caffemodel import write_atomically
+    from .io.caffemodel import write_atomically, write_proto_atomically
     if os.path.exists(args.output) and os.path.exists(args.input) and \
             os.path.samefile(args.input, args.output):
         raise CliError(f"'{args.output}' is the input file; write the upgraded "
@@ -420,7 +420,7 @@ def cmd_upgrade(args):
         logger.error("File already in latest proto format: %s", args.input)
     elif problems:
         logger.error("Encountered error(s) while upgrading prototxt; see details above.")
-    write_atomically(args.output, payload)
+    (write_proto_atomically if args.binary else write_atomically)(args.output, payload)
     logger.info("Wrote upgraded %s %s proto to %s",
                 "SolverParameter" if args.solver else "NetParameter",
                 "binary" if args.binary else "text", args.output)

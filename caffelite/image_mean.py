@@ -91,11 +91,11 @@ def add_parser(sub):
 
 
 def cmd_compute_image_mean(args):
-    from .io.caffemodel import write_atomically
+    from .io.caffemodel import write_proto_atomically
     mean, _, channel_means = compute_image_mean(args.input_db, BACKENDS_BY_NAME[args.backend])
     if args.output_file:
         logger.info("Write to %s", args.output_file)
-        write_atomically(args.output_file, mean_blobproto(mean).SerializeToString())
+        write_proto_atomically(args.output_file, mean_blobproto(mean).SerializeToString())
     logger.info("Number of channels: %d", len(channel_means))
     for c, value in enumerate(channel_means):
         logger.info("mean_value channel [%d]:%s", c, ostream_g(float(value)))

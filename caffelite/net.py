@@ -1389,7 +1389,7 @@ class Net:
 
     def save(self, path):
         """pycaffe ``Net.save``: the weights as a binary .caffemodel."""
-        caffemodel.write_atomically(path, self.to_proto_bytes())
+        caffemodel.write_proto_atomically(path, self.to_proto_bytes())
 
 
 @contextlib.contextmanager

@@ -42,7 +42,7 @@ import numpy as np
 from . import backend, caffe_rng, kernels
 from .backend import TEST, TRAIN, get_array_module
 from .io import prototxt, solverstate
-from .io.caffemodel import write_atomically
+from .io.caffemodel import write_proto_atomically
 from .io.upgrade import upgrade_solver, upgraded_state
 from .layers._cpu_math import caffe_sign
 from .log import format_output, logger, ostream_g
@@ -679,7 +679,8 @@ class Solver:
                 self.net.save_hdf5(model, self.param.snapshot_diff)
             else:
                 # Net::ToProto; read_host_data keeps GPU-mode weights valid on the device.
-                write_atomically(model, self.net.to_proto_bytes(self.param.snapshot_diff))
+                write_proto_atomically(model,
+                                       self.net.to_proto_bytes(self.param.snapshot_diff))
             state = target = self._snapshot_filename(".solverstate" + suffix)
             logger.info("Snapshotting solver state to %s %s", kind, state)
             write = solverstate.write_solverstate_hdf5 if hdf5 else \

@@ -179,3 +179,26 @@ def test_weights_of_another_net_warn_that_nothing_was_copied(tmp_path, caplog):
     assert len(warnings) == 1, warnings
     assert "o.caffemodel" in warnings[0] and "conv, bn, ip" in warnings[0]
     assert net.params["conv"][0].data.any()        # its own (filler) weights remain
+
+
+def test_a_file_larger_than_caffe_reads_is_written_with_a_warning(tmp_path, caplog,
+                                                                   monkeypatch):
+    """Caffe's ReadProtoFromBinaryFile stops at INT_MAX bytes (a limit made small here)."""
+    import logging
+    from caffelite.io import caffemodel
+    (tmp_path / "net.prototxt").write_text(NET)
+    net = caffe.Net(str(tmp_path / "net.prototxt"), caffe.TEST)
+    size = len(net.to_proto_bytes())
+    monkeypatch.setattr(caffemodel, "PROTO_READ_LIMIT", size - 1)
+    with caplog.at_level(logging.WARNING, logger="caffelite"):
+        net.save(str(tmp_path / "big.caffemodel"))
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{tmp_path / 'big.caffemodel'} is {size} bytes: Caffe and OpenCV read binary "
+        f"protobuf files of at most 2 GB - 1 byte ({size - 1}), so only caffelite can read "
+        f"it back"]
+    assert (tmp_path / "big.caffemodel").stat().st_size == size
+    monkeypatch.setattr(caffemodel, "PROTO_READ_LIMIT", size)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="caffelite"):
+        net.save(str(tmp_path / "fits.caffemodel"))
+    assert not caplog.records

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..log import logger
 from .wire import LEN, VARINT, BlobData, WireReader, blob_bytes, len_field, net_bytes, \
     read_blob  # noqa: F401
 
@@ -194,6 +195,20 @@ def write_atomically(path, payload):
     write_file_atomically(path, write)
 
 
+# Caffe's ReadProtoFromBinaryFile (and OpenCV's importer) read at most INT_MAX bytes.
+PROTO_READ_LIMIT = 2**31 - 1
+
+
+def write_proto_atomically(path, payload):
+    """A binary protobuf file (caffemodel, solverstate, mean), written atomically; one
+    larger than Caffe can read is written, with a warning."""
+    if len(payload) > PROTO_READ_LIMIT:
+        logger.warning("%s is %d bytes: Caffe and OpenCV read binary protobuf files of at "
+                       "most 2 GB - 1 byte (%d), so only caffelite can read it back",
+                       path, len(payload), PROTO_READ_LIMIT)
+    write_atomically(path, payload)
+
+
 def write_file_atomically(path, write):
     """``write(temporary path)`` makes the file next to ``path``; it is then renamed
     into place, so a failure never leaves ``path`` half-written."""
@@ -212,4 +227,4 @@ def write_file_atomically(path, write):
 
 
 def write_caffemodel(path, layers, net_name=""):
-    write_atomically(path, caffemodel_bytes(layers, net_name))
+    write_proto_atomically(path, caffemodel_bytes(layers, net_name))

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .caffemodel import is_double, write_atomically, write_file_atomically
+from .caffemodel import is_double, write_file_atomically, write_proto_atomically
 from .wire import LEN, VARINT, BlobData, WireReader, blob_bytes, key, len_field, \
     read_blob, signed, varint
 
@@ -101,8 +101,8 @@ def _json_default(value):
 
 
 def write_solverstate(path, iter, learned_net, history, current_step, extension=None):
-    write_atomically(path, solverstate_bytes(iter, learned_net, history, current_step,
-                                             extension))
+    write_proto_atomically(path, solverstate_bytes(iter, learned_net, history,
+                                                   current_step, extension))
 
 
 # ------------------------------------------------------------------------------- HDF5
