@@ -83,6 +83,40 @@ def test_zero_axis_blob_is_written_as_caffe_writes_it(tmp_path):
     assert layer.blobs[0].data.shape == () and layer.blobs[0].data == np.float32(0.25)
 
 
+def _key(number, wire):
+    from caffelite.io.wire import varint
+    return varint(number << 3 | wire)
+
+
+@pytest.mark.parametrize("where", ["net", "layer", "blob"])
+def test_unknown_groups_are_skipped_as_protobuf_skips_them(tmp_path, where):
+    """Group-encoded fields (wire types 3 and 4, nested, holding every other wire type)
+    are valid protobuf; caffe.proto has none, so its parser skips them as unknown."""
+    from caffelite.io.wire import varint
+    path = str(tmp_path / "m.caffemodel")
+    write_caffemodel(path, [("ip", "InnerProduct", [np.arange(6.0).reshape(2, 3)])], "net")
+    inner = (_key(1, 0) + varint(300) + _key(2, 2) + varint(3) + b"abc" + _key(3, 5)
+             + b"\0" * 4 + _key(4, 1) + b"\0" * 8)
+    group = (_key(77, 3) + inner + _key(78, 3) + inner + _key(78, 4) + inner
+             + _key(77, 4))
+    net = caffe_pb2.NetParameter.FromString(open(path, "rb").read())
+    if where == "net":
+        payload = group + net.SerializeToString()
+    else:
+        target = net.layer[0] if where == "layer" else net.layer[0].blobs[0]
+        target.MergeFromString(group)
+        payload = net.SerializeToString()
+    with open(path, "wb") as f:
+        f.write(payload)
+    assert caffe_pb2.NetParameter.FromString(payload).layer[0].name == "ip"   # the oracle
+    [layer] = read_caffemodel(path)
+    np.testing.assert_array_equal(layer.blobs[0].data, np.arange(6.0).reshape(2, 3))
+    with open(path, "wb") as f:
+        f.write(payload.replace(_key(77, 4), _key(79, 4)))
+    with pytest.raises(CaffemodelError, match="group 77 ends as group 79"):
+        read_caffemodel(path)
+
+
 def test_truncated_caffemodel_is_a_clear_error(tmp_path):
     src = os.path.join(CORPUS, "models", "yoloface_50k", "yoloface-50k.caffemodel")
     data = open(src, "rb").read()

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 VARINT, I64, LEN, I32 = 0, 1, 2, 5
+START_GROUP, END_GROUP = 3, 4
 
 
 @dataclass
@@ -68,9 +69,44 @@ class WireReader:
                                     f"at byte {pos}")
                 value = (pos, pos + length)
                 pos += length
+            elif wire == START_GROUP:
+                # no field of caffe.proto is a group: an unknown one, skipped as
+                # protobuf's parser skips it
+                pos = self.skip_group(number, pos, end)
+                continue
             else:
                 raise self.fail(f"unsupported wire type {wire} in field {number} at byte {pos}")
             yield number, wire, value
+
+    def skip_group(self, number, pos, end):
+        """The position after the END_GROUP of group ``number`` whose fields start at
+        ``pos`` (inner groups skipped whole)."""
+        while pos < end:
+            key, pos = self.varint(pos, end)
+            inner, wire = key >> 3, key & 7
+            if wire == END_GROUP:
+                if inner != number:
+                    raise self.fail(f"group {number} ends as group {inner} at byte {pos}")
+                return pos
+            if wire == START_GROUP:
+                pos = self.skip_group(inner, pos, end)
+            else:
+                pos = self._skip_value(inner, wire, pos, end)
+        raise self.fail(f"group {number} has no end")
+
+    def _skip_value(self, number, wire, pos, end):
+        if wire == VARINT:
+            return self.varint(pos, end)[1]
+        if wire == LEN:
+            length, pos = self.varint(pos, end)
+        elif wire in (I32, I64):
+            length = 4 if wire == I32 else 8
+        else:
+            raise self.fail(f"unsupported wire type {wire} in field {number} at byte {pos}")
+        if pos + length > end:
+            raise self.fail(f"field {number} of length {length} runs past the end at byte "
+                            f"{pos}")
+        return pos + length
 
     def bytes_of(self, span):
         return bytes(self.buf[span[0]:span[1]])
