@@ -340,7 +340,7 @@ def cmd_time(args):
         t_b = time.perf_counter()
         for i in reversed(range(n_layers)):
             t = time.perf_counter()
-            net.backward_from_to(i, i)
+            net.time_layer_backward(i)
             synchronize()
             bwd[i] += time.perf_counter() - t
         logger.info("Iteration: %d forward-backward time: %g ms.", it + 1,
@@ -756,8 +756,30 @@ def _verb_first(argv):
     return argv
 
 
+# Caffe's separate tool programs, as caffelite verbs: ``caffelite upgrade_net_proto_text
+# in out``, or a link to caffelite named after the tool (``convert_imageset ...``).
+_TOOL_PROGRAMS = {"upgrade_net_proto_text": ["upgrade"],
+                  "upgrade_net_proto_binary": ["upgrade", "--binary"],
+                  "upgrade_solver_proto_text": ["upgrade", "--solver"],
+                  **{name: [name] for name in ("compute_image_mean", "convert_imageset",
+                                               "convert_mnist_data", "extract_features")}}
+
+
+def _as_tool_verbs(typed, program):
+    """``typed`` with Caffe's tool programs as verbs: called through a link named after
+    one (``program``, glog's name for it too), or naming one as the verb."""
+    name = os.path.basename(program or "")
+    name = name[:-4] if name.endswith(".bin") else name
+    if name in _TOOL_PROGRAMS:
+        return _TOOL_PROGRAMS[name] + typed
+    if typed and typed[0] in _TOOL_PROGRAMS:
+        return _TOOL_PROGRAMS[typed[0]] + typed[1:]
+    return typed
+
+
 def main(argv=None):
     typed = list(sys.argv[1:] if argv is None else argv)
+    typed = _as_tool_verbs(typed, sys.argv[0] if argv is None else None)
     argv = gflags_style(typed)
     parser = build_parser()
     _refuse_unknown_flags(parser, argv, typed)

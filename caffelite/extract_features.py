@@ -29,6 +29,12 @@ def feature_datum(item):
     return datum.SerializeToString()
 
 
+def _items(data):
+    """The blob's items as the tool takes them: num() of them (1 for a blob without
+    axes, e.g. a loss: legacy num)."""
+    return data.reshape((1,)) if data.ndim == 0 else data
+
+
 def extract_features(weights, model, blob_names, db_names, num_mini_batches, db_type):
     """Write the features; returns {blob name: images written}."""
     import caffelite as caffe
@@ -53,7 +59,7 @@ def extract_features(weights, model, blob_names, db_names, num_mini_batches, db_
         for _ in range(num_mini_batches):
             net.forward()
             for name, writer in zip(blob_names, writers):
-                for item in net.blobs[name].data:
+                for item in _items(net.blobs[name].data):
                     writer.put(b"%010d" % counts[name], feature_datum(item))
                     counts[name] += 1
                     if counts[name] % 1000 == 0:

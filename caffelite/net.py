@@ -881,7 +881,17 @@ class Net:
                            f"outside the net's {len(self.layers)} layers (0 to "
                            f"{len(self.layers) - 1})")
 
-    def _backward_layers(self, start, end):
+    def time_layer_backward(self, i):
+        """Layer ``i``'s backward as ``caffe time`` runs it: called even where the net
+        needs none (no loss above it: a deploy net), with the bottoms' flags as they
+        are; its parameters' gradients are computed as their lr_mult says."""
+        if self.layer_need_backward[i]:
+            self.backward_from_to(i, i)
+            return
+        self._check_backward_mode()
+        self._backward_layers(i, i, every_layer=True)
+
+    def _backward_layers(self, start, end, every_layer=False):
         """Layers ``start`` down to ``end`` backward (fused chains as one call)."""
         gpu = backend.is_gpu()
         chains = self._channel_chains_by_last if self._fused_chains() else {}
@@ -893,7 +903,7 @@ class Net:
                 i = chain.first
                 continue
             self._run_hooks("before_backward", i)
-            if not self.layer_need_backward[i]:
+            if not (self.layer_need_backward[i] or every_layer):
                 self._run_hooks("after_backward", i)
                 continue
             layer, top, bottom = self.layers[i], self.top_blobs[i], self.bottom_blobs[i]

@@ -122,6 +122,47 @@ def test_time_verb_prints_per_layer_averages(tmp_path):
     assert "Average Forward-Backward:" in out.stderr
 
 
+def test_time_runs_every_layers_backward_as_caffe_time_does(tmp_path, monkeypatch):
+    """caffe time calls each layer's Backward itself, so a deploy net (no loss: no layer
+    needs a backward) still times its convolutions' weight gradients."""
+    from caffelite import cli
+    from caffelite.layers.conv import ConvolutionLayer
+    net = tmp_path / "deploy.prototxt"
+    net.write_text('input: "data" input_dim: 1 input_dim: 2 input_dim: 5 input_dim: 5 '
+                   'layer { name: "conv" type: "Convolution" bottom: "data" top: "conv" '
+                   'convolution_param { num_output: 3 kernel_size: 3 } }')
+    calls = []
+    backward = ConvolutionLayer.backward
+    monkeypatch.setattr(ConvolutionLayer, "backward",
+                        lambda self, top, down, bottom: (calls.append(list(down)),
+                                                         backward(self, top, down, bottom)))
+    assert cli.main(["time", "--model", str(net), "--iterations", "2"]) == 0
+    assert calls == [[False]] * 2          # the timed passes; the set-up pass needs none
+
+
+def test_caffes_tool_programs_run_by_name_or_through_a_link(tmp_path, monkeypatch):
+    """Scripts calling $TOOLS/upgrade_net_proto_text in out (or convert_imageset ...):
+    the tool's name as the verb, or as the name of a link to caffelite."""
+    from caffelite import cli
+    src = tmp_path / "v1.prototxt"
+    src.write_text('name: "v1" layers { name: "r" type: RELU bottom: "x" top: "x" }\n')
+    assert cli.main(["upgrade_net_proto_text", str(src), str(tmp_path / "a.prototxt")]) == 0
+    assert 'type: "ReLU"' in (tmp_path / "a.prototxt").read_text()
+    monkeypatch.setattr(sys, "argv", [str(tmp_path / "bin" / "upgrade_net_proto_text"),
+                                      str(src), str(tmp_path / "b.prototxt")])
+    assert cli.main() == 0
+    assert (tmp_path / "b.prototxt").read_text() == (tmp_path / "a.prototxt").read_text()
+    assert cli._as_tool_verbs(["in", "out"], "/x/upgrade_net_proto_binary.bin") == [
+        "upgrade", "--binary", "in", "out"]
+    assert cli._as_tool_verbs(["-resize_height=8", "/r/", "l.txt", "db"],
+                              "convert_imageset") == [
+        "convert_imageset", "-resize_height=8", "/r/", "l.txt", "db"]
+    assert cli._as_tool_verbs(["upgrade_solver_proto_text", "s", "t"], "caffelite") == [
+        "upgrade", "--solver", "s", "t"]
+    assert cli._as_tool_verbs(["train", "-solver", "s"], "/x/caffe.bin") == [
+        "train", "-solver", "s"]
+
+
 def test_upgrade_verb_writes_v2_text(tmp_path):
     src = tmp_path / "v1.prototxt"
     src.write_text('name: "v1"\ninput: "data"\ninput_dim: 1\ninput_dim: 1\ninput_dim: 5\n'

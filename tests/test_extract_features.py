@@ -65,6 +65,25 @@ def test_features_of_each_image_under_caffes_keys(tmp_path, db_type, backend):
         np.testing.assert_array_equal(np.array(d.float_data, np.float32), want)
 
 
+def test_a_blob_without_axes_gives_one_record_per_batch(tmp_path):
+    """A loss-like 0-d blob: the tool's num() and C x H x W are legacy 1s, count 1."""
+    images, model, weights = make_inputs(tmp_path)
+    with open(model, "a") as f:
+        f.write('layer { name: "total" type: "Reduction" bottom: "ip" top: "total" }\n')
+    out = str(tmp_path / "f_total")
+    assert main(["extract_features", weights, model, "total", out, "2", "lmdb"]) == 0
+    ref = caffe.Net(model, caffe.TEST, weights=weights)
+    want = []
+    for _ in range(2):
+        ref.forward()
+        want.append(float(ref.blobs["total"].data))
+    records = read_db(out, LMDB)
+    assert [k for k, _ in records] == [b"%010d" % i for i in range(2)]
+    for (_, d), value in zip(records, want):
+        assert (d.channels, d.height, d.width) == (1, 1, 1)
+        assert list(d.float_data) == [np.float32(value)]
+
+
 def test_bad_arguments_are_one_line(tmp_path, capsys):
     _, model, weights = make_inputs(tmp_path)
     assert main(["extract_features", weights, model, "nope", str(tmp_path / "x"), "1",
