@@ -505,11 +505,13 @@ class Net:
                                f"place: it would reshape its blob '{lp.top[j]}' from {shape} "
                                f"to {blob.shape}; give the top another name")
         logger.info("Setting up %s", lp.name)      # after Layer::SetUp, as Net::Init
-        layer.loss_weights = self._loss_weights(lp, layer, len(tops))
-        for top, w in zip(tops, layer.loss_weights):
+        loss_weights = self._loss_weights(lp, layer, len(tops))
+        if not layer.python_layer:      # a user's layer keeps its own attributes
+            layer.loss_weights = loss_weights
+        for top, w in zip(tops, loss_weights):
             if w:
                 top.diff[...] = w
-        self._log_tops(tops, layer.loss_weights)
+        self._log_tops(tops, loss_weights)
         # Net::Init counts a layer's params after its SetUp (LayerSetUp and Reshape: a
         # Python layer may make its blobs in reshape) and its log lines.
         self._share_params(lp, layer)
@@ -527,7 +529,7 @@ class Net:
         self.bottom_names[lp.name] = list(lp.bottom)
         self.top_names[lp.name] = list(lp.top)
         self.bottom_need_backward.append(bottom_nb)
-        self.layer_loss_weights.append(layer.loss_weights)
+        self.layer_loss_weights.append(loss_weights)
         return need_backward
 
     def _log_tops(self, tops, weights):
@@ -776,7 +778,7 @@ class Net:
             with backend.device_access(on_device), guard, self._naming_errors(i, "forward"):
                 layer.reshape(bottom, top)
                 layer.forward(bottom, top)
-                for t, w in zip(top, layer.loss_weights):
+                for t, w in zip(top, self.layer_loss_weights[i]):
                     if w:
                         xp = backend.get_array_module(t.data)
                         loss_terms.append((i, xp.sum(t.data.astype(xp.float64) * t.diff,
@@ -802,7 +804,8 @@ class Net:
             text = str(e)
             if self.source != "<NetParameter>" and not text.startswith(self.source):
                 text = f"{self.source}: {text}"
-            raise LayerError(text + "".join(f"; {o}" for o in origins)) from None
+            e.args = (text + "".join(f"; {o}" for o in origins),)
+            raise           # its own type: some are AttributeErrors too, as pycaffe's
         except Exception as e:
             _note_python_layer(e, self.layers[i],
                                f"{self.source}: {self._layer_what(i, direction)}")
@@ -1199,6 +1202,10 @@ class Net:
         except LayerError as e:
             raise RuntimeError(str(e)) from None
         self._input_arrays = (data, labels)     # keep them alive, as pycaffe does
+
+    def _set_input_arrays(self, data, labels):
+        """_caffe.cpp's binding under the wrapper (scripts call it too): 4-d labels."""
+        self.set_input_arrays(data, labels)
 
     @staticmethod
     def _check_input_array(array, name, item_shape):

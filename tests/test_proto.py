@@ -64,8 +64,17 @@ def test_schema_loads_on_each_protobuf_backend(impl):
             "n = text_format.Parse('layer { name: \"a\" type: \"Convolution\" "
             "convolution_param { dilation: 2 } }', caffe_pb2.NetParameter());"
             "assert caffe_pb2.NetParameter.FromString(n.SerializeToString()) == n;"
+            "assert caffe_pb2.Phase.Value('TEST') == caffe_pb2.TEST == 1;"
             "print('ok')")
     env = dict(os.environ, PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION=impl,
                PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
+def test_top_level_enums_are_wrapped_as_protocs_modules_have_them():
+    """SSD-era NetSpec scripts write include=dict(phase=caffe_pb2.Phase.Value('TRAIN'))."""
+    assert caffe_pb2.Phase.Value("TRAIN") == caffe_pb2.TRAIN == 0
+    assert caffe_pb2.Phase.Name(1) == "TEST"
+    assert list(caffe_pb2.Phase.keys()) == ["TRAIN", "TEST"]
+    assert caffe_pb2.Phase.DESCRIPTOR.values_by_name["TEST"].number == 1

@@ -203,6 +203,9 @@ def test_set_input_arrays_feeds_memory_data(tmp_path):
     net.set_input_arrays(data, np.array([4, 5, 6, 7], np.float32).reshape(4, 1, 1, 1))
     net.forward()
     assert net.blobs["label"].data.ravel().tolist() == [4, 5]
+    net._set_input_arrays(data, np.array([8, 9, 6, 7], np.float32).reshape(4, 1, 1, 1))
+    assert net.forward()["ip"].ravel().tolist() == [0 + 1 + 2 + 3, 4 + 5 + 6 + 7]
+    assert net.blobs["label"].data.ravel().tolist() == [8, 9]    # _caffe.cpp's binding
     with pytest.raises(RuntimeError, match=r"^data and labels must have the same first "
                                            r"dimension \(4 vs 3\)$"):
         net.set_input_arrays(data, np.zeros(3, np.float32))

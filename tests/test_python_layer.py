@@ -69,6 +69,23 @@ class LazyScale(LearnedScale):
         top[0].reshape(*bottom[0].data.shape)
 
 
+class WeightedSum(caffe.Layer):
+    """sum(loss_weights * bottom) over the items: its own ``loss_weights`` attribute,
+    which pycaffe never touches (Caffe keeps a layer's loss weights in C++)."""
+
+    def setup(self, bottom, top):
+        self.loss_weights = np.array([1.0, 2.0, 3.0])
+
+    def reshape(self, bottom, top):
+        top[0].reshape(1)
+
+    def forward(self, bottom, top):
+        top[0].data[0] = np.sum(self.loss_weights * bottom[0].data.reshape(-1, 3))
+
+    def backward(self, top, propagate_down, bottom):
+        pass
+
+
 class SquareLoss(caffe.Layer):
     """0.5 * sum(bottom^2); a loss only through an explicit loss_weight, as in pycaffe."""
 
@@ -422,3 +439,15 @@ def test_python_layers_see_host_numpy_views_in_gpu_mode(tmp_path, module, gpu_mo
         np.testing.assert_array_equal(host, device)
     np.testing.assert_array_equal(results[0][1], np.full_like(x, 100))
     np.testing.assert_array_equal(results[0][0], 2 * x + 1 + 100)
+
+
+def test_a_layers_own_attribute_named_like_the_nets_state_is_left_alone(tmp_path, module):
+    body = python_layer("loss", module, "WeightedSum", ["data"], ["loss"],
+                        extra="loss_weight: 2 ")
+    net = caffe.Net(write_net(tmp_path / "net.prototxt", body,
+                              "input: 'data' input_shape { dim: 2 dim: 3 }"), caffe.TRAIN)
+    assert list(net.layers[0].loss_weights) == [1.0, 2.0, 3.0]
+    out = net.forward(data=np.ones((2, 3), np.float32))
+    assert out["loss"] == 12.0
+    assert net.layer_loss_weights == [[2.0]]
+    assert net.forward_from_to() == 24.0             # the net's loss: weight 2 x 12

@@ -133,8 +133,6 @@ def _prepare(layer, layer_param, phase, dtype):
         layer.blobs = BlobVec(layer, blobs)
     propagate = list(getattr(layer, "param_propagate_down", None) or [])
     layer.param_propagate_down = (propagate + [True] * len(layer.blobs))[:len(layer.blobs)]
-    if not hasattr(layer, "loss_weights"):
-        layer.loss_weights = []
     return layer
 
 

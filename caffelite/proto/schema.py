@@ -163,6 +163,17 @@ def _resolve_types(fdp):
     fix(root, fdp.message_type)
 
 
+def _enum_wrapper(desc):
+    """A top-level enum as protoc's generated module has it (``caffe_pb2.Phase.Value(
+    "TRAIN")``, ``.Name``, ``.keys()``, ``.DESCRIPTOR``); the bare descriptor where the
+    runtime's internal wrapper is gone."""
+    try:
+        from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
+        return EnumTypeWrapper(desc)
+    except Exception:           # noqa: BLE001  (an internal module of the runtime)
+        return desc
+
+
 def load_proto(path, file_name):
     """Parse ``path`` and return a dict ``{message or enum name: class or descriptor}``."""
     with open(path, encoding="utf-8") as f:
@@ -177,7 +188,7 @@ def load_proto(path, file_name):
     for name, desc in file_desc.message_types_by_name.items():
         names[name] = _get_message_class(desc)
     for name, desc in file_desc.enum_types_by_name.items():
-        names[name] = desc
+        names[name] = _enum_wrapper(desc)
         for value in desc.values:
             names[value.name] = value.number
     return names, file_desc
