@@ -266,3 +266,24 @@ def test_load_image_keeps_float_images_and_scales_int32_as_skimage(tmp_path):
     np.testing.assert_array_equal(got, (ints / (2 ** 31 - 1)).astype(np.float32))
     with pytest.raises(FileNotFoundError, match="cannot read image '.*nope.png': no such"):
         caffe.io.load_image(str(tmp_path / "nope.png"))
+
+
+def test_load_image_downloads_a_url_as_skimage_does(tmp_path):
+    """skimage.io.imread (pycaffe's load_image) reads http(s) URLs; served here locally."""
+    import functools
+    import http.server
+    import threading
+    rgb = np.random.default_rng(0).integers(0, 256, (4, 5, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "cat.png")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        np.testing.assert_array_equal(caffe.io.load_image(f"{url}/cat.png"),
+                                      caffe.io.load_image(str(tmp_path / "cat.png")))
+        with pytest.raises(OSError, match=f"cannot read image '{url}/dog.png': "):
+            caffe.io.load_image(f"{url}/dog.png")
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -82,15 +82,30 @@ def datum_to_array(datum):
 _GRAY_WEIGHTS = np.array([0.2125, 0.7154, 0.0721], dtype=np.float64)
 
 
+def _downloaded(filename):
+    """``filename``, or the bytes at it when it is a URL."""
+    if not (isinstance(filename, str) and filename.split("://", 1)[0].lower() in
+            ("http", "https", "ftp") and "://" in filename):
+        return filename
+    import io
+    import urllib.request
+    try:
+        with urllib.request.urlopen(filename, timeout=60) as response:
+            return io.BytesIO(response.read())
+    except (OSError, ValueError) as e:          # URLError is an OSError
+        raise OSError(f"cannot read image '{filename}': {getattr(e, 'reason', e)}") from None
+
+
 def load_image(filename, color=True):
     """Image -> float32 H x W x 3 (RGB) or H x W x 1 in [0, 1], as pycaffe's load_image
     (skimage's ``imread`` + ``img_as_float``): gray images are tiled to 3 channels for
     ``color``, an alpha channel is dropped, colour images wanted in gray get skimage's
     luminance (0.2125 R + 0.7154 G + 0.0721 B), 16-bit images are scaled by 1/65535,
-    32-bit integer ones by 1/(2**31 - 1), float images keep their values."""
+    32-bit integer ones by 1/(2**31 - 1), float images keep their values. An http(s)
+    or ftp URL is downloaded, as skimage's imread does."""
     from PIL import Image
     try:
-        img = Image.open(filename)
+        img = Image.open(_downloaded(filename))
         img.load()
     except FileNotFoundError:
         raise FileNotFoundError(f"cannot read image '{filename}': no such file") from None
