@@ -383,9 +383,13 @@ def _time_whole_passes(net, n):
     backend.synchronize()
     graphs = net._graphs
     # (worded so that a grep for Caffe's "Average Forward-Backward" finds one line)
+    skipped = not all(net.layer_need_backward)
     logger.info("CUDA graphs, whole forward-backward passes (%d segments, %d launches): "
-                "average %g ms.", len(graphs.segments), graphs.launches(),
-                (time.perf_counter() - start) / n * 1e3)
+                "average %g ms.%s", len(graphs.segments), graphs.launches(),
+                (time.perf_counter() - start) / n * 1e3,
+                " (As in training, these run no backward of the layers the net needs none "
+                "from; the per-layer lines above time those too, as Caffe's do.)"
+                if skipped else "")
 
 
 def cmd_upgrade(args):
@@ -761,8 +765,10 @@ def _verb_first(argv):
 _TOOL_PROGRAMS = {"upgrade_net_proto_text": ["upgrade"],
                   "upgrade_net_proto_binary": ["upgrade", "--binary"],
                   "upgrade_solver_proto_text": ["upgrade", "--solver"],
+                  "prog_refine_pascal_v4": ["refine_pascal_v4"],
                   **{name: [name] for name in ("compute_image_mean", "convert_imageset",
-                                               "convert_mnist_data", "extract_features")}}
+                                               "convert_mnist_data", "convert_cifar_data",
+                                               "extract_features", "refine_pascal_v4")}}
 
 
 def _as_tool_verbs(typed, program):

@@ -23,7 +23,7 @@ from .filler import FillerError
 from .io import caffemodel, prototxt
 from .io.caffemodel import write_file_atomically
 from .io.solverstate import require_h5py
-from .layer import LayerError, create_layer
+from .layer import Layer, LayerError, create_layer
 from .log import logger, ostream_g
 from .proto import caffe_pb2
 
@@ -91,6 +91,10 @@ class NetFileError(NetError, RuntimeError):
 
 
 _PATH_TYPES = (str, bytes, os.PathLike)
+
+
+# layer types whose first blob a weight_filler (constant 0 by default) initialises
+_WEIGHT_FILLER_LAYERS = frozenset(("Convolution", "Deconvolution", "InnerProduct", "Embed"))
 
 
 def _some(names, shown=5):
@@ -887,9 +891,14 @@ class Net:
     def time_layer_backward(self, i):
         """Layer ``i``'s backward as ``caffe time`` runs it: called even where the net
         needs none (no loss above it: a deploy net), with the bottoms' flags as they
-        are; its parameters' gradients are computed as their lr_mult says."""
+        are; its parameters' gradients are computed as their lr_mult says. A Python
+        layer without a backward (pycaffe would raise) is skipped where the net needs
+        none, so that such nets can still be timed."""
         if self.layer_need_backward[i]:
             self.backward_from_to(i, i)
+            return
+        layer = self.layers[i]
+        if layer.python_layer and type(layer).backward is Layer.backward:
             return
         self._check_backward_mode()
         self._backward_layers(i, i, every_layer=True)
@@ -1204,7 +1213,8 @@ class Net:
         self._input_arrays = (data, labels)     # keep them alive, as pycaffe does
 
     def _set_input_arrays(self, data, labels):
-        """_caffe.cpp's binding under the wrapper (scripts call it too): 4-d labels."""
+        """_caffe.cpp's binding under the wrapper, which scripts call too (kinder: it
+        takes 1-d labels as the wrapper does)."""
         self.set_input_arrays(data, labels)
 
     @staticmethod
@@ -1284,13 +1294,19 @@ class Net:
                         blob.data[...] = values.reshape(blob.shape)
                     except (TypeError, ValueError) as e:     # strings, compound types
                         raise NetError(f"{path}: layer '{name}' blob {j}: {e}") from None
-        self._warn_about_weights_not_copied(path, copied, filled)
+        self._warn_if_nothing_copied(path, copied)
+        return filled
 
     # ------------------------------------------------------------------ weights
     def copy_from(self, path):
         """Copy weights from a caffemodel by layer name (first match), checking shapes;
-        a stored diff is copied too. Warns when no layer with weights in the file matches
-        a layer of the net (Caffe silently keeps the initial weights)."""
+        a stored diff is copied too. Warns where the initial weights Caffe silently keeps
+        look like a mistake (``_warn_if_nothing_copied``, ``warn_about_zero_weights``)."""
+        self.warn_about_zero_weights(path, self.copy_weights(path))
+
+    def copy_weights(self, path):
+        """``copy_from`` without the zero-weights check: the indices of the layers the
+        file gave weights."""
         _check_path(path)
         if _is_hdf5(path):                   # Caffe's CopyTrainedLayersFrom does the same
             return self.load_hdf5(path)
@@ -1304,31 +1320,40 @@ class Net:
             self._copy_layer(path, self.layers[i], src)
             copied += len(src.blobs)
             filled.add(i)
-        self._warn_about_weights_not_copied(path, copied, filled)
+        self._warn_if_nothing_copied(path, copied)
+        return filled
 
-    def _warn_about_weights_not_copied(self, path, copied, filled):
-        """Caffe silently keeps the initial weights of layers the file does not name.
-        Warn where that is likely a mistake: nothing matched at all, or a learning layer
-        keeps all-zero weights (a constant-0 filler, Caffe's default), which before a
-        ReLU never learn: e.g. DeepLab's fc6_1..fc6_4 when finetuning from a model that
-        names them otherwise."""
+    def _warn_if_nothing_copied(self, path, copied):
         learnable = [n for n, l in zip(self._layer_names, self.layers) if l.blobs]
         if learnable and not copied:
             logger.warning("%s: no layer with weights in this file has the name of a layer "
                            "of the net (%s), so every weight keeps its initial value; is it "
                            "the model of another net?", path, _some(learnable))
+
+    def warn_about_zero_weights(self, paths, filled):
+        """Caffe silently keeps the initial weights of the layers the files ``paths``
+        do not name. Warn where a learning layer with a weight filler keeps all-zero
+        weights (a constant-0 filler, Caffe's default), which before a ReLU never learn:
+        e.g. DeepLab's fc6_1..fc6_4 when finetuning from a model that names them
+        otherwise. ``filled``: the layers the files gave weights (none when nothing
+        matched: that has its own warning)."""
+        if not filled:
             return
         zero = [name for i, (name, layer) in enumerate(zip(self._layer_names, self.layers))
                 if i not in filled and self._learns_zero_weights(i, layer)]
         if zero:
-            logger.warning("%s has no weights for %s, which keep%s all-zero weights from "
+            logger.warning("%s %s no weights for %s, which keep%s all-zero weights from "
                            "the filler (weight_filler constant 0, Caffe's default); such a "
                            "layer before a ReLU never learns. Is a layer named otherwise in "
-                           "the file, or is a weight_filler missing?", path, _some(zero),
+                           "the file, or is a weight_filler missing?", paths,
+                           "have" if "," in str(paths) else "has", _some(zero),
                            "s" if len(zero) == 1 else "")
 
     def _learns_zero_weights(self, i, layer):
-        if not layer.blobs or layer.blobs[0].count == 0:
+        """A learning layer with a weight filler (Convolution, InnerProduct ...: not
+        Bias, whose zeros are meant) whose weights are all zero."""
+        if not layer.blobs or layer.blobs[0].count == 0 or \
+                layer.type not in _WEIGHT_FILLER_LAYERS:
             return False
         specs = self.layer_params[i].param
         if specs and specs[0].lr_mult == 0:

@@ -38,8 +38,9 @@ Steps (each logs to its own file; a finished step is skipped unless ``--force``)
 
 * ``train``: TRAIN_SET=train${SUFFIX}; ``--weights init.caffemodel`` if it exists.
   Finished when the solver's final snapshot ``<prefix>_iter_<max_iter>.caffemodel``
-  exists and ``<prefix>_configs.json`` beside it, when there, records the same expanded
-  train net and solver (SHA-256 of their text): an edited template or ``-D`` value
+  exists. ``<prefix>_configs.json`` beside it records the expanded train net and solver
+  it was made with (SHA-256 of what they say, comments and spacing aside); when they
+  differ now (an edited template or ``-D`` value), a warning says so, and ``--force``
   trains again.
 * ``test``: for each of ``--test-sets`` (val): model ``test.caffemodel``, else the
   newest ``train_iter_*`` snapshot, as the kit's ``ls -t | head -n 1`` (copies and
@@ -49,7 +50,7 @@ Steps (each logs to its own file; a finished step is skipped unless ``--force``)
   seg_score made as the kit makes them.  Finished when every file the net's MatWrite
   layers will write exists and is newer than the model, and
   ``${FEATURE_DIR}/${TEST_SET}/test_configs.json``, when there, records the same
-  expanded test net.
+  expanded test net (else it tests again, saying why).
 * ``train2``: TRAIN_SET=trainval${SUFFIX}, ``solver2``; weights ``init2.caffemodel``
   else the newest ``train_iter_*``.
 * ``test2``: for each of ``--test2-sets`` (val,test): ``test2.caffemodel`` else the
@@ -231,12 +232,20 @@ def _json_or_none(path):
         return None
 
 
-def _config_digests(*paths):
-    """{file name: SHA-256 of its bytes} for the expanded configs a step ran with."""
+def _config_digests(**paths):
+    """{file name: SHA-256} of the expanded configs a step ran with (``net=`` and
+    ``solver=`` paths): of what they say, so comments and spacing do not count."""
+    from .proto import caffe_pb2
+    messages = {"net": caffe_pb2.NetParameter, "solver": caffe_pb2.SolverParameter}
     digests = {}
-    for path in paths:
-        with open(path, "rb") as f:
-            digests[os.path.basename(path)] = hashlib.sha256(f.read()).hexdigest()
+    for kind, path in paths.items():
+        try:
+            content = prototxt.read_as_written(path, messages[kind]()).SerializeToString(
+                deterministic=True)
+        except ValueError:          # (PrototxtError) the step itself will say what is wrong
+            with open(path, "rb") as f:
+                content = f.read()
+        digests[os.path.basename(path)] = hashlib.sha256(content).hexdigest()
     return digests
 
 
@@ -539,12 +548,15 @@ class Pipeline:
         param = prototxt.read_solver(solver_file)
         final = f"{param.snapshot_prefix}_iter_{param.max_iter}.caffemodel"
         record = f"{param.snapshot_prefix}{TRAIN_RECORD}"
-        configs = _config_digests(net_file, solver_file)
+        configs = _config_digests(net=net_file, solver=solver_file)
         if os.path.isfile(final):
-            if not _recorded_as(record, configs):
-                logger.info("Step %s: %s was trained with other configs (%s); training "
-                            "again", step, final, record)
-            elif self.skip(step, f"final snapshot {final} exists"):
+            if not _recorded_as(record, configs) and not self.force:
+                # a whole training is too dear to redo unasked (a spelling of a path
+                # changes the configs too): say so, and keep the snapshot
+                logger.warning("Step %s: %s was trained with other configs than %s and %s "
+                               "say now (%s); --force trains again", step, final, net_file,
+                               solver_file, record)
+            if self.skip(step, f"final snapshot {final} exists"):
                 return
         with self.step_log(step):
             if weights is None and missing_init:
@@ -599,8 +611,13 @@ class Pipeline:
             net_file = self.expand("test", variables["TEST_SET"], variables)
             outputs = mat_write_outputs(net_file, iterations)
             record = f"{variables['FEATURE_DIR']}/{variables['TEST_SET']}/{TEST_RECORD}"
-            configs = _config_digests(net_file)
-            if _all_newer(outputs, [model]) and _recorded_as(record, configs) and self.skip(
+            configs = _config_digests(net=net_file)
+            finished = _all_newer(outputs, [model])
+            if finished and not _recorded_as(record, configs):
+                finished = False
+                logger.info("Step %s: the features of '%s' were made with another %s "
+                            "(%s); testing again", step, test_set, net_file, record)
+            if finished and self.skip(
                     step, f"all {len(outputs)} feature files of '{test_set}' exist and are "
                           f"newer than {model}"):
                 continue

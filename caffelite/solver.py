@@ -50,7 +50,6 @@ from .net import Net
 from .proto import caffe_pb2
 
 
-
 def _template_hint(path, field):
     """Where a missing net file is what the DeepLab kit's sub.sed writes from a
     template beside it (``train_${TRAIN_SET}.prototxt`` from ``train.prototxt``)."""
@@ -62,6 +61,7 @@ def _template_hint(path, field):
     return (f". The DeepLab kit's run_pascal.sh writes it from the template '{template}' "
             f"with sub.sed; `caffelite pascal` does that step, or point {field} at the "
             f"template and fill its ${{...}} with -D")
+
 
 class SolverError(RuntimeError):
     pass
@@ -318,10 +318,14 @@ class Solver:
         every test net, in order."""
         if isinstance(paths, (str, os.PathLike)):
             paths = [s for s in os.fspath(paths).split(",") if s]
+        filled = set()
         for path in paths:
             logger.info("Finetuning from %s", path)
-            for net in [self.net] + self.test_nets:
-                net.copy_from(path)
+            filled |= self.net.copy_weights(path)
+            for net in self.test_nets:      # their weights come from the train net
+                net.copy_weights(path)
+        if paths:
+            self.net.warn_about_zero_weights(",".join(map(os.fspath, paths)), filled)
 
     # ------------------------------------------------------------------ pycaffe
     def add_callback(self, on_start=None, on_gradients=None):

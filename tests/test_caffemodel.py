@@ -117,6 +117,14 @@ def test_unknown_groups_are_skipped_as_protobuf_skips_them(tmp_path, where):
         read_caffemodel(path)
 
 
+def test_groups_nested_too_deeply_are_refused_in_words(tmp_path):
+    path = str(tmp_path / "m.caffemodel")
+    with open(path, "wb") as f:
+        f.write(_key(77, 3) * 10000 + _key(77, 4) * 10000)
+    with pytest.raises(CaffemodelError, match="groups nested deeper than 100"):
+        read_caffemodel(path)
+
+
 def test_truncated_caffemodel_is_a_clear_error(tmp_path):
     src = os.path.join(CORPUS, "models", "yoloface_50k", "yoloface-50k.caffemodel")
     data = open(src, "rb").read()

@@ -161,6 +161,10 @@ def test_caffes_tool_programs_run_by_name_or_through_a_link(tmp_path, monkeypatc
         "upgrade", "--solver", "s", "t"]
     assert cli._as_tool_verbs(["train", "-solver", "s"], "/x/caffe.bin") == [
         "train", "-solver", "s"]
+    assert cli._as_tool_verbs(["b", "o", "lmdb"], "examples/convert_cifar_data.bin") == [
+        "convert_cifar_data", "b", "o", "lmdb"]
+    assert cli._as_tool_verbs(["a.ppm"], "/d/prog_refine_pascal_v4") == [
+        "refine_pascal_v4", "a.ppm"]
 
 
 def test_upgrade_verb_writes_v2_text(tmp_path):

@@ -209,6 +209,7 @@ def test_rerun_skips_finished_steps(copied, records, capsys):
     skipped = [m for m in records if "skipped (--force re-runs it)" in m]
     for step in ("train", "test", "train2", "test2", "eval"):
         assert any(m.startswith(f"Step {step}:") for m in skipped), (step, skipped)
+    assert not any("init.caffemodel not found" in m for m in records)   # not training
     assert "Average accuracy:" in capsys.readouterr().out      # table printed again
 
 
@@ -227,39 +228,64 @@ def test_missing_feature_reruns_test_and_eval_only(copied, records, capsys):
     assert os.path.getmtime(res) >= os.path.getmtime(victim)
 
 
-def _append_comment(path):
+def _append(path, text):
     with open(path, "a") as f:
-        f.write("# edited after the run\n")
+        f.write(text)
 
 
-def test_an_edited_test_template_makes_the_features_stale(copied, records):
+def test_an_edited_test_template_makes_the_features_stale(copied, records, monkeypatch):
     """run_pascal.sh always runs every step; caffelite skips finished ones, but not
-    features older than the test net they came from."""
+    features made with another test net (a comment is no change). While the test runs,
+    its record says so (an interrupted run leaves the features stale)."""
     exp, data = copied
     features = glob.glob(str(exp / "features" / NET / "val" / "fc8" / "*.mat"))
     before = {p: os.path.getmtime(p) for p in features}
+    template = exp / "config" / NET / "test.prototxt"
+    _append(template, "# a comment is no change\n")
+    assert pascal.run(_parse(_argv(exp, data) + ["--steps", "test"])) == 0
+    assert any(m.startswith("Step test:") and "skipped" in m for m in records)
+    assert {p: os.path.getmtime(p) for p in features} == before
     time.sleep(0.01)
-    _append_comment(exp / "config" / NET / "test.prototxt")
+    _append(template, "force_backward: false\n")
+    record = exp / "features" / NET / "val" / "test_configs.json"
+    seen = []
+    run_test_net = pascal.run_test_net
+    monkeypatch.setattr(pascal, "run_test_net", lambda *args: (
+        seen.append(json.loads(record.read_text())), run_test_net(*args)))
+    records.clear()
     assert pascal.run(_parse(_argv(exp, data) + ["--steps", "train,test"])) == 0
     assert any(m.startswith("Step train:") and "skipped" in m for m in records)
-    assert not any(m.startswith("Step test:") and "skipped" in m for m in records)
+    assert any(m.startswith("Step test:") and "were made with another" in m for m in records)
     assert all(os.path.getmtime(p) > t for p, t in before.items())
-    assert "# edited after the run" in (exp / "config" / NET / "test_val.prototxt").read_text()
+    assert list(seen[0]) == ["running"]
+    assert json.loads(record.read_text()) == seen[0]["running"]
 
 
-def test_an_edited_solver_trains_again(copied, records):
+def test_an_edited_solver_warns_and_trains_again_when_forced(copied, records, monkeypatch):
     exp, data = copied
     final = exp / "model" / NET / "train_iter_3.caffemodel"
     before = os.path.getmtime(final)
-    time.sleep(0.01)
-    _append_comment(exp / "config" / NET / "solver.prototxt")
+    _append(exp / "config" / NET / "solver.prototxt", "debug_info: false\n")
     assert pascal.run(_parse(_argv(exp, data) + ["--steps", "train"])) == 0
     assert any(m.startswith("Step train:") and "was trained with other configs" in m
-               for m in records)
-    assert json.loads((exp / "model" / NET / "train_configs.json").read_text()) == {
-        name: hashlib.sha256((exp / "config" / NET / name).read_bytes()).hexdigest()
-        for name in ("train_train.prototxt", "solver_train.prototxt")}
+               and "--force trains again" in m for m in records)
+    assert any(m.startswith("Step train:") and "skipped" in m for m in records)
+    assert os.path.getmtime(final) == before
+    record = exp / "model" / NET / "train_configs.json"
+    seen = []
+    from caffelite.solver import Solver
+    solve = Solver.solve
+    monkeypatch.setattr(Solver, "solve", lambda self, *args: (
+        seen.append(json.loads(record.read_text())), solve(self, *args)))
+    time.sleep(0.01)
+    assert pascal.run(_parse(_argv(exp, data, "--force") + ["--steps", "train"])) == 0
     assert os.path.getmtime(final) > before
+    assert list(seen[0]) == ["running"]
+    assert json.loads(record.read_text()) == seen[0]["running"] == {
+        name: pascal._config_digests(
+            **{kind: str(exp / "config" / NET / name)})[name]
+        for kind, name in (("net", "train_train.prototxt"),
+                           ("solver", "solver_train.prototxt"))}
 
 
 def test_outputs_without_a_record_of_their_configs_stay_finished(copied, records):
@@ -269,8 +295,8 @@ def test_outputs_without_a_record_of_their_configs_stay_finished(copied, records
     for record in (glob.glob(str(exp / "model" / NET / "*_configs.json")) +
                    glob.glob(str(exp / "features" / NET / "*" / "test_configs.json"))):
         os.remove(record)
-    _append_comment(exp / "config" / NET / "test.prototxt")
-    _append_comment(exp / "config" / NET / "solver.prototxt")
+    _append(exp / "config" / NET / "test.prototxt", "force_backward: false\n")
+    _append(exp / "config" / NET / "solver.prototxt", "debug_info: false\n")
     before = _mtimes(exp)
     assert pascal.run(_parse(_argv(exp, data) + ["--steps", "train,test"])) == 0
     assert _mtimes(exp) == before

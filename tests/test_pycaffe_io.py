@@ -282,8 +282,11 @@ def test_load_image_downloads_a_url_as_skimage_does(tmp_path):
         url = f"http://127.0.0.1:{server.server_address[1]}"
         np.testing.assert_array_equal(caffe.io.load_image(f"{url}/cat.png"),
                                       caffe.io.load_image(str(tmp_path / "cat.png")))
-        with pytest.raises(OSError, match=f"cannot read image '{url}/dog.png': "):
+        with pytest.raises(OSError, match=f"^cannot read image '{url}/dog.png': File not "
+                                          f"found$"):
             caffe.io.load_image(f"{url}/dog.png")
+        np.testing.assert_array_equal(caffe.io.load_image(f"file://{tmp_path}/cat.png"),
+                                      caffe.io.load_image(str(tmp_path / "cat.png")))
     finally:
         server.shutdown()
         server.server_close()

@@ -659,6 +659,7 @@ layer { name: "fc6_1" type: "Convolution" bottom: "c" top: "f1"
 layer { name: "frozen" type: "Convolution" bottom: "c" top: "f2"
   param { lr_mult: 0 } convolution_param { num_output: 2 kernel_size: 1 } }
 layer { name: "bn" type: "BatchNorm" bottom: "f1" top: "b" }
+layer { name: "shift" type: "Bias" bottom: "b" top: "s" }
 """
 
 
@@ -667,7 +668,7 @@ def test_learning_layers_left_with_zero_weights_warn(tmp_path, caplog, fmt):
     """Finetuning DeepLab from a model without its fc6_1..: Caffe keeps their constant-0
     fillers silently and they never learn. Only learning layers whose weights the file
     does not give and that stay all zero are named (not the frozen one, not BatchNorm's
-    zero-initialised statistics)."""
+    zero-initialised statistics, not a Bias, zero by design)."""
     path, pretrained = tmp_path / "net.prototxt", tmp_path / "pretrained.prototxt"
     path.write_text(ZERO_FILLED)
     pretrained.write_text(ZERO_FILLED[:ZERO_FILLED.index('layer { name: "fc6_1"')])
@@ -691,3 +692,32 @@ def test_learning_layers_left_with_zero_weights_warn(tmp_path, caplog, fmt):
     with caplog.at_level(logging.WARNING, logger="caffelite"):
         net.copy_from(str(only_conv))
     assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+def test_a_solver_warns_of_zero_weights_once_after_all_its_weights(tmp_path, caplog):
+    """caffe train --weights a,b copies into the train net and the test nets; a layer
+    the first file misses but the second gives is no mistake, and the test nets get
+    their weights from the train net (no warning of their own)."""
+    from caffelite.solver import Solver
+    path, pretrained = tmp_path / "net.prototxt", tmp_path / "pretrained.prototxt"
+    path.write_text(ZERO_FILLED)
+    pretrained.write_text(ZERO_FILLED[:ZERO_FILLED.index('layer { name: "fc6_1"')])
+    caffe.Net(str(pretrained), caffe.TEST).save(str(tmp_path / "conv.caffemodel"))
+    (tmp_path / "solver.prototxt").write_text(
+        f'net: "{path}" test_iter: 1 test_interval: 100 base_lr: 0.1 lr_policy: "fixed" '
+        f'max_iter: 1')
+    full = caffe.Net(str(path), caffe.TEST)
+    full.params["fc6_1"][0].data[...] = 1
+    full.save(str(tmp_path / "full.caffemodel"))
+    for weights, named in ((["conv.caffemodel"], True),
+                           (["conv.caffemodel", "full.caffemodel"], False)):
+        solver = Solver(str(tmp_path / "solver.prototxt"))
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="caffelite"):
+            solver.load_weights([str(tmp_path / w) for w in weights])
+        warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert warnings == ([f"{tmp_path / 'conv.caffemodel'} has no weights for fc6_1, "
+                             f"which keeps all-zero weights from the filler (weight_filler "
+                             f"constant 0, Caffe's default); such a layer before a ReLU "
+                             f"never learns. Is a layer named otherwise in the file, or is "
+                             f"a weight_filler missing?"] if named else []), weights

@@ -451,3 +451,14 @@ def test_a_layers_own_attribute_named_like_the_nets_state_is_left_alone(tmp_path
     assert out["loss"] == 12.0
     assert net.layer_loss_weights == [[2.0]]
     assert net.forward_from_to() == 24.0             # the net's loss: weight 2 x 12
+
+
+def test_time_skips_a_missing_backward_the_net_does_not_need(tmp_path, module):
+    """caffelite time runs every layer's backward as caffe time does, except a Python
+    layer's that is missing where the net needs none (such nets timed before)."""
+    from caffelite import cli
+    body = python_layer("counter", module, "Counter", top=["count"])
+    path = tmp_path / "net.prototxt"
+    write_net(path, body, inputs="")
+    path.write_text(path.read_text().replace("force_backward: true", ""))
+    assert cli.main(["time", "--model", str(path), "--iterations", "2"]) == 0

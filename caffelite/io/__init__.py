@@ -84,8 +84,8 @@ _GRAY_WEIGHTS = np.array([0.2125, 0.7154, 0.0721], dtype=np.float64)
 
 def _downloaded(filename):
     """``filename``, or the bytes at it when it is a URL."""
-    if not (isinstance(filename, str) and filename.split("://", 1)[0].lower() in
-            ("http", "https", "ftp") and "://" in filename):
+    if not (isinstance(filename, str) and "://" in filename and
+            filename.split("://", 1)[0].lower() in ("http", "https", "ftp", "file")):
         return filename
     import io
     import urllib.request
@@ -101,11 +101,12 @@ def load_image(filename, color=True):
     (skimage's ``imread`` + ``img_as_float``): gray images are tiled to 3 channels for
     ``color``, an alpha channel is dropped, colour images wanted in gray get skimage's
     luminance (0.2125 R + 0.7154 G + 0.0721 B), 16-bit images are scaled by 1/65535,
-    32-bit integer ones by 1/(2**31 - 1), float images keep their values. An http(s)
-    or ftp URL is downloaded, as skimage's imread does."""
+    32-bit integer ones by 1/(2**31 - 1), float images keep their values. An http(s),
+    ftp or file URL is read, as skimage's imread does."""
     from PIL import Image
+    source = _downloaded(filename)
     try:
-        img = Image.open(_downloaded(filename))
+        img = Image.open(source)
         img.load()
     except FileNotFoundError:
         raise FileNotFoundError(f"cannot read image '{filename}': no such file") from None

@@ -12,6 +12,8 @@ import numpy as np
 
 VARINT, I64, LEN, I32 = 0, 1, 2, 5
 START_GROUP, END_GROUP = 3, 4
+# protobuf's default recursion limit for nested messages and groups
+MAX_NESTING = 100
 
 
 @dataclass
@@ -80,16 +82,23 @@ class WireReader:
 
     def skip_group(self, number, pos, end):
         """The position after the END_GROUP of group ``number`` whose fields start at
-        ``pos`` (inner groups skipped whole)."""
+        ``pos``, inner groups skipped whole (nested at most as deep as protobuf's
+        parser allows)."""
+        open_groups = [number]
         while pos < end:
             key, pos = self.varint(pos, end)
             inner, wire = key >> 3, key & 7
             if wire == END_GROUP:
-                if inner != number:
-                    raise self.fail(f"group {number} ends as group {inner} at byte {pos}")
-                return pos
-            if wire == START_GROUP:
-                pos = self.skip_group(inner, pos, end)
+                if inner != open_groups[-1]:
+                    raise self.fail(f"group {open_groups[-1]} ends as group {inner} at byte "
+                                    f"{pos}")
+                open_groups.pop()
+                if not open_groups:
+                    return pos
+            elif wire == START_GROUP:
+                if len(open_groups) >= MAX_NESTING:
+                    raise self.fail(f"groups nested deeper than {MAX_NESTING} at byte {pos}")
+                open_groups.append(inner)
             else:
                 pos = self._skip_value(inner, wire, pos, end)
         raise self.fail(f"group {number} has no end")
