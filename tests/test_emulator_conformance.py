@@ -262,12 +262,25 @@ def test_environment_variable_turns_the_mode_on(monkeypatch):
 
 def test_the_suite_runs_the_emulator_in_conformance_mode():
     """tests/conftest.py turns the mode on wherever cupy is importable (CI installs it),
-    unless CAFFELITE_EMULATOR_CUPY_CHECK=0."""
+    unless CAFFELITE_EMULATOR_CUPY_CHECK is 0 (false, off, no)."""
     _cupy_or_skip()
-    import os
-    if os.environ.get(cupy_conformance.ENVIRONMENT_VARIABLE) == "0":
-        pytest.skip("switched off by CAFFELITE_EMULATOR_CUPY_CHECK=0")
+    from caffelite.backend import env_flag
+    if not env_flag(cupy_conformance.ENVIRONMENT_VARIABLE, True):
+        pytest.skip("switched off by CAFFELITE_EMULATOR_CUPY_CHECK")
     assert emulator.cupy_check_active()
+
+
+@pytest.mark.parametrize("value, on", [("1", True), ("yes", True), ("0", False),
+                                       ("false", False), ("Off", False), ("no", False),
+                                       ("", False)])
+def test_the_conformance_switch_reads_the_off_words_as_the_others(monkeypatch, value, on):
+    _cupy_or_skip()
+    was = cupy_conformance.active()
+    monkeypatch.setenv(cupy_conformance.ENVIRONMENT_VARIABLE, value)
+    try:
+        assert cupy_conformance.configure() is on
+    finally:
+        cupy_conformance.configure(was)
 
 
 @pytest.mark.parametrize("line, expected", [

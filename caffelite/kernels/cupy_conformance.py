@@ -19,7 +19,6 @@ each call against the installed ``cupy`` package, which needs no GPU to be impor
 Without an importable ``cupy`` the mode is off, silently.
 """
 import inspect
-import os
 import re
 import sys
 
@@ -48,7 +47,8 @@ def configure(enabled=None):
     """Turn the mode on or off (``None``: as the environment variable says); it stays
     off where ``cupy`` cannot be imported. Returns whether it is on."""
     if enabled is None:
-        enabled = os.environ.get(ENVIRONMENT_VARIABLE, "") not in ("", "0")
+        from ..backend import env_flag
+        enabled = env_flag(ENVIRONMENT_VARIABLE, False)
     _cupy[0] = _import_cupy() if enabled else None
     return _cupy[0] is not None
 
