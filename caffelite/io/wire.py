@@ -59,25 +59,12 @@ class WireReader:
         while pos < end:
             key, pos = self.varint(pos, end)
             number, wire = key >> 3, key & 7
-            if wire == VARINT:
-                value, pos = self.varint(pos, end)
-            elif wire in (LEN, I32, I64):
-                if wire == LEN:
-                    length, pos = self.varint(pos, end)
-                else:
-                    length = 4 if wire == I32 else 8
-                if pos + length > end:
-                    raise self.fail(f"field {number} of length {length} runs past the end "
-                                    f"at byte {pos}")
-                value = (pos, pos + length)
-                pos += length
-            elif wire == START_GROUP:
+            if wire == START_GROUP:
                 # no field of caffe.proto is a group: an unknown one, skipped as
                 # protobuf's parser skips it
                 pos = self.skip_group(number, pos, end)
                 continue
-            else:
-                raise self.fail(f"unsupported wire type {wire} in field {number} at byte {pos}")
+            value, pos = self._value(number, wire, pos, end)
             yield number, wire, value
 
     def skip_group(self, number, pos, end):
@@ -100,12 +87,14 @@ class WireReader:
                     raise self.fail(f"groups nested deeper than {MAX_NESTING} at byte {pos}")
                 open_groups.append(inner)
             else:
-                pos = self._skip_value(inner, wire, pos, end)
+                pos = self._value(inner, wire, pos, end)[1]
         raise self.fail(f"group {number} has no end")
 
-    def _skip_value(self, number, wire, pos, end):
+    def _value(self, number, wire, pos, end):
+        """(value, position after it) of a VARINT, or of a LEN/I32/I64 field as its
+        (start, end) span."""
         if wire == VARINT:
-            return self.varint(pos, end)[1]
+            return self.varint(pos, end)
         if wire == LEN:
             length, pos = self.varint(pos, end)
         elif wire in (I32, I64):
@@ -115,7 +104,7 @@ class WireReader:
         if pos + length > end:
             raise self.fail(f"field {number} of length {length} runs past the end at byte "
                             f"{pos}")
-        return pos + length
+        return (pos, pos + length), pos + length
 
     def bytes_of(self, span):
         return bytes(self.buf[span[0]:span[1]])
