@@ -255,6 +255,17 @@ def _recorded_as(record, current):
     return _json_or_none(record) in (None, current)
 
 
+@contextlib.contextmanager
+def _recording(record, current, finished=lambda: True):
+    """A step's run: until it has written all its outputs (and ``finished()`` says so),
+    its record says they are not ``current``'s, so an interrupted run leaves them
+    stale."""
+    write_atomically(record, json.dumps({"running": current}).encode("utf-8"))
+    yield
+    if finished():
+        write_atomically(record, json.dumps(current).encode("utf-8"))
+
+
 def _same_search(path, key):
     """Whether the crf_search JSON at ``path`` scored these images and parameter sets."""
     data = _json_or_none(path)
@@ -571,16 +582,14 @@ class Pipeline:
                 if weights:
                     solver.load_weights([weights])
                 restore = install_signal_handlers(solver)
-                # until the final snapshot is written, the record says it is not theirs
-                write_atomically(record, json.dumps({"running": configs}).encode("utf-8"))
-                try:
-                    solver.solve()
-                finally:
-                    restore()
+                # a stopped run (SIGINT/SIGHUP) ends without its final snapshot
+                with _recording(record, configs, lambda: os.path.isfile(final)):
+                    try:
+                        solver.solve()
+                    finally:
+                        restore()
             finally:
                 _close_data_layers(solver.net, *solver.test_nets)
-            if os.path.isfile(final):
-                write_atomically(record, json.dumps(configs).encode("utf-8"))
 
     # ------------------------------------------------------------------ test
     def step_test(self):
@@ -624,9 +633,8 @@ class Pipeline:
             with self.step_log(f"{step}_{test_set}"):
                 logger.info("Running test --model=%s --weights=%s --iterations=%d",
                             net_file, model, iterations)
-                write_atomically(record, json.dumps({"running": configs}).encode("utf-8"))
-                run_test_net(net_file, model, iterations)
-                write_atomically(record, json.dumps(configs).encode("utf-8"))
+                with _recording(record, configs):
+                    run_test_net(net_file, model, iterations)
 
     # ------------------------------------------------------------------ crf
     @property
@@ -739,7 +747,7 @@ class Pipeline:
             _require_features("crf", test_set, inputs)
             record = f"{out_dir}/{CRF_RECORD}"
             params = self.crf_params
-            if _all_newer(outputs, inputs) and _json_or_none(record) in (None, params) \
+            if _all_newer(outputs, inputs) and _recorded_as(record, params) \
                     and self.skip("crf", f"all {len(outputs)} CRF labels of '{test_set}' "
                                          f"exist in {out_dir}"):
                 continue
@@ -748,10 +756,8 @@ class Pipeline:
                 logger.info("Running the dense CRF (%s%s) on %s -> %s",
                             ", ".join(f"{k}={v}" for k, v in params.items()),
                             self._params_origin(), features, out_dir)
-                # until every label is written, the record says the folder is mixed
-                write_atomically(record, json.dumps({"running": params}).encode("utf-8"))
-                run_crf(features, items, out_dir, params, self.num_labels)
-                write_atomically(record, json.dumps(params).encode("utf-8"))
+                with _recording(record, params):
+                    run_crf(features, items, out_dir, params, self.num_labels)
 
     # ------------------------------------------------------------------ eval
     def step_eval(self):
