@@ -438,7 +438,7 @@ def _group_product(w_g, col, out, n0, n1, count, group, xp, bias=None):
     direct = n1 - n0 == 1 and col.shape[1] == count
     rows = (view(out[n0], (n_out, count)) if direct else
             xp.empty((n_out, col.shape[1]), col.dtype))
-    for w, c, o in zip(w_g, _per_group(col, group), _per_group(rows, group)):
+    for w, c, o in _group_blocks(w_g, col, rows, group):
         gemm(xp, w, c, o)
     if direct:
         if bias is not None:
@@ -459,7 +459,7 @@ def _backward_groups(grid, w_g, image, geom, group, groups, xp):
     for n0, n1 in groups:
         col = _group_col(channels, geom, (n1 - n0) * plane, grid.dtype, xp)
         rows = _grid_rows(grid[n0:n1], n_out, col.shape[1], xp)
-        for w, b, c in zip(w_g, _per_group(rows, group), _per_group(col, group)):
+        for w, b, c in _group_blocks(w_g, rows, col, group):
             gemm(xp, w.T, b, c)
         _group_col2im(xp, col, image[n0:n1], geom, grid_shape)
 
@@ -478,7 +478,7 @@ def _weight_group_steps(image, grid, dw_g, geom, group, groups, xp):
         if col.shape[1] > count:
             col[:, count:] = 0      # the padding columns meet zeros of the grid rows
         rows = _grid_rows(grid[n0:n1], n_out, col.shape[1], xp)
-        for dw, b, c in zip(dw_g, _per_group(rows, group), _per_group(col, group)):
+        for dw, b, c in _group_blocks(dw_g, rows, col, group):
             gemm(xp, b, c.T, dw, accumulate=True)
         yield n0, n1, count, col, rows
 
@@ -491,7 +491,7 @@ def _weight_and_backward_groups(image, grid, w_g, dw_g, image_diff, geom, group,
     so the bits are theirs."""
     for n0, n1, _, col, rows in _weight_group_steps(image, grid, dw_g, geom, group,
                                                      groups, xp):
-        for w, b, c in zip(w_g, _per_group(rows, group), _per_group(col, group)):
+        for w, b, c in _group_blocks(w_g, rows, col, group):
             gemm(xp, w.T, b, c)
         _group_col2im(xp, col, image_diff[n0:n1], geom, grid.shape[2:])
 
@@ -605,14 +605,41 @@ def forward_gemm(image, weight, out, geom, group, budget=None, bias=None):
     return _forward_columns(xp, image, weight, out, geom, group, budget, bias)
 
 
+def _group_blocks(w_g, a, b, group):
+    """(weight block, a block, b block) per group of one product of the matrices ``a``
+    and ``b``, ``w_g`` the weight's per-group blocks."""
+    return zip(w_g, _per_group(a, group), _per_group(b, group))
+
+
 def _blob_blocks(weight, a, b, group):
     """(weight block, a block, b block) per image and group of a 1x1 product on the
     blobs: ``weight`` (rows, ...) and the images of ``a`` and ``b`` (N, channels, ...)
     as matrices."""
     w_g = _per_group(_matrix(weight, weight.shape[0]), group)
     for n in range(a.shape[0]):
-        yield from zip(w_g, _per_group(_matrix(a[n], a.shape[1]), group),
-                       _per_group(_matrix(b[n], b.shape[1]), group))
+        yield from _group_blocks(w_g, _matrix(a[n], a.shape[1]), _matrix(b[n], b.shape[1]),
+                                 group)
+
+
+def _host_image_columns(xp, image, grid, geom, budget):
+    """(n, r0, r1, columns) for image ``n``'s im2col columns (a matrix) of grid rows
+    r0:r1 on the host: whole images in runs where the column buffer holds two or more,
+    else bands of rows (each buffer reused for the next)."""
+    num, channels = image.shape[:2]
+    grid_shape = grid.shape[2:]
+    rows = channels * geom.taps
+    runs = _host_image_runs(xp, geom, image, grid, budget)
+    if runs:
+        for n0, n1, col in _filled_host_runs(image, geom, grid_shape, runs):
+            for n in range(n0, n1):
+                yield n, 0, grid_shape[0], _matrix(col[n - n0], rows)
+        return
+    chunk = rows_per_chunk(channels, geom, grid_shape, image.dtype.itemsize, budget, xp)
+    for n in range(num):
+        for r0, r1 in _bands(grid_shape[0], chunk):
+            col = _band_col(channels, geom, grid_shape, r0, r1, image.dtype, xp)
+            im2col_band(xp, image[n], col, geom, grid_shape, r0, r1)
+            yield n, r0, r1, _matrix(col, rows)
 
 
 def add_bias(out, bias):
@@ -638,29 +665,14 @@ def _forward_columns(xp, image, weight, out, geom, group, budget, bias):
     or bands of rows on the host. True when the bias was added."""
     num, channels = image.shape[:2]
     n_out = weight.shape[0]
-    grid_shape = out.shape[2:]
     w_g = _per_group(_matrix(weight, n_out), group)
-
-    def product(col, band):
-        for w, c, o in zip(w_g, _per_group(col, group), _per_group(band, group)):
-            gemm(xp, w, c, o)
-
-    groups = _device_groups(xp, geom, num, channels, grid_shape, image.dtype, budget)
+    groups = _device_groups(xp, geom, num, channels, out.shape[2:], image.dtype, budget)
     if groups:
         _forward_groups(image, w_g, out, geom, group, groups, xp, bias)
         return bias is not None
-    runs = _host_image_runs(xp, geom, image, out, budget)
-    if runs:
-        for n0, n1, col in _filled_host_runs(image, geom, grid_shape, runs):
-            for n in range(n0, n1):
-                product(_matrix(col[n - n0], channels * geom.taps), _matrix(out[n], n_out))
-        return False
-    chunk = rows_per_chunk(channels, geom, grid_shape, image.dtype.itemsize, budget, xp)
-    for n in range(num):
-        for r0, r1 in _bands(grid_shape[0], chunk):
-            col = _band_col(channels, geom, grid_shape, r0, r1, image.dtype, xp)
-            im2col_band(xp, image[n], col, geom, grid_shape, r0, r1)
-            product(_matrix(col, channels * geom.taps), _matrix(out[n, :, r0:r1], n_out))
+    for n, r0, r1, col in _host_image_columns(xp, image, out, geom, budget):
+        for w, c, o in _group_blocks(w_g, col, _matrix(out[n, :, r0:r1], n_out), group):
+            gemm(xp, w, c, o)
     return False
 
 
@@ -708,7 +720,7 @@ def _backward_columns(xp, grid, weight, image, geom, group, budget):
     w_g = _per_group(_matrix(weight, n_out), group)
 
     def product(band, col):
-        for w, b, c in zip(w_g, _per_group(band, group), _per_group(col, group)):
+        for w, b, c in _group_blocks(w_g, band, col, group):
             gemm(xp, w.T, b, c)
 
     groups = _device_groups(xp, geom, num, channels, grid_shape, grid.dtype, budget)
@@ -775,29 +787,14 @@ def _weight_columns(xp, image, grid, weight_diff, geom, group, budget):
     images or bands of rows on the host (added)."""
     num, channels = image.shape[:2]
     n_out = grid.shape[1]
-    grid_shape = grid.shape[2:]
     dw_g = _per_group(_matrix(weight_diff, n_out), group)
-
-    def product(band, col):
-        for dw, b, c in zip(dw_g, _per_group(band, group), _per_group(col, group)):
-            gemm(xp, b, c.T, dw, accumulate=True)
-
-    groups = _device_groups(xp, geom, num, channels, grid_shape, image.dtype, budget)
+    groups = _device_groups(xp, geom, num, channels, grid.shape[2:], image.dtype, budget)
     if groups:
         _weight_groups(image, grid, dw_g, geom, group, groups, xp)
         return
-    runs = _host_image_runs(xp, geom, image, grid, budget)
-    if runs:
-        for n0, n1, col in _filled_host_runs(image, geom, grid_shape, runs):
-            for n in range(n0, n1):
-                product(_matrix(grid[n], n_out), _matrix(col[n - n0], channels * geom.taps))
-        return
-    chunk = rows_per_chunk(channels, geom, grid_shape, image.dtype.itemsize, budget, xp)
-    for n in range(num):
-        for r0, r1 in _bands(grid_shape[0], chunk):
-            col = _band_col(channels, geom, grid_shape, r0, r1, image.dtype, xp)
-            im2col_band(xp, image[n], col, geom, grid_shape, r0, r1)
-            product(_matrix(grid[n, :, r0:r1], n_out), _matrix(col, channels * geom.taps))
+    for n, r0, r1, col in _host_image_columns(xp, image, grid, geom, budget):
+        for dw, b, c in _group_blocks(dw_g, _matrix(grid[n, :, r0:r1], n_out), col, group):
+            gemm(xp, b, c.T, dw, accumulate=True)
 
 
 def weight_and_backward_gemm(image, grid, weight, weight_diff, image_diff, geom, group,
