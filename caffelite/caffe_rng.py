@@ -224,6 +224,10 @@ def rng_bernoulli(rng, count, p, real=np.float64):
     p = real(p)
     if p == 0:
         return np.zeros(count, dtype=bool)
+    if real is np.float64:
+        # a word is exact in a double, so word <= p * max is word <= floor(p * max)
+        # (no double temporary the size of the mask)
+        return rng.words(count) <= np.uint32(min(math.floor(p * real(_WORD_MAX)), _WORD_MAX))
     return rng.words(count).astype(real) <= p * real(_WORD_MAX)
 
 
@@ -298,50 +302,132 @@ class _WordReader:
         return int(self.words[self.at - 1])
 
 
+_NORMAL_CHUNK = 1 << 20      # tries looked at in one go (keeps the temporaries small)
+
+
 def _ziggurat_normal(rng, count, real, modern):
     """boost's unit_normal_distribution. A try starts with one word (two for a double):
     bit 0 the sign, bits 1-7 the layer, the rest the position in the layer. Tries
-    inside their layer's rectangle (about 97 %) are decided in bulk; the others run
-    the scalar wedge/tail code over the words that follow, which are then not tries."""
+    inside their layer's rectangle (about 97 %) are decided in bulk. The others read
+    the words that follow, which are then not tries: a wedge test reads one word,
+    decided in bulk too (``_wedge_tests``); the tail, and the rare wedge test that
+    numpy's exp cannot decide alone, run the scalar code. The walk that links the
+    tries visits only the tries outside their rectangles."""
     stride = 1 if real is np.float32 else 2
     table_x = NORMAL_X.astype(real)
+    next_x = _ceil_to(real, NORMAL_X[1:])       # x < NORMAL_X[i + 1] <=> x < next_x[i]
+    bits = np.uint32 if real is np.float32 else np.uint64
     parts, missing = [], count
     while missing:
-        words = rng.peek(stride * (missing + missing // 16) + 64).copy()
+        words = rng.peek(stride * min(missing + missing // 16, _NORMAL_CHUNK) + 64).copy()
         first = words[:words.size - stride + 1]
         r = (first >> 8).astype(real) * real(2.0 ** -24)
         if stride == 2:
             r = (r + (words[1:] & 0x1FFFFFFF).astype(real)) * real(2.0 ** -29)
-        layer = (first & 0xFF) >> 1
+        layer = ((first & 0xFF) >> 1).astype(np.intp)
         x = r * table_x[layer]
-        sign = np.where(first & 1, real(1), real(-1))
-        values = x * sign
-        outside = ~(x.astype(np.float64) < NORMAL_X[layer + 1])
-        slow_starts = [np.flatnonzero(outside[k::stride]) * stride + k for k in range(stride)]
-        picks, at = [], 0
-        while missing and at < first.size:
-            row = slow_starts[at % stride]
-            k = np.searchsorted(row, at)
-            stop = int(row[k]) if k < row.size else first.size
-            run = min(len(range(at, stop, stride)), missing)
-            picks.append(np.arange(at, at + run * stride, stride))
-            missing -= run
-            at += run * stride
-            if not missing or at >= first.size:
-                break
-            read = _WordReader(words, at + stride)
-            try:
-                value = _normal_slow_try(read, int(layer[at]), x[at], real, modern)
-            except _WordsRunOut:
-                break
-            if value is not None:
-                values[at] = value * sign[at]
-                picks.append(np.array([at]))
-                missing -= 1
-            at = read.at
-        parts.append(values[np.concatenate(picks)] if picks else values[:0])
+        # x >= 0: bit 0 clear makes it negative, the sign bit set as x * -1 sets it
+        negative = ((first & 1) ^ 1).astype(bits) << bits(8 * np.dtype(bits).itemsize - 1)
+        values = (x.view(bits) | negative).view(real)
+        slow = np.flatnonzero(~(x < next_x[layer]))
+        decided, accepted = _wedge_tests(words, slow, stride, layer, x, real, modern)
+
+        def slow_try(at, read):
+            value = _normal_slow_try(read, int(layer[at]), x[at], real, modern)
+            return None if value is None else value * (real(1) if first[at] & 1 else real(-1))
+        runs, at, missing = _walk_tries(words, first.size, slow, decided, accepted, stride,
+                                        missing, slow_try, values)
+        parts.append(values[_run_positions(runs, stride)])
         rng.advance(at)
     return np.concatenate(parts) if parts else np.empty(0, dtype=real)
+
+
+def _ceil_to(real, table):
+    """The smallest ``real`` at or above each float64 of ``table``: for any ``real`` x,
+    x < table[i] exactly when x < the result[i]."""
+    rounded = table.astype(real)
+    below = rounded.astype(np.float64) < table
+    rounded[below] = np.nextafter(rounded[below], real(np.inf))
+    return rounded
+
+
+def _wedge_tests(words, slow, stride, layer, x, real, modern):
+    """For each try outside its rectangle (``slow`` positions): whether its wedge test
+    is decided here, and whether it accepts. Not decided: layer 0 (the tail), a uniform
+    word that boost redraws, a word past the end, and a y within a few ulp of
+    exp(-x^2/2), where numpy's exp and the C library's may round differently."""
+    i = layer[slow]
+    at_u = slow + stride
+    inside = at_u < words.size
+    u = words[np.minimum(at_u, words.size - 1)].astype(real) * (
+        real(1) / (real(_WORD_MAX) + real(1)))
+    xs = x[slow]
+    y_low = NORMAL_Y[i].astype(real)
+    y = y_low + u * (NORMAL_Y[i + 1] - NORMAL_Y[i]).astype(real)
+    fx = np.exp((-(xs * xs / real(2))).astype(np.float64)).astype(real)
+    close = np.abs(y - fx) <= real(4) * np.spacing(fx)
+    decided = inside & (i != 0) & (u < real(1)) & ~close
+    if not modern:
+        return decided, y < fx
+    xi = NORMAL_X[i].astype(real)
+    chord = (NORMAL_X[i] - NORMAL_X[i + 1]).astype(real) * u - (xi - xs)
+    tangent = y - (y_low + (xi - xs) * y_low * xi)
+    upper_is_chord = NORMAL_X[i] >= 1
+    above_upper = np.where(upper_is_chord, chord, tangent)
+    above_lower = np.where(upper_is_chord, tangent, chord)
+    return decided, (above_upper < 0) & ((above_lower < 0) | (y < fx))
+
+
+def _walk_tries(words, starts, slow, decided, accepted, stride, missing, slow_try, values):
+    """Follow the tries from word 0 until ``missing`` values are found or the words run
+    out. Between two tries outside their rectangles every try is a value. Returns the
+    runs of value positions [(start, length)], the first word not used and what is
+    still missing; a value from ``slow_try(at, read)`` is written into ``values``."""
+    runs, at = [], 0
+    slow, decided, accepted = slow.tolist(), decided.tolist(), accepted.tolist()
+    for k, s in enumerate(slow):
+        if s < at or (s - at) % stride:
+            continue                    # a word another try read, or a double's second
+        fast = (s - at) // stride
+        if fast >= missing:
+            break
+        if fast:
+            runs.append((at, fast))
+            missing -= fast
+        at = s
+        if decided[k]:
+            if accepted[k]:
+                runs.append((s, 1))
+                missing -= 1
+            at = s + stride + 1
+        else:
+            read = _WordReader(words, s + stride)
+            try:
+                value = slow_try(s, read)
+            except _WordsRunOut:
+                return runs, at, missing
+            if value is not None:
+                values[s] = value
+                runs.append((s, 1))
+                missing -= 1
+            at = read.at
+        if not missing:
+            return runs, at, missing
+    fast = min((starts - at + stride - 1) // stride, missing) if at < starts else 0
+    if fast:
+        runs.append((at, fast))
+        missing -= fast
+        at += fast * stride
+    return runs, at, missing
+
+
+def _run_positions(runs, stride):
+    """The positions start, start + stride, ... of each (start, length) run, in order."""
+    if not runs:
+        return np.empty(0, dtype=np.intp)
+    starts, lengths = np.array(runs, dtype=np.intp).T
+    before = np.cumsum(lengths) - lengths
+    return np.repeat(starts - stride * before, lengths) + stride * np.arange(lengths.sum())
 
 
 def _int_float_pair(read, real):

@@ -154,6 +154,20 @@ def test_gaussian_matches_boost(boost_oracle, seed, count, mean, std):
     assert g.rand() == after
 
 
+@pytest.mark.parametrize("chunk", [1, 37, 1000])
+def test_gaussian_matches_boost_across_chunks(boost_oracle, monkeypatch, chunk):
+    """Tries are looked at in chunks; a wedge or tail draw that reads past a chunk's end
+    is done again from the next chunk's words."""
+    caffe_rng.set_normal_algorithm(boost_oracle.normal)
+    monkeypatch.setattr(caffe_rng, "_NORMAL_CHUNK", chunk)
+    for dtype, op, count in ((np.float32, "gaussian", 20000),
+                             (np.float64, "gaussian_double", 5000)):
+        g = CaffeRNG(11)
+        values, after = boost_oracle(11, op, count, 0.0, 1.0, dtype=dtype)
+        assert _same_bits(rng_gaussian(g, count, 0.0, 1.0, dtype), values)
+        assert g.rand() == after
+
+
 # ------------------------------------------------------------------ the other Boosts
 def test_ziggurat_variants_differ_only_from_the_first_tail_value():
     """The 2014 and 2016 ziggurats decide wedges alike (the 2016 bounds only skip

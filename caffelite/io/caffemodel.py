@@ -21,7 +21,7 @@ import numpy as np
 
 from ..log import logger
 from .wire import LEN, VARINT, BlobData, WireReader, blob_bytes, len_field, net_bytes, \
-    read_blob  # noqa: F401
+    read_blob, signed  # noqa: F401
 
 
 class CaffemodelError(ValueError):
@@ -42,25 +42,24 @@ _V1_LAYER = (4, 5, 6)
 _V0_LAYER = (1, 2, 50)
 
 
-def _read_layer(reader, span, layout, v1_enum_names):
+def _read_layer(reader, span, layout, v1_enum_names, into=None):
+    """The layer message at ``span``; ``into`` an earlier occurrence of the same
+    (non-repeated) message, which this one merges into as protobuf merges: the fields
+    it has replace, its blobs are added."""
     name_f, type_f, blobs_f = layout
-    layer = LayerWeights("", "")
+    layer = into or LayerWeights("", "")
     for number, wire, value in reader.fields(*span):
         if number == name_f and wire == LEN:
             layer.name = reader.string(value)
-        elif number == type_f:
-            if wire == LEN:
-                layer.type = reader.string(value)
-            elif wire == VARINT:
-                layer.type = v1_enum_names.get(value, str(value))
+        elif number == type_f and layout is not _V1_LAYER and wire == LEN:
+            layer.type = reader.string(value)
+        elif number == type_f and layout is _V1_LAYER and wire == VARINT:
+            # a number outside V1's LayerType is an unknown field to protobuf
+            layer.type = v1_enum_names.get(signed(value, 32), layer.type)
         elif number == blobs_f and wire == LEN:
             layer.blobs.append(read_blob(reader, *value, lazy=True))
         elif layout is _V1_LAYER and number == 1 and wire == LEN:
-            block = _read_layer(reader, value, _V0_LAYER, v1_enum_names)
-            if layer.v0 is not None:        # a message field given twice is merged
-                block = LayerWeights(block.name or layer.v0.name, block.type or layer.v0.type,
-                                     layer.v0.blobs + block.blobs)
-            layer.v0 = block
+            layer.v0 = _read_layer(reader, value, _V0_LAYER, v1_enum_names, into=layer.v0)
     return layer
 
 
@@ -74,8 +73,10 @@ def _v0_upgraded(v1_layers):
 
 
 def _v1_enum_names():
-    from .upgrade import V1_TYPE_NUMBERS
-    return {number: name for name, number in V1_TYPE_NUMBERS.items()}
+    """V1 LayerType numbers -> names, as the schema has them (BVLC's and DeepLab-v1's)."""
+    from ..proto import caffe_pb2
+    enum = caffe_pb2.V1LayerParameter.DESCRIPTOR.enum_types_by_name["LayerType"]
+    return {value.number: value.name for value in enum.values}
 
 
 def read_caffemodel(path):
@@ -157,12 +158,27 @@ def layer_bytes(layer_param, blobs):
             head.ClearField(fd.name)
         if fd.number <= _LAYER_BLOBS_FIELD or not _portable(fd.number):
             tail.ClearField(fd.name)
-    body = [head.SerializeToString()]
+    # A ClearField keeps the unknown fields (those of a binary-parsed LayerParameter), and
+    # protobuf writes them after the known ones: the tail writes them, the head must not.
+    unknown = _unknown_fields_bytes(layer_param)
+    head_bytes = head.SerializeToString()
+    if unknown and head_bytes.endswith(unknown):
+        head_bytes = head_bytes[:-len(unknown)]
+    body = [head_bytes]
     for blob in blobs:
         data, diff = blob if isinstance(blob, tuple) else (blob, None)
         body.append(len_field(_LAYER_BLOBS_FIELD, blob_bytes(data, diff, is_double(data))))
     body.append(tail.SerializeToString())
     return b"".join(body)
+
+
+def _unknown_fields_bytes(message):
+    """The serialised unknown fields of ``message`` (its known fields cleared)."""
+    rest = type(message)()
+    rest.CopyFrom(message)
+    for fd, _ in message.ListFields():
+        rest.ClearField(fd.name)
+    return rest.SerializeToString()
 
 
 def is_double(array):

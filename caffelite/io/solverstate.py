@@ -63,13 +63,13 @@ def read_solverstate(path):
             raise SolverStateError(f"{path}: this is a caffemodel (a net's weights), not a "
                                    f"solverstate; give it with --weights")
         if number == 1 and wire == VARINT:
-            state.iter = signed(value)
+            state.iter = signed(value, 32)
         elif number == 2 and wire == LEN:
-            state.learned_net = w.bytes_of(value).decode("utf-8", "replace")
+            state.learned_net = w.string(value)
         elif number == 3 and wire == LEN:
             state.history.append(read_blob(w, *value))
         elif number == 4 and wire == VARINT:
-            state.current_step = signed(value)
+            state.current_step = signed(value, 32)
         elif number == EXTENSION_FIELD and wire == LEN:
             try:
                 state.extension = json.loads(w.bytes_of(value).decode("utf-8"))
@@ -80,14 +80,24 @@ def read_solverstate(path):
 
 # ----------------------------------------------------------------------------- writing
 def solverstate_bytes(iter, learned_net, history, current_step, extension=None):
-    out = key(1, VARINT) + varint(int(iter))
-    out += len_field(2, learned_net.encode("utf-8"))
+    out = key(1, VARINT) + varint(_int32("iter", iter))
+    out += len_field(2, learned_net.encode("utf-8", "surrogateescape"))
     out += b"".join(len_field(3, blob_bytes(h, double=is_double(h))) for h in history)
-    out += key(4, VARINT) + varint(int(current_step))
+    out += key(4, VARINT) + varint(_int32("current_step", current_step))
     if extension is not None:
         out += len_field(EXTENSION_FIELD, json.dumps(extension, default=_json_default,
                                                       sort_keys=True).encode("utf-8"))
     return out
+
+
+def _int32(name, value):
+    """SolverState's iter and current_step are int32: a larger value would read back
+    as another number in Caffe."""
+    value = int(value)
+    if not -2**31 <= value < 2**31:
+        raise SolverStateError(f"cannot write a solverstate with {name} {value}: Caffe "
+                               f"keeps it in 32 bits")
+    return value
 
 
 def _json_default(value):
@@ -134,7 +144,7 @@ def write_solverstate_hdf5(path, iter, learned_net, history, current_step,
 def _string_dataset(h5py, f, name, text):
     """A scalar fixed-length, null-terminated string, as H5LTmake_dataset_string makes
     (Caffe's hdf5_load_string reads that kind, not h5py's variable-length strings)."""
-    data = text.encode("utf-8") + b"\0"
+    data = text.encode("utf-8", "surrogateescape") + b"\0"
     kind = h5py.h5t.C_S1.copy()
     kind.set_size(len(data))
     kind.set_strpad(h5py.h5t.STR_NULLTERM)
@@ -149,7 +159,7 @@ def _read_string(dataset):
     if isinstance(value, np.ndarray):
         value = value.item()
     if isinstance(value, bytes):
-        value = value.split(b"\0", 1)[0].decode("utf-8", "replace")
+        value = value.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
     return str(value)
 
 

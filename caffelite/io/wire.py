@@ -6,6 +6,7 @@ Field numbers of BlobProto: num=1, channels=2, height=3, width=4 (legacy shape),
 data=5, diff=6 (packed float), shape=7 (BlobShape, dim=1 packed int64),
 double_data=8, double_diff=9.
 """
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,8 +28,9 @@ class BlobData:
 
 def read_varint(buf, pos, end, fail):
     """(value, position after it) of the base-128 varint at ``buf[pos]`` (protobuf's,
-    LevelDB's); ``fail(message)`` makes the exception for one that is cut off at
-    ``end`` or too long."""
+    LevelDB's): at most ten bytes, the value kept to its low 64 bits as protobuf keeps
+    it; ``fail(message)`` makes the exception for one that is cut off at ``end`` or too
+    long."""
     result = shift = 0
     while True:
         if pos >= end:
@@ -37,10 +39,13 @@ def read_varint(buf, pos, end, fail):
         pos += 1
         result |= (b & 0x7F) << shift
         if b < 0x80:
-            return result, pos
+            return result & _UINT64, pos
         shift += 7
-        if shift > 70:
-            raise fail(f"a varint is too long at byte {pos}")
+        if shift >= 70:
+            raise fail(f"a varint is longer than 10 bytes at byte {pos}")
+
+
+_UINT64 = (1 << 64) - 1
 
 
 class WireReader:
@@ -53,12 +58,29 @@ class WireReader:
     def varint(self, pos, end):
         return read_varint(self.buf, pos, end, self.fail)
 
+    def varint32(self, pos, end, what):
+        """A tag or a length: protobuf's parser refuses one longer than five bytes or
+        beyond 32 bits (so field numbers stay below 2**29)."""
+        value, after = self.varint(pos, end)
+        if after - pos > 5:
+            raise self.fail(f"a {what} longer than 5 bytes at byte {pos}")
+        if value >> 32:
+            raise self.fail(f"a {what} beyond 32 bits at byte {pos}")
+        return value, after
+
+    def tag(self, pos, end):
+        """(field number, wire type, position after the tag); field number 0 is
+        refused, as protobuf refuses it."""
+        key, after = self.varint32(pos, end, "field tag")
+        if key >> 3 == 0:
+            raise self.fail(f"field number 0 at byte {pos}")
+        return key >> 3, key & 7, after
+
     def fields(self, start, end):
         """Yield (field number, wire type, value); LEN/I32/I64 values are (start, end)."""
         pos = start
         while pos < end:
-            key, pos = self.varint(pos, end)
-            number, wire = key >> 3, key & 7
+            number, wire, pos = self.tag(pos, end)
             if wire == START_GROUP:
                 # no field of caffe.proto is a group: an unknown one, skipped as
                 # protobuf's parser skips it
@@ -73,8 +95,7 @@ class WireReader:
         parser allows)."""
         open_groups = [number]
         while pos < end:
-            key, pos = self.varint(pos, end)
-            inner, wire = key >> 3, key & 7
+            inner, wire, pos = self.tag(pos, end)
             if wire == END_GROUP:
                 if inner != open_groups[-1]:
                     raise self.fail(f"group {open_groups[-1]} ends as group {inner} at byte "
@@ -96,7 +117,7 @@ class WireReader:
         if wire == VARINT:
             return self.varint(pos, end)
         if wire == LEN:
-            length, pos = self.varint(pos, end)
+            length, pos = self.varint32(pos, end, "length")
         elif wire in (I32, I64):
             length = 4 if wire == I32 else 8
         else:
@@ -110,7 +131,19 @@ class WireReader:
         return bytes(self.buf[span[0]:span[1]])
 
     def string(self, span):
-        return self.bytes_of(span).decode("utf-8", errors="replace")
+        """A string field as text; bytes that are not UTF-8 become lone surrogates (as
+        os.fsdecode makes them), so such a name matches no layer of a prototxt and such
+        a path opens the file it names."""
+        return self.bytes_of(span).decode("utf-8", errors="surrogateescape")
+
+    def packed_values(self, span, dtype, number):
+        """The little-endian ``dtype`` items of a packed (or one unpacked) field; a
+        length that is not a whole number of items is corrupt, as protobuf finds it."""
+        size = np.dtype(dtype).itemsize
+        if (span[1] - span[0]) % size:
+            raise self.fail(f"field {number} of {span[1] - span[0]} bytes at byte "
+                            f"{span[0]} is not a whole number of {size}-byte values")
+        return np.frombuffer(self.buf[span[0]:span[1]], dtype=dtype)
 
     def packed_varints(self, span):
         out = []
@@ -122,7 +155,15 @@ class WireReader:
 
 
 def signed(value, bits=64):
+    """An int32/int64 field's value: its low ``bits`` bits, two's complement (protobuf
+    reads the low 32 bits of a varint for an int32)."""
+    value &= (1 << bits) - 1
     return value - (1 << bits) if value >= 1 << (bits - 1) else value
+
+
+# BlobProto's value fields: (item type, the wire type of one unpacked item)
+_VALUE_FIELDS = {5: ("<f4", I32), 6: ("<f4", I32), 8: ("<f8", I64), 9: ("<f8", I64)}
+_INT_MAX = 2**31 - 1
 
 
 def read_blob(reader, start, end, lazy=False):
@@ -130,25 +171,27 @@ def read_blob(reader, start, end, lazy=False):
     or float64 from ``double_data``/``double_diff`` when present (the reader casts them
     to its net's type).  Values that do not fit the shape
     are an error; with ``lazy`` the error is kept in ``problem`` instead, for Caffe
-    checks them only in Blob::FromProto, when the blob is copied."""
+    checks them only in Blob::FromProto, when the blob is copied.  A field of a wire
+    type its schema does not give it is an unknown field to protobuf, and skipped."""
     legacy, dims = {}, []
-    chunks = {5: [], 6: [], 8: [], 9: []}
+    chunks = {number: [] for number in _VALUE_FIELDS}
     for number, wire, value in reader.fields(start, end):
         if number in (1, 2, 3, 4) and wire == VARINT:
-            legacy[number] = signed(value)
+            legacy[number] = signed(value, 32)
         elif number == 7 and wire == LEN:
             for n2, w2, v2 in reader.fields(*value):
-                if n2 == 1:
+                if n2 == 1 and w2 in (LEN, VARINT):
                     raw = reader.packed_varints(v2) if w2 == LEN else [v2]
                     dims.extend(signed(d) for d in raw)
-        elif number in chunks and wire in (LEN, I32, I64):
-            dtype = "<f4" if number in (5, 6) else "<f8"
-            chunks[number].append(np.frombuffer(reader.buf[value[0]:value[1]], dtype=dtype))
+        elif number in chunks and wire in (LEN, _VALUE_FIELDS[number][1]):
+            values = reader.packed_values(value, _VALUE_FIELDS[number][0], number)
+            if values.size:
+                chunks[number].append(values)
     shape = tuple(legacy.get(i, 0) for i in (1, 2, 3, 4)) if legacy else tuple(dims)
-    count = int(np.prod(shape, dtype=np.int64))
+    count = math.prod(shape)
 
     def join(single, double):
-        parts = chunks[double] if sum(p.size for p in chunks[double]) else chunks[single]
+        parts = chunks[double] or chunks[single]
         if not parts:
             return None
         values = np.concatenate(parts) if len(parts) > 1 else parts[0]
@@ -158,6 +201,7 @@ def read_blob(reader, start, end, lazy=False):
         return values.astype(values.dtype.newbyteorder("=")).reshape(shape)
 
     try:
+        _check_caffe_shape(shape)
         data = join(5, 8)
         if data is None:
             if count:
@@ -169,6 +213,19 @@ def read_blob(reader, start, end, lazy=False):
             raise reader.fail(str(e)) from None
         return BlobData(shape, None, None, bool(legacy), problem=str(e))
     return BlobData(shape, data, diff, bool(legacy))
+
+
+def _check_caffe_shape(shape):
+    """Blob::Reshape's checks: no dimension below 0, and no product (up to a 0) beyond
+    INT_MAX."""
+    count = 1
+    for d in shape:
+        if d < 0:
+            raise _BlobValues(f"a blob of shape {shape} has a negative dimension")
+        if count and d > _INT_MAX // count:
+            raise _BlobValues(f"a blob of shape {shape} holds more than INT_MAX "
+                              f"({_INT_MAX}) values, more than Caffe's blobs can")
+        count *= d
 
 
 class _BlobValues(ValueError):

@@ -598,8 +598,8 @@ class DropoutLayer(NeuronLayer):
             self._forward_device(xp, x, top[0].data)
             return
         count = int(np.prod(x.shape, dtype=np.int64))
-        keep = rng_bernoulli(rng(), count, 1.0 - self.ratio).reshape(x.shape)
-        self.mask = keep.astype(x.dtype)
+        # kept as booleans (a quarter of a float mask); x * mask multiplies by 1.0 or 0.0
+        self.mask = rng_bernoulli(rng(), count, 1.0 - self.ratio).reshape(x.shape)
         _masked_scale(xp, x, self.mask, self.scale, top[0].data)
 
     def _forward_device(self, xp, x, y):
