@@ -324,11 +324,12 @@ class PoolingLayer(Layer):
             xp.copyto(arg, arg.dtype.type(t), where=better)
         return best, arg
 
-    def _winner_offsets(self, xp, arg, width):
+    def _winner_offsets(self, xp, arg, width, kind=None):
         """Each output's winning tap (row-major in its window) as the flat index h*W + w
-        in its plane, for a plane ``width`` wide; meaningless where ``arg`` is -1."""
-        oh = xp.arange(self.pooled_h).reshape(-1, 1) * self.stride_h - self.pad_h
-        ow = xp.arange(self.pooled_w).reshape(1, -1) * self.stride_w - self.pad_w
+        in its plane, for a plane ``width`` wide (in integers of ``kind``, numpy's
+        default if None); meaningless where ``arg`` is -1."""
+        oh = xp.arange(self.pooled_h, dtype=kind).reshape(-1, 1) * self.stride_h - self.pad_h
+        ow = xp.arange(self.pooled_w, dtype=kind).reshape(1, -1) * self.stride_w - self.pad_w
         kw = self.kernel_w
         return (oh + arg // kw) * width + (ow + arg % kw)
 
@@ -450,7 +451,12 @@ class PoolingLayer(Layer):
             return
         n, c, h, w = bottom[0].shape
         if self.pool == _P.MAX:
-            bottom[0].diff[...] = self._max_backward(xp, g, (n, c, h, w))
+            diff = bottom[0].diff
+            # (in place, zeroing the bottom's diff first would zero the top's)
+            result = self._max_backward(xp, g, (n, c, h, w),
+                                        into=None if top[0] is bottom[0] else diff)
+            if result is not diff:
+                diff[...] = result
             return
         with np.errstate(divide="ignore", invalid="ignore"):
             share = g / self._pool_size(xp, h, w, g.dtype)
@@ -471,7 +477,8 @@ class PoolingLayer(Layer):
         return self._scatter(xp, lambda t: xp.where(taken == taken.dtype.type(t), g, zero),
                              shape, g.dtype)
 
-    def _max_backward(self, xp, g, shape):
+    def _max_backward(self, xp, g, shape, into=None):
+        """The bottom's gradient; on the host written into ``into`` when given."""
         n, c, h, w = shape
         arg = self.argmax
         if self._whole_plane():
@@ -481,20 +488,26 @@ class PoolingLayer(Layer):
             xp.put_along_axis(out, idx, xp.where(won, g.reshape(n, c), 0)[..., None], axis=2)
             return out.reshape(shape)
         if xp is np:
-            return self._max_backward_host(g, arg, shape)
+            return self._max_backward_host(g, arg, shape, into)
         zero = g.dtype.type(0)
         return self._scatter(xp, lambda t: xp.where(arg == arg.dtype.type(t), g, zero), shape,
                              g.dtype)
 
-    def _max_backward_host(self, g, arg, shape):
+    def _max_backward_host(self, g, arg, shape, into=None):
         """Caffe's loop itself: for every output in (n, c, ph, pw) order, its winner's
         bottom diff += its top diff, from zeros (``np.add.at`` adds in index order, one
         element at a time). Winners are always inside the image (padding reads -inf,
-        which never wins); outputs without one (-1) add nothing."""
+        which never wins); outputs without one (-1) add nothing. Indices are int32 where
+        the bottom allows (half the memory of the largest temporaries)."""
         n, c, h, w = shape
-        index = self._winner_offsets(np, arg.astype(np.intp), w)   # -1: dropped below
-        index = index + np.arange(n * c, dtype=np.intp).reshape(n, c, 1, 1) * (h * w)
-        out = np.zeros(shape, dtype=g.dtype)
+        kind = np.int32 if n * c * h * w < 2**31 else np.intp
+        index = self._winner_offsets(np, arg.astype(kind), w, kind)   # -1: dropped below
+        index += np.arange(n * c, dtype=kind).reshape(n, c, 1, 1) * kind(h * w)
+        if into is None:
+            out = np.zeros(shape, dtype=g.dtype)
+        else:
+            out = into
+            out.fill(0)
         values = g.reshape(-1)
         index = index.reshape(-1)
         if (arg < 0).any():
