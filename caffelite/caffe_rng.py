@@ -222,6 +222,8 @@ def rng_bernoulli(rng, count, p, real=np.float64):
     Dropout calls it with a double p (1. - threshold_), the sparse gaussian filler with
     a float one. p == 0 draws nothing."""
     p = real(p)
+    if not 0 <= p <= 1:         # caffe_rng_bernoulli's CHECK_GE(p, 0), CHECK_LE(p, 1)
+        raise RandomSettingError(f"a Bernoulli probability must be in [0, 1], got {p}")
     if p == 0:
         return np.zeros(count, dtype=bool)
     if real is np.float64:
@@ -317,9 +319,9 @@ def _ziggurat_normal(rng, count, real, modern):
     table_x = NORMAL_X.astype(real)
     next_x = _ceil_to(real, NORMAL_X[1:])       # x < NORMAL_X[i + 1] <=> x < next_x[i]
     bits = np.uint32 if real is np.float32 else np.uint64
-    parts, missing = [], count
+    parts, missing, margin = [], count, 64
     while missing:
-        words = rng.peek(stride * min(missing + missing // 16, _NORMAL_CHUNK) + 64).copy()
+        words = rng.peek(stride * min(missing + missing // 16, _NORMAL_CHUNK) + margin).copy()
         first = words[:words.size - stride + 1]
         r = (first >> 8).astype(real) * real(2.0 ** -24)
         if stride == 2:
@@ -339,6 +341,8 @@ def _ziggurat_normal(rng, count, real, modern):
                                         missing, slow_try, values)
         parts.append(values[_run_positions(runs, stride)])
         rng.advance(at)
+        # a try that read past the words looked at is tried again with more of them
+        margin = margin * 2 if at == 0 else 64
     return np.concatenate(parts) if parts else np.empty(0, dtype=real)
 
 

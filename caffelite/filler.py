@@ -80,10 +80,11 @@ def _gaussian(shape, p, real):
         # 'sparse' = mean number of non-zero inputs per output (axis 0 counts outputs).
         if len(shape) < 1:
             raise FillerError("sparse gaussian filler needs a blob with at least one axis")
-        probability = real(p.sparse) / real(shape[0])
-        if probability > 1:
-            raise FillerError(f"gaussian filler: sparse ({p.sparse}) exceeds the number of "
-                              f"outputs ({shape[0]})")
+        with np.errstate(divide="ignore", invalid="ignore"):
+            probability = real(p.sparse) / real(shape[0])
+        if not probability <= 1:        # (NaN: sparse 0 over 0 outputs; Caffe CHECKs it)
+            raise FillerError(f"gaussian filler: sparse ({p.sparse}) over the number of "
+                              f"outputs ({shape[0]}) is no probability in [0, 1]")
         values = values * rng_bernoulli(rng(), values.size, probability, real)
     return values
 

@@ -168,6 +168,36 @@ def test_gaussian_matches_boost_across_chunks(boost_oracle, monkeypatch, chunk):
         assert g.rand() == after
 
 
+class _CraftedWords:
+    """An engine whose first words are given, then the mt19937 words of seed 5."""
+
+    def __init__(self, head):
+        self.words = np.concatenate([np.array(head, np.uint32), CaffeRNG(5).words(4096)])
+        self.at = 0
+
+    def random_raw(self, count):
+        self.at += count
+        return self.words[self.at - count:self.at].astype(np.uint64)
+
+
+@pytest.mark.parametrize("name", ["ziggurat-2014", "ziggurat-2016"])
+def test_a_tail_draw_longer_than_the_look_ahead_is_read_to_its_end(monkeypatch, name):
+    """A first try in layer 0 beyond x_1 (a tail draw), then 300 all-ones words, which
+    boost's uniform_01<float> redraws (they round to 1): the draw reads past the words
+    looked at, and is done again with more of them."""
+    caffe_rng.set_normal_algorithm(name)
+    head = [0xFFFFFF01] + [0xFFFFFFFF] * 300
+    expected_rng = CaffeRNG(1)
+    expected_rng._engine = _CraftedWords(head)
+    expected = rng_gaussian(expected_rng, 3, 0.0, 1.0)
+    assert expected_rng.tell() > 300
+    monkeypatch.setattr(caffe_rng, "_NORMAL_CHUNK", 1)
+    g = CaffeRNG(1)
+    g._engine = _CraftedWords(head)
+    assert _same_bits(rng_gaussian(g, 3, 0.0, 1.0), expected)
+    assert g.tell() == expected_rng.tell()
+
+
 # ------------------------------------------------------------------ the other Boosts
 def test_ziggurat_variants_differ_only_from_the_first_tail_value():
     """The 2014 and 2016 ziggurats decide wedges alike (the 2016 bounds only skip

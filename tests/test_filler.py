@@ -163,7 +163,7 @@ def test_seed_makes_random_fills_reproducible():
     ((2, 2), 'type: "xavier" sparse: 1', "sparsity"),
     ((2, 2), 'type: "uniform" min: 2 max: 1', "min"),
     ((2, 2), 'type: "gaussian" std: 0', "std"),
-    ((2, 2), 'type: "gaussian" sparse: 3', "exceeds"),
+    ((2, 2), 'type: "gaussian" sparse: 3', "is no probability"),
     ((2, 2), 'type: "gaussian" sparse: -2', "sparse"),
     ((2, 3, 4), 'type: "bilinear"', "4-D"),
     ((1, 1, 3, 4), 'type: "bilinear"', "square"),
@@ -175,3 +175,11 @@ def test_seed_makes_random_fills_reproducible():
 def test_bad_filler_params_raise(shape, text, needle):
     with pytest.raises(FillerError, match=needle):
         filled(shape, text)
+
+
+def test_a_bernoulli_probability_outside_zero_one_is_refused():
+    from caffelite.caffe_rng import CaffeRNG, RandomSettingError, rng_bernoulli
+    for p in (-0.1, 1.5, float("nan")):
+        for real in (np.float32, np.float64):
+            with pytest.raises(RandomSettingError, match="must be in \\[0, 1\\]"):
+                rng_bernoulli(CaffeRNG(1), 10, p, real)
