@@ -154,17 +154,22 @@ class BlobShapeError(ValueError):
     legacy accessor on a blob of more than 4 axes; the Net adds the layer's name."""
 
 
-def _checked_shape(shape):
-    """(shape as ints, its count), or Blob::Reshape's refusal."""
+def checked_shape(shape):
+    """(shape as ints, its count), or Blob::Reshape's refusal. Like Reshape, each axis
+    is checked against the product of those before it, up to a 0: a zero-size shape
+    whose leading axes multiply past INT_MAX is refused too."""
     shape = tuple(int(s) for s in shape)
     if len(shape) > MAX_BLOB_AXES:
         raise BlobShapeError(f"blob shape {shape} has {len(shape)} axes; at most "
                              f"{MAX_BLOB_AXES} are allowed")
     if any(s < 0 for s in shape):
         raise BlobShapeError(f"negative dimension in blob shape {shape}")
-    count = math.prod(shape)
-    if count > INT_MAX:
-        raise BlobShapeError(f"blob size exceeds INT_MAX: shape {shape} has {count} elements")
+    count = 1
+    for axis, s in enumerate(shape):
+        if count and s > INT_MAX // count:
+            raise BlobShapeError(f"blob size exceeds INT_MAX: shape {shape} has "
+                                 f"{count * s} elements by axis {axis}")
+        count *= s
     return shape, count
 
 
@@ -184,7 +189,7 @@ class Blob:
 
     def __init__(self, shape=(), dtype=np.float32):
         self.dtype = np.dtype(dtype)
-        self._shape, self._count = _checked_shape(shape)
+        self._shape, self._count = checked_shape(shape)
         count = self.count
         self._data_mem = SyncedMemory(count, self.dtype)
         self._diff_mem = SyncedMemory(count, self.dtype)
@@ -230,7 +235,7 @@ class Blob:
     def reshape(self, *shape):
         if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
             shape = tuple(shape[0])
-        shape, count = _checked_shape(shape)
+        shape, count = checked_shape(shape)
         if shape == self._shape:
             return
         # Blob::Reshape: new memory only when the count grows past what is allocated.

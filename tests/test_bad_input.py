@@ -25,6 +25,10 @@ def build(tmp_path, text):
     ('layer { name: "in" type: "Input" top: "data" '
      'input_param { shape { dim: 50000 dim: 50000 } } }',
      r"layer 'in' \(Input\): blob size exceeds INT_MAX: shape \(50000, 50000\)"),
+    ('layer { name: "in" type: "Input" top: "data" '        # Reshape checks axis by axis
+     'input_param { shape { dim: 50000 dim: 50000 dim: 0 } } }',
+     r"layer 'in' \(Input\): blob size exceeds INT_MAX: shape \(50000, 50000, 0\) has "
+     r"2500000000 elements by axis 1"),
     (INPUT + 'layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip" '
      'inner_product_param { num_output: 2147483648 } }',
      r"layer 'ip' \(InnerProduct\): blob size exceeds INT_MAX: shape \(2147483648, 243\)"),

@@ -92,8 +92,8 @@ def test_a_dimension_of_a_fixed_width_wire_type_is_unknown_to_protobuf(tmp_path)
 
 @pytest.mark.parametrize("dims, why", [
     ((-1, 0), "negative dimension"),
-    ((2**32, 2**32), "more than INT_MAX"),
-    ((2**31 - 1, 2**31 - 1, 0), "more than INT_MAX"),
+    ((2**32, 2**32), "exceeds INT_MAX"),
+    ((2**31 - 1, 2**31 - 1, 0), "exceeds INT_MAX"),
 ])
 def test_dimensions_caffe_refuses_fail_only_when_copied(tmp_path, dims, why):
     """Blob::Reshape CHECKs each dimension >= 0 and the count (up to a 0) <= INT_MAX;

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..blob import BlobShapeError, checked_shape
+
 VARINT, I64, LEN, I32 = 0, 1, 2, 5
 START_GROUP, END_GROUP = 3, 4
 # protobuf's default recursion limit for nested messages and groups
@@ -163,7 +165,6 @@ def signed(value, bits=64):
 
 # BlobProto's value fields: (item type, the wire type of one unpacked item)
 _VALUE_FIELDS = {5: ("<f4", I32), 6: ("<f4", I32), 8: ("<f8", I64), 9: ("<f8", I64)}
-_INT_MAX = 2**31 - 1
 
 
 def read_blob(reader, start, end, lazy=False):
@@ -216,16 +217,12 @@ def read_blob(reader, start, end, lazy=False):
 
 
 def _check_caffe_shape(shape):
-    """Blob::Reshape's checks: no dimension below 0, and no product (up to a 0) beyond
-    INT_MAX."""
-    count = 1
-    for d in shape:
-        if d < 0:
-            raise _BlobValues(f"a blob of shape {shape} has a negative dimension")
-        if count and d > _INT_MAX // count:
-            raise _BlobValues(f"a blob of shape {shape} holds more than INT_MAX "
-                              f"({_INT_MAX}) values, more than Caffe's blobs can")
-        count *= d
+    """Blob::Reshape's checks (``blob.checked_shape``), as a blob whose values do not
+    fit."""
+    try:
+        checked_shape(shape)
+    except BlobShapeError as e:
+        raise _BlobValues(str(e)) from None
 
 
 class _BlobValues(ValueError):
