@@ -169,9 +169,14 @@ def _filtered(rng, count, convert):
     return np.concatenate(parts) if parts else np.empty(0)
 
 
+def _unit_factor(real):
+    """boost's uniform_01<real> scale for 32-bit words: 1 / 2^32 in real arithmetic."""
+    return real(1) / (real(_WORD_MAX) + real(1))
+
+
 def _unit_interval(real):
     """boost's uniform_01<real>: word * 2^-32 in real arithmetic, redrawn while >= 1."""
-    factor = real(1) / (real(_WORD_MAX) + real(1))
+    factor = _unit_factor(real)
 
     def convert(words):
         values = words.astype(real) * factor
@@ -181,7 +186,7 @@ def _unit_interval(real):
 
 def _uniform_01(read, real):
     """One uniform_01 value from the words ``read()`` returns."""
-    factor = real(1) / (real(_WORD_MAX) + real(1))
+    factor = _unit_factor(real)
     while True:
         value = real(read()) * factor
         if value < real(1):
@@ -363,8 +368,7 @@ def _wedge_tests(words, slow, stride, layer, x, real, modern):
     i = layer[slow]
     at_u = slow + stride
     inside = at_u < words.size
-    u = words[np.minimum(at_u, words.size - 1)].astype(real) * (
-        real(1) / (real(_WORD_MAX) + real(1)))
+    u = words[np.minimum(at_u, words.size - 1)].astype(real) * _unit_factor(real)
     xs = x[slow]
     y_low = NORMAL_Y[i].astype(real)
     y = y_low + u * (NORMAL_Y[i + 1] - NORMAL_Y[i]).astype(real)
