@@ -122,3 +122,9 @@ def set_multiprocess(value):
 
 def has_nccl():
     return False
+
+
+# pycaffe's __init__ imports these submodules (``from .pycaffe import Net ...``,
+# ``from ._caffe import ...``), so scripts reach them as attributes without importing
+# them: ``caffe.pycaffe.Net``, ``caffe._caffe.Layer``. Last: both import names above.
+from . import pycaffe, _caffe  # noqa: F401,E402

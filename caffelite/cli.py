@@ -344,8 +344,8 @@ def cmd_time(args):
             synchronize()
             bwd[i] += time.perf_counter() - t
         logger.info("Iteration: %d forward-backward time: %g ms.", it + 1,
-                    (t_fwd + time.perf_counter() - t_b) * 1e3)
-    total = time.perf_counter() - start_all
+                    _timer_ms(t_fwd + time.perf_counter() - t_b))
+    total = _timer_ms(time.perf_counter() - start_all)
     n = args.iterations             # at least 1: _check_iterations
     logger.info("Average time per layer: ")
     for name, f, b in zip(net._layer_names, fwd, bwd):
@@ -353,11 +353,18 @@ def cmd_time(args):
         logger.info("%10s\tbackward: %g ms.", name, b / n * 1e3)
     logger.info("Average Forward pass: %g ms.", fwd.sum() / n * 1e3)
     logger.info("Average Backward pass: %g ms.", bwd.sum() / n * 1e3)
-    logger.info("Average Forward-Backward: %g ms.", total / n * 1e3)
-    logger.info("Total Time: %g ms.", total * 1e3)
+    logger.info("Average Forward-Backward: %g ms.", total / n)
+    logger.info("Total Time: %g ms.", total)
     _time_whole_passes(net, n)
     logger.info("*** Benchmark ends ***")
     return 0
+
+
+def _timer_ms(seconds):
+    """caffe::Timer::MilliSeconds: on the CPU boost's total_milliseconds(), whole
+    milliseconds (so a fast net reads "0 ms."); on the GPU the CUDA events' fraction."""
+    from . import backend
+    return seconds * 1e3 if backend.is_gpu() else float(int(seconds * 1e3))
 
 
 def _time_whole_passes(net, n):

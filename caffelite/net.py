@@ -531,7 +531,8 @@ class Net:
         self.bottom_blobs.append(bottoms)
         self.top_blobs.append(tops)
         self.bottom_names[lp.name] = list(lp.bottom)
-        self.top_names[lp.name] = list(lp.top)
+        # auto tops ("(automatic)") are the layer's tops too, as in Caffe's top_id_vecs_
+        self.top_names[lp.name] = list(lp.top) + ["(automatic)"] * (len(tops) - len(lp.top))
         self.bottom_need_backward.append(bottom_nb)
         self.layer_loss_weights.append(loss_weights)
         return need_backward

@@ -409,7 +409,7 @@ class Solver:
             for _, on_gradients in self._callbacks:
                 if on_gradients:
                     on_gradients()
-            self.apply_update()
+            self._apply_update()
             self.iter += 1
             stop, snap = self._take_request()       # one signal per iteration
             if (p.snapshot and self.iter % p.snapshot == 0) or snap:
@@ -511,6 +511,13 @@ class Solver:
                                          for _, _, s in totals for v in s]
 
     # ------------------------------------------------------------------ update
+    @property
+    def lr(self):
+        """BVLC pycaffe's read-only ``solver.lr``: the learning rate at the current
+        iteration (computed without advancing ``current_step``)."""
+        rate, _ = learning_rate(self.param, self.iter, self.current_step, self.net.dtype)
+        return float(rate)
+
     def get_learning_rate(self):
         """Caffe's GetLearningRate at the current iter (advances ``current_step``)."""
         dtype = self.net.dtype
@@ -526,6 +533,13 @@ class Solver:
         return rate
 
     def apply_update(self):
+        """pycaffe's ``solver.apply_update()`` (BVLC 1.0's ApplyUpdate): one update from
+        the current diffs, then ``iter`` advances, as it counts the updates applied (the
+        learning-rate schedule and snapshot names follow it in a hand-written loop)."""
+        self._apply_update()
+        self.iter += 1
+
+    def _apply_update(self):
         p = self.param
         rate = self.get_learning_rate()
         if p.display and self.iter % p.display == 0:

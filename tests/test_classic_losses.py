@@ -269,8 +269,10 @@ def test_infogain_gradient_and_no_gradient_to_labels_or_matrix():
     layer, bottom, top, _ = forward('type: "InfogainLoss"',
                                     [p, labels, H.reshape(1, 1, 3, 3)])
     check_gradient(layer, bottom, top, check_bottom=[0], top_id=0, step=1e-5)
-    assert layer.allow_force_backward(0)
-    assert not layer.allow_force_backward(1) and not layer.allow_force_backward(2)
+    # LossLayer's rule (InfogainLoss keeps it): only the labels are exempt from
+    # force_backward, so a forced H bottom reaches the refusal below, as in Caffe
+    assert layer.allow_force_backward(0) and layer.allow_force_backward(2)
+    assert not layer.allow_force_backward(1)
     with pytest.raises(LayerError, match="infogain matrix input"):
         layer.backward(top, [True, False, True], bottom)
     with pytest.raises(LayerError, match="label inputs"):

@@ -457,7 +457,7 @@ def swl_cases():
         dt = np.dtype(dtype).name
         out.append(Case(f"SoftmaxWithLoss_ignore_valid_{dt}", text(loss="ignore_label: 255"),
                         several(normal(2, 5, 3, 4), labels_with_ignore(5, (2, 1, 3, 4))),
-                        num_top=2, dtype=dtype, propagate=[True, False],
+                        dtype=dtype, propagate=[True, False],
                         fwd=loss_forward_bound(5), bwd=Bound(2 * 5 + 10, "scale"),
                         cuda_fwd=Bound(2 * 5 + 18 + 24, "scale"),
                         cuda_bwd=Bound(2 * 5 + 10, "scale")))

@@ -381,6 +381,8 @@ def test_two_automatic_tops_are_two_blobs_in_caffes_blob_list(tmp_path):
     assert first < second and net.blobs["(automatic)"] is net._blobs[second]
     assert net._blob_loss_weights[first] == 1 and net._blob_loss_weights[second] == 0.5
     assert net.blob_loss_weights["(automatic)"] == 0.5
+    # pycaffe's top_names come from the same top ids (real pycaffe: {'l1': ['(automatic)']})
+    assert net.top_names["l1"] == net.top_names["l2"] == ["(automatic)"]
 
 
 def test_a_double_net_saves_and_reloads_double_data(tmp_path):

@@ -618,3 +618,27 @@ def test_batchnorm_needs_num_and_channel_axes(shape):
     layer = make_layer('type: "BatchNorm"', TEST)
     with pytest.raises(Exception, match="num and channel axes"):
         setup_layer(layer, [np.zeros(shape)])
+
+
+def test_scale_with_bias_logs_its_inner_bias_layer(tmp_path, caplog):
+    """ScaleLayer::LayerSetUp makes its bias an internal Bias layer through the layer
+    factory, which logs "Creating layer <name>" a second time (real BVLC Caffe's log,
+    line for line); without a bias there is one such line."""
+    import logging
+
+    import caffelite as caffe
+    path = tmp_path / "net.prototxt"
+    lines = {}
+    for bias in ("true", "false"):
+        path.write_text('layer { name: "x" type: "Input" top: "x" input_param { shape { '
+                        'dim: 1 dim: 2 } } }\nlayer { name: "s" type: "Scale" bottom: "x" '
+                        f'top: "y" scale_param {{ bias_term: {bias} }} }}\n')
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="caffelite"):
+            caffe.Net(str(path), caffe.TEST)
+        lines[bias] = [r.getMessage() for r in caplog.records]
+    start = lines["true"].index("Creating layer s")
+    assert lines["true"][start:start + 6] == [
+        "Creating layer s", "Creating Layer s", "s <- x", "s -> y", "Creating layer s",
+        "Setting up s"]
+    assert lines["false"].count("Creating layer s") == 1

@@ -3,6 +3,7 @@ import glob
 import os
 import re
 
+import numpy as np
 import pytest
 from google.protobuf import text_format
 
@@ -139,6 +140,65 @@ def test_invalid_string_escapes_are_errors_as_in_caffe(text, where, message):
     with pytest.raises(PrototxtError) as e:
         prototxt.parse_text(text, caffe_pb2.NetParameter(), "f.prototxt")
     assert str(e.value) == f"f.prototxt:{where}: {message}"
+
+
+@pytest.mark.parametrize("text, where, message", [
+    ("layer { convolution_param { pad: +1 } }", "1:34", "no '+' sign"),
+    ("layer { dropout_param { dropout_ratio: +inf } }", "1:40", "no '+' sign"),
+    ("layer { convolution_param { pad: 1_0 } }", "1:35", "Need space between number"),
+    ("layer { convolution_param { pad: 0o7 } }", "1:35", "Need space between number"),
+    ("layer { convolution_param { pad: 0b1 } }", "1:35", "Need space between number"),
+    ("layer { dropout_param { dropout_ratio: 1.5ff } }", "1:44", "Need space between number"),
+    ("layer { dropout_param { dropout_ratio: inff } }", "1:40", "Expected double, got: inff"),
+    ("layer { dropout_param { dropout_ratio: NaNf } }", "1:40", "Expected double, got: NaNf"),
+    ("name: \"n\"\nlayer {\u00a0name: \"a\" }", "2:8", "non ascii codepoint 160"),
+    ("layer {\u2028name: \"a\" }", "1:8", "non ascii codepoint 8232"),
+    ("layer {\x1cname: \"a\" }", "1:8", "Invalid control characters"),
+])
+def test_tokens_protobufs_cpp_tokenizer_refuses_are_errors(text, where, message):
+    """Python's text_format reads these (a '+' sign, 1_0 and 0o7 as numbers, inff, a
+    no-break space as whitespace); protobuf's C++ tokenizer and parser, Caffe's, refuse
+    them (checked against the real BVLC Caffe)."""
+    with pytest.raises(PrototxtError) as e:
+        prototxt.parse_text(text, caffe_pb2.NetParameter(), "f.prototxt")
+    assert str(e.value).startswith(f"f.prototxt:{where}: ") and message in str(e.value)
+
+
+@pytest.mark.parametrize("text, value", [
+    ("1e+3", 1000.0), ("-inf", -np.inf), ("Infinity", np.inf), ("-nan", None), (".5", 0.5),
+    ("5.", 5.0), ("1e-3f", 0.001), ("-0", -0.0), ("2f", 2.0),
+])
+def test_numbers_protobufs_cpp_tokenizer_reads(text, value):
+    param = prototxt.parse_text(f"layer {{ dropout_param {{ dropout_ratio: {text} }} }}",
+                                caffe_pb2.NetParameter())
+    got = param.layer[0].dropout_param.dropout_ratio
+    assert np.isnan(got) if value is None else got == np.float32(value)
+
+
+def test_a_unicode_escape_beyond_the_last_code_point_names_its_place():
+    """protobuf's tokenizer takes \\U up to 1fffff and stores bytes that are no UTF-8;
+    caffelite reads strings as UTF-8, so it refuses them in words."""
+    with pytest.raises(PrototxtError, match=r"^f.prototxt:1:7: .*not a Unicode code point"):
+        prototxt.parse_text(r'name: "\U00110000"', caffe_pb2.NetParameter(), "f.prototxt")
+
+
+@pytest.mark.parametrize("text", [r'name: "\400"', r'name: "\377"', r'name: "a\xff"',
+                                  'name: "\udcff"'])
+@pytest.mark.filterwarnings("ignore:invalid octal escape:DeprecationWarning")
+def test_strings_that_are_not_utf8_are_refused_in_words(text):
+    with pytest.raises(PrototxtError, match=r"^f.prototxt:1:\d+: .*a string holds bytes "
+                                            r"that are not UTF-8 \(caffelite reads"):
+        prototxt.parse_text(text, caffe_pb2.NetParameter(), "f.prototxt")
+
+
+def test_subnormal_floats_print_in_the_long_form():
+    """SimpleFtoa keeps "%.6g" only when strtof reads it back without an error; glibc's
+    strtof sets ERANGE for every subnormal result, so those take "%.8g"."""
+    for value in (1e-40, -1e-40, 1e-45, 1.2e-38):
+        param = caffe_pb2.FillerParameter(std=value)
+        line = prototxt.message_to_text(param).strip()
+        assert line == "std: " + "%.8g" % np.float32(value), line
+    assert prototxt.message_to_text(caffe_pb2.FillerParameter(std=0.1)).strip() == "std: 0.1"
 
 
 def test_a_carriage_return_is_whitespace_not_a_line_end(tmp_path):

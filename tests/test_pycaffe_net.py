@@ -347,6 +347,41 @@ def test_hdf5_weights_problems_name_the_file(tmp_path, caplog):
         net.copy_from(strings)
 
 
+def test_hand_written_loop_follows_the_schedule(net_file, tmp_path, monkeypatch):
+    """forward, backward, apply_update: BVLC's ApplyUpdate advances iter, so the step
+    policy and solver.lr (BVLC pycaffe's read-only rate at the current iteration, which
+    does not advance current_step) move with the updates (real pycaffe: lr 1, 0.1, 0.01
+    at iters 0, 1, 2 for gamma 0.1 and stepsize 1)."""
+    monkeypatch.chdir(tmp_path)
+    solver_file = tmp_path / "solver.prototxt"
+    solver_file.write_text(f"net: '{net_file}' base_lr: 1 lr_policy: 'step' gamma: 0.1 "
+                           "stepsize: 1 max_iter: 10 snapshot_prefix: 'snap'")
+    solver = caffe.SGDSolver(str(solver_file))
+    seen = []
+    for _ in range(3):
+        seen.append((solver.iter, solver.lr))
+        solver.net.forward()
+        solver.net.backward()
+        solver.apply_update()
+    assert [i for i, _ in seen] == [0, 1, 2] and solver.iter == 3
+    np.testing.assert_allclose([lr for _, lr in seen], [1, 0.1, 0.01], rtol=1e-6)
+    with pytest.raises(AttributeError):
+        solver.lr = 5
+
+
+def test_submodules_are_attributes_as_in_pycaffe():
+    """pycaffe's __init__ imports pycaffe and _caffe, so scripts use caffe.pycaffe.Net
+    and caffe._caffe.Layer without importing them."""
+    import importlib
+    import subprocess
+    import sys
+    code = ("import caffelite as caffe; assert caffe.pycaffe.Net is caffe.Net; "
+            "assert caffe._caffe.Net is caffe.Net")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert importlib.import_module("caffelite.pycaffe") is caffe.pycaffe
+
+
 def test_solver_surface(net_file, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     solver_file = tmp_path / "solver.prototxt"
@@ -370,11 +405,12 @@ def test_solver_surface(net_file, tmp_path, monkeypatch):
     solver.history[0][...] = 0
     solver.apply_update()
     np.testing.assert_allclose(data, -0.01, rtol=1e-6)
+    assert solver.iter == 3                   # BVLC's ApplyUpdate counts the update
     model, state = solver.snapshot()
-    assert os.path.basename(model) == "snap_iter_2.caffemodel" and os.path.isfile(state)
+    assert os.path.basename(model) == "snap_iter_3.caffemodel" and os.path.isfile(state)
     fresh = caffe.SGDSolver(str(solver_file))
     fresh.restore(state)
-    assert fresh.iter == 2
+    assert fresh.iter == 3
     np.testing.assert_array_equal(fresh.net.params["conv"][0].data, data)
     fresh.solve()
     assert fresh.iter == 6

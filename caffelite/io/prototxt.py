@@ -75,6 +75,84 @@ _ESCAPE = re.compile(r"\\(.?)", re.S)
 _SIMPLE_ESCAPES = set("abfnrtv\\?'\"01234567")
 
 
+class _NotUtf8(ValueError):
+    pass
+
+
+# What protobuf's C++ tokenizer (Caffe's) refuses outside strings and comments and
+# Python's text_format accepts. Each kind is one regular expression over the text with
+# its strings and comments blanked; one alternation of all four would be far slower.
+_NUMBER = (r"(?:0[xX][0-9a-fA-F]*|0[0-9]+|"
+           r"(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]*)?[fF]?)")
+_TOKEN_PROBLEMS = {
+    # a number glued to a letter, digit, '_' or '.' (1_0, 0o7, 0b1, 1.5ff); the
+    # lookahead-and-backreference takes the longest number without backtracking
+    "glued": re.compile(r"(?<![A-Za-z0-9_])(?=(" + _NUMBER + r"))\1[A-Za-z0-9_.]"),
+    # a '+' that is not an exponent's sign: the text format has no '+' sign
+    "plus": re.compile(r"(?<![0-9.][eE])\+"),
+    # words Python's parser reads as floats; protobuf's C++ one only inf, infinity, nan
+    "word": re.compile(r"(?<![a-z0-9_])(?:inf|infinity|nan)f(?![a-z0-9_])"),
+    # non-ASCII or control characters (a no-break space, U+2028, \x1c ...)
+    "odd": re.compile(r"[^\x20-\x7e\t\n\v\f\r]"),
+}
+
+
+def _blank(match):
+    return " " * len(match.group(0))
+
+
+def _token_problem(text):
+    """(position, kind) of the first thing protobuf's C++ tokenizer refuses, or None."""
+    code = _COMMENT_OR_STRING.sub(_blank, text)
+    quote = re.search("[\"']", code)       # a string without its closing quote: the
+    if quote:                               # parser says so
+        code = code[:quote.start()]
+    if code.startswith("\ufeff"):           # a byte-order mark: parse_text's hint
+        code = " " + code[1:]
+    lower = code.lower()
+    found = []
+    for kind, pattern in _TOKEN_PROBLEMS.items():
+        if (kind == "plus" and "+" not in code) or (kind == "word" and "inf" not in lower
+                                                    and "nan" not in lower):
+            continue            # the common case, found far faster by str's search
+        match = pattern.search(lower if kind == "word" else code)
+        if match:
+            found.append((match.end() - 1 if kind == "glued" else match.start(), kind))
+    return min(found, default=None)
+
+
+def _check_tokens(text, path):
+    """Refuse, as protobuf's C++ tokenizer and parser do, what Python's text_format
+    accepts besides: a '+' sign (1e+3 is one number, +1 is not), a number glued to
+    letters, digits or '_' (1_000, 0o7, 0b1, 1.5ff), the words inff/nanf/infinityf,
+    and non-ASCII or control characters outside strings and comments (Python's
+    parser takes a no-break space, U+2028 or \\x1c for whitespace)."""
+    problem = _token_problem(text)
+    if problem is None:
+        return
+    pos, kind = problem
+    char = text[pos]
+    if kind == "glued":
+        why = "Need space between number and identifier."
+    elif kind == "plus":
+        why = ("Expected integer, double or identifier, got: + (the text format has no "
+               "'+' sign)")
+    elif kind == "word":
+        word = re.match(r"[A-Za-z_]+", text[pos:]).group(0)
+        why = f"Expected double, got: {word}"
+    elif ord(char) >= 0x80:
+        point = ord(char) - 0xDC00 if 0xDC80 <= ord(char) <= 0xDCFF else ord(char)
+        why = (f"Interpreting non ascii codepoint {point} ('{_printable(char)}') "
+               f"outside a string or comment (a no-break space?).")
+    else:
+        why = f"Invalid control characters encountered in text ('{_printable(char)}')."
+    start = text.rfind("\n", 0, pos) + 1
+    end = text.find("\n", pos)
+    quoted = _printable(text[start:end if end >= 0 else len(text)], 120)
+    raise PrototxtError(f"{path}:{text.count(chr(10), 0, pos) + 1}:{pos - start + 1}: "
+                        f"'{quoted}': {why}")
+
+
 def _check_escapes(text, path):
     """protobuf's C++ tokenizer (Caffe's) refuses an escape other than \\a \\b \\f \\n
     \\r \\t \\v \\\\ \\? \\' \\" (and octal, \\x hex, \\u and \\U ones) in a
@@ -104,7 +182,15 @@ def _check_escapes(text, path):
                    "Invalid escape sequence in string literal.")
             raise PrototxtError(f"{path}:{line}:{col}: {why}")
         token = _SURROGATE_PAIR.sub(_join_surrogates, _ESCAPE.sub(escape, token))
-        return _UNICODE_ESCAPE.sub(_utf8_octal, token)
+        try:
+            return _UNICODE_ESCAPE.sub(_utf8_octal, token)
+        except _NotUtf8 as e:
+            pos = match.start()
+            line = text.count("\n", 0, pos) + 1
+            col = pos - text.rfind("\n", 0, pos)
+            raise PrototxtError(f"{path}:{line}:{col}: {e} is not a Unicode code point: "
+                                f"a string holds bytes that are not UTF-8 (caffelite reads "
+                                f"prototxt strings as UTF-8)") from None
     return _COMMENT_OR_STRING.sub(string, text)
 
 
@@ -118,6 +204,10 @@ def _utf8_octal(match):
     digits = match.group(1) or match.group(2)
     if digits is None or 0xD800 <= int(digits, 16) <= 0xDFFF:   # \\, or a lone surrogate
         return match.group(0)
+    if int(digits, 16) > 0x10FFFF:
+        # protobuf's tokenizer takes \U up to 1fffff and stores bytes that are not
+        # UTF-8 (nor any code point): refuse it as any other non-UTF-8 string.
+        raise _NotUtf8(match.group(0))
     return "".join(f"\\{b:03o}" for b in chr(int(digits, 16)).encode("utf-8"))
 
 
@@ -157,6 +247,7 @@ def parse_text(text, message, path="<string>"):
     if "\x00" in text[:4096]:         # no text prototxt holds a NUL; Caffe would fail too
         raise PrototxtError(f"{path}: a binary file (a .caffemodel or .solverstate "
                             f"perhaps), not a text prototxt")
+    _check_tokens(text, path)
     text = _check_escapes(text, path)
     try:
         text_format.Parse(text, message)
@@ -164,9 +255,10 @@ def parse_text(text, message, path="<string>"):
         line = getattr(e, "GetLine", lambda: None)()
         col = getattr(e, "GetColumn", lambda: None)()
         detail = _printable(str(e))
-        if "surrogates not allowed" in detail:
-            detail = (detail.split(": 'utf-8' codec")[0] + ": a string holds bytes that are "
-                      "not UTF-8 (caffelite reads prototxt strings as UTF-8)")
+        if "surrogates not allowed" in detail or "codec can't" in detail:
+            detail = (re.split(r"(?:: Couldn't parse string)?: '[\w-]+' codec can't", detail)[0]
+                      + ": a string holds bytes that are not UTF-8 (caffelite reads "
+                      "prototxt strings as UTF-8)")
         detail += _kind_hint(text, message)
         if line is not None:
             detail = re.sub(r"^\d+:\d+\s*:\s*", "", detail)
@@ -289,6 +381,13 @@ def _shortest_text(value, digits, fallback_digits, narrow):
     if math.isinf(value):
         return "inf" if value > 0 else "-inf"
     text = "%.*g" % (digits, value)
-    if narrow(float(text)) != narrow(value):
+    back = narrow(float(text))
+    # SimpleFtoa's safe_strtof also fails when strtof sets ERANGE, as glibc's does for
+    # a result below FLT_MIN (a subnormal): those always take the longer form.
+    underflow = digits == 6 and back != 0 and abs(back) < _FLT_MIN
+    if back != narrow(value) or underflow:
         text = "%.*g" % (fallback_digits, value)
     return text
+
+
+_FLT_MIN = float(np.finfo(np.float32).tiny)

@@ -169,7 +169,10 @@ class InfogainLossLayer(_ItemLoss):
     max_bottom = 3
 
     def allow_force_backward(self, bottom_index):
-        return bottom_index == 0
+        # Caffe's LossLayer rule (InfogainLossLayer does not override it): only the
+        # labels are exempt, so force_backward with an H bottom reaches the FATAL
+        # "cannot backpropagate to infogain inputs" in Backward_cpu.
+        return bottom_index != 1
 
     def setup(self, bottom, top):
         p = self.layer_param.infogain_loss_param

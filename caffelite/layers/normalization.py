@@ -8,6 +8,7 @@ from ..backend import TEST, get_array_module
 from ..blob import legacy_shape
 from ..filler import fill
 from ..layer import Layer, NeuronLayer, register
+from ..log import logger
 from ._device import launch, on_device, reused
 from .im2col import view
 
@@ -254,6 +255,10 @@ class ScaleLayer(Layer):
                 fill(blob, p.filler)
             else:
                 blob.data[...] = 1     # identity by default
+        if self.bias_term:
+            # Caffe's ScaleLayer::LayerSetUp makes its bias an internal Bias layer with
+            # LayerRegistry::CreateLayer, which logs "Creating layer <name>" a second time.
+            logger.info("Creating layer %s", self.layer_param.name)
         if self.bias_term and len(self.blobs) < wanted:
             bias_axes = bottom[1].num_axes if len(bottom) > 1 else int(p.num_axes)
             shape = _param_shape(self, bottom[0], p.axis, bias_axes, "bias")

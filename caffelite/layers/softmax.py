@@ -191,6 +191,14 @@ class SoftmaxWithLossLayer(LossLayer):
         p = self.layer_param.loss_param
         self.v1 = _V1Loss(self, bottom) if self.layer_param.HasField("softmaxloss_param") \
             else None
+        if len(top) == 2 and self.v1 is None:
+            # Caffe (the fork and BVLC alike, BVLC issue #2968): LossLayer::LayerSetUp adds
+            # one loss_weight, so SetLossWeights fails "loss_weight must be unspecified or
+            # specified once per top blob" (2 vs. 1); with two loss_weight values the
+            # internal Softmax (one top) inherits both and fails (1 vs. 2).
+            raise self.error("SoftmaxWithLoss with a second (probability) top cannot be "
+                             "built in Caffe (loss_weight must be specified once per top "
+                             "blob); add a separate Softmax layer for the probabilities")
         self.ignore_label = int(p.ignore_label) if p.HasField("ignore_label") else None
         self.normalization = loss_normalization(self, VALID)
         if self.normalization not in _MODE_NAMES:

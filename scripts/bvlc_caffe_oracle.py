@@ -1,0 +1,164 @@
+#!/usr/bin/env python3
+"""Unpack the real BVLC Caffe 1.0 (CPU) into a folder, as an oracle for development.
+
+Debian 11 (bullseye) packaged BVLC Caffe (git 99bd997, 2018-08-21) with pycaffe for
+Python 3.9.  This script downloads those packages and every shared library they need
+from the Debian archive, checks each file's SHA-256 against the archive's index, and
+unpacks them (``dpkg-deb -x``, nothing is installed system-wide) into ``DIR``:
+
+    python3 scripts/bvlc_caffe_oracle.py /tmp/bvlc_caffe
+    export CAFFELITE_BVLC_PYCAFFE=/tmp/bvlc_caffe/pycaffe39
+
+``DIR/pycaffe39 script.py`` then runs ``import caffe`` with the real pycaffe, and
+``. DIR/env.sh`` puts the real ``caffe``, ``upgrade_net_proto_text``,
+``convert_imageset`` ... on PATH.  ``tests/test_bvlc_oracle.py`` compares caffelite with
+it when ``CAFFELITE_BVLC_PYCAFFE`` is set, and is skipped otherwise.
+
+BVLC Caffe of 2018 is not the DeepLab fork (based on BVLC of early 2016): the fork's own
+layers are missing, and a few shared behaviours changed after 2016.  The test lists
+only cases where the two agree.  Needs a Linux amd64 host with ``dpkg-deb`` and ``ldd``.
+"""
+import argparse
+import gzip
+import hashlib
+import lzma
+import os
+import re
+import subprocess
+import sys
+import urllib.request
+
+MIRROR = "http://deb.debian.org/debian/"
+SUITE = "dists/bullseye/main/"
+CAFFE_PACKAGES = ["caffe", "libcaffe1", "python3-caffe"]
+PYTHON_PACKAGES = ["python3.9-minimal", "libpython3.9-minimal", "libpython3.9-stdlib",
+                   "python3-numpy", "python3-protobuf", "python3-six"]
+# libblas.so.3 is an alternative in Debian; take OpenBLAS's threaded build.
+SONAME_CHOICES = {"libblas.so.3": "libopenblas0-pthread"}
+LIBRARY_DIRS = ["usr/lib/x86_64-linux-gnu", "usr/lib", "lib/x86_64-linux-gnu",
+                "usr/lib/x86_64-linux-gnu/openblas-pthread"]
+# pycaffe's caffe.io imports skimage and scipy at import time; the oracle needs neither.
+STUBS = {"skimage/__init__.py": "", "skimage/io/__init__.py": "def imread(*a, **k):\n"
+         "    raise NotImplementedError('skimage is a stub in this oracle')\n",
+         "skimage/transform/__init__.py": "def resize(*a, **k):\n"
+         "    raise NotImplementedError('skimage is a stub in this oracle')\n",
+         "scipy/__init__.py": "", "scipy/ndimage/__init__.py": "def zoom(*a, **k):\n"
+         "    raise NotImplementedError('scipy is a stub in this oracle')\n"}
+
+
+def fetch(url):
+    with urllib.request.urlopen(url, timeout=120) as response:
+        return response.read()
+
+
+def checked(data, sha256, what):
+    if hashlib.sha256(data).hexdigest() != sha256:
+        sys.exit(f"{what}: SHA-256 differs from the archive's index")
+    return data
+
+
+def package_index():
+    """Package name -> (Filename, SHA256), from bullseye main's Packages.xz."""
+    release = fetch(MIRROR + "dists/bullseye/Release").decode()
+    m = re.search(r"^ ([0-9a-f]{64})\s+\d+ main/binary-amd64/Packages\.xz$", release, re.M)
+    packages = checked(fetch(MIRROR + SUITE + "binary-amd64/Packages.xz"), m.group(1),
+                       "Packages.xz")
+    index = {}
+    for stanza in lzma.decompress(packages).decode().split("\n\n"):
+        fields = dict(re.findall(r"^(Package|Filename|SHA256): (.+)$", stanza, re.M))
+        if "Package" in fields:
+            index[fields["Package"]] = (fields["Filename"], fields["SHA256"])
+    return index
+
+
+def soname_index():
+    """Shared-library file name -> package, from bullseye main's Contents index."""
+    contents = gzip.decompress(fetch(MIRROR + SUITE + "Contents-amd64.gz")).decode()
+    owners = {}
+    for path, owner in re.findall(r"^((?:usr/)?lib/\S*?lib[^/\s]*\.so[^/\s]*)\s+(\S+)$",
+                                  contents, re.M):
+        owners.setdefault(os.path.basename(path), owner.split(",")[0].split("/")[-1])
+    owners.update(SONAME_CHOICES)
+    return owners
+
+
+def unpack(name, index, root, debs):
+    filename, sha256 = index[name]
+    deb = os.path.join(debs, os.path.basename(filename))
+    if not os.path.exists(deb):
+        data = checked(fetch(MIRROR + filename), sha256, filename)
+        with open(deb + ".part", "wb") as f:
+            f.write(data)
+        os.replace(deb + ".part", deb)
+    subprocess.run(["dpkg-deb", "-x", deb, root], check=True)
+
+
+def library_path(root):
+    return ":".join(os.path.join(root, d) for d in LIBRARY_DIRS)
+
+
+def missing_libraries(root):
+    env = dict(os.environ, LD_LIBRARY_PATH=library_path(root))
+    objects = [os.path.join(root, "usr/bin/caffe")]
+    for d in LIBRARY_DIRS + ["usr/lib/python3/dist-packages/caffe"]:
+        folder = os.path.join(root, d)
+        if os.path.isdir(folder):
+            objects += [os.path.join(folder, f) for f in os.listdir(folder) if ".so" in f]
+    missing = set()
+    for obj in objects:
+        if os.path.isfile(obj):
+            out = subprocess.run(["ldd", obj], capture_output=True, text=True, env=env).stdout
+            missing |= set(re.findall(r"^\s*(\S+) => not found", out, re.M))
+    return missing
+
+
+def write_launchers(folder, root):
+    with open(os.path.join(folder, "env.sh"), "w") as f:
+        f.write(f"export LD_LIBRARY_PATH={library_path(root)}\n"
+                f"export PATH={root}/usr/bin:$PATH\n")
+    for rel, text in STUBS.items():
+        path = os.path.join(folder, "stubs", rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            f.write(text)
+    launcher = os.path.join(folder, "pycaffe39")
+    with open(launcher, "w") as f:
+        f.write("#!/bin/bash\n# The real BVLC pycaffe (Debian bullseye), Python 3.9, CPU only.\n"
+                f". {folder}/env.sh\n"
+                "export GLOG_minloglevel=${GLOG_minloglevel:-2}\n"
+                f"export PYTHONPATH={folder}/stubs${{PYTHONPATH:+:$PYTHONPATH}}\n"
+                f'exec {root}/usr/bin/python3.9 "$@"\n')
+    os.chmod(launcher, 0o755)
+    return launcher
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("folder", help="where to unpack (created; reused if it exists)")
+    folder = os.path.abspath(parser.parse_args().folder)
+    root, debs = os.path.join(folder, "root"), os.path.join(folder, "debs")
+    os.makedirs(root, exist_ok=True)
+    os.makedirs(debs, exist_ok=True)
+    index = package_index()
+    for name in CAFFE_PACKAGES + PYTHON_PACKAGES:
+        unpack(name, index, root, debs)
+    owners, taken = soname_index(), set()
+    while True:
+        wanted = {owners.get(so, so) for so in missing_libraries(root)} - taken
+        if not wanted:
+            break
+        unknown = sorted(w for w in wanted if w not in index)
+        if unknown:
+            sys.exit(f"no bullseye package provides: {', '.join(unknown)}")
+        for name in sorted(wanted):
+            print("unpacking", name, flush=True)
+            unpack(name, index, root, debs)
+        taken |= wanted
+    launcher = write_launchers(folder, root)
+    subprocess.run([launcher, "-c", "import caffe; print('BVLC pycaffe', caffe.__version__)"],
+                   check=True)
+    print(f"export CAFFELITE_BVLC_PYCAFFE={launcher}")
+
+
+if __name__ == "__main__":
+    main()
