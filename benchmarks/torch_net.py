@@ -123,8 +123,9 @@ class TorchNet(torch.nn.Module):
         propagate = ([bool(v) for v in lp.propagate_down] if len(lp.propagate_down)
                      else [True] * len(lp.bottom))
         # Loss layers without a top get one (Caffe's AutoTopBlobs): caffelite's tops.
-        tops = net.top_names[lp.name] + [f"(automatic {lp.name} {j})"
-                                         for j in range(len(lp.top), len(shapes))]
+        # (net.top_names names them all "(automatic)"; keep them apart per layer)
+        tops = list(lp.top) + [f"(automatic {lp.name} {j})"
+                               for j in range(len(lp.top), len(shapes))]
         weights = list(lp.loss_weight)
         if not weights:
             weights = [0.0] * len(tops)
@@ -543,10 +544,7 @@ def _build_softmax_loss(tn, lp, layer, net, shapes):
         else:
             norm = float(max(1, {_L.FULL: lab.numel(), _L.BATCH_SIZE: outer,
                                  _L.NONE: 1}[mode]))
-        tops = [total / norm]
-        if len(shapes) > 1:
-            tops.append(logp.exp())
-        return tops
+        return [total / norm]
     return run
 
 

@@ -76,7 +76,7 @@ def _cpow(x, y):
         return float(np.power(np.float64(x), np.float64(y)))
 
 
-def learning_rate(param, iter, current_step=0, dtype=np.float32):
+def learning_rate(param, iter, current_step=0, dtype=np.float32, log=True):
     """Caffe's ``SGDSolver::GetLearningRate`` at ``iter`` (completed updates).
 
     Returns ``(rate, current_step)``; ``step`` sets and ``multistep`` advances (by at
@@ -101,7 +101,8 @@ def learning_rate(param, iter, current_step=0, dtype=np.float32):
     elif policy == "multistep":
         if current_step < len(param.stepvalue) and iter >= param.stepvalue[current_step]:
             current_step += 1
-            logger.info("MultiStep Status: Iteration %d, step = %d", iter, current_step)
+            if log:
+                logger.info("MultiStep Status: Iteration %d, step = %d", iter, current_step)
         rate = base_lr * _cpow(gamma, current_step)
     elif policy == "poly":
         with np.errstate(divide="ignore", invalid="ignore"):      # max_iter 0: NaN
@@ -514,8 +515,11 @@ class Solver:
     @property
     def lr(self):
         """BVLC pycaffe's read-only ``solver.lr``: the learning rate at the current
-        iteration (computed without advancing ``current_step``)."""
-        rate, _ = learning_rate(self.param, self.iter, self.current_step, self.net.dtype)
+        iteration.  BVLC's getter calls GetLearningRate, which advances a multistep
+        ``current_step`` (and logs "MultiStep Status"); this one changes nothing and logs
+        nothing, so reading it leaves the schedule and the log as they were."""
+        rate, _ = learning_rate(self.param, self.iter, self.current_step, self.net.dtype,
+                                log=False)
         return float(rate)
 
     def get_learning_rate(self):

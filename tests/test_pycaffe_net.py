@@ -349,8 +349,8 @@ def test_hdf5_weights_problems_name_the_file(tmp_path, caplog):
 
 def test_hand_written_loop_follows_the_schedule(net_file, tmp_path, monkeypatch):
     """forward, backward, apply_update: BVLC's ApplyUpdate advances iter, so the step
-    policy and solver.lr (BVLC pycaffe's read-only rate at the current iteration, which
-    does not advance current_step) move with the updates (real pycaffe: lr 1, 0.1, 0.01
+    policy and solver.lr (BVLC pycaffe's read-only rate at the current iteration; BVLC's
+    getter advances a multistep current_step, caffelite's does not) move with the updates (real pycaffe: lr 1, 0.1, 0.01
     at iters 0, 1, 2 for gamma 0.1 and stepsize 1)."""
     monkeypatch.chdir(tmp_path)
     solver_file = tmp_path / "solver.prototxt"

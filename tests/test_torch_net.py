@@ -83,7 +83,7 @@ layer { name: "gated" type: "Scale" bottom: "score" bottom: "gate" top: "gated"
 layer { name: "prob" type: "Softmax" bottom: "gated" top: "prob" }
 layer { name: "silence" type: "Silence" bottom: "prob" }
 layer { name: "loss" type: "SoftmaxWithLoss" bottom: "gated" bottom: "label"
-  top: "loss" top: "loss_prob" loss_param { ignore_label: 255 normalization: VALID } }
+  top: "loss" loss_param { ignore_label: 255 normalization: VALID } }
 layer { name: "loss_full" type: "SoftmaxWithLoss" bottom: "score" bottom: "label"
   top: "loss_full" loss_weight: 0.5 propagate_down: true propagate_down: false
   loss_param { ignore_label: 255 normalize: false } }
