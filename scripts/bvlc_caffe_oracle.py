@@ -3,8 +3,9 @@
 
 Debian 11 (bullseye) packaged BVLC Caffe (git 99bd997, 2018-08-21) with pycaffe for
 Python 3.9.  This script downloads those packages and every shared library they need
-from the Debian archive, checks each file's SHA-256 against the archive's index, and
-unpacks them (``dpkg-deb -x``, nothing is installed system-wide) into ``DIR``:
+from the Debian archive over https, checks each file's SHA-256 against the archive's
+index (the Release file's own signature is not checked), and unpacks them into ``DIR``
+(``dpkg-deb -x``; nothing is installed system-wide):
 
     python3 scripts/bvlc_caffe_oracle.py /tmp/bvlc_caffe
     export CAFFELITE_BVLC_PYCAFFE=/tmp/bvlc_caffe/pycaffe39
@@ -28,7 +29,7 @@ import subprocess
 import sys
 import urllib.request
 
-MIRROR = "http://deb.debian.org/debian/"
+MIRROR = "https://deb.debian.org/debian/"
 SUITE = "dists/bullseye/main/"
 CAFFE_PACKAGES = ["caffe", "libcaffe1", "python3-caffe"]
 PYTHON_PACKAGES = ["python3.9-minimal", "libpython3.9-minimal", "libpython3.9-stdlib",
