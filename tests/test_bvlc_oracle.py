@@ -50,6 +50,10 @@ def _load_layer_cases():
     return _load_oracle_module("bvlc_layer_cases").CASES
 
 
+# the runner's net_arrays, loaded once (the runner imports caffe only when it runs)
+_net_arrays = _load_oracle_module("bvlc_pycaffe_runner").net_arrays
+
+
 def _input(name, *shape):
     dims = " ".join(f"dim: {d}" for d in shape)
     return (f'layer {{ name: "{name}" type: "Input" top: "{name}" '
@@ -370,7 +374,7 @@ def _run_caffelite(case, folder, rng):
             net.blobs[blob].diff[...] = feed["diff/" + blob]
         net.backward()
     np.savez(os.path.join(folder, "inputs.npz"), **feed)
-    out = _load_oracle_module("bvlc_pycaffe_runner").net_arrays(net)
+    out = _net_arrays(net)
     layers = [(name, layer.type, list(net.top_names[name]))
               for name, layer in zip(net._layer_names, net.layers)]
     return out, layers
