@@ -97,6 +97,11 @@ _TOKEN_PROBLEMS = {
 }
 
 
+def _line_col(text, pos):
+    """Line and column (from 1; lines end at \\n only, as in protobuf's tokenizer)."""
+    return text.count("\n", 0, pos) + 1, pos - text.rfind("\n", 0, pos)
+
+
 def _blank(match):
     return " " * len(match.group(0))
 
@@ -146,11 +151,11 @@ def _check_tokens(text, path):
                f"outside a string or comment (a no-break space?).")
     else:
         why = f"Invalid control characters encountered in text ('{_printable(char)}')."
-    start = text.rfind("\n", 0, pos) + 1
+    line, col = _line_col(text, pos)
+    start = pos - col + 1
     end = text.find("\n", pos)
     quoted = _printable(text[start:end if end >= 0 else len(text)], 120)
-    raise PrototxtError(f"{path}:{text.count(chr(10), 0, pos) + 1}:{pos - start + 1}: "
-                        f"'{quoted}': {why}")
+    raise PrototxtError(f"{path}:{line}:{col}: '{quoted}': {why}")
 
 
 def _check_escapes(text, path):
@@ -176,8 +181,7 @@ def _check_escapes(text, path):
                                        esc.group(0))
             # Where the C++ tokenizer stands: after the backslash (and the x).
             pos = match.start() + esc.start() + 1 + hex_escape
-            line = text.count("\n", 0, pos) + 1
-            col = pos - text.rfind("\n", 0, pos)
+            line, col = _line_col(text, pos)
             why = ("Expected hex digits for escape sequence." if hex_escape else
                    "Invalid escape sequence in string literal.")
             raise PrototxtError(f"{path}:{line}:{col}: {why}")
@@ -186,8 +190,7 @@ def _check_escapes(text, path):
             return _UNICODE_ESCAPE.sub(_utf8_octal, token)
         except _NotUtf8 as e:
             pos = match.start()
-            line = text.count("\n", 0, pos) + 1
-            col = pos - text.rfind("\n", 0, pos)
+            line, col = _line_col(text, pos)
             raise PrototxtError(f"{path}:{line}:{col}: {e} is not a Unicode code point: "
                                 f"a string holds bytes that are not UTF-8 (caffelite reads "
                                 f"prototxt strings as UTF-8)") from None
@@ -234,8 +237,7 @@ def _unicode_escape(char, pos, text, path, escape):
     10ffff (Python's parser decodes both)."""
     for allowed in _UNICODE_DIGITS[char]:
         if pos >= len(text) or text[pos] not in allowed:
-            line = text.count("\n", 0, pos) + 1
-            col = pos - text.rfind("\n", 0, pos)
+            line, col = _line_col(text, pos)
             why = ("Expected four hex digits for \\u escape sequence." if char == "u" else
                    "Expected eight hex digits up to 10ffff for \\U escape sequence")
             raise PrototxtError(f"{path}:{line}:{col}: {why}")
