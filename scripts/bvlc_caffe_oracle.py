@@ -4,7 +4,8 @@
 Debian 11 (bullseye) packaged BVLC Caffe (git 99bd997, 2018-08-21) with pycaffe for
 Python 3.9.  This script downloads those packages and every shared library they need
 from the Debian archive over https, checks each file's SHA-256 against the archive's
-index (the Release file's own signature is not checked), and unpacks them into ``DIR``
+index, whose Release file's signature ``gpgv`` checks with Debian's archive keyring
+(where the host has both; otherwise it says so), and unpacks them into ``DIR``
 (``dpkg-deb -x``; nothing is installed system-wide):
 
     python3 scripts/bvlc_caffe_oracle.py /tmp/bvlc_caffe
@@ -25,11 +26,13 @@ import hashlib
 import lzma
 import os
 import re
+import shutil
 import subprocess
 import sys
 import urllib.request
 
 MIRROR = "https://deb.debian.org/debian/"
+KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
 SUITE = "dists/bullseye/main/"
 CAFFE_PACKAGES = ["caffe", "libcaffe1", "python3-caffe"]
 PYTHON_PACKAGES = ["python3.9-minimal", "libpython3.9-minimal", "libpython3.9-stdlib",
@@ -58,12 +61,34 @@ def checked(data, sha256, what):
     return data
 
 
-def package_index():
+def release(folder):
+    """bullseye's Release file: its signed form (InRelease) checked with gpgv where the
+    host has gpgv and Debian's archive keyring."""
+    if not (shutil.which("gpgv") and os.path.exists(KEYRING)):
+        print(f"note: no gpgv or no {KEYRING}: the Release file's signature is not checked")
+        return fetch(MIRROR + "dists/bullseye/Release").decode()
+    signed = os.path.join(folder, "InRelease")
+    with open(signed, "wb") as f:
+        f.write(fetch(MIRROR + "dists/bullseye/InRelease"))
+    check = subprocess.run(["gpgv", "--keyring", KEYRING, "--output", "-", signed],
+                           capture_output=True)
+    if check.returncode != 0:
+        sys.exit("bullseye's InRelease: the signature does not verify with Debian's "
+                 "archive keyring:\n" + check.stderr.decode(errors="replace"))
+    return check.stdout.decode()
+
+
+def release_hashes(folder):
+    """File under dists/bullseye/ -> SHA256, from the Release file."""
+    text = release(folder)
+    return dict((name, sha) for sha, name in
+                re.findall(r"^ ([0-9a-f]{64})\s+\d+ (\S+)$", text, re.M))
+
+
+def package_index(hashes):
     """Package name -> (Filename, SHA256), from bullseye main's Packages.xz."""
-    release = fetch(MIRROR + "dists/bullseye/Release").decode()
-    m = re.search(r"^ ([0-9a-f]{64})\s+\d+ main/binary-amd64/Packages\.xz$", release, re.M)
-    packages = checked(fetch(MIRROR + SUITE + "binary-amd64/Packages.xz"), m.group(1),
-                       "Packages.xz")
+    packages = checked(fetch(MIRROR + SUITE + "binary-amd64/Packages.xz"),
+                       hashes["main/binary-amd64/Packages.xz"], "Packages.xz")
     index = {}
     for stanza in lzma.decompress(packages).decode().split("\n\n"):
         fields = dict(re.findall(r"^(Package|Filename|SHA256): (.+)$", stanza, re.M))
@@ -72,9 +97,11 @@ def package_index():
     return index
 
 
-def soname_index():
+def soname_index(hashes):
     """Shared-library file name -> package, from bullseye main's Contents index."""
-    contents = gzip.decompress(fetch(MIRROR + SUITE + "Contents-amd64.gz")).decode()
+    contents = gzip.decompress(checked(fetch(MIRROR + SUITE + "Contents-amd64.gz"),
+                                       hashes["main/Contents-amd64.gz"],
+                                       "Contents-amd64.gz")).decode()
     owners = {}
     for path, owner in re.findall(r"^((?:usr/)?lib/\S*?lib[^/\s]*\.so[^/\s]*)\s+(\S+)$",
                                   contents, re.M):
@@ -140,10 +167,11 @@ def main():
     root, debs = os.path.join(folder, "root"), os.path.join(folder, "debs")
     os.makedirs(root, exist_ok=True)
     os.makedirs(debs, exist_ok=True)
-    index = package_index()
+    hashes = release_hashes(folder)
+    index = package_index(hashes)
     for name in CAFFE_PACKAGES + PYTHON_PACKAGES:
         unpack(name, index, root, debs)
-    owners, taken = soname_index(), set()
+    owners, taken = soname_index(hashes), set()
     while True:
         wanted = {owners.get(so, so) for so in missing_libraries(root)} - taken
         if not wanted:

@@ -175,6 +175,49 @@ def test_numbers_protobufs_cpp_tokenizer_reads(text, value):
     assert np.isnan(got) if value is None else got == np.float32(value)
 
 
+@pytest.mark.parametrize("text, field, value", [
+    ("force_backward: 0x1", "force_backward", True),
+    ("force_backward: 01", "force_backward", True),
+    ("force_backward: 00", "force_backward", False),
+    ('layer { propagate_down: [0X1, 0x0] }', "layer.propagate_down", [True, False]),
+    ("layer { scale_param { axis: - 1 } }", "layer.scale_param.axis", -1),
+    ("layer { scale_param { axis: - # a comment\n2 } }", "layer.scale_param.axis", -2),
+    ("layer { dropout_param { dropout_ratio: -\t0.25 } }", "layer.dropout_param.dropout_ratio", -0.25),
+    ("layer { dropout_param { dropout_ratio: - inf } }", "layer.dropout_param.dropout_ratio", -np.inf),
+    ("layer { pooling_param { pool: 01 } }", "layer.pooling_param.pool", 1),
+    ("layer { pooling_param { pool: - # c\n 0 } }", "layer.pooling_param.pool", 0),
+    ('layer { name: "- 1" pooling_param { pool: 02 } }', "layer.pooling_param.pool", 2),
+])
+def test_spellings_protobufs_cpp_parser_reads_by_the_fields_type(text, field, value):
+    """A bool takes any integer spelling up to 1, an enum's number may be octal, and a
+    '-' may stand apart from its number (checked against the real BVLC Caffe)."""
+    got = prototxt.parse_text(text, caffe_pb2.NetParameter())
+    for name in field.split("."):       # "layer" is the first layer
+        got = got.layer[0] if name == "layer" else getattr(got, name)
+    assert (list(got) if isinstance(value, list) else got) == value
+
+
+@pytest.mark.parametrize("text, where, message", [
+    ("force_backward: 0x2", "1:17", "Integer out of range (0x2)"),
+    ("layer { pooling_param { pad: -0 } }", "1:30", "Expected integer, got: -"),
+    ("layer { pooling_param { pad: - 0x0 } }", "1:30", "Expected integer, got: -"),
+    ("layer {\n pooling_param { stride: -00 } }", "2:26", "Expected integer, got: -"),
+])
+def test_signs_and_spellings_protobufs_cpp_parser_refuses(text, where, message):
+    """An unsigned field refuses any '-', and a bool an integer above 1; Python's
+    parser reads -0 as 0 and refuses 0x2 in other words."""
+    with pytest.raises(PrototxtError) as e:
+        prototxt.parse_text(text, caffe_pb2.NetParameter(), "f.prototxt")
+    assert str(e.value).startswith(f"f.prototxt:{where}: ") and message in str(e.value)
+
+
+def test_an_error_after_a_respelled_number_quotes_the_line_as_written():
+    with pytest.raises(PrototxtError) as e:
+        prototxt.parse_text("force_backward: 0x1 debug_info: 2",
+                            caffe_pb2.NetParameter(), "f.prototxt")
+    assert "'force_backward: 0x1 debug_info: 2'" in str(e.value), str(e.value)
+
+
 def test_a_unicode_escape_beyond_the_last_code_point_names_its_place():
     """protobuf's tokenizer takes \\U up to 1fffff and stores bytes that are no UTF-8;
     caffelite reads strings as UTF-8, so it refuses them in words."""

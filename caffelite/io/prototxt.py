@@ -9,6 +9,7 @@ from google.protobuf import text_encoding, text_format
 from google.protobuf.descriptor import FieldDescriptor
 
 from ..proto import caffe_pb2
+from . import typed_numbers
 from .upgrade import upgrade_net, upgrade_solver
 
 _PLACEHOLDER = re.compile(r"\$\{(\w+)\}")
@@ -106,9 +107,9 @@ def _blank(match):
     return " " * len(match.group(0))
 
 
-def _token_problem(text):
-    """(position, kind) of the first thing protobuf's C++ tokenizer refuses, or None."""
-    code = _COMMENT_OR_STRING.sub(_blank, text)
+def _token_problem(text, code):
+    """(position, kind) of the first thing protobuf's C++ tokenizer refuses, or None;
+    ``code`` is the text with its comments and strings blanked."""
     quote = re.search("[\"']", code)       # a string without its closing quote: the
     if quote:                               # parser says so
         code = code[:quote.start()]
@@ -126,13 +127,13 @@ def _token_problem(text):
     return min(found, default=None)
 
 
-def _check_tokens(text, path):
+def _check_tokens(text, code, path):
     """Refuse, as protobuf's C++ tokenizer and parser do, what Python's text_format
     accepts besides: a '+' sign (1e+3 is one number, +1 is not), a number glued to
     letters, digits or '_' (1_000, 0o7, 0b1, 1.5ff), the words inff/nanf/infinityf,
     and non-ASCII or control characters outside strings and comments (Python's
     parser takes a no-break space, U+2028 or \\x1c for whitespace)."""
-    problem = _token_problem(text)
+    problem = _token_problem(text, code)
     if problem is None:
         return
     pos, kind = problem
@@ -151,11 +152,33 @@ def _check_tokens(text, path):
                f"outside a string or comment (a no-break space?).")
     else:
         why = f"Invalid control characters encountered in text ('{_printable(char)}')."
+    raise _token_error(text, pos, why, path)
+
+
+def _token_error(text, pos, why, path):
+    """The error at ``pos``, quoting its line."""
     line, col = _line_col(text, pos)
     start = pos - col + 1
     end = text.find("\n", pos)
     quoted = _printable(text[start:end if end >= 0 else len(text)], 120)
-    raise PrototxtError(f"{path}:{line}:{col}: '{quoted}': {why}")
+    return PrototxtError(f"{path}:{line}:{col}: '{quoted}': {why}")
+
+
+def _code_and_strings(match):
+    """A comment blanked; a string as a '"' and blanks."""
+    token = match.group(0)
+    return ('"' if token[0] in "\"'" else " ") + " " * (len(token) - 1)
+
+
+def _respell_typed_numbers(text, code, message, path):
+    """What C++ reads by the field's type and Python does not (typed_numbers)."""
+    if not typed_numbers.may_differ(code):
+        return text
+    try:
+        return typed_numbers.respell(text, _COMMENT_OR_STRING.sub(_code_and_strings, text),
+                                     message.DESCRIPTOR)
+    except typed_numbers.Refused as refused:
+        raise _token_error(text, refused.pos, refused.why, path) from None
 
 
 def _check_escapes(text, path):
@@ -249,14 +272,16 @@ def parse_text(text, message, path="<string>"):
     if "\x00" in text[:4096]:         # no text prototxt holds a NUL; Caffe would fail too
         raise PrototxtError(f"{path}: a binary file (a .caffemodel or .solverstate "
                             f"perhaps), not a text prototxt")
-    _check_tokens(text, path)
-    text = _check_escapes(text, path)
+    code = _COMMENT_OR_STRING.sub(_blank, text)
+    _check_tokens(text, code, path)
+    as_written = text
+    text = _check_escapes(_respell_typed_numbers(text, code, message, path), path)
     try:
         text_format.Parse(text, message)
     except text_format.ParseError as e:
         line = getattr(e, "GetLine", lambda: None)()
         col = getattr(e, "GetColumn", lambda: None)()
-        detail = _printable(str(e))
+        detail = _printable(_quote_as_written(str(e), line, text, as_written))
         if "surrogates not allowed" in detail or "codec can't" in detail:
             detail = (re.split(r"(?:: Couldn't parse string)?: '[\w-]+' codec can't", detail)[0]
                       + ": a string holds bytes that are not UTF-8 (caffelite reads "
@@ -268,6 +293,14 @@ def parse_text(text, message, path="<string>"):
         raise PrototxtError(f"{path}: {detail}") from None
     _check_required_fields(message, path)
     return message
+
+
+def _quote_as_written(detail, line, text, as_written):
+    """Python's error quotes the line it parsed: quote it as the file has it."""
+    if line is None or text == as_written:
+        return detail
+    parsed, written = (t.split("\n")[line - 1] for t in (text, as_written))
+    return detail.replace(f"'{parsed}'", f"'{written}'", 1)
 
 
 # Fields only a net or only a solver has: a parse error in a file that starts with one
@@ -343,18 +376,13 @@ def message_to_text(message):
 
 def _print_message(message, indent, lines):
     for field, value in message.ListFields():
-        for item in (value if _is_repeated(field) else [value]):
+        for item in (value if typed_numbers.is_repeated(field) else [value]):
             if field.type in (FieldDescriptor.TYPE_MESSAGE, FieldDescriptor.TYPE_GROUP):
                 lines.append(f"{indent}{field.name} {{\n")
                 _print_message(item, indent + "  ", lines)
                 lines.append(f"{indent}}}\n")
             else:
                 lines.append(f"{indent}{field.name}: {_scalar_text(field, item)}\n")
-
-
-def _is_repeated(field):
-    flag = getattr(field, "is_repeated", None)     # protobuf >= 5; older ones: label
-    return flag if flag is not None else field.label == FieldDescriptor.LABEL_REPEATED
 
 
 def _scalar_text(field, value):

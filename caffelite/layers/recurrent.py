@@ -54,8 +54,9 @@ no parameters): the gate inputs are the blocks i, f, o, g; i, f, o = sigmoid(.),
 g = tanh(.), with BVLC's sigmoid 1 / (1 + exp(-x)) and tanh 2 sigmoid(2x) - 1;
 f' = cont f; c = f' c_prev + i g; h = o tanh(c). On the host as BVLC's CPU code
 (f' = 0 where cont is 0; for float data both functions evaluated in C's double and
-rounded once, as the CPU code's unqualified exp does); on the device as its GPU
-kernels (all in the data's type). Backward: the CPU code's formulas on the host, its
+rounded once, as a GCC of the fork's era (< 6) builds the CPU code's unqualified exp;
+Debian's GCC 10 build of BVLC 1.0 takes expf for the sigmoid, one ulp apart at times);
+on the device as its GPU kernels (all in the data's type). Backward: the CPU code's formulas on the host, its
 GPU kernels' on the device: they differ only when cont is neither 0 nor 1, where the
 CPU code's forget gate gradient is c_term c_prev f' (1 - f') with the scaled gate f'
 (the kernels' is the derivative, cont c_term c_prev f (1 - f)).
@@ -69,7 +70,10 @@ leaves them as they are) and the diffs of the h_T/c_T tops are not read.
 ``exposed_hidden_gradients = True`` on a layer (not a BVLC option) makes it
 back-propagate through them instead: h_T/c_T diffs in, true h_0/c_0 gradients out.
 
-Not reproduced: BVLC's unrolled net ignores parameter blobs written into the layer's
+Not reproduced: two RNN/LSTM layers sharing their parameters by name give BVLC's TRAIN
+nets different results (its RecurrentLayer re-shares the unrolled net's per-timestep
+weight copies only in TEST, "Hacky fix for test time"); here both use the shared values
+in either phase, as BVLC's TEST nets do. BVLC's unrolled net ignores parameter blobs written into the layer's
 LayerParameter (it always fills, drawing from the generator); here they are used and
 nothing is drawn, as for every caffelite layer (a caffemodel's weights load as in
 BVLC). recurrent_param.debug_info (the unrolled net's
