@@ -255,9 +255,9 @@ def cmd_train(args):
     return 0
 
 
-def _stages(values):
-    """--stage values as Caffe splits FLAGS_stage: on commas (repeating the flag adds)."""
-    return [s for v in values or [] for s in v.split(",") if s]
+def _stages(value):
+    """--stage as Caffe splits FLAGS_stage: on commas."""
+    return [s for s in (value or "").split(",") if s]
 
 
 def _flag_state(args):
@@ -290,14 +290,14 @@ _DEVICE_QUERY = (
 
 def cmd_device_query(args):
     """`caffe device_query -gpu N`: the device's properties, as Caffe::DeviceQuery logs
-    them (one block per id of a comma list)."""
+    them (one block per id of a comma list; without -gpu, none)."""
     from .kernels import require_cupy
+    logger.info("Querying GPUs %s", args.gpu or "")
     if not args.gpu:
-        raise CliError("Need a device ID to query.")
+        return 0
     cupy = require_cupy()
     ids = list(range(cupy.cuda.runtime.getDeviceCount())) if args.gpu == "all" else \
         [parse_gpu(g) for g in args.gpu.split(",") if g.strip()]
-    logger.info("Querying GPUs %s", args.gpu)
     for device in ids:
         props = cupy.cuda.runtime.getDeviceProperties(device)
         logger.info("%-31s%s", "Device id:", device)
@@ -570,8 +570,9 @@ def _state_flags(sp, whose):
     # a level is set only when given.
     sp.add_argument("--level", type=int, default=None,
                     help=f"{whose} state level (default: the prototxt's own)")
-    sp.add_argument("--stage", action="append", default=None,
-                    help=f"{whose} state stages, comma-separated (repeatable)")
+    sp.add_argument("--stage", default=None,
+                    help=f"{whose} state stages, comma-separated (a repeated flag "
+                         f"keeps its last value, as gflags does)")
 
 
 # tools/caffe.cpp's flags are global gflags: every verb accepts all of them and ignores
@@ -732,7 +733,7 @@ def gflags_style(argv):
     -gpu 0``) written with two dashes for argparse, for the Caffe verbs; ``-D...``
     defines stay as they are. Flags before the verb (``caffe -gpu 0 train ...``, which
     gflags allows) move after it."""
-    argv = _verb_first(argv)
+    argv = _verb_first(["--help" if a == "-help" else a for a in argv])
     if not argv or argv[0] not in _CAFFE_VERBS:
         return argv
     return [argv[0]] + [_argparse_spelling(a) for a in argv[1:]]

@@ -797,8 +797,8 @@ class Solver:
         beside = os.path.join(os.path.dirname(os.path.abspath(state_file)),
                               os.path.basename(learned_net))
         if os.path.exists(beside):
-            logger.info("learned_net %s not found; using %s next to the solverstate",
-                        learned_net, beside)
+            logger.warning("learned_net %s not found; using %s next to the solverstate",
+                           learned_net, beside)
             return beside
         raise self.error(f"{state_file}: its learned_net '{learned_net}' was found neither "
                          f"relative to the working directory ({os.getcwd()}) nor next to "
