@@ -7,7 +7,9 @@ parameters random values (unless seeded fillers are under test), writes them as 
 caffemodel and feeds random inputs and top gradients, for one forward and backward or
 for several; tests/oracles/bvlc_pycaffe_runner.py runs the same files through Caffe.  The
 forward values, every blob's gradient and every parameter gradient are compared after
-each pass, and so is every dataset of an HDF5 file the net writes; in a deep net, a
+each pass, and so is every dataset of an HDF5 file the net writes, and the net's
+structure as pycaffe shows it after the last pass (blobs, parameters, inputs, outputs,
+layers with their types, bottoms and tops, loss weights); in a deep net, a
 ReLU input within rounding of 0 may go different ways on the two sides (a kink), and
 then the gradients the backward computes after it are not compared.
 
@@ -21,6 +23,7 @@ write HDF5 files skip without h5py.
 """
 import contextlib
 import importlib.util
+import json
 import os
 import re
 import subprocess
@@ -62,8 +65,10 @@ def _load_layer_cases():
             + _load_oracle_module("bvlc_recurrent_cases").CASES)
 
 
-# the runner's net_arrays, loaded once (the runner imports caffe only when it runs)
-_net_arrays = _load_oracle_module("bvlc_pycaffe_runner").net_arrays
+# the runner's net_arrays and net_structure, loaded once (the runner imports caffe only
+# when it runs)
+_runner = _load_oracle_module("bvlc_pycaffe_runner")
+_net_arrays, _net_structure = _runner.net_arrays, _runner.net_structure
 
 
 def _seed(seed):
@@ -310,8 +315,9 @@ def _run_refused(case, folder, rng):
 
 
 def _run_caffelite(case, folder, rng):
+    """The arrays (or the error), each layer's name, type and tops, and the structure."""
     if case.refused or case.raises:
-        return _run_refused(case, folder, rng), []
+        return _run_refused(case, folder, rng), [], None
     feed = _feed(case)
     with _in_folder(case, folder):
         net, passes, arrays = case.build(folder, rng)
@@ -324,7 +330,7 @@ def _run_caffelite(case, folder, rng):
     np.savez(os.path.join(folder, "inputs.npz"), **feed)
     layers = [(name, layer.type, list(net.top_names[name]))
               for name, layer in zip(net._layer_names, net.layers)]
-    return out, layers
+    return out, layers, _net_structure(net)
 
 
 def _oracle(root, names, timeout=600):
@@ -340,7 +346,8 @@ def _finished(folder):
 
 def _oracle_results(root, cases):
     """Each refused case in a process of its own (Caffe aborts); all the others in one
-    process, then one process per case for those a failed CHECK left unfinished."""
+    process, then one process per case for those a failed CHECK left unfinished.  The
+    arrays (or the error) of each case, and the structure of each that ran."""
     theirs = {case.name: _oracle(root, [case.name]) for case in cases if case.refused}
     accepted = [case for case in cases if not case.refused]
     done = dict.fromkeys([case.name for case in accepted],
@@ -348,16 +355,19 @@ def _oracle_results(root, cases):
     for name in done:
         if not _finished(root / name):
             done[name] = _oracle(root, [name])
+    structures = {}
     for case in accepted:
         result, error = root / case.name / "result.npz", root / case.name / "error.txt"
         if result.exists():
+            structures[case.name] = json.loads((root / case.name / "structure.json")
+                                               .read_text())
             theirs[case.name] = dict(np.load(result))
             theirs[case.name].update(_read_outputs(str(root / case.name), case.outputs))
         else:
             theirs[case.name] = (error.read_text() if error.exists() else
                                  f"no result (rc {done[case.name].returncode}): "
                                  f"{done[case.name].stderr[-2000:]}")
-    return theirs
+    return theirs, structures
 
 
 def _runs_here(case):
@@ -366,18 +376,21 @@ def _runs_here(case):
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    """Both sides' arrays for every case.  Each case draws from a generator of its own,
-    so that adding or removing cases leaves the others' numbers alone."""
+    """Both sides' arrays for every case, caffelite's layers, and both sides' structures.
+    Each case draws from a generator of its own, so that adding or removing cases leaves
+    the others' numbers alone."""
     root = tmp_path_factory.mktemp("bvlc_cases")
-    ours, layers = {}, {}
+    ours, layers, structures = {}, {}, {}
     cases = [case for case in CASES if _runs_here(case)]
     for case in cases:
         folder = root / case.name
         folder.mkdir()
         rng = np.random.default_rng([20261206, zlib.crc32(case.name.encode())])
         with np.errstate(invalid="ignore" if case.nans else "warn"):
-            ours[case.name], layers[case.name] = _run_caffelite(case, str(folder), rng)
-    return ours, _oracle_results(root, cases), layers
+            ours[case.name], layers[case.name], structures[case.name] = _run_caffelite(
+                case, str(folder), rng)
+    theirs, their_structures = _oracle_results(root, cases)
+    return ours, theirs, layers, (structures, their_structures)
 
 
 def _split(key):
@@ -456,7 +469,7 @@ def test_raises_as_pycaffe_does(results, case):
                          ids=lambda c: c.name)
 def test_matches_bvlc_caffe(results, case):
     _skip_without_h5py(case)
-    ours, theirs, layers = (r[case.name] for r in results)
+    ours, theirs, layers = (r[case.name] for r in results[:3])
     assert isinstance(theirs, dict), f"Caffe failed on {case.name}: {theirs}"
     assert sorted(ours) == sorted(theirs)
     # Every forward value is compared, so a kink is a ReLU input within the tolerance
@@ -471,3 +484,31 @@ def test_matches_bvlc_caffe(results, case):
     for key in sorted(k for k in theirs if k.startswith("file/")):   # written files
         assert ours[key].dtype == theirs[key].dtype, key
         np.testing.assert_array_equal(ours[key], theirs[key], err_msg=key)
+
+
+def _without_upgraded_input(ours, theirs):
+    """BVLC's structure less the Input layer "input" that its upgrade (2016, after the
+    fork) makes of a net's ``input:`` fields, where caffelite, as the fork, has none."""
+    names, types = theirs["layer_names"], theirs["layer_types"]
+    if (names[:1] != ["input"] or types[:1] != ["Input"] or "input" in ours["layer_names"]
+            or theirs["top_names"][0] != ["input", ours["inputs"]]):
+        return theirs
+    return dict(theirs, layer_names=names[1:], layer_types=types[1:],
+                bottom_names=theirs["bottom_names"][1:], top_names=theirs["top_names"][1:],
+                layers=theirs["layers"] - 1)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if not (c.refused or c.raises)],
+                         ids=lambda c: c.name)
+def test_structure_matches_bvlc_caffe(results, case):
+    """The net as pycaffe shows it after the last pass: net.blobs and net.params in
+    order with their shapes, inputs, outputs, _layer_names with each layer's type,
+    bottom_names, top_names, blob_loss_weights and the number of layers."""
+    _skip_without_h5py(case)
+    ours, theirs = (r.get(case.name) for r in results[3])
+    assert theirs is not None, f"Caffe failed on {case.name}: {results[1][case.name]}"
+    theirs = _without_upgraded_input(ours, theirs)
+    both = set(ours) & set(theirs)     # blob_loss_weights where both sides have it
+    assert set(ours) ^ set(theirs) <= {"blob_loss_weights"}
+    for key in sorted(both):
+        assert ours[key] == theirs[key], key

@@ -17,9 +17,12 @@ directory and first on sys.path.
 The runner writes result.npz beside them: ``data/<blob>`` and ``diff/<blob>`` for every
 blob after forward and backward, ``param/<layer>/<i>`` data and ``pdiff/<layer>/<i>``
 gradients (each under ``pass<k>/`` for a case of several passes), or error.txt with the
-error Caffe raised.  ``net_arrays`` is shared with the caffelite side, which imports
-this file without running it (``caffe`` is imported only when it runs).
+error Caffe raised; and structure.json, the net's structure after the last pass
+(``net_structure``).  ``net_arrays`` and ``net_structure`` are shared with the caffelite
+side, which imports this file without running it (``caffe`` is imported only when it
+runs).
 """
+import json
 import os
 import sys
 
@@ -37,6 +40,33 @@ def net_arrays(net, prefix=""):
             out[prefix + "param/%s/%d" % (name, i)] = blob.data.copy()
             out[prefix + "pdiff/%s/%d" % (name, i)] = blob.diff.copy()
     return out
+
+
+def net_structure(net):
+    """The net's structure as pycaffe shows it, in JSON's lists: every blob with its
+    shape and every layer's parameter blobs with theirs (in the nets' order), the inputs
+    and outputs, each layer's name and type, its bottom and top names, each blob's loss
+    weight (where the net has blob_loss_weights) and the number of layers."""
+    def shape(blob):
+        return [int(d) for d in blob.shape]
+
+    structure = {
+        "blobs": [[name, shape(blob)] for name, blob in net.blobs.items()],
+        "params": [[name, [shape(blob) for blob in blobs]]
+                   for name, blobs in net.params.items()],
+        "inputs": [str(name) for name in net.inputs],
+        "outputs": [str(name) for name in net.outputs],
+        "layer_names": [str(name) for name in net._layer_names],
+        "layer_types": [str(layer.type) for layer in net.layers],
+        "bottom_names": [[name, list(names)] for name, names in net.bottom_names.items()],
+        "top_names": [[name, list(names)] for name, names in net.top_names.items()],
+        "layers": len(net.layers),
+    }
+    weights = getattr(net, "blob_loss_weights", None)
+    if weights is not None:
+        structure["blob_loss_weights"] = [[name, float(weight)]
+                                          for name, weight in weights.items()]
+    return structure
 
 
 def run_passes(net, inputs):
@@ -81,6 +111,7 @@ def run_case(folder):
         net = caffe.Net(os.path.join(folder, "net.prototxt"), phase,
                         **({"weights": weights} if os.path.exists(weights) else {}))
         out = run_passes(net, inputs)
+        structure = net_structure(net)
         del net     # closes what the net writes (HDF5Output)
     finally:
         os.chdir(cwd)
@@ -88,6 +119,8 @@ def run_case(folder):
         for name, module in list(sys.modules.items()):    # a Python layer's module
             if os.path.dirname(getattr(module, "__file__", None) or "") == folder:
                 del sys.modules[name]
+    with open(os.path.join(folder, "structure.json"), "w") as f:
+        json.dump(structure, f)
     np.savez(os.path.join(folder, "result.npz"), **out)
 
 
