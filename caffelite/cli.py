@@ -246,6 +246,7 @@ def cmd_train(args):
             logger.info("Resuming from %s", args.snapshot)
             solver.restore(args.snapshot, args.continue_streams)
         elif args.weights:
+            _refuse_overwriting_weights(solver, args.weights.split(","))
             solver.load_weights(args.weights.split(","))
         logger.info("Starting Optimization")
         solver.solve()
@@ -253,6 +254,18 @@ def cmd_train(args):
         restore()
     logger.info("Optimization Done.")
     return 0
+
+
+def _refuse_overwriting_weights(solver, weights):
+    """A weights file this run's snapshots would replace is refused before training
+    (Caffe overwrites it, and the finetuning's starting point is lost)."""
+    for path in weights:
+        n = solver.snapshot_iteration_of(path)
+        if n is not None:
+            raise CliError(f"--weights '{path}' is where this run writes its snapshot of "
+                           f"iteration {n} (snapshot_prefix '{solver.param.snapshot_prefix}'"
+                           f"): training would overwrite it. Copy it elsewhere first, or "
+                           f"change snapshot_prefix.")
 
 
 def _stages(value):

@@ -107,6 +107,25 @@ def _check_path(path):
         raise TypeError(f"expected a file path, got {path!r}")
 
 
+def _state_level(level, source):
+    if isinstance(level, bool) or not isinstance(level, (int, np.integer)):
+        raise TypeError(f"{source}: level must be an integer, got {level!r}")
+    return int(level)
+
+
+def _state_stages(stages, source):
+    """The stage names: a list of strings (one string is one stage, not its letters)."""
+    if stages is None:
+        return []
+    if isinstance(stages, (str, bytes)):
+        stages = [stages]
+    stages = list(stages)
+    for stage in stages:
+        if not isinstance(stage, (str, bytes)):
+            raise TypeError(f"{source}: stages must be strings, got {stage!r}")
+    return [os.fsdecode(stage) for stage in stages]
+
+
 def _check_file(path):
     _check_path(path)
     try:
@@ -363,8 +382,8 @@ class Net:
         state.CopyFrom(param.state)
         state.phase = phase
         if level is not None:                # the fork's Net(file, phase) keeps the file's
-            state.level = level
-        state.stage.extend(stages or [])
+            state.level = _state_level(level, self.source)
+        state.stage.extend(_state_stages(stages, self.source))
         self._init(param, state)
         if weights:
             self.copy_from(weights)

@@ -35,6 +35,7 @@ arrays.
 """
 import math
 import os
+import re
 import signal
 
 import numpy as np
@@ -687,6 +688,22 @@ class Solver:
         iter = self.iter if iter is None else iter
         return f"{self.param.snapshot_prefix}_iter_{iter}{extension}"
 
+    def snapshot_iteration_of(self, path):
+        """The iteration at which this run's snapshots would write over ``path``, or
+        None (a weights file to finetune from must not be one of them)."""
+        p = self.param
+        if not p.snapshot_prefix:
+            return None
+        stem = os.path.realpath(f"{p.snapshot_prefix}_iter_")
+        found = re.fullmatch(re.escape(stem) + r"(\d+)\.(?:caffemodel|solverstate)(?:\.h5)?",
+                             os.path.realpath(path))
+        if not found:
+            return None
+        n = int(found.group(1))
+        written = (p.snapshot and n % p.snapshot == 0) or (n == p.max_iter and
+                                                           p.snapshot_after_train)
+        return n if self.iter < n <= p.max_iter and written else None
+
     def snapshot(self):
         """Write ``<prefix>_iter_<iter>.caffemodel`` and ``.solverstate`` (``.h5`` ones
         for ``snapshot_format: HDF5``); returns both paths.  Each file is written to a
@@ -934,6 +951,16 @@ class AdamSolver(SGDSolver):
     type = "Adam"
     update_kernel = "adam_update"
     history_per_param = 2
+
+    def _check_solver_params(self):
+        # Caffe does not check: its bias correction then divides by zero (momentum 1) or
+        # takes the root of a negative number (momentum2 above 1), and the weights go NaN.
+        if not 0 <= self.param.momentum < 1:
+            raise self.error(f"Adam's momentum (beta1) should lie in [0, 1), got "
+                             f"{self.param.momentum:g}")
+        if not 0 <= self.param.momentum2 <= 1:
+            raise self.error(f"Adam's momentum2 (beta2) should lie in [0, 1], got "
+                             f"{self.param.momentum2:g}")
 
     def _correction(self, dt):
         """sqrt(1 - b2^t) / (1 - b1^t) in double, rounded to ``dt``; t = iter + 1."""

@@ -146,3 +146,92 @@ def test_continue_streams_before_the_verb_and_without_a_snapshot():
     assert cli.gflags_style(["--continue_streams", "train", "-solver", "s"]) == \
         ["train", "--continue_streams", "--solver", "s"]
     assert cli.main(["train", "--solver", "s", "--continue_streams"]) == 1
+
+
+LOSS_NET = ('layer { name: "in" type: "Input" top: "s" top: "l" input_param { '
+            'shape { dim: 1 dim: 3 dim: 2 dim: 2 } shape { dim: 1 dim: 1 dim: 2 dim: 2 } } }\n'
+            'layer { name: "loss" type: "SoftmaxWithLoss" bottom: "s" bottom: "l" top: "x" '
+            'softmaxloss_param { weight_source: "%s" } }\n')
+
+
+@pytest.mark.parametrize("content, words", [
+    ("1 2 3".encode("utf-16"), "must hold whitespace-separated numbers"),
+    (b"1 nan 3", "must be finite and not negative"),
+    (b"1 inf 3", "must be finite and not negative"),
+    (b"1 -2 3", "must be finite and not negative"),
+])
+def test_class_weights_that_are_no_weights_name_the_file_and_layer(tmp_path, content, words):
+    weights = tmp_path / "weights.txt"
+    weights.write_bytes(content)
+    _, make = build(tmp_path, LOSS_NET % weights)
+    with pytest.raises(NetError, match=r"layer 'loss' \(SoftmaxWithLoss\): .*" + words):
+        make()
+
+
+def test_class_weights_are_read_as_bytes(tmp_path):
+    weights = tmp_path / "weights.txt"
+    weights.write_bytes(b"1\r\n0.5\r\n2\r\n")
+    _, make = build(tmp_path, LOSS_NET % weights)
+    assert make().layers[1].v1.class_weights == [1.0, 0.5, 2.0]
+
+
+def test_one_stage_given_as_a_string_is_one_stage(tmp_path):
+    path, _ = build(tmp_path, INPUT + 'layer { name: "p" type: "Power" bottom: "data" '
+                    'top: "p" include { stage: "deploy" } }')
+    assert caffe.Net(path, caffe.TEST, stages="deploy").outputs == ["p"]
+    assert caffe.Net(path, caffe.TEST, stages=("deploy",)).outputs == ["p"]
+    with pytest.raises(TypeError, match="level must be an integer, got '1'"):
+        caffe.Net(path, caffe.TEST, level="1")
+    with pytest.raises(TypeError, match="stages must be strings, got 1"):
+        caffe.Net(path, caffe.TEST, stages=["a", 1])
+
+
+@pytest.mark.parametrize("settings, words", [
+    ("momentum: 1", r"Adam's momentum \(beta1\) should lie in \[0, 1\), got 1"),
+    ("momentum: 0.9 momentum2: 1.5", r"momentum2 \(beta2\) should lie in \[0, 1\], got 1.5"),
+])
+def test_adam_moments_outside_their_range_name_the_solver(tmp_path, settings, words):
+    from caffelite.solver import SolverError, get_solver
+    net, _ = build(tmp_path, INPUT)
+    solver = tmp_path / "solver.prototxt"
+    solver.write_text(f'net: "{net}" type: "Adam" base_lr: 0.1 lr_policy: "fixed" '
+                      f'{settings}\n')
+    with pytest.raises(SolverError, match=words) as info:
+        get_solver(str(solver))
+    assert str(info.value).startswith(str(solver))
+
+
+def test_solver_type_and_type_together_name_the_file(tmp_path):
+    from caffelite.io import prototxt
+    solver = tmp_path / "solver.prototxt"
+    solver.write_text('net: "n" solver_type: SGD type: "Adam"\n')
+    with pytest.raises(UpgradeError, match=r"^.*solver.prototxt: the solver sets both"):
+        prototxt.read_solver(str(solver))
+
+
+def test_finetuning_from_a_snapshot_this_run_writes_is_refused(tmp_path, monkeypatch):
+    """Caffe overwrites the --weights file with its own snapshot; caffelite refuses
+    before training, so the starting point is kept."""
+    from caffelite import cli
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "net.prototxt").write_text(
+        INPUT + 'layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip" '
+        'inner_product_param { num_output: 2 } }\n'
+        'layer { name: "loss" type: "EuclideanLoss" bottom: "ip" bottom: "ip" top: "l" }\n')
+    (tmp_path / "model").mkdir()
+    (tmp_path / "solver.prototxt").write_text(
+        'net: "net.prototxt" lr_policy: "fixed" base_lr: 0.1 max_iter: 4 snapshot: 2\n'
+        'snapshot_prefix: "model/train"\n')
+    assert cli.main(["train", "--solver", "solver.prototxt"]) == 0
+    for n in (2, 4):
+        before = (tmp_path / f"model/train_iter_{n}.caffemodel").read_bytes()
+        assert cli.main(["train", "--solver", "solver.prototxt", "--weights",
+                         f"model/train_iter_{n}.caffemodel"]) == 1
+        assert (tmp_path / f"model/train_iter_{n}.caffemodel").read_bytes() == before
+    from caffelite.solver import get_solver
+    solver = get_solver("solver.prototxt")
+    assert solver.snapshot_iteration_of("model/train_iter_4.caffemodel") == 4
+    assert solver.snapshot_iteration_of("./model/../model/train_iter_2.solverstate") == 2
+    assert solver.snapshot_iteration_of("model/train_iter_3.caffemodel") is None
+    assert solver.snapshot_iteration_of("model/train_iter_6.caffemodel") is None
+    assert solver.snapshot_iteration_of("model/other_iter_4.caffemodel") is None

@@ -511,7 +511,8 @@ def upgrade_solver(solver, where="<solver>"):
         logger.info("Attempting to upgrade input file specified using deprecated "
                     "'solver_type' field (enum)': %s", where)
         if solver.HasField("type"):
-            raise UpgradeError("solver sets both the deprecated solver_type and type")
+            raise UpgradeError(f"{where}: the solver sets both the deprecated solver_type "
+                               f"(enum) and type (string); keep one")
         names = {0: "SGD", 1: "Nesterov", 2: "AdaGrad", 3: "RMSProp", 4: "AdaDelta", 5: "Adam"}
         solver.type = names[solver.solver_type]
         solver.ClearField("solver_type")

@@ -10,6 +10,8 @@ thread per (outer, inner) position, channels in order, like the host's reduction
 only differences from the host are the C library's expf/logf (a few ulp).  The v1 loss
 stays array code on both sides.
 """
+import math
+
 import numpy as np
 
 from .. import backend
@@ -365,7 +367,7 @@ class _V1Loss:
 
     def _read_weights(self, path, channels):
         try:
-            with open(path, encoding="utf-8") as f:
+            with open(path, "rb") as f:
                 tokens = f.read().split()
         except OSError as e:
             raise self.layer.error(f"cannot open softmaxloss_param.weight_source '{path}': "
@@ -374,9 +376,11 @@ class _V1Loss:
             weights = [float(t) for t in tokens]
         except ValueError:
             raise self.layer.error(f"softmaxloss_param.weight_source '{path}' must hold "
-                                   f"whitespace-separated numbers") from None
-        if any(w < 0 for w in weights):
-            raise self.layer.error(f"class weights cannot be negative (weight_source '{path}')")
+                                   f"whitespace-separated numbers (a text file; not "
+                                   f"UTF-16)") from None
+        if not all(0 <= w < math.inf for w in weights):
+            raise self.layer.error(f"class weights must be finite and not negative "
+                                   f"(weight_source '{path}')")
         if len(weights) != channels:
             raise self.layer.error(f"weight_source '{path}' has {len(weights)} class weights "
                                    f"but the scores have {channels} channels")
