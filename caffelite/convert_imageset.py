@@ -144,6 +144,14 @@ def convert_imageset(root, list_file, db_path, gray=False, do_shuffle=False,
                 logger.info("Processed %d files.", count)
     if count % 1000:
         logger.info("Processed %d files.", count)
+    # The tool skips unreadable images and exits 0 even when it stored none; say so.
+    if lines and not count:
+        logger.error("None of the %d images could be read (see the errors above): '%s' "
+                     "holds no records. Each image is read from ROOTFOLDER + its list "
+                     "path: is ROOTFOLDER '%s' right?", len(lines), db_path, root)
+    elif count < len(lines):
+        logger.warning("%d of the %d images could not be read and are not in '%s' (see "
+                       "the errors above)", len(lines) - count, len(lines), db_path)
     return count
 
 

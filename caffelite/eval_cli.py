@@ -50,6 +50,29 @@ def check_not_an_input(flag, path, inputs, error=EvalError):
                         f"elsewhere (it would be overwritten)")
 
 
+def claim_output_folder(flag, folder, outputs, command, error=EvalError):
+    """Refuse, before any work, an output folder that already holds some of the files
+    this run writes (``outputs``) unless an earlier run of ``command`` marked it as its
+    own: those files would be someone else's label PNGs -- ground truth, another
+    run's results -- and would be overwritten.  Then mark the folder, so that a run
+    into the same folder again (the usual re-run) goes ahead."""
+    marker = os.path.join(folder, f".caffelite_{command.replace(' --', '_')}")
+    if os.path.isdir(folder) and not os.path.exists(marker):
+        clash = [path for path in outputs if os.path.isfile(path)]
+        if clash:
+            raise error(
+                f"{flag}: '{folder}' already holds {len(clash)} of the files this run "
+                f"would write (e.g. '{clash[0]}') and is no folder that 'caffelite "
+                f"{command}' wrote before: they could be ground truth or other results, "
+                f"and would be overwritten; give {flag} a new or empty folder (or delete "
+                f"those files)")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        open(marker, "a").close()
+    except OSError as e:
+        raise error(f"{flag}: cannot write into '{folder}' ({e.strerror})") from None
+
+
 def check_output_file(flag, path):
     """Fail before any work when an output file cannot be written where asked."""
     directory = os.path.dirname(os.path.abspath(path))
@@ -85,7 +108,9 @@ def add_parser(subparsers):
     sp.add_argument("--ignore", type=int, default=255, help="GT label to ignore")
     sp.add_argument("--json", help="write the scores and confusion matrix here")
     sp.add_argument("--vis", help="write VOC-coloured predictions, overlays on the "
-                                  "images (with --images) and an IoU bar chart here")
+                                  "images (with --images) and an IoU bar chart here (a "
+                                  "folder already holding such files that an earlier "
+                                  "'eval --vis' did not write is refused)")
     sp.add_argument("--images", help="images <images>/<id>.jpg for the overlays")
     sp.add_argument("--skip-missing", action="store_true",
                     help="warn about and skip ids without a prediction (as MATLAB does) "
@@ -113,6 +138,11 @@ def run(args):
         check_not_an_input("--json", args.json, inputs)
     ids = [line.id for line in read_list(args.list)]
     items = items_from_dirs(ids, args.gt, args.images)
+    if args.vis:
+        written = [f"{i}.png" for i in ids] + ["iou.png"] + (
+            [f"{i}_overlay.jpg" for i in ids] if args.images else [])
+        claim_output_folder("--vis", args.vis,
+                            [os.path.join(args.vis, name) for name in written], "eval --vis")
     if args.argmax_features and not args.features:
         raise EvalError("--argmax-features applies to --features")
     names = class_names(args.num_labels, args.dataset)

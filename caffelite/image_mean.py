@@ -7,6 +7,8 @@ and taken record by record, then divided by the count, as the tool's float BlobP
 arithmetic does; the per-channel means it logs are float32 running sums over each
 channel's pixels.
 """
+import os
+
 import numpy as np
 
 from .io.db import BACKENDS_BY_NAME, LMDB, DBError, open_db
@@ -55,6 +57,10 @@ def compute_image_mean(source, backend=LMDB, progress_every=10000):
             if count % progress_every == 0:
                 logger.info("Processed %d files.", count)
     if total is None:
+        dropped = getattr(reader, "dropped", None)    # LevelDB: a log tail that failed
+        if dropped:                                     # its checksum
+            raise ImageMeanError(f"database '{source}' has no readable record: "
+                                 f"{dropped[0]}")
         raise ImageMeanError(f"database '{source}' is empty")
     if count % progress_every:
         logger.info("Processed %d files.", count)
@@ -90,8 +96,26 @@ def add_parser(sub):
     return p
 
 
+def check_output_outside(output_file, input_db):
+    """Refuse, before any work, an output file that is the input database or inside
+    it (``DB/data.mdb``): writing the mean there would destroy the database.  The
+    file is written to a temporary name and renamed, so what counts is the folder
+    entry it replaces (a link to a database file is replaced, not followed)."""
+    absolute = os.path.abspath(output_file)
+    out = os.path.join(os.path.realpath(os.path.dirname(absolute)),
+                       os.path.basename(absolute))
+    db = os.path.realpath(input_db)
+    if out == db or os.path.commonpath([out, db]) == db:
+        where = "is" if out == db else "is inside"
+        raise ImageMeanError(f"output file '{output_file}' {where} the input database "
+                             f"'{input_db}': writing the mean there would destroy the "
+                             f"database; write it elsewhere")
+
+
 def cmd_compute_image_mean(args):
     from .io.caffemodel import write_proto_atomically
+    if args.output_file:
+        check_output_outside(args.output_file, args.input_db)
     mean, _, channel_means = compute_image_mean(args.input_db, BACKENDS_BY_NAME[args.backend])
     if args.output_file:
         logger.info("Write to %s", args.output_file)

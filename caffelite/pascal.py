@@ -164,6 +164,16 @@ def choose_model(model_dir, fixed_name, stem):
     return newest
 
 
+def _list_lines(path):
+    """The lines of a list file, its bytes decoded as the data layers decode them
+    (``os.fsdecode``: bytes that are not UTF-8 survive as lone surrogates)."""
+    try:
+        with open(path, "rb") as f:
+            return os.fsdecode(f.read()).splitlines()
+    except OSError as e:
+        raise PipelineError(f"cannot read the list '{path}': {e.strerror}") from None
+
+
 def comm_3(lines1, lines2):
     """``comm -3 a b`` (sorted inputs): lines only in a, and lines only in b indented
     by a tab, in merge order."""
@@ -534,10 +544,8 @@ class Pipeline:
         length = self.defines.get("TRAIN_SET_WEAK_LEN", "")
         weak = self._weak_name(train_set)
         if strong:
-            with open(self.list_path(train_set), encoding="utf-8") as f:
-                a = f.read().splitlines()
-            with open(self.list_path(strong), encoding="utf-8") as f:
-                b = f.read().splitlines()
+            # comm reads bytes: a list that is not UTF-8 (a Latin-1 id) is kept as is
+            a, b = (_list_lines(self.list_path(name)) for name in (train_set, strong))
             lines = comm_3(a, b)
             if length:
                 if not length.strip().isdigit():
@@ -545,7 +553,7 @@ class Pipeline:
                                         f"number of lines (head -n N)")
                 lines = lines[:int(length)]
             write_atomically(self.list_path(weak),
-                             "".join(line + "\n" for line in lines).encode("utf-8"))
+                             os.fsencode("".join(line + "\n" for line in lines)))
         return weak
 
     def _train(self, step, train_set, solver_name, weights, missing_init=None):
@@ -819,6 +827,7 @@ class Pipeline:
 # ---------------------------------------------------------------------- test nets
 def mat_write_outputs(net_file, iterations):
     """The files the net's MatWrite layers write in ``iterations`` TEST forwards."""
+    from .layers.deeplab_eval import read_id_list
     from .net import filter_net
     from .proto import caffe_pb2
     param, _ = prototxt.read_net(net_file)
@@ -830,21 +839,25 @@ def mat_write_outputs(net_file, iterations):
             continue
         p = layer.mat_write_param
         names = None
-        if p.HasField("source"):
-            try:
-                with open(p.source, encoding="utf-8") as f:
-                    tokens = [line.split()[0] for line in f if line.split()]
-            except OSError as e:
-                raise PipelineError(f"{net_file}: MatWrite layer '{layer.name}': cannot "
-                                    f"read its source list '{p.source}': {e.strerror}"
-                                    ) from None
-            names = [t[:len(t) - p.strip] if p.strip else t for t in tokens]
+        if p.HasField("source"):      # the ids exactly as the MatWrite layer reads them
+            names = read_id_list(p.source, p.strip, _ListUser(net_file, layer.name))
         for it in range(0, iterations, max(p.period, 1)):
             if names is not None and it >= len(names):
                 break
             stem = p.prefix + (names[it] if names is not None else f"iter_{it}")
             outputs += [f"{stem}_blob_{i}.mat" for i in range(len(layer.bottom))]
     return outputs
+
+
+class _ListUser:
+    """What the data layers' list readers need of a layer (its name, ``error``), for
+    reading a net's lists here: errors name the net file and the layer."""
+
+    def __init__(self, net_file, name):
+        self.net_file, self.name = net_file, name
+
+    def error(self, message):
+        return PipelineError(f"{self.net_file}: MatWrite layer '{self.name}': {message}")
 
 
 def run_test_net(net_file, weights, iterations):

@@ -231,7 +231,10 @@ def add_parser(subparsers):
                     help="images <images>/<id>.jpg (or .png, .ppm, ...)")
     sp.add_argument("--list", required=True,
                     help="ids, or the kit's '/JPEGImages/x.jpg /Seg.../x.png' lines")
-    sp.add_argument("--out", required=True, help="where <id>.png (and <id>.bin) go")
+    sp.add_argument("--out", required=True,
+                    help="where <id>.png (and <id>.bin) go; a folder already holding such "
+                         "files that an earlier 'caffelite crf' did not write (ground "
+                         "truth, say) is refused")
     defaults = CRFParams()
     sp.add_argument("--preset", choices=sorted(PUBLISHED_PARAMS),
                     help="start from a published parameter set (flags below override it)")
@@ -283,7 +286,8 @@ def run(args):
         from .device import resolve
         where = resolve(device_id).name                 # fails early, clearly
     params = params_from_args(args)
-    from ..eval_cli import check_not_an_input, check_output_dir, make_writable_dir
+    from ..eval_cli import (check_not_an_input, check_output_dir, claim_output_folder,
+                            make_writable_dir)
     check_output_dir("--out", args.out, CrfError)
     check_not_an_input("--out", args.out, {"--images": args.images, "--features": args.features,
                                            "--list": args.list}, CrfError)
@@ -291,6 +295,8 @@ def run(args):
     tasks = crf_tasks(args.features, args.images, args.list, args.out, params,
                       unary=args.unary, num_labels=args.num_labels, write_bin=args.bin,
                       device=device_id)
+    claim_output_folder("--out", args.out, [path for task in tasks for path in task[3:5]
+                                            if path], "crf", CrfError)
     logger.info("Dense CRF on %d images on %s: %s, unary = %s", len(tasks), where,
                 ", ".join(f"{n}={getattr(params, n):g}" for n in PARAM_NAMES
                           + tuple(AXIS_NAMES) if getattr(params, n) is not None),

@@ -27,6 +27,7 @@ would cost far more than the read.
 """
 import heapq
 import itertools
+import logging
 import os
 import re
 import struct
@@ -34,6 +35,9 @@ import struct
 from .snappy import SnappyError, decompress as snappy_decompress
 from .crc32c import masked_crc
 from .wire import read_varint
+
+
+logger = logging.getLogger("caffelite")
 
 
 class LevelDBError(OSError):
@@ -60,17 +64,20 @@ _LOG_HEADER = 7  # crc32c u32, payload length u16, record type u8
 _FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
 
 
-def _log_records(path, check_all_crcs):
+def _log_records(path, check_all_crcs, dropped=None):
     """Yield the records of a log-format file (a MANIFEST or a write-ahead log).
 
     A writer that dies leaves at most the tail of the file incomplete: a cut-off
     header or payload, a record begun by FIRST whose LAST never came, or (after a
     machine crash) garbage in the last block.  Like LevelDB's recovery, such a tail
-    is dropped silently: checksums in the last block are always verified, and a
-    mismatch there ends the file.  Anything wrong before the last block is an error
-    (LevelDB without paranoid_checks would skip it and lose those writes quietly),
-    and so is any checksum mismatch when ``check_all_crcs`` (for the MANIFEST, which
-    LevelDB too refuses to open when damaged).
+    is dropped: checksums in the last block are always verified, and a mismatch there
+    ends the file -- with a warning, and a note appended to ``dropped`` (LevelDB
+    reports it as corruption in its LOG), as it may as well be damage.  A mismatch
+    followed by an intact record is no torn write: an error.  Anything wrong before
+    the last block is an error (LevelDB without paranoid_checks would skip it and
+    lose those writes quietly), and so is any checksum mismatch when
+    ``check_all_crcs`` (for the MANIFEST, which LevelDB too refuses to open when
+    damaged).
     """
     try:
         size = os.path.getsize(path)
@@ -99,10 +106,22 @@ def _log_records(path, check_all_crcs):
                     break
                 if (check_all_crcs or in_last_block) and \
                         masked_crc(block[pos + 6:end]) != crc:  # type byte + payload
+                    where = f"{path}: record at offset {block_start + pos}"
                     if in_last_block and not check_all_crcs:
+                        if _intact_record(block, end):
+                            raise LevelDBError(
+                                f"{where}: checksum mismatch, with intact records after "
+                                f"it: the file is damaged (not a crash's torn last "
+                                f"write)")
+                        note = (f"{where} fails its checksum: it and the rest of the "
+                                f"log ({size - block_start - pos} bytes) are dropped, as "
+                                f"LevelDB drops a crash's torn last write; if the "
+                                f"database was closed cleanly, the file is damaged")
+                        logger.warning("%s", note)
+                        if dropped is not None:
+                            dropped.append(note)
                         return
-                    raise LevelDBError(f"{path}: record at offset {block_start + pos}: "
-                                       f"checksum mismatch")
+                    raise LevelDBError(f"{where}: checksum mismatch")
                 payload = block[pos + _LOG_HEADER:end]
                 if kind == _FULL and fragments is None:
                     yield payload
@@ -121,6 +140,16 @@ def _log_records(path, check_all_crcs):
                     raise LevelDBError(f"{path}: record at offset {block_start + pos}: "
                                        f"{problem}")
                 pos = end
+
+
+def _intact_record(block, pos):
+    """Whether a whole record with a good checksum starts at ``block[pos]``."""
+    if len(block) - pos < _LOG_HEADER:
+        return False
+    crc, length, kind = struct.unpack_from("<IHB", block, pos)
+    end = pos + _LOG_HEADER + length
+    return (_FULL <= kind <= _LAST and end <= len(block)
+            and masked_crc(block[pos + 6:end]) == crc)
 
 
 # ------------------------------------------------------------------------- manifest
@@ -231,8 +260,9 @@ def _apply_batch(batch, memtable, where):
                            f"its {count} entries")
 
 
-def _read_logs(dbpath, version):
-    """The writes of the live logs, as a sorted list of (user key, -tag, value)."""
+def _read_logs(dbpath, version, dropped=None):
+    """The writes of the live logs, as a sorted list of (user key, -tag, value);
+    ``dropped`` gets a note for each log tail dropped for a checksum mismatch."""
     numbers = []
     for name in os.listdir(dbpath):
         match = re.fullmatch(r"(\d+)\.log", name)
@@ -244,7 +274,7 @@ def _read_logs(dbpath, version):
     memtable = {}
     for _, name in sorted(numbers):
         path = os.path.join(dbpath, name)
-        for index, batch in enumerate(_log_records(path, check_all_crcs=False)):
+        for index, batch in enumerate(_log_records(path, False, dropped)):
             _apply_batch(batch, memtable, f"{path}: record {index}")
     return sorted((key, -tag, value) for key, (tag, value) in memtable.items())
 
@@ -397,7 +427,10 @@ class LevelDBReader:
                                    f"missing (a level-{level} table named by "
                                    f"{self._manifest})")
             self._levels.setdefault(level, []).append((path, _index_handle(path)))
-        self._log_entries = _read_logs(self.path, version)
+        # notes on log tails dropped for a checksum mismatch: damage, or a crash's
+        # torn write (an empty database then says so)
+        self.dropped = []
+        self._log_entries = _read_logs(self.path, version, self.dropped)
         self._closed = False
 
     def items(self):

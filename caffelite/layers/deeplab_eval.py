@@ -27,6 +27,11 @@ def read_id_list(path, strip, layer):
 
     Blank lines are skipped (the fork stops with "Too much stripping" on them).
     """
+    return [name for _, name in numbered_id_list(path, strip, layer)]
+
+
+def numbered_id_list(path, strip, layer):
+    """``read_id_list`` as (line number, id) pairs."""
     if strip < 0:
         raise layer.error(f"strip cannot be negative (got {strip})")
     # raw bytes, std::getline lines and ``>>``'s first token, as the fork reads them
@@ -40,8 +45,21 @@ def read_id_list(path, strip, layer):
         if len(tok) <= strip:
             raise layer.error(f"{path}:{lineno}: '{first.group()}' is not longer than "
                               f"strip={strip} bytes (too much stripping)")
-        names.append(os.fsdecode(tok[:len(tok) - strip] if strip else tok))
+        names.append((lineno, os.fsdecode(tok[:len(tok) - strip] if strip else tok)))
     return names
+
+
+def image_path_hint(source, numbered):
+    """A hint when a MatWrite source lists image paths (the kit's ``val.txt``) where
+    ids belong (``val_id.txt``); None when no id looks like one."""
+    from ..evaluate import IMAGE_EXTENSIONS
+    for lineno, name in numbered:
+        if name.lower().endswith(IMAGE_EXTENSIONS):
+            return (f"{source}:{lineno}: '{name}' looks like an image path, not an id: "
+                    f"mat_write_param.source lists ids, one per line (the kit's "
+                    f"${{TEST_SET}}_id.txt, not the image list ${{TEST_SET}}.txt); the "
+                    f"files are named prefix + id + '_blob_N.mat'")
+    return None
 
 
 @register("MatWrite")
@@ -59,7 +77,13 @@ class MatWriteLayer(Layer):
         if p.period <= 0:
             raise self.error(f"mat_write_param.period must be positive (got {p.period})")
         self.prefix, self.period = p.prefix, p.period
-        self.names = read_id_list(p.source, p.strip, self) if p.HasField("source") else None
+        self.names, self.hint = None, None
+        if p.HasField("source"):
+            numbered = numbered_id_list(p.source, p.strip, self)
+            self.names = [name for _, name in numbered]
+            self.hint = image_path_hint(p.source, numbered)
+            if self.hint:
+                logger.warning("layer '%s': %s", self.name, self.hint)
         self.iter = 0
         directory = os.path.dirname(self.prefix)
         if directory and not os.path.isdir(directory):
@@ -86,7 +110,8 @@ class MatWriteLayer(Layer):
                 try:
                     write_mat(f"{stem}_blob_{i}.mat", _to_numpy(b.data))
                 except MatFileError as e:
-                    raise self.error(str(e)) from None
+                    raise self.error(f"{e}; {self.hint}" if self.hint else str(e)
+                                     ) from None
         self.iter += 1
 
 
