@@ -11,6 +11,7 @@ head. As in Caffe, a blob reshaped to fewer elements keeps its memory (and value
 uses the first ones; only a larger count allocates new memory.
 """
 import math
+import operator
 
 import numpy as np
 
@@ -158,7 +159,10 @@ def checked_shape(shape):
     """(shape as ints, its count), or Blob::Reshape's refusal. Like Reshape, each axis
     is checked against the product of those before it, up to a 0: a zero-size shape
     whose leading axes multiply past INT_MAX is refused too."""
-    shape = tuple(int(s) for s in shape)
+    try:
+        shape = tuple(operator.index(s) for s in shape)
+    except TypeError:
+        shape = tuple(_dimension(s, shape, axis) for axis, s in enumerate(shape))
     if len(shape) > MAX_BLOB_AXES:
         raise BlobShapeError(f"blob shape {shape} has {len(shape)} axes; at most "
                              f"{MAX_BLOB_AXES} are allowed")
@@ -171,6 +175,22 @@ def checked_shape(shape):
                                  f"{count * s} elements by axis {axis}")
         count *= s
     return shape, count
+
+
+def _dimension(value, shape, axis):
+    """One axis of ``shape`` that is no integer: an integral float (2.0) as its int,
+    anything else (a string, None, 2.5, NaN) refused by name, where ``int()`` would
+    have raised a bare ValueError or truncated 2.5 to 2.  pycaffe's Blob.reshape takes
+    integers only (boost.python: "No registered converter … of type int")."""
+    if not isinstance(value, (str, bytes, bytearray)):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = None
+        if number is not None and number.is_integer():
+            return int(number)
+    raise TypeError(f"blob shape {tuple(shape)!r}: axis {axis} is {value!r} "
+                    f"({type(value).__name__}), not an integer dimension")
 
 
 def legacy_shape(shape):

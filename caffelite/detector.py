@@ -36,6 +36,10 @@ class Detector(Net):
             image = io.load_image(image_fname).astype(np.float32)
             for window in windows:
                 window_inputs.append(self.crop(image, window))
+        if not window_inputs:
+            raise ValueError(f"Detector.detect_windows: no windows given (for "
+                             f"{len(images_windows)} image(s)); it takes [(image file, "
+                             f"[(ymin, xmin, ymax, xmax), ...]), ...]")
         in_ = self.inputs[0]
         caffe_in = np.zeros((len(window_inputs), window_inputs[0].shape[2])
                             + tuple(self.blobs[in_].data.shape[2:]), dtype=np.float32)

@@ -36,7 +36,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 
 from .io.caffemodel import write_atomically
-from .io.image import read_image, read_label
+from .io.image import pixel_limit_lifted, pixel_limit_reason, read_image, read_label
 from .io.matfile import MatFileError, read_mat
 from .io.png_gamma import png_depth_and_colour_type
 from .log import logger
@@ -218,7 +218,7 @@ def read_label_map(path, what="prediction"):
     refused: it is no label map."""
     from PIL import Image
     try:
-        with Image.open(path) as img:
+        with pixel_limit_lifted(), Image.open(path) as img:     # as read_label's
             img.load()
             if img.mode == "P":
                 return np.asarray(img, dtype=np.uint8)
@@ -232,6 +232,8 @@ def read_label_map(path, what="prediction"):
             mode = img.mode
     except OSError as e:
         raise EvalError(f"cannot read {what} '{path}': {e}") from None
+    except Image.DecompressionBombError as e:
+        raise EvalError(f"cannot read {what} '{path}': {pixel_limit_reason(e)}") from None
     if mode not in ("L", "LA", "1"):
         raise EvalError(f"{path}: a {mode} image is not a label map (write class indices "
                         f"as a gray or palette PNG)")

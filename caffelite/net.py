@@ -411,7 +411,7 @@ class Net:
         self.blobs = _NamedDict("blob")
         self._blob_order = []       # Caffe's blobs_ and blob_names_: every blob, in order
         self.bottom_blobs, self.top_blobs = [], []
-        self.bottom_names, self.top_names = OrderedDict(), OrderedDict()
+        self.bottom_names, self.top_names = _NamedDict("layer"), _NamedDict("layer")
         self.bottom_need_backward, self.layer_need_backward = [], []
         self.layer_loss_weights = []
         self.learnable_params = []
@@ -425,6 +425,11 @@ class Net:
         available = OrderedDict()
         for name, shape in inputs:
             self._add_input_blob(name, shape, available)
+        from .layers.hdf5_output import refuse_truncating_an_input
+        try:                       # before HDF5Output's set-up empties its file
+            refuse_truncating_an_input(net.layer)
+        except LayerError as e:
+            raise NetError(f"{self.source}: {e}") from None
         from .layers.python_layer import module_search_dir
         with module_search_dir(self._prototxt_dir()):
             for lp in net.layer:
@@ -1019,7 +1024,7 @@ class Net:
 
     @property
     def layer_dict(self):
-        return OrderedDict(zip(self._layer_names, self.layers))
+        return _NamedDict("layer", zip(self._layer_names, self.layers))
 
     def forward(self, blobs=None, start=None, end=None, **kwargs):
         """pycaffe ``Net.forward``: set inputs from kwargs, run, return output arrays."""
@@ -1284,9 +1289,7 @@ class Net:
         except OSError as e:            # truncated or not HDF5: h5py names no file
             raise NetError(f"{path}: cannot read the HDF5 weights ({e})") from None
         with f:
-            if "data" not in f:
-                raise NetError(f"{path}: not a Caffe HDF5 weights file (no 'data' group)")
-            for name, group in f["data"].items():
+            for name, group in caffemodel.hdf5_weight_layers(f, path, by_name, NetError):
                 i = by_name.get(name)
                 if i is None:
                     logger.info("Ignoring source layer %s", name)
@@ -1303,7 +1306,7 @@ class Net:
                         if id(blob) not in owners:
                             continue        # a shared copy: its owner carries the data
                         raise NetError(f"{path}: layer '{name}' has no blob {j} in the file")
-                    values = group[str(j)][()]
+                    values = caffemodel.hdf5_weight_blob(group, j, path, name, NetError)
                     if values.size != blob.count:
                         raise NetError(f"{path}: layer '{name}' blob {j}: shape "
                                        f"{tuple(values.shape)} in the file, {blob.shape} in "

@@ -22,7 +22,13 @@ def blobproto_to_array(blob, return_diff=False):
         shape = (blob.num, blob.channels, blob.height, blob.width)
     else:
         shape = tuple(blob.shape.dim)
-    return np.array(values, dtype=np.float64).reshape(shape)
+    array = np.array(values, dtype=np.float64)
+    try:
+        return array.reshape(shape)
+    except ValueError:                  # as io.py's reshape, but naming the counts
+        field = ("double_" if values is double else "") + ("diff" if return_diff else "data")
+        raise ValueError(f"blobproto_to_array: the BlobProto has {array.size} {field} "
+                         f"values, which its shape {shape} does not hold") from None
 
 
 def array_to_blobproto(arr, diff=None):
@@ -104,14 +110,18 @@ def load_image(filename, color=True):
     32-bit integer ones by 1/(2**31 - 1), float images keep their values. An http(s),
     ftp or file URL is read, as skimage's imread does."""
     from PIL import Image
+    from .image import pixel_limit_lifted, pixel_limit_reason
     source = _downloaded(filename)
     try:
-        img = Image.open(source)
-        img.load()
+        with pixel_limit_lifted():          # Caffe's cv::imread has no pixel limit
+            img = Image.open(source)
+            img.load()
     except FileNotFoundError:
         raise FileNotFoundError(f"cannot read image '{filename}': no such file") from None
     except OSError as e:
         raise OSError(f"cannot read image '{filename}': {e}") from None
+    except Image.DecompressionBombError as e:
+        raise OSError(f"cannot read image '{filename}': {pixel_limit_reason(e)}") from None
     if img.mode == "F":
         arr = np.asarray(img, dtype=np.float64)
     elif img.mode == "I" and img.format != "PNG":    # Pillow < 10 reads 16-bit PNGs as I
@@ -144,10 +154,17 @@ def resize_image(im, new_dims, interp_order=1):
     if im.ndim != 3:
         raise ValueError(f"resize_image needs an H x W x K array, got shape {im.shape}")
     new_dims = (int(new_dims[0]), int(new_dims[1]))
+    if min(new_dims) < 0:
+        raise ValueError(f"resize_image: new_dims {new_dims} has a negative size")
+    if 0 in im.shape[:2]:          # io.py fails at im.min() or at scipy's zoom
+        raise ValueError(f"resize_image: the image of shape {im.shape} has no pixels")
     if im.shape[-1] in (1, 3):
         im_min, im_max = im.min(), im.max()
         if not im_max > im_min:
             return np.full(new_dims + (im.shape[-1],), im_min, dtype=np.float32)
+        if 0 in new_dims:           # skimage's resize refuses it too
+            raise ValueError(f"resize_image: cannot resize the image of shape {im.shape} "
+                             f"to {new_dims}: a size of 0")
         im_std = (im - im_min) / (im_max - im_min)
         resized = _skimage_constant_resize(im_std, new_dims, interp_order)
         return (resized * (im_max - im_min) + im_min).astype(np.float32)
@@ -277,44 +294,87 @@ class Transformer:
         resize to the blob, transpose, channel swap, raw_scale, mean, input_scale."""
         self._check(name)
         x = np.array(data, dtype=np.float32)      # a copy: the caller's array is kept
+        where = f"Transformer.preprocess('{name}')"
         in_dims = self.inputs[name][2:]
         if x.shape[:2] != tuple(in_dims):
             x = resize_image(x, in_dims)
         if name in self.transpose:
-            x = x.transpose(self.transpose[name])
+            order = self.transpose[name]
+            x = _transposed(x, order, order, where, "image")
         if name in self.channel_swap:
-            x = x[list(self.channel_swap[name]), :, :]
-        if name in self.raw_scale:
-            x = _in_place(np.multiply, x, self.raw_scale[name])
-        if name in self.mean:
-            x = _in_place(np.subtract, x, self.mean[name])
-        if name in self.input_scale:
-            x = _in_place(np.multiply, x, self.input_scale[name])
+            order = self.channel_swap[name]
+            x = _channels_swapped(x, order, order, where, "the image (after any transpose)")
+        # io.py's in-place ``x *= raw_scale``, ``x -= mean`` …: an operand that would
+        # change x's shape is refused, as numpy refuses it there.
+        where += ": the image (after any transpose and channel swap)"
+        for what, op in (("raw_scale", np.multiply), ("mean", np.subtract),
+                         ("input_scale", np.multiply)):
+            if name in getattr(self, what):
+                x = _in_place(op, x, getattr(self, what)[name], where, what, True)
         return np.ascontiguousarray(x)
 
     def deprocess(self, name, data):
         """The inverse of ``preprocess`` (without the resize), on a squeezed copy."""
         self._check(name)
         x = np.array(data).squeeze()
+        where = f"Transformer.deprocess('{name}')"
         if x.dtype.kind != "f":
             x = x.astype(np.float32)
-        if name in self.input_scale:
-            x = _in_place(np.true_divide, x, self.input_scale[name])
-        if name in self.mean:
-            x = _in_place(np.add, x, self.mean[name])
-        if name in self.raw_scale:
-            x = _in_place(np.true_divide, x, self.raw_scale[name])
+        for what, op in (("input_scale", np.true_divide), ("mean", np.add),
+                         ("raw_scale", np.true_divide)):
+            if name in getattr(self, what):
+                x = _in_place(op, x, getattr(self, what)[name],
+                              where + ": the squeezed array", what)
         if name in self.channel_swap:
-            x = x[np.argsort(self.channel_swap[name]), :, :]
+            order = self.channel_swap[name]
+            x = _channels_swapped(x, np.argsort(order), order, where, "the squeezed array")
         if name in self.transpose:
-            x = x.transpose(np.argsort(self.transpose[name]))
+            order = self.transpose[name]
+            x = _transposed(x, np.argsort(order), order, where, "squeezed array")
         return x
 
 
-def _in_place(op, x, operand):
+def _transposed(x, axes, order, where, what):
+    """``x.transpose(axes)`` (``axes``: the transpose ``order`` or its inverse)."""
+    if x.ndim != len(axes):
+        raise ValueError(f"{where}: the {what} has shape {x.shape}, but the transpose "
+                         f"{tuple(int(i) for i in order)} takes {len(order)} axes"
+                         + (" (an H x W x K image: a gray one is H x W x 1, as "
+                            "caffe.io.load_image(path, color=False) gives it)"
+                            if what == "image" else ""))
+    return x.transpose(axes)
+
+
+def _channels_swapped(x, index, order, where, array):
+    """``x[index, :, :]`` as io.py takes it (``index``: the channel swap ``order`` or
+    its inverse): it may repeat or drop channels, but not name one that x lacks."""
+    index = [int(i) for i in index]
+    if x.ndim < 3 or max(index) >= x.shape[0]:
+        raise ValueError(
+            f"{where}: the channel swap {tuple(int(i) for i in order)} takes "
+            f"{max(index) + 1} channels along the first axis; {array} has shape {x.shape}"
+            + (" (a gray image: load it with caffe.io.load_image(path), color=True, "
+               "for 3 channels)" if x.ndim == 3 and x.shape[0] == 1 else ""))
+    return x[index, :, :]
+
+
+def _in_place(op, x, operand, where, what, keep_shape=False):
     """pycaffe's ``x op= operand`` under the NumPy of its time: a scalar operand is
     taken in x's dtype (float32), an array operand promotes the arithmetic (a float64
-    mean is subtracted in float64) and the result is stored back in x's dtype."""
+    mean is subtracted in float64) and the result is stored back in x's dtype.  An
+    operand that does not broadcast with x is refused, naming both shapes; so, with
+    ``keep_shape``, is one that would change x's shape (numpy's in-place refusal)."""
     if np.ndim(operand) == 0:
         return op(x, np.asarray(operand).astype(x.dtype), dtype=x.dtype)
+    shape = np.shape(operand)
+    try:
+        result = np.broadcast_shapes(x.shape, shape)
+    except ValueError:
+        result = None
+    if result is None or (keep_shape and result != x.shape):
+        gray = x.ndim == 3 and x.shape[0] == 1 and len(shape) == 3 and shape[0] > 1
+        raise ValueError(
+            f"{where} has shape {x.shape}, which the {what} of shape {shape} does not fit"
+            + (f" (a gray image for a {shape[0]}-channel {what}: load it with "
+               f"caffe.io.load_image(path), color=True)" if gray else ""))
     return op(x, operand).astype(x.dtype, copy=False)

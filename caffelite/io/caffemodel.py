@@ -244,3 +244,68 @@ def write_file_atomically(path, write):
 
 def write_caffemodel(path, layers, net_name=""):
     write_proto_atomically(path, caffemodel_bytes(layers, net_name))
+
+
+# ------------------------------------------------------------------- HDF5 weights
+def hdf5_weight_layers(f, path, wanted, error=CaffemodelError):
+    """The layers of Caffe's HDF5 weights (``Net::ToHDF5``; read by
+    ``CopyTrainedLayersFromHDF5``): (name, group) for each member of the file's ``data``
+    group, in the file's order.  The group of a layer named in ``wanted`` is checked to
+    be one (of datasets ``0``, ``1`` … read with ``hdf5_weight_blob``); other layers,
+    which Caffe ignores unopened, come with None.  ``f``: the open h5py File.  A file
+    of another layout is refused naming the file and the member, where h5py would
+    give an AttributeError or a member's row count would pass for its blob count.
+    ``error``: the exception class raised (the Net passes its NetError)."""
+    import h5py
+    if "data" not in f:
+        raise error(f"{path}: not a Caffe HDF5 weights file (no 'data' group)")
+    data = f["data"]
+    if not isinstance(data, h5py.Group):
+        raise error(
+            f"{path}: not a Caffe HDF5 weights file: 'data' is {_h5_member(data)}, not "
+            f"the group of layers that Caffe writes (data/<layer>/0, data/<layer>/1 …)")
+    for name in data:
+        if name not in wanted:
+            yield name, None
+            continue
+        group = _h5_get(data, name, path, f"layer '{name}' (data/{name})", error)
+        if not isinstance(group, h5py.Group):
+            raise error(
+                f"{path}: layer '{name}' (data/{name}) is {_h5_member(group)}, not a group "
+                f"of blobs (data/{name}/0, data/{name}/1 …, as Caffe writes them)")
+        yield name, group
+
+
+def hdf5_weight_blob(group, j, path, name, error=CaffemodelError):
+    """Blob ``j`` of layer ``name`` (``group``, from ``hdf5_weight_layers``) as an array:
+    a dataset of floats or integers, which is what Caffe's hdf5_load_nd_dataset reads."""
+    import h5py
+    where = f"layer '{name}' blob {j} (data/{name}/{j})"
+    dataset = _h5_get(group, str(j), path, where, error)
+    if not isinstance(dataset, h5py.Dataset):
+        raise error(f"{path}: {where} is {_h5_member(dataset)}, not a dataset of the "
+                    f"blob's values")
+    if dataset.dtype.kind not in "fiu":
+        raise error(f"{path}: {where} holds {dataset.dtype} values; Caffe reads float "
+                    f"and integer datasets only")
+    try:
+        return dataset[()]
+    except (OSError, ValueError, TypeError) as e:
+        raise error(f"{path}: {where}: cannot read it ({e})") from None
+
+
+def _h5_get(group, key, path, where, error):
+    try:
+        return group[key]
+    except (KeyError, OSError, ValueError) as e:      # a broken or external link
+        raise error(f"{path}: {where}: cannot open it ({e})") from None
+
+
+def _h5_member(obj):
+    """How a message calls an HDF5 member: 'a group', 'a dataset of shape (…)' …"""
+    import h5py
+    if isinstance(obj, h5py.Group):
+        return "a group"
+    if isinstance(obj, h5py.Dataset):
+        return f"a dataset of shape {tuple(obj.shape)}"
+    return f"an HDF5 {type(obj).__name__}"

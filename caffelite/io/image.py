@@ -16,7 +16,9 @@ Pillow, and OpenCV's ``cv::resize`` reproduced bit for bit in NumPy.
   with ``INTER_LINEAR`` (fixed-point, 11 coefficient bits, OpenCV's own rounding and
   its 2x2 area shortcut for exact halving) or ``INTER_NEAREST``.
 """
+import contextlib
 import logging
+import threading
 
 import numpy as np
 
@@ -55,6 +57,58 @@ _deep_label_warned = [False]
 _colour_label_warned = [False]
 
 
+# ------------------------------------------------------------ Pillow's pixel limit
+_limit_lifted = threading.local()
+_hook_lock = threading.Lock()
+
+
+def _lift_hook(Image):
+    """Wrap Pillow's ``_decompression_bomb_check`` (once) so that it does nothing in a
+    thread inside ``pixel_limit_lifted`` and is Pillow's own check everywhere else: the
+    limit (``Image.MAX_IMAGE_PIXELS``, whatever the user sets it to) still guards the
+    user's own ``Image.open`` calls, in every thread.  False where this Pillow has no
+    such function to wrap."""
+    check = getattr(Image, "_decompression_bomb_check", None)
+    if check is None:
+        return False
+    if getattr(check, "_caffelite_lift", False):
+        return True
+    with _hook_lock:
+        check = Image._decompression_bomb_check
+        if not getattr(check, "_caffelite_lift", False):
+            def guarded(*args, **kwargs):
+                if getattr(_limit_lifted, "depth", 0):
+                    return None
+                return check(*args, **kwargs)
+            guarded._caffelite_lift = True
+            Image._decompression_bomb_check = guarded
+    return True
+
+
+@contextlib.contextmanager
+def pixel_limit_lifted():
+    """Pillow's decompression-bomb guard lifted for this thread's image reads inside the
+    block.  Caffe reads images with ``cv::imread``, which has no such limit (OpenCV
+    2.4; later versions allow 2**30 pixels), where Pillow warns past 89 Mpx and refuses
+    past 179 Mpx: a 14000 x 14000 image Caffe trains on would be refused.  Pillow's
+    ``MAX_IMAGE_PIXELS`` is left as it is, so the user's own Pillow calls (in this
+    thread outside the block, or in other threads meanwhile) keep their limit."""
+    from PIL import Image
+    _lift_hook(Image)
+    _limit_lifted.depth = getattr(_limit_lifted, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _limit_lifted.depth -= 1
+
+
+def pixel_limit_reason(e):
+    """The reason for an ``ImageReadError`` from Pillow's ``DecompressionBombError``
+    (only where ``pixel_limit_lifted`` could not lift it)."""
+    return (f"{e} (Pillow's decompression-bomb limit, which caffelite could not lift in "
+            f"this Pillow version; set PIL.Image.MAX_IMAGE_PIXELS = None to read it)")
+
+
 # --------------------------------------------------------------------------- decoding
 def _open(path, gray=False, name=None):
     """Decode with Pillow; a colour JPEG wanted in gray is decoded by libjpeg straight
@@ -67,23 +121,27 @@ def _open(path, gray=False, name=None):
     from PIL import Image
     name = path if name is None else name
     try:
-        img = Image.open(path)
-        if gray and img.format == "JPEG" and img.mode in ("RGB", "YCbCr"):
-            img.draft("L", img.size)          # same size, luma output
-        if img.format == "JPEG" and img.mode == "CMYK":
-            rgb = cmyk_to_rgb(_load_as(img, "CMYK"))
-            return Image.fromarray(rgb_to_gray(rgb) if gray else rgb)
-        if gray and img.format == "PNG" and img.mode in ("RGB", "RGBA", "P"):
-            colour, gamma, sig_bit = png_gray_setup(path)
-            if _rawmode(img) in ("RGB;16B", "RGBA;16B"):
-                return Image.fromarray(png16_rgb_to_gray(_png16_rgb(path, img), gamma, sig_bit))
-            if colour and png_gammas(gamma):
-                return Image.fromarray(png_rgb_to_gray(_rgb_samples(img), gamma))
-        img.load()
+        with pixel_limit_lifted():      # cv::imread reads images of any size
+            img = Image.open(path)
+            if gray and img.format == "JPEG" and img.mode in ("RGB", "YCbCr"):
+                img.draft("L", img.size)          # same size, luma output
+            if img.format == "JPEG" and img.mode == "CMYK":
+                rgb = cmyk_to_rgb(_load_as(img, "CMYK"))
+                return Image.fromarray(rgb_to_gray(rgb) if gray else rgb)
+            if gray and img.format == "PNG" and img.mode in ("RGB", "RGBA", "P"):
+                colour, gamma, sig_bit = png_gray_setup(path)
+                if _rawmode(img) in ("RGB;16B", "RGBA;16B"):
+                    return Image.fromarray(png16_rgb_to_gray(_png16_rgb(path, img), gamma,
+                                                             sig_bit))
+                if colour and png_gammas(gamma):
+                    return Image.fromarray(png_rgb_to_gray(_rgb_samples(img), gamma))
+            img.load()
     except FileNotFoundError:
         raise ImageReadError(name, "no such file") from None
     except (OSError, ValueError, SyntaxError) as e:
         raise ImageReadError(name, f"cannot decode it ({e})") from None
+    except Image.DecompressionBombError as e:
+        raise ImageReadError(name, pixel_limit_reason(e)) from None
     return img
 
 

@@ -1,15 +1,55 @@
 """HDF5Output: BVLC Caffe's layer that writes its two bottoms into an HDF5 file."""
 import logging
+import os
 
 import numpy as np
 
 from ..backend import to_host
 from ..blob import legacy_shape
-from ..layer import Layer, register
+from ..layer import Layer, LayerError, register
 
 logger = logging.getLogger("caffelite")
 
 DATA_DATASET, LABEL_DATASET = "data", "label"
+
+
+def refuse_truncating_an_input(layer_params):
+    """Refuse a net whose HDF5Output would empty, when the net is built, a file that an
+    HDF5Data layer of the same net reads (listed in its ``source``): Caffe's setup
+    truncates it all the same, so a mere ``caffe.Net(...)`` or ``caffelite time`` would
+    destroy that input.  ``layer_params``: the net's layers after the phase/stage
+    filter; it is checked before any layer is set up.  Only files that exist count (no
+    data to lose otherwise); a list that cannot be read is left to HDF5Data's own
+    error."""
+    outputs = [lp for lp in layer_params
+               if lp.type == "HDF5Output" and lp.hdf5_output_param.file_name
+               and os.path.isfile(lp.hdf5_output_param.file_name)]
+    if not outputs:
+        return
+    from .image_data import C_TOKEN
+    for data in layer_params:
+        if data.type != "HDF5Data":
+            continue
+        source = data.hdf5_data_param.source
+        try:
+            with open(source, "rb") as f:
+                listed = C_TOKEN.findall(os.fsdecode(f.read()))
+        except OSError:
+            continue
+        for out in outputs:
+            file_name = out.hdf5_output_param.file_name
+            for path in listed:
+                try:
+                    same = os.path.samefile(path, file_name)
+                except (OSError, ValueError):
+                    same = False
+                if same:
+                    raise LayerError(
+                        f"layer '{out.name}' (HDF5Output): hdf5_output_param.file_name "
+                        f"'{file_name}' is the file '{path}' that layer '{data.name}' "
+                        f"(HDF5Data) reads (listed in '{source}'); HDF5Output empties "
+                        f"its file when the net is built, as Caffe's does, which would "
+                        f"destroy that input: write the output to another file")
 
 
 @register("HDF5Output")

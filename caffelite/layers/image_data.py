@@ -987,6 +987,9 @@ class HDF5DataLayer(Layer):
         if None in rows or len(rows) != 1:
             raise self.error(f"HDF5 file '{path}': the datasets {self.top_names} must have "
                              f"at least one axis and the same number of rows")
+        if rows == {0}:        # Caffe would index an empty row permutation
+            raise self.error(f"HDF5 file '{path}': the datasets {self.top_names} have no "
+                             f"rows (shapes {[a.shape for a in arrays]})")
         for name, a, shape in zip(self.top_names, arrays, self.row_shapes or ()):
             if a.shape[1:] != shape:
                 raise self.error(f"HDF5 file '{path}': dataset '{name}' has rows of shape "
