@@ -276,7 +276,7 @@ def read_weights(path, wanted=("ip",), error=caffemodel.CaffemodelError):
                 for name, group in caffemodel.hdf5_weight_layers(f, path, wanted, error)]
 
 
-@pytest.mark.parametrize("fill, words", [
+WEIGHT_LAYOUTS = [
     (lambda f: f.create_dataset("data", data=np.zeros(3)),
      r"not a Caffe HDF5 weights file: 'data' is a dataset of shape \(3,\), not the group "
      r"of layers"),
@@ -291,7 +291,10 @@ def read_weights(path, wanted=("ip",), error=caffemodel.CaffemodelError):
      r"datasets only"),
     (lambda f: f.__setitem__("data/ip/0", h5py_soft_link("/nowhere")),
      r"layer 'ip' blob 0 \(data/ip/0\): cannot open it"),
-])
+]
+
+
+@pytest.mark.parametrize("fill, words", WEIGHT_LAYOUTS)
 def test_hdf5_weights_of_another_layout_name_the_file_and_member(tmp_path, fill, words):
     path = h5_weights(tmp_path / "w.h5", fill)
     with pytest.raises(caffemodel.CaffemodelError, match=rf"^{path}: {words}"):
@@ -431,21 +434,11 @@ layer { type: 'InnerProduct' name: 'ip' bottom: 'data' top: 'ip'
 """
 
 
-@pytest.mark.parametrize("fill, words", [
-    (lambda f: f.create_dataset("data", data=np.zeros(3)),
-     r"not a Caffe HDF5 weights file: 'data' is a dataset of shape \(3,\)"),
-    (lambda f: f.create_dataset("data/ip", data=np.zeros((3, 48), np.float32)),
-     r"layer 'ip' \(data/ip\) is a dataset of shape \(3, 48\), not a group of blobs"),
-    (lambda f: (f.create_group("data/ip/0"), f.create_group("data/ip/1")),
-     r"layer 'ip' blob 0 \(data/ip/0\) is a group"),
-])
+@pytest.mark.parametrize("fill, words", WEIGHT_LAYOUTS)
 def test_net_hdf5_weights_of_another_layout(tmp_path, fill, words):
-    h5py = pytest.importorskip("h5py")
     proto = tmp_path / "net.prototxt"
     proto.write_text(HOOK_NET)
-    path = str(tmp_path / "w.h5")
-    with h5py.File(path, "w") as f:
-        fill(f)
+    path = h5_weights(tmp_path / "w.h5", fill)
     with pytest.raises(NetError, match=rf"^{path}: {words}"):
         caffe.Net(str(proto), caffe.TEST, weights=path)
 
