@@ -694,7 +694,7 @@ class Solver:
         p = self.param
         if not p.snapshot_prefix:
             return None
-        stem = os.path.realpath(f"{p.snapshot_prefix}_iter_")
+        stem = os.path.realpath(self._snapshot_filename("", iter=""))   # <prefix>_iter_
         found = re.fullmatch(re.escape(stem) + r"(\d+)\.(?:caffemodel|solverstate)(?:\.h5)?",
                              os.path.realpath(path))
         if not found:
