@@ -20,7 +20,7 @@ from .backend import TRAIN, TEST
 from .blob import HEAD_AT_DEVICE, HEAD_AT_HOST, SYNCED, Blob, BlobShapeError
 from .caffe_rng import RandomSettingError
 from .filler import FillerError
-from .io import caffemodel, prototxt
+from .io import caffemodel, file_kind, prototxt
 from .io.caffemodel import write_file_atomically
 from .io.solverstate import require_h5py
 from .layer import Layer, LayerError, create_layer
@@ -1331,7 +1331,7 @@ class Net:
         """``copy_from`` without the zero-weights check: the indices of the layers the
         file gave weights."""
         _check_path(path)
-        if _is_hdf5(path):                   # Caffe's CopyTrainedLayersFrom does the same
+        if file_kind.is_hdf5_file(path):     # Caffe's CopyTrainedLayersFrom does the same
             return self.load_hdf5(path)
         by_name = self._first_layer_index()
         copied, filled = 0, set()
@@ -1505,15 +1505,3 @@ def _stack(parts, num):
         return np.zeros((0,), np.float32)
     out = np.concatenate(parts)
     return out[:num] if num is not None and len(out) > num else out
-
-
-_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
-
-
-def _is_hdf5(path):
-    try:
-        with open(path, "rb") as f:
-            return f.read(8) == _HDF5_SIGNATURE
-    except (OSError, TypeError):
-        return False
-

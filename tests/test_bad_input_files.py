@@ -397,3 +397,89 @@ def test_matwrite_source_that_lists_images_gets_a_hint(tmp_path, caplog):
     assert str(info.value).startswith(
         f"layer 'mw' (MatWrite): cannot write MAT file '{tmp_path}/features//JPEGImages/"
         f"2007_000033.jpg_blob_0.mat': No such file or directory; {hint}")
+
+
+# ------------------------------------------------------------ weights and states that are
+# something else: a failed download, an archive, the other kind of HDF5 file
+_DOWNLOAD_MISTAKES = {
+    "lfs": (lambda raw: b"version https://git-lfs.github.com/spec/v1\noid sha256:"
+            + b"0" * 64 + b"\nsize 1234\n", "Git LFS pointer"),
+    "html": (lambda raw: b"\n<!DOCTYPE html>\n<html><body>Sign in</body></html>\n",
+             "HTML page"),
+    "gzip": (lambda raw: __import__("gzip").compress(raw), "gzip-compressed"),
+    "zip": (lambda raw: b"PK\x03\x04" + raw, "zip archive"),
+    "bzip2": (lambda raw: __import__("bz2").compress(raw), "bzip2-compressed"),
+}
+_IP_NET = ('input: "data" input_shape { dim: 1 dim: 1 dim: 2 dim: 2 }\n'
+           'layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip"\n'
+           '        inner_product_param { num_output: 2 } }\n')
+
+
+@pytest.mark.parametrize("kind", sorted(_DOWNLOAD_MISTAKES))
+def test_weights_from_a_failed_download_or_an_archive_say_so(tmp_path, kind):
+    from caffelite.io.caffemodel import CaffemodelError
+    from caffelite.io.prototxt import PrototxtError
+    from caffelite.io.solverstate import SolverStateError, read_solverstate
+    make, words = _DOWNLOAD_MISTAKES[kind]
+    net = make_net(_IP_NET)
+    good = tmp_path / "good.caffemodel"
+    net.save(str(good))
+    path = tmp_path / "bad.caffemodel"
+    path.write_bytes(make(good.read_bytes()))
+    for read, error in ((net.copy_from, CaffemodelError), (read_solverstate, SolverStateError),
+                        (lambda p: caffelite.Net(p, caffelite.TEST), PrototxtError)):
+        with pytest.raises(error) as caught:
+            read(str(path))
+        assert str(path) in str(caught.value) and words in str(caught.value)
+
+
+def test_hdf5_state_and_weights_swapped_say_which_flag_takes_them(tmp_path):
+    h5py = pytest.importorskip("h5py")
+    from caffelite.io.solverstate import SolverStateError, read_solverstate, \
+        read_solverstate_hdf5
+    net = make_net(_IP_NET)
+    weights = tmp_path / "w.caffemodel.h5"
+    net.save_hdf5(str(weights))
+    state = tmp_path / "s.solverstate.h5"
+    with h5py.File(state, "w") as f:
+        f["iter"], f["current_step"] = 3, 0
+        f.create_group("history")
+    with pytest.raises(NetError, match=r"no 'data' group\) \(this is an HDF5 solverstate: "
+                                       r"resume from it with --snapshot\)"):
+        net.copy_from(str(state))
+    with pytest.raises(SolverStateError, match=r"these are HDF5 weights.*--weights"):
+        read_solverstate_hdf5(str(weights))
+    unsuffixed = tmp_path / "s.solverstate"
+    unsuffixed.write_bytes(state.read_bytes())
+    with pytest.raises(SolverStateError, match=r"an HDF5 file: Caffe reads a solverstate as "
+                                               r"HDF5 only when its name ends in \.h5"):
+        read_solverstate(str(unsuffixed))
+
+
+def test_hdf5_weights_after_a_user_block_are_read_as_h5fis_hdf5_finds_them(tmp_path):
+    h5py = pytest.importorskip("h5py")
+    net = make_net(_IP_NET)
+    path = tmp_path / "ub.caffemodel.h5"
+    weights = np.arange(8, dtype=np.float32).reshape(2, 4)
+    with h5py.File(path, "w", userblock_size=1024) as f:
+        f["data/ip/0"], f["data/ip/1"] = weights, np.ones(2, np.float32)
+    assert path.read_bytes()[:8] != b"\x89HDF\r\n\x1a\n"
+    net.copy_from(str(path))
+    assert np.array_equal(net.params["ip"][0].data, weights)
+    assert np.array_equal(net.params["ip"][1].data, np.ones(2, np.float32))
+
+
+def test_data_layer_on_a_damaged_small_leveldb_calls_it_damaged(image_list):
+    db = image_list / "db"
+    assert cli.main(["convert_imageset", "--backend", "leveldb", f"{image_list}/",
+                     str(image_list / "list.txt"), str(db)]) == 0
+    log = db / "000002.log"
+    raw = bytearray(log.read_bytes())
+    raw[300] ^= 0xFF
+    log.write_bytes(bytes(raw))
+    with pytest.raises(NetError, match=rf"layer .d.*database '{db}' has no readable "
+                                       rf"record: {log}: record at offset 0 fails its "
+                                       r"checksum") as caught:
+        make_net(f'layer {{ name: "d" type: "Data" top: "data" top: "label" data_param '
+                 f'{{ source: "{db}" backend: LEVELDB batch_size: 1 }} }}')
+    assert "is empty" not in str(caught.value)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..log import logger
+from . import file_kind
 from .wire import LEN, VARINT, BlobData, WireReader, blob_bytes, len_field, net_bytes, \
     read_blob, signed  # noqa: F401
 
@@ -108,17 +109,21 @@ def read_caffemodel(path):
     # Caffe's V1 upgrade replaces the whole layer list: V2 entries beside V1 ones are dropped.
     layers = v1_layers or v2_layers
     if not layers:
-        raise CaffemodelError(f"{path}: no layers found; is this a .caffemodel file?")
+        raise CaffemodelError(f"{path}: no layers found; is this a .caffemodel file?"
+                              f"{_kind_hint(buf)}")
     return layers
 
 
 def _kind_hint(buf):
-    """What a file that is no caffemodel seems to be (swapped --model and --weights ...)."""
+    """What a file that is no caffemodel seems to be (swapped --model and --weights, a
+    failed download ...)."""
     head = bytes(buf[:4096])
+    hint = file_kind.download_or_archive_hint(head)
+    if hint:
+        return hint
     if head[:1] == b"\x08":           # field 1 as a number: SolverState's iter
         return " (this looks like a .solverstate: resume from it with --snapshot)"
-    text = head.decode("utf-8", errors="ignore")      # (a character cut at the end)
-    if text and all(ch.isprintable() or ch.isspace() for ch in text):
+    if file_kind.is_text(head):
         return " (this is a text file, a prototxt perhaps, not a binary .caffemodel)"
     return ""
 
@@ -258,7 +263,9 @@ def hdf5_weight_layers(f, path, wanted, error=CaffemodelError):
     ``error``: the exception class raised (the Net passes its NetError)."""
     import h5py
     if "data" not in f:
-        raise error(f"{path}: not a Caffe HDF5 weights file (no 'data' group)")
+        hint = (" (this is an HDF5 solverstate: resume from it with --snapshot)"
+                if "history" in f and "iter" in f else "")
+        raise error(f"{path}: not a Caffe HDF5 weights file (no 'data' group){hint}")
     data = f["data"]
     if not isinstance(data, h5py.Group):
         raise error(

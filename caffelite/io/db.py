@@ -71,6 +71,10 @@ class Cursor:
         self.index = 0
         self._value = self._read()
         if self._value is None:
+            dropped = getattr(self.reader, "dropped", None)  # LevelDB: a log tail that
+            if dropped:                                        # failed its checksum
+                raise DBError(f"database '{self.source}' has no readable record: "
+                              f"{dropped[0]}")
             raise DBError(f"database '{self.source}' is empty")
 
     def _read(self):

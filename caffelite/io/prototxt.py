@@ -9,7 +9,7 @@ from google.protobuf import text_encoding, text_format
 from google.protobuf.descriptor import FieldDescriptor
 
 from ..proto import caffe_pb2
-from . import typed_numbers
+from . import file_kind, typed_numbers
 from .upgrade import upgrade_net, upgrade_solver
 
 _PLACEHOLDER = re.compile(r"\$\{(\w+)\}")
@@ -270,8 +270,10 @@ def _unicode_escape(char, pos, text, path, escape):
 
 def parse_text(text, message, path="<string>"):
     if "\x00" in text[:4096]:         # no text prototxt holds a NUL; Caffe would fail too
-        raise PrototxtError(f"{path}: a binary file (a .caffemodel or .solverstate "
-                            f"perhaps), not a text prototxt")
+        what = (file_kind.download_or_archive_hint(text[:4096].encode("utf-8",
+                                                                      "surrogateescape"))
+                or " (a .caffemodel or .solverstate perhaps)")
+        raise PrototxtError(f"{path}: a binary file{what}, not a text prototxt")
     code = _COMMENT_OR_STRING.sub(_blank, text)
     _check_tokens(text, code, path)
     as_written = text
@@ -311,6 +313,10 @@ _NET_ONLY = re.compile(r"^\s*(layers?|input_dim|input_shape)\s*[:{]", re.M)
 
 
 def _kind_hint(text, message):
+    download = file_kind.download_or_archive_hint(
+        text[:4096].encode("utf-8", "surrogateescape"))
+    if download:
+        return download
     if text.startswith("\ufeff"):
         return (" (the file starts with a UTF-8 byte-order mark, U+FEFF, which Caffe's "
                 "text parser refuses too: save it without one)")

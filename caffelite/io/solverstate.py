@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import file_kind
 from .caffemodel import is_double, write_file_atomically, write_proto_atomically
 from .wire import LEN, VARINT, BlobData, WireReader, blob_bytes, key, len_field, \
     read_blob, signed, varint
@@ -56,7 +57,7 @@ def read_solverstate(path):
     if not len(buf):
         raise SolverStateError(f"{path}: the file is empty (0 bytes), not a solverstate")
     w = WireReader(buf, lambda what: SolverStateError(
-        f"{path}: corrupt or truncated solverstate ({what})"))
+        f"{path}: corrupt or truncated solverstate ({what}){_kind_hint(buf)}"))
     state = SolverStateData()
     for number, wire, value in w.fields(0, len(buf)):
         if number == NET_LAYER_FIELD and wire == LEN:
@@ -76,6 +77,21 @@ def read_solverstate(path):
             except ValueError:
                 raise w.fail("the caffelite extension is not valid JSON") from None
     return state
+
+
+def _kind_hint(buf):
+    """What a file that is no solverstate seems to be (a failed download, an HDF5
+    state without the .h5 suffix, a prototxt ...)."""
+    head = bytes(buf[:4096])
+    hint = file_kind.download_or_archive_hint(head)
+    if hint:
+        return hint
+    if file_kind.is_hdf5(head):
+        return (" (this is an HDF5 file: Caffe reads a solverstate as HDF5 only when its "
+                "name ends in .h5, as snapshot_format: HDF5 names them)")
+    if file_kind.is_text(head):
+        return " (this is a text file, not a binary .solverstate)"
+    return ""
 
 
 # ----------------------------------------------------------------------------- writing
@@ -183,12 +199,15 @@ def read_solverstate_hdf5(path):
     try:
         f = h5py.File(path, "r")
     except OSError as e:
-        raise SolverStateError(f"cannot read HDF5 solverstate '{path}': {e}") from None
+        hint = file_kind.download_or_archive_hint(file_kind.read_head(path))
+        raise SolverStateError(f"cannot read HDF5 solverstate '{path}': {e}{hint}") from None
     with f:
         for name in ("iter", "current_step", "history"):
             if name not in f:
+                hint = (" (these are HDF5 weights, a .caffemodel.h5: give them with "
+                        "--weights)" if "data" in f else "")
                 raise SolverStateError(f"{path}: an HDF5 solverstate needs '{name}' (it has "
-                                       f"{', '.join(sorted(f)) or 'nothing'})")
+                                       f"{', '.join(sorted(f)) or 'nothing'}){hint}")
         state = SolverStateData(iter=_read_int(path, f, "iter"),
                                 current_step=_read_int(path, f, "current_step"))
         if "learned_net" in f:

@@ -110,7 +110,6 @@ class HingeLossLayer(_ItemLoss):
         refuse_label_gradient(self, propagate_down)
         if not propagate_down[0]:
             return
-        xp = get_array_module(bottom[0].data)
         dtype = bottom[0].data.dtype.type
         g = self.margin.copy()
         g[self.rows, self.lab] = -g[self.rows, self.lab]
