@@ -334,6 +334,9 @@ def test_concat_mismatch_names_both_shapes():
     ('type: "Slice" slice_param { axis: 1 slice_point: 2 }', [(2, 6)], 3,
      "1 slice_point values for 3 tops"),
     ('type: "Slice" slice_param { axis: 1 slice_point: 7 }', [(2, 6)], 2, "beyond the size 6"),
+    # Caffe builds it and aborts in the forward (the empty top's memory is never made).
+    ('type: "Slice" slice_param { axis: 1 slice_point: 6 }', [(2, 6)], 2,
+     "slice_point 6 is the size of axis 1 .* would be empty"),
     # Caffe: CHECK_LE(top.size(), bottom_slice_axis) when slice points are given.
     ('type: "Slice" slice_param { axis: 1 slice_point: 1 slice_point: 2 }', [(2, 2, 3)], 3,
      "3 tops are more than the size 2"),

@@ -124,6 +124,14 @@ class SliceLayer(Layer):
                 raise self.error(
                     f"slice_point {self.slice_points[-1]} lies beyond the size {dim} of axis "
                     f"{self.axis} of the bottom (shape {bottom[0].shape})")
+            if self.slice_points[-1] == dim:
+                # Caffe builds the net, then aborts in the forward (Check failed: data_,
+                # the empty top's memory never allocated).
+                names = self.layer_param.top
+                last = f"'{names[-1]}'" if len(names) == len(top) else f"#{len(top) - 1}"
+                raise self.error(
+                    f"slice_point {dim} is the size of axis {self.axis} (bottom shape "
+                    f"{bottom[0].shape}): the last top, {last}, would be empty")
             bounds = [0] + self.slice_points + [dim]
         else:
             if dim % len(top):
