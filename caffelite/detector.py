@@ -46,8 +46,6 @@ class Detector(Net):
         for ix, window_in in enumerate(window_inputs):
             caffe_in[ix] = self.transformer.preprocess(in_, window_in)
         predictions = self.forward_all(**{in_: caffe_in})[self.outputs[0]]
-        if predictions.ndim == 4:
-            predictions = predictions.squeeze(axis=(2, 3))
         detections = []
         ix = 0
         for image_fname, windows in images_windows:

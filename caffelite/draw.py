@@ -5,8 +5,8 @@ program (install Graphviz: ``apt-get install graphviz``, ``brew install graphviz
 ``conda install graphviz``), and ``get_pydot_graph`` needs the optional ``pydot``
 package.  When they are missing the error says so; ``draw_net_to_file(net, "x.dot")``
 always works.  Layers are boxes (``name (type)`` and their main parameters), blobs
-octagons; in-place layers are green, convolutions red, pooling orange, inner products
-purple, as in pycaffe.
+octagons (plain ellipses where a top is last mentioned, the net's outputs); in-place
+layers are green, convolutions red, pooling orange, inner products purple, as in pycaffe.
 """
 import os
 import shutil
@@ -46,14 +46,14 @@ def get_pooling_types_dict():
 
 def get_edge_label(layer):
     """The label of a layer's outgoing edges: batch size for data layers, number of
-    outputs for convolutions and inner products."""
+    outputs for convolutions and inner products, pycaffe's empty '""' otherwise."""
     if layer.type == "Data":
         return f"Batch {layer.data_param.batch_size}"
     if layer.type in ("Convolution", "Deconvolution"):
         return str(layer.convolution_param.num_output)
     if layer.type == "InnerProduct":
         return str(layer.inner_product_param.num_output)
-    return None
+    return '""'
 
 
 def get_layer_lr_mult(layer):
@@ -67,28 +67,31 @@ def _first(values, default):
 
 
 def get_layer_label(layer, rankdir, display_lrm=False):
-    """The text in a layer's box: name, type, and kernel/stride/pad where they apply."""
+    """The text in a layer's box, in double quotes as pycaffe's (DOT needs them around
+    the colons): name, type, and kernel size/stride/pad of convolutions and pooling,
+    worded as the fork's draw.py (``(MAX Pooling)``, a convolution's first kernel_size,
+    stride and pad).  ``display_lrm`` (BVLC's later option) adds the lr_mult values."""
+    return f'"{_layer_text(layer, rankdir, display_lrm)}"'
+
+
+def _layer_text(layer, rankdir, display_lrm):
     separator = " " if rankdir in ("TB", "BT") else "\\n"
-    lines = [layer.name, f"({layer.type})"]
+    if layer.type == "Pooling":
+        kind = f"({get_pooling_types_dict()[layer.pooling_param.pool]} {layer.type})"
+    else:
+        kind = f"({layer.type})"
+    lines = [layer.name, kind]
     if layer.type in ("Convolution", "Deconvolution"):
         p = layer.convolution_param
-        kernel = p.kernel_h if p.HasField("kernel_h") else _first(p.kernel_size, 1)
-        stride = p.stride_h if p.HasField("stride_h") else _first(p.stride, 1)
-        pad = p.pad_h if p.HasField("pad_h") else _first(p.pad, 0)
-        lines += [f"kernel size: {kernel}", f"stride: {stride}", f"pad: {pad}"]
-        dilation = _first(p.dilation, 1)
-        if dilation != 1:
-            lines.append(f"dilation: {dilation}")
+        lines += [f"kernel size: {_first(p.kernel_size, 1)}", f"stride: {_first(p.stride, 1)}",
+                  f"pad: {_first(p.pad, 0)}"]
     elif layer.type == "Pooling":
         p = layer.pooling_param
-        kernel = p.kernel_h if p.HasField("kernel_h") else p.kernel_size
-        stride = p.stride_h if p.HasField("stride_h") else p.stride
-        pad = p.pad_h if p.HasField("pad_h") else p.pad
-        lines += [f"pool: {get_pooling_types_dict()[p.pool]}", f"kernel size: {kernel}",
-                  f"stride: {stride}", f"pad: {pad}"]
+        lines += [f"kernel size: {p.kernel_size}", f"stride: {p.stride}", f"pad: {p.pad}"]
     if display_lrm and layer.type in ("Convolution", "Deconvolution", "InnerProduct"):
         w, b = get_layer_lr_mult(layer)
-        lines.append(f"lr mult: {w:g}, {b:g}")
+        if w or b:
+            lines.append(f"lr mult: {w:.1f}, {b:.1f}")
     return separator.join(lines)
 
 
@@ -134,14 +137,16 @@ def to_dot(caffe_net, rankdir="LR", label_edges=True, phase=None, display_lrm=Fa
                     and layer.bottom[0] == layer.top[0])
         style = NEURON_LAYER_STYLE if in_place else dict(
             LAYER_STYLE_DEFAULT, fillcolor=choose_color_by_layertype(layer.type))
-        nodes[node] = _attrs(style, get_layer_label(layer, rankdir, display_lrm))
+        nodes[node] = _attrs(style, _layer_text(layer, rankdir, display_lrm))
+        # As pycaffe: a blob is drawn as its last mention makes it, an octagon where
+        # that is a bottom, a plain ellipse where it is a top (the net's outputs).
         for bottom in layer.bottom:
             nodes[bottom + "_blob"] = _attrs(BLOB_STYLE, bottom)
             edges.append((bottom + "_blob", node, None))
         label = get_edge_label(layer) if label_edges else None
         for top in layer.top:
-            nodes.setdefault(top + "_blob", _attrs(BLOB_STYLE, top))
-            edges.append((node, top + "_blob", label))
+            nodes[top + "_blob"] = _attrs({}, top)
+            edges.append((node, top + "_blob", None if label == '""' else label))
     lines += [f"  {_quote(name)} {attrs};" for name, attrs in nodes.items()]
     for src, dst, label in edges:
         suffix = f" [label={_quote(label)}]" if label else ""

@@ -14,7 +14,9 @@ index, whose Release file's signature ``gpgv`` checks with Debian's archive keyr
 ``DIR/pycaffe39 script.py`` then runs ``import caffe`` with the real pycaffe, and
 ``. DIR/env.sh`` puts the real ``caffe``, ``upgrade_net_proto_text``,
 ``convert_imageset`` ... on PATH.  ``tests/test_bvlc_oracle.py`` compares caffelite with
-it when ``CAFFELITE_BVLC_PYCAFFE`` is set, and is skipped otherwise.
+it when ``CAFFELITE_BVLC_PYCAFFE`` is set, and is skipped otherwise.  ``DIR/site39``
+holds CPython 3.9 wheels of skimage, scipy and pydot (from the package index, pinned by
+hash) for ``tests/test_bvlc_pycaffe_api_oracle.py``.
 
 BVLC Caffe of 2018 is not the DeepLab fork (based on BVLC of early 2016): the fork's own
 layers are missing, and a few shared behaviours changed after 2016.  The test lists
@@ -36,12 +38,31 @@ KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
 SUITE = "dists/bullseye/main/"
 CAFFE_PACKAGES = ["caffe", "libcaffe1", "python3-caffe"]
 PYTHON_PACKAGES = ["python3.9-minimal", "libpython3.9-minimal", "libpython3.9-stdlib",
-                   "python3-numpy", "python3-protobuf", "python3-six"]
+                   "python3-numpy", "python3-protobuf", "python3-six",
+                   "libffi7"]       # ctypes, which scipy needs (site39 below)
 # libblas.so.3 is an alternative in Debian; take OpenBLAS's threaded build.
 SONAME_CHOICES = {"libblas.so.3": "libopenblas0-pthread"}
 LIBRARY_DIRS = ["usr/lib/x86_64-linux-gnu", "usr/lib", "lib/x86_64-linux-gnu",
                 "usr/lib/x86_64-linux-gnu/openblas-pthread"]
-# pycaffe's caffe.io imports skimage and scipy at import time; the oracle needs neither.
+# CPython 3.9 wheels of what pycaffe's caffe.io, Classifier, Detector and caffe.draw
+# use (skimage, scipy, pydot and their dependencies), of versions close to the fork's
+# time that still have cp39 builds, pinned by hash.  They go to DIR/site39, which
+# tests/test_bvlc_pycaffe_api_oracle.py puts first on the oracle's path; without them
+# those tests skip.
+SITE39_WHEELS = {
+    "scikit-image==0.18.3": "bfa6eb04dc0b8773043f9994eccd8c517d713cd0f9e960dcb6754e19c1abceb1",
+    "scipy==1.7.3": "5d1cc2c19afe3b5a546ede7e6a44ce1ff52e443d12b231823268019f608b9b12",
+    "PyWavelets==1.1.1": "411e17ca6ed8cf5e18a7ca5ee06a91c25800cc6c58c77986202abf98d749273a",
+    "pillow==8.4.0": "b8831cb7332eda5dc89b21a7bce7ef6ad305548820595033a4b03cf3091235ed",
+    "imageio==2.9.0": "3604d751f03002e8e0e7650aa71d8d9148144a87daf17cb1f3228e80747f2e6b",
+    "networkx==2.6.3": "80b6b89c77d1dfb64a4c7854981b60aeea6360ac02c6d4e4913319e0a313abef",
+    "tifffile==2021.11.2": "2e0066f90e2dbeb3e6a287cfd78bafbd2f142fabbca4a76a8ff809573baf5ad5",
+    "pydot==1.4.2": "66c98190c65b8d2e2382a441b4c0edfdb4f4c025ef9cb9874de478fb0793a451",
+    "pyparsing==2.4.7": "ef9d7589ef3c200abe66653d3f1ab1033c3c419ae9b9bdb1240a85b024efc88b",
+}
+SITE39_PLATFORMS = ["manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux_2_12_x86_64",
+                    "manylinux2010_x86_64", "manylinux1_x86_64"]
+# Without site39, pycaffe's caffe.io imports skimage and scipy at import time: stubs.
 STUBS = {"skimage/__init__.py": "", "skimage/io/__init__.py": "def imread(*a, **k):\n"
          "    raise NotImplementedError('skimage is a stub in this oracle')\n",
          "skimage/transform/__init__.py": "def resize(*a, **k):\n"
@@ -160,6 +181,38 @@ def write_launchers(folder, root):
     return launcher
 
 
+def install_site39(folder):
+    """Unpack the SITE39_WHEELS into DIR/site39 (pip checks each wheel's hash); a
+    failure is reported, not fatal: only the tests that need them skip."""
+    site, wheels = os.path.join(folder, "site39"), os.path.join(folder, "wheels39")
+    if os.path.isdir(site):
+        return
+    requirements = os.path.join(folder, "site39-requirements.txt")
+    with open(requirements, "w") as f:
+        f.writelines(f"{pin} --hash=sha256:{sha}\n" for pin, sha in SITE39_WHEELS.items())
+    platforms = [arg for p in SITE39_PLATFORMS for arg in ("--platform", p)]
+    got = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
+                          "--only-binary=:all:", "--python-version", "3.9",
+                          "--implementation", "cp", "--abi", "cp39", *platforms,
+                          "--require-hashes", "-r", requirements, "-d", wheels],
+                         capture_output=True, text=True)
+    if got.returncode != 0:
+        print(f"note: no site39 (pip download failed: {got.stderr.strip()[-300:]}); "
+              f"the oracle tests of skimage, scipy and pydot paths will skip", flush=True)
+        return
+    import zipfile
+    partial = site + ".part"
+    shutil.rmtree(partial, ignore_errors=True)
+    for name in sorted(os.listdir(wheels)):
+        with zipfile.ZipFile(os.path.join(wheels, name)) as wheel:
+            wheel.extractall(partial)
+    for root, _, files in os.walk(partial):     # zipfile drops the execute bits
+        for name in files:
+            if ".so" in name:
+                os.chmod(os.path.join(root, name), 0o755)
+    os.replace(partial, site)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("folder", help="where to unpack (created; reused if it exists)")
@@ -186,6 +239,7 @@ def main():
     launcher = write_launchers(folder, root)
     subprocess.run([launcher, "-c", "import caffe; print('BVLC pycaffe', caffe.__version__)"],
                    check=True)
+    install_site39(folder)
     print(f"export CAFFELITE_BVLC_PYCAFFE={launcher}")
 
 

@@ -149,7 +149,8 @@ def test_draw_dot_without_dependencies(tmp_path):
     assert '"data_blob" -> "conv1_Convolution";' in dot
     assert '"conv1_Convolution" -> "conv1_blob" [label="4"];' in dot
     assert "kernel size: 3 stride: 1 pad: 1" in dot                          # TB: one line
-    assert "pool: MAX" in dot
+    assert "pool1 (MAX Pooling) kernel size: 2" in dot                      # the fork's words
+    assert '"loss_blob" [label="loss"];' in dot       # a top last: unstyled, as pycaffe's
 
 
 def test_draw_phase_filter():

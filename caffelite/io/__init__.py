@@ -143,7 +143,8 @@ def load_image(filename, color=True):
 
 
 def resize_image(im, new_dims, interp_order=1):
-    """Resize H x W x K to ``new_dims`` as pycaffe's ``caffe.io.resize_image`` (io.py).
+    """Resize H x W x K to ``new_dims`` as pycaffe's ``caffe.io.resize_image`` (io.py);
+    an H x W array 1 or 3 wide is resized as one plane, as io.py does.
 
     One or three channels: scaled to [0, 1] by the image's min and max, resized with
     skimage's ``resize`` defaults of the fork's time (skimage <= 0.14: ``mode='constant'``
@@ -151,7 +152,10 @@ def resize_image(im, new_dims, interp_order=1):
     with the minimum), scaled back.  A constant image gives that constant.  Other channel
     counts: ``scipy.ndimage.zoom`` with its defaults (corner pixels aligned)."""
     im = np.asarray(im)
-    if im.ndim != 3:
+    # io.py tests only the last axis: an H x W array 1 or 3 wide is resized as one
+    # plane (and stays 2-D), where scipy's zoom would fail on any other width.
+    plane = im.ndim == 2 and im.shape[-1] in (1, 3)
+    if im.ndim != 3 and not plane:
         raise ValueError(f"resize_image needs an H x W x K array, got shape {im.shape}")
     new_dims = (int(new_dims[0]), int(new_dims[1]))
     if min(new_dims) < 0:
@@ -166,6 +170,9 @@ def resize_image(im, new_dims, interp_order=1):
             raise ValueError(f"resize_image: cannot resize the image of shape {im.shape} "
                              f"to {new_dims}: a size of 0")
         im_std = (im - im_min) / (im_max - im_min)
+        if plane:
+            return (_skimage_constant_resize(im_std[:, :, None], new_dims, interp_order)
+                    [:, :, 0] * (im_max - im_min) + im_min).astype(np.float32)
         resized = _skimage_constant_resize(im_std, new_dims, interp_order)
         return (resized * (im_max - im_min) + im_min).astype(np.float32)
     import scipy.ndimage
