@@ -535,11 +535,15 @@ def glog_arguments(sp):
     glog = sp.add_argument_group("glog's flags (as GLOG_* in the environment)")
     glog.add_argument("--log_dir", help="write glog's log files into this folder")
     glog.add_argument("--minloglevel", help="0 INFO .. 3 FATAL: log nothing below it")
-    glog.add_argument("--stderrthreshold", help=argparse.SUPPRESS)
+    glog.add_argument("--stderrthreshold",
+                      help="with --alsologtostderr=false, lines at this level and above "
+                           "still reach stderr (0 INFO .. 3 FATAL; default 2)")
+    shown = {"logtostderr": "log to stderr only",
+             "alsologtostderr": "log to stderr too (default true, as Caffe sets it; "
+                                "=false leaves the log files only)"}
     for flag in _GLOG_BOOL_FLAGS:
         glog.add_argument(f"--{flag}", nargs="?", const="true",
-                          help="log to stderr only" if flag == "logtostderr"
-                          else argparse.SUPPRESS)
+                          help=shown.get(flag, argparse.SUPPRESS))
         glog.add_argument(f"--no{flag}", dest=flag, action="store_const", const="false",
                           help=argparse.SUPPRESS)
     for flag in _GLOG_IGNORED_FLAGS:
@@ -610,8 +614,13 @@ def _gflags_note(example):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="caffelite",
-                                description=__doc__.split("\n")[0].replace("``", ""))
+    p = argparse.ArgumentParser(
+        prog="caffelite", description=__doc__.split("\n")[0].replace("``", ""),
+        epilog="Caffe's tool programs run as verbs too, with their own arguments: "
+               "upgrade_net_proto_text, upgrade_net_proto_binary, "
+               "upgrade_solver_proto_text (= upgrade, upgrade --binary, upgrade --solver) "
+               "and prog_refine_pascal_v4; a link to caffelite named after a tool runs "
+               "it.  'caffelite VERB -help' shows a verb's flags.")
     sub = p.add_subparsers(dest="command", required=True)
     common = common_arguments
 
@@ -625,8 +634,12 @@ def build_parser():
                     help="caffelite only: with --snapshot, also carry on the random streams "
                          "and data positions a caffelite snapshot saved (on the CPU a "
                          "bit-identical continuation); by default they restart as in Caffe")
-    tr.add_argument("--sigint_effect", default="stop", choices=["stop", "snapshot", "none"])
-    tr.add_argument("--sighup_effect", default="snapshot", choices=["stop", "snapshot", "none"])
+    tr.add_argument("--sigint_effect", default="stop", choices=["stop", "snapshot", "none"],
+                    help="what Ctrl-C does: stop (with the end-of-training snapshot, as "
+                         "Caffe), snapshot and go on, or nothing (default stop)")
+    tr.add_argument("--sighup_effect", default="snapshot",
+                    choices=["stop", "snapshot", "none"],
+                    help="what SIGHUP does (default snapshot)")
     _state_flags(tr, "the train net's")
     common(tr)
     _unused_caffe_flags(tr, "solver weights snapshot sigint_effect sighup_effect")
@@ -636,7 +649,7 @@ def build_parser():
                        description=_gflags_note("-model test.prototxt"))
     t.add_argument("--model", required=True, help="the net prototxt (TEST phase)")
     t.add_argument("--weights", default=None,
-                   help="the caffemodel to score (one file, as Caffe's test takes)")
+                   help="the caffemodel to score (required, as in Caffe; one file)")
     t.add_argument("--iterations", type=int, default=50,
                    help="forward passes to average (default 50)")
     _state_flags(t, "the net's")
@@ -658,7 +671,9 @@ def build_parser():
     dq = sub.add_parser("device_query", help="show a GPU's properties like `caffe "
                         "device_query`", description="Caffe's gflags spelling works "
                         "too: -gpu=0 (one dash, with or without =).")
-    dq.add_argument("--gpu", default=None, help="device id, comma list or 'all'")
+    dq.add_argument("--gpu", default=None,
+                    help="device id, comma list or 'all' (without it nothing is queried, "
+                         "as in Caffe)")
     dq.add_argument("--log", help="also write the log to this file")
     glog_arguments(dq)
     _unused_caffe_flags(dq)
@@ -704,8 +719,10 @@ def build_parser():
                        "images, batch 10) in --out; see also demo-weak (EM-Adapt) and "
                        "demo-dt (domain transform).")
     d.add_argument("--out", default="caffelite_demo",
-                   help="experiment folder (default ./caffelite_demo)")
-    d.add_argument("--iterations", type=int, default=600, help="training iterations")
+                   help="experiment folder (default ./caffelite_demo; a folder of other "
+                        "files is refused)")
+    d.add_argument("--iterations", type=int, default=600,
+                   help="training iterations (default 600)")
     d.add_argument("--log", help="also write the log to this file")
     d.add_argument("--gpu", default=None, help="GPU id (CPU if omitted)")
     d.add_argument("--tf32", action="store_true", help="allow TF32 GEMMs on the GPU")

@@ -6,9 +6,10 @@ Written as a pycaffe user writes it: ``caffe.Net``, ``caffe.io.load_image``,
 pycaffe script changes is the import (with the optional ``caffelite-caffe-alias``
 installed, ``import caffe`` works unchanged).
 
-On the synthetic example, from the folder ``caffelite demo --out DIR`` filled::
+On the synthetic example, from the folder ``caffelite demo --out DIR`` filled (``$REPO``
+is the caffelite checkout)::
 
-    python examples/pycaffe_inference.py \\
+    python $REPO/examples/pycaffe_inference.py \\
         --model voc_synth/config/aspp_slim/test_val.prototxt \\
         --weights voc_synth/model/aspp_slim/train_iter_600.caffemodel \\
         --image data/JPEGImages/val_0000.jpg --output val_0000.png

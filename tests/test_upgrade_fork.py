@@ -161,7 +161,8 @@ def test_upgrade_net_as_needed_logs_each_upgrade(caplog):
         ("WARNING", "Note that future Caffe releases will not support V0NetParameter; use "
                     "./build/tools/upgrade_net_proto_text for prototxt and "
                     "./build/tools/upgrade_net_proto_binary for model weights upgrade this "
-                    "and any other net protos to the new format."),
+                    "and any other net protos to the new format. (caffelite: caffelite "
+                    "upgrade IN OUT, caffelite upgrade --binary IN OUT.)"),
         ("INFO", attempt + "V1LayerParameter: v0.prototxt"),
         ("INFO", done + "V1LayerParameter"),
         ("INFO", attempt + "transformation parameters: data.prototxt"),

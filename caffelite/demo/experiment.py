@@ -154,11 +154,16 @@ def add_arguments(parser, iterations, n_train, n_val, batch_size, out):
     """The demos' options (also for a ``caffelite`` verb: see each module's
     ``add_parser``)."""
     parser.add_argument("--out", default=out,
-                        help="experiment folder (created; files are overwritten)")
-    parser.add_argument("--iterations", type=int, default=iterations)
-    parser.add_argument("--train-images", type=int, default=n_train)
-    parser.add_argument("--val-images", type=int, default=n_val)
-    parser.add_argument("--batch-size", type=int, default=batch_size)
+                        help=f"experiment folder (default ./{out}; created, or an earlier "
+                             f"run's folder, rewritten; a folder of other files is refused)")
+    parser.add_argument("--iterations", type=int, default=iterations,
+                        help=f"training iterations (default {iterations})")
+    parser.add_argument("--train-images", type=int, default=n_train,
+                        help=f"synthetic training images (default {n_train})")
+    parser.add_argument("--val-images", type=int, default=n_val,
+                        help=f"synthetic validation images (default {n_val})")
+    parser.add_argument("--batch-size", type=int, default=batch_size,
+                        help=f"training batch (default {batch_size})")
     parser.add_argument("--quiet", action="store_true", help="print warnings and results only")
     parser.add_argument("--log", help="also write the log to this file")
     return parser

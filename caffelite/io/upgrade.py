@@ -413,7 +413,8 @@ _UPGRADE_LOG = {
            "Note that future Caffe releases will not support V0NetParameter; use "
            "./build/tools/upgrade_net_proto_text for prototxt and "
            "./build/tools/upgrade_net_proto_binary for model weights upgrade this and any "
-           "other net protos to the new format."),
+           "other net protos to the new format. (caffelite: caffelite upgrade IN OUT, "
+           "caffelite upgrade --binary IN OUT.)"),
     "data": ("transformation parameters", "data transformation parameters.",
              "Note that future Caffe releases will only support transform_param messages "
              "for transformation fields."),
