@@ -12,7 +12,11 @@ shows the median (and min) in seconds and the ratio caffelite / OpenCV, and the 
 relative difference of the final output (max |a-b| / max |b|) so that the same
 computation is timed.  PyTorch (if installed) runs the same NetParameter through a
 small interpreter (Conv2d, ReLU, max pooling in ceil mode, Eltwise, BatchNorm+Scale,
-align-corners bilinear Interp).  Then the caffemodel load time: a ~175 MB file with
+align-corners bilinear Interp).  With ``--bvlc`` (the launcher
+``scripts/bvlc_caffe_oracle.py`` writes), the real BVLC Caffe 1.0 (Debian's CPU build,
+OpenBLAS) runs the same net and weights through its pycaffe, in a process of its own;
+BVLC has no Interp layer (the fork's), so that row's nets end before the final Interp,
+and caffelite is timed again on the same truncated net for the ratio.  Then the caffemodel load time: a ~175 MB file with
 the ASPP-VGG layout plus LargeFOV-style fc6/fc7/fc8 layers that the net lacks (as
 real DeepLab init models carry), timed with ``read_caffemodel`` and ``Net.copy_from``
 (median of 5; the file is in the page cache, so this is parsing, not disk).
@@ -37,6 +41,10 @@ def parse_args(argv=None):
     p.add_argument("--nets", default="vgg,resnet", help="comma list of: vgg, resnet")
     p.add_argument("--no-torch", action="store_true", help="skip PyTorch")
     p.add_argument("--no-load", action="store_true", help="skip the caffemodel load timing")
+    p.add_argument("--bvlc", default=os.environ.get("CAFFELITE_BVLC_PYCAFFE"),
+                   help="the real BVLC Caffe 1.0's pycaffe launcher "
+                        "(scripts/bvlc_caffe_oracle.py; default $CAFFELITE_BVLC_PYCAFFE): "
+                        "time it too")
     p.add_argument("--corpus", default=os.path.join(os.path.dirname(ROOT), "shared", "corpus"))
     return p.parse_args(argv)
 
@@ -300,7 +308,7 @@ def main(args):
           f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')}")
     print("load average at start: %.2f %.2f %.2f (other processes skew timings)"
           % os.getloadavg())
-    rows = []
+    rows, bvlc_rows = [], []
     vgg_param = None
     for key in args.nets.split(","):
         label, config, default_size, output = NETS[key]
@@ -326,8 +334,21 @@ def main(args):
             except ImportError:
                 pass
         rows.append(row)
+        if args.bvlc:
+            b = bench_bvlc(args.bvlc, param, net, x, output, args.repeats)
+            bvlc_rows.append([f"{label} {size}x{size}, no Interp", *b[:4], b[0] / b[2], b[4]])
         del net
     print_table(rows, args.repeats)
+    if bvlc_rows:
+        print(f"\nforward against BVLC Caffe 1.0 (CPU, OpenBLAS), median of {args.repeats}"
+              f" after 1 warm-up:")
+        head = ["net", "caffelite s", "(min)", "BVLC Caffe s", "(min)", "caffelite/BVLC",
+                "max rel diff"]
+        print("| " + " | ".join(head) + " |")
+        print("|" + "---|" * len(head))
+        for r in bvlc_rows:
+            print("| " + " | ".join([r[0]] + [f"{v:.2f}" for v in r[1:6]] + [f"{r[6]:.2e}"])
+                  + " |")
     if not args.no_load:
         if vgg_param is None:
             vgg_param = forward_net(args.corpus, NETS["vgg"][1], 65)
@@ -337,6 +358,66 @@ def main(args):
               f"{size / 1e6 / read:.0f} MB/s")
         print(f"  Net.copy_from    {copy:.3f} s (min {copy_min:.3f})")
     print("load average at end: %.2f %.2f %.2f" % os.getloadavg())
+
+
+BVLC_TIMER = r"""
+import sys, time
+import numpy as np
+import caffe
+caffe.set_mode_cpu()
+text, model, inputs, output, repeats, out = sys.argv[1:7]
+net = caffe.Net(text, model, caffe.TEST)
+net.blobs["data"].data[...] = np.load(inputs)
+net.forward()
+times = []
+for _ in range(int(repeats)):
+    t = time.perf_counter()
+    net.forward()
+    times.append(time.perf_counter() - t)
+np.savez(out, times=np.array(times), output=net.blobs[output].data)
+"""
+
+
+def without_final_interp(param, output):
+    """``param`` without Interp layers (BVLC Caffe has none): the net's end moves to the
+    Interp's bottom where the output came from one."""
+    out = caffe_pb2.NetParameter()
+    out.CopyFrom(param)
+    out.ClearField("layer")
+    for layer in param.layer:
+        if layer.type == "Interp":
+            if output in layer.top:
+                output = layer.bottom[0]
+            continue
+        out.layer.add().CopyFrom(layer)
+    return out, output
+
+
+def bench_bvlc(launcher, param, net, x, output, repeats):
+    """(caffelite median, min, BVLC median, min, max rel diff) on ``param`` without its
+    Interp layers, with ``net``'s weights."""
+    import subprocess
+    param, output = without_final_interp(param, output)
+    ours = caffe.Net(param=param, phase=caffe.TEST)
+    with tempfile.TemporaryDirectory() as d:
+        text, model = os.path.join(d, "net.prototxt"), os.path.join(d, "w.caffemodel")
+        with open(text, "w") as f:
+            f.write(text_format.MessageToString(param))
+        write_caffemodel(model, net.to_weights())
+        ours.copy_from(model)
+        ours.blobs["data"].data[...] = x
+        med, best = timed(ours.forward, repeats)
+        inputs, result = os.path.join(d, "x.npy"), os.path.join(d, "out.npz")
+        np.save(inputs, x)
+        script = os.path.join(d, "bvlc_timer.py")
+        with open(script, "w") as f:
+            f.write(BVLC_TIMER)
+        subprocess.run([launcher, script, text, model, inputs, output, str(repeats), result],
+                       check=True)
+        got = np.load(result)
+        times = got["times"]
+        return (med, best, float(np.median(times)), float(times.min()),
+                rel_diff(ours.blobs[output].data, got["output"]))
 
 
 def print_table(rows, repeats):
