@@ -1,5 +1,5 @@
-"""Classic small nets on the CPU: caffelite vs PyTorch, one training iteration and one
-test forward.
+"""Classic small nets on the CPU: caffelite vs PyTorch (and the real BVLC Caffe 1.0),
+one training iteration and one test forward.
 
 * **LeNet** (Caffe's MNIST example): batch 64 of 1x28x28, conv 20 5x5, MAX pool,
   conv 50 5x5, MAX pool, InnerProduct 500, ReLU, InnerProduct 10, SoftmaxWithLoss.
@@ -22,7 +22,10 @@ same net.
     python benchmarks/cpu_small_nets.py --repeats 7 --threads 2
 
 ``--no-image-runs`` times caffelite with one image per column buffer, as before
-session 23 (``im2col.HOST_IMAGE_RUNS = False``), in the same run.
+session 23 (``im2col.HOST_IMAGE_RUNS = False``), in the same run.  ``--bvlc LAUNCHER``
+(``scripts/bvlc_caffe_oracle.py``'s ``pycaffe39``) also runs the same nets, weights,
+batches and solver in BVLC Caffe 1.0 (Debian's CPU build, OpenBLAS) through its pycaffe,
+in a process of its own.
 """
 import argparse
 import os
@@ -103,6 +106,10 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=10, help="iterations per timed block")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-torch", action="store_true")
+    p.add_argument("--bvlc", default=os.environ.get("CAFFELITE_BVLC_PYCAFFE"),
+                   help="the real BVLC Caffe 1.0's pycaffe launcher "
+                        "(scripts/bvlc_caffe_oracle.py; default $CAFFELITE_BVLC_PYCAFFE): "
+                        "time it too, same nets, weights, batches and solver")
     p.add_argument("--no-image-runs", action="store_true",
                    help="also time caffelite with one image per column buffer")
     return p.parse_args(argv)
@@ -184,7 +191,7 @@ def bench(key, args, rows):
     test_net = caffelite_test_net(key, solver)
     feed_train = Feeder(batches, {k: solver.net.blobs[k].data for k in ("data", "label")})
     feed_test = Feeder(batches, {"data": test_net.blobs["data"].data})
-    first_loss = None
+    checks = []                     # (peer, caffelite's first loss, the peer's)
     tnet = None
     if not args.no_torch and key != "cifar_full":
         import torch
@@ -198,7 +205,15 @@ def bench(key, args, rows):
         feed_torch = Feeder(batches, {k: t.numpy() for k, t in tinputs.items()})
         feed_torch()
         with torch.no_grad():
-            first_loss = (float(solver.net.blobs["loss"].data), float(tnet(tinputs)[0]))
+            checks.append(("PyTorch", float(solver.net.blobs["loss"].data),
+                           float(tnet(tinputs)[0])))
+    bvlc = bench_bvlc(key, args, solver, batches) if args.bvlc else None
+    if bvlc is not None:
+        feed_train.next = 0
+        feed_train()
+        solver.net.forward()
+        checks.append(("BVLC Caffe", float(solver.net.blobs["loss"].data), bvlc[2]))
+        feed_train.next = 0
     settings = [("caffelite", True)] + ([("caffelite, one image per buffer", False)]
                                         if args.no_image_runs else [])
     for label, runs in settings:
@@ -207,6 +222,8 @@ def bench(key, args, rows):
         test = median_ms(lambda: (feed_test(), test_net.forward()), args.repeats, args.steps)
         rows.append((NETS[key][0], label, train, test))
     im2col.HOST_IMAGE_RUNS = True
+    if bvlc is not None:
+        rows.append((NETS[key][0], "BVLC Caffe 1.0", bvlc[0], bvlc[1]))
     if tnet is not None:
         def torch_step():
             feed_torch()
@@ -221,7 +238,91 @@ def bench(key, args, rows):
 
         rows.append((NETS[key][0], "PyTorch", median_ms(torch_step, args.repeats, args.steps),
                      median_ms(torch_test, args.repeats, args.steps)))
-    return first_loss
+    return checks
+
+
+BVLC_TIMER = r"""
+import json, sys, time
+import numpy as np
+import caffe
+caffe.set_mode_cpu()
+solver_path, test_path, weights, batches_path, repeats, steps, out = sys.argv[1:8]
+repeats, steps = int(repeats), int(steps)
+batches = np.load(batches_path)
+count = len(batches.files) // 2
+solver = caffe.SGDSolver(solver_path)
+solver.net.copy_from(weights)
+test_net = caffe.Net(test_path, caffe.TEST)
+test_net.share_with(solver.net)
+position = [0]
+
+
+def feed(net, names):
+    k = position[0] % count
+    position[0] += 1
+    for name in names:
+        net.blobs[name].data[...] = batches["%s%d" % (name, k)]
+
+
+def median_ms(step):
+    step()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        times.append((time.perf_counter() - start) / steps)
+    return [float(np.median(times)) * 1e3, min(times) * 1e3]
+
+
+feed(solver.net, ("data", "label"))
+solver.net.forward()
+first_loss = float(solver.net.blobs["loss"].data)
+position[0] = 0
+train = median_ms(lambda: (feed(solver.net, ("data", "label")), solver.step(1)))
+position[0] = 0
+test = median_ms(lambda: (feed(test_net, ("data",)), test_net.forward()))
+with open(out, "w") as f:
+    json.dump({"train": train, "test": test, "first_loss": first_loss}, f)
+"""
+
+
+def bench_bvlc(key, args, solver, batches):
+    """The same training and test through the real BVLC Caffe's pycaffe (a process of its
+    own): (train (median, min), test (median, min), its first loss)."""
+    import json
+    import subprocess
+    import tempfile
+    import numpy as np
+    from caffelite.io.caffemodel import write_caffemodel
+    from caffelite.proto import caffe_pb2
+    from google.protobuf import text_format
+    with tempfile.TemporaryDirectory() as d:
+        paths = {name: os.path.join(d, name) for name in (
+            "train.prototxt", "test.prototxt", "solver.prototxt", "w.caffemodel",
+            "batches.npz", "timer.py", "out.json")}
+        with open(paths["train.prototxt"], "w") as f:
+            f.write(net_text(key, True))
+        with open(paths["test.prototxt"], "w") as f:
+            f.write(net_text(key, False))
+        sp = caffe_pb2.SolverParameter()
+        sp.CopyFrom(solver.param)
+        sp.ClearField("train_net_param")
+        sp.train_net = paths["train.prototxt"]
+        with open(paths["solver.prototxt"], "w") as f:
+            f.write(text_format.MessageToString(sp))
+        write_caffemodel(paths["w.caffemodel"], solver.net.to_weights())
+        np.savez(paths["batches.npz"], **{f"{name}{k}": batch[name]
+                                          for k, batch in enumerate(batches)
+                                          for name in ("data", "label")})
+        with open(paths["timer.py"], "w") as f:
+            f.write(BVLC_TIMER)
+        subprocess.run([args.bvlc, paths["timer.py"], paths["solver.prototxt"],
+                        paths["test.prototxt"], paths["w.caffemodel"], paths["batches.npz"],
+                        str(args.repeats), str(args.steps), paths["out.json"]], check=True)
+        with open(paths["out.json"]) as f:
+            got = json.load(f)
+    return tuple(got["train"]), tuple(got["test"]), got["first_loss"]
 
 
 def main(argv=None):
@@ -242,19 +343,17 @@ def main(argv=None):
           f"ms of {args.repeats} blocks of {args.steps} iterations\n")
     print("| net | engine | train iteration | test forward |")
     print("|---|---|---|---|")
-    torch_rows = {r[0]: r for r in rows if r[1] == "PyTorch"}
+    peers = {(r[0], r[1]): r for r in rows if r[1] in ("PyTorch", "BVLC Caffe 1.0")}
     for net, engine, train, test in rows:
-        ratio = ""
-        if net in torch_rows and engine != "PyTorch":
-            ratio = (f" ({train[0] / torch_rows[net][2][0]:.2f}x PyTorch / "
-                     f"{test[0] / torch_rows[net][3][0]:.2f}x)")
+        ratio = "".join(
+            f" ({train[0] / peer[2][0]:.2f}x {name.split()[0]} / {test[0] / peer[3][0]:.2f}x)"
+            for (peer_net, name), peer in peers.items()
+            if peer_net == net and engine.startswith("caffelite"))
         print(f"| {net} | {engine}{ratio} | {train[0]:.1f} ({train[1]:.1f}) | "
               f"{test[0]:.1f} ({test[1]:.1f}) |")
-    for key, losses in checks.items():
-        if losses:
-            print(f"{NETS[key][0]}: first loss caffelite {losses[0]:.6f}, "
-                  f"PyTorch {losses[1]:.6f}")
-
+    for key, peers in checks.items():
+        for peer, ours, theirs in peers:
+            print(f"{NETS[key][0]}: first loss caffelite {ours:.6f}, {peer} {theirs:.6f}")
 
 if __name__ == "__main__":
     main()
