@@ -44,7 +44,7 @@ def read_list(path):
     as its ImageData): ``while (infile >> filename >> label)``, whitespace-separated
     tokens, ending at the first label that is not an int."""
     from .layers.image_data import read_label_pairs
-    return [entry.fields for entry in read_label_pairs(path, _ListErrors)]
+    return [entry.fields for entry in read_label_pairs(path, _ListErrors, allow_empty=True)]
 
 
 def _match_ext(name, encoding):
@@ -118,8 +118,12 @@ def convert_imageset(root, list_file, db_path, gray=False, do_shuffle=False,
         shuffle(backend.rng(), order)
         lines = [lines[i] for i in order]
     logger.info("A total of %d images.", len(lines))
+    if not lines:       # the tool writes the empty database and exits 0
+        logger.warning("'%s' lists no '<image path> <integer label>' pairs: '%s' will "
+                       "hold no records", list_file, db_path)
     if encode_type and not encoded:
         logger.info("encode_type specified, assuming encoded=true.")
+        encoded = True
     resize_flags = (max(0, resize_height), max(0, resize_width))
     from .io.db import open_writer
     count, data_size = 0, None
@@ -201,6 +205,6 @@ def cmd_convert_imageset(args):
     convert_imageset(args.root, args.list_file, args.db_name, gray=args.gray,
                      do_shuffle=args.shuffle, resize_height=args.resize_height,
                      resize_width=args.resize_width, check_size=args.check_size,
-                     encoded=args.encoded or bool(args.encode_type),
+                     encoded=args.encoded,
                      encode_type=args.encode_type, backend_name=args.backend)
     return 0

@@ -55,7 +55,7 @@ def extract_features(weights, model, blob_names, db_names, num_mini_batches, db_
         for name, path in zip(blob_names, db_names):
             logger.info("Opening dataset %s", path)
             writers.append(open_writer(path, db_type))
-        logger.info("Extacting Features")
+        logger.error("Extacting Features")      # the tool's LOG(ERROR)s, its typo too
         for _ in range(num_mini_batches):
             net.forward()
             for name, writer in zip(blob_names, writers):
@@ -63,17 +63,17 @@ def extract_features(weights, model, blob_names, db_names, num_mini_batches, db_
                     writer.put(b"%010d" % counts[name], feature_datum(item))
                     counts[name] += 1
                     if counts[name] % 1000 == 0:
-                        logger.info("Extracted features of %d query images for feature "
-                                    "blob %s", counts[name], name)
+                        logger.error("Extracted features of %d query images for feature "
+                                     "blob %s", counts[name], name)
         for name, writer in zip(blob_names, writers):
             writer.close()
-            logger.info("Extracted features of %d query images for feature blob %s",
-                        counts[name], name)
+            logger.error("Extracted features of %d query images for feature blob %s",
+                         counts[name], name)
     except BaseException:
         for writer in writers:
             writer.abort()
         raise
-    logger.info("Successfully extracted the features!")
+    logger.error("Successfully extracted the features!")
     return counts
 
 
@@ -98,11 +98,11 @@ def add_parser(sub):
 def cmd_extract_features(args):
     from . import backend
     if args.mode == "GPU":
-        logger.info("Using GPU")
-        logger.info("Using Device_id=%d", args.device_id)
+        logger.error("Using GPU")
+        logger.error("Using Device_id=%d", args.device_id)
         backend.use_gpu(args.device_id)
     else:
-        logger.info("Using CPU")
+        logger.error("Using CPU")
         backend.set_mode_cpu()
     extract_features(args.pretrained_net_param, args.feature_extraction_proto_file,
                      args.blob_names.split(","), args.dataset_names.split(","),

@@ -209,12 +209,13 @@ def entry_fields(entry, source):
     return entry.fields
 
 
-def read_label_pairs(path, layer):
+def read_label_pairs(path, layer, allow_empty=False):
     """ImageData's list as the fork reads it (BVLC before PR #4059):
     ``while (infile >> filename >> label)``.  Whitespace-separated tokens, not lines:
     a filename is the next token, a label C++'s ``int`` extraction (optional sign and
     digits, stopping at the first other character, which starts the next filename);
-    the list ends silently at the first label that does not parse (a warning here)."""
+    the list ends silently at the first label that does not parse (a warning here).
+    A list without pairs is an error unless ``allow_empty``."""
     logger.info("Opening file %s", path)
     text = read_list_text(path, layer)
     entries, pos, lineno, stop = [], 0, 1, ""
@@ -230,7 +231,7 @@ def read_label_pairs(path, layer):
         entries.append(ListEntry(lineno, (name.group(), int(label.group(1)))))
         lineno += text.count("\n", name.start(), label.end())
         pos = label.end()
-    if not entries:
+    if not entries and not allow_empty:
         raise layer.error(f"the source list file '{path}' lists no samples (ImageData "
                           f"reads '<image path> <integer label>' pairs){stop}")
     return entries
