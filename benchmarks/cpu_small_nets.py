@@ -242,46 +242,28 @@ def bench(key, args, rows):
 
 
 BVLC_TIMER = r"""
-import json, sys, time
+import json, sys
 import numpy as np
 import caffe
+here, solver_path, test_path, weights, batches_path, repeats, steps, out = sys.argv[1:9]
+sys.path.insert(0, here)
+from cpu_small_nets import Feeder, median_ms
 caffe.set_mode_cpu()
-solver_path, test_path, weights, batches_path, repeats, steps, out = sys.argv[1:8]
-repeats, steps = int(repeats), int(steps)
-batches = np.load(batches_path)
-count = len(batches.files) // 2
+npz = np.load(batches_path)
+batches = [{"data": npz["data%d" % k], "label": npz["label%d" % k]}
+           for k in range(len(npz.files) // 2)]
 solver = caffe.SGDSolver(solver_path)
 solver.net.copy_from(weights)
 test_net = caffe.Net(test_path, caffe.TEST)
 test_net.share_with(solver.net)
-position = [0]
-
-
-def feed(net, names):
-    k = position[0] % count
-    position[0] += 1
-    for name in names:
-        net.blobs[name].data[...] = batches["%s%d" % (name, k)]
-
-
-def median_ms(step):
-    step()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(steps):
-            step()
-        times.append((time.perf_counter() - start) / steps)
-    return [float(np.median(times)) * 1e3, min(times) * 1e3]
-
-
-feed(solver.net, ("data", "label"))
+feed_train = Feeder(batches, {k: solver.net.blobs[k].data for k in ("data", "label")})
+feed_test = Feeder(batches, {"data": test_net.blobs["data"].data})
+feed_train()
 solver.net.forward()
 first_loss = float(solver.net.blobs["loss"].data)
-position[0] = 0
-train = median_ms(lambda: (feed(solver.net, ("data", "label")), solver.step(1)))
-position[0] = 0
-test = median_ms(lambda: (feed(test_net, ("data",)), test_net.forward()))
+feed_train.next = 0
+train = median_ms(lambda: (feed_train(), solver.step(1)), int(repeats), int(steps))
+test = median_ms(lambda: (feed_test(), test_net.forward()), int(repeats), int(steps))
 with open(out, "w") as f:
     json.dump({"train": train, "test": test, "first_loss": first_loss}, f)
 """
@@ -317,7 +299,8 @@ def bench_bvlc(key, args, solver, batches):
                                           for name in ("data", "label")})
         with open(paths["timer.py"], "w") as f:
             f.write(BVLC_TIMER)
-        subprocess.run([args.bvlc, paths["timer.py"], paths["solver.prototxt"],
+        here = os.path.dirname(os.path.abspath(__file__))
+        subprocess.run([args.bvlc, paths["timer.py"], here, paths["solver.prototxt"],
                         paths["test.prototxt"], paths["w.caffemodel"], paths["batches.npz"],
                         str(args.repeats), str(args.steps), paths["out.json"]], check=True)
         with open(paths["out.json"]) as f:
