@@ -1,3 +1,4 @@
+import contextlib
 import os
 import sys
 
@@ -21,15 +22,26 @@ from caffelite.kernels import emulator as _emulator  # noqa: E402
 _emulator.set_cupy_check(None)
 
 
-@pytest.fixture(autouse=True)
-def _restore_caffelite_logger():
-    """CLI entry points reconfigure the 'caffelite' logger (glog handlers, no
-    propagation); give every test the logger as it found it."""
+@contextlib.contextmanager
+def caffelite_logger_kept():
+    """The 'caffelite' logger as it was before the block (CLI entry points reconfigure
+    it: glog handlers, no propagation, a level)."""
     import logging
     log = logging.getLogger("caffelite")
     saved = (list(log.handlers), log.propagate, log.level)
-    yield
-    log.handlers[:], log.propagate, log.level = saved[0], saved[1], saved[2]
+    try:
+        yield
+    finally:
+        log.handlers[:], log.propagate = saved[0], saved[1]
+        log.setLevel(saved[2])      # (not log.level =: setLevel clears logging's cache)
+
+
+@pytest.fixture(autouse=True)
+def _restore_caffelite_logger():
+    """Every test gets the logger as it found it (a module-scoped fixture that runs a
+    CLI entry point, which runs before this, keeps it with ``caffelite_logger_kept``)."""
+    with caffelite_logger_kept():
+        yield
 
 
 @pytest.fixture(autouse=True)

@@ -59,6 +59,7 @@ import numpy as np
 import pytest
 
 from test_bvlc_oracle import PYCAFFE     # the oracle's launcher (its env.sh beside it)
+from conftest import caffelite_logger_kept
 
 ORACLE = os.path.dirname(PYCAFFE) if PYCAFFE else None
 ENV_SH = os.path.join(ORACLE, "env.sh") if ORACLE else None
@@ -116,7 +117,8 @@ def caffelite(tool, *args, cwd):
     the tool runs it), in this process: (exit status, what it wrote on stderr)."""
     from caffelite.cli import main
     err = io.StringIO()
-    with _in_folder(cwd), _without_glog_environment(), contextlib.redirect_stderr(err):
+    with _in_folder(cwd), _without_glog_environment(), contextlib.redirect_stderr(err), \
+            caffelite_logger_kept():
         try:
             rc = main([tool, *map(str, args)])
         except SystemExit as e:     # argparse
