@@ -16,10 +16,11 @@ align-corners bilinear Interp).  With ``--bvlc`` (the launcher
 ``scripts/bvlc_caffe_oracle.py`` writes), the real BVLC Caffe 1.0 (Debian's CPU build,
 OpenBLAS) runs the same net and weights through its pycaffe, in a process of its own;
 BVLC has no Interp layer (the fork's), so that row's nets end before the final Interp,
-and caffelite is timed again on the same truncated net for the ratio.  Then the caffemodel load time: a ~175 MB file with
-the ASPP-VGG layout plus LargeFOV-style fc6/fc7/fc8 layers that the net lacks (as
-real DeepLab init models carry), timed with ``read_caffemodel`` and ``Net.copy_from``
-(median of 5; the file is in the page cache, so this is parsing, not disk).
+and caffelite is timed again on the same truncated net for the ratio.  Then the
+caffemodel load time: a ~175 MB file with the ASPP-VGG layout plus LargeFOV-style
+fc6/fc7/fc8 layers that the net lacks (as real DeepLab init models carry), timed with
+``read_caffemodel`` and ``Net.copy_from`` (median of 5; the file is in the page cache,
+so this is parsing, not disk).
 
     python benchmarks/cpu_forward.py --repeats 5 --threads 2
 """

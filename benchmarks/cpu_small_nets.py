@@ -338,5 +338,6 @@ def main(argv=None):
         for peer, ours, theirs in peers:
             print(f"{NETS[key][0]}: first loss caffelite {ours:.6f}, {peer} {theirs:.6f}")
 
+
 if __name__ == "__main__":
     main()

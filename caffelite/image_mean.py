@@ -11,7 +11,7 @@ import os
 
 import numpy as np
 
-from .io.db import BACKENDS_BY_NAME, LMDB, DBError, open_db
+from .io.db import BACKENDS_BY_NAME, LMDB, DBError, open_db, without_records
 from .log import logger, ostream_g
 
 
@@ -57,11 +57,7 @@ def compute_image_mean(source, backend=LMDB, progress_every=10000):
             if count % progress_every == 0:
                 logger.info("Processed %d files.", count)
     if total is None:
-        dropped = getattr(reader, "dropped", None)    # LevelDB: a log tail that failed
-        if dropped:                                     # its checksum
-            raise ImageMeanError(f"database '{source}' has no readable record: "
-                                 f"{dropped[0]}")
-        raise ImageMeanError(f"database '{source}' is empty")
+        raise ImageMeanError(without_records(reader, source))
     if count % progress_every:
         logger.info("Processed %d files.", count)
     mean = (total / np.float32(count)).astype(np.float32)

@@ -23,6 +23,17 @@ _emulator.set_cupy_check(None)
 
 
 @contextlib.contextmanager
+def working_dir(folder):
+    """``folder`` as the working directory for the block (contextlib.chdir from 3.11)."""
+    old = os.getcwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(old)
+
+
+@contextlib.contextmanager
 def caffelite_logger_kept():
     """The 'caffelite' logger as it was before the block (CLI entry points reconfigure
     it: glog handlers, no propagation, a level)."""

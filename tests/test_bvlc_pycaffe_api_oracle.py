@@ -40,6 +40,7 @@ import pytest
 
 import caffelite as caffe
 # the structure as tests/test_bvlc_oracle.py compares it (tests/oracles/bvlc_pycaffe_runner.py)
+from conftest import working_dir
 from test_bvlc_oracle import _net_structure as net_structure
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -1209,12 +1210,8 @@ def _ours(sides, name, **extra):
     out = factory.mktemp("pycaffe_api_ours_" + name)
     ctx = dict(CTX, dir=str(shared), out=str(out))
     ctx.update(extra)
-    cwd = os.getcwd()
-    os.chdir(out)
-    try:
+    with working_dir(out):
         return raised(CASES[name], caffe, ctx)
-    finally:
-        os.chdir(cwd)
 
 
 def _theirs(sides, name):

@@ -59,7 +59,7 @@ import numpy as np
 import pytest
 
 from test_bvlc_oracle import PYCAFFE     # the oracle's launcher (its env.sh beside it)
-from conftest import caffelite_logger_kept
+from conftest import caffelite_logger_kept, working_dir
 
 ORACLE = os.path.dirname(PYCAFFE) if PYCAFFE else None
 ENV_SH = os.path.join(ORACLE, "env.sh") if ORACLE else None
@@ -102,22 +102,12 @@ def _without_glog_environment():
         os.environ.update(saved)
 
 
-@contextlib.contextmanager
-def _in_folder(folder):
-    old = os.getcwd()
-    os.chdir(folder)
-    try:
-        yield
-    finally:
-        os.chdir(old)
-
-
 def caffelite(tool, *args, cwd):
     """caffelite's version of the tool (``caffelite <tool> ...``, as a link named after
     the tool runs it), in this process: (exit status, what it wrote on stderr)."""
     from caffelite.cli import main
     err = io.StringIO()
-    with _in_folder(cwd), _without_glog_environment(), contextlib.redirect_stderr(err), \
+    with working_dir(cwd), _without_glog_environment(), contextlib.redirect_stderr(err), \
             caffelite_logger_kept():
         try:
             rc = main([tool, *map(str, args)])
@@ -846,7 +836,7 @@ def feature_net(tmp_path_factory):
         for batch in (3, 250):
             (root / f"net_{backend}_{batch}.prototxt").write_text(NET.format(
                 source=f"db_{backend.lower()}", backend=backend, batch=batch))
-    with _in_folder(root):          # the Data layer's source is relative
+    with working_dir(root):          # the Data layer's source is relative
         net = caffe.Net("net_LMDB_3.prototxt", caffe.TEST)
     for blobs in net.params.values():
         for blob in blobs:

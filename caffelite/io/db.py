@@ -56,6 +56,15 @@ def _other_backend_hint(source, backend, switch):
     return ""
 
 
+def without_records(reader, source):
+    """Why a database gave no record: empty, or (LevelDB) every record lost to a log
+    tail that failed its checksum."""
+    dropped = getattr(reader, "dropped", None)
+    if dropped:
+        return f"database '{source}' has no readable record: {dropped[0]}"
+    return f"database '{source}' is empty"
+
+
 class Cursor:
     """The values of a database in key order, endlessly: after the last key the
     cursor goes back to the first (Caffe's ``SeekToFirst`` on ``!valid()``).
@@ -71,11 +80,7 @@ class Cursor:
         self.index = 0
         self._value = self._read()
         if self._value is None:
-            dropped = getattr(self.reader, "dropped", None)  # LevelDB: a log tail that
-            if dropped:                                        # failed its checksum
-                raise DBError(f"database '{self.source}' has no readable record: "
-                              f"{dropped[0]}")
-            raise DBError(f"database '{self.source}' is empty")
+            raise DBError(without_records(self.reader, self.source))
 
     def _read(self):
         item = next(self._items, None)

@@ -270,9 +270,7 @@ def _unicode_escape(char, pos, text, path, escape):
 
 def parse_text(text, message, path="<string>"):
     if "\x00" in text[:4096]:         # no text prototxt holds a NUL; Caffe would fail too
-        what = (file_kind.download_or_archive_hint(text[:4096].encode("utf-8",
-                                                                      "surrogateescape"))
-                or " (a .caffemodel or .solverstate perhaps)")
+        what = _download_hint(text) or " (a .caffemodel or .solverstate perhaps)"
         raise PrototxtError(f"{path}: a binary file{what}, not a text prototxt")
     code = _COMMENT_OR_STRING.sub(_blank, text)
     _check_tokens(text, code, path)
@@ -312,9 +310,14 @@ _SOLVER_ONLY = re.compile(r"^\s*(train_net|test_net|net|base_lr|lr_policy|max_it
 _NET_ONLY = re.compile(r"^\s*(layers?|input_dim|input_shape)\s*[:{]", re.M)
 
 
+def _download_hint(text):
+    """file_kind's hint for a Git LFS pointer, a web page or an archive, from the
+    text's first bytes as the file has them."""
+    return file_kind.download_or_archive_hint(text[:4096].encode("utf-8", "surrogateescape"))
+
+
 def _kind_hint(text, message):
-    download = file_kind.download_or_archive_hint(
-        text[:4096].encode("utf-8", "surrogateescape"))
+    download = _download_hint(text)
     if download:
         return download
     if text.startswith("\ufeff"):
