@@ -621,6 +621,9 @@ def build_parser():
                "upgrade_solver_proto_text (= upgrade, upgrade --binary, upgrade --solver) "
                "and prog_refine_pascal_v4; a link to caffelite named after a tool runs "
                "it.  'caffelite VERB -help' shows a verb's flags.")
+    from . import __version__
+    p.add_argument("--version", action="version", version=f"caffelite version {__version__}",
+                   help="print the version and exit (as `caffe --version`)")
     sub = p.add_subparsers(dest="command", required=True)
     common = common_arguments
 
@@ -763,7 +766,7 @@ def gflags_style(argv):
     -gpu 0``) written with two dashes for argparse, for the Caffe verbs; ``-D...``
     defines stay as they are. Flags before the verb (``caffe -gpu 0 train ...``, which
     gflags allows) move after it."""
-    argv = _verb_first(["--help" if a == "-help" else a for a in argv])
+    argv = _verb_first([{"-help": "--help", "-version": "--version"}.get(a, a) for a in argv])
     if not argv or argv[0] not in _CAFFE_VERBS:
         return argv
     return [argv[0]] + [_argparse_spelling(a) for a in argv[1:]]
@@ -788,7 +791,8 @@ def _verb_first(argv):
     to the front (a flag without ``=`` takes the next word, except glog's booleans and
     ``-DNAME=VALUE``)."""
     i = 0
-    while i < len(argv) and argv[i].startswith("-") and argv[i] not in ("-h", "--help"):
+    while i < len(argv) and argv[i].startswith("-") and argv[i] not in ("-h", "--help",
+                                                                          "--version"):
         name = argv[i].lstrip("-")
         joined = "=" in name or name in _FLAGS_WITHOUT_VALUE or (name[:1] == "D" and
                                                                  name != "D")

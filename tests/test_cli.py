@@ -37,6 +37,16 @@ def test_python_dash_m_caffelite_is_the_command(tmp_path):
     assert done.returncode == 1 and done.stderr.startswith("caffelite test: error: ")
 
 
+@pytest.mark.parametrize("args", [["--version"], ["-version"], ["-version", "train"]])
+def test_version_flag_prints_the_version_like_caffe(args):
+    """``caffe --version`` prints "caffe version X" and exits 0 (gflags' spelling and a
+    verb after it as well)."""
+    import caffelite
+    done = run(*args)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"caffelite version {caffelite.__version__}\n"
+
+
 GLOG = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d\.\d{6} +\d+ [\w.]+:\d+\] ")
 
 

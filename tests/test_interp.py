@@ -412,6 +412,26 @@ def test_padding_gradient(pads):
     check_gradient(layer, bottom, top)
 
 
+@pytest.mark.parametrize("pads", [(-1, -1), (1, 2), (0, 0)])
+def test_padding_backward_adds_into_zeros_as_the_fork(pads):
+    """The fork's backward zeroes the bottom diff and axpys the top's into it, so a -0
+    gradient arrives as +0 (a plain copy would keep the sign)."""
+    layer = padding_layer(*pads, np.float32)
+    bottom, top = setup_layer(layer, [np.ones((1, 2, 5, 5), np.float32)], dtype=np.float32)
+    run_forward(layer, bottom, top)
+    g = np.random.default_rng(13).standard_normal(top[0].shape).astype(np.float32)
+    g[0, 0] = -0.0
+    top[0].diff[...] = g
+    layer.backward(top, [True], bottom)
+    assert not np.signbit(bottom[0].diff[0, 0]).any()
+    beg, end = pads
+    if beg >= 0:
+        shared = g[:, :, beg:g.shape[2] - end, beg:g.shape[3] - end]
+        np.testing.assert_array_equal(bottom[0].diff, shared)
+    else:
+        np.testing.assert_array_equal(bottom[0].diff[:, :, -beg:5 + end, -beg:5 + end], g)
+
+
 def test_padding_mixed_signs_rejected():
     layer = padding_layer(-1, 2)
     with pytest.raises(LayerError, match="both"):

@@ -743,12 +743,11 @@ def transform_img_and_seg(cfg, img, seg, draws, entry):
                         f"than the {out_h}x{out_w} data top set by the first image; "
                         f"without a crop every image must be at least that large")
     elif (full_h > out_h or full_w > out_w) and not _cut_warned[0]:
-        _cut_warned[0] = True       # the fork writes past the top (undefined behaviour)
+        _cut_warned[0] = True       # the fork's copy loop is bounded by the top
         logger.warning("%s:%d: image is %dx%d, larger than the %dx%d data top set by the "
-                       "first image; without a crop its top-left %dx%d is used (the fork "
-                       "writes past the top); set crop_size to choose the size (warned "
-                       "once)", cfg.source, entry.lineno, full_h, full_w, out_h, out_w,
-                       out_h, out_w)
+                       "first image; without a crop its top-left %dx%d is used, as in the "
+                       "fork; set crop_size to choose the size (warned once)",
+                       cfg.source, entry.lineno, full_h, full_w, out_h, out_w, out_h, out_w)
     means = np.asarray(cfg.means or [0.0] * img.shape[2], dtype)
     pixels = np.empty((out_h, out_w, img.shape[2]), dtype)
     pixels[...] = means                # the fork pads with (mean[0], mean[1], mean[2])

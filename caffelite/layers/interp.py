@@ -289,5 +289,6 @@ class PaddingLayer(Layer):
         xp = get_array_module(g)
         (bh, bw), (th, tw) = self._regions()
         diff = xp.zeros(self.in_shape, dtype=bottom[0].diff.dtype)
-        diff[:, :, bh, bw] = g[:, :, th, tw]
+        # The fork zeroes the bottom's diff and adds the top's (axpy): -0 becomes +0.
+        diff[:, :, bh, bw] += g[:, :, th, tw]
         bottom[0].diff[...] = diff.reshape(bottom[0].shape)

@@ -191,8 +191,9 @@ class AdaptiveBiasChannelLayer(Layer):
     3. num_iter rounds: shuffle the labels after the background (label 0 stays
        first; the order carries over between rounds); for each label l: beta = the
        0-based nth smallest value of M - score_l (std::nth_element), nth =
-       int(portion_l * P) with bg_portion for l == 0 and fg_portion otherwise;
-       score_l += beta; M = max(M, score_l);
+       int(portion_l * P) with bg_portion for l == 0 and fg_portion otherwise
+       (a portion of 1 gives nth = P, which the fork reads one past its buffer; here
+       it is P - 1, the largest value); score_l += beta; M = max(M, score_l);
     4. every channel += mu0 - mean(M).
     The shuffles are std::random_shuffle over the C library's rand(), which nobody
     seeds: caffelite replays glibc's rand() stream from seed 1 per process
