@@ -139,7 +139,9 @@ def test_colour_png_read_gray_matches_imread_on_noise(tmp_path):
     assert np.array_equal(read_label(path), cv2.imread(path, cv2.IMREAD_GRAYSCALE))
 
 
-def test_palette_label_reads_class_indices_with_one_warning(tmp_path, caplog):
+def test_palette_label_reads_its_luminance_as_the_fork_with_one_warning(tmp_path, caplog):
+    """The fork reads labels with cv::imread(GRAYSCALE): a palette PNG gives its colours'
+    luminance (VOC's SegmentationClass colours are not their indices), with a warning."""
     import caffelite.io.image as image_io
     idx = np.array([[0, 1, 2], [15, 1, 255]], np.uint8)
     img = Image.fromarray(idx, mode="L").convert("P")
@@ -152,9 +154,13 @@ def test_palette_label_reads_class_indices_with_one_warning(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="caffelite"):
         first = read_label(str(tmp_path / "p.png"))
         second = read_label(str(tmp_path / "p.png"))
-    assert np.array_equal(first, idx) and np.array_equal(second, idx)
+    want = read_image(str(tmp_path / "p.png"), False)
+    assert np.array_equal(first, want) and np.array_equal(second, want)
+    assert first[0, 1] == 38 and first[0, 2] == 75       # libpng's 15-bit coefficients
     warnings = [r for r in caplog.records if "palette" in r.getMessage()]
     assert len(warnings) == 1 and "luminance" in warnings[0].getMessage()
+    cv2 = pytest.importorskip("cv2")
+    assert np.array_equal(first, cv2.imread(str(tmp_path / "p.png"), cv2.IMREAD_GRAYSCALE))
 
 
 def test_colour_label_reads_its_luminance_with_one_warning(tmp_path, caplog):
@@ -346,7 +352,7 @@ def test_label_type_image_with_label_image_paths_warns_once(tmp_path, caplog):
         assert len(warnings) == (said is not None) and (said is None or said in warnings[0])
 
 
-def test_palette_label_through_the_layer(tmp_path):
+def test_palette_label_through_the_layer_reads_luminance(tmp_path):
     rng = np.random.default_rng(5)
     write_rgb(tmp_path / "a.png", 4, 4, rng)
     idx = rng.integers(0, 21, (4, 4)).astype(np.uint8)
@@ -356,7 +362,9 @@ def test_palette_label_through_the_layer(tmp_path):
     (tmp_path / "l.txt").write_text("/a.png /a_lab.png\n")
     net = seg_net(str(tmp_path / "l.txt"), str(tmp_path), transform=mean_transform(4))
     net.forward()
-    assert np.array_equal(net.blobs["label"].data[0, 0], idx)
+    want = read_image(str(tmp_path / "a_lab.png"), False)
+    assert not np.array_equal(want, idx)
+    assert np.array_equal(net.blobs["label"].data[0, 0], want)
 
 
 def test_batch_size_greater_than_one_wraps_in_order(tmp_path):

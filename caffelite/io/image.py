@@ -9,9 +9,10 @@ Pillow, and OpenCV's ``cv::resize`` reproduced bit for bit in NumPy.
   PNGs keep their high byte).  Checked against ``cv2.imread`` for JPEG and PNG
   (colour and palette PNGs read in gray included).  EXIF orientation
   is not applied (OpenCV 2.4 ignored it; OpenCV >= 3.1 rotates).
-* ``read_label(path)`` reads a segmentation ground truth like the fork (grayscale),
-  except that a palette ("P" mode) PNG gives its **class indices**: the fork would have
-  read the palette colours' luminance, which is never what a label file means.
+* ``read_label(path)`` reads a segmentation ground truth as the fork does, through
+  ``cv::imread(GRAYSCALE)``: a palette ("P" mode) PNG, such as VOC's
+  ``SegmentationClass``, gives its colours' luminance, not its class indices (a
+  warning says so; DeepLab reads raw index PNGs, e.g. ``SegmentationClassAug``).
 * ``resize(img, (height, width), interpolation)`` is ``cv::resize`` for uint8 images
   with ``INTER_LINEAR`` (fixed-point, 11 coefficient bits, OpenCV's own rounding and
   its 2x2 area shortcut for exact halving) or ``INTER_NEAREST``.
@@ -318,15 +319,15 @@ def _as_read(img, color):
 def read_label(path):
     """A segmentation label map as uint8 H x W (see the module docstring)."""
     img = _open(path)
-    if img.mode == "P":
-        if not _palette_warned[0]:
-            _palette_warned[0] = True
-            logger.warning(
-                "label '%s' is a palette PNG: reading its class indices. The original "
-                "DeepLab fork reads labels with cv::imread(GRAYSCALE), which would have "
-                "given the palette colours' luminance instead (convert such labels to "
-                "raw index PNGs to run the fork itself).", path)
-        return np.asarray(img, dtype=np.uint8)
+    if img.mode == "P" and not _palette_warned[0]:
+        _palette_warned[0] = True
+        logger.warning(
+            "label '%s' is a palette PNG: read as the fork reads labels, with "
+            "cv::imread(GRAYSCALE), its values are the palette colours' luminance, not "
+            "class indices. DeepLab's lists name raw index PNGs such as VOC's "
+            "SegmentationClassAug; convert palette labels with "
+            "Image.fromarray(numpy.asarray(Image.open(p))).save(q) or the kit's "
+            "SavePngAsRawPng.m (warned once).", path)
     if img.mode.startswith("I") and not _deep_label_warned[0]:
         _deep_label_warned[0] = True
         logger.warning(
