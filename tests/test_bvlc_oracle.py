@@ -435,6 +435,10 @@ def _agree(ours, theirs, key, exact, nans=False):
         assert not np.isnan(ours).any() and not np.isnan(theirs).any(), key
     if exact:
         np.testing.assert_array_equal(ours, theirs, err_msg=key)
+        if ours.dtype.kind == "f":      # == takes -0 for +0: the sign of zero as well
+            zeros = (ours == 0) & (theirs == 0)
+            np.testing.assert_array_equal(np.signbit(ours[zeros]), np.signbit(theirs[zeros]),
+                                          err_msg=f"{key}: the sign of zero")
     else:
         # float32 sums of up to K = 4608 terms (512 x 3 x 3) taken in another order:
         # about sqrt(K) ulp of the largest magnitude, 4e-6, and a margin
