@@ -489,6 +489,12 @@ def io_datum(caffe, ctx):
 
 
 @case
+def io_datum_label_none(caffe, ctx):
+    d = caffe.io.array_to_datum(np.zeros((1, 1, 2), np.uint8), None)
+    return {"bytes": d.SerializeToString(), "has_label": d.HasField("label")}
+
+
+@case
 def io_datum_default_label(caffe, ctx):
     d = caffe.io.array_to_datum(np.zeros((1, 1, 2), np.uint8))
     return {"bytes": d.SerializeToString(), "has_label": d.HasField("label")}

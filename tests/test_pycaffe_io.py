@@ -85,6 +85,9 @@ def test_datum_label_and_float_data():
     assert len(with_label.SerializeToString()) == len(without.SerializeToString())
     with pytest.raises(TypeError):
         caffe.io.array_to_datum(np.ones((3, 2, 2)), label=2.5)
+    # BVLC 1.0's label=None leaves the label unset (the fork's io.py would fail)
+    unset = caffe.io.array_to_datum(np.ones((3, 2, 2)), None)
+    assert not unset.HasField("label") and len(unset.float_data) == 12
     assert len(without.float_data) == 12 and not without.data
     np.testing.assert_array_equal(caffe.io.datum_to_array(without), np.ones((3, 2, 2)))
     with pytest.raises(ValueError, match="C x H x W"):

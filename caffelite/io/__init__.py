@@ -62,8 +62,8 @@ def blobprotovector_str_to_arraylist(data):
 
 def array_to_datum(arr, label=0):
     """C x H x W -> Datum as the fork's io.py makes it: uint8 as bytes, other types as
-    float_data, and the label always written (0 by default; a float label is a
-    TypeError, from protobuf)."""
+    float_data, and the label written (0 by default, as the fork; ``label=None`` leaves
+    it unset, as BVLC 1.0's; a float label is a TypeError, from protobuf)."""
     arr = np.asarray(arr)
     if arr.ndim != 3:
         raise ValueError(f"array_to_datum needs a C x H x W array, got shape {arr.shape}")
@@ -72,7 +72,8 @@ def array_to_datum(arr, label=0):
         datum.data = arr.tobytes()
     else:
         datum.float_data.extend(arr.astype(float).ravel().tolist())
-    datum.label = label
+    if label is not None:
+        datum.label = label
     return datum
 
 
