@@ -1305,7 +1305,8 @@ def compare(sides, name, rtol=0.0, atol=0.0, **extra):
 @pytest.mark.parametrize("name,rtol", [
     ("io_transformer_pipeline", 1e-6), ("io_transformer_each_setter", 1e-6),
     ("io_resize_constant", 0), ("io_oversample", 0), ("io_blobproto", 0),
-    ("io_blobprotovector", 0), ("io_datum", 0), ("io_resize_zoom", 1e-6),
+    ("io_blobprotovector", 0), ("io_datum", 0), ("io_datum_label_none", 0),
+    ("io_resize_zoom", 1e-6),
     ("io_resize_skimage_up", 1e-5), ("io_resize_skimage_down", 1e-5),
     ("io_resize_dims_forms", 1e-5), ("io_transformer_resizes", 1e-5),
     ("net_set_input_arrays", 1e-6), ("net_reshape", 1e-5), ("net_shared_params", 1e-5), ("python_layer", 1e-5),
