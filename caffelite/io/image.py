@@ -352,7 +352,7 @@ def _warn_if_coloured(img, path):
         "label '%s' is a colour image: reading its luminance, as the fork's "
         "cv::imread(GRAYSCALE) does, which is not its classes (VOC's class colours "
         "read as unrelated values, some of them valid classes); labels must be raw "
-        "class-index PNGs (e.g. SegmentationClassAug) or palette PNGs.", path)
+        "class-index PNGs (e.g. SegmentationClassAug).", path)
 
 
 # ------------------------------------------------------------------------- resizing
