@@ -175,6 +175,7 @@ def write_launchers(folder, root):
         f.write("#!/bin/bash\n# The real BVLC pycaffe (Debian bullseye), Python 3.9, CPU only.\n"
                 f". {folder}/env.sh\n"
                 "export GLOG_minloglevel=${GLOG_minloglevel:-2}\n"
+                "export GLOG_logtostderr=${GLOG_logtostderr:-1}\n"
                 f"export PYTHONPATH={folder}/stubs${{PYTHONPATH:+:$PYTHONPATH}}\n"
                 f'exec {root}/usr/bin/python3.9 "$@"\n')
     os.chmod(launcher, 0o755)
