@@ -50,17 +50,26 @@ def run_forward(layer, bottom, top):
     return [t.data.copy() for t in top]
 
 
-def check_gradient(layer, bottom, top, check_bottom=None, step=1e-3, threshold=1e-3,
-                   kink=None, kink_range=-1.0, seed=1701, top_id=None, top_data_id=None):
+def check_gradient(layer, bottom, top, check_bottom=None, step=1e-3, threshold=None,
+                   kink=None, kink_range=-1.0, seed=1701, top_id=None, top_data_id=None,
+                   poison=np.nan):
     """Caffe's GradientChecker (exhaustive): compare analytic and numeric gradients.
 
     The objective is ``0.5 * sum(top^2)`` over every top (or only ``top_id``), so the
     top diff equals the top data; each bottom (and parameter) element is nudged by
     +-step and the central difference compared with the analytic diff, with Caffe's
-    relative threshold ``threshold * max(|a|, |n|, 1)``. Elements within
+    relative threshold ``threshold * max(|a|, |n|, 1)`` (by default Caffe's 1e-3 for
+    float32 data, 1e-6 for float64, where the central difference's error at step 1e-3
+    is far below it). Elements within
     ``kink_range`` of ``kink`` (non-smooth points) are skipped, as Caffe does.
+
+    The checked bottom diffs start as ``poison``: NaN, so every element must be written
+    (a NaN fails). A layer that leaves some elements as they were by design (v1's loss
+    at ignored pixels) passes 0 and tests those elements itself.
     """
     check_bottom = range(len(bottom)) if check_bottom is None else check_bottom
+    if threshold is None:
+        threshold = 1e-6 if all(b.data.dtype == np.float64 for b in bottom) else 1e-3
     # Parameters the layer does not differentiate (BatchNorm statistics) are skipped.
     targets = [bottom[i] for i in check_bottom] + [
         b for b, down in zip(layer.blobs, layer.param_propagate_down) if down]
@@ -80,7 +89,7 @@ def check_gradient(layer, bottom, top, check_bottom=None, step=1e-3, threshold=1
     def analytic():
         objective()
         for i, b in enumerate(bottom):      # a checked gradient must be written whole
-            b.diff[...] = np.nan if i in check_bottom else 0
+            b.diff[...] = poison if i in check_bottom else 0
         for t in top:
             t.diff[...] = 0
         tops = top if top_id is None else [top[top_id]]
@@ -98,6 +107,8 @@ def check_gradient(layer, bottom, top, check_bottom=None, step=1e-3, threshold=1
     # Some layers (Dropout) draw randomness each forward: reseed so runs agree.
     _reseed(seed)
     computed = analytic()
+    for ti, grad in enumerate(computed):    # NaN compares false: a NaN must fail here
+        assert np.all(np.isfinite(grad)), f"target {ti}: gradient not finite (unwritten?)"
     failures = []
     for ti, target in enumerate(targets):
         flat = target.data.reshape(-1)
@@ -115,7 +126,7 @@ def check_gradient(layer, bottom, top, check_bottom=None, step=1e-3, threshold=1
             numeric = (plus - minus) / (2 * step)
             a = computed[ti].reshape(-1)[i]
             scale = max(abs(a), abs(numeric), 1.0)
-            if abs(a - numeric) > threshold * scale:
+            if not abs(a - numeric) <= threshold * scale:
                 failures.append((ti, i, a, numeric))
     assert not failures, (
         f"{len(failures)} gradient mismatches (target, index, analytic, numeric): {failures[:8]}")

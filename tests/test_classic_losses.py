@@ -389,7 +389,10 @@ def test_contrastive_gradient(legacy):
     layer, bottom, top, _ = forward(
         f'type: "ContrastiveLoss" contrastive_loss_param {{ legacy_version: '
         f'{str(legacy).lower()} }}', [a, b, y])
-    check_gradient(layer, bottom, top, check_bottom=[0, 1], top_id=0)
+    # Caffe's d + 1e-4 puts the non-legacy gradient a relative ~1e-4 / d off the loss's
+    # own (the formula itself is checked above), so Caffe's float threshold applies
+    check_gradient(layer, bottom, top, check_bottom=[0, 1], top_id=0,
+                   threshold=1e-6 if legacy else 1e-3)
     assert layer.allow_force_backward(0) and layer.allow_force_backward(1)
     assert not layer.allow_force_backward(2)
 

@@ -328,7 +328,7 @@ def test_gradient(kind, param, shape):
     layer = conv_layer(kind, param)
     bottom, top = setup_layer(layer, [rng.standard_normal(shape)])
     randomize(layer, rng)
-    check_gradient(layer, bottom, top, step=1e-3, threshold=1e-3)
+    check_gradient(layer, bottom, top, step=1e-3)
 
 
 def test_gradient_with_two_bottoms_accumulates_shared_weights():

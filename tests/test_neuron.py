@@ -164,7 +164,7 @@ def test_gradient(text, domain, phase):
         x = away_from(away_from(x, -0.6, 0.02), 0.8, 0.02)
     layer = make_layer(text, phase, np.float64)
     bottom, top = setup_layer(layer, [x])
-    check_gradient(layer, bottom, top, step=1e-3, threshold=1e-3, **kwargs)
+    check_gradient(layer, bottom, top, step=1e-4, **kwargs)
 
 
 def test_relu_gradient_at_the_kink_follows_caffe():

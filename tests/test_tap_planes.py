@@ -157,7 +157,7 @@ def test_gradient(case):
     bottom, top = setup_layer(layer, [rng.standard_normal(shape)])
     for b in layer.blobs:
         b.data[...] = rng.standard_normal(b.shape)
-    check_gradient(layer, bottom, top, step=1e-3, threshold=1e-3)
+    check_gradient(layer, bottom, top, step=1e-3)
 
 
 def test_float32_forward_matches_opencv():

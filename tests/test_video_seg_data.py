@@ -33,7 +33,8 @@ def write_set(tmp_path, rng, n=3):
     video, plain, backgrounds = [], [], []
     for i in range(n):
         h, w = 11 + i, 13 - i
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(
+        # image i's pixels lie in [80 i, 80 i + 80): a batch item tells its source
+        Image.fromarray(rng.integers(80 * i, 80 * i + 80, (h, w, 3), dtype=np.uint8)).save(
             tmp_path / f"img{i}.png")
         Image.fromarray(rng.integers(0, 21, (h, w)).astype(np.uint8)).save(
             tmp_path / f"lab{i}.png")
@@ -67,12 +68,18 @@ def test_image_channels_match_image_seg_data_and_background_is_resized(tmp_path)
         np.testing.assert_array_equal(video["label"], plain["label"])
         np.testing.assert_array_equal(video["dim"], plain["dim"])
         order.append(video)
-    # background channels: some background, resized to 9 x 9, minus the means only
+    # background channels: the item's own background, resized to 9 x 9, minus the means
+    # only (the image channels are (pixel - mean) * 0.5, whose range names the source)
     expected = [(cv2.resize(bg, (9, 9), interpolation=cv2.INTER_LINEAR).astype(np.float32)
                  - np.float32(MEAN)).transpose(2, 0, 1) for bg in backgrounds]
+    seen = set()
     for batch in order:
-        for item in batch["data"][:, 3:]:
-            assert any(np.array_equal(item, e) for e in expected)
+        for item in batch["data"]:
+            sources = np.unique((item[0] / 0.5 + MEAN[0]) // 80)
+            assert len(sources) == 1
+            seen.add(int(sources[0]))
+            np.testing.assert_array_equal(item[3:], expected[int(sources[0])])
+    assert seen == {0, 1, 2}
 
 
 def test_label_type_none_reads_two_columns(tmp_path):
