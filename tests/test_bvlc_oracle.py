@@ -132,6 +132,9 @@ class CorpusCase:
     FORK_ONLY = ("Interp",)
     refused, backward, nans, exact = False, True, False, False
     raises, fillers, passes, accumulate, files, outputs = None, False, None, False, {}, ()
+    # A gradient after some 20 layers of sums in another order: their errors compound
+    # (observed: 4e-5 of the array's largest magnitude, conv5_3 of LargeFOV).
+    depth_margin = 10
 
     def __init__(self, name, config, phase, crop, diffs=(), seed=-1):
         self.name, self.config, self.phase, self.crop = name, config, phase, crop
@@ -427,7 +430,7 @@ def _gradients_to_compare(keys, layers, last_kink):
     return clean
 
 
-def _agree(ours, theirs, key, exact, nans=False):
+def _agree(ours, theirs, key, exact, nans=False, depth_margin=1):
     assert ours.shape == theirs.shape, key
     if nans:    # where the inputs hold NaN or leave a function's domain: the same places
         np.testing.assert_array_equal(np.isnan(ours), np.isnan(theirs), err_msg=key)
@@ -443,7 +446,7 @@ def _agree(ours, theirs, key, exact, nans=False):
         # float32 sums of up to K = 4608 terms (512 x 3 x 3) taken in another order:
         # about sqrt(K) ulp of the largest magnitude, 4e-6, and a margin
         finite = np.abs(theirs[np.isfinite(theirs)])
-        scale = max(1.0, float(finite.max(initial=0.0)))
+        scale = float(finite.max(initial=0.0)) * depth_margin
         np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5 * scale, err_msg=key)
 
 
@@ -482,9 +485,10 @@ def test_matches_bvlc_caffe(results, case):
     kinks = _kinks(ours, theirs, layers)
     compared = {k for k in theirs if _split(k)[1] in ("data", "param")}
     compared |= _gradients_to_compare(theirs, layers, max(kinks, default=-1))
-    assert any(_split(k)[1] in ("diff", "pdiff") for k in compared) or not case.diffs
+    assert any(_split(k)[1] in ("diff", "pdiff") for k in compared) or not case.backward
     for key in sorted(compared):
-        _agree(ours[key], theirs[key], key, case.exact, case.nans)
+        _agree(ours[key], theirs[key], key, case.exact, case.nans,
+               getattr(case, "depth_margin", 1))
     for key in sorted(k for k in theirs if k.startswith("file/")):   # written files
         assert ours[key].dtype == theirs[key].dtype, key
         np.testing.assert_array_equal(ours[key], theirs[key], err_msg=key)

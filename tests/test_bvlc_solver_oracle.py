@@ -167,7 +167,8 @@ class SolverCase:
     manual: bool = False        # forward, backward and solver.apply_update() instead
     test_nets: bool = False     # the test nets get the arrays too, and are compared
     weights_field: bool = False  # the solver's `weights` loads the caffemodel
-    refused: bool = False       # Caffe refuses the solver (a failed CHECK)
+    refused: str = None         # Caffe refuses the solver (a failed CHECK); caffelite's
+                                # error must match this pattern (the field it names)
     net_field: str = "net"      # or train_net, or train_net_param (the net inline)
     fillers: bool = False       # no caffemodel: the fillers draw (solver random_seed)
     xfail: str = None           # a documented difference from BVLC 1.0 ...
@@ -327,24 +328,27 @@ CASES = [
                xfail=ADAM_MOMENTUM),
     # solvers Caffe refuses
     SolverCase("refuse_type_and_solver_type", SGD + " solver_type: NESTEROV",
-               refused=True),
-    SolverCase("refuse_unknown_policy", SGD.replace('"fixed"', '"bogus"'), refused=True),
+               refused=r"both the deprecated solver_type .* and type"),
+    SolverCase("refuse_unknown_policy", SGD.replace('"fixed"', '"bogus"'),
+               refused="unknown lr_policy 'bogus'"),
     SolverCase("refuse_step_without_stepsize", SGD.replace('"fixed"', '"step"'),
-               refused=True),
+               refused="lr_policy 'step' needs stepsize > 0"),
     SolverCase("refuse_unknown_regularization", SGD + ' regularization_type: "L3"',
-               refused=True),
+               refused="unknown regularization_type 'L3'"),
     SolverCase("refuse_adagrad_momentum", 'type: "AdaGrad" base_lr: 0.1 momentum: 0.9 '
-               'lr_policy: "fixed"', refused=True),
+               'lr_policy: "fixed"', refused="momentum cannot be used with AdaGrad"),
     SolverCase("refuse_rmsprop_momentum", 'type: "RMSProp" base_lr: 0.01 rms_decay: 0.9 '
-               'momentum: 0.5 lr_policy: "fixed"', refused=True),
+               'momentum: 0.5 lr_policy: "fixed"',
+               refused="momentum cannot be used with RMSProp"),
     SolverCase("refuse_rmsprop_decay_1", 'type: "RMSProp" base_lr: 0.01 rms_decay: 1 '
-               'lr_policy: "fixed"', refused=True),
+               'lr_policy: "fixed"', refused=r"rms_decay should lie in \[0, 1\), got 1"),
     SolverCase("refuse_sigmoid_negative_gamma", SGD.replace(
-        '"fixed"', '"sigmoid" gamma: -0.5 stepsize: 2'), refused=True, xfail=FORK_LR_CHECKS),
+        '"fixed"', '"sigmoid" gamma: -0.5 stepsize: 2'), refused="gamma",
+        xfail=FORK_LR_CHECKS),
     SolverCase("refuse_exp_negative_gamma", SGD.replace('"fixed"', '"exp" gamma: -0.5'),
-               refused=True, xfail=FORK_LR_CHECKS),
+               refused="gamma", xfail=FORK_LR_CHECKS),
     SolverCase("refuse_sigmoid_without_stepsize", SGD.replace(
-        '"fixed"', '"sigmoid" gamma: 0.5'), refused=True, xfail=FORK_LR_CHECKS),
+        '"fixed"', '"sigmoid" gamma: 0.5'), refused="stepsize", xfail=FORK_LR_CHECKS),
     # solver.solve(): the snapshots it writes, the final one included
     SolverCase("solve_snapshots", SGD.replace("fixed", "step") +
                " stepsize: 3 gamma: 0.5 max_iter: 7 snapshot: 3", solve=True),
@@ -662,6 +666,7 @@ def test_refused_as_by_bvlc(results, case):
     assert isinstance(theirs, str), "Caffe ran the solver"
     assert re.search(r"^F\d{4} .*(Check failed|Unknown)", theirs, re.M), theirs
     assert isinstance(ours, str), "caffelite ran a solver that Caffe refuses"
+    assert re.search(case.refused, ours), ours
 
 
 def _caffemodel(path):

@@ -38,8 +38,7 @@ behaviour and says why:
 
 Where caffelite refuses input that Caffe turns into a useless output with status 0 (a
 truncated MNIST file, an empty database for compute_image_mean), the case asserts both
-sides too (README: bad input stops with one line).  A case that fails where caffelite
-differs from the fork as well says so in a comment ("defect: ...").
+sides too (README: bad input stops with one line).
 
 The shuffle cases build a small LD_PRELOAD library with the C compiler (skipped
 without one) that hands Caffe's unseeded generator a chosen seed.
@@ -550,7 +549,7 @@ def test_convert_imageset_encode_type_log_line(images):
     both_ok(theirs, ours)
     line = "encode_type specified, assuming encoded=true."
     assert line in log_lines(theirs, "I")
-    assert line in log_lines(ours, "I")         # defect: caffelite never logs it
+    assert line in log_lines(ours, "I")
 
 
 LIST_CASES = {
@@ -603,13 +602,12 @@ def test_convert_imageset_list_files(images, case):
 
 def test_convert_imageset_empty_list(images):
     """An empty LISTFILE: the fork (as 1.0) logs "A total of 0 images.", writes an empty
-    database and exits with 0; so does caffelite for a list of only unreadable images.
-    caffelite refuses an empty list instead (exit 1, no database)."""
+    database and exits with 0; so does caffelite."""
     (images / "empty.txt").write_text("")
     theirs, ours, theirs_db, ours_db = convert_both(images, "empty", [], "empty.txt")
     assert theirs.rc == 0 and "A total of 0 images." in log_lines(theirs, "I")
     assert records(theirs_db) == []
-    assert ours.rc == 0, ours.log            # defect: caffelite exits 1
+    assert ours.rc == 0 and "A total of 0 images." in log_lines(ours, "I"), ours.log
     assert records(ours_db) == []
 
 
@@ -934,7 +932,7 @@ def test_extract_features_log_levels(feature_net):
     assert set(want.values()) == {"E"} and len(want) == 4
     got = levels_of(ours, pattern)
     assert len(got) == 4
-    assert set(got.values()) == {"E"}, got        # defect: caffelite logs them at INFO
+    assert set(got.values()) == {"E"}, got
 
 
 def test_extract_features_errors(feature_net):

@@ -107,10 +107,18 @@ def test_crop_helper_aligns_a_real_net(tmp_path):
     path = tmp_path / "fcn.prototxt"
     path.write_text(str(n.to_proto()))
     net = caffe.Net(str(path), caffe.TEST)
-    net.params["up"][0].data[...] = 1
-    out = net.forward(data=np.ones((1, 1, 40, 40), np.float32))
+    rng = np.random.default_rng(0)
+    for name in ("conv", "up"):
+        for blob in net.params[name]:
+            blob.data[...] = rng.normal(size=blob.data.shape)
+    out = net.forward(data=rng.normal(size=(1, 1, 40, 40)).astype(np.float32))
+    up = net.blobs["up"].data
     assert out["score"].shape[2:] == (40, 40)
-    np.testing.assert_array_equal(out["score"], net.blobs["up"].data[:, :, 1:41, 1:41])
+    np.testing.assert_array_equal(out["score"], up[:, :, 1:41, 1:41])
+    for other in range(up.shape[2] - 40 + 1):      # only offset 1 gives it
+        if other != 1:
+            assert not np.array_equal(out["score"], up[:, :, other:other + 40, 1:41])
+            assert not np.array_equal(out["score"], up[:, :, 1:41, other:other + 40])
 
 
 def test_crop_refuses_bad_geometry():

@@ -205,7 +205,8 @@ def test_encoded_records_decode_as_opencv(tmp_path, backend_name, fmt, force):
     rng = np.random.default_rng(5)
     color = [rng.integers(0, 256, (6, 7, 3), dtype=np.uint8) for _ in range(2)]
     gray = [rng.integers(0, 256, (6, 7), dtype=np.uint8) for _ in range(2)]
-    pictures = color + gray if force == "force_gray: true" else color   # one channel count
+    # a forced batch mixes both kinds (one channel count after forcing); unforced, one kind
+    pictures = color if force == "" else color + gray
     values = [encoded_datum(p, i, fmt) for i, p in enumerate(pictures)]
     source = write_db(tmp_path / "db", backend_name,
                       [(key(i), v) for i, v in enumerate(values)])
@@ -435,6 +436,8 @@ def test_gpu_mode_gives_the_cpu_batches_and_gradients(tmp_path, gpu_mode):
     conv.convolution_param.weight_filler.std = 0.1
     ip = param.layer.add(name="ip", type="InnerProduct", bottom=["conv"], top=["ip"])
     ip.inner_product_param.num_output = 3
+    ip.inner_product_param.weight_filler.type = "gaussian"   # the default 0 hides the data
+    ip.inner_product_param.weight_filler.std = 0.1
     param.layer.add(name="loss", type="SoftmaxWithLoss", bottom=["ip", "label"],
                     top=["loss"])
     del param.layer[1]                       # the Silence: the loss reads the label now
@@ -456,6 +459,8 @@ def test_gpu_mode_gives_the_cpu_batches_and_gradients(tmp_path, gpu_mode):
         np.testing.assert_array_equal(d1, d0)
         np.testing.assert_allclose(l1, l0, rtol=1e-5)
         np.testing.assert_allclose(g1, g0, rtol=1e-4, atol=1e-6)
+        assert np.abs(g0).max() > 1e-3          # the data reaches the loss and back
+    assert len({float(l) for _, l, _ in runs[0]}) == 3
 
 
 def test_decode_unchanged_gives_opencvs_channels():

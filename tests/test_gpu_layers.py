@@ -4,7 +4,9 @@ Each case builds one layer twice from the same random inputs, parameters, parame
 diffs and top diffs: once in CPU mode (numpy) and once in GPU mode, where the layer
 runs under ``backend.device_access()`` as the Net runs it, on the emulator (always) or
 on CuPy (``-m gpu``). Tops and bottom diffs start poisoned with NaN on both sides, so
-an element the device path forgets to write shows up as a mismatch.
+an element the device path forgets to write shows up as a mismatch; and the CPU side's
+tops and propagated bottom diffs must hold no NaN (unless the case feeds NaN in), so an
+element that array code shared by both sides forgets to write is caught too.
 
 Exactness. On the emulator the array code is numpy's on both sides, so every layer is
 compared BIT FOR BIT except where a CUDA kernel does the sum in another order or uses
@@ -76,7 +78,8 @@ class Bound:
     "exact": k ignored, bit-for-bit (NaN where NaN);
     "value": |cpu| (relative); "scale": |cpu| + max|cpu| (relative to the array's
     magnitude, for sums that may cancel); "abs": the same CPU layer run on absolute
-    inputs, parameters and top diffs (sum|terms| of a linear layer)."""
+    inputs, parameters and top diffs (sum|terms| of a linear layer). Under every bound
+    NaN and infinities must match exactly, and "value" / "scale" use finite |cpu| only."""
     k: float = 0
     ref: str = "exact"
 
@@ -103,6 +106,7 @@ class Case:
     poison_tops: bool = True
     bottom_diff_poison: bool = True         # False: random start (layers that keep it)
     cpu_top_for_backward: bool = False      # backward reads the top data: share it
+    nan_outputs: bool = False               # fed NaN: NaN in the CPU outputs is expected
     fwd: object = EXACT                     # emulated bounds (Bound or case -> Bound)
     bwd: object = EXACT
     cuda_fwd: object = EXACT                # real-GPU bounds
@@ -159,6 +163,7 @@ class Run:
     def __init__(self):
         self.forward = []
         self.backward = []
+        self.num_bottom = 0         # backward: the bottoms' diffs, then the parameters'
 
 
 def _random_like(rng, shape):
@@ -197,6 +202,7 @@ def run_case(case, mode, absolute=False):
             for t in top:
                 t.host_data[...] = rng.standard_normal(t.shape)
         out = Run()
+        out.num_bottom = len(bottom)
         with backend.device_access(gpu):
             layer.reshape(bottom, top)
             for t in top:
@@ -239,16 +245,26 @@ def assert_bounded(actual, expected, bound, dtype, what, reference=None):
                         f"{np.unravel_index(i, same.shape)}: gpu {actual.flat[i]!r} vs cpu "
                         f"{expected.flat[i]!r}")
         return
-    assert np.array_equal(np.isnan(actual), np.isnan(expected)), f"{what}: NaN positions"
-    finite = ~np.isnan(expected)
+    # NaN and infinities match exactly; the bounds are over the finite values only (an
+    # infinite |cpu| would make them infinite).
+    finite = np.isfinite(expected)
+    special = ~finite | ~np.isfinite(actual)
+    same = (actual == expected) | (np.isnan(actual) & np.isnan(expected))
+    if not same[special].all():
+        i = np.flatnonzero(special & ~same)[0]
+        pytest.fail(f"{what}: non-finite values differ, first at "
+                    f"{np.unravel_index(i, same.shape)}: gpu {actual.flat[i]!r} vs cpu "
+                    f"{expected.flat[i]!r}")
+    magnitude = np.where(finite, np.abs(expected), 0)
     if bound.ref == "value":
-        ref = np.abs(expected)
+        ref = magnitude
     elif bound.ref == "scale":
-        ref = np.abs(expected) + (np.abs(expected[finite]).max() if finite.any() else 0)
+        ref = magnitude + magnitude.max(initial=0)
     else:
         ref = np.asarray(reference, np.float64)
     limit = bound.k * eps(dtype) * ref
-    err = np.where(finite, np.abs(actual - expected), 0)
+    err = np.zeros_like(expected)
+    err[finite] = np.abs(actual[finite] - expected[finite])
     over = err > limit
     if over.any():
         i = np.argmax(np.where(over, err - limit, -np.inf))
@@ -257,11 +273,24 @@ def assert_bounded(actual, expected, bound, dtype, what, reference=None):
                     f"{expected.flat[i]!r} (bound {limit.flat[i]:.3g})")
 
 
+def assert_written(case, cpu):
+    """The CPU run's tops and propagated bottom diffs hold no NaN: an element still at
+    its poison was written by neither side when both run the same array code."""
+    propagate = case.propagate or [True] * cpu.num_bottom
+    outputs = [("forward output", i, a) for i, a in enumerate(cpu.forward[:case.num_top])]
+    outputs += [("backward diff", i, a) for i, a in enumerate(cpu.backward[:cpu.num_bottom])
+                if propagate[i]]
+    for what, i, a in outputs:
+        assert not np.isnan(a).any(), f"{case.id} CPU {what} {i}: NaN (left unwritten?)"
+
+
 def compare(case, device):
     case.cpu_tops = None
     cpu, _ = run_case(case, "cpu")
     if case.cpu_top_for_backward:
         case.cpu_tops = cpu.forward[:case.num_top]
+    if not case.nan_outputs:
+        assert_written(case, cpu)
     gpu, layer = run_case(case, device)
     fwd = _as_bound(case.fwd if device == "emulated" else case.cuda_fwd, case)
     bwd = _as_bound(case.bwd if device == "emulated" else case.cuda_bwd, case)
@@ -500,9 +529,9 @@ def neuron_cases():
              several(x), in_place=True),
         # -inf: NaN on both (the fork's 0 * -inf on the CPU, -inf * 0 on the GPU); a
         # negative x: +0 on the CPU, -0 on the GPU (equal); NaN x: dy * 0 backward.
-        Case("ReLU_specials", 'type: "ReLU"', several(with_specials(x))),
+        Case("ReLU_specials", 'type: "ReLU"', several(with_specials(x)), nan_outputs=True),
         Case("ReLU_leaky_specials_in_place", 'type: "ReLU" relu_param { negative_slope: '
-             '0.1 }', several(with_specials(x)), in_place=True),
+             '0.1 }', several(with_specials(x)), in_place=True, nan_outputs=True),
         # The slope diff: the host adds term by term as the fork's CPU loop, the device
         # sums (the fork's GPU code a dot product).
         Case("PReLU", 'type: "PReLU"', several(x), bwd=Bound(128, "scale"),
@@ -518,7 +547,8 @@ def neuron_cases():
         Case("TanH_in_place", 'type: "TanH"', several(x), in_place=True,
              fwd=ulp, bwd=ulp_scale, cuda_fwd=ulp, cuda_bwd=ulp_scale),
         Case("AbsVal", 'type: "AbsVal"', several(x)),
-        Case("AbsVal_specials", 'type: "AbsVal"', several(with_specials(x))),
+        Case("AbsVal_specials", 'type: "AbsVal"', several(with_specials(x)),
+             nan_outputs=True),
         Case("BNLL", 'type: "BNLL"', several(x), fwd=ulp, bwd=ulp,
              cuda_fwd=ulp, cuda_bwd=ulp),
         Case("Exp", 'type: "Exp" exp_param { base: 2 scale: 0.5 shift: 0.3 }', several(x),
@@ -1229,6 +1259,11 @@ def test_seg_accuracy_runs_on_the_device():
 
 
 # ------------------------------------------------------------------- Dropout
+# A finite poison: the expected value at dropped units is 0 (which a zero start would
+# hide) or, at ratio 1, NaN (which a NaN poison would hide).
+POISON = 1234.5
+
+
 def _dropout(mode, x, ratio, phase=TRAIN, in_place=False, seed=5):
     if mode != "cpu":
         _start(mode)
@@ -1242,9 +1277,13 @@ def _dropout(mode, x, ratio, phase=TRAIN, in_place=False, seed=5):
         dy = np.random.default_rng(1).standard_normal(x.shape)
         with backend.device_access(mode != "cpu"):
             layer.reshape(bottom, top)
+            if not in_place:
+                top[0].data[...] = POISON
             layer.forward(bottom, top)
         y = top[0].host_data.copy()
         top[0].host_diff[...] = dy
+        if not in_place:
+            bottom[0].host_diff[...] = POISON
         with backend.device_access(mode != "cpu"):
             layer.backward(top, [True], bottom)
         return y, bottom[0].host_diff.copy(), layer

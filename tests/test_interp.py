@@ -422,14 +422,16 @@ def test_padding_backward_adds_into_zeros_as_the_fork(pads):
     g = np.random.default_rng(13).standard_normal(top[0].shape).astype(np.float32)
     g[0, 0] = -0.0
     top[0].diff[...] = g
+    bottom[0].diff[...] = np.nan
     layer.backward(top, [True], bottom)
-    assert not np.signbit(bottom[0].diff[0, 0]).any()
     beg, end = pads
     if beg >= 0:
-        shared = g[:, :, beg:g.shape[2] - end, beg:g.shape[3] - end]
-        np.testing.assert_array_equal(bottom[0].diff, shared)
-    else:
-        np.testing.assert_array_equal(bottom[0].diff[:, :, -beg:5 + end, -beg:5 + end], g)
+        want = g[:, :, beg:g.shape[2] - end, beg:g.shape[3] - end]
+    else:                               # the cropped-away border gets +0
+        want = np.zeros((1, 2, 5, 5), np.float32)
+        want[:, :, -beg:5 + end, -beg:5 + end] = g
+    np.testing.assert_array_equal(bottom[0].diff, want)
+    assert not np.signbit(bottom[0].diff[want == 0]).any()   # channel 0 and the border
 
 
 def test_padding_mixed_signs_rejected():

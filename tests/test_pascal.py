@@ -3,7 +3,6 @@ end, the kit's file layout and model choice, step skipping, and clear errors."""
 import argparse
 import contextlib
 import glob
-import hashlib
 import io
 import json
 import logging
@@ -157,6 +156,24 @@ def test_end_to_end_layout(finished):
         assert (exp / "features" / NET / "val" / sub).is_dir()
 
 
+def _confusion_from_features(mat_dir, ids, gt_paths, classes=21):
+    """The kit's EvalSegResults without caffelite: each <id>_blob_0.mat holds the scores
+    as MatWrite's [W, H, C(, N)] array; permuted to H x W, cut to the image, argmax over
+    the classes, counted against the GT's labelled pixels (confusion[gt, predicted])."""
+    from PIL import Image
+    from scipy.io import loadmat
+    confusion = np.zeros((classes, classes), np.int64)
+    for i, gt_path in zip(ids, gt_paths):
+        gt = np.asarray(Image.open(gt_path)).astype(np.int64)
+        scores = loadmat(os.path.join(mat_dir, f"{i}_blob_0.mat"))["data"]
+        scores = scores.reshape(scores.shape[:3]).transpose(1, 0, 2)
+        predicted = scores[:gt.shape[0], :gt.shape[1]].argmax(axis=2)
+        keep = gt != 255
+        confusion += np.bincount(gt[keep] * classes + predicted[keep],
+                                 minlength=classes * classes).reshape(classes, classes)
+    return confusion
+
+
 def test_end_to_end_scores_match_an_independent_evaluation(finished):
     exp, data = finished["exp"], finished["data"]
     ids = _ids(exp)
@@ -167,6 +184,8 @@ def test_end_to_end_scores_match_an_independent_evaluation(finished):
         # every labelled GT pixel of the val images is counted exactly once
         labelled = sum(int((read_label(p) != 255).sum()) for p in gt_paths)
         assert np.sum(stored["confusion"]) == labelled
+        mats = exp / kind / NET / "val" / "fc8"
+        assert stored["confusion"] == _confusion_from_features(mats, ids, gt_paths).tolist()
         # the palette PNGs written next to it give the same numbers as the features
         items = [EvalItem(i, p) for i, p in zip(ids, gt_paths)]
         again = evaluate(items, 21, pred_dir=str(res))
@@ -211,6 +230,27 @@ def test_rerun_skips_finished_steps(copied, records, capsys):
         assert any(m.startswith(f"Step {step}:") for m in skipped), (step, skipped)
     assert not any("init.caffemodel not found" in m for m in records)   # not training
     assert "Average accuracy:" in capsys.readouterr().out      # table printed again
+
+
+def test_eval_of_varied_scores_matches_an_independent_count(copied):
+    """Three training iterations predict the background everywhere, so the end-to-end
+    confusion above hardly tests the reading of the features: here every score map is
+    replaced by random scores (MatWrite's layout kept) and the eval step is run again."""
+    from scipy.io import loadmat, savemat
+    exp, data = copied
+    ids = _ids(exp)
+    mats = exp / "features" / NET / "val" / "fc8"
+    rng = np.random.default_rng(11)
+    for i in ids:
+        path = mats / f"{i}_blob_0.mat"
+        shape = loadmat(path)["data"].shape
+        savemat(path, {"data": rng.standard_normal(shape).astype(np.float32)})
+    assert pascal.run(_parse(_argv(exp, data) + ["--steps", "eval", "--force"])) == 0
+    res = exp / "res" / "features" / NET / "val" / "fc8" / "post_none" / "results.json"
+    stored = np.array(json.loads(res.read_text())["confusion"])
+    gt_paths = [str(data / "SegmentationClassAug" / f"{i}.png") for i in ids]
+    assert (stored.sum(axis=0) > 0).sum() == 21             # every class predicted
+    np.testing.assert_array_equal(stored, _confusion_from_features(mats, ids, gt_paths))
 
 
 def test_missing_feature_reruns_test_and_eval_only(copied, records, capsys):

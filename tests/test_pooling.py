@@ -212,6 +212,7 @@ def test_all_minus_inf_window_gives_minus_flt_max_and_mask_minus_one():
     bottom, t = setup_layer(layer, [x], dtype=np.float32)
     run_forward(layer, bottom, t)
     t[0].diff[...] = 1
+    bottom[0].diff[...] = np.nan
     layer.backward(t, [True], bottom)
     assert np.all(bottom[0].diff == 0)
 
@@ -356,6 +357,7 @@ def test_stochastic_at_train_samples_in_proportion_to_the_values():
     assert set(np.unique(y[1:])) <= {1.0, 3.0}
     assert abs(np.mean(y[1:] == 3.0) - 0.75) < 0.03       # 3 / (1 + 3), ~4.6 sigma
     top[0].diff[...] = np.arange(pairs, dtype=np.float32).reshape(top[0].shape) + 1
+    bottom[0].diff[...] = np.nan
     layer.backward(top, [True], bottom)
     diff = bottom[0].diff.reshape(pairs, 2)
     chosen = np.where(y == x.reshape(pairs, 2)[:, 1], 1, 0)
@@ -371,6 +373,7 @@ def test_stochastic_overlapping_windows_add_their_gradients():
     bottom, top = setup_layer(layer, [x], dtype=np.float32)
     np.testing.assert_array_equal(run_forward(layer, bottom, top)[0], [[[[5.0, 5.0]]]])
     top[0].diff[...] = [[[[1.0, 2.0]]]]
+    bottom[0].diff[...] = np.nan
     layer.backward(top, [True], bottom)
     np.testing.assert_array_equal(bottom[0].diff, [[[[0.0, 3.0, 0.0]]]])
 
@@ -390,6 +393,7 @@ def test_max_backward_routes_by_the_latest_forward(phase):
     np.testing.assert_array_equal(got, want_top.astype(np.float32))
     g = np.arange(1, want_top.size + 1, dtype=np.float32).reshape(want_top.shape)
     top[0].diff[...] = g
+    bottom[0].diff[...] = np.nan
     layer.backward(top, [True], bottom)
     np.testing.assert_array_equal(bottom[0].diff, scattered_reference(want_mask, g,
                                                                       second.shape))

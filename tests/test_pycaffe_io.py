@@ -156,6 +156,7 @@ def test_oversample_corners_centre_and_mirrors():
 # caffe.io.resize_image (io.py) on 1 or 3 channels: scale to [0, 1] by min/max, then
 # skimage.transform.resize with the defaults of the fork's time (mode 'constant', cval 0,
 # no anti-aliasing): output pixel i samples (i + 0.5) * in / out - 0.5, outside reads 0.
+# Orders 2 and 3 are scipy's splines, as in skimage >= 0.19 (the oracle below).
 ROW = np.array([[0.2, 1.0, 0.6]], np.float32)[:, :, None]     # 1 x 3 x 1, std [0, 1, .5]
 
 
@@ -187,7 +188,7 @@ def test_resize_image_constant_and_other_channel_counts():
     np.testing.assert_allclose(out[..., 1], np.ones((3, 3)), atol=1e-6)
 
 
-@pytest.mark.parametrize("order", [0, 1])
+@pytest.mark.parametrize("order", [0, 1, 2, 3])
 @pytest.mark.parametrize("shape,dims", [((5, 7, 3), (11, 4)), ((6, 6, 1), (3, 3)),
                                         ((13, 5, 1), (2, 17)), ((1, 1, 3), (3, 2))])
 def test_resize_image_matches_skimage_constant_mode(order, shape, dims):

@@ -118,7 +118,8 @@ def test_integer_data_gives_the_im2col_values_exactly(case, monkeypatch):
 @pytest.mark.parametrize("case", ["aspp-24", "rect"])
 def test_float_data_within_the_summation_order_bound(case, dtype, monkeypatch):
     """On floats the same terms are added in another grouping: each value within
-    (terms + 2) eps of the sum of |terms| (the im2col layer run on |x|, |w|, |dy|)."""
+    (terms + 2) eps of the sum of |terms| (the im2col layer run on |x|, |w|, |dy|), with
+    each output's own count of terms."""
     param, shape = CASES[case]
     text = conv_text(param)
     x = np.random.default_rng(2).standard_normal(shape).astype(dtype)
@@ -126,12 +127,15 @@ def test_float_data_within_the_summation_order_bound(case, dtype, monkeypatch):
     got, calls = run_layer(text, x, dtype, True, monkeypatch)
     assert "forward" in calls
     magnitude, _ = run_layer(text, np.abs(x), dtype, False, monkeypatch, absolute=True)
-    layer = make_layer(text, caffelite.TRAIN, dtype)
-    layer.setup(blobs_from([x], dtype), [Blob((), dtype)])
-    terms = x.shape[0] * x.shape[2] * x.shape[3] + layer.blobs[0].count + 2
+    outputs, channels, *kernel = np.shape(want[2])             # the weight's shape
+    taps = np.prod(kernel)
+    pixels = x.shape[0] * np.prod(np.shape(want[0])[2:])       # images x top positions
+    # top: channels x taps products and the bias; bottom diff: outputs x taps products;
+    # weight and bias diffs: one product per pixel after the starting 1, twice at the end
+    terms = [channels * taps + 1, outputs * taps, pixels + 1, pixels + 1, 2 * pixels + 1]
     eps = np.finfo(dtype).eps
-    for g, w, scale in zip(got, want, magnitude):
-        assert np.all(np.abs(g - w) <= terms * eps * scale)
+    for g, w, scale, n in zip(got, want, magnitude, terms, strict=True):
+        assert np.all(np.abs(g - w) <= (n + 2) * eps * scale)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -160,7 +164,7 @@ def test_gradient(case):
     check_gradient(layer, bottom, top, step=1e-3)
 
 
-def test_float32_forward_matches_opencv():
+def test_float32_forward_matches_opencv(monkeypatch):
     """DeepLab's classifier shape, scaled down: 3x3 at dilation 6, outputs a quarter of
     the channels, against OpenCV's Caffe importer."""
     rng = np.random.default_rng(8)
@@ -173,9 +177,10 @@ def test_float32_forward_matches_opencv():
     bottom, top = setup_layer(layer, [x], dtype=np.float32)
     layer.blobs[0].data[...] = w
     layer.blobs[1].data[...] = b
-    assert tap_planes.windows_for(np, layer.geom, x.shape, top[0].shape[2:], w.shape, 1,
-                                  np.float32) is not None
+    monkeypatch.setattr(tap_planes, "ENABLED", True)     # whatever the environment says
+    calls = spy_calls(monkeypatch, tap_planes, ENTRY_POINTS)
     ours = run_forward(layer, bottom, top)[0]
+    assert calls == ["forward"]
     want = opencv_layer(text, {"x": x}, weights=[w, b])[0]
     np.testing.assert_allclose(ours, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
@@ -208,10 +213,14 @@ def test_resnet_classifier_branch_at_full_size(monkeypatch):
     w = (rng.standard_normal((21, 2048, 3, 3)) * 0.01).astype(np.float32)
     geom = geometry(pad=(24, 24), dilation=(24, 24))
     out = np.full((1, 21, 65, 65), np.nan, np.float32)
+    monkeypatch.setattr(tap_planes, "ENABLED", True)
+    calls = spy_calls(monkeypatch, tap_planes, ENTRY_POINTS)
     im2col.forward_gemm(x, w, out, geom, 1)
+    assert calls == ["forward"]
     monkeypatch.setattr(tap_planes, "ENABLED", False)
     want = np.full_like(out, np.nan)
     im2col.forward_gemm(x, w, want, geom, 1)
+    assert calls == ["forward"]
     exact = np.empty(out.shape)
     im2col.forward_gemm(x.astype(np.float64), w.astype(np.float64), exact, geom, 1)
     bound = 1e-5 * np.abs(exact).max()
