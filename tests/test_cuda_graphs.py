@@ -1085,6 +1085,11 @@ def test_every_corpus_net_gives_the_eager_bits_with_graphs(tmp_path, gpu_mode, c
             gpu_mode.off()
     for step, (a, b) in enumerate(zip(runs[False], runs[True])):
         assert_same(a, b, f"pass {step}")
+    blobs, params = runs[False][-1]     # equal NaNs would compare equal: stay finite
+    for name, (data, diff) in blobs.items():
+        assert np.isfinite(data).all() and np.isfinite(diff).all(), name
+    for name, ps in params.items():
+        assert all(np.isfinite(diff).all() for _, diff in ps), name
     graphed = nets[True]._graphs
     assert graphed is not None and graphed.segments, "no run of graph-safe layers"
     recordings = graphed.recordings()

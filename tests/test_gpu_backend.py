@@ -452,13 +452,16 @@ def test_a_snapshot_in_gpu_mode_does_not_send_the_weights_back_to_the_device(gpu
     solver.net.blobs["x"].data[...] = np.arange(6).reshape(2, 3)
     solver.step(1)
     model, _ = solver.snapshot()
+    # step 1's weights, read as Caffe's const cpu_data (no upload follows); read after
+    # the snapshot so that a snapshot of a stale host copy cannot look right
+    after_step_1 = [p.read_host_data().copy() for p in solver.net.params["ip"]]
     blob_module.reset_transfer_counts()
     solver.step(1)
     assert blob_module.transfers["to_device"] == 0      # weights, history stay put
     saved = caffe.Net(param=solver_param.net_param, phase=caffe.TEST, weights=model)
-    trained = solver.net.params["ip"][0].data          # (after the second step)
-    assert saved.params["ip"][0].data.shape == trained.shape
-    assert not np.array_equal(saved.params["ip"][0].data, trained)   # step 1's weights
+    for got, want in zip(saved.params["ip"], after_step_1, strict=True):
+        np.testing.assert_array_equal(got.data, want)
+    assert not np.array_equal(after_step_1[0], solver.net.params["ip"][0].data)
 
 
 def test_use_gpu_sets_device_tf32_cuda_graphs_and_autotuning(monkeypatch):

@@ -4,8 +4,7 @@ Oracles: PyTorch's LSTMCell/RNNCell (BVLC's gate order i, f, o, g mapped to torc
 i, f, g, o; cont applied by scaling the states entering a step) for forward values and
 autograd gradients; BVLC's unrolled net itself, built here from caffelite's primitive
 layers (InnerProduct, Scale, Eltwise, LSTMUnit, TanH, Slice, Concat), which the layers
-must match bit for bit in float; Caffe's finite-difference gradient checker; OpenCV's
-Caffe importer where it accepts the layer.
+must match bit for bit in float; Caffe's finite-difference gradient checker.
 """
 import re
 
@@ -22,7 +21,7 @@ from caffelite.io.caffemodel import read_caffemodel
 from caffelite.layer import LayerError, create_layer
 from caffelite.proto import caffe_pb2
 from layer_testing import (TRAIN, blobs_from, check_gradient, make_layer, net_build_error,
-                           opencv_forward, run_forward, setup_layer)
+                           run_forward, setup_layer)
 
 F32, F64 = np.float32, np.float64
 STATES = {"LSTM": ("h", "c"), "RNN": ("h",)}
@@ -465,28 +464,6 @@ def test_caffemodel_round_trip(tmp_path):
     np.testing.assert_array_equal(again.forward(**inputs)["y"], out)
 
 
-def test_opencv_caffe_importer_when_it_accepts_the_layer():
-    cv2 = pytest.importorskip("cv2")
-    rng = np.random.default_rng(10)
-    T, N, I, H = 4, 2, 3, 3
-    x, cont = sequences(rng, T, N, I)
-    x, cont = x.astype(F32), cont.astype(F32)
-    layer, bottom, top = build("LSTM", H, [x, cont], F32)
-    want = run_forward(layer, bottom, top)[0]
-    net = (f'input: "x" input_shape {{ dim: {T} dim: {N} dim: {I} }}\n'
-           f'input: "cont" input_shape {{ dim: {T} dim: {N} }}\n'
-           f'layer {{ name: "lstm" type: "LSTM" bottom: "x" bottom: "cont" top: "h" '
-           f'recurrent_param {{ num_output: {H} }} }}\n'
-           f'layer {{ name: "out" type: "Dropout" bottom: "h" top: "out" }}\n')
-    try:
-        got = opencv_forward(net, [("lstm", "LSTM", [b.data for b in layer.blobs])],
-                             {"x": x, "cont": cont}, ["out"])[0]
-    except cv2.error as e:
-        # OpenCV's LSTM is its own (ONNX-style: weights Wh, Wx, b, h_0, c_0; no cont).
-        pytest.skip(f"OpenCV refuses BVLC's LSTM: {' '.join(str(e).split())[:300]}")
-    np.testing.assert_allclose(got.reshape(want.shape), want, rtol=1e-5, atol=1e-5)
-
-
 # ------------------------------------------------------------------ errors
 def _net_with(layer_text, shapes):
     inputs = "".join(f'input: "{n}" input_shape {{ {" ".join(f"dim: {d}" for d in s)} }}\n'
@@ -611,7 +588,15 @@ def test_lstm_unit_writes_both_diffs_when_either_is_asked():
     layer.forward(bottom, top)
     for t in top:
         t.diff[...] = rng.standard_normal(t.shape)
-    bottom[0].diff[...] = np.nan
-    bottom[1].diff[...] = np.nan
-    layer.backward(top, [False, True, False], bottom)
-    assert np.all(np.isfinite(bottom[0].diff)) and np.all(np.isfinite(bottom[1].diff))
+
+    def diffs(propagate_down):
+        bottom[0].diff[...] = np.nan
+        bottom[1].diff[...] = np.nan
+        layer.backward(top, propagate_down, bottom)
+        return bottom[0].diff.copy(), bottom[1].diff.copy()
+
+    both = diffs([True, True, False])
+    assert all(np.all(np.isfinite(d)) for d in both)
+    for asked in ([False, True, False], [True, False, False]):
+        for got, want in zip(diffs(asked), both):
+            np.testing.assert_array_equal(got, want)

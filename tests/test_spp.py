@@ -2,6 +2,8 @@
 (where torch accepts the padding) and against the literal transcription of Caffe's
 pooling loops in test_pooling, top shapes for pyramid_height 1 and more, gradient checks
 and errors for pyramids a bottom cannot hold."""
+import math
+
 import numpy as np
 import pytest
 
@@ -38,12 +40,20 @@ def test_top_shapes():
     assert forward(3, x).shape == (2, 3 * (1 + 4 + 16))
 
 
+def caffe_geometry(level, height, width):
+    """(kernel_h, kernel_w, pad_h, pad_w) as spp_layer.cpp's GetPoolingParam sets them."""
+    num_bins = 2 ** level
+    kernel_h, kernel_w = math.ceil(height / num_bins), math.ceil(width / num_bins)
+    remainder_h, remainder_w = kernel_h * num_bins - height, kernel_w * num_bins - width
+    return kernel_h, kernel_w, (remainder_h + 1) // 2, (remainder_w + 1) // 2
+
+
 def torch_levels(x, height, pool):
     torch = pytest.importorskip("torch")
     t = torch.from_numpy(x)
     out = []
     for level in range(height):
-        kh, kw, ph, pw = level_geometry(level, *x.shape[2:])
+        kh, kw, ph, pw = caffe_geometry(level, *x.shape[2:])
         args = dict(kernel_size=(kh, kw), stride=(kh, kw), padding=(ph, pw), ceil_mode=True)
         if pool == "MAX":
             y = torch.nn.functional.max_pool2d(t, **args)
@@ -68,7 +78,7 @@ def test_forward_matches_caffe_loops(pool, hw):
     height = 3 if min(hw) >= 6 else 2
     expected = []
     for level in range(height):
-        kh, kw, ph, pw = level_geometry(level, *hw)
+        kh, kw, ph, pw = caffe_geometry(level, *hw)
         top, _ = reference(x, kh, kw, kh, kw, ph, pw, pool)
         expected.append(top.reshape(2, -1))
     np.testing.assert_allclose(forward(height, x, pool), np.concatenate(expected, axis=1),

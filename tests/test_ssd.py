@@ -297,8 +297,10 @@ def test_detection_output_keep_top_k_and_empty():
     layer = detection_layer("keep_top_k: 2")
     bottom, top = setup_layer(layer, [np.zeros((1, 8)), conf, prior_blob])
     out = run_forward(layer, bottom, top)[0].reshape(-1, 7)
-    # the two best (0.9 class 1 prior 0, 0.8 class 2 prior 1), grouped by class
-    np.testing.assert_allclose(out[:, :3], [[0, 1, 0.9], [0, 2, 0.8]])
+    # the two best (0.9 class 1 prior 0, 0.8 class 2 prior 1), grouped by class; zero
+    # offsets decode to the priors
+    np.testing.assert_allclose(out, [[0, 1, 0.9, *priors[0]], [0, 2, 0.8, *priors[1]]],
+                               rtol=1e-12)
     layer = detection_layer("confidence_threshold: 0.95")
     bottom, top = setup_layer(layer, [np.zeros((2, 8)), np.tile(conf, (2, 1)), prior_blob])
     out = run_forward(layer, bottom, top)[0]
