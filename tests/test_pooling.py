@@ -105,6 +105,12 @@ def test_output_sizes_from_spec():
     layer = make_layer(pool_text("kernel_size: 2 stride: 2 pad: 1"))
     _, top = setup_layer(layer, [np.zeros((1, 1, 5, 5))])
     assert top[0].shape == (1, 1, 3, 3)
+    # the clip applies to both axes when either pad is set (Caffe: if (pad_h_ || pad_w_)):
+    # h: ceil((7-2)/4)+1 = 3, (3-1)*4 = 8 >= 7+0 -> 2; w: ceil((7+2-3)/2)+1 = 4, 6 < 8
+    layer = make_layer(pool_text("kernel_h: 2 kernel_w: 3 stride_h: 4 stride_w: 2 "
+                                 "pad_h: 0 pad_w: 1"))
+    _, top = setup_layer(layer, [np.zeros((1, 1, 7, 7))])
+    assert top[0].shape == (1, 1, 2, 4)
     # round_mode FLOOR (BVLC master): floor((32-3)/2)+1 = 15
     layer = make_layer(pool_text("kernel_size: 3 stride: 2 round_mode: FLOOR"))
     _, top = setup_layer(layer, [np.zeros((1, 1, 32, 32))])
@@ -287,6 +293,7 @@ def test_reshape_follows_new_bottom_size():
     ("kernel_h: 2", "kernel_h and kernel_w"),
     ("stride: 2", "kernel size missing"),
     ("kernel_size: 3 pad: 3", "smaller than the kernel"),
+    ("kernel_h: 3 kernel_w: 2 pad_h: 0 pad_w: 2", "smaller than the kernel"),
     ("kernel_size: 3 pad: 1 pad_h: 1 pad_w: 1", "pad OR"),
     ("kernel_size: 3 pad_h: 1", "pad OR"),
     ("kernel_size: 3 stride_w: 2", "stride OR"),

@@ -413,6 +413,13 @@ def test_clip_gradients_acts_on_the_accumulated_sum(tmp_path):
     set_inputs(s)
     s.step(1)
     np.testing.assert_allclose(s.net.params["ip"][0].data, w0 - gw, rtol=1e-5, atol=1e-7)
+    # Only a negative clip_gradients is off (Caffe: if (clip_gradients < 0) return);
+    # 0 scales every gradient to 0, and the weights do not move (no weight decay here).
+    s = make_solver(tmp_path, hp + "clip_gradients: 0", ip_net(b_lr=1))
+    set_inputs(s)
+    s.step(1)
+    np.testing.assert_array_equal(s.net.params["ip"][0].data, w0.astype(np.float32))
+    np.testing.assert_array_equal(s.net.params["ip"][1].data, b0.astype(np.float32))
 
 
 SHARED_NET = '''
