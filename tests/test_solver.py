@@ -527,6 +527,20 @@ def test_average_loss_smooths_the_displayed_loss(tmp_path, log_lines):
     assert losses[0] != pytest.approx(losses[-1])
 
 
+def test_displayed_loss_is_the_mean_over_iter_size(tmp_path, log_lines):
+    """Step's loss is the sum of the iter_size forwards divided by iter_size (DeepLab's
+    ResNet trains with iter_size 10): with base_lr 0 and fixed inputs every forward
+    gives one loss, and each line shows it, not iter_size times it."""
+    s = make_solver(tmp_path, 'lr_policy: "fixed" base_lr: 0 display: 1 iter_size: 3 '
+                    'random_seed: 1', ip_net())
+    set_inputs(s)
+    one = float(s.net.forward()["loss"])
+    s.step(2)
+    shown = [float(v) for (v,) in logged(log_lines, r"Iteration \d+, loss = (\S+)")]
+    assert len(shown) == 2 and one > 0
+    assert shown == [pytest.approx(one, rel=1e-5)] * 2
+
+
 def test_the_final_loss_line_of_solve_is_smoothed_too(tmp_path, log_lines):
     """Solve's extra forward after the last update goes through UpdateSmoothedLoss: its
     line averages that forward's loss with the last two of training (window 3)."""
