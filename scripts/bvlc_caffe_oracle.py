@@ -164,7 +164,9 @@ def missing_libraries(root):
 def write_launchers(folder, root):
     with open(os.path.join(folder, "env.sh"), "w") as f:
         f.write(f"export LD_LIBRARY_PATH={library_path(root)}\n"
-                f"export PATH={root}/usr/bin:$PATH\n")
+                f"export PATH={root}/usr/bin:$PATH\n"
+                # glog would otherwise leave log files in /tmp at every run
+                "export GLOG_logtostderr=${GLOG_logtostderr:-1}\n")
     for rel, text in STUBS.items():
         path = os.path.join(folder, "stubs", rel)
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -175,7 +177,6 @@ def write_launchers(folder, root):
         f.write("#!/bin/bash\n# The real BVLC pycaffe (Debian bullseye), Python 3.9, CPU only.\n"
                 f". {folder}/env.sh\n"
                 "export GLOG_minloglevel=${GLOG_minloglevel:-2}\n"
-                "export GLOG_logtostderr=${GLOG_logtostderr:-1}\n"
                 f"export PYTHONPATH={folder}/stubs${{PYTHONPATH:+:$PYTHONPATH}}\n"
                 f'exec {root}/usr/bin/python3.9 "$@"\n')
     os.chmod(launcher, 0o755)

@@ -59,8 +59,7 @@ def _caffe_reads(text, folder):
     root = os.path.dirname(PYCAFFE)
     tool = subprocess.run(
         ["bash", "-c", f'. "{root}/env.sh" && exec upgrade_net_proto_text "$0" "$1"',
-         str(source), str(written)], capture_output=True, text=True, timeout=60,
-        env={**os.environ, "GLOG_logtostderr": "1"})  # no glog files left in /tmp
+         str(source), str(written)], capture_output=True, text=True, timeout=60)
     error = re.search(r"Error parsing text-format caffe\.NetParameter: (\d+:\d+): (.*)",
                       tool.stderr)
     if error:

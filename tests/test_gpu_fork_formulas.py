@@ -10,14 +10,13 @@ from caffelite import backend
 from caffelite.blob import Blob
 from caffelite.backend import TRAIN
 from layer_testing import blobs_from, make_layer
-from test_gpu_layers import _start
+from test_gpu_layers import POISON, _start
 
 F32 = np.float32
 FLT_MIN = np.finfo(F32).tiny
 MODES = ["cpu", "emulated", pytest.param("cuda", marks=pytest.mark.gpu)]
-# Outputs start at a poison so that unwritten elements are caught: NaN, or this finite
-# value in the tests that expect NaN somewhere (a NaN poison would pass there unwritten).
-SENTINEL = 1234.5
+# Outputs start at a poison so that unwritten elements are caught: NaN, or the finite
+# POISON in the tests that expect NaN somewhere (a NaN poison would pass there unwritten).
 
 
 def run(text, bottoms, top_diffs, mode, dtype=F32, num_top=1, poison=np.nan):
@@ -56,7 +55,7 @@ def test_softmax_loss_of_a_nan_probability(mode):
     scores = np.array([[np.nan, 1, 2], [0.5, 1, 2]], F32)
     labels = np.array([1, 2], F32)
     text = 'type: "SoftmaxWithLoss" loss_param { normalization: FULL }'
-    (loss,), _, _ = run(text, [scores, labels], [np.ones(1, F32)], mode, poison=SENTINEL)
+    (loss,), _, _ = run(text, [scores, labels], [np.ones(1, F32)], mode, poison=POISON)
     if mode == "cpu":
         assert np.isnan(loss).all()
         return
@@ -76,7 +75,7 @@ def test_softmax_loss_ignored_positions_are_scaled_zeros(mode, weight):
     labels = np.array([1, 255], F32).reshape(2, 1, 1, 1)
     text = 'type: "SoftmaxWithLoss" loss_param { ignore_label: 255 }'
     _, (diff, _), _ = run(text, [scores, labels], [np.full(1, weight, F32)], mode,
-                          poison=SENTINEL)
+                          poison=POISON)
     ignored = diff[1].ravel()
     if weight < 0:
         assert (ignored == 0).all() and np.signbit(ignored).all()
@@ -89,7 +88,7 @@ def test_softmax_loss_ignored_positions_are_scaled_zeros(mode, weight):
 def test_bnll_gradient_at_nan(mode):
     # GPU: exp(fmin(NaN, 50)) = e^50, so dx = dy * e^50 / (e^50 + 1) = dy in float
     x = np.array([np.nan, 1, -1], F32)
-    _, (dx,), _ = run('type: "BNLL"', [x], [np.full(3, 2, F32)], mode, poison=SENTINEL)
+    _, (dx,), _ = run('type: "BNLL"', [x], [np.full(3, 2, F32)], mode, poison=POISON)
     s = 1 / (1 + np.exp(-np.array([1.0, -1.0])))
     np.testing.assert_allclose(dx[1:], 2 * s, rtol=1e-6)
     if mode == "cpu":
@@ -105,7 +104,7 @@ def test_elu_forward_and_backward_formulas(mode):
     # = NaN; GPU x > 0 ? dy : ... = dy
     x = np.array([-1, 2, np.inf], F32)
     (y,), (dx,), _ = run('type: "ELU" elu_param { alpha: 0 }', [x], [np.ones(3, F32)],
-                         mode, poison=SENTINEL)
+                         mode, poison=POISON)
     assert y[0] == 0 and np.signbit(y[0]) == (mode != "cpu")
     assert y[1] == 2 and y[2] == np.inf
     assert dx[0] == 0 and dx[1] == 1
@@ -121,7 +120,7 @@ def test_dropout_backward_order_and_float_scale(mode):
     x = np.ones(64, F32)
     dy = np.full(64, 3e38, F32)
     text = 'type: "Dropout" dropout_param { dropout_ratio: 0.5 }'
-    (y,), (dx,), layer = run(text, [x], [dy], mode, poison=SENTINEL)
+    (y,), (dx,), layer = run(text, [x], [dy], mode, poison=POISON)
     kept = y != 0
     assert kept.any() and not kept.all()
     assert (y[kept] == 2).all()                     # scale 1 / (1 - 0.5)
@@ -155,6 +154,6 @@ def test_lrn_running_sums_turn_nan_after_an_overflow(mode):
     x = np.ones((1, 8, 2, 1), F32)
     x[0, 1] = 2e19
     text = 'type: "LRN" lrn_param { local_size: 3 alpha: 1 beta: 0.75 }'
-    (y,), (dx,), _ = run(text, [x], [np.ones(x.shape, F32)], mode, poison=SENTINEL)
+    (y,), (dx,), _ = run(text, [x], [np.ones(x.shape, F32)], mode, poison=POISON)
     assert (y[0, :3] == 0).all() and np.isnan(y[0, 3:]).all()
     assert np.isnan(dx[0, 3:]).all()
