@@ -203,8 +203,9 @@ class ELULayer(NeuronLayer):
             with np.errstate(over="ignore", invalid="ignore"):
                 top[0].data[...] = xp.where(x > 0, x, self.alpha * (xp.exp(x) - 1))
             return
-        # the fork's CPU: max(x, 0) + alpha * (exp(min(x, 0)) - 1)
-        top[0].data[...] = xp.maximum(x, 0) + self.alpha * (xp.exp(xp.minimum(x, 0)) - 1)
+        # the fork's CPU: std::max(x, 0) + alpha * (exp(std::min(x, 0)) - 1); numpy's
+        # maximum(0, x) and minimum(0, x) return x on ties, as std::max/min do (-0 stays -0)
+        top[0].data[...] = xp.maximum(0, x) + self.alpha * (xp.exp(xp.minimum(0, x)) - 1)
 
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:
