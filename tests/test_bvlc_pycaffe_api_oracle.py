@@ -895,6 +895,180 @@ def net_forward_all_edges(caffe, ctx):
     return out
 
 
+# Net::FilterNet / StateMeetsRule: a level equal to max_level (or min_level) meets the
+# rule; every stage of a rule must be in the state (include and exclude alike).
+STATE_RULES_NET = """name: "rules"
+input: "x"
+input_shape { dim: 1 dim: 2 }
+layer { name: "max2" type: "ReLU" bottom: "x" top: "max2" include { max_level: 2 } }
+layer { name: "max1" type: "ReLU" bottom: "x" top: "max1" include { max_level: 1 } }
+layer { name: "min2" type: "ReLU" bottom: "x" top: "min2" include { min_level: 2 } }
+layer { name: "min3" type: "ReLU" bottom: "x" top: "min3" include { min_level: 3 } }
+layer { name: "in_ab" type: "ReLU" bottom: "x" top: "in_ab" include { stage: "a" stage: "b" } }
+layer { name: "ex_ab" type: "ReLU" bottom: "x" top: "ex_ab" exclude { stage: "a" stage: "b" } }
+"""
+
+# Two net inputs shaped by the deprecated input_dim: four values each, in order.
+INPUT_DIM_NET = """name: "dims"
+input: "x"
+input_dim: 2 input_dim: 3 input_dim: 4 input_dim: 5
+input: "y"
+input_dim: 2 input_dim: 1 input_dim: 1 input_dim: 1
+layer { name: "fx" type: "Flatten" bottom: "x" top: "fx" }
+layer { name: "fy" type: "Flatten" bottom: "y" top: "fy" }
+layer { name: "cat" type: "Concat" bottom: "fx" bottom: "fy" top: "cat" }
+"""
+
+# Loss weights on a one-top layer and on both tops of a Slice (not loss layers).
+LOSS_SUM_NET = """name: "losses"
+input: "x"
+input_shape { dim: 1 }
+input: "y"
+input_shape { dim: 1 dim: 2 }
+layer { name: "relu" type: "ReLU" bottom: "x" top: "r" loss_weight: 1 }
+layer { name: "slice" type: "Slice" bottom: "y" top: "a" top: "b"
+  loss_weight: 1 loss_weight: 1 slice_param { axis: 1 } }
+"""
+
+# A V1 net whose two layers share a weight of the same count but another shape.
+V1_PERMISSIVE_NET = """name: "v1shared"
+input: "x"
+input_dim: 1 input_dim: 6 input_dim: 1 input_dim: 1
+input: "z"
+input_dim: 1 input_dim: 4 input_dim: 1 input_dim: 1
+layers { name: "ip1" type: INNER_PRODUCT bottom: "x" top: "ip1" param: "w"
+  blob_share_mode: PERMISSIVE inner_product_param { num_output: 2 bias_term: false } }
+layers { name: "ip2" type: INNER_PRODUCT bottom: "z" top: "ip2" param: "w"
+  blob_share_mode: PERMISSIVE inner_product_param { num_output: 3 bias_term: false } }
+"""
+
+# A two-top Python layer whose top "a" feeds a loss that does not propagate down and
+# whose top "b" feeds only a Sigmoid that reaches no loss.
+NEED_BACKWARD_NET = """name: "needs"
+input: "data"
+input_shape { dim: 2 dim: 3 }
+input: "t"
+input_shape { dim: 2 dim: 2 }
+layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip"
+  inner_product_param { num_output: 4 } }
+layer { name: "halves" type: "Python" bottom: "ip" top: "a" top: "b"
+  python_param { module: "halves_layer" layer: "Halves" } }
+layer { name: "sig" type: "Sigmoid" bottom: "b" top: "sig" }
+layer { name: "loss" type: "EuclideanLoss" bottom: "a" bottom: "t" top: "loss"
+  propagate_down: false propagate_down: false }
+"""
+
+HALVES_MODULE = """try:
+    import caffe
+except ImportError:
+    import caffelite as caffe
+
+
+class Halves(caffe.Layer):
+    calls = []
+
+    def setup(self, bottom, top):
+        pass
+
+    def reshape(self, bottom, top):
+        n, c = bottom[0].data.shape
+        top[0].reshape(n, c // 2)
+        top[1].reshape(n, c - c // 2)
+
+    def forward(self, bottom, top):
+        c = bottom[0].data.shape[1] // 2
+        top[0].data[...] = bottom[0].data[:, :c]
+        top[1].data[...] = bottom[0].data[:, c:]
+
+    def backward(self, top, propagate_down, bottom):
+        Halves.calls.append("backward %s" % (list(propagate_down),))
+        bottom[0].diff[...] = 0
+"""
+
+
+def _write_net(ctx, name, text):
+    path = os.path.join(ctx["out"], name)
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
+@case
+def net_state_rules(caffe, ctx):
+    path = _write_net(ctx, "rules.prototxt", ctx["state_rules_net"])
+    out = {}
+    for level in (1, 2, 3):
+        for stages in ([], ["a"], ["b"], ["a", "b"], ["b", "c", "a"]):
+            net = caffe.Net(path, caffe.TEST, level=level, stages=stages)
+            out["%d:%s" % (level, ",".join(stages))] = [
+                name for name, layer in zip(net._layer_names, net.layers)
+                if layer.type != "Split"]
+    return out
+
+
+@case
+def net_input_dim_inputs(caffe, ctx):
+    net = caffe.Net(_write_net(ctx, "dims.prototxt", ctx["input_dim_net"]), caffe.TEST)
+    out = {"shapes": [(k, tuple(v.data.shape)) for k, v in net.blobs.items()],
+           "inputs": list(net.inputs)}
+    rs = np.random.RandomState(43)
+    out["cat"] = net.forward(x=rs.randn(2, 3, 4, 5).astype(np.float32),
+                             y=rs.randn(2, 1, 1, 1).astype(np.float32))["cat"].copy()
+    return out
+
+
+@case
+def net_loss_sum(caffe, ctx):
+    net = caffe.Net(_write_net(ctx, "losses.prototxt", ctx["loss_sum_net"]), caffe.TEST)
+    net.blobs["x"].data[...] = 1
+    net.blobs["y"].data[...] = 2.0 ** -24
+    loss = net._forward(0, len(net.layers) - 1)
+    return {"loss": float(loss),
+            "tops": [float(net.blobs[k].data.ravel()[0]) for k in ("r", "a", "b")],
+            "weights": [(k, float(w)) for k, w in net.blob_loss_weights.items()
+                        if k in ("r", "a", "b")]}
+
+
+@case
+def net_v1_permissive_sharing(caffe, ctx):
+    path = _write_net(ctx, "v1shared.prototxt", ctx["v1_permissive_net"])
+    net = raised(caffe.Net, path, caffe.TEST)
+    if net[0] != "ok":
+        return net[:2]
+    net = net[1]
+    out = {"params": [(k, [tuple(b.data.shape) for b in v]) for k, v in net.params.items()]}
+    net.params["ip1"][0].data[...] = (np.arange(12, dtype=np.float32).reshape(2, 6) - 5) / 8
+    rs = np.random.RandomState(44)
+    r = net.forward(x=rs.randn(1, 6, 1, 1).astype(np.float32),
+                    z=rs.randn(1, 4, 1, 1).astype(np.float32))
+    out["ip2_weights"] = net.params["ip2"][0].data.copy()
+    out["fwd"] = {k: v.copy() for k, v in r.items()}
+    return out
+
+
+@case
+def net_need_backward(caffe, ctx):
+    import sys
+    with open(os.path.join(ctx["out"], "halves_layer.py"), "w") as f:
+        f.write(ctx["halves_module"])
+    path = _write_net(ctx, "needs.prototxt", ctx["need_backward_net"])
+    sys.path.insert(0, ctx["out"])
+    try:
+        net = caffe.Net(path, caffe.TRAIN)
+        set_params(net, 45)
+        rs = np.random.RandomState(46)
+        net.forward(data=rs.randn(2, 3).astype(np.float32),
+                    t=rs.randn(2, 2).astype(np.float32))
+        net.backward()
+        import halves_layer
+        out = {"calls": list(halves_layer.Halves.calls),
+               "ip_diff": net.params["ip"][0].diff.copy()}
+    finally:
+        sys.path.remove(ctx["out"])
+        sys.modules.pop("halves_layer", None)
+    return out
+
+
 @case
 def api_presence(caffe, ctx):
     names = ["Net", "SGDSolver", "NesterovSolver", "AdaGradSolver", "RMSPropSolver",
@@ -1099,7 +1273,10 @@ def draw_graph(caffe, ctx):
 
 
 # texts the cases write themselves
-CTX = {"shared_net": SHARED, "pylayer_net": PYLAYER_NET, "pylayer_module": PYLAYER_MODULE}
+CTX = {"shared_net": SHARED, "pylayer_net": PYLAYER_NET, "pylayer_module": PYLAYER_MODULE,
+       "state_rules_net": STATE_RULES_NET, "input_dim_net": INPUT_DIM_NET,
+       "loss_sum_net": LOSS_SUM_NET, "v1_permissive_net": V1_PERMISSIVE_NET,
+       "need_backward_net": NEED_BACKWARD_NET, "halves_module": HALVES_MODULE}
 
 
 # ----------------------------------------------------------------------------- oracle
@@ -1156,7 +1333,7 @@ def _oracle_source():
         parts.append(inspect.getsource(fn))
     parts.append("CASES = {}")
     helpers = (set_params, stub_missing, _resize_variants, net_summary, net_structure,
-               _detector, graph_summary)
+               _detector, graph_summary, _write_net)
     parts += [inspect.getsource(fn) for fn in helpers]
     parts += [inspect.getsource(fn) for fn in CASES.values()]
     parts.append(ORACLE_MAIN)
@@ -1616,3 +1793,72 @@ def test_draw_graph(sides):
         mine = normal(ours[key])
         if str(mine) != str(summary).replace("(Pooling MAX)", "(MAX Pooling)"):
             assert_same(mine, summary)
+
+
+def _drop_input_layer(names):
+    """BVLC 1.0's "input" layer (the upgraded ``input:`` fields; FORK: none)."""
+    assert names[0] == "input", names
+    return names[1:]
+
+
+def test_state_rules_keep_the_layers_bvlc_keeps(sides):
+    """Net::StateMeetsRule: ``level > max_level`` and ``level < min_level`` fail a rule,
+    so a level equal to either bound meets it; a rule's stages must all be in the
+    state, for include and exclude rules alike."""
+    theirs = {k: _drop_input_layer(v) for k, v in _theirs(sides, "net_state_rules").items()}
+    ours = _mine(sides, "net_state_rules")
+    for key, names in theirs.items():
+        level, stages = int(key.split(":")[0]), set(key.split(":")[1].split(",")) - {""}
+        expected = [name for name, kept in (
+            ("max2", level <= 2), ("max1", level <= 1), ("min2", level >= 2),
+            ("min3", level >= 3), ("in_ab", {"a", "b"} <= stages),
+            ("ex_ab", not {"a", "b"} <= stages)) if kept]
+        assert names == expected, key
+    assert_same(ours, theirs)
+
+
+def test_two_inputs_take_four_input_dims_each(sides):
+    """Net::Init (the fork's AppendTop for layer -1; BVLC 1.0's UpgradeNetInput): input
+    i is shaped by input_dim(4i) .. input_dim(4i + 3)."""
+    theirs = _theirs(sides, "net_input_dim_inputs")
+    ours = _mine(sides, "net_input_dim_inputs")
+    assert theirs["shapes"] == [("x", (2, 3, 4, 5)), ("y", (2, 1, 1, 1)), ("fx", (2, 60)),
+                                ("fy", (2, 1)), ("cat", (2, 61))]
+    assert_same(ours, theirs)
+
+
+def test_net_loss_adds_each_layers_summed_tops(sides):
+    """Layer::Forward sums its own tops' weighted losses (in Dtype), then
+    Net::ForwardFromTo adds that layer loss: 1 + (2^-24 + 2^-24) = 1 + 2^-23 in float32,
+    where adding the tops one at a time to the net's loss would give 1 (ties to even)."""
+    theirs = _theirs(sides, "net_loss_sum")
+    ours = _mine(sides, "net_loss_sum")
+    expected = np.float32(1) + (np.float32(2.0 ** -24) + np.float32(2.0 ** -24))
+    assert expected == np.float32(1 + 2.0 ** -23)
+    assert theirs["loss"] == float(expected)
+    assert_same(ours, theirs)
+
+
+def test_v1_blob_share_mode_permissive_shares_weights_of_another_shape(sides):
+    """UpgradeV1LayerParameter moves blob_share_mode to each ParamSpec's share_mode;
+    Net::AppendParam then checks only the counts (12 = 2x6 = 3x4) of PERMISSIVE
+    sharers, and the sharer reads the owner's values in its own shape."""
+    theirs = _theirs(sides, "net_v1_permissive_sharing")
+    ours = _mine(sides, "net_v1_permissive_sharing")
+    assert isinstance(theirs, dict), theirs
+    assert theirs["params"] == [("ip1", [(2, 6)]), ("ip2", [(3, 4)])]
+    np.testing.assert_array_equal(
+        theirs["ip2_weights"], (np.arange(12, dtype=np.float32).reshape(3, 4) - 5) / 8)
+    assert_same(ours, theirs, rtol=1e-6, atol=1e-6)
+
+
+def test_a_layer_whose_tops_all_skip_backward_is_not_run_backward(sides):
+    """Net::Init's pass from the last layer: the Sigmoid reaches no loss, so its bottom
+    "b" skips backward; the loss does not propagate down to "a"; the two-top Python
+    layer (and the InnerProduct below it) then need no backward: pycaffe never calls
+    the Python layer's backward."""
+    theirs = _theirs(sides, "net_need_backward")
+    ours = _mine(sides, "net_need_backward")
+    assert theirs["calls"] == []
+    assert not np.any(theirs["ip_diff"])
+    assert_same(ours, theirs)

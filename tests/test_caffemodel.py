@@ -177,3 +177,49 @@ def test_a_bad_blob_fails_only_when_its_layer_is_copied(tmp_path):
     with pytest.raises(NetError, match="layer 'other' blob 0: a blob of shape \\(2, 2\\) "
                                        "holds 3 values instead of 4"):
         caffe.Net(str(prototxt), str(weights), caffe.TEST)
+
+
+def test_the_forks_own_layer_parameters_are_never_written(tmp_path):
+    """caffelite's documented rule for weights files (caffemodel._portable): a layer's
+    parameters numbered 143 (interp_param) to 151 (mat_read_param) are the fork's own,
+    which BVLC Caffe and OpenCV read as other messages (143-148) or not at all; they
+    stay in the prototxt and out of the saved LayerParameters. protobuf reads the file."""
+    import caffelite
+    from caffelite.io.prototxt import parse_text
+    ids = tmp_path / "ids.txt"
+    ids.write_text("2007_000032.jpg\n")
+    out = tmp_path / "feat"
+    out.mkdir()
+
+    def make_net(text):
+        return caffelite.Net(param=parse_text(text, caffe_pb2.NetParameter()),
+                             phase=caffelite.TEST)
+
+    make_net(f'''
+        layer {{ name: "d" type: "DummyData" top: "data" top: "two"
+          dummy_data_param {{ shape {{ dim: 1 dim: 3 dim: 4 dim: 5 }} shape {{ dim: 1 dim: 2 }}
+                              data_filler {{ type: "gaussian" std: 1 }} }} }}
+        layer {{ name: "w" type: "MatWrite" bottom: "data" bottom: "two"
+          mat_write_param {{ prefix: "{out}/" source: "{ids}" strip: 4 }} }}''').forward()
+    net = make_net(f'''
+        layer {{ name: "r" type: "MatRead" top: "feat"
+          mat_read_param {{ prefix: "{out}/" source: "{ids}" strip: 4 batch_size: 1 }} }}
+        layer {{ name: "i" type: "Interp" bottom: "feat" top: "z"
+          interp_param {{ zoom_factor: 1 }} }}
+        layer {{ name: "c" type: "Convolution" bottom: "z" top: "c"
+          convolution_param {{ num_output: 2 kernel_size: 1 }} }}
+        layer {{ name: "w" type: "MatWrite" bottom: "c"
+          mat_write_param {{ prefix: "{out}/c_" source: "{ids}" strip: 4 }} }}''')
+    for name in ("r", "i", "w"):      # the prototxt has them
+        assert any(143 <= fd.number <= 151 for fd, _ in
+                   net.layer_dict[name].layer_param.ListFields()), name
+    path = str(tmp_path / "saved.caffemodel")
+    net.save(path)
+    saved = caffe_pb2.NetParameter()
+    saved.ParseFromString(open(path, "rb").read())
+    assert [(layer.name, layer.type) for layer in saved.layer] == [
+        ("r", "MatRead"), ("i", "Interp"), ("c", "Convolution"), ("w", "MatWrite")]
+    for layer in saved.layer:
+        assert [fd.number for fd, _ in layer.ListFields() if 143 <= fd.number <= 151] == [], \
+            layer.name
+    assert [list(b.shape.dim) for b in saved.layer[2].blobs] == [[2, 3, 1, 1], [2]]

@@ -676,3 +676,29 @@ def test_upgrade_exit_status_and_lines_are_the_tools(tmp_path):
                      "NetParameter (see above); continuing anyway.",
                      "Encountered error(s) while upgrading prototxt; see details above."]
     assert 'type: "ReLU"' in (tmp_path / "v0_up.prototxt").read_text()
+
+
+def test_eval_leaves_out_the_label_given_by_ignore(tmp_path):
+    """``caffelite eval --ignore 254``: MyVOCevalseg's ignore label as a flag; the
+    confusion and mean IoU are tests/test_evaluate.py's hand count, where the pixels of
+    ground truth 254 are dropped. Without the flag 254 is an ordinary label, outside
+    [0, 2): a one-line error."""
+    import json
+    from PIL import Image
+    from test_evaluate import IGNORE_254_GT, IGNORE_254_PRED, _ignore_254_expected
+    confusion, iou, miou = _ignore_254_expected()
+    for name, label in (("gt", IGNORE_254_GT), ("pred", IGNORE_254_PRED)):
+        (tmp_path / name).mkdir()
+        Image.fromarray(label).save(tmp_path / name / "a.png")
+    (tmp_path / "ids.txt").write_text("a\n")
+    args = ["eval", "--gt", str(tmp_path / "gt"), "--list", str(tmp_path / "ids.txt"),
+            "--pred", str(tmp_path / "pred"), "--num-labels", "2"]
+    out = run(*args, "--ignore", "254", "--json", str(tmp_path / "scores.json"))
+    assert out.returncode == 0, out.stderr
+    data = json.loads((tmp_path / "scores.json").read_text())
+    assert data["confusion"] == confusion.tolist()
+    assert data["miou_percent"] == pytest.approx(miou, rel=1e-15)
+    assert "Average accuracy: %.3f%%" % miou in out.stdout
+    out = run(*args)
+    assert out.returncode == 1
+    assert "ground-truth label 254 is outside [0, 2)" in out.stderr

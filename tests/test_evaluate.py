@@ -312,6 +312,63 @@ def test_prediction_range_is_checked_where_the_gt_is_ignored_too(dataset):
         evaluate(_items(dataset, ["a"]), 3, pred_dir=str(dataset["pred"]))
 
 
+# A 2-class set whose ignore label is 254 (eval --ignore 254), not the default 255.
+IGNORE_254_GT = np.array([[0, 1, 254], [1, 254, 0]], np.uint8)
+IGNORE_254_PRED = np.array([[0, 0, 1], [1, 1, 0]], np.uint8)
+
+
+def _ignore_254_expected():
+    """The confusion counted here: pixels whose ground truth is 254 are left out; IoU
+    and mean IoU by MyVOCevalseg's formulas (100 TP / (GT + pred - TP), over all
+    classes)."""
+    keep = IGNORE_254_GT != 254
+    confusion = np.zeros((2, 2), np.int64)
+    np.add.at(confusion, (IGNORE_254_GT[keep], IGNORE_254_PRED[keep]), 1)
+    assert confusion.tolist() == [[2, 0], [1, 1]]
+    tp = np.diag(confusion)
+    iou = 100.0 * tp / (confusion.sum(1) + confusion.sum(0) - tp)
+    return confusion, iou, iou.mean()
+
+
+def test_a_non_255_ignore_label_is_left_out(tmp_path):
+    """MyVOCevalseg's ignore label, given as evaluate(ignore_label=...): its pixels are
+    dropped; 255 is then an ordinary (out-of-range) label."""
+    from caffelite.evaluate import accumulate_confusion
+    confusion, iou, miou = _ignore_254_expected()
+    got = accumulate_confusion(np.zeros((2, 2), np.int64), IGNORE_254_GT, IGNORE_254_PRED,
+                               ignore_label=254)
+    np.testing.assert_array_equal(got, confusion)
+    for d in ("gt", "pred"):
+        (tmp_path / d).mkdir()
+    _write_png(tmp_path / "gt" / "a.png", IGNORE_254_GT)
+    _write_png(tmp_path / "pred" / "a.png", IGNORE_254_PRED)
+    items = [EvalItem("a", str(tmp_path / "gt" / "a.png"), None)]
+    result = evaluate(items, 2, pred_dir=str(tmp_path / "pred"), ignore_label=254)
+    np.testing.assert_array_equal(result.confusion, confusion)
+    np.testing.assert_allclose(result.scores["iou_percent"], iou, rtol=1e-15)
+    assert result.scores["miou_percent"] == pytest.approx(miou, rel=1e-15)
+    with pytest.raises(EvalError, match=r"ground-truth label 254 is outside \[0, 2\) and is "
+                                        r"not the ignore label 255"):
+        evaluate(items, 2, pred_dir=str(tmp_path / "pred"))
+
+
+def test_16_bit_gt_labels_of_256_and_more_are_an_error(tmp_path):
+    """The module's documented difference from MyVOCevalseg: MATLAB's ``gtim < 255``
+    mask silently skips the labels of 256 and more that a 16-bit PNG can hold;
+    caffelite refuses them as any other label outside [0, N) but the ignore label."""
+    gt = np.array([[0, 1, 300], [1, 0, 255]])
+    for d in ("gt", "pred"):
+        (tmp_path / d).mkdir()
+    Image.fromarray(gt.astype(np.int32), "I").convert("I;16").save(tmp_path / "gt" / "a.png")
+    with Image.open(tmp_path / "gt" / "a.png") as img:       # PIL reads the 16-bit values
+        assert img.mode.startswith("I;16") and np.asarray(img).tolist() == gt.tolist()
+    _write_png(tmp_path / "pred" / "a.png", np.array([[0, 1, 1], [1, 0, 0]], np.uint8))
+    items = [EvalItem("a", str(tmp_path / "gt" / "a.png"), None)]
+    with pytest.raises(EvalError, match=r"a\.png: ground-truth label 300 is outside \[0, 2\) "
+                                        r"and is not the ignore label 255"):
+        evaluate(items, 2, pred_dir=str(tmp_path / "pred"))
+
+
 def _gray_png(path, bits, rows):
     """A gray PNG with ``bits`` (1, 2 or 4) per sample, written by hand (Pillow writes 8)."""
     import struct

@@ -215,6 +215,31 @@ def test_unknown_type_and_bottom_errors(tmp_path):
         make_net(tmp_path, NET + 'layer { name: "r" type: "ReLU" bottom: "ip" top: "conv2" }')
 
 
+def test_an_in_place_layer_that_changes_the_count_is_refused(tmp_path):
+    """caffelite's own rule (Caffe has no such check and would read the reshaped bottom
+    as it is): an in-place top whose reshape changes the blob's count is refused, since
+    the bottom's values would be lost; a same-count reshape (a view) is Caffe's."""
+    text = '''
+input: "data" input_shape { dim: 1 dim: 1 dim: 4 dim: 4 }
+layer { name: "pool" type: "Pooling" bottom: "data" top: "data"
+  pooling_param { pool: MAX kernel_size: 2 stride: 2 } }
+'''
+    with pytest.raises(NetError, match=r"layer 'pool' \(Pooling\) cannot work in place: it "
+                                       r"would reshape its blob 'data' from \(1, 1, 4, 4\) to "
+                                       r"\(1, 1, 2, 2\); give the top another name"):
+        make_net(tmp_path, text)
+
+
+def test_include_and_exclude_rules_together_are_refused(tmp_path):
+    """Net::FilterNet: CHECK(!(include_size() && exclude_size())) "Specify either include
+    rules or exclude rules; not both." (the BVLC oracle's case include_and_exclude)."""
+    text = NET + '''
+layer { name: "both" type: "ReLU" bottom: "ip" top: "b"
+  include { phase: TEST } exclude { phase: TRAIN } }'''
+    with pytest.raises(NetError, match="layer 'both' has both include and exclude rules"):
+        make_net(tmp_path, text)
+
+
 def log_messages(caplog):
     return [r.getMessage() for r in caplog.records if r.name == "caffelite"]
 

@@ -385,6 +385,31 @@ def test_parameter_blobs_written_in_the_net_description_are_used(tmp_path):
         caffe.Net(write(tmp_path, bad, "bad.prototxt"), caffe.TEST)
 
 
+def test_a_saved_net_writes_its_current_blobs_not_the_descriptions(tmp_path):
+    # Layer::ToProto: param->Clear(); param->CopyFrom(layer_param_); param->clear_blobs();
+    # then one BlobProto per current blob. The file is read back by protobuf itself.
+    net = caffe.Net(write(tmp_path, EMBEDDED_NET), caffe.TEST)
+    new = {"ip": [[[7, 8]], [9]], "s": [[10], [11]]}
+    for name, values in new.items():
+        for blob, value in zip(net.params[name], values):
+            blob.data[...] = np.reshape(value, blob.data.shape)
+    path = str(tmp_path / "saved.caffemodel")
+    net.save(path)
+    saved = caffe_pb2.NetParameter()
+    with open(path, "rb") as f:
+        saved.ParseFromString(f.read())
+    layers = {layer.name: layer for layer in saved.layer}
+    for name, values in new.items():
+        assert len(layers[name].blobs) == 2, name
+        for blob, value in zip(layers[name].blobs, values):
+            assert list(blob.data) == list(np.ravel(value)) and not blob.double_data, name
+    again = caffe.Net(write(tmp_path, EMBEDDED_NET, "again.prototxt"), caffe.TEST,
+                      weights=path)
+    for name, values in new.items():
+        for blob, value in zip(again.params[name], values):
+            assert np.ravel(blob.data).tolist() == list(np.ravel(value)), name
+
+
 def test_automatic_name_gives_the_last_anonymous_top_in_first_place(tmp_path):
     # pycaffe's blobs is an OrderedDict over Caffe's blob names: a repeated
     # "(automatic)" keeps its first position and takes the last blob of that name.

@@ -141,6 +141,20 @@ def test_data_transformation_fields_move_per_layer_type():
     assert net.layer[1].HasField("transform_param")
 
 
+def test_image_seg_data_transform_fields_move_as_caffelites_own_rule():
+    """caffelite's own rule, with no reference behaviour: BVLC's
+    UpgradeNetDataTransformation (and every stored fork copy) knows only DATA,
+    IMAGE_DATA and WINDOW_DATA. caffelite moves a DeepLab v1 IMAGE_SEG_DATA layer's old
+    transform fields out of its image_data_param in the same way, so that the fork's
+    ImageSegData (which reads transform_param) crops and mirrors as v1 did."""
+    net, _ = prototxt.parse_net(
+        'layers { name: "seg" type: IMAGE_SEG_DATA top: "d" top: "l" image_data_param { '
+        'source: "list" crop_size: 5 mirror: true batch_size: 2 } }')
+    assert net == _v2('layer { name: "seg" type: "ImageSegData" top: "d" top: "l" '
+                      'transform_param { mirror: true crop_size: 5 } '
+                      'image_data_param { source: "list" batch_size: 2 } }')
+
+
 def _messages(caplog):
     return [(r.levelname, r.getMessage()) for r in caplog.records]
 
@@ -303,6 +317,26 @@ def test_upgrade_verb_output_is_caffes_text_format(tmp_path):
     src.write_text(UPGRADE_IN)
     assert cli.main(["upgrade", str(src), str(dst)]) == 0
     assert dst.read_text() == UPGRADE_OUT
+
+
+def test_upgrade_verb_makes_a_cropping_padding_with_a_zero_pad_an_interp(tmp_path):
+    """spec (deeplab_v2_semantics.md, "Not registered in the fork"): the fork has no
+    Padding layer; a V1 PADDING that only crops becomes an Interp with the same pads.
+    pad_end 0 with a negative pad_beg still only crops, so the upgraded text (read here
+    by protobuf) has type "Interp" (zoom_factor 1: a copy of the cropped region), and
+    the net gives x[:, :, 2:, 2:]."""
+    from caffelite import cli
+    src, dst = tmp_path / "v1.prototxt", tmp_path / "v2.prototxt"
+    src.write_text('input: "x" input_dim: 1 input_dim: 2 input_dim: 4 input_dim: 5\n'
+                   'layers { name: "pad" type: PADDING bottom: "x" top: "y" '
+                   'padding_param { pad_beg: -2 pad_end: 0 } }\n')
+    assert cli.main(["upgrade", str(src), str(dst)]) == 0
+    upgraded = text_format.Parse(dst.read_text(), caffe_pb2.NetParameter())
+    assert [(l.type, l.interp_param.pad_beg, l.interp_param.pad_end,
+             l.interp_param.zoom_factor) for l in upgraded.layer] == [("Interp", -2, 0, 1)]
+    net = caffe.Net(str(dst), caffe.TEST)
+    x = np.arange(40, dtype=np.float32).reshape(1, 2, 4, 5)
+    np.testing.assert_array_equal(net.forward(x=x)["y"], x[:, :, 2:, 2:])
 
 
 def test_text_format_of_special_values():
