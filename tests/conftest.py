@@ -17,6 +17,10 @@ os.environ.setdefault("CAFFELITE_EMULATOR_CUPY_CHECK", "1")
 # `caffelite train` without --gpu follows the solver's solver_mode (GPU by default, as in
 # Caffe): the tests train on the CPU wherever they run, unless a test says otherwise.
 os.environ.setdefault("CAFFELITE_SOLVER_MODE", "cpu")
+# The GPU emulator's empty/empty_like give NaN-filled memory in every test (as CuPy's pool
+# hands back memory holding what it held), so device code that reads an element it never
+# wrote shows; 0 switches it off.
+os.environ.setdefault("CAFFELITE_EMULATOR_POISON_EMPTY", "1")
 from caffelite.kernels import emulator as _emulator  # noqa: E402
 
 _emulator.set_cupy_check(None)
@@ -74,6 +78,16 @@ def _restore_conv_autotune():
     yield
     conv_autotune.set_enabled(saved)
     conv_autotune.forget()
+
+
+@pytest.fixture
+def poisoned_device_memory():
+    """The GPU emulator's ``empty``/``empty_like`` give memory with every bit set (NaN in
+    a float) for the test, as CuPy's pool hands back memory holding what it held: a
+    device element that a path forgets to write then shows."""
+    previous = _emulator.set_poison_empty(True)
+    yield
+    _emulator.set_poison_empty(previous)
 
 
 @pytest.fixture(params=["full_grid", "small_grid"])

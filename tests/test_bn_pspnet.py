@@ -1,6 +1,7 @@
 """PSPNet's ``BN`` layer: against PyTorch's batch norm (test-only oracle), a loop-by-loop
 transcription of bn_layer.cpp's stored-statistics forward, Caffe's gradient checker, the
 param specs its LayerSetUp sets, and a PSPNet-style pyramid head built from prototxt."""
+import itertools
 import math
 
 import numpy as np
@@ -104,6 +105,25 @@ def test_training_uses_batch_statistics_and_updates_the_moving_averages():
     # bn_layer.cpp keeps the biased variance (PyTorch's running_var is unbiased)
     np.testing.assert_allclose(layer.blobs[3].data, (1 - m) * biased_var + m * old_var,
                                rtol=1e-12)
+
+
+def test_batch_mean_multiplies_by_the_rounded_reciprocals_in_two_steps():
+    """bn_layer.cpp's batch mean is two GEMVs in float: each (n, c) row sum times
+    Dtype(1. / (height * width)), then the sum of those over n times Dtype(1. / num).
+    Whole numbers keep every row sum exact, and the three-term sum rounds alike in any
+    order (any BLAS); the mean in one step would be 8 / 9 rounded once.  momentum 0
+    stores the batch mean itself: 1 * mean + 0 * 0."""
+    x = np.array([1, 5, -2, 3, 2, -5, -1, 4, 1], np.float32).reshape(3, 1, 1, 3)
+    layer = _layer("momentum: 0", TRAIN, np.float32)
+    bottom, top = setup_layer(layer, [x], dtype=np.float32)
+    layer.forward(bottom, top)
+    f = np.float32(1.0 / 3)
+    rows = [np.float32(np.float32(total) * f) for total in x.reshape(3, 3).sum(axis=1)]
+    sums = {np.float32(np.float32(a + b) + c) for a, b, c in itertools.permutations(rows)}
+    assert len(sums) == 1
+    expected = np.float32(sums.pop() * f)
+    assert expected != np.float32(8) / np.float32(9)
+    assert layer.blobs[2].data.reshape(-1)[0] == expected
 
 
 def test_training_gradients():

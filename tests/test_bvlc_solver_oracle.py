@@ -3,7 +3,7 @@
 Set CAFFELITE_BVLC_PYCAFFE to the launcher that scripts/bvlc_caffe_oracle.py writes (as
 for tests/test_bvlc_oracle.py, whose helpers this file uses: BVLC Caffe of 2018, 1.0
 and later, on the CPU); without it these tests skip.  Each case is a small net
-(Convolution, TanH/Sigmoid, InnerProduct, Eltwise, SoftmaxWithLoss or EuclideanLoss, on
+(Convolution, BatchNorm, TanH/Sigmoid, InnerProduct, Eltwise, SoftmaxWithLoss/EuclideanLoss, on
 a MemoryData layer that both sides feed the same arrays), weights that caffelite draws
 and writes as a caffemodel, and a solver.  tests/oracles/bvlc_solver_runner.py's
 ``run_job`` runs it on both sides, caffelite in this process and Caffe in the oracle's:
@@ -150,8 +150,16 @@ FILLERS_NET = CLS_NET.replace(
     "num_output: 3 }", 'num_output: 3 weight_filler { type: "xavier" } '
     'bias_filler { type: "gaussian" std: 0.3 } }')
 
+# A BatchNorm (batch statistics in TRAIN) without param specs: its LayerSetUp adds
+# lr_mult 0 ones, so no update (weight decay included) touches the three statistics.
+BN_NET = CLS_NET.replace(
+    'layer { name: "tanh1"',
+    'layer { name: "bn1" type: "BatchNorm" bottom: "conv1" top: "conv1" }\n'
+    'layer { name: "tanh1"')
+
 NETS = {"cls": (CLS_NET, 12, 3), "features": (FEATURES_NET, 12, 3), "reg": (REG_NET, 9, None),
-        "fillers": (FILLERS_NET, 12, 3), "shared_late": (SHARED_LATE_NET, 8, 3)}
+        "fillers": (FILLERS_NET, 12, 3), "shared_late": (SHARED_LATE_NET, 8, 3),
+        "batchnorm": (BN_NET, 12, 3)}
 
 
 # ----------------------------------------------------------------------------- cases
@@ -319,6 +327,9 @@ CASES = [
     SolverCase("train_net_param_inline", SGD + " iter_size: 2", net_field="train_net_param"),
     SolverCase("random_seed_fillers", SGD + " random_seed: 1701", net="fillers",
                fillers=True),
+    SolverCase("random_seed_zero_fillers", SGD + " random_seed: 0", net="fillers",
+               fillers=True),      # 0 is a seed: only a negative one leaves it unset
+    SolverCase("batchnorm_statistics_not_learned", SGD, net="batchnorm"),
     SolverCase("snapshot_diff", SGD + " snapshot_diff: true"),
     SolverCase("snapshot_diff_hdf5", ADAM + " snapshot_diff: true snapshot_format: HDF5"),
     # where Caffe's weights go NaN

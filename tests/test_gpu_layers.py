@@ -6,7 +6,9 @@ runs under ``backend.device_access()`` as the Net runs it, on the emulator (alwa
 on CuPy (``-m gpu``). Tops and bottom diffs start poisoned with NaN on both sides, so
 an element the device path forgets to write shows up as a mismatch; and the CPU side's
 tops and propagated bottom diffs must hold no NaN (unless the case feeds NaN in), so an
-element that array code shared by both sides forgets to write is caught too.
+element that array code shared by both sides forgets to write is caught too; and the
+emulator's ``empty``/``empty_like`` give NaN-filled memory (as reused device memory holds
+garbage), so a device scratch array read before it is written shows as well.
 
 Exactness. On the emulator the array code is numpy's on both sides, so every layer is
 compared BIT FOR BIT except where a CUDA kernel does the sum in another order or uses
@@ -54,6 +56,13 @@ def _start(kind):
             backend.set_mode_gpu(emulate=False)
         except kernels.GPUUnavailableError as e:
             pytest.skip(str(e))
+
+
+@pytest.fixture(autouse=True)
+def _device_memory_poisoned(poisoned_device_memory):
+    """Every test here runs with the emulator's fresh device memory poisoned (conftest's
+    ``poisoned_device_memory``): scratch matrices a path must fill, padding columns it
+    must zero."""
 
 
 @pytest.fixture(params=["emulated", pytest.param("cuda", marks=pytest.mark.gpu)])
@@ -1458,3 +1467,22 @@ def test_device_workspace_size_comes_from_the_environment(monkeypatch):
     monkeypatch.setenv("CAFFELITE_DEVICE_WORKSPACE_MB", "lots")
     with pytest.raises(ValueError, match="CAFFELITE_DEVICE_WORKSPACE_MB must be a whole"):
         im2col_module.image_groups(3, 64, geom, (41, 41), np.float32)
+
+
+def test_fresh_device_memory_is_poisoned_here():
+    """The autouse poison reaches what ``empty``/``empty_like`` give (the column workspace
+    is such a byte buffer: NaN once viewed as floats), and nothing else; off, they are
+    numpy's."""
+    from caffelite.kernels import emulator
+    assert emulator.poison_empty_active()
+    assert np.isnan(emulator.asnumpy(emulator.empty((2, 3), F32))).all()
+    assert np.isnan(emulator.asnumpy(emulator.empty_like(emulator.zeros(4, F64)))).all()
+    assert (emulator.asnumpy(emulator.empty(3, np.int32)) == -1).all()
+    assert np.isnan(emulator.asnumpy(emulator.empty(8, np.uint8)).view(F32)).all()
+    assert (emulator.asnumpy(emulator.zeros(3, F32)) == 0).all()
+    assert emulator.set_poison_empty(False)
+    try:
+        assert not emulator.poison_empty_active()
+        assert emulator.empty(3, F32).shape == (3,)
+    finally:
+        emulator.set_poison_empty(True)

@@ -223,6 +223,38 @@ def test_all_minus_inf_window_gives_minus_flt_max_and_mask_minus_one():
     assert np.all(bottom[0].diff == 0)
 
 
+def test_global_max_over_a_whole_plane_skips_nan_and_leaves_minus_flt_max_unwon():
+    """Global MAX over 20 x 19 = 380 taps (more than the tap loop takes: one argmax per
+    plane): as Caffe's loop, a NaN never wins (``>`` is false for it, even first in the
+    plane) and a plane whose maximum is -FLT_MAX itself has no winner (mask -1, no
+    gradient), as nothing is strictly above the -FLT_MAX the loop starts from."""
+    flt_max = np.finfo(np.float32).max
+    x = np.random.default_rng(12).standard_normal((2, 2, 20, 19)).astype(np.float32)
+    x[0, 0, 0, 0] = np.nan
+    x[0, 1] = -flt_max
+    x[1, 0, :2] = -np.inf
+    x[1, 0, 5, 7] = np.nan
+    x[1, 1] = -np.inf
+    x[1, 1, 3, 3] = -flt_max
+    x[1, 1, 4, 4] = np.nan
+    want_top, want_mask = reference(x.astype(np.float64), 20, 19, 1, 1, 0, 0, "MAX")
+    assert want_mask[0, 0] >= 0 and want_mask[1, 0] >= 0 and want_mask[0, 1] == -1
+    assert want_mask[1, 1] == -1 and np.all(want_top[:, 1] == -flt_max)
+    for num_top in (1, 2):
+        layer = make_layer(pool_text("pool: MAX global_pooling: true"), dtype=np.float32)
+        bottom, top = setup_layer(layer, [x], num_top, dtype=np.float32)
+        with np.errstate(invalid="ignore"):
+            got = run_forward(layer, bottom, top)
+        np.testing.assert_array_equal(got[0], want_top.astype(np.float32))
+        if num_top == 2:
+            np.testing.assert_array_equal(got[1], want_mask)
+        g = np.random.default_rng(2).integers(1, 9, size=want_top.shape)
+        top[0].diff[...] = g
+        bottom[0].diff[...] = np.nan
+        layer.backward(top, [True], bottom)
+        np.testing.assert_array_equal(bottom[0].diff, scattered_reference(want_mask, g, x.shape))
+
+
 def test_ave_matches_reference_loops():
     x = np.random.default_rng(4).standard_normal((1, 2, 9, 7))
     for kh, kw, sh, sw, ph, pw in [(3, 3, 2, 2, 1, 1), (2, 3, 3, 2, 1, 2), (4, 4, 3, 3, 0, 0)]:

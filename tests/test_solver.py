@@ -527,6 +527,27 @@ def test_average_loss_smooths_the_displayed_loss(tmp_path, log_lines):
     assert losses[0] != pytest.approx(losses[-1])
 
 
+def test_each_step_call_smooths_over_its_own_losses(tmp_path, log_lines):
+    """Caffe's Step clears the loss window, and UpdateSmoothedLoss replaces the entry at
+    (iter - start_iter) % average_loss: after step(2), step(5) (starting at iteration 2)
+    shows at each iteration the mean of the last (up to 3) losses of that call alone."""
+    s = make_solver(tmp_path, 'lr_policy: "fixed" base_lr: 0.05 display: 1 '
+                    'average_loss: 3 random_seed: 1', ip_net())
+    set_inputs(s)
+    losses = []
+    s.add_callback(on_gradients=lambda: losses.append(float(s.net.blobs["loss"].data)))
+    s.step(2)
+    del log_lines[:], losses[:]
+    s.step(5)
+    shown = [(int(i), float(v)) for i, v in logged(log_lines, r"Iteration (\d+), loss = (\S+)")]
+    assert [i for i, _ in shown] == list(range(2, 7)) and len(losses) == 5
+    for k, (_, value) in enumerate(shown):
+        window = losses[max(0, k - 2):k + 1]
+        assert value == pytest.approx(sum(window) / len(window), rel=2e-5)
+    # the losses differ enough that another window would show
+    assert min(abs(a - b) for a in losses for b in losses[:losses.index(a)]) > 1e-3 * losses[0]
+
+
 def test_displayed_loss_is_the_mean_over_iter_size(tmp_path, log_lines):
     """Step's loss is the sum of the iter_size forwards divided by iter_size (DeepLab's
     ResNet trains with iter_size 10): with base_lr 0 and fixed inputs every forward

@@ -7,7 +7,10 @@
   ufunc or array function raises ``TypeError`` (as CuPy does), reductions give 0-d
   device arrays instead of scalars, and ``asnumpy`` is the only way back to the host;
 * array functions (``emulator.zeros``, ``emulator.matmul`` …) are numpy's, returning
-  device arrays;
+  device arrays; optionally (``set_poison_empty()``, or
+  ``CAFFELITE_EMULATOR_POISON_EMPTY=1``; off by default) ``empty``/``empty_like`` fill
+  what they give with all bits set (NaN in a float), as device memory reused from
+  CuPy's pool holds whatever it held;
 * ``kernels.launch`` runs the ``.cu`` kernels compiled for the host by g++
   (``kernels.host``), from the same sources NVRTC compiles on a GPU.
 
@@ -176,18 +179,47 @@ _HOST_SIZED = frozenset({"nonzero", "argwhere", "flatnonzero", "unique", "extrac
                          "compress"})
 _UNINITIALISED = frozenset({"empty", "empty_like"})
 
+# Poisoned allocations (``set_poison_empty()``, or CAFFELITE_EMULATOR_POISON_EMPTY=1): what
+# ``empty``/``empty_like`` give holds every bit set (NaN in a float, -1 or the maximum in
+# an integer) instead of numpy's fresh, often zero, memory, as device memory reused from
+# CuPy's pool holds what it held; an element the device code forgets to write then shows.
+_poison_empty = [os.environ.get("CAFFELITE_EMULATOR_POISON_EMPTY", "0") not in ("", "0")]
+
+
+def set_poison_empty(enabled=True):
+    """Poisoned ``empty``/``empty_like`` results on (True) or off (False); returns the
+    previous setting."""
+    previous, _poison_empty[0] = _poison_empty[0], bool(enabled)
+    return previous
+
+
+def poison_empty_active():
+    return _poison_empty[0]
+
+
+def _poisoned(name, result):
+    if _poison_empty[0] and name in _UNINITIALISED and isinstance(result, _np.ndarray):
+        plain = result.view(_np.ndarray)
+        if plain.dtype.kind in "fc":
+            plain.fill(_np.nan)
+        elif plain.dtype.kind in "iu":
+            plain.fill(_np.iinfo(plain.dtype).max if plain.dtype.kind == "u" else -1)
+        elif plain.dtype.kind == "b":
+            plain.fill(True)
+    return result
+
 
 def _call(fn, args, kwargs, name):
     """``fn`` on plain (numpy) arguments, device results; recorded while capturing."""
     if not _capture.active():
-        return _to_device_result(fn(*args, **kwargs))
+        return _poisoned(name, _to_device_result(fn(*args, **kwargs)))
     if name in _HOST_SIZED or (name == "where" and len(args) == 1 and not kwargs):
         _capture.refuse(f"{name} (its result size is read on the host)")
     _refuse_cublas(name)
     out = kwargs.get("out")
     if out is None and name not in _WRITES:
-        return _capture.record_result(fn, args, kwargs, _to_device_result,
-                                      record=name not in _UNINITIALISED)
+        return _poisoned(name, _capture.record_result(fn, args, kwargs, _to_device_result,
+                                                      record=name not in _UNINITIALISED))
     _capture.record_write(fn, *args, **kwargs)
     if isinstance(out, tuple):
         out = out[0] if len(out) == 1 else out

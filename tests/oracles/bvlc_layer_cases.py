@@ -166,6 +166,17 @@ def corner_windows_not_numbers(shape, rng):
     return values
 
 
+def whole_planes_not_numbers(shape, rng):
+    """Per image, channel 0 as with_inf_and_nan; channel 1 of image 0 all -FLT_MAX (no
+    value above the -FLT_MAX that Caffe's MAX starts from: mask -1), of the other images
+    finite values after a NaN (skipped: ``>`` is false for NaN)."""
+    values = with_inf_and_nan(shape, rng)
+    values[0, 1] = -np.finfo(np.float32).max
+    values[1:, 1] = rng.standard_normal(values[1:, 1].shape)
+    values[1:, 1].reshape(-1, values[0, 1].size)[:, 0] = np.nan
+    return values
+
+
 def ones(shape, rng):
     return np.ones(shape)
 
@@ -216,6 +227,7 @@ convolution("conv_group_no_bias", (2, 4, 6, 5), "num_output: 6 kernel_size: 3 gr
             "bias_term: false")
 convolution("conv_1x1", (3, 5, 4, 3), "num_output: 2 kernel_size: 1")
 convolution("conv_1x1_stride2", (2, 5, 5, 5), "num_output: 2 kernel_size: 1 stride: 2")
+convolution("conv_1x1_pad1", (2, 3, 4, 5), "num_output: 2 kernel_size: 1 pad: 1")
 convolution("conv_pad_beyond_kernel", (1, 2, 4, 5), "num_output: 2 kernel_size: 3 pad: 4 "
             "stride: 3")
 convolution("conv_to_1x1", (2, 3, 3, 3), "num_output: 4 kernel_size: 3")
@@ -247,6 +259,12 @@ case("conv_dilated", [("x", (2, 3, 9, 8))], layer(
 case("conv_strided_grouped", [("x", (2, 4, 7, 6))], layer(
     "Convolution", "c", "x", "y", FILLED % "num_output: 4 kernel_h: 3 kernel_w: 2 stride_h: 2 "
     "stride_w: 1 pad_h: 1 pad_w: 0 group: 2"), phase=TRAIN, diffs=("y",))
+# propagate_down: false (without force_backward, which would override it; a loss, without
+# which nothing runs backward): no gradient to the bottom, the parameters' gradients still
+case("conv_bottom_not_propagated", [("x", (2, 3, 6, 5)), ("t", (2, 3, 6, 5))], layer(
+    "Convolution", "c", "x", "y", "propagate_down: false convolution_param { num_output: 3 "
+    "kernel_size: 3 pad: 1 }") + layer("EuclideanLoss", "loss", ["y", "t"], "loss"),
+     phase=TRAIN, force_backward=False, diffs=())
 case("deconv", [("x", (2, 2, 5, 4))], layer(
     "Deconvolution", "d", "x", "y", FILLED % "num_output: 3 kernel_size: 4 stride: 2 pad: 1"),
      phase=TRAIN, diffs=("y",))
@@ -275,6 +293,10 @@ pooling("pool_max_mask_ceil", (1, 2, 7, 8), "pool: MAX kernel_size: 2 stride: 2"
         tops=("out", "mask"), exact=True)
 pooling("pool_max_inf_nan", (2, 2, 6, 6), "pool: MAX kernel_size: 2 stride: 2",
         gen=with_inf_and_nan, tops=("out", "mask"), backward=False, exact=True, nans=True)
+# global MAX over a whole plane of 380 taps (caffelite's argmax path, not its tap loop)
+pooling("pool_global_max_whole_plane_inf_nan", (2, 2, 20, 19), "pool: MAX global_pooling: true",
+        gen=whole_planes_not_numbers, tops=("out", "mask"), backward=False, exact=True,
+        nans=True)
 pooling("pool_max_windows_of_minus_inf", (1, 2, 6, 6), "pool: MAX kernel_size: 2 stride: 2",
         gen=corner_windows_not_numbers, tops=("out", "mask"), backward=False, exact=True,
         nans=True)
@@ -702,6 +724,9 @@ refused("accuracy_top_k_over_classes", [("a", (2, 3)), ("l", (2,))],
         force_backward=False)
 refused("filter_selector_count", [("a", (3, 2)), ("s", (2,))],
         layer("Filter", "f", ["a", "s"], "o"), force_backward=False)
+# FilterNet: "Specify either include rules or exclude rules; not both."
+refused("include_and_exclude", [("x", (2, 3))], layer(
+    "ReLU", "r", "x", "y", "include { phase: TEST } exclude { phase: TRAIN }"))
 # SoftmaxWithLoss with a probability top: LossLayer gives one loss_weight for two tops
 SOFTMAX_LOSS = [SCORES, ("label", (2, 1, 3, 4), labels(5, 0))]
 for name, weights in [("softmax_loss_two_tops_two_weights", "loss_weight: 2.5 loss_weight: 0.5"),
