@@ -84,10 +84,45 @@ def _restore_conv_autotune():
 def poisoned_device_memory():
     """The GPU emulator's ``empty``/``empty_like`` give memory with every bit set (NaN in
     a float) for the test, as CuPy's pool hands back memory holding what it held: a
-    device element that a path forgets to write then shows."""
+    device element that a path forgets to write then shows. On a real GPU every new
+    allocation from CuPy's pool is filled so too."""
     previous = _emulator.set_poison_empty(True)
-    yield
+    with _real_device_memory_poisoned():
+        yield
     _emulator.set_poison_empty(previous)
+
+
+def _usable_cupy():
+    """CuPy where it has a device to run on, else None."""
+    try:
+        import cupy
+        return cupy if cupy.cuda.runtime.getDeviceCount() > 0 else None
+    except Exception:       # noqa: BLE001  (not installed, no driver, no device)
+        return None
+
+
+@contextlib.contextmanager
+def _real_device_memory_poisoned():
+    """On a real GPU, the same: every allocation from CuPy's default pool is set to 0xFF
+    bytes (NaN in a float) on the current stream before the caller gets it."""
+    cupy = _usable_cupy()
+    if cupy is None:
+        yield
+        return
+    pool = cupy.get_default_memory_pool()
+
+    def poisoned_malloc(size):
+        memory = pool.malloc(size)
+        if size:
+            cupy.cuda.runtime.memsetAsync(memory.ptr, 0xFF, size,
+                                          cupy.cuda.get_current_stream().ptr)
+        return memory
+    previous = cupy.cuda.get_allocator()
+    cupy.cuda.set_allocator(poisoned_malloc)
+    try:
+        yield
+    finally:
+        cupy.cuda.set_allocator(previous)
 
 
 @pytest.fixture(params=["full_grid", "small_grid"])
