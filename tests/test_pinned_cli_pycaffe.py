@@ -24,10 +24,7 @@ import numpy as np
 import pytest
 
 from conftest import caffelite_logger_kept, working_dir
-from test_bvlc_oracle import PYCAFFE
-
-ORACLE = os.path.dirname(PYCAFFE) if PYCAFFE else None
-ENV_SH = os.path.join(ORACLE, "env.sh") if ORACLE else None
+from test_bvlc_tools_oracle import ENV_SH
 needs_bvlc = pytest.mark.skipif(
     not ENV_SH or not os.path.isfile(ENV_SH),
     reason="set CAFFELITE_BVLC_PYCAFFE (scripts/bvlc_caffe_oracle.py); its env.sh puts "

@@ -25,15 +25,14 @@ of tests/test_bvlc_oracle.py (cases of their own, below).
 * Concat writes no diff into a bottom without propagate_down.
 """
 import os
-import subprocess
 import zlib
 
 import numpy as np
 import pytest
 
 from caffelite.layer import LayerError
-from conftest import compile_oracle
 from layer_testing import make_layer, run_forward, setup_layer
+from test_lrn import fork_lrn  # noqa: F401  (the fork's LRN loops, compiled)
 
 f32 = np.float32
 PYCAFFE = os.environ.get("CAFFELITE_BVLC_PYCAFFE")
@@ -103,21 +102,6 @@ def test_legacy_dim_at_or_beyond_the_number_of_axes_is_a_layer_error(text, tops,
 
 
 # ------------------------------------------------------------------ LRN
-@pytest.fixture(scope="module")
-def fork_lrn(tmp_path_factory):
-    """tests/oracles/lrn_oracle.cpp: the fork's CPU loops for ACROSS_CHANNELS."""
-    exe = compile_oracle(tmp_path_factory, "lrn_oracle", "-std=gnu++98",
-                         why="the LRN oracle")
-
-    def run(x, dy, size, alpha, beta, k):
-        args = [exe, *map(str, x.shape), str(size), repr(alpha), repr(beta), repr(k)]
-        data = f32(x).tobytes() + f32(dy).tobytes()
-        out = np.frombuffer(subprocess.run(args, input=data, check=True,
-                                           capture_output=True).stdout, f32)
-        return out[:x.size].reshape(x.shape), out[x.size:].reshape(x.shape)
-    return run
-
-
 @pytest.mark.parametrize("size,alpha,beta", [(3, 0.45, 0.75), (7, 0.7, 0.95),
                                              (3, 0.95, 0.6)])
 def test_lrn_across_channels_cache_ratio_is_computed_in_double(fork_lrn, size, alpha, beta):
