@@ -391,11 +391,10 @@ def test_command_line_flag(monkeypatch, caplog):
         backend.set_mode_cpu()
 
 
-def test_graphs_recorded_under_other_convolution_settings_are_not_launched(
-        tmp_path, gpu_mode, tf32, monkeypatch):
-    """A recording made with the implicit GEMM off is not launched once it is on (or
-    once autotuning starts): the pass runs its layers again and records anew (the
-    benchmarks switch these settings between measurements of one net)."""
+def implicit_gemm_calls_per_step(gpu_mode, tmp_path, monkeypatch, switch, steps):
+    """Trains test_cuda_graphs' one-convolution net (3x3, 16 outputs) with CUDA graphs
+    for ``steps`` steps, counting the implicit GEMM's forwards: the count before each
+    step, read before ``switch(step)`` changes a setting."""
     import test_cuda_graphs as graphs_test
     body = """layer { name: "c" type: "Convolution" bottom: "x" top: "y"
         convolution_param { num_output: 16 kernel_size: 3 pad: 1
@@ -410,6 +409,18 @@ def test_graphs_recorded_under_other_convolution_settings_are_not_launched(
 
     def between(net, step):
         seen.append(len(implicit_calls))
+        switch(step)
+
+    graphs_test.train(gpu_mode, text, tmp_path, graphs=True, steps=steps, between=between)
+    return seen
+
+
+def test_graphs_recorded_under_other_convolution_settings_are_not_launched(
+        tmp_path, gpu_mode, tf32, monkeypatch):
+    """A recording made with the implicit GEMM off is not launched once it is on (or
+    once autotuning starts): the pass runs its layers again and records anew (the
+    benchmarks switch these settings between measurements of one net)."""
+    def switch(step):
         if step == 3:
             implicit_gemm.ENABLED = True
         if step == 6:
@@ -417,7 +428,7 @@ def test_graphs_recorded_under_other_convolution_settings_are_not_launched(
             conv_autotune.TIMER = favour("columns")
 
     try:
-        graphs_test.train(gpu_mode, text, tmp_path, graphs=True, steps=9, between=between)
+        seen = implicit_gemm_calls_per_step(gpu_mode, tmp_path, monkeypatch, switch, 9)
     finally:
         implicit_gemm.ENABLED = False
         conv_autotune.TIMER = None

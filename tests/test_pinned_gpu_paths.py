@@ -349,27 +349,16 @@ def test_a_graph_recorded_without_tf32_is_not_launched_with_it(tmp_path, gpu_mod
     """TF32 changes a convolution's path (the implicit GEMM needs it) and the GEMMs'
     math mode: a recording made with TF32 off is not launched once it is on; the pass
     runs its layers again (the implicit GEMM then runs) and records anew."""
-    import test_cuda_graphs as graphs_test
     from caffelite.layers import implicit_gemm
-    body = """layer { name: "c" type: "Convolution" bottom: "x" top: "y"
-        convolution_param { num_output: 16 kernel_size: 3 pad: 1
-        weight_filler { type: "gaussian" std: 0.3 } } }"""
-    text = graphs_test.HEAD + body + graphs_test.TAIL
-    monkeypatch.setattr(implicit_gemm, "MIN_TILES_PER_SM", 0)
+    from test_conv_autotune import implicit_gemm_calls_per_step
     monkeypatch.setattr(implicit_gemm, "ENABLED", True)
-    implicit_calls = []
-    forward = implicit_gemm.forward
-    monkeypatch.setattr(implicit_gemm, "forward", lambda *a, **k: (
-        implicit_calls.append(1), forward(*a, **k)))
-    seen = []
 
-    def between(net, step):
-        seen.append(len(implicit_calls))
+    def switch(step):
         if step == 3:
             backend.set_tf32(True)
 
     try:
-        graphs_test.train(gpu_mode, text, tmp_path, graphs=True, steps=7, between=between)
+        seen = implicit_gemm_calls_per_step(gpu_mode, tmp_path, monkeypatch, switch, 7)
     finally:
         backend.set_tf32(False)
     assert seen[:4] == [0, 0, 0, 0]
