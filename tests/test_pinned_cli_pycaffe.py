@@ -23,8 +23,7 @@ import re
 import numpy as np
 import pytest
 
-from conftest import caffelite_logger_kept, working_dir
-from test_bvlc_tools_oracle import ENV_SH
+from test_bvlc_tools_oracle import ENV_SH, bvlc, caffelite
 needs_bvlc = pytest.mark.skipif(
     not ENV_SH or not os.path.isfile(ENV_SH),
     reason="set CAFFELITE_BVLC_PYCAFFE (scripts/bvlc_caffe_oracle.py); its env.sh puts "
@@ -45,33 +44,6 @@ layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "
   loss_weight: 2 }
 layer { name: "pw" type: "Power" bottom: "ip" top: "pw" power_param { shift: 0.25 } }
 '''
-
-
-def _bvlc(*args, cwd):
-    import subprocess
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GLOG_")}
-    env["GLOG_logtostderr"] = "1"
-    proc = subprocess.run(["bash", "-c", f'. "{ENV_SH}" && exec caffe "$@"', "caffe",
-                           *map(str, args)], cwd=cwd, env=env, capture_output=True,
-                          timeout=300)
-    return proc.returncode, proc.stderr.decode("utf-8", "replace")
-
-
-def _caffelite(*args, cwd):
-    import contextlib
-    import io
-    from caffelite.cli import main
-    err = io.StringIO()
-    saved = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("GLOG_")}
-    try:
-        with working_dir(cwd), contextlib.redirect_stderr(err), caffelite_logger_kept():
-            try:
-                rc = main([*map(str, args)])
-            except SystemExit as e:
-                rc = e.code
-    finally:
-        os.environ.update(saved)
-    return rc, err.getvalue()
 
 
 def _verb_messages(log, first):
@@ -97,8 +69,8 @@ def test_caffe_test_default_iterations_and_log_lines_match_bvlc(tmp_path):
     (tmp_path / "net.prototxt").write_text(NET)
     weights = _empty_caffemodel(tmp_path / "w.caffemodel")
     args = ("test", "-model", "net.prototxt", "-weights", weights.name)
-    theirs_rc, theirs = _bvlc(*args, cwd=tmp_path)
-    ours_rc, ours = _caffelite(*args, cwd=tmp_path)
+    theirs_rc, theirs = bvlc("caffe", *args, cwd=tmp_path)
+    ours_rc, ours = caffelite(*args, cwd=tmp_path)
     assert theirs_rc == 0, theirs[-2000:]
     assert ours_rc == 0, ours[-2000:]
     expected = _verb_messages(theirs, "Running for")
@@ -122,8 +94,8 @@ def test_caffe_time_lines_and_phase_match_bvlc(tmp_path, phase):
     (tmp_path / "net.prototxt").write_text(NET)
     args = ("time", "-model", "net.prototxt", "-iterations", "3") + (
         ("-phase", phase) if phase else ())
-    theirs_rc, theirs = _bvlc(*args, cwd=tmp_path)
-    ours_rc, ours = _caffelite(*args, cwd=tmp_path)
+    theirs_rc, theirs = bvlc("caffe", *args, cwd=tmp_path)
+    ours_rc, ours = caffelite(*args, cwd=tmp_path)
     assert theirs_rc == 0, theirs[-2000:]
     assert ours_rc == 0, ours[-2000:]
     expected = _time_skeleton(theirs)
@@ -137,10 +109,10 @@ def test_caffe_time_lower_case_phase_is_the_upper_case_one(tmp_path):
     """caffelite takes -phase train/test as TRAIN/TEST (caffe.cpp only the upper case):
     the layers timed are those BVLC times for -phase TRAIN."""
     (tmp_path / "net.prototxt").write_text(NET)
-    _, theirs = _bvlc("time", "-model", "net.prototxt", "-iterations", "1",
-                      "-phase", "TRAIN", cwd=tmp_path)
-    rc, ours = _caffelite("time", "-model", "net.prototxt", "-iterations", "1",
-                          "-phase", "train", cwd=tmp_path)
+    _, theirs = bvlc("caffe", "time", "-model", "net.prototxt", "-iterations", "1",
+                     "-phase", "TRAIN", cwd=tmp_path)
+    rc, ours = caffelite("time", "-model", "net.prototxt", "-iterations", "1",
+                         "-phase", "train", cwd=tmp_path)
     assert rc == 0, ours[-2000:]
     assert _time_skeleton(ours) == _time_skeleton(theirs)
 
@@ -150,8 +122,8 @@ def test_caffe_time_averages_are_the_layer_sums_over_the_iterations(tmp_path):
     iterations; each layer's line is its timer / 1000 / iterations: so the average pass
     is the sum of the per-layer lines (to the %g digits)."""
     (tmp_path / "net.prototxt").write_text(NET)
-    rc, ours = _caffelite("time", "-model", "net.prototxt", "-iterations", "4",
-                          cwd=tmp_path)
+    rc, ours = caffelite("time", "-model", "net.prototxt", "-iterations", "4",
+                         cwd=tmp_path)
     assert rc == 0, ours[-2000:]
     for kind, average in (("forward", "Forward"), ("backward", "Backward")):
         layers = [float(v) for v in re.findall(
@@ -204,8 +176,8 @@ def test_train_weights_list_copies_every_file(tmp_path):
     w2, b2 = [[-1, 5], [6, -2]], [0.25, 0.75]
     _caffemodel(tmp_path / "a.caffemodel", "ip1", w1, b1)
     _caffemodel(tmp_path / "b.caffemodel", "ip2", w2, b2)
-    rc, log = _caffelite("train", "-solver", "solver.prototxt",
-                         "-weights", "a.caffemodel,b.caffemodel", cwd=tmp_path)
+    rc, log = caffelite("train", "-solver", "solver.prototxt",
+                        "-weights", "a.caffemodel,b.caffemodel", cwd=tmp_path)
     assert rc == 0, log[-2000:]
     blobs = _snapshot_blobs(tmp_path / "snap_iter_1.caffemodel")
     np.testing.assert_array_equal(blobs["ip1"][0], np.ravel(w1))
@@ -313,7 +285,7 @@ def test_caffe_test_loss_line_sums_the_batch_losses_in_float(tmp_path):
         total = np.float32(total + np.float32(0.7))
     expected = "%g" % (total / np.float32(1000))
     assert expected == "0.700007"
-    rc, log = _caffelite("test", "-model", "net.prototxt", "-weights", weights.name,
-                         "-iterations", "1000", cwd=tmp_path)
+    rc, log = caffelite("test", "-model", "net.prototxt", "-weights", weights.name,
+                        "-iterations", "1000", cwd=tmp_path)
     assert rc == 0, log[-2000:]
     assert _verb_messages(log, "Loss: ")[0] == "Loss: " + expected

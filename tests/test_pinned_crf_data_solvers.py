@@ -184,23 +184,6 @@ def _history():
     return [np.arange(6, dtype=np.float32).reshape(2, 3) / 7, np.array([1.5, -2.25], np.float32)]
 
 
-def test_solverstate_bytes_are_protobufs_canonical_serialisation():
-    """Caffe writes a SolverState with the C++ protobuf serializer, fields in number
-    order (iter, learned_net, history..., current_step); the Python protobuf runtime
-    serialises the same message to the same bytes."""
-    from caffelite.io.solverstate import solverstate_bytes
-    from caffelite.proto import caffe_pb2
-    history = _history()
-    state = caffe_pb2.SolverState(iter=1234, learned_net="snap_iter_1234.caffemodel",
-                                  current_step=2)
-    for h in history:
-        blob = state.history.add()
-        blob.shape.dim.extend(h.shape)
-        blob.data.extend(h.ravel().tolist())
-    ours = solverstate_bytes(1234, "snap_iter_1234.caffemodel", history, 2)
-    assert ours == state.SerializeToString()
-
-
 @pytest.mark.parametrize("field", ["iter", "current_step"])
 def test_solverstate_int32_fields_take_int32_max_and_refuse_one_more(field):
     """SolverState.iter and current_step are int32: 2^31 - 1 is written (and the

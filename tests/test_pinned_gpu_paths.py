@@ -18,6 +18,8 @@ from caffelite.layers import im2col as im2col_module
 from caffelite.layers import tap_gemm
 from caffelite.layers.im2col import ConvGeometry
 from gpu_modes import gpu_mode  # noqa: F401  (a fixture)
+from test_conv_autotune import tf32  # noqa: F401  (a fixture: TF32 on, then off)
+from test_cuda_graphs import emulated  # noqa: F401  (a fixture: emulated GPU, then CPU)
 
 F32 = np.float32
 
@@ -110,7 +112,8 @@ def _weight_grad_by_formula(image, grid, geom, kh, kw):
     return result
 
 
-def test_tap_weight_gradient_under_tf32_ignores_the_padding_columns(monkeypatch):
+def test_tap_weight_gradient_under_tf32_ignores_the_padding_columns(monkeypatch, emulated,
+                                                                    tf32):
     """Under TF32 the tap path's gathered columns are padded to a multiple of 4
     (``_gather``); the weight gradient multiplies the gathered top gradient by the
     gathered image over every column, so the padding columns of both must be zeros
@@ -127,22 +130,16 @@ def test_tap_weight_gradient_under_tf32_ignores_the_padding_columns(monkeypatch)
     # some window's column count (N * rows * cols) is not a multiple of 4: padding made
     assert any((2 * (r[1] - r[0]) * (c[1] - c[0])) % 4 for _, r, c in windows)
     expected = start + _weight_grad_by_formula(image, grid, geom, 3, 3)
-    backend.set_mode_gpu(emulate=True)
-    backend.set_tf32(True)
-    try:
-        xp = backend.device_module()
-        assert im2col_module.column_align(F32) == 4
-        dw = xp.asarray(start)
-        tap_gemm.weight_grad(xp, xp.asarray(image), xp.asarray(grid), dw, windows, 1)
-        got = backend.to_host(dw)
-    finally:
-        backend.set_tf32(False)
-        backend.set_mode_cpu()
+    xp = backend.device_module()
+    assert im2col_module.column_align(F32) == 4
+    dw = xp.asarray(start)
+    tap_gemm.weight_grad(xp, xp.asarray(image), xp.asarray(grid), dw, windows, 1)
+    got = backend.to_host(dw)
     np.testing.assert_array_equal(got, expected.astype(F32))
 
 
 # ----------------------------------------------------------- conv autotune keys (im2col.py)
-def test_autotuned_choices_are_kept_per_path_setting(monkeypatch):
+def test_autotuned_choices_are_kept_per_path_setting(monkeypatch, emulated):
     """A tuned choice is kept per product and per the settings that change what a named
     path does (``_path_settings``: GROUP_IMAGES, the column budget, ...): one forward
     with image groups and one without are two products, each timed."""
@@ -154,19 +151,14 @@ def test_autotuned_choices_are_kept_per_path_setting(monkeypatch):
     rng = np.random.default_rng(5)
     image = rng.integers(-2, 3, (2, 3, 6, 7)).astype(F32)
     weight = rng.integers(-2, 3, (4, 3, 3, 3)).astype(F32)
-    backend.set_mode_gpu(emulate=True)
-    try:
-        xp = backend.device_module()
-        outs = []
-        for grouped in (True, False):
-            monkeypatch.setattr(im2col_module, "GROUP_IMAGES", grouped)
-            out = xp.full((2, 4, 6, 7), np.nan, F32)
-            im2col_module.forward_gemm(xp.asarray(image), xp.asarray(weight), out, geom, 1)
-            outs.append(backend.to_host(out))
-        keys = [k for k in conv_autotune.choices() if k.kind == "forward"]
-    finally:
-        backend.set_mode_cpu()
-        conv_autotune.forget()
+    xp = backend.device_module()
+    outs = []
+    for grouped in (True, False):
+        monkeypatch.setattr(im2col_module, "GROUP_IMAGES", grouped)
+        out = xp.full((2, 4, 6, 7), np.nan, F32)
+        im2col_module.forward_gemm(xp.asarray(image), xp.asarray(weight), out, geom, 1)
+        outs.append(backend.to_host(out))
+    keys = [k for k in conv_autotune.choices() if k.kind == "forward"]
     assert len(keys) == 2
     assert {k.settings[0] for k in keys} == {True, False}
     expected = np.zeros((2, 4, 6, 7), np.float64)        # direct sum, zero padding
@@ -198,7 +190,7 @@ def test_kernel_arguments_of_the_wrong_float_type_are_refused():
     assert values[1].dtype == np.float32 and values[2].dtype == np.int32
 
 
-def test_tuned_backward_runs_each_products_own_choice(monkeypatch):
+def test_tuned_backward_runs_each_products_own_choice(monkeypatch, emulated, tf32):
     """weight_and_backward_gemm under autotune: the weight gradient's choice "columns"
     and the data gradient's "implicit" are each obeyed; the shared image groups (one
     gathering for both products) are only for both choosing columns."""
@@ -217,25 +209,18 @@ def test_tuned_backward_runs_each_products_own_choice(monkeypatch):
     image = rng.integers(-2, 3, (2, 3, 6, 7)).astype(F32)
     grid = rng.integers(-2, 3, (2, 4, 6, 7)).astype(F32)
     weight = rng.integers(-2, 3, (4, 3, 3, 3)).astype(F32)
-    backend.set_mode_gpu(emulate=True)
-    backend.set_tf32(True)
-    try:
-        xp = backend.device_module()
-        dw = xp.zeros(weight.shape, F32)
-        dx = xp.full(image.shape, np.nan, F32)
-        im2col_module.weight_and_backward_gemm(xp.asarray(image), xp.asarray(grid),
-                                               xp.asarray(weight), dw, dx, geom, 1)
-        chosen = {k.kind: best for k, (best, _) in conv_autotune.choices().items()}
-        calls.clear()
-        dw = xp.zeros(weight.shape, F32)
-        dx = xp.full(image.shape, np.nan, F32)
-        im2col_module.weight_and_backward_gemm(xp.asarray(image), xp.asarray(grid),
-                                               xp.asarray(weight), dw, dx, geom, 1)
-        got_dw, got_dx = backend.to_host(dw), backend.to_host(dx)
-    finally:
-        backend.set_tf32(False)
-        backend.set_mode_cpu()
-        conv_autotune.forget()
+    xp = backend.device_module()
+    dw = xp.zeros(weight.shape, F32)
+    dx = xp.full(image.shape, np.nan, F32)
+    im2col_module.weight_and_backward_gemm(xp.asarray(image), xp.asarray(grid),
+                                           xp.asarray(weight), dw, dx, geom, 1)
+    chosen = {k.kind: best for k, (best, _) in conv_autotune.choices().items()}
+    calls.clear()
+    dw = xp.zeros(weight.shape, F32)
+    dx = xp.full(image.shape, np.nan, F32)
+    im2col_module.weight_and_backward_gemm(xp.asarray(image), xp.asarray(grid),
+                                           xp.asarray(weight), dw, dx, geom, 1)
+    got_dw, got_dx = backend.to_host(dw), backend.to_host(dx)
     assert chosen == favoured
     assert len(calls) == 1              # the data gradient ran on its chosen path
     np.testing.assert_array_equal(got_dw, _weight_grad_by_formula(image, grid, geom, 3, 3)
@@ -265,25 +250,20 @@ def test_implicit_forward_takes_outputs_of_exactly_the_minimum_tiles(monkeypatch
     assert implicit_gemm.fills_gpu(emulator, (1, 16, pixels // 2 + 1, 1))
 
 
-def test_the_fill_rule_keeps_small_forwards_off_the_implicit_gemm(monkeypatch):
+def test_the_fill_rule_keeps_small_forwards_off_the_implicit_gemm(monkeypatch, emulated,
+                                                                  tf32):
     """applies_forward = applies and fills_gpu: a forward of too few tiles for the GPU
     keeps the other paths even with the implicit GEMM on and TF32."""
     from caffelite.layers import implicit_gemm
     monkeypatch.setattr(implicit_gemm, "ENABLED", True)
     monkeypatch.setattr(implicit_gemm, "_multiprocessors", lambda xp: 1000)
     geom = ConvGeometry((3, 3), (1, 1), (1, 1), (1, 1))
-    backend.set_mode_gpu(emulate=True)
-    backend.set_tf32(True)
-    try:
-        xp = backend.device_module()
-        image = xp.zeros((1, 3, 6, 7), F32)
-        weight = xp.zeros((4, 3, 3, 3), F32)
-        out = xp.zeros((1, 4, 6, 7), F32)
-        assert implicit_gemm.applies(xp, geom, image, weight, out, 1)
-        assert not implicit_gemm.applies_forward(xp, geom, image, weight, out, 1)
-    finally:
-        backend.set_tf32(False)
-        backend.set_mode_cpu()
+    xp = backend.device_module()
+    image = xp.zeros((1, 3, 6, 7), F32)
+    weight = xp.zeros((4, 3, 3, 3), F32)
+    out = xp.zeros((1, 4, 6, 7), F32)
+    assert implicit_gemm.applies(xp, geom, image, weight, out, 1)
+    assert not implicit_gemm.applies_forward(xp, geom, image, weight, out, 1)
 
 
 # ----------------------------------------------------------- CUDA graphs (cuda_graphs.py)
@@ -401,23 +381,17 @@ def test_a_download_refreshes_the_host_mirror_in_place(gpu_mode):
     np.testing.assert_array_equal(host, np.full((2, 3), 7.0, F32))
 
 
-def test_implicit_weight_gradient_of_an_empty_batch_adds_nothing():
+def test_implicit_weight_gradient_of_an_empty_batch_adds_nothing(emulated, tf32):
     """No images (an empty batch under TF32): the implicit GEMM's weight gradient adds
     nothing and launches nothing (its pixel runs would divide by a zero run length)."""
     from caffelite.layers import implicit_gemm
     geom = ConvGeometry((3, 3), (1, 1), (1, 1), (1, 1))
     start = np.arange(4 * 3 * 9, dtype=F32).reshape(4, 3, 3, 3)
-    backend.set_mode_gpu(emulate=True)
-    backend.set_tf32(True)
-    try:
-        xp = backend.device_module()
-        image = xp.zeros((0, 3, 6, 7), F32)
-        grid = xp.zeros((0, 4, 6, 7), F32)
-        dw = xp.asarray(start)
-        assert implicit_gemm.supported(xp, geom, image, dw, grid, 1)
-        implicit_gemm.weight_grad(xp, image, grid, dw, geom)
-        got = backend.to_host(dw)
-    finally:
-        backend.set_tf32(False)
-        backend.set_mode_cpu()
+    xp = backend.device_module()
+    image = xp.zeros((0, 3, 6, 7), F32)
+    grid = xp.zeros((0, 4, 6, 7), F32)
+    dw = xp.asarray(start)
+    assert implicit_gemm.supported(xp, geom, image, dw, grid, 1)
+    implicit_gemm.weight_grad(xp, image, grid, dw, geom)
+    got = backend.to_host(dw)
     np.testing.assert_array_equal(got, start)
